@@ -1,0 +1,68 @@
+"""CLI: python -m sonic generate --image IMG --audio AUD --out OUT.mp4 [--config JSON]"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InvalidParameter, SonicError
+
+
+def _progress_bar():
+    width = 30
+
+    def show(stage: str, frac: float) -> None:
+        filled = int(round(frac * width))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% {stage:<8}")
+        if frac >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def _params(text: str | None) -> dict:
+    if not text:
+        return {}
+    path = Path(text)
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sonic", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="make a talking-head MP4")
+    gen.add_argument("--image", required=True, help="portrait (PNG, JPEG, WebP)")
+    gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A)")
+    gen.add_argument("--out", required=True, help="output .mp4 path")
+    gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
+    gen.add_argument("--settings", help="YAML settings file (defaults, limits); default configs/default.yaml")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        from .options import GenerateOptions, load_config
+        config = load_config(args.settings)
+        opts = GenerateOptions.from_dict(_params(args.config), config)
+        for name in ("image", "audio"):
+            if not Path(getattr(args, name)).is_file():
+                raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
+        from .pipeline import load_pipeline
+        pipe = load_pipeline(config)
+        result = pipe(args.image, args.audio, args.out, opts, progress=None if args.quiet else _progress_bar())
+    except SonicError as e:
+        sys.stderr.write(f"\nerror: {e.message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Face analysis: find the largest face, its 478 FaceMesh landmarks and the output crop.
+
+Models ship inside the mediapipe 0.10.21 wheel (full-range BlazeFace detector + FaceMesh with
+refined lips/eyes/irises); they load once in `FaceAnalyzer.__init__`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .errors import NoFaceDetected
+
+DETECT_MARGIN = 0.6      # crop around a detection before meshing, as a fraction of its size
+MESH_INPUT_PX = 640      # detections are meshed from a crop resized to about this size
+SIZE_MULTIPLE = 8        # output sides are multiples of this (H.264 macroblocks, yuv420p)
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """Landmarks in pixels of the image they were found in, (478, 3); z in pixel-like units."""
+    landmarks: np.ndarray
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 of the landmark hull, px
+
+
+class FaceAnalyzer:
+    def __init__(self) -> None:
+        import mediapipe as mp  # ~1.7 s import: done once, when the pipeline loads
+
+        self._detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                   min_detection_confidence=0.4)
+        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                     refine_landmarks=True, min_detection_confidence=0.3)
+
+    def _mesh_on(self, rgb: np.ndarray) -> np.ndarray | None:
+        res = self._mesh.process(np.ascontiguousarray(rgb))
+        if not res.multi_face_landmarks:
+            return None
+        h, w = rgb.shape[:2]
+        pts = res.multi_face_landmarks[0].landmark
+        return np.array([[p.x * w, p.y * h, p.z * w] for p in pts], dtype=np.float64)
+
+    def analyze(self, rgb: np.ndarray) -> FaceResult:
+        """Largest face in an RGB uint8 image -> FaceResult; raises NoFaceDetected."""
+        h, w = rgb.shape[:2]
+        det = self._detector.process(np.ascontiguousarray(rgb))
+        boxes = []
+        for d in det.detections or []:
+            b = d.location_data.relative_bounding_box
+            boxes.append((b.xmin * w, b.ymin * h, b.width * w, b.height * h))
+        boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
+        for bx, by, bw, bh in boxes[:3]:
+            size = max(bw, bh)
+            x0 = int(max(0, bx - DETECT_MARGIN * size)); y0 = int(max(0, by - DETECT_MARGIN * size))
+            x1 = int(min(w, bx + bw + DETECT_MARGIN * size)); y1 = int(min(h, by + bh + DETECT_MARGIN * size))
+            crop = rgb[y0:y1, x0:x1]
+            scale = MESH_INPUT_PX / max(crop.shape[:2])
+            crop = cv2.resize(crop, None, fx=scale, fy=scale,
+                              interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+            lm = self._mesh_on(crop)
+            if lm is not None:
+                lm = lm / scale
+                lm[:, 0] += x0
+                lm[:, 1] += y0
+                return _result(lm)
+        lm = self._mesh_on(rgb)   # the mesh's own short-range detector, for close-ups
+        if lm is None:
+            raise NoFaceDetected("no face was found in the image", field="image")
+        return _result(lm)
+
+
+def _result(lm: np.ndarray) -> FaceResult:
+    x0, y0 = lm[:, :2].min(0)
+    x1, y1 = lm[:, :2].max(0)
+    return FaceResult(landmarks=lm, box=(float(x0), float(y0), float(x1), float(y1)))
+
+
+def crop_box(face_box, image_hw, expand_ratio: float, crop_to_face: bool) -> tuple[int, int, int, int]:
+    """Face box grown by expand_ratio of its size on each side, clamped to the image: x0,y0,x1,y1."""
+    h, w = image_hw
+    if not crop_to_face:
+        return 0, 0, w, h
+    x0, y0, x1, y1 = face_box
+    bw, bh = x1 - x0, y1 - y0
+    # the landmark hull stops at the hairline; leave room above it for the forehead and hair
+    y0 -= 0.25 * bh
+    bh = y1 - y0
+    mx, my = expand_ratio * bw, expand_ratio * bh
+    return (int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my))),
+            int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my))))
+
+
+def fit_output(box: tuple[int, int, int, int], image_hw: tuple[int, int], min_resolution: int
+               ) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Output size (W, H), multiples of SIZE_MULTIPLE with the short side near min_resolution, and
+    the crop (x0, y0, x1, y1, float px) that maps onto it with one uniform scale: the crop is
+    nudged by a few pixels rather than the face stretched.
+    """
+    h, w = image_hw
+    x0, y0, x1, y1 = box
+    cw, ch = x1 - x0, y1 - y0
+    s = min_resolution / min(cw, ch)
+    rnd = lambda v: max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    ow, oh = rnd(cw * s), rnd(ch * s)
+    while ow / s > w + 1e-6:
+        ow -= SIZE_MULTIPLE
+    while oh / s > h + 1e-6:
+        oh -= SIZE_MULTIPLE
+    nw, nh = ow / s, oh / s
+
+    def place(c0, c1, size, limit):
+        mid = (c0 + c1) / 2
+        lo = min(max(0.0, mid - size / 2), limit - size)
+        return lo, lo + size
+    nx0, nx1 = place(x0, x1, nw, w)
+    ny0, ny1 = place(y0, y1, nh, h)
+    return (nx0, ny0, nx1, ny1), (ow, oh)

@@ -1,0 +1,232 @@
+"""Keypoint motion predictor: audio features -> per-frame motion coefficients and landmark offsets.
+
+Motion is a few interpretable coefficients per frame (jaw drop, spread, rounding, blink) applied
+to a per-face rig: `Rig.basis` (K, 478, 2) holds the landmark offsets in px of one unit of each
+coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a separate rigid motion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from .audio_features import AudioFeatures
+
+# FaceMesh indices
+INNER_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
+INNER_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
+OUTER_UPPER = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291]
+OUTER_LOWER = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
+CORNERS = [61, 291, 78, 308]
+EYE_PAIRS = [(159, 145), (158, 153), (160, 144), (161, 163), (157, 154),
+             (386, 374), (385, 380), (387, 373), (388, 390), (384, 381)]
+EYE_OUTER = (33, 263)
+FACE_OVAL_IDX = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+                 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+
+JAW_GAIN = 0.16          # inner-lip gap at full openness, in inter-ocular distances (IOD)
+SPREAD_GAIN = 0.07       # corner travel at full spread/rounding, IOD
+COARTIC_S = 0.045        # Gaussian blending of neighbouring visemes, s
+SMOOTH_S = 0.03          # extra smoothing of the mouth with smooth_motion, s
+CLOSURE_S = 0.02         # P/B/M closures: narrow in time so they stay full
+HEAD_ROLL_DEG = 1.6      # head motion amplitudes at motion_scale 1 (std of the noise)
+HEAD_SHIFT_IOD = 0.035
+HEAD_NOISE_S = 1.2       # time scale of the head's drift
+BLINK_MEAN_S = 4.0       # mean interval between blinks (15 / min)
+BLINK_MIN_S = 1.8
+BLINK_CLOSE_S, BLINK_OPEN_S = 0.08, 0.13
+MAX_LAG_FRAMES = 4       # align_mouth searches +-4 frames
+
+COEFFS = ("jaw", "spread", "round", "blink", "close_rest")
+
+
+@dataclass(frozen=True)
+class Motion:
+    """coeffs (T, K) in COEFFS order; head (T, 4): roll (rad), tx, ty (px), scale (ratio - 1)."""
+    coeffs: np.ndarray
+    head: np.ndarray
+    lipsync_offset_ms: float
+
+
+@dataclass(frozen=True)
+class Rig:
+    basis: np.ndarray        # (K, 478, 2) px per unit coefficient
+    iod: float               # inter-ocular distance, px
+    centre: np.ndarray       # (2,) pivot of head motion, px
+    rest_gap: float          # inner-lip gap of the photo, px
+    upper_lip: np.ndarray    # landmark indices of the upper lip (inside the outer lip contour)
+    lower_lip: np.ndarray    # ... and of the lower lip
+    lip_line: np.ndarray     # (11, 2) px, the parting line between the lips, left to right
+
+    def offsets(self, coeffs: np.ndarray) -> np.ndarray:
+        """(T, K) -> landmark offsets (T, 478, 2), px."""
+        return np.einsum("tk,kpc->tpc", coeffs, self.basis)
+
+
+def _smoothstep(x, a, b):
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def build_rig(landmarks: np.ndarray) -> Rig:
+    """Per-face motion basis from FaceMesh landmarks (478, >=2) in output-frame px."""
+    lm = landmarks[:, :2]
+    le, re = lm[EYE_OUTER[0]], lm[EYE_OUTER[1]]
+    iod = float(np.linalg.norm(re - le))
+    ex = (re - le) / iod
+    ey = np.array([-ex[1], ex[0]])                         # image "down" for an upright face
+    mouth = (lm[13] + lm[14]) / 2
+    rel = (lm - mouth) / iod
+    u, v = rel @ ex, rel @ ey
+    n = len(lm)
+    basis = np.zeros((len(COEFFS), n, 2))
+
+    # lip groups: every mesh point inside the outer lip contour, split by the parting line
+    line = (lm[INNER_UPPER] + lm[INNER_LOWER]) / 2
+    contour = np.concatenate([lm[OUTER_UPPER], lm[OUTER_LOWER][::-1]]).astype(np.float32)
+    inside = np.array([cv2.pointPolygonTest(contour, (float(x), float(y)), True) > -0.02 * iod
+                       for x, y in lm[:468]] + [False] * (n - 468))
+    below_line = lm[:, 1] > np.interp(lm[:, 0], line[:, 0], line[:, 1])
+    lower = np.flatnonzero(inside & below_line)
+    upper = np.flatnonzero(inside & ~below_line)
+    # the inner contours touch the line when the mouth is closed: their side is known, not measured
+    lower = np.setdiff1d(np.union1d(lower, INNER_LOWER + OUTER_LOWER), INNER_UPPER + OUTER_UPPER + CORNERS)
+    upper = np.setdiff1d(np.union1d(upper, INNER_UPPER + OUTER_UPPER), np.union1d(CORNERS, lower))
+
+    # jaw: lower lip and chin drop, jaw sides less towards the ears, upper lip lifts slightly
+    w_jaw = _smoothstep(v, -0.02, 0.12) * (1 - 0.75 * _smoothstep(np.abs(u), 0.3, 1.0))
+    w_jaw[lower] = 1.0
+    w_jaw[upper] = -0.12
+    w_jaw[CORNERS] = 0.45
+    basis[0] = w_jaw[:, None] * ey[None, :]
+
+    half = max(np.abs(u[CORNERS]).max(), 1e-3)
+    lips = np.concatenate([upper, lower, CORNERS])
+    lip_w = np.zeros(n)
+    lip_w[lips] = np.clip(np.abs(u[lips]) / half, 0, 1) ** 1.5
+    side = np.sign(u)
+    # spread: corners out and slightly up; round: corners in, lips pushed apart vertically
+    basis[1] = lip_w[:, None] * (side[:, None] * ex[None, :] - 0.2 * ey[None, :])
+    pout = np.zeros(n)
+    pout[upper] = -0.3
+    pout[lower] = 0.3
+    basis[2] = -lip_w[:, None] * side[:, None] * ex[None, :] + pout[:, None] * ey[None, :]
+
+    for up, lo in EYE_PAIRS:
+        d = lm[lo] - lm[up]
+        basis[3, up] = 0.92 * d
+        basis[3, lo] = -0.08 * d
+
+    # close_rest: meet the lips of a photo whose mouth is open (lower lip up, upper lip down)
+    gap = float(np.linalg.norm(lm[14] - lm[13]))
+    basis[4, upper] += 0.35 * ey
+    basis[4, lower] -= 0.65 * ey
+    for k in (0, 1, 2):
+        basis[k] *= iod
+    # close_rest is in units of the photo's own gap
+    basis[4] *= gap
+    centre = lm[[33, 263, 1, 152]].mean(0)
+    return Rig(basis=basis, iod=iod, centre=centre, rest_gap=gap, upper_lip=upper, lower_lip=lower,
+               lip_line=line)
+
+
+def _gauss(x: np.ndarray, sigma_s: float, fps: int) -> np.ndarray:
+    s = sigma_s * fps
+    return gaussian_filter1d(x, s, mode="nearest") if s > 0.3 else x
+
+
+def _fractional_shift(x: np.ndarray, frames: float) -> np.ndarray:
+    """x delayed by `frames` (may be fractional, negative = earlier), edges held."""
+    t = np.arange(len(x), dtype=np.float64)
+    return np.interp(t - frames, t, x)
+
+
+def measure_lag(mouth: np.ndarray, loud: np.ndarray, max_lag: int = MAX_LAG_FRAMES) -> float:
+    """Lag (frames, sub-frame) at which mouth best matches loudness; > 0: mouth later than audio."""
+    m = mouth - gaussian_filter1d(mouth, 12)
+    a = loud - gaussian_filter1d(loud, 12)
+    if m.std() < 1e-6 or a.std() < 1e-6 or len(m) < 2 * max_lag + 5:
+        return 0.0
+    lags = np.arange(-max_lag, max_lag + 1)
+    n = len(m)
+    r = []
+    for k in lags:   # r(k) = corr(mouth[t + k], audio[t])
+        u, w = (m[k:], a[:n - k]) if k >= 0 else (m[:n + k], a[-k:])
+        r.append(np.corrcoef(u, w)[0, 1])
+    r = np.nan_to_num(np.array(r))
+    i = int(np.argmax(r))
+    frac = 0.0
+    if 0 < i < len(r) - 1:
+        den = r[i - 1] - 2 * r[i] + r[i + 1]
+        frac = float(np.clip(0.5 * (r[i - 1] - r[i + 1]) / den, -0.5, 0.5)) if den != 0 else 0.0
+    return float(lags[i] + frac)
+
+
+def mouth_track(feat: AudioFeatures, dynamic_scale: float, smooth: bool) -> tuple[np.ndarray, ...]:
+    """Openness (0..~1.3), spread (-1..1), closure of the lips per frame."""
+    fps = feat.fps
+    vis_open = _gauss(feat.vis_open, COARTIC_S, fps)
+    spread = _gauss(feat.vis_spread, COARTIC_S * 1.5, fps)
+    closure = _gauss(feat.vis_closure, CLOSURE_S, fps)
+    # loudness sets how far the mouth opens (works for any language); visemes shape it
+    opening = feat.loudness ** 0.8 * (0.4 + 0.6 * vis_open) * (1 - 0.9 * closure)
+    if smooth:
+        opening = _gauss(opening, SMOOTH_S, fps)
+        spread = _gauss(spread, SMOOTH_S, fps)
+    opening = np.clip(opening * dynamic_scale, 0, 1.4)
+    spread = np.clip(spread * np.clip(feat.loudness * 2, 0, 1) * min(dynamic_scale, 1.5), -1, 1)
+    return opening, spread, closure
+
+
+def head_motion(feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.random.Generator) -> np.ndarray:
+    """(T, 4) roll (rad), tx, ty (px), scale-1: seeded slow drift plus nods on loud syllables."""
+    n, fps = len(feat.loudness), feat.fps
+    noise = rng.standard_normal((n + 4 * fps, 3))
+    noise = gaussian_filter1d(noise, HEAD_NOISE_S * fps / 2, axis=0)[2 * fps:2 * fps + n]
+    noise /= noise.std(0, keepdims=True) + 1e-9
+    emphasis = _gauss(feat.loudness, 0.25, fps)
+    nod = emphasis - _gauss(feat.loudness, 1.5, fps)
+    head = np.zeros((n, 4))
+    head[:, 0] = np.deg2rad(HEAD_ROLL_DEG) * noise[:, 0]
+    head[:, 1] = HEAD_SHIFT_IOD * rig.iod * noise[:, 1]
+    head[:, 2] = HEAD_SHIFT_IOD * rig.iod * (0.6 * noise[:, 2] + 0.8 * nod)
+    head[:, 3] = 0.006 * noise[:, 2]
+    return head * motion_scale
+
+
+def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
+    """(T,) eyelid closure 0..1 at a natural, seeded rate."""
+    out = np.zeros(n)
+    t = rng.uniform(0.8, 2.5)
+    times = np.arange(n) / fps
+    while t < n / fps:
+        close = np.clip((times - (t - BLINK_CLOSE_S)) / BLINK_CLOSE_S, 0, 1)
+        opening = np.clip(1 - (times - t) / BLINK_OPEN_S, 0, 1)
+        out = np.maximum(out, np.where(times < t, close, opening) * (times > t - BLINK_CLOSE_S))
+        t += max(BLINK_MIN_S, rng.gamma(4.0, BLINK_MEAN_S / 4.0))
+    return out
+
+
+def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float,
+                   smooth: bool, align: bool, seed: int) -> Motion:
+    """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
+    rng = np.random.default_rng(seed)
+    opening, spread, closure = mouth_track(feat, dynamic_scale, smooth)
+    lag = measure_lag(opening, feat.loudness) if align else 0.0
+    if align and lag != 0.0:
+        opening = np.clip(_fractional_shift(opening, -lag), 0, None)
+        spread = _fractional_shift(spread, -lag)
+    n = len(opening)
+    coeffs = np.zeros((n, len(COEFFS)))
+    coeffs[:, 0] = opening * JAW_GAIN
+    coeffs[:, 1] = np.clip(spread, 0, None) * SPREAD_GAIN
+    coeffs[:, 2] = np.clip(-spread, 0, None) * SPREAD_GAIN
+    coeffs[:, 3] = blinks(n, feat.fps, rng)
+    # an open-mouthed photo closes at rest and in closures, opens again with the jaw
+    coeffs[:, 4] = np.clip(1 - opening * 2.5, 0, 1) if rig.rest_gap > 0.03 * rig.iod else 0.0
+    head = head_motion(feat, rig, motion_scale, rng)
+    if smooth:
+        head = gaussian_filter1d(head, 0.08 * feat.fps, axis=0, mode="nearest")
+    return Motion(coeffs=coeffs, head=head, lipsync_offset_ms=round(lag * 1000 / feat.fps, 1))

@@ -1,0 +1,155 @@
+"""The pipeline object: load models once, then turn (portrait, speech) into an MP4, many times."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from .audio_features import PhoneRecognizer, encode_audio
+from .decoder import WarpDecoder
+from .face import FaceAnalyzer, crop_box, fit_output
+from .media import SAMPLE_RATE, load_audio, load_image
+from .motion import build_rig, predict_motion
+from .options import GenerateOptions, load_config
+from .writer import VideoWriter
+
+BATCH_FRAMES = 16    # frames rendered per grid_sample call
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    output_path: str
+    duration: float
+    frames: int
+    fps: int
+    width: int
+    height: int
+    seed: int
+    lipsync_offset_ms: float
+    timings: dict = field(default_factory=dict)
+    warnings: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box, min_resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the output frame out of the photo with one uniform scale -> (frame (H, W, 3), landmarks)."""
+    (x0, y0, x1, y1), (width, height) = fit_output(box, rgb.shape[:2], min_resolution)
+    s = width / (x1 - x0)
+    affine = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float64)
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    frame = cv2.warpAffine(rgb, affine, (width, height), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    lm = landmarks.copy()
+    lm[:, :2] = lm[:, :2] * s - np.array([x0 * s, y0 * s])
+    lm[:, 2] *= s
+    return frame, lm
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class SonicPipeline:
+    def __init__(self, config: dict | None = None):
+        self.config = config if config is not None else load_config()
+        self.device = pick_device(self.config.get("device", "auto"))
+        self.faces = FaceAnalyzer()
+        self.phones = PhoneRecognizer()
+
+    def options(self, params: dict | None = None) -> GenerateOptions:
+        return GenerateOptions.from_dict(params, self.config)
+
+    def __call__(self, image: str | Path | np.ndarray, audio: str | Path, out_path: str | Path,
+                 options: GenerateOptions | None = None, progress: Progress | None = None) -> GenerationResult:
+        opts = options or self.options()
+        limits = self.config["limits"]
+        report = progress or (lambda stage, frac: None)
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 3)
+            clock = now
+
+        # 1. decode and check the inputs
+        report("decode", 0.0)
+        rgb = image if isinstance(image, np.ndarray) else load_image(image, int(limits["max_image_pixels"]))
+        wav = load_audio(audio, float(limits["max_duration_s"]))
+        lap("decode")
+
+        # 2. face analysis, crop and scale to the output frame
+        report("face", 0.05)
+        face = self.faces.analyze(rgb)
+        box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
+        source, lm = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
+        height, width = source.shape[:2]
+        lap("face")
+
+        # 3. duration: trim or pad the audio with silence
+        audio_s = len(wav) / SAMPLE_RATE
+        duration = opts.duration if opts.duration is not None else audio_s
+        n_frames = max(1, int(round(duration * opts.fps)))
+        n_samples = int(round(duration * SAMPLE_RATE))
+        if n_samples > len(wav):
+            warnings.append(f"duration {duration:g} s is longer than the audio ({audio_s:.2f} s): padded with silence")
+            wav = np.concatenate([wav, np.zeros(n_samples - len(wav), np.float32)])
+        elif n_samples < len(wav):
+            warnings.append(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
+            wav = wav[:n_samples]
+        if opts.inference_steps != GenerateOptions.inference_steps:
+            warnings.append("inference_steps is not used by the warp decoder")
+
+        # 4. audio encoder
+        report("audio", 0.1)
+        feats = encode_audio(wav, n_frames, opts.fps, self.phones)
+        lap("audio")
+
+        # 5. motion prediction, smoothing and lip-sync calibration
+        report("motion", 0.15)
+        rig = build_rig(lm)
+        motion = predict_motion(feats, rig, dynamic_scale=opts.dynamic_scale, motion_scale=opts.motion_scale,
+                                smooth=opts.smooth_motion, align=opts.align_mouth, seed=opts.seed)
+        lap("motion")
+
+        # 6. decoder set-up, then render and encode frames in batches (streamed)
+        decoder = WarpDecoder(source, lm, rig, self.device)
+        lap("decoder_setup")
+        render_s = 0.0
+        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer:
+            for start in range(0, n_frames, BATCH_FRAMES):
+                t0 = time.perf_counter()
+                frames = decoder.render(motion.coeffs[start:start + BATCH_FRAMES],
+                                        motion.head[start:start + BATCH_FRAMES])
+                render_s += time.perf_counter() - t0
+                writer.write(frames)
+                report("render", 0.2 + 0.8 * min(1.0, (start + len(frames)) / n_frames))
+        lap("render_encode")
+        timings["render"] = round(render_s, 3)
+        timings["encode"] = round(timings["render_encode"] - render_s, 3)
+        timings["total"] = round(sum(v for k, v in timings.items() if k not in ("render", "encode")), 3)
+        report("done", 1.0)
+        return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
+                                fps=opts.fps, width=width, height=height, seed=opts.seed,
+                                lipsync_offset_ms=motion.lipsync_offset_ms, timings=timings,
+                                warnings=tuple(warnings))
+
+
+def load_pipeline(config: dict | str | Path | None = None) -> SonicPipeline:
+    """Load the models once; the returned pipeline is called per request."""
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    return SonicPipeline(config)

@@ -1,0 +1,146 @@
+"""End to end on the bundled public-domain portrait and speech: properties, not bytes."""
+import json
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from sonic import EmptyAudio, InvalidParameter, NoFaceDetected, UnsupportedMedia
+from sonic.media import FFMPEG
+from conftest import PORTRAIT, ROOT, SPEECH
+
+
+def read_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    return np.array(frames)
+
+
+def probe(path):
+    out = subprocess.run([FFMPEG, "-i", str(path)], capture_output=True, text=True).stderr
+    d = re.search(r"Duration: (\d+):(\d+):([\d.]+)", out)
+    return out, int(d[1]) * 3600 + int(d[2]) * 60 + float(d[3])
+
+
+@pytest.fixture(scope="module")
+def still_head_run(pipeline, speech_then_silence, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "talk.mp4"
+    opts = pipeline.options({"min_resolution": 256, "motion_scale": 0.0, "seed": 5})
+    res = pipeline(PORTRAIT, speech_then_silence, out, opts)
+    return res, out, read_frames(out)
+
+
+def test_valid_mp4_with_audio_and_duration(still_head_run):
+    res, out, frames = still_head_run
+    info, dur = probe(out)
+    assert "Video: h264" in info and "yuv420p" in info and "Audio: aac" in info
+    assert abs(dur - 4.6) <= 1 / 25 + 0.03
+    assert len(frames) == res.frames and abs(res.frames / 25 - 4.6) <= 1 / 25
+    assert min(frames.shape[1:3]) == 256 and res.width == frames.shape[2]
+    assert res.seed == 5 and abs(res.lipsync_offset_ms) <= 40 and "render" in res.timings
+    assert not list(out.parent.glob(".*.part"))
+
+
+def test_mouth_moves_in_speech_and_rests_in_silence(pipeline, still_head_run):
+    res, out, frames = still_head_run
+    rgb0 = cv2.cvtColor(frames[-1], cv2.COLOR_BGR2RGB)
+    lm = pipeline.faces.analyze(rgb0).landmarks
+    x0, y0 = lm[[61, 291, 0, 17], :2].min(0).astype(int) - 4
+    x1, y1 = lm[[61, 291, 0, 17], :2].max(0).astype(int) + 8
+    rest = frames[-1, y0:y1, x0:x1].astype(float)
+    diff = np.array([np.abs(f[y0:y1, x0:x1].astype(float) - rest).mean() for f in frames])
+    speech, silence = diff[10:70], diff[int(3.5 * 25):]
+    assert speech.max() > 12 and np.mean(speech > 4) > 0.4
+    assert silence.max() < 2.5
+
+
+def test_background_unchanged(still_head_run):
+    res, out, frames = still_head_run
+    f = frames.astype(int)
+    for region in (f[:, :20, :20], f[:, :20, -20:], f[:, -15:, :20]):
+        d = np.abs(region - region[0])      # only H.264 noise: the decoder copies these pixels
+        assert d.mean() < 0.8 and d.max() <= 10
+
+
+def test_same_seed_same_frames(pipeline, tmp_path):
+    opts = pipeline.options({"min_resolution": 256, "seed": 11, "duration": 1.2})
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    pipeline(PORTRAIT, SPEECH, a, opts)
+    pipeline(PORTRAIT, SPEECH, b, opts)
+    fa, fb = read_frames(a), read_frames(b)
+    assert fa.shape == fb.shape and np.abs(fa.astype(int) - fb).max() <= 1
+    c = tmp_path / "c.mp4"
+    pipeline(PORTRAIT, SPEECH, c, pipeline.options({"min_resolution": 256, "seed": 12, "duration": 1.2}))
+    assert np.abs(read_frames(c).astype(int) - fa).max() > 3
+
+
+def test_duration_trims_and_pads(pipeline, tmp_path):
+    out = tmp_path / "long.mp4"
+    res = pipeline(PORTRAIT, SPEECH, out, pipeline.options({"min_resolution": 256, "duration": 4.0, "fps": 20}))
+    assert res.frames == 80 and any("padded" in w for w in res.warnings)
+    assert abs(probe(out)[1] - 4.0) <= 0.05 + 1 / 20
+    res = pipeline(PORTRAIT, SPEECH, out, pipeline.options({"min_resolution": 256, "duration": 1.0}))
+    assert res.frames == 25 and any("trimmed" in w for w in res.warnings)
+
+
+def test_inference_steps_reported_unused(pipeline, tmp_path):
+    res = pipeline(PORTRAIT, SPEECH, tmp_path / "s.mp4",
+                   pipeline.options({"min_resolution": 256, "duration": 0.5, "inference_steps": 10}))
+    assert any("inference_steps" in w for w in res.warnings)
+
+
+def test_failures_leave_no_file(pipeline, tmp_path):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 90, np.uint8))
+    out = tmp_path / "o.mp4"
+    with pytest.raises(NoFaceDetected):
+        pipeline(blank, SPEECH, out)
+    silent = tmp_path / "silent.wav"
+    import soundfile as sf
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    with pytest.raises(EmptyAudio):
+        pipeline(PORTRAIT, silent, out)
+    with pytest.raises(UnsupportedMedia):
+        pipeline(PORTRAIT, PORTRAIT, out)
+    with pytest.raises(InvalidParameter):
+        pipeline.options({"fps": 1000})
+    assert list(tmp_path.glob("o.mp4*")) == [] and list(tmp_path.glob(".o.mp4*")) == []
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sonic", "generate", "--quiet", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_generates(tmp_path):
+    out = tmp_path / "cli.mp4"
+    p = run_cli("--image", str(PORTRAIT), "--audio", str(SPEECH), "--out", str(out),
+                "--config", '{"min_resolution": 256, "duration": 1.0}')
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["frames"] == 25 and out.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image", "missing.jpg"], "no such file"),
+    (["--image", str(SPEECH)], "image"),
+    (["--config", '{"fps": 5}'], "fps"),
+    (["--config", '{"colour": 1}'], "colour"),
+    (["--config", "{not json"], "JSON"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    base = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--out": str(tmp_path / "x.mp4")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    p = run_cli(*[x for kv in base.items() for x in kv])
+    assert p.returncode == 2
+    last = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(last) == 1 and needle in last[0] and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.mp4").exists()

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from sonic import NoFaceDetected
+from sonic.decoder import WarpDecoder
+from sonic.face import crop_box, fit_output
+from sonic.media import load_image
+from sonic.motion import COEFFS, INNER_LOWER, INNER_UPPER, build_rig
+from sonic.pipeline import crop_and_scale
+from conftest import PORTRAIT
+
+
+@pytest.fixture(scope="module")
+def face_setup(pipeline):
+    rgb = load_image(PORTRAIT, 10**7)
+    face = pipeline.faces.analyze(rgb)
+    src, lm = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), 256)
+    rig = build_rig(lm)
+    return src, lm, rig, WarpDecoder(src, lm, rig, torch.device("cpu"))
+
+
+def test_face_found_with_landmarks(pipeline):
+    rgb = load_image(PORTRAIT, 10**7)
+    f = pipeline.faces.analyze(rgb)
+    assert f.landmarks.shape == (478, 3)
+    x0, y0, x1, y1 = f.box
+    assert 40 < x0 < x1 < 220 and 30 < y0 < y1 < 260
+
+
+def test_no_face(pipeline):
+    yy, xx = np.mgrid[0:200, 0:300]
+    img = np.stack([xx % 255, yy % 255, (xx + yy) % 255], -1).astype(np.uint8)
+    with pytest.raises(NoFaceDetected) as e:
+        pipeline.faces.analyze(img)
+    assert e.value.status == 422
+
+
+def test_small_face_in_large_frame(pipeline):
+    rgb = load_image(PORTRAIT, 10**7)
+    canvas = np.full((1200, 1600, 3), 128, np.uint8)
+    canvas[700:1000, 1100:1356] = rgb
+    f = pipeline.faces.analyze(canvas)
+    assert 1100 < f.box[0] < f.box[2] < 1356 and 700 < f.box[1] < f.box[3] < 1000
+
+
+def test_fit_output_keeps_one_scale():
+    (x0, y0, x1, y1), (w, h) = fit_output((10, 20, 310, 420), (600, 500), 512)
+    assert w % 8 == 0 and h % 8 == 0 and min(w, h) in range(504, 521)
+    assert (x1 - x0) / w == pytest.approx((y1 - y0) / h, rel=1e-9)
+    assert x0 >= 0 and y0 >= 0 and x1 <= 500 and y1 <= 600
+
+
+def test_crop_box_whole_image():
+    assert crop_box((10, 10, 50, 50), (300, 200), 0.5, False) == (0, 0, 200, 300)
+
+
+def test_zero_motion_is_the_photo(face_setup):
+    src, lm, rig, dec = face_setup
+    out = dec.render(np.zeros((2, len(COEFFS))), np.zeros((2, 4)))
+    assert np.abs(out.astype(int) - src).max() <= 1
+
+
+def test_jaw_opens_mouth_and_keeps_background(face_setup):
+    src, lm, rig, dec = face_setup
+    c = np.zeros((1, len(COEFFS)))
+    c[0, 0] = 0.15
+    out = dec.render(c, np.zeros((1, 4)))[0].astype(int)
+    up, lo = lm[INNER_UPPER, :2], lm[INNER_LOWER, :2]
+    cx, cy = lm[13, :2].astype(int)
+    mouth = np.abs(out[cy - 3:cy + 12, cx - 6:cx + 6] - src[cy - 3:cy + 12, cx - 6:cx + 6]).mean()
+    assert mouth > 15
+    h, w = src.shape[:2]
+    border = np.abs(out - src)
+    assert border[:, :8].max() == 0 and border[:, -8:].max() == 0 and border[:8].max() == 0
+    # the eyes do not move when the jaw drops
+    ey = int(lm[159, 1])
+    assert np.abs(out[ey - 4:ey + 4] - src[ey - 4:ey + 4]).mean() < 1.0
+
+
+def test_blink_closes_eyes(face_setup):
+    src, lm, rig, dec = face_setup
+    c = np.zeros((1, len(COEFFS)))
+    c[0, 3] = 1.0
+    out = dec.render(c, np.zeros((1, 4)))[0].astype(int)
+    x, y = lm[468, :2].astype(int)                  # iris centre gets covered by the lid
+    assert np.abs(out[y - 2:y + 3, x - 2:x + 3] - src[y - 2:y + 3, x - 2:x + 3]).mean() > 8

@@ -1,0 +1,102 @@
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from sonic import AudioTooLong, EmptyAudio, InputTooLarge, UnsupportedMedia
+from sonic.media import FFMPEG, SAMPLE_RATE, load_audio, load_image
+from conftest import PORTRAIT, SPEECH
+
+
+def test_portrait_decodes():
+    rgb = load_image(PORTRAIT, 10**7)
+    assert rgb.shape == (300, 256, 3) and rgb.dtype == np.uint8
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "x.jpg"
+    p.write_bytes(b"this is text, not a picture" * 20)
+    with pytest.raises(UnsupportedMedia) as e:
+        load_image(p, 10**7)
+    assert e.value.field == "image" and e.value.status == 415
+
+
+def test_truncated_image(tmp_path):
+    p = tmp_path / "t.jpg"
+    p.write_bytes(PORTRAIT.read_bytes()[:3000])
+    with pytest.raises(UnsupportedMedia):
+        load_image(p, 10**7)
+
+
+def test_unsupported_image_format(tmp_path):
+    p = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(p, format="BMP")
+    with pytest.raises(UnsupportedMedia):
+        load_image(p, 10**7)
+
+
+def test_too_many_pixels_refused_before_decoding(tmp_path):
+    p = tmp_path / "big.png"
+    Image.new("L", (3000, 3000)).save(p)
+    with pytest.raises(InputTooLarge):
+        load_image(p, 1_000_000)
+
+
+def test_grayscale_alpha_and_exif(tmp_path):
+    g = tmp_path / "g.png"
+    Image.open(PORTRAIT).convert("L").save(g)
+    assert load_image(g, 10**7).shape == (300, 256, 3)
+    a = tmp_path / "a.png"
+    im = Image.open(PORTRAIT).convert("RGBA")
+    im.putalpha(0)
+    im.save(a)
+    assert load_image(a, 10**7).min() == 255          # fully transparent -> white
+    r = tmp_path / "r.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotate 90 degrees clockwise on display
+    Image.open(PORTRAIT).save(r, exif=exif)
+    assert load_image(r, 10**7).shape == (256, 300, 3)
+
+
+def test_audio_resampled_to_mono_16k(tmp_path):
+    wav, sr = sf.read(SPEECH, dtype="float32")
+    p = tmp_path / "stereo44.wav"
+    t = np.arange(int(len(wav) / sr * 44100)) / 44100
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    sf.write(p, np.stack([tone, tone], 1), 44100)
+    out = load_audio(p, 60)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) / SAMPLE_RATE - len(t) / 44100) < 0.02
+
+
+def test_mp3_and_ogg_decode(tmp_path):
+    import subprocess
+    for ext in ("mp3", "ogg", "m4a"):
+        p = tmp_path / f"s.{ext}"
+        subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(SPEECH), str(p)], check=True)
+        assert abs(len(load_audio(p, 60)) / SAMPLE_RATE - 3.0) < 0.1
+
+
+def test_empty_silent_and_bad_audio(tmp_path):
+    e = tmp_path / "empty.wav"
+    sf.write(e, np.zeros(0, np.float32), 16000)
+    with pytest.raises((EmptyAudio, UnsupportedMedia)):
+        load_audio(e, 60)
+    s = tmp_path / "silent.wav"
+    sf.write(s, np.zeros(32000, np.float32), 16000)
+    with pytest.raises(EmptyAudio) as err:
+        load_audio(s, 60)
+    assert err.value.status == 422
+    b = tmp_path / "noise.mp3"
+    b.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
+    with pytest.raises(UnsupportedMedia):
+        load_audio(b, 60)
+
+
+def test_audio_too_long(tmp_path):
+    p = tmp_path / "long.wav"
+    sf.write(p, 0.1 * np.ones(16000 * 5, np.float32), 16000)
+    with pytest.raises(AudioTooLong):
+        load_audio(p, 3)

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from sonic.audio_features import AudioFeatures, normalise_loudness, viseme_tracks
+from sonic.motion import blinks, measure_lag, predict_motion, _fractional_shift
+
+
+def feats(loud, fps=25, closure=None):
+    n = len(loud)
+    return AudioFeatures(fps=fps, loudness=loud, speech=loud > 0.25, vis_open=np.full(n, 0.5),
+                         vis_spread=np.zeros(n), vis_closure=np.zeros(n) if closure is None else closure, phones=())
+
+
+class FakeRig:
+    iod = 100.0
+    rest_gap = 0.0
+
+
+def syllables(n=250, fps=25):
+    t = np.arange(n) / fps
+    loud = np.clip(np.sin(2 * np.pi * 3.1 * t), 0, 1) * (t < 6)
+    return loud
+
+
+def test_blink_rate_and_shape():
+    b = blinks(25 * 60, 25, np.random.default_rng(1))
+    onsets = np.flatnonzero((b[1:] > 0.5) & (b[:-1] <= 0.5))
+    assert 10 <= len(onsets) <= 22
+    widths = [np.sum(b[o - 5:o + 10] > 0.3) / 25 for o in onsets[1:-1]]
+    assert 0.08 <= np.median(widths) <= 0.3
+
+
+def test_motion_is_seeded():
+    f = feats(syllables())
+    a = predict_motion(f, FakeRig(), dynamic_scale=1, motion_scale=1, smooth=True, align=True, seed=3)
+    b = predict_motion(f, FakeRig(), dynamic_scale=1, motion_scale=1, smooth=True, align=True, seed=3)
+    c = predict_motion(f, FakeRig(), dynamic_scale=1, motion_scale=1, smooth=True, align=True, seed=4)
+    assert np.array_equal(a.coeffs, b.coeffs) and np.array_equal(a.head, b.head)
+    assert not np.array_equal(a.head, c.head)
+
+
+def test_mouth_rests_in_silence_and_scales():
+    f = feats(syllables())
+    m1 = predict_motion(f, FakeRig(), dynamic_scale=1, motion_scale=1, smooth=True, align=False, seed=0)
+    m2 = predict_motion(f, FakeRig(), dynamic_scale=2, motion_scale=0, smooth=True, align=False, seed=0)
+    jaw = m1.coeffs[:, 0]
+    assert jaw[: 150].max() > 0.05 and jaw[160:].max() < 1e-3       # speech for 6 s, then silence
+    assert m2.coeffs[:150, 0].max() > 1.5 * jaw[:150].max()
+    assert np.abs(m2.head).max() == 0.0                             # motion_scale 0: still head
+    assert m2.coeffs[:, 3].max() > 0.9                               # ... blinks stay
+
+
+def test_closure_shuts_the_lips():
+    loud = np.full(50, 0.9)
+    cl = np.zeros(50)
+    cl[20:23] = 1.0
+    m = predict_motion(feats(loud, closure=cl), FakeRig(), dynamic_scale=1, motion_scale=1, smooth=True,
+                       align=False, seed=0)
+    assert m.coeffs[21, 0] < 0.35 * m.coeffs[10, 0]
+
+
+def test_measure_lag_recovers_a_shift():
+    loud = syllables(300) + 0.3 * np.random.default_rng(0).random(300)
+    mouth = _fractional_shift(loud, 2.0)                     # mouth 2 frames late
+    assert measure_lag(mouth, loud) == pytest.approx(2.0, abs=0.25)
+    assert measure_lag(loud, loud) == pytest.approx(0.0, abs=0.05)
+
+
+def test_align_mouth_reports_and_corrects():
+    loud = syllables()
+    f = feats(loud)
+    m = predict_motion(f, FakeRig(), dynamic_scale=1, motion_scale=0, smooth=True, align=True, seed=0)
+    assert abs(m.lipsync_offset_ms) <= 40
+    assert abs(measure_lag(m.coeffs[:, 0], loud)) < 0.3
+
+
+def test_visemes_and_loudness():
+    op, sp, cl = viseme_tracks([("SIL", 0, 0.2), ("M", 0.2, 0.3), ("AA", 0.3, 0.5), ("UW", 0.5, 0.7)], 20, 25)
+    assert cl[6] == 1.0 and op[6] == 0.0 and op[10] > 0.8 and sp[15] < -0.5
+    db = np.array([-80.0] * 10 + [-20.0] * 10)
+    n = normalise_loudness(db)
+    assert n[:10].max() == 0.0 and n[10:].min() == 1.0
