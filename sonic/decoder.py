@@ -21,20 +21,21 @@ from .motion import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_
 
 N_MESH = 468              # FaceMesh points without the iris refinements
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the region border
-FIELD_STEP = 2            # px between exact evaluations of the spline
+FIELD_STEP = 4            # px between exact evaluations of the spline
 TPS_REG = 1e-2            # thin-plate spline regularisation (px^2)
 HEAD_MARGIN_IOD = 0.12    # the head mask reaches this far beyond the face oval: hair and background stay
 REGION_MARGIN_IOD = 0.9   # warped region = head mask's reach plus this
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
 BACKWARD_ITERS = 2        # fixed-point iterations inverting the forward displacement
-TEETH_MAX_IOD = 0.06      # height of the visible upper teeth at most
-TEETH_RGB = np.array([240.0, 232.0, 214.0])
+TEETH_MAX_IOD = 0.075     # height of the visible upper teeth at most
+TEETH_RGB = np.array([246.0, 240.0, 226.0])
 
 
 @dataclass(frozen=True)
 class MouthStyle:
     cavity: np.ndarray       # RGB float of the mouth interior
     teeth: np.ndarray        # RGB float of the teeth
+    paint_teeth: bool        # false when the photo shows its own teeth
 
 
 def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,11 +123,15 @@ class WarpDecoder:
         border = np.concatenate([border, rings - off])
         k = rig.basis.shape[0]
         fields = []
-        for drop in (rig.lower_lip, rig.upper_lip):
+        # the parting line itself moves with the inner lip of each side, so teeth in the photo
+        # ride with their lip instead of being stretched across the opening
+        for drop, inner in ((rig.lower_lip, INNER_UPPER), (rig.upper_lip, INNER_LOWER)):
             keep_idx = np.setdiff1d(np.arange(N_MESH), drop)
-            ctrl = np.concatenate([lm[keep_idx] - off, border])
+            ctrl = np.concatenate([lm[keep_idx], rig.lip_line[1:-1]]) - off
+            moving = np.concatenate([rig.basis[:, keep_idx, :], rig.basis[:, inner[1:-1], :]], 1)
+            ctrl = np.concatenate([ctrl, border])
             vals = np.zeros((len(ctrl), 2 * k))
-            vals[:len(keep_idx)] = rig.basis[:, keep_idx, :].transpose(1, 0, 2).reshape(len(keep_idx), 2 * k)
+            vals[:moving.shape[1]] = moving.transpose(1, 0, 2).reshape(moving.shape[1], 2 * k)
             fields.append(tps_fields(ctrl, vals, (rh, rw), device).reshape(k, 2, rh, rw))
         # and beyond the outer ring the field is exactly zero, so those pixels are copied untouched
         reach_mask = _poly_mask(oval + STILL_RINGS_IOD[0] * 1.5 * iod * radial - off, (rh, rw), 0.1 * iod)
@@ -148,10 +153,10 @@ class WarpDecoder:
         # (a thin slit) has none worth keeping
         shows = float(np.clip((rig.rest_gap / iod - 0.02) / 0.03, 0, 1))
         self.src_interior = torch.from_numpy(shows * _poly_mask(inner, (rh, rw), 0.6))[None, None].to(device)
-        self.style = self._mouth_style(source, lm)
+        self.style = self._mouth_style(source, lm, paint_teeth=shows < 0.5)
 
     @staticmethod
-    def _mouth_style(source: np.ndarray, lm: np.ndarray) -> MouthStyle:
+    def _mouth_style(source: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthStyle:
         def colour(idx):
             p = np.round(lm[idx]).astype(int)
             p[:, 0] = np.clip(p[:, 0], 0, source.shape[1] - 1)
@@ -159,9 +164,9 @@ class WarpDecoder:
             return np.median(source[p[:, 1], p[:, 0]].astype(np.float64), axis=0)
         lip = colour(OUTER_UPPER[2:-2] + OUTER_LOWER[2:-2])
         skin = colour([10, 151, 50, 280, 205, 425])
-        light = np.clip(skin.mean() / 175.0, 0.55, 1.05)
-        cavity = lip * 0.32 + np.array([12.0, 4.0, 4.0])
-        return MouthStyle(cavity=cavity, teeth=np.clip(TEETH_RGB * light, 0, 255))
+        light = np.clip(skin.mean() / 150.0, 0.6, 1.0)
+        cavity = lip * 0.22 + np.array([10.0, 3.0, 3.0])
+        return MouthStyle(cavity=cavity, teeth=np.clip(TEETH_RGB * light, 0, 255), paint_teeth=paint_teeth)
 
     def _sample(self, img: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
         """grid_sample with region-pixel coordinates pts (B, 2, H, W)."""
@@ -221,7 +226,8 @@ class WarpDecoder:
         a = torch.where(total > 0.05, a_lo / (total + 1e-6), torch.full_like(total, 0.5))
         s = a * s_lo + (1 - a) * s_up
         img = self._sample(self.src.expand(b, -1, -1, -1), s)
-        keep = self._sample(self.src_interior.expand(b, -1, -1, -1), s)
+        # the photo's own interior is kept where it was sampled, never in the new opening
+        keep = self._sample(self.src_interior.expand(b, -1, -1, -1), s) * total.clamp(0, 1)
         region = img.permute(0, 2, 3, 1).cpu().numpy()
         keep = keep[:, 0].cpu().numpy()
         offsets = self.rig.offsets(coeffs)
@@ -263,18 +269,25 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, keep: 
         return
     cx, half = (left + right) / 2, max((right - left) / 2, 1.0)
     hx = np.clip(np.abs(xs - cx) / half, 0, 1)[None, :]
+    alpha *= 1 - 0.6 * hx ** 4                            # corners: shadowed lip, not black holes
     shade = (1 - 0.45 * hx ** 2)[..., None]
     paint = np.broadcast_to(style.cavity * (0.8 + 0.2 * (1 - hx ** 2))[..., None], alpha.shape + (3,)).copy()
     # upper teeth: a light band right under the upper lip, shaded towards its lower edge and
     # towards the corners; lower teeth only show, dimmer, when the mouth is wide open
-    th = np.minimum(0.38 * gap, TEETH_MAX_IOD * iod) * (hx < 0.88)
+    th = np.minimum(0.6 * gap, TEETH_MAX_IOD * iod) * (hx < 0.88) * style.paint_teeth
     teeth = np.clip((yu + th - ys) / feather + 0.5, 0, 1) * (th > 0.5)
     depth = np.clip((ys - yu) / np.maximum(th, 1.0), 0, 1)[..., None]
-    tl = np.where(gap > 0.12 * iod, np.minimum(0.12 * gap, 0.025 * iod), 0.0) * (hx < 0.65)
+    tl = np.where(gap > 0.12 * iod, np.minimum(0.12 * gap, 0.025 * iod), 0.0) * (hx < 0.65) * style.paint_teeth
     lower_teeth = np.clip((ys - (yl - tl)) / feather + 0.5, 0, 1) * (tl > 0.5) * 0.55
-    paint = paint * (1 - teeth[..., None]) + (style.teeth * shade * (1 - 0.18 * depth)) * teeth[..., None]
+    # incisors: faint gaps between teeth, the central pair widest; a soft shadow under the lip
+    tooth_w = 0.085 * iod
+    phase = np.abs(xs - cx)[None, :] / tooth_w
+    gaps = np.clip(1 - np.abs(phase - np.round(phase)) * tooth_w / max(0.6, 0.01 * iod), 0, 1) * (phase > 0.5)
+    lip_shadow = np.clip(1 - (ys - yu) / max(1.0, 0.018 * iod), 0, 1)
+    tone = (1 - 0.15 * depth) * (1 - 0.22 * gaps[..., None]) * (1 - 0.35 * lip_shadow[..., None])
+    paint = paint * (1 - teeth[..., None]) + (style.teeth * shade * tone) * teeth[..., None]
     paint = paint * (1 - lower_teeth[..., None]) + (style.teeth * shade * 0.8) * lower_teeth[..., None]
-    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), max(0.5, 0.006 * iod))
+    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), max(0.4, 0.003 * iod))
     a = (alpha * (1 - keep[by0:by1, bx0:bx1]))[..., None]
     sub = region[by0:by1, bx0:bx1]
     sub *= 1 - a

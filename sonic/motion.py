@@ -97,12 +97,14 @@ def build_rig(landmarks: np.ndarray) -> Rig:
 
     # jaw: lower lip and chin drop, jaw sides less towards the ears, upper lip lifts slightly
     w_jaw = _smoothstep(v, -0.02, 0.12) * (1 - 0.75 * _smoothstep(np.abs(u), 0.3, 1.0))
-    w_jaw[lower] = 1.0
-    w_jaw[upper] = -0.12
-    w_jaw[CORNERS] = 0.45
+    # the lips part as a lens, widest in the middle, so the weights taper towards the corners
+    half = max(np.abs(u[CORNERS]).max(), 1e-3)
+    taper = 1 - 0.7 * np.clip(np.abs(u) / half, 0, 1) ** 1.5
+    w_jaw[lower] = taper[lower]
+    w_jaw[upper] = -0.15 * taper[upper]
+    w_jaw[CORNERS] = 0.3
     basis[0] = w_jaw[:, None] * ey[None, :]
 
-    half = max(np.abs(u[CORNERS]).max(), 1e-3)
     lips = np.concatenate([upper, lower, CORNERS])
     lip_w = np.zeros(n)
     lip_w[lips] = np.clip(np.abs(u[lips]) / half, 0, 1) ** 1.5
