@@ -18,7 +18,7 @@ from .motion import build_rig, predict_motion
 from .options import GenerateOptions, load_config
 from .writer import VideoWriter
 
-BATCH_FRAMES = 16    # frames rendered per grid_sample call
+BATCH_FRAMES = 8     # frames rendered per grid_sample call (memory grows with it, speed barely)
 Progress = Callable[[str, float], None]
 
 
