@@ -165,7 +165,7 @@ class WarpDecoder:
         lip = colour(OUTER_UPPER[2:-2] + OUTER_LOWER[2:-2])
         skin = colour([10, 151, 50, 280, 205, 425])
         light = np.clip(skin.mean() / 150.0, 0.6, 1.0)
-        cavity = lip * 0.22 + np.array([10.0, 3.0, 3.0])
+        cavity = lip * 0.3 + np.array([14.0, 5.0, 5.0])
         return MouthStyle(cavity=cavity, teeth=np.clip(TEETH_RGB * light, 0, 255), paint_teeth=paint_teeth)
 
     def _sample(self, img: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,13 @@ class WarpDecoder:
         # each candidate is valid only if it lands on its own side of the parting line
         a_lo, a_up = self._below(s_lo), 1 - self._below(s_up)
         total = a_lo + a_up
-        a = torch.where(total > 0.05, a_lo / (total + 1e-6), torch.full_like(total, 0.5))
+        # where both sides reach (lips closing over the photo's teeth), lips cover the interior
+        interior = self.src_interior.expand(b, -1, -1, -1)
+        w_lo = a_lo * (1 - 0.95 * self._sample(interior, s_lo))
+        w_up = a_up * (1 - 0.95 * self._sample(interior, s_up))
+        w_total = w_lo + w_up
+        a = torch.where(w_total > 0.05, w_lo / (w_total + 1e-6),
+                        torch.where(total > 0.05, a_lo / (total + 1e-6), torch.full_like(total, 0.5)))
         s = a * s_lo + (1 - a) * s_up
         img = self._sample(self.src.expand(b, -1, -1, -1), s)
         # the photo's own interior is kept where it was sampled, never in the new opening
@@ -271,7 +277,11 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, keep: 
     hx = np.clip(np.abs(xs - cx) / half, 0, 1)[None, :]
     alpha *= 1 - 0.6 * hx ** 4                            # corners: shadowed lip, not black holes
     shade = (1 - 0.45 * hx ** 2)[..., None]
-    paint = np.broadcast_to(style.cavity * (0.8 + 0.2 * (1 - hx ** 2))[..., None], alpha.shape + (3,)).copy()
+    # cavity: darkest in the middle of the opening, warmer towards the lower lip (tongue)
+    mid = np.clip((ys - yu) / np.maximum(gap, 1.0), 0, 1)
+    tongue = np.clip((mid - 0.55) / 0.45, 0, 1)[..., None] * np.clip(gap / (0.1 * iod), 0, 1)[..., None]
+    cav = style.cavity * (0.85 + 0.25 * (1 - hx ** 2))[..., None]
+    paint = cav * (1 - 0.5 * tongue) + 0.5 * tongue * (style.cavity * 2.2)
     # upper teeth: a light band right under the upper lip, shaded towards its lower edge and
     # towards the corners; lower teeth only show, dimmer, when the mouth is wide open
     th = np.minimum(0.6 * gap, TEETH_MAX_IOD * iod) * (hx < 0.88) * style.paint_teeth

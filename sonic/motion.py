@@ -123,8 +123,10 @@ def build_rig(landmarks: np.ndarray) -> Rig:
 
     # close_rest: meet the lips of a photo whose mouth is open (lower lip up, upper lip down)
     gap = float(np.linalg.norm(lm[14] - lm[13]))
+    # closing raises the whole jaw, not only the lip, so the chin is not stretched
+    basis[4] = -0.65 * np.clip(w_jaw, 0, None)[:, None] * ey[None, :]
     basis[4, upper] += 0.35 * ey
-    basis[4, lower] -= 0.65 * ey
+    basis[4, lower] = -0.65 * ey
     for k in (0, 1, 2):
         basis[k] *= iod
     # close_rest is in units of the photo's own gap
