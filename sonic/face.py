@@ -5,6 +5,9 @@ refined lips/eyes/irises); they load once in `FaceAnalyzer.__init__`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import cv2
@@ -24,14 +27,34 @@ class FaceResult:
     box: tuple[float, float, float, float]   # x0, y0, x1, y1 of the landmark hull, px
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence mediapipe's C++ logging (glog, TFLite), which writes to fd 2 whatever Python says."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class FaceAnalyzer:
     def __init__(self) -> None:
-        import mediapipe as mp  # ~1.7 s import: done once, when the pipeline loads
+        with _quiet_stderr():
+            import mediapipe as mp  # ~1.7 s import: done once, when the pipeline loads
 
-        self._detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
-                                                                   min_detection_confidence=0.4)
-        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                                     refine_landmarks=True, min_detection_confidence=0.3)
+            self._detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                       min_detection_confidence=0.4)
+            self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                         refine_landmarks=True, min_detection_confidence=0.3)
+            # the first inference logs its set-up: do it now, while stderr is quiet
+            blank = np.zeros((64, 64, 3), np.uint8)
+            self._detector.process(blank)
+            self._mesh.process(blank)
 
     def _mesh_on(self, rgb: np.ndarray) -> np.ndarray | None:
         res = self._mesh.process(np.ascontiguousarray(rgb))
