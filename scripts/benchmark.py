@@ -45,7 +45,7 @@ def main() -> None:
             sf.write(audio, np.tile(wav, a.repeat_audio), SAMPLE_RATE)
         opts = pipe.options({"min_resolution": a.min_resolution, "fps": a.fps})
         t0 = time.perf_counter()
-        res = pipe(a.image, audio, Path(tmp) / "bench.mp4", opts)
+        res = pipe(a.image, audio, opts, out_path=Path(tmp) / "bench.mp4")
         wall = time.perf_counter() - t0
     audio_s = res.duration
     print(json.dumps({

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
         from .pipeline import load_pipeline
         pipe = load_pipeline(config)
-        result = pipe(args.image, args.audio, args.out, opts, progress=None if args.quiet else _progress_bar())
+        result = pipe(args.image, args.audio, opts, out_path=args.out,
+                      progress=None if args.quiet else _progress_bar())
     except SonicError as e:
         sys.stderr.write(f"\nerror: {e.message}\n")
         return 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,9 +71,16 @@ class SonicPipeline:
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)
 
-    def __call__(self, image: str | Path | np.ndarray, audio: str | Path, out_path: str | Path,
-                 options: GenerateOptions | None = None, progress: Progress | None = None) -> GenerationResult:
+    def __call__(self, image: str | Path | np.ndarray, audio: str | Path, options: GenerateOptions | None = None,
+                 *, out_path: str | Path | None = None, progress: Progress | None = None) -> GenerationResult:
+        """Portrait (path or RGB uint8 array) + speech (path) -> MP4 at out_path.
+
+        Without out_path the video goes to the configured output_dir under a fresh uuid name.
+        `progress(stage, fraction)` is called as the work advances.
+        """
         opts = options or self.options()
+        if out_path is None:
+            out_path = Path(self.config.get("output_dir", "outputs")) / f"{uuid.uuid4().hex}.mp4"
         limits = self.config["limits"]
         report = progress or (lambda stage, frac: None)
         timings: dict[str, float] = {}

@@ -34,7 +34,7 @@ def probe(path):
 def still_head_run(pipeline, speech_then_silence, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "talk.mp4"
     opts = pipeline.options({"min_resolution": 256, "motion_scale": 0.0, "seed": 5})
-    res = pipeline(PORTRAIT, speech_then_silence, out, opts)
+    res = pipeline(PORTRAIT, speech_then_silence, opts, out_path=out)
     return res, out, read_frames(out)
 
 
@@ -73,27 +73,27 @@ def test_background_unchanged(still_head_run):
 def test_same_seed_same_frames(pipeline, tmp_path):
     opts = pipeline.options({"min_resolution": 256, "seed": 11, "duration": 1.2})
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
-    pipeline(PORTRAIT, SPEECH, a, opts)
-    pipeline(PORTRAIT, SPEECH, b, opts)
+    pipeline(PORTRAIT, SPEECH, opts, out_path=a)
+    pipeline(PORTRAIT, SPEECH, opts, out_path=b)
     fa, fb = read_frames(a), read_frames(b)
     assert fa.shape == fb.shape and np.abs(fa.astype(int) - fb).max() <= 1
     c = tmp_path / "c.mp4"
-    pipeline(PORTRAIT, SPEECH, c, pipeline.options({"min_resolution": 256, "seed": 12, "duration": 1.2}))
+    pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 256, "seed": 12, "duration": 1.2}), out_path=c)
     assert np.abs(read_frames(c).astype(int) - fa).max() > 3
 
 
 def test_duration_trims_and_pads(pipeline, tmp_path):
     out = tmp_path / "long.mp4"
-    res = pipeline(PORTRAIT, SPEECH, out, pipeline.options({"min_resolution": 256, "duration": 4.0, "fps": 20}))
+    res = pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 256, "duration": 4.0, "fps": 20}), out_path=out)
     assert res.frames == 80 and any("padded" in w for w in res.warnings)
     assert abs(probe(out)[1] - 4.0) <= 0.05 + 1 / 20
-    res = pipeline(PORTRAIT, SPEECH, out, pipeline.options({"min_resolution": 256, "duration": 1.0}))
+    res = pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 256, "duration": 1.0}), out_path=out)
     assert res.frames == 25 and any("trimmed" in w for w in res.warnings)
 
 
 def test_inference_steps_reported_unused(pipeline, tmp_path):
-    res = pipeline(PORTRAIT, SPEECH, tmp_path / "s.mp4",
-                   pipeline.options({"min_resolution": 256, "duration": 0.5, "inference_steps": 10}))
+    res = pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 256, "duration": 0.5, "inference_steps": 10}),
+                   out_path=tmp_path / "s.mp4")
     assert any("inference_steps" in w for w in res.warnings)
 
 
@@ -102,14 +102,14 @@ def test_failures_leave_no_file(pipeline, tmp_path):
     cv2.imwrite(str(blank), np.full((200, 200, 3), 90, np.uint8))
     out = tmp_path / "o.mp4"
     with pytest.raises(NoFaceDetected):
-        pipeline(blank, SPEECH, out)
+        pipeline(blank, SPEECH, out_path=out)
     silent = tmp_path / "silent.wav"
     import soundfile as sf
     sf.write(silent, np.zeros(16000, np.float32), 16000)
     with pytest.raises(EmptyAudio):
-        pipeline(PORTRAIT, silent, out)
+        pipeline(PORTRAIT, silent, out_path=out)
     with pytest.raises(UnsupportedMedia):
-        pipeline(PORTRAIT, PORTRAIT, out)
+        pipeline(PORTRAIT, PORTRAIT, out_path=out)
     with pytest.raises(InvalidParameter):
         pipeline.options({"fps": 1000})
     assert list(tmp_path.glob("o.mp4*")) == [] and list(tmp_path.glob(".o.mp4*")) == []
@@ -144,3 +144,24 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     last = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(last) == 1 and needle in last[0] and "Traceback" not in p.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_default_output_location(pipeline, tmp_path):
+    from sonic import load_pipeline
+    from sonic.options import load_config
+    cfg = load_config()
+    cfg["output_dir"] = str(tmp_path / "videos")
+    pipe = load_pipeline(cfg)
+    res = pipe(PORTRAIT, SPEECH, pipe.options({"min_resolution": 256, "duration": 0.4}))
+    assert res.output_path.startswith(str(tmp_path / "videos")) and res.output_path.endswith(".mp4")
+    assert (tmp_path / "videos").is_dir() and len(list((tmp_path / "videos").iterdir())) == 1
+
+
+def test_writer_failure_leaves_no_file(tmp_path):
+    from sonic.writer import VideoWriter
+    out = tmp_path / "w.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(out, 64, 64, 25, np.zeros(16000, np.float32), 1.0) as w:
+            w.write(np.zeros((5, 64, 64, 3), np.uint8))
+            raise RuntimeError("stage failed mid-video")
+    assert list(tmp_path.iterdir()) == []
