@@ -57,7 +57,8 @@ class FaceAnalyzer:
             self._mesh.process(blank)
 
     def _mesh_on(self, rgb: np.ndarray) -> np.ndarray | None:
-        res = self._mesh.process(np.ascontiguousarray(rgb))
+        with _quiet_stderr():
+            res = self._mesh.process(np.ascontiguousarray(rgb))
         if not res.multi_face_landmarks:
             return None
         h, w = rgb.shape[:2]
