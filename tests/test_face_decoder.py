@@ -85,3 +85,13 @@ def test_blink_closes_eyes(face_setup):
     out = dec.render(c, np.zeros((1, 4)))[0].astype(int)
     x, y = lm[468, :2].astype(int)                  # iris centre gets covered by the lid
     assert np.abs(out[y - 2:y + 3, x - 2:x + 3] - src[y - 2:y + 3, x - 2:x + 3]).mean() > 8
+
+
+def test_largest_face_wins(pipeline):
+    rgb = load_image(PORTRAIT, 10**7)
+    small = rgb[::2, ::2]
+    canvas = np.full((700, 1000, 3), 200, np.uint8)
+    canvas[50:200, 50:178] = small           # small face, left
+    canvas[300:600, 600:856] = rgb           # full-size face, right
+    f = pipeline.faces.analyze(canvas)
+    assert f.box[0] > 600 and f.box[1] > 300

@@ -100,3 +100,9 @@ def test_audio_too_long(tmp_path):
     sf.write(p, 0.1 * np.ones(16000 * 5, np.float32), 16000)
     with pytest.raises(AudioTooLong):
         load_audio(p, 3)
+
+
+def test_webp_decodes(tmp_path):
+    p = tmp_path / "p.webp"
+    Image.open(PORTRAIT).save(p, format="WEBP")
+    assert load_image(p, 10**7).shape == (300, 256, 3)
