@@ -5,7 +5,9 @@ usage: python scripts/fidelity.py VIDEO.mp4 --image PORTRAIT [--config JSON]
 Rebuilds the output frame from the portrait with the same crop options, then reports the mean
 SSIM (7x7 Gaussian, on luma) per frame of: the background (outside the face oval dilated by
 0.36 IOD, as ../shared/tools/score_video.py defines it) and the upper face (oval minus lips/jaw).
-Useful where an aligning scorer struggles: crops that were scaled from the photo.
+Useful where an aligning scorer struggles: score_video.py's ECC alignment needs the reference to
+have the frame's size (OpenCV's findTransformECC), so a crop scaled from the photo is scored
+against the photo only through landmarks; --save-reference writes the right-sized reference.
 """
 import argparse
 import json
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("video")
     ap.add_argument("--image", required=True)
     ap.add_argument("--config", default="{}")
+    ap.add_argument("--save-reference", metavar="PNG",
+                    help="also write the rebuilt frame: a --source of the frame's own size for score_video.py")
     a = ap.parse_args()
     cfg = load_config()
     opts = GenerateOptions.from_dict(json.loads(a.config), cfg)
@@ -46,6 +50,8 @@ def main() -> None:
     src, lm = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], opts.expand_ratio,
                                                            opts.crop_to_face), opts.min_resolution)
     ref = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
+    if a.save_reference:
+        cv2.imwrite(a.save_reference, cv2.cvtColor(src, cv2.COLOR_RGB2BGR))
     iod = float(np.linalg.norm(lm[33, :2] - lm[263, :2]))
     k = max(3, int(0.12 * iod)) | 1
     oval = np.zeros(ref.shape, np.uint8)
