@@ -1,10 +1,30 @@
-"""HTTP service entry point: placeholder until the HTTP service issue lands.
+"""Serve the sonic API: python app.py [--host H] [--port P] [--config settings.yaml]
 
-The pipeline is usable today from Python (`sonic.load_pipeline`) and from the CLI
-(`python -m sonic generate ...`). This file will hold the Flask app factory.
+Host and port also come from SONIC_HOST / SONIC_PORT; default 127.0.0.1:5000. The model loads
+once, here, before the first request. For production, a WSGI server: see README.
 """
-import sys
+import argparse
+import logging
+import os
+
+from sonic import load_config
+from server import create_app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--config", help="settings YAML (default configs/default.yaml)")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    config = load_config(a.config)
+    host = a.host or os.environ.get("SONIC_HOST") or config["server"]["host"]
+    port = a.port or int(os.environ.get("SONIC_PORT") or config["server"]["port"])
+    app = create_app(config)
+    app.run(host=host, port=port, threaded=True, use_reloader=False)
+
 
 if __name__ == "__main__":
-    sys.stderr.write("The HTTP service is not built yet; use: python -m sonic generate --help\n")
-    sys.exit(1)
+    main()

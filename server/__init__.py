@@ -1,0 +1,99 @@
+"""HTTP service: Flask app factory. The pipeline loads once, in create_app."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from flask import Flask, g, jsonify, request
+
+from sonic import SonicError, load_config
+
+from .jobs import JobManager
+
+log = logging.getLogger("sonic.http")
+
+
+def create_app(config: dict | None = None, pipeline=None) -> Flask:
+    """Build the app; `pipeline` defaults to `sonic.load_pipeline(config)` (loaded here, once)."""
+    config = config if config is not None else load_config()
+    srv = config["server"]
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(config["limits"]["max_upload_mb"] * 1024 * 1024)
+    app.config["SONIC"] = config
+    app.extensions["sonic_state"] = {"status": "starting"}
+    try:
+        if pipeline is None:
+            from sonic import load_pipeline
+            pipeline = load_pipeline(config)
+        output_dir = Path(config.get("output_dir", "outputs")).resolve()
+        app.extensions["sonic_jobs"] = JobManager(pipeline, output_dir, int(srv["queue_size"]),
+                                                  float(srv["output_ttl_s"]))
+        app.extensions["sonic_state"]["status"] = "ready"
+    except Exception:                                          # noqa: BLE001 - /health reports it
+        log.exception("pipeline set-up failed")
+        app.extensions["sonic_state"]["status"] = "setup_failed"
+
+    from .api import bp
+    app.register_blueprint(bp)
+    origins = srv.get("cors_origins") or []
+
+    @app.before_request
+    def _start():
+        g.request_id = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _finish(resp):
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Prefer, Authorization, X-Request-ID, Range"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Content-Range, Location"
+        log.info(json.dumps({"request_id": g.get("request_id"), "method": request.method, "route": request.path,
+                             "status": resp.status_code, "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
+                             "params": g.get("log_params")}))
+        return resp
+
+    def error_response(status: int, code: str, message: str, field: str | None = None, headers=None):
+        err = {"code": code, "message": message}
+        if field:
+            err["field"] = field
+        resp = jsonify({"success": False, "error": err, "request_id": g.get("request_id")})
+        resp.status_code = status
+        for k, v in (headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    app.extensions["sonic_error"] = error_response
+
+    @app.errorhandler(SonicError)
+    def _sonic_error(e: SonicError):
+        return error_response(e.status, e.code, e.message, e.field)
+
+    @app.errorhandler(413)
+    def _too_large(e):
+        return error_response(413, "input_too_large",
+                              f"upload is larger than {config['limits']['max_upload_mb']} MB")
+
+    @app.errorhandler(404)
+    def _not_found(e):
+        return error_response(404, "not_found", "no such resource")
+
+    @app.errorhandler(405)
+    def _method(e):
+        return error_response(405, "method_not_allowed", "method not allowed on this resource")
+
+    @app.errorhandler(Exception)
+    def _internal(e):
+        from werkzeug.exceptions import HTTPException
+        if isinstance(e, HTTPException):
+            return error_response(e.code or 500, "http_error", e.description or "request failed")
+        log.exception("unhandled error, request %s", g.get("request_id"))
+        return error_response(500, "internal_error", "internal error; quote the request id when reporting it")
+
+    return app

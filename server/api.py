@@ -1,0 +1,211 @@
+"""Routes: generate, jobs (status, SSE events, cancel), outputs, health, params, OpenAPI."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory, url_for
+
+from sonic import GenerateOptions, InvalidParameter, schema
+from sonic.media import load_audio, load_image
+
+from .jobs import TERMINAL, Job, QueueFull, cache_key
+from .openapi import openapi_spec
+
+bp = Blueprint("sonic_api", __name__)
+OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}\.mp4$")
+SSE_POLL_S = 15.0
+
+
+def _jobs():
+    return current_app.extensions.get("sonic_jobs")
+
+
+def _error(status, code, message, field=None, headers=None):
+    return current_app.extensions["sonic_error"](status, code, message, field, headers)
+
+
+def _job_body(job: Job) -> dict:
+    body = {"success": job.status != "failed", **job.public(),
+            "status_url": url_for("sonic_api.job_status", job_id=job.id, _external=True)}
+    if job.result:
+        body.update(_result_fields(job))
+    return body
+
+
+def _result_fields(job: Job) -> dict:
+    r = dict(job.result)
+    name = r.pop("file")
+    r["video_url"] = url_for("sonic_api.output", name=name, _external=True)
+    r["job_id"] = job.id
+    return r
+
+
+def _parse_config() -> tuple[GenerateOptions, bool]:
+    raw = request.form.get("config", "")
+    if len(raw) > 10_000:
+        raise InvalidParameter("config is longer than 10000 characters", field="config")
+    try:
+        params = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidParameter(f"config is not valid JSON: {e.msg}", field="config") from e
+    if not isinstance(params, dict):
+        raise InvalidParameter("config must be a JSON object", field="config")
+    want_async = params.get("async", False)
+    if not isinstance(want_async, bool):
+        raise InvalidParameter("async must be true or false", field="async")
+    g.log_params = params
+    return GenerateOptions.from_dict(params, current_app.config["SONIC"], ignore=("async",)), want_async
+
+
+@bp.post("/api/sonic/generate")
+def generate():
+    jobs = _jobs()
+    if jobs is None:
+        return _error(503, "not_ready", "the service failed to start", headers={"Retry-After": "60"})
+    opts, want_async = _parse_config()
+    want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
+    files = {}
+    for name in ("image", "audio"):
+        f = request.files.get(name)
+        if f is None or not f.filename and not f.content_length:
+            raise InvalidParameter(f"multipart file field '{name}' is missing", field=name)
+        files[name] = f.read()
+        if not files[name]:
+            raise InvalidParameter(f"{name} is empty", field=name)
+
+    key = cache_key(files["image"], files["audio"], opts)
+    hit = jobs.cached(key)
+    if hit:
+        return jsonify({"success": True, "cached": True, **_result_fields(hit)})
+
+    cfg = current_app.config["SONIC"]
+    job_id = jobs.new_id()
+    workdir = Path(cfg["server"]["upload_dir"]).resolve() / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    image_path, audio_path = workdir / "image", workdir / "audio"
+    image_path.write_bytes(files["image"])
+    audio_path.write_bytes(files["audio"])
+    job = Job(id=job_id, options=opts, image=image_path, audio=audio_path, workdir=workdir, cache_key=key)
+    try:
+        # content checks before queueing, so bad input is answered at once (415 / 413 / 422)
+        load_image(image_path, int(cfg["limits"]["max_image_pixels"]))
+        load_audio(audio_path, float(cfg["limits"]["max_duration_s"]))
+        jobs.submit(job)
+    except QueueFull:
+        _remove(workdir)
+        retry = str(cfg["server"]["retry_after_s"])
+        return _error(503, "busy", "the generation queue is full; retry later", headers={"Retry-After": retry})
+    except Exception:
+        _remove(workdir)
+        raise
+
+    if not want_async and job.done.wait(float(cfg["server"]["sync_wait_s"])):
+        if job.status == "succeeded":
+            return jsonify({"success": True, **_result_fields(job)})
+        err = job.error or {"code": "canceled", "message": "the job was canceled", "status": 409}
+        return _error(err.get("status", 500), err["code"], err["message"], err.get("field"))
+    resp = jsonify({"success": True, **job.public(),
+                    "status_url": url_for("sonic_api.job_status", job_id=job.id, _external=True)})
+    resp.status_code = 202
+    resp.headers["Location"] = url_for("sonic_api.job_status", job_id=job.id, _external=True)
+    return resp
+
+
+def _remove(workdir: Path) -> None:
+    import shutil
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _get_job(job_id: str) -> Job | None:
+    jobs = _jobs()
+    return jobs.jobs.get(job_id) if jobs else None
+
+
+@bp.get("/api/sonic/jobs/<job_id>")
+def job_status(job_id):
+    job = _get_job(job_id)
+    if job is None:
+        return _error(404, "job_not_found", f"no job {job_id}")
+    return jsonify(_job_body(job))
+
+
+@bp.post("/api/sonic/jobs/<job_id>/cancel")
+def job_cancel(job_id):
+    job = _get_job(job_id)
+    if job is None:
+        return _error(404, "job_not_found", f"no job {job_id}")
+    _jobs().cancel(job)
+    job.done.wait(5.0)
+    return jsonify(_job_body(job))
+
+
+@bp.get("/api/sonic/jobs/<job_id>/events")
+def job_events(job_id):
+    """Server-Sent Events: one event per change of the job (named by its status) until it ends."""
+    job = _get_job(job_id)
+    if job is None:
+        return _error(404, "job_not_found", f"no job {job_id}")
+    # url_for needs the request context, which a streamed body outlives: build the URL now
+    video_base = url_for("sonic_api.output", name="NAME", _external=True)
+
+    def state() -> dict:
+        d = {"success": job.status != "failed", **job.public()}
+        if job.result:
+            d.pop("result", None)
+            d.update({k: v for k, v in job.result.items() if k != "file"})
+            d["video_url"] = video_base.replace("NAME", job.result["file"])
+        return d
+
+    def events():
+        last = None
+        while True:
+            now = state()
+            snapshot = json.dumps(now)
+            yield f"event: {now['status']}\ndata: {snapshot}\n\n" if snapshot != last else ": keep-alive\n\n"
+            last = snapshot
+            if now["status"] in TERMINAL:
+                return
+            with job.changed:
+                if job.status not in TERMINAL:
+                    job.changed.wait(SSE_POLL_S)
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.get("/output/<name>")
+def output(name):
+    if not OUTPUT_NAME.match(name):
+        return _error(404, "not_found", "no such video")
+    jobs = _jobs()
+    if jobs is None or not (jobs.output_dir / name).is_file():
+        return _error(404, "not_found", "no such video")
+    return send_from_directory(jobs.output_dir, name, mimetype="video/mp4", conditional=True, max_age=3600)
+
+
+@bp.get("/health")
+def health():
+    state = current_app.extensions["sonic_state"]["status"]
+    jobs = _jobs()
+    if jobs is not None and state == "ready" and jobs.running is not None:
+        state = "busy"
+    body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
+            "queue_length": jobs.queue_length() if jobs else 0,
+            "running_job": jobs.running.id if jobs and jobs.running else None}
+    return jsonify(body), (200 if state in ("ready", "busy") else 503)
+
+
+@bp.get("/api/sonic/params")
+def params():
+    return jsonify({"parameters": schema(current_app.config["SONIC"]),
+                    "extra": {"async": {"type": "boolean", "default": False,
+                                        "description": "answer 202 at once with the job id"}}})
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_spec(schema(current_app.config["SONIC"])))
+

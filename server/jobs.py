@@ -1,0 +1,182 @@
+"""Job queue: one worker thread runs the pipeline (one model, one device); others wait.
+
+Jobs live in memory, keyed by id; the HTTP layer only reads their public dict. A job's inputs
+are deleted when it ends; outputs are swept after `output_ttl_s`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sonic import GenerateOptions, SonicError
+
+log = logging.getLogger("sonic.jobs")
+TERMINAL = ("succeeded", "failed", "canceled")
+SWEEP_EVERY_S = 60
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobCanceled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    options: GenerateOptions
+    image: Path
+    audio: Path
+    workdir: Path
+    cache_key: str
+    status: str = "queued"
+    stage: str = "queued"
+    progress: float = 0.0
+    result: dict | None = None
+    error: dict | None = None
+    created: float = field(default_factory=time.time)
+    cancel_requested: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def public(self) -> dict:
+        d = {"job_id": self.id, "status": self.status, "progress": round(self.progress, 3), "stage": self.stage}
+        if self.result is not None:
+            d["result"] = self.result
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    def update(self, **kw) -> None:
+        with self.changed:
+            for k, v in kw.items():
+                setattr(self, k, v)
+            self.changed.notify_all()
+
+
+def cache_key(image: bytes, audio: bytes, options: GenerateOptions) -> str:
+    h = hashlib.sha256()
+    for part in (image, audio, repr(sorted(options.to_dict().items())).encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+class JobManager:
+    def __init__(self, pipeline, output_dir: Path, queue_size: int, output_ttl_s: float):
+        self.pipeline = pipeline
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_ttl_s = output_ttl_s
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.jobs: dict[str, Job] = {}
+        self._cache: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.running: Job | None = None
+        self._last_sweep = 0.0
+        self._worker = threading.Thread(target=self._run, name="sonic-worker", daemon=True)
+        self._worker.start()
+
+    # -- submission ---------------------------------------------------------------------
+    def cached(self, key: str) -> Job | None:
+        with self._lock:
+            job_id = self._cache.get(key)
+            job = self.jobs.get(job_id) if job_id else None
+        if job and job.status == "succeeded" and (self.output_dir / job.result["file"]).exists():
+            return job
+        return None
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self.jobs[job.id] = job
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                del self.jobs[job.id]
+            raise QueueFull()
+
+    def cancel(self, job: Job) -> None:
+        if job.status in TERMINAL:
+            return
+        job.update(cancel_requested=True)
+        if job.status == "queued":           # the worker skips it when it comes up
+            self._finish(job, "canceled")
+
+    def queue_length(self) -> int:
+        return self._queue.qsize()
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    # -- worker -------------------------------------------------------------------------
+    def _finish(self, job: Job, status: str, **kw) -> None:
+        job.update(status=status, stage=status, **kw)
+        shutil.rmtree(job.workdir, ignore_errors=True)      # inputs go when the job ends
+        job.done.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=5)
+            except queue.Empty:
+                self._sweep()
+                continue
+            if job.status in TERMINAL:
+                continue
+            self.running = job
+            try:
+                self._execute(job)
+            finally:
+                self.running = None
+                self._sweep()
+
+    def _execute(self, job: Job) -> None:
+        job.update(status="processing", stage="starting")
+
+        def progress(stage: str, frac: float) -> None:
+            if job.cancel_requested:
+                raise JobCanceled()
+            job.update(stage=stage, progress=frac)
+
+        out = self.output_dir / f"{job.id}.mp4"
+        try:
+            res = self.pipeline(job.image, job.audio, job.options, out_path=out, progress=progress)
+        except JobCanceled:
+            self._finish(job, "canceled")
+            return
+        except SonicError as e:
+            self._finish(job, "failed", error={**e.to_dict(), "status": e.status})
+            return
+        except Exception:                                 # noqa: BLE001 - reported, never raised to HTTP
+            log.exception("job %s failed", job.id)
+            self._finish(job, "failed", error={"code": "internal_error", "status": 500,
+                                               "message": "generation failed; see the server log with this job id"})
+            return
+        result = res.to_dict()
+        result.pop("output_path", None)
+        result["file"] = out.name
+        with self._lock:
+            self._cache[job.cache_key] = job.id
+        self._finish(job, "succeeded", result=result, progress=1.0)
+
+    def _sweep(self) -> None:
+        now = time.time()
+        if now - self._last_sweep < SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        for p in self.output_dir.glob("*.mp4"):
+            try:
+                if now - p.stat().st_mtime > self.output_ttl_s:
+                    p.unlink()
+            except OSError:
+                pass

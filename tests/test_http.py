@@ -1,0 +1,208 @@
+"""The HTTP service through a real server (python app.py) on a free loopback port."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import yaml
+
+from sonic import load_config
+from conftest import PORTRAIT, ROOT, SPEECH
+
+FAST = {"min_resolution": 256}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    cfg = load_config()
+    cfg["output_dir"] = str(tmp / "outputs")
+    cfg["server"].update(upload_dir=str(tmp / "uploads"), queue_size=1, sync_wait_s=60, retry_after_s=7)
+    cfg["limits"]["max_upload_mb"] = 2
+    (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = open(tmp / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp / "settings.yaml")],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(base + "/health", timeout=1).json()["readiness"] == "ready":
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        log.seek(0)
+        pytest.fail("server did not start: " + log.read()[-2000:])
+    yield {"base": base, "tmp": tmp, "log": log}
+    proc.terminate()
+    proc.wait(10)
+
+
+def post(server, config=None, image=PORTRAIT, audio=SPEECH, headers=None):
+    files = {"image": ("face.jpg", open(image, "rb")), "audio": ("talk.flac", open(audio, "rb"))}
+    data = {"config": json.dumps(config if config is not None else FAST)}
+    return requests.post(server["base"] + "/api/sonic/generate", files=files, data=data, headers=headers or {},
+                         timeout=120)
+
+
+def wait_done(server, job_id, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        s = requests.get(f"{server['base']}/api/sonic/jobs/{job_id}", timeout=5).json()
+        if s["status"] in ("succeeded", "failed", "canceled"):
+            return s
+        time.sleep(0.2)
+    raise AssertionError("job did not finish")
+
+
+def assert_clean_error(r, status, code, field=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["success"] is False and body["error"]["code"] == code and body["request_id"]
+    if field:
+        assert body["error"]["field"] == field
+    assert "Traceback" not in r.text and str(ROOT) not in r.text
+
+
+def test_health_params_openapi(server):
+    h = requests.get(server["base"] + "/health").json()
+    assert h["readiness"] in ("ready", "busy") and "queue_length" in h
+    p = requests.get(server["base"] + "/api/sonic/params").json()["parameters"]
+    assert p["fps"]["minimum"] == 10 and p["dynamic_scale"]["default"] == 1.0
+    spec = requests.get(server["base"] + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and "/api/sonic/generate" in spec["paths"]
+    assert set(p) <= set(spec["components"]["schemas"]["Parameters"]["properties"])
+
+
+def test_sync_generate_and_download(server):
+    r = post(server, {**FAST, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] and body["seed"] == 3 and body["width"] == 256 and body["fps"] == 25
+    assert abs(body["duration"] - 3.0) <= 0.04 and "lipsync_offset_ms" in body and "render" in body["timings"]
+    assert r.headers["X-Request-ID"]
+    video = requests.get(body["video_url"], timeout=30)
+    assert video.status_code == 200 and video.headers["Content-Type"] == "video/mp4"
+    path = server["tmp"] / "dl.mp4"
+    path.write_bytes(video.content)
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 75 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 256
+    uploads = server["tmp"] / "uploads"
+    assert not any(p.is_file() for p in uploads.rglob("*"))          # inputs deleted when the job ends
+
+    part = requests.get(body["video_url"], headers={"Range": "bytes=100-199"}, timeout=30)
+    assert part.status_code == 206 and part.content == video.content[100:200]
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(video.content)}"
+
+    again = post(server, {**FAST, "seed": 3})                       # identical request: cached
+    assert again.status_code == 200 and again.json()["cached"] is True
+    assert again.json()["video_url"] == body["video_url"]
+
+
+def test_async_status_and_events(server):
+    r = post(server, {**FAST, "seed": 4}, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "processing")
+    job = r.json()["job_id"]
+    assert r.headers["Location"].endswith(job)
+    events = []
+    with requests.get(f"{server['base']}/api/sonic/jobs/{job}/events", stream=True, timeout=120) as s:
+        assert s.headers["Content-Type"].startswith("text/event-stream")
+        for line in s.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "succeeded" and events[-1]["video_url"].endswith(".mp4")
+    assert any(e["status"] == "processing" for e in events) or len(events) == 1
+    status = wait_done(server, job)
+    assert status["status"] == "succeeded" and status["video_url"] == events[-1]["video_url"]
+    r2 = post(server, {**FAST, "seed": 5, "async": True})
+    assert r2.status_code == 202
+    assert wait_done(server, r2.json()["job_id"])["status"] == "succeeded"
+
+
+def test_cancel(server):
+    r = post(server, {**FAST, "seed": 6, "duration": 30, "async": True})
+    assert r.status_code == 202
+    job = r.json()["job_id"]
+    time.sleep(1.0)
+    c = requests.post(f"{server['base']}/api/sonic/jobs/{job}/cancel", timeout=30).json()
+    assert c["status"] == "canceled"
+    assert not (server["tmp"] / "outputs" / f"{job}.mp4").exists()
+    assert not list((server["tmp"] / "outputs").glob(".*.part"))
+    assert requests.get(f"{server['base']}/api/sonic/jobs/nope").status_code == 404
+
+
+def test_queue_full_then_503(server):
+    long = {**FAST, "duration": 30, "async": True}
+    a = post(server, {**long, "seed": 7})
+    b = post(server, {**long, "seed": 8})
+    c = post(server, {**long, "seed": 9})
+    assert a.status_code == 202 and b.status_code == 202
+    assert_clean_error(c, 503, "busy")
+    assert c.headers["Retry-After"] == "7"
+    for r in (a, b):
+        requests.post(f"{server['base']}/api/sonic/jobs/{r.json()['job_id']}/cancel", timeout=30)
+    assert wait_done(server, b.json()["job_id"])["status"] == "canceled"
+
+
+def test_concurrent_sync_requests(server):
+    results = {}
+
+    def call(seed):
+        results[seed] = post(server, {**FAST, "seed": seed, "duration": 1.0})
+    threads = [threading.Thread(target=call, args=(s,)) for s in (21, 22)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
+    assert len({r.json()["video_url"] for r in results.values()}) == 2
+
+
+def test_errors(server, tmp_path):
+    r = requests.post(server["base"] + "/api/sonic/generate", files={"image": open(PORTRAIT, "rb"),
+                      "audio": open(SPEECH, "rb")}, data={"config": "{bad"})
+    assert_clean_error(r, 400, "invalid_parameter", "config")
+    assert_clean_error(post(server, {"fps": 500}), 400, "invalid_parameter", "fps")
+    assert_clean_error(post(server, {"dynamic_scal": 1}), 400, "invalid_parameter", "dynamic_scal")
+    r = requests.post(server["base"] + "/api/sonic/generate", files={"image": open(PORTRAIT, "rb")})
+    assert_clean_error(r, 400, "invalid_parameter", "audio")
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024))
+    assert_clean_error(post(server, audio=big), 413, "input_too_large")
+    assert_clean_error(post(server, image=SPEECH), 415, "unsupported_media", "image")
+    assert_clean_error(post(server, audio=PORTRAIT), 415, "unsupported_media", "audio")
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 90, np.uint8))
+    assert_clean_error(post(server, image=blank), 422, "no_face_detected", "image")
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    assert_clean_error(post(server, audio=silent), 422, "empty_audio", "audio")
+    for path in ("/output/../app.py", "/output/..%2Fapp.py", "/output/app.py", "/output/" + "0" * 32 + ".mp4"):
+        assert requests.get(server["base"] + path).status_code == 404
+    assert not any(p.is_file() for p in (server["tmp"] / "uploads").rglob("*"))
+
+
+def test_cors_and_request_id(server):
+    r = requests.options(server["base"] + "/api/sonic/generate", headers={"Origin": "http://app.example"})
+    assert r.status_code in (200, 204) and r.headers["Access-Control-Allow-Origin"] == "*"
+    r = requests.get(server["base"] + "/health", headers={"X-Request-ID": "abc123"})
+    assert r.headers["X-Request-ID"] == "abc123"
+    server["log"].flush()
+    lines = (server["tmp"] / "server.log").read_text().splitlines()
+    assert any('"request_id": "abc123"' in l and '"route": "/health"' in l for l in lines)
