@@ -1,7 +1,7 @@
 """Serve the sonic API: python app.py [--host H] [--port P] [--config settings.yaml]
 
 Host and port also come from SONIC_HOST / SONIC_PORT; default 127.0.0.1:5000. The model loads
-once, here, before the first request. For production, a WSGI server: see README.
+once, here, before the first request. For production: waitress-serve --call server:create_app (README).
 """
 import argparse
 import logging
