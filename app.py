@@ -22,7 +22,7 @@ def main() -> None:
     config = load_config(a.config)
     host = a.host or os.environ.get("SONIC_HOST") or config["server"]["host"]
     port = a.port or int(os.environ.get("SONIC_PORT") or config["server"]["port"])
-    app = create_app(config)
+    app = create_app(config, background_load=True)   # answers /health while the models load
     app.run(host=host, port=port, threaded=True, use_reloader=False)
 
 

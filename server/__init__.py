@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,25 +17,36 @@ from .jobs import JobManager
 log = logging.getLogger("sonic.http")
 
 
-def create_app(config: dict | None = None, pipeline=None) -> Flask:
-    """Build the app; `pipeline` defaults to `sonic.load_pipeline(config)` (loaded here, once)."""
+def create_app(config: dict | None = None, pipeline=None, background_load: bool = False) -> Flask:
+    """Build the app; `pipeline` defaults to `sonic.load_pipeline(config)`, loaded once, here.
+
+    With background_load the models load in a thread while the server already answers:
+    /health says "starting" (503) and generate answers 503 + Retry-After until they are ready.
+    """
     config = config if config is not None else load_config()
     srv = config["server"]
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config["limits"]["max_upload_mb"] * 1024 * 1024)
     app.config["SONIC"] = config
     app.extensions["sonic_state"] = {"status": "starting"}
-    try:
-        if pipeline is None:
-            from sonic import load_pipeline
-            pipeline = load_pipeline(config)
-        output_dir = Path(config.get("output_dir", "outputs")).resolve()
-        app.extensions["sonic_jobs"] = JobManager(pipeline, output_dir, int(srv["queue_size"]),
-                                                  float(srv["output_ttl_s"]))
-        app.extensions["sonic_state"]["status"] = "ready"
-    except Exception:                                          # noqa: BLE001 - /health reports it
-        log.exception("pipeline set-up failed")
-        app.extensions["sonic_state"]["status"] = "setup_failed"
+
+    def set_up(pipe) -> None:
+        try:
+            if pipe is None:
+                from sonic import load_pipeline
+                pipe = load_pipeline(config)
+            output_dir = Path(config.get("output_dir", "outputs")).resolve()
+            app.extensions["sonic_jobs"] = JobManager(pipe, output_dir, int(srv["queue_size"]),
+                                                      float(srv["output_ttl_s"]))
+            app.extensions["sonic_state"]["status"] = "ready"
+        except Exception:                                      # noqa: BLE001 - /health reports it
+            log.exception("pipeline set-up failed")
+            app.extensions["sonic_state"]["status"] = "setup_failed"
+
+    if background_load:
+        threading.Thread(target=set_up, args=(pipeline,), name="sonic-setup", daemon=True).start()
+    else:
+        set_up(pipeline)
 
     from .api import bp
     app.register_blueprint(bp)

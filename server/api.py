@@ -64,7 +64,9 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
 def generate():
     jobs = _jobs()
     if jobs is None:
-        return _error(503, "not_ready", "the service failed to start", headers={"Retry-After": "60"})
+        state = current_app.extensions["sonic_state"]["status"]
+        message = "the service is starting" if state == "starting" else "the service failed to start"
+        return _error(503, "not_ready", message, headers={"Retry-After": "5" if state == "starting" else "60"})
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = {}

@@ -26,12 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("srv")
+def start_server(tmp, **server_settings):
     cfg = load_config()
     cfg["output_dir"] = str(tmp / "outputs")
-    cfg["server"].update(upload_dir=str(tmp / "uploads"), queue_size=1, sync_wait_s=60, retry_after_s=7)
+    cfg["server"].update(upload_dir=str(tmp / "uploads"), **server_settings)
     cfg["limits"]["max_upload_mb"] = 2
     (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -39,19 +37,40 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp / "settings.yaml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    seen = set()
+    for _ in range(240):
         try:
-            if requests.get(base + "/health", timeout=1).json()["readiness"] == "ready":
+            r = requests.get(base + "/health", timeout=1)
+            seen.add((r.status_code, r.json()["readiness"]))
+            if r.json()["readiness"] == "ready":
                 break
         except requests.RequestException:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.25)
     else:
         proc.kill()
         log.seek(0)
         pytest.fail("server did not start: " + log.read()[-2000:])
-    yield {"base": base, "tmp": tmp, "log": log}
+    return proc, {"base": base, "tmp": tmp, "log": log, "startup_states": seen}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, info = start_server(tmp_path_factory.mktemp("srv"), queue_size=1, sync_wait_s=60, retry_after_s=7)
+    yield info
     proc.terminate()
     proc.wait(10)
+
+
+def test_slow_sync_request_gets_its_job_id(tmp_path):
+    proc, srv = start_server(tmp_path, queue_size=2, sync_wait_s=0.5)
+    try:
+        r = post(srv, {**FAST, "duration": 20})
+        assert r.status_code == 202 and r.json()["job_id"] and r.json()["status_url"]
+        assert wait_done(srv, r.json()["job_id"])["status"] == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def post(server, config=None, image=PORTRAIT, audio=SPEECH, headers=None):
@@ -81,6 +100,8 @@ def assert_clean_error(r, status, code, field=None):
 
 
 def test_health_params_openapi(server):
+    # while the models load the server already answers: 503 "starting", then 200 "ready"
+    assert server["startup_states"] <= {(503, "starting"), (200, "ready")}
     h = requests.get(server["base"] + "/health").json()
     assert h["readiness"] in ("ready", "busy") and "queue_length" in h
     p = requests.get(server["base"] + "/api/sonic/params").json()["parameters"]
