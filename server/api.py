@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import shutil
 from pathlib import Path
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory, url_for
 
-from sonic import GenerateOptions, InvalidParameter, schema
+from sonic import GenerateOptions, InvalidParameter, SonicError, schema
 from sonic.media import load_audio, load_image
 
 from .jobs import TERMINAL, Job, QueueFull, cache_key
@@ -27,20 +27,37 @@ def _error(status, code, message, field=None, headers=None):
     return current_app.extensions["sonic_error"](status, code, message, field, headers)
 
 
-def _job_body(job: Job) -> dict:
-    body = {"success": job.status != "failed", **job.public(),
-            "status_url": url_for("sonic_api.job_status", job_id=job.id, _external=True)}
-    if job.result:
-        body.update(_result_fields(job))
+def _urls(job: Job) -> dict:
+    """URLs of a job, built while a request context exists (a streamed body outlives it)."""
+    return {"status_url": url_for("sonic_api.job_status", job_id=job.id, _external=True),
+            "video_base": url_for("sonic_api.output", name="NAME", _external=True)}
+
+
+def _job_body(job: Job, urls: dict) -> dict:
+    """The public view of a job: status, progress, and the result with its video_url or the error."""
+    body = {"success": job.status != "failed", **job.public(), "status_url": urls["status_url"]}
+    result = body.pop("result", None)
+    if result:
+        body.update({k: v for k, v in result.items() if k != "file"})
+        body["video_url"] = urls["video_base"].replace("NAME", result["file"])
     return body
 
 
 def _result_fields(job: Job) -> dict:
-    r = dict(job.result)
-    name = r.pop("file")
-    r["video_url"] = url_for("sonic_api.output", name=name, _external=True)
-    r["job_id"] = job.id
-    return r
+    body = _job_body(job, _urls(job))
+    return {k: v for k, v in body.items() if k not in ("status", "progress", "stage", "status_url", "success")}
+
+
+class JobNotFound(SonicError):
+    code, status = "job_not_found", 404
+
+
+def _find_job(job_id: str) -> Job:
+    jobs = _jobs()
+    job = jobs.jobs.get(job_id) if jobs else None
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    return job
 
 
 def _parse_config() -> tuple[GenerateOptions, bool]:
@@ -109,62 +126,41 @@ def generate():
             return jsonify({"success": True, **_result_fields(job)})
         err = job.error or {"code": "canceled", "message": "the job was canceled", "status": 409}
         return _error(err.get("status", 500), err["code"], err["message"], err.get("field"))
-    resp = jsonify({"success": True, **job.public(),
-                    "status_url": url_for("sonic_api.job_status", job_id=job.id, _external=True)})
+    body = _job_body(job, _urls(job))
+    resp = jsonify(body)
     resp.status_code = 202
-    resp.headers["Location"] = url_for("sonic_api.job_status", job_id=job.id, _external=True)
+    resp.headers["Location"] = body["status_url"]
     return resp
 
 
 def _remove(workdir: Path) -> None:
-    import shutil
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _get_job(job_id: str) -> Job | None:
-    jobs = _jobs()
-    return jobs.jobs.get(job_id) if jobs else None
 
 
 @bp.get("/api/sonic/jobs/<job_id>")
 def job_status(job_id):
-    job = _get_job(job_id)
-    if job is None:
-        return _error(404, "job_not_found", f"no job {job_id}")
-    return jsonify(_job_body(job))
+    job = _find_job(job_id)
+    return jsonify(_job_body(job, _urls(job)))
 
 
 @bp.post("/api/sonic/jobs/<job_id>/cancel")
 def job_cancel(job_id):
-    job = _get_job(job_id)
-    if job is None:
-        return _error(404, "job_not_found", f"no job {job_id}")
+    job = _find_job(job_id)
     _jobs().cancel(job)
     job.done.wait(5.0)
-    return jsonify(_job_body(job))
+    return jsonify(_job_body(job, _urls(job)))
 
 
 @bp.get("/api/sonic/jobs/<job_id>/events")
 def job_events(job_id):
     """Server-Sent Events: one event per change of the job (named by its status) until it ends."""
-    job = _get_job(job_id)
-    if job is None:
-        return _error(404, "job_not_found", f"no job {job_id}")
-    # url_for needs the request context, which a streamed body outlives: build the URL now
-    video_base = url_for("sonic_api.output", name="NAME", _external=True)
-
-    def state() -> dict:
-        d = {"success": job.status != "failed", **job.public()}
-        if job.result:
-            d.pop("result", None)
-            d.update({k: v for k, v in job.result.items() if k != "file"})
-            d["video_url"] = video_base.replace("NAME", job.result["file"])
-        return d
+    job = _find_job(job_id)
+    urls = _urls(job)
 
     def events():
         last = None
         while True:
-            now = state()
+            now = _job_body(job, urls)
             snapshot = json.dumps(now)
             yield f"event: {now['status']}\ndata: {snapshot}\n\n" if snapshot != last else ": keep-alive\n\n"
             last = snapshot

@@ -6,8 +6,8 @@ are deleted when it ends; outputs are swept after `output_ttl_s`.
 from __future__ import annotations
 
 import hashlib
+import collections
 import logging
-import queue
 import shutil
 import threading
 import time
@@ -76,7 +76,9 @@ class JobManager:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.output_ttl_s = output_ttl_s
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._queue_size = queue_size
+        self._pending: collections.deque[Job] = collections.deque()   # waiting jobs, oldest first
+        self._wake = threading.Condition()
         self.jobs: dict[str, Job] = {}
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -95,24 +97,27 @@ class JobManager:
         return None
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            self.jobs[job.id] = job
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+        with self._wake:
+            if len(self._pending) >= self._queue_size:
+                raise QueueFull()
             with self._lock:
-                del self.jobs[job.id]
-            raise QueueFull()
+                self.jobs[job.id] = job
+            self._pending.append(job)
+            self._wake.notify()
 
     def cancel(self, job: Job) -> None:
         if job.status in TERMINAL:
             return
         job.update(cancel_requested=True)
-        if job.status == "queued":           # the worker skips it when it comes up
+        with self._wake:
+            queued = job in self._pending
+            if queued:                       # a canceled job frees its place in the queue at once
+                self._pending.remove(job)
+        if queued:
             self._finish(job, "canceled")
 
     def queue_length(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     @staticmethod
     def new_id() -> str:
@@ -126,16 +131,14 @@ class JobManager:
 
     def _run(self) -> None:
         while True:
+            with self._wake:
+                if not self._pending:
+                    self._wake.wait(SWEEP_EVERY_S)
+                job = self._pending.popleft() if self._pending else None
+                self.running = job
             try:
-                job = self._queue.get(timeout=5)
-            except queue.Empty:
-                self._sweep()
-                continue
-            if job.status in TERMINAL:
-                continue
-            self.running = job
-            try:
-                self._execute(job)
+                if job is not None:
+                    self._execute(job)
             finally:
                 self.running = None
                 self._sweep()

@@ -176,9 +176,12 @@ def test_queue_full_then_503(server):
     assert a.status_code == 202 and b.status_code == 202
     assert_clean_error(c, 503, "busy")
     assert c.headers["Retry-After"] == "7"
-    for r in (a, b):
+    for r in (b, a):
         requests.post(f"{server['base']}/api/sonic/jobs/{r.json()['job_id']}/cancel", timeout=30)
-    assert wait_done(server, b.json()["job_id"])["status"] == "canceled"
+    # a canceled queued job frees its place at once
+    assert requests.get(server["base"] + "/health").json()["queue_length"] == 0
+    for r in (a, b):
+        assert wait_done(server, r.json()["job_id"])["status"] == "canceled"
 
 
 def test_concurrent_sync_requests(server):
