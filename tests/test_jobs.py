@@ -1,0 +1,45 @@
+"""Job manager pieces that need no model: output expiry and queue bookkeeping."""
+import os
+import time
+
+import pytest
+
+from server.jobs import Job, JobManager, QueueFull
+from sonic import GenerateOptions
+
+
+class NeverCalled:
+    def __call__(self, *a, **k):
+        raise AssertionError("the pipeline should not run in this test")
+
+
+def make_job(tmp_path, manager):
+    work = tmp_path / manager.new_id()
+    work.mkdir()
+    return Job(id=work.name, options=GenerateOptions(), image=work / "i", audio=work / "a", workdir=work, cache_key="k")
+
+
+def test_old_outputs_are_swept(tmp_path):
+    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60)
+    old, new = tmp_path / "out" / ("a" * 32 + ".mp4"), tmp_path / "out" / ("b" * 32 + ".mp4")
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    m._last_sweep = 0
+    m._sweep()
+    assert not old.exists() and new.exists()
+
+
+def test_queue_bound_and_cancel_frees_place(tmp_path):
+    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60)
+    with m._wake:                       # hold the worker back so the jobs stay queued
+        a = make_job(tmp_path, m)
+        m.submit(a)
+        with pytest.raises(QueueFull):
+            m.submit(make_job(tmp_path, m))
+        m.cancel(a)
+        assert a.status == "canceled" and not a.workdir.exists() and m.queue_length() == 0
+        b = make_job(tmp_path, m)
+        m.submit(b)
+        m.cancel(b)
+    assert b.status == "canceled"
