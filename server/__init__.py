@@ -13,6 +13,7 @@ from flask import Flask, g, jsonify, request
 from sonic import SonicError, load_config
 
 from .jobs import JobManager
+from .store import JobStore
 
 log = logging.getLogger("sonic.http")
 
@@ -36,8 +37,10 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
                 from sonic import load_pipeline
                 pipe = load_pipeline(config)
             output_dir = Path(config.get("output_dir", "outputs")).resolve()
+            store = JobStore(srv["jobs_db"]) if srv.get("jobs_db") else None
             app.extensions["sonic_jobs"] = JobManager(pipe, output_dir, int(srv["queue_size"]),
-                                                      float(srv["output_ttl_s"]))
+                                                      float(srv["output_ttl_s"]), store=store,
+                                                      upload_dir=Path(srv["upload_dir"]).resolve())
             app.extensions["sonic_state"]["status"] = "ready"
         except Exception:                                      # noqa: BLE001 - /health reports it
             log.exception("pipeline set-up failed")

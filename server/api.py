@@ -54,7 +54,7 @@ class JobNotFound(SonicError):
 
 def _find_job(job_id: str) -> Job:
     jobs = _jobs()
-    job = jobs.jobs.get(job_id) if jobs else None
+    job = jobs.get(job_id) if jobs else None
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     return job

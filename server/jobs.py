@@ -71,11 +71,22 @@ def cache_key(image: bytes, audio: bytes, options: GenerateOptions) -> str:
 
 
 class JobManager:
-    def __init__(self, pipeline, output_dir: Path, queue_size: int, output_ttl_s: float):
+    def __init__(self, pipeline, output_dir: Path, queue_size: int, output_ttl_s: float,
+                 store=None, upload_dir: Path | None = None):
         self.pipeline = pipeline
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.output_ttl_s = output_ttl_s
+        self.store = store
+        if store is not None:
+            # a previous process died mid-job: report those jobs failed, drop their inputs and
+            # any half-written video
+            for job_id in store.recover():
+                log.warning("job %s was interrupted by a restart: marked failed", job_id)
+                if upload_dir is not None:
+                    shutil.rmtree(Path(upload_dir) / job_id, ignore_errors=True)
+            for part in self.output_dir.glob(".*.part"):
+                part.unlink(missing_ok=True)
         self._queue_size = queue_size
         self._pending: collections.deque[Job] = collections.deque()   # waiting jobs, oldest first
         self._wake = threading.Condition()
@@ -87,14 +98,37 @@ class JobManager:
         self._worker = threading.Thread(target=self._run, name="sonic-worker", daemon=True)
         self._worker.start()
 
-    # -- submission ---------------------------------------------------------------------
+    # -- lookup -------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        """A live job, or one from an earlier process read back from the store."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+        if job is not None or self.store is None:
+            return job
+        rec = self.store.load(job_id)
+        if rec is None:
+            return None
+        job = Job(id=rec["id"], options=GenerateOptions(), image=Path(), audio=Path(), workdir=Path(),
+                  cache_key="", status=rec["status"], stage=rec["stage"], result=rec["result"], error=rec["error"],
+                  progress=1.0 if rec["status"] == "succeeded" else 0.0)
+        job.done.set()
+        return job
+
     def cached(self, key: str) -> Job | None:
         with self._lock:
             job_id = self._cache.get(key)
-            job = self.jobs.get(job_id) if job_id else None
+        if job_id is None and self.store is not None:
+            job_id = self.store.cached(key)
+        job = self.get(job_id) if job_id else None
         if job and job.status == "succeeded" and (self.output_dir / job.result["file"]).exists():
             return job
         return None
+
+    def _persist(self, job: Job) -> None:
+        if self.store is not None:
+            self.store.save(job)
+
+    # -- submission ---------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -102,6 +136,7 @@ class JobManager:
                 raise QueueFull()
             with self._lock:
                 self.jobs[job.id] = job
+            self._persist(job)
             self._pending.append(job)
             self._wake.notify()
 
@@ -126,6 +161,7 @@ class JobManager:
     # -- worker -------------------------------------------------------------------------
     def _finish(self, job: Job, status: str, **kw) -> None:
         job.update(status=status, stage=status, **kw)
+        self._persist(job)
         shutil.rmtree(job.workdir, ignore_errors=True)      # inputs go when the job ends
         job.done.set()
 
@@ -145,6 +181,7 @@ class JobManager:
 
     def _execute(self, job: Job) -> None:
         job.update(status="processing", stage="starting")
+        self._persist(job)
 
         def progress(stage: str, frac: float) -> None:
             if job.cancel_requested:

@@ -29,11 +29,11 @@ def free_port() -> int:
 def start_server(tmp, **server_settings):
     cfg = load_config()
     cfg["output_dir"] = str(tmp / "outputs")
-    cfg["server"].update(upload_dir=str(tmp / "uploads"), **server_settings)
+    cfg["server"].update(upload_dir=str(tmp / "uploads"), jobs_db=str(tmp / "jobs.sqlite3"), **server_settings)
     cfg["limits"]["max_upload_mb"] = 2
     (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    log = open(tmp / "server.log", "w+")
+    log = open(tmp / "server.log", "a+")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp / "settings.yaml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -56,7 +56,7 @@ def start_server(tmp, **server_settings):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, info = start_server(tmp_path_factory.mktemp("srv"), queue_size=1, sync_wait_s=60, retry_after_s=7)
+    proc, info = start_server(tmp_path_factory.mktemp("srv"), queue_size=2, sync_wait_s=60, retry_after_s=7)
     yield info
     proc.terminate()
     proc.wait(10)
@@ -168,23 +168,40 @@ def test_cancel(server):
     assert requests.get(f"{server['base']}/api/sonic/jobs/nope").status_code == 404
 
 
+def wait_idle(server, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        h = requests.get(server["base"] + "/health").json()
+        if h["running_job"] is None and h["queue_length"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("server did not become idle")
+
+
 def test_queue_full_then_503(server):
+    wait_idle(server)
     long = {**FAST, "duration": 30, "async": True}
-    a = post(server, {**long, "seed": 7})
-    b = post(server, {**long, "seed": 8})
-    c = post(server, {**long, "seed": 9})
-    assert a.status_code == 202 and b.status_code == 202
-    assert_clean_error(c, 503, "busy")
-    assert c.headers["Retry-After"] == "7"
-    for r in (b, a):
+    running = post(server, {**long, "seed": 7})
+    assert running.status_code == 202
+    for _ in range(100):                                  # the worker has taken it: queue empty
+        if requests.get(f"{server['base']}/api/sonic/jobs/{running.json()['job_id']}").json()["status"] != "queued":
+            break
+        time.sleep(0.05)
+    queued = [post(server, {**long, "seed": s}) for s in (8, 9)]
+    assert all(r.status_code == 202 for r in queued)
+    full = post(server, {**long, "seed": 10})
+    assert_clean_error(full, 503, "busy")
+    assert full.headers["Retry-After"] == "7"
+    for r in queued + [running]:
         requests.post(f"{server['base']}/api/sonic/jobs/{r.json()['job_id']}/cancel", timeout=30)
-    # a canceled queued job frees its place at once
+    # canceled queued jobs free their places at once
     assert requests.get(server["base"] + "/health").json()["queue_length"] == 0
-    for r in (a, b):
+    for r in queued + [running]:
         assert wait_done(server, r.json()["job_id"])["status"] == "canceled"
 
 
 def test_concurrent_sync_requests(server):
+    wait_idle(server)                                     # two requests fit: one runs, one waits
     results = {}
 
     def call(seed):
@@ -230,3 +247,38 @@ def test_cors_and_request_id(server):
     server["log"].flush()
     lines = (server["tmp"] / "server.log").read_text().splitlines()
     assert any('"request_id": "abc123"' in l and '"route": "/health"' in l for l in lines)
+
+
+def test_killed_mid_job_then_restart(tmp_path):
+    proc, srv = start_server(tmp_path, queue_size=2, sync_wait_s=60)
+    try:
+        done = post(srv, {**FAST, "seed": 31, "duration": 1.0})
+        assert done.status_code == 200
+        r = post(srv, {**FAST, "seed": 32, "duration": 60, "async": True})
+        job = r.json()["job_id"]
+        for _ in range(100):
+            if requests.get(f"{srv['base']}/api/sonic/jobs/{job}").json()["status"] == "processing":
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.kill()                                          # no clean shutdown
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc2, srv2 = start_server(tmp_path, queue_size=2, sync_wait_s=60)
+    try:
+        s = requests.get(f"{srv2['base']}/api/sonic/jobs/{job}").json()
+        assert s["status"] == "failed" and s["error"]["code"] == "interrupted"
+        assert not list((tmp_path / "outputs").glob(".*.part"))
+        assert not (tmp_path / "outputs" / f"{job}.mp4").exists()
+        assert not (tmp_path / "uploads" / job).exists()
+        old = requests.get(f"{srv2['base']}/api/sonic/jobs/{done.json()['job_id']}").json()
+        name = done.json()["video_url"].rsplit("/", 1)[1]
+        assert old["status"] == "succeeded" and old["video_url"] == f"{srv2['base']}/output/{name}"
+        assert requests.get(old["video_url"]).status_code == 200
+        again = post(srv2, {**FAST, "seed": 31, "duration": 1.0})      # cache survives the restart
+        assert again.json().get("cached") is True
+    finally:
+        proc2.terminate()
+        proc2.wait(10)

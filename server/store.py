@@ -1,0 +1,71 @@
+"""Job records in SQLite, so status and results survive a restart.
+
+The worker thread and request threads write through one connection guarded by a lock. At start-up
+jobs that were queued or running when the process died are marked failed: their inputs are gone
+with the process's memory of them, and a half-written video is never served.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    cache_key TEXT,
+    result TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
+"""
+INTERRUPTED = {"code": "interrupted", "status": 500,
+               "message": "the service restarted while this job was queued or running; submit it again"}
+
+
+class JobStore:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def recover(self) -> list[str]:
+        """Mark jobs left queued/processing by a previous process as failed; return their ids."""
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'processing')")]
+            self._db.execute("UPDATE jobs SET status='failed', stage='failed', error=?, updated=? "
+                             "WHERE status IN ('queued', 'processing')", (json.dumps(INTERRUPTED), time.time()))
+        return ids
+
+    def save(self, job) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
+                "stage=excluded.stage, result=excluded.result, error=excluded.error, updated=excluded.updated",
+                (job.id, job.status, job.stage, job.cache_key, json.dumps(job.result) if job.result else None,
+                 json.dumps(job.error) if job.error else None, job.created, time.time()))
+
+    def load(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, status, stage, result, error FROM jobs WHERE id=?",
+                                   (job_id,)).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "status": row[1], "stage": row[2],
+                "result": json.loads(row[3]) if row[3] else None, "error": json.loads(row[4]) if row[4] else None}
+
+    def cached(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE cache_key=? AND status='succeeded' "
+                                   "ORDER BY updated DESC LIMIT 1", (key,)).fetchone()
+        return row[0] if row else None
