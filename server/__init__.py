@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -12,6 +13,7 @@ from flask import Flask, g, jsonify, request
 
 from sonic import SonicError, load_config
 
+from .access import TokenBucket, bearer_key, key_allowed, retry_after
 from .jobs import JobManager
 from .store import JobStore
 
@@ -55,10 +57,25 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
     app.register_blueprint(bp)
     origins = srv.get("cors_origins") or []
 
+    api_keys = [k for k in (srv.get("api_keys") or []) if k]
+    api_keys += [k.strip() for k in os.environ.get("SONIC_API_KEYS", "").split(",") if k.strip()]
+    bucket = TokenBucket(float(srv.get("rate_limit_per_s", 10)), float(srv.get("rate_limit_burst", 20)))
+
     @app.before_request
     def _start():
         g.request_id = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
         g.t0 = time.perf_counter()
+        if not request.path.startswith("/api/") or request.method == "OPTIONS":
+            return None                      # health, OpenAPI, downloads and preflights stay open
+        key = bearer_key(request.headers.get("Authorization"))
+        if api_keys and not key_allowed(key, api_keys):
+            return error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        wait = bucket.take(key or request.remote_addr or "unknown")
+        if wait > 0:
+            return error_response(429, "rate_limited", "too many requests; slow down",
+                                  headers={"Retry-After": retry_after(wait)})
+        return None
 
     @app.after_request
     def _finish(resp):

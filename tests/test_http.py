@@ -29,7 +29,9 @@ def free_port() -> int:
 def start_server(tmp, **server_settings):
     cfg = load_config()
     cfg["output_dir"] = str(tmp / "outputs")
-    cfg["server"].update(upload_dir=str(tmp / "uploads"), jobs_db=str(tmp / "jobs.sqlite3"), **server_settings)
+    cfg["server"].update(upload_dir=str(tmp / "uploads"), jobs_db=str(tmp / "jobs.sqlite3"), rate_limit_per_s=1000,
+                         rate_limit_burst=1000)
+    cfg["server"].update(server_settings)
     cfg["limits"]["max_upload_mb"] = 2
     (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -68,6 +70,29 @@ def test_slow_sync_request_gets_its_job_id(tmp_path):
         r = post(srv, {**FAST, "duration": 20})
         assert r.status_code == 202 and r.json()["job_id"] and r.json()["status_url"]
         assert wait_done(srv, r.json()["job_id"])["status"] == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_api_keys_and_rate_limit(tmp_path):
+    proc, srv = start_server(tmp_path, api_keys=["s3cret-key"], rate_limit_per_s=2, rate_limit_burst=3)
+    try:
+        url = srv["base"] + "/api/sonic/params"
+        r = requests.get(url)
+        assert_clean_error(r, 401, "unauthorized")
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert_clean_error(requests.get(url, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+        assert_clean_error(post(srv), 401, "unauthorized")
+        auth = {"Authorization": "Bearer s3cret-key"}
+        codes = [requests.get(url, headers=auth).status_code for _ in range(6)]
+        assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
+        limited = requests.get(url, headers=auth)
+        assert_clean_error(limited, 429, "rate_limited")
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert all(requests.get(srv["base"] + "/health").status_code == 200 for _ in range(10))
+        time.sleep(1.1)
+        assert requests.get(url, headers=auth).status_code == 200          # the bucket refills
     finally:
         proc.terminate()
         proc.wait(10)

@@ -43,3 +43,13 @@ def test_queue_bound_and_cancel_frees_place(tmp_path):
         m.submit(b)
         m.cancel(b)
     assert b.status == "canceled"
+
+
+def test_token_bucket():
+    from server.access import TokenBucket
+    b = TokenBucket(rate=10, burst=2)
+    assert b.take("a", now=0.0) == 0 and b.take("a", now=0.0) == 0
+    wait = b.take("a", now=0.0)
+    assert 0.09 < wait <= 0.1
+    assert b.take("b", now=0.0) == 0                     # clients have their own buckets
+    assert b.take("a", now=0.1) == 0                     # refilled at 10 per second
