@@ -41,8 +41,9 @@ def load_image(path: str | Path, max_pixels: int) -> np.ndarray:
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, im)
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputTooLarge(f"image has too many pixels (limit {max_pixels})", field="image") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UnsupportedMedia(f"image could not be decoded: {type(e).__name__}", field="image") from e
     if min(rgb.shape[:2]) < 32:
         raise UnsupportedMedia(f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels", field="image")

@@ -31,11 +31,16 @@ class VideoWriter:
         self.frames_written = 0
 
     def __enter__(self) -> "VideoWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="sonic-")
-        wav = os.path.join(self._tmpdir.name, "audio.wav")
-        sf.write(wav, self.audio, SAMPLE_RATE, subtype="PCM_16")
         self.tmp_path = self.path.with_name(f".{self.path.name}.part")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="sonic-")
+            wav = os.path.join(self._tmpdir.name, "audio.wav")
+            sf.write(wav, self.audio, SAMPLE_RATE, subtype="PCM_16")
+        except OSError as e:        # no space, no permission: say what, not where
+            if getattr(self, "_tmpdir", None):
+                self._tmpdir.cleanup()
+            raise PipelineError(f"cannot write the video: {e.strerror or type(e).__name__}") from e
         self._log = open(os.path.join(self._tmpdir.name, "ffmpeg.log"), "w+b")
         cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
@@ -63,7 +68,10 @@ class VideoWriter:
         self._log.flush()
         self._log.seek(0)
         lines = self._log.read().decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else "no message"
+        line = lines[-1] if lines else "no message"
+        for folder in (str(self.tmp_path.parent), self._tmpdir.name):   # messages name no server paths
+            line = line.replace(folder + os.sep, "")
+        return line
 
     def _cleanup(self) -> None:
         if getattr(self, "_log", None):
@@ -77,7 +85,10 @@ class VideoWriter:
                 rc = self._proc.wait()
                 if rc != 0:
                     raise PipelineError(f"video encoder failed (exit {rc}): {self._stderr()}")
-                os.replace(self.tmp_path, self.path)
+                try:
+                    os.replace(self.tmp_path, self.path)
+                except OSError as e:
+                    raise PipelineError(f"cannot write the video: {e.strerror or type(e).__name__}") from e
             else:
                 self._proc.kill()
                 self._proc.wait()

@@ -165,3 +165,19 @@ def test_writer_failure_leaves_no_file(tmp_path):
             w.write(np.zeros((5, 64, 64, 3), np.uint8))
             raise RuntimeError("stage failed mid-video")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_encoder_faults_are_clear_errors(pipeline, tmp_path, monkeypatch):
+    from sonic import PipelineError
+    import sonic.writer
+    opts = pipeline.options({"min_resolution": 256, "duration": 0.5})
+    monkeypatch.setattr(sonic.writer, "FFMPEG", str(tmp_path / "no-ffmpeg-here"))
+    with pytest.raises(PipelineError) as e:
+        pipeline(PORTRAIT, SPEECH, opts, out_path=tmp_path / "a.mp4")
+    assert "ffmpeg" in e.value.message and e.value.status == 500
+    monkeypatch.undo()
+    with pytest.raises(PipelineError):                       # an unwritable destination
+        pipeline(PORTRAIT, SPEECH, opts, out_path="/proc/sonic-test/a.mp4")
+    assert list(tmp_path.iterdir()) == []
+    res = pipeline(PORTRAIT, SPEECH, opts, out_path=tmp_path / "ok.mp4")     # and it still works after
+    assert res.frames == 12 or res.frames == 13

@@ -264,6 +264,31 @@ def test_errors(server, tmp_path):
     assert not any(p.is_file() for p in (server["tmp"] / "uploads").rglob("*"))
 
 
+def test_hostile_inputs(server, tmp_path):
+    from PIL import Image
+    from sonic.media import FFMPEG
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb, optimize=True)           # 144 Mpx in a few hundred kB
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    assert_clean_error(post(server, image=bomb), 413, "input_too_large", "image")
+    long = tmp_path / "long.ogg"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "sine=frequency=220:duration=320:sample_rate=8000",
+                    "-c:a", "libopus", "-b:a", "6k", str(long)], check=True)
+    assert_clean_error(post(server, audio=long), 422, "audio_too_long", "audio")
+    for raw in ('{"dynamic_scale": NaN}', '{"fps": Infinity}', '{"seed": "1; rm -rf /"}', '[1, 2]', '"x"',
+                '{"min_resolution": 1e308}', "{" + '"a":1,' * 3000 + '"b":2}'):
+        r = requests.post(server["base"] + "/api/sonic/generate", files={"image": open(PORTRAIT, "rb"),
+                          "audio": open(SPEECH, "rb")}, data={"config": raw})
+        assert_clean_error(r, 400, "invalid_parameter")
+    files = {"image": ("../../../../tmp/evil\u202e.jpg", open(PORTRAIT, "rb")),
+             "audio": ("..%2F..%2Fé.flac", open(SPEECH, "rb"))}
+    r = requests.post(server["base"] + "/api/sonic/generate", files=files,
+                      data={"config": json.dumps({**FAST, "duration": 0.5, "seed": 41})})
+    assert r.status_code == 200 and r.json()["video_url"].rsplit("/", 1)[1].count(".") == 1
+    assert not os.path.exists("/tmp/evil\u202e.jpg")
+    assert not any(p.is_file() for p in (server["tmp"] / "uploads").rglob("*"))
+
+
 def test_cors_and_request_id(server):
     r = requests.options(server["base"] + "/api/sonic/generate", headers={"Origin": "http://app.example"})
     assert r.status_code in (200, 204) and r.headers["Access-Control-Allow-Origin"] == "*"
