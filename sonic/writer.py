@@ -31,17 +31,18 @@ class VideoWriter:
         self.frames_written = 0
 
     def __enter__(self) -> "VideoWriter":
+        # every file of a run is a hidden ".part" sibling of the output (a restarted service
+        # sweeps those) or an anonymous temporary file (gone with the process, however it ends)
         self.tmp_path = self.path.with_name(f".{self.path.name}.part")
+        self._wav_path = self.path.with_name(f".{self.path.name}.wav.part")
+        self._log = tempfile.TemporaryFile()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="sonic-")
-            wav = os.path.join(self._tmpdir.name, "audio.wav")
-            sf.write(wav, self.audio, SAMPLE_RATE, subtype="PCM_16")
-        except OSError as e:        # no space, no permission: say what, not where
-            if getattr(self, "_tmpdir", None):
-                self._tmpdir.cleanup()
-            raise PipelineError(f"cannot write the video: {e.strerror or type(e).__name__}") from e
-        self._log = open(os.path.join(self._tmpdir.name, "ffmpeg.log"), "w+b")
+            sf.write(self._wav_path, self.audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        except (OSError, RuntimeError) as e:        # no space, no permission: say what, not where
+            self._cleanup()
+            raise PipelineError(f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}") from e
+        wav = str(self._wav_path)
         cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
                "-r", str(self.fps), "-i", "-", "-i", wav, "-map", "0:v:0", "-map", "1:a:0",
@@ -69,14 +70,12 @@ class VideoWriter:
         self._log.seek(0)
         lines = self._log.read().decode("utf-8", "replace").strip().splitlines()
         line = lines[-1] if lines else "no message"
-        for folder in (str(self.tmp_path.parent), self._tmpdir.name):   # messages name no server paths
-            line = line.replace(folder + os.sep, "")
+        line = line.replace(str(self.tmp_path.parent) + os.sep, "")      # messages name no server paths
         return line
 
     def _cleanup(self) -> None:
-        if getattr(self, "_log", None):
-            self._log.close()
-        self._tmpdir.cleanup()
+        self._log.close()
+        self._wav_path.unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
