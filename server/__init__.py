@@ -118,7 +118,9 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
 
     @app.errorhandler(405)
     def _method(e):
-        return error_response(405, "method_not_allowed", "method not allowed on this resource")
+        allow = ", ".join(sorted(e.valid_methods or []))
+        return error_response(405, "method_not_allowed", "method not allowed on this resource",
+                              headers={"Allow": allow} if allow else None)
 
     @app.errorhandler(Exception)
     def _internal(e):

@@ -33,8 +33,8 @@ def openapi_spec(params: dict) -> dict:
                                 "schema": {"type": "string", "example": "respond-async"}}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["image", "audio"],
-                    "properties": {"image": {"type": "string", "format": "binary"},
-                                   "audio": {"type": "string", "format": "binary"},
+                    "properties": {"image": {"type": "string", "format": "binary", "minLength": 1},
+                                   "audio": {"type": "string", "format": "binary", "minLength": 1},
                                    "config": {"type": "string", "description": "JSON object of Parameters"}}}}}},
                 "responses": {"200": {"description": "video ready", "content": json_of({"$ref": "#/components/schemas/Result"})},
                               "202": {"description": "accepted; poll status_url", "content": json_of(job_ref)},
