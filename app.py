@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 
+from werkzeug.serving import WSGIRequestHandler
+
 from sonic import load_config
 from server import create_app
 
@@ -23,7 +25,12 @@ def main() -> None:
     host = a.host or os.environ.get("SONIC_HOST") or config["server"]["host"]
     port = a.port or int(os.environ.get("SONIC_PORT") or config["server"]["port"])
     app = create_app(config, background_load=True)   # answers /health while the models load
-    app.run(host=host, port=port, threaded=True, use_reloader=False)
+
+    class Handler(WSGIRequestHandler):
+        # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
+        timeout = float(config["server"].get("socket_timeout_s", 30))
+
+    app.run(host=host, port=port, threaded=True, use_reloader=False, request_handler=Handler)
 
 
 if __name__ == "__main__":

@@ -332,3 +332,27 @@ def test_killed_mid_job_then_restart(tmp_path):
     finally:
         proc2.terminate()
         proc2.wait(10)
+
+
+def test_slow_upload_is_dropped(tmp_path):
+    proc, srv = start_server(tmp_path, socket_timeout_s=1.5)
+    try:
+        host, port = srv["base"].rsplit("/", 1)[1].split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n")
+        t0 = time.time()
+        assert requests.get(srv["base"] + "/health", timeout=5).status_code == 200   # others still served
+        sock.settimeout(10)
+        try:
+            while sock.recv(4096):            # the server answers and/or closes the stalled request
+                pass
+        except (ConnectionResetError, socket.timeout):
+            pass
+        assert time.time() - t0 < 8
+        sock.close()
+        assert requests.get(srv["base"] + "/health", timeout=5).status_code == 200
+        assert not any(p.is_file() for p in (tmp_path / "uploads").rglob("*"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
