@@ -20,6 +20,7 @@ from sonic import GenerateOptions, SonicError
 log = logging.getLogger("sonic.jobs")
 TERMINAL = ("succeeded", "failed", "canceled")
 SWEEP_EVERY_S = 60
+INTERNAL = {"code": "internal_error", "status": 500, "message": "generation failed; see the server log with this job id"}
 
 
 class QueueFull(Exception):
@@ -175,6 +176,9 @@ class JobManager:
             try:
                 if job is not None:
                     self._execute(job)
+            except Exception:                         # noqa: BLE001 - the worker must outlive any job
+                log.exception("job %s failed outside the pipeline", job.id)
+                self._finish(job, "failed", error=dict(INTERNAL))
             finally:
                 self.running = None
                 self._sweep()
@@ -197,10 +201,15 @@ class JobManager:
         except SonicError as e:
             self._finish(job, "failed", error={**e.to_dict(), "status": e.status})
             return
+        except MemoryError:
+            log.error("job %s ran out of memory", job.id)
+            out.with_name(f".{out.name}.part").unlink(missing_ok=True)
+            self._finish(job, "failed", error={"code": "out_of_memory", "status": 500,
+                                               "message": "ran out of memory; try a shorter clip or a lower min_resolution"})
+            return
         except Exception:                                 # noqa: BLE001 - reported, never raised to HTTP
             log.exception("job %s failed", job.id)
-            self._finish(job, "failed", error={"code": "internal_error", "status": 500,
-                                               "message": "generation failed; see the server log with this job id"})
+            self._finish(job, "failed", error=dict(INTERNAL))
             return
         result = res.to_dict()
         result.pop("output_path", None)

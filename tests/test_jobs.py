@@ -53,3 +53,28 @@ def test_token_bucket():
     assert 0.09 < wait <= 0.1
     assert b.take("b", now=0.0) == 0                     # clients have their own buckets
     assert b.take("a", now=0.1) == 0                     # refilled at 10 per second
+
+
+class Exploding:
+    def __init__(self, exc):
+        self.exc = exc
+        self.calls = 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        if self.calls == 1:
+            raise self.exc
+        return None
+
+
+@pytest.mark.parametrize("exc,code", [(MemoryError(), "out_of_memory"), (RuntimeError("boom /secret/path"), "internal_error")])
+def test_worker_survives_failing_jobs(tmp_path, exc, code):
+    m = JobManager(Exploding(exc), tmp_path / "out", queue_size=2, output_ttl_s=60)
+    a = make_job(tmp_path, m)
+    m.submit(a)
+    assert a.done.wait(10)
+    assert a.status == "failed" and a.error["code"] == code and "/secret" not in a.error["message"]
+    assert not a.workdir.exists()
+    b = make_job(tmp_path, m)                       # the worker is still alive for the next job
+    m.submit(b)
+    assert b.done.wait(10) and b.status == "failed" and b.error["code"] == "internal_error"  # (a bad result)
