@@ -181,3 +181,19 @@ def test_encoder_faults_are_clear_errors(pipeline, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     res = pipeline(PORTRAIT, SPEECH, opts, out_path=tmp_path / "ok.mp4")     # and it still works after
     assert res.frames == 12 or res.frames == 13
+
+
+def test_disk_full_is_a_clear_error(pipeline, tmp_path):
+    """A real full filesystem (a 120 kB tmpfs; needs root, as on this project's machines)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        from sonic import PipelineError
+        with pytest.raises(PipelineError) as e:
+            pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 512}), out_path=mnt / "v.mp4")
+        assert "No space left" in e.value.message and str(mnt) not in e.value.message
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
