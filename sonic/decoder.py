@@ -92,11 +92,10 @@ class WarpDecoder:
         h, w = source.shape[:2]
         iod = rig.iod
         oval = lm[FACE_OVAL_IDX]
-        # head region: face oval pushed outwards (more upwards, for hair), clamped to the frame
+        # head mask: the face oval pushed outwards a little; the warped region reaches further
         centre = oval.mean(0)
-        grown = centre + (oval - centre) * 1.0
-        grown = grown + HEAD_MARGIN_IOD * iod * (oval - centre) / (np.linalg.norm(oval - centre, axis=1,
-                                                                                    keepdims=True) + 1e-6)
+        radial = (oval - centre) / (np.linalg.norm(oval - centre, axis=1, keepdims=True) + 1e-6)
+        grown = oval + HEAD_MARGIN_IOD * iod * radial
         reach = REGION_MARGIN_IOD * iod
         x0 = int(max(0, np.floor(grown[:, 0].min() - reach))); x1 = int(min(w, np.ceil(grown[:, 0].max() + reach)))
         y0 = int(max(0, np.floor(grown[:, 1].min() - reach))); y1 = int(min(h, np.ceil(grown[:, 1].max() + reach)))
@@ -118,7 +117,6 @@ class WarpDecoder:
                                  np.stack([(1 - t) * (rw - 1), (rh - 1) + 0 * t], 1), np.stack([0 * t, (1 - t) * (rh - 1)], 1)])
         # still rings just outside the face oval confine the expression to the face: the neck,
         # collar and background stay where they are when the jaw drops
-        radial = (oval - centre) / (np.linalg.norm(oval - centre, axis=1, keepdims=True) + 1e-6)
         rings = np.concatenate([oval + r * iod * radial for r in STILL_RINGS_IOD])
         border = np.concatenate([border, rings - off])
         k = rig.basis.shape[0]
