@@ -286,6 +286,18 @@ def test_hostile_inputs(server, tmp_path):
                       data={"config": json.dumps({**FAST, "duration": 0.5, "seed": 41})})
     assert r.status_code == 200 and r.json()["video_url"].rsplit("/", 1)[1].count(".") == 1
     assert not os.path.exists("/tmp/evil\u202e.jpg")
+    # polyglots: judged by what decodes. A JPEG with a ZIP/HTML tail is a JPEG; a GIF is refused;
+    # a WAV header over noise-free garbage is refused as audio
+    poly = tmp_path / "poly.jpg"
+    poly.write_bytes(PORTRAIT.read_bytes() + b"PK\x03\x04" + b"<html><script>alert(1)</script></html>" * 50)
+    assert post(server, {**FAST, "duration": 0.5, "seed": 42}, image=poly).status_code == 200
+    gif = tmp_path / "a.gif"
+    Image.open(PORTRAIT).save(gif, format="GIF")
+    assert_clean_error(post(server, image=gif), 415, "unsupported_media", "image")
+    fake_wav = tmp_path / "fake.wav"
+    fake_wav.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + PORTRAIT.read_bytes()[:4000])
+    r = post(server, audio=fake_wav)
+    assert r.status_code in (415, 422) and r.json()["error"]["field"] == "audio"
     assert not any(p.is_file() for p in (server["tmp"] / "uploads").rglob("*"))
 
 
