@@ -223,6 +223,14 @@ class JobManager:
         if now - self._last_sweep < SWEEP_EVERY_S:
             return
         self._last_sweep = now
+        # finished jobs are forgotten with their videos: memory and the job table stay bounded
+        with self._lock:
+            for job_id in [j.id for j in self.jobs.values()
+                           if j.status in TERMINAL and now - j.created > self.output_ttl_s]:
+                del self.jobs[job_id]
+            self._cache = {k: v for k, v in self._cache.items() if v in self.jobs}
+        if self.store is not None:
+            self.store.prune(now - self.output_ttl_s)
         for p in self.output_dir.glob("*.mp4"):
             try:
                 if now - p.stat().st_mtime > self.output_ttl_s:

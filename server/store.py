@@ -69,3 +69,10 @@ class JobStore:
             row = self._db.execute("SELECT id FROM jobs WHERE cache_key=? AND status='succeeded' "
                                    "ORDER BY updated DESC LIMIT 1", (key,)).fetchone()
         return row[0] if row else None
+
+    def prune(self, before: float) -> int:
+        """Forget finished jobs last updated before `before` (epoch s); returns how many."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM jobs WHERE updated < ? AND status IN ('succeeded', 'failed', 'canceled')",
+                                   (before,))
+        return cur.rowcount

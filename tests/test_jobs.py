@@ -20,7 +20,16 @@ def make_job(tmp_path, manager):
 
 
 def test_old_outputs_are_swept(tmp_path):
-    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60)
+    from server.store import JobStore
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60, store=store)
+    old_job, new_job = make_job(tmp_path, m), make_job(tmp_path, m)
+    for j, age in ((old_job, 120), (new_job, 0)):
+        j.status, j.created = "succeeded", time.time() - age
+        m.jobs[j.id] = j
+        store.save(j)
+    with store._lock:
+        store._db.execute("UPDATE jobs SET updated=? WHERE id=?", (time.time() - 120, old_job.id))
     old, new = tmp_path / "out" / ("a" * 32 + ".mp4"), tmp_path / "out" / ("b" * 32 + ".mp4")
     old.write_bytes(b"x")
     new.write_bytes(b"x")
@@ -28,6 +37,8 @@ def test_old_outputs_are_swept(tmp_path):
     m._last_sweep = 0
     m._sweep()
     assert not old.exists() and new.exists()
+    assert m.get(old_job.id) is None and m.get(new_job.id) is new_job     # records expire with videos
+    assert store.load(old_job.id) is None and store.load(new_job.id)["status"] == "succeeded"
 
 
 def test_queue_bound_and_cancel_frees_place(tmp_path):
