@@ -202,8 +202,7 @@ class JobManager:
             self._finish(job, "failed", error={**e.to_dict(), "status": e.status})
             return
         except MemoryError:
-            log.error("job %s ran out of memory", job.id)
-            out.with_name(f".{out.name}.part").unlink(missing_ok=True)
+            log.error("job %s ran out of memory", job.id)     # the writer has removed its files
             self._finish(job, "failed", error={"code": "out_of_memory", "status": 500,
                                                "message": "ran out of memory; try a shorter clip or a lower min_resolution"})
             return

@@ -231,7 +231,7 @@ class WarpDecoder:
         s = a * s_lo + (1 - a) * s_up
         img = self._sample(self.src.expand(b, -1, -1, -1), s)
         # the photo's own interior is kept where it was sampled, never in the new opening
-        keep = self._sample(self.src_interior.expand(b, -1, -1, -1), s) * total.clamp(0, 1)
+        keep = self._sample(interior, s) * total.clamp(0, 1)
         region = img.permute(0, 2, 3, 1).cpu().numpy()
         keep = keep[:, 0].cpu().numpy()
         offsets = self.rig.offsets(coeffs)

@@ -21,6 +21,11 @@ X264_CRF = 20
 AAC_BITRATE = "128k"
 
 
+def _write_error(e: Exception) -> PipelineError:
+    """No space, no permission: say what went wrong, not where."""
+    return PipelineError(f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}")
+
+
 class VideoWriter:
     """Context manager: `write(frames (B, H, W, 3) uint8)` repeatedly, then the file is finalised."""
 
@@ -39,9 +44,9 @@ class VideoWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(self._wav_path, self.audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        except (OSError, RuntimeError) as e:        # no space, no permission: say what, not where
+        except (OSError, RuntimeError) as e:
             self._cleanup()
-            raise PipelineError(f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}") from e
+            raise _write_error(e) from e
         wav = str(self._wav_path)
         cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
@@ -87,7 +92,7 @@ class VideoWriter:
                 try:
                     os.replace(self.tmp_path, self.path)
                 except OSError as e:
-                    raise PipelineError(f"cannot write the video: {e.strerror or type(e).__name__}") from e
+                    raise _write_error(e) from e
             else:
                 self._proc.kill()
                 self._proc.wait()
