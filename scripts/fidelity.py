@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sonic.face import FaceAnalyzer, crop_box  # noqa: E402
 from sonic.media import load_image  # noqa: E402
-from sonic.motion import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER  # noqa: E402
+from sonic.landmarks import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER  # noqa: E402
 from sonic.options import GenerateOptions, load_config  # noqa: E402
 from sonic.pipeline import crop_and_scale  # noqa: E402
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .motion import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER, Rig
+from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH, OUTER_LOWER, OUTER_UPPER
+from .motion import Rig
 
-N_MESH = 468              # FaceMesh points without the iris refinements
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the region border
 FIELD_STEP = 4            # px between exact evaluations of the spline
 TPS_REG = 1e-2            # thin-plate spline regularisation (px^2)

@@ -13,18 +13,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from .audio_features import AudioFeatures
-
-# FaceMesh indices
-INNER_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
-INNER_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
-OUTER_UPPER = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291]
-OUTER_LOWER = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
-CORNERS = [61, 291, 78, 308]
-EYE_PAIRS = [(159, 145), (158, 153), (160, 144), (161, 163), (157, 154),
-             (386, 374), (385, 380), (387, 373), (388, 390), (384, 381)]
-EYE_OUTER = (33, 263)
-FACE_OVAL_IDX = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-                 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
 
 JAW_GAIN = 0.16          # inner-lip gap at full openness, in inter-ocular distances (IOD)
 SPREAD_GAIN = 0.07       # corner travel at full spread/rounding, IOD

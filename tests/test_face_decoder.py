@@ -6,7 +6,8 @@ from sonic import NoFaceDetected
 from sonic.decoder import WarpDecoder
 from sonic.face import crop_box, fit_output
 from sonic.media import load_image
-from sonic.motion import COEFFS, INNER_LOWER, INNER_UPPER, build_rig
+from sonic.landmarks import INNER_LOWER, INNER_UPPER
+from sonic.motion import COEFFS, build_rig
 from sonic.pipeline import crop_and_scale
 from conftest import PORTRAIT
 
