@@ -22,10 +22,15 @@ SMOOTH_S = 0.03          # extra smoothing of the mouth with smooth_motion, s
 CLOSURE_S = 0.02         # P/B/M closures: narrow in time so they stay full
 HEAD_ROLL_DEG = 1.6      # head motion amplitudes at motion_scale 1 (std of the noise)
 HEAD_SHIFT_IOD = 0.035
+HEAD_SCALE = 0.006
 HEAD_NOISE_S = 1.2       # time scale of the head's drift
+# hard bounds at motion_scale 1 (they scale with it); the noise is soft-limited into them
+MAX_ROLL_DEG = 4.0
+MAX_SHIFT_IOD = 0.08
+MAX_SCALE = 0.015        # x motion_scale <= 2: the scale stays within 1 +- 0.03
 BLINK_MEAN_S = 4.0       # mean interval between blinks (15 / min)
 BLINK_MIN_S = 1.8
-BLINK_CLOSE_S, BLINK_OPEN_S = 0.08, 0.13
+BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.08, 0.05, 0.13   # the lid closes, stays shut, opens
 MAX_LAG_FRAMES = 4       # align_mouth searches +-4 frames
 
 COEFFS = ("jaw", "spread", "round", "blink", "close_rest")
@@ -173,30 +178,55 @@ def mouth_track(feat: AudioFeatures, dynamic_scale: float, smooth: bool) -> tupl
     return opening, spread, closure
 
 
+def _soft_limit(x: np.ndarray, bound: float) -> np.ndarray:
+    """Nearly linear well inside +-bound, never beyond it."""
+    return bound * np.tanh(x / bound)
+
+
+def smooth_noise(n: int, fps: int, time_scale_s: float, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, channels) stationary smooth noise with unit standard deviation, whatever n is.
+
+    White noise filtered by a fixed Gaussian kernel and divided by the kernel's own L2 norm (the
+    exact std of the filtered process), never by the statistics of the clip: the first frames
+    of a short clip are the first frames of a long one with the same seed.
+    """
+    sigma = max(time_scale_s * fps / 2, 0.5)
+    half = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    kernel /= np.linalg.norm(kernel)
+    white = rng.standard_normal((n + 2 * half, channels))
+    return np.stack([np.convolve(white[:, c], kernel, mode="valid") for c in range(channels)], 1)
+
+
 def head_motion(feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """(T, 4) roll (rad), tx, ty (px), scale-1: seeded slow drift plus nods on loud syllables."""
+    """(T, 4) roll (rad), tx, ty (px), scale-1: seeded slow drift plus nods on loud syllables.
+
+    Bounded for any clip length: |roll| <= MAX_ROLL_DEG, |(tx, ty)| <= MAX_SHIFT_IOD IOD and
+    |scale-1| <= MAX_SCALE, each times motion_scale.
+    """
     n, fps = len(feat.loudness), feat.fps
-    noise = rng.standard_normal((n + 4 * fps, 3))
-    noise = gaussian_filter1d(noise, HEAD_NOISE_S * fps / 2, axis=0)[2 * fps:2 * fps + n]
-    noise /= noise.std(0, keepdims=True) + 1e-9
+    noise = smooth_noise(n, fps, HEAD_NOISE_S, 3, rng)
     emphasis = _gauss(feat.loudness, 0.25, fps)
     nod = emphasis - _gauss(feat.loudness, 1.5, fps)
+    shift = HEAD_SHIFT_IOD * np.stack([noise[:, 1], 0.6 * noise[:, 2] + 0.8 * nod], 1)
+    length = np.linalg.norm(shift, axis=1, keepdims=True)
+    shift *= _soft_limit(length, MAX_SHIFT_IOD) / np.maximum(length, 1e-12)
     head = np.zeros((n, 4))
-    head[:, 0] = np.deg2rad(HEAD_ROLL_DEG) * noise[:, 0]
-    head[:, 1] = HEAD_SHIFT_IOD * rig.iod * noise[:, 1]
-    head[:, 2] = HEAD_SHIFT_IOD * rig.iod * (0.6 * noise[:, 2] + 0.8 * nod)
-    head[:, 3] = 0.006 * noise[:, 2]
+    head[:, 0] = np.deg2rad(_soft_limit(HEAD_ROLL_DEG * noise[:, 0], MAX_ROLL_DEG))
+    head[:, 1:3] = shift * rig.iod
+    head[:, 3] = _soft_limit(HEAD_SCALE * noise[:, 2], MAX_SCALE)
     return head * motion_scale
 
 
 def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
-    """(T,) eyelid closure 0..1 at a natural, seeded rate."""
+    """(T,) eyelid closure 0..1 at a natural, seeded rate; each blink holds fully shut for
+    BLINK_HOLD_S, so that at least one frame shows the closed eye at any fps >= 20."""
     out = np.zeros(n)
     t = rng.uniform(0.8, 2.5)
     times = np.arange(n) / fps
     while t < n / fps:
         close = np.clip((times - (t - BLINK_CLOSE_S)) / BLINK_CLOSE_S, 0, 1)
-        opening = np.clip(1 - (times - t) / BLINK_OPEN_S, 0, 1)
+        opening = np.clip(1 - (times - t - BLINK_HOLD_S) / BLINK_OPEN_S, 0, 1)
         out = np.maximum(out, np.where(times < t, close, opening) * (times > t - BLINK_CLOSE_S))
         t += max(BLINK_MIN_S, rng.gamma(4.0, BLINK_MEAN_S / 4.0))
     return out
@@ -205,7 +235,8 @@ def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
 def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float,
                    smooth: bool, align: bool, seed: int) -> Motion:
     """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
-    rng = np.random.default_rng(seed)
+    # independent streams: the head's noise does not shift with the number of blinks drawn
+    rng_head, rng_blink = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     opening, spread, closure = mouth_track(feat, dynamic_scale, smooth)
     lag = measure_lag(opening, feat.loudness) if align else 0.0
     if align and lag != 0.0:
@@ -216,10 +247,10 @@ def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motio
     coeffs[:, 0] = opening * JAW_GAIN
     coeffs[:, 1] = np.clip(spread, 0, None) * SPREAD_GAIN
     coeffs[:, 2] = np.clip(-spread, 0, None) * SPREAD_GAIN
-    coeffs[:, 3] = blinks(n, feat.fps, rng)
+    coeffs[:, 3] = blinks(n, feat.fps, rng_blink)
     # an open-mouthed photo closes at rest and in closures, opens again with the jaw
     coeffs[:, 4] = np.clip(1 - opening * 2.5, 0, 1) if rig.rest_gap > 0.03 * rig.iod else 0.0
-    head = head_motion(feat, rig, motion_scale, rng)
+    head = head_motion(feat, rig, motion_scale, rng_head)
     if smooth:
         head = gaussian_filter1d(head, 0.08 * feat.fps, axis=0, mode="nearest")
     return Motion(coeffs=coeffs, head=head, lipsync_offset_ms=round(lag * 1000 / feat.fps, 1))

@@ -80,3 +80,45 @@ def test_visemes_and_loudness():
     db = np.array([-80.0] * 10 + [-20.0] * 10)
     n = normalise_loudness(db)
     assert n[:10].max() == 0.0 and n[10:].min() == 1.0
+
+
+# --- head motion: bounded and independent of the clip's length ---------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from sonic.motion import MAX_ROLL_DEG, MAX_SCALE, MAX_SHIFT_IOD  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300 * 25), seed=st.integers(0, 2**32 - 1), scale=st.floats(0, 2),
+       fps=st.sampled_from([10, 25, 60]), smooth=st.booleans(), loud=st.floats(0, 1))
+def test_head_motion_bounded_for_every_length(n, seed, scale, fps, smooth, loud):
+    n = max(1, n * fps // 25)
+    loudness = syllables(n, fps) * loud
+    m = predict_motion(feats(loudness, fps), FakeRig(), dynamic_scale=1, motion_scale=scale, smooth=smooth,
+                       align=False, seed=seed)
+    roll, shift, sc = np.rad2deg(np.abs(m.head[:, 0])), np.linalg.norm(m.head[:, 1:3], axis=1), m.head[:, 3]
+    assert m.head.shape == (n, 4) and np.isfinite(m.head).all()
+    assert roll.max() <= MAX_ROLL_DEG * scale + 1e-9
+    assert shift.max() / FakeRig.iod <= MAX_SHIFT_IOD * scale + 1e-9
+    assert np.abs(sc).max() <= min(0.03, MAX_SCALE * scale) + 1e-9
+
+
+def test_short_clip_is_the_start_of_a_long_one():
+    """The same seed gives a short clip the first frames of a long clip: no stretch to full strength."""
+    long = predict_motion(feats(np.zeros(2000)), FakeRig(), dynamic_scale=1, motion_scale=1, smooth=False,
+                          align=False, seed=9)
+    for n in (1, 2, 15, 30, 37, 300):
+        short = predict_motion(feats(np.zeros(n)), FakeRig(), dynamic_scale=1, motion_scale=1, smooth=False,
+                               align=False, seed=9)
+        assert np.allclose(short.head, long.head[:n])
+
+
+def test_head_motion_statistics_do_not_depend_on_length():
+    """Over many seeds, the roll of 1 s clips spreads as much as that of 60 s clips (no large constant tilt)."""
+    def rolls(n):
+        return np.concatenate([np.rad2deg(predict_motion(feats(np.zeros(n)), FakeRig(), dynamic_scale=1,
+                                                         motion_scale=1, smooth=True, align=False,
+                                                         seed=s).head[:, 0]) for s in range(40)])
+    short, long = rolls(25), rolls(1500)
+    assert np.std(short) < 1.3 * np.std(long) and np.abs(short).max() <= MAX_ROLL_DEG
+    assert 0.8 < np.std(long) < 2.5
