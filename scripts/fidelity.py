@@ -23,7 +23,7 @@ from sonic.face import FaceAnalyzer, crop_box  # noqa: E402
 from sonic.media import load_image  # noqa: E402
 from sonic.landmarks import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER  # noqa: E402
 from sonic.options import GenerateOptions, load_config  # noqa: E402
-from sonic.pipeline import crop_and_scale  # noqa: E402
+from sonic.geometry import crop_and_scale  # noqa: E402
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,8 +47,9 @@ def main() -> None:
     opts = GenerateOptions.from_dict(json.loads(a.config), cfg)
     rgb = load_image(a.image, int(cfg["limits"]["max_image_pixels"]))
     face = FaceAnalyzer().analyze(rgb)
-    src, lm = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], opts.expand_ratio,
+    framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], opts.expand_ratio,
                                                            opts.crop_to_face), opts.min_resolution)
+    src, lm = framing.frame, framing.landmarks
     ref = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if a.save_reference:
         cv2.imwrite(a.save_reference, cv2.cvtColor(src, cv2.COLOR_RGB2BGR))

@@ -1,77 +1,83 @@
-"""Video decoder: dense backward warp of the portrait driven by the motion, plus the mouth interior.
+"""Video decoder: one backward warp of the photo per frame, composed of three cheap parts.
 
-Setup (once per portrait): each rig coefficient's landmark offsets are spread into a dense
-displacement field with a thin-plate spline anchored on the border of the head region, so a
-frame's field is a weighted sum of K fields. Per batch of frames: the head moves rigidly inside a
-soft head mask, the face deforms by the field (backward map solved by fixed-point iteration), one
-`grid_sample` renders the region, and where the lips part further than the photo shows, a mouth
-interior (cavity, upper teeth band under the lip, soft edges) is painted in.
-Everything outside the head region is the untouched source frame.
+Setup (once per portrait): the expression coefficients (jaw, spread, round, close-rest) become
+dense displacement fields by thin-plate splines, evaluated only over the lower face (the mouth
+box); the lids get their own map (`eyes.py`); the head's rigid motion is an affine map faded out
+by a soft head mask just outside the face, so hair, neck and background stay still.
+
+Per frame, every output pixel x asks where it comes from:
+  1. head:       q = x + mask(x) * (A^-1 x - x)       (affine; computed on a 4 px grid, upsampled)
+  2. expression: p solves p + field(p) = q           (fixed-point iteration, mouth box only)
+  3. lids:       p' = lid_map(p)                      (eye boxes only)
+and the photo is sampled once at p' (see `geometry.py`).
+Where the lips part further than the photo shows, the mouth interior is painted (`mouth.py`).
+Pixels outside the head's reach are the untouched frame.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH, OUTER_LOWER, OUTER_UPPER
-from .motion import Rig
+from .eyes import build_eyes, lid_map
+from .geometry import Framing
+from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH
+from .motion import COEFFS, Rig
+from .mouth import mouth_style, paint_mouth
 
-ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the region border
-FIELD_STEP = 4            # px between exact evaluations of the spline
+ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
+FIELD_STEP = 4            # px between exact evaluations of the spline (and of the head map)
 TPS_REG = 1e-2            # thin-plate spline regularisation (px^2)
-HEAD_MARGIN_IOD = 0.12    # the head mask reaches this far beyond the face oval: hair and background stay
-REGION_MARGIN_IOD = 0.9   # warped region = head mask's reach plus this
+HEAD_MARGIN_IOD = 0.18    # the head moves rigidly up to this far beyond the face oval...
+HEAD_FADE_IOD = 0.45      # ... and its motion fades to nothing over this much further
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
-BACKWARD_ITERS = 2        # fixed-point iterations inverting the forward displacement
-TEETH_MAX_IOD = 0.075     # height of the visible upper teeth at most
-TEETH_RGB = np.array([246.0, 240.0, 226.0])
+REACH_IOD = 0.45          # beyond this distance outside the oval the expression field is zero
+BACKWARD_ITERS = 4        # fixed-point iterations inverting the forward displacement
+EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
+BLINK = COEFFS.index("blink")
+CLOSE_REST = COEFFS.index("close_rest")
+EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)   # largest coefficient values the motion produces
+BAND_IOD = 0.06           # pixels this close to the lips choose their side per pixel, others per 2x2 block
+INTERIOR_GROW_IOD = 0.012 # the photo's mouth interior reaches this far past the inner lip contour
+FIELD_EPS_PX = 0.2        # displacements below this (at the largest coefficients) count as none
 
 
-@dataclass(frozen=True)
-class MouthStyle:
-    cavity: np.ndarray       # RGB float of the mouth interior
-    teeth: np.ndarray        # RGB float of the teeth
-    paint_teeth: bool        # false when the photo shows its own teeth
+def _tps_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return d2 * np.log(d2 + 1e-12) * 0.5
 
 
-def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    d2 = torch.cdist(a, b).pow(2)
-    return d2 * torch.log(d2 + 1e-9) * 0.5
+def tps_fields(ctrl: np.ndarray, values: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Thin-plate spline through ctrl (N, 2) px with values (N, C), evaluated over box
+    (x0, y0, x1, y1) -> (C, H, W) float32.
 
-
-def tps_fields(ctrl: np.ndarray, values: np.ndarray, hw: tuple[int, int], device) -> torch.Tensor:
-    """Thin-plate spline through ctrl (N, 2) with values (N, C); evaluated on an hw grid -> (C, H, W).
-
-    Coordinates are normalised to the region's size and the spline is evaluated in float64: the
-    kernel terms are large and cancel, and float32 leaves pixel-sized noise in the field.
+    Coordinates are normalised to the box size and the spline is solved in float64: the kernel
+    terms are large and cancel, and float32 leaves pixel-sized noise in the field. The field is
+    smooth, so it is evaluated every FIELD_STEP px and interpolated.
     """
-    h, wd = hw
-    scale = float(max(h, wd))
-    c = torch.as_tensor(ctrl, dtype=torch.float64) / scale
+    x0, y0, x1, y1 = box
+    h, w = y1 - y0, x1 - x0
+    scale = float(max(h, w))
+    org = np.array([x0, y0], np.float64)
+    c = (ctrl - org) / scale
     n = len(c)
-    K = _tps_kernel(c, c) + TPS_REG / scale ** 2 * torch.eye(n, dtype=torch.float64)
-    P = torch.cat([torch.ones(n, 1, dtype=torch.float64), c], 1)
-    A = torch.zeros(n + 3, n + 3, dtype=torch.float64)
-    A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
-    rhs = torch.zeros(n + 3, values.shape[1], dtype=torch.float64)
-    rhs[:n] = torch.as_tensor(values, dtype=torch.float64)
-    w = torch.linalg.solve(A, rhs)
-    # the fields are smooth: evaluate on a grid FIELD_STEP px apart, then interpolate
-    hc, wc = (h - 1) // FIELD_STEP + 2, (wd - 1) // FIELD_STEP + 2
-    ys, xs = torch.meshgrid(torch.linspace(0, h - 1, hc, dtype=torch.float64),
-                            torch.linspace(0, wd - 1, wc, dtype=torch.float64), indexing="ij")
-    grid = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1) / scale
-    out = torch.empty(hc * wc, values.shape[1], dtype=torch.float64)
-    step = 8192
-    for i in range(0, hc * wc, step):
-        g = grid[i:i + step]
-        out[i:i + step] = _tps_kernel(g, c) @ w[:n] + w[n] + g @ w[n + 1:]
-    coarse = out.T.reshape(1, values.shape[1], hc, wc).float()
-    return F.interpolate(coarse, size=(h, wd), mode="bilinear", align_corners=True)[0].to(device)
+    A = np.zeros((n + 3, n + 3))
+    A[:n, :n] = _tps_kernel(c, c) + TPS_REG / scale ** 2 * np.eye(n)
+    A[:n, n], A[:n, n + 1:] = 1.0, c
+    A[n, :n], A[n + 1:, :n] = 1.0, c.T
+    rhs = np.zeros((n + 3, values.shape[1]))
+    rhs[:n] = values
+    wts = np.linalg.solve(A, rhs)
+    hc, wc = (h + FIELD_STEP - 1) // FIELD_STEP + 1, (w + FIELD_STEP - 1) // FIELD_STEP + 1
+    gy, gx = np.mgrid[0:hc, 0:wc] * FIELD_STEP
+    grid = np.stack([gx.ravel(), gy.ravel()], 1) / scale
+    out = np.empty((len(grid), values.shape[1]))
+    for i in range(0, len(grid), 2048):
+        g = grid[i:i + 2048]
+        out[i:i + 2048] = _tps_kernel(g, c) @ wts[:n] + wts[n] + g @ wts[n + 1:]
+    coarse = out.T.reshape(values.shape[1], hc, wc).astype(np.float32)
+    # nodes sit on every FIELD_STEP-th pixel: interpolate between them
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) / FIELD_STEP
+    return np.stack([cv2.remap(ch, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for ch in coarse])
 
 
 def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
@@ -82,221 +88,319 @@ def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
     return m
 
 
+def _outside_distance(poly: np.ndarray, hw) -> np.ndarray:
+    """Distance (px) of every pixel from a filled polygon, 0 inside."""
+    inside = np.zeros(hw, np.uint8)
+    cv2.fillPoly(inside, [np.round(poly).astype(np.int32)], 1)
+    return cv2.distanceTransform(1 - inside, cv2.DIST_L2, 5)
+
+
+def _box(pts: np.ndarray, margin: float, hw) -> tuple[int, int, int, int]:
+    h, w = hw
+    x0, y0 = np.floor(pts.min(0) - margin).astype(int)
+    x1, y1 = np.ceil(pts.max(0) + margin).astype(int) + 1
+    return int(max(0, x0)), int(max(0, y0)), int(min(w, x1)), int(min(h, y1))
+
+
 class WarpDecoder:
     """Renders frames of one portrait; build once per request, call per batch of frames."""
 
-    def __init__(self, source: np.ndarray, landmarks: np.ndarray, rig: Rig, device: torch.device):
-        self.source, self.rig, self.device = source, rig, device
-        lm = landmarks[:N_MESH, :2]
+    def __init__(self, framing: Framing, rig: Rig):
+        self.framing, self.rig = framing, rig
+        self.frame = framing.frame
+        h, w = self.frame.shape[:2]
+        lm = framing.landmarks[:N_MESH, :2]
         self.lm = lm
-        h, w = source.shape[:2]
         iod = rig.iod
         oval = lm[FACE_OVAL_IDX]
-        # head mask: the face oval pushed outwards a little; the warped region reaches further
         centre = oval.mean(0)
         radial = (oval - centre) / (np.linalg.norm(oval - centre, axis=1, keepdims=True) + 1e-6)
-        grown = oval + HEAD_MARGIN_IOD * iod * radial
-        reach = REGION_MARGIN_IOD * iod
-        x0 = int(max(0, np.floor(grown[:, 0].min() - reach))); x1 = int(min(w, np.ceil(grown[:, 0].max() + reach)))
-        y0 = int(max(0, np.floor(grown[:, 1].min() - reach))); y1 = int(min(h, np.ceil(grown[:, 1].max() + reach)))
-        self.box = (x0, y0, x1, y1)
-        rh, rw = y1 - y0, x1 - x0
-        off = np.array([x0, y0], np.float64)
-        self.off = off
-        head = _poly_mask(grown - off, (rh, rw), 0.12 * iod)
-        self.head_mask = torch.from_numpy(head)[None, None].to(device)
-        self.head_at_mouth = float(head[int(np.clip(lm[13, 1] - y0, 0, rh - 1)), int(np.clip(lm[13, 0] - x0, 0, rw - 1))])
 
-        # dense fields of each coefficient; anchors on the region border stay still
-        # (where the region touches the frame edge, the border is the frame edge: also still).
-        # The lips part along a line, where the motion is discontinuous: one field set is fitted
-        # without the upper lip (valid below the line), one without the lower lip (valid above).
-        per = max(8, int(2 * (rw + rh) / ANCHOR_STEP_PX))
+        # 1. head: rigid inside the face (and a margin), fading to still over HEAD_FADE_IOD
+        dist = _outside_distance(oval + HEAD_MARGIN_IOD * iod * radial, (h, w))
+        t = np.clip(1 - dist / (HEAD_FADE_IOD * iod), 0, 1)
+        mask = t * t * (3 - 2 * t)
+        ys, xs = np.nonzero(mask > 0)
+        self.box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (0, 0, w, h)
+        x0, y0, x1, y1 = self.box
+        # the head map is evaluated at the centres of FIELD_STEP-px blocks and enlarged by
+        # cv2.resize, whose pixel-centre convention lands each node on its block's centre
+        hc, wc = -(-(y1 - y0) // FIELD_STEP), -(-(x1 - x0) // FIELD_STEP)
+        gy, gx = (np.mgrid[0:hc, 0:wc].astype(np.float32) + 0.5) * FIELD_STEP - 0.5
+        self._grid = (gx + x0, gy + y0)
+        self._grid_mask = cv2.remap(mask.astype(np.float32), gx + x0, gy + y0, cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        self._py, self._px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        self.head_at_mouth = float(mask[int(np.clip(lm[13, 1], 0, h - 1)), int(np.clip(lm[13, 0], 0, w - 1))])
+
+        # 2. expression fields over the mouth box (where an expression coefficient moves the face)
+        reach = np.abs(rig.basis[EXPRESSION]).max(axis=2) * np.array(EXPRESSION_MAX)[:, None]
+        moving = np.flatnonzero(reach.max(0) > FIELD_EPS_PX)
+        self.mbox = _box(lm[moving], REACH_IOD * iod, (h, w))
+        self._fit_fields(lm, oval, radial)
+
+        # 3. lids
+        self.eyes = build_eyes(self.frame, framing.landmarks, iod)
+
+        # the photo's own mouth interior is kept where the lips part over it; a closed mouth
+        # (a thin slit) has none worth keeping
+        mx0, my0, mx1, my1 = self.mbox
+        inner = np.concatenate([lm[INNER_UPPER], lm[INNER_LOWER][::-1]]) - np.array([mx0, my0])
+        shows = float(np.clip((rig.rest_gap / iod - 0.02) / 0.03, 0, 1))
+        # (grown a little: the photo's teeth reach past the mesh's inner lip contour)
+        interior = _poly_mask(inner, (my1 - my0, mx1 - mx0), 0.0)
+        grow = max(1, int(round(INTERIOR_GROW_IOD * iod)))
+        interior = cv2.dilate(interior, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+        self.src_interior = shows * cv2.GaussianBlur(interior, (0, 0), 0.6)
+        self.shows_interior = shows > 0
+        self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5)
+    def _fit_fields(self, lm: np.ndarray, oval: np.ndarray, radial: np.ndarray) -> None:
+        """Two field sets split at the lips' parting line, where the motion is discontinuous:
+        one fitted without the lower lip (valid above the line), one without the upper lip."""
+        rig, iod = self.rig, self.rig.iod
+        x0, y0, x1, y1 = self.mbox
+        h, w = y1 - y0, x1 - x0
+        per = max(8, int(2 * (w + h) / ANCHOR_STEP_PX))
         t = np.linspace(0, 1, per // 4 + 1)[:-1]
-        border = np.concatenate([np.stack([t * (rw - 1), 0 * t], 1), np.stack([(rw - 1) + 0 * t, t * (rh - 1)], 1),
-                                 np.stack([(1 - t) * (rw - 1), (rh - 1) + 0 * t], 1), np.stack([0 * t, (1 - t) * (rh - 1)], 1)])
+        border = np.concatenate([np.stack([t * (w - 1), 0 * t], 1), np.stack([(w - 1) + 0 * t, t * (h - 1)], 1),
+                                 np.stack([(1 - t) * (w - 1), (h - 1) + 0 * t], 1),
+                                 np.stack([0 * t, (1 - t) * (h - 1)], 1)]) + np.array([x0, y0])
         # still rings just outside the face oval confine the expression to the face: the neck,
         # collar and background stay where they are when the jaw drops
         rings = np.concatenate([oval + r * iod * radial for r in STILL_RINGS_IOD])
-        border = np.concatenate([border, rings - off])
-        k = rig.basis.shape[0]
+        still = np.concatenate([border, rings])
+        basis = rig.basis[EXPRESSION]
+        k = len(EXPRESSION)
         fields = []
         # the parting line itself moves with the inner lip of each side, so teeth in the photo
         # ride with their lip instead of being stretched across the opening
         for drop, inner in ((rig.lower_lip, INNER_UPPER), (rig.upper_lip, INNER_LOWER)):
             keep_idx = np.setdiff1d(np.arange(N_MESH), drop)
-            ctrl = np.concatenate([lm[keep_idx], rig.lip_line[1:-1]]) - off
-            moving = np.concatenate([rig.basis[:, keep_idx, :], rig.basis[:, inner[1:-1], :]], 1)
-            ctrl = np.concatenate([ctrl, border])
+            ctrl = np.concatenate([lm[keep_idx], rig.lip_line[1:-1], still])
+            mv = np.concatenate([basis[:, keep_idx, :], basis[:, inner[1:-1], :]], 1)
             vals = np.zeros((len(ctrl), 2 * k))
-            vals[:moving.shape[1]] = moving.transpose(1, 0, 2).reshape(moving.shape[1], 2 * k)
-            fields.append(tps_fields(ctrl, vals, (rh, rw), device).reshape(k, 2, rh, rw))
-        # and beyond the outer ring the field is exactly zero, so those pixels are copied untouched
-        reach_mask = _poly_mask(oval + STILL_RINGS_IOD[0] * 1.5 * iod * radial - off, (rh, rw), 0.1 * iod)
-        reach_mask = torch.from_numpy(reach_mask)[None, None].to(device)
-        self.fields_upper, self.fields_lower = (f * reach_mask for f in fields)
+            vals[:mv.shape[1]] = mv.transpose(1, 0, 2).reshape(mv.shape[1], 2 * k)
+            fields.append(tps_fields(ctrl, vals, self.mbox).reshape(k, 2, h, w))
+        # beyond REACH_IOD outside the oval the field is exactly zero: those pixels only move with the head
+        dist = _outside_distance(oval - np.array([x0, y0]), (h, w))
+        reach = np.clip(1 - dist / (REACH_IOD * iod), 0, 1).astype(np.float32)
+        fields = [f * reach for f in fields]
+        # keep only the part of the box where the fields move anything
+        size = np.array(EXPRESSION_MAX, np.float32)[:, None, None]
+        moves = np.maximum(*(np.abs(f).max(axis=1) * size for f in fields)).max(0) > FIELD_EPS_PX
+        ys, xs = np.nonzero(moves)
+        if len(xs):
+            bx0, by0, bx1, by1 = max(0, xs.min() - 2), max(0, ys.min() - 2), min(w, xs.max() + 3), min(h, ys.max() + 3)
+            fields = [f[:, :, by0:by1, bx0:bx1] for f in fields]
+            self.mbox = x0, y0, x1, y1 = x0 + bx0, y0 + by0, x0 + bx1, y0 + by1
+        # (K, H * W * 2): one frame's field is a single matrix-vector product
+        self._field_shape = (fields[0].shape[2], fields[0].shape[3], 2)
+        self.fields_upper, self.fields_lower = (np.ascontiguousarray(f.transpose(0, 2, 3, 1)).reshape(len(f), -1)
+                                                for f in fields)
         # parting line y(x) and its softness: sharp across the mouth, soft beyond the corners
-        line = rig.lip_line - off
-        xs_r = np.arange(rw, dtype=np.float64)
-        self.line_y = torch.as_tensor(np.interp(xs_r, line[:, 0], line[:, 1]), dtype=torch.float32, device=device)
+        line = rig.lip_line
+        xs_r = np.arange(x0, x1, dtype=np.float64)
         beyond = np.clip(np.maximum(line[0, 0] - xs_r, xs_r - line[-1, 0]), 0, None)
-        self.line_soft = torch.as_tensor(0.6 + 0.6 * beyond, dtype=torch.float32, device=device)
-        ys, xs = torch.meshgrid(torch.arange(rh, dtype=torch.float32), torch.arange(rw, dtype=torch.float32),
-                                indexing="ij")
-        self.coords = torch.stack([xs, ys])[None].to(device)              # (1, 2, H, W) region px
-        src = source[y0:y1, x0:x1].astype(np.float32)
-        self.src = torch.from_numpy(src).permute(2, 0, 1)[None].to(device)
-        inner = np.concatenate([lm[INNER_UPPER], lm[INNER_LOWER][::-1]]) - off
-        # the photo's own mouth interior is kept where the lips part over it; a closed mouth
-        # (a thin slit) has none worth keeping
-        shows = float(np.clip((rig.rest_gap / iod - 0.02) / 0.03, 0, 1))
-        self.src_interior = torch.from_numpy(shows * _poly_mask(inner, (rh, rw), 0.6))[None, None].to(device)
-        self.style = self._mouth_style(source, lm, paint_teeth=shows < 0.5)
+        line_y = np.interp(xs_r, line[:, 0], line[:, 1])
+        soft = 0.6 + 0.6 * beyond
+        ys_r = np.arange(y0, y1, dtype=np.float64)[:, None]
+        self._below = (1 / (1 + np.exp(-np.clip((ys_r - line_y) / soft, -30, 30)))).astype(np.float32)
 
-    @staticmethod
-    def _mouth_style(source: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthStyle:
-        def colour(idx):
-            p = np.round(lm[idx]).astype(int)
-            p[:, 0] = np.clip(p[:, 0], 0, source.shape[1] - 1)
-            p[:, 1] = np.clip(p[:, 1], 0, source.shape[0] - 1)
-            return np.median(source[p[:, 1], p[:, 0]].astype(np.float64), axis=0)
-        lip = colour(OUTER_UPPER[2:-2] + OUTER_LOWER[2:-2])
-        skin = colour([10, 151, 50, 280, 205, 425])
-        light = np.clip(skin.mean() / 150.0, 0.6, 1.0)
-        cavity = lip * 0.3 + np.array([14.0, 5.0, 5.0])
-        return MouthStyle(cavity=cavity, teeth=np.clip(TEETH_RGB * light, 0, 255), paint_teeth=paint_teeth)
+    # ----------------------------------------------------------------------------------- per frame
+    def head_map(self, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each pixel of the head box comes from under the head's motion: (qx, qy) float32."""
+        roll, tx, ty, sc = (float(v) for v in head)
+        cx, cy = self.rig.centre
+        gx, gy = self._grid
+        dx, dy = gx - cx - tx, gy - cy - ty
+        c, s = np.cos(roll) / (1 + sc), np.sin(roll) / (1 + sc)
+        ix, iy = c * dx + s * dy + cx, -s * dx + c * dy + cy
+        m = self._grid_mask
+        # displacements are enlarged, not positions: at the box's edges (no motion) the clamped
+        # interpolation of cv2.resize is then exact
+        coarse = np.dstack([m * (ix - gx), m * (iy - gy)])
+        x0, y0, x1, y1 = self.box
+        fine = cv2.resize(coarse, (coarse.shape[1] * FIELD_STEP, coarse.shape[0] * FIELD_STEP),
+                          interpolation=cv2.INTER_LINEAR)[:y1 - y0, :x1 - x0]
+        return fine[..., 0] + self._px, fine[..., 1] + self._py
 
-    def _sample(self, img: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-        """grid_sample with region-pixel coordinates pts (B, 2, H, W)."""
-        rh, rw = img.shape[-2:]
-        g = torch.stack([pts[:, 0] / (rw - 1) * 2 - 1, pts[:, 1] / (rh - 1) * 2 - 1], -1)
-        return F.grid_sample(img, g, mode="bilinear", padding_mode="border", align_corners=True)
+    def _side_below(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """Soft 0..1: frame positions lie below the lips' parting line (a lookup into the mouth
+        box; beyond it, the line's ends extend sideways and its sides up and down)."""
+        x0, y0 = self.mbox[:2]
+        return cv2.remap(self._below, px - x0, py - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    def head_inverse(self, head: torch.Tensor) -> torch.Tensor:
-        """Source positions of each region pixel under the rigid head motion, (B, 2, H, W)."""
-        roll, tx, ty, sc = head[:, 0], head[:, 1], head[:, 2], 1 + head[:, 3]
-        p = torch.as_tensor(self.rig.centre - self.off, dtype=torch.float32, device=self.device)
-        d = self.coords - p[None, :, None, None] - torch.stack([tx, ty], 1)[:, :, None, None]
-        c, s = torch.cos(roll)[:, None, None], torch.sin(roll)[:, None, None]
-        x = (c * d[:, 0] + s * d[:, 1]) / sc[:, None, None]
-        y = (-s * d[:, 0] + c * d[:, 1]) / sc[:, None, None]
-        inv = torch.stack([x, y], 1) + p[None, :, None, None]
-        return self.coords + self.head_mask * (inv - self.coords)
+    def expression_map(self, coeffs: np.ndarray, qx: np.ndarray, qy: np.ndarray, mouth: np.ndarray,
+                       band: tuple[tuple[int, int], tuple[int, int]]):
+        """Solve p + field(p) = q for points q (frame px) -> (px, py, opening, seam).
 
-    def _invert(self, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Solve s + field(s) = x by fixed-point iteration (the field is smooth: it converges)."""
-        s = x - self._sample(field, x)
-        for _ in range(BACKWARD_ITERS - 1):
-            s = x - self._sample(field, s)
-        return s
+        Two candidates, one per field set, are smooth functions of q: they are solved on 2x2
+        blocks and interpolated. Which one a pixel takes changes sharply only at the lips, so the
+        choice is made on the blocks too, and again per pixel inside `band` (rows, cols of q
+        around the lips). `mouth` (0..1, q's shape) is the moved inner-lip polygon; `opening`
+        (0..1) marks the new mouth opening; `seam` (or None) marks the photo's interior still
+        showing while the lips close over it."""
+        x0, y0 = self.mbox[:2]
+        c = coeffs[EXPRESSION].astype(np.float32)
+        h, w = qx.shape
+        if np.abs(c).max() < 1e-5:                                   # the face at rest
+            return qx, qy, np.zeros((h, w), np.float32), None
+        hh, ww = h + h % 2, w + w % 2
 
-    def _below(self, p: torch.Tensor) -> torch.Tensor:
-        """Soft 0..1: source positions p (B, 2, H, W) lie below the lips' parting line."""
-        x = p[:, 0].clamp(0, len(self.line_y) - 1)
-        i0 = x.floor().long().clamp(max=len(self.line_y) - 2)
-        f = x - i0
-        y = self.line_y[i0] * (1 - f) + self.line_y[i0 + 1] * f
-        soft = self.line_soft[i0] * (1 - f) + self.line_soft[i0 + 1] * f
-        return torch.sigmoid((p[:, 1] - y) / soft)[:, None]
+        def down(img):          # block means; cv2's pixel-centre conventions line them up
+            img = cv2.copyMakeBorder(img, 0, hh - h, 0, ww - w, cv2.BORDER_REPLICATE)
+            return cv2.resize(img, (ww // 2, hh // 2), interpolation=cv2.INTER_AREA)
+
+        def up(img):
+            return cv2.resize(img, (ww, hh), interpolation=cv2.INTER_LINEAR)[:h, :w]
+        q = np.dstack([qx, qy])
+        qc = down(q)
+        lx, ly = qc[..., 0] - x0, qc[..., 1] - y0
+        cands = []
+        for fields in (self.fields_upper, self.fields_lower):
+            fxy = (c @ fields).reshape(self._field_shape)            # (H, W, 2)
+            sx, sy = lx, ly
+            for _ in range(BACKWARD_ITERS):
+                d = cv2.remap(fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                sx, sy = lx - d[..., 0], ly - d[..., 1]
+            # a candidate counts only where the iteration converged: p + field(p) lands on q
+            d = cv2.remap(fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            err = np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly)
+            cands += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
+        cands = np.dstack(cands)
+        close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
+        pc = self._choose(cands, qc, down(mouth), close)[0]
+        # positions are interpolated as displacements from q (exact where nothing moves)
+        p = up(pc - qc) + q
+        opening = np.zeros((h, w), np.float32)
+        seam = None
+        (by0, by1), (bx0, bx1) = band
+        if by1 > by0 and bx1 > bx0:
+            qb = q[by0:by1, bx0:bx1]
+            rel = cands.copy()
+            rel[..., [0, 1]] -= qc
+            rel[..., [3, 4]] -= qc
+            fine = up(rel)[by0:by1, bx0:bx1]
+            fine[..., [0, 1]] += qb
+            fine[..., [3, 4]] += qb
+            pb, ob, sb = self._choose(fine, qb, mouth[by0:by1, bx0:bx1], close)
+            p[by0:by1, bx0:bx1] = pb
+            opening[by0:by1, bx0:bx1] = ob
+            if sb is not None:
+                seam = np.zeros((h, w), np.float32)
+                seam[by0:by1, bx0:bx1] = sb
+        return p[..., 0].copy(), p[..., 1].copy(), opening, seam
+
+    def _choose(self, cands: np.ndarray, q: np.ndarray, mouth: np.ndarray, close: float):
+        """Per pixel, the candidate that lands on its own side of the lips' parting line ->
+        (p (H, W, 2), opening, seam); cands (H, W, 6): upper x, y, ok, lower x, y, ok."""
+        x0, y0 = self.mbox[:2]
+        ux, uy, ok_up, lx, ly, ok_lo = (cands[..., i] for i in range(6))
+        a_lo = self._side_below(lx, ly) * ok_lo
+        a_up = (1 - self._side_below(ux, uy)) * ok_up
+        total = a_lo + a_up
+        interior = self.src_interior
+        if self.shows_interior:
+            i_lo = cv2.remap(interior, lx - x0, ly - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+            i_up = cv2.remap(interior, ux - x0, uy - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+            # where both sides reach (lips closing over the photo's teeth), lips cover the interior
+            w_lo, w_up = a_lo * (1 - 0.95 * i_lo), a_up * (1 - 0.95 * i_up)
+        else:
+            w_lo, w_up = a_lo, a_up
+        w_total = w_lo + w_up
+        # outside the opening, a pixel neither side claims keeps to its own side of the lips
+        fallback = np.where(mouth > 0.5, 0.5, self._side_below(q[..., 0], q[..., 1]))
+        a = np.where(w_total > 0.05, w_lo / (w_total + 1e-6),
+                     np.where(total > 0.05, a_lo / (total + 1e-6), fallback)).astype(np.float32)
+        p = np.dstack([a * lx + (1 - a) * ux, a * ly + (1 - a) * uy])
+        covered = np.clip(total, 0, 1)
+        seam = None
+        if close > 0.01 and self.shows_interior:
+            # lips closing over the photo's open mouth: interior that still shows is the seam
+            # between them, to be covered in lip colour
+            seam = close * (1 - mouth * (1 - covered)) * cv2.remap(
+                interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        return p, (1 - covered) * mouth, seam
 
     def mouth_polygon(self, offsets: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inner upper / lower lip of one frame in region px after expression and head motion."""
+        """Inner upper / lower lip of one frame in frame px after expression and head motion."""
         pts = self.lm + offsets[:N_MESH]
         roll, tx, ty, sc = head
         p = self.rig.centre
         c, s = np.cos(roll), np.sin(roll)
         moved = (pts - p) @ np.array([[c, s], [-s, c]]) * (1 + sc) + p + np.array([tx, ty])
-        pts = pts + self.head_at_mouth * (moved - pts) - self.off
+        pts = pts + self.head_at_mouth * (moved - pts)
         return pts[INNER_UPPER], pts[INNER_LOWER]
 
-    @torch.no_grad()
-    def render(self, coeffs: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the source's size."""
-        b = len(coeffs)
-        c = torch.as_tensor(coeffs, dtype=torch.float32, device=self.device)
-        hd = torch.as_tensor(head, dtype=torch.float32, device=self.device)
-        xh = self.head_inverse(hd)
-        s_up = self._invert(torch.einsum("bk,kchw->bchw", c, self.fields_upper), xh)
-        s_lo = self._invert(torch.einsum("bk,kchw->bchw", c, self.fields_lower), xh)
-        # each candidate is valid only if it lands on its own side of the parting line
-        a_lo, a_up = self._below(s_lo), 1 - self._below(s_up)
-        total = a_lo + a_up
-        # where both sides reach (lips closing over the photo's teeth), lips cover the interior
-        interior = self.src_interior.expand(b, -1, -1, -1)
-        w_lo = a_lo * (1 - 0.95 * self._sample(interior, s_lo))
-        w_up = a_up * (1 - 0.95 * self._sample(interior, s_up))
-        w_total = w_lo + w_up
-        a = torch.where(w_total > 0.05, w_lo / (w_total + 1e-6),
-                        torch.where(total > 0.05, a_lo / (total + 1e-6), torch.full_like(total, 0.5)))
-        s = a * s_lo + (1 - a) * s_up
-        img = self._sample(self.src.expand(b, -1, -1, -1), s)
-        # the photo's own interior is kept where it was sampled, never in the new opening
-        keep = self._sample(interior, s) * total.clamp(0, 1)
-        region = img.permute(0, 2, 3, 1).cpu().numpy()
-        keep = keep[:, 0].cpu().numpy()
-        offsets = self.rig.offsets(coeffs)
-        out = np.repeat(self.source[None], b, axis=0)
+    def _render_one(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray) -> None:
         x0, y0, x1, y1 = self.box
-        for i in range(b):
-            up, lo = self.mouth_polygon(offsets[i], head[i])
-            paint_mouth(region[i], up, lo, keep[i], self.style, self.rig.iod)
-            out[i, y0:y1, x0:x1] = np.clip(region[i] + 0.5, 0, 255).astype(np.uint8)
+        qx, qy = self.head_map(head)
+        # expression: only where the head map lands in the mouth box
+        sel = _landing_box(qx, qy, self.mbox)
+        opening = seam = None
+        up, lo = self.mouth_polygon(self.rig.offsets(coeffs[None])[0], head)
+        up, lo = up - np.array([x0, y0]), lo - np.array([x0, y0])
+        if sel is not None:
+            (sy0, sy1), (sx0, sx1) = sel
+            poly = np.concatenate([up, lo[::-1]]) - np.array([sx0, sy0])
+            mouth = _poly_mask(poly, (sy1 - sy0, sx1 - sx0), 0.0)
+            mouth = cv2.dilate(mouth, np.ones((3, 3), np.uint8))
+            # the lips now and at rest, with a margin: where a pixel's side can change sharply
+            rest_up, rest_lo = self.mouth_polygon(np.zeros_like(self.lm), head)
+            lips = np.concatenate([up, lo, rest_up - [x0, y0], rest_lo - [x0, y0]]) - np.array([sx0, sy0])
+            pad = BAND_IOD * self.rig.iod
+            band = ((int(max(0, lips[:, 1].min() - pad)), int(min(sy1 - sy0, lips[:, 1].max() + pad + 1))),
+                    (int(max(0, lips[:, 0].min() - pad)), int(min(sx1 - sx0, lips[:, 0].max() + pad + 1))))
+            px, py, op, sm = self.expression_map(coeffs, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], mouth, band)
+            qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1] = px, py
+            opening = np.zeros(qx.shape, np.float32)
+            opening[sy0:sy1, sx0:sx1] = op
+            if sm is not None:
+                seam = np.zeros(qx.shape, np.float32)
+                seam[sy0:sy1, sx0:sx1] = sm
+        closure = float(coeffs[BLINK])
+        if closure > 1e-3:
+            for eye in self.eyes:
+                sel = _landing_box(qx, qy, (eye.x0, eye.y0, eye.x1, eye.y1))
+                if sel is not None:
+                    (sy0, sy1), (sx0, sx1) = sel
+                    qy[sy0:sy1, sx0:sx1] = lid_map(eye, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1],
+                                                   closure, self.rig.iod).astype(np.float32)
+        region = self.framing.sample(qx, qy)
+        if opening is not None:
+            _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
+        out[y0:y1, x0:x1] = region
+
+    def render(self, coeffs: np.ndarray, head: np.ndarray) -> np.ndarray:
+        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size."""
+        out = np.repeat(self.frame[None], len(coeffs), axis=0)
+        for i in range(len(coeffs)):
+            self._render_one(np.asarray(coeffs[i], np.float64), np.asarray(head[i], np.float64), out[i])
         return out
 
 
-def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, keep: np.ndarray,
-                style: MouthStyle, iod: float) -> None:
-    """Paint the mouth interior between the inner lips into region (H, W, 3) float, in place.
+def _landing_box(qx: np.ndarray, qy: np.ndarray, box) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Rows and columns of the head box whose source positions fall inside box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    hit = (qx >= x0) & (qx < x1) & (qy >= y0) & (qy < y1)
+    rows, cols = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
+    if not len(rows):
+        return None
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
 
-    Where the warped photo already shows its own mouth interior (`keep` near 1), the photo wins.
-    """
+
+def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray, seam: np.ndarray | None,
+           style, iod: float):
+    """Paint the mouth interior on a uint8 region, touching only the mouth's own box."""
+    pts = np.concatenate([upper, lower])
     h, w = region.shape[:2]
-    xs_all = np.concatenate([upper[:, 0], lower[:, 0]])
-    ys_all = np.concatenate([upper[:, 1], lower[:, 1]])
-    pad = 3
-    bx0, bx1 = int(max(0, xs_all.min() - pad)), int(min(w, xs_all.max() + pad + 1))
-    by0, by1 = int(max(0, ys_all.min() - pad)), int(min(h, ys_all.max() + pad + 1))
-    if bx1 - bx0 < 3 or by1 - by0 < 2:
+    pad = 8 + int(0.03 * iod)
+    x0, y0 = np.maximum(np.floor(pts.min(0)).astype(int) - pad, 0)
+    x1, y1 = np.minimum(np.ceil(pts.max(0)).astype(int) + pad, [w, h])
+    if x1 - x0 < 4 or y1 - y0 < 4:
         return
-    xs = np.arange(bx0, bx1, dtype=np.float64)
-    ys = np.arange(by0, by1, dtype=np.float64)[:, None]
-    ou, ol = np.argsort(upper[:, 0]), np.argsort(lower[:, 0])
-    yu = np.interp(xs, upper[ou, 0], upper[ou, 1])[None, :]
-    yl = np.interp(xs, lower[ol, 0], lower[ol, 1])[None, :]
-    left, right = xs_all.min(), xs_all.max()
-    inside_x = ((xs > left) & (xs < right))[None, :]
-    gap = np.clip(yl - yu, 0, None)
-    feather = max(0.6, 0.012 * iod)
-    alpha = np.clip(np.minimum(ys - yu, yl - ys) / feather + 0.5, 0, 1) * inside_x
-    alpha *= np.clip((gap - 1.0) / (2 * feather), 0, 1)  # slits stay lip-coloured, not dark lines
-    if alpha.max() <= 0:
-        return
-    cx, half = (left + right) / 2, max((right - left) / 2, 1.0)
-    hx = np.clip(np.abs(xs - cx) / half, 0, 1)[None, :]
-    alpha *= 1 - 0.6 * hx ** 4                            # corners: shadowed lip, not black holes
-    shade = (1 - 0.45 * hx ** 2)[..., None]
-    # cavity: darkest in the middle of the opening, warmer towards the lower lip (tongue)
-    mid = np.clip((ys - yu) / np.maximum(gap, 1.0), 0, 1)
-    tongue = np.clip((mid - 0.55) / 0.45, 0, 1)[..., None] * np.clip(gap / (0.1 * iod), 0, 1)[..., None]
-    cav = style.cavity * (0.85 + 0.25 * (1 - hx ** 2))[..., None]
-    paint = cav * (1 - 0.5 * tongue) + 0.5 * tongue * (style.cavity * 2.2)
-    # upper teeth: a light band right under the upper lip, shaded towards its lower edge and
-    # towards the corners; lower teeth only show, dimmer, when the mouth is wide open
-    th = np.minimum(0.6 * gap, TEETH_MAX_IOD * iod) * (hx < 0.88) * style.paint_teeth
-    teeth = np.clip((yu + th - ys) / feather + 0.5, 0, 1) * (th > 0.5)
-    depth = np.clip((ys - yu) / np.maximum(th, 1.0), 0, 1)[..., None]
-    tl = np.where(gap > 0.12 * iod, np.minimum(0.12 * gap, 0.025 * iod), 0.0) * (hx < 0.65) * style.paint_teeth
-    lower_teeth = np.clip((ys - (yl - tl)) / feather + 0.5, 0, 1) * (tl > 0.5) * 0.55
-    # incisors: faint gaps between teeth, the central pair widest; a soft shadow under the lip
-    tooth_w = 0.085 * iod
-    phase = np.abs(xs - cx)[None, :] / tooth_w
-    gaps = np.clip(1 - np.abs(phase - np.round(phase)) * tooth_w / max(0.6, 0.01 * iod), 0, 1) * (phase > 0.5)
-    lip_shadow = np.clip(1 - (ys - yu) / max(1.0, 0.018 * iod), 0, 1)
-    tone = (1 - 0.15 * depth) * (1 - 0.22 * gaps[..., None]) * (1 - 0.35 * lip_shadow[..., None])
-    paint = paint * (1 - teeth[..., None]) + (style.teeth * shade * tone) * teeth[..., None]
-    paint = paint * (1 - lower_teeth[..., None]) + (style.teeth * shade * 0.8) * lower_teeth[..., None]
-    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), max(0.4, 0.003 * iod))
-    a = (alpha * (1 - keep[by0:by1, bx0:bx1]))[..., None]
-    sub = region[by0:by1, bx0:bx1]
-    sub *= 1 - a
-    sub += a * paint
+    sub = region[y0:y1, x0:x1].astype(np.float32)
+    off = np.array([x0, y0])
+    paint_mouth(sub, upper - off, lower - off, opening[y0:y1, x0:x1], style, iod,
+                None if seam is None else seam[y0:y1, x0:x1])
+    region[y0:y1, x0:x1] = np.clip(sub + 0.5, 0, 255).astype(np.uint8)

@@ -89,26 +89,36 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     lower = np.setdiff1d(np.union1d(lower, INNER_LOWER + OUTER_LOWER), INNER_UPPER + OUTER_UPPER + CORNERS)
     upper = np.setdiff1d(np.union1d(upper, INNER_UPPER + OUTER_UPPER), np.union1d(CORNERS, lower))
 
-    # jaw: lower lip and chin drop, jaw sides less towards the ears, upper lip lifts slightly
-    w_jaw = _smoothstep(v, -0.02, 0.12) * (1 - 0.75 * _smoothstep(np.abs(u), 0.3, 1.0))
-    # the lips part as a lens, widest in the middle, so the weights taper towards the corners
+    # jaw: lower lip and chin drop, the skin beside and below the corners less, the jaw's sides
+    # less again towards the ears, the upper lip lifts slightly. Weights vary smoothly (relative to
+    # the mouth's half width) so that a wide opening never folds the skin over itself.
     half = max(np.abs(u[CORNERS]).max(), 1e-3)
-    taper = 1 - 0.7 * np.clip(np.abs(u) / half, 0, 1) ** 1.5
+    hu = np.abs(u) / half
+    w_jaw = _smoothstep(v, -0.02, 0.14) * (1 - 0.72 * _smoothstep(hu, 0.5, 2.6))
+    # the lips part widest in the middle and stay joined at the corners: a U, not a V
+    taper = 1 - 0.65 * np.clip(hu, 0, 1) ** 2.5
     w_jaw[lower] = taper[lower]
     w_jaw[upper] = -0.15 * taper[upper]
-    w_jaw[CORNERS] = 0.3
+    w_jaw[CORNERS] = 0.35
     basis[0] = w_jaw[:, None] * ey[None, :]
 
     lips = np.concatenate([upper, lower, CORNERS])
     lip_w = np.zeros(n)
     lip_w[lips] = np.clip(np.abs(u[lips]) / half, 0, 1) ** 1.5
+    # the cheek skin next to each corner follows it part of the way, so moving corners do not
+    # stretch the photo's corner creases into lines
+    corner_d = np.min(np.linalg.norm(lm[:, None, :] - lm[None, [61, 291], :], axis=2), axis=1) / iod
+    cheek = np.setdiff1d(np.arange(min(n, 468)), lips)
+    lip_w[cheek] = 0.8 * np.exp(-(corner_d[cheek] / 0.16) ** 2)
     side = np.sign(u)
     # spread: corners out and slightly up; round: corners in, lips pushed apart vertically
     basis[1] = lip_w[:, None] * (side[:, None] * ex[None, :] - 0.2 * ey[None, :])
+    basis[1, cheek] = lip_w[cheek, None] * side[cheek, None] * ex[None, :]
     pout = np.zeros(n)
     pout[upper] = -0.3
     pout[lower] = 0.3
     basis[2] = -lip_w[:, None] * side[:, None] * ex[None, :] + pout[:, None] * ey[None, :]
+    basis[2, cheek] = -lip_w[cheek, None] * side[cheek, None] * ex[None, :]
 
     for up, lo in EYE_PAIRS:
         d = lm[lo] - lm[up]
@@ -119,8 +129,9 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     gap = float(np.linalg.norm(lm[14] - lm[13]))
     # closing raises the whole jaw, not only the lip, so the chin is not stretched
     basis[4] = -0.65 * np.clip(w_jaw, 0, None)[:, None] * ey[None, :]
-    basis[4, upper] += 0.35 * ey
-    basis[4, lower] = -0.65 * ey
+    # a little past meeting, so that the lips press together over the photo's teeth
+    basis[4, upper] += 0.38 * ey
+    basis[4, lower] = -0.68 * ey
     for k in (0, 1, 2):
         basis[k] *= iod
     # close_rest is in units of the photo's own gap

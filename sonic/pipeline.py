@@ -7,19 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 
 from .audio_features import PhoneRecognizer, encode_audio
 from .decoder import WarpDecoder
-from .face import FaceAnalyzer, crop_box, fit_output
+from .face import FaceAnalyzer, crop_box
+from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions, load_config
 from .writer import VideoWriter
 
-BATCH_FRAMES = 8     # frames rendered per grid_sample call (memory grows with it, speed barely)
+BATCH_FRAMES = 8     # frames rendered and handed to the writer at a time
+UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
 Progress = Callable[[str, float], None]
 
 
@@ -40,19 +41,6 @@ class GenerationResult:
         d = dict(self.__dict__)
         d["warnings"] = list(self.warnings)
         return d
-
-
-def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box, min_resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the output frame out of the photo with one uniform scale -> (frame (H, W, 3), landmarks)."""
-    (x0, y0, x1, y1), (width, height) = fit_output(box, rgb.shape[:2], min_resolution)
-    s = width / (x1 - x0)
-    affine = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float64)
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
-    frame = cv2.warpAffine(rgb, affine, (width, height), flags=interp, borderMode=cv2.BORDER_REPLICATE)
-    lm = landmarks.copy()
-    lm[:, :2] = lm[:, :2] * s - np.array([x0 * s, y0 * s])
-    lm[:, 2] *= s
-    return frame, lm
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -103,8 +91,12 @@ class SonicPipeline:
         report("face", 0.05)
         face = self.faces.analyze(rgb)
         box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
-        source, lm = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
-        height, width = source.shape[:2]
+        framing = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
+        lm = framing.landmarks
+        height, width = framing.frame.shape[:2]
+        if framing.upscale > UPSCALE_WARN:
+            warnings.append(f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
+                            "portrait gives a sharper video")
         lap("face")
 
         # 3. duration: trim or pad the audio with silence
@@ -134,7 +126,7 @@ class SonicPipeline:
         lap("motion")
 
         # 6. decoder set-up, then render and encode frames in batches (streamed)
-        decoder = WarpDecoder(source, lm, rig, self.device)
+        decoder = WarpDecoder(framing, rig)
         lap("decoder_setup")
         render_s = 0.0
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer:

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from sonic import NoFaceDetected
 from sonic.decoder import WarpDecoder
@@ -8,7 +7,7 @@ from sonic.face import crop_box, fit_output
 from sonic.media import load_image
 from sonic.landmarks import INNER_LOWER, INNER_UPPER
 from sonic.motion import COEFFS, build_rig
-from sonic.pipeline import crop_and_scale
+from sonic.geometry import crop_and_scale
 from conftest import PORTRAIT
 
 
@@ -16,9 +15,9 @@ from conftest import PORTRAIT
 def face_setup(pipeline):
     rgb = load_image(PORTRAIT, 10**7)
     face = pipeline.faces.analyze(rgb)
-    src, lm = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), 256)
-    rig = build_rig(lm)
-    return src, lm, rig, WarpDecoder(src, lm, rig, torch.device("cpu"))
+    framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), 256)
+    rig = build_rig(framing.landmarks)
+    return framing.frame, framing.landmarks, rig, WarpDecoder(framing, rig)
 
 
 def test_face_found_with_landmarks(pipeline):

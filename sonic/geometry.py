@@ -1,0 +1,66 @@
+"""Framing: where the output frame sits in the photo, and the pixels the decoder samples from.
+
+The output frame is the crop box scaled by one uniform factor. The photo is resampled once, at
+setup, to SUPERSAMPLE source pixels per frame pixel (bicubic when enlarging, area-averaged when
+reducing); every frame pixel, at rest or moved, is then one bilinear lookup into that source. A
+bilinear lookup into a 3x source keeps 95-99 % of the detail (variance of the Laplacian) of a
+bicubic lookup into the photo at a fifth of its cost, and a face is never upscaled and then
+warped again. The frame at rest is made by the same lookup, so zero motion is exactly the frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .face import fit_output
+
+SUPERSAMPLE = 3           # sampling-source px per frame px
+MARGIN_PX = 6             # frame px of photo kept around the crop (sampling reaches past the edge)
+
+
+@dataclass(frozen=True)
+class Framing:
+    frame: np.ndarray          # (H, W, 3) uint8, the output frame at rest
+    landmarks: np.ndarray      # (478, 3) in frame px (z scaled alike)
+    pixels: np.ndarray         # (h, w, 3) uint8, the photo resampled once: what the decoder samples
+    to_source: tuple[float, float, float, float]   # ax, bx, ay, by: pixels px = a * frame px + b
+    upscale: float             # frame px per photo px: above 1 the face is enlarged
+
+    def to_pixels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Frame px -> `pixels` px (float32 maps for cv2.remap)."""
+        ax, bx, ay, by = self.to_source
+        return (np.float32(ax) * x + np.float32(bx)).astype(np.float32, copy=False), \
+            (np.float32(ay) * y + np.float32(by)).astype(np.float32, copy=False)
+
+    def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
+        mx, my = self.to_pixels(x, y)
+        return cv2.remap(self.pixels, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, int, int],
+                   min_resolution: int) -> Framing:
+    """Cut the crop box (x0, y0, x1, y1, photo px) out of the photo with one uniform scale, the
+    short side of the frame near min_resolution (see `face.fit_output`)."""
+    (x0, y0, x1, y1), (width, height) = fit_output(box, rgb.shape[:2], min_resolution)
+    s = width / (x1 - x0)
+    h, w = rgb.shape[:2]
+    m = MARGIN_PX / s
+    cx0, cy0 = int(max(0, np.floor(x0 - m))), int(max(0, np.floor(y0 - m)))
+    cx1, cy1 = int(min(w, np.ceil(x1 + m))), int(min(h, np.ceil(y1 + m)))
+    crop = rgb[cy0:cy1, cx0:cx1]
+    k = SUPERSAMPLE * s
+    size = (max(1, int(round(crop.shape[1] * k))), max(1, int(round(crop.shape[0] * k))))
+    pixels = cv2.resize(crop, size, interpolation=cv2.INTER_CUBIC if k >= 1 else cv2.INTER_AREA)
+    kx, ky = size[0] / crop.shape[1], size[1] / crop.shape[0]
+    # frame px x -> photo px x / s + x0 -> resized px (cv2.resize's pixel-centre convention)
+    to_source = (kx / s, (x0 - cx0 + 0.5) * kx - 0.5, ky / s, (y0 - cy0 + 0.5) * ky - 0.5)
+    lm = landmarks.astype(np.float64).copy()
+    lm[:, :2] = lm[:, :2] * s - np.array([x0 * s, y0 * s])
+    lm[:, 2] *= s
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    framing = Framing(np.empty(0), lm, pixels, to_source, s)
+    frame = framing.sample(xs, ys)
+    return Framing(frame, lm, pixels, to_source, s)

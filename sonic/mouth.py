@@ -1,0 +1,203 @@
+"""The mouth interior: what shows between the lips when they part further than the photo shows.
+
+Painted in the mouth's own frame (u along the corner-to-corner axis, -1..1; v across it, px), so
+a tilted face gets a tilted mouth. Layers, back to front: a soft dark cavity (never black, never
+one flat colour), the tongue on wide openings, lower incisors on wide openings, and the upper
+teeth as a light band right under the upper lip: individual teeth on a dental arch (narrower and
+darker towards the corners), rounded incisal edges with small gaps, the lip's shadow on them.
+Colours come from the photo's own light: teeth from the brightest skin, desaturated below the
+skin's saturation (grey in a grey photo); cavity and tongue from the lips. Edges are feathered
+and the chroma around the opening is softened, so the encoder's 4:2:0 subsampling leaves no
+coloured fringe on the lips.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
+
+TEETH_MAX_IOD = 0.07         # visible height of the upper teeth at most
+ARCH_RADIUS_IOD = 0.3        # radius of the front of the dental arch
+TOOTH_WIDTHS_IOD = (0.092, 0.072, 0.08, 0.072, 0.072)   # central, lateral, canine, two premolars
+TEETH_FROM_GAP_IOD = (0.018, 0.045)   # the teeth fade in as the opening grows through this range
+TONGUE_FROM_GAP_IOD = (0.07, 0.16)
+LOWER_TEETH_FROM_GAP_IOD = (0.1, 0.17)
+CAVITY_MIN_LUMA = 26.0
+
+
+@dataclass(frozen=True)
+class MouthStyle:
+    lip: np.ndarray          # RGB float, median colour of the lips
+    upper_lip: np.ndarray    # ... of the upper lip's body
+    lower_lip: np.ndarray
+    cavity: np.ndarray       # RGB float, the back of the mouth
+    tongue: np.ndarray       # RGB float
+    teeth: np.ndarray        # RGB float, lit teeth
+    paint_teeth: bool        # false when the photo shows its own teeth
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def _smoothstep(x, a, b):
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthStyle:
+    """Colours of a face's mouth interior from its photo (H, W, 3) uint8 and landmarks in px."""
+    h, w = frame.shape[:2]
+
+    def colours(idx):
+        p = np.round(lm[idx, :2]).astype(int)
+        return frame[np.clip(p[:, 1], 0, h - 1), np.clip(p[:, 0], 0, w - 1)].astype(np.float64)
+    lip = np.median(colours(OUTER_UPPER[2:-2] + OUTER_LOWER[2:-2]), axis=0)
+
+    def lip_body(outer, inner):      # halfway between the outer and the inner contour
+        p = np.round((lm[outer[2:-2], :2] + lm[inner[2:-2], :2]) / 2).astype(int)
+        return np.median(frame[np.clip(p[:, 1], 0, h - 1), np.clip(p[:, 0], 0, w - 1)].astype(np.float64), axis=0)
+    upper_lip, lower_lip = lip_body(OUTER_UPPER, INNER_UPPER), lip_body(OUTER_LOWER, INNER_LOWER)
+    # skin: the face inside its oval, away from eyes and mouth (cheeks, forehead, nose)
+    oval = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(oval, [np.round(lm[FACE_OVAL_IDX, :2]).astype(np.int32)], 1)
+    skin_px = frame[oval > 0].astype(np.float64)
+    if len(skin_px) < 10:
+        skin_px = colours([10, 151, 50, 280, 205, 425])
+    luma = _luma(skin_px)
+    skin = np.median(skin_px, axis=0)
+    bright = float(np.percentile(luma, 92))
+    # teeth: about as bright as the skin's highlights, far less saturated than the skin
+    tint = skin / max(skin.mean(), 1.0)
+    teeth = np.clip(0.95 * bright + 12, 70, 232) * (0.7 + 0.3 * tint)
+    cavity = lip * 0.3
+    cavity *= max(1.0, CAVITY_MIN_LUMA / max(float(_luma(cavity)), 1.0))
+    tongue = lip * 0.62 + np.array([12.0, 4.0, 4.0]) * (tint.std() > 0.02)
+    return MouthStyle(lip=lip, upper_lip=upper_lip, lower_lip=lower_lip, cavity=cavity, tongue=tongue, teeth=np.clip(teeth, 0, 255), paint_teeth=paint_teeth)
+
+
+def _tooth_boundaries(iod: float) -> np.ndarray:
+    """Projected distances (px) of the gaps between teeth from the midline, on a circular arch."""
+    r = ARCH_RADIUS_IOD * iod
+    s = np.cumsum(TOOTH_WIDTHS_IOD) * iod
+    return r * np.sin(np.clip(s / r, 0, np.pi / 2))
+
+
+def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray,
+                style: MouthStyle, iod: float, seam: np.ndarray | None = None) -> None:
+    """Paint the interior between the inner lips into region (H, W, 3) float32, in place.
+
+    upper, lower: inner lip contours (N, 2) in region px, corner to corner, place the teeth and
+    the cavity; `opening` (H, W), 0..1, is where the warp left a new opening (no lip, no interior
+    of the photo there): the paint goes exactly there. `seam` (H, W), where closing lips still
+    show the photo's teeth, is covered in the lips' colour.
+    """
+    if seam is not None and seam.max() > 0.01:
+        _cover_seam(region, upper, lower, seam, style, iod)
+    h, w = region.shape[:2]
+    left = (upper[0] + lower[0]) / 2
+    right = (upper[-1] + lower[-1]) / 2
+    span = float(np.linalg.norm(right - left))
+    if span < 4:
+        return
+    ex = (right - left) / span
+    ey = np.array([-ex[1], ex[0]])
+    centre, half = (left + right) / 2, span / 2
+    pts = np.concatenate([upper, lower])
+    pad = 4
+    bx0, by0 = np.maximum(np.floor(pts.min(0)).astype(int) - pad, 0)
+    bx1, by1 = np.minimum(np.ceil(pts.max(0)).astype(int) + pad + 1, [w, h])
+    if bx1 - bx0 < 4 or by1 - by0 < 3:
+        return
+    ys, xs = np.mgrid[by0:by1, bx0:bx1].astype(np.float32)
+    dx, dy = xs - centre[0], ys - centre[1]
+    u = (dx * ex[0] + dy * ex[1]) / half              # -1 .. 1 corner to corner
+    v = dx * ey[0] + dy * ey[1]                       # px across the mouth, down for an upright face
+
+    def along(c):
+        q = c - centre
+        cu, cv_ = q @ ex / half, q @ ey
+        o = np.argsort(cu)
+        return np.interp(u, cu[o], cv_[o])
+    vu, vl = along(upper), along(lower)
+    gap = np.clip(vl - vu, 0, None)
+    feather = max(0.7, 0.01 * iod)
+    au = np.abs(u)
+    alpha = cv2.GaussianBlur(opening[by0:by1, bx0:bx1].astype(np.float32), (0, 0), 0.6)
+    if alpha.max() <= 0.01:
+        return
+    gap_iod = gap / iod
+    depth = v - vu                                    # px below the upper lip
+    r = np.clip(depth / np.maximum(gap, 1.0), 0, 1)   # 0 at the upper lip, 1 at the lower lip
+    x_iod = np.abs(u) * half / iod
+
+    # cavity: dark, warmer and lighter where the tongue shows, darker into the cheeks
+    tongue = _smoothstep(r, 0.5, 1.0) * _smoothstep(gap_iod, *TONGUE_FROM_GAP_IOD)
+    cav_light = (0.78 + 0.3 * (1 - au ** 2)) * (0.9 + 0.2 * r)
+    paint = style.cavity * cav_light[..., None]
+    paint += (style.tongue * (1 - 0.35 * au ** 2)[..., None] - paint) * (0.85 * tongue)[..., None]
+
+    if style.paint_teeth:
+        # upper teeth on a dental arch: each tooth a convex, slightly rounded block
+        bounds = _tooth_boundaries(iod)
+        xpx = np.abs(u) * half
+        k = np.searchsorted(bounds, xpx)                                # tooth index from the midline
+        lo_b = np.where(k > 0, bounds[np.clip(k - 1, 0, None)], -bounds[0])
+        hi_b = bounds[np.clip(k, 0, len(bounds) - 1)]
+        to_gap = np.minimum(np.abs(xpx - lo_b), np.abs(hi_b - xpx))       # px to the nearest gap
+        across = np.clip((xpx - lo_b) / np.maximum(hi_b - lo_b, 1e-3), 0, 1)
+        phi = np.arcsin(np.clip(x_iod / ARCH_RADIUS_IOD, 0, 1))
+        show = _smoothstep(gap_iod, *TEETH_FROM_GAP_IOD) * (k < len(bounds))
+        t_h = np.minimum(TEETH_MAX_IOD * iod, 0.52 * gap) * np.sqrt(np.clip(np.cos(phi), 0, 1)) * show
+        corner_round = np.clip(1 - to_gap / max(1.0, 0.014 * iod), 0, 1) ** 2
+        edge = t_h * (1 - 0.22 * corner_round)
+        teeth_a = np.clip((vu + edge - v) / feather + 0.5, 0, 1) * (t_h > 0.6)
+        gaps = np.exp(-(to_gap / max(0.55, 0.0045 * iod)) ** 2) * (k > 0) + \
+            np.exp(-(xpx / max(0.45, 0.0035 * iod)) ** 2)             # the central gap is finer
+        lit = (1 - 0.1 * (2 * across - 1) ** 2) * (1 - 0.5 * (phi / (np.pi / 2)) ** 1.5)
+        lit *= np.where(k == 0, 1.0, np.where(k == 1, 0.95, 0.88))
+        lit *= 1 - 0.38 * np.exp(-depth / max(1.0, 0.012 * iod))      # the upper lip's shadow
+        lit *= 1 - 0.12 * _smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)   # translucent edge
+        lit *= 1 - 0.3 * np.clip(gaps, 0, 1)
+        teeth = style.teeth * lit[..., None]
+        # lower incisors: only on wide openings, dimmer, just above the lower lip
+        tl = np.minimum(0.025 * iod, 0.12 * gap) * _smoothstep(gap_iod, *LOWER_TEETH_FROM_GAP_IOD) \
+            * (x_iod < 0.14)
+        lower_a = np.clip((v - (vl - tl)) / feather + 0.5, 0, 1) * (tl > 0.6)
+        paint += (style.teeth * (0.72 * (1 - 0.25 * np.clip(gaps, 0, 1)))[..., None] - paint) * lower_a[..., None]
+        paint += (teeth - paint) * teeth_a[..., None]
+    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), max(0.35, 0.0025 * iod))
+    sub = region[by0:by1, bx0:bx1]
+    sub += (paint - sub) * alpha[..., None]
+    _soften_chroma(sub, alpha, iod)
+
+
+def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: np.ndarray, style: MouthStyle,
+                iod: float) -> None:
+    """Closed lips over what the photo showed between them: upper-lip colour, the darker line
+    where the lips meet, lower-lip colour."""
+    h, w = region.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    line = (upper + lower) / 2
+    o = np.argsort(line[:, 0])
+    meet = np.interp(xs, line[o, 0], line[o, 1])
+    d = ys - meet
+    below = _smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
+    colour = style.upper_lip * (1 - below) + style.lower_lip * below
+    colour *= (1 - 0.35 * np.exp(-(d / max(0.8, 0.008 * iod)) ** 2))[..., None]
+    a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
+    region += (colour - region) * a[..., None]
+
+
+def _soften_chroma(sub: np.ndarray, alpha: np.ndarray, iod: float) -> None:
+    """Blur colour (not brightness) in a band around the opening, in place: sharp colour steps
+    there turn into green or purple fringes after the encoder's 4:2:0 chroma subsampling."""
+    band = cv2.GaussianBlur(alpha.astype(np.float32), (0, 0), max(1.5, 0.015 * iod))
+    band = np.clip(band * 3, 0, 1)[..., None]
+    ycc = cv2.cvtColor(np.clip(sub, 0, 255).astype(np.float32), cv2.COLOR_RGB2YCrCb)
+    soft = cv2.GaussianBlur(ycc, (0, 0), max(1.0, 0.008 * iod))
+    ycc[..., 1:] += (soft[..., 1:] - ycc[..., 1:]) * band
+    sub[:] = cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
