@@ -27,8 +27,8 @@ from .mouth import mouth_style, paint_mouth
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
 FIELD_STEP = 4            # px between exact evaluations of the spline (and of the head map)
 TPS_REG = 1e-2            # thin-plate spline regularisation (px^2)
-HEAD_MARGIN_IOD = 0.18    # the head moves rigidly up to this far beyond the face oval...
-HEAD_FADE_IOD = 0.45      # ... and its motion fades to nothing over this much further
+HEAD_MARGIN_IOD = 0.06    # the head moves rigidly up to this far beyond the face oval...
+HEAD_FADE_IOD = 0.3      # ... and its motion fades to nothing over this much further (hair, neck)
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
 REACH_IOD = 0.45          # beyond this distance outside the oval the expression field is zero
 BACKWARD_ITERS = 4        # fixed-point iterations inverting the forward displacement

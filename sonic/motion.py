@@ -15,7 +15,8 @@ from scipy.ndimage import gaussian_filter1d
 from .audio_features import AudioFeatures
 from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
 
-JAW_GAIN = 0.16          # inner-lip gap at full openness, in inter-ocular distances (IOD)
+JAW_GAIN = 0.2           # inner-lip gap at full openness, in inter-ocular distances (IOD)
+OPEN_PHOTO_IOD = 0.03    # a photo whose inner lips are further apart than this has an open mouth
 SPREAD_GAIN = 0.07       # corner travel at full spread/rounding, IOD
 COARTIC_S = 0.045        # Gaussian blending of neighbouring visemes, s
 SMOOTH_S = 0.03          # extra smoothing of the mouth with smooth_motion, s
@@ -253,14 +254,22 @@ def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motio
     if align and lag != 0.0:
         opening = np.clip(_fractional_shift(opening, -lag), 0, None)
         spread = _fractional_shift(spread, -lag)
+    # P/B/M: the lips meet, whatever smoothing and alignment did around them (phone timings
+    # are the audio's own, so the closure is applied last)
+    opening = opening * (1 - np.clip(np.maximum(closure, feat.vis_closure), 0, 1))
     n = len(opening)
     coeffs = np.zeros((n, len(COEFFS)))
-    coeffs[:, 0] = opening * JAW_GAIN
+    gap = opening * JAW_GAIN                      # the inner-lip gap wanted, IOD
+    photo_gap = rig.rest_gap / rig.iod
+    if photo_gap > OPEN_PHOTO_IOD:
+        # an open-mouthed photo: its own opening counts towards the gap. Smaller gaps close
+        # the lips part of the way (all of it at rest and on P/B/M), larger ones drop the jaw
+        coeffs[:, 4] = np.clip(1 - gap / photo_gap, 0, 1)
+        gap = np.clip(gap - photo_gap, 0, None)
+    coeffs[:, 0] = gap
     coeffs[:, 1] = np.clip(spread, 0, None) * SPREAD_GAIN
     coeffs[:, 2] = np.clip(-spread, 0, None) * SPREAD_GAIN
     coeffs[:, 3] = blinks(n, feat.fps, rng_blink)
-    # an open-mouthed photo closes at rest and in closures, opens again with the jaw
-    coeffs[:, 4] = np.clip(1 - opening * 2.5, 0, 1) if rig.rest_gap > 0.03 * rig.iod else 0.0
     head = head_motion(feat, rig, motion_scale, rng_head)
     if smooth:
         head = gaussian_filter1d(head, 0.08 * feat.fps, axis=0, mode="nearest")

@@ -122,3 +122,16 @@ def test_head_motion_statistics_do_not_depend_on_length():
     short, long = rolls(25), rolls(1500)
     assert np.std(short) < 1.3 * np.std(long) and np.abs(short).max() <= MAX_ROLL_DEG
     assert 0.8 < np.std(long) < 2.5
+
+
+def test_bilabials_close_the_lips_fully():
+    """P/B/M between loud vowels: the commanded inner-lip gap at the closure is below 0.01 IOD."""
+    phones = [("AA", 0.0, 0.4), ("M", 0.4, 0.48), ("AA", 0.48, 0.9), ("B", 0.9, 0.96), ("IY", 0.96, 1.4)]
+    op, sp, cl = viseme_tracks(phones, 35, 25)
+    f = AudioFeatures(fps=25, loudness=np.full(35, 0.9), speech=np.ones(35, bool), vis_open=op, vis_spread=sp,
+                      vis_closure=cl, phones=tuple(phones))
+    for align in (False, True):
+        m = predict_motion(f, FakeRig(), dynamic_scale=2.0, motion_scale=1, smooth=True, align=align, seed=0)
+        gap = m.coeffs[:, 0]                                   # IOD (the jaw coefficient is the lip gap)
+        assert gap[int(0.44 * 25)] <= 0.01 and gap[int(0.93 * 25)] <= 0.01
+        assert gap[5] > 0.1

@@ -1,0 +1,169 @@
+"""What the decoder draws, measured on rendered frames: lip shapes, closures, the mouth's inside,
+teeth colour, blinks and the sharpness of an enlarged face. Landmarks of rendered frames come
+from FaceMesh, as an independent viewer would see them."""
+import cv2
+import numpy as np
+import pytest
+
+from sonic.decoder import WarpDecoder
+from sonic.face import crop_box
+from sonic.geometry import crop_and_scale
+from sonic.landmarks import (EYE_LEFT_RING, EYE_RIGHT_RING, INNER_LOWER, INNER_UPPER, LEFT_EYE_LOWER, LEFT_IRIS,
+                             RIGHT_EYE_LOWER, RIGHT_IRIS)
+from sonic.media import load_image
+from sonic.motion import COEFFS, SPREAD_GAIN, build_rig
+from conftest import EXAMPLES, PORTRAIT
+
+LIP_PAIRS = [(13, 14), (82, 87), (312, 317), (81, 178), (311, 402)]   # as ../shared/tools/score_video.py
+
+
+def coeffs(**kw) -> np.ndarray:
+    c = np.zeros(len(COEFFS))
+    for k, v in kw.items():
+        c[COEFFS.index(k)] = v
+    return c
+
+
+class Face:
+    """A portrait framed at `res`, its rig and decoder, and FaceMesh on what it renders."""
+
+    def __init__(self, faces, rgb: np.ndarray, res: int = 384):
+        face = faces.analyze(rgb)
+        self.faces = faces
+        self.framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), res)
+        self.rig = build_rig(self.framing.landmarks)
+        self.dec = WarpDecoder(self.framing, self.rig)
+
+    def render(self, *cs) -> np.ndarray:
+        return self.dec.render(np.array(cs), np.zeros((len(cs), 4)))
+
+    def mesh(self, frame):
+        return self.faces.analyze(frame).landmarks[:, :2]
+
+
+def iod(lm):
+    return float(np.linalg.norm(lm[33] - lm[263]))
+
+
+def lip_gap(lm):
+    return float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS])) / iod(lm)
+
+
+def mouth_width(lm):
+    return float(np.linalg.norm(lm[61] - lm[291])) / iod(lm)
+
+
+@pytest.fixture(scope="module")
+def grace(pipeline):
+    return Face(pipeline.faces, load_image(PORTRAIT, 10**7))
+
+
+@pytest.fixture(scope="module")
+def open_mouthed(pipeline, grace):
+    """A photo whose mouth is open, teeth showing: a frame of our own output."""
+    frame = grace.render(coeffs(jaw=0.12))[0]
+    return Face(pipeline.faces, frame)
+
+
+def test_rendered_opening_follows_the_command(grace):
+    """The inner-lip gap an observer measures grows with the jaw by about as much as commanded."""
+    frames = grace.render(coeffs(), coeffs(jaw=0.05), coeffs(jaw=0.1))
+    gaps = [lip_gap(grace.mesh(f)) for f in frames]
+    assert gaps[0] < 0.02
+    assert 0.6 * 0.05 < gaps[1] - gaps[0] < 1.6 * 0.05
+    assert 0.6 * 0.1 < gaps[2] - gaps[0] < 1.6 * 0.1
+
+
+def test_lips_round_spread_and_close(grace, open_mouthed):
+    rest, ee, oo = grace.render(coeffs(jaw=0.03), coeffs(jaw=0.03, spread=SPREAD_GAIN),
+                                coeffs(jaw=0.03, round=SPREAD_GAIN))
+    w_rest, w_ee, w_oo = (mouth_width(grace.mesh(f)) for f in (rest, ee, oo))
+    assert w_oo < w_rest - 0.02 and w_ee > w_rest + 0.02
+    # P/B/M on a photo whose mouth is open: the lips meet
+    assert lip_gap(open_mouthed.mesh(open_mouthed.framing.frame)) > 0.06
+    closed = open_mouthed.render(coeffs(close_rest=1.0))[0]
+    assert lip_gap(open_mouthed.mesh(closed)) <= 0.01
+
+
+def _opening_pixels(face: Face, c: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Pixels well inside the commanded inner-lip polygon of a frame rendered without head motion."""
+    up, lo = face.dec.mouth_polygon(face.rig.offsets(c[None])[0], np.zeros(4))
+    mask = np.zeros(frame.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(np.concatenate([up, lo[::-1]])).astype(np.int32)], 1)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8))
+    return frame[mask > 0].astype(np.float64)
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_mouth_interior_is_shaded_and_teeth_take_the_face_colour(pipeline, grace, grey):
+    face = grace
+    if grey:
+        g = cv2.cvtColor(load_image(PORTRAIT, 10**7), cv2.COLOR_RGB2GRAY)
+        face = Face(pipeline.faces, cv2.cvtColor(g, cv2.COLOR_GRAY2RGB))
+    hsv_sat = lambda px: (px.max(1) - px.min(1)) / np.maximum(px.max(1), 1)
+    skin = face.framing.frame[face.framing.landmarks[[50, 280, 151], 1].astype(int),
+                              face.framing.landmarks[[50, 280, 151], 0].astype(int)].astype(np.float64)
+    for jaw in (0.06, 0.1, 0.15):
+        c = coeffs(jaw=jaw)
+        frame = face.render(c)[0]
+        inside = _opening_pixels(face, c, frame)
+        luma = inside @ np.array([0.299, 0.587, 0.114])
+        assert luma.mean() > 15 and luma.std() > 4             # never a black or flat hole
+        teeth = inside[luma >= np.percentile(luma, 85)]
+        assert teeth.mean() > 1.4 * inside.mean()               # a light band of teeth shows
+        assert np.median(hsv_sat(teeth)) <= np.median(hsv_sat(skin)) + 0.02
+
+
+def _dark_iris(frame, lm, ring, iris, lower, iod_px, thr):
+    """Pixels of the iris disc inside the eye outline (above the lower lid's edge) darker than thr."""
+    poly = np.zeros(frame.shape[:2], np.uint8)
+    cv2.fillPoly(poly, [np.round(lm[ring]).astype(np.int32)], 1)
+    c = lm[iris[0]]
+    r = np.linalg.norm(lm[iris[1:]] - c, axis=1).mean()
+    yy, xx = np.mgrid[:frame.shape[0], :frame.shape[1]]
+    lo = lm[lower]
+    o = np.argsort(lo[:, 0])
+    disc = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 <= r * r) & (poly > 0) & \
+        (yy < np.interp(xx, lo[o, 0], lo[o, 1]) - 0.025 * iod_px)
+    luma = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    return disc, luma < thr
+
+
+@pytest.mark.parametrize("image", ["portrait.jpg", "astronaut.jpg"])
+def test_blink_covers_the_iris_and_keeps_the_eye_width(pipeline, image):
+    face = Face(pipeline.faces, load_image(EXAMPLES / image, 10**7), res=512)
+    lm = face.framing.landmarks[:, :2]
+    rest, shut = face.render(coeffs(), coeffs(blink=1.0))
+    for ring, iris, lower in ((EYE_LEFT_RING, LEFT_IRIS, LEFT_EYE_LOWER), (EYE_RIGHT_RING, RIGHT_IRIS, RIGHT_EYE_LOWER)):
+        disc, _ = _dark_iris(rest, lm, ring, iris, lower, face.rig.iod, 0)
+        luma = cv2.cvtColor(rest, cv2.COLOR_RGB2GRAY).astype(np.float64)
+        thr = np.percentile(luma[disc], 30) + 25
+        _, dark_rest = _dark_iris(rest, lm, ring, iris, lower, face.rig.iod, thr)
+        _, dark_shut = _dark_iris(shut, lm, ring, iris, lower, face.rig.iod, thr)
+        before, after = (disc & dark_rest).sum(), (disc & dark_shut).sum()
+        assert before > 20 and after <= 0.2 * before
+    # the outline keeps its width: the corners do not move (FaceMesh on the closed eyes)
+    shut_lm = face.mesh(shut)
+    for a, b in ((33, 133), (362, 263)):
+        assert abs(np.linalg.norm(shut_lm[a] - shut_lm[b]) / np.linalg.norm(lm[a] - lm[b]) - 1) < 0.08
+
+
+def test_enlarged_face_stays_sharp(pipeline):
+    """A small face is resampled once: frames with head motion keep the detail of a bicubic crop."""
+    small = cv2.resize(load_image(PORTRAIT, 10**7), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    face = Face(pipeline.faces, small, res=384)
+    assert face.framing.upscale > 2.5
+    # the eyes and glasses: the most detailed part of the face
+    lmf = face.framing.landmarks[:, :2]
+    (x0, y0), (x1, y1) = (lmf[EYE_LEFT_RING + EYE_RIGHT_RING].min(0) - 0.15 * face.rig.iod).astype(int), \
+        (lmf[EYE_LEFT_RING + EYE_RIGHT_RING].max(0) + 0.15 * face.rig.iod).astype(int)
+    lap = lambda img: cv2.Laplacian(cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+    # the reference: the photo's pixels mapped bicubically, once, onto the same frame
+    s = face.framing.upscale
+    x0p, y0p = pipeline.faces.analyze(small).landmarks[1, :2] - face.framing.landmarks[1, :2] / s
+    h, w = face.framing.frame.shape[:2]
+    ref = cv2.warpAffine(small, np.array([[s, 0, -x0p * s], [0, s, -y0p * s]]), (w, h), flags=cv2.INTER_CUBIC)
+    heads = np.array([[0.02, 1.3, 0.7, 0.004], [-0.03, -0.6, 1.4, -0.003]])
+    frames = face.dec.render(np.zeros((2, len(COEFFS))), heads)
+    ratio = min(lap(f) for f in frames) / lap(ref)
+    assert ratio > 0.85, ratio
