@@ -42,42 +42,57 @@ FIELD_EPS_PX = 0.2        # displacements below this (at the largest coefficient
 
 
 def _tps_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    """U(r) = r^2 log r between point sets (N, 2) and (M, 2) -> (N, M); squared distances by a
+    matrix product (BLAS), not an (N, M, 2) difference array."""
+    d2 = np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T), 0.0)
     return d2 * np.log(d2 + 1e-12) * 0.5
 
 
-def tps_fields(ctrl: np.ndarray, values: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Thin-plate spline through ctrl (N, 2) px with values (N, C), evaluated over box
-    (x0, y0, x1, y1) -> (C, H, W) float32.
+def tps_fields(points: np.ndarray, splines: list[tuple[np.ndarray, np.ndarray]],
+               box: tuple[int, int, int, int]) -> list[np.ndarray]:
+    """Thin-plate splines over shared control points, evaluated over box (x0, y0, x1, y1).
 
-    Coordinates are normalised to the box size and the spline is solved in float64: the kernel
-    terms are large and cancel, and float32 leaves pixel-sized noise in the field. The field is
-    smooth, so it is evaluated every FIELD_STEP px and interpolated.
+    points (N, 2) px; each spline is (indices into points, values (len(indices), C)) and
+    becomes a (C, H, W) float32 field. Coordinates are normalised to the box size and the
+    splines are solved in float64: the kernel terms are large and cancel, and float32 leaves
+    pixel-sized noise in the field. Fields are smooth, so they are evaluated every FIELD_STEP px
+    (one kernel matrix for all splines) and interpolated.
     """
     x0, y0, x1, y1 = box
     h, w = y1 - y0, x1 - x0
     scale = float(max(h, w))
-    org = np.array([x0, y0], np.float64)
-    c = (ctrl - org) / scale
-    n = len(c)
-    A = np.zeros((n + 3, n + 3))
-    A[:n, :n] = _tps_kernel(c, c) + TPS_REG / scale ** 2 * np.eye(n)
-    A[:n, n], A[:n, n + 1:] = 1.0, c
-    A[n, :n], A[n + 1:, :n] = 1.0, c.T
-    rhs = np.zeros((n + 3, values.shape[1]))
-    rhs[:n] = values
-    wts = np.linalg.solve(A, rhs)
+    c = (points - np.array([x0, y0], np.float64)) / scale
+    k_all = _tps_kernel(c, c)
     hc, wc = (h + FIELD_STEP - 1) // FIELD_STEP + 1, (w + FIELD_STEP - 1) // FIELD_STEP + 1
     gy, gx = np.mgrid[0:hc, 0:wc] * FIELD_STEP
     grid = np.stack([gx.ravel(), gy.ravel()], 1) / scale
-    out = np.empty((len(grid), values.shape[1]))
+    weights = []
+    for idx, values in splines:
+        n = len(idx)
+        A = np.zeros((n + 3, n + 3))
+        A[:n, :n] = k_all[np.ix_(idx, idx)] + TPS_REG / scale ** 2 * np.eye(n)
+        A[:n, n], A[:n, n + 1:] = 1.0, c[idx]
+        A[n, :n], A[n + 1:, :n] = 1.0, c[idx].T
+        rhs = np.zeros((n + 3, values.shape[1]))
+        rhs[:n] = values
+        wts = np.linalg.solve(A, rhs)
+        full = np.zeros((len(points), values.shape[1]))      # kernel weights on all points
+        full[idx] = wts[:n]
+        weights.append((full, wts[n], wts[n + 1:]))
+    outs = [np.empty((len(grid), v.shape[1])) for _, v in splines]
     for i in range(0, len(grid), 2048):
         g = grid[i:i + 2048]
-        out[i:i + 2048] = _tps_kernel(g, c) @ wts[:n] + wts[n] + g @ wts[n + 1:]
-    coarse = out.T.reshape(values.shape[1], hc, wc).astype(np.float32)
+        kg = _tps_kernel(g, c)
+        for out, (full, const, lin) in zip(outs, weights):
+            out[i:i + 2048] = kg @ full + const + g @ lin
     # nodes sit on every FIELD_STEP-th pixel: interpolate between them
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) / FIELD_STEP
-    return np.stack([cv2.remap(ch, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for ch in coarse])
+    fields = []
+    for out, (_, values) in zip(outs, splines):
+        coarse = out.T.reshape(values.shape[1], hc, wc).astype(np.float32)
+        fields.append(np.stack([cv2.remap(ch, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                                for ch in coarse]))
+    return fields
 
 
 def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
@@ -171,16 +186,20 @@ class WarpDecoder:
         still = np.concatenate([border, rings])
         basis = rig.basis[EXPRESSION]
         k = len(EXPRESSION)
-        fields = []
+        # control points: the mesh, the parting line, the still anchors
+        points = np.concatenate([lm, rig.lip_line[1:-1], still])
+        line_idx = np.arange(N_MESH, N_MESH + len(rig.lip_line) - 2)
+        still_idx = np.arange(N_MESH + len(line_idx), len(points))
+        splines = []
         # the parting line itself moves with the inner lip of each side, so teeth in the photo
         # ride with their lip instead of being stretched across the opening
         for drop, inner in ((rig.lower_lip, INNER_UPPER), (rig.upper_lip, INNER_LOWER)):
             keep_idx = np.setdiff1d(np.arange(N_MESH), drop)
-            ctrl = np.concatenate([lm[keep_idx], rig.lip_line[1:-1], still])
             mv = np.concatenate([basis[:, keep_idx, :], basis[:, inner[1:-1], :]], 1)
-            vals = np.zeros((len(ctrl), 2 * k))
+            vals = np.zeros((len(keep_idx) + len(line_idx) + len(still_idx), 2 * k))
             vals[:mv.shape[1]] = mv.transpose(1, 0, 2).reshape(mv.shape[1], 2 * k)
-            fields.append(tps_fields(ctrl, vals, self.mbox).reshape(k, 2, h, w))
+            splines.append((np.concatenate([keep_idx, line_idx, still_idx]), vals))
+        fields = [f.reshape(k, 2, h, w) for f in tps_fields(points, splines, self.mbox)]
         # beyond REACH_IOD outside the oval the field is exactly zero: those pixels only move with the head
         dist = _outside_distance(oval - np.array([x0, y0]), (h, w))
         reach = np.clip(1 - dist / (REACH_IOD * iod), 0, 1).astype(np.float32)
@@ -318,7 +337,10 @@ class WarpDecoder:
         if close > 0.01 and self.shows_interior:
             # lips closing over the photo's open mouth: interior that still shows is the seam
             # between them, to be covered in lip colour
-            seam = close * (1 - mouth * (1 - covered)) * cv2.remap(
+            # (inside the lips' current inner contour the photo's teeth belong: they show,
+            # until the lips all but meet)
+            inside = mouth * (1 - float(np.clip((close - 0.8) / 0.2, 0, 1)))
+            seam = close * (1 - inside) * cv2.remap(
                 interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         return p, (1 - covered) * mouth, seam
 

@@ -187,7 +187,7 @@ def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: 
     d = ys - meet
     below = _smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
     colour = style.upper_lip * (1 - below) + style.lower_lip * below
-    colour *= (1 - 0.35 * np.exp(-(d / max(0.8, 0.008 * iod)) ** 2))[..., None]
+    colour *= (1 - 0.2 * np.exp(-(d / max(0.8, 0.006 * iod)) ** 2))[..., None]
     a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
     region += (colour - region) * a[..., None]
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 
@@ -55,6 +57,12 @@ class SonicPipeline:
         self.device = pick_device(self.config.get("device", "auto"))
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
+        # render threads: one by default, so that a busy machine does not make two threads fight
+        # over each core (the x264 encoder runs beside the render in its own process)
+        self.threads = int(self.config.get("threads", 1))
+        cv2.setNumThreads(self.threads)
+        torch.set_num_threads(self.threads)
+        self._setup_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder-setup")
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)
@@ -113,21 +121,27 @@ class SonicPipeline:
         if opts.inference_steps != GenerateOptions.inference_steps:
             warnings.append("inference_steps is not used by the warp decoder")
 
-        # 4. audio encoder
+        # 4. audio encoder, with the decoder's per-portrait set-up beside it (a second thread:
+        # the set-up is numpy/BLAS work that runs while the phone recogniser decodes)
         report("audio", 0.1)
-        feats = encode_audio(wav, n_frames, opts.fps, self.phones)
+        rig = build_rig(lm)
+        t_setup = time.perf_counter()
+        setup = self._setup_pool.submit(WarpDecoder, framing, rig)
+        setup.add_done_callback(lambda _: timings.__setitem__("decoder_setup",
+                                                               round(time.perf_counter() - t_setup, 3)))
+        try:
+            feats = encode_audio(wav, n_frames, opts.fps, self.phones)
+        finally:
+            decoder = setup.result()                 # re-raises a set-up failure here
         lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration
         report("motion", 0.15)
-        rig = build_rig(lm)
         motion = predict_motion(feats, rig, dynamic_scale=opts.dynamic_scale, motion_scale=opts.motion_scale,
                                 smooth=opts.smooth_motion, align=opts.align_mouth, seed=opts.seed)
         lap("motion")
 
-        # 6. decoder set-up, then render and encode frames in batches (streamed)
-        decoder = WarpDecoder(framing, rig)
-        lap("decoder_setup")
+        # 6. render and encode frames in batches (streamed)
         render_s = 0.0
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer:
             for start in range(0, n_frames, BATCH_FRAMES):
@@ -140,7 +154,8 @@ class SonicPipeline:
         lap("render_encode")
         timings["render"] = round(render_s, 3)
         timings["encode"] = round(timings["render_encode"] - render_s, 3)
-        timings["total"] = round(sum(v for k, v in timings.items() if k not in ("render", "encode")), 3)
+        timings["total"] = round(sum(v for k, v in timings.items()
+                                     if k not in ("render", "encode", "decoder_setup")), 3)
         report("done", 1.0)
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
                                 fps=opts.fps, width=width, height=height, seed=opts.seed,

@@ -21,6 +21,17 @@ X264_CRF = 20
 AAC_BITRATE = "128k"
 
 
+def encoder_command(frames: str | Path, width: int, height: int, fps: int, wav: str | Path, duration: float,
+                    out: str | Path) -> list[str]:
+    """ffmpeg arguments that encode raw RGB frames (a file, or "-" for stdin) and a WAV into an MP4."""
+    return [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+            "-r", str(fps), "-i", str(frames), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
+            "-c:v", "libx264", "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
+            "-c:a", "aac", "-b:a", AAC_BITRATE, "-t", f"{duration:.4f}",
+            "-movflags", "+faststart", "-f", "mp4", str(out)]
+
+
 def _write_error(e: Exception) -> PipelineError:
     """No space, no permission: say what went wrong, not where."""
     return PipelineError(f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}")
@@ -47,13 +58,7 @@ class VideoWriter:
         except (OSError, RuntimeError) as e:
             self._cleanup()
             raise _write_error(e) from e
-        wav = str(self._wav_path)
-        cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
-               "-r", str(self.fps), "-i", "-", "-i", wav, "-map", "0:v:0", "-map", "1:a:0",
-               "-c:v", "libx264", "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
-               "-c:a", "aac", "-b:a", AAC_BITRATE, "-t", f"{self.duration:.4f}",
-               "-movflags", "+faststart", "-f", "mp4", str(self.tmp_path)]
+        cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
         except OSError as e:
