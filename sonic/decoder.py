@@ -15,6 +15,8 @@ Pixels outside the head's reach are the untouched frame.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import cv2
 import numpy as np
 
@@ -36,7 +38,8 @@ EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
 EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)   # largest coefficient values the motion produces
-BAND_IOD = 0.06           # pixels this close to the lips choose their side per pixel, others per 2x2 block
+SOLVE_BLOCK = 4           # px: the expression's candidates are solved on blocks this size, then interpolated
+BAND_IOD = 0.06           # pixels this close to the lips choose their side per pixel, others per block
 INTERIOR_GROW_IOD = 0.012 # the photo's mouth interior reaches this far past the inner lip contour
 FIELD_EPS_PX = 0.2        # displacements below this (at the largest coefficients) count as none
 
@@ -253,8 +256,8 @@ class WarpDecoder:
                        band: tuple[tuple[int, int], tuple[int, int]]):
         """Solve p + field(p) = q for points q (frame px) -> (px, py, opening, seam).
 
-        Two candidates, one per field set, are smooth functions of q: they are solved on 2x2
-        blocks and interpolated. Which one a pixel takes changes sharply only at the lips, so the
+        Two candidates, one per field set, are smooth functions of q: they are solved on
+        SOLVE_BLOCK-px blocks and interpolated. Which one a pixel takes changes sharply only at the lips, so the
         choice is made on the blocks too, and again per pixel inside `band` (rows, cols of q
         around the lips). `mouth` (0..1, q's shape) is the moved inner-lip polygon; `opening`
         (0..1) marks the new mouth opening; `seam` (or None) marks the photo's interior still
@@ -264,11 +267,12 @@ class WarpDecoder:
         h, w = qx.shape
         if np.abs(c).max() < 1e-5:                                   # the face at rest
             return qx, qy, np.zeros((h, w), np.float32), None
-        hh, ww = h + h % 2, w + w % 2
+        b = SOLVE_BLOCK
+        hh, ww = -(-h // b) * b, -(-w // b) * b
 
         def down(img):          # block means; cv2's pixel-centre conventions line them up
             img = cv2.copyMakeBorder(img, 0, hh - h, 0, ww - w, cv2.BORDER_REPLICATE)
-            return cv2.resize(img, (ww // 2, hh // 2), interpolation=cv2.INTER_AREA)
+            return cv2.resize(img, (ww // b, hh // b), interpolation=cv2.INTER_AREA)
 
         def up(img):
             return cv2.resize(img, (ww, hh), interpolation=cv2.INTER_LINEAR)[:h, :w]
@@ -288,7 +292,7 @@ class WarpDecoder:
             cands += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
         cands = np.dstack(cands)
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
-        pc = self._choose(cands, qc, down(mouth), close)[0]
+        pc = self._choose(cands, qc, down(mouth), close, exact=False)[0]
         # positions are interpolated as displacements from q (exact where nothing moves)
         p = up(pc - qc) + q
         opening = np.zeros((h, w), np.float32)
@@ -296,12 +300,17 @@ class WarpDecoder:
         (by0, by1), (bx0, bx1) = band
         if by1 > by0 and bx1 > bx0:
             qb = q[by0:by1, bx0:bx1]
-            rel = cands.copy()
-            rel[..., [0, 1]] -= qc
-            rel[..., [3, 4]] -= qc
-            fine = up(rel)[by0:by1, bx0:bx1]
-            fine[..., [0, 1]] += qb
-            fine[..., [3, 4]] += qb
+            # only the coarse nodes around the band are enlarged (one node of margin keeps the
+            # interpolation inside identical to enlarging everything)
+            cy0, cx0 = max(0, by0 // b - 1), max(0, bx0 // b - 1)
+            cy1, cx1 = min(qc.shape[0], -(-by1 // b) + 1), min(qc.shape[1], -(-bx1 // b) + 1)
+            rel = cands[cy0:cy1, cx0:cx1].copy()
+            rel[..., 0:2] -= qc[cy0:cy1, cx0:cx1]
+            rel[..., 3:5] -= qc[cy0:cy1, cx0:cx1]
+            big = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
+            fine = big[by0 - cy0 * b:by1 - cy0 * b, bx0 - cx0 * b:bx1 - cx0 * b]
+            fine[..., 0:2] += qb
+            fine[..., 3:5] += qb
             pb, ob, sb = self._choose(fine, qb, mouth[by0:by1, bx0:bx1], close)
             p[by0:by1, bx0:bx1] = pb
             opening[by0:by1, bx0:bx1] = ob
@@ -310,16 +319,17 @@ class WarpDecoder:
                 seam[by0:by1, bx0:bx1] = sb
         return p[..., 0].copy(), p[..., 1].copy(), opening, seam
 
-    def _choose(self, cands: np.ndarray, q: np.ndarray, mouth: np.ndarray, close: float):
+    def _choose(self, cands: np.ndarray, q: np.ndarray, mouth: np.ndarray, close: float, exact: bool = True):
         """Per pixel, the candidate that lands on its own side of the lips' parting line ->
-        (p (H, W, 2), opening, seam); cands (H, W, 6): upper x, y, ok, lower x, y, ok."""
+        (p (H, W, 2), opening, seam); cands (H, W, 6): upper x, y, ok, lower x, y, ok.
+        Away from the lips (exact=False) the photo's mouth interior plays no part."""
         x0, y0 = self.mbox[:2]
         ux, uy, ok_up, lx, ly, ok_lo = (cands[..., i] for i in range(6))
         a_lo = self._side_below(lx, ly) * ok_lo
         a_up = (1 - self._side_below(ux, uy)) * ok_up
         total = a_lo + a_up
         interior = self.src_interior
-        if self.shows_interior:
+        if self.shows_interior and exact:
             i_lo = cv2.remap(interior, lx - x0, ly - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
             i_up = cv2.remap(interior, ux - x0, uy - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
             # where both sides reach (lips closing over the photo's teeth), lips cover the interior
@@ -334,7 +344,7 @@ class WarpDecoder:
         p = np.dstack([a * lx + (1 - a) * ux, a * ly + (1 - a) * uy])
         covered = np.clip(total, 0, 1)
         seam = None
-        if close > 0.01 and self.shows_interior:
+        if close > 0.01 and self.shows_interior and exact:
             # lips closing over the photo's open mouth: interior that still shows is the seam
             # between them, to be covered in lip colour
             # (inside the lips' current inner contour the photo's teeth belong: they show,
@@ -343,6 +353,18 @@ class WarpDecoder:
             seam = close * (1 - inside) * cv2.remap(
                 interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         return p, (1 - covered) * mouth, seam
+
+    def _landing(self, head: np.ndarray, box) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """Rows and columns of the head box whose source positions (under `head`) can fall inside
+        box (x0, y0, x1, y1): the head map takes a pixel part of the way from where it is to where
+        the rigid motion takes it, so the box and its rigidly moved copy bound them."""
+        x0, y0, x1, y1 = box
+        corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
+        roll, tx, ty, sc = head
+        p = self.rig.centre
+        c, s = np.cos(roll), np.sin(roll)
+        moved = (corners - p) @ np.array([[c, s], [-s, c]]) * (1 + sc) + p + np.array([tx, ty])
+        return _bounds(np.concatenate([corners, moved]), self.box)
 
     def mouth_polygon(self, offsets: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner upper / lower lip of one frame in frame px after expression and head motion."""
@@ -358,7 +380,7 @@ class WarpDecoder:
         x0, y0, x1, y1 = self.box
         qx, qy = self.head_map(head)
         # expression: only where the head map lands in the mouth box
-        sel = _landing_box(qx, qy, self.mbox)
+        sel = self._landing(head, self.mbox)
         opening = seam = None
         up, lo = self.mouth_polygon(self.rig.offsets(coeffs[None])[0], head)
         up, lo = up - np.array([x0, y0]), lo - np.array([x0, y0])
@@ -383,7 +405,7 @@ class WarpDecoder:
         closure = float(coeffs[BLINK])
         if closure > 1e-3:
             for eye in self.eyes:
-                sel = _landing_box(qx, qy, (eye.x0, eye.y0, eye.x1, eye.y1))
+                sel = self._landing(head, (eye.x0, eye.y0, eye.x1, eye.y1))
                 if sel is not None:
                     (sy0, sy1), (sx0, sx1) = sel
                     qy[sy0:sy1, sx0:sx1] = lid_map(eye, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1],
@@ -393,22 +415,33 @@ class WarpDecoder:
             _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
         out[y0:y1, x0:x1] = region
 
-    def render(self, coeffs: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size."""
+    def render(self, coeffs: np.ndarray, head: np.ndarray, pool: Executor | None = None) -> np.ndarray:
+        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size.
+
+        With a thread pool, frames are rendered side by side (OpenCV and numpy release the GIL
+        for most of a frame's work)."""
         out = np.repeat(self.frame[None], len(coeffs), axis=0)
-        for i in range(len(coeffs)):
+
+        def one(i: int) -> None:
             self._render_one(np.asarray(coeffs[i], np.float64), np.asarray(head[i], np.float64), out[i])
+        if pool is None or len(coeffs) < 2:
+            for i in range(len(coeffs)):
+                one(i)
+        else:
+            list(pool.map(one, range(len(coeffs))))
         return out
 
 
-def _landing_box(qx: np.ndarray, qy: np.ndarray, box) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """Rows and columns of the head box whose source positions fall inside box (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = box
-    hit = (qx >= x0) & (qx < x1) & (qy >= y0) & (qy < y1)
-    rows, cols = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
-    if not len(rows):
+def _bounds(pts: np.ndarray, hbox, margin: int = 3) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Rows and columns (of the head box hbox, x0, y0, x1, y1) covering frame points pts (N, 2)."""
+    hx0, hy0, hx1, hy1 = hbox
+    x0, y0 = np.floor(pts.min(0)).astype(int) - margin
+    x1, y1 = np.ceil(pts.max(0)).astype(int) + margin + 1
+    r0, r1 = max(0, y0 - hy0), min(hy1 - hy0, y1 - hy0)
+    c0, c1 = max(0, x0 - hx0), min(hx1 - hx0, x1 - hx0)
+    if r1 <= r0 or c1 <= c0:
         return None
-    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+    return (int(r0), int(r1)), (int(c0), int(c1))
 
 
 def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray, seam: np.ndarray | None,

@@ -179,8 +179,15 @@ def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: 
                 iod: float) -> None:
     """Closed lips over what the photo showed between them: upper-lip colour, the darker line
     where the lips meet, lower-lip colour."""
-    h, w = region.shape[:2]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    rows, cols = np.flatnonzero(seam.max(1) > 0.01), np.flatnonzero(seam.max(0) > 0.01)
+    if not len(rows):
+        return
+    pad = 2 + int(0.02 * iod)
+    y0, y1 = max(0, rows[0] - pad), min(seam.shape[0], rows[-1] + pad + 1)
+    x0, x1 = max(0, cols[0] - pad), min(seam.shape[1], cols[-1] + pad + 1)
+    region, seam = region[y0:y1, x0:x1], seam[y0:y1, x0:x1]
+    upper, lower = upper - [x0, y0], lower - [x0, y0]
+    ys, xs = np.mgrid[0:y1 - y0, 0:x1 - x0].astype(np.float32)
     line = (upper + lower) / 2
     o = np.argsort(line[:, 0])
     meet = np.interp(xs, line[o, 0], line[o, 1])

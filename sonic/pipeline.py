@@ -57,12 +57,12 @@ class SonicPipeline:
         self.device = pick_device(self.config.get("device", "auto"))
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
-        # render threads: one by default, so that a busy machine does not make two threads fight
-        # over each core (the x264 encoder runs beside the render in its own process)
-        self.threads = int(self.config.get("threads", 1))
-        cv2.setNumThreads(self.threads)
-        torch.set_num_threads(self.threads)
-        self._setup_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder-setup")
+        # frames are rendered by `threads` worker threads, each single-threaded inside (nested
+        # thread pools fight over the cores; the x264 encoder runs beside them in its own process)
+        self.threads = max(1, int(self.config.get("threads", 2)))
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+        self._render_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="render") if self.threads > 1 else None
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)
@@ -121,41 +121,34 @@ class SonicPipeline:
         if opts.inference_steps != GenerateOptions.inference_steps:
             warnings.append("inference_steps is not used by the warp decoder")
 
-        # 4. audio encoder, with the decoder's per-portrait set-up beside it (a second thread:
-        # the set-up is numpy/BLAS work that runs while the phone recogniser decodes)
+        # 4. audio encoder
         report("audio", 0.1)
-        rig = build_rig(lm)
-        t_setup = time.perf_counter()
-        setup = self._setup_pool.submit(WarpDecoder, framing, rig)
-        setup.add_done_callback(lambda _: timings.__setitem__("decoder_setup",
-                                                               round(time.perf_counter() - t_setup, 3)))
-        try:
-            feats = encode_audio(wav, n_frames, opts.fps, self.phones)
-        finally:
-            decoder = setup.result()                 # re-raises a set-up failure here
+        feats = encode_audio(wav, n_frames, opts.fps, self.phones)
         lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration
         report("motion", 0.15)
+        rig = build_rig(lm)
         motion = predict_motion(feats, rig, dynamic_scale=opts.dynamic_scale, motion_scale=opts.motion_scale,
                                 smooth=opts.smooth_motion, align=opts.align_mouth, seed=opts.seed)
         lap("motion")
 
-        # 6. render and encode frames in batches (streamed)
+        # 6. decoder set-up, then render and encode frames in batches (streamed)
+        decoder = WarpDecoder(framing, rig)
+        lap("decoder_setup")
         render_s = 0.0
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer:
             for start in range(0, n_frames, BATCH_FRAMES):
                 t0 = time.perf_counter()
                 frames = decoder.render(motion.coeffs[start:start + BATCH_FRAMES],
-                                        motion.head[start:start + BATCH_FRAMES])
+                                        motion.head[start:start + BATCH_FRAMES], self._render_pool)
                 render_s += time.perf_counter() - t0
                 writer.write(frames)
                 report("render", 0.2 + 0.8 * min(1.0, (start + len(frames)) / n_frames))
         lap("render_encode")
         timings["render"] = round(render_s, 3)
         timings["encode"] = round(timings["render_encode"] - render_s, 3)
-        timings["total"] = round(sum(v for k, v in timings.items()
-                                     if k not in ("render", "encode", "decoder_setup")), 3)
+        timings["total"] = round(sum(v for k, v in timings.items() if k not in ("render", "encode")), 3)
         report("done", 1.0)
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
                                 fps=opts.fps, width=width, height=height, seed=opts.seed,

@@ -5,9 +5,12 @@ sibling and renamed; any failure removes the temporary file.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import queue
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,9 @@ from .media import FFMPEG, SAMPLE_RATE
 
 X264_PRESET = "veryfast"
 X264_CRF = 20
+PIPE_BYTES = 1 << 20   # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
+QUEUED_BATCHES = 2     # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
+X264_THREADS = 1     # the encoder runs beside the render: one core each on a 2-core machine
 AAC_BITRATE = "128k"
 
 
@@ -27,7 +33,7 @@ def encoder_command(frames: str | Path, width: int, height: int, fps: int, wav: 
     return [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
             "-r", str(fps), "-i", str(frames), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
-            "-c:v", "libx264", "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
+            "-c:v", "libx264", "-threads", str(X264_THREADS), "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", AAC_BITRATE, "-t", f"{duration:.4f}",
             "-movflags", "+faststart", "-f", "mp4", str(out)]
 
@@ -64,16 +70,40 @@ class VideoWriter:
         except OSError as e:
             self._cleanup()
             raise PipelineError("ffmpeg could not be started") from e
+        try:        # a larger pipe: fewer switches between the render and the encoder
+            fcntl.fcntl(self._proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (AttributeError, OSError):
+            pass
+        # frames go to ffmpeg from a feeder thread, so that rendering the next batch overlaps
+        # encoding this one (a blocked pipe write releases the GIL)
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
+        self._feed_error: Exception | None = None
+        self._feeder = threading.Thread(target=self._feed, name="video-writer", daemon=True)
+        self._feeder.start()
         return self
+
+    def _feed(self) -> None:
+        while True:
+            frames = self._queue.get()
+            if frames is None:
+                return
+            if self._feed_error is None:
+                try:
+                    self._proc.stdin.write(memoryview(frames).cast("B"))
+                except (BrokenPipeError, OSError, ValueError) as e:
+                    self._feed_error = e        # reported by the next write() or at the end
 
     def write(self, frames: np.ndarray) -> None:
         if frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
             raise ValueError(f"frames of shape {frames.shape} do not match {self.width}x{self.height}")
-        try:
-            self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
-        except (BrokenPipeError, OSError) as e:
-            raise PipelineError(f"video encoder stopped: {self._stderr()}") from e
+        if self._feed_error is not None:
+            raise PipelineError(f"video encoder stopped: {self._stderr()}") from self._feed_error
+        self._queue.put(np.ascontiguousarray(frames))
         self.frames_written += len(frames)
+
+    def _stop_feeder(self) -> None:
+        self._queue.put(None)
+        self._feeder.join()
 
     def _stderr(self) -> str:
         self._log.flush()
@@ -90,7 +120,13 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._proc.stdin.close()
+                self._stop_feeder()
+                if self._feed_error is not None and self._proc.wait() == 0:
+                    raise PipelineError(f"video encoder stopped: {self._stderr()}") from self._feed_error
+                try:
+                    self._proc.stdin.close()
+                except OSError:                 # ffmpeg already gone: its exit status says why
+                    pass
                 rc = self._proc.wait()
                 if rc != 0:
                     raise PipelineError(f"video encoder failed (exit {rc}): {self._stderr()}")
@@ -99,7 +135,8 @@ class VideoWriter:
                 except OSError as e:
                     raise _write_error(e) from e
             else:
-                self._proc.kill()
+                self._proc.kill()               # a feeder blocked on the pipe fails and drains
+                self._stop_feeder()
                 self._proc.wait()
         finally:
             if self._proc.stdin and not self._proc.stdin.closed:
