@@ -10,6 +10,7 @@ INNER_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
 OUTER_UPPER = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291]
 OUTER_LOWER = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
 CORNERS = [61, 291, 78, 308]
+LIP_PAIRS = [(13, 14), (82, 87), (312, 317), (81, 178), (311, 402)]   # inner upper / lower lip, facing
 # upper / lower eyelid pairs, corner to corner, for each eye (image-left eye first)
 EYE_PAIRS = [(159, 145), (158, 153), (160, 144), (161, 163), (157, 154),
              (386, 374), (385, 380), (387, 373), (388, 390), (384, 381)]

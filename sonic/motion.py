@@ -13,7 +13,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from .audio_features import AudioFeatures
-from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
+from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, LIP_PAIRS, OUTER_LOWER, OUTER_UPPER
 
 JAW_GAIN = 0.2           # inner-lip gap at full openness, in inter-ocular distances (IOD)
 OPEN_PHOTO_IOD = 0.03    # a photo whose inner lips are further apart than this has an open mouth
@@ -50,7 +50,8 @@ class Rig:
     basis: np.ndarray        # (K, 478, 2) px per unit coefficient
     iod: float               # inter-ocular distance, px
     centre: np.ndarray       # (2,) pivot of head motion, px
-    rest_gap: float          # inner-lip gap of the photo, px
+    rest_gap: float          # inner-lip gap of the photo at the middle, px
+    open_gap: float          # mean inner-lip gap of the photo over the middle and both sides, px
     upper_lip: np.ndarray    # landmark indices of the upper lip (inside the outer lip contour)
     lower_lip: np.ndarray    # ... and of the lower lip
     lip_line: np.ndarray     # (11, 2) px, the parting line between the lips, left to right
@@ -138,7 +139,9 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     # close_rest is in units of the photo's own gap
     basis[4] *= gap
     centre = lm[[33, 263, 1, 152]].mean(0)
-    return Rig(basis=basis, iod=iod, centre=centre, rest_gap=gap, upper_lip=upper, lower_lip=lower,
+    # the opening as a viewer measures it: the mean gap of five inner-lip pairs
+    open_gap = float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS]))
+    return Rig(basis=basis, iod=iod, centre=centre, rest_gap=gap, open_gap=open_gap, upper_lip=upper, lower_lip=lower,
                lip_line=line)
 
 
@@ -260,7 +263,7 @@ def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motio
     n = len(opening)
     coeffs = np.zeros((n, len(COEFFS)))
     gap = opening * JAW_GAIN                      # the inner-lip gap wanted, IOD
-    photo_gap = rig.rest_gap / rig.iod
+    photo_gap = rig.open_gap / rig.iod
     if photo_gap > OPEN_PHOTO_IOD:
         # an open-mouthed photo: its own opening counts towards the gap. Smaller gaps close
         # the lips part of the way (all of it at rest and on P/B/M), larger ones drop the jaw

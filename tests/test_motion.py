@@ -14,6 +14,7 @@ def feats(loud, fps=25, closure=None):
 class FakeRig:
     iod = 100.0
     rest_gap = 0.0
+    open_gap = 0.0
 
 
 def syllables(n=250, fps=25):
