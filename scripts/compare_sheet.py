@@ -18,16 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sonic.face import FaceAnalyzer  # noqa: E402
 from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER  # noqa: E402
-
-
-def read(path):
-    cap = cv2.VideoCapture(path)
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            return frames
-        frames.append(f)
+from quality_sweep import read_frames  # noqa: E402  (this folder)
 
 
 def crop(frame, pts, mx, my):
@@ -86,7 +77,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1200)
     a = ap.parse_args()
     faces = FaceAnalyzer()
-    (mb, eb), (ma, ea) = (rows(read(p), faces, a.frames) for p in (a.before, a.after))
+    (mb, eb), (ma, ea) = (rows(read_frames(p), faces, a.frames) for p in (a.before, a.after))
     parts = [label(strip(mb, a.width), "before: mouth, 2x"), label(strip(ma, a.width), "after: mouth, 2x"),
              label(strip(eb, a.width), "before: eyes, 2x (most closed first)"),
              label(strip(ea, a.width), "after: eyes, 2x (most closed first)")]
