@@ -41,6 +41,7 @@ EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)   # largest coefficient values the motion
 SOLVE_BLOCK = 4           # px: the expression's candidates are solved on blocks this size, then interpolated
 BAND_IOD = 0.06           # pixels this close to the lips choose their side per pixel, others per block
 INTERIOR_GROW_IOD = 0.012 # the photo's mouth interior reaches this far past the inner lip contour
+CORNER_REACH_IOD = 0.04   # ... and this far past its corners
 FIELD_EPS_PX = 0.2        # displacements below this (at the largest coefficients) count as none
 
 
@@ -163,7 +164,13 @@ class WarpDecoder:
         # the photo's own mouth interior is kept where the lips part over it; a closed mouth
         # (a thin slit) has none worth keeping
         mx0, my0, mx1, my1 = self.mbox
-        inner = np.concatenate([lm[INNER_UPPER], lm[INNER_LOWER][::-1]]) - np.array([mx0, my0])
+        # the dark corners of an open smile reach past the mesh's inner corners: the polygon
+        # runs out to a point beyond each corner, along the parting line
+        up_, lo_ = lm[INNER_UPPER], lm[INNER_LOWER]
+        mid = (up_[0] + up_[-1]) / 2
+        tips = [c + CORNER_REACH_IOD * iod * (c - mid) / max(np.linalg.norm(c - mid), 1e-6)
+                for c in ((up_[0] + lo_[0]) / 2, (up_[-1] + lo_[-1]) / 2)]
+        inner = np.concatenate([[tips[0]], up_[1:-1], [tips[1]], lo_[-2:0:-1]]) - np.array([mx0, my0])
         shows = float(np.clip((rig.rest_gap / iod - 0.02) / 0.03, 0, 1))
         # (grown a little: the photo's teeth reach past the mesh's inner lip contour)
         interior = _poly_mask(inner, (my1 - my0, mx1 - mx0), 0.0)

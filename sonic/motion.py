@@ -131,9 +131,15 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     gap = float(np.linalg.norm(lm[14] - lm[13]))
     # closing raises the whole jaw, not only the lip, so the chin is not stretched
     basis[4] = -0.65 * np.clip(w_jaw, 0, None)[:, None] * ey[None, :]
-    # a little past meeting, so that the lips press together over the photo's teeth
-    basis[4, upper] += 0.38 * ey
-    basis[4, lower] = -0.68 * ey
+    # a little past meeting, so that the lips press together over the photo's teeth; each part
+    # of a lip travels by the gap in front of it (the opening narrows to nothing at the corners,
+    # and corners that stay put must not drag the lip's edge into a streak)
+    pair_x = (lm[INNER_UPPER, 0] + lm[INNER_LOWER, 0]) / 2
+    pair_gap = np.linalg.norm(lm[INNER_UPPER] - lm[INNER_LOWER], axis=1)
+    o = np.argsort(pair_x)
+    local = np.clip(np.interp(lm[:, 0], pair_x[o], pair_gap[o]) / max(gap, 1e-6), 0, 1)
+    basis[4, upper] += 0.38 * local[upper, None] * ey
+    basis[4, lower] = -0.68 * local[lower, None] * ey
     for k in (0, 1, 2):
         basis[k] *= iod
     # close_rest is in units of the photo's own gap
