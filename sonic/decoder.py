@@ -23,7 +23,7 @@ import numpy as np
 from .eyes import build_eyes, lid_map
 from .geometry import Framing
 from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH
-from .motion import COEFFS, Rig
+from .motion import COEFFS, Rig, smoothstep
 from .mouth import mouth_style, paint_mouth
 
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
@@ -138,7 +138,7 @@ class WarpDecoder:
         # 1. head: rigid inside the face (and a margin), fading to still over HEAD_FADE_IOD
         dist = _outside_distance(oval + HEAD_MARGIN_IOD * iod * radial, (h, w))
         t = np.clip(1 - dist / (HEAD_FADE_IOD * iod), 0, 1)
-        mask = t * t * (3 - 2 * t)
+        mask = smoothstep(t, 0.0, 1.0)
         ys, xs = np.nonzero(mask > 0)
         self.box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (0, 0, w, h)
         x0, y0, x1, y1 = self.box
@@ -361,27 +361,27 @@ class WarpDecoder:
                 interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         return p, (1 - covered) * mouth, seam
 
+    def _moved(self, pts: np.ndarray, head: np.ndarray) -> np.ndarray:
+        """Frame points (N, 2) carried by the rigid head motion (the inverse of `head_map`'s)."""
+        roll, tx, ty, sc = head
+        p = self.rig.centre
+        c, s = np.cos(roll), np.sin(roll)
+        return (pts - p) @ np.array([[c, s], [-s, c]]) * (1 + sc) + p + np.array([tx, ty])
+
     def _landing(self, head: np.ndarray, box) -> tuple[tuple[int, int], tuple[int, int]] | None:
         """Rows and columns of the head box whose source positions (under `head`) can fall inside
         box (x0, y0, x1, y1): the head map takes a pixel part of the way from where it is to where
         the rigid motion takes it, so the box and its rigidly moved copy bound them."""
         x0, y0, x1, y1 = box
         corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
-        roll, tx, ty, sc = head
-        p = self.rig.centre
-        c, s = np.cos(roll), np.sin(roll)
-        moved = (corners - p) @ np.array([[c, s], [-s, c]]) * (1 + sc) + p + np.array([tx, ty])
-        return _bounds(np.concatenate([corners, moved]), self.box)
+        return _bounds(np.concatenate([corners, self._moved(corners, head)]), self.box)
 
     def mouth_polygon(self, offsets: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner upper / lower lip of one frame in frame px after expression and head motion."""
-        pts = self.lm + offsets[:N_MESH]
-        roll, tx, ty, sc = head
-        p = self.rig.centre
-        c, s = np.cos(roll), np.sin(roll)
-        moved = (pts - p) @ np.array([[c, s], [-s, c]]) * (1 + sc) + p + np.array([tx, ty])
-        pts = pts + self.head_at_mouth * (moved - pts)
-        return pts[INNER_UPPER], pts[INNER_LOWER]
+        idx = INNER_UPPER + INNER_LOWER
+        pts = self.lm[idx] + offsets[idx]
+        pts = pts + self.head_at_mouth * (self._moved(pts, head) - pts)
+        return pts[:len(INNER_UPPER)], pts[len(INNER_UPPER):]
 
     def _render_one(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray) -> None:
         x0, y0, x1, y1 = self.box

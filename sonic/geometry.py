@@ -28,16 +28,16 @@ class Framing:
     to_source: tuple[float, float, float, float]   # ax, bx, ay, by: pixels px = a * frame px + b
     upscale: float             # frame px per photo px: above 1 the face is enlarged
 
-    def to_pixels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Frame px -> `pixels` px (float32 maps for cv2.remap)."""
-        ax, bx, ay, by = self.to_source
-        return (np.float32(ax) * x + np.float32(bx)).astype(np.float32, copy=False), \
-            (np.float32(ay) * y + np.float32(by)).astype(np.float32, copy=False)
-
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
-        mx, my = self.to_pixels(x, y)
-        return cv2.remap(self.pixels, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return _sample(self.pixels, self.to_source, x, y)
+
+
+def _sample(pixels: np.ndarray, to_source, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One bilinear lookup per frame position; `to_source` maps frame px to `pixels` px."""
+    ax, bx, ay, by = (np.float32(v) for v in to_source)
+    return cv2.remap(pixels, (ax * x + bx).astype(np.float32, copy=False), (ay * y + by).astype(np.float32, copy=False),
+                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, int, int],
@@ -61,6 +61,4 @@ def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, 
     lm[:, :2] = lm[:, :2] * s - np.array([x0 * s, y0 * s])
     lm[:, 2] *= s
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    framing = Framing(np.empty(0), lm, pixels, to_source, s)
-    frame = framing.sample(xs, ys)
-    return Framing(frame, lm, pixels, to_source, s)
+    return Framing(_sample(pixels, to_source, xs, ys), lm, pixels, to_source, s)

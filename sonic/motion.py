@@ -61,7 +61,8 @@ class Rig:
         return np.einsum("tk,kpc->tpc", coeffs, self.basis)
 
 
-def _smoothstep(x, a, b):
+def smoothstep(x, a, b):
+    """0 below a, 1 above b, a smooth cubic between."""
     t = np.clip((x - a) / (b - a), 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
@@ -96,7 +97,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     # the mouth's half width) so that a wide opening never folds the skin over itself.
     half = max(np.abs(u[CORNERS]).max(), 1e-3)
     hu = np.abs(u) / half
-    w_jaw = _smoothstep(v, -0.02, 0.14) * (1 - 0.72 * _smoothstep(hu, 0.5, 2.6))
+    w_jaw = smoothstep(v, -0.02, 0.14) * (1 - 0.72 * smoothstep(hu, 0.5, 2.6))
     # the lips part widest in the middle and stay joined at the corners: a U, not a V
     taper = 1 - 0.65 * np.clip(hu, 0, 1) ** 2.5
     w_jaw[lower] = taper[lower]

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
+from .motion import smoothstep
 
 TEETH_MAX_IOD = 0.07         # visible height of the upper teeth at most
 ARCH_RADIUS_IOD = 0.3        # radius of the front of the dental arch
@@ -41,11 +42,6 @@ class MouthStyle:
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114])
-
-
-def _smoothstep(x, a, b):
-    t = np.clip((x - a) / (b - a), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
 
 
 def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthStyle:
@@ -135,7 +131,7 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     x_iod = np.abs(u) * half / iod
 
     # cavity: dark, warmer and lighter where the tongue shows, darker into the cheeks
-    tongue = _smoothstep(r, 0.5, 1.0) * _smoothstep(gap_iod, *TONGUE_FROM_GAP_IOD)
+    tongue = smoothstep(r, 0.5, 1.0) * smoothstep(gap_iod, *TONGUE_FROM_GAP_IOD)
     cav_light = (0.78 + 0.3 * (1 - au ** 2)) * (0.9 + 0.2 * r)
     paint = style.cavity * cav_light[..., None]
     paint += (style.tongue * (1 - 0.35 * au ** 2)[..., None] - paint) * (0.85 * tongue)[..., None]
@@ -150,7 +146,7 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
         to_gap = np.minimum(np.abs(xpx - lo_b), np.abs(hi_b - xpx))       # px to the nearest gap
         across = np.clip((xpx - lo_b) / np.maximum(hi_b - lo_b, 1e-3), 0, 1)
         phi = np.arcsin(np.clip(x_iod / ARCH_RADIUS_IOD, 0, 1))
-        show = _smoothstep(gap_iod, *TEETH_FROM_GAP_IOD) * (k < len(bounds))
+        show = smoothstep(gap_iod, *TEETH_FROM_GAP_IOD) * (k < len(bounds))
         t_h = np.minimum(TEETH_MAX_IOD * iod, 0.52 * gap) * np.sqrt(np.clip(np.cos(phi), 0, 1)) * show
         corner_round = np.clip(1 - to_gap / max(1.0, 0.014 * iod), 0, 1) ** 2
         edge = t_h * (1 - 0.22 * corner_round)
@@ -160,11 +156,11 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
         lit = (1 - 0.1 * (2 * across - 1) ** 2) * (1 - 0.5 * (phi / (np.pi / 2)) ** 1.5)
         lit *= np.where(k == 0, 1.0, np.where(k == 1, 0.95, 0.88))
         lit *= 1 - 0.38 * np.exp(-depth / max(1.0, 0.012 * iod))      # the upper lip's shadow
-        lit *= 1 - 0.12 * _smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)   # translucent edge
+        lit *= 1 - 0.12 * smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)   # translucent edge
         lit *= 1 - 0.3 * np.clip(gaps, 0, 1)
         teeth = style.teeth * lit[..., None]
         # lower incisors: only on wide openings, dimmer, just above the lower lip
-        tl = np.minimum(0.025 * iod, 0.12 * gap) * _smoothstep(gap_iod, *LOWER_TEETH_FROM_GAP_IOD) \
+        tl = np.minimum(0.025 * iod, 0.12 * gap) * smoothstep(gap_iod, *LOWER_TEETH_FROM_GAP_IOD) \
             * (x_iod < 0.14)
         lower_a = np.clip((v - (vl - tl)) / feather + 0.5, 0, 1) * (tl > 0.6)
         paint += (style.teeth * (0.72 * (1 - 0.25 * np.clip(gaps, 0, 1)))[..., None] - paint) * lower_a[..., None]
@@ -192,7 +188,7 @@ def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: 
     o = np.argsort(line[:, 0])
     meet = np.interp(xs, line[o, 0], line[o, 1])
     d = ys - meet
-    below = _smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
+    below = smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
     colour = style.upper_lip * (1 - below) + style.lower_lip * below
     colour *= (1 - 0.2 * np.exp(-(d / max(0.8, 0.006 * iod)) ** 2))[..., None]
     a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
