@@ -1,9 +1,27 @@
-"""sonic: a portrait photo and a speech recording in, a lip-synced talking-head MP4 out."""
-from .errors import (AudioTooLong, EmptyAudio, InputTooLarge, InvalidParameter, NoFaceDetected, PipelineError,
-                     SonicError, UnsupportedMedia)
-from .options import GenerateOptions, load_config, schema
-from .pipeline import GenerationResult, SonicPipeline, load_pipeline
+"""sonic: a portrait photo and a speech recording in, a lip-synced talking-head MP4 out.
 
-__all__ = ["AudioTooLong", "EmptyAudio", "GenerateOptions", "GenerationResult", "InputTooLarge",
-           "InvalidParameter", "NoFaceDetected", "PipelineError", "SonicError", "SonicPipeline",
-           "UnsupportedMedia", "load_config", "load_pipeline", "schema"]
+The names below are imported on first use, so that a process that needs one part (a render
+helper needs only the decoder) does not load the rest.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "errors": ["AudioTooLong", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected", "PipelineError",
+               "SonicError", "UnsupportedMedia"],
+    "options": ["GenerateOptions", "load_config", "schema"],
+    "pipeline": ["GenerationResult", "SonicPipeline", "load_pipeline"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

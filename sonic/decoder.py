@@ -15,7 +15,6 @@ Pixels outside the head's reach are the untouched frame.
 """
 from __future__ import annotations
 
-from concurrent.futures import Executor
 
 import cv2
 import numpy as np
@@ -422,20 +421,14 @@ class WarpDecoder:
             _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
         out[y0:y1, x0:x1] = region
 
-    def render(self, coeffs: np.ndarray, head: np.ndarray, pool: Executor | None = None) -> np.ndarray:
-        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size.
-
-        With a thread pool, frames are rendered side by side (OpenCV and numpy release the GIL
-        for most of a frame's work)."""
-        out = np.repeat(self.frame[None], len(coeffs), axis=0)
-
-        def one(i: int) -> None:
+    def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size, into `out`
+        when given (frames are rendered side by side in processes, not threads: see render_pool.py)."""
+        if out is None:
+            out = np.empty((len(coeffs), *self.frame.shape), np.uint8)
+        out[:] = self.frame
+        for i in range(len(coeffs)):
             self._render_one(np.asarray(coeffs[i], np.float64), np.asarray(head[i], np.float64), out[i])
-        if pool is None or len(coeffs) < 2:
-            for i in range(len(coeffs)):
-                one(i)
-        else:
-            list(pool.map(one, range(len(coeffs))))
         return out
 
 

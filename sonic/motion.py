@@ -7,12 +7,14 @@ coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a separat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from .audio_features import AudioFeatures
+if TYPE_CHECKING:       # annotations only: the render helpers import this module without the audio stack
+    from .audio_features import AudioFeatures
 from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, LIP_PAIRS, OUTER_LOWER, OUTER_UPPER
 
 JAW_GAIN = 0.2           # inner-lip gap at full openness, in inter-ocular distances (IOD)

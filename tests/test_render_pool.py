@@ -1,0 +1,138 @@
+"""Frames rendered by the helper processes: the same pixels as in this process, in order; a helper
+that dies fails the request with a clear error and the next request works; helpers go away with
+the pool; a script without a `__main__` guard can use the pipeline."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sonic.decoder import WarpDecoder
+from sonic.errors import PipelineError
+from sonic.face import crop_box
+from sonic.geometry import crop_and_scale
+from sonic.media import load_image
+from sonic.motion import COEFFS, build_rig
+from sonic.render_pool import RenderPool
+from conftest import PORTRAIT, ROOT, SPEECH
+
+
+@pytest.fixture(scope="module")
+def decoder(pipeline):
+    rgb = load_image(PORTRAIT, 10**7)
+    face = pipeline.faces.analyze(rgb)
+    framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), 256)
+    return WarpDecoder(framing, build_rig(framing.landmarks))
+
+
+def _motion(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    coeffs = np.zeros((n, len(COEFFS)))
+    coeffs[:, COEFFS.index("jaw")] = np.clip(np.sin(np.arange(n) / 3), 0, 1)
+    head = np.column_stack([0.03 * np.sin(np.arange(n) / 5), rng.normal(0, 1, n), rng.normal(0, 1, n), np.zeros(n)])
+    return coeffs, head
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+
+
+def test_helpers_render_the_same_frames_in_order(decoder):
+    coeffs, head = _motion(37)
+    pool = RenderPool(2)
+    try:
+        batches = list(pool.frames(decoder, coeffs, head, 4))
+        assert [len(b) for b in batches] == [4] * 9 + [1]
+        np.testing.assert_array_equal(np.concatenate(batches), decoder.render(coeffs, head))
+        # a second request with another decoder state reuses the helpers
+        again = np.concatenate(list(pool.frames(decoder, coeffs[::-1].copy(), head[::-1].copy(), 8)))
+        np.testing.assert_array_equal(again, decoder.render(coeffs[::-1], head[::-1]))
+    finally:
+        pool.close()
+
+
+def test_a_dead_helper_fails_the_request_clearly_and_the_next_one_works(decoder):
+    coeffs, head = _motion(40)
+    pool = RenderPool(2)
+    try:
+        pool.start()
+        victim = pool.pids()[1]
+        with pytest.raises(PipelineError, match="render process stopped"):
+            for i, _ in enumerate(pool.frames(decoder, coeffs, head, 4)):
+                if i == 0:
+                    os.kill(victim, signal.SIGKILL)
+        assert not _alive(victim)
+        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
+        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
+        assert victim not in pool.pids()
+    finally:
+        pool.close()
+
+
+def test_an_abandoned_request_leaves_the_helpers_in_step(decoder):
+    coeffs, head = _motion(40)
+    pool = RenderPool(2)
+    try:
+        gen = pool.frames(decoder, coeffs, head, 4)
+        next(gen)
+        gen.close()                     # e.g. the job was cancelled after its first batch
+        pids = pool.pids()
+        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
+        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
+        assert pool.pids() == pids      # drained, not restarted
+    finally:
+        pool.close()
+
+
+def test_helpers_exit_with_the_pool_and_dead_requests_files_are_swept(decoder):
+    from sonic.render_pool import TMP_PREFIX, _tmp_root
+    import tempfile
+    from pathlib import Path
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = Path(_tmp_root() or tempfile.gettempdir()) / f"{TMP_PREFIX}{dead}-x"
+    stale.mkdir()
+    (stale / "frames.buf").write_bytes(b"0" * 1000)
+    pool = RenderPool(2)
+    pool.start()
+    assert not stale.exists()
+    pids = pool.pids()
+    assert all(_alive(p) for p in pids)
+    pool.close()
+    assert not any(_alive(p) for p in pids)
+
+
+def test_a_script_without_a_main_guard_can_generate(tmp_path):
+    """The helpers are not started with multiprocessing's spawn, which re-runs the caller's
+    script; a plain script (as in the README) works, and leaves no process behind."""
+    out = tmp_path / "out.mp4"
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from sonic import load_pipeline\n"
+        "pipe = load_pipeline()\n"
+        f"res = pipe({str(PORTRAIT)!r}, {str(SPEECH)!r}, pipe.options({{'duration': 1.5, 'min_resolution': 256}}),"
+        f" out_path={str(out)!r})\n"
+        "print(res.frames)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "38" and out.stat().st_size > 1000
+    time.sleep(0.5)
+    orphans = []
+    for d in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            parent = open(f"/proc/{d}/stat").read().split(")")[1].split()[2]
+        except (OSError, ValueError):
+            continue
+        if b"sonic._render_helper" in cmd and parent == "1":
+            orphans.append(d)
+    assert not orphans, "render helpers outlived their parent"
