@@ -14,6 +14,7 @@ from flask import Flask, g, jsonify, request
 from sonic import SonicError, load_config
 
 from .access import TokenBucket, bearer_key, key_allowed, retry_after
+from .errors import status_for
 from .jobs import JobManager
 from .store import JobStore
 
@@ -69,11 +70,11 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
             return None                      # health, OpenAPI, downloads and preflights stay open
         key = bearer_key(request.headers.get("Authorization"))
         if api_keys and not key_allowed(key, api_keys):
-            return error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+            return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
                                   headers={"WWW-Authenticate": "Bearer"})
         wait = bucket.take(key or request.remote_addr or "unknown")
         if wait > 0:
-            return error_response(429, "rate_limited", "too many requests; slow down",
+            return error_response("rate_limited", "too many requests; slow down",
                                   headers={"Retry-After": retry_after(wait)})
         return None
 
@@ -91,12 +92,13 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
                              "params": g.get("log_params")}))
         return resp
 
-    def error_response(status: int, code: str, message: str, field: str | None = None, headers=None):
+    def error_response(code: str, message: str, field: str | None = None, headers=None, status: int | None = None):
+        """The one error body; its status comes from the code (server/errors.py) unless given."""
         err = {"code": code, "message": message}
         if field:
             err["field"] = field
         resp = jsonify({"success": False, "error": err, "request_id": g.get("request_id")})
-        resp.status_code = status
+        resp.status_code = status if status is not None else status_for(code)
         for k, v in (headers or {}).items():
             resp.headers[k] = v
         return resp
@@ -105,29 +107,29 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
 
     @app.errorhandler(SonicError)
     def _sonic_error(e: SonicError):
-        return error_response(e.status, e.code, e.message, e.field)
+        return error_response(e.code, e.message, e.field)
 
     @app.errorhandler(413)
     def _too_large(e):
-        return error_response(413, "input_too_large",
+        return error_response("input_too_large",
                               f"upload is larger than {config['limits']['max_upload_mb']} MB")
 
     @app.errorhandler(404)
     def _not_found(e):
-        return error_response(404, "not_found", "no such resource")
+        return error_response("not_found", "no such resource")
 
     @app.errorhandler(405)
     def _method(e):
         allow = ", ".join(sorted(e.valid_methods or []))
-        return error_response(405, "method_not_allowed", "method not allowed on this resource",
+        return error_response("method_not_allowed", "method not allowed on this resource",
                               headers={"Allow": allow} if allow else None)
 
     @app.errorhandler(Exception)
     def _internal(e):
         from werkzeug.exceptions import HTTPException
         if isinstance(e, HTTPException):
-            return error_response(e.code or 500, "http_error", e.description or "request failed")
+            return error_response("http_error", e.description or "request failed", status=e.code or 500)
         log.exception("unhandled error, request %s", g.get("request_id"))
-        return error_response(500, "internal_error", "internal error; quote the request id when reporting it")
+        return error_response("internal_error", "internal error; quote the request id when reporting it")
 
     return app

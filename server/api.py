@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, send_fr
 from sonic import GenerateOptions, InvalidParameter, SonicError, schema
 from sonic.media import load_audio, load_image
 
+from .errors import public_error
 from .jobs import TERMINAL, Job, QueueFull, cache_key
 from .openapi import openapi_spec
 
@@ -23,8 +24,9 @@ def _jobs():
     return current_app.extensions.get("sonic_jobs")
 
 
-def _error(status, code, message, field=None, headers=None):
-    return current_app.extensions["sonic_error"](status, code, message, field, headers)
+def _error(code, message, field=None, headers=None):
+    """An error response; its HTTP status comes from the code (server/errors.py)."""
+    return current_app.extensions["sonic_error"](code, message, field, headers)
 
 
 def _urls(job: Job) -> dict:
@@ -36,6 +38,8 @@ def _urls(job: Job) -> dict:
 def _job_body(job: Job, urls: dict) -> dict:
     """The public view of a job: status, progress, and the result with its video_url or the error."""
     body = {"success": job.status != "failed", **job.public(), "status_url": urls["status_url"]}
+    if body.get("error"):
+        body["error"] = public_error(body["error"])       # the record keeps the code; the status is derived
     result = body.pop("result", None)
     if result:
         body.update({k: v for k, v in result.items() if k != "file"})
@@ -49,7 +53,7 @@ def _result_fields(job: Job) -> dict:
 
 
 class JobNotFound(SonicError):
-    code, status = "job_not_found", 404
+    code = "job_not_found"
 
 
 def _find_job(job_id: str) -> Job:
@@ -83,7 +87,7 @@ def generate():
     if jobs is None:
         state = current_app.extensions["sonic_state"]["status"]
         message = "the service is starting" if state == "starting" else "the service failed to start"
-        return _error(503, "not_ready", message, headers={"Retry-After": "5" if state == "starting" else "60"})
+        return _error("not_ready", message, headers={"Retry-After": "5" if state == "starting" else "60"})
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = {}
@@ -116,7 +120,7 @@ def generate():
     except QueueFull:
         _remove(workdir)
         retry = str(cfg["server"]["retry_after_s"])
-        return _error(503, "busy", "the generation queue is full; retry later", headers={"Retry-After": retry})
+        return _error("busy", "the generation queue is full; retry later", headers={"Retry-After": retry})
     except Exception:
         _remove(workdir)
         raise
@@ -124,8 +128,8 @@ def generate():
     if not want_async and job.done.wait(float(cfg["server"]["sync_wait_s"])):
         if job.status == "succeeded":
             return jsonify({"success": True, **_result_fields(job)})
-        err = job.error or {"code": "canceled", "message": "the job was canceled", "status": 409}
-        return _error(err.get("status", 500), err["code"], err["message"], err.get("field"))
+        err = job.error or {"code": "canceled", "message": "the job was canceled"}
+        return _error(err["code"], err["message"], err.get("field"))
     body = _job_body(job, _urls(job))
     resp = jsonify(body)
     resp.status_code = 202
@@ -177,10 +181,10 @@ def job_events(job_id):
 @bp.get("/output/<name>")
 def output(name):
     if not OUTPUT_NAME.match(name):
-        return _error(404, "not_found", "no such video")
+        return _error("not_found", "no such video")
     jobs = _jobs()
     if jobs is None or not (jobs.output_dir / name).is_file():
-        return _error(404, "not_found", "no such video")
+        return _error("not_found", "no such video")
     return send_from_directory(jobs.output_dir, name, mimetype="video/mp4", conditional=True, max_age=3600)
 
 

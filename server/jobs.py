@@ -1,7 +1,9 @@
 """Job queue: one worker thread runs the pipeline (one model, one device); others wait.
 
-Jobs live in memory, keyed by id; the HTTP layer only reads their public dict. A job's inputs
-are deleted when it ends; outputs are swept after `output_ttl_s`.
+Jobs live in memory, keyed by id; the HTTP layer only reads their public dict. A failed job's
+`error` holds a code, a message and maybe a field, never an HTTP status: the routes derive that
+from the code (server/errors.py). A job's inputs are deleted when it ends; outputs are swept
+after `output_ttl_s`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from sonic import GenerateOptions, SonicError
 log = logging.getLogger("sonic.jobs")
 TERMINAL = ("succeeded", "failed", "canceled")
 SWEEP_EVERY_S = 60
-INTERNAL = {"code": "internal_error", "status": 500, "message": "generation failed; see the server log with this job id"}
+INTERNAL = {"code": "internal_error", "message": "generation failed; see the server log with this job id"}
 
 
 class QueueFull(Exception):
@@ -199,11 +201,11 @@ class JobManager:
             self._finish(job, "canceled")
             return
         except SonicError as e:
-            self._finish(job, "failed", error={**e.to_dict(), "status": e.status})
+            self._finish(job, "failed", error=e.to_dict())
             return
         except MemoryError:
             log.error("job %s ran out of memory", job.id)     # the writer has removed its files
-            self._finish(job, "failed", error={"code": "out_of_memory", "status": 500,
+            self._finish(job, "failed", error={"code": "out_of_memory",
                                                "message": "ran out of memory; try a shorter clip or a lower min_resolution"})
             return
         except Exception:                                 # noqa: BLE001 - reported, never raised to HTTP

@@ -3,6 +3,11 @@
 The worker thread and request threads write through one connection guarded by a lock. At start-up
 jobs that were queued or running when the process died are marked failed: their inputs are gone
 with the process's memory of them, and a half-written video is never served.
+
+A record's error keeps its code, message and field, never an HTTP status (the server derives that
+from the code when it answers). Rows written by older releases hold a `status` inside the error
+JSON; `load` drops it, so those rows still load and answer with the status of their code. (The
+`status` column is the job's state, queued...failed, not an HTTP status.)
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 """
-INTERRUPTED = {"code": "interrupted", "status": 500,
+INTERRUPTED = {"code": "interrupted",
                "message": "the service restarted while this job was queued or running; submit it again"}
 
 
@@ -62,7 +67,7 @@ class JobStore:
         if row is None:
             return None
         return {"id": row[0], "status": row[1], "stage": row[2],
-                "result": json.loads(row[3]) if row[3] else None, "error": json.loads(row[4]) if row[4] else None}
+                "result": json.loads(row[3]) if row[3] else None, "error": _error_record(row[4])}
 
     def cached(self, key: str) -> str | None:
         with self._lock:
@@ -76,3 +81,12 @@ class JobStore:
             cur = self._db.execute("DELETE FROM jobs WHERE updated < ? AND status IN ('succeeded', 'failed', 'canceled')",
                                    (before,))
         return cur.rowcount
+
+
+def _error_record(text: str | None) -> dict | None:
+    """A stored error as code, message and field; an older release's stored HTTP status is dropped."""
+    if not text:
+        return None
+    error = json.loads(text)
+    error.pop("status", None)
+    return error

@@ -1,15 +1,16 @@
 """One exception family for the whole pipeline.
 
-Every error a caller can cause is a `SonicError` with a stable machine `code`, the HTTP `status`
-the service should answer with, a human `message` and, where one field is to blame, its name.
-The HTTP layer translates these once; the CLI prints `message` on one line.
+Every error a caller can cause is a `SonicError` with a stable machine `code`, a human `message`
+and, where one field is to blame, its name. The library knows codes only: whoever serves it
+(the web service, the CLI) decides what a code means to its own callers; the CLI prints
+`message` on one line.
 """
 from __future__ import annotations
 
 
 class SonicError(Exception):
+    """Base of the family; its own code means a failure nobody outside can act on."""
     code = "internal_error"
-    status = 500
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
@@ -24,33 +25,35 @@ class SonicError(Exception):
 
 
 class InvalidParameter(SonicError):
-    """A parameter is unknown, of the wrong type or out of range (400)."""
-    code, status = "invalid_parameter", 400
+    """A parameter is unknown, of the wrong type or out of range."""
+    code = "invalid_parameter"
 
 
 class InputTooLarge(SonicError):
-    """An upload or an image's pixel count is over the configured limit (413)."""
-    code, status = "input_too_large", 413
+    """An upload or an image's pixel count is over the configured limit."""
+    code = "input_too_large"
 
 
 class UnsupportedMedia(SonicError):
-    """The content does not decode as an image / audio (415)."""
-    code, status = "unsupported_media", 415
+    """The content does not decode as an image / audio."""
+    code = "unsupported_media"
 
 
 class NoFaceDetected(SonicError):
-    code, status = "no_face_detected", 422
+    """The portrait shows no face the face analysis can find."""
+    code = "no_face_detected"
 
 
 class AudioTooLong(SonicError):
-    code, status = "audio_too_long", 422
+    """The audio (or the requested duration) is longer than the configured limit."""
+    code = "audio_too_long"
 
 
 class EmptyAudio(SonicError):
-    """Audio decodes to nothing, or to silence only (422)."""
-    code, status = "empty_audio", 422
+    """Audio decodes to nothing, or to silence only."""
+    code = "empty_audio"
 
 
 class PipelineError(SonicError):
     """A stage failed for a reason the caller did not cause (ffmpeg failed, disk full...)."""
-    code, status = "pipeline_error", 500
+    code = "pipeline_error"

@@ -174,7 +174,7 @@ def test_encoder_faults_are_clear_errors(pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(sonic.writer, "FFMPEG", str(tmp_path / "no-ffmpeg-here"))
     with pytest.raises(PipelineError) as e:
         pipeline(PORTRAIT, SPEECH, opts, out_path=tmp_path / "a.mp4")
-    assert "ffmpeg" in e.value.message and e.value.status == 500
+    assert "ffmpeg" in e.value.message and e.value.code == "pipeline_error"
     monkeypatch.undo()
     with pytest.raises(PipelineError):                       # an unwritable destination
         pipeline(PORTRAIT, SPEECH, opts, out_path="/proc/sonic-test/a.mp4")

@@ -33,7 +33,7 @@ def test_no_face(pipeline):
     img = np.stack([xx % 255, yy % 255, (xx + yy) % 255], -1).astype(np.uint8)
     with pytest.raises(NoFaceDetected) as e:
         pipeline.faces.analyze(img)
-    assert e.value.status == 422
+    assert e.value.code == "no_face_detected"
 
 
 def test_small_face_in_large_frame(pipeline):

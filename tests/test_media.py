@@ -20,7 +20,7 @@ def test_not_an_image(tmp_path):
     p.write_bytes(b"this is text, not a picture" * 20)
     with pytest.raises(UnsupportedMedia) as e:
         load_image(p, 10**7)
-    assert e.value.field == "image" and e.value.status == 415
+    assert e.value.field == "image" and e.value.code == "unsupported_media"
 
 
 def test_truncated_image(tmp_path):
@@ -88,7 +88,7 @@ def test_empty_silent_and_bad_audio(tmp_path):
     sf.write(s, np.zeros(32000, np.float32), 16000)
     with pytest.raises(EmptyAudio) as err:
         load_audio(s, 60)
-    assert err.value.status == 422
+    assert err.value.code == "empty_audio"
     b = tmp_path / "noise.mp3"
     b.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
     with pytest.raises(UnsupportedMedia):

@@ -32,7 +32,7 @@ def test_bad_values_name_the_field(field, value):
 def test_unknown_parameter_rejected():
     with pytest.raises(InvalidParameter) as e:
         GenerateOptions.from_dict({"dynamic_scal": 1.0})
-    assert e.value.field == "dynamic_scal" and e.value.status == 400
+    assert e.value.field == "dynamic_scal" and e.value.code == "invalid_parameter"
 
 
 def test_not_an_object():
