@@ -2,7 +2,8 @@
 
 Reads ("render", key, decoder_path, frames_path, slot, coeffs, head) from the socket FD, renders
 the batch into slot `slot` of the frames file (a .npy mapped into memory) and answers
-("ok", number of frames) or ("error", message). The decoder and frames file of the latest
+("ok", number of frames) or ("error", message). ("phones", waveform) answers ("ok", timed
+phones) from pocketsphinx (loaded on first use). The decoder and frames file of the latest
 request are kept; end of file on the socket (the parent closed it or exited) ends the process.
 """
 import pickle
@@ -16,17 +17,23 @@ def main(fd: int) -> None:
     import cv2
     import numpy as np
     cv2.setNumThreads(1)
-    from sonic import decoder as _  # noqa: F401  (the modules the pickled decoder needs)
+    import sonic.decoder  # noqa: F401  (the modules the pickled decoder needs)
 
     conn = Connection(fd)
-    current_key, dec, buf = None, None, None
+    current_key, dec, buf, recognizer = None, None, None, None
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        _, key, path, frames_path, slot, coeffs, head = msg
         try:
+            if msg[0] == "phones":
+                if recognizer is None:
+                    from sonic.audio_features import PhoneRecognizer
+                    recognizer = PhoneRecognizer()
+                conn.send(("ok", recognizer(msg[1])))
+                continue
+            _, key, path, frames_path, slot, coeffs, head = msg
             if key != current_key:
                 dec = buf = None                # the last request's decoder and frames go first
                 with open(path, "rb") as f:
@@ -34,6 +41,8 @@ def main(fd: int) -> None:
                 buf = np.load(frames_path, mmap_mode="r+")
                 current_key = key
             dec.render(coeffs, head, out=buf[slot, :len(coeffs)])
+        except (EOFError, OSError):
+            return
         except Exception as e:          # reported to the parent, which fails the request
             answer = ("error", f"{type(e).__name__}: {e}")
         else:

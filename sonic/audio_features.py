@@ -7,9 +7,9 @@ gives timed ARPAbet phones, turned into viseme targets (openness, spread, roundi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
-from scipy.signal import butter, sosfiltfilt
 
 from .media import SAMPLE_RATE
 
@@ -17,6 +17,9 @@ SPHINX_FRAME_S = 0.01          # pocketsphinx reports times in 10 ms frames
 BAND_HZ = (80.0, 4000.0)       # speech band for loudness
 DYNAMIC_RANGE_DB = 45.0        # loudness below peak - this counts as silence
 SPEECH_THRESHOLD = 0.25        # normalised loudness above this is speech
+SPLIT_MIN_S = 6.0              # recordings at least this long may be recognised in two halves
+SPLIT_PAUSE_FRAMES = 4         # ... cut in the middle of a pause of at least this many video frames
+SPLIT_WINDOW = (0.3, 0.7)      # ... lying in this part of the recording
 
 # ARPAbet phone -> (open 0-1, spread -1..1 (negative = rounded), closure 0-1)
 VISEMES: dict[str, tuple[float, float, float]] = {
@@ -34,6 +37,10 @@ VISEMES: dict[str, tuple[float, float, float]] = {
     "AW": (0.8, -0.3, 0.0), "AY": (0.8, 0.2, 0.0), "ER": (0.35, -0.3, 0.0),
     "UW": (0.25, -1.0, 0.0), "UH": (0.35, -0.5, 0.0), "OW": (0.5, -0.8, 0.0), "OY": (0.5, -0.6, 0.0),
 }
+
+
+class PhonesFuture(Protocol):
+    def result(self) -> list[tuple[str, float, float]]: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class PhoneRecognizer:
 
 def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     """Band-limited RMS in dB over a 2-frame Hann window centred on each frame, (T,)."""
+    from scipy.signal import butter, sosfiltfilt   # here: a render helper recognising phones skips its 60 MB
     sos = butter(4, BAND_HZ, btype="band", fs=SAMPLE_RATE, output="sos")
     x = sosfiltfilt(sos, wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
     hop = SAMPLE_RATE / fps
@@ -106,10 +114,44 @@ def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarr
     return op, sp, cl
 
 
-def encode_audio(wav: np.ndarray, n_frames: int, fps: int, recognizer: PhoneRecognizer) -> AudioFeatures:
-    """Waveform (N,) float32 at SAMPLE_RATE -> AudioFeatures for n_frames video frames."""
+def pause_split(speech: np.ndarray, fps: int) -> int | None:
+    """A sample index in the middle of the longest pause (no speech for SPLIT_PAUSE_FRAMES frames
+    or more) whose middle lies within SPLIT_WINDOW of the recording, or None."""
+    n = len(speech)
+    if n / fps < SPLIT_MIN_S:
+        return None
+    best, run_start = None, None
+    for i, sp in enumerate(np.append(speech, True)):
+        if not sp and run_start is None:
+            run_start = i
+        elif sp and run_start is not None:
+            length, mid = i - run_start, (run_start + i) / 2
+            if length >= SPLIT_PAUSE_FRAMES and SPLIT_WINDOW[0] * n <= mid <= SPLIT_WINDOW[1] * n:
+                if best is None or length > best[0]:
+                    best = (length, mid)
+            run_start = None
+    return None if best is None else int(round(best[1] / fps * SAMPLE_RATE))
+
+
+def encode_audio(wav: np.ndarray, n_frames: int, fps: int, recognizer: PhoneRecognizer,
+                 second_half: Callable[[np.ndarray], "PhonesFuture"] | None = None) -> AudioFeatures:
+    """Waveform (N,) float32 at SAMPLE_RATE -> AudioFeatures for n_frames video frames.
+
+    With `second_half` (a function that starts recognising a waveform elsewhere, e.g. in a render
+    helper process, and returns an object whose `result()` gives its phones), a recording of
+    SPLIT_MIN_S or more with a pause near its middle is recognised in two halves side by side:
+    pocketsphinx holds the interpreter lock, so two halves in one process would take as long as
+    the whole. Cut in a pause, the halves give the same visemes as the whole within what any
+    other setting of the recogniser changes (see docs/pipeline.md)."""
     loud = normalise_loudness(frame_loudness(wav, n_frames, fps))
-    phones = recognizer(wav)
+    cut = pause_split(loud > SPEECH_THRESHOLD, fps) if second_half is not None else None
+    pending = second_half(wav[cut:]) if cut is not None else None
+    if pending is None:
+        phones = recognizer(wav)
+    else:
+        first = recognizer(wav[:cut])
+        t0 = cut / SAMPLE_RATE
+        phones = first + [(ph, s + t0, e + t0) for ph, s, e in pending.result()]
     op, sp, cl = viseme_tracks(phones, n_frames, fps)
     return AudioFeatures(fps=fps, loudness=loud, speech=loud > SPEECH_THRESHOLD, vis_open=op,
                          vis_spread=sp, vis_closure=cl, phones=tuple(phones))

@@ -47,8 +47,9 @@ class GenerationResult:
 
 
 def pick_device(name: str = "auto"):
-    """The torch device for the decoders that use torch (imported here only: the warp decoder and
-    its render processes do without it)."""
+    """The torch device for a decoder that runs on torch (the setting `device`). torch is imported
+    here only: the warp decoder runs on the CPU with OpenCV, and a process that does not load
+    torch saves ~220 MB."""
     import torch
     torch.set_num_threads(1)
     if name == "auto":
@@ -59,7 +60,7 @@ def pick_device(name: str = "auto"):
 class SonicPipeline:
     def __init__(self, config: dict | None = None):
         self.config = config if config is not None else load_config()
-        self.device = pick_device(self.config.get("device", "auto"))
+        self.device = "cpu"     # the warp decoder's; a torch decoder would use pick_device(config["device"])
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
         # frames are rendered by `render_processes` helper processes, each single-threaded inside
@@ -146,7 +147,9 @@ class SonicPipeline:
 
         # 4. audio encoder
         report("audio", 0.1)
-        feats = encode_audio(wav, n_frames, opts.fps, self.phones)
+        # a long recording is recognised in two halves, one of them by a render helper
+        with (self._render_pool.recogniser() if self._render_pool else contextlib.nullcontext(None)) as second:
+            feats = encode_audio(wav, n_frames, opts.fps, self.phones, second)
         lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration

@@ -21,6 +21,7 @@ closes the pool or exits (their socket reaches end of file).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import shutil
@@ -32,7 +33,7 @@ import threading
 import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -108,6 +109,33 @@ class RenderPool:
             self._stop_helpers()
             self._helpers = [_Helper() for _ in range(self.processes)]
 
+    @contextlib.contextmanager
+    def recogniser(self) -> Iterator[Callable[[np.ndarray], "_PhonesJob | None"]]:
+        """Yields `start(waveform)`, which hands a waveform to a helper's phone recogniser and
+        returns a job whose `result()` gives its timed phones (None when the helpers are busy
+        with another request: the caller then recognises everything itself). On leaving, an
+        answer not yet read is read, so that the helpers stay in step."""
+        if not self._busy.acquire(blocking=False):
+            yield lambda wav: None
+            return
+        jobs: list[_PhonesJob] = []
+        try:
+            self.start()
+
+            def start(wav: np.ndarray) -> _PhonesJob:
+                job = _PhonesJob(self, self._helpers[-1])
+                job.helper.conn.send(("phones", np.asarray(wav, np.float32)))
+                jobs.append(job)
+                return job
+            yield start
+        finally:
+            try:
+                for job in jobs:
+                    with contextlib.suppress(PipelineError):
+                        job.result()
+            finally:
+                self._busy.release()
+
     def frames(self, decoder, coeffs: np.ndarray, head: np.ndarray, batch: int) -> Iterator[np.ndarray]:
         """Yield rendered batches of `batch` frames, in order (in this thread when the helpers
         are busy with another request)."""
@@ -147,8 +175,7 @@ class RenderPool:
                 n = self._answer(helpers[k])
                 yield buf[i % slots, :n].copy()     # the slot is asked to render again next
         except (EOFError, OSError) as e:
-            self._stop_helpers()
-            raise PipelineError("a render process stopped unexpectedly; the request can be sent again") from e
+            raise self._lost(e) from e
         finally:
             try:
                 self._drain(asked)
@@ -176,6 +203,10 @@ class RenderPool:
         except (EOFError, OSError, TimeoutError, IndexError):
             self._stop_helpers()
 
+    def _lost(self, e: BaseException) -> PipelineError:
+        self._stop_helpers()
+        return PipelineError("a render process stopped unexpectedly; the request can be sent again")
+
     def _stop_helpers(self) -> None:
         helpers, self._helpers = self._helpers, []
         for h in helpers:
@@ -187,3 +218,23 @@ class RenderPool:
     def close(self) -> None:
         with self._busy:
             self._stop_helpers()
+
+
+class _PhonesJob:
+    """Timed phones being recognised by a helper (see RenderPool.recogniser)."""
+
+    def __init__(self, pool: RenderPool, helper: _Helper):
+        self.pool, self.helper = pool, helper
+        self._answer: tuple | None = None
+
+    def result(self) -> list[tuple[str, float, float]]:
+        if self._answer is None:
+            try:
+                self._answer = self.helper.conn.recv()
+            except (EOFError, OSError) as e:
+                self._answer = ("error", "lost")
+                raise self.pool._lost(e) from e
+        status, info = self._answer
+        if status != "ok":
+            raise PipelineError(f"phone recognition failed: {info}")
+        return [tuple(p) for p in info]

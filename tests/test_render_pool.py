@@ -17,7 +17,7 @@ from sonic.geometry import crop_and_scale
 from sonic.media import load_image
 from sonic.motion import COEFFS, build_rig
 from sonic.render_pool import RenderPool
-from conftest import PORTRAIT, ROOT, SPEECH
+from conftest import PORTRAIT, SPEECH
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,6 @@ def test_a_script_without_a_main_guard_can_generate(tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from sonic import load_pipeline\n"
         "pipe = load_pipeline()\n"
         f"res = pipe({str(PORTRAIT)!r}, {str(SPEECH)!r}, pipe.options({{'duration': 1.5, 'min_resolution': 256}}),"
@@ -136,3 +135,66 @@ def test_a_script_without_a_main_guard_can_generate(tmp_path):
         if b"sonic._render_helper" in cmd and parent == "1":
             orphans.append(d)
     assert not orphans, "render helpers outlived their parent"
+
+
+# ------------------------------------------------------------------ phones in two halves
+def _two_sentences():
+    import soundfile as sf
+    wav, sr = sf.read(SPEECH, dtype="float32")
+    assert sr == 16000
+    return np.concatenate([wav, np.zeros(int(0.6 * sr), np.float32), wav])
+
+
+def test_a_long_recording_is_cut_in_its_middle_pause():
+    from sonic.audio_features import SPEECH_THRESHOLD, frame_loudness, normalise_loudness, pause_split
+    wav = _two_sentences()
+    n = int(len(wav) / 16000 * 25)
+    speech = normalise_loudness(frame_loudness(wav, n, 25)) > SPEECH_THRESHOLD
+    cut = pause_split(speech, 25)
+    first = len(wav) // 2 - int(0.3 * 16000)
+    assert cut is not None and first < cut < first + int(0.6 * 16000)      # inside the silence
+    assert pause_split(speech[:100], 25) is None            # 4 s: too short to be worth it
+    assert pause_split(np.ones(400, bool), 25) is None      # no pause: one piece
+
+
+def test_halves_recognised_beside_each_other_give_the_visemes_of_the_whole(pipeline):
+    from sonic.audio_features import encode_audio
+    wav = _two_sentences()
+    n = int(len(wav) / 16000 * 25)
+    whole = encode_audio(wav, n, 25, pipeline.phones)
+    pool = RenderPool(1)
+    try:
+        with pool.recogniser() as second:
+            halves = encode_audio(wav, n, 25, pipeline.phones, second)
+        for a, b in ((whole.vis_open, halves.vis_open), (whole.vis_spread, halves.vis_spread),
+                     (whole.vis_closure, halves.vis_closure)):
+            assert np.mean(np.abs(a - b)) < 0.03
+        assert len(halves.phones) > 10
+        # the helper is in step afterwards: a frames request works
+        assert pool.pids()
+    finally:
+        pool.close()
+
+
+def test_a_helper_lost_while_recognising_fails_clearly_and_the_next_request_works(decoder):
+    wav = _two_sentences()
+    pool = RenderPool(1)
+    try:
+        pool.start()
+        with pytest.raises(PipelineError, match="render process stopped"):
+            with pool.recogniser() as start:
+                job = start(wav)
+                os.kill(pool.pids()[0], signal.SIGKILL)
+                job.result()
+        coeffs, head = _motion(20)
+        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
+        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
+        # an answer left unread (the caller failed first) is read on leaving
+        with pytest.raises(RuntimeError):
+            with pool.recogniser() as start:
+                start(wav)
+                raise RuntimeError("first half failed")
+        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
+        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
+    finally:
+        pool.close()
