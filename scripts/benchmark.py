@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def measure(pipe, image, audio, opts, tmp: Path):

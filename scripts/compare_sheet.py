@@ -8,16 +8,13 @@ Crops are taken around the landmarks of each clip's first frame and enlarged 2x 
 neighbour, so that every pixel of the video shows), then the sheet is fitted to --width.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sonic.face import FaceAnalyzer  # noqa: E402
-from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER  # noqa: E402
+from sonic.face import FaceAnalyzer
+from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER
 from quality_sweep import read_frames  # noqa: E402  (this folder)
 
 

@@ -12,18 +12,16 @@ against the photo only through landmarks; --save-reference writes the right-size
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sonic.face import FaceAnalyzer, crop_box  # noqa: E402
-from sonic.media import load_image  # noqa: E402
-from sonic.landmarks import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER  # noqa: E402
-from sonic.options import GenerateOptions, load_config  # noqa: E402
-from sonic.geometry import crop_and_scale  # noqa: E402
+from sonic.face import FaceAnalyzer, crop_box
+from sonic.media import load_image
+from sonic.landmarks import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER
+from sonic.options import GenerateOptions, load_config
+from sonic.geometry import crop_and_scale
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -18,11 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sonic import load_pipeline  # noqa: E402
-from sonic.face import FaceAnalyzer  # noqa: E402
-from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER  # noqa: E402
+from sonic import load_pipeline
+from sonic.face import FaceAnalyzer
+from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER
 
 SCORER = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "score_video.py"
 TILE_W = 200

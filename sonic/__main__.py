@@ -1,4 +1,7 @@
-"""CLI: python -m sonic generate --image IMG --audio AUD --out OUT.mp4 [--config JSON]"""
+"""CLI: `sonic generate --image IMG --audio AUD --out OUT.mp4 [--config JSON]`, `sonic serve
+[--host H] [--port P] [--config settings.yaml]` (also `python -m sonic ...`).
+
+`serve` imports the server package (and flask) only when it runs: the library never does."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +37,7 @@ def _params(text: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sonic", description=__doc__)
+    ap = argparse.ArgumentParser(prog="sonic", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="make a talking-head MP4")
     gen.add_argument("--image", required=True, help="portrait (PNG, JPEG, WebP)")
@@ -43,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
     gen.add_argument("--settings", help="YAML settings file (defaults, limits); default configs/default.yaml")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "serve":          # its own flags are the server's to parse
+        from sonic_server.serve import main as serve
+        serve(rest, prog="sonic serve")
+        return 0
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         from .options import GenerateOptions, load_config
         config = load_config(args.settings)

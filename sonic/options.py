@@ -15,8 +15,22 @@ import yaml
 
 from .errors import InvalidParameter
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+def _default_settings() -> Path:
+    """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
+    checkout that is not installed, the repository's own folder."""
+    try:
+        from importlib.resources import files
+        path = Path(str(files("sonic.configs") / "default.yaml"))
+        if path.is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+DEFAULT_CONFIG = _default_settings()
 
 # name -> (type, low, high, low_inclusive); None bounds are open.
 RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {

@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +5,6 @@ import pytest
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 EXAMPLES = ROOT / "examples"
 PORTRAIT = EXAMPLES / "portrait.jpg"
 SPEECH = EXAMPLES / "speech.flac"

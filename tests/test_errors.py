@@ -38,7 +38,7 @@ def test_library_errors_carry_no_http_status():
 
 
 def test_every_code_has_a_status():
-    from server.errors import STATUS_BY_CODE, status_for
+    from sonic_server.errors import STATUS_BY_CODE, status_for
     for cls in library_errors():
         assert cls.code in STATUS_BY_CODE, cls.code
     for code, status in EXPECTED.items():
@@ -54,7 +54,7 @@ class NoFacePipeline:
 
 
 def make_app(tmp_path, pipeline=None):
-    from server import create_app
+    from sonic_server import create_app
     cfg = load_config()
     cfg["output_dir"] = str(tmp_path / "outputs")
     cfg["server"].update(upload_dir=str(tmp_path / "uploads"), jobs_db=str(tmp_path / "jobs.sqlite3"),

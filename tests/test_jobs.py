@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from server.jobs import Job, JobManager, QueueFull
+from sonic_server.jobs import Job, JobManager, QueueFull
 from sonic import GenerateOptions
 
 
@@ -20,7 +20,7 @@ def make_job(tmp_path, manager):
 
 
 def test_old_outputs_are_swept(tmp_path):
-    from server.store import JobStore
+    from sonic_server.store import JobStore
     store = JobStore(tmp_path / "jobs.sqlite3")
     m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60, store=store)
     old_job, new_job = make_job(tmp_path, m), make_job(tmp_path, m)
@@ -57,7 +57,7 @@ def test_queue_bound_and_cancel_frees_place(tmp_path):
 
 
 def test_token_bucket():
-    from server.access import TokenBucket
+    from sonic_server.access import TokenBucket
     b = TokenBucket(rate=10, burst=2)
     assert b.take("a", now=0.0) == 0 and b.take("a", now=0.0) == 0
     wait = b.take("a", now=0.0)
