@@ -3,13 +3,22 @@
 Reads ("render", key, decoder_path, frames_path, slot, coeffs, head) from the socket FD, renders
 the batch into slot `slot` of the frames file (a .npy mapped into memory) and answers
 ("ok", number of frames) or ("error", message). ("phones", waveform) answers ("ok", timed
-phones) from pocketsphinx (loaded on first use). The decoder and frames file of the latest
+phones) from pocketsphinx (loaded on first use). ("release",) (no answer) drops the request's
+decoder and frames file: in /dev/shm, a mapped file holds its memory even once deleted. The decoder and frames file of the latest
 request are kept; end of file on the socket (the parent closed it or exited) ends the process.
 """
 import pickle
 import signal
 import sys
 from multiprocessing.connection import Connection
+
+
+def _give_back_memory() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):    # not glibc
+        pass
 
 
 def main(fd: int) -> None:
@@ -26,12 +35,18 @@ def main(fd: int) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             return
+        if msg[0] == "release":                 # the request is over: its decoder and frames go
+            current_key, dec, buf = None, None, None
+            _give_back_memory()
+            continue
         try:
             if msg[0] == "phones":
                 if recognizer is None:
                     from sonic.audio_features import PhoneRecognizer
                     recognizer = PhoneRecognizer()
-                conn.send(("ok", recognizer(msg[1])))
+                phones = recognizer(msg[1])
+                _give_back_memory()             # pocketsphinx's ~30 MB decoder is freed: return it
+                conn.send(("ok", phones))
                 continue
             _, key, path, frames_path, slot, coeffs, head = msg
             if key != current_key:

@@ -115,8 +115,9 @@ def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarr
 
 
 def pause_split(speech: np.ndarray, fps: int) -> int | None:
-    """A sample index in the middle of the longest pause (no speech for SPLIT_PAUSE_FRAMES frames
-    or more) whose middle lies within SPLIT_WINDOW of the recording, or None."""
+    """A sample index in the middle of the pause (no speech for SPLIT_PAUSE_FRAMES frames or more)
+    nearest the recording's middle, among those whose middle lies within SPLIT_WINDOW, or None
+    (the nearer the middle, the better the two halves share the work)."""
     n = len(speech)
     if n / fps < SPLIT_MIN_S:
         return None
@@ -127,7 +128,7 @@ def pause_split(speech: np.ndarray, fps: int) -> int | None:
         elif sp and run_start is not None:
             length, mid = i - run_start, (run_start + i) / 2
             if length >= SPLIT_PAUSE_FRAMES and SPLIT_WINDOW[0] * n <= mid <= SPLIT_WINDOW[1] * n:
-                if best is None or length > best[0]:
+                if best is None or abs(mid - n / 2) < abs(best[1] - n / 2):
                     best = (length, mid)
             run_start = None
     return None if best is None else int(round(best[1] / fps * SAMPLE_RATE))

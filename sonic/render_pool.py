@@ -179,6 +179,9 @@ class RenderPool:
         finally:
             try:
                 self._drain(asked)
+                for h in self._helpers:
+                    with contextlib.suppress(OSError):
+                        h.conn.send(("release",))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._busy.release()
