@@ -3,9 +3,10 @@
 Reads ("render", key, decoder_path, frames_path, slot, coeffs, head) from the socket FD, renders
 the batch into slot `slot` of the frames file (a .npy mapped into memory) and answers
 ("ok", number of frames) or ("error", message). ("phones", waveform) answers ("ok", timed
-phones) from pocketsphinx (loaded on first use). ("release",) (no answer) drops the request's
-decoder and frames file: in /dev/shm, a mapped file holds its memory even once deleted. The decoder and frames file of the latest
-request are kept; end of file on the socket (the parent closed it or exited) ends the process.
+phones) from pocketsphinx (loaded on first use). The decoder and frames file of the latest
+request are kept until ("release",) (no answer) drops them: in /dev/shm, a mapped file holds
+its memory even once deleted. End of file on the socket (the parent closed it or exited) ends
+the process.
 """
 import pickle
 import signal

@@ -16,7 +16,6 @@ import yaml
 from .errors import InvalidParameter
 
 
-
 def _default_settings() -> Path:
     """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
     checkout that is not installed, the repository's own folder."""

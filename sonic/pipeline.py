@@ -19,7 +19,7 @@ from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions, load_config
-from .render_pool import RenderPool
+from .render_pool import RenderPool, render_here
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8     # frames rendered and handed to the writer at a time
@@ -46,21 +46,10 @@ class GenerationResult:
         return d
 
 
-def pick_device(name: str = "auto"):
-    """The torch device for a decoder that runs on torch (the setting `device`). torch is imported
-    here only: the warp decoder runs on the CPU with OpenCV, and a process that does not load
-    torch saves ~220 MB."""
-    import torch
-    torch.set_num_threads(1)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class SonicPipeline:
     def __init__(self, config: dict | None = None):
         self.config = config if config is not None else load_config()
-        self.device = "cpu"     # the warp decoder's; a torch decoder would use pick_device(config["device"])
+        self.device = "cpu"     # the warp decoder runs on the CPU with OpenCV; torch is not imported
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
         # frames are rendered by `render_processes` helper processes, each single-threaded inside
@@ -83,10 +72,8 @@ class SonicPipeline:
         """Rendered frames in batches of BATCH_FRAMES, in order; a clip of one or two batches is
         rendered here (handing the decoder to the helpers would cost more than it saves)."""
         if self._render_pool is None or len(coeffs) <= 2 * BATCH_FRAMES:
-            for start in range(0, len(coeffs), BATCH_FRAMES):
-                yield decoder.render(coeffs[start:start + BATCH_FRAMES], head[start:start + BATCH_FRAMES])
-        else:
-            yield from self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
+            return render_here(decoder, coeffs, head, BATCH_FRAMES)
+        return self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)

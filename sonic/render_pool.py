@@ -95,6 +95,12 @@ class _Helper:
             self.proc.wait()
 
 
+def render_here(decoder, coeffs: np.ndarray, head: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    """Rendered batches of `batch` frames, in order, in the calling thread."""
+    for start in range(0, len(coeffs), batch):
+        yield decoder.render(coeffs[start:start + batch], head[start:start + batch])
+
+
 class RenderPool:
     def __init__(self, processes: int):
         self.processes = max(1, int(processes))
@@ -104,8 +110,8 @@ class RenderPool:
 
     def start(self) -> None:
         """Start the helpers (they import in the background, ~1 s, while the caller goes on)."""
-        _sweep_orphans()
         if not self._helpers or not all(h.alive() for h in self._helpers):
+            _sweep_orphans()
             self._stop_helpers()
             self._helpers = [_Helper() for _ in range(self.processes)]
 
@@ -140,8 +146,7 @@ class RenderPool:
         """Yield rendered batches of `batch` frames, in order (in this thread when the helpers
         are busy with another request)."""
         if not self._busy.acquire(blocking=False):
-            for start in range(0, len(coeffs), batch):
-                yield decoder.render(coeffs[start:start + batch], head[start:start + batch])
+            yield from render_here(decoder, coeffs, head, batch)
             return
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=_tmp_root()))
         asked: list[int] = [0] * self.processes     # answers each helper still owes

@@ -36,6 +36,24 @@ def _motion(n: int, seed: int = 0):
     return coeffs, head
 
 
+@pytest.fixture
+def pools():
+    """RenderPool(n) for a test; every pool made is closed afterwards."""
+    made = []
+
+    def make(n: int) -> RenderPool:
+        made.append(RenderPool(n))
+        return made[-1]
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def _renders_as_here(pool: RenderPool, decoder, coeffs, head, batch: int = 4) -> None:
+    frames = np.concatenate(list(pool.frames(decoder, coeffs, head, batch)))
+    np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -44,51 +62,39 @@ def _alive(pid: int) -> bool:
     return not open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
 
 
-def test_helpers_render_the_same_frames_in_order(decoder):
+def test_helpers_render_the_same_frames_in_order(decoder, pools):
     coeffs, head = _motion(37)
-    pool = RenderPool(2)
-    try:
-        batches = list(pool.frames(decoder, coeffs, head, 4))
-        assert [len(b) for b in batches] == [4] * 9 + [1]
-        np.testing.assert_array_equal(np.concatenate(batches), decoder.render(coeffs, head))
-        # a second request with another decoder state reuses the helpers
-        again = np.concatenate(list(pool.frames(decoder, coeffs[::-1].copy(), head[::-1].copy(), 8)))
-        np.testing.assert_array_equal(again, decoder.render(coeffs[::-1], head[::-1]))
-    finally:
-        pool.close()
+    pool = pools(2)
+    batches = list(pool.frames(decoder, coeffs, head, 4))
+    assert [len(b) for b in batches] == [4] * 9 + [1]
+    np.testing.assert_array_equal(np.concatenate(batches), decoder.render(coeffs, head))
+    # a second request with another decoder state reuses the helpers
+    _renders_as_here(pool, decoder, coeffs[::-1].copy(), head[::-1].copy(), 8)
 
 
-def test_a_dead_helper_fails_the_request_clearly_and_the_next_one_works(decoder):
+def test_a_dead_helper_fails_the_request_clearly_and_the_next_one_works(decoder, pools):
     coeffs, head = _motion(40)
-    pool = RenderPool(2)
-    try:
-        pool.start()
-        victim = pool.pids()[1]
-        with pytest.raises(PipelineError, match="render process stopped"):
-            for i, _ in enumerate(pool.frames(decoder, coeffs, head, 4)):
-                if i == 0:
-                    os.kill(victim, signal.SIGKILL)
-        assert not _alive(victim)
-        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
-        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
-        assert victim not in pool.pids()
-    finally:
-        pool.close()
+    pool = pools(2)
+    pool.start()
+    victim = pool.pids()[1]
+    with pytest.raises(PipelineError, match="render process stopped"):
+        for i, _ in enumerate(pool.frames(decoder, coeffs, head, 4)):
+            if i == 0:
+                os.kill(victim, signal.SIGKILL)
+    assert not _alive(victim)
+    _renders_as_here(pool, decoder, coeffs, head)
+    assert victim not in pool.pids()
 
 
-def test_an_abandoned_request_leaves_the_helpers_in_step(decoder):
+def test_an_abandoned_request_leaves_the_helpers_in_step(decoder, pools):
     coeffs, head = _motion(40)
-    pool = RenderPool(2)
-    try:
-        gen = pool.frames(decoder, coeffs, head, 4)
-        next(gen)
-        gen.close()                     # e.g. the job was cancelled after its first batch
-        pids = pool.pids()
-        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
-        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
-        assert pool.pids() == pids      # drained, not restarted
-    finally:
-        pool.close()
+    pool = pools(2)
+    gen = pool.frames(decoder, coeffs, head, 4)
+    next(gen)
+    gen.close()                     # e.g. the job was cancelled after its first batch
+    pids = pool.pids()
+    _renders_as_here(pool, decoder, coeffs, head)
+    assert pool.pids() == pids      # drained, not restarted
 
 
 def test_helpers_exit_with_the_pool_and_dead_requests_files_are_swept(decoder):
@@ -157,44 +163,37 @@ def test_a_long_recording_is_cut_in_its_middle_pause():
     assert pause_split(np.ones(400, bool), 25) is None      # no pause: one piece
 
 
-def test_halves_recognised_beside_each_other_give_the_visemes_of_the_whole(pipeline):
+def test_halves_recognised_beside_each_other_give_the_visemes_of_the_whole(pipeline, decoder, pools):
     from sonic.audio_features import encode_audio
     wav = _two_sentences()
     n = int(len(wav) / 16000 * 25)
     whole = encode_audio(wav, n, 25, pipeline.phones)
-    pool = RenderPool(1)
-    try:
-        with pool.recogniser() as second:
-            halves = encode_audio(wav, n, 25, pipeline.phones, second)
-        for a, b in ((whole.vis_open, halves.vis_open), (whole.vis_spread, halves.vis_spread),
-                     (whole.vis_closure, halves.vis_closure)):
-            assert np.mean(np.abs(a - b)) < 0.03
-        assert len(halves.phones) > 10
-        # the helper is in step afterwards: a frames request works
-        assert pool.pids()
-    finally:
-        pool.close()
+    pool = pools(1)
+    with pool.recogniser() as second:
+        halves = encode_audio(wav, n, 25, pipeline.phones, second)
+    for a, b in ((whole.vis_open, halves.vis_open), (whole.vis_spread, halves.vis_spread),
+                 (whole.vis_closure, halves.vis_closure)):
+        assert np.mean(np.abs(a - b)) < 0.03
+    assert len(halves.phones) > 10
+    # the helper is in step afterwards: a frames request works
+    assert pool.pids()
+    _renders_as_here(pool, decoder, *_motion(12))
 
 
-def test_a_helper_lost_while_recognising_fails_clearly_and_the_next_request_works(decoder):
+def test_a_helper_lost_while_recognising_fails_clearly_and_the_next_request_works(decoder, pools):
     wav = _two_sentences()
-    pool = RenderPool(1)
-    try:
-        pool.start()
-        with pytest.raises(PipelineError, match="render process stopped"):
-            with pool.recogniser() as start:
-                job = start(wav)
-                os.kill(pool.pids()[0], signal.SIGKILL)
-                job.result()
-        coeffs, head = _motion(20)
-        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
-        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
-        # an answer left unread (the caller failed first) is read on leaving
-        with pytest.raises(RuntimeError):
-            with pool.recogniser() as start:
-                start(wav)
-                raise RuntimeError("first half failed")
-        frames = np.concatenate(list(pool.frames(decoder, coeffs, head, 4)))
-        np.testing.assert_array_equal(frames, decoder.render(coeffs, head))
-    finally:
-        pool.close()
+    pool = pools(1)
+    pool.start()
+    with pytest.raises(PipelineError, match="render process stopped"):
+        with pool.recogniser() as start:
+            job = start(wav)
+            os.kill(pool.pids()[0], signal.SIGKILL)
+            job.result()
+    coeffs, head = _motion(20)
+    _renders_as_here(pool, decoder, coeffs, head)
+    # an answer left unread (the caller failed first) is read on leaving
+    with pytest.raises(RuntimeError):
+        with pool.recogniser() as start:
+            start(wav)
+            raise RuntimeError("first half failed")
+    _renders_as_here(pool, decoder, coeffs, head)
