@@ -93,7 +93,7 @@ def create_app(config: dict | None = None, pipeline=None, background_load: bool 
         return resp
 
     def error_response(code: str, message: str, field: str | None = None, headers=None, status: int | None = None):
-        """The one error body; its status comes from the code (server/errors.py) unless given."""
+        """The one error body; its status comes from the code (sonic_server/errors.py) unless given."""
         err = {"code": code, "message": message}
         if field:
             err["field"] = field

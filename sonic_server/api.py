@@ -25,7 +25,7 @@ def _jobs():
 
 
 def _error(code, message, field=None, headers=None):
-    """An error response; its HTTP status comes from the code (server/errors.py)."""
+    """An error response; its HTTP status comes from the code (sonic_server/errors.py)."""
     return current_app.extensions["sonic_error"](code, message, field, headers)
 
 

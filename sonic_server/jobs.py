@@ -2,7 +2,7 @@
 
 Jobs live in memory, keyed by id; the HTTP layer only reads their public dict. A failed job's
 `error` holds a code, a message and maybe a field, never an HTTP status: the routes derive that
-from the code (server/errors.py). A job's inputs are deleted when it ends; outputs are swept
+from the code (sonic_server/errors.py). A job's inputs are deleted when it ends; outputs are swept
 after `output_ttl_s`.
 """
 from __future__ import annotations
