@@ -130,9 +130,10 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     r = np.clip(depth / np.maximum(gap, 1.0), 0, 1)   # 0 at the upper lip, 1 at the lower lip
     x_iod = np.abs(u) * half / iod
 
-    # cavity: dark, warmer and lighter where the tongue shows, darker into the cheeks
+    # cavity: dark, warmer and lighter where the tongue shows, darker into the cheeks (no darker
+    # than at the corners where the opening's feathered edge reaches past them, |u| > 1)
     tongue = smoothstep(r, 0.5, 1.0) * smoothstep(gap_iod, *TONGUE_FROM_GAP_IOD)
-    cav_light = (0.78 + 0.3 * (1 - au ** 2)) * (0.9 + 0.2 * r)
+    cav_light = (0.78 + 0.3 * (1 - np.minimum(au, 1.0) ** 2)) * (0.9 + 0.2 * r)
     paint = style.cavity * cav_light[..., None]
     paint += (style.tongue * (1 - 0.35 * au ** 2)[..., None] - paint) * (0.85 * tongue)[..., None]
 
@@ -150,12 +151,16 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
         t_h = np.minimum(TEETH_MAX_IOD * iod, 0.52 * gap) * np.sqrt(np.clip(np.cos(phi), 0, 1)) * show
         corner_round = np.clip(1 - to_gap / max(1.0, 0.014 * iod), 0, 1) ** 2
         edge = t_h * (1 - 0.22 * corner_round)
-        teeth_a = np.clip((vu + edge - v) / feather + 0.5, 0, 1) * (t_h > 0.6)
+        # between the upper lip's line and the incisal edge: above the line (where the opening's
+        # feathered edge reaches at the corners) the cavity's shadow shows, not teeth
+        teeth_a = np.clip((vu + edge - v) / feather + 0.5, 0, 1) * np.clip(depth / feather + 0.5, 0, 1) * (t_h > 0.6)
         gaps = np.exp(-(to_gap / max(0.55, 0.0045 * iod)) ** 2) * (k > 0) + \
             np.exp(-(xpx / max(0.45, 0.0035 * iod)) ** 2)             # the central gap is finer
         lit = (1 - 0.1 * (2 * across - 1) ** 2) * (1 - 0.5 * (phi / (np.pi / 2)) ** 1.5)
         lit *= np.where(k == 0, 1.0, np.where(k == 1, 0.95, 0.88))
-        lit *= 1 - 0.38 * np.exp(-depth / max(1.0, 0.012 * iod))      # the upper lip's shadow
+        # the upper lip's shadow; above the lip line (the opening's feathered edge at the corners,
+        # where depth < 0) it is no darker than at the line: unclamped, it went below black there
+        lit *= 1 - 0.38 * np.exp(-np.maximum(depth, 0) / max(1.0, 0.012 * iod))
         lit *= 1 - 0.12 * smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)   # translucent edge
         lit *= 1 - 0.3 * np.clip(gaps, 0, 1)
         teeth = style.teeth * lit[..., None]
@@ -203,4 +208,11 @@ def _soften_chroma(sub: np.ndarray, alpha: np.ndarray, iod: float) -> None:
     ycc = cv2.cvtColor(np.clip(sub, 0, 255).astype(np.float32), cv2.COLOR_RGB2YCrCb)
     soft = cv2.GaussianBlur(ycc, (0, 0), max(1.0, 0.008 * iod))
     ycc[..., 1:] += (soft[..., 1:] - ycc[..., 1:]) * band
-    sub[:] = cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+    # a dark pixel given a saturated neighbour's colour (the cavity beside a deep-red lip) can
+    # leave the RGB cube; clipping its channels turned it into a near-black stroke. Its colour is
+    # shortened instead, towards its own grey: brightness and hue stay.
+    y = ycc[..., :1]
+    c = cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB) - y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(c < 0, y / -c, np.where(c > 0, (255 - y) / c, np.inf))
+    sub[:] = y + c * np.clip(room.min(-1, keepdims=True), 0, 1)
