@@ -177,6 +177,7 @@ class WarpDecoder:
         interior = cv2.dilate(interior, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
         self.src_interior = shows * cv2.GaussianBlur(interior, (0, 0), 0.6)
         self.shows_interior = shows > 0
+        self.shows = shows
         self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5)
     def _fit_fields(self, lm: np.ndarray, oval: np.ndarray, radial: np.ndarray) -> None:
         """Two field sets split at the lips' parting line, where the motion is discontinuous:
@@ -403,6 +404,14 @@ class WarpDecoder:
                     (int(max(0, lips[:, 0].min() - pad)), int(min(sx1 - sx0, lips[:, 0].max() + pad + 1))))
             px, py, op, sm = self.expression_map(coeffs, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], mouth, band)
             qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1] = px, py
+            wide = smoothstep(float(np.linalg.norm(lo - up, axis=1).max()) / self.rig.iod, 0.03, 0.06)
+            if self.shows < 0.5 and wide > 0:
+                # a closed photo's corners are a deep-red crease; stretched across a wide opening
+                # they read as red specks beside the teeth: towards the corners the opening is
+                # painted wherever the lips part, whatever the warp found there (a photo that
+                # shows its teeth keeps its own corners, as it keeps its own teeth)
+                op = np.maximum(op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], mouth.shape)
+                                * ((1 - 2 * self.shows) * wide))
             opening = np.zeros(qx.shape, np.float32)
             opening[sy0:sy1, sx0:sx1] = op
             if sm is not None:
@@ -442,6 +451,18 @@ def _bounds(pts: np.ndarray, hbox, margin: int = 3) -> tuple[tuple[int, int], tu
     if r1 <= r0 or c1 <= c0:
         return None
     return (int(r0), int(r1)), (int(c0), int(c1))
+
+
+def _corners(upper: np.ndarray, lower: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """0..1 over an (H, W) region: how far towards the mouth's corners a pixel lies (0 in the
+    middle half of the mouth, 1 from 85 % of the way to a corner), from the inner lip contours."""
+    left, right = (upper[0] + lower[0]) / 2, (upper[-1] + lower[-1]) / 2
+    half = max(float(np.linalg.norm(right - left)) / 2, 1.0)
+    ex = (right - left) / (2 * half)
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    c = (left + right) / 2
+    u = np.abs((xs - c[0]) * ex[0] + (ys - c[1]) * ex[1]) / half
+    return smoothstep(u, 0.7, 0.9).astype(np.float32)
 
 
 def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray, seam: np.ndarray | None,
