@@ -1,0 +1,250 @@
+"""Settings: how an installation runs (limits, folders, the server), as opposed to a request's
+`options` (sonic/options.py), which say what one video looks like.
+
+Loaded in three layers, each overriding the one before:
+
+1. the YAML file: `configs/default.yaml` (shipped inside the package), or the file named by
+   `--config` (`sonic serve`, `python app.py`) / `--settings` (`sonic generate`); a file may
+   name only some settings, the rest keep their defaults;
+2. environment variables `SONIC_<NAME>`, NAME being the setting's own name in capitals
+   (`SONIC_QUEUE_SIZE=8`, `SONIC_OUTPUT_DIR=/srv/videos`, `SONIC_MAX_DURATION_S=60`); lists are
+   comma-separated; `SONIC_API_KEYS` adds keys to those of the file;
+3. command-line flags (`--host`, `--port`).
+
+Relative paths (output_dir, server.upload_dir, server.data_dir, server.jobs_db) are resolved
+against the working directory when the settings are loaded. Unknown names and values of the
+wrong type are refused with the setting named (`SettingsError`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "SONIC_"
+
+
+class SettingsError(ValueError):
+    """A settings file, variable or flag that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_duration_s: float = 300.0        # longest audio / requested duration accepted
+    max_image_pixels: int = 40_000_000   # larger images are refused before decoding
+    max_upload_mb: float = 50.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    upload_dir: str = "uploads"          # a request's files while its job lives
+    data_dir: str = "data"               # the job database and other state
+    jobs_db: str | None = None           # None: <data_dir>/jobs.sqlite3; "": records in memory only
+    queue_size: int = 4
+    sync_wait_s: float = 120.0
+    output_ttl_s: float = 86400.0
+    retry_after_s: int = 10
+    socket_timeout_s: float = 30.0
+    cors_origins: tuple[str, ...] = ("*",)
+    api_keys: tuple[str, ...] = ()
+    rate_limit_per_s: float = 10.0
+    rate_limit_burst: float = 20.0
+
+    @property
+    def jobs_db_path(self) -> str:
+        """Where job records are kept ("" = in memory)."""
+        if self.jobs_db is None:
+            return str(Path(self.data_dir) / "jobs.sqlite3")
+        return self.jobs_db
+
+
+@dataclass(frozen=True)
+class Settings:
+    defaults: Mapping[str, Any] = field(default_factory=dict)   # parameter defaults (sonic/options.py)
+    limits: Limits = field(default_factory=Limits)
+    output_dir: str = "outputs"
+    device: str = "auto"
+    render_processes: int = 2
+    decoder: str = "warp"
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    def to_dict(self) -> dict:
+        """The settings as the YAML file's structure (paths as resolved)."""
+        d = dataclasses.asdict(self)
+        d["defaults"] = dict(self.defaults)
+        for k in ("cors_origins", "api_keys"):
+            d["server"][k] = list(d["server"][k])
+        return d
+
+
+_SECTIONS = {"limits": Limits, "server": ServerSettings}
+_PATHS = {("output_dir",), ("server", "upload_dir"), ("server", "data_dir"), ("server", "jobs_db")}
+
+
+def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
+    """value -> typ, or SettingsError naming `where`; from_text: value is a variable's string."""
+    args = typing.get_args(typ)
+    if type(None) in args:                                       # Optional[X]
+        if value is None or (from_text and value == ""):
+            return None if value is None else ""
+        typ = next(a for a in args if a is not type(None))
+        args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:
+        items = [s.strip() for s in value.split(",") if s.strip()] if from_text else value
+        if items is None:
+            return ()
+        if not isinstance(items, (list, tuple)):
+            raise SettingsError(f"setting {where} must be a list, got {value!r}")
+        return tuple(_cast(where, args[0], v, from_text) for v in items)
+    if typ is bool:
+        if from_text and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif typ is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise SettingsError(f"setting {where} must be {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _section(cls, raw: Mapping | None, prefix: str, env: Mapping[str, str]) -> Any:
+    raw = dict(raw or {})
+    hints = _hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise SettingsError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(hints))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = f.name
+        if name in raw:
+            values[name] = _cast(prefix + name, hints[name], raw[name], from_text=False)
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            value = _cast(var, hints[name], env[var], from_text=True)
+            if name == "api_keys":                   # the variable adds keys to the file's
+                value = tuple(values.get("api_keys", ())) + value
+            values[name] = value
+    return cls(**values)
+
+
+def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = None,
+                  flags: Mapping[str, Any] | None = None, base: Path | None = None) -> Settings:
+    """Settings from a mapping with the YAML file's structure, then `env` (SONIC_* variables;
+    none when not given), then `flags` ({"server.port": 5001, ...}; None values are skipped).
+    Relative paths are resolved against `base` (default: the working directory)."""
+    raw = dict(raw or {})
+    env = env or {}
+    hints = _hints(Settings)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]} (known: {', '.join(sorted(hints))})")
+    top = {}
+    for f in dataclasses.fields(Settings):
+        name = f.name
+        if name in _SECTIONS:
+            top[name] = _section(_SECTIONS[name], raw.get(name), name + ".", env)
+            continue
+        if name == "defaults":
+            d = raw.get("defaults") or {}
+            if not isinstance(d, Mapping):
+                raise SettingsError("setting defaults must be a mapping of parameter defaults")
+            top[name] = dict(d)
+            continue
+        if name in raw:
+            top[name] = _cast(name, hints[name], raw[name], from_text=False)
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            top[name] = _cast(var, hints[name], env[var], from_text=True)
+    # flags win over variables
+    settings = Settings(**top)
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, _, key = name.rpartition(".")
+        if section:
+            sub = getattr(settings, section)
+            sub = dataclasses.replace(sub, **{key: _cast(name, _hints(type(sub))[key], value, False)})
+            settings = dataclasses.replace(settings, **{section: sub})
+        else:
+            settings = dataclasses.replace(settings, **{key: _cast(name, hints[key], value, False)})
+    return _resolve_paths(settings, base or Path.cwd())
+
+
+def _resolve_paths(s: Settings, base: Path) -> Settings:
+    def res(p: str | None) -> str | None:
+        if not p:                                   # None / "" keep their meaning
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+    server = dataclasses.replace(s.server, upload_dir=res(s.server.upload_dir), data_dir=res(s.server.data_dir),
+                                 jobs_db=res(s.server.jobs_db))
+    return dataclasses.replace(s, output_dir=res(s.output_dir), server=server)
+
+
+def read_yaml(path: str | Path | None = None) -> dict:
+    """The settings file's contents as a mapping (default: the shipped configs/default.yaml)."""
+    from .options import DEFAULT_CONFIG
+    p = Path(path) if path else DEFAULT_CONFIG
+    try:
+        with open(p, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise SettingsError(f"settings file {str(p)!r} not found") from e
+    except yaml.YAMLError as e:
+        raise SettingsError(f"settings file {str(p)!r} is not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"settings file {str(p)!r} must hold a mapping of settings")
+    return dict(raw)
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  flags: Mapping[str, Any] | None = None) -> Settings:
+    """The shipped defaults, overlaid by the YAML file at `path` (when given), then SONIC_*
+    variables (`env`, default os.environ), then `flags`."""
+    raw = read_yaml(None)
+    if path:
+        raw = _merge(raw, read_yaml(path))
+    return settings_from(raw, os.environ if env is None else env, flags)
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def as_settings(value: Settings | Mapping | str | Path | None) -> Settings:
+    """Settings from what a caller passes: Settings as they are; a mapping with the YAML file's
+    structure (no environment applied); a path to a YAML file or None (load_settings)."""
+    if isinstance(value, Settings):
+        return value
+    if isinstance(value, Mapping):
+        return settings_from(value)
+    return load_settings(value)

@@ -1,0 +1,61 @@
+"""Settings: the YAML file, then SONIC_* variables, then flags; typed, paths resolved."""
+import pytest
+import yaml
+
+from sonic.settings import SettingsError, load_settings, settings_from
+
+
+def test_shipped_defaults_are_typed():
+    s = load_settings(env={})
+    assert isinstance(s.server.queue_size, int) and isinstance(s.limits.max_duration_s, float)
+    assert s.server.cors_origins == ("*",) and s.defaults["fps"] == 25
+
+
+def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"server": {"port": 6000, "queue_size": 2}, "defaults": {"seed": 3}}))
+    s = load_settings(f, env={})
+    assert (s.server.port, s.server.queue_size, s.defaults["seed"]) == (6000, 2, 3)
+    assert s.defaults["fps"] == 25 and s.server.sync_wait_s == 120    # the rest keeps the shipped values
+    s = load_settings(f, env={"SONIC_PORT": "6001", "SONIC_MAX_DURATION_S": "60", "SONIC_CORS_ORIGINS": "a, b"})
+    assert (s.server.port, s.limits.max_duration_s, s.server.cors_origins) == (6001, 60.0, ("a", "b"))
+    s = load_settings(f, env={"SONIC_PORT": "6001"}, flags={"server.port": 6002, "server.host": None})
+    assert s.server.port == 6002 and s.server.host == "127.0.0.1"
+
+
+def test_api_keys_variable_adds_to_the_file():
+    s = settings_from({"server": {"api_keys": ["k1"]}}, env={"SONIC_API_KEYS": "k2, k3"})
+    assert s.server.api_keys == ("k1", "k2", "k3")
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(env={"SONIC_OUTPUT_DIR": "videos", "SONIC_DATA_DIR": "state"})
+    assert s.output_dir == str(tmp_path / "videos") and s.server.data_dir == str(tmp_path / "state")
+    assert s.server.upload_dir == str(tmp_path / "uploads")
+    s = settings_from({"server": {"data_dir": "state"}})
+    assert s.server.jobs_db is None and s.server.jobs_db_path == str(tmp_path / "state" / "jobs.sqlite3")
+    assert settings_from({"server": {"jobs_db": ""}}).server.jobs_db_path == ""           # in memory
+    assert settings_from({"server": {"jobs_db": "/x/j.db"}}).server.jobs_db_path == "/x/j.db"
+
+
+@pytest.mark.parametrize("raw, env, needle", [
+    ({"server": {"queue_size": "many"}}, {}, "server.queue_size must be int"),
+    ({"server": {"queue_sise": 3}}, {}, "unknown setting server.queue_sise"),
+    ({"output": "x"}, {}, "unknown setting output"),
+    ({}, {"SONIC_PORT": "80a"}, "SONIC_PORT must be int"),
+    ({"limits": {"max_upload_mb": True}}, {}, "limits.max_upload_mb must be float"),
+    ({"defaults": [1]}, {}, "defaults must be a mapping"),
+])
+def test_bad_settings_are_named(raw, env, needle):
+    with pytest.raises(SettingsError, match=needle):
+        settings_from(raw, env=env)
+
+
+def test_bad_settings_file_is_named(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    (tmp_path / "bad.yaml").write_text("server: [1, 2\n")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        load_settings(tmp_path / "bad.yaml", env={})
