@@ -1,12 +1,19 @@
 """Generation parameters: one frozen options object, validated once at the boundary.
 
+Each parameter is declared once, as a field of `GenerateOptions`: its type is the annotation,
+its range, meaning and unit are the field's metadata (see `param`). Validation (`from_dict`),
+the parameter schema (`schema`, which the server publishes) and the check that
+configs/default.yaml agrees (tests/test_options.py) are all derived from those fields.
+
 `GenerateOptions.from_dict` is the only way user input becomes options: unknown names, wrong
 types, NaN/inf and out-of-range values are rejected with the field named, never clamped.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,35 +37,7 @@ def _default_settings() -> Path:
 
 
 DEFAULT_CONFIG = _default_settings()
-
-# name -> (type, low, high, low_inclusive); None bounds are open.
-RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
-    "duration": (float, 0.0, None, False),          # upper bound: limits.max_duration_s
-    "min_resolution": (int, 256, 1024, True),
-    "expand_ratio": (float, 0.0, 1.0, True),
-    "inference_steps": (int, 1, 100, True),
-    "dynamic_scale": (float, 0.5, 2.0, True),
-    "motion_scale": (float, 0.0, 2.0, True),
-    "align_mouth": (bool, None, None, True),
-    "smooth_motion": (bool, None, None, True),
-    "fps": (int, 10, 60, True),
-    "seed": (int, 0, 2**32 - 1, True),
-    "crop_to_face": (bool, None, None, True),
-}
-
-DESCRIPTIONS = {
-    "duration": "seconds of output; shorter than the audio trims it, longer pads silence",
-    "min_resolution": "short side of the output frame in px (rounded to a multiple of 16)",
-    "expand_ratio": "margin around the detected face for the crop, as a fraction of the face box",
-    "inference_steps": "denoising steps of a diffusion decoder (unused by the warp decoder)",
-    "dynamic_scale": "mouth/expression amplitude",
-    "motion_scale": "head motion amplitude (0 = still head; blinks stay)",
-    "align_mouth": "measure and correct the audio/mouth offset and report it",
-    "smooth_motion": "temporal smoothing of all motion",
-    "fps": "output frame rate",
-    "seed": "random seed for head motion and blinks",
-    "crop_to_face": "crop the output to the face region (false: keep the whole image)",
-}
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number"}
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -67,47 +46,84 @@ def load_config(path: str | Path | None = None) -> dict:
         return yaml.safe_load(f)
 
 
-def _check(name: str, value: Any, max_duration: float) -> Any:
-    typ, lo, hi, inclusive = RANGES[name]
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise InvalidParameter(f"{name} must be true or false, got {value!r}", field=name)
+def param(default: Any, description: str, *, low: float | None = None, high: float | None = None,
+          low_inclusive: bool = True, high_limit: str | None = None, unit: str | None = None) -> Any:
+    """A `GenerateOptions` field with its declaration as metadata.
+
+    low/high: the accepted range (None: unbounded; the upper bound is always inclusive);
+    high_limit: the name of a setting under `limits` that is the upper bound instead of `high`.
+    A field whose default is None may be left unset (None); no other field accepts None.
+    """
+    return dataclasses.field(default=default, metadata={
+        "low": low, "high": high, "low_inclusive": low_inclusive, "high_limit": high_limit,
+        "description": description, "unit": unit})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter as declared on `GenerateOptions` (see `parameters()`)."""
+    name: str
+    type: type                 # bool, int or float: the field's annotation without None
+    default: Any               # the field's default (the served default comes from the settings)
+    low: float | None
+    high: float | None
+    low_inclusive: bool
+    high_limit: str | None     # upper bound read from the settings' `limits`
+    description: str
+    unit: str | None
+
+    def maximum(self, limits: Mapping) -> float | None:
+        return float(limits[self.high_limit]) if self.high_limit else self.high
+
+    def check(self, value: Any, limits: Mapping) -> Any:
+        """The value converted to the declared type, or InvalidParameter naming the field."""
+        name = self.name
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise InvalidParameter(f"{name} must be true or false, got {value!r}", field=name)
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidParameter(f"{name} must be a number, got {value!r}", field=name)
+        if self.type is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise InvalidParameter(f"{name} must be an integer, got {value!r}", field=name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidParameter(f"{name} must be finite", field=name)
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise InvalidParameter(f"{name} must be a finite number, got {value!r}", field=name)
+        lo, hi = self.low, self.maximum(limits)
+        low_ok = lo is None or (value >= lo if self.low_inclusive else value > lo)
+        high_ok = hi is None or value <= hi
+        if not (low_ok and high_ok):
+            left = "[" if self.low_inclusive else "("
+            lo_s, hi_s = (f"{b:g}" if b is not None else "inf" for b in (lo, hi))
+            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {value:g}", field=name)
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameter(f"{name} must be a number, got {value!r}", field=name)
-    if typ is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise InvalidParameter(f"{name} must be an integer, got {value!r}", field=name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidParameter(f"{name} must be finite", field=name)
-        value = int(value)
-    else:
-        value = float(value)
-        if not math.isfinite(value):
-            raise InvalidParameter(f"{name} must be a finite number, got {value!r}", field=name)
-    if name == "duration":
-        hi = max_duration
-    low_ok = lo is None or (value >= lo if inclusive else value > lo)
-    high_ok = hi is None or value <= hi
-    if not (low_ok and high_ok):
-        left = "[" if inclusive else "("
-        raise InvalidParameter(f"{name} must be in {left}{lo:g}, {hi:g}], got {value:g}", field=name)
-    return value
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    duration: float | None = None
-    min_resolution: int = 512
-    expand_ratio: float = 0.5
-    inference_steps: int = 25
-    dynamic_scale: float = 1.0
-    motion_scale: float = 1.0
-    align_mouth: bool = True
-    smooth_motion: bool = True
-    fps: int = 25
-    seed: int = 42
-    crop_to_face: bool = True
+    duration: float | None = param(
+        None, "seconds of output; shorter than the audio trims it, longer pads silence",
+        low=0.0, low_inclusive=False, high_limit="max_duration_s", unit="s")
+    min_resolution: int = param(
+        512, "short side of the output frame in px; both sides are rounded to the nearest multiple of 8",
+        low=256, high=1024, unit="px")
+    expand_ratio: float = param(
+        0.5, "margin around the detected face for the crop, as a fraction of the face box", low=0.0, high=1.0)
+    inference_steps: int = param(
+        25, "denoising steps; used by diffusion decoders only (the warp decoder reports it unused)",
+        low=1, high=100, unit="steps")
+    dynamic_scale: float = param(1.0, "mouth/expression amplitude", low=0.5, high=2.0)
+    motion_scale: float = param(1.0, "head motion amplitude (0 = still head; blinks stay)", low=0.0, high=2.0)
+    align_mouth: bool = param(True, "measure and correct the audio/mouth offset and report it")
+    smooth_motion: bool = param(True, "temporal smoothing of all motion")
+    fps: int = param(25, "output frame rate", low=10, high=60, unit="frames/s")
+    seed: int = param(42, "random seed for head motion and blinks", low=0, high=2**32 - 1)
+    crop_to_face: bool = param(True, "crop the output to the face region (false: keep the whole image)")
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None = None, config: Mapping | None = None,
@@ -119,34 +135,43 @@ class GenerateOptions:
         config = config if config is not None else load_config()
         if params is not None and not isinstance(params, Mapping):
             raise InvalidParameter("config must be a JSON object", field="config")
-        max_duration = float(config["limits"]["max_duration_s"])
+        limits = config["limits"]
+        declared = parameters()
         merged: dict[str, Any] = dict(config.get("defaults", {}))
         for name, value in (params or {}).items():
             if name in ignore:
                 continue
-            if name not in RANGES:
+            if name not in declared:
                 raise InvalidParameter(f"unknown parameter {name!r}", field=str(name))
             merged[name] = value
         values = {}
         for name, value in merged.items():
-            if name == "duration" and value is None:
+            p = declared[name]
+            if value is None and p.default is None:
                 continue
-            values[name] = _check(name, value, max_duration)
+            values[name] = p.check(value, limits)
         return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def parameters() -> dict[str, Param]:
+    """The declarations of `GenerateOptions`' fields, in field order."""
+    hints = typing.get_type_hints(GenerateOptions)
+    out = {}
+    for f in dataclasses.fields(GenerateOptions):
+        typ = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
+        out[f.name] = Param(name=f.name, type=typ, default=f.default, **f.metadata)
+    return out
+
+
 def schema(config: Mapping | None = None) -> dict:
     """The parameter contract as data: type, range, default and meaning of each field."""
     config = config if config is not None else load_config()
     defaults = config.get("defaults", {})
-    out = {}
-    for name, (typ, lo, hi, inclusive) in RANGES.items():
-        if name == "duration":
-            hi = float(config["limits"]["max_duration_s"])
-        out[name] = {"type": {bool: "boolean", int: "integer", float: "number"}[typ],
-                     "minimum": lo, "maximum": hi, "exclusive_minimum": not inclusive,
-                     "default": defaults.get(name), "description": DESCRIPTIONS[name]}
-    return out
+    return {name: {"type": JSON_TYPES[p.type], "minimum": p.low, "maximum": p.maximum(config["limits"]),
+                   "exclusive_minimum": not p.low_inclusive, "default": defaults.get(name),
+                   "description": p.description}
+            for name, p in parameters().items()}

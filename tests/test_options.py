@@ -50,3 +50,49 @@ def test_schema_lists_every_field():
     s = schema()
     assert set(s) == set(GenerateOptions.__dataclass_fields__)
     assert s["fps"]["minimum"] == 10 and s["fps"]["maximum"] == 60 and s["fps"]["default"] == 25
+
+
+def test_default_settings_agree_with_the_declarations():
+    """configs/default.yaml's defaults: the declared names (all but those left unset by
+    default), the declared defaults, each within its declared range."""
+    from sonic.options import parameters
+    declared = parameters()
+    cfg = load_config()
+    defaults = cfg["defaults"]
+    assert set(defaults) == {n for n, p in declared.items() if p.default is not None}
+    for name, value in defaults.items():
+        p = declared[name]
+        assert value == p.default and type(value) is p.type, name
+        assert p.check(value, cfg["limits"]) == value
+
+
+def _readme_parameter_rows() -> dict[str, list[str]]:
+    from conftest import ROOT
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| name | meaning | range | default |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_readme_parameter_table_matches_the_declarations():
+    from sonic.options import parameters
+    rows = _readme_parameter_rows()
+    assert set(rows) == set(parameters())
+    for name, p in parameters().items():
+        _, rng, default = rows[name]
+        if p.default is None:
+            assert default == "audio length", name
+        elif p.type is bool:
+            assert (default, rng) == (str(p.default).lower(), "bool"), name
+        else:
+            assert p.type(default) == p.default, name
+        if p.high_limit:
+            assert rng == f"(0, {load_config()['limits'][p.high_limit]:g}]", name
+        lo, sep, hi = rng.partition("-")
+        if sep and lo.replace(".", "").isdigit() and hi.replace(".", "").isdigit():
+            assert (float(lo), float(hi)) == (p.low, p.high), name
