@@ -2,6 +2,7 @@
 
 load_image -> RGB uint8 (H, W, 3), EXIF orientation applied, alpha composited on white.
 load_audio -> float32 mono waveform (N,) at SAMPLE_RATE, decoded by the bundled ffmpeg.
+check_waveform -> load_audio's checks, for a waveform decoded elsewhere (already in memory).
 """
 from __future__ import annotations
 
@@ -64,7 +65,15 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
         raise UnsupportedMedia("audio took too long to decode", field="audio") from e
     except OSError as e:
         raise PipelineError("ffmpeg could not be started") from e
-    wav = np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    return check_waveform(np.frombuffer(proc.stdout, dtype=np.float32).copy(), max_duration_s)
+
+
+def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
+    """A mono waveform (N,) at SAMPLE_RATE, checked as a decoded file is: not empty, not longer
+    than the limit, not silent; non-finite samples zeroed, the rest clipped to [-1, 1]."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1:
+        raise UnsupportedMedia(f"audio must be one mono channel, got an array of shape {wav.shape}", field="audio")
     if wav.size < SAMPLE_RATE // 10:
         raise EmptyAudio("audio is empty (less than 0.1 s decoded)", field="audio")
     if not np.all(np.isfinite(wav)):

@@ -6,7 +6,7 @@ import soundfile as sf
 from PIL import Image
 
 from sonic import AudioTooLong, EmptyAudio, InputTooLarge, UnsupportedMedia
-from sonic.media import FFMPEG, SAMPLE_RATE, load_audio, load_image
+from sonic.media import FFMPEG, SAMPLE_RATE, check_waveform, load_audio, load_image
 from conftest import PORTRAIT, SPEECH
 
 
@@ -100,6 +100,22 @@ def test_audio_too_long(tmp_path):
     sf.write(p, 0.1 * np.ones(16000 * 5, np.float32), 16000)
     with pytest.raises(AudioTooLong):
         load_audio(p, 3)
+
+
+def test_waveform_in_memory_checked_as_a_file_is():
+    """check_waveform: the checks load_audio makes, with the same codes and messages."""
+    cases = [(np.zeros(100, np.float32), EmptyAudio, "audio is empty (less than 0.1 s decoded)"),
+             (np.zeros(SAMPLE_RATE, np.float32), EmptyAudio, "audio is silent"),
+             (0.1 * np.ones(SAMPLE_RATE * 5, np.float32), AudioTooLong, "audio is longer than the limit of 3 s"),
+             (np.zeros((SAMPLE_RATE, 2), np.float32), UnsupportedMedia, None)]
+    for wav, error, message in cases:
+        with pytest.raises(error) as e:
+            check_waveform(wav, 3)
+        assert e.value.field == "audio" and (message is None or e.value.message == message)
+    wav = np.full(SAMPLE_RATE, 1.5, np.float32)
+    wav[0] = np.nan
+    out = check_waveform(wav, 3)
+    assert out.dtype == np.float32 and out[0] == 0 and out.max() == 1.0 and wav[1] == 1.5
 
 
 def test_webp_decodes(tmp_path):

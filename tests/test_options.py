@@ -92,7 +92,7 @@ def test_readme_parameter_table_matches_the_declarations():
         else:
             assert p.type(default) == p.default, name
         if p.high_limit:
-            assert rng == f"(0, {load_config()['limits'][p.high_limit]:g}]", name
+            assert rng == f"({p.low:g}, {load_config()['limits'][p.high_limit]:g}]", name
         lo, sep, hi = rng.partition("-")
         if sep and lo.replace(".", "").isdigit() and hi.replace(".", "").isdigit():
             assert (float(lo), float(hi)) == (p.low, p.high), name
