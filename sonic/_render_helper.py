@@ -27,7 +27,7 @@ def main(fd: int) -> None:
     import cv2
     import numpy as np
     cv2.setNumThreads(1)
-    import sonic.decoder  # noqa: F401  (the modules the pickled decoder needs)
+    import sonic.decoder  # noqa: F401  (the warp decoder's modules, loaded before the first request)
 
     conn = Connection(fd)
     current_key, dec, buf, recognizer = None, None, None, None

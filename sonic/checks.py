@@ -5,7 +5,8 @@ duration (the options are already validated by `GenerateOptions.from_dict`). It 
 detector: a web process that only validates and queues never loads FaceMesh, and a face-less
 portrait is found by the task that runs the job (`no_face_detected`).
 
-The decoded arrays are returned so that a job run in the same process is not decoded twice;
+The decoded arrays are returned so that a job run in the same process is not decoded twice
+(`SonicPipeline` takes them in place of the paths);
 a job run elsewhere decodes its stored files again.
 """
 from __future__ import annotations

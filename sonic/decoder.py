@@ -12,18 +12,22 @@ Per frame, every output pixel x asks where it comes from:
 and the photo is sampled once at p' (see `geometry.py`).
 Where the lips part further than the photo shows, the mouth interior is painted (`mouth.py`).
 Pixels outside the head's reach are the untouched frame.
+
+Registered as the `warp` decoder kind (see decoders.py); it honours every parameter but
+`inference_steps`.
 """
 from __future__ import annotations
-
 
 import cv2
 import numpy as np
 
+from .decoders import DecoderKind, all_parameters, register
 from .eyes import build_eyes, lid_map
 from .geometry import Framing
 from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH
 from .motion import COEFFS, Rig, smoothstep
 from .mouth import mouth_style, paint_mouth
+from .options import GenerateOptions
 
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
 FIELD_STEP = 4            # px between exact evaluations of the spline (and of the head map)
@@ -480,3 +484,14 @@ def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np
     paint_mouth(sub, upper - off, lower - off, opening[y0:y1, x0:x1], style, iod,
                 None if seam is None else seam[y0:y1, x0:x1])
     region[y0:y1, x0:x1] = np.clip(sub + 0.5, 0, 255).astype(np.uint8)
+
+
+class WarpKind(DecoderKind):
+    name = "warp"
+    honours = all_parameters() - {"inference_steps"}     # no denoising: one warp per frame
+
+    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
+        return WarpDecoder(framing, rig)
+
+
+register(WarpKind())

@@ -13,10 +13,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .audio_features import PhoneRecognizer, encode_audio
-from .decoder import WarpDecoder
+from .decoders import PreparedDecoder, get_decoder
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
-from .media import SAMPLE_RATE, load_audio, load_image
+from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions, load_config
 from .render_pool import RenderPool, render_here
@@ -49,6 +49,8 @@ class GenerationResult:
 class SonicPipeline:
     def __init__(self, config: dict | None = None):
         self.config = config if config is not None else load_config()
+        # the decoder kind is looked up first: a misspelt name fails before any model loads
+        self.decoder = get_decoder(self.config.get("decoder", "warp"))
         self.device = "cpu"     # the warp decoder runs on the CPU with OpenCV; torch is not imported
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
@@ -68,7 +70,7 @@ class SonicPipeline:
         if self._render_pool is not None:
             self._render_pool.close()
 
-    def _batches(self, decoder: WarpDecoder, coeffs: np.ndarray, head: np.ndarray):
+    def _batches(self, decoder: PreparedDecoder, coeffs: np.ndarray, head: np.ndarray):
         """Rendered frames in batches of BATCH_FRAMES, in order; a clip of one or two batches is
         rendered here (handing the decoder to the helpers would cost more than it saves)."""
         if self._render_pool is None or len(coeffs) <= 2 * BATCH_FRAMES:
@@ -78,9 +80,12 @@ class SonicPipeline:
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.config)
 
-    def __call__(self, image: str | Path | np.ndarray, audio: str | Path, options: GenerateOptions | None = None,
-                 *, out_path: str | Path | None = None, progress: Progress | None = None) -> GenerationResult:
-        """Portrait (path or RGB uint8 array) + speech (path) -> MP4 at out_path.
+    def __call__(self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray,
+                 options: GenerateOptions | None = None, *, out_path: str | Path | None = None,
+                 progress: Progress | None = None) -> GenerationResult:
+        """Portrait (path or RGB uint8 array (H, W, 3)) + speech (path or mono float32 array (N,) at
+        media.SAMPLE_RATE) -> MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not
+        decoded again; a waveform is still checked against the limits as a file is.
 
         Without out_path the video goes to the configured output_dir under a fresh uuid name.
         `progress(stage, fraction)` is called as the work advances.
@@ -103,7 +108,8 @@ class SonicPipeline:
         # 1. decode and check the inputs
         report("decode", 0.0)
         rgb = image if isinstance(image, np.ndarray) else load_image(image, int(limits["max_image_pixels"]))
-        wav = load_audio(audio, float(limits["max_duration_s"]))
+        max_s = float(limits["max_duration_s"])
+        wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
         lap("decode")
 
         # 2. face analysis, crop and scale to the output frame
@@ -129,8 +135,7 @@ class SonicPipeline:
         elif n_samples < len(wav):
             warnings.append(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
             wav = wav[:n_samples]
-        if opts.inference_steps != GenerateOptions.inference_steps:
-            warnings.append("inference_steps is not used by the warp decoder")
+        warnings += [f"{name} is not used by the {self.decoder.name} decoder" for name in self.decoder.unused(opts)]
 
         # 4. audio encoder
         report("audio", 0.1)
@@ -147,7 +152,7 @@ class SonicPipeline:
         lap("motion")
 
         # 6. decoder set-up, then render and encode frames in batches (streamed)
-        decoder = WarpDecoder(framing, rig)
+        decoder = self.decoder.prepare(framing, rig, opts)
         lap("decoder_setup")
         done = 0
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \

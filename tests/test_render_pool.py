@@ -10,12 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from sonic.decoder import WarpDecoder
+from sonic.decoders import get_decoder
 from sonic.errors import PipelineError
 from sonic.face import crop_box
 from sonic.geometry import crop_and_scale
 from sonic.media import load_image
 from sonic.motion import COEFFS, build_rig
+from sonic.options import GenerateOptions
 from sonic.render_pool import RenderPool
 from conftest import PORTRAIT, SPEECH
 
@@ -25,7 +26,8 @@ def decoder(pipeline):
     rgb = load_image(PORTRAIT, 10**7)
     face = pipeline.faces.analyze(rgb)
     framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], 0.5, True), 256)
-    return WarpDecoder(framing, build_rig(framing.landmarks))
+    # prepared through the registry, as the pipeline does: what the helpers get is what it hands them
+    return get_decoder("warp").prepare(framing, build_rig(framing.landmarks), GenerateOptions())
 
 
 def _motion(n: int, seed: int = 0):

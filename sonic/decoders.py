@@ -1,0 +1,88 @@
+"""Video decoders behind one interface, in a registry by name.
+
+A decoder kind (`DecoderKind`) turns the request's framing (the output frame at rest and its
+landmarks, `geometry.Framing`), the face's motion rig (`motion.Rig`) and the options into a
+prepared decoder, once per request; the prepared decoder (`PreparedDecoder`) renders frames in
+batches from motion coefficients and head poses. A kind also declares the generation parameters
+it honours: the pipeline reports each other parameter a request sets away from its default as
+"<name> is not used by the <kind> decoder".
+
+The pipeline picks its kind by the `decoder` setting (configs/default.yaml), when it is built.
+Kinds register themselves with `register` when their module is imported; `KNOWN` names the
+module of each built-in kind, imported on first lookup, so naming a decoder costs nothing until
+it is used:
+- `warp` (sonic/decoder.py): a dense backward warp of the photo, on the CPU. Its prepared
+  decoder is handed to the render helpers as a pickle (render_pool.py), so a prepared decoder
+  that is to run there must pickle.
+- `sonic` (to come, sonic/diffusion/): the Sonic diffusion model; it will register itself as
+  `sonic` and honour `inference_steps`.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from .errors import InvalidParameter
+from .options import GenerateOptions, parameters
+
+if TYPE_CHECKING:      # annotations only: naming a decoder loads none of the stages
+    from .geometry import Framing
+    from .motion import Rig
+
+# name -> module that registers the kind when imported
+KNOWN = {"warp": "sonic.decoder"}
+_REGISTRY: dict[str, "DecoderKind"] = {}
+
+
+class PreparedDecoder(Protocol):
+    """One request's decoder, ready to render."""
+    frame: np.ndarray      # (H, W, 3) uint8, the output frame at rest: every frame has its size
+
+    def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """coeffs (B, K) in motion.COEFFS order, head (B, 4) (see motion.Motion) -> frames
+        (B, H, W, 3) uint8, written into `out` when given."""
+        ...
+
+
+class DecoderKind(ABC):
+    """A kind of decoder: its name, the parameters it honours, and its once-per-request setup."""
+    name: str
+    honours: frozenset[str]
+
+    @abstractmethod
+    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> PreparedDecoder:
+        """Set up the decoder for one portrait and one request's options."""
+
+    def unused(self, options: GenerateOptions) -> tuple[str, ...]:
+        """The parameters `options` sets away from their declared defaults that this kind ignores."""
+        return tuple(name for name, p in parameters().items()
+                     if name not in self.honours and getattr(options, name) != p.default)
+
+
+def register(kind: DecoderKind) -> DecoderKind:
+    """Make `kind` available under `kind.name` (a later registration of the name replaces it)."""
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def get_decoder(name: str) -> DecoderKind:
+    """The kind registered as `name`; InvalidParameter (field "decoder") naming the available
+    kinds when there is none."""
+    if name not in _REGISTRY and name in KNOWN:
+        importlib.import_module(KNOWN[name])
+    if name not in _REGISTRY:
+        raise InvalidParameter(f"unknown decoder {name!r}; available: {', '.join(available())}", field="decoder")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Names of the kinds that can be chosen, sorted."""
+    return sorted(set(_REGISTRY) | set(KNOWN))
+
+
+def all_parameters() -> frozenset[str]:
+    """Every generation parameter: what a kind that ignores none of them honours."""
+    return frozenset(parameters())

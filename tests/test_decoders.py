@@ -1,0 +1,153 @@
+"""Decoders by name: the registry, the parameters a decoder honours, and the inputs it is given
+(checked cheaply without the face detector, handed to the pipeline as arrays)."""
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+
+from sonic import decoders
+from sonic.decoders import DecoderKind, all_parameters, available, get_decoder, register
+from sonic.errors import InvalidParameter
+from sonic.media import load_audio, load_image
+from sonic.options import GenerateOptions, load_config
+from conftest import PORTRAIT, ROOT, SPEECH
+
+SHORT = {"min_resolution": 256, "duration": 0.4}     # 10 frames: rendered in this process
+
+
+class StillKind(DecoderKind):
+    """A decoder that shows the frame at rest and honours no head motion."""
+    name = "still"
+    honours = all_parameters() - {"motion_scale", "inference_steps"}
+
+    def prepare(self, framing, rig, options):
+        return _Still(framing.frame)
+
+
+class _Still:
+    def __init__(self, frame):
+        self.frame = frame
+
+    def render(self, coeffs, head, out=None):
+        if out is None:
+            out = np.empty((len(coeffs), *self.frame.shape), np.uint8)
+        out[:] = self.frame
+        return out
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry, restored after the test."""
+    monkeypatch.setattr(decoders, "_REGISTRY", dict(decoders._REGISTRY))
+    return decoders._REGISTRY
+
+
+def read_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            return np.array(frames)
+        frames.append(f)
+
+
+def test_warp_is_registered_by_name():
+    kind = get_decoder("warp")
+    assert kind.name == "warp" and "warp" in available()
+    assert kind.honours == all_parameters() - {"inference_steps"}
+    assert get_decoder(load_config()["decoder"]) is kind
+
+
+def test_unknown_decoder_names_the_known_ones(registry):
+    register(StillKind())
+    with pytest.raises(InvalidParameter) as e:
+        get_decoder("diffusion")
+    assert e.value.field == "decoder" and e.value.code == "invalid_parameter"
+    assert "'diffusion'" in e.value.message and "still, warp" in e.value.message
+
+
+def test_unknown_decoder_setting_fails_at_load():
+    from sonic import load_pipeline
+    cfg = load_config()
+    cfg["decoder"] = "nope"
+    with pytest.raises(InvalidParameter) as e:
+        load_pipeline(cfg)
+    assert e.value.field == "decoder" and "warp" in e.value.message
+
+
+def test_warp_reports_inference_steps_only_away_from_its_default():
+    warp = get_decoder("warp")
+    assert warp.unused(GenerateOptions.from_dict({})) == ()
+    assert warp.unused(GenerateOptions.from_dict({"inference_steps": 25, "motion_scale": 0.5})) == ()
+    assert warp.unused(GenerateOptions.from_dict({"inference_steps": 10})) == ("inference_steps",)
+
+
+def test_unused_warnings_come_from_the_decoders_declaration(pipeline, registry, monkeypatch, tmp_path):
+    monkeypatch.setattr(pipeline, "decoder", register(StillKind()))
+    res = pipeline(PORTRAIT, SPEECH, pipeline.options({**SHORT, "motion_scale": 0.5, "inference_steps": 10}),
+                   out_path=tmp_path / "still.mp4")
+    assert [w for w in res.warnings if "not used" in w] == [     # in the parameters' order
+        "inference_steps is not used by the still decoder", "motion_scale is not used by the still decoder"]
+    frames = read_frames(tmp_path / "still.mp4")
+    assert len(frames) == res.frames == 10 and np.abs(frames[0].astype(int) - frames[-1]).mean() < 1
+
+
+def test_arrays_give_the_same_video_as_paths(pipeline, tmp_path):
+    """Decoded inputs are not decoded again; the warp decoder ignores inference_steps (the same
+    frames) and says so (one warning more)."""
+    limits = load_config()["limits"]
+    a = pipeline(PORTRAIT, SPEECH, pipeline.options(SHORT), out_path=tmp_path / "paths.mp4")
+    rgb = load_image(PORTRAIT, limits["max_image_pixels"])
+    wav = load_audio(SPEECH, limits["max_duration_s"])
+    b = pipeline(rgb, wav, pipeline.options({**SHORT, "inference_steps": 10}), out_path=tmp_path / "arrays.mp4")
+    assert list(b.warnings) == [*a.warnings, "inference_steps is not used by the warp decoder"]
+    assert "inference_steps is not used by the warp decoder" not in a.warnings
+    keys = ("duration", "frames", "fps", "width", "height", "seed", "lipsync_offset_ms")
+    assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys]
+    fa, fb = read_frames(tmp_path / "paths.mp4"), read_frames(tmp_path / "arrays.mp4")
+    assert fa.shape == fb.shape and len(fa) == 10
+    assert np.abs(fa.astype(int) - fb).max() <= 2
+
+
+def test_audio_array_checked_against_the_limits(pipeline, tmp_path):
+    from sonic.errors import AudioTooLong, EmptyAudio
+    rgb = load_image(PORTRAIT, 10**7)
+    with pytest.raises(EmptyAudio):
+        pipeline(rgb, np.zeros(16000, np.float32), out_path=tmp_path / "x.mp4")
+    too_long = 0.1 * np.ones(int(16000 * (load_config()["limits"]["max_duration_s"] + 1)), np.float32)
+    with pytest.raises(AudioTooLong):
+        pipeline(rgb, too_long, out_path=tmp_path / "x.mp4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_inputs_needs_no_face_detector(tmp_path):
+    """check_inputs in a fresh process: the right codes, and mediapipe never imported."""
+    import soundfile as sf
+    bad_image = tmp_path / "bad.jpg"
+    bad_image.write_bytes(b"not a picture" * 50)
+    long_audio = tmp_path / "long.wav"
+    sf.write(long_audio, 0.1 * np.ones(16000 * 4, np.float32), 16000)
+    script = textwrap.dedent(f"""
+        import sys
+        from sonic.checks import check_inputs
+        from sonic.errors import SonicError
+        from sonic.options import GenerateOptions, load_config
+        limits = dict(load_config()["limits"], max_duration_s=3)
+        opts = GenerateOptions.from_dict({{}})
+        ok = check_inputs({str(PORTRAIT)!r}, {str(SPEECH)!r}, opts, limits)
+        print(ok.rgb.shape, ok.rgb.dtype, ok.wav.dtype, round(ok.audio_s, 1))
+        for image, audio in (({str(bad_image)!r}, {str(SPEECH)!r}), ({str(PORTRAIT)!r}, {str(long_audio)!r})):
+            try:
+                check_inputs(image, audio, opts, limits)
+            except SonicError as e:
+                print(e.code, e.field)
+        print("mediapipe" in sys.modules)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[1:4] == ["unsupported_media image", "audio_too_long audio", "False"]
+    assert p.stdout.startswith("(300, 256, 3) uint8 float32 ")
