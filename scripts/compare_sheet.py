@@ -14,7 +14,7 @@ import numpy as np
 
 
 from sonic.face import FaceAnalyzer
-from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER
+from sonic.landmarks import EYE_LEFT_RING, EYE_OUTER, EYE_PAIRS, EYE_RIGHT_RING, LIP_MIDDLE, OUTER_LOWER, OUTER_UPPER
 from quality_sweep import read_frames  # noqa: E402  (this folder)
 
 
@@ -29,7 +29,7 @@ def crop(frame, pts, mx, my):
 def rows(frames, faces, n):
     rgb = lambda f: cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
     lm0 = faces.analyze(rgb(frames[0])).landmarks[:, :2]
-    iod = float(np.linalg.norm(lm0[33] - lm0[263]))
+    iod = float(np.linalg.norm(lm0[EYE_OUTER[0]] - lm0[EYE_OUTER[1]]))
     step = max(1, len(frames) // 40)
     probe = list(range(0, len(frames), step))
     gaps, eyes = [], []
@@ -40,8 +40,9 @@ def rows(frames, faces, n):
             gaps.append(0.0)
             eyes.append(1.0)
             continue
-        gaps.append(np.linalg.norm(lm[13] - lm[14]))
-        eyes.append(np.linalg.norm(lm[159] - lm[145]) + np.linalg.norm(lm[386] - lm[374]))
+        gaps.append(np.linalg.norm(lm[LIP_MIDDLE[0]] - lm[LIP_MIDDLE[1]]))
+        # the middle lid pair of each eye
+        eyes.append(sum(np.linalg.norm(lm[up] - lm[lo]) for up, lo in (EYE_PAIRS[0], EYE_PAIRS[5])))
     even = list(np.linspace(0, len(frames) - 1, n).astype(int))
     wide = [probe[i] for i in np.argsort(gaps)[::-1][:n // 2]]
     shut = [probe[i] for i in np.argsort(eyes)[:2]]

@@ -19,7 +19,7 @@ import numpy as np
 
 from sonic.face import FaceAnalyzer, crop_box
 from sonic.media import load_image
-from sonic.landmarks import FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER
+from sonic.landmarks import EYE_OUTER, FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER
 from sonic.options import GenerateOptions, load_config
 from sonic.geometry import crop_and_scale
 
@@ -51,7 +51,7 @@ def main() -> None:
     ref = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if a.save_reference:
         cv2.imwrite(a.save_reference, cv2.cvtColor(src, cv2.COLOR_RGB2BGR))
-    iod = float(np.linalg.norm(lm[33, :2] - lm[263, :2]))
+    iod = float(np.linalg.norm(lm[EYE_OUTER[0], :2] - lm[EYE_OUTER[1], :2]))
     k = max(3, int(0.12 * iod)) | 1
     oval = np.zeros(ref.shape, np.uint8)
     cv2.fillConvexPoly(oval, cv2.convexHull(lm[FACE_OVAL_IDX, :2].astype(np.int32)), 255)

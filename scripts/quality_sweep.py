@@ -21,7 +21,7 @@ import numpy as np
 
 from sonic import load_pipeline
 from sonic.face import FaceAnalyzer
-from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER
+from sonic.landmarks import EYE_LEFT_RING, EYE_OUTER, EYE_RIGHT_RING, OUTER_LOWER, OUTER_UPPER
 
 SCORER = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "score_video.py"
 TILE_W = 200
@@ -53,7 +53,7 @@ def fit(img: np.ndarray, w: int) -> np.ndarray:
 
 def sheet(frames: list[np.ndarray], faces: FaceAnalyzer, picks: list[int]) -> np.ndarray:
     lm = faces.analyze(cv2.cvtColor(frames[0], cv2.COLOR_BGR2RGB)).landmarks[:, :2]
-    iod = float(np.linalg.norm(lm[33] - lm[263]))
+    iod = float(np.linalg.norm(lm[EYE_OUTER[0]] - lm[EYE_OUTER[1]]))
     mouth_pts = lm[OUTER_UPPER + OUTER_LOWER]
     eye_pts = lm[EYE_LEFT_RING + EYE_RIGHT_RING]
     rows = [[], [], []]

@@ -24,7 +24,7 @@ import numpy as np
 from .decoders import DecoderKind, all_parameters, register
 from .eyes import build_eyes, lid_map
 from .geometry import Framing
-from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, N_MESH
+from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
 from .motion import COEFFS, Rig, smoothstep
 from .mouth import mouth_style, paint_mouth
 from .options import GenerateOptions
@@ -153,7 +153,8 @@ class WarpDecoder:
         self._grid_mask = cv2.remap(mask.astype(np.float32), gx + x0, gy + y0, cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         self._py, self._px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        self.head_at_mouth = float(mask[int(np.clip(lm[13, 1], 0, h - 1)), int(np.clip(lm[13, 0], 0, w - 1))])
+        mid = lm[LIP_MIDDLE[0]]
+        self.head_at_mouth = float(mask[int(np.clip(mid[1], 0, h - 1)), int(np.clip(mid[0], 0, w - 1))])
 
         # 2. expression fields over the mouth box (where an expression coefficient moves the face)
         reach = np.abs(rig.basis[EXPRESSION]).max(axis=2) * np.array(EXPRESSION_MAX)[:, None]

@@ -11,10 +11,13 @@ OUTER_UPPER = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291]
 OUTER_LOWER = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
 CORNERS = [61, 291, 78, 308]
 LIP_PAIRS = [(13, 14), (82, 87), (312, 317), (81, 178), (311, 402)]   # inner upper / lower lip, facing
+LIP_MIDDLE = LIP_PAIRS[0]    # the inner lips at the middle of the mouth
+OUTER_CORNERS = [61, 291]    # mouth corners on the outer lip contour
 # upper / lower eyelid pairs, corner to corner, for each eye (image-left eye first)
 EYE_PAIRS = [(159, 145), (158, 153), (160, 144), (161, 163), (157, 154),
              (386, 374), (385, 380), (387, 373), (388, 390), (384, 381)]
 EYE_OUTER = (33, 263)        # outer eye corners: their distance is the inter-ocular distance (IOD)
+HEAD_PIVOT = [33, 263, 1, 152]   # outer eye corners, nose tip, chin: their mean is the pivot of head motion
 # eyelid contours, corner to corner (upper lid, then lower lid)
 LEFT_EYE_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
 LEFT_EYE_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]

@@ -15,7 +15,8 @@ from scipy.ndimage import gaussian_filter1d
 
 if TYPE_CHECKING:       # annotations only: the render helpers import this module without the audio stack
     from .audio_features import AudioFeatures
-from .landmarks import CORNERS, EYE_OUTER, EYE_PAIRS, INNER_LOWER, INNER_UPPER, LIP_PAIRS, OUTER_LOWER, OUTER_UPPER
+from .landmarks import (CORNERS, EYE_OUTER, EYE_PAIRS, HEAD_PIVOT, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, LIP_PAIRS,
+                        OUTER_CORNERS, OUTER_LOWER, OUTER_UPPER)
 
 JAW_GAIN = 0.2           # inner-lip gap at full openness, in inter-ocular distances (IOD)
 OPEN_PHOTO_IOD = 0.03    # a photo whose inner lips are further apart than this has an open mouth
@@ -76,7 +77,8 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     iod = float(np.linalg.norm(re - le))
     ex = (re - le) / iod
     ey = np.array([-ex[1], ex[0]])                         # image "down" for an upright face
-    mouth = (lm[13] + lm[14]) / 2
+    upper_mid, lower_mid = LIP_MIDDLE
+    mouth = (lm[upper_mid] + lm[lower_mid]) / 2
     rel = (lm - mouth) / iod
     u, v = rel @ ex, rel @ ey
     n = len(lm)
@@ -112,7 +114,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     lip_w[lips] = np.clip(np.abs(u[lips]) / half, 0, 1) ** 1.5
     # the cheek skin next to each corner follows it part of the way, so moving corners do not
     # stretch the photo's corner creases into lines
-    corner_d = np.min(np.linalg.norm(lm[:, None, :] - lm[None, [61, 291], :], axis=2), axis=1) / iod
+    corner_d = np.min(np.linalg.norm(lm[:, None, :] - lm[None, OUTER_CORNERS, :], axis=2), axis=1) / iod
     cheek = np.setdiff1d(np.arange(min(n, 468)), lips)
     lip_w[cheek] = 0.8 * np.exp(-(corner_d[cheek] / 0.16) ** 2)
     side = np.sign(u)
@@ -131,7 +133,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
         basis[3, lo] = -0.08 * d
 
     # close_rest: meet the lips of a photo whose mouth is open (lower lip up, upper lip down)
-    gap = float(np.linalg.norm(lm[14] - lm[13]))
+    gap = float(np.linalg.norm(lm[lower_mid] - lm[upper_mid]))
     # closing raises the whole jaw, not only the lip, so the chin is not stretched
     basis[4] = -0.65 * np.clip(w_jaw, 0, None)[:, None] * ey[None, :]
     # a little past meeting, so that the lips press together over the photo's teeth; each part
@@ -147,7 +149,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
         basis[k] *= iod
     # close_rest is in units of the photo's own gap
     basis[4] *= gap
-    centre = lm[[33, 263, 1, 152]].mean(0)
+    centre = lm[HEAD_PIVOT].mean(0)
     # the opening as a viewer measures it: the mean gap of five inner-lip pairs
     open_gap = float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS]))
     return Rig(basis=basis, iod=iod, centre=centre, rest_gap=gap, open_gap=open_gap, upper_lip=upper, lower_lip=lower,
