@@ -110,13 +110,11 @@ def main() -> None:
 
     from sonic import load_pipeline
     from sonic.media import SAMPLE_RATE, load_audio
-    from sonic.options import load_config
+    from sonic.settings import load_settings
 
-    cfg = load_config()
-    if a.render_processes is not None:
-        cfg["render_processes"] = a.render_processes
+    settings = load_settings(flags={"render_processes": a.render_processes})
     t0 = time.perf_counter()
-    pipe = load_pipeline(cfg)
+    pipe = load_pipeline(settings)
     load_s = time.perf_counter() - t0
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,8 @@ import numpy as np
 from sonic.face import FaceAnalyzer, crop_box
 from sonic.media import load_image
 from sonic.landmarks import EYE_OUTER, FACE_OVAL_IDX, OUTER_LOWER, OUTER_UPPER
-from sonic.options import GenerateOptions, load_config
+from sonic.options import GenerateOptions
+from sonic.settings import load_settings
 from sonic.geometry import crop_and_scale
 
 
@@ -41,9 +42,9 @@ def main() -> None:
     ap.add_argument("--save-reference", metavar="PNG",
                     help="also write the rebuilt frame: a --source of the frame's own size for score_video.py")
     a = ap.parse_args()
-    cfg = load_config()
-    opts = GenerateOptions.from_dict(json.loads(a.config), cfg)
-    rgb = load_image(a.image, int(cfg["limits"]["max_image_pixels"]))
+    settings = load_settings()
+    opts = GenerateOptions.from_dict(json.loads(a.config), settings)
+    rgb = load_image(a.image, settings.limits.max_image_pixels)
     face = FaceAnalyzer().analyze(rgb)
     framing = crop_and_scale(rgb, face.landmarks, crop_box(face.box, rgb.shape[:2], opts.expand_ratio,
                                                            opts.crop_to_face), opts.min_resolution)

@@ -10,6 +10,8 @@ _EXPORTS = {
                "SonicError", "UnsupportedMedia"],
     "options": ["GenerateOptions", "load_config", "schema"],
     "pipeline": ["GenerationResult", "SonicPipeline", "load_pipeline"],
+    "settings": ["Settings", "SettingsError", "load_settings"],
+    "checks": ["CheckedInputs", "check_inputs"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import InvalidParameter, SonicError
+from .settings import SettingsError
 
 
 def _progress_bar():
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
-    gen.add_argument("--settings", help="YAML settings file (defaults, limits); default configs/default.yaml")
+    gen.add_argument("--settings", help="YAML settings file (defaults, limits) over the shipped configs/default.yaml; "
+                     "SONIC_* variables override both")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
@@ -55,18 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        from .options import GenerateOptions, load_config
-        config = load_config(args.settings)
-        opts = GenerateOptions.from_dict(_params(args.config), config)
+        from .options import GenerateOptions
+        from .settings import load_settings
+        settings = load_settings(args.settings)
+        opts = GenerateOptions.from_dict(_params(args.config), settings)
         for name in ("image", "audio"):
             if not Path(getattr(args, name)).is_file():
                 raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
         from .pipeline import load_pipeline
-        pipe = load_pipeline(config)
+        pipe = load_pipeline(settings)
         result = pipe(args.image, args.audio, opts, out_path=args.out,
                       progress=None if args.quiet else _progress_bar())
     except SonicError as e:
         sys.stderr.write(f"\nerror: {e.message}\n")
+        return 2
+    except SettingsError as e:
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")

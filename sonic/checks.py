@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
-
 import numpy as np
 
 from .media import load_audio, load_image
 from .options import GenerateOptions
+from .settings import Limits, settings_from
 
 
 @dataclass(frozen=True)
@@ -33,11 +32,13 @@ class CheckedInputs:
 
 
 def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
-                 limits: Mapping) -> CheckedInputs:
+                 limits: Limits) -> CheckedInputs:
     """Decode and check both inputs against the limits (max_image_pixels, max_duration_s);
     raises the library's errors (unsupported_media, input_too_large, audio_too_long,
     empty_audio) with the field named."""
     del options       # no parameter depends on the content yet; kept so the seam can grow
-    rgb = load_image(image, int(limits["max_image_pixels"]))
-    wav = load_audio(audio, float(limits["max_duration_s"]))
+    if not isinstance(limits, Limits):
+        limits = settings_from({"limits": dict(limits)}).limits
+    rgb = load_image(image, limits.max_image_pixels)
+    wav = load_audio(audio, limits.max_duration_s)
     return CheckedInputs(rgb=rgb, wav=wav)

@@ -21,27 +21,15 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import InvalidParameter
+from .settings import DEFAULT_CONFIG, Limits, Settings, as_settings
 
-
-def _default_settings() -> Path:
-    """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
-    checkout that is not installed, the repository's own folder."""
-    try:
-        from importlib.resources import files
-        path = Path(str(files("sonic.configs") / "default.yaml"))
-        if path.is_file():
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
-
-DEFAULT_CONFIG = _default_settings()
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number"}
 
 
 def load_config(path: str | Path | None = None) -> dict:
-    """Read the YAML config (defaults + limits); `path` overrides the bundled default."""
+    """The settings file's contents as a plain mapping (default: the shipped one), for callers
+    that edit and write a settings file; everything else takes typed settings
+    (`sonic.settings.load_settings`)."""
     with open(path or DEFAULT_CONFIG, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
@@ -68,14 +56,14 @@ class Param:
     low: float | None
     high: float | None
     low_inclusive: bool
-    high_limit: str | None     # upper bound read from the settings' `limits`
+    high_limit: str | None     # upper bound read from the settings' `limits` (sonic/settings.py)
     description: str
     unit: str | None
 
-    def maximum(self, limits: Mapping) -> float | None:
-        return float(limits[self.high_limit]) if self.high_limit else self.high
+    def maximum(self, limits: Limits) -> float | None:
+        return float(getattr(limits, self.high_limit)) if self.high_limit else self.high
 
-    def check(self, value: Any, limits: Mapping) -> Any:
+    def check(self, value: Any, limits: Limits) -> Any:
         """The value converted to the declared type, or InvalidParameter naming the field."""
         name = self.name
         if self.type is bool:
@@ -126,18 +114,19 @@ class GenerateOptions:
     crop_to_face: bool = param(True, "crop the output to the face region (false: keep the whole image)")
 
     @classmethod
-    def from_dict(cls, params: Mapping[str, Any] | None = None, config: Mapping | None = None,
+    def from_dict(cls, params: Mapping[str, Any] | None = None, settings: Settings | Mapping | None = None,
                   ignore: tuple[str, ...] = ()) -> "GenerateOptions":
-        """Validate user parameters over the configured defaults.
+        """Validate user parameters over the defaults of the settings (sonic/settings.py; a
+        mapping is read as a settings file's contents, None loads them).
 
         `ignore` names keys that a caller (the HTTP layer) handles itself, e.g. "async".
         """
-        config = config if config is not None else load_config()
+        settings = as_settings(settings)
         if params is not None and not isinstance(params, Mapping):
             raise InvalidParameter("config must be a JSON object", field="config")
-        limits = config["limits"]
+        limits = settings.limits
         declared = parameters()
-        merged: dict[str, Any] = dict(config.get("defaults", {}))
+        merged: dict[str, Any] = dict(settings.defaults)
         for name, value in (params or {}).items():
             if name in ignore:
                 continue
@@ -167,11 +156,11 @@ def parameters() -> dict[str, Param]:
     return out
 
 
-def schema(config: Mapping | None = None) -> dict:
+def schema(settings: Settings | Mapping | None = None) -> dict:
     """The parameter contract as data: type, range, default and meaning of each field."""
-    config = config if config is not None else load_config()
-    defaults = config.get("defaults", {})
-    return {name: {"type": JSON_TYPES[p.type], "minimum": p.low, "maximum": p.maximum(config["limits"]),
+    settings = as_settings(settings)
+    defaults = settings.defaults
+    return {name: {"type": JSON_TYPES[p.type], "minimum": p.low, "maximum": p.maximum(settings.limits),
                    "exclusive_minimum": not p.low_inclusive, "default": defaults.get(name),
                    "description": p.description}
             for name, p in parameters().items()}

@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import cv2
 import numpy as np
@@ -18,8 +18,9 @@ from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
 from .motion import build_rig, predict_motion
-from .options import GenerateOptions, load_config
+from .options import GenerateOptions
 from .render_pool import RenderPool, render_here
+from .settings import Settings, as_settings
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8     # frames rendered and handed to the writer at a time
@@ -47,16 +48,16 @@ class GenerationResult:
 
 
 class SonicPipeline:
-    def __init__(self, config: dict | None = None):
-        self.config = config if config is not None else load_config()
+    def __init__(self, settings: Settings | Mapping | None = None):
+        self.settings = as_settings(settings)
         # the decoder kind is looked up first: a misspelt name fails before any model loads
-        self.decoder = get_decoder(self.config.get("decoder", "warp"))
+        self.decoder = get_decoder(self.settings.decoder)
         self.device = "cpu"     # the warp decoder runs on the CPU with OpenCV; torch is not imported
         self.faces = FaceAnalyzer()
         self.phones = PhoneRecognizer()
         # frames are rendered by `render_processes` helper processes, each single-threaded inside
         # (see render_pool.py; the x264 encoder runs beside them in its own process); 0 renders here
-        self.render_processes = max(0, int(self.config.get("render_processes", 2)))
+        self.render_processes = max(0, self.settings.render_processes)
         cv2.setNumThreads(1)
         # numpy's OpenBLAS would start a thread per core for the decoder's matrix products; its
         # threads spin while they wait and took a third of a core from the render and the encoder
@@ -78,7 +79,7 @@ class SonicPipeline:
         return self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
 
     def options(self, params: dict | None = None) -> GenerateOptions:
-        return GenerateOptions.from_dict(params, self.config)
+        return GenerateOptions.from_dict(params, self.settings)
 
     def __call__(self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray,
                  options: GenerateOptions | None = None, *, out_path: str | Path | None = None,
@@ -92,8 +93,8 @@ class SonicPipeline:
         """
         opts = options or self.options()
         if out_path is None:
-            out_path = Path(self.config.get("output_dir", "outputs")) / f"{uuid.uuid4().hex}.mp4"
-        limits = self.config["limits"]
+            out_path = Path(self.settings.output_dir) / f"{uuid.uuid4().hex}.mp4"
+        limits = self.settings.limits
         report = progress or (lambda stage, frac: None)
         timings: dict[str, float] = {}
         warnings: list[str] = []
@@ -107,8 +108,8 @@ class SonicPipeline:
 
         # 1. decode and check the inputs
         report("decode", 0.0)
-        rgb = image if isinstance(image, np.ndarray) else load_image(image, int(limits["max_image_pixels"]))
-        max_s = float(limits["max_duration_s"])
+        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels)
+        max_s = limits.max_duration_s
         wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
         lap("decode")
 
@@ -170,8 +171,6 @@ class SonicPipeline:
                                 warnings=tuple(warnings))
 
 
-def load_pipeline(config: dict | str | Path | None = None) -> SonicPipeline:
+def load_pipeline(settings: Settings | Mapping | str | Path | None = None) -> SonicPipeline:
     """Load the models once; the returned pipeline is called per request."""
-    if isinstance(config, (str, Path)):
-        config = load_config(config)
-    return SonicPipeline(config)
+    return SonicPipeline(as_settings(settings))

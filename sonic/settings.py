@@ -26,6 +26,20 @@ from typing import Any, Mapping
 
 import yaml
 
+def _default_settings() -> Path:
+    """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
+    checkout that is not installed, the repository's own folder."""
+    try:
+        from importlib.resources import files
+        path = Path(str(files("sonic.configs") / "default.yaml"))
+        if path.is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+DEFAULT_CONFIG = _default_settings()
 ENV_PREFIX = "SONIC_"
 
 
@@ -207,7 +221,6 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
 
 def read_yaml(path: str | Path | None = None) -> dict:
     """The settings file's contents as a mapping (default: the shipped configs/default.yaml)."""
-    from .options import DEFAULT_CONFIG
     p = Path(path) if path else DEFAULT_CONFIG
     try:
         with open(p, encoding="utf-8") as f:

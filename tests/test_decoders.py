@@ -13,6 +13,7 @@ from sonic.decoders import DecoderKind, all_parameters, available, get_decoder, 
 from sonic.errors import InvalidParameter
 from sonic.media import load_audio, load_image
 from sonic.options import GenerateOptions, load_config
+from sonic.settings import load_settings
 from conftest import PORTRAIT, ROOT, SPEECH
 
 SHORT = {"min_resolution": 256, "duration": 0.4}     # 10 frames: rendered in this process
@@ -99,10 +100,10 @@ def test_unused_warnings_come_from_the_decoders_declaration(pipeline, registry, 
 def test_arrays_give_the_same_video_as_paths(pipeline, tmp_path):
     """Decoded inputs are not decoded again; the warp decoder ignores inference_steps (the same
     frames) and says so (one warning more)."""
-    limits = load_config()["limits"]
+    limits = load_settings().limits
     a = pipeline(PORTRAIT, SPEECH, pipeline.options(SHORT), out_path=tmp_path / "paths.mp4")
-    rgb = load_image(PORTRAIT, limits["max_image_pixels"])
-    wav = load_audio(SPEECH, limits["max_duration_s"])
+    rgb = load_image(PORTRAIT, limits.max_image_pixels)
+    wav = load_audio(SPEECH, limits.max_duration_s)
     b = pipeline(rgb, wav, pipeline.options({**SHORT, "inference_steps": 10}), out_path=tmp_path / "arrays.mp4")
     assert list(b.warnings) == [*a.warnings, "inference_steps is not used by the warp decoder"]
     assert "inference_steps is not used by the warp decoder" not in a.warnings
@@ -118,7 +119,7 @@ def test_audio_array_checked_against_the_limits(pipeline, tmp_path):
     rgb = load_image(PORTRAIT, 10**7)
     with pytest.raises(EmptyAudio):
         pipeline(rgb, np.zeros(16000, np.float32), out_path=tmp_path / "x.mp4")
-    too_long = 0.1 * np.ones(int(16000 * (load_config()["limits"]["max_duration_s"] + 1)), np.float32)
+    too_long = 0.1 * np.ones(int(16000 * (load_settings().limits.max_duration_s + 1)), np.float32)
     with pytest.raises(AudioTooLong):
         pipeline(rgb, too_long, out_path=tmp_path / "x.mp4")
     assert not list(tmp_path.iterdir())
@@ -135,8 +136,10 @@ def test_check_inputs_needs_no_face_detector(tmp_path):
         import sys
         from sonic.checks import check_inputs
         from sonic.errors import SonicError
-        from sonic.options import GenerateOptions, load_config
-        limits = dict(load_config()["limits"], max_duration_s=3)
+        import dataclasses
+        from sonic.options import GenerateOptions
+        from sonic.settings import load_settings
+        limits = dataclasses.replace(load_settings().limits, max_duration_s=3)
         opts = GenerateOptions.from_dict({{}})
         ok = check_inputs({str(PORTRAIT)!r}, {str(SPEECH)!r}, opts, limits)
         print(ok.rgb.shape, ok.rgb.dtype, ok.wav.dtype, round(ok.audio_s, 1))

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from sonic import GenerateOptions, InvalidParameter, load_config, schema
+from sonic.settings import load_settings
 
 
 def test_defaults_come_from_config():
@@ -63,7 +64,7 @@ def test_default_settings_agree_with_the_declarations():
     for name, value in defaults.items():
         p = declared[name]
         assert value == p.default and type(value) is p.type, name
-        assert p.check(value, cfg["limits"]) == value
+        assert p.check(value, load_settings().limits) == value
 
 
 def _readme_parameter_rows() -> dict[str, list[str]]:
@@ -92,7 +93,7 @@ def test_readme_parameter_table_matches_the_declarations():
         else:
             assert p.type(default) == p.default, name
         if p.high_limit:
-            assert rng == f"({p.low:g}, {load_config()['limits'][p.high_limit]:g}]", name
+            assert rng == f"({p.low:g}, {getattr(load_settings().limits, p.high_limit):g}]", name
         lo, sep, hi = rng.partition("-")
         if sep and lo.replace(".", "").isdigit() and hi.replace(".", "").isdigit():
             assert (float(lo), float(hi)) == (p.low, p.high), name
