@@ -1,10 +1,19 @@
-"""Access control: optional API keys (Authorization: Bearer) and a per-client token bucket."""
+"""Access control: optional API keys (Authorization: Bearer) and a per-client token bucket.
+
+Only `/api/` routes are guarded: health, OpenAPI, downloads (unguessable names) and CORS
+preflights stay open.
+"""
 from __future__ import annotations
 
 import hmac
 import math
+import os
 import threading
 import time
+
+from flask import Flask, request
+
+from .errors import error_response
 
 MAX_CLIENTS = 10_000      # buckets kept; the least recently seen are dropped beyond this
 
@@ -43,3 +52,29 @@ def bearer_key(header: str | None) -> str | None:
 
 def key_allowed(key: str | None, keys: list[str]) -> bool:
     return key is not None and any(hmac.compare_digest(key, k) for k in keys)
+
+
+def api_keys(configured: list[str] | None) -> list[str]:
+    """The keys in the settings plus SONIC_API_KEYS=k1,k2 from the environment."""
+    keys = [k for k in (configured or []) if k]
+    return keys + [k.strip() for k in os.environ.get("SONIC_API_KEYS", "").split(",") if k.strip()]
+
+
+def install(app: Flask, keys: list[str], rate_per_s: float, burst: float) -> None:
+    """Refuse /api/ requests without a valid key (401, when keys are set) or over the client's
+    rate (429 + Retry-After); a client is its key, else its address."""
+    bucket = TokenBucket(rate_per_s, burst)
+
+    @app.before_request
+    def _guard():
+        if not request.path.startswith("/api/") or request.method == "OPTIONS":
+            return None
+        key = bearer_key(request.headers.get("Authorization"))
+        if keys and not key_allowed(key, keys):
+            return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        wait = bucket.take(key or request.remote_addr or "unknown")
+        if wait > 0:
+            return error_response("rate_limited", "too many requests; slow down",
+                                  headers={"Retry-After": retry_after(wait)})
+        return None

@@ -1,10 +1,21 @@
-"""The one table from error codes to HTTP statuses.
+"""The one table from error codes to HTTP statuses, the one error body, and the app's handlers.
 
 The library (`sonic.errors`) and the job records carry codes only; a status is looked up here
 when a response is written, so a code answers with the same status everywhere and a stored job
 never holds one.
 """
 from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from sonic import SonicError
+
+from .openapi import component
+
+log = logging.getLogger("sonic.http")
 
 STATUS_BY_CODE: dict[str, int] = {
     # raised by the library (sonic.errors)
@@ -43,3 +54,52 @@ def public_error(error: dict) -> dict:
     body = {k: v for k, v in error.items() if k != "status"}
     body["status"] = status_for(body.get("code", "internal_error"))
     return body
+
+
+ERROR_SCHEMA = component("Error", {"type": "object", "properties": {
+    "success": {"type": "boolean"}, "request_id": {"type": "string"},
+    "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                               "field": {"type": "string"}}}}})
+
+
+def error_response(code: str, message: str, field: str | None = None, headers: dict | None = None,
+                   status: int | None = None):
+    """The one error body; its status comes from the code unless given."""
+    err = {"code": code, "message": message}
+    if field:
+        err["field"] = field
+    resp = jsonify({"success": False, "error": err, "request_id": g.get("request_id")})
+    resp.status_code = status if status is not None else status_for(code)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
+    """Library errors, 404/405/413 and anything unexpected all answer with the one error body;
+    an unexpected error is logged with its request id and shows no trace or path."""
+
+    @app.errorhandler(SonicError)
+    def _sonic_error(e: SonicError):
+        return error_response(e.code, e.message, e.field)
+
+    @app.errorhandler(413)
+    def _too_large(e):
+        return error_response("input_too_large", f"upload is larger than {max_upload_mb} MB")
+
+    @app.errorhandler(404)
+    def _not_found(e):
+        return error_response("not_found", "no such resource")
+
+    @app.errorhandler(405)
+    def _method(e):
+        allow = ", ".join(sorted(e.valid_methods or []))
+        return error_response("method_not_allowed", "method not allowed on this resource",
+                              headers={"Allow": allow} if allow else None)
+
+    @app.errorhandler(Exception)
+    def _internal(e):
+        if isinstance(e, HTTPException):
+            return error_response("http_error", e.description or "request failed", status=e.code or 500)
+        log.exception("unhandled error, request %s", g.get("request_id"))
+        return error_response("internal_error", "internal error; quote the request id when reporting it")

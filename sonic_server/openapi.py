@@ -1,14 +1,56 @@
-"""OpenAPI 3 description of the service, built from the parameter schema."""
+"""OpenAPI 3 document, built from what the routes say about themselves.
+
+A view is marked with `@describe(summary, responses, ...)`; a response body's schema is declared
+once with `component(name, schema)` next to the code that builds the body. `openapi_spec` walks
+the app's URL map: paths, methods and path parameters come from the routes themselves, the
+`Parameters` schema from the parameter declarations (`sonic.options.schema`).
+"""
 from __future__ import annotations
 
-ERROR = {"$ref": "#/components/schemas/Error"}
+import re
+
+from flask import Flask
+
+INFO = {"title": "sonic talking-head API", "version": "0.1.0",
+        "description": "Portrait photo + speech recording -> lip-synced MP4."}
+_COMPONENTS: dict[str, dict] = {}
+_PATH_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
-def _err(desc: str) -> dict:
-    return {"description": desc, "content": {"application/json": {"schema": ERROR}}}
+def component(name: str, schema: dict) -> dict:
+    """Declare a named body schema; returns the $ref that points at it."""
+    _COMPONENTS[name] = schema
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openapi_spec(params: dict) -> dict:
+def content(media_type: str, schema: dict) -> dict:
+    return {media_type: {"schema": schema}}
+
+
+def error(description: str) -> tuple[str, dict]:
+    """An error response: the one error body (sonic_server/errors.py)."""
+    return description, content("application/json", {"$ref": "#/components/schemas/Error"})
+
+
+def describe(summary: str, responses: dict, *, parameters: list | None = None, request_body: dict | None = None):
+    """Mark a view for the OpenAPI document. `responses` maps a status to a description, or to
+    (description, content)."""
+    def mark(view):
+        view.openapi = {"summary": summary, "responses": responses, "parameters": parameters or [],
+                        "request_body": request_body}
+        return view
+    return mark
+
+
+def _response(spec) -> dict:
+    if isinstance(spec, str):
+        return {"description": spec}
+    description, body = spec
+    return {"description": description, "content": body}
+
+
+def parameters_schema(params: dict, extra: dict) -> dict:
+    """The generation parameters (`sonic.options.schema`) plus the route's own as a JSON schema."""
     props = {}
     for name, p in params.items():
         s = {"type": p["type"], "description": p["description"]}
@@ -19,67 +61,24 @@ def openapi_spec(params: dict) -> dict:
         if p["default"] is not None:
             s["default"] = p["default"]
         props[name] = s
-    props["async"] = {"type": "boolean", "default": False, "description": "answer 202 at once"}
-    job_ref = {"$ref": "#/components/schemas/Job"}
-    json_of = lambda schema: {"application/json": {"schema": schema}}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "sonic talking-head API", "version": "0.1.0",
-                 "description": "Portrait photo + speech recording -> lip-synced MP4."},
-        "paths": {
-            "/api/sonic/generate": {"post": {
-                "summary": "Generate a talking-head video",
-                "parameters": [{"name": "Prefer", "in": "header", "required": False,
-                                "schema": {"type": "string", "example": "respond-async"}}],
-                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "required": ["image", "audio"],
-                    "properties": {"image": {"type": "string", "format": "binary", "minLength": 1},
-                                   "audio": {"type": "string", "format": "binary", "minLength": 1},
-                                   "config": {"type": "string", "description": "JSON object of Parameters"}}}}}},
-                "responses": {"200": {"description": "video ready", "content": json_of({"$ref": "#/components/schemas/Result"})},
-                              "202": {"description": "accepted; poll status_url", "content": json_of(job_ref)},
-                              "400": _err("bad or missing field / JSON"), "413": _err("upload too large"),
-                              "415": _err("not a decodable image / audio"),
-                              "422": _err("no face, audio too long, empty or silent audio"),
-                              "503": _err("queue full (Retry-After)"), "500": _err("internal error")}}},
-            "/api/sonic/jobs/{job_id}": {"get": {
-                "summary": "Job status", "parameters": [{"name": "job_id", "in": "path", "required": True,
-                                                         "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "status", "content": json_of(job_ref)}, "404": _err("no such job")}}},
-            "/api/sonic/jobs/{job_id}/events": {"get": {
-                "summary": "Job status as Server-Sent Events until it ends",
-                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                              "404": _err("no such job")}}},
-            "/api/sonic/jobs/{job_id}/cancel": {"post": {
-                "summary": "Cancel a job", "parameters": [{"name": "job_id", "in": "path", "required": True,
-                                                           "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "status after the cancel", "content": json_of(job_ref)},
-                              "404": _err("no such job")}}},
-            "/output/{name}": {"get": {
-                "summary": "Download a video (supports Range)",
-                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "MP4", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
-                              "206": {"description": "partial content"}, "404": _err("no such video")}}},
-            "/health": {"get": {"summary": "Liveness and readiness",
-                                "responses": {"200": {"description": "ready or busy"}, "503": {"description": "starting or setup_failed"}}}},
-            "/api/sonic/params": {"get": {"summary": "Parameter schema", "responses": {"200": {"description": "schema"}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
-        },
-        "components": {"schemas": {
-            "Parameters": {"type": "object", "additionalProperties": False, "properties": props},
-            "Error": {"type": "object", "properties": {
-                "success": {"type": "boolean"}, "request_id": {"type": "string"},
-                "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                                           "field": {"type": "string"}}}}},
-            "Job": {"type": "object", "properties": {
-                "job_id": {"type": "string"}, "status": {"type": "string",
-                                                         "enum": ["queued", "processing", "succeeded", "failed", "canceled"]},
-                "progress": {"type": "number"}, "stage": {"type": "string"}, "status_url": {"type": "string"}}},
-            "Result": {"type": "object", "properties": {
-                "success": {"type": "boolean"}, "job_id": {"type": "string"}, "video_url": {"type": "string"},
-                "duration": {"type": "number"}, "fps": {"type": "integer"}, "width": {"type": "integer"},
-                "height": {"type": "integer"}, "seed": {"type": "integer"}, "lipsync_offset_ms": {"type": "number"},
-                "timings": {"type": "object"}, "warnings": {"type": "array", "items": {"type": "string"}}}},
-        }},
-    }
+    return {"type": "object", "additionalProperties": False, "properties": {**props, **extra}}
+
+
+def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
+    paths: dict[str, dict] = {}
+    for rule in app.url_map.iter_rules():
+        doc = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if doc is None:
+            continue
+        path_params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                       for name in _PATH_ARG.findall(rule.rule)]
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            op = {"summary": doc["summary"],
+                  "responses": {str(code): _response(r) for code, r in doc["responses"].items()}}
+            if path_params + doc["parameters"]:
+                op["parameters"] = path_params + doc["parameters"]
+            if doc["request_body"]:
+                op["requestBody"] = doc["request_body"]
+            paths.setdefault(_PATH_ARG.sub(r"{\1}", rule.rule), {})[method.lower()] = op
+    schemas = {**_COMPONENTS, "Parameters": parameters_schema(params, extra)}
+    return {"openapi": "3.0.3", "info": INFO, "paths": paths, "components": {"schemas": schemas}}

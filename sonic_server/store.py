@@ -1,13 +1,15 @@
-"""Job records in SQLite, so status and results survive a restart.
+"""Where job records are kept: SQLite (they survive a restart) or memory (`server.jobs_db: ""`).
 
-The worker thread and request threads write through one connection guarded by a lock. At start-up
-jobs that were queued or running when the process died are marked failed: their inputs are gone
-with the process's memory of them, and a half-written video is never served.
+Both stores hold whole records (sonic_server/jobs.py) and answer the same five questions: save,
+load, the newest succeeded job for a cache key, the unfinished jobs (for recovery at start-up)
+and pruning of old finished jobs. Writes from the worker thread and request threads go through
+one connection guarded by a lock.
 
 A record's error keeps its code, message and field, never an HTTP status (the server derives that
-from the code when it answers). Rows written by older releases hold a `status` inside the error
-JSON; `load` drops it, so those rows still load and answer with the status of their code. (The
-`status` column is the job's state, queued...failed, not an HTTP status.)
+from the code when it answers). Rows written by older releases have no `record` column value and
+may hold a `status` inside the error JSON; `load` rebuilds them from their columns and drops that
+status, so they still load and answer with the status of their code. (The `status` column is the
+job's state, queued...failed, not an HTTP status.)
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Mapping
 
+from .jobs import SUCCEEDED, TERMINAL, JobRecord
+
+DB_NAME = "jobs.sqlite3"       # under server.data_dir unless server.jobs_db names another path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -26,12 +32,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    record TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 """
-INTERRUPTED = {"code": "interrupted",
-               "message": "the service restarted while this job was queued or running; submit it again"}
+_FINISHED = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
+
+
+def open_store(server: Mapping) -> "JobStore | MemoryStore":
+    """The store the `server` settings ask for: `jobs_db` if it is set ("" keeps records in
+    memory), else `<data_dir>/jobs.sqlite3`."""
+    path = server.get("jobs_db")
+    if path is None:
+        path = Path(server.get("data_dir") or "data") / DB_NAME
+    return JobStore(path) if str(path) else MemoryStore()
 
 
 class JobStore:
@@ -41,33 +56,36 @@ class JobStore:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "record" not in columns:                     # a database from an older release
+            self._db.execute("ALTER TABLE jobs ADD COLUMN record TEXT")
         self._lock = threading.Lock()
 
-    def recover(self) -> list[str]:
-        """Mark jobs left queued/processing by a previous process as failed; return their ids."""
-        with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'processing')")]
-            self._db.execute("UPDATE jobs SET status='failed', stage='failed', error=?, updated=? "
-                             "WHERE status IN ('queued', 'processing')", (json.dumps(INTERRUPTED), time.time()))
-        return ids
-
-    def save(self, job) -> None:
+    def save(self, rec: JobRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
-                "stage=excluded.stage, result=excluded.result, error=excluded.error, updated=excluded.updated",
-                (job.id, job.status, job.stage, job.cache_key, json.dumps(job.result) if job.result else None,
-                 json.dumps(job.error) if job.error else None, job.created, time.time()))
+                "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated, record) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
+                "stage=excluded.stage, result=excluded.result, error=excluded.error, updated=excluded.updated, "
+                "record=excluded.record",
+                (rec.id, rec.status, rec.stage, rec.cache_key, json.dumps(rec.result) if rec.result else None,
+                 json.dumps(rec.error) if rec.error else None, rec.created, time.time(), json.dumps(rec.to_dict())))
 
-    def load(self, job_id: str) -> dict | None:
+    def load(self, job_id: str) -> JobRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT id, status, stage, result, error FROM jobs WHERE id=?",
-                                   (job_id,)).fetchone()
+            row = self._db.execute("SELECT id, status, stage, cache_key, result, error, created, record "
+                                   "FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return None
-        return {"id": row[0], "status": row[1], "stage": row[2],
-                "result": json.loads(row[3]) if row[3] else None, "error": _error_record(row[4])}
+        if row[7]:
+            rec = JobRecord.from_dict(json.loads(row[7]))
+        else:                                           # written by an older release: columns only
+            rec = JobRecord(id=row[0], kind="generate", params={}, cache_key=row[3] or "", status=row[1],
+                            stage=row[2], progress=1.0 if row[1] == SUCCEEDED else 0.0,
+                            result=json.loads(row[4]) if row[4] else None, error=json.loads(row[5]) if row[5] else None,
+                            created=row[6])
+        rec.error = _error_record(rec.error)
+        return rec
 
     def cached(self, key: str) -> str | None:
         with self._lock:
@@ -75,18 +93,55 @@ class JobStore:
                                    "ORDER BY updated DESC LIMIT 1", (key,)).fetchone()
         return row[0] if row else None
 
+    def unfinished(self) -> list[str]:
+        """Ids of jobs still queued or processing (at start-up: cut off by a crash)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE status NOT IN {_FINISHED}")]
+
     def prune(self, before: float) -> int:
         """Forget finished jobs last updated before `before` (epoch s); returns how many."""
         with self._lock:
-            cur = self._db.execute("DELETE FROM jobs WHERE updated < ? AND status IN ('succeeded', 'failed', 'canceled')",
-                                   (before,))
+            cur = self._db.execute(f"DELETE FROM jobs WHERE updated < ? AND status IN {_FINISHED}", (before,))
         return cur.rowcount
 
 
-def _error_record(text: str | None) -> dict | None:
+class MemoryStore:
+    """The same questions answered from a dict: records last as long as the process."""
+
+    def __init__(self):
+        self._records: dict[str, tuple[dict, float]] = {}      # id -> (record, updated)
+        self._lock = threading.Lock()
+
+    def save(self, rec: JobRecord) -> None:
+        with self._lock:
+            self._records[rec.id] = (rec.to_dict(), time.time())
+
+    def load(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            entry = self._records.get(job_id)
+        return JobRecord.from_dict(entry[0]) if entry else None
+
+    def cached(self, key: str) -> str | None:
+        with self._lock:
+            hits = [(updated, d["id"]) for d, updated in self._records.values()
+                    if d["cache_key"] == key and d["status"] == SUCCEEDED]
+        return max(hits)[1] if hits else None
+
+    def unfinished(self) -> list[str]:
+        with self._lock:
+            return [job_id for job_id, (d, _) in self._records.items() if d["status"] not in TERMINAL]
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            old = [job_id for job_id, (d, updated) in self._records.items()
+                   if updated < before and d["status"] in TERMINAL]
+            for job_id in old:
+                del self._records[job_id]
+        return len(old)
+
+
+def _error_record(error: dict | None) -> dict | None:
     """A stored error as code, message and field; an older release's stored HTTP status is dropped."""
-    if not text:
+    if not error:
         return None
-    error = json.loads(text)
-    error.pop("status", None)
-    return error
+    return {k: v for k, v in error.items() if k != "status"}

@@ -1,69 +1,176 @@
-"""Job manager pieces that need no model: output expiry and queue bookkeeping."""
+"""The job pieces without HTTP and without the model: records, stores, the local queue, the task
+registry, recovery, expiry, the result cache and the token bucket."""
+import json
 import os
+import threading
 import time
 
 import pytest
 
-from sonic_server.jobs import Job, JobManager, QueueFull
+from conftest import PORTRAIT, SPEECH
+from server_helpers import FAKE_VIDEO, FakePipeline
 from sonic import GenerateOptions
+from sonic.checks import check_inputs
+from sonic_server.jobs import JobRecord
+from sonic_server.queue import JobQueue, QueueFull
+from sonic_server.queue.local import LocalQueue
+from sonic_server.recovery import recover
+from sonic_server.store import JobStore, MemoryStore, open_store
+from sonic_server.tasks import TASKS, run_generate
+from sonic_server.uploads import Uploads
+
+LIMITS = {"max_image_pixels": 40_000_000, "max_duration_s": 300}
 
 
-class NeverCalled:
-    def __call__(self, *a, **k):
-        raise AssertionError("the pipeline should not run in this test")
+def new_record(uploads: Uploads, **params) -> JobRecord:
+    rec = JobRecord.new("generate", GenerateOptions(**params).to_dict(), cache_key="k")
+    rec.inputs = uploads.save(rec.id, {"image": PORTRAIT.read_bytes(), "audio": SPEECH.read_bytes()})
+    return rec
 
 
-def make_job(tmp_path, manager):
-    work = tmp_path / manager.new_id()
-    work.mkdir()
-    return Job(id=work.name, options=GenerateOptions(), image=work / "i", audio=work / "a", workdir=work, cache_key="k")
+@pytest.fixture
+def make_queue(tmp_path):
+    queues = []
+
+    def make(pipeline, store=None, queue_size=2, ttl_s=60.0) -> LocalQueue:
+        q = LocalQueue(pipeline, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=queue_size,
+                       output_ttl_s=ttl_s, store=store)
+        queues.append(q)
+        return q
+
+    yield make
+    for q in queues:
+        q.close()
 
 
-def test_old_outputs_are_swept(tmp_path):
-    from sonic_server.store import JobStore
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60, store=store)
-    old_job, new_job = make_job(tmp_path, m), make_job(tmp_path, m)
-    for j, age in ((old_job, 120), (new_job, 0)):
-        j.status, j.created = "succeeded", time.time() - age
-        m.jobs[j.id] = j
-        store.save(j)
-    with store._lock:
-        store._db.execute("UPDATE jobs SET updated=? WHERE id=?", (time.time() - 120, old_job.id))
-    old, new = tmp_path / "out" / ("a" * 32 + ".mp4"), tmp_path / "out" / ("b" * 32 + ".mp4")
-    old.write_bytes(b"x")
-    new.write_bytes(b"x")
-    os.utime(old, (time.time() - 120, time.time() - 120))
-    m._last_sweep = 0
-    m._sweep()
-    assert not old.exists() and new.exists()
-    assert m.get(old_job.id) is None and m.get(new_job.id) is new_job     # records expire with videos
-    assert store.load(old_job.id) is None and store.load(new_job.id)["status"] == "succeeded"
+def test_record_is_plain_json_data():
+    rec = JobRecord.new("generate", GenerateOptions(seed=3).to_dict(), cache_key="abc")
+    rec.error = {"code": "no_face_detected", "message": "no face", "field": "image"}
+    data = json.loads(json.dumps(rec.to_dict()))
+    assert JobRecord.from_dict(data) == rec
+    assert data["kind"] == "generate" and data["params"]["seed"] == 3 and data["status"] == "queued"
+    assert not any(isinstance(v, (threading.Event, type(threading.Condition()))) for v in vars(rec).values())
+    assert rec.public() == {"job_id": rec.id, "status": "queued", "progress": 0.0, "stage": "queued",
+                            "error": rec.error}
+    assert set(TASKS) == {"generate"} and TASKS["generate"] is run_generate
+    assert issubclass(LocalQueue, JobQueue)
 
 
-def test_queue_bound_and_cancel_frees_place(tmp_path):
-    m = JobManager(NeverCalled(), tmp_path / "out", queue_size=1, output_ttl_s=60)
-    with m._wake:                       # hold the worker back so the jobs stay queued
-        a = make_job(tmp_path, m)
-        m.submit(a)
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_stores_answer_alike(tmp_path, kind):
+    store = JobStore(tmp_path / "jobs.sqlite3") if kind == "sqlite" else MemoryStore()
+    a, b = JobRecord.new("generate", {}, cache_key="k1"), JobRecord.new("generate", {}, cache_key="k1")
+    for rec in (a, b):
+        store.save(rec)
+    assert store.load(a.id) == a and store.load("nope") is None
+    assert sorted(store.unfinished()) == sorted([a.id, b.id]) and store.cached("k1") is None
+    a.status, a.result, a.progress = "succeeded", {"file": "x.mp4"}, 1.0
+    store.save(a)
+    assert store.cached("k1") == a.id and store.load(a.id).result == {"file": "x.mp4"}
+    assert store.unfinished() == [b.id]
+    assert store.prune(time.time() + 1) == 1 and store.load(a.id) is None      # finished jobs only
+    assert store.load(b.id) == b
+
+
+def test_open_store_follows_the_settings(tmp_path):
+    assert isinstance(open_store({"jobs_db": ""}), MemoryStore)               # "" keeps records in memory
+    open_store({"jobs_db": None, "data_dir": str(tmp_path / "state")})
+    assert (tmp_path / "state" / "jobs.sqlite3").is_file()                   # default: <data_dir>/jobs.sqlite3
+    open_store({"jobs_db": str(tmp_path / "elsewhere" / "j.db"), "data_dir": str(tmp_path / "unused")})
+    assert (tmp_path / "elsewhere" / "j.db").is_file() and not (tmp_path / "unused").exists()
+
+
+def test_recovery_marks_cut_off_jobs_failed(tmp_path):
+    store, uploads, out = JobStore(tmp_path / "jobs.sqlite3"), Uploads(tmp_path / "up"), tmp_path / "out"
+    out.mkdir()
+    running, done = new_record(uploads), new_record(uploads)
+    running.status, running.stage, running.progress = "processing", "render", 0.4
+    done.status, done.result = "succeeded", {"file": "d.mp4"}
+    store.save(running)
+    store.save(done)
+    (out / f".{running.id}.mp4.part").write_bytes(b"half")
+    assert recover(store, uploads, out) == [running.id]
+    rec = store.load(running.id)
+    assert rec.status == rec.stage == "failed" and rec.progress == 0.0
+    assert rec.error["code"] == "interrupted" and "status" not in rec.error
+    assert not (tmp_path / "up" / running.id).exists() and not list(out.glob(".*.part"))
+    assert store.load(done.id).status == "succeeded"
+
+
+def test_run_generate_takes_decoded_inputs_or_reads_the_files(tmp_path):
+    uploads = Uploads(tmp_path / "up")
+    rec = new_record(uploads, seed=9, min_resolution=256)
+    pipe = FakePipeline()
+    checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], GenerateOptions(), LIMITS)
+    result = run_generate(rec, pipe, tmp_path, checked, lambda stage, frac: None)
+    image, audio, opts = pipe.calls[-1]
+    assert image is checked.rgb and opts == GenerateOptions(seed=9, min_resolution=256)
+    assert result["file"] == f"{rec.id}.mp4" and "output_path" not in result and result["seed"] == 9
+    assert (tmp_path / result["file"]).read_bytes() == FAKE_VIDEO
+    run_generate(rec, pipe, tmp_path, None, lambda stage, frac: None)        # a record without arrays
+    assert pipe.calls[-1][:2] == (rec.inputs["image"], rec.inputs["audio"])
+
+
+def test_queue_runs_a_job_and_caches_it(make_queue, tmp_path):
+    pipe = FakePipeline()
+    q = make_queue(pipe)
+    rec = new_record(q.uploads, seed=5)
+    checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], GenerateOptions(), LIMITS)
+    assert q.submit(rec, checked).status == "queued"
+    done = q.wait(rec.id, 10)
+    assert done.status == "succeeded" and done.progress == 1.0 and done.result["file"] == f"{rec.id}.mp4"
+    assert done.started and done.finished and done.created <= done.started <= done.finished
+    assert pipe.calls[0][0] is checked.rgb                   # the route's decoded arrays reach the task
+    assert not (tmp_path / "up" / rec.id).exists()           # inputs go when the job ends
+    assert q.cached("k").id == rec.id and q.get(rec.id) == done
+    (tmp_path / "out" / done.result["file"]).unlink()
+    assert q.cached("k") is None                             # no video, no cache hit
+    assert q.get("nope") is None and q.cancel("nope") is None and q.wait("nope", 0) is None
+    assert list(q.events("nope", 1)) == []
+
+
+def test_queue_bound_and_cancel_frees_place(make_queue):
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    q = make_queue(pipe, queue_size=1)
+    try:
+        running = q.submit(new_record(q.uploads))
+        assert pipe.started.wait(5) and q.health() == {"running_job": running.id, "workers_alive": 1}
+        a = q.submit(new_record(q.uploads))
+        assert q.queue_length() == 1
         with pytest.raises(QueueFull):
-            m.submit(make_job(tmp_path, m))
-        m.cancel(a)
-        assert a.status == "canceled" and not a.workdir.exists() and m.queue_length() == 0
-        b = make_job(tmp_path, m)
-        m.submit(b)
-        m.cancel(b)
-    assert b.status == "canceled"
+            q.submit(new_record(q.uploads))
+        assert q.cancel(a.id).status == "canceled"
+        assert not (q.uploads.root / a.id).exists() and q.queue_length() == 0
+        b = q.submit(new_record(q.uploads))
+        assert q.get(b.id).status == "queued"
+        assert q.cancel(running.id).status == "processing"   # a running job stops at its next report
+        assert q.wait(running.id, 5).status == "canceled"
+    finally:
+        gate.set()
+    assert q.wait(b.id, 5).status == "succeeded"
+    assert len(pipe.calls) == 2 and q.health()["running_job"] is None
 
 
-def test_token_bucket():
-    from sonic_server.access import TokenBucket
-    b = TokenBucket(rate=10, burst=2)
-    assert b.take("a", now=0.0) == 0 and b.take("a", now=0.0) == 0
-    wait = b.take("a", now=0.0)
-    assert 0.09 < wait <= 0.1
-    assert b.take("b", now=0.0) == 0                     # clients have their own buckets
-    assert b.take("a", now=0.1) == 0                     # refilled at 10 per second
+def test_wait_times_out_and_events_follow_a_job(make_queue):
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    q = make_queue(pipe)
+    try:
+        rec = q.submit(new_record(q.uploads))
+        assert pipe.started.wait(5)
+        t0 = time.monotonic()
+        assert q.wait(rec.id, 0.2).status == "processing" and time.monotonic() - t0 >= 0.2
+        stream = q.events(rec.id, heartbeat_s=0.1)
+        first = next(stream)
+        assert first.status == "processing"
+        assert next(stream) is None                          # nothing changed: a keep-alive
+        gate.set()
+        rest = [e for e in stream if e is not None]
+    finally:
+        gate.set()
+    assert rest[-1].status == "succeeded" and rest[-1].result
+    assert all(e.status in ("processing", "succeeded") for e in rest)
 
 
 class Exploding:
@@ -79,13 +186,52 @@ class Exploding:
 
 
 @pytest.mark.parametrize("exc,code", [(MemoryError(), "out_of_memory"), (RuntimeError("boom /secret/path"), "internal_error")])
-def test_worker_survives_failing_jobs(tmp_path, exc, code):
-    m = JobManager(Exploding(exc), tmp_path / "out", queue_size=2, output_ttl_s=60)
-    a = make_job(tmp_path, m)
-    m.submit(a)
-    assert a.done.wait(10)
+def test_worker_survives_failing_jobs(make_queue, exc, code):
+    q = make_queue(Exploding(exc))
+    a = q.submit(new_record(q.uploads))
+    a = q.wait(a.id, 10)
     assert a.status == "failed" and a.error["code"] == code and "/secret" not in a.error["message"]
-    assert not a.workdir.exists()
-    b = make_job(tmp_path, m)                       # the worker is still alive for the next job
-    m.submit(b)
-    assert b.done.wait(10) and b.status == "failed" and b.error["code"] == "internal_error"  # (a bad result)
+    assert not (q.uploads.root / a.id).exists()
+    b = q.submit(new_record(q.uploads))              # the worker is still alive for the next job
+    b = q.wait(b.id, 10)
+    assert b.status == "failed" and b.error["code"] == "internal_error"      # (a bad result)
+    assert q.health()["workers_alive"] == 1
+
+
+def test_old_outputs_are_swept(make_queue, tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    q = make_queue(FakePipeline(), store=store, ttl_s=60)
+    old_job, new_job = JobRecord.new("generate", {}), JobRecord.new("generate", {})
+    for rec in (old_job, new_job):
+        rec.status = "succeeded"
+        store.save(rec)
+    with store._lock:
+        store._db.execute("UPDATE jobs SET updated=? WHERE id=?", (time.time() - 120, old_job.id))
+    old, new = tmp_path / "out" / ("a" * 32 + ".mp4"), tmp_path / "out" / ("b" * 32 + ".mp4")
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    q.expiry.sweep()
+    assert not old.exists() and new.exists()
+    assert q.get(old_job.id) is None and q.get(new_job.id) == new_job     # records expire with videos
+    q.expiry.maybe_sweep()                                                # too soon: nothing to do
+    assert new.exists()
+
+
+def test_token_bucket():
+    from sonic_server.access import TokenBucket
+    b = TokenBucket(rate=10, burst=2)
+    assert b.take("a", now=0.0) == 0 and b.take("a", now=0.0) == 0
+    wait = b.take("a", now=0.0)
+    assert 0.09 < wait <= 0.1
+    assert b.take("b", now=0.0) == 0                     # clients have their own buckets
+    assert b.take("a", now=0.1) == 0                     # refilled at 10 per second
+
+
+def test_uploads_are_written_under_fixed_names(tmp_path):
+    uploads = Uploads(tmp_path / "up")
+    paths = uploads.save("j1", {"image": b"i", "audio": b"a"})
+    assert paths == {"image": str(tmp_path / "up" / "j1" / "image"), "audio": str(tmp_path / "up" / "j1" / "audio")}
+    uploads.remove("j1")
+    assert not (tmp_path / "up" / "j1").exists()
+    uploads.remove("j1")                                 # twice is harmless

@@ -1,0 +1,33 @@
+"""Output expiry: videos older than the time to live are deleted, and finished job records with
+them, so the disk and the job table stay bounded."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+SWEEP_EVERY_S = 60
+
+
+class OutputExpiry:
+    def __init__(self, store, output_dir: Path, ttl_s: float):
+        self.store = store
+        self.output_dir = Path(output_dir)
+        self.ttl_s = float(ttl_s)
+        self._last = 0.0
+
+    def maybe_sweep(self, now: float | None = None) -> None:
+        """Sweep if the last sweep is SWEEP_EVERY_S old (the worker calls this between jobs)."""
+        now = time.time() if now is None else now
+        if now - self._last >= SWEEP_EVERY_S:
+            self.sweep(now)
+
+    def sweep(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._last = now
+        self.store.prune(now - self.ttl_s)
+        for path in self.output_dir.glob("*.mp4"):
+            try:
+                if now - path.stat().st_mtime > self.ttl_s:
+                    path.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,51 @@
+"""Per-request pieces every route shares: the request id, CORS headers and the access log line."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from flask import Flask, g, request
+
+log = logging.getLogger("sonic.http")
+CORS_HEADERS = {"Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location"}
+
+
+def request_id(app: Flask) -> None:
+    """The client's X-Request-ID (up to 64 characters) or a fresh one, echoed on every response."""
+    @app.before_request
+    def _take():
+        g.request_id = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+
+    @app.after_request
+    def _echo(resp):
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        return resp
+
+
+def cors(app: Flask, origins: list[str]) -> None:
+    """Browsers at `origins` ("*": any) may call the API and read its headers."""
+    @app.after_request
+    def _allow(resp):
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            resp.headers.update(CORS_HEADERS)
+        return resp
+
+
+def access_log(app: Flask) -> None:
+    """One JSON line per request: id, method, route, status, milliseconds, parameters."""
+    @app.before_request
+    def _start():
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _log(resp):
+        log.info(json.dumps({"request_id": g.get("request_id"), "method": request.method, "route": request.path,
+                             "status": resp.status_code, "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
+                             "params": g.get("log_params")}))
+        return resp

@@ -1,0 +1,60 @@
+"""The job queue as the routes see it; backends live beside this file.
+
+`local.LocalQueue` runs jobs on one worker thread in the web process. A Redis backend (worker
+processes, `sonic worker`) implements the same methods, so the routes do not change. Every
+method returns copies of records (sonic_server/jobs.py): a caller never sees one change under it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+from ..jobs import JobRecord
+
+
+class QueueFull(Exception):
+    """No place left in the queue: the route answers 503 + Retry-After."""
+
+
+class JobQueue(ABC):
+    output_dir: Path             # where a finished job's `result["file"]` lies
+
+    @abstractmethod
+    def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
+        """Queue a new record; `inputs` are arrays already decoded by the route
+        (`sonic.checks.CheckedInputs`), which a backend in the same process hands to the task.
+        Raises QueueFull."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, live or finished (also one from before a restart); None if unknown."""
+
+    @abstractmethod
+    def cached(self, key: str) -> JobRecord | None:
+        """A succeeded job for this cache key whose output still exists, else None."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> JobRecord | None:
+        """Ask a job to stop: a queued job is canceled at once, a running one at its next
+        progress report. Returns the record as it is now; None if unknown."""
+
+    @abstractmethod
+    def wait(self, job_id: str, timeout: float) -> JobRecord | None:
+        """The record once it has ended, or as it is when `timeout` seconds have passed."""
+
+    @abstractmethod
+    def events(self, job_id: str, heartbeat_s: float) -> Iterator[JobRecord | None]:
+        """The record now, then each time it changes, ending with its final state; None when
+        `heartbeat_s` pass without a change (a keep-alive). Nothing if the job is unknown."""
+
+    @abstractmethod
+    def queue_length(self) -> int:
+        """Jobs waiting, not counting the ones running."""
+
+    @abstractmethod
+    def health(self) -> dict:
+        """{"running_job": id or None, "workers_alive": int}."""
+
+    def close(self) -> None:
+        """Stop taking jobs (tests, shutdown)."""

@@ -1,0 +1,190 @@
+"""Generate and jobs: validate a request, check its inputs, queue it; then status, Server-Sent
+Events and cancel of the job. The routes talk to the queue interface only (sonic_server/queue)."""
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+
+from sonic import GenerateOptions, InvalidParameter, SonicError
+from sonic.checks import check_inputs
+
+from ..errors import error_response, public_error
+from ..jobs import JobRecord, cache_key
+from ..openapi import component, content, describe, error
+from ..queue import QueueFull
+from ..service import service
+
+bp = Blueprint("generate", __name__)
+SSE_HEARTBEAT_S = 15.0
+MAX_CONFIG_CHARS = 10_000
+CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
+# request fields beside the generation parameters (also listed by /api/sonic/params)
+EXTRA_PARAMS = {"async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"}}
+
+JOB = component("Job", {"type": "object", "properties": {
+    "job_id": {"type": "string"}, "status": {"type": "string",
+                                             "enum": ["queued", "processing", "succeeded", "failed", "canceled"]},
+    "progress": {"type": "number"}, "stage": {"type": "string"}, "status_url": {"type": "string"}}})
+RESULT = component("Result", {"type": "object", "properties": {
+    "success": {"type": "boolean"}, "job_id": {"type": "string"}, "video_url": {"type": "string"},
+    "duration": {"type": "number"}, "fps": {"type": "integer"}, "width": {"type": "integer"},
+    "height": {"type": "integer"}, "seed": {"type": "integer"}, "lipsync_offset_ms": {"type": "number"},
+    "timings": {"type": "object"}, "warnings": {"type": "array", "items": {"type": "string"}}}})
+UPLOAD = {"required": True, "content": content("multipart/form-data", {
+    "type": "object", "required": ["image", "audio"],
+    "properties": {"image": {"type": "string", "format": "binary", "minLength": 1},
+                   "audio": {"type": "string", "format": "binary", "minLength": 1},
+                   "config": {"type": "string", "description": "JSON object of Parameters"}}})}
+PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string", "example": "respond-async"}}
+
+
+class JobNotFound(SonicError):
+    code = "job_not_found"
+
+
+def _urls(job_id: str) -> dict:
+    """URLs of a job, built while a request context exists (a streamed body outlives it)."""
+    return {"status_url": url_for("generate.job_status", job_id=job_id, _external=True),
+            "video_base": url_for("outputs.output", name="NAME", _external=True)}
+
+
+def _job_body(rec: JobRecord, urls: dict) -> dict:
+    """The public view of a job: status, progress, and the result with its video_url or the error."""
+    body = {"success": rec.status != "failed", **rec.public(), "status_url": urls["status_url"]}
+    if body.get("error"):
+        body["error"] = public_error(body["error"])       # the record keeps the code; the status is derived
+    result = body.pop("result", None)
+    if result:
+        body.update({k: v for k, v in result.items() if k != "file"})
+        body["video_url"] = urls["video_base"].replace("NAME", result["file"])
+    return body
+
+
+def _result_fields(rec: JobRecord) -> dict:
+    body = _job_body(rec, _urls(rec.id))
+    return {k: v for k, v in body.items() if k not in ("status", "progress", "stage", "status_url", "success")}
+
+
+def _find_job(job_id: str) -> JobRecord:
+    queue = service().queue
+    rec = queue.get(job_id) if queue else None
+    if rec is None:
+        raise JobNotFound(f"no job {job_id}")
+    return rec
+
+
+def _parse_config() -> tuple[GenerateOptions, bool]:
+    raw = request.form.get("config", "")
+    if len(raw) > MAX_CONFIG_CHARS:
+        raise InvalidParameter(f"config is longer than {MAX_CONFIG_CHARS} characters", field="config")
+    try:
+        params = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidParameter(f"config is not valid JSON: {e.msg}", field="config") from e
+    if not isinstance(params, dict):
+        raise InvalidParameter("config must be a JSON object", field="config")
+    want_async = params.get("async", False)
+    if not isinstance(want_async, bool):
+        raise InvalidParameter("async must be true or false", field="async")
+    g.log_params = params
+    return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async
+
+
+def _read_files() -> dict[str, bytes]:
+    files = {}
+    for name in ("image", "audio"):
+        f = request.files.get(name)
+        if f is None or not f.filename and not f.content_length:
+            raise InvalidParameter(f"multipart file field '{name}' is missing", field=name)
+        files[name] = f.read()
+        if not files[name]:
+            raise InvalidParameter(f"{name} is empty", field=name)
+    return files
+
+
+@bp.post("/api/sonic/generate")
+@describe("Generate a talking-head video", parameters=[PREFER], request_body=UPLOAD, responses={
+    200: ("video ready", content("application/json", RESULT)),
+    202: ("accepted; poll status_url", content("application/json", JOB)),
+    400: error("bad or missing field / JSON"), 413: error("upload too large"),
+    415: error("not a decodable image / audio"), 422: error("no face, audio too long, empty or silent audio"),
+    503: error("queue full (Retry-After)"), 500: error("internal error")})
+def generate():
+    svc = service()
+    queue = svc.queue
+    if queue is None:
+        starting = svc.status == "starting"
+        return error_response("not_ready", "the service is starting" if starting else "the service failed to start",
+                              headers={"Retry-After": "5" if starting else "60"})
+    opts, want_async = _parse_config()
+    want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
+    files = _read_files()
+    key = cache_key(files["image"], files["audio"], opts)
+    hit = queue.cached(key)
+    if hit:
+        return jsonify({"success": True, "cached": True, **_result_fields(hit)})
+
+    rec = JobRecord.new("generate", opts.to_dict(), cache_key=key)
+    rec.inputs = svc.uploads.save(rec.id, files)
+    try:
+        # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
+        # the decoded arrays go to the task, which does not decode the files again
+        checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings["limits"])
+        rec = queue.submit(rec, checked)
+    except QueueFull:
+        svc.uploads.remove(rec.id)
+        return error_response("busy", "the generation queue is full; retry later",
+                              headers={"Retry-After": svc.retry_after_s})
+    except Exception:
+        svc.uploads.remove(rec.id)
+        raise
+
+    if not want_async:
+        rec = queue.wait(rec.id, svc.sync_wait_s)
+        if rec.status == "succeeded":
+            return jsonify({"success": True, **_result_fields(rec)})
+        if rec.terminal:
+            err = rec.error or {"code": "canceled", "message": "the job was canceled"}
+            return error_response(err["code"], err["message"], err.get("field"))
+    body = _job_body(rec, _urls(rec.id))
+    resp = jsonify(body)
+    resp.status_code = 202
+    resp.headers["Location"] = body["status_url"]
+    return resp
+
+
+@bp.get("/api/sonic/jobs/<job_id>")
+@describe("Job status", responses={200: ("status", content("application/json", JOB)), 404: error("no such job")})
+def job_status(job_id):
+    return jsonify(_job_body(_find_job(job_id), _urls(job_id)))
+
+
+@bp.post("/api/sonic/jobs/<job_id>/cancel")
+@describe("Cancel a job", responses={200: ("status after the cancel", content("application/json", JOB)),
+                                     404: error("no such job")})
+def job_cancel(job_id):
+    _find_job(job_id)
+    queue = service().queue
+    queue.cancel(job_id)
+    return jsonify(_job_body(queue.wait(job_id, CANCEL_WAIT_S), _urls(job_id)))
+
+
+@bp.get("/api/sonic/jobs/<job_id>/events")
+@describe("Job status as Server-Sent Events until it ends", responses={
+    200: ("event stream", content("text/event-stream", {"type": "string"})), 404: error("no such job")})
+def job_events(job_id):
+    """One event per change of the job (named by its status) until it ends; comments keep the
+    connection alive in between."""
+    _find_job(job_id)
+    urls, queue = _urls(job_id), service().queue
+
+    def stream():
+        last = None
+        for rec in queue.events(job_id, SSE_HEARTBEAT_S):
+            body = json.dumps(_job_body(rec, urls)) if rec is not None else last
+            yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
+            last = body
+
+    return Response(stream(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

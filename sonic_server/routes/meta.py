@@ -1,0 +1,37 @@
+"""About the service: health and readiness, the parameter schema, the OpenAPI document."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from sonic import schema
+
+from ..openapi import describe, openapi_spec
+from ..service import service
+from .generate import EXTRA_PARAMS
+
+bp = Blueprint("meta", __name__)
+
+
+@bp.get("/health")
+@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting or setup_failed"})
+def health():
+    svc = service()
+    state, queue = svc.status, svc.queue
+    running = queue.health()["running_job"] if queue is not None else None
+    if state == "ready" and running is not None:
+        state = "busy"
+    body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
+            "queue_length": queue.queue_length() if queue is not None else 0, "running_job": running}
+    return jsonify(body), (200 if state in ("ready", "busy") else 503)
+
+
+@bp.get("/api/sonic/params")
+@describe("Parameter schema", responses={200: "schema"})
+def params():
+    return jsonify({"parameters": schema(service().settings), "extra": EXTRA_PARAMS})
+
+
+@bp.get("/openapi.json")
+@describe("This document", responses={200: "OpenAPI 3"})
+def openapi():
+    return jsonify(openapi_spec(current_app, schema(service().settings), EXTRA_PARAMS))

@@ -1,0 +1,25 @@
+"""Output files: the finished videos, by their unguessable names, with HTTP Range for seeking."""
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, send_from_directory
+
+from ..errors import error_response
+from ..openapi import content, describe, error
+from ..service import service
+
+bp = Blueprint("outputs", __name__)
+OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}\.mp4$")
+MAX_AGE_S = 3600
+
+
+@bp.get("/output/<name>")
+@describe("Download a video (supports Range)", responses={
+    200: ("MP4", content("video/mp4", {"type": "string", "format": "binary"})), 206: "partial content",
+    404: error("no such video")})
+def output(name):
+    folder = service().output_dir
+    if not OUTPUT_NAME.match(name) or not (folder / name).is_file():
+        return error_response("not_found", "no such video")
+    return send_from_directory(folder, name, mimetype="video/mp4", conditional=True, max_age=MAX_AGE_S)

@@ -1,0 +1,34 @@
+"""Task registry: a job's `kind` -> the function that runs it.
+
+A task gets the record, the loaded pipeline, the output folder, the inputs the route already
+decoded (`sonic.checks.CheckedInputs`, or None when the job runs where they were not decoded:
+then it reads the record's stored files) and a progress callback. It returns the result dict
+stored in the record (`file` names the output under output_dir) and raises the library's
+errors; the queue backend turns those into a failed record. A second kind (face fusion) is one
+more function and one more entry in TASKS.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from sonic import GenerateOptions
+
+from .jobs import JobRecord
+
+Progress = Callable[[str, float], None]
+
+
+def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: Progress) -> dict:
+    """Portrait + speech -> `<output_dir>/<job id>.mp4`; the pipeline's result without its path."""
+    image = inputs.rgb if inputs is not None else rec.inputs["image"]
+    audio = inputs.wav if inputs is not None else rec.inputs["audio"]
+    out = Path(output_dir) / f"{rec.id}.mp4"
+    res = pipeline(image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress)
+    result = res.to_dict()
+    result.pop("output_path", None)
+    result["file"] = out.name
+    return result
+
+
+TASKS: dict[str, Callable[..., dict]] = {"generate": run_generate}
