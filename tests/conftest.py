@@ -23,3 +23,24 @@ def speech_then_silence(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audio") / "speech_silence.wav"
     sf.write(out, np.concatenate([wav, np.zeros(int(1.6 * sr), np.float32)]), sr)
     return out
+
+
+@pytest.fixture
+def make_client(tmp_path):
+    """make_client(pipeline=None, **server_settings) -> (Flask test client, settings): a fresh app
+    with its folders under tmp_path and a fake pipeline unless one is given; its queue is
+    closed afterwards."""
+    from server_helpers import FakePipeline, settings
+    from sonic_server import create_app
+    apps = []
+
+    def make(pipeline=None, **server):
+        cfg = settings(tmp_path, **server)
+        app = create_app(cfg, pipeline=pipeline if pipeline is not None else FakePipeline())
+        apps.append(app)
+        return app.test_client(), cfg
+
+    yield make
+    for app in apps:
+        if app.extensions["sonic"].queue is not None:
+            app.extensions["sonic"].queue.close()

@@ -1,0 +1,181 @@
+"""What needs a real server: `python app.py` on a free loopback port with the real model (one
+generation end to end, a face-less photo, a cancel mid-render), a stalled upload on a real socket,
+and kill -9 then a restart that recovers. The rest of the HTTP contract: tests/test_http.py."""
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from conftest import PORTRAIT, ROOT, SPEECH
+from server_helpers import FAST, FakePipeline, assert_clean_error, settings, uploads_empty
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp, **server_settings):
+    cfg = settings(tmp, **server_settings)
+    (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = open(tmp / "server.log", "a+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp / "settings.yaml")],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    seen = set()
+    for _ in range(240):
+        try:
+            r = requests.get(base + "/health", timeout=1)
+            seen.add((r.status_code, r.json()["readiness"]))
+            if r.json()["readiness"] == "ready":
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    else:
+        proc.kill()
+        log.seek(0)
+        pytest.fail("server did not start: " + log.read()[-2000:])
+    return proc, {"base": base, "tmp": tmp, "cfg": cfg, "startup_states": seen}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server for the module; the last test kills it."""
+    proc, info = start_server(tmp_path_factory.mktemp("srv"), queue_size=2, sync_wait_s=60, socket_timeout_s=1.5)
+    info["proc"] = proc
+    yield info
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+
+
+def post(server, config=None, image=PORTRAIT, audio=SPEECH, headers=None):
+    with open(image, "rb") as img, open(audio, "rb") as aud:
+        return requests.post(server["base"] + "/api/sonic/generate", headers=headers or {}, timeout=120,
+                             files={"image": ("face.jpg", img), "audio": ("talk.flac", aud)},
+                             data={"config": json.dumps(config if config is not None else FAST)})
+
+
+def job_status(server, job_id):
+    return requests.get(f"{server['base']}/api/sonic/jobs/{job_id}", timeout=5).json()
+
+
+def wait_processing(server, job_id):
+    for _ in range(200):
+        if job_status(server, job_id)["status"] == "processing":
+            return
+        time.sleep(0.05)
+    raise AssertionError("job did not start")
+
+
+def test_real_generation_end_to_end(server, tmp_path):
+    # while the models load the server already answers: 503 "starting", then 200 "ready"
+    assert server["startup_states"] <= {(503, "starting"), (200, "ready")}
+    r = post(server, {**FAST, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] and body["seed"] == 3 and body["width"] == 256 and body["fps"] == 25
+    assert abs(body["duration"] - 3.0) <= 0.04 and "lipsync_offset_ms" in body and "render" in body["timings"]
+    assert r.headers["X-Request-ID"]
+    video = requests.get(body["video_url"], timeout=30)
+    assert video.status_code == 200 and video.headers["Content-Type"] == "video/mp4"
+    path = tmp_path / "dl.mp4"
+    path.write_bytes(video.content)
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 75 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 256
+    part = requests.get(body["video_url"], headers={"Range": "bytes=100-199"}, timeout=30)
+    assert part.status_code == 206 and part.content == video.content[100:200]
+    assert uploads_empty(server["cfg"])                              # inputs deleted when the job ends
+
+
+def test_real_face_less_photo(server, tmp_path):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 90, np.uint8))
+    assert_clean_error(post(server, image=blank), 422, "no_face_detected", "image")
+    r = post(server, {**FAST, "async": True}, image=blank)          # async: accepted, then failed
+    assert r.status_code == 202
+    for _ in range(100):
+        s = job_status(server, r.json()["job_id"])
+        if s["status"] == "failed":
+            break
+        time.sleep(0.05)
+    assert s["error"] == {"code": "no_face_detected", "message": s["error"]["message"], "field": "image",
+                          "status": 422}
+
+
+def test_real_cancel_mid_render(server):
+    r = post(server, {**FAST, "seed": 6, "duration": 30, "async": True})
+    assert r.status_code == 202
+    job = r.json()["job_id"]
+    wait_processing(server, job)
+    time.sleep(0.5)
+    c = requests.post(f"{server['base']}/api/sonic/jobs/{job}/cancel", timeout=30).json()
+    assert c["status"] == "canceled"
+    outputs = server["tmp"] / "outputs"
+    assert not (outputs / f"{job}.mp4").exists() and not list(outputs.glob(".*.part"))
+    assert uploads_empty(server["cfg"])
+
+
+def test_slow_upload_is_dropped(server):
+    host, port = server["base"].rsplit("/", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n")
+    t0 = time.time()
+    assert requests.get(server["base"] + "/health", timeout=5).status_code == 200   # others still served
+    sock.settimeout(10)
+    try:
+        while sock.recv(4096):            # the server answers and/or closes the stalled request
+            pass
+    except (ConnectionResetError, socket.timeout):
+        pass
+    assert time.time() - t0 < 8
+    sock.close()
+    assert requests.get(server["base"] + "/health", timeout=5).status_code == 200
+    assert uploads_empty(server["cfg"])
+
+
+def test_killed_mid_job_then_restart(server):
+    """Last in this module: kill -9 mid-job, then start again on the same folders (in process:
+    recovery is the point here, not the model)."""
+    from sonic_server import create_app
+    done = post(server, {**FAST, "seed": 31, "duration": 1.0})
+    assert done.status_code == 200
+    r = post(server, {**FAST, "seed": 32, "duration": 60, "async": True})
+    job = r.json()["job_id"]
+    wait_processing(server, job)
+    time.sleep(1.0)
+    server["proc"].kill()                                    # no clean shutdown
+    server["proc"].wait(10)
+    tmp = server["tmp"]
+    app = create_app(server["cfg"], pipeline=FakePipeline())
+    client = app.test_client()
+    try:
+        s = client.get(f"/api/sonic/jobs/{job}").get_json()
+        assert s["status"] == "failed" and s["error"]["code"] == "interrupted" and s["error"]["status"] == 500
+        assert not list((tmp / "outputs").glob(".*.part"))
+        assert not (tmp / "outputs" / f"{job}.mp4").exists()
+        assert not (tmp / "uploads" / job).exists()
+        assert (tmp / "data" / "jobs.sqlite3").is_file()     # the job database in the data folder
+        old = client.get(f"/api/sonic/jobs/{done.json()['job_id']}").get_json()
+        name = done.json()["video_url"].rsplit("/", 1)[1]
+        assert old["status"] == "succeeded" and old["video_url"] == f"http://localhost/output/{name}"
+        assert old["seed"] == 31
+        assert client.get(old["video_url"]).status_code == 200
+        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:             # the cache survives the restart
+            again = client.post("/api/sonic/generate", data={
+                "image": (img, "face.jpg"), "audio": (aud, "talk.flac"),
+                "config": json.dumps({**FAST, "seed": 31, "duration": 1.0})})
+        assert again.get_json().get("cached") is True and again.get_json()["video_url"] == old["video_url"]
+    finally:
+        app.extensions["sonic"].queue.close()
