@@ -55,7 +55,9 @@ def parameters_schema(params: dict, extra: dict) -> dict:
     for name, p in params.items():
         s = {"type": p["type"], "description": p["description"]}
         if p["minimum"] is not None:
-            s["exclusiveMinimum" if p["exclusive_minimum"] else "minimum"] = p["minimum"]
+            s["minimum"] = p["minimum"]
+            if p["exclusive_minimum"]:
+                s["exclusiveMinimum"] = True          # OpenAPI 3.0: a flag on minimum, not a number
         if p["maximum"] is not None:
             s["maximum"] = p["maximum"]
         if p["default"] is not None:

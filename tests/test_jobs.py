@@ -235,3 +235,20 @@ def test_uploads_are_written_under_fixed_names(tmp_path):
     uploads.remove("j1")
     assert not (tmp_path / "up" / "j1").exists()
     uploads.remove("j1")                                 # twice is harmless
+
+
+def test_a_database_from_an_older_release_opens(tmp_path):
+    import sqlite3
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:                    # the table as releases before job records wrote it
+        db.executescript("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, stage TEXT NOT NULL, "
+                         "cache_key TEXT, result TEXT, error TEXT, created REAL NOT NULL, updated REAL NOT NULL);")
+        db.execute("INSERT INTO jobs VALUES ('a', 'succeeded', 'succeeded', 'k', ?, NULL, 1.0, ?)",
+                   (json.dumps({"file": "a.mp4", "seed": 4}), time.time()))
+    store = JobStore(path)
+    rec = store.load("a")
+    assert rec.status == "succeeded" and rec.progress == 1.0 and rec.result["seed"] == 4 and rec.kind == "generate"
+    assert store.cached("k") == "a"
+    rec.stage = "done"
+    store.save(rec)
+    assert store.load("a").stage == "done"
