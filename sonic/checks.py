@@ -17,7 +17,7 @@ import numpy as np
 
 from .media import load_audio, load_image
 from .options import GenerateOptions
-from .settings import Limits, settings_from
+from .settings import Limits
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,6 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
     raises the library's errors (unsupported_media, input_too_large, audio_too_long,
     empty_audio) with the field named."""
     del options       # no parameter depends on the content yet; kept so the seam can grow
-    if not isinstance(limits, Limits):
-        limits = settings_from({"limits": dict(limits)}).limits
     rgb = load_image(image, limits.max_image_pixels)
     wav = load_audio(audio, limits.max_duration_s)
     return CheckedInputs(rgb=rgb, wav=wav)

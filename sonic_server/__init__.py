@@ -1,11 +1,13 @@
 """HTTP service: the Flask app factory. It only wires the pieces; each lives in its own module."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Mapping
 
 from flask import Flask
 
-from sonic import load_config
+from sonic.settings import Settings, load_settings, settings_from
 
 from . import access, hooks, loader
 from .errors import install_error_handlers
@@ -16,33 +18,35 @@ from .store import open_store
 from .uploads import Uploads
 
 
-def create_app(config: dict | None = None, pipeline=None, background_load: bool = False) -> Flask:
-    """Build the app; `pipeline` defaults to `sonic.load_pipeline(config)`, loaded once, here.
+def create_app(settings: Settings | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
+    """Build the app; `pipeline` defaults to `sonic.load_pipeline(settings)`, loaded once, here.
+    Settings: typed (sonic/settings.py), or a mapping with the settings file's structure (SONIC_*
+    variables apply to it), or None for the shipped file and the variables.
 
     With background_load the models load in a thread while the server already answers:
     /health says "starting" (503) and generate answers 503 + Retry-After until they are ready.
     """
-    config = config if config is not None else load_config()
-    srv, limits = config["server"], config["limits"]
+    if not isinstance(settings, Settings):
+        settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
+    srv, limits = settings.server, settings.limits
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = int(limits["max_upload_mb"] * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     svc = app.extensions["sonic"] = Service(
-        settings=config, uploads=Uploads(srv["upload_dir"]), output_dir=Path(config.get("output_dir", "outputs")).resolve(),
-        sync_wait_s=float(srv["sync_wait_s"]), retry_after_s=str(srv["retry_after_s"]))
+        settings=settings, uploads=Uploads(srv.upload_dir), output_dir=Path(settings.output_dir),
+        sync_wait_s=srv.sync_wait_s, retry_after_s=str(srv.retry_after_s))
     hooks.request_id(app)
     hooks.access_log(app)
-    access.install(app, access.api_keys(srv.get("api_keys")), float(srv.get("rate_limit_per_s", 10)),
-                   float(srv.get("rate_limit_burst", 20)))
-    hooks.cors(app, srv.get("cors_origins") or [])
-    install_error_handlers(app, limits["max_upload_mb"])
+    access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst)
+    hooks.cors(app, list(srv.cors_origins))
+    install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
 
     def make_queue() -> LocalQueue:
         from sonic import load_pipeline
-        pipe = pipeline if pipeline is not None else load_pipeline(config)
-        return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=int(srv["queue_size"]),
-                          output_ttl_s=float(srv["output_ttl_s"]), store=open_store(srv))
+        pipe = pipeline if pipeline is not None else load_pipeline(settings)
+        return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
+                          output_ttl_s=srv.output_ttl_s, store=open_store(srv.jobs_db_path))
 
     loader.start(svc, make_queue, background_load)
     return app

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import os
 import threading
 import time
 
@@ -52,12 +51,6 @@ def bearer_key(header: str | None) -> str | None:
 
 def key_allowed(key: str | None, keys: list[str]) -> bool:
     return key is not None and any(hmac.compare_digest(key, k) for k in keys)
-
-
-def api_keys(configured: list[str] | None) -> list[str]:
-    """The keys in the settings plus SONIC_API_KEYS=k1,k2 from the environment."""
-    keys = [k for k in (configured or []) if k]
-    return keys + [k.strip() for k in os.environ.get("SONIC_API_KEYS", "").split(",") if k.strip()]
 
 
 def install(app: Flask, keys: list[str], rate_per_s: float, burst: float) -> None:

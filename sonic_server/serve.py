@@ -1,18 +1,18 @@
 """Run the service with its built-in threaded server: `sonic serve` (or `python app.py`).
 
 Host and port come from --host/--port, then SONIC_HOST / SONIC_PORT, then the settings
-(`server.host`, `server.port`; default 127.0.0.1:5000). The model loads once, in the background,
+(`server.host`, `server.port`; default 127.0.0.1:5000): sonic/settings.py reads the layers. The model loads once, in the background,
 while /health already answers. For production: waitress-serve --call sonic_server:create_app.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 
 from werkzeug.serving import WSGIRequestHandler
 
-from sonic import load_config
+from sonic.settings import SettingsError, load_settings
 
 from . import create_app
 
@@ -20,22 +20,25 @@ from . import create_app
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
-    ap.add_argument("--config", help="settings YAML (default: configs/default.yaml)")
+    ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables "
+                    "override both")
 
 
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    config = load_config(args.config)
-    host = args.host or os.environ.get("SONIC_HOST") or config["server"]["host"]
-    port = args.port or int(os.environ.get("SONIC_PORT") or config["server"]["port"])
-    app = create_app(config, background_load=True)   # answers /health while the models load
+    try:
+        settings = load_settings(args.config, flags={"server.host": args.host, "server.port": args.port})
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
+    app = create_app(settings, background_load=True)   # answers /health while the models load
 
     class Handler(WSGIRequestHandler):
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
-        timeout = float(config["server"].get("socket_timeout_s", 30))
+        timeout = settings.server.socket_timeout_s
 
-    app.run(host=host, port=port, threaded=True, use_reloader=False, request_handler=Handler)
+    app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
+            request_handler=Handler)
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> None:

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from flask import current_app
 
+from sonic.settings import Settings
+
 from .queue import JobQueue
 from .uploads import Uploads
 
 
 @dataclass
 class Service:
-    settings: dict               # the YAML settings: parameter defaults and limits
+    settings: Settings           # sonic/settings.py: parameter defaults, limits, folders
     uploads: Uploads
     output_dir: Path             # videos, served from /output/<name>
     sync_wait_s: float           # a synchronous request waits this long, then gets 202

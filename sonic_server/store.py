@@ -18,11 +18,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
 
 from .jobs import SUCCEEDED, TERMINAL, JobRecord
 
-DB_NAME = "jobs.sqlite3"       # under server.data_dir unless server.jobs_db names another path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -40,12 +38,9 @@ CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 _FINISHED = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
 
 
-def open_store(server: Mapping) -> "JobStore | MemoryStore":
-    """The store the `server` settings ask for: `jobs_db` if it is set ("" keeps records in
-    memory), else `<data_dir>/jobs.sqlite3`."""
-    path = server.get("jobs_db")
-    if path is None:
-        path = Path(server.get("data_dir") or "data") / DB_NAME
+def open_store(path: str | Path) -> "JobStore | MemoryStore":
+    """The store at `path` (the settings' `server.jobs_db_path`: `server.jobs_db` if it is set,
+    else `<data_dir>/jobs.sqlite3`); "" keeps records in memory."""
     return JobStore(path) if str(path) else MemoryStore()
 
 

@@ -11,6 +11,7 @@ from conftest import PORTRAIT, SPEECH
 from server_helpers import FAKE_VIDEO, FakePipeline
 from sonic import GenerateOptions
 from sonic.checks import check_inputs
+from sonic.settings import load_settings
 from sonic_server.jobs import JobRecord
 from sonic_server.queue import JobQueue, QueueFull
 from sonic_server.queue.local import LocalQueue
@@ -19,7 +20,7 @@ from sonic_server.store import JobStore, MemoryStore, open_store
 from sonic_server.tasks import TASKS, run_generate
 from sonic_server.uploads import Uploads
 
-LIMITS = {"max_image_pixels": 40_000_000, "max_duration_s": 300}
+LIMITS = load_settings().limits
 
 
 def new_record(uploads: Uploads, **params) -> JobRecord:
@@ -73,10 +74,12 @@ def test_stores_answer_alike(tmp_path, kind):
 
 
 def test_open_store_follows_the_settings(tmp_path):
-    assert isinstance(open_store({"jobs_db": ""}), MemoryStore)               # "" keeps records in memory
-    open_store({"jobs_db": None, "data_dir": str(tmp_path / "state")})
+    from sonic.settings import settings_from
+    path = lambda **server: settings_from({"server": server}).server.jobs_db_path
+    assert isinstance(open_store(path(jobs_db="")), MemoryStore)               # "" keeps records in memory
+    open_store(path(jobs_db=None, data_dir=str(tmp_path / "state")))
     assert (tmp_path / "state" / "jobs.sqlite3").is_file()                   # default: <data_dir>/jobs.sqlite3
-    open_store({"jobs_db": str(tmp_path / "elsewhere" / "j.db"), "data_dir": str(tmp_path / "unused")})
+    open_store(path(jobs_db=str(tmp_path / "elsewhere" / "j.db"), data_dir=str(tmp_path / "unused")))
     assert (tmp_path / "elsewhere" / "j.db").is_file() and not (tmp_path / "unused").exists()
 
 

@@ -130,7 +130,7 @@ def generate():
     try:
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
-        checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings["limits"])
+        checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
         rec = queue.submit(rec, checked)
     except QueueFull:
         svc.uploads.remove(rec.id)
