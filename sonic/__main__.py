@@ -64,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("image", "audio"):
             if not Path(getattr(args, name)).is_file():
                 raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
+        # bad media is reported before the models load (seconds), and decoded only once
+        from .checks import check_inputs
+        inputs = check_inputs(args.image, args.audio, opts, settings.limits)
         from .pipeline import load_pipeline
         pipe = load_pipeline(settings)
-        result = pipe(args.image, args.audio, opts, out_path=args.out,
+        result = pipe(inputs.rgb, inputs.wav, opts, out_path=args.out,
                       progress=None if args.quiet else _progress_bar())
     except SonicError as e:
         sys.stderr.write(f"\nerror: {e.message}\n")
