@@ -41,6 +41,7 @@ def _default_settings() -> Path:
 
 DEFAULT_CONFIG = _default_settings()
 ENV_PREFIX = "SONIC_"
+DEVICES = ("auto", "cpu", "cuda")     # for a decoder that runs on torch; the warp decoder uses the CPU
 
 
 class SettingsError(ValueError):
@@ -111,7 +112,8 @@ def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
         typ = next(a for a in args if a is not type(None))
         args = typing.get_args(typ)
     if typing.get_origin(typ) is tuple:
-        items = [s.strip() for s in value.split(",") if s.strip()] if from_text else value
+        # a variable, or a bare string in the file (cors_origins: "*"), is a comma-separated list
+        items = [s.strip() for s in value.split(",") if s.strip()] if from_text or isinstance(value, str) else value
         if items is None:
             return ()
         if not isinstance(items, (list, tuple)):
@@ -194,6 +196,8 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
         var = ENV_PREFIX + name.upper()
         if var in env:
             top[name] = _cast(var, hints[name], env[var], from_text=True)
+    if top.get("device", "auto") not in DEVICES:
+        raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {top['device']!r}")
     # flags win over variables
     settings = Settings(**top)
     for name, value in (flags or {}).items():

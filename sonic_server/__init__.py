@@ -11,6 +11,7 @@ from sonic.settings import Settings, load_settings, settings_from
 
 from . import access, hooks, loader
 from .errors import install_error_handlers
+from .legacy import jobs_db_path
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
 from .service import Service
@@ -46,7 +47,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         from sonic import load_pipeline
         pipe = pipeline if pipeline is not None else load_pipeline(settings)
         return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
-                          output_ttl_s=srv.output_ttl_s, store=open_store(srv.jobs_db_path))
+                          output_ttl_s=srv.output_ttl_s, store=open_store(jobs_db_path(settings)))
 
     loader.start(svc, make_queue, background_load)
     return app

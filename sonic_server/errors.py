@@ -85,7 +85,7 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
 
     @app.errorhandler(413)
     def _too_large(e):
-        return error_response("input_too_large", f"upload is larger than {max_upload_mb} MB")
+        return error_response("input_too_large", f"upload is larger than {max_upload_mb:g} MB")
 
     @app.errorhandler(404)
     def _not_found(e):

@@ -4,6 +4,7 @@ A failed job's public body keeps the fields it always had, its `error.status` in
 the job failed in this process or was written to the job database by an older release.
 """
 import inspect
+import io
 import json
 import sqlite3
 import time
@@ -100,6 +101,35 @@ def test_failed_job_public_body(tmp_path):
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
         stored = json.loads(db.execute("SELECT error FROM jobs WHERE id=?", (job_id,)).fetchone()[0])
     assert stored["code"] == "no_face_detected" and "status" not in stored
+
+
+def test_upload_limit_message_names_the_configured_size(tmp_path):
+    from sonic_server import create_app
+    cfg = load_config()
+    cfg["limits"]["max_upload_mb"] = 2
+    cfg["output_dir"], cfg["server"]["data_dir"] = str(tmp_path / "outputs"), str(tmp_path / "data")
+    client = create_app(cfg, pipeline=NoFacePipeline()).test_client()
+    r = client.post("/api/sonic/generate", data={"image": (io.BytesIO(b"x" * (3 << 20)), "big.jpg")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 413 and r.get_json()["error"]["message"] == "upload is larger than 2 MB"
+
+
+def test_a_job_database_in_the_old_place_is_moved_to_the_data_folder(tmp_path):
+    """Releases before 0.5 kept job records in <output_dir>/jobs.sqlite3: their jobs still answer."""
+    from sonic_server import create_app
+    cfg = load_config()
+    cfg["output_dir"], cfg["server"]["data_dir"] = str(tmp_path / "outputs"), str(tmp_path / "data")
+    cfg["server"].update(upload_dir=str(tmp_path / "uploads"), jobs_db=None)
+    (tmp_path / "outputs").mkdir()
+    with sqlite3.connect(tmp_path / "outputs" / "jobs.sqlite3") as db:    # an old release's table
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, stage TEXT NOT NULL, "
+                   "cache_key TEXT, result TEXT, error TEXT, created REAL, updated REAL)")
+        db.execute("INSERT INTO jobs VALUES (?, 'failed', 'failed', '', NULL, ?, ?, ?)",
+                   ("e" * 32, json.dumps({"code": "no_face_detected", "message": "no face found in the image",
+                                          "field": "image"}), time.time(), time.time()))
+    client = create_app(cfg, pipeline=NoFacePipeline()).test_client()
+    assert client.get("/api/sonic/jobs/" + "e" * 32).get_json()["error"]["code"] == "no_face_detected"
+    assert (tmp_path / "data" / "jobs.sqlite3").is_file() and not (tmp_path / "outputs" / "jobs.sqlite3").exists()
 
 
 def test_records_from_an_older_release_still_load(tmp_path):

@@ -24,6 +24,11 @@ def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     assert s.server.port == 6002 and s.server.host == "127.0.0.1"
 
 
+def test_a_bare_string_is_a_one_item_list():
+    assert settings_from({"server": {"cors_origins": "*"}}).server.cors_origins == ("*",)
+    assert settings_from({"server": {"api_keys": "k1, k2"}}).server.api_keys == ("k1", "k2")
+
+
 def test_api_keys_variable_adds_to_the_file():
     s = settings_from({"server": {"api_keys": ["k1"]}}, env={"SONIC_API_KEYS": "k2, k3"})
     assert s.server.api_keys == ("k1", "k2", "k3")
@@ -47,6 +52,7 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({}, {"SONIC_PORT": "80a"}, "SONIC_PORT must be int"),
     ({"limits": {"max_upload_mb": True}}, {}, "limits.max_upload_mb must be float"),
     ({"defaults": [1]}, {}, "defaults must be a mapping"),
+    ({}, {"SONIC_DEVICE": "gpu"}, "device must be one of auto, cpu, cuda"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
     with pytest.raises(SettingsError, match=needle):
