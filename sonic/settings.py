@@ -148,7 +148,11 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _section(cls, raw: Mapping | None, prefix: str, env: Mapping[str, str]) -> Any:
+def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str, ...] = ()) -> dict:
+    """The fields of dataclass `cls` given in `raw` (the file) or `env` (SONIC_* variables, which
+    win), cast to their types; `skip` names fields the caller fills itself."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise SettingsError(f"setting {prefix.rstrip('.') or 'file'} must be a mapping, got {raw!r}")
     raw = dict(raw or {})
     hints = _hints(cls)
     unknown = sorted(set(raw) - set(hints))
@@ -157,6 +161,8 @@ def _section(cls, raw: Mapping | None, prefix: str, env: Mapping[str, str]) -> A
     values = {}
     for f in dataclasses.fields(cls):
         name = f.name
+        if name in skip:
+            continue
         if name in raw:
             values[name] = _cast(prefix + name, hints[name], raw[name], from_text=False)
         var = ENV_PREFIX + name.upper()
@@ -165,7 +171,7 @@ def _section(cls, raw: Mapping | None, prefix: str, env: Mapping[str, str]) -> A
             if name == "api_keys":                   # the variable adds keys to the file's
                 value = tuple(values.get("api_keys", ())) + value
             values[name] = value
-    return cls(**values)
+    return values
 
 
 def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = None,
@@ -175,27 +181,13 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
     Relative paths are resolved against `base` (default: the working directory)."""
     raw = dict(raw or {})
     env = env or {}
-    hints = _hints(Settings)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise SettingsError(f"unknown setting {unknown[0]} (known: {', '.join(sorted(hints))})")
-    top = {}
-    for f in dataclasses.fields(Settings):
-        name = f.name
-        if name in _SECTIONS:
-            top[name] = _section(_SECTIONS[name], raw.get(name), name + ".", env)
-            continue
-        if name == "defaults":
-            d = raw.get("defaults") or {}
-            if not isinstance(d, Mapping):
-                raise SettingsError("setting defaults must be a mapping of parameter defaults")
-            top[name] = dict(d)
-            continue
-        if name in raw:
-            top[name] = _cast(name, hints[name], raw[name], from_text=False)
-        var = ENV_PREFIX + name.upper()
-        if var in env:
-            top[name] = _cast(var, hints[name], env[var], from_text=True)
+    top = _values(Settings, raw, "", env, skip=("defaults", *_SECTIONS))
+    for name, cls in _SECTIONS.items():
+        top[name] = cls(**_values(cls, raw.get(name), name + ".", env))
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise SettingsError("setting defaults must be a mapping of parameter defaults")
+    top["defaults"] = dict(defaults)
     if top.get("device", "auto") not in DEVICES:
         raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {top['device']!r}")
     # flags win over variables
@@ -204,12 +196,11 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
         if value is None:
             continue
         section, _, key = name.rpartition(".")
-        if section:
-            sub = getattr(settings, section)
-            sub = dataclasses.replace(sub, **{key: _cast(name, _hints(type(sub))[key], value, False)})
-            settings = dataclasses.replace(settings, **{section: sub})
-        else:
-            settings = dataclasses.replace(settings, **{key: _cast(name, hints[key], value, False)})
+        owner = getattr(settings, section) if section in _SECTIONS else settings if not section else None
+        if owner is None or key not in _hints(type(owner)) or key in ("defaults", *_SECTIONS):
+            raise SettingsError(f"unknown setting {name}")
+        owner = dataclasses.replace(owner, **{key: _cast(name, _hints(type(owner))[key], value, False)})
+        settings = dataclasses.replace(settings, **{section: owner}) if section else owner
     return _resolve_paths(settings, base or Path.cwd())
 
 

@@ -10,6 +10,18 @@ PORTRAIT = EXAMPLES / "portrait.jpg"
 SPEECH = EXAMPLES / "speech.flac"
 
 
+def read_frames(path) -> np.ndarray:
+    """Every frame of a video (BGR, as OpenCV decodes it)."""
+    import cv2
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            return np.array(frames)
+        frames.append(f)
+
+
 @pytest.fixture(scope="session")
 def pipeline():
     from sonic import load_pipeline

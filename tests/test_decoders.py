@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import cv2
 import numpy as np
 import pytest
 
@@ -14,7 +13,7 @@ from sonic.errors import InvalidParameter
 from sonic.media import load_audio, load_image
 from sonic.options import GenerateOptions, load_config
 from sonic.settings import load_settings
-from conftest import PORTRAIT, ROOT, SPEECH
+from conftest import PORTRAIT, ROOT, SPEECH, read_frames
 
 SHORT = {"min_resolution": 256, "duration": 0.4}     # 10 frames: rendered in this process
 
@@ -46,14 +45,6 @@ def registry(monkeypatch):
     return decoders._REGISTRY
 
 
-def read_frames(path):
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            return np.array(frames)
-        frames.append(f)
 
 
 def test_warp_is_registered_by_name():

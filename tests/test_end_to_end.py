@@ -10,18 +10,9 @@ import pytest
 
 from sonic import EmptyAudio, InvalidParameter, NoFaceDetected, UnsupportedMedia
 from sonic.media import FFMPEG
-from conftest import PORTRAIT, ROOT, SPEECH
+from conftest import PORTRAIT, ROOT, SPEECH, read_frames
 
 
-def read_frames(path):
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(f)
-    return np.array(frames)
 
 
 def probe(path):
