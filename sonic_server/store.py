@@ -13,6 +13,7 @@ job's state, queued...failed, not an HTTP status.)
 """
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 import threading
@@ -114,7 +115,8 @@ class MemoryStore:
     def load(self, job_id: str) -> JobRecord | None:
         with self._lock:
             entry = self._records.get(job_id)
-        return JobRecord.from_dict(entry[0]) if entry else None
+        # a deep copy: the caller's params, result and error are its own, as with SQLite
+        return JobRecord.from_dict(copy.deepcopy(entry[0])) if entry else None
 
     def cached(self, key: str) -> str | None:
         with self._lock:

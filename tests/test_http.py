@@ -67,6 +67,17 @@ def test_health_params_openapi(make_client):
     assert set(p) | {"async"} <= set(spec["components"]["schemas"]["Parameters"]["properties"])
 
 
+def test_health_when_the_worker_has_stopped(make_client):
+    client, _ = make_client()
+    queue = client.application.extensions["sonic"].queue
+    queue.close()                                     # the worker thread ends, as if it had died
+    queue._worker.join(5)
+    h = client.get("/health")
+    assert h.status_code == 503
+    assert h.get_json() == {"status": "worker_stopped", "readiness": "worker_stopped", "queue_length": 0,
+                            "running_job": None}
+
+
 # every operation of the document with its response codes, as the service has always had them
 OPERATIONS = {
     ("/api/sonic/generate", "post"): {"200", "202", "400", "413", "415", "422", "503", "500"},
@@ -291,6 +302,40 @@ def test_errors(make_client, tmp_path):
     assert_clean_error(r, 405, "method_not_allowed")
     assert "POST" in r.headers["Allow"]
     assert uploads_empty(cfg)
+
+
+@pytest.mark.parametrize("failing", ["upload", "store"])
+def test_a_failed_write_leaves_no_upload_and_no_job(make_client, monkeypatch, failing):
+    client, cfg = make_client()
+    svc = client.application.extensions["sonic"]
+
+    def half_written(job_id, files):                  # the first file lands, then the disk is full
+        folder = svc.uploads.root / job_id
+        folder.mkdir(parents=True)
+        (folder / "image").write_bytes(files["image"])
+        raise OSError(28, "No space left on device")
+
+    def locked(rec):
+        raise RuntimeError("database is locked")
+    if failing == "upload":
+        monkeypatch.setattr(svc.uploads, "save", half_written)
+    else:
+        monkeypatch.setattr(svc.queue.store, "save", locked)
+    r = post(client, {**FAST, "seed": 13})
+    assert_clean_error(r, 500, "internal_error")
+    assert "No space" not in r.text and "locked" not in r.text
+    assert uploads_empty(cfg) and not any(Path(cfg["server"]["upload_dir"]).iterdir())
+    assert client.get("/health").get_json()["queue_length"] == 0
+
+
+def test_a_job_gone_while_waited_for_is_not_found(make_client, monkeypatch):
+    client, _ = make_client()
+    queue = client.application.extensions["sonic"].queue
+    job = post(client, {**FAST, "seed": 14, "async": True}).get_json()["job_id"]
+    wait_status(client, job, "succeeded")
+    monkeypatch.setattr(queue, "wait", lambda job_id, timeout: None)      # pruned meanwhile
+    assert_clean_error(post(client, {**FAST, "seed": 15}), 404, "job_not_found")
+    assert_clean_error(client.post(f"/api/sonic/jobs/{job}/cancel"), 404, "job_not_found")
 
 
 def test_no_face_and_internal_errors(make_client, tmp_path):

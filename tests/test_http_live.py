@@ -14,7 +14,9 @@ import requests
 import yaml
 
 from conftest import PORTRAIT, ROOT, SPEECH
-from server_helpers import FAST, FakePipeline, assert_clean_error, settings, uploads_empty
+from server_helpers import FAST, assert_clean_error, settings, uploads_empty
+
+SERVER_SETTINGS = {"queue_size": 2, "sync_wait_s": 60, "socket_timeout_s": 1.5}
 
 
 def free_port() -> int:
@@ -51,7 +53,7 @@ def start_server(tmp, **server_settings):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One real server for the module; the last test kills it."""
-    proc, info = start_server(tmp_path_factory.mktemp("srv"), queue_size=2, sync_wait_s=60, socket_timeout_s=1.5)
+    proc, info = start_server(tmp_path_factory.mktemp("srv"), **SERVER_SETTINGS)
     info["proc"] = proc
     yield info
     if proc.poll() is None:
@@ -150,9 +152,8 @@ def test_slow_upload_is_dropped(server):
 
 
 def test_killed_mid_job_then_restart(server):
-    """Last in this module: kill -9 mid-job, then start again on the same folders (in process:
-    recovery is the point here, not the model)."""
-    from sonic_server import create_app
+    """Last in this module: kill -9 mid-job, then `python app.py` again on the same folders and
+    the same settings file: the job reads `interrupted` and the cache survives."""
     done = post(server, {**FAST, "seed": 31, "duration": 1.0})
     assert done.status_code == 200
     r = post(server, {**FAST, "seed": 32, "duration": 60, "async": True})
@@ -162,24 +163,22 @@ def test_killed_mid_job_then_restart(server):
     server["proc"].kill()                                    # no clean shutdown
     server["proc"].wait(10)
     tmp = server["tmp"]
-    app = create_app(server["cfg"], pipeline=FakePipeline())
-    client = app.test_client()
+    proc, again = start_server(tmp, **SERVER_SETTINGS)       # rewrites the same settings.yaml
     try:
-        s = client.get(f"/api/sonic/jobs/{job}").get_json()
+        assert again["cfg"] == server["cfg"]
+        s = job_status(again, job)
         assert s["status"] == "failed" and s["error"]["code"] == "interrupted" and s["error"]["status"] == 500
         assert not list((tmp / "outputs").glob(".*.part"))
         assert not (tmp / "outputs" / f"{job}.mp4").exists()
         assert not (tmp / "uploads" / job).exists()
         assert (tmp / "data" / "jobs.sqlite3").is_file()     # the job database in the data folder
-        old = client.get(f"/api/sonic/jobs/{done.json()['job_id']}").get_json()
+        old = job_status(again, done.json()["job_id"])
         name = done.json()["video_url"].rsplit("/", 1)[1]
-        assert old["status"] == "succeeded" and old["video_url"] == f"http://localhost/output/{name}"
+        assert old["status"] == "succeeded" and old["video_url"] == f"{again['base']}/output/{name}"
         assert old["seed"] == 31
-        assert client.get(old["video_url"]).status_code == 200
-        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:             # the cache survives the restart
-            again = client.post("/api/sonic/generate", data={
-                "image": (img, "face.jpg"), "audio": (aud, "talk.flac"),
-                "config": json.dumps({**FAST, "seed": 31, "duration": 1.0})})
-        assert again.get_json().get("cached") is True and again.get_json()["video_url"] == old["video_url"]
+        assert requests.get(old["video_url"], timeout=30).status_code == 200
+        cached = post(again, {**FAST, "seed": 31, "duration": 1.0})             # the cache survives the restart
+        assert cached.json().get("cached") is True and cached.json()["video_url"] == old["video_url"]
     finally:
-        app.extensions["sonic"].queue.close()
+        proc.terminate()
+        proc.wait(10)

@@ -2,6 +2,7 @@
 registry, recovery, expiry, the result cache and the token bucket."""
 import json
 import os
+import sqlite3
 import threading
 import time
 
@@ -71,6 +72,17 @@ def test_stores_answer_alike(tmp_path, kind):
     assert store.unfinished() == [b.id]
     assert store.prune(time.time() + 1) == 1 and store.load(a.id) is None      # finished jobs only
     assert store.load(b.id) == b
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_loaded_records_are_copies(tmp_path, kind):
+    store = JobStore(tmp_path / "jobs.sqlite3") if kind == "sqlite" else MemoryStore()
+    rec = JobRecord.new("generate", {"seed": 1}, cache_key="k")
+    rec.result, rec.error = {"file": "a.mp4"}, {"code": "internal_error", "message": "m"}
+    store.save(rec)
+    loaded = store.load(rec.id)
+    loaded.params["seed"], loaded.result["file"], loaded.error["message"] = 2, "b.mp4", "changed"
+    assert store.load(rec.id) == rec                     # changing a loaded record changes nothing stored
 
 
 def test_open_store_follows_the_settings(tmp_path):
@@ -199,6 +211,98 @@ def test_worker_survives_failing_jobs(make_queue, exc, code):
     b = q.wait(b.id, 10)
     assert b.status == "failed" and b.error["code"] == "internal_error"      # (a bad result)
     assert q.health()["workers_alive"] == 1
+
+
+class FlakyStore(MemoryStore):
+    """A store that fails as a full disk or a locked database does: `save` raises for the statuses
+    in `fail_saves`, `prune` raises while `fail_prune` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail_saves: set[str] = set()
+        self.fail_prune = False
+
+    def save(self, rec):
+        if rec.status in self.fail_saves:
+            raise sqlite3.OperationalError("database is locked")
+        super().save(rec)
+
+    def prune(self, before):
+        if self.fail_prune:
+            raise OSError(28, "No space left on device")
+        return super().prune(before)
+
+
+def test_store_failure_at_start_fails_the_job_not_the_worker(make_queue):
+    store, pipe = FlakyStore(), FakePipeline()
+    store.fail_saves = {"processing"}
+    q = make_queue(pipe, store=store)
+    a = q.wait(q.submit(new_record(q.uploads)).id, 5)
+    assert a.status == "failed" and a.error["code"] == "internal_error" and "server log" in a.error["message"]
+    assert store.load(a.id).status == "failed" and not (q.uploads.root / a.id).exists() and not pipe.calls
+    store.fail_saves.clear()
+    b = q.wait(q.submit(new_record(q.uploads)).id, 5)       # the next job still runs
+    assert b.status == "succeeded" and q.health() == {"running_job": None, "workers_alive": 1}
+
+
+def test_store_failure_at_the_end_still_ends_the_job(make_queue):
+    store, gate = FlakyStore(), threading.Event()
+    pipe = FakePipeline(gate=gate)
+    q = make_queue(pipe, store=store)
+    try:
+        a = q.submit(new_record(q.uploads))
+        assert pipe.started.wait(5)
+        store.fail_saves = {"succeeded", "failed", "canceled"}        # the disk fills while it renders
+        queued = q.submit(new_record(q.uploads))
+        assert q.cancel(queued.id).status == "canceled"              # a cancel answers all the same
+    finally:
+        gate.set()
+    t0 = time.monotonic()
+    a = q.wait(a.id, 5)
+    assert a.status == "succeeded" and a.result and time.monotonic() - t0 < 4     # waiters hear of the end
+    assert not (q.uploads.root / a.id).exists() and store.load(a.id).status == "processing"
+    store.fail_saves.clear()
+    b = q.wait(q.submit(new_record(q.uploads)).id, 5)
+    assert b.status == "succeeded" and q.health()["workers_alive"] == 1
+    assert store.load(a.id).status == "succeeded" and store.load(queued.id).status == "canceled"   # written later
+
+
+def test_a_failing_expiry_sweep_does_not_stop_the_worker(make_queue):
+    store = FlakyStore()
+    store.fail_prune = True
+    q = make_queue(FakePipeline(), store=store)
+    for _ in range(2):
+        assert q.wait(q.submit(new_record(q.uploads)).id, 5).status == "succeeded"
+    assert q.health()["workers_alive"] == 1
+
+
+def test_a_submit_the_store_refuses_leaves_no_job(make_queue):
+    store = FlakyStore()
+    store.fail_saves = {"queued"}
+    q = make_queue(FakePipeline(), store=store)
+    rec = new_record(q.uploads)
+    with pytest.raises(sqlite3.OperationalError):
+        q.submit(rec, object())
+    assert q.get(rec.id) is None and q.queue_length() == 0 and not q._inputs
+
+
+def test_decoded_inputs_are_kept_for_the_next_job_only(make_queue):
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    q = make_queue(pipe, queue_size=2)
+    try:
+        recs = [new_record(q.uploads, seed=s) for s in (1, 2, 3)]
+        checked = [check_inputs(r.inputs["image"], r.inputs["audio"], GenerateOptions(), LIMITS) for r in recs]
+        q.submit(recs[0], checked[0])
+        assert pipe.started.wait(5)
+        q.submit(recs[1], checked[1])                     # runs next: its arrays are kept
+        q.submit(recs[2], checked[2])                     # further back: it reads its stored files
+        assert set(q._inputs) == {recs[1].id}
+    finally:
+        gate.set()
+    assert all(q.wait(r.id, 10).status == "succeeded" for r in recs)
+    assert pipe.calls[0][0] is checked[0].rgb and pipe.calls[1][0] is checked[1].rgb
+    assert pipe.calls[2][:2] == (recs[2].inputs["image"], recs[2].inputs["audio"])
 
 
 def test_old_outputs_are_swept(make_queue, tmp_path):

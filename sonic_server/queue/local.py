@@ -5,8 +5,14 @@ It composes the small pieces: a store for the records (sonic_server/store.py), t
 (cache.py), crash recovery at start-up (recovery.py), output expiry between jobs (expiry.py) and
 the upload folder (uploads.py), whose files go when a job ends. Records of queued and running
 jobs are held here and changed in place under one condition; a finished record lives in the
-store only. A job's decoded inputs, handed over by `submit`, go to its task, so the web process
-never decodes a file twice.
+store only (or, while the store refuses it, here until it takes it).
+
+Decoded inputs, handed over by `submit` (up to ~120 MB a job), are kept only for the job that
+runs next, whose task then decodes nothing again; a job further back lets them go and its task
+reads the stored files, as for a recovered record, so memory does not grow with the queue.
+
+Nothing the store, the expiry sweep or a task raises stops the worker: the job ends failed,
+its waiters are told, and the next job runs.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from . import JobQueue, QueueFull
 
 log = logging.getLogger("sonic.jobs")
 INTERNAL = {"code": "internal_error", "message": "generation failed; see the server log with this job id"}
+NOT_STARTED = {"code": "internal_error",
+               "message": "the job could not be started (its record was not saved); see the server log with this job id"}
 OUT_OF_MEMORY = {"code": "out_of_memory",
                  "message": "ran out of memory; try a shorter clip or a lower min_resolution"}
 
@@ -51,7 +59,8 @@ class LocalQueue(JobQueue):
         self.queue_size = int(queue_size)
         recover(self.store, uploads, self.output_dir)
         self._live: dict[str, JobRecord] = {}           # queued and running records
-        self._inputs: dict[str, object] = {}            # decoded inputs by job id, until the job starts
+        self._inputs: dict[str, object] = {}            # decoded inputs of the next job, until it starts
+        self._unsaved: dict[str, JobRecord] = {}        # finished records the store refused, until it takes them
         self._pending: collections.deque[str] = collections.deque()    # waiting job ids, oldest first
         self._canceling: set[str] = set()
         self._changed = threading.Condition()
@@ -67,16 +76,17 @@ class LocalQueue(JobQueue):
                 raise QueueFull()
             rec = rec.copy()
             rec.status = rec.stage = QUEUED
+            self.store.save(rec)                      # first: a record the store refuses is never queued
             self._live[rec.id] = rec
-            self._inputs[rec.id] = inputs
-            self.store.save(rec)
+            if inputs is not None and not self._pending:      # this job runs next: keep its arrays
+                self._inputs[rec.id] = inputs
             self._pending.append(rec.id)
             self._changed.notify_all()
             return rec.copy()
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._changed:
-            rec = self._live.get(job_id)
+            rec = self._live.get(job_id) or self._unsaved.get(job_id)
             if rec is not None:
                 return rec.copy()
         return self.store.load(job_id)
@@ -134,24 +144,54 @@ class LocalQueue(JobQueue):
     # -- the worker ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._closed:
-            with self._changed:
-                if not self._pending:
-                    self._changed.wait(SWEEP_EVERY_S)
-                rec = self._live[self._pending.popleft()] if self._pending and not self._closed else None
-                if rec is not None:
-                    self._running = rec.id
-                    rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
+            rec = self._next_job()
+            self._housekeeping()
+            if rec is not None:
+                self._process(rec)
+
+    def _next_job(self) -> JobRecord | None:
+        """The oldest waiting record, marked processing (in memory), or None after SWEEP_EVERY_S."""
+        with self._changed:
+            if not self._pending and not self._closed:
+                self._changed.wait(SWEEP_EVERY_S)
+            if not self._pending or self._closed:
+                return None
+            rec = self._live[self._pending.popleft()]
+            self._running = rec.id
+            rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
+            self._changed.notify_all()
+            return rec
+
+    def _housekeeping(self) -> None:
+        """Between jobs: save the finished records the store refused, sweep old outputs. Never raises."""
+        with self._changed:
+            for job_id, rec in list(self._unsaved.items()):
+                try:
                     self.store.save(rec)
-                    self._changed.notify_all()
+                except Exception:                     # noqa: BLE001 - still refused: try again later
+                    break
+                del self._unsaved[job_id]
+                log.info("job %s: its final record is saved now", job_id)
+        try:
+            self.expiry.maybe_sweep()
+        except Exception:                             # noqa: BLE001 - the worker must outlive a failed sweep
+            log.exception("output expiry sweep failed")
+
+    def _process(self, rec: JobRecord) -> None:
+        """Run one job to its end; whatever fails, the job ends and the worker goes on."""
+        try:
+            self.store.save(rec)
+        except Exception:                             # noqa: BLE001 - e.g. disk full, database locked
+            log.exception("job %s: the store refused its start", rec.id)
+            self._finish(rec, FAILED, error=dict(NOT_STARTED))
+        else:
             try:
-                if rec is not None:
-                    self._execute(rec)
+                self._execute(rec)
             except Exception:                         # noqa: BLE001 - the worker must outlive any job
                 log.exception("job %s failed outside its task", rec.id)
                 self._finish(rec, FAILED, error=dict(INTERNAL))
-            finally:
-                self._running = None
-                self.expiry.maybe_sweep()
+        finally:
+            self._running = None
 
     def _execute(self, rec: JobRecord) -> None:
         def progress(stage: str, frac: float) -> None:
@@ -179,14 +219,25 @@ class LocalQueue(JobQueue):
             self._finish(rec, SUCCEEDED, result=result, progress=1.0)
 
     def _finish(self, rec: JobRecord, status: str, **fields) -> None:
-        self.uploads.remove(rec.id)                       # inputs go when the job ends, before it is seen ended
+        """End a job: its inputs go, its record is saved and leaves the live set, waiters are told.
+        Never raises: a final record the store refuses is logged and kept in `_unsaved` (answered
+        by `get`) until the store takes it between jobs."""
+        try:
+            self.uploads.remove(rec.id)                   # inputs go when the job ends, before it is seen ended
+        except Exception:                                 # noqa: BLE001
+            log.exception("job %s: its upload folder could not be removed", rec.id)
         with self._changed:
             rec.status = rec.stage = status
             for name, value in fields.items():
                 setattr(rec, name, value)
             rec.finished = time.time()
-            self.store.save(rec)
-            self._live.pop(rec.id, None)
-            self._inputs.pop(rec.id, None)
-            self._canceling.discard(rec.id)
-            self._changed.notify_all()
+            try:
+                self.store.save(rec)
+            except Exception:                             # noqa: BLE001 - e.g. disk full, database locked
+                log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, status)
+                self._unsaved[rec.id] = rec
+            finally:
+                self._live.pop(rec.id, None)
+                self._inputs.pop(rec.id, None)
+                self._canceling.discard(rec.id)
+                self._changed.notify_all()

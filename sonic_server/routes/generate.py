@@ -74,6 +74,15 @@ def _find_job(job_id: str) -> JobRecord:
     return rec
 
 
+def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
+    """The record once it has ended (or at `timeout`); a job gone meanwhile (pruned, or no longer
+    in the store) is not found."""
+    rec = queue.wait(job_id, timeout)
+    if rec is None:
+        raise JobNotFound(f"no job {job_id}")
+    return rec
+
+
 def _parse_config() -> tuple[GenerateOptions, bool]:
     raw = request.form.get("config", "")
     if len(raw) > MAX_CONFIG_CHARS:
@@ -126,8 +135,8 @@ def generate():
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key)
-    rec.inputs = svc.uploads.save(rec.id, files)
     try:
+        rec.inputs = svc.uploads.save(rec.id, files)      # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
         checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
@@ -141,7 +150,7 @@ def generate():
         raise
 
     if not want_async:
-        rec = queue.wait(rec.id, svc.sync_wait_s)
+        rec = _wait_for(queue, rec.id, svc.sync_wait_s)
         if rec.status == "succeeded":
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
@@ -167,7 +176,7 @@ def job_cancel(job_id):
     _find_job(job_id)
     queue = service().queue
     queue.cancel(job_id)
-    return jsonify(_job_body(queue.wait(job_id, CANCEL_WAIT_S), _urls(job_id)))
+    return jsonify(_job_body(_wait_for(queue, job_id, CANCEL_WAIT_S), _urls(job_id)))
 
 
 @bp.get("/api/sonic/jobs/<job_id>/events")

@@ -13,12 +13,16 @@ bp = Blueprint("meta", __name__)
 
 
 @bp.get("/health")
-@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting or setup_failed"})
+@describe("Liveness and readiness", responses={200: "ready or busy",
+                                               503: "starting, setup_failed or worker_stopped"})
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
-    running = queue.health()["running_job"] if queue is not None else None
-    if state == "ready" and running is not None:
+    workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1}
+    running = workers["running_job"]
+    if state == "ready" and not workers["workers_alive"]:
+        state = "worker_stopped"                      # jobs would be queued and never run
+    elif state == "ready" and running is not None:
         state = "busy"
     body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
             "queue_length": queue.queue_length() if queue is not None else 0, "running_job": running}
