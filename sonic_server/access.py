@@ -1,7 +1,13 @@
-"""Access control: optional API keys (Authorization: Bearer) and a per-client token bucket.
+"""Access control: optional API keys (Authorization: Bearer) and per-client token buckets.
 
 Only `/api/` routes are guarded: health, OpenAPI, downloads (unguessable names) and CORS
 preflights stay open.
+
+Who is limited: a request with a *verified* key by that key (its own table, one bucket per
+configured key, so nothing a stranger sends can evict it); every other request by its client
+address, whatever token it carries. So invented tokens buy nothing, and a failed authentication
+spends the address's tokens: after the burst, wrong keys get 429 instead of 401 and keys cannot
+be guessed at full speed. The address table is bounded (least recently seen dropped first).
 """
 from __future__ import annotations
 
@@ -9,34 +15,64 @@ import hmac
 import math
 import threading
 import time
+from collections import OrderedDict
 
 from flask import Flask, request
 
 from .errors import error_response
+from .openapi import error, responses_under
 
-MAX_CLIENTS = 10_000      # buckets kept; the least recently seen are dropped beyond this
+GUARDED_PREFIX = "/api/"
+MAX_CLIENTS = 10_000      # address buckets kept; the least recently seen are dropped beyond this
+BEARER = "bearer "        # the scheme is case-insensitive (RFC 7235)
+
+responses_under(GUARDED_PREFIX, {
+    401: error("a valid API key is required (when server.api_keys is set): Authorization: Bearer <key>"),
+    429: error("over the client's rate limit (Retry-After)")},
+    security_scheme={"type": "http", "scheme": "bearer",
+                     "description": "needed only when the service has API keys (server.api_keys)"})
 
 
 class TokenBucket:
-    """`rate` requests per second per client, bursts up to `burst`."""
+    """`rate` requests per second per client, bursts up to `burst`; at most `max_clients`
+    clients are remembered (an LRU: the least recently seen is forgotten first)."""
 
-    def __init__(self, rate: float, burst: float):
+    def __init__(self, rate: float, burst: float, max_clients: int | None = None):
         self.rate, self.burst = float(rate), float(burst)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, client: str, now: float | None = None) -> float:
-        """0 if the request may go ahead, else the seconds until it may."""
+        """0 if the request may go ahead (a token is spent), else the seconds until it may."""
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, last = self._buckets.pop(client, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
             wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
             self._buckets[client] = (tokens - 1.0 if wait == 0.0 else tokens, now)
-            if len(self._buckets) > MAX_CLIENTS:
-                for key in list(self._buckets)[: len(self._buckets) - MAX_CLIENTS]:
-                    del self._buckets[key]
+            while self.max_clients is not None and len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
         return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, client: str) -> bool:
+        return client in self._buckets
+
+
+class RateLimiter:
+    """The two tables: `keys` (verified keys only, bounded by their number) and `addresses`."""
+
+    def __init__(self, rate: float, burst: float):
+        self.keys = TokenBucket(rate, burst)
+        self.addresses = TokenBucket(rate, burst, max_clients=MAX_CLIENTS)
+
+    def take(self, verified_key: str | None, address: str) -> float:
+        if verified_key is not None:
+            return self.keys.take(verified_key)
+        return self.addresses.take(address)
 
 
 def retry_after(seconds: float) -> str:
@@ -44,30 +80,48 @@ def retry_after(seconds: float) -> str:
 
 
 def bearer_key(header: str | None) -> str | None:
-    if not header or not header.startswith("Bearer "):
+    if not header or header[:len(BEARER)].lower() != BEARER:
         return None
-    return header[7:].strip() or None
+    return header[len(BEARER):].strip() or None
 
 
-def key_allowed(key: str | None, keys: list[str]) -> bool:
-    return key is not None and any(hmac.compare_digest(key, k) for k in keys)
+def _raw(text: str) -> bytes:
+    """A header's bytes as the client sent them (a WSGI server hands them over latin-1 decoded);
+    text that is not latin-1 (a caller's own str) as UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def verified(key: str | None, keys: list[str]) -> str | None:
+    """The configured key that `key` matches, compared in constant time on bytes (any characters
+    may arrive in a header; configured keys are matched on their UTF-8 bytes), else None."""
+    if key is None:
+        return None
+    sent = _raw(key)
+    match = None
+    for k in keys:
+        if hmac.compare_digest(sent, k.encode("utf-8", "surrogatepass")):
+            match = k
+    return match
 
 
 def install(app: Flask, keys: list[str], rate_per_s: float, burst: float) -> None:
-    """Refuse /api/ requests without a valid key (401, when keys are set) or over the client's
-    rate (429 + Retry-After); a client is its key, else its address."""
-    bucket = TokenBucket(rate_per_s, burst)
+    """Refuse /api/ requests without a valid key (401, when keys are set) or over their bucket
+    (429 + Retry-After): a verified key's, else the client address's."""
+    limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst)
 
     @app.before_request
     def _guard():
-        if not request.path.startswith("/api/") or request.method == "OPTIONS":
+        if not request.path.startswith(GUARDED_PREFIX) or request.method == "OPTIONS":
             return None
-        key = bearer_key(request.headers.get("Authorization"))
-        if keys and not key_allowed(key, keys):
-            return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
-                                  headers={"WWW-Authenticate": "Bearer"})
-        wait = bucket.take(key or request.remote_addr or "unknown")
+        key = verified(bearer_key(request.headers.get("Authorization")), keys) if keys else None
+        wait = limiter.take(key, request.remote_addr or "unknown")
         if wait > 0:
             return error_response("rate_limited", "too many requests; slow down",
                                   headers={"Retry-After": retry_after(wait)})
+        if keys and key is None:
+            return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                                  headers={"WWW-Authenticate": "Bearer"})
         return None

@@ -26,6 +26,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "audio_too_long": 422,
     "empty_audio": 422,
     "pipeline_error": 500,
+    "disk_full": 500,            # the server's disk, not the request: the design's 500 (as pipeline_error was)
     "internal_error": 500,
     # produced by the server itself
     "unauthorized": 401,
@@ -38,6 +39,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "not_ready": 503,
     "interrupted": 500,
     "out_of_memory": 500,
+    "job_timeout": 500,          # a job over server.job_timeout_s
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -12,13 +13,17 @@ log = logging.getLogger("sonic.http")
 CORS_HEADERS = {"Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location"}
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")     # visible ASCII: safe in a header and a log line
 
 
 def request_id(app: Flask) -> None:
-    """The client's X-Request-ID (up to 64 characters) or a fresh one, echoed on every response."""
+    """The client's X-Request-ID (its first 64 characters, when they are visible ASCII) or a fresh
+    one, echoed on every response. Anything else (control characters, line breaks, other
+    scripts) could not be echoed in a header safely, so it is replaced."""
     @app.before_request
     def _take():
-        g.request_id = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+        sent = request.headers.get("X-Request-ID", "")[:64]
+        g.request_id = sent if REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
 
     @app.after_request
     def _echo(resp):
@@ -27,9 +32,15 @@ def request_id(app: Flask) -> None:
 
 
 def cors(app: Flask, origins: list[str]) -> None:
-    """Browsers at `origins` ("*": any) may call the API and read its headers."""
+    """Browsers at `origins` ("*": any; empty: none) may call the API and read its headers.
+
+    The CORS headers depend on the request's Origin (sent or not, allowed or not), so every
+    answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another."""
     @app.after_request
     def _allow(resp):
+        if not origins:
+            return resp
+        resp.vary.add("Origin")
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin

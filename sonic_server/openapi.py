@@ -3,7 +3,9 @@
 A view is marked with `@describe(summary, responses, ...)`; a response body's schema is declared
 once with `component(name, schema)` next to the code that builds the body. `openapi_spec` walks
 the app's URL map: paths, methods and path parameters come from the routes themselves, the
-`Parameters` schema from the parameter declarations (`sonic.options.schema`).
+`Parameters` schema from the parameter declarations (`sonic.options.schema`). Answers that a
+whole area gives (401 and 429 from the access guard on `/api/`) are declared once with
+`responses_under(prefix, ...)` by the code that gives them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from flask import Flask
 INFO = {"title": "sonic talking-head API", "version": "0.1.0",
         "description": "Portrait photo + speech recording -> lip-synced MP4."}
 _COMPONENTS: dict[str, dict] = {}
+_AREAS: dict[str, tuple[dict, dict | None]] = {}      # path prefix -> (responses, security scheme)
+SECURITY_SCHEME = "bearerKey"
 _PATH_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
@@ -21,6 +25,12 @@ def component(name: str, schema: dict) -> dict:
     """Declare a named body schema; returns the $ref that points at it."""
     _COMPONENTS[name] = schema
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def responses_under(prefix: str, responses: dict, security_scheme: dict | None = None) -> None:
+    """Every operation whose path starts with `prefix` may also answer `responses` (a route's own
+    description of a status wins); with `security_scheme`, they accept that (optional) scheme."""
+    _AREAS[prefix] = (responses, security_scheme)
 
 
 def content(media_type: str, schema: dict) -> dict:
@@ -74,13 +84,21 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
             continue
         path_params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                        for name in _PATH_ARG.findall(rule.rule)]
+        areas = [area for prefix, area in _AREAS.items() if rule.rule.startswith(prefix)]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            responses = {code: r for shared, _ in areas for code, r in shared.items()}
+            responses.update(doc["responses"])
             op = {"summary": doc["summary"],
-                  "responses": {str(code): _response(r) for code, r in doc["responses"].items()}}
+                  "responses": {str(code): _response(r) for code, r in sorted(responses.items())}}
+            if any(scheme for _, scheme in areas):
+                op["security"] = [{}, {SECURITY_SCHEME: []}]      # {}: no key needed unless keys are set
             if path_params + doc["parameters"]:
                 op["parameters"] = path_params + doc["parameters"]
             if doc["request_body"]:
                 op["requestBody"] = doc["request_body"]
             paths.setdefault(_PATH_ARG.sub(r"{\1}", rule.rule), {})[method.lower()] = op
-    schemas = {**_COMPONENTS, "Parameters": parameters_schema(params, extra)}
-    return {"openapi": "3.0.3", "info": INFO, "paths": paths, "components": {"schemas": schemas}}
+    components = {"schemas": {**_COMPONENTS, "Parameters": parameters_schema(params, extra)}}
+    schemes = [scheme for _, scheme in _AREAS.values() if scheme]
+    if schemes:
+        components["securitySchemes"] = {SECURITY_SCHEME: schemes[0]}
+    return {"openapi": "3.0.3", "info": INFO, "paths": paths, "components": components}

@@ -78,15 +78,17 @@ def test_health_when_the_worker_has_stopped(make_client):
                             "running_job": None}
 
 
-# every operation of the document with its response codes, as the service has always had them
+# every operation of the document with its response codes, as the service has always had them;
+# every /api/ operation may also answer 401 (API keys) and 429 (rate limit)
+GUARDED = {"401", "429"}
 OPERATIONS = {
-    ("/api/sonic/generate", "post"): {"200", "202", "400", "413", "415", "422", "503", "500"},
-    ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"},
-    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404"},
-    ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"},
+    ("/api/sonic/generate", "post"): {"200", "202", "400", "413", "415", "422", "503", "500"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
     ("/output/{name}", "get"): {"200", "206", "404"},
     ("/health", "get"): {"200", "503"},
-    ("/api/sonic/params", "get"): {"200"},
+    ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
 }
 
@@ -110,6 +112,26 @@ def test_openapi_document_is_built_from_the_routes(make_client):
         "type": "integer", "description": "output frame rate", "minimum": 10, "maximum": 60, "default": 25}
     duration = spec["components"]["schemas"]["Parameters"]["properties"]["duration"]
     assert duration["minimum"] == 0 and duration["exclusiveMinimum"] is True
+    for (path, method), codes in OPERATIONS.items():      # the guard's answers, and its optional key
+        op = spec["paths"][path][method]
+        guarded = path.startswith("/api/")
+        assert ("security" in op) == guarded and (codes >= GUARDED) == guarded
+    scheme = spec["components"]["securitySchemes"]["bearerKey"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer" and "api_keys" in scheme["description"]
+
+
+@pytest.mark.parametrize("server", [{}, {"api_keys": ["k1"]}])
+def test_openapi_document_is_valid(make_client, server):
+    """The served document passes a real OpenAPI 3.0 validator, which does catch a 3.1 form."""
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+    client, _ = make_client(**server)
+    spec = client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).get_json()
+    assert spec["openapi"] == "3.0.3"
+    validate(spec)
+    spec["components"]["schemas"]["Parameters"]["properties"]["duration"]["exclusiveMinimum"] = 0   # 3.1's form
+    with pytest.raises(OpenAPIValidationError):
+        validate(spec)
 
 
 def test_sync_generate_and_download(make_client):
@@ -203,7 +225,8 @@ def test_cancel(make_client):
         assert pipe.started.wait(5)
         c = client.post(f"/api/sonic/jobs/{job}/cancel")
         assert c.status_code == 200 and c.get_json()["status"] == "canceled"
-        assert c.get_json()["success"] is True and "error" not in c.get_json()
+        assert c.get_json()["success"] is False
+        assert c.get_json()["error"] == {"code": "canceled", "message": "the job was canceled", "status": 409}
     finally:
         gate.set()
     assert not (Path(cfg["output_dir"]) / f"{job}.mp4").exists()
@@ -229,6 +252,38 @@ def test_sync_request_for_a_canceled_job(make_client):
         gate.set()
         t.join(10)
     assert_clean_error(answer["r"], 409, "canceled")
+
+
+def test_success_is_true_only_while_a_job_can_still_succeed(make_client):
+    """`success` is true for queued, processing and succeeded jobs; false, with the error, for
+    canceled and failed ones: in the status body, the events and the cancel answer."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe)
+    try:
+        running = post(client, {**FAST, "seed": 21, "async": True}).get_json()
+        assert pipe.started.wait(5)
+        queued = post(client, {**FAST, "seed": 22, "async": True}).get_json()
+        assert queued["status"] == "queued" and queued["success"] is True and "error" not in queued
+        body = client.get(f"/api/sonic/jobs/{running['job_id']}").get_json()
+        assert body["status"] == "processing" and body["success"] is True and "error" not in body
+        canceled = client.post(f"/api/sonic/jobs/{queued['job_id']}/cancel").get_json()
+        assert canceled["status"] == "canceled" and canceled["success"] is False
+        assert canceled["error"]["code"] == "canceled"
+    finally:
+        gate.set()
+    body = wait_done(client, running["job_id"])
+    assert body["status"] == "succeeded" and body["success"] is True and "error" not in body
+    events = next(read_events(client.get(f"/api/sonic/jobs/{queued['job_id']}/events", buffered=False)))
+    assert [name for name, _ in events] == ["canceled"]
+    assert events[0][1]["success"] is False and events[0][1]["error"]["status"] == 409
+    body = client.get(f"/api/sonic/jobs/{queued['job_id']}").get_json()
+    assert body["status"] == "canceled" and body["success"] is False and body["error"]["code"] == "canceled"
+
+    failing, _ = make_client(FakePipeline(error=NoFaceDetected("no face found")))
+    job = post(failing, {**FAST, "seed": 23, "async": True}).get_json()["job_id"]
+    body = wait_done(failing, job)
+    assert body["status"] == "failed" and body["success"] is False and body["error"]["code"] == "no_face_detected"
 
 
 def test_queue_full_then_503(make_client):

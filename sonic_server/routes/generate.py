@@ -3,6 +3,7 @@ Events and cancel of the job. The routes talk to the queue interface only (sonic
 from __future__ import annotations
 
 import json
+import re
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
@@ -19,6 +20,9 @@ bp = Blueprint("generate", __name__)
 SSE_HEARTBEAT_S = 15.0
 MAX_CONFIG_CHARS = 10_000
 CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
+JOB_ID = re.compile(r"[0-9a-f]{32}")      # JobRecord.new: uuid4 hex; anything else is no job of ours
+CANCELED = {"code": "canceled", "message": "the job was canceled"}
+SUCCESSFUL = ("queued", "processing", "succeeded")    # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
 EXTRA_PARAMS = {"async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"}}
 
@@ -49,9 +53,22 @@ def _urls(job_id: str) -> dict:
             "video_base": url_for("outputs.output", name="NAME", _external=True)}
 
 
+def _ending_error(rec: JobRecord) -> dict:
+    """Why a failed or canceled job did not succeed: its stored error, else `canceled` (a
+    canceled record holds none), else `internal_error`."""
+    if rec.error:
+        return rec.error
+    if rec.status == "canceled":
+        return dict(CANCELED)
+    return {"code": "internal_error", "message": "the job failed"}
+
+
 def _job_body(rec: JobRecord, urls: dict) -> dict:
-    """The public view of a job: status, progress, and the result with its video_url or the error."""
-    body = {"success": rec.status != "failed", **rec.public(), "status_url": urls["status_url"]}
+    """The public view of a job: status, progress, and the result with its video_url or the error.
+    `success` is false once the job has failed or was canceled, and then `error` says why."""
+    body = {"success": rec.status in SUCCESSFUL, **rec.public(), "status_url": urls["status_url"]}
+    if not body["success"]:
+        body["error"] = _ending_error(rec)
     if body.get("error"):
         body["error"] = public_error(body["error"])       # the record keeps the code; the status is derived
     result = body.pop("result", None)
@@ -67,6 +84,10 @@ def _result_fields(rec: JobRecord) -> dict:
 
 
 def _find_job(job_id: str) -> JobRecord:
+    """The job, or 404; an id that cannot be one of ours (any length, any characters) is not
+    looked up and not echoed."""
+    if not JOB_ID.fullmatch(job_id):
+        raise JobNotFound("no such job")
     queue = service().queue
     rec = queue.get(job_id) if queue else None
     if rec is None:
@@ -154,7 +175,7 @@ def generate():
         if rec.status == "succeeded":
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
-            err = rec.error or {"code": "canceled", "message": "the job was canceled"}
+            err = _ending_error(rec)
             return error_response(err["code"], err["message"], err.get("field"))
     body = _job_body(rec, _urls(rec.id))
     resp = jsonify(body)

@@ -10,7 +10,7 @@ from ..openapi import content, describe, error
 from ..service import service
 
 bp = Blueprint("outputs", __name__)
-OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}\.mp4$")
+OUTPUT_NAME = re.compile(r"[0-9a-f]{32}\.mp4")     # whole name only (`$` would let "\n" through)
 MAX_AGE_S = 3600
 
 
@@ -20,6 +20,6 @@ MAX_AGE_S = 3600
     404: error("no such video")})
 def output(name):
     folder = service().output_dir
-    if not OUTPUT_NAME.match(name) or not (folder / name).is_file():
+    if not OUTPUT_NAME.fullmatch(name) or not (folder / name).is_file():
         return error_response("not_found", "no such video")
     return send_from_directory(folder, name, mimetype="video/mp4", conditional=True, max_age=MAX_AGE_S)

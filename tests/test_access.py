@@ -1,0 +1,111 @@
+"""Access control: who is limited and by what (a verified key, else the client's address), what
+a wrong or odd key answers, and that the bucket table stays bounded without dropping real clients.
+
+The rates are low (1 request/s) so that refilling during a test is at most a token or two.
+"""
+import pytest
+
+from server_helpers import assert_clean_error
+
+URL = "/api/sonic/params"
+SLOW = {"rate_limit_per_s": 1, "rate_limit_burst": 10}
+
+
+def codes(client, n: int, headers=lambda i: {}, addr=lambda i: "10.0.0.1") -> list[int]:
+    return [client.get(URL, headers=headers(i), environ_overrides={"REMOTE_ADDR": addr(i)}).status_code
+            for i in range(n)]
+
+
+def test_invented_tokens_are_limited_like_plain_requests(make_client):
+    plain, _ = make_client(**SLOW)
+    invented, _ = make_client(**SLOW)
+    a = codes(plain, 40)
+    b = codes(invented, 40, headers=lambda i: {"Authorization": f"Bearer made-up-{i}"})
+    assert a[:10] == b[:10] == [200] * 10
+    assert a.count(429) >= 28 and b.count(429) >= 28, (a, b)      # 30 over the burst, a token or two refilled
+    assert set(a) == set(b) == {200, 429}
+
+
+def test_another_address_has_its_own_bucket(make_client):
+    client, _ = make_client(**SLOW)
+    assert codes(client, 20).count(429) >= 8
+    assert codes(client, 5, addr=lambda i: "10.0.0.2") == [200] * 5
+
+
+def test_wrong_keys_cannot_be_guessed_at_full_speed(make_client):
+    client, _ = make_client(api_keys=["the-real-key"], **SLOW)
+    guesses = codes(client, 30, headers=lambda i: {"Authorization": f"Bearer guess-{i}"})
+    assert guesses[:10] == [401] * 10                              # failed authentications count ...
+    assert guesses[10:].count(429) >= 18, guesses                   # ... and the address is then slowed down
+    r = client.get(URL, headers={"Authorization": "Bearer guess-x"}, environ_overrides={"REMOTE_ADDR": "10.0.0.1"})
+    assert_clean_error(r, 429, "rate_limited")
+    assert int(r.headers["Retry-After"]) >= 1
+    assert codes(client, 5, headers=lambda i: {}) == [429] * 5      # no key at all counts the same
+    # the holder of the real key, even behind the same address, is limited by its key alone
+    assert codes(client, 10, headers=lambda i: {"Authorization": "Bearer the-real-key"}) == [200] * 10
+
+
+def test_a_real_keys_bucket_survives_a_flood_of_junk(make_client, monkeypatch):
+    from sonic_server import access
+    monkeypatch.setattr(access, "MAX_CLIENTS", 50)
+    client, _ = make_client(api_keys=["the-real-key"], **SLOW)
+    real = {"Authorization": "Bearer the-real-key"}
+    assert codes(client, 10, headers=lambda i: real) == [200] * 10   # the key's burst is spent
+    # junk from 500 addresses, each with its own invented key: 401s, none of which evicts the key
+    junk = codes(client, 500, headers=lambda i: {"Authorization": f"Bearer junk-{i}"},
+                 addr=lambda i: f"10.1.{i // 250}.{i % 250}")
+    assert set(junk) == {401}
+    assert client.get(URL, headers=real).status_code == 429          # still limited: its bucket was kept
+    limiter = client.application.extensions["sonic_access"]
+    assert len(limiter.addresses) <= 50 and len(limiter.keys) == 1
+
+
+def test_bucket_table_is_bounded_and_keeps_the_recent(monkeypatch):
+    from sonic_server.access import TokenBucket
+    bucket = TokenBucket(rate=1, burst=2, max_clients=3)
+    for client in ("a", "b", "c"):
+        bucket.take(client, now=0.0)
+    bucket.take("a", now=0.0)                          # "a" is the most recent now: "b" goes first
+    assert bucket.take("a", now=0.0) > 0               # "a" has spent its burst of 2
+    for client in ("d", "e"):
+        bucket.take(client, now=0.0)
+    assert len(bucket) == 3 and "a" in bucket and "b" not in bucket
+
+
+@pytest.mark.parametrize("token", ["é", "clé-ü", "\u5bc6\u94a5", "\x00", "\xff" * 300, "\U0001f511"])
+def test_odd_bearer_tokens_are_401(make_client, token):
+    client, _ = make_client(api_keys=["the-real-key"])
+    raw = ("Bearer " + token).encode("utf-8").decode("latin-1")        # the header as a WSGI server passes it
+    r = client.get(URL, environ_overrides={"HTTP_AUTHORIZATION": raw})
+    assert_clean_error(r, 401, "unauthorized")
+    r = client.get(URL, headers={"Authorization": "Bearer " + token})    # as the test client passes it
+    assert_clean_error(r, 401, "unauthorized")
+
+
+def test_a_non_ascii_key_is_matched_on_its_utf8_bytes(make_client):
+    client, _ = make_client(api_keys=["clé"])
+    raw = "Bearer clé".encode("utf-8").decode("latin-1")
+    assert client.get(URL, environ_overrides={"HTTP_AUTHORIZATION": raw}).status_code == 200
+    assert client.get(URL, headers={"Authorization": "Bearer cle"}).status_code == 401
+
+
+def test_bearer_scheme_is_case_insensitive(make_client):
+    client, _ = make_client(api_keys=["k1"])
+    assert client.get(URL, headers={"Authorization": "bearer k1"}).status_code == 200
+    assert client.get(URL, headers={"Authorization": "Basic k1"}).status_code == 401
+
+
+def test_cors_answers_vary_by_origin(make_client):
+    client, _ = make_client(cors_origins=["http://app.example"])
+    allowed = client.get("/health", headers={"Origin": "http://app.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    assert "Origin" in allowed.headers["Vary"]
+    refused = client.get("/health", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in refused.headers and "Origin" in refused.headers["Vary"]
+    assert "Origin" in client.get("/health").headers["Vary"]        # a cache must not reuse it for an origin
+    anyone, _ = make_client()
+    r = anyone.get("/health", headers={"Origin": "http://app.example"})
+    assert r.headers["Access-Control-Allow-Origin"] == "*" and "Origin" in r.headers["Vary"]
+    closed, _ = make_client(cors_origins=[])
+    r = closed.get("/health", headers={"Origin": "http://app.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers and "Vary" not in r.headers

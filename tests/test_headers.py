@@ -1,0 +1,169 @@
+"""No request header and no path parameter can make the service answer 5xx.
+
+Random values (hypothesis) for Authorization, Range, Prefer, X-Request-ID, Origin, Content-Type
+(and its boundary) and Accept go to every route; random job ids and output names go to the
+routes that take them. The environ is built directly, as a WSGI server hands it over (header
+values latin-1 decoded, path already unquoted), so that what an HTTP client would refuse or
+normalise (line breaks, NUL, `..`) still reaches the app.
+"""
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from werkzeug.test import EnvironBuilder
+
+from conftest import PORTRAIT, SPEECH
+from server_helpers import FAST, assert_clean_error, post
+
+KEY = "k1"
+
+
+def wsgi(text: str) -> str:
+    """`text` as a WSGI server hands it over: its UTF-8 bytes, latin-1 decoded."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+LATIN1 = st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=60)    # any bytes
+AS_SENT = st.text(max_size=30).map(wsgi)                    # any characters, sent as UTF-8
+LONG = st.sampled_from(["a" * 9000, "\xe9" * 5000, "=" * 3000, ",".join(["bytes=0-1"] * 500)])
+ANY = st.one_of(LATIN1, AS_SENT, LONG)
+
+
+def some(*values: str):
+    return st.one_of(st.sampled_from([wsgi(v) for v in values]), ANY)
+
+
+ODD_KEYS = st.one_of(some("Bearer ", "Bearer", "bearer k1", "Bearer k1 k1", "Basic azE6", "Bearer \x00", "Bearer é",
+                          "Bearer " + "\xff" * 300, "Bearer \U0001f511"), st.builds(lambda s: "Bearer " + s, ANY))
+AUTHORIZATION = st.one_of(st.just(f"Bearer {KEY}"), st.just(f"Bearer {KEY}"), st.just(None), ODD_KEYS)   # mostly valid
+HEADERS = {
+    "Range": some("bytes=0-10", "bytes=-5", "bytes=100-", "bytes=5-1", "bytes=0-0,5-9", "bytes=-0", "bytes=0-",
+                  "bytes=99999999999999999999999-", "items=0-1", "bytes=0-1\n", "bytes=", "bytes=--1"),
+    "Prefer": some("respond-async", "wait=5", "respond-async, wait=abc", "respond-async\x00"),
+    "X-Request-ID": some("abc123", "a\nb", "a\r\nSet-Cookie: x=1", "x" * 1000, "\x00", " "),
+    "Origin": some("http://app.example", "null", "*", "http://app.example\n", "http://\xe9.example"),
+    "Accept": some("*/*", "application/json;q=0.1", "text/html;q=abc", "*/*;q=9e999", ";;;,,,"),
+}
+CONTENT_TYPES = st.one_of(
+    st.just(None), st.just(None),                            # the body's own, valid multipart type
+    st.builds(lambda b: f"multipart/form-data; boundary={b}", ANY),
+    st.builds(lambda b: f'multipart/form-data; boundary="{b}"', ANY),
+    some("multipart/form-data", "multipart/form-data; boundary=", "application/json", "text/plain; charset=\xff",
+         "multipart/form-data; boundary=" + "-" * 200, "application/x-www-form-urlencoded"))
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def assert_answered(r) -> None:
+    """Not a 5xx; a 4xx is the one JSON error body; every header is safe to send."""
+    assert r.status_code < 500, (r.status_code, r.get_data()[:300])
+    if r.status_code >= 400:
+        assert_clean_error(r, r.status_code, r.get_json()["error"]["code"])
+    for name, value in r.headers.items():
+        assert "\n" not in value and "\r" not in value and "\x00" not in value, (name, value)
+    r.get_data()                                              # a streamed body runs to its end too
+    r.close()
+
+
+def environ(headers: dict, path: str | None = None) -> dict:
+    env = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
+    if path is not None:
+        env["PATH_INFO"] = path
+    return env
+
+
+class Served:
+    """What the fuzz tests send to (a short repr: hypothesis prints it with a failing example)."""
+
+    def __init__(self, client, job: str, video: str, body: bytes, body_type: str):
+        self.client, self.job, self.video, self.body, self.body_type = client, job, video, body, body_type
+
+    def __repr__(self) -> str:
+        return f"Served(job={self.job})"
+
+
+@pytest.fixture
+def served(make_client):
+    """A client with an API key, one finished job and its video; the multipart body of a request."""
+    client, _ = make_client(api_keys=[KEY])
+    r = post(client, {**FAST, "seed": 1}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    job = r.get_json()["job_id"]
+    with open(PORTRAIT, "rb") as image, open(SPEECH, "rb") as audio:
+        builder = EnvironBuilder(method="POST", data={"config": '{"min_resolution": 256, "seed": 1}',
+                                                      "image": (image, "face.jpg"), "audio": (audio, "talk.flac")})
+        env = builder.get_environ()
+        body = env["wsgi.input"].read()
+    return Served(client, job, r.get_json()["video_url"].rsplit("/", 1)[1], body, env["CONTENT_TYPE"])
+
+
+def routes(job: str, video: str) -> list[tuple[str, str]]:
+    return [("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/api/sonic/params"),
+            ("POST", "/api/sonic/generate"), ("GET", f"/api/sonic/jobs/{job}"),
+            ("GET", f"/api/sonic/jobs/{job}/events"), ("POST", f"/api/sonic/jobs/{job}/cancel"),
+            ("GET", f"/output/{video}"), ("OPTIONS", "/api/sonic/generate"), ("GET", "/nowhere"),
+            ("DELETE", "/health")]
+
+
+@FUZZ
+@given(data=st.data(), headers=st.fixed_dictionaries({}, optional=HEADERS), auth=AUTHORIZATION,
+       content_type=CONTENT_TYPES)
+def test_no_header_value_gives_a_server_error(served, data, headers, auth, content_type):
+    client, job, video, body, body_type = served.client, served.job, served.video, served.body, served.body_type
+    method, path = data.draw(st.sampled_from(routes(job, video)), label="route")
+    env = environ(headers if auth is None else {**headers, "Authorization": auth}, path)
+    if method == "POST":
+        env["CONTENT_TYPE"] = body_type if content_type is None else content_type
+    r = client.open("/", method=method, data=body if method == "POST" else None, environ_overrides=env)
+    event(f"{method} {path.replace(job, '<job>').replace(video, '<video>')}: {r.status_code}")
+    assert_answered(r)
+
+
+SEGMENTS = st.one_of(
+    LATIN1, AS_SENT,
+    st.sampled_from([wsgi(s) for s in [
+        "..", ".", "...", "\x00", "a\x00b", "%00", "%2e%2e", "..\\app.py", "../app.py", "..%2Fapp.py",
+        "0" * 32, "0" * 32 + ".mp4\n", "0" * 32 + ".MP4", "0" * 32 + ".mp4\x00", "x" * 20000,
+        "\u202e" * 10, "\xe9" * 500, " ", "\t", "?", "#", ";", "app.py", "/etc/passwd"]]))
+
+
+@FUZZ
+@given(data=st.data(), segment=SEGMENTS)
+def test_no_path_parameter_gives_a_server_error(served, data, segment):
+    client, job, video = served.client, served.job, served.video
+    template = data.draw(st.sampled_from(["/api/sonic/jobs/{}", "/api/sonic/jobs/{}/events",
+                                          "/api/sonic/jobs/{}/cancel", "/output/{}"]), label="route")
+    segment = data.draw(st.sampled_from([segment, job + segment, video + segment, segment + video]), label="segment")
+    method = "POST" if template.endswith("cancel") else "GET"
+    r = client.open("/", method=method, environ_overrides=environ({"Authorization": f"Bearer {KEY}"},
+                                                                  template.format(segment)))
+    assert_answered(r)
+    if template == "/output/{}" and segment != video:
+        assert r.status_code in (404, 308), r.status_code  # only the real name serves a file (308: "//" merged)
+
+
+@pytest.mark.parametrize("path", ["/output/../app.py", "/output/..", "/output/..\\app.py", "/output/%2e%2e/app.py",
+                                  "/output/app.py", "/output/" + "0" * 32 + ".mp4\n"])
+def test_names_outside_the_output_folder_are_404(served, path):
+    client = served.client
+    r = client.get("/", environ_overrides={"PATH_INFO": path})          # not normalised by a client
+    assert_clean_error(r, 404, "not_found")
+    assert b"import" not in r.get_data()
+
+
+def test_odd_request_ids_are_replaced_not_echoed(served):
+    client = served.client
+    for sent in ("a\nb", "a\r\nSet-Cookie: x=1", "\x00", "\xe9t\xe9", " "):
+        r = client.get("/health", environ_overrides={"HTTP_X_REQUEST_ID": sent})
+        assert r.status_code == 200 and len(r.headers["X-Request-ID"]) == 32 and "Set-Cookie" not in r.headers
+    assert client.get("/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == "trace-42"
+    assert client.get("/health", headers={"X-Request-ID": "y" * 100}).headers["X-Request-ID"] == "y" * 64
+
+
+def test_unknown_job_ids_are_404_without_echoing_them(served):
+    client, job = served.client, served.job
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for bad in ("x" * 20000, "a\x00b", job.upper(), job + "0"):
+        for suffix, method in (("", "GET"), ("/events", "GET"), ("/cancel", "POST")):
+            r = client.open("/", method=method, environ_overrides=environ(auth, f"/api/sonic/jobs/{bad}{suffix}"))
+            assert_clean_error(r, 404, "job_not_found")
+            assert len(r.get_data()) < 500
