@@ -6,7 +6,8 @@ helper needs only the decoder) does not load the rest.
 from importlib import import_module
 
 _EXPORTS = {
-    "errors": ["AudioTooLong", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected", "PipelineError",
+    "errors": ["AudioTooLong", "DiskFull", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected",
+               "PipelineError",
                "SonicError", "UnsupportedMedia"],
     "options": ["GenerateOptions", "load_config", "schema"],
     "pipeline": ["GenerationResult", "SonicPipeline", "load_pipeline"],

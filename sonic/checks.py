@@ -1,9 +1,11 @@
 """Cheap checks of a request's inputs, before anything is queued.
 
 `check_inputs` decodes the portrait and the recording and checks format, pixel count and
-duration (the options are already validated by `GenerateOptions.from_dict`). It needs no face
+duration (the options are already validated by `GenerateOptions.from_dict`), and the output's
+size where it follows from the photo alone (`crop_to_face: false`). It needs no face
 detector: a web process that only validates and queues never loads FaceMesh, and a face-less
-portrait is found by the task that runs the job (`no_face_detected`).
+portrait is found by the task that runs the job (`no_face_detected`); the pipeline checks the
+output's size of a face crop (`check_output`) once it has found the face, before it renders.
 
 The decoded arrays are returned so that a job run in the same process is not decoded twice
 (`SonicPipeline` takes them in place of the paths);
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from .media import load_audio, load_image
+from .errors import InputTooLarge
+from .face import fit_output
+from .media import SAMPLE_RATE, load_audio, load_image
 from .options import GenerateOptions
 from .settings import Limits
 
@@ -29,17 +33,43 @@ class CheckedInputs:
 
     @property
     def audio_s(self) -> float:
-        from .media import SAMPLE_RATE
         return len(self.wav) / SAMPLE_RATE
 
 
 def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
                  limits: Limits) -> CheckedInputs:
-    """Decode and check both inputs against the limits (max_image_pixels, max_duration_s);
-    raises the library's errors (unsupported_media, input_too_large, audio_too_long,
-    empty_audio) with the field named."""
-    del options       # no parameter depends on the content yet; kept so the seam can grow
+    """Decode and check both inputs against the limits (max_image_pixels, max_duration_s, and
+    the output limits where the frame is the whole photo); raises the library's errors
+    (unsupported_media, input_too_large, audio_too_long, empty_audio) with the field named."""
     t0 = time.perf_counter()
     rgb = load_image(image, limits.max_image_pixels)
     wav = load_audio(audio, limits.max_duration_s)
+    if not options.crop_to_face:
+        check_output(rgb.shape[:2], None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)
     return CheckedInputs(rgb=rgb, wav=wav, decode_s=time.perf_counter() - t0)
+
+
+def frame_count(options: GenerateOptions, audio_s: float) -> int:
+    """Frames of the video: the requested duration (else the audio's, s) at options.fps."""
+    duration = options.duration if options.duration is not None else audio_s
+    return max(1, int(round(duration * options.fps)))
+
+
+def check_output(image_hw: tuple[int, int], box: tuple[int, int, int, int] | None, options: GenerateOptions,
+                 n_frames: int, limits: Limits) -> None:
+    """Refuse an output over max_output_pixels or max_output_pixel_frames (input_too_large, the
+    limit named) before anything is rendered: the frame that `box` (x0, y0, x1, y1 photo px; None:
+    the whole photo) of a photo of `image_hw` (H, W) scales to at options.min_resolution, times
+    `n_frames`."""
+    h, w = image_hw
+    width, height = fit_output(box or (0, 0, w, h), (h, w), options.min_resolution)[1]
+    if width * height > limits.max_output_pixels:
+        raise InputTooLarge(
+            f"the output frame would be {width}x{height} pixels, more than the limit of {limits.max_output_pixels} "
+            "(limits.max_output_pixels); use crop_to_face: true, a lower min_resolution or a less elongated image",
+            field="image")
+    if width * height * n_frames > limits.max_output_pixel_frames:
+        raise InputTooLarge(
+            f"the output would be {n_frames} frames of {width}x{height} pixels, more than the limit of "
+            f"{limits.max_output_pixel_frames} pixels x frames (limits.max_output_pixel_frames); "
+            "use a shorter duration, a lower fps or a lower min_resolution", field="duration")

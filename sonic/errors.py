@@ -57,3 +57,8 @@ class EmptyAudio(SonicError):
 class PipelineError(SonicError):
     """A stage failed for a reason the caller did not cause (ffmpeg failed, disk full...)."""
     code = "pipeline_error"
+
+
+class DiskFull(PipelineError):
+    """No space left where the video is written: nothing the caller did; retry once space is freed."""
+    code = "disk_full"

@@ -29,7 +29,12 @@ class FaceResult:
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """Silence mediapipe's C++ logging (glog, TFLite), which writes to fd 2 whatever Python says."""
+    """Silence mediapipe's C++ logging (glog, TFLite), which writes to fd 2 whatever Python says.
+
+    Used once, while the models load and run their first inference (all they log is set-up):
+    redirecting fd 2 swaps it for the whole process, so a line another thread writes meanwhile
+    is lost. Never while serving: `analyze` leaves the process's stderr alone.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -51,14 +56,18 @@ class FaceAnalyzer:
                                                                        min_detection_confidence=0.4)
             self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
                                                          refine_landmarks=True, min_detection_confidence=0.3)
-            # the first inference logs its set-up: do it now, while stderr is quiet
+            # the first inferences log their set-up, and the first face meshed from a non-square
+            # image a one-time projection warning: both now, while stderr is quiet
             blank = np.zeros((64, 64, 3), np.uint8)
             self._detector.process(blank)
             self._mesh.process(blank)
+            try:
+                self.analyze(_sketched_face())
+            except NoFaceDetected:         # only the warning is lost: it is logged once, later
+                pass
 
     def _mesh_on(self, rgb: np.ndarray) -> np.ndarray | None:
-        with _quiet_stderr():
-            res = self._mesh.process(np.ascontiguousarray(rgb))
+        res = self._mesh.process(np.ascontiguousarray(rgb))
         if not res.multi_face_landmarks:
             return None
         h, w = rgb.shape[:2]
@@ -92,6 +101,20 @@ class FaceAnalyzer:
         if lm is None:
             raise NoFaceDetected("no face was found in the image", field="image")
         return _result(lm)
+
+
+def _sketched_face() -> np.ndarray:
+    """A drawn face (skin oval, eyes, brows, nose, mouth) on a 192x240 RGB image, which both
+    models take for a face: the warm-up's input, as no photo ships with the package."""
+    img = np.full((240, 192, 3), 200, np.uint8)
+    cv2.ellipse(img, (96, 120), (60, 80), 0, 0, 360, (205, 160, 130), -1)
+    for x in (72, 120):
+        cv2.ellipse(img, (x, 105), (12, 6), 0, 0, 360, (255, 255, 255), -1)
+        cv2.circle(img, (x, 105), 5, (40, 30, 20), -1)
+        cv2.line(img, (x - 14, 88), (x + 14, 86), (60, 40, 30), 3)
+    cv2.line(img, (96, 110), (92, 140), (170, 120, 100), 2)
+    cv2.ellipse(img, (96, 160), (22, 7), 0, 0, 360, (150, 60, 60), -1)
+    return img
 
 
 def _result(lm: np.ndarray) -> FaceResult:

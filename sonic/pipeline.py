@@ -13,6 +13,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .audio_features import PhoneRecognizer, encode_audio
+from .checks import check_output, frame_count
 from .decoders import PreparedDecoder, get_decoder
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
@@ -111,12 +112,18 @@ class SonicPipeline:
         rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels)
         max_s = limits.max_duration_s
         wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
+        audio_s = len(wav) / SAMPLE_RATE
+        duration = opts.duration if opts.duration is not None else audio_s
+        n_frames = frame_count(opts, audio_s)
         lap("decode")
 
-        # 2. face analysis, crop and scale to the output frame
+        # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
+        if not opts.crop_to_face:        # the frame is the whole photo: refused before the face is sought
+            check_output(rgb.shape[:2], None, opts, n_frames, limits)
         face = self.faces.analyze(rgb)
         box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
+        check_output(rgb.shape[:2], box, opts, n_frames, limits)
         framing = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
         lm = framing.landmarks
         height, width = framing.frame.shape[:2]
@@ -126,9 +133,6 @@ class SonicPipeline:
         lap("face")
 
         # 3. duration: trim or pad the audio with silence
-        audio_s = len(wav) / SAMPLE_RATE
-        duration = opts.duration if opts.duration is not None else audio_s
-        n_frames = max(1, int(round(duration * opts.fps)))
         n_samples = int(round(duration * SAMPLE_RATE))
         if n_samples > len(wav):
             warnings.append(f"duration {duration:g} s is longer than the audio ({audio_s:.2f} s): padded with silence")

@@ -53,6 +53,10 @@ class Limits:
     max_duration_s: float = 300.0        # longest audio / requested duration accepted
     max_image_pixels: int = 40_000_000   # larger images are refused before decoding
     max_upload_mb: float = 50.0
+    # the output, checked before a frame is rendered (crop_to_face: false scales the whole photo,
+    # so an extreme aspect ratio alone would make huge frames)
+    max_output_pixels: int = 4_194_304               # per frame: 2048 x 2048
+    max_output_pixel_frames: int = 12_000_000_000    # pixels x frames: 300 s at 25 fps of a 1024x1536 frame
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class ServerSettings:
     jobs_db: str | None = None           # None: <data_dir>/jobs.sqlite3; "": records in memory only
     queue_size: int = 4
     sync_wait_s: float = 120.0
+    job_timeout_s: float = 900.0         # a running job is stopped (failed, job_timeout) after this; 0: no limit
     output_ttl_s: float = 86400.0
     retry_after_s: int = 10
     socket_timeout_s: float = 30.0

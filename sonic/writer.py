@@ -10,6 +10,7 @@ sibling and renamed; any failure removes the temporary file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import queue
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 
-from .errors import PipelineError
+from .errors import DiskFull, PipelineError
 from .media import FFMPEG, SAMPLE_RATE
 
 X264_PRESET = "veryfast"
@@ -54,8 +55,14 @@ def to_yuv420p(frames: np.ndarray) -> np.ndarray:
 
 
 def _write_error(e: Exception) -> PipelineError:
-    """No space, no permission: say what went wrong, not where."""
-    return PipelineError(f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}")
+    """No space, no permission: say what went wrong, not where (a full disk as `DiskFull`)."""
+    message = f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}"
+    return DiskFull(message) if getattr(e, "errno", None) == errno.ENOSPC else PipelineError(message)
+
+
+def _encoder_error(message: str) -> PipelineError:
+    """ffmpeg's failure; a full disk (its message says so) as `DiskFull`."""
+    return DiskFull(message) if os.strerror(errno.ENOSPC) in message else PipelineError(message)
 
 
 class VideoWriter:
@@ -112,7 +119,7 @@ class VideoWriter:
         if frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
             raise ValueError(f"frames of shape {frames.shape} do not match {self.width}x{self.height}")
         if self._feed_error is not None:
-            raise PipelineError(f"video encoder stopped: {self._stderr()}") from self._feed_error
+            raise _encoder_error(f"video encoder stopped: {self._stderr()}") from self._feed_error
         self._queue.put(to_yuv420p(frames))
         self.frames_written += len(frames)
 
@@ -137,14 +144,14 @@ class VideoWriter:
             if exc_type is None:
                 self._stop_feeder()
                 if self._feed_error is not None and self._proc.wait() == 0:
-                    raise PipelineError(f"video encoder stopped: {self._stderr()}") from self._feed_error
+                    raise _encoder_error(f"video encoder stopped: {self._stderr()}") from self._feed_error
                 try:
                     self._proc.stdin.close()
                 except OSError:                 # ffmpeg already gone: its exit status says why
                     pass
                 rc = self._proc.wait()
                 if rc != 0:
-                    raise PipelineError(f"video encoder failed (exit {rc}): {self._stderr()}")
+                    raise _encoder_error(f"video encoder failed (exit {rc}): {self._stderr()}")
                 try:
                     os.replace(self.tmp_path, self.path)
                 except OSError as e:

@@ -47,7 +47,8 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         from sonic import load_pipeline
         pipe = pipeline if pipeline is not None else load_pipeline(settings)
         return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
-                          output_ttl_s=srv.output_ttl_s, store=open_store(jobs_db_path(settings)))
+                          output_ttl_s=srv.output_ttl_s, store=open_store(jobs_db_path(settings)),
+                          job_timeout_s=srv.job_timeout_s)
 
     loader.start(svc, make_queue, background_load)
     return app

@@ -1,7 +1,10 @@
 """Output expiry: videos older than the time to live are deleted, and finished job records with
-them, so the disk and the job table stay bounded."""
+them, so the disk and the job table stay bounded. A video's age is its file's modification time,
+a record's its last save; a result cache hit refreshes both (sonic_server/cache.py), under the
+lock a sweep holds."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -9,10 +12,11 @@ SWEEP_EVERY_S = 60
 
 
 class OutputExpiry:
-    def __init__(self, store, output_dir: Path, ttl_s: float):
+    def __init__(self, store, output_dir: Path, ttl_s: float, lock: threading.Lock | None = None):
         self.store = store
         self.output_dir = Path(output_dir)
         self.ttl_s = float(ttl_s)
+        self.lock = lock if lock is not None else threading.Lock()      # shared with the result cache
         self._last = 0.0
 
     def maybe_sweep(self, now: float | None = None) -> None:
@@ -24,10 +28,11 @@ class OutputExpiry:
     def sweep(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self._last = now
-        self.store.prune(now - self.ttl_s)
-        for path in self.output_dir.glob("*.mp4"):
-            try:
-                if now - path.stat().st_mtime > self.ttl_s:
-                    path.unlink()
-            except OSError:
-                pass
+        with self.lock:
+            self.store.prune(now - self.ttl_s)
+            for path in self.output_dir.glob("*.mp4"):
+                try:
+                    if now - path.stat().st_mtime > self.ttl_s:
+                        path.unlink()
+                except OSError:
+                    pass

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from sonic import GenerateOptions
+from sonic import version as sonic_version
 
 QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELED = "queued", "processing", "succeeded", "failed", "canceled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
@@ -65,9 +66,12 @@ class JobRecord:
         return d
 
 
-def cache_key(image: bytes, audio: bytes, options: GenerateOptions) -> str:
-    """Identical inputs and parameters give the same key (and the cached video)."""
+def cache_key(image: bytes, audio: bytes, options: GenerateOptions, version: str | None = None) -> str:
+    """Identical inputs and parameters give the same key (and the cached video), as long as the
+    pipeline is the same: `version` (default `sonic.version.pipeline_version()`: the release and
+    the output revision) is part of the key, so an upgrade renders again."""
+    version = sonic_version.pipeline_version() if version is None else version
     h = hashlib.sha256()
-    for part in (image, audio, repr(sorted(options.to_dict().items())).encode()):
+    for part in (version.encode(), image, audio, repr(sorted(options.to_dict().items())).encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()

@@ -1,8 +1,11 @@
 """End to end on the bundled public-domain portrait and speech: properties, not bytes."""
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -185,6 +188,51 @@ def test_disk_full_is_a_clear_error(pipeline, tmp_path):
         with pytest.raises(PipelineError) as e:
             pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 512}), out_path=mnt / "v.mp4")
         assert "No space left" in e.value.message and str(mnt) not in e.value.message
+        assert e.value.code == "disk_full"
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_face_analysis_keeps_other_threads_log_lines(pipeline, capfd):
+    """FaceMesh is silenced once, when it loads: lines another thread writes to the process's
+    stderr while faces are analysed all arrive."""
+    from sonic.media import load_image
+    rgb = load_image(PORTRAIT, 10**7)
+    pipeline.faces.analyze(rgb)
+    capfd.readouterr()
+    done = threading.Event()
+
+    def analyse():
+        while not done.is_set():
+            pipeline.faces.analyze(rgb)
+
+    worker = threading.Thread(target=analyse)
+    worker.start()
+    try:
+        for i in range(400):
+            os.write(2, f"log line {i}\n".encode())
+            time.sleep(0.0005)
+    finally:
+        done.set()
+        worker.join()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("log line")]
+    assert len(lines) == 400
+
+
+def test_an_output_too_large_is_refused_before_rendering(pipeline, tmp_path, monkeypatch):
+    """With crop_to_face false an extreme aspect ratio would give huge frames: refused, with the
+    limit named, before a frame is rendered or a file written."""
+    from PIL import Image
+    from sonic import InputTooLarge
+    import sonic.pipeline
+    face = Image.open(PORTRAIT).convert("RGB")
+    wide = Image.new("RGB", (12_000, face.height), (90, 120, 150))
+    wide.paste(face, (6_000, 0))
+    wide.save(tmp_path / "wide.png")
+    monkeypatch.setattr(sonic.pipeline, "crop_and_scale", lambda *a, **k: pytest.fail("the frame was built"))
+    with pytest.raises(InputTooLarge) as e:
+        pipeline(tmp_path / "wide.png", SPEECH, pipeline.options({"crop_to_face": False, "min_resolution": 1024}),
+                 out_path=tmp_path / "v.mp4")
+    assert "limits.max_output_pixels" in e.value.message and e.value.code == "input_too_large"
+    assert list(tmp_path.iterdir()) == [tmp_path / "wide.png"]

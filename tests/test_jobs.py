@@ -150,7 +150,7 @@ def test_queue_bound_and_cancel_frees_place(make_queue):
     q = make_queue(pipe, queue_size=1)
     try:
         running = q.submit(new_record(q.uploads))
-        assert pipe.started.wait(5) and q.health() == {"running_job": running.id, "workers_alive": 1}
+        assert pipe.started.wait(5) and q.health() == {"running_job": running.id, "workers_alive": 1, "queue_length": 0}
         a = q.submit(new_record(q.uploads))
         assert q.queue_length() == 1
         with pytest.raises(QueueFull):
@@ -242,7 +242,7 @@ def test_store_failure_at_start_fails_the_job_not_the_worker(make_queue):
     assert store.load(a.id).status == "failed" and not (q.uploads.root / a.id).exists() and not pipe.calls
     store.fail_saves.clear()
     b = q.wait(q.submit(new_record(q.uploads)).id, 5)       # the next job still runs
-    assert b.status == "succeeded" and q.health() == {"running_job": None, "workers_alive": 1}
+    assert b.status == "succeeded" and q.health() == {"running_job": None, "workers_alive": 1, "queue_length": 0}
 
 
 def test_store_failure_at_the_end_still_ends_the_job(make_queue):

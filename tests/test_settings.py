@@ -11,6 +11,18 @@ def test_shipped_defaults_are_typed():
     assert s.server.cors_origins == ("*",) and s.defaults["fps"] == 25
 
 
+def test_job_time_limit_and_output_limits_are_settings():
+    s = load_settings(env={})
+    assert s.server.job_timeout_s == 900.0 and isinstance(s.server.job_timeout_s, float)
+    assert s.limits.max_output_pixels == 2048 * 2048 and s.limits.max_output_pixel_frames == 12_000_000_000
+    # the longest clip at the largest short side and the default frame rate fits, 4:3 or 3:4
+    assert 1024 * 1368 * 300 * 25 <= s.limits.max_output_pixel_frames
+    s = load_settings(env={"SONIC_JOB_TIMEOUT_S": "30", "SONIC_MAX_OUTPUT_PIXELS": "1000000"})
+    assert (s.server.job_timeout_s, s.limits.max_output_pixels) == (30.0, 1_000_000)
+    with pytest.raises(SettingsError, match="server.job_timeout_s must be float"):
+        settings_from({"server": {"job_timeout_s": "soon"}})
+
+
 def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = tmp_path / "s.yaml"

@@ -54,7 +54,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def health(self) -> dict:
-        """{"running_job": id or None, "workers_alive": int}."""
+        """{"running_job": id or None, "workers_alive": int, "queue_length": int}, one snapshot
+        (taken at one moment, never half before and half after a job starts or ends)."""
 
     def close(self) -> None:
         """Stop taking jobs (tests, shutdown)."""

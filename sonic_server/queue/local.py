@@ -12,18 +12,22 @@ runs next, whose task then decodes nothing again; a job further back lets them g
 reads the stored files, as for a recovered record, so memory does not grow with the queue.
 
 Nothing the store, the expiry sweep or a task raises stops the worker: the job ends failed,
-its waiters are told, and the next job runs.
+its waiters are told, and the next job runs. A job running longer than `job_timeout_s` is
+stopped the way a cancel stops it (a thread cannot be killed): the progress callback the task
+gets raises at its next report once the limit has passed (the pipeline reports after each batch
+of frames), and the job ends failed with the code `job_timeout`.
 """
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-from sonic import SonicError
+from sonic import DiskFull, SonicError
 
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
@@ -39,24 +43,34 @@ NOT_STARTED = {"code": "internal_error",
                "message": "the job could not be started (its record was not saved); see the server log with this job id"}
 OUT_OF_MEMORY = {"code": "out_of_memory",
                  "message": "ran out of memory; try a shorter clip or a lower min_resolution"}
+DISK_FULL = DiskFull("no space left on the server's disk; try again later").to_dict()
+JOB_TIMEOUT = "job_timeout"
 
 
 class JobCanceled(Exception):
     """Raised from a running job's progress report once it is asked to stop."""
 
 
+class JobTimedOut(Exception):
+    """Raised from a running job's progress report once its time limit has passed."""
+
+
 class LocalQueue(JobQueue):
     def __init__(self, pipeline, output_dir: Path, uploads, *, queue_size: int, output_ttl_s: float,
-                 store=None, tasks: dict | None = None):
+                 store=None, tasks: dict | None = None, job_timeout_s: float = 0.0):
+        """`job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
+        report after this many seconds; 0 sets no limit."""
         self.pipeline = pipeline
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.uploads = uploads
         self.store = store if store is not None else MemoryStore()
-        self.cache = ResultCache(self.store, self.output_dir)
-        self.expiry = OutputExpiry(self.store, self.output_dir, output_ttl_s)
+        outputs_lock = threading.Lock()           # a cache hit's refresh and the expiry sweep, one at a time
+        self.cache = ResultCache(self.store, self.output_dir, outputs_lock)
+        self.expiry = OutputExpiry(self.store, self.output_dir, output_ttl_s, outputs_lock)
         self.tasks = tasks if tasks is not None else TASKS
         self.queue_size = int(queue_size)
+        self.job_timeout_s = float(job_timeout_s)
         recover(self.store, uploads, self.output_dir)
         self._live: dict[str, JobRecord] = {}           # queued and running records
         self._inputs: dict[str, object] = {}            # decoded inputs of the next job, until it starts
@@ -131,10 +145,14 @@ class LocalQueue(JobQueue):
                 return
 
     def queue_length(self) -> int:
-        return len(self._pending)
+        with self._changed:
+            return len(self._pending)
 
     def health(self) -> dict:
-        return {"running_job": self._running, "workers_alive": int(self._worker.is_alive())}
+        """One snapshot, taken under the lock the worker changes them under."""
+        with self._changed:
+            return {"running_job": self._running, "workers_alive": int(self._worker.is_alive()),
+                    "queue_length": len(self._pending)}
 
     def close(self) -> None:
         with self._changed:
@@ -191,13 +209,18 @@ class LocalQueue(JobQueue):
                 log.exception("job %s failed outside its task", rec.id)
                 self._finish(rec, FAILED, error=dict(INTERNAL))
         finally:
-            self._running = None
+            with self._changed:
+                self._running = None
 
     def _execute(self, rec: JobRecord) -> None:
+        deadline = time.monotonic() + self.job_timeout_s if self.job_timeout_s > 0 else None
+
         def progress(stage: str, frac: float) -> None:
             with self._changed:
                 if rec.id in self._canceling:
                     raise JobCanceled()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise JobTimedOut()
                 rec.stage, rec.progress = stage, frac
                 self._changed.notify_all()
 
@@ -207,14 +230,23 @@ class LocalQueue(JobQueue):
             result = task(rec.copy(), self.pipeline, self.output_dir, self._inputs.pop(rec.id, None), progress)
         except JobCanceled:
             self._finish(rec, CANCELED)
+        except JobTimedOut:
+            log.warning("job %s stopped: it ran past the limit of %g s", rec.id, self.job_timeout_s)
+            self._finish(rec, FAILED, error={
+                "code": JOB_TIMEOUT, "message": f"the job ran longer than the limit of {self.job_timeout_s:g} s "
+                                                "(server.job_timeout_s) and was stopped; try a shorter clip"})
         except SonicError as e:
             self._finish(rec, FAILED, error=e.to_dict())
         except MemoryError:
             log.error("job %s ran out of memory", rec.id)     # the writer has removed its files
             self._finish(rec, FAILED, error=dict(OUT_OF_MEMORY))
-        except Exception:                                 # noqa: BLE001 - reported, never raised to HTTP
-            log.exception("job %s failed", rec.id)
-            self._finish(rec, FAILED, error=dict(INTERNAL))
+        except Exception as e:                            # noqa: BLE001 - reported, never raised to HTTP
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:      # from outside the writer
+                log.error("job %s failed: no space left on the disk", rec.id)
+                self._finish(rec, FAILED, error=dict(DISK_FULL))
+            else:
+                log.exception("job %s failed", rec.id)
+                self._finish(rec, FAILED, error=dict(INTERNAL))
         else:
             self._finish(rec, SUCCEEDED, result=result, progress=1.0)
 

@@ -18,14 +18,15 @@ bp = Blueprint("meta", __name__)
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
-    workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1}
+    # one snapshot of the queue (the worker changes it meanwhile): each figure read once
+    workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1, "queue_length": 0}
     running = workers["running_job"]
     if state == "ready" and not workers["workers_alive"]:
         state = "worker_stopped"                      # jobs would be queued and never run
     elif state == "ready" and running is not None:
         state = "busy"
     body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
-            "queue_length": queue.queue_length() if queue is not None else 0, "running_job": running}
+            "queue_length": workers["queue_length"], "running_job": running}
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
 
 
