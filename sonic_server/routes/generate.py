@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
+from sonic.version import pipeline_version
 
 from ..errors import error_response, public_error
 from ..jobs import JobRecord, cache_key
@@ -150,7 +151,7 @@ def generate():
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
-    key = cache_key(files["image"], files["audio"], opts)
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.settings.decoder))
     hit = queue.cached(key)
     if hit:
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
