@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from .audio_features import PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count
-from .decoders import PreparedDecoder, get_decoder
+from .decoders import DecoderKind, PreparedDecoder, get_decoder
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
@@ -49,13 +49,17 @@ class GenerationResult:
 
 
 class SonicPipeline:
-    def __init__(self, settings: Settings | Mapping | None = None):
+    def __init__(self, settings: Settings | Mapping | None = None, *, faces=None, phones=None,
+                 decoder: DecoderKind | None = None):
+        """Load the models; `faces` (`.analyze(rgb)`), `phones` (a PhoneRecognizer) and `decoder`
+        (a DecoderKind) replace the ones the settings name, e.g. small stand-ins in tests of the
+        orchestration where the models are not the point."""
         self.settings = as_settings(settings)
         # the decoder kind is looked up first: a misspelt name fails before any model loads
-        self.decoder = get_decoder(self.settings.decoder)
+        self.decoder = decoder if decoder is not None else get_decoder(self.settings.decoder)
         self.device = "cpu"     # the warp decoder runs on the CPU with OpenCV; torch is not imported
-        self.faces = FaceAnalyzer()
-        self.phones = PhoneRecognizer()
+        self.faces = faces if faces is not None else FaceAnalyzer()
+        self.phones = phones if phones is not None else PhoneRecognizer()
         # frames are rendered by `render_processes` helper processes, each single-threaded inside
         # (see render_pool.py; the x264 encoder runs beside them in its own process); 0 renders here
         self.render_processes = max(0, self.settings.render_processes)

@@ -145,3 +145,33 @@ def test_check_inputs_needs_no_face_detector(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[1:4] == ["unsupported_media image", "audio_too_long audio", "False"]
     assert p.stdout.startswith("(300, 256, 3) uint8 float32 ")
+
+
+def test_the_pipeline_runs_on_the_components_it_is_given(pipeline, tmp_path):
+    """Face analyzer, phone recognizer and decoder can be handed in: the orchestration (decode,
+    duration, motion, batches, writer) runs on stand-ins, and each is used as the contract says."""
+    from sonic.pipeline import SonicPipeline
+    from sonic.settings import settings_from
+    analysed = pipeline.faces.analyze(load_image(PORTRAIT, 10**7))
+    calls = {"faces": 0, "phones": 0, "prepare": 0}
+
+    class Faces:
+        def analyze(self, rgb):
+            calls["faces"] += 1
+            return analysed
+
+    def phones(wav):
+        calls["phones"] += 1
+        return []
+
+    class Counting(StillKind):
+        def prepare(self, framing, rig, options):
+            calls["prepare"] += 1
+            return super().prepare(framing, rig, options)
+
+    small = SonicPipeline(settings_from({"render_processes": 0}), faces=Faces(), phones=phones, decoder=Counting())
+    res = small(PORTRAIT, SPEECH, small.options({**SHORT, "motion_scale": 0.5}), out_path=tmp_path / "s.mp4")
+    assert calls == {"faces": 1, "phones": 1, "prepare": 1}
+    assert "motion_scale is not used by the still decoder" in res.warnings
+    frames = read_frames(tmp_path / "s.mp4")
+    assert len(frames) == res.frames == 10 and np.abs(frames[0].astype(int) - frames[-1]).mean() < 1
