@@ -38,6 +38,26 @@ def speech_then_silence(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def make_queue(tmp_path):
+    """make_queue(pipeline, queue_size=2, **LocalQueue options) -> an in-process job queue with its
+    folders under tmp_path (outputs live for a minute unless output_ttl_s says otherwise); closed
+    afterwards."""
+    from sonic_server.queue.local import LocalQueue
+    from sonic_server.uploads import Uploads
+    queues = []
+
+    def make(pipeline, queue_size=2, output_ttl_s=60.0, **kw):
+        q = LocalQueue(pipeline, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=queue_size,
+                       output_ttl_s=output_ttl_s, **kw)
+        queues.append(q)
+        return q
+
+    yield make
+    for q in queues:
+        q.close()
+
+
+@pytest.fixture
 def make_client(tmp_path):
     """make_client(pipeline=None, **server_settings) -> (Flask test client, settings): a fresh app
     with its folders under tmp_path and a fake pipeline unless one is given; its queue is

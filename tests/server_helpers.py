@@ -70,6 +70,15 @@ def post(client, config: dict | None = None, image: Path = PORTRAIT, audio: Path
                                  "image": (img, names[0]), "audio": (aud, names[1])})
 
 
+def new_record(uploads, **params):
+    """A generate job record whose inputs (the example portrait and speech) are stored in `uploads`."""
+    from sonic import GenerateOptions
+    from sonic_server.jobs import JobRecord
+    rec = JobRecord.new("generate", GenerateOptions(**params).to_dict(), cache_key="k")
+    rec.inputs = uploads.save(rec.id, {"image": PORTRAIT.read_bytes(), "audio": SPEECH.read_bytes()})
+    return rec
+
+
 def wait_done(client, job_id: str, timeout: float = 30) -> dict:
     end = time.time() + timeout
     while time.time() < end:

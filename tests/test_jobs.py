@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from conftest import PORTRAIT, SPEECH
-from server_helpers import FAKE_VIDEO, FakePipeline
+from server_helpers import FAKE_VIDEO, FakePipeline, new_record
 from sonic import GenerateOptions
 from sonic.checks import check_inputs
 from sonic.settings import load_settings
@@ -22,27 +21,6 @@ from sonic_server.tasks import TASKS, run_generate
 from sonic_server.uploads import Uploads
 
 LIMITS = load_settings().limits
-
-
-def new_record(uploads: Uploads, **params) -> JobRecord:
-    rec = JobRecord.new("generate", GenerateOptions(**params).to_dict(), cache_key="k")
-    rec.inputs = uploads.save(rec.id, {"image": PORTRAIT.read_bytes(), "audio": SPEECH.read_bytes()})
-    return rec
-
-
-@pytest.fixture
-def make_queue(tmp_path):
-    queues = []
-
-    def make(pipeline, store=None, queue_size=2, ttl_s=60.0) -> LocalQueue:
-        q = LocalQueue(pipeline, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=queue_size,
-                       output_ttl_s=ttl_s, store=store)
-        queues.append(q)
-        return q
-
-    yield make
-    for q in queues:
-        q.close()
 
 
 def test_record_is_plain_json_data():
@@ -307,7 +285,7 @@ def test_decoded_inputs_are_kept_for_the_next_job_only(make_queue):
 
 def test_old_outputs_are_swept(make_queue, tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    q = make_queue(FakePipeline(), store=store, ttl_s=60)
+    q = make_queue(FakePipeline(), store=store, output_ttl_s=60)
     old_job, new_job = JobRecord.new("generate", {}), JobRecord.new("generate", {})
     for rec in (old_job, new_job):
         rec.status = "succeeded"

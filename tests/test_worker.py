@@ -13,35 +13,10 @@ import pytest
 from PIL import Image
 
 from conftest import PORTRAIT
-from server_helpers import FAST, FakePipeline, assert_clean_error, post, wait_done
+from server_helpers import FAST, FakePipeline, assert_clean_error, new_record, post, wait_done
 from sonic import PipelineError
 from sonic.errors import DiskFull
-from sonic_server.jobs import JobRecord
-from sonic_server.queue.local import LocalQueue
 from sonic_server.store import MemoryStore
-from sonic_server.uploads import Uploads
-
-
-@pytest.fixture
-def make_queue(tmp_path):
-    queues = []
-
-    def make(pipeline, **kw) -> LocalQueue:
-        q = LocalQueue(pipeline, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=4, output_ttl_s=60.0, **kw)
-        queues.append(q)
-        return q
-
-    yield make
-    for q in queues:
-        q.close()
-
-
-def new_record(uploads: Uploads) -> JobRecord:
-    from sonic import GenerateOptions
-    from conftest import SPEECH
-    rec = JobRecord.new("generate", GenerateOptions().to_dict(), cache_key="k")
-    rec.inputs = uploads.save(rec.id, {"image": PORTRAIT.read_bytes(), "audio": SPEECH.read_bytes()})
-    return rec
 
 
 # -- a time limit per job ---------------------------------------------------------------------
