@@ -95,17 +95,8 @@ class Settings:
     decoder: str = "warp"
     server: ServerSettings = field(default_factory=ServerSettings)
 
-    def to_dict(self) -> dict:
-        """The settings as the YAML file's structure (paths as resolved)."""
-        d = dataclasses.asdict(self)
-        d["defaults"] = dict(self.defaults)
-        for k in ("cors_origins", "api_keys"):
-            d["server"][k] = list(d["server"][k])
-        return d
-
 
 _SECTIONS = {"limits": Limits, "server": ServerSettings}
-_PATHS = {("output_dir",), ("server", "upload_dir"), ("server", "data_dir"), ("server", "jobs_db")}
 
 
 def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
@@ -193,8 +184,6 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
     if not isinstance(defaults, Mapping):
         raise SettingsError("setting defaults must be a mapping of parameter defaults")
     top["defaults"] = dict(defaults)
-    if top.get("device", "auto") not in DEVICES:
-        raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {top['device']!r}")
     # flags win over variables
     settings = Settings(**top)
     for name, value in (flags or {}).items():
@@ -206,6 +195,8 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
             raise SettingsError(f"unknown setting {name}")
         owner = dataclasses.replace(owner, **{key: _cast(name, _hints(type(owner))[key], value, False)})
         settings = dataclasses.replace(settings, **{section: owner}) if section else owner
+    if settings.device not in DEVICES:              # from the file, a variable or a flag
+        raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
     return _resolve_paths(settings, base or Path.cwd())
 
 
