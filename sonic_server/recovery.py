@@ -31,8 +31,8 @@ def recover(store, uploads, output_dir: Path) -> list[str]:
         rec.status = rec.stage = FAILED
         rec.progress, rec.error, rec.finished = 0.0, dict(INTERRUPTED), time.time()
         store.save(rec)
-        uploads.remove(job_id)
         log.warning("job %s was interrupted by a restart: marked failed", job_id)
+    # its inputs go with every other job folder below
     root = Path(uploads.root)
     for folder in root.iterdir() if root.is_dir() else ():
         if folder.is_dir() and JOB_FOLDER.fullmatch(folder.name):
