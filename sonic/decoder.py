@@ -26,7 +26,7 @@ from .eyes import build_eyes, lid_map
 from .geometry import Framing
 from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
 from .motion import COEFFS, Rig, smoothstep
-from .mouth import mouth_style, paint_mouth
+from .mouth import mouth_axis, mouth_style, paint_mouth
 from .options import GenerateOptions
 
 ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
@@ -459,14 +459,11 @@ def _bounds(pts: np.ndarray, hbox, margin: int = 3) -> tuple[tuple[int, int], tu
 
 
 def _corners(upper: np.ndarray, lower: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """0..1 over an (H, W) region: how far towards the mouth's corners a pixel lies (0 in the
-    middle half of the mouth, 1 from 85 % of the way to a corner), from the inner lip contours."""
-    left, right = (upper[0] + lower[0]) / 2, (upper[-1] + lower[-1]) / 2
-    half = max(float(np.linalg.norm(right - left)) / 2, 1.0)
-    ex = (right - left) / (2 * half)
+    """0..1 over an (H, W) region: how far towards the mouth's corners a pixel lies (0 up to 70 %
+    of the way from the middle to a corner, 1 from 90 %), from the inner lip contours."""
+    c, ex, half = mouth_axis(upper, lower)
     ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
-    c = (left + right) / 2
-    u = np.abs((xs - c[0]) * ex[0] + (ys - c[1]) * ex[1]) / half
+    u = np.abs((xs - c[0]) * ex[0] + (ys - c[1]) * ex[1]) / max(half, 1.0)
     return smoothstep(u, 0.7, 0.9).astype(np.float32)
 
 

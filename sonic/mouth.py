@@ -82,6 +82,14 @@ def _tooth_boundaries(iod: float) -> np.ndarray:
     return r * np.sin(np.clip(s / r, 0, np.pi / 2))
 
 
+def mouth_axis(upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The mouth's corner-to-corner axis from inner lip contours (N, 2), corner to corner: its
+    centre, the unit vector from the first corner to the last, and half its length (px)."""
+    left, right = (upper[0] + lower[0]) / 2, (upper[-1] + lower[-1]) / 2
+    span = float(np.linalg.norm(right - left))
+    return (left + right) / 2, (right - left) / max(span, 1e-6), span / 2
+
+
 def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray,
                 style: MouthStyle, iod: float, seam: np.ndarray | None = None) -> None:
     """Paint the interior between the inner lips into region (H, W, 3) float32, in place.
@@ -94,14 +102,10 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     if seam is not None and seam.max() > 0.01:
         _cover_seam(region, upper, lower, seam, style, iod)
     h, w = region.shape[:2]
-    left = (upper[0] + lower[0]) / 2
-    right = (upper[-1] + lower[-1]) / 2
-    span = float(np.linalg.norm(right - left))
-    if span < 4:
+    centre, ex, half = mouth_axis(upper, lower)
+    if 2 * half < 4:
         return
-    ex = (right - left) / span
     ey = np.array([-ex[1], ex[0]])
-    centre, half = (left + right) / 2, span / 2
     pts = np.concatenate([upper, lower])
     pad = 4
     bx0, by0 = np.maximum(np.floor(pts.min(0)).astype(int) - pad, 0)
