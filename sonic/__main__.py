@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("\ninterrupted\n")
         return 130
     out = result.to_dict()
-    t = out["timings"]          # the media were decoded before the models loaded: count it
-    t["decode"], t["total"] = round(t["decode"] + inputs.decode_s, 3), round(t["total"] + inputs.decode_s, 3)
+    inputs.count_decode_in(out["timings"])     # decoded before the models loaded: it counts
     print(json.dumps(out))
     return 0
 

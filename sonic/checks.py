@@ -35,6 +35,12 @@ class CheckedInputs:
     def audio_s(self) -> float:
         return len(self.wav) / SAMPLE_RATE
 
+    def count_decode_in(self, timings: dict) -> None:
+        """Add the decoding done here to a result's timings (decode and total), in place: the
+        pipeline given these arrays decodes nothing itself."""
+        for stage in ("decode", "total"):
+            timings[stage] = round(timings.get(stage, 0.0) + self.decode_s, 3)
+
 
 def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
                  limits: Limits) -> CheckedInputs:

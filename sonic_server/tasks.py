@@ -27,9 +27,7 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     res = pipeline(image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress)
     result = res.to_dict()
     if inputs is not None:        # decoded before queueing: the time counts as the request's decode
-        t = result["timings"]
-        t["decode"] = round(t.get("decode", 0.0) + inputs.decode_s, 3)
-        t["total"] = round(t.get("total", 0.0) + inputs.decode_s, 3)
+        inputs.count_decode_in(result["timings"])
     result.pop("output_path", None)
     result["file"] = out.name
     return result

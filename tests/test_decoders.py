@@ -175,3 +175,10 @@ def test_the_pipeline_runs_on_the_components_it_is_given(pipeline, tmp_path):
     assert "motion_scale is not used by the still decoder" in res.warnings
     frames = read_frames(tmp_path / "s.mp4")
     assert len(frames) == res.frames == 10 and np.abs(frames[0].astype(int) - frames[-1]).mean() < 1
+
+
+def test_decoding_done_before_the_pipeline_counts_in_its_timings():
+    from sonic.checks import CheckedInputs
+    timings = {"decode": 0.001, "face": 0.5, "total": 2.0}
+    CheckedInputs(rgb=np.zeros((2, 2, 3), np.uint8), wav=np.zeros(16), decode_s=0.25).count_decode_in(timings)
+    assert timings == {"decode": 0.251, "face": 0.5, "total": 2.25}
