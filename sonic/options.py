@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from .errors import InvalidParameter
-from .settings import DEFAULT_CONFIG, Limits, Settings, as_settings
+from .settings import Limits, Settings, as_settings, read_yaml
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number"}
 
@@ -30,8 +28,7 @@ def load_config(path: str | Path | None = None) -> dict:
     """The settings file's contents as a plain mapping (default: the shipped one), for callers
     that edit and write a settings file; everything else takes typed settings
     (`sonic.settings.load_settings`)."""
-    with open(path or DEFAULT_CONFIG, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    return read_yaml(path)
 
 
 def param(default: Any, description: str, *, low: float | None = None, high: float | None = None,
