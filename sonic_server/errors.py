@@ -51,11 +51,9 @@ def status_for(code: str) -> int:
 def public_error(error: dict) -> dict:
     """A job's stored error (code, message, field) as the API shows it, with its status.
 
-    A `status` stored by an older release is ignored: the status always follows the code.
+    A `status` stored by an older release is replaced: the status always follows the code.
     """
-    body = {k: v for k, v in error.items() if k != "status"}
-    body["status"] = status_for(body.get("code", "internal_error"))
-    return body
+    return {**error, "status": status_for(error.get("code", "internal_error"))}
 
 
 ERROR_SCHEMA = component("Error", {"type": "object", "properties": {
