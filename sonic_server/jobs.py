@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sonic import version as sonic_version
 
 QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELED = "queued", "processing", "succeeded", "failed", "canceled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+JOB_ID = re.compile(r"[0-9a-f]{32}")       # what JobRecord.new makes (uuid4 hex): anything else is no job of ours
 
 
 @dataclass

@@ -10,16 +10,14 @@ upload folder is a leftover.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
-from .jobs import FAILED
+from .jobs import FAILED, JOB_ID
 
 log = logging.getLogger("sonic.jobs")
 INTERRUPTED = {"code": "interrupted",
                "message": "the service restarted while this job was queued or running; submit it again"}
-JOB_FOLDER = re.compile(r"[0-9a-f]{32}")       # a job id (JobRecord.new): other entries are not ours
 
 
 def recover(store, uploads, output_dir: Path) -> list[str]:
@@ -35,7 +33,7 @@ def recover(store, uploads, output_dir: Path) -> list[str]:
     # its inputs go with every other job folder below
     root = Path(uploads.root)
     for folder in root.iterdir() if root.is_dir() else ():
-        if folder.is_dir() and JOB_FOLDER.fullmatch(folder.name):
+        if folder.is_dir() and JOB_ID.fullmatch(folder.name):
             uploads.remove(folder.name)
             log.info("removed the upload folder %s left by an earlier process", folder.name)
     for part in Path(output_dir).glob(".*.part"):

@@ -3,7 +3,6 @@ Events and cancel of the job. The routes talk to the queue interface only (sonic
 from __future__ import annotations
 
 import json
-import re
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
@@ -12,7 +11,7 @@ from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
 from ..errors import error_response, public_error
-from ..jobs import JobRecord, cache_key
+from ..jobs import JOB_ID, JobRecord, cache_key
 from ..openapi import component, content, describe, error
 from ..queue import QueueFull
 from ..service import service
@@ -21,7 +20,6 @@ bp = Blueprint("generate", __name__)
 SSE_HEARTBEAT_S = 15.0
 MAX_CONFIG_CHARS = 10_000
 CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
-JOB_ID = re.compile(r"[0-9a-f]{32}")      # JobRecord.new: uuid4 hex; anything else is no job of ours
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
 SUCCESSFUL = ("queued", "processing", "succeeded")    # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
