@@ -6,11 +6,12 @@ import re
 from flask import Blueprint, send_from_directory
 
 from ..errors import error_response
+from ..jobs import JOB_ID
 from ..openapi import content, describe, error
 from ..service import service
 
 bp = Blueprint("outputs", __name__)
-OUTPUT_NAME = re.compile(r"[0-9a-f]{32}\.mp4")     # whole name only (`$` would let "\n" through)
+OUTPUT_NAME = re.compile(JOB_ID.pattern + r"\.mp4")    # <job id>.mp4 (tasks.py); matched whole, never with `$`
 MAX_AGE_S = 3600
 
 
