@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, g, request
 
+from .openapi import headers_everywhere
+
 log = logging.getLogger("sonic.http")
 CORS_HEADERS = {"Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -20,6 +22,9 @@ def request_id(app: Flask) -> None:
     """The client's X-Request-ID (its first 64 characters, when they are visible ASCII) or a fresh
     one, echoed on every response. Anything else (control characters, line breaks, other
     scripts) could not be echoed in a header safely, so it is replaced."""
+    headers_everywhere(("X-Request-ID", "echoed on the answer and logged; up to 64 visible ASCII characters, "
+                                        "anything else is replaced by a fresh id", {"type": "string"}))
+
     @app.before_request
     def _take():
         sent = request.headers.get("X-Request-ID", "")[:64]
@@ -36,6 +41,8 @@ def cors(app: Flask, origins: list[str]) -> None:
 
     The CORS headers depend on the request's Origin (sent or not, allowed or not), so every
     answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another."""
+    headers_everywhere(("Origin", "a browser's origin; the CORS headers follow it", {"type": "string"}))
+
     @app.after_request
     def _allow(resp):
         if not origins:

@@ -17,6 +17,8 @@ INFO = {"title": "sonic talking-head API", "version": "0.1.0",
         "description": "Portrait photo + speech recording -> lip-synced MP4."}
 _COMPONENTS: dict[str, dict] = {}
 _AREAS: dict[str, tuple[dict, dict | None]] = {}      # path prefix -> (responses, security scheme)
+_EVERYWHERE: list[dict] = []                          # parameters every operation takes (headers)
+_PATH_SCHEMAS: dict[str, dict] = {}                   # path parameter name -> its schema
 SECURITY_SCHEME = "bearerKey"
 _PATH_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -31,6 +33,24 @@ def responses_under(prefix: str, responses: dict, security_scheme: dict | None =
     """Every operation whose path starts with `prefix` may also answer `responses` (a route's own
     description of a status wins); with `security_scheme`, they accept that (optional) scheme."""
     _AREAS[prefix] = (responses, security_scheme)
+
+
+def headers_everywhere(*names_and_schemas: tuple[str, str, dict]) -> None:
+    """Optional request headers that every operation honours: (name, description, schema)."""
+    for name, description, schema in names_and_schemas:
+        if all(p["name"] != name for p in _EVERYWHERE):
+            _EVERYWHERE.append(header(name, description, schema))
+
+
+def path_parameter(name: str, pattern: re.Pattern, description: str) -> None:
+    """What a path parameter called `name` (in any route) looks like; anything else is a 404."""
+    _PATH_SCHEMAS[name] = {"type": "string", "pattern": f"^{pattern.pattern}$", "description": description}
+
+
+def header(name: str, description: str, schema: dict | None = None) -> dict:
+    """An optional request header, as an OpenAPI parameter."""
+    return {"name": name, "in": "header", "required": False, "description": description,
+            "schema": schema or {"type": "string"}}
 
 
 def content(media_type: str, schema: dict) -> dict:
@@ -82,7 +102,8 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
         doc = getattr(app.view_functions[rule.endpoint], "openapi", None)
         if doc is None:
             continue
-        path_params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        path_params = [{"name": name, "in": "path", "required": True,
+                        "schema": _PATH_SCHEMAS.get(name, {"type": "string"})}
                        for name in _PATH_ARG.findall(rule.rule)]
         areas = [area for prefix, area in _AREAS.items() if rule.rule.startswith(prefix)]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
@@ -92,8 +113,7 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
                   "responses": {str(code): _response(r) for code, r in sorted(responses.items())}}
             if any(scheme for _, scheme in areas):
                 op["security"] = [{}, {SECURITY_SCHEME: []}]      # {}: no key needed unless keys are set
-            if path_params + doc["parameters"]:
-                op["parameters"] = path_params + doc["parameters"]
+            op["parameters"] = path_params + doc["parameters"] + _EVERYWHERE
             if doc["request_body"]:
                 op["requestBody"] = doc["request_body"]
             paths.setdefault(_PATH_ARG.sub(r"{\1}", rule.rule), {})[method.lower()] = op

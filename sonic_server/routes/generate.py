@@ -12,7 +12,7 @@ from sonic.version import pipeline_version
 
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, JobRecord, cache_key
-from ..openapi import component, content, describe, error
+from ..openapi import component, content, describe, error, header, path_parameter
 from ..queue import QueueFull
 from ..service import service
 
@@ -39,7 +39,9 @@ UPLOAD = {"required": True, "content": content("multipart/form-data", {
     "properties": {"image": {"type": "string", "format": "binary", "minLength": 1},
                    "audio": {"type": "string", "format": "binary", "minLength": 1},
                    "config": {"type": "string", "description": "JSON object of Parameters"}}})}
-PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string", "example": "respond-async"}}
+path_parameter("job_id", JOB_ID, "the id a generate call returned")
+PREFER = header("Prefer", "respond-async: answer 202 at once and run the job in the background",
+                {"type": "string", "example": "respond-async"})
 
 
 class JobNotFound(SonicError):
