@@ -68,7 +68,7 @@ def test_health_params_openapi(make_client):
 
 
 def test_health_when_the_worker_has_stopped(make_client):
-    client, _ = make_client()
+    client, cfg = make_client()
     queue = client.application.extensions["sonic"].queue
     queue.close()                                     # the worker thread ends, as if it had died
     queue._worker.join(5)
@@ -76,6 +76,10 @@ def test_health_when_the_worker_has_stopped(make_client):
     assert h.status_code == 503
     assert h.get_json() == {"status": "worker_stopped", "readiness": "worker_stopped", "queue_length": 0,
                             "running_job": None}
+    r = post(client, {**FAST, "async": True})            # refused, not queued to wait forever
+    assert_clean_error(r, 503, "not_ready")
+    assert "worker" in r.get_json()["error"]["message"] and r.headers["Retry-After"] == "60"
+    assert uploads_empty(cfg)
 
 
 # every operation of the document with its response codes, as the service has always had them;

@@ -17,6 +17,10 @@ class QueueFull(Exception):
     """No place left in the queue: the route answers 503 + Retry-After."""
 
 
+class WorkerStopped(Exception):
+    """No worker would ever run the job (stopped or closed): the route answers 503, nothing queued."""
+
+
 class JobQueue(ABC):
     output_dir: Path             # where a finished job's `result["file"]` lies
 

@@ -35,7 +35,7 @@ from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord
 from ..recovery import recover
 from ..store import MemoryStore
 from ..tasks import TASKS
-from . import JobQueue, QueueFull
+from . import JobQueue, QueueFull, WorkerStopped
 
 log = logging.getLogger("sonic.jobs")
 INTERNAL = {"code": "internal_error", "message": "generation failed; see the server log with this job id"}
@@ -86,6 +86,8 @@ class LocalQueue(JobQueue):
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         with self._changed:
+            if self._closed or not self._worker.is_alive():
+                raise WorkerStopped()
             if len(self._pending) >= self.queue_size:
                 raise QueueFull()
             rec = rec.copy()

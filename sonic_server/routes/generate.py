@@ -13,7 +13,7 @@ from sonic.version import pipeline_version
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, JobRecord, cache_key
 from ..openapi import component, content, describe, error, header, path_parameter
-from ..queue import QueueFull
+from ..queue import QueueFull, WorkerStopped
 from ..service import service
 
 bp = Blueprint("generate", __name__)
@@ -167,6 +167,10 @@ def generate():
         svc.uploads.remove(rec.id)
         return error_response("busy", "the generation queue is full; retry later",
                               headers={"Retry-After": svc.retry_after_s})
+    except WorkerStopped:
+        svc.uploads.remove(rec.id)
+        return error_response("not_ready", "no worker is running jobs (/health says worker_stopped); "
+                                           "the service must be restarted", headers={"Retry-After": "60"})
     except Exception:
         svc.uploads.remove(rec.id)
         raise
