@@ -72,6 +72,7 @@ class ServerSettings:
     output_ttl_s: float = 86400.0
     retry_after_s: int = 10
     socket_timeout_s: float = 30.0
+    max_event_streams: int = 32          # open SSE streams at once; more -> 503 (each holds a server thread)
     cors_origins: tuple[str, ...] = ("*",)
     api_keys: tuple[str, ...] = ()
     rate_limit_per_s: float = 10.0

@@ -14,7 +14,7 @@ from .errors import install_error_handlers
 from .legacy import jobs_db_path
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
-from .service import Service
+from .service import Service, Slots
 from .store import open_store
 from .uploads import Uploads
 
@@ -34,7 +34,8 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     svc = app.extensions["sonic"] = Service(
         settings=settings, uploads=Uploads(srv.upload_dir), output_dir=Path(settings.output_dir),
-        sync_wait_s=srv.sync_wait_s, retry_after_s=str(srv.retry_after_s))
+        sync_wait_s=srv.sync_wait_s, retry_after_s=str(srv.retry_after_s),
+        event_streams=Slots(srv.max_event_streams))
     hooks.request_id(app)
     hooks.access_log(app)
     access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst)

@@ -2,7 +2,8 @@
 the upload folder, and the job queue once the model has loaded."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import current_app
@@ -13,6 +14,25 @@ from .queue import JobQueue
 from .uploads import Uploads
 
 
+class Slots:
+    """At most `limit` holders at once (e.g. open event streams, each of which holds a thread)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
 @dataclass
 class Service:
     settings: Settings           # sonic/settings.py: parameter defaults, limits, folders
@@ -20,6 +40,7 @@ class Service:
     output_dir: Path             # videos, served from /output/<name>
     sync_wait_s: float           # a synchronous request waits this long, then gets 202
     retry_after_s: str           # Retry-After of a 503 for a full queue
+    event_streams: Slots = field(default_factory=lambda: Slots(32))
     queue: JobQueue | None = None
     status: str = "starting"     # starting | ready | setup_failed
 

@@ -88,7 +88,7 @@ GUARDED = {"401", "429"}
 OPERATIONS = {
     ("/api/sonic/generate", "post"): {"200", "202", "400", "413", "415", "422", "503", "500"} | GUARDED,
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
-    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
     ("/output/{name}", "get"): {"200", "206", "404", "416"},
     ("/health", "get"): {"200", "503"},
@@ -175,7 +175,8 @@ def test_slow_sync_request_gets_its_job_id(make_client):
 
 
 def read_events(response):
-    """Server-Sent Events of a streamed test-client response, as (name, data) pairs."""
+    """Server-Sent Events of a streamed test-client response, as (name, data) pairs; the response
+    is closed at the stream's end, as a WSGI server closes it."""
     events, name = [], None
     for chunk in response.response:
         for line in chunk.decode().splitlines():
@@ -184,6 +185,32 @@ def read_events(response):
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
         yield events
+    response.close()
+
+
+def test_event_streams_are_capped_and_their_slots_come_back(make_client):
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe, max_event_streams=2)
+    try:
+        job = post(client, {**FAST, "async": True}).get_json()["job_id"]
+        assert pipe.started.wait(5)
+        url = f"/api/sonic/jobs/{job}/events"
+        held = [client.get(url, buffered=False) for _ in range(2)]
+        assert all(s.status_code == 200 for s in held)
+        refused = client.get(url)
+        assert_clean_error(refused, 503, "busy")
+        assert "2 event streams" in refused.get_json()["error"]["message"] and refused.headers["Retry-After"]
+        assert client.get(f"/api/sonic/jobs/{job}").status_code == 200      # polling still works
+        held.pop().close()                                # a client goes away: its slot comes back
+        again = client.get(url, buffered=False)
+        assert again.status_code == 200
+        again.close()
+        for s in held:
+            s.close()
+        assert client.application.extensions["sonic"].event_streams.held == 0
+    finally:
+        gate.set()
 
 
 def test_async_status_and_events(make_client):
@@ -208,6 +235,7 @@ def test_async_status_and_events(make_client):
         gate.set()
     assert events[-1][0] == "succeeded" and events[-1][1]["video_url"].endswith(".mp4")
     assert [name for name, _ in events].count("succeeded") == 1
+    assert client.application.extensions["sonic"].event_streams.held == 0     # the ended stream's slot is back
     status = wait_done(client, job)
     assert status["status"] == "succeeded" and status["video_url"] == events[-1][1]["video_url"]
     assert status["progress"] == 1.0 and status["stage"] == "succeeded"

@@ -207,12 +207,17 @@ def job_cancel(job_id):
 
 @bp.get("/api/sonic/jobs/<job_id>/events")
 @describe("Job status as Server-Sent Events until it ends", responses={
-    200: ("event stream", content("text/event-stream", {"type": "string"})), 404: error("no such job")})
+    200: ("event stream", content("text/event-stream", {"type": "string"})), 404: error("no such job"),
+    503: error("too many event streams open; poll the status instead")})
 def job_events(job_id):
     """One event per change of the job (named by its status) until it ends; comments keep the
     connection alive in between."""
     _find_job(job_id)
-    urls, queue = _urls(job_id), service().queue
+    svc = service()
+    urls, queue = _urls(job_id), svc.queue
+    if not svc.event_streams.take():                  # each open stream holds one of the server's threads
+        return error_response("busy", f"{svc.event_streams.limit} event streams are open, the most this "
+                                      "server allows; poll status_url instead", headers={"Retry-After": svc.retry_after_s})
 
     def stream():
         last = None
@@ -221,5 +226,7 @@ def job_events(job_id):
             yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
             last = body
 
-    return Response(stream(), mimetype="text/event-stream",
+    resp = Response(stream(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.call_on_close(svc.event_streams.give_back)   # when the server closes the response, whatever ended it
+    return resp
