@@ -93,7 +93,9 @@ class Settings:
     output_dir: str = "outputs"
     device: str = "auto"
     render_processes: int = 2
-    decoder: str = "warp"
+    decoder: str = "auto"                # auto | warp | sonic (sonic/decoders.py: choose_decoder)
+    sonic_checkpoints: str | None = None # the Sonic model's folder, in the official layout (docs/gpu.md)
+    allow_unsafe_pickle: bool = False    # load .pth files that need full pickle (runs their code: trusted files only)
     server: ServerSettings = field(default_factory=ServerSettings)
 
 
@@ -208,7 +210,8 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         return str((base / Path(p).expanduser()).resolve())
     server = dataclasses.replace(s.server, upload_dir=res(s.server.upload_dir), data_dir=res(s.server.data_dir),
                                  jobs_db=res(s.server.jobs_db))
-    return dataclasses.replace(s, output_dir=res(s.output_dir), server=server)
+    return dataclasses.replace(s, output_dir=res(s.output_dir), sonic_checkpoints=res(s.sonic_checkpoints),
+                               server=server)
 
 
 def read_yaml(path: str | Path | None = None) -> dict:
