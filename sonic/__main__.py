@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
     gen.add_argument("--settings", help="YAML settings file (defaults, limits) over the shipped configs/default.yaml; "
                      "SONIC_* variables override both")
+    gen.add_argument("--decoder", choices=("auto", "warp", "sonic"),
+                     help="the video decoder (setting decoder, SONIC_DECODER; default auto)")
+    gen.add_argument("--checkpoints", metavar="DIR", help="the Sonic model's folder, official layout "
+                     "(setting sonic_checkpoints, SONIC_CHECKPOINTS; docs/gpu.md)")
+    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the sonic decoder runs")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .options import GenerateOptions
         from .settings import load_settings
-        settings = load_settings(args.settings)
+        settings = load_settings(args.settings, flags={"decoder": args.decoder, "device": args.device,
+                                                       "sonic_checkpoints": args.checkpoints})
         opts = GenerateOptions.from_dict(_params(args.config), settings)
         for name in ("image", "audio"):
             if not Path(getattr(args, name)).is_file():

@@ -14,14 +14,17 @@ it is used:
 - `warp` (sonic/decoder.py): a dense backward warp of the photo, on the CPU. Its prepared
   decoder is handed to the render helpers as a pickle (render_pool.py), so a prepared decoder
   that is to run there must pickle.
-- `sonic` (to come, sonic/diffusion/): the Sonic diffusion model; it will register itself as
-  `sonic` and honour `inference_steps`.
+- `sonic` (sonic/diffusion/): the Sonic diffusion model from a local checkpoint folder. It
+  "speaks": it makes the frames from the portrait and the waveform itself (`speak`), so the
+  pipeline skips the phone recogniser and the motion stage for it.
+
+`choose_decoder` resolves the `decoder` setting, `auto` included.
 """
 from __future__ import annotations
 
 import importlib
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Protocol
+from abc import ABC
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -31,9 +34,11 @@ from .options import GenerateOptions, parameters
 if TYPE_CHECKING:      # annotations only: naming a decoder loads none of the stages
     from .geometry import Framing
     from .motion import Rig
+    from .settings import Settings
 
 # name -> module that registers the kind when imported
-KNOWN = {"warp": "sonic.decoder"}
+KNOWN = {"warp": "sonic.decoder", "sonic": "sonic.diffusion.kind"}
+CHOICES = ("auto", "warp", "sonic")
 _REGISTRY: dict[str, "DecoderKind"] = {}
 
 
@@ -47,14 +52,34 @@ class PreparedDecoder(Protocol):
         ...
 
 
+class SpokenVideo(Protocol):
+    """What a speaking kind makes for one request."""
+    frame: np.ndarray              # (H, W, 3) uint8: the frames' size
+    batches: Iterator[np.ndarray]  # (B, H, W, 3) uint8 frames in order, n_frames in all
+    lipsync_offset_ms: float
+
+
 class DecoderKind(ABC):
-    """A kind of decoder: its name, the parameters it honours, and its once-per-request setup."""
+    """A kind of decoder: its name, the parameters it honours, and its once-per-request setup.
+
+    A kind that renders motion implements `prepare`; a kind that `speaks` implements `speak`.
+    `load(settings)` returns the kind ready to serve (its models loaded), once per pipeline."""
     name: str
     honours: frozenset[str]
+    speaks: bool = False
+    device: str = "cpu"
 
-    @abstractmethod
+    def load(self, settings: Settings) -> DecoderKind:
+        return self
+
     def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> PreparedDecoder:
         """Set up the decoder for one portrait and one request's options."""
+        raise NotImplementedError(f"the {self.name} decoder renders from audio (speak), not from motion")
+
+    def speak(self, framing: Framing, wav: np.ndarray, n_frames: int, options: GenerateOptions,
+              progress: Callable[[str, float], None]) -> SpokenVideo:
+        """The frames of the portrait speaking `wav` (mono, media.SAMPLE_RATE); progress(stage, 0-1)."""
+        raise NotImplementedError(f"the {self.name} decoder renders from motion (prepare), not from audio")
 
     def unused(self, options: GenerateOptions) -> tuple[str, ...]:
         """The parameters `options` sets away from their declared defaults that this kind ignores."""
@@ -86,3 +111,15 @@ def available() -> list[str]:
 def all_parameters() -> frozenset[str]:
     """Every generation parameter: what a kind that ignores none of them honours."""
     return frozenset(parameters())
+
+
+def choose_decoder(settings: Settings) -> str:
+    """The decoder the `decoder` setting means: `auto` is `sonic` when torch sees CUDA and
+    `sonic_checkpoints` is a complete folder, else `warp` (torch is imported only to ask then)."""
+    if settings.decoder != "auto":
+        return settings.decoder
+    from .diffusion.layout import is_complete
+    if not is_complete(settings.sonic_checkpoints) or settings.device == "cpu":
+        return "warp"
+    import torch
+    return "sonic" if torch.cuda.is_available() else "warp"

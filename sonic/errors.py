@@ -62,3 +62,10 @@ class PipelineError(SonicError):
 class DiskFull(PipelineError):
     """No space left where the video is written: nothing the caller did; retry once space is freed."""
     code = "disk_full"
+
+
+class SetupError(SonicError):
+    """The models cannot be set up as configured: a missing or unreadable checkpoint file, a key
+    or a tensor shape that does not fit the model. The message names the file and the first
+    offending key; the operator, not the caller, must act."""
+    code = "setup_failed"

@@ -14,7 +14,8 @@ from threadpoolctl import threadpool_limits
 
 from .audio_features import PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count
-from .decoders import DecoderKind, PreparedDecoder, get_decoder
+from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
+from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
 from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
@@ -56,13 +57,15 @@ class SonicPipeline:
         orchestration where the models are not the point."""
         self.settings = as_settings(settings)
         # the decoder kind is looked up first: a misspelt name fails before any model loads
-        self.decoder = decoder if decoder is not None else get_decoder(self.settings.decoder)
-        self.device = "cpu"     # the warp decoder runs on the CPU with OpenCV; torch is not imported
+        kind = decoder if decoder is not None else get_decoder(choose_decoder(self.settings))
+        self.decoder = kind.load(self.settings)
+        self.device = self.decoder.device     # the warp decoder runs on the CPU with OpenCV
         self.faces = faces if faces is not None else FaceAnalyzer()
-        self.phones = phones if phones is not None else PhoneRecognizer()
+        # a decoder that speaks makes frames from the waveform itself: no phones, no motion
+        self.phones = None if self.decoder.speaks else phones if phones is not None else PhoneRecognizer()
         # frames are rendered by `render_processes` helper processes, each single-threaded inside
         # (see render_pool.py; the x264 encoder runs beside them in its own process); 0 renders here
-        self.render_processes = max(0, self.settings.render_processes)
+        self.render_processes = 0 if self.decoder.speaks else max(0, self.settings.render_processes)
         cv2.setNumThreads(1)
         # numpy's OpenBLAS would start a thread per core for the decoder's matrix products; its
         # threads spin while they wait and took a third of a core from the render and the encoder
@@ -145,6 +148,8 @@ class SonicPipeline:
             warnings.append(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
             wav = wav[:n_samples]
         warnings += [f"{name} is not used by the {self.decoder.name} decoder" for name in self.decoder.unused(opts)]
+        if self.decoder.speaks:
+            return self._speak(framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings)
 
         # 4. audio encoder
         report("audio", 0.1)
@@ -176,6 +181,28 @@ class SonicPipeline:
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
                                 fps=opts.fps, width=width, height=height, seed=opts.seed,
                                 lipsync_offset_ms=motion.lipsync_offset_ms, timings=timings,
+                                warnings=tuple(warnings))
+
+
+    def _speak(self, framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings):
+        """Steps 4-6 for a decoder that makes the frames from the waveform itself."""
+        video = self.decoder.speak(framing, wav, n_frames, opts, report)
+        height, width = video.frame.shape[:2]
+        lap("decoder_setup")
+        done = 0
+        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
+                contextlib.closing(video.batches) as batches:
+            for frames in batches:
+                writer.write(frames)
+                done += len(frames)
+        if done != n_frames:
+            raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
+        lap("render")
+        timings["total"] = round(sum(timings.values()), 3)
+        report("done", 1.0)
+        return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
+                                fps=opts.fps, width=width, height=height, seed=opts.seed,
+                                lipsync_offset_ms=video.lipsync_offset_ms, timings=timings,
                                 warnings=tuple(warnings))
 
 

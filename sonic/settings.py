@@ -9,7 +9,7 @@ Loaded in three layers, each overriding the one before:
 2. environment variables `SONIC_<NAME>`, NAME being the setting's own name in capitals
    (`SONIC_QUEUE_SIZE=8`, `SONIC_OUTPUT_DIR=/srv/videos`, `SONIC_MAX_DURATION_S=60`); lists are
    comma-separated; `SONIC_API_KEYS` adds keys to those of the file;
-3. command-line flags (`--host`, `--port`).
+3. command-line flags (`--host`, `--port`, `--decoder`, `--checkpoints DIR`, `--device`).
 
 Relative paths (output_dir, server.upload_dir, server.data_dir, server.jobs_db) are resolved
 against the working directory when the settings are loaded. Unknown names and values of the

@@ -22,13 +22,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--port", type=int)
     ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables "
                     "override both")
+    ap.add_argument("--decoder", choices=("auto", "warp", "sonic"), help="the video decoder (default auto)")
+    ap.add_argument("--checkpoints", metavar="DIR", help="the Sonic model's folder (docs/gpu.md)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the sonic decoder runs")
 
 
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
-        settings = load_settings(args.config, flags={"server.host": args.host, "server.port": args.port})
+        settings = load_settings(args.config, flags={"server.host": args.host, "server.port": args.port,
+                                                     "decoder": args.decoder, "device": args.device,
+                                                     "sonic_checkpoints": args.checkpoints})
     except SettingsError as e:
         sys.exit(f"error: {e}")
     app = create_app(settings, background_load=True)   # answers /health while the models load

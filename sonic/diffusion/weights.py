@@ -1,0 +1,71 @@
+"""Reading checkpoint tensors safely, and fitting them to a module with errors that name the file
+and the first offending key (never a traceback from deep inside torch)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SetupError
+
+
+def load_state(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors`, or from a `.pth`/`.pkl` read with weights_only=True.
+
+    Some published `.pth` files hold more than tensors and need full pickle, which can run code
+    from the file: that fallback happens only with `allow_unsafe_pickle` (a setting)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SetupError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                if not allow_unsafe_pickle:
+                    raise SetupError(
+                        f"{path}: holds more than tensors and would need full pickle, which can run code from "
+                        "the file; convert it (scripts/convert_checkpoints.py) or, for a file you trust, set "
+                        "allow_unsafe_pickle") from e
+                state = torch.load(path, map_location="cpu", weights_only=False)
+    except SetupError:
+        raise
+    except Exception as e:                                  # noqa: BLE001 - a bad file, said plainly
+        raise SetupError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SetupError(f"{path}: is not a mapping of tensor names to tensors")
+    return state
+
+
+def check_fit(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], path: Path) -> None:
+    """SetupError naming `path` and the first key that is missing, unexpected or of another shape
+    than `expected` (name -> shape, in the model's order)."""
+    for key, shape in expected.items():
+        if key not in state:
+            raise SetupError(f"{path}: missing key {key!r} ({len(set(expected) - set(state))} missing in all)")
+        if tuple(state[key].shape) != tuple(shape):
+            raise SetupError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, the model needs {tuple(shape)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise SetupError(f"{path}: unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Fit `state` to `module` exactly (see check_fit), then copy it in."""
+    check_fit({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, path)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def shape_of(state: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
+    """The shape of `state[key]`, or SetupError naming the file and the key."""
+    if key not in state:
+        raise SetupError(f"{path}: missing key {key!r}")
+    return tuple(state[key].shape)
