@@ -26,6 +26,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "audio_too_long": 422,
     "empty_audio": 422,
     "pipeline_error": 500,
+    "setup_failed": 503,         # the models could not be set up (a checkpoint file or key): the operator acts
     "disk_full": 500,            # the server's disk, not the request: the design's 500 (as pipeline_error was)
     "internal_error": 500,
     # produced by the server itself

@@ -6,6 +6,8 @@ import logging
 import threading
 from typing import Callable
 
+from sonic.errors import SonicError
+
 from .queue import JobQueue
 from .service import Service
 
@@ -15,10 +17,20 @@ log = logging.getLogger("sonic.http")
 def start(service: Service, make_queue: Callable[[], JobQueue], background: bool) -> None:
     def set_up() -> None:
         try:
-            service.queue = make_queue()
+            queue = make_queue()
+            pipeline = getattr(queue, "pipeline", None)
+            decoder = getattr(pipeline, "decoder", None)
+            service.decoder = getattr(decoder, "name", None)
+            service.device = str(getattr(pipeline, "device", "cpu"))
+            service.queue = queue
             service.status = "ready"
+        except SonicError as e:                                # a named setup error: /health says it
+            log.error("pipeline set-up failed: %s", e.message)
+            service.setup_error = e.message
+            service.status = "setup_failed"
         except Exception:                                      # noqa: BLE001 - /health reports it
             log.exception("pipeline set-up failed")
+            service.setup_error = "the pipeline failed to load (the server log has the details)"
             service.status = "setup_failed"
 
     if background:

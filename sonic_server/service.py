@@ -43,6 +43,9 @@ class Service:
     event_streams: Slots = field(default_factory=lambda: Slots(32))
     queue: JobQueue | None = None
     status: str = "starting"     # starting | ready | setup_failed
+    setup_error: str | None = None   # why setup failed, for /health (a checkpoint file and key, ...)
+    decoder: str | None = None       # the loaded pipeline's decoder and device, once ready
+    device: str | None = None
 
 
 def service() -> Service:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from sonic import decoders
-from sonic.decoders import DecoderKind, all_parameters, available, get_decoder, register
+from sonic.decoders import DecoderKind, all_parameters, available, choose_decoder, get_decoder, register
 from sonic.errors import InvalidParameter
 from sonic.media import load_audio, load_image
 from sonic.options import GenerateOptions, load_config
-from sonic.settings import load_settings
+from sonic.settings import as_settings, load_settings
 from conftest import PORTRAIT, ROOT, SPEECH, read_frames
 
 SHORT = {"min_resolution": 256, "duration": 0.4}     # 10 frames: rendered in this process
@@ -51,7 +51,8 @@ def test_warp_is_registered_by_name():
     kind = get_decoder("warp")
     assert kind.name == "warp" and "warp" in available()
     assert kind.honours == all_parameters() - {"inference_steps"}
-    assert get_decoder(load_config()["decoder"]) is kind
+    assert load_config()["decoder"] == "auto"
+    assert get_decoder(choose_decoder(as_settings(load_config()))) is kind     # no checkpoints here: warp
 
 
 def test_unknown_decoder_names_the_known_ones(registry):
@@ -59,7 +60,7 @@ def test_unknown_decoder_names_the_known_ones(registry):
     with pytest.raises(InvalidParameter) as e:
         get_decoder("diffusion")
     assert e.value.field == "decoder" and e.value.code == "invalid_parameter"
-    assert "'diffusion'" in e.value.message and "still, warp" in e.value.message
+    assert "'diffusion'" in e.value.message and "sonic, still, warp" in e.value.message
 
 
 def test_unknown_decoder_setting_fails_at_load():

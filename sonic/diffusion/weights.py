@@ -27,6 +27,8 @@ def load_state(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, torch
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
+                if "unsupported global" not in str(e).lower():   # not a class it refused: no checkpoint
+                    raise
                 if not allow_unsafe_pickle:
                     raise SetupError(
                         f"{path}: holds more than tensors and would need full pickle, which can run code from "
@@ -39,6 +41,10 @@ def load_state(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, torch
         raise SetupError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if allow_unsafe_pickle and isinstance(state, dict):     # what full pickle brought beside the tensors
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if isinstance(state, dict):
+        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SetupError(f"{path}: is not a mapping of tensor names to tensors")
     return state

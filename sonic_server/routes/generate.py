@@ -23,7 +23,9 @@ CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
 SUCCESSFUL = ("queued", "processing", "succeeded")    # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
-EXTRA_PARAMS = {"async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"}}
+EXTRA_PARAMS = {"async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"},
+                "decoder": {"type": "string", "description": "the video decoder; only the one this server has "
+                                                              "loaded (/health says which) is accepted"}}
 
 JOB = component("Job", {"type": "object", "properties": {
     "job_id": {"type": "string"}, "status": {"type": "string",
@@ -118,6 +120,10 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
     want_async = params.get("async", False)
     if not isinstance(want_async, bool):
         raise InvalidParameter("async must be true or false", field="async")
+    decoder = params.get("decoder")
+    if decoder is not None and decoder != service().decoder:
+        raise InvalidParameter(f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: "
+                               f"{service().decoder}", field="decoder")
     g.log_params = params
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async
 
@@ -151,7 +157,7 @@ def generate():
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
-    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.settings.decoder))
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.decoder or svc.settings.decoder))
     hit = queue.cached(key)
     if hit:
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})

@@ -27,13 +27,19 @@ def health():
         state = "busy"
     body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
             "queue_length": workers["queue_length"], "running_job": running}
+    if svc.decoder:
+        body.update(decoder=svc.decoder, device=svc.device)
+    if state == "setup_failed" and svc.setup_error:
+        body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
 
 
 @bp.get("/api/sonic/params")
 @describe("Parameter schema", responses={200: "schema"})
 def params():
-    return jsonify({"parameters": schema(service().settings), "extra": EXTRA_PARAMS})
+    svc = service()
+    return jsonify({"parameters": schema(svc.settings), "extra": EXTRA_PARAMS, "decoder": svc.decoder,
+                    "device": svc.device})
 
 
 @bp.get("/openapi.json")

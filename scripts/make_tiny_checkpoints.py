@@ -1,0 +1,23 @@
+"""Write a tiny, randomly initialised Sonic model in the official checkpoint layout.
+
+usage: python scripts/make_tiny_checkpoints.py DIR [--safetensors]
+
+For trying the `sonic` decoder's plumbing (CLI, server, progress, errors) on a machine without
+the real weights: its videos are coloured noise, not faces. docs/gpu.md has the real layout.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sonic.diffusion.model import quiet_libraries  # noqa: E402
+from sonic.diffusion.tiny import write_tiny_checkpoints  # noqa: E402
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pth")
+    a = ap.parse_args()
+    quiet_libraries()
+    print(write_tiny_checkpoints(a.folder, pth=not a.safetensors))

@@ -1,0 +1,230 @@
+"""The `sonic` diffusion decoder on the CPU, with a tiny randomly initialised model of the real
+architecture written as a checkpoint folder in the official layout (sonic/diffusion/tiny.py):
+the real loader, sampler, pipeline, CLI and server, 2 steps, 256 px (8x8 latents), ~1 s of speech."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import torch
+import yaml
+
+from conftest import PORTRAIT, ROOT, SPEECH, read_frames
+from server_helpers import settings as server_settings
+from sonic.errors import SetupError
+
+TINY = {"min_resolution": 256, "inference_steps": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from sonic.diffusion.tiny import write_tiny_checkpoints
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt") / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def speech_1s(tmp_path_factory):
+    wav, sr = sf.read(SPEECH, dtype="float32")
+    out = tmp_path_factory.mktemp("a") / "speech_1s.wav"
+    sf.write(out, wav[: int(1.2 * sr)], sr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    from sonic.diffusion.model import SonicModel, quiet_libraries
+    quiet_libraries()
+    return SonicModel(tiny, "cpu")
+
+
+def condition(model, n=30, seed=0):
+    wav, _ = sf.read(SPEECH, dtype="float32")
+    frame = np.full((320, 256, 3), 128, np.uint8)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return model.condition(frame, (64, 80, 192, 240), wav[:40000], n, 1.0, gen), gen
+
+
+def test_cli_writes_a_playable_mp4_of_the_audio_length(tiny, speech_1s, tmp_path):
+    out = tmp_path / "tiny.mp4"
+    r = subprocess.run([sys.executable, "-m", "sonic", "generate", "--decoder", "sonic", "--checkpoints", str(tiny),
+                        "--device", "cpu", "--image", str(PORTRAIT), "--audio", str(speech_1s), "--out", str(out),
+                        "--config", json.dumps(TINY), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["frames"] == 30 and result["fps"] == 25 and result["duration"] == 1.2
+    assert result["width"] % 64 == 0 and result["height"] % 64 == 0 and min(result["width"], result["height"]) == 256
+    assert not any("not used" in w for w in result["warnings"])          # every parameter set here is honoured
+    frames = read_frames(out)
+    assert frames.shape == (30, result["height"], result["width"], 3)
+    assert r.stderr == ""                                                # no progress bars or library advice
+
+
+def test_inference_steps_is_the_number_of_sampler_steps(model):
+    cond, gen = condition(model, n=30)                 # 30 frames: two windows of 25 per step
+    for steps in (1, 3):
+        before = model.unet_calls
+        model.denoise(cond, 30, steps, 1.0, gen)
+        assert model.unet_calls - before == 2 * steps
+
+
+def test_seeded_runs_are_identical_and_seeds_differ(model):
+    runs = []
+    for seed in (5, 5, 0, 0, 6):
+        cond, gen = condition(model, n=12, seed=seed)
+        runs.append(model.denoise(cond, 12, 2, 1.0, gen))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])      # seed 0 too
+    assert not torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[4])
+
+
+def test_audio_moves_the_result(model):
+    """The audio tokens reach the UNet: other audio, other latents (same seed)."""
+    from sonic.diffusion.model import Conditioning
+    cond, gen = condition(model, n=12, seed=1)
+    a = model.denoise(cond, 12, 2, 1.0, gen)
+    quiet = Conditioning(**{**cond.__dict__, "tokens": cond.silent.expand_as(cond.tokens).clone()})
+    gen.manual_seed(1)
+    cond2, gen2 = condition(model, n=12, seed=1)
+    b = model.denoise(Conditioning(**{**cond2.__dict__, "tokens": quiet.tokens}), 12, 2, 1.0, gen2)
+    assert not torch.allclose(a, b)
+
+
+def test_retime_streams_the_right_number_of_frames():
+    from sonic.diffusion.model import generated_count, retime
+    for n_out, fps in ((1, 25), (30, 25), (31, 30), (100, 24), (7, 10)):
+        n = generated_count(n_out, fps)
+        gen = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+        chunks = (gen[i:i + 8] for i in range(0, n, 8))
+        out = np.concatenate(list(retime(chunks, n_out, fps)))
+        assert len(out) == n_out
+        t = np.arange(n_out) / fps * 12.5                   # generated-frame time of each output frame
+        assert np.abs(out[:, 0, 0, 0] - t).max() <= 0.5 + 1e-6
+
+
+def _break(tiny, tmp_path, edit):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny, bad)
+    edit(bad)
+    from sonic.diffusion.model import SonicModel
+    with pytest.raises(SetupError) as e:
+        SonicModel(bad, "cpu")
+    return e.value.message
+
+
+def test_setup_errors_name_the_file_and_the_key(tiny, tmp_path):
+    msg = _break(tiny, tmp_path / "a", lambda d: (d / "Sonic" / "audio2bucket.pth").unlink())
+    assert "lacks Sonic/audio2bucket.pth" in msg
+    msg = _break(tiny, tmp_path / "b", lambda d: (d / "whisper-tiny" / "preprocessor_config.json").unlink())
+    assert "whisper-tiny/preprocessor_config.json" in msg
+
+    def edit_unet(change):
+        def edit(d):
+            state = torch.load(d / "Sonic" / "unet.pth")
+            change(state)
+            torch.save(state, d / "Sonic" / "unet.pth")
+        return edit
+    key = "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_v_ip.0.weight"
+    msg = _break(tiny, tmp_path / "c", edit_unet(lambda s: s.pop(key)))
+    assert "unet.pth" in msg and f"missing key {key!r}" in msg
+    msg = _break(tiny, tmp_path / "d", edit_unet(lambda s: s.__setitem__(key, torch.zeros(3, 5))))
+    assert "unet.pth" in msg and key in msg and "(3, 5)" in msg and "(32, 32)" in msg
+    msg = _break(tiny, tmp_path / "e", edit_unet(lambda s: s.__setitem__("extra.weight", torch.zeros(1))))
+    assert "unexpected key 'extra.weight'" in msg
+    msg = _break(tiny, tmp_path / "f", lambda d: (d / "Sonic" / "audio2token.pth").write_bytes(b"not a checkpoint"))
+    assert "audio2token.pth" in msg and "cannot be read" in msg
+
+
+class Opaque:
+    """Not a tensor: a file holding it needs full pickle to load."""
+
+
+def test_full_pickle_only_when_allowed_and_conversion_to_safetensors(tiny, tmp_path):
+    from sonic.diffusion.model import SonicModel
+    from sonic.diffusion.weights import load_state
+    path = tmp_path / "a2t.pth"
+    state = torch.load(tiny / "Sonic" / "audio2token.pth")
+    torch.save({**state, "norm.weight": torch.nn.Parameter(state["norm.weight"]), "_note": Opaque()}, path)
+    with pytest.raises(SetupError) as e:
+        load_state(path)
+    assert "allow_unsafe_pickle" in e.value.message and "convert_checkpoints.py" in e.value.message
+    assert set(load_state(path, allow_unsafe_pickle=True)) == set(state)
+    # the conversion script rewrites every .pth as .safetensors, which then loads without pickle
+    conv = tmp_path / "conv"
+    shutil.copytree(tiny, conv)
+    r = subprocess.run([sys.executable, "scripts/convert_checkpoints.py", str(conv)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for stem in ("unet", "audio2token", "audio2bucket"):
+        assert (conv / "Sonic" / f"{stem}.safetensors").is_file()
+        (conv / "Sonic" / f"{stem}.pth").unlink()
+    converted = SonicModel(conv, "cpu")
+    assert converted.layout.weights("unet").suffix == ".safetensors"
+
+
+def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_1s, tmp_path):
+    from test_http_live import free_port
+    cfg = server_settings(tmp_path, rate_limit_per_s=1000)
+    cfg.update(decoder="sonic", sonic_checkpoints=str(tiny), device="cpu")
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp_path / "settings.yaml")],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                health = requests.get(base + "/health", timeout=2).json()
+                if health["readiness"] != "starting":
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        assert health["readiness"] == "ready", health
+        assert health["decoder"] == "sonic" and health["device"] == "cpu"
+        params = requests.get(base + "/api/sonic/params", timeout=5).json()
+        assert params["decoder"] == "sonic" and params["device"] == "cpu"
+        with open(PORTRAIT, "rb") as img, open(speech_1s, "rb") as aud:
+            files = {"image": img.read(), "audio": aud.read()}
+        r = requests.post(base + "/api/sonic/generate", files=files,
+                          data={"config": json.dumps({**TINY, "decoder": "warp"})}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["field"] == "decoder"
+        r = requests.post(base + "/api/sonic/generate", files=files,
+                          data={"config": json.dumps({**TINY, "decoder": "sonic", "async": True})}, timeout=30)
+        assert r.status_code == 202, r.text
+        stages = []
+        with requests.get(r.json()["status_url"] + "/events", stream=True, timeout=300) as events:
+            for line in events.iter_lines(decode_unicode=True):
+                if line.startswith("data: "):
+                    body = json.loads(line[6:])
+                    stages.append((body.get("stage"), body.get("progress")))
+        assert body["status"] == "succeeded", body
+        assert "denoise" in [s for s, _ in stages]
+        progress = [p for _, p in stages if p is not None]
+        assert progress == sorted(progress) and progress[-1] == 1.0
+        video = requests.get(body["video_url"], timeout=30)
+        out = tmp_path / "served.mp4"
+        out.write_bytes(video.content)
+        assert read_frames(out).shape[0] == 30 == body["frames"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_broken_folder_is_setup_failed_with_the_reason(tiny, tmp_path, make_client):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny, bad)
+    (bad / "Sonic" / "unet.pth").unlink()
+    from sonic_server import create_app
+    cfg = server_settings(tmp_path)
+    cfg.update(decoder="sonic", sonic_checkpoints=str(bad), device="cpu")
+    client = create_app(cfg).test_client()
+    h = client.get("/health")
+    assert h.status_code == 503
+    body = h.get_json()
+    assert body["readiness"] == "setup_failed" and "lacks Sonic/unet.pth" in body["error"]
