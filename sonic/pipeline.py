@@ -186,9 +186,16 @@ class SonicPipeline:
 
     def _speak(self, framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings):
         """Steps 4-6 for a decoder that makes the frames from the waveform itself."""
-        video = self.decoder.speak(framing, wav, n_frames, opts, report)
+        current = ["decoder_setup"]
+
+        def staged(stage: str, frac: float) -> None:       # each stage's seconds in timings
+            if stage != current[0]:
+                lap(current[0])
+                current[0] = stage
+            report(stage, frac)
+
+        video = self.decoder.speak(framing, wav, n_frames, opts, staged)
         height, width = video.frame.shape[:2]
-        lap("decoder_setup")
         done = 0
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
                 contextlib.closing(video.batches) as batches:
@@ -197,7 +204,7 @@ class SonicPipeline:
                 done += len(frames)
         if done != n_frames:
             raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
-        lap("render")
+        lap(current[0])
         timings["total"] = round(sum(timings.values()), 3)
         report("done", 1.0)
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
