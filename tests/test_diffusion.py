@@ -228,3 +228,32 @@ def test_a_broken_folder_is_setup_failed_with_the_reason(tiny, tmp_path, make_cl
     assert h.status_code == 503
     body = h.get_json()
     assert body["readiness"] == "setup_failed" and "lacks Sonic/unet.pth" in body["error"]
+
+
+# the official sizes (SVD-xt's unet/config.json; whisper-tiny: 5 hidden states of 384; CLIP ViT-H: 1024)
+OFFICIAL_UNET = {"in_channels": 8, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
+                 "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
+                 "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
+                 "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 768, "layers_per_block": 2,
+                 "cross_attention_dim": 1024, "transformer_layers_per_block": 1, "num_attention_heads": [5, 10, 20, 20],
+                 "num_frames": 25, "sample_size": 96}
+
+
+def test_our_modules_at_official_sizes_have_the_official_keys_and_shapes():
+    """tests/data/sonic_official_keys.json.gz: the state-dict keys and shapes of Sonic's own module
+    classes (unet.pth, audio2token.pth, audio2bucket.pth), recorded once in a separate environment
+    (its "source" says which commit and diffusers). Ours, built on the meta device, must match
+    them exactly, so the official files load with strict key and shape checks."""
+    import gzip
+    from sonic.diffusion.audio import AudioToBucket, AudioToTokens
+    from sonic.diffusion.unet import AudioContext, build_unet
+    official = json.loads(gzip.decompress((ROOT / "tests" / "data" / "sonic_official_keys.json.gz").read_bytes()))
+    with torch.device("meta"):
+        ours = {"unet": build_unet(OFFICIAL_UNET, ROOT, AudioContext(), device="meta"),
+                "audio2token": AudioToTokens(10 * 5 * 384, 1024, 1024, 32),
+                "audio2bucket": AudioToBucket(50 * 384 + 1024, 1024, 2)}
+    for name, module in ours.items():
+        shapes = {k: list(v.shape) for k, v in module.state_dict().items()}
+        assert list(shapes) == list(official[name]), name           # the same keys, in the same order
+        assert shapes == official[name], name
+    assert sum("_ip." in k for k in official["unet"]) == 64
