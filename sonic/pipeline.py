@@ -18,6 +18,7 @@ from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
+from .lipsync import mouth_lag, mouth_opening
 from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions
@@ -196,20 +197,32 @@ class SonicPipeline:
 
         video = self.decoder.speak(framing, wav, n_frames, opts, staged)
         height, width = video.frame.shape[:2]
-        done = 0
+        done, opening, offset_ms = 0, [], video.lipsync_offset_ms
+        batches = iter(video.batches)
         with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
-                contextlib.closing(video.batches) as batches:
+                contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
             for frames in batches:
                 writer.write(frames)
                 done += len(frames)
-        if done != n_frames:
-            raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
-        lap(current[0])
+                if opts.align_mouth:             # the mouth of each frame, measured as it is written
+                    opening.extend(mouth_opening(self.faces, f) for f in frames)
+            if done != n_frames:
+                raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
+            lap(current[0])
+            if opts.align_mouth:
+                lag = mouth_lag(opening, wav, opts.fps)
+                if lag is None:
+                    warnings.append("align_mouth: too few generated frames show a measurable face; "
+                                    "the audio was not moved")
+                else:                            # the mouth is `lag` frames late: the audio follows it
+                    writer.audio_delay_s = lag / opts.fps
+                    offset_ms = round(lag * 1000 / opts.fps, 1)
+        lap("align")
         timings["total"] = round(sum(timings.values()), 3)
         report("done", 1.0)
         return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
                                 fps=opts.fps, width=width, height=height, seed=opts.seed,
-                                lipsync_offset_ms=video.lipsync_offset_ms, timings=timings,
+                                lipsync_offset_ms=offset_ms, timings=timings,
                                 warnings=tuple(warnings))
 
 

@@ -73,6 +73,7 @@ class VideoWriter:
         self.width, self.height, self.fps, self.duration = width, height, fps, duration
         self.audio = audio
         self.frames_written = 0
+        self.audio_delay_s = 0.0     # set before the end: the audio track is moved this much later (< 0: earlier)
 
     def __enter__(self) -> "VideoWriter":
         # every file of a run is a hidden ".part" sibling of the output (a restarted service
@@ -123,6 +124,27 @@ class VideoWriter:
         self._queue.put(to_yuv420p(frames))
         self.frames_written += len(frames)
 
+    def _move_audio(self, delay_s: float) -> None:
+        """Put the audio back `delay_s` later (silence before it) or earlier, beside the finished
+        video stream (copied, not encoded again)."""
+        shift = int(round(delay_s * SAMPLE_RATE))
+        audio = self.audio
+        audio = (np.concatenate([np.zeros(shift, audio.dtype), audio])[:len(audio)] if shift > 0
+                 else np.concatenate([audio[-shift:], np.zeros(-shift, audio.dtype)]))
+        out = self.tmp_path.with_name(self.tmp_path.name + ".remux")
+        try:
+            sf.write(self._wav_path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        except (OSError, RuntimeError) as e:
+            raise _write_error(e) from e
+        cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error", "-i", str(self.tmp_path), "-i", str(self._wav_path),
+               "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", AAC_BITRATE,
+               "-t", f"{self.duration:.4f}", "-movflags", "+faststart", "-f", "mp4", str(out)]
+        r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            msg = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
+            raise _encoder_error(f"moving the audio failed: {msg.replace(str(out.parent) + os.sep, '')}")
+        os.replace(out, self.tmp_path)
+
     def _stop_feeder(self) -> None:
         self._queue.put(None)
         self._feeder.join()
@@ -152,6 +174,8 @@ class VideoWriter:
                 rc = self._proc.wait()
                 if rc != 0:
                     raise _encoder_error(f"video encoder failed (exit {rc}): {self._stderr()}")
+                if abs(self.audio_delay_s) * SAMPLE_RATE >= 1:
+                    self._move_audio(self.audio_delay_s)
                 try:
                     os.replace(self.tmp_path, self.path)
                 except OSError as e:
@@ -166,6 +190,7 @@ class VideoWriter:
                     self._proc.stdin.close()
                 except OSError:
                     pass
-            if self.tmp_path.exists():
-                self.tmp_path.unlink()
+            for path in (self.tmp_path, self.tmp_path.with_name(self.tmp_path.name + ".remux")):
+                if path.exists():
+                    path.unlink()
             self._cleanup()

@@ -12,7 +12,9 @@ itself. What each generation parameter does with it:
   UNet need them); expand_ratio and crop_to_face frame the portrait as for every decoder;
 - seed: the noise (a torch generator on the model's device): same inputs, seed and device, same
   frames.
-- align_mouth is not used yet: the generated video is not measured against the audio.
+- align_mouth: the pipeline measures the mouth of every generated frame against the audio's
+  loudness and moves the audio track by the lag it finds (sonic/lipsync.py); the lag is
+  `lipsync_offset_ms`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def fit_to_multiple(framing: Framing) -> tuple[np.ndarray, tuple[float, float, f
 
 class SonicKind(DecoderKind):
     name = "sonic"
-    honours = all_parameters() - {"align_mouth"}
+    honours = all_parameters()
     speaks = True
 
     def __init__(self, model=None):
