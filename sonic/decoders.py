@@ -72,6 +72,12 @@ class DecoderKind(ABC):
     def load(self, settings: Settings) -> DecoderKind:
         return self
 
+    @property
+    def identity(self) -> str:
+        """What the decoder's output depends on besides the code: its name, and for a kind with
+        weights, which weights (the result cache keys on it)."""
+        return self.name
+
     def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> PreparedDecoder:
         """Set up the decoder for one portrait and one request's options."""
         raise NotImplementedError(f"the {self.name} decoder renders from audio (speak), not from motion")

@@ -21,6 +21,7 @@ def start(service: Service, make_queue: Callable[[], JobQueue], background: bool
             pipeline = getattr(queue, "pipeline", None)
             decoder = getattr(pipeline, "decoder", None)
             service.decoder = getattr(decoder, "name", None)
+            service.decoder_identity = getattr(decoder, "identity", None)
             service.device = str(getattr(pipeline, "device", "cpu"))
             service.queue = queue
             service.status = "ready"

@@ -46,6 +46,7 @@ class Service:
     setup_error: str | None = None   # why setup failed, for /health (a checkpoint file and key, ...)
     decoder: str | None = None       # the loaded pipeline's decoder and device, once ready
     device: str | None = None
+    decoder_identity: str | None = None   # the decoder and its weights: part of the result cache key
 
 
 def service() -> Service:

@@ -257,3 +257,19 @@ def test_our_modules_at_official_sizes_have_the_official_keys_and_shapes():
         assert list(shapes) == list(official[name]), name           # the same keys, in the same order
         assert shapes == official[name], name
     assert sum("_ip." in k for k in official["unet"]) == 64
+
+
+def test_the_cache_identity_follows_the_weights(model):
+    """The result cache keys on the decoder's identity: other weights, other key."""
+    import os
+    from sonic.diffusion.kind import SonicKind
+    kind = SonicKind(model)
+    before = kind.identity
+    assert before.startswith("sonic-") and before == SonicKind(model).identity
+    unet = model.layout.weights("unet")
+    st = unet.stat()
+    os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert kind.identity != before
+    finally:
+        os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -61,6 +61,20 @@ class SonicKind(DecoderKind):
         quiet_libraries()
         return SonicKind(SonicModel(settings.sonic_checkpoints, settings.device, settings.allow_unsafe_pickle))
 
+    @property
+    def identity(self) -> str:
+        """sonic + a fingerprint of the loaded weights' files (path, size, modification time)."""
+        if self.model is None:
+            return self.name
+        import hashlib
+        layout = self.model.layout
+        files = [layout.weights(s) for s in ("unet", "audio2token", "audio2bucket")] + [layout.unet_config]
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return f"{self.name}-{h.hexdigest()[:12]}"
+
     def speak(self, framing: Framing, wav: np.ndarray, n_frames: int, options: GenerateOptions, progress):
         import torch
         from .model import generated_count, retime

@@ -157,7 +157,7 @@ def generate():
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
-    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.decoder or svc.settings.decoder))
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.decoder_identity or svc.decoder or "warp"))
     hit = queue.cached(key)
     if hit:
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
