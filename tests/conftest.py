@@ -76,3 +76,19 @@ def make_client(tmp_path):
     for app in apps:
         if app.extensions["sonic"].queue is not None:
             app.extensions["sonic"].queue.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """A tiny random Sonic model (seed 0) in the official checkpoint layout (sonic/diffusion/tiny.py)."""
+    from sonic.diffusion.model import quiet_libraries
+    from sonic.diffusion.tiny import write_tiny_checkpoints
+    quiet_libraries()
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt") / "checkpoints", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoints):
+    """The tiny model loaded on the CPU."""
+    from sonic.diffusion.model import SonicModel
+    return SonicModel(tiny_checkpoints, "cpu")

@@ -22,9 +22,8 @@ TINY = {"min_resolution": 256, "inference_steps": 2, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from sonic.diffusion.tiny import write_tiny_checkpoints
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt") / "checkpoints")
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,8 @@ def speech_1s(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tiny):
-    from sonic.diffusion.model import SonicModel, quiet_libraries
-    quiet_libraries()
-    return SonicModel(tiny, "cpu")
+def model(tiny_model):
+    return tiny_model
 
 
 def condition(model, n=30, seed=0):
@@ -273,3 +270,4 @@ def test_the_cache_identity_follows_the_weights(model):
         assert kind.identity != before
     finally:
         os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns))
+

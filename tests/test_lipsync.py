@@ -8,7 +8,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from conftest import PORTRAIT, SPEECH, read_frames
 from sonic.decoders import DecoderKind, all_parameters

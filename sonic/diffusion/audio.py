@@ -103,7 +103,9 @@ class WhisperFeatures:
             states = self.encoder(feats.input_features.to(self.device), output_hidden_states=True).hidden_states
             out.append(torch.stack(states, dim=2)[0])             # (frames, blocks, channels)
         feats = torch.cat(out, dim=0)
-        return feats[:int(np.ceil(len(wav) / self.extractor.sampling_rate * self.rate))].float()
+        # whole 25 fps frames of audio only, as the model was trained (at 16 kHz: 2 * (samples // 640))
+        keep = len(wav) * 25 // self.extractor.sampling_rate * int(round(self.rate / 25))
+        return feats[:keep].float()
 
 
 def windows(feats: torch.Tensor, n: int, stride: float, length: int) -> torch.Tensor:
