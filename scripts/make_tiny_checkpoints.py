@@ -18,6 +18,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
     ap.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pth")
+    ap.add_argument("--rife", action="store_true", help="also RIFE/flownet.pkl (frame interpolation)")
     a = ap.parse_args()
     quiet_libraries()
-    print(write_tiny_checkpoints(a.folder, pth=not a.safetensors))
+    print(write_tiny_checkpoints(a.folder, pth=not a.safetensors, rife=a.rife))

@@ -271,3 +271,33 @@ def test_the_cache_identity_follows_the_weights(model):
     finally:
         os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns))
 
+
+
+def test_rife_puts_a_frame_between_each_pair(tiny, tmp_path):
+    """With RIFE/flownet.pkl in the folder (the published network's sizes and "module." keys), the
+    12.5 generated frames a second are doubled: I0, M0, I1, ..., and then retimed to fps."""
+    from sonic.diffusion.model import SonicModel, retime
+    from sonic.diffusion.tiny import write_tiny_checkpoints
+    folder = tmp_path / "with_rife"
+    shutil.copytree(tiny, folder)
+    write_tiny_checkpoints(tmp_path / "rife_only", rife=True)
+    shutil.copytree(tmp_path / "rife_only" / "RIFE", folder / "RIFE")
+    model = SonicModel(folder, "cpu")
+    assert model.rife is not None and sum(k.startswith("block_tea.") for k in model.rife.state_dict()) == 40
+    rng = np.random.default_rng(0)
+    gen = [rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)]
+    out = np.concatenate(list(model.doubled(iter(gen))))
+    flat = np.concatenate(gen)
+    assert len(out) == 2 * len(flat) - 1
+    assert np.array_equal(out[::2], flat)                                 # the generated frames stay as they are
+    # near-zero random flow: a middle frame is close to the mean of its neighbours
+    mean = (flat[:-1].astype(float) + flat[1:]) / 2
+    assert np.abs(out[1::2] - mean).mean() < 40
+    assert len(np.concatenate(list(retime(iter([out]), 11, 25, source_fps=25)))) == 11
+    # a key the network does not have is named
+    state = torch.load(folder / "RIFE" / "flownet.pkl")
+    state["module.block0.extra"] = torch.zeros(1)
+    torch.save(state, folder / "RIFE" / "flownet.pkl")
+    with pytest.raises(SetupError) as e:
+        SonicModel(folder, "cpu")
+    assert "flownet.pkl" in e.value.message and "block0.extra" in e.value.message

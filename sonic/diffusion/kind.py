@@ -6,8 +6,8 @@ itself. What each generation parameter does with it:
 - dynamic_scale: scales the motion buckets (how much the head and face move);
 - motion_scale: scales the audio guidance (7.5 x motion_scale): how strongly the mouth follows
   the audio;
-- smooth_motion: the 12.5 generated frames a second are retimed to `fps` by a cross-fade of the
-  two nearest (true) or by holding the nearest (false);
+- smooth_motion: the 12.5 generated frames a second (25 after RIFE, when the folder has it) are
+  retimed to `fps` by a cross-fade of the two nearest (true) or by holding the nearest (false);
 - min_resolution: the frame's short side, both sides rounded to multiples of 64 (the VAE and
   UNet need them); expand_ratio and crop_to_face frame the portrait as for every decoder;
 - seed: the noise (a torch generator on the model's device): same inputs, seed and device, same
@@ -77,6 +77,7 @@ class SonicKind(DecoderKind):
 
     def speak(self, framing: Framing, wav: np.ndarray, n_frames: int, options: GenerateOptions, progress):
         import torch
+        from .audio import GENERATED_FPS
         from .model import generated_count, retime
         if self.model is None:
             raise RuntimeError("the sonic decoder is not loaded (SonicKind.load)")
@@ -92,7 +93,10 @@ class SonicKind(DecoderKind):
                 latents = model.denoise(cond, n, options.inference_steps, options.motion_scale, gen,
                                         lambda done, total: progress("denoise", 0.15 + 0.75 * done / total))
                 progress("render", 0.9)
-                yield from retime(model.decode(latents), n_frames, options.fps, blend=options.smooth_motion)
+                frames, rate = model.decode(latents), GENERATED_FPS
+                if model.rife is not None:               # RIFE: a frame between each pair, 25 a second
+                    frames, rate = model.doubled(frames), 2 * GENERATED_FPS
+                yield from retime(frames, n_frames, options.fps, blend=options.smooth_motion, source_fps=rate)
         return SpokenFrames(frame, frames())
 
 

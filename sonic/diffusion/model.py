@@ -108,6 +108,10 @@ class SonicModel:
             raise SetupError(f"{layout.weights('audio2token')}: makes tokens of {self.audio2token.dim}, the UNet's "
                              f"cross_attention_dim is {self.unet.config.cross_attention_dim}")
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.rife = None
+        if layout.rife is not None:                 # optional: a frame between each pair (25 a second)
+            from .rife import load_interpolator
+            self.rife = load_interpolator(layout.rife, self.device, allow_unsafe_pickle)
         self.unet_calls = 0          # counted, for tests and benchmarks
 
     def _clip_normalisation(self, layout: Layout):
@@ -217,22 +221,41 @@ class SonicModel:
             yield frames.cpu().numpy()
 
 
+    @torch.no_grad()
+    def doubled(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """RIFE's middle frame between each pair of consecutive frames: I0, M0, I1, ..., I(n-1)
+        (2n - 1 frames, twice the rate), streamed chunk by chunk."""
+        prev = None
+        for chunk in chunks:
+            frames = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float() / 255
+            if prev is not None:
+                frames = torch.cat([prev, frames])
+            mids = self.rife.middle(frames[:-1], frames[1:]) if len(frames) > 1 else frames[:0]
+            out = torch.stack([frames[:-1], mids], 1).flatten(0, 1)       # I, M, I, M, ...
+            if len(out):
+                yield (out * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            prev = frames[-1:]
+        if prev is not None:
+            yield (prev * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def generated_count(n_out: int, fps: float) -> int:
     """Generated frames (12.5 a second) that cover n_out frames at fps."""
     return max(1, int(math.ceil((n_out - 1) * GENERATED_FPS / fps)) + 1)
 
 
-def retime(chunks: Iterator[np.ndarray], n_out: int, fps: float, blend: bool = True) -> Iterator[np.ndarray]:
-    """Generated frames at 12.5 a second -> n_out frames at fps: output frame j shows time j / fps,
-    a cross-fade of the two generated frames around it (blend) or the nearest one. Streams: keeps
-    one frame back."""
+def retime(chunks: Iterator[np.ndarray], n_out: int, fps: float, blend: bool = True,
+           source_fps: float = GENERATED_FPS) -> Iterator[np.ndarray]:
+    """Frames at source_fps (the model's 12.5, or 25 after RIFE) -> n_out frames at fps: output
+    frame j shows time j / fps, a cross-fade of the two frames around it (blend) or the nearest
+    one. Streams: keeps one frame back."""
     j, base, prev = 0, 0, None
     for chunk in chunks:
         frames = chunk if prev is None else np.concatenate([prev[None], chunk])
         start = base - (0 if prev is None else 1)
         out = []
         while j < n_out:
-            p = j / fps * GENERATED_FPS - start
+            p = j / fps * source_fps - start
             k = int(math.floor(p))
             if k + 1 >= len(frames):
                 break

@@ -24,9 +24,10 @@ SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "be
              "timestep_type": "continuous", "steps_offset": 1, "interpolation_type": "linear"}
 
 
-def write_tiny_checkpoints(root: str | Path, seed: int = 0, pth: bool = True) -> Path:
+def write_tiny_checkpoints(root: str | Path, seed: int = 0, pth: bool = True, rife: bool = False) -> Path:
     """Write the tiny model under `root` (created); `.pth` files as the official ones are, or
-    `.safetensors` with pth=False."""
+    `.safetensors` with pth=False. With `rife`, also RIFE/flownet.pkl: the published network's
+    own sizes (it is small), random weights, keys with the published file's "module." prefix."""
     from diffusers import AutoencoderKLTemporalDecoder
     from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, WhisperConfig,
                               WhisperFeatureExtractor, WhisperModel)
@@ -65,4 +66,13 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0, pth: bool = True) ->
         else:
             from safetensors.torch import save_file
             save_file(state, str(root / "Sonic" / f"{name}.safetensors"))
+    if rife:
+        from .rife import Interpolator
+        torch.manual_seed(seed + 1)
+        net = Interpolator(11, 90, 14, 90)
+        for m in net.modules():                 # small weights: the random flow stays near zero
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.normal_(m.weight, std=0.01)
+        (root / "RIFE").mkdir(parents=True, exist_ok=True)
+        torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, root / "RIFE" / "flownet.pkl")
     return root
