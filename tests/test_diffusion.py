@@ -301,3 +301,17 @@ def test_rife_puts_a_frame_between_each_pair(tiny, tmp_path):
     with pytest.raises(SetupError) as e:
         SonicModel(folder, "cpu")
     assert "flownet.pkl" in e.value.message and "block0.extra" in e.value.message
+
+
+def test_auto_picks_sonic_only_with_cuda_and_a_complete_folder(tiny, tmp_path, monkeypatch):
+    from sonic.decoders import choose_decoder
+    from sonic.settings import settings_from
+    pick = lambda **kw: choose_decoder(settings_from({"decoder": "auto", **kw}, env={}))   # noqa: E731
+    assert pick() == "warp"                                             # no folder
+    assert pick(sonic_checkpoints=str(tmp_path)) == "warp"              # an empty folder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick(sonic_checkpoints=str(tiny)) == "warp"                  # no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick(sonic_checkpoints=str(tiny)) == "sonic"
+    assert pick(sonic_checkpoints=str(tiny), device="cpu") == "warp"    # auto never puts the big model on a CPU
+    assert choose_decoder(settings_from({"decoder": "sonic"}, env={})) == "sonic"
