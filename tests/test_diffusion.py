@@ -277,11 +277,10 @@ def test_rife_puts_a_frame_between_each_pair(tiny, tmp_path):
     """With RIFE/flownet.pkl in the folder (the published network's sizes and "module." keys), the
     12.5 generated frames a second are doubled: I0, M0, I1, ..., and then retimed to fps."""
     from sonic.diffusion.model import SonicModel, retime
-    from sonic.diffusion.tiny import write_tiny_checkpoints
+    from sonic.diffusion.tiny import write_tiny_rife
     folder = tmp_path / "with_rife"
     shutil.copytree(tiny, folder)
-    write_tiny_checkpoints(tmp_path / "rife_only", rife=True)
-    shutil.copytree(tmp_path / "rife_only" / "RIFE", folder / "RIFE")
+    write_tiny_rife(folder / "RIFE" / "flownet.pkl")
     model = SonicModel(folder, "cpu")
     assert model.rife is not None and sum(k.startswith("block_tea.") for k in model.rife.state_dict()) == 40
     rng = np.random.default_rng(0)

@@ -31,3 +31,21 @@ def test_parity_with_the_reference_implementation(tiny_model):
     step = int(ref["frames_stride"])
     ours = frames[[0, 7]][:, ::step, ::step].astype(int)
     assert np.abs(ours - ref["reference_frames_0_7_14_rounded"][:2]).max() <= 2
+
+
+def test_rife_parity_with_the_reference_implementation(tmp_path):
+    """tests/data/rife_parity.npz: Sonic's own RIFE code on the tiny writer's flownet.pkl (seed 0)
+    and on the same weights with every convolution x `multiplier` (flows of a few pixels, so that
+    the warps, the mask and the flow channels all matter), for two 64x128 frames."""
+    from sonic.diffusion.rife import load_interpolator
+    from sonic.diffusion.tiny import write_tiny_rife
+    ref = np.load(ROOT / "tests" / "data" / "rife_parity.npz")
+    path = write_tiny_rife(tmp_path / "flownet.pkl", seed=0)
+    img0, img1 = torch.from_numpy(ref["img0"]), torch.from_numpy(ref["img1"])
+    small = load_interpolator(path, torch.device("cpu"))
+    assert np.abs(small.middle(img0, img1).numpy() - ref["reference_small"]).max() < 1e-5
+    state = torch.load(path)
+    m = float(ref["multiplier"])
+    torch.save({k: v * m if v.dim() == 4 else v for k, v in state.items()}, path)
+    big = load_interpolator(path, torch.device("cpu"))
+    assert np.abs(big.middle(img0, img1).numpy() - ref["reference_big"]).max() < 1e-5

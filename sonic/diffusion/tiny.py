@@ -67,12 +67,19 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0, pth: bool = True, ri
             from safetensors.torch import save_file
             save_file(state, str(root / "Sonic" / f"{name}.safetensors"))
     if rife:
-        from .rife import Interpolator
-        torch.manual_seed(seed + 1)
-        net = Interpolator(11, 90, 14, 90)
-        for m in net.modules():                 # small weights: the random flow stays near zero
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                torch.nn.init.normal_(m.weight, std=0.01)
-        (root / "RIFE").mkdir(parents=True, exist_ok=True)
-        torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, root / "RIFE" / "flownet.pkl")
+        write_tiny_rife(root / "RIFE" / "flownet.pkl", seed)
     return root
+
+
+def write_tiny_rife(path: Path, seed: int = 0) -> Path:
+    """RIFE/flownet.pkl at the published network's sizes (it is small), random weights, keys with
+    the published file's "module." prefix."""
+    from .rife import Interpolator
+    torch.manual_seed(seed + 1)
+    net = Interpolator(11, 90, 14, 90)
+    for m in net.modules():                     # small weights: the random flow stays near zero
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.normal_(m.weight, std=0.01)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    return path
