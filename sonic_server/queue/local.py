@@ -20,39 +20,24 @@ of frames), and the job ends failed with the code `job_timeout`.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-from sonic import DiskFull, SonicError
-
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
-from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord
+from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, JobRecord
 from ..recovery import recover
 from ..store import MemoryStore
 from ..tasks import TASKS
 from . import JobQueue, QueueFull, WorkerStopped
+from .execute import INTERNAL, JobCanceled, JobTimedOut, run_task
 
 log = logging.getLogger("sonic.jobs")
-INTERNAL = {"code": "internal_error", "message": "generation failed; see the server log with this job id"}
 NOT_STARTED = {"code": "internal_error",
                "message": "the job could not be started (its record was not saved); see the server log with this job id"}
-OUT_OF_MEMORY = {"code": "out_of_memory",
-                 "message": "ran out of memory; try a shorter clip or a lower min_resolution"}
-DISK_FULL = DiskFull("no space left on the server's disk; try again later").to_dict()
-JOB_TIMEOUT = "job_timeout"
-
-
-class JobCanceled(Exception):
-    """Raised from a running job's progress report once it is asked to stop."""
-
-
-class JobTimedOut(Exception):
-    """Raised from a running job's progress report once its time limit has passed."""
 
 
 class LocalQueue(JobQueue):
@@ -226,31 +211,9 @@ class LocalQueue(JobQueue):
                 rec.stage, rec.progress = stage, frac
                 self._changed.notify_all()
 
-        try:
-            progress("starting", 0.0)
-            task = self.tasks[rec.kind]
-            result = task(rec.copy(), self.pipeline, self.output_dir, self._inputs.pop(rec.id, None), progress)
-        except JobCanceled:
-            self._finish(rec, CANCELED)
-        except JobTimedOut:
-            log.warning("job %s stopped: it ran past the limit of %g s", rec.id, self.job_timeout_s)
-            self._finish(rec, FAILED, error={
-                "code": JOB_TIMEOUT, "message": f"the job ran longer than the limit of {self.job_timeout_s:g} s "
-                                                "(server.job_timeout_s) and was stopped; try a shorter clip"})
-        except SonicError as e:
-            self._finish(rec, FAILED, error=e.to_dict())
-        except MemoryError:
-            log.error("job %s ran out of memory", rec.id)     # the writer has removed its files
-            self._finish(rec, FAILED, error=dict(OUT_OF_MEMORY))
-        except Exception as e:                            # noqa: BLE001 - reported, never raised to HTTP
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:      # from outside the writer
-                log.error("job %s failed: no space left on the disk", rec.id)
-                self._finish(rec, FAILED, error=dict(DISK_FULL))
-            else:
-                log.exception("job %s failed", rec.id)
-                self._finish(rec, FAILED, error=dict(INTERNAL))
-        else:
-            self._finish(rec, SUCCEEDED, result=result, progress=1.0)
+        status, fields = run_task(rec, self.tasks, self.pipeline, self.output_dir, self._inputs.pop(rec.id, None),
+                                  progress, self.job_timeout_s)
+        self._finish(rec, status, **fields)
 
     def _finish(self, rec: JobRecord, status: str, **fields) -> None:
         """End a job: its inputs go, its record is saved and leaves the live set, waiters are told.
