@@ -54,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the sonic decoder runs")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
+    sub.add_parser("worker", help="run jobs from Redis (sonic worker --help; docs/scaling.md)", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "serve":          # its own flags are the server's to parse
         from sonic_server.serve import main as serve
         serve(rest, prog="sonic serve")
+        return 0
+    if args.command == "worker":
+        from sonic_server.worker import main as worker
+        worker(rest, prog="sonic worker")
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")

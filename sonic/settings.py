@@ -77,6 +77,8 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     rate_limit_per_s: float = 10.0
     rate_limit_burst: float = 20.0
+    redis_url: str | None = None         # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
+    worker_lease_s: float = 30.0         # a running job whose worker is silent this long is failed (worker_lost)
 
     @property
     def jobs_db_path(self) -> str:

@@ -44,7 +44,11 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
 
-    def make_queue() -> LocalQueue:
+    def make_queue():
+        if srv.redis_url:                 # distributed: the workers load the model, not this process
+            from .queue.redis import RedisQueue
+            return RedisQueue(srv.redis_url, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
+                              job_timeout_s=srv.job_timeout_s)
         from sonic import load_pipeline
         pipe = pipeline if pipeline is not None else load_pipeline(settings)
         return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,

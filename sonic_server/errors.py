@@ -39,6 +39,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "busy": 503,
     "not_ready": 503,
     "interrupted": 500,
+    "worker_lost": 500,          # distributed mode: the worker running the job was killed or lost
     "out_of_memory": 500,
     "job_timeout": 500,          # a job over server.job_timeout_s
 }

@@ -61,5 +61,10 @@ class JobQueue(ABC):
         """{"running_job": id or None, "workers_alive": int, "queue_length": int}, one snapshot
         (taken at one moment, never half before and half after a job starts or ends)."""
 
+    def decoder_identity(self) -> str | None:
+        """The identity of the decoder that runs this queue's jobs (sonic.decoders: its name and
+        weights), when the queue knows it."""
+        return None
+
     def close(self) -> None:
         """Stop taking jobs (tests, shutdown)."""

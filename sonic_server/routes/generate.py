@@ -107,6 +107,16 @@ def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
     return rec
 
 
+def _decoder_identity(svc) -> str:
+    """The loaded decoder's identity (the result cache keys on it): this process's pipeline's, or
+    what the workers announced (distributed mode)."""
+    return svc.decoder_identity or (svc.queue.decoder_identity() if svc.queue else None) or svc.decoder or "warp"
+
+
+def _decoder_name(svc) -> str | None:
+    return svc.decoder or (_decoder_identity(svc).split("-")[0] if svc.queue else None)
+
+
 def _parse_config() -> tuple[GenerateOptions, bool]:
     raw = request.form.get("config", "")
     if len(raw) > MAX_CONFIG_CHARS:
@@ -121,9 +131,9 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
     if not isinstance(want_async, bool):
         raise InvalidParameter("async must be true or false", field="async")
     decoder = params.get("decoder")
-    if decoder is not None and decoder != service().decoder:
+    if decoder is not None and decoder != _decoder_name(service()):
         raise InvalidParameter(f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: "
-                               f"{service().decoder}", field="decoder")
+                               f"{_decoder_name(service())}", field="decoder")
     g.log_params = params
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async
 
@@ -157,7 +167,7 @@ def generate():
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
-    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.decoder_identity or svc.decoder or "warp"))
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)))
     hit = queue.cached(key)
     if hit:
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})

@@ -29,6 +29,8 @@ def health():
             "queue_length": workers["queue_length"], "running_job": running}
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
+    if "workers" in workers:                          # distributed mode: each worker, busy or idle
+        body["workers"] = workers["workers"]
     if state == "setup_failed" and svc.setup_error:
         body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)

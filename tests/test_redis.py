@@ -1,0 +1,187 @@
+"""Distributed mode: API processes over Redis (a real redis-server on a free port), jobs run by
+real `sonic worker` processes (the warp model, real renders at 256 px). The API side runs in
+Flask's test client: it holds no model."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import PORTRAIT, ROOT, SPEECH
+from server_helpers import assert_clean_error, settings as server_settings
+from test_http_live import free_port
+
+REDIS = shutil.which("redis-server")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if REDIS is None:
+        pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    folder = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+class Cluster:
+    """Settings shared by the API and the workers; workers as real processes."""
+
+    def __init__(self, tmp, redis_url, **server):
+        self.tmp = tmp
+        self.cfg = server_settings(tmp, redis_url=redis_url, **server)
+        self.cfg["render_processes"] = 0
+        self.path = tmp / "settings.yaml"
+        self.path.write_text(yaml.safe_dump(self.cfg))
+        self.workers: dict[str, subprocess.Popen] = {}
+        import redis
+        redis.Redis.from_url(redis_url).flushdb()
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "sonic", "worker", "--config", str(self.path), "--name", name],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.workers[name] = proc
+        return proc
+
+    def client(self):
+        from sonic_server import create_app
+        return create_app(self.cfg).test_client()
+
+    def wait_workers(self, client, n: int, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = client.get("/health").get_json()
+            if len(h.get("workers", [])) >= n:
+                return h
+            time.sleep(0.2)
+        logs = {name: (self.tmp / f"{name}.log").read_text()[-1500:] for name in self.workers}
+        pytest.fail(f"workers did not register: {h}, logs: {logs}")
+
+    def stop(self):
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_url):
+    made = []
+
+    def make(**server):
+        c = Cluster(tmp_path, redis_url, **server)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.stop()
+
+
+def post(client, config, audio=SPEECH):
+    with open(PORTRAIT, "rb") as img, open(audio, "rb") as aud:
+        return client.post("/api/sonic/generate", data={"image": (img, "p.jpg"), "audio": (aud, "a.flac"),
+                                                        "config": json.dumps(config)})
+
+
+def wait_status(client, job, statuses, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/sonic/jobs/{job}").get_json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.1)
+    pytest.fail(f"job {job} never reached {statuses}: {body}")
+
+
+def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
+    c = cluster()
+    api = c.client()
+    r = post(api, {"min_resolution": 256})
+    assert_clean_error(r, 503, "not_ready")                       # no worker yet: refused, not queued forever
+    c.start_worker("w1")
+    health = c.wait_workers(api, 1)
+    assert health["readiness"] == "ready" and health["workers"][0]["state"] == "idle"
+    r = post(api, {"min_resolution": 256, "seed": 5})
+    assert r.status_code == 200, r.get_data()[:500]
+    body = r.get_json()
+    assert body["frames"] == 75 and (c.tmp / "outputs" / body["video_url"].rsplit("/", 1)[1]).stat().st_size > 10000
+    assert not any((c.tmp / "uploads").iterdir())                  # the worker removed the inputs
+    # SSE from another API process, on a job that runs meanwhile: progress comes through Redis
+    other = c.client()
+    job = post(other, {"min_resolution": 256, "seed": 6, "async": True}).get_json()["job_id"]
+    stages = []
+    for chunk in other.get(f"/api/sonic/jobs/{job}/events", buffered=False).response:
+        for line in chunk.decode().splitlines():
+            if line.startswith("data: "):
+                d = json.loads(line[6:])
+                stages.append((d["status"], d["stage"], d["progress"]))
+    assert stages[-1][0] == "succeeded" and ("processing", "render") in [(s, st) for s, st, _ in stages]
+    progress = [p for _, _, p in stages]
+    assert progress == sorted(progress)
+    # the cache is shared: the first request's twin, sent to the other API process, is a hit
+    again = post(other, {"min_resolution": 256, "seed": 5})
+    assert again.status_code == 200 and again.get_json()["cached"] is True
+    assert again.get_json()["video_url"] == body["video_url"]
+
+
+def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
+    c = cluster(queue_size=1)
+    api = c.client()
+    c.start_worker("w1")
+    c.wait_workers(api, 1)
+    long = {"min_resolution": 512, "duration": 40, "async": True}
+    running = post(api, {**long, "seed": 1}).get_json()["job_id"]
+    wait_status(api, running, ("processing",))
+    queued = post(api, {**long, "seed": 2}).get_json()["job_id"]
+    full = post(api, {**long, "seed": 3})
+    assert_clean_error(full, 503, "busy")
+    assert full.headers["Retry-After"]
+    h = api.get("/health").get_json()
+    assert h["queue_length"] == 1 and h["workers"][0]["state"] == "busy" and h["workers"][0]["job"] == running
+    assert api.post(f"/api/sonic/jobs/{queued}/cancel").get_json()["status"] == "canceled"
+    api.post(f"/api/sonic/jobs/{running}/cancel")
+    assert wait_status(api, running, ("canceled", "failed", "succeeded"))["status"] == "canceled"
+    assert not list((c.tmp / "outputs").glob("*.mp4")) and not list((c.tmp / "outputs").glob(".*part*"))
+    # the worker goes on: the next job runs
+    r = post(api, {"min_resolution": 256, "seed": 4})
+    assert r.status_code == 200
+
+
+def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cluster):
+    c = cluster(worker_lease_s=2)
+    api = c.client()
+    w1 = c.start_worker("w1")
+    c.wait_workers(api, 1)
+    job = post(api, {"min_resolution": 512, "duration": 60, "async": True}).get_json()["job_id"]
+    wait_status(api, job, ("processing",))
+    time.sleep(0.5)
+    os.kill(w1.pid, signal.SIGKILL)
+    w1.wait(5)
+    body = wait_status(api, job, ("failed", "succeeded", "canceled"), timeout=20)
+    assert body["status"] == "failed" and body["error"]["code"] == "worker_lost", body
+    assert body["error"]["status"] == 500
+    assert not any((c.tmp / "uploads").iterdir()) and not list((c.tmp / "outputs").glob(".*part*"))
+    c.start_worker("w2")
+    c.wait_workers(api, 1)
+    r = post(api, {"min_resolution": 256, "seed": 8})
+    assert r.status_code == 200, r.get_data()[:300]
