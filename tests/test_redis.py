@@ -185,3 +185,40 @@ def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cl
     c.wait_workers(api, 1)
     r = post(api, {"min_resolution": 256, "seed": 8})
     assert r.status_code == 200, r.get_data()[:300]
+
+
+def test_finished_records_survive_a_redis_restart_with_append_only_persistence(tmp_path):
+    """docs/scaling.md runs Redis with --appendonly yes: a restart keeps the job records (and the
+    result cache's keys), so a status URL given out before it still answers."""
+    import redis
+    from sonic_server.jobs import JobRecord
+    from sonic_server.queue.redis import RedisStore
+    port = free_port()
+    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+           "--appendfsync", "always", "--dir", str(tmp_path)]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        r = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                r.ping()
+                return proc, r
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        pytest.fail("redis-server did not start")
+    proc, r = start()
+    rec = JobRecord.new("generate", {"seed": 1}, cache_key="k" * 64)
+    rec.status = rec.stage = "succeeded"
+    rec.result = {"file": f"{rec.id}.mp4", "frames": 75}
+    RedisStore(r).save(rec)
+    proc.kill()                                                   # not even a clean shutdown
+    proc.wait(10)
+    proc, r = start()
+    try:
+        back = RedisStore(r).load(rec.id)
+        assert back is not None and back.status == "succeeded" and back.result["frames"] == 75
+        assert RedisStore(r).cached("k" * 64) == rec.id
+    finally:
+        proc.terminate()
+        proc.wait(10)
