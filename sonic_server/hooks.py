@@ -9,6 +9,7 @@ import uuid
 
 from flask import Flask, g, request
 
+from .metrics import count_request
 from .openapi import headers_everywhere
 
 log = logging.getLogger("sonic.http")
@@ -63,6 +64,7 @@ def access_log(app: Flask) -> None:
 
     @app.after_request
     def _log(resp):
+        count_request(request.url_rule.rule if request.url_rule else None, request.method, resp.status_code)
         log.info(json.dumps({"request_id": g.get("request_id"), "method": request.method, "route": request.path,
                              "status": resp.status_code, "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
                              "params": g.get("log_params")}))

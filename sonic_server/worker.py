@@ -20,6 +20,7 @@ from sonic.settings import SettingsError, load_settings
 
 from .expiry import OutputExpiry
 from .jobs import PROCESSING
+from .metrics import REGISTRY, count_job
 from .queue.execute import INTERNAL, JobCanceled, JobTimedOut, run_task
 from .queue.redis import PREFIX, RedisStore, connect, rq_queue
 from .tasks import TASKS
@@ -78,6 +79,7 @@ def run_job(job_id: str) -> None:
         setattr(rec, name, value)
     rec.finished = time.time()
     store.save(rec)
+    count_job(rec)
     r.delete(lease, PREFIX + f"cancel:{job_id}")
     try:
         ctx["expiry"].maybe_sweep()
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap.add_argument("--redis-url", help="Redis URL (setting server.redis_url, SONIC_REDIS_URL)")
     ap.add_argument("--name", help="this worker's name (default: host-pid)")
     ap.add_argument("--burst", action="store_true", help="stop when the queue is empty (tests)")
+    ap.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus metrics on this port")
     ap.add_argument("--decoder", choices=("auto", "warp", "sonic"))
     ap.add_argument("--checkpoints", metavar="DIR")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
                     job_timeout_s=srv.job_timeout_s, name=name, lease_s=srv.worker_lease_s,
                     expiry=OutputExpiry(store, output_dir, srv.output_ttl_s))
     conn.set(PREFIX + "decoder", getattr(pipeline.decoder, "identity", pipeline.decoder.name))
+    if a.metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(a.metrics_port, registry=REGISTRY)
     log.info("worker %s ready: decoder %s on %s", name, pipeline.decoder.name, pipeline.device)
     SimpleWorker([rq_queue(conn)], connection=conn, name=name).work(burst=a.burst, logging_level="WARNING")
 

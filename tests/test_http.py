@@ -94,6 +94,7 @@ OPERATIONS = {
     ("/health", "get"): {"200", "503"},
     ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
+    ("/metrics", "get"): {"200"},
 }
 
 
@@ -526,3 +527,29 @@ def test_prefer_header(make_client, header):
     r = post(client, {**FAST, "seed": 12}, headers={"Prefer": header})
     assert r.status_code == 202
     wait_status(client, r.get_json()["job_id"], "succeeded")
+
+
+def test_metrics_count_requests_jobs_and_read_the_queue(make_client):
+    from prometheus_client.parser import text_string_to_metric_families
+    client, _ = make_client()
+
+    def scrape() -> dict:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.get_data(as_text=True)) for s in fam.samples}
+
+    before = scrape()
+    assert post(client, {**FAST, "seed": 31}).status_code == 200
+    assert client.get("/api/sonic/jobs/" + "0" * 32).status_code == 404
+    after = scrape()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+    assert delta("sonic_http_requests_total", route="/api/sonic/generate", method="POST", status="200") == 1
+    assert delta("sonic_http_requests_total", route="/api/sonic/jobs/<job_id>", method="GET", status="404") == 1
+    assert delta("sonic_jobs_finished_total", kind="generate", status="succeeded") == 1
+    assert delta("sonic_job_duration_seconds_count", kind="generate") == 1
+    assert delta("sonic_video_seconds_total") > 0
+    assert after[("sonic_queue_length", ())] == 0 and after[("sonic_workers_live", ())] == 1

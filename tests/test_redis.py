@@ -53,9 +53,10 @@ class Cluster:
         import redis
         redis.Redis.from_url(redis_url).flushdb()
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, *extra: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "sonic", "worker", "--config", str(self.path), "--name", name],
+        proc = subprocess.Popen([sys.executable, "-m", "sonic", "worker", "--config", str(self.path), "--name", name,
+                                 *extra],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.workers[name] = proc
         return proc
@@ -118,7 +119,8 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     api = c.client()
     r = post(api, {"min_resolution": 256})
     assert_clean_error(r, 503, "not_ready")                       # no worker yet: refused, not queued forever
-    c.start_worker("w1")
+    metrics_port = free_port()
+    c.start_worker("w1", "--metrics-port", str(metrics_port))
     health = c.wait_workers(api, 1)
     assert health["readiness"] == "ready" and health["workers"][0]["state"] == "idle"
     r = post(api, {"min_resolution": 256, "seed": 5})
@@ -142,6 +144,15 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     again = post(other, {"min_resolution": 256, "seed": 5})
     assert again.status_code == 200 and again.get_json()["cached"] is True
     assert again.get_json()["video_url"] == body["video_url"]
+    # the worker counts its jobs on its own metrics port; the API reads the queue's gauges
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(
+        requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text) for s in fam.samples}
+    assert samples[("sonic_jobs_finished_total", (("kind", "generate"), ("status", "succeeded")))] == 2
+    assert samples[("sonic_video_seconds_total", ())] == 6.0
+    page = api.get("/metrics").get_data(as_text=True)
+    assert "sonic_workers_live 1" in page and "sonic_queue_length 0" in page
 
 
 def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
@@ -154,17 +165,21 @@ def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
     wait_status(api, running, ("processing",))
     queued = post(api, {**long, "seed": 2}).get_json()["job_id"]
     full = post(api, {**long, "seed": 3})
+    assert full.status_code == 503, (full.status_code, full.get_data()[:300], api.get("/health").get_json())
     assert_clean_error(full, 503, "busy")
     assert full.headers["Retry-After"]
     h = api.get("/health").get_json()
-    assert h["queue_length"] == 1 and h["workers"][0]["state"] == "busy" and h["workers"][0]["job"] == running
-    assert api.post(f"/api/sonic/jobs/{queued}/cancel").get_json()["status"] == "canceled"
+    assert h["queue_length"] == 1 and h["workers"][0]["state"] == "busy" and h["workers"][0]["job"] == running, h
+    canceled = api.post(f"/api/sonic/jobs/{queued}/cancel").get_json()
+    assert canceled["status"] == "canceled", canceled
     api.post(f"/api/sonic/jobs/{running}/cancel")
-    assert wait_status(api, running, ("canceled", "failed", "succeeded"))["status"] == "canceled"
-    assert not list((c.tmp / "outputs").glob("*.mp4")) and not list((c.tmp / "outputs").glob(".*part*"))
+    ended = wait_status(api, running, ("canceled", "failed", "succeeded"))
+    assert ended["status"] == "canceled", ended
+    left = list((c.tmp / "outputs").glob("*.mp4")) + list((c.tmp / "outputs").glob(".*part*"))
+    assert not left, left
     # the worker goes on: the next job runs
     r = post(api, {"min_resolution": 256, "seed": 4})
-    assert r.status_code == 200
+    assert r.status_code == 200, (r.status_code, r.get_data()[:300])
 
 
 def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cluster):

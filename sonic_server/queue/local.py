@@ -29,6 +29,7 @@ from typing import Iterator
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
 from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, JobRecord
+from ..metrics import count_job
 from ..recovery import recover
 from ..store import MemoryStore
 from ..tasks import TASKS
@@ -234,6 +235,7 @@ class LocalQueue(JobQueue):
                 log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, status)
                 self._unsaved[rec.id] = rec
             finally:
+                count_job(rec)
                 self._live.pop(rec.id, None)
                 self._inputs.pop(rec.id, None)
                 self._canceling.discard(rec.id)

@@ -1,11 +1,12 @@
 """About the service: health and readiness, the parameter schema, the OpenAPI document."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from sonic import schema
 
-from ..openapi import describe, openapi_spec
+from ..metrics import exposition
+from ..openapi import content, describe, openapi_spec
 from ..service import service
 from .generate import EXTRA_PARAMS
 
@@ -42,6 +43,14 @@ def params():
     svc = service()
     return jsonify({"parameters": schema(svc.settings), "extra": EXTRA_PARAMS, "decoder": svc.decoder,
                     "device": svc.device})
+
+
+@bp.get("/metrics")
+@describe("Prometheus metrics", responses={200: ("text exposition format", content("text/plain", {"type": "string"}))})
+def metrics():
+    svc = service()
+    body, content_type = exposition(svc.queue.health() if svc.queue is not None else None)
+    return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 
 @bp.get("/openapi.json")

@@ -1,0 +1,77 @@
+"""Prometheus metrics: `GET /metrics` (text format), and `sonic worker --metrics-port P`.
+
+What is counted, and where:
+- requests by route (the URL rule, e.g. /api/sonic/jobs/<job_id>, never the raw path), method
+  and status: in every API process;
+- jobs: finished by kind and status, failures by error code, duration (start to end) and the
+  seconds of each pipeline stage as histograms, seconds of video produced: in the process that
+  runs the job (the API process itself without Redis; each `sonic worker` with it, which serves
+  its own /metrics on --metrics-port);
+- queue length, live and busy workers: read from the queue when scraped.
+
+Several API processes on one machine (a process manager starting N copies) share one view when
+PROMETHEUS_MULTIPROC_DIR names an empty folder they can all write (prometheus-client's
+multiprocess mode); without it each process reports its own.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+REQUESTS = Counter("sonic_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY)
+JOBS = Counter("sonic_jobs_finished", "jobs that ended", ["kind", "status"], registry=REGISTRY)
+FAILURES = Counter("sonic_job_failures", "failed jobs by error code", ["code"], registry=REGISTRY)
+DURATION = Histogram("sonic_job_duration_seconds", "seconds from a job's start to its end", ["kind"],
+                     buckets=SECONDS, registry=REGISTRY)
+STAGE = Histogram("sonic_stage_seconds", "seconds of each pipeline stage of succeeded jobs", ["stage"],
+                  buckets=SECONDS, registry=REGISTRY)
+VIDEO = Counter("sonic_video_seconds", "seconds of video produced", registry=REGISTRY)
+
+
+def count_request(rule: str | None, method: str, status: int) -> None:
+    REQUESTS.labels(rule or "unmatched", method, str(status)).inc()
+
+
+def count_job(rec) -> None:
+    """A job has ended (its record holds the status, timings and error). Never raises."""
+    try:
+        JOBS.labels(rec.kind, rec.status).inc()
+        if rec.started and rec.finished:
+            DURATION.labels(rec.kind).observe(max(0.0, rec.finished - rec.started))
+        if rec.status == "failed" and rec.error:
+            FAILURES.labels(rec.error.get("code", "internal_error")).inc()
+        if rec.status == "succeeded" and rec.result:
+            for stage, seconds in (rec.result.get("timings") or {}).items():
+                if stage != "total":
+                    STAGE.labels(stage).observe(float(seconds))
+            VIDEO.inc(float(rec.result.get("duration") or 0.0))
+    except Exception:                                     # noqa: BLE001 - metrics never break a job
+        pass
+
+
+def exposition(queue_health: dict | None) -> tuple[bytes, str]:
+    """The metrics page: this process's (or, in multiprocess mode, every process's) counters, and
+    the queue's gauges as they are now."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
+    if queue_health is not None:
+        workers = queue_health.get("workers")
+        busy = sum(w["state"] == "busy" for w in workers) if workers is not None else int(
+            queue_health.get("running_job") is not None)
+        lines = ["# HELP sonic_queue_length jobs waiting", "# TYPE sonic_queue_length gauge",
+                 f"sonic_queue_length {queue_health.get('queue_length', 0)}",
+                 "# HELP sonic_workers_live workers that run jobs", "# TYPE sonic_workers_live gauge",
+                 f"sonic_workers_live {queue_health.get('workers_alive', 0)}",
+                 "# HELP sonic_workers_busy workers running a job now", "# TYPE sonic_workers_busy gauge",
+                 f"sonic_workers_busy {busy}"]
+        body += ("\n".join(lines) + "\n").encode()
+    return body, CONTENT_TYPE_LATEST
