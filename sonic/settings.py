@@ -79,6 +79,7 @@ class ServerSettings:
     rate_limit_burst: float = 20.0
     redis_url: str | None = None         # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
     worker_lease_s: float = 30.0         # a running job whose worker is silent this long is failed (worker_lost)
+    retry_lost_jobs: int = 0             # ... or queued again, this many times, before it is failed
 
     @property
     def jobs_db_path(self) -> str:

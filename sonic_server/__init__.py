@@ -48,7 +48,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         if srv.redis_url:                 # distributed: the workers load the model, not this process
             from .queue.redis import RedisQueue
             return RedisQueue(srv.redis_url, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
-                              job_timeout_s=srv.job_timeout_s)
+                              job_timeout_s=srv.job_timeout_s, retry_lost_jobs=srv.retry_lost_jobs)
         from sonic import load_pipeline
         pipe = pipeline if pipeline is not None else load_pipeline(settings)
         return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,

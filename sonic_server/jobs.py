@@ -38,6 +38,7 @@ class JobRecord:
     created: float = field(default_factory=time.time)   # epoch s
     started: float | None = None
     finished: float | None = None
+    attempts: int = 0                  # distributed mode: runs started (a job lost with its worker may run again)
 
     @classmethod
     def new(cls, kind: str, params: dict, cache_key: str = "") -> "JobRecord":

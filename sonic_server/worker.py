@@ -40,15 +40,18 @@ def run_job(job_id: str) -> None:
     if rec is None or rec.terminal or r.exists(PREFIX + f"cancel:{job_id}"):
         return                                            # canceled (or gone) before it started
     rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
+    rec.attempts += 1
     lease, lease_s = PREFIX + f"lease:{job_id}", ctx["lease_s"]
-    r.set(lease, ctx["name"], px=int(lease_s * 1000))
+    owner = f"{ctx['name']}:{rec.attempts}"               # this run of the job, on this worker
+    r.set(lease, owner, px=int(lease_s * 1000))
     store.save(rec)
     done = threading.Event()
 
     def renew() -> None:
         while not done.wait(lease_s / 3):
             try:
-                r.set(lease, ctx["name"], px=int(lease_s * 1000))
+                if r.get(lease) in (None, owner.encode()):   # never take over a run given to another worker
+                    r.set(lease, owner, px=int(lease_s * 1000))
             except Exception:                             # noqa: BLE001 - Redis away: try again
                 log.warning("job %s: the lease could not be renewed", job_id)
     threading.Thread(target=renew, name="sonic-lease", daemon=True).start()
@@ -57,6 +60,8 @@ def run_job(job_id: str) -> None:
 
     def progress(stage: str, frac: float) -> None:
         if r.exists(PREFIX + f"cancel:{job_id}"):
+            raise JobCanceled()
+        if r.get(lease) != owner.encode():           # declared lost meanwhile: stop, the result is not wanted
             raise JobCanceled()
         if deadline is not None and time.monotonic() > deadline:
             raise JobTimedOut()
@@ -70,6 +75,12 @@ def run_job(job_id: str) -> None:
         status, fields = "failed", {"error": dict(INTERNAL)}
     finally:
         done.set()
+    now = store.load(job_id)
+    if now is not None and (now.attempts != rec.attempts or now.terminal):
+        # this run was declared lost (and failed, or given to another worker) meanwhile: its
+        # result is not the job's; one request never ends twice
+        log.warning("job %s: run %d ended after it was declared lost; its result is dropped", job_id, rec.attempts)
+        return
     try:
         ctx["uploads"].remove(job_id)
     except Exception:                                     # noqa: BLE001

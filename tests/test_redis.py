@@ -237,3 +237,20 @@ def test_finished_records_survive_a_redis_restart_with_append_only_persistence(t
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
+    c = cluster(worker_lease_s=2, retry_lost_jobs=1)
+    api = c.client()
+    w1 = c.start_worker("w1")
+    c.wait_workers(api, 1)
+    job = post(api, {"min_resolution": 256, "duration": 30, "async": True, "seed": 9}).get_json()["job_id"]
+    wait_status(api, job, ("processing",))
+    os.kill(w1.pid, signal.SIGKILL)
+    w1.wait(5)
+    assert wait_status(api, job, ("queued",), timeout=20)["status"] == "queued"     # back in the queue
+    c.start_worker("w2")
+    body = wait_status(api, job, ("succeeded", "failed", "canceled"), timeout=120)
+    assert body["status"] == "succeeded", body
+    from sonic_server.queue.redis import RedisStore, connect
+    assert RedisStore(connect(c.cfg["server"]["redis_url"])).load(job).attempts == 2

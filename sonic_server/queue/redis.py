@@ -99,7 +99,8 @@ class RedisStore:
 class RedisQueue(JobQueue):
     """What an API process uses: validated jobs go to Redis; workers elsewhere run them."""
 
-    def __init__(self, url: str, output_dir: Path, uploads, *, queue_size: int, job_timeout_s: float = 0.0):
+    def __init__(self, url: str, output_dir: Path, uploads, *, queue_size: int, job_timeout_s: float = 0.0,
+                 retry_lost_jobs: int = 0):
         self.r = connect(url)
         self.r.ping()
         self.store = RedisStore(self.r)
@@ -108,6 +109,7 @@ class RedisQueue(JobQueue):
         self.uploads = uploads
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
+        self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, self.output_dir)
         self.rq = rq_queue(self.r)
 
@@ -121,10 +123,14 @@ class RedisQueue(JobQueue):
         rec = rec.copy()
         rec.status = rec.stage = QUEUED
         self.store.save(rec)
-        # the job id is the record's: one request is one RQ job, never two
-        self.rq.enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rec.id, timeout=-1,
-                             result_ttl=0, failure_ttl=3600)
+        self._enqueue(rec)
         return rec
+
+    def _enqueue(self, rec: JobRecord, at_front: bool = False) -> None:
+        # one RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker
+        rq_id = rec.id if rec.attempts == 0 else f"{rec.id}-r{rec.attempts}"
+        self.rq.enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rq_id, timeout=-1,
+                             result_ttl=0, failure_ttl=3600, at_front=at_front)
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
@@ -136,6 +142,16 @@ class RedisQueue(JobQueue):
         """A running job whose worker stopped renewing its lease: failed, its leftovers removed."""
         if not self.r.set(PREFIX + f"lost:{rec.id}", 1, nx=True, ex=3600):   # one process declares it
             return self.store.load(rec.id) or rec
+        for part in self.output_dir.glob(f".{rec.id}*.part*"):
+            part.unlink(missing_ok=True)
+        if rec.attempts <= self.retry_lost_jobs:          # runs so far include the lost one
+            log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, rec.attempts + 1)
+            rec.status = rec.stage = QUEUED
+            rec.progress, rec.started = 0.0, None
+            self.store.save(rec)
+            self.r.delete(PREFIX + f"lost:{rec.id}")
+            self._enqueue(rec, at_front=True)
+            return rec
         log.warning("job %s: its worker stopped answering; marked failed (worker_lost)", rec.id)
         rec.status = rec.stage = FAILED
         rec.error, rec.finished = dict(WORKER_LOST), time.time()
