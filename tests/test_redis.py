@@ -123,6 +123,7 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     c.start_worker("w1", "--metrics-port", str(metrics_port))
     health = c.wait_workers(api, 1)
     assert health["readiness"] == "ready" and health["workers"][0]["state"] == "idle"
+    assert health["decoder"] == "warp"
     r = post(api, {"min_resolution": 256, "seed": 5})
     assert r.status_code == 200, r.get_data()[:500]
     body = r.get_json()

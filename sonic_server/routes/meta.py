@@ -30,6 +30,8 @@ def health():
             "queue_length": workers["queue_length"], "running_job": running}
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
+    elif queue is not None and queue.decoder_identity():        # distributed: what the workers announced
+        body["decoder"] = queue.decoder_identity().split("-")[0]
     if "workers" in workers:                          # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
     if state == "setup_failed" and svc.setup_error:
