@@ -9,6 +9,7 @@ of leaving it `processing`. Between jobs the worker sweeps expired videos and re
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -19,10 +20,11 @@ import time
 from sonic.settings import SettingsError, load_settings
 
 from .expiry import OutputExpiry
-from .jobs import PROCESSING
+from .jobs import CANCELED, FAILED, PROCESSING, QUEUED
 from .metrics import REGISTRY, count_job
 from .queue.execute import INTERNAL, JobCanceled, JobTimedOut, run_task
-from .queue.redis import PREFIX, RedisStore, connect, rq_queue
+
+from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
 from .tasks import TASKS
 from .uploads import Uploads
 
@@ -31,71 +33,116 @@ _CONTEXT: dict = {}          # what run_job needs, set once by `main` before the
 
 
 def run_job(job_id: str) -> None:
-    """One job, in the worker process (called by RQ): the record is read from Redis, run, and its
-    final state written back. Never raises."""
+    """One run of a job, in the worker process (called by RQ): the record is read from Redis, run,
+    and its final state written back, each change only if the record is still as this run left
+    it (RedisStore.swap). Never raises."""
     ctx = _CONTEXT
     store: RedisStore = ctx["store"]
+    try:
+        _run(ctx, store, job_id)
+    except Exception:                                     # noqa: BLE001 - Redis away, ...: the lease lapses
+        log.exception("job %s: the run stopped", job_id)
+    finally:
+        ctx["current"] = ctx["lease"] = None
+        try:
+            announce(ctx, store.r)                        # idle again
+        except Exception:                                 # noqa: BLE001
+            pass
+
+
+def _run(ctx: dict, store: RedisStore, job_id: str) -> None:
     r = store.r
     rec = store.load(job_id)
-    if rec is None or rec.terminal or r.exists(PREFIX + f"cancel:{job_id}"):
-        return                                            # canceled (or gone) before it started
+    if rec is None or rec.status != QUEUED:
+        return                                            # gone, canceled or taken before it started
+    queued_run = rec.attempts
+    if r.exists(PREFIX + f"cancel:{job_id}"):             # canceled as it was being taken
+        rec.status = rec.stage = CANCELED
+        rec.finished = time.time()
+        if store.swap(rec, QUEUED, queued_run):
+            ctx["uploads"].remove(job_id)
+        return
     rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
     rec.attempts += 1
-    lease, lease_s = PREFIX + f"lease:{job_id}", ctx["lease_s"]
+    lease, lease_s = lease_key(job_id), ctx["lease_s"]
     owner = f"{ctx['name']}:{rec.attempts}"               # this run of the job, on this worker
     r.set(lease, owner, px=int(lease_s * 1000))
-    store.save(rec)
-    done = threading.Event()
-
-    def renew() -> None:
-        while not done.wait(lease_s / 3):
-            try:
-                if r.get(lease) in (None, owner.encode()):   # never take over a run given to another worker
-                    r.set(lease, owner, px=int(lease_s * 1000))
-            except Exception:                             # noqa: BLE001 - Redis away: try again
-                log.warning("job %s: the lease could not be renewed", job_id)
-    threading.Thread(target=renew, name="sonic-lease", daemon=True).start()
+    if not store.swap(rec, QUEUED, queued_run):
+        r.delete(lease)
+        return
+    ctx["current"] = job_id
+    ctx["lease"] = (lease, owner)
+    announce(ctx, r)                                      # busy, at once (not at the next beat)
     limit = ctx["job_timeout_s"]
     deadline = time.monotonic() + limit if limit > 0 else None
 
     def progress(stage: str, frac: float) -> None:
         if r.exists(PREFIX + f"cancel:{job_id}"):
             raise JobCanceled()
-        if r.get(lease) != owner.encode():           # declared lost meanwhile: stop, the result is not wanted
-            raise JobCanceled()
         if deadline is not None and time.monotonic() > deadline:
             raise JobTimedOut()
         rec.stage, rec.progress = stage, frac
-        store.save(rec)
+        if not store.swap(rec, PROCESSING, rec.attempts):     # declared lost meanwhile: stop here
+            raise JobCanceled()
 
     try:
         status, fields = run_task(rec, TASKS, ctx["pipeline"], ctx["output_dir"], None, progress, limit)
     except Exception:                                     # noqa: BLE001
         log.exception("job %s failed outside its task", job_id)
-        status, fields = "failed", {"error": dict(INTERNAL)}
-    finally:
-        done.set()
+        status, fields = FAILED, {"error": dict(INTERNAL)}
+    ctx["lease"] = None
+    final = rec.copy()
+    final.status = final.stage = status
+    for name, value in fields.items():
+        setattr(final, name, value)
+    final.finished = time.time()
     now = store.load(job_id)
-    if now is not None and (now.attempts != rec.attempts or now.terminal):
-        # this run was declared lost (and failed, or given to another worker) meanwhile: its
-        # result is not the job's; one request never ends twice
+    if now is not None and now.status == PROCESSING and now.attempts == rec.attempts:
+        try:                                              # inputs go before the job is seen ended
+            ctx["uploads"].remove(job_id)
+        except Exception:                                 # noqa: BLE001
+            log.exception("job %s: its upload folder could not be removed", job_id)
+    # the final state and the end of the lease in one step: never "ended" and "lost" both
+    if not store.swap(final, PROCESSING, rec.attempts, drop_lease=True):
         log.warning("job %s: run %d ended after it was declared lost; its result is dropped", job_id, rec.attempts)
         return
-    try:
-        ctx["uploads"].remove(job_id)
-    except Exception:                                     # noqa: BLE001
-        log.exception("job %s: its upload folder could not be removed", job_id)
-    rec.status = rec.stage = status
-    for name, value in fields.items():
-        setattr(rec, name, value)
-    rec.finished = time.time()
-    store.save(rec)
-    count_job(rec)
-    r.delete(lease, PREFIX + f"cancel:{job_id}")
+    count_job(final)
+    r.delete(PREFIX + f"cancel:{job_id}")
     try:
         ctx["expiry"].maybe_sweep()
     except Exception:                                     # noqa: BLE001
         log.exception("output expiry sweep failed")
+
+
+def announce(ctx: dict, conn) -> None:
+    """This worker's entry in the worker list: its job (a record id) or none, decoder, device."""
+    conn.set(PREFIX + f"worker:{ctx['name']}", json.dumps({
+        "name": ctx["name"], "job": ctx.get("current"), "decoder": ctx["decoder"], "device": ctx["device"],
+        "heartbeat": time.time()}), px=int(ctx["lease_s"] * 1000))
+
+
+def heartbeat(ctx: dict, url: str, stop: threading.Event) -> None:
+    """Every lease_s / 4: this worker's entry (`sonic:worker:<name>`, what /health lists), the
+    running job's lease (renewed only while it is this run's), and a look for lapsed leases of
+    others. Its own connection, with timeouts shorter than a beat and no retries, so that a stuck
+    call never outlasts the lease."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    import redis
+    beat = max(0.2, ctx["lease_s"] / 4)
+    conn = redis.Redis.from_url(url, socket_timeout=beat, socket_connect_timeout=beat, retry=Retry(NoBackoff(), 0))
+    renew = conn.register_script(RENEW_LEASE)
+    store = RedisStore(conn)
+    while not stop.is_set():
+        try:
+            held = ctx.get("lease")
+            if held:
+                renew(keys=[held[0]], args=[held[1], int(ctx["lease_s"] * 1000)])
+            announce(ctx, conn)
+            reap(store, ctx["retry_lost_jobs"], ctx["output_dir"], ctx["uploads"])
+        except Exception:                                 # noqa: BLE001 - Redis away: try at the next beat
+            log.warning("worker %s: heartbeat failed", ctx["name"])
+        stop.wait(beat)
 
 
 def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
@@ -137,12 +184,20 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     _CONTEXT.update(store=store, pipeline=pipeline, output_dir=output_dir, uploads=Uploads(srv.upload_dir),
                     job_timeout_s=srv.job_timeout_s, name=name, lease_s=srv.worker_lease_s,
-                    expiry=OutputExpiry(store, output_dir, srv.output_ttl_s))
-    conn.set(PREFIX + "decoder", getattr(pipeline.decoder, "identity", pipeline.decoder.name))
+                    retry_lost_jobs=srv.retry_lost_jobs, expiry=OutputExpiry(store, output_dir, srv.output_ttl_s),
+                    decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name), device=str(pipeline.device),
+                    current=None, lease=None)
+    stop = threading.Event()
+    threading.Thread(target=heartbeat, args=(_CONTEXT, srv.redis_url, stop), name="sonic-heartbeat",
+                     daemon=True).start()
     if a.metrics_port:
         from prometheus_client import start_http_server
         start_http_server(a.metrics_port, registry=REGISTRY)
     log.info("worker %s ready: decoder %s on %s", name, pipeline.decoder.name, pipeline.device)
-    SimpleWorker([rq_queue(conn)], connection=conn, name=name).work(burst=a.burst, logging_level="WARNING")
+    try:
+        SimpleWorker([rq_queue(conn)], connection=conn, name=name).work(burst=a.burst, logging_level="WARNING")
+    finally:
+        stop.set()
+        conn.delete(PREFIX + f"worker:{name}")            # a clean stop leaves the list at once
 
 

@@ -12,11 +12,21 @@ Redis keys (prefix `sonic:`):
 - `events:<id>`   a pub/sub channel: a message whenever the record changes (SSE, waits);
 - `cancel:<id>`   set by a cancel; the running job's next progress report stops it;
 - `lease:<id>`    kept alive by the worker running the job (server.worker_lease_s); when it lapses
-                  (the worker was killed or lost), the job is failed `worker_lost` on the next look;
+                  (the worker was killed or lost), the job is failed `worker_lost` (or queued again)
+                  by the next process that looks at it: any API request about it, /health, or any
+                  worker's heartbeat;
+- `worker:<name>` each live worker (its job, decoder, device), renewed by its heartbeat: the
+                  worker list of /health and the "is anyone there" check of submit;
 - `cache:<key>`   the job id of the succeeded job for a result cache key;
 - `unfinished` (set), `finished` (sorted by time): for recovery and expiry;
 - `decoder`       the decoder identity the workers serve (part of the result cache key).
 Uploads and videos are files in the shared `upload_dir` and `output_dir`; Redis carries ids.
+
+Every change of a record's state is a compare-and-set (`RedisStore.swap`, one Lua script): it
+happens only if the stored record is still in the state the writer saw (status and run number;
+for "lost", also only while the lease is absent). So a worker's late progress cannot overwrite
+a cancel or a `worker_lost`, a finished job cannot be declared lost, and a run declared lost
+cannot end the job a second time.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import redis as redis_lib
 
 from ..cache import ResultCache
 from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, TERMINAL, JobRecord
+from ..metrics import count_job
 from ..store import _error_record
 from . import JobQueue, QueueFull, WorkerStopped
 
@@ -49,11 +60,60 @@ def rq_queue(conn: redis_lib.Redis):
     return Queue(QUEUE_NAME, connection=conn)
 
 
+# KEYS: record, lease. ARGV: expected status, expected run number, new record, "1": only while the
+# lease is absent, "1": delete the lease with the write. Returns 1 when it wrote.
+_SWAP = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+local attempts = tonumber(rec['attempts']) or 0
+if rec['status'] ~= ARGV[1] or attempts ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+if ARGV[5] == '1' then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+# KEYS: lease. ARGV: owner, milliseconds. Renews the lease only while it is still this run's.
+RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def lease_key(job_id: str) -> str:
+    return PREFIX + f"lease:{job_id}"
+
+
 class RedisStore:
     """The job store's questions (sonic_server/store.py) answered from Redis."""
 
     def __init__(self, conn: redis_lib.Redis):
         self.r = conn
+        self._swap = conn.register_script(_SWAP)
+
+    def swap(self, rec: JobRecord, expect_status: str, expect_attempts: int, *, lease_lapsed: bool = False,
+             drop_lease: bool = False) -> bool:
+        """Save `rec` only if the stored record is still `expect_status` at run `expect_attempts`
+        (and, with lease_lapsed, only while its lease is absent); True when saved."""
+        done = self._swap(keys=[PREFIX + f"job:{rec.id}", lease_key(rec.id)],
+                          args=[expect_status, expect_attempts, json.dumps(rec.to_dict()),
+                                "1" if lease_lapsed else "0", "1" if drop_lease else "0"])
+        if done:
+            self._after(rec)
+        return bool(done)
+
+    def _after(self, rec: JobRecord) -> None:
+        """The indexes and the change notice that follow a record's write."""
+        p = self.r.pipeline()
+        if rec.status in TERMINAL:
+            p.srem(PREFIX + "unfinished", rec.id)
+            p.zadd(PREFIX + "finished", {rec.id: time.time()})
+            if rec.status == "succeeded" and rec.cache_key:
+                p.set(PREFIX + f"cache:{rec.cache_key}", rec.id)
+        else:
+            p.sadd(PREFIX + "unfinished", rec.id)
+        p.publish(PREFIX + f"events:{rec.id}", rec.status)
+        p.execute()
 
     def save(self, rec: JobRecord) -> None:
         p = self.r.pipeline()
@@ -96,6 +156,65 @@ class RedisStore:
         return len(old)
 
 
+def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False) -> None:
+    """One RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker."""
+    rq_queue(conn).enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rq_job_id(rec), timeout=-1,
+                                result_ttl=0, failure_ttl=3600, at_front=at_front)
+
+
+def rq_job_id(rec: JobRecord) -> str:
+    return rec.id if rec.attempts == 0 else f"{rec.id}-r{rec.attempts}"
+
+
+def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_dir: Path, uploads) -> JobRecord:
+    """A running job whose lease has lapsed: queued again (retry) or failed `worker_lost`, by
+    whichever process gets there first (the others see the new state)."""
+    new = rec.copy()
+    retry = rec.attempts <= retry_lost_jobs              # runs so far include the lost one
+    if retry:
+        new.status = new.stage = QUEUED
+        new.progress, new.started = 0.0, None
+    else:
+        new.status = new.stage = FAILED
+        new.error, new.finished = dict(WORKER_LOST), time.time()
+    if not store.swap(new, PROCESSING, rec.attempts, lease_lapsed=True):
+        return store.load(rec.id) or rec                # ended, renewed or declared meanwhile
+    for part in Path(output_dir).glob(f".{rec.id}*.part*"):
+        part.unlink(missing_ok=True)
+    if retry:
+        log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, rec.attempts + 1)
+        enqueue(store.r, new, at_front=True)
+        return new
+    log.warning("job %s: its worker stopped answering; marked failed (worker_lost)", rec.id)
+    count_job(new)
+    try:
+        uploads.remove(rec.id)
+    except Exception:                                    # noqa: BLE001
+        log.exception("job %s: its upload folder could not be removed", rec.id)
+    return new
+
+
+def reap(store: RedisStore, retry_lost_jobs: int, output_dir: Path, uploads) -> None:
+    """Declare every running job whose lease has lapsed lost (nobody may be looking at it)."""
+    for job_id in store.unfinished():
+        rec = store.load(job_id)
+        if rec is not None and rec.status == PROCESSING and not store.r.exists(lease_key(job_id)):
+            declare_lost(store, rec, retry_lost_jobs, output_dir, uploads)
+
+
+def live_workers(conn: redis_lib.Redis) -> list[dict]:
+    """The workers whose heartbeat is current: name, state, job (a record id), decoder, device."""
+    keys = list(conn.scan_iter(match=PREFIX + "worker:*", count=100))
+    out = []
+    for raw in conn.mget(keys) if keys else []:
+        if raw:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                pass
+    return sorted(out, key=lambda w: w.get("name", ""))
+
+
 class RedisQueue(JobQueue):
     """What an API process uses: validated jobs go to Redis; workers elsewhere run them."""
 
@@ -115,53 +234,20 @@ class RedisQueue(JobQueue):
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
-        from rq import Worker
-        if Worker.count(queue=self.rq) == 0:
+        if not live_workers(self.r):
             raise WorkerStopped()
         if self.rq.count >= self.queue_size:
             raise QueueFull()
         rec = rec.copy()
         rec.status = rec.stage = QUEUED
         self.store.save(rec)
-        self._enqueue(rec)
+        enqueue(self.r, rec)
         return rec
-
-    def _enqueue(self, rec: JobRecord, at_front: bool = False) -> None:
-        # one RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker
-        rq_id = rec.id if rec.attempts == 0 else f"{rec.id}-r{rec.attempts}"
-        self.rq.enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rq_id, timeout=-1,
-                             result_ttl=0, failure_ttl=3600, at_front=at_front)
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
-        if rec is not None and rec.status == PROCESSING and not self.r.exists(PREFIX + f"lease:{job_id}"):
-            rec = self._lost(rec)
-        return rec
-
-    def _lost(self, rec: JobRecord) -> JobRecord:
-        """A running job whose worker stopped renewing its lease: failed, its leftovers removed."""
-        if not self.r.set(PREFIX + f"lost:{rec.id}", 1, nx=True, ex=3600):   # one process declares it
-            return self.store.load(rec.id) or rec
-        for part in self.output_dir.glob(f".{rec.id}*.part*"):
-            part.unlink(missing_ok=True)
-        if rec.attempts <= self.retry_lost_jobs:          # runs so far include the lost one
-            log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, rec.attempts + 1)
-            rec.status = rec.stage = QUEUED
-            rec.progress, rec.started = 0.0, None
-            self.store.save(rec)
-            self.r.delete(PREFIX + f"lost:{rec.id}")
-            self._enqueue(rec, at_front=True)
-            return rec
-        log.warning("job %s: its worker stopped answering; marked failed (worker_lost)", rec.id)
-        rec.status = rec.stage = FAILED
-        rec.error, rec.finished = dict(WORKER_LOST), time.time()
-        self.store.save(rec)
-        try:
-            self.uploads.remove(rec.id)
-        except Exception:                                  # noqa: BLE001
-            log.exception("job %s: its upload folder could not be removed", rec.id)
-        for part in self.output_dir.glob(f".{rec.id}*.part*"):
-            part.unlink(missing_ok=True)
+        if rec is not None and rec.status == PROCESSING and not self.r.exists(lease_key(job_id)):
+            rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.uploads)
         return rec
 
     def cached(self, key: str) -> JobRecord | None:
@@ -173,18 +259,17 @@ class RedisQueue(JobQueue):
             return rec
         self.r.set(PREFIX + f"cancel:{job_id}", 1, ex=24 * 3600)     # a running job sees it at its next report
         if rec.status == QUEUED:
-            from rq.job import Job
-            try:
-                job = Job.fetch(job_id, connection=self.r)
-                job.cancel()
-            except Exception:                                        # noqa: BLE001 - already taken: the flag stops it
-                pass
-            rec = self.store.load(job_id)
-            if rec is not None and rec.status == QUEUED:
-                rec.status = rec.stage = CANCELED
-                rec.finished = time.time()
-                self.store.save(rec)
+            new = rec.copy()
+            new.status = new.stage = CANCELED
+            new.finished = time.time()
+            if self.store.swap(new, QUEUED, rec.attempts):              # not taken by a worker meanwhile
+                from rq.job import Job
+                try:
+                    Job.fetch(rq_job_id(rec), connection=self.r).cancel()
+                except Exception:                                    # noqa: BLE001 - gone: the worker skips it
+                    pass
                 self.uploads.remove(job_id)
+                count_job(new)
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float) -> JobRecord | None:
@@ -222,16 +307,14 @@ class RedisQueue(JobQueue):
         return int(self.rq.count)
 
     def health(self) -> dict:
-        from rq import Worker
-        workers = []
-        for w in Worker.all(queue=self.rq):
-            job = w.get_current_job_id()
-            workers.append({"name": w.name, "state": "busy" if job else "idle", "job": job,
-                            "last_heartbeat": w.last_heartbeat.timestamp() if w.last_heartbeat else None})
+        reap(self.store, self.retry_lost_jobs, self.output_dir, self.uploads)
+        workers = [{"name": w.get("name"), "state": "busy" if w.get("job") else "idle", "job": w.get("job"),
+                    "decoder": w.get("decoder"), "device": w.get("device"), "last_heartbeat": w.get("heartbeat")}
+                   for w in live_workers(self.r)]
         running = next((w["job"] for w in workers if w["job"]), None)
         return {"running_job": running, "workers_alive": len(workers), "queue_length": self.queue_length(),
-                "workers": sorted(workers, key=lambda w: w["name"])}
+                "workers": workers}
 
     def decoder_identity(self) -> str | None:
-        raw = self.r.get(PREFIX + "decoder")
-        return raw.decode() if raw else None
+        workers = live_workers(self.r)
+        return workers[0].get("decoder") if workers else None
