@@ -186,7 +186,7 @@ def generate():
     except WorkerStopped:
         svc.uploads.remove(rec.id)
         return error_response("not_ready", "no worker is running jobs (/health says worker_stopped); "
-                                           "the service must be restarted", headers={"Retry-After": "60"})
+                                           "restart the service, or start a `sonic worker` in distributed mode", headers={"Retry-After": "60"})
     except Exception:
         svc.uploads.remove(rec.id)
         raise
