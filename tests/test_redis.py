@@ -255,3 +255,35 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
     assert body["status"] == "succeeded", body
     from sonic_server.queue.redis import RedisStore, connect
     assert RedisStore(connect(c.cfg["server"]["redis_url"])).load(job).attempts == 2
+
+
+def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
+    """16 submits at once from 8 threads and 2 API-side queues, queue_size 3, no worker taking
+    jobs (a worker entry is faked so that submit accepts): exactly 3 are queued, the rest get
+    QueueFull, and nothing of the refused ones stays in Redis."""
+    import threading
+    import redis
+    from sonic_server.jobs import JobRecord
+    from sonic_server.queue import QueueFull
+    from sonic_server.queue.redis import PREFIX, RedisQueue
+    from sonic_server.uploads import Uploads
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    r.set(PREFIX + "worker:fake", json.dumps({"name": "fake", "job": None}), ex=60)
+    queues = [RedisQueue(redis_url, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=3) for _ in range(2)]
+    outcomes = []
+
+    def submit(i):
+        try:
+            queues[i % 2].submit(JobRecord.new("generate", {"seed": i}))
+            outcomes.append("queued")
+        except QueueFull:
+            outcomes.append("full")
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("queued") == 3 and outcomes.count("full") == 13
+    assert queues[0].queue_length() == 3 and r.scard(PREFIX + "unfinished") == 3
+    assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 3

@@ -156,10 +156,10 @@ class RedisStore:
         return len(old)
 
 
-def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False) -> None:
+def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipeline=None) -> None:
     """One RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker."""
     rq_queue(conn).enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rq_job_id(rec), timeout=-1,
-                                result_ttl=0, failure_ttl=3600, at_front=at_front)
+                                result_ttl=0, failure_ttl=3600, at_front=at_front, pipeline=pipeline)
 
 
 def rq_job_id(rec: JobRecord) -> str:
@@ -236,13 +236,28 @@ class RedisQueue(JobQueue):
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         if not live_workers(self.r):
             raise WorkerStopped()
-        if self.rq.count >= self.queue_size:
-            raise QueueFull()
         rec = rec.copy()
         rec.status = rec.stage = QUEUED
         self.store.save(rec)
-        enqueue(self.r, rec)
-        return rec
+        # the bound and the push in one optimistic transaction: API processes racing for the
+        # last place cannot both take it (WATCH the queue; a change meanwhile means try again)
+        key = self.rq.key
+        for _ in range(50):
+            with self.r.pipeline() as p:
+                try:
+                    p.watch(key)
+                    if p.llen(key) >= self.queue_size:
+                        p.unwatch()
+                        break
+                    p.multi()
+                    enqueue(self.r, rec, pipeline=p)
+                    p.execute()
+                    return rec
+                except redis_lib.WatchError:
+                    continue
+        self.r.delete(PREFIX + f"job:{rec.id}")          # never queued: its record goes
+        self.r.srem(PREFIX + "unfinished", rec.id)
+        raise QueueFull()
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
