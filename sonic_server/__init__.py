@@ -43,6 +43,9 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
+    if srv.redis_url:                     # the job store away: the service is not ready, the request may be retried
+        from .queue.redis import install_store_outage_handler
+        install_store_outage_handler(app)
 
     def make_queue():
         if srv.redis_url:                 # distributed: the workers load the model, not this process

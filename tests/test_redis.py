@@ -287,3 +287,39 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
     assert outcomes.count("queued") == 3 and outcomes.count("full") == 13
     assert queues[0].queue_length() == 3 and r.scard(PREFIX + "unfinished") == 3
     assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 3
+
+
+def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
+    import redis
+    port = free_port()
+    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        r = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        c = Cluster(tmp_path, f"redis://127.0.0.1:{port}/0")
+        api = c.client()
+        assert api.get("/health").status_code == 503              # no worker yet, but answered
+        proc.kill()
+        proc.wait(10)
+        for path in ("/health", "/api/sonic/jobs/" + "a" * 32):
+            resp = api.get(path)
+            assert_clean_error(resp, 503, "not_ready")
+            assert resp.headers["Retry-After"] == "5" and "Redis" in resp.get_json()["error"]["message"]
+        assert_clean_error(post(api, {"min_resolution": 256}), 503, "not_ready")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        assert api.get("/api/sonic/jobs/" + "a" * 32).status_code == 404       # back: answered again
+    finally:
+        proc.kill()
+        proc.wait(10)

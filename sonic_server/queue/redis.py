@@ -80,6 +80,17 @@ return 0
 """
 
 
+def install_store_outage_handler(app) -> None:
+    """Redis not answering (down, restarting, unreachable): 503 `not_ready` + Retry-After, not 500."""
+    from ..errors import error_response
+
+    @app.errorhandler(redis_lib.RedisError)
+    def _outage(e):
+        log.warning("Redis does not answer: %s", type(e).__name__)
+        return error_response("not_ready", "the job store (Redis) does not answer; retry shortly",
+                              headers={"Retry-After": "5"})
+
+
 def lease_key(job_id: str) -> str:
     return PREFIX + f"lease:{job_id}"
 
