@@ -553,3 +553,19 @@ def test_metrics_count_requests_jobs_and_read_the_queue(make_client):
     assert delta("sonic_job_duration_seconds_count", kind="generate") == 1
     assert delta("sonic_video_seconds_total") > 0
     assert after[("sonic_queue_length", ())] == 0 and after[("sonic_workers_live", ())] == 1
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_service_exports(make_client):
+    """docs/grafana-dashboard.json: every metric its queries name is on /metrics (after a job that
+    succeeded and one that failed)."""
+    import re
+    from prometheus_client.parser import text_string_to_metric_families
+    client, _ = make_client()
+    assert post(client, {**FAST, "seed": 41}).status_code == 200
+    failing, _ = make_client(FakePipeline(error=NoFaceDetected("no face")))
+    assert post(failing, {**FAST, "seed": 42}).status_code == 422
+    exported = {s.name for fam in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+                for s in fam.samples}
+    dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    named = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bsonic_[a-z_]+", t["expr"])}
+    assert named and named <= exported, named - exported
