@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from sonic.settings import SettingsError, load_settings
 
@@ -23,7 +24,6 @@ from .expiry import OutputExpiry
 from .jobs import CANCELED, FAILED, PROCESSING, QUEUED
 from .metrics import REGISTRY, count_job
 from .queue.execute import INTERNAL, JobCanceled, JobTimedOut, run_task
-
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
 from .tasks import TASKS
 from .uploads import Uploads
@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
     name = a.name or f"{socket.gethostname()}-{os.getpid()}"
-    from pathlib import Path
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _CONTEXT.update(store=store, pipeline=pipeline, output_dir=output_dir, uploads=Uploads(srv.upload_dir),

@@ -5,14 +5,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import requests
 import soundfile as sf
 import torch
-import yaml
 
 from conftest import PORTRAIT, ROOT, SPEECH, read_frames
 from server_helpers import settings as server_settings
@@ -163,26 +161,11 @@ def test_full_pickle_only_when_allowed_and_conversion_to_safetensors(tiny, tmp_p
 
 
 def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_1s, tmp_path):
-    from test_http_live import free_port
-    cfg = server_settings(tmp_path, rate_limit_per_s=1000)
-    cfg.update(decoder="sonic", sonic_checkpoints=str(tiny), device="cpu")
-    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(tmp_path / "settings.yaml")],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    from test_http_live import start_server
+    proc, info = start_server(tmp_path, top={"decoder": "sonic", "sonic_checkpoints": str(tiny), "device": "cpu"})
+    base = info["base"]
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                health = requests.get(base + "/health", timeout=2).json()
-                if health["readiness"] != "starting":
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        assert health["readiness"] == "ready", health
+        health = requests.get(base + "/health", timeout=5).json()
         assert health["decoder"] == "sonic" and health["device"] == "cpu"
         params = requests.get(base + "/api/sonic/params", timeout=5).json()
         assert params["decoder"] == "sonic" and params["device"] == "cpu"

@@ -25,8 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp, **server_settings):
+def start_server(tmp, top: dict | None = None, **server_settings):
+    """app.py on a free port with the test settings (`top`: top-level settings over them, e.g. the
+    decoder), once /health says ready; (process, {"base", "tmp", "cfg", "startup_states"})."""
     cfg = settings(tmp, **server_settings)
+    cfg.update(top or {})
     (tmp / "settings.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log = open(tmp / "server.log", "a+")

@@ -19,22 +19,28 @@ from test_http_live import free_port
 REDIS = shutil.which("redis-server")
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def start_redis(folder, port: int, appendonly: str = "no", *more: str) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:port with its files in `folder`, answering when this returns."""
+    import redis
     if REDIS is None:
         pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly,
+                             *more, "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     r = redis.Redis(port=port)
     for _ in range(100):
         try:
             r.ping()
-            break
+            return proc
         except redis.ConnectionError:
             time.sleep(0.05)
+    proc.kill()
+    pytest.fail("redis-server did not start")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    proc = start_redis(tmp_path_factory.mktemp("redis"), port)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
@@ -210,19 +216,9 @@ def test_finished_records_survive_a_redis_restart_with_append_only_persistence(t
     from sonic_server.jobs import JobRecord
     from sonic_server.queue.redis import RedisStore
     port = free_port()
-    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-           "--appendfsync", "always", "--dir", str(tmp_path)]
 
     def start():
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                return proc, r
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        pytest.fail("redis-server did not start")
+        return start_redis(tmp_path, port, "yes", "--appendfsync", "always"), redis.Redis(port=port)
     proc, r = start()
     rec = JobRecord.new("generate", {"seed": 1}, cache_key="k" * 64)
     rec.status = rec.stage = "succeeded"
@@ -290,18 +286,9 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
 
 
 def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
-    import redis
     port = free_port()
-    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = start_redis(tmp_path, port)
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         c = Cluster(tmp_path, f"redis://127.0.0.1:{port}/0")
         api = c.client()
         assert api.get("/health").status_code == 503              # no worker yet, but answered
@@ -312,13 +299,7 @@ def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
             assert_clean_error(resp, 503, "not_ready")
             assert resp.headers["Retry-After"] == "5" and "Redis" in resp.get_json()["error"]["message"]
         assert_clean_error(post(api, {"min_resolution": 256}), 503, "not_ready")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        proc = start_redis(tmp_path, port)
         assert api.get("/api/sonic/jobs/" + "a" * 32).status_code == 404       # back: answered again
     finally:
         proc.kill()

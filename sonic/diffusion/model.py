@@ -189,7 +189,7 @@ class SonicModel:
                 x = latents[idx].float()
                 scaled = (x / torch.sqrt(sigma ** 2 + 1)).to(dt)
                 sample = torch.cat([torch.stack([scaled] * 3), image[:, None].expand(3, F, c, h, w)], dim=2)
-                mb = cond.buckets[idx.cpu() if cond.buckets.device.type == "cpu" else idx].mean(0)
+                mb = cond.buckets[idx].mean(0)              # buckets and idx are both on the device
                 time_ids = torch.tensor([[GENERATED_FPS, float(mb[0]), float(mb[1])]], dtype=dt, device=dev).repeat(3, 1)
                 tokens = torch.cat([cond.silent.expand(F, -1, -1), cond.silent.expand(F, -1, -1), cond.tokens[idx]])
                 self.context.use(tokens, F, cond.mask)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SetupError
 from .weights import load_into, load_state, shape_of
 
 SCALES = (4, 2, 1)
@@ -98,12 +97,9 @@ def load_interpolator(path: Path, device: torch.device, allow_unsafe_pickle: boo
     state = load_state(path, allow_unsafe_pickle)
     if any(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
-    try:
-        cin = shape_of(state, "block0.conv0.0.0.weight", path)[1]
-        width = shape_of(state, "block0.conv0.1.0.weight", path)[0]
-        t_cin = shape_of(state, "block_tea.conv0.0.0.weight", path)[1]
-        t_width = shape_of(state, "block_tea.conv0.1.0.weight", path)[0]
-    except SetupError:
-        raise
+    cin = shape_of(state, "block0.conv0.0.0.weight", path)[1]
+    width = shape_of(state, "block0.conv0.1.0.weight", path)[0]
+    t_cin = shape_of(state, "block_tea.conv0.0.0.weight", path)[1]
+    t_width = shape_of(state, "block_tea.conv0.1.0.weight", path)[0]
     net = Interpolator(cin, width, t_cin, t_width)
     return load_into(net, state, path).to(device).eval()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..jobs import JobRecord
 
@@ -19,6 +19,23 @@ class QueueFull(Exception):
 
 class WorkerStopped(Exception):
     """No worker would ever run the job (stopped or closed): the route answers 503, nothing queued."""
+
+
+def follow(get: Callable[[], JobRecord | None], wait_for_change: Callable[[dict], None]) -> Iterator[JobRecord | None]:
+    """What `JobQueue.events` yields: the record now, then after each `wait_for_change(last)`
+    (which returns on a change or at the heartbeat) the record if it changed, else None; until
+    it ends or is gone."""
+    last = None
+    while True:
+        rec = get()
+        if rec is None:
+            return
+        now = rec.to_dict()
+        yield None if now == last else rec
+        last = now
+        if rec.terminal:
+            return
+        wait_for_change(last)
 
 
 class JobQueue(ABC):

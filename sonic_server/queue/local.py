@@ -33,7 +33,7 @@ from ..metrics import count_job
 from ..recovery import recover
 from ..store import MemoryStore
 from ..tasks import TASKS
-from . import JobQueue, QueueFull, WorkerStopped
+from . import JobQueue, QueueFull, WorkerStopped, follow
 from .execute import INTERNAL, JobCanceled, JobTimedOut, run_task
 
 log = logging.getLogger("sonic.jobs")
@@ -116,21 +116,13 @@ class LocalQueue(JobQueue):
         return self.get(job_id)
 
     def events(self, job_id: str, heartbeat_s: float) -> Iterator[JobRecord | None]:
-        last = None
-        while True:
+        def wait_for_change(last: dict) -> None:
             deadline = time.monotonic() + heartbeat_s
             with self._changed:
                 while (job_id in self._live and self._live[job_id].to_dict() == last
                        and time.monotonic() < deadline):
                     self._changed.wait(deadline - time.monotonic())
-            rec = self.get(job_id)
-            if rec is None:
-                return
-            now = rec.to_dict()
-            yield None if now == last else rec
-            last = now
-            if rec.terminal:
-                return
+        return follow(lambda: self.get(job_id), wait_for_change)
 
     def queue_length(self) -> int:
         with self._changed:

@@ -42,7 +42,7 @@ from ..cache import ResultCache
 from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, TERMINAL, JobRecord
 from ..metrics import count_job
 from ..store import _error_record
-from . import JobQueue, QueueFull, WorkerStopped
+from . import JobQueue, QueueFull, WorkerStopped, follow
 
 log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
@@ -110,12 +110,13 @@ class RedisStore:
                           args=[expect_status, expect_attempts, json.dumps(rec.to_dict()),
                                 "1" if lease_lapsed else "0", "1" if drop_lease else "0"])
         if done:
-            self._after(rec)
+            p = self.r.pipeline()
+            self._index(p, rec)
+            p.execute()
         return bool(done)
 
-    def _after(self, rec: JobRecord) -> None:
-        """The indexes and the change notice that follow a record's write."""
-        p = self.r.pipeline()
+    def _index(self, p, rec: JobRecord) -> None:
+        """Queue on pipeline `p` the indexes and the change notice that follow a record's write."""
         if rec.status in TERMINAL:
             p.srem(PREFIX + "unfinished", rec.id)
             p.zadd(PREFIX + "finished", {rec.id: time.time()})
@@ -124,19 +125,11 @@ class RedisStore:
         else:
             p.sadd(PREFIX + "unfinished", rec.id)
         p.publish(PREFIX + f"events:{rec.id}", rec.status)
-        p.execute()
 
     def save(self, rec: JobRecord) -> None:
         p = self.r.pipeline()
         p.set(PREFIX + f"job:{rec.id}", json.dumps(rec.to_dict()))
-        if rec.status in TERMINAL:
-            p.srem(PREFIX + "unfinished", rec.id)
-            p.zadd(PREFIX + "finished", {rec.id: time.time()})
-            if rec.status == "succeeded" and rec.cache_key:
-                p.set(PREFIX + f"cache:{rec.cache_key}", rec.id)
-        else:
-            p.sadd(PREFIX + "unfinished", rec.id)
-        p.publish(PREFIX + f"events:{rec.id}", rec.status)
+        self._index(p, rec)
         p.execute()
 
     def load(self, job_id: str) -> JobRecord | None:
@@ -310,22 +303,15 @@ class RedisQueue(JobQueue):
     def events(self, job_id: str, heartbeat_s: float) -> Iterator[JobRecord | None]:
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(PREFIX + f"events:{job_id}")
+
+        def wait_for_change(last: dict) -> None:
+            # a change notice, or the heartbeat (also the moment a lapsed lease is noticed)
+            deadline = time.monotonic() + heartbeat_s
+            while time.monotonic() < deadline:
+                if pubsub.get_message(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
+                    return
         try:
-            last = None
-            while True:
-                rec = self.get(job_id)
-                if rec is None:
-                    return
-                now = rec.to_dict()
-                yield None if now == last else rec
-                last = now
-                if rec.terminal:
-                    return
-                # a change, or the heartbeat (also the moment a lapsed lease is noticed)
-                deadline = time.monotonic() + heartbeat_s
-                while time.monotonic() < deadline:
-                    if pubsub.get_message(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
-                        break
+            yield from follow(lambda: self.get(job_id), wait_for_change)
         finally:
             pubsub.close()
 
