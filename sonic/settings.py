@@ -90,6 +90,27 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Object storage for uploads and videos in distributed mode (`storage: s3`, docs/scaling.md).
+    Variables: SONIC_S3_<NAME> (SONIC_S3_BUCKET, SONIC_S3_ENDPOINT_URL, ...). Credentials left
+    unset come from the usual AWS chain (AWS_ACCESS_KEY_ID, a role, ~/.aws)."""
+    endpoint_url: str | None = None      # None: AWS S3; http://minio:9000 for MinIO and the like
+    public_endpoint_url: str | None = None   # presigned URLs name this host instead (clients reach it)
+    bucket: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    prefix: str = "sonic/"               # keys: <prefix>uploads/<job id>/<name>, <prefix>outputs/<job id>.mp4
+    video_url: str = "proxy"             # proxy: video_url is /output/<name>, streamed from the bucket;
+                                         # presigned: video_url is a presigned GET URL to the bucket
+    url_ttl_s: int = 3600                # a presigned URL's lifetime
+
+
+STORAGE_KINDS = ("local", "s3")
+VIDEO_URLS = ("proxy", "presigned")
+
+
+@dataclass(frozen=True)
 class Settings:
     defaults: Mapping[str, Any] = field(default_factory=dict)   # parameter defaults (sonic/options.py)
     limits: Limits = field(default_factory=Limits)
@@ -99,10 +120,13 @@ class Settings:
     decoder: str = "auto"                # auto | warp | sonic (sonic/decoders.py: choose_decoder)
     sonic_checkpoints: str | None = None # the Sonic model's folder, in the official layout (docs/gpu.md)
     allow_unsafe_pickle: bool = False    # load .pth files that need full pickle (runs their code: trusted files only)
+    storage: str = "local"               # local: output_dir and upload_dir (shared folders); s3: S3Settings
     server: ServerSettings = field(default_factory=ServerSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
 
 
-_SECTIONS = {"limits": Limits, "server": ServerSettings}
+_SECTIONS = {"limits": Limits, "server": ServerSettings, "s3": S3Settings}
+_ENV_PREFIXES = {"s3": ENV_PREFIX + "S3_"}     # SONIC_S3_BUCKET; the other sections: SONIC_<NAME>
 
 
 def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
@@ -150,7 +174,8 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str, ...] = ()) -> dict:
+def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str, ...] = (),
+            env_prefix: str = ENV_PREFIX) -> dict:
     """The fields of dataclass `cls` given in `raw` (the file) or `env` (SONIC_* variables, which
     win), cast to their types; `skip` names fields the caller fills itself."""
     if raw is not None and not isinstance(raw, Mapping):
@@ -167,7 +192,7 @@ def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str,
             continue
         if name in raw:
             values[name] = _cast(prefix + name, hints[name], raw[name], from_text=False)
-        var = ENV_PREFIX + name.upper()
+        var = env_prefix + name.upper()
         if var in env:
             value = _cast(var, hints[name], env[var], from_text=True)
             if name == "api_keys":                   # the variable adds keys to the file's
@@ -185,7 +210,7 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
     env = env or {}
     top = _values(Settings, raw, "", env, skip=("defaults", *_SECTIONS))
     for name, cls in _SECTIONS.items():
-        top[name] = cls(**_values(cls, raw.get(name), name + ".", env))
+        top[name] = cls(**_values(cls, raw.get(name), name + ".", env, env_prefix=_ENV_PREFIXES.get(name, ENV_PREFIX)))
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, Mapping):
         raise SettingsError("setting defaults must be a mapping of parameter defaults")
@@ -203,7 +228,23 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
         settings = dataclasses.replace(settings, **{section: owner}) if section else owner
     if settings.device not in DEVICES:              # from the file, a variable or a flag
         raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
+    _check_storage(settings)
     return _resolve_paths(settings, base or Path.cwd())
+
+
+def _check_storage(s: Settings) -> None:
+    if s.storage not in STORAGE_KINDS:
+        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {s.storage!r}")
+    if s.s3.video_url not in VIDEO_URLS:
+        raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {s.s3.video_url!r}")
+    if s.storage == "s3":
+        if not s.server.redis_url:
+            raise SettingsError("setting storage: s3 is for distributed mode: set server.redis_url (SONIC_REDIS_URL) "
+                                "too; one process keeps its videos in output_dir")
+        if not s.s3.bucket:
+            raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
+        if s.s3.url_ttl_s <= 0:
+            raise SettingsError(f"setting s3.url_ttl_s must be positive, got {s.s3.url_ttl_s}")
 
 
 def _resolve_paths(s: Settings, base: Path) -> Settings:

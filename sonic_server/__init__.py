@@ -15,8 +15,8 @@ from .legacy import jobs_db_path
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
 from .service import Service, Slots
+from .storage import open_storage
 from .store import open_store
-from .uploads import Uploads
 
 
 def create_app(settings: Settings | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
@@ -32,8 +32,9 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
+    uploads, outputs = open_storage(settings)
     svc = app.extensions["sonic"] = Service(
-        settings=settings, uploads=Uploads(srv.upload_dir), output_dir=Path(settings.output_dir),
+        settings=settings, uploads=uploads, output_dir=Path(settings.output_dir), outputs=outputs,
         sync_wait_s=srv.sync_wait_s, retry_after_s=str(srv.retry_after_s),
         event_streams=Slots(srv.max_event_streams))
     hooks.request_id(app)
@@ -50,7 +51,9 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     def make_queue():
         if srv.redis_url:                 # distributed: the workers load the model, not this process
             from .queue.redis import RedisQueue
-            return RedisQueue(srv.redis_url, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
+            if outputs.remote:
+                outputs.s3.check()        # a missing bucket or refused credentials: /health says which
+            return RedisQueue(srv.redis_url, svc.output_dir, svc.uploads, outputs=outputs, queue_size=srv.queue_size,
                               job_timeout_s=srv.job_timeout_s, retry_lost_jobs=srv.retry_lost_jobs)
         from sonic import load_pipeline
         pipe = pipeline if pipeline is not None else load_pipeline(settings)

@@ -9,19 +9,18 @@ expiry sweep holds, so a sweep never deletes a video between the two.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 
 from .jobs import SUCCEEDED, JobRecord
+from .storage import as_outputs
 
 log = logging.getLogger("sonic.jobs")
 
 
 class ResultCache:
-    def __init__(self, store, output_dir: Path, lock: threading.Lock | None = None):
+    def __init__(self, store, outputs, lock: threading.Lock | None = None):
         self.store = store
-        self.output_dir = Path(output_dir)
+        self.outputs = as_outputs(outputs)       # a folder, or the bucket (sonic_server/storage.py)
         self.lock = lock if lock is not None else threading.Lock()      # shared with the expiry sweep
 
     def lookup(self, key: str) -> JobRecord | None:
@@ -30,9 +29,7 @@ class ResultCache:
         if not rec or rec.status != SUCCEEDED:
             return None
         with self.lock:
-            try:
-                os.utime(self.output_dir / rec.result["file"])   # the file's clock starts again; gone: no hit
-            except OSError:
+            if not self.outputs.touch(rec.result["file"]):     # the video's clock starts again; gone: no hit
                 return None
             try:
                 self.store.save(rec)                             # and the record's

@@ -26,7 +26,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "audio_too_long": 422,
     "empty_audio": 422,
     "pipeline_error": 500,
-    "setup_failed": 503,         # the models could not be set up (a checkpoint file or key): the operator acts
+    "setup_failed": 503,
+    "storage_unavailable": 503,  # the object store (storage: s3) did not answer or refused: retry shortly         # the models could not be set up (a checkpoint file or key): the operator acts
     "disk_full": 500,            # the server's disk, not the request: the design's 500 (as pipeline_error was)
     "internal_error": 500,
     # produced by the server itself
@@ -83,7 +84,8 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
 
     @app.errorhandler(SonicError)
     def _sonic_error(e: SonicError):
-        return error_response(e.code, e.message, e.field)
+        retry = {"Retry-After": "5"} if e.code == "storage_unavailable" else None
+        return error_response(e.code, e.message, e.field, headers=retry)
 
     @app.errorhandler(413)
     def _too_large(e):

@@ -1,20 +1,22 @@
 """Output expiry: videos older than the time to live are deleted, and finished job records with
-them, so the disk and the job table stay bounded. A video's age is its file's modification time,
+them, so the disk and the job table stay bounded. A video's age is its file's modification time (an
+object's Last-Modified in a bucket),
 a record's its last save; a result cache hit refreshes both (sonic_server/cache.py), under the
 lock a sweep holds."""
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
+
+from .storage import as_outputs
 
 SWEEP_EVERY_S = 60
 
 
 class OutputExpiry:
-    def __init__(self, store, output_dir: Path, ttl_s: float, lock: threading.Lock | None = None):
+    def __init__(self, store, outputs, ttl_s: float, lock: threading.Lock | None = None):
         self.store = store
-        self.output_dir = Path(output_dir)
+        self.outputs = as_outputs(outputs)       # a folder, or the bucket (sonic_server/storage.py)
         self.ttl_s = float(ttl_s)
         self.lock = lock if lock is not None else threading.Lock()      # shared with the result cache
         self._last = 0.0
@@ -30,9 +32,4 @@ class OutputExpiry:
         self._last = now
         with self.lock:
             self.store.prune(now - self.ttl_s)
-            for path in self.output_dir.glob("*.mp4"):
-                try:
-                    if now - path.stat().st_mtime > self.ttl_s:
-                        path.unlink()
-                except OSError:
-                    pass
+            self.outputs.expire(now - self.ttl_s)

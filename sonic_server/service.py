@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flask import current_app
 
@@ -38,6 +39,7 @@ class Service:
     settings: Settings           # sonic/settings.py: parameter defaults, limits, folders
     uploads: Uploads
     output_dir: Path             # videos, served from /output/<name>
+    outputs: Any                 # where the videos are: the folder, or a bucket (sonic_server/storage.py)
     sync_wait_s: float           # a synchronous request waits this long, then gets 202
     retry_after_s: str           # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))

@@ -21,5 +21,13 @@ class Uploads:
             paths[name] = str(folder / name)
         return paths
 
+    def drop_local_copy(self, job_id: str) -> None:
+        """The job is queued, or this worker is done with it: with a shared folder its files stay
+        where they are (the job's end removes them)."""
+
+    def fetch(self, job_id: str, inputs: dict[str, str]) -> dict[str, str]:
+        """Where the worker reads the job's files: here, the shared folder's paths."""
+        return inputs
+
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)

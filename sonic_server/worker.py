@@ -2,7 +2,8 @@
 from Redis (server.redis_url / SONIC_REDIS_URL), one at a time; start one per GPU or machine.
 
 It shares with the API processes: Redis, and the `upload_dir` and `output_dir` folders (a
-shared volume). While a job runs, a thread renews the job's lease in Redis every few seconds:
+shared volume), or with `storage: s3` a bucket: then it fetches a job's uploads into its own
+`upload_dir` and moves the finished video into the bucket (sonic_server/storage.py). While a job runs, a thread renews the job's lease in Redis every few seconds:
 a worker killed mid-job lets it lapse, and the API marks the job failed (`worker_lost`) instead
 of leaving it `processing`. Between jobs the worker sweeps expired videos and records.
 """
@@ -12,21 +13,24 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from sonic import SonicError
 from sonic.settings import SettingsError, load_settings
 
 from .expiry import OutputExpiry
-from .jobs import CANCELED, FAILED, PROCESSING, QUEUED
+from .jobs import CANCELED, FAILED, PROCESSING, QUEUED, SUCCEEDED
 from .metrics import REGISTRY, count_job
 from .queue.execute import INTERNAL, JobCanceled, JobTimedOut, run_task
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
+from .storage import open_storage
 from .tasks import TASKS
-from .uploads import Uploads
 
 log = logging.getLogger("sonic.worker")
 _CONTEXT: dict = {}          # what run_job needs, set once by `main` before the first job
@@ -85,11 +89,21 @@ def _run(ctx: dict, store: RedisStore, job_id: str) -> None:
         if not store.swap(rec, PROCESSING, rec.attempts):     # declared lost meanwhile: stop here
             raise JobCanceled()
 
+    uploads, outputs = ctx["uploads"], ctx["outputs"]
     try:
-        status, fields = run_task(rec, TASKS, ctx["pipeline"], ctx["output_dir"], None, progress, limit)
+        job = rec.copy()                                  # the files where this machine reads them;
+        job.inputs = uploads.fetch(job_id, rec.inputs)    # the record keeps what every machine can use
+        status, fields = run_task(job, TASKS, ctx["pipeline"], ctx["output_dir"], None, progress, limit)
+        if status == SUCCEEDED:
+            outputs.publish(fields["result"]["file"])     # into the bucket (storage: s3)
+    except SonicError as e:                               # the object store away
+        (Path(ctx["output_dir"]) / f"{job_id}.mp4").unlink(missing_ok=True)
+        status, fields = FAILED, {"error": e.to_dict()}
     except Exception:                                     # noqa: BLE001
         log.exception("job %s failed outside its task", job_id)
         status, fields = FAILED, {"error": dict(INTERNAL)}
+    finally:
+        uploads.drop_local_copy(job_id)
     ctx["lease"] = None
     final = rec.copy()
     final.status = final.stage = status
@@ -145,6 +159,18 @@ def heartbeat(ctx: dict, url: str, stop: threading.Event) -> None:
         stop.wait(beat)
 
 
+def scratch_space(output_dir: Path, name: str, conn) -> Path:
+    """With storage: s3 a worker works in `<output_dir>/.worker-<name>/` (fetched uploads, the
+    video until it is in the bucket). Such folders of workers that are not alive (a run killed
+    before this start) are removed first."""
+    for folder in output_dir.glob(".worker-*"):
+        if folder.name == f".worker-{name}" or not conn.exists(PREFIX + f"worker:{folder.name[8:]}"):
+            shutil.rmtree(folder, ignore_errors=True)
+    scratch = output_dir / f".worker-{name}"
+    (scratch / "outputs").mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
 def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,23 +193,32 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     if not srv.redis_url:
         sys.exit("error: a worker needs Redis: set server.redis_url (SONIC_REDIS_URL) or --redis-url")
     from rq import SimpleWorker
-    from sonic import SonicError, load_pipeline
+    from sonic import load_pipeline
     conn = connect(srv.redis_url)
     try:
         conn.ping()
     except Exception as e:                                # noqa: BLE001
         sys.exit(f"error: Redis at {srv.redis_url} does not answer ({type(e).__name__})")
+    uploads, outputs = open_storage(settings)
     try:
+        if outputs.remote:
+            outputs.s3.check()
         pipeline = load_pipeline(settings)
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
     name = a.name or f"{socket.gethostname()}-{os.getpid()}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _CONTEXT.update(store=store, pipeline=pipeline, output_dir=output_dir, uploads=Uploads(srv.upload_dir),
+    if outputs.remote:                                    # this worker's own folder: nothing is shared
+        scratch = scratch_space(output_dir, name, conn)
+        uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
+        output_dir = outputs.folder
+    _CONTEXT.update(store=store, pipeline=pipeline, output_dir=output_dir, uploads=uploads, outputs=outputs,
                     job_timeout_s=srv.job_timeout_s, name=name, lease_s=srv.worker_lease_s,
-                    retry_lost_jobs=srv.retry_lost_jobs, expiry=OutputExpiry(store, output_dir, srv.output_ttl_s),
+                    retry_lost_jobs=srv.retry_lost_jobs, expiry=OutputExpiry(store, outputs, srv.output_ttl_s),
                     decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name), device=str(pipeline.device),
                     current=None, lease=None)
     stop = threading.Event()
@@ -198,5 +233,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     finally:
         stop.set()
         conn.delete(PREFIX + f"worker:{name}")            # a clean stop leaves the list at once
+        if outputs.remote:
+            shutil.rmtree(output_dir.parent, ignore_errors=True)
 
 

@@ -292,8 +292,19 @@ def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
         c = Cluster(tmp_path, f"redis://127.0.0.1:{port}/0")
         api = c.client()
         assert api.get("/health").status_code == 503              # no worker yet, but answered
+        import redis
+        from sonic_server.queue.redis import PREFIX
+        redis.Redis(port=port).set(PREFIX + "worker:stand-in", '{"name": "stand-in"}', ex=60)
+        job = post(api, {"min_resolution": 256, "async": True}).get_json()["job_id"]
+        stream = api.get(f"/api/sonic/jobs/{job}/events", buffered=False).response
+        assert next(stream).decode().startswith("event: queued")
         proc.kill()
         proc.wait(10)
+        # an open event stream ends with an error event that says what to do, not a broken connection
+        rest = b"".join(stream).decode()
+        assert rest.startswith("event: error\ndata: ") and rest.endswith("\n\n")
+        err = json.loads(rest.split("data: ", 1)[1])
+        assert err["error"]["code"] == "not_ready" and err["status_url"].endswith(job)
         for path in ("/health", "/api/sonic/jobs/" + "a" * 32):
             resp = api.get(path)
             assert_clean_error(resp, 503, "not_ready")

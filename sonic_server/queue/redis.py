@@ -20,7 +20,8 @@ Redis keys (prefix `sonic:`):
 - `cache:<key>`   the job id of the succeeded job for a result cache key;
 - `unfinished` (set), `finished` (sorted by time): for recovery and expiry;
 - `decoder`       the decoder identity the workers serve (part of the result cache key).
-Uploads and videos are files in the shared `upload_dir` and `output_dir`; Redis carries ids.
+Uploads and videos are files in the shared `upload_dir` and `output_dir`, or objects in a bucket
+(`storage: s3`, sonic_server/storage.py); Redis carries ids.
 
 Every change of a record's state is a compare-and-set (`RedisStore.swap`, one Lua script): it
 happens only if the stored record is still in the state the writer saw (status and run number;
@@ -223,7 +224,7 @@ class RedisQueue(JobQueue):
     """What an API process uses: validated jobs go to Redis; workers elsewhere run them."""
 
     def __init__(self, url: str, output_dir: Path, uploads, *, queue_size: int, job_timeout_s: float = 0.0,
-                 retry_lost_jobs: int = 0):
+                 retry_lost_jobs: int = 0, outputs=None):
         self.r = connect(url)
         self.r.ping()
         self.store = RedisStore(self.r)
@@ -233,7 +234,7 @@ class RedisQueue(JobQueue):
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
-        self.cache = ResultCache(self.store, self.output_dir)
+        self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
         self.rq = rq_queue(self.r)
 
     # -- the interface ------------------------------------------------------------------

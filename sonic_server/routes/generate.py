@@ -3,6 +3,7 @@ Events and cancel of the job. The routes talk to the queue interface only (sonic
 from __future__ import annotations
 
 import json
+import logging
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
@@ -17,6 +18,7 @@ from ..queue import QueueFull, WorkerStopped
 from ..service import service
 
 bp = Blueprint("generate", __name__)
+log = logging.getLogger("sonic.http")
 SSE_HEARTBEAT_S = 15.0
 MAX_CONFIG_CHARS = 10_000
 CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
@@ -53,7 +55,8 @@ class JobNotFound(SonicError):
 def _urls(job_id: str) -> dict:
     """URLs of a job, built while a request context exists (a streamed body outlives it)."""
     return {"status_url": url_for("generate.job_status", job_id=job_id, _external=True),
-            "video_base": url_for("outputs.output", name="NAME", _external=True)}
+            "video_base": url_for("outputs.output", name="NAME", _external=True),
+            "outputs": service().outputs}            # a presigned URL where videos are in a bucket (storage.py)
 
 
 def _ending_error(rec: JobRecord) -> dict:
@@ -77,7 +80,7 @@ def _job_body(rec: JobRecord, urls: dict) -> dict:
     result = body.pop("result", None)
     if result:
         body.update({k: v for k, v in result.items() if k != "file"})
-        body["video_url"] = urls["video_base"].replace("NAME", result["file"])
+        body["video_url"] = urls["outputs"].url(result["file"], urls["video_base"].replace("NAME", result["file"]))
     return body
 
 
@@ -179,6 +182,7 @@ def generate():
         # the decoded arrays go to the task, which does not decode the files again
         checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
         rec = queue.submit(rec, checked)
+        svc.uploads.drop_local_copy(rec.id)                   # in a bucket: this process's copy goes
     except QueueFull:
         svc.uploads.remove(rec.id)
         return error_response("busy", "the generation queue is full; retry later",
@@ -237,10 +241,17 @@ def job_events(job_id):
 
     def stream():
         last = None
-        for rec in queue.events(job_id, SSE_HEARTBEAT_S):
-            body = json.dumps(_job_body(rec, urls)) if rec is not None else last
-            yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
-            last = body
+        try:
+            for rec in queue.events(job_id, SSE_HEARTBEAT_S):
+                body = json.dumps(_job_body(rec, urls)) if rec is not None else last
+                yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
+                last = body
+        except Exception:                              # noqa: BLE001 - the job store away (Redis restarting...)
+            log.warning("event stream of job %s ended: the job store does not answer", job_id, exc_info=True)
+            err = {"success": False, "error": public_error({
+                "code": "not_ready", "message": "the job store does not answer; the job goes on: poll status_url"}),
+                "status_url": urls["status_url"]}
+            yield f"event: error\ndata: {json.dumps(err)}\n\n"
 
     resp = Response(stream(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,289 @@
+"""Where uploads and videos live: folders (`storage: local`, the default; shared volumes in
+distributed mode), or an S3-compatible bucket (`storage: s3`, distributed mode: AWS S3, MinIO...).
+
+Two objects, the same interface for both kinds:
+- uploads (`Uploads`, `S3Uploads`): a request's files. The API process writes them to its local
+  `upload_dir` (the content checks read them there); with S3 it also puts them in the bucket
+  (`<prefix>uploads/<job id>/<name>`) and drops its local copy once the job is queued, and the
+  worker that runs the job fetches them into its own `upload_dir`. Redis carries only ids.
+- outputs (`FolderOutputs`, `S3Outputs`): the finished videos. A worker writes to its
+  `output_dir`; with S3 `publish` moves the file into the bucket (`<prefix>outputs/<name>`).
+  `/output/<name>` serves a video (from the folder, or streamed from the bucket with Range),
+  `url` names it for a job's `video_url` (this server's /output/<name>, or a presigned URL),
+  `touch` restarts its time to live (a cache hit) and `expire` deletes the old ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from flask import Response, request, send_from_directory
+
+from sonic import SonicError
+
+from .uploads import Uploads
+
+log = logging.getLogger("sonic.storage")
+MAX_AGE_S = 3600            # browser caching of a video (its name never names another video)
+CHUNK = 256 * 1024
+
+
+class StorageUnavailable(SonicError):
+    """The object store did not answer or refused: the operator acts; the request may be retried."""
+    code = "storage_unavailable"
+
+
+class FolderOutputs:
+    """Videos as files in `output_dir`."""
+    remote = False
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def publish(self, name: str) -> None:
+        """The worker wrote `<output_dir>/<name>`: nothing to move."""
+
+    def touch(self, name: str) -> bool:
+        try:
+            os.utime(self.folder / name)
+            return True
+        except OSError:
+            return False
+
+    def expire(self, cutoff: float) -> None:
+        for path in self.folder.glob("*.mp4"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
+
+    def url(self, name: str, proxied: str) -> str:
+        return proxied
+
+    def response(self, name: str):
+        if not (self.folder / name).is_file():
+            return None
+        return send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True, max_age=MAX_AGE_S)
+
+
+class S3:
+    """One bucket, through boto3 (any S3-compatible endpoint). Every call's failure becomes
+    StorageUnavailable naming the bucket, never a stack trace to the client."""
+
+    def __init__(self, cfg):
+        import boto3
+        from botocore.config import Config
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix or ""
+        options = dict(region_name=cfg.region, aws_access_key_id=cfg.access_key_id,
+                       aws_secret_access_key=cfg.secret_access_key,
+                       config=Config(signature_version="s3v4", connect_timeout=5, read_timeout=30,
+                                     retries={"max_attempts": 3, "mode": "standard"},
+                                     s3={"addressing_style": "path"}))
+        self.client = boto3.client("s3", endpoint_url=cfg.endpoint_url, **options)
+        # presigned URLs carry the host they were signed for: the one clients reach
+        self.signer = boto3.client("s3", endpoint_url=cfg.public_endpoint_url, **options) \
+            if cfg.public_endpoint_url else self.client
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def call(self, what: str, fn, **kw):
+        """fn(Bucket=..., **kw); a missing key raises FileNotFoundError, any other failure
+        StorageUnavailable."""
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except Exception as e:                                  # noqa: BLE001 - translated
+            raise self.failure(what, e, kw.get("Key", "")) from e
+
+    def failure(self, what: str, e: Exception, key: str = "") -> Exception:
+        from botocore.exceptions import BotoCoreError, ClientError
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return FileNotFoundError(key)
+            log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, code or e)
+            return StorageUnavailable(f"the object store refused to {what} (bucket {self.bucket}: {code})")
+        if isinstance(e, (BotoCoreError, OSError)):
+            log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, type(e).__name__)
+            return StorageUnavailable(f"the object store does not answer ({what}, bucket {self.bucket})")
+        return e
+
+    def check(self) -> None:
+        """At start-up: the bucket exists and these credentials may use it."""
+        try:
+            self.call("open the bucket", self.client.head_bucket)
+        except (StorageUnavailable, FileNotFoundError) as e:
+            from sonic.errors import SetupError
+            where = self.cfg.endpoint_url or "AWS S3"
+            raise SetupError(f"S3 bucket {self.bucket!r} at {where} cannot be used: it is missing, unreachable "
+                             f"or the credentials are refused (settings s3.*)") from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.call("delete", self.client.delete_objects, Delete={"Objects": keys, "Quiet": True})
+
+
+class S3Uploads(Uploads):
+    """A request's files: checked from the API's local copy, handed to the worker through the bucket."""
+
+    def __init__(self, root: str | Path, s3: S3):
+        super().__init__(root)
+        self.s3 = s3
+
+    def save(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
+        paths = super().save(job_id, files)
+        for name, data in files.items():
+            self.s3.call("store an upload", self.s3.client.put_object, Key=self.s3.key("uploads", job_id, name),
+                         Body=data)
+        return paths
+
+    def drop_local_copy(self, job_id: str) -> None:
+        """The job is queued (API), or this run of it is over (worker): the bucket holds its files;
+        this machine's copy goes."""
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def fetch(self, job_id: str, inputs: dict[str, str]) -> dict[str, str]:
+        """In the worker: the job's files from the bucket into this machine's upload_dir."""
+        folder = self.root / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name in inputs:
+            path = folder / name
+            try:
+                self.s3.call("read an upload", self.s3.client.download_file, Key=self.s3.key("uploads", job_id, name),
+                             Filename=str(path))
+            except FileNotFoundError as e:
+                raise StorageUnavailable(f"the job's {name} is missing from the object store") from e
+            paths[name] = str(path)
+        return paths
+
+    def remove(self, job_id: str) -> None:
+        super().remove(job_id)
+        try:
+            self.s3.delete_prefix(self.s3.key("uploads", job_id) + "/")
+        except Exception:                                   # noqa: BLE001 - the bucket's lifecycle rule is the backstop
+            log.exception("job %s: its uploads could not be removed from the bucket", job_id)
+
+
+class S3Outputs:
+    """Videos in the bucket: the worker's file is moved there; /output streams it or redirects."""
+    remote = True
+
+    def __init__(self, folder: str | Path, s3: S3):
+        self.folder = Path(folder)              # the worker's scratch folder
+        self.s3 = s3
+
+    def publish(self, name: str) -> None:
+        path = self.folder / name
+        self.s3.call("store the video", self.s3.client.upload_file, Key=self.s3.key("outputs", name),
+                     Filename=str(path), ExtraArgs={"ContentType": "video/mp4"})
+        path.unlink(missing_ok=True)
+
+    def touch(self, name: str) -> bool:
+        """A copy onto itself restarts the object's Last-Modified (the time-to-live clock)."""
+        key = self.s3.key("outputs", name)
+        try:
+            self.s3.call("refresh a video", self.s3.client.copy_object, Key=key, ContentType="video/mp4",
+                         CopySource={"Bucket": self.s3.bucket, "Key": key}, MetadataDirective="REPLACE")
+            return True
+        except (FileNotFoundError, StorageUnavailable):
+            return False
+
+    def expire(self, cutoff: float) -> None:
+        pages = self.s3.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.s3.bucket, Prefix=self.s3.key("outputs") + "/")
+        for page in pages:
+            old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
+            if old:
+                self.s3.call("delete", self.s3.client.delete_objects, Delete={"Objects": old, "Quiet": True})
+
+    def url(self, name: str, proxied: str) -> str:
+        if self.s3.cfg.video_url != "presigned":
+            return proxied
+        return self.s3.signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.s3.bucket, "Key": self.s3.key("outputs", name)},
+            ExpiresIn=int(self.s3.cfg.url_ttl_s))
+
+    def response(self, name: str):
+        """The video streamed from the bucket (one byte range, conditional GETs), or a redirect to a
+        presigned URL; None when there is no such video."""
+        if self.s3.cfg.video_url == "presigned":
+            try:
+                self.s3.call("find the video", self.s3.client.head_object, Key=self.s3.key("outputs", name))
+            except FileNotFoundError:
+                return None
+            return Response(status=302, headers={"Location": self.url(name, ""), "Cache-Control": "no-store"})
+        kw = {"Key": self.s3.key("outputs", name)}
+        rng = request.range
+        if rng is not None and len(rng.ranges) == 1:
+            start, stop = rng.ranges[0]
+            if start < 0:                                            # the last -start bytes
+                kw["Range"] = f"bytes={start}"
+            else:
+                kw["Range"] = f"bytes={start}-" if stop is None else f"bytes={start}-{stop - 1}"
+        if request.headers.get("If-None-Match"):
+            kw["IfNoneMatch"] = request.headers["If-None-Match"]
+        from botocore.exceptions import ClientError
+        try:
+            obj = self.s3.client.get_object(Bucket=self.s3.bucket, **kw)
+        except ClientError as e:
+            code, status = e.response.get("Error", {}).get("Code", ""), e.response.get("ResponseMetadata", {}).get(
+                "HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if code == "InvalidRange" or status == 416:
+                size = self._size(kw["Key"])
+                return Response(status=416, headers={"Content-Range": f"bytes */{size}"} if size is not None else {})
+            if status == 304 or code == "304":
+                return Response(status=304)
+            raise self.s3.failure("read the video", e) from e
+        except Exception as e:                                       # noqa: BLE001 - botocore: unreachable
+            raise self.s3.failure("read the video", e) from e
+        body = obj["Body"]
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(obj["ContentLength"]),
+                   "Cache-Control": f"public, max-age={MAX_AGE_S}"}
+        if obj.get("ETag"):
+            headers["ETag"] = obj["ETag"]
+        if obj.get("LastModified"):
+            from datetime import timezone
+            from email.utils import format_datetime
+            headers["Last-Modified"] = format_datetime(obj["LastModified"].astimezone(timezone.utc), usegmt=True)
+        if obj.get("ContentRange"):
+            headers["Content-Range"] = obj["ContentRange"]
+
+        def stream():
+            try:
+                yield from body.iter_chunks(CHUNK)
+            finally:
+                body.close()
+        return Response(stream(), status=206 if obj.get("ContentRange") else 200, mimetype="video/mp4",
+                        headers=headers, direct_passthrough=True)
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return int(self.s3.client.head_object(Bucket=self.s3.bucket, Key=key)["ContentLength"])
+        except Exception:                                            # noqa: BLE001
+            return None
+
+
+def as_outputs(outputs):
+    """A folder's path as FolderOutputs; outputs objects as they are."""
+    return FolderOutputs(outputs) if isinstance(outputs, (str, Path)) else outputs
+
+
+def open_storage(settings) -> tuple[Uploads, FolderOutputs | S3Outputs]:
+    """(uploads, outputs) for these settings. Nothing is contacted here: `check` the outputs'
+    bucket (S3Outputs.s3.check) where a failure can be reported."""
+    srv = settings.server
+    if settings.storage != "s3":
+        return Uploads(srv.upload_dir), FolderOutputs(settings.output_dir)
+    s3 = S3(settings.s3)
+    return S3Uploads(srv.upload_dir, s3), S3Outputs(settings.output_dir, s3)
