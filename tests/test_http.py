@@ -90,7 +90,7 @@ OPERATIONS = {
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
-    ("/output/{name}", "get"): {"200", "206", "404", "416"},
+    ("/output/{name}", "get"): {"200", "206", "302", "304", "404", "416", "503"},
     ("/health", "get"): {"200", "503"},
     ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
