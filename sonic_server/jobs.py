@@ -39,6 +39,7 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     attempts: int = 0                  # distributed mode: runs started (a job lost with its worker may run again)
+    worker: str | None = None          # distributed mode: the worker of the latest run (for operators; not public)
 
     @classmethod
     def new(cls, kind: str, params: dict, cache_key: str = "") -> "JobRecord":

@@ -68,6 +68,7 @@ def _run(ctx: dict, store: RedisStore, job_id: str) -> None:
         return
     rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
     rec.attempts += 1
+    rec.worker = ctx["name"]
     lease, lease_s = lease_key(job_id), ctx["lease_s"]
     owner = f"{ctx['name']}:{rec.attempts}"               # this run of the job, on this worker
     r.set(lease, owner, px=int(lease_s * 1000))

@@ -162,6 +162,30 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     assert "sonic_workers_live 1" in page and "sonic_queue_length 0" in page
 
 
+def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_api_process(cluster):
+    c = cluster(queue_size=10)
+    api, other = c.client(), c.client()
+    c.start_worker("w1")
+    c.start_worker("w2")
+    c.wait_workers(api, 2)
+    jobs = [post(api, {"min_resolution": 256, "seed": 20 + i, "async": True}).get_json()["job_id"] for i in range(6)]
+    ended = [wait_status(other, job, ("succeeded", "failed", "canceled"), timeout=120) for job in jobs]
+    assert [b["status"] for b in ended] == ["succeeded"] * 6, ended
+    import redis
+    r = redis.Redis.from_url(c.cfg["server"]["redis_url"])
+    ran_on = [json.loads(r.get(f"sonic:job:{job}"))["worker"] for job in jobs]
+    assert set(ran_on) == {"w1", "w2"}, ran_on                     # both took some
+    # a long job submitted to one API process, canceled through the other while it renders
+    long = post(api, {"min_resolution": 512, "duration": 40, "seed": 30, "async": True}).get_json()["job_id"]
+    wait_status(other, long, ("processing",))
+    assert other.post(f"/api/sonic/jobs/{long}/cancel").status_code in (200, 409)
+    body = wait_status(api, long, ("canceled", "failed", "succeeded"), timeout=30)
+    assert body["status"] == "canceled" and body["error"]["code"] == "canceled", body
+    assert not list((c.tmp / "outputs").glob(f"{long}*")) + list((c.tmp / "outputs").glob(".*part*"))
+    assert not any((c.tmp / "uploads").iterdir())
+    assert "worker" not in api.get(f"/api/sonic/jobs/{long}").get_json()     # an operator's detail, not public
+
+
 def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
     c = cluster(queue_size=1)
     api = c.client()
