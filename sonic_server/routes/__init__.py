@@ -1,4 +1,5 @@
-"""One blueprint per area: generate + jobs, output files, and the service's own description."""
-from . import generate, meta, outputs
+"""One blueprint per area: generate + jobs, output files, the service's own description, and the
+pages for people (the demo page, Swagger UI)."""
+from . import generate, meta, outputs, web
 
-BLUEPRINTS = (generate.bp, outputs.bp, meta.bp)
+BLUEPRINTS = (generate.bp, outputs.bp, meta.bp, web.bp)

@@ -1,0 +1,395 @@
+// The demo page: builds its parameter controls from /api/sonic/params, submits an async job,
+// follows it through the job's Server-Sent Events (read with fetch, so an API key can be sent;
+// polling when the server has no stream to spare), and plays the video. Plain JS, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TERMINAL = ["succeeded", "failed", "canceled"];
+const HISTORY_KEY = "sonic.history";
+const KEY_KEY = "sonic.apiKey";
+const state = { audio: null, audioName: null, params: {}, job: null, following: null };
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY_KEY);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+// ---- errors: the server's message, next to the field it names -----------------------------
+function clearErrors() {
+  document.querySelectorAll(".error").forEach((p) => { p.textContent = ""; });
+  document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+  document.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+}
+
+function showError(err) {
+  const message = (err && err.message) || "the request failed";
+  const field = err && err.field;
+  let box = field ? $("error-" + field) : null;
+  if (!box) box = $("error-form");
+  box.textContent = message;
+  if (field && $("field-" + field)) {
+    $("field-" + field).classList.add("invalid");
+    const input = $(field) || $("param-" + field);
+    if (input) input.setAttribute("aria-invalid", "true");
+    if ($("param-" + field)) $("params-box").open = true;
+  }
+  box.scrollIntoView({ block: "nearest" });
+}
+
+async function errorOf(resp) {
+  try {
+    const body = await resp.json();
+    if (body && body.error) return body.error;
+  } catch (e) { /* not JSON */ }
+  return { message: `the server answered ${resp.status}` };
+}
+
+// ---- parameters, from the server's own description ----------------------------------------
+async function loadParams() {
+  let resp;
+  try {
+    resp = await fetch("/api/sonic/params", { headers: authHeaders() });
+  } catch (e) {
+    showError({ message: "the server cannot be reached" });
+    return;
+  }
+  if (!resp.ok) { showError(await errorOf(resp)); return; }
+  const spec = await resp.json();
+  state.params = spec.parameters || {};
+  const box = $("params");
+  box.textContent = "";
+  for (const [name, p] of Object.entries(state.params)) {
+    const field = document.createElement("div");
+    field.className = "field param";
+    field.id = "field-" + name;
+    const label = document.createElement("label");
+    label.htmlFor = "param-" + name;
+    label.textContent = name.replace(/_/g, " ");
+    let input;
+    if (p.type === "boolean") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = p.default === true;
+    } else if (Array.isArray(p.enum)) {
+      input = document.createElement("select");
+      if (p.default === null || p.default === undefined) input.append(new Option("(default)", ""));
+      for (const v of p.enum) input.append(new Option(String(v), String(v), false, v === p.default));
+    } else {
+      input = document.createElement("input");
+      if (p.type === "integer" || p.type === "number") {
+        input.type = "number";
+        input.step = p.type === "integer" ? "1" : "any";
+        if (p.minimum !== null && p.minimum !== undefined) input.min = p.minimum;
+        if (p.maximum !== null && p.maximum !== undefined) input.max = p.maximum;
+      } else {
+        input.type = "text";
+      }
+      input.placeholder = p.default === null || p.default === undefined ? "(default)" : String(p.default);
+      if (p.default !== null && p.default !== undefined) input.value = String(p.default);
+    }
+    input.id = "param-" + name;
+    input.dataset.param = name;
+    const hint = document.createElement("p");
+    hint.className = "hint";
+    hint.id = "hint-" + name;
+    const range = p.minimum !== null && p.minimum !== undefined && p.maximum !== null && p.maximum !== undefined
+      ? ` (${p.minimum} to ${p.maximum})` : "";
+    hint.textContent = (p.description || "") + range;
+    const err = document.createElement("p");
+    err.className = "error";
+    err.id = "error-" + name;
+    err.setAttribute("role", "alert");
+    input.setAttribute("aria-describedby", `hint-${name} error-${name}`);
+    if (p.type === "boolean") {
+      label.prepend(input);
+      field.append(label, hint, err);
+    } else {
+      field.append(label, input, hint, err);
+    }
+    box.append(field);
+  }
+}
+
+function config() {
+  const cfg = {};
+  document.querySelectorAll("[data-param]").forEach((input) => {
+    const name = input.dataset.param;
+    const p = state.params[name];
+    let value;
+    if (input.type === "checkbox") value = input.checked;
+    else if (input.value === "") return;
+    else if (p.type === "integer") value = Number(input.value);
+    else if (p.type === "number") value = Number(input.value);
+    else value = input.value;
+    if (p.type === "integer" && !Number.isInteger(value)) value = input.value;   // the server names it
+    if (value !== p.default) cfg[name] = value;
+  });
+  cfg.async = true;
+  return cfg;
+}
+
+// ---- inputs: pick, drop, record -------------------------------------------------------------
+function wireDrop(zone, input) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) {
+      input.files = e.dataTransfer.files;
+      input.dispatchEvent(new Event("change"));
+    }
+  });
+}
+
+function showImagePreview() {
+  const file = $("image").files[0];
+  const img = $("preview");
+  if (!file) { img.hidden = true; return; }
+  img.src = URL.createObjectURL(file);
+  img.hidden = false;
+}
+
+function useAudioFile() {
+  const file = $("audio").files[0];
+  if (!file) return;
+  state.audio = file;
+  state.audioName = file.name;
+  $("audio-preview").src = URL.createObjectURL(file);
+  $("audio-preview").hidden = false;
+  $("record-state").textContent = "";
+}
+
+let recorder = null;
+async function toggleRecording() {
+  if (recorder && recorder.state === "recording") { recorder.stop(); return; }
+  if (!navigator.mediaDevices || !window.MediaRecorder) {
+    $("record-state").textContent = "recording needs a secure page (https or localhost) and a microphone";
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (e) {
+    $("record-state").textContent = "no microphone, or it was not allowed";
+    return;
+  }
+  const chunks = [];
+  recorder = new MediaRecorder(stream);
+  recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
+  recorder.onstop = () => {
+    stream.getTracks().forEach((t) => t.stop());
+    const type = recorder.mimeType || "audio/webm";
+    state.audio = new Blob(chunks, { type });
+    state.audioName = "recording." + (type.includes("ogg") ? "ogg" : type.includes("mp4") ? "m4a" : "webm");
+    $("audio").value = "";
+    $("audio-preview").src = URL.createObjectURL(state.audio);
+    $("audio-preview").hidden = false;
+    $("record").textContent = "Record again";
+    $("record-state").textContent = "recorded";
+  };
+  recorder.start();
+  $("record").textContent = "Stop recording";
+  $("record-state").textContent = "recording...";
+}
+
+// ---- a job: submit, follow, cancel, show ----------------------------------------------------
+function setProgress(body) {
+  const pct = Math.round((body.progress || 0) * 100);
+  $("bar").style.width = pct + "%";
+  $("progress").setAttribute("aria-valuenow", String(pct));
+  $("progress").setAttribute("aria-valuetext", `${body.stage}: ${pct}%`);
+  $("stage").textContent = body.stage;
+  $("percent").textContent = pct + "%";
+}
+
+function busy(on) {
+  $("submit").disabled = on;
+  $("cancel").hidden = !on;
+  $("progress-box").hidden = false;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  const image = $("image").files[0];
+  if (!image) { showError({ field: "image", message: "choose a portrait photo" }); return; }
+  if (!state.audio) { showError({ field: "audio", message: "choose or record a speech recording" }); return; }
+  const form = new FormData();
+  form.append("image", image, image.name);
+  form.append("audio", state.audio, state.audioName || "audio");
+  form.append("config", JSON.stringify(config()));
+  $("result").hidden = true;
+  setProgress({ progress: 0, stage: "uploading" });
+  busy(true);
+  let resp;
+  try {
+    resp = await fetch("/api/sonic/generate", { method: "POST", body: form, headers: authHeaders() });
+  } catch (e) {
+    busy(false);
+    showError({ message: "the server cannot be reached" });
+    return;
+  }
+  const body = (resp.headers.get("Content-Type") || "").includes("json") ? await resp.json() : null;
+  if (resp.status === 200 && body && body.success) {            // a cached result
+    remember(body, "succeeded");
+    finish({ ...body, status: "succeeded", progress: 1, stage: "succeeded" });
+    return;
+  }
+  if (resp.status !== 202 || !body) {
+    busy(false);
+    $("progress-box").hidden = true;
+    showError(body && body.error ? body.error : { message: `the server answered ${resp.status}` });
+    return;
+  }
+  state.job = body.job_id;
+  remember(body, body.status);
+  setProgress(body);
+  follow(body.job_id, body.status_url);
+}
+
+async function follow(jobId, statusUrl) {
+  const ctrl = new AbortController();
+  state.following = ctrl;
+  try {
+    const resp = await fetch(`/api/sonic/jobs/${jobId}/events`, { headers: authHeaders(), signal: ctrl.signal });
+    if (resp.ok && resp.body) {
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          if (!data) continue;
+          const body = JSON.parse(data);
+          if (!body.status) break;                             // an error event: poll below
+          setProgress(body);
+          if (TERMINAL.includes(body.status)) { finish(body); return; }
+        }
+      }
+    }
+  } catch (e) {
+    if (ctrl.signal.aborted) return;
+  }
+  poll(statusUrl);                                             // no stream to spare, or it ended early
+}
+
+async function poll(statusUrl) {
+  for (;;) {
+    try {
+      const resp = await fetch(statusUrl, { headers: authHeaders() });
+      const body = await resp.json();
+      if (body.status) {
+        setProgress(body);
+        if (TERMINAL.includes(body.status)) { finish(body); return; }
+      }
+    } catch (e) { /* retry */ }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+async function cancel() {
+  if (!state.job) return;
+  $("cancel").disabled = true;
+  const resp = await fetch(`/api/sonic/jobs/${state.job}/cancel`, { method: "POST", headers: authHeaders() });
+  $("cancel").disabled = false;
+  if (!resp.ok && resp.status !== 409) showError(await errorOf(resp));
+}
+
+function figure(list, name, value) {
+  const dt = document.createElement("dt");
+  dt.textContent = name;
+  const dd = document.createElement("dd");
+  dd.textContent = value;
+  list.append(dt, dd);
+}
+
+function finish(body) {
+  busy(false);
+  state.job = null;
+  remember(body, body.status);
+  if (body.status !== "succeeded") {
+    $("progress-box").hidden = true;
+    showError(body.error || { message: `the job ended: ${body.status}` });
+    return;
+  }
+  setProgress({ progress: 1, stage: "done" });
+  $("video").src = body.video_url;
+  $("download").href = body.video_url;
+  const figs = $("figures");
+  figs.textContent = "";
+  figure(figs, "duration", `${body.duration} s, ${body.frames} frames at ${body.fps} fps`);
+  figure(figs, "size", `${body.width} x ${body.height}`);
+  if (body.lipsync_offset_ms !== undefined && body.lipsync_offset_ms !== null) {
+    figure(figs, "lip-sync offset", `${body.lipsync_offset_ms} ms`);
+  }
+  if (body.timings) {
+    const t = body.timings;
+    const parts = Object.entries(t).filter(([k]) => k !== "total").map(([k, v]) => `${k} ${v} s`).join(", ");
+    figure(figs, "time", `${t.total} s (${parts})`);
+  }
+  figure(figs, "seed", String(body.seed));
+  if (body.cached) figure(figs, "cached", "yes: the same inputs were made before");
+  (body.warnings || []).forEach((w) => figure(figs, "note", w));
+  $("result").hidden = false;
+}
+
+// ---- this browser's history -----------------------------------------------------------------
+function history() {
+  try { return JSON.parse(localStorage.getItem(HISTORY_KEY)) || []; } catch (e) { return []; }
+}
+
+function remember(body, status) {
+  if (!body.job_id) return;
+  const items = history().filter((h) => h.job_id !== body.job_id);
+  const old = history().find((h) => h.job_id === body.job_id);
+  items.unshift({ job_id: body.job_id, status, video_url: body.video_url || (old && old.video_url) || null,
+                  when: (old && old.when) || new Date().toISOString() });
+  localStorage.setItem(HISTORY_KEY, JSON.stringify(items.slice(0, 10)));
+  renderHistory();
+}
+
+function renderHistory() {
+  const list = $("history");
+  list.textContent = "";
+  const items = history();
+  $("history-box").hidden = items.length === 0;
+  for (const h of items) {
+    const li = document.createElement("li");
+    const when = new Date(h.when).toLocaleString();
+    if (h.video_url && h.status === "succeeded") {
+      const a = document.createElement("a");
+      a.href = h.video_url;
+      a.textContent = `${when}: video`;
+      li.append(a);
+    } else {
+      li.textContent = `${when}: ${h.status}`;
+    }
+    list.append(li);
+  }
+}
+
+// ---- start ------------------------------------------------------------------------------------
+$("api-key").value = localStorage.getItem(KEY_KEY) || "";
+$("api-key").addEventListener("change", () => {
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(KEY_KEY, key); else localStorage.removeItem(KEY_KEY);
+  clearErrors();
+  loadParams();
+});
+$("image").addEventListener("change", showImagePreview);
+$("audio").addEventListener("change", useAudioFile);
+wireDrop($("drop-image"), $("image"));
+wireDrop($("drop-audio"), $("audio"));
+$("record").addEventListener("click", toggleRecording);
+$("form").addEventListener("submit", submit);
+$("cancel").addEventListener("click", cancel);
+$("clear-history").addEventListener("click", () => { localStorage.removeItem(HISTORY_KEY); renderHistory(); });
+renderHistory();
+loadParams();

@@ -1,0 +1,180 @@
+"""The demo page at / and Swagger UI at /docs in a real Chromium (Debian's chromium and
+chromium-driver, driven by selenium, headless) against app.py on a free port with the real model.
+Set SONIC_SCREENSHOT=path to save the finished page (docs/demo.png is made this way)."""
+import os
+import shutil
+import time
+
+import pytest
+
+from conftest import EXAMPLES, PORTRAIT, SPEECH
+from test_http_live import start_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, info = start_server(tmp_path_factory.mktemp("browser"), queue_size=4)
+    yield info["base"]
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        pytest.fail("chromium and chromedriver are not installed (.ci/run installs Debian's chromium and "
+                    "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500",
+                "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(condition)
+        if value:
+            return value
+        time.sleep(0.05)
+    logs = driver.get_log("browser") if hasattr(driver, "get_log") else []
+    pytest.fail(f"{what} not reached in {timeout} s; browser log: {logs}")
+
+
+def open_page(driver, base):
+    driver.get(base + "/")
+    wait(driver, "return document.querySelectorAll('[data-param]').length > 5", 20, "parameter controls")
+
+
+def choose(driver, image, audio=None):
+    driver.find_element("id", "image").send_keys(str(image))
+    if audio:
+        driver.find_element("id", "audio").send_keys(str(audio))
+
+
+def set_param(driver, name, value):
+    el = driver.find_element("id", "param-" + name)
+    driver.execute_script("arguments[0].value = arguments[1]", el, str(value))
+
+
+def test_a_person_makes_and_plays_a_video_with_progress(server, browser):
+    d = browser
+    open_page(d, server)
+    # controls come from /api/sonic/params: ranges and defaults
+    seed = d.find_element("id", "param-seed")
+    assert seed.get_attribute("type") == "number"
+    scale = d.find_element("id", "param-dynamic_scale")
+    assert (scale.get_attribute("min"), scale.get_attribute("max")) == ("0.5", "2")
+    assert d.find_element("id", "param-align_mouth").get_attribute("type") == "checkbox"
+    choose(d, PORTRAIT, SPEECH)
+    wait(d, "return !document.getElementById('preview').hidden && document.getElementById('preview').naturalWidth > 0",
+         10, "the portrait's preview")
+    set_param(d, "min_resolution", 512)
+    set_param(d, "seed", 11)
+    # record what the progress bar shows while the job runs
+    d.execute_script("""
+        window.seen = [];
+        new MutationObserver(() => window.seen.push([document.getElementById('stage').textContent,
+            Number(document.getElementById('progress').getAttribute('aria-valuenow'))]))
+          .observe(document.getElementById('progress-box'), {subtree: true, childList: true, attributes: true,
+                                                             characterData: true});""")
+    d.find_element("id", "submit").click()
+    wait(d, "return !document.getElementById('result').hidden", 120, "the finished video")
+    seen = d.execute_script("return window.seen")
+    stages = [s for s, _ in seen]
+    values = [v for _, v in seen]
+    assert "render" in stages and stages[-1] == "done", stages
+    assert any(0 < v < 100 for v in values) and values[-1] == 100, values
+    # the video plays: its clock advances, and its duration is the recording's
+    duration = wait(d, "const v = document.getElementById('video'); return v.readyState >= 1 && v.duration", 20,
+                    "the video's metadata")
+    assert abs(duration - 3.0) < 0.2, duration
+    d.execute_script("document.getElementById('video').play()")
+    wait(d, "return document.getElementById('video').currentTime > 0.5", 20, "the video playing")
+    figures = d.find_element("id", "figures").text
+    assert "3 s, 75 frames at 25 fps" in figures and "lip-sync offset" in figures and "512" in figures
+    assert d.find_element("id", "download").get_attribute("href").endswith(".mp4")
+    assert "video" in d.find_element("id", "history").text
+    if os.environ.get("SONIC_SCREENSHOT"):
+        d.execute_script("document.getElementById('video').pause(); document.getElementById('video').currentTime = 1.2")
+        time.sleep(0.5)
+        d.save_screenshot(os.environ["SONIC_SCREENSHOT"])
+
+
+def test_cancel_stops_a_long_job(server, browser):
+    d = browser
+    open_page(d, server)
+    choose(d, PORTRAIT, SPEECH)
+    set_param(d, "min_resolution", 512)
+    set_param(d, "duration", 120)
+    set_param(d, "seed", 12)
+    d.find_element("id", "submit").click()
+    wait(d, "return document.getElementById('stage').textContent === 'render'", 60, "the render stage")
+    d.find_element("id", "cancel").click()
+    message = wait(d, "return document.getElementById('error-form').textContent", 30, "the cancel message")
+    assert "canceled" in message
+    assert d.find_element("id", "result").get_attribute("hidden") is not None
+    assert not d.find_element("id", "submit").get_attribute("disabled")          # ready for the next one
+
+
+def test_a_text_file_as_the_image_shows_the_servers_415_next_to_the_image(server, browser, tmp_path):
+    d = browser
+    open_page(d, server)
+    text = tmp_path / "notes.jpg"
+    text.write_text("these are not pixels\n" * 20)
+    choose(d, text, SPEECH)
+    d.find_element("id", "submit").click()
+    message = wait(d, "return document.getElementById('error-image').textContent", 20, "the image's error")
+    assert "image" in message.lower() and "decod" in message.lower(), message
+    assert "invalid" in d.find_element("id", "field-image").get_attribute("class")
+    assert d.find_element("id", "image").get_attribute("aria-invalid") == "true"
+    assert d.find_element("id", "error-form").text == ""
+
+
+def test_a_bad_parameter_is_shown_at_its_control(server, browser):
+    d = browser
+    open_page(d, server)
+    choose(d, PORTRAIT, SPEECH)
+    set_param(d, "dynamic_scale", 9)
+    d.find_element("id", "submit").click()
+    message = wait(d, "return document.getElementById('error-dynamic_scale').textContent", 20, "the field's error")
+    assert "dynamic_scale" in message
+    assert d.find_element("id", "params-box").get_attribute("open") is not None
+
+
+def test_swagger_ui_renders_and_try_it_out_calls_this_server(server, browser):
+    d = browser
+    d.get(server + "/docs")
+    wait(d, "return document.querySelectorAll('.opblock').length >= 6", 30, "the operations")
+    assert "/api/sonic/generate" in d.page_source
+    op = "#operations-default-get_api_sonic_params"
+    d.find_element("css selector", op + " .opblock-summary").click()
+    wait(d, f"return document.querySelector('{op} .try-out__btn')", 10, "the Try it out button")
+    d.execute_script(f"document.querySelector('{op} .try-out__btn').click()")
+    wait(d, f"return document.querySelector('{op} .execute')", 10, "the Execute button")
+    d.execute_script(f"document.querySelector('{op} .execute').click()")
+    status = wait(d, f"const c = document.querySelector('{op} .live-responses-table tr.response .response-col_status');"
+                     "return c && c.textContent.trim()", 20, "the live response")
+    assert status.startswith("200"), status
+    body = d.find_element("css selector", f"{op} .live-responses-table .microlight").text
+    assert '"parameters"' in body and "dynamic_scale" in body
+
+
+def test_the_pages_load_nothing_from_elsewhere(server, browser):
+    d = browser
+    for path in ("/", "/docs"):
+        d.get(server + path)
+        time.sleep(1)
+        urls = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert urls and all(u.startswith(server) or u.startswith("blob:") for u in urls), urls
+    assert EXAMPLES.is_dir()
