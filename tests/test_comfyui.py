@@ -1,0 +1,115 @@
+"""The ComfyUI node (integrations/comfyui), called exactly as ComfyUI calls a node: INPUT_TYPES for
+the inputs and their defaults, FUNCTION on an instance, ComfyUI's tensor layouts (IMAGE float32
+[B, H, W, C] in 0..1; AUDIO {"waveform": [B, C, T], "sample_rate"}), against app.py on a free port."""
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from conftest import PORTRAIT, ROOT, SPEECH
+from test_http_live import free_port, start_server
+
+
+def load_node_package():
+    """Imported the way ComfyUI imports a custom_nodes folder: as a package from its path."""
+    spec = importlib.util.spec_from_file_location("sonic_comfyui", ROOT / "integrations" / "comfyui" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "integrations" / "comfyui")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sonic_comfyui"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def node():
+    pkg = load_node_package()
+    cls = pkg.NODE_CLASS_MAPPINGS["SonicTalkingHead"]
+    assert pkg.NODE_DISPLAY_NAME_MAPPINGS["SonicTalkingHead"]
+    return cls
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, info = start_server(tmp_path_factory.mktemp("comfy"))
+    yield info["base"]
+    proc.terminate()
+    proc.wait(20)
+
+
+def comfy_image(path=PORTRAIT) -> torch.Tensor:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb)[None]                                   # [1, H, W, 3]
+
+
+def comfy_audio(path=SPEECH) -> dict:
+    wav, rate = soundfile.read(path, dtype="float32", always_2d=True)   # [T, C]
+    return {"waveform": torch.from_numpy(wav.T.copy())[None], "sample_rate": rate}     # [1, C, T]
+
+
+def inputs_with_defaults(cls, **given) -> dict:
+    """What ComfyUI passes: every required and optional input, defaults unless given."""
+    types = cls.INPUT_TYPES()
+    kwargs = {}
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            if len(spec) > 1 and "default" in spec[1]:
+                kwargs[name] = spec[1]["default"]
+    kwargs.update(given)
+    return kwargs
+
+
+def run(cls, **given):
+    return getattr(cls(), cls.FUNCTION)(**inputs_with_defaults(cls, **given))
+
+
+def test_the_nodes_parameters_are_the_services(node, server):
+    import requests
+    served = requests.get(server + "/api/sonic/params", timeout=10).json()["parameters"]
+    types = node.INPUT_TYPES()
+    own = {"image", "audio", "server_url", "api_key", "timeout_s"}
+    params = {n: s for sec in types.values() for n, s in sec.items() if n not in own}
+    assert set(params) == set(served)
+    for name, (kind, spec) in params.items():
+        assert spec["default"] == served[name]["default"] or (name, spec["default"]) == ("duration", 0.0), name
+        if served[name]["minimum"] is not None and kind in ("INT", "FLOAT"):
+            assert (spec["min"], spec["max"]) == (served[name]["minimum"], served[name]["maximum"]), name
+    assert node.RETURN_TYPES == ("STRING", "IMAGE", "AUDIO") and len(node.RETURN_NAMES) == 3
+
+
+def test_the_node_returns_the_video_its_frames_and_the_audio(node, server):
+    audio = comfy_audio()
+    path, frames, out_audio = run(node, image=comfy_image(), audio=audio, server_url=server, min_resolution=256,
+                                  seed=3)
+    assert path.endswith(".mp4") and open(path, "rb").read(12)[4:8] == b"ftyp"
+    assert frames.dtype == torch.float32 and frames.ndim == 4 and frames.shape[0] == 75 and frames.shape[-1] == 3
+    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0.05
+    assert frames.shape[1] >= 256 and frames.shape[2] >= 256
+    rate = audio["sample_rate"]
+    assert out_audio["sample_rate"] == rate and out_audio["waveform"].shape == (1, audio["waveform"].shape[1], 3 * rate)
+    # a batch of images: the first is the portrait; the result is the same video (cached)
+    batch = torch.cat([comfy_image(), comfy_image()])
+    again, _, _ = run(node, image=batch, audio=audio, server_url=server, min_resolution=256, seed=3)
+    assert again == path
+    _, short, short_audio = run(node, image=comfy_image(), audio=audio, server_url=server, min_resolution=256,
+                                duration=1.2)
+    assert short.shape[0] == 30 and short_audio["waveform"].shape[-1] == round(1.2 * rate)
+
+
+def test_the_services_refusal_is_the_nodes_error(node, server):
+    pkg = sys.modules["sonic_comfyui"]
+    gray = torch.full((1, 300, 300, 3), 0.5)
+    with pytest.raises(pkg.node.SonicServiceError, match=r"no face.*\[no_face_detected\]"):
+        run(node, image=gray, audio=comfy_audio(), server_url=server, min_resolution=256)
+    with pytest.raises(pkg.node.SonicServiceError, match=r"field dynamic_scale"):
+        run(node, image=comfy_image(), audio=comfy_audio(), server_url=server, dynamic_scale=7.0)
+    silent = {"waveform": torch.zeros((1, 1, 16000)), "sample_rate": 16000}
+    with pytest.raises(pkg.node.SonicServiceError, match=r"silent.*field audio"):
+        run(node, image=comfy_image(), audio=silent, server_url=server)
+    with pytest.raises(pkg.node.SonicServiceError, match="cannot be reached"):
+        run(node, image=comfy_image(), audio=comfy_audio(), server_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(pkg.node.SonicServiceError, match="AUDIO input"):
+        run(node, image=comfy_image(), audio=torch.zeros(3), server_url=server)
