@@ -178,3 +178,34 @@ def test_the_pages_load_nothing_from_elsewhere(server, browser):
         urls = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert urls and all(u.startswith(server) or u.startswith("blob:") for u in urls), urls
     assert EXAMPLES.is_dir()
+
+
+def test_with_api_keys_the_key_field_unlocks_the_page_and_the_event_stream(browser, tmp_path):
+    proc, info = start_server(tmp_path, api_keys=["browser-key-1"])
+    try:
+        d = browser
+        d.get(info["base"] + "/")
+        d.execute_script("localStorage.clear()")
+        d.get(info["base"] + "/")
+        message = wait(d, "return document.getElementById('error-form').textContent", 20, "the 401 message")
+        assert "key" in message.lower(), message
+        key = d.find_element("id", "api-key")
+        key.send_keys("browser-key-1")
+        d.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        wait(d, "return document.querySelectorAll('[data-param]').length > 5", 20, "the parameters, with the key")
+        assert d.execute_script("return localStorage.getItem('sonic.apiKey')") == "browser-key-1"
+        choose(d, PORTRAIT, SPEECH)
+        set_param(d, "min_resolution", 256)
+        d.execute_script("window.stages = []; new MutationObserver(() => window.stages.push("
+                         "document.getElementById('stage').textContent)).observe(document.getElementById('stage'),"
+                         "{childList: true, characterData: true, subtree: true})")
+        d.find_element("id", "submit").click()
+        wait(d, "return !document.getElementById('result').hidden", 60, "the finished video")
+        assert "render" in d.execute_script("return window.stages")
+        log = (tmp_path / "server.log").read_text()                     # through the stream, with the key
+        assert '/events", "status": 200' in log and "/api/sonic/jobs/" in log
+        assert not [line for line in log.splitlines() if '"status": 401' in line and "/events" in line]
+        d.execute_script("localStorage.clear()")
+    finally:
+        proc.terminate()
+        proc.wait(20)
