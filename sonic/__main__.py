@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
     sub.add_parser("worker", help="run jobs from Redis (sonic worker --help; docs/scaling.md)", add_help=False)
+    sub.add_parser("accounts", help="accounts, keys and credits (sonic accounts --help; docs/credits.md)",
+                   add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "serve":          # its own flags are the server's to parse
         from sonic_server.serve import main as serve
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from sonic_server.worker import main as worker
         worker(rest, prog="sonic worker")
+        return 0
+    if args.command == "accounts":
+        from sonic_server.accounts_cli import main as accounts
+        accounts(rest, prog="sonic accounts")
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -80,6 +80,7 @@ class ServerSettings:
     redis_url: str | None = None         # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
     worker_lease_s: float = 30.0         # a running job whose worker is silent this long is failed (worker_lost)
     retry_lost_jobs: int = 0             # ... or queued again, this many times, before it is failed
+    database_url: str | None = None      # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
 
     @property
     def jobs_db_path(self) -> str:
@@ -106,6 +107,23 @@ class S3Settings:
     url_ttl_s: int = 3600                # a presigned URL's lifetime
 
 
+@dataclass(frozen=True)
+class CreditsSettings:
+    """Accounts and credits (docs/credits.md). Variables: SONIC_CREDITS_<NAME>; the database is
+    server.database_url (SONIC_DATABASE_URL)."""
+    enabled: bool = False                # off: the service behaves as without accounts (flat server.api_keys)
+    per_video_second: int = 10           # credits per second of video (rounded up to whole credits)
+    per_request: int = 0                 # credits per generate request, on top
+    charge_cache_hits: bool = False      # a cached result costs as much as a new one (default: free)
+    max_recharge_users: int = 1000       # accounts per recharge call
+    max_recharge_amount: int = 1_000_000_000   # credits per account per recharge call
+    recharge_rate_per_s: float = 1.0     # recharge calls per operator per second (their own bucket)
+    recharge_burst: float = 5.0
+    jwt_secret: str | None = None        # HS256 bearer tokens signed with this secret
+    jwt_public_key: str | None = None    # RS256 bearer tokens: a PEM public key, or the path of one
+    ledger_page: int = 50                # rows per page of /api/credits and /api/admin/audit
+
+
 STORAGE_KINDS = ("local", "s3")
 VIDEO_URLS = ("proxy", "presigned")
 
@@ -123,10 +141,12 @@ class Settings:
     storage: str = "local"               # local: output_dir and upload_dir (shared folders); s3: S3Settings
     server: ServerSettings = field(default_factory=ServerSettings)
     s3: S3Settings = field(default_factory=S3Settings)
+    credits: CreditsSettings = field(default_factory=CreditsSettings)
 
 
-_SECTIONS = {"limits": Limits, "server": ServerSettings, "s3": S3Settings}
-_ENV_PREFIXES = {"s3": ENV_PREFIX + "S3_"}     # SONIC_S3_BUCKET; the other sections: SONIC_<NAME>
+_SECTIONS = {"limits": Limits, "server": ServerSettings, "s3": S3Settings, "credits": CreditsSettings}
+# SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
+_ENV_PREFIXES = {"s3": ENV_PREFIX + "S3_", "credits": ENV_PREFIX + "CREDITS_"}
 
 
 def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
@@ -229,7 +249,20 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
     if settings.device not in DEVICES:              # from the file, a variable or a flag
         raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
     _check_storage(settings)
+    _check_credits(settings)
     return _resolve_paths(settings, base or Path.cwd())
+
+
+def _check_credits(s: Settings) -> None:
+    c = s.credits
+    for name in ("per_video_second", "per_request"):
+        if getattr(c, name) < 0:
+            raise SettingsError(f"setting credits.{name} must be 0 or more, got {getattr(c, name)}")
+    for name in ("max_recharge_users", "max_recharge_amount", "ledger_page"):
+        if getattr(c, name) < 1:
+            raise SettingsError(f"setting credits.{name} must be at least 1, got {getattr(c, name)}")
+    if c.recharge_rate_per_s <= 0 or c.recharge_burst < 1:
+        raise SettingsError("settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1")
 
 
 def _check_storage(s: Settings) -> None:

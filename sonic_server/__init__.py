@@ -39,7 +39,17 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         event_streams=Slots(srv.max_event_streams))
     hooks.request_id(app)
     hooks.access_log(app)
-    access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst)
+    if settings.credits.enabled:          # accounts, keys and credits (docs/credits.md)
+        from .credits import Ledger, Settler, cost, database_url
+        from .routes import credits as credit_routes
+        c = settings.credits
+        svc.ledger = Ledger(database_url(settings))
+        svc.settler = Settler(svc.ledger, lambda: svc.queue,
+                              lambda result: cost(result.get("duration", 0.0), c.per_video_second, c.per_request))
+        svc.settler.start()
+        app.register_blueprint(credit_routes.bp)
+    access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst,
+                   ledger=svc.ledger, credits=settings.credits)
     hooks.cors(app, list(srv.cors_origins))
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:

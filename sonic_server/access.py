@@ -107,15 +107,22 @@ def verified(key: str | None, keys: list[str]) -> str | None:
     return match
 
 
-def install(app: Flask, keys: list[str], rate_per_s: float, burst: float) -> None:
+def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger=None, credits=None) -> None:
     """Refuse /api/ requests without a valid key (401, when keys are set) or over their bucket
-    (429 + Retry-After): a verified key's, else the client address's."""
+    (429 + Retry-After): a verified key's, else the client address's. With accounts (`ledger`,
+    credits enabled) every /api/ request needs an account's key, a bearer token or a flat key,
+    /api/admin/ the admin role (403), and recharges have their own, lower limit."""
     limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst)
+    if ledger is not None:
+        limiter.keys.max_clients = MAX_CLIENTS * 10            # one bucket per account: bounded too
+        recharges = TokenBucket(credits.recharge_rate_per_s, credits.recharge_burst, max_clients=MAX_CLIENTS)
 
     @app.before_request
     def _guard():
         if not request.path.startswith(GUARDED_PREFIX) or request.method == "OPTIONS":
             return None
+        if ledger is not None:
+            return _guard_accounts()
         key = verified(bearer_key(request.headers.get("Authorization")), keys) if keys else None
         wait = limiter.take(key, request.remote_addr or "unknown")
         if wait > 0:
@@ -125,3 +132,73 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float) -> Non
             return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
                                   headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    def _guard_accounts():
+        from flask import g
+        token = bearer_key(request.headers.get("Authorization"))
+        principal, why = identify(token, keys, ledger, credits)
+        wait = limiter.take(f"{principal.via}:{principal.name}" if principal else None, request.remote_addr or "unknown")
+        if wait > 0:
+            return error_response("rate_limited", "too many requests; slow down",
+                                  headers={"Retry-After": retry_after(wait)})
+        if principal is None:
+            return error_response("unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
+        g.principal = principal
+        if request.path.startswith(ADMIN_PREFIX) and principal.role != "admin":
+            return error_response("forbidden", "this needs an admin account")
+        if request.path == RECHARGE_PATH and request.method == "POST":
+            wait = recharges.take(principal.operator)
+            if wait > 0:
+                return error_response("rate_limited", "too many recharge calls; slow down",
+                                      headers={"Retry-After": retry_after(wait)})
+        return None
+
+
+ADMIN_PREFIX = "/api/admin/"
+RECHARGE_PATH = "/api/admin/credits/recharge"
+NO_KEY = "an account's API key or a bearer token is required: Authorization: Bearer <key or token>"
+
+
+def identify(token: str | None, flat_keys: list[str], ledger, credits):
+    """(the Principal, None) or (None, why not): a flat key, a JWT (three dot-separated parts),
+    else an account's key."""
+    from .credits import Principal
+    if token is None:
+        return None, NO_KEY
+    flat = verified(token, flat_keys) if flat_keys else None
+    if flat is not None:
+        return Principal("service", "admin", None, "flat"), None
+    if token.count(".") == 2 and (credits.jwt_secret or credits.jwt_public_key):
+        return _jwt(token, ledger, credits)
+    principal = ledger.authenticate(token)
+    return (principal, None) if principal else (None, "this API key is not valid (unknown or revoked)")
+
+
+def _jwt(token: str, ledger, credits):
+    import jwt
+    try:
+        alg = jwt.get_unverified_header(token).get("alg")
+    except jwt.InvalidTokenError:
+        return None, "the bearer token is not a valid JWT"
+    if alg == "HS256" and credits.jwt_secret:
+        key = credits.jwt_secret
+    elif alg == "RS256" and credits.jwt_public_key:
+        key = _public_key(credits.jwt_public_key)
+    else:
+        return None, f"bearer tokens signed with {alg!r} are not accepted here"
+    try:
+        claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["sub"]})
+    except jwt.ExpiredSignatureError:
+        return None, "the bearer token has expired"
+    except jwt.InvalidTokenError:
+        return None, "the bearer token's signature or claims are not valid"
+    role = "admin" if claims.get("role") == "admin" else "user"
+    principal = ledger.principal(str(claims["sub"]), role, "jwt")
+    return (principal, None) if principal else (None, f"the token's account ({claims['sub']}) does not exist")
+
+
+def _public_key(value: str) -> str:
+    if "BEGIN" in value:
+        return value
+    from pathlib import Path
+    return Path(value).read_text()

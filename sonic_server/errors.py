@@ -32,6 +32,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "internal_error": 500,
     # produced by the server itself
     "unauthorized": 401,
+    "insufficient_credits": 402, # credits.enabled: the estimate is more than the account's balance
+    "forbidden": 403,            # credits.enabled: an admin route without the admin role, or no account
+    "conflict": 409,             # an account that exists already
     "not_found": 404,
     "job_not_found": 404,
     "method_not_allowed": 405,
@@ -66,11 +69,13 @@ ERROR_SCHEMA = component("Error", {"type": "object", "properties": {
 
 
 def error_response(code: str, message: str, field: str | None = None, headers: dict | None = None,
-                   status: int | None = None):
-    """The one error body; its status comes from the code unless given."""
+                   status: int | None = None, extra: dict | None = None):
+    """The one error body; its status comes from the code unless given; `extra`: more fields of
+    the error (a 402's `needed` and `balance`)."""
     err = {"code": code, "message": message}
     if field:
         err["field"] = field
+    err.update(extra or {})
     resp = jsonify({"success": False, "error": err, "request_id": g.get("request_id")})
     resp.status_code = status if status is not None else status_for(code)
     for k, v in (headers or {}).items():

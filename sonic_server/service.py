@@ -49,6 +49,8 @@ class Service:
     decoder: str | None = None       # the loaded pipeline's decoder and device, once ready
     device: str | None = None
     decoder_identity: str | None = None   # the decoder and its weights: part of the result cache key
+    ledger: Any = None               # accounts and credits (credits.enabled; sonic_server/credits.py)
+    settler: Any = None              # ends the credit holds of jobs that have ended
 
 
 def service() -> Service:

@@ -86,7 +86,7 @@ def test_health_when_the_worker_has_stopped(make_client):
 # every /api/ operation may also answer 401 (API keys) and 429 (rate limit)
 GUARDED = {"401", "429"}
 OPERATIONS = {
-    ("/api/sonic/generate", "post"): {"200", "202", "400", "413", "415", "422", "503", "500"} | GUARDED,
+    ("/api/sonic/generate", "post"): {"200", "202", "400", "402", "403", "413", "415", "422", "503", "500"} | GUARDED,
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,

@@ -110,6 +110,51 @@ def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
     return rec
 
 
+def _payer(svc):
+    """With credits: (the principal, its operator name) of the account that pays, or a 403
+    response for a key without an account; without credits: None."""
+    if svc.ledger is None:
+        return None
+    p = g.principal
+    if p.account_id is None:
+        return error_response("forbidden", "making videos needs an account's key or token (credits are enabled); "
+                                           "this key belongs to no account")
+    return p, p.operator
+
+
+def _insufficient(needed: int, balance: int):
+    return error_response("insufficient_credits", f"this video costs {needed} credits and the account has "
+                                                  f"{balance}", extra={"needed": needed, "balance": balance})
+
+
+def _reserve(svc, payer, job_id: str, seconds: float):
+    from ..credits import cost
+    c = svc.settings.credits
+    needed = cost(seconds, c.per_video_second, c.per_request)
+    ok, balance = svc.ledger.reserve(payer[0].account_id, job_id, needed, payer[1], g.get("request_id"))
+    return None if ok else _insufficient(needed, balance)
+
+
+def _charge_hit(svc, payer, hit: JobRecord):
+    from ..credits import cost
+    c = svc.settings.credits
+    needed = cost((hit.result or {}).get("duration", 0.0), c.per_video_second, c.per_request)
+    ok, balance = svc.ledger.charge(payer[0].account_id, needed, payer[1], "a cached result",
+                                    g.get("request_id"), hit.id)
+    return None if ok else _insufficient(needed, balance)
+
+
+def _release(svc, payer, job_id: str) -> None:
+    if payer:
+        svc.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
+
+
+def _settle(svc, rec: JobRecord) -> None:
+    """A job seen ended: its hold is released and, on success, the video charged (once)."""
+    if svc.settler is not None and rec is not None and rec.terminal:
+        svc.settler.settle(rec)
+
+
 def _decoder_identity(svc) -> str:
     """The loaded decoder's identity (the result cache keys on it): this process's pipeline's, or
     what the workers announced (distributed mode)."""
@@ -157,7 +202,8 @@ def _read_files() -> dict[str, bytes]:
 @describe("Generate a talking-head video", parameters=[PREFER], request_body=UPLOAD, responses={
     200: ("video ready", content("application/json", RESULT)),
     202: ("accepted; poll status_url", content("application/json", JOB)),
-    400: error("bad or missing field / JSON"), 413: error("upload too large"),
+    400: error("bad or missing field / JSON"), 402: error("credits enabled: not enough credits (needed, balance)"),
+    403: error("credits enabled: this key belongs to no account"), 413: error("upload too large"),
     415: error("not a decodable image / audio"), 422: error("no face, audio too long, empty or silent audio"),
     503: error("queue full (Retry-After)"), 500: error("internal error")})
 def generate():
@@ -171,8 +217,15 @@ def generate():
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)))
+    payer = _payer(svc)
+    if payer is not None and not isinstance(payer, tuple):
+        return payer                                      # a key without an account: 403
     hit = queue.cached(key)
     if hit:
+        if payer and svc.settings.credits.charge_cache_hits:
+            refused = _charge_hit(svc, payer, hit)
+            if refused is not None:
+                return refused
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key)
@@ -181,22 +234,31 @@ def generate():
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
         checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
+        if payer:                                          # the estimate is held before anything is queued
+            refused = _reserve(svc, payer, rec.id, opts.duration or checked.audio_s)
+            if refused is not None:
+                svc.uploads.remove(rec.id)
+                return refused
         rec = queue.submit(rec, checked)
         svc.uploads.drop_local_copy(rec.id)                   # in a bucket: this process's copy goes
     except QueueFull:
+        _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
         return error_response("busy", "the generation queue is full; retry later",
                               headers={"Retry-After": svc.retry_after_s})
     except WorkerStopped:
+        _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
         return error_response("not_ready", "no worker is running jobs (/health says worker_stopped); "
                                            "restart the service, or start a `sonic worker` in distributed mode", headers={"Retry-After": "60"})
     except Exception:
+        _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
         raise
 
     if not want_async:
         rec = _wait_for(queue, rec.id, svc.sync_wait_s)
+        _settle(svc, rec)
         if rec.status == "succeeded":
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
@@ -212,7 +274,9 @@ def generate():
 @bp.get("/api/sonic/jobs/<job_id>")
 @describe("Job status", responses={200: ("status", content("application/json", JOB)), 404: error("no such job")})
 def job_status(job_id):
-    return jsonify(_job_body(_find_job(job_id), _urls(job_id)))
+    rec = _find_job(job_id)
+    _settle(service(), rec)
+    return jsonify(_job_body(rec, _urls(job_id)))
 
 
 @bp.post("/api/sonic/jobs/<job_id>/cancel")
@@ -220,9 +284,11 @@ def job_status(job_id):
                                      404: error("no such job")})
 def job_cancel(job_id):
     _find_job(job_id)
-    queue = service().queue
-    queue.cancel(job_id)
-    return jsonify(_job_body(_wait_for(queue, job_id, CANCEL_WAIT_S), _urls(job_id)))
+    svc = service()
+    svc.queue.cancel(job_id)
+    rec = _wait_for(svc.queue, job_id, CANCEL_WAIT_S)
+    _settle(svc, rec)
+    return jsonify(_job_body(rec, _urls(job_id)))
 
 
 @bp.get("/api/sonic/jobs/<job_id>/events")

@@ -1,0 +1,94 @@
+"""`sonic accounts`: manage accounts, keys and credits in the service's database (the same one
+the server uses: server.database_url / SONIC_DATABASE_URL, else <data_dir>/credits.sqlite3).
+
+  sonic accounts create NAME [--admin] [--credits N]   a new account; prints its key (shown once)
+  sonic accounts key NAME                              another key for an account
+  sonic accounts list                                  accounts, roles, balances
+  sonic accounts show NAME                             one account, its keys and recent ledger
+  sonic accounts revoke KEY_PREFIX                     revoke keys by their first characters
+  sonic accounts recharge NAME... --amount N --reason TEXT [--soft] [--idempotency-key K]
+  sonic accounts check                                 balances against ledger sums; exit 1 on a mismatch
+Every change is written to the ledger with the operator `cli:<user>`.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+
+from sonic.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("create")
+    c.add_argument("name")
+    c.add_argument("--admin", action="store_true")
+    c.add_argument("--credits", type=int, default=0)
+    c.add_argument("--reason")
+    sub.add_parser("key").add_argument("name")
+    sub.add_parser("list")
+    sub.add_parser("show").add_argument("name")
+    sub.add_parser("revoke").add_argument("prefix")
+    r = sub.add_parser("recharge")
+    r.add_argument("names", nargs="+")
+    r.add_argument("--amount", type=int, required=True)
+    r.add_argument("--reason", required=True)
+    r.add_argument("--soft", action="store_true", help="each account on its own (default: all or none)")
+    r.add_argument("--idempotency-key")
+    sub.add_parser("check")
+    a = ap.parse_args(argv)
+    from .credits import CreditError, Ledger, check_amount, database_url
+    try:
+        settings = load_settings(a.config)
+        ledger = Ledger(database_url(settings))
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
+    except Exception as e:                                  # noqa: BLE001 - the database cannot be opened
+        sys.exit(f"error: the accounts database cannot be opened ({type(e).__name__}: {str(e).splitlines()[0]})")
+    operator = f"cli:{getpass.getuser()}"
+    try:
+        if a.command == "create":
+            acct, key = ledger.create_account(a.name, "admin" if a.admin else "user", a.credits, operator, a.reason)
+            print(f"account {acct['name']} ({acct['role']}), balance {acct['balance']}")
+            print(f"key: {key}")
+            print("(the key is shown this once; it is stored hashed)", file=sys.stderr)
+        elif a.command == "key":
+            print(f"key: {ledger.create_key(a.name, operator)}")
+        elif a.command == "list":
+            for acct in ledger.list_accounts():
+                print(f"{acct['name']:<32} {acct['role']:<6} {acct['balance']:>14}")
+        elif a.command == "show":
+            acct = ledger.account(a.name)
+            if acct is None:
+                sys.exit(f"error: no account named {a.name!r}")
+            entries, _ = ledger.entries(account=a.name, limit=20)
+            print(json.dumps({**acct, "ledger": entries}, indent=2))
+        elif a.command == "revoke":
+            revoked = ledger.revoke(a.prefix, operator)
+            if not revoked:
+                sys.exit(f"error: no live key starts with {a.prefix!r}")
+            print("revoked: " + ", ".join(revoked))
+        elif a.command == "recharge":
+            if len(set(a.names)) != len(a.names):
+                sys.exit("error: an account is named twice")
+            check_amount(a.amount, settings.credits.max_recharge_amount)
+            status, answer = ledger.recharge(a.names, a.amount, a.reason, "soft" if a.soft else "atomic", operator,
+                                             idempotency_key=a.idempotency_key)
+            print(json.dumps(answer, indent=2))
+            if answer.get("failed_users"):
+                sys.exit(1)
+        elif a.command == "check":
+            bad = ledger.check()
+            for b in bad:
+                print(f"MISMATCH {b['account']}: balance {b['balance']}, ledger sum {b['ledger_sum']}")
+            if bad:
+                sys.exit(1)
+            print(f"ok: {len(ledger.list_accounts())} accounts, every balance equals its ledger's sum")
+    except CreditError as e:
+        sys.exit(f"error: {e.message}")
+    finally:
+        ledger.close()

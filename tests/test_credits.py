@@ -1,0 +1,363 @@
+"""Accounts and credits (credits.enabled): keys and tokens, per-second metering with holds, bulk
+recharge (atomic, soft, idempotent), the ledger and its check; on SQLite and on a real PostgreSQL
+(Debian's postgresql, a fresh cluster on a free port). The HTTP side runs in Flask's test client
+with a stand-in model."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from pg_helpers import Postgres
+from server_helpers import FakePipeline, assert_clean_error, post, settings
+from test_http_live import free_port
+
+FAST = {"min_resolution": 256}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    pg = Postgres(free_port())
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh database of each kind, as server.database_url names it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'credits.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+def ledger_for(url):
+    from sonic_server.credits import Ledger
+    return Ledger(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+@pytest.fixture
+def service(tmp_path):
+    """service(pipeline=None, database_url=None, **credits) -> (client, ledger, app)."""
+    from sonic_server import create_app
+    apps = []
+
+    def make(pipeline=None, database_url=None, api_keys=(), **credits):
+        cfg = settings(tmp_path, database_url=database_url, api_keys=list(api_keys))
+        cfg["credits"] = {"enabled": True, **credits}
+        app = create_app(cfg, pipeline=pipeline or FakePipeline())
+        apps.append(app)
+        return app.test_client(), app.extensions["sonic"].ledger, app
+    yield make
+    for app in apps:
+        svc = app.extensions["sonic"]
+        svc.settler.stop()
+        if svc.queue is not None:
+            svc.queue.close()
+        svc.ledger.close()
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_settled(ledger, job_id, timeout=10):
+    from sonic_server.credits import reservations
+    from sqlalchemy import select
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with ledger.engine.connect() as c:
+            state = c.execute(select(reservations.c.state).where(reservations.c.job_id == job_id)).scalar()
+        if state in ("charged", "released"):
+            return state
+        time.sleep(0.05)
+    pytest.fail(f"the hold of job {job_id} was never settled")
+
+
+# -- metering over HTTP ------------------------------------------------------------------------
+def test_a_video_is_charged_per_second_after_a_hold_and_402_comes_before_any_work(service):
+    pipe = FakePipeline()
+    client, ledger, app = service(pipe, per_video_second=10, per_request=2)
+    _, key = ledger.create_account("ann", credits=40)
+    assert_clean_error(post(client, FAST), 401, "unauthorized")
+    r = post(client, FAST, headers=auth(key))                     # 3.0 s: 30 + 2 held, then charged
+    assert r.status_code == 200, r.get_json()
+    assert ledger.account("ann")["balance"] == 8 and ledger.account("ann")["reserved"] == 0
+    kinds = [(e["kind"], e["delta"]) for e in ledger.entries(account="ann")[0]]
+    assert kinds[:3] == [("charge", -32), ("release", 32), ("reserve", -32)]
+    # too little left: 402 with what is needed, before anything is queued or rendered
+    calls = len(pipe.calls)
+    r = post(client, {**FAST, "seed": 2}, headers=auth(key))
+    assert_clean_error(r, 402, "insufficient_credits")
+    assert r.get_json()["error"]["needed"] == 32 and r.get_json()["error"]["balance"] == 8
+    assert len(pipe.calls) == calls and app.extensions["sonic"].queue.queue_length() == 0
+    assert not any((app.extensions["sonic"].uploads.root).iterdir())
+    # the requested duration is what is estimated: 0.5 s costs 5 + 2
+    r = post(client, {**FAST, "seed": 3, "duration": 0.5}, headers=auth(key))
+    assert r.status_code == 200 and ledger.account("ann")["balance"] == 1
+    assert ledger.check() == []
+
+
+def test_failed_and_canceled_jobs_cost_nothing_and_cache_hits_are_free_unless_set(service):
+    from sonic import PipelineError
+    client, ledger, _ = service(FakePipeline(error=PipelineError("the render broke")))
+    _, key = ledger.create_account("bo", credits=100)
+    r = post(client, FAST, headers=auth(key))
+    assert r.status_code == 500 and ledger.account("bo")["balance"] == 100
+    gate = threading.Event()
+    client, ledger, _ = service(FakePipeline(gate=gate))
+    _, key = ledger.create_account("cy", credits=100)
+    job = post(client, {**FAST, "async": True}, headers=auth(key)).get_json()["job_id"]
+    assert ledger.account("cy")["reserved"] == 30
+    assert client.post(f"/api/sonic/jobs/{job}/cancel", headers=auth(key)).get_json()["status"] == "canceled"
+    assert wait_settled(ledger, job) == "released" and ledger.account("cy")["balance"] == 100
+    gate.set()
+    # a cached result: free by default ...
+    done = post(client, {**FAST, "seed": 9}, headers=auth(key))
+    assert done.status_code == 200 and ledger.account("cy")["balance"] == 70
+    hit = post(client, {**FAST, "seed": 9}, headers=auth(key))
+    assert hit.get_json()["cached"] is True and ledger.account("cy")["balance"] == 70
+    # ... or charged like a new one, with the same 402
+    client, ledger, _ = service(charge_cache_hits=True)
+    _, key = ledger.create_account("di", credits=45)
+    assert post(client, {**FAST, "seed": 9}, headers=auth(key)).status_code == 200        # 30
+    assert post(client, {**FAST, "seed": 9}, headers=auth(key)).status_code == 402        # 15 left, hit costs 30
+    assert ledger.account("di")["balance"] == 15 and ledger.check() == []
+
+
+def test_an_async_job_is_settled_once_by_the_settler_even_if_nobody_asks(service):
+    client, ledger, _ = service()
+    _, key = ledger.create_account("ed", credits=100)
+    job = post(client, {**FAST, "async": True}, headers=auth(key)).get_json()["job_id"]
+    assert wait_settled(ledger, job) == "charged" and ledger.account("ed")["balance"] == 70
+    for _ in range(3):                                          # reading it again charges nothing more
+        assert client.get(f"/api/sonic/jobs/{job}", headers=auth(key)).get_json()["status"] == "succeeded"
+    assert ledger.account("ed")["balance"] == 70
+    assert [e["kind"] for e in ledger.entries(account="ed")[0]].count("charge") == 1
+
+
+# -- who may do what -------------------------------------------------------------------------
+def test_keys_roles_and_flat_keys(service):
+    client, ledger, _ = service(api_keys=["flat-operator-key"])
+    _, user = ledger.create_account("fay", credits=10)
+    _, admin = ledger.create_account("root", role="admin")
+    assert client.get("/api/credits", headers=auth(user)).get_json()["balance"] == 10
+    assert_clean_error(client.get("/api/admin/audit", headers=auth(user)), 403, "forbidden")
+    assert client.get("/api/admin/audit", headers=auth(admin)).status_code == 200
+    assert client.get("/api/admin/audit", headers=auth("flat-operator-key")).status_code == 200
+    assert_clean_error(post(client, FAST, headers=auth("flat-operator-key")), 403, "forbidden")
+    assert_clean_error(client.get("/api/credits", headers=auth("sk_not-a-key")), 401, "unauthorized")
+    revoked = ledger.revoke(user[:12], "test")
+    assert revoked == [user[:12]]
+    assert_clean_error(client.get("/api/credits", headers=auth(user)), 401, "unauthorized")
+    assert client.get("/health").status_code == 200                 # outside /api/: open
+    acct = client.get("/api/admin/accounts/fay", headers=auth(admin)).get_json()
+    assert acct["keys"][0]["revoked"] and "digest" not in str(acct)
+    assert [e["kind"] for e in acct["entries"]] == ["key_revoked", "key_created", "account_created"]
+    assert_clean_error(client.get("/api/admin/accounts/nobody", headers=auth(admin)), 404, "not_found")
+
+
+def test_jwt_bearer_tokens_hs256_and_rs256(service, tmp_path):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "jwt.pub").write_bytes(public)
+    secret = "a-long-shared-secret-for-hs256-tokens"
+    client, ledger, _ = service(jwt_secret=secret, jwt_public_key=str(tmp_path / "jwt.pub"))
+    ledger.create_account("gus", credits=30)
+    now = int(time.time())
+    hs = jwt.encode({"sub": "gus", "exp": now + 60}, secret, algorithm="HS256")
+    assert client.get("/api/credits", headers=auth(hs)).get_json()["account"] == "gus"
+    assert post(client, FAST, headers=auth(hs)).status_code == 200 and ledger.account("gus")["balance"] == 0
+    rs_admin = jwt.encode({"sub": "gus", "role": "admin", "exp": now + 60}, private, algorithm="RS256")
+    assert client.get("/api/admin/audit?account=gus", headers=auth(rs_admin)).status_code == 200
+    expired = jwt.encode({"sub": "gus", "exp": now - 5}, secret, algorithm="HS256")
+    r = client.get("/api/credits", headers=auth(expired))
+    assert_clean_error(r, 401, "unauthorized")
+    assert "expired" in r.get_json()["error"]["message"]
+    forged = jwt.encode({"sub": "gus", "role": "admin"}, "another-secret-that-is-long-enough", algorithm="HS256")
+    assert_clean_error(client.get("/api/credits", headers=auth(forged)), 401, "unauthorized")
+    stranger = jwt.encode({"sub": "nobody"}, secret, algorithm="HS256")
+    assert_clean_error(client.get("/api/credits", headers=auth(stranger)), 401, "unauthorized")
+    none_alg = jwt.encode({"sub": "gus", "role": "admin"}, None, algorithm="none")
+    assert_clean_error(client.get("/api/credits", headers=auth(none_alg)), 401, "unauthorized")
+
+
+# -- recharge --------------------------------------------------------------------------------
+def test_recharge_validation_atomic_soft_idempotency_and_its_own_rate_limit(service):
+    client, ledger, _ = service(max_recharge_users=5, recharge_rate_per_s=0.01, recharge_burst=15)
+    _, admin = ledger.create_account("boss", role="admin")
+    for n in ("u1", "u2", "u3"):
+        ledger.create_account(n)
+
+    def recharge(**body):
+        return client.post("/api/admin/credits/recharge", json=body, headers=auth(admin))
+    base = {"users": ["u1", "u2"], "amount": 10, "reason": "welcome"}
+    for body, field in [({**base, "users": []}, "users"), ({**base, "users": ["u1", "u1"]}, "users"),
+                        ({**base, "users": ["u1"] * 6}, "users"), ({**base, "amount": 0}, "amount"),
+                        ({**base, "amount": -3}, "amount"), ({**base, "amount": 2.5}, "amount"),
+                        ({**base, "amount": 10 ** 12}, "amount"), ({**base, "reason": " "}, "reason"),
+                        ({"users": ["u1"], "amount": 1}, "reason"), ({**base, "mode": "maybe"}, "mode"),
+                        ({**base, "extra": 1}, "extra")]:
+        r = recharge(**body)
+        assert_clean_error(r, 400, "invalid_parameter")
+        assert r.get_json()["error"]["field"] == field, (body, r.get_json())
+    # atomic with an unknown account: nothing at all
+    r = recharge(**{**base, "users": ["u1", "ghost", "u2"]})
+    assert_clean_error(r, 400, "invalid_parameter")
+    assert "ghost" in r.get_json()["error"]["message"] and r.get_json()["error"]["field"] == "users"
+    assert [ledger.account(n)["balance"] for n in ("u1", "u2")] == [0, 0]
+    # soft: the rest is applied, the unknown one listed
+    r = recharge(**{**base, "users": ["u1", "ghost", "u2"], "mode": "soft"}).get_json()
+    assert r["succeeded"] == ["u1", "u2"] and r["failed_users"] == [{"user": "ghost", "reason": "unknown account"}]
+    # the same idempotency key replays the first answer and applies nothing twice
+    first = recharge(**{**base, "users": ["u3"], "idempotency_key": "batch-7"}).get_json()
+    again = recharge(**{**base, "users": ["u3"], "idempotency_key": "batch-7"}).get_json()
+    assert first["succeeded"] == again["succeeded"] == ["u3"] and again["replayed"] is True
+    assert ledger.account("u3")["balance"] == 10 and ledger.account("u1")["balance"] == 10
+    # recharges have their own, lower limit (the burst of 15 is spent by now)
+    r = recharge(**base)
+    assert_clean_error(r, 429, "rate_limited")
+    assert client.get("/api/credits", headers=auth(admin)).status_code == 200          # other routes go on
+    audit = client.get("/api/admin/audit?operator=boss&limit=2", headers=auth(admin)).get_json()
+    assert len(audit["entries"]) == 2 and audit["next_before"] and all(e["operator"] == "boss"
+                                                                          for e in audit["entries"])
+    older = client.get(f"/api/admin/audit?operator=boss&before={audit['next_before']}",
+                       headers=auth(admin)).get_json()
+    assert older["entries"][0]["id"] < audit["entries"][-1]["id"]
+    assert_clean_error(client.get("/api/admin/audit?since=yesterday", headers=auth(admin)), 400, "invalid_parameter")
+    assert ledger.check() == []
+
+
+# -- the database: concurrency, crashes, the check ----------------------------------------------
+def test_parallel_recharges_and_charges_leave_exact_balances(db_url):
+    ledger = ledger_for(db_url)
+    try:
+        for n in ("p1", "p2", "p3"):
+            ledger.create_account(n, credits=1000)
+        errors = []
+
+        def recharge(i):
+            try:
+                status, _ = ledger.recharge(["p1", "p2", "p3"], 7, f"load {i}", "atomic" if i % 2 else "soft", "load")
+                assert status == 200
+            except Exception as e:                                        # noqa: BLE001
+                errors.append(e)
+
+        def charge(i):
+            try:
+                ok, _ = ledger.reserve(1, f"job{i:04d}", 20, "p1")
+                assert ok
+                assert ledger.settle(f"job{i:04d}", True, 13)
+                assert not ledger.settle(f"job{i:04d}", True, 13)           # once
+            except Exception as e:                                        # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=recharge, args=(i,)) for i in range(20)]
+        threads += [threading.Thread(target=charge, args=(i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:3]
+        assert ledger.account("p1")["balance"] == 1000 + 20 * 7 - 50 * 13
+        assert ledger.account("p2")["balance"] == ledger.account("p3")["balance"] == 1000 + 20 * 7
+        assert ledger.check() == []
+        # an overdraft is refused in SQL, not in Python: 20 holds of 100 on 1140 credits, 11 succeed
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(ledger.reserve(2, f"big{i}", 100, "p2")[0]))
+                   for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results.count(True) == 11 and ledger.account("p2")["balance"] == 40
+    finally:
+        ledger.close()
+
+
+CRASH = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from sonic_server.credits import Ledger
+ledger = Ledger({url!r})
+def pause():
+    print("applied, not committed", flush=True)
+    time.sleep(120)
+ledger.recharge([f"k{{i}}" for i in range(300)], 5, "crash test", "atomic", "test", before_commit=pause)
+"""
+
+
+def test_a_process_killed_mid_recharge_leaves_nothing_applied(db_url):
+    ledger = ledger_for(db_url)
+    try:
+        with ledger.engine.begin() as c:                                  # 300 accounts, quickly
+            from sqlalchemy import insert
+            from sonic_server.credits import accounts
+            c.execute(insert(accounts), [dict(name=f"k{i}", role="user", balance=0, created=time.time())
+                                         for i in range(300)])
+        url = ledger.url
+        proc = subprocess.Popen([sys.executable, "-c", CRASH.format(root=str(ROOT), url=url)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "applied, not committed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert sum(a["balance"] for a in ledger.list_accounts()) == 0
+        assert ledger.entries(limit=5)[0] == []
+        status, answer = ledger.recharge([f"k{i}" for i in range(300)], 5, "again", "atomic", "test")
+        assert status == 200 and sum(a["balance"] for a in ledger.list_accounts()) == 1500
+    finally:
+        ledger.close()
+
+
+def test_the_cli_creates_lists_revokes_recharges_and_checks(tmp_path):
+    import yaml
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"data_dir": str(tmp_path / "data")}}))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sonic", "accounts", "--config", str(cfg), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = cli("create", "ivy", "--credits", "50")
+    assert out.returncode == 0 and "key: sk_" in out.stdout, out.stderr
+    key = out.stdout.split("key: ")[1].split()[0]
+    assert cli("create", "ivy").returncode != 0
+    assert "ivy" in cli("list").stdout and " 50" in cli("list").stdout
+    out = cli("recharge", "ivy", "--amount", "25", "--reason", "top-up")
+    assert out.returncode == 0 and '"succeeded": [\n    "ivy"' in out.stdout
+    assert cli("recharge", "ivy", "ghost", "--amount", "5", "--reason", "x").returncode != 0
+    assert cli("revoke", key[:12]).returncode == 0 and cli("revoke", key[:12]).returncode != 0
+    ok = cli("check")
+    assert ok.returncode == 0 and "ok: 1 accounts" in ok.stdout
+    # a balance changed behind the ledger's back is found
+    ledger = ledger_for(f"sqlite:///{tmp_path / 'data' / 'credits.sqlite3'}")
+    with ledger.engine.begin() as c:
+        c.exec_driver_sql("UPDATE accounts SET balance = balance + 1 WHERE name = 'ivy'")
+    ledger.close()
+    bad = cli("check")
+    assert bad.returncode == 1 and "MISMATCH ivy: balance 76, ledger sum 75" in bad.stdout
+
+
+def test_on_postgresql_the_service_meters_and_recharges(service, postgres):
+    url = postgres.new_database()
+    client, ledger, _ = service(database_url=url)
+    _, admin = ledger.create_account("pgadmin", role="admin")
+    _, key = ledger.create_account("pguser")
+    assert post(client, FAST, headers=auth(key)).status_code == 402
+    r = client.post("/api/admin/credits/recharge", json={"users": ["pguser"], "amount": 100, "reason": "start"},
+                    headers=auth(admin))
+    assert r.status_code == 200 and r.get_json()["succeeded"] == ["pguser"]
+    assert post(client, FAST, headers=auth(key)).status_code == 200
+    assert client.get("/api/credits", headers=auth(key)).get_json()["balance"] == 70
+    assert ledger.engine.dialect.name == "postgresql" and ledger.check() == []
+
+
+def test_credits_off_is_the_service_as_before(make_client):
+    client, _ = make_client()
+    assert client.get("/api/credits").status_code == 404
+    assert post(client, FAST).status_code == 200
