@@ -361,3 +361,20 @@ def test_credits_off_is_the_service_as_before(make_client):
     client, _ = make_client()
     assert client.get("/api/credits").status_code == 404
     assert post(client, FAST).status_code == 200
+
+
+def test_calls_racing_with_one_idempotency_key_apply_once(db_url):
+    ledger = ledger_for(db_url)
+    try:
+        ledger.create_account("race")
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(
+            ledger.recharge(["race"], 10, "once", "atomic", "t", idempotency_key="same-key")[1])) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(answers) == 6 and sum(1 for a in answers if not a.get("replayed")) == 1
+        assert ledger.account("race")["balance"] == 10 and ledger.check() == []
+    finally:
+        ledger.close()
