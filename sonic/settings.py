@@ -80,6 +80,7 @@ class ServerSettings:
     redis_url: str | None = None         # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
     worker_lease_s: float = 30.0         # a running job whose worker is silent this long is failed (worker_lost)
     retry_lost_jobs: int = 0             # ... or queued again, this many times, before it is failed
+    fusion_max_batch: int = 8            # pairs in one POST /fusion/batch
     database_url: str | None = None      # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
 
     @property
@@ -115,6 +116,7 @@ class CreditsSettings:
     per_video_second: int = 10           # credits per second of video (rounded up to whole credits)
     per_request: int = 0                 # credits per generate request, on top
     charge_cache_hits: bool = False      # a cached result costs as much as a new one (default: free)
+    per_fusion: int = 1                  # credits per face fusion (POST /fusion, each pair of a batch)
     max_recharge_users: int = 1000       # accounts per recharge call
     max_recharge_amount: int = 1_000_000_000   # credits per account per recharge call
     recharge_rate_per_s: float = 1.0     # recharge calls per operator per second (their own bucket)

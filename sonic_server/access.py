@@ -1,6 +1,6 @@
 """Access control: optional API keys (Authorization: Bearer) and per-client token buckets.
 
-Only `/api/` routes are guarded: health, OpenAPI, downloads (unguessable names) and CORS
+Only `/api/` and `/fusion` routes are guarded: health, OpenAPI, downloads (unguessable names) and CORS
 preflights stay open.
 
 Who is limited: a request with a *verified* key by that key (its own table, one bucket per
@@ -22,15 +22,16 @@ from flask import Flask, request
 from .errors import error_response
 from .openapi import error, responses_under
 
-GUARDED_PREFIX = "/api/"
+GUARDED_PREFIX = ("/api/", "/fusion")     # /fusion: the face-fusion API's own paths
 MAX_CLIENTS = 10_000      # address buckets kept; the least recently seen are dropped beyond this
 BEARER = "bearer "        # the scheme is case-insensitive (RFC 7235)
 
-responses_under(GUARDED_PREFIX, {
-    401: error("a valid API key is required (when server.api_keys is set): Authorization: Bearer <key>"),
-    429: error("over the client's rate limit (Retry-After)")},
-    security_scheme={"type": "http", "scheme": "bearer",
-                     "description": "needed only when the service has API keys (server.api_keys)"})
+for _prefix in GUARDED_PREFIX:
+    responses_under(_prefix, {
+        401: error("a valid API key is required (when server.api_keys is set): Authorization: Bearer <key>"),
+        429: error("over the client's rate limit (Retry-After)")},
+        security_scheme={"type": "http", "scheme": "bearer",
+                         "description": "needed only when the service has API keys (server.api_keys)"})
 
 
 class TokenBucket:

@@ -51,6 +51,7 @@ class Service:
     decoder_identity: str | None = None   # the decoder and its weights: part of the result cache key
     ledger: Any = None               # accounts and credits (credits.enabled; sonic_server/credits.py)
     settler: Any = None              # ends the credit holds of jobs that have ended
+    fusion: Any = None               # the face fusion engine, made at the first fusion (routes/fusion.py)
 
 
 def service() -> Service:

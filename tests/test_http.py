@@ -95,6 +95,8 @@ OPERATIONS = {
     ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
     ("/metrics", "get"): {"200"},
+    **{(path, "post"): {"200", "400", "402", "413", "422"} | GUARDED
+       for path in ("/fusion", "/api/fusion", "/fusion/batch", "/api/fusion/batch")},
 }
 
 
@@ -119,7 +121,7 @@ def test_openapi_document_is_built_from_the_routes(make_client):
     assert duration["minimum"] == 0 and duration["exclusiveMinimum"] is True
     for (path, method), codes in OPERATIONS.items():      # the guard's answers, and its optional key
         op = spec["paths"][path][method]
-        guarded = path.startswith("/api/")
+        guarded = path.startswith(("/api/", "/fusion"))
         assert ("security" in op) == guarded and (codes >= GUARDED) == guarded
     scheme = spec["components"]["securitySchemes"]["bearerKey"]
     assert scheme["type"] == "http" and scheme["scheme"] == "bearer" and "api_keys" in scheme["description"]

@@ -1,5 +1,5 @@
-"""One blueprint per area: generate + jobs, output files, the service's own description, and the
-pages for people (the demo page, Swagger UI)."""
-from . import generate, meta, outputs, web
+"""One blueprint per area: generate + jobs, output files, the service's own description, face
+fusion, and the pages for people (the demo page, Swagger UI)."""
+from . import fusion, generate, meta, outputs, web
 
-BLUEPRINTS = (generate.bp, outputs.bp, meta.bp, web.bp)
+BLUEPRINTS = (generate.bp, outputs.bp, meta.bp, fusion.bp, web.bp)
