@@ -10,9 +10,9 @@
    the cheeks and forehead of both warped faces), then relit: times the ratio of the two faces'
    blurred colours, so it takes the target's light and shading and keeps its own detail. The
    textures are then mixed by r; with `swap_eye` the eye regions come from the source alone.
-5. The face region (inside the fused face oval, eyebrows included) is cloned into the target by
-   Poisson blending (cv2.seamlessClone), so no seam or colour step shows. Everything outside
-   stays the target's, pixel for pixel. r = 0 returns the target unchanged.
+5. The face region (the fused face oval from a little above the brows down) goes into the
+   target by a multi-band (Laplacian pyramid) blend, so no seam or colour step shows.
+   Everything outside it stays the target's, pixel for pixel. r = 0 returns the target unchanged.
 """
 from __future__ import annotations
 
@@ -98,6 +98,23 @@ def _match_colour(src: np.ndarray, ref: np.ndarray, src_skin: np.ndarray, ref_sk
         gain = float(np.clip(rs / ss, 0.5, 2.0))
         out[..., c] = (s[..., c] - sm) * gain + rm
     return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def _multiband(a: np.ndarray, b: np.ndarray, alpha: np.ndarray, levels: int) -> np.ndarray:
+    """Laplacian-pyramid blend of float images a (where alpha is 1) and b (where it is 0)."""
+    ga, gb, gm = [a], [b], [alpha]
+    for _ in range(levels):
+        ga.append(cv2.pyrDown(ga[-1]))
+        gb.append(cv2.pyrDown(gb[-1]))
+        gm.append(cv2.pyrDown(gm[-1]))
+    out = ga[-1] * gm[-1][..., None] + gb[-1] * (1.0 - gm[-1][..., None])
+    for i in range(levels - 1, -1, -1):
+        size = (ga[i].shape[1], ga[i].shape[0])
+        la = ga[i] - cv2.pyrUp(ga[i + 1], dstsize=size)
+        lb = gb[i] - cv2.pyrUp(gb[i + 1], dstsize=size)
+        m = gm[i][..., None]
+        out = cv2.pyrUp(out, dstsize=size) + la * m + lb * (1.0 - m)
+    return out
 
 
 def _below_hairline(G: np.ndarray) -> np.ndarray:
@@ -194,16 +211,21 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     if mask.sum() == 0:
         raise InvalidParameter("the face is too small to blend", "target_image")
     t_warp = time.perf_counter()
-    # the fused face into the target through a feathered edge: relit, the face already has the
-    # target's light and colour where it meets the rest of the photo, so the edge shows no step
+    # the fused face into the target by a multi-band (Laplacian pyramid) blend: each band of
+    # detail crosses over at its own width, so fine texture meets fine texture at a sharp edge and
+    # tone meets tone over a wide one, and no seam or colour step shows. Relit, the face already
+    # has the target's light where it meets the rest of the photo.
     full_mask = np.zeros((H, W), np.uint8)
     full_mask[y0:y1, x0:x1] = mask
-    alpha = cv2.GaussianBlur(full_mask.astype(np.float32) / 255.0, (0, 0), max(1.0, FEATHER * size / 2))
-    alpha[full_mask == 0] = 0.0                      # outside the mask: the target, pixel for pixel
-    alpha = alpha[y0:y1, x0:x1, None]
+    soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(1.0, FEATHER * size / 2))
+    soft[mask == 0] = 0.0                            # outside the mask: the target, pixel for pixel
+    base = target[y0:y1, x0:x1].astype(np.float32)
+    inner = np.where((mask > 0)[..., None], face.astype(np.float32), base)    # no warp leftovers beyond the face
+    mixed = _multiband(inner, base, soft, levels=int(np.clip(np.log2(max(8.0, size / 16.0)), 2, 5)))
     out = target.copy()
-    mixed = face.astype(np.float32) * alpha + target[y0:y1, x0:x1].astype(np.float32) * (1.0 - alpha)
-    out[y0:y1, x0:x1] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    region = out[y0:y1, x0:x1]
+    inside = mask > 0
+    region[inside] = np.clip(mixed[inside] + 0.5, 0, 255).astype(np.uint8)
     bx, by, bw, bh = cv2.boundingRect(full_mask)
     t_end = time.perf_counter()
     faces["fused_box"] = [int(bx), int(by), int(bx + bw), int(by + bh)]
