@@ -28,6 +28,7 @@ from .landmarks import EYE_LEFT_RING, EYE_OUTER, EYE_RIGHT_RING, FACE_OVAL_IDX, 
 # cheeks and forehead: skin without eyes, brows, lips or beard shadow, for the colour statistics
 SKIN_PATCHES = [[117, 118, 101, 36, 205, 187, 123], [346, 347, 330, 266, 425, 411, 352],
                 [109, 10, 338, 337, 151, 108]]
+MAP_CHUNK = 1 << 18       # pixels per slice when the warp maps are built
 FEATHER = 0.04            # the clone mask's edge softening, as a fraction of the face size
 
 
@@ -68,12 +69,15 @@ def _piecewise_map(src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray, s
         cv2.fillConvexPoly(labels, np.round(d - [x0, y0]).astype(np.int32), int(i))
     covered = labels >= 0
     ys, xs = np.nonzero(covered)
-    m = mats[labels[ys, xs]]
-    gx, gy = xs + x0, ys + y0
     map_x = np.zeros((h, w), np.float32)
     map_y = np.zeros((h, w), np.float32)
-    map_x[ys, xs] = m[:, 0, 0] * gx + m[:, 0, 1] * gy + m[:, 0, 2]
-    map_y[ys, xs] = m[:, 1, 0] * gx + m[:, 1, 1] * gy + m[:, 1, 2]
+    mats = mats.astype(np.float32)
+    for i in range(0, len(ys), MAP_CHUNK):          # in slices: a big face in a big photo stays small in memory
+        yy, xx = ys[i:i + MAP_CHUNK], xs[i:i + MAP_CHUNK]
+        m = mats[labels[yy, xx]]
+        gx, gy = (xx + x0).astype(np.float32), (yy + y0).astype(np.float32)
+        map_x[yy, xx] = m[:, 0, 0] * gx + m[:, 0, 1] * gy + m[:, 0, 2]
+        map_y[yy, xx] = m[:, 1, 0] * gx + m[:, 1, 1] * gy + m[:, 1, 2]
     return map_x, map_y, covered
 
 

@@ -263,6 +263,8 @@ def _check_credits(s: Settings) -> None:
     for name in ("max_recharge_users", "max_recharge_amount", "ledger_page"):
         if getattr(c, name) < 1:
             raise SettingsError(f"setting credits.{name} must be at least 1, got {getattr(c, name)}")
+    if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
+        raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
     if c.recharge_rate_per_s <= 0 or c.recharge_burst < 1:
         raise SettingsError("settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1")
 
@@ -278,8 +280,8 @@ def _check_storage(s: Settings) -> None:
                                 "too; one process keeps its videos in output_dir")
         if not s.s3.bucket:
             raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
-        if s.s3.url_ttl_s <= 0:
-            raise SettingsError(f"setting s3.url_ttl_s must be positive, got {s.s3.url_ttl_s}")
+        if not 0 < s.s3.url_ttl_s <= 604800:            # SigV4 presigned URLs live at most 7 days
+            raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
 
 
 def _resolve_paths(s: Settings, base: Path) -> Settings:

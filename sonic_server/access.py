@@ -11,6 +11,7 @@ be guessed at full speed. The address table is bounded (least recently seen drop
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import threading
@@ -188,7 +189,7 @@ def _jwt(token: str, ledger, credits):
     else:
         return None, f"bearer tokens signed with {alg!r} are not accepted here"
     try:
-        claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["sub"]})
+        claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["sub", "exp"]})
     except jwt.ExpiredSignatureError:
         return None, "the bearer token has expired"
     except jwt.InvalidTokenError:
@@ -198,7 +199,9 @@ def _jwt(token: str, ledger, credits):
     return (principal, None) if principal else (None, f"the token's account ({claims['sub']}) does not exist")
 
 
+@functools.lru_cache(maxsize=4)
 def _public_key(value: str) -> str:
+    """The PEM text, or the file's (read once; settings check that it exists)."""
     if "BEGIN" in value:
         return value
     from pathlib import Path

@@ -69,12 +69,14 @@ reservations = Table(
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("state", String(8), nullable=False),    # held | charged | released
+    Column("kind", String(8), nullable=False),     # job (ended by its record) | fusion (ended by its request)
     Column("created", Float, nullable=False),
     Index("reservations_state", "state"))
 idempotency = Table(
     "idempotency", metadata,
     Column("key", String(200), primary_key=True),
-    Column("operator", String(NAME_CHARS + 8), nullable=False),
+    Column("operator", String(NAME_CHARS + 8), primary_key=True),   # one operator's key is not another's
+    Column("request", String(64), nullable=False),                  # SHA-256 of the call it answered
     Column("status", Integer, nullable=False),
     Column("response", Text, nullable=False),
     Column("created", Float, nullable=False))
@@ -142,21 +144,28 @@ class Ledger:
         self.url = url
         self.sqlite = url.startswith("sqlite")
         if self.sqlite:
-            self.engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            def sqlite_engine(writer: bool):
+                engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
-            @event.listens_for(self.engine, "connect")
-            def _connect(dbapi, _):
-                dbapi.isolation_level = None                 # transactions are ours: BEGIN IMMEDIATE below
-                dbapi.execute("PRAGMA journal_mode=WAL")
-                dbapi.execute("PRAGMA foreign_keys=ON")
-                dbapi.execute("PRAGMA busy_timeout=30000")
-
-            @event.listens_for(self.engine, "begin")
-            def _begin(conn):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")      # writers queue here, never fail half-way
+                @event.listens_for(engine, "connect")
+                def _connect(dbapi, _):
+                    dbapi.isolation_level = None             # transactions are ours: BEGIN IMMEDIATE below
+                    dbapi.execute("PRAGMA journal_mode=WAL")
+                    dbapi.execute("PRAGMA foreign_keys=ON")
+                    dbapi.execute("PRAGMA busy_timeout=30000")
+                if writer:
+                    @event.listens_for(engine, "begin")
+                    def _begin(conn):
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")   # writers queue here, never fail half-way
+                return engine
+            self.engine = sqlite_engine(writer=True)
+            self.reader = sqlite_engine(writer=False)        # reads never wait for a writer (WAL)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.reader = self.engine
         with self.engine.begin() as c:
+            if self.engine.dialect.name == "postgresql":     # API processes starting together: one at a time
+                c.exec_driver_sql("SELECT pg_advisory_xact_lock(74201)")
             metadata.create_all(c)
             for ddl in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 c.exec_driver_sql(ddl)
@@ -213,7 +222,7 @@ class Ledger:
         return [r.prefix for r in rows]
 
     def authenticate(self, key: str) -> Principal | None:
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             row = c.execute(select(accounts.c.id, accounts.c.name, accounts.c.role)
                             .select_from(api_keys.join(accounts))
                             .where(api_keys.c.digest == digest(key), api_keys.c.revoked.is_(None))).first()
@@ -221,12 +230,12 @@ class Ledger:
 
     def principal(self, name: str, role: str, via: str) -> Principal | None:
         """An account named by a token (`sub`); None if there is no such account."""
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             row = c.execute(select(accounts.c.id).where(accounts.c.name == name)).first()
         return Principal(name, role, row.id, via) if row else None
 
     def account(self, name: str) -> dict | None:
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             row = c.execute(select(accounts).where(accounts.c.name == name)).first()
             if row is None:
                 return None
@@ -239,23 +248,27 @@ class Ledger:
                                                  for k in keys]}
 
     def list_accounts(self) -> list[dict]:
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             rows = c.execute(select(accounts.c.name, accounts.c.role, accounts.c.balance).order_by(accounts.c.name))
             return [{"name": r.name, "role": r.role, "balance": int(r.balance)} for r in rows]
 
     # -- metering ------------------------------------------------------------------------
     def reserve(self, account_id: int, job_id: str, amount: int, operator: str,
-                request_id: str | None = None) -> tuple[bool, int]:
-        """Hold `amount` for a job; (held, the balance). Holding twice for one job holds once."""
+                request_id: str | None = None, kind: str = "job") -> tuple[bool, int]:
+        """Hold `amount` for a job (ids are the server's own); (held, the balance). Holding twice
+        for one job and account holds once."""
         with self.engine.begin() as c:
-            if c.execute(select(reservations.c.job_id).where(reservations.c.job_id == job_id)).first():
+            row = c.execute(select(reservations.c.account_id).where(reservations.c.job_id == job_id)).first()
+            if row is not None:
+                if row.account_id != account_id:
+                    raise CreditError("this hold belongs to another account", "job_id", "conflict")
                 return True, self._balance(c, account_id)
             bal = c.execute(update(accounts).where(accounts.c.id == account_id, accounts.c.balance >= amount)
                             .values(balance=accounts.c.balance - amount).returning(accounts.c.balance)).scalar()
             if bal is None:
                 return False, self._balance(c, account_id)
             c.execute(insert(reservations).values(job_id=job_id, account_id=account_id, amount=amount, state="held",
-                                                  created=time.time()))
+                                                  kind=kind, created=time.time()))
             self._log(c, account_id, "reserve", -amount, bal, operator, "estimate for the job", request_id, job_id)
         return True, int(bal)
 
@@ -290,10 +303,12 @@ class Ledger:
             self._log(c, account_id, "charge", -amount, bal, operator, reason, request_id, job_id)
         return True, int(bal)
 
-    def held(self, limit: int = 500) -> list[str]:
-        with self.engine.connect() as c:
-            return list(c.execute(select(reservations.c.job_id).where(reservations.c.state == "held")
-                                  .order_by(reservations.c.created).limit(limit)).scalars())
+    def held(self, limit: int = 500) -> list:
+        """Holds not yet ended, oldest first: rows of (job_id, kind, created)."""
+        with self.reader.connect() as c:
+            return c.execute(select(reservations.c.job_id, reservations.c.kind, reservations.c.created)
+                             .where(reservations.c.state == "held").order_by(reservations.c.created)
+                             .limit(limit)).all()
 
     # -- recharge ------------------------------------------------------------------------
     def recharge(self, users: list[str], amount: int, reason: str, mode: str, operator: str,
@@ -301,8 +316,9 @@ class Ledger:
                  before_commit: Callable[[], None] | None = None) -> tuple[int, dict]:
         """Add `amount` to each account: `atomic` (all or none) or `soft` (each on its own, in a
         savepoint). (HTTP status, answer); with an idempotency key the first answer is replayed."""
+        request = hashlib.sha256(json.dumps([sorted(users), amount, reason, mode]).encode()).hexdigest()
         if idempotency_key:
-            stored = self._replay(idempotency_key)
+            stored = self._replay(idempotency_key, operator, request)
             if stored:
                 return stored
         try:
@@ -312,23 +328,28 @@ class Ledger:
                 else:
                     status, answer = self._recharge_soft(c, users, amount, reason, operator, request_id)
                 if idempotency_key:
-                    c.execute(insert(idempotency).values(key=idempotency_key, operator=operator, status=status,
-                                                         response=json.dumps(answer), created=time.time()))
+                    c.execute(insert(idempotency).values(key=idempotency_key, operator=operator, request=request,
+                                                         status=status, response=json.dumps(answer),
+                                                         created=time.time()))
                 if before_commit:
                     before_commit()
         except IntegrityError:
-            stored = self._replay(idempotency_key) if idempotency_key else None
+            stored = self._replay(idempotency_key, operator, request) if idempotency_key else None
             if stored:                                     # the same key, committed meanwhile by a twin call
                 return stored
             raise
         return status, answer
 
-    def _replay(self, key: str) -> tuple[int, dict] | None:
-        with self.engine.connect() as c:
-            row = c.execute(select(idempotency.c.status, idempotency.c.response)
-                            .where(idempotency.c.key == key)).first()
+    def _replay(self, key: str, operator: str, request: str) -> tuple[int, dict] | None:
+        """This operator's first answer for `key`; a different call under the same key is a 409."""
+        with self.reader.connect() as c:
+            row = c.execute(select(idempotency.c.status, idempotency.c.response, idempotency.c.request)
+                            .where(idempotency.c.key == key, idempotency.c.operator == operator)).first()
         if row is None:
             return None
+        if row.request != request:
+            raise CreditError("this idempotency_key was used for a different recharge (users, amount, reason or "
+                              "mode); use a new key", "idempotency_key", "conflict")
         return row.status, {**json.loads(row.response), "replayed": True}
 
     def _lock(self, c, users: list[str]) -> dict[str, int]:
@@ -407,7 +428,7 @@ class Ledger:
             q = q.where(ledger.c.created < until)
         if before is not None:
             q = q.where(ledger.c.id < before)
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             rows = c.execute(q.limit(limit + 1)).all()
         more = len(rows) > limit
         rows = rows[:limit]
@@ -422,7 +443,7 @@ class Ledger:
             .subquery()
         q = select(accounts.c.name, accounts.c.balance, func.coalesce(sums.c.total, 0).label("total")) \
             .select_from(accounts.outerjoin(sums, sums.c.account_id == accounts.c.id))
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             return [{"account": r.name, "balance": int(r.balance), "ledger_sum": int(r.total)}
                     for r in c.execute(q) if int(r.balance) != int(r.total)]
 
@@ -440,6 +461,8 @@ class Ledger:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.reader is not self.engine:
+            self.reader.dispose()
 
 
 def check_name(name) -> None:
@@ -457,6 +480,10 @@ def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amo
     if amount > limit:
         raise CreditError(f"{field} must be at most {limit}", field)
     return amount
+
+
+MISSING_RECORD_GRACE_S = 120     # a job hold without a record this long is released
+ORPHAN_FUSION_S = 600            # a fusion hold still held after this was left by a process that died
 
 
 class Settler:
@@ -477,14 +504,23 @@ class Settler:
         elif rec.status in ("failed", "canceled"):
             self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
 
-    def sweep(self) -> None:
+    def sweep(self, now: float | None = None) -> None:
+        """Job holds whose job has ended are settled; a job hold whose record is missing (after a
+        grace: the record is saved just after the hold) and a fusion hold left by a process that
+        died mid-request are released."""
         queue = self.queue_getter()
         if queue is None:
             return
-        for job_id in self.ledger.held():
+        now = time.time() if now is None else now
+        for job_id, kind, created in self.ledger.held():
+            if kind != "job":
+                if now - created > ORPHAN_FUSION_S:
+                    self.ledger.settle(job_id, False, reason="the request ended without settling: nothing charged")
+                continue
             rec = queue.get(job_id)
             if rec is None:
-                self.ledger.settle(job_id, False, reason="the job record is gone: nothing charged")
+                if now - created > MISSING_RECORD_GRACE_S:
+                    self.ledger.settle(job_id, False, reason="the job record is gone: nothing charged")
             else:
                 self.settle(rec)
 

@@ -222,6 +222,12 @@ class S3Outputs:
                 return None
             return Response(status=302, headers={"Location": self.url(name, ""), "Cache-Control": "no-store"})
         kw = {"Key": self.s3.key("outputs", name)}
+        if request.method == "HEAD":                 # the headers only: no body is opened
+            try:
+                head = self.s3.call("find the video", self.s3.client.head_object, **kw)
+            except FileNotFoundError:
+                return None
+            return Response(status=200, mimetype="video/mp4", headers=self._headers(head, head["ContentLength"]))
         rng = request.range
         if rng is not None and len(rng.ranges) == 1:
             start, stop = rng.ranges[0]
@@ -248,14 +254,7 @@ class S3Outputs:
         except Exception as e:                                       # noqa: BLE001 - botocore: unreachable
             raise self.s3.failure("read the video", e) from e
         body = obj["Body"]
-        headers = {"Accept-Ranges": "bytes", "Content-Length": str(obj["ContentLength"]),
-                   "Cache-Control": f"public, max-age={MAX_AGE_S}"}
-        if obj.get("ETag"):
-            headers["ETag"] = obj["ETag"]
-        if obj.get("LastModified"):
-            from datetime import timezone
-            from email.utils import format_datetime
-            headers["Last-Modified"] = format_datetime(obj["LastModified"].astimezone(timezone.utc), usegmt=True)
+        headers = self._headers(obj, obj["ContentLength"])
         if obj.get("ContentRange"):
             headers["Content-Range"] = obj["ContentRange"]
 
@@ -266,6 +265,18 @@ class S3Outputs:
                 body.close()
         return Response(stream(), status=206 if obj.get("ContentRange") else 200, mimetype="video/mp4",
                         headers=headers, direct_passthrough=True)
+
+    @staticmethod
+    def _headers(obj: dict, length: int) -> dict:
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(length),
+                   "Cache-Control": f"public, max-age={MAX_AGE_S}"}
+        if obj.get("ETag"):
+            headers["ETag"] = obj["ETag"]
+        if obj.get("LastModified"):
+            from datetime import timezone
+            from email.utils import format_datetime
+            headers["Last-Modified"] = format_datetime(obj["LastModified"].astimezone(timezone.utc), usegmt=True)
+        return headers
 
     def _size(self, key: str) -> int | None:
         try:

@@ -102,6 +102,7 @@ def _run(ctx: dict, store: RedisStore, job_id: str) -> None:
         status, fields = FAILED, {"error": e.to_dict()}
     except Exception:                                     # noqa: BLE001
         log.exception("job %s failed outside its task", job_id)
+        (Path(ctx["output_dir"]) / f"{job_id}.mp4").unlink(missing_ok=True)
         status, fields = FAILED, {"error": dict(INTERNAL)}
     finally:
         uploads.drop_local_copy(job_id)

@@ -128,6 +128,21 @@ def test_failed_and_canceled_jobs_cost_nothing_and_cache_hits_are_free_unless_se
     assert ledger.account("di")["balance"] == 15 and ledger.check() == []
 
 
+def test_the_settler_leaves_young_holds_alone(service):
+    client, ledger, app = service()
+    ledger.create_account("hy", credits=100)
+    settler = app.extensions["sonic"].settler
+    assert ledger.reserve(1, "f" + "1" * 31, 10, "hy", kind="fusion")[0]         # a fusion in flight
+    assert ledger.reserve(1, "a" * 32, 10, "hy")[0]                              # a job not yet queued
+    settler.sweep()
+    assert ledger.account("hy")["reserved"] == 20
+    settler.sweep(now=time.time() + 3600)                                        # left by a dead process
+    assert ledger.account("hy")["reserved"] == 0 and ledger.account("hy")["balance"] == 100
+    with pytest.raises(Exception, match="another account"):                      # a hold is its account's
+        ledger.create_account("other")
+        ledger.reserve(2, "a" * 32, 10, "other")
+
+
 def test_an_async_job_is_settled_once_by_the_settler_even_if_nobody_asks(service):
     client, ledger, _ = service()
     _, key = ledger.create_account("ed", credits=100)
@@ -187,11 +202,13 @@ def test_jwt_bearer_tokens_hs256_and_rs256(service, tmp_path):
     assert_clean_error(client.get("/api/credits", headers=auth(stranger)), 401, "unauthorized")
     none_alg = jwt.encode({"sub": "gus", "role": "admin"}, None, algorithm="none")
     assert_clean_error(client.get("/api/credits", headers=auth(none_alg)), 401, "unauthorized")
+    forever = jwt.encode({"sub": "gus"}, secret, algorithm="HS256")            # no exp: never accepted
+    assert_clean_error(client.get("/api/credits", headers=auth(forever)), 401, "unauthorized")
 
 
 # -- recharge --------------------------------------------------------------------------------
 def test_recharge_validation_atomic_soft_idempotency_and_its_own_rate_limit(service):
-    client, ledger, _ = service(max_recharge_users=5, recharge_rate_per_s=0.01, recharge_burst=15)
+    client, ledger, _ = service(max_recharge_users=5, recharge_rate_per_s=0.01, recharge_burst=16)
     _, admin = ledger.create_account("boss", role="admin")
     for n in ("u1", "u2", "u3"):
         ledger.create_account(n)
@@ -221,7 +238,10 @@ def test_recharge_validation_atomic_soft_idempotency_and_its_own_rate_limit(serv
     again = recharge(**{**base, "users": ["u3"], "idempotency_key": "batch-7"}).get_json()
     assert first["succeeded"] == again["succeeded"] == ["u3"] and again["replayed"] is True
     assert ledger.account("u3")["balance"] == 10 and ledger.account("u1")["balance"] == 10
-    # recharges have their own, lower limit (the burst of 15 is spent by now)
+    reused = recharge(**{**base, "users": ["u1"], "idempotency_key": "batch-7"})     # another call, same key
+    assert_clean_error(reused, 409, "conflict")
+    assert reused.get_json()["error"]["field"] == "idempotency_key" and ledger.account("u1")["balance"] == 10
+    # recharges have their own, lower limit (the burst of 16 is spent by now)
     r = recharge(**base)
     assert_clean_error(r, 429, "rate_limited")
     assert client.get("/api/credits", headers=auth(admin)).status_code == 200          # other routes go on
@@ -231,7 +251,8 @@ def test_recharge_validation_atomic_soft_idempotency_and_its_own_rate_limit(serv
     older = client.get(f"/api/admin/audit?operator=boss&before={audit['next_before']}",
                        headers=auth(admin)).get_json()
     assert older["entries"][0]["id"] < audit["entries"][-1]["id"]
-    assert_clean_error(client.get("/api/admin/audit?since=yesterday", headers=auth(admin)), 400, "invalid_parameter")
+    for query in ("since=yesterday", "since=inf", "limit=%C2%B2", "before=" + "9" * 30, "limit=0"):
+        assert_clean_error(client.get(f"/api/admin/audit?{query}", headers=auth(admin)), 400, "invalid_parameter")
     assert ledger.check() == []
 
 

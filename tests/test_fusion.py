@@ -80,6 +80,9 @@ def test_binary_png_and_multipart_and_data_urls(client):
     ({"output_format": "pdf"}, 400, "invalid_parameter", "output_format"),
     ({"image_format": "gif"}, 400, "invalid_parameter", "image_format"),
     ({"colour": "red"}, 400, "invalid_parameter", "colour"),
+    ({"source_image": 123}, 400, "invalid_parameter", "source_image"),
+    ({"target_image": ["x"]}, 400, "invalid_parameter", "target_image"),
+    ({"blend_ratio": 10 ** 400}, 400, "invalid_parameter", "blend_ratio"),
 ])
 def test_bad_fields_are_400_with_the_field_named(client, fields, status, code, field):
     r = fuse(client, **fields)
@@ -155,13 +158,18 @@ def test_the_same_access_control_rate_limit_and_credits(tmp_path):
         c = app.test_client()
         auth = {"Authorization": f"Bearer {key}"}
         body = {"source_image": b64(SOURCE), "target_image": b64(TARGET)}
-        assert c.post("/fusion", json=body, headers=auth).status_code == 200
+        same_id = {**auth, "X-Request-ID": "1"}                            # a client's id names no hold
+        assert c.post("/fusion", json=body, headers=same_id).status_code == 200
+        assert c.post("/fusion", json=body, headers=same_id).status_code == 200
+        assert ledger.account("pix")["balance"] == 1
+        ledger.recharge(["pix"], 4, "more", "atomic", "test")
         gray = b64(image_bytes(np.full((240, 200, 3), 128, np.uint8)))
         assert c.post("/fusion", json={**body, "target_image": gray}, headers=auth).status_code == 422
-        assert ledger.account("pix")["balance"] == 3                    # the failed one cost nothing
-        r = c.post("/fusion/batch", json={"pairs": [body, body]}, headers=auth)
+        assert ledger.account("pix")["balance"] == 5                    # the failed one cost nothing
+        r = c.post("/fusion/batch", json={"pairs": [body, body, body]}, headers=auth)
         assert_clean_error(r, 402, "insufficient_credits")
-        assert r.get_json()["error"]["needed"] == 4 and ledger.check() == []
+        assert (r.get_json()["error"]["needed"], r.get_json()["error"]["balance"]) == (6, 5)
+        assert ledger.check() == []
     finally:
         app.extensions["sonic"].settler.stop()
         ledger.close()

@@ -99,6 +99,8 @@ def test_uploads_and_videos_go_through_the_bucket_proxied_and_presigned(tmp_path
         assert api.get(f"/output/{name}", headers={"Range": "bytes=-10"}).get_data() == stored[-10:]
         assert api.get(f"/output/{name}", headers={"Range": f"bytes={len(stored) + 5}-"}).status_code == 416
         assert api.get(f"/output/{name}", headers={"If-None-Match": full.headers["ETag"]}).status_code == 304
+        head = api.head(f"/output/{name}")
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(stored)) and not head.get_data()
         assert_clean_error(api.get("/output/" + "b" * 32 + ".mp4"), 404, "not_found")
         # a cache hit, from the bucket
         again = post(api, {"min_resolution": 256, "seed": 3})

@@ -29,7 +29,7 @@ def _int_arg(name: str, default=None, minimum: int = 0):
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < minimum:
+    if not re.fullmatch(r"[0-9]{1,18}", raw) or int(raw) < minimum:
         raise CreditError(f"{name} must be a whole number of at least {minimum}", name)
     return int(raw)
 
@@ -39,9 +39,12 @@ def _float_arg(name: str):
     if raw is None:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise CreditError(f"{name} must be a time in seconds since the epoch", name) from None
+        value = float("nan")
+    if not -1e12 < value < 1e12:                         # nan, inf and the absurd
+        raise CreditError(f"{name} must be a time in seconds since the epoch", name)
+    return value
 
 
 def _page(**filters):
@@ -90,6 +93,9 @@ def account(account):
               200: ("entries", content("application/json", PAGE)), 400: error("a bad query parameter"),
               403: error("not an admin")})
 def audit():
+    for name in ("account", "operator"):
+        if "\x00" in request.args.get(name, ""):
+            raise CreditError(f"{name} must not contain NUL", name)
     return jsonify(_page(account=request.args.get("account"), operator=request.args.get("operator"),
                          since=_float_arg("since"), until=_float_arg("until")))
 
@@ -131,15 +137,17 @@ def recharge():
         seen.add(u)
     if dupes:
         return error_response("invalid_parameter", f"users named twice: {', '.join(dupes[:20])}", "users")
+    if any("\x00" in u or len(u) > 64 for u in users):
+        return error_response("invalid_parameter", "an account name is at most 64 characters, without NUL", "users")
     check_amount(body.get("amount"), cfg.max_recharge_amount)
     reason = body.get("reason")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500 or "\x00" in reason:
         return error_response("invalid_parameter", "reason is required (1-500 characters)", "reason")
     mode = body.get("mode", "atomic")
     if mode not in MODES:
         return error_response("invalid_parameter", f"mode must be one of {', '.join(MODES)}", "mode")
     key = body.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200 or "\x00" in key):
         return error_response("invalid_parameter", "idempotency_key must be a string of 1-200 characters",
                               "idempotency_key")
     status, answer = svc.ledger.recharge(users, body["amount"], reason.strip(), mode, g.principal.operator,

@@ -13,6 +13,7 @@ import binascii
 import io
 import threading
 import time
+import uuid
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
@@ -60,6 +61,8 @@ def _engine(svc) -> FusionEngine:
 def _decode(raw: bytes | str | None, name: str, max_pixels: int) -> np.ndarray:
     if raw is None or raw == "" or raw == b"":
         raise InvalidParameter(f"{name} is required (base64 in JSON, or a file in multipart)", name)
+    if not isinstance(raw, (str, bytes)):
+        raise InvalidParameter(f"{name} must be a base64 string", name)
     if isinstance(raw, str):
         text = raw.strip()
         if text.startswith("data:"):
@@ -88,9 +91,13 @@ def _options(body: dict, where: str = "") -> dict:
     if isinstance(ratio, str):
         try:
             ratio = float(ratio)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InvalidParameter("blend_ratio must be a number from 0 to 1", "blend_ratio") from None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+    try:
+        ok = not isinstance(ratio, bool) and isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0
+    except OverflowError:
+        ok = False
+    if not ok:
         raise InvalidParameter("blend_ratio must be a number from 0 to 1", "blend_ratio")
     swap = body.get("swap_eye", False)
     if isinstance(swap, str) and swap.lower() in ("true", "false", "1", "0"):
@@ -147,8 +154,9 @@ def _payer(svc, units: int):
         return error_response("forbidden", "fusions need an account's key or token (credits are enabled); "
                                            "this key belongs to no account"), 0
     price = svc.settings.credits.per_fusion
-    hold = f"fusion-{g.get('request_id') or time.time_ns()}"[:32]
-    ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"))
+    hold = "f" + uuid.uuid4().hex[:31]                   # the server's own id, never the client's
+    ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"),
+                                     kind="fusion")
     if not ok:
         return _insufficient(price * units, balance), 0
     return hold, price

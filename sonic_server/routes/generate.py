@@ -145,8 +145,12 @@ def _charge_hit(svc, payer, hit: JobRecord):
 
 
 def _release(svc, payer, job_id: str) -> None:
+    """The hold of a job that was not queued goes back (the settler's sweep would, later)."""
     if payer:
-        svc.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
+        try:
+            svc.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
+        except Exception:                                  # noqa: BLE001 - the request's own error matters more
+            log.exception("the hold of job %s could not be released now; the settler will", job_id)
 
 
 def _settle(svc, rec: JobRecord) -> None:
