@@ -43,7 +43,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         from .credits import Ledger, Settler, cost, database_url
         from .routes import credits as credit_routes
         c = settings.credits
-        svc.ledger = Ledger(database_url(settings))
+        svc.ledger = Ledger.open(database_url(settings))
         svc.settler = Settler(svc.ledger, lambda: svc.queue,
                               lambda result: cost(result.get("duration", 0.0), c.per_video_second, c.per_request))
         svc.settler.start()

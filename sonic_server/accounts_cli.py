@@ -17,6 +17,7 @@ import getpass
 import json
 import sys
 
+from sonic.errors import SonicError
 from sonic.settings import SettingsError, load_settings
 
 
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     from .credits import CreditError, Ledger, check_amount, database_url
     try:
         settings = load_settings(a.config)
-        ledger = Ledger(database_url(settings))
+        ledger = Ledger.open(database_url(settings))
     except SettingsError as e:
         sys.exit(f"error: {e}")
-    except Exception as e:                                  # noqa: BLE001 - the database cannot be opened
-        sys.exit(f"error: the accounts database cannot be opened ({type(e).__name__}: {str(e).splitlines()[0]})")
+    except SonicError as e:                                 # the database cannot be opened
+        sys.exit(f"error: {e.message}")
     operator = f"cli:{getpass.getuser()}"
     try:
         if a.command == "create":

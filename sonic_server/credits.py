@@ -140,6 +140,21 @@ def database_url(settings) -> str:
 class Ledger:
     """The accounts database. Thread-safe (one engine, a connection per call)."""
 
+    @classmethod
+    def open(cls, url: str) -> "Ledger":
+        """The ledger at `url`, or SetupError naming the database (its password hidden) and why."""
+        try:
+            return cls(url)
+        except Exception as e:                                # noqa: BLE001 - unreachable, refused, bad URL
+            from sqlalchemy.engine import make_url
+            from sonic.errors import SetupError
+            try:
+                where = make_url(url).render_as_string(hide_password=True)
+            except Exception:                                 # noqa: BLE001
+                where = "server.database_url"
+            why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
+            raise SetupError(f"the accounts database {where} cannot be opened: {why}") from e
+
     def __init__(self, url: str):
         self.url = url
         self.sqlite = url.startswith("sqlite")

@@ -12,6 +12,7 @@ import sys
 
 from werkzeug.serving import WSGIRequestHandler
 
+from sonic.errors import SonicError
 from sonic.settings import SettingsError, load_settings
 
 from . import create_app
@@ -36,7 +37,10 @@ def serve(args: argparse.Namespace) -> None:
                                                      "sonic_checkpoints": args.checkpoints})
     except SettingsError as e:
         sys.exit(f"error: {e}")
-    app = create_app(settings, background_load=True)   # answers /health while the models load
+    try:
+        app = create_app(settings, background_load=True)   # answers /health while the models load
+    except SonicError as e:                                # the accounts database cannot be opened, ...
+        sys.exit(f"error: {e.message}")
 
     class Handler(WSGIRequestHandler):
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long

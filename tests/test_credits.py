@@ -399,3 +399,14 @@ def test_calls_racing_with_one_idempotency_key_apply_once(db_url):
         assert ledger.account("race")["balance"] == 10 and ledger.check() == []
     finally:
         ledger.close()
+
+
+def test_an_unreachable_database_is_one_error_line_with_its_password_hidden():
+    env = {**os.environ, "SONIC_CREDITS_ENABLED": "1",
+           "SONIC_DATABASE_URL": f"postgresql://sonic:hunter2@127.0.0.1:{free_port()}/nowhere"}
+    for args in (["serve", "--port", str(free_port())], ["accounts", "list"]):
+        out = subprocess.run([sys.executable, "-m", "sonic", *args], capture_output=True, text=True, cwd=ROOT,
+                             env=env, timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-800:]
+        assert "the accounts database" in out.stderr and "cannot be opened" in out.stderr
+        assert "hunter2" not in out.stderr and "***" in out.stderr
