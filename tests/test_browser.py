@@ -32,7 +32,9 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500",
-                "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+                "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+                # a fake microphone (a beeping tone) that needs no permission prompt
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_script_timeout(30)
@@ -109,6 +111,26 @@ def test_a_person_makes_and_plays_a_video_with_progress(server, browser):
         d.execute_script("document.getElementById('video').pause(); document.getElementById('video').currentTime = 1.2")
         time.sleep(0.5)
         d.save_screenshot(os.environ["SONIC_SCREENSHOT"])
+
+
+def test_speech_recorded_from_the_microphone_makes_a_video(server, browser):
+    d = browser
+    open_page(d, server)
+    choose(d, PORTRAIT)
+    d.find_element("id", "record").click()
+    wait(d, "return document.getElementById('record-state').textContent === 'recording...'", 10, "recording")
+    time.sleep(2.0)
+    d.find_element("id", "record").click()
+    wait(d, "return document.getElementById('record-state').textContent === 'recorded'", 10, "the recording")
+    assert d.execute_script("return !document.getElementById('audio-preview').hidden")
+    set_param(d, "min_resolution", 256)
+    d.find_element("id", "submit").click()
+    wait(d, "return !document.getElementById('result').hidden || document.getElementById('error-audio').textContent"
+            " || document.getElementById('error-form').textContent", 60, "the result")
+    assert d.find_element("id", "error-audio").text == "" and d.find_element("id", "error-form").text == ""
+    duration = wait(d, "const v = document.getElementById('video'); return v.readyState >= 1 && v.duration", 20,
+                    "the video's metadata")
+    assert 1.5 < duration < 3.5, duration                                   # about the 2 s recorded
 
 
 def test_cancel_stops_a_long_job(server, browser):
