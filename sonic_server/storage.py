@@ -101,7 +101,11 @@ class S3:
             raise self.failure(what, e, kw.get("Key", "")) from e
 
     def failure(self, what: str, e: Exception, key: str = "") -> Exception:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
+        if isinstance(e, Boto3Error):                   # upload_file's S3UploadFailedError, ...
+            log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, e)
+            return StorageUnavailable(f"the object store refused to {what} (bucket {self.bucket})")
         if isinstance(e, ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if outputs.remote:                                    # this worker's own folder: nothing is shared
+        # alive in the list first, so that a worker starting meanwhile leaves this one's folder alone
+        conn.set(PREFIX + f"worker:{name}", json.dumps({"name": name, "job": None, "heartbeat": time.time()}),
+                 px=int(srv.worker_lease_s * 1000))
         scratch = scratch_space(output_dir, name, conn)
         uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
         output_dir = outputs.folder

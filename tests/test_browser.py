@@ -133,6 +133,26 @@ def test_speech_recorded_from_the_microphone_makes_a_video(server, browser):
     assert 1.5 < duration < 3.5, duration                                   # about the 2 s recorded
 
 
+def test_corrupt_storage_and_a_refused_event_stream_do_not_stop_the_page(server, browser):
+    d = browser
+    d.get(server + "/")
+    d.execute_script("localStorage.setItem('sonic.history', '{}'); localStorage.setItem('sonic.apiKey', '')")
+    open_page(d, server)                                      # the parameters still load
+    d.execute_script("localStorage.setItem('sonic.history', '[null, 5, {\"job_id\": 7}]')")
+    open_page(d, server)
+    # the server has no stream to spare (503): the page polls the status instead
+    d.execute_script("""const real = window.fetch;
+        window.fetch = (url, opts) => String(url).endsWith('/events')
+            ? Promise.resolve(new Response('{}', {status: 503})) : real(url, opts);""")
+    choose(d, PORTRAIT, SPEECH)
+    set_param(d, "min_resolution", 256)
+    set_param(d, "seed", 13)
+    d.find_element("id", "submit").click()
+    wait(d, "return !document.getElementById('result').hidden", 60, "the finished video, by polling")
+    assert d.execute_script("return JSON.parse(localStorage.getItem('sonic.history')).length") == 1
+    d.execute_script("localStorage.clear()")
+
+
 def test_cancel_stops_a_long_job(server, browser):
     d = browser
     open_page(d, server)

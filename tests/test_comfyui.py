@@ -3,6 +3,7 @@ the inputs and their defaults, FUNCTION on an instance, ComfyUI's tensor layouts
 [B, H, W, C] in 0..1; AUDIO {"waveform": [B, C, T], "sample_rate"}), against app.py on a free port."""
 import importlib.util
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -32,9 +33,18 @@ def node():
     return cls
 
 
+LOGS = {}
+
+
+def server_log(base):
+    return LOGS[base]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, info = start_server(tmp_path_factory.mktemp("comfy"))
+    tmp = tmp_path_factory.mktemp("comfy")
+    proc, info = start_server(tmp)
+    LOGS[info["base"]] = tmp / "server.log"
     yield info["base"]
     proc.terminate()
     proc.wait(20)
@@ -113,3 +123,21 @@ def test_the_services_refusal_is_the_nodes_error(node, server):
         run(node, image=comfy_image(), audio=comfy_audio(), server_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(pkg.node.SonicServiceError, match="AUDIO input"):
         run(node, image=comfy_image(), audio=torch.zeros(3), server_url=server)
+
+
+def test_a_job_past_the_nodes_timeout_is_canceled_on_the_server(node, server):
+    import requests
+    pkg = sys.modules["sonic_comfyui"]
+    with pytest.raises(pkg.node.SonicServiceError, match="did not end within 10 s; it was canceled"):
+        run(node, image=comfy_image(), audio=comfy_audio(), server_url=server, min_resolution=512, duration=240,
+            seed=77, timeout_s=10)
+    jobs = [line for line in open(server_log(server)).read().splitlines() if "/cancel" in line]
+    assert jobs, "no cancel reached the server"
+    job_id = jobs[-1].split("/api/sonic/jobs/")[1].split("/")[0]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status = requests.get(f"{server}/api/sonic/jobs/{job_id}", timeout=10).json()["status"]
+        if status == "canceled":
+            break
+        time.sleep(0.2)
+    assert status == "canceled"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -103,16 +104,18 @@ def _refusal(status: int, body) -> SonicServiceError:
 
 
 def _read_frames(path: str):
-    """The MP4's frames as float32 [N, H, W, 3] in 0..1 (PyAV, else OpenCV)."""
-    frames = []
+    """The MP4's frames as float32 [N, H, W, 3] in 0..1 (PyAV, else OpenCV), filled in place."""
+    frames = None
     try:
         import av
         with av.open(path) as container:
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-    except ImportError:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception:                                    # noqa: BLE001 - no PyAV, or it cannot read this file
+        frames = None
+    if not frames:
         import cv2
         cap = cv2.VideoCapture(path)
+        frames = []
         while True:
             ok, bgr = cap.read()
             if not ok:
@@ -121,7 +124,10 @@ def _read_frames(path: str):
         cap.release()
     if not frames:
         raise SonicServiceError(f"the video {path} has no frames that could be read")
-    return np.stack(frames).astype(np.float32) / 255.0
+    out = np.empty((len(frames), *frames[0].shape), np.float32)
+    for i, f in enumerate(frames):
+        np.multiply(f, 1.0 / 255.0, out=out[i], casting="unsafe")
+    return out
 
 
 def _output_dir() -> str:
@@ -192,7 +198,10 @@ class SonicTalkingHead:
             raise _refusal(status, video)
         folder = _output_dir()
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, job["video_url"].rsplit("/", 1)[-1].split("?")[0])
+        job_id = str(job.get("job_id", ""))
+        if not re.fullmatch(r"[0-9a-f]{32}", job_id):      # the name is ours, never the server's path
+            raise SonicServiceError(f"sonic service: an unexpected job id {job_id[:40]!r}")
+        path = os.path.join(folder, f"{job_id}.mp4")
         with open(path, "wb") as f:
             f.write(video)
         frames = torch.from_numpy(_read_frames(path))
@@ -202,21 +211,51 @@ class SonicTalkingHead:
         return (path, frames, {"waveform": torch.from_numpy(out)[None], "sample_rate": rate})
 
     def _follow(self, base: str, api_key: str, job: dict, timeout_s: float) -> dict:
+        """Poll the job until it ends. Passing trouble (the network, 429, 503 while the service
+        restarts) is retried until the deadline; a ComfyUI interrupt or the deadline cancels the job."""
         bar = None
         try:
             from comfy.utils import ProgressBar       # ComfyUI's progress on the node
             bar = ProgressBar(100)
         except ImportError:
             pass
+        job_id = job["job_id"]
+        url = f"{base}/api/sonic/jobs/{job_id}"        # built from the node's URL, not the server's absolute one
         deadline = time.monotonic() + timeout_s
-        url = job.get("status_url") or f"{base}/api/sonic/jobs/{job['job_id']}"
-        while time.monotonic() < deadline:
-            status, job = _call(url, api_key, timeout=30)
-            if status != 200 and not (isinstance(job, dict) and job.get("status")):
-                raise _refusal(status, job)
-            if bar is not None:
-                bar.update_absolute(int(100 * float(job.get("progress", 0.0))), 100)
-            if job.get("status") in TERMINAL:
-                return job
-            time.sleep(POLL_S)
-        raise SonicServiceError(f"sonic service: the job {job.get('job_id')} did not end within {timeout_s} s")
+        try:
+            while time.monotonic() < deadline:
+                _interrupted()
+                try:
+                    status, answer = _call(url, api_key, timeout=30)
+                except SonicServiceError:                  # unreachable for a moment
+                    status, answer = None, None
+                if isinstance(answer, dict) and answer.get("status"):
+                    job = answer
+                    if bar is not None:
+                        bar.update_absolute(int(100 * float(job.get("progress", 0.0))), 100)
+                    if job["status"] in TERMINAL:
+                        return job
+                elif status is not None and status not in (429, 502, 503, 504):
+                    raise _refusal(status, answer)
+                time.sleep(POLL_S)
+        except BaseException:
+            _cancel(base, api_key, job_id)
+            raise
+        _cancel(base, api_key, job_id)
+        raise SonicServiceError(f"sonic service: the job {job_id} did not end within {timeout_s} s; it was canceled")
+
+
+def _interrupted() -> None:
+    """ComfyUI's Cancel (raises its own exception), when running inside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def _cancel(base: str, api_key: str, job_id: str) -> None:
+    try:
+        _call(f"{base}/api/sonic/jobs/{job_id}/cancel", api_key, data=b"", timeout=10)
+    except Exception:                                  # noqa: BLE001 - best effort: the job may be over
+        pass

@@ -18,7 +18,7 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self'
                "script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; "
                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 # Swagger UI styles its elements inline
-DOCS_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+DOCS_POLICY = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'")
 
 

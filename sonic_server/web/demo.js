@@ -9,9 +9,23 @@ const HISTORY_KEY = "sonic.history";
 const KEY_KEY = "sonic.apiKey";
 const state = { audio: null, audioName: null, params: {}, job: null, following: null };
 
+// localStorage may be blocked or hold anything: every use goes through these
+function load(name) {
+  try { return localStorage.getItem(name); } catch (e) { return null; }
+}
+function store(name, value) {
+  try {
+    if (value === null) localStorage.removeItem(name); else localStorage.setItem(name, value);
+  } catch (e) { /* storage blocked: the page works without it */ }
+}
+
 function authHeaders() {
-  const key = localStorage.getItem(KEY_KEY);
+  const key = load(KEY_KEY);
   return key ? { Authorization: "Bearer " + key } : {};
+}
+
+async function jsonOf(resp) {
+  try { return await resp.json(); } catch (e) { return null; }
 }
 
 // ---- errors: the server's message, next to the field it names -----------------------------
@@ -54,7 +68,8 @@ async function loadParams() {
     return;
   }
   if (!resp.ok) { showError(await errorOf(resp)); return; }
-  const spec = await resp.json();
+  const spec = await jsonOf(resp);
+  if (!spec) { showError({ message: "the server's parameter list could not be read" }); return; }
   state.params = spec.parameters || {};
   const box = $("params");
   box.textContent = "";
@@ -230,7 +245,7 @@ async function submit(event) {
     showError({ message: "the server cannot be reached" });
     return;
   }
-  const body = (resp.headers.get("Content-Type") || "").includes("json") ? await resp.json() : null;
+  const body = (resp.headers.get("Content-Type") || "").includes("json") ? await jsonOf(resp) : null;
   if (resp.status === 200 && body && body.success) {            // a cached result
     remember(body, "succeeded");
     finish({ ...body, status: "succeeded", progress: 1, stage: "succeeded" });
@@ -245,12 +260,16 @@ async function submit(event) {
   state.job = body.job_id;
   remember(body, body.status);
   setProgress(body);
-  follow(body.job_id, body.status_url);
+  follow(body.job_id);
 }
 
-async function follow(jobId, statusUrl) {
+const STALL_MS = 45000;      // the server sends a keep-alive every 15 s: this much silence is a dead stream
+
+// server-sent events, read with fetch (EventSource cannot send an API key); CR, LF or CRLF lines
+async function follow(jobId) {
   const ctrl = new AbortController();
   state.following = ctrl;
+  let stall = setTimeout(() => ctrl.abort(), STALL_MS);
   try {
     const resp = await fetch(`/api/sonic/jobs/${jobId}/events`, { headers: authHeaders(), signal: ctrl.signal });
     if (resp.ok && resp.body) {
@@ -260,36 +279,48 @@ async function follow(jobId, statusUrl) {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buffer += decoder.decode(value, { stream: true });
+        clearTimeout(stall);
+        stall = setTimeout(() => ctrl.abort(), STALL_MS);
+        buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
-          const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          const data = block.split("\n").filter((l) => l.startsWith("data:"))
+            .map((l) => l.slice(l.startsWith("data: ") ? 6 : 5)).join("\n");
           if (!data) continue;
-          const body = JSON.parse(data);
-          if (!body.status) break;                             // an error event: poll below
+          let body;
+          try { body = JSON.parse(data); } catch (e) { continue; }
+          if (!body.status) { ctrl.abort(); break; }          // an error event: poll below
           setProgress(body);
           if (TERMINAL.includes(body.status)) { finish(body); return; }
         }
+        if (ctrl.signal.aborted) break;
       }
     }
   } catch (e) {
-    if (ctrl.signal.aborted) return;
+    /* refused, dropped or stalled: poll below */
+  } finally {
+    clearTimeout(stall);
   }
-  poll(statusUrl);                                             // no stream to spare, or it ended early
+  poll(jobId);
 }
 
-async function poll(statusUrl) {
+// the job's status every second; a refusal that will not pass (401, 404...) ends the wait
+async function poll(jobId) {
   for (;;) {
     try {
-      const resp = await fetch(statusUrl, { headers: authHeaders() });
-      const body = await resp.json();
-      if (body.status) {
+      const resp = await fetch(`/api/sonic/jobs/${jobId}`, { headers: authHeaders() });
+      const body = await jsonOf(resp);
+      if (resp.ok && body && body.status) {
         setProgress(body);
         if (TERMINAL.includes(body.status)) { finish(body); return; }
+      } else if (resp.status >= 400 && resp.status < 500 && resp.status !== 429) {
+        busy(false);
+        showError((body && body.error) || { message: `the job's status could not be read (${resp.status})` });
+        return;
       }
-    } catch (e) { /* retry */ }
+    } catch (e) { /* the network: try again */ }
     await new Promise((r) => setTimeout(r, 1000));
   }
 }
@@ -297,9 +328,14 @@ async function poll(statusUrl) {
 async function cancel() {
   if (!state.job) return;
   $("cancel").disabled = true;
-  const resp = await fetch(`/api/sonic/jobs/${state.job}/cancel`, { method: "POST", headers: authHeaders() });
-  $("cancel").disabled = false;
-  if (!resp.ok && resp.status !== 409) showError(await errorOf(resp));
+  try {
+    const resp = await fetch(`/api/sonic/jobs/${state.job}/cancel`, { method: "POST", headers: authHeaders() });
+    if (!resp.ok && resp.status !== 409) showError(await errorOf(resp));
+  } catch (e) {
+    showError({ message: "the cancel did not reach the server; try again" });
+  } finally {
+    $("cancel").disabled = false;
+  }
 }
 
 function figure(list, name, value) {
@@ -342,7 +378,10 @@ function finish(body) {
 
 // ---- this browser's history -----------------------------------------------------------------
 function history() {
-  try { return JSON.parse(localStorage.getItem(HISTORY_KEY)) || []; } catch (e) { return []; }
+  let items;
+  try { items = JSON.parse(load(HISTORY_KEY)); } catch (e) { return []; }
+  if (!Array.isArray(items)) return [];
+  return items.filter((h) => h && typeof h === "object" && typeof h.job_id === "string");
 }
 
 function remember(body, status) {
@@ -351,7 +390,7 @@ function remember(body, status) {
   const old = history().find((h) => h.job_id === body.job_id);
   items.unshift({ job_id: body.job_id, status, video_url: body.video_url || (old && old.video_url) || null,
                   when: (old && old.when) || new Date().toISOString() });
-  localStorage.setItem(HISTORY_KEY, JSON.stringify(items.slice(0, 10)));
+  store(HISTORY_KEY, JSON.stringify(items.slice(0, 10)));
   renderHistory();
 }
 
@@ -363,7 +402,7 @@ function renderHistory() {
   for (const h of items) {
     const li = document.createElement("li");
     const when = new Date(h.when).toLocaleString();
-    if (h.video_url && h.status === "succeeded") {
+    if (typeof h.video_url === "string" && /^(https?:)?\//.test(h.video_url) && h.status === "succeeded") {
       const a = document.createElement("a");
       a.href = h.video_url;
       a.textContent = `${when}: video`;
@@ -376,10 +415,10 @@ function renderHistory() {
 }
 
 // ---- start ------------------------------------------------------------------------------------
-$("api-key").value = localStorage.getItem(KEY_KEY) || "";
+$("api-key").value = load(KEY_KEY) || "";
 $("api-key").addEventListener("change", () => {
   const key = $("api-key").value.trim();
-  if (key) localStorage.setItem(KEY_KEY, key); else localStorage.removeItem(KEY_KEY);
+  store(KEY_KEY, key || null);
   clearErrors();
   loadParams();
 });
@@ -390,6 +429,6 @@ wireDrop($("drop-audio"), $("audio"));
 $("record").addEventListener("click", toggleRecording);
 $("form").addEventListener("submit", submit);
 $("cancel").addEventListener("click", cancel);
-$("clear-history").addEventListener("click", () => { localStorage.removeItem(HISTORY_KEY); renderHistory(); });
+$("clear-history").addEventListener("click", () => { store(HISTORY_KEY, null); renderHistory(); });
 renderHistory();
 loadParams();
