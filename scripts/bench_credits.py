@@ -8,7 +8,6 @@ Check `uptime` first: time only on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -17,12 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench(url: str, threads: int, seconds: float) -> None:
@@ -76,6 +69,7 @@ def main() -> None:
         print("SQLite (WAL, a file on the local disk):")
         bench(f"sqlite:///{tmp}/bench.sqlite3", a.threads, a.seconds)
     from pg_helpers import Postgres
+    from test_http_live import free_port
     pg = Postgres(free_port())
     try:
         print("PostgreSQL (a local cluster, fsync off):")

@@ -81,7 +81,7 @@ def _piecewise_map(src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray, s
     return map_x, map_y, covered
 
 
-def _poly_mask(shape, points: np.ndarray, box) -> np.ndarray:
+def _poly_mask(points: np.ndarray, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
     hull = cv2.convexHull(np.round(points - [x0, y0]).astype(np.int32))
@@ -192,24 +192,24 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     tgt_w = cv2.remap(target, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     skin = np.zeros(covered.shape, np.uint8)
     for patch in SKIN_PATCHES:
-        skin |= _poly_mask(None, G[patch], box)
+        skin |= _poly_mask(G[patch], box)
     skin = (skin > 0) & covered
     src_w = _match_colour(src_w, tgt_w, skin, skin)        # the skin's tone first, then the local light
-    face_area = (_poly_mask(None, G[FACE_OVAL_IDX], box) > 0) & covered
+    face_area = (_poly_mask(G[FACE_OVAL_IDX], box) > 0) & covered
     iod = float(np.linalg.norm(G[EYE_OUTER[0]] - G[EYE_OUTER[1]]))
     src_w = _relight(src_w, tgt_w, face_area.astype(np.float32), max(2.0, 0.25 * iod))
     face = ((1.0 - r) * tgt_w.astype(np.float32) + r * src_w.astype(np.float32))
     if swap_eye:
         eyes = np.zeros(covered.shape, np.uint8)
         for ring in (EYE_LEFT_RING, EYE_RIGHT_RING):
-            eyes |= _poly_mask(None, G[ring], box)
+            eyes |= _poly_mask(G[ring], box)
         eyes = cv2.dilate(eyes, np.ones((3, 3), np.uint8), iterations=max(1, int(0.015 * size)))
         soft = cv2.GaussianBlur(eyes.astype(np.float32) / 255.0, (0, 0), max(1.0, 0.008 * size))[..., None]
         face = face * (1.0 - soft) + src_w.astype(np.float32) * soft
     face = np.clip(face + 0.5, 0, 255).astype(np.uint8)
     # the region blended: the fused face oval from a little above the brows down (the forehead's
     # top is often hair, the source's or the target's), a little inside the warped area
-    mask = _poly_mask(None, _below_hairline(G), box)
+    mask = _poly_mask(_below_hairline(G), box)
     mask &= (covered * 255).astype(np.uint8)
     mask = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=max(1, int(FEATHER * size / 2)))
     if mask.sum() == 0:
@@ -219,8 +219,6 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     # detail crosses over at its own width, so fine texture meets fine texture at a sharp edge and
     # tone meets tone over a wide one, and no seam or colour step shows. Relit, the face already
     # has the target's light where it meets the rest of the photo.
-    full_mask = np.zeros((H, W), np.uint8)
-    full_mask[y0:y1, x0:x1] = mask
     soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(1.0, FEATHER * size / 2))
     soft[mask == 0] = 0.0                            # outside the mask: the target, pixel for pixel
     base = target[y0:y1, x0:x1].astype(np.float32)
@@ -230,8 +228,8 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     region = out[y0:y1, x0:x1]
     inside = mask > 0
     region[inside] = np.clip(mixed[inside] + 0.5, 0, 255).astype(np.uint8)
-    bx, by, bw, bh = cv2.boundingRect(full_mask)
+    bx, by, bw, bh = cv2.boundingRect(mask)
     t_end = time.perf_counter()
-    faces["fused_box"] = [int(bx), int(by), int(bx + bw), int(by + bh)]
+    faces["fused_box"] = [int(x0 + bx), int(y0 + by), int(x0 + bx + bw), int(y0 + by + bh)]
     return FusionResult(out, faces, {"face": round(t_face - t0, 3), "warp": round(t_warp - t_face, 3),
                                      "blend": round(t_end - t_warp, 3), "total": round(t_end - t0, 3)})

@@ -40,12 +40,11 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     hooks.request_id(app)
     hooks.access_log(app)
     if settings.credits.enabled:          # accounts, keys and credits (docs/credits.md)
-        from .credits import Ledger, Settler, cost, database_url
+        from .credits import Ledger, Settler, database_url, video_price
         from .routes import credits as credit_routes
-        c = settings.credits
         svc.ledger = Ledger.open(database_url(settings))
         svc.settler = Settler(svc.ledger, lambda: svc.queue,
-                              lambda result: cost(result.get("duration", 0.0), c.per_video_second, c.per_request))
+                              lambda result: video_price(settings.credits, result.get("duration", 0.0)))
         svc.settler.start()
         app.register_blueprint(credit_routes.bp)
     access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst,

@@ -128,6 +128,11 @@ def cost(seconds: float, per_second: int, per_request: int) -> int:
     return int(math.ceil(round(float(seconds) * per_second, 3))) + int(per_request)
 
 
+def video_price(credits, seconds: float) -> int:
+    """A video of `seconds` at the settings' price table (credits.per_video_second, per_request)."""
+    return cost(seconds, credits.per_video_second, credits.per_request)
+
+
 def database_url(settings) -> str:
     url = settings.server.database_url
     if url:

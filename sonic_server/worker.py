@@ -214,18 +214,16 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if outputs.remote:                                    # this worker's own folder: nothing is shared
-        # alive in the list first, so that a worker starting meanwhile leaves this one's folder alone
-        conn.set(PREFIX + f"worker:{name}", json.dumps({"name": name, "job": None, "heartbeat": time.time()}),
-                 px=int(srv.worker_lease_s * 1000))
-        scratch = scratch_space(output_dir, name, conn)
-        uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
-        output_dir = outputs.folder
     _CONTEXT.update(store=store, pipeline=pipeline, output_dir=output_dir, uploads=uploads, outputs=outputs,
                     job_timeout_s=srv.job_timeout_s, name=name, lease_s=srv.worker_lease_s,
                     retry_lost_jobs=srv.retry_lost_jobs, expiry=OutputExpiry(store, outputs, srv.output_ttl_s),
                     decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name), device=str(pipeline.device),
                     current=None, lease=None)
+    if outputs.remote:                                    # this worker's own folder: nothing is shared
+        announce(_CONTEXT, conn)                          # alive in the list first: a worker starting meanwhile
+        scratch = scratch_space(output_dir, name, conn)   # leaves this one's folder alone
+        uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
+        output_dir = _CONTEXT["output_dir"] = outputs.folder
     stop = threading.Event()
     threading.Thread(target=heartbeat, args=(_CONTEXT, srv.redis_url, stop), name="sonic-heartbeat",
                      daemon=True).start()

@@ -22,7 +22,6 @@ from PIL import Image
 from sonic import InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
 from sonic.media import load_image
 
-from ..errors import error_response
 from ..openapi import content, describe, error
 from ..service import service
 
@@ -146,13 +145,11 @@ def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
 
 def _payer(svc, units: int):
     """With credits: hold the price of `units` fusions (402 when short); (hold id, price) or a response."""
-    if svc.ledger is None:
-        return None, 0
-    from .generate import _insufficient
-    p = g.principal
-    if p.account_id is None:
-        return error_response("forbidden", "fusions need an account's key or token (credits are enabled); "
-                                           "this key belongs to no account"), 0
+    from .generate import _insufficient, _payer as account_payer
+    payer = account_payer(svc, "fusions need")
+    if payer is None or isinstance(payer, Response):
+        return payer, 0
+    p = payer[0]
     price = svc.settings.credits.per_fusion
     hold = "f" + uuid.uuid4().hex[:31]                   # the server's own id, never the client's
     ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"),

@@ -110,14 +110,14 @@ def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
     return rec
 
 
-def _payer(svc):
+def _payer(svc, what: str = "making videos needs"):
     """With credits: (the principal, its operator name) of the account that pays, or a 403
-    response for a key without an account; without credits: None."""
+    response for a key without an account; without credits: None. Fusions use it too."""
     if svc.ledger is None:
         return None
     p = g.principal
     if p.account_id is None:
-        return error_response("forbidden", "making videos needs an account's key or token (credits are enabled); "
+        return error_response("forbidden", f"{what} an account's key or token (credits are enabled); "
                                            "this key belongs to no account")
     return p, p.operator
 
@@ -128,17 +128,15 @@ def _insufficient(needed: int, balance: int):
 
 
 def _reserve(svc, payer, job_id: str, seconds: float):
-    from ..credits import cost
-    c = svc.settings.credits
-    needed = cost(seconds, c.per_video_second, c.per_request)
+    from ..credits import video_price
+    needed = video_price(svc.settings.credits, seconds)
     ok, balance = svc.ledger.reserve(payer[0].account_id, job_id, needed, payer[1], g.get("request_id"))
     return None if ok else _insufficient(needed, balance)
 
 
 def _charge_hit(svc, payer, hit: JobRecord):
-    from ..credits import cost
-    c = svc.settings.credits
-    needed = cost((hit.result or {}).get("duration", 0.0), c.per_video_second, c.per_request)
+    from ..credits import video_price
+    needed = video_price(svc.settings.credits, (hit.result or {}).get("duration", 0.0))
     ok, balance = svc.ledger.charge(payer[0].account_id, needed, payer[1], "a cached result",
                                     g.get("request_id"), hit.id)
     return None if ok else _insufficient(needed, balance)
