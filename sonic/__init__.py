@@ -6,7 +6,7 @@ helper needs only the decoder) does not load the rest.
 from importlib import import_module
 
 _EXPORTS = {
-    "errors": ["AudioTooLong", "DiskFull", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected",
+    "errors": ["AudioTooLong", "Busy", "DiskFull", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected",
                "PipelineError",
                "SonicError", "UnsupportedMedia"],
     "options": ["GenerateOptions", "load_config", "schema"],

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InputTooLarge
 from .face import fit_output
-from .media import SAMPLE_RATE, load_audio, load_image
+from .media import SAMPLE_RATE, decode_budget, load_audio, load_image
 from .options import GenerateOptions
 from .settings import Limits
 
@@ -48,7 +48,7 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
     the output limits where the frame is the whole photo); raises the library's errors
     (unsupported_media, input_too_large, audio_too_long, empty_audio) with the field named."""
     t0 = time.perf_counter()
-    rgb = load_image(image, limits.max_image_pixels)
+    rgb = load_image(image, limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s))
     wav = load_audio(audio, limits.max_duration_s)
     if not options.crop_to_face:
         check_output(rgb.shape[:2], None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)

@@ -54,6 +54,11 @@ class EmptyAudio(SonicError):
     code = "empty_audio"
 
 
+class Busy(SonicError):
+    """A shared resource (the memory set aside for decoding) stays taken: retry shortly."""
+    code = "busy"
+
+
 class PipelineError(SonicError):
     """A stage failed for a reason the caller did not cause (ffmpeg failed, disk full...)."""
     code = "pipeline_error"

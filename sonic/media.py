@@ -1,71 +1,234 @@
 """Input decoding: images and audio checked by content, never by file name.
 
-load_image -> RGB uint8 (H, W, 3), EXIF orientation applied, alpha composited on white.
-load_audio -> float32 mono waveform (N,) at SAMPLE_RATE, decoded by the bundled ffmpeg.
+load_image -> RGB uint8 (H, W, 3), EXIF orientation applied, alpha composited on white; PNG, JPEG
+    and WebP only, decoded reduced above WORKING_PIXELS, the memory of concurrent decodes bounded
+    by a DecodeBudget.
+load_audio -> float32 mono waveform (N,) at SAMPLE_RATE, decoded by the bundled ffmpeg from the
+    documented containers only (AUDIO_DEMUXERS), reading no file but the one it is given.
 check_waveform -> load_audio's checks, for a waveform decoded elsewhere (already in memory).
 """
 from __future__ import annotations
 
+import functools
+import io
+import math
+import os
+import re
 import subprocess
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import AudioTooLong, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
+from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
 
 SAMPLE_RATE = 16_000            # Hz, what the audio encoder and pocketsphinx expect
 SILENCE_RMS = 10 ** (-55 / 20)  # full-scale RMS below which a whole clip counts as silent
-ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Larger photos are decoded reduced to this: the output frame is at most 1024 px on its short
+# side, and a face in a 16 MP photo still has more pixels than the crop shows.
+WORKING_PIXELS = 16_000_000
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+# The demuxers ffmpeg may use on an upload: the containers the service documents (WAV, MP3, FLAC,
+# OGG, M4A/MP4, WebM as browsers record, raw AAC). ffmpeg picks a demuxer by content, and some
+# (hls, dash, concat, imf, sdp, avisynth...) open the files or URLs a manifest names: none of
+# those is allowed, whatever the upload's name or declared type.
+AUDIO_DEMUXERS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
+AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM"
+DOWNMIX = ["-ac", "1"]        # ffmpeg's own downmix, for every layout it knows
+MAX_CHANNELS = 64             # ffmpeg's pan filter averages at most this many channels
+DECODE_TIMEOUT_S = 120
 
 
-def load_image(path: str | Path, max_pixels: int) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3); refuse what is not a PNG/JPEG/WebP."""
+def load_image(source: str | Path | BinaryIO, max_pixels: int, budget: "DecodeBudget | None" = None,
+               max_working_pixels: int = WORKING_PIXELS) -> np.ndarray:
+    """Decode a PNG/JPEG/WebP to RGB uint8 (H, W, 3), at most `max_working_pixels` (a larger photo
+    is decoded reduced: JPEGs in the DCT, the others right after decoding); any other format is
+    refused with its name. `budget` bounds the memory of this process's decodes at once."""
+    data = source.read() if hasattr(source, "read") else Path(source).read_bytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.format not in ALLOWED_IMAGE_FORMATS:
-                    raise UnsupportedMedia(f"image format {im.format} is not supported (PNG, JPEG, WebP)",
-                                           field="image")
+            # the bytes are in memory and only the allowed formats' readers see them
+            with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise InputTooLarge(f"image has {w}x{h} pixels, more than the limit of {max_pixels}",
                                         field="image")
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                    im = Image.alpha_composite(bg, im)
-                rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                with (budget or UNBOUNDED).reserve(decode_bytes(im, max_working_pixels)):
+                    rgb = _decode_reduced(im, max_working_pixels)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InputTooLarge(f"image has too many pixels (limit {max_pixels})", field="image") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise UnsupportedMedia(_unsupported_image(data), field="image") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise UnsupportedMedia(f"image could not be decoded: {type(e).__name__}", field="image") from e
     if min(rgb.shape[:2]) < 32:
         raise UnsupportedMedia(f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels", field="image")
-    return np.ascontiguousarray(rgb)
+    return rgb
+
+
+def _unsupported_image(data: bytes) -> str:
+    """What to say of an image none of the allowed readers recognised: its format where Pillow
+    knows it (the header only is read, from memory)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            name = im.format
+    except Exception:                                  # noqa: BLE001 - any reader's failure: not an image
+        name = None
+    if name:
+        return f"image format {name} is not supported (PNG, JPEG, WebP)"
+    return "image could not be decoded: not a PNG, JPEG or WebP"
+
+
+def _reduction(w: int, h: int, max_working_pixels: int) -> int:
+    """The integer factor that brings w x h to at most max_working_pixels."""
+    return max(1, math.ceil(math.sqrt(w * h / max_working_pixels)))
+
+
+def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
+    """Bytes a decode of `im` holds at its peak: Pillow's own buffer (4 bytes a pixel but for
+    1-byte modes; a JPEG decoded at its reduced size), then about three working copies."""
+    w, h = im.size
+    k = _reduction(w, h, max_working_pixels)
+    native = 1 if im.mode in ("1", "L", "P") else 4
+    if im.format == "JPEG":
+        w, h = -(-w // min(k, 8)), -(-h // min(k, 8))     # the DCT reduces by 2, 4 or 8
+    return w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
+
+
+def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
+    """RGB uint8 of an opened image, reduced to at most max_working_pixels, EXIF orientation
+    applied, transparency on white."""
+    w, h = im.size
+    k = _reduction(w, h, max_working_pixels)
+    if k > 1 and im.format == "JPEG":
+        im.draft("RGB", (w // k, h // k))              # decode at 1/2, 1/4 or 1/8 scale
+    im.load()
+    if k > 1:
+        factor = -(-im.size[0] // max(1, w // k))      # what the DCT did not reduce yet
+        if factor > 1:
+            im = im.reduce(factor)
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+class DecodeBudget:
+    """Bytes that this process's image decodes may hold at once. A decode waits up to `wait_s`
+    for its share, then is refused as `busy`; one decode larger than the whole budget may run
+    when nothing else does, so that every allowed image can be decoded."""
+
+    def __init__(self, total_bytes: int, wait_s: float):
+        self.total, self.wait_s = int(total_bytes), float(wait_s)
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        share = min(int(nbytes), self.total)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.in_use + share <= self.total, timeout=self.wait_s):
+                raise Busy("too many large images are being decoded at once; retry shortly", field="image")
+            self.in_use += share
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= share
+                self._cond.notify_all()
+
+
+UNBOUNDED = DecodeBudget(1 << 62, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_budget(total_mb: float, wait_s: float) -> DecodeBudget:
+    """The process's budget for these settings (limits.decode_memory_mb, limits.decode_wait_s):
+    every request of the process shares it."""
+    return DecodeBudget(int(total_mb * 2**20), wait_s)
 
 
 def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
-    """Decode any ffmpeg-readable audio to float32 mono at SAMPLE_RATE, shape (N,)."""
+    """Decode an audio file of one of AUDIO_DEMUXERS' formats to float32 mono at SAMPLE_RATE,
+    shape (N,). Anything else (a playlist, a manifest, a script) is refused with its format named,
+    before ffmpeg could open any other file."""
+    wav = _decode_audio(path, max_duration_s, DOWNMIX)
+    if wav is None:
+        raise _undecodable(path)
+    return check_waveform(wav, max_duration_s)
+
+
+def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -> np.ndarray | None:
+    """The decoded mono samples, or None where ffmpeg refused or failed; a file whose many
+    channels ffmpeg cannot downmix by itself (no known layout) is decoded again with an explicit
+    average of its channels."""
     # Decode at most a little past the limit, so hour-long files cost no more than the limit.
-    cmd = [FFMPEG, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
-           "-t", f"{max_duration_s + 1:.3f}", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
+    out = ["-map", "0:a:0", "-vn", "-t", f"{max_duration_s + 1:.3f}", *downmix, "-ar", str(SAMPLE_RATE),
+           "-f", "f32le", "-"]
+    proc = _run_ffmpeg_on(path, ["-v", "error"], out)
+    if proc.returncode == 0:
+        return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    channels = re.search(rb"Rematrix is needed between (\d+) channels", proc.stderr)
+    if channels and downmix == DOWNMIX:
+        n = int(channels.group(1))
+        if n > MAX_CHANNELS:
+            raise UnsupportedMedia(f"audio has {n} channels; at most {MAX_CHANNELS} are supported", field="audio")
+        return _decode_audio(path, max_duration_s, ["-af", _average_of(n)])
+    return None
+
+
+def _average_of(channels: int) -> str:
+    """An ffmpeg `pan` filter that averages `channels` channels into one."""
+    return "pan=mono|c0=" + "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
+
+
+def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) -> subprocess.CompletedProcess:
+    """ffmpeg reading one upload: the file is handed over as an open descriptor (the only
+    protocol allowed is `fd`, so nothing a file names can be opened) and only AUDIO_DEMUXERS may
+    read it."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, check=True, timeout=120)
-    except subprocess.CalledProcessError as e:
-        raise UnsupportedMedia("audio could not be decoded (WAV, MP3, FLAC, OGG, M4A are supported)",
-                               field="audio") from e
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise PipelineError("the uploaded audio could not be read") from e
+    cmd = [FFMPEG, "-nostdin", "-hide_banner", *verbosity,
+           "-protocol_whitelist", "fd", "-format_whitelist", ",".join(AUDIO_DEMUXERS),
+           "-fd", str(fd), "-i", "fd:", *output]
+    try:
+        return subprocess.run(cmd, capture_output=True, pass_fds=(fd,), timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         raise UnsupportedMedia("audio took too long to decode", field="audio") from e
     except OSError as e:
         raise PipelineError("ffmpeg could not be started") from e
-    return check_waveform(np.frombuffer(proc.stdout, dtype=np.float32).copy(), max_duration_s)
+    finally:
+        os.close(fd)
+
+
+def probed_audio_format(path: str | Path) -> str | None:
+    """The demuxer ffmpeg's probe picks for a file (its name: "wav", "hls", "dash"...), or None
+    when nothing recognises it; the probe reads this file only, under the same allow-lists."""
+    proc = _run_ffmpeg_on(path, ["-v", "debug"], ["-t", "0", "-f", "null", "-"])
+    found = re.search(rb"Format (\S+) probed with size=", proc.stderr)
+    return found.group(1).decode("ascii", "replace") if found else None
+
+
+def _undecodable(path: str | Path) -> UnsupportedMedia:
+    """Why a file did not decode, with its format named where ffmpeg recognised one."""
+    name = probed_audio_format(path)
+    supported = f"supported: {AUDIO_FORMATS_TEXT}"
+    if name is None:
+        return UnsupportedMedia(f"audio is not in a recognised format ({supported})", field="audio")
+    if not any(part in AUDIO_DEMUXERS for part in name.split(",")):
+        return UnsupportedMedia(f"audio format {name!r} is not supported ({supported})", field="audio")
+    return UnsupportedMedia(f"audio could not be decoded as {name.split(',')[0]} ({supported})", field="audio")
 
 
 def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:

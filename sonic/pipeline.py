@@ -19,7 +19,7 @@ from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, check_waveform, load_audio, load_image
+from .media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
 from .motion import build_rig, predict_motion
 from .options import GenerateOptions
 from .render_pool import RenderPool, render_here
@@ -117,7 +117,8 @@ class SonicPipeline:
 
         # 1. decode and check the inputs
         report("decode", 0.0)
-        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels)
+        budget = decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
+        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels, budget)
         max_s = limits.max_duration_s
         wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
         audio_s = len(wav) / SAMPLE_RATE

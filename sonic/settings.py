@@ -57,6 +57,10 @@ class Limits:
     # so an extreme aspect ratio alone would make huge frames)
     max_output_pixels: int = 4_194_304               # per frame: 2048 x 2048
     max_output_pixel_frames: int = 12_000_000_000    # pixels x frames: 300 s at 25 fps of a 1024x1536 frame
+    # memory that a process's image decodes may hold at once; a decode waits up to decode_wait_s
+    # for its share, then is refused busy (503, Retry-After); see docs/reliability.md
+    decode_memory_mb: float = 768.0
+    decode_wait_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,13 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
         raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
     _check_storage(settings)
     _check_credits(settings)
+    _check_limits(settings.limits)
     return _resolve_paths(settings, base or Path.cwd())
+
+
+def _check_limits(limits: Limits) -> None:
+    if limits.decode_memory_mb <= 0 or limits.decode_wait_s < 0:
+        raise SettingsError("settings limits.decode_memory_mb must be positive and limits.decode_wait_s 0 or more")
 
 
 def _check_credits(s: Settings) -> None:

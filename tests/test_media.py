@@ -122,3 +122,58 @@ def test_webp_decodes(tmp_path):
     p = tmp_path / "p.webp"
     Image.open(PORTRAIT).save(p, format="WEBP")
     assert load_image(p, 10**7).shape == (300, 256, 3)
+
+
+def test_many_channels_are_averaged(tmp_path):
+    """Layouts ffmpeg cannot downmix by itself (9 to 64 channels, none named) are averaged."""
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for channels in (9, 64):
+        p = tmp_path / f"c{channels}.wav"
+        sf.write(p, np.tile(tone[:, None], (1, channels)), SAMPLE_RATE)
+        out = load_audio(p, 60)
+        assert len(out) == SAMPLE_RATE and abs(out.std() - tone.std()) < 0.01
+
+
+def test_large_photos_are_decoded_reduced(tmp_path):
+    from sonic.media import WORKING_PIXELS
+    for fmt in ("PNG", "JPEG"):
+        p = tmp_path / f"big.{fmt.lower()}"
+        Image.open(PORTRAIT).resize((5120, 6000)).save(p, format=fmt)      # 30.7 MP
+        rgb = load_image(p, 40_000_000)
+        assert rgb.shape[0] * rgb.shape[1] <= WORKING_PIXELS
+        assert abs(rgb.shape[0] / rgb.shape[1] - 6000 / 5120) < 0.01 and rgb.shape[1] >= 2560 - 8
+    small = load_image(PORTRAIT, 40_000_000, max_working_pixels=10_000)
+    assert small.shape[0] * small.shape[1] <= 10_000
+
+
+def test_decode_budget_waits_then_refuses_busy():
+    import threading
+    import time
+    from sonic import Busy
+    from sonic.media import DecodeBudget
+    budget = DecodeBudget(100, wait_s=0.2)
+    with budget.reserve(80):
+        with pytest.raises(Busy) as e:
+            with budget.reserve(30):
+                pass
+        assert e.value.code == "busy"
+        with budget.reserve(20):                     # what fits goes ahead
+            pass
+    with budget.reserve(10**9):                      # alone, a decode larger than the budget runs
+        assert budget.in_use == 100
+    holding = threading.Event()
+
+    def hold_briefly():
+        with budget.reserve(90):
+            holding.set()
+            time.sleep(0.1)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    holding.wait(1)
+    t0 = time.monotonic()
+    with budget.reserve(50):                         # waits for the holder, within wait_s
+        assert 0.03 < time.monotonic() - t0 < 0.2 and budget.in_use == 50
+    holder.join()
+    assert budget.in_use == 0

@@ -14,13 +14,15 @@ import io
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 from PIL import Image
 
-from sonic import InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
-from sonic.media import load_image
+from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
+from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
 from ..openapi import content, describe, error
 from ..service import service
@@ -35,19 +37,30 @@ _engine_lock = threading.Lock()
 
 class FusionEngine:
     """The face model for fusions: its own FaceAnalyzer (mediapipe's graphs are not thread-safe),
-    loaded at the first fusion, used by one request at a time."""
+    loaded at the first fusion. One fusion at a time holds its `turn`, from decoding its images to
+    encoding the result, so that the full-size images of one fusion only are in memory at once;
+    a request that waits longer than limits.decode_wait_s for its turn is refused busy."""
 
     def __init__(self):
         self._analyzer = None
         self._lock = threading.Lock()
 
+    @contextmanager
+    def turn(self, wait_s: float) -> Iterator[None]:
+        if not self._lock.acquire(timeout=wait_s):
+            raise Busy("other fusions are running; retry shortly")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def fuse(self, source, target, ratio, swap_eye):
+        """Called within a turn."""
         from sonic.face import FaceAnalyzer
         from sonic.fusion import fuse
-        with self._lock:
-            if self._analyzer is None:
-                self._analyzer = FaceAnalyzer()
-            return fuse(source, target, self._analyzer, ratio, swap_eye)
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer()
+        return fuse(source, target, self._analyzer, ratio, swap_eye)
 
 
 def _engine(svc) -> FusionEngine:
@@ -57,23 +70,30 @@ def _engine(svc) -> FusionEngine:
     return svc.fusion
 
 
-def _decode(raw: bytes | str | None, name: str, max_pixels: int) -> np.ndarray:
+def _image_bytes(raw: bytes | str | None, name: str) -> bytes:
+    """An image field's bytes: a file's, or a base64 string's (a data: URL prefix is accepted)."""
     if raw is None or raw == "" or raw == b"":
         raise InvalidParameter(f"{name} is required (base64 in JSON, or a file in multipart)", name)
     if not isinstance(raw, (str, bytes)):
         raise InvalidParameter(f"{name} must be a base64 string", name)
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text.startswith("data:"):
-            text = text.split(",", 1)[-1]
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidParameter(f"{name} is not valid base64", name) from None
-    else:
-        data = raw
+    if isinstance(raw, bytes):
+        return raw
+    text = raw.strip()
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
     try:
-        return load_image(io.BytesIO(data), max_pixels)
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameter(f"{name} is not valid base64", name) from None
+
+
+def _decode(data: bytes, name: str, limits, full_size: bool) -> np.ndarray:
+    """The image as RGB: the target at its full size (the result is the target), the source
+    reduced like a portrait (only its face is used)."""
+    working = limits.max_image_pixels if full_size else WORKING_PIXELS
+    budget = decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
+    try:
+        return load_image(io.BytesIO(data), limits.max_image_pixels, budget, max_working_pixels=working)
     except InputTooLarge as e:
         raise InputTooLarge(e.message.replace("image", name, 1), name) from None
     except UnsupportedMedia as e:
@@ -126,16 +146,20 @@ def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
     t0 = time.perf_counter()
     opts = _options(body)
     limits = svc.settings.limits
-    src = _decode(files["source_image"] if files and "source_image" in files else body.get("source_image"),
-                  "source_image", limits.max_image_pixels)
-    tgt = _decode(files["target_image"] if files and "target_image" in files else body.get("target_image"),
-                  "target_image", limits.max_image_pixels)
-    t_decode = time.perf_counter()
-    res = _engine(svc).fuse(src, tgt, opts["blend_ratio"], opts["swap_eye"])
-    t_fuse = time.perf_counter()
-    data = _encode(res.image, opts["image_format"])
-    t_end = time.perf_counter()
-    timings = {"decode": round(t_decode - t0, 3), **{k: v for k, v in res.timings.items() if k != "total"},
+    raw = {name: _image_bytes(files[name] if files and name in files else body.get(name), name)
+           for name in ("source_image", "target_image")}
+    engine = _engine(svc)
+    with engine.turn(limits.decode_wait_s):
+        t_turn = time.perf_counter()                       # the wait for the turn is not decoding
+        src = _decode(raw["source_image"], "source_image", limits, full_size=False)
+        tgt = _decode(raw["target_image"], "target_image", limits, full_size=True)
+        t_decode = time.perf_counter()
+        res = engine.fuse(src, tgt, opts["blend_ratio"], opts["swap_eye"])
+        del src, tgt
+        t_fuse = time.perf_counter()
+        data = _encode(res.image, opts["image_format"])
+        t_end = time.perf_counter()
+    timings = {"decode": round(t_decode - t_turn, 3), **{k: v for k, v in res.timings.items() if k != "total"},
                "encode": round(t_end - t_fuse, 3), "total": round(t_end - t0, 3)}
     h, w = res.image.shape[:2]
     return ({"width": w, "height": h, "faces": res.faces, "blend_ratio": opts["blend_ratio"],

@@ -1,0 +1,142 @@
+"""Uploads whose content makes a decoder open other files: manifests, playlists, concatenation
+scripts and session descriptions. ffmpeg picks its demuxer by content, so each of these is sent
+as plain `audio`; each must be refused (415, its format named) before the file it names is
+opened, so the answer for a file that exists is the answer for one that does not."""
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import PORTRAIT
+from server_helpers import FAST, assert_clean_error, post
+from sonic import UnsupportedMedia
+from sonic.media import FFMPEG, load_audio, load_image
+
+
+def _hls(target: str) -> bytes:
+    return (f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n"
+            f"#EXTINF:2.0,\n{target}\n#EXT-X-ENDLIST\n").encode()
+
+
+def _hls_master(target: str) -> bytes:
+    return f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=128000,CODECS=\"mp4a.40.2\"\n{target}\n".encode()
+
+
+def _dash(target: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
+            f'mediaPresentationDuration="PT2S" minBufferTime="PT1S" '
+            f'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011"><Period>'
+            f'<AdaptationSet mimeType="audio/mp4"><Representation id="a" bandwidth="128000">'
+            f'<BaseURL>{target}</BaseURL></Representation></AdaptationSet></Period></MPD>\n').encode()
+
+
+def _concat(target: str) -> bytes:
+    return f"ffconcat version 1.0\nfile '{target}'\n".encode()
+
+
+def _imf(target: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<CompositionPlaylist '
+            f'xmlns="http://www.smpte-ra.org/schemas/2067-3/2016"><Id>urn:uuid:0</Id>'
+            f'<ContentTitle>talk</ContentTitle><EditRate>25 1</EditRate><SegmentList><Segment><SequenceList><MainAudioSequence>'
+            f'<ResourceList><Resource><TrackFileId>{target}</TrackFileId></Resource></ResourceList>'
+            f'</MainAudioSequence></SequenceList></Segment></SegmentList></CompositionPlaylist>\n').encode()
+
+
+def _sdp(_target: str) -> bytes:
+    # an SDP opens network sockets, not files: refused all the same (no address is contacted)
+    return b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=audio 5004 RTP/AVP 0\n"
+
+
+MANIFESTS = {"hls": _hls, "hls_master": _hls_master, "dash": _dash, "concat": _concat, "imf": _imf, "sdp": _sdp}
+
+
+@pytest.fixture(scope="module")
+def local_media(tmp_path_factory) -> dict[str, Path]:
+    """Media files on the server's disk that an upload must not reach: an MP4 like the service's
+    own outputs and a WAV; and paths to files that do not exist."""
+    folder = tmp_path_factory.mktemp("server_files")
+    mp4, wav = folder / "someone_elses.mp4", folder / "private.wav"
+    for out in (mp4, wav):
+        subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:d=2", str(out)], check=True)
+    return {"mp4": mp4, "wav": wav, "missing": folder / "missing.mp4"}
+
+
+def _targets(path: Path) -> list[str]:
+    """The ways a manifest may name a local file: absolute, as a file: URL, relative."""
+    return [str(path), f"file://{path}", path.name]
+
+
+def _refusal(tmp_path: Path, manifest: bytes) -> tuple[str, str]:
+    upload = tmp_path / "audio"                       # stored as the service stores uploads: no extension
+    upload.write_bytes(manifest)
+    with pytest.raises(UnsupportedMedia) as e:
+        load_audio(upload, 60)
+    return e.value.code, e.value.message
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_manifests_are_refused_alike_for_existing_and_missing_files(kind, local_media, tmp_path):
+    build = MANIFESTS[kind]
+    for existing in (local_media["mp4"], local_media["wav"]):
+        for there, gone in zip(_targets(existing), _targets(local_media["missing"])):
+            assert _refusal(tmp_path, build(there)) == _refusal(tmp_path, build(gone))
+    code, message = _refusal(tmp_path, build(str(local_media["mp4"])))
+    assert code == "unsupported_media" and "WAV" in message
+
+
+@pytest.mark.parametrize("kind", ["dash", "concat", "imf"])
+def test_recognised_manifests_are_named(kind, local_media, tmp_path):
+    _, message = _refusal(tmp_path, MANIFESTS[kind](str(local_media["mp4"])))
+    assert f"'{kind}'" in message
+
+
+def test_a_manifest_with_a_media_extension_is_refused(local_media, tmp_path):
+    """The name an upload arrives with plays no part: a DASH manifest named talk.mp4 is still one."""
+    p = tmp_path / "talk.mp4"
+    p.write_bytes(_dash(str(local_media["mp4"])))
+    with pytest.raises(UnsupportedMedia, match="'dash'"):
+        load_audio(p, 60)
+
+
+def test_manifest_over_http_is_a_415_identical_for_existing_and_missing(make_client, local_media, tmp_path):
+    client, _ = make_client()
+    answers = []
+    for target in (local_media["mp4"], local_media["missing"]):
+        upload = tmp_path / "manifest.m4a"
+        upload.write_bytes(_dash(f"file://{target}"))
+        r = post(client, FAST, audio=upload)
+        assert_clean_error(r, 415, "unsupported_media", "audio")
+        answers.append({k: v for k, v in r.get_json()["error"].items()})
+    assert answers[0] == answers[1] and "'dash'" in answers[0]["message"]
+
+
+def test_documented_containers_still_decode(tmp_path):
+    sources = {"wav": [], "mp3": [], "flac": [], "ogg": ["-c:a", "libvorbis"], "m4a": [],
+               "webm": ["-c:a", "libopus"], "aac": []}
+    for ext, codec in sources.items():
+        p = tmp_path / f"s.{ext}"
+        subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=300:d=1.5", *codec, str(p)],
+                       check=True)
+        assert abs(len(load_audio(p, 60)) / 16_000 - 1.5) < 0.1, ext
+
+
+def test_other_containers_are_refused_with_their_name(tmp_path):
+    p = tmp_path / "audio"
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=300:d=1", "-f", "au", str(p)],
+                   check=True)
+    with pytest.raises(UnsupportedMedia, match="'au'"):
+        load_audio(p, 60)
+
+
+def test_images_only_in_the_documented_formats(tmp_path):
+    for fmt in ("BMP", "TIFF", "GIF", "PPM"):
+        buf = io.BytesIO()
+        Image.open(PORTRAIT).save(buf, format=fmt)
+        p = tmp_path / "image"
+        p.write_bytes(buf.getvalue())
+        with pytest.raises(UnsupportedMedia, match=fmt):
+            load_image(p, 10**7)
