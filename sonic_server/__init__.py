@@ -11,6 +11,7 @@ from sonic.settings import Settings, load_settings, settings_from
 
 from . import access, hooks, loader
 from .errors import install_error_handlers
+from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
@@ -31,6 +32,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
+    app.json = BoundedJSONProvider(app)     # request JSON: depth and numbers bounded
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     uploads, outputs = open_storage(settings)
     svc = app.extensions["sonic"] = Service(

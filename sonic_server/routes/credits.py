@@ -8,6 +8,7 @@ from flask import Blueprint, g, jsonify, request
 
 from ..credits import CreditError, check_amount
 from ..errors import error_response
+from ..json_input import json_object_body
 from ..openapi import content, describe, error, path_parameter
 from ..service import service
 
@@ -118,9 +119,7 @@ RECHARGE_BODY = {"required": True, "content": {"application/json": {"schema": {
 def recharge():
     svc = service()
     cfg = svc.settings.credits
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        return error_response("invalid_parameter", "the body must be a JSON object", "body")
+    body = json_object_body("the body must be a JSON object")
     unknown = sorted(set(body) - RECHARGE_FIELDS)
     if unknown:
         return error_response("invalid_parameter", f"unknown field {unknown[0]!r}", unknown[0])

@@ -24,6 +24,7 @@ from PIL import Image
 from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
 from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
+from ..json_input import json_object_body
 from ..openapi import content, describe, error
 from ..service import service
 
@@ -246,10 +247,7 @@ def _request_body() -> tuple[dict, dict | None]:
     if request.mimetype == "multipart/form-data":
         files = {n: request.files[n].read() for n in ("source_image", "target_image") if n in request.files}
         return {k: v for k, v in request.form.items() if k not in files}, files
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InvalidParameter("send a JSON object (Content-Type: application/json) or multipart/form-data", "body")
-    return body, None
+    return json_object_body("send a JSON object (Content-Type: application/json) or multipart/form-data"), None
 
 
 BATCH_BODY = {"required": True, "content": {"application/json": {"schema": {
@@ -268,9 +266,7 @@ BATCH_BODY = {"required": True, "content": {"application/json": {"schema": {
     200: ("one entry per pair, in order", content("application/json", {"type": "object"})), **ERRORS})
 def fusion_batch():
     svc = service()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InvalidParameter("send a JSON object with pairs", "body")
+    body = json_object_body("send a JSON object with pairs")
     unknown = sorted(str(k) for k in set(body) - {"pairs", "blend_ratio", "swap_eye", "image_format"})
     if unknown:
         raise InvalidParameter(f"unknown field {unknown[0]!r}", unknown[0])

@@ -13,6 +13,7 @@ from sonic.version import pipeline_version
 
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, JobRecord, cache_key
+from ..json_input import parse_json
 from ..openapi import component, content, describe, error, header, path_parameter
 from ..queue import QueueFull, WorkerStopped
 from ..service import service
@@ -171,10 +172,7 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
     raw = request.form.get("config", "")
     if len(raw) > MAX_CONFIG_CHARS:
         raise InvalidParameter(f"config is longer than {MAX_CONFIG_CHARS} characters", field="config")
-    try:
-        params = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as e:
-        raise InvalidParameter(f"config is not valid JSON: {e.msg}", field="config") from e
+    params = parse_json(raw, "config") if raw.strip() else {}
     if not isinstance(params, dict):
         raise InvalidParameter("config must be a JSON object", field="config")
     want_async = params.get("async", False)

@@ -1,0 +1,96 @@
+"""The one parser for JSON that arrives in a request (the generate `config` field, the bodies of
+/fusion, /fusion/batch and the recharge route, and whatever `request.get_json` reads): depth and
+number size are bounded, and every failure is an `InvalidParameter` naming the field, so no
+shape of JSON reaches a recursion limit, an integer-conversion limit or an infinity downstream.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import request
+from flask.json.provider import DefaultJSONProvider
+
+from sonic import InvalidParameter
+
+MAX_DEPTH = 20            # arrays and objects inside each other; the service's own bodies need 3
+MAX_NUMBER_CHARS = 40     # characters of one number literal (an int64 takes 20, a float's repr 24)
+
+
+class _Refused:
+    """What the decoder's hooks put in place of a number they refuse, with why; found by the walk
+    after decoding, so that the answer names the field that holds it."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _number(kind: type):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            return _Refused(f"a number has more than {MAX_NUMBER_CHARS} characters")
+        value = kind(text)
+        if value in (float("inf"), float("-inf")):
+            return _Refused(f"the number {text} is out of range")
+        return value
+    return parse
+
+
+_DECODER = json.JSONDecoder(parse_int=_number(int), parse_float=_number(float),
+                            parse_constant=lambda name: _Refused(f"{name} is not a JSON number"))
+
+
+def _check(value: Any, field: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and refused numbers, naming the top-level key that
+    holds them (walked without recursion)."""
+    if isinstance(value, _Refused):
+        raise InvalidParameter(f"{field}: {value.why}", field=field)
+    stack = [(value, 1, None)]
+    while stack:
+        node, depth, key = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for name, child in items:
+            where = key or (str(name) if isinstance(node, dict) else field)
+            if isinstance(child, _Refused):
+                raise InvalidParameter(f"{where}: {child.why}", field=where)
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_DEPTH:
+                    raise InvalidParameter(f"{where} nests arrays or objects more than {MAX_DEPTH} deep",
+                                           field=where)
+                stack.append((child, depth + 1, where))
+
+
+def parse_json(text: str | bytes, field: str) -> Any:
+    """The value of a JSON text, or `InvalidParameter` naming what is wrong and where: the
+    top-level key that holds it, else `field`."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidParameter(f"{field} is not UTF-8 text", field=field) from None
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise InvalidParameter(f"{field} nests arrays or objects more than {MAX_DEPTH} deep", field=field) from None
+    except json.JSONDecodeError as e:
+        raise InvalidParameter(f"{field} is not valid JSON: {e.msg}", field=field) from None
+    except ValueError as e:                        # a number the decoder cannot convert
+        raise InvalidParameter(f"{field} is refused: {e}", field=field) from None
+    _check(value, field)
+    return value
+
+
+def json_object_body(what: str = "the body must be a JSON object (Content-Type: application/json)") -> dict:
+    """The request's JSON body as a dict, parsed by `parse_json` (field `body`); `what` says what
+    is expected when the body is not an object."""
+    body = parse_json(request.get_data(cache=True), "body")
+    if not isinstance(body, dict):
+        raise InvalidParameter(what, field="body")
+    return body
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with `parse_json`'s bounds, so that `request.get_json` is bounded too."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return parse_json(s, "body")
