@@ -12,13 +12,15 @@ be guessed at full speed. The address table is bounded (least recently seen drop
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import math
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
-from flask import Flask, request
+from flask import Flask, g, request
 
 from .errors import error_response
 from .openapi import error, responses_under
@@ -33,6 +35,30 @@ for _prefix in GUARDED_PREFIX:
         429: error("over the client's rate limit (Retry-After)")},
         security_scheme={"type": "http", "scheme": "bearer",
                          "description": "needed only when the service has API keys (server.api_keys)"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is, for what it may see: the owner its jobs get (None where the service has
+    no keys: then every job is anyone's) and whether it sees every job (an admin)."""
+    owner: str | None = None
+    sees_all: bool = False
+
+    def may_see(self, job_owner: str | None) -> bool:
+        return job_owner is None or self.sees_all or job_owner == self.owner
+
+
+ANYONE = Caller()
+
+
+def caller() -> Caller:
+    """This request's caller, as the guard identified it (ANYONE without keys or accounts)."""
+    return g.get("caller", ANYONE)
+
+
+def _key_owner(key: str) -> str:
+    """A flat key's owner name: a digest, so the key itself is never stored with a job."""
+    return "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class TokenBucket:
@@ -133,6 +159,8 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if keys and key is None:
             return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
                                   headers={"WWW-Authenticate": "Bearer"})
+        if key is not None:
+            g.caller = Caller(owner=_key_owner(key))
         return None
 
     def _guard_accounts():
@@ -146,6 +174,8 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if principal is None:
             return error_response("unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
         g.principal = principal
+        owner = f"account:{principal.account_id}" if principal.account_id is not None else principal.operator
+        g.caller = Caller(owner=owner, sees_all=principal.role == "admin")
         if request.path.startswith(ADMIN_PREFIX) and principal.role != "admin":
             return error_response("forbidden", "this needs an admin account")
         if request.path == RECHARGE_PATH and request.method == "POST":

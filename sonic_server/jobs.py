@@ -40,10 +40,11 @@ class JobRecord:
     finished: float | None = None
     attempts: int = 0                  # distributed mode: runs started (a job lost with its worker may run again)
     worker: str | None = None          # distributed mode: the worker of the latest run (for operators; not public)
+    owner: str | None = None           # who made it (access.Caller.owner); None: made without keys, anyone's
 
     @classmethod
-    def new(cls, kind: str, params: dict, cache_key: str = "") -> "JobRecord":
-        return cls(id=uuid.uuid4().hex, kind=kind, params=dict(params), cache_key=cache_key)
+    def new(cls, kind: str, params: dict, cache_key: str = "", owner: str | None = None) -> "JobRecord":
+        return cls(id=uuid.uuid4().hex, kind=kind, params=dict(params), cache_key=cache_key, owner=owner)
 
     @property
     def terminal(self) -> bool:
@@ -70,12 +71,16 @@ class JobRecord:
         return d
 
 
-def cache_key(image: bytes, audio: bytes, options: GenerateOptions, version: str | None = None) -> str:
+def cache_key(image: bytes, audio: bytes, options: GenerateOptions, version: str | None = None,
+              owner: str | None = None) -> str:
     """Identical inputs and parameters give the same key (and the cached video), as long as the
     pipeline is the same: `version` (default `sonic.version.pipeline_version()`: the release and
-    the output revision) is part of the key, so an upgrade renders again."""
+    the output revision) is part of the key, so an upgrade renders again. With an `owner` the
+    key is that owner's: a cache hit is always one of the caller's own jobs."""
     version = sonic_version.pipeline_version() if version is None else version
     h = hashlib.sha256()
     for part in (version.encode(), image, audio, repr(sorted(options.to_dict().items())).encode()):
         h.update(hashlib.sha256(part).digest())
+    if owner is not None:
+        h.update(hashlib.sha256(owner.encode()).digest())
     return h.hexdigest()

@@ -11,6 +11,7 @@ from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
+from ..access import caller
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, JobRecord, cache_key
 from ..json_input import parse_json
@@ -92,12 +93,12 @@ def _result_fields(rec: JobRecord) -> dict:
 
 def _find_job(job_id: str) -> JobRecord:
     """The job, or 404; an id that cannot be one of ours (any length, any characters) is not
-    looked up and not echoed."""
+    looked up and not echoed; another caller's job answers exactly as a job that does not exist."""
     if not JOB_ID.fullmatch(job_id):
         raise JobNotFound("no such job")
     queue = service().queue
     rec = queue.get(job_id) if queue else None
-    if rec is None:
+    if rec is None or not caller().may_see(rec.owner):
         raise JobNotFound(f"no job {job_id}")
     return rec
 
@@ -216,7 +217,8 @@ def generate():
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
-    key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)))
+    owner = caller().owner
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)), owner)
     payer = _payer(svc)
     if payer is not None and not isinstance(payer, tuple):
         return payer                                      # a key without an account: 403
@@ -228,7 +230,7 @@ def generate():
                 return refused
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
-    rec = JobRecord.new("generate", opts.to_dict(), cache_key=key)
+    rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     try:
         rec.inputs = svc.uploads.save(rec.id, files)      # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);

@@ -1,0 +1,93 @@
+"""Jobs belong to who made them: with keys or accounts, another caller's job answers status,
+events and cancel exactly as a job that does not exist; its video URL stays shareable."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from server_helpers import FAST, FakePipeline, assert_clean_error, post, settings, wait_done
+
+KEY_A, KEY_B = "key-of-ann", "key-of-bob"
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _not_found_alike(client, key: str, job_id: str) -> None:
+    """Each job route answers `key` for `job_id` as it answers for an id nobody made."""
+    nobody = uuid.uuid4().hex
+    for method, path in (("get", "/api/sonic/jobs/{}"), ("get", "/api/sonic/jobs/{}/events"),
+                         ("post", "/api/sonic/jobs/{}/cancel")):
+        theirs = getattr(client, method)(path.format(job_id), headers=auth(key))
+        unknown = getattr(client, method)(path.format(nobody), headers=auth(key))
+        assert_clean_error(theirs, 404, "job_not_found")
+        assert theirs.status_code == unknown.status_code
+        strip = lambda r, i: {**r.get_json()["error"], "message": r.get_json()["error"]["message"].replace(i, "ID")}
+        assert strip(theirs, job_id) == strip(unknown, nobody)
+
+
+def test_with_keys_each_key_sees_only_its_own_jobs(make_client):
+    gate = threading.Event()
+    client, _ = make_client(FakePipeline(gate=gate), api_keys=[KEY_A, KEY_B])
+    r = post(client, {**FAST, "async": True}, headers=auth(KEY_A))
+    assert r.status_code == 202
+    job = r.get_json()["job_id"]
+    _not_found_alike(client, KEY_B, job)
+    assert client.get(f"/api/sonic/jobs/{job}", headers=auth(KEY_A)).get_json()["status"] in ("queued", "processing")
+    gate.set()
+    done = wait_done_with(client, job, KEY_A)
+    assert done["status"] == "succeeded"              # bob's cancel did not reach it
+    # the video itself is shareable by its URL, whoever asks
+    video = done["video_url"].split("/output/")[1]
+    assert client.get(f"/output/{video}").status_code == 200
+    # the same inputs from bob render for bob: a cache hit is never another caller's job
+    r = post(client, FAST, headers=auth(KEY_B))
+    assert r.status_code == 200 and not r.get_json().get("cached") and r.get_json()["job_id"] != job
+    r = post(client, FAST, headers=auth(KEY_A))
+    assert r.get_json().get("cached") is True and r.get_json()["job_id"] == job
+
+
+def wait_done_with(client, job_id: str, key: str, timeout: float = 30) -> dict:
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        body = client.get(f"/api/sonic/jobs/{job_id}", headers=auth(key)).get_json()
+        if body["status"] in ("succeeded", "failed", "canceled"):
+            return body
+        time.sleep(0.02)
+    raise AssertionError("job did not finish")
+
+
+def test_without_keys_jobs_stay_open_to_anyone_with_the_id(make_client):
+    client, _ = make_client()
+    job = post(client, {**FAST, "async": True}).get_json()["job_id"]
+    assert wait_done(client, job)["status"] == "succeeded"
+
+
+@pytest.fixture
+def accounts(tmp_path):
+    from sonic_server import create_app
+    cfg = settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'credits.sqlite3'}")
+    cfg["credits"] = {"enabled": True}
+    app = create_app(cfg, pipeline=FakePipeline())
+    svc = app.extensions["sonic"]
+    yield app.test_client(), svc.ledger
+    svc.settler.stop()
+    svc.queue.close()
+    svc.ledger.close()
+
+
+def test_with_accounts_jobs_belong_to_the_account_and_admins_see_all(accounts):
+    client, ledger = accounts
+    _, ann = ledger.create_account("ann", credits=100)
+    ann_second_key = ledger.create_key("ann")
+    _, bob = ledger.create_account("bob", credits=100)
+    _, admin = ledger.create_account("root", credits=0, role="admin")
+    job = post(client, {**FAST, "async": True}, headers=auth(ann)).get_json()["job_id"]
+    _not_found_alike(client, bob, job)
+    assert wait_done_with(client, job, ann)["status"] == "succeeded"
+    assert wait_done_with(client, job, ann_second_key)["status"] == "succeeded"   # the account's, any key
+    assert client.get(f"/api/sonic/jobs/{job}", headers=auth(admin)).get_json()["status"] == "succeeded"
