@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sonic import SonicError
@@ -94,6 +94,11 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
 
     @app.errorhandler(413)
     def _too_large(e):
+        length = request.content_length
+        if length is not None and length <= max_upload_mb * 1024 * 1024:   # a form limit, not the size
+            return error_response("input_too_large", f"the form breaks a multipart limit: more than "
+                                  f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
+                                  f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB")
         return error_response("input_too_large", f"upload is larger than {max_upload_mb:g} MB")
 
     @app.errorhandler(404)

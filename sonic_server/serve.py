@@ -17,6 +17,8 @@ from sonic.settings import SettingsError, load_settings
 
 from . import create_app
 
+SERVER_NAME = "sonic"
+
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host")
@@ -45,6 +47,9 @@ def serve(args: argparse.Namespace) -> None:
     class Handler(WSGIRequestHandler):
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
         timeout = settings.server.socket_timeout_s
+
+        def version_string(self) -> str:
+            return SERVER_NAME             # no server or Python versions for a scanner to match
 
     app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
             request_handler=Handler)

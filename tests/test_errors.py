@@ -152,3 +152,18 @@ def test_records_from_an_older_release_still_load(tmp_path):
     interrupted = client.get("/api/sonic/jobs/" + "d" * 32).get_json()        # recovered at start-up
     assert interrupted["status"] == "failed"
     assert interrupted["error"]["code"] == "interrupted" and interrupted["error"]["status"] == 500
+
+
+def test_form_limits_are_named_not_taken_for_the_upload_size(make_client):
+    client, _ = make_client()
+    boundary = "XyZ"
+    parts = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nv\r\n" for i in range(1001))
+    r = client.post("/api/sonic/generate", data=parts + f"--{boundary}--\r\n",
+                    content_type=f"multipart/form-data; boundary={boundary}")
+    assert r.status_code == 413
+    message = r.get_json()["error"]["message"]
+    assert "more than 1000 parts" in message and "MB" not in message
+    header = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+              f"X-Padding: {'p' * 600_000}\r\n\r\ndata\r\n--{boundary}--\r\n")
+    r = client.post("/api/sonic/generate", data=header, content_type=f"multipart/form-data; boundary={boundary}")
+    assert r.status_code == 413 and "headers over 500 kB" in r.get_json()["error"]["message"]

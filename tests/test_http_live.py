@@ -107,6 +107,12 @@ def test_real_generation_end_to_end(server, tmp_path):
     assert any('"request_id": "live-abc"' in line and '"route": "/health"' in line for line in lines)
 
 
+def test_the_server_names_no_versions(server):
+    r = requests.get(server["base"] + "/health", timeout=5)
+    assert r.headers["Server"] == "sonic"
+    assert "Werkzeug" not in r.headers["Server"] and "Python" not in r.headers["Server"]
+
+
 def test_real_face_less_photo(server, tmp_path):
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((200, 200, 3), 90, np.uint8))
