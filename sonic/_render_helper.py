@@ -13,13 +13,7 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-
-def _give_back_memory() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):    # not glibc
-        pass
+from sonic.memory import give_back_memory
 
 
 def main(fd: int) -> None:
@@ -38,7 +32,7 @@ def main(fd: int) -> None:
             return
         if msg[0] == "release":                 # the request is over: its decoder and frames go
             current_key, dec, buf = None, None, None
-            _give_back_memory()
+            give_back_memory()
             continue
         try:
             if msg[0] == "phones":
@@ -46,7 +40,7 @@ def main(fd: int) -> None:
                     from sonic.audio_features import PhoneRecognizer
                     recognizer = PhoneRecognizer()
                 phones = recognizer(msg[1])
-                _give_back_memory()             # pocketsphinx's ~30 MB decoder is freed: return it
+                give_back_memory()             # pocketsphinx's ~30 MB decoder is freed: return it
                 conn.send(("ok", phones))
                 continue
             _, key, path, frames_path, slot, coeffs, head = msg

@@ -60,7 +60,7 @@ class Limits:
     # memory that a process's image decodes may hold at once; a decode waits up to decode_wait_s
     # for its share, then is refused busy (503, Retry-After); see docs/reliability.md
     decode_memory_mb: float = 768.0
-    decode_wait_s: float = 10.0
+    decode_wait_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         event_streams=Slots(srv.max_event_streams))
     hooks.request_id(app)
     hooks.access_log(app)
+    hooks.memory(app)
     if settings.credits.enabled:          # accounts, keys and credits (docs/credits.md)
         from .credits import Ledger, Settler, database_url, video_price
         from .routes import credits as credit_routes

@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, g, request
 
+from sonic.memory import give_back_memory
+
 from .metrics import count_request
 from .openapi import headers_everywhere
 
@@ -54,6 +56,15 @@ def cors(app: Flask, origins: list[str]) -> None:
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
             resp.headers.update(CORS_HEADERS)
         return resp
+
+
+def memory(app: Flask) -> None:
+    """After a request that sent a body (an upload, a fusion), the memory its decoding freed goes
+    back to the system (sonic/memory.py): otherwise a near-limit photo leaves the process larger."""
+    @app.teardown_request
+    def _give_back(_exc):
+        if request.method == "POST":
+            give_back_memory()
 
 
 def access_log(app: Flask) -> None:

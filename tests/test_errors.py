@@ -167,3 +167,25 @@ def test_form_limits_are_named_not_taken_for_the_upload_size(make_client):
               f"X-Padding: {'p' * 600_000}\r\n\r\ndata\r\n--{boundary}--\r\n")
     r = client.post("/api/sonic/generate", data=header, content_type=f"multipart/form-data; boundary={boundary}")
     assert r.status_code == 413 and "headers over 500 kB" in r.get_json()["error"]["message"]
+
+
+def test_decoding_beyond_the_memory_budget_waits_then_is_busy_with_retry_after(tmp_path):
+    """limits.decode_memory_mb bounds what a process's decodes hold at once: a request that
+    cannot get its share within limits.decode_wait_s is a 503 busy with Retry-After, its
+    uploads gone; once the memory is free the same request goes through."""
+    from server_helpers import FakePipeline, post, settings, uploads_empty
+    from sonic.media import decode_budget
+    from sonic_server import create_app
+    cfg = settings(tmp_path)
+    cfg["limits"].update(decode_memory_mb=1.5, decode_wait_s=0.3)
+    app = create_app(cfg, pipeline=FakePipeline())
+    client = app.test_client()
+    budget = decode_budget(1.5, 0.3)                 # the process's budget for these settings
+    with budget.reserve(budget.total):               # another request is decoding
+        t0 = time.monotonic()
+        r = post(client)
+        assert r.status_code == 503 and r.get_json()["error"]["code"] == "busy"
+        assert r.headers["Retry-After"] and 0.3 <= time.monotonic() - t0 < 5
+        assert uploads_empty(cfg)
+    assert post(client).status_code == 200
+    app.extensions["sonic"].queue.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from sonic import DiskFull, SonicError
+from sonic.memory import give_back_memory
 
 from ..jobs import CANCELED, FAILED, SUCCEEDED, JobRecord
 
@@ -30,7 +31,16 @@ class JobTimedOut(Exception):
 def run_task(rec: JobRecord, tasks: dict, pipeline, output_dir: Path, inputs,
              progress: Callable[[str, float], None], job_timeout_s: float = 0.0) -> tuple[str, dict]:
     """Run the record's task; (final status, fields to set on the record). Never raises: the
-    progress callback's JobCanceled / JobTimedOut and every error become a status."""
+    progress callback's JobCanceled / JobTimedOut and every error become a status. The memory
+    the task freed goes back to the system at its end."""
+    try:
+        return _run_task(rec, tasks, pipeline, output_dir, inputs, progress, job_timeout_s)
+    finally:
+        give_back_memory()
+
+
+def _run_task(rec: JobRecord, tasks: dict, pipeline, output_dir: Path, inputs,
+              progress: Callable[[str, float], None], job_timeout_s: float) -> tuple[str, dict]:
     try:
         progress("starting", 0.0)
         result = tasks[rec.kind](rec.copy(), pipeline, output_dir, inputs, progress)
