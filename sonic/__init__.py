@@ -3,12 +3,22 @@
 The names below are imported on first use, so that a process that needs one part (a render
 helper needs only the decoder) does not load the rest.
 """
+
 from importlib import import_module
 
 _EXPORTS = {
-    "errors": ["AudioTooLong", "Busy", "DiskFull", "EmptyAudio", "InputTooLarge", "InvalidParameter", "NoFaceDetected",
-               "PipelineError",
-               "SonicError", "UnsupportedMedia"],
+    "errors": [
+        "AudioTooLong",
+        "Busy",
+        "DiskFull",
+        "EmptyAudio",
+        "InputTooLarge",
+        "InvalidParameter",
+        "NoFaceDetected",
+        "PipelineError",
+        "SonicError",
+        "UnsupportedMedia",
+    ],
     "options": ["GenerateOptions", "load_config", "schema"],
     "pipeline": ["GenerationResult", "SonicPipeline", "load_pipeline"],
     "settings": ["Settings", "SettingsError", "load_settings"],

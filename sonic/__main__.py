@@ -2,6 +2,7 @@
 [--host H] [--port P] [--config settings.yaml]` (also `python -m sonic ...`).
 
 `serve` imports the server package (and flask) only when it runs: the library never does."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ def _progress_bar():
         if frac >= 1.0:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
     return show
 
 
@@ -45,29 +47,42 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
-    gen.add_argument("--settings", help="YAML settings file (defaults, limits) over the shipped configs/default.yaml; "
-                     "SONIC_* variables override both")
-    gen.add_argument("--decoder", choices=("auto", "warp", "sonic"),
-                     help="the video decoder (setting decoder, SONIC_DECODER; default auto)")
-    gen.add_argument("--checkpoints", metavar="DIR", help="the Sonic model's folder, official layout "
-                     "(setting sonic_checkpoints, SONIC_CHECKPOINTS; docs/gpu.md)")
+    gen.add_argument(
+        "--settings",
+        help="YAML settings file (defaults, limits) over the shipped configs/default.yaml; "
+        "SONIC_* variables override both",
+    )
+    gen.add_argument(
+        "--decoder",
+        choices=("auto", "warp", "sonic"),
+        help="the video decoder (setting decoder, SONIC_DECODER; default auto)",
+    )
+    gen.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="the Sonic model's folder, official layout (setting sonic_checkpoints, SONIC_CHECKPOINTS; docs/gpu.md)",
+    )
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the sonic decoder runs")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="run the HTTP service (sonic serve --help)", add_help=False)
     sub.add_parser("worker", help="run jobs from Redis (sonic worker --help; docs/scaling.md)", add_help=False)
-    sub.add_parser("accounts", help="accounts, keys and credits (sonic accounts --help; docs/credits.md)",
-                   add_help=False)
+    sub.add_parser(
+        "accounts", help="accounts, keys and credits (sonic accounts --help; docs/credits.md)", add_help=False
+    )
     args, rest = ap.parse_known_args(argv)
-    if args.command == "serve":          # its own flags are the server's to parse
+    if args.command == "serve":  # its own flags are the server's to parse
         from sonic_server.serve import main as serve
+
         serve(rest, prog="sonic serve")
         return 0
     if args.command == "worker":
         from sonic_server.worker import main as worker
+
         worker(rest, prog="sonic worker")
         return 0
     if args.command == "accounts":
         from sonic_server.accounts_cli import main as accounts
+
         accounts(rest, prog="sonic accounts")
         return 0
     if rest:
@@ -75,19 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .options import GenerateOptions
         from .settings import load_settings
-        settings = load_settings(args.settings, flags={"decoder": args.decoder, "device": args.device,
-                                                       "sonic_checkpoints": args.checkpoints})
+
+        settings = load_settings(
+            args.settings, flags={"decoder": args.decoder, "device": args.device, "sonic_checkpoints": args.checkpoints}
+        )
         opts = GenerateOptions.from_dict(_params(args.config), settings)
         for name in ("image", "audio"):
             if not Path(getattr(args, name)).is_file():
                 raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
         # bad media is reported before the models load (seconds), and decoded only once
         from .checks import check_inputs
+
         inputs = check_inputs(args.image, args.audio, opts, settings.limits)
         from .pipeline import load_pipeline
+
         pipe = load_pipeline(settings)
-        result = pipe(inputs.rgb, inputs.wav, opts, out_path=args.out,
-                      progress=None if args.quiet else _progress_bar())
+        result = pipe(inputs.rgb, inputs.wav, opts, out_path=args.out, progress=None if args.quiet else _progress_bar())
     except SonicError as e:
         sys.stderr.write(f"\nerror: {e.message}\n")
         return 2
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("\ninterrupted\n")
         return 130
     out = result.to_dict()
-    inputs.count_decode_in(out["timings"])     # decoded before the models loaded: it counts
+    inputs.count_decode_in(out["timings"])  # decoded before the models loaded: it counts
     print(json.dumps(out))
     return 0
 

@@ -8,6 +8,7 @@ request are kept until ("release",) (no answer) drops them: in /dev/shm, a mappe
 its memory even once deleted. End of file on the socket (the parent closed it or exited) ends
 the process.
 """
+
 import pickle
 import signal
 import sys
@@ -17,9 +18,10 @@ from sonic.memory import give_back_memory
 
 
 def main(fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import cv2
     import numpy as np
+
     cv2.setNumThreads(1)
     import sonic.decoder  # noqa: F401  (the warp decoder's modules, loaded before the first request)
 
@@ -30,7 +32,7 @@ def main(fd: int) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if msg[0] == "release":                 # the request is over: its decoder and frames go
+        if msg[0] == "release":  # the request is over: its decoder and frames go
             current_key, dec, buf = None, None, None
             give_back_memory()
             continue
@@ -38,22 +40,23 @@ def main(fd: int) -> None:
             if msg[0] == "phones":
                 if recognizer is None:
                     from sonic.audio_features import PhoneRecognizer
+
                     recognizer = PhoneRecognizer()
                 phones = recognizer(msg[1])
-                give_back_memory()             # pocketsphinx's ~30 MB decoder is freed: return it
+                give_back_memory()  # pocketsphinx's ~30 MB decoder is freed: return it
                 conn.send(("ok", phones))
                 continue
             _, key, path, frames_path, slot, coeffs, head = msg
             if key != current_key:
-                dec = buf = None                # the last request's decoder and frames go first
+                dec = buf = None  # the last request's decoder and frames go first
                 with open(path, "rb") as f:
                     dec = pickle.load(f)
                 buf = np.load(frames_path, mmap_mode="r+")
                 current_key = key
-            dec.render(coeffs, head, out=buf[slot, :len(coeffs)])
+            dec.render(coeffs, head, out=buf[slot, : len(coeffs)])
         except (EOFError, OSError):
             return
-        except Exception as e:          # reported to the parent, which fails the request
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the request
             answer = ("error", f"{type(e).__name__}: {e}")
         else:
             answer = ("ok", len(coeffs))

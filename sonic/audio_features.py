@@ -4,6 +4,7 @@ Signal features (any language): band-limited loudness in [0, 1] and a speech mas
 Phonetic features (English; elsewhere they only refine shapes): pocketsphinx's phone recogniser
 gives timed ARPAbet phones, turned into viseme targets (openness, spread, rounding, closure).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,29 +14,55 @@ import numpy as np
 
 from .media import SAMPLE_RATE
 
-SPHINX_FRAME_S = 0.01          # pocketsphinx reports times in 10 ms frames
-BAND_HZ = (80.0, 4000.0)       # speech band for loudness
-DYNAMIC_RANGE_DB = 45.0        # loudness below peak - this counts as silence
-SPEECH_THRESHOLD = 0.25        # normalised loudness above this is speech
-SPLIT_MIN_S = 6.0              # recordings at least this long may be recognised in two halves
-SPLIT_PAUSE_FRAMES = 4         # ... cut in the middle of a pause of at least this many video frames
-SPLIT_WINDOW = (0.3, 0.7)      # ... lying in this part of the recording
+SPHINX_FRAME_S = 0.01  # pocketsphinx reports times in 10 ms frames
+BAND_HZ = (80.0, 4000.0)  # speech band for loudness
+DYNAMIC_RANGE_DB = 45.0  # loudness below peak - this counts as silence
+SPEECH_THRESHOLD = 0.25  # normalised loudness above this is speech
+SPLIT_MIN_S = 6.0  # recordings at least this long may be recognised in two halves
+SPLIT_PAUSE_FRAMES = 4  # ... cut in the middle of a pause of at least this many video frames
+SPLIT_WINDOW = (0.3, 0.7)  # ... lying in this part of the recording
 
 # ARPAbet phone -> (open 0-1, spread -1..1 (negative = rounded), closure 0-1)
 VISEMES: dict[str, tuple[float, float, float]] = {
-    "P": (0.0, 0.0, 1.0), "B": (0.0, 0.0, 1.0), "M": (0.0, 0.0, 1.0),
-    "F": (0.1, 0.1, 0.6), "V": (0.1, 0.1, 0.6),
-    "TH": (0.2, 0.1, 0.0), "DH": (0.2, 0.1, 0.0),
-    "T": (0.25, 0.3, 0.0), "D": (0.25, 0.3, 0.0), "N": (0.2, 0.3, 0.0), "L": (0.3, 0.2, 0.0),
-    "S": (0.15, 0.5, 0.0), "Z": (0.15, 0.5, 0.0),
-    "SH": (0.25, -0.5, 0.0), "ZH": (0.25, -0.5, 0.0), "CH": (0.25, -0.5, 0.0), "JH": (0.25, -0.5, 0.0),
-    "K": (0.35, 0.1, 0.0), "G": (0.35, 0.1, 0.0), "NG": (0.3, 0.1, 0.0), "HH": (0.4, 0.0, 0.0),
-    "R": (0.25, -0.4, 0.0), "W": (0.15, -1.0, 0.0), "Y": (0.2, 0.5, 0.0),
-    "IY": (0.3, 0.8, 0.0), "IH": (0.35, 0.6, 0.0), "EY": (0.45, 0.6, 0.0),
-    "EH": (0.6, 0.4, 0.0), "AE": (0.75, 0.4, 0.0),
-    "AA": (0.9, 0.0, 0.0), "AH": (0.6, 0.0, 0.0), "AO": (0.75, -0.4, 0.0),
-    "AW": (0.8, -0.3, 0.0), "AY": (0.8, 0.2, 0.0), "ER": (0.35, -0.3, 0.0),
-    "UW": (0.25, -1.0, 0.0), "UH": (0.35, -0.5, 0.0), "OW": (0.5, -0.8, 0.0), "OY": (0.5, -0.6, 0.0),
+    "P": (0.0, 0.0, 1.0),
+    "B": (0.0, 0.0, 1.0),
+    "M": (0.0, 0.0, 1.0),
+    "F": (0.1, 0.1, 0.6),
+    "V": (0.1, 0.1, 0.6),
+    "TH": (0.2, 0.1, 0.0),
+    "DH": (0.2, 0.1, 0.0),
+    "T": (0.25, 0.3, 0.0),
+    "D": (0.25, 0.3, 0.0),
+    "N": (0.2, 0.3, 0.0),
+    "L": (0.3, 0.2, 0.0),
+    "S": (0.15, 0.5, 0.0),
+    "Z": (0.15, 0.5, 0.0),
+    "SH": (0.25, -0.5, 0.0),
+    "ZH": (0.25, -0.5, 0.0),
+    "CH": (0.25, -0.5, 0.0),
+    "JH": (0.25, -0.5, 0.0),
+    "K": (0.35, 0.1, 0.0),
+    "G": (0.35, 0.1, 0.0),
+    "NG": (0.3, 0.1, 0.0),
+    "HH": (0.4, 0.0, 0.0),
+    "R": (0.25, -0.4, 0.0),
+    "W": (0.15, -1.0, 0.0),
+    "Y": (0.2, 0.5, 0.0),
+    "IY": (0.3, 0.8, 0.0),
+    "IH": (0.35, 0.6, 0.0),
+    "EY": (0.45, 0.6, 0.0),
+    "EH": (0.6, 0.4, 0.0),
+    "AE": (0.75, 0.4, 0.0),
+    "AA": (0.9, 0.0, 0.0),
+    "AH": (0.6, 0.0, 0.0),
+    "AO": (0.75, -0.4, 0.0),
+    "AW": (0.8, -0.3, 0.0),
+    "AY": (0.8, 0.2, 0.0),
+    "ER": (0.35, -0.3, 0.0),
+    "UW": (0.25, -1.0, 0.0),
+    "UH": (0.35, -0.5, 0.0),
+    "OW": (0.5, -0.8, 0.0),
+    "OY": (0.5, -0.6, 0.0),
 }
 
 
@@ -46,13 +73,14 @@ class PhonesFuture(Protocol):
 @dataclass(frozen=True)
 class AudioFeatures:
     """Per-video-frame features, each shape (T,), at `fps` frames per second."""
+
     fps: int
-    loudness: np.ndarray     # 0-1, band-limited log energy normalised to the clip's range
-    speech: np.ndarray       # bool, frame holds speech
-    vis_open: np.ndarray     # 0-1 viseme openness target
-    vis_spread: np.ndarray   # -1 (rounded) .. 1 (spread)
+    loudness: np.ndarray  # 0-1, band-limited log energy normalised to the clip's range
+    speech: np.ndarray  # bool, frame holds speech
+    vis_open: np.ndarray  # 0-1 viseme openness target
+    vis_spread: np.ndarray  # -1 (rounded) .. 1 (spread)
     vis_closure: np.ndarray  # 0-1, lips pressed (P/B/M)
-    phones: tuple            # ((phone, start_s, end_s), ...)
+    phones: tuple  # ((phone, start_s, end_s), ...)
 
 
 class PhoneRecognizer:
@@ -61,9 +89,16 @@ class PhoneRecognizer:
     def __init__(self) -> None:
         from pocketsphinx import Decoder, get_model_path
 
-        self._make = lambda: Decoder(allphone=get_model_path("en-us/en-us-phone.lm.bin"), lw=2.0, pip=0.3,
-                                     beam=1e-200, pbeam=1e-20, cmn="batch", loglevel="FATAL")
-        self._make()   # fail at start-up, not on the first request, if the model is missing
+        self._make = lambda: Decoder(
+            allphone=get_model_path("en-us/en-us-phone.lm.bin"),
+            lw=2.0,
+            pip=0.3,
+            beam=1e-200,
+            pbeam=1e-20,
+            cmn="batch",
+            loglevel="FATAL",
+        )
+        self._make()  # fail at start-up, not on the first request, if the model is missing
 
     def __call__(self, wav: np.ndarray) -> list[tuple[str, float, float]]:
         """Timed phones of a waveform at SAMPLE_RATE: [(ARPAbet phone, start_s, end_s), ...]."""
@@ -79,17 +114,18 @@ class PhoneRecognizer:
 
 def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     """Band-limited RMS in dB over a 2-frame Hann window centred on each frame, (T,)."""
-    from scipy.signal import butter, sosfiltfilt   # here: a render helper recognising phones skips its 60 MB
+    from scipy.signal import butter, sosfiltfilt  # here: a render helper recognising phones skips its 60 MB
+
     sos = butter(4, BAND_HZ, btype="band", fs=SAMPLE_RATE, output="sos")
     x = sosfiltfilt(sos, wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
     hop = SAMPLE_RATE / fps
     win = int(round(2 * hop))
     hann = np.hanning(win)
     pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
-    centres = (np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2)
+    centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
     idx = centres[:, None] + np.arange(win)[None, :]
     seg = pad[idx] * hann
-    rms = np.sqrt((seg ** 2).sum(1) / (hann ** 2).sum())
+    rms = np.sqrt((seg**2).sum(1) / (hann**2).sum())
     return 20 * np.log10(rms + 1e-7)
 
 
@@ -108,7 +144,7 @@ def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarr
         if v is None:
             continue
         m = (t >= s) & (t < e)
-        if not m.any() and v[2] > 0:   # short closures still close the lips for one frame
+        if not m.any() and v[2] > 0:  # short closures still close the lips for one frame
             m[min(n_frames - 1, int((s + e) / 2 * fps))] = True
         op[m], sp[m], cl[m] = v
     return op, sp, cl
@@ -134,8 +170,13 @@ def pause_split(speech: np.ndarray, fps: int) -> int | None:
     return None if best is None else int(round(best[1] / fps * SAMPLE_RATE))
 
 
-def encode_audio(wav: np.ndarray, n_frames: int, fps: int, recognizer: PhoneRecognizer,
-                 second_half: Callable[[np.ndarray], "PhonesFuture"] | None = None) -> AudioFeatures:
+def encode_audio(
+    wav: np.ndarray,
+    n_frames: int,
+    fps: int,
+    recognizer: PhoneRecognizer,
+    second_half: Callable[[np.ndarray], "PhonesFuture"] | None = None,
+) -> AudioFeatures:
     """Waveform (N,) float32 at SAMPLE_RATE -> AudioFeatures for n_frames video frames.
 
     With `second_half` (a function that starts recognising a waveform elsewhere, e.g. in a render
@@ -154,5 +195,12 @@ def encode_audio(wav: np.ndarray, n_frames: int, fps: int, recognizer: PhoneReco
         t0 = cut / SAMPLE_RATE
         phones = first + [(ph, s + t0, e + t0) for ph, s, e in pending.result()]
     op, sp, cl = viseme_tracks(phones, n_frames, fps)
-    return AudioFeatures(fps=fps, loudness=loud, speech=loud > SPEECH_THRESHOLD, vis_open=op,
-                         vis_spread=sp, vis_closure=cl, phones=tuple(phones))
+    return AudioFeatures(
+        fps=fps,
+        loudness=loud,
+        speech=loud > SPEECH_THRESHOLD,
+        vis_open=op,
+        vis_spread=sp,
+        vis_closure=cl,
+        phones=tuple(phones),
+    )

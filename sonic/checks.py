@@ -11,11 +11,13 @@ The decoded arrays are returned so that a job run in the same process is not dec
 (`SonicPipeline` takes them in place of the paths);
 a job run elsewhere decodes its stored files again.
 """
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from .errors import InputTooLarge
@@ -27,9 +29,9 @@ from .settings import Limits
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    rgb: np.ndarray          # (H, W, 3) uint8
-    wav: np.ndarray          # mono float32 at media.SAMPLE_RATE
-    decode_s: float = 0.0    # seconds spent decoding both (reported in the result's timings)
+    rgb: np.ndarray  # (H, W, 3) uint8
+    wav: np.ndarray  # mono float32 at media.SAMPLE_RATE
+    decode_s: float = 0.0  # seconds spent decoding both (reported in the result's timings)
 
     @property
     def audio_s(self) -> float:
@@ -42,8 +44,7 @@ class CheckedInputs:
             timings[stage] = round(timings.get(stage, 0.0) + self.decode_s, 3)
 
 
-def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
-                 limits: Limits) -> CheckedInputs:
+def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions, limits: Limits) -> CheckedInputs:
     """Decode and check both inputs against the limits (max_image_pixels, max_duration_s, and
     the output limits where the frame is the whole photo); raises the library's errors
     (unsupported_media, input_too_large, audio_too_long, empty_audio) with the field named."""
@@ -61,8 +62,13 @@ def frame_count(options: GenerateOptions, audio_s: float) -> int:
     return max(1, int(round(duration * options.fps)))
 
 
-def check_output(image_hw: tuple[int, int], box: tuple[int, int, int, int] | None, options: GenerateOptions,
-                 n_frames: int, limits: Limits) -> None:
+def check_output(
+    image_hw: tuple[int, int],
+    box: tuple[int, int, int, int] | None,
+    options: GenerateOptions,
+    n_frames: int,
+    limits: Limits,
+) -> None:
     """Refuse an output over max_output_pixels or max_output_pixel_frames (input_too_large, the
     limit named) before anything is rendered: the frame that `box` (x0, y0, x1, y1 photo px; None:
     the whole photo) of a photo of `image_hw` (H, W) scales to at options.min_resolution, times
@@ -73,9 +79,12 @@ def check_output(image_hw: tuple[int, int], box: tuple[int, int, int, int] | Non
         raise InputTooLarge(
             f"the output frame would be {width}x{height} pixels, more than the limit of {limits.max_output_pixels} "
             "(limits.max_output_pixels); use crop_to_face: true, a lower min_resolution or a less elongated image",
-            field="image")
+            field="image",
+        )
     if width * height * n_frames > limits.max_output_pixel_frames:
         raise InputTooLarge(
             f"the output would be {n_frames} frames of {width}x{height} pixels, more than the limit of "
             f"{limits.max_output_pixel_frames} pixels x frames (limits.max_output_pixel_frames); "
-            "use a shorter duration, a lower fps or a lower min_resolution", field="duration")
+            "use a shorter duration, a lower fps or a lower min_resolution",
+            field="duration",
+        )

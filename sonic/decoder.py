@@ -16,6 +16,7 @@ Pixels outside the head's reach are the untouched frame.
 Registered as the `warp` decoder kind (see decoders.py); it honours every parameter but
 `inference_steps`.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -29,23 +30,23 @@ from .motion import COEFFS, Rig, smoothstep
 from .mouth import mouth_axis, mouth_style, paint_mouth
 from .options import GenerateOptions
 
-ANCHOR_STEP_PX = 24       # spacing of the fixed anchors on the mouth box border
-FIELD_STEP = 4            # px between exact evaluations of the spline (and of the head map)
-TPS_REG = 1e-2            # thin-plate spline regularisation (px^2)
-HEAD_MARGIN_IOD = 0.06    # the head moves rigidly up to this far beyond the face oval...
-HEAD_FADE_IOD = 0.3      # ... and its motion fades to nothing over this much further (hair, neck)
+ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
+FIELD_STEP = 4  # px between exact evaluations of the spline (and of the head map)
+TPS_REG = 1e-2  # thin-plate spline regularisation (px^2)
+HEAD_MARGIN_IOD = 0.06  # the head moves rigidly up to this far beyond the face oval...
+HEAD_FADE_IOD = 0.3  # ... and its motion fades to nothing over this much further (hair, neck)
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
-REACH_IOD = 0.45          # beyond this distance outside the oval the expression field is zero
-BACKWARD_ITERS = 4        # fixed-point iterations inverting the forward displacement
+REACH_IOD = 0.45  # beyond this distance outside the oval the expression field is zero
+BACKWARD_ITERS = 4  # fixed-point iterations inverting the forward displacement
 EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
-EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)   # largest coefficient values the motion produces
-SOLVE_BLOCK = 4           # px: the expression's candidates are solved on blocks this size, then interpolated
-BAND_IOD = 0.06           # pixels this close to the lips choose their side per pixel, others per block
-INTERIOR_GROW_IOD = 0.012 # the photo's mouth interior reaches this far past the inner lip contour
-CORNER_REACH_IOD = 0.04   # ... and this far past its corners
-FIELD_EPS_PX = 0.2        # displacements below this (at the largest coefficients) count as none
+EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)  # largest coefficient values the motion produces
+SOLVE_BLOCK = 4  # px: the expression's candidates are solved on blocks this size, then interpolated
+BAND_IOD = 0.06  # pixels this close to the lips choose their side per pixel, others per block
+INTERIOR_GROW_IOD = 0.012  # the photo's mouth interior reaches this far past the inner lip contour
+CORNER_REACH_IOD = 0.04  # ... and this far past its corners
+FIELD_EPS_PX = 0.2  # displacements below this (at the largest coefficients) count as none
 
 
 def _tps_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -55,8 +56,9 @@ def _tps_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d2 * np.log(d2 + 1e-12) * 0.5
 
 
-def tps_fields(points: np.ndarray, splines: list[tuple[np.ndarray, np.ndarray]],
-               box: tuple[int, int, int, int]) -> list[np.ndarray]:
+def tps_fields(
+    points: np.ndarray, splines: list[tuple[np.ndarray, np.ndarray]], box: tuple[int, int, int, int]
+) -> list[np.ndarray]:
     """Thin-plate splines over shared control points, evaluated over box (x0, y0, x1, y1).
 
     points (N, 2) px; each spline is (indices into points, values (len(indices), C)) and
@@ -77,28 +79,29 @@ def tps_fields(points: np.ndarray, splines: list[tuple[np.ndarray, np.ndarray]],
     for idx, values in splines:
         n = len(idx)
         A = np.zeros((n + 3, n + 3))
-        A[:n, :n] = k_all[np.ix_(idx, idx)] + TPS_REG / scale ** 2 * np.eye(n)
-        A[:n, n], A[:n, n + 1:] = 1.0, c[idx]
-        A[n, :n], A[n + 1:, :n] = 1.0, c[idx].T
+        A[:n, :n] = k_all[np.ix_(idx, idx)] + TPS_REG / scale**2 * np.eye(n)
+        A[:n, n], A[:n, n + 1 :] = 1.0, c[idx]
+        A[n, :n], A[n + 1 :, :n] = 1.0, c[idx].T
         rhs = np.zeros((n + 3, values.shape[1]))
         rhs[:n] = values
         wts = np.linalg.solve(A, rhs)
-        full = np.zeros((len(points), values.shape[1]))      # kernel weights on all points
+        full = np.zeros((len(points), values.shape[1]))  # kernel weights on all points
         full[idx] = wts[:n]
-        weights.append((full, wts[n], wts[n + 1:]))
+        weights.append((full, wts[n], wts[n + 1 :]))
     outs = [np.empty((len(grid), v.shape[1])) for _, v in splines]
     for i in range(0, len(grid), 2048):
-        g = grid[i:i + 2048]
+        g = grid[i : i + 2048]
         kg = _tps_kernel(g, c)
-        for out, (full, const, lin) in zip(outs, weights):
-            out[i:i + 2048] = kg @ full + const + g @ lin
+        for out, (full, const, lin) in zip(outs, weights, strict=True):
+            out[i : i + 2048] = kg @ full + const + g @ lin
     # nodes sit on every FIELD_STEP-th pixel: interpolate between them
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) / FIELD_STEP
     fields = []
-    for out, (_, values) in zip(outs, splines):
+    for out, (_, values) in zip(outs, splines, strict=True):
         coarse = out.T.reshape(values.shape[1], hc, wc).astype(np.float32)
-        fields.append(np.stack([cv2.remap(ch, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-                                for ch in coarse]))
+        fields.append(
+            np.stack([cv2.remap(ch, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for ch in coarse])
+        )
     return fields
 
 
@@ -150,8 +153,9 @@ class WarpDecoder:
         hc, wc = -(-(y1 - y0) // FIELD_STEP), -(-(x1 - x0) // FIELD_STEP)
         gy, gx = (np.mgrid[0:hc, 0:wc].astype(np.float32) + 0.5) * FIELD_STEP - 0.5
         self._grid = (gx + x0, gy + y0)
-        self._grid_mask = cv2.remap(mask.astype(np.float32), gx + x0, gy + y0, cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        self._grid_mask = cv2.remap(
+            mask.astype(np.float32), gx + x0, gy + y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
         self._py, self._px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         mid = lm[LIP_MIDDLE[0]]
         self.head_at_mouth = float(mask[int(np.clip(mid[1], 0, h - 1)), int(np.clip(mid[0], 0, w - 1))])
@@ -172,8 +176,10 @@ class WarpDecoder:
         # runs out to a point beyond each corner, along the parting line
         up_, lo_ = lm[INNER_UPPER], lm[INNER_LOWER]
         mid = (up_[0] + up_[-1]) / 2
-        tips = [c + CORNER_REACH_IOD * iod * (c - mid) / max(np.linalg.norm(c - mid), 1e-6)
-                for c in ((up_[0] + lo_[0]) / 2, (up_[-1] + lo_[-1]) / 2)]
+        tips = [
+            c + CORNER_REACH_IOD * iod * (c - mid) / max(np.linalg.norm(c - mid), 1e-6)
+            for c in ((up_[0] + lo_[0]) / 2, (up_[-1] + lo_[-1]) / 2)
+        ]
         inner = np.concatenate([[tips[0]], up_[1:-1], [tips[1]], lo_[-2:0:-1]]) - np.array([mx0, my0])
         shows = float(np.clip((rig.rest_gap / iod - 0.02) / 0.03, 0, 1))
         # (grown a little: the photo's teeth reach past the mesh's inner lip contour)
@@ -184,6 +190,7 @@ class WarpDecoder:
         self.shows_interior = shows > 0
         self.shows = shows
         self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5)
+
     def _fit_fields(self, lm: np.ndarray, oval: np.ndarray, radial: np.ndarray) -> None:
         """Two field sets split at the lips' parting line, where the motion is discontinuous:
         one fitted without the lower lip (valid above the line), one without the upper lip."""
@@ -192,9 +199,14 @@ class WarpDecoder:
         h, w = y1 - y0, x1 - x0
         per = max(8, int(2 * (w + h) / ANCHOR_STEP_PX))
         t = np.linspace(0, 1, per // 4 + 1)[:-1]
-        border = np.concatenate([np.stack([t * (w - 1), 0 * t], 1), np.stack([(w - 1) + 0 * t, t * (h - 1)], 1),
-                                 np.stack([(1 - t) * (w - 1), (h - 1) + 0 * t], 1),
-                                 np.stack([0 * t, (1 - t) * (h - 1)], 1)]) + np.array([x0, y0])
+        border = np.concatenate(
+            [
+                np.stack([t * (w - 1), 0 * t], 1),
+                np.stack([(w - 1) + 0 * t, t * (h - 1)], 1),
+                np.stack([(1 - t) * (w - 1), (h - 1) + 0 * t], 1),
+                np.stack([0 * t, (1 - t) * (h - 1)], 1),
+            ]
+        ) + np.array([x0, y0])
         # still rings just outside the face oval confine the expression to the face: the neck,
         # collar and background stay where they are when the jaw drops
         rings = np.concatenate([oval + r * iod * radial for r in STILL_RINGS_IOD])
@@ -212,7 +224,7 @@ class WarpDecoder:
             keep_idx = np.setdiff1d(np.arange(N_MESH), drop)
             mv = np.concatenate([basis[:, keep_idx, :], basis[:, inner[1:-1], :]], 1)
             vals = np.zeros((len(keep_idx) + len(line_idx) + len(still_idx), 2 * k))
-            vals[:mv.shape[1]] = mv.transpose(1, 0, 2).reshape(mv.shape[1], 2 * k)
+            vals[: mv.shape[1]] = mv.transpose(1, 0, 2).reshape(mv.shape[1], 2 * k)
             splines.append((np.concatenate([keep_idx, line_idx, still_idx]), vals))
         fields = [f.reshape(k, 2, h, w) for f in tps_fields(points, splines, self.mbox)]
         # beyond REACH_IOD outside the oval the field is exactly zero: those pixels only move with the head
@@ -229,8 +241,9 @@ class WarpDecoder:
             self.mbox = x0, y0, x1, y1 = x0 + bx0, y0 + by0, x0 + bx1, y0 + by1
         # (K, H * W * 2): one frame's field is a single matrix-vector product
         self._field_shape = (fields[0].shape[2], fields[0].shape[3], 2)
-        self.fields_upper, self.fields_lower = (np.ascontiguousarray(f.transpose(0, 2, 3, 1)).reshape(len(f), -1)
-                                                for f in fields)
+        self.fields_upper, self.fields_lower = (
+            np.ascontiguousarray(f.transpose(0, 2, 3, 1)).reshape(len(f), -1) for f in fields
+        )
         # parting line y(x) and its softness: sharp across the mouth, soft beyond the corners
         line = rig.lip_line
         xs_r = np.arange(x0, x1, dtype=np.float64)
@@ -254,8 +267,9 @@ class WarpDecoder:
         # interpolation of cv2.resize is then exact
         coarse = np.dstack([m * (ix - gx), m * (iy - gy)])
         x0, y0, x1, y1 = self.box
-        fine = cv2.resize(coarse, (coarse.shape[1] * FIELD_STEP, coarse.shape[0] * FIELD_STEP),
-                          interpolation=cv2.INTER_LINEAR)[:y1 - y0, :x1 - x0]
+        fine = cv2.resize(
+            coarse, (coarse.shape[1] * FIELD_STEP, coarse.shape[0] * FIELD_STEP), interpolation=cv2.INTER_LINEAR
+        )[: y1 - y0, : x1 - x0]
         return fine[..., 0] + self._px, fine[..., 1] + self._py
 
     def _side_below(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
@@ -264,8 +278,14 @@ class WarpDecoder:
         x0, y0 = self.mbox[:2]
         return cv2.remap(self._below, px - x0, py - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    def expression_map(self, coeffs: np.ndarray, qx: np.ndarray, qy: np.ndarray, mouth: np.ndarray,
-                       band: tuple[tuple[int, int], tuple[int, int]]):
+    def expression_map(
+        self,
+        coeffs: np.ndarray,
+        qx: np.ndarray,
+        qy: np.ndarray,
+        mouth: np.ndarray,
+        band: tuple[tuple[int, int], tuple[int, int]],
+    ):
         """Solve p + field(p) = q for points q (frame px) -> (px, py, opening, seam).
 
         Two candidates, one per field set, are smooth functions of q: they are solved on
@@ -277,23 +297,24 @@ class WarpDecoder:
         x0, y0 = self.mbox[:2]
         c = coeffs[EXPRESSION].astype(np.float32)
         h, w = qx.shape
-        if np.abs(c).max() < 1e-5:                                   # the face at rest
+        if np.abs(c).max() < 1e-5:  # the face at rest
             return qx, qy, np.zeros((h, w), np.float32), None
         b = SOLVE_BLOCK
         hh, ww = -(-h // b) * b, -(-w // b) * b
 
-        def down(img):          # block means; cv2's pixel-centre conventions line them up
+        def down(img):  # block means; cv2's pixel-centre conventions line them up
             img = cv2.copyMakeBorder(img, 0, hh - h, 0, ww - w, cv2.BORDER_REPLICATE)
             return cv2.resize(img, (ww // b, hh // b), interpolation=cv2.INTER_AREA)
 
         def up(img):
             return cv2.resize(img, (ww, hh), interpolation=cv2.INTER_LINEAR)[:h, :w]
+
         q = np.dstack([qx, qy])
         qc = down(q)
         lx, ly = qc[..., 0] - x0, qc[..., 1] - y0
         cands = []
         for fields in (self.fields_upper, self.fields_lower):
-            fxy = (c @ fields).reshape(self._field_shape)            # (H, W, 2)
+            fxy = (c @ fields).reshape(self._field_shape)  # (H, W, 2)
             sx, sy = lx, ly
             for _ in range(BACKWARD_ITERS):
                 d = cv2.remap(fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -320,7 +341,7 @@ class WarpDecoder:
             rel[..., 0:2] -= qc[cy0:cy1, cx0:cx1]
             rel[..., 3:5] -= qc[cy0:cy1, cx0:cx1]
             big = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
-            fine = big[by0 - cy0 * b:by1 - cy0 * b, bx0 - cx0 * b:bx1 - cx0 * b]
+            fine = big[by0 - cy0 * b : by1 - cy0 * b, bx0 - cx0 * b : bx1 - cx0 * b]
             fine[..., 0:2] += qb
             fine[..., 3:5] += qb
             pb, ob, sb = self._choose(fine, qb, mouth[by0:by1, bx0:bx1], close)
@@ -351,8 +372,9 @@ class WarpDecoder:
         w_total = w_lo + w_up
         # outside the opening, a pixel neither side claims keeps to its own side of the lips
         fallback = np.where(mouth > 0.5, 0.5, self._side_below(q[..., 0], q[..., 1]))
-        a = np.where(w_total > 0.05, w_lo / (w_total + 1e-6),
-                     np.where(total > 0.05, a_lo / (total + 1e-6), fallback)).astype(np.float32)
+        a = np.where(
+            w_total > 0.05, w_lo / (w_total + 1e-6), np.where(total > 0.05, a_lo / (total + 1e-6), fallback)
+        ).astype(np.float32)
         p = np.dstack([a * lx + (1 - a) * ux, a * ly + (1 - a) * uy])
         covered = np.clip(total, 0, 1)
         seam = None
@@ -362,8 +384,11 @@ class WarpDecoder:
             # (inside the lips' current inner contour the photo's teeth belong: they show,
             # until the lips all but meet)
             inside = mouth * (1 - float(np.clip((close - 0.8) / 0.2, 0, 1)))
-            seam = close * (1 - inside) * cv2.remap(
-                interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+            seam = (
+                close
+                * (1 - inside)
+                * cv2.remap(interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+            )
         return p, (1 - covered) * mouth, seam
 
     def _moved(self, pts: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -386,7 +411,7 @@ class WarpDecoder:
         idx = INNER_UPPER + INNER_LOWER
         pts = self.lm[idx] + offsets[idx]
         pts = pts + self.head_at_mouth * (self._moved(pts, head) - pts)
-        return pts[:len(INNER_UPPER)], pts[len(INNER_UPPER):]
+        return pts[: len(INNER_UPPER)], pts[len(INNER_UPPER) :]
 
     def _render_one(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray) -> None:
         x0, y0, x1, y1 = self.box
@@ -405,8 +430,10 @@ class WarpDecoder:
             rest_up, rest_lo = self.mouth_polygon(np.zeros_like(self.lm), head)
             lips = np.concatenate([up, lo, rest_up - [x0, y0], rest_lo - [x0, y0]]) - np.array([sx0, sy0])
             pad = BAND_IOD * self.rig.iod
-            band = ((int(max(0, lips[:, 1].min() - pad)), int(min(sy1 - sy0, lips[:, 1].max() + pad + 1))),
-                    (int(max(0, lips[:, 0].min() - pad)), int(min(sx1 - sx0, lips[:, 0].max() + pad + 1))))
+            band = (
+                (int(max(0, lips[:, 1].min() - pad)), int(min(sy1 - sy0, lips[:, 1].max() + pad + 1))),
+                (int(max(0, lips[:, 0].min() - pad)), int(min(sx1 - sx0, lips[:, 0].max() + pad + 1))),
+            )
             px, py, op, sm = self.expression_map(coeffs, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], mouth, band)
             qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1] = px, py
             wide = smoothstep(float(np.linalg.norm(lo - up, axis=1).max()) / self.rig.iod, 0.03, 0.06)
@@ -415,8 +442,9 @@ class WarpDecoder:
                 # they read as red specks beside the teeth: towards the corners the opening is
                 # painted wherever the lips part, whatever the warp found there (a photo that
                 # shows its teeth keeps its own corners, as it keeps its own teeth)
-                op = np.maximum(op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], mouth.shape)
-                                * ((1 - 2 * self.shows) * wide))
+                op = np.maximum(
+                    op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], mouth.shape) * ((1 - 2 * self.shows) * wide)
+                )
             opening = np.zeros(qx.shape, np.float32)
             opening[sy0:sy1, sx0:sx1] = op
             if sm is not None:
@@ -428,8 +456,9 @@ class WarpDecoder:
                 sel = self._landing(head, (eye.x0, eye.y0, eye.x1, eye.y1))
                 if sel is not None:
                     (sy0, sy1), (sx0, sx1) = sel
-                    qy[sy0:sy1, sx0:sx1] = lid_map(eye, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1],
-                                                   closure, self.rig.iod).astype(np.float32)
+                    qy[sy0:sy1, sx0:sx1] = lid_map(
+                        eye, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], closure, self.rig.iod
+                    ).astype(np.float32)
         region = self.framing.sample(qx, qy)
         if opening is not None:
             _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
@@ -462,13 +491,20 @@ def _corners(upper: np.ndarray, lower: np.ndarray, shape: tuple[int, int]) -> np
     """0..1 over an (H, W) region: how far towards the mouth's corners a pixel lies (0 up to 70 %
     of the way from the middle to a corner, 1 from 90 %), from the inner lip contours."""
     c, ex, half = mouth_axis(upper, lower)
-    ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     u = np.abs((xs - c[0]) * ex[0] + (ys - c[1]) * ex[1]) / max(half, 1.0)
     return smoothstep(u, 0.7, 0.9).astype(np.float32)
 
 
-def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray, seam: np.ndarray | None,
-           style, iod: float):
+def _paint(
+    region: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    opening: np.ndarray,
+    seam: np.ndarray | None,
+    style,
+    iod: float,
+):
     """Paint the mouth interior on a uint8 region, touching only the mouth's own box."""
     pts = np.concatenate([upper, lower])
     h, w = region.shape[:2]
@@ -479,14 +515,15 @@ def _paint(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np
         return
     sub = region[y0:y1, x0:x1].astype(np.float32)
     off = np.array([x0, y0])
-    paint_mouth(sub, upper - off, lower - off, opening[y0:y1, x0:x1], style, iod,
-                None if seam is None else seam[y0:y1, x0:x1])
+    paint_mouth(
+        sub, upper - off, lower - off, opening[y0:y1, x0:x1], style, iod, None if seam is None else seam[y0:y1, x0:x1]
+    )
     region[y0:y1, x0:x1] = np.clip(sub + 0.5, 0, 255).astype(np.uint8)
 
 
 class WarpKind(DecoderKind):
     name = "warp"
-    honours = all_parameters() - {"inference_steps"}     # no denoising: one warp per frame
+    honours = all_parameters() - {"inference_steps"}  # no denoising: one warp per frame
 
     def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
         return WarpDecoder(framing, rig)

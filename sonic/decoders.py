@@ -20,6 +20,7 @@ it is used:
 
 `choose_decoder` resolves the `decoder` setting, `auto` included.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,7 +32,7 @@ import numpy as np
 from .errors import InvalidParameter
 from .options import GenerateOptions, parameters
 
-if TYPE_CHECKING:      # annotations only: naming a decoder loads none of the stages
+if TYPE_CHECKING:  # annotations only: naming a decoder loads none of the stages
     from .geometry import Framing
     from .motion import Rig
     from .settings import Settings
@@ -44,7 +45,8 @@ _REGISTRY: dict[str, "DecoderKind"] = {}
 
 class PreparedDecoder(Protocol):
     """One request's decoder, ready to render."""
-    frame: np.ndarray      # (H, W, 3) uint8, the output frame at rest: every frame has its size
+
+    frame: np.ndarray  # (H, W, 3) uint8, the output frame at rest: every frame has its size
 
     def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """coeffs (B, K) in motion.COEFFS order, head (B, 4) (see motion.Motion) -> frames
@@ -54,7 +56,8 @@ class PreparedDecoder(Protocol):
 
 class SpokenVideo(Protocol):
     """What a speaking kind makes for one request."""
-    frame: np.ndarray              # (H, W, 3) uint8: the frames' size
+
+    frame: np.ndarray  # (H, W, 3) uint8: the frames' size
     batches: Iterator[np.ndarray]  # (B, H, W, 3) uint8 frames in order, n_frames in all
     lipsync_offset_ms: float
 
@@ -64,6 +67,7 @@ class DecoderKind(ABC):
 
     A kind that renders motion implements `prepare`; a kind that `speaks` implements `speak`.
     `load(settings)` returns the kind ready to serve (its models loaded), once per pipeline."""
+
     name: str
     honours: frozenset[str]
     speaks: bool = False
@@ -82,15 +86,22 @@ class DecoderKind(ABC):
         """Set up the decoder for one portrait and one request's options."""
         raise NotImplementedError(f"the {self.name} decoder renders from audio (speak), not from motion")
 
-    def speak(self, framing: Framing, wav: np.ndarray, n_frames: int, options: GenerateOptions,
-              progress: Callable[[str, float], None]) -> SpokenVideo:
+    def speak(
+        self,
+        framing: Framing,
+        wav: np.ndarray,
+        n_frames: int,
+        options: GenerateOptions,
+        progress: Callable[[str, float], None],
+    ) -> SpokenVideo:
         """The frames of the portrait speaking `wav` (mono, media.SAMPLE_RATE); progress(stage, 0-1)."""
         raise NotImplementedError(f"the {self.name} decoder renders from motion (prepare), not from audio")
 
     def unused(self, options: GenerateOptions) -> tuple[str, ...]:
         """The parameters `options` sets away from their declared defaults that this kind ignores."""
-        return tuple(name for name, p in parameters().items()
-                     if name not in self.honours and getattr(options, name) != p.default)
+        return tuple(
+            name for name, p in parameters().items() if name not in self.honours and getattr(options, name) != p.default
+        )
 
 
 def register(kind: DecoderKind) -> DecoderKind:
@@ -125,7 +136,9 @@ def choose_decoder(settings: Settings) -> str:
     if settings.decoder != "auto":
         return settings.decoder
     from .diffusion.layout import is_complete
+
     if not is_complete(settings.sonic_checkpoints) or settings.device == "cpu":
         return "warp"
     import torch
+
     return "sonic" if torch.cuda.is_available() else "warp"

@@ -5,11 +5,13 @@ and, where one field is to blame, its name. The library knows codes only: whoeve
 (the web service, the CLI) decides what a code means to its own callers; the CLI prints
 `message` on one line.
 """
+
 from __future__ import annotations
 
 
 class SonicError(Exception):
     """Base of the family; its own code means a failure nobody outside can act on."""
+
     code = "internal_error"
 
     def __init__(self, message: str, field: str | None = None):
@@ -26,46 +28,55 @@ class SonicError(Exception):
 
 class InvalidParameter(SonicError):
     """A parameter is unknown, of the wrong type or out of range."""
+
     code = "invalid_parameter"
 
 
 class InputTooLarge(SonicError):
     """An upload or an image's pixel count is over the configured limit."""
+
     code = "input_too_large"
 
 
 class UnsupportedMedia(SonicError):
     """The content does not decode as an image / audio."""
+
     code = "unsupported_media"
 
 
 class NoFaceDetected(SonicError):
     """The portrait shows no face the face analysis can find."""
+
     code = "no_face_detected"
 
 
 class AudioTooLong(SonicError):
     """The audio (or the requested duration) is longer than the configured limit."""
+
     code = "audio_too_long"
 
 
 class EmptyAudio(SonicError):
     """Audio decodes to nothing, or to silence only."""
+
     code = "empty_audio"
 
 
 class Busy(SonicError):
     """A shared resource (the memory set aside for decoding) stays taken: retry shortly."""
+
     code = "busy"
 
 
 class PipelineError(SonicError):
     """A stage failed for a reason the caller did not cause (ffmpeg failed, disk full...)."""
+
     code = "pipeline_error"
 
 
 class DiskFull(PipelineError):
     """No space left where the video is written: nothing the caller did; retry once space is freed."""
+
     code = "disk_full"
 
 
@@ -73,4 +84,5 @@ class SetupError(SonicError):
     """The models cannot be set up as configured: a missing or unreadable checkpoint file, a key
     or a tensor shape that does not fit the model. The message names the file and the first
     offending key; the operator, not the caller, must act."""
+
     code = "setup_failed"

@@ -6,6 +6,7 @@ moving margin is covered rather than compressed: the iris disappears behind the 
 eye's corners and outline stay where they are. Expressed as a backward map of source positions
 (what each output pixel shows), evaluated only inside each eye's box.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,23 +16,24 @@ import numpy as np
 
 from .landmarks import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
-FOLD_IOD = 0.05        # skin above the lid margin that unfolds in a blink, beyond the eye's own height
-MEET = 1.0             # at full closure the upper margin reaches the lower one
-LASH_IOD = (0.008, 0.05)   # the lash line above the margin (measured per eye within these
-                           # bounds) travels down with it, unstretched
-EDGE_PX = 0.6          # the occluding lid margin is anti-aliased over this many px
+FOLD_IOD = 0.05  # skin above the lid margin that unfolds in a blink, beyond the eye's own height
+MEET = 1.0  # at full closure the upper margin reaches the lower one
+LASH_IOD = (0.008, 0.05)  # the lash line above the margin (measured per eye within these
+# bounds) travels down with it, unstretched
+EDGE_PX = 0.6  # the occluding lid margin is anti-aliased over this many px
 
 
 @dataclass(frozen=True)
 class Eye:
     """One eye in frame px: lid margins sampled at every column of its box."""
+
     x0: int
     x1: int
     y0: int
     y1: int
-    upper: np.ndarray      # (x1 - x0,) y of the upper lid margin per column (nan outside the corners)
-    lower: np.ndarray      # (x1 - x0,) y of the lower lid margin
-    lash: float            # px, thickness of the dark lash line above the upper margin
+    upper: np.ndarray  # (x1 - x0,) y of the upper lid margin per column (nan outside the corners)
+    lower: np.ndarray  # (x1 - x0,) y of the lower lid margin
+    lash: float  # px, thickness of the dark lash line above the upper margin
 
 
 def _curve(pts: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -49,7 +51,7 @@ def lash_thickness(gray: np.ndarray, upper: np.ndarray, x0: int, iod: float) -> 
     cols = np.flatnonzero(np.isfinite(upper))
     if len(cols) < 3:
         return lo_px
-    cols = cols[len(cols) // 5: len(cols) - len(cols) // 5 or None]
+    cols = cols[len(cols) // 5 : len(cols) - len(cols) // 5 or None]
     found = []
     for c in cols:
         x = x0 + c
@@ -57,11 +59,11 @@ def lash_thickness(gray: np.ndarray, upper: np.ndarray, x0: int, iod: float) -> 
         if ys[0] < 0 or ys[-1] >= gray.shape[0] or x >= gray.shape[1]:
             continue
         prof = gray[ys, x].astype(np.float64)
-        skin = np.median(prof[:max(2, len(prof) // 4)])
+        skin = np.median(prof[: max(2, len(prof) // 4)])
         near = ys >= upper[c] - hi_px
         i_dark = np.flatnonzero(near)[np.argmin(prof[near])]
         dark = prof[i_dark]
-        if skin - dark < 12:            # no visible lash line in this column
+        if skin - dark < 12:  # no visible lash line in this column
             continue
         i = i_dark
         while i > 0 and prof[i] < dark + 0.6 * (skin - dark):
@@ -110,7 +112,7 @@ def lid_map(eye: Eye, qx: np.ndarray, qy: np.ndarray, closure: float, iod: float
     height = np.clip(lo - up, 0, None)
     lash = eye.lash
     top = up - lash - FOLD_IOD * iod - 0.3 * height
-    margin = up + min(closure, 1.0) * MEET * height       # where the lid's edge is now
+    margin = up + min(closure, 1.0) * MEET * height  # where the lid's edge is now
     edge_end = margin + EDGE_PX
     # fold skin [top, up - lash] stretches over [top, margin - lash]; the lash line rides along
     skin = top + (qy - top) * (up - lash - top) / np.maximum(margin - lash - top, 1e-6)

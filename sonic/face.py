@@ -3,6 +3,7 @@
 Models ship inside the mediapipe 0.10.21 wheel (full-range BlazeFace detector + FaceMesh with
 refined lips/eyes/irises); they load once in `FaceAnalyzer.__init__`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,16 +16,17 @@ import numpy as np
 
 from .errors import NoFaceDetected
 
-DETECT_MARGIN = 0.6      # crop around a detection before meshing, as a fraction of its size
-MESH_INPUT_PX = 640      # detections are meshed from a crop resized to about this size
-SIZE_MULTIPLE = 8        # output sides are multiples of this (H.264 macroblocks, yuv420p)
+DETECT_MARGIN = 0.6  # crop around a detection before meshing, as a fraction of its size
+MESH_INPUT_PX = 640  # detections are meshed from a crop resized to about this size
+SIZE_MULTIPLE = 8  # output sides are multiples of this (H.264 macroblocks, yuv420p)
 
 
 @dataclass(frozen=True)
 class FaceResult:
     """Landmarks in pixels of the image they were found in, (478, 3); z in pixel-like units."""
+
     landmarks: np.ndarray
-    box: tuple[float, float, float, float]   # x0, y0, x1, y1 of the landmark hull, px
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 of the landmark hull, px
 
 
 @contextlib.contextmanager
@@ -52,10 +54,10 @@ class FaceAnalyzer:
         with _quiet_stderr():
             import mediapipe as mp  # ~1.7 s import: done once, when the pipeline loads
 
-            self._detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
-                                                                       min_detection_confidence=0.4)
-            self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                                         refine_landmarks=True, min_detection_confidence=0.3)
+            self._detector = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.4)
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.3
+            )
             # the first inferences log their set-up, and the first face meshed from a non-square
             # image a one-time projection warning: both now, while stderr is quiet
             blank = np.zeros((64, 64, 3), np.uint8)
@@ -63,7 +65,7 @@ class FaceAnalyzer:
             self._mesh.process(blank)
             try:
                 self.analyze(_sketched_face())
-            except NoFaceDetected:         # only the warning is lost: it is logged once, later
+            except NoFaceDetected:  # only the warning is lost: it is logged once, later
                 pass
 
     def _mesh_on(self, rgb: np.ndarray) -> np.ndarray | None:
@@ -85,19 +87,22 @@ class FaceAnalyzer:
         boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
         for bx, by, bw, bh in boxes[:3]:
             size = max(bw, bh)
-            x0 = int(max(0, bx - DETECT_MARGIN * size)); y0 = int(max(0, by - DETECT_MARGIN * size))
-            x1 = int(min(w, bx + bw + DETECT_MARGIN * size)); y1 = int(min(h, by + bh + DETECT_MARGIN * size))
+            x0 = int(max(0, bx - DETECT_MARGIN * size))
+            y0 = int(max(0, by - DETECT_MARGIN * size))
+            x1 = int(min(w, bx + bw + DETECT_MARGIN * size))
+            y1 = int(min(h, by + bh + DETECT_MARGIN * size))
             crop = rgb[y0:y1, x0:x1]
             scale = MESH_INPUT_PX / max(crop.shape[:2])
-            crop = cv2.resize(crop, None, fx=scale, fy=scale,
-                              interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+            crop = cv2.resize(
+                crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+            )
             lm = self._mesh_on(crop)
             if lm is not None:
                 lm = lm / scale
                 lm[:, 0] += x0
                 lm[:, 1] += y0
                 return _result(lm)
-        lm = self._mesh_on(rgb)   # the mesh's own short-range detector, for close-ups
+        lm = self._mesh_on(rgb)  # the mesh's own short-range detector, for close-ups
         if lm is None:
             raise NoFaceDetected("no face was found in the image", field="image")
         return _result(lm)
@@ -134,12 +139,17 @@ def crop_box(face_box, image_hw, expand_ratio: float, crop_to_face: bool) -> tup
     y0 -= 0.25 * bh
     bh = y1 - y0
     mx, my = expand_ratio * bw, expand_ratio * bh
-    return (int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my))),
-            int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my))))
+    return (
+        int(max(0, np.floor(x0 - mx))),
+        int(max(0, np.floor(y0 - my))),
+        int(min(w, np.ceil(x1 + mx))),
+        int(min(h, np.ceil(y1 + my))),
+    )
 
 
-def fit_output(box: tuple[int, int, int, int], image_hw: tuple[int, int], min_resolution: int
-               ) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+def fit_output(
+    box: tuple[int, int, int, int], image_hw: tuple[int, int], min_resolution: int
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     """Output size (W, H), multiples of SIZE_MULTIPLE with the short side near min_resolution, and
     the crop (x0, y0, x1, y1, float px) that maps onto it with one uniform scale: the crop is
     nudged by a few pixels rather than the face stretched.
@@ -148,7 +158,10 @@ def fit_output(box: tuple[int, int, int, int], image_hw: tuple[int, int], min_re
     x0, y0, x1, y1 = box
     cw, ch = x1 - x0, y1 - y0
     s = min_resolution / min(cw, ch)
-    rnd = lambda v: max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+    def rnd(v: float) -> int:
+        return max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
     ow, oh = rnd(cw * s), rnd(ch * s)
     while ow / s > w + 1e-6:
         ow -= SIZE_MULTIPLE
@@ -160,6 +173,7 @@ def fit_output(box: tuple[int, int, int, int], image_hw: tuple[int, int], min_re
         mid = (c0 + c1) / 2
         lo = min(max(0.0, mid - size / 2), limit - size)
         return lo, lo + size
+
     nx0, nx1 = place(x0, x1, nw, w)
     ny0, ny1 = place(y0, y1, nh, h)
     return (nx0, ny0, nx1, ny1), (ow, oh)

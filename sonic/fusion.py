@@ -14,6 +14,7 @@
    target by a multi-band (Laplacian pyramid) blend, so no seam or colour step shows.
    Everything outside it stays the target's, pixel for pixel. r = 0 returns the target unchanged.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,18 +24,26 @@ import cv2
 import numpy as np
 
 from .errors import InvalidParameter
-from .landmarks import EYE_LEFT_RING, EYE_OUTER, EYE_RIGHT_RING, FACE_OVAL_IDX, LEFT_BROW, N_MESH, RIGHT_BROW, RIGID_UPPER
+from .landmarks import (
+    EYE_LEFT_RING,
+    EYE_OUTER,
+    EYE_RIGHT_RING,
+    FACE_OVAL_IDX,
+    LEFT_BROW,
+    N_MESH,
+    RIGHT_BROW,
+    RIGID_UPPER,
+)
 
 # cheeks and forehead: skin without eyes, brows, lips or beard shadow, for the colour statistics
-SKIN_PATCHES = [[117, 118, 101, 36, 205, 187, 123], [346, 347, 330, 266, 425, 411, 352],
-                [109, 10, 338, 337, 151, 108]]
-MAP_CHUNK = 1 << 18       # pixels per slice when the warp maps are built
-FEATHER = 0.04            # the clone mask's edge softening, as a fraction of the face size
+SKIN_PATCHES = [[117, 118, 101, 36, 205, 187, 123], [346, 347, 330, 266, 425, 411, 352], [109, 10, 338, 337, 151, 108]]
+MAP_CHUNK = 1 << 18  # pixels per slice when the warp maps are built
+FEATHER = 0.04  # the clone mask's edge softening, as a fraction of the face size
 
 
 @dataclass
 class FusionResult:
-    image: np.ndarray                     # RGB uint8, the target's size
+    image: np.ndarray  # RGB uint8, the target's size
     faces: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
@@ -49,6 +58,7 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def _triangles(points: np.ndarray) -> np.ndarray:
     from scipy.spatial import Delaunay
+
     return Delaunay(points).simplices
 
 
@@ -72,8 +82,8 @@ def _piecewise_map(src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray, s
     map_x = np.zeros((h, w), np.float32)
     map_y = np.zeros((h, w), np.float32)
     mats = mats.astype(np.float32)
-    for i in range(0, len(ys), MAP_CHUNK):          # in slices: a big face in a big photo stays small in memory
-        yy, xx = ys[i:i + MAP_CHUNK], xs[i:i + MAP_CHUNK]
+    for i in range(0, len(ys), MAP_CHUNK):  # in slices: a big face in a big photo stays small in memory
+        yy, xx = ys[i : i + MAP_CHUNK], xs[i : i + MAP_CHUNK]
         m = mats[labels[yy, xx]]
         gx, gy = (xx + x0).astype(np.float32), (yy + y0).astype(np.float32)
         map_x[yy, xx] = m[:, 0, 0] * gx + m[:, 0, 1] * gy + m[:, 0, 2]
@@ -145,16 +155,19 @@ def _relight(src: np.ndarray, ref: np.ndarray, region: np.ndarray, sigma: float)
 
     def blur(img):
         return cv2.GaussianBlur(img.astype(np.float32) * region[..., None], (0, 0), sigma) / m
+
     ratio = (blur(ref) + 4.0) / (blur(src) + 4.0)
     return np.clip(src.astype(np.float32) * np.clip(ratio, 0.25, 4.0) + 0.5, 0, 255).astype(np.uint8)
 
 
-def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 0.6,
-         swap_eye: bool = False) -> FusionResult:
+def fuse(
+    source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 0.6, swap_eye: bool = False
+) -> FusionResult:
     """Blend the largest face of `source` (RGB uint8) into the largest face of `target`.
 
     Raises NoFaceDetected (field source_image / target_image) when either has no face."""
     from .errors import NoFaceDetected
+
     if not 0.0 <= float(blend_ratio) <= 1.0:
         raise InvalidParameter("blend_ratio must be between 0 and 1", "blend_ratio")
     r = float(blend_ratio)
@@ -173,8 +186,9 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     S, T = found["source"], found["target"]
     H, W = target.shape[:2]
     if r == 0.0 and not swap_eye:
-        return FusionResult(target.copy(), faces, {"face": round(t_face - t0, 3), "blend": 0.0,
-                                                   "total": round(t_face - t0, 3)})
+        return FusionResult(
+            target.copy(), faces, {"face": round(t_face - t0, 3), "blend": 0.0, "total": round(t_face - t0, 3)}
+        )
     # the source in the target's frame, and the fused shape
     m = _similarity(S[RIGID_UPPER], T[RIGID_UPPER])
     S_in_T = S @ m[:, :2].T + m[:, 2]
@@ -194,11 +208,11 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     for patch in SKIN_PATCHES:
         skin |= _poly_mask(G[patch], box)
     skin = (skin > 0) & covered
-    src_w = _match_colour(src_w, tgt_w, skin, skin)        # the skin's tone first, then the local light
+    src_w = _match_colour(src_w, tgt_w, skin, skin)  # the skin's tone first, then the local light
     face_area = (_poly_mask(G[FACE_OVAL_IDX], box) > 0) & covered
     iod = float(np.linalg.norm(G[EYE_OUTER[0]] - G[EYE_OUTER[1]]))
     src_w = _relight(src_w, tgt_w, face_area.astype(np.float32), max(2.0, 0.25 * iod))
-    face = ((1.0 - r) * tgt_w.astype(np.float32) + r * src_w.astype(np.float32))
+    face = (1.0 - r) * tgt_w.astype(np.float32) + r * src_w.astype(np.float32)
     if swap_eye:
         eyes = np.zeros(covered.shape, np.uint8)
         for ring in (EYE_LEFT_RING, EYE_RIGHT_RING):
@@ -220,9 +234,9 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     # tone meets tone over a wide one, and no seam or colour step shows. Relit, the face already
     # has the target's light where it meets the rest of the photo.
     soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(1.0, FEATHER * size / 2))
-    soft[mask == 0] = 0.0                            # outside the mask: the target, pixel for pixel
+    soft[mask == 0] = 0.0  # outside the mask: the target, pixel for pixel
     base = target[y0:y1, x0:x1].astype(np.float32)
-    inner = np.where((mask > 0)[..., None], face.astype(np.float32), base)    # no warp leftovers beyond the face
+    inner = np.where((mask > 0)[..., None], face.astype(np.float32), base)  # no warp leftovers beyond the face
     mixed = _multiband(inner, base, soft, levels=int(np.clip(np.log2(max(8.0, size / 16.0)), 2, 5)))
     out = target.copy()
     region = out[y0:y1, x0:x1]
@@ -231,5 +245,13 @@ def fuse(source: np.ndarray, target: np.ndarray, analyzer, blend_ratio: float = 
     bx, by, bw, bh = cv2.boundingRect(mask)
     t_end = time.perf_counter()
     faces["fused_box"] = [int(x0 + bx), int(y0 + by), int(x0 + bx + bw), int(y0 + by + bh)]
-    return FusionResult(out, faces, {"face": round(t_face - t0, 3), "warp": round(t_warp - t_face, 3),
-                                     "blend": round(t_end - t_warp, 3), "total": round(t_end - t0, 3)})
+    return FusionResult(
+        out,
+        faces,
+        {
+            "face": round(t_face - t0, 3),
+            "warp": round(t_warp - t_face, 3),
+            "blend": round(t_end - t_warp, 3),
+            "total": round(t_end - t0, 3),
+        },
+    )

@@ -7,6 +7,7 @@ bilinear lookup into a 3x source keeps 95-99 % of the detail (variance of the La
 bicubic lookup into the photo at a fifth of its cost, and a face is never upscaled and then
 warped again. The frame at rest is made by the same lookup, so zero motion is exactly the frame.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,17 +17,17 @@ import numpy as np
 
 from .face import fit_output
 
-SUPERSAMPLE = 3           # sampling-source px per frame px
-MARGIN_PX = 6             # frame px of photo kept around the crop (sampling reaches past the edge)
+SUPERSAMPLE = 3  # sampling-source px per frame px
+MARGIN_PX = 6  # frame px of photo kept around the crop (sampling reaches past the edge)
 
 
 @dataclass(frozen=True)
 class Framing:
-    frame: np.ndarray          # (H, W, 3) uint8, the output frame at rest
-    landmarks: np.ndarray      # (478, 3) in frame px (z scaled alike)
-    pixels: np.ndarray         # (h, w, 3) uint8, the photo resampled once: what the decoder samples
-    to_source: tuple[float, float, float, float]   # ax, bx, ay, by: pixels px = a * frame px + b
-    upscale: float             # frame px per photo px: above 1 the face is enlarged
+    frame: np.ndarray  # (H, W, 3) uint8, the output frame at rest
+    landmarks: np.ndarray  # (478, 3) in frame px (z scaled alike)
+    pixels: np.ndarray  # (h, w, 3) uint8, the photo resampled once: what the decoder samples
+    to_source: tuple[float, float, float, float]  # ax, bx, ay, by: pixels px = a * frame px + b
+    upscale: float  # frame px per photo px: above 1 the face is enlarged
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
@@ -36,12 +37,18 @@ class Framing:
 def _sample(pixels: np.ndarray, to_source, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One bilinear lookup per frame position; `to_source` maps frame px to `pixels` px."""
     ax, bx, ay, by = (np.float32(v) for v in to_source)
-    return cv2.remap(pixels, (ax * x + bx).astype(np.float32, copy=False), (ay * y + by).astype(np.float32, copy=False),
-                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(
+        pixels,
+        (ax * x + bx).astype(np.float32, copy=False),
+        (ay * y + by).astype(np.float32, copy=False),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
 
 
-def crop_and_scale(rgb: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, int, int],
-                   min_resolution: int) -> Framing:
+def crop_and_scale(
+    rgb: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, int, int], min_resolution: int
+) -> Framing:
     """Cut the crop box (x0, y0, x1, y1, photo px) out of the photo with one uniform scale, the
     short side of the frame near min_resolution (see `face.fit_output`)."""
     (x0, y0, x1, y1), (width, height) = fit_output(box, rgb.shape[:2], min_resolution)

@@ -5,6 +5,7 @@ opening of every generated frame with the face analysis (inner-lip gap over the 
 distance), finds the lag that best matches it to the audio's loudness (motion.measure_lag:
 +-4 frames, sub-frame), and the writer moves the audio track by that lag.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ from .errors import NoFaceDetected
 from .landmarks import EYE_OUTER, LIP_PAIRS
 from .motion import MAX_LAG_FRAMES, measure_lag
 
-MIN_FACE_SHARE = 0.8        # below this share of frames with a face, nothing is measured
+MIN_FACE_SHARE = 0.8  # below this share of frames with a face, nothing is measured
 
 
 def mouth_opening(faces, rgb: np.ndarray) -> float:

@@ -7,6 +7,7 @@ load_audio -> float32 mono waveform (N,) at SAMPLE_RATE, decoded by the bundled 
     documented containers only (AUDIO_DEMUXERS), reading no file but the one it is given.
 check_waveform -> load_audio's checks, for a waveform decoded elsewhere (already in memory).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
 
-SAMPLE_RATE = 16_000            # Hz, what the audio encoder and pocketsphinx expect
+SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
 SILENCE_RMS = 10 ** (-55 / 20)  # full-scale RMS below which a whole clip counts as silent
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Larger photos are decoded reduced to this: the output frame is at most 1024 px on its short
@@ -40,13 +41,17 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 # those is allowed, whatever the upload's name or declared type.
 AUDIO_DEMUXERS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
 AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM"
-DOWNMIX = ["-ac", "1"]        # ffmpeg's own downmix, for every layout it knows
-MAX_CHANNELS = 64             # ffmpeg's pan filter averages at most this many channels
+DOWNMIX = ["-ac", "1"]  # ffmpeg's own downmix, for every layout it knows
+MAX_CHANNELS = 64  # ffmpeg's pan filter averages at most this many channels
 DECODE_TIMEOUT_S = 120
 
 
-def load_image(source: str | Path | BinaryIO, max_pixels: int, budget: "DecodeBudget | None" = None,
-               max_working_pixels: int = WORKING_PIXELS) -> np.ndarray:
+def load_image(
+    source: str | Path | BinaryIO,
+    max_pixels: int,
+    budget: "DecodeBudget | None" = None,
+    max_working_pixels: int = WORKING_PIXELS,
+) -> np.ndarray:
     """Decode a PNG/JPEG/WebP to RGB uint8 (H, W, 3), at most `max_working_pixels` (a larger photo
     is decoded reduced: JPEGs in the DCT, the others right after decoding); any other format is
     refused with its name. `budget` bounds the memory of this process's decodes at once."""
@@ -58,8 +63,7 @@ def load_image(source: str | Path | BinaryIO, max_pixels: int, budget: "DecodeBu
             with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise InputTooLarge(f"image has {w}x{h} pixels, more than the limit of {max_pixels}",
-                                        field="image")
+                    raise InputTooLarge(f"image has {w}x{h} pixels, more than the limit of {max_pixels}", field="image")
                 with (budget or UNBOUNDED).reserve(decode_bytes(im, max_working_pixels)):
                     rgb = _decode_reduced(im, max_working_pixels)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -79,7 +83,7 @@ def _unsupported_image(data: bytes) -> str:
     try:
         with Image.open(io.BytesIO(data)) as im:
             name = im.format
-    except Exception:                                  # noqa: BLE001 - any reader's failure: not an image
+    except Exception:  # noqa: BLE001 - any reader's failure: not an image
         name = None
     if name:
         return f"image format {name} is not supported (PNG, JPEG, WebP)"
@@ -98,7 +102,7 @@ def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
     k = _reduction(w, h, max_working_pixels)
     native = 1 if im.mode in ("1", "L", "P") else 4
     if im.format == "JPEG":
-        w, h = -(-w // min(k, 8)), -(-h // min(k, 8))     # the DCT reduces by 2, 4 or 8
+        w, h = -(-w // min(k, 8)), -(-h // min(k, 8))  # the DCT reduces by 2, 4 or 8
     return w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
 
 
@@ -108,10 +112,10 @@ def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
     w, h = im.size
     k = _reduction(w, h, max_working_pixels)
     if k > 1 and im.format == "JPEG":
-        im.draft("RGB", (w // k, h // k))              # decode at 1/2, 1/4 or 1/8 scale
+        im.draft("RGB", (w // k, h // k))  # decode at 1/2, 1/4 or 1/8 scale
     im.load()
     if k > 1:
-        factor = -(-im.size[0] // max(1, w // k))      # what the DCT did not reduce yet
+        factor = -(-im.size[0] // max(1, w // k))  # what the DCT did not reduce yet
         if factor > 1:
             im = im.reduce(factor)
     im = ImageOps.exif_transpose(im)
@@ -172,8 +176,19 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
     channels ffmpeg cannot downmix by itself (no known layout) is decoded again with an explicit
     average of its channels."""
     # Decode at most a little past the limit, so hour-long files cost no more than the limit.
-    out = ["-map", "0:a:0", "-vn", "-t", f"{max_duration_s + 1:.3f}", *downmix, "-ar", str(SAMPLE_RATE),
-           "-f", "f32le", "-"]
+    out = [
+        "-map",
+        "0:a:0",
+        "-vn",
+        "-t",
+        f"{max_duration_s + 1:.3f}",
+        *downmix,
+        "-ar",
+        str(SAMPLE_RATE),
+        "-f",
+        "f32le",
+        "-",
+    ]
     proc = _run_ffmpeg_on(path, ["-v", "error"], out)
     if proc.returncode == 0:
         return np.frombuffer(proc.stdout, dtype=np.float32).copy()
@@ -199,9 +214,21 @@ def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) ->
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise PipelineError("the uploaded audio could not be read") from e
-    cmd = [FFMPEG, "-nostdin", "-hide_banner", *verbosity,
-           "-protocol_whitelist", "fd", "-format_whitelist", ",".join(AUDIO_DEMUXERS),
-           "-fd", str(fd), "-i", "fd:", *output]
+    cmd = [
+        FFMPEG,
+        "-nostdin",
+        "-hide_banner",
+        *verbosity,
+        "-protocol_whitelist",
+        "fd",
+        "-format_whitelist",
+        ",".join(AUDIO_DEMUXERS),
+        "-fd",
+        str(fd),
+        "-i",
+        "fd:",
+        *output,
+    ]
     try:
         return subprocess.run(cmd, capture_output=True, pass_fds=(fd,), timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:

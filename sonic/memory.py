@@ -6,6 +6,7 @@ with a 40 MP photo left a service ~450 MB larger for good. `give_back_memory` re
 pages of every heap (malloc_trim); it costs a few milliseconds, so it is called once a request
 or a job is over, not inside a stage. Elsewhere than glibc it does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,7 +18,7 @@ import functools
 def _malloc_trim():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):          # not glibc
+    except (OSError, AttributeError):  # not glibc
         return None
 
 

@@ -4,6 +4,7 @@ Motion is a few interpretable coefficients per frame (jaw drop, spread, rounding
 to a per-face rig: `Rig.basis` (K, 478, 2) holds the landmark offsets in px of one unit of each
 coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a separate rigid motion.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,29 +14,40 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-if TYPE_CHECKING:       # annotations only: the render helpers import this module without the audio stack
+if TYPE_CHECKING:  # annotations only: the render helpers import this module without the audio stack
     from .audio_features import AudioFeatures
-from .landmarks import (CORNERS, EYE_OUTER, EYE_PAIRS, HEAD_PIVOT, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, LIP_PAIRS,
-                        OUTER_CORNERS, OUTER_LOWER, OUTER_UPPER)
+from .landmarks import (
+    CORNERS,
+    EYE_OUTER,
+    EYE_PAIRS,
+    HEAD_PIVOT,
+    INNER_LOWER,
+    INNER_UPPER,
+    LIP_MIDDLE,
+    LIP_PAIRS,
+    OUTER_CORNERS,
+    OUTER_LOWER,
+    OUTER_UPPER,
+)
 
-JAW_GAIN = 0.2           # inner-lip gap at full openness, in inter-ocular distances (IOD)
-OPEN_PHOTO_IOD = 0.03    # a photo whose inner lips are further apart than this has an open mouth
-SPREAD_GAIN = 0.07       # corner travel at full spread/rounding, IOD
-COARTIC_S = 0.045        # Gaussian blending of neighbouring visemes, s
-SMOOTH_S = 0.03          # extra smoothing of the mouth with smooth_motion, s
-CLOSURE_S = 0.02         # P/B/M closures: narrow in time so they stay full
-HEAD_ROLL_DEG = 1.6      # head motion amplitudes at motion_scale 1 (std of the noise)
+JAW_GAIN = 0.2  # inner-lip gap at full openness, in inter-ocular distances (IOD)
+OPEN_PHOTO_IOD = 0.03  # a photo whose inner lips are further apart than this has an open mouth
+SPREAD_GAIN = 0.07  # corner travel at full spread/rounding, IOD
+COARTIC_S = 0.045  # Gaussian blending of neighbouring visemes, s
+SMOOTH_S = 0.03  # extra smoothing of the mouth with smooth_motion, s
+CLOSURE_S = 0.02  # P/B/M closures: narrow in time so they stay full
+HEAD_ROLL_DEG = 1.6  # head motion amplitudes at motion_scale 1 (std of the noise)
 HEAD_SHIFT_IOD = 0.035
 HEAD_SCALE = 0.006
-HEAD_NOISE_S = 1.2       # time scale of the head's drift
+HEAD_NOISE_S = 1.2  # time scale of the head's drift
 # hard bounds at motion_scale 1 (they scale with it); the noise is soft-limited into them
 MAX_ROLL_DEG = 4.0
 MAX_SHIFT_IOD = 0.08
-MAX_SCALE = 0.015        # x motion_scale <= 2: the scale stays within 1 +- 0.03
-BLINK_MEAN_S = 4.0       # mean interval between blinks (15 / min)
+MAX_SCALE = 0.015  # x motion_scale <= 2: the scale stays within 1 +- 0.03
+BLINK_MEAN_S = 4.0  # mean interval between blinks (15 / min)
 BLINK_MIN_S = 1.8
-BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.08, 0.05, 0.13   # the lid closes, stays shut, opens
-MAX_LAG_FRAMES = 4       # align_mouth searches +-4 frames
+BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.08, 0.05, 0.13  # the lid closes, stays shut, opens
+MAX_LAG_FRAMES = 4  # align_mouth searches +-4 frames
 
 COEFFS = ("jaw", "spread", "round", "blink", "close_rest")
 
@@ -43,6 +55,7 @@ COEFFS = ("jaw", "spread", "round", "blink", "close_rest")
 @dataclass(frozen=True)
 class Motion:
     """coeffs (T, K) in COEFFS order; head (T, 4): roll (rad), tx, ty (px), scale (ratio - 1)."""
+
     coeffs: np.ndarray
     head: np.ndarray
     lipsync_offset_ms: float
@@ -50,14 +63,14 @@ class Motion:
 
 @dataclass(frozen=True)
 class Rig:
-    basis: np.ndarray        # (K, 478, 2) px per unit coefficient
-    iod: float               # inter-ocular distance, px
-    centre: np.ndarray       # (2,) pivot of head motion, px
-    rest_gap: float          # inner-lip gap of the photo at the middle, px
-    open_gap: float          # mean inner-lip gap of the photo over the middle and both sides, px
-    upper_lip: np.ndarray    # landmark indices of the upper lip (inside the outer lip contour)
-    lower_lip: np.ndarray    # ... and of the lower lip
-    lip_line: np.ndarray     # (11, 2) px, the parting line between the lips, left to right
+    basis: np.ndarray  # (K, 478, 2) px per unit coefficient
+    iod: float  # inter-ocular distance, px
+    centre: np.ndarray  # (2,) pivot of head motion, px
+    rest_gap: float  # inner-lip gap of the photo at the middle, px
+    open_gap: float  # mean inner-lip gap of the photo over the middle and both sides, px
+    upper_lip: np.ndarray  # landmark indices of the upper lip (inside the outer lip contour)
+    lower_lip: np.ndarray  # ... and of the lower lip
+    lip_line: np.ndarray  # (11, 2) px, the parting line between the lips, left to right
 
     def offsets(self, coeffs: np.ndarray) -> np.ndarray:
         """(T, K) -> landmark offsets (T, 478, 2), px."""
@@ -76,7 +89,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     le, re = lm[EYE_OUTER[0]], lm[EYE_OUTER[1]]
     iod = float(np.linalg.norm(re - le))
     ex = (re - le) / iod
-    ey = np.array([-ex[1], ex[0]])                         # image "down" for an upright face
+    ey = np.array([-ex[1], ex[0]])  # image "down" for an upright face
     upper_mid, lower_mid = LIP_MIDDLE
     mouth = (lm[upper_mid] + lm[lower_mid]) / 2
     rel = (lm - mouth) / iod
@@ -87,8 +100,10 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     # lip groups: every mesh point inside the outer lip contour, split by the parting line
     line = (lm[INNER_UPPER] + lm[INNER_LOWER]) / 2
     contour = np.concatenate([lm[OUTER_UPPER], lm[OUTER_LOWER][::-1]]).astype(np.float32)
-    inside = np.array([cv2.pointPolygonTest(contour, (float(x), float(y)), True) > -0.02 * iod
-                       for x, y in lm[:468]] + [False] * (n - 468))
+    inside = np.array(
+        [cv2.pointPolygonTest(contour, (float(x), float(y)), True) > -0.02 * iod for x, y in lm[:468]]
+        + [False] * (n - 468)
+    )
     below_line = lm[:, 1] > np.interp(lm[:, 0], line[:, 0], line[:, 1])
     lower = np.flatnonzero(inside & below_line)
     upper = np.flatnonzero(inside & ~below_line)
@@ -116,7 +131,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     # stretch the photo's corner creases into lines
     corner_d = np.min(np.linalg.norm(lm[:, None, :] - lm[None, OUTER_CORNERS, :], axis=2), axis=1) / iod
     cheek = np.setdiff1d(np.arange(min(n, 468)), lips)
-    lip_w[cheek] = 0.8 * np.exp(-(corner_d[cheek] / 0.16) ** 2)
+    lip_w[cheek] = 0.8 * np.exp(-((corner_d[cheek] / 0.16) ** 2))
     side = np.sign(u)
     # spread: corners out and slightly up; round: corners in, lips pushed apart vertically
     basis[1] = lip_w[:, None] * (side[:, None] * ex[None, :] - 0.2 * ey[None, :])
@@ -152,8 +167,16 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     centre = lm[HEAD_PIVOT].mean(0)
     # the opening as a viewer measures it: the mean gap of five inner-lip pairs
     open_gap = float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS]))
-    return Rig(basis=basis, iod=iod, centre=centre, rest_gap=gap, open_gap=open_gap, upper_lip=upper, lower_lip=lower,
-               lip_line=line)
+    return Rig(
+        basis=basis,
+        iod=iod,
+        centre=centre,
+        rest_gap=gap,
+        open_gap=open_gap,
+        upper_lip=upper,
+        lower_lip=lower,
+        lip_line=line,
+    )
 
 
 def _gauss(x: np.ndarray, sigma_s: float, fps: int) -> np.ndarray:
@@ -176,8 +199,8 @@ def measure_lag(mouth: np.ndarray, loud: np.ndarray, max_lag: int = MAX_LAG_FRAM
     lags = np.arange(-max_lag, max_lag + 1)
     n = len(m)
     r = []
-    for k in lags:   # r(k) = corr(mouth[t + k], audio[t])
-        u, w = (m[k:], a[:n - k]) if k >= 0 else (m[:n + k], a[-k:])
+    for k in lags:  # r(k) = corr(mouth[t + k], audio[t])
+        u, w = (m[k:], a[: n - k]) if k >= 0 else (m[: n + k], a[-k:])
         r.append(np.corrcoef(u, w)[0, 1])
     r = np.nan_to_num(np.array(r))
     i = int(np.argmax(r))
@@ -195,7 +218,7 @@ def mouth_track(feat: AudioFeatures, dynamic_scale: float, smooth: bool) -> tupl
     spread = _gauss(feat.vis_spread, COARTIC_S * 1.5, fps)
     closure = _gauss(feat.vis_closure, CLOSURE_S, fps)
     # loudness sets how far the mouth opens (works for any language); visemes shape it
-    opening = feat.loudness ** 0.8 * (0.4 + 0.6 * vis_open) * (1 - 0.9 * closure)
+    opening = feat.loudness**0.8 * (0.4 + 0.6 * vis_open) * (1 - 0.9 * closure)
     if smooth:
         opening = _gauss(opening, SMOOTH_S, fps)
         spread = _gauss(spread, SMOOTH_S, fps)
@@ -258,8 +281,9 @@ def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float,
-                   smooth: bool, align: bool, seed: int) -> Motion:
+def predict_motion(
+    feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float, smooth: bool, align: bool, seed: int
+) -> Motion:
     """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
     # independent streams: the head's noise does not shift with the number of blinks drawn
     rng_head, rng_blink = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -273,7 +297,7 @@ def predict_motion(feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motio
     opening = opening * (1 - np.clip(np.maximum(closure, feat.vis_closure), 0, 1))
     n = len(opening)
     coeffs = np.zeros((n, len(COEFFS)))
-    gap = opening * JAW_GAIN                      # the inner-lip gap wanted, IOD
+    gap = opening * JAW_GAIN  # the inner-lip gap wanted, IOD
     photo_gap = rig.open_gap / rig.iod
     if photo_gap > OPEN_PHOTO_IOD:
         # an open-mouthed photo: its own opening counts towards the gap. Smaller gaps close

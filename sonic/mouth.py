@@ -10,6 +10,7 @@ skin's saturation (grey in a grey photo); cavity and tongue from the lips. Edges
 and the chroma around the opening is softened, so the encoder's 4:2:0 subsampling leaves no
 coloured fringe on the lips.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ import numpy as np
 from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
 from .motion import smoothstep
 
-TEETH_MAX_IOD = 0.07         # visible height of the upper teeth at most
-ARCH_RADIUS_IOD = 0.3        # radius of the front of the dental arch
-TOOTH_WIDTHS_IOD = (0.092, 0.072, 0.08, 0.072, 0.072)   # central, lateral, canine, two premolars
-TEETH_FROM_GAP_IOD = (0.018, 0.045)   # the teeth fade in as the opening grows through this range
+TEETH_MAX_IOD = 0.07  # visible height of the upper teeth at most
+ARCH_RADIUS_IOD = 0.3  # radius of the front of the dental arch
+TOOTH_WIDTHS_IOD = (0.092, 0.072, 0.08, 0.072, 0.072)  # central, lateral, canine, two premolars
+TEETH_FROM_GAP_IOD = (0.018, 0.045)  # the teeth fade in as the opening grows through this range
 TONGUE_FROM_GAP_IOD = (0.07, 0.16)
 LOWER_TEETH_FROM_GAP_IOD = (0.1, 0.17)
 CAVITY_MIN_LUMA = 26.0
@@ -31,13 +32,13 @@ CAVITY_MIN_LUMA = 26.0
 
 @dataclass(frozen=True)
 class MouthStyle:
-    lip: np.ndarray          # RGB float, median colour of the lips
-    upper_lip: np.ndarray    # ... of the upper lip's body
+    lip: np.ndarray  # RGB float, median colour of the lips
+    upper_lip: np.ndarray  # ... of the upper lip's body
     lower_lip: np.ndarray
-    cavity: np.ndarray       # RGB float, the back of the mouth
-    tongue: np.ndarray       # RGB float
-    teeth: np.ndarray        # RGB float, lit teeth
-    paint_teeth: bool        # false when the photo shows its own teeth
+    cavity: np.ndarray  # RGB float, the back of the mouth
+    tongue: np.ndarray  # RGB float
+    teeth: np.ndarray  # RGB float, lit teeth
+    paint_teeth: bool  # false when the photo shows its own teeth
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -51,11 +52,13 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthSt
     def colours(idx):
         p = np.round(lm[idx, :2]).astype(int)
         return frame[np.clip(p[:, 1], 0, h - 1), np.clip(p[:, 0], 0, w - 1)].astype(np.float64)
+
     lip = np.median(colours(OUTER_UPPER[2:-2] + OUTER_LOWER[2:-2]), axis=0)
 
-    def lip_body(outer, inner):      # halfway between the outer and the inner contour
+    def lip_body(outer, inner):  # halfway between the outer and the inner contour
         p = np.round((lm[outer[2:-2], :2] + lm[inner[2:-2], :2]) / 2).astype(int)
         return np.median(frame[np.clip(p[:, 1], 0, h - 1), np.clip(p[:, 0], 0, w - 1)].astype(np.float64), axis=0)
+
     upper_lip, lower_lip = lip_body(OUTER_UPPER, INNER_UPPER), lip_body(OUTER_LOWER, INNER_LOWER)
     # skin: the face inside its oval, away from eyes and mouth (cheeks, forehead, nose)
     oval = np.zeros((h, w), np.uint8)
@@ -72,7 +75,15 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthSt
     cavity = lip * 0.3
     cavity *= max(1.0, CAVITY_MIN_LUMA / max(float(_luma(cavity)), 1.0))
     tongue = lip * 0.62 + np.array([12.0, 4.0, 4.0]) * (tint.std() > 0.02)
-    return MouthStyle(lip=lip, upper_lip=upper_lip, lower_lip=lower_lip, cavity=cavity, tongue=tongue, teeth=np.clip(teeth, 0, 255), paint_teeth=paint_teeth)
+    return MouthStyle(
+        lip=lip,
+        upper_lip=upper_lip,
+        lower_lip=lower_lip,
+        cavity=cavity,
+        tongue=tongue,
+        teeth=np.clip(teeth, 0, 255),
+        paint_teeth=paint_teeth,
+    )
 
 
 def _tooth_boundaries(iod: float) -> np.ndarray:
@@ -90,8 +101,15 @@ def mouth_axis(upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.nda
     return (left + right) / 2, (right - left) / max(span, 1e-6), span / 2
 
 
-def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, opening: np.ndarray,
-                style: MouthStyle, iod: float, seam: np.ndarray | None = None) -> None:
+def paint_mouth(
+    region: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    opening: np.ndarray,
+    style: MouthStyle,
+    iod: float,
+    seam: np.ndarray | None = None,
+) -> None:
     """Paint the interior between the inner lips into region (H, W, 3) float32, in place.
 
     upper, lower: inner lip contours (N, 2) in region px, corner to corner, place the teeth and
@@ -114,14 +132,15 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
         return
     ys, xs = np.mgrid[by0:by1, bx0:bx1].astype(np.float32)
     dx, dy = xs - centre[0], ys - centre[1]
-    u = (dx * ex[0] + dy * ex[1]) / half              # -1 .. 1 corner to corner
-    v = dx * ey[0] + dy * ey[1]                       # px across the mouth, down for an upright face
+    u = (dx * ex[0] + dy * ex[1]) / half  # -1 .. 1 corner to corner
+    v = dx * ey[0] + dy * ey[1]  # px across the mouth, down for an upright face
 
     def along(c):
         q = c - centre
         cu, cv_ = q @ ex / half, q @ ey
         o = np.argsort(cu)
         return np.interp(u, cu[o], cv_[o])
+
     vu, vl = along(upper), along(lower)
     gap = np.clip(vl - vu, 0, None)
     feather = max(0.7, 0.01 * iod)
@@ -130,8 +149,8 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     if alpha.max() <= 0.01:
         return
     gap_iod = gap / iod
-    depth = v - vu                                    # px below the upper lip
-    r = np.clip(depth / np.maximum(gap, 1.0), 0, 1)   # 0 at the upper lip, 1 at the lower lip
+    depth = v - vu  # px below the upper lip
+    r = np.clip(depth / np.maximum(gap, 1.0), 0, 1)  # 0 at the upper lip, 1 at the lower lip
     x_iod = np.abs(u) * half / iod
 
     # cavity: dark, warmer and lighter where the tongue shows, darker into the cheeks (no darker
@@ -139,16 +158,16 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     tongue = smoothstep(r, 0.5, 1.0) * smoothstep(gap_iod, *TONGUE_FROM_GAP_IOD)
     cav_light = (0.78 + 0.3 * (1 - np.minimum(au, 1.0) ** 2)) * (0.9 + 0.2 * r)
     paint = style.cavity * cav_light[..., None]
-    paint += (style.tongue * (1 - 0.35 * au ** 2)[..., None] - paint) * (0.85 * tongue)[..., None]
+    paint += (style.tongue * (1 - 0.35 * au**2)[..., None] - paint) * (0.85 * tongue)[..., None]
 
     if style.paint_teeth:
         # upper teeth on a dental arch: each tooth a convex, slightly rounded block
         bounds = _tooth_boundaries(iod)
         xpx = np.abs(u) * half
-        k = np.searchsorted(bounds, xpx)                                # tooth index from the midline
+        k = np.searchsorted(bounds, xpx)  # tooth index from the midline
         lo_b = np.where(k > 0, bounds[np.clip(k - 1, 0, None)], -bounds[0])
         hi_b = bounds[np.clip(k, 0, len(bounds) - 1)]
-        to_gap = np.minimum(np.abs(xpx - lo_b), np.abs(hi_b - xpx))       # px to the nearest gap
+        to_gap = np.minimum(np.abs(xpx - lo_b), np.abs(hi_b - xpx))  # px to the nearest gap
         across = np.clip((xpx - lo_b) / np.maximum(hi_b - lo_b, 1e-3), 0, 1)
         phi = np.arcsin(np.clip(x_iod / ARCH_RADIUS_IOD, 0, 1))
         show = smoothstep(gap_iod, *TEETH_FROM_GAP_IOD) * (k < len(bounds))
@@ -158,19 +177,19 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
         # between the upper lip's line and the incisal edge: above the line (where the opening's
         # feathered edge reaches at the corners) the cavity's shadow shows, not teeth
         teeth_a = np.clip((vu + edge - v) / feather + 0.5, 0, 1) * np.clip(depth / feather + 0.5, 0, 1) * (t_h > 0.6)
-        gaps = np.exp(-(to_gap / max(0.55, 0.0045 * iod)) ** 2) * (k > 0) + \
-            np.exp(-(xpx / max(0.45, 0.0035 * iod)) ** 2)             # the central gap is finer
+        gaps = np.exp(-((to_gap / max(0.55, 0.0045 * iod)) ** 2)) * (k > 0) + np.exp(
+            -((xpx / max(0.45, 0.0035 * iod)) ** 2)
+        )  # the central gap is finer
         lit = (1 - 0.1 * (2 * across - 1) ** 2) * (1 - 0.5 * (phi / (np.pi / 2)) ** 1.5)
         lit *= np.where(k == 0, 1.0, np.where(k == 1, 0.95, 0.88))
         # the upper lip's shadow; above the lip line (the opening's feathered edge at the corners,
         # where depth < 0) it is no darker than at the line: unclamped, it went below black there
         lit *= 1 - 0.38 * np.exp(-np.maximum(depth, 0) / max(1.0, 0.012 * iod))
-        lit *= 1 - 0.12 * smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)   # translucent edge
+        lit *= 1 - 0.12 * smoothstep(depth / np.maximum(edge, 1.0), 0.7, 1.0)  # translucent edge
         lit *= 1 - 0.3 * np.clip(gaps, 0, 1)
         teeth = style.teeth * lit[..., None]
         # lower incisors: only on wide openings, dimmer, just above the lower lip
-        tl = np.minimum(0.025 * iod, 0.12 * gap) * smoothstep(gap_iod, *LOWER_TEETH_FROM_GAP_IOD) \
-            * (x_iod < 0.14)
+        tl = np.minimum(0.025 * iod, 0.12 * gap) * smoothstep(gap_iod, *LOWER_TEETH_FROM_GAP_IOD) * (x_iod < 0.14)
         lower_a = np.clip((v - (vl - tl)) / feather + 0.5, 0, 1) * (tl > 0.6)
         paint += (style.teeth * (0.72 * (1 - 0.25 * np.clip(gaps, 0, 1)))[..., None] - paint) * lower_a[..., None]
         paint += (teeth - paint) * teeth_a[..., None]
@@ -180,8 +199,9 @@ def paint_mouth(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, openin
     _soften_chroma(sub, alpha, iod)
 
 
-def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: np.ndarray, style: MouthStyle,
-                iod: float) -> None:
+def _cover_seam(
+    region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: np.ndarray, style: MouthStyle, iod: float
+) -> None:
     """Closed lips over what the photo showed between them: upper-lip colour, the darker line
     where the lips meet, lower-lip colour."""
     rows, cols = np.flatnonzero(seam.max(1) > 0.01), np.flatnonzero(seam.max(0) > 0.01)
@@ -192,14 +212,14 @@ def _cover_seam(region: np.ndarray, upper: np.ndarray, lower: np.ndarray, seam: 
     x0, x1 = max(0, cols[0] - pad), min(seam.shape[1], cols[-1] + pad + 1)
     region, seam = region[y0:y1, x0:x1], seam[y0:y1, x0:x1]
     upper, lower = upper - [x0, y0], lower - [x0, y0]
-    ys, xs = np.mgrid[0:y1 - y0, 0:x1 - x0].astype(np.float32)
+    ys, xs = np.mgrid[0 : y1 - y0, 0 : x1 - x0].astype(np.float32)
     line = (upper + lower) / 2
     o = np.argsort(line[:, 0])
     meet = np.interp(xs, line[o, 0], line[o, 1])
     d = ys - meet
     below = smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
     colour = style.upper_lip * (1 - below) + style.lower_lip * below
-    colour *= (1 - 0.2 * np.exp(-(d / max(0.8, 0.006 * iod)) ** 2))[..., None]
+    colour *= (1 - 0.2 * np.exp(-((d / max(0.8, 0.006 * iod)) ** 2)))[..., None]
     a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
     region += (colour - region) * a[..., None]
 

@@ -8,6 +8,7 @@ configs/default.yaml agrees (tests/test_options.py) are all derived from those f
 `GenerateOptions.from_dict` is the only way user input becomes options: unknown names, wrong
 types, NaN/inf and out-of-range values are rejected with the field named, never clamped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,29 +32,46 @@ def load_config(path: str | Path | None = None) -> dict:
     return read_yaml(path)
 
 
-def param(default: Any, description: str, *, low: float | None = None, high: float | None = None,
-          low_inclusive: bool = True, high_limit: str | None = None, unit: str | None = None) -> Any:
+def param(
+    default: Any,
+    description: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_limit: str | None = None,
+    unit: str | None = None,
+) -> Any:
     """A `GenerateOptions` field with its declaration as metadata.
 
     low/high: the accepted range (None: unbounded; the upper bound is always inclusive);
     high_limit: the name of a setting under `limits` that is the upper bound instead of `high`.
     A field whose default is None may be left unset (None); no other field accepts None.
     """
-    return dataclasses.field(default=default, metadata={
-        "low": low, "high": high, "low_inclusive": low_inclusive, "high_limit": high_limit,
-        "description": description, "unit": unit})
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "low": low,
+            "high": high,
+            "low_inclusive": low_inclusive,
+            "high_limit": high_limit,
+            "description": description,
+            "unit": unit,
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Param:
     """One parameter as declared on `GenerateOptions` (see `parameters()`)."""
+
     name: str
-    type: type                 # bool, int or float: the field's annotation without None
-    default: Any               # the field's default (the served default comes from the settings)
+    type: type  # bool, int or float: the field's annotation without None
+    default: Any  # the field's default (the served default comes from the settings)
     low: float | None
     high: float | None
     low_inclusive: bool
-    high_limit: str | None     # upper bound read from the settings' `limits` (sonic/settings.py)
+    high_limit: str | None  # upper bound read from the settings' `limits` (sonic/settings.py)
     description: str
     unit: str | None
 
@@ -92,16 +110,30 @@ class Param:
 @dataclass(frozen=True)
 class GenerateOptions:
     duration: float | None = param(
-        None, "seconds of output; shorter than the audio trims it, longer pads silence",
-        low=0.0, low_inclusive=False, high_limit="max_duration_s", unit="s")
+        None,
+        "seconds of output; shorter than the audio trims it, longer pads silence",
+        low=0.0,
+        low_inclusive=False,
+        high_limit="max_duration_s",
+        unit="s",
+    )
     min_resolution: int = param(
-        512, "short side of the output frame in px; both sides are rounded to the nearest multiple of 8",
-        low=256, high=1024, unit="px")
+        512,
+        "short side of the output frame in px; both sides are rounded to the nearest multiple of 8",
+        low=256,
+        high=1024,
+        unit="px",
+    )
     expand_ratio: float = param(
-        0.5, "margin around the detected face for the crop, as a fraction of the face box", low=0.0, high=1.0)
+        0.5, "margin around the detected face for the crop, as a fraction of the face box", low=0.0, high=1.0
+    )
     inference_steps: int = param(
-        25, "denoising steps; used by diffusion decoders only (the warp decoder reports it unused)",
-        low=1, high=100, unit="steps")
+        25,
+        "denoising steps; used by diffusion decoders only (the warp decoder reports it unused)",
+        low=1,
+        high=100,
+        unit="steps",
+    )
     dynamic_scale: float = param(1.0, "mouth/expression amplitude", low=0.5, high=2.0)
     motion_scale: float = param(1.0, "head motion amplitude (0 = still head; blinks stay)", low=0.0, high=2.0)
     align_mouth: bool = param(True, "measure and correct the audio/mouth offset and report it")
@@ -111,8 +143,12 @@ class GenerateOptions:
     crop_to_face: bool = param(True, "crop the output to the face region (false: keep the whole image)")
 
     @classmethod
-    def from_dict(cls, params: Mapping[str, Any] | None = None, settings: Settings | Mapping | None = None,
-                  ignore: tuple[str, ...] = ()) -> "GenerateOptions":
+    def from_dict(
+        cls,
+        params: Mapping[str, Any] | None = None,
+        settings: Settings | Mapping | None = None,
+        ignore: tuple[str, ...] = (),
+    ) -> "GenerateOptions":
         """Validate user parameters over the defaults of the settings (sonic/settings.py; a
         mapping is read as a settings file's contents, None loads them).
 
@@ -157,7 +193,14 @@ def schema(settings: Settings | Mapping | None = None) -> dict:
     """The parameter contract as data: type, range, default and meaning of each field."""
     settings = as_settings(settings)
     defaults = settings.defaults
-    return {name: {"type": JSON_TYPES[p.type], "minimum": p.low, "maximum": p.maximum(settings.limits),
-                   "exclusive_minimum": not p.low_inclusive, "default": defaults.get(name),
-                   "description": p.description}
-            for name, p in parameters().items()}
+    return {
+        name: {
+            "type": JSON_TYPES[p.type],
+            "minimum": p.low,
+            "maximum": p.maximum(settings.limits),
+            "exclusive_minimum": not p.low_inclusive,
+            "default": defaults.get(name),
+            "description": p.description,
+        }
+        for name, p in parameters().items()
+    }

@@ -1,4 +1,5 @@
 """The pipeline object: load models once, then turn (portrait, speech) into an MP4, many times."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ from .render_pool import RenderPool, render_here
 from .settings import Settings, as_settings
 from .writer import VideoWriter
 
-BATCH_FRAMES = 8     # frames rendered and handed to the writer at a time
+BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time
 UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
 Progress = Callable[[str, float], None]
 
@@ -51,8 +52,9 @@ class GenerationResult:
 
 
 class SonicPipeline:
-    def __init__(self, settings: Settings | Mapping | None = None, *, faces=None, phones=None,
-                 decoder: DecoderKind | None = None):
+    def __init__(
+        self, settings: Settings | Mapping | None = None, *, faces=None, phones=None, decoder: DecoderKind | None = None
+    ):
         """Load the models; `faces` (`.analyze(rgb)`), `phones` (a PhoneRecognizer) and `decoder`
         (a DecoderKind) replace the ones the settings name, e.g. small stand-ins in tests of the
         orchestration where the models are not the point."""
@@ -60,7 +62,7 @@ class SonicPipeline:
         # the decoder kind is looked up first: a misspelt name fails before any model loads
         kind = decoder if decoder is not None else get_decoder(choose_decoder(self.settings))
         self.decoder = kind.load(self.settings)
-        self.device = self.decoder.device     # the warp decoder runs on the CPU with OpenCV
+        self.device = self.decoder.device  # the warp decoder runs on the CPU with OpenCV
         self.faces = faces if faces is not None else FaceAnalyzer()
         # a decoder that speaks makes frames from the waveform itself: no phones, no motion
         self.phones = None if self.decoder.speaks else phones if phones is not None else PhoneRecognizer()
@@ -90,9 +92,15 @@ class SonicPipeline:
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.settings)
 
-    def __call__(self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray,
-                 options: GenerateOptions | None = None, *, out_path: str | Path | None = None,
-                 progress: Progress | None = None) -> GenerationResult:
+    def __call__(
+        self,
+        image: str | Path | np.ndarray,
+        audio: str | Path | np.ndarray,
+        options: GenerateOptions | None = None,
+        *,
+        out_path: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> GenerationResult:
         """Portrait (path or RGB uint8 array (H, W, 3)) + speech (path or mono float32 array (N,) at
         media.SAMPLE_RATE) -> MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not
         decoded again; a waveform is still checked against the limits as a file is.
@@ -128,7 +136,7 @@ class SonicPipeline:
 
         # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
-        if not opts.crop_to_face:        # the frame is the whole photo: refused before the face is sought
+        if not opts.crop_to_face:  # the frame is the whole photo: refused before the face is sought
             check_output(rgb.shape[:2], None, opts, n_frames, limits)
         face = self.faces.analyze(rgb)
         box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
@@ -137,8 +145,10 @@ class SonicPipeline:
         lm = framing.landmarks
         height, width = framing.frame.shape[:2]
         if framing.upscale > UPSCALE_WARN:
-            warnings.append(f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
-                            "portrait gives a sharper video")
+            warnings.append(
+                f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
+                "portrait gives a sharper video"
+            )
         lap("face")
 
         # 3. duration: trim or pad the audio with silence
@@ -156,41 +166,57 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         # a long recording is recognised in two halves, one of them by a render helper
-        with (self._render_pool.recogniser() if self._render_pool else contextlib.nullcontext(None)) as second:
+        with self._render_pool.recogniser() if self._render_pool else contextlib.nullcontext(None) as second:
             feats = encode_audio(wav, n_frames, opts.fps, self.phones, second)
         lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration
         report("motion", 0.15)
         rig = build_rig(lm)
-        motion = predict_motion(feats, rig, dynamic_scale=opts.dynamic_scale, motion_scale=opts.motion_scale,
-                                smooth=opts.smooth_motion, align=opts.align_mouth, seed=opts.seed)
+        motion = predict_motion(
+            feats,
+            rig,
+            dynamic_scale=opts.dynamic_scale,
+            motion_scale=opts.motion_scale,
+            smooth=opts.smooth_motion,
+            align=opts.align_mouth,
+            seed=opts.seed,
+        )
         lap("motion")
 
         # 6. decoder set-up, then render and encode frames in batches (streamed)
         decoder = self.decoder.prepare(framing, rig, opts)
         lap("decoder_setup")
         done = 0
-        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
-                contextlib.closing(self._batches(decoder, motion.coeffs, motion.head)) as batches:
+        with (
+            VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer,
+            contextlib.closing(self._batches(decoder, motion.coeffs, motion.head)) as batches,
+        ):
             for frames in batches:
                 writer.write(frames)
                 done += len(frames)
                 report("render", 0.2 + 0.8 * min(1.0, done / n_frames))
-        lap("render")            # rendering and encoding overlap: one figure for both
+        lap("render")  # rendering and encoding overlap: one figure for both
         timings["total"] = round(sum(timings.values()), 3)
         report("done", 1.0)
-        return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
-                                fps=opts.fps, width=width, height=height, seed=opts.seed,
-                                lipsync_offset_ms=motion.lipsync_offset_ms, timings=timings,
-                                warnings=tuple(warnings))
-
+        return GenerationResult(
+            output_path=str(out_path),
+            duration=round(n_frames / opts.fps, 4),
+            frames=n_frames,
+            fps=opts.fps,
+            width=width,
+            height=height,
+            seed=opts.seed,
+            lipsync_offset_ms=motion.lipsync_offset_ms,
+            timings=timings,
+            warnings=tuple(warnings),
+        )
 
     def _speak(self, framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings):
         """Steps 4-6 for a decoder that makes the frames from the waveform itself."""
         current = ["decoder_setup"]
 
-        def staged(stage: str, frac: float) -> None:       # each stage's seconds in timings
+        def staged(stage: str, frac: float) -> None:  # each stage's seconds in timings
             if stage != current[0]:
                 lap(current[0])
                 current[0] = stage
@@ -200,12 +226,14 @@ class SonicPipeline:
         height, width = video.frame.shape[:2]
         done, opening, offset_ms = 0, [], video.lipsync_offset_ms
         batches = iter(video.batches)
-        with VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer, \
-                contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+        with (
+            VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer,
+            contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext(),
+        ):
             for frames in batches:
                 writer.write(frames)
                 done += len(frames)
-                if opts.align_mouth:             # the mouth of each frame, measured as it is written
+                if opts.align_mouth:  # the mouth of each frame, measured as it is written
                     opening.extend(mouth_opening(self.faces, f) for f in frames)
             if done != n_frames:
                 raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
@@ -213,18 +241,27 @@ class SonicPipeline:
             if opts.align_mouth:
                 lag = mouth_lag(opening, wav, opts.fps)
                 if lag is None:
-                    warnings.append("align_mouth: too few generated frames show a measurable face; "
-                                    "the audio was not moved")
-                else:                            # the mouth is `lag` frames late: the audio follows it
+                    warnings.append(
+                        "align_mouth: too few generated frames show a measurable face; the audio was not moved"
+                    )
+                else:  # the mouth is `lag` frames late: the audio follows it
                     writer.audio_delay_s = lag / opts.fps
                     offset_ms = round(lag * 1000 / opts.fps, 1)
         lap("align")
         timings["total"] = round(sum(timings.values()), 3)
         report("done", 1.0)
-        return GenerationResult(output_path=str(out_path), duration=round(n_frames / opts.fps, 4), frames=n_frames,
-                                fps=opts.fps, width=width, height=height, seed=opts.seed,
-                                lipsync_offset_ms=offset_ms, timings=timings,
-                                warnings=tuple(warnings))
+        return GenerationResult(
+            output_path=str(out_path),
+            duration=round(n_frames / opts.fps, 4),
+            frames=n_frames,
+            fps=opts.fps,
+            width=width,
+            height=height,
+            seed=opts.seed,
+            lipsync_offset_ms=offset_ms,
+            timings=timings,
+            warnings=tuple(warnings),
+        )
 
 
 def load_pipeline(settings: Settings | Mapping | str | Path | None = None) -> SonicPipeline:

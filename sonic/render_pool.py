@@ -18,6 +18,7 @@ are started afresh for the next one. One request uses the helpers at a time; a r
 arrives while they are busy renders in its own thread instead. Helpers exit when this process
 closes the pool or exits (their socket reaches end of file).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -39,7 +40,7 @@ import numpy as np
 
 from .errors import PipelineError
 
-IN_FLIGHT_PER_HELPER = 2    # batches asked of each helper ahead (and its slots in the frames file)
+IN_FLIGHT_PER_HELPER = 2  # batches asked of each helper ahead (and its slots in the frames file)
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -56,13 +57,13 @@ def _sweep_orphans() -> None:
     root = Path(_tmp_root() or tempfile.gettempdir())
     for d in root.glob(f"{TMP_PREFIX}*-*"):
         try:
-            pid = int(d.name[len(TMP_PREFIX):].split("-")[0])
+            pid = int(d.name[len(TMP_PREFIX) :].split("-")[0])
             os.kill(pid, 0)
         except ValueError:
             continue
         except ProcessLookupError:
             shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:         # another user's live process
+        except PermissionError:  # another user's live process
             continue
 
 
@@ -74,8 +75,12 @@ class _Helper:
         # one thread each: the helpers are the parallelism (spinning BLAS threads cost a third of a core)
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "sonic._render_helper", str(child.fileno())],
-                                         pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sonic._render_helper", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             child.close()
         self.conn = Connection(parent.detach())
@@ -85,7 +90,7 @@ class _Helper:
 
     def stop(self) -> None:
         try:
-            self.conn.close()           # the helper reads end of file and exits
+            self.conn.close()  # the helper reads end of file and exits
         except OSError:
             pass
         try:
@@ -98,13 +103,13 @@ class _Helper:
 def render_here(decoder, coeffs: np.ndarray, head: np.ndarray, batch: int) -> Iterator[np.ndarray]:
     """Rendered batches of `batch` frames, in order, in the calling thread."""
     for start in range(0, len(coeffs), batch):
-        yield decoder.render(coeffs[start:start + batch], head[start:start + batch])
+        yield decoder.render(coeffs[start : start + batch], head[start : start + batch])
 
 
 class RenderPool:
     def __init__(self, processes: int):
         self.processes = max(1, int(processes))
-        self._busy = threading.Lock()       # one request at a time uses the helpers
+        self._busy = threading.Lock()  # one request at a time uses the helpers
         self._helpers: list[_Helper] = []
         atexit.register(self.close)
 
@@ -133,6 +138,7 @@ class RenderPool:
                 job.helper.conn.send(("phones", np.asarray(wav, np.float32)))
                 jobs.append(job)
                 return job
+
             yield start
         finally:
             try:
@@ -149,7 +155,7 @@ class RenderPool:
             yield from render_here(decoder, coeffs, head, batch)
             return
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=_tmp_root()))
-        asked: list[int] = [0] * self.processes     # answers each helper still owes
+        asked: list[int] = [0] * self.processes  # answers each helper still owes
         try:
             self.start()
             helpers = self._helpers
@@ -169,16 +175,26 @@ class RenderPool:
                 while sent < len(starts) and asked[sent % len(helpers)] < IN_FLIGHT_PER_HELPER:
                     s = starts[sent]
                     k = sent % len(helpers)
-                    helpers[k].conn.send(("render", key, str(path), str(buf_path), sent % slots,
-                                          coeffs[s:s + batch], head[s:s + batch]))
+                    helpers[k].conn.send(
+                        (
+                            "render",
+                            key,
+                            str(path),
+                            str(buf_path),
+                            sent % slots,
+                            coeffs[s : s + batch],
+                            head[s : s + batch],
+                        )
+                    )
                     asked[k] += 1
                     sent += 1
+
             for i in range(len(starts)):
                 ask_more()
                 k = i % len(helpers)
                 asked[k] -= 1
                 n = self._answer(helpers[k])
-                yield buf[i % slots, :n].copy()     # the slot is asked to render again next
+                yield buf[i % slots, :n].copy()  # the slot is asked to render again next
         except (EOFError, OSError) as e:
             raise self._lost(e) from e
         finally:

@@ -15,6 +15,7 @@ Relative paths (output_dir, server.upload_dir, server.data_dir, server.jobs_db) 
 against the working directory when the settings are loaded. Unknown names and values of the
 wrong type are refused with the setting named (`SettingsError`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,11 +27,13 @@ from typing import Any, Mapping
 
 import yaml
 
+
 def _default_settings() -> Path:
     """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
     checkout that is not installed, the repository's own folder."""
     try:
         from importlib.resources import files
+
         path = Path(str(files("sonic.configs") / "default.yaml"))
         if path.is_file():
             return path
@@ -41,7 +44,7 @@ def _default_settings() -> Path:
 
 DEFAULT_CONFIG = _default_settings()
 ENV_PREFIX = "SONIC_"
-DEVICES = ("auto", "cpu", "cuda")     # for a decoder that runs on torch; the warp decoder uses the CPU
+DEVICES = ("auto", "cpu", "cuda")  # for a decoder that runs on torch; the warp decoder uses the CPU
 
 
 class SettingsError(ValueError):
@@ -50,13 +53,13 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_duration_s: float = 300.0        # longest audio / requested duration accepted
-    max_image_pixels: int = 40_000_000   # larger images are refused before decoding
+    max_duration_s: float = 300.0  # longest audio / requested duration accepted
+    max_image_pixels: int = 40_000_000  # larger images are refused before decoding
     max_upload_mb: float = 50.0
     # the output, checked before a frame is rendered (crop_to_face: false scales the whole photo,
     # so an extreme aspect ratio alone would make huge frames)
-    max_output_pixels: int = 4_194_304               # per frame: 2048 x 2048
-    max_output_pixel_frames: int = 12_000_000_000    # pixels x frames: 300 s at 25 fps of a 1024x1536 frame
+    max_output_pixels: int = 4_194_304  # per frame: 2048 x 2048
+    max_output_pixel_frames: int = 12_000_000_000  # pixels x frames: 300 s at 25 fps of a 1024x1536 frame
     # memory that a process's image decodes may hold at once; a decode waits up to decode_wait_s
     # for its share, then is refused busy (503, Retry-After); see docs/reliability.md
     decode_memory_mb: float = 768.0
@@ -67,25 +70,27 @@ class Limits:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 5000
-    upload_dir: str = "uploads"          # a request's files while its job lives
-    data_dir: str = "data"               # the job database and other state
-    jobs_db: str | None = None           # None: <data_dir>/jobs.sqlite3; "": records in memory only
+    upload_dir: str = "uploads"  # a request's files while its job lives
+    data_dir: str = "data"  # the job database and other state
+    jobs_db: str | None = None  # None: <data_dir>/jobs.sqlite3; "": records in memory only
     queue_size: int = 4
     sync_wait_s: float = 120.0
-    job_timeout_s: float = 900.0         # a running job is stopped (failed, job_timeout) after this; 0: no limit
+    job_timeout_s: float = 900.0  # a running job is stopped (failed, job_timeout) after this; 0: no limit
     output_ttl_s: float = 86400.0
     retry_after_s: int = 10
     socket_timeout_s: float = 30.0
-    max_event_streams: int = 32          # open SSE streams at once; more -> 503 (each holds a server thread)
+    max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
     cors_origins: tuple[str, ...] = ("*",)
     api_keys: tuple[str, ...] = ()
     rate_limit_per_s: float = 10.0
     rate_limit_burst: float = 20.0
-    redis_url: str | None = None         # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
-    worker_lease_s: float = 30.0         # a running job whose worker is silent this long is failed (worker_lost)
-    retry_lost_jobs: int = 0             # ... or queued again, this many times, before it is failed
-    fusion_max_batch: int = 8            # pairs in one POST /fusion/batch
-    database_url: str | None = None      # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
+    redis_url: str | None = None  # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
+    worker_lease_s: float = 30.0  # a running job whose worker is silent this long is failed (worker_lost)
+    retry_lost_jobs: int = 0  # ... or queued again, this many times, before it is failed
+    fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
+    database_url: str | None = (
+        None  # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
+    )
 
     @property
     def jobs_db_path(self) -> str:
@@ -100,34 +105,36 @@ class S3Settings:
     """Object storage for uploads and videos in distributed mode (`storage: s3`, docs/scaling.md).
     Variables: SONIC_S3_<NAME> (SONIC_S3_BUCKET, SONIC_S3_ENDPOINT_URL, ...). Credentials left
     unset come from the usual AWS chain (AWS_ACCESS_KEY_ID, a role, ~/.aws)."""
-    endpoint_url: str | None = None      # None: AWS S3; http://minio:9000 for MinIO and the like
-    public_endpoint_url: str | None = None   # presigned URLs name this host instead (clients reach it)
+
+    endpoint_url: str | None = None  # None: AWS S3; http://minio:9000 for MinIO and the like
+    public_endpoint_url: str | None = None  # presigned URLs name this host instead (clients reach it)
     bucket: str | None = None
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: str | None = None
-    prefix: str = "sonic/"               # keys: <prefix>uploads/<job id>/<name>, <prefix>outputs/<job id>.mp4
-    video_url: str = "proxy"             # proxy: video_url is /output/<name>, streamed from the bucket;
-                                         # presigned: video_url is a presigned GET URL to the bucket
-    url_ttl_s: int = 3600                # a presigned URL's lifetime
+    prefix: str = "sonic/"  # keys: <prefix>uploads/<job id>/<name>, <prefix>outputs/<job id>.mp4
+    video_url: str = "proxy"  # proxy: video_url is /output/<name>, streamed from the bucket;
+    # presigned: video_url is a presigned GET URL to the bucket
+    url_ttl_s: int = 3600  # a presigned URL's lifetime
 
 
 @dataclass(frozen=True)
 class CreditsSettings:
     """Accounts and credits (docs/credits.md). Variables: SONIC_CREDITS_<NAME>; the database is
     server.database_url (SONIC_DATABASE_URL)."""
-    enabled: bool = False                # off: the service behaves as without accounts (flat server.api_keys)
-    per_video_second: int = 10           # credits per second of video (rounded up to whole credits)
-    per_request: int = 0                 # credits per generate request, on top
-    charge_cache_hits: bool = False      # a cached result costs as much as a new one (default: free)
-    per_fusion: int = 1                  # credits per face fusion (POST /fusion, each pair of a batch)
-    max_recharge_users: int = 1000       # accounts per recharge call
-    max_recharge_amount: int = 1_000_000_000   # credits per account per recharge call
-    recharge_rate_per_s: float = 1.0     # recharge calls per operator per second (their own bucket)
+
+    enabled: bool = False  # off: the service behaves as without accounts (flat server.api_keys)
+    per_video_second: int = 10  # credits per second of video (rounded up to whole credits)
+    per_request: int = 0  # credits per generate request, on top
+    charge_cache_hits: bool = False  # a cached result costs as much as a new one (default: free)
+    per_fusion: int = 1  # credits per face fusion (POST /fusion, each pair of a batch)
+    max_recharge_users: int = 1000  # accounts per recharge call
+    max_recharge_amount: int = 1_000_000_000  # credits per account per recharge call
+    recharge_rate_per_s: float = 1.0  # recharge calls per operator per second (their own bucket)
     recharge_burst: float = 5.0
-    jwt_secret: str | None = None        # HS256 bearer tokens signed with this secret
-    jwt_public_key: str | None = None    # RS256 bearer tokens: a PEM public key, or the path of one
-    ledger_page: int = 50                # rows per page of /api/credits and /api/admin/audit
+    jwt_secret: str | None = None  # HS256 bearer tokens signed with this secret
+    jwt_public_key: str | None = None  # RS256 bearer tokens: a PEM public key, or the path of one
+    ledger_page: int = 50  # rows per page of /api/credits and /api/admin/audit
 
 
 STORAGE_KINDS = ("local", "s3")
@@ -136,15 +143,15 @@ VIDEO_URLS = ("proxy", "presigned")
 
 @dataclass(frozen=True)
 class Settings:
-    defaults: Mapping[str, Any] = field(default_factory=dict)   # parameter defaults (sonic/options.py)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # parameter defaults (sonic/options.py)
     limits: Limits = field(default_factory=Limits)
     output_dir: str = "outputs"
     device: str = "auto"
     render_processes: int = 2
-    decoder: str = "auto"                # auto | warp | sonic (sonic/decoders.py: choose_decoder)
-    sonic_checkpoints: str | None = None # the Sonic model's folder, in the official layout (docs/gpu.md)
-    allow_unsafe_pickle: bool = False    # load .pth files that need full pickle (runs their code: trusted files only)
-    storage: str = "local"               # local: output_dir and upload_dir (shared folders); s3: S3Settings
+    decoder: str = "auto"  # auto | warp | sonic (sonic/decoders.py: choose_decoder)
+    sonic_checkpoints: str | None = None  # the Sonic model's folder, in the official layout (docs/gpu.md)
+    allow_unsafe_pickle: bool = False  # load .pth files that need full pickle (runs their code: trusted files only)
+    storage: str = "local"  # local: output_dir and upload_dir (shared folders); s3: S3Settings
     server: ServerSettings = field(default_factory=ServerSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     credits: CreditsSettings = field(default_factory=CreditsSettings)
@@ -158,7 +165,7 @@ _ENV_PREFIXES = {"s3": ENV_PREFIX + "S3_", "credits": ENV_PREFIX + "CREDITS_"}
 def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
     """value -> typ, or SettingsError naming `where`; from_text: value is a variable's string."""
     args = typing.get_args(typ)
-    if type(None) in args:                                       # Optional[X]
+    if type(None) in args:  # Optional[X]
         if value is None or (from_text and value == ""):
             return None if value is None else ""
         typ = next(a for a in args if a is not type(None))
@@ -200,8 +207,9 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str, ...] = (),
-            env_prefix: str = ENV_PREFIX) -> dict:
+def _values(
+    cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str, ...] = (), env_prefix: str = ENV_PREFIX
+) -> dict:
     """The fields of dataclass `cls` given in `raw` (the file) or `env` (SONIC_* variables, which
     win), cast to their types; `skip` names fields the caller fills itself."""
     if raw is not None and not isinstance(raw, Mapping):
@@ -221,14 +229,18 @@ def _values(cls, raw: Any, prefix: str, env: Mapping[str, str], skip: tuple[str,
         var = env_prefix + name.upper()
         if var in env:
             value = _cast(var, hints[name], env[var], from_text=True)
-            if name == "api_keys":                   # the variable adds keys to the file's
+            if name == "api_keys":  # the variable adds keys to the file's
                 value = tuple(values.get("api_keys", ())) + value
             values[name] = value
     return values
 
 
-def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = None,
-                  flags: Mapping[str, Any] | None = None, base: Path | None = None) -> Settings:
+def settings_from(
+    raw: Mapping | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: Path | None = None,
+) -> Settings:
     """Settings from a mapping with the YAML file's structure, then `env` (SONIC_* variables;
     none when not given), then `flags` ({"server.port": 5001, ...}; None values are skipped).
     Relative paths are resolved against `base` (default: the working directory)."""
@@ -252,7 +264,7 @@ def settings_from(raw: Mapping | None = None, env: Mapping[str, str] | None = No
             raise SettingsError(f"unknown setting {name}")
         owner = dataclasses.replace(owner, **{key: _cast(name, _hints(type(owner))[key], value, False)})
         settings = dataclasses.replace(settings, **{section: owner}) if section else owner
-    if settings.device not in DEVICES:              # from the file, a variable or a flag
+    if settings.device not in DEVICES:  # from the file, a variable or a flag
         raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
     _check_storage(settings)
     _check_credits(settings)
@@ -276,7 +288,9 @@ def _check_credits(s: Settings) -> None:
     if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
         raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
     if c.recharge_rate_per_s <= 0 or c.recharge_burst < 1:
-        raise SettingsError("settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1")
+        raise SettingsError(
+            "settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1"
+        )
 
 
 def _check_storage(s: Settings) -> None:
@@ -286,23 +300,28 @@ def _check_storage(s: Settings) -> None:
         raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {s.s3.video_url!r}")
     if s.storage == "s3":
         if not s.server.redis_url:
-            raise SettingsError("setting storage: s3 is for distributed mode: set server.redis_url (SONIC_REDIS_URL) "
-                                "too; one process keeps its videos in output_dir")
+            raise SettingsError(
+                "setting storage: s3 is for distributed mode: set server.redis_url (SONIC_REDIS_URL) "
+                "too; one process keeps its videos in output_dir"
+            )
         if not s.s3.bucket:
             raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
-        if not 0 < s.s3.url_ttl_s <= 604800:            # SigV4 presigned URLs live at most 7 days
+        if not 0 < s.s3.url_ttl_s <= 604800:  # SigV4 presigned URLs live at most 7 days
             raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
 
 
 def _resolve_paths(s: Settings, base: Path) -> Settings:
     def res(p: str | None) -> str | None:
-        if not p:                                   # None / "" keep their meaning
+        if not p:  # None / "" keep their meaning
             return p
         return str((base / Path(p).expanduser()).resolve())
-    server = dataclasses.replace(s.server, upload_dir=res(s.server.upload_dir), data_dir=res(s.server.data_dir),
-                                 jobs_db=res(s.server.jobs_db))
-    return dataclasses.replace(s, output_dir=res(s.output_dir), sonic_checkpoints=res(s.sonic_checkpoints),
-                               server=server)
+
+    server = dataclasses.replace(
+        s.server, upload_dir=res(s.server.upload_dir), data_dir=res(s.server.data_dir), jobs_db=res(s.server.jobs_db)
+    )
+    return dataclasses.replace(
+        s, output_dir=res(s.output_dir), sonic_checkpoints=res(s.sonic_checkpoints), server=server
+    )
 
 
 def read_yaml(path: str | Path | None = None) -> dict:
@@ -322,8 +341,9 @@ def read_yaml(path: str | Path | None = None) -> dict:
     return dict(raw)
 
 
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
-                  flags: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Settings:
     """The shipped defaults, overlaid by the YAML file at `path` (when given), then SONIC_*
     variables (`env`, default os.environ), then `flags`."""
     raw = read_yaml(None)

@@ -6,13 +6,14 @@ The release alone is not enough: a checkout installed in editable mode keeps the
 was installed with while its code moves on. Bump OUTPUT_REVISION with any change that makes the
 same inputs and options give different frames or sound (a stage, a constant, a decoder).
 """
+
 from __future__ import annotations
 
 import functools
 from importlib import metadata
 
-DISTRIBUTION = "sonic-talking-head"      # the name pyproject.toml gives the package
-OUTPUT_REVISION = 1                      # see above: bump when the output changes
+DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
+OUTPUT_REVISION = 1  # see above: bump when the output changes
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ carries half the bytes.
 The file appears under its final name only when complete: it is written as a hidden temporary
 sibling and renamed; any failure removes the temporary file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,22 +29,61 @@ from .media import FFMPEG, SAMPLE_RATE
 
 X264_PRESET = "veryfast"
 X264_CRF = 20
-PIPE_BYTES = 1 << 20   # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
-QUEUED_BATCHES = 2     # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
-X264_THREADS = 1     # the encoder runs beside the render: one core each on a 2-core machine
+PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
+QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
+X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
 AAC_BITRATE = "128k"
 
 
-def encoder_command(frames: str | Path, width: int, height: int, fps: int, wav: str | Path, duration: float,
-                    out: str | Path) -> list[str]:
+def encoder_command(
+    frames: str | Path, width: int, height: int, fps: int, wav: str | Path, duration: float, out: str | Path
+) -> list[str]:
     """ffmpeg arguments that encode raw yuv420p frames (a file, or "-" for stdin; see `to_yuv420p`)
     and a WAV into an MP4."""
-    return [FFMPEG, "-nostdin", "-y", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
-            "-r", str(fps), "-i", str(frames), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
-            "-c:v", "libx264", "-threads", str(X264_THREADS), "-preset", X264_PRESET, "-crf", str(X264_CRF), "-pix_fmt", "yuv420p",
-            "-c:a", "aac", "-b:a", AAC_BITRATE, "-t", f"{duration:.4f}",
-            "-movflags", "+faststart", "-f", "mp4", str(out)]
+    return [
+        FFMPEG,
+        "-nostdin",
+        "-y",
+        "-loglevel",
+        "error",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "yuv420p",
+        "-s",
+        f"{width}x{height}",
+        "-r",
+        str(fps),
+        "-i",
+        str(frames),
+        "-i",
+        str(wav),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a:0",
+        "-c:v",
+        "libx264",
+        "-threads",
+        str(X264_THREADS),
+        "-preset",
+        X264_PRESET,
+        "-crf",
+        str(X264_CRF),
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-b:a",
+        AAC_BITRATE,
+        "-t",
+        f"{duration:.4f}",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        str(out),
+    ]
 
 
 def to_yuv420p(frames: np.ndarray) -> np.ndarray:
@@ -73,7 +113,7 @@ class VideoWriter:
         self.width, self.height, self.fps, self.duration = width, height, fps, duration
         self.audio = audio
         self.frames_written = 0
-        self.audio_delay_s = 0.0     # set before the end: the audio track is moved this much later (< 0: earlier)
+        self.audio_delay_s = 0.0  # set before the end: the audio track is moved this much later (< 0: earlier)
 
     def __enter__(self) -> "VideoWriter":
         # every file of a run is a hidden ".part" sibling of the output (a restarted service
@@ -93,7 +133,7 @@ class VideoWriter:
         except OSError as e:
             self._cleanup()
             raise PipelineError("ffmpeg could not be started") from e
-        try:        # a larger pipe: fewer switches between the render and the encoder
+        try:  # a larger pipe: fewer switches between the render and the encoder
             fcntl.fcntl(self._proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (AttributeError, OSError):
             pass
@@ -114,7 +154,7 @@ class VideoWriter:
                 try:
                     self._proc.stdin.write(memoryview(frames).cast("B"))
                 except (BrokenPipeError, OSError, ValueError) as e:
-                    self._feed_error = e        # reported by the next write() or at the end
+                    self._feed_error = e  # reported by the next write() or at the end
 
     def write(self, frames: np.ndarray) -> None:
         if frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
@@ -129,16 +169,44 @@ class VideoWriter:
         video stream (copied, not encoded again)."""
         shift = int(round(delay_s * SAMPLE_RATE))
         audio = self.audio
-        audio = (np.concatenate([np.zeros(shift, audio.dtype), audio])[:len(audio)] if shift > 0
-                 else np.concatenate([audio[-shift:], np.zeros(-shift, audio.dtype)]))
+        audio = (
+            np.concatenate([np.zeros(shift, audio.dtype), audio])[: len(audio)]
+            if shift > 0
+            else np.concatenate([audio[-shift:], np.zeros(-shift, audio.dtype)])
+        )
         out = self.tmp_path.with_name(self.tmp_path.name + ".remux")
         try:
             sf.write(self._wav_path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         except (OSError, RuntimeError) as e:
             raise _write_error(e) from e
-        cmd = [FFMPEG, "-nostdin", "-y", "-loglevel", "error", "-i", str(self.tmp_path), "-i", str(self._wav_path),
-               "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", AAC_BITRATE,
-               "-t", f"{self.duration:.4f}", "-movflags", "+faststart", "-f", "mp4", str(out)]
+        cmd = [
+            FFMPEG,
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(self.tmp_path),
+            "-i",
+            str(self._wav_path),
+            "-map",
+            "0:v:0",
+            "-map",
+            "1:a:0",
+            "-c:v",
+            "copy",
+            "-c:a",
+            "aac",
+            "-b:a",
+            AAC_BITRATE,
+            "-t",
+            f"{self.duration:.4f}",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+            str(out),
+        ]
         r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if r.returncode != 0:
             msg = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
@@ -154,7 +222,7 @@ class VideoWriter:
         self._log.seek(0)
         lines = self._log.read().decode("utf-8", "replace").strip().splitlines()
         line = lines[-1] if lines else "no message"
-        line = line.replace(str(self.tmp_path.parent) + os.sep, "")      # messages name no server paths
+        line = line.replace(str(self.tmp_path.parent) + os.sep, "")  # messages name no server paths
         return line
 
     def _cleanup(self) -> None:
@@ -169,7 +237,7 @@ class VideoWriter:
                     raise _encoder_error(f"video encoder stopped: {self._stderr()}") from self._feed_error
                 try:
                     self._proc.stdin.close()
-                except OSError:                 # ffmpeg already gone: its exit status says why
+                except OSError:  # ffmpeg already gone: its exit status says why
                     pass
                 rc = self._proc.wait()
                 if rc != 0:
@@ -181,7 +249,7 @@ class VideoWriter:
                 except OSError as e:
                     raise _write_error(e) from e
             else:
-                self._proc.kill()               # a feeder blocked on the pipe fails and drains
+                self._proc.kill()  # a feeder blocked on the pipe fails and drains
                 self._stop_feeder()
                 self._proc.wait()
         finally:

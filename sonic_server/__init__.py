@@ -1,4 +1,5 @@
 """HTTP service: the Flask app factory. It only wires the pieces; each lives in its own module."""
+
 from __future__ import annotations
 
 import os
@@ -32,46 +33,75 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
-    app.json = BoundedJSONProvider(app)     # request JSON: depth and numbers bounded
+    app.json = BoundedJSONProvider(app)  # request JSON: depth and numbers bounded
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     uploads, outputs = open_storage(settings)
     svc = app.extensions["sonic"] = Service(
-        settings=settings, uploads=uploads, output_dir=Path(settings.output_dir), outputs=outputs,
-        sync_wait_s=srv.sync_wait_s, retry_after_s=str(srv.retry_after_s),
-        event_streams=Slots(srv.max_event_streams))
+        settings=settings,
+        uploads=uploads,
+        output_dir=Path(settings.output_dir),
+        outputs=outputs,
+        sync_wait_s=srv.sync_wait_s,
+        retry_after_s=str(srv.retry_after_s),
+        event_streams=Slots(srv.max_event_streams),
+    )
     hooks.request_id(app)
     hooks.access_log(app)
     hooks.memory(app)
-    if settings.credits.enabled:          # accounts, keys and credits (docs/credits.md)
+    if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
         from .credits import Ledger, Settler, database_url, video_price
         from .routes import credits as credit_routes
+
         svc.ledger = Ledger.open(database_url(settings))
-        svc.settler = Settler(svc.ledger, lambda: svc.queue,
-                              lambda result: video_price(settings.credits, result.get("duration", 0.0)))
+        svc.settler = Settler(
+            svc.ledger, lambda: svc.queue, lambda result: video_price(settings.credits, result.get("duration", 0.0))
+        )
         svc.settler.start()
         app.register_blueprint(credit_routes.bp)
-    access.install(app, [k for k in srv.api_keys if k], srv.rate_limit_per_s, srv.rate_limit_burst,
-                   ledger=svc.ledger, credits=settings.credits)
+    access.install(
+        app,
+        [k for k in srv.api_keys if k],
+        srv.rate_limit_per_s,
+        srv.rate_limit_burst,
+        ledger=svc.ledger,
+        credits=settings.credits,
+    )
     hooks.cors(app, list(srv.cors_origins))
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
-    if srv.redis_url:                     # the job store away: the service is not ready, the request may be retried
+    if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler
+
         install_store_outage_handler(app)
 
     def make_queue():
-        if srv.redis_url:                 # distributed: the workers load the model, not this process
+        if srv.redis_url:  # distributed: the workers load the model, not this process
             from .queue.redis import RedisQueue
+
             if outputs.remote:
-                outputs.s3.check()        # a missing bucket or refused credentials: /health says which
-            return RedisQueue(srv.redis_url, svc.output_dir, svc.uploads, outputs=outputs, queue_size=srv.queue_size,
-                              job_timeout_s=srv.job_timeout_s, retry_lost_jobs=srv.retry_lost_jobs)
+                outputs.s3.check()  # a missing bucket or refused credentials: /health says which
+            return RedisQueue(
+                srv.redis_url,
+                svc.output_dir,
+                svc.uploads,
+                outputs=outputs,
+                queue_size=srv.queue_size,
+                job_timeout_s=srv.job_timeout_s,
+                retry_lost_jobs=srv.retry_lost_jobs,
+            )
         from sonic import load_pipeline
+
         pipe = pipeline if pipeline is not None else load_pipeline(settings)
-        return LocalQueue(pipe, svc.output_dir, svc.uploads, queue_size=srv.queue_size,
-                          output_ttl_s=srv.output_ttl_s, store=open_store(jobs_db_path(settings)),
-                          job_timeout_s=srv.job_timeout_s)
+        return LocalQueue(
+            pipe,
+            svc.output_dir,
+            svc.uploads,
+            queue_size=srv.queue_size,
+            output_ttl_s=srv.output_ttl_s,
+            store=open_store(jobs_db_path(settings)),
+            job_timeout_s=srv.job_timeout_s,
+        )
 
     loader.start(svc, make_queue, background_load)
     return app

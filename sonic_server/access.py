@@ -9,6 +9,7 @@ address, whatever token it carries. So invented tokens buy nothing, and a failed
 spends the address's tokens: after the burst, wrong keys get 429 instead of 401 and keys cannot
 be guessed at full speed. The address table is bounded (least recently seen dropped first).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,22 +26,30 @@ from flask import Flask, g, request
 from .errors import error_response
 from .openapi import error, responses_under
 
-GUARDED_PREFIX = ("/api/", "/fusion")     # /fusion: the face-fusion API's own paths
-MAX_CLIENTS = 10_000      # address buckets kept; the least recently seen are dropped beyond this
-BEARER = "bearer "        # the scheme is case-insensitive (RFC 7235)
+GUARDED_PREFIX = ("/api/", "/fusion")  # /fusion: the face-fusion API's own paths
+MAX_CLIENTS = 10_000  # address buckets kept; the least recently seen are dropped beyond this
+BEARER = "bearer "  # the scheme is case-insensitive (RFC 7235)
 
 for _prefix in GUARDED_PREFIX:
-    responses_under(_prefix, {
-        401: error("a valid API key is required (when server.api_keys is set): Authorization: Bearer <key>"),
-        429: error("over the client's rate limit (Retry-After)")},
-        security_scheme={"type": "http", "scheme": "bearer",
-                         "description": "needed only when the service has API keys (server.api_keys)"})
+    responses_under(
+        _prefix,
+        {
+            401: error("a valid API key is required (when server.api_keys is set): Authorization: Bearer <key>"),
+            429: error("over the client's rate limit (Retry-After)"),
+        },
+        security_scheme={
+            "type": "http",
+            "scheme": "bearer",
+            "description": "needed only when the service has API keys (server.api_keys)",
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Caller:
     """Who a request is, for what it may see: the owner its jobs get (None where the service has
     no keys: then every job is anyone's) and whether it sees every job (an admin)."""
+
     owner: str | None = None
     sees_all: bool = False
 
@@ -108,9 +117,9 @@ def retry_after(seconds: float) -> str:
 
 
 def bearer_key(header: str | None) -> str | None:
-    if not header or header[:len(BEARER)].lower() != BEARER:
+    if not header or header[: len(BEARER)].lower() != BEARER:
         return None
-    return header[len(BEARER):].strip() or None
+    return header[len(BEARER) :].strip() or None
 
 
 def _raw(text: str) -> bytes:
@@ -142,7 +151,7 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
     /api/admin/ the admin role (403), and recharges have their own, lower limit."""
     limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst)
     if ledger is not None:
-        limiter.keys.max_clients = MAX_CLIENTS * 10            # one bucket per account: bounded too
+        limiter.keys.max_clients = MAX_CLIENTS * 10  # one bucket per account: bounded too
         recharges = TokenBucket(credits.recharge_rate_per_s, credits.recharge_burst, max_clients=MAX_CLIENTS)
 
     @app.before_request
@@ -154,23 +163,31 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         key = verified(bearer_key(request.headers.get("Authorization")), keys) if keys else None
         wait = limiter.take(key, request.remote_addr or "unknown")
         if wait > 0:
-            return error_response("rate_limited", "too many requests; slow down",
-                                  headers={"Retry-After": retry_after(wait)})
+            return error_response(
+                "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
+            )
         if keys and key is None:
-            return error_response("unauthorized", "a valid API key is required: Authorization: Bearer <key>",
-                                  headers={"WWW-Authenticate": "Bearer"})
+            return error_response(
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if key is not None:
             g.caller = Caller(owner=_key_owner(key))
         return None
 
     def _guard_accounts():
         from flask import g
+
         token = bearer_key(request.headers.get("Authorization"))
         principal, why = identify(token, keys, ledger, credits)
-        wait = limiter.take(f"{principal.via}:{principal.name}" if principal else None, request.remote_addr or "unknown")
+        wait = limiter.take(
+            f"{principal.via}:{principal.name}" if principal else None, request.remote_addr or "unknown"
+        )
         if wait > 0:
-            return error_response("rate_limited", "too many requests; slow down",
-                                  headers={"Retry-After": retry_after(wait)})
+            return error_response(
+                "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
+            )
         if principal is None:
             return error_response("unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
         g.principal = principal
@@ -181,8 +198,9 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if request.path == RECHARGE_PATH and request.method == "POST":
             wait = recharges.take(principal.operator)
             if wait > 0:
-                return error_response("rate_limited", "too many recharge calls; slow down",
-                                      headers={"Retry-After": retry_after(wait)})
+                return error_response(
+                    "rate_limited", "too many recharge calls; slow down", headers={"Retry-After": retry_after(wait)}
+                )
         return None
 
 
@@ -195,6 +213,7 @@ def identify(token: str | None, flat_keys: list[str], ledger, credits):
     """(the Principal, None) or (None, why not): a flat key, a JWT (three dot-separated parts),
     else an account's key."""
     from .credits import Principal
+
     if token is None:
         return None, NO_KEY
     flat = verified(token, flat_keys) if flat_keys else None
@@ -208,6 +227,7 @@ def identify(token: str | None, flat_keys: list[str], ledger, credits):
 
 def _jwt(token: str, ledger, credits):
     import jwt
+
     try:
         alg = jwt.get_unverified_header(token).get("alg")
     except jwt.InvalidTokenError:
@@ -235,4 +255,5 @@ def _public_key(value: str) -> str:
     if "BEGIN" in value:
         return value
     from pathlib import Path
+
     return Path(value).read_text()

@@ -10,6 +10,7 @@ the server uses: server.database_url / SONIC_DATABASE_URL, else <data_dir>/credi
   sonic accounts check                                 balances against ledger sums; exit 1 on a mismatch
 Every change is written to the ledger with the operator `cli:<user>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,13 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     sub.add_parser("check")
     a = ap.parse_args(argv)
     from .credits import CreditError, Ledger, check_amount, database_url
+
     try:
         settings = load_settings(a.config)
         ledger = Ledger.open(database_url(settings))
     except SettingsError as e:
         sys.exit(f"error: {e}")
-    except SonicError as e:                                 # the database cannot be opened
+    except SonicError as e:  # the database cannot be opened
         sys.exit(f"error: {e.message}")
     operator = f"cli:{getpass.getuser()}"
     try:
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
             if len(set(a.names)) != len(a.names):
                 sys.exit("error: an account is named twice")
             check_amount(a.amount, settings.credits.max_recharge_amount)
-            status, answer = ledger.recharge(a.names, a.amount, a.reason, "soft" if a.soft else "atomic", operator,
-                                             idempotency_key=a.idempotency_key)
+            status, answer = ledger.recharge(
+                a.names, a.amount, a.reason, "soft" if a.soft else "atomic", operator, idempotency_key=a.idempotency_key
+            )
             print(json.dumps(answer, indent=2))
             if answer.get("failed_users"):
                 sys.exit(1)

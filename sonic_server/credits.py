@@ -11,6 +11,7 @@ balance >= :n`), in the same transaction as its ledger row, never a read-modify-
 Python; so an account's balance always equals the sum of its ledger's deltas (`check`). Bulk
 recharges lock their accounts in id order (no deadlock between overlapping calls).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,37 +24,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import (BigInteger, CheckConstraint, Column, Float, ForeignKey, Index, Integer, MetaData, String,
-                        Table, Text, create_engine, event, func, insert, select, update)
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
 ROLES = ("user", "admin")
-MAX_BALANCE = 2 ** 62                  # no balance grows past this (a bigint with room to spare)
-KEY_PREFIX_CHARS = 12                  # "sk_" and 9 more: what lists and `revoke` show of a key
+MAX_BALANCE = 2**62  # no balance grows past this (a bigint with room to spare)
+KEY_PREFIX_CHARS = 12  # "sk_" and 9 more: what lists and `revoke` show of a key
 NAME_CHARS = 64
 
 accounts = Table(
-    "accounts", metadata,
+    "accounts",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(NAME_CHARS), nullable=False, unique=True),
     Column("role", String(8), nullable=False),
     Column("balance", BigInteger, nullable=False),
     Column("created", Float, nullable=False),
-    CheckConstraint("balance >= 0", name="balance_not_negative"))
+    CheckConstraint("balance >= 0", name="balance_not_negative"),
+)
 api_keys = Table(
-    "api_keys", metadata,
+    "api_keys",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
     Column("prefix", String(KEY_PREFIX_CHARS), nullable=False, index=True),
     Column("digest", String(64), nullable=False, unique=True),
     Column("created", Float, nullable=False),
-    Column("revoked", Float, nullable=True))
+    Column("revoked", Float, nullable=True),
+)
 ledger = Table(
-    "ledger", metadata,
+    "ledger",
+    metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
-    Column("kind", String(16), nullable=False),   # account_created recharge reserve charge release key_created key_revoked
+    Column(
+        "kind", String(16), nullable=False
+    ),  # account_created recharge reserve charge release key_created key_revoked
     Column("delta", BigInteger, nullable=False),
     Column("balance", BigInteger, nullable=False),  # the account's balance after this row
     Column("job_id", String(32)),
@@ -62,35 +87,45 @@ ledger = Table(
     Column("request_id", String(64)),
     Column("created", Float, nullable=False),
     Index("ledger_account", "account_id", "id"),
-    Index("ledger_created", "created"))
+    Index("ledger_created", "created"),
+)
 reservations = Table(
-    "reservations", metadata,
+    "reservations",
+    metadata,
     Column("job_id", String(32), primary_key=True),
     Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("amount", BigInteger, nullable=False),
-    Column("state", String(8), nullable=False),    # held | charged | released
-    Column("kind", String(8), nullable=False),     # job (ended by its record) | fusion (ended by its request)
+    Column("state", String(8), nullable=False),  # held | charged | released
+    Column("kind", String(8), nullable=False),  # job (ended by its record) | fusion (ended by its request)
     Column("created", Float, nullable=False),
-    Index("reservations_state", "state"))
+    Index("reservations_state", "state"),
+)
 idempotency = Table(
-    "idempotency", metadata,
+    "idempotency",
+    metadata,
     Column("key", String(200), primary_key=True),
-    Column("operator", String(NAME_CHARS + 8), primary_key=True),   # one operator's key is not another's
-    Column("request", String(64), nullable=False),                  # SHA-256 of the call it answered
+    Column("operator", String(NAME_CHARS + 8), primary_key=True),  # one operator's key is not another's
+    Column("request", String(64), nullable=False),  # SHA-256 of the call it answered
     Column("status", Integer, nullable=False),
     Column("response", Text, nullable=False),
-    Column("created", Float, nullable=False))
+    Column("created", Float, nullable=False),
+)
 
 _APPEND_ONLY = {
-    "sqlite": ["CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger "
-               "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END",
-               "CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger "
-               "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END"],
-    "postgresql": ["CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger AS $$ BEGIN "
-                   "RAISE EXCEPTION 'the ledger is append-only'; END $$ LANGUAGE plpgsql",
-                   "DROP TRIGGER IF EXISTS ledger_append_only ON ledger",
-                   "CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger "
-                   "FOR EACH ROW EXECUTE FUNCTION ledger_append_only()"]}
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger "
+        "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END",
+        "CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger "
+        "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger AS $$ BEGIN "
+        "RAISE EXCEPTION 'the ledger is append-only'; END $$ LANGUAGE plpgsql",
+        "DROP TRIGGER IF EXISTS ledger_append_only ON ledger",
+        "CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger "
+        "FOR EACH ROW EXECUTE FUNCTION ledger_append_only()",
+    ],
+}
 
 
 class CreditError(Exception):
@@ -104,10 +139,11 @@ class CreditError(Exception):
 @dataclass(frozen=True)
 class Principal:
     """Who a request is: an account (by key or token), or a flat server.api_keys key (no account)."""
+
     name: str
     role: str
     account_id: int | None
-    via: str                               # key | jwt | flat
+    via: str  # key | jwt | flat
 
     @property
     def operator(self) -> str:
@@ -150,12 +186,14 @@ class Ledger:
         """The ledger at `url`, or SetupError naming the database (its password hidden) and why."""
         try:
             return cls(url)
-        except Exception as e:                                # noqa: BLE001 - unreachable, refused, bad URL
+        except Exception as e:  # noqa: BLE001 - unreachable, refused, bad URL
             from sqlalchemy.engine import make_url
+
             from sonic.errors import SetupError
+
             try:
                 where = make_url(url).render_as_string(hide_password=True)
-            except Exception:                                 # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 where = "server.database_url"
             why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
             raise SetupError(f"the accounts database {where} cannot be opened: {why}") from e
@@ -164,35 +202,47 @@ class Ledger:
         self.url = url
         self.sqlite = url.startswith("sqlite")
         if self.sqlite:
+
             def sqlite_engine(writer: bool):
                 engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
                 @event.listens_for(engine, "connect")
                 def _connect(dbapi, _):
-                    dbapi.isolation_level = None             # transactions are ours: BEGIN IMMEDIATE below
+                    dbapi.isolation_level = None  # transactions are ours: BEGIN IMMEDIATE below
                     dbapi.execute("PRAGMA journal_mode=WAL")
                     dbapi.execute("PRAGMA foreign_keys=ON")
                     dbapi.execute("PRAGMA busy_timeout=30000")
+
                 if writer:
+
                     @event.listens_for(engine, "begin")
                     def _begin(conn):
-                        conn.exec_driver_sql("BEGIN IMMEDIATE")   # writers queue here, never fail half-way
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers queue here, never fail half-way
+
                 return engine
+
             self.engine = sqlite_engine(writer=True)
-            self.reader = sqlite_engine(writer=False)        # reads never wait for a writer (WAL)
+            self.reader = sqlite_engine(writer=False)  # reads never wait for a writer (WAL)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
             self.reader = self.engine
         with self.engine.begin() as c:
-            if self.engine.dialect.name == "postgresql":     # API processes starting together: one at a time
+            if self.engine.dialect.name == "postgresql":  # API processes starting together: one at a time
                 c.exec_driver_sql("SELECT pg_advisory_xact_lock(74201)")
             metadata.create_all(c)
             for ddl in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 c.exec_driver_sql(ddl)
 
     # -- accounts and keys ---------------------------------------------------------------
-    def create_account(self, name: str, role: str = "user", credits: int = 0, operator: str = "cli",
-                       reason: str | None = None, request_id: str | None = None) -> tuple[dict, str]:
+    def create_account(
+        self,
+        name: str,
+        role: str = "user",
+        credits: int = 0,
+        operator: str = "cli",
+        reason: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[dict, str]:
         """A new account with one new key; (the account, the key: shown this once)."""
         check_name(name)
         if role not in ROLES:
@@ -201,10 +251,21 @@ class Ledger:
         now = time.time()
         try:
             with self.engine.begin() as c:
-                aid = c.execute(insert(accounts).values(name=name, role=role, balance=int(credits), created=now)
-                                .returning(accounts.c.id)).scalar_one()
-                self._log(c, aid, "account_created", int(credits), int(credits), operator,
-                          reason or f"account created ({role})", request_id)
+                aid = c.execute(
+                    insert(accounts)
+                    .values(name=name, role=role, balance=int(credits), created=now)
+                    .returning(accounts.c.id)
+                ).scalar_one()
+                self._log(
+                    c,
+                    aid,
+                    "account_created",
+                    int(credits),
+                    int(credits),
+                    operator,
+                    reason or f"account created ({role})",
+                    request_id,
+                )
                 key = self._add_key(c, aid, operator, request_id)
         except IntegrityError as e:
             raise CreditError(f"an account named {name!r} exists already", "name", "conflict") from e
@@ -219,8 +280,11 @@ class Ledger:
 
     def _add_key(self, c, aid: int, operator: str, request_id: str | None) -> str:
         key = new_key()
-        c.execute(insert(api_keys).values(account_id=aid, prefix=key[:KEY_PREFIX_CHARS], digest=digest(key),
-                                          created=time.time()))
+        c.execute(
+            insert(api_keys).values(
+                account_id=aid, prefix=key[:KEY_PREFIX_CHARS], digest=digest(key), created=time.time()
+            )
+        )
         bal = c.execute(select(accounts.c.balance).where(accounts.c.id == aid)).scalar_one()
         self._log(c, aid, "key_created", 0, bal, operator, f"key {key[:KEY_PREFIX_CHARS]}", request_id)
         return key
@@ -231,9 +295,11 @@ class Ledger:
             raise CreditError("give at least the first 8 characters of the key", "prefix")
         now = time.time()
         with self.engine.begin() as c:
-            rows = c.execute(select(api_keys.c.id, api_keys.c.account_id, api_keys.c.prefix)
-                             .where(api_keys.c.prefix.startswith(prefix[:KEY_PREFIX_CHARS]),
-                                    api_keys.c.revoked.is_(None))).all()
+            rows = c.execute(
+                select(api_keys.c.id, api_keys.c.account_id, api_keys.c.prefix).where(
+                    api_keys.c.prefix.startswith(prefix[:KEY_PREFIX_CHARS]), api_keys.c.revoked.is_(None)
+                )
+            ).all()
             rows = [r for r in rows if r.prefix.startswith(prefix[:KEY_PREFIX_CHARS])]
             for r in rows:
                 c.execute(update(api_keys).where(api_keys.c.id == r.id).values(revoked=now))
@@ -243,9 +309,11 @@ class Ledger:
 
     def authenticate(self, key: str) -> Principal | None:
         with self.reader.connect() as c:
-            row = c.execute(select(accounts.c.id, accounts.c.name, accounts.c.role)
-                            .select_from(api_keys.join(accounts))
-                            .where(api_keys.c.digest == digest(key), api_keys.c.revoked.is_(None))).first()
+            row = c.execute(
+                select(accounts.c.id, accounts.c.name, accounts.c.role)
+                .select_from(api_keys.join(accounts))
+                .where(api_keys.c.digest == digest(key), api_keys.c.revoked.is_(None))
+            ).first()
         return Principal(row.name, row.role, row.id, "key") if row else None
 
     def principal(self, name: str, role: str, via: str) -> Principal | None:
@@ -259,13 +327,24 @@ class Ledger:
             row = c.execute(select(accounts).where(accounts.c.name == name)).first()
             if row is None:
                 return None
-            keys = c.execute(select(api_keys.c.prefix, api_keys.c.created, api_keys.c.revoked)
-                             .where(api_keys.c.account_id == row.id).order_by(api_keys.c.id)).all()
-            held = c.execute(select(func.coalesce(func.sum(reservations.c.amount), 0))
-                             .where(reservations.c.account_id == row.id, reservations.c.state == "held")).scalar_one()
-        return {"name": row.name, "role": row.role, "balance": int(row.balance), "reserved": int(held),
-                "created": row.created, "keys": [{"prefix": k.prefix, "created": k.created, "revoked": k.revoked}
-                                                 for k in keys]}
+            keys = c.execute(
+                select(api_keys.c.prefix, api_keys.c.created, api_keys.c.revoked)
+                .where(api_keys.c.account_id == row.id)
+                .order_by(api_keys.c.id)
+            ).all()
+            held = c.execute(
+                select(func.coalesce(func.sum(reservations.c.amount), 0)).where(
+                    reservations.c.account_id == row.id, reservations.c.state == "held"
+                )
+            ).scalar_one()
+        return {
+            "name": row.name,
+            "role": row.role,
+            "balance": int(row.balance),
+            "reserved": int(held),
+            "created": row.created,
+            "keys": [{"prefix": k.prefix, "created": k.created, "revoked": k.revoked} for k in keys],
+        }
 
     def list_accounts(self) -> list[dict]:
         with self.reader.connect() as c:
@@ -273,8 +352,9 @@ class Ledger:
             return [{"name": r.name, "role": r.role, "balance": int(r.balance)} for r in rows]
 
     # -- metering ------------------------------------------------------------------------
-    def reserve(self, account_id: int, job_id: str, amount: int, operator: str,
-                request_id: str | None = None, kind: str = "job") -> tuple[bool, int]:
+    def reserve(
+        self, account_id: int, job_id: str, amount: int, operator: str, request_id: str | None = None, kind: str = "job"
+    ) -> tuple[bool, int]:
         """Hold `amount` for a job (ids are the server's own); (held, the balance). Holding twice
         for one job and account holds once."""
         with self.engine.begin() as c:
@@ -283,12 +363,19 @@ class Ledger:
                 if row.account_id != account_id:
                     raise CreditError("this hold belongs to another account", "job_id", "conflict")
                 return True, self._balance(c, account_id)
-            bal = c.execute(update(accounts).where(accounts.c.id == account_id, accounts.c.balance >= amount)
-                            .values(balance=accounts.c.balance - amount).returning(accounts.c.balance)).scalar()
+            bal = c.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id, accounts.c.balance >= amount)
+                .values(balance=accounts.c.balance - amount)
+                .returning(accounts.c.balance)
+            ).scalar()
             if bal is None:
                 return False, self._balance(c, account_id)
-            c.execute(insert(reservations).values(job_id=job_id, account_id=account_id, amount=amount, state="held",
-                                                  kind=kind, created=time.time()))
+            c.execute(
+                insert(reservations).values(
+                    job_id=job_id, account_id=account_id, amount=amount, state="held", kind=kind, created=time.time()
+                )
+            )
             self._log(c, account_id, "reserve", -amount, bal, operator, "estimate for the job", request_id, job_id)
         return True, int(bal)
 
@@ -296,28 +383,50 @@ class Ledger:
         """End a job's reservation once: release it, and on success charge `actual` (at most what
         was held). False if there is none held (settled already, by this or another process)."""
         with self.engine.begin() as c:
-            row = c.execute(update(reservations).where(reservations.c.job_id == job_id, reservations.c.state == "held")
-                            .values(state="charged" if succeeded else "released")
-                            .returning(reservations.c.account_id, reservations.c.amount)).first()
+            row = c.execute(
+                update(reservations)
+                .where(reservations.c.job_id == job_id, reservations.c.state == "held")
+                .values(state="charged" if succeeded else "released")
+                .returning(reservations.c.account_id, reservations.c.amount)
+            ).first()
             if row is None:
                 return False
             aid, held = row.account_id, int(row.amount)
-            bal = c.execute(update(accounts).where(accounts.c.id == aid).values(balance=accounts.c.balance + held)
-                            .returning(accounts.c.balance)).scalar_one()
+            bal = c.execute(
+                update(accounts)
+                .where(accounts.c.id == aid)
+                .values(balance=accounts.c.balance + held)
+                .returning(accounts.c.balance)
+            ).scalar_one()
             self._log(c, aid, "release", held, bal, "system", reason or "the job ended", None, job_id)
             if succeeded:
                 amount = min(int(actual), held)
-                bal = c.execute(update(accounts).where(accounts.c.id == aid)
-                                .values(balance=accounts.c.balance - amount).returning(accounts.c.balance)).scalar_one()
+                bal = c.execute(
+                    update(accounts)
+                    .where(accounts.c.id == aid)
+                    .values(balance=accounts.c.balance - amount)
+                    .returning(accounts.c.balance)
+                ).scalar_one()
                 self._log(c, aid, "charge", -amount, bal, "system", reason or "video produced", None, job_id)
         return True
 
-    def charge(self, account_id: int, amount: int, operator: str, reason: str, request_id: str | None = None,
-               job_id: str | None = None) -> tuple[bool, int]:
+    def charge(
+        self,
+        account_id: int,
+        amount: int,
+        operator: str,
+        reason: str,
+        request_id: str | None = None,
+        job_id: str | None = None,
+    ) -> tuple[bool, int]:
         """Charge at once (a cached result, when hits are charged); (charged, the balance)."""
         with self.engine.begin() as c:
-            bal = c.execute(update(accounts).where(accounts.c.id == account_id, accounts.c.balance >= amount)
-                            .values(balance=accounts.c.balance - amount).returning(accounts.c.balance)).scalar()
+            bal = c.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id, accounts.c.balance >= amount)
+                .values(balance=accounts.c.balance - amount)
+                .returning(accounts.c.balance)
+            ).scalar()
             if bal is None:
                 return False, self._balance(c, account_id)
             self._log(c, account_id, "charge", -amount, bal, operator, reason, request_id, job_id)
@@ -326,14 +435,25 @@ class Ledger:
     def held(self, limit: int = 500) -> list:
         """Holds not yet ended, oldest first: rows of (job_id, kind, created)."""
         with self.reader.connect() as c:
-            return c.execute(select(reservations.c.job_id, reservations.c.kind, reservations.c.created)
-                             .where(reservations.c.state == "held").order_by(reservations.c.created)
-                             .limit(limit)).all()
+            return c.execute(
+                select(reservations.c.job_id, reservations.c.kind, reservations.c.created)
+                .where(reservations.c.state == "held")
+                .order_by(reservations.c.created)
+                .limit(limit)
+            ).all()
 
     # -- recharge ------------------------------------------------------------------------
-    def recharge(self, users: list[str], amount: int, reason: str, mode: str, operator: str,
-                 idempotency_key: str | None = None, request_id: str | None = None,
-                 before_commit: Callable[[], None] | None = None) -> tuple[int, dict]:
+    def recharge(
+        self,
+        users: list[str],
+        amount: int,
+        reason: str,
+        mode: str,
+        operator: str,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> tuple[int, dict]:
         """Add `amount` to each account: `atomic` (all or none) or `soft` (each on its own, in a
         savepoint). (HTTP status, answer); with an idempotency key the first answer is replayed."""
         request = hashlib.sha256(json.dumps([sorted(users), amount, reason, mode]).encode()).hexdigest()
@@ -348,14 +468,21 @@ class Ledger:
                 else:
                     status, answer = self._recharge_soft(c, users, amount, reason, operator, request_id)
                 if idempotency_key:
-                    c.execute(insert(idempotency).values(key=idempotency_key, operator=operator, request=request,
-                                                         status=status, response=json.dumps(answer),
-                                                         created=time.time()))
+                    c.execute(
+                        insert(idempotency).values(
+                            key=idempotency_key,
+                            operator=operator,
+                            request=request,
+                            status=status,
+                            response=json.dumps(answer),
+                            created=time.time(),
+                        )
+                    )
                 if before_commit:
                     before_commit()
         except IntegrityError:
             stored = self._replay(idempotency_key, operator, request) if idempotency_key else None
-            if stored:                                     # the same key, committed meanwhile by a twin call
+            if stored:  # the same key, committed meanwhile by a twin call
                 return stored
             raise
         return status, answer
@@ -363,13 +490,19 @@ class Ledger:
     def _replay(self, key: str, operator: str, request: str) -> tuple[int, dict] | None:
         """This operator's first answer for `key`; a different call under the same key is a 409."""
         with self.reader.connect() as c:
-            row = c.execute(select(idempotency.c.status, idempotency.c.response, idempotency.c.request)
-                            .where(idempotency.c.key == key, idempotency.c.operator == operator)).first()
+            row = c.execute(
+                select(idempotency.c.status, idempotency.c.response, idempotency.c.request).where(
+                    idempotency.c.key == key, idempotency.c.operator == operator
+                )
+            ).first()
         if row is None:
             return None
         if row.request != request:
-            raise CreditError("this idempotency_key was used for a different recharge (users, amount, reason or "
-                              "mode); use a new key", "idempotency_key", "conflict")
+            raise CreditError(
+                "this idempotency_key was used for a different recharge (users, amount, reason or mode); use a new key",
+                "idempotency_key",
+                "conflict",
+            )
         return row.status, {**json.loads(row.response), "replayed": True}
 
     def _lock(self, c, users: list[str]) -> dict[str, int]:
@@ -377,8 +510,12 @@ class Ledger:
         is already held)."""
         found = {}
         for i in range(0, len(users), 500):
-            q = select(accounts.c.id, accounts.c.name).where(accounts.c.name.in_(users[i:i + 500])) \
-                .order_by(accounts.c.id).with_for_update()
+            q = (
+                select(accounts.c.id, accounts.c.name)
+                .where(accounts.c.name.in_(users[i : i + 500]))
+                .order_by(accounts.c.id)
+                .with_for_update()
+            )
             found.update({r.name: r.id for r in c.execute(q)})
         return found
 
@@ -386,27 +523,47 @@ class Ledger:
         found = self._lock(c, users)
         unknown = [u for u in users if u not in found]
         if unknown:
-            raise CreditError(f"unknown accounts: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else "")
-                              + "; nothing was recharged", "users")
+            raise CreditError(
+                f"unknown accounts: {', '.join(unknown[:20])}"
+                + (" ..." if len(unknown) > 20 else "")
+                + "; nothing was recharged",
+                "users",
+            )
         ids = sorted(found.values())
         balances = {}
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            for r in c.execute(update(accounts).where(accounts.c.id.in_(chunk),
-                                                      accounts.c.balance <= MAX_BALANCE - amount)
-                               .values(balance=accounts.c.balance + amount)
-                               .returning(accounts.c.id, accounts.c.balance)):
+            chunk = ids[i : i + 500]
+            for r in c.execute(
+                update(accounts)
+                .where(accounts.c.id.in_(chunk), accounts.c.balance <= MAX_BALANCE - amount)
+                .values(balance=accounts.c.balance + amount)
+                .returning(accounts.c.id, accounts.c.balance)
+            ):
                 balances[r.id] = int(r.balance)
         if len(balances) != len(ids):
             full = [n for n, i in found.items() if i not in balances]
-            raise CreditError(f"the balance would pass its limit for: {', '.join(full[:20])}; nothing was recharged",
-                              "amount")
+            raise CreditError(
+                f"the balance would pass its limit for: {', '.join(full[:20])}; nothing was recharged", "amount"
+            )
         now = time.time()
-        c.execute(insert(ledger), [dict(account_id=i, kind="recharge", delta=amount, balance=balances[i],
-                                        operator=operator, reason=reason, request_id=request_id, created=now,
-                                        job_id=None) for i in ids])
-        return 200, {"success": True, "mode": "atomic", "amount": amount, "succeeded": list(users),
-                     "failed_users": []}
+        c.execute(
+            insert(ledger),
+            [
+                dict(
+                    account_id=i,
+                    kind="recharge",
+                    delta=amount,
+                    balance=balances[i],
+                    operator=operator,
+                    reason=reason,
+                    request_id=request_id,
+                    created=now,
+                    job_id=None,
+                )
+                for i in ids
+            ],
+        )
+        return 200, {"success": True, "mode": "atomic", "amount": amount, "succeeded": list(users), "failed_users": []}
 
     def _recharge_soft(self, c, users, amount, reason, operator, request_id):
         found = self._lock(c, users)
@@ -417,10 +574,12 @@ class Ledger:
                 continue
             try:
                 with c.begin_nested():
-                    bal = c.execute(update(accounts).where(accounts.c.id == found[name],
-                                                           accounts.c.balance <= MAX_BALANCE - amount)
-                                    .values(balance=accounts.c.balance + amount)
-                                    .returning(accounts.c.balance)).scalar()
+                    bal = c.execute(
+                        update(accounts)
+                        .where(accounts.c.id == found[name], accounts.c.balance <= MAX_BALANCE - amount)
+                        .values(balance=accounts.c.balance + amount)
+                        .returning(accounts.c.balance)
+                    ).scalar()
                     if bal is None:
                         raise CreditError("the balance would pass its limit")
                     self._log(c, found[name], "recharge", amount, bal, operator, reason, request_id)
@@ -430,12 +589,25 @@ class Ledger:
         order = {n: i for i, n in enumerate(users)}
         succeeded.sort(key=order.get)
         failed.sort(key=lambda f: order[f["user"]])
-        return 200, {"success": not failed, "mode": "soft", "amount": amount, "succeeded": succeeded,
-                     "failed_users": failed}
+        return 200, {
+            "success": not failed,
+            "mode": "soft",
+            "amount": amount,
+            "succeeded": succeeded,
+            "failed_users": failed,
+        }
 
     # -- reading -------------------------------------------------------------------------
-    def entries(self, *, account: str | None = None, operator: str | None = None, since: float | None = None,
-                until: float | None = None, before: int | None = None, limit: int = 50) -> tuple[list[dict], int | None]:
+    def entries(
+        self,
+        *,
+        account: str | None = None,
+        operator: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> tuple[list[dict], int | None]:
         """Ledger rows, newest first, filtered; (rows, the `before` of the next page or None)."""
         q = select(ledger, accounts.c.name).select_from(ledger.join(accounts)).order_by(ledger.c.id.desc())
         if account is not None:
@@ -452,20 +624,39 @@ class Ledger:
             rows = c.execute(q.limit(limit + 1)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        out = [{"id": int(r.id), "account": r.name, "kind": r.kind, "delta": int(r.delta), "balance": int(r.balance),
-                "job_id": r.job_id, "operator": r.operator, "reason": r.reason, "request_id": r.request_id,
-                "time": r.created} for r in rows]
+        out = [
+            {
+                "id": int(r.id),
+                "account": r.name,
+                "kind": r.kind,
+                "delta": int(r.delta),
+                "balance": int(r.balance),
+                "job_id": r.job_id,
+                "operator": r.operator,
+                "reason": r.reason,
+                "request_id": r.request_id,
+                "time": r.created,
+            }
+            for r in rows
+        ]
         return out, (out[-1]["id"] if more and out else None)
 
     def check(self) -> list[dict]:
         """Accounts whose balance is not the sum of their ledger (empty: all consistent)."""
-        sums = select(ledger.c.account_id, func.sum(ledger.c.delta).label("total")).group_by(ledger.c.account_id) \
+        sums = (
+            select(ledger.c.account_id, func.sum(ledger.c.delta).label("total"))
+            .group_by(ledger.c.account_id)
             .subquery()
-        q = select(accounts.c.name, accounts.c.balance, func.coalesce(sums.c.total, 0).label("total")) \
-            .select_from(accounts.outerjoin(sums, sums.c.account_id == accounts.c.id))
+        )
+        q = select(accounts.c.name, accounts.c.balance, func.coalesce(sums.c.total, 0).label("total")).select_from(
+            accounts.outerjoin(sums, sums.c.account_id == accounts.c.id)
+        )
         with self.reader.connect() as c:
-            return [{"account": r.name, "balance": int(r.balance), "ledger_sum": int(r.total)}
-                    for r in c.execute(q) if int(r.balance) != int(r.total)]
+            return [
+                {"account": r.name, "balance": int(r.balance), "ledger_sum": int(r.total)}
+                for r in c.execute(q)
+                if int(r.balance) != int(r.total)
+            ]
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -473,11 +664,30 @@ class Ledger:
         return int(c.execute(select(accounts.c.balance).where(accounts.c.id == account_id)).scalar_one())
 
     @staticmethod
-    def _log(c, aid: int, kind: str, delta: int, balance: int, operator: str, reason: str | None,
-             request_id: str | None, job_id: str | None = None) -> None:
-        c.execute(insert(ledger).values(account_id=aid, kind=kind, delta=int(delta), balance=int(balance),
-                                        operator=operator, reason=reason, request_id=request_id, job_id=job_id,
-                                        created=time.time()))
+    def _log(
+        c,
+        aid: int,
+        kind: str,
+        delta: int,
+        balance: int,
+        operator: str,
+        reason: str | None,
+        request_id: str | None,
+        job_id: str | None = None,
+    ) -> None:
+        c.execute(
+            insert(ledger).values(
+                account_id=aid,
+                kind=kind,
+                delta=int(delta),
+                balance=int(balance),
+                operator=operator,
+                reason=reason,
+                request_id=request_id,
+                job_id=job_id,
+                created=time.time(),
+            )
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -487,9 +697,11 @@ class Ledger:
 
 def check_name(name) -> None:
     import re
+
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
-        raise CreditError("an account name is 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter "
-                          "or digit", "name")
+        raise CreditError(
+            "an account name is 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit", "name"
+        )
 
 
 def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amount") -> int:
@@ -502,16 +714,17 @@ def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amo
     return amount
 
 
-MISSING_RECORD_GRACE_S = 120     # a job hold without a record this long is released
-ORPHAN_FUSION_S = 600            # a fusion hold still held after this was left by a process that died
+MISSING_RECORD_GRACE_S = 120  # a job hold without a record this long is released
+ORPHAN_FUSION_S = 600  # a fusion hold still held after this was left by a process that died
 
 
 class Settler:
     """Ends the reservations of jobs that have ended: a thread in each API process (any number
     may run: a reservation is settled once). Also called at once where a job's end is seen."""
 
-    def __init__(self, ledger_: Ledger, queue_getter: Callable[[], object], price: Callable[[dict], int],
-                 every_s: float = 2.0):
+    def __init__(
+        self, ledger_: Ledger, queue_getter: Callable[[], object], price: Callable[[dict], int], every_s: float = 2.0
+    ):
         self.ledger, self.queue_getter, self.price, self.every_s = ledger_, queue_getter, price, every_s
         self._stop = threading.Event()
 
@@ -546,11 +759,12 @@ class Settler:
 
     def run(self) -> None:
         import logging
+
         log = logging.getLogger("sonic.credits")
         while not self._stop.wait(self.every_s):
             try:
                 self.sweep()
-            except Exception:                                  # noqa: BLE001 - the database away: next time
+            except Exception:  # noqa: BLE001 - the database away: next time
                 log.exception("settling reservations failed")
 
     def start(self) -> None:

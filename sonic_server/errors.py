@@ -4,6 +4,7 @@ The library (`sonic.errors`) and the job records carry codes only; a status is l
 when a response is written, so a code answers with the same status everywhere and a stored job
 never holds one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,15 +27,15 @@ STATUS_BY_CODE: dict[str, int] = {
     "audio_too_long": 422,
     "empty_audio": 422,
     "pipeline_error": 500,
-    "setup_failed": 503,
-    "storage_unavailable": 503,  # the object store (storage: s3) did not answer or refused: retry shortly         # the models could not be set up (a checkpoint file or key): the operator acts
-    "disk_full": 500,            # the server's disk, not the request: the design's 500 (as pipeline_error was)
+    "setup_failed": 503,  # the models could not be set up (a checkpoint file or key): the operator acts
+    "storage_unavailable": 503,  # the object store (storage: s3) did not answer or refused: retry shortly
+    "disk_full": 500,  # the server's disk, not the request: the design's 500 (as pipeline_error was)
     "internal_error": 500,
     # produced by the server itself
     "unauthorized": 401,
-    "insufficient_credits": 402, # credits.enabled: the estimate is more than the account's balance
-    "forbidden": 403,            # credits.enabled: an admin route without the admin role, or no account
-    "conflict": 409,             # an account that exists already
+    "insufficient_credits": 402,  # credits.enabled: the estimate is more than the account's balance
+    "forbidden": 403,  # credits.enabled: an admin route without the admin role, or no account
+    "conflict": 409,  # an account that exists already
     "not_found": 404,
     "job_not_found": 404,
     "method_not_allowed": 405,
@@ -43,9 +44,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "busy": 503,
     "not_ready": 503,
     "interrupted": 500,
-    "worker_lost": 500,          # distributed mode: the worker running the job was killed or lost
+    "worker_lost": 500,  # distributed mode: the worker running the job was killed or lost
     "out_of_memory": 500,
-    "job_timeout": 500,          # a job over server.job_timeout_s
+    "job_timeout": 500,  # a job over server.job_timeout_s
 }
 
 
@@ -62,14 +63,30 @@ def public_error(error: dict) -> dict:
     return {**error, "status": status_for(error.get("code", "internal_error"))}
 
 
-ERROR_SCHEMA = component("Error", {"type": "object", "properties": {
-    "success": {"type": "boolean"}, "request_id": {"type": "string"},
-    "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                               "field": {"type": "string"}}}}})
+ERROR_SCHEMA = component(
+    "Error",
+    {
+        "type": "object",
+        "properties": {
+            "success": {"type": "boolean"},
+            "request_id": {"type": "string"},
+            "error": {
+                "type": "object",
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
+            },
+        },
+    },
+)
 
 
-def error_response(code: str, message: str, field: str | None = None, headers: dict | None = None,
-                   status: int | None = None, extra: dict | None = None):
+def error_response(
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict | None = None,
+    status: int | None = None,
+    extra: dict | None = None,
+):
     """The one error body; its status comes from the code unless given; `extra`: more fields of
     the error (a 402's `needed` and `balance`)."""
     err = {"code": code, "message": message}
@@ -95,10 +112,13 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
     @app.errorhandler(413)
     def _too_large(e):
         length = request.content_length
-        if length is not None and length <= max_upload_mb * 1024 * 1024:   # a form limit, not the size
-            return error_response("input_too_large", f"the form breaks a multipart limit: more than "
-                                  f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
-                                  f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB")
+        if length is not None and length <= max_upload_mb * 1024 * 1024:  # a form limit, not the size
+            return error_response(
+                "input_too_large",
+                f"the form breaks a multipart limit: more than "
+                f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
+                f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB",
+            )
         return error_response("input_too_large", f"upload is larger than {max_upload_mb:g} MB")
 
     @app.errorhandler(404)
@@ -108,8 +128,9 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
     @app.errorhandler(405)
     def _method(e):
         allow = ", ".join(sorted(e.valid_methods or []))
-        return error_response("method_not_allowed", "method not allowed on this resource",
-                              headers={"Allow": allow} if allow else None)
+        return error_response(
+            "method_not_allowed", "method not allowed on this resource", headers={"Allow": allow} if allow else None
+        )
 
     @app.errorhandler(Exception)
     def _internal(e):

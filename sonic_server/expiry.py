@@ -3,6 +3,7 @@ them, so the disk and the job table stay bounded. A video's age is its file's mo
 object's Last-Modified in a bucket),
 a record's its last save; a result cache hit refreshes both (sonic_server/cache.py), under the
 lock a sweep holds."""
+
 from __future__ import annotations
 
 import threading
@@ -16,9 +17,9 @@ SWEEP_EVERY_S = 60
 class OutputExpiry:
     def __init__(self, store, outputs, ttl_s: float, lock: threading.Lock | None = None):
         self.store = store
-        self.outputs = as_outputs(outputs)       # a folder, or the bucket (sonic_server/storage.py)
+        self.outputs = as_outputs(outputs)  # a folder, or the bucket (sonic_server/storage.py)
         self.ttl_s = float(ttl_s)
-        self.lock = lock if lock is not None else threading.Lock()      # shared with the result cache
+        self.lock = lock if lock is not None else threading.Lock()  # shared with the result cache
         self._last = 0.0
 
     def maybe_sweep(self, now: float | None = None) -> None:

@@ -1,4 +1,5 @@
 """Per-request pieces every route shares: the request id, CORS headers and the access log line."""
+
 from __future__ import annotations
 
 import json
@@ -15,18 +16,26 @@ from .metrics import count_request
 from .openapi import headers_everywhere
 
 log = logging.getLogger("sonic.http")
-CORS_HEADERS = {"Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location"}
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")     # visible ASCII: safe in a header and a log line
+CORS_HEADERS = {
+    "Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location",
+}
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # visible ASCII: safe in a header and a log line
 
 
 def request_id(app: Flask) -> None:
     """The client's X-Request-ID (its first 64 characters, when they are visible ASCII) or a fresh
     one, echoed on every response. Anything else (control characters, line breaks, other
     scripts) could not be echoed in a header safely, so it is replaced."""
-    headers_everywhere(("X-Request-ID", "echoed on the answer and logged; up to 64 visible ASCII characters, "
-                                        "anything else is replaced by a fresh id", {"type": "string"}))
+    headers_everywhere(
+        (
+            "X-Request-ID",
+            "echoed on the answer and logged; up to 64 visible ASCII characters, "
+            "anything else is replaced by a fresh id",
+            {"type": "string"},
+        )
+    )
 
     @app.before_request
     def _take():
@@ -61,6 +70,7 @@ def cors(app: Flask, origins: list[str]) -> None:
 def memory(app: Flask) -> None:
     """After a request that sent a body (an upload, a fusion), the memory its decoding freed goes
     back to the system (sonic/memory.py): otherwise a near-limit photo leaves the process larger."""
+
     @app.teardown_request
     def _give_back(_exc):
         if request.method == "POST":
@@ -69,6 +79,7 @@ def memory(app: Flask) -> None:
 
 def access_log(app: Flask) -> None:
     """One JSON line per request: id, method, route, status, milliseconds, parameters."""
+
     @app.before_request
     def _start():
         g.t0 = time.perf_counter()
@@ -76,7 +87,16 @@ def access_log(app: Flask) -> None:
     @app.after_request
     def _log(resp):
         count_request(request.url_rule.rule if request.url_rule else None, request.method, resp.status_code)
-        log.info(json.dumps({"request_id": g.get("request_id"), "method": request.method, "route": request.path,
-                             "status": resp.status_code, "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
-                             "params": g.get("log_params")}))
+        log.info(
+            json.dumps(
+                {
+                    "request_id": g.get("request_id"),
+                    "method": request.method,
+                    "route": request.path,
+                    "status": resp.status_code,
+                    "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
+                    "params": g.get("log_params"),
+                }
+            )
+        )
         return resp

@@ -6,6 +6,7 @@ field). It holds no locks or events: whoever runs jobs (a queue backend) owns th
 An error keeps its code, never an HTTP status: the routes derive that from the code
 (sonic_server/errors.py) when they answer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,27 +21,27 @@ from sonic import version as sonic_version
 
 QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELED = "queued", "processing", "succeeded", "failed", "canceled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
-JOB_ID = re.compile(r"[0-9a-f]{32}")       # what JobRecord.new makes (uuid4 hex): anything else is no job of ours
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what JobRecord.new makes (uuid4 hex): anything else is no job of ours
 
 
 @dataclass
 class JobRecord:
     id: str
-    kind: str                          # a key of sonic_server.tasks.TASKS: "generate"
-    params: dict                       # the request's validated parameters (GenerateOptions.to_dict())
-    inputs: dict = field(default_factory=dict)     # name -> stored file path ("image", "audio")
+    kind: str  # a key of sonic_server.tasks.TASKS: "generate"
+    params: dict  # the request's validated parameters (GenerateOptions.to_dict())
+    inputs: dict = field(default_factory=dict)  # name -> stored file path ("image", "audio")
     cache_key: str = ""
     status: str = QUEUED
     stage: str = QUEUED
-    progress: float = 0.0              # 0-1
-    result: dict | None = None         # the task's result; "file" names the output under output_dir
-    error: dict | None = None          # {"code", "message", "field"?}
-    created: float = field(default_factory=time.time)   # epoch s
+    progress: float = 0.0  # 0-1
+    result: dict | None = None  # the task's result; "file" names the output under output_dir
+    error: dict | None = None  # {"code", "message", "field"?}
+    created: float = field(default_factory=time.time)  # epoch s
     started: float | None = None
     finished: float | None = None
-    attempts: int = 0                  # distributed mode: runs started (a job lost with its worker may run again)
-    worker: str | None = None          # distributed mode: the worker of the latest run (for operators; not public)
-    owner: str | None = None           # who made it (access.Caller.owner); None: made without keys, anyone's
+    attempts: int = 0  # distributed mode: runs started (a job lost with its worker may run again)
+    worker: str | None = None  # distributed mode: the worker of the latest run (for operators; not public)
+    owner: str | None = None  # who made it (access.Caller.owner); None: made without keys, anyone's
 
     @classmethod
     def new(cls, kind: str, params: dict, cache_key: str = "", owner: str | None = None) -> "JobRecord":
@@ -71,8 +72,9 @@ class JobRecord:
         return d
 
 
-def cache_key(image: bytes, audio: bytes, options: GenerateOptions, version: str | None = None,
-              owner: str | None = None) -> str:
+def cache_key(
+    image: bytes, audio: bytes, options: GenerateOptions, version: str | None = None, owner: str | None = None
+) -> str:
     """Identical inputs and parameters give the same key (and the cached video), as long as the
     pipeline is the same: `version` (default `sonic.version.pipeline_version()`: the release and
     the output revision) is part of the key, so an upgrade renders again. With an `owner` the

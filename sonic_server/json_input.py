@@ -3,6 +3,7 @@
 number size are bounded, and every failure is an `InvalidParameter` naming the field, so no
 shape of JSON reaches a recursion limit, an integer-conversion limit or an infinity downstream.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from flask.json.provider import DefaultJSONProvider
 
 from sonic import InvalidParameter
 
-MAX_DEPTH = 20            # arrays and objects inside each other; the service's own bodies need 3
-MAX_NUMBER_CHARS = 40     # characters of one number literal (an int64 takes 20, a float's repr 24)
+MAX_DEPTH = 20  # arrays and objects inside each other; the service's own bodies need 3
+MAX_NUMBER_CHARS = 40  # characters of one number literal (an int64 takes 20, a float's repr 24)
 
 
 class _Refused:
@@ -33,11 +34,15 @@ def _number(kind: type):
         if value in (float("inf"), float("-inf")):
             return _Refused(f"the number {text} is out of range")
         return value
+
     return parse
 
 
-_DECODER = json.JSONDecoder(parse_int=_number(int), parse_float=_number(float),
-                            parse_constant=lambda name: _Refused(f"{name} is not a JSON number"))
+_DECODER = json.JSONDecoder(
+    parse_int=_number(int),
+    parse_float=_number(float),
+    parse_constant=lambda name: _Refused(f"{name} is not a JSON number"),
+)
 
 
 def _check(value: Any, field: str) -> None:
@@ -55,8 +60,7 @@ def _check(value: Any, field: str) -> None:
                 raise InvalidParameter(f"{where}: {child.why}", field=where)
             if isinstance(child, (dict, list)):
                 if depth + 1 > MAX_DEPTH:
-                    raise InvalidParameter(f"{where} nests arrays or objects more than {MAX_DEPTH} deep",
-                                           field=where)
+                    raise InvalidParameter(f"{where} nests arrays or objects more than {MAX_DEPTH} deep", field=where)
                 stack.append((child, depth + 1, where))
 
 
@@ -74,7 +78,7 @@ def parse_json(text: str | bytes, field: str) -> Any:
         raise InvalidParameter(f"{field} nests arrays or objects more than {MAX_DEPTH} deep", field=field) from None
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"{field} is not valid JSON: {e.msg}", field=field) from None
-    except ValueError as e:                        # a number the decoder cannot convert
+    except ValueError as e:  # a number the decoder cannot convert
         raise InvalidParameter(f"{field} is refused: {e}", field=field) from None
     _check(value, field)
     return value

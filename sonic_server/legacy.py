@@ -1,4 +1,5 @@
 """Runtime state left by earlier releases, brought to where this one keeps it."""
+
 from __future__ import annotations
 
 import logging

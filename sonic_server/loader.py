@@ -1,5 +1,6 @@
 """Start-up: the queue (and with it the model) is built once, now or in a background thread
 while the server already answers (/health says "starting", generate answers 503 until ready)."""
+
 from __future__ import annotations
 
 import logging
@@ -25,11 +26,11 @@ def start(service: Service, make_queue: Callable[[], JobQueue], background: bool
             service.device = str(getattr(pipeline, "device", "cpu"))
             service.queue = queue
             service.status = "ready"
-        except SonicError as e:                                # a named setup error: /health says it
+        except SonicError as e:  # a named setup error: /health says it
             log.error("pipeline set-up failed: %s", e.message)
             service.setup_error = e.message
             service.status = "setup_failed"
-        except Exception:                                      # noqa: BLE001 - /health reports it
+        except Exception:  # noqa: BLE001 - /health reports it
             log.exception("pipeline set-up failed")
             service.setup_error = "the pipeline failed to load (the server log has the details)"
             service.status = "setup_failed"

@@ -13,6 +13,7 @@ Several API processes on one machine (a process manager starting N copies) share
 PROMETHEUS_MULTIPROC_DIR names an empty folder they can all write (prometheus-client's
 multiprocess mode); without it each process reports its own.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,16 @@ SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 REQUESTS = Counter("sonic_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY)
 JOBS = Counter("sonic_jobs_finished", "jobs that ended", ["kind", "status"], registry=REGISTRY)
 FAILURES = Counter("sonic_job_failures", "failed jobs by error code", ["code"], registry=REGISTRY)
-DURATION = Histogram("sonic_job_duration_seconds", "seconds from a job's start to its end", ["kind"],
-                     buckets=SECONDS, registry=REGISTRY)
-STAGE = Histogram("sonic_stage_seconds", "seconds of each pipeline stage of succeeded jobs", ["stage"],
-                  buckets=SECONDS, registry=REGISTRY)
+DURATION = Histogram(
+    "sonic_job_duration_seconds", "seconds from a job's start to its end", ["kind"], buckets=SECONDS, registry=REGISTRY
+)
+STAGE = Histogram(
+    "sonic_stage_seconds",
+    "seconds of each pipeline stage of succeeded jobs",
+    ["stage"],
+    buckets=SECONDS,
+    registry=REGISTRY,
+)
 VIDEO = Counter("sonic_video_seconds", "seconds of video produced", registry=REGISTRY)
 
 
@@ -49,7 +56,7 @@ def count_job(rec) -> None:
                 if stage != "total":
                     STAGE.labels(stage).observe(float(seconds))
             VIDEO.inc(float(rec.result.get("duration") or 0.0))
-    except Exception:                                     # noqa: BLE001 - metrics never break a job
+    except Exception:  # noqa: BLE001 - metrics never break a job
         pass
 
 
@@ -58,6 +65,7 @@ def exposition(queue_health: dict | None) -> tuple[bytes, str]:
     the queue's gauges as they are now."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
+
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         body = generate_latest(registry)
@@ -65,13 +73,21 @@ def exposition(queue_health: dict | None) -> tuple[bytes, str]:
         body = generate_latest(REGISTRY)
     if queue_health is not None:
         workers = queue_health.get("workers")
-        busy = sum(w["state"] == "busy" for w in workers) if workers is not None else int(
-            queue_health.get("running_job") is not None)
-        lines = ["# HELP sonic_queue_length jobs waiting", "# TYPE sonic_queue_length gauge",
-                 f"sonic_queue_length {queue_health.get('queue_length', 0)}",
-                 "# HELP sonic_workers_live workers that run jobs", "# TYPE sonic_workers_live gauge",
-                 f"sonic_workers_live {queue_health.get('workers_alive', 0)}",
-                 "# HELP sonic_workers_busy workers running a job now", "# TYPE sonic_workers_busy gauge",
-                 f"sonic_workers_busy {busy}"]
+        busy = (
+            sum(w["state"] == "busy" for w in workers)
+            if workers is not None
+            else int(queue_health.get("running_job") is not None)
+        )
+        lines = [
+            "# HELP sonic_queue_length jobs waiting",
+            "# TYPE sonic_queue_length gauge",
+            f"sonic_queue_length {queue_health.get('queue_length', 0)}",
+            "# HELP sonic_workers_live workers that run jobs",
+            "# TYPE sonic_workers_live gauge",
+            f"sonic_workers_live {queue_health.get('workers_alive', 0)}",
+            "# HELP sonic_workers_busy workers running a job now",
+            "# TYPE sonic_workers_busy gauge",
+            f"sonic_workers_busy {busy}",
+        ]
         body += ("\n".join(lines) + "\n").encode()
     return body, CONTENT_TYPE_LATEST

@@ -7,18 +7,22 @@ the app's URL map: paths, methods and path parameters come from the routes thems
 whole area gives (401 and 429 from the access guard on `/api/`) are declared once with
 `responses_under(prefix, ...)` by the code that gives them.
 """
+
 from __future__ import annotations
 
 import re
 
 from flask import Flask
 
-INFO = {"title": "sonic talking-head API", "version": "0.1.0",
-        "description": "Portrait photo + speech recording -> lip-synced MP4."}
+INFO = {
+    "title": "sonic talking-head API",
+    "version": "0.1.0",
+    "description": "Portrait photo + speech recording -> lip-synced MP4.",
+}
 _COMPONENTS: dict[str, dict] = {}
-_AREAS: dict[str, tuple[dict, dict | None]] = {}      # path prefix -> (responses, security scheme)
-_EVERYWHERE: list[dict] = []                          # parameters every operation takes (headers)
-_PATH_SCHEMAS: dict[str, dict] = {}                   # path parameter name -> its schema
+_AREAS: dict[str, tuple[dict, dict | None]] = {}  # path prefix -> (responses, security scheme)
+_EVERYWHERE: list[dict] = []  # parameters every operation takes (headers)
+_PATH_SCHEMAS: dict[str, dict] = {}  # path parameter name -> its schema
 SECURITY_SCHEME = "bearerKey"
 _PATH_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -49,8 +53,13 @@ def path_parameter(name: str, pattern: re.Pattern, description: str) -> None:
 
 def header(name: str, description: str, schema: dict | None = None) -> dict:
     """An optional request header, as an OpenAPI parameter."""
-    return {"name": name, "in": "header", "required": False, "description": description,
-            "schema": schema or {"type": "string"}}
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
 
 
 def content(media_type: str, schema: dict) -> dict:
@@ -65,10 +74,16 @@ def error(description: str) -> tuple[str, dict]:
 def describe(summary: str, responses: dict, *, parameters: list | None = None, request_body: dict | None = None):
     """Mark a view for the OpenAPI document. `responses` maps a status to a description, or to
     (description, content)."""
+
     def mark(view):
-        view.openapi = {"summary": summary, "responses": responses, "parameters": parameters or [],
-                        "request_body": request_body}
+        view.openapi = {
+            "summary": summary,
+            "responses": responses,
+            "parameters": parameters or [],
+            "request_body": request_body,
+        }
         return view
+
     return mark
 
 
@@ -87,7 +102,7 @@ def parameters_schema(params: dict, extra: dict) -> dict:
         if p["minimum"] is not None:
             s["minimum"] = p["minimum"]
             if p["exclusive_minimum"]:
-                s["exclusiveMinimum"] = True          # OpenAPI 3.0: a flag on minimum, not a number
+                s["exclusiveMinimum"] = True  # OpenAPI 3.0: a flag on minimum, not a number
         if p["maximum"] is not None:
             s["maximum"] = p["maximum"]
         if p["default"] is not None:
@@ -102,17 +117,20 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
         doc = getattr(app.view_functions[rule.endpoint], "openapi", None)
         if doc is None:
             continue
-        path_params = [{"name": name, "in": "path", "required": True,
-                        "schema": _PATH_SCHEMAS.get(name, {"type": "string"})}
-                       for name in _PATH_ARG.findall(rule.rule)]
+        path_params = [
+            {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(name, {"type": "string"})}
+            for name in _PATH_ARG.findall(rule.rule)
+        ]
         areas = [area for prefix, area in _AREAS.items() if rule.rule.startswith(prefix)]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             responses = {code: r for shared, _ in areas for code, r in shared.items()}
             responses.update(doc["responses"])
-            op = {"summary": doc["summary"],
-                  "responses": {str(code): _response(r) for code, r in sorted(responses.items())}}
+            op = {
+                "summary": doc["summary"],
+                "responses": {str(code): _response(r) for code, r in sorted(responses.items())},
+            }
             if any(scheme for _, scheme in areas):
-                op["security"] = [{}, {SECURITY_SCHEME: []}]      # {}: no key needed unless keys are set
+                op["security"] = [{}, {SECURITY_SCHEME: []}]  # {}: no key needed unless keys are set
             op["parameters"] = path_params + doc["parameters"] + _EVERYWHERE
             if doc["request_body"]:
                 op["requestBody"] = doc["request_body"]

@@ -7,6 +7,7 @@ The files are swept whether or not the records survived the restart: with `serve
 `.part` files are still on disk. Nothing runs yet when this is called, so every job folder in the
 upload folder is a leftover.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,10 @@ from pathlib import Path
 from .jobs import FAILED, JOB_ID
 
 log = logging.getLogger("sonic.jobs")
-INTERRUPTED = {"code": "interrupted",
-               "message": "the service restarted while this job was queued or running; submit it again"}
+INTERRUPTED = {
+    "code": "interrupted",
+    "message": "the service restarted while this job was queued or running; submit it again",
+}
 
 
 def recover(store, uploads, output_dir: Path) -> list[str]:

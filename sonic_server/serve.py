@@ -1,9 +1,11 @@
 """Run the service with its built-in threaded server: `sonic serve` (or `python app.py`).
 
 Host and port come from --host/--port, then SONIC_HOST / SONIC_PORT, then the settings
-(`server.host`, `server.port`; default 127.0.0.1:5000): sonic/settings.py reads the layers. The model loads once, in the background,
-while /health already answers. For production: waitress-serve --call sonic_server:create_app.
+(`server.host`, `server.port`; default 127.0.0.1:5000): sonic/settings.py reads the layers. The
+model loads once, in the background, while /health already answers. For production:
+waitress-serve --call sonic_server:create_app.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +25,9 @@ SERVER_NAME = "sonic"
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
-    ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables "
-                    "override both")
+    ap.add_argument(
+        "--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables override both"
+    )
     ap.add_argument("--decoder", choices=("auto", "warp", "sonic"), help="the video decoder (default auto)")
     ap.add_argument("--checkpoints", metavar="DIR", help="the Sonic model's folder (docs/gpu.md)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the sonic decoder runs")
@@ -34,14 +37,21 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
-        settings = load_settings(args.config, flags={"server.host": args.host, "server.port": args.port,
-                                                     "decoder": args.decoder, "device": args.device,
-                                                     "sonic_checkpoints": args.checkpoints})
+        settings = load_settings(
+            args.config,
+            flags={
+                "server.host": args.host,
+                "server.port": args.port,
+                "decoder": args.decoder,
+                "device": args.device,
+                "sonic_checkpoints": args.checkpoints,
+            },
+        )
     except SettingsError as e:
         sys.exit(f"error: {e}")
     try:
-        app = create_app(settings, background_load=True)   # answers /health while the models load
-    except SonicError as e:                                # the accounts database cannot be opened, ...
+        app = create_app(settings, background_load=True)  # answers /health while the models load
+    except SonicError as e:  # the accounts database cannot be opened, ...
         sys.exit(f"error: {e.message}")
 
     class Handler(WSGIRequestHandler):
@@ -49,10 +59,11 @@ def serve(args: argparse.Namespace) -> None:
         timeout = settings.server.socket_timeout_s
 
         def version_string(self) -> str:
-            return SERVER_NAME             # no server or Python versions for a scanner to match
+            return SERVER_NAME  # no server or Python versions for a scanner to match
 
-    app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
-            request_handler=Handler)
+    app.run(
+        host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False, request_handler=Handler
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> None:

@@ -1,5 +1,6 @@
 """What the routes reach through `current_app`: the settings they use, read once in create_app,
 the upload folder, and the job queue once the model has loaded."""
+
 from __future__ import annotations
 
 import threading
@@ -36,22 +37,22 @@ class Slots:
 
 @dataclass
 class Service:
-    settings: Settings           # sonic/settings.py: parameter defaults, limits, folders
+    settings: Settings  # sonic/settings.py: parameter defaults, limits, folders
     uploads: Uploads
-    output_dir: Path             # videos, served from /output/<name>
-    outputs: Any                 # where the videos are: the folder, or a bucket (sonic_server/storage.py)
-    sync_wait_s: float           # a synchronous request waits this long, then gets 202
-    retry_after_s: str           # Retry-After of a 503 for a full queue
+    output_dir: Path  # videos, served from /output/<name>
+    outputs: Any  # where the videos are: the folder, or a bucket (sonic_server/storage.py)
+    sync_wait_s: float  # a synchronous request waits this long, then gets 202
+    retry_after_s: str  # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))
     queue: JobQueue | None = None
-    status: str = "starting"     # starting | ready | setup_failed
-    setup_error: str | None = None   # why setup failed, for /health (a checkpoint file and key, ...)
-    decoder: str | None = None       # the loaded pipeline's decoder and device, once ready
+    status: str = "starting"  # starting | ready | setup_failed
+    setup_error: str | None = None  # why setup failed, for /health (a checkpoint file and key, ...)
+    decoder: str | None = None  # the loaded pipeline's decoder and device, once ready
     device: str | None = None
-    decoder_identity: str | None = None   # the decoder and its weights: part of the result cache key
-    ledger: Any = None               # accounts and credits (credits.enabled; sonic_server/credits.py)
-    settler: Any = None              # ends the credit holds of jobs that have ended
-    fusion: Any = None               # the face fusion engine, made at the first fusion (routes/fusion.py)
+    decoder_identity: str | None = None  # the decoder and its weights: part of the result cache key
+    ledger: Any = None  # accounts and credits (credits.enabled; sonic_server/credits.py)
+    settler: Any = None  # ends the credit holds of jobs that have ended
+    fusion: Any = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
 
 
 def service() -> Service:

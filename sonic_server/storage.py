@@ -12,6 +12,7 @@ Two objects, the same interface for both kinds:
   `url` names it for a job's `video_url` (this server's /output/<name>, or a presigned URL),
   `touch` restarts its time to live (a cache hit) and `expire` deletes the old ones.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,17 +27,19 @@ from sonic import SonicError
 from .uploads import Uploads
 
 log = logging.getLogger("sonic.storage")
-MAX_AGE_S = 3600            # browser caching of a video (its name never names another video)
+MAX_AGE_S = 3600  # browser caching of a video (its name never names another video)
 CHUNK = 256 * 1024
 
 
 class StorageUnavailable(SonicError):
     """The object store did not answer or refused: the operator acts; the request may be retried."""
+
     code = "storage_unavailable"
 
 
 class FolderOutputs:
     """Videos as files in `output_dir`."""
+
     remote = False
 
     def __init__(self, folder: str | Path):
@@ -76,18 +79,29 @@ class S3:
     def __init__(self, cfg):
         import boto3
         from botocore.config import Config
+
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix or ""
-        options = dict(region_name=cfg.region, aws_access_key_id=cfg.access_key_id,
-                       aws_secret_access_key=cfg.secret_access_key,
-                       config=Config(signature_version="s3v4", connect_timeout=5, read_timeout=30,
-                                     retries={"max_attempts": 3, "mode": "standard"},
-                                     s3={"addressing_style": "path"}))
+        options = dict(
+            region_name=cfg.region,
+            aws_access_key_id=cfg.access_key_id,
+            aws_secret_access_key=cfg.secret_access_key,
+            config=Config(
+                signature_version="s3v4",
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"},
+            ),
+        )
         self.client = boto3.client("s3", endpoint_url=cfg.endpoint_url, **options)
         # presigned URLs carry the host they were signed for: the one clients reach
-        self.signer = boto3.client("s3", endpoint_url=cfg.public_endpoint_url, **options) \
-            if cfg.public_endpoint_url else self.client
+        self.signer = (
+            boto3.client("s3", endpoint_url=cfg.public_endpoint_url, **options)
+            if cfg.public_endpoint_url
+            else self.client
+        )
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -97,13 +111,14 @@ class S3:
         StorageUnavailable."""
         try:
             return fn(Bucket=self.bucket, **kw)
-        except Exception as e:                                  # noqa: BLE001 - translated
+        except Exception as e:  # noqa: BLE001 - translated
             raise self.failure(what, e, kw.get("Key", "")) from e
 
     def failure(self, what: str, e: Exception, key: str = "") -> Exception:
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
-        if isinstance(e, Boto3Error):                   # upload_file's S3UploadFailedError, ...
+
+        if isinstance(e, Boto3Error):  # upload_file's S3UploadFailedError, ...
             log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, e)
             return StorageUnavailable(f"the object store refused to {what} (bucket {self.bucket})")
         if isinstance(e, ClientError):
@@ -123,9 +138,12 @@ class S3:
             self.call("open the bucket", self.client.head_bucket)
         except (StorageUnavailable, FileNotFoundError) as e:
             from sonic.errors import SetupError
+
             where = self.cfg.endpoint_url or "AWS S3"
-            raise SetupError(f"S3 bucket {self.bucket!r} at {where} cannot be used: it is missing, unreachable "
-                             f"or the credentials are refused (settings s3.*)") from e
+            raise SetupError(
+                f"S3 bucket {self.bucket!r} at {where} cannot be used: it is missing, unreachable "
+                f"or the credentials are refused (settings s3.*)"
+            ) from e
 
     def delete_prefix(self, prefix: str) -> None:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
@@ -145,8 +163,9 @@ class S3Uploads(Uploads):
     def save(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
         paths = super().save(job_id, files)
         for name, data in files.items():
-            self.s3.call("store an upload", self.s3.client.put_object, Key=self.s3.key("uploads", job_id, name),
-                         Body=data)
+            self.s3.call(
+                "store an upload", self.s3.client.put_object, Key=self.s3.key("uploads", job_id, name), Body=data
+            )
         return paths
 
     def drop_local_copy(self, job_id: str) -> None:
@@ -162,8 +181,12 @@ class S3Uploads(Uploads):
         for name in inputs:
             path = folder / name
             try:
-                self.s3.call("read an upload", self.s3.client.download_file, Key=self.s3.key("uploads", job_id, name),
-                             Filename=str(path))
+                self.s3.call(
+                    "read an upload",
+                    self.s3.client.download_file,
+                    Key=self.s3.key("uploads", job_id, name),
+                    Filename=str(path),
+                )
             except FileNotFoundError as e:
                 raise StorageUnavailable(f"the job's {name} is missing from the object store") from e
             paths[name] = str(path)
@@ -173,37 +196,50 @@ class S3Uploads(Uploads):
         super().remove(job_id)
         try:
             self.s3.delete_prefix(self.s3.key("uploads", job_id) + "/")
-        except Exception:                                   # noqa: BLE001 - the bucket's lifecycle rule is the backstop
+        except Exception:  # noqa: BLE001 - the bucket's lifecycle rule is the backstop
             log.exception("job %s: its uploads could not be removed from the bucket", job_id)
 
 
 class S3Outputs:
     """Videos in the bucket: the worker's file is moved there; /output streams it or redirects."""
+
     remote = True
 
     def __init__(self, folder: str | Path, s3: S3):
-        self.folder = Path(folder)              # the worker's scratch folder
+        self.folder = Path(folder)  # the worker's scratch folder
         self.s3 = s3
 
     def publish(self, name: str) -> None:
         path = self.folder / name
-        self.s3.call("store the video", self.s3.client.upload_file, Key=self.s3.key("outputs", name),
-                     Filename=str(path), ExtraArgs={"ContentType": "video/mp4"})
+        self.s3.call(
+            "store the video",
+            self.s3.client.upload_file,
+            Key=self.s3.key("outputs", name),
+            Filename=str(path),
+            ExtraArgs={"ContentType": "video/mp4"},
+        )
         path.unlink(missing_ok=True)
 
     def touch(self, name: str) -> bool:
         """A copy onto itself restarts the object's Last-Modified (the time-to-live clock)."""
         key = self.s3.key("outputs", name)
         try:
-            self.s3.call("refresh a video", self.s3.client.copy_object, Key=key, ContentType="video/mp4",
-                         CopySource={"Bucket": self.s3.bucket, "Key": key}, MetadataDirective="REPLACE")
+            self.s3.call(
+                "refresh a video",
+                self.s3.client.copy_object,
+                Key=key,
+                ContentType="video/mp4",
+                CopySource={"Bucket": self.s3.bucket, "Key": key},
+                MetadataDirective="REPLACE",
+            )
             return True
         except (FileNotFoundError, StorageUnavailable):
             return False
 
     def expire(self, cutoff: float) -> None:
         pages = self.s3.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.s3.bucket, Prefix=self.s3.key("outputs") + "/")
+            Bucket=self.s3.bucket, Prefix=self.s3.key("outputs") + "/"
+        )
         for page in pages:
             old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
             if old:
@@ -213,8 +249,10 @@ class S3Outputs:
         if self.s3.cfg.video_url != "presigned":
             return proxied
         return self.s3.signer.generate_presigned_url(
-            "get_object", Params={"Bucket": self.s3.bucket, "Key": self.s3.key("outputs", name)},
-            ExpiresIn=int(self.s3.cfg.url_ttl_s))
+            "get_object",
+            Params={"Bucket": self.s3.bucket, "Key": self.s3.key("outputs", name)},
+            ExpiresIn=int(self.s3.cfg.url_ttl_s),
+        )
 
     def response(self, name: str):
         """The video streamed from the bucket (one byte range, conditional GETs), or a redirect to a
@@ -226,7 +264,7 @@ class S3Outputs:
                 return None
             return Response(status=302, headers={"Location": self.url(name, ""), "Cache-Control": "no-store"})
         kw = {"Key": self.s3.key("outputs", name)}
-        if request.method == "HEAD":                 # the headers only: no body is opened
+        if request.method == "HEAD":  # the headers only: no body is opened
             try:
                 head = self.s3.call("find the video", self.s3.client.head_object, **kw)
             except FileNotFoundError:
@@ -235,18 +273,21 @@ class S3Outputs:
         rng = request.range
         if rng is not None and len(rng.ranges) == 1:
             start, stop = rng.ranges[0]
-            if start < 0:                                            # the last -start bytes
+            if start < 0:  # the last -start bytes
                 kw["Range"] = f"bytes={start}"
             else:
                 kw["Range"] = f"bytes={start}-" if stop is None else f"bytes={start}-{stop - 1}"
         if request.headers.get("If-None-Match"):
             kw["IfNoneMatch"] = request.headers["If-None-Match"]
         from botocore.exceptions import ClientError
+
         try:
             obj = self.s3.client.get_object(Bucket=self.s3.bucket, **kw)
         except ClientError as e:
-            code, status = e.response.get("Error", {}).get("Code", ""), e.response.get("ResponseMetadata", {}).get(
-                "HTTPStatusCode")
+            code, status = (
+                e.response.get("Error", {}).get("Code", ""),
+                e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+            )
             if code in ("NoSuchKey", "404", "NotFound"):
                 return None
             if code == "InvalidRange" or status == 416:
@@ -255,7 +296,7 @@ class S3Outputs:
             if status == 304 or code == "304":
                 return Response(status=304)
             raise self.s3.failure("read the video", e) from e
-        except Exception as e:                                       # noqa: BLE001 - botocore: unreachable
+        except Exception as e:  # noqa: BLE001 - botocore: unreachable
             raise self.s3.failure("read the video", e) from e
         body = obj["Body"]
         headers = self._headers(obj, obj["ContentLength"])
@@ -267,25 +308,35 @@ class S3Outputs:
                 yield from body.iter_chunks(CHUNK)
             finally:
                 body.close()
-        return Response(stream(), status=206 if obj.get("ContentRange") else 200, mimetype="video/mp4",
-                        headers=headers, direct_passthrough=True)
+
+        return Response(
+            stream(),
+            status=206 if obj.get("ContentRange") else 200,
+            mimetype="video/mp4",
+            headers=headers,
+            direct_passthrough=True,
+        )
 
     @staticmethod
     def _headers(obj: dict, length: int) -> dict:
-        headers = {"Accept-Ranges": "bytes", "Content-Length": str(length),
-                   "Cache-Control": f"public, max-age={MAX_AGE_S}"}
+        headers = {
+            "Accept-Ranges": "bytes",
+            "Content-Length": str(length),
+            "Cache-Control": f"public, max-age={MAX_AGE_S}",
+        }
         if obj.get("ETag"):
             headers["ETag"] = obj["ETag"]
         if obj.get("LastModified"):
             from datetime import timezone
             from email.utils import format_datetime
+
             headers["Last-Modified"] = format_datetime(obj["LastModified"].astimezone(timezone.utc), usegmt=True)
         return headers
 
     def _size(self, key: str) -> int | None:
         try:
             return int(self.s3.client.head_object(Bucket=self.s3.bucket, Key=key)["ContentLength"])
-        except Exception:                                            # noqa: BLE001
+        except Exception:  # noqa: BLE001
             return None
 
 

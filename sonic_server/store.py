@@ -11,6 +11,7 @@ may hold a `status` inside the error JSON; `load` rebuilds them from their colum
 status, so they still load and answer with the status of their code. (The `status` column is the
 job's state, queued...failed, not an HTTP status.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,7 +54,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "record" not in columns:                     # a database from an older release
+        if "record" not in columns:  # a database from an older release
             self._db.execute("ALTER TABLE jobs ADD COLUMN record TEXT")
         self._lock = threading.Lock()
 
@@ -64,29 +65,49 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
                 "stage=excluded.stage, result=excluded.result, error=excluded.error, updated=excluded.updated, "
                 "record=excluded.record",
-                (rec.id, rec.status, rec.stage, rec.cache_key, json.dumps(rec.result) if rec.result else None,
-                 json.dumps(rec.error) if rec.error else None, rec.created, time.time(), json.dumps(rec.to_dict())))
+                (
+                    rec.id,
+                    rec.status,
+                    rec.stage,
+                    rec.cache_key,
+                    json.dumps(rec.result) if rec.result else None,
+                    json.dumps(rec.error) if rec.error else None,
+                    rec.created,
+                    time.time(),
+                    json.dumps(rec.to_dict()),
+                ),
+            )
 
     def load(self, job_id: str) -> JobRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT id, status, stage, cache_key, result, error, created, record "
-                                   "FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT id, status, stage, cache_key, result, error, created, record FROM jobs WHERE id=?", (job_id,)
+            ).fetchone()
         if row is None:
             return None
         if row[7]:
             rec = JobRecord.from_dict(json.loads(row[7]))
-        else:                                           # written by an older release: columns only
-            rec = JobRecord(id=row[0], kind="generate", params={}, cache_key=row[3] or "", status=row[1],
-                            stage=row[2], progress=1.0 if row[1] == SUCCEEDED else 0.0,
-                            result=json.loads(row[4]) if row[4] else None, error=json.loads(row[5]) if row[5] else None,
-                            created=row[6])
+        else:  # written by an older release: columns only
+            rec = JobRecord(
+                id=row[0],
+                kind="generate",
+                params={},
+                cache_key=row[3] or "",
+                status=row[1],
+                stage=row[2],
+                progress=1.0 if row[1] == SUCCEEDED else 0.0,
+                result=json.loads(row[4]) if row[4] else None,
+                error=json.loads(row[5]) if row[5] else None,
+                created=row[6],
+            )
         rec.error = _error_record(rec.error)
         return rec
 
     def cached(self, key: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE cache_key=? AND status='succeeded' "
-                                   "ORDER BY updated DESC LIMIT 1", (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE cache_key=? AND status='succeeded' ORDER BY updated DESC LIMIT 1", (key,)
+            ).fetchone()
         return row[0] if row else None
 
     def unfinished(self) -> list[str]:
@@ -105,7 +126,7 @@ class MemoryStore:
     """The same questions answered from a dict: records last as long as the process."""
 
     def __init__(self):
-        self._records: dict[str, tuple[dict, float]] = {}      # id -> (record, updated)
+        self._records: dict[str, tuple[dict, float]] = {}  # id -> (record, updated)
         self._lock = threading.Lock()
 
     def save(self, rec: JobRecord) -> None:
@@ -120,8 +141,11 @@ class MemoryStore:
 
     def cached(self, key: str) -> str | None:
         with self._lock:
-            hits = [(updated, d["id"]) for d, updated in self._records.values()
-                    if d["cache_key"] == key and d["status"] == SUCCEEDED]
+            hits = [
+                (updated, d["id"])
+                for d, updated in self._records.values()
+                if d["cache_key"] == key and d["status"] == SUCCEEDED
+            ]
         return max(hits)[1] if hits else None
 
     def unfinished(self) -> list[str]:
@@ -130,8 +154,9 @@ class MemoryStore:
 
     def prune(self, before: float) -> int:
         with self._lock:
-            old = [job_id for job_id, (d, updated) in self._records.items()
-                   if updated < before and d["status"] in TERMINAL]
+            old = [
+                job_id for job_id, (d, updated) in self._records.items() if updated < before and d["status"] in TERMINAL
+            ]
             for job_id in old:
                 del self._records[job_id]
         return len(old)

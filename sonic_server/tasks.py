@@ -7,6 +7,7 @@ stored in the record (`file` names the output under output_dir) and raises the l
 errors; the queue backend turns those into a failed record. A second kind (face fusion) is one
 more function and one more entry in TASKS.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,7 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     out = Path(output_dir) / f"{rec.id}.mp4"
     res = pipeline(image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress)
     result = res.to_dict()
-    if inputs is not None:        # decoded before queueing: the time counts as the request's decode
+    if inputs is not None:  # decoded before queueing: the time counts as the request's decode
         inputs.count_decode_in(result["timings"])
     result.pop("output_path", None)
     result["file"] = out.name

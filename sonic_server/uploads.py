@@ -1,6 +1,7 @@
 """The upload folder: a job's input files live in `<upload_dir>/<job id>/` from the request that
 brings them until the job ends (or is refused, or is found cut off at start-up). Created and
 deleted here only."""
+
 from __future__ import annotations
 
 import shutil

@@ -4,6 +4,7 @@ audio-to-bucket projection (the two motion micro-conditions per frame).
 
 Every size is read from the whisper folder's config.json and from the checkpoint tensors'
 shapes, so a model of the same architecture at any size loads the same way."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 from ..errors import SetupError
 from .weights import load_into, shape_of
 
-GENERATED_FPS = 12.5          # the model makes a frame per 80 ms (4 whisper frames); docs/gpu.md
+GENERATED_FPS = 12.5  # the model makes a frame per 80 ms (4 whisper frames); docs/gpu.md
 
 
 class AudioToTokens(nn.Module):
@@ -57,8 +58,10 @@ def audio_to_tokens(state: dict, path: Path, blocks: int, channels: int) -> tupl
     (dim,) = shape_of(state, "norm.weight", path)
     out3 = shape_of(state, "proj3.weight", path)[0]
     if in_dim % (blocks * channels) or out3 % dim:
-        raise SetupError(f"{path}: key 'proj1.weight' has {in_dim} inputs, not a multiple of the whisper "
-                         f"features' {blocks} x {channels} per frame")
+        raise SetupError(
+            f"{path}: key 'proj1.weight' has {in_dim} inputs, not a multiple of the whisper "
+            f"features' {blocks} x {channels} per frame"
+        )
     module = AudioToTokens(in_dim, hidden, dim, out3 // dim)
     return load_into(module, state, path).eval(), in_dim // (blocks * channels)
 
@@ -68,8 +71,10 @@ def audio_to_bucket(state: dict, path: Path, channels: int, embed_dim: int) -> t
     hidden, in_dim = shape_of(state, "proj1.weight", path)
     outputs = shape_of(state, "proj3.weight", path)[0]
     if (in_dim - embed_dim) <= 0 or (in_dim - embed_dim) % channels:
-        raise SetupError(f"{path}: key 'proj1.weight' has {in_dim} inputs, which is not whisper's {channels} "
-                         f"channels per frame times a window plus the image embedding's {embed_dim}")
+        raise SetupError(
+            f"{path}: key 'proj1.weight' has {in_dim} inputs, which is not whisper's {channels} "
+            f"channels per frame times a window plus the image embedding's {embed_dim}"
+        )
     module = AudioToBucket(in_dim, hidden, outputs)
     return load_into(module, state, path).eval(), (in_dim - embed_dim) // channels
 
@@ -80,28 +85,29 @@ class WhisperFeatures:
 
     def __init__(self, folder: Path, device: torch.device):
         from transformers import WhisperFeatureExtractor, WhisperModel
+
         try:
             self.extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
             model = WhisperModel.from_pretrained(str(folder), local_files_only=True)
-        except Exception as e:                              # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             raise SetupError(f"{folder}: the whisper model does not load ({type(e).__name__}: {str(e)[:200]})") from e
         self.encoder = model.encoder.to(device).eval()
         del model
         self.device = device
         cfg = self.encoder.config
         self.blocks, self.channels = cfg.encoder_layers + 1, cfg.d_model
-        self.chunk = self.extractor.n_samples                     # samples per 30 s window
-        self.frames_per_chunk = cfg.max_source_positions          # encoder frames per window
-        self.rate = self.frames_per_chunk * self.extractor.sampling_rate / self.chunk   # 50 per second
+        self.chunk = self.extractor.n_samples  # samples per 30 s window
+        self.frames_per_chunk = cfg.max_source_positions  # encoder frames per window
+        self.rate = self.frames_per_chunk * self.extractor.sampling_rate / self.chunk  # 50 per second
 
     @torch.no_grad()
     def __call__(self, wav: np.ndarray) -> torch.Tensor:
         out = []
         for start in range(0, max(1, len(wav)), self.chunk):
-            piece = wav[start:start + self.chunk]
+            piece = wav[start : start + self.chunk]
             feats = self.extractor(piece, sampling_rate=self.extractor.sampling_rate, return_tensors="pt")
             states = self.encoder(feats.input_features.to(self.device), output_hidden_states=True).hidden_states
-            out.append(torch.stack(states, dim=2)[0])             # (frames, blocks, channels)
+            out.append(torch.stack(states, dim=2)[0])  # (frames, blocks, channels)
         feats = torch.cat(out, dim=0)
         # whole 25 fps frames of audio only, as the model was trained (at 16 kHz: 2 * (samples // 640))
         keep = len(wav) * 25 // self.extractor.sampling_rate * int(round(self.rate / 25))
@@ -114,7 +120,13 @@ def windows(feats: torch.Tensor, n: int, stride: float, length: int) -> torch.Te
     left = length // 2 - 1
     starts = torch.round(torch.arange(n, dtype=torch.float64) * stride).long() - left
     pad = torch.zeros((left + length + 1, *feats.shape[1:]), dtype=feats.dtype, device=feats.device)
-    padded = torch.cat([pad, feats, pad, torch.zeros((int(np.ceil(n * stride)),) + tuple(feats.shape[1:]),
-                                                     dtype=feats.dtype, device=feats.device)])
+    padded = torch.cat(
+        [
+            pad,
+            feats,
+            pad,
+            torch.zeros((int(np.ceil(n * stride)),) + tuple(feats.shape[1:]), dtype=feats.dtype, device=feats.device),
+        ]
+    )
     idx = (starts + len(pad))[:, None] + torch.arange(length)[None, :]
     return padded[idx]

@@ -16,6 +16,7 @@ itself. What each generation parameter does with it:
   loudness and moves the audio track by the lag it finds (sonic/lipsync.py); the lag is
   `lipsync_offset_ms`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -40,8 +41,11 @@ def fit_to_multiple(framing: Framing) -> tuple[np.ndarray, tuple[float, float, f
     """The frame resized so both sides are multiples of 64, and the face box (x0, y0, x1, y1) in it."""
     h, w = framing.frame.shape[:2]
     H, W = max(MULTIPLE, int(round(h / MULTIPLE)) * MULTIPLE), max(MULTIPLE, int(round(w / MULTIPLE)) * MULTIPLE)
-    frame = framing.frame if (H, W) == (h, w) else cv2.resize(
-        framing.frame, (W, H), interpolation=cv2.INTER_AREA if H < h else cv2.INTER_CUBIC)
+    frame = (
+        framing.frame
+        if (H, W) == (h, w)
+        else cv2.resize(framing.frame, (W, H), interpolation=cv2.INTER_AREA if H < h else cv2.INTER_CUBIC)
+    )
     xs, ys = framing.landmarks[:, 0] * W / w, framing.landmarks[:, 1] * H / h
     return frame, (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
 
@@ -54,10 +58,11 @@ class SonicKind(DecoderKind):
     def __init__(self, model=None):
         self.model = model
         self.device = "cpu" if model is None else model.device.type
-        self._lock = threading.Lock()       # one request at a time on the model (the UNet's audio context)
+        self._lock = threading.Lock()  # one request at a time on the model (the UNet's audio context)
 
     def load(self, settings: Settings) -> "SonicKind":
         from .model import SonicModel, quiet_libraries
+
         quiet_libraries()
         return SonicKind(SonicModel(settings.sonic_checkpoints, settings.device, settings.allow_unsafe_pickle))
 
@@ -67,6 +72,7 @@ class SonicKind(DecoderKind):
         if self.model is None:
             return self.name
         import hashlib
+
         layout = self.model.layout
         files = [layout.weights(s) for s in ("unet", "audio2token", "audio2bucket")] + [layout.unet_config]
         h = hashlib.sha256()
@@ -77,8 +83,10 @@ class SonicKind(DecoderKind):
 
     def speak(self, framing: Framing, wav: np.ndarray, n_frames: int, options: GenerateOptions, progress):
         import torch
+
         from .audio import GENERATED_FPS
         from .model import generated_count, retime
+
         if self.model is None:
             raise RuntimeError("the sonic decoder is not loaded (SonicKind.load)")
         model = self.model
@@ -90,13 +98,20 @@ class SonicKind(DecoderKind):
             with self._lock:
                 progress("audio", 0.1)
                 cond = model.condition(frame, box, wav, n, options.dynamic_scale, gen)
-                latents = model.denoise(cond, n, options.inference_steps, options.motion_scale, gen,
-                                        lambda done, total: progress("denoise", 0.15 + 0.75 * done / total))
+                latents = model.denoise(
+                    cond,
+                    n,
+                    options.inference_steps,
+                    options.motion_scale,
+                    gen,
+                    lambda done, total: progress("denoise", 0.15 + 0.75 * done / total),
+                )
                 progress("render", 0.9)
                 frames, rate = model.decode(latents), GENERATED_FPS
-                if model.rife is not None:               # RIFE: a frame between each pair, 25 a second
+                if model.rife is not None:  # RIFE: a frame between each pair, 25 a second
                     frames, rate = model.doubled(frames), 2 * GENERATED_FPS
                 yield from retime(frames, n_frames, options.fps, blend=options.smooth_motion, source_fps=rate)
+
         return SpokenFrames(frame, frames())
 
 

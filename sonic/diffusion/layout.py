@@ -13,6 +13,7 @@
 Each `.pth` may also be given as `.safetensors` beside it (scripts/convert_checkpoints.py writes
 them); the safetensors file wins. This module only looks at paths: it imports no torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,16 @@ from ..errors import SetupError
 
 SVD = "stable-video-diffusion-img2vid-xt"
 # a folder that diffusers / transformers load holds its config and one of these weight files
-HF_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-              "model.safetensors", "model.fp16.safetensors", "diffusion_pytorch_model.bin",
-              "diffusion_pytorch_model.fp16.bin", "pytorch_model.bin", "pytorch_model.fp16.bin")
+HF_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.bin",
+    "pytorch_model.fp16.bin",
+)
 
 
 @dataclass(frozen=True)
@@ -69,9 +77,14 @@ class Layout:
         for stem in ("unet", "audio2token", "audio2bucket"):
             if not self.weights(stem).is_file():
                 lack.append(f"Sonic/{stem}.pth")
-        for f in (self.unet_config, self.scheduler / "scheduler_config.json", self.vae / "config.json",
-                  self.image_encoder / "config.json", self.whisper / "config.json",
-                  self.whisper / "preprocessor_config.json"):
+        for f in (
+            self.unet_config,
+            self.scheduler / "scheduler_config.json",
+            self.vae / "config.json",
+            self.image_encoder / "config.json",
+            self.whisper / "config.json",
+            self.whisper / "preprocessor_config.json",
+        ):
             if not f.is_file():
                 lack.append(str(f.relative_to(self.root)))
         for folder in (self.vae, self.image_encoder, self.whisper):
@@ -83,8 +96,10 @@ class Layout:
 def checked_layout(folder: str | Path | None) -> Layout:
     """The layout of `folder`; SetupError naming the first missing file when it is incomplete."""
     if not folder:
-        raise SetupError("the sonic decoder needs its checkpoints: set sonic_checkpoints "
-                         "(SONIC_CHECKPOINTS, --checkpoints DIR); see docs/gpu.md")
+        raise SetupError(
+            "the sonic decoder needs its checkpoints: set sonic_checkpoints "
+            "(SONIC_CHECKPOINTS, --checkpoints DIR); see docs/gpu.md"
+        )
     root = Path(folder)
     if not root.is_dir():
         raise SetupError(f"sonic_checkpoints {str(root)!r} is not a folder")

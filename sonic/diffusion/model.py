@@ -14,6 +14,7 @@ Sampling, per request (docs/gpu.md has the figures and what each parameter does)
 5. the VAE decodes the latents a few frames at a time, and the frames are retimed from 12.5 to
    the requested fps (a cross-fade between the two nearest generated frames) as they come.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,15 +32,15 @@ from .layout import HF_WEIGHTS, Layout, checked_layout
 from .unet import AudioContext, build_unet, read_config
 from .weights import check_fit, load_state
 
-IMAGE_GUIDANCE = 2.0          # the reference image's guidance
-AUDIO_GUIDANCE = 7.5          # the audio's guidance, times motion_scale
-SHIFT_PER_STEP = 7            # frames the window grid moves at each step
-BUCKET_SCALE, BUCKET_OFFSET = 16.0, 16.0   # audio2bucket's output -> SVD's micro-condition range
-FACE_AREA = 1.1               # the face mask: the face box enlarged this much
-DECODE_CHUNK = 8              # frames the VAE decodes at once
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)    # CLIP's own normalisation, unless the folder says otherwise
+IMAGE_GUIDANCE = 2.0  # the reference image's guidance
+AUDIO_GUIDANCE = 7.5  # the audio's guidance, times motion_scale
+SHIFT_PER_STEP = 7  # frames the window grid moves at each step
+BUCKET_SCALE, BUCKET_OFFSET = 16.0, 16.0  # audio2bucket's output -> SVD's micro-condition range
+FACE_AREA = 1.1  # the face mask: the face box enlarged this much
+DECODE_CHUNK = 8  # frames the VAE decodes at once
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's own normalisation, unless the folder says otherwise
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-Progress = Callable[[int, int], None]              # (UNet calls done, UNet calls in all)
+Progress = Callable[[int, int], None]  # (UNet calls done, UNet calls in all)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -57,19 +58,19 @@ def _pretrained(cls, folder: Path, **kw):
         variant = "fp16"
     try:
         return cls.from_pretrained(str(folder), local_files_only=True, variant=variant, **kw)
-    except Exception as e:                                  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
         raise SetupError(f"{folder}: does not load as {cls.__name__} ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 @dataclass
 class Conditioning:
-    tokens: torch.Tensor          # (N, T, D) audio tokens per generated frame
-    silent: torch.Tensor          # (1, T, D) the tokens of silence
-    buckets: torch.Tensor         # (N, 2) motion micro-conditions
-    embeds: torch.Tensor          # (1, E) image embedding
-    ref_latents: torch.Tensor     # (1, C, h, w) scaled VAE mean of the portrait
-    image_latents: torch.Tensor   # (1, C, h, w) unscaled VAE mode (the UNet's extra input channels)
-    mask: torch.Tensor            # (1, 1, H, W) face region
+    tokens: torch.Tensor  # (N, T, D) audio tokens per generated frame
+    silent: torch.Tensor  # (1, T, D) the tokens of silence
+    buckets: torch.Tensor  # (N, 2) motion micro-conditions
+    embeds: torch.Tensor  # (1, E) image embedding
+    ref_latents: torch.Tensor  # (1, C, h, w) scaled VAE mean of the portrait
+    image_latents: torch.Tensor  # (1, C, h, w) unscaled VAE mode (the UNet's extra input channels)
+    mask: torch.Tensor  # (1, 1, H, W) face region
 
 
 class SonicModel:
@@ -78,41 +79,49 @@ class SonicModel:
     def __init__(self, folder: str | Path | None, device: str = "auto", allow_unsafe_pickle: bool = False):
         from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
         from transformers import CLIPVisionModelWithProjection
+
         layout = self.layout = checked_layout(folder)
         self.device = pick_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.whisper = WhisperFeatures(layout.whisper, self.device)
-        self.clip = _pretrained(CLIPVisionModelWithProjection, layout.image_encoder, dtype=self.dtype).to(self.device).eval()
+        self.clip = (
+            _pretrained(CLIPVisionModelWithProjection, layout.image_encoder, dtype=self.dtype).to(self.device).eval()
+        )
         self.clip_size = int(self.clip.config.image_size)
         self.clip_mean, self.clip_std = self._clip_normalisation(layout)
         self.vae = _pretrained(AutoencoderKLTemporalDecoder, layout.vae, torch_dtype=self.dtype).to(self.device).eval()
         try:
             self.scheduler_config = EulerDiscreteScheduler.load_config(str(layout.scheduler), local_files_only=True)
-        except Exception as e:                              # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             raise SetupError(f"{layout.scheduler}: no readable scheduler config ({e})") from e
         self.prediction = self.scheduler_config.get("prediction_type", "epsilon")
         if self.prediction not in ("v_prediction", "epsilon"):
             raise SetupError(f"{layout.scheduler}: prediction_type {self.prediction!r} is not supported")
         embed_dim = int(self.clip.config.projection_dim)
         path = layout.weights("audio2token")
-        self.audio2token, self.token_window = audio_to_tokens(load_state(path, allow_unsafe_pickle), path,
-                                                              self.whisper.blocks, self.whisper.channels)
+        self.audio2token, self.token_window = audio_to_tokens(
+            load_state(path, allow_unsafe_pickle), path, self.whisper.blocks, self.whisper.channels
+        )
         path = layout.weights("audio2bucket")
-        self.audio2bucket, self.bucket_window = audio_to_bucket(load_state(path, allow_unsafe_pickle), path,
-                                                                self.whisper.channels, embed_dim)
+        self.audio2bucket, self.bucket_window = audio_to_bucket(
+            load_state(path, allow_unsafe_pickle), path, self.whisper.channels, embed_dim
+        )
         self.audio2token.to(self.device)
         self.audio2bucket.to(self.device)
         self.unet = self._load_unet(layout, allow_unsafe_pickle)
         self.window = int(self.unet.config.num_frames)
         if self.unet.config.cross_attention_dim != self.audio2token.dim:
-            raise SetupError(f"{layout.weights('audio2token')}: makes tokens of {self.audio2token.dim}, the UNet's "
-                             f"cross_attention_dim is {self.unet.config.cross_attention_dim}")
+            raise SetupError(
+                f"{layout.weights('audio2token')}: makes tokens of {self.audio2token.dim}, the UNet's "
+                f"cross_attention_dim is {self.unet.config.cross_attention_dim}"
+            )
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.rife = None
-        if layout.rife is not None:                 # optional: a frame between each pair (25 a second)
+        if layout.rife is not None:  # optional: a frame between each pair (25 a second)
             from .rife import load_interpolator
+
             self.rife = load_interpolator(layout.rife, self.device, allow_unsafe_pickle)
-        self.unet_calls = 0          # counted, for tests and benchmarks
+        self.unet_calls = 0  # counted, for tests and benchmarks
 
     def _clip_normalisation(self, layout: Layout):
         pre = layout.root / "stable-video-diffusion-img2vid-xt" / "feature_extractor" / "preprocessor_config.json"
@@ -132,15 +141,24 @@ class SonicModel:
 
     # -- one request -----------------------------------------------------------------------
     @torch.no_grad()
-    def condition(self, frame: np.ndarray, face_box: tuple[float, float, float, float], wav: np.ndarray,
-                  n_generated: int, dynamic_scale: float, generator: torch.Generator) -> Conditioning:
+    def condition(
+        self,
+        frame: np.ndarray,
+        face_box: tuple[float, float, float, float],
+        wav: np.ndarray,
+        n_generated: int,
+        dynamic_scale: float,
+        generator: torch.Generator,
+    ) -> Conditioning:
         dev, dt = self.device, self.dtype
         clip_in = cv2.resize(frame, (self.clip_size, self.clip_size), interpolation=cv2.INTER_AREA)
-        clip_in = (clip_in.astype(np.float32) / 255.0 - np.array(self.clip_mean, np.float32)) / np.array(self.clip_std, np.float32)
+        clip_in = (clip_in.astype(np.float32) / 255.0 - np.array(self.clip_mean, np.float32)) / np.array(
+            self.clip_std, np.float32
+        )
         pixels = torch.from_numpy(clip_in).permute(2, 0, 1)[None].to(dev, dt)
-        embeds = self.clip(pixel_values=pixels).image_embeds                       # (1, E)
+        embeds = self.clip(pixel_values=pixels).image_embeds  # (1, E)
 
-        feats = self.whisper(wav).to(dev)                                           # (T, blocks, ch), 50 a second
+        feats = self.whisper(wav).to(dev)  # (T, blocks, ch), 50 a second
         stride = self.whisper.rate / GENERATED_FPS
         tok_in = windows(feats, n_generated, stride, self.token_window)
         tokens = self.audio2token(tok_in)
@@ -151,7 +169,7 @@ class SonicModel:
 
         ref = torch.from_numpy(frame).permute(2, 0, 1)[None].to(dev, torch.float32) / 127.5 - 1.0
         ref = ref.to(dt)
-        torch.randn(ref.shape, generator=generator, device=generator.device)       # the noise-augmentation draw (strength 0)
+        torch.randn(ref.shape, generator=generator, device=generator.device)  # the noise-augmentation draw (strength 0)
         posterior = self.vae.encode(ref).latent_dist
         ref_latents = posterior.mean * self.vae.config.scaling_factor
         image_latents = posterior.mode()
@@ -160,15 +178,28 @@ class SonicModel:
         x0, y0, x1, y1 = face_box
         cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * FACE_AREA / 2, (y1 - y0) * FACE_AREA / 2
         mask = torch.zeros((1, 1, h, w), dtype=dt, device=dev)
-        mask[..., max(0, int(cy - hh)):min(h, int(math.ceil(cy + hh))), max(0, int(cx - hw)):min(w, int(math.ceil(cx + hw)))] = 1
-        return Conditioning(tokens.to(dt), silent.to(dt), buckets.float(), embeds.to(dt), ref_latents.to(dt),
-                            image_latents.to(dt), mask)
+        mask[
+            ...,
+            max(0, int(cy - hh)) : min(h, int(math.ceil(cy + hh))),
+            max(0, int(cx - hw)) : min(w, int(math.ceil(cx + hw))),
+        ] = 1
+        return Conditioning(
+            tokens.to(dt), silent.to(dt), buckets.float(), embeds.to(dt), ref_latents.to(dt), image_latents.to(dt), mask
+        )
 
     @torch.no_grad()
-    def denoise(self, cond: Conditioning, n: int, steps: int, motion_scale: float, generator: torch.Generator,
-                progress: Progress | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        cond: Conditioning,
+        n: int,
+        steps: int,
+        motion_scale: float,
+        generator: torch.Generator,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
         """The latents of n generated frames, (n, C, h, w)."""
         from diffusers import EulerDiscreteScheduler
+
         dev, dt, F = self.device, self.dtype, self.window
         scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=dev)
@@ -176,8 +207,10 @@ class SonicModel:
         c, h, w = cond.ref_latents.shape[1:]
         noise = torch.randn((n, c, h, w), generator=generator, device=generator.device, dtype=torch.float32).to(dev)
         latents = (cond.ref_latents.float() + sigmas[0] * noise).to(dt)
-        image = torch.cat([torch.zeros_like(cond.image_latents), cond.image_latents, cond.image_latents])   # (3, C, h, w)
-        embeds = torch.cat([torch.zeros_like(cond.embeds), cond.embeds, cond.embeds])[:, None]           # (3, 1, E)
+        image = torch.cat(
+            [torch.zeros_like(cond.image_latents), cond.image_latents, cond.image_latents]
+        )  # (3, C, h, w)
+        embeds = torch.cat([torch.zeros_like(cond.embeds), cond.embeds, cond.embeds])[:, None]  # (3, 1, E)
         starts = list(range(0, n, F))
         total, done = steps * len(starts), 0
         for i in range(steps):
@@ -187,10 +220,12 @@ class SonicModel:
             for s in starts:
                 idx = (torch.arange(F, device=dev) + s - SHIFT_PER_STEP * i) % n
                 x = latents[idx].float()
-                scaled = (x / torch.sqrt(sigma ** 2 + 1)).to(dt)
+                scaled = (x / torch.sqrt(sigma**2 + 1)).to(dt)
                 sample = torch.cat([torch.stack([scaled] * 3), image[:, None].expand(3, F, c, h, w)], dim=2)
-                mb = cond.buckets[idx].mean(0)              # buckets and idx are both on the device
-                time_ids = torch.tensor([[GENERATED_FPS, float(mb[0]), float(mb[1])]], dtype=dt, device=dev).repeat(3, 1)
+                mb = cond.buckets[idx].mean(0)  # buckets and idx are both on the device
+                time_ids = torch.tensor([[GENERATED_FPS, float(mb[0]), float(mb[1])]], dtype=dt, device=dev).repeat(
+                    3, 1
+                )
                 tokens = torch.cat([cond.silent.expand(F, -1, -1), cond.silent.expand(F, -1, -1), cond.tokens[idx]])
                 self.context.use(tokens, F, cond.mask)
                 out = self.unet(sample, timesteps[i], encoder_hidden_states=embeds, added_time_ids=time_ids).sample
@@ -198,7 +233,7 @@ class SonicModel:
                 u, a, cnd = out.float().chunk(3)
                 pred = u[0] + IMAGE_GUIDANCE * (a[0] - u[0]) + AUDIO_GUIDANCE * motion_scale * (cnd[0] - a[0])
                 if self.prediction == "v_prediction":
-                    x0 = -sigma / torch.sqrt(sigma ** 2 + 1) * pred + x / (sigma ** 2 + 1)
+                    x0 = -sigma / torch.sqrt(sigma**2 + 1) * pred + x / (sigma**2 + 1)
                 else:
                     x0 = x - sigma * pred
                 x_next = x + (x - x0) / sigma * (sigma_next - sigma)
@@ -215,11 +250,10 @@ class SonicModel:
     def decode(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """Frames (k, H, W, 3) uint8, DECODE_CHUNK at a time."""
         for s in range(0, len(latents), DECODE_CHUNK):
-            chunk = latents[s:s + DECODE_CHUNK] / self.vae.config.scaling_factor
+            chunk = latents[s : s + DECODE_CHUNK] / self.vae.config.scaling_factor
             frames = self.vae.decode(chunk, num_frames=len(chunk)).sample.float()
             frames = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
             yield frames.cpu().numpy()
-
 
     @torch.no_grad()
     def doubled(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -231,7 +265,7 @@ class SonicModel:
             if prev is not None:
                 frames = torch.cat([prev, frames])
             mids = self.rife.middle(frames[:-1], frames[1:]) if len(frames) > 1 else frames[:0]
-            out = torch.stack([frames[:-1], mids], 1).flatten(0, 1)       # I, M, I, M, ...
+            out = torch.stack([frames[:-1], mids], 1).flatten(0, 1)  # I, M, I, M, ...
             if len(out):
                 yield (out * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             prev = frames[-1:]
@@ -244,8 +278,9 @@ def generated_count(n_out: int, fps: float) -> int:
     return max(1, int(math.ceil((n_out - 1) * GENERATED_FPS / fps)) + 1)
 
 
-def retime(chunks: Iterator[np.ndarray], n_out: int, fps: float, blend: bool = True,
-           source_fps: float = GENERATED_FPS) -> Iterator[np.ndarray]:
+def retime(
+    chunks: Iterator[np.ndarray], n_out: int, fps: float, blend: bool = True, source_fps: float = GENERATED_FPS
+) -> Iterator[np.ndarray]:
     """Frames at source_fps (the model's 12.5, or 25 after RIFE) -> n_out frames at fps: output
     frame j shows time j / fps, a cross-fade of the two frames around it (blend) or the nearest
     one. Streams: keeps one frame back."""
@@ -262,14 +297,19 @@ def retime(chunks: Iterator[np.ndarray], n_out: int, fps: float, blend: bool = T
             t = p - k
             if not blend:
                 t = 0.0 if t < 0.5 else 1.0
-            out.append(frames[k] if t < 1e-6 else frames[k + 1] if t > 1 - 1e-6 else
-                       np.clip(frames[k] * (1 - t) + frames[k + 1] * t + 0.5, 0, 255).astype(np.uint8))
+            out.append(
+                frames[k]
+                if t < 1e-6
+                else frames[k + 1]
+                if t > 1 - 1e-6
+                else np.clip(frames[k] * (1 - t) + frames[k + 1] * t + 0.5, 0, 255).astype(np.uint8)
+            )
             j += 1
         if out:
             yield np.stack(out)
         base += len(chunk)
         prev = frames[-1]
-    if j < n_out and prev is not None:               # the last generated frame holds to the end
+    if j < n_out and prev is not None:  # the last generated frame holds to the end
         yield np.repeat(prev[None], n_out - j, axis=0)
 
 
@@ -277,6 +317,7 @@ def quiet_libraries() -> None:
     """diffusers and transformers report progress bars and advice on stderr: not in a service."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
+
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()

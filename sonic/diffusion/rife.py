@@ -12,6 +12,7 @@ training only: it is loaded (the key check is exact) and never run.
 Sizes come from the checkpoint's tensors: a block's input channels and width are read from its
 first convolutions.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,8 +62,9 @@ class FlowBlock(nn.Module):
 def backward_warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """`img` sampled at each pixel + flow (pixels), bilinear, edges held."""
     n, _, h, w = img.shape
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=img.device), torch.linspace(-1, 1, w, device=img.device),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=img.device), torch.linspace(-1, 1, w, device=img.device), indexing="ij"
+    )
     gx = xs[None] + flow[:, 0] / ((w - 1) / 2)
     gy = ys[None] + flow[:, 1] / ((h - 1) / 2)
     return F.grid_sample(img, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border", align_corners=True)
@@ -81,7 +83,7 @@ class Interpolator(nn.Module):
         flow = img0.new_zeros((n, 4, h, w))
         mask = img0.new_zeros((n, 1, h, w))
         warped0, warped1 = img0, img1
-        for block, scale in zip((self.block0, self.block1, self.block2), SCALES):
+        for block, scale in zip((self.block0, self.block1, self.block2), SCALES, strict=True):
             f0, m0 = block(torch.cat([warped0, warped1, mask], 1), flow, scale)
             f1, m1 = block(torch.cat([warped1, warped0, -mask], 1), torch.cat([flow[:, 2:], flow[:, :2]], 1), scale)
             flow = flow + (f0 + torch.cat([f1[:, 2:], f1[:, :2]], 1)) / 2
@@ -96,7 +98,7 @@ def load_interpolator(path: Path, device: torch.device, allow_unsafe_pickle: boo
     "module." prefix (saved from a data-parallel wrapper): it is taken off."""
     state = load_state(path, allow_unsafe_pickle)
     if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        state = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
     cin = shape_of(state, "block0.conv0.0.0.weight", path)[1]
     width = shape_of(state, "block0.conv0.1.0.weight", path)[0]
     t_cin = shape_of(state, "block_tea.conv0.0.0.weight", path)[1]

@@ -14,6 +14,7 @@ second attention of the same queries over the audio tokens to the image attentio
 The audio tokens and the mask of the current call are set on one shared `AudioContext` before
 the UNet runs (`context.use(...)`), so diffusers' own forward pass is used unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,9 @@ from ..errors import SetupError
 
 @dataclass
 class AudioContext:
-    tokens: torch.Tensor | None = None     # (batch * frames, T, dim)
+    tokens: torch.Tensor | None = None  # (batch * frames, T, dim)
     frames: int = 1
-    mask: torch.Tensor | None = None       # (1, 1, H, W) in [0, 1], the face region in pixels
+    mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1], the face region in pixels
     scale: float = 1.0
 
     def use(self, tokens: torch.Tensor, frames: int, mask: torch.Tensor | None) -> "AudioContext":
@@ -43,9 +44,9 @@ def _mask_for(mask: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Ten
     """The pixel mask resized (bicubic) to the grid of `queries` tokens: (1, queries, 1)."""
     h, w = mask.shape[-2:]
     gh, gw = h, w
-    while gh * gw > queries and gh > 1:                   # each level halves the grid (rounding up)
+    while gh * gw > queries and gh > 1:  # each level halves the grid (rounding up)
         gh, gw = (gh + 1) // 2, (gw + 1) // 2
-    if gh * gw != queries:                                # not a grid of this mask: no masking
+    if gh * gw != queries:  # not a grid of this mask: no masking
         return torch.ones((1, queries, 1), dtype=dtype, device=mask.device)
     small = F.interpolate(mask.float(), size=(gh, gw), mode="bicubic", align_corners=False)
     return small.reshape(1, queries, 1).to(dtype)
@@ -58,13 +59,13 @@ class AudioAttention(nn.Module):
         super().__init__()
         self.to_k_ip = nn.ModuleList([nn.Linear(context_dim, hidden, bias=False)])
         self.to_v_ip = nn.ModuleList([nn.Linear(context_dim, hidden, bias=False)])
-        self._context = [context]                         # a list: not a submodule, not in the state dict
+        self._context = [context]  # a list: not a submodule, not in the state dict
         self.temporal = temporal
 
     @staticmethod
     def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n, heads = q.shape[0], attn.heads
-        split = lambda x: x.reshape(n, -1, heads, x.shape[-1] // heads).transpose(1, 2)   # noqa: E731
+        split = lambda x: x.reshape(n, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return out.transpose(1, 2).reshape(n, -1, heads * out.shape[-1])
 
@@ -75,7 +76,7 @@ class AudioAttention(nn.Module):
         out = self._attend(attn, q, attn.to_k(context), attn.to_v(context))
         if ctx.tokens is not None:
             tokens = ctx.tokens.to(q.dtype)
-            if self.temporal:           # queries are (batch * positions, frames): the window's mean tokens
+            if self.temporal:  # queries are (batch * positions, frames): the window's mean tokens
                 batch = tokens.shape[0] // ctx.frames
                 mean = tokens.reshape(batch, ctx.frames, *tokens.shape[1:]).mean(1)
                 tokens = mean.repeat_interleave(q.shape[0] // batch, dim=0)
@@ -98,10 +99,11 @@ def build_unet(config: dict, config_path: Path, context: AudioContext, device="c
     """The UNet of `config` (random weights, on `device`; "meta" builds it without memory) with
     an AudioAttention on every attn2; the audio tokens' width is the config's cross_attention_dim."""
     from diffusers import UNetSpatioTemporalConditionModel
+
     try:
         with torch.device(device):
             unet = UNetSpatioTemporalConditionModel.from_config(config)
-    except Exception as e:                                  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
         raise SetupError(f"{config_path}: not a spatio-temporal UNet config ({type(e).__name__}: {e})") from e
     context_dim = unet.config.cross_attention_dim
     if not isinstance(context_dim, int):

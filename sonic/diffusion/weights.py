@@ -1,5 +1,6 @@
 """Reading checkpoint tensors safely, and fitting them to a module with errors that name the file
 and the first offending key (never a traceback from deep inside torch)."""
+
 from __future__ import annotations
 
 import pickle
@@ -23,27 +24,29 @@ def load_state(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, torch
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path), device="cpu")
         else:
             try:
                 # memory-mapped: a 6 GB UNet file is not read into memory twice on its way to the GPU
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except pickle.UnpicklingError as e:
-                if "unsupported global" not in str(e).lower():   # not a class it refused: no checkpoint
+                if "unsupported global" not in str(e).lower():  # not a class it refused: no checkpoint
                     raise
                 if not allow_unsafe_pickle:
                     raise SetupError(
                         f"{path}: holds more than tensors and would need full pickle, which can run code from "
                         "the file; convert it (scripts/convert_checkpoints.py) or, for a file you trust, set "
-                        "allow_unsafe_pickle") from e
+                        "allow_unsafe_pickle"
+                    ) from e
                 state = torch.load(path, map_location="cpu", weights_only=False)
     except SetupError:
         raise
-    except Exception as e:                                  # noqa: BLE001 - a bad file, said plainly
+    except Exception as e:  # noqa: BLE001 - a bad file, said plainly
         raise SetupError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if allow_unsafe_pickle and isinstance(state, dict):     # what full pickle brought beside the tensors
+    if allow_unsafe_pickle and isinstance(state, dict):  # what full pickle brought beside the tensors
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if isinstance(state, dict):
         state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()}

@@ -4,6 +4,7 @@
 processes, `sonic worker`) implements the same methods, so the routes do not change. Every
 method returns copies of records (sonic_server/jobs.py): a caller never sees one change under it.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -39,7 +40,7 @@ def follow(get: Callable[[], JobRecord | None], wait_for_change: Callable[[dict]
 
 
 class JobQueue(ABC):
-    output_dir: Path             # where a finished job's `result["file"]` lies
+    output_dir: Path  # where a finished job's `result["file"]` lies
 
     @abstractmethod
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
@@ -83,5 +84,5 @@ class JobQueue(ABC):
         weights), when the queue knows it."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a backend with nothing to stop needs no close of its own
         """Stop taking jobs (tests, shutdown)."""

@@ -17,6 +17,7 @@ stopped the way a cancel stops it (a thread cannot be killed): the progress call
 gets raises at its next report once the limit has passed (the pipeline reports after each batch
 of frames), and the job ends failed with the code `job_timeout`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,13 +38,25 @@ from . import JobQueue, QueueFull, WorkerStopped, follow
 from .execute import INTERNAL, JobCanceled, JobTimedOut, run_task
 
 log = logging.getLogger("sonic.jobs")
-NOT_STARTED = {"code": "internal_error",
-               "message": "the job could not be started (its record was not saved); see the server log with this job id"}
+NOT_STARTED = {
+    "code": "internal_error",
+    "message": "the job could not be started (its record was not saved); see the server log with this job id",
+}
 
 
 class LocalQueue(JobQueue):
-    def __init__(self, pipeline, output_dir: Path, uploads, *, queue_size: int, output_ttl_s: float,
-                 store=None, tasks: dict | None = None, job_timeout_s: float = 0.0):
+    def __init__(
+        self,
+        pipeline,
+        output_dir: Path,
+        uploads,
+        *,
+        queue_size: int,
+        output_ttl_s: float,
+        store=None,
+        tasks: dict | None = None,
+        job_timeout_s: float = 0.0,
+    ):
         """`job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
         report after this many seconds; 0 sets no limit."""
         self.pipeline = pipeline
@@ -51,17 +64,17 @@ class LocalQueue(JobQueue):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.uploads = uploads
         self.store = store if store is not None else MemoryStore()
-        outputs_lock = threading.Lock()           # a cache hit's refresh and the expiry sweep, one at a time
+        outputs_lock = threading.Lock()  # a cache hit's refresh and the expiry sweep, one at a time
         self.cache = ResultCache(self.store, self.output_dir, outputs_lock)
         self.expiry = OutputExpiry(self.store, self.output_dir, output_ttl_s, outputs_lock)
         self.tasks = tasks if tasks is not None else TASKS
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
         recover(self.store, uploads, self.output_dir)
-        self._live: dict[str, JobRecord] = {}           # queued and running records
-        self._inputs: dict[str, object] = {}            # decoded inputs of the next job, until it starts
-        self._unsaved: dict[str, JobRecord] = {}        # finished records the store refused, until it takes them
-        self._pending: collections.deque[str] = collections.deque()    # waiting job ids, oldest first
+        self._live: dict[str, JobRecord] = {}  # queued and running records
+        self._inputs: dict[str, object] = {}  # decoded inputs of the next job, until it starts
+        self._unsaved: dict[str, JobRecord] = {}  # finished records the store refused, until it takes them
+        self._pending: collections.deque[str] = collections.deque()  # waiting job ids, oldest first
         self._canceling: set[str] = set()
         self._changed = threading.Condition()
         self._running: str | None = None
@@ -78,9 +91,9 @@ class LocalQueue(JobQueue):
                 raise QueueFull()
             rec = rec.copy()
             rec.status = rec.stage = QUEUED
-            self.store.save(rec)                      # first: a record the store refuses is never queued
+            self.store.save(rec)  # first: a record the store refuses is never queued
             self._live[rec.id] = rec
-            if inputs is not None and not self._pending:      # this job runs next: keep its arrays
+            if inputs is not None and not self._pending:  # this job runs next: keep its arrays
                 self._inputs[rec.id] = inputs
             self._pending.append(rec.id)
             self._changed.notify_all()
@@ -100,7 +113,7 @@ class LocalQueue(JobQueue):
         with self._changed:
             rec = self._live.get(job_id)
             queued = rec is not None and job_id in self._pending
-            if queued:                       # a canceled job frees its place in the queue at once
+            if queued:  # a canceled job frees its place in the queue at once
                 self._pending.remove(job_id)
             elif rec is not None:
                 self._canceling.add(job_id)
@@ -119,9 +132,9 @@ class LocalQueue(JobQueue):
         def wait_for_change(last: dict) -> None:
             deadline = time.monotonic() + heartbeat_s
             with self._changed:
-                while (job_id in self._live and self._live[job_id].to_dict() == last
-                       and time.monotonic() < deadline):
+                while job_id in self._live and self._live[job_id].to_dict() == last and time.monotonic() < deadline:
                     self._changed.wait(deadline - time.monotonic())
+
         return follow(lambda: self.get(job_id), wait_for_change)
 
     def queue_length(self) -> int:
@@ -131,8 +144,11 @@ class LocalQueue(JobQueue):
     def health(self) -> dict:
         """One snapshot, taken under the lock the worker changes them under."""
         with self._changed:
-            return {"running_job": self._running, "workers_alive": int(self._worker.is_alive()),
-                    "queue_length": len(self._pending)}
+            return {
+                "running_job": self._running,
+                "workers_alive": int(self._worker.is_alive()),
+                "queue_length": len(self._pending),
+            }
 
     def close(self) -> None:
         with self._changed:
@@ -166,26 +182,26 @@ class LocalQueue(JobQueue):
             for job_id, rec in list(self._unsaved.items()):
                 try:
                     self.store.save(rec)
-                except Exception:                     # noqa: BLE001 - still refused: try again later
+                except Exception:  # noqa: BLE001 - still refused: try again later
                     break
                 del self._unsaved[job_id]
                 log.info("job %s: its final record is saved now", job_id)
         try:
             self.expiry.maybe_sweep()
-        except Exception:                             # noqa: BLE001 - the worker must outlive a failed sweep
+        except Exception:  # noqa: BLE001 - the worker must outlive a failed sweep
             log.exception("output expiry sweep failed")
 
     def _process(self, rec: JobRecord) -> None:
         """Run one job to its end; whatever fails, the job ends and the worker goes on."""
         try:
             self.store.save(rec)
-        except Exception:                             # noqa: BLE001 - e.g. disk full, database locked
+        except Exception:  # noqa: BLE001 - e.g. disk full, database locked
             log.exception("job %s: the store refused its start", rec.id)
             self._finish(rec, FAILED, error=dict(NOT_STARTED))
         else:
             try:
                 self._execute(rec)
-            except Exception:                         # noqa: BLE001 - the worker must outlive any job
+            except Exception:  # noqa: BLE001 - the worker must outlive any job
                 log.exception("job %s failed outside its task", rec.id)
                 self._finish(rec, FAILED, error=dict(INTERNAL))
         finally:
@@ -204,8 +220,15 @@ class LocalQueue(JobQueue):
                 rec.stage, rec.progress = stage, frac
                 self._changed.notify_all()
 
-        status, fields = run_task(rec, self.tasks, self.pipeline, self.output_dir, self._inputs.pop(rec.id, None),
-                                  progress, self.job_timeout_s)
+        status, fields = run_task(
+            rec,
+            self.tasks,
+            self.pipeline,
+            self.output_dir,
+            self._inputs.pop(rec.id, None),
+            progress,
+            self.job_timeout_s,
+        )
         self._finish(rec, status, **fields)
 
     def _finish(self, rec: JobRecord, status: str, **fields) -> None:
@@ -213,8 +236,8 @@ class LocalQueue(JobQueue):
         Never raises: a final record the store refuses is logged and kept in `_unsaved` (answered
         by `get`) until the store takes it between jobs."""
         try:
-            self.uploads.remove(rec.id)                   # inputs go when the job ends, before it is seen ended
-        except Exception:                                 # noqa: BLE001
+            self.uploads.remove(rec.id)  # inputs go when the job ends, before it is seen ended
+        except Exception:  # noqa: BLE001
             log.exception("job %s: its upload folder could not be removed", rec.id)
         with self._changed:
             rec.status = rec.stage = status
@@ -223,7 +246,7 @@ class LocalQueue(JobQueue):
             rec.finished = time.time()
             try:
                 self.store.save(rec)
-            except Exception:                             # noqa: BLE001 - e.g. disk full, database locked
+            except Exception:  # noqa: BLE001 - e.g. disk full, database locked
                 log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, status)
                 self._unsaved[rec.id] = rec
             finally:

@@ -29,6 +29,7 @@ for "lost", also only while the lease is absent). So a worker's late progress ca
 a cancel or a `worker_lost`, a finished job cannot be declared lost, and a run declared lost
 cannot end the job a second time.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,10 @@ from . import JobQueue, QueueFull, WorkerStopped, follow
 log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
 QUEUE_NAME = "sonic"
-WORKER_LOST = {"code": "worker_lost",
-               "message": "the worker running this job stopped answering (killed or lost); try again"}
+WORKER_LOST = {
+    "code": "worker_lost",
+    "message": "the worker running this job stopped answering (killed or lost); try again",
+}
 
 
 def connect(url: str) -> redis_lib.Redis:
@@ -58,6 +61,7 @@ def connect(url: str) -> redis_lib.Redis:
 
 def rq_queue(conn: redis_lib.Redis):
     from rq import Queue
+
     return Queue(QUEUE_NAME, connection=conn)
 
 
@@ -88,8 +92,9 @@ def install_store_outage_handler(app) -> None:
     @app.errorhandler(redis_lib.RedisError)
     def _outage(e):
         log.warning("Redis does not answer: %s", type(e).__name__)
-        return error_response("not_ready", "the job store (Redis) does not answer; retry shortly",
-                              headers={"Retry-After": "5"})
+        return error_response(
+            "not_ready", "the job store (Redis) does not answer; retry shortly", headers={"Retry-After": "5"}
+        )
 
 
 def lease_key(job_id: str) -> str:
@@ -103,13 +108,27 @@ class RedisStore:
         self.r = conn
         self._swap = conn.register_script(_SWAP)
 
-    def swap(self, rec: JobRecord, expect_status: str, expect_attempts: int, *, lease_lapsed: bool = False,
-             drop_lease: bool = False) -> bool:
+    def swap(
+        self,
+        rec: JobRecord,
+        expect_status: str,
+        expect_attempts: int,
+        *,
+        lease_lapsed: bool = False,
+        drop_lease: bool = False,
+    ) -> bool:
         """Save `rec` only if the stored record is still `expect_status` at run `expect_attempts`
         (and, with lease_lapsed, only while its lease is absent); True when saved."""
-        done = self._swap(keys=[PREFIX + f"job:{rec.id}", lease_key(rec.id)],
-                          args=[expect_status, expect_attempts, json.dumps(rec.to_dict()),
-                                "1" if lease_lapsed else "0", "1" if drop_lease else "0"])
+        done = self._swap(
+            keys=[PREFIX + f"job:{rec.id}", lease_key(rec.id)],
+            args=[
+                expect_status,
+                expect_attempts,
+                json.dumps(rec.to_dict()),
+                "1" if lease_lapsed else "0",
+                "1" if drop_lease else "0",
+            ],
+        )
         if done:
             p = self.r.pipeline()
             self._index(p, rec)
@@ -163,8 +182,16 @@ class RedisStore:
 
 def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipeline=None) -> None:
     """One RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker."""
-    rq_queue(conn).enqueue_call("sonic_server.worker.run_job", args=(rec.id,), job_id=rq_job_id(rec), timeout=-1,
-                                result_ttl=0, failure_ttl=3600, at_front=at_front, pipeline=pipeline)
+    rq_queue(conn).enqueue_call(
+        "sonic_server.worker.run_job",
+        args=(rec.id,),
+        job_id=rq_job_id(rec),
+        timeout=-1,
+        result_ttl=0,
+        failure_ttl=3600,
+        at_front=at_front,
+        pipeline=pipeline,
+    )
 
 
 def rq_job_id(rec: JobRecord) -> str:
@@ -175,7 +202,7 @@ def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output
     """A running job whose lease has lapsed: queued again (retry) or failed `worker_lost`, by
     whichever process gets there first (the others see the new state)."""
     new = rec.copy()
-    retry = rec.attempts <= retry_lost_jobs              # runs so far include the lost one
+    retry = rec.attempts <= retry_lost_jobs  # runs so far include the lost one
     if retry:
         new.status = new.stage = QUEUED
         new.progress, new.started = 0.0, None
@@ -183,7 +210,7 @@ def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output
         new.status = new.stage = FAILED
         new.error, new.finished = dict(WORKER_LOST), time.time()
     if not store.swap(new, PROCESSING, rec.attempts, lease_lapsed=True):
-        return store.load(rec.id) or rec                # ended, renewed or declared meanwhile
+        return store.load(rec.id) or rec  # ended, renewed or declared meanwhile
     for part in Path(output_dir).glob(f".{rec.id}*.part*"):
         part.unlink(missing_ok=True)
     if retry:
@@ -194,7 +221,7 @@ def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output
     count_job(new)
     try:
         uploads.remove(rec.id)
-    except Exception:                                    # noqa: BLE001
+    except Exception:  # noqa: BLE001
         log.exception("job %s: its upload folder could not be removed", rec.id)
     return new
 
@@ -223,8 +250,17 @@ def live_workers(conn: redis_lib.Redis) -> list[dict]:
 class RedisQueue(JobQueue):
     """What an API process uses: validated jobs go to Redis; workers elsewhere run them."""
 
-    def __init__(self, url: str, output_dir: Path, uploads, *, queue_size: int, job_timeout_s: float = 0.0,
-                 retry_lost_jobs: int = 0, outputs=None):
+    def __init__(
+        self,
+        url: str,
+        output_dir: Path,
+        uploads,
+        *,
+        queue_size: int,
+        job_timeout_s: float = 0.0,
+        retry_lost_jobs: int = 0,
+        outputs=None,
+    ):
         self.r = connect(url)
         self.r.ping()
         self.store = RedisStore(self.r)
@@ -260,7 +296,7 @@ class RedisQueue(JobQueue):
                     return rec
                 except redis_lib.WatchError:
                     continue
-        self.r.delete(PREFIX + f"job:{rec.id}")          # never queued: its record goes
+        self.r.delete(PREFIX + f"job:{rec.id}")  # never queued: its record goes
         self.r.srem(PREFIX + "unfinished", rec.id)
         raise QueueFull()
 
@@ -277,16 +313,17 @@ class RedisQueue(JobQueue):
         rec = self.get(job_id)
         if rec is None or rec.terminal:
             return rec
-        self.r.set(PREFIX + f"cancel:{job_id}", 1, ex=24 * 3600)     # a running job sees it at its next report
+        self.r.set(PREFIX + f"cancel:{job_id}", 1, ex=24 * 3600)  # a running job sees it at its next report
         if rec.status == QUEUED:
             new = rec.copy()
             new.status = new.stage = CANCELED
             new.finished = time.time()
-            if self.store.swap(new, QUEUED, rec.attempts):              # not taken by a worker meanwhile
+            if self.store.swap(new, QUEUED, rec.attempts):  # not taken by a worker meanwhile
                 from rq.job import Job
+
                 try:
                     Job.fetch(rq_job_id(rec), connection=self.r).cancel()
-                except Exception:                                    # noqa: BLE001 - gone: the worker skips it
+                except Exception:  # noqa: BLE001 - gone: the worker skips it
                     pass
                 self.uploads.remove(job_id)
                 count_job(new)
@@ -311,6 +348,7 @@ class RedisQueue(JobQueue):
             while time.monotonic() < deadline:
                 if pubsub.get_message(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
                     return
+
         try:
             yield from follow(lambda: self.get(job_id), wait_for_change)
         finally:
@@ -321,12 +359,24 @@ class RedisQueue(JobQueue):
 
     def health(self) -> dict:
         reap(self.store, self.retry_lost_jobs, self.output_dir, self.uploads)
-        workers = [{"name": w.get("name"), "state": "busy" if w.get("job") else "idle", "job": w.get("job"),
-                    "decoder": w.get("decoder"), "device": w.get("device"), "last_heartbeat": w.get("heartbeat")}
-                   for w in live_workers(self.r)]
+        workers = [
+            {
+                "name": w.get("name"),
+                "state": "busy" if w.get("job") else "idle",
+                "job": w.get("job"),
+                "decoder": w.get("decoder"),
+                "device": w.get("device"),
+                "last_heartbeat": w.get("heartbeat"),
+            }
+            for w in live_workers(self.r)
+        ]
         running = next((w["job"] for w in workers if w["job"]), None)
-        return {"running_job": running, "workers_alive": len(workers), "queue_length": self.queue_length(),
-                "workers": workers}
+        return {
+            "running_job": running,
+            "workers_alive": len(workers),
+            "queue_length": self.queue_length(),
+            "workers": workers,
+        }
 
     def decoder_identity(self) -> str | None:
         workers = live_workers(self.r)

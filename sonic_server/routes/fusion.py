@@ -6,6 +6,7 @@ Input: JSON with base64 images (a `data:image/...;base64,` prefix is accepted), 
 with the images as files and the other fields as form fields. Output: JSON with the result as
 base64, or (`output_format: binary`) the image itself with its content type, for `<img src>`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,6 +60,7 @@ class FusionEngine:
         """Called within a turn."""
         from sonic.face import FaceAnalyzer
         from sonic.fusion import fuse
+
         if self._analyzer is None:
             self._analyzer = FaceAnalyzer()
         return fuse(source, target, self._analyzer, ratio, swap_eye)
@@ -105,8 +107,7 @@ def _decode(data: bytes, name: str, limits, full_size: bool) -> np.ndarray:
 def _options(body: dict, where: str = "") -> dict:
     unknown = sorted(str(k) for k in set(body) - FIELDS)
     if unknown:
-        raise InvalidParameter(f"unknown field {where}{unknown[0]!r} (known: {', '.join(sorted(FIELDS))})",
-                               unknown[0])
+        raise InvalidParameter(f"unknown field {where}{unknown[0]!r} (known: {', '.join(sorted(FIELDS))})", unknown[0])
     ratio = body.get("blend_ratio", 0.6)
     if isinstance(ratio, str):
         try:
@@ -147,11 +148,13 @@ def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
     t0 = time.perf_counter()
     opts = _options(body)
     limits = svc.settings.limits
-    raw = {name: _image_bytes(files[name] if files and name in files else body.get(name), name)
-           for name in ("source_image", "target_image")}
+    raw = {
+        name: _image_bytes(files[name] if files and name in files else body.get(name), name)
+        for name in ("source_image", "target_image")
+    }
     engine = _engine(svc)
     with engine.turn(limits.decode_wait_s):
-        t_turn = time.perf_counter()                       # the wait for the turn is not decoding
+        t_turn = time.perf_counter()  # the wait for the turn is not decoding
         src = _decode(raw["source_image"], "source_image", limits, full_size=False)
         tgt = _decode(raw["target_image"], "target_image", limits, full_size=True)
         t_decode = time.perf_counter()
@@ -160,25 +163,41 @@ def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
         t_fuse = time.perf_counter()
         data = _encode(res.image, opts["image_format"])
         t_end = time.perf_counter()
-    timings = {"decode": round(t_decode - t_turn, 3), **{k: v for k, v in res.timings.items() if k != "total"},
-               "encode": round(t_end - t_fuse, 3), "total": round(t_end - t0, 3)}
+    timings = {
+        "decode": round(t_decode - t_turn, 3),
+        **{k: v for k, v in res.timings.items() if k != "total"},
+        "encode": round(t_end - t_fuse, 3),
+        "total": round(t_end - t0, 3),
+    }
     h, w = res.image.shape[:2]
-    return ({"width": w, "height": h, "faces": res.faces, "blend_ratio": opts["blend_ratio"],
-             "swap_eye": opts["swap_eye"], "image_format": opts["image_format"], "timings": timings},
-            data, opts["image_format"], opts["output_format"])
+    return (
+        {
+            "width": w,
+            "height": h,
+            "faces": res.faces,
+            "blend_ratio": opts["blend_ratio"],
+            "swap_eye": opts["swap_eye"],
+            "image_format": opts["image_format"],
+            "timings": timings,
+        },
+        data,
+        opts["image_format"],
+        opts["output_format"],
+    )
 
 
 def _payer(svc, units: int):
     """With credits: hold the price of `units` fusions (402 when short); (hold id, price) or a response."""
-    from .generate import _insufficient, _payer as account_payer
+    from .generate import _insufficient
+    from .generate import _payer as account_payer
+
     payer = account_payer(svc, "fusions need")
     if payer is None or isinstance(payer, Response):
         return payer, 0
     p = payer[0]
     price = svc.settings.credits.per_fusion
-    hold = "f" + uuid.uuid4().hex[:31]                   # the server's own id, never the client's
-    ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"),
-                                     kind="fusion")
+    hold = "f" + uuid.uuid4().hex[:31]  # the server's own id, never the client's
+    ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"), kind="fusion")
     if not ok:
         return _insufficient(price * units, balance), 0
     return hold, price
@@ -189,38 +208,91 @@ def _settle(svc, hold, price: int, done: int) -> None:
         svc.ledger.settle(hold, done > 0, price * done, reason=f"{done} fusion(s)")
 
 
-FUSION_BODY = {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["source_image", "target_image"],
-                                    "additionalProperties": False, "properties": {
-        "source_image": {"type": "string", "format": "byte", "description": "the face to blend in (base64)"},
-        "target_image": {"type": "string", "format": "byte", "description": "the photo it goes into (base64)"},
-        "blend_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.6},
-        "swap_eye": {"type": "boolean", "default": False},
-        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "base64"},
-        "image_format": {"type": "string", "enum": list(IMAGE_FORMATS), "default": "jpeg"}}}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["source_image", "target_image"],
-                                       "additionalProperties": False, "properties": {
-        "source_image": {"type": "string", "format": "binary"}, "target_image": {"type": "string", "format": "binary"},
-        "blend_ratio": {"type": "number"}, "swap_eye": {"type": "boolean"},
-        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS)},
-        "image_format": {"type": "string", "enum": list(IMAGE_FORMATS)}}}}}}
-FUSION_RESULT = {"type": "object", "properties": {
-    "success": {"type": "boolean"}, "request_id": {"type": "string"},
-    "result": {"type": "object", "properties": {"image_base64": {"type": "string"}, "width": {"type": "integer"},
-                                                "height": {"type": "integer"}, "faces": {"type": "object"}}},
-    "timings": {"type": "object"}}}
-ERRORS = {400: error("a bad field (named): base64, image format, blend_ratio..."),
-          402: error("credits enabled: not enough credits"), 413: error("an image or the body is too large"),
-          422: error("no face in the source or the target image (field says which)")}
+FUSION_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["source_image", "target_image"],
+                "additionalProperties": False,
+                "properties": {
+                    "source_image": {
+                        "type": "string",
+                        "format": "byte",
+                        "description": "the face to blend in (base64)",
+                    },
+                    "target_image": {
+                        "type": "string",
+                        "format": "byte",
+                        "description": "the photo it goes into (base64)",
+                    },
+                    "blend_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.6},
+                    "swap_eye": {"type": "boolean", "default": False},
+                    "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "base64"},
+                    "image_format": {"type": "string", "enum": list(IMAGE_FORMATS), "default": "jpeg"},
+                },
+            }
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["source_image", "target_image"],
+                "additionalProperties": False,
+                "properties": {
+                    "source_image": {"type": "string", "format": "binary"},
+                    "target_image": {"type": "string", "format": "binary"},
+                    "blend_ratio": {"type": "number"},
+                    "swap_eye": {"type": "boolean"},
+                    "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS)},
+                    "image_format": {"type": "string", "enum": list(IMAGE_FORMATS)},
+                },
+            }
+        },
+    },
+}
+FUSION_RESULT = {
+    "type": "object",
+    "properties": {
+        "success": {"type": "boolean"},
+        "request_id": {"type": "string"},
+        "result": {
+            "type": "object",
+            "properties": {
+                "image_base64": {"type": "string"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+                "faces": {"type": "object"},
+            },
+        },
+        "timings": {"type": "object"},
+    },
+}
+ERRORS = {
+    400: error("a bad field (named): base64, image format, blend_ratio..."),
+    402: error("credits enabled: not enough credits"),
+    413: error("an image or the body is too large"),
+    422: error("no face in the source or the target image (field says which)"),
+}
 
 
 @bp.post("/fusion")
 @bp.post("/api/fusion")
-@describe("Blend the source photo's face into the target photo", request_body=FUSION_BODY, responses={
-    200: ("the fused image: JSON with base64, or the image itself (output_format: binary)",
-          {"application/json": {"schema": FUSION_RESULT},
-           "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-           "image/png": {"schema": {"type": "string", "format": "binary"}}}), **ERRORS})
+@describe(
+    "Blend the source photo's face into the target photo",
+    request_body=FUSION_BODY,
+    responses={
+        200: (
+            "the fused image: JSON with base64, or the image itself (output_format: binary)",
+            {
+                "application/json": {"schema": FUSION_RESULT},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+        ),
+        **ERRORS,
+    },
+)
 def fusion():
     svc = service()
     body, files = _request_body()
@@ -238,8 +310,14 @@ def fusion():
         resp.headers["X-Fusion-Timings"] = ",".join(f"{k}={v}" for k, v in fields["timings"].items())
         return resp
     timings = fields.pop("timings")
-    return jsonify({"success": True, "result": {"image_base64": base64.b64encode(data).decode("ascii"), **fields},
-                    "timings": timings, "request_id": g.get("request_id")})
+    return jsonify(
+        {
+            "success": True,
+            "result": {"image_base64": base64.b64encode(data).decode("ascii"), **fields},
+            "timings": timings,
+            "request_id": g.get("request_id"),
+        }
+    )
 
 
 def _request_body() -> tuple[dict, dict | None]:
@@ -250,20 +328,42 @@ def _request_body() -> tuple[dict, dict | None]:
     return json_object_body("send a JSON object (Content-Type: application/json) or multipart/form-data"), None
 
 
-BATCH_BODY = {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["pairs"], "additionalProperties": False, "properties": {
-        # each pair has /fusion's JSON fields; a bad pair is that pair's error in the answer, not a 400
-        "pairs": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "description": "source_image, target_image and optionally blend_ratio, swap_eye, "
-                                             "image_format, as for POST /fusion"}},
-        "blend_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-        "swap_eye": {"type": "boolean"}, "image_format": {"type": "string", "enum": list(IMAGE_FORMATS)}}}}}}
+BATCH_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["pairs"],
+                "additionalProperties": False,
+                "properties": {
+                    # each pair has /fusion's JSON fields; a bad pair is that pair's error in the answer, not a 400
+                    "pairs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "description": "source_image, target_image and optionally blend_ratio, swap_eye, "
+                            "image_format, as for POST /fusion",
+                        },
+                    },
+                    "blend_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+                    "swap_eye": {"type": "boolean"},
+                    "image_format": {"type": "string", "enum": list(IMAGE_FORMATS)},
+                },
+            }
+        }
+    },
+}
 
 
 @bp.post("/fusion/batch")
 @bp.post("/api/fusion/batch")
-@describe("Several fusions in one call: each pair's result or its own error", request_body=BATCH_BODY, responses={
-    200: ("one entry per pair, in order", content("application/json", {"type": "object"})), **ERRORS})
+@describe(
+    "Several fusions in one call: each pair's result or its own error",
+    request_body=BATCH_BODY,
+    responses={200: ("one entry per pair, in order", content("application/json", {"type": "object"})), **ERRORS},
+)
 def fusion_batch():
     svc = service()
     body = json_object_body("send a JSON object with pairs")
@@ -277,7 +377,7 @@ def fusion_batch():
     if len(pairs) > limit:
         raise InvalidParameter(f"at most {limit} pairs per call (server.fusion_max_batch)", "pairs")
     shared = {k: body[k] for k in ("blend_ratio", "swap_eye", "image_format") if k in body}
-    _options(shared)                                      # shared settings are checked once: a 400
+    _options(shared)  # shared settings are checked once: a 400
     hold, price = _payer(svc, len(pairs))
     if isinstance(hold, Response):
         return hold
@@ -288,14 +388,28 @@ def fusion_batch():
             try:
                 fields, data, _, _ = _one(svc, {**shared, **pair, "output_format": "base64"})
                 timings = fields.pop("timings")
-                results.append({"index": i, "success": True, "timings": timings, "result": {
-                    "image_base64": base64.b64encode(data).decode("ascii"), **fields}})
+                results.append(
+                    {
+                        "index": i,
+                        "success": True,
+                        "timings": timings,
+                        "result": {"image_base64": base64.b64encode(data).decode("ascii"), **fields},
+                    }
+                )
                 done += 1
             except SonicError as e:
                 from ..errors import public_error
+
                 results.append({"index": i, "success": False, "error": public_error(e.to_dict())})
     finally:
         _settle(svc, hold, price, done)
-    return jsonify({"success": done == len(pairs), "succeeded": done, "failed": len(pairs) - done,
-                    "results": results, "timings": {"total": round(time.perf_counter() - t0, 3)},
-                    "request_id": g.get("request_id")})
+    return jsonify(
+        {
+            "success": done == len(pairs),
+            "succeeded": done,
+            "failed": len(pairs) - done,
+            "results": results,
+            "timings": {"total": round(time.perf_counter() - t0, 3)},
+            "request_id": g.get("request_id"),
+        }
+    )

@@ -1,5 +1,6 @@
 """Generate and jobs: validate a request, check its inputs, queue it; then status, Server-Sent
 Events and cancel of the job. The routes talk to the queue interface only (sonic_server/queue)."""
+
 from __future__ import annotations
 
 import json
@@ -23,31 +24,71 @@ bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
 SSE_HEARTBEAT_S = 15.0
 MAX_CONFIG_CHARS = 10_000
-CANCEL_WAIT_S = 5.0          # a running job stops at its next progress report
+CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
-SUCCESSFUL = ("queued", "processing", "succeeded")    # a job that has not failed and was not canceled
+SUCCESSFUL = ("queued", "processing", "succeeded")  # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
-EXTRA_PARAMS = {"async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"},
-                "decoder": {"type": "string", "description": "the video decoder; only the one this server has "
-                                                              "loaded (/health says which) is accepted"}}
+EXTRA_PARAMS = {
+    "async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"},
+    "decoder": {
+        "type": "string",
+        "description": "the video decoder; only the one this server has loaded (/health says which) is accepted",
+    },
+}
 
-JOB = component("Job", {"type": "object", "properties": {
-    "job_id": {"type": "string"}, "status": {"type": "string",
-                                             "enum": ["queued", "processing", "succeeded", "failed", "canceled"]},
-    "progress": {"type": "number"}, "stage": {"type": "string"}, "status_url": {"type": "string"}}})
-RESULT = component("Result", {"type": "object", "properties": {
-    "success": {"type": "boolean"}, "job_id": {"type": "string"}, "video_url": {"type": "string"},
-    "duration": {"type": "number"}, "fps": {"type": "integer"}, "width": {"type": "integer"},
-    "height": {"type": "integer"}, "seed": {"type": "integer"}, "lipsync_offset_ms": {"type": "number"},
-    "timings": {"type": "object"}, "warnings": {"type": "array", "items": {"type": "string"}}}})
-UPLOAD = {"required": True, "content": content("multipart/form-data", {
-    "type": "object", "required": ["image", "audio"],
-    "properties": {"image": {"type": "string", "format": "binary", "minLength": 1},
-                   "audio": {"type": "string", "format": "binary", "minLength": 1},
-                   "config": {"type": "string", "description": "JSON object of Parameters"}}})}
+JOB = component(
+    "Job",
+    {
+        "type": "object",
+        "properties": {
+            "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "processing", "succeeded", "failed", "canceled"]},
+            "progress": {"type": "number"},
+            "stage": {"type": "string"},
+            "status_url": {"type": "string"},
+        },
+    },
+)
+RESULT = component(
+    "Result",
+    {
+        "type": "object",
+        "properties": {
+            "success": {"type": "boolean"},
+            "job_id": {"type": "string"},
+            "video_url": {"type": "string"},
+            "duration": {"type": "number"},
+            "fps": {"type": "integer"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "seed": {"type": "integer"},
+            "lipsync_offset_ms": {"type": "number"},
+            "timings": {"type": "object"},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+)
+UPLOAD = {
+    "required": True,
+    "content": content(
+        "multipart/form-data",
+        {
+            "type": "object",
+            "required": ["image", "audio"],
+            "properties": {
+                "image": {"type": "string", "format": "binary", "minLength": 1},
+                "audio": {"type": "string", "format": "binary", "minLength": 1},
+                "config": {"type": "string", "description": "JSON object of Parameters"},
+            },
+        },
+    ),
+}
 path_parameter("job_id", JOB_ID, "the id a generate call returned")
-PREFER = header("Prefer", "respond-async: answer 202 at once and run the job in the background",
-                {"type": "string", "example": "respond-async"})
+PREFER = header(
+    "Prefer",
+    "respond-async: answer 202 at once and run the job in the background",
+    {"type": "string", "example": "respond-async"},
+)
 
 
 class JobNotFound(SonicError):
@@ -56,9 +97,11 @@ class JobNotFound(SonicError):
 
 def _urls(job_id: str) -> dict:
     """URLs of a job, built while a request context exists (a streamed body outlives it)."""
-    return {"status_url": url_for("generate.job_status", job_id=job_id, _external=True),
-            "video_base": url_for("outputs.output", name="NAME", _external=True),
-            "outputs": service().outputs}            # a presigned URL where videos are in a bucket (storage.py)
+    return {
+        "status_url": url_for("generate.job_status", job_id=job_id, _external=True),
+        "video_base": url_for("outputs.output", name="NAME", _external=True),
+        "outputs": service().outputs,
+    }  # a presigned URL where videos are in a bucket (storage.py)
 
 
 def _ending_error(rec: JobRecord) -> dict:
@@ -78,7 +121,7 @@ def _job_body(rec: JobRecord, urls: dict) -> dict:
     if not body["success"]:
         body["error"] = _ending_error(rec)
     if body.get("error"):
-        body["error"] = public_error(body["error"])       # the record keeps the code; the status is derived
+        body["error"] = public_error(body["error"])  # the record keeps the code; the status is derived
     result = body.pop("result", None)
     if result:
         body.update({k: v for k, v in result.items() if k != "file"})
@@ -119,18 +162,23 @@ def _payer(svc, what: str = "making videos needs"):
         return None
     p = g.principal
     if p.account_id is None:
-        return error_response("forbidden", f"{what} an account's key or token (credits are enabled); "
-                                           "this key belongs to no account")
+        return error_response(
+            "forbidden", f"{what} an account's key or token (credits are enabled); this key belongs to no account"
+        )
     return p, p.operator
 
 
 def _insufficient(needed: int, balance: int):
-    return error_response("insufficient_credits", f"this video costs {needed} credits and the account has "
-                                                  f"{balance}", extra={"needed": needed, "balance": balance})
+    return error_response(
+        "insufficient_credits",
+        f"this video costs {needed} credits and the account has {balance}",
+        extra={"needed": needed, "balance": balance},
+    )
 
 
 def _reserve(svc, payer, job_id: str, seconds: float):
     from ..credits import video_price
+
     needed = video_price(svc.settings.credits, seconds)
     ok, balance = svc.ledger.reserve(payer[0].account_id, job_id, needed, payer[1], g.get("request_id"))
     return None if ok else _insufficient(needed, balance)
@@ -138,9 +186,11 @@ def _reserve(svc, payer, job_id: str, seconds: float):
 
 def _charge_hit(svc, payer, hit: JobRecord):
     from ..credits import video_price
+
     needed = video_price(svc.settings.credits, (hit.result or {}).get("duration", 0.0))
-    ok, balance = svc.ledger.charge(payer[0].account_id, needed, payer[1], "a cached result",
-                                    g.get("request_id"), hit.id)
+    ok, balance = svc.ledger.charge(
+        payer[0].account_id, needed, payer[1], "a cached result", g.get("request_id"), hit.id
+    )
     return None if ok else _insufficient(needed, balance)
 
 
@@ -149,7 +199,7 @@ def _release(svc, payer, job_id: str) -> None:
     if payer:
         try:
             svc.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
-        except Exception:                                  # noqa: BLE001 - the request's own error matters more
+        except Exception:  # noqa: BLE001 - the request's own error matters more
             log.exception("the hold of job %s could not be released now; the settler will", job_id)
 
 
@@ -181,8 +231,10 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
         raise InvalidParameter("async must be true or false", field="async")
     decoder = params.get("decoder")
     if decoder is not None and decoder != _decoder_name(service()):
-        raise InvalidParameter(f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: "
-                               f"{_decoder_name(service())}", field="decoder")
+        raise InvalidParameter(
+            f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: {_decoder_name(service())}",
+            field="decoder",
+        )
     g.log_params = params
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async
 
@@ -200,20 +252,33 @@ def _read_files() -> dict[str, bytes]:
 
 
 @bp.post("/api/sonic/generate")
-@describe("Generate a talking-head video", parameters=[PREFER], request_body=UPLOAD, responses={
-    200: ("video ready", content("application/json", RESULT)),
-    202: ("accepted; poll status_url", content("application/json", JOB)),
-    400: error("bad or missing field / JSON"), 402: error("credits enabled: not enough credits (needed, balance)"),
-    403: error("credits enabled: this key belongs to no account"), 413: error("upload too large"),
-    415: error("not a decodable image / audio"), 422: error("no face, audio too long, empty or silent audio"),
-    503: error("queue full (Retry-After)"), 500: error("internal error")})
+@describe(
+    "Generate a talking-head video",
+    parameters=[PREFER],
+    request_body=UPLOAD,
+    responses={
+        200: ("video ready", content("application/json", RESULT)),
+        202: ("accepted; poll status_url", content("application/json", JOB)),
+        400: error("bad or missing field / JSON"),
+        402: error("credits enabled: not enough credits (needed, balance)"),
+        403: error("credits enabled: this key belongs to no account"),
+        413: error("upload too large"),
+        415: error("not a decodable image / audio"),
+        422: error("no face, audio too long, empty or silent audio"),
+        503: error("queue full (Retry-After)"),
+        500: error("internal error"),
+    },
+)
 def generate():
     svc = service()
     queue = svc.queue
     if queue is None:
         starting = svc.status == "starting"
-        return error_response("not_ready", "the service is starting" if starting else "the service failed to start",
-                              headers={"Retry-After": "5" if starting else "60"})
+        return error_response(
+            "not_ready",
+            "the service is starting" if starting else "the service failed to start",
+            headers={"Retry-After": "5" if starting else "60"},
+        )
     opts, want_async = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
@@ -221,7 +286,7 @@ def generate():
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)), owner)
     payer = _payer(svc)
     if payer is not None and not isinstance(payer, tuple):
-        return payer                                      # a key without an account: 403
+        return payer  # a key without an account: 403
     hit = queue.cached(key)
     if hit:
         if payer and svc.settings.credits.charge_cache_hits:
@@ -232,27 +297,32 @@ def generate():
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     try:
-        rec.inputs = svc.uploads.save(rec.id, files)      # inside: a half-written folder goes too
+        rec.inputs = svc.uploads.save(rec.id, files)  # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
         checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
-        if payer:                                          # the estimate is held before anything is queued
+        if payer:  # the estimate is held before anything is queued
             refused = _reserve(svc, payer, rec.id, opts.duration or checked.audio_s)
             if refused is not None:
                 svc.uploads.remove(rec.id)
                 return refused
         rec = queue.submit(rec, checked)
-        svc.uploads.drop_local_copy(rec.id)                   # in a bucket: this process's copy goes
+        svc.uploads.drop_local_copy(rec.id)  # in a bucket: this process's copy goes
     except QueueFull:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
-        return error_response("busy", "the generation queue is full; retry later",
-                              headers={"Retry-After": svc.retry_after_s})
+        return error_response(
+            "busy", "the generation queue is full; retry later", headers={"Retry-After": svc.retry_after_s}
+        )
     except WorkerStopped:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
-        return error_response("not_ready", "no worker is running jobs (/health says worker_stopped); "
-                                           "restart the service, or start a `sonic worker` in distributed mode", headers={"Retry-After": "60"})
+        return error_response(
+            "not_ready",
+            "no worker is running jobs (/health says worker_stopped); "
+            "restart the service, or start a `sonic worker` in distributed mode",
+            headers={"Retry-After": "60"},
+        )
     except Exception:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
@@ -282,8 +352,10 @@ def job_status(job_id):
 
 
 @bp.post("/api/sonic/jobs/<job_id>/cancel")
-@describe("Cancel a job", responses={200: ("status after the cancel", content("application/json", JOB)),
-                                     404: error("no such job")})
+@describe(
+    "Cancel a job",
+    responses={200: ("status after the cancel", content("application/json", JOB)), 404: error("no such job")},
+)
 def job_cancel(job_id):
     _find_job(job_id)
     svc = service()
@@ -294,18 +366,26 @@ def job_cancel(job_id):
 
 
 @bp.get("/api/sonic/jobs/<job_id>/events")
-@describe("Job status as Server-Sent Events until it ends", responses={
-    200: ("event stream", content("text/event-stream", {"type": "string"})), 404: error("no such job"),
-    503: error("too many event streams open; poll the status instead")})
+@describe(
+    "Job status as Server-Sent Events until it ends",
+    responses={
+        200: ("event stream", content("text/event-stream", {"type": "string"})),
+        404: error("no such job"),
+        503: error("too many event streams open; poll the status instead"),
+    },
+)
 def job_events(job_id):
     """One event per change of the job (named by its status) until it ends; comments keep the
     connection alive in between."""
     _find_job(job_id)
     svc = service()
     urls, queue = _urls(job_id), svc.queue
-    if not svc.event_streams.take():                  # each open stream holds one of the server's threads
-        return error_response("busy", f"{svc.event_streams.limit} event streams are open, the most this "
-                                      "server allows; poll status_url instead", headers={"Retry-After": svc.retry_after_s})
+    if not svc.event_streams.take():  # each open stream holds one of the server's threads
+        return error_response(
+            "busy",
+            f"{svc.event_streams.limit} event streams are open, the most this server allows; poll status_url instead",
+            headers={"Retry-After": svc.retry_after_s},
+        )
 
     def stream():
         last = None
@@ -314,14 +394,19 @@ def job_events(job_id):
                 body = json.dumps(_job_body(rec, urls)) if rec is not None else last
                 yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
                 last = body
-        except Exception:                              # noqa: BLE001 - the job store away (Redis restarting...)
+        except Exception:  # noqa: BLE001 - the job store away (Redis restarting...)
             log.warning("event stream of job %s ended: the job store does not answer", job_id, exc_info=True)
-            err = {"success": False, "error": public_error({
-                "code": "not_ready", "message": "the job store does not answer; the job goes on: poll status_url"}),
-                "status_url": urls["status_url"]}
+            err = {
+                "success": False,
+                "error": public_error(
+                    {"code": "not_ready", "message": "the job store does not answer; the job goes on: poll status_url"}
+                ),
+                "status_url": urls["status_url"],
+            }
             yield f"event: error\ndata: {json.dumps(err)}\n\n"
 
-    resp = Response(stream(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    resp.call_on_close(svc.event_streams.give_back)   # when the server closes the response, whatever ended it
+    resp = Response(
+        stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    resp.call_on_close(svc.event_streams.give_back)  # when the server closes the response, whatever ended it
     return resp

@@ -1,4 +1,5 @@
 """About the service: health and readiness, the parameter schema, the OpenAPI document."""
+
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -14,8 +15,7 @@ bp = Blueprint("meta", __name__)
 
 
 @bp.get("/health")
-@describe("Liveness and readiness", responses={200: "ready or busy",
-                                               503: "starting, setup_failed or worker_stopped"})
+@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"})
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
@@ -23,16 +23,20 @@ def health():
     workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1, "queue_length": 0}
     running = workers["running_job"]
     if state == "ready" and not workers["workers_alive"]:
-        state = "worker_stopped"                      # jobs would be queued and never run
+        state = "worker_stopped"  # jobs would be queued and never run
     elif state == "ready" and running is not None:
         state = "busy"
-    body = {"status": "ok" if state in ("ready", "busy") else state, "readiness": state,
-            "queue_length": workers["queue_length"], "running_job": running}
+    body = {
+        "status": "ok" if state in ("ready", "busy") else state,
+        "readiness": state,
+        "queue_length": workers["queue_length"],
+        "running_job": running,
+    }
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
-    elif queue is not None and queue.decoder_identity():        # distributed: what the workers announced
+    elif queue is not None and queue.decoder_identity():  # distributed: what the workers announced
         body["decoder"] = queue.decoder_identity().split("-")[0]
-    if "workers" in workers:                          # distributed mode: each worker, busy or idle
+    if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
     if state == "setup_failed" and svc.setup_error:
         body["error"] = svc.setup_error
@@ -43,8 +47,9 @@ def health():
 @describe("Parameter schema", responses={200: "schema"})
 def params():
     svc = service()
-    return jsonify({"parameters": schema(svc.settings), "extra": EXTRA_PARAMS, "decoder": svc.decoder,
-                    "device": svc.device})
+    return jsonify(
+        {"parameters": schema(svc.settings), "extra": EXTRA_PARAMS, "decoder": svc.decoder, "device": svc.device}
+    )
 
 
 @bp.get("/metrics")

@@ -1,4 +1,5 @@
 """Output files: the finished videos, by their unguessable names, with HTTP Range for seeking."""
+
 from __future__ import annotations
 
 import re
@@ -11,17 +12,24 @@ from ..openapi import content, describe, error, header, path_parameter
 from ..service import service
 
 bp = Blueprint("outputs", __name__)
-OUTPUT_NAME = re.compile(JOB_ID.pattern + r"\.mp4")    # <job id>.mp4 (tasks.py); matched whole, never with `$`
+OUTPUT_NAME = re.compile(JOB_ID.pattern + r"\.mp4")  # <job id>.mp4 (tasks.py); matched whole, never with `$`
 path_parameter("name", OUTPUT_NAME, "the file name in a result's video_url")
 
 
 @bp.get("/output/<name>")
-@describe("Download a video (supports Range)", parameters=[header("Range", "one byte range, e.g. bytes=0-1023")],
-          responses={
-    200: ("MP4", content("video/mp4", {"type": "string", "format": "binary"})), 206: "partial content",
-    302: "the video is in object storage (s3.video_url: presigned): its presigned URL",
-    304: "not modified", 404: error("no such video"), 416: "range not satisfiable",
-    503: error("the object store does not answer (Retry-After)")})
+@describe(
+    "Download a video (supports Range)",
+    parameters=[header("Range", "one byte range, e.g. bytes=0-1023")],
+    responses={
+        200: ("MP4", content("video/mp4", {"type": "string", "format": "binary"})),
+        206: "partial content",
+        302: "the video is in object storage (s3.video_url: presigned): its presigned URL",
+        304: "not modified",
+        404: error("no such video"),
+        416: "range not satisfiable",
+        503: error("the object store does not answer (Retry-After)"),
+    },
+)
 def output(name):
     """From the output folder, or from the bucket (storage: s3): streamed, or a redirect."""
     resp = service().outputs.response(name) if OUTPUT_NAME.fullmatch(name) else None

@@ -1,6 +1,7 @@
 """Pages for people: the demo page at `/` (plain HTML, CSS and JS from sonic_server/web/, nothing
 from a CDN) and Swagger UI at `/docs` for /openapi.json, from the swagger-ui files that the
 swagger-ui-bundle package ships (Apache-2.0). Neither is part of the API document."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +15,16 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_FILES = {"demo.js", "demo.css"}
 SWAGGER_FILES = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "favicon-32x32.png"}
 # the demo page loads only its own files; videos may come from a bucket (presigned URLs)
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: http: https:; "
-               "script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; "
-               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: http: https:; "
+    "script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 # Swagger UI styles its elements inline
-DOCS_POLICY = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-               "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'")
+DOCS_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 def _page(name: str, policy: str):
@@ -56,4 +61,5 @@ def docs_asset(name):
     if name not in SWAGGER_FILES:
         return error_response("not_found", "no such file")
     from swagger_ui_bundle import swagger_ui_path
+
     return send_from_directory(swagger_ui_path, name, max_age=86400)
