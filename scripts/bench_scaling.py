@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 SPEECH = ROOT / "examples" / "speech.flac"
 PORTRAIT = ROOT / "examples" / "portrait.jpg"
 

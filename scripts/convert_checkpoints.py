@@ -10,12 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from safetensors.torch import save_file
 
-from safetensors.torch import save_file  # noqa: E402
-
-from sonic.diffusion.weights import load_state  # noqa: E402
-from sonic.errors import SetupError  # noqa: E402
+from sonic.diffusion.weights import load_state
+from sonic.errors import SetupError
 
 
 def main() -> int:

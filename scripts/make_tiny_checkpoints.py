@@ -6,13 +6,10 @@ For trying the `sonic` decoder's plumbing (CLI, server, progress, errors) on a m
 the real weights: its videos are coloured noise, not faces. docs/gpu.md has the real layout.
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sonic.diffusion.model import quiet_libraries  # noqa: E402
-from sonic.diffusion.tiny import write_tiny_checkpoints  # noqa: E402
+from sonic.diffusion.model import quiet_libraries
+from sonic.diffusion.tiny import write_tiny_checkpoints
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,21 @@
+"""docs/architecture.md is the map a newcomer reads first: every path it names for what exists
+today must exist (the section on coming features names places still to be made)."""
+import re
+
+from conftest import ROOT
+
+PATH = re.compile(r"`((?:sonic|sonic_server|integrations|scripts|tests|docs|configs)/[^`\s]*)`")
+
+
+def test_every_path_the_architecture_page_names_exists():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    today = text.split("## Where each coming feature goes")[0]
+    named = set(PATH.findall(today))
+    assert len(named) > 40
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+
+
+def test_the_page_says_where_live_sessions_and_webhooks_go():
+    coming = (ROOT / "docs" / "architecture.md").read_text().split("## Where each coming feature goes")[1]
+    assert "Live mode" in coming and "Webhooks" in coming
