@@ -53,11 +53,12 @@ def main(fd: int) -> None:
                     dec = pickle.load(f)
                 buf = np.load(frames_path, mmap_mode="r+")
                 current_key = key
+            assert dec is not None and buf is not None  # loaded above for this request's key
             dec.render(coeffs, head, out=buf[slot, : len(coeffs)])
         except (EOFError, OSError):
             return
         except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the request
-            answer = ("error", f"{type(e).__name__}: {e}")
+            answer: tuple[str, str | int] = ("error", f"{type(e).__name__}: {e}")
         else:
             answer = ("ok", len(coeffs))
         try:

@@ -175,7 +175,7 @@ def encode_audio(
     n_frames: int,
     fps: int,
     recognizer: PhoneRecognizer,
-    second_half: Callable[[np.ndarray], "PhonesFuture"] | None = None,
+    second_half: Callable[[np.ndarray], "PhonesFuture | None"] | None = None,
 ) -> AudioFeatures:
     """Waveform (N,) float32 at SAMPLE_RATE -> AudioFeatures for n_frames video frames.
 
@@ -187,10 +187,11 @@ def encode_audio(
     other setting of the recogniser changes (see docs/pipeline.md)."""
     loud = normalise_loudness(frame_loudness(wav, n_frames, fps))
     cut = pause_split(loud > SPEECH_THRESHOLD, fps) if second_half is not None else None
-    pending = second_half(wav[cut:]) if cut is not None else None
+    pending = second_half(wav[cut:]) if second_half is not None and cut is not None else None
     if pending is None:
         phones = recognizer(wav)
     else:
+        assert cut is not None  # a second half is started only at a cut
         first = recognizer(wav[:cut])
         t0 = cut / SAMPLE_RATE
         phones = first + [(ph, s + t0, e + t0) for ph, s, e in pending.result()]

@@ -52,7 +52,8 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
     rgb = load_image(image, limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s))
     wav = load_audio(audio, limits.max_duration_s)
     if not options.crop_to_face:
-        check_output(rgb.shape[:2], None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)
+        h, w = rgb.shape[:2]
+        check_output((h, w), None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)
     return CheckedInputs(rgb=rgb, wav=wav, decode_s=time.perf_counter() - t0)
 
 

@@ -70,7 +70,9 @@ def tps_fields(
     x0, y0, x1, y1 = box
     h, w = y1 - y0, x1 - x0
     scale = float(max(h, w))
-    c = (points - np.array([x0, y0], np.float64)) / scale
+    # typed loosely: as float64 array, numpy's stubs make `points - origin` Never (and `c` a float)
+    origin: np.ndarray = np.array([x0, y0], np.float64)
+    c = (points - origin) / scale
     k_all = _tps_kernel(c, c)
     hc, wc = (h + FIELD_STEP - 1) // FIELD_STEP + 1, (w + FIELD_STEP - 1) // FIELD_STEP + 1
     gy, gx = np.mgrid[0:hc, 0:wc] * FIELD_STEP
@@ -106,8 +108,10 @@ def tps_fields(
 
 
 def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
-    m = np.zeros(hw, np.float32)
-    cv2.fillPoly(m, [np.round(pts * 4).astype(np.int32)], 1.0, lineType=cv2.LINE_AA, shift=2)
+    m: np.ndarray = np.zeros(hw, np.float32)  # float32 throughout; cv2.GaussianBlur is typed loosely
+    cv2.fillPoly(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
+        m, [np.round(pts * 4).astype(np.int32)], 1.0, lineType=cv2.LINE_AA, shift=2
+    )
     if blur_px > 0:
         m = cv2.GaussianBlur(m, (0, 0), blur_px)
     return m
@@ -116,7 +120,9 @@ def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
 def _outside_distance(poly: np.ndarray, hw) -> np.ndarray:
     """Distance (px) of every pixel from a filled polygon, 0 inside."""
     inside = np.zeros(hw, np.uint8)
-    cv2.fillPoly(inside, [np.round(poly).astype(np.int32)], 1)
+    cv2.fillPoly(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
+        inside, [np.round(poly).astype(np.int32)], 1
+    )
     return cv2.distanceTransform(1 - inside, cv2.DIST_L2, 5)
 
 
@@ -153,7 +159,7 @@ class WarpDecoder:
         hc, wc = -(-(y1 - y0) // FIELD_STEP), -(-(x1 - x0) // FIELD_STEP)
         gy, gx = (np.mgrid[0:hc, 0:wc].astype(np.float32) + 0.5) * FIELD_STEP - 0.5
         self._grid = (gx + x0, gy + y0)
-        self._grid_mask = cv2.remap(
+        self._grid_mask = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
             mask.astype(np.float32), gx + x0, gy + y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
         )
         self._py, self._px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -312,18 +318,22 @@ class WarpDecoder:
         q = np.dstack([qx, qy])
         qc = down(q)
         lx, ly = qc[..., 0] - x0, qc[..., 1] - y0
-        cands = []
+        parts = []  # per field set: the candidate's x, y and how well it converged
         for fields in (self.fields_upper, self.fields_lower):
             fxy = (c @ fields).reshape(self._field_shape)  # (H, W, 2)
             sx, sy = lx, ly
             for _ in range(BACKWARD_ITERS):
-                d = cv2.remap(fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                d = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
+                    fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+                )
                 sx, sy = lx - d[..., 0], ly - d[..., 1]
             # a candidate counts only where the iteration converged: p + field(p) lands on q
-            d = cv2.remap(fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            d = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
+                fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+            )
             err = np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly)
-            cands += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
-        cands = np.dstack(cands)
+            parts += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
+        cands = np.dstack(parts)
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
         pc = self._choose(cands, qc, down(mouth), close, exact=False)[0]
         # positions are interpolated as displacements from q (exact where nothing moves)
@@ -340,7 +350,7 @@ class WarpDecoder:
             rel = cands[cy0:cy1, cx0:cx1].copy()
             rel[..., 0:2] -= qc[cy0:cy1, cx0:cx1]
             rel[..., 3:5] -= qc[cy0:cy1, cx0:cx1]
-            big = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
+            big: np.ndarray = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
             fine = big[by0 - cy0 * b : by1 - cy0 * b, bx0 - cx0 * b : bx1 - cx0 * b]
             fine[..., 0:2] += qb
             fine[..., 3:5] += qb
@@ -442,8 +452,9 @@ class WarpDecoder:
                 # they read as red specks beside the teeth: towards the corners the opening is
                 # painted wherever the lips part, whatever the warp found there (a photo that
                 # shows its teeth keeps its own corners, as it keeps its own teeth)
+                mh, mw = mouth.shape
                 op = np.maximum(
-                    op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], mouth.shape) * ((1 - 2 * self.shows) * wide)
+                    op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], (mh, mw)) * ((1 - 2 * self.shows) * wide)
                 )
             opening = np.zeros(qx.shape, np.float32)
             opening[sy0:sy1, sx0:sx1] = op

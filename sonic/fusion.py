@@ -76,7 +76,9 @@ def _piecewise_map(src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray, s
         if area < 1e-3:
             continue
         mats[i] = cv2.getAffineTransform(d, s)
-        cv2.fillConvexPoly(labels, np.round(d - [x0, y0]).astype(np.int32), int(i))
+        cv2.fillConvexPoly(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
+            labels, np.round(d - [x0, y0]).astype(np.int32), int(i)
+        )
     covered = labels >= 0
     ys, xs = np.nonzero(covered)
     map_x = np.zeros((h, w), np.float32)
@@ -95,7 +97,7 @@ def _poly_mask(points: np.ndarray, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
     hull = cv2.convexHull(np.round(points - [x0, y0]).astype(np.int32))
-    cv2.fillConvexPoly(mask, hull, 255)
+    cv2.fillConvexPoly(mask, hull, 255)  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
     return mask
 
 
@@ -172,7 +174,7 @@ def fuse(
         raise InvalidParameter("blend_ratio must be between 0 and 1", "blend_ratio")
     r = float(blend_ratio)
     t0 = time.perf_counter()
-    faces = {}
+    faces: dict[str, dict | list[int]] = {}  # each face's {"box": ...}, then "fused_box"
     found = {}
     for name, img in (("source", source), ("target", target)):
         try:
@@ -214,7 +216,7 @@ def fuse(
     src_w = _relight(src_w, tgt_w, face_area.astype(np.float32), max(2.0, 0.25 * iod))
     face = (1.0 - r) * tgt_w.astype(np.float32) + r * src_w.astype(np.float32)
     if swap_eye:
-        eyes = np.zeros(covered.shape, np.uint8)
+        eyes: np.ndarray = np.zeros(covered.shape, np.uint8)  # uint8 throughout; cv2.dilate is typed loosely
         for ring in (EYE_LEFT_RING, EYE_RIGHT_RING):
             eyes |= _poly_mask(G[ring], box)
         eyes = cv2.dilate(eyes, np.ones((3, 3), np.uint8), iterations=max(1, int(0.015 * size)))

@@ -51,9 +51,9 @@ def crop_and_scale(
 ) -> Framing:
     """Cut the crop box (x0, y0, x1, y1, photo px) out of the photo with one uniform scale, the
     short side of the frame near min_resolution (see `face.fit_output`)."""
-    (x0, y0, x1, y1), (width, height) = fit_output(box, rgb.shape[:2], min_resolution)
-    s = width / (x1 - x0)
     h, w = rgb.shape[:2]
+    (x0, y0, x1, y1), (width, height) = fit_output(box, (h, w), min_resolution)
+    s = width / (x1 - x0)
     m = MARGIN_PX / s
     cx0, cy0 = int(max(0, np.floor(x0 - m))), int(max(0, np.floor(y0 - m)))
     cx1, cy1 = int(min(w, np.ceil(x1 + m))), int(min(h, np.ceil(y1 + m)))

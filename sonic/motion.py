@@ -198,11 +198,11 @@ def measure_lag(mouth: np.ndarray, loud: np.ndarray, max_lag: int = MAX_LAG_FRAM
         return 0.0
     lags = np.arange(-max_lag, max_lag + 1)
     n = len(m)
-    r = []
+    corr = []
     for k in lags:  # r(k) = corr(mouth[t + k], audio[t])
         u, w = (m[k:], a[: n - k]) if k >= 0 else (m[: n + k], a[-k:])
-        r.append(np.corrcoef(u, w)[0, 1])
-    r = np.nan_to_num(np.array(r))
+        corr.append(np.corrcoef(u, w)[0, 1])
+    r = np.nan_to_num(np.array(corr))
     i = int(np.argmax(r))
     frac = 0.0
     if 0 < i < len(r) - 1:

@@ -62,7 +62,9 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthSt
     upper_lip, lower_lip = lip_body(OUTER_UPPER, INNER_UPPER), lip_body(OUTER_LOWER, INNER_LOWER)
     # skin: the face inside its oval, away from eyes and mouth (cheeks, forehead, nose)
     oval = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(oval, [np.round(lm[FACE_OVAL_IDX, :2]).astype(np.int32)], 1)
+    cv2.fillPoly(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
+        oval, [np.round(lm[FACE_OVAL_IDX, :2]).astype(np.int32)], 1
+    )
     skin_px = frame[oval > 0].astype(np.float64)
     if len(skin_px) < 10:
         skin_px = colours([10, 151, 50, 280, 205, 425])
@@ -229,7 +231,7 @@ def _soften_chroma(sub: np.ndarray, alpha: np.ndarray, iod: float) -> None:
     there turn into green or purple fringes after the encoder's 4:2:0 chroma subsampling."""
     band = cv2.GaussianBlur(alpha.astype(np.float32), (0, 0), max(1.5, 0.015 * iod))
     band = np.clip(band * 3, 0, 1)[..., None]
-    ycc = cv2.cvtColor(np.clip(sub, 0, 255).astype(np.float32), cv2.COLOR_RGB2YCrCb)
+    ycc: np.ndarray = cv2.cvtColor(np.clip(sub, 0, 255).astype(np.float32), cv2.COLOR_RGB2YCrCb)  # cv2 is typed loosely
     soft = cv2.GaussianBlur(ycc, (0, 0), max(1.0, 0.008 * iod))
     ycc[..., 1:] += (soft[..., 1:] - ycc[..., 1:]) * band
     # a dark pixel given a saturated neighbour's colour (the cavity beside a deep-red lip) can

@@ -136,11 +136,12 @@ class SonicPipeline:
 
         # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
+        image_h, image_w = rgb.shape[:2]
         if not opts.crop_to_face:  # the frame is the whole photo: refused before the face is sought
-            check_output(rgb.shape[:2], None, opts, n_frames, limits)
+            check_output((image_h, image_w), None, opts, n_frames, limits)
         face = self.faces.analyze(rgb)
         box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
-        check_output(rgb.shape[:2], box, opts, n_frames, limits)
+        check_output((image_h, image_w), box, opts, n_frames, limits)
         framing = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
         lm = framing.landmarks
         height, width = framing.frame.shape[:2]
@@ -166,6 +167,7 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         # a long recording is recognised in two halves, one of them by a render helper
+        assert self.phones is not None  # set for every decoder that does not speak
         with self._render_pool.recogniser() if self._render_pool else contextlib.nullcontext(None) as second:
             feats = encode_audio(wav, n_frames, opts.fps, self.phones, second)
         lap("audio")

@@ -259,7 +259,8 @@ def settings_from(
         if value is None:
             continue
         section, _, key = name.rpartition(".")
-        owner = getattr(settings, section) if section in _SECTIONS else settings if not section else None
+        # a section (Limits, ServerSettings, ...) or the Settings themselves
+        owner: Any = getattr(settings, section) if section in _SECTIONS else settings if not section else None
         if owner is None or key not in _hints(type(owner)) or key in ("defaults", *_SECTIONS):
             raise SettingsError(f"unknown setting {name}")
         owner = dataclasses.replace(owner, **{key: _cast(name, _hints(type(owner))[key], value, False)})
@@ -311,6 +312,10 @@ def _check_storage(s: Settings) -> None:
 
 
 def _resolve_paths(s: Settings, base: Path) -> Settings:
+    @typing.overload
+    def res(p: str) -> str: ...
+    @typing.overload
+    def res(p: None) -> None: ...
     def res(p: str | None) -> str | None:
         if not p:  # None / "" keep their meaning
             return p

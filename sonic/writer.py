@@ -133,6 +133,7 @@ class VideoWriter:
         except OSError as e:
             self._cleanup()
             raise PipelineError("ffmpeg could not be started") from e
+        assert self._proc.stdin is not None  # stdin=PIPE
         try:  # a larger pipe: fewer switches between the render and the encoder
             fcntl.fcntl(self._proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (AttributeError, OSError):
@@ -146,6 +147,7 @@ class VideoWriter:
         return self
 
     def _feed(self) -> None:
+        assert self._proc.stdin is not None  # stdin=PIPE
         while True:
             frames = self._queue.get()
             if frames is None:
@@ -235,6 +237,7 @@ class VideoWriter:
                 self._stop_feeder()
                 if self._feed_error is not None and self._proc.wait() == 0:
                     raise _encoder_error(f"video encoder stopped: {self._stderr()}") from self._feed_error
+                assert self._proc.stdin is not None  # stdin=PIPE
                 try:
                     self._proc.stdin.close()
                 except OSError:  # ffmpeg already gone: its exit status says why

@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
             for acct in ledger.list_accounts():
                 print(f"{acct['name']:<32} {acct['role']:<6} {acct['balance']:>14}")
         elif a.command == "show":
-            acct = ledger.account(a.name)
-            if acct is None:
+            shown = ledger.account(a.name)
+            if shown is None:
                 sys.exit(f"error: no account named {a.name!r}")
             entries, _ = ledger.entries(account=a.name, limit=20)
-            print(json.dumps({**acct, "ledger": entries}, indent=2))
+            print(json.dumps({**shown, "ledger": entries}, indent=2))
         elif a.command == "revoke":
             revoked = ledger.revoke(a.prefix, operator)
             if not revoked:

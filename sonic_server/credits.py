@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import (
     BigInteger,
@@ -44,6 +44,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
+
+if TYPE_CHECKING:  # annotations only: not imported at run time
+    from .queue import JobQueue
 
 metadata = MetaData()
 ROLES = ("user", "admin")
@@ -269,7 +272,9 @@ class Ledger:
                 key = self._add_key(c, aid, operator, request_id)
         except IntegrityError as e:
             raise CreditError(f"an account named {name!r} exists already", "name", "conflict") from e
-        return self.account(name), key
+        account = self.account(name)
+        assert account is not None  # committed above, and accounts are never deleted
+        return account, key
 
     def create_key(self, name: str, operator: str = "cli", request_id: str | None = None) -> str:
         with self.engine.begin() as c:
@@ -723,7 +728,11 @@ class Settler:
     may run: a reservation is settled once). Also called at once where a job's end is seen."""
 
     def __init__(
-        self, ledger_: Ledger, queue_getter: Callable[[], object], price: Callable[[dict], int], every_s: float = 2.0
+        self,
+        ledger_: Ledger,
+        queue_getter: Callable[[], JobQueue | None],
+        price: Callable[[dict], int],
+        every_s: float = 2.0,
     ):
         self.ledger, self.queue_getter, self.price, self.every_s = ledger_, queue_getter, price, every_s
         self._stop = threading.Event()

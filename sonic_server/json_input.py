@@ -50,7 +50,7 @@ def _check(value: Any, field: str) -> None:
     holds them (walked without recursion)."""
     if isinstance(value, _Refused):
         raise InvalidParameter(f"{field}: {value.why}", field=field)
-    stack = [(value, 1, None)]
+    stack: list[tuple[Any, int, str | None]] = [(value, 1, None)]  # (node, depth, top-level key)
     while stack:
         node, depth, key = stack.pop()
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()

@@ -122,6 +122,7 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
             for name in _PATH_ARG.findall(rule.rule)
         ]
         areas = [area for prefix, area in _AREAS.items() if rule.rule.startswith(prefix)]
+        assert rule.methods is not None  # Flask's add_url_rule always sets them (GET by default)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             responses = {code: r for shared, _ in areas for code, r in shared.items()}
             responses.update(doc["responses"])

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from flask import Response, request, send_from_directory
 
@@ -40,7 +41,7 @@ class StorageUnavailable(SonicError):
 class FolderOutputs:
     """Videos as files in `output_dir`."""
 
-    remote = False
+    remote: Literal[False] = False  # a Literal: `if outputs.remote` tells the two kinds apart
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -203,7 +204,7 @@ class S3Uploads(Uploads):
 class S3Outputs:
     """Videos in the bucket: the worker's file is moved there; /output streams it or redirects."""
 
-    remote = True
+    remote: Literal[True] = True
 
     def __init__(self, folder: str | Path, s3: S3):
         self.folder = Path(folder)  # the worker's scratch folder

@@ -91,7 +91,7 @@ class WhisperFeatures:
             model = WhisperModel.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise SetupError(f"{folder}: the whisper model does not load ({type(e).__name__}: {str(e)[:200]})") from e
-        self.encoder = model.encoder.to(device).eval()
+        self.encoder = model.encoder.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` as unbound
         del model
         self.device = device
         cfg = self.encoder.config
@@ -105,8 +105,8 @@ class WhisperFeatures:
         out = []
         for start in range(0, max(1, len(wav)), self.chunk):
             piece = wav[start : start + self.chunk]
-            feats = self.extractor(piece, sampling_rate=self.extractor.sampling_rate, return_tensors="pt")
-            states = self.encoder(feats.input_features.to(self.device), output_hidden_states=True).hidden_states
+            inputs = self.extractor(piece, sampling_rate=self.extractor.sampling_rate, return_tensors="pt")
+            states = self.encoder(inputs.input_features.to(self.device), output_hidden_states=True).hidden_states
             out.append(torch.stack(states, dim=2)[0])  # (frames, blocks, channels)
         feats = torch.cat(out, dim=0)
         # whole 25 fps frames of audio only, as the model was trained (at 16 kHz: 2 * (samples // 640))

@@ -112,4 +112,6 @@ def checked_layout(folder: str | Path | None) -> Layout:
 
 
 def is_complete(folder: str | Path | None) -> bool:
-    return bool(folder) and Path(folder).is_dir() and not Layout(Path(folder)).missing()
+    if not folder:
+        return False
+    return Path(folder).is_dir() and not Layout(Path(folder)).missing()

@@ -259,6 +259,7 @@ class SonicModel:
     def doubled(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """RIFE's middle frame between each pair of consecutive frames: I0, M0, I1, ..., I(n-1)
         (2n - 1 frames, twice the rate), streamed chunk by chunk."""
+        assert self.rife is not None  # called only with RIFE loaded (kind.py)
         prev = None
         for chunk in chunks:
             frames = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float() / 255

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .layout import SVD
 from .unet import AudioContext, build_unet
 
-UNET = {
+UNET: dict[str, Any] = {
     "block_out_channels": [32, 32, 32, 32],
     "num_attention_heads": [2, 2, 2, 2],
     "cross_attention_dim": 32,
@@ -71,7 +72,7 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0, pth: bool = True, ri
         down_block_types=("DownEncoderBlock2D",) * 6,
         layers_per_block=1,
         latent_channels=4,
-    ).save_pretrained(str(svd / "vae"))
+    ).save_pretrained(str(svd / "vae"))  # type: ignore[attr-defined]  # diffusers' types name its no-torch dummy class
     clip = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,

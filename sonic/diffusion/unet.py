@@ -35,7 +35,7 @@ class AudioContext:
     mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1], the face region in pixels
     scale: float = 1.0
 
-    def use(self, tokens: torch.Tensor, frames: int, mask: torch.Tensor | None) -> "AudioContext":
+    def use(self, tokens: torch.Tensor | None, frames: int, mask: torch.Tensor | None) -> "AudioContext":
         self.tokens, self.frames, self.mask = tokens, frames, mask
         return self
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import SetupError
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def load_state(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -68,7 +71,7 @@ def check_fit(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tenso
         raise SetupError(f"{path}: unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+def load_into(module: M, state: dict[str, torch.Tensor], path: Path) -> M:
     """Fit `state` to `module` exactly (see check_fit), then copy it in."""
     check_fit({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, path)
     module.load_state_dict(state, strict=True)

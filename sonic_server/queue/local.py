@@ -118,6 +118,7 @@ class LocalQueue(JobQueue):
             elif rec is not None:
                 self._canceling.add(job_id)
         if queued:
+            assert rec is not None  # queued implies a live record
             self._finish(rec, CANCELED)
         return self.get(job_id)
 

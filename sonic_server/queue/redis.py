@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 import redis as redis_lib
 
@@ -160,15 +160,18 @@ class RedisStore:
         rec.error = _error_record(rec.error)
         return rec
 
+    # the connection does not decode responses (connect): replies are bytes, which redis-py's
+    # types cannot tell from str
+
     def cached(self, key: str) -> str | None:
-        raw = self.r.get(PREFIX + f"cache:{key}")
+        raw = cast("bytes | None", self.r.get(PREFIX + f"cache:{key}"))
         return raw.decode() if raw else None
 
     def unfinished(self) -> list[str]:
-        return [m.decode() for m in self.r.smembers(PREFIX + "unfinished")]
+        return [m.decode() for m in cast("set[bytes]", self.r.smembers(PREFIX + "unfinished"))]
 
     def prune(self, before: float) -> int:
-        old = [m.decode() for m in self.r.zrangebyscore(PREFIX + "finished", "-inf", before)]
+        old = [m.decode() for m in cast("list[bytes]", self.r.zrangebyscore(PREFIX + "finished", "-inf", before))]
         for job_id in old:
             rec = self.load(job_id)
             p = self.r.pipeline()

@@ -33,7 +33,7 @@ ENTRY = {
         "time": {"type": "number"},
     },
 }
-PAGE = {
+PAGE: dict = {  # a JSON schema, spread into others below
     "type": "object",
     "properties": {"entries": {"type": "array", "items": ENTRY}, "next_before": {"type": "integer", "nullable": True}},
 }
