@@ -47,14 +47,15 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 TMP_PREFIX = "sonic-render-"
 
 
-def _tmp_root() -> str | None:
+def scratch_root() -> str | None:
+    """Where requests' frame files go: /dev/shm (memory) when it is writable, else the temp folder (None)."""
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def _sweep_orphans() -> None:
     """Remove the temporary folders of processes that died mid-request (kill -9): in /dev/shm
     they would hold their memory until the machine restarts."""
-    root = Path(_tmp_root() or tempfile.gettempdir())
+    root = Path(scratch_root() or tempfile.gettempdir())
     for d in root.glob(f"{TMP_PREFIX}*-*"):
         try:
             pid = int(d.name[len(TMP_PREFIX) :].split("-")[0])
@@ -154,7 +155,7 @@ class RenderPool:
         if not self._busy.acquire(blocking=False):
             yield from render_here(decoder, coeffs, head, batch)
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=_tmp_root()))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=scratch_root()))
         asked: list[int] = [0] * self.processes  # answers each helper still owes
         try:
             self.start()

@@ -94,7 +94,7 @@ def to_yuv420p(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-def _write_error(e: Exception) -> PipelineError:
+def write_error(e: Exception) -> PipelineError:
     """No space, no permission: say what went wrong, not where (a full disk as `DiskFull`)."""
     message = f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}"
     return DiskFull(message) if getattr(e, "errno", None) == errno.ENOSPC else PipelineError(message)
@@ -126,7 +126,7 @@ class VideoWriter:
             sf.write(self._wav_path, self.audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         except (OSError, RuntimeError) as e:
             self._cleanup()
-            raise _write_error(e) from e
+            raise write_error(e) from e
         cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -180,7 +180,7 @@ class VideoWriter:
         try:
             sf.write(self._wav_path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         except (OSError, RuntimeError) as e:
-            raise _write_error(e) from e
+            raise write_error(e) from e
         cmd = [
             FFMPEG,
             "-nostdin",
@@ -250,7 +250,7 @@ class VideoWriter:
                 try:
                     os.replace(self.tmp_path, self.path)
                 except OSError as e:
-                    raise _write_error(e) from e
+                    raise write_error(e) from e
             else:
                 self._proc.kill()  # a feeder blocked on the pipe fails and drains
                 self._stop_feeder()

@@ -58,7 +58,8 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN record TEXT")
         self._lock = threading.Lock()
 
-    def save(self, rec: JobRecord) -> None:
+    def save(self, rec: JobRecord, updated: float | None = None) -> None:
+        """Insert or replace the record; `updated` (epoch s, default now) is what the expiry goes by."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated, record) "
@@ -73,7 +74,7 @@ class JobStore:
                     json.dumps(rec.result) if rec.result else None,
                     json.dumps(rec.error) if rec.error else None,
                     rec.created,
-                    time.time(),
+                    time.time() if updated is None else updated,
                     json.dumps(rec.to_dict()),
                 ),
             )
@@ -129,9 +130,9 @@ class MemoryStore:
         self._records: dict[str, tuple[dict, float]] = {}  # id -> (record, updated)
         self._lock = threading.Lock()
 
-    def save(self, rec: JobRecord) -> None:
+    def save(self, rec: JobRecord, updated: float | None = None) -> None:
         with self._lock:
-            self._records[rec.id] = (rec.to_dict(), time.time())
+            self._records[rec.id] = (rec.to_dict(), time.time() if updated is None else updated)
 
     def load(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -71,7 +71,9 @@ def test_health_when_the_worker_has_stopped(make_client):
     client, cfg = make_client()
     queue = client.application.extensions["sonic"].queue
     queue.close()                                     # the worker thread ends, as if it had died
-    queue._worker.join(5)
+    deadline = time.monotonic() + 5
+    while queue.health()["workers_alive"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     h = client.get("/health")
     assert h.status_code == 503
     assert h.get_json() == {"status": "worker_stopped", "readiness": "worker_stopped", "queue_length": 0,

@@ -261,7 +261,7 @@ def test_a_submit_the_store_refuses_leaves_no_job(make_queue):
     rec = new_record(q.uploads)
     with pytest.raises(sqlite3.OperationalError):
         q.submit(rec, object())
-    assert q.get(rec.id) is None and q.queue_length() == 0 and not q._inputs
+    assert q.get(rec.id) is None and q.queue_length() == 0 and not q.held_inputs()
 
 
 def test_decoded_inputs_are_kept_for_the_next_job_only(make_queue):
@@ -275,7 +275,7 @@ def test_decoded_inputs_are_kept_for_the_next_job_only(make_queue):
         assert pipe.started.wait(5)
         q.submit(recs[1], checked[1])                     # runs next: its arrays are kept
         q.submit(recs[2], checked[2])                     # further back: it reads its stored files
-        assert set(q._inputs) == {recs[1].id}
+        assert q.held_inputs() == {recs[1].id}
     finally:
         gate.set()
     assert all(q.wait(r.id, 10).status == "succeeded" for r in recs)
@@ -289,9 +289,7 @@ def test_old_outputs_are_swept(make_queue, tmp_path):
     old_job, new_job = JobRecord.new("generate", {}), JobRecord.new("generate", {})
     for rec in (old_job, new_job):
         rec.status = "succeeded"
-        store.save(rec)
-    with store._lock:
-        store._db.execute("UPDATE jobs SET updated=? WHERE id=?", (time.time() - 120, old_job.id))
+        store.save(rec, updated=time.time() - 120 if rec is old_job else None)
     old, new = tmp_path / "out" / ("a" * 32 + ".mp4"), tmp_path / "out" / ("b" * 32 + ".mp4")
     old.write_bytes(b"x")
     new.write_bytes(b"x")

@@ -100,12 +100,12 @@ def test_an_abandoned_request_leaves_the_helpers_in_step(decoder, pools):
 
 
 def test_helpers_exit_with_the_pool_and_dead_requests_files_are_swept(decoder):
-    from sonic.render_pool import TMP_PREFIX, _tmp_root
+    from sonic.render_pool import TMP_PREFIX, scratch_root
     import tempfile
     from pathlib import Path
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = Path(_tmp_root() or tempfile.gettempdir()) / f"{TMP_PREFIX}{dead}-x"
+    stale = Path(scratch_root() or tempfile.gettempdir()) / f"{TMP_PREFIX}{dead}-x"
     stale.mkdir()
     (stale / "frames.buf").write_bytes(b"0" * 1000)
     pool = RenderPool(2)

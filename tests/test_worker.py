@@ -67,9 +67,9 @@ def test_a_full_disk_fails_the_job_and_the_next_one_runs(make_queue, error, code
 
 
 def test_the_writer_says_disk_full():
-    from sonic.writer import _write_error
-    assert isinstance(_write_error(OSError(errno.ENOSPC, "No space left on device")), DiskFull)
-    other = _write_error(PermissionError(errno.EACCES, "Permission denied"))
+    from sonic.writer import write_error
+    assert isinstance(write_error(OSError(errno.ENOSPC, "No space left on device")), DiskFull)
+    other = write_error(PermissionError(errno.EACCES, "Permission denied"))
     assert type(other) is PipelineError and "Permission denied" in other.message
 
 
@@ -152,12 +152,7 @@ def test_a_cache_hit_keeps_its_video_alive(make_client, jobs_db):
     video = Path(cfg["output_dir"]) / first["video_url"].rsplit("/", 1)[1]
     old = time.time() - 50                                   # 50 s of its 60 s gone, file and record
     os.utime(video, (old, old))
-    store = queue.store
-    if isinstance(store, MemoryStore):
-        store._records[first["job_id"]] = (store._records[first["job_id"]][0], old)
-    else:
-        with store._lock:
-            store._db.execute("UPDATE jobs SET updated=? WHERE id=?", (old, first["job_id"]))
+    queue.store.save(queue.get(first["job_id"]), updated=old)
     assert post(client, {**FAST, "seed": 41}).get_json()["cached"] is True
     queue.expiry.sweep(now=time.time() + 30)                 # 80 s after it was made, 30 s after the hit
     assert video.is_file() and queue.get(first["job_id"]) is not None

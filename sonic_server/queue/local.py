@@ -142,6 +142,12 @@ class LocalQueue(JobQueue):
         with self._changed:
             return len(self._pending)
 
+    def held_inputs(self) -> frozenset[str]:
+        """The jobs whose decoded arrays this queue holds (the next job's at most): the others
+        read their stored files when they run."""
+        with self._changed:
+            return frozenset(self._inputs)
+
     def health(self) -> dict:
         """One snapshot, taken under the lock the worker changes them under."""
         with self._changed:
