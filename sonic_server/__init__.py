@@ -75,6 +75,9 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
 
         install_store_outage_handler(app)
 
+    # whatever ends a job settles its credits at once, in the process that ends it (lifecycle.JobEnd)
+    end_hooks = (svc.settler.settle,) if svc.settler is not None else ()
+
     def make_queue():
         if srv.redis_url:  # distributed: the workers load the model, not this process
             from .queue.redis import RedisQueue
@@ -89,6 +92,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
                 queue_size=srv.queue_size,
                 job_timeout_s=srv.job_timeout_s,
                 retry_lost_jobs=srv.retry_lost_jobs,
+                end_hooks=end_hooks,
             )
         from sonic import load_pipeline
 
@@ -101,6 +105,7 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
             output_ttl_s=srv.output_ttl_s,
             store=open_store(jobs_db_path(settings)),
             job_timeout_s=srv.job_timeout_s,
+            end_hooks=end_hooks,
         )
 
     loader.start(svc, make_queue, background_load)

@@ -15,12 +15,34 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 
 from sonic import GenerateOptions
 from sonic import version as sonic_version
 
-QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELED = "queued", "processing", "succeeded", "failed", "canceled"
-TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+
+class JobStatus(str, Enum):
+    """Where a job stands (its transitions: sonic_server/lifecycle.py). A str, so that records
+    store, compare and print as the plain words they are in JSON."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELED = (
+    JobStatus.QUEUED,
+    JobStatus.PROCESSING,
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+    JobStatus.CANCELED,
+)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what JobRecord.new makes (uuid4 hex): anything else is no job of ours
 
 
@@ -31,8 +53,8 @@ class JobRecord:
     params: dict  # the request's validated parameters (GenerateOptions.to_dict())
     inputs: dict = field(default_factory=dict)  # name -> stored file path ("image", "audio")
     cache_key: str = ""
-    status: str = QUEUED
-    stage: str = QUEUED
+    status: JobStatus = QUEUED
+    stage: str = "queued"
     progress: float = 0.0  # 0-1
     result: dict | None = None  # the task's result; "file" names the output under output_dir
     error: dict | None = None  # {"code", "message", "field"?}
@@ -57,7 +79,10 @@ class JobRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "JobRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if "status" in fields:
+            fields["status"] = JobStatus(fields["status"])
+        return cls(**fields)
 
     def copy(self) -> "JobRecord":
         return JobRecord.from_dict(self.to_dict())

@@ -21,135 +21,173 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from sonic import SonicError
 from sonic.settings import SettingsError, load_settings
 
+from . import lifecycle
 from .expiry import OutputExpiry
-from .jobs import CANCELED, FAILED, PROCESSING, QUEUED, SUCCEEDED
-from .metrics import REGISTRY, count_job
-from .queue.execute import INTERNAL, JobCanceled, JobTimedOut, run_task
+from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
+from .lifecycle import JobCanceled, JobEnd
+from .metrics import REGISTRY
+from .queue.execute import INTERNAL, run_task
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
 from .storage import open_storage
 from .tasks import TASKS
 
 log = logging.getLogger("sonic.worker")
-_CONTEXT: dict = {}  # what run_job needs, set once by `main` before the first job
+
+
+@dataclass
+class WorkerState:
+    """What a worker process holds: set up once by `main`, then read by each run (`run_job`,
+    called by RQ) and by the heartbeat thread. `current` and `lease` change as runs start and end."""
+
+    store: RedisStore
+    pipeline: Any
+    output_dir: Path
+    uploads: Any
+    outputs: Any
+    ending: JobEnd
+    expiry: OutputExpiry
+    name: str
+    job_timeout_s: float
+    lease_s: float
+    retry_lost_jobs: int
+    decoder: str
+    device: str
+    current: str | None = None  # the job this worker runs now
+    lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
+
+
+_STATE: WorkerState | None = None  # set once by `main` before the first job
 
 
 def run_job(job_id: str) -> None:
     """One run of a job, in the worker process (called by RQ): the record is read from Redis, run,
     and its final state written back, each change only if the record is still as this run left
     it (RedisStore.swap). Never raises."""
-    ctx = _CONTEXT
-    store: RedisStore = ctx["store"]
+    state = _STATE
+    assert state is not None, "run_job runs in a worker that main() has set up"
     try:
-        _run(ctx, store, job_id)
+        _run(state, job_id)
     except Exception:  # noqa: BLE001 - Redis away, ...: the lease lapses
         log.exception("job %s: the run stopped", job_id)
     finally:
-        ctx["current"] = ctx["lease"] = None
+        state.current = state.lease = None
         try:
-            announce(ctx, store.r)  # idle again
+            announce(state, state.store.r)  # idle again
         except Exception:  # noqa: BLE001
             pass
 
 
-def _run(ctx: dict, store: RedisStore, job_id: str) -> None:
-    r = store.r
+def _run(state: WorkerState, job_id: str) -> None:
+    store, r = state.store, state.store.r
     rec = store.load(job_id)
     if rec is None or rec.status != QUEUED:
         return  # gone, canceled or taken before it started
     queued_run = rec.attempts
     if r.exists(PREFIX + f"cancel:{job_id}"):  # canceled as it was being taken
-        rec.status = rec.stage = CANCELED
-        rec.finished = time.time()
-        if store.swap(rec, QUEUED, queued_run):
-            ctx["uploads"].remove(job_id)
+        canceled = lifecycle.cancel_waiting(rec.copy())
+        if store.swap(canceled, QUEUED, queued_run):
+            state.ending.ended(canceled)
         return
-    rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
-    rec.attempts += 1
-    rec.worker = ctx["name"]
-    lease, lease_s = lease_key(job_id), ctx["lease_s"]
-    owner = f"{ctx['name']}:{rec.attempts}"  # this run of the job, on this worker
-    r.set(lease, owner, px=int(lease_s * 1000))
+    lifecycle.start(rec, worker=state.name)
+    lease = lease_key(job_id)
+    owner = f"{state.name}:{rec.attempts}"  # this run of the job, on this worker
+    r.set(lease, owner, px=int(state.lease_s * 1000))
     if not store.swap(rec, QUEUED, queued_run):
         r.delete(lease)
         return
-    ctx["current"] = job_id
-    ctx["lease"] = (lease, owner)
-    announce(ctx, r)  # busy, at once (not at the next beat)
-    limit = ctx["job_timeout_s"]
-    deadline = time.monotonic() + limit if limit > 0 else None
-
-    def progress(stage: str, frac: float) -> None:
-        if r.exists(PREFIX + f"cancel:{job_id}"):
-            raise JobCanceled()
-        if deadline is not None and time.monotonic() > deadline:
-            raise JobTimedOut()
-        rec.stage, rec.progress = stage, frac
-        if not store.swap(rec, PROCESSING, rec.attempts):  # declared lost meanwhile: stop here
-            raise JobCanceled()
-
-    uploads, outputs = ctx["uploads"], ctx["outputs"]
-    try:
-        job = rec.copy()  # the files where this machine reads them;
-        job.inputs = uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
-        status, fields = run_task(job, TASKS, ctx["pipeline"], ctx["output_dir"], None, progress, limit)
-        if status == SUCCEEDED:
-            outputs.publish(fields["result"]["file"])  # into the bucket (storage: s3)
-    except SonicError as e:  # the object store away
-        (Path(ctx["output_dir"]) / f"{job_id}.mp4").unlink(missing_ok=True)
-        status, fields = FAILED, {"error": e.to_dict()}
-    except Exception:  # noqa: BLE001
-        log.exception("job %s failed outside its task", job_id)
-        (Path(ctx["output_dir"]) / f"{job_id}.mp4").unlink(missing_ok=True)
-        status, fields = FAILED, {"error": dict(INTERNAL)}
-    finally:
-        uploads.drop_local_copy(job_id)
-    ctx["lease"] = None
-    final = rec.copy()
-    final.status = final.stage = status
-    for name, value in fields.items():
-        setattr(final, name, value)
-    final.finished = time.time()
+    state.current, state.lease = job_id, (lease, owner)
+    announce(state, r)  # busy, at once (not at the next beat)
+    status, fields = _execute(state, rec)
+    state.lease = None
+    final = lifecycle.end(rec.copy(), status, **fields)
     now = store.load(job_id)
     if now is not None and now.status == PROCESSING and now.attempts == rec.attempts:
-        try:  # inputs go before the job is seen ended
-            ctx["uploads"].remove(job_id)
-        except Exception:  # noqa: BLE001
-            log.exception("job %s: its upload folder could not be removed", job_id)
+        state.ending.before_publish(final)  # inputs go before the job is seen ended
     # the final state and the end of the lease in one step: never "ended" and "lost" both
     if not store.swap(final, PROCESSING, rec.attempts, drop_lease=True):
         log.warning("job %s: run %d ended after it was declared lost; its result is dropped", job_id, rec.attempts)
         return
-    count_job(final)
+    state.ending.after_publish(final)
     r.delete(PREFIX + f"cancel:{job_id}")
     try:
-        ctx["expiry"].maybe_sweep()
+        state.expiry.maybe_sweep()
     except Exception:  # noqa: BLE001
         log.exception("output expiry sweep failed")
 
 
-def announce(ctx: dict, conn) -> None:
+def _execute(state: WorkerState, rec: JobRecord) -> tuple[JobStatus, dict]:
+    """Run the job's task on this machine's copy of its files; (its final status, its fields).
+    A succeeded video is published (into the bucket with storage: s3)."""
+    store, r, job_id = state.store, state.store.r, rec.id
+
+    def report(stage: str, fraction: float) -> None:
+        lifecycle.advance(rec, stage, fraction)
+        if not store.swap(rec, PROCESSING, rec.attempts):  # declared lost meanwhile: stop here
+            raise JobCanceled()
+
+    progress = lifecycle.progress_reporter(
+        lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
+    )
+    try:
+        job = rec.copy()  # the files where this machine reads them;
+        job.inputs = state.uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
+        status, fields = run_task(job, TASKS, state.pipeline, state.output_dir, None, progress, state.job_timeout_s)
+        if status == SUCCEEDED:
+            state.outputs.publish(fields["result"]["file"])  # into the bucket (storage: s3)
+    except SonicError as e:  # the object store away
+        (Path(state.output_dir) / f"{job_id}.mp4").unlink(missing_ok=True)
+        status, fields = FAILED, {"error": e.to_dict()}
+    except Exception:  # noqa: BLE001
+        log.exception("job %s failed outside its task", job_id)
+        (Path(state.output_dir) / f"{job_id}.mp4").unlink(missing_ok=True)
+        status, fields = FAILED, {"error": dict(INTERNAL)}
+    finally:
+        state.uploads.drop_local_copy(job_id)
+    return status, fields
+
+
+def end_hooks(settings) -> tuple[Callable[[JobRecord], None], ...]:
+    """What runs when a job ends on this worker: with credits, its hold is settled here, where
+    it ended (the API processes' settler sweeps up what a killed worker left)."""
+    if not settings.credits.enabled:
+        return ()
+    from .credits import Ledger, Settler, database_url, video_price
+
+    price = settings.credits
+
+    settler = Settler(
+        Ledger.open(database_url(settings)),
+        lambda: None,
+        lambda result: video_price(price, result.get("duration", 0.0)),
+    )
+    return (settler.settle,)
+
+
+def announce(state: WorkerState, conn) -> None:
     """This worker's entry in the worker list: its job (a record id) or none, decoder, device."""
     conn.set(
-        PREFIX + f"worker:{ctx['name']}",
+        PREFIX + f"worker:{state.name}",
         json.dumps(
             {
-                "name": ctx["name"],
-                "job": ctx.get("current"),
-                "decoder": ctx["decoder"],
-                "device": ctx["device"],
+                "name": state.name,
+                "job": state.current,
+                "decoder": state.decoder,
+                "device": state.device,
                 "heartbeat": time.time(),
             }
         ),
-        px=int(ctx["lease_s"] * 1000),
+        px=int(state.lease_s * 1000),
     )
 
 
-def heartbeat(ctx: dict, url: str, stop: threading.Event) -> None:
+def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
     """Every lease_s / 4: this worker's entry (`sonic:worker:<name>`, what /health lists), the
     running job's lease (renewed only while it is this run's), and a look for lapsed leases of
     others. Its own connection, with timeouts shorter than a beat and no retries, so that a stuck
@@ -158,19 +196,19 @@ def heartbeat(ctx: dict, url: str, stop: threading.Event) -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    beat = max(0.2, ctx["lease_s"] / 4)
+    beat = max(0.2, state.lease_s / 4)
     conn = redis.Redis.from_url(url, socket_timeout=beat, socket_connect_timeout=beat, retry=Retry(NoBackoff(), 0))
     renew = conn.register_script(RENEW_LEASE)
     store = RedisStore(conn)
     while not stop.is_set():
         try:
-            held = ctx.get("lease")
+            held = state.lease
             if held:
-                renew(keys=[held[0]], args=[held[1], int(ctx["lease_s"] * 1000)])
-            announce(ctx, conn)
-            reap(store, ctx["retry_lost_jobs"], ctx["output_dir"], ctx["uploads"])
+                renew(keys=[held[0]], args=[held[1], int(state.lease_s * 1000)])
+            announce(state, conn)
+            reap(store, state.retry_lost_jobs, state.output_dir, state.ending)
         except Exception:  # noqa: BLE001 - Redis away: try at the next beat
-            log.warning("worker %s: heartbeat failed", ctx["name"])
+            log.warning("worker %s: heartbeat failed", state.name)
         stop.wait(beat)
 
 
@@ -227,6 +265,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         if outputs.remote:
             outputs.s3.check()
         pipeline = load_pipeline(settings)
+        hooks = end_hooks(settings)
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
@@ -235,31 +274,29 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _CONTEXT.update(
+    global _STATE
+    state = _STATE = WorkerState(
         store=store,
         pipeline=pipeline,
         output_dir=output_dir,
         uploads=uploads,
         outputs=outputs,
-        job_timeout_s=srv.job_timeout_s,
+        ending=JobEnd(uploads, hooks),
+        expiry=OutputExpiry(store, outputs, srv.output_ttl_s),
         name=name,
+        job_timeout_s=srv.job_timeout_s,
         lease_s=srv.worker_lease_s,
         retry_lost_jobs=srv.retry_lost_jobs,
-        expiry=OutputExpiry(store, outputs, srv.output_ttl_s),
         decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name),
         device=str(pipeline.device),
-        current=None,
-        lease=None,
     )
     if outputs.remote:  # this worker's own folder: nothing is shared
-        announce(_CONTEXT, conn)  # alive in the list first: a worker starting meanwhile
+        announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone
         uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
-        output_dir = _CONTEXT["output_dir"] = outputs.folder
+        output_dir = state.output_dir = outputs.folder
     stop = threading.Event()
-    threading.Thread(
-        target=heartbeat, args=(_CONTEXT, srv.redis_url, stop), name="sonic-heartbeat", daemon=True
-    ).start()
+    threading.Thread(target=heartbeat, args=(state, srv.redis_url, stop), name="sonic-heartbeat", daemon=True).start()
     if a.metrics_port:
         from prometheus_client import start_http_server
 

@@ -11,21 +11,14 @@ from typing import Callable
 from sonic import DiskFull, SonicError
 from sonic.memory import give_back_memory
 
-from ..jobs import CANCELED, FAILED, SUCCEEDED, JobRecord
+from ..jobs import CANCELED, FAILED, SUCCEEDED, JobRecord, JobStatus
+from ..lifecycle import JobCanceled, JobTimedOut
 
 log = logging.getLogger("sonic.jobs")
 INTERNAL = {"code": "internal_error", "message": "generation failed; see the server log with this job id"}
 OUT_OF_MEMORY = {"code": "out_of_memory", "message": "ran out of memory; try a shorter clip or a lower min_resolution"}
 DISK_FULL = DiskFull("no space left on the server's disk; try again later").to_dict()
 JOB_TIMEOUT = "job_timeout"
-
-
-class JobCanceled(Exception):
-    """Raised from a running job's progress report once it is asked to stop."""
-
-
-class JobTimedOut(Exception):
-    """Raised from a running job's progress report once its time limit has passed."""
 
 
 def run_task(
@@ -36,7 +29,7 @@ def run_task(
     inputs,
     progress: Callable[[str, float], None],
     job_timeout_s: float = 0.0,
-) -> tuple[str, dict]:
+) -> tuple[JobStatus, dict]:
     """Run the record's task; (final status, fields to set on the record). Never raises: the
     progress callback's JobCanceled / JobTimedOut and every error become a status. The memory
     the task freed goes back to the system at its end."""
@@ -54,7 +47,7 @@ def _run_task(
     inputs,
     progress: Callable[[str, float], None],
     job_timeout_s: float,
-) -> tuple[str, dict]:
+) -> tuple[JobStatus, dict]:
     try:
         progress("starting", 0.0)
         result = tasks[rec.kind](rec.copy(), pipeline, output_dir, inputs, progress)

@@ -25,17 +25,18 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from .. import lifecycle
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
-from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, JobRecord
-from ..metrics import count_job
+from ..jobs import FAILED, JobRecord
+from ..lifecycle import JobEnd
 from ..recovery import recover
 from ..store import MemoryStore
 from ..tasks import TASKS
 from . import JobQueue, QueueFull, WorkerStopped, follow
-from .execute import INTERNAL, JobCanceled, JobTimedOut, run_task
+from .execute import INTERNAL, run_task
 
 log = logging.getLogger("sonic.jobs")
 NOT_STARTED = {
@@ -56,13 +57,16 @@ class LocalQueue(JobQueue):
         store=None,
         tasks: dict | None = None,
         job_timeout_s: float = 0.0,
+        end_hooks: tuple[Callable[[JobRecord], None], ...] = (),
     ):
         """`job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
-        report after this many seconds; 0 sets no limit."""
+        report after this many seconds; 0 sets no limit. `end_hooks`: what runs once when a job
+        has ended (lifecycle.JobEnd), before anyone sees the end (settling its credits)."""
         self.pipeline = pipeline
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.uploads = uploads
+        self.ending = JobEnd(uploads, end_hooks)
         self.store = store if store is not None else MemoryStore()
         outputs_lock = threading.Lock()  # a cache hit's refresh and the expiry sweep, one at a time
         self.cache = ResultCache(self.store, self.output_dir, outputs_lock)
@@ -89,8 +93,7 @@ class LocalQueue(JobQueue):
                 raise WorkerStopped()
             if len(self._pending) >= self.queue_size:
                 raise QueueFull()
-            rec = rec.copy()
-            rec.status = rec.stage = QUEUED
+            rec = lifecycle.queue(rec.copy())
             self.store.save(rec)  # first: a record the store refuses is never queued
             self._live[rec.id] = rec
             if inputs is not None and not self._pending:  # this job runs next: keep its arrays
@@ -119,7 +122,7 @@ class LocalQueue(JobQueue):
                 self._canceling.add(job_id)
         if queued:
             assert rec is not None  # queued implies a live record
-            self._finish(rec, CANCELED)
+            self._finish(rec, lifecycle.cancel_waiting)
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float) -> JobRecord | None:
@@ -177,9 +180,8 @@ class LocalQueue(JobQueue):
                 self._changed.wait(SWEEP_EVERY_S)
             if not self._pending or self._closed:
                 return None
-            rec = self._live[self._pending.popleft()]
+            rec = lifecycle.start(self._live[self._pending.popleft()])
             self._running = rec.id
-            rec.status, rec.stage, rec.started = PROCESSING, "starting", time.time()
             self._changed.notify_all()
             return rec
 
@@ -204,29 +206,28 @@ class LocalQueue(JobQueue):
             self.store.save(rec)
         except Exception:  # noqa: BLE001 - e.g. disk full, database locked
             log.exception("job %s: the store refused its start", rec.id)
-            self._finish(rec, FAILED, error=dict(NOT_STARTED))
+            self._finish(rec, lambda r: lifecycle.end(r, FAILED, error=dict(NOT_STARTED)))
         else:
             try:
                 self._execute(rec)
             except Exception:  # noqa: BLE001 - the worker must outlive any job
                 log.exception("job %s failed outside its task", rec.id)
-                self._finish(rec, FAILED, error=dict(INTERNAL))
+                self._finish(rec, lambda r: lifecycle.end(r, FAILED, error=dict(INTERNAL)))
         finally:
             with self._changed:
                 self._running = None
 
     def _execute(self, rec: JobRecord) -> None:
-        deadline = time.monotonic() + self.job_timeout_s if self.job_timeout_s > 0 else None
-
-        def progress(stage: str, frac: float) -> None:
+        def report(stage: str, fraction: float) -> None:
             with self._changed:
-                if rec.id in self._canceling:
-                    raise JobCanceled()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise JobTimedOut()
-                rec.stage, rec.progress = stage, frac
+                lifecycle.advance(rec, stage, fraction)
                 self._changed.notify_all()
 
+        def asked_to_stop() -> bool:
+            with self._changed:
+                return rec.id in self._canceling
+
+        progress = lifecycle.progress_reporter(asked_to_stop, self.job_timeout_s, report)
         status, fields = run_task(
             rec,
             self.tasks,
@@ -236,28 +237,23 @@ class LocalQueue(JobQueue):
             progress,
             self.job_timeout_s,
         )
-        self._finish(rec, status, **fields)
+        self._finish(rec, lambda r: lifecycle.end(r, status, **fields))
 
-    def _finish(self, rec: JobRecord, status: str, **fields) -> None:
-        """End a job: its inputs go, its record is saved and leaves the live set, waiters are told.
-        Never raises: a final record the store refuses is logged and kept in `_unsaved` (answered
-        by `get`) until the store takes it between jobs."""
-        try:
-            self.uploads.remove(rec.id)  # inputs go when the job ends, before it is seen ended
-        except Exception:  # noqa: BLE001
-            log.exception("job %s: its upload folder could not be removed", rec.id)
+    def _finish(self, rec: JobRecord, transition: Callable[[JobRecord], JobRecord]) -> None:
+        """End a job by `transition` (a lifecycle end): its uploads go, its record is saved, the
+        end-of-job step runs, then it leaves the live set and waiters are told, so that whoever
+        sees the end sees it settled. Never raises: a final record the store refuses is logged
+        and kept in `_unsaved` (answered by `get`) until the store takes it between jobs."""
+        self.ending.before_publish(rec)
         with self._changed:
-            rec.status = rec.stage = status
-            for name, value in fields.items():
-                setattr(rec, name, value)
-            rec.finished = time.time()
+            transition(rec)
             try:
                 self.store.save(rec)
             except Exception:  # noqa: BLE001 - e.g. disk full, database locked
-                log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, status)
+                log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, rec.status)
                 self._unsaved[rec.id] = rec
             finally:
-                count_job(rec)
+                self.ending.after_publish(rec)
                 self._live.pop(rec.id, None)
                 self._inputs.pop(rec.id, None)
                 self._canceling.discard(rec.id)

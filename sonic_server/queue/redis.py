@@ -36,23 +36,20 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, cast
+from typing import Callable, Iterator, cast
 
 import redis as redis_lib
 
+from .. import lifecycle
 from ..cache import ResultCache
-from ..jobs import CANCELED, FAILED, PROCESSING, QUEUED, TERMINAL, JobRecord
-from ..metrics import count_job
+from ..jobs import PROCESSING, QUEUED, TERMINAL, JobRecord
+from ..lifecycle import JobEnd
 from ..store import _error_record
 from . import JobQueue, QueueFull, WorkerStopped, follow
 
 log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
 QUEUE_NAME = "sonic"
-WORKER_LOST = {
-    "code": "worker_lost",
-    "message": "the worker running this job stopped answering (killed or lost); try again",
-}
 
 
 def connect(url: str) -> redis_lib.Redis:
@@ -201,17 +198,14 @@ def rq_job_id(rec: JobRecord) -> str:
     return rec.id if rec.attempts == 0 else f"{rec.id}-r{rec.attempts}"
 
 
-def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_dir: Path, uploads) -> JobRecord:
+def declare_lost(
+    store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_dir: Path, ending: JobEnd
+) -> JobRecord:
     """A running job whose lease has lapsed: queued again (retry) or failed `worker_lost`, by
-    whichever process gets there first (the others see the new state)."""
-    new = rec.copy()
+    whichever process gets there first (the others see the new state); that process runs its
+    end-of-job step."""
     retry = rec.attempts <= retry_lost_jobs  # runs so far include the lost one
-    if retry:
-        new.status = new.stage = QUEUED
-        new.progress, new.started = 0.0, None
-    else:
-        new.status = new.stage = FAILED
-        new.error, new.finished = dict(WORKER_LOST), time.time()
+    new = lifecycle.lose(rec.copy(), retry)
     if not store.swap(new, PROCESSING, rec.attempts, lease_lapsed=True):
         return store.load(rec.id) or rec  # ended, renewed or declared meanwhile
     for part in Path(output_dir).glob(f".{rec.id}*.part*"):
@@ -221,20 +215,16 @@ def declare_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output
         enqueue(store.r, new, at_front=True)
         return new
     log.warning("job %s: its worker stopped answering; marked failed (worker_lost)", rec.id)
-    count_job(new)
-    try:
-        uploads.remove(rec.id)
-    except Exception:  # noqa: BLE001
-        log.exception("job %s: its upload folder could not be removed", rec.id)
+    ending.ended(new)
     return new
 
 
-def reap(store: RedisStore, retry_lost_jobs: int, output_dir: Path, uploads) -> None:
+def reap(store: RedisStore, retry_lost_jobs: int, output_dir: Path, ending: JobEnd) -> None:
     """Declare every running job whose lease has lapsed lost (nobody may be looking at it)."""
     for job_id in store.unfinished():
         rec = store.load(job_id)
         if rec is not None and rec.status == PROCESSING and not store.r.exists(lease_key(job_id)):
-            declare_lost(store, rec, retry_lost_jobs, output_dir, uploads)
+            declare_lost(store, rec, retry_lost_jobs, output_dir, ending)
 
 
 def live_workers(conn: redis_lib.Redis) -> list[dict]:
@@ -263,13 +253,17 @@ class RedisQueue(JobQueue):
         job_timeout_s: float = 0.0,
         retry_lost_jobs: int = 0,
         outputs=None,
+        end_hooks: tuple[Callable[[JobRecord], None], ...] = (),
     ):
+        """`end_hooks`: what runs once when this process ends a job (a cancel while it waits, a
+        lost worker); a job's run ends in its worker, which runs its own (worker.py)."""
         self.r = connect(url)
         self.r.ping()
         self.store = RedisStore(self.r)
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.uploads = uploads
+        self.ending = JobEnd(uploads, end_hooks)
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
@@ -280,8 +274,7 @@ class RedisQueue(JobQueue):
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         if not live_workers(self.r):
             raise WorkerStopped()
-        rec = rec.copy()
-        rec.status = rec.stage = QUEUED
+        rec = lifecycle.queue(rec.copy())
         self.store.save(rec)
         # the bound and the push in one optimistic transaction: API processes racing for the
         # last place cannot both take it (WATCH the queue; a change meanwhile means try again)
@@ -306,7 +299,7 @@ class RedisQueue(JobQueue):
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
         if rec is not None and rec.status == PROCESSING and not self.r.exists(lease_key(job_id)):
-            rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.uploads)
+            rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.ending)
         return rec
 
     def cached(self, key: str) -> JobRecord | None:
@@ -318,9 +311,7 @@ class RedisQueue(JobQueue):
             return rec
         self.r.set(PREFIX + f"cancel:{job_id}", 1, ex=24 * 3600)  # a running job sees it at its next report
         if rec.status == QUEUED:
-            new = rec.copy()
-            new.status = new.stage = CANCELED
-            new.finished = time.time()
+            new = lifecycle.cancel_waiting(rec.copy())
             if self.store.swap(new, QUEUED, rec.attempts):  # not taken by a worker meanwhile
                 from rq.job import Job
 
@@ -328,8 +319,7 @@ class RedisQueue(JobQueue):
                     Job.fetch(rq_job_id(rec), connection=self.r).cancel()
                 except Exception:  # noqa: BLE001 - gone: the worker skips it
                     pass
-                self.uploads.remove(job_id)
-                count_job(new)
+                self.ending.ended(new)
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float) -> JobRecord | None:
@@ -361,7 +351,7 @@ class RedisQueue(JobQueue):
         return int(self.rq.count)
 
     def health(self) -> dict:
-        reap(self.store, self.retry_lost_jobs, self.output_dir, self.uploads)
+        reap(self.store, self.retry_lost_jobs, self.output_dir, self.ending)
         workers = [
             {
                 "name": w.get("name"),

@@ -203,12 +203,6 @@ def _release(svc, payer, job_id: str) -> None:
             log.exception("the hold of job %s could not be released now; the settler will", job_id)
 
 
-def _settle(svc, rec: JobRecord) -> None:
-    """A job seen ended: its hold is released and, on success, the video charged (once)."""
-    if svc.settler is not None and rec is not None and rec.terminal:
-        svc.settler.settle(rec)
-
-
 def _decoder_identity(svc) -> str:
     """The loaded decoder's identity (the result cache keys on it): this process's pipeline's, or
     what the workers announced (distributed mode)."""
@@ -330,7 +324,6 @@ def generate():
 
     if not want_async:
         rec = _wait_for(queue, rec.id, svc.sync_wait_s)
-        _settle(svc, rec)
         if rec.status == "succeeded":
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
@@ -347,7 +340,6 @@ def generate():
 @describe("Job status", responses={200: ("status", content("application/json", JOB)), 404: error("no such job")})
 def job_status(job_id):
     rec = _find_job(job_id)
-    _settle(service(), rec)
     return jsonify(_job_body(rec, _urls(job_id)))
 
 
@@ -361,7 +353,6 @@ def job_cancel(job_id):
     svc = service()
     svc.queue.cancel(job_id)
     rec = _wait_for(svc.queue, job_id, CANCEL_WAIT_S)
-    _settle(svc, rec)
     return jsonify(_job_body(rec, _urls(job_id)))
 
 
