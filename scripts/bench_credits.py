@@ -20,7 +20,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def bench(url: str, threads: int, seconds: float) -> None:
     from sqlalchemy import insert
-    from sonic_server.credits import Ledger, accounts
+    from sonic_server.accounts import Ledger
+    from sonic_server.accounts.schema import accounts
     ledger = Ledger(url)
     with ledger.engine.begin() as c:
         c.execute(insert(accounts), [dict(name=f"a{i}", role="user", balance=0, created=time.time())

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(rest, prog="sonic worker")
         return 0
     if args.command == "accounts":
-        from sonic_server.accounts_cli import main as accounts
+        from sonic_server.accounts.cli import main as accounts
 
         accounts(rest, prog="sonic accounts")
         return 0

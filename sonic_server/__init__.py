@@ -49,10 +49,11 @@ def create_app(settings: Settings | Mapping | None = None, pipeline=None, backgr
     hooks.access_log(app)
     hooks.memory(app)
     if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
-        from .credits import Ledger, Settler, database_url, video_price
+        from .accounts import Billing, Ledger, Settler, database_url, video_price
         from .routes import credits as credit_routes
 
         svc.ledger = Ledger.open(database_url(settings))
+        svc.billing = Billing(svc.ledger, settings.credits)
         svc.settler = Settler(
             svc.ledger, lambda: svc.queue, lambda result: video_price(settings.credits, result.get("duration", 0.0))
         )

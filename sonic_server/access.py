@@ -212,7 +212,7 @@ NO_KEY = "an account's API key or a bearer token is required: Authorization: Bea
 def identify(token: str | None, flat_keys: list[str], ledger, credits):
     """(the Principal, None) or (None, why not): a flat key, a JWT (three dot-separated parts),
     else an account's key."""
-    from .credits import Principal
+    from .accounts import Principal
 
     if token is None:
         return None, NO_KEY

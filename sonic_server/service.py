@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flask import current_app
 
@@ -14,6 +14,11 @@ from sonic.settings import Settings
 
 from .queue import JobQueue
 from .uploads import Uploads
+
+if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion at the first fusion
+    from .accounts import Billing, Ledger, Settler
+    from .routes.fusion import FusionEngine
+    from .storage import FolderOutputs, S3Outputs
 
 
 class Slots:
@@ -38,9 +43,9 @@ class Slots:
 @dataclass
 class Service:
     settings: Settings  # sonic/settings.py: parameter defaults, limits, folders
-    uploads: Uploads
+    uploads: Uploads  # the folder, or a bucket's stand-in (storage.S3Uploads)
     output_dir: Path  # videos, served from /output/<name>
-    outputs: Any  # where the videos are: the folder, or a bucket (sonic_server/storage.py)
+    outputs: FolderOutputs | S3Outputs  # where the videos are: the folder, or a bucket (sonic_server/storage.py)
     sync_wait_s: float  # a synchronous request waits this long, then gets 202
     retry_after_s: str  # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))
@@ -50,9 +55,10 @@ class Service:
     decoder: str | None = None  # the loaded pipeline's decoder and device, once ready
     device: str | None = None
     decoder_identity: str | None = None  # the decoder and its weights: part of the result cache key
-    ledger: Any = None  # accounts and credits (credits.enabled; sonic_server/credits.py)
-    settler: Any = None  # ends the credit holds of jobs that have ended
-    fusion: Any = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
+    ledger: Ledger | None = None  # accounts and credits (credits.enabled; sonic_server/accounts/)
+    billing: Billing | None = None  # what the routes call to make a request pay (credits.enabled)
+    settler: Settler | None = None  # ends the credit holds of jobs that have ended
+    fusion: FusionEngine | None = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
 
 
 def service() -> Service:

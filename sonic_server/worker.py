@@ -158,7 +158,7 @@ def end_hooks(settings) -> tuple[Callable[[JobRecord], None], ...]:
     it ended (the API processes' settler sweeps up what a killed worker left)."""
     if not settings.credits.enabled:
         return ()
-    from .credits import Ledger, Settler, database_url, video_price
+    from .accounts import Ledger, Settler, database_url, video_price
 
     price = settings.credits
 

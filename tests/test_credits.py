@@ -35,7 +35,7 @@ def db_url(request, tmp_path):
 
 
 def ledger_for(url):
-    from sonic_server.credits import Ledger
+    from sonic_server.accounts import Ledger
     return Ledger(url.replace("postgresql://", "postgresql+psycopg://", 1))
 
 
@@ -65,7 +65,7 @@ def auth(key):
 
 
 def wait_settled(ledger, job_id, timeout=10):
-    from sonic_server.credits import reservations
+    from sonic_server.accounts.schema import reservations
     from sqlalchemy import select
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -304,7 +304,7 @@ def test_parallel_recharges_and_charges_leave_exact_balances(db_url):
 
 CRASH = r"""
 import time
-from sonic_server.credits import Ledger
+from sonic_server.accounts import Ledger
 ledger = Ledger({url!r})
 def pause():
     print("applied, not committed", flush=True)
@@ -318,7 +318,7 @@ def test_a_process_killed_mid_recharge_leaves_nothing_applied(db_url):
     try:
         with ledger.engine.begin() as c:                                  # 300 accounts, quickly
             from sqlalchemy import insert
-            from sonic_server.credits import accounts
+            from sonic_server.accounts.schema import accounts
             c.execute(insert(accounts), [dict(name=f"k{i}", role="user", balance=0, created=time.time())
                                          for i in range(300)])
         url = ledger.url

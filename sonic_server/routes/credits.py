@@ -7,7 +7,7 @@ import re
 
 from flask import Blueprint, g, jsonify, request
 
-from ..credits import CreditError, check_amount
+from ..accounts import CreditError, check_amount
 from ..errors import error_response
 from ..json_input import json_object_body
 from ..openapi import content, describe, error, path_parameter

@@ -14,7 +14,6 @@ import binascii
 import io
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,9 +24,10 @@ from PIL import Image
 from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
 from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
+from ..accounts.billing import FusionHold
 from ..json_input import json_object_body
 from ..openapi import content, describe, error
-from ..service import service
+from ..service import Service, service
 
 bp = Blueprint("fusion", __name__)
 FIELDS = {"source_image", "target_image", "blend_ratio", "swap_eye", "output_format", "image_format"}
@@ -186,26 +186,18 @@ def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
     )
 
 
-def _payer(svc, units: int):
-    """With credits: hold the price of `units` fusions (402 when short); (hold id, price) or a response."""
-    from .generate import _insufficient
-    from .generate import _payer as account_payer
-
-    payer = account_payer(svc, "fusions need")
-    if payer is None or isinstance(payer, Response):
-        return payer, 0
-    p = payer[0]
-    price = svc.settings.credits.per_fusion
-    hold = "f" + uuid.uuid4().hex[:31]  # the server's own id, never the client's
-    ok, balance = svc.ledger.reserve(p.account_id, hold, price * units, p.operator, g.get("request_id"), kind="fusion")
-    if not ok:
-        return _insufficient(price * units, balance), 0
-    return hold, price
+def _hold(svc: Service, count: int) -> FusionHold | None:
+    """With credits: the price of `count` fusions held from the paying account (NoAccount: 403,
+    InsufficientCredits: 402); else None."""
+    if svc.billing is None:
+        return None
+    payer = svc.billing.payer(g.principal, "fusions need")
+    return svc.billing.hold_fusions(payer, count, g.get("request_id"))
 
 
-def _settle(svc, hold, price: int, done: int) -> None:
-    if hold and svc.ledger is not None:
-        svc.ledger.settle(hold, done > 0, price * done, reason=f"{done} fusion(s)")
+def _settle(svc: Service, hold: FusionHold | None, done: int) -> None:
+    if hold is not None and svc.billing is not None:
+        svc.billing.settle_fusions(hold, done)
 
 
 FUSION_BODY = {
@@ -296,15 +288,13 @@ ERRORS = {
 def fusion():
     svc = service()
     body, files = _request_body()
-    hold, price = _payer(svc, 1)
-    if isinstance(hold, Response):
-        return hold
+    hold = _hold(svc, 1)
     try:
         fields, data, fmt, output = _one(svc, body, files)
     except BaseException:
-        _settle(svc, hold, price, 0)
+        _settle(svc, hold, 0)
         raise
-    _settle(svc, hold, price, 1)
+    _settle(svc, hold, 1)
     if output == "binary":
         resp = Response(data, mimetype=IMAGE_FORMATS[fmt][1])
         resp.headers["X-Fusion-Timings"] = ",".join(f"{k}={v}" for k, v in fields["timings"].items())
@@ -378,9 +368,7 @@ def fusion_batch():
         raise InvalidParameter(f"at most {limit} pairs per call (server.fusion_max_batch)", "pairs")
     shared = {k: body[k] for k in ("blend_ratio", "swap_eye", "image_format") if k in body}
     _options(shared)  # shared settings are checked once: a 400
-    hold, price = _payer(svc, len(pairs))
-    if isinstance(hold, Response):
-        return hold
+    hold = _hold(svc, len(pairs))
     t0 = time.perf_counter()
     results, done = [], 0
     try:
@@ -402,7 +390,7 @@ def fusion_batch():
 
                 results.append({"index": i, "success": False, "error": public_error(e.to_dict())})
     finally:
-        _settle(svc, hold, price, done)
+        _settle(svc, hold, done)
     return jsonify(
         {
             "success": done == len(pairs),

@@ -13,12 +13,13 @@ from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
 from ..access import caller
+from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, JobRecord, cache_key
 from ..json_input import parse_json
 from ..openapi import component, content, describe, error, header, path_parameter
 from ..queue import QueueFull, WorkerStopped
-from ..service import service
+from ..service import Service, service
 
 bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
@@ -155,52 +156,14 @@ def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
     return rec
 
 
-def _payer(svc, what: str = "making videos needs"):
-    """With credits: (the principal, its operator name) of the account that pays, or a 403
-    response for a key without an account; without credits: None. Fusions use it too."""
-    if svc.ledger is None:
-        return None
-    p = g.principal
-    if p.account_id is None:
-        return error_response(
-            "forbidden", f"{what} an account's key or token (credits are enabled); this key belongs to no account"
-        )
-    return p, p.operator
+def _payer(svc: Service) -> Payer | None:
+    """With credits, the account that pays (NoAccount, 403, for a key without one); else None."""
+    return svc.billing.payer(g.principal, "making videos needs") if svc.billing else None
 
 
-def _insufficient(needed: int, balance: int):
-    return error_response(
-        "insufficient_credits",
-        f"this video costs {needed} credits and the account has {balance}",
-        extra={"needed": needed, "balance": balance},
-    )
-
-
-def _reserve(svc, payer, job_id: str, seconds: float):
-    from ..credits import video_price
-
-    needed = video_price(svc.settings.credits, seconds)
-    ok, balance = svc.ledger.reserve(payer[0].account_id, job_id, needed, payer[1], g.get("request_id"))
-    return None if ok else _insufficient(needed, balance)
-
-
-def _charge_hit(svc, payer, hit: JobRecord):
-    from ..credits import video_price
-
-    needed = video_price(svc.settings.credits, (hit.result or {}).get("duration", 0.0))
-    ok, balance = svc.ledger.charge(
-        payer[0].account_id, needed, payer[1], "a cached result", g.get("request_id"), hit.id
-    )
-    return None if ok else _insufficient(needed, balance)
-
-
-def _release(svc, payer, job_id: str) -> None:
-    """The hold of a job that was not queued goes back (the settler's sweep would, later)."""
-    if payer:
-        try:
-            svc.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
-        except Exception:  # noqa: BLE001 - the request's own error matters more
-            log.exception("the hold of job %s could not be released now; the settler will", job_id)
+def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
+    if payer is not None and svc.billing is not None:
+        svc.billing.release(job_id)
 
 
 def _decoder_identity(svc) -> str:
@@ -279,14 +242,10 @@ def generate():
     owner = caller().owner
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)), owner)
     payer = _payer(svc)
-    if payer is not None and not isinstance(payer, tuple):
-        return payer  # a key without an account: 403
     hit = queue.cached(key)
     if hit:
-        if payer and svc.settings.credits.charge_cache_hits:
-            refused = _charge_hit(svc, payer, hit)
-            if refused is not None:
-                return refused
+        if payer is not None and svc.billing is not None and svc.settings.credits.charge_cache_hits:
+            svc.billing.charge_cached(payer, (hit.result or {}).get("duration", 0.0), hit.id, g.get("request_id"))
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
@@ -295,11 +254,12 @@ def generate():
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
         checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
-        if payer:  # the estimate is held before anything is queued
-            refused = _reserve(svc, payer, rec.id, opts.duration or checked.audio_s)
-            if refused is not None:
+        if payer is not None and svc.billing is not None:  # the estimate is held before anything is queued
+            try:
+                svc.billing.hold_video(payer, rec.id, opts.duration or checked.audio_s, g.get("request_id"))
+            except InsufficientCredits:
                 svc.uploads.remove(rec.id)
-                return refused
+                raise
         rec = queue.submit(rec, checked)
         svc.uploads.drop_local_copy(rec.id)  # in a bucket: this process's copy goes
     except QueueFull:

@@ -18,24 +18,12 @@ import hashlib
 import json
 import math
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from sqlalchemy import (
-    BigInteger,
-    CheckConstraint,
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     create_engine,
     event,
     func,
@@ -45,90 +33,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-if TYPE_CHECKING:  # annotations only: not imported at run time
-    from .queue import JobQueue
-
-metadata = MetaData()
-ROLES = ("user", "admin")
-MAX_BALANCE = 2**62  # no balance grows past this (a bigint with room to spare)
-KEY_PREFIX_CHARS = 12  # "sk_" and 9 more: what lists and `revoke` show of a key
-NAME_CHARS = 64
-
-accounts = Table(
-    "accounts",
+from .schema import (
+    _APPEND_ONLY,
+    KEY_PREFIX_CHARS,
+    MAX_BALANCE,
+    ROLES,
+    accounts,
+    api_keys,
+    idempotency,
+    ledger,
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(NAME_CHARS), nullable=False, unique=True),
-    Column("role", String(8), nullable=False),
-    Column("balance", BigInteger, nullable=False),
-    Column("created", Float, nullable=False),
-    CheckConstraint("balance >= 0", name="balance_not_negative"),
+    reservations,
 )
-api_keys = Table(
-    "api_keys",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
-    Column("prefix", String(KEY_PREFIX_CHARS), nullable=False, index=True),
-    Column("digest", String(64), nullable=False, unique=True),
-    Column("created", Float, nullable=False),
-    Column("revoked", Float, nullable=True),
-)
-ledger = Table(
-    "ledger",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
-    Column(
-        "kind", String(16), nullable=False
-    ),  # account_created recharge reserve charge release key_created key_revoked
-    Column("delta", BigInteger, nullable=False),
-    Column("balance", BigInteger, nullable=False),  # the account's balance after this row
-    Column("job_id", String(32)),
-    Column("operator", String(NAME_CHARS + 8), nullable=False),
-    Column("reason", String(500)),
-    Column("request_id", String(64)),
-    Column("created", Float, nullable=False),
-    Index("ledger_account", "account_id", "id"),
-    Index("ledger_created", "created"),
-)
-reservations = Table(
-    "reservations",
-    metadata,
-    Column("job_id", String(32), primary_key=True),
-    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
-    Column("amount", BigInteger, nullable=False),
-    Column("state", String(8), nullable=False),  # held | charged | released
-    Column("kind", String(8), nullable=False),  # job (ended by its record) | fusion (ended by its request)
-    Column("created", Float, nullable=False),
-    Index("reservations_state", "state"),
-)
-idempotency = Table(
-    "idempotency",
-    metadata,
-    Column("key", String(200), primary_key=True),
-    Column("operator", String(NAME_CHARS + 8), primary_key=True),  # one operator's key is not another's
-    Column("request", String(64), nullable=False),  # SHA-256 of the call it answered
-    Column("status", Integer, nullable=False),
-    Column("response", Text, nullable=False),
-    Column("created", Float, nullable=False),
-)
-
-_APPEND_ONLY = {
-    "sqlite": [
-        "CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger "
-        "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END",
-        "CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger "
-        "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END",
-    ],
-    "postgresql": [
-        "CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger AS $$ BEGIN "
-        "RAISE EXCEPTION 'the ledger is append-only'; END $$ LANGUAGE plpgsql",
-        "DROP TRIGGER IF EXISTS ledger_append_only ON ledger",
-        "CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger "
-        "FOR EACH ROW EXECUTE FUNCTION ledger_append_only()",
-    ],
-}
 
 
 class CreditError(Exception):
@@ -717,67 +633,3 @@ def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amo
     if amount > limit:
         raise CreditError(f"{field} must be at most {limit}", field)
     return amount
-
-
-MISSING_RECORD_GRACE_S = 120  # a job hold without a record this long is released
-ORPHAN_FUSION_S = 600  # a fusion hold still held after this was left by a process that died
-
-
-class Settler:
-    """Ends the reservations of jobs that have ended: a thread in each API process (any number
-    may run: a reservation is settled once). Also called at once where a job's end is seen."""
-
-    def __init__(
-        self,
-        ledger_: Ledger,
-        queue_getter: Callable[[], JobQueue | None],
-        price: Callable[[dict], int],
-        every_s: float = 2.0,
-    ):
-        self.ledger, self.queue_getter, self.price, self.every_s = ledger_, queue_getter, price, every_s
-        self._stop = threading.Event()
-
-    def settle(self, rec) -> None:
-        """`rec`: a job record (or None: the record is gone, so the hold is released)."""
-        if rec is None:
-            return
-        if rec.status == "succeeded":
-            self.ledger.settle(rec.id, True, self.price(rec.result or {}))
-        elif rec.status in ("failed", "canceled"):
-            self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
-
-    def sweep(self, now: float | None = None) -> None:
-        """Job holds whose job has ended are settled; a job hold whose record is missing (after a
-        grace: the record is saved just after the hold) and a fusion hold left by a process that
-        died mid-request are released."""
-        queue = self.queue_getter()
-        if queue is None:
-            return
-        now = time.time() if now is None else now
-        for job_id, kind, created in self.ledger.held():
-            if kind != "job":
-                if now - created > ORPHAN_FUSION_S:
-                    self.ledger.settle(job_id, False, reason="the request ended without settling: nothing charged")
-                continue
-            rec = queue.get(job_id)
-            if rec is None:
-                if now - created > MISSING_RECORD_GRACE_S:
-                    self.ledger.settle(job_id, False, reason="the job record is gone: nothing charged")
-            else:
-                self.settle(rec)
-
-    def run(self) -> None:
-        import logging
-
-        log = logging.getLogger("sonic.credits")
-        while not self._stop.wait(self.every_s):
-            try:
-                self.sweep()
-            except Exception:  # noqa: BLE001 - the database away: next time
-                log.exception("settling reservations failed")
-
-    def start(self) -> None:
-        threading.Thread(target=self.run, name="sonic-credits", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()

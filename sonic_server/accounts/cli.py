@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     r.add_argument("--idempotency-key")
     sub.add_parser("check")
     a = ap.parse_args(argv)
-    from .credits import CreditError, Ledger, check_amount, database_url
+    from .ledger import CreditError, Ledger, check_amount, database_url
 
     try:
         settings = load_settings(a.config)

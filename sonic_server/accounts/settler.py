@@ -1,0 +1,76 @@
+"""The settler: ends the credit holds of jobs that have ended, and releases the holds a dead
+process left."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # annotations only: not imported at run time
+    from ..queue import JobQueue
+
+from .ledger import Ledger
+
+MISSING_RECORD_GRACE_S = 120  # a job hold without a record this long is released
+ORPHAN_FUSION_S = 600  # a fusion hold still held after this was left by a process that died
+
+
+class Settler:
+    """Ends the reservations of jobs that have ended: a thread in each API process (any number
+    may run: a reservation is settled once). Also called at once where a job's end is seen."""
+
+    def __init__(
+        self,
+        ledger_: Ledger,
+        queue_getter: Callable[[], JobQueue | None],
+        price: Callable[[dict], int],
+        every_s: float = 2.0,
+    ):
+        self.ledger, self.queue_getter, self.price, self.every_s = ledger_, queue_getter, price, every_s
+        self._stop = threading.Event()
+
+    def settle(self, rec) -> None:
+        """`rec`: a job record (or None: the record is gone, so the hold is released)."""
+        if rec is None:
+            return
+        if rec.status == "succeeded":
+            self.ledger.settle(rec.id, True, self.price(rec.result or {}))
+        elif rec.status in ("failed", "canceled"):
+            self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
+
+    def sweep(self, now: float | None = None) -> None:
+        """Job holds whose job has ended are settled; a job hold whose record is missing (after a
+        grace: the record is saved just after the hold) and a fusion hold left by a process that
+        died mid-request are released."""
+        queue = self.queue_getter()
+        if queue is None:
+            return
+        now = time.time() if now is None else now
+        for job_id, kind, created in self.ledger.held():
+            if kind != "job":
+                if now - created > ORPHAN_FUSION_S:
+                    self.ledger.settle(job_id, False, reason="the request ended without settling: nothing charged")
+                continue
+            rec = queue.get(job_id)
+            if rec is None:
+                if now - created > MISSING_RECORD_GRACE_S:
+                    self.ledger.settle(job_id, False, reason="the job record is gone: nothing charged")
+            else:
+                self.settle(rec)
+
+    def run(self) -> None:
+        import logging
+
+        log = logging.getLogger("sonic.credits")
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - the database away: next time
+                log.exception("settling reservations failed")
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="sonic-credits", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
