@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .errors import InvalidParameter, SonicError
 from .settings import SettingsError
@@ -37,6 +39,26 @@ def _params(text: str | None) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config") from e
+
+
+# The server package's commands: found when it is installed (pip install "sonic-talking-head[server]"),
+# so that the library itself depends on no server module.
+SERVER_COMMANDS = {
+    "serve": "sonic_server.serve",
+    "worker": "sonic_server.worker",
+    "accounts": "sonic_server.accounts.cli",
+}
+
+
+def _server_command(name: str) -> Callable[..., None]:
+    try:
+        module = importlib.import_module(SERVER_COMMANDS[name])
+    except ModuleNotFoundError as e:
+        raise SystemExit(
+            f"error: `sonic {name}` needs the HTTP service's packages ({e.name} is missing): "
+            'pip install "sonic-talking-head[server]"'
+        ) from e
+    return module.main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "accounts", help="accounts, keys and credits (sonic accounts --help; docs/credits.md)", add_help=False
     )
     args, rest = ap.parse_known_args(argv)
-    if args.command == "serve":  # its own flags are the server's to parse
-        from sonic_server.serve import main as serve
-
-        serve(rest, prog="sonic serve")
-        return 0
-    if args.command == "worker":
-        from sonic_server.worker import main as worker
-
-        worker(rest, prog="sonic worker")
-        return 0
-    if args.command == "accounts":
-        from sonic_server.accounts.cli import main as accounts
-
-        accounts(rest, prog="sonic accounts")
+    if args.command in SERVER_COMMANDS:  # its own flags are the server package's to parse
+        _server_command(args.command)(rest, prog=f"sonic {args.command}")
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -8,8 +8,6 @@ from typing import Mapping
 
 from flask import Flask
 
-from sonic.settings import Settings, load_settings, settings_from
-
 from . import access, hooks, loader
 from .errors import install_error_handlers
 from .json_input import BoundedJSONProvider
@@ -17,19 +15,20 @@ from .legacy import jobs_db_path
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
 from .service import Service, Slots
+from .settings import ServerConfig, load_settings, settings_from
 from .storage import open_storage
 from .store import open_store
 
 
-def create_app(settings: Settings | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
+def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
     """Build the app; `pipeline` defaults to `sonic.load_pipeline(settings)`, loaded once, here.
-    Settings: typed (sonic/settings.py), or a mapping with the settings file's structure (SONIC_*
+    Settings: typed (sonic_server/settings.py), or a mapping with the settings file's structure (SONIC_*
     variables apply to it), or None for the shipped file and the variables.
 
     With background_load the models load in a thread while the server already answers:
     /health says "starting" (503) and generate answers 503 + Retry-After until they are ready.
     """
-    if not isinstance(settings, Settings):
+    if not isinstance(settings, ServerConfig):
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)

@@ -6,13 +6,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from sonic.settings import Settings
+from .settings import ServerConfig
 
 log = logging.getLogger("sonic.http")
 DB_NAME = "jobs.sqlite3"
 
 
-def jobs_db_path(settings: Settings) -> str:
+def jobs_db_path(settings: ServerConfig) -> str:
     """Where the job records are (`server.jobs_db_path`). Releases before 0.5 kept them in
     `<output_dir>/jobs.sqlite3`; with `server.jobs_db` unset and no database in the data folder
     yet, that file (with its -wal/-shm companions) is moved there once, so that earlier jobs

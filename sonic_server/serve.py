@@ -1,7 +1,7 @@
 """Run the service with its built-in threaded server: `sonic serve` (or `python app.py`).
 
 Host and port come from --host/--port, then SONIC_HOST / SONIC_PORT, then the settings
-(`server.host`, `server.port`; default 127.0.0.1:5000): sonic/settings.py reads the layers. The
+(`server.host`, `server.port`; default 127.0.0.1:5000): sonic_server/settings.py reads the layers. The
 model loads once, in the background, while /health already answers. For production:
 waitress-serve --call sonic_server:create_app.
 """
@@ -15,9 +15,10 @@ import sys
 from werkzeug.serving import WSGIRequestHandler
 
 from sonic.errors import SonicError
-from sonic.settings import SettingsError, load_settings
+from sonic.settings import SettingsError
 
 from . import create_app
+from .settings import load_settings
 
 SERVER_NAME = "sonic"
 

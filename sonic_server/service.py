@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from sonic.settings import Settings
-
 from .queue import JobQueue
+from .settings import ServerConfig
 from .uploads import Uploads
 
 if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion at the first fusion
@@ -42,7 +41,7 @@ class Slots:
 
 @dataclass
 class Service:
-    settings: Settings  # sonic/settings.py: parameter defaults, limits, folders
+    settings: ServerConfig  # sonic_server/settings.py: parameter defaults, limits, folders, the server
     uploads: Uploads  # the folder, or a bucket's stand-in (storage.S3Uploads)
     output_dir: Path  # videos, served from /output/<name>
     outputs: FolderOutputs | S3Outputs  # where the videos are: the folder, or a bucket (sonic_server/storage.py)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sonic import SonicError
-from sonic.settings import SettingsError, load_settings
+from sonic.settings import SettingsError
 
 from . import lifecycle
 from .expiry import OutputExpiry
@@ -35,6 +35,7 @@ from .lifecycle import JobCanceled, JobEnd
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
+from .settings import ServerConfig, load_settings
 from .storage import open_storage
 from .tasks import TASKS
 
@@ -153,7 +154,7 @@ def _execute(state: WorkerState, rec: JobRecord) -> tuple[JobStatus, dict]:
     return status, fields
 
 
-def end_hooks(settings) -> tuple[Callable[[JobRecord], None], ...]:
+def end_hooks(settings: ServerConfig) -> tuple[Callable[[JobRecord], None], ...]:
     """What runs when a job ends on this worker: with credits, its hold is settled here, where
     it ended (the API processes' settler sweeps up what a killed worker left)."""
     if not settings.credits.enabled:

@@ -10,7 +10,8 @@ import yaml
 from jsonschema import Draft7Validator
 
 from conftest import ROOT
-from sonic.settings import SettingsError, read_yaml, settings_from
+from sonic.settings import SettingsError, read_yaml
+from sonic_server.settings import settings_from
 
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 COMPOSE_S3 = ROOT / "deploy" / "compose.s3.yaml"

@@ -64,7 +64,7 @@ def test_loaded_records_are_copies(tmp_path, kind):
 
 
 def test_open_store_follows_the_settings(tmp_path):
-    from sonic.settings import settings_from
+    from sonic_server.settings import settings_from
     path = lambda **server: settings_from({"server": server}).server.jobs_db_path
     assert isinstance(open_store(path(jobs_db="")), MemoryStore)               # "" keeps records in memory
     open_store(path(jobs_db=None, data_dir=str(tmp_path / "state")))

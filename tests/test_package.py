@@ -22,3 +22,40 @@ def test_library_imports_no_web_framework_and_no_model():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+SERVER_MODULES = ("sonic_server", "flask", "werkzeug", "waitress", "redis", "rq", "boto3", "sqlalchemy", "jwt",
+                  "prometheus_client")
+
+
+def test_the_library_renders_without_loading_any_server_module(tmp_path):
+    """`pip install sonic-talking-head` alone renders from Python: a real render (the bundled
+    portrait, half a second of its speech) loads none of the service's modules or packages."""
+    out_path = tmp_path / "lib.mp4"
+    code = (
+        "import sys, sonic\n"
+        "settings = sonic.load_settings()\n"
+        "pipe = sonic.load_pipeline(settings)\n"
+        "opts = sonic.GenerateOptions.from_dict({'min_resolution': 256, 'duration': 0.5}, settings)\n"
+        f"result = pipe({str(ROOT / 'examples' / 'portrait.jpg')!r}, {str(ROOT / 'examples' / 'speech.flac')!r}, "
+        f"opts, out_path={str(out_path)!r})\n"
+        "print(result.frames)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_MODULES!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    frames, loaded = out.stdout.strip().splitlines()[-2:]
+    assert int(frames) == 12 and out_path.stat().st_size > 1000
+    assert loaded == "[]", f"server modules loaded by a library render: {loaded}"
+
+
+def test_no_library_module_imports_the_server_package():
+    """The layering: sonic/ names sonic_server only in the command dispatcher's table, which
+    imports it by name when a server command is asked for."""
+    import re
+    offenders = []
+    for path in (ROOT / "sonic").rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(from sonic_server|import sonic_server)", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not offenders, offenders

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from sonic.settings import SettingsError, load_settings, settings_from
+from sonic.settings import SettingsError
+from sonic_server.settings import load_settings, settings_from
 
 
 def test_shipped_defaults_are_typed():

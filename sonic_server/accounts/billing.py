@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sonic import SonicError
-from sonic.settings import CreditsSettings
 
-from .ledger import Ledger, Principal, video_price
+from .pricing import video_price
+
+if TYPE_CHECKING:  # annotations only: the ledger (SQLAlchemy) loads with credits enabled
+    from ..settings import CreditsSettings
+    from .ledger import Ledger, Principal
 
 log = logging.getLogger("sonic.credits")
 

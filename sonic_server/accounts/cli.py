@@ -19,7 +19,9 @@ import json
 import sys
 
 from sonic.errors import SonicError
-from sonic.settings import SettingsError, load_settings
+from sonic.settings import SettingsError
+
+from ..settings import load_settings
 
 
 def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from .pricing import cost, video_price  # noqa: F401 - the ledger's callers price with them
 from .schema import (
     _APPEND_ONLY,
     KEY_PREFIX_CHARS,
@@ -75,17 +75,6 @@ def digest(key: str) -> str:
 
 def new_key() -> str:
     return "sk_" + secrets.token_urlsafe(32)
-
-
-def cost(seconds: float, per_second: int, per_request: int) -> int:
-    """Credits for `seconds` of video: whole credits, rounded up (to the millisecond first, so
-    that 3.0 s is 3.0 s however the float came out)."""
-    return int(math.ceil(round(float(seconds) * per_second, 3))) + int(per_request)
-
-
-def video_price(credits, seconds: float) -> int:
-    """A video of `seconds` at the settings' price table (credits.per_video_second, per_request)."""
-    return cost(seconds, credits.per_video_second, credits.per_request)
 
 
 def database_url(settings) -> str:

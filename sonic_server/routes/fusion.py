@@ -15,7 +15,7 @@ import io
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
@@ -24,10 +24,12 @@ from PIL import Image
 from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
 from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
-from ..accounts.billing import FusionHold
 from ..json_input import json_object_body
 from ..openapi import content, describe, error
 from ..service import Service, service
+
+if TYPE_CHECKING:
+    from ..accounts.billing import FusionHold
 
 bp = Blueprint("fusion", __name__)
 FIELDS = {"source_image", "target_image", "blend_ratio", "swap_eye", "output_format", "image_format"}

@@ -1,0 +1,171 @@
+"""The HTTP service's settings: its sections of the settings file (`server`, `s3`, `credits`) and
+`storage`, over the library's (sonic/settings.py), read by the same loader in the same layers
+(the file, SONIC_* variables, flags).
+
+`ServerConfig` is what the service, `sonic worker` and `sonic accounts` run with; the library
+takes it wherever it takes its own `Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Self, cast
+
+from sonic.settings import ENV_PREFIX, Settings, SettingsError, resolve_path
+from sonic.settings import load_settings as _load_settings
+from sonic.settings import settings_from as _settings_from
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    upload_dir: str = "uploads"  # a request's files while its job lives
+    data_dir: str = "data"  # the job database and other state
+    jobs_db: str | None = None  # None: <data_dir>/jobs.sqlite3; "": records in memory only
+    queue_size: int = 4
+    sync_wait_s: float = 120.0
+    job_timeout_s: float = 900.0  # a running job is stopped (failed, job_timeout) after this; 0: no limit
+    output_ttl_s: float = 86400.0
+    retry_after_s: int = 10
+    socket_timeout_s: float = 30.0
+    max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
+    cors_origins: tuple[str, ...] = ("*",)
+    api_keys: tuple[str, ...] = ()
+    rate_limit_per_s: float = 10.0
+    rate_limit_burst: float = 20.0
+    redis_url: str | None = None  # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
+    worker_lease_s: float = 30.0  # a running job whose worker is silent this long is failed (worker_lost)
+    retry_lost_jobs: int = 0  # ... or queued again, this many times, before it is failed
+    fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
+    database_url: str | None = (
+        None  # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
+    )
+
+    @property
+    def jobs_db_path(self) -> str:
+        """Where job records are kept ("" = in memory)."""
+        if self.jobs_db is None:
+            return str(Path(self.data_dir) / "jobs.sqlite3")
+        return self.jobs_db
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Object storage for uploads and videos in distributed mode (`storage: s3`, docs/scaling.md).
+    Variables: SONIC_S3_<NAME> (SONIC_S3_BUCKET, SONIC_S3_ENDPOINT_URL, ...). Credentials left
+    unset come from the usual AWS chain (AWS_ACCESS_KEY_ID, a role, ~/.aws)."""
+
+    endpoint_url: str | None = None  # None: AWS S3; http://minio:9000 for MinIO and the like
+    public_endpoint_url: str | None = None  # presigned URLs name this host instead (clients reach it)
+    bucket: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    prefix: str = "sonic/"  # keys: <prefix>uploads/<job id>/<name>, <prefix>outputs/<job id>.mp4
+    video_url: str = "proxy"  # proxy: video_url is /output/<name>, streamed from the bucket;
+    # presigned: video_url is a presigned GET URL to the bucket
+    url_ttl_s: int = 3600  # a presigned URL's lifetime
+
+
+@dataclass(frozen=True)
+class CreditsSettings:
+    """Accounts and credits (docs/credits.md). Variables: SONIC_CREDITS_<NAME>; the database is
+    server.database_url (SONIC_DATABASE_URL)."""
+
+    enabled: bool = False  # off: the service behaves as without accounts (flat server.api_keys)
+    per_video_second: int = 10  # credits per second of video (rounded up to whole credits)
+    per_request: int = 0  # credits per generate request, on top
+    charge_cache_hits: bool = False  # a cached result costs as much as a new one (default: free)
+    per_fusion: int = 1  # credits per face fusion (POST /fusion, each pair of a batch)
+    max_recharge_users: int = 1000  # accounts per recharge call
+    max_recharge_amount: int = 1_000_000_000  # credits per account per recharge call
+    recharge_rate_per_s: float = 1.0  # recharge calls per operator per second (their own bucket)
+    recharge_burst: float = 5.0
+    jwt_secret: str | None = None  # HS256 bearer tokens signed with this secret
+    jwt_public_key: str | None = None  # RS256 bearer tokens: a PEM public key, or the path of one
+    ledger_page: int = 50  # rows per page of /api/credits and /api/admin/audit
+
+
+STORAGE_KINDS = ("local", "s3")
+VIDEO_URLS = ("proxy", "presigned")
+
+
+@dataclass(frozen=True)
+class ServerConfig(Settings):
+    storage: str = "local"  # local: output_dir and upload_dir (shared folders); s3: S3Settings
+    server: ServerSettings = field(default_factory=ServerSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    credits: CreditsSettings = field(default_factory=CreditsSettings)
+
+    SKIPPED: ClassVar[frozenset[str]] = frozenset()
+    # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
+    ENV_PREFIXES: ClassVar[Mapping[str, str]] = {"s3": ENV_PREFIX + "S3_", "credits": ENV_PREFIX + "CREDITS_"}
+
+    def checked(self) -> Self:
+        super().checked()
+        _check_storage(self)
+        _check_credits(self)
+        return self
+
+    def resolved(self, base: Path) -> Self:
+        srv = self.server
+        server = dataclasses.replace(
+            srv,
+            upload_dir=resolve_path(srv.upload_dir, base),
+            data_dir=resolve_path(srv.data_dir, base),
+            jobs_db=resolve_path(srv.jobs_db, base),
+        )
+        return dataclasses.replace(super().resolved(base), server=server)
+
+
+def settings_from(
+    raw: Mapping | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: Path | None = None,
+) -> ServerConfig:
+    """sonic.settings.settings_from, for the service's settings."""
+    return cast(ServerConfig, _settings_from(raw, env, flags, base, cls=ServerConfig))
+
+
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> ServerConfig:
+    """sonic.settings.load_settings, for the service's settings."""
+    return cast(ServerConfig, _load_settings(path, env, flags, cls=ServerConfig))
+
+
+def _check_credits(s: ServerConfig) -> None:
+    c = s.credits
+    for name in ("per_video_second", "per_request"):
+        if getattr(c, name) < 0:
+            raise SettingsError(f"setting credits.{name} must be 0 or more, got {getattr(c, name)}")
+    for name in ("max_recharge_users", "max_recharge_amount", "ledger_page"):
+        if getattr(c, name) < 1:
+            raise SettingsError(f"setting credits.{name} must be at least 1, got {getattr(c, name)}")
+    if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
+        raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
+    if c.recharge_rate_per_s <= 0 or c.recharge_burst < 1:
+        raise SettingsError(
+            "settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1"
+        )
+
+
+def _check_storage(s: ServerConfig) -> None:
+    if s.storage not in STORAGE_KINDS:
+        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {s.storage!r}")
+    if s.s3.video_url not in VIDEO_URLS:
+        raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {s.s3.video_url!r}")
+    if s.storage == "s3":
+        if not s.server.redis_url:
+            raise SettingsError(
+                "setting storage: s3 is for distributed mode: set server.redis_url (SONIC_REDIS_URL) "
+                "too; one process keeps its videos in output_dir"
+            )
+        if not s.s3.bucket:
+            raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
+        if not 0 < s.s3.url_ttl_s <= 604800:  # SigV4 presigned URLs live at most 7 days
+            raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
