@@ -3,7 +3,7 @@
 usage: python scripts/convert_checkpoints.py DIR [--allow-unsafe-pickle]
 
 `.safetensors` holds tensors only and loads without pickle; the loader prefers it to the `.pth`
-of the same name (sonic/diffusion/layout.py). A `.pth` that needs full pickle (it can run code
+of the same name (sonic/decoders/sonic/layout.py). A `.pth` that needs full pickle (it can run code
 from the file) is converted only with --allow-unsafe-pickle: for files you trust.
 """
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from sonic.diffusion.weights import load_state
+from sonic.decoders.sonic.weights import load_state
 from sonic.errors import SetupError
 
 

@@ -8,8 +8,8 @@ the real weights: its videos are coloured noise, not faces. docs/gpu.md has the 
 import argparse
 from pathlib import Path
 
-from sonic.diffusion.model import quiet_libraries
-from sonic.diffusion.tiny import write_tiny_checkpoints
+from sonic.decoders.sonic.model import quiet_libraries
+from sonic.decoders.sonic.tiny import write_tiny_checkpoints
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

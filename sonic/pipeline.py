@@ -7,29 +7,30 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Generator, Mapping
 
 import cv2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .audio_features import PhoneRecognizer, encode_audio
+from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
-from .geometry import crop_and_scale
+from .geometry import Framing, crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
 from .media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
-from .motion import build_rig, predict_motion
+from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
+from .phones_pool import PhonesPool
 from .render_pool import RenderPool, render_here
 from .settings import Settings, as_settings
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time
 UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
-Progress = Callable[[str, float], None]
+Progress = Callable[[str, float], None]  # (stage, fraction of the whole request done, 0-1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,66 @@ class GenerationResult:
         d = dict(self.__dict__)
         d["warnings"] = list(self.warnings)
         return d
+
+
+class StageTimer:
+    """Wall-clock seconds each stage of one request took, in the order the stages ended."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}  # stage -> s, rounded to ms
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """End stage `name`: it took the time since the last lap (or since the timer was made)."""
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 3)
+        self._clock = now
+
+    @property
+    def total(self) -> float:
+        """The stages' seconds summed, s."""
+        return round(sum(self.timings.values()), 3)
+
+
+class Warnings:
+    """What a request is told besides its video (an enlarged face, a trimmed recording, a
+    parameter the decoder ignores), in the order it was found."""
+
+    def __init__(self) -> None:
+        self._messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self._messages.append(message)
+
+    def as_tuple(self) -> tuple[str, ...]:
+        return tuple(self._messages)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """The audio of one request fitted to its duration, and the video frames that cover it."""
+
+    wav: np.ndarray  # (N,) float32 mono at SAMPLE_RATE, N = round(duration * SAMPLE_RATE)
+    duration: float  # s
+    n_frames: int  # at the request's fps
+
+
+def fit_to_duration(wav: np.ndarray, duration: float, warnings: Warnings) -> np.ndarray:
+    """The waveform (N,) at SAMPLE_RATE trimmed, or padded with silence, to `duration` s; a
+    change is reported in `warnings`."""
+    audio_s = len(wav) / SAMPLE_RATE
+    n_samples = int(round(duration * SAMPLE_RATE))
+    if n_samples > len(wav):
+        warnings.add(f"duration {duration:g} s is longer than the audio ({audio_s:.2f} s): padded with silence")
+        return np.concatenate([wav, np.zeros(n_samples - len(wav), np.float32)])
+    if n_samples < len(wav):
+        warnings.add(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
+        return wav[:n_samples]
+    return wav
+
+
+def _no_progress(stage: str, fraction: float) -> None:
+    """The progress callback of a caller that gave none."""
 
 
 class SonicPipeline:
@@ -74,6 +135,8 @@ class SonicPipeline:
         # threads spin while they wait and took a third of a core from the render and the encoder
         threadpool_limits(1, user_api="blas")
         self._render_pool = RenderPool(self.render_processes) if self.render_processes else None
+        # a long recording's second half is recognised by a render helper (phones_pool.py)
+        self._phones_pool = PhonesPool(self._render_pool) if self._render_pool is not None else None
         if self._render_pool is not None:
             self._render_pool.start()
 
@@ -81,13 +144,6 @@ class SonicPipeline:
         """Stop the render processes (they also stop when this process exits)."""
         if self._render_pool is not None:
             self._render_pool.close()
-
-    def _batches(self, decoder: PreparedDecoder, coeffs: np.ndarray, head: np.ndarray):
-        """Rendered frames in batches of BATCH_FRAMES, in order; a clip of one or two batches is
-        rendered here (handing the decoder to the helpers would cost more than it saves)."""
-        if self._render_pool is None or len(coeffs) <= 2 * BATCH_FRAMES:
-            return render_here(decoder, coeffs, head, BATCH_FRAMES)
-        return self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.settings)
@@ -111,70 +167,42 @@ class SonicPipeline:
         opts = options or self.options()
         if out_path is None:
             out_path = Path(self.settings.output_dir) / f"{uuid.uuid4().hex}.mp4"
-        limits = self.settings.limits
-        report = progress or (lambda stage, frac: None)
-        timings: dict[str, float] = {}
-        warnings: list[str] = []
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = round(now - clock, 3)
-            clock = now
+        report = progress or _no_progress
+        timer, warnings = StageTimer(), Warnings()
 
         # 1. decode and check the inputs
         report("decode", 0.0)
-        budget = decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
-        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels, budget)
-        max_s = limits.max_duration_s
-        wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
+        rgb, wav = self._decode(image, audio)
         audio_s = len(wav) / SAMPLE_RATE
         duration = opts.duration if opts.duration is not None else audio_s
         n_frames = frame_count(opts, audio_s)
-        lap("decode")
+        timer.lap("decode")
 
         # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
-        image_h, image_w = rgb.shape[:2]
-        if not opts.crop_to_face:  # the frame is the whole photo: refused before the face is sought
-            check_output((image_h, image_w), None, opts, n_frames, limits)
-        face = self.faces.analyze(rgb)
-        box = crop_box(face.box, rgb.shape[:2], opts.expand_ratio, opts.crop_to_face)
-        check_output((image_h, image_w), box, opts, n_frames, limits)
-        framing = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
-        lm = framing.landmarks
-        height, width = framing.frame.shape[:2]
+        framing = self._frame(rgb, opts, n_frames)
         if framing.upscale > UPSCALE_WARN:
-            warnings.append(
+            warnings.add(
                 f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
                 "portrait gives a sharper video"
             )
-        lap("face")
+        timer.lap("face")
 
-        # 3. duration: trim or pad the audio with silence
-        n_samples = int(round(duration * SAMPLE_RATE))
-        if n_samples > len(wav):
-            warnings.append(f"duration {duration:g} s is longer than the audio ({audio_s:.2f} s): padded with silence")
-            wav = np.concatenate([wav, np.zeros(n_samples - len(wav), np.float32)])
-        elif n_samples < len(wav):
-            warnings.append(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
-            wav = wav[:n_samples]
-        warnings += [f"{name} is not used by the {self.decoder.name} decoder" for name in self.decoder.unused(opts)]
-        if self.decoder.speaks:
-            return self._speak(framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings)
+        # 3. duration: trim or pad the audio with silence; the parameters this decoder ignores
+        clip = Clip(fit_to_duration(wav, duration, warnings), duration, n_frames)
+        for name in self.decoder.unused(opts):
+            warnings.add(f"{name} is not used by the {self.decoder.name} decoder")
+        if self.decoder.speaks:  # the decoder makes the frames from the waveform: its own steps 4-6
+            return self._speak(framing, clip, opts, out_path, report, timer, warnings)
 
         # 4. audio encoder
         report("audio", 0.1)
-        # a long recording is recognised in two halves, one of them by a render helper
-        assert self.phones is not None  # set for every decoder that does not speak
-        with self._render_pool.recogniser() if self._render_pool else contextlib.nullcontext(None) as second:
-            feats = encode_audio(wav, n_frames, opts.fps, self.phones, second)
-        lap("audio")
+        feats = self._audio_features(clip, opts.fps)
+        timer.lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration
         report("motion", 0.15)
-        rig = build_rig(lm)
+        rig = build_rig(framing.landmarks)
         motion = predict_motion(
             feats,
             rig,
@@ -184,86 +212,162 @@ class SonicPipeline:
             align=opts.align_mouth,
             seed=opts.seed,
         )
-        lap("motion")
+        timer.lap("motion")
 
         # 6. decoder set-up, then render and encode frames in batches (streamed)
         decoder = self.decoder.prepare(framing, rig, opts)
-        lap("decoder_setup")
+        timer.lap("decoder_setup")
+        self._render(decoder, motion, framing.frame, clip, opts, out_path, report)
+        timer.lap("render")  # rendering and encoding overlap: one figure for both
+
+        # 7. the result
+        report("done", 1.0)
+        return _result(out_path, framing.frame, clip, opts, motion.lipsync_offset_ms, timer, warnings)
+
+    def _decode(self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Step 1: the portrait (H, W, 3) uint8 and the speech (N,) float32 at SAMPLE_RATE,
+        decoded from files or taken as given, checked against the limits."""
+        limits = self.settings.limits
+        budget = decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
+        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels, budget)
+        max_s = limits.max_duration_s
+        wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
+        return rgb, wav
+
+    def _frame(self, rgb: np.ndarray, opts: GenerateOptions, n_frames: int) -> Framing:
+        """Step 2: the output frame cut from the photo around the face; an output over the
+        limits is refused before the frame is built, and when the frame is the whole photo,
+        before the face is sought."""
+        limits = self.settings.limits
+        image_h, image_w = rgb.shape[:2]
+        if not opts.crop_to_face:
+            check_output((image_h, image_w), None, opts, n_frames, limits)
+        face = self.faces.analyze(rgb)
+        box = crop_box(face.box, (image_h, image_w), opts.expand_ratio, opts.crop_to_face)
+        check_output((image_h, image_w), box, opts, n_frames, limits)
+        return crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
+
+    def _audio_features(self, clip: Clip, fps: int) -> AudioFeatures:
+        """Step 4: loudness and phones per frame; with render helpers, a long recording is
+        recognised in two halves, the second by a helper (phones_pool.py)."""
+        assert self.phones is not None  # set for every decoder that does not speak
+        if self._phones_pool is None:
+            return encode_audio(clip.wav, clip.n_frames, fps, self.phones)
+        with self._phones_pool.second_half() as second:
+            return encode_audio(clip.wav, clip.n_frames, fps, self.phones, second)
+
+    def _render(
+        self,
+        decoder: PreparedDecoder,
+        motion: Motion,
+        frame: np.ndarray,
+        clip: Clip,
+        opts: GenerateOptions,
+        out_path: str | Path,
+        report: Progress,
+    ) -> None:
+        """Step 6: the frames of `motion` rendered in batches and encoded as they come, with the
+        clip's audio, into an MP4 of `frame`'s (H, W) size; progress runs from 0.2 to 1."""
+        height, width = frame.shape[:2]
         done = 0
         with (
-            VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer,
+            VideoWriter(out_path, width, height, opts.fps, clip.wav, clip.duration) as writer,
             contextlib.closing(self._batches(decoder, motion.coeffs, motion.head)) as batches,
         ):
             for frames in batches:
                 writer.write(frames)
                 done += len(frames)
-                report("render", 0.2 + 0.8 * min(1.0, done / n_frames))
-        lap("render")  # rendering and encoding overlap: one figure for both
-        timings["total"] = round(sum(timings.values()), 3)
-        report("done", 1.0)
-        return GenerationResult(
-            output_path=str(out_path),
-            duration=round(n_frames / opts.fps, 4),
-            frames=n_frames,
-            fps=opts.fps,
-            width=width,
-            height=height,
-            seed=opts.seed,
-            lipsync_offset_ms=motion.lipsync_offset_ms,
-            timings=timings,
-            warnings=tuple(warnings),
-        )
+                report("render", 0.2 + 0.8 * min(1.0, done / clip.n_frames))
 
-    def _speak(self, framing, wav, n_frames, duration, opts, out_path, report, lap, timings, warnings):
-        """Steps 4-6 for a decoder that makes the frames from the waveform itself."""
-        current = ["decoder_setup"]
+    def _batches(self, decoder: PreparedDecoder, coeffs: np.ndarray, head: np.ndarray):
+        """Rendered frames in batches of BATCH_FRAMES, in order; a clip of one or two batches is
+        rendered here (handing the decoder to the helpers would cost more than it saves)."""
+        if self._render_pool is None or len(coeffs) <= 2 * BATCH_FRAMES:
+            return render_here(decoder, coeffs, head, BATCH_FRAMES)
+        return self._render_pool.frames(decoder, coeffs, head, BATCH_FRAMES)
 
-        def staged(stage: str, frac: float) -> None:  # each stage's seconds in timings
-            if stage != current[0]:
-                lap(current[0])
-                current[0] = stage
-            report(stage, frac)
+    def _speak(
+        self,
+        framing: Framing,
+        clip: Clip,
+        opts: GenerateOptions,
+        out_path: str | Path,
+        report: Progress,
+        timer: StageTimer,
+        warnings: Warnings,
+    ) -> GenerationResult:
+        """Steps 4-6 for a decoder that makes the frames from the waveform itself: its own stages
+        (each timed as the decoder reports it), then the mouth measured on the frames and the
+        audio moved to match it (align_mouth)."""
+        stage = "decoder_setup"  # the stage being timed: the decoder names the next ones
 
-        video = self.decoder.speak(framing, wav, n_frames, opts, staged)
+        def staged(name: str, fraction: float) -> None:
+            nonlocal stage
+            if name != stage:
+                timer.lap(stage)
+                stage = name
+            report(name, fraction)
+
+        # 4. the decoder's frames, written as they come; each frame's mouth measured meanwhile
+        video = self.decoder.speak(framing, clip.wav, clip.n_frames, opts, staged)
         height, width = video.frame.shape[:2]
-        done, opening, offset_ms = 0, [], video.lipsync_offset_ms
+        done, offset_ms = 0, video.lipsync_offset_ms
+        opening: list[float] = []  # inner-lip gap / inter-ocular distance per frame (NaN: no face)
         batches = iter(video.batches)
         with (
-            VideoWriter(out_path, width, height, opts.fps, wav, duration) as writer,
-            contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext(),
+            VideoWriter(out_path, width, height, opts.fps, clip.wav, clip.duration) as writer,
+            # a generator is closed when writing fails, so that the decoder stops generating
+            contextlib.closing(batches) if isinstance(batches, Generator) else contextlib.nullcontext(),
         ):
             for frames in batches:
                 writer.write(frames)
                 done += len(frames)
-                if opts.align_mouth:  # the mouth of each frame, measured as it is written
+                if opts.align_mouth:
                     opening.extend(mouth_opening(self.faces, f) for f in frames)
-            if done != n_frames:
-                raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {n_frames}")
-            lap(current[0])
+            if done != clip.n_frames:
+                raise PipelineError(f"the {self.decoder.name} decoder made {done} frames, not {clip.n_frames}")
+            timer.lap(stage)
+
+            # 5. lip-sync: the mouth is `lag` frames late, so the audio follows it
             if opts.align_mouth:
-                lag = mouth_lag(opening, wav, opts.fps)
+                lag = mouth_lag(opening, clip.wav, opts.fps)
                 if lag is None:
-                    warnings.append(
+                    warnings.add(
                         "align_mouth: too few generated frames show a measurable face; the audio was not moved"
                     )
-                else:  # the mouth is `lag` frames late: the audio follows it
+                else:
                     writer.audio_delay_s = lag / opts.fps
                     offset_ms = round(lag * 1000 / opts.fps, 1)
-        lap("align")
-        timings["total"] = round(sum(timings.values()), 3)
+        timer.lap("align")  # the writer moved the audio as it closed
+
+        # 6. the result
         report("done", 1.0)
-        return GenerationResult(
-            output_path=str(out_path),
-            duration=round(n_frames / opts.fps, 4),
-            frames=n_frames,
-            fps=opts.fps,
-            width=width,
-            height=height,
-            seed=opts.seed,
-            lipsync_offset_ms=offset_ms,
-            timings=timings,
-            warnings=tuple(warnings),
-        )
+        return _result(out_path, video.frame, clip, opts, offset_ms, timer, warnings)
+
+
+def _result(
+    out_path: str | Path,
+    frame: np.ndarray,
+    clip: Clip,
+    opts: GenerateOptions,
+    lipsync_offset_ms: float,
+    timer: StageTimer,
+    warnings: Warnings,
+) -> GenerationResult:
+    """What a request made: an MP4 of clip.n_frames frames of `frame`'s (H, W) size."""
+    height, width = frame.shape[:2]
+    return GenerationResult(
+        output_path=str(out_path),
+        duration=round(clip.n_frames / opts.fps, 4),
+        frames=clip.n_frames,
+        fps=opts.fps,
+        width=width,
+        height=height,
+        seed=opts.seed,
+        lipsync_offset_ms=lipsync_offset_ms,
+        timings={**timer.timings, "total": timer.total},
+        warnings=warnings.as_tuple(),
+    )
 
 
 def load_pipeline(settings: Settings | Mapping | str | Path | None = None) -> SonicPipeline:

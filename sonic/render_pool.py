@@ -11,7 +11,9 @@ temporary folder (in /dev/shm where there is one), and the frames come back thro
 file there, mapped into memory by both sides: two slots per helper, so a helper renders its next
 batch while this process copies out the last one (sending 8 MB batches through the socket
 instead kept the helpers waiting on it: 1.3x in place of 1.8x). Batch i goes to helper i mod N,
-so answers come back in order without any bookkeeping thread here.
+so answers come back in order without any bookkeeping thread here. The messages both ways are
+small typed dataclasses (render_messages.py). A caller with other work for a helper (phone
+recognition, phones_pool.py) borrows one for a while with `lend`.
 
 A helper that dies (killed, out of memory) fails the request with a `PipelineError`; the helpers
 are started afresh for the next one. One request uses the helpers at a time; a request that
@@ -34,11 +36,12 @@ import threading
 import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from .errors import PipelineError
+from .render_messages import Answer, Failed, RecognisePhones, Release, RenderBatch, Rendered
 
 IN_FLIGHT_PER_HELPER = 2  # batches asked of each helper ahead (and its slots in the frames file)
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -122,30 +125,22 @@ class RenderPool:
             self._helpers = [_Helper() for _ in range(self.processes)]
 
     @contextlib.contextmanager
-    def recogniser(self) -> Iterator[Callable[[np.ndarray], "_PhonesJob | None"]]:
-        """Yields `start(waveform)`, which hands a waveform to a helper's phone recogniser and
-        returns a job whose `result()` gives its timed phones (None when the helpers are busy
-        with another request: the caller then recognises everything itself). On leaving, an
-        answer not yet read is read, so that the helpers stay in step."""
+    def lend(self) -> Iterator[HelperLine | None]:
+        """One helper for the caller's own requests, held (with the others) while the caller stays
+        inside; None when another request is using the helpers. On leaving, the answers not yet
+        read are read, so that the helper stays in step for the next request."""
         if not self._busy.acquire(blocking=False):
-            yield lambda wav: None
+            yield None
             return
-        jobs: list[_PhonesJob] = []
+        line: HelperLine | None = None
         try:
             self.start()
-
-            def start(wav: np.ndarray) -> _PhonesJob:
-                job = _PhonesJob(self, self._helpers[-1])
-                job.helper.conn.send(("phones", np.asarray(wav, np.float32)))
-                jobs.append(job)
-                return job
-
-            yield start
+            line = HelperLine(self, self._helpers[-1])
+            yield line
         finally:
             try:
-                for job in jobs:
-                    with contextlib.suppress(PipelineError):
-                        job.result()
+                if line is not None:
+                    line.settle()
             finally:
                 self._busy.release()
 
@@ -177,14 +172,8 @@ class RenderPool:
                     s = starts[sent]
                     k = sent % len(helpers)
                     helpers[k].conn.send(
-                        (
-                            "render",
-                            key,
-                            str(path),
-                            str(buf_path),
-                            sent % slots,
-                            coeffs[s : s + batch],
-                            head[s : s + batch],
+                        RenderBatch(
+                            key, str(path), str(buf_path), sent % slots, coeffs[s : s + batch], head[s : s + batch]
                         )
                     )
                     asked[k] += 1
@@ -203,7 +192,7 @@ class RenderPool:
                 self._drain(asked)
                 for h in self._helpers:
                     with contextlib.suppress(OSError):
-                        h.conn.send(("release",))
+                        h.conn.send(Release())
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._busy.release()
@@ -211,10 +200,11 @@ class RenderPool:
     @staticmethod
     def _answer(helper: _Helper) -> int:
         """The number of frames the helper rendered into its slot."""
-        status, info = helper.conn.recv()
-        if status != "ok":
-            raise PipelineError(f"rendering failed: {info}")
-        return int(info)
+        answer = helper.conn.recv()
+        if isinstance(answer, Failed):
+            raise PipelineError(f"rendering failed: {answer.error}")
+        assert isinstance(answer, Rendered)  # a helper answers RenderBatch with Rendered or Failed
+        return answer.frames
 
     def _drain(self, asked: list[int]) -> None:
         """After a request ends early (cancelled, encoder failed), read the answers still owed,
@@ -245,21 +235,35 @@ class RenderPool:
             self._stop_helpers()
 
 
-class _PhonesJob:
-    """Timed phones being recognised by a helper (see RenderPool.recogniser)."""
+class HelperLine:
+    """One render helper lent to a caller (`RenderPool.lend`): its requests go in order and the
+    helper answers them in the same order."""
 
     def __init__(self, pool: RenderPool, helper: _Helper):
-        self.pool, self.helper = pool, helper
-        self._answer: tuple | None = None
+        self._pool, self._helper = pool, helper
+        self._owed = 0  # answers asked for and not yet read
 
-    def result(self) -> list[tuple[str, float, float]]:
-        if self._answer is None:
-            try:
-                self._answer = self.helper.conn.recv()
-            except (EOFError, OSError) as e:
-                self._answer = ("error", "lost")
-                raise self.pool._lost(e) from e
-        status, info = self._answer
-        if status != "ok":
-            raise PipelineError(f"phone recognition failed: {info}")
-        return [tuple(p) for p in info]
+    def send(self, request: RecognisePhones) -> None:
+        """Ask the helper; PipelineError (the helpers stopped) when it is gone."""
+        try:
+            self._helper.conn.send(request)
+        except OSError as e:
+            raise self._pool._lost(e) from e
+        self._owed += 1
+
+    def receive(self) -> Answer:
+        """The next answer, waiting for it; PipelineError (the helpers stopped) when the helper
+        dies first."""
+        try:
+            answer = self._helper.conn.recv()
+        except (EOFError, OSError) as e:
+            self._owed = 0  # a lost helper owes nothing
+            raise self._pool._lost(e) from e
+        self._owed -= 1
+        return answer
+
+    def settle(self) -> None:
+        """Read (and drop) the answers still owed: the caller failed before it read them."""
+        with contextlib.suppress(PipelineError):
+            while self._owed:
+                self.receive()

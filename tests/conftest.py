@@ -80,9 +80,9 @@ def make_client(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> Path:
-    """A tiny random Sonic model (seed 0) in the official checkpoint layout (sonic/diffusion/tiny.py)."""
-    from sonic.diffusion.model import quiet_libraries
-    from sonic.diffusion.tiny import write_tiny_checkpoints
+    """A tiny random Sonic model (seed 0) in the official checkpoint layout (sonic/decoders/sonic/tiny.py)."""
+    from sonic.decoders.sonic.model import quiet_libraries
+    from sonic.decoders.sonic.tiny import write_tiny_checkpoints
     quiet_libraries()
     return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt") / "checkpoints", seed=0)
 
@@ -90,5 +90,5 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoints):
     """The tiny model loaded on the CPU."""
-    from sonic.diffusion.model import SonicModel
+    from sonic.decoders.sonic.model import SonicModel
     return SonicModel(tiny_checkpoints, "cpu")

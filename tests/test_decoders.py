@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from sonic import decoders
-from sonic.decoders import DecoderKind, all_parameters, available, choose_decoder, get_decoder, register
+from sonic.decoders import (DecoderKind, all_parameters, available, choose_decoder, describe_parameters,
+                            get_decoder, register)
 from sonic.errors import InvalidParameter
 from sonic.media import load_audio, load_image
-from sonic.options import GenerateOptions, load_config
+from sonic.options import GenerateOptions, load_config, parameters
 from sonic.settings import as_settings, load_settings
 from conftest import PORTRAIT, ROOT, SPEECH, read_frames
 
@@ -70,6 +71,39 @@ def test_unknown_decoder_setting_fails_at_load():
     with pytest.raises(InvalidParameter) as e:
         load_pipeline(cfg)
     assert e.value.field == "decoder" and "warp" in e.value.message
+
+
+def test_each_decoder_says_what_each_parameter_means_for_it():
+    """Both kinds explain every parameter they honour, and only those; the table names every
+    parameter, in the declared order, with the kind's sentence or the generic description."""
+    generic = {name: p.description for name, p in parameters().items()}
+    for name in ("warp", "sonic"):
+        kind = get_decoder(name)
+        assert set(kind.meanings) == kind.honours
+        table = describe_parameters(kind)
+        assert list(table) == list(generic)
+        assert all(row == {"honoured": p in kind.honours, "meaning": kind.meanings.get(p, generic[p])}
+                   for p, row in table.items())
+    warp, sonic = describe_parameters(get_decoder("warp")), describe_parameters(get_decoder("sonic"))
+    assert warp["inference_steps"] == {"honoured": False, "meaning": generic["inference_steps"]}
+    assert sonic["inference_steps"]["honoured"] and "Euler steps" in sonic["inference_steps"]["meaning"]
+    # one name, two different things: the head's amplitude for the warp, the audio's guidance for sonic
+    assert "head" in warp["motion_scale"]["meaning"] and "guidance" in sonic["motion_scale"]["meaning"]
+
+
+def test_a_kind_without_meanings_keeps_the_generic_ones_and_none_for_what_it_ignores(registry):
+    still = register(StillKind())
+    table = describe_parameters(still)
+    assert table["motion_scale"] == {"honoured": False, "meaning": parameters()["motion_scale"].description}
+    assert table["fps"] == {"honoured": True, "meaning": parameters()["fps"].description}
+
+    class Confused(StillKind):
+        name = "confused"
+        meanings = {"fps": "frames a second", "motion_scale": "how far the head would move"}
+
+    with pytest.raises(ValueError, match="motion_scale"):
+        register(Confused())
+    assert "confused" not in available()
 
 
 def test_warp_reports_inference_steps_only_away_from_its_default():

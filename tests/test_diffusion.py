@@ -1,5 +1,5 @@
 """The `sonic` diffusion decoder on the CPU, with a tiny randomly initialised model of the real
-architecture written as a checkpoint folder in the official layout (sonic/diffusion/tiny.py):
+architecture written as a checkpoint folder in the official layout (sonic/decoders/sonic/tiny.py):
 the real loader, sampler, pipeline, CLI and server, 2 steps, 256 px (8x8 latents), ~1 s of speech."""
 import json
 import shutil
@@ -78,7 +78,7 @@ def test_seeded_runs_are_identical_and_seeds_differ(model):
 
 def test_audio_moves_the_result(model):
     """The audio tokens reach the UNet: other audio, other latents (same seed)."""
-    from sonic.diffusion.model import Conditioning
+    from sonic.decoders.sonic.model import Conditioning
     cond, gen = condition(model, n=12, seed=1)
     a = model.denoise(cond, 12, 2, 1.0, gen)
     quiet = Conditioning(**{**cond.__dict__, "tokens": cond.silent.expand_as(cond.tokens).clone()})
@@ -89,7 +89,7 @@ def test_audio_moves_the_result(model):
 
 
 def test_retime_streams_the_right_number_of_frames():
-    from sonic.diffusion.model import generated_count, retime
+    from sonic.decoders.sonic.model import generated_count, retime
     for n_out, fps in ((1, 25), (30, 25), (31, 30), (100, 24), (7, 10)):
         n = generated_count(n_out, fps)
         gen = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
@@ -104,7 +104,7 @@ def _break(tiny, tmp_path, edit):
     bad = tmp_path / "ckpt"
     shutil.copytree(tiny, bad)
     edit(bad)
-    from sonic.diffusion.model import SonicModel
+    from sonic.decoders.sonic.model import SonicModel
     with pytest.raises(SetupError) as e:
         SonicModel(bad, "cpu")
     return e.value.message
@@ -138,8 +138,8 @@ class Opaque:
 
 
 def test_full_pickle_only_when_allowed_and_conversion_to_safetensors(tiny, tmp_path):
-    from sonic.diffusion.model import SonicModel
-    from sonic.diffusion.weights import load_state
+    from sonic.decoders.sonic.model import SonicModel
+    from sonic.decoders.sonic.weights import load_state
     path = tmp_path / "a2t.pth"
     state = torch.load(tiny / "Sonic" / "audio2token.pth")
     torch.save({**state, "norm.weight": torch.nn.Parameter(state["norm.weight"]), "_note": Opaque()}, path)
@@ -225,8 +225,8 @@ def test_our_modules_at_official_sizes_have_the_official_keys_and_shapes():
     (its "source" says which commit and diffusers). Ours, built on the meta device, must match
     them exactly, so the official files load with strict key and shape checks."""
     import gzip
-    from sonic.diffusion.audio import AudioToBucket, AudioToTokens
-    from sonic.diffusion.unet import AudioContext, build_unet
+    from sonic.decoders.sonic.audio import AudioToBucket, AudioToTokens
+    from sonic.decoders.sonic.unet import AudioContext, build_unet
     official = json.loads(gzip.decompress((ROOT / "tests" / "data" / "sonic_official_keys.json.gz").read_bytes()))
     with torch.device("meta"):
         ours = {"unet": build_unet(OFFICIAL_UNET, ROOT, AudioContext(), device="meta"),
@@ -242,7 +242,7 @@ def test_our_modules_at_official_sizes_have_the_official_keys_and_shapes():
 def test_the_cache_identity_follows_the_weights(model):
     """The result cache keys on the decoder's identity: other weights, other key."""
     import os
-    from sonic.diffusion.kind import SonicKind
+    from sonic.decoders.sonic.kind import SonicKind
     kind = SonicKind(model)
     before = kind.identity
     assert before.startswith("sonic-") and before == SonicKind(model).identity
@@ -259,8 +259,8 @@ def test_the_cache_identity_follows_the_weights(model):
 def test_rife_puts_a_frame_between_each_pair(tiny, tmp_path):
     """With RIFE/flownet.pkl in the folder (the published network's sizes and "module." keys), the
     12.5 generated frames a second are doubled: I0, M0, I1, ..., and then retimed to fps."""
-    from sonic.diffusion.model import SonicModel, retime
-    from sonic.diffusion.tiny import write_tiny_rife
+    from sonic.decoders.sonic.model import SonicModel, retime
+    from sonic.decoders.sonic.tiny import write_tiny_rife
     folder = tmp_path / "with_rife"
     shutil.copytree(tiny, folder)
     write_tiny_rife(folder / "RIFE" / "flownet.pkl")

@@ -12,7 +12,7 @@ def test_parity_with_the_reference_implementation(tiny_model):
     in the file's `source`) computes on this tiny model (seed 0) for a 1024x512 frame, 1.2 s of the
     example speech, seed 3, 2 steps; ours must compute the same to float32 noise. (The reference
     run's own spread, 1 thread against 2: latents 2.4e-4, frames 1 level.)"""
-    from sonic.diffusion.model import DECODE_CHUNK
+    from sonic.decoders.sonic.model import DECODE_CHUNK
     model = tiny_model
     ref = np.load(ROOT / "tests" / "data" / "sonic_parity.npz")
     n, steps = int(ref["n"]), int(ref["steps"])
@@ -37,8 +37,8 @@ def test_rife_parity_with_the_reference_implementation(tmp_path):
     """tests/data/rife_parity.npz: Sonic's own RIFE code on the tiny writer's flownet.pkl (seed 0)
     and on the same weights with every convolution x `multiplier` (flows of a few pixels, so that
     the warps, the mask and the flow channels all matter), for two 64x128 frames."""
-    from sonic.diffusion.rife import load_interpolator
-    from sonic.diffusion.tiny import write_tiny_rife
+    from sonic.decoders.sonic.rife import load_interpolator
+    from sonic.decoders.sonic.tiny import write_tiny_rife
     ref = np.load(ROOT / "tests" / "data" / "rife_parity.npz")
     path = write_tiny_rife(tmp_path / "flownet.pkl", seed=0)
     img0, img1 = torch.from_numpy(ref["img0"]), torch.from_numpy(ref["img1"])

@@ -39,8 +39,27 @@ def test_valid_mp4_with_audio_and_duration(still_head_run):
     assert abs(dur - 4.6) <= 1 / 25 + 0.03
     assert len(frames) == res.frames and abs(res.frames / 25 - 4.6) <= 1 / 25
     assert min(frames.shape[1:3]) == 256 and res.width == frames.shape[2]
-    assert res.seed == 5 and abs(res.lipsync_offset_ms) <= 40 and "render" in res.timings
+    assert res.seed == 5 and abs(res.lipsync_offset_ms) <= 40
+    assert list(res.timings) == ["decode", "face", "audio", "motion", "decoder_setup", "render", "total"]
+    assert res.timings["total"] == round(sum(v for k, v in res.timings.items() if k != "total"), 3)
     assert not list(out.parent.glob(".*.part"))
+
+
+def test_the_stage_timer_and_the_duration_fit():
+    from sonic.pipeline import StageTimer, Warnings, fit_to_duration
+    timer = StageTimer()
+    time.sleep(0.02)
+    timer.lap("first")
+    timer.lap("second")
+    timer.lap("first")                      # a stage timed again keeps its place, with its new time
+    assert list(timer.timings) == ["first", "second"] and timer.timings["first"] < 0.01
+    assert timer.total == round(sum(timer.timings.values()), 3)
+    warnings = Warnings()
+    wav = np.ones(16000, np.float32)
+    assert fit_to_duration(wav, 1.0, warnings) is wav and warnings.as_tuple() == ()
+    assert len(fit_to_duration(wav, 1.5, warnings)) == 24000 and len(fit_to_duration(wav, 0.5, warnings)) == 8000
+    assert warnings.as_tuple() == ("duration 1.5 s is longer than the audio (1.00 s): padded with silence",
+                                   "audio (1.00 s) trimmed to duration 0.5 s")
 
 
 def test_mouth_moves_in_speech_and_rests_in_silence(pipeline, still_head_run):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sonic import NoFaceDetected
-from sonic.decoder import WarpDecoder
+from sonic.decoders.warp.decoder import WarpDecoder
 from sonic.face import crop_box, fit_output
 from sonic.media import load_image
 from sonic.landmarks import INNER_LOWER, INNER_UPPER

@@ -64,6 +64,7 @@ def test_a_late_mouth_moves_the_audio_after_it(pipeline, synced, tmp_path, align
     opts = GenerateOptions.from_dict({"min_resolution": 256, "seed": 1, "align_mouth": align})
     result = speaker(PORTRAIT, SPEECH, opts, out_path=out)
     assert speaker.phones is None                       # a speaking decoder needs no phone recogniser
+    assert list(result.timings) == ["decode", "face", "decoder_setup", "align", "total"]
     assert len(read_frames(out)) == result.frames
     moved = delay_ms(audio_of(out), load_audio(SPEECH, 300))
     if align:

@@ -17,6 +17,7 @@ from sonic.geometry import crop_and_scale
 from sonic.media import load_image
 from sonic.motion import COEFFS, build_rig
 from sonic.options import GenerateOptions
+from sonic.phones_pool import PhonesPool
 from sonic.render_pool import RenderPool
 from conftest import PORTRAIT, SPEECH
 
@@ -171,7 +172,7 @@ def test_halves_recognised_beside_each_other_give_the_visemes_of_the_whole(pipel
     n = int(len(wav) / 16000 * 25)
     whole = encode_audio(wav, n, 25, pipeline.phones)
     pool = pools(1)
-    with pool.recogniser() as second:
+    with PhonesPool(pool).second_half() as second:
         halves = encode_audio(wav, n, 25, pipeline.phones, second)
     for a, b in ((whole.vis_open, halves.vis_open), (whole.vis_spread, halves.vis_spread),
                  (whole.vis_closure, halves.vis_closure)):
@@ -186,8 +187,9 @@ def test_a_helper_lost_while_recognising_fails_clearly_and_the_next_request_work
     wav = _two_sentences()
     pool = pools(1)
     pool.start()
+    phones = PhonesPool(pool)
     with pytest.raises(PipelineError, match="render process stopped"):
-        with pool.recogniser() as start:
+        with phones.second_half() as start:
             job = start(wav)
             os.kill(pool.pids()[0], signal.SIGKILL)
             job.result()
@@ -195,7 +197,20 @@ def test_a_helper_lost_while_recognising_fails_clearly_and_the_next_request_work
     _renders_as_here(pool, decoder, coeffs, head)
     # an answer left unread (the caller failed first) is read on leaving
     with pytest.raises(RuntimeError):
-        with pool.recogniser() as start:
+        with phones.second_half() as start:
             start(wav)
             raise RuntimeError("first half failed")
     _renders_as_here(pool, decoder, coeffs, head)
+
+
+def test_phones_are_left_to_the_caller_while_the_helpers_render(decoder, pools):
+    """The helpers serve one request at a time: while one renders, a second half is not started
+    (start returns None) and the render is not disturbed."""
+    pool = pools(1)
+    coeffs, head = _motion(12)
+    rendering = pool.frames(decoder, coeffs, head, 4)
+    first = next(rendering)
+    with PhonesPool(pool).second_half() as start:
+        assert start(_two_sentences()) is None
+    rest = list(rendering)
+    np.testing.assert_array_equal(np.concatenate([first, *rest]), decoder.render(coeffs, head))

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sonic.decoder import WarpDecoder
+from sonic.decoders.warp.decoder import WarpDecoder
 from sonic.face import crop_box
 from sonic.geometry import crop_and_scale
 from sonic.landmarks import (EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_EYE_LOWER, LEFT_IRIS, LIP_PAIRS, RIGHT_EYE_LOWER,

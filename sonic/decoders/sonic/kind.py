@@ -1,20 +1,8 @@
 """The `sonic` decoder kind: the Sonic diffusion model behind the decoder interface.
 
-It speaks (sonic/decoders.py): from the framed portrait and the waveform it makes the frames
-itself. What each generation parameter does with it:
-- inference_steps: Euler steps of the sampler (UNet calls = steps x windows of 25 frames);
-- dynamic_scale: scales the motion buckets (how much the head and face move);
-- motion_scale: scales the audio guidance (7.5 x motion_scale): how strongly the mouth follows
-  the audio;
-- smooth_motion: the 12.5 generated frames a second (25 after RIFE, when the folder has it) are
-  retimed to `fps` by a cross-fade of the two nearest (true) or by holding the nearest (false);
-- min_resolution: the frame's short side, both sides rounded to multiples of 64 (the VAE and
-  UNet need them); expand_ratio and crop_to_face frame the portrait as for every decoder;
-- seed: the noise (a torch generator on the model's device): same inputs, seed and device, same
-  frames.
-- align_mouth: the pipeline measures the mouth of every generated frame against the audio's
-  loudness and moves the audio track by the lag it finds (sonic/lipsync.py); the lag is
-  `lipsync_offset_ms`.
+It speaks (sonic/decoders/__init__.py): from the framed portrait and the waveform it makes the
+frames itself, so the pipeline runs no phone recogniser and no motion stage for it. What each
+generation parameter does with it is `SonicKind.meanings` (docs/gpu.md has the figures).
 """
 
 from __future__ import annotations
@@ -24,10 +12,10 @@ import threading
 import cv2
 import numpy as np
 
-from ..decoders import DecoderKind, all_parameters, register
-from ..geometry import Framing
-from ..options import GenerateOptions
-from ..settings import Settings
+from ...geometry import Framing
+from ...options import GenerateOptions
+from ...settings import Settings
+from .. import DecoderKind, all_parameters, register
 
 MULTIPLE = 64
 
@@ -54,6 +42,29 @@ class SonicKind(DecoderKind):
     name = "sonic"
     honours = all_parameters()
     speaks = True
+    meanings = {
+        "duration": "seconds of video: the model generates 12.5 frames a second for that long; shorter than the "
+        "audio trims it, longer pads silence",
+        "min_resolution": "the frame's short side in px; both sides are then rounded to multiples of 64 (the VAE "
+        "and the UNet need them)",
+        "expand_ratio": "margin around the detected face for the portrait's crop, as a fraction of the face box, "
+        "as for the warp decoder",
+        "inference_steps": "Euler steps of the sampler; each step runs the UNet once per window of 25 generated "
+        "frames (three guidance branches at once), so time grows with it",
+        "dynamic_scale": "scales the two motion micro-conditions (buckets) the audio predicts: how much the head "
+        "and face move",
+        "motion_scale": "scales the audio's guidance (7.5 x motion_scale beside the image's 2.0): how strongly the "
+        "mouth follows the audio, not how far the head moves",
+        "align_mouth": "measures the mouth of every generated frame against the audio's loudness and moves the "
+        "audio track by the lag found; the lag is lipsync_offset_ms",
+        "smooth_motion": "the generated frames (12.5 a second, 25 after RIFE) are retimed to fps by a cross-fade "
+        "of the two nearest (true) or by the nearest one (false)",
+        "fps": "output frame rate: the generated frames are retimed to it",
+        "seed": "seeds the diffusion noise (a torch generator on the model's device): the same inputs, seed and "
+        "device give the same frames",
+        "crop_to_face": "crops the portrait to the face and its margin before generation; false keeps the whole "
+        "photo (resized to multiples of 64)",
+    }
 
     def __init__(self, model=None):
         self.model = model

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SetupError
+from ...errors import SetupError
 from .weights import load_into, shape_of
 
 GENERATED_FPS = 12.5  # the model makes a frame per 80 ms (4 whisper frames); docs/gpu.md

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
-from .motion import smoothstep
+from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, OUTER_LOWER, OUTER_UPPER
+from ...motion import smoothstep
 
 TEETH_MAX_IOD = 0.07  # visible height of the upper teeth at most
 ARCH_RADIUS_IOD = 0.3  # radius of the front of the dental arch

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..errors import SetupError
+from ...errors import SetupError
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -9,12 +9,11 @@ Per frame, every output pixel x asks where it comes from:
   1. head:       q = x + mask(x) * (A^-1 x - x)       (affine; computed on a 4 px grid, upsampled)
   2. expression: p solves p + field(p) = q           (fixed-point iteration, mouth box only)
   3. lids:       p' = lid_map(p)                      (eye boxes only)
-and the photo is sampled once at p' (see `geometry.py`).
+and the photo is sampled once at p' (see sonic/geometry.py).
 Where the lips part further than the photo shows, the mouth interior is painted (`mouth.py`).
 Pixels outside the head's reach are the untouched frame.
 
-Registered as the `warp` decoder kind (see decoders.py); it honours every parameter but
-`inference_steps`.
+The `warp` decoder kind that prepares it is in `kind.py`.
 """
 
 from __future__ import annotations
@@ -22,13 +21,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .decoders import DecoderKind, all_parameters, register
+from ...geometry import Framing
+from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
+from ...motion import COEFFS, Rig, smoothstep
 from .eyes import build_eyes, lid_map
-from .geometry import Framing
-from .landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
-from .motion import COEFFS, Rig, smoothstep
 from .mouth import mouth_axis, mouth_style, paint_mouth
-from .options import GenerateOptions
 
 ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
 FIELD_STEP = 4  # px between exact evaluations of the spline (and of the head map)
@@ -477,7 +474,7 @@ class WarpDecoder:
 
     def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size, into `out`
-        when given (frames are rendered side by side in processes, not threads: see render_pool.py)."""
+        when given (frames are rendered side by side in processes, not threads: see sonic/render_pool.py)."""
         if out is None:
             out = np.empty((len(coeffs), *self.frame.shape), np.uint8)
         out[:] = self.frame
@@ -530,14 +527,3 @@ def _paint(
         sub, upper - off, lower - off, opening[y0:y1, x0:x1], style, iod, None if seam is None else seam[y0:y1, x0:x1]
     )
     region[y0:y1, x0:x1] = np.clip(sub + 0.5, 0, 255).astype(np.uint8)
-
-
-class WarpKind(DecoderKind):
-    name = "warp"
-    honours = all_parameters() - {"inference_steps"}  # no denoising: one warp per frame
-
-    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
-        return WarpDecoder(framing, rig)
-
-
-register(WarpKind())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .landmarks import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from ...landmarks import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
 FOLD_IOD = 0.05  # skin above the lid margin that unfolds in a blink, beyond the eye's own height
 MEET = 1.0  # at full closure the upper margin reaches the lower one

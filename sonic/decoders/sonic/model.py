@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import SetupError
+from ...errors import SetupError
 from .audio import GENERATED_FPS, WhisperFeatures, audio_to_bucket, audio_to_tokens, windows
 from .layout import HF_WEIGHTS, Layout, checked_layout
 from .unet import AudioContext, build_unet, read_config

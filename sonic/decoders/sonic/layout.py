@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SetupError
+from ...errors import SetupError
 
 SVD = "stable-video-diffusion-img2vid-xt"
 # a folder that diffusers / transformers load holds its config and one of these weight files

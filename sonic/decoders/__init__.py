@@ -1,20 +1,21 @@
-"""Video decoders behind one interface, in a registry by name.
+"""Video decoders behind one interface, in a registry by name (this module); one sub-package each.
 
 A decoder kind (`DecoderKind`) turns the request's framing (the output frame at rest and its
 landmarks, `geometry.Framing`), the face's motion rig (`motion.Rig`) and the options into a
 prepared decoder, once per request; the prepared decoder (`PreparedDecoder`) renders frames in
 batches from motion coefficients and head poses. A kind also declares the generation parameters
-it honours: the pipeline reports each other parameter a request sets away from its default as
-"<name> is not used by the <kind> decoder".
+it honours (the pipeline reports each other parameter a request sets away from its default as
+"<name> is not used by the <kind> decoder") and what each of them means for it (`meanings`;
+`describe_parameters` gives the whole table).
 
 The pipeline picks its kind by the `decoder` setting (configs/default.yaml), when it is built.
 Kinds register themselves with `register` when their module is imported; `KNOWN` names the
 module of each built-in kind, imported on first lookup, so naming a decoder costs nothing until
 it is used:
-- `warp` (sonic/decoder.py): a dense backward warp of the photo, on the CPU. Its prepared
-  decoder is handed to the render helpers as a pickle (render_pool.py), so a prepared decoder
+- `warp` (sonic/decoders/warp/): a dense backward warp of the photo, on the CPU. Its prepared
+  decoder is handed to the render helpers as a pickle (sonic/render_pool.py), so a prepared decoder
   that is to run there must pickle.
-- `sonic` (sonic/diffusion/): the Sonic diffusion model from a local checkpoint folder. It
+- `sonic` (sonic/decoders/sonic/): the Sonic diffusion model from a local checkpoint folder. It
   "speaks": it makes the frames from the portrait and the waveform itself (`speak`), so the
   pipeline skips the phone recogniser and the motion stage for it.
 
@@ -29,16 +30,16 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
-from .errors import InvalidParameter
-from .options import GenerateOptions, parameters
+from ..errors import InvalidParameter
+from ..options import GenerateOptions, parameters
 
 if TYPE_CHECKING:  # annotations only: naming a decoder loads none of the stages
-    from .geometry import Framing
-    from .motion import Rig
-    from .settings import Settings
+    from ..geometry import Framing
+    from ..motion import Rig
+    from ..settings import Settings
 
 # name -> module that registers the kind when imported
-KNOWN = {"warp": "sonic.decoder", "sonic": "sonic.diffusion.kind"}
+KNOWN = {"warp": "sonic.decoders.warp.kind", "sonic": "sonic.decoders.sonic.kind"}
 CHOICES = ("auto", "warp", "sonic")
 _REGISTRY: dict[str, "DecoderKind"] = {}
 
@@ -63,13 +64,17 @@ class SpokenVideo(Protocol):
 
 
 class DecoderKind(ABC):
-    """A kind of decoder: its name, the parameters it honours, and its once-per-request setup.
+    """A kind of decoder: its name, the parameters it honours and what they mean for it, and its
+    once-per-request setup.
 
     A kind that renders motion implements `prepare`; a kind that `speaks` implements `speak`.
     `load(settings)` returns the kind ready to serve (its models loaded), once per pipeline."""
 
     name: str
     honours: frozenset[str]
+    # honoured parameter -> one sentence of what it does with this kind; a parameter left out
+    # keeps its generic description (sonic/options.py). Never mutated: kinds assign their own.
+    meanings: dict[str, str] = {}
     speaks: bool = False
     device: str = "cpu"
 
@@ -105,7 +110,12 @@ class DecoderKind(ABC):
 
 
 def register(kind: DecoderKind) -> DecoderKind:
-    """Make `kind` available under `kind.name` (a later registration of the name replaces it)."""
+    """Make `kind` available under `kind.name` (a later registration of the name replaces it).
+    ValueError when `kind.meanings` explains a parameter the kind does not honour: a meaning
+    there would describe what the decoder never does."""
+    stray = sorted(set(kind.meanings) - kind.honours)
+    if stray:
+        raise ValueError(f"the {kind.name} decoder gives meanings to parameters it does not honour: {stray}")
     _REGISTRY[kind.name] = kind
     return kind
 
@@ -130,12 +140,22 @@ def all_parameters() -> frozenset[str]:
     return frozenset(parameters())
 
 
+def describe_parameters(kind: DecoderKind) -> dict[str, dict]:
+    """Every generation parameter, in declaration order, as `kind` sees it: {name: {"honoured":
+    bool, "meaning": str}}, the meaning being the kind's own sentence where it gives one, else
+    the parameter's generic description (sonic/options.py)."""
+    return {
+        name: {"honoured": name in kind.honours, "meaning": kind.meanings.get(name, p.description)}
+        for name, p in parameters().items()
+    }
+
+
 def choose_decoder(settings: Settings) -> str:
     """The decoder the `decoder` setting means: `auto` is `sonic` when torch sees CUDA and
     `sonic_checkpoints` is a complete folder, else `warp` (torch is imported only to ask then)."""
     if settings.decoder != "auto":
         return settings.decoder
-    from .diffusion.layout import is_complete
+    from .sonic.layout import is_complete
 
     if not is_complete(settings.sonic_checkpoints) or settings.device == "cpu":
         return "warp"

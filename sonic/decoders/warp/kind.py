@@ -1,0 +1,43 @@
+"""The `warp` decoder kind: the warp of the photo (decoder.py) behind the decoder interface.
+
+It renders from motion: the pipeline recognises phones, predicts the motion (sonic/motion.py)
+and hands this kind's prepared decoder batches of coefficients and head poses. Its prepared
+decoder is pickled to the render helpers (sonic/render_pool.py).
+"""
+
+from __future__ import annotations
+
+from ...geometry import Framing
+from ...motion import Rig
+from ...options import GenerateOptions
+from .. import DecoderKind, all_parameters, register
+from .decoder import WarpDecoder
+
+
+class WarpKind(DecoderKind):
+    name = "warp"
+    honours = all_parameters() - {"inference_steps"}  # no denoising: one warp per frame
+    meanings = {
+        "duration": "seconds of video: motion is predicted and frames rendered for that long; shorter than the "
+        "audio trims it, longer pads silence with the mouth at rest",
+        "min_resolution": "short side of the output frame in px (both sides rounded to multiples of 8); the photo "
+        "is resampled once to 3 source px per frame px and every frame is one lookup into it",
+        "expand_ratio": "margin around the detected face for the crop, as a fraction of the face box; what lies "
+        "outside the head's reach stays the untouched photo",
+        "dynamic_scale": "scales the mouth the audio drives: the jaw's opening and the lips' spread and rounding",
+        "motion_scale": "scales the head's rigid motion (roll, shift, scale: seeded drift plus nods on loud "
+        "syllables); 0 keeps the head still, blinks stay",
+        "align_mouth": "measures the lag between the predicted mouth opening and the audio's loudness (+-4 frames) "
+        "and shifts the mouth by it; the lag is lipsync_offset_ms",
+        "smooth_motion": "smooths the mouth's opening and spread (a 30 ms Gaussian) and the head pose (80 ms) "
+        "over time",
+        "fps": "frames rendered per second: motion is predicted at this rate",
+        "seed": "seeds the head's drift and the blinks' timing: the same inputs and seed give the same frames",
+        "crop_to_face": "crops the frame to the face and its margin; false keeps the whole photo as the frame",
+    }
+
+    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
+        return WarpDecoder(framing, rig)
+
+
+register(WarpKind())
