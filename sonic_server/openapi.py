@@ -94,11 +94,18 @@ def _response(spec) -> dict:
     return {"description": description, "content": body}
 
 
+IGNORED = " (not used by the loaded decoder: setting it only adds a warning)"
+
+
 def parameters_schema(params: dict, extra: dict) -> dict:
-    """The generation parameters (`sonic.options.schema`) plus the route's own as a JSON schema."""
+    """The generation parameters (`sonic.options.schema`, or as the loaded decoder sees them:
+    `sonic.decoders.parameter_schema`) plus the route's own as a JSON schema."""
     props = {}
     for name, p in params.items():
-        s = {"type": p["type"], "description": p["description"]}
+        description = p["description"]
+        if p.get("honoured") is False:
+            description += IGNORED
+        s = {"type": p["type"], "description": description}
         if p["minimum"] is not None:
             s["minimum"] = p["minimum"]
             if p["exclusive_minimum"]:

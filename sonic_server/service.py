@@ -59,6 +59,17 @@ class Service:
     settler: Settler | None = None  # ends the credit holds of jobs that have ended
     fusion: FusionEngine | None = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
 
+    def loaded_decoder_identity(self) -> str:
+        """The loaded decoder's identity (the result cache keys on it): this process's pipeline's,
+        or what the workers announced (distributed mode)."""
+        if self.decoder_identity:
+            return self.decoder_identity
+        return (self.queue.decoder_identity() if self.queue else None) or self.decoder or "warp"
+
+    def loaded_decoder(self) -> str | None:
+        """The name of the decoder that renders this service's jobs, once known."""
+        return self.decoder or (self.loaded_decoder_identity().split("-")[0] if self.queue else None)
+
 
 def service() -> Service:
     return current_app.extensions["sonic"]

@@ -217,3 +217,19 @@ def test_decoding_done_before_the_pipeline_counts_in_its_timings():
     timings = {"decode": 0.001, "face": 0.5, "total": 2.0}
     CheckedInputs(rgb=np.zeros((2, 2, 3), np.uint8), wav=np.zeros(16), decode_s=0.25).count_decode_in(timings)
     assert timings == {"decode": 0.251, "face": 0.5, "total": 2.25}
+
+
+def test_the_service_shows_the_loaded_decoders_meanings(make_client):
+    """/api/sonic/params and the OpenAPI document describe each parameter as the loaded decoder
+    (here warp) sees it; a parameter it ignores says so."""
+    from sonic.decoders import describe_parameters
+
+    client, _ = make_client()
+    described = describe_parameters(get_decoder("warp"))
+    params = client.get("/api/sonic/params").get_json()["parameters"]
+    spec = client.get("/openapi.json").get_json()["components"]["schemas"]["Parameters"]["properties"]
+    for name, seen in described.items():
+        assert params[name]["description"] == seen["meaning"] and params[name]["honoured"] == seen["honoured"]
+        assert spec[name]["description"].startswith(seen["meaning"])
+        assert ("not used by the loaded decoder" in spec[name]["description"]) == (not seen["honoured"])
+    assert params["inference_steps"]["honoured"] is False

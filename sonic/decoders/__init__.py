@@ -150,6 +150,19 @@ def describe_parameters(kind: DecoderKind) -> dict[str, dict]:
     }
 
 
+def parameter_schema(settings: Settings, kind: DecoderKind) -> dict[str, dict]:
+    """options.schema as `kind` sees it: each parameter's description is what it means for this
+    kind, and `honoured` says whether the kind uses it at all (what /api/sonic/params, the
+    OpenAPI document and the demo page show)."""
+    from ..options import schema
+
+    described = describe_parameters(kind)
+    return {
+        name: {**entry, "description": described[name]["meaning"], "honoured": described[name]["honoured"]}
+        for name, entry in schema(settings).items()
+    }
+
+
 def choose_decoder(settings: Settings) -> str:
     """The decoder the `decoder` setting means: `auto` is `sonic` when torch sees CUDA and
     `sonic_checkpoints` is a complete folder, else `warp` (torch is imported only to ask then)."""

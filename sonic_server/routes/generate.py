@@ -166,16 +166,6 @@ def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
         svc.billing.release(job_id)
 
 
-def _decoder_identity(svc) -> str:
-    """The loaded decoder's identity (the result cache keys on it): this process's pipeline's, or
-    what the workers announced (distributed mode)."""
-    return svc.decoder_identity or (svc.queue.decoder_identity() if svc.queue else None) or svc.decoder or "warp"
-
-
-def _decoder_name(svc) -> str | None:
-    return svc.decoder or (_decoder_identity(svc).split("-")[0] if svc.queue else None)
-
-
 def _parse_config() -> tuple[GenerateOptions, bool]:
     raw = request.form.get("config", "")
     if len(raw) > MAX_CONFIG_CHARS:
@@ -187,9 +177,9 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
     if not isinstance(want_async, bool):
         raise InvalidParameter("async must be true or false", field="async")
     decoder = params.get("decoder")
-    if decoder is not None and decoder != _decoder_name(service()):
+    if decoder is not None and decoder != service().loaded_decoder():
         raise InvalidParameter(
-            f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: {_decoder_name(service())}",
+            f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: {service().loaded_decoder()}",
             field="decoder",
         )
     g.log_params = params
@@ -240,7 +230,7 @@ def generate():
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     files = _read_files()
     owner = caller().owner
-    key = cache_key(files["image"], files["audio"], opts, pipeline_version(_decoder_identity(svc)), owner)
+    key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.loaded_decoder_identity()), owner)
     payer = _payer(svc)
     hit = queue.cached(key)
     if hit:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from sonic import schema
+from sonic.decoders import get_decoder, parameter_schema
 
 from ..metrics import exposition
 from ..openapi import content, describe, openapi_spec
-from ..service import service
+from ..service import Service, service
 from .generate import EXTRA_PARAMS
 
 bp = Blueprint("meta", __name__)
@@ -43,12 +44,19 @@ def health():
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
 
 
+def parameters(svc: Service) -> dict:
+    """The parameter schema as the loaded decoder sees it (each parameter's meaning for it, and
+    whether it honours it); the generic schema until the decoder is known."""
+    name = svc.loaded_decoder()
+    return parameter_schema(svc.settings, get_decoder(name)) if name else schema(svc.settings)
+
+
 @bp.get("/api/sonic/params")
-@describe("Parameter schema", responses={200: "schema"})
+@describe("Parameter schema: each parameter's meaning for the loaded decoder", responses={200: "schema"})
 def params():
     svc = service()
     return jsonify(
-        {"parameters": schema(svc.settings), "extra": EXTRA_PARAMS, "decoder": svc.decoder, "device": svc.device}
+        {"parameters": parameters(svc), "extra": EXTRA_PARAMS, "decoder": svc.loaded_decoder(), "device": svc.device}
     )
 
 
@@ -63,4 +71,4 @@ def metrics():
 @bp.get("/openapi.json")
 @describe("This document", responses={200: "OpenAPI 3"})
 def openapi():
-    return jsonify(openapi_spec(current_app, schema(service().settings), EXTRA_PARAMS))
+    return jsonify(openapi_spec(current_app, parameters(service()), EXTRA_PARAMS))

@@ -109,7 +109,9 @@ async function loadParams() {
     hint.id = "hint-" + name;
     const range = p.minimum !== null && p.minimum !== undefined && p.maximum !== null && p.maximum !== undefined
       ? ` (${p.minimum} to ${p.maximum})` : "";
-    hint.textContent = (p.description || "") + range;
+    // the description is what the parameter means for the server's decoder (/api/sonic/params)
+    const ignored = p.honoured === false ? " Not used by this server's decoder." : "";
+    hint.textContent = (p.description || "") + range + ignored;
     const err = document.createElement("p");
     err.className = "error";
     err.id = "error-" + name;
