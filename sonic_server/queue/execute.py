@@ -34,21 +34,6 @@ def run_task(
     progress callback's JobCanceled / JobTimedOut and every error become a status. The memory
     the task freed goes back to the system at its end."""
     try:
-        return _run_task(rec, tasks, pipeline, output_dir, inputs, progress, job_timeout_s)
-    finally:
-        give_back_memory()
-
-
-def _run_task(
-    rec: JobRecord,
-    tasks: dict,
-    pipeline,
-    output_dir: Path,
-    inputs,
-    progress: Callable[[str, float], None],
-    job_timeout_s: float,
-) -> tuple[JobStatus, dict]:
-    try:
         progress("starting", 0.0)
         result = tasks[rec.kind](rec.copy(), pipeline, output_dir, inputs, progress)
     except JobCanceled:
@@ -73,4 +58,7 @@ def _run_task(
             return FAILED, {"error": dict(DISK_FULL)}
         log.exception("job %s failed", rec.id)
         return FAILED, {"error": dict(INTERNAL)}
-    return SUCCEEDED, {"result": result, "progress": 1.0}
+    else:
+        return SUCCEEDED, {"result": result, "progress": 1.0}
+    finally:
+        give_back_memory()
