@@ -240,21 +240,25 @@ class LocalQueue(JobQueue):
         self._finish(rec, lambda r: lifecycle.end(r, status, **fields))
 
     def _finish(self, rec: JobRecord, transition: Callable[[JobRecord], JobRecord]) -> None:
-        """End a job by `transition` (a lifecycle end): its uploads go, its record is saved, the
-        end-of-job step runs, then it leaves the live set and waiters are told, so that whoever
-        sees the end sees it settled. Never raises: a final record the store refuses is logged
-        and kept in `_unsaved` (answered by `get`) until the store takes it between jobs."""
+        """End a job by `transition` (a lifecycle end): its uploads go, its final record is saved
+        and the end-of-job step runs (metrics, settling its credits), all outside the queue's lock
+        (a slow database stalls no other request) while the live record still says it runs; only
+        then does it leave the live set and are waiters told, so whoever sees the end sees it
+        settled. Never raises: a final record the store refuses is logged and kept in `_unsaved`
+        (answered by `get`) until the store takes it between jobs."""
         self.ending.before_publish(rec)
+        final = transition(rec.copy())
+        try:
+            self.store.save(final)
+            refused = False
+        except Exception:  # noqa: BLE001 - e.g. disk full, database locked
+            log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, final.status)
+            refused = True
+        self.ending.after_publish(final)
         with self._changed:
-            transition(rec)
-            try:
-                self.store.save(rec)
-            except Exception:  # noqa: BLE001 - e.g. disk full, database locked
-                log.exception("job %s ended %s but the store refused its record; kept in memory", rec.id, rec.status)
-                self._unsaved[rec.id] = rec
-            finally:
-                self.ending.after_publish(rec)
-                self._live.pop(rec.id, None)
-                self._inputs.pop(rec.id, None)
-                self._canceling.discard(rec.id)
-                self._changed.notify_all()
+            if refused:
+                self._unsaved[rec.id] = final
+            self._live.pop(rec.id, None)
+            self._inputs.pop(rec.id, None)
+            self._canceling.discard(rec.id)
+            self._changed.notify_all()
