@@ -102,7 +102,8 @@ def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
     k = _reduction(w, h, max_working_pixels)
     native = 1 if im.mode in ("1", "L", "P") else 4
     if im.format == "JPEG":
-        w, h = -(-w // min(k, 8)), -(-h // min(k, 8))  # the DCT reduces by 2, 4 or 8
+        dct = 1 << (min(k, 8).bit_length() - 1)  # draft reduces by the largest of 1, 2, 4, 8 not past k
+        w, h = -(-w // dct), -(-h // dct)
     return w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
 
 
