@@ -20,6 +20,8 @@ import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from .jobs import FAILED, SUCCEEDED
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -49,9 +51,9 @@ def count_job(rec) -> None:
         JOBS.labels(rec.kind, rec.status).inc()
         if rec.started and rec.finished:
             DURATION.labels(rec.kind).observe(max(0.0, rec.finished - rec.started))
-        if rec.status == "failed" and rec.error:
+        if rec.status == FAILED and rec.error:
             FAILURES.labels(rec.error.get("code", "internal_error")).inc()
-        if rec.status == "succeeded" and rec.result:
+        if rec.status == SUCCEEDED and rec.result:
             for stage, seconds in (rec.result.get("timings") or {}).items():
                 if stage != "total":
                     STAGE.labels(stage).observe(float(seconds))

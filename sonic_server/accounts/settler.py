@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # annotations only: not imported at run time
     from ..queue import JobQueue
 
+from ..jobs import CANCELED, FAILED, SUCCEEDED
 from .ledger import Ledger
 
 MISSING_RECORD_GRACE_S = 120  # a job hold without a record this long is released
@@ -34,9 +35,9 @@ class Settler:
         """`rec`: a job record (or None: the record is gone, so the hold is released)."""
         if rec is None:
             return
-        if rec.status == "succeeded":
+        if rec.status == SUCCEEDED:
             self.ledger.settle(rec.id, True, self.price(rec.result or {}))
-        elif rec.status in ("failed", "canceled"):
+        elif rec.status in (FAILED, CANCELED):
             self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
 
     def sweep(self, now: float | None = None) -> None:

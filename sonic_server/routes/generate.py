@@ -15,7 +15,7 @@ from sonic.version import pipeline_version
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
-from ..jobs import JOB_ID, JobRecord, cache_key
+from ..jobs import JOB_ID, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus, cache_key
 from ..json_input import parse_json
 from ..openapi import component, content, describe, error, header, path_parameter
 from ..queue import QueueFull, WorkerStopped
@@ -27,7 +27,7 @@ SSE_HEARTBEAT_S = 15.0
 MAX_CONFIG_CHARS = 10_000
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
-SUCCESSFUL = ("queued", "processing", "succeeded")  # a job that has not failed and was not canceled
+SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
 EXTRA_PARAMS = {
     "async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"},
@@ -43,7 +43,7 @@ JOB = component(
         "type": "object",
         "properties": {
             "job_id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "processing", "succeeded", "failed", "canceled"]},
+            "status": {"type": "string", "enum": [status.value for status in JobStatus]},
             "progress": {"type": "number"},
             "stage": {"type": "string"},
             "status_url": {"type": "string"},
@@ -101,8 +101,8 @@ def _urls(job_id: str) -> dict:
     return {
         "status_url": url_for("generate.job_status", job_id=job_id, _external=True),
         "video_base": url_for("outputs.output", name="NAME", _external=True),
-        "outputs": service().outputs,
-    }  # a presigned URL where videos are in a bucket (storage.py)
+        "outputs": service().outputs,  # a presigned URL where videos are in a bucket (storage.py)
+    }
 
 
 def _ending_error(rec: JobRecord) -> dict:
@@ -110,7 +110,7 @@ def _ending_error(rec: JobRecord) -> dict:
     canceled record holds none), else `internal_error`."""
     if rec.error:
         return rec.error
-    if rec.status == "canceled":
+    if rec.status == JobStatus.CANCELED:
         return dict(CANCELED)
     return {"code": "internal_error", "message": "the job failed"}
 
@@ -274,7 +274,7 @@ def generate():
 
     if not want_async:
         rec = _wait_for(queue, rec.id, svc.sync_wait_s)
-        if rec.status == "succeeded":
+        if rec.status == SUCCEEDED:
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
             err = _ending_error(rec)
