@@ -32,7 +32,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from .pricing import cost, video_price  # noqa: F401 - the ledger's callers price with them
 from .schema import (
     _APPEND_ONLY,
     KEY_PREFIX_CHARS,
