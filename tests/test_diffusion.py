@@ -1,6 +1,6 @@
 """The `sonic` diffusion decoder on the CPU, with a tiny randomly initialised model of the real
 architecture written as a checkpoint folder in the official layout (sonic/decoders/sonic/tiny.py):
-the real loader, sampler, pipeline, CLI and server, 2 steps, 256 px (8x8 latents), ~1 s of speech."""
+the real loader, sampler, pipeline, CLI and server, 2 steps, 256 px (8x8 latents), 0.6 s of speech."""
 import json
 import shutil
 import subprocess
@@ -25,10 +25,10 @@ def tiny(tiny_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def speech_1s(tmp_path_factory):
+def speech_short(tmp_path_factory):
     wav, sr = sf.read(SPEECH, dtype="float32")
-    out = tmp_path_factory.mktemp("a") / "speech_1s.wav"
-    sf.write(out, wav[: int(1.2 * sr)], sr)
+    out = tmp_path_factory.mktemp("a") / "speech_short.wav"
+    sf.write(out, wav[: int(0.6 * sr)], sr)  # 15 frames at 25 fps: 8 generated, one VAE chunk
     return out
 
 
@@ -44,18 +44,18 @@ def condition(model, n=30, seed=0):
     return model.condition(frame, (64, 80, 192, 240), wav[:40000], n, 1.0, gen), gen
 
 
-def test_cli_writes_a_playable_mp4_of_the_audio_length(tiny, speech_1s, tmp_path):
+def test_cli_writes_a_playable_mp4_of_the_audio_length(tiny, speech_short, tmp_path):
     out = tmp_path / "tiny.mp4"
     r = subprocess.run([sys.executable, "-m", "sonic", "generate", "--decoder", "sonic", "--checkpoints", str(tiny),
-                        "--device", "cpu", "--image", str(PORTRAIT), "--audio", str(speech_1s), "--out", str(out),
+                        "--device", "cpu", "--image", str(PORTRAIT), "--audio", str(speech_short), "--out", str(out),
                         "--config", json.dumps(TINY), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
-    assert result["frames"] == 30 and result["fps"] == 25 and result["duration"] == 1.2
+    assert result["frames"] == 15 and result["fps"] == 25 and result["duration"] == 0.6
     assert result["width"] % 64 == 0 and result["height"] % 64 == 0 and min(result["width"], result["height"]) == 256
     assert not any("not used" in w for w in result["warnings"])          # every parameter set here is honoured
     frames = read_frames(out)
-    assert frames.shape == (30, result["height"], result["width"], 3)
+    assert frames.shape == (15, result["height"], result["width"], 3)
     assert r.stderr == ""                                                # no progress bars or library advice
 
 
@@ -160,7 +160,7 @@ def test_full_pickle_only_when_allowed_and_conversion_to_safetensors(tiny, tmp_p
     assert converted.layout.weights("unet").suffix == ".safetensors"
 
 
-def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_1s, tmp_path):
+def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_short, tmp_path):
     from test_http_live import start_server
     proc, info = start_server(tmp_path, top={"decoder": "sonic", "sonic_checkpoints": str(tiny), "device": "cpu"})
     base = info["base"]
@@ -169,7 +169,7 @@ def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_1s, tmp_path
         assert health["decoder"] == "sonic" and health["device"] == "cpu"
         params = requests.get(base + "/api/sonic/params", timeout=5).json()
         assert params["decoder"] == "sonic" and params["device"] == "cpu"
-        with open(PORTRAIT, "rb") as img, open(speech_1s, "rb") as aud:
+        with open(PORTRAIT, "rb") as img, open(speech_short, "rb") as aud:
             files = {"image": img.read(), "audio": aud.read()}
         r = requests.post(base + "/api/sonic/generate", files=files,
                           data={"config": json.dumps({**TINY, "decoder": "warp"})}, timeout=30)
@@ -190,7 +190,7 @@ def test_server_serves_the_sonic_decoder_with_progress(tiny, speech_1s, tmp_path
         video = requests.get(body["video_url"], timeout=30)
         out = tmp_path / "served.mp4"
         out.write_bytes(video.content)
-        assert read_frames(out).shape[0] == 30 == body["frames"]
+        assert read_frames(out).shape[0] == 15 == body["frames"]
     finally:
         proc.terminate()
         proc.wait(10)
