@@ -7,6 +7,7 @@ gives timed ARPAbet phones, turned into viseme targets (openness, spread, roundi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -112,12 +113,20 @@ class PhoneRecognizer:
         return [(s.word, s.start_frame * SPHINX_FRAME_S, (s.end_frame + 1) * SPHINX_FRAME_S) for s in d.seg()]
 
 
+@functools.cache
+def _band_filter() -> np.ndarray:
+    """The speech band's filter (second-order sections), designed once: a live session measures
+    loudness every frame."""
+    from scipy.signal import butter
+
+    return butter(4, BAND_HZ, btype="band", fs=SAMPLE_RATE, output="sos")
+
+
 def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     """Band-limited RMS in dB over a 2-frame Hann window centred on each frame, (T,)."""
-    from scipy.signal import butter, sosfiltfilt  # here: a render helper recognising phones skips its 60 MB
+    from scipy.signal import sosfiltfilt  # here: a render helper recognising phones skips its 60 MB
 
-    sos = butter(4, BAND_HZ, btype="band", fs=SAMPLE_RATE, output="sos")
-    x = sosfiltfilt(sos, wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
+    x = sosfiltfilt(_band_filter(), wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
     hop = SAMPLE_RATE / fps
     win = int(round(2 * hop))
     hann = np.hanning(win)

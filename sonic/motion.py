@@ -7,6 +7,8 @@ coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a separat
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ HEAD_ROLL_DEG = 1.6  # head motion amplitudes at motion_scale 1 (std of the nois
 HEAD_SHIFT_IOD = 0.035
 HEAD_SCALE = 0.006
 HEAD_NOISE_S = 1.2  # time scale of the head's drift
+HEAD_SMOOTH_S = 0.08  # smooth_motion's Gaussian over the head pose, s
 # hard bounds at motion_scale 1 (they scale with it); the noise is soft-limited into them
 MAX_ROLL_DEG = 4.0
 MAX_SHIFT_IOD = 0.08
@@ -232,6 +235,14 @@ def _soft_limit(x: np.ndarray, bound: float) -> np.ndarray:
     return bound * np.tanh(x / bound)
 
 
+def noise_kernel(fps: int, time_scale_s: float) -> np.ndarray:
+    """The Gaussian (odd length) that smooth_noise filters white noise with, unit L2 norm."""
+    sigma = max(time_scale_s * fps / 2, 0.5)
+    half = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    return kernel / np.linalg.norm(kernel)
+
+
 def smooth_noise(n: int, fps: int, time_scale_s: float, channels: int, rng: np.random.Generator) -> np.ndarray:
     """(n, channels) stationary smooth noise with unit standard deviation, whatever n is.
 
@@ -239,10 +250,8 @@ def smooth_noise(n: int, fps: int, time_scale_s: float, channels: int, rng: np.r
     exact std of the filtered process), never by the statistics of the clip: the first frames
     of a short clip are the first frames of a long one with the same seed.
     """
-    sigma = max(time_scale_s * fps / 2, 0.5)
-    half = int(np.ceil(3 * sigma))
-    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
-    kernel /= np.linalg.norm(kernel)
+    kernel = noise_kernel(fps, time_scale_s)
+    half = len(kernel) // 2
     white = rng.standard_normal((n + 2 * half, channels))
     return np.stack([np.convolve(white[:, c], kernel, mode="valid") for c in range(channels)], 1)
 
@@ -253,16 +262,23 @@ def head_motion(feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.rand
     Bounded for any clip length: |roll| <= MAX_ROLL_DEG, |(tx, ty)| <= MAX_SHIFT_IOD IOD and
     |scale-1| <= MAX_SCALE, each times motion_scale.
     """
-    n, fps = len(feat.loudness), feat.fps
-    noise = smooth_noise(n, fps, HEAD_NOISE_S, 3, rng)
-    emphasis = _gauss(feat.loudness, 0.25, fps)
-    nod = emphasis - _gauss(feat.loudness, 1.5, fps)
+    noise = smooth_noise(len(feat.loudness), feat.fps, HEAD_NOISE_S, 3, rng)
+    return head_pose(noise, nod_track(feat.loudness, feat.fps), rig.iod, motion_scale)
+
+
+def nod_track(loudness: np.ndarray, fps: int) -> np.ndarray:
+    """(T,) the nod on loud syllables: loudness over 0.25 s above its 1.5 s mean."""
+    return _gauss(loudness, 0.25, fps) - _gauss(loudness, 1.5, fps)
+
+
+def head_pose(noise: np.ndarray, nod: np.ndarray, iod: float, motion_scale: float) -> np.ndarray:
+    """Smooth noise (T, 3) with unit std and the nod (T,) -> head (T, 4), bounded as head_motion says."""
     shift = HEAD_SHIFT_IOD * np.stack([noise[:, 1], 0.6 * noise[:, 2] + 0.8 * nod], 1)
     length = np.linalg.norm(shift, axis=1, keepdims=True)
     shift *= _soft_limit(length, MAX_SHIFT_IOD) / np.maximum(length, 1e-12)
-    head = np.zeros((n, 4))
+    head = np.zeros((len(noise), 4))
     head[:, 0] = np.deg2rad(_soft_limit(HEAD_ROLL_DEG * noise[:, 0], MAX_ROLL_DEG))
-    head[:, 1:3] = shift * rig.iod
+    head[:, 1:3] = shift * iod
     head[:, 3] = _soft_limit(HEAD_SCALE * noise[:, 2], MAX_SCALE)
     return head * motion_scale
 
@@ -270,33 +286,33 @@ def head_motion(feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.rand
 def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
     """(T,) eyelid closure 0..1 at a natural, seeded rate; each blink holds fully shut for
     BLINK_HOLD_S, so that at least one frame shows the closed eye at any fps >= 20."""
-    out = np.zeros(n)
-    t = rng.uniform(0.8, 2.5)
     times = np.arange(n) / fps
-    while t < n / fps:
+    return blink_curve(times, list(itertools.takewhile(lambda t: t < n / fps, blink_times(rng))))
+
+
+def blink_times(rng: np.random.Generator) -> Iterator[float]:
+    """The seconds at which the lids are fully shut, without end (a live session draws them as
+    it runs; the same seed gives the same times as a file's)."""
+    t = rng.uniform(0.8, 2.5)
+    while True:
+        yield t
+        t += max(BLINK_MIN_S, rng.gamma(4.0, BLINK_MEAN_S / 4.0))
+
+
+def blink_curve(times: np.ndarray, shut_at: list[float]) -> np.ndarray:
+    """Eyelid closure 0..1 at `times` (s) for blinks fully shut at `shut_at` (s)."""
+    out = np.zeros(len(times))
+    for t in shut_at:
         close = np.clip((times - (t - BLINK_CLOSE_S)) / BLINK_CLOSE_S, 0, 1)
         opening = np.clip(1 - (times - t - BLINK_HOLD_S) / BLINK_OPEN_S, 0, 1)
         out = np.maximum(out, np.where(times < t, close, opening) * (times > t - BLINK_CLOSE_S))
-        t += max(BLINK_MIN_S, rng.gamma(4.0, BLINK_MEAN_S / 4.0))
     return out
 
 
-def predict_motion(
-    feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float, smooth: bool, align: bool, seed: int
-) -> Motion:
-    """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
-    # independent streams: the head's noise does not shift with the number of blinks drawn
-    rng_head, rng_blink = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    opening, spread, closure = mouth_track(feat, dynamic_scale, smooth)
-    lag = measure_lag(opening, feat.loudness) if align else 0.0
-    if align and lag != 0.0:
-        opening = np.clip(_fractional_shift(opening, -lag), 0, None)
-        spread = _fractional_shift(spread, -lag)
-    # P/B/M: the lips meet, whatever smoothing and alignment did around them (phone timings
-    # are the audio's own, so the closure is applied last)
-    opening = opening * (1 - np.clip(np.maximum(closure, feat.vis_closure), 0, 1))
-    n = len(opening)
-    coeffs = np.zeros((n, len(COEFFS)))
+def mouth_coefficients(opening: np.ndarray, spread: np.ndarray, rig: Rig) -> np.ndarray:
+    """Openness (T,) and spread (T,) (mouth_track's, closures applied) -> coefficients (T, K) in
+    COEFFS order for this face, the blink column left at 0 (files and live sessions share it)."""
+    coeffs = np.zeros((len(opening), len(COEFFS)))
     gap = opening * JAW_GAIN  # the inner-lip gap wanted, IOD
     photo_gap = rig.open_gap / rig.iod
     if photo_gap > OPEN_PHOTO_IOD:
@@ -307,8 +323,37 @@ def predict_motion(
     coeffs[:, 0] = gap
     coeffs[:, 1] = np.clip(spread, 0, None) * SPREAD_GAIN
     coeffs[:, 2] = np.clip(-spread, 0, None) * SPREAD_GAIN
-    coeffs[:, 3] = blinks(n, feat.fps, rng_blink)
+    return coeffs
+
+
+def smooth_head(head: np.ndarray, fps: int) -> np.ndarray:
+    """smooth_motion's 80 ms Gaussian over the head pose (T, 4)."""
+    return gaussian_filter1d(head, HEAD_SMOOTH_S * fps, axis=0, mode="nearest")
+
+
+def seeded_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The head's and the blinks' generators: independent streams, so that the head's noise does
+    not shift with the number of blinks drawn."""
+    rng_head, rng_blink = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    return rng_head, rng_blink
+
+
+def predict_motion(
+    feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float, smooth: bool, align: bool, seed: int
+) -> Motion:
+    """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
+    rng_head, rng_blink = seeded_streams(seed)
+    opening, spread, closure = mouth_track(feat, dynamic_scale, smooth)
+    lag = measure_lag(opening, feat.loudness) if align else 0.0
+    if align and lag != 0.0:
+        opening = np.clip(_fractional_shift(opening, -lag), 0, None)
+        spread = _fractional_shift(spread, -lag)
+    # P/B/M: the lips meet, whatever smoothing and alignment did around them (phone timings
+    # are the audio's own, so the closure is applied last)
+    opening = opening * (1 - np.clip(np.maximum(closure, feat.vis_closure), 0, 1))
+    coeffs = mouth_coefficients(opening, spread, rig)
+    coeffs[:, 3] = blinks(len(opening), feat.fps, rng_blink)
     head = head_motion(feat, rig, motion_scale, rng_head)
     if smooth:
-        head = gaussian_filter1d(head, 0.08 * feat.fps, axis=0, mode="nearest")
+        head = smooth_head(head, feat.fps)
     return Motion(coeffs=coeffs, head=head, lipsync_offset_ms=round(lag * 1000 / feat.fps, 1))

@@ -180,7 +180,7 @@ class SonicPipeline:
 
         # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
-        framing = self._frame(rgb, opts, n_frames)
+        framing = self.framing(rgb, opts, n_frames)
         if framing.upscale > UPSCALE_WARN:
             warnings.add(
                 f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
@@ -234,15 +234,16 @@ class SonicPipeline:
         wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
         return rgb, wav
 
-    def _frame(self, rgb: np.ndarray, opts: GenerateOptions, n_frames: int) -> Framing:
+    def framing(self, rgb: np.ndarray, opts: GenerateOptions, n_frames: int, faces=None) -> Framing:
         """Step 2: the output frame cut from the photo around the face; an output over the
         limits is refused before the frame is built, and when the frame is the whole photo,
-        before the face is sought."""
+        before the face is sought. `faces` replaces the pipeline's face analyser (a caller on
+        another thread brings its own: FaceMesh graphs are not shared between threads)."""
         limits = self.settings.limits
         image_h, image_w = rgb.shape[:2]
         if not opts.crop_to_face:
             check_output((image_h, image_w), None, opts, n_frames, limits)
-        face = self.faces.analyze(rgb)
+        face = (faces or self.faces).analyze(rgb)
         box = crop_box(face.box, (image_h, image_w), opts.expand_ratio, opts.crop_to_face)
         check_output((image_h, image_w), box, opts, n_frames, limits)
         return crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)

@@ -70,6 +70,11 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
+    from .live.routes import bp as live_routes
+    from .live.sessions import LiveSessions
+
+    svc.live = app.extensions["sonic_live"] = LiveSessions(settings.live)
+    app.register_blueprint(live_routes)
     if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler
 

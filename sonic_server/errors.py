@@ -38,6 +38,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "conflict": 409,  # an account that exists already
     "not_found": 404,
     "job_not_found": 404,
+    "session_not_found": 404,  # a live session that ended, or never existed
     "method_not_allowed": 405,
     "canceled": 409,
     "rate_limited": 429,

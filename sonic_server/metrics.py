@@ -39,6 +39,19 @@ STAGE = Histogram(
     registry=REGISTRY,
 )
 VIDEO = Counter("sonic_video_seconds", "seconds of video produced", registry=REGISTRY)
+LIVE_OPENED = Counter("sonic_live_sessions_opened", "live sessions opened", registry=REGISTRY)
+LIVE_REFUSED = Counter(
+    "sonic_live_sessions_refused", "live sessions refused, by error code", ["code"], registry=REGISTRY
+)
+LIVE_ENDED = Counter("sonic_live_sessions_ended", "live sessions ended, by reason", ["reason"], registry=REGISTRY)
+LIVE_FRAMES = Counter("sonic_live_frames_sent", "frames live sessions sent", registry=REGISTRY)
+LIVE_LATE = Counter("sonic_live_late_frames", "live frames that were late (rendering fell behind)", registry=REGISTRY)
+LIVE_LATENCY = Histogram(
+    "sonic_live_latency_seconds",
+    "a live frame's latency at the server: look-ahead, render and hand-off to the encoder",
+    buckets=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0),
+    registry=REGISTRY,
+)
 
 
 def count_request(rule: str | None, method: str, status: int) -> None:
@@ -62,7 +75,7 @@ def count_job(rec) -> None:
         pass
 
 
-def exposition(queue_health: dict | None) -> tuple[bytes, str]:
+def exposition(queue_health: dict | None, live_open: int | None = None) -> tuple[bytes, str]:
     """The metrics page: this process's (or, in multiprocess mode, every process's) counters, and
     the queue's gauges as they are now."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -90,6 +103,13 @@ def exposition(queue_health: dict | None) -> tuple[bytes, str]:
             "# HELP sonic_workers_busy workers running a job now",
             "# TYPE sonic_workers_busy gauge",
             f"sonic_workers_busy {busy}",
+        ]
+        body += ("\n".join(lines) + "\n").encode()
+    if live_open is not None:
+        lines = [
+            "# HELP sonic_live_sessions_open live sessions running now",
+            "# TYPE sonic_live_sessions_open gauge",
+            f"sonic_live_sessions_open {live_open}",
         ]
         body += ("\n".join(lines) + "\n").encode()
     return body, CONTENT_TYPE_LATEST

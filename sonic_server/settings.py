@@ -89,6 +89,19 @@ class CreditsSettings:
     ledger_page: int = 50  # rows per page of /api/credits and /api/admin/audit
 
 
+@dataclass(frozen=True)
+class LiveSettings:
+    """Live sessions over WebRTC (docs/live.md). Variables: SONIC_LIVE_<NAME>."""
+
+    enabled: bool = True
+    max_sessions: int = 2  # running at once; more -> 503 busy (a 512 px session takes ~40 % of a core here)
+    max_session_s: float = 3600.0  # a session ends after this (0: no limit)
+    idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports) and nothing queued: ended
+    max_speak_s: float = 600.0  # seconds of speech one speak request may queue
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
+    host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)
+
+
 STORAGE_KINDS = ("local", "s3")
 VIDEO_URLS = ("proxy", "presigned")
 
@@ -99,15 +112,21 @@ class ServerConfig(Settings):
     server: ServerSettings = field(default_factory=ServerSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     credits: CreditsSettings = field(default_factory=CreditsSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
 
     SKIPPED: ClassVar[frozenset[str]] = frozenset()
     # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
-    ENV_PREFIXES: ClassVar[Mapping[str, str]] = {"s3": ENV_PREFIX + "S3_", "credits": ENV_PREFIX + "CREDITS_"}
+    ENV_PREFIXES: ClassVar[Mapping[str, str]] = {
+        "s3": ENV_PREFIX + "S3_",
+        "credits": ENV_PREFIX + "CREDITS_",
+        "live": ENV_PREFIX + "LIVE_",
+    }
 
     def checked(self) -> Self:
         super().checked()
         _check_storage(self)
         _check_credits(self)
+        _check_live(self.live)
         return self
 
     def resolved(self, base: Path) -> Self:
@@ -169,3 +188,16 @@ def _check_storage(s: ServerConfig) -> None:
             raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
         if not 0 < s.s3.url_ttl_s <= 604800:  # SigV4 presigned URLs live at most 7 days
             raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
+
+
+def _check_live(live: LiveSettings) -> None:
+    if live.max_sessions < 0:
+        raise SettingsError(f"setting live.max_sessions must be 0 or more, got {live.max_sessions}")
+    for name in ("max_session_s", "idle_timeout_s", "max_speak_s"):
+        if getattr(live, name) < 0:
+            raise SettingsError(f"setting live.{name} must be 0 or more, got {getattr(live, name)}")
+    if live.idle_timeout_s == 0:
+        raise SettingsError("setting live.idle_timeout_s must be more than 0: a vanished client must be let go")
+    for url in live.ice_servers:
+        if not url.startswith(("stun:", "turn:", "turns:")):
+            raise SettingsError(f"setting live.ice_servers: {url!r} is not a stun:, turn: or turns: URL")

@@ -8,6 +8,7 @@ settler), a fusion's by the request that held it.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # annotations only: the ledger (SQLAlchemy) loads with credit
     from .ledger import Ledger, Principal
 
 log = logging.getLogger("sonic.credits")
+LIVE_MIN_S = 60.0  # a live session holds at least a minute's credit
 
 
 class InsufficientCredits(SonicError):
@@ -83,6 +85,19 @@ class Billing:
             self.ledger.settle(job_id, False, reason="the job was not queued: nothing charged")
         except Exception:  # noqa: BLE001 - the request's own error matters more
             log.exception("the hold of job %s could not be released now; the settler will", job_id)
+
+    def hold_live(self, payer: Payer, hold_id: str, max_seconds: float, request_id: str | None) -> float:
+        """Hold credit for a live session: `max_seconds`' worth, or as many whole minutes as the
+        balance affords; the seconds held (the session ends when it has streamed them)."""
+        balance = self.ledger.balance(payer.account_id)
+        seconds = float(max_seconds)
+        while seconds > LIVE_MIN_S and video_price(self.credits, seconds) > balance:
+            seconds = max(LIVE_MIN_S, (math.ceil(seconds / 60) - 1) * 60.0)
+        needed = video_price(self.credits, seconds)
+        ok, balance = self.ledger.reserve(payer.account_id, hold_id, needed, payer.operator, request_id, kind="live")
+        if not ok:
+            raise InsufficientCredits(f"a live session of {seconds:g} s costs", needed, balance)
+        return seconds
 
     def hold_fusions(self, payer: Payer, count: int, request_id: str | None) -> FusionHold:
         price = self.credits.per_fusion

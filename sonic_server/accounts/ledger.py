@@ -261,6 +261,11 @@ class Ledger:
             return [{"name": r.name, "role": r.role, "balance": int(r.balance)} for r in rows]
 
     # -- metering ------------------------------------------------------------------------
+    def balance(self, account_id: int) -> int:
+        """An account's balance now."""
+        with self.engine.connect() as c:
+            return self._balance(c, account_id)
+
     def reserve(
         self, account_id: int, job_id: str, amount: int, operator: str, request_id: str | None = None, kind: str = "job"
     ) -> tuple[bool, int]:

@@ -39,6 +39,12 @@ def health():
         body["decoder"] = queue.decoder_identity().split("-")[0]
     if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
+    if svc.live is not None:
+        body["live"] = {
+            "enabled": svc.settings.live.enabled,
+            "sessions": svc.live.count(),
+            "max_sessions": svc.settings.live.max_sessions,
+        }
     if state == "setup_failed" and svc.setup_error:
         body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
@@ -64,7 +70,8 @@ def params():
 @describe("Prometheus metrics", responses={200: ("text exposition format", content("text/plain", {"type": "string"}))})
 def metrics():
     svc = service()
-    body, content_type = exposition(svc.queue.health() if svc.queue is not None else None)
+    live_open = svc.live.count() if svc.live is not None else None
+    body, content_type = exposition(svc.queue.health() if svc.queue is not None else None, live_open)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

@@ -1,0 +1,242 @@
+"""A live session from Python with aiortc: open it against a running sonic server, send a speech
+file (as the microphone track, or pushed with /speak), and record what comes back to an MP4.
+
+    python examples/live_client.py --server http://127.0.0.1:5000 --image examples/portrait.jpg \
+        --speech examples/speech.flac --seconds 6 --out live.mp4 [--speak] [--api-key KEY]
+
+With --speak the file goes to POST /api/sonic/live/<id>/speak (as a voice agent's text-to-speech
+would) and the microphone track stays silent; without it the file plays as the microphone.
+On the server's own machine (a 127.0.0.1 URL) both ends gather loopback candidates only, and
+no STUN server is asked: nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamError
+
+
+def use_loopback_only() -> None:
+    """Gather ICE host candidates on 127.0.0.1 only (aioice leaves loopback out by default)."""
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+
+class Silence(MediaStreamTrack):
+    """A microphone that hears nothing: 20 ms frames of silence at 48 kHz, in real time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start: float | None = None
+        self._sent = 0
+
+    async def recv(self):
+        import av
+
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._sent / 48_000
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(bytes(1920))
+        frame.sample_rate, frame.pts, frame.time_base = 48_000, self._sent, fractions.Fraction(1, 48_000)
+        self._sent += 960
+        return frame
+
+
+@dataclass
+class Received:
+    """What came back: video frames' arrival times and, where kept, the frames; audio likewise."""
+
+    video_times: list[float] = field(default_factory=list)
+    video_frames: list[np.ndarray] = field(default_factory=list)
+    audio_times: list[float] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)  # mono float32 at 48 kHz, in order
+    size: tuple[int, int] | None = None
+
+
+class LiveClient:
+    """One session: `open()`, then `speak_file()` / `interrupt()` / `state()`, then `close()`."""
+
+    def __init__(self, server: str, api_key: str | None = None) -> None:
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.pc: RTCPeerConnection | None = None
+        self.session_id: str | None = None
+        self.received = Received()
+        self._tasks: list[asyncio.Task] = []
+        if urlparse(self.server).hostname in ("127.0.0.1", "localhost"):
+            use_loopback_only()
+
+    async def open(
+        self,
+        image: str | Path,
+        config: dict | None = None,
+        microphone: MediaStreamTrack | None = None,
+        keep_frames: bool | Callable[[int], bool] = True,
+    ) -> dict:
+        """Offer (receive video and audio; send `microphone`, silence if None), POST it with the
+        portrait, apply the answer. Returns the server's JSON."""
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTrack(microphone or Silence())
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            reader = self._read_video if track.kind == "video" else self._read_audio
+            self._tasks.append(asyncio.ensure_future(reader(track, keep_frames)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        files = {"image": Path(image).read_bytes()}
+        data = {"offer": json.dumps(offer), "config": json.dumps(config or {})}
+        r = await asyncio.to_thread(
+            requests.post, f"{self.server}/api/sonic/live", files=files, data=data, headers=self.headers, timeout=30
+        )
+        if r.status_code != 201:
+            raise RuntimeError(f"the server refused the session: {r.status_code} {r.text}")
+        body = r.json()
+        self.session_id = body["session_id"]
+        await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
+        return body
+
+    async def _read_video(self, track: MediaStreamTrack, keep: bool | Callable[[int], bool]) -> None:
+        got = self.received
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            got.video_times.append(time.monotonic())
+            got.size = (frame.width, frame.height)
+            index = len(got.video_times) - 1
+            if keep is True or (callable(keep) and keep(index)):
+                got.video_frames.append(frame.to_ndarray(format="rgb24"))
+
+    async def _read_audio(self, track: MediaStreamTrack, keep: object) -> None:
+        import av
+
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            for out in resampler.resample(frame):
+                self.received.audio_times.append(now)
+                self.received.audio.append(out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+
+    def _url(self, tail: str = "") -> str:
+        return f"{self.server}/api/sonic/live/{self.session_id}{tail}"
+
+    async def speak_file(self, path: str | Path) -> dict:
+        with open(path, "rb") as f:
+            files = {"audio": f.read()}
+        r = await asyncio.to_thread(requests.post, self._url("/speak"), files=files, headers=self.headers, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    async def speak_pcm(self, pcm16k: np.ndarray) -> dict:
+        body = (np.clip(pcm16k, -1, 1) * 32767).astype("<i2").tobytes()
+        headers = {**self.headers, "Content-Type": "audio/L16;rate=16000"}
+        r = await asyncio.to_thread(requests.post, self._url("/speak"), data=body, headers=headers, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    async def interrupt(self) -> None:
+        r = await asyncio.to_thread(requests.post, self._url("/interrupt"), headers=self.headers, timeout=10)
+        r.raise_for_status()
+
+    async def state(self) -> dict:
+        r = await asyncio.to_thread(requests.get, self._url(), headers=self.headers, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    async def close(self, end_session: bool = True) -> None:
+        if end_session and self.session_id:
+            await asyncio.to_thread(requests.delete, self._url(), headers=self.headers, timeout=10)
+        if self.pc is not None:
+            await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+def write_mp4(received: Received, path: str | Path, fps: int) -> None:
+    """The received frames and audio as an H.264 + AAC MP4 (frames at `fps`, in arrival order)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        width, height = received.size or (512, 512)
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = out.add_stream("aac", rate=48_000)
+        audio.layout = "mono"  # type: ignore[attr-defined]
+        for i, image in enumerate(received.video_frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        pcm = np.concatenate(received.audio) if received.audio else np.zeros(0, np.float32)
+        s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
+        for start in range(0, len(s16), 1024):
+            piece = s16[start : start + 1024]
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece))
+            frame.planes[0].update(piece.tobytes())
+            frame.sample_rate, frame.pts = 48_000, start
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--server", default="http://127.0.0.1:5000")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--speech", required=True)
+    ap.add_argument("--seconds", type=float, default=8.0, help="how long to record")
+    ap.add_argument("--out", default="live.mp4")
+    ap.add_argument("--speak", action="store_true", help="push the file with /speak instead of playing it as the microphone")
+    ap.add_argument("--config", default="{}", help="JSON parameters, e.g. '{\"min_resolution\": 256}'")
+    ap.add_argument("--api-key")
+    args = ap.parse_args()
+    client = LiveClient(args.server, args.api_key)
+    mic = None if args.speak else MediaPlayer(args.speech).audio
+    t0 = time.monotonic()
+    body = await client.open(args.image, json.loads(args.config), microphone=mic)
+    print(f"session {body['session_id']} open in {time.monotonic() - t0:.2f} s")
+    if args.speak:
+        print("queued", (await client.speak_file(args.speech))["queued_s"], "s of speech")
+    await asyncio.sleep(args.seconds)
+    state = await client.state()
+    await client.close()
+    received = client.received
+    fps = state["fps"]
+    if received.video_times:
+        print(f"first frame {received.video_times[0] - t0:.2f} s after the offer; {len(received.video_times)} frames")
+    print("server state:", json.dumps(state))
+    write_mp4(received, args.out, fps)
+    print("recorded", args.out)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,142 @@
+"""Streaming twins of the audio encoder (sonic/audio_features.py): loudness normalised online and
+phones recognised as the audio arrives, each with a bounded look-ahead.
+
+Offline, loudness is normalised to the clip's own range (its 97th and 5th percentiles) and phones
+come from one pass of the recogniser over the whole recording. A live session has neither the
+whole clip nor time to wait for it: the range is tracked over the last seconds heard, and the
+recogniser runs incrementally, its partial result read after every frame.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from ..audio_features import (
+    DYNAMIC_RANGE_DB,
+    SPHINX_FRAME_S,
+    frame_loudness,
+)
+from ..media import SAMPLE_RATE
+
+LEVEL_WINDOW_S = 8.0  # the loudness range is taken over the last seconds heard
+MIN_RANGE_DB = 24.0  # the peak sits at least this far above the floor: room noise alone never reads as speech
+SILENCE_DB = -70.0  # frames quieter than this (digital silence, a muted microphone) do not move the range
+PEAK_FALL_DB_S = 3.0  # a single loud syllable sets the peak at once; it relaxes this fast after
+HISTORY_S = 0.5  # audio kept before the frames being measured: the band filter's run-in
+UTTERANCE_MAX_S = 8.0  # the recogniser's utterance is restarted this often at most ...
+UTTERANCE_PAUSE_S = 0.4  # ... and after a pause this long: its partial result stays short and cheap
+
+
+class LoudnessStream:
+    """Band-limited loudness per video frame, in dB, and normalised to 0-1 by a range tracked online.
+
+    `push(samples)` with the session's audio (any number of samples) returns the frames whose
+    measuring window (two frames wide, centred on the frame, as offline) is complete."""
+
+    def __init__(self, fps: int) -> None:
+        self.fps = fps
+        self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # sample index of self._audio[0]
+        self._heard = 0  # samples pushed in all
+        self.frames_done = 0  # frames measured so far
+        self._levels: deque[float] = deque(maxlen=int(LEVEL_WINDOW_S * fps))
+        self._peak_env = -np.inf
+
+    def _frame_start(self, i: int) -> int:
+        return int(round(i * SAMPLE_RATE / self.fps))
+
+    def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """New audio -> (dB, normalised loudness) of the frames it completed, each (n,)."""
+        self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
+        self._heard += len(samples)
+        hop = SAMPLE_RATE / self.fps
+        # frame i's window ends 1.5 hops after its start, plus the band filter's run-out
+        ready = int(np.floor((self._heard - 0.5 * hop - 0.01 * SAMPLE_RATE) / hop)) - 1
+        first, n = self.frames_done, max(0, ready + 1 - self.frames_done)
+        if n == 0:
+            return np.zeros(0), np.zeros(0)
+        # measure from HISTORY_S before the first new frame, so that the filter has settled
+        back = min(int(np.ceil(HISTORY_S * self.fps)), first)
+        start = self._frame_start(first - back)
+        seg = self._audio[start - self._audio_start :]
+        db = frame_loudness(seg, back + n, self.fps)[back:]
+        self.frames_done += n
+        keep_from = self._frame_start(max(0, self.frames_done - int(np.ceil(HISTORY_S * self.fps))))
+        self._audio = self._audio[keep_from - self._audio_start :]
+        self._audio_start = keep_from
+        return db, np.array([self._normalise(float(d)) for d in db])
+
+    def _normalise(self, db: float) -> float:
+        """One frame's dB -> 0-1 against the range heard so far (offline: the clip's range)."""
+        if db > SILENCE_DB:
+            self._levels.append(db)
+        self._peak_env = max(db, self._peak_env - PEAK_FALL_DB_S / self.fps)
+        if not self._levels:
+            return 0.0
+        levels = np.fromiter(self._levels, float)
+        floor = float(np.percentile(levels, 5))
+        peak = max(float(np.percentile(levels, 97)), self._peak_env - 3.0, floor + MIN_RANGE_DB)
+        floor = max(floor, peak - DYNAMIC_RANGE_DB)
+        return float(np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0))
+
+
+class PhoneStream:
+    """pocketsphinx's phone recogniser fed as the audio arrives; `phones()` is its best guess so
+    far, [(ARPAbet phone, start_s, end_s), ...] in session seconds (recent phones may still change)."""
+
+    def __init__(self) -> None:
+        from pocketsphinx import Decoder, get_model_path
+
+        # the settings of audio_features.PhoneRecognizer, with the cepstral mean tracked live
+        # (offline: over the whole utterance)
+        self._decoder = Decoder(
+            allphone=get_model_path("en-us/en-us-phone.lm.bin"),
+            lw=2.0,
+            pip=0.3,
+            beam=1e-200,
+            pbeam=1e-20,
+            cmn="live",
+            loglevel="FATAL",
+        )
+        self._done: deque[tuple[str, float, float]] = deque(maxlen=200)  # phones of ended utterances
+        self._current: list[tuple[str, float, float]] = []
+        self._utt_start = 0  # sample index where the current utterance began
+        self._fed = 0  # samples fed in all
+        self._quiet = 0  # samples of pause at the end of what was fed
+        self._decoder.start_utt()
+
+    def push(self, samples: np.ndarray, speech: bool) -> None:
+        """Feed audio (float32 at SAMPLE_RATE); `speech` says whether it holds speech (the loudness
+        stream's verdict), which decides where utterances end."""
+        pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+        self._decoder.process_raw(pcm, full_utt=False)
+        self._fed += len(samples)
+        self._quiet = 0 if speech else self._quiet + len(samples)
+        length = self._fed - self._utt_start
+        if (
+            self._quiet >= UTTERANCE_PAUSE_S * SAMPLE_RATE
+            and length > self._quiet
+            or length >= (UTTERANCE_MAX_S * SAMPLE_RATE)
+        ):
+            self._decoder.end_utt()
+            self._done.extend(self._read())
+            self._current = []
+            self._decoder.start_utt()
+            self._utt_start = self._fed
+        else:
+            self._current = self._read()
+
+    def _read(self) -> list[tuple[str, float, float]]:
+        segments = self._decoder.seg()
+        if segments is None:
+            return []
+        t0 = self._utt_start / SAMPLE_RATE
+        return [
+            (s.word, t0 + s.start_frame * SPHINX_FRAME_S, t0 + (s.end_frame + 1) * SPHINX_FRAME_S) for s in segments
+        ]
+
+    def phones(self, since_s: float) -> list[tuple[str, float, float]]:
+        """The phones that end after `since_s`."""
+        return [p for p in (*self._done, *self._current) if p[2] > since_s]

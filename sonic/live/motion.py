@@ -1,0 +1,136 @@
+"""The streaming twin of the motion predictor (sonic/motion.py): one frame's motion at a time,
+from the audio features known so far, with a bounded look-ahead.
+
+It runs the offline functions themselves (mouth_track, mouth_coefficients, head_pose, blinks'
+curve) over a short window around the frame: the history a Gaussian needs behind it and the
+look-ahead the session grants in front (the edge is held, as offline at a clip's end). The
+seeded parts (the head's noise, the blinks' times) are drawn from the same generators in the
+same order as offline, so they are the same as a file's with the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..audio_features import SPEECH_THRESHOLD, AudioFeatures, viseme_tracks
+from ..motion import (
+    BLINK_CLOSE_S,
+    BLINK_HOLD_S,
+    BLINK_OPEN_S,
+    COEFFS,
+    HEAD_NOISE_S,
+    Rig,
+    blink_curve,
+    blink_times,
+    head_pose,
+    mouth_coefficients,
+    mouth_track,
+    nod_track,
+    noise_kernel,
+    seeded_streams,
+    smooth_head,
+)
+
+HISTORY_S = 4.0  # features kept behind the frame: the nod's 1.5 s mean needs most of it
+BREATH_PERIOD_S = 4.2  # a slow rise and fall of the head at rest, as breathing gives
+BREATH_IOD = 0.004  # its amplitude (inter-ocular distances) at motion_scale 1
+
+
+@dataclass(frozen=True)
+class FrameMotion:
+    """One frame's motion: coeffs (K,) in COEFFS order, head (4,) (see motion.Motion), and the
+    mouth's opening (0..~1.4) and loudness (0..1) behind it."""
+
+    coeffs: np.ndarray
+    head: np.ndarray
+    opening: float
+    loudness: float
+
+
+class NoiseStream:
+    """motion.smooth_noise drawn frame by frame: the same values, without knowing the length."""
+
+    def __init__(self, fps: int, time_scale_s: float, channels: int, rng: np.random.Generator) -> None:
+        self._kernel = noise_kernel(fps, time_scale_s)
+        self._rng, self._channels = rng, channels
+        self._white = rng.standard_normal((len(self._kernel) - 1, channels))
+
+    def next(self) -> np.ndarray:
+        """The next frame's value, (channels,)."""
+        self._white = np.concatenate(
+            [self._white[-(len(self._kernel) - 1) :], self._rng.standard_normal((1, self._channels))]
+        )
+        return self._kernel @ self._white
+
+
+class MotionStream:
+    """Frames' motion from per-frame loudness and phones, in frame order."""
+
+    def __init__(
+        self, rig: Rig, fps: int, *, dynamic_scale: float, motion_scale: float, smooth: bool, seed: int
+    ) -> None:
+        self.rig, self.fps = rig, fps
+        self.dynamic_scale, self.motion_scale, self.smooth = dynamic_scale, motion_scale, smooth
+        rng_head, rng_blink = seeded_streams(seed)
+        self._noise = NoiseStream(fps, HEAD_NOISE_S, 3, rng_head)
+        self._blinks: Iterator[float] = blink_times(rng_blink)
+        self._shut_at: list[float] = [next(self._blinks)]
+        self._history = int(np.ceil(HISTORY_S * fps))
+        self._start = 0  # frame index of the first kept feature
+        self._loud = np.zeros(0)
+        self._noise_values = np.zeros((0, 3))
+
+    @property
+    def known(self) -> int:
+        """Frames whose loudness is known (0 .. known - 1)."""
+        return self._start + len(self._loud)
+
+    def add(self, loudness: np.ndarray) -> None:
+        """The normalised loudness (n,) of the next frames, in order."""
+        self._loud = np.concatenate([self._loud, loudness])
+        new = np.array([self._noise.next() for _ in loudness]).reshape(-1, 3)
+        self._noise_values = np.concatenate([self._noise_values, new])
+
+    def silence_after(self, index: int) -> None:
+        """Frames from `index` on are heard as silence (an interrupt drops what was queued)."""
+        self._loud[max(0, index - self._start) :] = 0.0
+
+    def frame(self, index: int, phones: list[tuple[str, float, float]]) -> FrameMotion:
+        """Motion of frame `index` (< known), from the features up to `known` (its look-ahead)."""
+        a = self._start
+        window = len(self._loud)
+        at = index - a
+        loud = self._loud
+        op, sp, cl = viseme_tracks([(p, s - a / self.fps, e - a / self.fps) for p, s, e in phones], window, self.fps)
+        feats = AudioFeatures(self.fps, loud, loud > SPEECH_THRESHOLD, op, sp, cl, tuple(phones))
+        opening, spread, closure = mouth_track(feats, self.dynamic_scale, self.smooth)
+        opening = opening * (1 - np.clip(np.maximum(closure, cl), 0, 1))
+        coeffs = mouth_coefficients(opening[at : at + 1], spread[at : at + 1], self.rig)[0]
+        coeffs[COEFFS.index("blink")] = self._blink(index / self.fps)
+        head = head_pose(self._noise_values, nod_track(loud, self.fps), self.rig.iod, self.motion_scale)
+        if self.smooth:
+            head = smooth_head(head, self.fps)
+        pose = head[at].copy()
+        pose[2] += (
+            BREATH_IOD * self.rig.iod * self.motion_scale * np.sin(2 * np.pi * index / self.fps / BREATH_PERIOD_S)
+        )
+        self._forget(index)
+        return FrameMotion(coeffs=coeffs, head=pose, opening=float(opening[at]), loudness=float(loud[at]))
+
+    def _blink(self, t: float) -> float:
+        while self._shut_at[-1] < t + BLINK_CLOSE_S:
+            self._shut_at.append(next(self._blinks))
+        reach = BLINK_HOLD_S + BLINK_OPEN_S
+        near = [s for s in self._shut_at if s - BLINK_CLOSE_S < t < s + reach]
+        self._shut_at = [s for s in self._shut_at if s + reach >= t] or self._shut_at[-1:]
+        return float(blink_curve(np.array([t]), near)[0])
+
+    def _forget(self, index: int) -> None:
+        """Drop features more than the history behind `index`."""
+        drop = index - self._history - self._start
+        if drop > 0:
+            self._loud, self._noise_values = self._loud[drop:], self._noise_values[drop:]
+            self._start += drop

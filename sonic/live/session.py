@@ -1,0 +1,202 @@
+"""A live session: a prepared face that speaks PCM as it arrives, one frame at a time.
+
+Its audio timeline advances one frame's worth of samples per frame: what a program queued with
+`speak` (played in order, at real time) mixed with what a microphone delivered with `hear`
+(a small jitter buffer). Frame `i`'s mouth needs the loudness and phones a little after it (the
+look-ahead), so the frame shown at tick `t` is frame `t - delay`, and the audio handed out with
+it is the timeline's audio of that same frame: the delay is the broadcast delay, the same for
+sound and picture, so that a viewer sees and hears in sync.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..audio_features import SPEECH_THRESHOLD
+from ..decoders import PreparedDecoder
+from ..errors import InvalidParameter
+from ..geometry import Framing
+from ..media import SAMPLE_RATE
+from ..motion import Rig
+from ..options import GenerateOptions
+from .features import LoudnessStream, PhoneStream
+from .motion import MotionStream
+
+LOOKAHEAD_S = 0.15  # the mouth sees this far ahead (rounded up to whole frames): the broadcast delay
+MIC_BUFFER_MAX_S = 0.12  # microphone audio beyond this backlog is dropped: latency stays bounded
+SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (pauses between words)
+PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at
+
+
+@dataclass(frozen=True)
+class LiveFace:
+    """A portrait prepared once for a session: its frame, rig and decoder."""
+
+    framing: Framing
+    rig: Rig
+    decoder: PreparedDecoder
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """One frame of a session: `image` (H, W, 3) uint8, shown at `time_s` after the session's
+    start, with `audio` (n,) float32 at SAMPLE_RATE, the speech heard while it shows."""
+
+    index: int
+    time_s: float
+    image: np.ndarray
+    audio: np.ndarray
+    speaking: bool
+    opening: float  # the mouth's opening (0..~1.4): what tests and meters read
+    rendered: bool  # False: the previous image again (rendering fell behind; motion went on)
+
+
+class LiveSession:
+    """A face speaking as audio arrives. `speak` and `hear` may be called from any thread;
+    `step` (or `frames`) from one thread, the session's clock."""
+
+    def __init__(self, face: LiveFace, options: GenerateOptions) -> None:
+        self.face, self.fps = face, options.fps
+        self.delay = math.ceil(LOOKAHEAD_S * self.fps - 1e-9)  # frames
+        self._lock = threading.Lock()  # guards the speech queue and the microphone buffer
+        self._speech: deque[np.ndarray] = deque()
+        self._queued = 0  # samples in self._speech
+        self._mic = np.zeros(0, np.float32)
+        self._pending: deque[np.ndarray] = deque()  # the timeline's audio not yet handed out
+        self._interrupted = False
+        self._loudness = LoudnessStream(self.fps)
+        self._phones = PhoneStream()
+        self._motion = MotionStream(
+            face.rig,
+            self.fps,
+            dynamic_scale=options.dynamic_scale,
+            motion_scale=options.motion_scale,
+            smooth=options.smooth_motion,
+            seed=options.seed,
+        )
+        self.tick = 0  # frames stepped
+        self.late_frames = 0
+        self._last_loud_tick = -(10**9)
+        self._image = face.decoder.frame.copy()
+
+    # --- speech in -------------------------------------------------------------------------
+    def speak(self, pcm: np.ndarray) -> float:
+        """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds queued."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        with self._lock:
+            if len(pcm):
+                self._speech.append(pcm)
+                self._queued += len(pcm)
+            return self._queued / SAMPLE_RATE
+
+    def hear(self, pcm: np.ndarray) -> None:
+        """Microphone audio (float32 (n,) at SAMPLE_RATE) as it arrives; mixed with the queued speech."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        with self._lock:
+            self._mic = np.concatenate([self._mic, pcm])[-int(MIC_BUFFER_MAX_S * SAMPLE_RATE + len(pcm)) :]
+
+    def interrupt(self) -> None:
+        """Stop speaking at once: the queue is dropped, and so is what was heard but not yet shown."""
+        with self._lock:
+            self._speech.clear()
+            self._queued = 0
+            self._interrupted = True
+
+    @property
+    def queued_s(self) -> float:
+        with self._lock:
+            return self._queued / SAMPLE_RATE
+
+    @property
+    def speaking(self) -> bool:
+        """Speech queued, or heard in the last SPEAKING_HOLD_S of what is being shown."""
+        return self.queued_s > 0 or (self.tick - self.delay) - self._last_loud_tick <= SPEAKING_HOLD_S * self.fps
+
+    # --- frames out ------------------------------------------------------------------------
+    def _samples(self, tick: int) -> int:
+        return int(round((tick + 1) * SAMPLE_RATE / self.fps)) - int(round(tick * SAMPLE_RATE / self.fps))
+
+    def _take(self, n: int) -> np.ndarray:
+        """The timeline's next n samples: queued speech plus the microphone, silence where neither."""
+        out = np.zeros(n, np.float32)
+        with self._lock:
+            filled = 0
+            while filled < n and self._speech:
+                head = self._speech[0]
+                k = min(n - filled, len(head))
+                out[filled : filled + k] += head[:k]
+                filled += k
+                if k == len(head):
+                    self._speech.popleft()
+                else:
+                    self._speech[0] = head[k:]
+            self._queued -= filled
+            k = min(n, len(self._mic))
+            out[:k] += self._mic[:k]
+            self._mic = self._mic[k:]
+            interrupted, self._interrupted = self._interrupted, False
+        if interrupted:  # what was heard but not yet shown is dropped with the queue
+            self._pending = deque(np.zeros_like(a) for a in self._pending)
+            self._motion.silence_after(self.tick - self.delay)
+        return np.clip(out, -1.0, 1.0)
+
+    def step(self, render: bool = True) -> LiveFrame:
+        """Advance the timeline by one frame and return the frame it makes visible (the first
+        `delay` frames are the portrait at rest). render=False keeps the previous image (the
+        motion and the audio still advance): how a session that fell behind catches up."""
+        chunk = self._take(self._samples(self.tick))
+        self._pending.append(chunk)
+        _, loud = self._loudness.push(chunk)
+        self._motion.add(loud)
+        heard_speech = bool(len(loud) and loud[-1] > SPEECH_THRESHOLD)
+        self._phones.push(chunk, heard_speech)
+        index = self.tick - self.delay
+        self.tick += 1
+        if index < 0:
+            return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, False)
+        motion = self._motion.frame(index, self._phones.phones(index / self.fps - PHONE_HISTORY_S))
+        if motion.loudness > SPEECH_THRESHOLD:
+            self._last_loud_tick = index
+        if render:
+            self._image = self.face.decoder.render(motion.coeffs[None], motion.head[None])[0]
+        audio = self._pending.popleft()
+        return LiveFrame(index, index / self.fps, self._image, audio, self.speaking, motion.opening, render)
+
+    def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
+        """Frames on wall-clock time, one every 1/fps s from now, until `stop` is set. A frame
+        whose turn came while the one before was still rendering is counted late; more than a
+        frame behind, frames go out unrendered (the image held, the audio on time) until the
+        clock is caught up: the stream never drifts."""
+        start = time.monotonic()
+        i = 0
+        while stop is None or not stop.is_set():
+            due = start + i / self.fps
+            now = time.monotonic()
+            if now < due:
+                time.sleep(due - now)
+            behind = (time.monotonic() - due) * self.fps
+            if behind > 0.5:
+                self.late_frames += 1
+            yield self.step(render=behind <= 1.0)
+            i += 1
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the frames."""
+        h, w = self.face.decoder.frame.shape[:2]
+        return w, h
+
+
+def check_live_decoder(speaks: bool, name: str) -> None:
+    """A live session needs a decoder that renders from motion, frame by frame."""
+    if speaks:
+        raise InvalidParameter(
+            f"the {name} decoder cannot run live sessions; live mode uses the warp decoder", field="decoder"
+        )

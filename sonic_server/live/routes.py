@@ -1,0 +1,306 @@
+"""The live routes: open a session (portrait + config + SDP offer -> SDP answer), push speech to
+it, interrupt it, read its state, end it. Media flows over WebRTC (rtc.py); these routes only
+steer the session, through the registry (sessions.py), which owns its life."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+
+import numpy as np
+from flask import Blueprint, Response, g, jsonify, request, url_for
+
+from sonic import GenerateOptions, InvalidParameter, SonicError
+from sonic.errors import UnsupportedMedia
+from sonic.media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
+
+from ..access import caller
+from ..errors import error_response
+from ..json_input import parse_json
+from ..openapi import component, content, describe, error, path_parameter
+from ..service import Service, service
+from .sessions import LiveSessions, ServedSession, hold_seconds
+
+bp = Blueprint("live", __name__)
+MAX_CONFIG_CHARS = 10_000
+MAX_OFFER_CHARS = 100_000
+PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
+PCM_TYPE = "audio/l16"
+SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
+
+SESSION = component(
+    "LiveSession",
+    {
+        "type": "object",
+        "properties": {
+            "session_id": {"type": "string"},
+            "answer": {"type": "object", "properties": {"sdp": {"type": "string"}, "type": {"type": "string"}}},
+            "state_url": {"type": "string"},
+        },
+    },
+)
+STATE = component(
+    "LiveState",
+    {
+        "type": "object",
+        "properties": {
+            "session_id": {"type": "string"},
+            "state": {"type": "string", "enum": ["idle", "speaking"]},
+            "queued_s": {"type": "number"},
+            "frames_sent": {"type": "integer"},
+            "late_frames": {"type": "integer"},
+            "latency_ms": {"type": ["number", "null"]},
+            "lookahead_ms": {"type": "number"},
+            "fps": {"type": "integer"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "streamed_s": {"type": "number"},
+            "connection": {"type": "string"},
+        },
+    },
+)
+OPEN = {
+    "required": True,
+    "content": content(
+        "multipart/form-data",
+        {
+            "type": "object",
+            "required": ["image", "offer"],
+            "properties": {
+                "image": {"type": "string", "format": "binary", "minLength": 1},
+                "config": {"type": "string", "description": "JSON object of Parameters (those that apply live)"},
+                "offer": {"type": "string", "description": 'JSON {"sdp": "...", "type": "offer"}'},
+            },
+        },
+    ),
+}
+SPEAK = {
+    "required": True,
+    "content": {
+        **content(
+            "multipart/form-data",
+            {
+                "type": "object",
+                "required": ["audio"],
+                "properties": {"audio": {"type": "string", "format": "binary", "minLength": 1}},
+            },
+        ),
+        **content("audio/L16;rate=16000", {"type": "string", "format": "binary"}),
+    },
+}
+path_parameter("session_id", SESSION_ID, "the id POST /api/sonic/live returned")
+
+
+def registry() -> LiveSessions:
+    live = service().live
+    assert live is not None  # create_app makes it
+    return live
+
+
+def _ready(svc: Service) -> None:
+    """Live sessions render in this process, with the pipeline the job queue loaded."""
+    if not svc.settings.live.enabled:
+        raise LiveUnavailable("live sessions are turned off on this server (live.enabled)")
+    if svc.queue is None:
+        raise LiveUnavailable("the service is " + ("starting" if svc.status == "starting" else "not set up"))
+    if getattr(svc.queue, "pipeline", None) is None:
+        raise LiveUnavailable("live sessions run in the API process, which has no pipeline in distributed mode")
+
+
+class LiveUnavailable(SonicError):
+    code = "not_ready"
+
+
+def _options(svc: Service) -> GenerateOptions:
+    raw = request.form.get("config", "")
+    if len(raw) > MAX_CONFIG_CHARS:
+        raise InvalidParameter(f"config is longer than {MAX_CONFIG_CHARS} characters", field="config")
+    params = parse_json(raw, "config") if raw.strip() else {}
+    if not isinstance(params, dict):
+        raise InvalidParameter("config must be a JSON object", field="config")
+    return GenerateOptions.from_dict(params, svc.settings, ignore=("async", "decoder"))
+
+
+def _offer() -> dict:
+    raw = request.form.get("offer", "")
+    if not raw.strip():
+        raise InvalidParameter(
+            'multipart field \'offer\' is missing (JSON {"sdp": "...", "type": "offer"})', field="offer"
+        )
+    if len(raw) > MAX_OFFER_CHARS:
+        raise InvalidParameter(f"offer is longer than {MAX_OFFER_CHARS} characters", field="offer")
+    offer = parse_json(raw, "offer")
+    if not isinstance(offer, dict):
+        raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
+    return offer
+
+
+def _image() -> np.ndarray:
+    f = request.files.get("image")
+    if f is None:
+        raise InvalidParameter("multipart file field 'image' is missing", field="image")
+    data = f.read()
+    if not data:
+        raise InvalidParameter("image is empty", field="image")
+    limits = service().settings.limits
+    return load_image(
+        io.BytesIO(data), limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
+    )
+
+
+@bp.post("/api/sonic/live")
+@describe(
+    "Open a live session: the portrait speaks over WebRTC",
+    request_body=OPEN,
+    responses={
+        201: ("session open; set the answer as the remote description", content("application/json", SESSION)),
+        400: error("bad or missing field (config, offer: bad SDP or no video receiver)"),
+        402: error("credits enabled: not enough credits for a minute of live video"),
+        413: error("image too large"),
+        415: error("not a decodable image"),
+        422: error("no face"),
+        503: error("live.max_sessions reached (Retry-After), or live sessions unavailable"),
+    },
+)
+def open_session():
+    svc = service()
+    _ready(svc)
+    options = _options(svc)
+    offer = _offer()
+    rgb = _image()
+    live = registry()
+    live.take_slot()
+    opened = False
+    try:
+        face = live.prepare_face(svc.queue.pipeline, rgb, options)  # _ready checked it
+        paid_s, on_end = _hold_credit(svc, live)
+        opened = True
+        session, answer = live.open(face, options, offer, caller().owner, paid_s, on_end)
+    finally:
+        if not opened:
+            live.give_slot()
+    state_url = url_for("live.session_state", session_id=session.id, _external=True)
+    resp = jsonify({"session_id": session.id, "answer": answer, "state_url": state_url})
+    resp.status_code = 201
+    resp.headers["Location"] = state_url
+    return resp
+
+
+def _hold_credit(svc: Service, live: LiveSessions):
+    """With credits: hold what the session may stream (its cap, or what the balance affords),
+    charge the seconds streamed when it ends."""
+    if svc.billing is None:
+        return None, None
+    from ..accounts.pricing import video_price
+
+    billing = svc.billing
+    payer = billing.payer(g.principal, "live sessions need")
+    hold_id = "l" + os.urandom(15).hex()
+    seconds = billing.hold_live(payer, hold_id, hold_seconds(live.settings.max_session_s), g.get("request_id"))
+
+    def settle(session: ServedSession) -> None:
+        billing.ledger.settle(
+            hold_id,
+            session.streamed_s > 0,
+            video_price(svc.settings.credits, session.streamed_s),
+            reason=f"live session {session.id}: {session.streamed_s:.1f} s ({session.ended_reason})",
+        )
+
+    return seconds, settle
+
+
+@bp.post("/api/sonic/live/<session_id>/speak")
+@describe(
+    "Queue speech for a live session to say",
+    request_body=SPEAK,
+    responses={
+        202: (
+            "queued",
+            content("application/json", {"type": "object", "properties": {"queued_s": {"type": "number"}}}),
+        ),
+        400: error("no audio"),
+        404: error("no such session (ended or unknown)"),
+        413: error("too long (live.max_speak_s)"),
+        415: error("not decodable audio, or PCM at another rate than 16000 Hz"),
+    },
+)
+def speak(session_id: str):
+    session = registry().get(session_id, caller().may_see)
+    max_s = service().settings.live.max_speak_s
+    kind = (request.mimetype or "").lower()
+    if kind == PCM_TYPE:
+        queued = _speak_pcm(session, max_s)
+    else:
+        queued = session.engine.speak(_decoded_speech(max_s))
+    return jsonify({"queued_s": round(queued, 3)}), 202
+
+
+def _speak_pcm(session: ServedSession, max_s: float) -> float:
+    """A raw body of 16-bit little-endian mono PCM at 16 kHz, queued as it arrives (a text-to-
+    speech engine's output can be streamed straight in, chunked)."""
+    rate = request.mimetype_params.get("rate")
+    if rate != str(SAMPLE_RATE):
+        raise UnsupportedMedia(
+            f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}", field="audio"
+        )
+    stream, total, carry = request.stream, 0, b""
+    queued = session.engine.queued_s
+    while True:
+        chunk = stream.read(PCM_CHUNK_BYTES)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_s * SAMPLE_RATE * 2:
+            raise InvalidParameter(f"the speech is longer than {max_s:g} s (live.max_speak_s)", field="audio")
+        data = carry + chunk
+        cut = len(data) - len(data) % 2
+        carry = data[cut:]
+        queued = session.engine.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0)
+    if total == 0:
+        raise InvalidParameter("the audio/L16 body is empty", field="audio")
+    return queued
+
+
+def _decoded_speech(max_s: float) -> np.ndarray:
+    """A multipart `audio` file in any format the file API takes, decoded to 16 kHz mono."""
+    f = request.files.get("audio")
+    if f is None:
+        raise InvalidParameter(
+            "multipart file field 'audio' is missing (or send Content-Type: audio/L16;rate=16000)", field="audio"
+        )
+    data = f.read()
+    if not data:
+        raise InvalidParameter("audio is empty", field="audio")
+    with tempfile.NamedTemporaryFile(prefix="sonic-speak-") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        return check_waveform(load_audio(tmp.name, max_s), max_s)
+
+
+@bp.post("/api/sonic/live/<session_id>/interrupt")
+@describe("Stop speaking at once", responses={200: "interrupted", 404: error("no such session")})
+def interrupt(session_id: str):
+    session = registry().get(session_id, caller().may_see)
+    session.engine.interrupt()
+    return jsonify({"interrupted": True})
+
+
+@bp.get("/api/sonic/live/<session_id>")
+@describe(
+    "A live session's state",
+    responses={200: ("state", content("application/json", STATE)), 404: error("no such session")},
+)
+def session_state(session_id: str):
+    return jsonify(registry().get(session_id, caller().may_see).state())
+
+
+@bp.delete("/api/sonic/live/<session_id>")
+@describe("End a live session", responses={204: "ended", 404: error("no such session")})
+def end_session(session_id: str):
+    live = registry()
+    session = live.get(session_id, caller().may_see)
+    if not live.end(session.id, "client_closed"):
+        return error_response("session_not_found", f"no live session {session_id}: it ended, or never existed")
+    return Response(status=204)

@@ -1,0 +1,154 @@
+"""The WebRTC side of live sessions (aiortc): one asyncio loop for every session's connection,
+the two tracks a session sends (the face, the speech it says) and the microphone it receives.
+
+No STUN or TURN server is used unless the settings name one (aiortc's own default would query
+a public STUN server), and `live.host_addresses` can restrict the host candidates gathered (on a
+multi-homed server, or to 127.0.0.1 for clients on the same machine: aioice leaves loopback out
+by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+log = logging.getLogger("sonic.live")
+T = TypeVar("T")
+AUDIO_RATE = 16_000  # the session's audio, as the engine keeps it (sonic.media.SAMPLE_RATE)
+QUEUE_FRAMES = 8  # frames waiting for the encoder at most; older ones are dropped
+
+
+class RtcLoop:
+    """One asyncio event loop in a daemon thread, where every session's peer connection lives."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sonic-live-rtc", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run a coroutine on the loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+
+def restrict_host_addresses(addresses: Sequence[str]) -> None:
+    """Gather ICE host candidates on these addresses only (all the machine's when empty).
+    aioice offers no option for it: its address lookup is replaced, for the whole process,
+    which is what an installation's setting means."""
+    import aioice.ice
+
+    original = getattr(aioice.ice, "_sonic_original_get_host_addresses", aioice.ice.get_host_addresses)
+    aioice.ice._sonic_original_get_host_addresses = original  # type: ignore[attr-defined]
+    if not addresses:
+        aioice.ice.get_host_addresses = original
+        return
+    chosen = list(addresses)
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(chosen)
+
+
+def rtc_configuration(ice_servers: Sequence[str]) -> Any:
+    """aiortc's configuration: the listed STUN/TURN URLs ("turn:user:password@host:port" for
+    TURN with credentials), none by default."""
+    from aiortc import RTCConfiguration, RTCIceServer
+
+    servers = []
+    for url in ice_servers:
+        if url.startswith(("turn:", "turns:")) and "@" in url:
+            scheme, rest = url.split(":", 1)
+            creds, host = rest.rsplit("@", 1)
+            user, _, password = creds.partition(":")
+            servers.append(RTCIceServer(f"{scheme}:{host}", username=user, credential=password))
+        else:
+            servers.append(RTCIceServer(url))
+    return RTCConfiguration(iceServers=servers)
+
+
+def _track_classes() -> tuple[type, type]:
+    """The two outgoing track classes, built on aiortc's MediaStreamTrack (imported only when a
+    session starts: the service runs without aiortc installed until one does)."""
+    import av
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+
+    class QueuedTrack(MediaStreamTrack):
+        """Frames put by the session's clock thread, taken by aiortc's sender as they come."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__()
+            self._owner_loop = loop
+            self._queue: asyncio.Queue = asyncio.Queue()
+
+        def put(self, frame: Any) -> None:
+            """From any thread."""
+            self._owner_loop.call_soon_threadsafe(self._put, frame)
+
+        def _put(self, frame: Any) -> None:
+            while self._queue.qsize() >= QUEUE_FRAMES:  # a slow consumer never holds the clock back
+                self._queue.get_nowait()
+            self._queue.put_nowait(frame)
+
+        async def recv(self) -> Any:
+            if self.readyState != "live":
+                raise MediaStreamError
+            frame = await self._queue.get()
+            if frame is None:
+                raise MediaStreamError
+            return frame
+
+    class FaceTrack(QueuedTrack):
+        kind = "video"
+
+        def send(self, image: np.ndarray, index: int, fps: int) -> None:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, fractions.Fraction(1, fps)
+            self.put(frame)
+
+    class SpeechTrack(QueuedTrack):
+        kind = "audio"
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__(loop)
+            self._samples = 0
+
+        def send(self, pcm: np.ndarray, start_sample: int) -> None:
+            """pcm float32 at AUDIO_RATE, starting at `start_sample` of the session's timeline."""
+            s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(s16))
+            frame.planes[0].update(s16.tobytes())
+            frame.sample_rate = AUDIO_RATE
+            frame.pts, frame.time_base = start_sample, fractions.Fraction(1, AUDIO_RATE)
+            self.put(frame)
+
+    return FaceTrack, SpeechTrack
+
+
+async def consume_microphone(track: Any, hear: Callable[[np.ndarray], None], heard: Callable[[], None]) -> None:
+    """Read the client's audio track to its end: 16 kHz mono float32 chunks to `hear`."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        heard()
+        for out in resampler.resample(frame):
+            pcm = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
+            hear(pcm)
+
+
+def face_tracks(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+    """A (video, audio) pair of outgoing tracks on the loop."""
+    face_cls, speech_cls = _track_classes()
+    return face_cls(loop), speech_cls(loop)

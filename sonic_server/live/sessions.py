@@ -1,0 +1,333 @@
+"""Live sessions: the registry that owns each session's life, from the offer to its end.
+
+A session is opened (the face prepared, the offer answered), runs (its clock thread renders a
+frame every 1/fps s and hands it to the connection's tracks) and ends exactly once, for one
+reason: the client's DELETE, its connection gone or silent for `idle_timeout_s`, the session's
+`max_session_s`, its credit spent, or the server stopping. Ending stops the clock, closes the
+connection, settles the credit hold for the seconds actually streamed and counts the metrics;
+the session is then forgotten (its id answers 404).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sonic.errors import Busy, InvalidParameter, SonicError
+from sonic.live import LiveFace, LiveSession
+from sonic.options import GenerateOptions
+
+from .. import metrics
+from ..settings import LiveSettings
+from .rtc import RtcLoop, consume_microphone, face_tracks, rtc_configuration
+
+log = logging.getLogger("sonic.live")
+NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
+WATCH_INTERVAL_S = 1.0  # how often a session looks at its connection
+
+
+class SessionNotFound(SonicError):
+    code = "session_not_found"
+
+
+@dataclass
+class SessionStats:
+    frames_sent: int = 0
+    late_frames: int = 0
+    latency_sum_s: float = 0.0
+
+    def latency_ms(self, lookahead_s: float) -> float | None:
+        if not self.frames_sent:
+            return None
+        return round(1000 * (lookahead_s + self.latency_sum_s / self.frames_sent), 1)
+
+
+@dataclass
+class ServedSession:
+    """One running session: the engine, its connection and tracks, its clock thread."""
+
+    id: str
+    owner: str | None
+    engine: LiveSession
+    options: GenerateOptions
+    pc: Any = None
+    video: Any = None
+    audio: Any = None
+    created: float = field(default_factory=time.monotonic)
+    connected: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    last_heard: float = field(default_factory=time.monotonic)  # the client's last bytes to us
+    bytes_seen: int = -1  # the connection's bytes received, when last looked at
+    stats: SessionStats = field(default_factory=SessionStats)
+    streamed_s: float = 0.0
+    paid_s: float | None = None  # credits: the seconds its hold covers (None: no credits)
+    ended_reason: str | None = None
+    on_end: Callable[[ServedSession], None] | None = None  # settles its credit hold
+
+    def state(self) -> dict:
+        engine = self.engine
+        width, height = engine.frame_size
+        return {
+            "session_id": self.id,
+            "state": "speaking" if engine.speaking else "idle",
+            "queued_s": round(engine.queued_s, 3),
+            "frames_sent": self.stats.frames_sent,
+            "late_frames": self.stats.late_frames,
+            "latency_ms": self.stats.latency_ms(engine.delay / engine.fps),
+            "lookahead_ms": round(1000 * engine.delay / engine.fps, 1),
+            "fps": engine.fps,
+            "width": width,
+            "height": height,
+            "streamed_s": round(self.streamed_s, 2),
+            "connection": getattr(self.pc, "connectionState", "new"),
+        }
+
+
+def _check_offer(offer: dict) -> None:
+    """The offer must be an SDP offer that receives video: the face is what a session sends."""
+    if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
+        raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
+    sdp = offer["sdp"]
+    if not sdp.startswith("v=0"):
+        raise InvalidParameter("offer: the sdp is not a session description (it must start with v=0)", field="offer")
+    videos = [m for m in sdp.split("\nm=")[1:] if m.startswith("video")]
+    if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
+        raise InvalidParameter(
+            "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
+        )
+
+
+class LiveSessions:
+    """The registry: at most `settings.max_sessions` running at once, each ended exactly once."""
+
+    def __init__(self, settings: LiveSettings) -> None:
+        self.settings = settings
+        self._rtc: RtcLoop | None = None
+        self._sessions: dict[str, ServedSession] = {}
+        self._lock = threading.Lock()
+        self._opening = 0  # sessions between their slot being taken and their registration
+        self._faces: Any = None
+        self._face_lock = threading.Lock()
+
+    def prepare_face(self, pipeline: Any, rgb: Any, options: GenerateOptions) -> LiveFace:
+        """The portrait framed and its decoder prepared, with the registry's own face analyser
+        (FaceMesh graphs are not shared with the job thread's), one preparation at a time."""
+        from sonic.live import prepare_live_face
+
+        with self._face_lock:
+            if self._faces is None:
+                from sonic.face import FaceAnalyzer
+
+                self._faces = FaceAnalyzer()
+            return prepare_live_face(pipeline, rgb, options, self._faces)
+
+    @property
+    def rtc(self) -> RtcLoop:
+        if self._rtc is None:
+            from .rtc import restrict_host_addresses
+
+            restrict_host_addresses(self.settings.host_addresses)
+            self._rtc = RtcLoop()
+        return self._rtc
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def take_slot(self) -> None:
+        """Reserve room for a session before its (costly) preparation; Busy when full."""
+        with self._lock:
+            if len(self._sessions) + self._opening >= self.settings.max_sessions:
+                metrics.LIVE_REFUSED.labels("busy").inc()
+                raise Busy(
+                    f"{self.settings.max_sessions} live session(s) are running, the most this server holds "
+                    "(live.max_sessions); try again shortly"
+                )
+            self._opening += 1
+
+    def give_slot(self) -> None:
+        with self._lock:
+            self._opening -= 1
+
+    def open(
+        self,
+        face: LiveFace,
+        options: GenerateOptions,
+        offer: dict,
+        owner: str | None,
+        paid_s: float | None = None,
+        on_end: Callable[[ServedSession], None] | None = None,
+    ) -> tuple[ServedSession, dict]:
+        """Start a session of the prepared face for the offer; (the session, its SDP answer).
+        The caller holds a slot (take_slot), given back here whatever happens."""
+        try:
+            _check_offer(offer)
+            session = ServedSession(
+                id=uuid.uuid4().hex,
+                owner=owner,
+                engine=LiveSession(face, options),
+                options=options,
+                paid_s=paid_s,
+                on_end=on_end,
+            )
+            try:
+                answer = self.rtc.run(self._negotiate(session, offer), NEGOTIATE_TIMEOUT_S)
+            except SonicError:
+                raise
+            except Exception as e:  # noqa: BLE001 - aiortc's parse errors are many kinds of exception
+                self._close_connection(session)
+                raise InvalidParameter(f"offer: the session description could not be used ({e})", field="offer") from e
+            with self._lock:
+                self._sessions[session.id] = session
+        finally:
+            self.give_slot()
+        metrics.LIVE_OPENED.inc()
+        threading.Thread(target=self._run, args=(session,), name=f"sonic-live-{session.id[:8]}", daemon=True).start()
+        return session, answer
+
+    async def _negotiate(self, session: ServedSession, offer: dict) -> dict:
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        pc = session.pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
+        session.video, session.audio = face_tracks(self.rtc.loop)
+
+        def heard() -> None:
+            session.last_heard = time.monotonic()
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            if track.kind == "audio":
+                self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "connected":
+                session.last_heard = time.monotonic()
+                session.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
+                threading.Thread(target=self.end, args=(session.id, "client_gone"), daemon=True).start()
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+        pc.addTrack(session.video)
+        if any(t.kind == "audio" for t in pc.getTransceivers()):
+            pc.addTrack(session.audio)
+        await pc.setLocalDescription(await pc.createAnswer())
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+
+    def get(self, session_id: str, may_see: Callable[[str | None], bool]) -> ServedSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or not may_see(session.owner):
+            raise SessionNotFound(f"no live session {session_id}: it ended, or never existed")
+        return session
+
+    # --- the clock -------------------------------------------------------------------------
+    def _run(self, session: ServedSession) -> None:
+        """The session's clock thread: frames to the tracks until the session ends."""
+        engine, fps = session.engine, session.engine.fps
+        try:
+            if not session.connected.wait(self.settings.idle_timeout_s):
+                self.end(session.id, "client_gone")
+                return
+            next_watch = time.monotonic() + WATCH_INTERVAL_S
+            start = time.monotonic()
+            for frame in engine.frames(session.stop):
+                session.video.send(frame.image, max(0, frame.index), fps)
+                if len(frame.audio):
+                    session.audio.send(frame.audio, int(round(frame.index * 16_000 / fps)))
+                due = start + engine.tick / fps - 1 / fps
+                session.stats.latency_sum_s += max(0.0, time.monotonic() - due)
+                session.stats.frames_sent += 1
+                session.stats.late_frames = engine.late_frames
+                session.streamed_s = session.stats.frames_sent / fps
+                if time.monotonic() >= next_watch:
+                    next_watch += WATCH_INTERVAL_S
+                    reason = self._should_end(session)
+                    if reason:
+                        self.end(session.id, reason)
+        except Exception:  # noqa: BLE001 - a session's fault ends that session only
+            log.exception("live session %s failed", session.id)
+            self.end(session.id, "error")
+
+    def _should_end(self, session: ServedSession) -> str | None:
+        """Why a running session should end now, if it should."""
+        now = time.monotonic()
+        if self.settings.max_session_s and now - session.created >= self.settings.max_session_s:
+            return "max_session"
+        if session.paid_s is not None and session.streamed_s >= session.paid_s:
+            return "credit_exhausted"
+        self.rtc.call(lambda: self.rtc.loop.create_task(_note_bytes(session)))
+        if now - session.last_heard > self.settings.idle_timeout_s and session.engine.queued_s == 0:
+            return "client_gone"
+        return None
+
+    # --- the end ---------------------------------------------------------------------------
+    def end(self, session_id: str, reason: str) -> bool:
+        """End a session (once: False if it had ended already)."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.ended_reason = reason
+        session.stop.set()
+        self._close_connection(session)
+        metrics.LIVE_ENDED.labels(reason).inc()
+        metrics.LIVE_FRAMES.inc(session.stats.frames_sent)
+        metrics.LIVE_LATE.inc(session.stats.late_frames)
+        latency = session.stats.latency_ms(session.engine.delay / session.engine.fps)
+        if latency is not None:
+            metrics.LIVE_LATENCY.observe(latency / 1000)
+        if session.on_end is not None:
+            try:
+                session.on_end(session)
+            except Exception:  # noqa: BLE001 - the settler's sweep settles what this could not
+                log.exception("live session %s: settling its credit failed", session.id)
+        log.info(
+            "live session %s ended (%s) after %.1f s, %d frames, %d late",
+            session.id,
+            reason,
+            session.streamed_s,
+            session.stats.frames_sent,
+            session.stats.late_frames,
+        )
+        return True
+
+    def _close_connection(self, session: ServedSession) -> None:
+        if session.pc is None or self._rtc is None:
+            return
+        for track in (session.video, session.audio):
+            if track is not None:
+                track.put(None)
+        try:
+            self._rtc.run(session.pc.close(), 10.0)
+        except Exception:  # noqa: BLE001 - a connection that will not close cleanly is dropped
+            log.warning("live session %s: the connection did not close cleanly", session.id)
+
+    def close(self) -> None:
+        """End every session (the server is stopping)."""
+        with self._lock:
+            ids = list(self._sessions)
+        for session_id in ids:
+            self.end(session_id, "server_stopping")
+
+
+async def _note_bytes(session: ServedSession) -> None:
+    """The client is alive while its bytes (media, or RTCP reports on what it receives) keep coming."""
+    if session.pc is None:
+        return
+    received = 0
+    for stat in (await session.pc.getStats()).values():
+        received = max(received, getattr(stat, "bytesReceived", 0) or 0)
+    if received > session.bytes_seen:
+        session.bytes_seen = received
+        session.last_heard = time.monotonic()
+
+
+def hold_seconds(max_session_s: float) -> float:
+    """The seconds a credit hold covers at most: the session's cap, or an hour without one."""
+    return max_session_s if max_session_s > 0 else 3600.0
