@@ -89,18 +89,22 @@ class LiveClient:
         image: str | Path,
         config: dict | None = None,
         microphone: MediaStreamTrack | None = None,
-        keep_frames: bool | Callable[[int], bool] = True,
+        keep_frames: bool = True,
+        on_frame: Callable[[np.ndarray, float], None] | None = None,
     ) -> dict:
         """Offer (receive video and audio; send `microphone`, silence if None), POST it with the
-        portrait, apply the answer. Returns the server's JSON."""
+        portrait, apply the answer. Returns the server's JSON. Received frames are kept (for
+        write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each."""
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(microphone or Silence())
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            reader = self._read_video if track.kind == "video" else self._read_audio
-            self._tasks.append(asyncio.ensure_future(reader(track, keep_frames)))
+            if track.kind == "video":
+                self._tasks.append(asyncio.ensure_future(self._read_video(track, keep_frames, on_frame)))
+            else:
+                self._tasks.append(asyncio.ensure_future(self._read_audio(track)))
 
         await pc.setLocalDescription(await pc.createOffer())
         offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
@@ -116,20 +120,26 @@ class LiveClient:
         await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
         return body
 
-    async def _read_video(self, track: MediaStreamTrack, keep: bool | Callable[[int], bool]) -> None:
+    async def _read_video(
+        self, track: MediaStreamTrack, keep: bool, on_frame: Callable[[np.ndarray, float], None] | None
+    ) -> None:
         got = self.received
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            got.video_times.append(time.monotonic())
+            now = time.monotonic()
+            got.video_times.append(now)
             got.size = (frame.width, frame.height)
-            index = len(got.video_times) - 1
-            if keep is True or (callable(keep) and keep(index)):
-                got.video_frames.append(frame.to_ndarray(format="rgb24"))
+            if keep or on_frame is not None:
+                image = frame.to_ndarray(format="rgb24")
+                if keep:
+                    got.video_frames.append(image)
+                if on_frame is not None:
+                    on_frame(image, now)
 
-    async def _read_audio(self, track: MediaStreamTrack, keep: object) -> None:
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
         import av
 
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)

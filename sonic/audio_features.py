@@ -114,7 +114,7 @@ class PhoneRecognizer:
 
 
 @functools.cache
-def _band_filter() -> np.ndarray:
+def band_filter() -> np.ndarray:
     """The speech band's filter (second-order sections), designed once: a live session measures
     loudness every frame."""
     from scipy.signal import butter
@@ -126,7 +126,7 @@ def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     """Band-limited RMS in dB over a 2-frame Hann window centred on each frame, (T,)."""
     from scipy.signal import sosfiltfilt  # here: a render helper recognising phones skips its 60 MB
 
-    x = sosfiltfilt(_band_filter(), wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
+    x = sosfiltfilt(band_filter(), wav.astype(np.float64)) if wav.size > 100 else wav.astype(np.float64)
     hop = SAMPLE_RATE / fps
     win = int(round(2 * hop))
     hann = np.hanning(win)

@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+import scipy.signal  # noqa: F401 - imported here, not at a session's first frame (~0.6 s)
 
 from ..audio_features import (
     DYNAMIC_RANGE_DB,
     SPHINX_FRAME_S,
+    band_filter,
     frame_loudness,
 )
 from ..media import SAMPLE_RATE
@@ -43,6 +45,7 @@ class LoudnessStream:
         self.frames_done = 0  # frames measured so far
         self._levels: deque[float] = deque(maxlen=int(LEVEL_WINDOW_S * fps))
         self._peak_env = -np.inf
+        band_filter()  # designed now (once a process), not while the first frame is due
 
     def _frame_start(self, i: int) -> int:
         return int(round(i * SAMPLE_RATE / self.fps))

@@ -29,7 +29,7 @@ from ..options import GenerateOptions
 from .features import LoudnessStream, PhoneStream
 from .motion import MotionStream
 
-LOOKAHEAD_S = 0.15  # the mouth sees this far ahead (rounded up to whole frames): the broadcast delay
+LOOKAHEAD_S = 0.08  # the mouth sees this far ahead (rounded up to whole frames): the broadcast delay
 MIC_BUFFER_MAX_S = 0.12  # microphone audio beyond this backlog is dropped: latency stays bounded
 SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (pauses between words)
 PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at

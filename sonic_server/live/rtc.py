@@ -21,7 +21,9 @@ import numpy as np
 log = logging.getLogger("sonic.live")
 T = TypeVar("T")
 AUDIO_RATE = 16_000  # the session's audio, as the engine keeps it (sonic.media.SAMPLE_RATE)
-QUEUE_FRAMES = 8  # frames waiting for the encoder at most; older ones are dropped
+QUEUE_FRAMES = 12  # frames waiting for the encoder at most; older ones are dropped
+PACKET_SAMPLES = AUDIO_RATE // 50  # 20 ms of audio per frame handed to the encoder
+MIC_PREFETCH_PACKETS = 1  # the microphone's packets held back for reordering (aiortc: 4)
 
 
 class RtcLoop:
@@ -120,13 +122,17 @@ def _track_classes() -> tuple[type, type]:
             self._samples = 0
 
         def send(self, pcm: np.ndarray, start_sample: int) -> None:
-            """pcm float32 at AUDIO_RATE, starting at `start_sample` of the session's timeline."""
+            """pcm float32 at AUDIO_RATE, starting at `start_sample` of the session's timeline,
+            handed on in 20 ms frames: one Opus packet each (the encoder stamps all the packets
+            of one frame with one RTP timestamp, which a receiver reads as one packet)."""
             s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
-            frame = av.AudioFrame(format="s16", layout="mono", samples=len(s16))
-            frame.planes[0].update(s16.tobytes())
-            frame.sample_rate = AUDIO_RATE
-            frame.pts, frame.time_base = start_sample, fractions.Fraction(1, AUDIO_RATE)
-            self.put(frame)
+            for at in range(0, len(s16), PACKET_SAMPLES):
+                piece = s16[at : at + PACKET_SAMPLES]
+                frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece))
+                frame.planes[0].update(piece.tobytes())
+                frame.sample_rate = AUDIO_RATE
+                frame.pts, frame.time_base = start_sample + at, fractions.Fraction(1, AUDIO_RATE)
+                self.put(frame)
 
     return FaceTrack, SpeechTrack
 
@@ -146,6 +152,17 @@ async def consume_microphone(track: Any, hear: Callable[[np.ndarray], None], hea
         for out in resampler.resample(frame):
             pcm = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
             hear(pcm)
+
+
+def quicken_audio_receiver(receiver: Any) -> None:
+    """The microphone's jitter buffer holds one packet ahead instead of aiortc's four: 60 ms
+    less between a syllable spoken and the mouth moving. (Its capacity is unchanged, so late or
+    reordered packets are still put back in order; aiortc 1.16 has no setting for it.)"""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    name = "_RTCRtpReceiver__jitter_buffer"
+    if isinstance(getattr(receiver, name, None), JitterBuffer):
+        setattr(receiver, name, JitterBuffer(capacity=16, prefetch=MIC_PREFETCH_PACKETS))
 
 
 def face_tracks(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:

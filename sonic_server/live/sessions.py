@@ -24,11 +24,15 @@ from sonic.options import GenerateOptions
 
 from .. import metrics
 from ..settings import LiveSettings
-from .rtc import RtcLoop, consume_microphone, face_tracks, rtc_configuration
+from .rtc import RtcLoop, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
 
 log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
 WATCH_INTERVAL_S = 1.0  # how often a session looks at its connection
+# seconds after the first frame at which a keyframe is sent again: the client may finish its
+# DTLS handshake a little after the server, and drop the first keyframe (a decoder without one
+# waits for its next: seconds of black with encoders that send them rarely)
+KEYFRAMES_AT = (0.12, 0.3, 0.6)
 
 
 class SessionNotFound(SonicError):
@@ -57,6 +61,7 @@ class ServedSession:
     options: GenerateOptions
     pc: Any = None
     video: Any = None
+    video_sender: Any = None
     audio: Any = None
     created: float = field(default_factory=time.monotonic)
     connected: threading.Event = field(default_factory=threading.Event)
@@ -202,10 +207,14 @@ class LiveSessions:
         @pc.on("track")
         def on_track(track: Any) -> None:
             if track.kind == "audio":
+                for transceiver in pc.getTransceivers():
+                    if transceiver.receiver.track is track:
+                        quicken_audio_receiver(transceiver.receiver)
                 self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
+            log.info("live session %s: connection %s", session.id, pc.connectionState)
             if pc.connectionState == "connected":
                 session.last_heard = time.monotonic()
                 session.connected.set()
@@ -213,7 +222,7 @@ class LiveSessions:
                 threading.Thread(target=self.end, args=(session.id, "client_gone"), daemon=True).start()
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
-        pc.addTrack(session.video)
+        session.video_sender = pc.addTrack(session.video)
         if any(t.kind == "audio" for t in pc.getTransceivers()):
             pc.addTrack(session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
@@ -236,13 +245,19 @@ class LiveSessions:
                 return
             next_watch = time.monotonic() + WATCH_INTERVAL_S
             start = time.monotonic()
+            keyframes = list(KEYFRAMES_AT)
             for frame in engine.frames(session.stop):
+                if keyframes and frame.index >= keyframes[0] * fps:
+                    keyframes.pop(0)
+                    self.rtc.call(_ask_keyframe, session.video_sender)
                 session.video.send(frame.image, max(0, frame.index), fps)
                 if len(frame.audio):
                     session.audio.send(frame.audio, int(round(frame.index * 16_000 / fps)))
                 due = start + engine.tick / fps - 1 / fps
                 session.stats.latency_sum_s += max(0.0, time.monotonic() - due)
                 session.stats.frames_sent += 1
+                if session.stats.frames_sent == 1:
+                    log.info("live session %s: first frame handed to the connection", session.id)
                 session.stats.late_frames = engine.late_frames
                 session.streamed_s = session.stats.frames_sent / fps
                 if time.monotonic() >= next_watch:
@@ -314,6 +329,14 @@ class LiveSessions:
             ids = list(self._sessions)
         for session_id in ids:
             self.end(session_id, "server_stopping")
+
+
+def _ask_keyframe(sender: Any) -> None:
+    """The video encoder's next frame is a keyframe (what a client's picture-loss report asks for;
+    aiortc 1.16 has no public call for it, hence the guarded private one)."""
+    ask = getattr(sender, "_send_keyframe", None)
+    if ask is not None:
+        ask()
 
 
 async def _note_bytes(session: ServedSession) -> None:
