@@ -71,6 +71,11 @@ class LoudnessStream:
         self._audio_start = keep_from
         return db, np.array([self._normalise(float(d)) for d in db])
 
+    def silence_from(self, frame: int) -> None:
+        """The audio kept from frame `frame` on is heard as silence (an interrupt drops it)."""
+        start = max(0, self._frame_start(frame) - self._audio_start)
+        self._audio[start:] = 0.0
+
     def _normalise(self, db: float) -> float:
         """One frame's dB -> 0-1 against the range heard so far (offline: the clip's range)."""
         if db > SILENCE_DB:

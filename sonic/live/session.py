@@ -24,7 +24,7 @@ from ..decoders import PreparedDecoder
 from ..errors import InvalidParameter
 from ..geometry import Framing
 from ..media import SAMPLE_RATE
-from ..motion import Rig
+from ..motion import COEFFS, Rig
 from ..options import GenerateOptions
 from .features import LoudnessStream, PhoneStream
 from .motion import MotionStream
@@ -55,6 +55,7 @@ class LiveFrame:
     audio: np.ndarray
     speaking: bool
     opening: float  # the mouth's opening (0..~1.4): what tests and meters read
+    blink: float  # the lids' closure (0 open .. 1 shut)
     rendered: bool  # False: the previous image again (rendering fell behind; motion went on)
 
 
@@ -143,8 +144,10 @@ class LiveSession:
             self._mic = self._mic[k:]
             interrupted, self._interrupted = self._interrupted, False
         if interrupted:  # what was heard but not yet shown is dropped with the queue
+            shown = self.tick - self.delay  # the first frame not yet shown
             self._pending = deque(np.zeros_like(a) for a in self._pending)
-            self._motion.silence_after(self.tick - self.delay)
+            self._motion.silence_after(shown)
+            self._loudness.silence_from(shown)
         return np.clip(out, -1.0, 1.0)
 
     def step(self, render: bool = True) -> LiveFrame:
@@ -160,14 +163,15 @@ class LiveSession:
         index = self.tick - self.delay
         self.tick += 1
         if index < 0:
-            return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, False)
+            return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, 0.0, False)
         motion = self._motion.frame(index, self._phones.phones(index / self.fps - PHONE_HISTORY_S))
         if motion.loudness > SPEECH_THRESHOLD:
             self._last_loud_tick = index
         if render:
             self._image = self.face.decoder.render(motion.coeffs[None], motion.head[None])[0]
         audio = self._pending.popleft()
-        return LiveFrame(index, index / self.fps, self._image, audio, self.speaking, motion.opening, render)
+        blink = float(motion.coeffs[COEFFS.index("blink")])
+        return LiveFrame(index, index / self.fps, self._image, audio, self.speaking, motion.opening, blink, render)
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
         """Frames on wall-clock time, one every 1/fps s from now, until `stop` is set. A frame

@@ -1,0 +1,164 @@
+"""The live engine (sonic/live/), without a server: streamed motion against the offline motion of
+the same audio, independence from how the audio is chunked, idling, speaking, interrupting,
+seeds, and the frame clock."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import PORTRAIT, SPEECH
+from sonic.audio_features import encode_audio
+from sonic.live import open_session
+from sonic.live.motion import NoiseStream
+from sonic.media import SAMPLE_RATE, load_audio
+from sonic.motion import HEAD_NOISE_S, blinks, mouth_track, seeded_streams, smooth_noise
+
+FPS = 25
+HOP = SAMPLE_RATE // FPS
+PARAMS = {"min_resolution": 256, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return load_audio(SPEECH, 60)
+
+
+def run(session, n, render=False):
+    """n frames from a session (the frames before the look-ahead is filled are skipped)."""
+    out = []
+    while len(out) < n:
+        frame = session.step(render=render)
+        if frame.index >= 0:
+            out.append(frame)
+    return out
+
+
+def test_streamed_mouth_follows_the_offline_mouth_of_the_same_audio(pipeline, speech):
+    """Differences come from the loudness range (tracked over what was heard, offline: the
+    clip's), the recogniser's partial results and the 80 ms look-ahead of the smoothing; they
+    stay bounded and the timing is the same (no lag)."""
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    session.speak(speech)
+    n = len(speech) // HOP
+    live = np.array([f.opening for f in run(session, n)])
+    feats = encode_audio(speech, n, FPS, pipeline.phones)
+    opening, _, closure = mouth_track(feats, 1.0, True)
+    offline = opening * (1 - np.clip(np.maximum(closure, feats.vis_closure), 0, 1))
+    assert np.corrcoef(live, offline)[0, 1] > 0.8
+    assert np.abs(live - offline).mean() < 0.1
+    lags = range(-3, 4)
+    scores = [np.corrcoef(live[3 + k : n - 3 + k], offline[3 : n - 3])[0, 1] for k in lags]
+    assert lags[int(np.argmax(scores))] == 0
+
+
+@pytest.mark.parametrize("chunk_s", [0.01, 0.02, 0.1, "random"])
+def test_the_output_does_not_depend_on_how_the_audio_is_chunked(pipeline, speech, chunk_s):
+    """Microphone audio arriving in any chunk sizes, just in time, gives the same frames."""
+    rng = np.random.default_rng(1)
+    reference = open_session(pipeline, PORTRAIT, PARAMS)
+    reference.hear(speech)  # all at once is the reference ...
+    sizes = []
+    for _ in range(len(speech)):
+        sizes.append(int(rng.integers(1, 3200)) if chunk_s == "random" else int(chunk_s * SAMPLE_RATE))
+        if sum(sizes) >= len(speech):
+            break
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    fed, want, got = 0, [], []
+    chunks = iter(np.split(speech, np.cumsum(sizes)[:-1]))
+    frames = 60
+    reference_frames = [reference.step() for _ in range(frames)]
+    for tick in range(frames):
+        while fed < (tick + 1) * HOP:  # ... here each tick's audio is there just in time
+            chunk = next(chunks)
+            session.hear(chunk)
+            fed += len(chunk)
+        got.append(session.step())
+    for a, b in zip(reference_frames, got):
+        want.append(a.opening)
+        assert a.index == b.index and a.opening == pytest.approx(b.opening, abs=1e-9)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.audio, b.audio)
+    assert max(want) > 0.3  # the clip's first 2 s hold speech: the comparison is not of silence
+
+
+def test_silence_idles_with_blinks_and_drift_and_no_mouth(pipeline):
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    frames = run(session, 10 * FPS, render=True)
+    opening = np.array([f.opening for f in frames])
+    assert opening.max() < 0.02 and not any(f.speaking for f in frames)
+    images = np.array([f.image for f in frames[::5]]).astype(np.int16)
+    assert np.abs(np.diff(images, axis=0)).mean() > 0.05  # breathing and drift: the picture is not frozen
+    blink = np.array([f.blink for f in frames])
+    starts = np.flatnonzero((blink[1:] > 0.5) & (blink[:-1] <= 0.5))
+    assert 1 <= len(starts) <= 7 and blink.max() == 1.0  # a natural rate, each blink fully shut
+
+
+def test_seeded_parts_equal_a_files(pipeline):
+    """The head's noise and the blinks are drawn from the same generators in the same order as
+    offline: the same seed gives the same values."""
+    rng_head, _ = seeded_streams(11)
+    offline = smooth_noise(300, FPS, HEAD_NOISE_S, 3, rng_head)
+    stream = NoiseStream(FPS, HEAD_NOISE_S, 3, seeded_streams(11)[0])
+    assert np.allclose(np.array([stream.next() for _ in range(300)]), offline)
+    session = open_session(pipeline, PORTRAIT, {**PARAMS, "seed": 11})
+    streamed = np.array([f.blink for f in run(session, 400)])
+    assert np.allclose(streamed, blinks(400, FPS, seeded_streams(11)[1]))
+    assert streamed.max() == 1.0
+
+
+def test_speech_opens_the_mouth_and_it_rests_after(pipeline, speech):
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    session.speak(speech[: 2 * SAMPLE_RATE])
+    frames = run(session, 3 * FPS)
+    opening = np.array([f.opening for f in frames])
+    assert opening[: 2 * FPS].max() > 0.4
+    assert opening[int(2.4 * FPS) :].max() < 0.03  # 0.4 s after the speech ended, at rest
+    assert frames[FPS].speaking and not frames[-1].speaking
+    heard = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(heard[: 2 * SAMPLE_RATE], speech[: 2 * SAMPLE_RATE])  # the speech itself, in order
+
+
+def test_interrupt_closes_the_mouth_within_a_few_frames(pipeline, speech):
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    queued = session.speak(speech)
+    assert queued == pytest.approx(len(speech) / SAMPLE_RATE)
+    frames = run(session, FPS)  # 1 s in: speaking
+    assert max(f.opening for f in frames) > 0.3
+    session.interrupt()
+    assert session.queued_s == 0
+    after = run(session, FPS)
+    assert max(f.opening for f in after[3:]) < 0.03
+    assert not np.any(np.concatenate([f.audio for f in after[1:]]))  # what was queued is not heard
+
+
+def test_seeds_reproduce_and_differ(pipeline, speech):
+    def frames(seed):
+        session = open_session(pipeline, PORTRAIT, {**PARAMS, "seed": seed})
+        session.speak(speech[:SAMPLE_RATE])
+        return np.array([f.image for f in run(session, 40, render=True)])
+
+    a, b, c = frames(3), frames(3), frames(4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_the_frame_clock_numbers_frames_in_order_on_time(pipeline):
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    stop = threading.Event()
+    got = []
+    for frame in session.frames(stop):
+        got.append(frame)
+        if len(got) == 30:
+            stop.set()
+    indices = [f.index for f in got]
+    assert indices == list(range(-session.delay, 30 - session.delay))
+    assert all(f.time_s == pytest.approx(max(0, f.index) / FPS) for f in got)
+
+
+def test_a_decoder_that_speaks_cannot_run_live(pipeline):
+    from sonic.errors import InvalidParameter
+    from sonic.live import check_live_decoder
+
+    with pytest.raises(InvalidParameter, match="cannot run live") as e:
+        check_live_decoder(True, "sonic")
+    assert e.value.field == "decoder"
