@@ -36,27 +36,31 @@ def use_loopback_only() -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
 
 
-class Silence(MediaStreamTrack):
-    """A microphone that hears nothing: 20 ms frames of silence at 48 kHz, in real time."""
+class Microphone(MediaStreamTrack):
+    """A microphone that plays a waveform (float32 mono at 16 kHz; silence after it, or nothing
+    at all if None) in real time, 20 ms a frame. `started`: when its first frame was handed to
+    the connection (the clock of what was sent)."""
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, wav: np.ndarray | None = None) -> None:
         super().__init__()
-        self._start: float | None = None
+        self.wav = np.zeros(0, np.float32) if wav is None else np.asarray(wav, np.float32)
+        self.started: float | None = None
         self._sent = 0
 
     async def recv(self):
         import av
 
-        if self._start is None:
-            self._start = time.monotonic()
-        due = self._start + self._sent / 48_000
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
-        frame.planes[0].update(bytes(1920))
-        frame.sample_rate, frame.pts, frame.time_base = 48_000, self._sent, fractions.Fraction(1, 48_000)
-        self._sent += 960
+        if self.started is None:
+            self.started = time.monotonic()
+        await asyncio.sleep(max(0.0, self.started + self._sent / 16_000 - time.monotonic()))
+        piece = self.wav[self._sent : self._sent + 320]
+        piece = np.pad(piece, (0, 320 - len(piece)))
+        frame = av.AudioFrame(format="s16", layout="mono", samples=320)
+        frame.planes[0].update((np.clip(piece, -1, 1) * 32767).astype("<i2").tobytes())
+        frame.sample_rate, frame.pts, frame.time_base = 16_000, self._sent, fractions.Fraction(1, 16_000)
+        self._sent += 320
         return frame
 
 
@@ -97,7 +101,7 @@ class LiveClient:
         write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each."""
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
-        pc.addTrack(microphone or Silence())
+        pc.addTrack(microphone or Microphone())
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -225,7 +229,9 @@ async def main() -> None:
     ap.add_argument("--speech", required=True)
     ap.add_argument("--seconds", type=float, default=8.0, help="how long to record")
     ap.add_argument("--out", default="live.mp4")
-    ap.add_argument("--speak", action="store_true", help="push the file with /speak instead of playing it as the microphone")
+    ap.add_argument(
+        "--speak", action="store_true", help="push the file with /speak instead of playing it as the microphone"
+    )
     ap.add_argument("--config", default="{}", help="JSON parameters, e.g. '{\"min_resolution\": 256}'")
     ap.add_argument("--api-key")
     args = ap.parse_args()
