@@ -1,0 +1,267 @@
+"""Live sessions end to end: a real server on a free port and aiortc clients on this machine.
+
+Nothing leaves the machine: the server gathers 127.0.0.1 candidates only (live.host_addresses),
+so does the client (examples/live_client.py on a 127.0.0.1 URL), and no STUN server is asked."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import EXAMPLES, PORTRAIT, ROOT, SPEECH
+from server_helpers import assert_clean_error
+from sonic.media import load_audio
+from test_http_live import start_server
+
+sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(ROOT / "scripts"))
+from live_client import LiveClient, Microphone  # noqa: E402
+from live_measure import MouthMeter, best_lag, envelope, received_loudness, unbuffered_audio_receiver  # noqa: E402
+
+CONFIG = {"min_resolution": 256, "seed": 5}
+LIVE = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 3.0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, info = start_server(tmp_path_factory.mktemp("live"), top={"live": LIVE})
+    info["proc"] = proc
+    yield info
+    proc.terminate()
+    proc.wait(10)
+
+
+def live_count(base) -> int:
+    return requests.get(base + "/health", timeout=5).json()["live"]["sessions"]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_session_mirrors_the_microphone_in_sync(server):
+    """The speech file as the client's microphone, then silence: frames arrive at the frame rate
+    and size asked for, the mouth opens with the speech and rests after, in sync with the audio
+    received beside it."""
+    unbuffered_audio_receiver()
+    speech = load_audio(SPEECH, 60)[: 3 * 16_000]
+
+    async def session():
+        client = LiveClient(server["base"])
+        meter = MouthMeter()
+        mic = Microphone(speech)  # then silence
+        body = await client.open(PORTRAIT, CONFIG, microphone=mic, keep_frames=False, on_frame=meter.add)
+        await asyncio.sleep(5.0)
+        state = await client.state()
+        await client.close()
+        return body, state, client.received, meter, mic
+
+    body, state, got, meter, mic = asyncio.run(session())
+    assert body["state_url"].endswith(body["session_id"]) and body["answer"]["type"] == "answer"
+    times = np.array(got.video_times)
+    recent = times[times > times[-1] - 3.0]
+    assert len(recent) >= 3.0 * 25 * 0.8  # the frame rate (loaded test machines allowed for)
+    assert got.size == (state["width"], state["height"]) and min(got.size) == 256
+    assert state["fps"] == 25 and state["frames_sent"] >= len(times)
+    m_t, m_v = meter.openings()
+    speaking = (m_t > mic.started + 0.5) & (m_t < mic.started + 3.0)
+    silent = m_t > mic.started + 3.8
+    assert m_v[speaking].max() > 0.05 and np.percentile(m_v[silent], 90) < 0.03
+    t0, t1 = mic.started + 0.3, m_t[-1] - 0.3
+    rx_t, rx_db = received_loudness(got.audio, got.audio_times, 48_000)
+    lag = best_lag(envelope(rx_t, rx_db, t0, t1), envelope(m_t, m_v, t0, t1))
+    assert abs(lag) <= 0.08, lag  # the received picture and sound in sync
+    assert wait_for(lambda: live_count(server["base"]) == 0)
+
+
+def test_speak_pcm_and_interrupt(server):
+    base = server["base"]
+    speech = load_audio(SPEECH, 60)
+
+    async def session():
+        client = LiveClient(base)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(0.5)
+        idle = await client.state()
+        queued = await client.speak_file(SPEECH)
+        await asyncio.sleep(0.6)
+        speaking = await client.state()
+        pcm = await client.speak_pcm(speech[:16_000])  # a second behind the file
+        await client.interrupt()
+        await asyncio.sleep(0.5)
+        after = await client.state()
+        await client.close()
+        return idle, queued, speaking, pcm, after
+
+    idle, queued, speaking, pcm, after = asyncio.run(session())
+    assert idle["state"] == "idle" and idle["queued_s"] == 0
+    assert queued["queued_s"] == pytest.approx(len(speech) / 16_000, abs=0.05)
+    assert speaking["state"] == "speaking" and 0 < speaking["queued_s"] < queued["queued_s"]
+    assert pcm["queued_s"] > speaking["queued_s"] - 0.5
+    assert after["state"] == "idle" and after["queued_s"] == 0
+
+
+def _open(base, image=PORTRAIT, offer=None, config=None):
+    data = {"config": json.dumps(config or CONFIG)}
+    if offer is not None:
+        data["offer"] = offer if isinstance(offer, str) else json.dumps(offer)
+    with open(image, "rb") as f:
+        return requests.post(base + "/api/sonic/live", files={"image": f.read()}, data=data, timeout=30)
+
+
+def _offer(video=True):
+    """A real aiortc offer, with or without a video receiver."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def make():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        if video:
+            pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        await pc.close()
+        return offer
+
+    return asyncio.run(make())
+
+
+def test_bad_requests_are_named_4xx(server, tmp_path):
+    base = server["base"]
+    cases = [
+        (_open(base), 400, "invalid_parameter", "offer"),  # no offer
+        (_open(base, offer="{not json"), 400, "invalid_parameter", "offer"),
+        (_open(base, offer={"sdp": "hello", "type": "offer"}), 400, "invalid_parameter", "offer"),
+        (_open(base, offer={"sdp": "v=0\r\nnonsense", "type": "offer"}), 400, "invalid_parameter", "offer"),
+        (_open(base, offer=_offer(video=False)), 400, "invalid_parameter", "offer"),  # nothing to show the face on
+        (_open(base, offer=_offer(), config={"dynamic_scale": 9}), 400, "invalid_parameter", "dynamic_scale"),
+        (_open(base, offer=_offer(), config={"bogus": 1}), 400, "invalid_parameter", "bogus"),
+    ]
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (320, 320), (200, 180, 160)).save(blank)
+    cases.append((_open(base, image=blank, offer=_offer()), 422, "no_face_detected", None))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    cases.append((_open(base, image=text, offer=_offer()), 415, "unsupported_media", "image"))
+    for r, status, code, field in cases:
+        assert_clean_error(r, status, code, field)
+    assert live_count(base) == 0  # nothing was left open by a refusal
+
+    unknown = base + "/api/sonic/live/" + "0" * 32
+    for method, url in (("get", unknown), ("delete", unknown), ("post", unknown + "/interrupt"), ("post", unknown + "/speak")):
+        r = getattr(requests, method)(url, timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found", r.text
+
+
+def test_speak_refuses_what_is_not_speech(server, tmp_path):
+    base = server["base"]
+
+    async def session():
+        client = LiveClient(base)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        url = client._url("/speak")
+        answers = [
+            requests.post(url, files={"audio": b"this is no audio at all" * 20}, timeout=10),
+            requests.post(url, data=b"\0" * 3200, headers={"Content-Type": "audio/L16;rate=8000"}, timeout=10),
+            requests.post(url, data=b"", headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            requests.post(url, timeout=10),
+        ]
+        state = await client.state()
+        await client.close()
+        after = requests.post(url, files={"audio": open(SPEECH, "rb").read()}, timeout=10)
+        return answers, state, after
+
+    answers, state, after = asyncio.run(session())
+    assert [(r.status_code, r.json()["error"]["field"]) for r in answers] == [
+        (415, "audio"),
+        (415, "audio"),
+        (400, "audio"),
+        (400, "audio"),
+    ]
+    assert "rate=16000" in answers[1].json()["error"]["message"]
+    assert state["queued_s"] == 0 and state["state"] == "idle"
+    assert after.status_code == 404  # the session ended: speaking to it is a 404
+
+
+def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
+    base = server["base"]
+    offer = _offer()
+
+    async def sessions():
+        clients = [LiveClient(base) for _ in range(2)]
+        for c in clients:
+            await c.open(PORTRAIT, CONFIG, keep_frames=False)
+        refused = await asyncio.to_thread(_open, base, PORTRAIT, offer)
+        await clients[0].close()
+        third = LiveClient(base)
+        await third.open(PORTRAIT, CONFIG, keep_frames=False)
+        await third.close()
+        await clients[1].close()
+        return refused
+
+    refused = asyncio.run(sessions())
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "busy"
+    assert refused.headers.get("Retry-After")
+    metrics = requests.get(base + "/metrics", timeout=5).text
+    assert 'sonic_live_sessions_refused_total{code="busy"}' in metrics
+    assert "sonic_live_sessions_opened_total" in metrics and "sonic_live_latency_seconds_bucket" in metrics
+
+
+def _threads_and_fds(pid):
+    threads = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")).split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+VANISHING_CLIENT = """
+import asyncio, sys, time
+sys.path.insert(0, {examples!r})
+from live_client import LiveClient
+async def main():
+    client = LiveClient({base!r})
+    body = await client.open({portrait!r}, {{"min_resolution": 256}}, keep_frames=False)
+    print(body["session_id"], flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
+    base, pid = server["base"], server["proc"].pid
+    # a first session warms what every session shares (aiortc's loop, the face analyser)
+    asyncio.run(_open_and_close(base))
+    assert wait_for(lambda: live_count(base) == 0)
+    before = _threads_and_fds(pid)
+    script = VANISHING_CLIENT.format(examples=str(EXAMPLES), base=base, portrait=str(PORTRAIT))
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    session_id = client.stdout.readline().strip()
+    assert len(session_id) == 32
+    assert wait_for(lambda: requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).json()["frames_sent"] > 25)
+    client.send_signal(signal.SIGKILL)
+    client.wait(10)
+    killed = time.monotonic()
+    assert wait_for(lambda: live_count(base) == 0, timeout=LIVE["idle_timeout_s"] + 4)
+    assert time.monotonic() - killed <= LIVE["idle_timeout_s"] + 2.5
+    assert requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).status_code == 404
+    assert wait_for(lambda: _threads_and_fds(pid) <= before, timeout=10), (_threads_and_fds(pid), before)
+    assert 'sonic_live_sessions_ended_total{reason="client_gone"}' in requests.get(base + "/metrics", timeout=5).text
+
+
+async def _open_and_close(base):
+    client = LiveClient(base)
+    await client.open(PORTRAIT, CONFIG, keep_frames=False)
+    await asyncio.sleep(0.5)
+    await client.close()
