@@ -1,0 +1,142 @@
+// The demo page's Live mode: a WebRTC session with the server (POST /api/sonic/live with the
+// portrait, the parameters and the offer), the microphone as the portrait's speech, a file sent
+// as speech, Stop; the session's latency and frame rate shown while it runs. Uses demo.js's
+// helpers ($, authHeaders, config, showError, clearErrors, errorOf, jsonOf).
+"use strict";
+
+const live = { pc: null, mic: null, id: null, timer: null, frames: null };
+const GATHER_MS = 3000;  // the server takes the offer with its candidates in it (no trickle)
+
+function liveUrl(tail) { return "/api/sonic/live/" + live.id + (tail || ""); }
+
+function liveShown(running) {
+  $("live-start").hidden = running;
+  $("live-stop").hidden = !running;
+  $("live-video").hidden = !running;
+  $("live-speak").hidden = !running;
+  $("live-figures").hidden = !running;
+}
+
+function liveError(message) { $("error-live").textContent = message; }
+
+async function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return;
+  await new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, GATHER_MS);
+  });
+}
+
+async function startLive() {
+  clearErrors();
+  liveError("");
+  const image = $("image").files[0];
+  if (!image) { showError({ field: "image", message: "choose a portrait first" }); return; }
+  $("live-start").disabled = true;
+  try {
+    try {
+      live.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+    } catch (e) {
+      live.mic = null;
+      liveError("the microphone is not available (" + e.name + "): the portrait will speak only the files you send");
+    }
+    const pc = live.pc = new RTCPeerConnection({ iceServers: [] });
+    pc.addTransceiver("video", { direction: "recvonly" });
+    if (live.mic) pc.addTrack(live.mic.getAudioTracks()[0], live.mic);
+    else pc.addTransceiver("audio", { direction: "recvonly" });
+    const remote = new MediaStream();
+    pc.addEventListener("track", (e) => {
+      remote.addTrack(e.track);
+      $("live-video").srcObject = remote;
+    });
+    pc.addEventListener("connectionstatechange", () => {
+      if (pc.connectionState === "failed") { liveError("the connection to the server failed"); stopLive(); }
+    });
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    const form = new FormData();
+    form.append("image", image);
+    const cfg = config();
+    delete cfg.async;
+    form.append("config", JSON.stringify(cfg));
+    form.append("offer", JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }));
+    const resp = await fetch("/api/sonic/live", { method: "POST", body: form, headers: authHeaders() });
+    if (!resp.ok) {
+      const err = await errorOf(resp);
+      if (err.field === "image" || (err.field && $("param-" + err.field))) showError(err);
+      else liveError(err.message);
+      closeLive();
+      return;
+    }
+    const body = await jsonOf(resp);
+    live.id = body.session_id;
+    await pc.setRemoteDescription(body.answer);
+    liveShown(true);
+    live.frames = null;
+    live.timer = setInterval(refreshLive, 1000);
+  } catch (e) {
+    liveError("the live session could not start: " + e.message);
+    closeLive();
+  } finally {
+    $("live-start").disabled = false;
+  }
+}
+
+async function refreshLive() {
+  if (!live.id) return;
+  let resp;
+  try { resp = await fetch(liveUrl(), { headers: authHeaders() }); } catch (e) { return; }
+  if (resp.status === 404) { liveError("the session has ended"); closeLive(); return; }
+  if (!resp.ok) return;
+  const s = await jsonOf(resp);
+  if (!s) return;
+  const now = performance.now();
+  $("live-state").textContent = s.state + (s.queued_s > 0 ? ` (${s.queued_s.toFixed(1)} s queued)` : "");
+  $("live-latency").textContent = s.latency_ms === null ? "–" : Math.round(s.latency_ms) + " ms at the server";
+  if (live.frames) {
+    const rate = (s.frames_sent - live.frames.count) / ((now - live.frames.at) / 1000);
+    $("live-fps").textContent = rate.toFixed(1) + " fps";
+  }
+  live.frames = { count: s.frames_sent, at: now };
+  $("live-late").textContent = String(s.late_frames);
+}
+
+function closeLive() {
+  if (live.timer) clearInterval(live.timer);
+  if (live.pc) live.pc.close();
+  if (live.mic) live.mic.getTracks().forEach((t) => t.stop());
+  live.pc = live.mic = live.timer = null;
+  live.id = null;
+  liveShown(false);
+}
+
+async function stopLive() {
+  const id = live.id;
+  closeLive();
+  if (id) {
+    try {
+      await fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true });
+    } catch (e) { /* the server ends it on its own once the connection is gone */ }
+  }
+}
+
+async function sendSpeech() {
+  const file = $("live-file").files[0];
+  if (!file || !live.id) { liveError("choose a recording to send"); return; }
+  liveError("");
+  const form = new FormData();
+  form.append("audio", file);
+  const resp = await fetch(liveUrl("/speak"), { method: "POST", body: form, headers: authHeaders() });
+  if (!resp.ok) liveError((await errorOf(resp)).message);
+}
+
+async function interruptLive() {
+  if (live.id) await fetch(liveUrl("/interrupt"), { method: "POST", headers: authHeaders() });
+}
+
+$("live-start").addEventListener("click", startLive);
+$("live-stop").addEventListener("click", stopLive);
+$("live-send").addEventListener("click", sendSpeech);
+$("live-interrupt").addEventListener("click", interruptLive);
+window.addEventListener("pagehide", () => { if (live.id) stopLive(); });

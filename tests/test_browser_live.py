@@ -1,0 +1,100 @@
+"""The demo page's Live mode in a real headless Chromium, its microphone fed from a speech file
+(Chromium's fake capture), against a real server on a free port (SONIC_SCREENSHOT=path saves
+the page while the session runs). Both ends stay on loopback:
+the server gathers 127.0.0.1 candidates only, Chromium may use loopback and shows its own
+addresses instead of mDNS names, and no STUN server is configured on either side."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+from conftest import PORTRAIT, SPEECH
+from sonic.media import load_audio
+from test_browser import CHROMIUM, DRIVER, open_page, set_param, wait
+from test_http_live import start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, info = start_server(
+        tmp_path_factory.mktemp("browser-live"), top={"live": {"host_addresses": ["127.0.0.1"], "idle_timeout_s": 5}}
+    )
+    yield info["base"]
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM and DRIVER):
+        pytest.fail("chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    wav = tmp_path_factory.mktemp("mic") / "speech.wav"
+    speech = load_audio(SPEECH, 60)
+    sf.write(wav, np.concatenate([speech, np.zeros(16_000, np.float32)] * 4), 16_000)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500",
+                "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}",
+                "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def live_sessions(base):
+    return requests.get(base + "/health", timeout=5).json()["live"]["sessions"]
+
+
+def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
+    d = browser
+    open_page(d, server)
+    d.find_element("id", "image").send_keys(str(PORTRAIT))
+    set_param(d, "min_resolution", 256)
+    d.find_element("id", "live-start").click()
+    wait(d, "return document.getElementById('live-video').videoWidth > 0", 30, "the live video")
+    size = d.execute_script("const v = document.getElementById('live-video'); return [v.videoWidth, v.videoHeight]")
+    assert min(size) == 256
+    t0 = d.execute_script("return document.getElementById('live-video').currentTime")
+    time.sleep(2.0)
+    t1 = d.execute_script("return document.getElementById('live-video').currentTime")
+    assert t1 - t0 > 1.5  # the received track plays on
+    frames = d.execute_script("return document.getElementById('live-video').getVideoPlaybackQuality().totalVideoFrames")
+    assert frames > 40
+    wait(d, "return /\\d+ ms/.test(document.getElementById('live-latency').textContent)", 10, "the latency read-out")
+    wait(d, "return /fps/.test(document.getElementById('live-fps').textContent)", 10, "the frame rate read-out")
+    assert live_sessions(server) == 1
+    # the fake microphone's speech reaches the face: the server says it is speaking at some point
+    session = d.execute_script("return live.id")
+    states = set()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and "speaking" not in states:
+        states.add(requests.get(f"{server}/api/sonic/live/{session}", timeout=5).json()["state"])
+        time.sleep(0.2)
+    assert "speaking" in states
+    if os.environ.get("SONIC_SCREENSHOT"):
+        d.save_screenshot(os.environ["SONIC_SCREENSHOT"])
+    d.find_element("id", "live-stop").click()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and live_sessions(server):
+        time.sleep(0.1)
+    assert live_sessions(server) == 0
+    assert d.find_element("id", "live-video").is_displayed() is False
+
+
+def test_live_without_a_portrait_names_the_field(server, browser):
+    d = browser
+    open_page(d, server)
+    d.find_element("id", "live-start").click()
+    wait(d, "return document.getElementById('error-image').textContent.length > 0", 5, "the portrait's error")
+    assert live_sessions(server) == 0
