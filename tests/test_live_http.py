@@ -265,3 +265,55 @@ async def _open_and_close(base):
     await client.open(PORTRAIT, CONFIG, keep_frames=False)
     await asyncio.sleep(0.5)
     await client.close()
+
+
+@pytest.fixture(scope="module")
+def paying_server(tmp_path_factory):
+    """A server with accounts and credits (SQLite) at 1 credit a second."""
+    tmp = tmp_path_factory.mktemp("live-credits")
+    proc, info = start_server(tmp, top={"live": LIVE, "credits": {"enabled": True, "per_video_second": 1}})
+    from sonic_server.accounts import Ledger
+
+    info["ledger"] = Ledger.open(f"sqlite:///{tmp / 'data' / 'credits.sqlite3'}")
+    yield info
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_a_session_pays_per_second_streamed_and_ends_when_its_credit_is_spent(paying_server):
+    base, ledger = paying_server["base"], paying_server["ledger"]
+    _, rich = ledger.create_account("rich", credits=1000)
+    _, poor = ledger.create_account("poor", credits=4)
+    _, broke = ledger.create_account("broke", credits=2)
+
+    async def session(key, seconds, end=True):
+        client = LiveClient(base, api_key=key)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(seconds)
+        state = await client.state() if end else None
+        await client.close(end_session=end)
+        return client.session_id, state
+
+    _, state = asyncio.run(session(rich, 2.0))
+    assert wait_for(lambda: ledger.account("rich")["balance"] == 1000 - int(np.ceil(state["streamed_s"])), 5), (
+        ledger.account("rich"),
+        state,
+    )
+    # 4 credits: a 4 s hold; the session ends by itself when it has streamed them
+    poor_id, _ = asyncio.run(session(poor, 6.0, end=False))
+    r = requests.get(f"{base}/api/sonic/live/{poor_id}", headers={"Authorization": f"Bearer {poor}"}, timeout=5)
+    assert r.status_code == 404
+    assert ledger.account("poor")["balance"] == 0
+    assert 'sonic_live_sessions_ended_total{reason="credit_exhausted"}' in requests.get(base + "/metrics", timeout=5).text
+    # 2 credits: not even the least a session holds
+    r = _open_with_key(base, broke)
+    assert_clean_error(r, 402, "insufficient_credits")
+    assert r.json()["error"]["balance"] == 2 and ledger.account("broke")["balance"] == 2
+
+
+def _open_with_key(base, key):
+    data = {"config": json.dumps(CONFIG), "offer": json.dumps(_offer())}
+    with open(PORTRAIT, "rb") as f:
+        return requests.post(
+            base + "/api/sonic/live", files={"image": f.read()}, data=data, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )

@@ -8,7 +8,6 @@ settler), a fusion's by the request that held it.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: the ledger (SQLAlchemy) loads with credit
     from .ledger import Ledger, Principal
 
 log = logging.getLogger("sonic.credits")
-LIVE_MIN_S = 60.0  # a live session holds at least a minute's credit
+LIVE_MIN_S = 3.0  # a live session holds at least this many seconds' credit
 
 
 class InsufficientCredits(SonicError):
@@ -45,6 +44,12 @@ class NoAccount(SonicError):
 class Payer:
     account_id: int
     operator: str  # who the ledger says acted
+
+
+@dataclass(frozen=True)
+class LiveHold:
+    id: str  # the server's own id for the hold
+    seconds: float  # what it covers: the session streams at most this long
 
 
 @dataclass(frozen=True)
@@ -86,18 +91,29 @@ class Billing:
         except Exception:  # noqa: BLE001 - the request's own error matters more
             log.exception("the hold of job %s could not be released now; the settler will", job_id)
 
-    def hold_live(self, payer: Payer, hold_id: str, max_seconds: float, request_id: str | None) -> float:
-        """Hold credit for a live session: `max_seconds`' worth, or as many whole minutes as the
-        balance affords; the seconds held (the session ends when it has streamed them)."""
+    def hold_live(self, payer: Payer, max_seconds: float, request_id: str | None) -> LiveHold:
+        """Hold credit for a live session: `max_seconds`' worth, or the whole seconds the balance
+        affords (the session ends when it has streamed them: credit_exhausted)."""
         balance = self.ledger.balance(payer.account_id)
-        seconds = float(max_seconds)
-        while seconds > LIVE_MIN_S and video_price(self.credits, seconds) > balance:
-            seconds = max(LIVE_MIN_S, (math.ceil(seconds / 60) - 1) * 60.0)
+        per_second, per_request = self.credits.per_video_second, self.credits.per_request
+        affordable = (balance - per_request) // per_second if per_second else max_seconds
+        seconds = float(min(max_seconds, affordable))
+        if seconds < LIVE_MIN_S:
+            raise InsufficientCredits(
+                f"a live session holds at least {LIVE_MIN_S:g} s of credit, which costs",
+                video_price(self.credits, LIVE_MIN_S),
+                balance,
+            )
+        hold = LiveHold("l" + uuid.uuid4().hex[:31], seconds)
         needed = video_price(self.credits, seconds)
-        ok, balance = self.ledger.reserve(payer.account_id, hold_id, needed, payer.operator, request_id, kind="live")
-        if not ok:
+        ok, balance = self.ledger.reserve(payer.account_id, hold.id, needed, payer.operator, request_id, kind="live")
+        if not ok:  # spent meanwhile by another request
             raise InsufficientCredits(f"a live session of {seconds:g} s costs", needed, balance)
-        return seconds
+        return hold
+
+    def settle_live(self, hold: LiveHold, streamed_s: float, reason: str) -> None:
+        """Charge the seconds a live session streamed (nothing if none), release the rest."""
+        self.ledger.settle(hold.id, streamed_s > 0, video_price(self.credits, streamed_s), reason=reason)
 
     def hold_fusions(self, payer: Payer, count: int, request_id: str | None) -> FusionHold:
         price = self.credits.per_fusion

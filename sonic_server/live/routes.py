@@ -5,9 +5,9 @@ steer the session, through the registry (sessions.py), which owns its life."""
 from __future__ import annotations
 
 import io
-import os
 import re
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request, url_for
@@ -17,11 +17,12 @@ from sonic.errors import UnsupportedMedia
 from sonic.media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
 
 from ..access import caller
+from ..accounts.billing import LiveHold
 from ..errors import error_response
 from ..json_input import parse_json
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
-from .sessions import LiveSessions, ServedSession, hold_seconds
+from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
 bp = Blueprint("live", __name__)
 MAX_CONFIG_CHARS = 10_000
@@ -170,16 +171,24 @@ def open_session():
     options = _options(svc)
     offer = _offer()
     rgb = _image()
+    check_offer(offer)  # before any work
     live = registry()
     live.take_slot()
-    opened = False
+    handed = False
     try:
         face = live.prepare_face(svc.queue.pipeline, rgb, options)  # _ready checked it
-        paid_s, on_end = _hold_credit(svc, live)
-        opened = True
-        session, answer = live.open(face, options, offer, caller().owner, paid_s, on_end)
+        hold = _hold_credit(svc, live)
+        handed = True  # open() gives the slot back, whatever happens
+        try:
+            session, answer = live.open(
+                face, options, offer, caller().owner, hold.seconds if hold else None, _settler(svc, hold)
+            )
+        except Exception:
+            if hold is not None and svc.billing is not None:
+                svc.billing.settle_live(hold, 0.0, "the live session did not start: nothing charged")
+            raise
     finally:
-        if not opened:
+        if not handed:
             live.give_slot()
     state_url = url_for("live.session_state", session_id=session.id, _external=True)
     resp = jsonify({"session_id": session.id, "answer": answer, "state_url": state_url})
@@ -188,27 +197,25 @@ def open_session():
     return resp
 
 
-def _hold_credit(svc: Service, live: LiveSessions):
-    """With credits: hold what the session may stream (its cap, or what the balance affords),
-    charge the seconds streamed when it ends."""
+def _hold_credit(svc: Service, live: LiveSessions) -> LiveHold | None:
+    """With credits: hold what the session may stream (its cap, or what the balance affords)."""
     if svc.billing is None:
-        return None, None
-    from ..accounts.pricing import video_price
+        return None
+    payer = svc.billing.payer(g.principal, "live sessions need")
+    return svc.billing.hold_live(payer, hold_seconds(live.settings.max_session_s), g.get("request_id"))
 
+
+def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], None] | None:
+    """What ends a session's hold: the seconds it streamed are charged."""
     billing = svc.billing
-    payer = billing.payer(g.principal, "live sessions need")
-    hold_id = "l" + os.urandom(15).hex()
-    seconds = billing.hold_live(payer, hold_id, hold_seconds(live.settings.max_session_s), g.get("request_id"))
+    if hold is None or billing is None:
+        return None
 
     def settle(session: ServedSession) -> None:
-        billing.ledger.settle(
-            hold_id,
-            session.streamed_s > 0,
-            video_price(svc.settings.credits, session.streamed_s),
-            reason=f"live session {session.id}: {session.streamed_s:.1f} s ({session.ended_reason})",
-        )
+        reason = f"live session {session.id}: {session.streamed_s:.1f} s ({session.ended_reason})"
+        billing.settle_live(hold, session.streamed_s, reason)
 
-    return seconds, settle
+    return settle
 
 
 @bp.post("/api/sonic/live/<session_id>/speak")

@@ -93,7 +93,7 @@ class ServedSession:
         }
 
 
-def _check_offer(offer: dict) -> None:
+def check_offer(offer: dict) -> None:
     """The offer must be an SDP offer that receives video: the face is what a session sends."""
     if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
         raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
@@ -171,7 +171,7 @@ class LiveSessions:
         """Start a session of the prepared face for the offer; (the session, its SDP answer).
         The caller holds a slot (take_slot), given back here whatever happens."""
         try:
-            _check_offer(offer)
+            check_offer(offer)
             session = ServedSession(
                 id=uuid.uuid4().hex,
                 owner=owner,
