@@ -55,13 +55,13 @@ def scratch_root() -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
-def _sweep_orphans() -> None:
-    """Remove the temporary folders of processes that died mid-request (kill -9): in /dev/shm
-    they would hold their memory until the machine restarts."""
+def sweep_orphans(prefix: str = TMP_PREFIX) -> None:
+    """Remove the temporary folders (named `<prefix><pid>-...`) of processes that died mid-request
+    (kill -9): in /dev/shm they would hold their memory until the machine restarts."""
     root = Path(scratch_root() or tempfile.gettempdir())
-    for d in root.glob(f"{TMP_PREFIX}*-*"):
+    for d in root.glob(f"{prefix}*-*"):
         try:
-            pid = int(d.name[len(TMP_PREFIX) :].split("-")[0])
+            pid = int(d.name[len(prefix) :].split("-")[0])
             os.kill(pid, 0)
         except ValueError:
             continue
@@ -120,7 +120,7 @@ class RenderPool:
     def start(self) -> None:
         """Start the helpers (they import in the background, ~1 s, while the caller goes on)."""
         if not self._helpers or not all(h.alive() for h in self._helpers):
-            _sweep_orphans()
+            sweep_orphans()
             self._stop_helpers()
             self._helpers = [_Helper() for _ in range(self.processes)]
 

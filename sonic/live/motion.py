@@ -35,6 +35,7 @@ from ..motion import (
 )
 
 HISTORY_S = 4.0  # features kept behind the frame: the nod's 1.5 s mean needs most of it
+MOUTH_HISTORY_S = 0.6  # the mouth's Gaussians (coarticulation, smoothing) reach well within this
 BREATH_PERIOD_S = 4.2  # a slow rise and fall of the head at rest, as breathing gives
 BREATH_IOD = 0.004  # its amplitude (inter-ocular distances) at motion_scale 1
 
@@ -79,6 +80,7 @@ class MotionStream:
         self._blinks: Iterator[float] = blink_times(rng_blink)
         self._shut_at: list[float] = [next(self._blinks)]
         self._history = int(np.ceil(HISTORY_S * fps))
+        self._mouth_history = int(np.ceil(MOUTH_HISTORY_S * fps))
         self._start = 0  # frame index of the first kept feature
         self._loud = np.zeros(0)
         self._noise_values = np.zeros((0, 3))
@@ -101,14 +103,18 @@ class MotionStream:
     def frame(self, index: int, phones: list[tuple[str, float, float]]) -> FrameMotion:
         """Motion of frame `index` (< known), from the features up to `known` (its look-ahead)."""
         a = self._start
-        window = len(self._loud)
         at = index - a
         loud = self._loud
-        op, sp, cl = viseme_tracks([(p, s - a / self.fps, e - a / self.fps) for p, s, e in phones], window, self.fps)
-        feats = AudioFeatures(self.fps, loud, loud > SPEECH_THRESHOLD, op, sp, cl, tuple(phones))
+        # the mouth: over the short window its Gaussians reach (the head's is longer)
+        m0 = max(0, at - self._mouth_history)
+        near = loud[m0:]
+        t0 = (a + m0) / self.fps
+        op, sp, cl = viseme_tracks([(p, s - t0, e - t0) for p, s, e in phones], len(near), self.fps)
+        feats = AudioFeatures(self.fps, near, near > SPEECH_THRESHOLD, op, sp, cl, tuple(phones))
         opening, spread, closure = mouth_track(feats, self.dynamic_scale, self.smooth)
         opening = opening * (1 - np.clip(np.maximum(closure, cl), 0, 1))
-        coeffs = mouth_coefficients(opening[at : at + 1], spread[at : at + 1], self.rig)[0]
+        mouth_at = at - m0
+        coeffs = mouth_coefficients(opening[mouth_at : mouth_at + 1], spread[mouth_at : mouth_at + 1], self.rig)[0]
         coeffs[COEFFS.index("blink")] = self._blink(index / self.fps)
         head = head_pose(self._noise_values, nod_track(loud, self.fps), self.rig.iod, self.motion_scale)
         if self.smooth:
@@ -118,7 +124,7 @@ class MotionStream:
             BREATH_IOD * self.rig.iod * self.motion_scale * np.sin(2 * np.pi * index / self.fps / BREATH_PERIOD_S)
         )
         self._forget(index)
-        return FrameMotion(coeffs=coeffs, head=pose, opening=float(opening[at]), loudness=float(loud[at]))
+        return FrameMotion(coeffs=coeffs, head=pose, opening=float(opening[mouth_at]), loudness=float(loud[at]))
 
     def _blink(self, t: float) -> float:
         while self._shut_at[-1] < t + BLINK_CLOSE_S:

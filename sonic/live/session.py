@@ -57,6 +57,7 @@ class LiveFrame:
     opening: float  # the mouth's opening (0..~1.4): what tests and meters read
     blink: float  # the lids' closure (0 open .. 1 shut)
     rendered: bool  # False: the previous image again (rendering fell behind; motion went on)
+    due_at: float = 0.0  # time.monotonic() when it was due (frames(); 0 from step())
 
 
 class LiveSession:
@@ -150,7 +151,7 @@ class LiveSession:
             self._loudness.silence_from(shown)
         return np.clip(out, -1.0, 1.0)
 
-    def step(self, render: bool = True) -> LiveFrame:
+    def step(self, render: bool = True, due_at: float = 0.0) -> LiveFrame:
         """Advance the timeline by one frame and return the frame it makes visible (the first
         `delay` frames are the portrait at rest). render=False keeps the previous image (the
         motion and the audio still advance): how a session that fell behind catches up."""
@@ -163,7 +164,7 @@ class LiveSession:
         index = self.tick - self.delay
         self.tick += 1
         if index < 0:
-            return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, 0.0, False)
+            return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, 0.0, False, due_at)
         motion = self._motion.frame(index, self._phones.phones(index / self.fps - PHONE_HISTORY_S))
         if motion.loudness > SPEECH_THRESHOLD:
             self._last_loud_tick = index
@@ -171,13 +172,15 @@ class LiveSession:
             self._image = self.face.decoder.render(motion.coeffs[None], motion.head[None])[0]
         audio = self._pending.popleft()
         blink = float(motion.coeffs[COEFFS.index("blink")])
-        return LiveFrame(index, index / self.fps, self._image, audio, self.speaking, motion.opening, blink, render)
+        return LiveFrame(
+            index, index / self.fps, self._image, audio, self.speaking, motion.opening, blink, render, due_at
+        )
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
         """Frames on wall-clock time, one every 1/fps s from now, until `stop` is set. A frame
-        whose turn came while the one before was still rendering is counted late; more than a
-        frame behind, frames go out unrendered (the image held, the audio on time) until the
-        clock is caught up: the stream never drifts."""
+        whose time is more than a frame period past when its turn comes (rendering, or the
+        machine, fell behind) goes out late: unrendered (the image held, the motion and the
+        audio on time) and counted, until the clock is caught up: the stream never drifts."""
         start = time.monotonic()
         i = 0
         while stop is None or not stop.is_set():
@@ -185,11 +188,13 @@ class LiveSession:
             now = time.monotonic()
             if now < due:
                 time.sleep(due - now)
-            behind = (time.monotonic() - due) * self.fps
-            if behind > 0.5:
-                self.late_frames += 1
-            yield self.step(render=behind <= 1.0)
+            late = (time.monotonic() - due) * self.fps > 1.0
+            self.late_frames += late
+            yield self.step(render=not late, due_at=due)
             i += 1
+
+    def close(self) -> None:
+        """Nothing to release here (SessionProcess's close stops its helper)."""
 
     @property
     def frame_size(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from sonic.errors import Busy, InvalidParameter, SonicError
 from sonic.live import LiveFace, LiveSession
+from sonic.live.process import HelperPool, SessionProcess
 from sonic.options import GenerateOptions
 
 from .. import metrics
@@ -57,7 +58,7 @@ class ServedSession:
 
     id: str
     owner: str | None
-    engine: LiveSession
+    engine: LiveSession | SessionProcess
     options: GenerateOptions
     pc: Any = None
     video: Any = None
@@ -118,6 +119,7 @@ class LiveSessions:
         self._opening = 0  # sessions between their slot being taken and their registration
         self._faces: Any = None
         self._face_lock = threading.Lock()
+        self._helpers = HelperPool() if settings.processes else None
 
     def prepare_face(self, pipeline: Any, rgb: Any, options: GenerateOptions) -> LiveFace:
         """The portrait framed and its decoder prepared, with the registry's own face analyser
@@ -154,6 +156,8 @@ class LiveSessions:
                     "(live.max_sessions); try again shortly"
                 )
             self._opening += 1
+        if self._helpers is not None:  # its imports run while the face is prepared
+            threading.Thread(target=self._helpers.warm, name="sonic-live-warm", daemon=True).start()
 
     def give_slot(self) -> None:
         with self._lock:
@@ -172,20 +176,23 @@ class LiveSessions:
         The caller holds a slot (take_slot), given back here whatever happens."""
         try:
             check_offer(offer)
+            engine = SessionProcess(face, options, self._helpers) if self._helpers else LiveSession(face, options)
             session = ServedSession(
                 id=uuid.uuid4().hex,
                 owner=owner,
-                engine=LiveSession(face, options),
+                engine=engine,
                 options=options,
                 paid_s=paid_s,
                 on_end=on_end,
             )
             try:
                 answer = self.rtc.run(self._negotiate(session, offer), NEGOTIATE_TIMEOUT_S)
-            except SonicError:
-                raise
-            except Exception as e:  # noqa: BLE001 - aiortc's parse errors are many kinds of exception
+            except Exception as e:
                 self._close_connection(session)
+                engine.close()
+                if isinstance(e, SonicError):
+                    raise
+                # aiortc's parse errors are many kinds of exception
                 raise InvalidParameter(f"offer: the session description could not be used ({e})", field="offer") from e
             with self._lock:
                 self._sessions[session.id] = session
@@ -244,7 +251,6 @@ class LiveSessions:
                 self.end(session.id, "client_gone")
                 return
             next_watch = time.monotonic() + WATCH_INTERVAL_S
-            start = time.monotonic()
             keyframes = list(KEYFRAMES_AT)
             for frame in engine.frames(session.stop):
                 if keyframes and frame.index >= keyframes[0] * fps:
@@ -253,8 +259,7 @@ class LiveSessions:
                 session.video.send(frame.image, max(0, frame.index), fps)
                 if len(frame.audio):
                     session.audio.send(frame.audio, int(round(frame.index * 16_000 / fps)))
-                due = start + engine.tick / fps - 1 / fps
-                session.stats.latency_sum_s += max(0.0, time.monotonic() - due)
+                session.stats.latency_sum_s += max(0.0, time.monotonic() - frame.due_at)
                 session.stats.frames_sent += 1
                 if session.stats.frames_sent == 1:
                     log.info("live session %s: first frame handed to the connection", session.id)
@@ -289,8 +294,7 @@ class LiveSessions:
         if session is None:
             return False
         session.ended_reason = reason
-        session.stop.set()
-        self._close_connection(session)
+        session.stop.set()  # the clock stops: what was streamed is final
         metrics.LIVE_ENDED.labels(reason).inc()
         metrics.LIVE_FRAMES.inc(session.stats.frames_sent)
         metrics.LIVE_LATE.inc(session.stats.late_frames)
@@ -300,7 +304,7 @@ class LiveSessions:
         if session.on_end is not None:
             try:
                 session.on_end(session)
-            except Exception:  # noqa: BLE001 - the settler's sweep settles what this could not
+            except Exception:  # noqa: BLE001 - the hold stays held; the ledger's check shows it
                 log.exception("live session %s: settling its credit failed", session.id)
         log.info(
             "live session %s ended (%s) after %.1f s, %d frames, %d late",
@@ -310,6 +314,8 @@ class LiveSessions:
             session.stats.frames_sent,
             session.stats.late_frames,
         )
+        self._close_connection(session)
+        session.engine.close()
         return True
 
     def _close_connection(self, session: ServedSession) -> None:
@@ -329,6 +335,8 @@ class LiveSessions:
             ids = list(self._sessions)
         for session_id in ids:
             self.end(session_id, "server_stopping")
+        if self._helpers is not None:
+            self._helpers.close()
 
 
 def _ask_keyframe(sender: Any) -> None:

@@ -1,0 +1,93 @@
+"""A live session's helper process (see process.py): `python -m sonic.live._helper FD`.
+
+Imports the engine at once (a spare helper is started ahead of its session), then waits for
+`Start` on the socket FD: the prepared face, the options and the frames ring. It answers
+`Queued(0)` when ready, then runs the session on its own clock: each frame's image goes into
+its slot of the ring and the rest is sent as `FrameOut`. A reader thread applies `Speak`
+(answered `Queued`), `Hear` and `Interrupt` as they come. End of file on the socket ends it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from sonic.live.process import SLOTS, Failed, FrameOut, Hear, Interrupt, Queued, Speak, Start
+from sonic.live.session import LiveSession
+
+
+def _listen(conn: Connection, session: LiveSession, send, stop: threading.Event) -> None:
+    """Speech from the parent, applied as it comes; end of file stops the session."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (OSError, EOFError):
+            break
+        if isinstance(msg, Hear):
+            session.hear(msg.pcm)
+        elif isinstance(msg, Speak):
+            send(Queued(session.speak(msg.pcm)))
+        elif isinstance(msg, Interrupt):
+            session.interrupt()
+    stop.set()
+
+
+def main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it (a terminal's ^C reaches both)
+    conn = Connection(fd)
+    try:
+        start = conn.recv()
+    except (OSError, EOFError):
+        return
+    assert isinstance(start, Start)
+    lock = threading.Lock()
+
+    def send(message: object) -> None:
+        with lock:
+            conn.send(message)
+
+    try:
+        session = LiveSession(start.face, start.options)  # type: ignore[arg-type]
+        ring = np.load(start.frames_path, mmap_mode="r+")
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the request
+        send(Failed(f"{type(e).__name__}: {e}"))
+        return
+    stop = threading.Event()
+    threading.Thread(target=_listen, args=(conn, session, send, stop), daemon=True).start()
+    send(Queued(0.0))
+    try:
+        for n, frame in enumerate(session.frames(stop)):
+            slot = n % SLOTS
+            ring[slot] = frame.image
+            send(
+                FrameOut(
+                    frame.index,
+                    frame.time_s,
+                    frame.due_at,
+                    slot,
+                    frame.audio,
+                    frame.speaking,
+                    frame.opening,
+                    frame.blink,
+                    frame.rendered,
+                    session.queued_s,
+                    session.late_frames,
+                    session.delay,
+                    session.fps,
+                )
+            )
+    except (OSError, EOFError):
+        pass  # the parent is gone
+    except Exception as e:  # noqa: BLE001
+        try:
+            send(Failed(f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

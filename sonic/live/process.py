@@ -1,0 +1,258 @@
+"""A live session in a helper process of its own (`python -m sonic.live._helper FD`).
+
+A session's frame is many small numpy, OpenCV and pocketsphinx calls, most of them holding
+Python's interpreter lock: two sessions as threads of one process took 1.0 core where each
+alone took 0.39, and three fell behind at 1.3 cores (scripts/bench_live.py, docs/live.md).
+In processes of their own, sessions do not wait on each other, nor on the WebRTC work of the
+process that serves them. The helper runs the session and its clock; this side sends it speech
+(`speak`, `hear`, `interrupt`) and reads its frames: the images through a ring of slots in a
+file mapped into memory by both (in /dev/shm where there is one), everything else through the
+socket. A helper exits when told to, or when its socket reaches end of file (this process gone).
+
+Helpers import their modules before a session needs them: `HelperPool` keeps one started, so
+that a session begins without waiting for Python's imports (~1 s).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PipelineError
+from ..render_pool import scratch_root, sweep_orphans
+
+SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
+START_TIMEOUT_S = 20.0
+REPLY_TIMEOUT_S = 5.0
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+TMP_PREFIX = "sonic-live-"
+
+
+# --- messages (pickled over the socket) ------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    face: object  # a LiveFace
+    options: object  # GenerateOptions
+    frames_path: str  # the ring: a .npy of (SLOTS, H, W, 3) uint8
+
+
+@dataclass(frozen=True)
+class Speak:
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class Hear:
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    pass
+
+
+@dataclass(frozen=True)
+class Queued:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FrameOut:
+    """A frame's everything but its image, which is in `slot` of the ring."""
+
+    index: int
+    time_s: float
+    due_at: float
+    slot: int
+    audio: np.ndarray
+    speaking: bool
+    opening: float
+    blink: float
+    rendered: bool
+    queued_s: float
+    late_frames: int
+    delay: int
+    fps: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+class _Helper:
+    """A started helper process, its socket and its private folder."""
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sonic.live._helper", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        self.folder = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=scratch_root())
+
+    def stop(self) -> None:
+        try:
+            self.conn.close()  # the helper reads end of file and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class HelperPool:
+    """One helper kept started ahead of the next session."""
+
+    def __init__(self) -> None:
+        self._spare: _Helper | None = None
+        self._lock = threading.Lock()
+        sweep_orphans(TMP_PREFIX)  # the rings of a process killed mid-session
+
+    def warm(self) -> None:
+        with self._lock:
+            if self._spare is None or self._spare.proc.poll() is not None:
+                self._spare = _Helper()
+
+    def take(self) -> _Helper:
+        with self._lock:
+            helper, self._spare = self._spare, None
+        if helper is None or helper.proc.poll() is not None:
+            helper = _Helper()
+        threading.Thread(target=self.warm, name="sonic-live-warm", daemon=True).start()
+        return helper
+
+    def close(self) -> None:
+        with self._lock:
+            if self._spare is not None:
+                self._spare.stop()
+                self._spare = None
+
+
+class SessionProcess:
+    """A LiveSession's interface (speak, hear, interrupt, frames, the state), the session
+    itself running in a helper process."""
+
+    def __init__(self, face, options, pool: HelperPool | None = None) -> None:
+        from .session import LOOKAHEAD_S, LiveFrame
+
+        self._frame_cls = LiveFrame
+        self._helper = pool.take() if pool is not None else _Helper()
+        h, w = face.decoder.frame.shape[:2]
+        self.frame_size = (w, h)
+        self.fps = options.fps
+        path = os.path.join(self._helper.folder, "frames.npy")
+        self._ring = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(SLOTS, h, w, 3))
+        self._frames: queue.Queue = queue.Queue(maxsize=SLOTS - 2)
+        self._replies: queue.Queue = queue.Queue()
+        self._send_lock = threading.Lock()
+        self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
+        self.delay = math.ceil(LOOKAHEAD_S * self.fps - 1e-9)  # as the session computes it
+        self.failure: str | None = None
+        try:
+            self._send(Start(face, options, path))
+            ready = self._helper.conn.recv() if self._helper.conn.poll(START_TIMEOUT_S) else None
+        except (OSError, EOFError):
+            ready = None
+        if not isinstance(ready, Queued):
+            self.close()
+            raise PipelineError(f"the live session's helper did not start: {getattr(ready, 'message', 'no answer')}")
+        self._reader = threading.Thread(target=self._read, name="sonic-live-reader", daemon=True)
+        self._reader.start()
+
+    def _send(self, message: object) -> None:
+        with self._send_lock:
+            self._helper.conn.send(message)
+
+    def _read(self) -> None:
+        """Frames and replies from the helper, until it ends."""
+        conn = self._helper.conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (OSError, EOFError, TypeError):  # TypeError: closed under the read by close()
+                break
+            if isinstance(msg, FrameOut):
+                self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
+                self.delay = msg.delay
+                frame = self._frame_cls(
+                    msg.index,
+                    msg.time_s,
+                    np.array(self._ring[msg.slot]),
+                    msg.audio,
+                    msg.speaking,
+                    msg.opening,
+                    msg.blink,
+                    msg.rendered,
+                    msg.due_at,
+                )
+                if self._frames.full():  # nobody is taking frames (yet): the oldest goes
+                    try:
+                        self._frames.get_nowait()
+                    except queue.Empty:
+                        pass
+                self._frames.put(frame)
+            elif isinstance(msg, Queued):
+                self._replies.put(msg.seconds)
+            elif isinstance(msg, Failed):
+                self.failure = msg.message
+        self._frames.put(None)
+
+    # --- a LiveSession's interface --------------------------------------------------------
+    def speak(self, pcm: np.ndarray) -> float:
+        self._send(Speak(np.asarray(pcm, np.float32).reshape(-1)))
+        try:
+            return float(self._replies.get(timeout=REPLY_TIMEOUT_S))
+        except queue.Empty as e:
+            raise PipelineError("the live session's helper did not answer") from e
+
+    def hear(self, pcm: np.ndarray) -> None:
+        try:
+            self._send(Hear(np.asarray(pcm, np.float32).reshape(-1)))
+        except OSError:  # the helper is gone: the session is ending
+            pass
+
+    def interrupt(self) -> None:
+        self._send(Interrupt())
+        self.queued_s = 0.0
+
+    def frames(self, stop: threading.Event | None = None) -> Iterator:
+        """The helper's frames as they come (its own clock paces them), until `stop` or its end."""
+        while stop is None or not stop.is_set():
+            try:
+                frame = self._frames.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if frame is None:
+                if self.failure:
+                    raise PipelineError(f"the live session's helper failed: {self.failure}")
+                return
+            yield frame
+
+    def close(self) -> None:
+        self._helper.stop()
