@@ -77,17 +77,46 @@ def start_server(max_sessions: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
+def _stat(pid: int) -> list[str]:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+
+
+def live_processes(pid: int) -> list[int]:
+    """The server and its live sessions' helpers (not its render helpers, idle here)."""
+    found = [pid]
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(_stat(int(entry))[1]) == pid:
+                if b"sonic.live._helper" in open(f"/proc/{entry}/cmdline", "rb").read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of the server and its live helpers."""
+    total = 0.0
+    for p in live_processes(pid):
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of the server and its live helpers, MB."""
+    total = 0.0
+    for entry in live_processes(pid):
+        try:
+            for line in open(f"/proc/{entry}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
 
 
 async def one_session(base: str, seconds: float, resolution: int, speak: bool, server_pid: int | None = None) -> dict:
@@ -105,6 +134,8 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
         meter.add(image, at)
 
     t_offer = time.monotonic()
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    own0 = time.process_time()
     await client.open(
         PORTRAIT,
         {"min_resolution": resolution, "seed": 7},
@@ -121,6 +152,8 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
     await asyncio.sleep(seconds)
     state = await client.state()
     server_rss = rss_mb(server_pid) if server_pid else 0.0
+    server_cores = (cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t_offer) if server_pid else 0.0
+    client_cores = (time.process_time() - own0) / (time.monotonic() - t_offer)
     await client.close()
     times = np.array(got.video_times)
     out: dict = {
@@ -133,6 +166,8 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
     }
     out["late_pct"] = round(100 * state["late_frames"] / max(1, state["frames_sent"]), 2)
     out["server_rss_mb"] = round(server_rss, 1)
+    out["server_cpu_cores"] = round(server_cores, 2)
+    out["client_cpu_cores"] = round(client_cores, 2)
     m_t, m_v = meter.openings()
     # the received speech: 48 kHz chunks stamped with their arrival
     rx_env_t, rx_db = received_loudness(got.audio, got.audio_times, 48_000)
@@ -152,7 +187,23 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
     return out
 
 
-async def main() -> None:
+def run_clients(base: str, server_pid: int | None, args: argparse.Namespace) -> list[dict]:
+    """Each session's client in a process of its own (as separate viewers are), all at once."""
+    cmd = [sys.executable, __file__, "--client", "--server", base, "--seconds", str(args.seconds)]
+    cmd += ["--resolution", str(args.resolution)] + (["--speak"] if args.speak else [])
+    cmd += ["--server-pid", str(server_pid)] if server_pid else []
+    cmd += ["--aiortc-audio-buffer"] if args.aiortc_audio_buffer else []
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.sessions)]
+    return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+
+async def client_main(args: argparse.Namespace) -> None:
+    if not args.aiortc_audio_buffer:
+        unbuffered_audio_receiver()
+    print(json.dumps(await one_session(args.server, args.seconds, args.resolution, args.speak, args.server_pid)))
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--sessions", type=int, default=1)
@@ -160,41 +211,37 @@ async def main() -> None:
     ap.add_argument("--speak", action="store_true")
     ap.add_argument("--server")
     ap.add_argument("--aiortc-audio-buffer", action="store_true", help="keep aiortc's own 80 ms audio prefetch")
+    ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.aiortc_audio_buffer:
-        unbuffered_audio_receiver()
+    if args.client:
+        asyncio.run(client_main(args))
+        return
     print("load average:", open("/proc/loadavg").read().split()[:3])
     proc = None
     base = args.server
     if base is None:
         proc, base = start_server(max(2, args.sessions))
     try:
-        if proc is not None:
-            rss0, cpu0, t0 = rss_mb(proc.pid), cpu_seconds(proc.pid), time.monotonic()
-        results = await asyncio.gather(
-            *(
-                one_session(base, args.seconds, args.resolution, args.speak, proc.pid if proc else None)
-                for _ in range(args.sessions)
-            )
-        )
+        rss0 = rss_mb(proc.pid) if proc else 0.0
+        results = run_clients(base, proc.pid if proc else None, args)
         for r in results:
             print(json.dumps(r))
         if proc is not None:
-            cores = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-            print(
-                json.dumps(
-                    {
-                        "sessions": args.sessions,
-                        "resolution": args.resolution,
-                        "server_cpu_cores": round(cores, 2),
-                        "server_cpu_cores_per_session": round(cores / args.sessions, 2),
-                        "server_rss_mb_before": round(rss0, 1),
-                        "server_rss_mb_during_per_session": round(
-                            (max(r["server_rss_mb"] for r in results) - rss0) / args.sessions, 1
-                        ),
-                    }
-                )
-            )
+            cores = float(np.mean([r["server_cpu_cores"] for r in results]))
+            summary = {
+                "sessions": args.sessions,
+                "resolution": args.resolution,
+                "server_cpu_cores": round(cores, 2),
+                "server_cpu_cores_per_session": round(cores / args.sessions, 2),
+                "server_rss_mb_before": round(rss0, 1),
+                "server_rss_mb_per_session": round(
+                    (max(r["server_rss_mb"] for r in results) - rss0) / args.sessions, 1
+                ),
+                "late_pct_max": max(r["late_pct"] for r in results),
+                "fps_min": min(r["fps"] for r in results),
+            }
+            print(json.dumps(summary))
     finally:
         if proc is not None:
             proc.terminate()
@@ -202,4 +249,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

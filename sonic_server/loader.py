@@ -15,7 +15,11 @@ from .service import Service
 log = logging.getLogger("sonic.http")
 
 
-def start(service: Service, make_queue: Callable[[], JobQueue], background: bool) -> None:
+def start(
+    service: Service, make_queue: Callable[[], JobQueue], background: bool, then: Callable[[], None] | None = None
+) -> None:
+    """Build the queue now or in a thread; `then` runs (in a thread of its own) once it is ready."""
+
     def set_up() -> None:
         try:
             queue = make_queue()
@@ -26,6 +30,8 @@ def start(service: Service, make_queue: Callable[[], JobQueue], background: bool
             service.device = str(getattr(pipeline, "device", "cpu"))
             service.queue = queue
             service.status = "ready"
+            if then is not None:
+                threading.Thread(target=then, name="sonic-warm", daemon=True).start()
         except SonicError as e:  # a named setup error: /health says it
             log.error("pipeline set-up failed: %s", e.message)
             service.setup_error = e.message

@@ -96,6 +96,7 @@ class LiveSettings:
     enabled: bool = True
     max_sessions: int = 2  # running at once; more -> 503 busy (a 512 px session takes ~40 % of a core here)
     processes: bool = True  # each session renders in a helper process of its own (false: a thread here)
+    warm_start: bool = True  # at start-up, make the face analyser and a helper ready (~0.1 GB, ~2 s of CPU)
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)
     idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports) and nothing queued: ended
     max_speak_s: float = 600.0  # seconds of speech one speak request may queue

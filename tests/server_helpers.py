@@ -26,6 +26,7 @@ def settings(tmp: Path, **server) -> dict:
                          rate_limit_burst=1000)
     cfg["server"].update(server)
     cfg["limits"]["max_upload_mb"] = 2
+    cfg["live"]["warm_start"] = False  # a live test's first session warms up itself; the others pay nothing
     return cfg
 
 

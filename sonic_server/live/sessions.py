@@ -121,6 +121,19 @@ class LiveSessions:
         self._face_lock = threading.Lock()
         self._helpers = HelperPool() if settings.processes else None
 
+    def warm(self) -> None:
+        """Make what a first session would wait for: the face analyser, a helper process."""
+        try:
+            with self._face_lock:
+                if self._faces is None:
+                    from sonic.face import FaceAnalyzer
+
+                    self._faces = FaceAnalyzer()
+            if self._helpers is not None:
+                self._helpers.warm()
+        except Exception:  # noqa: BLE001 - the first session makes them itself
+            log.exception("live sessions: warming up failed")
+
     def prepare_face(self, pipeline: Any, rgb: Any, options: GenerateOptions) -> LiveFace:
         """The portrait framed and its decoder prepared, with the registry's own face analyser
         (FaceMesh graphs are not shared with the job thread's), one preparation at a time."""
