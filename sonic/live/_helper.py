@@ -62,7 +62,7 @@ def main(fd: int) -> None:
     try:
         for n, frame in enumerate(session.frames(stop)):
             slot = n % SLOTS
-            ring[slot] = frame.image
+            ring[slot] = frame.yuv420()  # converted here, beside the render, not in the encoder's process
             send(
                 FrameOut(
                     frame.index,

@@ -46,7 +46,7 @@ TMP_PREFIX = "sonic-live-"
 class Start:
     face: object  # a LiveFace
     options: object  # GenerateOptions
-    frames_path: str  # the ring: a .npy of (SLOTS, H, W, 3) uint8
+    frames_path: str  # the ring: a .npy of (SLOTS, H * 3 / 2, W) uint8, frames as I420 planes
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class SessionProcess:
         self.frame_size = (w, h)
         self.fps = options.fps
         path = os.path.join(self._helper.folder, "frames.npy")
-        self._ring = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(SLOTS, h, w, 3))
+        self._ring = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(SLOTS, h * 3 // 2, w))
         self._frames: queue.Queue = queue.Queue(maxsize=SLOTS - 2)
         self._replies: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
@@ -210,6 +210,7 @@ class SessionProcess:
                     msg.blink,
                     msg.rendered,
                     msg.due_at,
+                    i420=True,
                 )
                 if self._frames.full():  # nobody is taking frames (yet): the oldest goes
                     try:

@@ -10,6 +10,7 @@ sound and picture, so that a viewer sees and hears in sync.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ..audio_features import SPEECH_THRESHOLD
@@ -46,18 +48,30 @@ class LiveFace:
 
 @dataclass(frozen=True)
 class LiveFrame:
-    """One frame of a session: `image` (H, W, 3) uint8, shown at `time_s` after the session's
-    start, with `audio` (n,) float32 at SAMPLE_RATE, the speech heard while it shows."""
+    """One frame of a session, shown at `time_s` after the session's start, with `audio` (n,)
+    float32 at SAMPLE_RATE, the speech heard while it shows. Its picture is `pixels`: RGB
+    (H, W, 3) uint8, or I420 planes (H * 3 / 2, W) where `i420` (what a helper process hands
+    over: video encoders take it as it is); `image` and `yuv420()` give either form."""
 
     index: int
     time_s: float
-    image: np.ndarray
+    pixels: np.ndarray
     audio: np.ndarray
     speaking: bool
     opening: float  # the mouth's opening (0..~1.4): what tests and meters read
     blink: float  # the lids' closure (0 open .. 1 shut)
     rendered: bool  # False: the previous image again (rendering fell behind; motion went on)
     due_at: float = 0.0  # time.monotonic() when it was due (frames(); 0 from step())
+    i420: bool = False
+
+    @functools.cached_property
+    def image(self) -> np.ndarray:
+        """RGB (H, W, 3) uint8."""
+        return cv2.cvtColor(self.pixels, cv2.COLOR_YUV2RGB_I420) if self.i420 else self.pixels
+
+    def yuv420(self) -> np.ndarray:
+        """I420 planes (H * 3 / 2, W) uint8 (BT.601, as video encoders convert RGB)."""
+        return self.pixels if self.i420 else cv2.cvtColor(self.pixels, cv2.COLOR_RGB2YUV_I420)
 
 
 class LiveSession:

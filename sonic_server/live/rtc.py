@@ -109,8 +109,9 @@ def _track_classes() -> tuple[type, type]:
     class FaceTrack(QueuedTrack):
         kind = "video"
 
-        def send(self, image: np.ndarray, index: int, fps: int) -> None:
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        def send(self, planes: np.ndarray, index: int, fps: int) -> None:
+            """I420 planes (H * 3 / 2, W) uint8: what the encoder takes without converting."""
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
             frame.pts, frame.time_base = index, fractions.Fraction(1, fps)
             self.put(frame)
 

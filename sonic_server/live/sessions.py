@@ -269,7 +269,7 @@ class LiveSessions:
                 if keyframes and frame.index >= keyframes[0] * fps:
                     keyframes.pop(0)
                     self.rtc.call(_ask_keyframe, session.video_sender)
-                session.video.send(frame.image, max(0, frame.index), fps)
+                session.video.send(frame.yuv420(), max(0, frame.index), fps)
                 if len(frame.audio):
                     session.audio.send(frame.audio, int(round(frame.index * 16_000 / fps)))
                 session.stats.latency_sum_s += max(0.0, time.monotonic() - frame.due_at)
