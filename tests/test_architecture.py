@@ -16,6 +16,6 @@ def test_every_path_the_architecture_page_names_exists():
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
-def test_the_page_says_where_live_sessions_and_webhooks_go():
+def test_the_page_says_where_live_sessions_at_scale_and_webhooks_go():
     coming = (ROOT / "docs" / "architecture.md").read_text().split("## Where each coming feature goes")[1]
-    assert "Live mode" in coming and "Webhooks" in coming
+    assert "Pipecat" in coming and "Webhooks" in coming

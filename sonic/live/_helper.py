@@ -14,6 +14,7 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
+import cv2
 import numpy as np
 
 from sonic.live.process import SLOTS, Failed, FrameOut, Hear, Interrupt, Queued, Speak, Start
@@ -38,6 +39,9 @@ def _listen(conn: Connection, session: LiveSession, send, stop: threading.Event)
 
 def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it (a terminal's ^C reaches both)
+    # one thread: the sessions' processes are the parallelism (OpenCV's pool would start a thread
+    # per core, for work too small to share: 40 % more CPU for the same frames)
+    cv2.setNumThreads(1)
     conn = Connection(fd)
     try:
         start = conn.recv()
