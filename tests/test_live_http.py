@@ -226,6 +226,23 @@ def _threads_and_fds(pid):
     return threads, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _rss_mb(pid):
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def _helpers(pid):
+    """The server's live helper processes (a spare, and one per running session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and b"sonic.live._helper" in open(f"/proc/{entry}/cmdline", "rb").read():
+                if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 VANISHING_CLIENT = """
 import asyncio, sys, time
 sys.path.insert(0, {examples!r})
@@ -244,7 +261,7 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     # a first session warms what every session shares (aiortc's loop, the face analyser)
     asyncio.run(_open_and_close(base))
     assert wait_for(lambda: live_count(base) == 0)
-    before = _threads_and_fds(pid)
+    before, rss_before, helpers_before = _threads_and_fds(pid), _rss_mb(pid), len(_helpers(pid))
     script = VANISHING_CLIENT.format(examples=str(EXAMPLES), base=base, portrait=str(PORTRAIT))
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     session_id = client.stdout.readline().strip()
@@ -257,6 +274,8 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     assert time.monotonic() - killed <= LIVE["idle_timeout_s"] + 2.5
     assert requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).status_code == 404
     assert wait_for(lambda: _threads_and_fds(pid) <= before, timeout=10), (_threads_and_fds(pid), before)
+    assert wait_for(lambda: len(_helpers(pid)) <= helpers_before, timeout=10)  # its helper process is gone
+    assert _rss_mb(pid) < rss_before + 25  # the session's memory was in its helper; this process keeps little
     assert wait_for(lambda: f"live session {session_id} ended (client_gone)" in (server["tmp"] / "server.log").read_text())
 
 

@@ -26,7 +26,7 @@ from ..decoders import PreparedDecoder
 from ..errors import InvalidParameter
 from ..geometry import Framing
 from ..media import SAMPLE_RATE
-from ..motion import COEFFS, Rig
+from ..motion import COEFFS, Rig, mouth_coefficients
 from ..options import GenerateOptions
 from .features import LoudnessStream, PhoneStream
 from .motion import MotionStream
@@ -100,7 +100,10 @@ class LiveSession:
         self.tick = 0  # frames stepped
         self.late_frames = 0
         self._last_loud_tick = -(10**9)
-        self._image = face.decoder.frame.copy()
+        # the face at rest until the first frame of motion: a photo with an open mouth has it
+        # closed, as every later frame at rest has (no jump after the look-ahead)
+        rest = mouth_coefficients(np.zeros(1), np.zeros(1), face.rig)
+        self._image = face.decoder.render(rest, np.zeros((1, 4)))[0]
 
     # --- speech in -------------------------------------------------------------------------
     def speak(self, pcm: np.ndarray) -> float:
@@ -191,7 +194,8 @@ class LiveSession:
         )
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
-        """Frames on wall-clock time, one every 1/fps s from now, until `stop` is set. A frame
+        """Frames on wall-clock time, one every 1/fps s from now (the first once the look-ahead
+        has filled), until `stop` is set. A frame
         whose time is more than a frame period past when its turn comes (rendering, or the
         machine, fell behind) goes out late: unrendered (the image held, the motion and the
         audio on time) and counted, until the clock is caught up: the stream never drifts."""
@@ -203,9 +207,12 @@ class LiveSession:
             if now < due:
                 time.sleep(due - now)
             late = (time.monotonic() - due) * self.fps > 1.0
-            self.late_frames += late
-            yield self.step(render=not late, due_at=due)
+            frame = self.step(render=not late, due_at=due)
             i += 1
+            if frame.index < 0:  # the look-ahead filling: nothing to show yet
+                continue
+            self.late_frames += late
+            yield frame
 
     def close(self) -> None:
         """Nothing to release here (SessionProcess's close stops its helper)."""
