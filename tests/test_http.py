@@ -57,7 +57,8 @@ def test_health_params_openapi(make_client):
     client, _ = make_client()
     h = client.get("/health")
     assert h.status_code == 200
-    assert h.get_json() == {"status": "ok", "readiness": "ready", "queue_length": 0, "running_job": None}
+    assert h.get_json() == {"status": "ok", "readiness": "ready", "queue_length": 0, "running_job": None,
+                            "live": {"enabled": True, "sessions": 0, "max_sessions": 2}}
     body = client.get("/api/sonic/params").get_json()
     p = body["parameters"]
     assert p["fps"]["minimum"] == 10 and p["dynamic_scale"]["default"] == 1.0
@@ -77,7 +78,7 @@ def test_health_when_the_worker_has_stopped(make_client):
     h = client.get("/health")
     assert h.status_code == 503
     assert h.get_json() == {"status": "worker_stopped", "readiness": "worker_stopped", "queue_length": 0,
-                            "running_job": None}
+                            "running_job": None, "live": {"enabled": True, "sessions": 0, "max_sessions": 2}}
     r = post(client, {**FAST, "async": True})            # refused, not queued to wait forever
     assert_clean_error(r, 503, "not_ready")
     assert "worker" in r.get_json()["error"]["message"] and r.headers["Retry-After"] == "60"
@@ -99,6 +100,11 @@ OPERATIONS = {
     ("/metrics", "get"): {"200"},
     **{(path, "post"): {"200", "400", "402", "413", "422"} | GUARDED
        for path in ("/fusion", "/api/fusion", "/fusion/batch", "/api/fusion/batch")},
+    ("/api/sonic/live", "post"): {"201", "400", "402", "413", "415", "422", "503"} | GUARDED,
+    ("/api/sonic/live/{session_id}/speak", "post"): {"202", "400", "404", "413", "415"} | GUARDED,
+    ("/api/sonic/live/{session_id}/interrupt", "post"): {"200", "404"} | GUARDED,
+    ("/api/sonic/live/{session_id}", "get"): {"200", "404"} | GUARDED,
+    ("/api/sonic/live/{session_id}", "delete"): {"204", "404"} | GUARDED,
 }
 
 

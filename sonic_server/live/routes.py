@@ -52,7 +52,7 @@ STATE = component(
             "queued_s": {"type": "number"},
             "frames_sent": {"type": "integer"},
             "late_frames": {"type": "integer"},
-            "latency_ms": {"type": ["number", "null"]},
+            "latency_ms": {"type": "number", "nullable": True},
             "lookahead_ms": {"type": "number"},
             "fps": {"type": "integer"},
             "width": {"type": "integer"},
@@ -106,8 +106,11 @@ def _ready(svc: Service) -> None:
         raise LiveUnavailable("live sessions are turned off on this server (live.enabled)")
     if svc.queue is None:
         raise LiveUnavailable("the service is " + ("starting" if svc.status == "starting" else "not set up"))
-    if getattr(svc.queue, "pipeline", None) is None:
+    pipeline = getattr(svc.queue, "pipeline", None)
+    if pipeline is None:
         raise LiveUnavailable("live sessions run in the API process, which has no pipeline in distributed mode")
+    if getattr(pipeline, "decoder", None) is None:
+        raise LiveUnavailable("this server's pipeline cannot run live sessions")
 
 
 class LiveUnavailable(SonicError):
