@@ -170,11 +170,11 @@ def _image() -> np.ndarray:
 )
 def open_session():
     svc = service()
-    _ready(svc)
-    options = _options(svc)
+    options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
     offer = _offer()
+    check_offer(offer)
     rgb = _image()
-    check_offer(offer)  # before any work
+    _ready(svc)
     live = registry()
     live.take_slot()
     handed = False
