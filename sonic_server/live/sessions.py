@@ -275,7 +275,7 @@ class LiveSessions:
                 session.stats.latency_sum_s += max(0.0, time.monotonic() - frame.due_at)
                 session.stats.frames_sent += 1
                 if session.stats.frames_sent == 1:
-                    log.info("live session %s: first frame handed to the connection", session.id)
+                    log.debug("live session %s: first frame handed to the connection", session.id)
                 session.stats.late_frames = engine.late_frames
                 session.streamed_s = session.stats.frames_sent / fps
                 if time.monotonic() >= next_watch:
