@@ -261,7 +261,9 @@ def test_finished_records_survive_a_redis_restart_with_append_only_persistence(t
 
 
 def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
-    c = cluster(worker_lease_s=2, retry_lost_jobs=1)
+    # a 5 s lease: the retried run's worker must renew it while it recognises 30 s of audio in one
+    # pocketsphinx call, which holds the interpreter lock (under a loaded test machine, over 2 s)
+    c = cluster(worker_lease_s=5, retry_lost_jobs=1)
     api = c.client()
     w1 = c.start_worker("w1")
     c.wait_workers(api, 1)
