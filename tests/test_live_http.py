@@ -279,6 +279,26 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     assert wait_for(lambda: f"live session {session_id} ended (client_gone)" in (server["tmp"] / "server.log").read_text())
 
 
+def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server):
+    base, pid = server["base"], server["proc"].pid
+
+    async def session():
+        client = LiveClient(base)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(1.0)
+        for helper in _helpers(pid):  # the session's, and the spare
+            os.kill(helper, signal.SIGKILL)
+        ended = await asyncio.to_thread(wait_for, lambda: live_count(base) == 0, 10)
+        await client.close(end_session=False)
+        return client.session_id, ended
+
+    session_id, ended = asyncio.run(session())
+    assert ended
+    assert requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).status_code == 404
+    assert wait_for(lambda: f"live session {session_id} ended (error)" in (server["tmp"] / "server.log").read_text())
+    asyncio.run(_open_and_close(base))  # the next session gets a fresh helper
+
+
 async def _open_and_close(base):
     client = LiveClient(base)
     await client.open(PORTRAIT, CONFIG, keep_frames=False)

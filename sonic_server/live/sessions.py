@@ -21,6 +21,7 @@ from typing import Any
 from sonic.errors import Busy, InvalidParameter, SonicError
 from sonic.live import LiveFace, LiveSession
 from sonic.live.process import HelperPool, SessionProcess
+from sonic.media import SAMPLE_RATE
 from sonic.options import GenerateOptions
 
 from .. import metrics
@@ -269,9 +270,9 @@ class LiveSessions:
                 if keyframes and frame.index >= keyframes[0] * fps:
                     keyframes.pop(0)
                     self.rtc.call(_ask_keyframe, session.video_sender)
-                session.video.send(frame.yuv420(), max(0, frame.index), fps)
+                session.video.send(frame.yuv420(), frame.index, fps)
                 if len(frame.audio):
-                    session.audio.send(frame.audio, int(round(frame.index * 16_000 / fps)))
+                    session.audio.send(frame.audio, int(round(frame.index * SAMPLE_RATE / fps)))
                 session.stats.latency_sum_s += max(0.0, time.monotonic() - frame.due_at)
                 session.stats.frames_sent += 1
                 if session.stats.frames_sent == 1:
@@ -283,6 +284,9 @@ class LiveSessions:
                     reason = self._should_end(session)
                     if reason:
                         self.end(session.id, reason)
+            if not session.stop.is_set():  # the frames ended by themselves: the helper is gone
+                log.error("live session %s: its frames stopped (the helper process ended)", session.id)
+                self.end(session.id, "error")
         except Exception:  # noqa: BLE001 - a session's fault ends that session only
             log.exception("live session %s failed", session.id)
             self.end(session.id, "error")
