@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -49,12 +50,18 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
     the output limits where the frame is the whole photo); raises the library's errors
     (unsupported_media, input_too_large, audio_too_long, empty_audio) with the field named."""
     t0 = time.perf_counter()
-    rgb = load_image(image, limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s))
+    rgb = load_portrait(image, limits)
     wav = load_audio(audio, limits.max_duration_s)
     if not options.crop_to_face:
         h, w = rgb.shape[:2]
         check_output((h, w), None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)
     return CheckedInputs(rgb=rgb, wav=wav, decode_s=time.perf_counter() - t0)
+
+
+def load_portrait(image: str | Path | BinaryIO, limits: Limits) -> np.ndarray:
+    """A portrait (a path or an open binary file) decoded to RGB (H, W, 3) uint8 within the
+    limits: max_image_pixels, and the decode memory budget shared by this process's decodes."""
+    return load_image(image, limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s))
 
 
 def frame_count(options: GenerateOptions, audio_s: float) -> int:

@@ -14,13 +14,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
-from .checks import check_output, frame_count
+from .checks import check_output, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
+from .media import SAMPLE_RATE, check_waveform, load_audio
 from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
@@ -228,8 +228,7 @@ class SonicPipeline:
         """Step 1: the portrait (H, W, 3) uint8 and the speech (N,) float32 at SAMPLE_RATE,
         decoded from files or taken as given, checked against the limits."""
         limits = self.settings.limits
-        budget = decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
-        rgb = image if isinstance(image, np.ndarray) else load_image(image, limits.max_image_pixels, budget)
+        rgb = image if isinstance(image, np.ndarray) else load_portrait(image, limits)
         max_s = limits.max_duration_s
         wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
         return rgb, wav

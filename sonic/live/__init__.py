@@ -45,17 +45,12 @@ def prepare_live_face(
     """The portrait (a path or RGB uint8 (H, W, 3)) decoded, checked, framed and its decoder
     prepared, with the pipeline's models and limits: the one-off work before the first frame.
     `faces`: a face analyser of the caller's own (see SonicPipeline.framing)."""
-    from ..media import decode_budget, load_image
-
-    check_live_decoder(pipeline.decoder.speaks, pipeline.decoder.name)
-    limits = pipeline.settings.limits
-    if isinstance(image, np.ndarray):
-        rgb = image
-    else:
-        rgb = load_image(image, limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s))
-    framing = pipeline.framing(rgb, options, 1, faces)
+    from ..checks import load_portrait
     from ..motion import build_rig
 
+    check_live_decoder(pipeline.decoder.speaks, pipeline.decoder.name)
+    rgb = image if isinstance(image, np.ndarray) else load_portrait(image, pipeline.settings.limits)
+    framing = pipeline.framing(rgb, options, 1, faces)
     rig = build_rig(framing.landmarks)
     return LiveFace(framing=framing, rig=rig, decoder=pipeline.decoder.prepare(framing, rig, options))
 

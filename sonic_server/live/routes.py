@@ -13,8 +13,9 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
+from sonic.checks import load_portrait
 from sonic.errors import UnsupportedMedia
-from sonic.media import SAMPLE_RATE, check_waveform, decode_budget, load_audio, load_image
+from sonic.media import SAMPLE_RATE, load_audio
 
 from ..access import caller
 from ..accounts.billing import LiveHold
@@ -148,10 +149,7 @@ def _image() -> np.ndarray:
     data = f.read()
     if not data:
         raise InvalidParameter("image is empty", field="image")
-    limits = service().settings.limits
-    return load_image(
-        io.BytesIO(data), limits.max_image_pixels, decode_budget(limits.decode_memory_mb, limits.decode_wait_s)
-    )
+    return load_portrait(io.BytesIO(data), service().settings.limits)
 
 
 @bp.post("/api/sonic/live")
@@ -286,7 +284,7 @@ def _decoded_speech(max_s: float) -> np.ndarray:
     with tempfile.NamedTemporaryFile(prefix="sonic-speak-") as tmp:
         tmp.write(data)
         tmp.flush()
-        return check_waveform(load_audio(tmp.name, max_s), max_s)
+        return load_audio(tmp.name, max_s)  # checked: not empty, not silent, not longer than max_s
 
 
 @bp.post("/api/sonic/live/<session_id>/interrupt")
