@@ -84,33 +84,50 @@ class AudioFeatures:
     phones: tuple  # ((phone, start_s, end_s), ...)
 
 
+def phone_decoder(cmn: str):
+    """A pocketsphinx all-phone decoder with this project's settings; `cmn` is how it normalises
+    the cepstral mean: "batch" over a whole utterance (files), "live" as it goes (live sessions)."""
+    from pocketsphinx import Decoder, get_model_path
+
+    return Decoder(
+        allphone=get_model_path("en-us/en-us-phone.lm.bin"),
+        lw=2.0,
+        pip=0.3,
+        beam=1e-200,
+        pbeam=1e-20,
+        cmn=cmn,
+        loglevel="FATAL",
+    )
+
+
+def timed_phones(decoder, offset_s: float = 0.0) -> list[tuple[str, float, float]]:
+    """A decoder's segmentation so far as [(ARPAbet phone, start_s, end_s), ...], its utterance
+    starting at `offset_s` (none yet: [])."""
+    segments = decoder.seg()
+    if segments is None:
+        return []
+    return [
+        (s.word, offset_s + s.start_frame * SPHINX_FRAME_S, offset_s + (s.end_frame + 1) * SPHINX_FRAME_S)
+        for s in segments
+    ]
+
+
 class PhoneRecognizer:
     """pocketsphinx all-phone decoder; the model ships inside the pocketsphinx wheel."""
 
     def __init__(self) -> None:
-        from pocketsphinx import Decoder, get_model_path
-
-        self._make = lambda: Decoder(
-            allphone=get_model_path("en-us/en-us-phone.lm.bin"),
-            lw=2.0,
-            pip=0.3,
-            beam=1e-200,
-            pbeam=1e-20,
-            cmn="batch",
-            loglevel="FATAL",
-        )
-        self._make()  # fail at start-up, not on the first request, if the model is missing
+        phone_decoder(cmn="batch")  # fail at start-up, not on the first request, if the model is missing
 
     def __call__(self, wav: np.ndarray) -> list[tuple[str, float, float]]:
         """Timed phones of a waveform at SAMPLE_RATE: [(ARPAbet phone, start_s, end_s), ...]."""
         pcm = (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
         # a decoder carries its feature normalisation from one utterance to the next; a fresh one
         # (~0.08 s, model files are in the page cache) makes the same audio give the same phones
-        d = self._make()
+        d = phone_decoder(cmn="batch")
         d.start_utt()
         d.process_raw(pcm, full_utt=True)
         d.end_utt()
-        return [(s.word, s.start_frame * SPHINX_FRAME_S, (s.end_frame + 1) * SPHINX_FRAME_S) for s in d.seg()]
+        return timed_phones(d)
 
 
 @functools.cache

@@ -16,9 +16,10 @@ import scipy.signal  # noqa: F401 - imported here, not at a session's first fram
 
 from ..audio_features import (
     DYNAMIC_RANGE_DB,
-    SPHINX_FRAME_S,
     band_filter,
     frame_loudness,
+    phone_decoder,
+    timed_phones,
 )
 from ..media import SAMPLE_RATE
 
@@ -95,19 +96,7 @@ class PhoneStream:
     far, [(ARPAbet phone, start_s, end_s), ...] in session seconds (recent phones may still change)."""
 
     def __init__(self) -> None:
-        from pocketsphinx import Decoder, get_model_path
-
-        # the settings of audio_features.PhoneRecognizer, with the cepstral mean tracked live
-        # (offline: over the whole utterance)
-        self._decoder = Decoder(
-            allphone=get_model_path("en-us/en-us-phone.lm.bin"),
-            lw=2.0,
-            pip=0.3,
-            beam=1e-200,
-            pbeam=1e-20,
-            cmn="live",
-            loglevel="FATAL",
-        )
+        self._decoder = phone_decoder(cmn="live")  # the files' settings; the mean tracked as it goes
         self._done: deque[tuple[str, float, float]] = deque(maxlen=200)  # phones of ended utterances
         self._current: list[tuple[str, float, float]] = []
         self._utt_start = 0  # sample index where the current utterance began
@@ -137,13 +126,7 @@ class PhoneStream:
             self._current = self._read()
 
     def _read(self) -> list[tuple[str, float, float]]:
-        segments = self._decoder.seg()
-        if segments is None:
-            return []
-        t0 = self._utt_start / SAMPLE_RATE
-        return [
-            (s.word, t0 + s.start_frame * SPHINX_FRAME_S, t0 + (s.end_frame + 1) * SPHINX_FRAME_S) for s in segments
-        ]
+        return timed_phones(self._decoder, self._utt_start / SAMPLE_RATE)
 
     def phones(self, since_s: float) -> list[tuple[str, float, float]]:
         """The phones that end after `since_s`."""
