@@ -71,8 +71,12 @@ def sweep_orphans(prefix: str = TMP_PREFIX) -> None:
             continue
 
 
-class _Helper:
-    def __init__(self):
+class HelperProcess:
+    """A child process `python -m <module> FD` that talks to this one over a socket (`conn`);
+    it imports only what its module does, and exits when the socket reaches end of file. The
+    render helpers and the live sessions' helpers (sonic/live/process.py) are started so."""
+
+    def __init__(self, module: str = "sonic._render_helper"):
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -80,7 +84,7 @@ class _Helper:
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sonic._render_helper", str(child.fileno())],
+                [sys.executable, "-m", module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -114,7 +118,7 @@ class RenderPool:
     def __init__(self, processes: int):
         self.processes = max(1, int(processes))
         self._busy = threading.Lock()  # one request at a time uses the helpers
-        self._helpers: list[_Helper] = []
+        self._helpers: list[HelperProcess] = []
         atexit.register(self.close)
 
     def start(self) -> None:
@@ -122,7 +126,7 @@ class RenderPool:
         if not self._helpers or not all(h.alive() for h in self._helpers):
             sweep_orphans()
             self._stop_helpers()
-            self._helpers = [_Helper() for _ in range(self.processes)]
+            self._helpers = [HelperProcess() for _ in range(self.processes)]
 
     @contextlib.contextmanager
     def lend(self) -> Iterator[HelperLine | None]:
@@ -198,7 +202,7 @@ class RenderPool:
                 self._busy.release()
 
     @staticmethod
-    def _answer(helper: _Helper) -> int:
+    def _answer(helper: HelperProcess) -> int:
         """The number of frames the helper rendered into its slot."""
         answer = helper.conn.recv()
         if isinstance(answer, Failed):
@@ -239,7 +243,7 @@ class HelperLine:
     """One render helper lent to a caller (`RenderPool.lend`): its requests go in order and the
     helper answers them in the same order."""
 
-    def __init__(self, pool: RenderPool, helper: _Helper):
+    def __init__(self, pool: RenderPool, helper: HelperProcess):
         self._pool, self._helper = pool, helper
         self._owed = 0  # answers asked for and not yet read
 

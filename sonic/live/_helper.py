@@ -80,8 +80,6 @@ def main(fd: int) -> None:
                     frame.rendered,
                     session.queued_s,
                     session.late_frames,
-                    session.delay,
-                    session.fps,
                 )
             )
     except (OSError, EOFError):

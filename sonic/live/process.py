@@ -15,29 +15,22 @@ that a session begins without waiting for Python's imports (~1 s).
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import PipelineError
-from ..render_pool import scratch_root, sweep_orphans
+from ..render_pool import HelperProcess, scratch_root, sweep_orphans
 
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 5.0
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 TMP_PREFIX = "sonic-live-"
 
 
@@ -84,8 +77,6 @@ class FrameOut:
     rendered: bool
     queued_s: float
     late_frames: int
-    delay: int
-    fps: int
 
 
 @dataclass(frozen=True)
@@ -93,36 +84,15 @@ class Failed:
     message: str
 
 
-class _Helper:
-    """A started helper process, its socket and its private folder."""
+class _Helper(HelperProcess):
+    """A live session's helper process, with the private folder that holds its frames' ring."""
 
     def __init__(self) -> None:
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sonic.live._helper", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            child.close()
-        self.conn = Connection(parent.detach())
+        super().__init__("sonic.live._helper")
         self.folder = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=scratch_root())
 
     def stop(self) -> None:
-        try:
-            self.conn.close()  # the helper reads end of file and exits
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -159,7 +129,7 @@ class SessionProcess:
     itself running in a helper process."""
 
     def __init__(self, face, options, pool: HelperPool | None = None) -> None:
-        from .session import LOOKAHEAD_S, LiveFrame
+        from .session import LiveFrame, lookahead_frames
 
         self._frame_cls = LiveFrame
         self._helper = pool.take() if pool is not None else _Helper()
@@ -172,7 +142,7 @@ class SessionProcess:
         self._replies: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
-        self.delay = math.ceil(LOOKAHEAD_S * self.fps - 1e-9)  # as the session computes it
+        self.delay = lookahead_frames(self.fps)  # as the session in the helper has it
         self.failure: str | None = None
         try:
             self._send(Start(face, options, path))
@@ -199,7 +169,6 @@ class SessionProcess:
                 break
             if isinstance(msg, FrameOut):
                 self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
-                self.delay = msg.delay
                 frame = self._frame_cls(
                     msg.index,
                     msg.time_s,
@@ -212,17 +181,25 @@ class SessionProcess:
                     msg.due_at,
                     i420=True,
                 )
-                if self._frames.full():  # nobody is taking frames (yet): the oldest goes
-                    try:
-                        self._frames.get_nowait()
-                    except queue.Empty:
-                        pass
-                self._frames.put(frame)
+                self._hand_on(frame)
             elif isinstance(msg, Queued):
                 self._replies.put(msg.seconds)
             elif isinstance(msg, Failed):
                 self.failure = msg.message
-        self._frames.put(None)
+        self._hand_on(None)  # the end, for frames()
+
+    def _hand_on(self, item) -> None:
+        """Into the frames' queue; when nobody is taking them (yet, or any more) the oldest goes,
+        so that this thread never waits on a reader that is gone."""
+        while True:
+            try:
+                self._frames.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._frames.get_nowait()
+                except queue.Empty:
+                    pass
 
     # --- a LiveSession's interface --------------------------------------------------------
     def speak(self, pcm: np.ndarray) -> float:

@@ -37,6 +37,11 @@ SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (p
 PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at
 
 
+def lookahead_frames(fps: int) -> int:
+    """LOOKAHEAD_S in whole frames, rounded up: the broadcast delay of a session at `fps`."""
+    return math.ceil(LOOKAHEAD_S * fps - 1e-9)
+
+
 @dataclass(frozen=True)
 class LiveFace:
     """A portrait prepared once for a session: its frame, rig and decoder."""
@@ -80,7 +85,7 @@ class LiveSession:
 
     def __init__(self, face: LiveFace, options: GenerateOptions) -> None:
         self.face, self.fps = face, options.fps
-        self.delay = math.ceil(LOOKAHEAD_S * self.fps - 1e-9)  # frames
+        self.delay = lookahead_frames(self.fps)
         self._lock = threading.Lock()  # guards the speech queue and the microphone buffer
         self._speech: deque[np.ndarray] = deque()
         self._queued = 0  # samples in self._speech
@@ -174,7 +179,7 @@ class LiveSession:
         motion and the audio still advance): how a session that fell behind catches up."""
         chunk = self._take(self._samples(self.tick))
         self._pending.append(chunk)
-        _, loud = self._loudness.push(chunk)
+        loud = self._loudness.push(chunk)
         self._motion.add(loud)
         heard_speech = bool(len(loud) and loud[-1] > SPEECH_THRESHOLD)
         self._phones.push(chunk, heard_speech)
@@ -195,10 +200,10 @@ class LiveSession:
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
         """Frames on wall-clock time, one every 1/fps s from now (the first once the look-ahead
-        has filled), until `stop` is set. A frame
-        whose time is more than a frame period past when its turn comes (rendering, or the
-        machine, fell behind) goes out late: unrendered (the image held, the motion and the
-        audio on time) and counted, until the clock is caught up: the stream never drifts."""
+        has filled), until `stop` is set. A frame whose time is more than a frame period past when
+        its turn comes (rendering, or the machine, fell behind) goes out late: unrendered (the
+        image held, the motion and the audio on time) and counted, until the clock is caught up:
+        the stream never drifts."""
         start = time.monotonic()
         i = 0
         while stop is None or not stop.is_set():
