@@ -62,9 +62,18 @@ def serve(args: argparse.Namespace) -> None:
         def version_string(self) -> str:
             return SERVER_NAME  # no server or Python versions for a scanner to match
 
-    app.run(
-        host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False, request_handler=Handler
-    )
+    try:
+        app.run(
+            host=settings.server.host,
+            port=settings.server.port,
+            threaded=True,
+            use_reloader=False,
+            request_handler=Handler,
+        )
+    finally:  # ^C: live sessions end (server_stopping), their credit settled and their helpers stopped
+        live = app.extensions["sonic"].live
+        if live is not None:
+            live.close()
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> None:

@@ -44,7 +44,6 @@ class SessionNotFound(SonicError):
 @dataclass
 class SessionStats:
     frames_sent: int = 0
-    late_frames: int = 0
     latency_sum_s: float = 0.0
 
     def latency_ms(self, lookahead_s: float) -> float | None:
@@ -60,7 +59,6 @@ class ServedSession:
     id: str
     owner: str | None
     engine: LiveSession | SessionProcess
-    options: GenerateOptions
     pc: Any = None
     video: Any = None
     video_sender: Any = None
@@ -71,10 +69,14 @@ class ServedSession:
     last_heard: float = field(default_factory=time.monotonic)  # the client's last bytes to us
     bytes_seen: int = -1  # the connection's bytes received, when last looked at
     stats: SessionStats = field(default_factory=SessionStats)
-    streamed_s: float = 0.0
     paid_s: float | None = None  # credits: the seconds its hold covers (None: no credits)
     ended_reason: str | None = None
     on_end: Callable[[ServedSession], None] | None = None  # settles its credit hold
+
+    @property
+    def streamed_s(self) -> float:
+        """Seconds of video sent."""
+        return self.stats.frames_sent / self.engine.fps
 
     def state(self) -> dict:
         engine = self.engine
@@ -84,7 +86,7 @@ class ServedSession:
             "state": "speaking" if engine.speaking else "idle",
             "queued_s": round(engine.queued_s, 3),
             "frames_sent": self.stats.frames_sent,
-            "late_frames": self.stats.late_frames,
+            "late_frames": engine.late_frames,
             "latency_ms": self.stats.latency_ms(engine.delay / engine.fps),
             "lookahead_ms": round(1000 * engine.delay / engine.fps, 1),
             "fps": engine.fps,
@@ -126,26 +128,27 @@ class LiveSessions:
         """Make what a first session would wait for: the face analyser, a helper process."""
         try:
             with self._face_lock:
-                if self._faces is None:
-                    from sonic.face import FaceAnalyzer
-
-                    self._faces = FaceAnalyzer()
+                self._face_analyser()
             if self._helpers is not None:
                 self._helpers.warm()
         except Exception:  # noqa: BLE001 - the first session makes them itself
             log.exception("live sessions: warming up failed")
 
+    def _face_analyser(self) -> Any:
+        """The registry's own face analyser (FaceMesh graphs are not shared with the job thread's),
+        made at first use; the caller holds the face lock."""
+        if self._faces is None:
+            from sonic.face import FaceAnalyzer
+
+            self._faces = FaceAnalyzer()
+        return self._faces
+
     def prepare_face(self, pipeline: Any, rgb: Any, options: GenerateOptions) -> LiveFace:
-        """The portrait framed and its decoder prepared, with the registry's own face analyser
-        (FaceMesh graphs are not shared with the job thread's), one preparation at a time."""
+        """The portrait framed and its decoder prepared, one preparation at a time."""
         from sonic.live import prepare_live_face
 
         with self._face_lock:
-            if self._faces is None:
-                from sonic.face import FaceAnalyzer
-
-                self._faces = FaceAnalyzer()
-            return prepare_live_face(pipeline, rgb, options, self._faces)
+            return prepare_live_face(pipeline, rgb, options, self._face_analyser())
 
     @property
     def rtc(self) -> RtcLoop:
@@ -186,16 +189,14 @@ class LiveSessions:
         paid_s: float | None = None,
         on_end: Callable[[ServedSession], None] | None = None,
     ) -> tuple[ServedSession, dict]:
-        """Start a session of the prepared face for the offer; (the session, its SDP answer).
-        The caller holds a slot (take_slot), given back here whatever happens."""
+        """Start a session of the prepared face for the offer (checked: check_offer); (the session,
+        its SDP answer). The caller holds a slot (take_slot), given back here whatever happens."""
         try:
-            check_offer(offer)
             engine = SessionProcess(face, options, self._helpers) if self._helpers else LiveSession(face, options)
             session = ServedSession(
                 id=uuid.uuid4().hex,
                 owner=owner,
                 engine=engine,
-                options=options,
                 paid_s=paid_s,
                 on_end=on_end,
             )
@@ -277,8 +278,6 @@ class LiveSessions:
                 session.stats.frames_sent += 1
                 if session.stats.frames_sent == 1:
                     log.debug("live session %s: first frame handed to the connection", session.id)
-                session.stats.late_frames = engine.late_frames
-                session.streamed_s = session.stats.frames_sent / fps
                 if time.monotonic() >= next_watch:
                     next_watch += WATCH_INTERVAL_S
                     reason = self._should_end(session)
@@ -314,7 +313,7 @@ class LiveSessions:
         session.stop.set()  # the clock stops: what was streamed is final
         metrics.LIVE_ENDED.labels(reason).inc()
         metrics.LIVE_FRAMES.inc(session.stats.frames_sent)
-        metrics.LIVE_LATE.inc(session.stats.late_frames)
+        metrics.LIVE_LATE.inc(session.engine.late_frames)
         latency = session.stats.latency_ms(session.engine.delay / session.engine.fps)
         if latency is not None:
             metrics.LIVE_LATENCY.observe(latency / 1000)
@@ -329,7 +328,7 @@ class LiveSessions:
             reason,
             session.streamed_s,
             session.stats.frames_sent,
-            session.stats.late_frames,
+            session.engine.late_frames,
         )
         self._close_connection(session)
         session.engine.close()
