@@ -16,6 +16,7 @@ from sonic import InvalidParameter
 
 MAX_DEPTH = 20  # arrays and objects inside each other; the service's own bodies need 3
 MAX_NUMBER_CHARS = 40  # characters of one number literal (an int64 takes 20, a float's repr 24)
+MAX_CONFIG_CHARS = 10_000  # characters of a request's `config` field (generate, live)
 
 
 class _Refused:
@@ -91,6 +92,21 @@ def json_object_body(what: str = "the body must be a JSON object (Content-Type: 
     if not isinstance(body, dict):
         raise InvalidParameter(what, field="body")
     return body
+
+
+def json_object_field(field: str, max_chars: int, what: str = "a JSON object") -> dict | None:
+    """A multipart text field holding a JSON object (the generate and live `config`, the live
+    `offer`), parsed by `parse_json`; None when it is absent or blank. Longer than `max_chars`,
+    or not an object (`what` says what is expected): `InvalidParameter` naming the field."""
+    raw = request.form.get(field, "")
+    if len(raw) > max_chars:
+        raise InvalidParameter(f"{field} is longer than {max_chars} characters", field=field)
+    if not raw.strip():
+        return None
+    value = parse_json(raw, field)
+    if not isinstance(value, dict):
+        raise InvalidParameter(f"{field} must be {what}", field=field)
+    return value
 
 
 class BoundedJSONProvider(DefaultJSONProvider):

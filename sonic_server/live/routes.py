@@ -20,14 +20,14 @@ from sonic.media import SAMPLE_RATE, load_audio
 from ..access import caller
 from ..accounts.billing import LiveHold
 from ..errors import error_response
-from ..json_input import parse_json
+from ..json_input import MAX_CONFIG_CHARS, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
 bp = Blueprint("live", __name__)
-MAX_CONFIG_CHARS = 10_000
 MAX_OFFER_CHARS = 100_000
+OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
 PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
 PCM_TYPE = "audio/l16"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
@@ -119,26 +119,14 @@ class LiveUnavailable(SonicError):
 
 
 def _options(svc: Service) -> GenerateOptions:
-    raw = request.form.get("config", "")
-    if len(raw) > MAX_CONFIG_CHARS:
-        raise InvalidParameter(f"config is longer than {MAX_CONFIG_CHARS} characters", field="config")
-    params = parse_json(raw, "config") if raw.strip() else {}
-    if not isinstance(params, dict):
-        raise InvalidParameter("config must be a JSON object", field="config")
+    params = json_object_field("config", MAX_CONFIG_CHARS) or {}
     return GenerateOptions.from_dict(params, svc.settings, ignore=("async", "decoder"))
 
 
 def _offer() -> dict:
-    raw = request.form.get("offer", "")
-    if not raw.strip():
-        raise InvalidParameter(
-            'multipart field \'offer\' is missing (JSON {"sdp": "...", "type": "offer"})', field="offer"
-        )
-    if len(raw) > MAX_OFFER_CHARS:
-        raise InvalidParameter(f"offer is longer than {MAX_OFFER_CHARS} characters", field="offer")
-    offer = parse_json(raw, "offer")
-    if not isinstance(offer, dict):
-        raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
+    offer = json_object_field("offer", MAX_OFFER_CHARS, what=OFFER_SHAPE)
+    if offer is None:
+        raise InvalidParameter(f"multipart field 'offer' is missing ({OFFER_SHAPE})", field="offer")
     return offer
 
 
@@ -159,7 +147,7 @@ def _image() -> np.ndarray:
     responses={
         201: ("session open; set the answer as the remote description", content("application/json", SESSION)),
         400: error("bad or missing field (config, offer: bad SDP or no video receiver)"),
-        402: error("credits enabled: not enough credits for a minute of live video"),
+        402: error("credits enabled: not enough credits for the least a session holds (3 s)"),
         413: error("image too large"),
         415: error("not a decodable image"),
         422: error("no face"),
@@ -228,10 +216,11 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
             "queued",
             content("application/json", {"type": "object", "properties": {"queued_s": {"type": "number"}}}),
         ),
-        400: error("no audio"),
+        400: error("no audio, or PCM longer than live.max_speak_s"),
         404: error("no such session (ended or unknown)"),
-        413: error("too long (live.max_speak_s)"),
+        413: error("upload too large"),
         415: error("not decodable audio, or PCM at another rate than 16000 Hz"),
+        422: error("a file longer than live.max_speak_s, or silent"),
     },
 )
 def speak(session_id: str):

@@ -16,7 +16,7 @@ from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus, cache_key
-from ..json_input import parse_json
+from ..json_input import MAX_CONFIG_CHARS, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter
 from ..queue import QueueFull, WorkerStopped
 from ..service import Service, service
@@ -24,7 +24,6 @@ from ..service import Service, service
 bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
 SSE_HEARTBEAT_S = 15.0
-MAX_CONFIG_CHARS = 10_000
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
 SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
@@ -167,12 +166,7 @@ def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
 
 
 def _parse_config() -> tuple[GenerateOptions, bool]:
-    raw = request.form.get("config", "")
-    if len(raw) > MAX_CONFIG_CHARS:
-        raise InvalidParameter(f"config is longer than {MAX_CONFIG_CHARS} characters", field="config")
-    params = parse_json(raw, "config") if raw.strip() else {}
-    if not isinstance(params, dict):
-        raise InvalidParameter("config must be a JSON object", field="config")
+    params = json_object_field("config", MAX_CONFIG_CHARS) or {}
     want_async = params.get("async", False)
     if not isinstance(want_async, bool):
         raise InvalidParameter("async must be true or false", field="async")
