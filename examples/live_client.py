@@ -128,12 +128,7 @@ class LiveClient:
         self, track: MediaStreamTrack, keep: bool, on_frame: Callable[[np.ndarray, float], None] | None
     ) -> None:
         got = self.received
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
+        async for frame, now in _arrivals(track):
             got.video_times.append(now)
             got.size = (frame.width, frame.height)
             if keep or on_frame is not None:
@@ -147,12 +142,7 @@ class LiveClient:
         import av
 
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
+        async for frame, now in _arrivals(track):
             for out in resampler.resample(frame):
                 self.received.audio_times.append(now)
                 self.received.audio.append(out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
@@ -160,28 +150,28 @@ class LiveClient:
     def _url(self, tail: str = "") -> str:
         return f"{self.server}/api/sonic/live/{self.session_id}{tail}"
 
-    async def speak_file(self, path: str | Path) -> dict:
-        with open(path, "rb") as f:
-            files = {"audio": f.read()}
-        r = await asyncio.to_thread(requests.post, self._url("/speak"), files=files, headers=self.headers, timeout=60)
+    async def _call(self, method: str, tail: str = "", timeout: float = 10, **kwargs) -> requests.Response:
+        """A request to this session's URL (+ tail), off the event loop; an error status raises."""
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        r = await asyncio.to_thread(
+            requests.request, method, self._url(tail), headers=headers, timeout=timeout, **kwargs
+        )
         r.raise_for_status()
-        return r.json()
+        return r
+
+    async def speak_file(self, path: str | Path) -> dict:
+        return (await self._call("POST", "/speak", timeout=60, files={"audio": Path(path).read_bytes()})).json()
 
     async def speak_pcm(self, pcm16k: np.ndarray) -> dict:
         body = (np.clip(pcm16k, -1, 1) * 32767).astype("<i2").tobytes()
-        headers = {**self.headers, "Content-Type": "audio/L16;rate=16000"}
-        r = await asyncio.to_thread(requests.post, self._url("/speak"), data=body, headers=headers, timeout=60)
-        r.raise_for_status()
-        return r.json()
+        headers = {"Content-Type": "audio/L16;rate=16000"}
+        return (await self._call("POST", "/speak", timeout=60, data=body, headers=headers)).json()
 
     async def interrupt(self) -> None:
-        r = await asyncio.to_thread(requests.post, self._url("/interrupt"), headers=self.headers, timeout=10)
-        r.raise_for_status()
+        await self._call("POST", "/interrupt")
 
     async def state(self) -> dict:
-        r = await asyncio.to_thread(requests.get, self._url(), headers=self.headers, timeout=10)
-        r.raise_for_status()
-        return r.json()
+        return (await self._call("GET")).json()
 
     async def close(self, end_session: bool = True) -> None:
         if end_session and self.session_id:
@@ -190,6 +180,16 @@ class LiveClient:
             await self.pc.close()
         for task in self._tasks:
             task.cancel()
+
+
+async def _arrivals(track: MediaStreamTrack):
+    """A track's frames as they arrive, with their arrival time, until it ends."""
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        yield frame, time.monotonic()
 
 
 def write_mp4(received: Received, path: str | Path, fps: int) -> None:

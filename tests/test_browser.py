@@ -22,8 +22,9 @@ def server(tmp_path_factory):
     proc.wait(20)
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium(*extra_args):
+    """A headless Chromium driven by selenium, with a fake microphone (a beeping tone, unless
+    `extra_args` give it a file) that needs no permission prompt."""
     if not (CHROMIUM and DRIVER):
         pytest.fail("chromium and chromedriver are not installed (.ci/run installs Debian's chromium and "
                     "chromium-driver)")
@@ -33,11 +34,16 @@ def browser():
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500",
                 "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-                # a fake microphone (a beeping tone) that needs no permission prompt
-                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", *extra_args):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_script_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
     yield driver
     driver.quit()
 

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from conftest import PORTRAIT, SPEECH
 from sonic.media import load_audio
-from test_browser import CHROMIUM, DRIVER, open_page, set_param, wait
+from test_browser import chromium, open_page, set_param, wait
 from test_http_live import start_server
 
 
@@ -30,24 +30,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (CHROMIUM and DRIVER):
-        pytest.fail("chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     wav = tmp_path_factory.mktemp("mic") / "speech.wav"
     speech = load_audio(SPEECH, 60)
     sf.write(wav, np.concatenate([speech, np.zeros(16_000, np.float32)] * 4), 16_000)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500",
-                "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}",
-                "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.set_script_timeout(30)
+    driver = chromium(f"--use-file-for-fake-audio-capture={wav}",
+                      "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
     yield driver
     driver.quit()
 
