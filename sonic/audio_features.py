@@ -22,6 +22,9 @@ SPEECH_THRESHOLD = 0.25  # normalised loudness above this is speech
 SPLIT_MIN_S = 6.0  # recordings at least this long may be recognised in two halves
 SPLIT_PAUSE_FRAMES = 4  # ... cut in the middle of a pause of at least this many video frames
 SPLIT_WINDOW = (0.3, 0.7)  # ... lying in this part of the recording
+PITCH_HZ = (70.0, 400.0)  # the voice's fundamental is sought in this range
+PITCH_WINDOW_S = 0.05  # at least this much audio per pitch estimate (two periods of 70 Hz and more)
+VOICING = 0.55  # normalised autocorrelation at the period above this: the frame is voiced
 
 # ARPAbet phone -> (open 0-1, spread -1..1 (negative = rounded), closure 0-1)
 VISEMES: dict[str, tuple[float, float, float]] = {
@@ -82,6 +85,7 @@ class AudioFeatures:
     vis_spread: np.ndarray  # -1 (rounded) .. 1 (spread)
     vis_closure: np.ndarray  # 0-1, lips pressed (P/B/M)
     phones: tuple  # ((phone, start_s, end_s), ...)
+    pitch: np.ndarray | None = None  # the voice's pitch, semitones above 100 Hz; nan where unvoiced
 
 
 def phone_decoder(cmn: str):
@@ -153,6 +157,32 @@ def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     seg = pad[idx] * hann
     rms = np.sqrt((seg**2).sum(1) / (hann**2).sum())
     return 20 * np.log10(rms + 1e-7)
+
+
+def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
+    """The voice's pitch per frame, (T,) in semitones above 100 Hz, nan where the frame is not
+    voiced: the peak of the normalised autocorrelation over PITCH_HZ, in a window centred on the
+    frame (its width the larger of two frames and PITCH_WINDOW_S). Any language; what matters
+    downstream is how the pitch rises and falls, not its exact value."""
+    hop = SAMPLE_RATE / fps
+    win = int(round(max(2 * hop, PITCH_WINDOW_S * SAMPLE_RATE)))
+    x = wav.astype(np.float64)
+    pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
+    centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
+    seg = pad[centres[:, None] + np.arange(win)[None, :]]
+    seg = seg - seg.mean(1, keepdims=True)
+    size = 1 << int(np.ceil(np.log2(2 * win)))
+    spec = np.fft.rfft(seg, size)
+    ac = np.fft.irfft(spec * np.conj(spec), size)[:, :win]
+    lo, hi = int(SAMPLE_RATE / PITCH_HZ[1]), int(SAMPLE_RATE / PITCH_HZ[0])
+    # unbiased (each lag averages over the samples it overlaps), relative to the energy at lag 0
+    lags = np.arange(lo, hi + 1)
+    r = ac[:, lo : hi + 1] * (win / (win - lags))[None, :] / np.maximum(ac[:, :1], 1e-12)
+    best = np.argmax(r, axis=1)
+    strength = r[np.arange(n_frames), best]
+    period = (lags[best]).astype(np.float64)
+    voiced = (strength > VOICING) & (ac[:, 0] > win * 1e-7)
+    return np.where(voiced, 12 * np.log2(SAMPLE_RATE / period / 100.0), np.nan)
 
 
 def normalise_loudness(db: np.ndarray) -> np.ndarray:
@@ -230,4 +260,5 @@ def encode_audio(
         vis_spread=sp,
         vis_closure=cl,
         phones=tuple(phones),
+        pitch=frame_pitch(wav, n_frames, fps),
     )

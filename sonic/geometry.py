@@ -69,3 +69,28 @@ def crop_and_scale(
     lm[:, 2] *= s
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     return Framing(_sample(pixels, to_source, xs, ys), lm, pixels, to_source, s)
+
+
+def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int], landmarks: np.ndarray) -> Framing:
+    """The framing with its photo moved once: `field` (2, h, w) over box (x0, y0, x1, y1, frame
+    px) is a backward map (each frame position shows the photo at position + field), applied to
+    the sampling source at its own resolution; `landmarks` are the moved face's."""
+    ax, bx, ay, by = framing.to_source
+    x0, y0, x1, y1 = box
+    src_h, src_w = framing.pixels.shape[:2]
+    u0, v0 = int(max(0, np.floor(ax * x0 + bx))), int(max(0, np.floor(ay * y0 + by)))
+    u1, v1 = int(min(src_w, np.ceil(ax * x1 + bx) + 1)), int(min(src_h, np.ceil(ay * y1 + by) + 1))
+    pixels = framing.pixels.copy()
+    if u1 > u0 and v1 > v0:
+        vs, us = np.mgrid[v0:v1, u0:u1].astype(np.float32)
+        xf, yf = (us - np.float32(bx)) / np.float32(ax), (vs - np.float32(by)) / np.float32(ay)
+        moved = [
+            cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
+                f.astype(np.float32), xf - x0, yf - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+            )
+            for f in field
+        ]
+        pixels[v0:v1, u0:u1] = _sample(framing.pixels, framing.to_source, xf + moved[0], yf + moved[1])
+    h, w = framing.frame.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    return Framing(_sample(pixels, framing.to_source, xs, ys), landmarks, pixels, framing.to_source, framing.upscale)

@@ -38,6 +38,9 @@ EYE_LEFT_RING = LEFT_EYE_UPPER + LEFT_EYE_LOWER[1:-1]
 EYE_RIGHT_RING = RIGHT_EYE_UPPER + RIGHT_EYE_LOWER[1:-1]
 LEFT_BROW = [70, 63, 105, 66, 107]
 RIGHT_BROW = [300, 293, 334, 296, 336]
+# each brow's upper and lower contours, outer end to inner end
+LEFT_BROW_ALL = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55]
+RIGHT_BROW_ALL = [300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
 LEFT_IRIS = [468, 469, 470, 471, 472]  # centre first (refine_landmarks=True only)
 RIGHT_IRIS = [473, 474, 475, 476, 477]
 FACE_OVAL_IDX = [

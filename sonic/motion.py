@@ -1,8 +1,10 @@
 """Keypoint motion predictor: audio features -> per-frame motion coefficients and landmark offsets.
 
-Motion is a few interpretable coefficients per frame (jaw drop, spread, rounding, blink) applied
-to a per-face rig: `Rig.basis` (K, 478, 2) holds the landmark offsets in px of one unit of each
-coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a separate rigid motion.
+Motion is a few interpretable coefficients per frame (jaw drop, spread, rounding, blink, brow
+raise, gaze) applied to a per-face rig: `Rig.basis` (K, 478, 2) holds the landmark offsets in px
+of one unit of each coefficient, so landmark offsets = coeffs (T, K) @ basis. Head pose is a
+separate rigid motion. Brows and nods follow the speech's prosody (sonic/prosody.py), the
+irises a seeded path of fixations (sonic/gaze.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from scipy.ndimage import gaussian_filter1d
 
 if TYPE_CHECKING:  # annotations only: the render helpers import this module without the audio stack
     from .audio_features import AudioFeatures
+    from .prosody import Event
+from .gaze import GazePlanner
 from .landmarks import (
     CORNERS,
     EYE_OUTER,
@@ -25,11 +29,15 @@ from .landmarks import (
     HEAD_PIVOT,
     INNER_LOWER,
     INNER_UPPER,
+    LEFT_BROW_ALL,
+    LEFT_IRIS,
     LIP_MIDDLE,
     LIP_PAIRS,
     OUTER_CORNERS,
     OUTER_LOWER,
     OUTER_UPPER,
+    RIGHT_BROW_ALL,
+    RIGHT_IRIS,
 )
 
 JAW_GAIN = 0.2  # inner-lip gap at full openness, in inter-ocular distances (IOD)
@@ -51,8 +59,14 @@ BLINK_MEAN_S = 4.0  # mean interval between blinks (15 / min)
 BLINK_MIN_S = 1.8
 BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.08, 0.05, 0.13  # the lid closes, stays shut, opens
 MAX_LAG_FRAMES = 4  # align_mouth searches +-4 frames
+BROW_RAISE_IOD = (0.02, 0.05)  # a brow raise at the weakest .. strongest accent (x dynamic_scale)
+PHRASE_BROW = 0.7  # a phrase start raises the brows this much less than an accent as strong
+BROW_RISE_S, BROW_FALL_S = 0.12, 0.2  # a raise lifts the brows this fast, and lets them down
+BROW_HOLD_S = (0.05, 0.25)  # ... held this long between (weakest .. strongest): 0.37-0.57 s in all
+BROW_LEAD_S = 0.04  # the raise begins this much before the stressed syllable (within live's look-ahead)
+ACCENT_NOD = 0.6  # the nod on an accent, in nod_track's units (x 0.8 HEAD_SHIFT_IOD of head travel)
 
-COEFFS = ("jaw", "spread", "round", "blink", "close_rest")
+COEFFS = ("jaw", "spread", "round", "blink", "close_rest", "brow", "gaze_x", "gaze_y")
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,11 @@ def build_rig(landmarks: np.ndarray) -> Rig:
         d = lm[lo] - lm[up]
         basis[3, up] = 0.92 * d
         basis[3, lo] = -0.08 * d
+    # brow raise (IOD): the brows go up; gaze (IOD): the irises travel across the eyes
+    basis[5, LEFT_BROW_ALL + RIGHT_BROW_ALL] = -ey * iod
+    if n > max(RIGHT_IRIS):
+        basis[6, LEFT_IRIS + RIGHT_IRIS] = ex * iod
+        basis[7, LEFT_IRIS + RIGHT_IRIS] = ey * iod
 
     # close_rest: meet the lips of a photo whose mouth is open (lower lip up, upper lip down)
     gap = float(np.linalg.norm(lm[lower_mid] - lm[upper_mid]))
@@ -256,14 +275,56 @@ def smooth_noise(n: int, fps: int, time_scale_s: float, channels: int, rng: np.r
     return np.stack([np.convolve(white[:, c], kernel, mode="valid") for c in range(channels)], 1)
 
 
-def head_motion(feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """(T, 4) roll (rad), tx, ty (px), scale-1: seeded slow drift plus nods on loud syllables.
+def head_motion(
+    feat: AudioFeatures, rig: Rig, motion_scale: float, rng: np.random.Generator, events: list[Event]
+) -> np.ndarray:
+    """(T, 4) roll (rad), tx, ty (px), scale-1: seeded slow drift plus nods on loud syllables
+    and accents.
 
     Bounded for any clip length: |roll| <= MAX_ROLL_DEG, |(tx, ty)| <= MAX_SHIFT_IOD IOD and
     |scale-1| <= MAX_SCALE, each times motion_scale.
     """
     noise = smooth_noise(len(feat.loudness), feat.fps, HEAD_NOISE_S, 3, rng)
-    return head_pose(noise, nod_track(feat.loudness, feat.fps), rig.iod, motion_scale)
+    times = np.arange(len(feat.loudness)) / feat.fps
+    nod = nod_track(feat.loudness, feat.fps) + accent_nods(times, events, feat.fps)
+    return head_pose(noise, nod, rig.iod, motion_scale)
+
+
+def _raise_shape(dt: np.ndarray, hold_s: float) -> np.ndarray:
+    """0..1 over time since an event (s): up over BROW_RISE_S from BROW_LEAD_S before it, held,
+    down over BROW_FALL_S."""
+    up = smoothstep(dt, -BROW_LEAD_S, BROW_RISE_S - BROW_LEAD_S)
+    end = BROW_RISE_S - BROW_LEAD_S + hold_s
+    return up * (1 - smoothstep(dt, end, end + BROW_FALL_S))
+
+
+def brow_track(times: np.ndarray, events: list[Event], fps: int, dynamic_scale: float) -> np.ndarray:
+    """(T,) brow raise in IOD at `times` (s) for prosodic events (frames at fps): a raise on
+    each accent and phrase start, as high and as long as the event is strong."""
+    out = np.zeros(len(times))
+    lo, hi = BROW_RAISE_IOD
+    for e in events:
+        height = (lo + (hi - lo) * e.strength) * (PHRASE_BROW if e.kind == "phrase" else 1.0)
+        hold = BROW_HOLD_S[0] + (BROW_HOLD_S[1] - BROW_HOLD_S[0]) * e.strength
+        out = np.maximum(out, height * _raise_shape(times - e.frame / fps, hold))
+    return out * dynamic_scale
+
+
+def accent_nods(times: np.ndarray, events: list[Event], fps: int) -> np.ndarray:
+    """(T,) the nod on accents (nod_track's units): a dip with the brows' raise."""
+    out = np.zeros(len(times))
+    for e in events:
+        if e.kind == "accent":
+            out = np.maximum(out, ACCENT_NOD * e.strength * _raise_shape(times - e.frame / fps, BROW_HOLD_S[0]))
+    return out
+
+
+def gaze_path(n: int, fps: int, shut_at: list[float], events: list[Event], rng: np.random.Generator) -> np.ndarray:
+    """(T, 2) gaze in IOD: the planner stepped over the clip's frames, as a live session steps it."""
+    planner = GazePlanner(rng)
+    phrase_frames = {e.frame for e in events if e.kind == "phrase"}
+    blink_frames = {int(np.floor((s - BLINK_CLOSE_S) * fps)) for s in shut_at}
+    return np.array([planner.step(i / fps, i in blink_frames, i in phrase_frames) for i in range(n)]).reshape(n, 2)
 
 
 def nod_track(loudness: np.ndarray, fps: int) -> np.ndarray:
@@ -283,11 +344,13 @@ def head_pose(noise: np.ndarray, nod: np.ndarray, iod: float, motion_scale: floa
     return head * motion_scale
 
 
-def blinks(n: int, fps: int, rng: np.random.Generator) -> np.ndarray:
-    """(T,) eyelid closure 0..1 at a natural, seeded rate; each blink holds fully shut for
-    BLINK_HOLD_S, so that at least one frame shows the closed eye at any fps >= 20."""
+def blinks(n: int, fps: int, rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    """(T,) eyelid closure 0..1 at a natural, seeded rate, and the times the lids are shut; each
+    blink holds fully shut for BLINK_HOLD_S, so that at least one frame shows the closed eye at
+    any fps >= 20."""
     times = np.arange(n) / fps
-    return blink_curve(times, list(itertools.takewhile(lambda t: t < n / fps, blink_times(rng))))
+    shut_at = list(itertools.takewhile(lambda t: t < n / fps + BLINK_CLOSE_S, blink_times(rng)))
+    return blink_curve(times, shut_at), shut_at
 
 
 def blink_times(rng: np.random.Generator) -> Iterator[float]:
@@ -331,18 +394,32 @@ def smooth_head(head: np.ndarray, fps: int) -> np.ndarray:
     return gaussian_filter1d(head, HEAD_SMOOTH_S * fps, axis=0, mode="nearest")
 
 
-def seeded_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """The head's and the blinks' generators: independent streams, so that the head's noise does
-    not shift with the number of blinks drawn."""
-    rng_head, rng_blink = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    return rng_head, rng_blink
+def seeded_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    """The head's, the blinks' and the gaze's generators: independent streams, so that the head's
+    noise does not shift with the number of blinks drawn (the first two are those of a seed
+    before the gaze had one: SeedSequence's children do not depend on how many are spawned)."""
+    rng_head, rng_blink, rng_gaze = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    return rng_head, rng_blink, rng_gaze
 
 
 def predict_motion(
-    feat: AudioFeatures, rig: Rig, *, dynamic_scale: float, motion_scale: float, smooth: bool, align: bool, seed: int
+    feat: AudioFeatures,
+    rig: Rig,
+    *,
+    dynamic_scale: float,
+    motion_scale: float,
+    smooth: bool,
+    align: bool,
+    seed: int,
+    gaze: bool = True,
 ) -> Motion:
-    """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed)."""
-    rng_head, rng_blink = seeded_streams(seed)
+    """Audio features + face rig -> Motion for len(feat.loudness) frames (deterministic per seed);
+    gaze=False keeps the irises where the photo has them."""
+    from .prosody import detect  # here: the render helpers import this module without the audio stack
+
+    rng_head, rng_blink, rng_gaze = seeded_streams(seed)
+    n, fps = len(feat.loudness), feat.fps
+    events = detect(feat.loudness, feat.pitch, fps)
     opening, spread, closure = mouth_track(feat, dynamic_scale, smooth)
     lag = measure_lag(opening, feat.loudness) if align else 0.0
     if align and lag != 0.0:
@@ -352,8 +429,11 @@ def predict_motion(
     # are the audio's own, so the closure is applied last)
     opening = opening * (1 - np.clip(np.maximum(closure, feat.vis_closure), 0, 1))
     coeffs = mouth_coefficients(opening, spread, rig)
-    coeffs[:, 3] = blinks(len(opening), feat.fps, rng_blink)
-    head = head_motion(feat, rig, motion_scale, rng_head)
+    coeffs[:, 3], shut_at = blinks(n, fps, rng_blink)
+    coeffs[:, 5] = brow_track(np.arange(n) / fps, events, fps, dynamic_scale)
+    if gaze:
+        coeffs[:, 6:8] = gaze_path(n, fps, shut_at, events, rng_gaze)
+    head = head_motion(feat, rig, motion_scale, rng_head, events)
     if smooth:
         head = smooth_head(head, feat.fps)
     return Motion(coeffs=coeffs, head=head, lipsync_offset_ms=round(lag * 1000 / feat.fps, 1))

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from .errors import InvalidParameter
 from .settings import Limits, Settings, as_settings, read_yaml
 
-JSON_TYPES = {bool: "boolean", int: "integer", float: "number"}
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -41,11 +41,13 @@ def param(
     low_inclusive: bool = True,
     high_limit: str | None = None,
     unit: str | None = None,
+    choices: tuple[str, ...] | None = None,
 ) -> Any:
     """A `GenerateOptions` field with its declaration as metadata.
 
     low/high: the accepted range (None: unbounded; the upper bound is always inclusive);
     high_limit: the name of a setting under `limits` that is the upper bound instead of `high`.
+    choices: the accepted values of a string field (a str field must have them).
     A field whose default is None may be left unset (None); no other field accepts None.
     """
     return dataclasses.field(
@@ -57,6 +59,7 @@ def param(
             "high_limit": high_limit,
             "description": description,
             "unit": unit,
+            "choices": choices,
         },
     )
 
@@ -66,7 +69,7 @@ class Param:
     """One parameter as declared on `GenerateOptions` (see `parameters()`)."""
 
     name: str
-    type: type  # bool, int or float: the field's annotation without None
+    type: type  # bool, int, float or str: the field's annotation without None
     default: Any  # the field's default (the served default comes from the settings)
     low: float | None
     high: float | None
@@ -74,6 +77,7 @@ class Param:
     high_limit: str | None  # upper bound read from the settings' `limits` (sonic/settings.py)
     description: str
     unit: str | None
+    choices: tuple[str, ...] | None  # the values a str field accepts
 
     def maximum(self, limits: Limits) -> float | None:
         return float(getattr(limits, self.high_limit)) if self.high_limit else self.high
@@ -84,6 +88,11 @@ class Param:
         if self.type is bool:
             if not isinstance(value, bool):
                 raise InvalidParameter(f"{name} must be true or false, got {value!r}", field=name)
+            return value
+        if self.type is str:
+            assert self.choices is not None  # declared with its choices (see `param`)
+            if value not in self.choices:
+                raise InvalidParameter(f"{name} must be one of {', '.join(self.choices)}, got {value!r}", field=name)
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidParameter(f"{name} must be a number, got {value!r}", field=name)
@@ -141,6 +150,18 @@ class GenerateOptions:
     fps: int = param(25, "output frame rate", low=10, high=60, unit="frames/s")
     seed: int = param(42, "random seed for head motion and blinks", low=0, high=2**32 - 1)
     crop_to_face: bool = param(True, "crop the output to the face region (false: keep the whole image)")
+    gaze: str = param(
+        "natural",
+        "where the eyes look: camera (fixed on the viewer) or natural (fixations and small saccades, "
+        "mostly at the camera, glances away at phrase starts)",
+        choices=("natural", "camera"),
+    )
+    expression: str = param(
+        "neutral",
+        "the face's expression while it speaks: neutral (the portrait's own), smile or serious",
+        choices=("neutral", "smile", "serious"),
+    )
+    expression_scale: float = param(1.0, "how far the expression goes (0: the portrait's own)", low=0.0, high=1.0)
 
     @classmethod
     def from_dict(
@@ -193,14 +214,18 @@ def schema(settings: Settings | Mapping | None = None) -> dict:
     """The parameter contract as data: type, range, default and meaning of each field."""
     settings = as_settings(settings)
     defaults = settings.defaults
-    return {
-        name: {
-            "type": JSON_TYPES[p.type],
-            "minimum": p.low,
-            "maximum": p.maximum(settings.limits),
-            "exclusive_minimum": not p.low_inclusive,
-            "default": defaults.get(name),
-            "description": p.description,
-        }
-        for name, p in parameters().items()
+    return {name: _entry(p, settings, defaults.get(name)) for name, p in parameters().items()}
+
+
+def _entry(p: Param, settings: Settings, default: Any) -> dict:
+    entry = {
+        "type": JSON_TYPES[p.type],
+        "minimum": p.low,
+        "maximum": p.maximum(settings.limits),
+        "exclusive_minimum": not p.low_inclusive,
+        "default": default,
+        "description": p.description,
     }
+    if p.choices is not None:
+        entry["enum"] = list(p.choices)
+    return entry

@@ -211,6 +211,7 @@ class SonicPipeline:
             smooth=opts.smooth_motion,
             align=opts.align_mouth,
             seed=opts.seed,
+            gaze=opts.gaze == "natural",
         )
         timer.lap("motion")
 

@@ -114,6 +114,8 @@ def parameters_schema(params: dict, extra: dict) -> dict:
             s["maximum"] = p["maximum"]
         if p["default"] is not None:
             s["default"] = p["default"]
+        if "enum" in p:
+            s["enum"] = p["enum"]
         props[name] = s
     return {"type": "object", "additionalProperties": False, "properties": {**props, **extra}}
 

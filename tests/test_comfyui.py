@@ -85,6 +85,8 @@ def test_the_nodes_parameters_are_the_services(node, server):
     assert set(params) == set(served)
     for name, (kind, spec) in params.items():
         assert spec["default"] == served[name]["default"] or (name, spec["default"]) == ("duration", 0.0), name
+        if isinstance(kind, list):  # a COMBO: the values the service accepts
+            assert kind == served[name]["enum"], name
         if served[name]["minimum"] is not None and kind in ("INT", "FLOAT"):
             assert (spec["min"], spec["max"]) == (served[name]["minimum"], served[name]["maximum"]), name
     assert node.RETURN_TYPES == ("STRING", "IMAGE", "AUDIO") and len(node.RETURN_NAMES) == 3

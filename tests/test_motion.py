@@ -24,7 +24,7 @@ def syllables(n=250, fps=25):
 
 
 def test_blink_rate_and_shape():
-    b = blinks(25 * 60, 25, np.random.default_rng(1))
+    b = blinks(25 * 60, 25, np.random.default_rng(1))[0]
     onsets = np.flatnonzero((b[1:] > 0.5) & (b[:-1] <= 0.5))
     assert 10 <= len(onsets) <= 22
     widths = [np.sum(b[o - 5:o + 10] > 0.3) / 25 for o in onsets[1:-1]]

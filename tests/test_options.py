@@ -23,11 +23,21 @@ def test_valid_values_accepted():
     ("dynamic_scale", 2.01), ("motion_scale", -0.01), ("motion_scale", 2.01), ("duration", 0),
     ("duration", 10_000), ("fps", 25.5), ("fps", "25"), ("align_mouth", 1), ("smooth_motion", "yes"),
     ("dynamic_scale", math.nan), ("dynamic_scale", math.inf), ("seed", -1), ("fps", True), ("fps", None),
+    ("gaze", "away"), ("gaze", 1), ("gaze", None), ("expression", "Smile"), ("expression", ["smile"]),
+    ("expression_scale", 1.01), ("expression_scale", -0.1),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         GenerateOptions.from_dict({field: value})
     assert e.value.field == field and field in e.value.message
+
+
+def test_choices_are_accepted_and_published():
+    o = GenerateOptions.from_dict({"gaze": "camera", "expression": "smile", "expression_scale": 0.5})
+    assert (o.gaze, o.expression, o.expression_scale) == ("camera", "smile", 0.5)
+    s = schema()
+    assert s["expression"]["type"] == "string" and s["expression"]["enum"] == ["neutral", "smile", "serious"]
+    assert s["gaze"]["default"] == "natural" and "enum" not in s["fps"]
 
 
 def test_unknown_parameter_rejected():
@@ -90,6 +100,8 @@ def test_readme_parameter_table_matches_the_declarations():
             assert default == "audio length", name
         elif p.type is bool:
             assert (default, rng) == (str(p.default).lower(), "bool"), name
+        elif p.type is str:
+            assert default == p.default and rng == ", ".join(p.choices), name
         else:
             assert p.type(default) == p.default, name
         if p.high_limit:

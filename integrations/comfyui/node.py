@@ -165,6 +165,9 @@ class SonicTalkingHead:
                 "crop_to_face": ("BOOLEAN", {"default": True}),
                 "align_mouth": ("BOOLEAN", {"default": True}),
                 "smooth_motion": ("BOOLEAN", {"default": True}),
+                "gaze": (["natural", "camera"], {"default": "natural"}),
+                "expression": (["neutral", "smile", "serious"], {"default": "neutral"}),
+                "expression_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
             },
             "optional": {
                 "api_key": ("STRING", {"default": "", "tooltip": "only if the server asks for one"}),

@@ -18,6 +18,7 @@ from ..audio_features import (
     DYNAMIC_RANGE_DB,
     band_filter,
     frame_loudness,
+    frame_pitch,
     phone_decoder,
     timed_phones,
 )
@@ -33,7 +34,8 @@ UTTERANCE_PAUSE_S = 0.4  # ... and after a pause this long: its partial result s
 
 
 class LoudnessStream:
-    """Band-limited loudness per video frame, normalised to 0-1 by a range tracked online.
+    """Band-limited loudness per video frame, normalised to 0-1 by a range tracked online, and
+    the voice's pitch (as offline: audio_features.frame_pitch).
 
     `push(samples)` with the session's audio (any number of samples) returns the frames whose
     measuring window (two frames wide, centred on the frame, as offline) is complete."""
@@ -51,8 +53,8 @@ class LoudnessStream:
     def _frame_start(self, i: int) -> int:
         return int(round(i * SAMPLE_RATE / self.fps))
 
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        """New audio -> the normalised loudness (n,) of the frames it completed."""
+    def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """New audio -> the normalised loudness (n,) and the pitch (n,) of the frames it completed."""
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
         self._heard += len(samples)
         hop = SAMPLE_RATE / self.fps
@@ -60,17 +62,18 @@ class LoudnessStream:
         ready = int(np.floor((self._heard - 0.5 * hop - 0.01 * SAMPLE_RATE) / hop)) - 1
         first, n = self.frames_done, max(0, ready + 1 - self.frames_done)
         if n == 0:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros(0)
         # measure from HISTORY_S before the first new frame, so that the filter has settled
         back = min(int(np.ceil(HISTORY_S * self.fps)), first)
         start = self._frame_start(first - back)
         seg = self._audio[start - self._audio_start :]
         db = frame_loudness(seg, back + n, self.fps)[back:]
+        pitch = frame_pitch(seg, back + n, self.fps)[back:]
         self.frames_done += n
         keep_from = self._frame_start(max(0, self.frames_done - int(np.ceil(HISTORY_S * self.fps))))
         self._audio = self._audio[keep_from - self._audio_start :]
         self._audio_start = keep_from
-        return np.array([self._normalise(float(d)) for d in db])
+        return np.array([self._normalise(float(d)) for d in db]), pitch
 
     def silence_from(self, frame: int) -> None:
         """The audio kept from frame `frame` on is heard as silence (an interrupt drops it)."""

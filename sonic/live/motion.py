@@ -2,9 +2,10 @@
 from the audio features known so far, with a bounded look-ahead.
 
 It runs the offline functions themselves (mouth_track, mouth_coefficients, head_pose, blinks'
-curve) over a short window around the frame: the history a Gaussian needs behind it and the
+curve, the prosody detector, the brows' raises, the accents' nods, the gaze planner) over a short
+window around the frame: the history a Gaussian needs behind it and the
 look-ahead the session grants in front (the edge is held, as offline at a clip's end). The
-seeded parts (the head's noise, the blinks' times) are drawn from the same generators in the
+seeded parts (the head's noise, the blinks' times, the gaze's fixations) are drawn from the same generators in the
 same order as offline, so they are the same as a file's with the same seed.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio_features import SPEECH_THRESHOLD, AudioFeatures, viseme_tracks
+from ..gaze import GazePlanner
 from ..motion import (
     BLINK_CLOSE_S,
     BLINK_HOLD_S,
@@ -23,8 +25,10 @@ from ..motion import (
     COEFFS,
     HEAD_NOISE_S,
     Rig,
+    accent_nods,
     blink_curve,
     blink_times,
+    brow_track,
     head_pose,
     mouth_coefficients,
     mouth_track,
@@ -33,6 +37,7 @@ from ..motion import (
     seeded_streams,
     smooth_head,
 )
+from ..prosody import Event, ProsodyDetector
 
 HISTORY_S = 4.0  # features kept behind the frame: the nod's 1.5 s mean needs most of it
 MOUTH_HISTORY_S = 0.6  # the mouth's Gaussians (coarticulation, smoothing) reach well within this
@@ -71,11 +76,22 @@ class MotionStream:
     """Frames' motion from per-frame loudness and phones, in frame order."""
 
     def __init__(
-        self, rig: Rig, fps: int, *, dynamic_scale: float, motion_scale: float, smooth: bool, seed: int
+        self,
+        rig: Rig,
+        fps: int,
+        *,
+        dynamic_scale: float,
+        motion_scale: float,
+        smooth: bool,
+        seed: int,
+        gaze: bool = True,
     ) -> None:
         self.rig, self.fps = rig, fps
         self.dynamic_scale, self.motion_scale, self.smooth = dynamic_scale, motion_scale, smooth
-        rng_head, rng_blink = seeded_streams(seed)
+        rng_head, rng_blink, rng_gaze = seeded_streams(seed)
+        self._prosody = ProsodyDetector(fps)
+        self._events: list[Event] = []  # accents and phrase starts within the history
+        self._gaze = GazePlanner(rng_gaze) if gaze else None
         self._noise = NoiseStream(fps, HEAD_NOISE_S, 3, rng_head)
         self._blinks: Iterator[float] = blink_times(rng_blink)
         self._shut_at: list[float] = [next(self._blinks)]
@@ -90,8 +106,12 @@ class MotionStream:
         """Frames whose loudness is known (0 .. known - 1)."""
         return self._start + len(self._loud)
 
-    def add(self, loudness: np.ndarray) -> None:
-        """The normalised loudness (n,) of the next frames, in order."""
+    def add(self, loudness: np.ndarray, pitch: np.ndarray) -> None:
+        """The normalised loudness (n,) and the pitch (n,) of the next frames, in order."""
+        for v, p in zip(loudness, pitch, strict=True):
+            event = self._prosody.push(float(v), float(p))
+            if event is not None:
+                self._events.append(event)
         self._loud = np.concatenate([self._loud, loudness])
         new = np.array([self._noise.next() for _ in loudness]).reshape(-1, 3)
         self._noise_values = np.concatenate([self._noise_values, new])
@@ -115,8 +135,16 @@ class MotionStream:
         opening = opening * (1 - np.clip(np.maximum(closure, cl), 0, 1))
         mouth_at = at - m0
         coeffs = mouth_coefficients(opening[mouth_at : mouth_at + 1], spread[mouth_at : mouth_at + 1], self.rig)[0]
-        coeffs[COEFFS.index("blink")] = self._blink(index / self.fps)
-        head = head_pose(self._noise_values, nod_track(loud, self.fps), self.rig.iod, self.motion_scale)
+        t = index / self.fps
+        coeffs[COEFFS.index("blink")] = self._blink(t)
+        coeffs[COEFFS.index("brow")] = brow_track(np.array([t]), self._events, self.fps, self.dynamic_scale)[0]
+        if self._gaze is not None:
+            blink_starts = any(int(np.floor((s - BLINK_CLOSE_S) * self.fps)) == index for s in self._shut_at)
+            phrase_starts = any(e.frame == index and e.kind == "phrase" for e in self._events)
+            gaze = self._gaze.step(t, blink_starts, phrase_starts)
+            coeffs[COEFFS.index("gaze_x")], coeffs[COEFFS.index("gaze_y")] = gaze
+        nods = accent_nods((a + np.arange(len(loud))) / self.fps, self._events, self.fps)
+        head = head_pose(self._noise_values, nod_track(loud, self.fps) + nods, self.rig.iod, self.motion_scale)
         if self.smooth:
             head = smooth_head(head, self.fps)
         pose = head[at].copy()
@@ -137,6 +165,7 @@ class MotionStream:
     def _forget(self, index: int) -> None:
         """Drop features more than the history behind `index`."""
         drop = index - self._history - self._start
+        self._events = [e for e in self._events if e.frame >= index - self._history]
         if drop > 0:
             self._loud, self._noise_values = self._loud[drop:], self._noise_values[drop:]
             self._start += drop

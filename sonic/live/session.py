@@ -101,6 +101,7 @@ class LiveSession:
             motion_scale=options.motion_scale,
             smooth=options.smooth_motion,
             seed=options.seed,
+            gaze=options.gaze == "natural",
         )
         self.tick = 0  # frames stepped
         self.late_frames = 0
@@ -179,8 +180,8 @@ class LiveSession:
         motion and the audio still advance): how a session that fell behind catches up."""
         chunk = self._take(self._samples(self.tick))
         self._pending.append(chunk)
-        loud = self._loudness.push(chunk)
-        self._motion.add(loud)
+        loud, pitch = self._loudness.push(chunk)
+        self._motion.add(loud, pitch)
         heard_speech = bool(len(loud) and loud[-1] > SPEECH_THRESHOLD)
         self._phones.push(chunk, heard_speech)
         index = self.tick - self.delay

@@ -40,7 +40,8 @@ def fit_to_multiple(framing: Framing) -> tuple[np.ndarray, tuple[float, float, f
 
 class SonicKind(DecoderKind):
     name = "sonic"
-    honours = all_parameters()
+    # the model makes its own eyes, brows and expression from the audio: no controls for them
+    honours = all_parameters() - {"gaze", "expression", "expression_scale"}
     speaks = True
     meanings = {
         "duration": "seconds of video: the model generates 12.5 frames a second for that long; shorter than the "

@@ -8,8 +8,10 @@ by a soft head mask just outside the face, so hair, neck and background stay sti
 Per frame, every output pixel x asks where it comes from:
   1. head:       q = x + mask(x) * (A^-1 x - x)       (affine; computed on a 4 px grid, upsampled)
   2. expression: p solves p + field(p) = q           (fixed-point iteration, mouth box only)
-  3. lids:       p' = lid_map(p)                      (eye boxes only)
-and the photo is sampled once at p' (see sonic/geometry.py).
+  3. brows:      p1 = brow_map(p)                     (brow boxes only)
+  4. lids:       p2 = lid_map(p1)                     (eye boxes only)
+  5. gaze:       p3 = gaze_map(p2)                    (inside each eye's opening)
+and the photo is sampled once at p3 (see sonic/geometry.py).
 Where the lips part further than the photo shows, the mouth interior is painted (`mouth.py`).
 Pixels outside the head's reach are the untouched frame.
 
@@ -24,7 +26,7 @@ import numpy as np
 from ...geometry import Framing
 from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
 from ...motion import COEFFS, Rig, smoothstep
-from .eyes import build_eyes, lid_map
+from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
 from .mouth import mouth_axis, mouth_style, paint_mouth
 
 ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
@@ -38,6 +40,8 @@ BACKWARD_ITERS = 4  # fixed-point iterations inverting the forward displacement
 EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
+BROW = COEFFS.index("brow")
+GAZE = [COEFFS.index("gaze_x"), COEFFS.index("gaze_y")]
 EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)  # largest coefficient values the motion produces
 SOLVE_BLOCK = 4  # px: the expression's candidates are solved on blocks this size, then interpolated
 BAND_IOD = 0.06  # pixels this close to the lips choose their side per pixel, others per block
@@ -169,8 +173,9 @@ class WarpDecoder:
         self.mbox = _box(lm[moving], REACH_IOD * iod, (h, w))
         self._fit_fields(lm, oval, radial)
 
-        # 3. lids
+        # 3. lids, gaze and brows
         self.eyes = build_eyes(self.frame, framing.landmarks, iod)
+        self.brows = build_brows(self.frame, framing.landmarks, self.eyes, iod)
 
         # the photo's own mouth interior is kept where the lips part over it; a closed mouth
         # (a thin slit) has none worth keeping
@@ -458,19 +463,39 @@ class WarpDecoder:
             if sm is not None:
                 seam = np.zeros(qx.shape, np.float32)
                 seam[sy0:sy1, sx0:sx1] = sm
-        closure = float(coeffs[BLINK])
-        if closure > 1e-3:
-            for eye in self.eyes:
-                sel = self._landing(head, (eye.x0, eye.y0, eye.x1, eye.y1))
-                if sel is not None:
-                    (sy0, sy1), (sx0, sx1) = sel
-                    qy[sy0:sy1, sx0:sx1] = lid_map(
-                        eye, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], closure, self.rig.iod
-                    ).astype(np.float32)
+        self._upper_face(coeffs, head, qx, qy)
         region = self.framing.sample(qx, qy)
         if opening is not None:
             _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
         out[y0:y1, x0:x1] = region
+
+    def _upper_face(self, coeffs: np.ndarray, head: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> None:
+        """Brows, lids and gaze, in place on the head box's source positions (qx, qy): each in
+        the rows and columns of the head box that can land in its own box."""
+        iod = self.rig.iod
+        lift = float(coeffs[BROW]) * iod
+        if abs(lift) > 1e-3:
+            for brow in self.brows:
+                sel = self._landing(head, (brow.x0, brow.y0, brow.x1, brow.y1))
+                if sel is not None:
+                    (sy0, sy1), (sx0, sx1) = sel
+                    qy[sy0:sy1, sx0:sx1] = brow_map(brow, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], lift)
+        closure = float(coeffs[BLINK])
+        shift = (float(coeffs[GAZE[0]]) * iod, float(coeffs[GAZE[1]]) * iod)
+        moves_iris = abs(shift[0]) > 1e-3 or abs(shift[1]) > 1e-3
+        if closure <= 1e-3 and not moves_iris:
+            return
+        for eye in self.eyes:
+            sel = self._landing(head, (eye.x0, eye.y0, eye.x1, eye.y1))
+            if sel is None:
+                continue
+            (sy0, sy1), (sx0, sx1) = sel
+            px, py = qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1]
+            if closure > 1e-3:
+                py = lid_map(eye, px, py, closure, iod).astype(np.float32)
+            if moves_iris:
+                px, py = gaze_map(eye, px, py, shift)
+            qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1] = px, py
 
     def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """coeffs (B, K), head (B, 4) -> frames (B, H, W, 3) uint8 at the frame's size, into `out`

@@ -1,10 +1,18 @@
-"""Blinks: the upper eyelid slides down over the eye and back up.
+"""The upper face: blinks, gaze and brow raises, each a backward map of source positions (what
+each output pixel shows) evaluated only inside its own small box.
 
-A blink is not a squash of the eye. The skin between the upper lid and a line above it (the lid's
-fold) is stretched down, so the lash line travels with the lid margin, and the eye below the
-moving margin is covered rather than compressed: the iris disappears behind the lid while the
-eye's corners and outline stay where they are. Expressed as a backward map of source positions
-(what each output pixel shows), evaluated only inside each eye's box.
+Blinks: the upper eyelid slides down over the eye and back up. A blink is not a squash of the
+eye. The skin between the upper lid and a line above it (the lid's fold) is stretched down, so
+the lash line travels with the lid margin, and the eye below the moving margin is covered rather
+than compressed: the iris disappears behind the lid while the eye's corners and outline stay
+where they are.
+
+Gaze: inside the eye's opening the iris slides sideways (and a little up or down); the white
+between the iris and each corner stretches or narrows, the corners and the lids stay, and every
+source position stays inside the opening, so no iris is drawn outside the eye and no lid inside.
+
+Brows: each brow and the skin above it lift together, fading to nothing at the lid margin below
+and over the forehead above (a hairline higher up stays), and beyond the brow's ends.
 """
 
 from __future__ import annotations
@@ -14,13 +22,30 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ...landmarks import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from ...landmarks import (
+    FACE_OVAL_IDX,
+    LEFT_BROW,
+    LEFT_BROW_ALL,
+    LEFT_EYE_LOWER,
+    LEFT_EYE_UPPER,
+    LEFT_IRIS,
+    RIGHT_BROW,
+    RIGHT_BROW_ALL,
+    RIGHT_EYE_LOWER,
+    RIGHT_EYE_UPPER,
+    RIGHT_IRIS,
+)
 
 FOLD_IOD = 0.05  # skin above the lid margin that unfolds in a blink, beyond the eye's own height
 MEET = 1.0  # at full closure the upper margin reaches the lower one
 LASH_IOD = (0.008, 0.05)  # the lash line above the margin (measured per eye within these
 # bounds) travels down with it, unstretched
 EDGE_PX = 0.6  # the occluding lid margin is anti-aliased over this many px
+BROW_ABOVE_IOD = 0.3  # the skin this far above a brow still moves with it, less and less
+BROW_SIDE_IOD = 0.1  # ... and this far beyond the brow's ends
+BROW_MAX_IOD = 0.08  # the highest raise a brow's box makes room for
+CORNER_STILL = 0.7  # the white moves with the iris over this share of the way to each corner
+GLASSES_BRIDGE = 0.7  # vertical edges between the eyes this strong (relative to the face's mean): glasses
 
 
 @dataclass(frozen=True)
@@ -34,6 +59,7 @@ class Eye:
     upper: np.ndarray  # (x1 - x0,) y of the upper lid margin per column (nan outside the corners)
     lower: np.ndarray  # (x1 - x0,) y of the lower lid margin
     lash: float  # px, thickness of the dark lash line above the upper margin
+    iris: tuple[float, float, float] | None  # centre x, y and radius (px) of the iris, if the mesh has it
 
 
 def _curve(pts: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -77,7 +103,10 @@ def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float) -> list[Eye]:
     h, w = frame.shape[:2]
     gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     eyes = []
-    for up_idx, lo_idx in ((LEFT_EYE_UPPER, LEFT_EYE_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER)):
+    for up_idx, lo_idx, iris_idx in (
+        (LEFT_EYE_UPPER, LEFT_EYE_LOWER, LEFT_IRIS),
+        (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_IRIS),
+    ):
         up, lo = lm[up_idx, :2], lm[lo_idx, :2]
         pts = np.concatenate([up, lo])
         opening = float(np.max(lo[:, 1]) - np.min(up[:, 1]))
@@ -91,7 +120,11 @@ def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float) -> list[Eye]:
         upper = _curve(up, xs)
         lash = lash_thickness(gray, upper, x0, iod)
         y0 = int(max(0, min(y0, np.floor(up[:, 1].min() - lash - FOLD_IOD * iod - 0.3 * opening) - 2)))
-        eyes.append(Eye(x0, x1, y0, y1, upper, _curve(lo, xs), lash))
+        iris = None
+        if len(lm) > max(iris_idx):
+            ring = lm[iris_idx, :2]
+            iris = (float(ring[0, 0]), float(ring[0, 1]), float(np.linalg.norm(ring[1:] - ring[0], axis=1).mean()))
+        eyes.append(Eye(x0, x1, y0, y1, upper, _curve(lo, xs), lash, iris))
     return eyes
 
 
@@ -121,3 +154,136 @@ def lid_map(eye: Eye, qx: np.ndarray, qy: np.ndarray, closure: float, iod: float
     out = np.where(qy <= margin - lash, skin, np.where(qy <= margin, lashes, np.where(qy <= edge_end, swept, qy)))
     out = np.where(qy < top, qy, out)
     return np.where(valid & (height > 0.5), out, qy)
+
+
+def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Source positions for eye-box points (px, py) (frame px, after the lids' map) with the iris
+    moved by `shift` (dx, dy px). Inside the opening the iris and the white around it move as
+    one, the white narrowing or widening towards each corner; sources are kept inside the
+    opening; outside it nothing moves."""
+    dx, dy = shift
+    if eye.iris is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
+        return px, py
+    cx, _, radius = eye.iris
+    width = eye.x1 - eye.x0
+    col = np.clip(np.round(px).astype(int) - eye.x0, 0, width - 1)
+    up, lo = eye.upper[col], eye.lower[col]
+    inside = np.isfinite(up) & np.isfinite(lo) & (py > up) & (py < lo)
+    ends = np.flatnonzero(np.isfinite(eye.upper) & np.isfinite(eye.lower))
+    if len(ends) < 3:
+        return px, py
+    left, right = eye.x0 + ends[0], eye.x0 + ends[-1]
+    # 1 over the iris, falling to 0 short of each corner (a corner that moved would read as a
+    # deformed eye, and a landmark detector places the corner from the white beside it)
+    reach = np.where(px < cx, cx - radius - left, right - cx - radius)
+    weight = np.clip(1 - (np.abs(px - cx) - radius) / np.maximum(CORNER_STILL * reach, 1.0), 0, 1)
+    weight = np.where(inside, weight, 0.0)
+    sx = px - dx * weight
+    sy = py - dy * weight
+    scol = np.clip(np.round(sx).astype(int) - eye.x0, 0, width - 1)
+    s_up, s_lo = eye.upper[scol], eye.lower[scol]
+    ok = np.isfinite(s_up) & np.isfinite(s_lo)
+    sy = np.where(ok & inside, np.clip(sy, s_up + 0.5, np.maximum(s_lo - 0.5, s_up + 0.5)), sy)
+    sx = np.where(ok | ~inside, sx, px)
+    return sx.astype(np.float32), sy.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Brow:
+    """One brow in frame px: its middle line and half thickness at every column of its box, how
+    much of the raise each column takes, and how far below the brow the raise reaches."""
+
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+    middle: np.ndarray  # (x1 - x0,) y of the brow's middle line (extended flat beyond its ends)
+    half: float  # px, half the brow's thickness (the part that moves fully)
+    share: np.ndarray  # (x1 - x0,) 0..1: the raise's share at each column (fades beyond the ends)
+    below: np.ndarray  # (x1 - x0,) px below the middle line where the raise has faded to nothing
+    above: float  # px above the brow's top where it has faded to nothing
+
+
+def wears_glasses(frame: np.ndarray, lm: np.ndarray, iod: float) -> bool:
+    """Whether a frame's face wears glasses: the bridge of a pair of glasses between the eyes makes
+    strong horizontal edges where a nose bridge is smooth skin (measured: 1.0 of the face's mean
+    edge strength with glasses, 0.4-0.5 without)."""
+    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    edges = np.abs(cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3))
+    face = np.zeros(gray.shape, np.uint8)
+    cv2.fillPoly(face, [np.round(lm[FACE_OVAL_IDX, :2]).astype(np.int32)], (1,))
+    cx, cy = (lm[133, :2] + lm[362, :2]) / 2  # between the inner eye corners
+    x0, x1 = int(max(0, cx - 0.06 * iod)), int(cx + 0.06 * iod) + 1
+    y0, y1 = int(max(0, cy - 0.1 * iod)), int(cy + 0.1 * iod) + 1
+    bridge = edges[y0:y1, x0:x1]
+    if bridge.size == 0 or not face.any():
+        return False
+    return float(bridge.mean()) > GLASSES_BRIDGE * float(edges[face > 0].mean())
+
+
+def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) -> list[Brow]:
+    """Both brows of a frame (H, W, 3) from its landmarks (478, >=2) px; the raise fades out
+    above each eye's lash line (the lid's fold stretches, the lashes stay). A face with glasses
+    has none: the frames would bend with the skin behind them, and they often hide the brows."""
+    h, w = frame.shape[:2]
+    brows: list[Brow] = []
+    if wears_glasses(frame, lm, iod):
+        return brows
+    for contour, upper in ((LEFT_BROW_ALL, LEFT_BROW), (RIGHT_BROW_ALL, RIGHT_BROW)):
+        pts = lm[contour, :2]
+        top, bottom = lm[upper, :2], lm[[i for i in contour if i not in upper], :2]
+        half = float(np.clip(np.median(_thickness(top, bottom)) / 2, 0.01 * iod, 0.06 * iod))
+        side, above = BROW_SIDE_IOD * iod, BROW_ABOVE_IOD * iod
+        x0 = int(max(0, np.floor(pts[:, 0].min() - side)))
+        x1 = int(min(w, np.ceil(pts[:, 0].max() + side) + 1))
+        if x1 - x0 < 3:
+            continue
+        xs = np.arange(x0, x1, dtype=np.float64)
+        mid = (top + bottom) / 2
+        order = np.argsort(mid[:, 0])
+        middle = np.interp(xs, mid[order, 0], mid[order, 1])
+        lo_x, hi_x = pts[:, 0].min(), pts[:, 0].max()
+        beyond = np.maximum(lo_x - xs, xs - hi_x)
+        share = 1 - np.clip(beyond / side, 0, 1) ** 2 * (3 - 2 * np.clip(beyond / side, 0, 1))
+        # below the brow the raise reaches down to the lash line of the eye under it (or, beside
+        # the eye, as far as the eye's fold would be)
+        below = np.full(len(xs), 0.12 * iod)
+        for eye in eyes:
+            cols = np.arange(eye.x0, eye.x1)
+            inside = (cols >= x0) & (cols < x1) & np.isfinite(eye.upper)
+            at = cols[inside] - x0
+            below[at] = np.maximum(eye.upper[cols[inside] - eye.x0] - eye.lash - middle[at], half + 1.0)
+        y0 = int(max(0, np.floor(middle.min() - half - above - BROW_MAX_IOD * iod)))
+        y1 = int(min(h, np.ceil((middle + below).max()) + 1))
+        if y1 - y0 < 3:
+            continue
+        brows.append(Brow(x0, x1, y0, y1, middle, half, share, below, above))
+    return brows
+
+
+def _thickness(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """Vertical distance between a brow's upper and lower contours at the upper one's points."""
+    order = np.argsort(bottom[:, 0])
+    return np.abs(np.interp(top[:, 0], bottom[order, 0], bottom[order, 1]) - top[:, 1])
+
+
+def _brow_profile(brow: Brow, col: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """0..1: how much of the raise the face at (column, y) takes."""
+    d = y - brow.middle[col]  # > 0 below the middle line
+    below = brow.below[col]
+    down = 1 - np.clip((d - brow.half) / np.maximum(below - brow.half, 1.0), 0, 1)
+    up = 1 - np.clip((-d - brow.half) / brow.above, 0, 1)
+    t = np.where(d >= 0, down, up)
+    return t * t * (3 - 2 * t) * brow.share[col]
+
+
+def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndarray:
+    """Source y for brow-box points (qx, qy) (frame px) with the brow raised by `lift` px: the
+    point that the raise carries to q (two fixed-point steps: the profile is smooth and the
+    lift a few px)."""
+    if abs(lift) < 1e-3:
+        return qy
+    col = np.clip(np.round(qx).astype(int) - brow.x0, 0, brow.x1 - brow.x0 - 1)
+    sy = qy + lift * _brow_profile(brow, col, qy)
+    sy = qy + lift * _brow_profile(brow, col, sy)
+    return sy.astype(np.float32)

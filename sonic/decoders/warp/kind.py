@@ -8,10 +8,11 @@ decoder is pickled to the render helpers (sonic/render_pool.py).
 from __future__ import annotations
 
 from ...geometry import Framing
-from ...motion import Rig
+from ...motion import Rig, build_rig
 from ...options import GenerateOptions
 from .. import DecoderKind, all_parameters, register
 from .decoder import WarpDecoder
+from .expression import pose_framing
 
 
 class WarpKind(DecoderKind):
@@ -34,10 +35,18 @@ class WarpKind(DecoderKind):
         "fps": "frames rendered per second: motion is predicted at this rate",
         "seed": "seeds the head's drift and the blinks' timing: the same inputs and seed give the same frames",
         "crop_to_face": "crops the frame to the face and its margin; false keeps the whole photo as the frame",
+        "gaze": "natural: the irises move between seeded fixations (0.5-3 s, mostly at the camera, saccades of "
+        "up to 0.04 IOD, often with a blink), glancing away at some phrase starts; camera: they stay as in the photo",
+        "expression": "warps the portrait once before it speaks: smile lifts the lip corners and cheeks and "
+        "narrows the eyes a little; serious lowers the brows and relaxes the corners; neutral keeps the photo's own",
+        "expression_scale": "how far the expression's warp goes, 0 (the photo's own) to 1",
     }
 
     def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
-        return WarpDecoder(framing, rig)
+        """The decoder of the portrait, posed first when an expression is asked for (its rig
+        rebuilt from the posed landmarks: the motion's coefficients apply to the posed face)."""
+        posed = pose_framing(framing, options.expression, options.expression_scale)
+        return WarpDecoder(posed, rig if posed is framing else build_rig(posed.landmarks))
 
 
 register(WarpKind())
