@@ -178,7 +178,12 @@ def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     # unbiased (each lag averages over the samples it overlaps), relative to the energy at lag 0
     lags = np.arange(lo, hi + 1)
     r = ac[:, lo : hi + 1] * (win / (win - lags))[None, :] / np.maximum(ac[:, :1], 1e-12)
-    best = np.argmax(r, axis=1)
+    # the shortest lag that nearly reaches the best correlation (its multiples reach it too: the
+    # longest of them would read an octave low), refined to its own peak
+    near_best = r >= 0.9 * r.max(axis=1, keepdims=True)
+    first = np.argmax(near_best, axis=1)
+    around = np.clip(first[:, None] + np.arange(8)[None, :], 0, r.shape[1] - 1)
+    best = around[np.arange(n_frames), np.argmax(np.take_along_axis(r, around, axis=1), axis=1)]
     strength = r[np.arange(n_frames), best]
     period = (lags[best]).astype(np.float64)
     voiced = (strength > VOICING) & (ac[:, 0] > win * 1e-7)
@@ -200,8 +205,9 @@ def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarr
         if v is None:
             continue
         m = (t >= s) & (t < e)
-        if not m.any() and v[2] > 0:  # short closures still close the lips for one frame
-            m[min(n_frames - 1, int((s + e) / 2 * fps))] = True
+        middle = int(np.floor((s + e) / 2 * fps))
+        if not m.any() and v[2] > 0 and middle >= 0:  # short closures still close the lips for one frame
+            m[min(n_frames - 1, middle)] = True
         op[m], sp[m], cl[m] = v
     return op, sp, cl
 

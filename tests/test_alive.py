@@ -1,0 +1,198 @@
+"""Alive, not animated: brows on accents, gaze between fixations, an expression for the clip, all
+measured on rendered frames by the face landmarker (brow height and iris position in inter-ocular
+distances, IOD); and the prosody, gaze and brows that files and live sessions compute alike."""
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import EXAMPLES, SPEECH
+from sonic.audio_features import encode_audio, frame_pitch
+from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_BROW, RIGHT_BROW, RIGID_UPPER
+from sonic.live.motion import MotionStream
+from sonic.media import SAMPLE_RATE, load_audio
+from sonic.motion import COEFFS, build_rig, predict_motion
+from sonic.prosody import ACCENT_GAP_S, detect
+
+FACE = EXAMPLES / "astronaut.jpg"  # no glasses: brows move (a face with glasses keeps them still)
+FPS = 25
+
+
+def frames_of(path):
+    cap = cv2.VideoCapture(str(path))
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            return
+        yield cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
+
+
+def axes(lm):
+    ex = lm[263] - lm[33]
+    iod = float(np.linalg.norm(ex))
+    ex = ex / iod
+    return ex, np.array([-ex[1], ex[0]]), iod
+
+
+def brow_height(lm) -> float:
+    """The brows above the eye corners, IOD."""
+    _, ey, iod = axes(lm)
+    return float((lm[[33, 133, 362, 263]].mean(0) - lm[LEFT_BROW + RIGHT_BROW].mean(0)) @ ey / iod)
+
+
+def iris_offset(lm) -> float:
+    """The irises' centres across the eyes from the middle of their corners, IOD."""
+    ex, _, iod = axes(lm)
+    return float(np.mean([(lm[c] - (lm[a] + lm[b]) / 2) @ ex / iod for c, a, b in ((468, 33, 133), (473, 362, 263))]))
+
+
+def eyes_open(lm, rest_aperture: float) -> bool:
+    return np.linalg.norm(lm[159] - lm[145]) + np.linalg.norm(lm[386] - lm[374]) > 0.6 * rest_aperture
+
+
+def irises_inside(lm) -> bool:
+    return all(
+        cv2.pointPolygonTest(lm[ring].astype(np.float32), (float(lm[c, 0]), float(lm[c, 1])), False) >= 0
+        for c, ring in ((468, EYE_LEFT_RING), (473, EYE_RIGHT_RING))
+    )
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """8 s of real speech (the example three times, with pauses between) and 3 s of speech
+    followed by 5 s of silence."""
+    wav, sr = sf.read(SPEECH, dtype="float32")
+    pause = np.zeros(int(0.45 * sr), np.float32)
+    folder = tmp_path_factory.mktemp("alive")
+    speech, quiet = folder / "speech8.wav", folder / "then_silence.wav"
+    sf.write(speech, np.concatenate([wav, pause, wav, pause, wav])[: 8 * sr], sr)
+    sf.write(quiet, np.concatenate([wav, np.zeros(5 * sr, np.float32)]), sr)
+    return speech, quiet
+
+
+def landmarks_of(pipeline, audio, out, **params):
+    pipeline(FACE, audio, pipeline.options({"min_resolution": 256, "seed": 5, **params}), out_path=out)
+    return np.array([pipeline.faces.analyze(f).landmarks[:, :2] for f in frames_of(out)])
+
+
+@pytest.fixture(scope="module")
+def speaking(pipeline, clips, tmp_path_factory):
+    return landmarks_of(pipeline, clips[0], tmp_path_factory.mktemp("v") / "natural.mp4")
+
+
+def test_brows_rise_on_speech_and_rest_in_silence(pipeline, clips, speaking, tmp_path):
+    brows = np.array([brow_height(lm) for lm in speaking])
+    assert 0.01 <= brows.std() <= 0.05, brows.std()
+    quiet = landmarks_of(pipeline, clips[1], tmp_path / "quiet.mp4")
+    resting = np.array([brow_height(lm) for lm in quiet[int(3.6 * FPS) :]])  # from 0.6 s after the speech
+    assert resting.std() < 0.5 * brows.std(), (resting.std(), brows.std())
+
+
+def test_irises_move_between_fixations_and_stay_inside_the_eyes(pipeline, clips, speaking, tmp_path):
+    rest = np.median([np.linalg.norm(lm[159] - lm[145]) + np.linalg.norm(lm[386] - lm[374]) for lm in speaking])
+    natural = np.array([iris_offset(lm) for lm in speaking])
+    still = landmarks_of(pipeline, clips[0], tmp_path / "camera.mp4", gaze="camera")
+    fixed = np.array([iris_offset(lm) for lm in still])
+    spread = lambda x: float(np.ptp(np.percentile(x, [5, 95])))  # noqa: E731
+    assert spread(natural) >= 0.015 and spread(natural) > 2 * spread(fixed), (spread(natural), spread(fixed))
+    # inside the eye's outline on every frame whose eyes are open (and the frames beside a blink)
+    closed = np.flatnonzero([not eyes_open(lm, rest) for lm in speaking])
+    near_blink = set(closed) | set(closed + 1) | set(closed - 1)
+    outside = [i for i, lm in enumerate(speaking) if i not in near_blink and not irises_inside(lm)]
+    assert outside == []
+
+
+def test_the_upper_face_stays_rigid_while_brows_and_eyes_move(pipeline, speaking):
+    """Eye corners, nose bridge and forehead move with the skull only (brows are not in the rigid
+    set), over the whole 8 s clip. (The face's outline at the temples and cheekbones is left to
+    tests/test_short_clips.py: over 8 s the landmarker's silhouette points wander past 0.03 IOD
+    with the head's motion alone, as they did before the brows and eyes moved.)"""
+    from test_short_clips import similarity
+
+    rest = speaking[0]
+    iod = axes(rest)[2]
+    aperture = np.median([np.linalg.norm(lm[159] - lm[145]) + np.linalg.norm(lm[386] - lm[374]) for lm in speaking])
+    inner = [i for i in RIGID_UPPER if i not in (234, 454, 127, 356)]
+    for n, lm in enumerate(speaking):
+        idx = inner if eyes_open(lm, aperture) else [i for i in inner if i not in (33, 133, 362, 263)]
+        aligned, _ = similarity(lm[idx], rest[idx])
+        assert np.linalg.norm(aligned - rest[idx], axis=1).max() / iod <= 0.03, n
+
+
+def test_a_smile_lifts_the_corners_and_the_mouth_still_opens(pipeline, tmp_path):
+    """The lip corners sit higher under smile than neutral (same audio and seed), lower under
+    serious; under each the mouth opens for speech about as wide as under neutral (its widest:
+    the landmarker reads a closed smile as parted, so the range would understate it)."""
+    corners, widest = {}, {}
+    for expression in ("neutral", "smile", "serious"):
+        lms = landmarks_of(pipeline, SPEECH, tmp_path / f"{expression}.mp4", expression=expression, duration=1.2)
+        depth, opening = [], []
+        for lm in lms:
+            _, ey, iod = axes(lm)
+            depth.append((lm[[61, 291]].mean(0) - lm[[33, 263]].mean(0)) @ ey / iod)
+            opening.append(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in ((13, 14), (82, 87), (312, 317))]) / iod)
+        corners[expression], widest[expression] = float(np.mean(depth)), float(np.max(opening))
+    assert corners["neutral"] - corners["smile"] >= 0.03, corners
+    assert corners["serious"] > corners["neutral"], corners
+    for expression in ("smile", "serious"):
+        assert widest[expression] >= 0.8 * widest["neutral"], widest
+
+
+@pytest.mark.parametrize("expression", ["smile", "serious"])
+def test_the_lips_still_meet_under_an_expression(pipeline, expression):
+    """The posed face's rig closes the lips at rest and on P/B/M: the decoder's inner lip contours
+    meet (the landmarker reads a closed smile as parted, so this is measured on the model)."""
+    from sonic.decoders import get_decoder
+
+    opts = pipeline.options({"min_resolution": 256, "expression": expression})
+    framing = pipeline.framing(load_portrait_of(pipeline), opts, 1)
+    decoder = get_decoder("warp").prepare(framing, build_rig(framing.landmarks), opts)
+    closed = np.zeros((1, len(COEFFS)))
+    closed[0, COEFFS.index("close_rest")] = 1.0  # the rest pose of an open-mouthed photo, harmless on a closed one
+    upper, lower = decoder.mouth_polygon(decoder.rig.offsets(closed)[0], np.zeros(4))
+    gap = np.linalg.norm(upper[1:-1] - lower[1:-1], axis=1).max() / decoder.rig.iod
+    assert gap <= 0.03, gap
+
+
+def test_pitch_of_a_tone_and_silence():
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    pitch = frame_pitch(tone, FPS, FPS)
+    assert np.allclose(pitch[2:-2], 12.0, atol=0.3)  # 200 Hz: an octave above 100 Hz
+    assert np.isnan(frame_pitch(np.zeros(SAMPLE_RATE, np.float32), FPS, FPS)).all()
+
+
+def test_accents_are_few_and_phrases_start_after_pauses(pipeline, clips):
+    wav = load_audio(clips[0], 60)
+    feats = encode_audio(wav, 8 * FPS, FPS, pipeline.phones)
+    events = detect(feats.loudness, feats.pitch, FPS)
+    accents = [e.frame for e in events if e.kind == "accent"]
+    phrases = [e.frame for e in events if e.kind == "phrase"]
+    assert len(phrases) >= 2 and 3 <= len(accents) <= 12, events  # a few per sentence, not every syllable
+    assert np.diff(sorted(accents + phrases)).min() >= ACCENT_GAP_S * FPS - 1e-9
+    assert detect(np.zeros(100), None, FPS) == []
+
+
+def test_files_and_live_sessions_make_the_same_brows_gaze_and_blinks(pipeline, clips):
+    """The live motion stream, fed the file's own features, gives the file's brows, gaze and blinks:
+    the same code, the same seeded draws."""
+    wav = load_audio(clips[0], 60)
+    n = 8 * FPS
+    feats = encode_audio(wav, n, FPS, pipeline.phones)
+    framing = pipeline.framing(load_portrait_of(pipeline), pipeline.options({"min_resolution": 256}), 1)
+    rig = build_rig(framing.landmarks)
+    offline = predict_motion(feats, rig, dynamic_scale=1.0, motion_scale=1.0, smooth=True, align=False, seed=9)
+    stream = MotionStream(rig, FPS, dynamic_scale=1.0, motion_scale=1.0, smooth=True, seed=9)
+    stream.add(feats.loudness, feats.pitch)
+    live = np.array([stream.frame(i, list(feats.phones)).coeffs for i in range(n)])
+    for name in ("brow", "gaze_x", "gaze_y", "blink"):
+        k = COEFFS.index(name)
+        assert np.allclose(live[:, k], offline.coeffs[:, k]), name
+    assert np.abs(offline.coeffs[:, COEFFS.index("brow")]).max() > 0.02
+
+
+def load_portrait_of(pipeline):
+    from sonic.checks import load_portrait
+
+    return load_portrait(FACE, pipeline.settings.limits)
