@@ -12,7 +12,8 @@ between the iris and each corner stretches or narrows, the corners and the lids 
 source position stays inside the opening, so no iris is drawn outside the eye and no lid inside.
 
 Brows: each brow and the skin above it lift together, fading to nothing at the lid margin below
-and over the forehead above (a hairline higher up stays), and beyond the brow's ends.
+and over the forehead above, and beyond the brow's ends. Where hair (a fringe, a hairline) comes
+closer than that, the raise fades out below it: the hair stays where it is.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ EDGE_PX = 0.6  # the occluding lid margin is anti-aliased over this many px
 BROW_ABOVE_IOD = 0.3  # the skin this far above a brow still moves with it, less and less
 BROW_SIDE_IOD = 0.1  # ... and this far beyond the brow's ends
 BROW_MAX_IOD = 0.08  # the highest raise a brow's box makes room for
+BROW_MIN_ABOVE_IOD = 0.06  # ... but over at least this much (a fringe on the brows: a short fade)
+HAIR_DISTANCE = 16.0  # Lab distance from the cheeks' skin at which the forehead turns to hair
 CORNER_STILL = 0.7  # the white moves with the iris over this share of the way to each corner
 GLASSES_BRIDGE = 0.7  # vertical edges between the eyes this strong (relative to the face's mean): glasses
 
@@ -201,7 +204,7 @@ class Brow:
     half: float  # px, half the brow's thickness (the part that moves fully)
     share: np.ndarray  # (x1 - x0,) 0..1: the raise's share at each column (fades beyond the ends)
     below: np.ndarray  # (x1 - x0,) px below the middle line where the raise has faded to nothing
-    above: float  # px above the brow's top where it has faded to nothing
+    above: np.ndarray  # (x1 - x0,) px above the brow's top where it has faded to nothing
 
 
 def wears_glasses(frame: np.ndarray, lm: np.ndarray, iod: float) -> bool:
@@ -229,6 +232,8 @@ def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) 
     brows: list[Brow] = []
     if wears_glasses(frame, lm, iod):
         return brows
+    lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float32)
+    skin = _skin_colour(lab, lm, iod)
     for contour, upper in ((LEFT_BROW_ALL, LEFT_BROW), (RIGHT_BROW_ALL, RIGHT_BROW)):
         pts = lm[contour, :2]
         top, bottom = lm[upper, :2], lm[[i for i in contour if i not in upper], :2]
@@ -253,12 +258,45 @@ def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) 
             inside = (cols >= x0) & (cols < x1) & np.isfinite(eye.upper)
             at = cols[inside] - x0
             below[at] = np.maximum(eye.upper[cols[inside] - eye.x0] - eye.lash - middle[at], half + 1.0)
+        reach = _below_hair(lab, skin, xs.astype(int), middle - half, above)
         y0 = int(max(0, np.floor(middle.min() - half - above - BROW_MAX_IOD * iod)))
         y1 = int(min(h, np.ceil((middle + below).max()) + 1))
         if y1 - y0 < 3:
             continue
-        brows.append(Brow(x0, x1, y0, y1, middle, half, share, below, above))
+        brows.append(Brow(x0, x1, y0, y1, middle, half, share, below, np.maximum(reach, BROW_MIN_ABOVE_IOD * iod)))
     return brows
+
+
+def _skin_colour(lab: np.ndarray, lm: np.ndarray, iod: float) -> np.ndarray:
+    """The median Lab colour of the upper cheeks (below the eyes: never hair)."""
+    r = max(1, int(0.05 * iod))
+    patches = []
+    for i in (117, 346):
+        x, y = np.round(lm[i, :2]).astype(int)
+        patch = lab[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1].reshape(-1, 3)
+        if len(patch):
+            patches.append(patch)
+    return np.median(np.concatenate(patches), axis=0) if patches else lab.reshape(-1, 3).mean(0)
+
+
+def _below_hair(lab: np.ndarray, skin: np.ndarray, cols: np.ndarray, tops: np.ndarray, above: float) -> np.ndarray:
+    """Per column, the px from the brow's top up to the first hair (three rows in a row unlike
+    the skin), at most `above`: how far up the raise may reach."""
+    h, w = lab.shape[:2]
+    out = np.full(len(cols), above)
+    weight = np.array([0.5, 1.0, 1.0], np.float32)  # lightness varies over skin more than hue does
+    for k, (x, top) in enumerate(zip(cols, tops, strict=True)):
+        y_top = int(np.floor(top))
+        ys = np.arange(y_top, int(np.floor(top - above)) - 1, -1)
+        ys = ys[(ys >= 0) & (ys < h)]
+        if not 0 <= x < w or len(ys) < 3:
+            continue
+        far = np.linalg.norm((lab[ys, x] - skin) * weight, axis=1) > HAIR_DISTANCE
+        run = far[:-2] & far[1:-1] & far[2:]
+        hit = np.flatnonzero(run[2:]) + 2  # from a few px above the brow (its own edge is dark)
+        if len(hit):
+            out[k] = float(y_top - ys[hit[0]])
+    return out
 
 
 def _thickness(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
@@ -272,7 +310,7 @@ def _brow_profile(brow: Brow, col: np.ndarray, y: np.ndarray) -> np.ndarray:
     d = y - brow.middle[col]  # > 0 below the middle line
     below = brow.below[col]
     down = 1 - np.clip((d - brow.half) / np.maximum(below - brow.half, 1.0), 0, 1)
-    up = 1 - np.clip((-d - brow.half) / brow.above, 0, 1)
+    up = 1 - np.clip((-d - brow.half) / brow.above[col], 0, 1)
     t = np.where(d >= 0, down, up)
     return t * t * (3 - 2 * t) * brow.share[col]
 
