@@ -196,3 +196,19 @@ def load_portrait_of(pipeline):
     from sonic.checks import load_portrait
 
     return load_portrait(FACE, pipeline.settings.limits)
+
+
+def test_glasses_keep_their_frames_still(pipeline):
+    """On a face with glasses (the example portrait) the brows do not rise and no expression moves
+    the brows or cheeks the frames rest on; a face without keeps both."""
+    from sonic.checks import load_portrait
+    from sonic.decoders.warp.expression import expression_offsets
+    from sonic.decoders.warp.eyes import wears_glasses
+    from sonic.landmarks import LEFT_BROW_ALL, RIGHT_BROW_ALL
+
+    for path, glasses in ((EXAMPLES / "portrait.jpg", True), (FACE, False)):
+        framing = pipeline.framing(load_portrait(path, pipeline.settings.limits), pipeline.options({}), 1)
+        lm, iod = framing.landmarks, axes(framing.landmarks[:, :2])[2]
+        assert wears_glasses(framing.frame, lm, iod) is glasses, path
+        brows = expression_offsets(lm, "serious", 1.0, glasses)[LEFT_BROW_ALL + RIGHT_BROW_ALL]
+        assert bool(np.abs(brows).max() < 1e-3) is glasses, path  # (the corners pull the skin a hair)

@@ -61,7 +61,8 @@ def open_session(
     params: Mapping | GenerateOptions | None = None,
 ) -> LiveSession:
     """A live session of the portrait, with the generate parameters that apply (min_resolution,
-    expand_ratio, crop_to_face, dynamic_scale, motion_scale, smooth_motion, fps, seed)."""
+    expand_ratio, crop_to_face, dynamic_scale, motion_scale, smooth_motion, fps, seed, gaze, expression,
+    expression_scale)."""
     from ..options import GenerateOptions
 
     options = params if isinstance(params, GenerateOptions) else pipeline.options(dict(params or {}))

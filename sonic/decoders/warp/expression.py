@@ -8,7 +8,8 @@ opens for speech, the lids blink and the brows rise, from the posed face. Done o
 on the sampling source, so it costs nothing per frame.
 
 Smile (Duchenne): the lip corners rise and widen, the cheeks lift, the lower lids rise a little
-(the eyes narrow). Serious: the brows lower and draw in a little, the corners relax down.
+(the eyes narrow). Serious: the brows lower and draw in a little, the corners relax down. On a
+face with glasses the brows and cheeks stay (the frames rest on them and would bend).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ...landmarks import (
     RIGHT_EYE_LOWER,
 )
 from .decoder import tps_fields
+from .eyes import wears_glasses
 
 SMILE_CORNER_UP_IOD = 0.06  # the lip corners rise this much at expression_scale 1 ...
 SMILE_CORNER_OUT_IOD = 0.03  # ... and move out this much
@@ -54,8 +56,9 @@ def _axes(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return ex, np.array([-ex[1], ex[0]]), iod
 
 
-def expression_offsets(landmarks: np.ndarray, expression: str, scale: float) -> np.ndarray:
-    """Landmark offsets (N, 2) px that pose the face (N >= 468 landmarks, px)."""
+def expression_offsets(landmarks: np.ndarray, expression: str, scale: float, glasses: bool = False) -> np.ndarray:
+    """Landmark offsets (N, 2) px that pose the face (N >= 468 landmarks, px); with `glasses`
+    the brows and cheeks keep still."""
     lm = landmarks[:, :2].astype(np.float64)
     off = np.zeros_like(lm)
     if expression == "neutral" or scale <= 0:
@@ -82,6 +85,8 @@ def expression_offsets(landmarks: np.ndarray, expression: str, scale: float) -> 
         cheek = np.exp(-(((depth - 0.35) / 0.25) ** 2)) * np.clip((np.abs(u) - 0.15) / 0.15, 0, 1)
         cheek[lips] = 0.0
         cheek[N_MESH:] = 0.0
+        if glasses:
+            cheek[:] = 0.0
         off -= (SMILE_CHEEK_UP_IOD * iod * cheek)[:, None] * ey
         # lower lids rise: the eyes narrow a little (the corners stay)
         for lower, upper_mid in ((LEFT_EYE_LOWER, 159), (RIGHT_EYE_LOWER, 386)):
@@ -90,7 +95,7 @@ def expression_offsets(landmarks: np.ndarray, expression: str, scale: float) -> 
             off[inner] -= SMILE_LID_UP * max(opening, 0.0) * ey
     elif expression == "serious":
         off += share[:, None] * (-side[:, None] * SERIOUS_CORNER_IN_IOD * ex + SERIOUS_CORNER_DOWN_IOD * ey) * iod
-        for brow in (LEFT_BROW_ALL, RIGHT_BROW_ALL):
+        for brow in () if glasses else (LEFT_BROW_ALL, RIGHT_BROW_ALL):
             pts = lm[brow] @ ex
             centre = float((lm[EYE_OUTER[0]] @ ex + lm[EYE_OUTER[1]] @ ex) / 2)
             inward = np.sign(centre - pts)
@@ -104,11 +109,13 @@ def pose_framing(framing: Framing, expression: str, scale: float) -> Framing:
     """The framing with its face posed (its sampling source warped, its landmarks moved);
     the framing itself for neutral or scale 0."""
     lm = framing.landmarks
-    off = expression_offsets(lm, expression, scale)
+    if expression == "neutral" or scale <= 0:
+        return framing
+    _, _, iod = _axes(lm[:, :2])
+    off = expression_offsets(lm, expression, scale, wears_glasses(framing.frame, lm, iod))
     if not np.any(off):
         return framing
     h, w = framing.frame.shape[:2]
-    _, _, iod = _axes(lm[:, :2])
     oval = lm[FACE_OVAL_IDX, :2]
     centre = oval.mean(0)
     radial = (oval - centre) / (np.linalg.norm(oval - centre, axis=1, keepdims=True) + 1e-6)
