@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import EXAMPLES, SPEECH
+
 from sonic.audio_features import encode_audio, frame_pitch
 from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_BROW, RIGHT_BROW, RIGID_UPPER
 from sonic.live.motion import MotionStream

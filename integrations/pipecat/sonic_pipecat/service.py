@@ -1,0 +1,207 @@
+"""SonicVideoService: a talking face after the text-to-speech of a Pipecat pipeline.
+
+It takes the pipeline's TTS audio frames, speaks them with sonic's live engine in this process
+(`sonic.live.LiveSession`: no network, no key) and pushes downstream, on a frame clock, the
+face's video frames (`OutputImageRawFrame`, RGB) and the audio they show, in sync (the engine's
+80 ms look-ahead delays both alike), in chunks of the transport's size. Between utterances the
+face idles (blinks, gaze, breath); an interruption drops what was queued and closes the mouth
+within a few frames. The time from an utterance's first audio to its first frame is reported as
+TTFB in Pipecat's metrics.
+
+The portrait is prepared once, from the moment the service is made (in a thread; the pipeline's
+set-up waits for it, and TTS audio that comes earlier is kept): in this interpreter when it can load the face
+landmarker (MediaPipe), else by the sonic project's interpreter (`sonic_python`, or the
+environment variable SONIC_PYTHON), which writes the prepared face to a file
+(`python -m sonic.live.face_file`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import pickle
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+
+ENGINE_RATE = 16_000  # Hz: what sonic's engine hears and hands back
+CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 10-40 ms)
+
+
+class SonicVideoService(FrameProcessor):
+    """A face that speaks the TTS audio that reaches it.
+
+    portrait: path of the portrait; params: sonic's generation parameters that apply to live
+    sessions (min_resolution, fps, seed, dynamic_scale, motion_scale, gaze, expression, ...);
+    sonic_python: the sonic project's interpreter, used to prepare the portrait when this one
+    cannot load MediaPipe (default: $SONIC_PYTHON, else this interpreter)."""
+
+    def __init__(
+        self,
+        *,
+        portrait: str | Path,
+        params: dict[str, Any] | None = None,
+        sonic_python: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._portrait = str(portrait)
+        self._params = dict(params or {})
+        self._sonic_python = sonic_python or os.environ.get("SONIC_PYTHON")
+        self._session: Any = None
+        self._clock: asyncio.Task | None = None
+        self._out_rate = 24_000
+        self._to_engine = create_stream_resampler()
+        self._from_engine = create_stream_resampler()
+        self._awaiting_first_frame = False
+        self._error: str | None = None
+        self._early: list[np.ndarray] = []  # speech heard before the face was ready
+        self.frames_pushed = 0
+        self._preparing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonic-face")
+        self._ready = self._preparing.submit(self._prepare)
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    # --- the portrait -----------------------------------------------------------------------
+    def _prepare(self) -> Any:
+        """The live session of the portrait (blocking: run in a thread)."""
+        from sonic.live.session import LiveSession
+
+        python = self._sonic_python
+        if python is None:
+            from sonic import load_pipeline
+            from sonic.live import prepare_live_face
+
+            pipeline = load_pipeline()
+            options = pipeline.options(self._params)
+            return LiveSession(prepare_live_face(pipeline, self._portrait, options), options)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "face.pkl"
+            done = subprocess.run(
+                [python, "-m", "sonic.live.face_file", self._portrait, str(out), json.dumps(self._params)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines()
+                raise RuntimeError(f"sonic could not prepare the portrait: {lines[-1] if lines else done.returncode}")
+            prepared = pickle.loads(out.read_bytes())  # written just now by the command above
+        return LiveSession(prepared["face"], prepared["options"])
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        await super().setup(setup)
+        self._out_rate = setup.audio_out_sample_rate
+        try:
+            session = await asyncio.wrap_future(self._ready)
+        except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
+            self._error = f"SonicVideoService: {e}"
+            return
+        finally:
+            self._preparing.shutdown(wait=False)
+        for pcm in self._early:
+            session.speak(pcm)
+        self._early.clear()
+        self._session = session
+
+    # --- frames in --------------------------------------------------------------------------
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            await self.push_frame(frame, direction)
+            await self._start()
+        elif isinstance(frame, TTSAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
+            await self._hear(frame)  # consumed: the face's audio goes downstream with its frames
+        elif isinstance(frame, InterruptionFrame):
+            if self._session is not None:
+                self._session.interrupt()
+            self._awaiting_first_frame = False
+            await self.push_frame(frame, direction)
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop()
+            await self.push_frame(frame, direction)
+        else:
+            await self.push_frame(frame, direction)
+
+    async def _start(self) -> None:
+        if self._session is None:
+            await self.push_frame(ErrorFrame(error=self._error or "SonicVideoService: no portrait prepared"))
+            return
+        self._clock = self.create_task(self._run_clock())
+
+    async def _hear(self, frame: TTSAudioRawFrame) -> None:
+        pcm = np.frombuffer(frame.audio, np.int16)
+        if frame.num_channels > 1:
+            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+        audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
+        speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
+        if self._session is None:
+            if self._error is None:
+                self._early.append(speech)
+            return
+        if not self._awaiting_first_frame and not self._session.speaking:  # an utterance begins
+            self._awaiting_first_frame = True
+            await self.start_ttfb_metrics()
+        self._session.speak(speech)
+
+    # --- frames out -------------------------------------------------------------------------
+    async def _run_clock(self) -> None:
+        """One frame every 1/fps s (the session's own clock rules: late frames go out unrendered)."""
+        session = self._session
+        period = 1.0 / session.fps
+        start = time.monotonic()
+        tick = 0
+        while True:
+            due = start + tick * period
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            late = (time.monotonic() - due) > period
+            frame = await asyncio.to_thread(session.step, not late, due)
+            tick += 1
+            if frame.index < 0:
+                continue
+            await self._push(frame)
+
+    async def _push(self, frame: Any) -> None:
+        image = frame.image
+        out = OutputImageRawFrame(image=image.tobytes(), size=(image.shape[1], image.shape[0]), format="RGB")
+        out.metadata["sonic"] = {"index": frame.index, "opening": frame.opening, "speaking": frame.speaking}
+        await self.push_frame(out)
+        self.frames_pushed += 1
+        if frame.audio.any():
+            if self._awaiting_first_frame:
+                self._awaiting_first_frame = False
+                await self.stop_ttfb_metrics()
+            pcm = (np.clip(frame.audio, -1, 1) * 32767).astype(np.int16).tobytes()
+            audio = await self._from_engine.resample(pcm, ENGINE_RATE, self._out_rate)
+            step = self._out_rate * CHUNK_MS // 1000 * 2  # bytes of one chunk (16-bit mono)
+            for i in range(0, len(audio), step):
+                await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
+
+    async def _stop(self) -> None:
+        if self._clock is not None:
+            await self.cancel_task(self._clock)
+            self._clock = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None

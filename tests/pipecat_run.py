@@ -1,0 +1,142 @@
+"""A Pipecat pipeline with sonic's face after a stand-in TTS, run in the integration's own
+environment by tests/test_pipecat.py (not a test module itself).
+
+    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON
+
+Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in real time (20 ms
+chunks): once in real time, a pause, then again all at once (as many TTS services send it),
+interrupted 1.2 s after it began; the sink records every frame that
+reaches it with its arrival time. OUT.npz holds the video frames, their times and metadata,
+the audio chunks' times and lengths, the interruption's time and the TTFB metrics reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+from pipecat.frames.frames import (
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    MetricsFrame,
+    OutputImageRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.metrics.metrics import TTFBMetricsData
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+from scipy.signal import resample_poly
+from sonic_pipecat import SonicVideoService
+
+TTS_RATE = 24_000
+CHUNK_S = 0.02
+PAUSE_S = 1.5
+INTERRUPT_AFTER_S = 1.2
+TAIL_S = 1.5
+
+
+class SpeechSource(FrameProcessor):
+    """Plays the speech as TTS audio frames in real time, then interrupts and ends."""
+
+    def __init__(self, wav: np.ndarray, task_box: list, marks: dict, face_shown: asyncio.Event) -> None:
+        super().__init__()
+        self._pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)
+        self._task_box, self._marks, self._face_shown = task_box, marks, face_shown
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            self.create_task(self._play())
+
+    async def _say(self, burst: bool = False) -> None:
+        """The speech in 20 ms frames: in real time, or all at once (as many TTS services send it)."""
+        n = int(CHUNK_S * TTS_RATE)
+        start = time.monotonic()
+        for i, at in enumerate(range(0, len(self._pcm), n)):
+            await self.push_frame(
+                TTSAudioRawFrame(audio=self._pcm[at : at + n].tobytes(), sample_rate=TTS_RATE, num_channels=1)
+            )
+            if not burst:
+                await asyncio.sleep(max(0.0, start + (i + 1) * CHUNK_S - time.monotonic()))
+
+    async def _play(self) -> None:
+        await self._face_shown.wait()  # as an agent's first reply comes after the face is up
+        await asyncio.sleep(0.5)
+        self._marks["first_start"] = time.monotonic()
+        await self._say()
+        self._marks["first_end"] = time.monotonic()
+        await asyncio.sleep(PAUSE_S)
+        self._marks["second_start"] = time.monotonic()
+        await self._say(burst=True)  # queued whole: only the interruption stops it
+        await asyncio.sleep(max(0.0, self._marks["second_start"] + INTERRUPT_AFTER_S - time.monotonic()))
+        self._marks["interrupt"] = time.monotonic()
+        await self.push_frame(InterruptionFrame())
+        await asyncio.sleep(TAIL_S)
+        await self._task_box[0].queue_frame(EndFrame())
+
+
+class Recorder(FrameProcessor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.face_shown = asyncio.Event()
+        self.images: list[np.ndarray] = []
+        self.image_times: list[float] = []
+        self.meta: list[dict] = []
+        self.audio: list[tuple[float, int, int]] = []
+        self.ttfb: list[float] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        now = time.monotonic()
+        if isinstance(frame, OutputImageRawFrame):
+            w, h = frame.size
+            self.images.append(np.frombuffer(frame.image, np.uint8).reshape(h, w, 3))
+            self.image_times.append(now)
+            self.meta.append(frame.metadata.get("sonic", {}))
+            self.face_shown.set()
+        elif isinstance(frame, TTSAudioRawFrame):
+            self.audio.append((now, len(frame.audio) // 2, frame.sample_rate))
+        elif isinstance(frame, MetricsFrame):
+            self.ttfb += [d.value for d in frame.data if isinstance(d, TTFBMetricsData) and d.value > 0]
+        await self.push_frame(frame, direction)
+
+
+async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
+    wav, rate = sf.read(speech, dtype="float32")
+    wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
+    box: list = []
+    marks: dict = {}
+    recorder = Recorder()
+    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, sonic_python=sonic_python)
+    worker = PipelineWorker(
+        Pipeline([SpeechSource(wav, box, marks, recorder.face_shown), face, recorder]),
+        params=PipelineParams(audio_out_sample_rate=TTS_RATE, enable_metrics=True),
+        idle_timeout_secs=None,
+    )
+    box.append(worker)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await runner.run()
+    np.savez(
+        out,
+        images=np.array(recorder.images),
+        image_times=np.array(recorder.image_times),
+        meta=json.dumps(recorder.meta),
+        audio=np.array(recorder.audio),
+        marks=json.dumps(marks),
+        ttfb=np.array(recorder.ttfb),
+        speech_s=len(wav) / TTS_RATE,
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:5]))

@@ -1,0 +1,84 @@
+"""The Pipecat integration (integrations/pipecat/) with pipecat-ai itself: a pipeline whose source
+plays a speech file as TTS audio frames, through SonicVideoService, into a sink that records
+what arrives (tests/pipecat_run.py, run in the integration's own environment, built here when
+missing). The recorded frames are measured with the face landmarker."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, ROOT, SPEECH
+
+from sonic.landmarks import LIP_PAIRS
+
+INTEGRATION = ROOT / "integrations" / "pipecat"
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def pipecat_python():
+    venv = INTEGRATION / ".venv"
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import sonic_pipecat, sonic.live.session"]
+    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
+        subprocess.run([str(INTEGRATION / "setup_env.sh"), str(venv)], check=True, capture_output=True, timeout=900)
+    return python
+
+
+@pytest.fixture(scope="module")
+def run(pipecat_python, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipecat") / "run.npz"
+    done = subprocess.run(
+        [
+            str(pipecat_python),
+            str(ROOT / "tests" / "pipecat_run.py"),
+            str(EXAMPLES / "astronaut.jpg"),
+            str(SPEECH),
+            str(out),
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = np.load(out)
+    times = data["image_times"]
+    marks = {k: v - times[0] for k, v in json.loads(str(data["marks"])).items()}
+    return data, times - times[0], marks
+
+
+def opening(pipeline, image) -> float:
+    lm = pipeline.faces.analyze(image).landmarks[:, :2]
+    return float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS]) / np.linalg.norm(lm[33] - lm[263]))
+
+
+def test_frames_arrive_at_the_frame_rate_with_the_speech_in_sync(run):
+    data, times, marks = run
+    gaps = np.diff(times)
+    assert abs(np.median(gaps) - 1 / FPS) < 0.002 and np.percentile(gaps, 95) < 1.5 / FPS, gaps
+    assert abs(len(times) - times[-1] * FPS) <= 0.03 * len(times) + 2
+    audio = data["audio"]  # (arrival time, samples, rate) of each audio chunk pushed with the frames
+    assert set(audio[:, 2]) == {24000} and np.median(audio[:, 1]) == 480  # the transport's 20 ms chunks
+    speech_s = audio[:, 1].sum() / 24000
+    # all of the first utterance, and of the second what played before the interruption
+    assert float(data["speech_s"]) - 0.1 <= speech_s <= float(data["speech_s"]) + 1.2 + 0.05, speech_s
+    assert len(data["ttfb"]) >= 1 and data["ttfb"][0] < 0.3, data["ttfb"]  # reported in Pipecat's metrics
+
+
+def test_the_mouth_speaks_rests_in_the_pause_and_closes_on_an_interruption(pipeline, run):
+    data, times, marks = run
+    images = data["images"]
+    op = np.array([opening(pipeline, im) for im in images])
+    rest = float(np.median(op[times < marks["first_start"]]))
+    speaking = op[(times > marks["first_start"] + 0.2) & (times < marks["first_end"])]
+    pause = op[(times > marks["first_end"] + 0.4) & (times < marks["second_start"])]
+    after = op[times > marks["interrupt"] + 0.2]
+    assert speaking.max() - rest >= 0.05, (rest, speaking.max())
+    assert pause.max() - rest <= 0.02 and len(pause) >= 20, (rest, pause.max())
+    assert len(after) >= 20 and after.max() - rest <= 0.02, (rest, after.max())  # closed within 200 ms
+    meta = json.loads(str(data["meta"]))
+    late = [m["opening"] for m, t in zip(meta, times, strict=True) if t > marks["interrupt"] + 0.2]
+    assert max(late) < 0.05
