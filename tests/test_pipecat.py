@@ -21,7 +21,7 @@ FPS = 25
 def pipecat_python():
     venv = INTEGRATION / ".venv"
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import sonic_pipecat, sonic.live.session"]
+    check = [str(python), "-c", "import sonic_pipecat, sonic.live.session, aiortc"]
     if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
         subprocess.run([str(INTEGRATION / "setup_env.sh"), str(venv)], check=True, capture_output=True, timeout=900)
     return python
@@ -82,3 +82,41 @@ def test_the_mouth_speaks_rests_in_the_pause_and_closes_on_an_interruption(pipel
     meta = json.loads(str(data["meta"]))
     late = [m["opening"] for m, t in zip(meta, times, strict=True) if t > marks["interrupt"] + 0.2]
     assert max(late) < 0.05
+
+
+def in_own_network(command: list[str]) -> list[str]:
+    """The command in a network namespace of its own with only loopback up, where the test may
+    create one (root); else as it is (the script gathers loopback candidates only either way)."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return command
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+
+def test_the_face_reaches_a_webrtc_client_through_pipecats_transport(pipeline, pipecat_python, tmp_path):
+    """Pipecat's SmallWebRTC transport after the service, an aiortc client on loopback: the face's
+    frames at 25 fps and its speech arrive, the mouth moving while it speaks."""
+    out = tmp_path / "webrtc.npz"
+    command = [
+        str(pipecat_python),
+        str(ROOT / "tests" / "pipecat_webrtc_run.py"),
+        str(EXAMPLES / "astronaut.jpg"),
+        str(SPEECH),
+        str(out),
+        sys.executable,
+    ]
+    done = subprocess.run(in_own_network(command), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = np.load(out)
+    times, start, end = data["video_times"], float(data["speech_start"]), float(data["speech_end"])
+    assert {tuple(s) for s in data["video_sizes"].tolist()} == {(256, 336)}
+    gaps = np.diff(times)
+    assert abs(np.median(gaps) - 1 / FPS) < 0.003 and len(times) >= 0.9 * (times[-1] - times[0]) * FPS
+    audio = data["audio"]  # (arrival time, rate, RMS) of each audio frame received
+    during = audio[(audio[:, 0] > start + 0.3) & (audio[:, 0] < end), 2]
+    before = audio[audio[:, 0] < start, 2]
+    assert during.mean() > 0.01 and (len(before) == 0 or before.mean() < 0.002), (during.mean(), before)
+    op = np.array([opening(pipeline, im) for im in data["video"]])
+    rest = float(np.median(op[: max(3, int((start - times[0]) * FPS))]))
+    speaking = op[(times > start + 0.2) & (times < end)]
+    assert speaking.max() - rest >= 0.05, (rest, speaking.max())

@@ -8,5 +8,5 @@ venv="${1:-$here/.venv}"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/environment.txt"
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e "$root" -e "$here"
-"$venv/bin/python" -c "import sonic_pipecat, sonic.live.session" 2>/dev/null
+"$venv/bin/python" -c "import sonic_pipecat, sonic.live.session, aiortc" 2>/dev/null
 echo "$venv"

@@ -1,0 +1,162 @@
+"""sonic's face in a Pipecat pipeline delivered by Pipecat's SmallWebRTC transport to an aiortc
+client, run by tests/test_pipecat.py in the integration's environment inside a network namespace
+of its own (only loopback exists: no candidate or packet can leave the machine).
+
+    python tests/pipecat_webrtc_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON
+
+The source plays SPEECH as TTS audio (24 kHz, real time) once the client sees the face; the
+client records every video frame (time, size, pixels) and the audio it receives (time, rate, RMS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from pipecat.frames.frames import EndFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_transport import TransportParams
+from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+from pipecat.workers.runner import WorkerRunner
+from scipy.signal import resample_poly
+from sonic_pipecat import SonicVideoService
+
+TTS_RATE = 24_000
+CHUNK_S = 0.02
+WIDTH, HEIGHT = 256, 336  # the face at min_resolution 256 (the portrait's crop)
+
+
+class SpeechSource(FrameProcessor):
+    def __init__(self, wav: np.ndarray, face_seen: asyncio.Event, marks: dict) -> None:
+        super().__init__()
+        self._pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)
+        self._face_seen, self._marks = face_seen, marks
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            self.create_task(self._play())
+
+    async def _play(self) -> None:
+        await self._face_seen.wait()
+        await asyncio.sleep(0.5)
+        n = int(CHUNK_S * TTS_RATE)
+        start = self._marks["speech_start"] = time.monotonic()
+        for i, at in enumerate(range(0, len(self._pcm), n)):
+            frame = TTSAudioRawFrame(audio=self._pcm[at : at + n].tobytes(), sample_rate=TTS_RATE, num_channels=1)
+            await self.push_frame(frame)
+            await asyncio.sleep(max(0.0, start + (i + 1) * CHUNK_S - time.monotonic()))
+        self._marks["speech_end"] = time.monotonic()
+
+
+async def receive_video(track, frames: list, face_seen: asyncio.Event) -> None:
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        image = frame.to_ndarray(format="rgb24")
+        frames.append((time.monotonic(), image.shape[1], image.shape[0], image))
+        face_seen.set()
+
+
+async def receive_audio(track, chunks: list) -> None:
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float32) / 32768
+        chunks.append((time.monotonic(), frame.sample_rate, float(np.sqrt(np.mean(pcm**2)))))
+
+
+def loopback_only() -> None:
+    """Both peers gather host candidates on 127.0.0.1 only (aioice skips loopback by default,
+    and has no option for it: its address lookup is replaced for this process)."""
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+
+async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
+    loopback_only()
+    wav, rate = sf.read(speech, dtype="float32")
+    wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
+    face_seen, marks = asyncio.Event(), {}
+    video: list = []
+    audio: list = []
+    tasks: list = []
+
+    # the client: receives the face's video and audio (no ICE servers: host candidates only)
+    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    # audio first, then video: the transport fills the offer's transceivers in that order
+    client.addTransceiver("audio", direction="recvonly")
+    client.addTransceiver("video", direction="recvonly")
+    client.createDataChannel("messages")
+
+    @client.on("track")
+    def on_track(track) -> None:
+        receive = receive_video(track, video, face_seen) if track.kind == "video" else receive_audio(track, audio)
+        tasks.append(asyncio.ensure_future(receive))
+
+    await client.setLocalDescription(await client.createOffer())
+
+    # the bot: Pipecat's SmallWebRTC transport answers the offer
+    connection = SmallWebRTCConnection(ice_servers=[])
+    await connection.initialize(sdp=client.localDescription.sdp, type=client.localDescription.type)
+    answer = connection.get_answer()
+    transport = SmallWebRTCTransport(
+        webrtc_connection=connection,
+        params=TransportParams(
+            audio_out_enabled=True,
+            video_out_enabled=True,
+            video_out_is_live=True,
+            video_out_width=WIDTH,
+            video_out_height=HEIGHT,
+            video_out_framerate=25,
+        ),
+    )
+    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, sonic_python=sonic_python)
+    worker = PipelineWorker(
+        Pipeline([SpeechSource(wav, face_seen, marks), face, transport.output()]),
+        params=PipelineParams(audio_out_sample_rate=TTS_RATE),
+        idle_timeout_secs=None,
+    )
+    await client.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    async def finish() -> None:
+        while "speech_end" not in marks:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        await worker.queue_frame(EndFrame())
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    ending = asyncio.ensure_future(finish())
+    await asyncio.wait_for(runner.run(), timeout=60)
+    await ending
+    await client.close()
+    for t in tasks:
+        t.cancel()
+    np.savez(
+        out,
+        video_times=np.array([t for t, _, _, _ in video]),
+        video_sizes=np.array([(w, h) for _, w, h, _ in video]),
+        video=np.array([im for _, _, _, im in video if im.shape[:2] == (HEIGHT, WIDTH)]),
+        audio=np.array(audio),
+        speech_start=marks.get("speech_start", 0.0),
+        speech_end=marks.get("speech_end", 0.0),
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:5]))
