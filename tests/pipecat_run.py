@@ -1,7 +1,10 @@
 """A Pipecat pipeline with sonic's face after a stand-in TTS, run in the integration's own
 environment by tests/test_pipecat.py (not a test module itself).
 
-    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON
+    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON|SONIC_URL
+
+With a URL (http://...) the service uses that running sonic service's live sessions (`url=`)
+instead of the engine in this process.
 
 Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in real time (20 ms
 chunks): once in real time, a pause, then again all at once (as many TTS services send it),
@@ -110,13 +113,14 @@ class Recorder(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
+async def main(portrait: str, speech: str, out: str, sonic: str) -> None:
     wav, rate = sf.read(speech, dtype="float32")
     wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
     box: list = []
     marks: dict = {}
     recorder = Recorder()
-    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, sonic_python=sonic_python)
+    where = {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
+    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, **where)
     worker = PipelineWorker(
         Pipeline([SpeechSource(wav, box, marks, recorder.face_shown), face, recorder]),
         params=PipelineParams(audio_out_sample_rate=TTS_RATE, enable_metrics=True),

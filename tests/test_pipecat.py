@@ -27,27 +27,22 @@ def pipecat_python():
     return python
 
 
-@pytest.fixture(scope="module")
-def run(pipecat_python, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipecat") / "run.npz"
-    done = subprocess.run(
-        [
-            str(pipecat_python),
-            str(ROOT / "tests" / "pipecat_run.py"),
-            str(EXAMPLES / "astronaut.jpg"),
-            str(SPEECH),
-            str(out),
-            sys.executable,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def pipeline_run(pipecat_python, out, sonic: str):
+    """tests/pipecat_run.py with the engine in-process (sonic: sonic's interpreter) or a running
+    service's sessions (sonic: its URL) -> (recorded data, frame times from the first, marks)."""
+    script = ROOT / "tests" / "pipecat_run.py"
+    command = [str(pipecat_python), str(script), str(EXAMPLES / "astronaut.jpg"), str(SPEECH), str(out), sonic]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     data = np.load(out)
     times = data["image_times"]
     marks = {k: v - times[0] for k, v in json.loads(str(data["marks"])).items()}
     return data, times - times[0], marks
+
+
+@pytest.fixture(scope="module")
+def run(pipecat_python, tmp_path_factory):
+    return pipeline_run(pipecat_python, tmp_path_factory.mktemp("pipecat") / "run.npz", sys.executable)
 
 
 def opening(pipeline, image) -> float:
@@ -120,3 +115,25 @@ def test_the_face_reaches_a_webrtc_client_through_pipecats_transport(pipeline, p
     rest = float(np.median(op[: max(3, int((start - times[0]) * FPS))]))
     speaking = op[(times > start + 0.2) & (times < end)]
     assert speaking.max() - rest >= 0.05, (rest, speaking.max())
+
+
+def test_with_url_the_service_uses_a_running_sonic_services_sessions(pipeline, pipecat_python, tmp_path):
+    """url=: the portrait and the speech go to a real sonic server on loopback, the face comes back
+    over WebRTC; the same pipeline and the same checks as in-process."""
+    from test_http_live import start_server
+
+    proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
+    try:
+        data, times, marks = pipeline_run(pipecat_python, tmp_path / "remote.npz", info["base"])
+        op = np.array([opening(pipeline, im) for im in data["images"]])
+        rest = float(np.median(op[times < marks["first_start"]]))
+        assert abs(np.median(np.diff(times)) - 1 / FPS) < 0.004
+        assert op[(times > marks["first_start"] + 0.3) & (times < marks["first_end"])].max() - rest >= 0.05
+        assert op[(times > marks["first_end"] + 0.5) & (times < marks["second_start"])].max() - rest <= 0.02
+        after = op[times > marks["interrupt"] + 0.3]
+        assert len(after) >= 15 and after.max() - rest <= 0.02, (rest, after.max())
+        assert data["audio"][:, 1].sum() / 24000 >= float(data["speech_s"]) - 0.2
+        assert len(data["ttfb"]) >= 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

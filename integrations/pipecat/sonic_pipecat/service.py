@@ -8,6 +8,10 @@ face idles (blinks, gaze, breath); an interruption drops what was queued and clo
 within a few frames. The time from an utterance's first audio to its first frame is reported as
 TTFB in Pipecat's metrics.
 
+With `url=` it uses a running sonic service's live sessions instead (sonic_pipecat/remote.py: the
+portrait and the speech go over HTTP, the face comes back over WebRTC): nothing of sonic needs
+to be installed beside the agent.
+
 The portrait is prepared once, from the moment the service is made (in a thread; the pipeline's
 set-up waits for it, and TTS audio that comes earlier is kept): in this interpreter when it can load the face
 landmarker (MediaPipe), else by the sonic project's interpreter (`sonic_python`, or the
@@ -52,7 +56,8 @@ class SonicVideoService(FrameProcessor):
     portrait: path of the portrait; params: sonic's generation parameters that apply to live
     sessions (min_resolution, fps, seed, dynamic_scale, motion_scale, gaze, expression, ...);
     sonic_python: the sonic project's interpreter, used to prepare the portrait when this one
-    cannot load MediaPipe (default: $SONIC_PYTHON, else this interpreter)."""
+    cannot load MediaPipe (default: $SONIC_PYTHON, else this interpreter); url: a running sonic
+    service to open the session on instead of running the engine here (api_key: its key)."""
 
     def __init__(
         self,
@@ -60,6 +65,8 @@ class SonicVideoService(FrameProcessor):
         portrait: str | Path,
         params: dict[str, Any] | None = None,
         sonic_python: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -75,8 +82,12 @@ class SonicVideoService(FrameProcessor):
         self._error: str | None = None
         self._early: list[np.ndarray] = []  # speech heard before the face was ready
         self.frames_pushed = 0
+        self._url, self._api_key = url, api_key
+        self._remote: Any = None
+        self._remote_audio: asyncio.Task | None = None
+        self._last_heard = 0.0
         self._preparing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonic-face")
-        self._ready = self._preparing.submit(self._prepare)
+        self._ready = self._preparing.submit(self._prepare) if url is None else None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -111,6 +122,9 @@ class SonicVideoService(FrameProcessor):
     async def setup(self, setup: FrameProcessorSetup) -> None:
         await super().setup(setup)
         self._out_rate = setup.audio_out_sample_rate
+        if self._ready is None:
+            await self._open_remote()
+            return
         try:
             session = await asyncio.wrap_future(self._ready)
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
@@ -123,6 +137,19 @@ class SonicVideoService(FrameProcessor):
         self._early.clear()
         self._session = session
 
+    async def _open_remote(self) -> None:
+        from .remote import RemoteSession
+
+        assert self._url is not None  # remote mode
+        remote = RemoteSession(self._url, self._api_key)
+        try:
+            await remote.open(self._portrait, self._params)
+        except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
+            await remote.close()
+            self._error = f"SonicVideoService: {e}"
+            return
+        self._remote = remote
+
     # --- frames in --------------------------------------------------------------------------
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -134,6 +161,8 @@ class SonicVideoService(FrameProcessor):
         elif isinstance(frame, InterruptionFrame):
             if self._session is not None:
                 self._session.interrupt()
+            if self._remote is not None:
+                await self._remote.interrupt()
             self._awaiting_first_frame = False
             await self.push_frame(frame, direction)
         elif isinstance(frame, (EndFrame, CancelFrame)):
@@ -143,6 +172,10 @@ class SonicVideoService(FrameProcessor):
             await self.push_frame(frame, direction)
 
     async def _start(self) -> None:
+        if self._remote is not None:
+            self._clock = self.create_task(self._pump_remote_video())
+            self._remote_audio = self.create_task(self._pump_remote_audio())
+            return
         if self._session is None:
             await self.push_frame(ErrorFrame(error=self._error or "SonicVideoService: no portrait prepared"))
             return
@@ -154,6 +187,14 @@ class SonicVideoService(FrameProcessor):
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
+        if self._remote is not None:
+            now = time.monotonic()
+            if now - self._last_heard > 0.5 and not self._awaiting_first_frame:  # an utterance begins
+                self._awaiting_first_frame = True
+                await self.start_ttfb_metrics()
+            self._last_heard = now
+            self._remote.speak(speech)
+            return
         if self._session is None:
             if self._error is None:
                 self._early.append(speech)
@@ -198,10 +239,34 @@ class SonicVideoService(FrameProcessor):
             for i in range(0, len(audio), step):
                 await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
 
+    async def _pump_remote_video(self) -> None:
+        async for frame in self._remote.frames():
+            image = frame.to_ndarray(format="rgb24")
+            await self.push_frame(OutputImageRawFrame(image=image.tobytes(), size=(frame.width, frame.height), format="RGB"))
+            self.frames_pushed += 1
+
+    async def _pump_remote_audio(self) -> None:
+        step = self._out_rate * CHUNK_MS // 1000 * 2
+        async for frame in self._remote.audio():
+            samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
+            pcm = samples.mean(axis=1).astype(np.int16)
+            if not pcm.any():
+                continue  # silence between replies: nothing to play
+            if self._awaiting_first_frame and np.abs(pcm).max() > 300:
+                self._awaiting_first_frame = False
+                await self.stop_ttfb_metrics()
+            audio = await self._from_engine.resample(pcm.tobytes(), frame.sample_rate, self._out_rate)
+            for i in range(0, len(audio), step):
+                await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
+
     async def _stop(self) -> None:
-        if self._clock is not None:
-            await self.cancel_task(self._clock)
-            self._clock = None
+        if self._remote is not None:
+            await self._remote.close()
+            self._remote = None
+        for task in (self._clock, self._remote_audio):
+            if task is not None:
+                await self.cancel_task(task)
+        self._clock = self._remote_audio = None
         if self._session is not None:
             self._session.close()
             self._session = None

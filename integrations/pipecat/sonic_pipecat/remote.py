@@ -1,0 +1,137 @@
+"""A running sonic service's live session, as SonicVideoService's `url=` mode uses it.
+
+The session is opened with POST /api/sonic/live (the portrait, the parameters and a WebRTC offer
+that receives the face's video and audio and sends a silent microphone); speech goes to
+/speak as raw 16 kHz PCM (`audio/L16;rate=16000`) in batches of SEND_EVERY_S; /interrupt and
+DELETE do what they say. What the server sends arrives on the offer's tracks; `frames()` and
+`audio()` yield it as it comes (the server keeps picture and sound in sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+
+SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_only() -> None:
+    """Gather ICE host candidates on 127.0.0.1 only (a server on this machine: nothing need
+    leave it; aioice has no option for it, so its address lookup is replaced for the process)."""
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+
+class RemoteSession:
+    """One live session of a sonic service, from an asyncio event loop."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http: aiohttp.ClientSession | None = None
+        self._pc: RTCPeerConnection | None = None
+        self.session_id: str | None = None
+        self.fps = 25
+        self._video: asyncio.Queue = asyncio.Queue()
+        self._audio: asyncio.Queue = asyncio.Queue()
+        self._outgoing = bytearray()
+        self._sender: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        if urlparse(self.url).hostname in LOOPBACK:
+            loopback_only()
+
+    async def open(self, portrait: str, params: dict[str, Any]) -> None:
+        self._http = aiohttp.ClientSession(headers=self._headers)
+        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTrack(AudioStreamTrack())  # the microphone the session mixes in: silence
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            queue = self._video if track.kind == "video" else self._audio
+            self._tasks.append(asyncio.ensure_future(_drain(track, queue)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        form = aiohttp.FormData()
+        form.add_field("image", Path(portrait).read_bytes(), filename=Path(portrait).name)
+        form.add_field("config", json.dumps(params))
+        form.add_field("offer", json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}))
+        async with self._http.post(f"{self.url}/api/sonic/live", data=form) as r:
+            body = await r.json(content_type=None)
+            if r.status != 201:
+                error = body.get("error", {}) if isinstance(body, dict) else {}
+                raise RuntimeError(f"the sonic service refused the session ({r.status}): {error.get('message', body)}")
+        self.session_id = body["session_id"]
+        self.fps = int(params.get("fps", 25))
+        await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
+        self._sender = asyncio.ensure_future(self._send_speech())
+
+    def speak(self, pcm: np.ndarray) -> None:
+        """Queue speech (float32 at 16 kHz): sent with the next batch."""
+        self._outgoing += (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def _send_speech(self) -> None:
+        while True:
+            await asyncio.sleep(SEND_EVERY_S)
+            if not self._outgoing or self._http is None:
+                continue
+            body, self._outgoing = bytes(self._outgoing), bytearray()
+            headers = {"Content-Type": "audio/L16;rate=16000"}
+            async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/speak", data=body, headers=headers) as r:
+                if r.status >= 400:
+                    raise RuntimeError(f"the sonic service refused speech ({r.status}): {await r.text()}")
+
+    async def interrupt(self) -> None:
+        self._outgoing.clear()
+        if self._http is not None and self.session_id:
+            async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/interrupt") as r:
+                await r.read()
+
+    async def frames(self) -> AsyncIterator[Any]:
+        """The face's video frames (av.VideoFrame) as they arrive, until the session ends."""
+        while (frame := await self._video.get()) is not None:
+            yield frame
+
+    async def audio(self) -> AsyncIterator[Any]:
+        """The face's audio frames (av.AudioFrame) as they arrive, until the session ends."""
+        while (frame := await self._audio.get()) is not None:
+            yield frame
+
+    async def close(self) -> None:
+        for task in [self._sender, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        if self._http is not None:
+            if self.session_id:
+                try:
+                    async with self._http.delete(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+                        await r.read()
+                except aiohttp.ClientError:
+                    pass  # the server is gone: nothing left to end
+            await self._http.close()
+            self._http = None
+        if self._pc is not None:
+            await self._pc.close()
+            self._pc = None
+        await self._video.put(None)
+        await self._audio.put(None)
+
+
+async def _drain(track, queue: asyncio.Queue) -> None:
+    while True:
+        try:
+            await queue.put(await track.recv())
+        except MediaStreamError:
+            await queue.put(None)
+            return
