@@ -84,11 +84,16 @@ def test_a_person_makes_and_plays_a_video_with_progress(server, browser):
     scale = d.find_element("id", "param-dynamic_scale")
     assert (scale.get_attribute("min"), scale.get_attribute("max")) == ("0.5", "2")
     assert d.find_element("id", "param-align_mouth").get_attribute("type") == "checkbox"
+    expression = d.find_element("id", "param-expression")  # a parameter with choices: a select
+    options = [o.get_attribute("value") for o in expression.find_elements("tag name", "option")]
+    assert expression.tag_name == "select" and options == ["neutral", "smile", "serious"], options
     choose(d, PORTRAIT, SPEECH)
     wait(d, "return !document.getElementById('preview').hidden && document.getElementById('preview').naturalWidth > 0",
          10, "the portrait's preview")
     set_param(d, "min_resolution", 512)
     set_param(d, "seed", 11)
+    set_param(d, "expression", "smile")
+    assert d.execute_script("return config().expression") == "smile"
     # record what the progress bar shows while the job runs
     d.execute_script("""
         window.seen = [];
