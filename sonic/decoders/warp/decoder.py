@@ -127,10 +127,13 @@ def _outside_distance(poly: np.ndarray, hw) -> np.ndarray:
     return cv2.distanceTransform(1 - inside, cv2.DIST_L2, 5)
 
 
-def _box(pts: np.ndarray, margin: float, hw) -> tuple[int, int, int, int]:
-    h, w = hw
+def _box(pts: np.ndarray, margin: float, hw: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """x0, y0, x1, y1 around pts with a margin, clipped to a frame of size hw (None: unclipped)."""
     x0, y0 = np.floor(pts.min(0) - margin).astype(int)
     x1, y1 = np.ceil(pts.max(0) + margin).astype(int) + 1
+    if hw is None:
+        return int(x0), int(y0), int(x1), int(y1)
+    h, w = hw
     return int(max(0, x0)), int(max(0, y0)), int(min(w, x1)), int(min(h, y1))
 
 
@@ -169,8 +172,8 @@ class WarpDecoder:
 
         # 2. expression fields over the mouth box (where an expression coefficient moves the face)
         reach = np.abs(rig.basis[EXPRESSION]).max(axis=2) * np.array(EXPRESSION_MAX)[:, None]
-        moving = np.flatnonzero(reach.max(0) > FIELD_EPS_PX)
-        self.mbox = _box(lm[moving], REACH_IOD * iod, (h, w))
+        self._moving = np.flatnonzero(reach.max(0) > FIELD_EPS_PX)
+        self.mbox = _box(lm[self._moving], REACH_IOD * iod, (h, w))
         self._fit_fields(lm, oval, radial)
 
         # 3. lids, gaze and brows
@@ -203,8 +206,11 @@ class WarpDecoder:
         """Two field sets split at the lips' parting line, where the motion is discontinuous:
         one fitted without the lower lip (valid above the line), one without the upper lip."""
         rig, iod = self.rig, self.rig.iod
-        x0, y0, x1, y1 = self.mbox
-        h, w = y1 - y0, x1 - x0
+        # the still anchors go on the border of the box where the expression reaches, unclipped:
+        # on a frame that ends at the chin, anchors on the frame's edge would pin the moving chin
+        # (three dark dents along the bottom edge)
+        ax0, ay0, ax1, ay1 = _box(lm[self._moving], REACH_IOD * iod, None)
+        h, w = ay1 - ay0, ax1 - ax0
         per = max(8, int(2 * (w + h) / ANCHOR_STEP_PX))
         t = np.linspace(0, 1, per // 4 + 1)[:-1]
         border = np.concatenate(
@@ -214,7 +220,9 @@ class WarpDecoder:
                 np.stack([(1 - t) * (w - 1), (h - 1) + 0 * t], 1),
                 np.stack([0 * t, (1 - t) * (h - 1)], 1),
             ]
-        ) + np.array([x0, y0])
+        ) + np.array([ax0, ay0])
+        x0, y0, x1, y1 = self.mbox
+        h, w = y1 - y0, x1 - x0
         # still rings just outside the face oval confine the expression to the face: the neck,
         # collar and background stay where they are when the jaw drops
         rings = np.concatenate([oval + r * iod * radial for r in STILL_RINGS_IOD])
