@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import EXAMPLES, SPEECH
+from test_short_clips import frames_of, similarity
 
 from sonic.audio_features import encode_audio, frame_pitch
 from sonic.landmarks import EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_BROW, RIGHT_BROW, RIGID_UPPER
@@ -17,15 +18,6 @@ from sonic.prosody import ACCENT_GAP_S, detect
 
 FACE = EXAMPLES / "astronaut.jpg"  # no glasses: brows move (a face with glasses keeps them still)
 FPS = 25
-
-
-def frames_of(path):
-    cap = cv2.VideoCapture(str(path))
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            return
-        yield cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
 
 
 def axes(lm):
@@ -108,8 +100,6 @@ def test_the_upper_face_stays_rigid_while_brows_and_eyes_move(pipeline, speaking
     set), over the whole 8 s clip. (The face's outline at the temples and cheekbones is left to
     tests/test_short_clips.py: over 8 s the landmarker's silhouette points wander past 0.03 IOD
     with the head's motion alone, as they did before the brows and eyes moved.)"""
-    from test_short_clips import similarity
-
     rest = speaking[0]
     iod = axes(rest)[2]
     aperture = np.median([np.linalg.norm(lm[159] - lm[145]) + np.linalg.norm(lm[386] - lm[374]) for lm in speaking])
