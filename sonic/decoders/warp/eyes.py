@@ -44,7 +44,6 @@ LASH_IOD = (0.008, 0.05)  # the lash line above the margin (measured per eye wit
 EDGE_PX = 0.6  # the occluding lid margin is anti-aliased over this many px
 BROW_ABOVE_IOD = 0.3  # the skin this far above a brow still moves with it, less and less
 BROW_SIDE_IOD = 0.1  # ... and this far beyond the brow's ends
-BROW_MAX_IOD = 0.08  # the highest raise a brow's box makes room for
 BROW_MIN_ABOVE_IOD = 0.06  # ... but over at least this much (a fringe on the brows: a short fade)
 HAIR_DISTANCE = 16.0  # Lab distance from the cheeks' skin at which the forehead turns to hair
 CORNER_STILL = 0.7  # the white moves with the iris over this share of the way to each corner
@@ -167,6 +166,19 @@ def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float
     dx, dy = shift
     if eye.iris is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
         return px, py
+    # only rows that reach into the opening can change (most of the eye's box is lid and fold)
+    rows = np.flatnonzero(((py > np.nanmin(eye.upper)) & (py < np.nanmax(eye.lower))).any(axis=1))
+    if len(rows) == 0:
+        return px, py
+    r0, r1 = rows[0], rows[-1] + 1
+    sx, sy = px.astype(np.float32), py.astype(np.float32)
+    sx[r0:r1], sy[r0:r1] = _gaze_rows(eye, px[r0:r1], py[r0:r1], dx, dy)
+    return sx, sy
+
+
+def _gaze_rows(eye: Eye, px: np.ndarray, py: np.ndarray, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
+    """gaze_map over rows that reach into the opening."""
+    assert eye.iris is not None  # gaze_map returns early without one
     cx, _, radius = eye.iris
     width = eye.x1 - eye.x0
     col = np.clip(np.round(px).astype(int) - eye.x0, 0, width - 1)
@@ -188,7 +200,7 @@ def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float
     ok = np.isfinite(s_up) & np.isfinite(s_lo)
     sy = np.where(ok & inside, np.clip(sy, s_up + 0.5, np.maximum(s_lo - 0.5, s_up + 0.5)), sy)
     sx = np.where(ok | ~inside, sx, px)
-    return sx.astype(np.float32), sy.astype(np.float32)
+    return sx, sy
 
 
 @dataclass(frozen=True)
@@ -259,7 +271,9 @@ def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) 
             at = cols[inside] - x0
             below[at] = np.maximum(eye.upper[cols[inside] - eye.x0] - eye.lash - middle[at], half + 1.0)
         reach = _below_hair(lab, skin, xs.astype(int), middle - half, above)
-        y0 = int(max(0, np.floor(middle.min() - half - above - BROW_MAX_IOD * iod)))
+        # above the raise's reach every point shows itself (the profile is 0 there, so the
+        # backward map's fixed point is the point): the box ends where the reach does
+        y0 = int(max(0, np.floor(middle.min() - half - above)))
         y1 = int(min(h, np.ceil((middle + below).max()) + 1))
         if y1 - y0 < 3:
             continue
@@ -305,14 +319,16 @@ def _thickness(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return np.abs(np.interp(top[:, 0], bottom[order, 0], bottom[order, 1]) - top[:, 1])
 
 
-def _brow_profile(brow: Brow, col: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """0..1: how much of the raise the face at (column, y) takes."""
-    d = y - brow.middle[col]  # > 0 below the middle line
-    below = brow.below[col]
-    down = 1 - np.clip((d - brow.half) / np.maximum(below - brow.half, 1.0), 0, 1)
-    up = 1 - np.clip((-d - brow.half) / brow.above[col], 0, 1)
+def _brow_profile(
+    half: float, middle: np.ndarray, below: np.ndarray, above: np.ndarray, share: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """0..1: how much of the raise the face at height y takes, given the brow's values at each
+    point's column (looked up once by brow_map for both of its steps)."""
+    d = y - middle  # > 0 below the middle line
+    down = 1 - np.clip((d - half) / np.maximum(below - half, 1.0), 0, 1)
+    up = 1 - np.clip((-d - half) / above, 0, 1)
     t = np.where(d >= 0, down, up)
-    return t * t * (3 - 2 * t) * brow.share[col]
+    return t * t * (3 - 2 * t) * share
 
 
 def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndarray:
@@ -322,6 +338,7 @@ def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndar
     if abs(lift) < 1e-3:
         return qy
     col = np.clip(np.round(qx).astype(int) - brow.x0, 0, brow.x1 - brow.x0 - 1)
-    sy = qy + lift * _brow_profile(brow, col, qy)
-    sy = qy + lift * _brow_profile(brow, col, sy)
+    at = (brow.half, brow.middle[col], brow.below[col], brow.above[col], brow.share[col])
+    sy = qy + lift * _brow_profile(*at, qy)
+    sy = qy + lift * _brow_profile(*at, sy)
     return sy.astype(np.float32)
