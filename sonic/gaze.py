@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .motion import smoothstep
+
 SACCADE_S = 0.05  # a saccade takes this long
 FIXATION_S = (0.5, 3.0)  # fixations last this long (drawn from a gamma distribution, mean ~1.2 s)
 AT_CAMERA = 0.65  # share of fixations on the camera (with a microsaccade's jitter)
@@ -22,11 +24,6 @@ GLANCE_P = 0.5  # chance of a glance away at a phrase start ...
 GLANCE_S = (0.4, 0.9)  # ... held this long, then back to the camera
 BLINK_SACCADE_P = 0.5  # chance that a blink carries a saccade to a new fixation
 BLINK_SACCADE_AFTER_S = 0.4  # ... if the eyes have held still at least this long
-
-
-def _smoothstep(t: float) -> float:
-    t = min(max(t, 0.0), 1.0)
-    return t * t * (3 - 2 * t)
 
 
 class GazePlanner:
@@ -53,7 +50,7 @@ class GazePlanner:
         self._target, self._moved_at, self._until = target, t, t + hold_s
 
     def _position(self, t: float) -> np.ndarray:
-        return self._from + (self._target - self._from) * _smoothstep((t - self._moved_at) / SACCADE_S)
+        return self._from + (self._target - self._from) * smoothstep(t - self._moved_at, 0.0, SACCADE_S)
 
     def step(self, t: float, blink_starts: bool, phrase_starts: bool) -> np.ndarray:
         """The gaze at time t (s); `blink_starts`: a blink begins in this frame; `phrase_starts`:

@@ -21,7 +21,6 @@ from scipy.ndimage import gaussian_filter1d
 if TYPE_CHECKING:  # annotations only: the render helpers import this module without the audio stack
     from .audio_features import AudioFeatures
     from .prosody import Event
-from .gaze import GazePlanner
 from .landmarks import (
     CORNERS,
     EYE_OUTER,
@@ -321,9 +320,11 @@ def accent_nods(times: np.ndarray, events: list[Event], fps: int) -> np.ndarray:
 
 def gaze_path(n: int, fps: int, shut_at: list[float], events: list[Event], rng: np.random.Generator) -> np.ndarray:
     """(T, 2) gaze in IOD: the planner stepped over the clip's frames, as a live session steps it."""
+    from .gaze import GazePlanner  # here: gaze.py uses this module's smoothstep
+
     planner = GazePlanner(rng)
     phrase_frames = {e.frame for e in events if e.kind == "phrase"}
-    blink_frames = {int(np.floor((s - BLINK_CLOSE_S) * fps)) for s in shut_at}
+    blink_frames = {blink_start_frame(s, fps) for s in shut_at}
     return np.array([planner.step(i / fps, i in blink_frames, i in phrase_frames) for i in range(n)]).reshape(n, 2)
 
 
@@ -360,6 +361,11 @@ def blink_times(rng: np.random.Generator) -> Iterator[float]:
     while True:
         yield t
         t += max(BLINK_MIN_S, rng.gamma(4.0, BLINK_MEAN_S / 4.0))
+
+
+def blink_start_frame(shut_at: float, fps: int) -> int:
+    """The frame in which a blink shut at `shut_at` (s) begins to close."""
+    return int(np.floor((shut_at - BLINK_CLOSE_S) * fps))
 
 
 def blink_curve(times: np.ndarray, shut_at: list[float]) -> np.ndarray:

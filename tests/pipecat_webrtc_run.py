@@ -28,6 +28,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 from scipy.signal import resample_poly
 from sonic_pipecat import SonicVideoService
+from sonic_pipecat.remote import loopback_only
 
 TTS_RATE = 24_000
 CHUNK_S = 0.02
@@ -77,14 +78,6 @@ async def receive_audio(track, chunks: list) -> None:
             return
         pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float32) / 32768
         chunks.append((time.monotonic(), frame.sample_rate, float(np.sqrt(np.mean(pcm**2)))))
-
-
-def loopback_only() -> None:
-    """Both peers gather host candidates on 127.0.0.1 only (aioice skips loopback by default,
-    and has no option for it: its address lookup is replaced for this process)."""
-    import aioice.ice
-
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
 
 
 async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:

@@ -27,6 +27,7 @@ from ..motion import (
     Rig,
     accent_nods,
     blink_curve,
+    blink_start_frame,
     blink_times,
     brow_track,
     head_pose,
@@ -139,7 +140,7 @@ class MotionStream:
         coeffs[COEFFS.index("blink")] = self._blink(t)
         coeffs[COEFFS.index("brow")] = brow_track(np.array([t]), self._events, self.fps, self.dynamic_scale)[0]
         if self._gaze is not None:
-            blink_starts = any(int(np.floor((s - BLINK_CLOSE_S) * self.fps)) == index for s in self._shut_at)
+            blink_starts = any(blink_start_frame(s, self.fps) == index for s in self._shut_at)
             phrase_starts = any(e.frame == index and e.kind == "phrase" for e in self._events)
             gaze = self._gaze.step(t, blink_starts, phrase_starts)
             coeffs[COEFFS.index("gaze_x")], coeffs[COEFFS.index("gaze_y")] = gaze
