@@ -86,8 +86,12 @@ class SonicVideoService(FrameProcessor):
         self._remote: Any = None
         self._remote_audio: asyncio.Task | None = None
         self._last_heard = 0.0
-        self._preparing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonic-face")
-        self._ready = self._preparing.submit(self._prepare) if url is None else None
+        # the engine in this process: its portrait is prepared from now on, in a thread of its own
+        self._ready: concurrent.futures.Future | None = None
+        if url is None:
+            preparing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonic-face")
+            self._ready = preparing.submit(self._prepare)
+            preparing.shutdown(wait=False)  # the thread ends with its one task
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -130,8 +134,6 @@ class SonicVideoService(FrameProcessor):
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
             self._error = f"SonicVideoService: {e}"
             return
-        finally:
-            self._preparing.shutdown(wait=False)
         for pcm in self._early:
             session.speak(pcm)
         self._early.clear()
