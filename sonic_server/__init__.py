@@ -71,9 +71,19 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     from .live.routes import bp as live_routes
-    from .live.sessions import LiveSessions
 
-    svc.live = app.extensions["sonic_live"] = LiveSessions(settings.live)
+    warm_live = None  # live sessions start faster with their face analyser and a helper ready (live.warm_start)
+    if srv.redis_url:  # distributed: sessions run on the workers, steered from here through Redis
+        from .live.relay import settler
+        from .live.remote import RemoteSessions
+
+        svc.live = RemoteSessions(settings.live, srv.redis_url, settler(svc.billing))
+    else:
+        from .live.sessions import LiveSessions
+
+        here = svc.live = LiveSessions(settings.live)
+        if settings.live.enabled and settings.live.warm_start:
+            warm_live = here.warm
     app.register_blueprint(live_routes)
     if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler
@@ -113,7 +123,5 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
             end_hooks=end_hooks,
         )
 
-    # live sessions start faster with their face analyser and a helper process ready (live.warm_start)
-    warm_live = svc.live.warm if settings.live.enabled and settings.live.warm_start and not srv.redis_url else None
     loader.start(svc, make_queue, background_load, then=warm_live)
     return app

@@ -9,6 +9,7 @@ takes it wherever it takes its own `Settings`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
@@ -39,6 +40,7 @@ class ServerSettings:
     redis_url: str | None = None  # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
     worker_lease_s: float = 30.0  # a running job whose worker is silent this long is failed (worker_lost)
     retry_lost_jobs: int = 0  # ... or queued again, this many times, before it is failed
+    worker_drain_s: float = 30.0  # a worker stopped gracefully (SIGTERM) lets its live sessions run this long
     fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
     database_url: str | None = (
         None  # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
@@ -94,7 +96,8 @@ class LiveSettings:
     """Live sessions over WebRTC (docs/live.md). Variables: SONIC_LIVE_<NAME>."""
 
     enabled: bool = True
-    max_sessions: int = 2  # running at once; more -> 503 busy (a 512 px session takes ~40 % of a core here)
+    # running at once, here or on each worker (distributed); more -> 503 busy (512 px: ~40 % of a core here)
+    max_sessions: int = 2
     processes: bool = True  # each session renders in a helper process of its own (false: a thread here)
     warm_start: bool = True  # at start-up, make the face analyser and a helper ready (~0.1 GB, ~2 s of CPU)
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)
@@ -102,6 +105,7 @@ class LiveSettings:
     max_speak_s: float = 600.0  # seconds of speech one speak request may queue
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
     host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)
+    public_host: str = ""  # behind a 1:1 NAT: the address clients reach this machine at, put in the answer
 
 
 STORAGE_KINDS = ("local", "s3")
@@ -203,3 +207,10 @@ def _check_live(live: LiveSettings) -> None:
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
             raise SettingsError(f"setting live.ice_servers: {url!r} is not a stun:, turn: or turns: URL")
+    if live.public_host:
+        try:
+            ipaddress.ip_address(live.public_host)
+        except ValueError:
+            raise SettingsError(
+                f"setting live.public_host must be an IP address (what clients connect to), got {live.public_host!r}"
+            ) from None

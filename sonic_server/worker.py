@@ -7,6 +7,11 @@ shared volume), or with `storage: s3` a bucket: then it fetches a job's uploads 
 runs, a thread renews the job's lease in Redis every few seconds: a worker killed mid-job lets
 it lapse, and the API marks the job failed (`worker_lost`) instead of leaving it `processing`.
 Between jobs the worker sweeps expired videos and records.
+
+It also hosts live sessions (live.enabled, up to live.max_sessions at once: sonic_server/live/
+host.py): its heartbeat advertises its free slots, API processes place sessions on it through
+Redis, and the clients' media flow to it directly. SIGTERM drains it: no new jobs or sessions,
+the running job finishes, the running sessions go on up to server.worker_drain_s.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from . import lifecycle
 from .expiry import OutputExpiry
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobCanceled, JobEnd
+from .live.host import LiveHost
+from .live.relay import Records, reap_lost
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
@@ -60,6 +67,7 @@ class WorkerState:
     retry_lost_jobs: int
     decoder: str
     device: str
+    host: LiveHost | None = None  # its live sessions (live.enabled; not with --burst)
     current: str | None = None  # the job this worker runs now
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
 
@@ -154,21 +162,40 @@ def _execute(state: WorkerState, rec: JobRecord) -> tuple[JobStatus, dict]:
     return status, fields
 
 
-def end_hooks(settings: ServerConfig) -> tuple[Callable[[JobRecord], None], ...]:
+def end_hooks(settings: ServerConfig, ledger: Any) -> tuple[Callable[[JobRecord], None], ...]:
     """What runs when a job ends on this worker: with credits, its hold is settled here, where
     it ended (the API processes' settler sweeps up what a killed worker left)."""
-    if not settings.credits.enabled:
+    if ledger is None:
         return ()
-    from .accounts import Ledger, Settler, database_url, video_price
+    from .accounts import Settler, video_price
 
     price = settings.credits
-
-    settler = Settler(
-        Ledger.open(database_url(settings)),
-        lambda: None,
-        lambda result: video_price(price, result.get("duration", 0.0)),
-    )
+    settler = Settler(ledger, lambda: None, lambda result: video_price(price, result.get("duration", 0.0)))
     return (settler.settle,)
+
+
+def open_ledger(settings: ServerConfig) -> Any:
+    """The accounts' ledger with credits enabled (None without): jobs and live sessions that end
+    here are settled here."""
+    if not settings.credits.enabled:
+        return None
+    from .accounts import Ledger, database_url
+
+    return Ledger.open(database_url(settings))
+
+
+def live_host(settings: ServerConfig, pipeline: Any, name: str, conn: Any, ledger: Any) -> LiveHost | None:
+    """The worker's live sessions, when it hosts them (live.enabled, max_sessions > 0)."""
+    if not settings.live.enabled or settings.live.max_sessions == 0:
+        return None
+    from .live.relay import Records, settler
+
+    billing = None
+    if ledger is not None:
+        from .accounts import Billing
+
+        billing = Billing(ledger, settings.credits)
+    return LiveHost(settings, pipeline, name, Records(conn), settler(billing))
 
 
 def announce(state: WorkerState, conn) -> None:
@@ -182,6 +209,7 @@ def announce(state: WorkerState, conn) -> None:
                 "decoder": state.decoder,
                 "device": state.device,
                 "heartbeat": time.time(),
+                **(state.host.capacity() if state.host is not None else {}),
             }
         ),
         px=int(state.lease_s * 1000),
@@ -201,6 +229,7 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
     conn = redis.Redis.from_url(url, socket_timeout=beat, socket_connect_timeout=beat, retry=Retry(NoBackoff(), 0))
     renew = conn.register_script(RENEW_LEASE)
     store = RedisStore(conn)
+    records = Records(conn)
     while not stop.is_set():
         try:
             held = state.lease
@@ -208,6 +237,9 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
                 renew(keys=[held[0]], args=[held[1], int(state.lease_s * 1000)])
             announce(state, conn)
             reap(store, state.retry_lost_jobs, state.output_dir, state.ending)
+            if state.host is not None:
+                state.host.beat()
+                reap_lost(records, state.host.settle)
         except Exception:  # noqa: BLE001 - Redis away: try at the next beat
             log.warning("worker %s: heartbeat failed", state.name)
         stop.wait(beat)
@@ -225,6 +257,36 @@ def scratch_space(output_dir: Path, name: str, conn) -> Path:
     return scratch
 
 
+def announce_now(state: WorkerState, conn: Any) -> None:
+    """A change the API processes should see at once (a session opened or ended, a drain), not
+    at the next beat."""
+    try:
+        announce(state, conn)
+    except Exception:  # noqa: BLE001 - the next beat says it
+        pass
+
+
+def draining(state: WorkerState, conn: Any) -> None:
+    """SIGTERM: no new live sessions from now on."""
+    if state.host is not None:
+        state.host.draining.set()
+        log.info("worker %s: stopping; no new live sessions", state.name)
+        announce_now(state, conn)
+
+
+def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
+    """RQ's in-process worker, told about a stop request before RQ handles it (warm shutdown:
+    the running job finishes, then work() returns)."""
+    from rq import SimpleWorker
+
+    class Worker(SimpleWorker):
+        def request_stop(self, signum: Any, frame: Any) -> None:
+            on_stop()
+            super().request_stop(signum, frame)
+
+    return Worker([rq_queue(conn)], connection=conn, name=name)
+
+
 def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml")
@@ -237,6 +299,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # each ICE check of each live session otherwise
     try:
         settings = load_settings(
             a.config,
@@ -252,8 +315,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     srv = settings.server
     if not srv.redis_url:
         sys.exit("error: a worker needs Redis: set server.redis_url (SONIC_REDIS_URL) or --redis-url")
-    from rq import SimpleWorker
-
     from sonic import load_pipeline
 
     conn = connect(srv.redis_url)
@@ -266,7 +327,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         if outputs.remote:
             outputs.s3.check()
         pipeline = load_pipeline(settings)
-        hooks = end_hooks(settings)
+        ledger = open_ledger(settings)
+        hooks = end_hooks(settings, ledger)
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
@@ -290,6 +352,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         retry_lost_jobs=srv.retry_lost_jobs,
         decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name),
         device=str(pipeline.device),
+        host=None if a.burst else live_host(settings, pipeline, name, conn, ledger),
     )
     if outputs.remote:  # this worker's own folder: nothing is shared
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
@@ -302,9 +365,19 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         from prometheus_client import start_http_server
 
         start_http_server(a.metrics_port, registry=REGISTRY)
+    if state.host is not None:
+        state.host.on_change = lambda: announce_now(state, conn)
+        if settings.live.warm_start:
+            threading.Thread(target=state.host.live.warm, name="sonic-live-warm", daemon=True).start()
+        commands = connect(srv.redis_url)  # its own: it blocks waiting for commands
+        threading.Thread(
+            target=state.host.serve, args=(commands, stop), name="sonic-live-commands", daemon=True
+        ).start()
     log.info("worker %s ready: decoder %s on %s", name, pipeline.decoder.name, pipeline.device)
     try:
-        SimpleWorker([rq_queue(conn)], connection=conn, name=name).work(burst=a.burst, logging_level="WARNING")
+        rq_worker(conn, name, lambda: draining(state, conn)).work(burst=a.burst, logging_level="WARNING")
+        if state.host is not None:  # stopped (SIGTERM) or done (--burst): its sessions may finish
+            state.host.drain(srv.worker_drain_s)
     finally:
         stop.set()
         conn.delete(PREFIX + f"worker:{name}")  # a clean stop leaves the list at once

@@ -23,6 +23,7 @@ from ..errors import error_response
 from ..json_input import MAX_CONFIG_CHARS, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
+from .remote import RemoteSession, RemoteSessions
 from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
 bp = Blueprint("live", __name__)
@@ -40,6 +41,7 @@ SESSION = component(
             "session_id": {"type": "string"},
             "answer": {"type": "object", "properties": {"sdp": {"type": "string"}, "type": {"type": "string"}}},
             "state_url": {"type": "string"},
+            "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
         },
     },
 )
@@ -60,6 +62,7 @@ STATE = component(
             "height": {"type": "integer"},
             "streamed_s": {"type": "number"},
             "connection": {"type": "string"},
+            "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
         },
     },
 )
@@ -95,21 +98,22 @@ SPEAK = {
 path_parameter("session_id", SESSION_ID, "the id POST /api/sonic/live returned")
 
 
-def registry() -> LiveSessions:
+def registry() -> LiveSessions | RemoteSessions:
     live = service().live
     assert live is not None  # create_app makes it
     return live
 
 
 def _ready(svc: Service) -> None:
-    """Live sessions render in this process, with the pipeline the job queue loaded."""
+    """Live sessions render in this process, with the pipeline the job queue loaded, or on the
+    workers (distributed mode)."""
     if not svc.settings.live.enabled:
         raise LiveUnavailable("live sessions are turned off on this server (live.enabled)")
     if svc.queue is None:
         raise LiveUnavailable("the service is " + ("starting" if svc.status == "starting" else "not set up"))
+    if isinstance(svc.live, RemoteSessions):
+        return
     pipeline = getattr(svc.queue, "pipeline", None)
-    if pipeline is None:
-        raise LiveUnavailable("live sessions run in the API process, which has no pipeline in distributed mode")
     if getattr(pipeline, "decoder", None) is None:
         raise LiveUnavailable("this server's pipeline cannot run live sessions")
 
@@ -118,9 +122,10 @@ class LiveUnavailable(SonicError):
     code = "not_ready"
 
 
-def _options(svc: Service) -> GenerateOptions:
+def _options(svc: Service) -> tuple[dict, GenerateOptions]:
+    """The config as sent (what a worker is sent) and checked."""
     params = json_object_field("config", MAX_CONFIG_CHARS) or {}
-    return GenerateOptions.from_dict(params, svc.settings, ignore=("async", "decoder"))
+    return params, GenerateOptions.from_dict(params, svc.settings, ignore=("async", "decoder"))
 
 
 def _offer() -> dict:
@@ -130,14 +135,15 @@ def _offer() -> dict:
     return offer
 
 
-def _image() -> np.ndarray:
+def _image() -> tuple[bytes, np.ndarray]:
+    """The portrait's bytes (what a worker is sent) and its checked pixels."""
     f = request.files.get("image")
     if f is None:
         raise InvalidParameter("multipart file field 'image' is missing", field="image")
     data = f.read()
     if not data:
         raise InvalidParameter("image is empty", field="image")
-    return load_portrait(io.BytesIO(data), service().settings.limits)
+    return data, load_portrait(io.BytesIO(data), service().settings.limits)
 
 
 @bp.post("/api/sonic/live")
@@ -149,49 +155,73 @@ def _image() -> np.ndarray:
         400: error("bad or missing field (config, offer: bad SDP or no video receiver)"),
         402: error("credits enabled: not enough credits for the least a session holds (3 s)"),
         413: error("image too large"),
-        415: error("not a decodable image"),
+        415: error("not decodable image"),
         422: error("no face"),
-        503: error("live.max_sessions reached (Retry-After), or live sessions unavailable"),
+        503: error("live.max_sessions reached (on every worker, distributed), Retry-After; or live unavailable"),
     },
 )
 def open_session():
     svc = service()
-    options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
+    params, options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
     offer = _offer()
     check_offer(offer)
-    rgb = _image()
+    image, rgb = _image()
     _ready(svc)
     live = registry()
+    if isinstance(live, RemoteSessions):
+        hold = _hold_credit(svc, live.settings.max_session_s)
+        try:
+            session_id, worker, answer = live.start(image, params, offer, caller().owner, hold)
+        except Exception:
+            _release(svc, hold)
+            raise
+    else:
+        session_id, answer = _open_here(svc, live, rgb, options, offer)
+        worker = None
+    state_url = url_for("live.session_state", session_id=session_id, _external=True)
+    body = {"session_id": session_id, "answer": answer, "state_url": state_url}
+    if worker is not None:
+        body["worker"] = worker
+    resp = jsonify(body)
+    resp.status_code = 201
+    resp.headers["Location"] = state_url
+    return resp
+
+
+def _open_here(
+    svc: Service, live: LiveSessions, rgb: np.ndarray, options: GenerateOptions, offer: dict
+) -> tuple[str, dict]:
+    """A session in this process: a slot, the face prepared, the credit held, the offer answered."""
     live.take_slot()
     handed = False
     try:
-        face = live.prepare_face(svc.queue.pipeline, rgb, options)  # _ready checked it
-        hold = _hold_credit(svc, live)
+        face = live.prepare_face(svc.queue.pipeline, rgb, options)  # type: ignore[union-attr]  # _ready checked it
+        hold = _hold_credit(svc, live.settings.max_session_s)
         handed = True  # open() gives the slot back, whatever happens
         try:
             session, answer = live.open(
                 face, options, offer, caller().owner, hold.seconds if hold else None, _settler(svc, hold)
             )
         except Exception:
-            if hold is not None and svc.billing is not None:
-                svc.billing.settle_live(hold, 0.0, "the live session did not start: nothing charged")
+            _release(svc, hold)
             raise
     finally:
         if not handed:
             live.give_slot()
-    state_url = url_for("live.session_state", session_id=session.id, _external=True)
-    resp = jsonify({"session_id": session.id, "answer": answer, "state_url": state_url})
-    resp.status_code = 201
-    resp.headers["Location"] = state_url
-    return resp
+    return session.id, answer
 
 
-def _hold_credit(svc: Service, live: LiveSessions) -> LiveHold | None:
+def _release(svc: Service, hold: LiveHold | None) -> None:
+    if hold is not None and svc.billing is not None:
+        svc.billing.settle_live(hold, 0.0, "the live session did not start: nothing charged")
+
+
+def _hold_credit(svc: Service, max_session_s: float) -> LiveHold | None:
     """With credits: hold what the session may stream (its cap, or what the balance affords)."""
     if svc.billing is None:
         return None
     payer = svc.billing.payer(g.principal, "live sessions need")
-    return svc.billing.hold_live(payer, hold_seconds(live.settings.max_session_s), g.get("request_id"))
+    return svc.billing.hold_live(payer, hold_seconds(max_session_s), g.get("request_id"))
 
 
 def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], None] | None:
@@ -230,11 +260,11 @@ def speak(session_id: str):
     if kind == PCM_TYPE:
         queued = _speak_pcm(session, max_s)
     else:
-        queued = session.engine.speak(_decoded_speech(max_s))
+        queued = session.speak(_decoded_speech(max_s))
     return jsonify({"queued_s": round(queued, 3)}), 202
 
 
-def _speak_pcm(session: ServedSession, max_s: float) -> float:
+def _speak_pcm(session: ServedSession | RemoteSession, max_s: float) -> float:
     """A raw body of 16-bit little-endian mono PCM at 16 kHz, queued as it arrives (a text-to-
     speech engine's output can be streamed straight in, chunked)."""
     rate = request.mimetype_params.get("rate")
@@ -242,8 +272,7 @@ def _speak_pcm(session: ServedSession, max_s: float) -> float:
         raise UnsupportedMedia(
             f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}", field="audio"
         )
-    stream, total, carry = request.stream, 0, b""
-    queued = session.engine.queued_s
+    stream, total, carry, queued = request.stream, 0, b"", 0.0
     while True:
         chunk = stream.read(PCM_CHUNK_BYTES)
         if not chunk:
@@ -254,7 +283,7 @@ def _speak_pcm(session: ServedSession, max_s: float) -> float:
         data = carry + chunk
         cut = len(data) - len(data) % 2
         carry = data[cut:]
-        queued = session.engine.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0)
+        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0)
     if total == 0:
         raise InvalidParameter("the audio/L16 body is empty", field="audio")
     return queued
@@ -280,7 +309,7 @@ def _decoded_speech(max_s: float) -> np.ndarray:
 @describe("Stop speaking at once", responses={200: "interrupted", 404: error("no such session")})
 def interrupt(session_id: str):
     session = registry().get(session_id, caller().may_see)
-    session.engine.interrupt()
+    session.interrupt()
     return jsonify({"interrupted": True})
 
 

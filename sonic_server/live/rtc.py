@@ -57,6 +57,25 @@ def restrict_host_addresses(addresses: Sequence[str]) -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(chosen)
 
 
+def announce_host(sdp: str, public_host: str) -> str:
+    """The answer with its host candidates' address (and the media lines' connection address)
+    replaced by `public_host`: what a client behind the internet reaches a machine behind a 1:1
+    NAT at (the ports stay: the NAT maps them one to one)."""
+    if not public_host:
+        return sdp
+    family = "IP6" if ":" in public_host else "IP4"
+    lines = []
+    for line in sdp.split("\r\n"):
+        if line.startswith("a=candidate:") and " typ host" in line:
+            parts = line.split(" ")
+            parts[4] = public_host  # foundation, component, transport, priority, address, port, ...
+            line = " ".join(parts)
+        elif line.startswith("c=IN "):
+            line = f"c=IN {family} {public_host}"
+        lines.append(line)
+    return "\r\n".join(lines)
+
+
 def rtc_configuration(ice_servers: Sequence[str]) -> Any:
     """aiortc's configuration: the listed STUN/TURN URLs ("turn:user:password@host:port" for
     TURN with credentials), none by default."""

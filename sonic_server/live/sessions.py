@@ -26,7 +26,7 @@ from sonic.options import GenerateOptions
 
 from .. import metrics
 from ..settings import LiveSettings
-from .rtc import RtcLoop, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
+from .rtc import RtcLoop, announce_host, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
 
 log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
@@ -77,6 +77,13 @@ class ServedSession:
     def streamed_s(self) -> float:
         """Seconds of video sent."""
         return self.stats.frames_sent / self.engine.fps
+
+    def speak(self, pcm: Any) -> float:
+        """Queue 16 kHz mono float32 speech; the seconds now queued."""
+        return self.engine.speak(pcm)
+
+    def interrupt(self) -> None:
+        self.engine.interrupt()
 
     def state(self) -> dict:
         engine = self.engine
@@ -163,6 +170,18 @@ class LiveSessions:
         with self._lock:
             return len(self._sessions)
 
+    def health(self) -> dict:
+        """What /health shows of live sessions."""
+        return {"enabled": self.settings.enabled, "sessions": self.count(), "max_sessions": self.settings.max_sessions}
+
+    def running(self) -> list[ServedSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return max(0, self.settings.max_sessions - len(self._sessions) - self._opening)
+
     def take_slot(self) -> None:
         """Reserve room for a session before its (costly) preparation; Busy when full."""
         with self._lock:
@@ -188,13 +207,15 @@ class LiveSessions:
         owner: str | None,
         paid_s: float | None = None,
         on_end: Callable[[ServedSession], None] | None = None,
+        session_id: str | None = None,
     ) -> tuple[ServedSession, dict]:
         """Start a session of the prepared face for the offer (checked: check_offer); (the session,
-        its SDP answer). The caller holds a slot (take_slot), given back here whatever happens."""
+        its SDP answer). The caller holds a slot (take_slot), given back here whatever happens.
+        `session_id`: the id, when the caller made it (a worker records the session first)."""
         try:
             engine = SessionProcess(face, options, self._helpers) if self._helpers else LiveSession(face, options)
             session = ServedSession(
-                id=uuid.uuid4().hex,
+                id=session_id or uuid.uuid4().hex,
                 owner=owner,
                 engine=engine,
                 paid_s=paid_s,
@@ -248,7 +269,8 @@ class LiveSessions:
         if any(t.kind == "audio" for t in pc.getTransceivers()):
             pc.addTrack(session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
-        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        sdp = announce_host(pc.localDescription.sdp, self.settings.public_host)
+        return {"sdp": sdp, "type": pc.localDescription.type}
 
     def get(self, session_id: str, may_see: Callable[[str | None], bool]) -> ServedSession:
         with self._lock:

@@ -360,6 +360,7 @@ class RedisQueue(JobQueue):
                 "decoder": w.get("decoder"),
                 "device": w.get("device"),
                 "last_heartbeat": w.get("heartbeat"),
+                **{k: w[k] for k in ("live_sessions", "live_slots", "live_host", "draining") if k in w},
             }
             for w in live_workers(self.r)
         ]

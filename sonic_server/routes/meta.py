@@ -40,11 +40,7 @@ def health():
     if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
     if svc.live is not None:
-        body["live"] = {
-            "enabled": svc.settings.live.enabled,
-            "sessions": svc.live.count(),
-            "max_sessions": svc.settings.live.max_sessions,
-        }
+        body["live"] = svc.live.health()
     if state == "setup_failed" and svc.setup_error:
         body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)

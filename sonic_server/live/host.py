@@ -1,0 +1,166 @@
+"""A worker's live sessions (distributed mode): the commands API processes send through Redis
+(relay.py) are carried out on this worker's own registry (sessions.py), and each session's
+record is kept: created when it opens, its lease and seconds renewed by the worker's heartbeat,
+ended with its reason when it ends here (settling its credit hold) unless a reaper ended it first.
+
+The media never pass through Redis or the API: the client's connection is to this worker, at the
+candidates its answer names (`live.host_addresses`, `live.public_host`, a TURN server).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sonic.checks import load_portrait
+from sonic.errors import Busy, InvalidParameter, SonicError
+from sonic.options import GenerateOptions
+
+from ..settings import ServerConfig
+from . import relay
+from .relay import LiveRecord, Records
+from .sessions import LiveSessions, ServedSession, check_offer
+
+log = logging.getLogger("sonic.live")
+WAIT_S = 1.0  # the command loop looks at its stop flag this often
+
+
+class LiveHost:
+    """The live side of one `sonic worker`: its registry, its records, its command loop."""
+
+    def __init__(
+        self, settings: ServerConfig, pipeline: Any, name: str, records: Records, settle: relay.Settle | None
+    ) -> None:
+        self.settings, self.pipeline, self.name = settings, pipeline, name
+        self.lease_s = settings.server.worker_lease_s
+        self.records, self.settle = records, settle
+        self.live = LiveSessions(settings.live)
+        self.draining = threading.Event()  # SIGTERM: no new sessions; the running ones may finish
+        self.on_change: Callable[[], None] = lambda: None  # the worker announces its new figures
+
+    # --- what the worker announces -----------------------------------------------------------
+    def capacity(self) -> dict:
+        """This worker's live figures for its entry in the worker list (and /health)."""
+        live = self.settings.live
+        return {
+            "live_sessions": self.live.count(),
+            "live_slots": 0 if self.draining.is_set() else self.live.free_slots(),
+            "live_host": live.public_host or ",".join(live.host_addresses) or None,
+            "draining": self.draining.is_set(),
+        }
+
+    def beat(self) -> None:
+        """Renew each running session's lease and note its streamed seconds; a session whose record
+        was ended elsewhere meanwhile (this worker was cut off past its lease) stops here too."""
+        for session in self.live.running():
+            if not self.records.beat(session.id, session.streamed_s, self.lease_s):
+                self.live.end(session.id, "worker_lost")
+
+    # --- the commands ------------------------------------------------------------------------
+    def serve(self, conn: Any, stop: threading.Event) -> None:
+        """The command loop (its own thread and Redis connection) until `stop`."""
+        while not stop.is_set():
+            try:
+                command = relay.take_command(conn, self.name, WAIT_S)
+            except Exception:  # noqa: BLE001 - Redis away: the heartbeat says so; try again
+                log.warning("worker %s: live commands cannot be read", self.name)
+                stop.wait(WAIT_S)
+                continue
+            if command is None:
+                continue
+            if command.get("op") in ("open", "end"):  # slow ones (a face, a connection) in their own thread
+                threading.Thread(target=self._carry_out, args=(conn, command), daemon=True).start()
+            else:
+                self._carry_out(conn, command)
+
+    def _carry_out(self, conn: Any, command: dict) -> None:
+        try:
+            reply = self.execute(command)
+        except SonicError as e:
+            reply = {"error": e.to_dict()}
+        except Exception:  # noqa: BLE001 - one command's fault is answered, the loop goes on
+            log.exception("live command %s failed", command.get("op"))
+            reply = {"error": {"code": "internal_error", "message": "the live session's worker failed"}}
+        try:
+            relay.answer(conn, command, reply)
+        except Exception:  # noqa: BLE001 - the sender times out
+            log.warning("worker %s: a live answer could not be sent", self.name)
+
+    def execute(self, command: dict) -> dict:
+        op = command.get("op")
+        if op == "open":
+            return self.open(command)
+        session = self.live.get(str(command.get("session_id")), lambda owner: True)  # the API checked the caller
+        if op == "speak":
+            pcm = np.frombuffer(relay.unpack(command["pcm"]), "<i2").astype(np.float32) / 32768.0
+            return {"queued_s": session.speak(pcm)}
+        if op == "interrupt":
+            session.interrupt()
+            return {"interrupted": True}
+        if op == "state":
+            return {**session.state(), "worker": self.name}
+        if op == "end":
+            return {"ended": self.live.end(session.id, str(command.get("reason", "client_closed")))}
+        raise InvalidParameter(f"unknown live command {op!r}")
+
+    def open(self, command: dict) -> dict:
+        """Prepare the face and answer the offer; the session's record exists before the answer."""
+        if self.draining.is_set():
+            raise Busy(f"worker {self.name} is stopping and takes no new live sessions")
+        rgb = load_portrait(io.BytesIO(relay.unpack(command["image"])), self.settings.limits)
+        options = GenerateOptions.from_dict(command.get("params") or {}, self.settings, ignore=("async", "decoder"))
+        offer = command.get("offer") or {}
+        check_offer(offer)
+        hold = command.get("hold")
+        self.live.take_slot()
+        handed = False
+        try:
+            face = self.live.prepare_face(self.pipeline, rgb, options)
+            record = LiveRecord(
+                id=uuid.uuid4().hex,
+                worker=self.name,
+                owner=command.get("owner"),
+                created=time.time(),
+                hold_id=hold["id"] if hold else None,
+                hold_s=float(hold["seconds"]) if hold else None,
+            )
+            self.records.create(record, self.lease_s)
+            handed = True  # open() gives the slot back, whatever happens
+            try:
+                _, answer = self.live.open(
+                    face, options, offer, record.owner, record.hold_s, self._ended, session_id=record.id
+                )
+            except Exception:
+                self.records.end(record.id, "error", 0.0)  # the API process releases the hold
+                raise
+        finally:
+            if not handed:
+                self.live.give_slot()
+            self.on_change()
+        return {"session_id": record.id, "answer": answer, "worker": self.name}
+
+    def _ended(self, session: ServedSession) -> None:
+        """A session ended here: its record says why and what it streamed, and its hold is settled
+        (unless a reaper ended the record first and settled it)."""
+        rec = self.records.end(session.id, session.ended_reason or "error", session.streamed_s)
+        if rec is not None and self.settle is not None:
+            self.settle(rec)
+        threading.Thread(target=self.on_change, daemon=True).start()  # once the registry let it go
+
+    # --- the end -----------------------------------------------------------------------------
+    def drain(self, drain_s: float) -> None:
+        """Stop taking sessions; let the running ones go on up to drain_s, then end them."""
+        self.draining.set()
+        deadline = time.monotonic() + drain_s
+        if self.live.count():
+            log.info("worker %s: draining %d live session(s), up to %.0f s", self.name, self.live.count(), drain_s)
+        while self.live.count() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.live.close()  # what is left ends: server_stopping

@@ -1,0 +1,147 @@
+"""Live sessions in distributed mode, as an API process sees them: each one runs on a `sonic
+worker` (host.py), placed on the least loaded worker with a free slot and steered through Redis
+(relay.py), from any API process. The routes use this registry as they use the in-process one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sonic.errors import Busy, SonicError
+
+from .. import metrics
+from ..queue.redis import connect, live_workers
+from ..settings import LiveSettings
+from . import relay
+from .relay import Records, WorkerUnreachable
+from .sessions import SessionNotFound
+
+log = logging.getLogger("sonic.live")
+OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
+COMMAND_TIMEOUT_S = 10.0  # speak, interrupt, state, end
+
+
+class SessionEnded(SessionNotFound):
+    """A session that has ended (its record says why): it answers 404, naming the reason."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(f"live session {session_id} has ended ({reason})")
+        self.extra = {"ended_reason": reason}
+
+
+@dataclass
+class RemoteSession:
+    """A handle on a session that runs on a worker: each call is a command to it."""
+
+    id: str
+    worker: str
+    conn: Any
+
+    def speak(self, pcm: np.ndarray) -> float:
+        s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
+        reply = self._call("speak", pcm=relay.pack(s16))
+        return float(reply["queued_s"])
+
+    def interrupt(self) -> None:
+        self._call("interrupt")
+
+    def state(self) -> dict:
+        return self._call("state")
+
+    def end(self, reason: str) -> bool:
+        return bool(self._call("end", reason=reason).get("ended"))
+
+    def _call(self, op: str, **fields: Any) -> dict:
+        return relay.call(self.conn, self.worker, op, COMMAND_TIMEOUT_S, session_id=self.id, **fields)
+
+
+class RemoteSessions:
+    """The API process's view of every worker's live sessions."""
+
+    def __init__(self, settings: LiveSettings, redis_url: str, settle: relay.Settle | None) -> None:
+        self.settings = settings
+        self.r = connect(redis_url)
+        self.records = Records(self.r)
+        self.settle = settle
+
+    # --- the figures /health and /metrics show ----------------------------------------------
+    def workers(self) -> list[dict]:
+        """The workers that host live sessions (their heartbeat carries live_slots)."""
+        return [w for w in live_workers(self.r) if "live_slots" in w]
+
+    def count(self) -> int:
+        return sum(int(w.get("live_sessions", 0)) for w in self.workers())
+
+    def free_slots(self) -> int:
+        return sum(int(w.get("live_slots", 0)) for w in self.workers())
+
+    def health(self) -> dict:
+        """What /health shows: every worker's sessions and free slots (max_sessions is per worker);
+        sessions whose worker was lost are ended first."""
+        self.reap()
+        return {
+            "enabled": self.settings.enabled,
+            "sessions": self.count(),
+            "slots": self.free_slots(),
+            "max_sessions": self.settings.max_sessions,
+        }
+
+    def reap(self) -> None:
+        """End the sessions whose worker stopped answering (worker_lost), settling their holds."""
+        relay.reap_lost(self.records, self.settle)
+
+    # --- a session's life ----------------------------------------------------------------------
+    def start(self, image: bytes, params: dict, offer: dict, owner: str | None, hold: Any) -> tuple[str, str, dict]:
+        """Place a session on the least loaded worker with a free slot (the next one if that one
+        filled meanwhile); (session id, worker, SDP answer). Busy when none has room."""
+        workers = self.workers()
+        if not workers:
+            raise WorkerUnreachable("no worker hosts live sessions: start `sonic worker` (live.enabled)")
+        # the least loaded first; those that announced no free slot last (it may have freed since)
+        candidates = [w for w in workers if not w.get("draining")]
+        candidates.sort(key=lambda w: (int(w.get("live_slots", 0)) == 0, int(w.get("live_sessions", 0))))
+        command = {
+            "image": relay.pack(image),
+            "params": params,
+            "offer": offer,
+            "owner": owner,
+            "hold": {"id": hold.id, "seconds": hold.seconds} if hold is not None else None,
+        }
+        for worker in candidates:
+            name = str(worker["name"])
+            try:
+                reply = relay.call(self.r, name, "open", OPEN_TIMEOUT_S, **command)
+            except SonicError as e:
+                if e.code == "busy" or isinstance(e, WorkerUnreachable):
+                    log.info("live: worker %s could not take the session (%s); trying the next", name, e.code)
+                    continue
+                raise
+            metrics.LIVE_OPENED.inc()
+            return str(reply["session_id"]), name, reply["answer"]
+        metrics.LIVE_REFUSED.labels("busy").inc()
+        raise Busy(
+            f"every worker's live sessions are taken ({len(workers)} worker(s), live.max_sessions "
+            f"{self.settings.max_sessions} each); try again shortly"
+        )
+
+    def get(self, session_id: str, may_see: Callable[[str | None], bool]) -> RemoteSession:
+        rec = self.records.load(session_id)
+        if rec is not None and rec.ended is None and self.records.lapsed(session_id):
+            relay.reap_lost(self.records, self.settle, only=[session_id])
+            rec = self.records.load(session_id)
+        if rec is None or not may_see(rec.owner):
+            raise SessionNotFound(f"no live session {session_id}: it ended, or never existed")
+        if rec.ended is not None:
+            raise SessionEnded(session_id, rec.ended)
+        return RemoteSession(rec.id, rec.worker, self.r)
+
+    def end(self, session_id: str, reason: str) -> bool:
+        return self.get(session_id, lambda owner: True).end(reason)
+
+    def close(self) -> None:
+        """Nothing runs here: the workers' sessions go on when an API process stops."""

@@ -1,0 +1,193 @@
+"""Live sessions on workers (distributed mode): a real redis-server, two real `sonic worker`
+processes, a real API server on a free port and aiortc clients, all on 127.0.0.1 (the workers
+gather loopback candidates only, no STUN server is asked). Credits on (SQLite in the shared
+data folder, 1 credit a second): every way a session ends settles what it streamed."""
+
+import asyncio
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import yaml
+
+from conftest import EXAMPLES, PORTRAIT, ROOT, SPEECH
+from server_helpers import assert_clean_error, settings as server_settings
+from test_http_live import free_port
+from test_redis import start_redis
+
+sys.path.insert(0, str(EXAMPLES))
+from live_client import LiveClient  # noqa: E402
+
+CONFIG = {"min_resolution": 256, "seed": 5}
+LEASE_S = 3.0
+
+
+class LiveCluster:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        port = free_port()
+        self.redis = start_redis(tmp, port)
+        cfg = server_settings(tmp, redis_url=f"redis://127.0.0.1:{port}/0", worker_lease_s=LEASE_S, worker_drain_s=30)
+        cfg["render_processes"] = 0
+        cfg["live"].update(host_addresses=["127.0.0.1"], max_sessions=1, idle_timeout_s=10.0)
+        cfg["credits"].update(enabled=True, per_video_second=1)
+        self.config = tmp / "settings.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.procs: dict[str, subprocess.Popen] = {}
+        from sonic_server.accounts import Ledger
+
+        (tmp / "data").mkdir(exist_ok=True)
+        self.ledger = Ledger.open(f"sqlite:///{tmp / 'data' / 'credits.sqlite3'}")
+
+    def start(self, name, *args):
+        log = open(self.tmp / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([sys.executable, *args, "--config", str(self.config)], cwd=ROOT,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def start_worker(self, name):
+        self.start(name, "-m", "sonic", "worker", "--name", name)
+
+    def start_api(self):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.start("api", "app.py", "--port", str(self.port))
+
+    def health(self):
+        return requests.get(self.base + "/health", timeout=5).json()
+
+    def wait(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+                if last:
+                    return last
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        logs = {n: (self.tmp / f"{n}.log").read_text()[-1500:] for n in self.procs}
+        pytest.fail(f"{what}: not within {timeout} s; logs: {logs}")
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.redis.terminate()
+        self.redis.wait(10)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LiveCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def live_workers(health):
+    return {w["name"]: w for w in health.get("workers", []) if "live_slots" in w}
+
+
+def charged(ledger, name):
+    return 1000 - ledger.account(name)["balance"]
+
+
+def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
+    c = cluster
+    keys = {name: c.ledger.create_account(name, credits=1000)[1] for name in "abcde"}
+    c.start_worker("w1")
+    c.start_worker("w2")
+    c.start_api()
+    c.wait(lambda: len(live_workers(c.health())) == 2 and c.health()["readiness"] == "ready", 90, "two workers")
+    h = c.health()
+    assert all(w["live_slots"] == 1 and w["live_sessions"] == 0 for w in live_workers(h).values())
+    assert h["live"]["slots"] == 2 and h["live"]["sessions"] == 0
+
+    async def scenario():
+        # two sessions: one on each worker (the least loaded is chosen)
+        a, b = LiveClient(c.base, keys["a"]), LiveClient(c.base, keys["b"])
+        opened_a = await a.open(PORTRAIT, CONFIG, keep_frames=False)
+        opened_b = await b.open(PORTRAIT, CONFIG, keep_frames=False)
+        assert {opened_a["worker"], opened_b["worker"]} == {"w1", "w2"}
+        await asyncio.sleep(1.5)
+        speaking = await a.speak_file(SPEECH)
+        await asyncio.sleep(0.5)
+        state_a = await a.state()
+        assert state_a["worker"] == opened_a["worker"] and state_a["state"] == "speaking", state_a
+        assert 0 < state_a["queued_s"] < speaking["queued_s"]
+        frames_before = len(a.received.video_times)
+        assert frames_before >= 25, frames_before  # the face reaches the client from the worker
+        h = c.health()
+        assert h["live"]["sessions"] == 2 and h["live"]["slots"] == 0
+        # every slot taken: 503 busy, Retry-After
+        r = await asyncio.to_thread(_open, c.base, keys["e"])
+        assert_clean_error(r, 503, "busy")
+        assert r.headers["Retry-After"]
+        # the worker of a is killed: a is reported ended (worker_lost) within the lease time
+        lost, survivor = opened_a["worker"], opened_b["worker"]
+        c.procs[lost].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        gone = await asyncio.to_thread(
+            c.wait, lambda: _ended(c.base, a.session_id, keys["a"]) == "worker_lost", LEASE_S + 10, "worker_lost"
+        )
+        assert gone and time.monotonic() - killed_at < LEASE_S + 3
+        received_a = len(a.received.video_times) / 25
+        await a.close(end_session=False)
+        # b goes on on the other worker; ending it frees that worker's slot for a new session
+        state_b = await b.state()
+        assert state_b["worker"] == survivor and state_b["frames_sent"] > 50
+        await b.close()
+        d = LiveClient(c.base, keys["d"])
+        opened_d = await d.open(PORTRAIT, CONFIG, keep_frames=False)
+        assert opened_d["worker"] == survivor
+        await asyncio.sleep(1.0)
+        # the survivor is stopped gracefully: it takes no new session, d streams on
+        c.procs[survivor].send_signal(signal.SIGTERM)
+        await asyncio.to_thread(
+            c.wait, lambda: live_workers(c.health())[survivor]["draining"], 10, "the worker draining"
+        )
+        assert live_workers(c.health())[survivor]["live_slots"] == 0
+        assert_clean_error(await asyncio.to_thread(_open, c.base, keys["e"]), 503, "busy")
+        first = (await d.state())["frames_sent"]
+        await asyncio.sleep(1.0)
+        state_d = await d.state()
+        assert state_d["frames_sent"] >= first + 15, (first, state_d)
+        assert c.procs[survivor].poll() is None  # draining, not stopped
+        await d.close()  # its last session ended: the worker stops before its drain time
+        return received_a, state_b, state_d
+
+    received_a, state_b, state_d = asyncio.run(scenario())
+    c.wait(lambda: c.procs["w1"].poll() is not None and c.procs["w2"].poll() is not None, 15, "the drained worker stops")
+    assert c.procs[[n for n in ("w1", "w2") if c.procs[n].returncode != -9][0]].returncode == 0
+    # credits: the lost session paid for what it streamed up to its worker's last beat; the others
+    # for what they streamed; nobody else paid; nothing is left on hold
+    assert 1 <= charged(c.ledger, "a") <= math.ceil(received_a) + 1, (charged(c.ledger, "a"), received_a)
+    for name, state in (("b", state_b), ("d", state_d)):
+        assert math.ceil(state["streamed_s"]) <= charged(c.ledger, name) <= math.ceil(state["streamed_s"]) + 1
+    assert charged(c.ledger, "e") == 0 and charged(c.ledger, "c") == 0
+    assert all(c.ledger.account(n)["reserved"] == 0 for n in "abcde"), [c.ledger.account(n) for n in "abcde"]
+    h = c.health()
+    assert h["live"]["sessions"] == 0 and not live_workers(h)
+    assert_clean_error(_open(c.base, keys["e"]), 503, "not_ready")  # no worker hosts sessions now
+
+
+def _ended(base, session_id, key):
+    r = requests.get(f"{base}/api/sonic/live/{session_id}", headers={"Authorization": f"Bearer {key}"}, timeout=15)
+    if r.status_code == 404:
+        return r.json()["error"].get("ended_reason")
+    return None
+
+
+def _open(base, key):
+    from test_live_http import _offer
+    import json
+
+    data = {"config": json.dumps(CONFIG), "offer": json.dumps(_offer())}
+    with open(PORTRAIT, "rb") as f:
+        return requests.post(base + "/api/sonic/live", files={"image": f.read()}, data=data,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=60)
