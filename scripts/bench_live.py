@@ -3,6 +3,7 @@ recorded speech file as their microphone (or with /speak) and decoding what come
 
     python scripts/bench_live.py [--seconds 60] [--sessions 1] [--resolution 512] [--speak]
                                  [--server http://127.0.0.1:PORT]   (else one is started here)
+                                 [--workers N]   (distributed: redis-server, N `sonic worker`s, an API)
 
 Prints, per session: time from the offer to the first decoded frame; frames received and the
 sustained rate; the server's late frames; the mouth latency (the sent speech's loudness against
@@ -52,28 +53,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_sessions: int) -> tuple[subprocess.Popen, str]:
-    """`sonic serve` on a free port, gathering loopback candidates only."""
+def start_server(max_sessions: int, workers: int = 0) -> tuple[list[subprocess.Popen], str, int]:
+    """`sonic serve` on a free port, gathering loopback candidates only; with `workers`, a
+    redis-server and that many `sonic worker`s too (distributed mode). (the processes, the
+    server's URL, the pid whose CPU and memory are measured: the server, or the first worker)."""
     port = free_port()
+    folder = tempfile.mkdtemp(prefix="sonic-bench-live-")
     env = {**os.environ, "SONIC_LIVE_HOST_ADDRESSES": "127.0.0.1", "SONIC_LIVE_MAX_SESSIONS": str(max_sessions)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sonic", "serve", "--port", str(port)],
-        cwd=tempfile.mkdtemp(prefix="sonic-bench-live-"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    quiet = {"cwd": folder, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = []
+    if workers:
+        redis_port = free_port()
+        procs.append(
+            subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""], **quiet)
+        )
+        env["SONIC_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
+        for n in range(workers):
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "sonic", "worker", "--name", f"w{n}"], env=env, **quiet)
+            )
+    measured = procs[1].pid if workers else None
+    procs.append(subprocess.Popen([sys.executable, "-m", "sonic", "serve", "--port", str(port)], env=env, **quiet))
     base = f"http://127.0.0.1:{port}"
     import requests
 
-    for _ in range(300):
+    for _ in range(600):
         try:
-            if requests.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except requests.RequestException:
+            health = requests.get(base + "/health", timeout=1).json()
+            if health["readiness"] == "ready" and health["live"].get("slots", max_sessions) >= max_sessions:
+                return procs, base, measured or procs[-1].pid
+        except (requests.RequestException, ValueError, KeyError):
             pass
         time.sleep(0.1)
-    proc.kill()
+    for proc in procs:
+        proc.kill()
     raise SystemExit("the server did not start")
 
 
@@ -143,7 +157,13 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
         keep_frames=False,
         on_frame=on_frame,
     )
+    open_s = time.monotonic() - t_offer
     got = client.received
+    state_ms = []
+    for _ in range(10):
+        t = time.monotonic()
+        await client.state()
+        state_ms.append(1000 * (time.monotonic() - t))
     speak_posted = None
     if speak:
         await asyncio.sleep(1.0)  # the face at rest first, so that the mouth's first opening is the speech's
@@ -158,6 +178,8 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
     times = np.array(got.video_times)
     out: dict = {
         "first_frame_s": round(times[0] - t_offer, 3) if len(times) else None,
+        "open_s": round(open_s, 3),
+        "state_ms": round(float(np.median(state_ms)), 1),
         "frames": len(times),
         "fps": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
         "server": {
@@ -210,6 +232,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--speak", action="store_true")
     ap.add_argument("--server")
+    ap.add_argument("--workers", type=int, default=0, help="distributed mode: start redis and this many workers")
     ap.add_argument("--aiortc-audio-buffer", action="store_true", help="keep aiortc's own 80 ms audio prefetch")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
@@ -218,20 +241,23 @@ def main() -> None:
         asyncio.run(client_main(args))
         return
     print("load average:", open("/proc/loadavg").read().split()[:3])
-    proc = None
-    base = args.server
+    procs: list[subprocess.Popen] = []
+    base, pid = args.server, None
     if base is None:
-        proc, base = start_server(max(2, args.sessions))
+        procs, base, pid = start_server(max(2, args.sessions), args.workers)
     try:
-        rss0 = rss_mb(proc.pid) if proc else 0.0
-        results = run_clients(base, proc.pid if proc else None, args)
+        rss0 = rss_mb(pid) if pid else 0.0
+        results = run_clients(base, pid, args)
         for r in results:
             print(json.dumps(r))
-        if proc is not None:
+        if pid is not None:
             cores = float(np.mean([r["server_cpu_cores"] for r in results]))
             summary = {
                 "sessions": args.sessions,
                 "resolution": args.resolution,
+                "workers": args.workers,
+                "open_s_median": round(float(np.median([r["open_s"] for r in results])), 3),
+                "state_ms_median": round(float(np.median([r["state_ms"] for r in results])), 1),
                 "server_cpu_cores": round(cores, 2),
                 "server_cpu_cores_per_session": round(cores / args.sessions, 2),
                 "server_rss_mb_before": round(rss0, 1),
@@ -243,9 +269,9 @@ def main() -> None:
             }
             print(json.dumps(summary))
     finally:
-        if proc is not None:
+        for proc in reversed(procs):
             proc.terminate()
-            proc.wait(10)
+            proc.wait(40)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
             content("application/json", {"type": "object", "properties": {"queued_s": {"type": "number"}}}),
         ),
         400: error("no audio, or PCM longer than live.max_speak_s"),
-        404: error("no such session (ended or unknown)"),
+        404: error("no such session (ended or unknown; distributed: ended_reason says why it ended)"),
+        503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
         415: error("not decodable audio, or PCM at another rate than 16000 Hz"),
         422: error("a file longer than live.max_speak_s, or silent"),
@@ -306,7 +307,10 @@ def _decoded_speech(max_s: float) -> np.ndarray:
 
 
 @bp.post("/api/sonic/live/<session_id>/interrupt")
-@describe("Stop speaking at once", responses={200: "interrupted", 404: error("no such session")})
+@describe(
+    "Stop speaking at once",
+    responses={200: "interrupted", 404: error("no such session"), 503: error("its worker does not answer")},
+)
 def interrupt(session_id: str):
     session = registry().get(session_id, caller().may_see)
     session.interrupt()
@@ -316,14 +320,21 @@ def interrupt(session_id: str):
 @bp.get("/api/sonic/live/<session_id>")
 @describe(
     "A live session's state",
-    responses={200: ("state", content("application/json", STATE)), 404: error("no such session")},
+    responses={
+        200: ("state", content("application/json", STATE)),
+        404: error("no such session (distributed: ended_reason says why it ended)"),
+        503: error("distributed mode: the session's worker does not answer (retry)"),
+    },
 )
 def session_state(session_id: str):
     return jsonify(registry().get(session_id, caller().may_see).state())
 
 
 @bp.delete("/api/sonic/live/<session_id>")
-@describe("End a live session", responses={204: "ended", 404: error("no such session")})
+@describe(
+    "End a live session",
+    responses={204: "ended", 404: error("no such session"), 503: error("its worker does not answer")},
+)
 def end_session(session_id: str):
     live = registry()
     session = live.get(session_id, caller().may_see)
