@@ -243,15 +243,18 @@ async def main() -> None:
     if args.speak:
         print("queued", (await client.speak_file(args.speech))["queued_s"], "s of speech")
     await asyncio.sleep(args.seconds)
-    state = await client.state()
-    await client.close()
+    try:
+        state = await client.state()
+        print("server state:", json.dumps(state))
+    except requests.HTTPError as e:  # the session ended meanwhile (a limit, its worker lost, ...)
+        print(f"the session is gone: {e.response.status_code} {e.response.text}")
+        state = None
+    await client.close(end_session=state is not None)
     received = client.received
-    fps = state["fps"]
     if received.video_times:
         print(f"first frame {received.video_times[0] - t0:.2f} s after the offer; {len(received.video_times)} frames")
-    print("server state:", json.dumps(state))
-    write_mp4(received, args.out, fps)
-    print("recorded", args.out)
+        write_mp4(received, args.out, state["fps"] if state else 25)
+        print("recorded", args.out)
 
 
 if __name__ == "__main__":

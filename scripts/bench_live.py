@@ -4,6 +4,7 @@ recorded speech file as their microphone (or with /speak) and decoding what come
     python scripts/bench_live.py [--seconds 60] [--sessions 1] [--resolution 512] [--speak]
                                  [--server http://127.0.0.1:PORT]   (else one is started here)
                                  [--workers N]   (distributed: redis-server, N `sonic worker`s, an API)
+    python scripts/bench_live.py --pipecat [--server URL]   (the Pipecat service: in-process, or url=)
 
 Prints, per session: time from the offer to the first decoded frame; frames received and the
 sustained rate; the server's late frames; the mouth latency (the sent speech's loudness against
@@ -209,6 +210,27 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
     return out
 
 
+def pipecat_latency(server: str | None) -> dict:
+    """The Pipecat service's added latency: its engine in the pipeline's process, or (server)
+    a running service's sessions with url=."""
+    python = ROOT / "integrations" / "pipecat" / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit("build the integration's environment first: integrations/pipecat/setup_env.sh")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "run.npz"
+        runner = ROOT / "tests" / "pipecat_run.py"
+        target = server or sys.executable
+        subprocess.run([str(python), str(runner), str(PORTRAIT), str(SPEECH), str(out), target], cwd=ROOT, check=True)
+        data = np.load(out)
+        gaps = np.diff(data["image_times"])
+        return {
+            "mode": "url" if server else "in-process",
+            "ttfb_s": [round(float(t), 3) for t in data["ttfb"]],
+            "frame_gap_ms_median": round(1000 * float(np.median(gaps)), 1),
+            "frame_gap_ms_p95": round(1000 * float(np.percentile(gaps, 95)), 1),
+        }
+
+
 def run_clients(base: str, server_pid: int | None, args: argparse.Namespace) -> list[dict]:
     """Each session's client in a process of its own (as separate viewers are), all at once."""
     cmd = [sys.executable, __file__, "--client", "--server", base, "--seconds", str(args.seconds)]
@@ -233,6 +255,7 @@ def main() -> None:
     ap.add_argument("--speak", action="store_true")
     ap.add_argument("--server")
     ap.add_argument("--workers", type=int, default=0, help="distributed mode: start redis and this many workers")
+    ap.add_argument("--pipecat", action="store_true", help="measure the Pipecat service instead")
     ap.add_argument("--aiortc-audio-buffer", action="store_true", help="keep aiortc's own 80 ms audio prefetch")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
@@ -241,6 +264,9 @@ def main() -> None:
         asyncio.run(client_main(args))
         return
     print("load average:", open("/proc/loadavg").read().split()[:3])
+    if args.pipecat:
+        print(json.dumps(pipecat_latency(args.server)))
+        return
     procs: list[subprocess.Popen] = []
     base, pid = args.server, None
     if base is None:

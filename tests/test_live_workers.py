@@ -31,7 +31,6 @@ class LiveCluster:
     def __init__(self, tmp):
         self.tmp = tmp
         port = free_port()
-        self.redis = start_redis(tmp, port)
         cfg = server_settings(tmp, redis_url=f"redis://127.0.0.1:{port}/0", worker_lease_s=LEASE_S,
                               worker_drain_s=DRAIN_S)
         cfg["render_processes"] = 0
@@ -44,6 +43,7 @@ class LiveCluster:
 
         (tmp / "data").mkdir(exist_ok=True)
         self.ledger = Ledger.open(f"sqlite:///{tmp / 'data' / 'credits.sqlite3'}")
+        self.redis = start_redis(tmp, port)  # last: nothing after it can fail and leave it running
 
     def start(self, name, *args):
         log = open(self.tmp / f"{name}.log", "w")
@@ -214,3 +214,36 @@ def test_public_host_replaces_the_answers_host_addresses():
     assert "a=candidate:1 1 udp 2130706431 203.0.113.7 40000 typ host" in out
     assert "a=candidate:2 1 udp 16777215 198.51.100.9 50000 typ relay raddr 0.0.0.0 rport 0" in out
     assert announce_host(sdp, "") == sdp
+
+
+def test_a_sessions_record_ends_once_whoever_ends_it(tmp_path):
+    """The end-once script: the worker's end and a reaper's (lease lapsed) race for a record;
+    exactly one wins and only that one settles; a beat after a reaper's end tells the worker."""
+    import redis
+
+    from sonic_server.live.relay import LiveRecord, Records, reap_lost
+
+    port = free_port()
+    proc = start_redis(tmp_path, port)
+    try:
+        records = Records(redis.Redis(port=port))
+        settled = []
+        records.create(LiveRecord("s1", "w1", "alice", time.time(), "h1", 60.0), lease_s=5)
+        assert records.beat("s1", 2.5, lease_s=5)
+        assert reap_lost(records, settled.append) == []  # its lease is alive: not lost
+        first = records.end("s1", "client_closed", 3.0)
+        assert first is not None and first.ended == "client_closed" and first.streamed_s == 3.0
+        assert records.end("s1", "client_gone", 4.0) is None and not records.beat("s1", 4.0, lease_s=5)
+        assert records.load("s1").ended == "client_closed" and records.running() == []
+        # a worker gone: its lease lapses, a reaper ends it with the seconds of the last beat
+        records.create(LiveRecord("s2", "w2", None, time.time(), "h2", 60.0), lease_s=0.3)
+        assert records.beat("s2", 1.2, lease_s=0.3)
+        time.sleep(0.5)
+        lost = reap_lost(records, settled.append)
+        assert [r.id for r in lost] == ["s2"] and settled == lost and lost[0].streamed_s == 1.2
+        assert lost[0].ended == "worker_lost" and records.end("s2", "client_closed", 9.0) is None
+        assert not records.beat("s2", 9.0, lease_s=5)  # the worker, back, learns its session is over
+        assert reap_lost(records, settled.append) == [] and len(settled) == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

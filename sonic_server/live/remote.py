@@ -23,7 +23,7 @@ from .sessions import SessionNotFound
 
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
-COMMAND_TIMEOUT_S = 10.0  # speak, interrupt, state, end
+COMMAND_TIMEOUT_S = 5.0  # speak, interrupt, state, end
 
 
 class SessionEnded(SessionNotFound):
