@@ -243,17 +243,17 @@ async def main() -> None:
     if args.speak:
         print("queued", (await client.speak_file(args.speech))["queued_s"], "s of speech")
     await asyncio.sleep(args.seconds)
+    gone = False
     try:
-        state = await client.state()
-        print("server state:", json.dumps(state))
-    except requests.HTTPError as e:  # the session ended meanwhile (a limit, its worker lost, ...)
-        print(f"the session is gone: {e.response.status_code} {e.response.text}")
-        state = None
-    await client.close(end_session=state is not None)
+        print("server state:", json.dumps(await client.state()))
+    except requests.HTTPError as e:  # 404: ended meanwhile (a limit, its worker lost...); 503: its worker is silent
+        print(f"the session's state: {e.response.status_code} {e.response.text}")
+        gone = e.response.status_code == 404
+    await client.close(end_session=not gone)
     received = client.received
     if received.video_times:
         print(f"first frame {received.video_times[0] - t0:.2f} s after the offer; {len(received.video_times)} frames")
-        write_mp4(received, args.out, state["fps"] if state else 25)
+        write_mp4(received, args.out, int(json.loads(args.config).get("fps", 25)))
         print("recorded", args.out)
 
 

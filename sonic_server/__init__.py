@@ -49,12 +49,17 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     hooks.memory(app)
     if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
         from .accounts import Billing, Ledger, Settler, database_url, video_price
+        from .live.sessions import live_orphan_s
         from .routes import credits as credit_routes
 
         svc.ledger = Ledger.open(database_url(settings))
         svc.billing = Billing(svc.ledger, settings.credits)
         svc.settler = Settler(
-            svc.ledger, lambda: svc.queue, lambda result: video_price(settings.credits, result.get("duration", 0.0))
+            svc.ledger,
+            lambda: svc.queue,
+            lambda result: video_price(settings.credits, result.get("duration", 0.0)),
+            live_session=lambda hold_id: svc.live.session_of_hold(hold_id) if svc.live is not None else None,
+            live_orphan_s=live_orphan_s(settings.live),
         )
         svc.settler.start()
         app.register_blueprint(credit_routes.bp)

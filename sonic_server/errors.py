@@ -73,7 +73,14 @@ ERROR_SCHEMA = component(
             "request_id": {"type": "string"},
             "error": {
                 "type": "object",
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "field": {"type": "string"},
+                    "needed": {"type": "integer", "description": "insufficient_credits: the price"},
+                    "balance": {"type": "integer", "description": "insufficient_credits: the balance"},
+                    "ended_reason": {"type": "string", "description": "session_not_found: why the session ended"},
+                },
             },
         },
     },

@@ -238,7 +238,7 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
             announce(state, conn)
             reap(store, state.retry_lost_jobs, state.output_dir, state.ending)
             if state.host is not None:
-                state.host.beat()
+                state.host.beat(records)
                 reap_lost(records, state.host.settle)
         except Exception:  # noqa: BLE001 - Redis away: try at the next beat
             log.warning("worker %s: heartbeat failed", state.name)
@@ -267,11 +267,12 @@ def announce_now(state: WorkerState, conn: Any) -> None:
 
 
 def draining(state: WorkerState, conn: Any) -> None:
-    """SIGTERM: no new live sessions from now on."""
+    """SIGTERM: no new live sessions from now on. (In the signal handler: a flag, and the
+    announcement in a thread, since the main thread may hold what announcing takes.)"""
     if state.host is not None:
         state.host.draining.set()
         log.info("worker %s: stopping; no new live sessions", state.name)
-        announce_now(state, conn)
+        threading.Thread(target=announce_now, args=(state, conn), daemon=True).start()
 
 
 def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
@@ -376,9 +377,11 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     log.info("worker %s ready: decoder %s on %s", name, pipeline.decoder.name, pipeline.device)
     try:
         rq_worker(conn, name, lambda: draining(state, conn)).work(burst=a.burst, logging_level="WARNING")
-        if state.host is not None:  # stopped (SIGTERM) or done (--burst): its sessions may finish
+        if state.host is not None:  # stopped (SIGTERM): its sessions may finish (a second signal: at once)
             state.host.drain(srv.worker_drain_s)
     finally:
+        if state.host is not None:
+            state.host.live.close()  # what is left ends server_stopping, settled, before the heartbeat stops
         stop.set()
         conn.delete(PREFIX + f"worker:{name}")  # a clean stop leaves the list at once
         if outputs.remote:

@@ -143,6 +143,27 @@ def test_the_settler_leaves_young_holds_alone(service):
         ledger.reserve(2, "a" * 32, 10, "other")
 
 
+def test_a_live_hold_is_swept_only_when_no_session_can_be_using_it(service):
+    """A live session may stream for max_session_s (an hour by default): its hold is not a
+    fusion's, released after ten minutes; it is settled when its session's record (distributed
+    mode) says it ended, or released once no session could still be using it."""
+    from sonic_server.live.relay import LiveRecord
+
+    client, ledger, app = service(per_video_second=1)
+    ledger.create_account("lv", credits=100)
+    settler = app.extensions["sonic"].settler
+    assert ledger.reserve(1, "l" + "1" * 31, 30, "lv", kind="live")[0]
+    settler.sweep(now=time.time() + 1200)  # a 20-minute session, still streaming
+    assert ledger.account("lv")["reserved"] == 30
+    ended = {"l" + "2" * 31: LiveRecord("s2", "w1", None, 0.0, "l" + "2" * 31, 30.0, 7.2, "worker_lost", 0.0)}
+    settler.live_session = ended.get  # the session's record, as Redis keeps it
+    assert ledger.reserve(1, "l" + "2" * 31, 30, "lv", kind="live")[0]
+    settler.sweep()  # ended, its settling process gone: the record's 7.2 s are charged
+    assert ledger.account("lv")["reserved"] == 30 and ledger.account("lv")["balance"] == 100 - 30 - 8
+    settler.sweep(now=time.time() + settler.live_orphan_s + 1)  # nobody could be using the first now
+    assert ledger.account("lv")["reserved"] == 0 and ledger.account("lv")["balance"] == 92 and ledger.check() == []
+
+
 def test_an_async_job_is_settled_once_by_the_settler_even_if_nobody_asks(service):
     client, ledger, _ = service()
     _, key = ledger.create_account("ed", credits=100)

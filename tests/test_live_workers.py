@@ -247,3 +247,45 @@ def test_a_sessions_record_ends_once_whoever_ends_it(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_open_is_handed_over_once(tmp_path):
+    """The opener and the worker agree once on who has a session: a worker that claims the answer
+    in time is waited for even if it answers late; one that finds the opener gone must end it."""
+    import threading
+
+    import redis
+
+    from sonic_server.live import relay
+    from sonic_server.live.relay import WorkerUnreachable
+
+    port = free_port()
+    proc = start_redis(tmp_path, port)
+    try:
+        conn = redis.Redis(port=port)
+        conn.set("sonic:worker:wx", "{}")
+        taken = {}
+
+        def slow_worker(claim_after_s):
+            command = relay.take_command(conn, "wx", 5)
+            time.sleep(claim_after_s)
+            taken["claimed"] = relay.claim(conn, command)
+            time.sleep(1.2)  # answers after the opener's deadline
+            relay.answer(conn, command, {"session_id": "s1", "answer": {}})
+
+        worker = threading.Thread(target=slow_worker, args=(0.2,))
+        worker.start()
+        assert relay.call(conn, "wx", "open", 1.0)["session_id"] == "s1"  # claimed in time: waited for
+        worker.join()
+        assert taken["claimed"]
+        worker = threading.Thread(target=slow_worker, args=(1.5,))
+        worker.start()
+        with pytest.raises(WorkerUnreachable):
+            relay.call(conn, "wx", "open", 1.0)
+        worker.join()
+        assert taken["claimed"] is False  # the worker learns the opener gave up: it ends the session
+        conn.rpush("sonic:live:cmd:wx", '{"op": "state", "reply_to": "r", "deadline": 1}')
+        assert relay.take_command(conn, "wx", 1) is None  # past its deadline (Redis' clock): dropped
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # annotations only: not imported at run time
     from ..queue import JobQueue
@@ -27,8 +27,15 @@ class Settler:
         queue_getter: Callable[[], JobQueue | None],
         price: Callable[[dict], int],
         every_s: float = 2.0,
+        live_session: Callable[[str], Any] | None = None,
+        live_orphan_s: float = 3600.0 + ORPHAN_FUSION_S,
     ):
+        """`live_session(hold_id)`: the record of the live session that streams against a hold
+        (distributed mode: sonic_server/live/relay.py), None where unknown; `live_orphan_s`: the
+        age after which a live hold nobody knows of was left by a process that died (longer than
+        any session may last)."""
         self.ledger, self.queue_getter, self.price, self.every_s = ledger_, queue_getter, price, every_s
+        self.live_session, self.live_orphan_s = live_session, live_orphan_s
         self._stop = threading.Event()
 
     def settle(self, rec) -> None:
@@ -49,6 +56,9 @@ class Settler:
             return
         now = time.time() if now is None else now
         for job_id, kind, created in self.ledger.held():
+            if kind == "live":
+                self._sweep_live(job_id, now - created)
+                continue
             if kind != "job":
                 if now - created > ORPHAN_FUSION_S:
                     self.ledger.settle(job_id, False, reason="the request ended without settling: nothing charged")
@@ -59,6 +69,22 @@ class Settler:
                     self.ledger.settle(job_id, False, reason="the job record is gone: nothing charged")
             else:
                 self.settle(rec)
+
+    def _sweep_live(self, hold_id: str, age_s: float) -> None:
+        """A live hold is settled when its session ended: normally by whoever ended it; here when
+        that process died before settling (its record says what was streamed). One nobody knows
+        of is released once no session could still be using it."""
+        rec = self.live_session(hold_id) if self.live_session is not None else None
+        if rec is not None:
+            if rec.ended is not None:
+                streamed = float(rec.streamed_s)
+                reason = f"live session {rec.id}: {streamed:.1f} s ({rec.ended}), settled by the sweep"
+                self.ledger.settle(hold_id, streamed > 0, self.price({"duration": streamed}), reason=reason)
+            return
+        if age_s > self.live_orphan_s:
+            self.ledger.settle(
+                hold_id, False, reason="the live session's server ended without settling: nothing charged"
+            )
 
     def run(self) -> None:
         import logging

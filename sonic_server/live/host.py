@@ -29,7 +29,10 @@ from .relay import LiveRecord, Records
 from .sessions import LiveSessions, ServedSession, check_offer
 
 log = logging.getLogger("sonic.live")
-WAIT_S = 1.0  # the command loop looks at its stop flag this often
+WAIT_S = 1  # the command loop looks at its stop flag this often (s)
+# a session's first lease covers its opening (a helper started, the offer answered), which its
+# worker's beat does not renew yet
+OPEN_GRACE_S = 45.0
 
 
 class LiveHost:
@@ -56,12 +59,14 @@ class LiveHost:
             "draining": self.draining.is_set(),
         }
 
-    def beat(self) -> None:
-        """Renew each running session's lease and note its streamed seconds; a session whose record
-        was ended elsewhere meanwhile (this worker was cut off past its lease) stops here too."""
+    def beat(self, records: Records) -> None:
+        """Renew each running session's lease and note its streamed seconds (on the heartbeat's
+        own connection: `records`); a session whose record was ended elsewhere meanwhile (this
+        worker was cut off past its lease; it was settled then) stops here too, in a thread of
+        its own: closing it must not hold the heartbeat back."""
         for session in self.live.running():
-            if not self.records.beat(session.id, session.streamed_s, self.lease_s):
-                self.live.end(session.id, "worker_lost")
+            if not records.beat(session.id, session.streamed_s, self.lease_s):
+                threading.Thread(target=self.live.end, args=(session.id, "declared_lost"), daemon=True).start()
 
     # --- the commands ------------------------------------------------------------------------
     def serve(self, conn: Any, stop: threading.Event) -> None:
@@ -131,7 +136,7 @@ class LiveHost:
                 hold_id=hold["id"] if hold else None,
                 hold_s=float(hold["seconds"]) if hold else None,
             )
-            self.records.create(record, self.lease_s)
+            self.records.create(record, self.lease_s + OPEN_GRACE_S)
             handed = True  # open() gives the slot back, whatever happens
             try:
                 _, answer = self.live.open(
@@ -144,13 +149,16 @@ class LiveHost:
             if not handed:
                 self.live.give_slot()
             self.on_change()
+        if not relay.claim(self.records.r, command):  # the opener gave up waiting: it releases the hold
+            log.warning("live session %s: its opener stopped waiting; ended", record.id)
+            self.live.end(record.id, "abandoned")
         return {"session_id": record.id, "answer": answer, "worker": self.name}
 
     def _ended(self, session: ServedSession) -> None:
         """A session ended here: its record says why and what it streamed, and its hold is settled
         (unless a reaper ended the record first and settled it)."""
         rec = self.records.end(session.id, session.ended_reason or "error", session.streamed_s)
-        if rec is not None and self.settle is not None:
+        if rec is not None and self.settle is not None and rec.ended != "abandoned":  # abandoned: its opener releases
             self.settle(rec)
         threading.Thread(target=self.on_change, daemon=True).start()  # once the registry let it go
 
@@ -161,6 +169,7 @@ class LiveHost:
         deadline = time.monotonic() + drain_s
         if self.live.count():
             log.info("worker %s: draining %d live session(s), up to %.0f s", self.name, self.live.count(), drain_s)
-        while self.live.count() and time.monotonic() < deadline:
+        # sessions still opening count: one that passed the draining check registers after it
+        while (self.live.count() or self.live.opening()) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.live.close()  # what is left ends: server_stopping

@@ -10,7 +10,11 @@ Redis keys (prefix `sonic:`):
                        seconds streamed so far and, once it ended, why (kept RECORD_TTL_S after);
 - `live:lease:<id>`    renewed by the worker's heartbeat; a running session whose lease lapsed has
                        lost its worker, and the first process to see it ends it `worker_lost`;
-- `live:running`       the set of running sessions (what the reapers look at).
+- `live:running`       the set of running sessions (what the reapers look at);
+- `live:hold:<id>`     a credit hold's session (the credit settler's sweep settles a hold whose
+                       session ended but was not settled: its settling process died meanwhile);
+- `live:claim:<id>`    an open command's answer is still awaited: the worker takes it (DEL) before
+                       answering, and a session whose opener gave up is ended, never handed over.
 
 A record ends exactly once (`end_record`, one Lua script): by its worker (the client's DELETE,
 client gone, limits, drain) or by a reaper (the lease lapsed), whichever comes first; only that
@@ -22,10 +26,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 import redis as redis_lib
@@ -40,7 +45,7 @@ RUNNING = PREFIX + "live:running"
 RECORD_TTL_S = 3600  # an ended session's record answers "ended (why)" this long, then 404s
 COMMAND_TTL_S = 120  # a worker's command list disappears when nobody reads it (the worker is gone)
 REPLY_TTL_S = 60
-POLL_S = 1.0  # how often a waiting API process looks whether the worker is still alive
+POLL_S = 1  # how often (s) a waiting API process looks whether the worker is still alive
 
 
 def command_key(worker: str) -> str:
@@ -53,6 +58,14 @@ def record_key(session_id: str) -> str:
 
 def lease_key(session_id: str) -> str:
     return PREFIX + f"live:lease:{session_id}"
+
+
+def hold_key(hold_id: str) -> str:
+    return PREFIX + f"live:hold:{hold_id}"
+
+
+def claim_key(reply_to: str) -> str:
+    return PREFIX + f"live:claim:{reply_to}"
 
 
 def reply_key(reply_to: str) -> str:
@@ -84,7 +97,8 @@ class LiveRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LiveRecord:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # a newer writer's extras ignored
 
 
 # KEYS: record, lease, running set. ARGV: reason, seconds streamed ("": keep the record's), now,
@@ -127,11 +141,20 @@ class Records:
         self._beat = conn.register_script(_BEAT)
 
     def create(self, rec: LiveRecord, lease_s: float) -> None:
-        p = self.r.pipeline()  # MULTI: record, lease and index appear together
+        """`lease_s`: the first lease, long enough for the session to open (its worker's beat
+        renews it once the session runs)."""
+        p = self.r.pipeline()  # MULTI: record, lease and indexes appear together
         p.set(record_key(rec.id), json.dumps(asdict(rec)))
         p.set(lease_key(rec.id), "1", px=int(lease_s * 1000))
         p.sadd(RUNNING, rec.id)
+        if rec.hold_id:  # the credit settler finds the session of a hold (Settler.sweep)
+            p.set(hold_key(rec.hold_id), rec.id, ex=RECORD_TTL_S + int(rec.hold_s or 0) + int(lease_s))
         p.execute()
+
+    def by_hold(self, hold_id: str) -> LiveRecord | None:
+        """The session that streams against a credit hold, if any is known."""
+        session_id = cast("bytes | None", self.r.get(hold_key(hold_id)))
+        return self.load(session_id.decode()) if session_id else None
 
     def load(self, session_id: str) -> LiveRecord | None:
         raw = cast("bytes | None", self.r.get(record_key(session_id)))
@@ -203,41 +226,68 @@ def relayed_error(err: dict) -> SonicError:
     return e
 
 
+def redis_time(conn: redis_lib.Redis) -> float:
+    """Redis' own clock: every machine's deadlines are read on it (their clocks may differ)."""
+    seconds, micros = cast("tuple[int, int]", conn.time())
+    return seconds + micros / 1e6
+
+
 def call(conn: redis_lib.Redis, worker: str, op: str, timeout_s: float, **fields: Any) -> dict:
     """Send a command to a worker and wait for its answer; the worker's error raised here, and
-    WorkerUnreachable when it does not answer within timeout_s or leaves the worker list."""
+    WorkerUnreachable when it does not answer within timeout_s or leaves the worker list.
+    An `open` is handed over once: if this side gives up first, the worker ends the session it
+    made instead of answering (claim_key)."""
     reply_to = uuid.uuid4().hex
-    deadline = time.time() + timeout_s
-    command = json.dumps({"op": op, "reply_to": reply_to, "deadline": deadline, **fields})
+    deadline = time.monotonic() + timeout_s
+    command = json.dumps({"op": op, "reply_to": reply_to, "deadline": redis_time(conn) + timeout_s, **fields})
     p = conn.pipeline()
+    if op == "open":
+        p.set(claim_key(reply_to), 1, ex=int(timeout_s) + REPLY_TTL_S)
     p.rpush(command_key(worker), command)
     p.expire(command_key(worker), COMMAND_TTL_S)
     p.execute()
     while True:
-        left = deadline - time.time()
-        if left <= 0:
-            break
-        got = conn.blpop([reply_key(reply_to)], timeout=min(POLL_S, left))
-        if got:
-            reply = json.loads(cast("tuple[bytes, bytes]", got)[1])
-            if "error" in reply:
-                raise relayed_error(reply["error"])
-            return reply
-        if not conn.exists(PREFIX + f"worker:{worker}"):
-            break  # gone from the worker list: it will not answer
+        reply = _wait_reply(conn, reply_to, deadline - time.monotonic())
+        if reply is not None:
+            return _unwrap(reply)
+        if time.monotonic() >= deadline or not conn.exists(PREFIX + f"worker:{worker}"):
+            break  # too late, or gone from the worker list: it will not answer
+    if op == "open" and not conn.delete(claim_key(reply_to)):
+        reply = _wait_reply(conn, reply_to, 5.0)  # the worker took it just now: its answer is coming
+        if reply is not None:
+            return _unwrap(reply)
     raise WorkerUnreachable(f"live sessions: worker {worker} did not answer; retry shortly")
 
 
-def take_command(conn: redis_lib.Redis, worker: str, wait_s: float) -> dict | None:
+def _wait_reply(conn: redis_lib.Redis, reply_to: str, left_s: float) -> dict | None:
+    if left_s <= 0:
+        return None
+    # whole seconds: Redis before 6 takes no fractions (and a second is the worker-list look's rhythm)
+    got = conn.blpop([reply_key(reply_to)], timeout=max(1, min(POLL_S, math.ceil(left_s))))
+    return json.loads(cast("tuple[bytes, bytes]", got)[1]) if got else None
+
+
+def _unwrap(reply: dict) -> dict:
+    if "error" in reply:
+        raise relayed_error(reply["error"])
+    return reply
+
+
+def take_command(conn: redis_lib.Redis, worker: str, wait_s: int) -> dict | None:
     """The worker's next command that is still wanted (its sender still waits), or None."""
     got = conn.blpop([command_key(worker)], timeout=wait_s)
     if not got:
         return None
     command = json.loads(cast("tuple[bytes, bytes]", got)[1])
-    if float(command.get("deadline", 0)) < time.time():
+    if float(command.get("deadline", 0)) < redis_time(conn):
         log.info("live: dropped a %s command that waited past its deadline", command.get("op"))
         return None
     return command
+
+
+def claim(conn: redis_lib.Redis, command: dict) -> bool:
+    """The worker takes an open command's answer over (False: the sender gave up waiting)."""
+    return bool(conn.delete(claim_key(command["reply_to"])))
 
 
 def answer(conn: redis_lib.Redis, command: dict, reply: dict) -> None:

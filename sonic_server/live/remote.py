@@ -91,6 +91,10 @@ class RemoteSessions:
             "max_sessions": self.settings.max_sessions,
         }
 
+    def session_of_hold(self, hold_id: str) -> relay.LiveRecord | None:
+        """The record of the session that streams against a credit hold (the settler's sweep)."""
+        return self.records.by_hold(hold_id)
+
     def reap(self) -> None:
         """End the sessions whose worker stopped answering (worker_lost), settling their holds."""
         relay.reap_lost(self.records, self.settle)
@@ -116,13 +120,14 @@ class RemoteSessions:
             name = str(worker["name"])
             try:
                 reply = relay.call(self.r, name, "open", OPEN_TIMEOUT_S, **command)
+            except WorkerUnreachable:
+                raise  # not another worker: the hold is released first (a late session there is abandoned)
             except SonicError as e:
-                if e.code == "busy" or isinstance(e, WorkerUnreachable):
-                    log.info("live: worker %s could not take the session (%s); trying the next", name, e.code)
-                    continue
-                raise
-            metrics.LIVE_OPENED.inc()
-            return str(reply["session_id"]), name, reply["answer"]
+                if e.code != "busy":
+                    raise
+                log.info("live: worker %s had no free slot after all; trying the next", name)
+                continue
+            return str(reply["session_id"]), name, reply["answer"]  # counted opened by its worker
         metrics.LIVE_REFUSED.labels("busy").inc()
         raise Busy(
             f"every worker's live sessions are taken ({len(workers)} worker(s), live.max_sessions "

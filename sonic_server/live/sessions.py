@@ -174,9 +174,18 @@ class LiveSessions:
         """What /health shows of live sessions."""
         return {"enabled": self.settings.enabled, "sessions": self.count(), "max_sessions": self.settings.max_sessions}
 
+    def session_of_hold(self, hold_id: str) -> None:
+        """Holds of this process's sessions are settled as each ends (on_end), never swept."""
+        return None
+
     def running(self) -> list[ServedSession]:
         with self._lock:
             return list(self._sessions.values())
+
+    def opening(self) -> int:
+        """Sessions between their slot being taken and their registration."""
+        with self._lock:
+            return self._opening
 
     def free_slots(self) -> int:
         with self._lock:
@@ -400,3 +409,9 @@ async def _note_bytes(session: ServedSession) -> None:
 def hold_seconds(max_session_s: float) -> float:
     """The seconds a credit hold covers at most: the session's cap, or an hour without one."""
     return max_session_s if max_session_s > 0 else 3600.0
+
+
+def live_orphan_s(settings: LiveSettings) -> float:
+    """The age past which no session can still be using a live hold (its cap, the wait for its
+    client, its opening, and ten minutes): the settler's sweep releases one left by a dead process."""
+    return hold_seconds(settings.max_session_s) + settings.idle_timeout_s + NEGOTIATE_TIMEOUT_S + 600.0

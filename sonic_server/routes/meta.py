@@ -40,7 +40,10 @@ def health():
     if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
     if svc.live is not None:
-        body["live"] = svc.live.health()
+        try:
+            body["live"] = svc.live.health()
+        except Exception:  # noqa: BLE001 - distributed: Redis away; the rest of the answer says more
+            body["live"] = {"enabled": svc.settings.live.enabled, "error": "the live sessions' store does not answer"}
     if state == "setup_failed" and svc.setup_error:
         body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
