@@ -111,3 +111,33 @@ def cache_key(
     if owner is not None:
         h.update(hashlib.sha256(owner.encode()).digest())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A listing of jobs: newest first, `limit` at most, before the `after` position of a previous
+    page (its last job's (created, id)), of one owner (None: everyone's), of these statuses (empty:
+    any), created in [created_from, created_to)."""
+
+    owner: str | None = None
+    statuses: tuple[JobStatus, ...] = ()
+    created_from: float | None = None
+    created_to: float | None = None
+    after: tuple[float, str] | None = None
+    limit: int = 20
+
+    def admits(self, rec: JobRecord) -> bool:
+        """Whether a record belongs in the listing (the in-memory and Redis stores filter so)."""
+        if self.owner is not None and rec.owner != self.owner:
+            return False
+        if self.statuses and rec.status not in self.statuses:
+            return False
+        if self.created_from is not None and rec.created < self.created_from:
+            return False
+        if self.created_to is not None and rec.created >= self.created_to:
+            return False
+        return self.after is None or (rec.created, rec.id) < self.after
+
+
+def newest_first(records: list[JobRecord]) -> list[JobRecord]:
+    return sorted(records, key=lambda r: (r.created, r.id), reverse=True)

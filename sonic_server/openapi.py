@@ -62,6 +62,17 @@ def header(name: str, description: str, schema: dict | None = None) -> dict:
     }
 
 
+def query(name: str, description: str, schema: dict | None = None) -> dict:
+    """An optional query parameter."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
 def content(media_type: str, schema: dict) -> dict:
     return {media_type: {"schema": schema}}
 

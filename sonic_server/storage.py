@@ -56,6 +56,10 @@ class FolderOutputs:
         except OSError:
             return False
 
+    def remove(self, name: str) -> None:
+        """A deleted job's video (DELETE /api/sonic/jobs/<id>)."""
+        (self.folder / name).unlink(missing_ok=True)
+
     def expire(self, cutoff: float) -> None:
         for path in self.folder.glob("*.mp4"):
             try:
@@ -236,6 +240,11 @@ class S3Outputs:
             return True
         except (FileNotFoundError, StorageUnavailable):
             return False
+
+    def remove(self, name: str) -> None:
+        """A deleted job's video: the object (and this machine's copy, if any)."""
+        self.s3.call("delete a video", self.s3.client.delete_object, Key=self.s3.key("outputs", name))
+        (self.folder / name).unlink(missing_ok=True)
 
     def expire(self, cutoff: float) -> None:
         pages = self.s3.client.get_paginator("list_objects_v2").paginate(

@@ -1,8 +1,9 @@
 """Where job records are kept: SQLite (they survive a restart) or memory (`server.jobs_db: ""`).
 
-Both stores hold whole records (sonic_server/jobs.py) and answer the same five questions: save,
-load, the newest succeeded job for a cache key, the unfinished jobs (for recovery at start-up)
-and pruning of old finished jobs. Writes from the worker thread and request threads go through
+Both stores hold whole records (sonic_server/jobs.py) and answer the same questions: save, load,
+the newest succeeded job for a cache key, the unfinished jobs (for recovery at start-up), a
+listing (an owner's jobs, newest first, a page at a time), deleting one, and pruning of old
+finished jobs. Writes from the worker thread and request threads go through
 one connection guarded by a lock.
 
 A record's error keeps its code, message and field, never an HTTP status (the server derives that
@@ -21,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .jobs import SUCCEEDED, TERMINAL, JobRecord
+from .jobs import SUCCEEDED, TERMINAL, JobQuery, JobRecord, newest_first
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,6 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 """
+# added later (ALTER TABLE on an older database): the owner, for listings
+OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
 _FINISHED = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
 
 
@@ -56,14 +59,18 @@ class JobStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "record" not in columns:  # a database from an older release
             self._db.execute("ALTER TABLE jobs ADD COLUMN record TEXT")
+        if "owner" not in columns:  # older still: the owner column is filled from the records
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            self._db.execute("UPDATE jobs SET owner = json_extract(record, '$.owner') WHERE record IS NOT NULL")
+        self._db.execute(OWNER_INDEX)
         self._lock = threading.Lock()
 
     def save(self, rec: JobRecord, updated: float | None = None) -> None:
         """Insert or replace the record; `updated` (epoch s, default now) is what the expiry goes by."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated, record) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
+                "INSERT INTO jobs (id, status, stage, cache_key, result, error, created, updated, record, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status=excluded.status, "
                 "stage=excluded.stage, result=excluded.result, error=excluded.error, updated=excluded.updated, "
                 "record=excluded.record",
                 (
@@ -76,6 +83,7 @@ class JobStore:
                     rec.created,
                     time.time() if updated is None else updated,
                     json.dumps(rec.to_dict()),
+                    rec.owner,
                 ),
             )
 
@@ -116,6 +124,34 @@ class JobStore:
         with self._lock:
             return [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE status NOT IN {_FINISHED}")]
 
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        """One page of the listing (rows an older release wrote, without a record, are left out)."""
+        where: list[str] = ["record IS NOT NULL"]
+        args: list[object] = []
+        if query.owner is not None:
+            where.append("owner = ?")
+            args.append(query.owner)
+        if query.statuses:
+            where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+            args += [str(s) for s in query.statuses]
+        if query.created_from is not None:
+            where.append("created >= ?")
+            args.append(query.created_from)
+        if query.created_to is not None:
+            where.append("created < ?")
+            args.append(query.created_to)
+        if query.after is not None:
+            where.append("(created < ? OR (created = ? AND id < ?))")
+            args += [query.after[0], query.after[0], query.after[1]]
+        sql = f"SELECT record FROM jobs WHERE {' AND '.join(where)} ORDER BY created DESC, id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, query.limit)).fetchall()
+        return [JobRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+
     def prune(self, before: float) -> int:
         """Forget finished jobs last updated before `before` (epoch s); returns how many."""
         with self._lock:
@@ -152,6 +188,15 @@ class MemoryStore:
     def unfinished(self) -> list[str]:
         with self._lock:
             return [job_id for job_id, (d, _) in self._records.items() if d["status"] not in TERMINAL]
+
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        with self._lock:
+            records = [JobRecord.from_dict(copy.deepcopy(d)) for d, _ in self._records.values()]
+        return newest_first([r for r in records if query.admits(r)])[: query.limit]
+
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            return self._records.pop(job_id, None) is not None
 
     def prune(self, before: float) -> int:
         with self._lock:

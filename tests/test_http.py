@@ -91,6 +91,8 @@ GUARDED = {"401", "429"}
 OPERATIONS = {
     ("/api/sonic/generate", "post"): {"200", "202", "400", "402", "403", "413", "415", "422", "503", "500"} | GUARDED,
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
+    ("/api/sonic/jobs", "get"): {"200", "400"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}", "delete"): {"204", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
     ("/output/{name}", "get"): {"200", "206", "302", "304", "404", "416", "503"},

@@ -341,3 +341,50 @@ def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
+    """Each key lists its own jobs, newest first, a page at a time, through either API process;
+    a delete through one removes the record, the video and the cache entry for both; deleting a
+    running job cancels it on its worker first."""
+    c = cluster(api_keys=["key-a", "key-b"])
+    one, two = c.client(), c.client()
+    c.start_worker("lw")
+    c.wait_workers(one, 1)
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+
+    def make(api, seed, headers, **extra):
+        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+            r = api.post("/api/sonic/generate", headers=headers, data={
+                "image": (img, "p.jpg"), "audio": (aud, "a.flac"),
+                "config": json.dumps({"min_resolution": 256, "seed": seed, **extra})})
+        assert r.status_code in (200, 202), r.get_data()[:300]
+        return r.get_json()
+
+    mine = [make(one, seed, a)["job_id"] for seed in (1, 2, 3)]
+    theirs = make(two, 4, b)["job_id"]
+    page = two.get("/api/sonic/jobs?limit=2", headers=a).get_json()
+    assert [j["job_id"] for j in page["jobs"]] == mine[:0:-1] and page["next_cursor"]
+    rest = one.get(f"/api/sonic/jobs?limit=2&cursor={page['next_cursor']}", headers=a).get_json()
+    assert [j["job_id"] for j in rest["jobs"]] == [mine[0]] and rest["next_cursor"] is None
+    assert [j["job_id"] for j in one.get("/api/sonic/jobs", headers=b).get_json()["jobs"]] == [theirs]
+    assert one.get("/api/sonic/jobs?status=failed", headers=a).get_json()["jobs"] == []
+    assert_clean_error(one.delete(f"/api/sonic/jobs/{theirs}", headers=a), 404, "job_not_found")
+    video = c.tmp / "outputs" / f"{mine[1]}.mp4"
+    assert video.exists()
+    assert two.delete(f"/api/sonic/jobs/{mine[1]}", headers=a).status_code == 204
+    assert not video.exists()
+    assert_clean_error(one.get(f"/api/sonic/jobs/{mine[1]}", headers=a), 404, "job_not_found")
+    assert [j["job_id"] for j in one.get("/api/sonic/jobs", headers=a).get_json()["jobs"]] == [mine[2], mine[0]]
+    again = make(one, 2, a)
+    assert not again.get("cached") and again["job_id"] != mine[1]
+    # a running job: canceled on its worker, then deleted
+    long = make(one, 5, a, **{"async": True, "duration": 20})["job_id"]
+    deadline = time.monotonic() + 60
+    while one.get(f"/api/sonic/jobs/{long}", headers=a).get_json()["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert two.delete(f"/api/sonic/jobs/{long}", headers=a).status_code == 204
+    assert_clean_error(one.get(f"/api/sonic/jobs/{long}", headers=a), 404, "job_not_found")
+    assert not (c.tmp / "outputs" / f"{long}.mp4").exists()
+

@@ -118,6 +118,13 @@ def test_uploads_and_videos_go_through_the_bucket_proxied_and_presigned(tmp_path
         job = post(api, {"min_resolution": 256, "seed": 4, "async": True}).get_json()["job_id"]
         assert wait_status(api, job, ("succeeded",), timeout=90)["status"] == "succeeded"
         assert f"t/outputs/{job}.mp4" in keys(bucket) and not keys(bucket, "t/uploads/")
+        # deleted: the object leaves the bucket, and the URL, the listing and the cache forget it
+        assert api.delete(f"/api/sonic/jobs/{body['job_id']}").status_code == 204
+        assert f"t/outputs/{name}" not in keys(bucket) and f"t/outputs/{job}.mp4" in keys(bucket)
+        assert_clean_error(api.get(f"/output/{name}"), 404, "not_found")
+        assert [j["job_id"] for j in api.get("/api/sonic/jobs").get_json()["jobs"]] == [job]
+        fresh = post(api, {"min_resolution": 256, "seed": 3}).get_json()
+        assert not fresh.get("cached") and fresh["job_id"] != body["job_id"]
     finally:
         c.stop()
 

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..jobs import JobRecord
+from ..jobs import JobQuery, JobRecord
 
 
 class QueueFull(Exception):
@@ -55,6 +55,15 @@ class JobQueue(ABC):
     @abstractmethod
     def cached(self, key: str) -> JobRecord | None:
         """A succeeded job for this cache key whose output still exists, else None."""
+
+    @abstractmethod
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        """One page of the jobs the query admits, newest first (sonic_server/jobs.py: JobQuery)."""
+
+    @abstractmethod
+    def delete(self, job_id: str) -> bool:
+        """Forget an ended job: its record and whatever finds it (the cache's entry, indexes);
+        False if there was none. Its files are the caller's to remove (the route)."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> JobRecord | None:

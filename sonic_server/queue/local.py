@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from .. import lifecycle
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
-from ..jobs import FAILED, JobRecord
+from ..jobs import FAILED, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import recover
 from ..store import MemoryStore
@@ -111,6 +111,24 @@ class LocalQueue(JobQueue):
 
     def cached(self, key: str) -> JobRecord | None:
         return self.cache.lookup(key)
+
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        """The store's page, with the records held here (queued, running, or finished but not yet
+        taken by the store) as they are now."""
+        stored = self.store.list(query)
+        with self._changed:
+            held = {job_id: rec.copy() for job_id, rec in {**self._unsaved, **self._live}.items()}
+        page = {rec.id: held.get(rec.id, rec) for rec in stored}
+        for rec in held.values():
+            page.setdefault(rec.id, rec)
+        return newest_first([rec for rec in page.values() if query.admits(rec)])[: query.limit]
+
+    def delete(self, job_id: str) -> bool:
+        with self._changed:
+            if job_id in self._live:
+                return False  # not ended: cancel it first
+            held = self._unsaved.pop(job_id, None) is not None
+        return self.store.delete(job_id) or held
 
     def cancel(self, job_id: str) -> JobRecord | None:
         with self._changed:

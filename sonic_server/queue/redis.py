@@ -19,6 +19,7 @@ Redis keys (prefix `sonic:`):
                   worker list of /health and the "is anyone there" check of submit;
 - `cache:<key>`   the job id of the succeeded job for a result cache key;
 - `unfinished` (set), `finished` (sorted by time): for recovery and expiry;
+- `created` (sorted by creation time), `owner:<owner>` (the same, one owner's): listings;
 - `decoder`       the decoder identity the workers serve (part of the result cache key).
 Uploads and videos are files in the shared `upload_dir` and `output_dir`, or objects in a bucket
 (`storage: s3`, sonic_server/storage.py); Redis carries ids.
@@ -42,7 +43,7 @@ import redis as redis_lib
 
 from .. import lifecycle
 from ..cache import ResultCache
-from ..jobs import PROCESSING, QUEUED, TERMINAL, JobRecord
+from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..store import _error_record
 from . import JobQueue, QueueFull, WorkerStopped, follow
@@ -141,6 +142,9 @@ class RedisStore:
                 p.set(PREFIX + f"cache:{rec.cache_key}", rec.id)
         else:
             p.sadd(PREFIX + "unfinished", rec.id)
+        p.zadd(PREFIX + "created", {rec.id: rec.created})
+        if rec.owner is not None:
+            p.zadd(PREFIX + f"owner:{rec.owner}", {rec.id: rec.created})
         p.publish(PREFIX + f"events:{rec.id}", rec.status)
 
     def save(self, rec: JobRecord) -> None:
@@ -170,14 +174,46 @@ class RedisStore:
     def prune(self, before: float) -> int:
         old = [m.decode() for m in cast("list[bytes]", self.r.zrangebyscore(PREFIX + "finished", "-inf", before))]
         for job_id in old:
-            rec = self.load(job_id)
-            p = self.r.pipeline()
-            p.delete(PREFIX + f"job:{job_id}")
-            p.zrem(PREFIX + "finished", job_id)
-            if rec is not None and rec.cache_key and self.cached(rec.cache_key) == job_id:
-                p.delete(PREFIX + f"cache:{rec.cache_key}")
-            p.execute()
+            self.delete(job_id)
         return len(old)
+
+    def delete(self, job_id: str) -> bool:
+        """The record and every key that finds it."""
+        rec = self.load(job_id)
+        p = self.r.pipeline()
+        p.delete(PREFIX + f"job:{job_id}", PREFIX + f"cancel:{job_id}")
+        p.zrem(PREFIX + "finished", job_id)
+        p.zrem(PREFIX + "created", job_id)
+        p.srem(PREFIX + "unfinished", job_id)
+        if rec is not None and rec.owner is not None:
+            p.zrem(PREFIX + f"owner:{rec.owner}", job_id)
+        if rec is not None and rec.cache_key and self.cached(rec.cache_key) == job_id:
+            p.delete(PREFIX + f"cache:{rec.cache_key}")
+        p.execute()
+        return rec is not None
+
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        """A page from the creation-time index (the owner's, or everyone's), newest first."""
+        key = PREFIX + ("created" if query.owner is None else f"owner:{query.owner}")
+        top = "+inf" if query.after is None else query.after[0]
+        if query.created_to is not None:
+            top = min(top, query.created_to) if query.after is not None else query.created_to
+        bottom = "-inf" if query.created_from is None else query.created_from
+        page: list[JobRecord] = []
+        start, batch = 0, max(50, 4 * query.limit)
+        while len(page) < query.limit:
+            ids = cast("list[bytes]", self.r.zrevrangebyscore(key, top, bottom, start=start, num=batch))
+            if not ids:
+                break
+            start += len(ids)
+            for raw in self.r.mget([PREFIX + f"job:{i.decode()}" for i in ids]):
+                if raw is None:
+                    continue  # pruned meanwhile
+                rec = JobRecord.from_dict(json.loads(raw))
+                rec.error = _error_record(rec.error)
+                if query.admits(rec):
+                    page.append(rec)
+        return newest_first(page)[: query.limit]
 
 
 def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipeline=None) -> None:
@@ -304,6 +340,15 @@ class RedisQueue(JobQueue):
 
     def cached(self, key: str) -> JobRecord | None:
         return self.cache.lookup(key)
+
+    def list(self, query: JobQuery) -> list[JobRecord]:
+        return self.store.list(query)
+
+    def delete(self, job_id: str) -> bool:
+        rec = self.store.load(job_id)
+        if rec is not None and not rec.terminal:
+            return False  # not ended: cancel it first
+        return self.store.delete(job_id)
 
     def cancel(self, job_id: str) -> JobRecord | None:
         rec = self.get(job_id)

@@ -1,10 +1,16 @@
 """Generate and jobs: validate a request, check its inputs, queue it; then status, Server-Sent
-Events and cancel of the job. The routes talk to the queue interface only (sonic_server/queue)."""
+Events, cancel and deletion of the job, and the caller's list of jobs. The routes talk to the
+queue interface only (sonic_server/queue)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import json
 import logging
+import math
+from datetime import datetime, timezone
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
@@ -15,9 +21,9 @@ from sonic.version import pipeline_version
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
-from ..jobs import JOB_ID, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus, cache_key
+from ..jobs import JOB_ID, PROCESSING, QUEUED, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, json_object_field
-from ..openapi import component, content, describe, error, header, path_parameter
+from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..queue import QueueFull, WorkerStopped
 from ..service import Service, service
 
@@ -25,6 +31,8 @@ bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
 SSE_HEARTBEAT_S = 15.0
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
+DELETE_WAIT_S = 10.0  # a running job being deleted is canceled first; it stops within this (else 503)
+LIST_LIMIT, LIST_MAX = 20, 100  # jobs a listing page holds by default, at most
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
 SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
@@ -83,6 +91,23 @@ UPLOAD = {
         },
     ),
 }
+JOB_LIST = component(
+    "JobList",
+    {
+        "type": "object",
+        "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+            "next_cursor": {"type": "string", "nullable": True, "description": "the next page's cursor; null: none"},
+        },
+    },
+)
+LIST_PARAMETERS = [
+    query("limit", f"jobs on this page (1-{LIST_MAX}, default {LIST_LIMIT})", {"type": "integer"}),
+    query("cursor", "the next_cursor of the previous page"),
+    query("status", "only these statuses, comma-separated (queued, processing, succeeded, failed, canceled)"),
+    query("created_after", "only jobs created at or after this time (epoch seconds or ISO 8601)"),
+    query("created_before", "only jobs created before this time (epoch seconds or ISO 8601)"),
+]
 path_parameter("job_id", JOB_ID, "the id a generate call returned")
 PREFER = header(
     "Prefer",
@@ -285,6 +310,117 @@ def generate():
 def job_status(job_id):
     rec = _find_job(job_id)
     return jsonify(_job_body(rec, _urls(job_id)))
+
+
+@bp.get("/api/sonic/jobs")
+@describe(
+    "The caller's jobs, newest first, a page at a time",
+    parameters=LIST_PARAMETERS,
+    responses={200: ("a page of jobs", content("application/json", JOB_LIST)), 400: error("bad query parameter")},
+)
+def job_list():
+    """With keys or accounts, a caller's own jobs (an admin's: everyone's); without, every job."""
+    svc = service()
+    if svc.queue is None:
+        return error_response("not_ready", "the service is starting", headers={"Retry-After": "5"})
+    who = caller()
+    asked = _list_query(None if who.sees_all else who.owner)
+    page = svc.queue.list(dataclasses.replace(asked, limit=asked.limit + 1))  # one more: is there a next page?
+    more = len(page) > asked.limit
+    page = page[: asked.limit]
+    next_cursor = _cursor(page[-1]) if more else None
+    urls = {rec.id: _urls(rec.id) for rec in page}
+    return jsonify({"jobs": [_job_body(rec, urls[rec.id]) for rec in page], "next_cursor": next_cursor})
+
+
+def _list_query(owner: str | None) -> JobQuery:
+    args = request.args
+    try:
+        limit = int(args.get("limit", LIST_LIMIT))
+    except ValueError:
+        raise InvalidParameter(f"limit must be a whole number, 1-{LIST_MAX}", field="limit") from None
+    if not 1 <= limit <= LIST_MAX:
+        raise InvalidParameter(f"limit must be 1-{LIST_MAX}, got {limit}", field="limit")
+    statuses = []
+    for word in filter(None, (w.strip() for w in args.get("status", "").split(","))):
+        try:
+            statuses.append(JobStatus(word))
+        except ValueError:
+            known = ", ".join(s.value for s in JobStatus)
+            raise InvalidParameter(f"status {word[:20]!r} is not one of {known}", field="status") from None
+    return JobQuery(
+        owner=owner,
+        statuses=tuple(statuses),
+        created_from=_instant(args.get("created_after"), "created_after"),
+        created_to=_instant(args.get("created_before"), "created_before"),
+        after=_position(args.get("cursor")),
+        limit=limit,
+    )
+
+
+def _instant(text: str | None, name: str) -> float | None:
+    """Epoch seconds or an ISO 8601 date-time (UTC unless it names its offset)."""
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise InvalidParameter(f"{name} must be a finite time", field=name)
+        return seconds
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidParameter(f"{name} must be epoch seconds or an ISO 8601 date-time", field=name) from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _cursor(rec: JobRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([rec.created, rec.id]).encode()).decode().rstrip("=")
+
+
+def _position(cursor: str | None) -> tuple[float, str] | None:
+    """A cursor back into (created, id); anything else is a 400."""
+    if not cursor:
+        return None
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created, (int, float)) or not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidParameter(
+            "cursor is not one this server gave (use next_cursor as it came)", field="cursor"
+        ) from None
+    return float(created), job_id
+
+
+@bp.delete("/api/sonic/jobs/<job_id>")
+@describe(
+    "Delete a job: cancel it if it runs, then delete its video, its uploads and its cached result",
+    responses={
+        204: "deleted: its video_url answers 404 from now on",
+        404: error("no such job"),
+        503: error("the job is still stopping; retry (Retry-After)"),
+    },
+)
+def job_delete(job_id):
+    rec = _find_job(job_id)
+    svc = service()
+    if not rec.terminal:
+        svc.queue.cancel(job_id)
+        rec = _wait_for(svc.queue, job_id, DELETE_WAIT_S)
+        if not rec.terminal:
+            return error_response(
+                "busy", "the job is still stopping; retry the delete shortly", headers={"Retry-After": "2"}
+            )
+    if rec.result and rec.result.get("file"):
+        svc.outputs.remove(rec.result["file"])  # first: a cache lookup meanwhile finds no video, no hit
+    svc.uploads.remove(job_id)
+    svc.queue.delete(job_id)
+    log.info("job %s deleted", job_id)
+    return Response(status=204)
 
 
 @bp.post("/api/sonic/jobs/<job_id>/cancel")
