@@ -10,6 +10,7 @@ from flask import Flask
 
 from . import access, hooks, loader
 from .errors import install_error_handlers
+from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
 from .queue.local import LocalQueue
@@ -44,6 +45,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         retry_after_s=str(srv.retry_after_s),
         event_streams=Slots(srv.max_event_streams),
     )
+    svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
     hooks.request_id(app)
     hooks.access_log(app)
     hooks.memory(app)

@@ -16,6 +16,7 @@ from .uploads import Uploads
 
 if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion at the first fusion
     from .accounts import Billing, Ledger, Settler
+    from .idempotency import IdempotencyStore
     from .live.remote import RemoteSessions
     from .live.sessions import LiveSessions
     from .routes.fusion import FusionEngine
@@ -60,6 +61,7 @@ class Service:
     billing: Billing | None = None  # what the routes call to make a request pay (credits.enabled)
     settler: Settler | None = None  # ends the credit holds of jobs that have ended
     fusion: FusionEngine | None = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
+    idempotency: IdempotencyStore | None = None  # Idempotency-Key answers (sonic_server/idempotency.py)
     live: LiveSessions | RemoteSessions | None = None  # live sessions: here, or on the workers (sonic_server/live/)
 
     def loaded_decoder_identity(self) -> str:

@@ -42,6 +42,7 @@ class ServerSettings:
     retry_lost_jobs: int = 0  # ... or queued again, this many times, before it is failed
     worker_drain_s: float = 30.0  # a worker stopped gracefully (SIGTERM) lets its live sessions run this long
     fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
+    idempotency_ttl_s: float = 86400.0  # an Idempotency-Key's answer is kept this long
     database_url: str | None = (
         None  # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
     )

@@ -128,6 +128,30 @@ def test_failed_and_canceled_jobs_cost_nothing_and_cache_hits_are_free_unless_se
     assert ledger.account("di")["balance"] == 15 and ledger.check() == []
 
 
+def test_a_retry_with_an_idempotency_key_is_not_charged_twice(service):
+    """charge_cache_hits on: without a key a repeat pays again; with the same Idempotency-Key,
+    the retry gets the first answer and pays nothing (a fusion alike)."""
+    import base64
+
+    from conftest import EXAMPLES
+
+    client, ledger, _ = service(charge_cache_hits=True)
+    _, key = ledger.create_account("ida", credits=200)
+    once = {"Idempotency-Key": "retry-me", **auth(key)}
+    first = post(client, {**FAST, "seed": 31}, headers=once)
+    assert first.status_code == 200 and ledger.account("ida")["balance"] == 170
+    again = post(client, {**FAST, "seed": 31}, headers=once)
+    assert again.get_json()["job_id"] == first.get_json()["job_id"] and ledger.account("ida")["balance"] == 170
+    image = base64.b64encode((EXAMPLES / "portrait.jpg").read_bytes()).decode()
+    body = {"source_image": image, "target_image": image}
+    fused = [client.post("/fusion", json=body, headers={"Idempotency-Key": "fuse-1", **auth(key)}) for _ in range(2)]
+    assert fused[0].status_code == fused[1].status_code == 200
+    assert fused[0].get_json()["result"] == fused[1].get_json()["result"]
+    price = 170 - ledger.account("ida")["balance"]
+    assert price > 0 and client.post("/fusion", json=body, headers=auth(key)).status_code == 200
+    assert 170 - ledger.account("ida")["balance"] == 2 * price and ledger.check() == []  # unkeyed: paid again
+
+
 def test_the_settler_leaves_young_holds_alone(service):
     client, ledger, app = service()
     ledger.create_account("hy", credits=100)

@@ -89,7 +89,8 @@ def test_health_when_the_worker_has_stopped(make_client):
 # every /api/ operation may also answer 401 (API keys) and 429 (rate limit)
 GUARDED = {"401", "429"}
 OPERATIONS = {
-    ("/api/sonic/generate", "post"): {"200", "202", "400", "402", "403", "413", "415", "422", "503", "500"} | GUARDED,
+    ("/api/sonic/generate", "post"): {"200", "202", "400", "402", "403", "409", "413", "415", "422", "503", "500"}
+    | GUARDED,
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
     ("/api/sonic/jobs", "get"): {"200", "400"} | GUARDED,
     ("/api/sonic/jobs/{job_id}", "delete"): {"204", "404", "503"} | GUARDED,
@@ -100,7 +101,7 @@ OPERATIONS = {
     ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
     ("/metrics", "get"): {"200"},
-    **{(path, "post"): {"200", "400", "402", "413", "422"} | GUARDED
+    **{(path, "post"): {"200", "400", "402", "409", "413", "422"} | GUARDED
        for path in ("/fusion", "/api/fusion", "/fusion/batch", "/api/fusion/batch")},
     ("/api/sonic/live", "post"): {"201", "400", "402", "413", "415", "422", "503"} | GUARDED,
     ("/api/sonic/live/{session_id}/speak", "post"): {"202", "400", "404", "413", "415", "422", "503"} | GUARDED,

@@ -105,3 +105,39 @@ def test_deleting_a_running_job_cancels_it_first(make_client):
     assert r.status_code == 204
     assert_clean_error(client.get(f"/api/sonic/jobs/{job}"), 404, "job_not_found")
     assert listing(client, None)["jobs"] == []
+
+
+def test_an_idempotency_key_makes_one_job_whatever_the_retries(make_client):
+    """A retry with the same key and request gets the first answer (same job, marked replayed);
+    the same key with another request is 409; twins racing make one job; keys are per caller;
+    a bad key is named."""
+    client, _ = make_client(api_keys=[KEY_A, KEY_B])
+    key = {"Idempotency-Key": "order-7f3a", **auth(KEY_A)}
+    first = post(client, {**FAST, "seed": 21}, headers=key)
+    again = post(client, {**FAST, "seed": 21}, headers=key)
+    assert first.status_code == again.status_code == 200
+    assert again.get_json()["job_id"] == first.get_json()["job_id"] and again.headers["Idempotent-Replayed"] == "true"
+    assert len(listing(client, KEY_A)["jobs"]) == 1  # one job, one render
+    other = post(client, {**FAST, "seed": 22}, headers=key)
+    assert_clean_error(other, 409, "conflict")
+    # the same key from another caller is another key
+    theirs = post(client, {**FAST, "seed": 21}, headers={"Idempotency-Key": "order-7f3a", **auth(KEY_B)})
+    assert theirs.status_code == 200 and theirs.get_json()["job_id"] != first.get_json()["job_id"]
+    # two identical requests at once: one job, both answers name it
+    answers, start = [], threading.Barrier(2)
+
+    def send():
+        start.wait()
+        answers.append(post(client, {**FAST, "seed": 23, "async": True},
+                            headers={"Idempotency-Key": "twin", **auth(KEY_A)}).get_json()["job_id"])
+
+    twins = [threading.Thread(target=send) for _ in range(2)]
+    for t in twins:
+        t.start()
+    for t in twins:
+        t.join()
+    assert len(answers) == 2 and answers[0] == answers[1]
+    assert len(listing(client, KEY_A)["jobs"]) == 2
+    r = post(client, FAST, headers={"Idempotency-Key": "x" * 300, **auth(KEY_A)})
+    assert_clean_error(r, 400, "invalid_parameter")
+    assert r.get_json()["error"]["field"] == "Idempotency-Key"

@@ -378,6 +378,13 @@ def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
     assert [j["job_id"] for j in one.get("/api/sonic/jobs", headers=a).get_json()["jobs"]] == [mine[2], mine[0]]
     again = make(one, 2, a)
     assert not again.get("cached") and again["job_id"] != mine[1]
+    # an Idempotency-Key holds across API processes: the retry through the other gets the same job
+    keyed = {"Idempotency-Key": "k-1", **a}
+    assert make(one, 7, keyed)["job_id"] == make(two, 7, keyed)["job_id"]
+    with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+        clash = two.post("/api/sonic/generate", headers=keyed, data={
+            "image": (img, "p.jpg"), "audio": (aud, "a.flac"), "config": json.dumps({"min_resolution": 256, "seed": 8})})
+    assert_clean_error(clash, 409, "conflict")
     # a running job: canceled on its worker, then deleted
     long = make(one, 5, a, **{"async": True, "duration": 20})["job_id"]
     deadline = time.monotonic() + 60

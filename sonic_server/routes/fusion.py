@@ -24,6 +24,7 @@ from PIL import Image
 from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, UnsupportedMedia
 from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
+from .. import idempotency
 from ..json_input import json_object_body
 from ..openapi import content, describe, error
 from ..service import Service, service
@@ -265,6 +266,7 @@ FUSION_RESULT = {
 ERRORS = {
     400: error("a bad field (named): base64, image format, blend_ratio..."),
     402: error("credits enabled: not enough credits"),
+    409: error("this Idempotency-Key was used with another request, or its first request still runs"),
     413: error("an image or the body is too large"),
     422: error("no face in the source or the target image (field says which)"),
 }
@@ -274,6 +276,7 @@ ERRORS = {
 @bp.post("/api/fusion")
 @describe(
     "Blend the source photo's face into the target photo",
+    parameters=[idempotency.PARAMETER],
     request_body=FUSION_BODY,
     responses={
         200: (
@@ -287,6 +290,7 @@ ERRORS = {
         **ERRORS,
     },
 )
+@idempotency.once("fusion")
 def fusion():
     svc = service()
     body, files = _request_body()
@@ -353,9 +357,11 @@ BATCH_BODY = {
 @bp.post("/api/fusion/batch")
 @describe(
     "Several fusions in one call: each pair's result or its own error",
+    parameters=[idempotency.PARAMETER],
     request_body=BATCH_BODY,
     responses={200: ("one entry per pair, in order", content("application/json", {"type": "object"})), **ERRORS},
 )
+@idempotency.once("fusion/batch")
 def fusion_batch():
     svc = service()
     body = json_object_body("send a JSON object with pairs")

@@ -18,6 +18,7 @@ from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
+from .. import idempotency
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
@@ -220,7 +221,7 @@ def _read_files() -> dict[str, bytes]:
 @bp.post("/api/sonic/generate")
 @describe(
     "Generate a talking-head video",
-    parameters=[PREFER],
+    parameters=[PREFER, idempotency.PARAMETER],
     request_body=UPLOAD,
     responses={
         200: ("video ready", content("application/json", RESULT)),
@@ -228,6 +229,7 @@ def _read_files() -> dict[str, bytes]:
         400: error("bad or missing field / JSON"),
         402: error("credits enabled: not enough credits (needed, balance)"),
         403: error("credits enabled: this key belongs to no account"),
+        409: error("this Idempotency-Key was used with another request, or its first request still runs"),
         413: error("upload too large"),
         415: error("not a decodable image / audio"),
         422: error("no face, audio too long, empty or silent audio"),
@@ -235,6 +237,7 @@ def _read_files() -> dict[str, bytes]:
         500: error("internal error"),
     },
 )
+@idempotency.once("generate")
 def generate():
     svc = service()
     queue = svc.queue

@@ -1,0 +1,265 @@
+"""Idempotent creation: a request sent with an `Idempotency-Key` header is carried out once.
+
+A retry with the same key and the same request (its fields and files, whatever multipart
+boundary carries them, from the same caller) gets the first answer again: the same job id, no
+second charge, no second render. The same key with a different request is 409 `conflict`. Two
+identical requests racing: the one that reserves the key runs, the other waits for its answer.
+An answer that says "try again" (429, 503, any 5xx) frees the key, so that the retry runs anew.
+Keys are per caller and expire after `server.idempotency_ttl_s`.
+
+The answers are kept beside the job records: in SQLite (or memory) in one process, in Redis in
+distributed mode, so that a retry reaching another API process gets the same answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from flask import Response, request
+
+from sonic.errors import InvalidParameter, SonicError
+
+from .openapi import header
+
+HEADER = "Idempotency-Key"
+MAX_KEY_CHARS = 255
+WAIT_S = 60.0  # a racing twin waits this long for the first request's answer
+POLL_S = 0.1
+KEPT_HEADERS = ("Content-Type", "Location", "X-Fusion-Timings")
+PARAMETER = header(
+    HEADER,
+    "any unique string (a UUID): a retry with the same key and request returns the first answer, "
+    "with no second job or charge; the same key with another request is 409",
+    {"type": "string", "maxLength": MAX_KEY_CHARS},
+)
+
+
+class KeyConflict(SonicError):
+    code = "conflict"
+
+
+class IdempotencyStore(Protocol):
+    def reserve(self, key: str, fingerprint: str, ttl_s: float) -> dict | None:
+        """Take the key for this request (None), or the entry another request holds:
+        {"fingerprint", "answer": None while that request runs, else its kept answer}."""
+
+    def complete(self, key: str, answer: dict) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+
+class MemoryKeys:
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[dict, float]] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, key: str, fingerprint: str, ttl_s: float) -> dict | None:
+        now = time.time()
+        with self._lock:
+            held = self._entries.get(key)
+            if held is not None and held[1] > now:
+                return dict(held[0])
+            self._entries[key] = ({"fingerprint": fingerprint, "answer": None}, now + ttl_s)
+            return None
+
+    def complete(self, key: str, answer: dict) -> None:
+        with self._lock:
+            if key in self._entries:
+                entry, expires = self._entries[key]
+                self._entries[key] = ({**entry, "answer": answer}, expires)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+class SqliteKeys:
+    """A table of its own in the job database (its own connection: WAL lets both write)."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
+            "answer TEXT, expires REAL NOT NULL)"
+        )
+        self._lock = threading.Lock()
+
+    def reserve(self, key: str, fingerprint: str, ttl_s: float) -> dict | None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("DELETE FROM idempotency WHERE expires < ?", (now,))
+            taken = self._db.execute(
+                "INSERT OR IGNORE INTO idempotency (key, fingerprint, answer, expires) VALUES (?, ?, NULL, ?)",
+                (key, fingerprint, now + ttl_s),
+            ).rowcount
+            if taken:
+                return None
+            row = self._db.execute("SELECT fingerprint, answer FROM idempotency WHERE key = ?", (key,)).fetchone()
+        if row is None:  # released meanwhile: the caller tries again
+            return {"fingerprint": fingerprint, "answer": None, "gone": True}
+        return {"fingerprint": row[0], "answer": json.loads(row[1]) if row[1] else None}
+
+    def complete(self, key: str, answer: dict) -> None:
+        with self._lock:
+            self._db.execute("UPDATE idempotency SET answer = ? WHERE key = ?", (json.dumps(answer), key))
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM idempotency WHERE key = ?", (key,))
+
+
+class RedisKeys:
+    """`sonic:idem:<key>`: SET NX with the key's time to live, so racing API processes agree."""
+
+    def __init__(self, conn: Any) -> None:
+        self.r = conn
+
+    def _name(self, key: str) -> str:
+        return f"sonic:idem:{key}"
+
+    def reserve(self, key: str, fingerprint: str, ttl_s: float) -> dict | None:
+        entry = json.dumps({"fingerprint": fingerprint, "answer": None})
+        if self.r.set(self._name(key), entry, nx=True, ex=max(1, int(ttl_s))):
+            return None
+        raw = cast("bytes | None", self.r.get(self._name(key)))
+        if raw is None:
+            return {"fingerprint": fingerprint, "answer": None, "gone": True}
+        return json.loads(raw)
+
+    def complete(self, key: str, answer: dict) -> None:
+        name = self._name(key)
+        raw = cast("bytes | None", self.r.get(name))
+        if raw is not None:
+            self.r.set(name, json.dumps({**json.loads(raw), "answer": answer}), keepttl=True)
+
+    def release(self, key: str) -> None:
+        self.r.delete(self._name(key))
+
+
+def open_keys(redis_url: str | None, jobs_db_path: str) -> IdempotencyStore:
+    """Where the answers are kept: Redis in distributed mode, else beside the job records."""
+    if redis_url:
+        from .queue.redis import connect
+
+        return RedisKeys(connect(redis_url))
+    return SqliteKeys(jobs_db_path) if jobs_db_path else MemoryKeys()
+
+
+# --- the routes' side --------------------------------------------------------------------------
+def request_key(owner: str | None) -> str | None:
+    """The request's key, scoped to its caller (one caller's key never meets another's); None
+    without the header."""
+    raw = request.headers.get(HEADER)
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= MAX_KEY_CHARS or not raw.isascii() or not raw.isprintable():
+        raise InvalidParameter(f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters", field=HEADER)
+    return hashlib.sha256(f"{owner or ''}\n{raw}".encode()).hexdigest()
+
+
+def fingerprint(route: str) -> str:
+    """What makes two requests the same: the route, the fields and each file's bytes (not the
+    multipart boundary or the files' order), or a JSON body's bytes. The files are read and
+    rewound: the view reads them again."""
+    digest = hashlib.sha256(route.encode())
+    if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        for name in sorted(request.form):
+            digest.update(json.dumps([name, request.form.getlist(name)]).encode())
+        for name in sorted(request.files):
+            for f in request.files.getlist(name):
+                data = f.stream.read()
+                f.stream.seek(0)
+                digest.update(json.dumps([name, hashlib.sha256(data).hexdigest()]).encode())
+    else:
+        digest.update(request.get_data(cache=True))
+    return digest.hexdigest()
+
+
+def _keep(resp: Response) -> dict:
+    return {
+        "status": resp.status_code,
+        "headers": {k: resp.headers[k] for k in KEPT_HEADERS if k in resp.headers},
+        "body": base64.b64encode(resp.get_data()).decode("ascii"),
+    }
+
+
+def _replay(answer: dict) -> Response:
+    resp = Response(base64.b64decode(answer["body"]), status=answer["status"])
+    for k, v in answer["headers"].items():
+        resp.headers[k] = v
+    resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+def _retryable(status: int) -> bool:
+    """An answer that asks for a retry is not kept: the retry runs anew."""
+    return status in (409, 429) or status >= 500
+
+
+def idempotent(
+    route: str,
+    store: Callable[[], IdempotencyStore | None],
+    owner: Callable[[], str | None],
+    ttl_s: Callable[[], float],
+) -> Callable:
+    """A view decorator: with an Idempotency-Key, the view runs once per key (see the module)."""
+
+    def wrap(view: Callable[..., Response]) -> Callable[..., Response]:
+        @functools.wraps(view)
+        def run(*args: Any, **kwargs: Any) -> Response:
+            keys = store()
+            key = request_key(owner()) if keys is not None else None
+            if keys is None or key is None:
+                return view(*args, **kwargs)
+            mine = fingerprint(route)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                held = keys.reserve(key, mine, ttl_s())
+                if held is None:
+                    break  # ours: run the view
+                if held["fingerprint"] != mine:
+                    raise KeyConflict(
+                        f"this {HEADER} was used with a different request; use a new key for a new request"
+                    )
+                if held.get("answer"):
+                    return _replay(held["answer"])
+                if time.monotonic() > deadline:
+                    raise KeyConflict(f"the first request with this {HEADER} is still running; retry shortly")
+                time.sleep(POLL_S)  # its twin runs: wait for its answer (or for the key to be freed)
+            try:
+                resp = view(*args, **kwargs)
+            except BaseException:
+                keys.release(key)
+                raise
+            if _retryable(resp.status_code) or resp.is_streamed:
+                keys.release(key)
+            else:
+                keys.complete(key, _keep(resp))
+            return resp
+
+        return run
+
+    return wrap
+
+
+def once(route: str) -> Callable:
+    """`idempotent` with the service's store, the caller and the setting (what the routes use)."""
+    from .access import caller
+    from .service import service
+
+    return idempotent(
+        route,
+        lambda: service().idempotency,
+        lambda: caller().owner,
+        lambda: service().settings.server.idempotency_ttl_s,
+    )
