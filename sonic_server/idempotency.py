@@ -173,9 +173,9 @@ def fingerprint(route: str) -> str:
     rewound: the view reads them again."""
     digest = hashlib.sha256(route.encode())
     if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        for name in sorted(request.form):
+        for name in sorted(request.form, key=str):  # a malformed part may have no name (None)
             digest.update(json.dumps([name, request.form.getlist(name)]).encode())
-        for name in sorted(request.files):
+        for name in sorted(request.files, key=str):
             for f in request.files.getlist(name):
                 data = f.stream.read()
                 f.stream.seek(0)

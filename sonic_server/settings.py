@@ -109,6 +109,21 @@ class LiveSettings:
     public_host: str = ""  # behind a 1:1 NAT: the address clients reach this machine at, put in the answer
 
 
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Job webhooks (docs/webhooks.md). Variables: SONIC_WEBHOOK_<NAME>."""
+
+    secret: str = ""  # signs each delivery ("whsec_<base64>" or any string); "": one made and kept (data_dir)
+    retry_s: float = 3600.0  # a failing delivery is retried, backing off, this long, then dropped
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    """Requests to addresses callers name (webhooks). Variables: SONIC_OUTBOUND_<NAME>."""
+
+    allow_private: bool = False  # true: loopback, private and link-local addresses too (tests, private networks)
+
+
 STORAGE_KINDS = ("local", "s3")
 VIDEO_URLS = ("proxy", "presigned")
 
@@ -120,6 +135,8 @@ class ServerConfig(Settings):
     s3: S3Settings = field(default_factory=S3Settings)
     credits: CreditsSettings = field(default_factory=CreditsSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
 
     SKIPPED: ClassVar[frozenset[str]] = frozenset()
     # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
@@ -127,6 +144,8 @@ class ServerConfig(Settings):
         "s3": ENV_PREFIX + "S3_",
         "credits": ENV_PREFIX + "CREDITS_",
         "live": ENV_PREFIX + "LIVE_",
+        "webhooks": ENV_PREFIX + "WEBHOOK_",
+        "outbound": ENV_PREFIX + "OUTBOUND_",
     }
 
     def checked(self) -> Self:

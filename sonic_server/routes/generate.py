@@ -22,9 +22,10 @@ from .. import idempotency
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
-from ..jobs import JOB_ID, PROCESSING, QUEUED, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
+from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
+from ..public import JobUrls, ending_error, job_document
 from ..queue import QueueFull, WorkerStopped
 from ..service import Service, service
 
@@ -34,8 +35,6 @@ SSE_HEARTBEAT_S = 15.0
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 DELETE_WAIT_S = 10.0  # a running job being deleted is canceled first; it stops within this (else 503)
 LIST_LIMIT, LIST_MAX = 20, 100  # jobs a listing page holds by default, at most
-CANCELED = {"code": "canceled", "message": "the job was canceled"}
-SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
 # request fields beside the generation parameters (also listed by /api/sonic/params)
 EXTRA_PARAMS = {
     "async": {"type": "boolean", "default": False, "description": "answer 202 at once with the job id"},
@@ -121,42 +120,17 @@ class JobNotFound(SonicError):
     code = "job_not_found"
 
 
-def _urls(job_id: str) -> dict:
+def _urls(job_id: str) -> JobUrls:
     """URLs of a job, built while a request context exists (a streamed body outlives it)."""
-    return {
-        "status_url": url_for("generate.job_status", job_id=job_id, _external=True),
-        "video_base": url_for("outputs.output", name="NAME", _external=True),
-        "outputs": service().outputs,  # a presigned URL where videos are in a bucket (storage.py)
-    }
-
-
-def _ending_error(rec: JobRecord) -> dict:
-    """Why a failed or canceled job did not succeed: its stored error, else `canceled` (a
-    canceled record holds none), else `internal_error`."""
-    if rec.error:
-        return rec.error
-    if rec.status == JobStatus.CANCELED:
-        return dict(CANCELED)
-    return {"code": "internal_error", "message": "the job failed"}
-
-
-def _job_body(rec: JobRecord, urls: dict) -> dict:
-    """The public view of a job: status, progress, and the result with its video_url or the error.
-    `success` is false once the job has failed or was canceled, and then `error` says why."""
-    body = {"success": rec.status in SUCCESSFUL, **rec.public(), "status_url": urls["status_url"]}
-    if not body["success"]:
-        body["error"] = _ending_error(rec)
-    if body.get("error"):
-        body["error"] = public_error(body["error"])  # the record keeps the code; the status is derived
-    result = body.pop("result", None)
-    if result:
-        body.update({k: v for k, v in result.items() if k != "file"})
-        body["video_url"] = urls["outputs"].url(result["file"], urls["video_base"].replace("NAME", result["file"]))
-    return body
+    return JobUrls(
+        status_url=url_for("generate.job_status", job_id=job_id, _external=True),
+        video_base=url_for("outputs.output", name="NAME", _external=True),
+        outputs=service().outputs,  # a presigned URL where videos are in a bucket (storage.py)
+    )
 
 
 def _result_fields(rec: JobRecord) -> dict:
-    body = _job_body(rec, _urls(rec.id))
+    body = job_document(rec, _urls(rec.id))
     return {k: v for k, v in body.items() if k not in ("status", "progress", "stage", "status_url", "success")}
 
 
@@ -299,9 +273,9 @@ def generate():
         if rec.status == SUCCEEDED:
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
-            err = _ending_error(rec)
+            err = ending_error(rec)
             return error_response(err["code"], err["message"], err.get("field"))
-    body = _job_body(rec, _urls(rec.id))
+    body = job_document(rec, _urls(rec.id))
     resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = body["status_url"]
@@ -312,7 +286,7 @@ def generate():
 @describe("Job status", responses={200: ("status", content("application/json", JOB)), 404: error("no such job")})
 def job_status(job_id):
     rec = _find_job(job_id)
-    return jsonify(_job_body(rec, _urls(job_id)))
+    return jsonify(job_document(rec, _urls(job_id)))
 
 
 @bp.get("/api/sonic/jobs")
@@ -333,7 +307,7 @@ def job_list():
     page = page[: asked.limit]
     next_cursor = _cursor(page[-1]) if more else None
     urls = {rec.id: _urls(rec.id) for rec in page}
-    return jsonify({"jobs": [_job_body(rec, urls[rec.id]) for rec in page], "next_cursor": next_cursor})
+    return jsonify({"jobs": [job_document(rec, urls[rec.id]) for rec in page], "next_cursor": next_cursor})
 
 
 def _list_query(owner: str | None) -> JobQuery:
@@ -436,7 +410,7 @@ def job_cancel(job_id):
     svc = service()
     svc.queue.cancel(job_id)
     rec = _wait_for(svc.queue, job_id, CANCEL_WAIT_S)
-    return jsonify(_job_body(rec, _urls(job_id)))
+    return jsonify(job_document(rec, _urls(job_id)))
 
 
 @bp.get("/api/sonic/jobs/<job_id>/events")
@@ -465,7 +439,7 @@ def job_events(job_id):
         last = None
         try:
             for rec in queue.events(job_id, SSE_HEARTBEAT_S):
-                body = json.dumps(_job_body(rec, urls)) if rec is not None else last
+                body = json.dumps(job_document(rec, urls)) if rec is not None else last
                 yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
                 last = body
         except Exception:  # noqa: BLE001 - the job store away (Redis restarting...)

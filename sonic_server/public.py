@@ -1,0 +1,52 @@
+"""A job as clients see it: the document GET /api/sonic/jobs/<id> answers, SSE streams, listings
+page through and webhooks deliver, built the same way wherever it is needed (an API process in a
+request, a worker sending a webhook)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import public_error
+from .jobs import PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
+
+CANCELED = {"code": "canceled", "message": "the job was canceled"}
+SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
+
+
+@dataclass(frozen=True)
+class JobUrls:
+    status_url: str
+    video_base: str  # the /output URL with NAME where the video's name goes
+    outputs: Any  # the folder or the bucket: a presigned URL with storage: s3 (storage.py)
+
+    @classmethod
+    def under(cls, root: str, job_id: str, outputs: Any) -> JobUrls:
+        """The URLs below the service's root URL (what a request's url_root was)."""
+        root = root if root.endswith("/") else root + "/"
+        return cls(f"{root}api/sonic/jobs/{job_id}", f"{root}output/NAME", outputs)
+
+
+def ending_error(rec: JobRecord) -> dict:
+    """Why a failed or canceled job did not succeed: its stored error, else `canceled` (a
+    canceled record holds none), else `internal_error`."""
+    if rec.error:
+        return rec.error
+    if rec.status == JobStatus.CANCELED:
+        return dict(CANCELED)
+    return {"code": "internal_error", "message": "the job failed"}
+
+
+def job_document(rec: JobRecord, urls: JobUrls) -> dict:
+    """The public view of a job: status, progress, and the result with its video_url or the error.
+    `success` is false once the job has failed or was canceled, and then `error` says why."""
+    body = {"success": rec.status in SUCCESSFUL, **rec.public(), "status_url": urls.status_url}
+    if not body["success"]:
+        body["error"] = ending_error(rec)
+    if body.get("error"):
+        body["error"] = public_error(body["error"])  # the record keeps the code; the status is derived
+    result = body.pop("result", None)
+    if result:
+        body.update({k: v for k, v in result.items() if k != "file"})
+        body["video_url"] = urls.outputs.url(result["file"], urls.video_base.replace("NAME", result["file"]))
+    return body
