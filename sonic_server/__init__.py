@@ -19,6 +19,7 @@ from .service import Service, Slots
 from .settings import ServerConfig, load_settings, settings_from
 from .storage import open_storage
 from .store import open_store
+from .webhooks import events_of, make_webhooks
 
 
 def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
@@ -46,6 +47,8 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         event_streams=Slots(srv.max_event_streams),
     )
     svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
+    svc.webhooks = make_webhooks(settings, outputs)
+    svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent
     hooks.request_id(app)
     hooks.access_log(app)
     hooks.memory(app)
@@ -98,7 +101,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         install_store_outage_handler(app)
 
     # whatever ends a job settles its credits at once, in the process that ends it (lifecycle.JobEnd)
-    end_hooks = (svc.settler.settle,) if svc.settler is not None else ()
+    end_hooks = ((svc.settler.settle,) if svc.settler is not None else ()) + (svc.webhooks.job_ended,)
 
     def make_queue():
         if srv.redis_url:  # distributed: the workers load the model, not this process
@@ -128,6 +131,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
             store=open_store(jobs_db_path(settings)),
             job_timeout_s=srv.job_timeout_s,
             end_hooks=end_hooks,
+            notify=events_of(svc.webhooks.notify),
         )
 
     loader.start(svc, make_queue, background_load, then=warm_live)

@@ -64,6 +64,7 @@ class JobRecord:
     attempts: int = 0  # distributed mode: runs started (a job lost with its worker may run again)
     worker: str | None = None  # distributed mode: the worker of the latest run (for operators; not public)
     owner: str | None = None  # who made it (access.Caller.owner); None: made without keys, anyone's
+    webhook: dict | None = None  # {"url", "events", "root"} when the request asked for one (webhooks.py)
 
     @classmethod
     def new(cls, kind: str, params: dict, cache_key: str = "", owner: str | None = None) -> "JobRecord":

@@ -118,6 +118,27 @@ def progress_reporter(
     return progress
 
 
+class RunEvents:
+    """What one run tells its job's webhook as it goes (webhooks.py): its start, then its progress
+    when the stage changes or another tenth is done (not every report)."""
+
+    def __init__(self, notify: Callable[[JobRecord, str], None] | None):
+        self.notify = notify
+        self._last: tuple[str, int] | None = None
+
+    def started(self, rec: JobRecord) -> None:
+        if self.notify is not None and rec.webhook:
+            self.notify(rec.copy(), "start")
+
+    def advanced(self, rec: JobRecord) -> None:
+        if self.notify is None or not rec.webhook:
+            return
+        mark = (rec.stage, int(rec.progress * 10))
+        if mark != self._last:
+            self._last = mark
+            self.notify(rec.copy(), "progress")
+
+
 # -- the end of a job -------------------------------------------------------------------------
 class JobEnd:
     """The one end-of-job step of a backend: `before_publish` (the uploads go), then, once the

@@ -39,6 +39,12 @@ STAGE = Histogram(
     registry=REGISTRY,
 )
 VIDEO = Counter("sonic_video_seconds", "seconds of video produced", registry=REGISTRY)
+WEBHOOK_DELIVERIES = Counter(
+    "sonic_webhook_deliveries",
+    "webhook attempts, by result: delivered, failed (retried), dropped",
+    ["result"],
+    registry=REGISTRY,
+)
 LIVE_OPENED = Counter("sonic_live_sessions_opened", "live sessions opened", registry=REGISTRY)
 LIVE_REFUSED = Counter(
     "sonic_live_sessions_refused", "live sessions refused, by error code", ["code"], registry=REGISTRY

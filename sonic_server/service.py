@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion a
     from .live.sessions import LiveSessions
     from .routes.fusion import FusionEngine
     from .storage import FolderOutputs, S3Outputs
+    from .webhooks import Webhooks
 
 
 class Slots:
@@ -61,6 +62,7 @@ class Service:
     billing: Billing | None = None  # what the routes call to make a request pay (credits.enabled)
     settler: Settler | None = None  # ends the credit holds of jobs that have ended
     fusion: FusionEngine | None = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
+    webhooks: Webhooks | None = None  # job webhooks: deliveries made and sent (sonic_server/webhooks.py)
     idempotency: IdempotencyStore | None = None  # Idempotency-Key answers (sonic_server/idempotency.py)
     live: LiveSessions | RemoteSessions | None = None  # live sessions: here, or on the workers (sonic_server/live/)
 

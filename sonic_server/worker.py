@@ -45,6 +45,7 @@ from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, re
 from .settings import ServerConfig, load_settings
 from .storage import open_storage
 from .tasks import TASKS
+from .webhooks import events_of, make_webhooks
 
 log = logging.getLogger("sonic.worker")
 
@@ -68,6 +69,7 @@ class WorkerState:
     decoder: str
     device: str
     host: LiveHost | None = None  # its live sessions (live.enabled; not with --burst)
+    notify: Callable[[JobRecord, str], None] | None = None  # a run's start and progress, for webhooks
     current: str | None = None  # the job this worker runs now
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
 
@@ -113,7 +115,9 @@ def _run(state: WorkerState, job_id: str) -> None:
         return
     state.current, state.lease = job_id, (lease, owner)
     announce(state, r)  # busy, at once (not at the next beat)
-    status, fields = _execute(state, rec)
+    events = lifecycle.RunEvents(state.notify)
+    events.started(rec)
+    status, fields = _execute(state, rec, events)
     state.lease = None
     final = lifecycle.end(rec.copy(), status, **fields)
     now = store.load(job_id)
@@ -131,7 +135,7 @@ def _run(state: WorkerState, job_id: str) -> None:
         log.exception("output expiry sweep failed")
 
 
-def _execute(state: WorkerState, rec: JobRecord) -> tuple[JobStatus, dict]:
+def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) -> tuple[JobStatus, dict]:
     """Run the job's task on this machine's copy of its files; (its final status, its fields).
     A succeeded video is published (into the bucket with storage: s3)."""
     store, r, job_id = state.store, state.store.r, rec.id
@@ -140,6 +144,7 @@ def _execute(state: WorkerState, rec: JobRecord) -> tuple[JobStatus, dict]:
         lifecycle.advance(rec, stage, fraction)
         if not store.swap(rec, PROCESSING, rec.attempts):  # declared lost meanwhile: stop here
             raise JobCanceled()
+        events.advanced(rec)
 
     progress = lifecycle.progress_reporter(
         lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
             outputs.s3.check()
         pipeline = load_pipeline(settings)
         ledger = open_ledger(settings)
-        hooks = end_hooks(settings, ledger)
+        webhooks = make_webhooks(settings, outputs)
+        hooks = (*end_hooks(settings, ledger), webhooks.job_ended)
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
@@ -354,7 +360,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name),
         device=str(pipeline.device),
         host=None if a.burst else live_host(settings, pipeline, name, conn, ledger),
+        notify=events_of(webhooks.notify),
     )
+    webhooks.start(only_if_pending=True)  # workers send deliveries too: API processes may all be busy
     if outputs.remote:  # this worker's own folder: nothing is shared
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone

@@ -395,3 +395,26 @@ def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
     assert_clean_error(one.get(f"/api/sonic/jobs/{long}", headers=a), 404, "job_not_found")
     assert not (c.tmp / "outputs" / f"{long}.mp4").exists()
 
+
+
+def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
+    """Distributed: the start and the end of a job run on a worker are delivered, signed, in
+    order, from Redis' outbox, by the worker itself."""
+    from test_webhooks import SECRET, Receiver, verified
+    c = cluster()
+    c.cfg["outbound"] = {"allow_private": True}
+    c.cfg["webhooks"] = {"secret": SECRET}
+    c.path.write_text(yaml.safe_dump(c.cfg))
+    api = c.client()
+    c.start_worker("hw")
+    c.wait_workers(api, 1)
+    rx = Receiver(free_port())
+    try:
+        r = post(api, {"min_resolution": 256, "seed": 11, "webhook": rx.url,
+                       "webhook_events_filter": ["start", "completed"]})
+        assert r.status_code == 200, r.get_data()[:300]
+        bodies = [verified(d) for d in rx.wait(2, timeout=20)]
+        assert [b["status"] for b in bodies] == ["processing", "succeeded"]
+        assert bodies[1]["video_url"] == r.get_json()["video_url"] and bodies[1]["job_id"] == r.get_json()["job_id"]
+    finally:
+        rx.close()

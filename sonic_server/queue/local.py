@@ -58,10 +58,12 @@ class LocalQueue(JobQueue):
         tasks: dict | None = None,
         job_timeout_s: float = 0.0,
         end_hooks: tuple[Callable[[JobRecord], None], ...] = (),
+        notify: Callable[[JobRecord, str], None] | None = None,
     ):
         """`job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
         report after this many seconds; 0 sets no limit. `end_hooks`: what runs once when a job
-        has ended (lifecycle.JobEnd), before anyone sees the end (settling its credits)."""
+        has ended (lifecycle.JobEnd), before anyone sees the end (settling its credits). `notify`:
+        a job's start and progress, for its webhook (webhooks.py)."""
         self.pipeline = pipeline
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,7 @@ class LocalQueue(JobQueue):
         self._changed = threading.Condition()
         self._running: str | None = None
         self._closed = False
+        self.notify = notify
         self._worker = threading.Thread(target=self._run, name="sonic-worker", daemon=True)
         self._worker.start()
 
@@ -226,8 +229,10 @@ class LocalQueue(JobQueue):
             log.exception("job %s: the store refused its start", rec.id)
             self._finish(rec, lambda r: lifecycle.end(r, FAILED, error=dict(NOT_STARTED)))
         else:
+            events = lifecycle.RunEvents(self.notify)
+            events.started(rec)
             try:
-                self._execute(rec)
+                self._execute(rec, events)
             except Exception:  # noqa: BLE001 - the worker must outlive any job
                 log.exception("job %s failed outside its task", rec.id)
                 self._finish(rec, lambda r: lifecycle.end(r, FAILED, error=dict(INTERNAL)))
@@ -235,11 +240,12 @@ class LocalQueue(JobQueue):
             with self._changed:
                 self._running = None
 
-    def _execute(self, rec: JobRecord) -> None:
+    def _execute(self, rec: JobRecord, events: lifecycle.RunEvents) -> None:
         def report(stage: str, fraction: float) -> None:
             with self._changed:
                 lifecycle.advance(rec, stage, fraction)
                 self._changed.notify_all()
+            events.advanced(rec)
 
         def asked_to_stop() -> bool:
             with self._changed:

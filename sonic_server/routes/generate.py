@@ -18,7 +18,7 @@ from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
-from .. import idempotency
+from .. import idempotency, webhooks
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
@@ -41,6 +41,16 @@ EXTRA_PARAMS = {
     "decoder": {
         "type": "string",
         "description": "the video decoder; only the one this server has loaded (/health says which) is accepted",
+    },
+    "webhook": {
+        "type": "string",
+        "description": "an http(s) URL: the job's status document is POSTed there, signed (docs/webhooks.md)",
+    },
+    "webhook_events_filter": {
+        "type": "array",
+        "items": {"type": "string", "enum": list(webhooks.EVENTS)},
+        "default": list(webhooks.DEFAULT_EVENTS),
+        "description": "which events are sent: start, progress, completed (also a comma-separated form field)",
     },
 }
 
@@ -87,6 +97,11 @@ UPLOAD = {
                 "image": {"type": "string", "format": "binary", "minLength": 1},
                 "audio": {"type": "string", "format": "binary", "minLength": 1},
                 "config": {"type": "string", "description": "JSON object of Parameters"},
+                "webhook": {"type": "string", "description": "an http(s) URL told of the job (or a config key)"},
+                "webhook_events_filter": {
+                    "type": "string",
+                    "description": "comma-separated: start, progress, completed (default completed)",
+                },
             },
         },
     ),
@@ -165,7 +180,18 @@ def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
         svc.billing.release(job_id)
 
 
-def _parse_config() -> tuple[GenerateOptions, bool]:
+def _webhook(params: dict) -> dict | None:
+    """The webhook the request asks for: form fields, else config keys; checked (its address too)."""
+    form = request.form
+    return webhooks.requested(
+        form.get("webhook", params.get("webhook")),
+        form.get("webhook_events_filter", params.get("webhook_events_filter")),
+        request.url_root,
+        service().settings.outbound.allow_private,
+    )
+
+
+def _parse_config() -> tuple[GenerateOptions, bool, dict]:
     params = json_object_field("config", MAX_CONFIG_CHARS) or {}
     want_async = params.get("async", False)
     if not isinstance(want_async, bool):
@@ -177,7 +203,7 @@ def _parse_config() -> tuple[GenerateOptions, bool]:
             field="decoder",
         )
     g.log_params = params
-    return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async
+    return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async, params
 
 
 def _read_files() -> dict[str, bytes]:
@@ -222,8 +248,9 @@ def generate():
             "the service is starting" if starting else "the service failed to start",
             headers={"Retry-After": "5" if starting else "60"},
         )
-    opts, want_async = _parse_config()
+    opts, want_async, params = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
+    hook = _webhook(params)
     files = _read_files()
     owner = caller().owner
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.loaded_decoder_identity()), owner)
@@ -232,9 +259,13 @@ def generate():
     if hit:
         if payer is not None and svc.billing is not None and svc.settings.credits.charge_cache_hits:
             svc.billing.charge_cached(payer, (hit.result or {}).get("duration", 0.0), hit.id, g.get("request_id"))
+        if hook is not None and svc.webhooks is not None:  # answered at once, and told as a job would be
+            hit.webhook = hook
+            svc.webhooks.notify(hit, "completed")
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
+    rec.webhook = hook
     try:
         rec.inputs = svc.uploads.save(rec.id, files)  # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);

@@ -1,0 +1,385 @@
+"""Job webhooks: the job's public document POSTed to the caller's URL when it starts, as it
+progresses and when it ends (`webhook_events_filter`: start, progress, completed; default
+completed), signed, retried, in order per job, at least once.
+
+- A delivery is written to the outbox (`Outbox`: SQLite or memory beside the job records in one
+  process, Redis in distributed mode) by whichever process sees the event (the worker, or the API
+  process that ended the job), and sent by a sender thread of the API processes: the job never
+  waits for a receiver. Kept until acknowledged (a 2xx), so a `completed` delivery survives a
+  restart; a delivery of a job is sent only once the earlier ones of that job are done.
+- Signed as Standard Webhooks do: `Webhook-Id` (the same for every attempt of a delivery),
+  `Webhook-Timestamp` (Unix seconds) and `Webhook-Signature: v1,<base64 HMAC-SHA256>` over
+  `<id>.<timestamp>.<body>` with the installation's secret (`webhooks.secret`; a `whsec_` secret
+  is base64, as Standard Webhooks' libraries take it; unset: one is made once and kept).
+- Retried on any failure (no answer, a non-2xx, a redirect: none is followed) after 5 s, 30 s,
+  then twice as long each time (at most 15 min apart) for `webhooks.retry_s`, then dropped.
+- The URL is checked when the job is made and again at each attempt (sonic_server/outbound.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from sonic.errors import InvalidParameter
+
+from . import metrics, outbound
+from .jobs import JobRecord
+from .public import JobUrls, job_document
+
+log = logging.getLogger("sonic.webhooks")
+EVENTS = ("start", "progress", "completed")
+DEFAULT_EVENTS = ("completed",)
+FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
+MAX_RETRY_GAP_S = 900.0
+SEND_EVERY_S = 0.5
+
+
+def backoff_s(failures: int) -> float:
+    """The wait after the n-th failed attempt: 5 s, 30 s, 60 s, 120 s ... at most 15 min."""
+    if failures <= len(FIRST_RETRIES_S):
+        return FIRST_RETRIES_S[failures - 1]
+    return min(MAX_RETRY_GAP_S, FIRST_RETRIES_S[-1] * 2 ** (failures - len(FIRST_RETRIES_S)))
+
+
+# --- what a job asks for -------------------------------------------------------------------
+def requested(url: Any, events: Any, root: str, allow_private: bool) -> dict | None:
+    """The webhook a generate request asks for (form fields or config keys), checked; None
+    without one. Stored on the job record: {"url", "events", "root" (the service's URL)}."""
+    if url in (None, ""):
+        if events not in (None, "", []):
+            raise InvalidParameter("webhook_events_filter needs a webhook URL", field="webhook_events_filter")
+        return None
+    if not isinstance(url, str):
+        raise InvalidParameter("webhook must be an http(s) URL", field="webhook")
+    outbound.check_url(url, "webhook", allow_private)
+    if events in (None, "", []):
+        chosen = list(DEFAULT_EVENTS)
+    else:
+        words = events.split(",") if isinstance(events, str) else events
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise InvalidParameter("webhook_events_filter must be a list of events", field="webhook_events_filter")
+        chosen = [w.strip() for w in words if w.strip()]
+        unknown = [w for w in chosen if w not in EVENTS]
+        if unknown or not chosen:
+            raise InvalidParameter(
+                f"webhook_events_filter: {', '.join(unknown)[:60] or 'nothing'} is not among {', '.join(EVENTS)}",
+                field="webhook_events_filter",
+            )
+    return {"url": url, "events": sorted(set(chosen), key=EVENTS.index), "root": root}
+
+
+# --- the outbox ----------------------------------------------------------------------------
+@dataclass
+class Delivery:
+    id: str  # Webhook-Id: the same for every attempt
+    job_id: str
+    seq: int  # its place among the job's deliveries
+    url: str
+    event: str
+    body: str
+    attempts: int = 0
+    next_at: float = 0.0
+    first_at: float = 0.0
+
+
+class Outbox(Protocol):
+    def add(self, delivery: Delivery) -> None: ...
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        """Deliveries whose time has come, each the first left of its job's."""
+
+    def done(self, delivery: Delivery) -> None: ...
+
+    def retry(self, delivery: Delivery) -> None: ...
+
+
+class MemoryOutbox:
+    def __init__(self) -> None:
+        self._items: dict[str, Delivery] = {}
+        self._lock = threading.Lock()
+
+    def add(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._items[delivery.id] = delivery
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        with self._lock:
+            heads: dict[str, Delivery] = {}
+            for d in self._items.values():
+                if d.job_id not in heads or d.seq < heads[d.job_id].seq:
+                    heads[d.job_id] = d
+            return sorted((d for d in heads.values() if d.next_at <= now), key=lambda d: d.next_at)[:limit]
+
+    def done(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._items.pop(delivery.id, None)
+
+    def retry(self, delivery: Delivery) -> None:
+        self.add(delivery)
+
+
+class SqliteOutbox:
+    """A table of its own in the job database: pending deliveries survive a restart."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS webhook_outbox (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, seq INTEGER NOT "
+            "NULL, url TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL, "
+            "next_at REAL NOT NULL, first_at REAL NOT NULL)"
+        )
+        self._lock = threading.Lock()
+
+    def add(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
+                ":next_at, :first_at)",
+                asdict(delivery),
+            )
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, job_id, seq, url, event, body, attempts, next_at, first_at FROM webhook_outbox o "
+                "WHERE next_at <= ? AND seq = (SELECT MIN(seq) FROM webhook_outbox i WHERE i.job_id = o.job_id) "
+                "ORDER BY next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [Delivery(*row) for row in rows]
+
+    def done(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery.id,))
+
+    def retry(self, delivery: Delivery) -> None:
+        self.add(delivery)
+
+
+class RedisOutbox:
+    """`sonic:wh:<id>` each delivery, `sonic:wh:due` (by time), `sonic:wh:q:<job>` (a job's, in
+    order); a sender claims a delivery (`sonic:wh:claim:<id>`) so that two API processes do not
+    send it at once."""
+
+    def __init__(self, conn: Any) -> None:
+        self.r = conn
+
+    def add(self, delivery: Delivery) -> None:
+        p = self.r.pipeline()
+        p.set(f"sonic:wh:{delivery.id}", json.dumps(asdict(delivery)))
+        p.zadd("sonic:wh:due", {delivery.id: delivery.next_at})
+        p.zadd(f"sonic:wh:q:{delivery.job_id}", {delivery.id: delivery.seq})
+        p.execute()
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        out = []
+        for raw_id in cast("list[bytes]", self.r.zrangebyscore("sonic:wh:due", "-inf", now, start=0, num=limit * 4)):
+            raw = cast("bytes | None", self.r.get(f"sonic:wh:{raw_id.decode()}"))
+            if raw is None:
+                self.r.zrem("sonic:wh:due", raw_id)
+                continue
+            d = Delivery(**json.loads(raw))
+            head = cast("list[bytes]", self.r.zrange(f"sonic:wh:q:{d.job_id}", 0, 0))
+            if not head or head[0].decode() != d.id:
+                continue  # an earlier delivery of its job is still pending
+            if self.r.set(f"sonic:wh:claim:{d.id}", 1, nx=True, ex=120):
+                out.append(d)
+            if len(out) >= limit:
+                break
+        return out
+
+    def done(self, delivery: Delivery) -> None:
+        p = self.r.pipeline()
+        p.delete(f"sonic:wh:{delivery.id}", f"sonic:wh:claim:{delivery.id}")
+        p.zrem("sonic:wh:due", delivery.id)
+        p.zrem(f"sonic:wh:q:{delivery.job_id}", delivery.id)
+        p.execute()
+
+    def retry(self, delivery: Delivery) -> None:
+        self.add(delivery)
+        self.r.delete(f"sonic:wh:claim:{delivery.id}")
+
+    def next_seq(self) -> int:
+        return int(self.r.incr("sonic:wh:seq"))
+
+
+def open_outbox(redis_url: str | None, jobs_db_path: str) -> Outbox:
+    if redis_url:
+        from .queue.redis import connect
+
+        return RedisOutbox(connect(redis_url))
+    return SqliteOutbox(jobs_db_path) if jobs_db_path else MemoryOutbox()
+
+
+# --- the secret and the signature ----------------------------------------------------------
+def signing_key(secret: str) -> bytes:
+    """A `whsec_<base64>` secret's bytes (Standard Webhooks), else the string's UTF-8 bytes."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret[len("whsec_") :])
+    return secret.encode()
+
+
+def installation_secret(configured: str, data_dir: str, redis_conn: Any = None) -> str:
+    """The configured secret; else one made once: in Redis (every process of a distributed
+    service agrees) or in `<data_dir>/webhook_secret` (mode 0600)."""
+    if configured:
+        return configured
+    made = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    if redis_conn is not None:
+        redis_conn.set("sonic:webhook_secret", made, nx=True)
+        return cast("bytes", redis_conn.get("sonic:webhook_secret")).decode()
+    path = Path(data_dir) / "webhook_secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", encoding="ascii") as f:  # made once, whoever starts first
+            path.chmod(0o600)
+            f.write(made)
+        log.info("webhooks: a signing secret was made and kept in %s", path)
+    except FileExistsError:
+        pass
+    return path.read_text(encoding="ascii").strip()
+
+
+def signature(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+# --- events in, deliveries out -------------------------------------------------------------
+class Webhooks:
+    """Turns job events into deliveries (any process) and sends what is due (API processes)."""
+
+    def __init__(self, outbox: Outbox, secret: str, retry_s: float, allow_private: bool, outputs: Any) -> None:
+        self.outbox, self.retry_s, self.allow_private, self.outputs = outbox, retry_s, allow_private, outputs
+        self.key = signing_key(secret)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sending = False
+
+    def notify(self, rec: JobRecord, event: str) -> None:
+        """An event of a job: a delivery when the job asked for that event."""
+        hook = rec.webhook
+        if not hook or event not in hook.get("events", ()):
+            return
+        body = json.dumps(job_document(rec, JobUrls.under(hook["root"], rec.id, self.outputs)), sort_keys=True)
+        now = time.time()
+        self.outbox.add(
+            Delivery(f"msg_{uuid.uuid4().hex}", rec.id, self._next_seq(), hook["url"], event, body, 0, now, now)
+        )
+        self.start()
+
+    def job_ended(self, rec: JobRecord) -> None:
+        """The end-of-job hook (lifecycle.JobEnd): the `completed` delivery."""
+        self.notify(rec, "completed")
+
+    def _next_seq(self) -> int:
+        next_seq = getattr(self.outbox, "next_seq", None)
+        if next_seq is not None:
+            return int(next_seq())
+        with self._seq_lock:  # one process: its clock in microseconds, made strictly increasing
+            self._seq = max(self._seq + 1, int(time.time() * 1e6))
+            return self._seq
+
+    # --- the sender --------------------------------------------------------------------------
+    def start(self, only_if_pending: bool = False) -> None:
+        """The sender thread (once): at the first delivery this process makes, or at start-up
+        when deliveries are left from before (`only_if_pending`)."""
+        with self._seq_lock:
+            if self._sending or (only_if_pending and not self.outbox.due(float("inf"), 1)):
+                return
+            self._sending = True
+        threading.Thread(target=self._run, name="sonic-webhooks", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SEND_EVERY_S):
+            try:
+                self.send_due()
+            except Exception:  # noqa: BLE001 - the store away: next time
+                log.exception("webhooks: sending failed")
+
+    def send_due(self, now: float | None = None) -> None:
+        for delivery in self.outbox.due(time.time() if now is None else now, 20):
+            self._attempt(delivery)
+
+    def _attempt(self, d: Delivery) -> None:
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "sonic-webhooks",
+            "Webhook-Id": d.id,
+            "Webhook-Timestamp": str(timestamp),
+            "Webhook-Signature": signature(self.key, d.id, timestamp, d.body),
+        }
+        status: int | None = None
+        why = ""
+        try:
+            status = outbound.post(outbound.check_url(d.url, "webhook", self.allow_private), d.body.encode(), headers)
+        except InvalidParameter as e:  # the name now resolves somewhere it may not go
+            why = e.message
+        except Exception as e:  # noqa: BLE001 - refused, reset, timed out: retried
+            why = type(e).__name__
+        if status is not None and 200 <= status < 300:
+            self.outbox.done(d)
+            metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
+            return
+        d.attempts += 1
+        now = time.time()
+        if now - d.first_at >= self.retry_s:
+            self.outbox.done(d)
+            metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
+            log.warning("webhook %s (job %s, %s): dropped after %d attempts", d.id, d.job_id, d.event, d.attempts)
+            return
+        d.next_at = now + backoff_s(d.attempts)
+        self.outbox.retry(d)
+        metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
+        log.info(
+            "webhook %s (job %s): attempt %d failed (%s); again in %.0f s",
+            d.id,
+            d.job_id,
+            d.attempts,
+            status or why,
+            d.next_at - now,
+        )
+
+
+def events_of(notify: Callable[[JobRecord, str], None] | None) -> Callable[[JobRecord, str], None] | None:
+    """`notify` made safe for a job's run: a failing outbox is logged, the job goes on."""
+    if notify is None:
+        return None
+
+    def safe(rec: JobRecord, event: str) -> None:
+        try:
+            notify(rec, event)
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: its %s webhook could not be queued", rec.id, event)
+
+    return safe
+
+
+def make_webhooks(settings: Any, outputs: Any) -> Webhooks:
+    """The service's webhooks: the outbox beside the job records, the installation's secret."""
+    srv = settings.server
+    from .legacy import jobs_db_path
+
+    outbox = open_outbox(srv.redis_url, jobs_db_path(settings))
+    conn = outbox.r if isinstance(outbox, RedisOutbox) else None
+    secret = installation_secret(settings.webhooks.secret, srv.data_dir, conn)
+    return Webhooks(outbox, secret, settings.webhooks.retry_s, settings.outbound.allow_private, outputs)

@@ -1,0 +1,185 @@
+"""Job webhooks: a real receiver on a free loopback port (allowed by outbound.allow_private)
+records every delivery; signatures verify, retries come after failures and a closed port, the
+events filter and the order hold, a `completed` delivery survives a restart of the server; the
+address rules refuse loopback, private and metadata targets when the setting is off."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from server_helpers import FAST, FakePipeline, assert_clean_error, post, settings
+from test_http_live import free_port, start_server
+
+SECRET = "whsec_" + base64.b64encode(b"sonic-test-secret-0123456789abcd").decode()
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1:port recording each POST; answers `statuses` in turn, then 200."""
+
+    def __init__(self, port: int, statuses=()):
+        self.port, self.statuses, self.got = port, list(statuses), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.got.append({"headers": dict(self.headers), "body": body.decode(), "at": time.monotonic()})
+                self.send_response(outer.statuses.pop(0) if outer.statuses else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def wait(self, count, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while len(self.got) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.got
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def verified(delivery) -> dict:
+    """The body, once its signature checks out as a receiver would check it."""
+    h = {k.lower(): v for k, v in delivery["headers"].items()}
+    key = base64.b64decode(SECRET[len("whsec_"):])
+    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.{delivery['body']}".encode()
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert h["webhook-signature"] == f"v1,{expected}" and abs(time.time() - int(h["webhook-timestamp"])) < 60
+    return json.loads(delivery["body"])
+
+
+@pytest.fixture
+def hooked_client(tmp_path):
+    from sonic_server import create_app
+
+    apps = []
+
+    def make(pipeline=None, allow_private=True):
+        cfg = settings(tmp_path)
+        cfg["webhooks"] = {"secret": SECRET, "retry_s": 120}
+        cfg["outbound"] = {"allow_private": allow_private}
+        app = create_app(cfg, pipeline=pipeline or FakePipeline())
+        apps.append(app)
+        return app.test_client()
+
+    yield make
+    for app in apps:
+        app.extensions["sonic"].queue.close()
+        app.extensions["sonic"].webhooks.stop()
+
+
+def test_events_arrive_signed_in_order_and_as_filtered(hooked_client):
+    client = hooked_client()
+    rx = Receiver(free_port())
+    try:
+        job = post(client, {**FAST, "webhook": rx.url, "webhook_events_filter": ["start", "progress", "completed"]})
+        assert job.status_code == 200, job.get_data()[:300]
+        job_id = job.get_json()["job_id"]
+        deadline = time.monotonic() + 15
+        while not any(json.loads(d["body"])["status"] == "succeeded" for d in rx.got) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        bodies = [verified(d) for d in rx.got]
+        events = [b["status"] for b in bodies]
+        assert len(events) >= 3 and events.count("succeeded") == 1, events
+        assert events[0] == "processing" and events[-1] == "succeeded" and all(b["job_id"] == job_id for b in bodies)
+        assert len({d["headers"]["Webhook-Id"] for d in rx.got}) == len(rx.got)  # one id per delivery
+        assert bodies[-1] == {**client.get(f"/api/sonic/jobs/{job_id}").get_json()}  # the status document itself
+        # the default filter: completed only; a form field works as the config key does
+        before = len(rx.got)
+        with open(__import__("conftest").PORTRAIT, "rb") as img, open(__import__("conftest").SPEECH, "rb") as aud:
+            r = client.post("/api/sonic/generate", data={"image": (img, "p.jpg"), "audio": (aud, "a.flac"),
+                                                          "config": json.dumps({**FAST, "seed": 2}), "webhook": rx.url})
+        assert r.status_code == 200
+        rx.wait(before + 1)
+        time.sleep(1.0)
+        assert [verified(d)["status"] for d in rx.got[before:]] == ["succeeded"]
+        metrics = client.get("/metrics").get_data(as_text=True)
+        assert 'sonic_webhook_deliveries_total{result="delivered"}' in metrics
+    finally:
+        rx.close()
+
+
+def test_failed_deliveries_are_retried_on_500_and_on_a_closed_port(hooked_client):
+    client = hooked_client()
+    rx = Receiver(free_port(), statuses=[500])
+    closed = free_port()  # nothing listens here yet
+    try:
+        first = post(client, {**FAST, "seed": 3, "webhook": rx.url}).get_json()["job_id"]
+        got = rx.wait(2, timeout=15)
+        assert len(got) == 2 and got[0]["headers"]["Webhook-Id"] == got[1]["headers"]["Webhook-Id"]
+        assert 4.0 <= got[1]["at"] - got[0]["at"] <= 9.0  # the first retry after about 5 s
+        assert verified(got[1])["job_id"] == first
+        second = post(client, {**FAST, "seed": 4, "webhook": f"http://127.0.0.1:{closed}/late"}).get_json()["job_id"]
+        time.sleep(1.5)  # its first attempt finds the port closed
+        late = Receiver(closed)
+        try:
+            assert verified(late.wait(1, timeout=15)[0])["job_id"] == second
+        finally:
+            late.close()
+    finally:
+        rx.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest/meta-data",
+                                 "http://[::1]:8080/", "http://localhost/x", "ftp://example.org/x", "http:///x",
+                                 "http://[::ffff:127.0.0.1]/x", "http://100.64.0.1/x"])
+def test_webhook_targets_inside_are_refused_unless_allowed(hooked_client, url):
+    client = hooked_client(allow_private=False)
+    r = post(client, {**FAST, "webhook": url})
+    assert_clean_error(r, 400, "invalid_parameter")
+    assert r.get_json()["error"]["field"] == "webhook"
+
+
+def test_address_rules_allow_public_addresses_and_open_with_the_setting():
+    from sonic_server.outbound import check_url
+
+    assert check_url("https://93.184.216.34/hook?a=1", "webhook", False).path == "/hook?a=1"
+    assert check_url("http://127.0.0.1:9/x", "webhook", True).address == "127.0.0.1"
+    with pytest.raises(Exception, match="webhook_events_filter"):
+        from sonic_server.webhooks import requested
+        requested("https://93.184.216.34/", ["finished"], "http://h/", False)
+
+
+def test_a_completed_delivery_survives_a_restart_of_the_server(tmp_path):
+    port = free_port()
+    top = {"webhooks": {"secret": SECRET}, "outbound": {"allow_private": True}}
+    proc, info = start_server(tmp_path, top=top)
+    try:
+        import requests
+        from conftest import PORTRAIT, SPEECH
+        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+            r = requests.post(info["base"] + "/api/sonic/generate", timeout=60, files={"image": img, "audio": aud},
+                              data={"config": json.dumps({**FAST, "webhook": f"http://127.0.0.1:{port}/after"})})
+        assert r.status_code == 200, r.text[:300]
+        job_id = r.json()["job_id"]
+        time.sleep(1.0)  # the first attempt fails: nothing listens yet
+    finally:
+        proc.kill()
+        proc.wait(10)
+    rx = Receiver(port)
+    proc, info = start_server(tmp_path, top=top)  # the same folders: the outbox is in its database
+    try:
+        body = verified(rx.wait(1, timeout=20)[0])
+        assert body["job_id"] == job_id and body["status"] == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        rx.close()
