@@ -16,7 +16,8 @@ def test_every_path_the_architecture_page_names_exists():
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
-def test_the_page_maps_live_sessions_on_workers_and_says_where_webhooks_go():
+def test_the_page_maps_live_sessions_on_workers_and_webhooks_and_says_where_url_inputs_go():
     page = (ROOT / "docs" / "architecture.md").read_text()
     today, coming = page.split("## Where each coming feature goes")
-    assert all(name in today for name in ("relay.py", "remote.py", "host.py")) and "Webhooks" in coming
+    assert all(name in today for name in ("relay.py", "remote.py", "host.py", "webhooks.py", "idempotency.py"))
+    assert "Inputs by URL" in coming

@@ -66,6 +66,17 @@ def verified(delivery) -> dict:
     return json.loads(delivery["body"])
 
 
+def documented_verify():
+    """The `verify` function of docs/webhooks.md, as a receiver would paste it."""
+    from conftest import ROOT
+    text = (ROOT / "docs" / "webhooks.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 10
+    scope: dict = {}
+    exec(code, scope)
+    return scope["verify"]
+
+
 @pytest.fixture
 def hooked_client(tmp_path):
     from sonic_server import create_app
@@ -98,6 +109,9 @@ def test_events_arrive_signed_in_order_and_as_filtered(hooked_client):
             time.sleep(0.05)
         bodies = [verified(d) for d in rx.got]
         events = [b["status"] for b in bodies]
+        verify = documented_verify()  # the receiver's check docs/webhooks.md gives agrees
+        assert all(verify(SECRET, d["headers"], d["body"].encode()) for d in rx.got)
+        assert not verify(SECRET, rx.got[0]["headers"], rx.got[0]["body"].encode() + b" ")
         assert len(events) >= 3 and events.count("succeeded") == 1, events
         assert events[0] == "processing" and events[-1] == "succeeded" and all(b["job_id"] == job_id for b in bodies)
         assert len({d["headers"]["Webhook-Id"] for d in rx.got}) == len(rx.got)  # one id per delivery
