@@ -82,7 +82,9 @@ class Settings:
     # The settings file is shared with the HTTP service (sonic_server/settings.py: `ServerConfig`
     # adds these sections); the library reads past them. Its sections' variables: SONIC_<NAME>,
     # but where ENV_PREFIXES names another prefix.
-    SKIPPED: ClassVar[frozenset[str]] = frozenset({"server", "s3", "credits", "storage", "live"})
+    SKIPPED: ClassVar[frozenset[str]] = frozenset(
+        {"server", "s3", "credits", "storage", "live", "webhooks", "outbound"}
+    )
     ENV_PREFIXES: ClassVar[Mapping[str, str]] = {}
 
     def checked(self) -> Self:

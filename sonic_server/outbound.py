@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
 
 from sonic.errors import InvalidParameter
 
@@ -69,17 +72,12 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
     return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=addresses[0])
 
 
-def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float = 5.0, total_s: float = 15.0) -> int:
-    """POST to the checked address (no redirect followed); the response's status. Raises
-    OSError-like errors (urllib3's) when nothing answers."""
-    import urllib3
-
-    timeout = urllib3.Timeout(connect=connect_s, total=total_s)
-    pool: urllib3.HTTPConnectionPool
+def _pool(target: Target, timeout: urllib3.Timeout) -> urllib3.HTTPConnectionPool:
+    """A one-connection pool to the checked address; TLS checks the name, not the address."""
     if target.scheme == "https":
         import certifi
 
-        pool = urllib3.HTTPSConnectionPool(
+        return urllib3.HTTPSConnectionPool(
             target.address,
             port=target.port,
             timeout=timeout,
@@ -90,21 +88,78 @@ def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float 
             cert_reqs="CERT_REQUIRED",
             ca_certs=certifi.where(),
         )
-    else:
-        pool = urllib3.HTTPConnectionPool(target.address, port=target.port, timeout=timeout, retries=False, maxsize=1)
-    host_header = target.host if ":" not in target.host else f"[{target.host}]"
-    default_port = 443 if target.scheme == "https" else 80
-    if target.port != default_port:
-        host_header += f":{target.port}"
+    return urllib3.HTTPConnectionPool(target.address, port=target.port, timeout=timeout, retries=False, maxsize=1)
+
+
+def _host_header(target: Target) -> dict[str, str]:
+    host = target.host if ":" not in target.host else f"[{target.host}]"
+    if target.port != (443 if target.scheme == "https" else 80):
+        host += f":{target.port}"
+    return {"Host": host}
+
+
+def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float = 5.0, total_s: float = 15.0) -> int:
+    """POST to the checked address (no redirect followed); the response's status. Raises
+    urllib3's errors when nothing answers."""
+    pool = _pool(target, urllib3.Timeout(connect=connect_s, total=total_s))
     try:
-        resp = pool.request(
-            "POST",
-            target.path,
-            body=body,
-            headers={**headers, "Host": host_header},
-            redirect=False,
-            preload_content=True,
-        )
+        sent = {**headers, **_host_header(target)}
+        resp = pool.request("POST", target.path, body=body, headers=sent, redirect=False, preload_content=True)
         return int(resp.status)
     finally:
         pool.close()
+
+
+MAX_REDIRECTS = 3
+
+
+class FetchFailed(InvalidParameter):
+    """A caller-named URL could not be read: unreachable, timed out, an error status."""
+
+
+def fetch(
+    url: str, field: str, allow_private: bool, max_bytes: int, connect_s: float = 5.0, total_s: float = 30.0
+) -> bytes:
+    """GET a caller-named URL's body: each hop checked (redirects followed at most MAX_REDIRECTS
+    times, each to a checked address), the size capped while it streams, the whole fetch within
+    total_s. Errors name `field` and the cause."""
+    from sonic.errors import InputTooLarge
+
+    deadline = time.monotonic() + total_s
+    for _ in range(MAX_REDIRECTS + 1):
+        target = check_url(url, field, allow_private)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)
+        pool = _pool(target, urllib3.Timeout(connect=min(connect_s, left), read=left))
+        try:
+            resp = pool.request("GET", target.path, headers=_host_header(target), redirect=False, preload_content=False)
+            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                url = urljoin(url, resp.headers["Location"])
+                resp.release_conn()
+                continue
+            if not 200 <= resp.status < 300:
+                raise FetchFailed(f"{field}: {target.host[:100]} answered HTTP {resp.status}", field=field)
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
+            chunks, size = [], 0
+            for chunk in resp.stream(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
+                if time.monotonic() > deadline:
+                    raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)
+                chunks.append(chunk)
+            if not size:
+                raise FetchFailed(f"{field}: {target.host[:100]} sent an empty file", field=field)
+            return b"".join(chunks)
+        except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ReadTimeoutError):
+            raise FetchFailed(f"{field}: {target.host[:100]} did not answer in time", field=field) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise FetchFailed(
+                f"{field}: {target.host[:100]} is unreachable ({type(e).__name__})", field=field
+            ) from None
+        finally:
+            pool.close()
+    raise FetchFailed(f"{field}: more than {MAX_REDIRECTS} redirects", field=field)
