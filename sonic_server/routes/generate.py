@@ -480,7 +480,7 @@ def job_events(job_id):
                 "error": public_error(
                     {"code": "not_ready", "message": "the job store does not answer; the job goes on: poll status_url"}
                 ),
-                "status_url": urls["status_url"],
+                "status_url": urls.status_url,
             }
             yield f"event: error\ndata: {json.dumps(err)}\n\n"
 
