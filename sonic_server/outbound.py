@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -118,16 +119,22 @@ class FetchFailed(InvalidParameter):
 
 
 def fetch(
-    url: str, field: str, allow_private: bool, max_bytes: int, connect_s: float = 5.0, total_s: float = 30.0
+    url: str,
+    field: str,
+    allow_private: bool,
+    max_bytes: int,
+    connect_s: float = 5.0,
+    total_s: float = 30.0,
+    check: Callable[[str, str, bool], Target] = check_url,
 ) -> bytes:
     """GET a caller-named URL's body: each hop checked (redirects followed at most MAX_REDIRECTS
     times, each to a checked address), the size capped while it streams, the whole fetch within
-    total_s. Errors name `field` and the cause."""
+    total_s. Errors name `field` and the cause. (`check`: the address rules, each hop's.)"""
     from sonic.errors import InputTooLarge
 
     deadline = time.monotonic() + total_s
     for _ in range(MAX_REDIRECTS + 1):
-        target = check_url(url, field, allow_private)
+        target = check(url, field, allow_private)
         left = deadline - time.monotonic()
         if left <= 0:
             raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)

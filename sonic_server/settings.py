@@ -122,6 +122,7 @@ class OutboundSettings:
     """Requests to addresses callers name (webhooks). Variables: SONIC_OUTBOUND_<NAME>."""
 
     allow_private: bool = False  # true: loopback, private and link-local addresses too (tests, private networks)
+    fetch_timeout_s: float = 30.0  # image_url / audio_url: the whole fetch, redirects included
 
 
 STORAGE_KINDS = ("local", "s3")

@@ -20,4 +20,4 @@ def test_the_page_maps_live_sessions_on_workers_and_webhooks_and_says_where_url_
     page = (ROOT / "docs" / "architecture.md").read_text()
     today, coming = page.split("## Where each coming feature goes")
     assert all(name in today for name in ("relay.py", "remote.py", "host.py", "webhooks.py", "idempotency.py"))
-    assert "Inputs by URL" in coming
+    assert "Inputs by URL" in coming and "outbound.py" in today

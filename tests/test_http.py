@@ -122,7 +122,9 @@ def test_openapi_document_is_built_from_the_routes(make_client):
         names = [p["name"] for p in op.get("parameters", []) if p["in"] == "path"]
         assert names == [part[1:-1] for part in path.split("/") if part.startswith("{")]
     upload = spec["paths"]["/api/sonic/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert upload["required"] == ["image", "audio"] and upload["properties"]["image"]["minLength"] == 1
+    assert upload["properties"]["image"]["minLength"] == 1 and {"image_url", "audio_url"} <= set(upload["properties"])
+    by_url = spec["paths"]["/api/sonic/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert by_url["required"] == ["image_url", "audio_url"]
     text = json.dumps(spec)                             # every $ref points at a declared schema
     for ref in set(part.split('"')[0] for part in text.split('"$ref": "#/components/schemas/')[1:]):
         assert ref in spec["components"]["schemas"], ref

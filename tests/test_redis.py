@@ -398,8 +398,9 @@ def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
 
 
 def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
-    """Distributed: the start and the end of a job run on a worker are delivered, signed, in
-    order, from Redis' outbox, by the worker itself."""
+    """Distributed: inputs fetched by URL reach the worker as uploads do; the start and the end of
+    the job it runs are delivered, signed, in order, from Redis' outbox, by the worker itself."""
+    from test_url_inputs import Files
     from test_webhooks import SECRET, Receiver, verified
     c = cluster()
     c.cfg["outbound"] = {"allow_private": True}
@@ -408,13 +409,17 @@ def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
     api = c.client()
     c.start_worker("hw")
     c.wait_workers(api, 1)
-    rx = Receiver(free_port())
+    rx, files = Receiver(free_port()), Files()
     try:
-        r = post(api, {"min_resolution": 256, "seed": 11, "webhook": rx.url,
-                       "webhook_events_filter": ["start", "completed"]})
+        r = api.post("/api/sonic/generate", json={
+            "image_url": files.url("/portrait.jpg"), "audio_url": files.url("/speech.flac"),
+            "config": {"min_resolution": 256, "seed": 11, "webhook": rx.url,
+                       "webhook_events_filter": ["start", "completed"]}})
         assert r.status_code == 200, r.get_data()[:300]
+        assert r.get_json()["frames"] == 75 and not any((c.tmp / "uploads").iterdir())
         bodies = [verified(d) for d in rx.wait(2, timeout=20)]
         assert [b["status"] for b in bodies] == ["processing", "succeeded"]
         assert bodies[1]["video_url"] == r.get_json()["video_url"] and bodies[1]["job_id"] == r.get_json()["job_id"]
     finally:
         rx.close()
+        files.close()

@@ -18,12 +18,12 @@ from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
 from sonic.version import pipeline_version
 
-from .. import idempotency, webhooks
+from .. import idempotency, outbound, webhooks
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
-from ..json_input import MAX_CONFIG_CHARS, json_object_field
+from ..json_input import MAX_CONFIG_CHARS, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
 from ..queue import QueueFull, WorkerStopped
@@ -88,23 +88,40 @@ RESULT = component(
 )
 UPLOAD = {
     "required": True,
-    "content": content(
-        "multipart/form-data",
-        {
-            "type": "object",
-            "required": ["image", "audio"],
-            "properties": {
-                "image": {"type": "string", "format": "binary", "minLength": 1},
-                "audio": {"type": "string", "format": "binary", "minLength": 1},
-                "config": {"type": "string", "description": "JSON object of Parameters"},
-                "webhook": {"type": "string", "description": "an http(s) URL told of the job (or a config key)"},
-                "webhook_events_filter": {
-                    "type": "string",
-                    "description": "comma-separated: start, progress, completed (default completed)",
+    "content": {
+        **content(
+            "multipart/form-data",
+            {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "minLength": 1},
+                    "audio": {"type": "string", "format": "binary", "minLength": 1},
+                    "image_url": {"type": "string", "description": "instead of image: an http(s) URL to fetch it from"},
+                    "audio_url": {"type": "string", "description": "instead of audio: an http(s) URL to fetch it from"},
+                    "config": {"type": "string", "description": "JSON object of Parameters"},
+                    "webhook": {"type": "string", "description": "an http(s) URL told of the job (or a config key)"},
+                    "webhook_events_filter": {
+                        "type": "string",
+                        "description": "comma-separated: start, progress, completed (default completed)",
+                    },
                 },
             },
-        },
-    ),
+        ),
+        **content(
+            "application/json",
+            {
+                "type": "object",
+                "required": ["image_url", "audio_url"],
+                "properties": {
+                    "image_url": {"type": "string"},
+                    "audio_url": {"type": "string"},
+                    "config": {"type": "object", "description": "Parameters"},
+                    "webhook": {"type": "string"},
+                    "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        ),
+    },
 }
 JOB_LIST = component(
     "JobList",
@@ -182,17 +199,40 @@ def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
 
 def _webhook(params: dict) -> dict | None:
     """The webhook the request asks for: form fields, else config keys; checked (its address too)."""
-    form = request.form
+    fields = _fields()
     return webhooks.requested(
-        form.get("webhook", params.get("webhook")),
-        form.get("webhook_events_filter", params.get("webhook_events_filter")),
+        fields.get("webhook", params.get("webhook")),
+        fields.get("webhook_events_filter", params.get("webhook_events_filter")),
         request.url_root,
         service().settings.outbound.allow_private,
     )
 
 
+def _is_json() -> bool:
+    return request.mimetype == "application/json"
+
+
+def _fields() -> dict:
+    """The request's fields beside the files: the multipart form's, or a JSON body's keys."""
+    if _is_json():
+        return json_object_body('send multipart/form-data, or a JSON object {"image_url", "audio_url", "config"}')
+    return request.form.to_dict()
+
+
+def _config() -> dict:
+    """`config`: a JSON text field of the form, or an object in a JSON body."""
+    if not _is_json():
+        return json_object_field("config", MAX_CONFIG_CHARS) or {}
+    params = _fields().get("config")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidParameter("config must be a JSON object", field="config")
+    return params
+
+
 def _parse_config() -> tuple[GenerateOptions, bool, dict]:
-    params = json_object_field("config", MAX_CONFIG_CHARS) or {}
+    params = _config()
     want_async = params.get("async", False)
     if not isinstance(want_async, bool):
         raise InvalidParameter("async must be true or false", field="async")
@@ -206,16 +246,33 @@ def _parse_config() -> tuple[GenerateOptions, bool, dict]:
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async, params
 
 
-def _read_files() -> dict[str, bytes]:
-    files = {}
+def _read_files() -> tuple[dict[str, bytes], set[str]]:
+    """The image and the audio, each uploaded or fetched from its `<name>_url`; (the bytes, the
+    names that came by URL)."""
+    files, by_url = {}, set()
+    fields, svc = _fields(), service()
     for name in ("image", "audio"):
-        f = request.files.get(name)
-        if f is None or not f.filename and not f.content_length:
-            raise InvalidParameter(f"multipart file field '{name}' is missing", field=name)
+        f = None if _is_json() else request.files.get(name)
+        uploaded = f is not None and bool(f.filename or f.content_length)
+        url = fields.get(f"{name}_url")
+        if uploaded and url:
+            raise InvalidParameter(f"send {name} or {name}_url, not both", field=f"{name}_url")
+        if url:
+            if not isinstance(url, str):
+                raise InvalidParameter(f"{name}_url must be an http(s) URL", field=f"{name}_url")
+            limit = int(svc.settings.limits.max_upload_mb * 1024 * 1024)
+            out = svc.settings.outbound
+            files[name] = outbound.fetch(url, f"{name}_url", out.allow_private, limit, total_s=out.fetch_timeout_s)
+            by_url.add(name)
+            continue
+        if f is None or not uploaded:
+            if _is_json():
+                raise InvalidParameter(f"the JSON key '{name}_url' is missing", field=f"{name}_url")
+            raise InvalidParameter(f"multipart file field '{name}' (or a field '{name}_url') is missing", field=name)
         files[name] = f.read()
         if not files[name]:
             raise InvalidParameter(f"{name} is empty", field=name)
-    return files
+    return files, by_url
 
 
 @bp.post("/api/sonic/generate")
@@ -251,7 +308,7 @@ def generate():
     opts, want_async, params = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     hook = _webhook(params)
-    files = _read_files()
+    files, by_url = _read_files()
     owner = caller().owner
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.loaded_decoder_identity()), owner)
     payer = _payer(svc)
@@ -270,7 +327,13 @@ def generate():
         rec.inputs = svc.uploads.save(rec.id, files)  # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
-        checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
+        try:
+            checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
+        except SonicError as e:
+            if e.field in by_url:  # the fetched file is what was wrong: name the URL's field
+                e.field = f"{e.field}_url"
+                e.message = f"{e.field}: {e.message}"
+            raise
         if payer is not None and svc.billing is not None:  # the estimate is held before anything is queued
             try:
                 svc.billing.hold_video(payer, rec.id, opts.duration or checked.audio_s, g.get("request_id"))

@@ -1,0 +1,140 @@
+"""Inputs by URL: `image_url` / `audio_url` (form fields or a JSON body) fetched from a local
+HTTP server on a free loopback port (allowed by outbound.allow_private): a good file renders as
+an upload does; a 404, a file over the upload limit, a slow server, a file of the wrong type and
+a redirect to a forbidden address are each refused with the field and the cause named."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import PORTRAIT, SPEECH
+from server_helpers import FAST, FakePipeline, assert_clean_error, settings
+from test_http_live import free_port
+
+
+class Files:
+    """Serves the portrait and the speech, and the bad cases, on 127.0.0.1:port."""
+
+    def __init__(self):
+        self.port = free_port()
+        routes = {
+            "/portrait.jpg": (200, PORTRAIT.read_bytes()),
+            "/speech.flac": (200, SPEECH.read_bytes()),
+            "/notes.txt": (200, b"just some text, not an image\n" * 40),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/slow":
+                    time.sleep(4)
+                if self.path == "/to-metadata":
+                    self.send_response(302)
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+                    self.end_headers()
+                    return
+                if self.path == "/to-portrait":
+                    self.send_response(302)
+                    self.send_header("Location", "/portrait.jpg")
+                    self.end_headers()
+                    return
+                if self.path == "/huge":  # no length announced: the cap holds while streaming
+                    self.send_response(200)
+                    self.end_headers()
+                    for _ in range(40):
+                        self.wfile.write(b"\0" * 100_000)
+                    return
+                status, body = routes.get(self.path, (404, b"not here"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def files():
+    f = Files()
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def client(tmp_path):
+    from sonic_server import create_app
+    cfg = settings(tmp_path)
+    cfg["outbound"] = {"allow_private": True, "fetch_timeout_s": 2}
+    app = create_app(cfg, pipeline=FakePipeline())
+    yield app.test_client()
+    app.extensions["sonic"].queue.close()
+
+
+def by_form(client, **fields):
+    data = {"config": json.dumps(FAST), **fields}
+    return client.post("/api/sonic/generate", data=data, content_type="multipart/form-data")
+
+
+def test_inputs_by_url_render_as_uploads_do(client, files):
+    r = by_form(client, image_url=files.url("/to-portrait"), audio_url=files.url("/speech.flac"))
+    assert r.status_code == 200, r.get_data()[:300]
+    pipeline = client.application.extensions["sonic"].queue.pipeline
+    assert pipeline.calls[-1][0].shape[2] == 3  # the portrait's pixels reached the pipeline
+    body = {"image_url": files.url("/portrait.jpg"), "audio_url": files.url("/speech.flac"), "config": FAST}
+    r = client.post("/api/sonic/generate", json=body)
+    assert r.status_code == 200 and r.get_json()["cached"] is True  # the same bytes: the same cache key
+    with open(PORTRAIT, "rb") as img:  # a file and a URL may be mixed
+        r = client.post("/api/sonic/generate", content_type="multipart/form-data",
+                        data={"image": (img, "p.jpg"), "audio_url": files.url("/speech.flac"),
+                              "config": json.dumps({**FAST, "seed": 5})})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("path, status, code, cause", [
+    ("/missing.jpg", 400, "invalid_parameter", "HTTP 404"),
+    ("/huge", 413, "input_too_large", "larger than"),
+    ("/slow", 400, "invalid_parameter", "in time"),
+    ("/notes.txt", 415, "unsupported_media", "image_url"),
+])
+def test_a_bad_url_is_named_with_its_cause(client, files, path, status, code, cause):
+    r = by_form(client, image_url=files.url(path), audio_url=files.url("/speech.flac"))
+    assert_clean_error(r, status, code)
+    err = r.get_json()["error"]
+    assert err["field"] == "image_url" and cause in err["message"], err
+
+
+def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):
+    from sonic_server import create_app
+    from sonic_server.outbound import check_url, fetch
+    app = create_app(settings(tmp_path), pipeline=FakePipeline())  # allow_private off, as shipped
+    try:
+        r = app.test_client().post("/api/sonic/generate", json={"image_url": files.url("/portrait.jpg"),
+                                                                "audio_url": "http://10.0.0.7/a.flac"})
+        assert_clean_error(r, 400, "invalid_parameter")
+        assert r.get_json()["error"]["field"] == "image_url" and "non-public" in r.get_json()["error"]["message"]
+        assert_clean_error(app.test_client().post("/api/sonic/generate", json={"config": FAST}), 400,
+                           "invalid_parameter")
+    finally:
+        app.extensions["sonic"].queue.close()
+
+    def only_this_server(url, field, allow_private):  # this test's server is allowed, nothing else inside
+        return check_url(url, field, urlsplit(url).port == files.port)
+
+    assert fetch(files.url("/to-portrait"), "image_url", False, 10**7, check=only_this_server)[:2] == b"\xff\xd8"
+    with pytest.raises(Exception, match="169.254.169.254"):
+        fetch(files.url("/to-metadata"), "image_url", False, 10**7, check=only_this_server)
