@@ -89,8 +89,15 @@ class JobRecord:
         return JobRecord.from_dict(self.to_dict())
 
     def public(self) -> dict:
-        """What a client may see: id, status, progress, stage, and the result or the error."""
-        d = {"job_id": self.id, "status": self.status, "progress": round(self.progress, 3), "stage": self.stage}
+        """What a client may see: id, status, progress, stage, when it was made (epoch s), and the
+        result or the error."""
+        d = {
+            "job_id": self.id,
+            "status": self.status,
+            "progress": round(self.progress, 3),
+            "stage": self.stage,
+            "created": round(self.created, 3),
+        }
         if self.result is not None:
             d["result"] = self.result
         if self.error is not None:

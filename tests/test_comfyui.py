@@ -143,3 +143,28 @@ def test_a_job_past_the_nodes_timeout_is_canceled_on_the_server(node, server):
             break
         time.sleep(0.2)
     assert status == "canceled"
+
+
+def test_a_lost_answer_is_retried_with_the_same_idempotency_key_and_makes_one_job(node, server, monkeypatch):
+    """The first try reaches the service but its answer is lost (as a dropped connection would
+    lose it): the node sends the job again with the same key, and gets the same job back."""
+    import requests
+
+    module = sys.modules[node.__module__]
+    real, keys = module._call, []
+
+    def lossy(url, api_key, data=None, content_type=None, timeout=120.0, extra=None):
+        answer = real(url, api_key, data, content_type, timeout, extra)
+        if url.endswith("/api/sonic/generate"):
+            keys.append((extra or {}).get("Idempotency-Key"))
+            if len(keys) == 1:
+                raise module.SonicServiceError("the connection was reset")
+        return answer
+
+    monkeypatch.setattr(module, "_call", lossy)
+    monkeypatch.setattr(module, "RETRY_WAITS_S", (0.1,))
+    before = len(requests.get(f"{server}/api/sonic/jobs?limit=100", timeout=5).json()["jobs"])
+    path, frames, _ = run(node, image=comfy_image(), audio=comfy_audio(), server_url=server, min_resolution=256,
+                          seed=41)
+    assert frames.shape[0] == 75 and len(keys) == 2 and keys[0] == keys[1] and keys[0].startswith("comfyui-")
+    assert len(requests.get(f"{server}/api/sonic/jobs?limit=100", timeout=5).json()["jobs"]) == before + 1

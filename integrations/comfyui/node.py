@@ -74,8 +74,8 @@ def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]])
 
 
 def _call(url: str, api_key: str, data: bytes | None = None, content_type: str | None = None,
-          timeout: float = 120.0) -> tuple[int, dict | bytes]:
-    headers = {"Accept": "application/json"}
+          timeout: float = 120.0, extra: dict | None = None) -> tuple[int, dict | bytes]:
+    headers = {"Accept": "application/json", **(extra or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     if content_type:
@@ -94,6 +94,28 @@ def _call(url: str, api_key: str, data: bytes | None = None, content_type: str |
     if "json" in ctype:
         return status, json.loads(body)
     return status, body
+
+
+SUBMIT_TRIES = 4
+RETRY_WAITS_S = (1.0, 3.0, 9.0)
+
+
+def _submit(url: str, api_key: str, body: bytes, ctype: str) -> tuple[int, dict | bytes]:
+    """POST a job with an Idempotency-Key and send it again, with the same key, after a network
+    error or a 502/503/504: the service makes the job once however many tries reach it, and a
+    try whose answer was lost gets that job's answer again (no second render, no second charge)."""
+    key = {"Idempotency-Key": f"comfyui-{uuid.uuid4().hex}"}
+    for attempt in range(SUBMIT_TRIES):
+        try:
+            status, answer = _call(url, api_key, body, ctype, extra=key)
+        except SonicServiceError:
+            if attempt == SUBMIT_TRIES - 1:
+                raise
+        else:
+            if status not in (502, 503, 504) or attempt == SUBMIT_TRIES - 1:
+                return status, answer
+        time.sleep(RETRY_WAITS_S[min(attempt, len(RETRY_WAITS_S) - 1)])
+    raise SonicServiceError("sonic service: no answer")  # not reached: the last try returns or raises
 
 
 def _refusal(status: int, body) -> SonicServiceError:
@@ -186,7 +208,7 @@ class SonicTalkingHead:
         body, ctype = _multipart({"config": json.dumps({**params, "async": True})},
                                  {"image": ("portrait.png", _image_png(image), "image/png"),
                                   "audio": ("speech.wav", wav, "audio/wav")})
-        status, answer = _call(f"{base}/api/sonic/generate", api_key, body, ctype)
+        status, answer = _submit(f"{base}/api/sonic/generate", api_key, body, ctype)
         if status == 200 and isinstance(answer, dict) and answer.get("success"):
             job = answer                                      # a cached result
         elif status == 202 and isinstance(answer, dict):

@@ -63,6 +63,7 @@ JOB = component(
             "status": {"type": "string", "enum": [status.value for status in JobStatus]},
             "progress": {"type": "number"},
             "stage": {"type": "string"},
+            "created": {"type": "number", "description": "when the job was made (epoch seconds)"},
             "status_url": {"type": "string"},
         },
     },

@@ -5,7 +5,6 @@
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = ["succeeded", "failed", "canceled"];
-const HISTORY_KEY = "sonic.history";
 const KEY_KEY = "sonic.apiKey";
 const state = { audio: null, audioName: null, params: {}, job: null, following: null };
 
@@ -249,7 +248,7 @@ async function submit(event) {
   }
   const body = (resp.headers.get("Content-Type") || "").includes("json") ? await jsonOf(resp) : null;
   if (resp.status === 200 && body && body.success) {            // a cached result
-    remember(body, "succeeded");
+    refreshJobs();
     finish({ ...body, status: "succeeded", progress: 1, stage: "succeeded" });
     return;
   }
@@ -260,7 +259,7 @@ async function submit(event) {
     return;
   }
   state.job = body.job_id;
-  remember(body, body.status);
+  refreshJobs();
   setProgress(body);
   follow(body.job_id);
 }
@@ -351,7 +350,7 @@ function figure(list, name, value) {
 function finish(body) {
   busy(false);
   state.job = null;
-  remember(body, body.status);
+  refreshJobs();
   if (body.status !== "succeeded") {
     $("progress-box").hidden = true;
     showError(body.error || { message: `the job ended: ${body.status}` });
@@ -378,42 +377,52 @@ function finish(body) {
   $("result").hidden = false;
 }
 
-// ---- this browser's history -----------------------------------------------------------------
-function history() {
-  let items;
-  try { items = JSON.parse(load(HISTORY_KEY)); } catch (e) { return []; }
-  if (!Array.isArray(items)) return [];
-  return items.filter((h) => h && typeof h === "object" && typeof h.job_id === "string");
+// ---- your recent videos, as the server lists them (GET /api/sonic/jobs: this key's own) ----------
+async function refreshJobs() {
+  let body = null;
+  try {
+    const resp = await fetch("/api/sonic/jobs?limit=10", { headers: authHeaders() });
+    if (!resp.ok) return;  // e.g. a key is needed: the list stays as it is
+    body = await jsonOf(resp);
+  } catch (e) { return; /* offline */ }
+  renderJobs(body && Array.isArray(body.jobs) ? body.jobs : []);
 }
 
-function remember(body, status) {
-  if (!body.job_id) return;
-  const items = history().filter((h) => h.job_id !== body.job_id);
-  const old = history().find((h) => h.job_id === body.job_id);
-  items.unshift({ job_id: body.job_id, status, video_url: body.video_url || (old && old.video_url) || null,
-                  when: (old && old.when) || new Date().toISOString() });
-  store(HISTORY_KEY, JSON.stringify(items.slice(0, 10)));
-  renderHistory();
-}
-
-function renderHistory() {
+function renderJobs(jobs) {
   const list = $("history");
   list.textContent = "";
-  const items = history();
-  $("history-box").hidden = items.length === 0;
-  for (const h of items) {
+  const shown = jobs.filter((j) => j && typeof j === "object" && typeof j.job_id === "string");
+  $("history-box").hidden = shown.length === 0;
+  for (const job of shown) {
     const li = document.createElement("li");
-    const when = new Date(h.when).toLocaleString();
-    if (typeof h.video_url === "string" && /^(https?:)?\//.test(h.video_url) && h.status === "succeeded") {
+    const when = typeof job.created === "number" ? new Date(job.created * 1000).toLocaleString() : "";
+    if (job.status === "succeeded" && typeof job.video_url === "string" && /^(https?:)?\//.test(job.video_url)) {
       const a = document.createElement("a");
-      a.href = h.video_url;
+      a.href = job.video_url;
       a.textContent = `${when}: video`;
       li.append(a);
     } else {
-      li.textContent = `${when}: ${h.status}`;
+      li.append(`${when}: ${String(job.status)}`);
     }
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "delete-job";
+    del.textContent = "Delete";
+    del.setAttribute("aria-label", `Delete the video of ${when}`);
+    del.addEventListener("click", () => deleteJob(job.job_id));
+    li.append(" ", del);
     list.append(li);
   }
+}
+
+async function deleteJob(jobId) {
+  try {
+    const resp = await fetch(`/api/sonic/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE", headers: authHeaders() });
+    if (!resp.ok && resp.status !== 404) showError(await errorOf(resp));
+  } catch (e) {
+    showError({ message: "the server could not be reached" });
+  }
+  refreshJobs();
 }
 
 // ---- start ------------------------------------------------------------------------------------
@@ -423,6 +432,7 @@ $("api-key").addEventListener("change", () => {
   store(KEY_KEY, key || null);
   clearErrors();
   loadParams();
+  refreshJobs();
 });
 $("image").addEventListener("change", showImagePreview);
 $("audio").addEventListener("change", useAudioFile);
@@ -431,6 +441,5 @@ wireDrop($("drop-audio"), $("audio"));
 $("record").addEventListener("click", toggleRecording);
 $("form").addEventListener("submit", submit);
 $("cancel").addEventListener("click", cancel);
-$("clear-history").addEventListener("click", () => { store(HISTORY_KEY, null); renderHistory(); });
-renderHistory();
+refreshJobs();
 loadParams();
