@@ -31,6 +31,7 @@ def test_record_is_plain_json_data():
     assert data["kind"] == "generate" and data["params"]["seed"] == 3 and data["status"] == "queued"
     assert not any(isinstance(v, (threading.Event, type(threading.Condition()))) for v in vars(rec).values())
     assert rec.public() == {"job_id": rec.id, "status": "queued", "progress": 0.0, "stage": "queued",
+                            "created": round(rec.created, 3),
                             "error": rec.error}
     assert set(TASKS) == {"generate"} and TASKS["generate"] is run_generate
     assert issubclass(LocalQueue, JobQueue)

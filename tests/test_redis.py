@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -385,6 +386,19 @@ def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
         clash = two.post("/api/sonic/generate", headers=keyed, data={
             "image": (img, "p.jpg"), "audio": (aud, "a.flac"), "config": json.dumps({"min_resolution": 256, "seed": 8})})
     assert_clean_error(clash, 409, "conflict")
+    # twins racing through the two API processes: one job, both answers name it
+    ids, gate = [], threading.Barrier(2)
+
+    def twin(api):
+        gate.wait()
+        ids.append(make(api, 9, {"Idempotency-Key": "race", **a}, **{"async": True})["job_id"])
+
+    racers = [threading.Thread(target=twin, args=(api,)) for api in (one, two)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert len(ids) == 2 and ids[0] == ids[1]
     # a running job: canceled on its worker, then deleted
     long = make(one, 5, a, **{"async": True, "duration": 20})["job_id"]
     deadline = time.monotonic() + 60
