@@ -151,7 +151,7 @@ def fetch(
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
             chunks, size = [], 0
-            for chunk in resp.stream(64 * 1024):
+            while chunk := resp.read1(64 * 1024):  # one receive at a time: a slow drip meets the deadline
                 size += len(chunk)
                 if size > max_bytes:
                     raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)

@@ -32,6 +32,14 @@ class Files:
             def do_GET(self):
                 if self.path == "/slow":
                     time.sleep(4)
+                if self.path == "/drip":  # headers at once, then a byte every 0.3 s: never a long silence
+                    self.send_response(200)
+                    self.end_headers()
+                    for _ in range(30):
+                        self.wfile.write(b"\xff")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                    return
                 if self.path == "/to-metadata":
                     self.send_response(302)
                     self.send_header("Location", "http://169.254.169.254/latest/meta-data")
@@ -109,10 +117,13 @@ def test_inputs_by_url_render_as_uploads_do(client, files):
     ("/missing.jpg", 400, "invalid_parameter", "HTTP 404"),
     ("/huge", 413, "input_too_large", "larger than"),
     ("/slow", 400, "invalid_parameter", "in time"),
+    ("/drip", 400, "invalid_parameter", "longer than"),
     ("/notes.txt", 415, "unsupported_media", "image_url"),
 ])
 def test_a_bad_url_is_named_with_its_cause(client, files, path, status, code, cause):
+    began = time.monotonic()
     r = by_form(client, image_url=files.url(path), audio_url=files.url("/speech.flac"))
+    assert time.monotonic() - began < 4.0  # within fetch_timeout_s (2 s), not the server's pace
     assert_clean_error(r, status, code)
     err = r.get_json()["error"]
     assert err["field"] == "image_url" and cause in err["message"], err
