@@ -74,15 +74,22 @@ class Conditioning:
 
 
 class SonicModel:
-    """Everything the folder holds, loaded once (fp16 on CUDA, fp32 on the CPU)."""
+    """Everything the folder holds, loaded once (fp16 on CUDA, fp32 on the CPU, unless `dtype`
+    says otherwise: scripts/gpu_check.py measures fp32 on CUDA too)."""
 
-    def __init__(self, folder: str | Path | None, device: str = "auto", allow_unsafe_pickle: bool = False):
+    def __init__(
+        self,
+        folder: str | Path | None,
+        device: str = "auto",
+        allow_unsafe_pickle: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
         from transformers import CLIPVisionModelWithProjection
 
         layout = self.layout = checked_layout(folder)
         self.device = pick_device(device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.whisper = WhisperFeatures(layout.whisper, self.device)
         self.clip = (
             _pretrained(CLIPVisionModelWithProjection, layout.image_encoder, dtype=self.dtype).to(self.device).eval()
