@@ -297,3 +297,16 @@ def test_auto_picks_sonic_only_with_cuda_and_a_complete_folder(tiny, tmp_path, m
     assert pick(sonic_checkpoints=str(tiny)) == "sonic"
     assert pick(sonic_checkpoints=str(tiny), device="cpu") == "warp"    # auto never puts the big model on a CPU
     assert choose_decoder(settings_from({"decoder": "sonic"}, env={})) == "sonic"
+
+
+def test_the_gpu_check_script_runs_its_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py (what measures the decoder on a GPU) runs end to end on the tiny model:
+    the full-size UNet config is checked against the published tensors, each run prints its line."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                          "--seconds", "0.5", "--steps", "1", "--size", "128", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"dtype"')]
+    assert [r["rife"] for r in runs] == [False, True]
+    assert runs[0]["frames_out"] == 7 and runs[1]["frames_out"] == 13  # 12.5 a second, then doubled by RIFE
+    assert all(r["s_per_s_of_video"] > 0 and r["s_per_denoising_step"] > 0 for r in runs)
