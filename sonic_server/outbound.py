@@ -11,14 +11,15 @@ every request has a connect and a total time limit.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
-
-import urllib3
 
 from sonic.errors import InvalidParameter
 
@@ -37,9 +38,31 @@ class Target:
     address: str  # the resolved address that was checked
 
 
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64, IPv4-compatible): the
+    rules apply to it, since that is where a translating network sends the request."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in NAT64) or (ip in V4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:
+            return True
+        inner = _embedded_v4(ip)
+        if inner is not None:
+            return _refused(inner)
     return not ip.is_global or ip.is_multicast
 
 
@@ -54,7 +77,12 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
         raise InvalidParameter(f"{field} is not a URL", field=field) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidParameter(f"{field} must be an http or https URL with a host", field=field)
-    host = parts.hostname
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")  # a name in any script, as DNS and TLS take it
+    except UnicodeError:
+        raise InvalidParameter(f"{field}: the host is not a valid name", field=field) from None
+    if port == 0:
+        raise InvalidParameter(f"{field}: port 0 is not a port", field=field)
     port = port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -73,42 +101,76 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
     return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=addresses[0])
 
 
-def _pool(target: Target, timeout: urllib3.Timeout) -> urllib3.HTTPConnectionPool:
-    """A one-connection pool to the checked address; TLS checks the name, not the address."""
-    if target.scheme == "https":
+class _Pinned(http.client.HTTPConnection):
+    """A connection to the checked address, speaking to the named host (Host header)."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self.address = target.address
+
+    def connect(self) -> None:
+        self.sock = self.held = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedTLS(http.client.HTTPSConnection):
+    """The same over TLS: the certificate is checked against the name, not the address."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
         import certifi
 
-        return urllib3.HTTPSConnectionPool(
-            target.address,
-            port=target.port,
-            timeout=timeout,
-            retries=False,
-            maxsize=1,
-            server_hostname=target.host,
-            assert_hostname=target.host,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
-        )
-    return urllib3.HTTPConnectionPool(target.address, port=target.port, timeout=timeout, retries=False, maxsize=1)
+        context = ssl.create_default_context(cafile=certifi.where())
+        super().__init__(target.host, target.port, timeout=timeout, context=context)
+        self.address = target.address
+        self._tls = context
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.held = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
-def _host_header(target: Target) -> dict[str, str]:
-    host = target.host if ":" not in target.host else f"[{target.host}]"
-    if target.port != (443 if target.scheme == "https" else 80):
-        host += f":{target.port}"
-    return {"Host": host}
+class Deadline:
+    """Shuts the connection's socket when `seconds` have passed, whatever it is waiting for (a
+    server sending its headers or body a byte at a time never outlasts it)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+        self.conn, self.passed = conn, False
+        self._timer = threading.Timer(max(0.0, seconds), self._shut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _shut(self) -> None:
+        self.passed = True
+        sock = getattr(self.conn, "held", None)  # kept: http.client lets go of `sock` once a response reads to the end
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
+    return _PinnedTLS(target, timeout) if target.scheme == "https" else _Pinned(target, timeout)
 
 
 def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float = 5.0, total_s: float = 15.0) -> int:
-    """POST to the checked address (no redirect followed); the response's status. Raises
-    urllib3's errors when nothing answers."""
-    pool = _pool(target, urllib3.Timeout(connect=connect_s, total=total_s))
+    """POST to the checked address (no redirect followed), all within total_s; the response's
+    status (its body is not read beyond 4 kB). Raises OSError (http.client's errors among them)
+    when nothing answers in time."""
+    conn = _connection(target, connect_s)
+    deadline = Deadline(conn, total_s)
     try:
-        sent = {**headers, **_host_header(target)}
-        resp = pool.request("POST", target.path, body=body, headers=sent, redirect=False, preload_content=True)
+        conn.request("POST", target.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read(4096)
         return int(resp.status)
+    except (OSError, http.client.HTTPException) as e:
+        raise OSError("timed out" if deadline.passed else f"{type(e).__name__}: {e}") from None
     finally:
-        pool.close()
+        deadline.cancel()
+        conn.close()
 
 
 MAX_REDIRECTS = 3
@@ -132,41 +194,44 @@ def fetch(
     total_s. Errors name `field` and the cause. (`check`: the address rules, each hop's.)"""
     from sonic.errors import InputTooLarge
 
-    deadline = time.monotonic() + total_s
+    ends = time.monotonic() + total_s
     for _ in range(MAX_REDIRECTS + 1):
         target = check(url, field, allow_private)
-        left = deadline - time.monotonic()
+        left = ends - time.monotonic()
         if left <= 0:
             raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)
-        pool = _pool(target, urllib3.Timeout(connect=min(connect_s, left), read=left))
+        conn = _connection(target, min(connect_s, left))
+        deadline = Deadline(conn, left)
         try:
-            resp = pool.request("GET", target.path, headers=_host_header(target), redirect=False, preload_content=False)
-            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                url = urljoin(url, resp.headers["Location"])
-                resp.release_conn()
+            conn.request("GET", target.path, headers={"User-Agent": "sonic", "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
+            location = resp.getheader("Location")
+            if resp.status in (301, 302, 303, 307, 308) and location:
+                url = urljoin(url, location)
                 continue
             if not 200 <= resp.status < 300:
                 raise FetchFailed(f"{field}: {target.host[:100]} answered HTTP {resp.status}", field=field)
-            length = resp.headers.get("Content-Length")
+            length = resp.getheader("Content-Length")
+            too_large = InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
             if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
+                raise too_large
             chunks, size = [], 0
-            while chunk := resp.read1(64 * 1024):  # one receive at a time: a slow drip meets the deadline
+            while chunk := resp.read1(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
-                if time.monotonic() > deadline:
-                    raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)
+                    raise too_large
                 chunks.append(chunk)
+            if deadline.passed:
+                raise OSError("timed out")
             if not size:
                 raise FetchFailed(f"{field}: {target.host[:100]} sent an empty file", field=field)
             return b"".join(chunks)
-        except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ReadTimeoutError):
-            raise FetchFailed(f"{field}: {target.host[:100]} did not answer in time", field=field) from None
-        except urllib3.exceptions.HTTPError as e:
-            raise FetchFailed(
-                f"{field}: {target.host[:100]} is unreachable ({type(e).__name__})", field=field
-            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            if deadline.passed or isinstance(e, TimeoutError):
+                raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field) from None
+            why = f"{field}: {target.host[:100]} is unreachable ({type(e).__name__})"
+            raise FetchFailed(why, field=field) from None
         finally:
-            pool.close()
+            deadline.cancel()
+            conn.close()
     raise FetchFailed(f"{field}: more than {MAX_REDIRECTS} redirects", field=field)

@@ -116,7 +116,7 @@ def test_inputs_by_url_render_as_uploads_do(client, files):
 @pytest.mark.parametrize("path, status, code, cause", [
     ("/missing.jpg", 400, "invalid_parameter", "HTTP 404"),
     ("/huge", 413, "input_too_large", "larger than"),
-    ("/slow", 400, "invalid_parameter", "in time"),
+    ("/slow", 400, "invalid_parameter", "longer than"),
     ("/drip", 400, "invalid_parameter", "longer than"),
     ("/notes.txt", 415, "unsupported_media", "image_url"),
 ])

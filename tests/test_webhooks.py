@@ -154,12 +154,43 @@ def test_failed_deliveries_are_retried_on_500_and_on_a_closed_port(hooked_client
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest/meta-data",
                                  "http://[::1]:8080/", "http://localhost/x", "ftp://example.org/x", "http:///x",
-                                 "http://[::ffff:127.0.0.1]/x", "http://100.64.0.1/x"])
+                                 "http://[::ffff:127.0.0.1]/x", "http://100.64.0.1/x", "http://[64:ff9b::a00:1]/x",
+                                 "http://[2002:a00:1::1]/x", "http://[::127.0.0.1]/x", "http://[fec0::1]/x",
+                                 "http://93.184.216.34:0/x"])
 def test_webhook_targets_inside_are_refused_unless_allowed(hooked_client, url):
     client = hooked_client(allow_private=False)
     r = post(client, {**FAST, "webhook": url})
     assert_clean_error(r, 400, "invalid_parameter")
     assert r.get_json()["error"]["field"] == "webhook"
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline():
+    """A receiver sending its status line a byte at a time cannot hold the sender past total_s."""
+    import socket
+
+    from sonic_server.outbound import check_url, post
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            try:
+                conn.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=drip, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(OSError, match="timed out"):
+        post(check_url(f"http://127.0.0.1:{port}/", "webhook", True), b"{}", {}, connect_s=1, total_s=1.5)
+    assert time.monotonic() - began < 3.0
+    listener.close()
 
 
 def test_address_rules_allow_public_addresses_and_open_with_the_setting():
