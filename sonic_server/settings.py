@@ -154,6 +154,7 @@ class ServerConfig(Settings):
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)
+        _check_webhooks(self.webhooks)
         return self
 
     def resolved(self, base: Path) -> Self:
@@ -215,6 +216,20 @@ def _check_storage(s: ServerConfig) -> None:
             raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
         if not 0 < s.s3.url_ttl_s <= 604800:  # SigV4 presigned URLs live at most 7 days
             raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
+
+
+def _check_webhooks(hooks: WebhookSettings) -> None:
+    if hooks.secret.startswith("whsec_"):
+        import base64
+        import binascii
+
+        try:
+            if not base64.b64decode(hooks.secret[len("whsec_") :], validate=True):
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise SettingsError("setting webhooks.secret: a whsec_ secret must be base64 after its prefix") from None
+    if hooks.retry_s < 0:
+        raise SettingsError(f"setting webhooks.retry_s must be 0 or more, got {hooks.retry_s}")
 
 
 def _check_live(live: LiveSettings) -> None:

@@ -105,6 +105,9 @@ class Outbox(Protocol):
 
     def retry(self, delivery: Delivery) -> None: ...
 
+    def pending(self) -> bool:
+        """Whether any delivery waits (no side effect: nothing is claimed)."""
+
 
 class MemoryOutbox:
     def __init__(self) -> None:
@@ -122,6 +125,10 @@ class MemoryOutbox:
                 if d.job_id not in heads or d.seq < heads[d.job_id].seq:
                     heads[d.job_id] = d
             return sorted((d for d in heads.values() if d.next_at <= now), key=lambda d: d.next_at)[:limit]
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._items)
 
     def done(self, delivery: Delivery) -> None:
         with self._lock:
@@ -162,6 +169,10 @@ class SqliteOutbox:
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
+    def pending(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM webhook_outbox LIMIT 1").fetchone() is not None
+
     def done(self, delivery: Delivery) -> None:
         with self._lock:
             self._db.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery.id,))
@@ -170,48 +181,89 @@ class SqliteOutbox:
         self.add(delivery)
 
 
+# Only the first waiting delivery of each job is in `sonic:wh:due` (the others wait their turn
+# in the job's queue): the sender's look at the due set never meets one it may not send yet.
+# KEYS: delivery, due, the job's queue. ARGV: the delivery (JSON), its id, its seq, its time.
+_ADD = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+local head = redis.call('ZRANGE', KEYS[3], 0, 0)
+if head[1] == ARGV[2] then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2]) end
+return 1
+"""
+# KEYS: delivery, due, the job's queue, the claim. ARGV: id, the claim's token, the prefix of a
+# delivery's key. Done: only while the claim is this sender's; the job's next delivery is due.
+_DONE = """
+if redis.call('GET', KEYS[4]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local head = redis.call('ZRANGE', KEYS[3], 0, 0)
+if head[1] then
+  local raw = redis.call('GET', ARGV[3] .. head[1])
+  if raw then redis.call('ZADD', KEYS[2], cjson.decode(raw)['next_at'], head[1]) end
+end
+return 1
+"""
+# KEYS: delivery, due, the claim. ARGV: the delivery (JSON), id, its next time, the claim's token.
+_RETRY = """
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'XX')
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+CLAIM_S = 120  # longer than one attempt can take (outbound.post's deadline): a claim never lapses mid-send
+
+
 class RedisOutbox:
-    """`sonic:wh:<id>` each delivery, `sonic:wh:due` (by time), `sonic:wh:q:<job>` (a job's, in
-    order); a sender claims a delivery (`sonic:wh:claim:<id>`) so that two API processes do not
-    send it at once."""
+    """`sonic:wh:<id>` each delivery, `sonic:wh:q:<job>` a job's in order, `sonic:wh:due` the
+    first of each job's by time. A sender claims one delivery at a time (`sonic:wh:claim:<id>`,
+    with a token) just before sending it, and only the claim's holder can mark it done or retry
+    it: two API processes never both send it."""
 
     def __init__(self, conn: Any) -> None:
         self.r = conn
+        self._add = conn.register_script(_ADD)
+        self._done = conn.register_script(_DONE)
+        self._retry = conn.register_script(_RETRY)
+        self._tokens: dict[str, str] = {}
+
+    def _keys(self, d: Delivery) -> tuple[str, str, str, str]:
+        return f"sonic:wh:{d.id}", "sonic:wh:due", f"sonic:wh:q:{d.job_id}", f"sonic:wh:claim:{d.id}"
 
     def add(self, delivery: Delivery) -> None:
-        p = self.r.pipeline()
-        p.set(f"sonic:wh:{delivery.id}", json.dumps(asdict(delivery)))
-        p.zadd("sonic:wh:due", {delivery.id: delivery.next_at})
-        p.zadd(f"sonic:wh:q:{delivery.job_id}", {delivery.id: delivery.seq})
-        p.execute()
+        key, due, queue, _ = self._keys(delivery)
+        self._add(
+            keys=[key, due, queue], args=[json.dumps(asdict(delivery)), delivery.id, delivery.seq, delivery.next_at]
+        )
+
+    def pending(self) -> bool:
+        return bool(self.r.zcard("sonic:wh:due"))
 
     def due(self, now: float, limit: int) -> list[Delivery]:
-        out = []
-        for raw_id in cast("list[bytes]", self.r.zrangebyscore("sonic:wh:due", "-inf", now, start=0, num=limit * 4)):
+        """At most one delivery, claimed: it is sent before the next is looked at."""
+        for raw_id in cast("list[bytes]", self.r.zrangebyscore("sonic:wh:due", "-inf", now, start=0, num=20)):
             raw = cast("bytes | None", self.r.get(f"sonic:wh:{raw_id.decode()}"))
             if raw is None:
                 self.r.zrem("sonic:wh:due", raw_id)
                 continue
             d = Delivery(**json.loads(raw))
-            head = cast("list[bytes]", self.r.zrange(f"sonic:wh:q:{d.job_id}", 0, 0))
-            if not head or head[0].decode() != d.id:
-                continue  # an earlier delivery of its job is still pending
-            if self.r.set(f"sonic:wh:claim:{d.id}", 1, nx=True, ex=120):
-                out.append(d)
-            if len(out) >= limit:
-                break
-        return out
+            token = uuid.uuid4().hex
+            if self.r.set(self._keys(d)[3], token, nx=True, ex=CLAIM_S):
+                self._tokens[d.id] = token
+                return [d]
+        return []
 
     def done(self, delivery: Delivery) -> None:
-        p = self.r.pipeline()
-        p.delete(f"sonic:wh:{delivery.id}", f"sonic:wh:claim:{delivery.id}")
-        p.zrem("sonic:wh:due", delivery.id)
-        p.zrem(f"sonic:wh:q:{delivery.job_id}", delivery.id)
-        p.execute()
+        key, due, queue, claim = self._keys(delivery)
+        token = self._tokens.pop(delivery.id, "")
+        self._done(keys=[key, due, queue, claim], args=[delivery.id, token, "sonic:wh:"])
 
     def retry(self, delivery: Delivery) -> None:
-        self.add(delivery)
-        self.r.delete(f"sonic:wh:claim:{delivery.id}")
+        key, due, _, claim = self._keys(delivery)
+        token = self._tokens.pop(delivery.id, "")
+        self._retry(keys=[key, due, claim], args=[json.dumps(asdict(delivery)), delivery.id, delivery.next_at, token])
 
     def next_seq(self) -> int:
         return int(self.r.incr("sonic:wh:seq"))
@@ -263,9 +315,14 @@ def signature(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
 class Webhooks:
     """Turns job events into deliveries (any process) and sends what is due (API processes)."""
 
-    def __init__(self, outbox: Outbox, secret: str, retry_s: float, allow_private: bool, outputs: Any) -> None:
+    def __init__(
+        self, outbox: Outbox, secret: Callable[[], str], retry_s: float, allow_private: bool, outputs: Any
+    ) -> None:
+        """`secret`: asked for at the first signature (made once if unset: a store away at start-up
+        does not stop the service from starting)."""
         self.outbox, self.retry_s, self.allow_private, self.outputs = outbox, retry_s, allow_private, outputs
-        self.key = signing_key(secret)
+        self._secret = secret
+        self._key: bytes | None = None
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
@@ -300,7 +357,13 @@ class Webhooks:
         """The sender thread (once): at the first delivery this process makes, or at start-up
         when deliveries are left from before (`only_if_pending`)."""
         with self._seq_lock:
-            if self._sending or (only_if_pending and not self.outbox.due(float("inf"), 1)):
+            if self._sending:
+                return
+            try:
+                if only_if_pending and not self.outbox.pending():
+                    return
+            except Exception:  # noqa: BLE001 - the store away at start-up: the first delivery starts it
+                log.warning("webhooks: the outbox cannot be read now")
                 return
             self._sending = True
         threading.Thread(target=self._run, name="sonic-webhooks", daemon=True).start()
@@ -318,6 +381,12 @@ class Webhooks:
     def send_due(self, now: float | None = None) -> None:
         for delivery in self.outbox.due(time.time() if now is None else now, 20):
             self._attempt(delivery)
+
+    @property
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = signing_key(self._secret())
+        return self._key
 
     def _attempt(self, d: Delivery) -> None:
         timestamp = int(time.time())
@@ -381,5 +450,8 @@ def make_webhooks(settings: Any, outputs: Any) -> Webhooks:
 
     outbox = open_outbox(srv.redis_url, jobs_db_path(settings))
     conn = outbox.r if isinstance(outbox, RedisOutbox) else None
-    secret = installation_secret(settings.webhooks.secret, srv.data_dir, conn)
+
+    def secret() -> str:
+        return installation_secret(settings.webhooks.secret, srv.data_dir, conn)
+
     return Webhooks(outbox, secret, settings.webhooks.retry_s, settings.outbound.allow_private, outputs)

@@ -72,6 +72,7 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"defaults": [1]}, {}, "defaults must be a mapping"),
     ({}, {"SONIC_DEVICE": "gpu"}, "device must be one of auto, cpu, cuda"),
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
+    ({}, {"SONIC_WEBHOOK_SECRET": "whsec_not*base64"}, "must be base64"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
     with pytest.raises(SettingsError, match=needle):
