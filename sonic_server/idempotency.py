@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from flask import Response, request
+from flask import Response, g, request
 
 from sonic.errors import InvalidParameter, SonicError
 
@@ -33,6 +33,9 @@ from .openapi import header
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
 WAIT_S = 60.0  # a racing twin waits this long for the first request's answer
+# a key whose request is still running is held this long at most: a request cut off (its process
+# killed) frees its key then, instead of holding it "still running" for the key's whole life
+PENDING_S = 600.0
 POLL_S = 0.1
 KEPT_HEADERS = ("Content-Type", "Location", "X-Fusion-Timings")
 PARAMETER = header(
@@ -52,7 +55,7 @@ class IdempotencyStore(Protocol):
         """Take the key for this request (None), or the entry another request holds:
         {"fingerprint", "answer": None while that request runs, else its kept answer}."""
 
-    def complete(self, key: str, answer: dict) -> None: ...
+    def complete(self, key: str, answer: dict, ttl_s: float) -> None: ...
 
     def release(self, key: str) -> None: ...
 
@@ -71,11 +74,13 @@ class MemoryKeys:
             self._entries[key] = ({"fingerprint": fingerprint, "answer": None}, now + ttl_s)
             return None
 
-    def complete(self, key: str, answer: dict) -> None:
+    def complete(self, key: str, answer: dict, ttl_s: float) -> None:
         with self._lock:
+            now = time.time()
+            for old in [k for k, (_, expires) in self._entries.items() if expires <= now]:
+                del self._entries[old]  # the expired go as new answers come
             if key in self._entries:
-                entry, expires = self._entries[key]
-                self._entries[key] = ({**entry, "answer": answer}, expires)
+                self._entries[key] = ({**self._entries[key][0], "answer": answer}, now + ttl_s)
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -109,9 +114,12 @@ class SqliteKeys:
             return {"fingerprint": fingerprint, "answer": None, "gone": True}
         return {"fingerprint": row[0], "answer": json.loads(row[1]) if row[1] else None}
 
-    def complete(self, key: str, answer: dict) -> None:
+    def complete(self, key: str, answer: dict, ttl_s: float) -> None:
         with self._lock:
-            self._db.execute("UPDATE idempotency SET answer = ? WHERE key = ?", (json.dumps(answer), key))
+            self._db.execute(
+                "UPDATE idempotency SET answer = ?, expires = ? WHERE key = ?",
+                (json.dumps(answer), time.time() + ttl_s, key),
+            )
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -136,11 +144,11 @@ class RedisKeys:
             return {"fingerprint": fingerprint, "answer": None, "gone": True}
         return json.loads(raw)
 
-    def complete(self, key: str, answer: dict) -> None:
+    def complete(self, key: str, answer: dict, ttl_s: float) -> None:
         name = self._name(key)
         raw = cast("bytes | None", self.r.get(name))
         if raw is not None:
-            self.r.set(name, json.dumps({**json.loads(raw), "answer": answer}), keepttl=True)
+            self.r.set(name, json.dumps({**json.loads(raw), "answer": answer}), ex=max(1, int(ttl_s)), xx=True)
 
     def release(self, key: str) -> None:
         self.r.delete(self._name(key))
@@ -224,7 +232,7 @@ def idempotent(
             mine = fingerprint(route)
             deadline = time.monotonic() + WAIT_S
             while True:
-                held = keys.reserve(key, mine, ttl_s())
+                held = keys.reserve(key, mine, min(PENDING_S, ttl_s()))
                 if held is None:
                     break  # ours: run the view
                 if held["fingerprint"] != mine:
@@ -236,20 +244,34 @@ def idempotent(
                 if time.monotonic() > deadline:
                     raise KeyConflict(f"the first request with this {HEADER} is still running; retry shortly")
                 time.sleep(POLL_S)  # its twin runs: wait for its answer (or for the key to be freed)
+            g.idempotency = (keys, key, ttl_s())
             try:
                 resp = view(*args, **kwargs)
             except BaseException:
-                keys.release(key)
+                if not g.get("idempotency_kept"):
+                    keys.release(key)
                 raise
+            if _retryable(resp.status_code) and g.get("idempotency_kept"):
+                return resp  # the job exists: a retry gets its provisional answer, not a second job
             if _retryable(resp.status_code) or resp.is_streamed:
                 keys.release(key)
             else:
-                keys.complete(key, _keep(resp))
+                keys.complete(key, _keep(resp), ttl_s())
             return resp
 
         return run
 
     return wrap
+
+
+def keep_provisional(resp: Response) -> None:
+    """What a retry gets if this request goes wrong after its job was made (a 202 naming the
+    job): called by the view once the job is queued. Without a key, nothing."""
+    held = g.get("idempotency")
+    if held is not None:
+        keys, key, ttl = held
+        keys.complete(key, _keep(resp), ttl)
+        g.idempotency_kept = True
 
 
 def once(route: str) -> Callable:

@@ -141,3 +141,16 @@ def test_an_idempotency_key_makes_one_job_whatever_the_retries(make_client):
     r = post(client, FAST, headers={"Idempotency-Key": "x" * 300, **auth(KEY_A)})
     assert_clean_error(r, 400, "invalid_parameter")
     assert r.get_json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_a_request_that_fails_after_its_job_was_made_is_not_made_twice(make_client):
+    """A sync request whose job fails (a 500): the retry with its key names that job (202), no second one."""
+    from sonic import PipelineError
+    client, _ = make_client(FakePipeline(error=PipelineError("the render broke")))
+    key = {"Idempotency-Key": "after-the-job"}
+    first = post(client, {**FAST, "seed": 61}, headers=key)
+    assert first.status_code == 500
+    again = post(client, {**FAST, "seed": 61}, headers=key)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    jobs = listing(client, None)["jobs"]
+    assert [j["job_id"] for j in jobs] == [again.get_json()["job_id"]] and jobs[0]["status"] == "failed"

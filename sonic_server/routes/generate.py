@@ -363,6 +363,7 @@ def generate():
         svc.uploads.remove(rec.id)
         raise
 
+    idempotency.keep_provisional(_accepted(rec))  # from here a retry gets this job, whatever happens next
     if not want_async:
         rec = _wait_for(queue, rec.id, svc.sync_wait_s)
         if rec.status == SUCCEEDED:
@@ -370,6 +371,11 @@ def generate():
         if rec.terminal:
             err = ending_error(rec)
             return error_response(err["code"], err["message"], err.get("field"))
+    return _accepted(rec)
+
+
+def _accepted(rec: JobRecord) -> Response:
+    """202 with the job's document: where to follow it."""
     body = job_document(rec, _urls(rec.id))
     resp = jsonify(body)
     resp.status_code = 202
