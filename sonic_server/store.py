@@ -61,7 +61,10 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN record TEXT")
         if "owner" not in columns:  # older still: the owner column is filled from the records
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
-            self._db.execute("UPDATE jobs SET owner = json_extract(record, '$.owner') WHERE record IS NOT NULL")
+        # at every start (an interrupted upgrade, rows an older release wrote after a rollback)
+        self._db.execute(
+            "UPDATE jobs SET owner = json_extract(record, '$.owner') WHERE owner IS NULL AND record IS NOT NULL"
+        )
         self._db.execute(OWNER_INDEX)
         self._lock = threading.Lock()
 

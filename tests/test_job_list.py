@@ -61,8 +61,12 @@ def test_each_key_lists_its_own_jobs_newest_first_a_page_at_a_time(make_client):
     assert [j["job_id"] for j in listing(client, KEY_A, created_before=iso)["jobs"]] == made[:2][::-1]
     assert all(c["status"] == "succeeded" for c in created)
     # bad queries are named
+    import base64
+    hostile = [base64.urlsafe_b64encode(text.encode()).decode() for text in
+               ("[1" + "0" * 400 + ', "' + made[0] + '"]', '[NaN, "' + made[0] + '"]', "[" * 3000)]
     for params, field in (({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"status": "done"}, "status"),
-                          ({"cursor": "not-a-cursor"}, "cursor"), ({"created_after": "yesterday"}, "created_after")):
+                          ({"cursor": "not-a-cursor"}, "cursor"), ({"created_after": "yesterday"}, "created_after"),
+                          *(({"cursor": c}, "cursor") for c in hostile), ({"created_before": "nan"}, "created_before")):
         r = client.get("/api/sonic/jobs", query_string=params, headers=auth(KEY_A))
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == field

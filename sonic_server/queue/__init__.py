@@ -61,9 +61,10 @@ class JobQueue(ABC):
         """One page of the jobs the query admits, newest first (sonic_server/jobs.py: JobQuery)."""
 
     @abstractmethod
-    def delete(self, job_id: str) -> bool:
-        """Forget an ended job: its record and whatever finds it (the cache's entry, indexes);
-        False if there was none. Its files are the caller's to remove (the route)."""
+    def delete(self, job_id: str, remove_files: Callable[[], None] = lambda: None) -> bool:
+        """Forget an ended job: `remove_files` (its video, its uploads), then its record and
+        whatever finds it (the cache's entry, indexes), all under the result cache's lock (a hit
+        being refreshed meanwhile cannot bring the record back); False if there was none."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> JobRecord | None:

@@ -126,12 +126,15 @@ class LocalQueue(JobQueue):
             page.setdefault(rec.id, rec)
         return newest_first([rec for rec in page.values() if query.admits(rec)])[: query.limit]
 
-    def delete(self, job_id: str) -> bool:
+    def delete(self, job_id: str, remove_files: Callable[[], None] = lambda: None) -> bool:
         with self._changed:
             if job_id in self._live:
                 return False  # not ended: cancel it first
-            held = self._unsaved.pop(job_id, None) is not None
-        return self.store.delete(job_id) or held
+        with self.cache.lock:
+            remove_files()
+            with self._changed:
+                held = self._unsaved.pop(job_id, None) is not None
+            return self.store.delete(job_id) or held
 
     def cancel(self, job_id: str) -> JobRecord | None:
         with self._changed:

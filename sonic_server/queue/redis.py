@@ -344,11 +344,13 @@ class RedisQueue(JobQueue):
     def list(self, query: JobQuery) -> list[JobRecord]:
         return self.store.list(query)
 
-    def delete(self, job_id: str) -> bool:
+    def delete(self, job_id: str, remove_files: Callable[[], None] = lambda: None) -> bool:
         rec = self.store.load(job_id)
         if rec is not None and not rec.terminal:
             return False  # not ended: cancel it first
-        return self.store.delete(job_id)
+        with self.cache.lock:
+            remove_files()
+            return self.store.delete(job_id)
 
     def cancel(self, job_id: str) -> JobRecord | None:
         rec = self.get(job_id)

@@ -459,19 +459,24 @@ def _cursor(rec: JobRecord) -> str:
     return base64.urlsafe_b64encode(json.dumps([rec.created, rec.id]).encode()).decode().rstrip("=")
 
 
+MAX_CURSOR_CHARS = 200
+
+
 def _position(cursor: str | None) -> tuple[float, str] | None:
     """A cursor back into (created, id); anything else is a 400."""
     if not cursor:
         return None
+    refused = InvalidParameter("cursor is not one this server gave (pass next_cursor as is)", field="cursor")
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise refused
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(created, (int, float)) or not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-            raise ValueError
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidParameter(
-            "cursor is not one this server gave (use next_cursor as it came)", field="cursor"
-        ) from None
-    return float(created), job_id
+        created = float(created)
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error):
+        raise refused from None
+    if not math.isfinite(created) or not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise refused
+    return created, job_id
 
 
 @bp.delete("/api/sonic/jobs/<job_id>")
@@ -493,10 +498,13 @@ def job_delete(job_id):
             return error_response(
                 "busy", "the job is still stopping; retry the delete shortly", headers={"Retry-After": "2"}
             )
-    if rec.result and rec.result.get("file"):
-        svc.outputs.remove(rec.result["file"])  # first: a cache lookup meanwhile finds no video, no hit
-    svc.uploads.remove(job_id)
-    svc.queue.delete(job_id)
+
+    def remove_files() -> None:
+        if rec.result and rec.result.get("file"):
+            svc.outputs.remove(rec.result["file"])  # first: a cache lookup after it finds no video
+        svc.uploads.remove(job_id)
+
+    svc.queue.delete(job_id, remove_files)
     log.info("job %s deleted", job_id)
     return Response(status=204)
 
