@@ -228,3 +228,30 @@ def test_a_completed_delivery_survives_a_restart_of_the_server(tmp_path):
         proc.terminate()
         proc.wait(10)
         rx.close()
+
+
+def test_a_job_cut_off_by_a_restart_is_told_completed(tmp_path):
+    """A job left processing by a killed process is marked failed (interrupted) at the next start,
+    and its webhook hears of it."""
+    from sonic_server import create_app
+    from sonic_server.jobs import PROCESSING, JobRecord
+    from sonic_server.store import JobStore
+
+    rx = Receiver(free_port())
+    try:
+        cfg = settings(tmp_path)
+        cfg["webhooks"] = {"secret": SECRET}
+        cfg["outbound"] = {"allow_private": True}
+        rec = JobRecord.new("generate", {"seed": 1})
+        rec.status, rec.stage = PROCESSING, "render"
+        rec.webhook = {"url": rx.url, "events": ["completed"], "root": "http://localhost/"}
+        JobStore(tmp_path / "data" / "jobs.sqlite3").save(rec)
+        app = create_app(cfg, pipeline=FakePipeline())
+        try:
+            body = verified(rx.wait(1, timeout=10)[0])
+            assert body["job_id"] == rec.id and body["status"] == "failed" and body["error"]["code"] == "interrupted"
+        finally:
+            app.extensions["sonic"].queue.close()
+            app.extensions["sonic"].webhooks.stop()
+    finally:
+        rx.close()

@@ -76,7 +76,10 @@ class LocalQueue(JobQueue):
         self.tasks = tasks if tasks is not None else TASKS
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
-        recover(self.store, uploads, self.output_dir)
+        for job_id in recover(self.store, uploads, self.output_dir):
+            rec = self.store.load(job_id)  # ended by the restart: its end-of-job step runs now (its webhook)
+            if rec is not None:
+                self.ending.after_publish(rec)
         self._live: dict[str, JobRecord] = {}  # queued and running records
         self._inputs: dict[str, object] = {}  # decoded inputs of the next job, until it starts
         self._unsaved: dict[str, JobRecord] = {}  # finished records the store refused, until it takes them

@@ -378,14 +378,15 @@ function finish(body) {
 }
 
 // ---- your recent videos, as the server lists them (GET /api/sonic/jobs: this key's own) ----------
+let jobsAsked = 0;  // only the latest answer is shown (the key may change while one is on its way)
 async function refreshJobs() {
+  const asked = ++jobsAsked;
   let body = null;
   try {
     const resp = await fetch("/api/sonic/jobs?limit=10", { headers: authHeaders() });
-    if (!resp.ok) return;  // e.g. a key is needed: the list stays as it is
-    body = await jsonOf(resp);
-  } catch (e) { return; /* offline */ }
-  renderJobs(body && Array.isArray(body.jobs) ? body.jobs : []);
+    if (resp.ok) body = await jsonOf(resp);  // else (a key is needed): no list, not the last key's
+  } catch (e) { return; /* offline: the list stays as it is */ }
+  if (asked === jobsAsked) renderJobs(body && Array.isArray(body.jobs) ? body.jobs : []);
 }
 
 function renderJobs(jobs) {
