@@ -51,6 +51,7 @@ from . import JobQueue, QueueFull, WorkerStopped, follow
 log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
 QUEUE_NAME = "sonic"
+LIST_SCAN = 5000  # records one listing page may look at (a filter that matches few jobs)
 
 
 def connect(url: str) -> redis_lib.Redis:
@@ -193,20 +194,27 @@ class RedisStore:
         return rec is not None
 
     def list(self, query: JobQuery) -> list[JobRecord]:
-        """A page from the creation-time index (the owner's, or everyone's), newest first."""
+        """A page from the creation-time index (the owner's, or everyone's), newest first. Read in
+        batches by score, not by offset (jobs made or pruned meanwhile shift no batch), each job
+        once, at most LIST_SCAN records looked at for one page."""
         key = PREFIX + ("created" if query.owner is None else f"owner:{query.owner}")
-        top = "+inf" if query.after is None else query.after[0]
+        top: float | str = "+inf" if query.after is None else query.after[0]
         if query.created_to is not None:
-            top = min(top, query.created_to) if query.after is not None else query.created_to
+            top = min(float(top), query.created_to)
         bottom = "-inf" if query.created_from is None else query.created_from
         page: list[JobRecord] = []
-        start, batch = 0, max(50, 4 * query.limit)
-        while len(page) < query.limit:
-            ids = cast("list[bytes]", self.r.zrevrangebyscore(key, top, bottom, start=start, num=batch))
-            if not ids:
+        seen: set[str] = set()
+        batch = max(50, 4 * query.limit)
+        while len(page) < query.limit and len(seen) < LIST_SCAN:
+            found = cast(
+                "list[tuple[bytes, float]]", self.r.zrevrangebyscore(key, top, bottom, 0, batch, withscores=True)
+            )
+            fresh = [(i.decode(), score) for i, score in found if i.decode() not in seen]
+            if not fresh:
                 break
-            start += len(ids)
-            for raw in self.r.mget([PREFIX + f"job:{i.decode()}" for i in ids]):
+            seen.update(i for i, _ in fresh)
+            top = min(score for _, score in fresh)  # the next batch starts at the lowest score seen (inclusive)
+            for raw in self.r.mget([PREFIX + f"job:{i}" for i, _ in fresh]):
                 if raw is None:
                     continue  # pruned meanwhile
                 rec = JobRecord.from_dict(json.loads(raw))
@@ -214,6 +222,21 @@ class RedisStore:
                 if query.admits(rec):
                     page.append(rec)
         return newest_first(page)[: query.limit]
+
+    def index_for_listing(self) -> None:
+        """Records written before the listing's indexes existed are indexed once (at start-up)."""
+        if self.r.exists(PREFIX + "created"):
+            return
+        for name in self.r.scan_iter(match=PREFIX + "job:*", count=500):
+            raw = self.r.get(name)
+            if raw is None:
+                continue
+            rec = JobRecord.from_dict(json.loads(raw))
+            p = self.r.pipeline()
+            p.zadd(PREFIX + "created", {rec.id: rec.created})
+            if rec.owner is not None:
+                p.zadd(PREFIX + f"owner:{rec.owner}", {rec.id: rec.created})
+            p.execute()
 
 
 def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipeline=None) -> None:
@@ -305,6 +328,7 @@ class RedisQueue(JobQueue):
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
         self.rq = rq_queue(self.r)
+        self.store.index_for_listing()
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
