@@ -17,7 +17,6 @@ import base64
 import functools
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from flask import Response, g, request
 from sonic.errors import InvalidParameter, SonicError
 
 from .openapi import header
+from .store import open_database
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
@@ -91,8 +91,7 @@ class SqliteKeys:
     """A table of its own in the job database (its own connection: WAL lets both write)."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db = open_database(path, timeout_s=10)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
             "answer TEXT, expires REAL NOT NULL)"

@@ -49,12 +49,20 @@ def open_store(path: str | Path) -> "JobStore | MemoryStore":
     return JobStore(path) if str(path) else MemoryStore()
 
 
+def open_database(path: str | Path, timeout_s: float = 5.0) -> sqlite3.Connection:
+    """A connection to the job database (its folder made), in autocommit and WAL mode, usable from
+    any thread (its owner guards it with a lock). The job store and the tables kept beside the
+    jobs (idempotency.py, webhooks.py) each open their own: WAL lets them write side by side."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=timeout_s)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
 class JobStore:
     def __init__(self, path: str | Path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_database(path)
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "record" not in columns:  # a database from an older release

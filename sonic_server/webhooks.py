@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from sonic.errors import InvalidParameter
 from . import metrics, outbound
 from .jobs import JobRecord
 from .public import JobUrls, job_document
+from .store import open_database
 
 log = logging.getLogger("sonic.webhooks")
 EVENTS = ("start", "progress", "completed")
@@ -142,8 +142,7 @@ class SqliteOutbox:
     """A table of its own in the job database: pending deliveries survive a restart."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db = open_database(path, timeout_s=10)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS webhook_outbox (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, seq INTEGER NOT "
             "NULL, url TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL, "
