@@ -51,26 +51,24 @@ def path_parameter(name: str, pattern: re.Pattern, description: str) -> None:
     _PATH_SCHEMAS[name] = {"type": "string", "pattern": f"^{pattern.pattern}$", "description": description}
 
 
-def header(name: str, description: str, schema: dict | None = None) -> dict:
-    """An optional request header, as an OpenAPI parameter."""
+def _optional(where: str, name: str, description: str, schema: dict | None) -> dict:
     return {
         "name": name,
-        "in": "header",
+        "in": where,
         "required": False,
         "description": description,
         "schema": schema or {"type": "string"},
     }
+
+
+def header(name: str, description: str, schema: dict | None = None) -> dict:
+    """An optional request header, as an OpenAPI parameter."""
+    return _optional("header", name, description, schema)
 
 
 def query(name: str, description: str, schema: dict | None = None) -> dict:
     """An optional query parameter."""
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
+    return _optional("query", name, description, schema)
 
 
 def content(media_type: str, schema: dict) -> dict:
