@@ -214,10 +214,16 @@ def _is_json() -> bool:
 
 
 def _fields() -> dict:
-    """The request's fields beside the files: the multipart form's, or a JSON body's keys."""
-    if _is_json():
-        return json_object_body('send multipart/form-data, or a JSON object {"image_url", "audio_url", "config"}')
-    return request.form.to_dict()
+    """The request's fields beside the files: the multipart form's, or a JSON body's keys (read
+    once a request: the config, the webhook and the inputs all ask)."""
+    if "request_fields" not in g:
+        if _is_json():
+            g.request_fields = json_object_body(
+                'send multipart/form-data, or a JSON object {"image_url", "audio_url", "config"}'
+            )
+        else:
+            g.request_fields = request.form.to_dict()
+    return g.request_fields
 
 
 def _config() -> dict:
@@ -407,8 +413,7 @@ def job_list():
     more = len(page) > asked.limit
     page = page[: asked.limit]
     next_cursor = _cursor(page[-1]) if more else None
-    urls = {rec.id: _urls(rec.id) for rec in page}
-    return jsonify({"jobs": [job_document(rec, urls[rec.id]) for rec in page], "next_cursor": next_cursor})
+    return jsonify({"jobs": [job_document(rec, _urls(rec.id)) for rec in page], "next_cursor": next_cursor})
 
 
 def _list_query(owner: str | None) -> JobQuery:
