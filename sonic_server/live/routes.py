@@ -155,7 +155,7 @@ def _image() -> tuple[bytes, np.ndarray]:
         400: error("bad or missing field (config, offer: bad SDP or no video receiver)"),
         402: error("credits enabled: not enough credits for the least a session holds (3 s)"),
         413: error("image too large"),
-        415: error("not decodable image"),
+        415: error("not a decodable image"),
         422: error("no face"),
         503: error("live.max_sessions reached (on every worker, distributed), Retry-After; or live unavailable"),
     },
