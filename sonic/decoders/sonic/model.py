@@ -97,6 +97,8 @@ class SonicModel:
         self.clip_size = int(self.clip.config.image_size)
         self.clip_mean, self.clip_std = self._clip_normalisation(layout)
         self.vae = _pretrained(AutoencoderKLTemporalDecoder, layout.vae, torch_dtype=self.dtype).to(self.device).eval()
+        if self.device.type == "cpu":  # the decoder only: the encoder runs once, on one frame
+            convolutions_channels_last(self.vae.decoder)
         try:
             self.scheduler_config = EulerDiscreteScheduler.load_config(str(layout.scheduler), local_files_only=True)
         except Exception as e:  # noqa: BLE001
@@ -279,6 +281,16 @@ class SonicModel:
             prev = frames[-1:]
         if prev is not None:
             yield (prev * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def convolutions_channels_last(module: torch.nn.Module) -> None:
+    """A module's 2-D convolution weights in channels-last order, the layout oneDNN's CPU kernels
+    are fastest in (the tiny model's VAE decodes 8 frames of 1024x512 in 16 s instead of 23 s on
+    2 cores, frames within 1 level: the sums' order differs); 3-D convolutions have no such
+    layout and stay as they are."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
 
 
 def generated_count(n_out: int, fps: float) -> int:
