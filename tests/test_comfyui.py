@@ -111,8 +111,10 @@ def test_the_node_returns_the_video_its_frames_and_the_audio(node, server):
     assert short.shape[0] == 30 and short_audio["waveform"].shape[-1] == round(1.2 * rate)
 
 
-def test_the_services_refusal_is_the_nodes_error(node, server):
+def test_the_services_refusal_is_the_nodes_error(node, server, monkeypatch):
     pkg = sys.modules["sonic_comfyui"]
+    # an unreachable service is tried SUBMIT_TRIES times; the waits between are not what is tested here
+    monkeypatch.setattr(sys.modules[node.__module__], "RETRY_WAITS_S", (0.1,))
     gray = torch.full((1, 300, 300, 3), 0.5)
     with pytest.raises(pkg.node.SonicServiceError, match=r"no face.*\[no_face_detected\]"):
         run(node, image=gray, audio=comfy_audio(), server_url=server, min_resolution=256)
