@@ -1,8 +1,8 @@
 import os
 from pathlib import Path
 
-# Each pytest-xdist worker (pytest.ini: three, on two cores) does its math on one thread: two
-# workers of two threads each fought over the two cores, and the diffusion tests took 88 s that
+# Each pytest-xdist worker (pytest.ini: two, one per core) does its math on one thread: two
+# workers of two threads each fight over the two cores, and the diffusion tests took 88 s that
 # way against 69 s single-threaded (measured together, on this machine). Set before numpy and
 # torch load; the servers and workers the tests start inherit it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -18,33 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 PORTRAIT = EXAMPLES / "portrait.jpg"
 SPEECH = EXAMPLES / "speech.flac"
-
-# The files that take longest in the suite (about 60 s down to 10 s each on the project's 2-core
-# machine), longest first: pytest-xdist hands out whole files in collection order (pytest.ini
-# turns off its own reordering by test count), so these start at once and the short files fill
-# the gaps at the end instead of one long file running alone while the other workers idle.
-LONGEST_FIRST = (
-    "test_redis.py",
-    "test_schemathesis.py",
-    "test_diffusion_parity.py",
-    "test_diffusion.py",
-    "test_pipecat.py",
-    "test_live_http.py",
-    "test_webhooks.py",
-    "test_browser.py",
-    "test_live_workers.py",
-    "test_comfyui.py",
-    "test_alive.py",
-    "test_credits.py",
-    "test_live_engine.py",
-    "test_end_to_end.py",
-    "test_render_pool.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def read_frames(path) -> np.ndarray:
