@@ -67,6 +67,23 @@ def test_inference_steps_is_the_number_of_sampler_steps(model):
         assert model.unet_calls - before == 2 * steps
 
 
+def test_the_half_precision_model_a_gpu_gets_runs_every_step(tiny):
+    """float16 is what SonicModel loads on CUDA by default; the same code in float16 on the CPU
+    (64 px, one step) hands every step the dtype it needs, so a first run on a GPU does not stop at
+    a dtype mismatch. (The reference is encoded in float16 too, as upstream Sonic does: its
+    pipeline turns diffusers' VAE upcasting off.)"""
+    from sonic.decoders.sonic.model import SonicModel
+    half = SonicModel(tiny, "cpu", dtype=torch.float16)
+    wav, _ = sf.read(SPEECH, dtype="float32")
+    gen = torch.Generator("cpu").manual_seed(0)
+    cond = half.condition(np.full((64, 64, 3), 128, np.uint8), (16, 16, 48, 48), wav[:16000], 3, 1.0, gen)
+    assert cond.tokens.dtype == cond.ref_latents.dtype == cond.image_latents.dtype == torch.float16
+    latents = half.denoise(cond, 3, 1, 1.0, gen)
+    assert latents.dtype == torch.float16 and bool(torch.isfinite(latents).all())
+    frames = next(half.decode(latents))
+    assert frames.shape == (3, 64, 64, 3) and frames.dtype == np.uint8
+
+
 def test_seeded_runs_are_identical_and_seeds_differ(model):
     runs = []
     for seed in (5, 5, 0, 0, 6):
