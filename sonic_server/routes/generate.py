@@ -198,6 +198,16 @@ def _release(svc: Service, payer: Payer | None, job_id: str) -> None:
         svc.billing.release(job_id)
 
 
+def _not_ready(svc: Service) -> Response:
+    """503 while there is no queue yet: the model still loading, or its loading failed."""
+    starting = svc.status == "starting"
+    return error_response(
+        "not_ready",
+        "the service is starting" if starting else "the service failed to start",
+        headers={"Retry-After": "5" if starting else "60"},
+    )
+
+
 def _webhook(params: dict) -> dict | None:
     """The webhook the request asks for: form fields, else config keys; checked (its address too)."""
     fields = _fields()
@@ -306,12 +316,7 @@ def generate():
     svc = service()
     queue = svc.queue
     if queue is None:
-        starting = svc.status == "starting"
-        return error_response(
-            "not_ready",
-            "the service is starting" if starting else "the service failed to start",
-            headers={"Retry-After": "5" if starting else "60"},
-        )
+        return _not_ready(svc)
     opts, want_async, params = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     hook = _webhook(params)
@@ -406,7 +411,7 @@ def job_list():
     """With keys or accounts, a caller's own jobs (an admin's: everyone's); without, every job."""
     svc = service()
     if svc.queue is None:
-        return error_response("not_ready", "the service is starting", headers={"Retry-After": "5"})
+        return _not_ready(svc)
     who = caller()
     asked = _list_query(None if who.sees_all else who.owner)
     page = svc.queue.list(dataclasses.replace(asked, limit=asked.limit + 1))  # one more: is there a next page?
