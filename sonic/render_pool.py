@@ -49,6 +49,14 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 TMP_PREFIX = "sonic-render-"
 
+# glibc's defaults hand a frame's freed temporaries (a few MB each) back to the kernel, and the
+# next frame faults the same pages in again: 440 000 page faults and 1.7 CPU-seconds of system
+# time in the helpers of one 12 s request at 512 px. Keeping freed memory in the heap (no trim
+# below 1 GB; blocks up to 32 MB, glibc's largest threshold, from the heap rather than their own
+# mapping) cuts that to 128 000 and 0.9 s at the same peak memory; a helper still returns its
+# free pages when a request is over (give_back_memory).
+HELPER_MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
 
 def scratch_root() -> str | None:
     """Where requests' frame files go: /dev/shm (memory) when it is writable, else the temp folder (None)."""
@@ -82,6 +90,8 @@ class HelperProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         # one thread each: the helpers are the parallelism (spinning BLAS threads cost a third of a core)
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        for name, value in HELPER_MALLOC_SETTINGS.items():
+            env.setdefault(name, value)  # an operator's own settings win
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, str(child.fileno())],
