@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
+from .options import MIN_AUDIO_S
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
 SILENCE_RMS = 10 ** (-55 / 20)  # full-scale RMS below which a whole clip counts as silent
@@ -265,8 +266,8 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:
         raise UnsupportedMedia(f"audio must be one mono channel, got an array of shape {wav.shape}", field="audio")
-    if wav.size < SAMPLE_RATE // 10:
-        raise EmptyAudio("audio is empty (less than 0.1 s decoded)", field="audio")
+    if wav.size < MIN_AUDIO_S * SAMPLE_RATE:
+        raise EmptyAudio(f"audio is empty (less than {MIN_AUDIO_S:g} s decoded)", field="audio")
     if not np.all(np.isfinite(wav)):
         wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
     if wav.size > max_duration_s * SAMPLE_RATE:

@@ -23,6 +23,7 @@ from .errors import InvalidParameter
 from .settings import Limits, Settings, as_settings, read_yaml
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+MIN_AUDIO_S = 0.1  # the shortest audio, and the shortest video, a request may ask for
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -112,7 +113,7 @@ class Param:
         if not (low_ok and high_ok):
             left = "[" if self.low_inclusive else "("
             lo_s, hi_s = (f"{b:g}" if b is not None else "inf" for b in (lo, hi))
-            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {value:g}", field=name)
+            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {value!r}", field=name)
         return value
 
 
@@ -121,8 +122,7 @@ class GenerateOptions:
     duration: float | None = param(
         None,
         "seconds of output; shorter than the audio trims it, longer pads silence",
-        low=0.0,
-        low_inclusive=False,
+        low=MIN_AUDIO_S,
         high_limit="max_duration_s",
         unit="s",
     )

@@ -170,6 +170,12 @@ def test_default_output_location(pipeline, tmp_path):
     assert (tmp_path / "videos").is_dir() and len(list((tmp_path / "videos").iterdir())) == 1
 
 
+def test_the_shortest_duration_makes_a_video(pipeline, tmp_path):
+    """0.1 s, the least `duration` accepts (below it the audio would have no samples): 2-3 frames."""
+    res = pipeline(PORTRAIT, SPEECH, pipeline.options({"min_resolution": 256, "duration": 0.1}), out_path=tmp_path / "s.mp4")
+    assert res.frames in (2, 3) and (tmp_path / "s.mp4").stat().st_size > 0
+
+
 def test_writer_failure_leaves_no_file(tmp_path):
     from sonic.writer import VideoWriter
     out = tmp_path / "w.mp4"
