@@ -103,7 +103,7 @@ class LiveSettings:
     warm_start: bool = True  # at start-up, make the face analyser and a helper ready (~0.1 GB, ~2 s of CPU)
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)
     idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports) and nothing queued: ended
-    max_speak_s: float = 600.0  # seconds of speech one speak request may queue
+    max_speak_s: float = 600.0  # seconds of speech a session may hold queued
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
     host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)
     public_host: str = ""  # behind a 1:1 NAT: the address clients reach this machine at, put in the answer

@@ -26,7 +26,7 @@ from live_client import LiveClient, Microphone  # noqa: E402
 from live_measure import MouthMeter, best_lag, envelope, received_loudness, unbuffered_audio_receiver  # noqa: E402
 
 CONFIG = {"min_resolution": 256, "seed": 5}
-LIVE = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 3.0}
+LIVE = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 3.0, "max_speak_s": 10.0}
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +181,21 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
             requests.post(url, timeout=10),
         ]
         state = await client.state()
+        # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
+        pcm = {"Content-Type": "audio/L16;rate=16000"}
+        too_long = requests.post(url, data=b"\1\0" * 16_000 * 11, headers=pcm, timeout=10)
+        after_too_long = await client.state()
+        # ... and what a session holds counts: 8 s queued leave room for 2 s, not for 3 s more
+        held = requests.post(url, data=b"\1\0" * 16_000 * 8, headers=pcm, timeout=10)
+        past_room = requests.post(url, files={"audio": open(SPEECH, "rb").read()}, timeout=10)
+        # a chunked body (no length known ahead) is cut where it passes the room
+        chunked = requests.post(url, data=iter([b"\1\0" * 8_000] * 8), headers=pcm, timeout=10)
+        full = await client.state()
         await client.close()
         after = requests.post(url, files={"audio": open(SPEECH, "rb").read()}, timeout=10)
-        return answers, state, after
+        return answers, state, (too_long, after_too_long, held, past_room, chunked, full), after
 
-    answers, state, after = asyncio.run(session())
+    answers, state, limits, after = asyncio.run(session())
     assert [(r.status_code, r.json()["error"]["field"]) for r in answers] == [
         (415, "audio"),
         (415, "audio"),
@@ -194,6 +204,12 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
     ]
     assert "rate=16000" in answers[1].json()["error"]["message"]
     assert state["queued_s"] == 0 and state["state"] == "idle"
+    too_long, after_too_long, held, past_room, chunked, full = limits
+    assert too_long.status_code == 400 and "live.max_speak_s (10 s)" in too_long.json()["error"]["message"]
+    assert after_too_long["queued_s"] == 0
+    assert held.status_code == 202 and 7 < held.json()["queued_s"] <= 8
+    assert past_room.status_code == 400 and "the session holds" in past_room.json()["error"]["message"]
+    assert chunked.status_code == 400 and full["queued_s"] <= 10
     assert after.status_code == 404  # the session ended: speaking to it is a 404
 
 

@@ -8,6 +8,7 @@ import io
 import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request, url_for
@@ -246,7 +247,7 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
             "queued",
             content("application/json", {"type": "object", "properties": {"queued_s": {"type": "number"}}}),
         ),
-        400: error("no audio, or PCM longer than live.max_speak_s"),
+        400: error("no audio, or more speech than the session may still queue (live.max_speak_s)"),
         404: error("no such session (ended or unknown; distributed: ended_reason says why it ended)"),
         503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
@@ -257,30 +258,55 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
 def speak(session_id: str):
     session = registry().get(session_id, caller().may_see)
     max_s = service().settings.live.max_speak_s
+    # what the session holds already counts: a refused request queues nothing, and many
+    # requests cannot pile up more than max_s of speech (memory) between them
+    room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)))
     kind = (request.mimetype or "").lower()
     if kind == PCM_TYPE:
-        queued = _speak_pcm(session, max_s)
+        queued = _speak_pcm(session, room)
     else:
-        queued = session.speak(_decoded_speech(max_s))
+        wav = _decoded_speech(max_s)
+        room.check(len(wav) / SAMPLE_RATE)
+        queued = session.speak(wav)
     return jsonify({"queued_s": round(queued, 3)}), 202
 
 
-def _speak_pcm(session: ServedSession | RemoteSession, max_s: float) -> float:
+@dataclass(frozen=True)
+class SpeechRoom:
+    """How much speech a session may still queue: live.max_speak_s less what it holds."""
+
+    max_s: float
+    queued_s: float
+
+    def check(self, seconds: float) -> None:
+        if seconds > self.max_s - self.queued_s:
+            held = f"the session holds {self.queued_s:.1f} s of speech, and " if self.queued_s else ""
+            raise InvalidParameter(
+                f"{held}{seconds:.1f} s more would pass live.max_speak_s ({self.max_s:g} s); "
+                "wait for it to be spoken, or interrupt",
+                field="audio",
+            )
+
+
+def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom) -> float:
     """A raw body of 16-bit little-endian mono PCM at 16 kHz, queued as it arrives (a text-to-
-    speech engine's output can be streamed straight in, chunked)."""
+    speech engine's output can be streamed straight in, chunked). A body whose length is known
+    is refused whole when it does not fit; a chunked one that runs past the room is cut there
+    (what came before it is spoken)."""
     rate = request.mimetype_params.get("rate")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
             f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}", field="audio"
         )
+    if request.content_length is not None:
+        room.check(request.content_length / 2 / SAMPLE_RATE)
     stream, total, carry, queued = request.stream, 0, b"", 0.0
     while True:
         chunk = stream.read(PCM_CHUNK_BYTES)
         if not chunk:
             break
         total += len(chunk)
-        if total > max_s * SAMPLE_RATE * 2:
-            raise InvalidParameter(f"the speech is longer than {max_s:g} s (live.max_speak_s)", field="audio")
+        room.check(total / 2 / SAMPLE_RATE)
         data = carry + chunk
         cut = len(data) - len(data) % 2
         carry = data[cut:]
