@@ -72,10 +72,18 @@ def load_image(
     except UnidentifiedImageError as e:
         raise UnsupportedMedia(_unsupported_image(data), field="image") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise UnsupportedMedia(f"image could not be decoded: {type(e).__name__}", field="image") from e
+        # Pillow's own words name the fault ("image file is truncated", "broken PNG file"); the
+        # bytes are in memory, so no path can be in them
+        reason = str(e)[:200] or type(e).__name__
+        raise UnsupportedMedia(f"image could not be decoded: {reason}", field="image") from e
     if min(rgb.shape[:2]) < 32:
         raise UnsupportedMedia(f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels", field="image")
     return rgb
+
+
+def _grey16_to_8(grey: np.ndarray) -> np.ndarray:
+    """A 16-bit greyscale image (Pillow's "I;16" or "I": 0..65535) as 8-bit (0..255)."""
+    return np.clip((grey.astype(np.float64) + 128) / 257, 0, 255).astype(np.uint8)
 
 
 def _unsupported_image(data: bytes) -> str:
@@ -121,6 +129,8 @@ def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
         if factor > 1:
             im = im.reduce(factor)
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's convert would clip it to white
+        im = Image.fromarray(_grey16_to_8(np.asarray(im)))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -26,8 +26,9 @@ def test_not_an_image(tmp_path):
 def test_truncated_image(tmp_path):
     p = tmp_path / "t.jpg"
     p.write_bytes(PORTRAIT.read_bytes()[:3000])
-    with pytest.raises(UnsupportedMedia):
+    with pytest.raises(UnsupportedMedia) as e:
         load_image(p, 10**7)
+    assert "truncated" in e.value.message  # the fault named, not "OSError"
 
 
 def test_unsupported_image_format(tmp_path):
@@ -58,6 +59,15 @@ def test_grayscale_alpha_and_exif(tmp_path):
     exif[0x0112] = 6                                   # rotate 90 degrees clockwise on display
     Image.open(PORTRAIT).save(r, exif=exif)
     assert load_image(r, 10**7).shape == (256, 300, 3)
+
+
+def test_a_16_bit_greyscale_png_keeps_its_tones(tmp_path):
+    """Pillow opens it as "I;16", whose convert("RGB") clips every tone above 255 to white."""
+    grey = np.asarray(Image.open(PORTRAIT).convert("L"))
+    p = tmp_path / "g16.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(p)
+    rgb = load_image(p, 10**7)
+    assert rgb.shape == (300, 256, 3) and np.abs(rgb[..., 1].astype(int) - grey).max() <= 1
 
 
 def test_audio_resampled_to_mono_16k(tmp_path):
