@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from sonic import SonicError
 
@@ -40,6 +40,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "job_not_found": 404,
     "session_not_found": 404,  # a live session that ended, or never existed
     "method_not_allowed": 405,
+    "upload_incomplete": 408,  # the body stopped before its end (server.socket_timeout_s without data)
     "canceled": 409,
     "rate_limited": 429,
     "busy": 503,
@@ -128,6 +129,14 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
                 f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB",
             )
         return error_response("input_too_large", f"upload is larger than {max_upload_mb:g} MB")
+
+    @app.errorhandler(ClientDisconnected)
+    def _stalled(e):
+        return error_response(
+            "upload_incomplete",
+            "the request body ended before its Content-Length, or stopped arriving "
+            "(server.socket_timeout_s without data)",
+        )
 
     @app.errorhandler(404)
     def _not_found(e):

@@ -9,8 +9,10 @@ waitress-serve --call sonic_server:create_app.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from http import HTTPStatus
 
 from werkzeug.serving import WSGIRequestHandler
 
@@ -21,6 +23,40 @@ from . import create_app
 from .settings import load_settings
 
 SERVER_NAME = "sonic"
+
+
+class JsonErrorsHandler(WSGIRequestHandler):
+    """werkzeug's request handler, but the errors it answers itself, before the app sees a
+    request (a request line or header over http.server's limits: 414, 431; a malformed request
+    line: 400), carry the API's JSON error body instead of http.server's HTML page."""
+
+    def version_string(self) -> str:
+        return SERVER_NAME  # no server or Python versions for a scanner to match
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        short = self.responses.get(code, ("error", ""))[0]
+        self.log_error("code %d, message %s", code, message or short)
+        self.send_response(code, short)
+        self.send_header("Connection", "close")
+        body = b""
+        if code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.RESET_CONTENT, HTTPStatus.NOT_MODIFIED):
+            error = {"code": "http_error", "message": (message or short)[:200]}
+            body = json.dumps({"success": False, "error": error, "request_id": None}).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+
+class _AnsweredStall(logging.Filter):
+    """After answering, werkzeug reads whatever the client left unsent; on a socket whose read
+    already timed out (a stalled upload, answered 408 `upload_incomplete`) that read fails, and
+    werkzeug would log a traceback for a request that was answered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cannot read from timed out object" not in record.getMessage()
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -37,6 +73,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("werkzeug").addFilter(_AnsweredStall())
     try:
         settings = load_settings(
             args.config,
@@ -55,12 +92,9 @@ def serve(args: argparse.Namespace) -> None:
     except SonicError as e:  # the accounts database cannot be opened, ...
         sys.exit(f"error: {e.message}")
 
-    class Handler(WSGIRequestHandler):
+    class Handler(JsonErrorsHandler):
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
         timeout = settings.server.socket_timeout_s
-
-        def version_string(self) -> str:
-            return SERVER_NAME  # no server or Python versions for a scanner to match
 
     try:
         app.run(

@@ -149,15 +149,30 @@ def test_slow_upload_is_dropped(server):
     t0 = time.time()
     assert requests.get(server["base"] + "/health", timeout=5).status_code == 200   # others still served
     sock.settimeout(10)
+    answer = b""
     try:
-        while sock.recv(4096):            # the server answers and/or closes the stalled request
-            pass
+        while chunk := sock.recv(4096):   # the server answers, then closes the stalled request
+            answer += chunk
     except (ConnectionResetError, socket.timeout):
         pass
     assert time.time() - t0 < 8
     sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "upload_incomplete", answer
     assert requests.get(server["base"] + "/health", timeout=5).status_code == 200
     assert uploads_empty(server["cfg"])
+    assert "Traceback" not in (server["tmp"] / "server.log").read_text()  # an answered stall is not an error
+
+
+def test_what_the_http_server_refuses_itself_is_a_json_error(server):
+    """A request line or headers past http.server's limits never reach the app: the answer is
+    still the API's error body, not an HTML page."""
+    for r, status in (
+        (requests.get(server["base"] + "/api/sonic/jobs/" + "a" * 70_000, timeout=10), 414),
+        (requests.get(server["base"] + "/health", headers={"X-Big": "b" * 70_000}, timeout=10), 431),
+    ):
+        assert r.status_code == status and r.headers["Content-Type"] == "application/json", r.text[:200]
+        assert r.json()["success"] is False and r.json()["error"]["code"] == "http_error"
 
 
 def test_killed_mid_job_then_restart(server):
