@@ -81,6 +81,7 @@ ERROR_SCHEMA = component(
                     "needed": {"type": "integer", "description": "insufficient_credits: the price"},
                     "balance": {"type": "integer", "description": "insufficient_credits: the balance"},
                     "ended_reason": {"type": "string", "description": "session_not_found: why the session ended"},
+                    "job_id": {"type": "string", "description": "a generation that failed: its job (the log names it)"},
                 },
             },
         },

@@ -98,6 +98,11 @@ def json_object_field(field: str, max_chars: int, what: str = "a JSON object") -
     """A multipart text field holding a JSON object (the generate and live `config`, the live
     `offer`), parsed by `parse_json`; None when it is absent or blank. Longer than `max_chars`,
     or not an object (`what` says what is expected): `InvalidParameter` naming the field."""
+    if field in request.files:  # curl -F config=@file.json: a file part, which form.get never sees
+        raise InvalidParameter(
+            f"{field} must be a text field, not a file (curl: -F '{field}=<file.json' sends a file's text)",
+            field=field,
+        )
     raw = request.form.get(field, "")
     if len(raw) > max_chars:
         raise InvalidParameter(f"{field} is longer than {max_chars} characters", field=field)

@@ -212,7 +212,7 @@ def fetch(
             if not 200 <= resp.status < 300:
                 raise FetchFailed(f"{field}: {target.host[:100]} answered HTTP {resp.status}", field=field)
             length = resp.getheader("Content-Length")
-            too_large = InputTooLarge(f"{field}: the file is larger than {max_bytes // 1_000_000} MB", field=field)
+            too_large = InputTooLarge(f"{field}: the file is larger than {max_bytes / 1024 / 1024:g} MB", field=field)
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise too_large
             chunks, size = [], 0

@@ -1,5 +1,6 @@
 """The HTTP contract through Flask's test client, with a fake pipeline where the model is not the
 point (what needs real sockets, processes or the model: tests/test_http_live.py)."""
+import io
 import json
 import logging
 import os
@@ -133,7 +134,7 @@ def test_openapi_document_is_built_from_the_routes(make_client):
     assert spec["components"]["schemas"]["Parameters"]["properties"]["fps"] == {
         "type": "integer", "description": fps_for_warp, "minimum": 10, "maximum": 60, "default": 25}
     duration = spec["components"]["schemas"]["Parameters"]["properties"]["duration"]
-    assert duration["minimum"] == 0 and duration["exclusiveMinimum"] is True
+    assert duration["minimum"] == 0.1 and "exclusiveMinimum" not in duration  # the shortest audio accepted
     for (path, method), codes in OPERATIONS.items():      # the guard's answers, and its optional key
         op = spec["paths"][path][method]
         guarded = path.startswith(("/api/", "/fusion"))
@@ -383,6 +384,11 @@ def test_errors(make_client, tmp_path):
     with open(PORTRAIT, "rb") as image, open(SPEECH, "rb") as audio:
         r = client.post("/api/sonic/generate", data={"image": image, "audio": audio, "config": "{bad"})
     assert_clean_error(r, 400, "invalid_parameter", "config")
+    with open(PORTRAIT, "rb") as image, open(SPEECH, "rb") as audio:  # curl -F config=@c.json: a file part
+        config_file = (io.BytesIO(b'{"bogus": 1}'), "c.json")
+        r = client.post("/api/sonic/generate", data={"image": image, "audio": audio, "config": config_file})
+    assert_clean_error(r, 400, "invalid_parameter", "config")  # not ignored, as if no config were sent
+    assert "text field" in r.get_json()["error"]["message"]
     assert_clean_error(post(client, {"fps": 500}), 400, "invalid_parameter", "fps")
     assert_clean_error(post(client, {"dynamic_scal": 1}), 400, "invalid_parameter", "dynamic_scal")
     assert_clean_error(post(client, {"async": "yes"}), 400, "invalid_parameter", "async")
@@ -453,6 +459,8 @@ def test_no_face_and_internal_errors(make_client, tmp_path):
     assert_clean_error(r, 500, "internal_error")
     assert cfg["output_dir"] not in r.text and "boom" not in r.text
     assert uploads_empty(cfg)
+    job = r.get_json()["error"]["job_id"]  # the message points to the log, which names the job
+    assert client.get(f"/api/sonic/jobs/{job}").get_json()["status"] == "failed"
 
 
 def test_hostile_inputs(make_client, tmp_path):

@@ -138,6 +138,10 @@ def _offer(video=True):
     return asyncio.run(make())
 
 
+def _without_fingerprint(offer: dict) -> dict:
+    return {**offer, "sdp": offer["sdp"].replace("a=fingerprint:", "a=xfingerprint:")}
+
+
 def test_bad_requests_are_named_4xx(server, tmp_path):
     base = server["base"]
     cases = [
@@ -146,6 +150,7 @@ def test_bad_requests_are_named_4xx(server, tmp_path):
         (_open(base, offer={"sdp": "hello", "type": "offer"}), 400, "invalid_parameter", "offer"),
         (_open(base, offer={"sdp": "v=0\r\nnonsense", "type": "offer"}), 400, "invalid_parameter", "offer"),
         (_open(base, offer=_offer(video=False)), 400, "invalid_parameter", "offer"),  # nothing to show the face on
+        (_open(base, offer=_without_fingerprint(_offer())), 400, "invalid_parameter", "offer"),  # no DTLS possible
         (_open(base, offer=_offer(), config={"dynamic_scale": 9}), 400, "invalid_parameter", "dynamic_scale"),
         (_open(base, offer=_offer(), config={"bogus": 1}), 400, "invalid_parameter", "bogus"),
     ]

@@ -140,7 +140,7 @@ class RemoteSessions:
             relay.reap_lost(self.records, self.settle, only=[session_id])
             rec = self.records.load(session_id)
         if rec is None or not may_see(rec.owner):
-            raise SessionNotFound(f"no live session {session_id}: it ended, or never existed")
+            raise SessionNotFound(f"no live session {session_id[:64]!r}: it ended, or never existed")
         if rec.ended is not None:
             raise SessionEnded(session_id, rec.ended)
         return RemoteSession(rec.id, rec.worker, self.r)

@@ -365,5 +365,5 @@ def end_session(session_id: str):
     live = registry()
     session = live.get(session_id, caller().may_see)
     if not live.end(session.id, "client_closed"):
-        return error_response("session_not_found", f"no live session {session_id}: it ended, or never existed")
+        return error_response("session_not_found", f"no live session {session_id[:64]!r}: it ended, or never existed")
     return Response(status=204)

@@ -11,6 +11,7 @@ the session is then forgotten (its id answers 404).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -111,6 +112,9 @@ def check_offer(offer: dict) -> None:
     sdp = offer["sdp"]
     if not sdp.startswith("v=0"):
         raise InvalidParameter("offer: the sdp is not a session description (it must start with v=0)", field="offer")
+    if not re.search(r"^a=fingerprint:\S+ [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE):
+        # without it the DTLS handshake can only fail, after the session has taken a slot
+        raise InvalidParameter("offer: the sdp has no DTLS fingerprint (a=fingerprint:...)", field="offer")
     videos = [m for m in sdp.split("\nm=")[1:] if m.startswith("video")]
     if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
         raise InvalidParameter(
@@ -285,7 +289,7 @@ class LiveSessions:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None or not may_see(session.owner):
-            raise SessionNotFound(f"no live session {session_id}: it ended, or never existed")
+            raise SessionNotFound(f"no live session {session_id[:64]!r}: it ended, or never existed")
         return session
 
     # --- the clock -------------------------------------------------------------------------

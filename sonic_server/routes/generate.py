@@ -381,7 +381,8 @@ def generate():
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
             err = ending_error(rec)
-            return error_response(err["code"], err["message"], err.get("field"))
+            # the job's id too: the server log names a failed job by it
+            return error_response(err["code"], err["message"], err.get("field"), extra={"job_id": rec.id})
     return _accepted(rec)
 
 
