@@ -119,3 +119,19 @@ class BoundedJSONProvider(DefaultJSONProvider):
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return parse_json(s, "body")
+
+
+def config_switches(params: dict, loaded_decoder: str | None) -> bool:
+    """The request switches a `config` may hold beside the generation parameters, checked the
+    same for generate and live: `async` (returned) is true or false, and `decoder`, when given,
+    names the one this server has loaded."""
+    want_async = params.get("async", False)
+    if not isinstance(want_async, bool):
+        raise InvalidParameter("async must be true or false", field="async")
+    decoder = params.get("decoder")
+    if decoder is not None and decoder != loaded_decoder:
+        raise InvalidParameter(
+            f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: {loaded_decoder}",
+            field="decoder",
+        )
+    return want_async

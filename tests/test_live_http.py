@@ -153,6 +153,8 @@ def test_bad_requests_are_named_4xx(server, tmp_path):
         (_open(base, offer=_without_fingerprint(_offer())), 400, "invalid_parameter", "offer"),  # no DTLS possible
         (_open(base, offer=_offer(), config={"dynamic_scale": 9}), 400, "invalid_parameter", "dynamic_scale"),
         (_open(base, offer=_offer(), config={"bogus": 1}), 400, "invalid_parameter", "bogus"),
+        (_open(base, offer=_offer(), config={"async": "x"}), 400, "invalid_parameter", "async"),  # as generate
+        (_open(base, offer=_offer(), config={"decoder": 5}), 400, "invalid_parameter", "decoder"),
     ]
     blank = tmp_path / "blank.png"
     from PIL import Image

@@ -21,7 +21,7 @@ from sonic.media import SAMPLE_RATE, load_audio
 from ..access import caller
 from ..accounts.billing import LiveHold
 from ..errors import error_response
-from ..json_input import MAX_CONFIG_CHARS, json_object_field
+from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .remote import RemoteSession, RemoteSessions
@@ -126,6 +126,7 @@ class LiveUnavailable(SonicError):
 def _options(svc: Service) -> tuple[dict, GenerateOptions]:
     """The config as sent (what a worker is sent) and checked."""
     params = json_object_field("config", MAX_CONFIG_CHARS) or {}
+    config_switches(params, svc.loaded_decoder())  # generate's config is taken as it is: async is moot here
     return params, GenerateOptions.from_dict(params, svc.settings, ignore=("async", "decoder"))
 
 

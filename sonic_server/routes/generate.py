@@ -23,7 +23,7 @@ from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
-from ..json_input import MAX_CONFIG_CHARS, json_object_body, json_object_field
+from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
 from ..queue import QueueFull, WorkerStopped
@@ -250,15 +250,7 @@ def _config() -> dict:
 
 def _parse_config() -> tuple[GenerateOptions, bool, dict]:
     params = _config()
-    want_async = params.get("async", False)
-    if not isinstance(want_async, bool):
-        raise InvalidParameter("async must be true or false", field="async")
-    decoder = params.get("decoder")
-    if decoder is not None and decoder != service().loaded_decoder():
-        raise InvalidParameter(
-            f"decoder {str(decoder)[:40]!r} is not loaded by this server; loaded: {service().loaded_decoder()}",
-            field="decoder",
-        )
+    want_async = config_switches(params, service().loaded_decoder())
     g.log_params = params
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async, params
 
