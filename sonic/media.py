@@ -27,10 +27,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
-from .options import MIN_AUDIO_S
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
-SILENCE_RMS = 10 ** (-55 / 20)  # full-scale RMS below which a whole clip counts as silent
+SILENCE_DBFS = -55.0  # a whole clip whose RMS is below this (dB full scale) counts as silent
+SILENCE_RMS = 10 ** (SILENCE_DBFS / 20)
+MIN_AUDIO_S = 0.1  # the shortest audio a request may send
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Larger photos are decoded reduced to this: the output frame is at most 1024 px on its short
 # side, and a face in a 16 MP photo still has more pixels than the crop shows.
@@ -64,7 +65,10 @@ def load_image(
             with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise InputTooLarge(f"image has {w}x{h} pixels, more than the limit of {max_pixels}", field="image")
+                    raise InputTooLarge(
+                        f"image has {w}x{h} pixels, more than the limit of {max_pixels} (limits.max_image_pixels)",
+                        field="image",
+                    )
                 with (budget or UNBOUNDED).reserve(decode_bytes(im, max_working_pixels)):
                     rgb = _decode_reduced(im, max_working_pixels)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -282,6 +286,8 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
         wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
     if wav.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
-    if float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) < SILENCE_RMS:
-        raise EmptyAudio("audio is silent", field="audio")
+    rms = float(np.sqrt(np.mean(wav.astype(np.float64) ** 2)))
+    if rms < SILENCE_RMS:
+        level = f"{20 * np.log10(rms):.0f} dBFS" if rms > 0 else "digital silence"
+        raise EmptyAudio(f"audio is silent ({level}; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio")
     return np.clip(wav, -1.0, 1.0)

@@ -23,7 +23,6 @@ from .errors import InvalidParameter
 from .settings import Limits, Settings, as_settings, read_yaml
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-MIN_AUDIO_S = 0.1  # the shortest audio, and the shortest video, a request may ask for
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -122,7 +121,8 @@ class GenerateOptions:
     duration: float | None = param(
         None,
         "seconds of output; shorter than the audio trims it, longer pads silence",
-        low=MIN_AUDIO_S,
+        low=0.0,
+        low_inclusive=False,
         high_limit="max_duration_s",
         unit="s",
     )

@@ -189,6 +189,8 @@ class SonicPipeline:
         timer.lap("face")
 
         # 3. duration: trim or pad the audio with silence; the parameters this decoder ignores
+        # a duration under half a frame still makes a frame, and the frame its sound
+        duration = max(duration, n_frames / opts.fps)
         clip = Clip(fit_to_duration(wav, duration, warnings), duration, n_frames)
         for name in self.decoder.unused(opts):
             warnings.add(f"{name} is not used by the {self.decoder.name} decoder")

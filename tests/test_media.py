@@ -99,6 +99,11 @@ def test_empty_silent_and_bad_audio(tmp_path):
     with pytest.raises(EmptyAudio) as err:
         load_audio(s, 60)
     assert err.value.code == "empty_audio"
+    quiet = tmp_path / "quiet.wav"  # speech 40 dB down: its level is named, and what is asked
+    sf.write(quiet, load_audio(SPEECH, 60) * 0.01, 16000)
+    with pytest.raises(EmptyAudio) as err:
+        load_audio(quiet, 60)
+    assert "dBFS;" in err.value.message and "-55 dBFS" in err.value.message
     b = tmp_path / "noise.mp3"
     b.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
     with pytest.raises(UnsupportedMedia):
@@ -115,7 +120,7 @@ def test_audio_too_long(tmp_path):
 def test_waveform_in_memory_checked_as_a_file_is():
     """check_waveform: the checks load_audio makes, with the same codes and messages."""
     cases = [(np.zeros(100, np.float32), EmptyAudio, "audio is empty (less than 0.1 s decoded)"),
-             (np.zeros(SAMPLE_RATE, np.float32), EmptyAudio, "audio is silent"),
+             (np.zeros(SAMPLE_RATE, np.float32), EmptyAudio, "audio is silent (digital silence; speech must reach -55 dBFS RMS)"),
              (0.1 * np.ones(SAMPLE_RATE * 5, np.float32), AudioTooLong, "audio is longer than the limit of 3 s"),
              (np.zeros((SAMPLE_RATE, 2), np.float32), UnsupportedMedia, None)]
     for wav, error, message in cases:
