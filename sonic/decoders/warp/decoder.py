@@ -200,7 +200,7 @@ class WarpDecoder:
         self.src_interior = shows * cv2.GaussianBlur(interior, (0, 0), 0.6)
         self.shows_interior = shows > 0
         self.shows = shows
-        self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5)
+        self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5, upscale=framing.upscale)
 
     def _fit_fields(self, lm: np.ndarray, oval: np.ndarray, radial: np.ndarray) -> None:
         """Two field sets split at the lips' parting line, where the motion is discontinuous:

@@ -27,7 +27,11 @@ TOOTH_WIDTHS_IOD = (0.092, 0.072, 0.08, 0.072, 0.072)  # central, lateral, canin
 TEETH_FROM_GAP_IOD = (0.018, 0.045)  # the teeth fade in as the opening grows through this range
 TONGUE_FROM_GAP_IOD = (0.07, 0.16)
 LOWER_TEETH_FROM_GAP_IOD = (0.1, 0.17)
-CAVITY_MIN_LUMA = 26.0
+CAVITY_MIN_LUMA = 26.0  # the cavity is never darker than this (never black) ...
+CAVITY_MIN_OF_SKIN = 0.4  # ... unless the skin itself is dark (an underexposed photo): this share of its luma
+TEETH_MIN_LUMA = 70.0  # teeth at least this bright (dull highlights) ...
+TEETH_MIN_OF_HIGHLIGHTS = 1.1  # ... unless the highlights are darker still: this much above them
+SOFTNESS_PER_UPSCALE = 0.3  # px of blur on the painted interior per x the face is enlarged beyond 1x
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,16 @@ class MouthStyle:
     tongue: np.ndarray  # RGB float
     teeth: np.ndarray  # RGB float, lit teeth
     paint_teeth: bool  # false when the photo shows its own teeth
+    softness: float = 0.0  # px of blur that the enlarged photo has and a crisp painting would lack
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114])
 
 
-def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthStyle:
-    """Colours of a face's mouth interior from its photo (H, W, 3) uint8 and landmarks in px."""
+def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool, upscale: float = 1.0) -> MouthStyle:
+    """Colours of a face's mouth interior from its photo (H, W, 3) uint8 and landmarks in px, and
+    its softness from how far the photo is enlarged (`upscale`, frame px per photo px)."""
     h, w = frame.shape[:2]
 
     def colours(idx):
@@ -73,9 +79,13 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthSt
     bright = float(np.percentile(luma, 92))
     # teeth: about as bright as the skin's highlights, far less saturated than the skin
     tint = skin / max(skin.mean(), 1.0)
-    teeth = np.clip(0.95 * bright + 12, 70, 232) * (0.7 + 0.3 * tint)
+    # the floors follow the photo's exposure: fixed, they made the teeth glow and the cavity
+    # lighter than the lips in a dark photo
+    teeth_floor = min(TEETH_MIN_LUMA, TEETH_MIN_OF_HIGHLIGHTS * bright)
+    teeth = np.clip(0.95 * bright + 12, teeth_floor, 232) * (0.7 + 0.3 * tint)
     cavity = lip * 0.3
-    cavity *= max(1.0, CAVITY_MIN_LUMA / max(float(_luma(cavity)), 1.0))
+    cavity_floor = min(CAVITY_MIN_LUMA, CAVITY_MIN_OF_SKIN * float(np.median(luma)))
+    cavity *= max(1.0, cavity_floor / max(float(_luma(cavity)), 1.0))
     tongue = lip * 0.62 + np.array([12.0, 4.0, 4.0]) * (tint.std() > 0.02)
     return MouthStyle(
         lip=lip,
@@ -85,6 +95,7 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool) -> MouthSt
         tongue=tongue,
         teeth=np.clip(teeth, 0, 255),
         paint_teeth=paint_teeth,
+        softness=SOFTNESS_PER_UPSCALE * max(0.0, upscale - 1.0),
     )
 
 
@@ -147,7 +158,8 @@ def paint_mouth(
     gap = np.clip(vl - vu, 0, None)
     feather = max(0.7, 0.01 * iod)
     au = np.abs(u)
-    alpha = cv2.GaussianBlur(opening[by0:by1, bx0:bx1].astype(np.float32), (0, 0), 0.6)
+    # an enlarged photo is soft: the painting is as soft, or it sits on the face like a sticker
+    alpha = cv2.GaussianBlur(opening[by0:by1, bx0:bx1].astype(np.float32), (0, 0), float(np.hypot(0.6, style.softness)))
     if alpha.max() <= 0.01:
         return
     gap_iod = gap / iod
@@ -195,7 +207,7 @@ def paint_mouth(
         lower_a = np.clip((v - (vl - tl)) / feather + 0.5, 0, 1) * (tl > 0.6)
         paint += (style.teeth * (0.72 * (1 - 0.25 * np.clip(gaps, 0, 1)))[..., None] - paint) * lower_a[..., None]
         paint += (teeth - paint) * teeth_a[..., None]
-    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), max(0.35, 0.0025 * iod))
+    paint = cv2.GaussianBlur(paint.astype(np.float32), (0, 0), float(np.hypot(max(0.35, 0.0025 * iod), style.softness)))
     sub = region[by0:by1, bx0:bx1]
     sub += (paint - sub) * alpha[..., None]
     _soften_chroma(sub, alpha, iod)
