@@ -113,6 +113,47 @@ def test_mouth_interior_is_shaded_and_teeth_take_the_face_colour(pipeline, grace
         assert np.median(hsv_sat(teeth)) <= np.median(hsv_sat(skin)) + 0.02
 
 
+def _teeth_and_cavity(face: Face) -> tuple[float, float]:
+    """An open mouth's brightest inside (teeth) over the cheeks' luma, and its darkest (the
+    cavity) over the lips'."""
+    c = coeffs(jaw=0.12)
+    luma = np.array([0.299, 0.587, 0.114])
+    inside = _opening_pixels(face, c, face.render(c)[0]) @ luma
+    lm, photo = face.framing.landmarks, face.framing.frame
+    at = lambda idx: photo[lm[idx, 1].astype(int), lm[idx, 0].astype(int)].astype(np.float64) @ luma
+    return np.percentile(inside, 90) / at([50, 280, 151]).mean(), np.percentile(inside, 10) / at([0, 17]).mean()
+
+
+def test_the_inside_of_the_mouth_is_lit_like_the_photo(pipeline, grace):
+    """An underexposed photo (x0.12) gets teeth as dim as its skin and a cavity darker than its
+    lips (fixed floors made its teeth 3.3x the cheeks, against 1.08 in the photo as it is, and
+    its cavity 1.3x as light as the lips)."""
+    teeth, cavity = _teeth_and_cavity(grace)
+    dark = Face(pipeline.faces, (load_image(PORTRAIT, 10**7) * 0.12).astype(np.uint8))
+    dark_teeth, dark_cavity = _teeth_and_cavity(dark)
+    assert dark_teeth < 1.25 * teeth and dark_cavity < 0.7, (teeth, dark_teeth, dark_cavity)
+
+
+def test_an_enlarged_face_gets_a_mouth_as_soft_as_itself(pipeline):
+    """A 105x90 photo enlarged 7x: the painted inside of the mouth is not a crisp sticker on a
+    blurred face (its detail against the eyes' was 50x, the photo as it is 3.5x)."""
+    small = cv2.resize(load_image(PORTRAIT, 10**7), None, fx=0.35, fy=0.35, interpolation=cv2.INTER_AREA)
+    face = Face(pipeline.faces, small, res=512)
+    assert face.framing.upscale > 6
+    c = coeffs(jaw=0.12)
+    frame = cv2.cvtColor(face.render(c)[0], cv2.COLOR_RGB2GRAY)
+    up, lo = face.dec.mouth_polygon(face.rig.offsets(c[None])[0], np.zeros(4))
+    lm, iod_px = face.framing.landmarks[:, :2], face.rig.iod
+    detail = lambda pts: cv2.Laplacian(frame[slice(*(np.array([pts[:, 1].min(), pts[:, 1].max()]).astype(int))),
+                                             slice(*(np.array([pts[:, 0].min(), pts[:, 0].max()]).astype(int)))],
+                                       cv2.CV_64F).var()
+    mouth = np.concatenate([up, lo])
+    mouth = np.concatenate([mouth.min(0) - 0.05 * iod_px, mouth.max(0) + 0.05 * iod_px]).reshape(2, 2)
+    eyes = lm[EYE_LEFT_RING + EYE_RIGHT_RING]
+    eyes = np.concatenate([eyes.min(0) - 0.15 * iod_px, eyes.max(0) + 0.15 * iod_px]).reshape(2, 2)
+    assert detail(mouth) < 10 * detail(eyes), (detail(mouth), detail(eyes))
+
+
 def _dark_iris(frame, lm, ring, iris, lower, iod_px, thr):
     """Pixels of the iris disc inside the eye outline (above the lower lid's edge) darker than thr."""
     poly = np.zeros(frame.shape[:2], np.uint8)

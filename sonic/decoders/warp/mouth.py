@@ -82,7 +82,7 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool, upscale: f
     # the floors follow the photo's exposure: fixed, they made the teeth glow and the cavity
     # lighter than the lips in a dark photo
     teeth_floor = min(TEETH_MIN_LUMA, TEETH_MIN_OF_HIGHLIGHTS * bright)
-    teeth = np.clip(0.95 * bright + 12, teeth_floor, 232) * (0.7 + 0.3 * tint)
+    teeth = np.clip(0.95 * bright + 12 * min(1.0, bright / 128), teeth_floor, 232) * (0.7 + 0.3 * tint)
     cavity = lip * 0.3
     cavity_floor = min(CAVITY_MIN_LUMA, CAVITY_MIN_OF_SKIN * float(np.median(luma)))
     cavity *= max(1.0, cavity_floor / max(float(_luma(cavity)), 1.0))
