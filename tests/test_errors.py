@@ -100,7 +100,9 @@ def test_failed_job_public_body(tmp_path):
     assert made(wait_failed(client, job_id)) == failed_body(job_id, NO_FACE)
     sync = post(client, {"seed": 2})                      # the same failure, answered synchronously
     assert sync.status_code == 422
-    assert sync.get_json()["error"] == {k: v for k, v in NO_FACE.items() if k != "status"}
+    error = sync.get_json()["error"]
+    assert error == {**{k: v for k, v in NO_FACE.items() if k != "status"}, "job_id": error["job_id"]}
+    assert made(wait_failed(client, error["job_id"])) == failed_body(error["job_id"], NO_FACE)  # the job it names
     missing = client.get("/api/sonic/jobs/" + "0" * 32)
     assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "job_not_found"
     # the database keeps the code, not the status
