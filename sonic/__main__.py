@@ -115,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import load_pipeline
 
         pipe = load_pipeline(settings)
-        result = pipe(inputs.rgb, inputs.wav, opts, out_path=args.out, progress=None if args.quiet else _progress_bar())
+        result = pipe(
+            inputs.rgb,
+            inputs.wav,
+            opts,
+            out_path=args.out,
+            progress=None if args.quiet else _progress_bar(),
+            sound_file=args.audio,
+        )
     except SonicError as e:
         sys.stderr.write(f"\nerror: {e.message}\n")
         return 2

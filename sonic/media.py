@@ -19,6 +19,7 @@ import subprocess
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
+SOUND_RATE = 48_000  # Hz of the video's sound track
 SILENCE_DBFS = -55.0  # a whole clip whose RMS is below this (dB full scale) counts as silent
 SILENCE_RMS = 10 ** (SILENCE_DBFS / 20)
 MIN_AUDIO_S = 0.1  # the shortest audio a request may send
@@ -185,6 +187,42 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     if wav is None:
         raise _undecodable(path)
     return check_waveform(wav, max_duration_s)
+
+
+@dataclass(frozen=True)
+class Sound:
+    """What the video's sound track plays: the recording at a listener's quality (the motion is
+    made from a 16 kHz mono copy, which would cut everything above 8 kHz)."""
+
+    samples: np.ndarray  # (N, C) int16
+    rate: int  # Hz
+
+    @staticmethod
+    def of_waveform(wav: np.ndarray) -> "Sound":
+        """A waveform (N,) float32 at SAMPLE_RATE (a caller's array: no better copy exists)."""
+        return Sound((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], SAMPLE_RATE)
+
+    def fitted(self, duration: float) -> "Sound":
+        """Trimmed, or padded with silence, to `duration` s."""
+        n = int(round(duration * self.rate))
+        if n <= len(self.samples):
+            return Sound(self.samples[:n], self.rate)
+        pad = np.zeros((n - len(self.samples), self.samples.shape[1]), np.int16)
+        return Sound(np.concatenate([self.samples, pad]), self.rate)
+
+
+def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Sound:
+    """The recording for the sound track, stereo at SOUND_RATE (a mono one on both channels);
+    where ffmpeg cannot make that of it (a layout it cannot downmix) or the file is gone (its
+    job's upload moved to a bucket), `wav`, the checked analysis copy of the same recording."""
+    out = ["-map", "0:a:0", "-vn", "-t", f"{max_duration_s + 1:.3f}", "-ac", "2", "-ar", str(SOUND_RATE)]
+    try:
+        proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "s16le", "-"])
+    except (PipelineError, UnsupportedMedia):
+        return Sound.of_waveform(wav)
+    if proc.returncode != 0 or not proc.stdout:
+        return Sound.of_waveform(wav)
+    return Sound(np.frombuffer(proc.stdout, dtype=np.int16).reshape(-1, 2).copy(), SOUND_RATE)
 
 
 def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -> np.ndarray | None:

@@ -20,7 +20,7 @@ from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, check_waveform, load_audio
+from .media import SAMPLE_RATE, Sound, check_waveform, load_audio, load_sound
 from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
@@ -89,9 +89,10 @@ class Warnings:
 class Clip:
     """The audio of one request fitted to its duration, and the video frames that cover it."""
 
-    wav: np.ndarray  # (N,) float32 mono at SAMPLE_RATE, N = round(duration * SAMPLE_RATE)
+    wav: np.ndarray  # (N,) float32 mono at SAMPLE_RATE, N = round(duration * SAMPLE_RATE): the motion's
     duration: float  # s
     n_frames: int  # at the request's fps
+    sound: Sound  # the same recording, fitted alike, at the sound track's quality
 
 
 def fit_to_duration(wav: np.ndarray, duration: float, warnings: Warnings) -> np.ndarray:
@@ -156,10 +157,13 @@ class SonicPipeline:
         *,
         out_path: str | Path | None = None,
         progress: Progress | None = None,
+        sound_file: str | Path | None = None,
     ) -> GenerationResult:
         """Portrait (path or RGB uint8 array (H, W, 3)) + speech (path or mono float32 array (N,) at
         media.SAMPLE_RATE) -> MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not
-        decoded again; a waveform is still checked against the limits as a file is.
+        decoded again; a waveform is still checked against the limits as a file is. The video's
+        sound is a speech file's own, in stereo at media.SOUND_RATE; with a waveform, the file it
+        came from (`sound_file`), else the waveform itself (16 kHz).
 
         Without out_path the video goes to the configured output_dir under a fresh uuid name.
         `progress(stage, fraction)` is called as the work advances.
@@ -172,7 +176,7 @@ class SonicPipeline:
 
         # 1. decode and check the inputs
         report("decode", 0.0)
-        rgb, wav = self._decode(image, audio)
+        rgb, wav, sound = self._decode(image, audio, sound_file)
         audio_s = len(wav) / SAMPLE_RATE
         duration = opts.duration if opts.duration is not None else audio_s
         n_frames = frame_count(opts, audio_s)
@@ -191,7 +195,7 @@ class SonicPipeline:
         # 3. duration: trim or pad the audio with silence; the parameters this decoder ignores
         # a duration under half a frame still makes a frame, and the frame its sound
         duration = max(duration, n_frames / opts.fps)
-        clip = Clip(fit_to_duration(wav, duration, warnings), duration, n_frames)
+        clip = Clip(fit_to_duration(wav, duration, warnings), duration, n_frames, sound.fitted(duration))
         for name in self.decoder.unused(opts):
             warnings.add(f"{name} is not used by the {self.decoder.name} decoder")
         if self.decoder.speaks:  # the decoder makes the frames from the waveform: its own steps 4-6
@@ -227,14 +231,20 @@ class SonicPipeline:
         report("done", 1.0)
         return _result(out_path, framing.frame, clip, opts, motion.lipsync_offset_ms, timer, warnings)
 
-    def _decode(self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Step 1: the portrait (H, W, 3) uint8 and the speech (N,) float32 at SAMPLE_RATE,
-        decoded from files or taken as given, checked against the limits."""
+    def _decode(
+        self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray, sound_file: str | Path | None
+    ) -> tuple[np.ndarray, np.ndarray, Sound]:
+        """Step 1: the portrait (H, W, 3) uint8, the speech (N,) float32 at SAMPLE_RATE, decoded
+        from files or taken as given, checked against the limits, and the speech for the sound
+        track (a file's own, at SOUND_RATE)."""
         limits = self.settings.limits
         rgb = image if isinstance(image, np.ndarray) else load_portrait(image, limits)
         max_s = limits.max_duration_s
-        wav = check_waveform(audio, max_s) if isinstance(audio, np.ndarray) else load_audio(audio, max_s)
-        return rgb, wav
+        if isinstance(audio, np.ndarray):
+            wav = check_waveform(audio, max_s)
+            return rgb, wav, Sound.of_waveform(wav) if sound_file is None else load_sound(sound_file, max_s, wav)
+        wav = load_audio(audio, max_s)
+        return rgb, wav, load_sound(audio, max_s, wav)
 
     def framing(self, rgb: np.ndarray, opts: GenerateOptions, n_frames: int, faces=None) -> Framing:
         """Step 2: the output frame cut from the photo around the face; an output over the
@@ -274,7 +284,7 @@ class SonicPipeline:
         height, width = frame.shape[:2]
         done = 0
         with (
-            VideoWriter(out_path, width, height, opts.fps, clip.wav, clip.duration) as writer,
+            VideoWriter(out_path, width, height, opts.fps, clip.sound, clip.duration) as writer,
             contextlib.closing(self._batches(decoder, motion.coeffs, motion.head)) as batches,
         ):
             for frames in batches:
@@ -318,7 +328,7 @@ class SonicPipeline:
         opening: list[float] = []  # inner-lip gap / inter-ocular distance per frame (NaN: no face)
         batches = iter(video.batches)
         with (
-            VideoWriter(out_path, width, height, opts.fps, clip.wav, clip.duration) as writer,
+            VideoWriter(out_path, width, height, opts.fps, clip.sound, clip.duration) as writer,
             # a generator is closed when writing fails, so that the decoder stops generating
             contextlib.closing(batches) if isinstance(batches, Generator) else contextlib.nullcontext(),
         ):

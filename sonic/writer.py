@@ -18,14 +18,14 @@ import queue
 import subprocess
 import tempfile
 import threading
+import wave
 from pathlib import Path
 
 import cv2
 import numpy as np
-import soundfile as sf
 
 from .errors import DiskFull, PipelineError
-from .media import FFMPEG, SAMPLE_RATE
+from .media import FFMPEG, Sound
 
 X264_PRESET = "veryfast"
 X264_CRF = 20
@@ -94,6 +94,16 @@ def to_yuv420p(frames: np.ndarray) -> np.ndarray:
     return out
 
 
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """16-bit PCM (N, C) into a WAV file; a full disk raises OSError(ENOSPC) (libsndfile's own
+    writer reported it as an error without a number)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.ascontiguousarray(samples, "<i2").tobytes())
+
+
 def write_error(e: Exception) -> PipelineError:
     """No space, no permission: say what went wrong, not where (a full disk as `DiskFull`)."""
     message = f"cannot write the video: {getattr(e, 'strerror', None) or type(e).__name__}"
@@ -108,10 +118,10 @@ def _encoder_error(message: str) -> PipelineError:
 class VideoWriter:
     """Context manager: `write(frames (B, H, W, 3) uint8)` repeatedly, then the file is finalised."""
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: int, audio: np.ndarray, duration: float):
+    def __init__(self, path: str | Path, width: int, height: int, fps: int, sound: Sound, duration: float):
         self.path = Path(path)
         self.width, self.height, self.fps, self.duration = width, height, fps, duration
-        self.audio = audio
+        self.sound = sound
         self.frames_written = 0
         self.audio_delay_s = 0.0  # set before the end: the audio track is moved this much later (< 0: earlier)
 
@@ -123,7 +133,7 @@ class VideoWriter:
         self._log = tempfile.TemporaryFile()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(self._wav_path, self.audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            write_wav(self._wav_path, self.sound.samples, self.sound.rate)
         except (OSError, RuntimeError) as e:
             self._cleanup()
             raise write_error(e) from e
@@ -169,16 +179,15 @@ class VideoWriter:
     def _move_audio(self, delay_s: float) -> None:
         """Put the audio back `delay_s` later (silence before it) or earlier, beside the finished
         video stream (copied, not encoded again)."""
-        shift = int(round(delay_s * SAMPLE_RATE))
-        audio = self.audio
+        shift = int(round(delay_s * self.sound.rate))
+        audio = self.sound.samples
+        silence = np.zeros((abs(shift), *audio.shape[1:]), audio.dtype)
         audio = (
-            np.concatenate([np.zeros(shift, audio.dtype), audio])[: len(audio)]
-            if shift > 0
-            else np.concatenate([audio[-shift:], np.zeros(-shift, audio.dtype)])
+            np.concatenate([silence, audio])[: len(audio)] if shift > 0 else np.concatenate([audio[-shift:], silence])
         )
         out = self.tmp_path.with_name(self.tmp_path.name + ".remux")
         try:
-            sf.write(self._wav_path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            write_wav(self._wav_path, audio, self.sound.rate)
         except (OSError, RuntimeError) as e:
             raise write_error(e) from e
         cmd = [
@@ -245,7 +254,7 @@ class VideoWriter:
                 rc = self._proc.wait()
                 if rc != 0:
                     raise _encoder_error(f"video encoder failed (exit {rc}): {self._stderr()}")
-                if abs(self.audio_delay_s) * SAMPLE_RATE >= 1:
+                if abs(self.audio_delay_s) * self.sound.rate >= 1:
                     self._move_audio(self.audio_delay_s)
                 try:
                     os.replace(self.tmp_path, self.path)

@@ -25,7 +25,9 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     image = inputs.rgb if inputs is not None else rec.inputs["image"]
     audio = inputs.wav if inputs is not None else rec.inputs["audio"]
     out = Path(output_dir) / f"{rec.id}.mp4"
-    res = pipeline(image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress)
+    res = pipeline(
+        image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress, sound_file=rec.inputs["audio"]
+    )
     result = res.to_dict()
     if inputs is not None:  # decoded before queueing: the time counts as the request's decode
         inputs.count_decode_in(result["timings"])

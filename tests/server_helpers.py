@@ -43,7 +43,7 @@ class FakePipeline:
         self.calls: list[tuple] = []
         self.started = threading.Event()
 
-    def __call__(self, image, audio, options, *, out_path, progress=None):
+    def __call__(self, image, audio, options, *, out_path, progress=None, sound_file=None):
         progress = progress or (lambda stage, frac: None)
         self.calls.append((image, audio, options))
         progress("decode", 0.0)

@@ -45,6 +45,31 @@ def test_valid_mp4_with_audio_and_duration(still_head_run):
     assert not list(out.parent.glob(".*.part"))
 
 
+def test_the_sound_track_keeps_the_recordings_band_and_channels(pipeline, tmp_path):
+    """A 48 kHz stereo recording with a tone at 11 kHz (above the 8 kHz the 16 kHz analysis copy
+    keeps) and its channels apart: the video's sound has both, and the lip sync is unchanged."""
+    import soundfile as sf
+    from sonic.media import FFMPEG, load_audio
+    speech = load_audio(SPEECH, 60)
+    t = np.arange(int(len(speech) * 3)) / 48000
+    voice = np.interp(t, np.arange(len(speech)) / 16000, speech)
+    left, right = voice + 0.05 * np.sin(2 * np.pi * 11000 * t), 0.5 * voice
+    wav = tmp_path / "in.wav"
+    sf.write(wav, np.stack([left, right], 1).astype(np.float32), 48000)
+    res = pipeline(PORTRAIT, wav, pipeline.options({"min_resolution": 256, "seed": 5}), out_path=tmp_path / "o.mp4")
+    info, _ = probe(tmp_path / "o.mp4")
+    assert "48000 Hz, stereo" in info
+    out = subprocess.run([FFMPEG, "-v", "error", "-i", str(tmp_path / "o.mp4"), "-f", "f32le", "-"],
+                         capture_output=True, check=True).stdout
+    sound = np.frombuffer(out, np.float32).reshape(-1, 2)
+    spectrum = np.abs(np.fft.rfft(sound[:, 0]))
+    hz = np.fft.rfftfreq(len(sound), 1 / 48000)
+    assert spectrum[(hz > 10950) & (hz < 11050)].mean() > 20 * spectrum[(hz > 9000) & (hz < 10000)].mean()
+    level = lambda x: float(np.sqrt(np.mean(x ** 2)))
+    assert 1.6 < level(sound[:, 0]) / level(sound[:, 1]) < 3.0           # the channels kept apart
+    assert abs(res.lipsync_offset_ms) <= 40
+
+
 def test_the_stage_timer_and_the_duration_fit():
     from sonic.pipeline import StageTimer, Warnings, fit_to_duration
     timer = StageTimer()
@@ -178,10 +203,11 @@ def test_a_duration_shorter_than_a_frame_makes_one_frame_with_its_sound(pipeline
 
 
 def test_writer_failure_leaves_no_file(tmp_path):
+    from sonic.media import Sound
     from sonic.writer import VideoWriter
     out = tmp_path / "w.mp4"
     with pytest.raises(RuntimeError):
-        with VideoWriter(out, 64, 64, 25, np.zeros(16000, np.float32), 1.0) as w:
+        with VideoWriter(out, 64, 64, 25, Sound.of_waveform(np.zeros(16000, np.float32)), 1.0) as w:
             w.write(np.zeros((5, 64, 64, 3), np.uint8))
             raise RuntimeError("stage failed mid-video")
     assert list(tmp_path.iterdir()) == []
