@@ -33,7 +33,7 @@ import soundfile as sf
 def measure(pipe, image, audio, opts, tmp: Path):
     """One request, then its own frames re-encoded alone -> (result, wall_s, encode_only_s,
     peak RSS of this process MB, peak RSS of the request's ffmpeg MB)."""
-    from sonic.media import FFMPEG, SAMPLE_RATE
+    from sonic.media import FFMPEG, SOUND_RATE
     from sonic.writer import encoder_command
 
     out = tmp / "bench.mp4"
@@ -45,7 +45,7 @@ def measure(pipe, image, audio, opts, tmp: Path):
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     raw, wav_path = tmp / "frames.yuv", tmp / "audio.wav"
     subprocess.run([FFMPEG, "-nostdin", "-y", "-loglevel", "error", "-i", str(out), "-f", "rawvideo",
-                    "-pix_fmt", "yuv420p", str(raw), "-map", "0:a:0", "-ar", str(SAMPLE_RATE), "-ac", "1",
+                    "-pix_fmt", "yuv420p", str(raw), "-map", "0:a:0", "-ar", str(SOUND_RATE), "-ac", "2",
                     str(wav_path)], check=True)
     cmd = encoder_command(raw, res.width, res.height, res.fps, wav_path, res.duration, tmp / "again.mp4")
     with open(raw, "rb") as f:       # in the page cache, as the pipeline's frames were in memory
