@@ -186,7 +186,19 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     wav = _decode_audio(path, max_duration_s, DOWNMIX)
     if wav is None:
         raise _undecodable(path)
-    return check_waveform(wav, max_duration_s)
+    try:
+        return check_waveform(wav, max_duration_s)
+    except EmptyAudio:
+        # channels in opposite phase (a miswired stereo pair) cancel in the mix: the first
+        # channel alone may still hold the speech
+        first = _decode_audio(path, max_duration_s, ["-af", "pan=mono|c0=c0"])
+        if first is None or len(first) != len(wav) or not _rms(first) > 10 * max(_rms(wav), 1e-9):
+            raise
+        return check_waveform(first, max_duration_s)
+
+
+def _rms(wav: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) if len(wav) else 0.0
 
 
 @dataclass(frozen=True)
@@ -324,7 +336,7 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
         wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
     if wav.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
-    rms = float(np.sqrt(np.mean(wav.astype(np.float64) ** 2)))
+    rms = _rms(wav)
     if rms < SILENCE_RMS:
         level = f"{20 * np.log10(rms):.0f} dBFS" if rms > 0 else "digital silence"
         raise EmptyAudio(f"audio is silent ({level}; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio")

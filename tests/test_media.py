@@ -110,6 +110,13 @@ def test_empty_silent_and_bad_audio(tmp_path):
         load_audio(b, 60)
 
 
+def test_channels_in_opposite_phase_do_not_cancel_to_silence(tmp_path):
+    speech = load_audio(SPEECH, 60)
+    p = tmp_path / "antiphase.wav"
+    sf.write(p, np.stack([speech, -speech], 1), 16000)
+    assert np.abs(load_audio(p, 60) - speech).max() < 1e-3  # the first channel, not their silent mix
+
+
 def test_audio_too_long(tmp_path):
     p = tmp_path / "long.wav"
     sf.write(p, 0.1 * np.ones(16000 * 5, np.float32), 16000)
