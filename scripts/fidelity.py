@@ -1,6 +1,7 @@
 """Fidelity of a generated MP4 against the exact frame the pipeline warped (no re-alignment).
 
-usage: python scripts/fidelity.py VIDEO.mp4 --image PORTRAIT [--config JSON]
+usage: python scripts/fidelity.py VIDEO.mp4 --image PORTRAIT [--config JSON] [--save-reference PNG]
+       python scripts/fidelity.py - --image PORTRAIT --save-reference PNG   (the reference only)
 
 Rebuilds the output frame from the portrait with the same crop options, then reports the mean
 SSIM (7x7 Gaussian, on luma) per frame of: the background (outside the face oval dilated by
@@ -52,6 +53,8 @@ def main() -> None:
     ref = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if a.save_reference:
         cv2.imwrite(a.save_reference, cv2.cvtColor(src, cv2.COLOR_RGB2BGR))
+        if a.video in ("-", "/dev/null"):  # no video to measure: the reference was the point
+            return
     iod = float(np.linalg.norm(lm[EYE_OUTER[0], :2] - lm[EYE_OUTER[1], :2]))
     k = max(3, int(0.12 * iod)) | 1
     oval = np.zeros(ref.shape, np.uint8)
