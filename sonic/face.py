@@ -27,6 +27,7 @@ class FaceResult:
 
     landmarks: np.ndarray
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 of the landmark hull, px
+    others: int = 0  # more faces the detector found in the image (smaller ones: they do not speak)
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ class FaceAnalyzer:
                 lm = lm / scale
                 lm[:, 0] += x0
                 lm[:, 1] += y0
-                return _result(lm)
+                return _result(lm, others=len(boxes) - 1)
         lm = self._mesh_on(rgb)  # the mesh's own short-range detector, for close-ups
         if lm is None:
             raise NoFaceDetected("no face was found in the image", field="image")
@@ -122,10 +123,10 @@ def _sketched_face() -> np.ndarray:
     return img
 
 
-def _result(lm: np.ndarray) -> FaceResult:
+def _result(lm: np.ndarray, others: int = 0) -> FaceResult:
     x0, y0 = lm[:, :2].min(0)
     x1, y1 = lm[:, :2].max(0)
-    return FaceResult(landmarks=lm, box=(float(x0), float(y0), float(x1), float(y1)))
+    return FaceResult(landmarks=lm, box=(float(x0), float(y0), float(x1), float(y1)), others=others)
 
 
 def crop_box(face_box, image_hw, expand_ratio: float, crop_to_face: bool) -> tuple[int, int, int, int]:

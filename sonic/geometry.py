@@ -28,6 +28,7 @@ class Framing:
     pixels: np.ndarray  # (h, w, 3) uint8, the photo resampled once: what the decoder samples
     to_source: tuple[float, float, float, float]  # ax, bx, ay, by: pixels px = a * frame px + b
     upscale: float  # frame px per photo px: above 1 the face is enlarged
+    other_faces: int = 0  # faces in the photo beside the one framed (they stay still)
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
@@ -93,4 +94,11 @@ def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int]
         pixels[v0:v1, u0:u1] = _sample(framing.pixels, framing.to_source, xf + moved[0], yf + moved[1])
     h, w = framing.frame.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    return Framing(_sample(pixels, framing.to_source, xs, ys), landmarks, pixels, framing.to_source, framing.upscale)
+    return Framing(
+        _sample(pixels, framing.to_source, xs, ys),
+        landmarks,
+        pixels,
+        framing.to_source,
+        framing.upscale,
+        framing.other_faces,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -190,11 +191,13 @@ class SonicPipeline:
                 f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
                 "portrait gives a sharper video"
             )
+        if framing.other_faces:
+            warnings.add(f"the photo shows {framing.other_faces + 1} faces: the largest speaks, the others stay still")
         timer.lap("face")
 
         # 3. duration: trim or pad the audio with silence; the parameters this decoder ignores
-        # a duration under half a frame still makes a frame, and the frame its sound
-        duration = max(duration, n_frames / opts.fps)
+        # a duration under a frame still makes a frame, and the frame its sound
+        duration = max(duration, 1 / opts.fps)
         clip = Clip(fit_to_duration(wav, duration, warnings), duration, n_frames, sound.fitted(duration))
         for name in self.decoder.unused(opts):
             warnings.add(f"{name} is not used by the {self.decoder.name} decoder")
@@ -258,7 +261,8 @@ class SonicPipeline:
         face = (faces or self.faces).analyze(rgb)
         box = crop_box(face.box, (image_h, image_w), opts.expand_ratio, opts.crop_to_face)
         check_output((image_h, image_w), box, opts, n_frames, limits)
-        return crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
+        framing = crop_and_scale(rgb, face.landmarks, box, opts.min_resolution)
+        return dataclasses.replace(framing, other_faces=face.others)
 
     def _audio_features(self, clip: Clip, fps: int) -> AudioFeatures:
         """Step 4: loudness and phones per frame; with render helpers, a long recording is

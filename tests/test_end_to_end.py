@@ -70,6 +70,25 @@ def test_the_sound_track_keeps_the_recordings_band_and_channels(pipeline, tmp_pa
     assert abs(res.lipsync_offset_ms) <= 40
 
 
+def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_path):
+    """Audio that is not a whole number of frames long (2.99 s: 74.75 frames) is not "padded";
+    a photo with two faces says which one speaks."""
+    import soundfile as sf
+    from sonic.media import load_audio, load_image
+    wav = tmp_path / "a.wav"
+    sf.write(wav, load_audio(SPEECH, 60)[: int(2.99 * 16000)], 16000)
+    opts = pipeline.options({"min_resolution": 256, "duration": None})
+    one = pipeline(PORTRAIT, wav, opts, out_path=tmp_path / "one.mp4").warnings
+    assert not any("padded" in w or "faces" in w for w in one), one
+    photo = load_image(PORTRAIT, 10**7)
+    small = cv2.resize(photo, None, fx=0.8, fy=0.8)
+    small = cv2.copyMakeBorder(small, 0, photo.shape[0] - small.shape[0], 0, 0, cv2.BORDER_REPLICATE)
+    two = np.concatenate([photo, small], 1)
+    res = pipeline(two, wav, opts, out_path=tmp_path / "two.mp4")
+    assert "the photo shows 2 faces: the largest speaks, the others stay still" in res.warnings
+    assert not any("padded" in w for w in res.warnings)
+
+
 def test_the_stage_timer_and_the_duration_fit():
     from sonic.pipeline import StageTimer, Warnings, fit_to_duration
     timer = StageTimer()
