@@ -18,6 +18,7 @@ from .media import SAMPLE_RATE
 SPHINX_FRAME_S = 0.01  # pocketsphinx reports times in 10 ms frames
 BAND_HZ = (80.0, 4000.0)  # speech band for loudness
 DYNAMIC_RANGE_DB = 45.0  # loudness below peak - this counts as silence
+MIN_RANGE_DB = 24.0  # the peak sits at least this far above the floor: room noise alone never reads as speech
 SPEECH_THRESHOLD = 0.25  # normalised loudness above this is speech
 SPLIT_MIN_S = 6.0  # recordings at least this long may be recognised in two halves
 SPLIT_PAUSE_FRAMES = 4  # ... cut in the middle of a pause of at least this many video frames
@@ -191,8 +192,12 @@ def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
 
 
 def normalise_loudness(db: np.ndarray) -> np.ndarray:
-    peak = np.percentile(db, 97)
-    floor = max(np.percentile(db, 5), peak - DYNAMIC_RANGE_DB)
+    """Per-frame dB -> 0-1 over the clip's range, as a live session's is over what it has heard
+    (sonic/live/features.py): a recording of room tone alone (1.7 dB from its 5th to its 97th
+    percentile; speech: 35-83 dB) keeps the mouth at rest instead of fluttering with the noise."""
+    floor = float(np.percentile(db, 5))
+    peak = max(float(np.percentile(db, 97)), floor + MIN_RANGE_DB)
+    floor = max(floor, peak - DYNAMIC_RANGE_DB)
     return np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0)
 
 

@@ -82,6 +82,10 @@ def test_visemes_and_loudness():
     db = np.array([-80.0] * 10 + [-20.0] * 10)
     n = normalise_loudness(db)
     assert n[:10].max() == 0.0 and n[10:].min() == 1.0
+    # room tone alone (a few dB of spread, no speech): the mouth stays at rest, as live's does,
+    # instead of the noise's own range stretched over 0-1
+    room = -54 + 2 * np.random.default_rng(0).standard_normal(200)
+    assert normalise_loudness(room).max() < 0.35 and np.median(normalise_loudness(room)) < 0.15
 
 
 # --- head motion: bounded and independent of the clip's length ---------------------------------

@@ -16,6 +16,7 @@ import scipy.signal  # noqa: F401 - imported here, not at a session's first fram
 
 from ..audio_features import (
     DYNAMIC_RANGE_DB,
+    MIN_RANGE_DB,
     band_filter,
     frame_loudness,
     frame_pitch,
@@ -25,7 +26,6 @@ from ..audio_features import (
 from ..media import SAMPLE_RATE
 
 LEVEL_WINDOW_S = 8.0  # the loudness range is taken over the last seconds heard
-MIN_RANGE_DB = 24.0  # the peak sits at least this far above the floor: room noise alone never reads as speech
 SILENCE_DB = -70.0  # frames quieter than this (digital silence, a muted microphone) do not move the range
 PEAK_FALL_DB_S = 3.0  # a single loud syllable sets the peak at once; it relaxes this fast after
 HISTORY_S = 0.5  # audio kept before the frames being measured: the band filter's run-in
