@@ -10,6 +10,7 @@ warped again. The frame at rest is made by the same lookup, so zero motion is ex
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -94,11 +95,6 @@ def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int]
         pixels[v0:v1, u0:u1] = _sample(framing.pixels, framing.to_source, xf + moved[0], yf + moved[1])
     h, w = framing.frame.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    return Framing(
-        _sample(pixels, framing.to_source, xs, ys),
-        landmarks,
-        pixels,
-        framing.to_source,
-        framing.upscale,
-        framing.other_faces,
+    return dataclasses.replace(
+        framing, frame=_sample(pixels, framing.to_source, xs, ys), landmarks=landmarks, pixels=pixels
     )

@@ -216,11 +216,14 @@ class Sound:
 
     def fitted(self, duration: float) -> "Sound":
         """Trimmed, or padded with silence, to `duration` s."""
-        n = int(round(duration * self.rate))
-        if n <= len(self.samples):
-            return Sound(self.samples[:n], self.rate)
-        pad = np.zeros((n - len(self.samples), self.samples.shape[1]), np.int16)
-        return Sound(np.concatenate([self.samples, pad]), self.rate)
+        return Sound(fitted_samples(self.samples, int(round(duration * self.rate))), self.rate)
+
+
+def fitted_samples(samples: np.ndarray, n: int) -> np.ndarray:
+    """Samples (N, ...) trimmed, or padded with silence, to n (the same array when N is n)."""
+    if n <= len(samples):
+        return samples if n == len(samples) else samples[:n]
+    return np.concatenate([samples, np.zeros((n - len(samples), *samples.shape[1:]), samples.dtype)])
 
 
 def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Sound:

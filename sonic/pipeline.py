@@ -21,7 +21,7 @@ from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, Sound, check_waveform, load_audio, load_sound
+from .media import SAMPLE_RATE, Sound, check_waveform, fitted_samples, load_audio, load_sound
 from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
@@ -103,11 +103,9 @@ def fit_to_duration(wav: np.ndarray, duration: float, warnings: Warnings) -> np.
     n_samples = int(round(duration * SAMPLE_RATE))
     if n_samples > len(wav):
         warnings.add(f"duration {duration:g} s is longer than the audio ({audio_s:.2f} s): padded with silence")
-        return np.concatenate([wav, np.zeros(n_samples - len(wav), np.float32)])
-    if n_samples < len(wav):
+    elif n_samples < len(wav):
         warnings.add(f"audio ({audio_s:.2f} s) trimmed to duration {duration:g} s")
-        return wav[:n_samples]
-    return wav
+    return fitted_samples(wav, n_samples)
 
 
 def _no_progress(stage: str, fraction: float) -> None:
