@@ -17,7 +17,7 @@ import asyncio
 import fractions
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -95,10 +95,13 @@ class LiveClient:
         microphone: MediaStreamTrack | None = None,
         keep_frames: bool = True,
         on_frame: Callable[[np.ndarray, float], None] | None = None,
+        before_answer: Callable[[dict], Awaitable[None]] | None = None,
     ) -> dict:
         """Offer (receive video and audio; send `microphone`, silence if None), POST it with the
         portrait, apply the answer. Returns the server's JSON. Received frames are kept (for
-        write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each."""
+        write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each.
+        `before_answer(body)` runs once the session exists, before the connection is made (a
+        greeting can be queued there: it waits for the connection)."""
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(microphone or Microphone())
@@ -121,6 +124,8 @@ class LiveClient:
             raise RuntimeError(f"the server refused the session: {r.status_code} {r.text}")
         body = r.json()
         self.session_id = body["session_id"]
+        if before_answer is not None:
+            await before_answer(body)
         await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
         return body
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -94,6 +97,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         here = svc.live = LiveSessions(settings.live)
         if settings.live.enabled and settings.live.warm_start:
             warm_live = here.warm
+        _end_sessions_on_exit(here)
     app.register_blueprint(live_routes)
     if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler
@@ -136,3 +140,17 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
 
     loader.start(svc, make_queue, background_load, then=warm_live)
     return app
+
+
+def _end_sessions_on_exit(live) -> None:
+    """A stopped server ends its live sessions (server_stopping): the seconds they streamed are
+    charged and their helpers stopped. At the interpreter's exit, and on SIGTERM (docker stop,
+    systemd, `waitress-serve`), which would otherwise kill the process before anything ran,
+    where nothing else has claimed the signal."""
+    atexit.register(live.close)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

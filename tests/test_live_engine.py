@@ -129,6 +129,10 @@ def test_interrupt_closes_the_mouth_within_a_few_frames(pipeline, speech):
     after = run(session, FPS)
     assert max(f.opening for f in after[3:]) < 0.03
     assert not np.any(np.concatenate([f.audio for f in after[1:]]))  # what was queued is not heard
+    # a stream sent in parts carries the turn it began in: the interrupt ended that turn
+    assert session.turn == 1
+    assert session.speak(speech[:SAMPLE_RATE], turn=0) == 0
+    assert session.speak(speech[:SAMPLE_RATE], turn=1) == pytest.approx(1.0)
 
 
 def test_seeds_reproduce_and_differ(pipeline, speech):

@@ -113,6 +113,66 @@ def test_speak_pcm_and_interrupt(server):
     assert after["state"] == "idle" and after["queued_s"] == 0
 
 
+def test_speech_queued_before_the_client_connects_is_all_heard(server):
+    """A voice agent greets as soon as the session exists: the greeting waits for the
+    connection (it was spoken to nobody while the client was still connecting)."""
+    unbuffered_audio_receiver()
+    tone = (0.25 * np.sin(2 * np.pi * 220 * np.arange(2 * 16_000) / 16_000)).astype(np.float32)
+
+    async def session():
+        client = LiveClient(server["base"])
+
+        async def greet(body):
+            await client.speak_pcm(tone)
+            await asyncio.sleep(2.5)  # a slow connection: longer than the greeting
+
+        await client.open(PORTRAIT, CONFIG, keep_frames=False, before_answer=greet)
+        await asyncio.sleep(4.0)
+        await client.close()
+        return client.received
+
+    got = asyncio.run(session())
+    _, rx_db = received_loudness(got.audio, got.audio_times, 48_000)
+    loud_s = 0.02 * np.count_nonzero(rx_db > -30)  # 20 ms windows; the tone is at -15 dBFS
+    assert 1.8 < loud_s < 2.3, loud_s
+    assert wait_for(lambda: live_count(server["base"]) == 0)
+
+
+def test_an_interrupt_stops_a_stream_still_arriving(server):
+    """Barge-in while a text-to-speech stream is still being sent (one chunked speak): the
+    interrupt drops what is queued and the rest of the stream; the speak's answer says so."""
+    import threading
+
+    tone = (8000 * np.sin(2 * np.pi * 220 * np.arange(8_000) / 16_000)).astype("<i2").tobytes()  # 0.5 s
+
+    def stream():
+        for _ in range(12):  # 6 s of speech, sent over 3 s
+            yield tone
+            time.sleep(0.25)
+
+    async def session():
+        client = LiveClient(server["base"])
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        answer = {}
+        pcm = {"Content-Type": "audio/L16;rate=16000"}
+        sender = threading.Thread(
+            target=lambda: answer.update(r=requests.post(client._url("/speak"), data=stream(), headers=pcm, timeout=20))
+        )
+        sender.start()
+        await asyncio.sleep(1.0)
+        await client.interrupt()
+        await asyncio.to_thread(sender.join, 20)
+        after = await client.state()
+        await client.close()
+        return answer["r"], after
+
+    r, after = asyncio.run(session())
+    body = r.json()
+    assert r.status_code == 202 and "interrupt" in body["warning"], body
+    assert 3.5 < body["dropped_s"] < 5.5, body  # about 2 of the 12 chunks came before the interrupt
+    assert after["queued_s"] == 0 and after["state"] == "idle", after
+
+
 def _open(base, image=PORTRAIT, offer=None, config=None):
     data = {"config": json.dumps(config or CONFIG)}
     if offer is not None:
@@ -195,7 +255,7 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         # ... and what a session holds counts: 8 s queued leave room for 2 s, not for 3 s more
         held = requests.post(url, data=b"\1\0" * 16_000 * 8, headers=pcm, timeout=10)
         past_room = requests.post(url, files={"audio": open(SPEECH, "rb").read()}, timeout=10)
-        # a chunked body (no length known ahead) is cut where it passes the room
+        # a chunked body (no length known ahead) is cut where it passes the room: 4 s into 2
         chunked = requests.post(url, data=iter([b"\1\0" * 8_000] * 8), headers=pcm, timeout=10)
         full = await client.state()
         await client.close()
@@ -216,7 +276,10 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
     assert after_too_long["queued_s"] == 0
     assert held.status_code == 202 and 7 < held.json()["queued_s"] <= 8
     assert past_room.status_code == 400 and "the session holds" in past_room.json()["error"]["message"]
-    assert chunked.status_code == 400 and full["queued_s"] <= 10
+    # the chunked stream: spoken up to the room, its end dropped, and the answer says so
+    cut = chunked.json()
+    assert chunked.status_code == 202 and 9 < cut["queued_s"] <= 10 and full["queued_s"] <= 10
+    assert 1 < cut["dropped_s"] < 3 and "live.max_speak_s" in cut["warning"]
     assert after.status_code == 404  # the session ended: speaking to it is a 404
 
 
@@ -311,11 +374,15 @@ def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server
         await asyncio.sleep(1.0)
         for helper in _helpers(pid):  # the session's, and the spare
             os.kill(helper, signal.SIGKILL)
+        # speech sent as the helper dies: the session has ended (404), never a server error
+        pcm = {"Content-Type": "audio/L16;rate=16000"}
+        spoken = [requests.post(client._url("/speak"), data=b"\1\0" * 1600, headers=pcm, timeout=10) for _ in range(3)]
         ended = await asyncio.to_thread(wait_for, lambda: live_count(base) == 0, 10)
         await client.close(end_session=False)
-        return client.session_id, ended
+        return client.session_id, ended, spoken
 
-    session_id, ended = asyncio.run(session())
+    session_id, ended, spoken = asyncio.run(session())
+    assert all(r.status_code in (202, 404) for r in spoken), [(r.status_code, r.text) for r in spoken]
     assert ended
     assert requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).status_code == 404
     assert wait_for(lambda: f"live session {session_id} ended (error)" in (server["tmp"] / "server.log").read_text())
@@ -337,6 +404,7 @@ def paying_server(tmp_path_factory):
     from sonic_server.accounts import Ledger
 
     info["ledger"] = Ledger.open(f"sqlite:///{tmp / 'data' / 'credits.sqlite3'}")
+    info["proc"] = proc
     yield info
     proc.terminate()
     proc.wait(10)
@@ -379,3 +447,28 @@ def _open_with_key(base, key):
         return requests.post(
             base + "/api/sonic/live", files={"image": f.read()}, data=data, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
+
+
+def test_a_server_stopped_by_sigterm_charges_its_running_sessions(paying_server):
+    """docker stop, systemd: SIGTERM ends the running sessions (server_stopping) and charges what
+    they streamed; before, the process died with its hold held for over an hour. (The module's
+    last test: it stops the paying server.)"""
+    base, ledger, proc = paying_server["base"], paying_server["ledger"], paying_server["proc"]
+    _, key = ledger.create_account("leaving", credits=1000)
+
+    async def session():
+        client = LiveClient(base, api_key=key)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(2.0)
+        assert ledger.account("leaving")["reserved"] > 0
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        await client.close(end_session=False)
+        return code
+
+    code = asyncio.run(session())
+    account = ledger.account("leaving")
+    assert code == 128 + signal.SIGTERM
+    assert account["reserved"] == 0 and 1000 - 5 <= account["balance"] <= 1000 - 2, account
+    log = (paying_server["tmp"] / "server.log").read_text()
+    assert "ended (server_stopping)" in log

@@ -2,9 +2,10 @@
 
 Imports the engine at once (a spare helper is started ahead of its session), then waits for
 `Start` on the socket FD: the prepared face, the options and the frames ring. It answers
-`Queued(0)` when ready, then runs the session on its own clock: each frame's image goes into
-its slot of the ring and the rest is sent as `FrameOut`. A reader thread applies `Speak`
-(answered `Queued`), `Hear` and `Interrupt` as they come. End of file on the socket ends it.
+`Queued(0)` when ready, and on `Begin` runs the session on its own clock: each frame's image
+goes into its slot of the ring and the rest is sent as `FrameOut`. A reader thread applies
+`Speak` (answered `Queued`), `Hear` and `Interrupt` as they come, before `Begin` too (speech
+queued before the client connects waits for it). End of file on the socket ends it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from multiprocessing.connection import Connection
 import cv2
 import numpy as np
 
-from sonic.live.process import SLOTS, Failed, FrameOut, Hear, Interrupt, Queued, Speak, Start
+from sonic.live.process import SLOTS, Begin, Failed, FrameOut, Hear, Interrupt, Queued, Speak, Start
 from sonic.live.session import LiveSession
 
 
-def _listen(conn: Connection, session: LiveSession, send, stop: threading.Event) -> None:
-    """Speech from the parent, applied as it comes; end of file stops the session."""
+def _listen(conn: Connection, session: LiveSession, send, begin: threading.Event, stop: threading.Event) -> None:
+    """Speech from the parent, applied as it comes; `Begin` starts the clock; end of file stops
+    the session."""
     while True:
         try:
             msg = conn.recv()
@@ -31,10 +33,13 @@ def _listen(conn: Connection, session: LiveSession, send, stop: threading.Event)
         if isinstance(msg, Hear):
             session.hear(msg.pcm)
         elif isinstance(msg, Speak):
-            send(Queued(session.speak(msg.pcm)))
+            send(Queued(session.speak(msg.pcm, msg.turn), session.turn, msg.seq))
         elif isinstance(msg, Interrupt):
             session.interrupt()
+        elif isinstance(msg, Begin):
+            begin.set()
     stop.set()
+    begin.set()
 
 
 def main(fd: int) -> None:
@@ -60,9 +65,10 @@ def main(fd: int) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the request
         send(Failed(f"{type(e).__name__}: {e}"))
         return
-    stop = threading.Event()
-    threading.Thread(target=_listen, args=(conn, session, send, stop), daemon=True).start()
+    begin, stop = threading.Event(), threading.Event()
+    threading.Thread(target=_listen, args=(conn, session, send, begin, stop), daemon=True).start()
     send(Queued(0.0))
+    begin.wait()
     try:
         for n, frame in enumerate(session.frames(stop)):
             slot = n % SLOTS

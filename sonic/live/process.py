@@ -15,6 +15,7 @@ that a session begins without waiting for Python's imports (~1 s).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import shutil
@@ -31,6 +32,7 @@ from ..render_pool import HelperProcess, scratch_root, sweep_orphans
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 5.0
+ANSWERS_KEPT = 64  # a speak's answer this many answers old is dropped: its caller gave up
 TMP_PREFIX = "sonic-live-"
 
 
@@ -45,6 +47,8 @@ class Start:
 @dataclass(frozen=True)
 class Speak:
     pcm: np.ndarray
+    turn: int | None = None
+    seq: int = 0  # echoed by its Queued: an answer that came too late is not taken for the next
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,16 @@ class Interrupt:
 
 
 @dataclass(frozen=True)
+class Begin:
+    """Start the clock: sent when the frames are first asked for (the client is connected), so
+    that speech queued before then is spoken to the client, not to nobody."""
+
+
+@dataclass(frozen=True)
 class Queued:
     seconds: float
+    turn: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,11 +151,16 @@ class SessionProcess:
         path = os.path.join(self._helper.folder, "frames.npy")
         self._ring = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(SLOTS, h * 3 // 2, w))
         self._frames: queue.Queue = queue.Queue(maxsize=SLOTS - 2)
-        self._replies: queue.Queue = queue.Queue()
+        self._answers: dict[int, Queued] = {}  # Speak's answers by seq, until their caller takes them
+        self._answered = threading.Condition()
+        self._seq = itertools.count(1)
+        self._ended = False  # the helper's messages have stopped (it exited, or was killed)
         self._send_lock = threading.Lock()
         self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
+        self.turn = 0  # the session's turn, as its last answer to `speak` gave it
         self.delay = lookahead_frames(self.fps)  # as the session in the helper has it
         self.failure: str | None = None
+        self._begun = False
         try:
             self._send(Start(face, options, path))
             ready = self._helper.conn.recv() if self._helper.conn.poll(START_TIMEOUT_S) else None
@@ -160,13 +177,23 @@ class SessionProcess:
             self._helper.conn.send(message)
 
     def _read(self) -> None:
-        """Frames and replies from the helper, until it ends."""
+        """Frames and replies from the helper, until it ends; then the end, for frames() (however
+        the reading stopped: a session whose frames stop without it would never end)."""
+        try:
+            self._read_messages()
+        finally:
+            with self._answered:
+                self._ended = True  # a speak waiting for its answer gets none now
+                self._answered.notify_all()
+            self._hand_on(None)
+
+    def _read_messages(self) -> None:
         conn = self._helper.conn
         while True:
             try:
                 msg = conn.recv()
             except (OSError, EOFError, TypeError):  # TypeError: closed under the read by close()
-                break
+                return
             if isinstance(msg, FrameOut):
                 self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
                 frame = self._frame_cls(
@@ -183,10 +210,13 @@ class SessionProcess:
                 )
                 self._hand_on(frame)
             elif isinstance(msg, Queued):
-                self._replies.put(msg.seconds)
+                with self._answered:
+                    self._answers[msg.seq] = msg
+                    for late in [k for k in self._answers if k < msg.seq - ANSWERS_KEPT]:
+                        del self._answers[late]  # answers whose caller gave up waiting
+                    self._answered.notify_all()
             elif isinstance(msg, Failed):
                 self.failure = msg.message
-        self._hand_on(None)  # the end, for frames()
 
     def _hand_on(self, item) -> None:
         """Into the frames' queue; when nobody is taking them (yet, or any more) the oldest goes,
@@ -202,12 +232,18 @@ class SessionProcess:
                     pass
 
     # --- a LiveSession's interface --------------------------------------------------------
-    def speak(self, pcm: np.ndarray) -> float:
-        self._send(Speak(np.asarray(pcm, np.float32).reshape(-1)))
-        try:
-            return float(self._replies.get(timeout=REPLY_TIMEOUT_S))
-        except queue.Empty as e:
-            raise PipelineError("the live session's helper did not answer") from e
+    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+        """LiveSession.speak, answered by the helper; OSError once the helper is gone."""
+        seq = next(self._seq)
+        self._send(Speak(np.asarray(pcm, np.float32).reshape(-1), turn, seq))
+        with self._answered:
+            if not self._answered.wait_for(lambda: seq in self._answers or self._ended, REPLY_TIMEOUT_S):
+                raise PipelineError("the live session's helper did not answer")
+            if seq not in self._answers:  # as a send to it would, once it is gone
+                raise BrokenPipeError("the live session's helper has stopped")
+            reply = self._answers.pop(seq)
+        self.turn = reply.turn
+        return float(reply.seconds)
 
     def hear(self, pcm: np.ndarray) -> None:
         try:
@@ -220,7 +256,14 @@ class SessionProcess:
         self.queued_s = 0.0
 
     def frames(self, stop: threading.Event | None = None) -> Iterator:
-        """The helper's frames as they come (its own clock paces them), until `stop` or its end."""
+        """The helper's frames as they come (its own clock paces them, from this call on, as a
+        LiveSession's does), until `stop` or its end."""
+        if not self._begun:
+            self._begun = True
+            try:
+                self._send(Begin())
+            except OSError:  # the helper is gone: the frames end at once
+                self._hand_on(None)
         while stop is None or not stop.is_set():
             try:
                 frame = self._frames.get(timeout=0.2)

@@ -92,6 +92,7 @@ class LiveSession:
         self._mic = np.zeros(0, np.float32)
         self._pending: deque[np.ndarray] = deque()  # the timeline's audio not yet handed out
         self._interrupted = False
+        self._turn = 0  # interrupts so far: speech sent for an earlier turn is dropped
         self._loudness = LoudnessStream(self.fps)
         self._phones = PhoneStream()
         self._motion = MotionStream(
@@ -112,11 +113,13 @@ class LiveSession:
         self._image = face.decoder.render(rest, np.zeros((1, 4)))[0]
 
     # --- speech in -------------------------------------------------------------------------
-    def speak(self, pcm: np.ndarray) -> float:
-        """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds queued."""
+    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+        """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds
+        queued. `turn`: what `turn` was when this speech began (a stream sent in parts); an
+        interrupt since then has ended that turn, and its speech is dropped."""
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         with self._lock:
-            if len(pcm):
+            if len(pcm) and (turn is None or turn == self._turn):
                 self._speech.append(pcm)
                 self._queued += len(pcm)
             return self._queued / SAMPLE_RATE
@@ -133,6 +136,14 @@ class LiveSession:
             self._speech.clear()
             self._queued = 0
             self._interrupted = True
+            self._turn += 1
+
+    @property
+    def turn(self) -> int:
+        """How many times the session was interrupted: a stream of speech passes the turn it
+        began in to `speak`, so that an interrupt stops the rest of it too."""
+        with self._lock:
+            return self._turn
 
     @property
     def queued_s(self) -> float:

@@ -105,7 +105,9 @@ class LiveHost:
         session = self.live.get(str(command.get("session_id")), lambda owner: True)  # the API checked the caller
         if op == "speak":
             pcm = np.frombuffer(relay.unpack(command["pcm"]), "<i2").astype(np.float32) / 32768.0
-            return {"queued_s": session.speak(pcm)}
+            turn = command.get("turn")
+            queued = session.speak(pcm, None if turn is None else int(turn))
+            return {"queued_s": queued, "turn": session.turn}
         if op == "interrupt":
             session.interrupt()
             return {"interrupted": True}

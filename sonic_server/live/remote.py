@@ -41,10 +41,12 @@ class RemoteSession:
     id: str
     worker: str
     conn: Any
+    turn: int = 0  # the session's turn, as the worker's last answer to `speak` gave it
 
-    def speak(self, pcm: np.ndarray) -> float:
+    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
         s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
-        reply = self._call("speak", pcm=relay.pack(s16))
+        reply = self._call("speak", pcm=relay.pack(s16), turn=turn)
+        self.turn = int(reply.get("turn", 0))
         return float(reply["queued_s"])
 
     def interrupt(self) -> None:

@@ -245,8 +245,19 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
     request_body=SPEAK,
     responses={
         202: (
-            "queued",
-            content("application/json", {"type": "object", "properties": {"queued_s": {"type": "number"}}}),
+            "queued (dropped_s and warning: the end of a chunked stream was dropped, past live.max_speak_s or "
+            "after an interrupt)",
+            content(
+                "application/json",
+                {
+                    "type": "object",
+                    "properties": {
+                        "queued_s": {"type": "number"},
+                        "dropped_s": {"type": "number"},
+                        "warning": {"type": "string"},
+                    },
+                },
+            ),
         ),
         400: error("no audio, or more speech than the session may still queue (live.max_speak_s)"),
         404: error("no such session (ended or unknown; distributed: ended_reason says why it ended)"),
@@ -264,12 +275,31 @@ def speak(session_id: str):
     room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)))
     kind = (request.mimetype or "").lower()
     if kind == PCM_TYPE:
-        queued = _speak_pcm(session, room)
+        streamed = _speak_pcm(session, room, session.turn)
     else:
         wav = _decoded_speech(max_s)
         room.check(len(wav) / SAMPLE_RATE)
-        queued = session.speak(wav)
-    return jsonify({"queued_s": round(queued, 3)}), 202
+        streamed = Streamed(session.speak(wav))
+    body: dict = {"queued_s": round(streamed.queued_s, 3)}
+    if streamed.dropped_s:
+        body["dropped_s"] = round(streamed.dropped_s, 3)
+        body["warning"] = (
+            "an interrupt came while the stream was arriving: the rest of it was dropped"
+            if streamed.interrupted
+            else f"the stream passed live.max_speak_s ({max_s:g} s of speech held): its last "
+            f"{streamed.dropped_s:.1f} s were dropped; send more as the session speaks"
+        )
+    return jsonify(body), 202
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a speak request did: the seconds the session now holds, the seconds of the request
+    dropped (past the room, or after an interrupt: `interrupted`)."""
+
+    queued_s: float
+    dropped_s: float = 0.0
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,11 +319,13 @@ class SpeechRoom:
             )
 
 
-def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom) -> float:
+def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: int) -> Streamed:
     """A raw body of 16-bit little-endian mono PCM at 16 kHz, queued as it arrives (a text-to-
-    speech engine's output can be streamed straight in, chunked). A body whose length is known
-    is refused whole when it does not fit; a chunked one that runs past the room is cut there
-    (what came before it is spoken)."""
+    speech engine's output can be streamed straight in, chunked), as speech of `turn`. A body
+    whose length is known is refused whole when it does not fit; a chunked one that runs past
+    the room is cut there: what came before it is spoken. An interrupt while it arrives drops
+    the rest (barge-in while a text-to-speech stream is still coming). What is dropped is still
+    read, so that the client gets its answer."""
     rate = request.mimetype_params.get("rate")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
@@ -301,20 +333,26 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom) -> floa
         )
     if request.content_length is not None:
         room.check(request.content_length / 2 / SAMPLE_RATE)
-    stream, total, carry, queued = request.stream, 0, b"", 0.0
+    room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
+    stream, total, kept, carry = request.stream, 0, 0, b""
+    queued, interrupted = room.queued_s, False
     while True:
         chunk = stream.read(PCM_CHUNK_BYTES)
         if not chunk:
             break
+        fits = 0 if interrupted else max(0, min(len(chunk), room_bytes - total))
         total += len(chunk)
-        room.check(total / 2 / SAMPLE_RATE)
-        data = carry + chunk
+        if not fits:
+            continue
+        data = carry + chunk[:fits]
         cut = len(data) - len(data) % 2
         carry = data[cut:]
-        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0)
+        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn)
+        interrupted = session.turn != turn
+        kept += 0 if interrupted else fits
     if total == 0:
         raise InvalidParameter("the audio/L16 body is empty", field="audio")
-    return queued
+    return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
 
 
 def _decoded_speech(max_s: float) -> np.ndarray:

@@ -10,6 +10,7 @@ the session is then forgotten (its id answers 404).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -79,12 +80,24 @@ class ServedSession:
         """Seconds of video sent."""
         return self.stats.frames_sent / self.engine.fps
 
-    def speak(self, pcm: Any) -> float:
-        """Queue 16 kHz mono float32 speech; the seconds now queued."""
-        return self.engine.speak(pcm)
+    def speak(self, pcm: Any, turn: int | None = None) -> float:
+        """Queue 16 kHz mono float32 speech (of `turn`: dropped if an interrupt ended it); the
+        seconds now queued."""
+        try:
+            return self.engine.speak(pcm, turn)
+        except OSError as e:  # its helper is gone: the session is ending, as the clock will see
+            raise SessionNotFound(f"live session {self.id} has ended (its helper process stopped)") from e
+
+    @property
+    def turn(self) -> int:
+        """The engine's turn (its interrupts so far), as of the last speak."""
+        return self.engine.turn
 
     def interrupt(self) -> None:
-        self.engine.interrupt()
+        try:
+            self.engine.interrupt()
+        except OSError as e:
+            raise SessionNotFound(f"live session {self.id} has ended (its helper process stopped)") from e
 
     def state(self) -> dict:
         engine = self.engine
@@ -234,13 +247,17 @@ class LiveSessions:
                 paid_s=paid_s,
                 on_end=on_end,
             )
+            negotiation = asyncio.run_coroutine_threadsafe(self._negotiate(session, offer), self.rtc.loop)
             try:
-                answer = self.rtc.run(self._negotiate(session, offer), NEGOTIATE_TIMEOUT_S)
+                answer = negotiation.result(NEGOTIATE_TIMEOUT_S)
             except Exception as e:
+                negotiation.cancel()
                 self._close_connection(session)
                 engine.close()
                 if isinstance(e, SonicError):
                     raise
+                if isinstance(e, TimeoutError):  # the server's loop is overloaded, not the offer bad
+                    raise Busy(f"the connection could not be set up within {NEGOTIATE_TIMEOUT_S:g} s; retry") from e
                 # aiortc's parse errors are many kinds of exception
                 raise InvalidParameter(f"offer: the session description could not be used ({e})", field="offer") from e
             with self._lock:
