@@ -1,10 +1,12 @@
 """A Pipecat pipeline with sonic's face after a stand-in TTS, run in the integration's own
 environment by tests/test_pipecat.py (not a test module itself).
 
-    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON|SONIC_URL
+    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON|SONIC_URL [end-session]
 
 With a URL (http://...) the service uses that running sonic service's live sessions (`url=`)
-instead of the engine in this process.
+instead of the engine in this process; with `end-session` too, the session is ended on the
+server (DELETE, as an operator or its idle timeout would) after the first reply, and the
+ErrorFrame the pipeline reports (on_pipeline_error) is recorded.
 
 Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in real time (20 ms
 chunks): once in real time, a pause, then again all at once (as many TTS services send it),
@@ -24,6 +26,7 @@ import numpy as np
 import soundfile as sf
 from pipecat.frames.frames import (
     EndFrame,
+    ErrorFrame,
     Frame,
     InterruptionFrame,
     MetricsFrame,
@@ -49,10 +52,11 @@ TAIL_S = 1.5
 class SpeechSource(FrameProcessor):
     """Plays the speech as TTS audio frames in real time, then interrupts and ends."""
 
-    def __init__(self, wav: np.ndarray, task_box: list, marks: dict, face_shown: asyncio.Event) -> None:
+    def __init__(self, wav: np.ndarray, task_box: list, marks: dict, face_shown: asyncio.Event, end_session=None) -> None:
         super().__init__()
         self._pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)
         self._task_box, self._marks, self._face_shown = task_box, marks, face_shown
+        self._end_session = end_session
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -77,6 +81,8 @@ class SpeechSource(FrameProcessor):
         self._marks["first_start"] = time.monotonic()
         await self._say()
         self._marks["first_end"] = time.monotonic()
+        if self._end_session is not None:
+            await self._end_session()
         await asyncio.sleep(PAUSE_S)
         self._marks["second_start"] = time.monotonic()
         await self._say(burst=True)  # queued whole: only the interruption stops it
@@ -113,7 +119,7 @@ class Recorder(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-async def main(portrait: str, speech: str, out: str, sonic: str) -> None:
+async def main(portrait: str, speech: str, out: str, sonic: str, mode: str = "") -> None:
     wav, rate = sf.read(speech, dtype="float32")
     wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
     box: list = []
@@ -121,12 +127,25 @@ async def main(portrait: str, speech: str, out: str, sonic: str) -> None:
     recorder = Recorder()
     where = {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
     face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, **where)
+
+    async def end_session() -> None:  # from outside the service, as the server's operator would
+        import aiohttp
+
+        marks["ended_at"] = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"{sonic}/api/sonic/live/{face._remote.session_id}") as r:
+                marks["ended_status"] = r.status
     worker = PipelineWorker(
-        Pipeline([SpeechSource(wav, box, marks, recorder.face_shown), face, recorder]),
+        Pipeline([SpeechSource(wav, box, marks, recorder.face_shown, end_session if mode == "end-session" else None), face, recorder]),
         params=PipelineParams(audio_out_sample_rate=TTS_RATE, enable_metrics=True),
         idle_timeout_secs=None,
     )
     box.append(worker)
+
+    @worker.event_handler("on_pipeline_error")
+    async def on_pipeline_error(worker, frame: ErrorFrame) -> None:  # what a voice agent's code sees
+        marks.setdefault("error", frame.error)
+        marks.setdefault("error_at", time.monotonic())
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     await runner.run()
@@ -143,4 +162,4 @@ async def main(portrait: str, speech: str, out: str, sonic: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

@@ -27,16 +27,18 @@ def pipecat_python():
     return python
 
 
-def pipeline_run(pipecat_python, out, sonic: str):
+def pipeline_run(pipecat_python, out, sonic: str, *mode: str):
     """tests/pipecat_run.py with the engine in-process (sonic: sonic's interpreter) or a running
-    service's sessions (sonic: its URL) -> (recorded data, frame times from the first, marks)."""
+    service's sessions (sonic: its URL) -> (recorded data, frame times from the first, marks:
+    times from the first frame too)."""
     script = ROOT / "tests" / "pipecat_run.py"
-    command = [str(pipecat_python), str(script), str(EXAMPLES / "astronaut.jpg"), str(SPEECH), str(out), sonic]
+    command = [str(pipecat_python), str(script), str(EXAMPLES / "astronaut.jpg"), str(SPEECH), str(out), sonic, *mode]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     data = np.load(out)
     times = data["image_times"]
-    marks = {k: v - times[0] for k, v in json.loads(str(data["marks"])).items()}
+    marks = {k: v - times[0] if k.endswith(("_at", "_start", "_end")) or k == "interrupt" else v
+             for k, v in json.loads(str(data["marks"])).items()}
     return data, times - times[0], marks
 
 
@@ -137,3 +139,23 @@ def test_with_url_the_service_uses_a_running_sonic_services_sessions(pipeline, p
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_on(pipecat_python, tmp_path):
+    """The server ends the session (here a DELETE, as its idle timeout, a restart or an operator
+    would): the service says so upstream (an ErrorFrame naming why) and the TTS audio goes on
+    downstream without the face; it was consumed, and the agent fell silent."""
+    from test_http_live import start_server
+
+    proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
+    try:
+        data, times, marks = pipeline_run(pipecat_python, tmp_path / "ended.npz", info["base"], "end-session")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert marks["ended_status"] == 204
+    assert "live session ended" in marks["error"] and "404" in marks["error"], marks
+    assert 0 <= marks["error_at"] - marks["ended_at"] < 1.5, marks
+    arrivals = data["audio"][:, 0] - data["image_times"][0]
+    voice_after = data["audio"][arrivals > marks["second_start"], 1].sum() / 24000
+    assert voice_after >= float(data["speech_s"]) - 0.2, voice_after

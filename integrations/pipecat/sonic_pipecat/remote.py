@@ -4,7 +4,9 @@ The session is opened with POST /api/sonic/live (the portrait, the parameters an
 that receives the face's video and audio and sends a silent microphone); speech goes to
 /speak as raw 16 kHz PCM (`audio/L16;rate=16000`) in batches of SEND_EVERY_S; /interrupt and
 DELETE do what they say. What the server sends arrives on the offer's tracks; `frames()` and
-`audio()` yield it as it comes (the server keeps picture and sound in sync).
+`audio()` yield it as it comes (the server keeps picture and sound in sync). When the session
+ends on the server's side (its idle timeout, max_session_s, credit, a restart, an operator),
+`frames()` and `audio()` end and `ended` says why.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
+RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -48,6 +51,8 @@ class RemoteSession:
         self._outgoing = bytearray()
         self._sender: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
+        self.ended: str | None = None  # why the session ended on the server's side, once it has
+        self._closing = False
         if urlparse(self.url).hostname in LOOPBACK:
             loopback_only()
 
@@ -60,7 +65,12 @@ class RemoteSession:
         @pc.on("track")
         def on_track(track) -> None:
             queue = self._video if track.kind == "video" else self._audio
-            self._tasks.append(asyncio.ensure_future(_drain(track, queue)))
+            self._tasks.append(asyncio.ensure_future(self._drain(track, queue)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                self._end(f"the connection to the sonic service {pc.connectionState}")
 
         await pc.setLocalDescription(await pc.createOffer())
         form = aiohttp.FormData()
@@ -82,15 +92,50 @@ class RemoteSession:
         self._outgoing += (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
 
     async def _send_speech(self) -> None:
-        while True:
+        headers = {"Content-Type": "audio/L16;rate=16000"}
+        while self.ended is None:
             await asyncio.sleep(SEND_EVERY_S)
             if not self._outgoing or self._http is None:
                 continue
             body, self._outgoing = bytes(self._outgoing), bytearray()
-            headers = {"Content-Type": "audio/L16;rate=16000"}
-            async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/speak", data=body, headers=headers) as r:
-                if r.status >= 400:
-                    raise RuntimeError(f"the sonic service refused speech ({r.status}): {await r.text()}")
+            url = f"{self.url}/api/sonic/live/{self.session_id}/speak"
+            try:
+                async with self._http.post(url, data=body, headers=headers) as r:
+                    if r.status in (429, 503):  # refused for now: sent again, ahead of what came since
+                        self._outgoing[:0] = body
+                        await asyncio.sleep(min(RETRY_MAX_S, float(r.headers.get("Retry-After", 1))))
+                    elif r.status >= 400:
+                        self._end(f"the sonic service refused speech ({r.status}): {_message(await r.text())}")
+            except aiohttp.ClientError as e:
+                self._end(f"the sonic service cannot be reached: {e}")
+
+    async def _drain(self, track, queue: asyncio.Queue) -> None:
+        while True:
+            try:
+                await queue.put(await track.recv())
+            except MediaStreamError:
+                if not self._closing and self.ended is None:  # the server stopped sending: ask it why
+                    self._end(await self._why_ended())  # (before the end is seen, so that it has its reason)
+                await queue.put(None)
+                return
+
+    async def _why_ended(self) -> str:
+        """The server's word on the session, once its tracks have stopped."""
+        try:
+            assert self._http is not None
+            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+                if r.status == 404:
+                    return f"the sonic service ended it ({r.status}): {_message(await r.text())}"
+        except (aiohttp.ClientError, AssertionError) as e:
+            return f"the sonic service cannot be reached: {e}"
+        return "the sonic service stopped sending it"
+
+    def _end(self, reason: str) -> None:
+        """The session is over on the server's side: frames() and audio() end."""
+        if self.ended is None and not self._closing:
+            self.ended = reason
+            self._video.put_nowait(None)
+            self._audio.put_nowait(None)
 
     async def interrupt(self) -> None:
         self._outgoing.clear()
@@ -109,6 +154,7 @@ class RemoteSession:
             yield frame
 
     async def close(self) -> None:
+        self._closing = True
         for task in [self._sender, *self._tasks]:
             if task is not None:
                 task.cancel()
@@ -128,10 +174,9 @@ class RemoteSession:
         await self._audio.put(None)
 
 
-async def _drain(track, queue: asyncio.Queue) -> None:
-    while True:
-        try:
-            await queue.put(await track.recv())
-        except MediaStreamError:
-            await queue.put(None)
-            return
+def _message(text: str) -> str:
+    """The message of a sonic error body, or the body itself."""
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return text[:200]

@@ -106,6 +106,13 @@ class SonicVideoService(FrameProcessor):
             from sonic import load_pipeline
             from sonic.live import prepare_live_face
 
+            try:
+                import mediapipe  # noqa: F401 - the face landmarker, which this interpreter may lack
+            except ImportError as e:
+                raise RuntimeError(
+                    f"this interpreter cannot prepare the portrait ({e}): set sonic_python= or the "
+                    "environment variable SONIC_PYTHON to the sonic project's interpreter (its .venv/bin/python)"
+                ) from e
             pipeline = load_pipeline()
             options = pipeline.options(self._params)
             return LiveSession(prepare_live_face(pipeline, self._portrait, options), options)
@@ -189,6 +196,9 @@ class SonicVideoService(FrameProcessor):
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
+        if self._remote is not None and self._remote.ended:
+            await self.push_frame(frame)  # the face is gone: the voice goes on without it
+            return
         if self._remote is not None:
             now = time.monotonic()
             if now - self._last_heard > 0.5 and not self._awaiting_first_frame:  # an utterance begins
@@ -242,10 +252,13 @@ class SonicVideoService(FrameProcessor):
                 await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
 
     async def _pump_remote_video(self) -> None:
-        async for frame in self._remote.frames():
+        remote = self._remote
+        async for frame in remote.frames():
             image = frame.to_ndarray(format="rgb24")
             await self.push_frame(OutputImageRawFrame(image=image.tobytes(), size=(frame.width, frame.height), format="RGB"))
             self.frames_pushed += 1
+        if remote.ended:  # the session ended on the server's side, not by this pipeline's end
+            await self.push_error(f"SonicVideoService: the live session ended: {remote.ended}")
 
     async def _pump_remote_audio(self) -> None:
         step = self._out_rate * CHUNK_MS // 1000 * 2
