@@ -283,7 +283,7 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
 def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
     """16 submits at once from 8 threads and 2 API-side queues, queue_size 3, no worker taking
     jobs (a worker entry is faked so that submit accepts): exactly 3 are queued, the rest get
-    QueueFull, and nothing of the refused ones stays in Redis."""
+    QueueFull, and nothing of the refused ones stays in Redis, indexes included."""
     import threading
     import redis
     from sonic_server.jobs import JobRecord
@@ -310,6 +310,9 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
     assert outcomes.count("queued") == 3 and outcomes.count("full") == 13
     assert queues[0].queue_length() == 3 and r.scard(PREFIX + "unfinished") == 3
     assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 3
+    # ... nor in the listing's indexes (they grew by one with every refusal, and a listing
+    # counted the refused among its scan)
+    assert r.zcard(PREFIX + "created") == 3
 
 
 def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):

@@ -336,8 +336,19 @@ class RedisQueue(JobQueue):
             raise WorkerStopped()
         rec = lifecycle.queue(rec.copy())
         self.store.save(rec)
-        # the bound and the push in one optimistic transaction: API processes racing for the
-        # last place cannot both take it (WATCH the queue; a change meanwhile means try again)
+        try:
+            if self._enqueue(rec):
+                return rec
+        except redis_lib.RedisError:
+            self._forget(rec.id)
+            raise
+        self._forget(rec.id)
+        raise QueueFull()
+
+    def _enqueue(self, rec: JobRecord) -> bool:
+        """The bound and the push in one optimistic transaction: API processes racing for the
+        last place cannot both take it (WATCH the queue; a change meanwhile means try again).
+        False when the queue is full."""
         key = self.rq.key
         for _ in range(50):
             with self.r.pipeline() as p:
@@ -345,16 +356,23 @@ class RedisQueue(JobQueue):
                     p.watch(key)
                     if p.llen(key) >= self.queue_size:
                         p.unwatch()
-                        break
+                        return False
                     p.multi()
                     enqueue(self.r, rec, pipeline=p)
                     p.execute()
-                    return rec
+                    return True
                 except redis_lib.WatchError:
                     continue
-        self.r.delete(PREFIX + f"job:{rec.id}")  # never queued: its record goes
-        self.r.srem(PREFIX + "unfinished", rec.id)
-        raise QueueFull()
+        return False
+
+    def _forget(self, job_id: str) -> None:
+        """A job that was never queued: its record and every index that finds it go (they were
+        left in the listing's indexes, growing with every refusal, and a record left queued
+        showed as queued for ever)."""
+        try:
+            self.store.delete(job_id)
+        except redis_lib.RedisError:
+            log.warning("job %s: its record could not be removed after it failed to queue", job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
