@@ -45,6 +45,7 @@ DEFAULT_EVENTS = ("completed",)
 FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
 MAX_RETRY_GAP_S = 900.0
 SEND_EVERY_S = 0.5
+SENDERS = 4  # deliveries in flight at once, each to another job: a receiver that is slow to answer holds one
 
 
 def backoff_s(failures: int) -> float:
@@ -326,6 +327,8 @@ class Webhooks:
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
         self._sending = False
+        self._in_flight: set[str] = set()  # ids of the deliveries being sent now
+        self._flight_lock = threading.Lock()
 
     def notify(self, rec: JobRecord, event: str) -> None:
         """An event of a job: a delivery when the job asked for that event."""
@@ -378,8 +381,32 @@ class Webhooks:
                 log.exception("webhooks: sending failed")
 
     def send_due(self, now: float | None = None) -> None:
-        for delivery in self.outbox.due(time.time() if now is None else now, 20):
+        """Start sending what is due, each delivery on a thread of its own, SENDERS at most at
+        once: one receiver that takes its full deadline to answer no longer holds up every
+        other job's deliveries. A job's next delivery waits for the one before (the outbox
+        gives only each job's first), and the Redis outbox claims each as it gives it."""
+        at = time.time() if now is None else now
+        while True:
+            with self._flight_lock:
+                free, busy = SENDERS - len(self._in_flight), set(self._in_flight)
+            if free <= 0:
+                return
+            fresh = [d for d in self.outbox.due(at, free + len(busy)) if d.id not in busy][:free]
+            if not fresh:
+                return
+            for delivery in fresh:
+                with self._flight_lock:
+                    self._in_flight.add(delivery.id)
+                threading.Thread(target=self._send, args=(delivery,), name="sonic-webhook", daemon=True).start()
+
+    def _send(self, delivery: Delivery) -> None:
+        try:
             self._attempt(delivery)
+        except Exception:  # noqa: BLE001 - the store away: the delivery stays due, for next time
+            log.exception("webhook %s: sending failed", delivery.id)
+        finally:
+            with self._flight_lock:
+                self._in_flight.discard(delivery.id)
 
     @property
     def key(self) -> bytes:

@@ -152,6 +152,30 @@ def test_failed_deliveries_are_retried_on_500_and_on_a_closed_port(hooked_client
         rx.close()
 
 
+def test_a_receiver_that_never_answers_holds_up_no_other_jobs_deliveries(hooked_client):
+    """One job's receiver takes its connection and never answers (each attempt waits out the
+    outbound deadline, 15 s); another job's delivery still arrives at once."""
+    import socket
+
+    client = hooked_client()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel, never read nor answered
+    rx = Receiver(free_port())
+    try:
+        stuck = post(client, {**FAST, "seed": 5, "webhook": f"http://127.0.0.1:{silent.getsockname()[1]}/hooks"})
+        assert stuck.status_code == 200
+        time.sleep(1.0)  # its delivery is being attempted
+        sent = time.monotonic()
+        other = post(client, {**FAST, "seed": 6, "webhook": rx.url}).get_json()["job_id"]
+        got = rx.wait(1, timeout=20)
+        assert got and verified(got[0])["job_id"] == other
+        assert got[0]["at"] - sent < 2.5, got[0]["at"] - sent  # (behind it: 5 s and more)
+    finally:
+        rx.close()
+        silent.close()
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest/meta-data",
                                  "http://[::1]:8080/", "http://localhost/x", "ftp://example.org/x", "http:///x",
                                  "http://[::ffff:127.0.0.1]/x", "http://100.64.0.1/x", "http://[64:ff9b::a00:1]/x",
