@@ -384,7 +384,8 @@ def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server
     session_id, ended, spoken = asyncio.run(session())
     assert all(r.status_code in (202, 404) for r in spoken), [(r.status_code, r.text) for r in spoken]
     assert ended
-    assert requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).status_code == 404
+    gone = requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5)
+    assert gone.status_code == 404 and gone.json()["error"]["ended_reason"] == "error"  # why, not only that
     assert wait_for(lambda: f"live session {session_id} ended (error)" in (server["tmp"] / "server.log").read_text())
     asyncio.run(_open_and_close(base))  # the next session gets a fresh helper
 

@@ -19,19 +19,11 @@ from ..queue.redis import connect, live_workers
 from ..settings import LiveSettings
 from . import relay
 from .relay import Records, WorkerUnreachable
-from .sessions import SessionNotFound
+from .sessions import SessionEnded, SessionNotFound
 
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
 COMMAND_TIMEOUT_S = 5.0  # speak, interrupt, state, end
-
-
-class SessionEnded(SessionNotFound):
-    """A session that has ended (its record says why): it answers 404, naming the reason."""
-
-    def __init__(self, session_id: str, reason: str) -> None:
-        super().__init__(f"live session {session_id} has ended ({reason})")
-        self.extra = {"ended_reason": reason}
 
 
 @dataclass

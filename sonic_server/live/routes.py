@@ -260,7 +260,7 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
             ),
         ),
         400: error("no audio, or more speech than the session may still queue (live.max_speak_s)"),
-        404: error("no such session (ended or unknown; distributed: ended_reason says why it ended)"),
+        404: error("no such session (ended or unknown; ended_reason says why it ended)"),
         503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
         415: error("not decodable audio, or PCM at another rate than 16000 Hz"),
@@ -387,7 +387,7 @@ def interrupt(session_id: str):
     "A live session's state",
     responses={
         200: ("state", content("application/json", STATE)),
-        404: error("no such session (distributed: ended_reason says why it ended)"),
+        404: error("no such session (ended_reason says why it ended)"),
         503: error("distributed mode: the session's worker does not answer (retry)"),
     },
 )

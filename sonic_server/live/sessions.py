@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from .rtc import RtcLoop, announce_host, consume_microphone, face_tracks, quicke
 log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
 WATCH_INTERVAL_S = 1.0  # how often a session looks at its connection
+ENDED_KEPT = 1000  # sessions whose end (owner, reason) is remembered, for their 404s
 # seconds after the first frame at which a keyframe is sent again: the client may finish its
 # DTLS handshake a little after the server, and drop the first keyframe (a decoder without one
 # waits for its next: seconds of black with encoders that send them rarely)
@@ -41,6 +43,14 @@ KEYFRAMES_AT = (0.12, 0.3, 0.6)
 
 class SessionNotFound(SonicError):
     code = "session_not_found"
+
+
+class SessionEnded(SessionNotFound):
+    """A session that has ended (its record says why): it answers 404, naming the reason."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(f"live session {session_id} has ended ({reason})")
+        self.extra = {"ended_reason": reason}
 
 
 @dataclass
@@ -142,6 +152,9 @@ class LiveSessions:
         self.settings = settings
         self._rtc: RtcLoop | None = None
         self._sessions: dict[str, ServedSession] = {}
+        # the last sessions to end, with their owner and why: a client asking after its session
+        # learns whether it timed out, ran out of credit or failed
+        self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._opening = 0  # sessions between their slot being taken and their registration
         self._faces: Any = None
@@ -305,9 +318,12 @@ class LiveSessions:
     def get(self, session_id: str, may_see: Callable[[str | None], bool]) -> ServedSession:
         with self._lock:
             session = self._sessions.get(session_id)
-        if session is None or not may_see(session.owner):
-            raise SessionNotFound(f"no live session {session_id[:64]!r}: it ended, or never existed")
-        return session
+            ended = self._ended.get(session_id)
+        if session is not None and may_see(session.owner):
+            return session
+        if session is None and ended is not None and may_see(ended[0]):
+            raise SessionEnded(session_id, ended[1])
+        raise SessionNotFound(f"no live session {session_id[:64]!r}: it ended, or never existed")
 
     # --- the clock -------------------------------------------------------------------------
     def _run(self, session: ServedSession) -> None:
@@ -359,6 +375,10 @@ class LiveSessions:
         """End a session (once: False if it had ended already)."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
+            if session is not None:
+                self._ended[session_id] = (session.owner, reason)
+                while len(self._ended) > ENDED_KEPT:
+                    self._ended.popitem(last=False)
         if session is None:
             return False
         session.ended_reason = reason
