@@ -92,7 +92,9 @@ def test_speak_pcm_and_interrupt(server):
 
     async def session():
         client = LiveClient(base)
-        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        # a file's parameters are accepted, and named as not used here
+        opened = await client.open(PORTRAIT, {**CONFIG, "duration": 3, "async": True}, keep_frames=False)
+        assert opened["warnings"] == ["duration is not used by live sessions", "async does not apply to live sessions"]
         await asyncio.sleep(0.5)
         idle = await client.state()
         queued = await client.speak_file(SPEECH)

@@ -27,7 +27,7 @@ from ..errors import InvalidParameter
 from ..geometry import Framing
 from ..media import SAMPLE_RATE
 from ..motion import COEFFS, Rig, mouth_coefficients
-from ..options import GenerateOptions
+from ..options import GenerateOptions, parameters
 from .features import LoudnessStream, PhoneStream
 from .motion import MotionStream
 
@@ -247,3 +247,12 @@ def check_live_decoder(speaks: bool, name: str) -> None:
         raise InvalidParameter(
             f"the {name} decoder cannot run live sessions; live mode uses the warp decoder", field="decoder"
         )
+
+
+NOT_LIVE = ("duration", "align_mouth", "inference_steps")  # a file's parameters a session has no use for
+
+
+def unused_live(options: GenerateOptions) -> tuple[str, ...]:
+    """The parameters `options` sets away from their defaults that a live session ignores."""
+    declared = parameters()
+    return tuple(name for name in NOT_LIVE if getattr(options, name) != declared[name].default)

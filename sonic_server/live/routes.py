@@ -16,6 +16,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import load_portrait
 from sonic.errors import UnsupportedMedia
+from sonic.live.session import unused_live
 from sonic.media import SAMPLE_RATE, load_audio
 
 from ..access import caller
@@ -43,6 +44,11 @@ SESSION = component(
             "answer": {"type": "object", "properties": {"sdp": {"type": "string"}, "type": {"type": "string"}}},
             "state_url": {"type": "string"},
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "config fields a live session does not use (duration, align_mouth, ...)",
+            },
         },
     },
 )
@@ -64,6 +70,11 @@ STATE = component(
             "streamed_s": {"type": "number"},
             "connection": {"type": "string"},
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "config fields a live session does not use (duration, align_mouth, ...)",
+            },
         },
     },
 )
@@ -184,6 +195,11 @@ def open_session():
     body = {"session_id": session_id, "answer": answer, "state_url": state_url}
     if worker is not None:
         body["worker"] = worker
+    unused = [f"{name} is not used by live sessions" for name in unused_live(options)]
+    if "async" in params:
+        unused.append("async does not apply to live sessions")
+    if unused:
+        body["warnings"] = unused
     resp = jsonify(body)
     resp.status_code = 201
     resp.headers["Location"] = state_url
