@@ -84,6 +84,9 @@ class ServedSession:
     paid_s: float | None = None  # credits: the seconds its hold covers (None: no credits)
     ended_reason: str | None = None
     on_end: Callable[[ServedSession], None] | None = None  # settles its credit hold
+    # its tasks on the RTC loop, held here: the loop keeps only weak references, and a task left
+    # waiting on a track that never sent anything was destroyed pending (a warning in the log)
+    tasks: list[Any] = field(default_factory=list)
 
     @property
     def streamed_s(self) -> float:
@@ -296,7 +299,7 @@ class LiveSessions:
                 for transceiver in pc.getTransceivers():
                     if transceiver.receiver.track is track:
                         quicken_audio_receiver(transceiver.receiver)
-                self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard))
+                session.tasks.append(self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard)))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -416,6 +419,8 @@ class LiveSessions:
             self._rtc.run(session.pc.close(), 10.0)
         except Exception:  # noqa: BLE001 - a connection that will not close cleanly is dropped
             log.warning("live session %s: the connection did not close cleanly", session.id)
+        for task in session.tasks:  # a microphone that never sent anything is still awaited
+            self._rtc.call(task.cancel)
 
     def close(self) -> None:
         """End every session (the server is stopping)."""
