@@ -289,3 +289,33 @@ def test_an_open_is_handed_over_once(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_workers_commands_run_in_order_per_session_and_a_slow_one_holds_up_no_other():
+    """The worker's command lanes: session a's commands in the order they came; a's slow speak
+    (a long file, a helper slow to answer) does not hold up b's (they waited behind it, up to
+    the API's 5 s command timeout: 503 for the other sessions)."""
+    import threading
+
+    from sonic_server.live.host import Lanes
+
+    done: list[tuple[str, int, float]] = []
+    t0 = time.monotonic()
+
+    def run(item):
+        key, n, slow = item
+        if slow:
+            time.sleep(1.0)
+        done.append((key, n, time.monotonic() - t0))
+
+    lanes = Lanes(run)
+    lanes.put("a", ("a", 1, True))
+    for n in range(2, 5):
+        lanes.put("a", ("a", n, False))
+    lanes.put("b", ("b", 1, False))
+    deadline = time.monotonic() + 5
+    while len(done) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [n for key, n, _ in done if key == "a"] == [1, 2, 3, 4]
+    b_at = next(at for key, _, at in done if key == "b")
+    assert b_at < 0.5 and threading.active_count() < 50

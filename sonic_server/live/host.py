@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ class LiveHost:
         self.live = LiveSessions(settings.live)
         self.draining = threading.Event()  # SIGTERM: no new sessions; the running ones may finish
         self.on_change: Callable[[], None] = lambda: None  # the worker announces its new figures
+        self._lanes = Lanes(lambda item: self._carry_out_in_time(*item))
 
     # --- what the worker announces -----------------------------------------------------------
     def capacity(self) -> dict:
@@ -82,8 +84,20 @@ class LiveHost:
                 continue
             if command.get("op") in ("open", "end"):  # slow ones (a face, a connection) in their own thread
                 threading.Thread(target=self._carry_out, args=(conn, command), daemon=True).start()
-            else:
-                self._carry_out(conn, command)
+            else:  # in order per session; one session's slow command holds up no other's
+                self._lanes.put(str(command.get("session_id")), (conn, command))
+
+    def _carry_out_in_time(self, conn: Any, command: dict) -> None:
+        """A command that waited in its session's lane: carried out while its sender still waits
+        (a speak its sender gave up on and will send again must not be spoken twice)."""
+        try:
+            late = float(command.get("deadline", 0)) < relay.redis_time(conn)
+        except Exception:  # noqa: BLE001 - Redis away: its sender cannot be answered either
+            return
+        if late:
+            log.info("live: dropped a %s command that waited past its deadline", command.get("op"))
+            return
+        self._carry_out(conn, command)
 
     def _carry_out(self, conn: Any, command: dict) -> None:
         try:
@@ -175,3 +189,36 @@ class LiveHost:
         while (self.live.count() or self.live.opening()) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.live.close()  # what is left ends: server_stopping
+
+
+class Lanes:
+    """Work in lanes: each key's items run in order on a thread of that key's while it has
+    items waiting, so that one key's slow item (a long speech's transfer, a helper slow to
+    answer) holds up no other key's."""
+
+    def __init__(self, run: Callable[[Any], None]) -> None:
+        self._run = run
+        self._waiting: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, item: Any) -> None:
+        with self._lock:
+            lane = self._waiting.get(key)
+            if lane is not None:  # its thread is running: it takes this one in turn
+                lane.append(item)
+                return
+            self._waiting[key] = deque([item])
+        threading.Thread(target=self._drain, args=(key,), name="sonic-live-lane", daemon=True).start()
+
+    def _drain(self, key: str) -> None:
+        while True:
+            with self._lock:
+                lane = self._waiting[key]
+                if not lane:
+                    del self._waiting[key]
+                    return
+                item = lane.popleft()
+            try:
+                self._run(item)
+            except Exception:  # noqa: BLE001 - one item's fault must not stop its lane
+                log.exception("live: a command failed in its lane")
