@@ -27,11 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PipelineError
+from ..media import SAMPLE_RATE
 from ..render_pool import HelperProcess, scratch_root, sweep_orphans
 
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 5.0
+SPEAK_PART_S = 10.0  # speech goes to the helper this much at a time (0.64 MB, a few ms on the socket)
 ANSWERS_KEPT = 64  # a speak's answer this many answers old is dropped: its caller gave up
 TMP_PREFIX = "sonic-live-"
 
@@ -233,15 +235,24 @@ class SessionProcess:
 
     # --- a LiveSession's interface --------------------------------------------------------
     def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
-        """LiveSession.speak, answered by the helper; OSError once the helper is gone."""
-        seq = next(self._seq)
-        self._send(Speak(np.asarray(pcm, np.float32).reshape(-1), turn, seq))
+        """LiveSession.speak, answered by the helper; OSError once the helper is gone. Long
+        speech goes in parts of SPEAK_PART_S: the socket is never held for long by one call
+        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it)."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        step = int(SPEAK_PART_S * SAMPLE_RATE)
+        seqs = []
+        for start in range(0, max(len(pcm), 1), step):
+            seqs.append(next(self._seq))
+            self._send(Speak(pcm[start : start + step], turn, seqs[-1]))
+        last = seqs[-1]
         with self._answered:
-            if not self._answered.wait_for(lambda: seq in self._answers or self._ended, REPLY_TIMEOUT_S):
+            if not self._answered.wait_for(lambda: last in self._answers or self._ended, REPLY_TIMEOUT_S):
                 raise PipelineError("the live session's helper did not answer")
-            if seq not in self._answers:  # as a send to it would, once it is gone
+            if last not in self._answers:  # as a send to it would, once it is gone
                 raise BrokenPipeError("the live session's helper has stopped")
-            reply = self._answers.pop(seq)
+            reply = self._answers.pop(last)
+            for seq in seqs[:-1]:  # the parts' answers came first, in order
+                self._answers.pop(seq, None)
         self.turn = reply.turn
         return float(reply.seconds)
 
