@@ -146,6 +146,48 @@ def test_queue_bound_and_cancel_frees_place(make_queue):
     assert len(pipe.calls) == 2 and q.health()["running_job"] is None
 
 
+def test_a_store_slow_to_write_holds_up_no_status_read(make_queue, tmp_path):
+    """A database that takes its time (another writer holds it: up to its 5 s busy timeout)
+    delays the submit that writes, not every status read, health check and progress report
+    (they waited on the queue's lock while the submit held it across the write)."""
+    class SlowStore(MemoryStore):
+        slow = threading.Event()
+
+        def save(self, rec):
+            if self.slow.is_set():
+                time.sleep(1.5)
+            super().save(rec)
+
+    store = SlowStore()
+    gate = threading.Event()
+    q = make_queue(FakePipeline(gate=gate), queue_size=3, store=store)
+    try:
+        first = q.submit(new_record(q.uploads))
+        store.slow.set()
+        writer = threading.Thread(target=q.submit, args=(new_record(q.uploads),))
+        writer.start()
+        time.sleep(0.2)  # the second submit is writing
+        t0 = time.monotonic()
+        assert q.get(first.id) is not None and q.health()["workers_alive"] == 1 and q.queue_length() == 0
+        assert time.monotonic() - t0 < 0.5
+        writer.join(5)
+        assert q.queue_length() == 1  # it took its place once written
+        store.slow.clear()
+        with pytest.raises(QueueFull):  # the bound counts places being written too
+            store.slow.set()
+            writers = [threading.Thread(target=q.submit, args=(new_record(q.uploads),)) for _ in range(2)]
+            for w in writers:
+                w.start()
+            time.sleep(0.2)
+            store.slow.clear()
+            q.submit(new_record(q.uploads))
+        for w in writers:
+            w.join(5)
+        assert q.queue_length() == 3
+    finally:
+        gate.set()
+
+
 def test_wait_times_out_and_events_follow_a_job(make_queue):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

@@ -85,6 +85,7 @@ class LocalQueue(JobQueue):
         self._unsaved: dict[str, JobRecord] = {}  # finished records the store refused, until it takes them
         self._pending: collections.deque[str] = collections.deque()  # waiting job ids, oldest first
         self._canceling: set[str] = set()
+        self._placing = 0  # submits between their place taken and their record written
         self._changed = threading.Condition()
         self._running: str | None = None
         self._closed = False
@@ -97,10 +98,20 @@ class LocalQueue(JobQueue):
         with self._changed:
             if self._closed or not self._worker.is_alive():
                 raise WorkerStopped()
-            if len(self._pending) >= self.queue_size:
+            if len(self._pending) + self._placing >= self.queue_size:
                 raise QueueFull()
-            rec = lifecycle.queue(rec.copy())
-            self.store.save(rec)  # first: a record the store refuses is never queued
+            self._placing += 1  # its place is held while its record is written, outside the lock
+        rec = lifecycle.queue(rec.copy())
+        try:
+            # first: a record the store refuses is never queued. Outside the lock: a store slow
+            # to write (a busy database) holds up this request, not every status read
+            self.store.save(rec)
+        except BaseException:
+            with self._changed:
+                self._placing -= 1
+            raise
+        with self._changed:
+            self._placing -= 1
             self._live[rec.id] = rec
             if inputs is not None and not self._pending:  # this job runs next: keep its arrays
                 self._inputs[rec.id] = inputs
@@ -215,13 +226,19 @@ class LocalQueue(JobQueue):
     def _housekeeping(self) -> None:
         """Between jobs: save the finished records the store refused, sweep old outputs. Never raises."""
         with self._changed:
-            for job_id, rec in list(self._unsaved.items()):
+            waiting = list(self._unsaved.items())
+        for job_id, rec in waiting:  # written outside the lock, as submit's are
+            with self.cache.lock:  # not beside a delete of the same job
+                with self._changed:
+                    if self._unsaved.get(job_id) is not rec:
+                        continue  # deleted meanwhile
                 try:
                     self.store.save(rec)
                 except Exception:  # noqa: BLE001 - still refused: try again later
                     break
-                del self._unsaved[job_id]
-                log.info("job %s: its final record is saved now", job_id)
+                with self._changed:
+                    self._unsaved.pop(job_id, None)
+            log.info("job %s: its final record is saved now", job_id)
         try:
             self.expiry.maybe_sweep()
         except Exception:  # noqa: BLE001 - the worker must outlive a failed sweep
