@@ -70,7 +70,7 @@ class RemoteSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
-                self._end(f"the connection to the sonic service {pc.connectionState}")
+                await self._ended_by_server()
 
         await pc.setLocalDescription(await pc.createOffer())
         form = aiohttp.FormData()
@@ -114,10 +114,14 @@ class RemoteSession:
             try:
                 await queue.put(await track.recv())
             except MediaStreamError:
-                if not self._closing and self.ended is None:  # the server stopped sending: ask it why
-                    self._end(await self._why_ended())  # (before the end is seen, so that it has its reason)
+                await self._ended_by_server()  # (before the end is seen, so that it has its reason)
                 await queue.put(None)
                 return
+
+    async def _ended_by_server(self) -> None:
+        """The connection or a track ended without this side closing it: the server's word on why."""
+        if not self._closing and self.ended is None:
+            self._end(await self._why_ended())
 
     async def _why_ended(self) -> str:
         """The server's word on the session, once its tracks have stopped."""
