@@ -12,8 +12,10 @@ With `url=` it uses a running sonic service's live sessions instead (sonic_pipec
 portrait and the speech go over HTTP, the face comes back over WebRTC): nothing of sonic needs
 to be installed beside the agent.
 
-The portrait is prepared once, from the moment the service is made (in a thread; the pipeline's
-set-up waits for it, and TTS audio that comes earlier is kept): in this interpreter when it can load the face
+The portrait is prepared once, from the moment the service is made (in a thread; the service
+holds the pipeline's StartFrame until it is ready, 1-3 s, while the processors before it start
+at once: TTS audio that reaches it meanwhile is kept, and spoken once the face shows; make the
+service before a greeting is due): in this interpreter when it can load the face
 landmarker (MediaPipe), else by the sonic project's interpreter (`sonic_python`, or the
 environment variable SONIC_PYTHON), which writes the prepared face to a file
 (`python -m sonic.live.face_file`).
