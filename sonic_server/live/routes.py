@@ -366,8 +366,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn)
         interrupted = session.turn != turn
         kept += 0 if interrupted else fits
-    if total == 0:
-        raise InvalidParameter("the audio/L16 body is empty", field="audio")
+    if total < 2:
+        raise InvalidParameter(
+            f"the audio/L16 body is {'empty' if total == 0 else 'one byte: no whole 16-bit sample'}", field="audio"
+        )
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
 
 
