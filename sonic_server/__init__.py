@@ -38,6 +38,11 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
     app.json = BoundedJSONProvider(app)  # request JSON: depth and numbers bounded
+    if srv.proxy_hops > 0:  # behind TLS or a load balancer: the client's scheme, host and address
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        hops = srv.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     uploads, outputs = open_storage(settings)
     svc = app.extensions["sonic"] = Service(

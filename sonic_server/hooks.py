@@ -16,10 +16,14 @@ from .metrics import count_request
 from .openapi import headers_everywhere
 
 log = logging.getLogger("sonic.http")
+# what the API reads and sends: a page on another origin may send and read all of it (DELETE
+# ends jobs and live sessions; Idempotency-Key makes a retried generate safe); a preflight is
+# good for ten minutes, so that a page does not send one (and spend its rate limit) per request
 CORS_HEADERS = {
-    "Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range",
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location",
+    "Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range, Idempotency-Key",
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+    "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location, Idempotent-Replayed",
+    "Access-Control-Max-Age": "600",
 }
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # visible ASCII: safe in a header and a log line
 

@@ -34,6 +34,7 @@ class ServerSettings:
     socket_timeout_s: float = 30.0
     max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
     cors_origins: tuple[str, ...] = ("*",)
+    proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many
     api_keys: tuple[str, ...] = ()
     rate_limit_per_s: float = 10.0
     rate_limit_burst: float = 20.0

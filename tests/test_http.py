@@ -503,6 +503,16 @@ def test_cors_request_id_and_access_log(make_client, caplog):
     r = client.options("/api/sonic/generate", headers={"Origin": "http://app.example"})
     assert r.status_code in (200, 204) and r.headers["Access-Control-Allow-Origin"] == "*"
     assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+    # a page may send what the API reads (a retry's Idempotency-Key), delete a job, read a
+    # replay's mark, and keep the preflight for a while
+    pre = client.options("/api/sonic/jobs/x", headers={"Origin": "http://app.example",
+                                                       "Access-Control-Request-Method": "DELETE",
+                                                       "Access-Control-Request-Headers": "authorization,idempotency-key"})
+    allowed = {h.strip().lower() for h in pre.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "idempotency-key", "content-type"} <= allowed
+    assert "DELETE" in pre.headers["Access-Control-Allow-Methods"]
+    assert "Idempotent-Replayed" in pre.headers["Access-Control-Expose-Headers"]
+    assert int(pre.headers["Access-Control-Max-Age"]) >= 600
     assert "Access-Control-Allow-Origin" not in client.get("/health").headers     # no Origin, no CORS headers
     with caplog.at_level(logging.INFO, logger="sonic.http"):
         r = client.get("/health", headers={"X-Request-ID": "abc123"})
@@ -510,6 +520,19 @@ def test_cors_request_id_and_access_log(make_client, caplog):
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"]
     assert any(l["request_id"] == "abc123" and l["route"] == "/health" and l["status"] == 200 for l in lines)
     assert len(client.get("/health").headers["X-Request-ID"]) == 32           # one is made up when none is sent
+
+
+def test_behind_a_tls_proxy_the_answers_urls_are_the_clients(make_client):
+    """server.proxy_hops: the proxy's X-Forwarded-Proto and -Host make the absolute URLs a page
+    gets https:// on its own host (an http:// video on an https:// page is blocked as mixed
+    content); without the setting they are not trusted (a client could forge them)."""
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "app.example", "X-Forwarded-For": "203.0.113.7"}
+    behind, _ = make_client(proxy_hops=1)
+    body = post(behind, {**FAST, "async": True}, headers=forwarded).get_json()
+    assert body["status_url"].startswith("https://app.example/api/sonic/jobs/"), body
+    direct, _ = make_client()
+    body = post(direct, {**FAST, "async": True, "seed": 9}, headers=forwarded).get_json()  # (not the cached one)
+    assert body["status_url"].startswith("http://localhost/"), body
 
 
 def test_cors_origins_listed(make_client):
