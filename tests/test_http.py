@@ -535,6 +535,19 @@ def test_behind_a_tls_proxy_the_answers_urls_are_the_clients(make_client):
     assert body["status_url"].startswith("http://localhost/"), body
 
 
+def test_the_documents_schemas_name_every_field_a_job_and_a_result_carry(make_client):
+    """Clients generated from /openapi.json keep what the server sends: a succeeded job's
+    document (its video_url, figures and warnings; the Job schema named none of them), a cached
+    result's `cached` and `created`."""
+    client, _ = make_client()
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    job = post(client, {**FAST, "async": True}).get_json()["job_id"]
+    done = wait_done(client, job)
+    assert done["status"] == "succeeded" and not set(done) - set(schemas["Job"]["properties"]), done
+    cached = post(client, FAST).get_json()
+    assert cached.get("cached") and not set(cached) - set(schemas["Result"]["properties"]), cached
+
+
 def test_cors_origins_listed(make_client):
     client, _ = make_client(cors_origins=["http://app.example"])
     assert client.get("/health", headers={"Origin": "http://app.example"}).headers[

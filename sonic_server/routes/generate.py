@@ -54,17 +54,43 @@ EXTRA_PARAMS = {
     },
 }
 
+# what a finished generation reports: a synchronous answer's fields, and a succeeded job's
+RESULT_FIELDS = {
+    "video_url": {"type": "string"},
+    "duration": {"type": "number"},
+    "frames": {"type": "integer"},
+    "fps": {"type": "integer"},
+    "width": {"type": "integer"},
+    "height": {"type": "integer"},
+    "seed": {"type": "integer"},
+    "lipsync_offset_ms": {"type": "number"},
+    "timings": {"type": "object"},
+    "warnings": {"type": "array", "items": {"type": "string"}},
+}
 JOB = component(
     "Job",
     {
         "type": "object",
+        "description": "a job's status document; once it has succeeded, the result's fields too",
         "properties": {
+            "success": {"type": "boolean", "description": "false once the job has failed or was canceled"},
             "job_id": {"type": "string"},
             "status": {"type": "string", "enum": [status.value for status in JobStatus]},
             "progress": {"type": "number"},
             "stage": {"type": "string"},
             "created": {"type": "number", "description": "when the job was made (epoch seconds)"},
             "status_url": {"type": "string"},
+            "error": {
+                "type": "object",
+                "description": "failed or canceled: why (as an error answer's error, with the HTTP status it maps to)",
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "field": {"type": "string"},
+                    "status": {"type": "integer"},
+                },
+            },
+            **RESULT_FIELDS,
         },
     },
 )
@@ -75,15 +101,9 @@ RESULT = component(
         "properties": {
             "success": {"type": "boolean"},
             "job_id": {"type": "string"},
-            "video_url": {"type": "string"},
-            "duration": {"type": "number"},
-            "fps": {"type": "integer"},
-            "width": {"type": "integer"},
-            "height": {"type": "integer"},
-            "seed": {"type": "integer"},
-            "lipsync_offset_ms": {"type": "number"},
-            "timings": {"type": "object"},
-            "warnings": {"type": "array", "items": {"type": "string"}},
+            "cached": {"type": "boolean", "description": "the same request's earlier video, not rendered again"},
+            "created": {"type": "number", "description": "when its job was made (epoch seconds)"},
+            **RESULT_FIELDS,
         },
     },
 )
