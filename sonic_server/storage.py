@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Literal
 
 from flask import Response, request, send_from_directory
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from sonic import SonicError
 
 from .uploads import Uploads
 
 log = logging.getLogger("sonic.storage")
-MAX_AGE_S = 3600  # browser caching of a video (its name never names another video)
+# a video is cached, but checked again at each use (ETag, Last-Modified: a 304 costs nothing):
+# once its job is deleted or it expires, a browser or a proxy must not go on showing it
+VIDEO_CACHE = "no-cache"
 CHUNK = 256 * 1024
 
 
@@ -74,7 +77,12 @@ class FolderOutputs:
     def response(self, name: str):
         if not (self.folder / name).is_file():
             return None
-        return send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True, max_age=MAX_AGE_S)
+        try:
+            resp = send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True)
+        except RequestedRangeNotSatisfiable:  # with the size, to ask again within it (RFC 9110), as S3Outputs does
+            return Response(status=416, headers={"Content-Range": f"bytes */{(self.folder / name).stat().st_size}"})
+        resp.headers["Cache-Control"] = VIDEO_CACHE
+        return resp
 
 
 class S3:
@@ -332,7 +340,7 @@ class S3Outputs:
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Length": str(length),
-            "Cache-Control": f"public, max-age={MAX_AGE_S}",
+            "Cache-Control": VIDEO_CACHE,
         }
         if obj.get("ETag"):
             headers["ETag"] = obj["ETag"]

@@ -174,6 +174,12 @@ def test_sync_generate_and_download(make_client):
     part = client.get(body["video_url"], headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.data == FAKE_VIDEO[100:200]
     assert part.headers["Content-Range"] == f"bytes 100-199/{len(FAKE_VIDEO)}"
+    # past the end: 416 with the size, to ask again within it
+    beyond = client.get(body["video_url"], headers={"Range": f"bytes={len(FAKE_VIDEO) + 10}-"})
+    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(FAKE_VIDEO)}"
+    # cached, but checked at each use (a deleted job's video must not go on playing from a cache)
+    assert video.headers["Cache-Control"] == "no-cache" and video.headers["ETag"]
+    assert client.get(body["video_url"], headers={"If-None-Match": video.headers["ETag"]}).status_code == 304
 
     again = post(client, {**FAST, "seed": 3})                        # identical request: cached
     assert again.status_code == 200 and again.get_json()["cached"] is True
