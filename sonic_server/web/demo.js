@@ -307,9 +307,11 @@ async function follow(jobId) {
   poll(jobId);
 }
 
-// the job's status every second; a refusal that will not pass (401, 404...) ends the wait
+// the job's status every second (or after the server's Retry-After, on 429 and 503); a refusal
+// that will not pass (401, 404...) ends the wait
 async function poll(jobId) {
   for (;;) {
+    let wait = 1000;
     try {
       const resp = await fetch(`/api/sonic/jobs/${jobId}`, { headers: authHeaders() });
       const body = await jsonOf(resp);
@@ -321,8 +323,10 @@ async function poll(jobId) {
         showError((body && body.error) || { message: `the job's status could not be read (${resp.status})` });
         return;
       }
+      const after = Number(resp.headers.get("Retry-After"));
+      if (after > 0) wait = Math.min(after, 30) * 1000;
     } catch (e) { /* the network: try again */ }
-    await new Promise((r) => setTimeout(r, 1000));
+    await new Promise((r) => setTimeout(r, wait));
   }
 }
 
@@ -331,7 +335,7 @@ async function cancel() {
   $("cancel").disabled = true;
   try {
     const resp = await fetch(`/api/sonic/jobs/${state.job}/cancel`, { method: "POST", headers: authHeaders() });
-    if (!resp.ok && resp.status !== 409) showError(await errorOf(resp));
+    if (!resp.ok) showError(await errorOf(resp));  // an ended job is answered 200, as it is
   } catch (e) {
     showError({ message: "the cancel did not reach the server; try again" });
   } finally {
