@@ -87,6 +87,7 @@ class Rig:
     upper_lip: np.ndarray  # landmark indices of the upper lip (inside the outer lip contour)
     lower_lip: np.ndarray  # ... and of the lower lip
     lip_line: np.ndarray  # (11, 2) px, the parting line between the lips, left to right
+    jaw_gap_gain: float = 1.0  # the viewer's opening (IOD) per unit of the jaw coefficient
 
     def offsets(self, coeffs: np.ndarray) -> np.ndarray:
         """(T, K) -> landmark offsets (T, 478, 2), px."""
@@ -188,6 +189,9 @@ def build_rig(landmarks: np.ndarray) -> Rig:
     centre = lm[HEAD_PIVOT].mean(0)
     # the opening as a viewer measures it: the mean gap of five inner-lip pairs
     open_gap = float(np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in LIP_PAIRS]))
+    # ... and how much of it a unit of jaw opens (the lower lip drops by the jaw, the upper lip
+    # lifts a little): an open photo's own gap counts in the jaw's units
+    jaw_gap_gain = float(np.mean([(basis[0, b] - basis[0, a]) @ ey for a, b in LIP_PAIRS])) / iod
     return Rig(
         basis=basis,
         iod=iod,
@@ -197,6 +201,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
         upper_lip=upper,
         lower_lip=lower,
         lip_line=line,
+        jaw_gap_gain=max(jaw_gap_gain, 0.5),
     )
 
 
@@ -383,8 +388,8 @@ def mouth_coefficients(opening: np.ndarray, spread: np.ndarray, rig: Rig) -> np.
     COEFFS order for this face, the blink column left at 0 (files and live sessions share it)."""
     coeffs = np.zeros((len(opening), len(COEFFS)))
     gap = opening * JAW_GAIN  # the inner-lip gap wanted, IOD
-    photo_gap = rig.open_gap / rig.iod
-    if photo_gap > OPEN_PHOTO_IOD:
+    if rig.open_gap / rig.iod > OPEN_PHOTO_IOD:
+        photo_gap = rig.open_gap / rig.iod / rig.jaw_gap_gain  # in the jaw's units
         # an open-mouthed photo: its own opening counts towards the gap. Smaller gaps close
         # the lips part of the way (all of it at rest and on P/B/M), larger ones drop the jaw
         coeffs[:, 4] = np.clip(1 - gap / photo_gap, 0, 1)

@@ -15,6 +15,7 @@ class FakeRig:
     iod = 100.0
     rest_gap = 0.0
     open_gap = 0.0
+    jaw_gap_gain = 1.0
 
 
 def syllables(n=250, fps=25):
