@@ -8,8 +8,8 @@ import pytest
 from sonic.decoders.warp.decoder import WarpDecoder
 from sonic.face import crop_box
 from sonic.geometry import crop_and_scale
-from sonic.landmarks import (EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_EYE_LOWER, LEFT_IRIS, LIP_PAIRS, RIGHT_EYE_LOWER,
-                             RIGHT_IRIS)
+from sonic.landmarks import (EYE_LEFT_RING, EYE_RIGHT_RING, LEFT_EYE_LOWER, LEFT_IRIS, LIP_PAIRS, OUTER_UPPER,
+                             RIGHT_EYE_LOWER, RIGHT_IRIS)
 from sonic.media import load_image
 from sonic.motion import COEFFS, SPREAD_GAIN, build_rig
 from conftest import EXAMPLES, PORTRAIT
@@ -91,6 +91,46 @@ def _opening_pixels(face: Face, c: np.ndarray, frame: np.ndarray) -> np.ndarray:
     cv2.fillPoly(mask, [np.round(np.concatenate([up, lo[::-1]])).astype(np.int32)], 1)
     mask = cv2.erode(mask, np.ones((3, 3), np.uint8))
     return frame[mask > 0].astype(np.float64)
+
+
+def test_a_wide_opening_leaves_no_dark_notch_beside_its_corners(grace):
+    """A closed mouth's corners are a dark crease; the jaw drops the opening's corners below it,
+    and it stayed behind as dark notches above and beside them (a quarter of the lips' luma).
+    Around each corner, outside the opening, nothing is far darker than the lips."""
+    for jaw in (0.08, 0.16):
+        c = coeffs(jaw=jaw)
+        frame = grace.render(c)[0]
+        up, lo = grace.dec.mouth_polygon(grace.rig.offsets(c[None])[0], np.zeros(4))
+        inside = np.zeros(frame.shape[:2], np.uint8)
+        cv2.fillPoly(inside, [np.round(np.concatenate([up, lo[::-1]])).astype(np.int32)], 1)
+        outside = cv2.distanceTransform(1 - inside, cv2.DIST_L2, 5) > 0.02 * grace.rig.iod
+        ys, xs = np.mgrid[: frame.shape[0], : frame.shape[1]]
+        near = np.minimum(*(np.hypot(xs - x, ys - y) for x, y in (up[0], up[-1]))) < 0.1 * grace.rig.iod
+        luma = frame.astype(np.float64) @ [0.299, 0.587, 0.114]
+        lips = float(grace.dec.style.lip @ [0.299, 0.587, 0.114])
+        assert np.percentile(luma[near & outside], 1) > 0.45 * lips, jaw
+
+
+def test_a_moustache_over_the_corners_stays_when_the_mouth_opens(pipeline, grace):
+    """The notches' fix fills in dark corners; a moustache reaching past them is not a crease."""
+    photo = load_image(PORTRAIT, 10**7)
+    face = pipeline.faces.analyze(photo)
+    lm = face.landmarks[:, :2]
+    iod_px = float(np.linalg.norm(lm[33] - lm[263]))
+    left, right = lm[61] - [0.06 * iod_px, 0], lm[291] + [0.06 * iod_px, 0]
+    top = lm[OUTER_UPPER, 1].min() - 0.12 * iod_px
+    hair = np.array([left, *lm[OUTER_UPPER], right, [right[0], top], [left[0], top]])
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(hair).astype(np.int32)], 1)
+    mask[:, ::2] = 0  # strands of hair with skin between them
+    photo[mask > 0] = (52, 38, 30)
+    moustached = Face(pipeline.faces, photo)
+    m = moustached.framing.landmarks[:, :2]
+    rest, wide = (f.astype(np.float64) @ [0.299, 0.587, 0.114] for f in moustached.render(coeffs(), coeffs(jaw=0.16)))
+    for corner in (m[61], m[291]):  # the hair just above each corner, where the upper lip hardly moves
+        x, y = np.round(corner - [0, 0.04 * moustached.rig.iod]).astype(int)
+        at = (slice(y - 2, y + 3), slice(x - 2, x + 3))
+        assert abs(wide[at].mean() - rest[at].mean()) < 4, (corner, wide[at].mean(), rest[at].mean())
 
 
 @pytest.mark.parametrize("grey", [False, True])

@@ -13,6 +13,8 @@ Per frame, every output pixel x asks where it comes from:
   5. gaze:       p3 = gaze_map(p2)                    (inside each eye's opening)
 and the photo is sampled once at p3 (see sonic/geometry.py).
 Where the lips part further than the photo shows, the mouth interior is painted (`mouth.py`).
+A closed mouth's dark corner creases, which a wide opening leaves behind beside its own corners,
+are drawn there from a copy of the photo with the creases filled in.
 Pixels outside the head's reach are the untouched frame.
 
 The `warp` decoder kind that prepares it is in `kind.py`.
@@ -24,10 +26,10 @@ import cv2
 import numpy as np
 
 from ...geometry import Framing
-from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH
+from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH, OUTER_CORNERS
 from ...motion import COEFFS, Rig, smoothstep
 from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
-from .mouth import mouth_axis, mouth_style, paint_mouth
+from .mouth import luma, mouth_axis, mouth_style, paint_mouth
 
 ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
 FIELD_STEP = 4  # px between exact evaluations of the spline (and of the head map)
@@ -47,6 +49,11 @@ SOLVE_BLOCK = 4  # px: the expression's candidates are solved on blocks this siz
 BAND_IOD = 0.06  # pixels this close to the lips choose their side per pixel, others per block
 INTERIOR_GROW_IOD = 0.012  # the photo's mouth interior reaches this far past the inner lip contour
 CORNER_REACH_IOD = 0.04  # ... and this far past its corners
+CREASE_REACH_IOD = (0.03, 0.06)  # a closed mouth's corner crease: all of it this close to the
+# line from an inner to an outer lip corner, fading to none this far
+CREASE_KEPT_IOD = (0.01, 0.03)  # ... kept beside the opening, filled in from the first distance to the second
+CREASE_DARK_AROUND = 0.15  # ... unless more than this share of the skin around it is as dark
+CREASE_DARKER = (0.9, 0.5)  # ... where the photo is darker than the lips: from 0.9 of their luma, fully at 0.5
 FIELD_EPS_PX = 0.2  # displacements below this (at the largest coefficients) count as none
 
 
@@ -201,6 +208,10 @@ class WarpDecoder:
         self.shows_interior = shows > 0
         self.shows = shows
         self.style = mouth_style(self.frame, framing.landmarks, paint_teeth=shows < 0.5, upscale=framing.upscale)
+        # a closed mouth's corners are a dark crease that a wide opening leaves behind, above and
+        # beside its own corners, as dark notches: there it is drawn from a filled-in copy
+        lip_luma = float(luma(self.style.lip))
+        self._crease = _corner_crease(self.frame, lm, lip_luma, iod, self.mbox) if shows < 0.5 else None
 
     def _fit_fields(self, lm: np.ndarray, oval: np.ndarray, radial: np.ndarray) -> None:
         """Two field sets split at the lips' parting line, where the motion is discontinuous:
@@ -438,7 +449,8 @@ class WarpDecoder:
         qx, qy = self.head_map(head)
         # expression: only where the head map lands in the mouth box
         sel = self._landing(head, self.mbox)
-        opening = seam = None
+        opening = seam = mouth = None
+        corner_fill = 0.0
         up, lo = self.mouth_polygon(self.rig.offsets(coeffs[None])[0], head)
         up, lo = up - np.array([x0, y0]), lo - np.array([x0, y0])
         if sel is not None:
@@ -457,15 +469,14 @@ class WarpDecoder:
             px, py, op, sm = self.expression_map(coeffs, qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1], mouth, band)
             qx[sy0:sy1, sx0:sx1], qy[sy0:sy1, sx0:sx1] = px, py
             wide = smoothstep(float(np.linalg.norm(lo - up, axis=1).max()) / self.rig.iod, 0.03, 0.06)
-            if self.shows < 0.5 and wide > 0:
+            corner_fill = (1 - 2 * self.shows) * wide if self.shows < 0.5 else 0.0
+            if corner_fill > 0:
                 # a closed photo's corners are a deep-red crease; stretched across a wide opening
                 # they read as red specks beside the teeth: towards the corners the opening is
                 # painted wherever the lips part, whatever the warp found there (a photo that
                 # shows its teeth keeps its own corners, as it keeps its own teeth)
                 mh, mw = mouth.shape
-                op = np.maximum(
-                    op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], (mh, mw)) * ((1 - 2 * self.shows) * wide)
-                )
+                op = np.maximum(op, mouth * _corners(up - [sx0, sy0], lo - [sx0, sy0], (mh, mw)) * corner_fill)
             opening = np.zeros(qx.shape, np.float32)
             opening[sy0:sy1, sx0:sx1] = op
             if sm is not None:
@@ -473,9 +484,40 @@ class WarpDecoder:
                 seam[sy0:sy1, sx0:sx1] = sm
         self._upper_face(coeffs, head, qx, qy)
         region = self.framing.sample(qx, qy)
+        if sel is not None and mouth is not None and corner_fill > 0 and self._crease is not None:
+            self._fill_crease(region, qx, qy, sel, mouth, self._crease, corner_fill)
         if opening is not None:
             _paint(region, up, lo, opening, seam, self.style, self.rig.iod)
         out[y0:y1, x0:x1] = region
+
+    def _fill_crease(
+        self,
+        region: np.ndarray,
+        qx: np.ndarray,
+        qy: np.ndarray,
+        sel: tuple[tuple[int, int], tuple[int, int]],
+        mouth: np.ndarray,
+        crease: tuple[np.ndarray, np.ndarray],
+        amount: float,
+    ) -> None:
+        """In place on the head box's region: where the rows and columns `sel` show the photo's
+        corner crease (source positions qx, qy) away from the opening (`mouth`, sel's shape),
+        its filled-in copy, by `amount` 0..1. Beside the opening the crease stays: it is the
+        opening's own corner."""
+        (sy0, sy1), (sx0, sx1) = sel
+        weight, filled = crease
+        mx0, my0 = self.mbox[:2]
+        px, py = qx[sy0:sy1, sx0:sx1] - mx0, qy[sy0:sy1, sx0:sx1] - my0
+        w = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
+            weight, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
+        if w.max() * amount < 0.01:
+            return
+        away = cv2.distanceTransform((mouth < 0.5).astype(np.uint8), cv2.DIST_L2, 3)
+        w *= smoothstep(away / self.rig.iod, *CREASE_KEPT_IOD)
+        fill = cv2.remap(filled, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        sub = region[sy0:sy1, sx0:sx1]
+        sub[:] = np.clip(sub + (fill - sub) * (amount * w)[..., None] + 0.5, 0, 255).astype(np.uint8)
 
     def _upper_face(self, coeffs: np.ndarray, head: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> None:
         """Brows, lids and gaze, in place on the head box's source positions (qx, qy): each in
@@ -526,6 +568,39 @@ def _bounds(pts: np.ndarray, hbox, margin: int = 3) -> tuple[tuple[int, int], tu
     if r1 <= r0 or c1 <= c0:
         return None
     return (int(r0), int(r1)), (int(c0), int(c1))
+
+
+def _corner_crease(
+    frame: np.ndarray, lm: np.ndarray, lip_luma: float, iod: float, box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A closed mouth's dark corner creases over box (x0, y0, x1, y1) of the frame: (weight
+    (H, W) 0..1, the box with the creases filled in from the lips and skin around them (H, W, 3)
+    uint8), or None where the corners are no darker than the lips."""
+    x0, y0, x1, y1 = box
+    sub = np.ascontiguousarray(frame[y0:y1, x0:x1])
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    hi, lo = CREASE_DARKER[0] * lip_luma, CREASE_DARKER[1] * lip_luma
+    dark = np.clip((hi - luma(sub.astype(np.float32))) / max(hi - lo, 1.0), 0, 1)
+    near = np.zeros(sub.shape[:2], np.float32)
+    full, none = (r * iod for r in CREASE_REACH_IOD)
+    for inner, outer in ((INNER_UPPER[0], OUTER_CORNERS[0]), (INNER_UPPER[-1], OUTER_CORNERS[1])):
+        a, b = lm[inner], lm[outer]
+        ab = b - a  # distance to the segment from the inner to the outer corner
+        t = np.clip(((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1]) / max(float(ab @ ab), 1e-6), 0, 1)
+        d = np.hypot(xs - (a[0] + t * ab[0]), ys - (a[1] + t * ab[1]))
+        # a crease is a dark spot on lighter lips and skin; where it is dark around too (a
+        # moustache, a beard's shadow, skin darker than the lips) the corner is left as it is
+        around = (d > none) & (d < 2 * none)
+        if np.mean(dark[around] > 0.5) < CREASE_DARK_AROUND:
+            near = np.maximum(near, 1 - smoothstep(d, full, none))
+    weight: np.ndarray = (near * dark).astype(np.float32)  # cv2 is typed loosely
+    if weight.max() < 0.05:
+        return None
+    # grown a little: a half-weighted rim would leave the crease's outline behind
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, round(0.012 * iod)) + 1,) * 2)
+    weight = cv2.GaussianBlur(cv2.dilate(weight, grow), (0, 0), 0.7)
+    filled = cv2.inpaint(sub, (weight > 0.02).astype(np.uint8), max(2.0, 0.02 * iod), cv2.INPAINT_TELEA)
+    return weight, filled
 
 
 def _corners(upper: np.ndarray, lower: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -46,7 +46,8 @@ class MouthStyle:
     softness: float = 0.0  # px of blur that the enlarged photo has and a crisp painting would lack
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma of RGB values (..., 3)."""
     return rgb @ np.array([0.299, 0.587, 0.114])
 
 
@@ -74,9 +75,9 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool, upscale: f
     skin_px = frame[oval > 0].astype(np.float64)
     if len(skin_px) < 10:
         skin_px = colours([10, 151, 50, 280, 205, 425])
-    luma = _luma(skin_px)
+    skin_luma = luma(skin_px)
     skin = np.median(skin_px, axis=0)
-    bright = float(np.percentile(luma, 92))
+    bright = float(np.percentile(skin_luma, 92))
     # teeth: about as bright as the skin's highlights, far less saturated than the skin
     tint = skin / max(skin.mean(), 1.0)
     # the floors follow the photo's exposure: fixed, they made the teeth glow and the cavity
@@ -84,8 +85,8 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool, upscale: f
     teeth_floor = min(TEETH_MIN_LUMA, TEETH_MIN_OF_HIGHLIGHTS * bright)
     teeth = np.clip(0.95 * bright + 12 * min(1.0, bright / 128), teeth_floor, 232) * (0.7 + 0.3 * tint)
     cavity = lip * 0.3
-    cavity_floor = min(CAVITY_MIN_LUMA, CAVITY_MIN_OF_SKIN * float(np.median(luma)))
-    cavity *= max(1.0, cavity_floor / max(float(_luma(cavity)), 1.0))
+    cavity_floor = min(CAVITY_MIN_LUMA, CAVITY_MIN_OF_SKIN * float(np.median(skin_luma)))
+    cavity *= max(1.0, cavity_floor / max(float(luma(cavity)), 1.0))
     tongue = lip * 0.62 + np.array([12.0, 4.0, 4.0]) * (tint.std() > 0.02)
     return MouthStyle(
         lip=lip,
