@@ -26,6 +26,7 @@ from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from sonic import SonicError
 
+from .errors import error_response
 from .uploads import Uploads
 
 log = logging.getLogger("sonic.storage")
@@ -79,8 +80,8 @@ class FolderOutputs:
             return None
         try:
             resp = send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True)
-        except RequestedRangeNotSatisfiable:  # with the size, to ask again within it (RFC 9110), as S3Outputs does
-            return Response(status=416, headers={"Content-Range": f"bytes */{(self.folder / name).stat().st_size}"})
+        except RequestedRangeNotSatisfiable:
+            return unsatisfiable_range((self.folder / name).stat().st_size)
         resp.headers["Cache-Control"] = VIDEO_CACHE
         return resp
 
@@ -310,7 +311,7 @@ class S3Outputs:
                 return None
             if code == "InvalidRange" or status == 416:
                 size = self._size(kw["Key"])
-                return Response(status=416, headers={"Content-Range": f"bytes */{size}"} if size is not None else {})
+                return unsatisfiable_range(size)
             if status == 304 or code == "304":
                 return Response(status=304)
             raise self.s3.failure("read the video", e) from e
@@ -371,3 +372,9 @@ def open_storage(settings) -> tuple[Uploads, FolderOutputs | S3Outputs]:
         return Uploads(srv.upload_dir), FolderOutputs(settings.output_dir)
     s3 = S3(settings.s3)
     return S3Uploads(srv.upload_dir, s3), S3Outputs(settings.output_dir, s3)
+
+
+def unsatisfiable_range(size: int | None):
+    """416, the one error body, with the video's size (RFC 9110: a client asks again within it)."""
+    headers = {"Content-Range": f"bytes */{size}"} if size is not None else None
+    return error_response("http_error", "the requested range is not satisfiable", status=416, headers=headers)
