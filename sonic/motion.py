@@ -201,7 +201,7 @@ def build_rig(landmarks: np.ndarray) -> Rig:
         upper_lip=upper,
         lower_lip=lower,
         lip_line=line,
-        jaw_gap_gain=max(jaw_gap_gain, 0.5),
+        jaw_gap_gain=max(jaw_gap_gain, 0.5),  # (a degenerate mesh must not make a photo's gap huge)
     )
 
 
@@ -388,8 +388,9 @@ def mouth_coefficients(opening: np.ndarray, spread: np.ndarray, rig: Rig) -> np.
     COEFFS order for this face, the blink column left at 0 (files and live sessions share it)."""
     coeffs = np.zeros((len(opening), len(COEFFS)))
     gap = opening * JAW_GAIN  # the inner-lip gap wanted, IOD
-    if rig.open_gap / rig.iod > OPEN_PHOTO_IOD:
-        photo_gap = rig.open_gap / rig.iod / rig.jaw_gap_gain  # in the jaw's units
+    photo_open = rig.open_gap / rig.iod
+    if photo_open > OPEN_PHOTO_IOD:
+        photo_gap = photo_open / rig.jaw_gap_gain  # in the jaw's units
         # an open-mouthed photo: its own opening counts towards the gap. Smaller gaps close
         # the lips part of the way (all of it at rest and on P/B/M), larger ones drop the jaw
         coeffs[:, 4] = np.clip(1 - gap / photo_gap, 0, 1)

@@ -10,7 +10,6 @@ the session is then forgotten (its id answers 404).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
@@ -98,8 +97,8 @@ class ServedSession:
         seconds now queued."""
         try:
             return self.engine.speak(pcm, turn)
-        except OSError as e:  # its helper is gone: the session is ending, as the clock will see
-            raise SessionNotFound(f"live session {self.id} has ended (its helper process stopped)") from e
+        except OSError as e:
+            raise self._helper_gone() from e
 
     @property
     def turn(self) -> int:
@@ -110,7 +109,11 @@ class ServedSession:
         try:
             self.engine.interrupt()
         except OSError as e:
-            raise SessionNotFound(f"live session {self.id} has ended (its helper process stopped)") from e
+            raise self._helper_gone() from e
+
+    def _helper_gone(self) -> SessionNotFound:
+        """Its helper is gone under a request: the session is ending, as its clock will see."""
+        return SessionNotFound(f"live session {self.id} has ended (its helper process stopped)")
 
     def state(self) -> dict:
         engine = self.engine
@@ -263,11 +266,9 @@ class LiveSessions:
                 paid_s=paid_s,
                 on_end=on_end,
             )
-            negotiation = asyncio.run_coroutine_threadsafe(self._negotiate(session, offer), self.rtc.loop)
             try:
-                answer = negotiation.result(NEGOTIATE_TIMEOUT_S)
+                answer = self.rtc.run(self._negotiate(session, offer), NEGOTIATE_TIMEOUT_S)
             except Exception as e:
-                negotiation.cancel()
                 self._close_connection(session)
                 engine.close()
                 if isinstance(e, SonicError):
