@@ -70,11 +70,6 @@ STATE = component(
             "streamed_s": {"type": "number"},
             "connection": {"type": "string"},
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
-            "warnings": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "config fields a live session does not use (duration, align_mouth, ...)",
-            },
         },
     },
 )
