@@ -56,14 +56,16 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is one on the public internet: not loopback, private, link-local,
+    shared, reserved or multicast, nor an IPv6 address that carries such an IPv4 one."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.is_site_local:
-            return True
+            return False
         inner = _embedded_v4(ip)
         if inner is not None:
-            return _refused(inner)
-    return not ip.is_global or ip.is_multicast
+            return is_public(inner)
+    return ip.is_global and not ip.is_multicast
 
 
 def check_url(url: str, field: str, allow_private: bool) -> Target:
@@ -91,7 +93,7 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
     if not allow_private:
         for address in addresses:
-            if _refused(ipaddress.ip_address(address)):
+            if not is_public(ipaddress.ip_address(address)):
                 raise InvalidParameter(
                     f"{field}: {host[:100]} is a loopback, private, link-local or otherwise non-public address "
                     f"({address}); this server does not send requests there (outbound.allow_private)",

@@ -108,6 +108,9 @@ class LiveSettings:
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
     host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)
     public_host: str = ""  # behind a 1:1 NAT: the address clients reach this machine at, put in the answer
+    # private networks whose addresses a client's ICE candidates may name (besides the client's
+    # own address and public ones): a private deployment's, e.g. ["10.0.0.0/8"] (docs/live.md)
+    peer_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,13 @@ def _check_live(live: LiveSettings) -> None:
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
             raise SettingsError(f"setting live.ice_servers: {url!r} is not a stun:, turn: or turns: URL")
+    for network in live.peer_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"setting live.peer_networks: {network!r} is not a network (e.g. 10.0.0.0/8 or fd00::/8)"
+            ) from None
     if live.public_host:
         try:
             ipaddress.ip_address(live.public_host)

@@ -6,7 +6,9 @@ so does the client (examples/live_client.py on a 127.0.0.1 URL), and no STUN ser
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +33,8 @@ LIVE = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 3.
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, info = start_server(tmp_path_factory.mktemp("live"), top={"live": LIVE})
+    # one proxy hop trusted: a test plays a client at a public address (X-Forwarded-For)
+    proc, info = start_server(tmp_path_factory.mktemp("live"), top={"live": LIVE}, proxy_hops=1)
     info["proc"] = proc
     yield info
     proc.terminate()
@@ -313,6 +316,42 @@ def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
     metrics = requests.get(base + "/metrics", timeout=5).text
     assert 'sonic_live_sessions_refused_total{code="busy"}' in metrics
     assert "sonic_live_sessions_opened_total" in metrics and "sonic_live_latency_seconds_bucket" in metrics
+
+
+def _checks_reaching(base: str, headers: dict, wait_s: float = 3.0) -> tuple[dict, bool]:
+    """Open a session whose offer names one candidate only: a UDP port on 127.0.0.1 that no
+    client listens on; (the 201's body, whether an ICE check (a STUN binding request) reached it)."""
+    trap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    trap.bind(("127.0.0.1", 0))
+    trap.settimeout(0.2)
+    line = f"a=candidate:1 1 udp 2130706431 127.0.0.1 {trap.getsockname()[1]} typ host"
+    offer = _offer()
+    offer["sdp"] = re.sub(r"a=candidate:[^\r\n]*", line, offer["sdp"])
+    with open(PORTRAIT, "rb") as f:
+        r = requests.post(base + "/api/sonic/live", files={"image": f.read()}, headers=headers, timeout=30,
+                          data={"config": json.dumps(CONFIG), "offer": json.dumps(offer)})
+    assert r.status_code == 201, r.text
+    reached, deadline = False, time.monotonic() + wait_s
+    while not reached and time.monotonic() < deadline:
+        try:
+            reached = trap.recv(2048)[:2] == b"\x00\x01"  # a STUN binding request
+        except TimeoutError:
+            pass
+    trap.close()
+    requests.delete(r.json()["state_url"], timeout=10)
+    return r.json(), reached
+
+
+def test_a_client_cannot_point_the_servers_checks_at_its_network(server):
+    """An offer's candidates at loopback or private addresses, from a client at a public one,
+    get no packet (the server would otherwise probe its own network for a stranger); the 201
+    names what was left out. The same offer from a client on this machine is checked."""
+    body, reached = _checks_reaching(server["base"], {"X-Forwarded-For": "8.8.8.8"})
+    assert not reached
+    assert any("ICE candidates left out (127.0.0.1)" in w for w in body["warnings"])
+    body, reached = _checks_reaching(server["base"], {})
+    assert reached and "warnings" not in body
+    assert wait_for(lambda: live_count(server["base"]) == 0)
 
 
 def _threads_and_fds(pid):

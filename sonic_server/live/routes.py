@@ -25,6 +25,7 @@ from ..errors import error_response
 from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
+from .peers import PeerPolicy, screen_offer
 from .remote import RemoteSession, RemoteSessions
 from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
@@ -47,7 +48,8 @@ SESSION = component(
             "warnings": {
                 "type": "array",
                 "items": {"type": "string"},
-                "description": "config fields a live session does not use (duration, align_mouth, ...)",
+                "description": "config fields a live session does not use (duration, align_mouth, ...); the "
+                "offer's ICE candidates left out (docs/live.md, Networks)",
             },
         },
     },
@@ -176,6 +178,9 @@ def open_session():
     image, rgb = _image()
     _ready(svc)
     live = registry()
+    policy = PeerPolicy.from_settings(live.settings.peer_networks, live.settings.ice_servers)
+    screened = screen_offer(offer["sdp"], request.remote_addr, policy)
+    offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
         hold = _hold_credit(svc, live.settings.max_session_s)
         try:
@@ -190,11 +195,13 @@ def open_session():
     body = {"session_id": session_id, "answer": answer, "state_url": state_url}
     if worker is not None:
         body["worker"] = worker
-    unused = [f"{name} is not used by live sessions" for name in unused_live(options)]
+    warnings = [f"{name} is not used by live sessions" for name in unused_live(options)]
     if "async" in params:
-        unused.append("async does not apply to live sessions")
-    if unused:
-        body["warnings"] = unused
+        warnings.append("async does not apply to live sessions")
+    if screened.left_out:
+        warnings.append(screened.warning())
+    if warnings:
+        body["warnings"] = warnings
     resp = jsonify(body)
     resp.status_code = 201
     resp.headers["Location"] = state_url
