@@ -19,7 +19,10 @@ def offer(*sections: list[str]) -> str:
 
 
 def kept(sdp: str) -> list[str]:
-    return [line.split()[4] for line in sdp.split("\r\n") if line.startswith("a=candidate:")]
+    """The candidates' addresses as aiortc reads them from the SDP (what its ICE agent is given)."""
+    from aiortc.sdp import SessionDescription
+
+    return [c.ip for media in SessionDescription.parse(sdp).media for c in media.ice_candidates]
 
 
 PUBLIC = "8.8.8.8"  # only a string here: nothing is sent (documentation ranges are not public to ipaddress)
@@ -66,6 +69,13 @@ def test_at_most_so_many_candidates_per_media_section():
     screened = screen_offer(offer(many, many[:3]), PUBLIC, PeerPolicy())
     assert len(kept(screened.sdp)) == MAX_CANDIDATES + 3
     assert "at most" in screened.warning()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r", "\x0b", "\u2028"])
+def test_lines_are_read_as_aiortc_reads_them(newline):
+    """aiortc splits an offer at any line break: so does the screen (else one long line hides them)."""
+    sdp = offer([candidate("10.0.0.5"), candidate(PUBLIC)]).replace("\r\n", newline)
+    assert kept(screen_offer(sdp, PUBLIC, PeerPolicy()).sdp) == [PUBLIC]
 
 
 def test_a_line_that_is_no_candidate_is_left_out():

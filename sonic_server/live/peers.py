@@ -67,7 +67,8 @@ def screen_offer(sdp: str, client: str | None, policy: PeerPolicy) -> Screened:
     `client` is the HTTP client's address (after `server.proxy_hops`)."""
     allowed = _Allowed(_address(client), policy)
     lines, left_out, kept = [], [], 0
-    for line in sdp.split("\r\n"):
+    # lines as aiortc reads them (str.splitlines: any line break, not only CRLF)
+    for line in sdp.splitlines():
         if line.startswith("m="):
             kept = 0
         elif line.startswith("a=candidate:"):
@@ -77,7 +78,7 @@ def screen_offer(sdp: str, client: str | None, policy: PeerPolicy) -> Screened:
                 continue
             kept += 1
         lines.append(line)
-    return Screened("\r\n".join(lines), tuple(dict.fromkeys(left_out)))
+    return Screened("".join(line + "\r\n" for line in lines), tuple(dict.fromkeys(left_out)))
 
 
 def _candidate_host(line: str) -> str | None:
