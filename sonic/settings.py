@@ -56,7 +56,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_duration_s: float = 300.0  # longest audio / requested duration accepted
-    max_image_pixels: int = 40_000_000  # larger images are refused before decoding
+    max_image_pixels: int = 40_000_000  # larger images are refused before decoding; a JPEG may have 4x
     max_upload_mb: float = 50.0
     # the output, checked before a frame is rendered (crop_to_face: false scales the whole photo,
     # so an extreme aspect ratio alone would make huge frames)

@@ -45,6 +45,21 @@ def test_too_many_pixels_refused_before_decoding(tmp_path):
         load_image(p, 1_000_000)
 
 
+def test_a_phones_100_mp_jpeg_is_taken_a_png_as_large_is_not(tmp_path):
+    """A JPEG is decoded reduced in the DCT: 4x the pixel limit (phones' 48-108 MP photos);
+    a PNG is decoded whole: the limit itself; each refusal names its format's limit."""
+    jpeg, png, huge = tmp_path / "phone.jpg", tmp_path / "big.png", tmp_path / "huge.jpg"
+    Image.open(PORTRAIT).resize((12000, 9000), Image.NEAREST).save(jpeg, quality=80)  # 108 MP
+    rgb = load_image(jpeg, 40_000_000)
+    assert rgb.shape[0] * rgb.shape[1] <= 16_000_000 and abs(rgb.shape[1] / rgb.shape[0] - 12000 / 9000) < 0.01
+    Image.new("L", (7000, 6000)).save(png, compress_level=1)  # 42 MP
+    with pytest.raises(InputTooLarge, match="limit of 40000000 for a PNG"):
+        load_image(png, 40_000_000)
+    Image.new("L", (14000, 12000)).save(huge, quality=50)  # 168 MP
+    with pytest.raises(InputTooLarge, match="limit of 160000000 for a JPEG"):
+        load_image(huge, 40_000_000)
+
+
 def test_grayscale_alpha_and_exif(tmp_path):
     g = tmp_path / "g.png"
     Image.open(PORTRAIT).convert("L").save(g)
