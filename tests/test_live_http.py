@@ -354,6 +354,24 @@ def test_a_client_cannot_point_the_servers_checks_at_its_network(server):
     assert wait_for(lambda: live_count(server["base"]) == 0)
 
 
+def test_a_client_whose_candidates_are_all_left_out_still_connects(server):
+    """The client's own checks teach the server its address: an aiortc client (whose offer ends
+    its candidates) at a public address, its loopback candidates left out, gets its frames."""
+
+    async def session():
+        client = LiveClient(server["base"])
+        client.headers["X-Forwarded-For"] = "8.8.8.8"
+        body = await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(3.0)
+        await client.close()
+        return body, client.received
+
+    body, got = asyncio.run(session())
+    assert any("ICE candidates left out (127.0.0.1)" in w for w in body["warnings"])
+    assert len(got.video_times) >= 25
+    assert wait_for(lambda: live_count(server["base"]) == 0)
+
+
 def _threads_and_fds(pid):
     threads = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")).split()[1])
     return threads, len(os.listdir(f"/proc/{pid}/fd"))

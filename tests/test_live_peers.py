@@ -2,13 +2,17 @@
 
 import pytest
 
-from sonic_server.live.peers import MAX_CANDIDATES, PeerPolicy, screen_offer
+from sonic_server.live.peers import MAX_CANDIDATES, Client, PeerPolicy, screen_offer
 from sonic.settings import SettingsError
 from sonic_server.settings import settings_from
 
 
-def candidate(address: str, port: int = 50000, kind: str = "host") -> str:
-    return f"a=candidate:1 1 udp 2130706431 {address} {port} typ {kind}"
+def candidate(address: str, port: int = 50000, kind: str = "host", transport: str = "udp") -> str:
+    return f"a=candidate:1 1 {transport} 2130706431 {address} {port} typ {kind}"
+
+
+def seen(address: str, socket_peer: str | None = None, undeclared_proxy: bool = False) -> Client:
+    return Client.seen(address, socket_peer or address, undeclared_proxy)
 
 
 def offer(*sections: list[str]) -> str:
@@ -34,7 +38,7 @@ PUBLIC = "8.8.8.8"  # only a string here: nothing is sent (documentation ranges 
      "fd00::5", "::ffff:10.0.0.5", "64:ff9b::a00:5", "224.0.0.251", "0.0.0.0", "metadata.google.internal"],
 )
 def test_a_public_client_cannot_point_the_server_inside(address):
-    screened = screen_offer(offer([candidate(address), candidate(PUBLIC, kind="srflx")]), PUBLIC, PeerPolicy())
+    screened = screen_offer(offer([candidate(address), candidate(PUBLIC, kind="srflx")]), seen(PUBLIC), PeerPolicy())
     assert kept(screened.sdp) == [PUBLIC]
     assert screened.left_out == (address,) and address in screened.warning()
 
@@ -42,31 +46,59 @@ def test_a_public_client_cannot_point_the_server_inside(address):
 def test_the_clients_own_address_public_ones_and_a_configured_network_are_kept():
     sdp = offer([candidate("192.168.1.5"), candidate("10.1.2.3"), candidate("1.1.1.1", kind="srflx"),
                  candidate("2001:4860::8888", kind="relay")])
-    screened = screen_offer(sdp, "192.168.1.5", PeerPolicy.from_settings(["10.0.0.0/8"], []))
+    screened = screen_offer(sdp, seen("192.168.1.5"), PeerPolicy.from_settings(["10.0.0.0/8"], []))
     assert kept(screened.sdp) == ["192.168.1.5", "10.1.2.3", "1.1.1.1", "2001:4860::8888"]
     assert screened.left_out == () and screened.sdp == sdp  # nothing else of the offer changes
 
 
-def test_a_private_turn_servers_relay_address_is_kept():
-    sdp = offer([candidate("10.9.8.7", kind="relay"), candidate("10.9.8.6", kind="relay")])
+def test_a_private_turn_servers_relay_candidates_are_kept_and_nothing_else_there():
+    sdp = offer([candidate("10.9.8.7", kind="relay"), candidate("10.9.8.6", kind="relay"), candidate("10.9.8.7", 53),
+                 candidate("fd00::1", kind="relay")])
     policy = PeerPolicy.from_settings([], ["turn:user:secret@10.9.8.7:3478?transport=udp", "stun:[fd00::1]:3478"])
-    assert kept(screen_offer(sdp, PUBLIC, policy).sdp) == ["10.9.8.7"]
+    assert kept(screen_offer(sdp, seen(PUBLIC), policy).sdp) == ["10.9.8.7"]
 
 
-def test_mdns_names_resolve_only_for_clients_on_a_private_network():
-    sdp = offer([candidate("3f1c7a2e-5d5b-4a57-9f0e-8b5b1f0d2c11.local")])
-    assert kept(screen_offer(sdp, "192.168.1.5", PeerPolicy()).sdp) != []
-    assert kept(screen_offer(sdp, PUBLIC, PeerPolicy()).sdp) == []
+def test_mdns_names_and_zones_are_never_sent_to():
+    """aioice would resolve a name on the server's own link and send to whatever answered; a
+    zone picks the server's interface (the client at fe80::1 on eth0 naming eth1)."""
+    sdp = offer([candidate("3f1c7a2e-5d5b-4a57-9f0e-8b5b1f0d2c11.local"), candidate("fe80::1234%eth1")])
+    for client in (seen("192.168.1.5"), seen("fe80::1234%eth0"), seen("127.0.0.1")):
+        assert kept(screen_offer(sdp, client, PeerPolicy()).sdp) == []
 
 
-def test_a_client_on_this_machine_may_name_loopback():
+def test_a_client_on_this_machine_may_name_loopback_and_only_it():
     sdp = offer([candidate("127.0.0.1"), candidate("::1"), candidate("10.0.0.5")])
-    assert kept(screen_offer(sdp, "127.0.0.1", PeerPolicy()).sdp) == ["127.0.0.1", "::1"]
+    assert kept(screen_offer(sdp, seen("127.0.0.1"), PeerPolicy()).sdp) == ["127.0.0.1", "::1"]
+    assert kept(screen_offer(sdp, seen("::ffff:127.0.0.1"), PeerPolicy()).sdp) == ["127.0.0.1", "::1"]  # dual stack
+    # seen at loopback through a proxy the settings do not declare: anyone at all
+    assert kept(screen_offer(sdp, seen("127.0.0.1", undeclared_proxy=True), PeerPolicy()).sdp) == []
+    # X-Forwarded-For: 127.0.0.1 sent straight to a server that trusts one proxy hop
+    assert kept(screen_offer(sdp, seen("127.0.0.1", socket_peer="198.51.100.7"), PeerPolicy()).sdp) == []
+
+
+def test_a_dual_stack_listener_sees_the_client_at_its_ipv4_address():
+    sdp = offer([candidate("192.168.1.5")])
+    assert kept(screen_offer(sdp, seen("::ffff:192.168.1.5"), PeerPolicy()).sdp) == ["192.168.1.5"]
+
+
+def test_end_of_candidates_goes_where_a_candidate_was_left_out():
+    """With it and no candidate left, aioice fails at once, before the client's own checks can
+    teach it the client's address."""
+    sdp = offer([candidate("10.0.0.5"), "a=end-of-candidates"], [candidate(PUBLIC), "a=end-of-candidates"])
+    lines = screen_offer(sdp, seen(PUBLIC), PeerPolicy()).sdp.split("\r\n")
+    at = lines.index("m=audio 9 UDP/TLS/RTP/SAVPF 96")
+    video, audio = lines[:at], lines[at:]
+    assert "a=end-of-candidates" not in video and "a=end-of-candidates" in audio
+
+
+def test_tcp_candidates_are_left_out_and_do_not_count():
+    tcp = [candidate(PUBLIC, 9, transport="tcp") for _ in range(MAX_CANDIDATES)]
+    assert kept(screen_offer(offer([*tcp, candidate(PUBLIC, kind="relay")]), seen(PUBLIC), PeerPolicy()).sdp) == [PUBLIC]
 
 
 def test_at_most_so_many_candidates_per_media_section():
     many = [candidate(PUBLIC, 40000 + i) for i in range(3 * MAX_CANDIDATES)]
-    screened = screen_offer(offer(many, many[:3]), PUBLIC, PeerPolicy())
+    screened = screen_offer(offer(many, many[:3]), seen(PUBLIC), PeerPolicy())
     assert len(kept(screened.sdp)) == MAX_CANDIDATES + 3
     assert "at most" in screened.warning()
 
@@ -75,11 +107,11 @@ def test_at_most_so_many_candidates_per_media_section():
 def test_lines_are_read_as_aiortc_reads_them(newline):
     """aiortc splits an offer at any line break: so does the screen (else one long line hides them)."""
     sdp = offer([candidate("10.0.0.5"), candidate(PUBLIC)]).replace("\r\n", newline)
-    assert kept(screen_offer(sdp, PUBLIC, PeerPolicy()).sdp) == [PUBLIC]
+    assert kept(screen_offer(sdp, seen(PUBLIC), PeerPolicy()).sdp) == [PUBLIC]
 
 
 def test_a_line_that_is_no_candidate_is_left_out():
-    screened = screen_offer(offer(["a=candidate:1 1 udp", candidate(PUBLIC)]), PUBLIC, PeerPolicy())
+    screened = screen_offer(offer(["a=candidate:1 1 udp", candidate(PUBLIC)]), seen(PUBLIC), PeerPolicy())
     assert kept(screened.sdp) == [PUBLIC] and len(screened.left_out) == 1
 
 

@@ -5,23 +5,26 @@ the moment the session opens, before anyone has proved they own them. Taken as t
 offer could make the server probe its own private network (another machine's ports, the cloud
 metadata address) or send a stranger's address hundreds of packets (an offer of 100 kB holds
 some 800 candidates). So, before the offer is answered, each media section keeps at most
-`MAX_CANDIDATES` candidates, and only those at:
+`MAX_CANDIDATES` UDP candidates (the server's are UDP only), and only those at:
 - a public address (what a client across the internet offers: its NAT's or a TURN relay's);
-- the client's own address (a client on the same network offers its host address);
-- any address of this machine when the client is on it (it connects over loopback);
-- a configured STUN or TURN server's address (a relay in a private network), or a network named
-  in `live.peer_networks` (private deployments);
-- an mDNS name (`*.local`, how browsers hide their host address) when the client itself is not
-  on a public address: such a name resolves on the server's own link only.
+- the client's own address, unless loopback (a client on the same network offers its host
+  address);
+- loopback or any address of this machine, for a client on it (its connection and the address
+  it is seen at are both loopback: one through a proxy that is not declared is not);
+- a network named in `live.peer_networks` (private deployments), or, for relay candidates, a
+  configured TURN server's address (a relay inside a private network).
+Never an mDNS name (`*.local`, how browsers hide their host address): aioice would resolve it
+on the server's own link and send to whatever answered, unchecked. Nor an IPv6 address with a
+zone (`%eth1`): it picks the server's interface.
 
-A candidate left out costs nothing when the client is genuine: its checks reach the server's own
+A candidate left out costs a genuine client nothing: its own checks reach the server's
 candidates, which teaches the server the address they came from (a peer-reflexive candidate,
-proved by the session's ICE password).
+proved by the session's ICE password). For that the section's `a=end-of-candidates` goes too,
+where a candidate was left out: with it and no candidate left, aioice gives up at once.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -39,11 +42,31 @@ class PeerPolicy:
     """Where candidates may point, besides public addresses and the client's own."""
 
     networks: tuple[Network, ...] = ()  # live.peer_networks
-    servers: tuple[str, ...] = ()  # live.ice_servers (URLs): their hosts' addresses are allowed too
+    turn_servers: tuple[str, ...] = ()  # their hosts' addresses are allowed for relay candidates
 
     @classmethod
     def from_settings(cls, peer_networks: Sequence[str], ice_servers: Sequence[str]) -> PeerPolicy:
-        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in peer_networks), tuple(ice_servers))
+        turn = tuple(url for url in ice_servers if url.startswith(("turn:", "turns:")))
+        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in peer_networks), turn)
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who offers: the address the server sees (None: unknown), and whether it is on this machine."""
+
+    address: IPAddress | None
+    local: bool
+
+    @classmethod
+    def seen(cls, address: str | None, socket_peer: str | None, undeclared_proxy: bool) -> Client:
+        """`address` as the request has it (after `server.proxy_hops`), `socket_peer` the TCP
+        connection's own; `undeclared_proxy`: the request came through a proxy the settings do
+        not trust (it carries forwarding headers with `proxy_hops` 0), so who is behind it is
+        unknown."""
+        if undeclared_proxy:
+            return cls(None, False)
+        seen, peer = _address(address), _address(socket_peer)
+        return cls(seen, seen is not None and seen.is_loopback and peer is not None and peer.is_loopback)
 
 
 @dataclass(frozen=True)
@@ -58,75 +81,102 @@ class Screened:
         shown = ", ".join(self.left_out[:5]) + (f" and {len(self.left_out) - 5} more" if len(self.left_out) > 5 else "")
         return (
             f"offer: ICE candidates left out ({shown}): this server sends only to public addresses, the "
-            f"client's own and live.peer_networks, at most {MAX_CANDIDATES} per media section"
+            f"client's own and live.peer_networks, over UDP, at most {MAX_CANDIDATES} per media section"
         )
 
 
-def screen_offer(sdp: str, client: str | None, policy: PeerPolicy) -> Screened:
-    """The SDP with only the candidates the server may send to (see the module's docstring);
-    `client` is the HTTP client's address (after `server.proxy_hops`)."""
-    allowed = _Allowed(_address(client), policy)
-    lines, left_out, kept = [], [], 0
+def screen_offer(sdp: str, client: Client, policy: PeerPolicy) -> Screened:
+    """The SDP with only the candidates the server may send to (see the module's docstring)."""
+    allowed = _Allowed(client, policy)
+    sections: list[list[str]] = [[]]
+    left_out: list[str] = []
     # lines as aiortc reads them (str.splitlines: any line break, not only CRLF)
     for line in sdp.splitlines():
         if line.startswith("m="):
-            kept = 0
-        elif line.startswith("a=candidate:"):
-            host = _candidate_host(line)
-            if host is None or not allowed(host) or kept >= MAX_CANDIDATES:
-                left_out.append(host or line[:60])
-                continue
-            kept += 1
-        lines.append(line)
+            sections.append([])
+        sections[-1].append(line)
+    lines = []
+    for section in sections:
+        kept, dropped, count = [], [], 0
+        for line in section:
+            if line.startswith("a=candidate:"):
+                candidate = _Candidate.of(line)
+                if candidate is None or not allowed(candidate) or count >= MAX_CANDIDATES:
+                    dropped.append(candidate.host if candidate else line[:60])
+                    continue
+                count += 1
+            kept.append(line)
+        if dropped:
+            kept = [line for line in kept if not _ends_candidates(line)]
+        lines += kept
+        left_out += dropped
     return Screened("".join(line + "\r\n" for line in lines), tuple(dict.fromkeys(left_out)))
 
 
-def _candidate_host(line: str) -> str | None:
-    """The address (or name) of an `a=candidate:` line: foundation, component, transport,
-    priority, address, port, "typ", type, ...; None for a line too short to be one."""
-    parts = line.split()
-    return parts[4] if len(parts) >= 8 and parts[6] == "typ" else None
+def _ends_candidates(line: str) -> bool:
+    """`a=end-of-candidates` as aiortc reads it (the attribute's name before any colon)."""
+    return line.startswith("a=") and line[2:].split(":", 1)[0] == "end-of-candidates"
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """What the screen reads of an `a=candidate:` line (fields as aiortc splits them:
+    foundation, component, transport, priority, address, port, "typ", type, ...)."""
+
+    transport: str
+    host: str
+    kind: str
+
+    @classmethod
+    def of(cls, line: str) -> _Candidate | None:
+        parts = line.split()
+        if len(parts) < 8 or parts[6] != "typ":
+            return None
+        return cls(parts[2].lower(), parts[4], parts[7])
 
 
 def _address(text: str | None) -> IPAddress | None:
+    """An address without a zone; an IPv4-mapped IPv6 one as IPv4 (a dual-stack listener sees
+    IPv4 clients so)."""
     try:
-        return ipaddress.ip_address((text or "").split("%")[0])
+        ip = ipaddress.ip_address(text or "")
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class _Allowed:
     """The rules of the module's docstring, for one client."""
 
-    def __init__(self, client: IPAddress | None, policy: PeerPolicy) -> None:
+    def __init__(self, client: Client, policy: PeerPolicy) -> None:
         self.client, self.policy = client, policy
-        self.local_client = client is not None and client.is_loopback
 
-    def __call__(self, host: str) -> bool:
-        if host.lower().endswith(".local"):
-            return self.client is not None and not is_public(self.client)
-        ip = _address(host)
-        if ip is None:  # a DNS name: the server would resolve whatever a caller names
+    def __call__(self, candidate: _Candidate) -> bool:
+        ip = _address(candidate.host)  # None for a name (mDNS or DNS) and for a zone
+        if candidate.transport != "udp" or ip is None:
             return False
-        if is_public(ip) or ip == self.client or any(ip in n for n in self.policy.networks):
+        if is_public(ip) or any(ip in n for n in self.policy.networks):
             return True
-        if self.local_client and (ip.is_loopback or str(ip) in _own_addresses()):
+        if self.client.local and (ip.is_loopback or str(ip) in _own_addresses()):
             return True
-        return str(ip) in _server_addresses(self.policy.servers)
+        if ip == self.client.address and not ip.is_loopback:
+            return True
+        return candidate.kind == "relay" and str(ip) in _server_addresses(self.policy.turn_servers)
 
 
-@functools.cache
-def _own_addresses() -> frozenset[str]:
-    """This machine's addresses, every interface (what aioice would gather on)."""
+def _own_addresses() -> set[str]:
+    """This machine's addresses, every interface (what aioice would gather on), as they are now."""
     import aioice.ice
 
     get = getattr(aioice.ice, "_sonic_original_get_host_addresses", aioice.ice.get_host_addresses)
-    return frozenset(get(use_ipv4=True, use_ipv6=True))
+    return set(get(use_ipv4=True, use_ipv6=True))
 
 
-@functools.cache
-def _server_addresses(urls: tuple[str, ...]) -> frozenset[str]:
-    """The addresses of the configured STUN/TURN servers' hosts (resolved once)."""
+def _server_addresses(urls: tuple[str, ...]) -> set[str]:
+    """The addresses of the configured TURN servers' hosts, resolved at each use (a lookup that
+    failed once is not kept)."""
     found: set[str] = set()
     for url in urls:
         rest = url.split(":", 1)[1].rsplit("@", 1)[-1].split("?")[0]  # [user:password@]host[:port][?transport=]
@@ -135,4 +185,4 @@ def _server_addresses(urls: tuple[str, ...]) -> frozenset[str]:
             found.update(str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None))
         except (socket.gaierror, UnicodeError):
             continue
-    return frozenset(found)
+    return found

@@ -25,7 +25,7 @@ from ..errors import error_response
 from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
-from .peers import PeerPolicy, screen_offer
+from .peers import Client, PeerPolicy, screen_offer
 from .remote import RemoteSession, RemoteSessions
 from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
@@ -179,7 +179,7 @@ def open_session():
     _ready(svc)
     live = registry()
     policy = PeerPolicy.from_settings(live.settings.peer_networks, live.settings.ice_servers)
-    screened = screen_offer(offer["sdp"], request.remote_addr, policy)
+    screened = screen_offer(offer["sdp"], _client(svc), policy)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
         hold = _hold_credit(svc, live.settings.max_session_s)
@@ -206,6 +206,15 @@ def open_session():
     resp.status_code = 201
     resp.headers["Location"] = state_url
     return resp
+
+
+def _client(svc: Service) -> Client:
+    """Who offers, for the candidate screen: the address as `server.proxy_hops` makes it, and the
+    TCP connection's own (ProxyFix keeps it)."""
+    environ = request.environ
+    socket_peer = environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", environ.get("REMOTE_ADDR"))
+    forwarded = "X-Forwarded-For" in request.headers or "Forwarded" in request.headers
+    return Client.seen(request.remote_addr, socket_peer, forwarded and svc.settings.server.proxy_hops == 0)
 
 
 def _open_here(
