@@ -21,6 +21,7 @@ wrong type are refused with the setting named (`SettingsError`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -87,11 +88,29 @@ class Settings:
     )
     ENV_PREFIXES: ClassVar[Mapping[str, str]] = {}
 
+    # numbers that must be more than 0 (every number must be finite and 0 or more): a limit of 0
+    # would refuse every request while the service says it is ready
+    POSITIVE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "limits." + name
+            for name in (
+                "max_duration_s",
+                "max_image_pixels",
+                "max_upload_mb",
+                "max_output_pixels",
+                "max_output_pixel_frames",
+                "decode_memory_mb",
+            )
+        }
+    )
+
     def checked(self) -> Self:
         """These settings, or SettingsError naming a value that cannot be used together."""
         if self.device not in DEVICES:  # from the file, a variable or a flag
             raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _check_limits(self.limits)
+        check_numbers(self, "", self.POSITIVE)
+        _check_decoder(self.decoder)
+        _check_defaults(self.defaults, self.limits)
         return self
 
     def resolved(self, base: Path) -> Self:
@@ -218,9 +237,41 @@ def settings_from(
     return settings.checked().resolved(base or Path.cwd())
 
 
-def _check_limits(limits: Limits) -> None:
-    if limits.decode_memory_mb <= 0 or limits.decode_wait_s < 0:
-        raise SettingsError("settings limits.decode_memory_mb must be positive and limits.decode_wait_s 0 or more")
+def check_numbers(section: Any, prefix: str, positive: frozenset[str]) -> None:
+    """Every number of a settings dataclass and its sections finite and 0 or more, and those
+    named in `positive` (dotted names) more than 0; SettingsError naming the setting otherwise."""
+    for f in dataclasses.fields(section):
+        value, name = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, name + ".", positive)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(f"setting {name} must be a number 0 or more, got {value}")
+            if value == 0 and name in positive:
+                raise SettingsError(f"setting {name} must be more than 0, got {value}")
+
+
+def _check_defaults(defaults: Mapping[str, Any], limits: Limits) -> None:
+    """Each parameter default known and valid: a bad one would fail every request, the client
+    blamed for the operator's setting."""
+    from .errors import InvalidParameter
+    from .options import parameters
+
+    declared = parameters()
+    for name, value in defaults.items():
+        if name not in declared:
+            raise SettingsError(f"setting defaults.{name}: no such parameter ({', '.join(declared)})")
+        try:
+            declared[name].check(value, limits)
+        except InvalidParameter as e:
+            raise SettingsError(f"setting defaults.{name}: {e.message}") from None
+
+
+def _check_decoder(name: str) -> None:
+    from .decoders import CHOICES
+
+    if name not in CHOICES:
+        raise SettingsError(f"setting decoder must be one of {', '.join(CHOICES)}, got {name!r}")
 
 
 @typing.overload
@@ -242,6 +293,8 @@ def read_yaml(path: str | Path | None = None) -> dict:
             raw = yaml.safe_load(f)
     except FileNotFoundError as e:
         raise SettingsError(f"settings file {str(p)!r} not found") from e
+    except OSError as e:  # a folder, no permission
+        raise SettingsError(f"settings file {str(p)!r} cannot be read: {e.strerror or type(e).__name__}") from e
     except yaml.YAMLError as e:
         raise SettingsError(f"settings file {str(p)!r} is not valid YAML: {e}") from e
     if raw is None:

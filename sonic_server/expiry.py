@@ -31,6 +31,8 @@ class OutputExpiry:
     def sweep(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self._last = now
+        if self.ttl_s <= 0:  # 0: kept until deleted (DELETE /api/sonic/jobs/<id>)
+            return
         with self.lock:
             self.store.prune(now - self.ttl_s)
             self.outputs.expire(now - self.ttl_s)

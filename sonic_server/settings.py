@@ -29,7 +29,7 @@ class ServerSettings:
     queue_size: int = 4
     sync_wait_s: float = 120.0
     job_timeout_s: float = 900.0  # a running job is stopped (failed, job_timeout) after this; 0: no limit
-    output_ttl_s: float = 86400.0
+    output_ttl_s: float = 86400.0  # videos and finished job records are deleted this long after; 0: kept
     retry_after_s: int = 10
     socket_timeout_s: float = 30.0
     max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
@@ -144,6 +144,23 @@ class ServerConfig(Settings):
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
 
     SKIPPED: ClassVar[frozenset[str]] = frozenset()
+    POSITIVE: ClassVar[frozenset[str]] = (
+        Settings.POSITIVE
+        | {
+            "server." + name
+            for name in (
+                "port",
+                "queue_size",
+                "socket_timeout_s",
+                "max_event_streams",
+                "rate_limit_per_s",
+                "rate_limit_burst",
+                "worker_lease_s",
+                "fusion_max_batch",
+            )
+        }
+        | {"s3.url_ttl_s"}
+    )
     # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
     ENV_PREFIXES: ClassVar[Mapping[str, str]] = {
         "s3": ENV_PREFIX + "S3_",
@@ -155,6 +172,8 @@ class ServerConfig(Settings):
 
     def checked(self) -> Self:
         super().checked()
+        if self.server.port > 65535:
+            raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)

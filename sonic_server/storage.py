@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ from flask import Response, request, send_from_directory
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from sonic import SonicError
+from sonic.errors import SetupError
 
 from .errors import error_response
 from .uploads import Uploads
@@ -365,13 +367,33 @@ def as_outputs(outputs):
 
 
 def open_storage(settings) -> tuple[Uploads, FolderOutputs | S3Outputs]:
-    """(uploads, outputs) for these settings. Nothing is contacted here: `check` the outputs'
-    bucket (S3Outputs.s3.check) where a failure can be reported."""
+    """(uploads, outputs) for these settings, their folders checked writable (SetupError naming
+    the setting otherwise: every job would render, then fail). Nothing is contacted here: `check`
+    the outputs' bucket (S3Outputs.s3.check) where a failure can be reported."""
     srv = settings.server
+    folders = (
+        ("server.upload_dir", srv.upload_dir),
+        ("output_dir", settings.output_dir),
+        ("server.data_dir", srv.data_dir),
+    )
+    for name, folder in folders:
+        writable_folder(folder, name)
     if settings.storage != "s3":
         return Uploads(srv.upload_dir), FolderOutputs(settings.output_dir)
     s3 = S3(settings.s3)
     return S3Uploads(srv.upload_dir, s3), S3Outputs(settings.output_dir, s3)
+
+
+def writable_folder(folder: str, setting: str) -> None:
+    """Make `folder` if need be and write a file in it; SetupError naming `setting` and the cause."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise SetupError(
+            f"setting {setting}: the folder {folder!r} cannot be written: {e.strerror or type(e).__name__}"
+        ) from None
 
 
 def unsatisfiable_range(size: int | None):

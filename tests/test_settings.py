@@ -73,6 +73,19 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({}, {"SONIC_DEVICE": "gpu"}, "device must be one of auto, cpu, cuda"),
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
     ({}, {"SONIC_WEBHOOK_SECRET": "whsec_not*base64"}, "must be base64"),
+    # a number out of range would refuse, fail or lose every request while the service says ready
+    ({"server": {"queue_size": -3}}, {}, "server.queue_size must be a number 0 or more, got -3"),
+    ({"server": {"queue_size": 0}}, {}, "server.queue_size must be more than 0"),
+    ({"server": {"output_ttl_s": -1}}, {}, "server.output_ttl_s must be a number 0 or more"),
+    ({}, {"SONIC_MAX_UPLOAD_MB": "-1"}, "limits.max_upload_mb must be a number 0 or more"),
+    ({}, {"SONIC_MAX_DURATION_S": "nan"}, "limits.max_duration_s must be a number 0 or more, got nan"),
+    ({}, {"SONIC_MAX_DURATION_S": "inf"}, "limits.max_duration_s must be a number 0 or more, got inf"),
+    ({"server": {"rate_limit_per_s": 0}}, {}, "server.rate_limit_per_s must be more than 0"),
+    ({}, {"SONIC_PORT": "70000"}, "server.port must be 1 to 65535"),
+    ({}, {"SONIC_RENDER_PROCESSES": "-1"}, "render_processes must be a number 0 or more"),
+    ({"defaults": {"fps": 500}}, {}, "defaults.fps: fps must be in"),
+    ({"defaults": {"sead": 3}}, {}, "defaults.sead: no such parameter"),
+    ({}, {"SONIC_DECODER": "wrap"}, "decoder must be one of auto, warp, sonic, got 'wrap'"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
     with pytest.raises(SettingsError, match=needle):
@@ -82,6 +95,40 @@ def test_bad_settings_are_named(raw, env, needle):
 def test_bad_settings_file_is_named(tmp_path):
     with pytest.raises(SettingsError, match="not found"):
         load_settings(tmp_path / "missing.yaml", env={})
+    with pytest.raises(SettingsError, match="cannot be read: Is a directory"):
+        load_settings(tmp_path, env={})
     (tmp_path / "bad.yaml").write_text("server: [1, 2\n")
     with pytest.raises(SettingsError, match="not valid YAML"):
         load_settings(tmp_path / "bad.yaml", env={})
+
+
+def test_an_output_ttl_of_0_keeps_videos_and_records(tmp_path):
+    from sonic_server.expiry import OutputExpiry
+    from sonic_server.store import MemoryStore
+
+    video = tmp_path / "old.mp4"
+    video.write_bytes(b"x")
+    store = MemoryStore()
+    OutputExpiry(store, tmp_path, 0).sweep(now=video.stat().st_mtime + 10 * 86400)
+    assert video.exists()
+    OutputExpiry(store, tmp_path, 86400).sweep(now=video.stat().st_mtime + 10 * 86400)
+    assert not video.exists()
+
+
+@pytest.mark.parametrize("setting", ["output_dir", "server.upload_dir", "server.data_dir"])
+def test_a_folder_that_cannot_be_written_stops_the_start_naming_its_setting(tmp_path, setting):
+    """Every job would render, then fail (or the database not open): the start says which."""
+    from sonic.errors import SetupError
+    from sonic_server.storage import open_storage
+
+    (tmp_path / "a-file").write_text("")
+    section, _, name = setting.rpartition(".")
+    folders = {"output_dir": str(tmp_path / "o"), "server": {"upload_dir": str(tmp_path / "u"),
+                                                             "data_dir": str(tmp_path / "d")}}
+    (folders[section] if section else folders)[name] = str(tmp_path / "a-file" / "inside")
+    with pytest.raises(SetupError, match=f"setting {setting}: the folder .* cannot be written: Not a directory"):
+        open_storage(settings_from(folders))
+    folders = {"output_dir": str(tmp_path / "o"), "server": {"upload_dir": str(tmp_path / "u"),
+                                                             "data_dir": str(tmp_path / "d")}}
+    open_storage(settings_from(folders))
+    assert (tmp_path / "o").is_dir() and (tmp_path / "u").is_dir()
