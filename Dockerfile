@@ -38,7 +38,9 @@ ENV SONIC_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 VOLUME ["/srv/sonic"]
 EXPOSE 8080
-# /health answers 200 when ready (503 while the model loads or when no worker is alive)
+# /health answers 200 when ready (503 when no worker is alive); waitress listens once the model
+# has loaded (the start period covers it). SONIC_HOST/SONIC_PORT serve `sonic serve` in this
+# image; waitress listens where CMD says. A settings file: mount it and set SONIC_CONFIG.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=8)"]
 CMD ["waitress-serve", "--listen=0.0.0.0:8080", "--threads=48", "--call", "sonic_server:create_app"]

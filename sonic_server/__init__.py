@@ -33,6 +33,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     With background_load the models load in a thread while the server already answers:
     /health says "starting" (503) and generate answers 503 + Retry-After until they are ready.
     """
+    hooks.configure_logging()
     if not isinstance(settings, ServerConfig):
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits

@@ -103,6 +103,7 @@ def error_response(
     if field:
         err["field"] = field
     err.update(extra or {})
+    g.error_code = code  # for the request's log line
     resp = jsonify({"success": False, "error": err, "request_id": g.get("request_id")})
     resp.status_code = status if status is not None else status_for(code)
     for k, v in (headers or {}).items():

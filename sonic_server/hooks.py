@@ -16,6 +16,16 @@ from .metrics import count_request
 from .openapi import headers_everywhere
 
 log = logging.getLogger("sonic.http")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def configure_logging() -> None:
+    """INFO lines to stderr with their level, unless the process has set up logging itself: the
+    service logs the same under `sonic serve`, `sonic worker` and a WSGI server (waitress sets
+    up none, so its access and job lines went nowhere)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a no-op where the root has handlers
+
+
 # what the API reads and sends: a page on another origin may send and read all of it (DELETE
 # ends jobs and live sessions; Idempotency-Key makes a retried generate safe); a preflight is
 # good for ten minutes, so that a page does not send one (and spend its rate limit) per request
@@ -82,7 +92,8 @@ def memory(app: Flask) -> None:
 
 
 def access_log(app: Flask) -> None:
-    """One JSON line per request: id, method, route, status, milliseconds, parameters."""
+    """One JSON line per request: id, method, route, status, milliseconds, the client's address,
+    parameters, and the job it made and the error code it answered, where it did."""
 
     @app.before_request
     def _start():
@@ -99,7 +110,9 @@ def access_log(app: Flask) -> None:
                     "route": request.path,
                     "status": resp.status_code,
                     "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
+                    "client": request.remote_addr,
                     "params": g.get("log_params"),
+                    **{k: g.get(k) for k in ("job_id", "error_code") if g.get(k)},
                 }
             )
         )

@@ -18,6 +18,7 @@ metrics and the end hooks run (credits are settled; webhooks will be sent from h
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Callable, Iterable
@@ -140,6 +141,20 @@ class RunEvents:
 
 
 # -- the end of a job -------------------------------------------------------------------------
+def log_end(rec: JobRecord) -> None:
+    """One line per job's end: its id, status, error code, seconds run and video seconds."""
+    line: dict[str, object] = {"job_id": rec.id, "status": rec.status.value}
+    if rec.error:
+        line["code"] = rec.error.get("code")
+    if rec.started and rec.finished:
+        line["run_s"] = round(rec.finished - rec.started, 2)
+    if rec.result and "duration" in rec.result:
+        line["duration"] = rec.result["duration"]
+    if rec.worker:
+        line["worker"] = rec.worker
+    (log.warning if rec.error else log.info)("job ended %s", json.dumps(line))
+
+
 class JobEnd:
     """The one end-of-job step of a backend: `before_publish` (the uploads go), then, once the
     final record is saved where others read it, `after_publish` (metrics, then each hook:
@@ -158,6 +173,7 @@ class JobEnd:
 
     def after_publish(self, rec: JobRecord) -> None:
         count_job(rec)
+        log_end(rec)
         for hook in self.hooks:
             try:
                 hook(rec)

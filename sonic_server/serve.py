@@ -20,6 +20,7 @@ from sonic.errors import SonicError
 from sonic.settings import SettingsError
 
 from . import create_app
+from .hooks import configure_logging
 from .settings import load_settings
 
 SERVER_NAME = "sonic"
@@ -71,7 +72,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("werkzeug").addFilter(_AnsweredStall())
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
@@ -204,8 +205,10 @@ def settings_from(
 def load_settings(
     path: str | Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
 ) -> ServerConfig:
-    """sonic.settings.load_settings, for the service's settings."""
-    return cast(ServerConfig, _load_settings(path, env, flags, cls=ServerConfig))
+    """sonic.settings.load_settings, for the service's settings; without a path, the file that
+    SONIC_CONFIG names, if any (how a WSGI server's `create_app()` is given one)."""
+    variables = os.environ if env is None else env
+    return cast(ServerConfig, _load_settings(path or variables.get("SONIC_CONFIG"), env, flags, cls=ServerConfig))
 
 
 def _check_credits(s: ServerConfig) -> None:

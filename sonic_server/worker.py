@@ -35,13 +35,14 @@ from sonic.settings import SettingsError
 
 from . import lifecycle
 from .expiry import OutputExpiry
+from .hooks import configure_logging
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobCanceled, JobEnd
 from .live.host import LiveHost
 from .live.relay import Records, reap_lost
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
-from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue
+from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue, without_password
 from .settings import ServerConfig, load_settings
 from .storage import open_storage
 from .tasks import TASKS
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap.add_argument("--checkpoints", metavar="DIR")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     logging.getLogger("aioice").setLevel(logging.WARNING)  # each ICE check of each live session otherwise
     try:
         settings = load_settings(
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     try:
         conn.ping()
     except Exception as e:  # noqa: BLE001
-        sys.exit(f"error: Redis at {srv.redis_url} does not answer ({type(e).__name__})")
+        sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
     uploads, outputs = open_storage(settings)
     try:
         if outputs.remote:
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     if state.host is not None:
         state.host.on_change = lambda: announce_now(state, conn)
         if settings.live.warm_start:
+            state.host.live.warm_faces()  # here: the "ready" line below is not written while stderr is silenced
             threading.Thread(target=state.host.live.warm, name="sonic-live-warm", daemon=True).start()
         commands = connect(srv.redis_url)  # its own: it blocks waiting for commands
         threading.Thread(

@@ -77,3 +77,51 @@ def test_the_dockerfile_runs_waitress_on_8080_as_a_user_with_a_health_check():
     assert "pip install --no-cache-dir -r requirements.txt" in text and "torch==2.13.0" in text
     worker = load(COMPOSE)["services"]["worker"]["command"]
     assert worker[:2] == ["sonic", "worker"]
+
+
+def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_request_and_job(tmp_path):
+    """The production command (waitress-serve --call sonic_server:create_app) takes its settings
+    file from SONIC_CONFIG and logs as `sonic serve` does: each request's line with its client,
+    its job or its error code, and each job's end."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from conftest import PORTRAIT, SPEECH
+    from server_helpers import settings
+    from test_http_live import free_port
+
+    cfg = settings(tmp_path)
+    cfg["defaults"]["min_resolution"] = 256
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    port, log = free_port(), tmp_path / "server.log"
+    waitress = [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--threads=4", "--call",
+                "sonic_server:create_app"]
+    env = {**os.environ, "SONIC_CONFIG": str(tmp_path / "s.yaml")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(waitress, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if requests.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.25)
+        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+            done = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud}, timeout=120).json()
+        refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert done["success"] and refused.status_code == 400
+    assert done["width"] == 256  # the file's defaults were read
+    lines = [json.loads(line.split(" INFO sonic.http ", 1)[1]) for line in text.splitlines() if " INFO sonic.http " in line]
+    made = [line for line in lines if line["route"] == "/api/sonic/generate" and line["status"] == 200]
+    assert made and made[0]["job_id"] == done["job_id"] and made[0]["client"] == "127.0.0.1"
+    assert any(line["status"] == 400 and line.get("error_code") == "invalid_parameter" for line in lines)
+    assert f'"job_id": "{done["job_id"]}", "status": "succeeded"' in text and " INFO sonic.jobs job ended " in text

@@ -446,3 +446,11 @@ def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
     finally:
         rx.close()
         files.close()
+
+
+def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():
+    port = free_port()  # nothing listens there
+    p = subprocess.run([sys.executable, "-m", "sonic", "worker", "--redis-url", f"redis://:S3cretPw@127.0.0.1:{port}/0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"redis://:***@127.0.0.1:{port}/0 does not answer" in p.stderr
+    assert "S3cretPw" not in p.stdout + p.stderr

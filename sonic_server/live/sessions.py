@@ -169,13 +169,21 @@ class LiveSessions:
 
     def warm(self) -> None:
         """Make what a first session would wait for: the face analyser, a helper process."""
+        self.warm_faces()
         try:
-            with self._face_lock:
-                self._face_analyser()
             if self._helpers is not None:
                 self._helpers.warm()
         except Exception:  # noqa: BLE001 - the first session makes them itself
             log.exception("live sessions: warming up failed")
+
+    def warm_faces(self) -> None:
+        """The face analyser made (its set-up silences the process's stderr a moment: see
+        sonic/face.py, so a caller may make it before other threads log)."""
+        try:
+            with self._face_lock:
+                self._face_analyser()
+        except Exception:  # noqa: BLE001 - the first session makes it itself
+            log.exception("live sessions: warming up the face analyser failed")
 
     def _face_analyser(self) -> Any:
         """The registry's own face analyser (FaceMesh graphs are not shared with the job thread's),

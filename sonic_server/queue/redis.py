@@ -38,6 +38,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterator, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 
@@ -56,6 +57,17 @@ LIST_SCAN = 5000  # records one listing page may look at (a filter that matches 
 
 def connect(url: str) -> redis_lib.Redis:
     return redis_lib.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+
+
+def without_password(url: str) -> str:
+    """A Redis URL as it may be shown: its password (redis://:secret@host, redis://user:secret@host)
+    replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def rq_queue(conn: redis_lib.Redis):

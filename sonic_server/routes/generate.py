@@ -347,6 +347,7 @@ def generate():
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     rec.webhook = hook
+    g.job_id = rec.id  # the request's log line names its job
     try:
         rec.inputs = svc.uploads.save(rec.id, files)  # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
