@@ -115,20 +115,28 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
 
     def make_queue():
         if srv.redis_url:  # distributed: the workers load the model, not this process
-            from .queue.redis import RedisQueue
+            from redis import exceptions as redis_errors
+
+            from .queue.redis import RedisQueue, without_password
 
             if outputs.remote:
                 outputs.s3.check()  # a missing bucket or refused credentials: /health says which
-            return RedisQueue(
-                srv.redis_url,
-                svc.output_dir,
-                svc.uploads,
-                outputs=outputs,
-                queue_size=srv.queue_size,
-                job_timeout_s=srv.job_timeout_s,
-                retry_lost_jobs=srv.retry_lost_jobs,
-                end_hooks=end_hooks,
-            )
+            try:
+                return RedisQueue(
+                    srv.redis_url,
+                    svc.output_dir,
+                    svc.uploads,
+                    outputs=outputs,
+                    queue_size=srv.queue_size,
+                    job_timeout_s=srv.job_timeout_s,
+                    retry_lost_jobs=srv.retry_lost_jobs,
+                    end_hooks=end_hooks,
+                )
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+                raise loader.NotReachable(
+                    f"the job store (Redis at {without_password(srv.redis_url)}) does not answer "
+                    f"({type(e).__name__}); trying again every {loader.RETRY_S:.0f} s"
+                ) from None
         from sonic import load_pipeline
 
         pipe = pipeline if pipeline is not None else load_pipeline(settings)

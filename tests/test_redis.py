@@ -454,3 +454,26 @@ def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and f"redis://:***@127.0.0.1:{port}/0 does not answer" in p.stderr
     assert "S3cretPw" not in p.stdout + p.stderr
+
+
+def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monkeypatch):
+    """Not set-up failed for good: "starting", saying why, until Redis answers; then ready for
+    workers (none here: worker_stopped)."""
+    from sonic_server import create_app, loader
+    monkeypatch.setattr(loader, "RETRY_S", 0.3)
+    port = free_port()
+    cfg = server_settings(tmp_path, redis_url=f"redis://:pw@127.0.0.1:{port}/0")  # a password it does not need
+    client = create_app(cfg).test_client()
+    h = client.get("/health")
+    assert h.status_code == 503 and h.get_json()["readiness"] == "starting"
+    assert "(Redis at redis://:***@127.0.0.1:" in h.get_json()["error"] and "trying again" in h.get_json()["error"]
+    proc = start_redis(tmp_path, port)
+    try:
+        deadline = time.monotonic() + 15
+        while client.get("/health").get_json()["readiness"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        h = client.get("/health").get_json()
+        assert h["readiness"] == "worker_stopped" and "error" not in h
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -44,7 +44,7 @@ def health():
             body["live"] = svc.live.health()
         except Exception:  # noqa: BLE001 - distributed: Redis away; the rest of the answer says more
             body["live"] = {"enabled": svc.settings.live.enabled, "error": "the live sessions' store does not answer"}
-    if state == "setup_failed" and svc.setup_error:
+    if state in ("setup_failed", "starting") and svc.setup_error:
         body["error"] = svc.setup_error
     return jsonify(body), (200 if state in ("ready", "busy") else 503)
 
