@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap.add_argument("--name", help="this worker's name (default: host-pid)")
     ap.add_argument("--burst", action="store_true", help="stop when the queue is empty (tests)")
     ap.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus metrics on this port")
+    ap.add_argument(
+        "--metrics-host", default="0.0.0.0", help="... on this address (default 0.0.0.0: where Prometheus reaches it)"
+    )
     ap.add_argument("--decoder", choices=("auto", "warp", "sonic"))
     ap.add_argument("--checkpoints", metavar="DIR")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -322,6 +325,16 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     srv = settings.server
     if not srv.redis_url:
         sys.exit("error: a worker needs Redis: set server.redis_url (SONIC_REDIS_URL) or --redis-url")
+    name = a.name or f"{socket.gethostname()}-{os.getpid()}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
+    if a.metrics_port:  # before anything registers: a port in use stops the start, not a worker half up
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(a.metrics_port, addr=a.metrics_host, registry=REGISTRY)
+        except OSError as e:
+            sys.exit(f"error: --metrics-port {a.metrics_port} on {a.metrics_host}: {e.strerror or e}")
     from sonic import load_pipeline
 
     conn = connect(srv.redis_url)
@@ -329,8 +342,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         conn.ping()
     except Exception as e:  # noqa: BLE001
         sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
-    uploads, outputs = open_storage(settings)
     try:
+        uploads, outputs = open_storage(settings)
         if outputs.remote:
             outputs.s3.check()
         pipeline = load_pipeline(settings)
@@ -340,9 +353,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
-    name = a.name or f"{socket.gethostname()}-{os.getpid()}"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     global _STATE
@@ -371,10 +381,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         output_dir = state.output_dir = outputs.folder
     stop = threading.Event()
     threading.Thread(target=heartbeat, args=(state, srv.redis_url, stop), name="sonic-heartbeat", daemon=True).start()
-    if a.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(a.metrics_port, registry=REGISTRY)
     if state.host is not None:
         state.host.on_change = lambda: announce_now(state, conn)
         if settings.live.warm_start:

@@ -467,6 +467,7 @@ def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monk
     h = client.get("/health")
     assert h.status_code == 503 and h.get_json()["readiness"] == "starting"
     assert "(Redis at redis://:***@127.0.0.1:" in h.get_json()["error"] and "trying again" in h.get_json()["error"]
+    assert b"\nsonic_workers_live 0\n" in client.get("/metrics").data  # an alert on it fires meanwhile
     proc = start_redis(tmp_path, port)
     try:
         deadline = time.monotonic() + 15
@@ -477,3 +478,17 @@ def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monk
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "sonic", "worker", "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
+                        "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    taken.close()
+    assert p.returncode == 1 and f"error: --metrics-port {port} on 127.0.0.1: Address already in use" in p.stderr
+    assert "Traceback" not in p.stderr
