@@ -390,6 +390,8 @@ def test_the_cli_creates_lists_revokes_recharges_and_checks(tmp_path):
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
     out = cli("create", "ivy", "--credits", "50")
     assert out.returncode == 0 and "key: sk_" in out.stdout, out.stderr
+    # which database it used (a relative data_dir would follow the working folder)
+    assert f"accounts database: sqlite:///{tmp_path / 'data' / 'credits.sqlite3'}" in out.stderr
     key = out.stdout.split("key: ")[1].split()[0]
     assert cli("create", "ivy").returncode != 0
     assert "ivy" in cli("list").stdout and " 50" in cli("list").stdout

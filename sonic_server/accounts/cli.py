@@ -45,15 +45,18 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     r.add_argument("--idempotency-key")
     sub.add_parser("check")
     a = ap.parse_args(argv)
-    from .ledger import CreditError, Ledger, check_amount, database_url
+    from .ledger import CreditError, Ledger, check_amount, database_url, shown_url
 
     try:
         settings = load_settings(a.config)
-        ledger = Ledger.open(database_url(settings))
+        url = database_url(settings)
+        ledger = Ledger.open(url)
     except SettingsError as e:
         sys.exit(f"error: {e}")
     except SonicError as e:  # the database cannot be opened
         sys.exit(f"error: {e.message}")
+    # which one: a relative data_dir follows the working folder (another folder, another database)
+    print(f"accounts database: {shown_url(url)}", file=sys.stderr)
     operator = f"cli:{getpass.getuser()}"
     try:
         if a.command == "create":

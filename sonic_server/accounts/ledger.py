@@ -85,6 +85,13 @@ def database_url(settings) -> str:
     return f"sqlite:///{folder / 'credits.sqlite3'}"
 
 
+def shown_url(url: str) -> str:
+    """A database URL as it may be shown: its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 class Ledger:
     """The accounts database. Thread-safe (one engine, a connection per call)."""
 
@@ -94,12 +101,10 @@ class Ledger:
         try:
             return cls(url)
         except Exception as e:  # noqa: BLE001 - unreachable, refused, bad URL
-            from sqlalchemy.engine import make_url
-
             from sonic.errors import SetupError
 
             try:
-                where = make_url(url).render_as_string(hide_password=True)
+                where = shown_url(url)
             except Exception:  # noqa: BLE001
                 where = "server.database_url"
             why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
