@@ -97,6 +97,8 @@ def serve(args: argparse.Namespace) -> None:
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
         timeout = settings.server.socket_timeout_s
 
+    # werkzeug's own line is quiet here (its logger logs warnings only): say where to connect
+    logging.getLogger("sonic.http").info("listening on http://%s:%d", settings.server.host, settings.server.port)
     try:
         app.run(
             host=settings.server.host,
