@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import threading
@@ -167,4 +168,8 @@ def _end_sessions_on_exit(live) -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    logging.getLogger("sonic.http").warning(
+        "SIGTERM: stopping; live sessions end (server_stopping), and a job running or queued is reported "
+        "failed (interrupted) at the next start"
+    )
     raise SystemExit(128 + signum)

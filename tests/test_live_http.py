@@ -537,4 +537,4 @@ def test_a_server_stopped_by_sigterm_charges_its_running_sessions(paying_server)
     assert code == 128 + signal.SIGTERM
     assert account["reserved"] == 0 and 1000 - 5 <= account["balance"] <= 1000 - 2, account
     log = (paying_server["tmp"] / "server.log").read_text()
-    assert "ended (server_stopping)" in log
+    assert "ended (server_stopping)" in log and "WARNING sonic.http SIGTERM: stopping" in log
