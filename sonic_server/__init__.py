@@ -12,6 +12,8 @@ from typing import Mapping
 
 from flask import Flask
 
+from sonic.errors import SetupError
+
 from . import access, hooks, loader
 from .errors import install_error_handlers
 from .idempotency import open_keys
@@ -34,7 +36,6 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     With background_load the models load in a thread while the server already answers:
     /health says "starting" (503) and generate answers 503 + Retry-After until they are ready.
     """
-    hooks.configure_logging()
     if not isinstance(settings, ServerConfig):
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
@@ -133,10 +134,12 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
                     retry_lost_jobs=srv.retry_lost_jobs,
                     end_hooks=end_hooks,
                 )
+            except (redis_errors.AuthenticationError, redis_errors.AuthorizationError) as e:
+                raise SetupError(f"the job store (Redis at {without_password(srv.redis_url)}) refused: {e}") from None
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
                 raise loader.NotReachable(
                     f"the job store (Redis at {without_password(srv.redis_url)}) does not answer "
-                    f"({type(e).__name__}); trying again every {loader.RETRY_S:.0f} s"
+                    f"({type(e).__name__}: {e}); trying again every {loader.RETRY_S:.0f} s"
                 ) from None
         from sonic import load_pipeline
 

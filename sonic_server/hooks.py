@@ -21,8 +21,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 def configure_logging() -> None:
     """INFO lines to stderr with their level, unless the process has set up logging itself: the
-    service logs the same under `sonic serve`, `sonic worker` and a WSGI server (waitress sets
-    up none, so its access and job lines went nowhere)."""
+    service logs the same under `sonic serve`, `sonic worker` and a WSGI server
+    (sonic_server/wsgi.py: waitress sets up none, so its access and job lines went nowhere)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a no-op where the root has handlers
 
 

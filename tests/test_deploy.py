@@ -73,16 +73,17 @@ def test_the_dockerfile_runs_waitress_on_8080_as_a_user_with_a_health_check():
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[0] == "waitress-serve" and "--listen=0.0.0.0:8080" in cmd
     module, _, factory = cmd[-1].partition(":")
-    assert callable(getattr(__import__(module), factory))
+    import importlib
+    assert callable(getattr(importlib.import_module(module), factory))
     assert "pip install --no-cache-dir -r requirements.txt" in text and "torch==2.13.0" in text
     worker = load(COMPOSE)["services"]["worker"]["command"]
     assert worker[:2] == ["sonic", "worker"]
 
 
 def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_request_and_job(tmp_path):
-    """The production command (waitress-serve --call sonic_server:create_app) takes its settings
-    file from SONIC_CONFIG and logs as `sonic serve` does: each request's line with its client,
-    its job or its error code, and each job's end."""
+    """The production command (waitress-serve --call sonic_server.wsgi:make_app, the Dockerfile's)
+    takes its settings file from SONIC_CONFIG and logs as `sonic serve` does: each request's line
+    with its client, its job or its error code, and each job's end; a bad setting is one line."""
     import os
     import subprocess
     import sys
@@ -99,7 +100,11 @@ def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_req
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     port, log = free_port(), tmp_path / "server.log"
     waitress = [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--threads=4", "--call",
-                "sonic_server:create_app"]
+                "sonic_server.wsgi:make_app"]
+    bad = subprocess.run(waitress, cwd=ROOT, env={**os.environ, "SONIC_QUEUE_SIZE": "-1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: setting server.queue_size must be a number 0 or more, got -1"]
     env = {**os.environ, "SONIC_CONFIG": str(tmp_path / "s.yaml")}
     with open(log, "w") as out:
         proc = subprocess.Popen(waitress, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -46,7 +46,7 @@ def test_a_public_client_cannot_point_the_server_inside(address):
 def test_the_clients_own_address_public_ones_and_a_configured_network_are_kept():
     sdp = offer([candidate("192.168.1.5"), candidate("10.1.2.3"), candidate("1.1.1.1", kind="srflx"),
                  candidate("2001:4860::8888", kind="relay")])
-    screened = screen_offer(sdp, seen("192.168.1.5"), PeerPolicy.from_settings(["10.0.0.0/8"], []))
+    screened = screen_offer(sdp, seen("192.168.1.5"), PeerPolicy.from_settings(["10.0.0.0/8"], [], [], True))
     assert kept(screened.sdp) == ["192.168.1.5", "10.1.2.3", "1.1.1.1", "2001:4860::8888"]
     assert screened.left_out == () and screened.sdp == sdp  # nothing else of the offer changes
 
@@ -54,7 +54,8 @@ def test_the_clients_own_address_public_ones_and_a_configured_network_are_kept()
 def test_a_private_turn_servers_relay_candidates_are_kept_and_nothing_else_there():
     sdp = offer([candidate("10.9.8.7", kind="relay"), candidate("10.9.8.6", kind="relay"), candidate("10.9.8.7", 53),
                  candidate("fd00::1", kind="relay")])
-    policy = PeerPolicy.from_settings([], ["turn:user:secret@10.9.8.7:3478?transport=udp", "stun:[fd00::1]:3478"])
+    policy = PeerPolicy.from_settings([], ["turn:user:secret@10.9.8.7:3478?transport=udp", "stun:[fd00::1]:3478"], [],
+                                      True)
     assert kept(screen_offer(sdp, seen(PUBLIC), policy).sdp) == ["10.9.8.7"]
 
 
@@ -67,13 +68,34 @@ def test_mdns_names_and_zones_are_never_sent_to():
 
 
 def test_a_client_on_this_machine_may_name_loopback_and_only_it():
+    """Only where sessions run here and live.host_addresses serves loopback clients."""
+    local = PeerPolicy.from_settings([], [], ["127.0.0.1"], here=True)
     sdp = offer([candidate("127.0.0.1"), candidate("::1"), candidate("10.0.0.5")])
-    assert kept(screen_offer(sdp, seen("127.0.0.1"), PeerPolicy()).sdp) == ["127.0.0.1", "::1"]
-    assert kept(screen_offer(sdp, seen("::ffff:127.0.0.1"), PeerPolicy()).sdp) == ["127.0.0.1", "::1"]  # dual stack
+    assert kept(screen_offer(sdp, seen("127.0.0.1"), local).sdp) == ["127.0.0.1", "::1"]
+    assert kept(screen_offer(sdp, seen("::ffff:127.0.0.1"), local).sdp) == ["127.0.0.1", "::1"]  # dual stack
     # seen at loopback through a proxy the settings do not declare: anyone at all
-    assert kept(screen_offer(sdp, seen("127.0.0.1", undeclared_proxy=True), PeerPolicy()).sdp) == []
+    assert kept(screen_offer(sdp, seen("127.0.0.1", undeclared_proxy=True), local).sdp) == []
     # X-Forwarded-For: 127.0.0.1 sent straight to a server that trusts one proxy hop
-    assert kept(screen_offer(sdp, seen("127.0.0.1", socket_peer="198.51.100.7"), PeerPolicy()).sdp) == []
+    assert kept(screen_offer(sdp, seen("127.0.0.1", socket_peer="198.51.100.7"), local).sdp) == []
+    # a server that does not serve this machine's clients (a proxy on it makes every client
+    # look local), and sessions on workers (another machine)
+    for policy in (PeerPolicy.from_settings([], [], [], True), PeerPolicy.from_settings([], [], ["127.0.0.1"], False)):
+        assert kept(screen_offer(sdp, seen("127.0.0.1"), policy).sdp) == []
+
+
+def test_an_offer_costs_one_lookup_of_the_turn_servers_however_many_candidates(monkeypatch):
+    import socket
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kw):
+        looked_up.append(host)
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("10.9.8.7", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    policy = PeerPolicy.from_settings([], ["turn:u:p@turn.internal:3478"], [], True)
+    relays = [candidate("10.9.8.7", 40000 + i, kind="relay") for i in range(1000)]
+    assert len(kept(screen_offer(offer(relays), seen(PUBLIC), policy).sdp)) == MAX_CANDIDATES
+    assert looked_up == ["turn.internal"]
 
 
 def test_a_dual_stack_listener_sees_the_client_at_its_ipv4_address():

@@ -478,6 +478,29 @@ def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monk
     finally:
         proc.terminate()
         proc.wait(10)
+    metrics = client.get("/metrics")  # Redis gone again: the page still answers, the gauges at 0
+    assert metrics.status_code == 200 and b"\nsonic_workers_live 0\n" in metrics.data
+
+
+def test_a_wrong_redis_password_is_a_set_up_failure_not_a_wait(tmp_path):
+    import redis
+    from sonic_server import create_app
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", "right",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port, password="right").ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client = create_app(server_settings(tmp_path, redis_url=f"redis://:wrong@127.0.0.1:{port}/0")).test_client()
+        h = client.get("/health").get_json()
+        assert h["readiness"] == "setup_failed" and "refused" in h["error"] and "wrong" not in h["error"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():

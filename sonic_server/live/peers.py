@@ -10,7 +10,9 @@ some 800 candidates). So, before the offer is answered, each media section keeps
 - the client's own address, unless loopback (a client on the same network offers its host
   address);
 - loopback or any address of this machine, for a client on it (its connection and the address
-  it is seen at are both loopback: one through a proxy that is not declared is not);
+  it is seen at are both loopback: one through a proxy that is not declared is not), where
+  sessions run in this process and `live.host_addresses` names a loopback address (the only
+  set-up that serves such clients: aioice gathers no loopback candidate otherwise);
 - a network named in `live.peer_networks` (private deployments), or, for relay candidates, a
   configured TURN server's address (a relay inside a private network).
 Never an mDNS name (`*.local`, how browsers hide their host address): aioice would resolve it
@@ -25,6 +27,7 @@ where a candidate was left out: with it and no candidate left, aioice gives up a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -43,11 +46,18 @@ class PeerPolicy:
 
     networks: tuple[Network, ...] = ()  # live.peer_networks
     turn_servers: tuple[str, ...] = ()  # their hosts' addresses are allowed for relay candidates
+    local_clients: bool = False  # clients on this machine may name its addresses (see from_settings)
 
     @classmethod
-    def from_settings(cls, peer_networks: Sequence[str], ice_servers: Sequence[str]) -> PeerPolicy:
+    def from_settings(
+        cls, peer_networks: Sequence[str], ice_servers: Sequence[str], host_addresses: Sequence[str], here: bool
+    ) -> PeerPolicy:
+        """`here`: the sessions run in this process (not on workers, whose machine is another).
+        Clients on this machine are served only where `live.host_addresses` names a loopback
+        address (aioice gathers none otherwise): only there may they name its addresses."""
         turn = tuple(url for url in ice_servers if url.startswith(("turn:", "turns:")))
-        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in peer_networks), turn)
+        loopback = any((ip := _address(a)) is not None and ip.is_loopback for a in host_addresses)
+        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in peer_networks), turn, here and loopback)
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ def screen_offer(sdp: str, client: Client, policy: PeerPolicy) -> Screened:
         for line in section:
             if line.startswith("a=candidate:"):
                 candidate = _Candidate.of(line)
-                if candidate is None or not allowed(candidate) or count >= MAX_CANDIDATES:
+                if candidate is None or count >= MAX_CANDIDATES or not allowed(candidate):
                     dropped.append(candidate.host if candidate else line[:60])
                     continue
                 count += 1
@@ -153,17 +163,25 @@ class _Allowed:
     def __init__(self, client: Client, policy: PeerPolicy) -> None:
         self.client, self.policy = client, policy
 
+    @functools.cached_property
+    def own(self) -> set[str]:  # looked up once per offer, at its first private candidate
+        return _own_addresses()
+
+    @functools.cached_property
+    def relays(self) -> set[str]:
+        return _server_addresses(self.policy.turn_servers)
+
     def __call__(self, candidate: _Candidate) -> bool:
         ip = _address(candidate.host)  # None for a name (mDNS or DNS) and for a zone
         if candidate.transport != "udp" or ip is None:
             return False
         if is_public(ip) or any(ip in n for n in self.policy.networks):
             return True
-        if self.client.local and (ip.is_loopback or str(ip) in _own_addresses()):
+        if self.policy.local_clients and self.client.local and (ip.is_loopback or str(ip) in self.own):
             return True
         if ip == self.client.address and not ip.is_loopback:
             return True
-        return candidate.kind == "relay" and str(ip) in _server_addresses(self.policy.turn_servers)
+        return candidate.kind == "relay" and str(ip) in self.relays
 
 
 def _own_addresses() -> set[str]:

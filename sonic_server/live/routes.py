@@ -178,7 +178,10 @@ def open_session():
     image, rgb = _image()
     _ready(svc)
     live = registry()
-    policy = PeerPolicy.from_settings(live.settings.peer_networks, live.settings.ice_servers)
+    here = not isinstance(live, RemoteSessions)  # on a worker, "this machine" is another one
+    policy = PeerPolicy.from_settings(
+        live.settings.peer_networks, live.settings.ice_servers, live.settings.host_addresses, here
+    )
     screened = screen_offer(offer["sdp"], _client(svc), policy)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):

@@ -73,10 +73,14 @@ def metrics():
         live_open = svc.live.count() if svc.live is not None else None
     except Exception:  # noqa: BLE001 - distributed: Redis away; the page still answers, without this gauge
         live_open = None
-    # while the queue is not set up (starting, set-up failed) nothing runs jobs: the gauges say 0,
-    # so that an alert on sonic_workers_live == 0 fires then too
+    # while the queue is not set up (starting, set-up failed) or its store is away, nothing runs
+    # jobs: the gauges say 0, so that an alert on sonic_workers_live == 0 fires then too
     idle = {"queue_length": 0, "workers_alive": 0, "running_job": None}
-    body, content_type = exposition(svc.queue.health() if svc.queue is not None else idle, live_open)
+    try:
+        queue_health = svc.queue.health() if svc.queue is not None else idle
+    except Exception:  # noqa: BLE001 - distributed: Redis away; nothing runs jobs that it can see
+        queue_health = idle
+    body, content_type = exposition(queue_health, live_open)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

@@ -1,0 +1,30 @@
+"""The service for a WSGI server: `waitress-serve --call sonic_server.wsgi:make_app`.
+
+`create_app` leaves logging to whoever embeds it; a WSGI server sets up none (waitress), so
+here the service logs as under `sonic serve`: INFO lines to stderr (each request, each job's
+end), and a settings file (SONIC_CONFIG) or folder it cannot use is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from flask import Flask
+
+from sonic.errors import SonicError
+from sonic.settings import SettingsError
+
+from . import create_app
+from .hooks import configure_logging
+
+
+def make_app() -> Flask:
+    configure_logging()
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per ICE check of each live session otherwise
+    try:
+        return create_app()
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
+    except SonicError as e:  # a folder it cannot write, the accounts database, ...
+        sys.exit(f"error: {e.message}")
