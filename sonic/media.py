@@ -43,6 +43,8 @@ WORKING_PIXELS = 16_000_000
 # 108 MP phone photo in 0.2 s here). 4 x the default 40 MP takes phones' 48, 50, 64 and 108 MP
 # photos, and stays under Pillow's own refusal (2 x Image.MAX_IMAGE_PIXELS, 179 MP).
 JPEG_PIXELS_FACTOR = 4
+# Pillow names a JPEG that carries a second image (a phone's gain map, MPF) "MPO": a JPEG still
+JPEG_FORMATS = ("JPEG", "MPO")
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 # The demuxers ffmpeg may use on an upload: the containers the service documents (WAV, MP3, FLAC,
 # OGG, M4A/MP4, WebM as browsers record, raw AAC). ffmpeg picks a demuxer by content, and some
@@ -73,17 +75,21 @@ def load_image(
             # the bytes are in memory and only the allowed formats' readers see them
             with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as im:
                 w, h = im.size
-                allowed = max_pixels * (JPEG_PIXELS_FACTOR if im.format == "JPEG" else 1)
+                allowed = max_pixels * (JPEG_PIXELS_FACTOR if _reduced_in_dct(im) else 1)
                 if w * h > allowed:
                     raise InputTooLarge(
-                        f"image has {w}x{h} pixels, more than the limit of {allowed} for a {im.format} "
-                        f"(limits.max_image_pixels: {max_pixels}; a JPEG may have {JPEG_PIXELS_FACTOR}x)",
+                        f"image has {w}x{h} pixels, more than the limit of {allowed} for a {_kind(im)} "
+                        f"(limits.max_image_pixels: {max_pixels}; a baseline JPEG may have {JPEG_PIXELS_FACTOR}x)",
                         field="image",
                     )
                 with (budget or UNBOUNDED).reserve(decode_bytes(im, max_working_pixels)):
                     rgb = _decode_reduced(im, max_working_pixels)
-    except Image.DecompressionBombError as e:
-        raise InputTooLarge(f"image has too many pixels (limit {max_pixels})", field="image") from e
+    except Image.DecompressionBombError as e:  # past Pillow's own limit, checked at open
+        raise InputTooLarge(
+            f"image has more pixels than this server decodes (limits.max_image_pixels: {max_pixels}; a baseline "
+            f"JPEG may have {JPEG_PIXELS_FACTOR}x)",
+            field="image",
+        ) from e
     except UnidentifiedImageError as e:
         raise UnsupportedMedia(_unsupported_image(data), field="image") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -119,16 +125,31 @@ def _reduction(w: int, h: int, max_working_pixels: int) -> int:
     return max(1, math.ceil(math.sqrt(w * h / max_working_pixels)))
 
 
+def _reduced_in_dct(im: Image.Image) -> bool:
+    """A baseline JPEG: decoded at its reduced size. A progressive one holds every coefficient of
+    the whole image while it decodes (2 bytes each: 933 MB measured for a 156 MP one), so it
+    counts as the PNG it costs as much as."""
+    return im.format in JPEG_FORMATS and not im.info.get("progressive")
+
+
+def _kind(im: Image.Image) -> str:
+    if im.format in JPEG_FORMATS:
+        return "progressive JPEG" if im.info.get("progressive") else "JPEG"
+    return str(im.format)
+
+
 def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
     """Bytes a decode of `im` holds at its peak: Pillow's own buffer (4 bytes a pixel but for
-    1-byte modes; a JPEG decoded at its reduced size), then about three working copies."""
+    1-byte modes; a JPEG decoded at its reduced size, a progressive one's coefficients too),
+    then about three working copies."""
     w, h = im.size
     k = _reduction(w, h, max_working_pixels)
     native = 1 if im.mode in ("1", "L", "P") else 4
-    if im.format == "JPEG":
+    coefficients = w * h * len(im.getbands()) * 2 if im.format in JPEG_FORMATS and im.info.get("progressive") else 0
+    if im.format in JPEG_FORMATS:
         dct = 1 << (min(k, 8).bit_length() - 1)  # draft reduces by the largest of 1, 2, 4, 8 not past k
         w, h = -(-w // dct), -(-h // dct)
-    return w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
+    return coefficients + w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
 
 
 def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
@@ -136,7 +157,7 @@ def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
     applied, transparency on white."""
     w, h = im.size
     k = _reduction(w, h, max_working_pixels)
-    if k > 1 and im.format == "JPEG":
+    if k > 1 and im.format in JPEG_FORMATS:
         im.draft("RGB", (w // k, h // k))  # decode at 1/2, 1/4 or 1/8 scale
     im.load()
     if k > 1:

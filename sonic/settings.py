@@ -110,7 +110,7 @@ class Settings:
             raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         check_numbers(self, "", self.POSITIVE)
         _check_decoder(self.decoder)
-        _check_defaults(self.defaults, self.limits)
+        _check_defaults(self)
         return self
 
     def resolved(self, base: Path) -> Self:
@@ -251,20 +251,19 @@ def check_numbers(section: Any, prefix: str, positive: frozenset[str]) -> None:
                 raise SettingsError(f"setting {name} must be more than 0, got {value}")
 
 
-def _check_defaults(defaults: Mapping[str, Any], limits: Limits) -> None:
-    """Each parameter default known and valid: a bad one would fail every request, the client
-    blamed for the operator's setting."""
+def _check_defaults(settings: Settings) -> None:
+    """The parameter defaults as a request with no parameters sees them: a bad one would fail
+    every request, the client blamed for the operator's setting."""
     from .errors import InvalidParameter
-    from .options import parameters
+    from .options import GenerateOptions, parameters
 
-    declared = parameters()
-    for name, value in defaults.items():
-        if name not in declared:
-            raise SettingsError(f"setting defaults.{name}: no such parameter ({', '.join(declared)})")
-        try:
-            declared[name].check(value, limits)
-        except InvalidParameter as e:
-            raise SettingsError(f"setting defaults.{name}: {e.message}") from None
+    for name in settings.defaults:
+        if name not in parameters():
+            raise SettingsError(f"setting defaults.{name}: no such parameter ({', '.join(parameters())})")
+    try:
+        GenerateOptions.from_dict(None, settings)
+    except InvalidParameter as e:
+        raise SettingsError(f"setting defaults.{e.field}: {e.message}") from None
 
 
 def _check_decoder(name: str) -> None:

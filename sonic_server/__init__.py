@@ -173,6 +173,6 @@ def _end_sessions_on_exit(live) -> None:
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     logging.getLogger("sonic.http").warning(
         "SIGTERM: stopping; live sessions end (server_stopping), and a job running or queued is reported "
-        "failed (interrupted) at the next start"
+        "failed (interrupted) at the next start (where server.jobs_db keeps records)"
     )
     raise SystemExit(128 + signum)

@@ -160,7 +160,7 @@ class ServerConfig(Settings):
                 "fusion_max_batch",
             )
         }
-        | {"s3.url_ttl_s"}
+        | {"live.idle_timeout_s", "live.max_speak_s", "outbound.fetch_timeout_s", "credits.recharge_rate_per_s"}
     )
     # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
     ENV_PREFIXES: ClassVar[Mapping[str, str]] = {
@@ -175,6 +175,9 @@ class ServerConfig(Settings):
         super().checked()
         if self.server.port > 65535:
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
+        burst = self.server.rate_limit_burst
+        if burst < 1:  # a bucket that never holds a whole token refuses everything
+            raise SettingsError(f"setting server.rate_limit_burst must be at least 1, got {burst}")
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)
@@ -213,18 +216,13 @@ def load_settings(
 
 def _check_credits(s: ServerConfig) -> None:
     c = s.credits
-    for name in ("per_video_second", "per_request"):
-        if getattr(c, name) < 0:
-            raise SettingsError(f"setting credits.{name} must be 0 or more, got {getattr(c, name)}")
     for name in ("max_recharge_users", "max_recharge_amount", "ledger_page"):
         if getattr(c, name) < 1:
             raise SettingsError(f"setting credits.{name} must be at least 1, got {getattr(c, name)}")
     if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
         raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
-    if c.recharge_rate_per_s <= 0 or c.recharge_burst < 1:
-        raise SettingsError(
-            "settings credits.recharge_rate_per_s must be positive and credits.recharge_burst at least 1"
-        )
+    if c.recharge_burst < 1:
+        raise SettingsError(f"setting credits.recharge_burst must be at least 1, got {c.recharge_burst}")
 
 
 def _check_storage(s: ServerConfig) -> None:
@@ -254,18 +252,10 @@ def _check_webhooks(hooks: WebhookSettings) -> None:
                 raise ValueError
         except (binascii.Error, ValueError):
             raise SettingsError("setting webhooks.secret: a whsec_ secret must be base64 after its prefix") from None
-    if hooks.retry_s < 0:
-        raise SettingsError(f"setting webhooks.retry_s must be 0 or more, got {hooks.retry_s}")
 
 
 def _check_live(live: LiveSettings) -> None:
-    if live.max_sessions < 0:
-        raise SettingsError(f"setting live.max_sessions must be 0 or more, got {live.max_sessions}")
-    for name in ("max_session_s", "idle_timeout_s", "max_speak_s"):
-        if getattr(live, name) < 0:
-            raise SettingsError(f"setting live.{name} must be 0 or more, got {getattr(live, name)}")
-    if live.idle_timeout_s == 0:
-        raise SettingsError("setting live.idle_timeout_s must be more than 0: a vanished client must be let go")
+    # numbers: ServerConfig.POSITIVE and sonic.settings.check_numbers
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
             raise SettingsError(f"setting live.ice_servers: {url!r} is not a stun:, turn: or turns: URL")

@@ -371,11 +371,9 @@ def open_storage(settings) -> tuple[Uploads, FolderOutputs | S3Outputs]:
     the setting otherwise: every job would render, then fail). Nothing is contacted here: `check`
     the outputs' bucket (S3Outputs.s3.check) where a failure can be reported."""
     srv = settings.server
-    folders = (
-        ("server.upload_dir", srv.upload_dir),
-        ("output_dir", settings.output_dir),
-        ("server.data_dir", srv.data_dir),
-    )
+    folders = [("server.upload_dir", srv.upload_dir), ("output_dir", settings.output_dir)]
+    if not srv.redis_url:  # one process: its job records (and accounts, webhook secret) live there
+        folders.append(("server.data_dir", srv.data_dir))
     for name, folder in folders:
         writable_folder(folder, name)
     if settings.storage != "s3":

@@ -60,6 +60,21 @@ def test_a_phones_100_mp_jpeg_is_taken_a_png_as_large_is_not(tmp_path):
         load_image(huge, 40_000_000)
 
 
+def test_a_progressive_jpeg_has_the_pngs_limit_and_a_phones_mpo_the_jpegs(tmp_path):
+    """A progressive JPEG holds all its coefficients while it decodes: no 4x. A JPEG carrying a
+    second image (MPF, as phones' gain-map photos do) is what Pillow calls MPO: a JPEG still."""
+    photo = Image.open(PORTRAIT).resize((2000, 1000))  # 2 MP against a limit of 1 MP
+    baseline, progressive, mpo = tmp_path / "b.jpg", tmp_path / "p.jpg", tmp_path / "m.jpg"
+    photo.save(baseline)
+    photo.save(progressive, progressive=True)
+    photo.save(mpo, "MPO", save_all=True, append_images=[photo.resize((200, 100))])
+    assert Image.open(mpo).format == "MPO"
+    for path in (baseline, mpo):
+        assert load_image(path, 1_000_000).shape[:2] == (1000, 2000)
+    with pytest.raises(InputTooLarge, match="limit of 1000000 for a progressive JPEG"):
+        load_image(progressive, 1_000_000)
+
+
 def test_grayscale_alpha_and_exif(tmp_path):
     g = tmp_path / "g.png"
     Image.open(PORTRAIT).convert("L").save(g)

@@ -86,10 +86,16 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"defaults": {"fps": 500}}, {}, "defaults.fps: fps must be in"),
     ({"defaults": {"sead": 3}}, {}, "defaults.sead: no such parameter"),
     ({}, {"SONIC_DECODER": "wrap"}, "decoder must be one of auto, warp, sonic, got 'wrap'"),
+    ({"server": {"rate_limit_burst": 0.5}}, {}, "server.rate_limit_burst must be at least 1"),
+    ({}, {"SONIC_LIVE_MAX_SPEAK_S": "0"}, "live.max_speak_s must be more than 0"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
     with pytest.raises(SettingsError, match=needle):
         settings_from(raw, env=env)
+
+
+def test_a_default_of_none_where_the_parameter_has_none_is_taken():
+    assert settings_from({"defaults": {"duration": None, "fps": 30}}).defaults["fps"] == 30
 
 
 def test_bad_settings_file_is_named(tmp_path):
@@ -104,15 +110,20 @@ def test_bad_settings_file_is_named(tmp_path):
 
 def test_an_output_ttl_of_0_keeps_videos_and_records(tmp_path):
     from sonic_server.expiry import OutputExpiry
+    from sonic_server.jobs import SUCCEEDED, JobRecord
     from sonic_server.store import MemoryStore
 
     video = tmp_path / "old.mp4"
     video.write_bytes(b"x")
     store = MemoryStore()
-    OutputExpiry(store, tmp_path, 0).sweep(now=video.stat().st_mtime + 10 * 86400)
-    assert video.exists()
-    OutputExpiry(store, tmp_path, 86400).sweep(now=video.stat().st_mtime + 10 * 86400)
-    assert not video.exists()
+    rec = JobRecord.new("generate", {})
+    rec.status, rec.finished = SUCCEEDED, video.stat().st_mtime
+    store.save(rec)
+    later = video.stat().st_mtime + 10 * 86400
+    OutputExpiry(store, tmp_path, 0).sweep(now=later)
+    assert video.exists() and store.load(rec.id) is not None
+    OutputExpiry(store, tmp_path, 86400).sweep(now=later)
+    assert not video.exists() and store.load(rec.id) is None
 
 
 @pytest.mark.parametrize("setting", ["output_dir", "server.upload_dir", "server.data_dir"])

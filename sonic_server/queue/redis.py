@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator, cast
@@ -63,11 +64,12 @@ def without_password(url: str) -> str:
     """A Redis URL as it may be shown: its password (redis://:secret@host, redis://user:secret@host)
     replaced by ***."""
     parts = urlsplit(url)
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)  # redis-py takes ?password= too
     if parts.password is None:
-        return url
+        return urlunsplit(parts._replace(query=query))
     user = f"{parts.username}:" if parts.username else ":"
     host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}", query=query))
 
 
 def rq_queue(conn: redis_lib.Redis):
