@@ -490,11 +490,18 @@ def test_a_session_pays_per_second_streamed_and_ends_when_its_credit_is_spent(pa
         await client.close(end_session=end)
         return client.session_id, state
 
-    _, state = asyncio.run(session(rich, 2.0))
-    assert wait_for(lambda: ledger.account("rich")["balance"] == 1000 - int(np.ceil(state["streamed_s"])), 5), (
-        ledger.account("rich"),
-        state,
-    )
+    rich_id, state = asyncio.run(session(rich, 2.0))
+
+    def settled() -> list[dict]:
+        return [e for e in ledger.entries(account="rich")[0] if rich_id in (e.get("reason") or "")]
+
+    # what it streamed up to its end (a little past the state read before it), as the ledger
+    # says it (to 0.1 s), charged in whole seconds
+    assert wait_for(lambda: settled(), 5), ledger.entries(account="rich")
+    seconds = float(re.search(r": ([0-9.]+) s \(", settled()[0]["reason"]).group(1))
+    assert state["streamed_s"] - 0.05 <= seconds <= state["streamed_s"] + 2.0
+    charged = 1000 - ledger.account("rich")["balance"]
+    assert int(np.ceil(seconds - 0.05)) <= charged <= int(np.ceil(seconds + 0.05)), (charged, seconds)
     # 4 credits: a 4 s hold; the session ends by itself when it has streamed them
     poor_id, _ = asyncio.run(session(poor, 6.0, end=False))
     r = requests.get(f"{base}/api/sonic/live/{poor_id}", headers={"Authorization": f"Bearer {poor}"}, timeout=5)
