@@ -99,28 +99,35 @@ def screen_offer(sdp: str, client: Client, policy: PeerPolicy) -> Screened:
     """The SDP with only the candidates the server may send to (see the module's docstring)."""
     allowed = _Allowed(client, policy)
     sections: list[list[str]] = [[]]
-    left_out: list[str] = []
     # lines as aiortc reads them (str.splitlines: any line break, not only CRLF)
     for line in sdp.splitlines():
         if line.startswith("m="):
             sections.append([])
         sections[-1].append(line)
-    lines = []
+    lines: list[str] = []
+    left_out: list[str] = []
     for section in sections:
-        kept, dropped, count = [], [], 0
-        for line in section:
-            if line.startswith("a=candidate:"):
-                candidate = _Candidate.of(line)
-                if candidate is None or count >= MAX_CANDIDATES or not allowed(candidate):
-                    dropped.append(candidate.host if candidate else line[:60])
-                    continue
-                count += 1
-            kept.append(line)
-        if dropped:
-            kept = [line for line in kept if not _ends_candidates(line)]
+        kept, dropped = _screen_section(section, allowed)
         lines += kept
         left_out += dropped
     return Screened("".join(line + "\r\n" for line in lines), tuple(dict.fromkeys(left_out)))
+
+
+def _screen_section(section: list[str], allowed: _Allowed) -> tuple[list[str], list[str]]:
+    """One media section's lines kept, and the addresses (at most 60 characters each) of the
+    candidates left out; where one was left out, its end-of-candidates goes too."""
+    kept, dropped, count = [], [], 0
+    for line in section:
+        if line.startswith("a=candidate:"):
+            candidate = _Candidate.of(line)
+            if candidate is None or count >= MAX_CANDIDATES or not allowed(candidate):
+                dropped.append((candidate.host if candidate else line)[:60])
+                continue
+            count += 1
+        kept.append(line)
+    if dropped:
+        kept = [line for line in kept if not _ends_candidates(line)]
+    return kept, dropped
 
 
 def _ends_candidates(line: str) -> bool:
