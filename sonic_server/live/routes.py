@@ -25,7 +25,7 @@ from ..errors import error_response
 from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
-from .peers import Client, PeerPolicy, screen_offer
+from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
 from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
 
@@ -178,11 +178,7 @@ def open_session():
     image, rgb = _image()
     _ready(svc)
     live = registry()
-    here = not isinstance(live, RemoteSessions)  # on a worker, "this machine" is another one
-    policy = PeerPolicy.from_settings(
-        live.settings.peer_networks, live.settings.ice_servers, live.settings.host_addresses, here
-    )
-    screened = screen_offer(offer["sdp"], _client(svc), policy)
+    screened = _screened(svc, live, offer)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
         hold = _hold_credit(svc, live.settings.max_session_s)
@@ -209,6 +205,14 @@ def open_session():
     resp.status_code = 201
     resp.headers["Location"] = state_url
     return resp
+
+
+def _screened(svc: Service, live: LiveSessions | RemoteSessions, offer: dict) -> Screened:
+    """The offer with only the ICE candidates the server may send to (sonic_server/live/peers.py)."""
+    here = not isinstance(live, RemoteSessions)  # on a worker, "this machine" is another one
+    settings = live.settings
+    policy = PeerPolicy.from_settings(settings.peer_networks, settings.ice_servers, settings.host_addresses, here)
+    return screen_offer(offer["sdp"], _client(svc), policy)
 
 
 def _client(svc: Service) -> Client:
