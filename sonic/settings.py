@@ -21,6 +21,8 @@ wrong type are refused with the setting named (`SettingsError`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import typing
@@ -47,6 +49,7 @@ def _default_settings() -> Path:
 
 DEFAULT_CONFIG = _default_settings()
 ENV_PREFIX = "SONIC_"
+log = logging.getLogger("sonic.settings")
 DEVICES = ("auto", "cpu", "cuda")  # for a decoder that runs on torch; the warp decoder uses the CPU
 
 
@@ -214,6 +217,9 @@ def settings_from(
     raw = {k: v for k, v in dict(raw or {}).items() if k not in cls.SKIPPED}
     env = env or {}
     parts = sections(cls)
+    if not cls.SKIPPED:  # the whole file's settings: every SONIC_* setting's name is known here
+        for var, meant in _misspelt(env, cls, parts):
+            log.warning("%s is not a setting (ignored); did you mean %s?", var, meant)
     top = _values(cls, raw, "", env, skip=("defaults", *parts))
     for name, part in parts.items():
         prefix = cls.ENV_PREFIXES.get(name, ENV_PREFIX)
@@ -235,6 +241,21 @@ def settings_from(
         owner = dataclasses.replace(owner, **{key: _cast(name, _hints(type(owner))[key], value, False)})
         settings = dataclasses.replace(settings, **{section: owner}) if section else owner
     return settings.checked().resolved(base or Path.cwd())
+
+
+def _misspelt(env: Mapping[str, str], cls: type[Settings], parts: dict[str, type]) -> list[tuple[str, str]]:
+    """SONIC_* variables that are no setting but close to one's name: (variable, the setting's).
+    Only close ones: other tools' SONIC_* variables (SONIC_PYTHON, ...) are none of ours."""
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls) if f.name not in parts}
+    for name, part in parts.items():
+        known |= {cls.ENV_PREFIXES.get(name, ENV_PREFIX) + f.name.upper() for f in dataclasses.fields(part)}
+    found = []
+    for var in env:
+        if var.startswith(ENV_PREFIX) and var not in known:
+            close = difflib.get_close_matches(var, known, n=1, cutoff=0.85)
+            if close:
+                found.append((var, close[0]))
+    return found
 
 
 def check_numbers(section: Any, prefix: str, positive: frozenset[str]) -> None:

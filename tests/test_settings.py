@@ -143,3 +143,10 @@ def test_a_folder_that_cannot_be_written_stops_the_start_naming_its_setting(tmp_
                                                              "data_dir": str(tmp_path / "d")}}
     open_storage(settings_from(folders))
     assert (tmp_path / "o").is_dir() and (tmp_path / "u").is_dir()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to(caplog):
+    settings_from({}, env={"SONIC_WEBHOOKS_SECRET": "x", "SONIC_QUEUE_SIZ": "8", "SONIC_PYTHON": "/usr/bin/python3"})
+    told = sorted(r.getMessage() for r in caplog.records if r.name == "sonic.settings")
+    assert told == ["SONIC_QUEUE_SIZ is not a setting (ignored); did you mean SONIC_QUEUE_SIZE?",
+                    "SONIC_WEBHOOKS_SECRET is not a setting (ignored); did you mean SONIC_WEBHOOK_SECRET?"]
