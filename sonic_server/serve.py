@@ -3,7 +3,7 @@
 Host and port come from --host/--port, then SONIC_HOST / SONIC_PORT, then the settings
 (`server.host`, `server.port`; default 127.0.0.1:5000): sonic_server/settings.py reads the layers. The
 model loads once, in the background, while /health already answers. For production:
-waitress-serve --call sonic_server:create_app.
+waitress-serve --call sonic_server.wsgi:make_app (SONIC_CONFIG names the settings file).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class _AnsweredStall(logging.Filter):
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--host")
-    ap.add_argument("--port", type=int)
+    ap.add_argument("--host", help="the address to listen on (setting server.host, SONIC_HOST; default 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="the port (setting server.port, SONIC_PORT; default 5000)")
     ap.add_argument(
         "--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables override both"
     )
