@@ -125,16 +125,21 @@ def _reduction(w: int, h: int, max_working_pixels: int) -> int:
     return max(1, math.ceil(math.sqrt(w * h / max_working_pixels)))
 
 
+def _progressive_jpeg(im: Image.Image) -> bool:
+    """A progressive JPEG holds every coefficient of the whole image while it decodes (2 bytes
+    each: 933 MB measured for a 156 MP one), whatever size it is decoded at."""
+    return im.format in JPEG_FORMATS and bool(im.info.get("progressive"))
+
+
 def _reduced_in_dct(im: Image.Image) -> bool:
-    """A baseline JPEG: decoded at its reduced size. A progressive one holds every coefficient of
-    the whole image while it decodes (2 bytes each: 933 MB measured for a 156 MP one), so it
-    counts as the PNG it costs as much as."""
-    return im.format in JPEG_FORMATS and not im.info.get("progressive")
+    """A baseline JPEG: decoded at its reduced size. A progressive one counts as the PNG it
+    costs as much as."""
+    return im.format in JPEG_FORMATS and not _progressive_jpeg(im)
 
 
 def _kind(im: Image.Image) -> str:
     if im.format in JPEG_FORMATS:
-        return "progressive JPEG" if im.info.get("progressive") else "JPEG"
+        return "progressive JPEG" if _progressive_jpeg(im) else "JPEG"
     return str(im.format)
 
 
@@ -145,7 +150,7 @@ def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
     w, h = im.size
     k = _reduction(w, h, max_working_pixels)
     native = 1 if im.mode in ("1", "L", "P") else 4
-    coefficients = w * h * len(im.getbands()) * 2 if im.format in JPEG_FORMATS and im.info.get("progressive") else 0
+    coefficients = w * h * len(im.getbands()) * 2 if _progressive_jpeg(im) else 0
     if im.format in JPEG_FORMATS:
         dct = 1 << (min(k, 8).bit_length() - 1)  # draft reduces by the largest of 1, 2, 4, 8 not past k
         w, h = -(-w // dct), -(-h // dct)

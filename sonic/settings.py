@@ -107,11 +107,13 @@ class Settings:
         }
     )
 
+    AT_LEAST_ONE: ClassVar[frozenset[str]] = frozenset()  # ... and those that must be at least 1
+
     def checked(self) -> Self:
         """These settings, or SettingsError naming a value that cannot be used together."""
         if self.device not in DEVICES:  # from the file, a variable or a flag
             raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        check_numbers(self, "", self.POSITIVE)
+        check_numbers(self, "", self.POSITIVE, self.AT_LEAST_ONE)
         _check_decoder(self.decoder)
         _check_defaults(self)
         return self
@@ -258,18 +260,23 @@ def _misspelt(env: Mapping[str, str], cls: type[Settings], parts: dict[str, type
     return found
 
 
-def check_numbers(section: Any, prefix: str, positive: frozenset[str]) -> None:
-    """Every number of a settings dataclass and its sections finite and 0 or more, and those
-    named in `positive` (dotted names) more than 0; SettingsError naming the setting otherwise."""
+def check_numbers(
+    section: Any, prefix: str, positive: frozenset[str], at_least_one: frozenset[str] = frozenset()
+) -> None:
+    """Every number of a settings dataclass and its sections finite and 0 or more, those named in
+    `positive` (dotted names) more than 0 and those in `at_least_one` at least 1; SettingsError
+    naming the setting otherwise."""
     for f in dataclasses.fields(section):
         value, name = getattr(section, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
-            check_numbers(value, name + ".", positive)
+            check_numbers(value, name + ".", positive, at_least_one)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value) or value < 0:
                 raise SettingsError(f"setting {name} must be a number 0 or more, got {value}")
             if value == 0 and name in positive:
                 raise SettingsError(f"setting {name} must be more than 0, got {value}")
+            if value < 1 and name in at_least_one:
+                raise SettingsError(f"setting {name} must be at least 1, got {value}")
 
 
 def _check_defaults(settings: Settings) -> None:
@@ -278,9 +285,10 @@ def _check_defaults(settings: Settings) -> None:
     from .errors import InvalidParameter
     from .options import GenerateOptions, parameters
 
+    declared = parameters()
     for name in settings.defaults:
-        if name not in parameters():
-            raise SettingsError(f"setting defaults.{name}: no such parameter ({', '.join(parameters())})")
+        if name not in declared:
+            raise SettingsError(f"setting defaults.{name}: no such parameter ({', '.join(declared)})")
     try:
         GenerateOptions.from_dict(None, settings)
     except InvalidParameter as e:

@@ -60,15 +60,17 @@ def start(
             threading.Thread(target=then, name="sonic-warm", daemon=True).start()
         return True
 
-    def keep_trying(first_now: bool) -> None:
-        if first_now and attempt():
-            return
+    def retry() -> None:
         while True:
             time.sleep(RETRY_S)
             if attempt():
                 return
 
+    def now_then_retry() -> None:
+        if not attempt():
+            retry()
+
     if background:
-        threading.Thread(target=keep_trying, args=(True,), name="sonic-setup", daemon=True).start()
+        threading.Thread(target=now_then_retry, name="sonic-setup", daemon=True).start()
     elif not attempt():
-        threading.Thread(target=keep_trying, args=(False,), name="sonic-setup", daemon=True).start()
+        threading.Thread(target=retry, name="sonic-setup", daemon=True).start()

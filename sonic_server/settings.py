@@ -162,6 +162,11 @@ class ServerConfig(Settings):
         }
         | {"live.idle_timeout_s", "live.max_speak_s", "outbound.fetch_timeout_s", "credits.recharge_rate_per_s"}
     )
+    # a bucket that never holds a whole token refuses everything; the credits' pages and batches
+    AT_LEAST_ONE: ClassVar[frozenset[str]] = frozenset(
+        {"server.rate_limit_burst", "credits.recharge_burst"}
+        | {"credits." + name for name in ("max_recharge_users", "max_recharge_amount", "ledger_page")}
+    )
     # SONIC_S3_BUCKET, SONIC_CREDITS_ENABLED; the other sections: SONIC_<NAME>
     ENV_PREFIXES: ClassVar[Mapping[str, str]] = {
         "s3": ENV_PREFIX + "S3_",
@@ -175,9 +180,6 @@ class ServerConfig(Settings):
         super().checked()
         if self.server.port > 65535:
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
-        burst = self.server.rate_limit_burst
-        if burst < 1:  # a bucket that never holds a whole token refuses everything
-            raise SettingsError(f"setting server.rate_limit_burst must be at least 1, got {burst}")
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)
@@ -216,13 +218,8 @@ def load_settings(
 
 def _check_credits(s: ServerConfig) -> None:
     c = s.credits
-    for name in ("max_recharge_users", "max_recharge_amount", "ledger_page"):
-        if getattr(c, name) < 1:
-            raise SettingsError(f"setting credits.{name} must be at least 1, got {getattr(c, name)}")
     if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
         raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
-    if c.recharge_burst < 1:
-        raise SettingsError(f"setting credits.recharge_burst must be at least 1, got {c.recharge_burst}")
 
 
 def _check_storage(s: ServerConfig) -> None:

@@ -353,8 +353,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     except SonicError as e:
         sys.exit(f"error: {e.message}")
     store = RedisStore(conn)
-    output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(settings.output_dir)  # made by open_storage
     global _STATE
     state = _STATE = WorkerState(
         store=store,

@@ -87,6 +87,8 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"defaults": {"sead": 3}}, {}, "defaults.sead: no such parameter"),
     ({}, {"SONIC_DECODER": "wrap"}, "decoder must be one of auto, warp, sonic, got 'wrap'"),
     ({"server": {"rate_limit_burst": 0.5}}, {}, "server.rate_limit_burst must be at least 1"),
+    ({"credits": {"ledger_page": 0}}, {}, "credits.ledger_page must be at least 1, got 0"),
+    ({"credits": {"recharge_burst": 0.5}}, {}, "credits.recharge_burst must be at least 1, got 0.5"),
     ({}, {"SONIC_LIVE_MAX_SPEAK_S": "0"}, "live.max_speak_s must be more than 0"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
