@@ -28,7 +28,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Self
+from typing import Any, ClassVar, Iterable, Mapping, Self
 
 import yaml
 
@@ -175,7 +175,17 @@ def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
 
 
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    """The types of a settings class's fields (its ClassVar tables are no settings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(name: str, known: Iterable[str]) -> SettingsError:
+    """A setting that is none: its name, the one it is likely a misspelling of, and the known ones."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name.rpartition(".")[2], known, n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return SettingsError(f"unknown setting {name} ({hint}known: {', '.join(known)})")
 
 
 def _values(
@@ -187,9 +197,9 @@ def _values(
         raise SettingsError(f"setting {prefix.rstrip('.') or 'file'} must be a mapping, got {raw!r}")
     raw = dict(raw or {})
     hints = _hints(cls)
-    unknown = sorted(set(raw) - set(hints))
+    unknown = sorted(str(key) for key in set(raw) - set(hints))  # a YAML key may be a number
     if unknown:
-        raise SettingsError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(hints))})")
+        raise _unknown(prefix + unknown[0], hints)
     values = {}
     for f in dataclasses.fields(cls):
         name = f.name

@@ -67,6 +67,10 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"server": {"queue_size": "many"}}, {}, "server.queue_size must be int"),
     ({"server": {"queue_sise": 3}}, {}, "unknown setting server.queue_sise"),
     ({"output": "x"}, {}, "unknown setting output"),
+    ({"live": {"host_adresses": []}}, {}, r"unknown setting live.host_adresses \(did you mean host_addresses\?"),
+    ({"webhook": {}}, {}, r"did you mean webhooks\?"),
+    ({1: 2, "a": 3}, {}, "unknown setting 1 "),                     # YAML keys that are numbers
+    ({"POSITIVE": ["port"]}, {}, r"unknown setting POSITIVE \(known: allow_unsafe_pickle,"),  # a table, not a setting
     ({}, {"SONIC_PORT": "80a"}, "SONIC_PORT must be int"),
     ({"limits": {"max_upload_mb": True}}, {}, "limits.max_upload_mb must be float"),
     ({"defaults": [1]}, {}, "defaults must be a mapping"),
