@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import fractions
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
+END_TRIES = 4  # DELETEs of the session refused for now (429, 503) before giving up
 
 def use_loopback_only() -> None:
     """Gather ICE host candidates on 127.0.0.1 only (aioice leaves loopback out by default)."""
@@ -180,11 +182,24 @@ class LiveClient:
 
     async def close(self, end_session: bool = True) -> None:
         if end_session and self.session_id:
-            await asyncio.to_thread(requests.delete, self._url(), headers=self.headers, timeout=10)
+            await asyncio.to_thread(self._end)
         if self.pc is not None:
             await self.pc.close()
         for task in self._tasks:
             task.cancel()
+
+
+    def _end(self) -> None:
+        """DELETE the session; refused for now (429, 503) it is sent again after Retry-After, a
+        few times: a session left running holds one of the server's slots until its idle timeout."""
+        for _ in range(END_TRIES):
+            r = requests.delete(self._url(), headers=self.headers, timeout=10)
+            if r.status_code not in (429, 503):
+                if r.status_code not in (204, 404):  # 404: it had ended already
+                    print(f"ending the session: {r.status_code} {r.text[:200]}", file=sys.stderr)
+                return
+            time.sleep(min(5.0, float(r.headers.get("Retry-After", 1))))
+        print("ending the session: refused; the server ends it after its idle timeout", file=sys.stderr)
 
 
 async def _arrivals(track: MediaStreamTrack):

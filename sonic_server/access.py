@@ -100,16 +100,21 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """The two tables: `keys` (verified keys only, bounded by their number) and `addresses`."""
+    """The two tables: `keys` (verified keys only, bounded by their number) and `addresses`; and
+    the same two again for DELETEs, which end what a client holds (a live session, a job): a
+    client that has spent its requests can still let go of what it holds, and DELETEs are
+    bounded all the same."""
 
-    def __init__(self, rate: float, burst: float):
-        self.keys = TokenBucket(rate, burst)
+    def __init__(self, rate: float, burst: float, max_keys: int | None = None):
+        self.keys = TokenBucket(rate, burst, max_clients=max_keys)
         self.addresses = TokenBucket(rate, burst, max_clients=MAX_CLIENTS)
+        self._ending = (TokenBucket(rate, burst, max_keys), TokenBucket(rate, burst, max_clients=MAX_CLIENTS))
 
-    def take(self, verified_key: str | None, address: str) -> float:
+    def take(self, verified_key: str | None, address: str, ending: bool = False) -> float:
+        keys, addresses = self._ending if ending else (self.keys, self.addresses)
         if verified_key is not None:
-            return self.keys.take(verified_key)
-        return self.addresses.take(address)
+            return keys.take(verified_key)
+        return addresses.take(address)
 
 
 def retry_after(seconds: float) -> str:
@@ -149,9 +154,10 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
     (429 + Retry-After): a verified key's, else the client address's. With accounts (`ledger`,
     credits enabled) every /api/ request needs an account's key, a bearer token or a flat key,
     /api/admin/ the admin role (403), and recharges have their own, lower limit."""
-    limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst)
+    # with accounts, one bucket per account: bounded too
+    max_keys = MAX_CLIENTS * 10 if ledger is not None else None
+    limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst, max_keys)
     if ledger is not None:
-        limiter.keys.max_clients = MAX_CLIENTS * 10  # one bucket per account: bounded too
         recharges = TokenBucket(credits.recharge_rate_per_s, credits.recharge_burst, max_clients=MAX_CLIENTS)
 
     @app.before_request
@@ -161,7 +167,7 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if ledger is not None:
             return _guard_accounts()
         key = verified(bearer_key(request.headers.get("Authorization")), keys) if keys else None
-        wait = limiter.take(key, request.remote_addr or "unknown")
+        wait = limiter.take(key, request.remote_addr or "unknown", ending=request.method == "DELETE")
         if wait > 0:
             return error_response(
                 "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
@@ -182,7 +188,9 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         token = bearer_key(request.headers.get("Authorization"))
         principal, why = identify(token, keys, ledger, credits)
         wait = limiter.take(
-            f"{principal.via}:{principal.name}" if principal else None, request.remote_addr or "unknown"
+            f"{principal.via}:{principal.name}" if principal else None,
+            request.remote_addr or "unknown",
+            ending=request.method == "DELETE",
         )
         if wait > 0:
             return error_response(

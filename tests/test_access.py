@@ -32,6 +32,18 @@ def test_another_address_has_its_own_bucket(make_client):
     assert codes(client, 5, addr=lambda i: "10.0.0.2") == [200] * 5
 
 
+def test_a_client_that_spent_its_requests_can_still_end_what_it_holds(make_client):
+    """A DELETE (ending a live session or a job) has its own bucket: a client past its limit
+    still lets go of a session that would otherwise hold a slot until its idle timeout; a
+    flood of DELETEs is limited all the same."""
+    client, _ = make_client(**SLOW)
+    assert codes(client, 20).count(429) >= 8                          # the requests' bucket is spent
+    ends = [client.delete(f"/api/sonic/live/{'a' * 32}", environ_overrides={"REMOTE_ADDR": "10.0.0.1"}).status_code
+            for _ in range(20)]
+    assert ends[:10] == [404] * 10 and ends[10:].count(429) >= 8, ends  # answered, then bounded
+    assert codes(client, 3) == [429] * 3                             # and the requests' bucket is as it was
+
+
 def test_wrong_keys_cannot_be_guessed_at_full_speed(make_client):
     client, _ = make_client(api_keys=["the-real-key"], **SLOW)
     guesses = codes(client, 30, headers=lambda i: {"Authorization": f"Bearer guess-{i}"})

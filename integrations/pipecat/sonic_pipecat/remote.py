@@ -25,6 +25,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
 RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
+END_TRIES = 3  # DELETEs of the session refused for now before the service's idle timeout is left to end it
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -164,11 +165,7 @@ class RemoteSession:
                 task.cancel()
         if self._http is not None:
             if self.session_id:
-                try:
-                    async with self._http.delete(f"{self.url}/api/sonic/live/{self.session_id}") as r:
-                        await r.read()
-                except aiohttp.ClientError:
-                    pass  # the server is gone: nothing left to end
+                await self._end_on_server()
             await self._http.close()
             self._http = None
         if self._pc is not None:
@@ -176,6 +173,20 @@ class RemoteSession:
             self._pc = None
         await self._video.put(None)
         await self._audio.put(None)
+
+    async def _end_on_server(self) -> None:
+        """DELETE the session; refused for now (429, 503) it is sent again after Retry-After, a
+        few times: a session left running holds one of the service's slots until its idle timeout."""
+        assert self._http is not None
+        for _ in range(END_TRIES):
+            try:
+                async with self._http.delete(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+                    await r.read()
+                    if r.status not in (429, 503):
+                        return
+                    await asyncio.sleep(min(RETRY_MAX_S, float(r.headers.get("Retry-After", 1))))
+            except aiohttp.ClientError:
+                return  # the service is gone: nothing left to end
 
 
 def _message(text: str) -> str:
