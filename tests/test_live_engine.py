@@ -167,3 +167,20 @@ def test_a_decoder_that_speaks_cannot_run_live(pipeline):
     with pytest.raises(InvalidParameter, match="cannot run live") as e:
         check_live_decoder(True, "sonic")
     assert e.value.field == "decoder"
+
+
+def test_speech_in_other_shapes_and_types_is_taken_or_refused_by_name():
+    """A library caller's speech: int16 PCM as a TTS engine gives it is scaled, a (n, 1) column
+    taken; a stereo array (which would play as one voice at half speed), NaN or bytes refused."""
+    from sonic.errors import InvalidParameter
+    from sonic.live.session import mono_samples
+    pcm = np.array([0, 16384, -32768, 32767], np.int16)
+    assert np.allclose(mono_samples(pcm), [0, 0.5, -1, 32767 / 32768])
+    assert mono_samples(pcm[:, None] / 32768.0).shape == (4,)
+    for bad, needle in ((np.zeros((100, 2), np.float32), "one channel, shape (n,); got shape (100, 2)"),
+                        (np.array([0.1, np.nan], np.float32), "NaN or infinite"),
+                        (np.array([0.1, np.inf]), "NaN or infinite"),
+                        (np.zeros(4, np.uint8), "float (-1..1) or int16 samples; got uint8")):
+        with pytest.raises(InvalidParameter) as e:
+            mono_samples(bad)
+        assert needle in str(e.value) and e.value.field == "audio"

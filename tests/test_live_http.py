@@ -255,6 +255,7 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
             requests.post(url, data=b"", headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
             requests.post(url, timeout=10),
             requests.post(url, data=b"\1", headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            requests.post(url, data=b"\0" * 3200, headers={"Content-Type": "audio/L16;rate=16000;channels=2"}, timeout=10),
         ]
         state = await client.state()
         # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
@@ -278,8 +279,10 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         (400, "audio"),
         (400, "audio"),
         (400, "audio"),
+        (415, "audio"),
     ]
     assert "no whole 16-bit sample" in answers[4].json()["error"]["message"]
+    assert "must be mono (channels=1); got channels=2" in answers[5].json()["error"]["message"]
     assert "rate=16000" in answers[1].json()["error"]["message"]
     assert state["queued_s"] == 0 and state["state"] == "idle"
     too_long, after_too_long, held, past_room, chunked, full = limits

@@ -159,3 +159,39 @@ def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_o
     arrivals = data["audio"][:, 0] - data["image_times"][0]
     voice_after = data["audio"][arrivals > marks["second_start"], 1].sum() / 24000
     assert voice_after >= float(data["speech_s"]) - 0.2, voice_after
+
+
+@pytest.mark.parametrize("where", ["here", "url"])
+def test_a_goodbye_is_heard_before_the_end_and_a_face_that_cannot_be_made_is_an_error_not_silence(
+        pipecat_python, tmp_path, where):
+    """tests/pipecat_end_run.py: a reply sent whole and then the pipeline's EndFrame is spoken
+    to its end before the pipeline ends (it was cut off at once); a portrait with no face is
+    reported upstream (on_pipeline_error, naming why) and the reply still reaches the sink as
+    plain audio (the agent fell silent, with no error the agent's code could see)."""
+    import cv2
+
+    no_face = tmp_path / "wall.png"
+    cv2.imwrite(str(no_face), np.full((400, 300, 3), 128, np.uint8))
+    proc = None
+    sonic = sys.executable
+    if where == "url":
+        from test_http_live import start_server
+        proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
+        sonic = info["base"]
+    out = tmp_path / "end.json"
+    try:
+        command = [str(pipecat_python), str(ROOT / "tests" / "pipecat_end_run.py"), str(EXAMPLES / "astronaut.jpg"),
+                   str(no_face), str(SPEECH), str(out), sonic]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    goodbye, no_face_run = results["goodbye"], results["no_face"]
+    assert goodbye["heard_s"] >= goodbye["sent_s"] - 0.2, goodbye            # all of it, with the face
+    assert goodbye["ended_after_s"] >= goodbye["sent_s"] - 0.2, goodbye
+    assert goodbye["ended_after_s"] <= goodbye["sent_s"] + 3.0, goodbye       # and then it ends
+    assert no_face_run["frames"] == 0 and "no face" in (no_face_run["error"] or "").lower(), no_face_run
+    assert no_face_run["heard_s"] >= no_face_run["sent_s"] - 0.05, no_face_run

@@ -37,6 +37,28 @@ SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (p
 PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at
 
 
+def mono_samples(pcm: np.ndarray) -> np.ndarray:
+    """Speech handed to a session -> float32 (n,) in -1..1: 16- and 32-bit integers scaled
+    (a TTS engine's PCM as it comes), anything that is not one channel of finite samples refused
+    (a stereo array would otherwise be heard as one voice at half speed, and NaN as silence)."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim == 2 and 1 in pcm.shape:
+        pcm = pcm.reshape(-1)
+    if pcm.ndim != 1:
+        raise InvalidParameter(
+            f"speech must be one channel, shape (n,); got shape {pcm.shape} (mix it down first: pcm.mean(axis=1))",
+            field="audio",
+        )
+    if pcm.dtype in (np.int16, np.int32):
+        return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
+    if pcm.dtype.kind != "f":
+        raise InvalidParameter(f"speech must be float (-1..1) or int16 samples; got {pcm.dtype}", field="audio")
+    pcm = pcm.astype(np.float32, copy=False)
+    if not np.isfinite(pcm).all():
+        raise InvalidParameter("speech holds NaN or infinite samples", field="audio")
+    return pcm
+
+
 def lookahead_frames(fps: int) -> int:
     """LOOKAHEAD_S in whole frames, rounded up: the broadcast delay of a session at `fps`."""
     return math.ceil(LOOKAHEAD_S * fps - 1e-9)
@@ -117,7 +139,7 @@ class LiveSession:
         """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds
         queued. `turn`: what `turn` was when this speech began (a stream sent in parts); an
         interrupt since then has ended that turn, and its speech is dropped."""
-        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        pcm = mono_samples(pcm)
         with self._lock:
             if len(pcm) and (turn is None or turn == self._turn):
                 self._speech.append(pcm)
@@ -126,7 +148,7 @@ class LiveSession:
 
     def hear(self, pcm: np.ndarray) -> None:
         """Microphone audio (float32 (n,) at SAMPLE_RATE) as it arrives; mixed with the queued speech."""
-        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        pcm = mono_samples(pcm)
         with self._lock:
             self._mic = np.concatenate([self._mic, pcm])[-int(MIC_BUFFER_MAX_S * SAMPLE_RATE + len(pcm)) :]
 

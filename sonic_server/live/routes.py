@@ -360,11 +360,13 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     the room is cut there: what came before it is spoken. An interrupt while it arrives drops
     the rest (barge-in while a text-to-speech stream is still coming). What is dropped is still
     read, so that the client gets its answer."""
-    rate = request.mimetype_params.get("rate")
+    rate, channels = request.mimetype_params.get("rate"), request.mimetype_params.get("channels", "1")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
             f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}", field="audio"
         )
+    if channels != "1":  # interleaved samples would be heard as one voice at half speed
+        raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels}", field="audio")
     if request.content_length is not None:
         room.check(request.content_length / 2 / SAMPLE_RATE)
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)

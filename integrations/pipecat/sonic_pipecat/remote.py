@@ -25,6 +25,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
 RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
+ARRIVAL_S = 0.5  # what was spoken reaches this side within this (the server's look-ahead, jitter buffer)
 END_TRIES = 3  # DELETEs of the session refused for now before the service's idle timeout is left to end it
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -147,6 +148,34 @@ class RemoteSession:
         if self._http is not None and self.session_id:
             async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/interrupt") as r:
                 await r.read()
+
+    async def finish_speaking(self, margin_s: float) -> None:
+        """Until the speech sent so far has been spoken by the service (its state's queued_s is
+        0) and has had time to arrive, bounded by its length and `margin_s`."""
+        if self.ended is not None or self._http is None:
+            return
+        deadline = asyncio.get_running_loop().time() + len(self._outgoing) / 2 / 16_000 + margin_s
+        while self._outgoing and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SEND_EVERY_S)  # the sender takes it with its next batch
+        first = True
+        while self.ended is None and (queued := await self._queued_s()) > 0:
+            now = asyncio.get_running_loop().time()
+            if first:  # what the service holds is known now: it is spoken in real time
+                deadline, first = now + queued + margin_s, False
+            if now >= deadline:
+                break
+            await asyncio.sleep(min(0.2, queued))
+        await asyncio.sleep(ARRIVAL_S)  # the last frames' way here (look-ahead, jitter buffer)
+
+    async def _queued_s(self) -> float:
+        """The seconds of speech the service holds for this session (0 when it cannot say)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+                state = await r.json(content_type=None) if r.status == 200 else {}
+        except (aiohttp.ClientError, ValueError):
+            return 0.0
+        return float(state.get("queued_s", 0)) if isinstance(state, dict) else 0.0
 
     async def frames(self) -> AsyncIterator[Any]:
         """The face's video frames (av.VideoFrame) as they arrive, until the session ends."""

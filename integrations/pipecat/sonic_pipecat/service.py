@@ -39,7 +39,6 @@ from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
-    ErrorFrame,
     Frame,
     InterruptionFrame,
     OutputImageRawFrame,
@@ -50,6 +49,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, F
 
 ENGINE_RATE = 16_000  # Hz: what sonic's engine hears and hands back
 CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 10-40 ms)
+FINISH_MARGIN_S = 2.0  # at the pipeline's end, the queued speech is waited for this much past its length
 
 
 class SonicVideoService(FrameProcessor):
@@ -142,6 +142,7 @@ class SonicVideoService(FrameProcessor):
             session = await asyncio.wrap_future(self._ready)
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
             self._error = f"SonicVideoService: {e}"
+            self._early.clear()
             return
         for pcm in self._early:
             session.speak(pcm)
@@ -176,7 +177,11 @@ class SonicVideoService(FrameProcessor):
                 await self._remote.interrupt()
             self._awaiting_first_frame = False
             await self.push_frame(frame, direction)
-        elif isinstance(frame, (EndFrame, CancelFrame)):
+        elif isinstance(frame, EndFrame):
+            await self._finish_speaking()  # an end, unlike a cancel, lets the last reply be heard
+            await self._stop()
+            await self.push_frame(frame, direction)
+        elif isinstance(frame, CancelFrame):
             await self._stop()
             await self.push_frame(frame, direction)
         else:
@@ -188,7 +193,9 @@ class SonicVideoService(FrameProcessor):
             self._remote_audio = self.create_task(self._pump_remote_audio())
             return
         if self._session is None:
-            await self.push_frame(ErrorFrame(error=self._error or "SonicVideoService: no portrait prepared"))
+            # upstream, where the pipeline reports it (on_pipeline_error); the TTS audio then goes
+            # on downstream without a face (_hear), so that the agent is still heard
+            await self.push_error(self._error or "SonicVideoService: no portrait prepared")
             return
         self._clock = self.create_task(self._run_clock())
 
@@ -198,8 +205,8 @@ class SonicVideoService(FrameProcessor):
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
-        if self._remote is not None and self._remote.ended:
-            await self.push_frame(frame)  # the face is gone: the voice goes on without it
+        if self._error is not None or (self._remote is not None and self._remote.ended):
+            await self.push_frame(frame)  # no face, or no more: the voice goes on without it
             return
         if self._remote is not None:
             now = time.monotonic()
@@ -210,8 +217,7 @@ class SonicVideoService(FrameProcessor):
             self._remote.speak(speech)
             return
         if self._session is None:
-            if self._error is None:
-                self._early.append(speech)
+            self._early.append(speech)  # spoken once the face is ready
             return
         if not self._awaiting_first_frame and not self._session.speaking:  # an utterance begins
             self._awaiting_first_frame = True
@@ -275,6 +281,18 @@ class SonicVideoService(FrameProcessor):
             audio = await self._from_engine.resample(pcm.tobytes(), frame.sample_rate, self._out_rate)
             for i in range(0, len(audio), step):
                 await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
+
+    async def _finish_speaking(self) -> None:
+        """Until the speech queued so far has been shown and pushed (a goodbye sent whole, then
+        the pipeline's end), bounded by its length and a margin."""
+        if self._session is not None and self._clock is not None:
+            session = self._session
+            deadline = time.monotonic() + session.queued_s + FINISH_MARGIN_S
+            while session.queued_s > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep((session.delay + 2) / session.fps)  # the look-ahead's last frames
+        elif self._remote is not None:
+            await self._remote.finish_speaking(FINISH_MARGIN_S)
 
     async def _stop(self) -> None:
         if self._remote is not None:
