@@ -19,6 +19,13 @@ from .errors import NoFaceDetected
 DETECT_MARGIN = 0.6  # crop around a detection before meshing, as a fraction of its size
 MESH_INPUT_PX = 640  # detections are meshed from a crop resized to about this size
 SIZE_MULTIPLE = 8  # output sides are multiples of this (H.264 macroblocks, yuv420p)
+# the second look, tile by tile, for a face too small for the detector in the whole photo
+TILED_SOURCE_PX = 2048  # the photo's long side is reduced to at most this first
+TILE_FRACTIONS = (0.5, 0.25)  # tile sides, of the long side
+TILE_MIN_PX = 160  # no tile smaller than this (the detector's own input is 192 px)
+TILED_FACES_MAX = 6  # the largest faces the tiles found that are meshed (each ~20 ms)
+
+Box = tuple[float, float, float, float]  # x, y, w, h in px
 
 
 @dataclass(frozen=True)
@@ -79,34 +86,104 @@ class FaceAnalyzer:
 
     def analyze(self, rgb: np.ndarray) -> FaceResult:
         """Largest face in an RGB uint8 image -> FaceResult; raises NoFaceDetected."""
+        boxes = self._detect(rgb)
+        for box in boxes[:3]:  # the largest detection the mesh takes for a face
+            lm = self._mesh_box(rgb, box)
+            if lm is not None:
+                return _result(lm, others=len(boxes) - 1)
+        lm = self._mesh_on(rgb)  # the mesh's own short-range detector, for close-ups
+        if lm is not None:
+            return _result(lm)
+        # a small face in a large photo: the detector sees the whole at 192 px, where a face
+        # 80 px wide in 1600 is a few pixels; it looks again, tile by tile. A tile that cuts a
+        # face may see a face beside it: only the faces the mesh confirms count
+        meshed = [
+            lm for box in self._detect_in_tiles(rgb)[:TILED_FACES_MAX] if (lm := self._mesh_box(rgb, box)) is not None
+        ]
+        if not meshed:
+            raise NoFaceDetected("no face was found in the image", field="image")
+        hulls = [_result(lm).box for lm in meshed]
+        distinct = _merged([(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in hulls])
+        return _result(meshed[0], others=len(distinct) - 1)
+
+    def _detect(self, rgb: np.ndarray, origin: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[Box]:
+        """The detector's faces in `rgb` as (x, y, w, h), in px of an image of which `rgb` is the
+        part at `origin` reduced by `scale`, largest first."""
         h, w = rgb.shape[:2]
         det = self._detector.process(np.ascontiguousarray(rgb))
         boxes = []
         for d in det.detections or []:
             b = d.location_data.relative_bounding_box
-            boxes.append((b.xmin * w, b.ymin * h, b.width * w, b.height * h))
-        boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
-        for bx, by, bw, bh in boxes[:3]:
-            size = max(bw, bh)
-            x0 = int(max(0, bx - DETECT_MARGIN * size))
-            y0 = int(max(0, by - DETECT_MARGIN * size))
-            x1 = int(min(w, bx + bw + DETECT_MARGIN * size))
-            y1 = int(min(h, by + bh + DETECT_MARGIN * size))
-            crop = rgb[y0:y1, x0:x1]
-            scale = MESH_INPUT_PX / max(crop.shape[:2])
-            crop = cv2.resize(
-                crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-            )
-            lm = self._mesh_on(crop)
-            if lm is not None:
-                lm = lm / scale
-                lm[:, 0] += x0
-                lm[:, 1] += y0
-                return _result(lm, others=len(boxes) - 1)
-        lm = self._mesh_on(rgb)  # the mesh's own short-range detector, for close-ups
+            x, y = origin[0] + b.xmin * w / scale, origin[1] + b.ymin * h / scale
+            boxes.append((x, y, b.width * w / scale, b.height * h / scale))
+        return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+
+    def _detect_in_tiles(self, rgb: np.ndarray) -> list[Box]:
+        """Faces found in overlapping tiles, half and then a quarter of the photo's long side
+        (the photo first reduced to TILED_SOURCE_PX), as far as a tile is TILE_MIN_PX; overlaps
+        merged, largest first."""
+        h, w = rgb.shape[:2]
+        scale = min(1.0, TILED_SOURCE_PX / max(h, w))
+        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+        sh, sw = small.shape[:2]
+        for fraction in TILE_FRACTIONS:
+            size = int(fraction * max(sh, sw))
+            if size < TILE_MIN_PX:
+                break
+            boxes = [
+                box
+                for y in _tile_starts(sh, size)
+                for x in _tile_starts(sw, size)
+                for box in self._detect(small[y : y + size, x : x + size], (x / scale, y / scale), scale)
+            ]
+            if boxes:
+                return _merged(boxes)
+        return []
+
+    def _mesh_box(self, rgb: np.ndarray, box: Box) -> np.ndarray | None:
+        """The mesh of the face a detection (x, y, w, h) found, from a crop around it, or None."""
+        h, w = rgb.shape[:2]
+        bx, by, bw, bh = box
+        size = max(bw, bh)
+        x0 = int(max(0, bx - DETECT_MARGIN * size))
+        y0 = int(max(0, by - DETECT_MARGIN * size))
+        x1 = int(min(w, bx + bw + DETECT_MARGIN * size))
+        y1 = int(min(h, by + bh + DETECT_MARGIN * size))
+        crop = rgb[y0:y1, x0:x1]
+        scale = MESH_INPUT_PX / max(crop.shape[:2])
+        crop = cv2.resize(
+            crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+        )
+        lm = self._mesh_on(crop)
         if lm is None:
-            raise NoFaceDetected("no face was found in the image", field="image")
-        return _result(lm)
+            return None
+        lm = lm / scale
+        lm[:, 0] += x0
+        lm[:, 1] += y0
+        return lm
+
+
+def _tile_starts(length: int, size: int) -> list[int]:
+    """Where tiles of `size` start along `length`, half a tile apart, the last flush with the end."""
+    last = max(0, length - size)
+    return sorted({*range(0, last, max(1, size // 2)), last})
+
+
+def _merged(boxes: list[Box]) -> list[Box]:
+    """Boxes (x, y, w, h) with those overlapping a larger one by more than a third dropped
+    (neighbouring tiles find the same face), largest first."""
+    kept: list[Box] = []
+    for b in sorted(boxes, key=lambda b: b[2] * b[3], reverse=True):
+        if all(_overlap(b, k) <= 1 / 3 for k in kept):
+            kept.append(b)
+    return kept
+
+
+def _overlap(a: Box, b: Box) -> float:
+    """Intersection over the smaller box's area."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / max(1e-9, min(a[2] * a[3], b[2] * b[3]))
 
 
 def _sketched_face() -> np.ndarray:

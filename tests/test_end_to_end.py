@@ -307,3 +307,26 @@ def test_an_output_too_large_is_refused_before_rendering(pipeline, tmp_path, mon
                  out_path=tmp_path / "v.mp4")
     assert "limits.max_output_pixels" in e.value.message and e.value.code == "input_too_large"
     assert list(tmp_path.iterdir()) == [tmp_path / "wide.png"]
+
+
+def test_a_small_face_in_a_large_photo_is_found(pipeline):
+    """A face 60-70 px wide in a 1600x1200 photo (a group or a distant shot) is too small for
+    the detector's look at the whole photo: it is found tile by tile, its landmarks where the
+    same face's are found on its own; the same face twice is two faces, not one per tile that
+    sees it; a photo with no face is still refused."""
+    from sonic.media import load_image
+    face = load_image(PORTRAIT, 10**7)
+    alone = pipeline.faces.analyze(face)
+    k = 65 / (alone.box[2] - alone.box[0])                          # the face 65 px wide
+    small = cv2.resize(face, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    canvas = np.full((1200, 1600, 3), 235, np.uint8)
+    h, w = small.shape[:2]
+    canvas[700 : 700 + h, 1000 : 1000 + w] = small
+    found = pipeline.faces.analyze(canvas)
+    expected = pipeline.faces.analyze(small).landmarks[:, :2] + [1000, 700]
+    iod = np.linalg.norm(expected[33] - expected[263])
+    assert np.median(np.linalg.norm(found.landmarks[:, :2] - expected, axis=1)) < 0.1 * iod
+    canvas[150 : 150 + h, 200 : 200 + w] = small
+    assert pipeline.faces.analyze(canvas).others == 1
+    with pytest.raises(NoFaceDetected):
+        pipeline.faces.analyze(np.full((1200, 1600, 3), 235, np.uint8))
