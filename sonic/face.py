@@ -163,6 +163,13 @@ class FaceAnalyzer:
         return lm
 
 
+def roll_degrees(landmarks: np.ndarray) -> float:
+    """How far the face is turned in the image plane: the angle of the line from its right eye's
+    outer corner to its left's (FaceMesh 33, 263), 0 upright, +-90 sideways, 180 upside down."""
+    dx, dy = landmarks[263, :2] - landmarks[33, :2]
+    return float(np.degrees(np.arctan2(dy, dx)))
+
+
 def _tile_starts(length: int, size: int) -> list[int]:
     """Where tiles of `size` start along `length`, half a tile apart, the last flush with the end."""
     last = max(0, length - size)

@@ -18,7 +18,7 @@ from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import PipelineError
-from .face import FaceAnalyzer, crop_box
+from .face import FaceAnalyzer, crop_box, roll_degrees
 from .geometry import Framing, crop_and_scale
 from .lipsync import mouth_lag, mouth_opening
 from .media import SAMPLE_RATE, Sound, check_waveform, fitted_samples, load_audio, load_sound
@@ -31,6 +31,7 @@ from .writer import VideoWriter
 
 BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time
 UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
+SIDEWAYS_WARN_DEG = 50  # a face turned further than this in the photo is reported (a sideways photo)
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole request done, 0-1)
 
 
@@ -188,6 +189,13 @@ class SonicPipeline:
             warnings.add(
                 f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
                 "portrait gives a sharper video"
+            )
+        roll = roll_degrees(framing.landmarks)
+        if abs(roll) > SIDEWAYS_WARN_DEG:
+            # a phone's photo whose orientation tag was stripped (messaging apps do) is sideways
+            warnings.add(
+                f"the face is turned {abs(roll):.0f} degrees in the photo: if the photo is sideways "
+                "or upside down, turn it upright, and the video will be too"
             )
         if framing.other_faces:
             warnings.add(f"the photo shows {framing.other_faces + 1} faces: the largest speaks, the others stay still")

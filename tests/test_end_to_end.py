@@ -72,7 +72,7 @@ def test_the_sound_track_keeps_the_recordings_band_and_channels(pipeline, tmp_pa
 
 def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_path):
     """Audio that is not a whole number of frames long (2.99 s: 74.75 frames) is not "padded";
-    a photo with two faces says which one speaks."""
+    a photo with two faces says which one speaks; a sideways one that it is sideways."""
     import soundfile as sf
     from sonic.media import load_audio, load_image
     wav = tmp_path / "a.wav"
@@ -87,6 +87,11 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     res = pipeline(two, wav, opts, out_path=tmp_path / "two.mp4")
     assert "the photo shows 2 faces: the largest speaks, the others stay still" in res.warnings
     assert not any("padded" in w for w in res.warnings)
+    # a sideways photo (its orientation tag stripped, as messaging apps do) says so; upright does not
+    assert not any("turned" in w for w in one + res.warnings)
+    sideways = np.ascontiguousarray(np.rot90(photo))
+    res = pipeline(sideways, wav, pipeline.options({"min_resolution": 256, "duration": 0.5}), out_path=tmp_path / "s.mp4")
+    assert any(re.match(r"the face is turned (8[5-9]|9[0-5]) degrees in the photo", w) for w in res.warnings), res.warnings
 
 
 def test_the_stage_timer_and_the_duration_fit():
