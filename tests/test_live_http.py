@@ -132,6 +132,7 @@ def test_speech_queued_before_the_client_connects_is_all_heard(server):
 
         async def greet(body):
             await client.speak_pcm(tone)
+            states.append(await client.state())  # what it holds shows at once, before any frame
             await asyncio.sleep(2.5)  # a slow connection: longer than the greeting
 
         await client.open(PORTRAIT, CONFIG, keep_frames=False, before_answer=greet)
@@ -139,7 +140,9 @@ def test_speech_queued_before_the_client_connects_is_all_heard(server):
         await client.close()
         return client.received
 
+    states: list = []
     got = asyncio.run(session())
+    assert states[0]["queued_s"] == 2.0 and states[0]["state"] == "speaking", states
     _, rx_db = received_loudness(got.audio, got.audio_times, 48_000)
     loud_s = 0.02 * np.count_nonzero(rx_db > -30)  # 20 ms windows; the tone is at -15 dBFS
     assert 1.8 < loud_s < 2.3, loud_s

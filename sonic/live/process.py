@@ -212,6 +212,10 @@ class SessionProcess:
                 )
                 self._hand_on(frame)
             elif isinstance(msg, Queued):
+                # what the helper holds now: the state read right after a speak shows it (the
+                # next frame, or the connection, may be a while away)
+                self.queued_s = float(msg.seconds)
+                self.speaking = self.speaking or self.queued_s > 0
                 with self._answered:
                     self._answers[msg.seq] = msg
                     for late in [k for k in self._answers if k < msg.seq - ANSWERS_KEPT]:

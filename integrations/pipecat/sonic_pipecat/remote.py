@@ -25,7 +25,9 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
 RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
-ARRIVAL_S = 0.5  # what was spoken reaches this side within this (the server's look-ahead, jitter buffer)
+ARRIVAL_MAX_S = 2.0  # what was spoken reaches this side within this (the service's look-ahead, jitter buffer)
+QUIET_S = 0.3  # ... and has once the face's sound has been quiet this long
+VOICED = 300  # a received audio frame louder than this (16-bit peak) carries speech
 END_TRIES = 3  # DELETEs of the session refused for now before the service's idle timeout is left to end it
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -55,6 +57,8 @@ class RemoteSession:
         self._tasks: list[asyncio.Task] = []
         self.ended: str | None = None  # why the session ended on the server's side, once it has
         self._closing = False
+        self._last_voiced = float("-inf")  # when the face's sound last carried speech (loop time)
+        self._sending = False  # a batch of speech is on its way to the service
         if urlparse(self.url).hostname in LOOPBACK:
             loopback_only()
 
@@ -101,6 +105,7 @@ class RemoteSession:
                 continue
             body, self._outgoing = bytes(self._outgoing), bytearray()
             url = f"{self.url}/api/sonic/live/{self.session_id}/speak"
+            self._sending = True
             try:
                 async with self._http.post(url, data=body, headers=headers) as r:
                     if r.status in (429, 503):  # refused for now: sent again, ahead of what came since
@@ -110,11 +115,16 @@ class RemoteSession:
                         self._end(f"the sonic service refused speech ({r.status}): {_message(await r.text())}")
             except aiohttp.ClientError as e:
                 self._end(f"the sonic service cannot be reached: {e}")
+            finally:
+                self._sending = False
 
     async def _drain(self, track, queue: asyncio.Queue) -> None:
         while True:
             try:
-                await queue.put(await track.recv())
+                frame = await track.recv()
+                if track.kind == "audio" and np.abs(frame.to_ndarray()).max() > VOICED:
+                    self._last_voiced = asyncio.get_running_loop().time()
+                await queue.put(frame)
             except MediaStreamError:
                 await self._ended_by_server()  # (before the end is seen, so that it has its reason)
                 await queue.put(None)
@@ -154,18 +164,25 @@ class RemoteSession:
         0) and has had time to arrive, bounded by its length and `margin_s`."""
         if self.ended is not None or self._http is None:
             return
-        deadline = asyncio.get_running_loop().time() + len(self._outgoing) / 2 / 16_000 + margin_s
-        while self._outgoing and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(SEND_EVERY_S)  # the sender takes it with its next batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + len(self._outgoing) / 2 / 16_000 + margin_s
+        while (self._outgoing or self._sending) and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # the sender takes it with its next batch, and the service answers
         first = True
         while self.ended is None and (queued := await self._queued_s()) > 0:
-            now = asyncio.get_running_loop().time()
             if first:  # what the service holds is known now: it is spoken in real time
-                deadline, first = now + queued + margin_s, False
-            if now >= deadline:
+                deadline, first = loop.time() + queued + margin_s, False
+            if loop.time() >= deadline:
                 break
             await asyncio.sleep(min(0.2, queued))
-        await asyncio.sleep(ARRIVAL_S)  # the last frames' way here (look-ahead, jitter buffer)
+        # the last of it is on its way (the service's look-ahead, the jitter buffer): until sound
+        # with speech in it has come since, then been quiet a moment
+        emptied = loop.time()
+        until = emptied + ARRIVAL_MAX_S
+        while self.ended is None and loop.time() < until:
+            if self._last_voiced > emptied - QUIET_S and loop.time() - self._last_voiced >= QUIET_S:
+                break
+            await asyncio.sleep(0.02)
 
     async def _queued_s(self) -> float:
         """The seconds of speech the service holds for this session (0 when it cannot say)."""

@@ -288,9 +288,9 @@ class SonicVideoService(FrameProcessor):
         if self._session is not None and self._clock is not None:
             session = self._session
             deadline = time.monotonic() + session.queued_s + FINISH_MARGIN_S
-            while session.queued_s > 0 and time.monotonic() < deadline:
+            # "speaking" ends once the last loud frame has been shown (and pushed) and a pause passed
+            while session.speaking and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            await asyncio.sleep((session.delay + 2) / session.fps)  # the look-ahead's last frames
         elif self._remote is not None:
             await self._remote.finish_speaking(FINISH_MARGIN_S)
 
