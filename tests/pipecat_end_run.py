@@ -10,8 +10,10 @@ arrives:
   then hang up"): how much of the reply is heard, and when the pipeline ended;
 - `no_face`: a portrait with no face: the error the pipeline reports (on_pipeline_error), and how
   much of the reply still reaches the sink, as plain TTS audio.
-OUT.json holds, for each: the seconds of speech sent and received, the frames received, the
-seconds from the reply to the pipeline's end and the error reported (if any).
+Both ask for frames of SIZE (a transport's), which the face (256x336) is fitted into. OUT.json
+holds, for each: the seconds of speech sent and received, the frames received and their sizes,
+the seconds from the reply to the pipeline's end and the error reported (if any); OUT.npy the
+tenth frame of `goodbye`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from sonic_pipecat import SonicVideoService
 TTS_RATE = 24_000
 CHUNK = 480  # 20 ms
 NO_FACE_WAIT_S = 6.0  # the no-face pipeline runs this long after its reply, then ends
+SIZE = (320, 240)  # the transport's video size the face is fitted into (the face itself: 256x336)
 
 
 class Reply(FrameProcessor):
@@ -68,18 +71,22 @@ class Counter(FrameProcessor):
         await super().process_frame(frame, direction)
         if isinstance(frame, OutputImageRawFrame):
             self._result["frames"] += 1
+            self._result["sizes"] = sorted({*map(tuple, self._result["sizes"]), tuple(frame.size)})
+            if self._result["frames"] == 10:
+                np.save(self._result["frame_file"], np.frombuffer(frame.image, np.uint8).reshape(frame.size[1], frame.size[0], 3))
             self._face_shown.set()
         elif isinstance(frame, TTSAudioRawFrame):
             self._result["heard_s"] += len(frame.audio) / 2 / frame.sample_rate
         await self.push_frame(frame, direction)
 
 
-async def run(portrait: str, pcm: np.ndarray, where: dict, goodbye: bool) -> dict:
-    result: dict = {"sent_s": len(pcm) / TTS_RATE, "heard_s": 0.0, "frames": 0, "error": None}
+async def run(portrait: str, pcm: np.ndarray, where: dict, goodbye: bool, frame_file: str) -> dict:
+    result: dict = {"sent_s": len(pcm) / TTS_RATE, "heard_s": 0.0, "frames": 0, "error": None, "sizes": []}
+    result["frame_file"] = frame_file
     face_shown, box = asyncio.Event(), []
     if not goodbye:
         face_shown.set()  # no face will show: the reply goes at once
-    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, **where)
+    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, size=SIZE, **where)
     worker = PipelineWorker(
         Pipeline([Reply(pcm, face_shown, box, result, 0.0 if goodbye else NO_FACE_WAIT_S), face, Counter(result, face_shown)]),
         params=PipelineParams(audio_out_sample_rate=TTS_RATE),
@@ -102,8 +109,8 @@ async def main(portrait: str, no_face: str, speech: str, out: str, sonic: str) -
     wav, rate = sf.read(speech, dtype="float32")
     pcm = (np.clip(resample_poly(wav, TTS_RATE, rate), -1, 1) * 32767).astype(np.int16)
     where = {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
-    results = {"goodbye": await run(portrait, pcm, where, goodbye=True)}
-    results["no_face"] = await run(no_face, pcm, where, goodbye=False)
+    results = {"goodbye": await run(portrait, pcm, where, True, out.replace(".json", ".npy"))}
+    results["no_face"] = await run(no_face, pcm, where, False, out.replace(".json", "-no-face.npy"))
     with open(out, "w") as f:
         json.dump(results, f)
 

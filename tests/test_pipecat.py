@@ -193,5 +193,10 @@ def test_a_goodbye_is_heard_before_the_end_and_a_face_that_cannot_be_made_is_an_
     assert goodbye["heard_s"] >= goodbye["sent_s"] - 0.2, goodbye            # all of it, with the face
     assert goodbye["ended_after_s"] >= goodbye["sent_s"] - 0.2, goodbye
     assert goodbye["ended_after_s"] <= goodbye["sent_s"] + 3.0, goodbye       # and then it ends
+    # the face fitted whole into the transport's 320x240, centred (183x240), not stretched
+    assert goodbye["sizes"] == [[320, 240]], goodbye["sizes"]
+    frame = np.load(out.with_suffix(".npy")).astype(np.float32)
+    sharpness = [cv2.Laplacian(frame[:, x0:x1].mean(axis=2), cv2.CV_32F).var() for x0, x1 in ((75, 245), (0, 60))]
+    assert sharpness[0] > 10 * sharpness[1], sharpness                       # the face, and a blurred fill
     assert no_face_run["frames"] == 0 and "no face" in (no_face_run["error"] or "").lower(), no_face_run
     assert no_face_run["heard_s"] >= no_face_run["sent_s"] - 0.05, no_face_run

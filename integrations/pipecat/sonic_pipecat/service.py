@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
@@ -52,6 +53,35 @@ CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 1
 FINISH_MARGIN_S = 2.0  # at the pipeline's end, the queued speech is waited for this much past its length
 
 
+class FrameFitter:
+    """The face's frames fitted into a transport's fixed size (Pipecat's output transports
+    stretch any other size to theirs): scaled to fit whole, centred, the rest filled with the
+    first frame enlarged to cover and blurred (made once: what shows there barely moves)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.width, self.height = (int(v) for v in size)
+        if self.width < 16 or self.height < 16:
+            raise ValueError(f"size must be (width, height) of at least 16 px each; got {size!r}")
+        self._fill: np.ndarray | None = None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if (w, h) == (self.width, self.height):
+            return image
+        if self._fill is None:
+            cover = max(self.width / w, self.height / h)
+            big = cv2.resize(image, (max(self.width, round(w * cover)), max(self.height, round(h * cover))))
+            y0, x0 = (big.shape[0] - self.height) // 2, (big.shape[1] - self.width) // 2
+            crop = big[y0 : y0 + self.height, x0 : x0 + self.width]
+            self._fill = cv2.GaussianBlur(crop, (0, 0), 0.04 * max(self.width, self.height)) // 2 + 32
+        scale = min(self.width / w, self.height / h)
+        fw, fh = max(1, round(w * scale)), max(1, round(h * scale))
+        out = self._fill.copy()
+        y0, x0 = (self.height - fh) // 2, (self.width - fw) // 2
+        out[y0 : y0 + fh, x0 : x0 + fw] = cv2.resize(image, (fw, fh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        return out
+
+
 class SonicVideoService(FrameProcessor):
     """A face that speaks the TTS audio that reaches it.
 
@@ -59,7 +89,9 @@ class SonicVideoService(FrameProcessor):
     sessions (min_resolution, fps, seed, dynamic_scale, motion_scale, gaze, expression, ...);
     sonic_python: the sonic project's interpreter, used to prepare the portrait when this one
     cannot load MediaPipe (default: $SONIC_PYTHON, else this interpreter); url: a running sonic
-    service to open the session on instead of running the engine here (api_key: its key)."""
+    service to open the session on instead of running the engine here (api_key: its key);
+    size: (width, height) of the transport's video: the face is fitted into it whole, not
+    stretched (without it frames have the face's own size, which follows the portrait's crop)."""
 
     def __init__(
         self,
@@ -69,9 +101,11 @@ class SonicVideoService(FrameProcessor):
         sonic_python: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
+        size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._fit = FrameFitter(size) if size is not None else None
         self._portrait = str(portrait)
         self._params = dict(params or {})
         self._sonic_python = sonic_python or os.environ.get("SONIC_PYTHON")
@@ -243,8 +277,11 @@ class SonicVideoService(FrameProcessor):
                 continue
             await self._push(frame)
 
+    def _fitted(self, image: np.ndarray) -> np.ndarray:
+        return self._fit(image) if self._fit is not None else image
+
     async def _push(self, frame: Any) -> None:
-        image = frame.image
+        image = self._fitted(frame.image)
         out = OutputImageRawFrame(image=image.tobytes(), size=(image.shape[1], image.shape[0]), format="RGB")
         out.metadata["sonic"] = {"index": frame.index, "opening": frame.opening, "speaking": frame.speaking}
         await self.push_frame(out)
@@ -262,8 +299,9 @@ class SonicVideoService(FrameProcessor):
     async def _pump_remote_video(self) -> None:
         remote = self._remote
         async for frame in remote.frames():
-            image = frame.to_ndarray(format="rgb24")
-            await self.push_frame(OutputImageRawFrame(image=image.tobytes(), size=(frame.width, frame.height), format="RGB"))
+            image = self._fitted(frame.to_ndarray(format="rgb24"))
+            size = (image.shape[1], image.shape[0])
+            await self.push_frame(OutputImageRawFrame(image=image.tobytes(), size=size, format="RGB"))
             self.frames_pushed += 1
         if remote.ended:  # the session ended on the server's side, not by this pipeline's end
             await self.push_error(f"SonicVideoService: the live session ended: {remote.ended}")
