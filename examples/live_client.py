@@ -31,6 +31,7 @@ from aiortc.mediastreams import MediaStreamError
 
 END_TRIES = 4  # DELETEs of the session refused for now (429, 503) before giving up
 
+
 def use_loopback_only() -> None:
     """Gather ICE host candidates on 127.0.0.1 only (aioice leaves loopback out by default)."""
     import aioice.ice
@@ -188,7 +189,6 @@ class LiveClient:
         for task in self._tasks:
             task.cancel()
 
-
     def _end(self) -> None:
         """DELETE the session; refused for now (429, 503) it is sent again after Retry-After, a
         few times: a session left running holds one of the server's slots until its idle timeout."""
@@ -198,7 +198,8 @@ class LiveClient:
                 if r.status_code not in (204, 404):  # 404: it had ended already
                     print(f"ending the session: {r.status_code} {r.text[:200]}", file=sys.stderr)
                 return
-            time.sleep(min(5.0, float(r.headers.get("Retry-After", 1))))
+            retry_after = r.headers.get("Retry-After", "1")
+            time.sleep(min(5.0, float(retry_after)) if retry_after.isdigit() else 1.0)
         print("ending the session: refused; the server ends it after its idle timeout", file=sys.stderr)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -24,6 +25,7 @@ TILED_SOURCE_PX = 2048  # the photo's long side is reduced to at most this first
 TILE_FRACTIONS = (0.5, 0.25)  # tile sides, of the long side
 TILE_MIN_PX = 160  # no tile smaller than this (the detector's own input is 192 px)
 TILED_FACES_MAX = 6  # the largest faces the tiles found that are meshed (each ~20 ms)
+TILED_BOXES_MAX = 100  # detections kept from one tile size (merging them is quadratic)
 
 Box = tuple[float, float, float, float]  # x, y, w, h in px
 
@@ -97,14 +99,13 @@ class FaceAnalyzer:
         # a small face in a large photo: the detector sees the whole at 192 px, where a face
         # 80 px wide in 1600 is a few pixels; it looks again, tile by tile. A tile that cuts a
         # face may see a face beside it: only the faces the mesh confirms count
-        meshed = [
-            lm for box in self._detect_in_tiles(rgb)[:TILED_FACES_MAX] if (lm := self._mesh_box(rgb, box)) is not None
-        ]
-        if not meshed:
-            raise NoFaceDetected("no face was found in the image", field="image")
-        hulls = [_result(lm).box for lm in meshed]
-        distinct = _merged([(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in hulls])
-        return _result(meshed[0], others=len(distinct) - 1)
+        for boxes in self._detect_in_tiles(rgb):
+            meshed = [lm for box in boxes[:TILED_FACES_MAX] if (lm := self._mesh_box(rgb, box)) is not None]
+            if meshed:
+                hulls = [_result(lm).box for lm in meshed]
+                distinct = _merged([(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in hulls])
+                return _result(meshed[0], others=len(distinct) - 1)
+        raise NoFaceDetected("no face was found in the image", field="image")
 
     def _detect(self, rgb: np.ndarray, origin: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[Box]:
         """The detector's faces in `rgb` as (x, y, w, h), in px of an image of which `rgb` is the
@@ -118,10 +119,10 @@ class FaceAnalyzer:
             boxes.append((x, y, b.width * w / scale, b.height * h / scale))
         return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
-    def _detect_in_tiles(self, rgb: np.ndarray) -> list[Box]:
-        """Faces found in overlapping tiles, half and then a quarter of the photo's long side
-        (the photo first reduced to TILED_SOURCE_PX), as far as a tile is TILE_MIN_PX; overlaps
-        merged, largest first."""
+    def _detect_in_tiles(self, rgb: np.ndarray) -> Iterator[list[Box]]:
+        """Faces found in overlapping tiles, of half and then a quarter of the photo's long side
+        (the photo first reduced to TILED_SOURCE_PX), as far as a tile is TILE_MIN_PX: for each
+        tile size, the largest TILED_BOXES_MAX, overlaps merged, largest first."""
         h, w = rgb.shape[:2]
         scale = min(1.0, TILED_SOURCE_PX / max(h, w))
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
@@ -129,16 +130,14 @@ class FaceAnalyzer:
         for fraction in TILE_FRACTIONS:
             size = int(fraction * max(sh, sw))
             if size < TILE_MIN_PX:
-                break
+                return
             boxes = [
                 box
                 for y in _tile_starts(sh, size)
                 for x in _tile_starts(sw, size)
                 for box in self._detect(small[y : y + size, x : x + size], (x / scale, y / scale), scale)
             ]
-            if boxes:
-                return _merged(boxes)
-        return []
+            yield _merged(sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)[:TILED_BOXES_MAX])
 
     def _mesh_box(self, rgb: np.ndarray, box: Box) -> np.ndarray | None:
         """The mesh of the face a detection (x, y, w, h) found, from a crop around it, or None."""

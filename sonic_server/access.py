@@ -167,7 +167,10 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if ledger is not None:
             return _guard_accounts()
         key = verified(bearer_key(request.headers.get("Authorization")), keys) if keys else None
-        wait = limiter.take(key, request.remote_addr or "unknown", ending=request.method == "DELETE")
+        # a DELETE's own bucket is for callers who may end things: a wrong key spends the
+        # requests' bucket (else DELETEs would double the pace at which keys can be guessed)
+        ending = request.method == "DELETE" and (not keys or key is not None)
+        wait = limiter.take(key, request.remote_addr or "unknown", ending=ending)
         if wait > 0:
             return error_response(
                 "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
@@ -190,7 +193,7 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         wait = limiter.take(
             f"{principal.via}:{principal.name}" if principal else None,
             request.remote_addr or "unknown",
-            ending=request.method == "DELETE",
+            ending=request.method == "DELETE" and principal is not None,
         )
         if wait > 0:
             return error_response(

@@ -73,7 +73,10 @@ class Counter(FrameProcessor):
             self._result["frames"] += 1
             self._result["sizes"] = sorted({*map(tuple, self._result["sizes"]), tuple(frame.size)})
             if self._result["frames"] == 10:
-                np.save(self._result["frame_file"], np.frombuffer(frame.image, np.uint8).reshape(frame.size[1], frame.size[0], 3))
+                np.save(
+                    self._result["frame_file"],
+                    np.frombuffer(frame.image, np.uint8).reshape(frame.size[1], frame.size[0], 3),
+                )
             self._face_shown.set()
         elif isinstance(frame, TTSAudioRawFrame):
             self._result["heard_s"] += len(frame.audio) / 2 / frame.sample_rate
@@ -88,7 +91,9 @@ async def run(portrait: str, pcm: np.ndarray, where: dict, goodbye: bool, frame_
         face_shown.set()  # no face will show: the reply goes at once
     face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, size=SIZE, **where)
     worker = PipelineWorker(
-        Pipeline([Reply(pcm, face_shown, box, result, 0.0 if goodbye else NO_FACE_WAIT_S), face, Counter(result, face_shown)]),
+        Pipeline(
+            [Reply(pcm, face_shown, box, result, 0.0 if goodbye else NO_FACE_WAIT_S), face, Counter(result, face_shown)]
+        ),
         params=PipelineParams(audio_out_sample_rate=TTS_RATE),
         idle_timeout_secs=None,
     )

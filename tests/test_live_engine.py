@@ -180,7 +180,7 @@ def test_speech_in_other_shapes_and_types_is_taken_or_refused_by_name():
     for bad, needle in ((np.zeros((100, 2), np.float32), "one channel, shape (n,); got shape (100, 2)"),
                         (np.array([0.1, np.nan], np.float32), "NaN or infinite"),
                         (np.array([0.1, np.inf]), "NaN or infinite"),
-                        (np.zeros(4, np.uint8), "float (-1..1) or int16 samples; got uint8")):
+                        (np.zeros(4, np.uint8), "float (-1..1), int16 or int32 samples; got uint8")):
         with pytest.raises(InvalidParameter) as e:
             mono_samples(bad)
         assert needle in str(e.value) and e.value.field == "audio"

@@ -160,6 +160,7 @@ class SessionProcess:
         self._send_lock = threading.Lock()
         self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
         self.turn = 0  # the session's turn, as its last answer to `speak` gave it
+        self._interrupts = 0  # interrupts sent to the helper (its turn once it has had them all)
         self.delay = lookahead_frames(self.fps)  # as the session in the helper has it
         self.failure: str | None = None
         self._begun = False
@@ -213,9 +214,11 @@ class SessionProcess:
                 self._hand_on(frame)
             elif isinstance(msg, Queued):
                 # what the helper holds now: the state read right after a speak shows it (the
-                # next frame, or the connection, may be a while away)
-                self.queued_s = float(msg.seconds)
-                self.speaking = self.speaking or self.queued_s > 0
+                # next frame, or the connection, may be a while away); not an answer from before
+                # an interrupt since sent (the helper's turn counts the interrupts it has had)
+                if msg.turn >= self._interrupts:
+                    self.queued_s = float(msg.seconds)
+                    self.speaking = self.speaking or self.queued_s > 0
                 with self._answered:
                     self._answers[msg.seq] = msg
                     for late in [k for k in self._answers if k < msg.seq - ANSWERS_KEPT]:
@@ -267,6 +270,7 @@ class SessionProcess:
             pass
 
     def interrupt(self) -> None:
+        self._interrupts += 1
         self._send(Interrupt())
         self.queued_s = 0.0
 

@@ -52,7 +52,7 @@ def mono_samples(pcm: np.ndarray) -> np.ndarray:
     if pcm.dtype in (np.int16, np.int32):
         return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
     if pcm.dtype.kind != "f":
-        raise InvalidParameter(f"speech must be float (-1..1) or int16 samples; got {pcm.dtype}", field="audio")
+        raise InvalidParameter(f"speech must be float (-1..1), int16 or int32 samples; got {pcm.dtype}", field="audio")
     pcm = pcm.astype(np.float32, copy=False)
     if not np.isfinite(pcm).all():
         raise InvalidParameter("speech holds NaN or infinite samples", field="audio")

@@ -23,11 +23,13 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
+RATE = 16_000  # Hz of the speech sent (audio/L16;rate=16000)
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
 RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
 ARRIVAL_MAX_S = 2.0  # what was spoken reaches this side within this (the service's look-ahead, jitter buffer)
 QUIET_S = 0.3  # ... and has once the face's sound has been quiet this long
-VOICED = 300  # a received audio frame louder than this (16-bit peak) carries speech
+VOICED = 300  # audio louder than this (16-bit peak) carries speech
+STATE_TIMEOUT_S = 2.0  # a state request at the end waits this long for its answer
 END_TRIES = 3  # DELETEs of the session refused for now before the service's idle timeout is left to end it
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -59,6 +61,7 @@ class RemoteSession:
         self._closing = False
         self._last_voiced = float("-inf")  # when the face's sound last carried speech (loop time)
         self._sending = False  # a batch of speech is on its way to the service
+        self._last_sent = float("-inf")  # when the service last took speech with a voice in it
         if urlparse(self.url).hostname in LOOPBACK:
             loopback_only()
 
@@ -110,9 +113,11 @@ class RemoteSession:
                 async with self._http.post(url, data=body, headers=headers) as r:
                     if r.status in (429, 503):  # refused for now: sent again, ahead of what came since
                         self._outgoing[:0] = body
-                        await asyncio.sleep(min(RETRY_MAX_S, float(r.headers.get("Retry-After", 1))))
+                        await asyncio.sleep(_retry_after(r.headers))
                     elif r.status >= 400:
                         self._end(f"the sonic service refused speech ({r.status}): {_message(await r.text())}")
+                    elif np.abs(np.frombuffer(body, "<i2")).max() > VOICED:
+                        self._last_sent = asyncio.get_running_loop().time()
             except aiohttp.ClientError as e:
                 self._end(f"the sonic service cannot be reached: {e}")
             finally:
@@ -160,39 +165,45 @@ class RemoteSession:
                 await r.read()
 
     async def finish_speaking(self, margin_s: float) -> None:
-        """Until the speech sent so far has been spoken by the service (its state's queued_s is
-        0) and has had time to arrive, bounded by its length and `margin_s`."""
+        """Until the speech sent so far has been spoken by the service and has arrived here,
+        bounded by its length and `margin_s` (and each request by STATE_TIMEOUT_S)."""
         if self.ended is not None or self._http is None:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + len(self._outgoing) / 2 / 16_000 + margin_s
-        while (self._outgoing or self._sending) and loop.time() < deadline:
+        deadline = loop.time() + len(self._outgoing) / 2 / RATE + margin_s
+        while self.ended is None and (self._outgoing or self._sending) and loop.time() < deadline:
             await asyncio.sleep(0.02)  # the sender takes it with its next batch, and the service answers
-        first = True
-        while self.ended is None and (queued := await self._queued_s()) > 0:
-            if first:  # what the service holds is known now: it is spoken in real time
-                deadline, first = loop.time() + queued + margin_s, False
-            if loop.time() >= deadline:
+        known = False
+        while self.ended is None and loop.time() < deadline:
+            queued = await self._queued_s()
+            if queued == 0:
                 break
-            await asyncio.sleep(min(0.2, queued))
-        # the last of it is on its way (the service's look-ahead, the jitter buffer): until sound
-        # with speech in it has come since, then been quiet a moment
-        emptied = loop.time()
-        until = emptied + ARRIVAL_MAX_S
+            if queued is not None and not known:  # what the service holds: spoken in real time
+                deadline, known = loop.time() + queued + margin_s, True
+            await asyncio.sleep(min(0.2, queued or 0.2))
+        # the last of it is on its way (the service's look-ahead, the jitter buffer): once speech
+        # sent has come back, until the sound has been quiet a moment
+        waiting_for_voice = self._last_sent > self._last_voiced
+        until = loop.time() + ARRIVAL_MAX_S
         while self.ended is None and loop.time() < until:
-            if self._last_voiced > emptied - QUIET_S and loop.time() - self._last_voiced >= QUIET_S:
+            arrived = not waiting_for_voice or self._last_voiced > self._last_sent
+            if arrived and loop.time() - self._last_voiced >= QUIET_S:
                 break
             await asyncio.sleep(0.02)
 
-    async def _queued_s(self) -> float:
-        """The seconds of speech the service holds for this session (0 when it cannot say)."""
+    async def _queued_s(self) -> float | None:
+        """The seconds of speech the service holds for this session; None when it cannot say now
+        (refused for now, no answer in STATE_TIMEOUT_S), 0 when the session is gone."""
         assert self._http is not None
+        timeout = aiohttp.ClientTimeout(total=STATE_TIMEOUT_S)
         try:
-            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}") as r:
-                state = await r.json(content_type=None) if r.status == 200 else {}
-        except (aiohttp.ClientError, ValueError):
-            return 0.0
-        return float(state.get("queued_s", 0)) if isinstance(state, dict) else 0.0
+            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}", timeout=timeout) as r:
+                if r.status == 404:
+                    return 0.0
+                state = await r.json(content_type=None) if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+        return float(state.get("queued_s", 0)) if isinstance(state, dict) else None
 
     async def frames(self) -> AsyncIterator[Any]:
         """The face's video frames (av.VideoFrame) as they arrive, until the session ends."""
@@ -230,9 +241,17 @@ class RemoteSession:
                     await r.read()
                     if r.status not in (429, 503):
                         return
-                    await asyncio.sleep(min(RETRY_MAX_S, float(r.headers.get("Retry-After", 1))))
+                    await asyncio.sleep(_retry_after(r.headers))
             except aiohttp.ClientError:
                 return  # the service is gone: nothing left to end
+
+
+def _retry_after(headers: Any) -> float:
+    """A refusal's Retry-After in seconds, at most RETRY_MAX_S (1 where it is missing or no number)."""
+    try:
+        return min(RETRY_MAX_S, max(0.0, float(headers.get("Retry-After", 1))))
+    except ValueError:
+        return 1.0
 
 
 def _message(text: str) -> str:

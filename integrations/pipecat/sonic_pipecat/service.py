@@ -69,17 +69,26 @@ class FrameFitter:
         if (w, h) == (self.width, self.height):
             return image
         if self._fill is None:
-            cover = max(self.width / w, self.height / h)
-            big = cv2.resize(image, (max(self.width, round(w * cover)), max(self.height, round(h * cover))))
-            y0, x0 = (big.shape[0] - self.height) // 2, (big.shape[1] - self.width) // 2
-            crop = big[y0 : y0 + self.height, x0 : x0 + self.width]
-            self._fill = cv2.GaussianBlur(crop, (0, 0), 0.04 * max(self.width, self.height)) // 2 + 32
+            self._fill = self._blurred_cover(image)
         scale = min(self.width / w, self.height / h)
         fw, fh = max(1, round(w * scale)), max(1, round(h * scale))
         out = self._fill.copy()
         y0, x0 = (self.height - fh) // 2, (self.width - fw) // 2
-        out[y0 : y0 + fh, x0 : x0 + fw] = cv2.resize(image, (fw, fh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        out[y0 : y0 + fh, x0 : x0 + fw] = cv2.resize(
+            image, (fw, fh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        )
         return out
+
+    def _blurred_cover(self, image: np.ndarray) -> np.ndarray:
+        """The image enlarged to cover the size, centred, blurred and darkened; made at an
+        eighth of the size (a few ms, on the event loop, even for 1920x1080)."""
+        h, w = image.shape[:2]
+        sw, sh = max(2, self.width // 8), max(2, self.height // 8)
+        cover = max(sw / w, sh / h)
+        small = cv2.resize(image, (max(sw, round(w * cover)), max(sh, round(h * cover))), interpolation=cv2.INTER_AREA)
+        y0, x0 = (small.shape[0] - sh) // 2, (small.shape[1] - sw) // 2
+        blurred = cv2.GaussianBlur(small[y0 : y0 + sh, x0 : x0 + sw], (0, 0), 0.04 * max(sw, sh))
+        return cv2.resize(blurred // 2 + 32, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
 
 class SonicVideoService(FrameProcessor):
@@ -116,7 +125,8 @@ class SonicVideoService(FrameProcessor):
         self._from_engine = create_stream_resampler()
         self._awaiting_first_frame = False
         self._error: str | None = None
-        self._early: list[np.ndarray] = []  # speech heard before the face was ready
+        self._started = False  # the pipeline's StartFrame has passed (an error is reported once it has)
+        self._early: list[TTSAudioRawFrame] = []  # speech heard before the face was ready (or failed)
         self.frames_pushed = 0
         self._url, self._api_key = url, api_key
         self._remote: Any = None
@@ -175,13 +185,10 @@ class SonicVideoService(FrameProcessor):
         try:
             session = await asyncio.wrap_future(self._ready)
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
-            self._error = f"SonicVideoService: {e}"
-            self._early.clear()
+            self._error = f"SonicVideoService: {e}"  # (what it heard goes on once the error is out)
             return
-        for pcm in self._early:
-            session.speak(pcm)
-        self._early.clear()
         self._session = session
+        await self._hear_early()
 
     async def _open_remote(self) -> None:
         from .remote import RemoteSession
@@ -195,6 +202,13 @@ class SonicVideoService(FrameProcessor):
             self._error = f"SonicVideoService: {e}"
             return
         self._remote = remote
+        await self._hear_early()
+
+    async def _hear_early(self) -> None:
+        """What reached the service before its face was ready, or before it failed, in order."""
+        early, self._early = self._early, []
+        for frame in early:
+            await self._hear(frame)
 
     # --- frames in --------------------------------------------------------------------------
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -229,19 +243,27 @@ class SonicVideoService(FrameProcessor):
         if self._session is None:
             # upstream, where the pipeline reports it (on_pipeline_error); the TTS audio then goes
             # on downstream without a face (_hear), so that the agent is still heard
+            self._started = True
             await self.push_error(self._error or "SonicVideoService: no portrait prepared")
+            await self._hear_early()
             return
         self._clock = self.create_task(self._run_clock())
 
     async def _hear(self, frame: TTSAudioRawFrame) -> None:
+        if self._session is None and self._remote is None:
+            if self._error is None or not self._started:
+                self._early.append(frame)  # heard once the face is ready (or, failed, passed on)
+            else:
+                await self.push_frame(frame)  # no face: the voice goes on without it
+            return
+        if self._remote is not None and self._remote.ended:
+            await self.push_frame(frame)  # the face is gone: the voice goes on without it
+            return
         pcm = np.frombuffer(frame.audio, np.int16)
         if frame.num_channels > 1:
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
-        if self._error is not None or (self._remote is not None and self._remote.ended):
-            await self.push_frame(frame)  # no face, or no more: the voice goes on without it
-            return
         if self._remote is not None:
             now = time.monotonic()
             if now - self._last_heard > 0.5 and not self._awaiting_first_frame:  # an utterance begins
@@ -250,9 +272,7 @@ class SonicVideoService(FrameProcessor):
             self._last_heard = now
             self._remote.speak(speech)
             return
-        if self._session is None:
-            self._early.append(speech)  # spoken once the face is ready
-            return
+        assert self._session is not None
         if not self._awaiting_first_frame and not self._session.speaking:  # an utterance begins
             self._awaiting_first_frame = True
             await self.start_ttfb_metrics()
@@ -294,7 +314,9 @@ class SonicVideoService(FrameProcessor):
             audio = await self._from_engine.resample(pcm, ENGINE_RATE, self._out_rate)
             step = self._out_rate * CHUNK_MS // 1000 * 2  # bytes of one chunk (16-bit mono)
             for i in range(0, len(audio), step):
-                await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
+                await self.push_frame(
+                    TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1)
+                )
 
     async def _pump_remote_video(self) -> None:
         remote = self._remote
@@ -307,18 +329,22 @@ class SonicVideoService(FrameProcessor):
             await self.push_error(f"SonicVideoService: the live session ended: {remote.ended}")
 
     async def _pump_remote_audio(self) -> None:
+        from .remote import VOICED  # (the module needs aiortc: imported in url= mode only)
+
         step = self._out_rate * CHUNK_MS // 1000 * 2
         async for frame in self._remote.audio():
             samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
             pcm = samples.mean(axis=1).astype(np.int16)
             if not pcm.any():
                 continue  # silence between replies: nothing to play
-            if self._awaiting_first_frame and np.abs(pcm).max() > 300:
+            if self._awaiting_first_frame and np.abs(pcm).max() > VOICED:
                 self._awaiting_first_frame = False
                 await self.stop_ttfb_metrics()
             audio = await self._from_engine.resample(pcm.tobytes(), frame.sample_rate, self._out_rate)
             for i in range(0, len(audio), step):
-                await self.push_frame(TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1))
+                await self.push_frame(
+                    TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1)
+                )
 
     async def _finish_speaking(self) -> None:
         """Until the speech queued so far has been shown and pushed (a goodbye sent whole, then
