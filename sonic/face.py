@@ -96,16 +96,22 @@ class FaceAnalyzer:
         lm = self._mesh_on(rgb)  # the mesh's own short-range detector, for close-ups
         if lm is not None:
             return _result(lm)
-        # a small face in a large photo: the detector sees the whole at 192 px, where a face
-        # 80 px wide in 1600 is a few pixels; it looks again, tile by tile. A tile that cuts a
-        # face may see a face beside it: only the faces the mesh confirms count
+        found = self._find_in_tiles(rgb)
+        if found is None:
+            raise NoFaceDetected("no face was found in the image", field="image")
+        return found
+
+    def _find_in_tiles(self, rgb: np.ndarray) -> FaceResult | None:
+        """A small face in a large photo: the detector sees the whole at 192 px, where a face
+        80 px wide in 1600 is a few pixels; it looks again, tile by tile. A tile that cuts a
+        face may see a face beside it: only the faces the mesh confirms count."""
         for boxes in self._detect_in_tiles(rgb):
             meshed = [lm for box in boxes[:TILED_FACES_MAX] if (lm := self._mesh_box(rgb, box)) is not None]
             if meshed:
                 hulls = [_result(lm).box for lm in meshed]
                 distinct = _merged([(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in hulls])
                 return _result(meshed[0], others=len(distinct) - 1)
-        raise NoFaceDetected("no face was found in the image", field="image")
+        return None
 
     def _detect(self, rgb: np.ndarray, origin: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[Box]:
         """The detector's faces in `rgb` as (x, y, w, h), in px of an image of which `rgb` is the
