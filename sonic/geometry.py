@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .face import fit_output
+from .face import fit_output, roll_degrees
 
 SUPERSAMPLE = 3  # sampling-source px per frame px
 MARGIN_PX = 6  # frame px of photo kept around the crop (sampling reaches past the edge)
+UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
+SIDEWAYS_WARN_DEG = 50  # a face turned further than this in the photo is reported (a sideways photo)
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,24 @@ def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int]
     return dataclasses.replace(
         framing, frame=_sample(pixels, framing.to_source, xs, ys), landmarks=landmarks, pixels=pixels
     )
+
+
+def framing_warnings(framing: Framing) -> list[str]:
+    """What a user should know of how the photo was framed, for a file and a live session alike:
+    a face enlarged (a soft video), turned far (a sideways photo), or not alone."""
+    warnings = []
+    if framing.upscale > UPSCALE_WARN:
+        warnings.append(
+            f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
+            "portrait gives a sharper video"
+        )
+    roll = roll_degrees(framing.landmarks)
+    if abs(roll) > SIDEWAYS_WARN_DEG:
+        # a phone's photo whose orientation tag was stripped (messaging apps do) is sideways
+        warnings.append(
+            f"the face is turned {abs(roll):.0f} degrees in the photo: if the photo is sideways "
+            "or upside down, turn it upright, and the video will be too"
+        )
+    if framing.other_faces:
+        warnings.append(f"the photo shows {framing.other_faces + 1} faces: the largest speaks, the others stay still")
+    return warnings

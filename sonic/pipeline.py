@@ -18,8 +18,8 @@ from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import PipelineError
-from .face import FaceAnalyzer, crop_box, roll_degrees
-from .geometry import Framing, crop_and_scale
+from .face import FaceAnalyzer, crop_box
+from .geometry import Framing, crop_and_scale, framing_warnings
 from .lipsync import mouth_lag, mouth_opening
 from .media import SAMPLE_RATE, Sound, check_waveform, fitted_samples, load_audio, load_sound
 from .motion import Motion, build_rig, predict_motion
@@ -30,8 +30,6 @@ from .settings import Settings, as_settings
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time
-UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
-SIDEWAYS_WARN_DEG = 50  # a face turned further than this in the photo is reported (a sideways photo)
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole request done, 0-1)
 
 
@@ -185,20 +183,8 @@ class SonicPipeline:
         # 2. face analysis, crop and scale to the output frame (its size checked before it is built)
         report("face", 0.05)
         framing = self.framing(rgb, opts, n_frames)
-        if framing.upscale > UPSCALE_WARN:
-            warnings.add(
-                f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
-                "portrait gives a sharper video"
-            )
-        roll = roll_degrees(framing.landmarks)
-        if abs(roll) > SIDEWAYS_WARN_DEG:
-            # a phone's photo whose orientation tag was stripped (messaging apps do) is sideways
-            warnings.add(
-                f"the face is turned {abs(roll):.0f} degrees in the photo: if the photo is sideways "
-                "or upside down, turn it upright, and the video will be too"
-            )
-        if framing.other_faces:
-            warnings.add(f"the photo shows {framing.other_faces + 1} faces: the largest speaks, the others stay still")
+        for warning in framing_warnings(framing):
+            warnings.add(warning)
         timer.lap("face")
 
         # 3. duration: trim or pad the audio with silence; the parameters this decoder ignores

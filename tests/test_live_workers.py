@@ -116,6 +116,7 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
         opened_a = await a.open(PORTRAIT, CONFIG, keep_frames=False)
         opened_b = await b.open(PORTRAIT, CONFIG, keep_frames=False)
         assert {opened_a["worker"], opened_b["worker"]} == {"w1", "w2"}
+        assert any(w.startswith("the face is enlarged") for w in opened_a["warnings"])  # the photo's, from the worker
         await asyncio.sleep(1.5)
         speaking = await a.speak_file(SPEECH)
         await asyncio.sleep(0.5)

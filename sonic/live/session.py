@@ -24,7 +24,7 @@ import numpy as np
 from ..audio_features import SPEECH_THRESHOLD
 from ..decoders import PreparedDecoder
 from ..errors import InvalidParameter
-from ..geometry import Framing
+from ..geometry import Framing, framing_warnings
 from ..media import SAMPLE_RATE
 from ..motion import COEFFS, Rig, mouth_coefficients
 from ..options import GenerateOptions, parameters
@@ -71,6 +71,11 @@ class LiveFace:
     framing: Framing
     rig: Rig
     decoder: PreparedDecoder
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the session's client should know of the photo (a file's warnings alike)."""
+        return framing_warnings(self.framing)
 
 
 @dataclass(frozen=True)

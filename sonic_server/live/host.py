@@ -168,7 +168,7 @@ class LiveHost:
         if not relay.claim(self.records.r, command):  # the opener gave up waiting: it releases the hold
             log.warning("live session %s: its opener stopped waiting; ended", record.id)
             self.live.end(record.id, "abandoned")
-        return {"session_id": record.id, "answer": answer, "worker": self.name}
+        return {"session_id": record.id, "answer": answer, "worker": self.name, "warnings": face.warnings}
 
     def _ended(self, session: ServedSession) -> None:
         """A session ended here: its record says why and what it streamed, and its hold is settled

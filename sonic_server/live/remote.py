@@ -94,9 +94,12 @@ class RemoteSessions:
         relay.reap_lost(self.records, self.settle)
 
     # --- a session's life ----------------------------------------------------------------------
-    def start(self, image: bytes, params: dict, offer: dict, owner: str | None, hold: Any) -> tuple[str, str, dict]:
+    def start(
+        self, image: bytes, params: dict, offer: dict, owner: str | None, hold: Any
+    ) -> tuple[str, str, dict, list[str]]:
         """Place a session on the least loaded worker with a free slot (the next one if that one
-        filled meanwhile); (session id, worker, SDP answer). Busy when none has room."""
+        filled meanwhile); (session id, worker, SDP answer, the photo's warnings). Busy when none
+        has room."""
         workers = self.workers()
         if not workers:
             raise WorkerUnreachable("no worker hosts live sessions: start `sonic worker` (live.enabled)")
@@ -121,7 +124,8 @@ class RemoteSessions:
                     raise
                 log.info("live: worker %s had no free slot after all; trying the next", name)
                 continue
-            return str(reply["session_id"]), name, reply["answer"]  # counted opened by its worker
+            # counted opened by its worker
+            return str(reply["session_id"]), name, reply["answer"], list(reply.get("warnings", []))
         metrics.LIVE_REFUSED.labels("busy").inc()
         raise Busy(
             f"every worker's live sessions are taken ({len(workers)} worker(s), live.max_sessions "

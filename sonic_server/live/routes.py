@@ -48,8 +48,9 @@ SESSION = component(
             "warnings": {
                 "type": "array",
                 "items": {"type": "string"},
-                "description": "config fields a live session does not use (duration, align_mouth, ...); the "
-                "offer's ICE candidates left out (docs/live.md, Networks)",
+                "description": "the photo's, as a file's (a face enlarged, turned as in a sideways photo, not "
+                "alone); config fields a live session does not use (duration, align_mouth, ...); the offer's "
+                "ICE candidates left out (docs/live.md, Networks)",
             },
         },
     },
@@ -183,18 +184,18 @@ def open_session():
     if isinstance(live, RemoteSessions):
         hold = _hold_credit(svc, live.settings.max_session_s)
         try:
-            session_id, worker, answer = live.start(image, params, offer, caller().owner, hold)
+            session_id, worker, answer, photo_warnings = live.start(image, params, offer, caller().owner, hold)
         except Exception:
             _release(svc, hold)
             raise
     else:
-        session_id, answer = _open_here(svc, live, rgb, options, offer)
+        session_id, answer, photo_warnings = _open_here(svc, live, rgb, options, offer)
         worker = None
     state_url = url_for("live.session_state", session_id=session_id, _external=True)
     body = {"session_id": session_id, "answer": answer, "state_url": state_url}
     if worker is not None:
         body["worker"] = worker
-    warnings = [f"{name} is not used by live sessions" for name in unused_live(options)]
+    warnings = [*photo_warnings, *(f"{name} is not used by live sessions" for name in unused_live(options))]
     if "async" in params:
         warnings.append("async does not apply to live sessions")
     if screened.left_out:
@@ -226,8 +227,9 @@ def _client(svc: Service) -> Client:
 
 def _open_here(
     svc: Service, live: LiveSessions, rgb: np.ndarray, options: GenerateOptions, offer: dict
-) -> tuple[str, dict]:
-    """A session in this process: a slot, the face prepared, the credit held, the offer answered."""
+) -> tuple[str, dict, list[str]]:
+    """A session in this process: a slot, the face prepared, the credit held, the offer answered;
+    (its id, the answer, the photo's warnings)."""
     live.take_slot()
     handed = False
     try:
@@ -244,7 +246,7 @@ def _open_here(
     finally:
         if not handed:
             live.give_slot()
-    return session.id, answer
+    return session.id, answer, face.warnings
 
 
 def _release(svc: Service, hold: LiveHold | None) -> None:
