@@ -92,6 +92,7 @@ class RemoteSession:
                 error = body.get("error", {}) if isinstance(body, dict) else {}
                 raise RuntimeError(f"the sonic service refused the session ({r.status}): {error.get('message', body)}")
         self.session_id = body["session_id"]
+        self.warnings: list[str] = list(body.get("warnings", []))  # the photo's, and unused parameters
         self.fps = int(params.get("fps", 25))
         await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
         self._sender = asyncio.ensure_future(self._send_speech())

@@ -36,6 +36,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
     CancelFrame,
@@ -188,6 +189,8 @@ class SonicVideoService(FrameProcessor):
             self._error = f"SonicVideoService: {e}"  # (what it heard goes on once the error is out)
             return
         self._session = session
+        for warning in session.face.warnings:  # what a file's response would say of the photo
+            logger.warning(f"SonicVideoService: {warning}")
         await self._hear_early()
 
     async def _open_remote(self) -> None:
@@ -202,6 +205,8 @@ class SonicVideoService(FrameProcessor):
             self._error = f"SonicVideoService: {e}"
             return
         self._remote = remote
+        for warning in remote.warnings:
+            logger.warning(f"SonicVideoService: {warning}")
         await self._hear_early()
 
     async def _hear_early(self) -> None:
