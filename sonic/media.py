@@ -27,7 +27,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, PipelineError, UnsupportedMedia
+from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
 SOUND_RATE = 48_000  # Hz of the video's sound track
@@ -360,6 +360,28 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
     if not any(part in AUDIO_DEMUXERS for part in name.split(",")):
         return UnsupportedMedia(f"audio format {name!r} is not supported ({supported})", field="audio")
     return UnsupportedMedia(f"audio could not be decoded as {name.split(',')[0]} ({supported})", field="audio")
+
+
+def mono_samples(pcm: np.ndarray) -> np.ndarray:
+    """Speech handed to a live session (sonic/live) -> float32 (n,) in -1..1: 16- and 32-bit integers scaled
+    (a TTS engine's PCM as it comes), anything that is not one channel of finite samples refused
+    (a stereo array would otherwise be heard as one voice at half speed, and NaN as silence)."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim == 2 and 1 in pcm.shape:
+        pcm = pcm.reshape(-1)
+    if pcm.ndim != 1:
+        raise InvalidParameter(
+            f"speech must be one channel, shape (n,); got shape {pcm.shape} (mix it down first: pcm.mean(axis=1))",
+            field="audio",
+        )
+    if pcm.dtype in (np.int16, np.int32):
+        return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
+    if pcm.dtype.kind != "f":
+        raise InvalidParameter(f"speech must be float (-1..1), int16 or int32 samples; got {pcm.dtype}", field="audio")
+    pcm = pcm.astype(np.float32, copy=False)
+    if not np.isfinite(pcm).all():
+        raise InvalidParameter("speech holds NaN or infinite samples", field="audio")
+    return pcm
 
 
 def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:

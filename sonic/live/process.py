@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PipelineError
-from ..media import SAMPLE_RATE
+from ..media import SAMPLE_RATE, mono_samples
 from ..render_pool import HelperProcess, scratch_root, sweep_orphans
 
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
@@ -244,8 +244,10 @@ class SessionProcess:
     def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
         """LiveSession.speak, answered by the helper; OSError once the helper is gone. Long
         speech goes in parts of SPEAK_PART_S: the socket is never held for long by one call
-        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it)."""
-        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it). The
+        speech is checked here, as a LiveSession checks it: a bad chunk is refused to the caller,
+        not raised in the helper, whose listening it would stop."""
+        pcm = mono_samples(pcm)
         step = int(SPEAK_PART_S * SAMPLE_RATE)
         seqs = []
         for start in range(0, max(len(pcm), 1), step):
@@ -265,7 +267,7 @@ class SessionProcess:
 
     def hear(self, pcm: np.ndarray) -> None:
         try:
-            self._send(Hear(np.asarray(pcm, np.float32).reshape(-1)))
+            self._send(Hear(mono_samples(pcm)))
         except OSError:  # the helper is gone: the session is ending
             pass
 

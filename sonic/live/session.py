@@ -25,7 +25,7 @@ from ..audio_features import SPEECH_THRESHOLD
 from ..decoders import PreparedDecoder
 from ..errors import InvalidParameter
 from ..geometry import Framing, framing_warnings
-from ..media import SAMPLE_RATE
+from ..media import SAMPLE_RATE, mono_samples
 from ..motion import COEFFS, Rig, mouth_coefficients
 from ..options import GenerateOptions, parameters
 from .features import LoudnessStream, PhoneStream
@@ -35,28 +35,6 @@ LOOKAHEAD_S = 0.08  # the mouth sees this far ahead (rounded up to whole frames)
 MIC_BUFFER_MAX_S = 0.12  # microphone audio beyond this backlog is dropped: latency stays bounded
 SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (pauses between words)
 PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at
-
-
-def mono_samples(pcm: np.ndarray) -> np.ndarray:
-    """Speech handed to a session -> float32 (n,) in -1..1: 16- and 32-bit integers scaled
-    (a TTS engine's PCM as it comes), anything that is not one channel of finite samples refused
-    (a stereo array would otherwise be heard as one voice at half speed, and NaN as silence)."""
-    pcm = np.asarray(pcm)
-    if pcm.ndim == 2 and 1 in pcm.shape:
-        pcm = pcm.reshape(-1)
-    if pcm.ndim != 1:
-        raise InvalidParameter(
-            f"speech must be one channel, shape (n,); got shape {pcm.shape} (mix it down first: pcm.mean(axis=1))",
-            field="audio",
-        )
-    if pcm.dtype in (np.int16, np.int32):
-        return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
-    if pcm.dtype.kind != "f":
-        raise InvalidParameter(f"speech must be float (-1..1), int16 or int32 samples; got {pcm.dtype}", field="audio")
-    pcm = pcm.astype(np.float32, copy=False)
-    if not np.isfinite(pcm).all():
-        raise InvalidParameter("speech holds NaN or infinite samples", field="audio")
-    return pcm
 
 
 def lookahead_frames(fps: int) -> int:
