@@ -362,6 +362,15 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
     return UnsupportedMedia(f"audio could not be decoded as {name.split(',')[0]} ({supported})", field="audio")
 
 
+def full_scale(pcm: np.ndarray) -> np.ndarray:
+    """16- and 32-bit integer samples (as decoders and TTS engines hand PCM over) as float32 in
+    -1..1; any other array as it is."""
+    pcm = np.asarray(pcm)
+    if pcm.dtype in (np.int16, np.int32):
+        return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
+    return pcm
+
+
 def mono_samples(pcm: np.ndarray) -> np.ndarray:
     """Speech handed to a live session (sonic/live) -> float32 (n,) in -1..1: 16- and 32-bit integers scaled
     (a TTS engine's PCM as it comes), anything that is not one channel of finite samples refused
@@ -374,8 +383,7 @@ def mono_samples(pcm: np.ndarray) -> np.ndarray:
             f"speech must be one channel, shape (n,); got shape {pcm.shape} (mix it down first: pcm.mean(axis=1))",
             field="audio",
         )
-    if pcm.dtype in (np.int16, np.int32):
-        return (pcm / float(-np.iinfo(pcm.dtype).min)).astype(np.float32)
+    pcm = full_scale(pcm)
     if pcm.dtype.kind != "f":
         raise InvalidParameter(f"speech must be float (-1..1), int16 or int32 samples; got {pcm.dtype}", field="audio")
     pcm = pcm.astype(np.float32, copy=False)
@@ -386,8 +394,9 @@ def mono_samples(pcm: np.ndarray) -> np.ndarray:
 
 def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
     """A mono waveform (N,) at SAMPLE_RATE, checked as a decoded file is: not empty, not longer
-    than the limit, not silent; non-finite samples zeroed, the rest clipped to [-1, 1]."""
-    wav = np.asarray(wav, dtype=np.float32)
+    than the limit, not silent; integer samples scaled to full scale (they were clipped: a
+    square wave), non-finite samples zeroed, the rest clipped to [-1, 1]."""
+    wav = np.asarray(full_scale(wav), dtype=np.float32)
     if wav.ndim != 1:
         raise UnsupportedMedia(f"audio must be one mono channel, got an array of shape {wav.shape}", field="audio")
     if wav.size < MIN_AUDIO_S * SAMPLE_RATE:

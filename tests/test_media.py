@@ -168,6 +168,10 @@ def test_waveform_in_memory_checked_as_a_file_is():
     wav[0] = np.nan
     out = check_waveform(wav, 3)
     assert out.dtype == np.float32 and out[0] == 0 and out.max() == 1.0 and wav[1] == 1.5
+    # 16-bit PCM as a caller has it is scaled, not clipped to full scale (a square wave)
+    tone = np.sin(np.arange(SAMPLE_RATE) / 10)
+    out = check_waveform((8000 * tone).astype(np.int16), 3)
+    assert out.dtype == np.float32 and np.abs(out - 8000 / 32768 * tone).max() < 1e-4
 
 
 def test_webp_decodes(tmp_path):
