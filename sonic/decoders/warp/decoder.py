@@ -38,9 +38,9 @@ HEAD_MARGIN_IOD = 0.06  # the head moves rigidly up to this far beyond the face 
 HEAD_FADE_IOD = 0.3  # ... and its motion fades to nothing over this much further (hair, neck)
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
 REACH_IOD = 0.45  # beyond this distance outside the oval the expression field is zero
-# fixed-point iterations inverting the forward displacement: on the coarse blocks, so 10 cost
-# no more than 4 (7.0-7.8 ms a frame either way), and 4 left blocks unconverged where a smiling
-# photo's lips close over its teeth: specks of teeth on the closed lips, for a few frames
+# fixed-point iterations inverting the forward displacement, on the coarse blocks: 4 left blocks
+# unconverged where a smiling photo's lips close over its teeth (specks of teeth on the closed
+# lips, for a few frames); 10 cost the decoder 0.3-0.6 ms a frame more (+3-9 %, docs/quality.md)
 BACKWARD_ITERS = 10
 EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
