@@ -45,6 +45,7 @@ EDGE_PX = 0.6  # the occluding lid margin is anti-aliased over this many px
 BROW_ABOVE_IOD = 0.3  # the skin this far above a brow still moves with it, less and less
 BROW_SIDE_IOD = 0.1  # ... and this far beyond the brow's ends
 BROW_MIN_ABOVE_IOD = 0.06  # ... but over at least this much (a fringe on the brows: a short fade)
+REACH_EVEN_IOD = 0.1  # how far up the raise reaches is made even over columns this wide
 HAIR_DISTANCE = 16.0  # Lab distance from the cheeks' skin at which the forehead turns to hair
 CORNER_STILL = 0.7  # the white moves with the iris over this share of the way to each corner
 GLASSES_BRIDGE = 0.7  # vertical edges between the eyes this strong (relative to the face's mean): glasses
@@ -270,7 +271,7 @@ def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) 
             inside = (cols >= x0) & (cols < x1) & np.isfinite(eye.upper)
             at = cols[inside] - x0
             below[at] = np.maximum(eye.upper[cols[inside] - eye.x0] - eye.lash - middle[at], half + 1.0)
-        reach = _below_hair(lab, skin, xs.astype(int), middle - half, above)
+        reach = _even(_below_hair(lab, skin, xs.astype(int), middle - half, above), REACH_EVEN_IOD * iod)
         # above the raise's reach every point shows itself (the profile is 0 there, so the
         # backward map's fixed point is the point): the box ends where the reach does
         y0 = int(max(0, np.floor(middle.min() - half - above)))
@@ -311,6 +312,17 @@ def _below_hair(lab: np.ndarray, skin: np.ndarray, cols: np.ndarray, tops: np.nd
         if len(hit):
             out[k] = float(y_top - ys[hit[0]])
     return out
+
+
+def _even(reach: np.ndarray, width: float) -> np.ndarray:
+    """The reach per column made even across columns: the least within `width` px, then
+    averaged over as many. A stray hair above a brow stops one column's reach and not its
+    neighbour's: the skin between them stretched by different amounts, vertical streaks above a
+    raised brow."""
+    k = max(1, int(round(width)) // 2)
+    padded = np.pad(reach, k, mode="edge")
+    least = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1).min(axis=1)
+    return np.convolve(np.pad(least, k, mode="edge"), np.full(2 * k + 1, 1 / (2 * k + 1)), mode="valid")
 
 
 def _thickness(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
