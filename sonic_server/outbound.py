@@ -40,32 +40,51 @@ class Target:
 
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 V4_COMPATIBLE = ipaddress.ip_network("::/96")
+V4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 2765): ::ffff:0:a.b.c.d
+
+# Every block of IANA's IPv4 and IPv6 special-purpose address registries, whether or not the
+# registry calls it globally reachable: Python's `is_global` follows the registry's flag and so
+# passes anycast and protocol blocks (192.0.0.0/24 outside /29, 192.88.99.0/24, AS112, AMT,
+# 3fff::/20, 5f00::/16) that a request from this server has no business reaching.
+NOT_PUBLIC = tuple(
+    ipaddress.ip_network(block)
+    for block in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
+        "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+        "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16",
+        "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+    )
+)  # fmt: skip
 
 
 def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64, IPv4-compatible): the
-    rules apply to it, since that is where a translating network sends the request."""
+    """The IPv4 address an IPv6 one carries (mapped, translated, 6to4, Teredo, NAT64,
+    IPv4-compatible): the rules apply to it, since that is where a translating network sends
+    the request."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if any(ip in net for net in NAT64) or (ip in V4_COMPATIBLE and int(ip) > 1):
+    if any(ip in net for net in NAT64) or ip in V4_TRANSLATED or (ip in V4_COMPATIBLE and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
 
 def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether an address is one on the public internet: not loopback, private, link-local,
-    shared, reserved or multicast, nor an IPv6 address that carries such an IPv4 one."""
+    """Whether an address is one on the public internet: in no special-purpose block (loopback,
+    private, link-local, shared, documentation, protocol, anycast, reserved, multicast), nor an
+    IPv6 address that carries an IPv4 one that is."""
+    if any(ip.version == net.version and ip in net for net in NOT_PUBLIC):
+        return False
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.is_site_local:
-            return False
         inner = _embedded_v4(ip)
         if inner is not None:
             return is_public(inner)
-    return ip.is_global and not ip.is_multicast
+    return ip.is_global
 
 
 def check_url(url: str, field: str, allow_private: bool) -> Target:

@@ -188,6 +188,31 @@ def test_webhook_targets_inside_are_refused_unless_allowed(hooked_client, url):
     assert r.get_json()["error"]["field"] == "webhook"
 
 
+@pytest.mark.parametrize("address", [
+    "192.0.0.8", "192.0.0.9", "192.88.99.1", "192.31.196.1", "192.52.193.1", "192.175.48.1", "198.18.0.1",
+    "203.0.113.9", "240.0.0.1", "255.255.255.255", "0.1.2.3", "::ffff:0:7f00:1", "::ffff:0:a00:1", "3fff::1",
+    "5f00::1", "2001:db8::1", "2001:20::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "100::1", "fd00::1", "ff02::1",
+])
+def test_no_special_purpose_address_counts_as_public(address):
+    """Every block of IANA's special-purpose registries is refused, those the registry marks
+    globally reachable (anycast, protocol assignments) too, and an IPv6 form carrying IPv4
+    loopback or private; checked without sending anything."""
+    import ipaddress
+
+    from sonic_server.outbound import is_public
+
+    assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "192.0.1.1", "2606:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_count_as_public(address):
+    import ipaddress
+
+    from sonic_server.outbound import is_public
+
+    assert is_public(ipaddress.ip_address(address))
+
+
 def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline():
     """A receiver sending its status line a byte at a time cannot hold the sender past total_s."""
     import socket
