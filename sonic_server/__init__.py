@@ -56,6 +56,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         sync_wait_s=srv.sync_wait_s,
         retry_after_s=str(srv.retry_after_s),
         event_streams=Slots(srv.max_event_streams),
+        fetches=Slots(settings.outbound.max_fetches),
     )
     svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
     svc.webhooks = make_webhooks(settings, outputs)

@@ -209,13 +209,15 @@ def fetch(
     connect_s: float = 5.0,
     total_s: float = 30.0,
     check: Callable[[str, str, bool], Target] = check_url,
+    ends: float | None = None,
 ) -> bytes:
     """GET a caller-named URL's body: each hop checked (redirects followed at most MAX_REDIRECTS
     times, each to a checked address), the size capped while it streams, the whole fetch within
-    total_s. Errors name `field` and the cause. (`check`: the address rules, each hop's.)"""
+    total_s, or by `ends` (time.monotonic()) where several fetches share those seconds. Errors
+    name `field` and the cause. (`check`: the address rules, each hop's.)"""
     from sonic.errors import InputTooLarge
 
-    ends = time.monotonic() + total_s
+    ends = time.monotonic() + total_s if ends is None else ends
     for _ in range(MAX_REDIRECTS + 1):
         target = check(url, field, allow_private)
         left = ends - time.monotonic()

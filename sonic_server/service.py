@@ -52,6 +52,7 @@ class Service:
     sync_wait_s: float  # a synchronous request waits this long, then gets 202
     retry_after_s: str  # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))
+    fetches: Slots = field(default_factory=lambda: Slots(8))  # requests fetching inputs by URL (outbound)
     queue: JobQueue | None = None
     status: str = "starting"  # starting | ready | setup_failed
     setup_error: str | None = None  # why setup failed, for /health (a checkpoint file and key, ...)

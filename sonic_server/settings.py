@@ -127,7 +127,8 @@ class OutboundSettings:
     """Requests to addresses callers name (webhooks). Variables: SONIC_OUTBOUND_<NAME>."""
 
     allow_private: bool = False  # true: loopback, private and link-local addresses too (tests, private networks)
-    fetch_timeout_s: float = 30.0  # image_url / audio_url: the whole fetch, redirects included
+    fetch_timeout_s: float = 30.0  # image_url and audio_url of one request: both fetches, redirects included
+    max_fetches: int = 8  # requests fetching their inputs by URL at once; more -> 503 (each holds a server thread)
 
 
 STORAGE_KINDS = ("local", "s3")
@@ -160,7 +161,8 @@ class ServerConfig(Settings):
                 "fusion_max_batch",
             )
         }
-        | {"live.idle_timeout_s", "live.max_speak_s", "outbound.fetch_timeout_s", "credits.recharge_rate_per_s"}
+        | {"live.idle_timeout_s", "live.max_speak_s", "credits.recharge_rate_per_s"}
+        | {"outbound.fetch_timeout_s", "outbound.max_fetches"}
     )
     # a bucket that never holds a whole token refuses everything; the credits' pages and batches
     AT_LEAST_ONE: ClassVar[frozenset[str]] = frozenset(

@@ -32,6 +32,9 @@ class Files:
             def do_GET(self):
                 if self.path == "/slow":
                     time.sleep(4)
+                if self.path == "/portrait-in-1.4s":
+                    time.sleep(1.4)
+                    self.path = "/portrait.jpg"
                 if self.path == "/drip":  # headers at once, then a byte every 0.3 s: never a long silence
                     self.send_response(200)
                     self.end_headers()
@@ -87,7 +90,7 @@ def files():
 def client(tmp_path):
     from sonic_server import create_app
     cfg = settings(tmp_path)
-    cfg["outbound"] = {"allow_private": True, "fetch_timeout_s": 2}
+    cfg["outbound"] = {"allow_private": True, "fetch_timeout_s": 2, "max_fetches": 1}
     app = create_app(cfg, pipeline=FakePipeline())
     yield app.test_client()
     app.extensions["sonic"].queue.close()
@@ -149,3 +152,37 @@ def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):
     assert fetch(files.url("/to-portrait"), "image_url", False, 10**7, check=only_this_server)[:2] == b"\xff\xd8"
     with pytest.raises(Exception, match="169.254.169.254"):
         fetch(files.url("/to-metadata"), "image_url", False, 10**7, check=only_this_server)
+
+
+def test_a_requests_two_fetches_share_one_timeout(client, files):
+    """A slow image and then a dripping audio: the request ends at fetch_timeout_s (2 s) in all,
+    not 2 s for each, so one request holds a server thread no longer than that."""
+    began = time.monotonic()
+    r = by_form(client, image_url=files.url("/portrait-in-1.4s"), audio_url=files.url("/drip"))
+    assert time.monotonic() - began < 2.9
+    assert_clean_error(r, 400, "invalid_parameter")
+    assert r.get_json()["error"]["field"] == "audio_url"
+
+
+def test_fetches_beyond_max_fetches_are_refused_busy_not_queued_on_threads(client, files):
+    """With outbound.max_fetches 1, a request fetching from a slow host holds the only slot: a
+    second URL request is answered 503 at once, naming the setting; uploads are not held back,
+    and the slot is free again when the first ends."""
+    held = {}
+    first = threading.Thread(target=lambda: held.update(r=by_form(client, image_url=files.url("/drip"),
+                                                                   audio_url=files.url("/speech.flac"))))
+    first.start()
+    time.sleep(0.5)
+    began = time.monotonic()
+    r = by_form(client, image_url=files.url("/portrait.jpg"), audio_url=files.url("/speech.flac"))
+    assert time.monotonic() - began < 1.0
+    assert_clean_error(r, 503, "busy")
+    assert "outbound.max_fetches" in r.get_json()["error"]["message"] and r.headers["Retry-After"]
+    with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as speech:
+        r = client.post("/api/sonic/generate", content_type="multipart/form-data",
+                        data={"image": (img, "p.jpg"), "audio": (speech, "s.flac"), "config": json.dumps(FAST)})
+    assert r.status_code == 200
+    first.join()
+    assert held["r"].status_code == 400
+    r = by_form(client, image_url=files.url("/portrait.jpg"), audio_url=files.url("/speech.flac"))
+    assert r.status_code == 200, r.get_data()[:300]

@@ -10,12 +10,14 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from datetime import datetime, timezone
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
+from sonic.errors import Busy
 from sonic.version import pipeline_version
 
 from .. import idempotency, outbound, webhooks
@@ -278,8 +280,8 @@ def _parse_config() -> tuple[GenerateOptions, bool, dict]:
 def _read_files() -> tuple[dict[str, bytes], set[str]]:
     """The image and the audio, each uploaded or fetched from its `<name>_url`; (the bytes, the
     names that came by URL)."""
-    files, by_url = {}, set()
-    fields, svc = _fields(), service()
+    files, urls = {}, {}
+    fields = _fields()
     for name in ("image", "audio"):
         f = None if _is_json() else request.files.get(name)
         uploaded = f is not None and bool(f.filename or f.content_length)
@@ -289,10 +291,7 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
         if url:
             if not isinstance(url, str):
                 raise InvalidParameter(f"{name}_url must be an http(s) URL", field=f"{name}_url")
-            limit = int(svc.settings.limits.max_upload_mb * 1024 * 1024)
-            out = svc.settings.outbound
-            files[name] = outbound.fetch(url, f"{name}_url", out.allow_private, limit, total_s=out.fetch_timeout_s)
-            by_url.add(name)
+            urls[name] = url
             continue
         if f is None or not uploaded:
             if _is_json():
@@ -301,7 +300,31 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
         files[name] = f.read()
         if not files[name]:
             raise InvalidParameter(f"{name} is empty", field=name)
-    return files, by_url
+    if urls:
+        files.update(_fetched(urls))
+    return files, set(urls)
+
+
+def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
+    """The files named by URL ({"image": url, ...}), fetched one after the other within one
+    outbound.fetch_timeout_s, by at most outbound.max_fetches requests at once: a fetch holds
+    one of the server's threads, and a caller's slow host must not hold them all."""
+    svc = service()
+    out, limit = svc.settings.outbound, int(svc.settings.limits.max_upload_mb * 1024 * 1024)
+    if not svc.fetches.take():
+        raise Busy(
+            f"{svc.fetches.limit} requests are fetching their inputs by URL, the most this server allows "
+            "(outbound.max_fetches); retry shortly, or upload the files",
+            field=f"{next(iter(urls))}_url",
+        )
+    try:
+        ends = time.monotonic() + out.fetch_timeout_s
+        return {
+            name: outbound.fetch(url, f"{name}_url", out.allow_private, limit, total_s=out.fetch_timeout_s, ends=ends)
+            for name, url in urls.items()
+        }
+    finally:
+        svc.fetches.give_back()
 
 
 @bp.post("/api/sonic/generate")
