@@ -15,6 +15,7 @@ import io
 import math
 import os
 import re
+import struct
 import subprocess
 import threading
 import warnings
@@ -55,6 +56,11 @@ AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM"
 DOWNMIX = ["-ac", "1"]  # ffmpeg's own downmix, for every layout it knows
 MAX_CHANNELS = 64  # ffmpeg's pan filter averages at most this many channels
 DECODE_TIMEOUT_S = 120
+# ffmpeg's work on a recording grows with its samples (rate x channels x seconds), not with the
+# file's size: a 4 MB FLAC of 299 s of 8-channel silence at 384 kHz took 16 s of CPU. A recording
+# is decoded only as far as this many samples go: 300 s of 8 channels at 48 kHz (about 1.5 s of
+# one core here); longer at a higher rate or with more channels is refused by name.
+MAX_DECODE_SAMPLES = 120_000_000
 
 
 def load_image(
@@ -217,19 +223,65 @@ def decode_budget(total_mb: float, wait_s: float) -> DecodeBudget:
 def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     """Decode an audio file of one of AUDIO_DEMUXERS' formats to float32 mono at SAMPLE_RATE,
     shape (N,). Anything else (a playlist, a manifest, a script) is refused with its format named,
-    before ffmpeg could open any other file."""
-    wav = _decode_audio(path, max_duration_s, DOWNMIX)
+    before ffmpeg could open any other file; so is one longer than MAX_DECODE_SAMPLES allow."""
+    stream = probe_audio(path)
+    if stream is None:
+        raise _undecodable(path)
+    decode_s = min(max_duration_s + 1, stream.decodable_s)
+    if stream.duration_s is not None and min(stream.duration_s, max_duration_s) > decode_s:
+        raise stream.too_much()  # as its container states: refused before decoding
+    wav = _decode_audio(path, decode_s, DOWNMIX)
     if wav is None:
         raise _undecodable(path)
+    if decode_s < max_duration_s + 1 and len(wav) >= (decode_s - 0.05) * SAMPLE_RATE:
+        raise stream.too_much()  # its container understated it (or stated nothing)
     try:
         return check_waveform(wav, max_duration_s)
     except EmptyAudio:
         # channels in opposite phase (a miswired stereo pair) cancel in the mix: the first
         # channel alone may still hold the speech
-        first = _decode_audio(path, max_duration_s, ["-af", "pan=mono|c0=c0"])
+        first = _decode_audio(path, decode_s, ["-af", "pan=mono|c0=c0"])
         if first is None or len(first) != len(wav) or not _rms(first) > 10 * max(_rms(wav), 1e-9):
             raise
         return check_waveform(first, max_duration_s)
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    """A recording's first audio stream as ffmpeg decodes it."""
+
+    rate: int  # Hz
+    channels: int
+    duration_s: float | None  # as the container states it: absent, or wrong, in some files
+
+    @property
+    def decodable_s(self) -> float:
+        """How many seconds of it MAX_DECODE_SAMPLES allow."""
+        return MAX_DECODE_SAMPLES / (self.rate * self.channels)
+
+    def too_much(self) -> InputTooLarge:
+        return InputTooLarge(
+            f"audio of {self.channels} channel(s) at {self.rate} Hz is more to decode than this server takes "
+            f"beyond {self.decodable_s:.0f} s ({MAX_DECODE_SAMPLES // 1_000_000} million samples); send it at "
+            "48 kHz or less, or with fewer channels",
+            field="audio",
+        )
+
+
+def probe_audio(path: str | Path) -> AudioStream | None:
+    """The rate and channels of a recording's first audio stream, from the header of a WAV that
+    ffmpeg makes of its first 10 ms (neither resampled nor mixed: as it decodes, whatever the
+    container's layout is called), and the duration its container states; None when it does not
+    decode."""
+    proc = _run_ffmpeg_on(path, ["-v", "info"], ["-map", "0:a:0", "-vn", "-t", "0.01", "-f", "wav", "-"])
+    if proc.returncode != 0 or len(proc.stdout) < 28 or proc.stdout[:4] != b"RIFF":
+        return None
+    channels, rate = struct.unpack_from("<HI", proc.stdout, 22)
+    if not channels or not rate:
+        return None
+    stated = re.search(rb"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr)
+    duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
+    return AudioStream(rate=rate, channels=channels, duration_s=duration)
 
 
 def _rms(wav: np.ndarray) -> float:
@@ -265,7 +317,8 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
     """The recording for the sound track, stereo at SOUND_RATE (a mono one on both channels);
     where ffmpeg cannot make that of it (a layout it cannot downmix) or the file is gone (its
     job's upload moved to a bucket), `wav`, the checked analysis copy of the same recording."""
-    out = ["-map", "0:a:0", "-vn", "-t", f"{max_duration_s + 1:.3f}", "-ac", "2", "-ar", str(SOUND_RATE)]
+    seconds = min(max_duration_s, len(wav) / SAMPLE_RATE) + 1  # no further than `wav` was decoded
+    out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-ac", "2", "-ar", str(SOUND_RATE)]
     try:
         proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "s16le", "-"])
     except (PipelineError, UnsupportedMedia):

@@ -140,3 +140,45 @@ def test_images_only_in_the_documented_formats(tmp_path):
         p.write_bytes(buf.getvalue())
         with pytest.raises(UnsupportedMedia, match=fmt):
             load_image(p, 10**7)
+
+
+def _silence(path: Path, rate: int, layout: str, seconds: float, piped: bool = False) -> Path:
+    """Silence made by ffmpeg; `piped`: written as a stream, so the file states no duration."""
+    cmd = [FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl={layout}", "-t", str(seconds),
+           "-c:a", "flac", "-f", "flac"]
+    if piped:
+        path.write_bytes(subprocess.run([*cmd, "-"], check=True, capture_output=True).stdout)
+    else:
+        subprocess.run([*cmd, str(path)], check=True)
+    return path
+
+
+def test_a_recording_costlier_to_decode_than_its_size_says_is_refused_by_name(monkeypatch, tmp_path):
+    """Decoding costs samples (rate x channels x seconds), not bytes: a small FLAC of silence at
+    a high rate in many channels is refused past MAX_DECODE_SAMPLES, its rate and channels named,
+    whether its container states its duration (refused before decoding) or not (decoding stops at
+    the limit); a recording within the limit still decodes."""
+    from sonic import InputTooLarge, media
+
+    monkeypatch.setattr(media, "MAX_DECODE_SAMPLES", 2_000_000)  # 2.6 s of 8 channels at 96 kHz
+    for name, piped in (("stated.flac", False), ("streamed.flac", True)):
+        heavy = _silence(tmp_path / name, 96_000, "7.1", 4.0, piped)
+        with pytest.raises(InputTooLarge, match="8 channel.* at 96000 Hz") as refused:
+            load_audio(heavy, 60)
+        assert refused.value.field == "audio"
+    stream = media.probe_audio(_silence(tmp_path / "short.flac", 96_000, "7.1", 2.0))
+    assert (stream.rate, stream.channels, stream.duration_s) == (96_000, 8, 2.0)
+    within = tmp_path / "within.flac"
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=300:d=2:sample_rate=96000",
+                    "-af", "pan=7.1|c0=c0|c1=c0", str(within)], check=True)
+    assert abs(len(load_audio(within, 60)) / 16_000 - 2.0) < 0.05
+
+
+def test_a_costly_recording_over_http_is_a_413_naming_the_audio(make_client, monkeypatch, tmp_path):
+    from sonic import media
+
+    monkeypatch.setattr(media, "MAX_DECODE_SAMPLES", 2_000_000)
+    client, _ = make_client()
+    r = post(client, FAST, audio=_silence(tmp_path / "heavy.flac", 96_000, "7.1", 4.0))
+    assert_clean_error(r, 413, "input_too_large", "audio")
+    assert "96000 Hz" in r.get_json()["error"]["message"]
