@@ -134,20 +134,50 @@ class ServedSession:
         }
 
 
+MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a data channel at most)
+FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS handshake can verify
+
+
 def check_offer(offer: dict) -> None:
-    """The offer must be an SDP offer that receives video: the face is what a session sends."""
+    """The offer must be an SDP offer that receives video (the face is what a session sends) and
+    can connect: a fingerprint the handshake can verify, ICE candidates. Each fault is named
+    here, before the session takes a slot: otherwise it would fail inside the WebRTC stack with
+    its own words, or take a slot until its idle timeout without ever connecting."""
     if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
         raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
     sdp = offer["sdp"]
     if not sdp.startswith("v=0"):
         raise InvalidParameter("offer: the sdp is not a session description (it must start with v=0)", field="offer")
-    if not re.search(r"^a=fingerprint:\S+ [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE):
+    control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", sdp)
+    if control:
+        line = sdp.count("\n", 0, control.start()) + 1
+        raise InvalidParameter(f"offer: the sdp has a control character on line {line}", field="offer")
+    fingerprints = re.findall(r"^a=fingerprint:(\S+) [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE)
+    if not fingerprints:
         # without it the DTLS handshake can only fail, after the session has taken a slot
         raise InvalidParameter("offer: the sdp has no DTLS fingerprint (a=fingerprint:...)", field="offer")
-    videos = [m for m in sdp.split("\nm=")[1:] if m.startswith("video")]
+    if not any(algorithm.lower() in FINGERPRINT_ALGORITHMS for algorithm in fingerprints):
+        raise InvalidParameter(
+            f"offer: the DTLS fingerprint's hash ({fingerprints[0][:20]}) is not one of "
+            + ", ".join(FINGERPRINT_ALGORITHMS),
+            field="offer",
+        )
+    sections = sdp.split("\nm=")[1:]
+    if len(sections) > MAX_MEDIA_SECTIONS:
+        raise InvalidParameter(
+            f"offer: {len(sections)} media sections (m= lines); a session takes at most {MAX_MEDIA_SECTIONS}",
+            field="offer",
+        )
+    videos = [m for m in sections if m.startswith("video") and not re.match(r"video 0 ", m)]  # port 0: rejected
     if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
         raise InvalidParameter(
             "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
+        )
+    if not re.search(r"^a=candidate:", sdp, re.MULTILINE):
+        raise InvalidParameter(
+            "offer: the sdp has no ICE candidates (a=candidate:...); send the offer once ICE gathering is "
+            "complete (iceGatheringState 'complete'): this server takes no candidates after the offer",
+            field="offer",
         )
 
 
@@ -283,8 +313,13 @@ class LiveSessions:
                     raise
                 if isinstance(e, TimeoutError):  # the server's loop is overloaded, not the offer bad
                     raise Busy(f"the connection could not be set up within {NEGOTIATE_TIMEOUT_S:g} s; retry") from e
-                # aiortc's parse errors are many kinds of exception
-                raise InvalidParameter(f"offer: the session description could not be used ({e})", field="offer") from e
+                # aiortc's parse errors are many kinds of exception, in its own words: logged, not shown
+                log.warning("live offer refused by the WebRTC stack: %s: %s", type(e).__name__, e)
+                raise InvalidParameter(
+                    "offer: the session description could not be parsed or negotiated; send the one "
+                    "RTCPeerConnection.createOffer() made, unchanged",
+                    field="offer",
+                ) from e
             with self._lock:
                 self._sessions[session.id] = session
         finally:
