@@ -538,6 +538,9 @@ def test_a_session_pays_per_second_streamed_and_ends_when_its_credit_is_spent(pa
     r = requests.get(f"{base}/api/sonic/live/{poor_id}", headers={"Authorization": f"Bearer {poor}"}, timeout=5)
     assert r.status_code == 404
     assert ledger.account("poor")["balance"] == 0
+    ended = [e for e in ledger.entries(account="poor")[0] if poor_id in (e.get("reason") or "")]
+    streamed = float(re.search(r": ([0-9.]+) s \(", ended[0]["reason"]).group(1))
+    assert 3.9 <= streamed <= 4.05, ended  # it ends on the frame its credit runs out (it ran to 6.0 s)
     assert 'sonic_live_sessions_ended_total{reason="credit_exhausted"}' in requests.get(base + "/metrics", timeout=5).text
     # 2 credits: not even the least a session holds
     r = _open_with_key(base, broke)

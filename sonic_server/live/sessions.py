@@ -393,6 +393,9 @@ class LiveSessions:
                 session.stats.frames_sent += 1
                 if session.stats.frames_sent == 1:
                     log.debug("live session %s: first frame handed to the connection", session.id)
+                if session.paid_s is not None and session.streamed_s >= session.paid_s:
+                    self.end(session.id, "credit_exhausted")  # each frame: not one is streamed unpaid
+                    break
                 if time.monotonic() >= next_watch:
                     next_watch += WATCH_INTERVAL_S
                     reason = self._should_end(session)
@@ -410,8 +413,6 @@ class LiveSessions:
         now = time.monotonic()
         if self.settings.max_session_s and now - session.created >= self.settings.max_session_s:
             return "max_session"
-        if session.paid_s is not None and session.streamed_s >= session.paid_s:
-            return "credit_exhausted"
         self.rtc.call(lambda: self.rtc.loop.create_task(_note_bytes(session)))
         if now - session.last_heard > self.settings.idle_timeout_s and session.engine.queued_s == 0:
             return "client_gone"
