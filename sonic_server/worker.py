@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -215,6 +216,7 @@ def announce(state: WorkerState, conn) -> None:
                 "decoder": state.decoder,
                 "device": state.device,
                 "heartbeat": time.time(),
+                "process": PROCESS,  # which run of this name it is (claim_name)
                 **(state.host.capacity() if state.host is not None else {}),
             }
         ),
@@ -281,6 +283,87 @@ def draining(state: WorkerState, conn: Any) -> None:
         threading.Thread(target=announce_now, args=(state, conn), daemon=True).start()
 
 
+PROCESS = {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def claim_name(conn: Any, name: str, lease_s: float) -> None:
+    """Take `name` for this run. A run of it killed without a goodbye (kill -9, a crash, a
+    container stopped) left RQ's registration behind for minutes, and RQ refused the name
+    until it expired: the same command, or a container restarted, could not start. Its entry in
+    the worker list says whether it is alive: gone, or a process of this host that no longer
+    runs (or this very pid: a container's restarted process), and RQ's registration is dropped;
+    a live worker elsewhere keeps the name, and this one waits for it to stop."""
+    key, said = PREFIX + f"worker:{name}", False
+    while raw := conn.get(key):
+        try:
+            earlier = json.loads(raw).get("process") or {}
+        except ValueError:
+            earlier = {}
+        if earlier.get("host") == PROCESS["host"] and not _running(earlier.get("pid")):
+            break
+        if not said:
+            log.warning(
+                "worker %s: a worker of this name runs (host %s, pid %s); waiting until it stops or its lease "
+                "(worker_lease_s, %g s) lapses",
+                name,
+                earlier.get("host", "?"),
+                earlier.get("pid", "?"),
+                lease_s,
+            )
+            said = True
+        time.sleep(1.0)
+    stale = rq_worker(conn, name, lambda: None)
+    if conn.exists(stale.key) and not conn.hexists(stale.key, "death"):
+        stale.register_death()
+        log.info("worker %s: the registration an earlier run of this name left was removed", name)
+
+
+def _running(pid: Any) -> bool:
+    """Whether another process of this host runs with this pid."""
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def work(state: WorkerState, conn: Any, burst: bool) -> None:
+    """RQ's work loop until a stop (SIGTERM, or an empty queue with `burst`). RQ gives up when
+    Redis fails under its own bookkeeping (a job ending while Redis is away): the loop is
+    started again once Redis answers, and the job that was running is the lease's to judge."""
+    import redis
+
+    stopping = threading.Event()
+
+    def on_stop() -> None:
+        stopping.set()
+        draining(state, conn)
+
+    while True:
+        try:
+            rq_worker(conn, state.name, on_stop).work(burst=burst, logging_level="WARNING")
+        except redis.RedisError:
+            pass
+        if stopping.is_set() or burst:
+            return
+        log.warning("worker %s: the job loop stopped (Redis away?); it starts again once Redis answers", state.name)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # RQ's handlers belong to the loop that stopped
+            signal.signal(signum, lambda *_: stopping.set())
+        while not stopping.is_set():
+            try:
+                conn.ping()
+                claim_name(conn, state.name, state.lease_s)
+                break
+            except redis.RedisError:
+                stopping.wait(1.0)
+        if stopping.is_set():
+            return
+
+
 def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
     """RQ's in-process worker, told about a stop request before RQ handles it (warm shutdown:
     the running job finishes, then work() returns)."""
@@ -342,6 +425,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         conn.ping()
     except Exception as e:  # noqa: BLE001
         sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
+    claim_name(conn, name, srv.worker_lease_s)
     try:
         uploads, outputs = open_storage(settings)
         if outputs.remote:
@@ -391,7 +475,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         ).start()
     log.info("worker %s ready: decoder %s on %s", name, pipeline.decoder.name, pipeline.device)
     try:
-        rq_worker(conn, name, lambda: draining(state, conn)).work(burst=a.burst, logging_level="WARNING")
+        work(state, conn, a.burst)
         if state.host is not None:  # stopped (SIGTERM): its sessions may finish (a second signal: at once)
             state.host.drain(srv.worker_drain_s)
     finally:

@@ -280,6 +280,43 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
     assert RedisStore(connect(c.cfg["server"]["redis_url"])).load(job).attempts == 2
 
 
+def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_worker(tmp_path):
+    """A worker killed (-9) is started again at once under the same --name: its RQ registration
+    outlived it by minutes, and RQ refused the name (the process exited after "ready"). Then
+    Redis goes away while a job runs and ends: RQ's bookkeeping failed and the worker quit,
+    leaving nobody to take the queue; now its loop starts again once Redis is back."""
+    port = free_port()
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    redis_proc = start_redis(folder, port)
+    c = Cluster(tmp_path, f"redis://127.0.0.1:{port}/0", worker_lease_s=4)
+    try:
+        api = c.client()
+        first = c.start_worker("w1")
+        c.wait_workers(api, 1)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(5)
+        again = c.start_worker("w1")
+        r = post(api, {"min_resolution": 256, "seed": 21})
+        assert r.status_code == 200, (r.get_data()[:300], (tmp_path / "w1.log").read_text()[-1500:])
+        job = post(api, {"min_resolution": 256, "duration": 20, "async": True, "seed": 22}).get_json()["job_id"]
+        wait_status(api, job, ("processing",))
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        time.sleep(8)  # the job ends while Redis is away
+        redis_proc = start_redis(folder, port)  # empty: nothing was saved
+        assert again.poll() is None, (tmp_path / "w1.log").read_text()[-2000:]
+        api = c.client()
+        c.wait_workers(api, 1, timeout=30)
+        r = post(api, {"min_resolution": 256, "seed": 23})
+        assert r.status_code == 200, (r.get_data()[:300], (tmp_path / "w1.log").read_text()[-2000:])
+        assert again.poll() is None and "starts again once Redis answers" in (tmp_path / "w1.log").read_text()
+    finally:
+        c.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
 def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
     """16 submits at once from 8 threads and 2 API-side queues, queue_size 3, no worker taking
     jobs (a worker entry is faked so that submit accepts): exactly 3 are queued, the rest get
