@@ -15,7 +15,7 @@ from flask import Flask
 from sonic.errors import SetupError
 
 from . import access, hooks, loader
-from .errors import install_error_handlers
+from .errors import install_database_errors, install_error_handlers
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
@@ -80,6 +80,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         )
         svc.settler.start()
         app.register_blueprint(credit_routes.bp)
+        install_database_errors(app)
     access.install(
         app,
         [k for k in srv.api_keys if k],

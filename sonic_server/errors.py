@@ -28,7 +28,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "empty_audio": 422,
     "pipeline_error": 500,
     "setup_failed": 503,  # the models could not be set up (a checkpoint file or key): the operator acts
-    "storage_unavailable": 503,  # the object store (storage: s3) did not answer or refused: retry shortly
+    "storage_unavailable": 503,  # the object store (storage: s3) or the accounts database did not answer: retry shortly
     "disk_full": 500,  # the server's disk, not the request: the design's 500 (as pipeline_error was)
     "internal_error": 500,
     # produced by the server itself
@@ -157,3 +157,19 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
             return error_response("http_error", e.description or "request failed", status=e.code or 500)
         log.exception("unhandled error, request %s", g.get("request_id"))
         return error_response("internal_error", "internal error; quote the request id when reporting it")
+
+
+def install_database_errors(app: Flask) -> None:
+    """The accounts database away (stopped, unreachable, its connections dropped): every request
+    that needs it, a key's check included, is 503 `storage_unavailable` + Retry-After, as an
+    object store that does not answer is, not a 500."""
+    from sqlalchemy import exc
+
+    def _away(e: Exception):
+        log.warning("the accounts database does not answer (%s), request %s", type(e).__name__, g.get("request_id"))
+        return error_response(
+            "storage_unavailable", "the accounts database does not answer; retry shortly", headers={"Retry-After": "5"}
+        )
+
+    app.register_error_handler(exc.OperationalError, _away)
+    app.register_error_handler(exc.InterfaceError, _away)

@@ -200,6 +200,32 @@ def test_an_async_job_is_settled_once_by_the_settler_even_if_nobody_asks(service
 
 
 # -- who may do what -------------------------------------------------------------------------
+def test_an_accounts_database_that_does_not_answer_is_a_503_and_health_says_so(service):
+    """PostgreSQL stopped under a running service: every request that needs the accounts (a
+    key's check first) was a 500 internal_error while /health said ready; now 503
+    storage_unavailable + Retry-After, /health 503 accounts_unavailable, and both recover."""
+    from sqlalchemy import create_engine
+
+    client, ledger, _ = service()
+    _, key = ledger.create_account("ann", credits=100)
+    assert client.get("/api/credits", headers=auth(key)).status_code == 200
+    working = (ledger.engine, ledger.reader)
+    away = create_engine(f"postgresql+psycopg://sonic@127.0.0.1:{free_port()}/sonic",  # nothing listens there
+                         connect_args={"connect_timeout": 2})
+    ledger.engine = ledger.reader = away
+    try:
+        for r in (client.get("/api/credits", headers=auth(key)), post(client, FAST, headers=auth(key))):
+            assert_clean_error(r, 503, "storage_unavailable")
+            assert "accounts database" in r.get_json()["error"]["message"] and r.headers["Retry-After"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.get_json()["readiness"] == "accounts_unavailable"
+    finally:
+        ledger.engine, ledger.reader = working
+        away.dispose()
+    assert client.get("/health").status_code == 200
+    assert client.get("/api/credits", headers=auth(key)).status_code == 200
+
+
 def test_keys_roles_and_flat_keys(service):
     client, ledger, _ = service(api_keys=["flat-operator-key"])
     _, user = ledger.create_account("fay", credits=10)

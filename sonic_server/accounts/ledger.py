@@ -28,9 +28,10 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .schema import (
     _APPEND_ONLY,
@@ -136,7 +137,10 @@ class Ledger:
             self.engine = sqlite_engine(writer=True)
             self.reader = sqlite_engine(writer=False)  # reads never wait for a writer (WAL)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # a database that does not answer is an error within seconds, not a request held
+            self.engine = create_engine(
+                url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5}
+            )
             self.reader = self.engine
         with self.engine.begin() as c:
             if self.engine.dialect.name == "postgresql":  # API processes starting together: one at a time
@@ -220,6 +224,15 @@ class Ledger:
                 bal = c.execute(select(accounts.c.balance).where(accounts.c.id == r.account_id)).scalar_one()
                 self._log(c, r.account_id, "key_revoked", 0, bal, operator, f"key {r.prefix}", request_id)
         return [r.prefix for r in rows]
+
+    def answers(self) -> bool:
+        """Whether the database answers now (for /health)."""
+        try:
+            with self.reader.connect() as c:
+                c.execute(text("SELECT 1"))
+            return True
+        except DBAPIError:
+            return False
 
     def authenticate(self, key: str) -> Principal | None:
         with self.reader.connect() as c:

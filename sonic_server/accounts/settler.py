@@ -89,11 +89,21 @@ class Settler:
     def run(self) -> None:
         import logging
 
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
         log = logging.getLogger("sonic.credits")
+        away = False  # the database not answering is said once, not with a trace every sweep
         while not self._stop.wait(self.every_s):
             try:
                 self.sweep()
-            except Exception:  # noqa: BLE001 - the database away: next time
+                if away:
+                    log.warning("settling reservations: the accounts database answers again")
+                away = False
+            except (OperationalError, InterfaceError) as e:
+                if not away:
+                    log.warning("settling reservations: the accounts database does not answer (%s)", type(e).__name__)
+                away = True
+            except Exception:  # noqa: BLE001 - anything else: said in full, tried again next time
                 log.exception("settling reservations failed")
 
     def start(self) -> None:

@@ -16,7 +16,10 @@ bp = Blueprint("meta", __name__)
 
 
 @bp.get("/health")
-@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"})
+@describe(
+    "Liveness and readiness",
+    responses={200: "ready or busy", 503: "starting, setup_failed, worker_stopped or accounts_unavailable"},
+)
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
@@ -25,6 +28,8 @@ def health():
     running = workers["running_job"]
     if state == "ready" and not workers["workers_alive"]:
         state = "worker_stopped"  # jobs would be queued and never run
+    elif state == "ready" and svc.ledger is not None and not svc.ledger.answers():
+        state = "accounts_unavailable"  # every request that names a key would be refused
     elif state == "ready" and running is not None:
         state = "busy"
     body = {
