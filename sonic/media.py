@@ -238,12 +238,27 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     try:
         return check_waveform(wav, max_duration_s)
     except EmptyAudio:
-        # channels in opposite phase (a miswired stereo pair) cancel in the mix: the first
-        # channel alone may still hold the speech
-        first = _decode_audio(path, decode_s, ["-af", "pan=mono|c0=c0"])
-        if first is None or len(first) != len(wav) or not _rms(first) > 10 * max(_rms(wav), 1e-9):
+        # the mix can be silent with speech in the file: channels in opposite phase (a miswired
+        # stereo pair) cancel, and ffmpeg's downmix leaves out some channels (the LFE): the
+        # loudest channel alone may still hold the speech
+        loudest = _loudest_channel(path, decode_s, stream.channels)
+        if loudest is None or len(loudest) != len(wav) or not _rms(loudest) > 10 * max(_rms(wav), 1e-9):
             raise
-        return check_waveform(first, max_duration_s)
+        return check_waveform(loudest, max_duration_s)
+
+
+def _loudest_channel(path: str | Path, seconds: float, channels: int) -> np.ndarray | None:
+    """The channel of a recording with the most energy, at SAMPLE_RATE (one decode of them all,
+    unmixed); None where it does not decode."""
+    out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
+    proc = _run_ffmpeg_on(path, ["-v", "error"], out)
+    if proc.returncode != 0 or len(proc.stdout) < 4 * channels:
+        return None
+    samples = np.frombuffer(proc.stdout, dtype=np.float32)
+    by_channel = samples[: len(samples) // channels * channels].reshape(-1, channels)
+    energy = np.nan_to_num(by_channel.astype(np.float64) ** 2, nan=0.0, posinf=0.0).sum(axis=0)
+    first_loudest = int(np.argmax(energy >= 0.99 * energy.max()))  # the first of channels alike (a pair)
+    return by_channel[:, first_loudest].copy()
 
 
 @dataclass(frozen=True)
@@ -314,18 +329,43 @@ def fitted_samples(samples: np.ndarray, n: int) -> np.ndarray:
 
 
 def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Sound:
-    """The recording for the sound track, stereo at SOUND_RATE (a mono one on both channels);
-    where ffmpeg cannot make that of it (a layout it cannot downmix) or the file is gone (its
-    job's upload moved to a bucket), `wav`, the checked analysis copy of the same recording."""
+    """The recording for the sound track, stereo at SOUND_RATE, as a listener should hear it
+    (`listenable`); where ffmpeg cannot make that of it (a layout it cannot downmix) or the file
+    is gone (its job's upload moved to a bucket), `wav`, the checked analysis copy of the same
+    recording."""
     seconds = min(max_duration_s, len(wav) / SAMPLE_RATE) + 1  # no further than `wav` was decoded
-    out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-ac", "2", "-ar", str(SOUND_RATE)]
     try:
-        proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "s16le", "-"])
+        stream = probe_audio(path)
+        # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
+        to_stereo = ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
+        out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
+        proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"])
     except (PipelineError, UnsupportedMedia):
         return Sound.of_waveform(wav)
-    if proc.returncode != 0 or not proc.stdout:
+    if proc.returncode != 0 or len(proc.stdout) < 8:
         return Sound.of_waveform(wav)
-    return Sound(np.frombuffer(proc.stdout, dtype=np.int16).reshape(-1, 2).copy(), SOUND_RATE)
+    stereo = listenable(np.frombuffer(proc.stdout, dtype=np.float32)[: len(proc.stdout) // 8 * 2].reshape(-1, 2))
+    if _rms(stereo) < 0.1 * _rms(wav):  # the downmix left the voice out (speech on the LFE channel only)
+        return Sound.of_waveform(wav)
+    return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE)
+
+
+def listenable(stereo: np.ndarray) -> np.ndarray:
+    """A decoded stereo recording (N, 2) float as the video should play it: non-finite samples
+    silent (they were full-scale clicks), no DC offset (a pop at each end, lost headroom),
+    speech that one side carries alone, or the two in opposite phase (a miswired pair: silent
+    when mixed to mono, on a phone), in the middle, and a float recording over full scale
+    brought down rather than clipped."""
+    x = np.nan_to_num(stereo.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    x -= x.mean(axis=0)
+    left, right = x[:, 0], x[:, 1]
+    rms = np.sqrt(np.mean(x**2, axis=0)) + 1e-12
+    if np.mean(left * right) / (rms[0] * rms[1]) < -0.5:  # opposite phase: the difference is the voice
+        x = np.repeat(((left - right) / 2)[:, None], 2, axis=1)
+    elif rms.min() < 0.1 * rms.max():  # one side 20 dB and more below the other: the voice is on one side
+        x = np.repeat(x[:, [int(np.argmax(rms))]], 2, axis=1)
+    peak = float(np.abs(x).max()) if len(x) else 0.0
+    return (x / peak if peak > 1.0 else x).astype(np.float32)
 
 
 def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -> np.ndarray | None:
@@ -456,6 +496,7 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
         raise EmptyAudio(f"audio is empty (less than {MIN_AUDIO_S:g} s decoded)", field="audio")
     if not np.all(np.isfinite(wav)):
         wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
+    wav = wav - np.float32(wav.mean())  # a DC offset is no sound: it must not pass for speech
     if wav.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
     rms = _rms(wav)

@@ -164,14 +164,18 @@ def test_waveform_in_memory_checked_as_a_file_is():
         with pytest.raises(error) as e:
             check_waveform(wav, 3)
         assert e.value.field == "audio" and (message is None or e.value.message == message)
-    wav = np.full(SAMPLE_RATE, 1.5, np.float32)
+    wav = 1.5 * np.sin(np.arange(SAMPLE_RATE, dtype=np.float32) / 7)
     wav[0] = np.nan
     out = check_waveform(wav, 3)
-    assert out.dtype == np.float32 and out[0] == 0 and out.max() == 1.0 and wav[1] == 1.5
+    assert out.dtype == np.float32 and abs(out[0]) < 1e-3 and out.max() == 1.0 and np.isnan(wav[0])  # the caller's array untouched
+    # a DC offset is no sound: a constant level is as silent as zeros, and is taken out of speech
+    with pytest.raises(EmptyAudio, match="silent"):
+        check_waveform(np.full(SAMPLE_RATE, 0.2, np.float32), 3)
+    assert abs(check_waveform(0.3 + 0.1 * np.sin(np.arange(SAMPLE_RATE) / 7), 3).mean()) < 1e-3
     # 16-bit PCM as a caller has it is scaled, not clipped to full scale (a square wave)
     tone = np.sin(np.arange(SAMPLE_RATE) / 10)
     out = check_waveform((8000 * tone).astype(np.int16), 3)
-    assert out.dtype == np.float32 and np.abs(out - 8000 / 32768 * tone).max() < 1e-4
+    assert out.dtype == np.float32 and np.abs(out - 8000 / 32768 * tone).max() < 5e-4  # (less its DC)
 
 
 def test_webp_decodes(tmp_path):
@@ -235,3 +239,39 @@ def test_decode_budget_waits_then_refuses_busy():
         assert 0.03 < time.monotonic() - t0 < 0.2 and budget.in_use == 50
     holder.join()
     assert budget.in_use == 0
+
+
+def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_path):
+    """The video's sound: a mono recording at its own level (ffmpeg's upmix lowered it 3 dB), a
+    miswired pair in opposite phase and speech on one side in the middle (silent when mixed to
+    mono; in one ear), non-finite samples silent (full-scale clicks), a float recording over full
+    scale brought down (not clipped), no DC offset; speech on the LFE channel alone, which the
+    mix leaves out, is still found and heard."""
+    from sonic.media import load_sound
+
+    speech = load_audio(SPEECH, 60)
+    level = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2)))
+
+    def sound_of(name, samples, subtype="FLOAT"):
+        p = tmp_path / name
+        sf.write(p, samples, 16000, subtype=subtype)
+        out = load_sound(p, 60, load_audio(p, 60)).samples.astype(np.float64) / 32767
+        return out if out.shape[1] == 2 else np.repeat(out, 2, axis=1)
+
+    def db(x):
+        return 20 * np.log10(np.sqrt(np.mean(x ** 2)) / level)
+
+    mono = sound_of("mono.wav", speech, "PCM_16")
+    assert abs(db(mono[:, 0])) < 0.3 and abs(db(mono[:, 1])) < 0.3
+    for name, pair in (("opposite.wav", np.stack([speech, -speech], 1)),
+                       ("right.wav", np.stack([np.zeros_like(speech), speech], 1))):
+        out = sound_of(name, pair, "PCM_16")
+        assert np.corrcoef(out[:, 0], out[:, 1])[0, 1] > 0.99 and abs(db(out.mean(axis=1))) < 0.5, name
+    damaged = 10 * speech
+    damaged[[20000, 30000]] = np.nan, np.inf
+    out = sound_of("damaged.wav", damaged + 0.3)
+    assert np.all(np.isfinite(out)) and np.mean(np.abs(out) > 0.99) < 1e-3 and np.abs(out.mean(axis=0)).max() < 1e-3
+    lfe = np.zeros((len(speech), 6), np.float32)
+    lfe[:, 3] = speech
+    out = sound_of("lfe.wav", lfe)
+    assert abs(db(out.mean(axis=1))) < 1.0
