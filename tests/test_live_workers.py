@@ -108,7 +108,7 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
     c.wait(lambda: len(live_workers(c.health())) == 2 and c.health()["readiness"] == "ready", 90, "two workers")
     h = c.health()
     assert all(w["live_slots"] == 1 and w["live_sessions"] == 0 for w in live_workers(h).values())
-    assert h["live"]["slots"] == 2 and h["live"]["sessions"] == 0
+    assert h["live"]["slots"] == 2 and h["live"]["sessions"] == 0 and h["live"]["max_sessions"] == 2  # summed
 
     async def scenario():
         # two sessions: one on each worker (the least loaded is chosen)

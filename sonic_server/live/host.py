@@ -57,6 +57,7 @@ class LiveHost:
         return {
             "live_sessions": self.live.count(),
             "live_slots": 0 if self.draining.is_set() else self.live.free_slots(),
+            "live_max_sessions": live.max_sessions,
             "live_host": live.public_host or ",".join(live.host_addresses) or None,
             "draining": self.draining.is_set(),
         }

@@ -75,14 +75,15 @@ class RemoteSessions:
         return sum(int(w.get("live_slots", 0)) for w in self.workers())
 
     def health(self) -> dict:
-        """What /health shows: every worker's sessions and free slots (max_sessions is per worker);
-        sessions whose worker was lost are ended first."""
+        """What /health shows: the workers' sessions, free slots and most sessions, summed (each
+        worker's max_sessions is its own setting); sessions whose worker was lost are ended first."""
         self.reap()
+        workers = self.workers()
         return {
             "enabled": self.settings.enabled,
-            "sessions": self.count(),
-            "slots": self.free_slots(),
-            "max_sessions": self.settings.max_sessions,
+            "sessions": sum(int(w.get("live_sessions", 0)) for w in workers),
+            "slots": sum(int(w.get("live_slots", 0)) for w in workers),
+            "max_sessions": sum(int(w.get("live_max_sessions", self.settings.max_sessions)) for w in workers),
         }
 
     def session_of_hold(self, hold_id: str) -> relay.LiveRecord | None:

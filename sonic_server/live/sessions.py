@@ -140,9 +140,10 @@ FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS han
 
 def check_offer(offer: dict) -> None:
     """The offer must be an SDP offer that receives video (the face is what a session sends) and
-    can connect: a fingerprint the handshake can verify, ICE candidates. Each fault is named
-    here, before the session takes a slot: otherwise it would fail inside the WebRTC stack with
-    its own words, or take a slot until its idle timeout without ever connecting."""
+    can connect: a fingerprint the handshake can verify. Each fault is named here, before the
+    session takes a slot: otherwise it would fail inside the WebRTC stack with its own words, or
+    take a slot until its idle timeout without ever connecting. (An offer without candidates can
+    connect: the client's checks to the answer's candidates teach the server its address.)"""
     if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
         raise InvalidParameter('offer must be JSON {"sdp": "...", "type": "offer"}', field="offer")
     sdp = offer["sdp"]
@@ -172,12 +173,6 @@ def check_offer(offer: dict) -> None:
     if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
         raise InvalidParameter(
             "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
-        )
-    if not re.search(r"^a=candidate:", sdp, re.MULTILINE):
-        raise InvalidParameter(
-            "offer: the sdp has no ICE candidates (a=candidate:...); send the offer once ICE gathering is "
-            "complete (iceGatheringState 'complete'): this server takes no candidates after the offer",
-            field="offer",
         )
 
 
