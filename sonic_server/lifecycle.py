@@ -129,6 +129,7 @@ class RunEvents:
 
     def started(self, rec: JobRecord) -> None:
         if self.notify is not None and rec.webhook:
+            self._last = (rec.stage, int(rec.progress * 10))  # a first report that says the same is no news
             self.notify(rec.copy(), "start")
 
     def advanced(self, rec: JobRecord) -> None:

@@ -420,6 +420,7 @@ class Webhooks:
             "Content-Type": "application/json",
             "User-Agent": "sonic-webhooks",
             "Webhook-Id": d.id,
+            "Webhook-Event": d.event,  # start, progress or completed (the body is the job's document)
             "Webhook-Timestamp": str(timestamp),
             "Webhook-Signature": signature(self.key, d.id, timestamp, d.body),
         }

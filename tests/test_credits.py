@@ -421,6 +421,9 @@ def test_the_cli_creates_lists_revokes_recharges_and_checks(tmp_path):
     key = out.stdout.split("key: ")[1].split()[0]
     assert cli("create", "ivy").returncode != 0
     assert "ivy" in cli("list").stdout and " 50" in cli("list").stdout
+    after = subprocess.run([sys.executable, "-m", "sonic", "accounts", "list", "--config", str(cfg)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert after.returncode == 0 and "ivy" in after.stdout, after.stderr  # --config after the command too
     out = cli("recharge", "ivy", "--amount", "25", "--reason", "top-up")
     assert out.returncode == 0 and '"succeeded": [\n    "ivy"' in out.stdout
     assert cli("recharge", "ivy", "ghost", "--amount", "5", "--reason", "x").returncode != 0

@@ -115,6 +115,9 @@ def test_events_arrive_signed_in_order_and_as_filtered(hooked_client):
         assert len(events) >= 3 and events.count("succeeded") == 1, events
         assert events[0] == "processing" and events[-1] == "succeeded" and all(b["job_id"] == job_id for b in bodies)
         assert len({d["headers"]["Webhook-Id"] for d in rx.got}) == len(rx.got)  # one id per delivery
+        kinds = [d["headers"]["Webhook-Event"] for d in rx.got]
+        assert kinds[0] == "start" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}, kinds
+        assert all(a["body"] != b["body"] for a, b in zip(rx.got, rx.got[1:])), events  # no news is not sent
         assert bodies[-1] == {**client.get(f"/api/sonic/jobs/{job_id}").get_json()}  # the status document itself
         # the default filter: completed only; a form field works as the config key does
         before = len(rx.got)

@@ -14,6 +14,7 @@ Every change is written to the ledger with the operator `cli:<user>`.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import sys
@@ -27,7 +28,11 @@ from ..settings import load_settings
 def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml")
+    # --config after the command too (`sonic accounts list --config s.yaml`), as operators type it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", default=argparse.SUPPRESS, help="settings YAML (as before the command)")
     sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[after])  # type: ignore[method-assign]
     c = sub.add_parser("create")
     c.add_argument("name")
     c.add_argument("--admin", action="store_true")
