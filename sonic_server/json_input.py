@@ -39,7 +39,24 @@ def _number(kind: type):
     return parse
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """An object whose keys are each given once: `{"seed": 1, "seed": 2}` means one thing to one
+    parser and another to the next (this one kept the last), so it is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
+
+
 _DECODER = json.JSONDecoder(
+    object_pairs_hook=_object,
     parse_int=_number(int),
     parse_float=_number(float),
     parse_constant=lambda name: _Refused(f"{name} is not a JSON number"),
@@ -79,6 +96,8 @@ def parse_json(text: str | bytes, field: str) -> Any:
         raise InvalidParameter(f"{field} nests arrays or objects more than {MAX_DEPTH} deep", field=field) from None
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"{field} is not valid JSON: {e.msg}", field=field) from None
+    except _DuplicateKey as e:
+        raise InvalidParameter(f"{field}: the key {e.key[:40]!r} is given twice", field=field) from None
     except ValueError as e:  # a number the decoder cannot convert
         raise InvalidParameter(f"{field} is refused: {e}", field=field) from None
     _check(value, field)

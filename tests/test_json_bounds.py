@@ -110,6 +110,11 @@ def test_the_parser_names_what_is_wrong():
     with pytest.raises(InvalidParameter, match="not UTF-8"):
         parse_json(b'{"a": "\xff"}', "body")
     assert parse_json('{"seed": 12345678901234567890, "x": -1.5e-300}', "config")["seed"] == 12345678901234567890
+    # a key given twice means one thing to one parser and another to the next: refused, named
+    with pytest.raises(InvalidParameter, match="'seed' is given twice"):
+        parse_json('{"seed": 1, "min_resolution": 256, "seed": 2}', "config")
+    with pytest.raises(InvalidParameter, match="'a' is given twice"):
+        parse_json('{"pairs": [{"a": 1, "a": 1}]}', "body")
 
 
 json_values = st.recursive(

@@ -638,7 +638,8 @@ def check_name(name) -> None:
 
 def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amount") -> int:
     if isinstance(amount, bool) or not isinstance(amount, int):
-        raise CreditError(f"{field} must be a whole number of credits", field)
+        written = " (written as an integer: no decimal point or exponent)" if isinstance(amount, float) else ""
+        raise CreditError(f"{field} must be a whole number of credits{written}", field)
     if amount < 0 or (amount == 0 and not allow_zero):
         raise CreditError(f"{field} must be positive", field)
     if amount > limit:
