@@ -93,7 +93,9 @@ def memory(app: Flask) -> None:
 
 def access_log(app: Flask) -> None:
     """One JSON line per request: id, method, route, status, milliseconds, the client's address,
-    parameters, and the job it made and the error code it answered, where it did."""
+    parameters, and where they apply: who called (a key's digest or an account, never the key),
+    the job or live session it made (and the worker that took the session), the error code it
+    answered."""
 
     @app.before_request
     def _start():
@@ -112,7 +114,8 @@ def access_log(app: Flask) -> None:
                     "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
                     "client": request.remote_addr,
                     "params": g.get("log_params"),
-                    **{k: g.get(k) for k in ("job_id", "error_code") if g.get(k)},
+                    **{k: g.get(k) for k in ("job_id", "session_id", "worker", "error_code") if g.get(k)},
+                    **({"caller": g.caller.owner} if g.get("caller") is not None and g.caller.owner else {}),
                 }
             )
         )

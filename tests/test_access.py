@@ -128,3 +128,20 @@ def test_cors_answers_vary_by_origin(make_client):
     closed, _ = make_client(cors_origins=[])
     r = closed.get("/health", headers={"Origin": "http://app.example"})
     assert "Access-Control-Allow-Origin" not in r.headers and "Vary" not in r.headers
+
+
+def test_the_access_line_names_the_caller_by_digest_never_the_key(make_client, caplog):
+    """An operator attributes a request to a customer from the access log: the line carries the
+    key's digest (what the key's jobs are owned by), and the key itself appears nowhere."""
+    import json
+    import logging
+
+    client, _ = make_client(api_keys=["the-real-key"])
+    with caplog.at_level(logging.INFO, logger="sonic.http"):
+        client.get("/api/sonic/jobs", headers={"Authorization": "Bearer the-real-key"})
+        client.get("/api/sonic/jobs")
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"]
+    keyed = [line for line in lines if line["status"] == 200]
+    assert keyed and keyed[0]["caller"].startswith("key:") and all("caller" not in line for line in lines
+                                                                     if line["status"] == 401)
+    assert not any("the-real-key" in rec.getMessage() for rec in caplog.records)

@@ -191,6 +191,7 @@ def open_session():
     else:
         session_id, answer, photo_warnings = _open_here(svc, live, rgb, options, offer)
         worker = None
+    g.session_id, g.worker = session_id, worker  # the access line names them: the session followed to its worker
     state_url = url_for("live.session_state", session_id=session_id, _external=True)
     body = {"session_id": session_id, "answer": answer, "state_url": state_url}
     if worker is not None:
