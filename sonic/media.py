@@ -313,8 +313,9 @@ class Sound:
 
     @staticmethod
     def of_waveform(wav: np.ndarray) -> "Sound":
-        """A waveform (N,) float32 at SAMPLE_RATE (a caller's array: no better copy exists)."""
-        return Sound((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], SAMPLE_RATE)
+        """A waveform (N,) float32 at SAMPLE_RATE (a caller's array: no better copy exists), on
+        both channels at its own level (a mono track is played 3 dB down on each side)."""
+        return Sound(np.repeat((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], 2, axis=1), SAMPLE_RATE)
 
     def fitted(self, duration: float) -> "Sound":
         """Trimmed, or padded with silence, to `duration` s."""

@@ -256,7 +256,8 @@ def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_pa
         p = tmp_path / name
         sf.write(p, samples, 16000, subtype=subtype)
         out = load_sound(p, 60, load_audio(p, 60)).samples.astype(np.float64) / 32767
-        return out if out.shape[1] == 2 else np.repeat(out, 2, axis=1)
+        assert out.shape[1] == 2, name  # stereo, as the README says, whichever way it was made
+        return out
 
     def db(x):
         return 20 * np.log10(np.sqrt(np.mean(x ** 2)) / level)
@@ -274,4 +275,4 @@ def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_pa
     lfe = np.zeros((len(speech), 6), np.float32)
     lfe[:, 3] = speech
     out = sound_of("lfe.wav", lfe)
-    assert abs(db(out.mean(axis=1))) < 1.0
+    assert abs(db(out[:, 0])) < 1.0 and abs(db(out[:, 1])) < 1.0
