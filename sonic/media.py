@@ -61,6 +61,11 @@ DECODE_TIMEOUT_S = 120
 # is decoded only as far as this many samples go: 300 s of 8 channels at 48 kHz (about 1.5 s of
 # one core here); longer at a higher rate or with more channels is refused by name.
 MAX_DECODE_SAMPLES = 120_000_000
+# ffmpeg runs on recordings at once in this process (request threads); one more waits up to
+# AUDIO_DECODE_WAIT_S, then is refused busy: uploads cannot take every core from the renders
+AUDIO_DECODES = max(2, os.cpu_count() or 2)
+AUDIO_DECODE_WAIT_S = 30.0
+_audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
 
 
 def load_image(
@@ -341,7 +346,7 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
         to_stereo = ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
         out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
         proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"])
-    except (PipelineError, UnsupportedMedia):
+    except (PipelineError, UnsupportedMedia, Busy):  # a job under way is not failed for its sound's quality
         return Sound.of_waveform(wav)
     if proc.returncode != 0 or len(proc.stdout) < 8:
         return Sound.of_waveform(wav)
@@ -427,6 +432,9 @@ def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) ->
         "fd:",
         *output,
     ]
+    if not _audio_decodes.acquire(timeout=AUDIO_DECODE_WAIT_S):
+        os.close(fd)
+        raise Busy(f"{AUDIO_DECODES} recordings are being decoded at once, the most this server allows; retry shortly")
     try:
         return subprocess.run(cmd, capture_output=True, pass_fds=(fd,), timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
@@ -434,6 +442,7 @@ def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) ->
     except OSError as e:
         raise PipelineError("ffmpeg could not be started") from e
     finally:
+        _audio_decodes.release()
         os.close(fd)
 
 

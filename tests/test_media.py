@@ -276,3 +276,19 @@ def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_pa
     lfe[:, 3] = speech
     out = sound_of("lfe.wav", lfe)
     assert abs(db(out[:, 0])) < 1.0 and abs(db(out[:, 1])) < 1.0
+
+
+def test_audio_decodes_at_once_are_bounded_and_one_more_is_busy(monkeypatch):
+    """Request threads decoding uploads take at most AUDIO_DECODES ffmpeg runs at once: one more
+    waits, then is refused busy (503 with Retry-After), not run beside them."""
+    import threading
+
+    from sonic import Busy, media
+
+    monkeypatch.setattr(media, "_audio_decodes", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(media, "AUDIO_DECODE_WAIT_S", 0.2)
+    media._audio_decodes.acquire()  # a decode under way
+    with pytest.raises(Busy, match="retry shortly"):
+        load_audio(SPEECH, 60)
+    media._audio_decodes.release()
+    assert len(load_audio(SPEECH, 60)) == 3 * SAMPLE_RATE
