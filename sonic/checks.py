@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputTooLarge
 from .face import fit_output
-from .media import SAMPLE_RATE, decode_budget, load_audio, load_image
+from .media import SAMPLE_RATE, decode_budget, load_audio, load_image, upload_decode
 from .options import GenerateOptions
 from .settings import Limits
 
@@ -51,7 +51,8 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
     (unsupported_media, input_too_large, audio_too_long, empty_audio) with the field named."""
     t0 = time.perf_counter()
     rgb = load_portrait(image, limits)
-    wav = load_audio(audio, limits.max_duration_s)
+    with upload_decode():  # bounded: the request threads' decodes must leave the renders cores
+        wav = load_audio(audio, limits.max_duration_s)
     if not options.crop_to_face:
         h, w = rgb.shape[:2]
         check_output((h, w), None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)

@@ -61,11 +61,15 @@ DECODE_TIMEOUT_S = 120
 # is decoded only as far as this many samples go: 300 s of 8 channels at 48 kHz (about 1.5 s of
 # one core here); longer at a higher rate or with more channels is refused by name.
 MAX_DECODE_SAMPLES = 120_000_000
-# ffmpeg runs on recordings at once in this process (request threads); one more waits up to
-# AUDIO_DECODE_WAIT_S, then is refused busy: uploads cannot take every core from the renders
+# uploads decoded at once by a process's request threads (`upload_decode`); one more waits up
+# to AUDIO_DECODE_WAIT_S, then is refused busy: uploads cannot take every core from the renders
 AUDIO_DECODES = max(2, os.cpu_count() or 2)
 AUDIO_DECODE_WAIT_S = 30.0
 _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
+CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
+MIX_LOSS = 10.0  # a channel this many times the mix's RMS: the mix lost the speech (cancelled, left out)
+LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
+LEVELS_FILTER = "astats=measure_perchannel=RMS_level:measure_overall=none"
 
 
 def load_image(
@@ -238,7 +242,7 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     wav = _decode_audio(path, decode_s, DOWNMIX)
     if wav is None:
         raise _undecodable(path)
-    if decode_s < max_duration_s + 1 and len(wav) >= (decode_s - 0.05) * SAMPLE_RATE:
+    if decode_s < max_duration_s + 1 and len(wav) >= (decode_s - CAP_REACHED_S) * SAMPLE_RATE:
         raise stream.too_much()  # its container understated it (or stated nothing)
     try:
         return check_waveform(wav, max_duration_s)
@@ -246,24 +250,23 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
         # the mix can be silent with speech in the file: channels in opposite phase (a miswired
         # stereo pair) cancel, and ffmpeg's downmix leaves out some channels (the LFE): the
         # loudest channel alone may still hold the speech
-        loudest = _loudest_channel(path, decode_s, stream.channels)
-        if loudest is None or len(loudest) != len(wav) or not _rms(loudest) > 10 * max(_rms(wav), 1e-9):
+        loudest = _loudest_channel(path, decode_s)
+        if loudest is None or len(loudest) != len(wav) or not rms(loudest) > MIX_LOSS * max(rms(wav), 1e-9):
             raise
         return check_waveform(loudest, max_duration_s)
 
 
-def _loudest_channel(path: str | Path, seconds: float, channels: int) -> np.ndarray | None:
-    """The channel of a recording with the most energy, at SAMPLE_RATE (one decode of them all,
-    unmixed); None where it does not decode."""
-    out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
-    proc = _run_ffmpeg_on(path, ["-v", "error"], out)
-    if proc.returncode != 0 or len(proc.stdout) < 4 * channels:
+def _loudest_channel(path: str | Path, seconds: float) -> np.ndarray | None:
+    """The channel of a recording with the most energy, at SAMPLE_RATE; None where none
+    decodes. ffmpeg measures every channel's level as it decodes (nothing held: 64 channels at
+    16 kHz would be gigabytes), then decodes that one channel alone."""
+    measure = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-af", LEVELS_FILTER, "-f", "null", "-"]
+    proc = run_ffmpeg_on(path, ["-v", "info"], measure)
+    levels = [float(db) for db in re.findall(rb"RMS level dB: (-?inf|-?[0-9.]+)", proc.stderr)]
+    if proc.returncode != 0 or not levels or max(levels) == -np.inf:
         return None
-    samples = np.frombuffer(proc.stdout, dtype=np.float32)
-    by_channel = samples[: len(samples) // channels * channels].reshape(-1, channels)
-    energy = np.nan_to_num(by_channel.astype(np.float64) ** 2, nan=0.0, posinf=0.0).sum(axis=0)
-    first_loudest = int(np.argmax(energy >= 0.99 * energy.max()))  # the first of channels alike (a pair)
-    return by_channel[:, first_loudest].copy()
+    loudest = next(c for c, db in enumerate(levels) if db >= max(levels) - LEVEL_TIE_DB)  # a pair alike: the first
+    return _decode_audio(path, seconds, ["-af", f"pan=mono|c0=c{loudest}"])
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,8 @@ class AudioStream:
         """How many seconds of it MAX_DECODE_SAMPLES allow."""
         return MAX_DECODE_SAMPLES / (self.rate * self.channels)
 
-    def too_much(self) -> InputTooLarge:
-        return InputTooLarge(
+    def too_much(self) -> AudioTooLong:
+        return AudioTooLong(
             f"audio of {self.channels} channel(s) at {self.rate} Hz is more to decode than this server takes "
             f"beyond {self.decodable_s:.0f} s ({MAX_DECODE_SAMPLES // 1_000_000} million samples); send it at "
             "48 kHz or less, or with fewer channels",
@@ -293,85 +296,20 @@ def probe_audio(path: str | Path) -> AudioStream | None:
     ffmpeg makes of its first 10 ms (neither resampled nor mixed: as it decodes, whatever the
     container's layout is called), and the duration its container states; None when it does not
     decode."""
-    proc = _run_ffmpeg_on(path, ["-v", "info"], ["-map", "0:a:0", "-vn", "-t", "0.01", "-f", "wav", "-"])
-    if proc.returncode != 0 or len(proc.stdout) < 28 or proc.stdout[:4] != b"RIFF":
+    proc = run_ffmpeg_on(path, ["-v", "info"], ["-map", "0:a:0", "-vn", "-t", "0.01", "-f", "wav", "-"])
+    if proc.returncode != 0 or len(proc.stdout) < 28 or proc.stdout[:4] != b"RIFF" or proc.stdout[12:16] != b"fmt ":
         return None
     channels, rate = struct.unpack_from("<HI", proc.stdout, 22)
     if not channels or not rate:
         return None
-    stated = re.search(rb"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr)
+    stated = re.search(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr, re.MULTILINE)
     duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
     return AudioStream(rate=rate, channels=channels, duration_s=duration)
 
 
-def _rms(wav: np.ndarray) -> float:
+def rms(wav: np.ndarray) -> float:
+    """Root mean square of samples (0 for none), in float64."""
     return float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) if len(wav) else 0.0
-
-
-@dataclass(frozen=True)
-class Sound:
-    """What the video's sound track plays: the recording at a listener's quality (the motion is
-    made from a 16 kHz mono copy, which would cut everything above 8 kHz)."""
-
-    samples: np.ndarray  # (N, C) int16
-    rate: int  # Hz
-
-    @staticmethod
-    def of_waveform(wav: np.ndarray) -> "Sound":
-        """A waveform (N,) float32 at SAMPLE_RATE (a caller's array: no better copy exists), on
-        both channels at its own level (a mono track is played 3 dB down on each side)."""
-        return Sound(np.repeat((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], 2, axis=1), SAMPLE_RATE)
-
-    def fitted(self, duration: float) -> "Sound":
-        """Trimmed, or padded with silence, to `duration` s."""
-        return Sound(fitted_samples(self.samples, int(round(duration * self.rate))), self.rate)
-
-
-def fitted_samples(samples: np.ndarray, n: int) -> np.ndarray:
-    """Samples (N, ...) trimmed, or padded with silence, to n (the same array when N is n)."""
-    if n <= len(samples):
-        return samples if n == len(samples) else samples[:n]
-    return np.concatenate([samples, np.zeros((n - len(samples), *samples.shape[1:]), samples.dtype)])
-
-
-def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Sound:
-    """The recording for the sound track, stereo at SOUND_RATE, as a listener should hear it
-    (`listenable`); where ffmpeg cannot make that of it (a layout it cannot downmix) or the file
-    is gone (its job's upload moved to a bucket), `wav`, the checked analysis copy of the same
-    recording."""
-    seconds = min(max_duration_s, len(wav) / SAMPLE_RATE) + 1  # no further than `wav` was decoded
-    try:
-        stream = probe_audio(path)
-        # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
-        to_stereo = ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
-        out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
-        proc = _run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"])
-    except (PipelineError, UnsupportedMedia, Busy):  # a job under way is not failed for its sound's quality
-        return Sound.of_waveform(wav)
-    if proc.returncode != 0 or len(proc.stdout) < 8:
-        return Sound.of_waveform(wav)
-    stereo = listenable(np.frombuffer(proc.stdout, dtype=np.float32)[: len(proc.stdout) // 8 * 2].reshape(-1, 2))
-    if _rms(stereo) < 0.1 * _rms(wav):  # the downmix left the voice out (speech on the LFE channel only)
-        return Sound.of_waveform(wav)
-    return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE)
-
-
-def listenable(stereo: np.ndarray) -> np.ndarray:
-    """A decoded stereo recording (N, 2) float as the video should play it: non-finite samples
-    silent (they were full-scale clicks), no DC offset (a pop at each end, lost headroom),
-    speech that one side carries alone, or the two in opposite phase (a miswired pair: silent
-    when mixed to mono, on a phone), in the middle, and a float recording over full scale
-    brought down rather than clipped."""
-    x = np.nan_to_num(stereo.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    x -= x.mean(axis=0)
-    left, right = x[:, 0], x[:, 1]
-    rms = np.sqrt(np.mean(x**2, axis=0)) + 1e-12
-    if np.mean(left * right) / (rms[0] * rms[1]) < -0.5:  # opposite phase: the difference is the voice
-        x = np.repeat(((left - right) / 2)[:, None], 2, axis=1)
-    elif rms.min() < 0.1 * rms.max():  # one side 20 dB and more below the other: the voice is on one side
-        x = np.repeat(x[:, [int(np.argmax(rms))]], 2, axis=1)
-    peak = float(np.abs(x).max()) if len(x) else 0.0
-    return (x / peak if peak > 1.0 else x).astype(np.float32)
 
 
 def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -> np.ndarray | None:
@@ -392,7 +330,7 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
         "f32le",
         "-",
     ]
-    proc = _run_ffmpeg_on(path, ["-v", "error"], out)
+    proc = run_ffmpeg_on(path, ["-v", "error"], out)
     if proc.returncode == 0:
         return np.frombuffer(proc.stdout, dtype=np.float32).copy()
     channels = re.search(rb"Rematrix is needed between (\d+) channels", proc.stderr)
@@ -409,7 +347,7 @@ def _average_of(channels: int) -> str:
     return "pan=mono|c0=" + "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
 
 
-def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) -> subprocess.CompletedProcess:
+def run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) -> subprocess.CompletedProcess:
     """ffmpeg reading one upload: the file is handed over as an open descriptor (the only
     protocol allowed is `fd`, so nothing a file names can be opened) and only AUDIO_DEMUXERS may
     read it."""
@@ -432,9 +370,6 @@ def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) ->
         "fd:",
         *output,
     ]
-    if not _audio_decodes.acquire(timeout=AUDIO_DECODE_WAIT_S):
-        os.close(fd)
-        raise Busy(f"{AUDIO_DECODES} recordings are being decoded at once, the most this server allows; retry shortly")
     try:
         return subprocess.run(cmd, capture_output=True, pass_fds=(fd,), timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
@@ -442,14 +377,26 @@ def _run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) ->
     except OSError as e:
         raise PipelineError("ffmpeg could not be started") from e
     finally:
-        _audio_decodes.release()
         os.close(fd)
+
+
+@contextmanager
+def upload_decode() -> Iterator[None]:
+    """A slot for decoding an upload in a request thread (at most AUDIO_DECODES at once; Busy
+    after AUDIO_DECODE_WAIT_S). A job already admitted decodes without one: it must not wait
+    behind new uploads."""
+    if not _audio_decodes.acquire(timeout=AUDIO_DECODE_WAIT_S):
+        raise Busy(f"{AUDIO_DECODES} recordings are being decoded at once, the most this server allows; retry shortly")
+    try:
+        yield
+    finally:
+        _audio_decodes.release()
 
 
 def probed_audio_format(path: str | Path) -> str | None:
     """The demuxer ffmpeg's probe picks for a file (its name: "wav", "hls", "dash"...), or None
     when nothing recognises it; the probe reads this file only, under the same allow-lists."""
-    proc = _run_ffmpeg_on(path, ["-v", "debug"], ["-t", "0", "-f", "null", "-"])
+    proc = run_ffmpeg_on(path, ["-v", "debug"], ["-t", "0", "-f", "null", "-"])
     found = re.search(rb"Format (\S+) probed with size=", proc.stderr)
     return found.group(1).decode("ascii", "replace") if found else None
 
@@ -509,8 +456,8 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
     wav = wav - np.float32(wav.mean())  # a DC offset is no sound: it must not pass for speech
     if wav.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
-    rms = _rms(wav)
-    if rms < SILENCE_RMS:
-        level = f"{20 * np.log10(rms):.0f} dBFS" if rms > 0 else "digital silence"
+    level_rms = rms(wav)
+    if level_rms < SILENCE_RMS:
+        level = f"{20 * np.log10(level_rms):.0f} dBFS" if level_rms > 0 else "digital silence"
         raise EmptyAudio(f"audio is silent ({level}; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio")
     return np.clip(wav, -1.0, 1.0)

@@ -21,12 +21,13 @@ from .errors import PipelineError
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale, framing_warnings
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, Sound, check_waveform, fitted_samples, load_audio, load_sound
+from .media import SAMPLE_RATE, check_waveform, load_audio
 from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
 from .render_pool import RenderPool, render_here
 from .settings import Settings, as_settings
+from .sound import Sound, fitted_samples, load_sound
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time

@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 
 from .errors import DiskFull, PipelineError
-from .media import FFMPEG, Sound
+from .media import FFMPEG
+from .sound import Sound
 
 X264_PRESET = "veryfast"
 X264_CRF = 20

@@ -227,7 +227,7 @@ def test_a_duration_shorter_than_a_frame_makes_one_frame_with_its_sound(pipeline
 
 
 def test_writer_failure_leaves_no_file(tmp_path):
-    from sonic.media import Sound
+    from sonic.sound import Sound
     from sonic.writer import VideoWriter
     out = tmp_path / "w.mp4"
     with pytest.raises(RuntimeError):

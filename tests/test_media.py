@@ -247,7 +247,7 @@ def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_pa
     mono; in one ear), non-finite samples silent (full-scale clicks), a float recording over full
     scale brought down (not clipped), no DC offset; speech on the LFE channel alone, which the
     mix leaves out, is still found and heard."""
-    from sonic.media import load_sound
+    from sonic.sound import load_sound
 
     speech = load_audio(SPEECH, 60)
     level = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2)))
@@ -279,16 +279,19 @@ def test_the_sound_track_plays_the_recording_as_a_listener_should_hear_it(tmp_pa
 
 
 def test_audio_decodes_at_once_are_bounded_and_one_more_is_busy(monkeypatch):
-    """Request threads decoding uploads take at most AUDIO_DECODES ffmpeg runs at once: one more
-    waits, then is refused busy (503 with Retry-After), not run beside them."""
+    """Request threads decoding uploads (check_inputs) hold at most AUDIO_DECODES slots at once:
+    one more waits, then is refused busy (503 with Retry-After), not run beside them. A decode
+    outside a request (a job's, the library's) takes no slot: it never waits behind uploads."""
     import threading
 
-    from sonic import Busy, media
+    from sonic import Busy, GenerateOptions, media
+    from sonic.checks import check_inputs
+    from sonic.settings import Limits
 
     monkeypatch.setattr(media, "_audio_decodes", threading.BoundedSemaphore(1))
     monkeypatch.setattr(media, "AUDIO_DECODE_WAIT_S", 0.2)
-    media._audio_decodes.acquire()  # a decode under way
-    with pytest.raises(Busy, match="retry shortly"):
-        load_audio(SPEECH, 60)
-    media._audio_decodes.release()
-    assert len(load_audio(SPEECH, 60)) == 3 * SAMPLE_RATE
+    with media.upload_decode():  # an upload under way
+        with pytest.raises(Busy, match="retry shortly"):
+            check_inputs(PORTRAIT, SPEECH, GenerateOptions(), Limits())
+        assert len(load_audio(SPEECH, 60)) == 3 * SAMPLE_RATE
+    assert len(check_inputs(PORTRAIT, SPEECH, GenerateOptions(), Limits()).wav) == 3 * SAMPLE_RATE

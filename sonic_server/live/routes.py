@@ -17,7 +17,7 @@ from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import load_portrait
 from sonic.errors import UnsupportedMedia
 from sonic.live.session import unused_live
-from sonic.media import SAMPLE_RATE, load_audio
+from sonic.media import SAMPLE_RATE, load_audio, upload_decode
 
 from ..access import caller
 from ..accounts.billing import LiveHold
@@ -409,7 +409,8 @@ def _decoded_speech(max_s: float) -> np.ndarray:
     with tempfile.NamedTemporaryFile(prefix="sonic-speak-") as tmp:
         tmp.write(data)
         tmp.flush()
-        return load_audio(tmp.name, max_s)  # checked: not empty, not silent, not longer than max_s
+        with upload_decode():
+            return load_audio(tmp.name, max_s)  # checked: not empty, not silent, not longer than max_s
 
 
 @bp.post("/api/sonic/live/<session_id>/interrupt")
