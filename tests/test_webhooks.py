@@ -195,6 +195,7 @@ def test_webhook_targets_inside_are_refused_unless_allowed(hooked_client, url):
     "192.0.0.8", "192.0.0.9", "192.88.99.1", "192.31.196.1", "192.52.193.1", "192.175.48.1", "198.18.0.1",
     "203.0.113.9", "240.0.0.1", "255.255.255.255", "0.1.2.3", "::ffff:0:7f00:1", "::ffff:0:a00:1", "3fff::1",
     "5f00::1", "2001:db8::1", "2001:20::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "100::1", "fd00::1", "ff02::1",
+    "64:ff9b:1:a00:0:100:808:808", "2620:4f:8000::1", "100:0:0:1::1",
 ])
 def test_no_special_purpose_address_counts_as_public(address):
     """Every block of IANA's special-purpose registries is refused, those the registry marks
