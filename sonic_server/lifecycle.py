@@ -129,7 +129,8 @@ class RunEvents:
 
     def started(self, rec: JobRecord) -> None:
         if self.notify is not None and rec.webhook:
-            self._last = (rec.stage, int(rec.progress * 10))  # a first report that says the same is no news
+            if "start" in rec.webhook.get("events", ()):  # sent: a first progress report saying the same is no news
+                self._last = (rec.stage, int(rec.progress * 10))
             self.notify(rec.copy(), "start")
 
     def advanced(self, rec: JobRecord) -> None:
