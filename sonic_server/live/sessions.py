@@ -169,7 +169,8 @@ def check_offer(offer: dict) -> None:
             f"offer: {len(sections)} media sections (m= lines); a session takes at most {MAX_MEDIA_SECTIONS}",
             field="offer",
         )
-    videos = [m for m in sections if m.startswith("video") and not re.match(r"video 0 ", m)]  # port 0: rejected
+    # port 0 rejects a section, unless it is bundle-only (JSEP's max-bundle: it shares the first's transport)
+    videos = [m for m in sections if m.startswith("video") and (not m.startswith("video 0 ") or "a=bundle-only" in m)]
     if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
         raise InvalidParameter(
             "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
