@@ -48,10 +48,11 @@ class _DuplicateKey(ValueError):
 def _object(pairs: list[tuple[str, Any]]) -> dict:
     """An object whose keys are each given once: `{"seed": 1, "seed": 2}` means one thing to one
     parser and another to the next (this one kept the last), so it is refused."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
     return obj
 
 

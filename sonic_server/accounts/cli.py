@@ -14,7 +14,6 @@ Every change is written to the ledger with the operator `cli:<user>`.
 from __future__ import annotations
 
 import argparse
-import functools
 import getpass
 import json
 import sys
@@ -31,24 +30,27 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     # --config after the command too (`sonic accounts list --config s.yaml`), as operators type it
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--config", default=argparse.SUPPRESS, help="settings YAML (as before the command)")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser = functools.partial(sub.add_parser, parents=[after])  # type: ignore[method-assign]
-    c = sub.add_parser("create")
+    commands = ap.add_subparsers(dest="command", required=True)
+
+    def command(name: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[after])
+
+    c = command("create")
     c.add_argument("name")
     c.add_argument("--admin", action="store_true")
     c.add_argument("--credits", type=int, default=0)
     c.add_argument("--reason")
-    sub.add_parser("key").add_argument("name")
-    sub.add_parser("list")
-    sub.add_parser("show").add_argument("name")
-    sub.add_parser("revoke").add_argument("prefix")
-    r = sub.add_parser("recharge")
+    command("key").add_argument("name")
+    command("list")
+    command("show").add_argument("name")
+    command("revoke").add_argument("prefix")
+    r = command("recharge")
     r.add_argument("names", nargs="+")
     r.add_argument("--amount", type=int, required=True)
     r.add_argument("--reason", required=True)
     r.add_argument("--soft", action="store_true", help="each account on its own (default: all or none)")
     r.add_argument("--idempotency-key")
-    sub.add_parser("check")
+    command("check")
     a = ap.parse_args(argv)
     from .ledger import CreditError, Ledger, check_amount, database_url, shown_url
 
