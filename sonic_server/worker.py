@@ -216,7 +216,6 @@ def announce(state: WorkerState, conn) -> None:
                 "decoder": state.decoder,
                 "device": state.device,
                 "heartbeat": time.time(),
-                "process": PROCESS,  # which run of this name it is (claim_name)
                 **(state.host.capacity() if state.host is not None else {}),
             }
         ),
@@ -283,58 +282,38 @@ def draining(state: WorkerState, conn: Any) -> None:
         threading.Thread(target=announce_now, args=(state, conn), daemon=True).start()
 
 
-PROCESS = {"host": socket.gethostname(), "pid": os.getpid()}
+def claim_name(conn: Any, name: str, lease_s: float, stop: threading.Event) -> bool:
+    """Take `name` for this run; False if stopped while waiting for it. A run of it killed
+    without a goodbye (kill -9, a crash, a container stopped) left RQ's registration behind for
+    minutes, and RQ refused the name until it expired: the same command, or a restarted
+    container, could not start. Whether that run is alive is told by its entry in the worker
+    list, which a live run renews every lease_s / 4: once it has missed three beats (judged on
+    Redis' own clock, not on a pid another container may reuse), its registration is dropped; a
+    live worker of the same name keeps it, and this one waits."""
+    key, waited = PREFIX + f"worker:{name}", 0
+    while conn.pttl(key) > lease_s * 1000 / 4:
+        if waited % max(1, int(lease_s)) == 0:
+            log.warning("worker %s: a worker of this name answers; waiting until it stops or misses its beats", name)
+        if stop.wait(1.0):
+            return False
+        waited += 1
+    drop_registration(conn, name)
+    return True
 
 
-def claim_name(conn: Any, name: str, lease_s: float) -> None:
-    """Take `name` for this run. A run of it killed without a goodbye (kill -9, a crash, a
-    container stopped) left RQ's registration behind for minutes, and RQ refused the name
-    until it expired: the same command, or a container restarted, could not start. Its entry in
-    the worker list says whether it is alive: gone, or a process of this host that no longer
-    runs (or this very pid: a container's restarted process), and RQ's registration is dropped;
-    a live worker elsewhere keeps the name, and this one waits for it to stop."""
-    key, said = PREFIX + f"worker:{name}", False
-    while raw := conn.get(key):
-        try:
-            earlier = json.loads(raw).get("process") or {}
-        except ValueError:
-            earlier = {}
-        if earlier.get("host") == PROCESS["host"] and not _running(earlier.get("pid")):
-            break
-        if not said:
-            log.warning(
-                "worker %s: a worker of this name runs (host %s, pid %s); waiting until it stops or its lease "
-                "(worker_lease_s, %g s) lapses",
-                name,
-                earlier.get("host", "?"),
-                earlier.get("pid", "?"),
-                lease_s,
-            )
-            said = True
-        time.sleep(1.0)
+def drop_registration(conn: Any, name: str) -> None:
+    """RQ's registration of `name`, left by a run that is gone, removed."""
     stale = rq_worker(conn, name, lambda: None)
     if conn.exists(stale.key) and not conn.hexists(stale.key, "death"):
         stale.register_death()
         log.info("worker %s: the registration an earlier run of this name left was removed", name)
 
 
-def _running(pid: Any) -> bool:
-    """Whether another process of this host runs with this pid."""
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, as another user
-        return True
-    return True
-
-
 def work(state: WorkerState, conn: Any, burst: bool) -> None:
     """RQ's work loop until a stop (SIGTERM, or an empty queue with `burst`). RQ gives up when
     Redis fails under its own bookkeeping (a job ending while Redis is away): the loop is
-    started again once Redis answers, and the job that was running is the lease's to judge."""
+    started again once Redis answers (a second apart at least), and the job that was running is
+    the lease's to judge."""
     import redis
 
     stopping = threading.Event()
@@ -352,16 +331,35 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
             return
         log.warning("worker %s: the job loop stopped (Redis away?); it starts again once Redis answers", state.name)
         for signum in (signal.SIGTERM, signal.SIGINT):  # RQ's handlers belong to the loop that stopped
-            signal.signal(signum, lambda *_: stopping.set())
-        while not stopping.is_set():
+            signal.signal(signum, _stop_on(stopping))
+        while not stopping.wait(1.0):
             try:
                 conn.ping()
-                claim_name(conn, state.name, state.lease_s)
+                drop_registration(conn, state.name)  # its own, left by the loop that stopped
                 break
             except redis.RedisError:
-                stopping.wait(1.0)
+                continue
         if stopping.is_set():
             return
+
+
+def _stop_on(stopping: threading.Event) -> Callable[[int, Any], None]:
+    """A signal handler: the first signal stops the loop, a second one stops the process at once."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if stopping.is_set():
+            raise SystemExit(128 + signum)
+        stopping.set()
+
+    return handle
+
+
+def stopped_by_signal() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (before RQ installs its own handlers)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_on(stop))
+    return stop
 
 
 def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
@@ -373,6 +371,19 @@ def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
         def request_stop(self, signum: Any, frame: Any) -> None:
             on_stop()
             super().request_stop(signum, frame)
+
+        def teardown(self) -> None:
+            try:
+                super().teardown()
+            finally:  # with Redis away RQ's teardown fails before it stops listening: stopped here
+                if self.pubsub_thread is not None:
+                    self.pubsub_thread.stop()
+                    self.pubsub_thread.join(timeout=1)
+                if self.pubsub is not None:
+                    try:
+                        self.pubsub.close()
+                    except Exception:  # noqa: BLE001 - its connection is gone already
+                        pass
 
     return Worker([rq_queue(conn)], connection=conn, name=name)
 
@@ -425,7 +436,10 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         conn.ping()
     except Exception as e:  # noqa: BLE001
         sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
-    claim_name(conn, name, srv.worker_lease_s)
+    if not claim_name(conn, name, srv.worker_lease_s, stopped_by_signal()):
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while the model loads a signal stops it at once, as before
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         uploads, outputs = open_storage(settings)
         if outputs.remote:

@@ -311,6 +311,9 @@ def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_wor
         r = post(api, {"min_resolution": 256, "seed": 23})
         assert r.status_code == 200, (r.get_data()[:300], (tmp_path / "w1.log").read_text()[-2000:])
         assert again.poll() is None and "starts again once Redis answers" in (tmp_path / "w1.log").read_text()
+        import redis
+        listening = dict(redis.Redis(port=port).pubsub_numsub("rq:pubsub:w1"))
+        assert listening[b"rq:pubsub:w1"] == 1, listening  # the loop that stopped stopped listening too
     finally:
         c.stop()
         redis_proc.terminate()
