@@ -8,6 +8,7 @@ never holds one.
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException
@@ -159,14 +160,28 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
         return error_response("internal_error", "internal error; quote the request id when reporting it")
 
 
+TRACE_EVERY_S = 60.0  # the accounts database's errors: a full trace at most this often
+
+
 def install_database_errors(app: Flask) -> None:
     """The accounts database away (stopped, unreachable, its connections dropped): every request
     that needs it, a key's check included, is 503 `storage_unavailable` + Retry-After, as an
     object store that does not answer is, not a 500."""
     from sqlalchemy import exc
 
+    last_trace = [-TRACE_EVERY_S]
+
     def _away(e: Exception):
-        log.warning("the accounts database does not answer (%s), request %s", type(e).__name__, g.get("request_id"))
+        # an OperationalError is also a full disk or a missing table: the cause in full, now and then
+        traced = time.monotonic() - last_trace[0] > TRACE_EVERY_S
+        if traced:
+            last_trace[0] = time.monotonic()
+        log.warning(
+            "the accounts database does not answer (%s), request %s",
+            type(e).__name__,
+            g.get("request_id"),
+            exc_info=e if traced else None,
+        )
         return error_response(
             "storage_unavailable", "the accounts database does not answer; retry shortly", headers={"Retry-After": "5"}
         )

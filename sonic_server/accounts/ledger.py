@@ -31,7 +31,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .schema import (
     _APPEND_ONLY,
@@ -67,6 +67,9 @@ class Principal:
     @property
     def operator(self) -> str:
         return f"{self.via}:{self.name}" if self.via != "key" else self.name
+
+
+ANSWERS_KEPT_S = 2.0  # how long answers() trusts its last look at the database
 
 
 def digest(key: str) -> str:
@@ -114,6 +117,7 @@ class Ledger:
     def __init__(self, url: str):
         self.url = url
         self.sqlite = url.startswith("sqlite")
+        self._answers, self._answered_at = True, -ANSWERS_KEPT_S  # answers(): the last look
         if self.sqlite:
 
             def sqlite_engine(writer: bool):
@@ -226,13 +230,18 @@ class Ledger:
         return [r.prefix for r in rows]
 
     def answers(self) -> bool:
-        """Whether the database answers now (for /health)."""
-        try:
-            with self.reader.connect() as c:
-                c.execute(text("SELECT 1"))
-            return True
-        except DBAPIError:
-            return False
+        """Whether the database answers (for /health; asked at most every ANSWERS_KEPT_S, so
+        that probes do not each open a connection, or wait out a connect timeout)."""
+        now = time.monotonic()
+        if now - self._answered_at > ANSWERS_KEPT_S:
+            try:
+                with self.reader.connect() as c:
+                    c.execute(text("SELECT 1"))
+                self._answers = True
+            except SQLAlchemyError:
+                self._answers = False
+            self._answered_at = time.monotonic()
+        return self._answers
 
     def authenticate(self, key: str) -> Principal | None:
         with self.reader.connect() as c:

@@ -18,7 +18,7 @@ bp = Blueprint("meta", __name__)
 @bp.get("/health")
 @describe(
     "Liveness and readiness",
-    responses={200: "ready or busy", 503: "starting, setup_failed, worker_stopped or accounts_unavailable"},
+    responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"},
 )
 def health():
     svc = service()
@@ -28,8 +28,6 @@ def health():
     running = workers["running_job"]
     if state == "ready" and not workers["workers_alive"]:
         state = "worker_stopped"  # jobs would be queued and never run
-    elif state == "ready" and svc.ledger is not None and not svc.ledger.answers():
-        state = "accounts_unavailable"  # every request that names a key would be refused
     elif state == "ready" and running is not None:
         state = "busy"
     body = {
@@ -42,6 +40,10 @@ def health():
         body.update(decoder=svc.decoder, device=svc.device)
     elif queue is not None and queue.decoder_identity():  # distributed: what the workers announced
         body["decoder"] = queue.decoder_identity().split("-")[0]
+    if svc.ledger is not None:
+        # said, not made a 503: downloads and flat keys work without it, and a balancer that drained
+        # every instance at once (or a liveness probe restarting them) would stop those too
+        body["accounts"] = "ok" if svc.ledger.answers() else "unavailable"
     if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = workers["workers"]
     if svc.live is not None:
