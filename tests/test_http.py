@@ -636,3 +636,37 @@ def test_the_grafana_dashboard_reads_only_metrics_the_service_exports(make_clien
     dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
     named = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bsonic_[a-z_]+", t["expr"])}
     assert named and named <= exported, named - exported
+
+
+def test_fields_the_route_does_not_read_are_refused_by_name(make_client):
+    """A parameter beside `config`, a misnamed field, a second image: each was dropped without a
+    word and the request rendered with defaults it did not ask for (and, with credits, paid)."""
+    pipe = FakePipeline()
+    client, _ = make_client(pipe)
+
+    def form(**extra):
+        with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+            data = {"image": (img, "p.jpg"), "audio": (aud, "a.flac"), "config": json.dumps(FAST), **extra}
+            return client.post("/api/sonic/generate", data=data, content_type="multipart/form-data")
+
+    cases = [(form(min_resolution="256"), "min_resolution", "put it in the config object"),
+             (form(webhook_url="https://example.org/h"), "webhook_url", "did you mean 'webhook'"),
+             (form(colour="red"), "colour", "fields: image, audio, config"),
+             (client.post("/api/sonic/generate", json={"image_url": "http://h/p.jpg", "audio_url": "http://h/a.wav",
+                                                       "seed": 3}), "seed", "put it in the config object")]
+    with open(PORTRAIT, "rb") as img, open(PORTRAIT, "rb") as again, open(SPEECH, "rb") as aud:
+        cases.append((client.post("/api/sonic/generate", content_type="multipart/form-data",
+                                  data={"image": [(img, "p.jpg"), (again, "q.jpg")], "audio": (aud, "a.flac")}),
+                      "image", "more than once"))
+    with open(SPEECH, "rb") as aud:  # a string where the file goes
+        cases.append((client.post("/api/sonic/generate", content_type="multipart/form-data",
+                                  data={"image": "not a file", "audio": (aud, "a.flac")}), "image", "must be a file"))
+    plain = client.post("/api/sonic/generate", data=json.dumps({"image_url": "http://h/p.jpg"}),
+                        content_type="text/plain;charset=UTF-8")  # fetch()'s default for a string body
+    assert_clean_error(plain, 400, "invalid_parameter")
+    assert "text/plain" in plain.get_json()["error"]["message"]
+    for r, field, words in cases:
+        assert_clean_error(r, 400, "invalid_parameter", field)
+        assert words in r.get_json()["error"]["message"], r.get_json()
+    assert not pipe.calls  # nothing rendered
+    assert form().status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
 from sonic.errors import Busy
+from sonic.options import parameters
 from sonic.version import pipeline_version
 
 from .. import idempotency, outbound, webhooks
@@ -245,6 +247,39 @@ def _is_json() -> bool:
     return request.mimetype == "application/json"
 
 
+REQUEST_FIELDS = ("config", "image_url", "audio_url", "webhook", "webhook_events_filter")  # beside the files
+FILE_FIELDS = ("image", "audio")
+
+
+def _check_field_names() -> None:
+    """Every field of the request is one this route reads, each given once: a misnamed field
+    (`webhook_url`) or a parameter beside `config` (`min_resolution` as a form field) was
+    dropped, and the request rendered with the defaults it did not ask for (and paid for)."""
+    if not _is_json() and request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        # fetch() sends a string body as text/plain: its JSON would be read as no fields at all
+        raise InvalidParameter(
+            f"the body is {request.mimetype or 'sent without a Content-Type'}: send multipart/form-data "
+            "(the files) or application/json (image_url, audio_url, config)"
+        )
+    if _is_json():
+        names = list(_fields())
+    else:
+        names = [*request.form.keys(), *request.files.keys()]
+        for name in [*FILE_FIELDS, *REQUEST_FIELDS]:
+            if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
+                raise InvalidParameter(f"the field {name!r} is given more than once", field=name)
+    known = REQUEST_FIELDS if _is_json() else (*FILE_FIELDS, *REQUEST_FIELDS)
+    for name in names:
+        if name in known:
+            continue
+        text = str(name)[:40]
+        if name in parameters() or name in EXTRA_PARAMS:
+            raise InvalidParameter(f"{text!r} is a generation parameter: put it in the config object", field=text)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(known)})"
+        raise InvalidParameter(f"unknown field {text!r}{hint}", field=text)
+
+
 def _fields() -> dict:
     """The request's fields beside the files: the multipart form's, or a JSON body's keys (read
     once a request: the config, the webhook and the inputs all ask)."""
@@ -296,6 +331,8 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
         if f is None or not uploaded:
             if _is_json():
                 raise InvalidParameter(f"the JSON key '{name}_url' is missing", field=f"{name}_url")
+            if name in request.form:
+                raise InvalidParameter(f"{name} must be a file part (a file in the form), not text", field=name)
             raise InvalidParameter(f"multipart file field '{name}' (or a field '{name}_url') is missing", field=name)
         files[name] = f.read()
         if not files[name]:
@@ -352,6 +389,7 @@ def generate():
     queue = svc.queue
     if queue is None:
         return _not_ready(svc)
+    _check_field_names()
     opts, want_async, params = _parse_config()
     want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
     hook = _webhook(params)
