@@ -34,6 +34,18 @@ class JsonErrorsHandler(WSGIRequestHandler):
     def version_string(self) -> str:
         return SERVER_NAME  # no server or Python versions for a scanner to match
 
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        self._dated = False
+        super().send_response_only(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        # http.server dates every answer and a file's answer (send_file) brings its own: one is sent
+        if keyword.lower() == "date":
+            if getattr(self, "_dated", False):
+                return
+            self._dated = True
+        super().send_header(keyword, value)
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = self.responses.get(code, ("error", ""))[0]
         self.log_error("code %d, message %s", code, message or short)

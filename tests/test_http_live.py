@@ -107,10 +107,18 @@ def test_real_generation_end_to_end(server, tmp_path):
     assert any('"request_id": "live-abc"' in line and '"route": "/health"' in line for line in lines)
 
 
-def test_the_server_names_no_versions(server):
+def test_the_server_names_no_versions_and_dates_each_answer_once(server):
+    import http.client
+
     r = requests.get(server["base"] + "/health", timeout=5)
     assert r.headers["Server"] == "sonic"
     assert "Werkzeug" not in r.headers["Server"] and "Python" not in r.headers["Server"]
+    for path in ("/", "/health"):  # a file's answer brings its own Date (a proxy may refuse two)
+        conn = http.client.HTTPConnection(server["base"].split("//")[1], timeout=5)
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        assert answer.status == 200 and len(answer.headers.get_all("Date")) == 1, (path, answer.headers.items())
+        conn.close()
 
 
 def test_real_face_less_photo(server, tmp_path):
