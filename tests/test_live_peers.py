@@ -118,6 +118,15 @@ def test_tcp_candidates_are_left_out_and_do_not_count():
     assert kept(screen_offer(offer([*tcp, candidate(PUBLIC, kind="relay")]), seen(PUBLIC), PeerPolicy()).sdp) == [PUBLIC]
 
 
+def test_a_browsers_offer_is_not_warned_of_what_could_never_be_used():
+    """Chrome adds a TCP candidate (port 9, active) beside each UDP one: the TCP ones go without a
+    warning and the section keeps its end-of-candidates; an address that also has a kept UDP
+    candidate is not "left out"."""
+    udp_and_tcp = [candidate(PUBLIC), candidate(PUBLIC, 9, transport="tcp"), "a=end-of-candidates"]
+    screened = screen_offer(offer(udp_and_tcp), seen(PUBLIC), PeerPolicy())
+    assert screened.left_out == () and "a=end-of-candidates" in screened.sdp and kept(screened.sdp) == [PUBLIC]
+
+
 def test_at_most_so_many_candidates_per_media_section():
     many = [candidate(PUBLIC, 40000 + i) for i in range(3 * MAX_CANDIDATES)]
     screened = screen_offer(offer(many, many[:3]), seen(PUBLIC), PeerPolicy())

@@ -115,19 +115,24 @@ def screen_offer(sdp: str, client: Client, policy: PeerPolicy) -> Screened:
 
 def _screen_section(section: list[str], allowed: _Allowed) -> tuple[list[str], list[str]]:
     """One media section's lines kept, and the addresses (at most 60 characters each) of the
-    candidates left out; where one was left out, its end-of-candidates goes too."""
-    kept, dropped, count = [], [], 0
+    candidates left out that no kept candidate shares; where one was left out, its
+    end-of-candidates goes too. TCP candidates go silently: ICE here is over UDP only, so they
+    were never usable (browsers add one per address: each offer was warned of them)."""
+    kept, dropped, count, kept_hosts = [], [], 0, set()
     for line in section:
         if line.startswith("a=candidate:"):
             candidate = _Candidate.of(line)
+            if candidate is not None and candidate.transport != "udp":
+                continue
             if candidate is None or count >= MAX_CANDIDATES or not allowed(candidate):
                 dropped.append((candidate.host if candidate else line)[:60])
                 continue
             count += 1
+            kept_hosts.add(candidate.host)
         kept.append(line)
     if dropped:
         kept = [line for line in kept if not _ends_candidates(line)]
-    return kept, dropped
+    return kept, [host for host in dropped if host not in kept_hosts]
 
 
 def _ends_candidates(line: str) -> bool:
