@@ -235,6 +235,9 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
     for why, bad in faults.items():
         with pytest.raises(InvalidParameter, match=why):
             check_offer({"sdp": bad, "type": "offer"})
+    from sonic_server.live.sessions import receives
+
+    assert receives(sdp, "audio") and not receives(sdp[:sdp.index("m=audio")], "audio")  # video-only: warned
     # JSEP's max-bundle marks the sections after the first port 0 and bundle-only: not rejected
     check_offer({"sdp": re.sub(r"m=video \d+ ([^\r]*)\r\n", r"m=video 0 \1\r\na=bundle-only\r\n", sdp), "type": "offer"})
 

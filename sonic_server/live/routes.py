@@ -27,7 +27,7 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
-from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds
+from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -201,6 +201,8 @@ def open_session():
         warnings.append("async does not apply to live sessions")
     if screened.left_out:
         warnings.append(screened.warning())
+    if not receives(offer["sdp"], "audio"):
+        warnings.append("offer: no audio receiver: the face's voice (its /speak speech) cannot reach this client")
     if warnings:
         body["warnings"] = warnings
     resp = jsonify(body)

@@ -138,6 +138,19 @@ MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a 
 FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS handshake can verify
 
 
+def receives(sdp: str, kind: str) -> bool:
+    """Whether an offer has a `kind` ("video", "audio") section that receives: not sendonly nor
+    inactive, nor rejected (port 0), unless bundle-only (JSEP's max-bundle: such a section shares
+    the first one's transport)."""
+    return any(
+        section.startswith(kind)
+        and (not section.startswith(f"{kind} 0 ") or "a=bundle-only" in section)
+        and "a=sendonly" not in section
+        and "a=inactive" not in section
+        for section in sdp.split("\nm=")[1:]
+    )
+
+
 def check_offer(offer: dict) -> None:
     """The offer must be an SDP offer that receives video (the face is what a session sends) and
     can connect: a fingerprint the handshake can verify. Each fault is named here, before the
@@ -169,9 +182,7 @@ def check_offer(offer: dict) -> None:
             f"offer: {len(sections)} media sections (m= lines); a session takes at most {MAX_MEDIA_SECTIONS}",
             field="offer",
         )
-    # port 0 rejects a section, unless it is bundle-only (JSEP's max-bundle: it shares the first's transport)
-    videos = [m for m in sections if m.startswith("video") and (not m.startswith("video 0 ") or "a=bundle-only" in m)]
-    if not videos or all(("a=sendonly" in m or "a=inactive" in m) for m in videos):
+    if not receives(sdp, "video"):
         raise InvalidParameter(
             "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
         )

@@ -46,6 +46,9 @@ async function startLive() {
     if (live.mic) pc.addTrack(live.mic.getAudioTracks()[0], live.mic);
     else pc.addTransceiver("audio", { direction: "recvonly" });
     const remote = new MediaStream();
+    // the face's sound is what it says, the microphone included: heard back ~0.25 s late it
+    // makes speaking hard, so it starts muted while the microphone is on (controls unmute it)
+    $("live-video").muted = Boolean(live.mic);
     pc.addEventListener("track", (e) => {
       remote.addTrack(e.track);
       $("live-video").srcObject = remote;
