@@ -59,6 +59,8 @@ def request_id(app: Flask) -> None:
     @app.after_request
     def _echo(resp):
         resp.headers["X-Request-ID"] = g.get("request_id", "")
+        if resp.status_code == 204:  # no content, so no type (Flask's default said text/html)
+            resp.headers.pop("Content-Type", None)
         return resp
 
 

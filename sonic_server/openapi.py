@@ -80,9 +80,17 @@ def error(description: str) -> tuple[str, dict]:
     return description, content("application/json", {"$ref": "#/components/schemas/Error"})
 
 
-def describe(summary: str, responses: dict, *, parameters: list | None = None, request_body: dict | None = None):
+def describe(
+    summary: str,
+    responses: dict,
+    *,
+    parameters: list | None = None,
+    request_body: dict | None = None,
+    response_headers: dict[int, tuple[str, ...]] | None = None,
+):
     """Mark a view for the OpenAPI document. `responses` maps a status to a description, or to
-    (description, content)."""
+    (description, content); `response_headers` a status to the RESPONSE_HEADERS its answer has
+    beside those every answer has."""
 
     def mark(view):
         view.openapi = {
@@ -90,17 +98,28 @@ def describe(summary: str, responses: dict, *, parameters: list | None = None, r
             "responses": responses,
             "parameters": parameters or [],
             "request_body": request_body,
+            "response_headers": response_headers or {},
         }
         return view
 
     return mark
 
 
-def _response(spec) -> dict:
-    if isinstance(spec, str):
-        return {"description": spec}
-    description, body = spec
-    return {"description": description, "content": body}
+# response headers, by name: what each says (every answer has X-Request-ID; 429 and 503 have
+# Retry-After; the others where a route's `describe` names them)
+RESPONSE_HEADERS = {
+    "X-Request-ID": "the request's id (the one sent, or made up): quote it when reporting a problem",
+    "Retry-After": "seconds to wait before trying again",
+    "Location": "the job's status URL",
+    "Idempotent-Replayed": "true: the answer to an earlier request with the same Idempotency-Key",
+}
+
+
+def _response(code: int, spec, named: tuple[str, ...]) -> dict:
+    out: dict = {"description": spec} if isinstance(spec, str) else {"description": spec[0], "content": spec[1]}
+    names = ["X-Request-ID", *(["Retry-After"] if code in (429, 503) else []), *named]
+    out["headers"] = {name: {"description": RESPONSE_HEADERS[name], "schema": {"type": "string"}} for name in names}
+    return out
 
 
 IGNORED = " (not used by the loaded decoder: setting it only adds a warning)"
@@ -146,7 +165,10 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
             responses.update(doc["responses"])
             op = {
                 "summary": doc["summary"],
-                "responses": {str(code): _response(r) for code, r in sorted(responses.items())},
+                "responses": {
+                    str(code): _response(code, r, doc["response_headers"].get(code, ()))
+                    for code, r in sorted(responses.items())
+                },
             }
             if any(scheme for _, scheme in areas):
                 op["security"] = [{}, {SECURITY_SCHEME: []}]  # {}: no key needed unless keys are set

@@ -141,6 +141,14 @@ def test_openapi_document_is_built_from_the_routes(make_client):
         assert ("security" in op) == guarded and (codes >= GUARDED) == guarded
     scheme = spec["components"]["securitySchemes"]["bearerKey"]
     assert scheme["type"] == "http" and scheme["scheme"] == "bearer" and "api_keys" in scheme["description"]
+    # the headers a client reads are declared: on every answer, on those that ask to wait, on a job made
+    for (path, method), codes in OPERATIONS.items():
+        for code, answer in spec["paths"][path][method]["responses"].items():
+            assert "X-Request-ID" in answer["headers"] and ("Retry-After" in answer["headers"]) == (code in ("429", "503"))
+    made = spec["paths"]["/api/sonic/generate"]["post"]["responses"]
+    assert {"Location", "Idempotent-Replayed"} <= set(made["202"]["headers"])
+    gone = client.delete("/api/sonic/jobs/" + "0" * 32)
+    assert gone.status_code == 404 and gone.headers["Content-Type"] == "application/json"
 
 
 @pytest.mark.parametrize("server", [{}, {"api_keys": ["k1"]}])

@@ -86,7 +86,7 @@ def test_a_deleted_job_is_gone_with_its_video_its_uploads_and_its_cache_entry(ma
     assert_clean_error(client.delete(f"/api/sonic/jobs/{job}", headers=auth(KEY_B)), 404, "job_not_found")
     assert client.get(video).status_code == 200  # bob could not touch it
     r = client.delete(f"/api/sonic/jobs/{job}", headers=auth(KEY_A))
-    assert r.status_code == 204 and r.get_data() == b""
+    assert r.status_code == 204 and r.get_data() == b"" and "Content-Type" not in r.headers  # no body, no type
     assert_clean_error(client.get(f"/api/sonic/jobs/{job}", headers=auth(KEY_A)), 404, "job_not_found")
     assert client.get(video).status_code == 404
     assert job not in [j["job_id"] for j in listing(client, KEY_A)["jobs"]]

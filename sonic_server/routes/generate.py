@@ -382,6 +382,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
         503: error("queue full (Retry-After)"),
         500: error("internal error"),
     },
+    response_headers={200: ("Idempotent-Replayed",), 202: ("Location", "Idempotent-Replayed")},
 )
 @idempotency.once("generate")
 def generate():
