@@ -101,6 +101,7 @@ class LiveSettings:
     enabled: bool = True
     # running at once, here or on each worker (distributed); more -> 503 busy (512 px: ~40 % of a core here)
     max_sessions: int = 2
+    max_sessions_per_caller: int = 0  # sessions one key or account may run at once; more -> 429 (0: no limit)
     processes: bool = True  # each session renders in a helper process of its own (false: a thread here)
     warm_start: bool = True  # at start-up, make the face analyser and a helper ready (~0.1 GB, ~2 s of CPU)
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)

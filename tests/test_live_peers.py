@@ -150,3 +150,22 @@ def test_peer_networks_must_be_networks():
     assert settings_from({"live": {"peer_networks": ["10.0.0.0/8", "fd00::/8"]}}).live.peer_networks
     with pytest.raises(SettingsError, match="not-a-network"):
         settings_from({"live": {"peer_networks": ["10.0.0.0/8", "not-a-network"]}})
+
+
+def test_one_caller_cannot_take_every_live_slot():
+    """live.max_sessions_per_caller: a key (or account) at its most is refused 429 by name while
+    others still get slots; anonymous callers (no keys) cannot be told apart and are not counted."""
+    from sonic_server.live.sessions import CallerLimit, LiveSessions
+    from sonic_server.settings import LiveSettings
+
+    live = LiveSessions(LiveSettings(max_sessions=4, max_sessions_per_caller=1, processes=False, warm_start=False))
+    live.take_slot("key:a")
+    with pytest.raises(CallerLimit, match="max_sessions_per_caller") as refused:
+        live.take_slot("key:a")
+    assert refused.value.code == "rate_limited"
+    live.take_slot("key:b")
+    live.take_slot(None)
+    live.take_slot(None)
+    live.give_slot("key:a")
+    live.give_slot(None)
+    live.take_slot("key:a")  # its slot came back

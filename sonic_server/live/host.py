@@ -141,7 +141,7 @@ class LiveHost:
         offer = command.get("offer") or {}
         check_offer(offer)
         hold = command.get("hold")
-        self.live.take_slot()
+        self.live.take_slot(command.get("owner"))
         handed = False
         try:
             face = self.live.prepare_face(self.pipeline, rgb, options)
@@ -164,7 +164,7 @@ class LiveHost:
                 raise
         finally:
             if not handed:
-                self.live.give_slot()
+                self.live.give_slot(command.get("owner"))
             self.on_change()
         if not relay.claim(self.records.r, command):  # the opener gave up waiting: it releases the hold
             log.warning("live session %s: its opener stopped waiting; ended", record.id)

@@ -71,6 +71,13 @@ class RemoteSessions:
     def count(self) -> int:
         return sum(int(w.get("live_sessions", 0)) for w in self.workers())
 
+    def count_of(self, owner: str | None) -> int:
+        """Sessions of a caller running on any worker (none counted for an anonymous caller)."""
+        if not owner:
+            return 0
+        records = (self.records.load(session_id) for session_id in self.records.running())
+        return sum(rec is not None and rec.owner == owner for rec in records)
+
     def free_slots(self) -> int:
         return sum(int(w.get("live_slots", 0)) for w in self.workers())
 

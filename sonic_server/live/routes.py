@@ -27,7 +27,7 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
-from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds, receives
+from .sessions import LiveSessions, ServedSession, check_caller, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -182,6 +182,7 @@ def open_session():
     screened = _screened(svc, live, offer)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
+        check_caller(live.settings, caller().owner, live.count_of(caller().owner))
         hold = _hold_credit(svc, live.settings.max_session_s)
         try:
             session_id, worker, answer, photo_warnings = live.start(image, params, offer, caller().owner, hold)
@@ -233,7 +234,7 @@ def _open_here(
 ) -> tuple[str, dict, list[str]]:
     """A session in this process: a slot, the face prepared, the credit held, the offer answered;
     (its id, the answer, the photo's warnings)."""
-    live.take_slot()
+    live.take_slot(caller().owner)
     handed = False
     try:
         face = live.prepare_face(svc.queue.pipeline, rgb, options)  # type: ignore[union-attr]  # _ready checked it
@@ -248,7 +249,7 @@ def _open_here(
             raise
     finally:
         if not handed:
-            live.give_slot()
+            live.give_slot(caller().owner)
     return session.id, answer, face.warnings
 
 

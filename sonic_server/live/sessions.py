@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +138,25 @@ MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a 
 FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS handshake can verify
 
 
+class CallerLimit(SonicError):
+    """The caller runs live.max_sessions_per_caller sessions already."""
+
+    code = "rate_limited"
+
+
+def check_caller(settings: LiveSettings, owner: str | None, running: int) -> None:
+    """Refuse one more session to a caller (a key or an account) running `running` already, at
+    live.max_sessions_per_caller: one customer cannot take every slot. Anonymous callers (a
+    service without keys) cannot be told apart, and are not counted."""
+    cap = settings.max_sessions_per_caller
+    if owner and cap and running >= cap:
+        metrics.LIVE_REFUSED.labels("rate_limited").inc()
+        raise CallerLimit(
+            f"this key runs {running} live session(s), the most one caller may (live.max_sessions_per_caller); "
+            "end one first"
+        )
+
+
 def receives(sdp: str, kind: str) -> bool:
     """Whether an offer has a `kind` ("video", "audio") section that receives: not sendonly nor
     inactive, nor rejected (port 0), unless bundle-only (JSEP's max-bundle: such a section shares
@@ -200,6 +219,7 @@ class LiveSessions:
         self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._opening = 0  # sessions between their slot being taken and their registration
+        self._opening_by: Counter[str] = Counter()  # ... of each caller (live.max_sessions_per_caller)
         self._faces: Any = None
         self._face_lock = threading.Lock()
         self._helpers = HelperPool() if settings.processes else None
@@ -272,8 +292,9 @@ class LiveSessions:
         with self._lock:
             return max(0, self.settings.max_sessions - len(self._sessions) - self._opening)
 
-    def take_slot(self) -> None:
-        """Reserve room for a session before its (costly) preparation; Busy when full."""
+    def take_slot(self, owner: str | None = None) -> None:
+        """Reserve room for a session of `owner` (a key's or account's; None: anonymous) before its
+        (costly) preparation; Busy when full, CallerLimit when the caller holds its most."""
         with self._lock:
             if len(self._sessions) + self._opening >= self.settings.max_sessions:
                 metrics.LIVE_REFUSED.labels("busy").inc()
@@ -281,13 +302,19 @@ class LiveSessions:
                     f"{self.settings.max_sessions} live session(s) are running, the most this server holds "
                     "(live.max_sessions); try again shortly"
                 )
+            held = sum(s.owner == owner for s in self._sessions.values()) + self._opening_by[owner or ""]
+            check_caller(self.settings, owner, held)
             self._opening += 1
+            if owner:
+                self._opening_by[owner] += 1
         if self._helpers is not None:  # its imports run while the face is prepared
             threading.Thread(target=self._helpers.warm, name="sonic-live-warm", daemon=True).start()
 
-    def give_slot(self) -> None:
+    def give_slot(self, owner: str | None = None) -> None:
         with self._lock:
             self._opening -= 1
+            if owner:
+                self._opening_by[owner] -= 1
 
     def open(
         self,
@@ -330,7 +357,7 @@ class LiveSessions:
             with self._lock:
                 self._sessions[session.id] = session
         finally:
-            self.give_slot()
+            self.give_slot(owner)
         metrics.LIVE_OPENED.inc()
         threading.Thread(target=self._run, args=(session,), name=f"sonic-live-{session.id[:8]}", daemon=True).start()
         return session, answer
