@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from http import HTTPStatus
+from typing import Any
 
-from werkzeug.serving import WSGIRequestHandler
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wsgi import ClosingIterator
 
 from sonic.errors import SonicError
 from sonic.settings import SettingsError
@@ -24,6 +28,7 @@ from .hooks import configure_logging
 from .settings import load_settings
 
 SERVER_NAME = "sonic"
+log = logging.getLogger("sonic.http")
 
 
 class JsonErrorsHandler(WSGIRequestHandler):
@@ -109,20 +114,74 @@ def serve(args: argparse.Namespace) -> None:
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
         timeout = settings.server.socket_timeout_s
 
-    # werkzeug's own line is quiet here (its logger logs warnings only): say where to connect
-    logging.getLogger("sonic.http").info("listening on http://%s:%d", settings.server.host, settings.server.port)
+    in_flight = InFlight(app.wsgi_app)
+    app.wsgi_app = in_flight  # type: ignore[method-assign]
     try:
-        app.run(
-            host=settings.server.host,
-            port=settings.server.port,
-            threaded=True,
-            use_reloader=False,
-            request_handler=Handler,
+        server = make_server(settings.server.host, settings.server.port, app, threaded=True, request_handler=Handler)
+    except OSError as e:
+        sys.exit(f"error: {settings.server.host}:{settings.server.port}: {e.strerror or e}")
+    stopped: list[int] = []
+    drain_s = settings.server.drain_s
+
+    def stop(signum: int, frame: object) -> None:
+        """SIGTERM (docker stop, systemd): no new requests; those in flight may finish, for
+        drain_s at most (a synchronous generate waiting for its video), then the process ends."""
+        log.warning(
+            "SIGTERM: stopping; no new requests, %d in flight get up to %g s (server.drain_s); live sessions then "
+            "end (server_stopping), and a job still running or queued is reported failed (interrupted) at the next "
+            "start (where server.jobs_db keeps records)",
+            in_flight.count,
+            drain_s,
         )
-    finally:  # ^C: live sessions end (server_stopping), their credit settled and their helpers stopped
+        stopped.append(signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    # werkzeug's own line is quiet here (its logger logs warnings only): say where to connect
+    log.info("listening on http://%s:%d", settings.server.host, settings.server.port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:  # ^C, SIGTERM: live sessions end (server_stopping), their credit settled and their helpers stopped
+        server.server_close()  # new connections are refused from here
+        if stopped and not in_flight.wait(drain_s):
+            log.warning("SIGTERM: %d request(s) still in flight after %g s: stopping anyway", in_flight.count, drain_s)
         live = app.extensions["sonic"].live
         if live is not None:
             live.close()
+    if stopped:
+        sys.exit(128 + stopped[0])
+
+
+class InFlight:
+    """WSGI middleware that counts the requests being answered (a streamed answer until it
+    closes), so that a stop can wait for them."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        with self._changed:
+            self.count += 1
+        try:
+            body = self.wsgi_app(environ, start_response)
+        except BaseException:
+            self._done()
+            raise
+        return ClosingIterator(body, self._done)
+
+    def _done(self) -> None:
+        with self._changed:
+            self.count -= 1
+            self._changed.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether every request was answered within timeout_s."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count == 0, timeout_s)
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> None:

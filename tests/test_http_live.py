@@ -214,3 +214,33 @@ def test_killed_mid_job_then_restart(server):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):
+    """sonic serve stopped by SIGTERM (systemd, docker stop) while a synchronous generate waits for
+    its video: the answer still comes (it was cut off, no answer, no log line), new connections
+    are refused, and the process ends with 128 + SIGTERM."""
+    import signal
+    import threading
+
+    proc, info = start_server(tmp_path, drain_s=20)
+    answer = {}
+
+    def generate():
+        try:
+            answer["r"] = post(info, {**FAST, "duration": 40})
+        except requests.ConnectionError as e:  # cut off
+            answer["r"] = e
+
+    started = threading.Thread(target=generate)
+    started.start()
+    time.sleep(1.0)  # the request is in flight: its video renders
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(info["base"] + "/health", timeout=2)
+    started.join(60)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert getattr(answer["r"], "status_code", None) == 200 and answer["r"].json()["frames"] == 1000, answer["r"]
+    log = (tmp_path / "server.log").read_text()
+    assert "SIGTERM: stopping; no new requests, 1 in flight" in log
