@@ -262,11 +262,31 @@ def _loudest_channel(path: str | Path, seconds: float) -> np.ndarray | None:
     16 kHz would be gigabytes), then decodes that one channel alone."""
     measure = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", "-af", LEVELS_FILTER, "-f", "null", "-"]
     proc = run_ffmpeg_on(path, ["-v", "info"], measure)
-    levels = [float(db) for db in re.findall(rb"RMS level dB: (-?inf|-?[0-9.]+)", proc.stderr)]
-    if proc.returncode != 0 or not levels or max(levels) == -np.inf:
+    levels = _channel_levels(proc.stderr)
+    if proc.returncode != 0 or not levels or max(levels.values()) == -np.inf:
         return None
-    loudest = next(c for c, db in enumerate(levels) if db >= max(levels) - LEVEL_TIE_DB)  # a pair alike: the first
+    top = max(levels.values())
+    loudest = min(c for c, db in levels.items() if db >= top - LEVEL_TIE_DB)  # a pair alike: the first
     return _decode_audio(path, seconds, ["-af", f"pan=mono|c0=c{loudest}"])
+
+
+def _channel_levels(log: bytes) -> dict[int, float]:
+    """{channel (from 0): RMS dB} from astats' own lines of an ffmpeg log (never the file's
+    tags, which ffmpeg prints too); a level that does not read as a number counts as silence."""
+    levels, channel = {}, None
+    for line in log.splitlines():
+        found = re.match(rb"\[Parsed_astats_\d+ @ [^\]]+\] (Channel|RMS level dB): (\S+)\s*$", line)
+        if found is None:
+            continue
+        if found[1] == b"Channel":
+            channel = int(found[2]) - 1 if found[2].isdigit() else None
+        elif channel is not None:
+            try:
+                db = float(found[2])
+            except ValueError:
+                db = -np.inf
+            levels[channel] = db if np.isfinite(db) or db == -np.inf else -np.inf
+    return levels
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ def listenable(stereo: np.ndarray) -> np.ndarray:
     when mixed to mono, on a phone), in the middle, and a float recording over full scale
     brought down rather than clipped. Float32, in place where it can: a 5-minute track at
     48 kHz is 115 MB a copy."""
-    x = np.nan_to_num(stereo.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    x = np.nan_to_num(stereo.astype(np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    peak = max(float(x.max()), -float(x.min())) if len(x) else 0.0
+    if peak > 1.0:  # brought down first: the sums below stay finite, whatever the float file held
+        x /= peak
     left, right = x[:, 0], x[:, 1]
     power = np.array([np.dot(left, left), np.dot(right, right)], np.float64) / max(len(x), 1) + 1e-24
     if np.dot(left, right) / max(len(x), 1) / np.sqrt(power[0] * power[1]) < OPPOSITE_PHASE:
@@ -88,7 +91,4 @@ def listenable(stereo: np.ndarray) -> np.ndarray:
         x[:, 1] = left
     elif np.sqrt(power.min() / power.max()) < ONE_SIDED:
         x[:, :] = x[:, [int(np.argmax(power))]]
-    peak = float(np.abs(x).max()) if len(x) else 0.0
-    if peak > 1.0:
-        x /= peak
     return x

@@ -118,7 +118,7 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
 
     @app.errorhandler(SonicError)
     def _sonic_error(e: SonicError):
-        retry = {"Retry-After": "5"} if e.code in ("storage_unavailable", "busy") else None
+        retry = {"Retry-After": "5"} if e.code in ("storage_unavailable", "busy", "rate_limited") else None
         return error_response(e.code, e.message, e.field, headers=retry, extra=getattr(e, "extra", None))
 
     @app.errorhandler(413)

@@ -15,10 +15,8 @@ import signal
 import sys
 import threading
 from http import HTTPStatus
-from typing import Any
 
 from werkzeug.serving import WSGIRequestHandler, make_server
-from werkzeug.wsgi import ClosingIterator
 
 from sonic.errors import SonicError
 from sonic.settings import SettingsError
@@ -110,22 +108,28 @@ def serve(args: argparse.Namespace) -> None:
     except SonicError as e:  # the accounts database cannot be opened, ...
         sys.exit(f"error: {e.message}")
 
+    in_flight = InFlight()
+
     class Handler(JsonErrorsHandler):
         # a client that stops sending (slow upload, idle keep-alive) is dropped after this long
         timeout = settings.server.socket_timeout_s
 
-    in_flight = InFlight(app.wsgi_app)
-    app.wsgi_app = in_flight  # type: ignore[method-assign]
-    try:
-        server = make_server(settings.server.host, settings.server.port, app, threaded=True, request_handler=Handler)
-    except OSError as e:
-        sys.exit(f"error: {settings.server.host}:{settings.server.port}: {e.strerror or e}")
+        def handle(self) -> None:
+            # counted around the whole connection: an answer whose connection then fails (a stalled
+            # upload answered 408, a reset) is never "closed" as a response, and would stay counted
+            with in_flight:
+                super().handle()
+
+    server = make_server(settings.server.host, settings.server.port, app, threaded=True, request_handler=Handler)
     stopped: list[int] = []
     drain_s = settings.server.drain_s
 
     def stop(signum: int, frame: object) -> None:
         """SIGTERM (docker stop, systemd): no new requests; those in flight may finish, for
-        drain_s at most (a synchronous generate waiting for its video), then the process ends."""
+        drain_s at most (a synchronous generate waiting for its video), then the process ends.
+        A second signal ends the wait at once."""
+        if stopped:
+            raise SystemExit(128 + signum)
         log.warning(
             "SIGTERM: stopping; no new requests, %d in flight get up to %g s (server.drain_s); live sessions then "
             "end (server_stopping), and a job still running or queued is reported failed (interrupted) at the next "
@@ -145,35 +149,34 @@ def serve(args: argparse.Namespace) -> None:
         pass
     finally:  # ^C, SIGTERM: live sessions end (server_stopping), their credit settled and their helpers stopped
         server.server_close()  # new connections are refused from here
-        if stopped and not in_flight.wait(drain_s):
-            log.warning("SIGTERM: %d request(s) still in flight after %g s: stopping anyway", in_flight.count, drain_s)
-        live = app.extensions["sonic"].live
-        if live is not None:
-            live.close()
+        try:
+            if stopped and not in_flight.wait(drain_s):
+                log.warning(
+                    "SIGTERM: %d connection(s) still open after %g s: stopping anyway", in_flight.count, drain_s
+                )
+        except KeyboardInterrupt:
+            pass
+        finally:
+            live = app.extensions["sonic"].live
+            if live is not None:
+                live.close()
     if stopped:
         sys.exit(128 + stopped[0])
 
 
 class InFlight:
-    """WSGI middleware that counts the requests being answered (a streamed answer until it
-    closes), so that a stop can wait for them."""
+    """The connections being served (`with in_flight:` around each), so that a stop can wait
+    for them to be answered."""
 
-    def __init__(self, wsgi_app: Any) -> None:
-        self.wsgi_app = wsgi_app
+    def __init__(self) -> None:
         self.count = 0
         self._changed = threading.Condition()
 
-    def __call__(self, environ: dict, start_response: Any) -> Any:
+    def __enter__(self) -> None:
         with self._changed:
             self.count += 1
-        try:
-            body = self.wsgi_app(environ, start_response)
-        except BaseException:
-            self._done()
-            raise
-        return ClosingIterator(body, self._done)
 
-    def _done(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         with self._changed:
             self.count -= 1
             self._changed.notify_all()

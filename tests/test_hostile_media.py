@@ -207,3 +207,9 @@ def test_a_silent_mix_of_many_channels_is_searched_without_holding_them(tmp_path
     many[:, 40] = speech
     sf.write(tmp_path / "one_of_64.wav", many, SAMPLE_RATE, subtype="FLOAT")
     assert np.abs(load_audio(tmp_path / "one_of_64.wav", 60) - speech).max() < 1e-3
+    # the levels are read from the meter's own lines, not from a tag that reads like one (a 500)
+    sf.write(tmp_path / "pair.wav", np.stack([speech, -speech], 1), SAMPLE_RATE)
+    tagged = tmp_path / "tagged.flac"
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(tmp_path / "pair.wav"), "-metadata",
+                    "comment=RMS level dB: .", str(tagged)], check=True)
+    assert len(load_audio(tagged, 60)) == len(speech)

@@ -281,8 +281,9 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
 
 
 def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_worker(tmp_path):
-    """A worker killed (-9) is started again at once under the same --name: its RQ registration
-    outlived it by minutes, and RQ refused the name (the process exited after "ready"). Then
+    """A worker killed (-9) is started again under the same --name, which it takes back once the
+    dead run's entry has missed three beats: its RQ registration outlived it by minutes, and RQ
+    refused the name (the process exited after "ready"). Then
     Redis goes away while a job runs and ends: RQ's bookkeeping failed and the worker quit,
     leaving nobody to take the queue; now its loop starts again once Redis is back."""
     port = free_port()
@@ -318,6 +319,26 @@ def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_wor
         c.stop()
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def test_a_name_is_taken_back_only_from_a_run_that_missed_its_beats(redis_url):
+    """claim_name waits while the name's entry is renewed (a live worker of that name: here, or
+    in another container with the same hostname and pid), and takes it once it has missed three
+    beats, judged on Redis' clock."""
+    import redis
+
+    from sonic_server.queue.redis import PREFIX
+    from sonic_server.worker import claim_name
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    r.set(PREFIX + "worker:w9", "{}", px=4000)  # renewed a moment ago, on a 4 s lease
+    stop = threading.Event()
+    threading.Timer(1.5, stop.set).start()
+    began = time.monotonic()
+    assert claim_name(r, "w9", 4.0, stop) is False and time.monotonic() - began >= 1.4  # it waited
+    r.set(PREFIX + "worker:w9", "{}", px=900)  # three beats missed
+    assert claim_name(r, "w9", 4.0, threading.Event()) is True
 
 
 def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ class Ledger:
         self.url = url
         self.sqlite = url.startswith("sqlite")
         self._answers, self._answered_at = True, -ANSWERS_KEPT_S  # answers(): the last look
+        self._asking = threading.Lock()
         if self.sqlite:
 
             def sqlite_engine(writer: bool):
@@ -232,15 +234,16 @@ class Ledger:
     def answers(self) -> bool:
         """Whether the database answers (for /health; asked at most every ANSWERS_KEPT_S, so
         that probes do not each open a connection, or wait out a connect timeout)."""
-        now = time.monotonic()
-        if now - self._answered_at > ANSWERS_KEPT_S:
-            try:
+        if time.monotonic() - self._answered_at > ANSWERS_KEPT_S and self._asking.acquire(blocking=False):
+            try:  # one probe asks; those arriving meanwhile take the last answer
                 with self.reader.connect() as c:
                     c.execute(text("SELECT 1"))
                 self._answers = True
             except SQLAlchemyError:
                 self._answers = False
-            self._answered_at = time.monotonic()
+            finally:
+                self._answered_at = time.monotonic()
+                self._asking.release()
         return self._answers
 
     def authenticate(self, key: str) -> Principal | None:

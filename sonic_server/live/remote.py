@@ -72,8 +72,10 @@ class RemoteSessions:
         return sum(int(w.get("live_sessions", 0)) for w in self.workers())
 
     def count_of(self, owner: str | None) -> int:
-        """Sessions of a caller running on any worker (none counted for an anonymous caller)."""
-        if not owner:
+        """Sessions of a caller running on any worker (none counted for an anonymous caller, nor
+        without live.max_sessions_per_caller). Checked at the open: opens sent at the same moment
+        may pass it together (each worker then counts only its own)."""
+        if not owner or not self.settings.max_sessions_per_caller:
             return 0
         records = (self.records.load(session_id) for session_id in self.records.running())
         return sum(rec is not None and rec.owner == owner for rec in records)

@@ -152,8 +152,8 @@ def check_caller(settings: LiveSettings, owner: str | None, running: int) -> Non
     if owner and cap and running >= cap:
         metrics.LIVE_REFUSED.labels("rate_limited").inc()
         raise CallerLimit(
-            f"this key runs {running} live session(s), the most one caller may (live.max_sessions_per_caller); "
-            "end one first"
+            f"this caller runs {running} live session(s), the most one key or account may "
+            "(live.max_sessions_per_caller); end one first"
         )
 
 
@@ -315,6 +315,8 @@ class LiveSessions:
             self._opening -= 1
             if owner:
                 self._opening_by[owner] -= 1
+                if self._opening_by[owner] <= 0:  # callers seen once do not pile up
+                    del self._opening_by[owner]
 
     def open(
         self,

@@ -53,7 +53,9 @@ def health():
             body["live"] = {"enabled": svc.settings.live.enabled, "error": "the live sessions' store does not answer"}
     if state in ("setup_failed", "starting") and svc.setup_error:
         body["error"] = svc.setup_error
-    return jsonify(body), (200 if state in ("ready", "busy") else 503)
+    if state in ("ready", "busy"):
+        return jsonify(body), 200
+    return jsonify(body), 503, {"Retry-After": "5"}
 
 
 def parameters(svc: Service) -> dict:
