@@ -23,6 +23,7 @@ _EXPORTS = {
     "pipeline": ["GenerationResult", "SonicPipeline", "load_pipeline"],
     "settings": ["Settings", "SettingsError", "load_settings"],
     "checks": ["CheckedInputs", "check_inputs"],
+    "media": ["SAMPLE_RATE"],  # Hz of a waveform handed to the pipeline (resample others first)
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,9 @@ def _params(text: str | None) -> dict:
     if not text:
         return {}
     path = Path(text)
-    if not text.lstrip().startswith("{") and path.is_file():
+    if not text.lstrip().startswith("{"):  # a file's name
+        if not path.is_file():
+            raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
         text = path.read_text(encoding="utf-8")
     try:
         return json.loads(text)
@@ -61,12 +64,16 @@ def _server_command(name: str) -> Callable[..., None]:
     return module.main
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sonic", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="make a talking-head MP4")
     gen.add_argument("--image", required=True, help="portrait (PNG, JPEG, WebP)")
-    gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A)")
+    gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A, WebM)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
     gen.add_argument(
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped as ^C is: the render's partial files removed
     try:
         from .options import GenerateOptions
         from .settings import load_settings
@@ -106,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         opts = GenerateOptions.from_dict(_params(args.config), settings)
         for name in ("image", "audio"):
-            if not Path(getattr(args, name)).is_file():
-                raise InvalidParameter(f"--{name} {getattr(args, name)!r}: no such file", field=name)
+            given = Path(getattr(args, name))
+            if not given.is_file():
+                why = "is a folder" if given.is_dir() else "no such file"
+                raise InvalidParameter(f"--{name} {getattr(args, name)!r}: {why}", field=name)
         # bad media is reported before the models load (seconds), and decoded only once
         from .checks import check_inputs
 
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # ^C, or SIGTERM (timeout, a batch scheduler): the render's files are removed
         sys.stderr.write("\ninterrupted\n")
         return 130
     out = result.to_dict()

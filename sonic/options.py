@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from .errors import InvalidParameter
 from .settings import Limits, Settings, as_settings, read_yaml
 
@@ -94,6 +96,8 @@ class Param:
             if value not in self.choices:
                 raise InvalidParameter(f"{name} must be one of {', '.join(self.choices)}, got {value!r}", field=name)
             return value
+        if isinstance(value, (np.integer, np.floating)):  # numpy's scalars, as a caller's arrays give them
+            value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidParameter(f"{name} must be a number, got {value!r}", field=name)
         if self.type is int:

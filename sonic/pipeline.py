@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 import cv2
 import numpy as np
+from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
 from .checks import check_output, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
-from .errors import PipelineError
+from .errors import InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale, framing_warnings
 from .lipsync import mouth_lag, mouth_opening
@@ -26,7 +28,7 @@ from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
 from .render_pool import RenderPool, render_here
-from .settings import Settings, as_settings
+from .settings import Limits, Settings, as_settings
 from .sound import Sound, fitted_samples, load_sound
 from .writer import VideoWriter
 
@@ -135,6 +137,7 @@ class SonicPipeline:
         # threads spin while they wait and took a third of a core from the render and the encoder
         threadpool_limits(1, user_api="blas")
         self._render_pool = RenderPool(self.render_processes) if self.render_processes else None
+        self._one_at_a_time = threading.Lock()  # a render's face graphs and helpers are the pipeline's own
         # a long recording's second half is recognised by a render helper (phones_pool.py)
         self._phones_pool = PhonesPool(self._render_pool) if self._render_pool is not None else None
         if self._render_pool is not None:
@@ -150,23 +153,42 @@ class SonicPipeline:
 
     def __call__(
         self,
-        image: str | Path | np.ndarray,
+        image: str | Path | np.ndarray | Image.Image,
         audio: str | Path | np.ndarray,
-        options: GenerateOptions | None = None,
+        options: GenerateOptions | Mapping[str, Any] | None = None,
         *,
         out_path: str | Path | None = None,
         progress: Progress | None = None,
         sound_file: str | Path | None = None,
     ) -> GenerationResult:
-        """Portrait (path or RGB uint8 array (H, W, 3)) + speech (path or mono float32 array (N,) at
-        media.SAMPLE_RATE) -> MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not
-        decoded again; a waveform is still checked against the limits as a file is. The video's
-        sound is a speech file's own, in stereo at media.SOUND_RATE; with a waveform, the file it
-        came from (`sound_file`), else the waveform itself (16 kHz).
+        """Portrait (a path, a PIL image or an RGB uint8 array (H, W, 3)) + speech (a path, or a
+        mono float32 or int16 array (N,) at sonic.SAMPLE_RATE, 16 kHz: resample others first) ->
+        MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not decoded again, but
+        checked as files are. The video's sound is a speech file's own, in stereo at
+        media.SOUND_RATE; with a waveform, the file it came from (`sound_file`), else the waveform
+        itself (16 kHz). `options`: GenerateOptions, or a dict of parameters (checked).
 
         Without out_path the video goes to the configured output_dir under a fresh uuid name.
-        `progress(stage, fraction)` is called as the work advances.
+        `progress(stage, fraction)` is called as the work advances; an exception raised from it
+        cancels the render (no file is left). One render at a time: calls from several threads
+        wait their turn (the face analyser's graphs and the render helpers are the pipeline's own;
+        run two in parallel with two pipelines).
         """
+        if isinstance(options, Mapping):
+            options = GenerateOptions.from_dict(dict(options), self.settings)
+        with self._one_at_a_time:
+            return self._generate(image, audio, options, out_path, progress, sound_file)
+
+    def _generate(
+        self,
+        image: str | Path | np.ndarray | Image.Image,
+        audio: str | Path | np.ndarray,
+        options: GenerateOptions | None,
+        out_path: str | Path | None,
+        progress: Progress | None,
+        sound_file: str | Path | None,
+    ) -> GenerationResult:
+        """The numbered steps of a render (`__call__`)."""
         opts = options or self.options()
         if out_path is None:
             out_path = Path(self.settings.output_dir) / f"{uuid.uuid4().hex}.mp4"
@@ -228,14 +250,23 @@ class SonicPipeline:
         return _result(out_path, framing.frame, clip, opts, motion.lipsync_offset_ms, timer, warnings)
 
     def _decode(
-        self, image: str | Path | np.ndarray, audio: str | Path | np.ndarray, sound_file: str | Path | None
+        self,
+        image: str | Path | np.ndarray | Image.Image,
+        audio: str | Path | np.ndarray,
+        sound_file: str | Path | None,
     ) -> tuple[np.ndarray, np.ndarray, Sound]:
         """Step 1: the portrait (H, W, 3) uint8, the speech (N,) float32 at SAMPLE_RATE, decoded
         from files or taken as given, checked against the limits, and the speech for the sound
         track (a file's own, at SOUND_RATE)."""
         limits = self.settings.limits
-        rgb = image if isinstance(image, np.ndarray) else load_portrait(image, limits)
+        rgb = (
+            portrait_array(image, limits)
+            if isinstance(image, (np.ndarray, Image.Image))
+            else load_portrait(_existing(image, "image"), limits)
+        )
         max_s = limits.max_duration_s
+        if not isinstance(audio, np.ndarray):
+            audio = _existing(audio, "audio")
         if isinstance(audio, np.ndarray):
             wav = check_waveform(audio, max_s)
             return rgb, wav, Sound.of_waveform(wav) if sound_file is None else load_sound(sound_file, max_s, wav)
@@ -383,3 +414,36 @@ def _result(
 def load_pipeline(settings: Settings | Mapping | str | Path | None = None) -> SonicPipeline:
     """Load the models once; the returned pipeline is called per request."""
     return SonicPipeline(as_settings(settings))
+
+
+def _existing(source: Any, field: str) -> Any:
+    """A path that names a file (or an open binary file, taken as it is); InvalidParameter
+    naming `field` otherwise (a missing file, a folder, an object of another kind)."""
+    if hasattr(source, "read"):
+        return source
+    if not isinstance(source, (str, Path)):
+        kinds = "a path, a PIL image or an RGB uint8 array" if field == "image" else "a path or a mono array"
+        raise InvalidParameter(f"{field} must be {kinds}, got {type(source).__name__}", field=field)
+    if not Path(source).is_file():
+        why = "is a folder" if Path(source).is_dir() else "does not exist"
+        raise InvalidParameter(f"{field}: {str(source)[:200]!r} {why}", field=field)
+    return source
+
+
+def portrait_array(image: np.ndarray | Image.Image, limits: Limits) -> np.ndarray:
+    """A portrait given in memory as RGB uint8 (H, W, 3): a PIL image converted, an array checked
+    as a file's pixels are (UnsupportedMedia / InputTooLarge naming `image`)."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise UnsupportedMedia(
+            f"an image array must be RGB uint8 of shape (H, W, 3); got {image.dtype} {tuple(image.shape)}",
+            field="image",
+        )
+    if image.shape[0] * image.shape[1] > limits.max_image_pixels:
+        raise InputTooLarge(
+            f"image has {image.shape[1]}x{image.shape[0]} pixels, more than the limit of "
+            f"{limits.max_image_pixels} (limits.max_image_pixels)",
+            field="image",
+        )
+    return image

@@ -98,7 +98,7 @@ def to_yuv420p(frames: np.ndarray) -> np.ndarray:
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     """16-bit PCM (N, C) into a WAV file; a full disk raises OSError(ENOSPC) (libsndfile's own
     writer reported it as an error without a number)."""
-    with wave.open(str(path), "wb") as w:
+    with open(path, "wb") as f, wave.open(f, "wb") as w:  # opened first: a folder that refuses it leaves no writer
         w.setnchannels(samples.shape[1])
         w.setsampwidth(2)
         w.setframerate(rate)
@@ -239,7 +239,10 @@ class VideoWriter:
 
     def _cleanup(self) -> None:
         self._log.close()
-        self._wav_path.unlink(missing_ok=True)
+        try:
+            self._wav_path.unlink(missing_ok=True)
+        except OSError:  # a folder that cannot be written (read-only, a file): nothing was left there
+            pass
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

@@ -196,6 +196,9 @@ def test_cli_generates(tmp_path):
     (["--config", '{"fps": 5}'], "fps"),
     (["--config", '{"colour": 1}'], "colour"),
     (["--config", "{not json"], "JSON"),
+    (["--config", "/no/such/params.json"], "no such file"),
+    (["--image", "/tmp"], "is a folder"),
+    (["--out", "/proc/version/x.mp4"], "cannot write the video"),  # its folder is a file: no traceback
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     base = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--out": str(tmp_path / "x.mp4")}
@@ -335,3 +338,77 @@ def test_a_small_face_in_a_large_photo_is_found(pipeline):
     assert pipeline.faces.analyze(canvas).others == 1
     with pytest.raises(NoFaceDetected):
         pipeline.faces.analyze(np.full((1200, 1600, 3), 235, np.uint8))
+
+
+def test_the_library_checks_what_it_is_handed_as_a_file_is_checked(pipeline, tmp_path):
+    """Arrays, PIL images, paths and parameter dicts from a caller's code: each fault a typed error
+    naming the field (an RGBA or a float array, a folder, a missing file were IndexError,
+    TypeError or FileNotFoundError), what is fine taken as it is."""
+    from PIL import Image
+
+    from sonic import SAMPLE_RATE
+    from sonic.media import load_audio, load_image
+
+    rgb, wav = load_image(PORTRAIT, 10**8), load_audio(SPEECH, 60)
+    out = tmp_path / "lib.mp4"
+    bad = [(np.dstack([rgb, rgb[..., :1]]), UnsupportedMedia), (rgb[..., 0], UnsupportedMedia),
+           (rgb.astype(np.float32), UnsupportedMedia), (tmp_path, InvalidParameter),
+           (tmp_path / "missing.jpg", InvalidParameter), (b"bytes", InvalidParameter)]
+    for image, error in bad:
+        with pytest.raises(error) as refused:
+            pipeline(image, wav, out_path=out)
+        assert refused.value.field == "image", image
+    with pytest.raises(InvalidParameter, match="does not exist") as refused:
+        pipeline(rgb, tmp_path / "missing.wav", out_path=out)
+    assert refused.value.field == "audio"
+    fast = {"min_resolution": 256, "duration": 0.4, "fps": np.int64(25)}  # a dict, numpy's scalars in it
+    result = pipeline(Image.open(PORTRAIT), wav, fast, out_path=out)
+    assert result.frames == 10 and SAMPLE_RATE == 16_000
+    assert list(tmp_path.glob(".lib.mp4*")) == []
+
+
+def test_threads_sharing_one_pipeline_take_turns(pipeline, tmp_path):
+    """One render at a time: from two threads at once the face analyser's graphs were shared and
+    gave wrong crops (no error); now the second call waits for the first."""
+    import threading
+
+    inside, most, sizes = [0], [0], []
+    lock = threading.Lock()
+
+    def progress(stage, fraction):
+        with lock:
+            if stage == "decode":
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            elif stage == "done":
+                inside[0] -= 1
+
+    def render(i):
+        result = pipeline(PORTRAIT, SPEECH, {"min_resolution": 256, "duration": 1.0, "seed": i},
+                          out_path=tmp_path / f"t{i}.mp4", progress=progress)
+        sizes.append((result.width, result.height))
+
+    threads = [threading.Thread(target=render, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert most[0] == 1 and len(set(sizes)) == 1 and len(sizes) == 3, (most, sizes)
+
+
+def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path):
+    """timeout(1), a batch scheduler: SIGTERM mid-render leaves no .part files (it left the
+    video's and its sound's), and exits 130 with "interrupted"."""
+    import signal
+
+    out = tmp_path / "long.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "sonic", "generate", "--image", str(PORTRAIT), "--audio",
+                             str(SPEECH), "--out", str(out), "--config", '{"min_resolution": 512, "duration": 120}'],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".long.mp4*")) and time.monotonic() < deadline:  # rendering
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err[-500:]
+    assert list(tmp_path.iterdir()) == []
