@@ -67,7 +67,7 @@ AUDIO_DECODES = max(2, os.cpu_count() or 2)
 AUDIO_DECODE_WAIT_S = 30.0
 _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
-MIX_LOSS = 10.0  # a channel this many times the mix's RMS: the mix lost the speech (cancelled, left out)
+MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
 LEVELS_FILTER = "astats=measure_perchannel=RMS_level:measure_overall=none"
 
@@ -251,7 +251,7 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
         # stereo pair) cancel, and ffmpeg's downmix leaves out some channels (the LFE): the
         # loudest channel alone may still hold the speech
         loudest = _loudest_channel(path, decode_s)
-        if loudest is None or len(loudest) != len(wav) or not rms(loudest) > MIX_LOSS * max(rms(wav), 1e-9):
+        if loudest is None or len(loudest) != len(wav) or not MIX_LOSS * rms(loudest) > max(rms(wav), 1e-9):
             raise
         return check_waveform(loudest, max_duration_s)
 

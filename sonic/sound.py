@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Busy, PipelineError, UnsupportedMedia
-from .media import SAMPLE_RATE, SOUND_RATE, probe_audio, rms, run_ffmpeg_on
+from .media import MIX_LOSS, SAMPLE_RATE, SOUND_RATE, probe_audio, rms, run_ffmpeg_on
 
 log = logging.getLogger("sonic.sound")
 OPPOSITE_PHASE = -0.5  # correlation of the two sides below this: a miswired pair, the voice cancels in mono
 ONE_SIDED = 0.1  # one side's RMS below this share of the other's (20 dB): the voice is on one side only
-MIX_LOSS = 0.1  # the track's RMS below this share of the analysis copy's: the downmix left the voice out
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
     if proc.returncode != 0 or len(proc.stdout) < 8:
         return Sound.of_waveform(wav)
     stereo = listenable(np.frombuffer(proc.stdout, dtype=np.float32)[: len(proc.stdout) // 8 * 2].reshape(-1, 2))
-    if rms(stereo) < MIX_LOSS * rms(wav):  # the downmix left the voice out (speech on the LFE channel only)
+    if rms(stereo) < MIX_LOSS * rms(wav):  # the downmix left out the voice the analysis copy has (the LFE's)
         return Sound.of_waveform(wav)
     return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE)
 
