@@ -113,13 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             args.settings, flags={"decoder": args.decoder, "device": args.device, "sonic_checkpoints": args.checkpoints}
         )
         opts = GenerateOptions.from_dict(_params(args.config), settings)
-        for name in ("image", "audio"):
-            given = Path(getattr(args, name))
-            if not given.is_file():
-                why = "is a folder" if given.is_dir() else "no such file"
-                raise InvalidParameter(f"--{name} {getattr(args, name)!r}: {why}", field=name)
         # bad media is reported before the models load (seconds), and decoded only once
-        from .checks import check_inputs
+        from .checks import check_inputs, existing_file
+
+        for name in ("image", "audio"):
+            existing_file(getattr(args, name), name, shown=f"--{name}")
 
         inputs = check_inputs(args.image, args.audio, opts, settings.limits)
         from .pipeline import load_pipeline

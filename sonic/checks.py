@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import InputTooLarge
+from .errors import InputTooLarge, InvalidParameter
 from .face import fit_output
 from .media import SAMPLE_RATE, decode_budget, load_audio, load_image, upload_decode
 from .options import GenerateOptions
@@ -57,6 +57,16 @@ def check_inputs(image: str | Path, audio: str | Path, options: GenerateOptions,
         h, w = rgb.shape[:2]
         check_output((h, w), None, options, frame_count(options, len(wav) / SAMPLE_RATE), limits)
     return CheckedInputs(rgb=rgb, wav=wav, decode_s=time.perf_counter() - t0)
+
+
+def existing_file(source: str | Path, field: str, shown: str | None = None) -> str | Path:
+    """A path that names a file; InvalidParameter naming `field` (shown to the user as `shown`,
+    e.g. the CLI's --image) where it is missing or a folder."""
+    path = Path(source)
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "no such file"
+        raise InvalidParameter(f"{shown or field} {str(source)[:200]!r}: {why}", field=field)
+    return source
 
 
 def load_portrait(image: str | Path | BinaryIO, limits: Limits) -> np.ndarray:

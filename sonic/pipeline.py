@@ -17,7 +17,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
-from .checks import check_output, frame_count, load_portrait
+from .checks import check_output, existing_file, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
 from .face import FaceAnalyzer, crop_box
@@ -262,16 +262,15 @@ class SonicPipeline:
         rgb = (
             portrait_array(image, limits)
             if isinstance(image, (np.ndarray, Image.Image))
-            else load_portrait(_existing(image, "image"), limits)
+            else load_portrait(_file_of(image, "image"), limits)
         )
         max_s = limits.max_duration_s
-        if not isinstance(audio, np.ndarray):
-            audio = _existing(audio, "audio")
         if isinstance(audio, np.ndarray):
             wav = check_waveform(audio, max_s)
             return rgb, wav, Sound.of_waveform(wav) if sound_file is None else load_sound(sound_file, max_s, wav)
-        wav = load_audio(audio, max_s)
-        return rgb, wav, load_sound(audio, max_s, wav)
+        path = _file_of(audio, "audio")
+        wav = load_audio(path, max_s)
+        return rgb, wav, load_sound(path, max_s, wav)
 
     def framing(self, rgb: np.ndarray, opts: GenerateOptions, n_frames: int, faces=None) -> Framing:
         """Step 2: the output frame cut from the photo around the face; an output over the
@@ -416,18 +415,15 @@ def load_pipeline(settings: Settings | Mapping | str | Path | None = None) -> So
     return SonicPipeline(as_settings(settings))
 
 
-def _existing(source: Any, field: str) -> Any:
-    """A path that names a file (or an open binary file, taken as it is); InvalidParameter
-    naming `field` otherwise (a missing file, a folder, an object of another kind)."""
+def _file_of(source: Any, field: str) -> Any:
+    """An open binary file, taken as it is, or a path that names a file (`checks.existing_file`);
+    InvalidParameter naming `field` for an object of another kind."""
     if hasattr(source, "read"):
         return source
     if not isinstance(source, (str, Path)):
         kinds = "a path, a PIL image or an RGB uint8 array" if field == "image" else "a path or a mono array"
         raise InvalidParameter(f"{field} must be {kinds}, got {type(source).__name__}", field=field)
-    if not Path(source).is_file():
-        why = "is a folder" if Path(source).is_dir() else "does not exist"
-        raise InvalidParameter(f"{field}: {str(source)[:200]!r} {why}", field=field)
-    return source
+    return existing_file(source, field)
 
 
 def portrait_array(image: np.ndarray | Image.Image, limits: Limits) -> np.ndarray:
