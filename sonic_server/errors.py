@@ -167,7 +167,7 @@ def install_database_errors(app: Flask) -> None:
     """The accounts database away (stopped, unreachable, its connections dropped): every request
     that needs it, a key's check included, is 503 `storage_unavailable` + Retry-After, as an
     object store that does not answer is, not a 500."""
-    from sqlalchemy import exc
+    from .accounts.ledger import DATABASE_AWAY
 
     last_trace = [-TRACE_EVERY_S]
 
@@ -186,5 +186,5 @@ def install_database_errors(app: Flask) -> None:
             "storage_unavailable", "the accounts database does not answer; retry shortly", headers={"Retry-After": "5"}
         )
 
-    app.register_error_handler(exc.OperationalError, _away)
-    app.register_error_handler(exc.InterfaceError, _away)
+    for error in DATABASE_AWAY:
+        app.register_error_handler(error, _away)

@@ -32,7 +32,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from .schema import (
     _APPEND_ONLY,
@@ -71,6 +71,7 @@ class Principal:
 
 
 ANSWERS_KEPT_S = 2.0  # how long answers() trusts its last look at the database
+DATABASE_AWAY = (OperationalError, InterfaceError)  # the errors of a database that does not answer
 
 
 def digest(key: str) -> str:

@@ -89,7 +89,7 @@ class Settler:
     def run(self) -> None:
         import logging
 
-        from sqlalchemy.exc import InterfaceError, OperationalError
+        from .ledger import DATABASE_AWAY
 
         log = logging.getLogger("sonic.credits")
         away = False  # the database not answering is said once, not with a trace every sweep
@@ -99,7 +99,7 @@ class Settler:
                 if away:
                     log.warning("settling reservations: the accounts database answers again")
                 away = False
-            except (OperationalError, InterfaceError) as e:
+            except DATABASE_AWAY as e:
                 if not away:
                     log.warning("settling reservations: the accounts database does not answer (%s)", type(e).__name__)
                 away = True
