@@ -330,8 +330,7 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
         if stopping.is_set() or burst:
             return
         log.warning("worker %s: the job loop stopped (Redis away?); it starts again once Redis answers", state.name)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # RQ's handlers belong to the loop that stopped
-            signal.signal(signum, _stop_on(stopping))
+        stop_on_signals(stopping)  # RQ's handlers belong to the loop that stopped
         while not stopping.wait(1.0):
             try:
                 conn.ping()
@@ -343,23 +342,17 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
             return
 
 
-def _stop_on(stopping: threading.Event) -> Callable[[int, Any], None]:
-    """A signal handler: the first signal stops the loop, a second one stops the process at once."""
+def stop_on_signals(stopping: threading.Event) -> threading.Event:
+    """`stopping`, set from now on by SIGTERM or SIGINT; a second signal stops the process at once."""
 
     def handle(signum: int, frame: Any) -> None:
         if stopping.is_set():
             raise SystemExit(128 + signum)
         stopping.set()
 
-    return handle
-
-
-def stopped_by_signal() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (before RQ installs its own handlers)."""
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _stop_on(stop))
-    return stop
+        signal.signal(signum, handle)
+    return stopping
 
 
 def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
@@ -436,7 +429,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         conn.ping()
     except Exception as e:  # noqa: BLE001
         sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
-    if not claim_name(conn, name, srv.worker_lease_s, stopped_by_signal()):
+    if not claim_name(conn, name, srv.worker_lease_s, stop_on_signals(threading.Event())):
         sys.exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while the model loads a signal stops it at once, as before
     signal.signal(signal.SIGINT, signal.default_int_handler)
