@@ -16,10 +16,7 @@ bp = Blueprint("meta", __name__)
 
 
 @bp.get("/health")
-@describe(
-    "Liveness and readiness",
-    responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"},
-)
+@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"})
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
