@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -15,6 +12,7 @@ from flask import Flask
 from sonic.errors import SetupError
 
 from . import access, hooks, loader
+from .drain import Drain, drain_on_sigterm
 from .errors import install_database_errors, install_error_handlers
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
@@ -46,6 +44,8 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
 
         hops = srv.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+    # outermost: a stop waits for every answer, and refuses requests before anything else runs
+    drain = app.wsgi_app = Drain(app.wsgi_app, srv.drain_s)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
     uploads, outputs = open_storage(settings)
     svc = app.extensions["sonic"] = Service(
@@ -159,22 +159,11 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         )
 
     loader.start(svc, make_queue, background_load, then=warm_live)
+    drain_on_sigterm(drain)  # under a WSGI server; `sonic serve` claims SIGTERM itself
     return app
 
 
 def _end_sessions_on_exit(live) -> None:
     """A stopped server ends its live sessions (server_stopping): the seconds they streamed are
-    charged and their helpers stopped. At the interpreter's exit, and on SIGTERM (docker stop,
-    systemd, `waitress-serve`), which would otherwise kill the process before anything ran,
-    where nothing else has claimed the signal."""
+    charged and their helpers stopped, at the interpreter's exit (after a SIGTERM's drain too)."""
     atexit.register(live.close)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    logging.getLogger("sonic.http").warning(
-        "SIGTERM: stopping; live sessions end (server_stopping), and a job running or queued is reported "
-        "failed (interrupted) at the next start (where server.jobs_db keeps records)"
-    )
-    raise SystemExit(128 + signum)

@@ -22,6 +22,7 @@ from sonic.errors import SonicError
 from sonic.settings import SettingsError
 
 from . import create_app
+from .drain import InFlight
 from .hooks import configure_logging
 from .settings import load_settings
 
@@ -162,29 +163,6 @@ def serve(args: argparse.Namespace) -> None:
                 live.close()
     if stopped:
         sys.exit(128 + stopped[0])
-
-
-class InFlight:
-    """The connections being served (`with in_flight:` around each), so that a stop can wait
-    for them to be answered."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._changed = threading.Condition()
-
-    def __enter__(self) -> None:
-        with self._changed:
-            self.count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._changed:
-            self.count -= 1
-            self._changed.notify_all()
-
-    def wait(self, timeout_s: float) -> bool:
-        """Whether every request was answered within timeout_s."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self.count == 0, timeout_s)
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> None:

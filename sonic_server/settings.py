@@ -33,7 +33,7 @@ class ServerSettings:
     output_ttl_s: float = 86400.0  # videos and finished job records are deleted this long after; 0: kept
     retry_after_s: int = 10
     socket_timeout_s: float = 30.0
-    drain_s: float = 8.0  # sonic serve on SIGTERM: requests in flight may finish this long (docker stop waits 10 s)
+    drain_s: float = 8.0  # on SIGTERM: requests in flight may finish this long (docker stop waits 10 s)
     max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
     cors_origins: tuple[str, ...] = ("*",)
     proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many

@@ -80,13 +80,18 @@ def test_the_dockerfile_runs_waitress_on_8080_as_a_user_with_a_health_check():
     assert worker[:2] == ["sonic", "worker"]
 
 
-def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_request_and_job(tmp_path):
+def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_drain_on_sigterm(tmp_path):
     """The production command (waitress-serve --call sonic_server.wsgi:make_app, the Dockerfile's)
     takes its settings file from SONIC_CONFIG and logs as `sonic serve` does: each request's line
-    with its client, its job or its error code, and each job's end; a bad setting is one line."""
+    with its client, its job or its error code, and each job's end; a bad setting is one line.
+    Stopped by SIGTERM (docker stop) while a synchronous generate waits for its video, it still
+    answers that request (waitress alone would die at once), answers new ones 503 `busy`, and
+    ends within server.drain_s."""
     import os
+    import signal
     import subprocess
     import sys
+    import threading
     import time
 
     import requests
@@ -95,7 +100,7 @@ def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_req
     from server_helpers import settings
     from test_http_live import free_port
 
-    cfg = settings(tmp_path)
+    cfg = settings(tmp_path, drain_s=20, sync_wait_s=60)
     cfg["defaults"]["min_resolution"] = 256
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     port, log = free_port(), tmp_path / "server.log"
@@ -119,11 +124,35 @@ def test_under_waitress_a_settings_file_from_sonic_config_and_a_log_line_per_req
         with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
             done = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud}, timeout=120).json()
         refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
+        answer: dict = {}
+
+        def generate_long():
+            with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+                try:
+                    answer["r"] = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud},
+                                                data={"config": json.dumps({"duration": 40})}, timeout=120)
+                except requests.ConnectionError as e:  # cut off
+                    answer["r"] = e
+
+        in_flight = threading.Thread(target=generate_long)
+        in_flight.start()
+        time.sleep(1.0)  # the request is in flight: its video renders
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        stopping = requests.get(base + "/health", timeout=5)
+        in_flight.join(60)
+        assert proc.wait(30) == 0
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
     text = log.read_text()
     assert done["success"] and refused.status_code == 400
+    long = answer["r"]
+    assert getattr(long, "status_code", None) == 200 and long.json()["frames"] == 1000, long
+    assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"
+    assert stopping.headers["Retry-After"] == "1"
+    assert "SIGTERM: stopping; new requests are answered 503, 1 in flight get up to 20 s" in text
     assert done["width"] == 256  # the file's defaults were read
     lines = [json.loads(line.split(" INFO sonic.http ", 1)[1]) for line in text.splitlines() if " INFO sonic.http " in line]
     made = [line for line in lines if line["route"] == "/api/sonic/generate" and line["status"] == 200]
