@@ -103,7 +103,13 @@ def test_a_person_makes_and_plays_a_video_with_progress(server, browser):
           .observe(document.getElementById('progress-box'), {subtree: true, childList: true, attributes: true,
                                                              characterData: true});""")
     d.find_element("id", "submit").click()
+    # the pressed button is disabled: the keyboard's focus moves on to Cancel, not to the page's start
+    assert d.execute_script("return document.activeElement.id") == "cancel"
     wait(d, "return !document.getElementById('result').hidden", 120, "the finished video")
+    # a screen reader hears the end, and the focus is on the result (Tab: the player)
+    assert d.execute_script("return document.activeElement.id") == "result-title"
+    assert d.find_element("id", "announce").get_attribute("textContent") == "Your video is ready"
+    assert d.find_element("id", "progress-box").get_attribute("aria-live") is None  # each figure is not read out
     seen = d.execute_script("return window.seen")
     stages = [s for s, _ in seen]
     values = [v for _, v in seen]
@@ -128,8 +134,17 @@ def test_a_person_makes_and_plays_a_video_with_progress(server, browser):
     first = d.find_element("css selector", "#history li")
     assert job_id in first.find_element("tag name", "a").get_attribute("href")
     first.find_element("css selector", ".delete-job").click()
+    d.switch_to.alert.dismiss()  # deleting asks first: nothing is deleted on "Cancel"
+    time.sleep(0.5)
+    assert requests.get(f"{server}/api/sonic/jobs/{job_id}", timeout=5).status_code == 200
+    first.find_element("css selector", ".delete-job").click()
+    assert "cannot be undone" in d.switch_to.alert.text
+    d.switch_to.alert.accept()
     wait(d, f"return !document.getElementById('history').innerHTML.includes('{job_id}')", 10, "the job deleted")
     assert requests.get(f"{server}/api/sonic/jobs/{job_id}", timeout=5).status_code == 404
+    # the focus is not dropped to the page's start: it is on the list's next item, or its heading
+    assert d.execute_script("return document.activeElement.className || document.activeElement.id") in (
+        "delete-job", "history-title", "submit")
 
 
 def test_speech_recorded_from_the_microphone_makes_a_video(server, browser):
@@ -179,10 +194,12 @@ def test_cancel_stops_a_long_job(server, browser):
     d.find_element("id", "submit").click()
     wait(d, "return document.getElementById('stage').textContent === 'render'", 60, "the render stage")
     d.find_element("id", "cancel").click()
-    message = wait(d, "return document.getElementById('error-form').textContent", 30, "the cancel message")
-    assert "canceled" in message
+    # what the person asked for is a status, not an error
+    message = wait(d, "return document.getElementById('status-form').textContent", 30, "the cancel message")
+    assert "canceled" in message and d.find_element("id", "error-form").text == ""
     assert d.find_element("id", "result").get_attribute("hidden") is not None
     assert not d.find_element("id", "submit").get_attribute("disabled")          # ready for the next one
+    assert d.execute_script("return document.activeElement.id") == "submit"    # the focus left the hidden Cancel
 
 
 def test_a_text_file_as_the_image_shows_the_servers_415_next_to_the_image(server, browser, tmp_path):
@@ -245,9 +262,11 @@ def test_with_api_keys_the_key_field_unlocks_the_page_and_the_event_stream(brows
         d.get(info["base"] + "/")
         d.execute_script("localStorage.clear()")
         d.get(info["base"] + "/")
-        message = wait(d, "return document.getElementById('error-form').textContent", 20, "the 401 message")
+        # the 401 is said at the key field, which is marked invalid
+        message = wait(d, "return document.getElementById('error-api-key').textContent", 20, "the 401 message")
         assert "key" in message.lower(), message
         key = d.find_element("id", "api-key")
+        assert key.get_attribute("aria-invalid") == "true"
         key.send_keys("browser-key-1")
         d.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
         wait(d, "return document.querySelectorAll('[data-param]').length > 5", 20, "the parameters, with the key")

@@ -61,6 +61,11 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     wait(d, "return /\\d+ ms/.test(document.getElementById('live-latency').textContent)", 10, "the latency read-out")
     wait(d, "return /fps/.test(document.getElementById('live-fps').textContent)", 10, "the frame rate read-out")
     assert live_sessions(server) == 1
+    # the pressed Start is hidden: the keyboard's focus is on Stop; the state is announced, the
+    # figures that change every second are not
+    assert d.execute_script("return document.activeElement.id") == "live-stop"
+    assert d.find_element("id", "live-figures").get_attribute("aria-live") is None
+    assert d.find_element("id", "live-announce").get_attribute("textContent").startswith("Live: ")
     # the fake microphone's speech reaches the face: the server says it is speaking at some point
     session = d.execute_script("return live.id")
     states = set()
@@ -77,6 +82,7 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
         time.sleep(0.1)
     assert live_sessions(server) == 0
     assert d.find_element("id", "live-video").is_displayed() is False
+    assert d.execute_script("return document.activeElement.id") == "live-start"
 
 
 def test_live_without_a_portrait_names_the_field(server, browser):

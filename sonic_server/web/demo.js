@@ -29,14 +29,19 @@ async function jsonOf(resp) {
 
 // ---- errors: the server's message, next to the field it names -----------------------------
 function clearErrors() {
-  document.querySelectorAll(".error").forEach((p) => { p.textContent = ""; });
+  document.querySelectorAll(".error, .status").forEach((p) => { p.textContent = ""; });
   document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
   document.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
 }
 
 function showError(err) {
-  const message = (err && err.message) || "the request failed";
-  const field = err && err.field;
+  let message = (err && err.message) || "the request failed";
+  let field = err && err.field;
+  if (err && err.code === "unauthorized") {  // the key is what the person can change: said at its field
+    field = "api-key";
+    message = load(KEY_KEY) ? "this API key is not accepted: check it, or ask for a new one"
+      : "this server asks for an API key: enter it here";
+  }
   let box = field ? $("error-" + field) : null;
   if (!box) box = $("error-form");
   box.textContent = message;
@@ -56,6 +61,9 @@ async function errorOf(resp) {
   } catch (e) { /* not JSON */ }
   return { message: `the server answered ${resp.status}` };
 }
+
+// what a screen reader hears: a status line changed only when there is news (not every figure)
+function announce(text) { $("announce").textContent = text; }
 
 // ---- parameters, from the server's own description ----------------------------------------
 async function loadParams() {
@@ -161,7 +169,12 @@ function wireDrop(zone, input) {
 function showImagePreview() {
   const file = $("image").files[0];
   const img = $("preview");
+  $("error-image").textContent = "";
   if (!file) { img.hidden = true; return; }
+  img.onerror = () => {  // no broken picture: say why there is none (the server will say more)
+    img.hidden = true;
+    $("error-image").textContent = "this file does not open as a picture: choose a JPEG, PNG or WebP photo";
+  };
   img.src = URL.createObjectURL(file);
   img.hidden = false;
 }
@@ -210,8 +223,15 @@ async function toggleRecording() {
 }
 
 // ---- a job: submit, follow, cancel, show ----------------------------------------------------
+const STAGE_WORDS = {  // the job's stages as a person says them
+  uploading: "uploading", queued: "waiting for its turn", processing: "starting", decode: "reading the files",
+  face: "finding the face", audio: "listening to the speech", motion: "planning the motion",
+  render: "drawing the frames", done: "done",
+};
+
 function setProgress(body) {
   const pct = Math.round((body.progress || 0) * 100);
+  if (body.stage !== $("stage").textContent) announce(`Making the video: ${STAGE_WORDS[body.stage] || body.stage}`);
   $("bar").style.width = pct + "%";
   $("progress").setAttribute("aria-valuenow", String(pct));
   $("progress").setAttribute("aria-valuetext", `${body.stage}: ${pct}%`);
@@ -220,9 +240,14 @@ function setProgress(body) {
 }
 
 function busy(on) {
+  const focused = document.activeElement;
   $("submit").disabled = on;
   $("cancel").hidden = !on;
   $("progress-box").hidden = false;
+  // a disabled or hidden button drops the keyboard's focus to the page's start: it moves on to
+  // the button that now does something (Cancel while the job runs, then Make the video again)
+  if (on && focused === $("submit")) $("cancel").focus();
+  else if (!on && (focused === $("cancel") || focused === document.body)) $("submit").focus();
 }
 
 async function submit(event) {
@@ -355,8 +380,15 @@ function finish(body) {
   busy(false);
   state.job = null;
   refreshJobs();
+  if (body.status === "canceled") {  // what the person asked for: a status, not an error
+    $("progress-box").hidden = true;
+    $("status-form").textContent = "the video was canceled";
+    announce("");
+    return;
+  }
   if (body.status !== "succeeded") {
     $("progress-box").hidden = true;
+    announce("");
     showError(body.error || { message: `the job ended: ${body.status}` });
     return;
   }
@@ -379,6 +411,8 @@ function finish(body) {
   if (body.cached) figure(figs, "cached", "yes: the same inputs were made before");
   (body.warnings || []).forEach((w) => figure(figs, "note", w));
   $("result").hidden = false;
+  announce("Your video is ready");
+  $("result-title").focus();  // the keyboard's next Tab reaches the player
 }
 
 // ---- your recent videos, as the server lists them (GET /api/sonic/jobs: this key's own) ----------
@@ -414,24 +448,39 @@ function renderJobs(jobs) {
     del.className = "delete-job";
     del.textContent = "Delete";
     del.setAttribute("aria-label", `Delete the video of ${when}`);
-    del.addEventListener("click", () => deleteJob(job.job_id));
+    del.addEventListener("click", () => deleteJob(job.job_id, job.status));
     li.append(" ", del);
     list.append(li);
   }
 }
 
-async function deleteJob(jobId) {
+async function deleteJob(jobId, status) {
+  const running = !TERMINAL.includes(status);
+  if (!window.confirm(running ? "Stop this video and delete it?" : "Delete this video? It cannot be undone.")) return;
+  const list = $("history");
+  const at = [...list.querySelectorAll(".delete-job")].indexOf(document.activeElement);
   try {
     const resp = await fetch(`/api/sonic/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE", headers: authHeaders() });
     if (!resp.ok && resp.status !== 404) showError(await errorOf(resp));
   } catch (e) {
     showError({ message: "the server could not be reached" });
   }
-  refreshJobs();
+  await refreshJobs();
+  // the list is drawn again: the keyboard's focus goes to the item now in that place, or the list
+  if (at >= 0) {
+    const buttons = list.querySelectorAll(".delete-job");
+    const next = buttons[Math.min(at, buttons.length - 1)];
+    if (next) next.focus();
+    else if (!$("history-box").hidden) $("history-title").focus();
+    else $("submit").focus();
+  }
 }
 
 // ---- start ------------------------------------------------------------------------------------
 $("api-key").value = load(KEY_KEY) || "";
+$("api-key").addEventListener("keydown", (e) => {  // Enter keeps the key; it does not send the form
+  if (e.key === "Enter") { e.preventDefault(); $("api-key").dispatchEvent(new Event("change")); }
+});
 $("api-key").addEventListener("change", () => {
   const key = $("api-key").value.trim();
   store(KEY_KEY, key || null);

@@ -4,17 +4,21 @@
 // helpers ($, authHeaders, config, showError, clearErrors, errorOf, jsonOf).
 "use strict";
 
-const live = { pc: null, mic: null, id: null, timer: null, frames: null };
+const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null };
 const GATHER_MS = 3000;  // the server takes the offer with its candidates in it (no trickle)
 
 function liveUrl(tail) { return "/api/sonic/live/" + live.id + (tail || ""); }
 
 function liveShown(running) {
+  // the pressed button hides: the keyboard's focus moves to the one shown in its place
+  const moveFocus = [$("live-start"), $("live-stop"), document.body].includes(document.activeElement);
   $("live-start").hidden = running;
   $("live-stop").hidden = !running;
   $("live-video").hidden = !running;
   $("live-speak").hidden = !running;
   $("live-figures").hidden = !running;
+  if (moveFocus) $(running ? "live-stop" : "live-start").focus();
+  if (!running) $("live-announce").textContent = "";
 }
 
 function liveError(message) { $("error-live").textContent = message; }
@@ -76,7 +80,7 @@ async function startLive() {
     live.id = body.session_id;
     await pc.setRemoteDescription(body.answer);
     liveShown(true);
-    live.frames = null;
+    live.frames = live.state = null;
     live.timer = setInterval(refreshLive, 1000);
   } catch (e) {
     liveError("the live session could not start: " + e.message);
@@ -95,6 +99,8 @@ async function refreshLive() {
   const s = await jsonOf(resp);
   if (!s) return;
   const now = performance.now();
+  if (s.state !== live.state) $("live-announce").textContent = `Live: ${s.state}`;  // news, not each second's figures
+  live.state = s.state;
   $("live-state").textContent = s.state + (s.queued_s > 0 ? ` (${s.queued_s.toFixed(1)} s queued)` : "");
   $("live-latency").textContent = s.latency_ms === null ? "–" : Math.round(s.latency_ms) + " ms at the server";
   if (live.frames) {
