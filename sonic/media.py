@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import subprocess
+import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
@@ -67,6 +68,8 @@ AUDIO_DECODES = max(2, os.cpu_count() or 2)
 AUDIO_DECODE_WAIT_S = 30.0
 _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
+OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
+PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
 MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
 LEVELS_FILTER = "astats=measure_perchannel=RMS_level:measure_overall=none"
@@ -316,7 +319,9 @@ def probe_audio(path: str | Path) -> AudioStream | None:
     ffmpeg makes of its first 10 ms (neither resampled nor mixed: as it decodes, whatever the
     container's layout is called), and the duration its container states; None when it does not
     decode."""
-    proc = run_ffmpeg_on(path, ["-v", "info"], ["-map", "0:a:0", "-vn", "-t", "0.01", "-f", "wav", "-"])
+    proc = run_ffmpeg_on(
+        path, ["-v", "info"], ["-map", "0:a:0", "-vn", "-t", "0.01", "-f", "wav", "-"], max_output_bytes=PROBE_BYTES
+    )
     if proc.returncode != 0 or len(proc.stdout) < 28 or proc.stdout[:4] != b"RIFF" or proc.stdout[12:16] != b"fmt ":
         return None
     channels, rate = struct.unpack_from("<HI", proc.stdout, 22)
@@ -350,7 +355,8 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
         "f32le",
         "-",
     ]
-    proc = run_ffmpeg_on(path, ["-v", "error"], out)
+    # a little past what -t asks: where the timestamps lie, the bytes still stop it
+    proc = run_ffmpeg_on(path, ["-v", "error"], out, max_output_bytes=int((max_duration_s + 2) * SAMPLE_RATE) * 4)
     if proc.returncode == 0:
         return np.frombuffer(proc.stdout, dtype=np.float32).copy()
     channels = re.search(rb"Rematrix is needed between (\d+) channels", proc.stderr)
@@ -367,10 +373,15 @@ def _average_of(channels: int) -> str:
     return "pan=mono|c0=" + "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
 
 
-def run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) -> subprocess.CompletedProcess:
+def run_ffmpeg_on(
+    path: str | Path, verbosity: list[str], output: list[str], max_output_bytes: int | None = None
+) -> subprocess.CompletedProcess:
     """ffmpeg reading one upload: the file is handed over as an open descriptor (the only
     protocol allowed is `fd`, so nothing a file names can be opened) and only AUDIO_DEMUXERS may
-    read it."""
+    read it. With max_output_bytes, ffmpeg is stopped once its output passes that many bytes and
+    the answer holds those bytes (return code 0: what was asked for was made): `-t` counts by the
+    stream's timestamps, and a stream whose timestamps never advance would otherwise be decoded
+    whole, into memory, whatever `-t` says."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -391,13 +402,48 @@ def run_ffmpeg_on(path: str | Path, verbosity: list[str], output: list[str]) -> 
         *output,
     ]
     try:
-        return subprocess.run(cmd, capture_output=True, pass_fds=(fd,), timeout=DECODE_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        raise UnsupportedMedia("audio took too long to decode", field="audio") from e
+        with tempfile.TemporaryFile() as log:  # a file: a full stderr pipe would stall the decode
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, pass_fds=(fd,))
+            out, cut, timed_out = _output_of(proc, max_output_bytes, DECODE_TIMEOUT_S)
+            log.seek(0)
+            errors = log.read()
     except OSError as e:
         raise PipelineError("ffmpeg could not be started") from e
     finally:
         os.close(fd)
+    if timed_out:
+        raise UnsupportedMedia("audio took too long to decode", field="audio")
+    return subprocess.CompletedProcess(cmd, 0 if cut else proc.returncode, out, errors)
+
+
+def _output_of(proc: subprocess.Popen, max_bytes: int | None, timeout_s: float) -> tuple[bytes, bool, bool]:
+    """A running process's standard output, at most max_bytes of it (then it is killed), and
+    whether it was cut there, and whether it ran past timeout_s (then it is killed too)."""
+    late = threading.Event()
+
+    def stop_late() -> None:
+        late.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout_s, stop_late)
+    timer.start()
+    chunks, total, cut = [], 0, False
+    try:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(OUTPUT_CHUNK_BYTES):
+            chunks.append(chunk)
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                cut = True
+                proc.kill()
+                break
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    out = b"".join(chunks)
+    return (out[:max_bytes] if cut else out), cut, late.is_set()
 
 
 @contextmanager
@@ -416,7 +462,7 @@ def upload_decode() -> Iterator[None]:
 def probed_audio_format(path: str | Path) -> str | None:
     """The demuxer ffmpeg's probe picks for a file (its name: "wav", "hls", "dash"...), or None
     when nothing recognises it; the probe reads this file only, under the same allow-lists."""
-    proc = run_ffmpeg_on(path, ["-v", "debug"], ["-t", "0", "-f", "null", "-"])
+    proc = run_ffmpeg_on(path, ["-v", "debug"], [])  # no output: ffmpeg stops once the file is open
     found = re.search(rb"Format (\S+) probed with size=", proc.stderr)
     return found.group(1).decode("ascii", "replace") if found else None
 

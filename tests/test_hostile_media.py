@@ -213,3 +213,32 @@ def test_a_silent_mix_of_many_channels_is_searched_without_holding_them(tmp_path
     subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(tmp_path / "pair.wav"), "-metadata",
                     "comment=RMS level dB: .", str(tagged)], check=True)
     assert len(load_audio(tagged, 60)) == len(speech)
+
+
+def test_a_stream_whose_timestamps_never_advance_is_cut_at_its_bytes_not_held_whole(tmp_path):
+    """ffmpeg's `-t` counts by timestamps: a Matroska file whose packets all say 0 made the 10 ms
+    probe and the capped decode run to the file's end, every sample held in memory (4.75 MB of
+    FLAC at 384 kHz: 3.7 GB and 25 s of CPU, then a 422). ffmpeg's output is cut by its bytes: the
+    same 422 comes, and nothing is held. Run in a process of its own, whose peak memory is this."""
+    import sys
+
+    zero = tmp_path / "zero.mka"
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=96000:cl=stereo", "-t", "600",
+                    "-c:a", "flac", "-f", "matroska", "-bsf:a", "setts=pts=0:dts=0", str(zero)], check=True)
+    script = (
+        "import resource, sys\n"
+        "from sonic import AudioTooLong\n"
+        "from sonic.media import load_audio\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    load_audio(sys.argv[1], 60)\n"
+        "    print('decoded')\n"
+        "except AudioTooLong as e:\n"
+        "    print('refused', e.field)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script, str(zero)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    answer, grown_mb = ran.stdout.split("\n")[:2]
+    assert answer == "refused audio"
+    assert int(grown_mb) < 100, grown_mb  # 600 s of 2 channels at 96 kHz held as the probe's WAV: 230 MB
