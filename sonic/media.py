@@ -62,11 +62,13 @@ DECODE_TIMEOUT_S = 120
 # is decoded only as far as this many samples go: 300 s of 8 channels at 48 kHz (about 1.5 s of
 # one core here); longer at a higher rate or with more channels is refused by name.
 MAX_DECODE_SAMPLES = 120_000_000
-# uploads decoded at once by a process's request threads (`upload_decode`); one more waits up
-# to AUDIO_DECODE_WAIT_S, then is refused busy: uploads cannot take every core from the renders
+# uploads decoded at once by a process's request threads (`upload_decode`); as many more wait,
+# up to AUDIO_DECODE_WAIT_S, and beyond them one more is refused busy at once: uploads cannot
+# take every core from the renders, nor every server thread by waiting
 AUDIO_DECODES = max(2, os.cpu_count() or 2)
 AUDIO_DECODE_WAIT_S = 30.0
 _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
+_audio_decodes_and_waiting = threading.BoundedSemaphore(2 * AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
 OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
 PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
@@ -199,20 +201,29 @@ def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
 
 class DecodeBudget:
     """Bytes that this process's image decodes may hold at once. A decode waits up to `wait_s`
-    for its share, then is refused as `busy`; one decode larger than the whole budget may run
+    for its share, then is refused as `busy`; at most `max_waiting` wait, and one more is refused
+    at once (each waiter holds a server thread); one decode larger than the whole budget may run
     when nothing else does, so that every allowed image can be decoded."""
 
-    def __init__(self, total_bytes: int, wait_s: float):
-        self.total, self.wait_s = int(total_bytes), float(wait_s)
-        self.in_use = 0
+    def __init__(self, total_bytes: int, wait_s: float, max_waiting: int = 4):
+        self.total, self.wait_s, self.max_waiting = int(total_bytes), float(wait_s), int(max_waiting)
+        self.in_use = self.waiting = 0
         self._cond = threading.Condition()
 
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         share = min(int(nbytes), self.total)
+        busy = Busy("too many large images are being decoded at once; retry shortly", field="image")
         with self._cond:
-            if not self._cond.wait_for(lambda: self.in_use + share <= self.total, timeout=self.wait_s):
-                raise Busy("too many large images are being decoded at once; retry shortly", field="image")
+            if self.in_use + share > self.total:
+                if self.waiting >= self.max_waiting:
+                    raise busy
+                self.waiting += 1
+                try:
+                    if not self._cond.wait_for(lambda: self.in_use + share <= self.total, timeout=self.wait_s):
+                        raise busy
+                finally:
+                    self.waiting -= 1
             self.in_use += share
         try:
             yield
@@ -448,15 +459,21 @@ def _output_of(proc: subprocess.Popen, max_bytes: int | None, timeout_s: float) 
 
 @contextmanager
 def upload_decode() -> Iterator[None]:
-    """A slot for decoding an upload in a request thread (at most AUDIO_DECODES at once; Busy
-    after AUDIO_DECODE_WAIT_S). A job already admitted decodes without one: it must not wait
-    behind new uploads."""
-    if not _audio_decodes.acquire(timeout=AUDIO_DECODE_WAIT_S):
-        raise Busy(f"{AUDIO_DECODES} recordings are being decoded at once, the most this server allows; retry shortly")
+    """A slot for decoding an upload in a request thread (at most AUDIO_DECODES at once, as many
+    waiting up to AUDIO_DECODE_WAIT_S; one more is Busy at once). A job already admitted decodes
+    without one: it must not wait behind new uploads."""
+    busy = Busy(f"{AUDIO_DECODES} recordings are being decoded at once, the most this server allows; retry shortly")
+    if not _audio_decodes_and_waiting.acquire(blocking=False):
+        raise busy
     try:
-        yield
+        if not _audio_decodes.acquire(timeout=AUDIO_DECODE_WAIT_S):
+            raise busy
+        try:
+            yield
+        finally:
+            _audio_decodes.release()
     finally:
-        _audio_decodes.release()
+        _audio_decodes_and_waiting.release()
 
 
 def probed_audio_format(path: str | Path) -> str | None:

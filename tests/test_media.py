@@ -295,3 +295,52 @@ def test_audio_decodes_at_once_are_bounded_and_one_more_is_busy(monkeypatch):
             check_inputs(PORTRAIT, SPEECH, GenerateOptions(), Limits())
         assert len(load_audio(SPEECH, 60)) == 3 * SAMPLE_RATE
     assert len(check_inputs(PORTRAIT, SPEECH, GenerateOptions(), Limits()).wav) == 3 * SAMPLE_RATE
+
+
+def test_at_most_as_many_uploads_wait_for_a_decode_as_decode_and_one_more_is_busy_at_once():
+    """Each waiting upload holds a server thread: 48 uploads of a file costly to decode held all
+    of waitress's 48 threads for 30 s, /health unanswered. As many as decode may wait; one more
+    is refused busy at once. The same for images waiting for the decode budget."""
+    import threading
+    import time
+
+    from sonic import Busy, media
+    from sonic.media import DecodeBudget
+
+    go, inside = threading.Event(), threading.Semaphore(0)
+
+    def upload():
+        with media.upload_decode():
+            inside.release()
+            go.wait(10)
+
+    uploads = [threading.Thread(target=upload) for _ in range(2 * media.AUDIO_DECODES)]
+    for t in uploads:
+        t.start()
+    try:
+        for _ in range(media.AUDIO_DECODES):  # these decode; as many wait behind them
+            assert inside.acquire(timeout=5)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(Busy, match="retry shortly"):
+            with media.upload_decode():
+                pass
+        assert time.monotonic() - t0 < 1.0  # not after AUDIO_DECODE_WAIT_S (30 s)
+    finally:
+        go.set()
+        for t in uploads:
+            t.join(10)
+    with media.upload_decode():  # all of them gone, the next one decodes
+        pass
+
+    budget = DecodeBudget(100, wait_s=30, max_waiting=1)
+    with budget.reserve(100):
+        waiter = threading.Thread(target=lambda: budget.reserve(50).__enter__())
+        waiter.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(Busy):
+            with budget.reserve(50):
+                pass
+        assert time.monotonic() - t0 < 1.0
+    waiter.join(5)
