@@ -669,6 +669,15 @@ def test_fields_the_route_does_not_read_are_refused_by_name(make_client):
     with open(SPEECH, "rb") as aud:  # a string where the file goes
         cases.append((client.post("/api/sonic/generate", content_type="multipart/form-data",
                                   data={"image": "not a file", "audio": (aud, "a.flac")}), "image", "must be a file"))
+    # a file where the text goes: the webhook was dropped, the job ran and nobody was told
+    cases.append((form(webhook=(io.BytesIO(b"https://example.org/h"), "hook.txt")), "webhook",
+                  "send it as a text field"))
+    # the webhook twice, as a field and in config: the field's won without a word
+    with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+        cases.append((client.post("/api/sonic/generate", content_type="multipart/form-data", data={
+            "image": (img, "p.jpg"), "audio": (aud, "a.flac"), "webhook": "https://example.org/a",
+            "config": json.dumps({**FAST, "async": True, "webhook": "https://example.org/b"})}),
+            "webhook", "both as a field and in config"))
     plain = client.post("/api/sonic/generate", data=json.dumps({"image_url": "http://h/p.jpg"}),
                         content_type="text/plain;charset=UTF-8")  # fetch()'s default for a string body
     assert_clean_error(plain, 400, "invalid_parameter")

@@ -235,6 +235,9 @@ def _not_ready(svc: Service) -> Response:
 def _webhook(params: dict) -> dict | None:
     """The webhook the request asks for: form fields, else config keys; checked (its address too)."""
     fields = _fields()
+    for name in ("webhook", "webhook_events_filter"):
+        if name in fields and name in params:  # which one was meant cannot be told
+            raise InvalidParameter(f"{name!r} is given both as a field and in config: give it once", field=name)
     return webhooks.requested(
         fields.get("webhook", params.get("webhook")),
         fields.get("webhook_events_filter", params.get("webhook_events_filter")),
@@ -268,6 +271,9 @@ def _check_field_names() -> None:
         for name in [*FILE_FIELDS, *REQUEST_FIELDS]:
             if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
                 raise InvalidParameter(f"the field {name!r} is given more than once", field=name)
+        for name in REQUEST_FIELDS:
+            if name in request.files:  # a file part is not read as text: it would be dropped
+                raise InvalidParameter(f"the field {name!r} is sent as a file: send it as a text field", field=name)
     known = REQUEST_FIELDS if _is_json() else (*FILE_FIELDS, *REQUEST_FIELDS)
     for name in names:
         if name in known:
