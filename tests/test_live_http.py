@@ -230,6 +230,9 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
         "control character on line 3": sdp.replace("\r\n", "\r\n\x00", 2).replace("\x00", "", 1),
         "not one of sha-256": re.sub(r"a=fingerprint:\S+", "a=fingerprint:md5", sdp),
         "51 media sections": sdp + video * 49,
+        # lines ended by CR alone are lines to the WebRTC stack: 1001 sections got a 201
+        "1001 media sections": sdp + video.replace("\r\n", "\r") * 999,
+        "control character on line 1": sdp.replace("v=0", "v=0\x85", 1),  # NEL: a line break to splitlines
         "no video receiver": re.sub(r"m=video \d+ ", "m=video 0 ", sdp),
     }
     for why, bad in faults.items():

@@ -157,16 +157,28 @@ def check_caller(settings: LiveSettings, owner: str | None, running: int) -> Non
         )
 
 
+def media_sections(sdp: str) -> list[list[str]]:
+    """An offer's media sections, each its lines from its m= line on, the lines split as the
+    WebRTC stack splits them (str.splitlines: CR alone, and other separators, end a line too)."""
+    sections: list[list[str]] = []
+    for line in map(str.strip, sdp.splitlines()):
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+    return sections
+
+
 def receives(sdp: str, kind: str) -> bool:
     """Whether an offer has a `kind` ("video", "audio") section that receives: not sendonly nor
     inactive, nor rejected (port 0), unless bundle-only (JSEP's max-bundle: such a section shares
     the first one's transport)."""
     return any(
-        section.startswith(kind)
-        and (not section.startswith(f"{kind} 0 ") or "a=bundle-only" in section)
+        section[0].startswith(f"m={kind}")
+        and (not section[0].startswith(f"m={kind} 0 ") or "a=bundle-only" in section)
         and "a=sendonly" not in section
         and "a=inactive" not in section
-        for section in sdp.split("\nm=")[1:]
+        for section in media_sections(sdp)
     )
 
 
@@ -181,7 +193,8 @@ def check_offer(offer: dict) -> None:
     sdp = offer["sdp"]
     if not sdp.startswith("v=0"):
         raise InvalidParameter("offer: the sdp is not a session description (it must start with v=0)", field="offer")
-    control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", sdp)
+    # CR and LF end lines; any other control character (C0, C1, Unicode's line separators) is refused
+    control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]", sdp)
     if control:
         line = sdp.count("\n", 0, control.start()) + 1
         raise InvalidParameter(f"offer: the sdp has a control character on line {line}", field="offer")
@@ -195,7 +208,7 @@ def check_offer(offer: dict) -> None:
             + ", ".join(FINGERPRINT_ALGORITHMS),
             field="offer",
         )
-    sections = sdp.split("\nm=")[1:]
+    sections = media_sections(sdp)
     if len(sections) > MAX_MEDIA_SECTIONS:
         raise InvalidParameter(
             f"offer: {len(sections)} media sections (m= lines); a session takes at most {MAX_MEDIA_SECTIONS}",
