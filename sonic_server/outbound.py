@@ -11,6 +11,7 @@ every request has a connect and a total time limit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import ipaddress
 import socket
@@ -24,6 +25,9 @@ from urllib.parse import urljoin, urlsplit
 from sonic.errors import InvalidParameter
 
 MAX_URL_CHARS = 2048
+RESOLVE_S = 5.0  # a name slower to resolve is refused (the system's resolver retries for 30 s and more)
+RESOLVERS = 8  # names resolved at once; more wait their turn, within their own deadline
+_resolvers = concurrent.futures.ThreadPoolExecutor(max_workers=RESOLVERS, thread_name_prefix="sonic-resolve")
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,9 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global
 
 
-def check_url(url: str, field: str, allow_private: bool) -> Target:
-    """The URL checked and resolved; InvalidParameter naming `field` and the cause otherwise."""
+def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None = None) -> Target:
+    """The URL checked and resolved (within resolve_s, default RESOLVE_S); InvalidParameter
+    naming `field` and the cause otherwise."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise InvalidParameter(f"{field} must be an http(s) URL of at most {MAX_URL_CHARS} characters", field=field)
     try:
@@ -105,10 +110,7 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
     if port == 0:
         raise InvalidParameter(f"{field}: port 0 is not a port", field=field)
     port = port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise InvalidParameter(f"{field}: the host {host[:100]!r} does not resolve", field=field) from None
+    infos = _resolved(host, port, field, RESOLVE_S if resolve_s is None else resolve_s)
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
     if not allow_private:
         for address in addresses:
@@ -120,6 +122,23 @@ def check_url(url: str, field: str, allow_private: bool) -> Target:
                 )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=addresses[0])
+
+
+def _resolved(host: str, port: int, field: str, within_s: float) -> list:
+    """getaddrinfo's answer for host:port, within within_s. The system's resolver cannot be
+    told a deadline (with its retries it may take 30 s and more), so it runs in a thread of its
+    own: a name that is slow to resolve costs a request no more than within_s, and no more than
+    RESOLVERS threads wait on names at once."""
+    lookup = _resolvers.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return lookup.result(timeout=max(0.0, within_s))
+    except concurrent.futures.TimeoutError:
+        lookup.cancel()  # still waiting for a thread: it will not run
+        raise InvalidParameter(
+            f"{field}: the host {host[:100]!r} did not resolve within {within_s:.3g} s", field=field
+        ) from None
+    except (socket.gaierror, UnicodeError):
+        raise InvalidParameter(f"{field}: the host {host[:100]!r} does not resolve", field=field) from None
 
 
 class _Pinned(http.client.HTTPConnection):
@@ -208,18 +227,19 @@ def fetch(
     max_bytes: int,
     connect_s: float = 5.0,
     total_s: float = 30.0,
-    check: Callable[[str, str, bool], Target] = check_url,
+    check: Callable[..., Target] = check_url,
     ends: float | None = None,
 ) -> bytes:
     """GET a caller-named URL's body: each hop checked (redirects followed at most MAX_REDIRECTS
     times, each to a checked address), the size capped while it streams, the whole fetch within
-    total_s, or by `ends` (time.monotonic()) where several fetches share those seconds. Errors
-    name `field` and the cause. (`check`: the address rules, each hop's.)"""
+    total_s, or by `ends` (time.monotonic()) where several fetches share those seconds, each
+    hop's name resolved within them too. Errors name `field` and the cause. (`check`: the
+    address rules, each hop's, as check_url's.)"""
     from sonic.errors import InputTooLarge
 
     ends = time.monotonic() + total_s if ends is None else ends
     for _ in range(MAX_REDIRECTS + 1):
-        target = check(url, field, allow_private)
+        target = check(url, field, allow_private, resolve_s=min(RESOLVE_S, ends - time.monotonic()))
         left = ends - time.monotonic()
         if left <= 0:
             raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)

@@ -146,8 +146,8 @@ def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):
     finally:
         app.extensions["sonic"].queue.close()
 
-    def only_this_server(url, field, allow_private):  # this test's server is allowed, nothing else inside
-        return check_url(url, field, urlsplit(url).port == files.port)
+    def only_this_server(url, field, allow_private, **kw):  # this test's server is allowed, nothing else inside
+        return check_url(url, field, urlsplit(url).port == files.port, **kw)
 
     assert fetch(files.url("/to-portrait"), "image_url", False, 10**7, check=only_this_server)[:2] == b"\xff\xd8"
     with pytest.raises(Exception, match="169.254.169.254"):
@@ -186,3 +186,29 @@ def test_fetches_beyond_max_fetches_are_refused_busy_not_queued_on_threads(clien
     assert held["r"].status_code == 400
     r = by_form(client, image_url=files.url("/portrait.jpg"), audio_url=files.url("/speech.flac"))
     assert r.status_code == 200, r.get_data()[:300]
+
+
+def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
+    """The system's resolver takes no deadline: a name whose DNS server never answers held a
+    webhook's request for the resolver's retries, outside any limit, and each hop of a fetch
+    added its own. Resolution runs within RESOLVE_S, and within what is left of a fetch's time.
+    (No name is looked up: the resolver is this test's, and sleeps.)"""
+    import socket
+
+    from sonic import InvalidParameter
+    from sonic_server import outbound
+
+    def never_answers(host, *args, **kw):
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", never_answers)
+    monkeypatch.setattr(outbound, "RESOLVE_S", 0.5)
+    began = time.monotonic()
+    with pytest.raises(InvalidParameter, match="did not resolve within 0.5 s") as refused:
+        outbound.check_url("https://hooks.example/h", "webhook", False)
+    assert refused.value.field == "webhook" and time.monotonic() - began < 1.5
+    began = time.monotonic()
+    with pytest.raises(InvalidParameter, match="did not resolve within 0.3") as refused:
+        outbound.fetch("https://files.example/p.jpg", "image_url", False, 10**6, total_s=0.3)
+    assert refused.value.field == "image_url" and time.monotonic() - began < 1.5
