@@ -232,6 +232,15 @@ def test_swagger_ui_renders_and_try_it_out_calls_this_server(server, browser):
     d.get(server + "/docs")
     wait(d, "return document.querySelectorAll('.opblock').length >= 6", 30, "the operations")
     assert "/api/sonic/generate" in d.page_source
+    # the method badges' white text is readable (Swagger UI's own colours gave 2.0-3.6:1; AA is 4.5)
+    ratios = d.execute_script("""
+        const lum = (c) => c.match(/[\\d.]+/g).slice(0, 3).map((v) => v / 255)
+          .map((v) => (v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4))
+          .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+        return [...document.querySelectorAll('.opblock-summary-method')].map((e) => {
+          const s = getComputedStyle(e), a = lum(s.color), b = lum(s.backgroundColor);
+          return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); });""")
+    assert len(ratios) >= 6 and min(ratios) >= 4.5, ratios
     op = "#operations-default-get_api_sonic_params"
     d.find_element("css selector", op + " .opblock-summary").click()
     wait(d, f"return document.querySelector('{op} .try-out__btn')", 10, "the Try it out button")

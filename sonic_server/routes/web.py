@@ -12,7 +12,7 @@ from ..errors import error_response
 
 bp = Blueprint("web", __name__)
 WEB = Path(__file__).resolve().parent.parent / "web"
-PAGE_FILES = {"demo.js", "demo.css", "live.js"}
+PAGE_FILES = {"demo.js", "demo.css", "live.js", "docs.css"}
 SWAGGER_FILES = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "favicon-32x32.png"}
 # the demo page loads only its own files; videos may come from a bucket (presigned URLs)
 PAGE_POLICY = (
