@@ -71,6 +71,7 @@ _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
 _audio_decodes_and_waiting = threading.BoundedSemaphore(2 * AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
 OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
+WAV_HEADER_BYTES = 4096  # a WAV's chunks before its samples (fmt, and LIST or fact at most) fit in this
 PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
 MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
@@ -310,6 +311,7 @@ class AudioStream:
     rate: int  # Hz
     channels: int
     duration_s: float | None  # as the container states it: absent, or wrong, in some files
+    estimated: bool = False  # ffmpeg guessed duration_s from the bitrate (an MP3 without its length)
 
     @property
     def decodable_s(self) -> float:
@@ -340,7 +342,29 @@ def probe_audio(path: str | Path) -> AudioStream | None:
         return None
     stated = re.search(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr, re.MULTILINE)
     duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
-    return AudioStream(rate=rate, channels=channels, duration_s=duration)
+    estimated = b"Estimating duration from bitrate" in proc.stderr
+    if estimated and (declared := _wav_declared_s(path)) is not None:
+        duration, estimated = declared, False  # ffmpeg measures a WAV by its file's size
+    return AudioStream(rate=rate, channels=channels, duration_s=duration, estimated=estimated)
+
+
+def _wav_declared_s(path: str | Path) -> float | None:
+    """The seconds a WAV file's header declares (its data chunk's size over its byte rate), or
+    None: not a WAV, or a size a recorder writes while it streams (0, or all ones)."""
+    with open(path, "rb") as f:
+        head = f.read(WAV_HEADER_BYTES)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at, byte_rate = 12, 0
+    while at + 8 <= len(head):
+        kind, size = head[at : at + 4], struct.unpack_from("<I", head, at + 4)[0]
+        if kind == b"fmt " and at + 16 <= len(head):
+            byte_rate = struct.unpack_from("<I", head, at + 16)[0]
+        if kind == b"data":
+            streaming = size == 0 or size >= 0xFFFFF000
+            return None if streaming or not byte_rate else size / byte_rate
+        at += 8 + size + (size & 1)
+    return None
 
 
 def rms(wav: np.ndarray) -> float:

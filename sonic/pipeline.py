@@ -199,6 +199,8 @@ class SonicPipeline:
         report("decode", 0.0)
         rgb, wav, sound = self._decode(image, audio, sound_file)
         audio_s = len(wav) / SAMPLE_RATE
+        if cut_short := sound.cut_short(audio_s):
+            warnings.add(cut_short)
         duration = opts.duration if opts.duration is not None else audio_s
         n_frames = frame_count(opts, audio_s)
         timer.lap("decode")

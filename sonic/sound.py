@@ -7,6 +7,7 @@ listenable: a voice in the middle at its own level, no clicks, no offset, no cli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from .media import MIX_LOSS, SAMPLE_RATE, SOUND_RATE, probe_audio, rms, run_ffmp
 log = logging.getLogger("sonic.sound")
 OPPOSITE_PHASE = -0.5  # correlation of the two sides below this: a miswired pair, the voice cancels in mono
 ONE_SIDED = 0.1  # one side's RMS below this share of the other's (20 dB): the voice is on one side only
+CUT_SHORT_S, CUT_SHORT_SHARE = 0.5, 0.05  # a file this much shorter than it says it is was cut short
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Sound:
 
     samples: np.ndarray  # (N, C) int16
     rate: int  # Hz
+    stated_s: float | None = None  # how long the file says it is, where it says so (not a guess)
 
     @staticmethod
     def of_waveform(wav: np.ndarray) -> "Sound":
@@ -37,7 +40,18 @@ class Sound:
 
     def fitted(self, duration: float) -> "Sound":
         """Trimmed, or padded with silence, to `duration` s."""
-        return Sound(fitted_samples(self.samples, int(round(duration * self.rate))), self.rate)
+        return Sound(fitted_samples(self.samples, int(round(duration * self.rate))), self.rate, self.stated_s)
+
+    def cut_short(self, decoded_s: float) -> str | None:
+        """A warning where the file says it lasts longer than the decoder found in it: a
+        recording cut short (an upload or a recorder stopped early) would otherwise just make a
+        shorter video."""
+        if self.stated_s is None or self.stated_s - decoded_s <= max(CUT_SHORT_S, CUT_SHORT_SHARE * self.stated_s):
+            return None
+        return (
+            f"the recording says it lasts {self.stated_s:.1f} s, but only {decoded_s:.1f} s of it could be "
+            "decoded: the file may be cut short"
+        )
 
 
 def fitted_samples(samples: np.ndarray, n: int) -> np.ndarray:
@@ -58,16 +72,19 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
         # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
         to_stereo = ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
         out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
-        proc = run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"])
+        # the bytes bound it too: -t goes by timestamps, which a file may not advance
+        cap = int((seconds + 1) * SOUND_RATE) * 2 * 4
+        proc = run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"], max_output_bytes=cap)
     except (PipelineError, UnsupportedMedia, Busy):  # a job under way is not failed for its sound's quality
         log.warning("the sound track could not be decoded again: it plays the 16 kHz analysis copy")
         return Sound.of_waveform(wav)
     if proc.returncode != 0 or len(proc.stdout) < 8:
         return Sound.of_waveform(wav)
     stereo = listenable(np.frombuffer(proc.stdout, dtype=np.float32)[: len(proc.stdout) // 8 * 2].reshape(-1, 2))
+    stated = None if stream is None or stream.estimated else stream.duration_s
     if rms(stereo) < MIX_LOSS * rms(wav):  # the downmix left out the voice the analysis copy has (the LFE's)
-        return Sound.of_waveform(wav)
-    return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE)
+        return dataclasses.replace(Sound.of_waveform(wav), stated_s=stated)
+    return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE, stated)
 
 
 def listenable(stereo: np.ndarray) -> np.ndarray:

@@ -79,7 +79,13 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     sf.write(wav, load_audio(SPEECH, 60)[: int(2.99 * 16000)], 16000)
     opts = pipeline.options({"min_resolution": 256, "duration": None})
     one = pipeline(PORTRAIT, wav, opts, out_path=tmp_path / "one.mp4").warnings
-    assert not any("padded" in w or "faces" in w for w in one), one
+    assert not any("padded" in w or "faces" in w or "cut short" in w for w in one), one
+    # a file cut short (an upload or a recorder stopped early) says so, not just a shorter video
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(wav.read_bytes()[: 44 + 2 * 16000])
+    short = pipeline(PORTRAIT, cut, opts, out_path=tmp_path / "cut.mp4").warnings
+    assert "the recording says it lasts 3.0 s, but only 1.0 s of it could be decoded: the file may be cut short" \
+        in short, short
     photo = load_image(PORTRAIT, 10**7)
     small = cv2.resize(photo, None, fx=0.8, fy=0.8)
     small = cv2.copyMakeBorder(small, 0, photo.shape[0] - small.shape[0], 0, 0, cv2.BORDER_REPLICATE)
