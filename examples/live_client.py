@@ -39,6 +39,21 @@ def use_loopback_only() -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
 
 
+class SessionRefused(RuntimeError):
+    """The server answered the open with an error (busy, a bad parameter, no face...)."""
+
+    def __init__(self, response: requests.Response):
+        try:
+            error = response.json()["error"]
+            why = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            why = response.text[:300]
+        after = response.headers.get("Retry-After")
+        retry = f"; retry in {after} s" if after else ""
+        super().__init__(f"the server refused the session ({response.status_code} {why}){retry}")
+        self.status_code = response.status_code
+
+
 class Microphone(MediaStreamTrack):
     """A microphone that plays a waveform (float32 mono at 16 kHz; silence after it, or nothing
     at all if None) in real time, 20 ms a frame. `started`: when its first frame was handed to
@@ -124,7 +139,7 @@ class LiveClient:
             requests.post, f"{self.server}/api/sonic/live", files=files, data=data, headers=self.headers, timeout=30
         )
         if r.status_code != 201:
-            raise RuntimeError(f"the server refused the session: {r.status_code} {r.text}")
+            raise SessionRefused(r)
         body = r.json()
         self.session_id = body["session_id"]
         if before_answer is not None:
@@ -279,4 +294,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SessionRefused as refused:
+        sys.exit(f"error: {refused}")
+    except requests.ConnectionError:
+        sys.exit("error: the server cannot be reached (is it running? --server)")
