@@ -71,7 +71,8 @@ _audio_decodes = threading.BoundedSemaphore(AUDIO_DECODES)
 _audio_decodes_and_waiting = threading.BoundedSemaphore(2 * AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
 OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
-WAV_HEADER_BYTES = 4096  # a WAV's chunks before its samples (fmt, and LIST or fact at most) fit in this
+WAV_HEADER_BYTES = 1 << 16  # a WAV's chunks before its samples (fmt, LIST, fact, a broadcast WAV's bext...)
+WAV_STREAMING_SIZE = 0x7FFFF000
 PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
 MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
@@ -358,10 +359,11 @@ def _wav_declared_s(path: str | Path) -> float | None:
     at, byte_rate = 12, 0
     while at + 8 <= len(head):
         kind, size = head[at : at + 4], struct.unpack_from("<I", head, at + 4)[0]
-        if kind == b"fmt " and at + 16 <= len(head):
+        if kind == b"fmt " and at + 20 <= len(head):
             byte_rate = struct.unpack_from("<I", head, at + 16)[0]
         if kind == b"data":
-            streaming = size == 0 or size >= 0xFFFFF000
+            # 0 and sizes near 2 or 4 GB are what recorders write while they stream (no upload is that large)
+            streaming = size == 0 or size >= WAV_STREAMING_SIZE
             return None if streaming or not byte_rate else size / byte_rate
         at += 8 + size + (size & 1)
     return None
@@ -473,6 +475,10 @@ def _output_of(proc: subprocess.Popen, max_bytes: int | None, timeout_s: float) 
                 proc.kill()
                 break
         proc.wait()
+    except BaseException:  # ^C, SIGTERM in the CLI: no ffmpeg left running
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         timer.cancel()
         if proc.stdout is not None:

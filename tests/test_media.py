@@ -344,3 +344,36 @@ def test_at_most_as_many_uploads_wait_for_a_decode_as_decode_and_one_more_is_bus
                 pass
         assert time.monotonic() - t0 < 1.0
     waiter.join(5)
+
+
+def test_a_wav_header_is_read_safely_and_a_streaming_size_is_no_length(tmp_path):
+    """A WAV's declared length (its data chunk's size) tells a file cut short; the sizes that
+    recorders write while they stream (0, 0x7FFFFFFF, all ones) tell nothing, and a header whose
+    chunks run past what is read (a large JUNK chunk before fmt) is no length either, not a 500."""
+    import struct
+
+    import numpy as np
+    import soundfile as sf
+
+    from sonic.sound import load_sound
+
+    plain = tmp_path / "plain.wav"
+    sf.write(plain, (np.sin(np.arange(48000) / 8) * 0.3).astype(np.float32), 16000, subtype="PCM_16")
+    data = plain.read_bytes()
+    at = data.index(b"data")
+
+    def warning(raw: bytes) -> str | None:
+        path = tmp_path / "x.wav"
+        path.write_bytes(raw)
+        wav = load_audio(path, 60)
+        return load_sound(path, 60, wav).cut_short(len(wav) / SAMPLE_RATE)
+
+    assert warning(data) is None
+    assert "cut short" in warning(data[: at + 8 + 32000])
+    for size in (0x7FFFFFFF, 0xFFFFFFFF):
+        assert warning(data[: at + 4] + struct.pack("<I", size) + data[at + 8 :]) is None
+    junk = b"JUNK" + struct.pack("<I", 65498) + bytes(65498)  # fmt's byte rate straddles the 64 KB read
+    padded = data[:12] + junk + data[12:]
+    riff = struct.pack("<I", len(padded) - 8)
+    padded = padded[:4] + riff + padded[8:]
+    assert warning(padded[: len(padded) - 40000]) is None  # fmt beyond the header read: no length, no error
