@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from flask import Flask
+from flask import Flask, request
 
-from sonic.errors import SetupError
+from sonic.errors import Busy, SetupError
 
 from . import access, hooks, loader
-from .drain import Drain, drain_on_sigterm
+from .drain import REFUSED_WHILE_STOPPING, STOPPING_MESSAGE, Drain, drain_on_sigterm
 from .errors import install_database_errors, install_error_handlers
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
@@ -159,8 +159,20 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         )
 
     loader.start(svc, make_queue, background_load, then=warm_live)
+    _refuse_new_work_while_stopping(app, drain)
     drain_on_sigterm(drain)  # under a WSGI server; `sonic serve` claims SIGTERM itself
     return app
+
+
+def _refuse_new_work_while_stopping(app: Flask, drain: Drain) -> None:
+    """While a SIGTERM drains the answers in flight, what would start new work is refused 503
+    `busy` (through the app's own error path: its request id, CORS headers and access line);
+    status reads, cancels and ends of sessions are still answered."""
+
+    @app.before_request
+    def refuse():
+        if drain.stopping.is_set() and request.endpoint in REFUSED_WHILE_STOPPING:
+            raise Busy(STOPPING_MESSAGE)
 
 
 def _end_sessions_on_exit(live) -> None:

@@ -3,16 +3,22 @@ requests in flight finish, for server.drain_s at most, before the process ends.
 
 `sonic serve` refuses new connections and waits for the open ones (serve.py). Under any other
 WSGI server (`waitress-serve`, the Dockerfile's), `create_app` puts a `Drain` around the app: it
-counts the requests being answered and, once stopping, answers new ones 503 `busy` with
-`Retry-After: 1` (a load balancer sends them elsewhere, a client retries) while those in flight
-finish; then the signal is sent again, to the main thread, where it ends the server's loop
-(SystemExit) and the process ends through its at-exit steps (live sessions end and are charged,
-helpers stop).
+counts the answers being made and, once stopping, the app refuses what would start new work
+(`REFUSED_WHILE_STOPPING`: a generate, a live session, an event stream, and /health, so that a
+load balancer takes the instance out) with 503 `busy`, while status reads, cancels and the
+answers in flight go on. Then the signal is sent again, to the main thread, where it ends the
+server's loop (SystemExit) and the process ends through its at-exit steps (live sessions end
+and are charged, helpers stop).
+
+Not waited for: an event stream (it ends only when its client leaves; the client polls
+status_url after) and a file the server sends by itself (waitress's file wrapper: counting it
+would take a thread from the server for each download). Docker kills at 10 s: drain_s (8 s)
+leaves the at-exit steps their time.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
 import logging
 import signal
 import threading
@@ -23,6 +29,19 @@ from werkzeug.wsgi import ClosingIterator
 log = logging.getLogger("sonic.http")
 
 STOPPING_MESSAGE = "the server is stopping (SIGTERM): send the request again, another instance will answer"
+# what a stopping server refuses: new work, new streams, and the health check
+REFUSED_WHILE_STOPPING = frozenset(
+    {
+        "generate.generate",
+        "generate.job_events",
+        "fusion.fusion",
+        "fusion.fusion_batch",
+        "live.open_session",
+        "live.speak",
+        "meta.health",
+    }
+)
+STREAMING = "sonic.streaming"  # set in a request's environ by a route whose answer is a stream
 
 
 class InFlight:
@@ -48,29 +67,32 @@ class InFlight:
 
 
 class Drain:
-    """WSGI middleware: the requests in flight (from the call to the close of the answer's body,
-    so that a video being downloaded counts), and the stop that waits for them."""
+    """WSGI middleware: the answers in flight (from the call to the close of the answer's body),
+    and the stop that waits for them."""
 
     def __init__(self, wsgi_app: Callable, drain_s: float) -> None:
         self.wsgi_app = wsgi_app
         self.drain_s = drain_s
         self.in_flight = InFlight()
         self.stopping = threading.Event()
+        self.exiting = threading.Event()  # the server's loop has ended: the at-exit steps run
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if self.stopping.is_set():
-            return _refuse(start_response)
         self.in_flight.__enter__()
         try:
             body = self.wsgi_app(environ, start_response)
         except BaseException:
             self.in_flight.__exit__()
             raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if environ.get(STREAMING) or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
+            self.in_flight.__exit__()  # nothing to wait for (see the module's text); the body as it is
+            return body
         return ClosingIterator(body, self.in_flight.__exit__)
 
     def stop(self, then: Callable[[], None]) -> None:
-        """Refuse new requests from now on; once those in flight are answered (drain_s at most),
-        call `then` from another thread."""
+        """Refuse new work from now on; once the answers in flight are made (drain_s at most),
+        call `then` from another thread, unless the process is already exiting."""
         self.stopping.set()
 
         def wait_then() -> None:
@@ -80,49 +102,45 @@ class Drain:
                     self.in_flight.count,
                     self.drain_s,
                 )
-            then()
+            if not self.exiting.is_set():
+                then()
 
         threading.Thread(target=wait_then, name="sonic-drain", daemon=True).start()
-
-
-def _refuse(start_response: Callable) -> list[bytes]:
-    body = json.dumps(
-        {"success": False, "error": {"code": "busy", "message": STOPPING_MESSAGE}, "request_id": None}
-    ).encode()
-    start_response(
-        "503 Service Unavailable",
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Retry-After", "1"),
-            ("X-Content-Type-Options", "nosniff"),
-        ],
-    )
-    return [body]
 
 
 def drain_on_sigterm(drain: Drain) -> None:
     """Where nothing else has claimed SIGTERM (a WSGI server that leaves it to the default, which
     kills the process before anything is answered), let it stop through `drain`. A second signal
-    ends the wait at once. Only from the main thread, where signals are handled."""
+    ends the wait at once. Only from the main thread, where signals are handled; once the
+    process is exiting (^C, or the server's loop ended), the signal changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return
     main = threading.main_thread()
+    # registered after the app's own at-exit steps, so it runs before them
+    atexit.register(drain.exiting.set)
 
     def stop(signum: int, frame: Any) -> None:
+        if drain.exiting.is_set():
+            return
         if drain.stopping.is_set():
+            drain.exiting.set()
             raise SystemExit(128 + signum)
         log.warning(
-            "SIGTERM: stopping; new requests are answered 503, %d in flight get up to %g s (server.drain_s); "
+            "SIGTERM: stopping; new work is refused (503), %d answer(s) in flight get up to %g s (server.drain_s); "
             "live sessions then end (server_stopping), and a job still running or queued is reported failed "
             "(interrupted) at the next start (where server.jobs_db keeps records)",
             drain.in_flight.count,
             drain.drain_s,
         )
-        # the server's loop runs in the main thread: a signal wakes it there, and this handler's
-        # second call ends it as a WSGI server expects to be ended (waitress closes on SystemExit)
-        drain.stop(then=lambda: signal.pthread_kill(main.ident or 0, signal.SIGTERM))
+
+        def send_again() -> None:
+            # the server's loop runs in the main thread: a signal wakes it there, and this
+            # handler's second call ends it as a WSGI server expects (waitress closes on SystemExit)
+            if main.ident is not None and main.is_alive():
+                signal.pthread_kill(main.ident, signal.SIGTERM)
+
+        drain.stop(then=send_again)
 
     signal.signal(signal.SIGTERM, stop)

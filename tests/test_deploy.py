@@ -10,6 +10,7 @@ import yaml
 from jsonschema import Draft7Validator
 
 from conftest import ROOT
+from server_helpers import FAST, assert_clean_error, post
 from sonic.settings import SettingsError, read_yaml
 from sonic_server.settings import settings_from
 
@@ -150,12 +151,53 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     assert done["success"] and refused.status_code == 400
     long = answer["r"]
     assert getattr(long, "status_code", None) == 200 and long.json()["frames"] == 1000, long
-    assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"
-    assert stopping.headers["Retry-After"] == "1"
-    assert "SIGTERM: stopping; new requests are answered 503, 1 in flight get up to 20 s" in text
+    assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"  # a balancer takes it out
+    assert stopping.headers["Retry-After"] and stopping.headers["X-Request-ID"]
+    assert "SIGTERM: stopping; new work is refused (503), 1 answer(s) in flight get up to 20 s" in text
     assert done["width"] == 256  # the file's defaults were read
     lines = [json.loads(line.split(" INFO sonic.http ", 1)[1]) for line in text.splitlines() if " INFO sonic.http " in line]
     made = [line for line in lines if line["route"] == "/api/sonic/generate" and line["status"] == 200]
     assert made and made[0]["job_id"] == done["job_id"] and made[0]["client"] == "127.0.0.1"
     assert any(line["status"] == 400 and line.get("error_code") == "invalid_parameter" for line in lines)
     assert f'"job_id": "{done["job_id"]}", "status": "succeeded"' in text and " INFO sonic.jobs job ended " in text
+
+
+def test_a_stopping_app_refuses_new_work_answers_the_rest_and_waits_for_no_stream_or_file(make_client):
+    """While a SIGTERM drains (under a WSGI server), new work and /health are refused 503 `busy`
+    through the app's own error path (request id, CORS); a status read is still answered. An
+    event stream (it ends when its client leaves) and a file the server sends by itself (a
+    thread each, under waitress) are not waited for; other answers are, until their close."""
+    from sonic_server.drain import STREAMING, Drain
+
+    client, _ = make_client()
+    drain = client.application.wsgi_app
+    assert isinstance(drain, Drain)
+    job = post(client, {**FAST, "async": True}).get_json()["job_id"]
+    drain.stopping.set()
+    refused = post(client, FAST)
+    assert_clean_error(refused, 503, "busy")
+    assert "stopping" in refused.get_json()["error"]["message"] and refused.headers["X-Request-ID"]
+    assert client.get("/health").status_code == 503
+    assert client.get(f"/api/sonic/jobs/{job}").status_code == 200
+
+    class FileWrapper:
+        def __init__(self, f, size=8192):
+            self.f = f
+
+        def __iter__(self):
+            return iter([b"video"])
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        if environ["PATH_INFO"] == "/stream":
+            environ[STREAMING] = True
+        return FileWrapper(None) if environ["PATH_INFO"] == "/file" else iter([b"answer"])
+
+    counted = Drain(app, 1.0)
+    for path, waited in (("/answer", True), ("/stream", False), ("/file", False)):
+        body = counted({"PATH_INFO": path, "wsgi.file_wrapper": FileWrapper}, lambda *a: None)
+        assert counted.in_flight.count == (1 if waited else 0), path
+        if path == "/file":
+            assert isinstance(body, FileWrapper)  # as it is: the server sends it by itself
+        body.close() if hasattr(body, "close") else None
+        assert counted.in_flight.count == 0

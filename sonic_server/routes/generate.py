@@ -25,6 +25,7 @@ from sonic.version import pipeline_version
 from .. import idempotency, outbound, webhooks
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
+from ..drain import STREAMING
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_body, json_object_field
@@ -654,6 +655,7 @@ def job_events(job_id):
             }
             yield f"event: error\ndata: {json.dumps(err)}\n\n"
 
+    request.environ[STREAMING] = True  # it ends when its client leaves: a stopping server does not wait for it
     resp = Response(
         stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
