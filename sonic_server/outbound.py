@@ -11,7 +11,6 @@ every request has a connect and a total time limit.
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import ipaddress
 import socket
@@ -22,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from sonic.errors import InvalidParameter
+from sonic.errors import Busy, InvalidParameter
 
 MAX_URL_CHARS = 2048
 RESOLVE_S = 5.0  # a name slower to resolve is refused (the system's resolver retries for 30 s and more)
-RESOLVERS = 8  # names resolved at once; more wait their turn, within their own deadline
-_resolvers = concurrent.futures.ThreadPoolExecutor(max_workers=RESOLVERS, thread_name_prefix="sonic-resolve")
+RESOLVERS = 32  # lookups running at once (a stuck one holds its thread until the resolver gives up)
+_resolving = threading.BoundedSemaphore(RESOLVERS)
 
 
 @dataclass(frozen=True)
@@ -126,19 +125,31 @@ def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None
 
 def _resolved(host: str, port: int, field: str, within_s: float) -> list:
     """getaddrinfo's answer for host:port, within within_s. The system's resolver cannot be
-    told a deadline (with its retries it may take 30 s and more), so it runs in a thread of its
-    own: a name that is slow to resolve costs a request no more than within_s, and no more than
-    RESOLVERS threads wait on names at once."""
-    lookup = _resolvers.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return lookup.result(timeout=max(0.0, within_s))
-    except concurrent.futures.TimeoutError:
-        lookup.cancel()  # still waiting for a thread: it will not run
+    told a deadline (with its retries it may take 30 s and more), so each lookup runs in a
+    thread of its own that nobody waits for beyond within_s (a daemon: a stuck lookup delays
+    no exit). At most RESOLVERS run at once, stuck ones included: one more is `busy` at once."""
+    if not _resolving.acquire(blocking=False):
+        raise Busy(f"{RESOLVERS} host names are being resolved at once, the most this server allows; retry shortly")
+    answer: list = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as e:
+            answer.append(e)
+        finally:
+            _resolving.release()
+            done.set()
+
+    threading.Thread(target=look_up, name="sonic-resolve", daemon=True).start()
+    if not done.wait(max(0.0, within_s)):
         raise InvalidParameter(
-            f"{field}: the host {host[:100]!r} did not resolve within {within_s:.3g} s", field=field
-        ) from None
-    except (socket.gaierror, UnicodeError):
-        raise InvalidParameter(f"{field}: the host {host[:100]!r} does not resolve", field=field) from None
+            f"{field}: the host {host[:100]!r} did not resolve within {max(0.0, within_s):.3g} s", field=field
+        )
+    if isinstance(answer[0], BaseException):
+        raise InvalidParameter(f"{field}: the host {host[:100]!r} does not resolve", field=field)
+    return answer[0]
 
 
 class _Pinned(http.client.HTTPConnection):

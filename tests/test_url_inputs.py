@@ -195,7 +195,7 @@ def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
     (No name is looked up: the resolver is this test's, and sleeps.)"""
     import socket
 
-    from sonic import InvalidParameter
+    from sonic import Busy, InvalidParameter
     from sonic_server import outbound
 
     def never_answers(host, *args, **kw):
@@ -212,3 +212,10 @@ def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
     with pytest.raises(InvalidParameter, match="did not resolve within 0.3") as refused:
         outbound.fetch("https://files.example/p.jpg", "image_url", False, 10**6, total_s=0.3)
     assert refused.value.field == "image_url" and time.monotonic() - began < 1.5
+    # stuck lookups hold their threads until the resolver gives up: past RESOLVERS of them, the
+    # next is busy at once (no thread piles up); a stuck one keeps no process from exiting (daemon)
+    monkeypatch.setattr(outbound, "_resolving", threading.BoundedSemaphore(1))
+    with pytest.raises(InvalidParameter):
+        outbound.check_url("https://a.example/h", "webhook", False, resolve_s=0.1)
+    with pytest.raises(Busy):
+        outbound.check_url("https://b.example/h", "webhook", False, resolve_s=0.1)
