@@ -161,8 +161,8 @@ def media_sections(sdp: str) -> list[list[str]]:
     """An offer's media sections, each its lines from its m= line on, the lines split as the
     WebRTC stack splits them (str.splitlines: CR alone, and other separators, end a line too)."""
     sections: list[list[str]] = []
-    for line in map(str.strip, sdp.splitlines()):
-        if line.startswith("m="):
+    for line in sdp.splitlines():
+        if line.startswith("m="):  # as the stack reads it: " m=video" starts no section there
             sections.append([line])
         elif sections:
             sections[-1].append(line)
@@ -173,13 +173,17 @@ def receives(sdp: str, kind: str) -> bool:
     """Whether an offer has a `kind` ("video", "audio") section that receives: not sendonly nor
     inactive, nor rejected (port 0), unless bundle-only (JSEP's max-bundle: such a section shares
     the first one's transport)."""
-    return any(
-        section[0].startswith(f"m={kind}")
-        and (not section[0].startswith(f"m={kind} 0 ") or "a=bundle-only" in section)
-        and "a=sendonly" not in section
-        and "a=inactive" not in section
-        for section in media_sections(sdp)
-    )
+
+    def receiving(section: list[str]) -> bool:
+        attributes = {line.strip() for line in section[1:]}
+        return (
+            section[0].startswith(f"m={kind}")
+            and (not section[0].startswith(f"m={kind} 0 ") or "a=bundle-only" in attributes)
+            and "a=sendonly" not in attributes
+            and "a=inactive" not in attributes
+        )
+
+    return any(receiving(section) for section in media_sections(sdp))
 
 
 def check_offer(offer: dict) -> None:
@@ -196,7 +200,7 @@ def check_offer(offer: dict) -> None:
     # CR and LF end lines; any other control character (C0, C1, Unicode's line separators) is refused
     control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]", sdp)
     if control:
-        line = sdp.count("\n", 0, control.start()) + 1
+        line = len((sdp[: control.start()] + ".").splitlines())  # lines as the stack counts them
         raise InvalidParameter(f"offer: the sdp has a control character on line {line}", field="offer")
     fingerprints = re.findall(r"^a=fingerprint:(\S+) [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE)
     if not fingerprints:
