@@ -335,7 +335,11 @@ def test_at_most_as_many_uploads_wait_for_a_decode_as_decode_and_one_more_is_bus
 
     budget = DecodeBudget(100, wait_s=30, max_waiting=1)
     with budget.reserve(100):
-        waiter = threading.Thread(target=lambda: budget.reserve(50).__enter__())
+        def wait_then_decode():
+            with budget.reserve(50):
+                pass
+
+        waiter = threading.Thread(target=wait_then_decode)
         waiter.start()
         time.sleep(0.2)
         t0 = time.monotonic()
@@ -344,6 +348,7 @@ def test_at_most_as_many_uploads_wait_for_a_decode_as_decode_and_one_more_is_bus
                 pass
         assert time.monotonic() - t0 < 1.0
     waiter.join(5)
+    assert budget.in_use == 0 and budget.waiting == 0
 
 
 def test_a_wav_header_is_read_safely_and_a_streaming_size_is_no_length(tmp_path):

@@ -246,8 +246,9 @@ function busy(on) {
   $("progress-box").hidden = false;
   // a disabled or hidden button drops the keyboard's focus to the page's start: it moves on to
   // the button that now does something (Cancel while the job runs, then Make the video again)
-  if (on && focused === $("submit")) $("cancel").focus();
-  else if (!on && (focused === $("cancel") || focused === document.body)) $("submit").focus();
+  // (preventScroll: a pointer user whose click left no focus is not scrolled to the button)
+  if (on && focused === $("submit")) $("cancel").focus({ preventScroll: true });
+  else if (!on && (focused === $("cancel") || focused === document.body)) $("submit").focus({ preventScroll: true });
 }
 
 async function submit(event) {
@@ -478,8 +479,8 @@ async function deleteJob(jobId, status) {
 
 // ---- start ------------------------------------------------------------------------------------
 $("api-key").value = load(KEY_KEY) || "";
-$("api-key").addEventListener("keydown", (e) => {  // Enter keeps the key; it does not send the form
-  if (e.key === "Enter") { e.preventDefault(); $("api-key").dispatchEvent(new Event("change")); }
+$("api-key").addEventListener("keydown", (e) => {  // Enter keeps the key (its change, once); it does not send the form
+  if (e.key === "Enter") { e.preventDefault(); $("api-key").blur(); }
 });
 $("api-key").addEventListener("change", () => {
   const key = $("api-key").value.trim();

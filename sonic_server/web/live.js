@@ -17,8 +17,8 @@ function liveShown(running) {
   $("live-video").hidden = !running;
   $("live-speak").hidden = !running;
   $("live-figures").hidden = !running;
-  if (moveFocus) $(running ? "live-stop" : "live-start").focus();
-  if (!running) $("live-announce").textContent = "";
+  if (moveFocus) $(running ? "live-stop" : "live-start").focus({ preventScroll: true });
+  if (!running && live.state) $("live-announce").textContent = "Live: ended";  // the last news is the end
 }
 
 function liveError(message) { $("error-live").textContent = message; }
