@@ -128,7 +128,8 @@ def _resolved(host: str, port: int, field: str, within_s: float) -> list:
     told a deadline (with its retries it may take 30 s and more), so each lookup runs in a
     thread of its own that nobody waits for beyond within_s (a daemon: a stuck lookup delays
     no exit). At most RESOLVERS run at once, stuck ones included: one more is `busy` at once."""
-    if not _resolving.acquire(blocking=False):
+    slots = _resolving  # released by the lookup's thread, whenever it ends
+    if not slots.acquire(blocking=False):
         raise Busy(f"{RESOLVERS} host names are being resolved at once, the most this server allows; retry shortly")
     answer: list = []
     done = threading.Event()
@@ -139,7 +140,7 @@ def _resolved(host: str, port: int, field: str, within_s: float) -> list:
         except (OSError, UnicodeError) as e:
             answer.append(e)
         finally:
-            _resolving.release()
+            slots.release()
             done.set()
 
     threading.Thread(target=look_up, name="sonic-resolve", daemon=True).start()
