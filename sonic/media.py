@@ -72,7 +72,7 @@ _audio_decodes_and_waiting = threading.BoundedSemaphore(2 * AUDIO_DECODES)
 CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
 OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
 WAV_HEADER_BYTES = 1 << 16  # a WAV's chunks before its samples (fmt, LIST, fact, a broadcast WAV's bext...)
-WAV_STREAMING_SIZE = 0x7FFFF000
+WAV_STREAMING_SIZE = 0x7FFF0000
 PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
 MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
@@ -344,14 +344,22 @@ def probe_audio(path: str | Path) -> AudioStream | None:
     stated = re.search(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr, re.MULTILINE)
     duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
     estimated = b"Estimating duration from bitrate" in proc.stderr
-    if estimated and (declared := _wav_declared_s(path)) is not None:
+    declared = _wav_declared(path)
+    if declared is STREAMING_WAV:
+        duration, estimated = None, False  # a recorder's placeholder, whatever ffmpeg reads into it
+    elif estimated and declared is not None:
         duration, estimated = declared, False  # ffmpeg measures a WAV by its file's size
     return AudioStream(rate=rate, channels=channels, duration_s=duration, estimated=estimated)
 
 
-def _wav_declared_s(path: str | Path) -> float | None:
-    """The seconds a WAV file's header declares (its data chunk's size over its byte rate), or
-    None: not a WAV, or a size a recorder writes while it streams (0, or all ones)."""
+STREAMING_WAV = -1.0  # what _wav_declared answers for a WAV whose size says "not known yet"
+
+
+def _wav_declared(path: str | Path) -> float | None:
+    """The seconds a WAV file's header declares (its data chunk's size over its byte rate);
+    STREAMING_WAV for a size a recorder writes while it streams (0, or near 2 or 4 GB: no upload
+    is that large; sox writes 0x7FFFF000 rounded down to whole samples); None otherwise (not a
+    WAV, or its data chunk beyond what is read)."""
     with open(path, "rb") as f:
         head = f.read(WAV_HEADER_BYTES)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -362,9 +370,9 @@ def _wav_declared_s(path: str | Path) -> float | None:
         if kind == b"fmt " and at + 20 <= len(head):
             byte_rate = struct.unpack_from("<I", head, at + 16)[0]
         if kind == b"data":
-            # 0 and sizes near 2 or 4 GB are what recorders write while they stream (no upload is that large)
-            streaming = size == 0 or size >= WAV_STREAMING_SIZE
-            return None if streaming or not byte_rate else size / byte_rate
+            if size == 0 or size >= WAV_STREAMING_SIZE:
+                return STREAMING_WAV
+            return size / byte_rate if byte_rate else None
         at += 8 + size + (size & 1)
     return None
 

@@ -108,6 +108,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         if settings.live.enabled and settings.live.warm_start:
             warm_live = here.warm
         _end_sessions_on_exit(here)
+        drain.before_exit.append(here.close)  # charged before a slow stop can be killed
     app.register_blueprint(live_routes)
     if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler

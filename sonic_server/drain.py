@@ -11,9 +11,10 @@ server's loop (SystemExit) and the process ends through its at-exit steps (live 
 and are charged, helpers stop).
 
 Not waited for: an event stream (it ends only when its client leaves; the client polls
-status_url after) and a file the server sends by itself (waitress's file wrapper: counting it
-would take a thread from the server for each download). Docker kills at 10 s: drain_s (8 s)
-leaves the at-exit steps their time.
+status_url after) and a download (waitress sends a file from its loop, which ends). Live
+sessions are ended and charged as soon as the answers are made (`before_exit`): a request still
+running at drain_s keeps a server thread, and waitress waits up to 5 s more for it before the
+at-exit steps, past docker's 10 s.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class Drain:
         self.drain_s = drain_s
         self.in_flight = InFlight()
         self.stopping = threading.Event()
-        self.exiting = threading.Event()  # the server's loop has ended: the at-exit steps run
+        self.exiting = threading.Event()  # ^C, or the server's loop has ended: the at-exit steps run
+        # run once the answers are made, before the loop is ended: what must not wait for the
+        # at-exit steps (the server's own wait for its threads can take them past docker's 10 s)
+        self.before_exit: list[Callable[[], None]] = []
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         self.in_flight.__enter__()
@@ -102,6 +106,11 @@ class Drain:
                     self.in_flight.count,
                     self.drain_s,
                 )
+            for step in self.before_exit:
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - one step's fault must not keep the process up
+                    log.exception("SIGTERM: a stopping step failed")
             if not self.exiting.is_set():
                 then()
 
@@ -120,6 +129,13 @@ def drain_on_sigterm(drain: Drain) -> None:
     main = threading.main_thread()
     # registered after the app's own at-exit steps, so it runs before them
     atexit.register(drain.exiting.set)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+
+        def interrupted(signum: int, frame: Any) -> None:
+            drain.exiting.set()  # ^C ends the loop: the drain must not send its signal into the shutdown
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupted)
 
     def stop(signum: int, frame: Any) -> None:
         if drain.exiting.is_set():

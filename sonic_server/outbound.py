@@ -128,6 +128,8 @@ def _resolved(host: str, port: int, field: str, within_s: float) -> list:
     told a deadline (with its retries it may take 30 s and more), so each lookup runs in a
     thread of its own that nobody waits for beyond within_s (a daemon: a stuck lookup delays
     no exit). At most RESOLVERS run at once, stuck ones included: one more is `busy` at once."""
+    if within_s <= 0:
+        raise InvalidParameter(f"{field}: the host {host[:100]!r} did not resolve in time", field=field)
     slots = _resolving  # released by the lookup's thread, whenever it ends
     if not slots.acquire(blocking=False):
         raise Busy(f"{RESOLVERS} host names are being resolved at once, the most this server allows; retry shortly")
@@ -143,11 +145,13 @@ def _resolved(host: str, port: int, field: str, within_s: float) -> list:
             slots.release()
             done.set()
 
-    threading.Thread(target=look_up, name="sonic-resolve", daemon=True).start()
-    if not done.wait(max(0.0, within_s)):
-        raise InvalidParameter(
-            f"{field}: the host {host[:100]!r} did not resolve within {max(0.0, within_s):.3g} s", field=field
-        )
+    try:
+        threading.Thread(target=look_up, name="sonic-resolve", daemon=True).start()
+    except RuntimeError:  # no thread to be had
+        slots.release()
+        raise Busy("no thread is free to resolve a host name; retry shortly") from None
+    if not done.wait(within_s):
+        raise InvalidParameter(f"{field}: the host {host[:100]!r} did not resolve within {within_s:.3g} s", field=field)
     if isinstance(answer[0], BaseException):
         raise InvalidParameter(f"{field}: the host {host[:100]!r} does not resolve", field=field)
     return answer[0]
