@@ -138,6 +138,9 @@ class VideoWriter:
         except (OSError, RuntimeError) as e:
             self._cleanup()
             raise write_error(e) from e
+        except BaseException:  # ^C or SIGTERM while the sound is written: __exit__ will not run
+            self._cleanup()
+            raise
         cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)

@@ -418,3 +418,22 @@ def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err[-500:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_while_the_sound_is_written_leaves_no_part_file(tmp_path, monkeypatch):
+    """A SIGTERM that lands while the writer writes the sound track (the first file of a render,
+    23 MB for 2 minutes) left its .wav.part: the writer was not entered yet, so nothing cleaned up."""
+    from pathlib import Path
+
+    from sonic import writer
+    from sonic.sound import Sound
+
+    def interrupted(path, samples, rate):
+        Path(path).write_bytes(b"RIFF")  # begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_wav", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((100, 2), np.int16), 48000), 1.0):
+            pass
+    assert list(tmp_path.iterdir()) == []
