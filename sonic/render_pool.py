@@ -44,6 +44,7 @@ from .errors import PipelineError
 from .render_messages import Answer, Failed, RecognisePhones, Release, RenderBatch, Rendered
 
 IN_FLIGHT_PER_HELPER = 2  # batches asked of each helper ahead (and its slots in the frames file)
+CLOSE_WAIT_S = 1.0  # a closing pool waits this long for the request using its helpers
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -245,8 +246,15 @@ class RenderPool:
         return [h.proc.pid for h in self._helpers]
 
     def close(self) -> None:
-        with self._busy:
+        """Stop the helpers. A request using them gets CLOSE_WAIT_S to end, then they are
+        stopped under it (it fails, as a killed helper's does): at the interpreter's exit a job
+        still rendering held the exit, past docker's 10 s."""
+        free = self._busy.acquire(timeout=CLOSE_WAIT_S)
+        try:
             self._stop_helpers()
+        finally:
+            if free:
+                self._busy.release()
 
 
 class HelperLine:

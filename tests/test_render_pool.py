@@ -214,3 +214,31 @@ def test_phones_are_left_to_the_caller_while_the_helpers_render(decoder, pools):
         assert start(_two_sentences()) is None
     rest = list(rendering)
     np.testing.assert_array_equal(np.concatenate([first, *rest]), decoder.render(coeffs, head))
+
+
+def test_closing_does_not_wait_for_a_request_using_the_helpers():
+    """At the interpreter's exit the pool closes; a job still rendering held that exit until it
+    ended (22 s in a review's run, past docker's 10 s). The helpers are stopped under it."""
+    import threading
+    import time
+
+    pool = RenderPool(1)
+    holding, release = threading.Event(), threading.Event()
+
+    def request():
+        with pool.lend() as line:
+            assert line is not None
+            holding.set()
+            release.wait(30)
+
+    user = threading.Thread(target=request)
+    user.start()
+    try:
+        assert holding.wait(30)
+        pids = pool.pids()
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 5 and not any(_alive(p) for p in pids)
+    finally:
+        release.set()
+        user.join(10)
