@@ -89,17 +89,15 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     answers that request (waitress alone would die at once), answers new ones 503 `busy`, and
     ends within server.drain_s."""
     import os
-    import signal
     import subprocess
     import sys
-    import threading
     import time
 
     import requests
 
     from conftest import PORTRAIT, SPEECH
     from server_helpers import settings
-    from test_http_live import free_port
+    from test_http_live import free_port, sigterm_while_generating
 
     cfg = settings(tmp_path, drain_s=20, sync_wait_s=60)
     cfg["defaults"]["min_resolution"] = 256
@@ -125,21 +123,7 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
             done = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud}, timeout=120).json()
         refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
-        answer: dict = {}
-
-        def generate_long():
-            with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
-                try:
-                    answer["r"] = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud},
-                                                data={"config": json.dumps({"duration": 40})}, timeout=120)
-                except requests.ConnectionError as e:  # cut off
-                    answer["r"] = e
-
-        in_flight = threading.Thread(target=generate_long)
-        in_flight.start()
-        time.sleep(1.0)  # the request is in flight: its video renders
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        in_flight, answer = sigterm_while_generating(proc, {"base": base})
         stopping = requests.get(base + "/health", timeout=5)
         in_flight.join(60)
         assert proc.wait(30) == 0

@@ -216,19 +216,18 @@ def test_killed_mid_job_then_restart(server):
         proc.wait(10)
 
 
-def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):
-    """sonic serve stopped by SIGTERM (systemd, docker stop) while a synchronous generate waits for
-    its video: the answer still comes (it was cut off, no answer, no log line), new connections
-    are refused, and the process ends with 128 + SIGTERM."""
+def sigterm_while_generating(proc, server) -> tuple:
+    """A synchronous generate of 40 s of video (1000 frames at 256 px) sent from a thread, and
+    SIGTERM sent to the server once it renders; (the thread, {"r": the answer, or the
+    ConnectionError of one cut off}) about 0.3 s after the signal."""
     import signal
     import threading
 
-    proc, info = start_server(tmp_path, drain_s=20)
-    answer = {}
+    answer: dict = {}
 
     def generate():
         try:
-            answer["r"] = post(info, {**FAST, "duration": 40})
+            answer["r"] = post(server, {**FAST, "duration": 40})
         except requests.ConnectionError as e:  # cut off
             answer["r"] = e
 
@@ -237,6 +236,17 @@ def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):
     time.sleep(1.0)  # the request is in flight: its video renders
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
+    return started, answer
+
+
+def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):
+    """sonic serve stopped by SIGTERM (systemd, docker stop) while a synchronous generate waits for
+    its video: the answer still comes (it was cut off, no answer, no log line), new connections
+    are refused, and the process ends with 128 + SIGTERM."""
+    import signal
+
+    proc, info = start_server(tmp_path, drain_s=20)
+    started, answer = sigterm_while_generating(proc, info)
     with pytest.raises(requests.ConnectionError):
         requests.get(info["base"] + "/health", timeout=2)
     started.join(60)
