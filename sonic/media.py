@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 import imageio_ffmpeg
 import numpy as np
@@ -344,22 +344,30 @@ def probe_audio(path: str | Path) -> AudioStream | None:
     stated = re.search(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr, re.MULTILINE)
     duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
     estimated = b"Estimating duration from bitrate" in proc.stderr
-    declared = _wav_declared(path)
-    if declared is STREAMING_WAV:
+    wav = _wav_data(path)
+    if wav is not None and wav.streaming:
         duration, estimated = None, False  # a recorder's placeholder, whatever ffmpeg reads into it
-    elif estimated and declared is not None:
-        duration, estimated = declared, False  # ffmpeg measures a WAV by its file's size
+    elif estimated and wav is not None and wav.byte_rate:
+        duration, estimated = wav.size / wav.byte_rate, False  # ffmpeg measures a WAV by its file's size
     return AudioStream(rate=rate, channels=channels, duration_s=duration, estimated=estimated)
 
 
-STREAMING_WAV = -1.0  # what _wav_declared answers for a WAV whose size says "not known yet"
+class WavData(NamedTuple):
+    """What a WAV file's header says of its samples."""
+
+    size: int  # bytes, as the data chunk declares them
+    byte_rate: int  # bytes a second (0 where the fmt chunk was not read)
+
+    @property
+    def streaming(self) -> bool:
+        """A size a recorder writes while it streams: 0, or near 2 or 4 GB (no upload is that
+        large; sox writes 0x7FFFF000 rounded down to whole samples)."""
+        return self.size == 0 or self.size >= WAV_STREAMING_SIZE
 
 
-def _wav_declared(path: str | Path) -> float | None:
-    """The seconds a WAV file's header declares (its data chunk's size over its byte rate);
-    STREAMING_WAV for a size a recorder writes while it streams (0, or near 2 or 4 GB: no upload
-    is that large; sox writes 0x7FFFF000 rounded down to whole samples); None otherwise (not a
-    WAV, or its data chunk beyond what is read)."""
+def _wav_data(path: str | Path) -> WavData | None:
+    """A WAV file's data chunk as its header declares it; None for another file, or a data chunk
+    beyond the first WAV_HEADER_BYTES."""
     with open(path, "rb") as f:
         head = f.read(WAV_HEADER_BYTES)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -370,9 +378,7 @@ def _wav_declared(path: str | Path) -> float | None:
         if kind == b"fmt " and at + 20 <= len(head):
             byte_rate = struct.unpack_from("<I", head, at + 16)[0]
         if kind == b"data":
-            if size == 0 or size >= WAV_STREAMING_SIZE:
-                return STREAMING_WAV
-            return size / byte_rate if byte_rate else None
+            return WavData(size, byte_rate)
         at += 8 + size + (size & 1)
     return None
 

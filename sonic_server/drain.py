@@ -43,6 +43,11 @@ REFUSED_WHILE_STOPPING = frozenset(
     }
 )
 STREAMING = "sonic.streaming"  # set in a request's environ by a route whose answer is a stream
+# what a stop does once its wait is over, as both servers' stop lines say it
+AFTER_THE_DRAIN = (
+    "live sessions then end (server_stopping), and a job still running or queued is reported failed "
+    "(interrupted) at the next start (where server.jobs_db keeps records)"
+)
 
 
 class InFlight:
@@ -145,8 +150,7 @@ def drain_on_sigterm(drain: Drain) -> None:
             raise SystemExit(128 + signum)
         log.warning(
             "SIGTERM: stopping; new work is refused (503), %d answer(s) in flight get up to %g s (server.drain_s); "
-            "live sessions then end (server_stopping), and a job still running or queued is reported failed "
-            "(interrupted) at the next start (where server.jobs_db keeps records)",
+            + AFTER_THE_DRAIN,
             drain.in_flight.count,
             drain.drain_s,
         )

@@ -22,7 +22,7 @@ from sonic.errors import SonicError
 from sonic.settings import SettingsError
 
 from . import create_app
-from .drain import InFlight
+from .drain import AFTER_THE_DRAIN, InFlight
 from .hooks import configure_logging
 from .settings import load_settings
 
@@ -132,9 +132,7 @@ def serve(args: argparse.Namespace) -> None:
         if stopped:
             raise SystemExit(128 + signum)
         log.warning(
-            "SIGTERM: stopping; no new requests, %d in flight get up to %g s (server.drain_s); live sessions then "
-            "end (server_stopping), and a job still running or queued is reported failed (interrupted) at the next "
-            "start (where server.jobs_db keeps records)",
+            "SIGTERM: stopping; no new requests, %d in flight get up to %g s (server.drain_s); " + AFTER_THE_DRAIN,
             in_flight.count,
             drain_s,
         )
