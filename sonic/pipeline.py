@@ -74,6 +74,11 @@ class StageTimer:
         return round(sum(self.timings.values()), 3)
 
 
+# a recording loud enough to pass the silence check whose loudness never rises as a voice does
+# (steady noise, a hum, a tone: a wrong file) makes a still face; the caller is told why
+NO_SPEECH = "no speech found in the audio: the mouth stays closed throughout"
+
+
 class Warnings:
     """What a request is told besides its video (an enlarged face, a trimmed recording, a
     parameter the decoder ignores), in the order it was found."""
@@ -224,6 +229,8 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         feats = self._audio_features(clip, opts.fps)
+        if not feats.speech.any():
+            warnings.add(NO_SPEECH)
         timer.lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration
