@@ -114,6 +114,12 @@ def json_object_body(what: str = "the body must be a JSON object (Content-Type: 
     return body
 
 
+def body_type_refused(expected: str) -> InvalidParameter:
+    """The error for a body of a type the route does not read (`expected` says what it reads):
+    a JSON body read as a form has no fields at all, and "field missing" would mislead."""
+    return InvalidParameter(f"the body is {request.mimetype or 'sent without a Content-Type'}: {expected}")
+
+
 def json_object_field(field: str, max_chars: int, what: str = "a JSON object") -> dict | None:
     """A multipart text field holding a JSON object (the generate and live `config`, the live
     `offer`), parsed by `parse_json`; None when it is absent or blank. Longer than `max_chars`,

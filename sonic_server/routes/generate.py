@@ -28,7 +28,7 @@ from ..accounts.billing import InsufficientCredits, Payer
 from ..drain import STREAMING
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
-from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_body, json_object_field
+from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
 from ..queue import QueueFull, WorkerStopped
@@ -261,9 +261,8 @@ def _check_field_names() -> None:
     dropped, and the request rendered with the defaults it did not ask for (and paid for)."""
     if not _is_json() and request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         # fetch() sends a string body as text/plain: its JSON would be read as no fields at all
-        raise InvalidParameter(
-            f"the body is {request.mimetype or 'sent without a Content-Type'}: send multipart/form-data "
-            "(the files) or application/json (image_url, audio_url, config)"
+        raise body_type_refused(
+            "send multipart/form-data (the files) or application/json (image_url, audio_url, config)"
         )
     if _is_json():
         names = list(_fields())
