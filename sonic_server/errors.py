@@ -15,6 +15,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from sonic import SonicError
 
+from .live import END_REASONS as LIVE_END_REASONS
 from .openapi import component
 
 log = logging.getLogger("sonic.http")
@@ -81,7 +82,11 @@ ERROR_SCHEMA = component(
                     "field": {"type": "string"},
                     "needed": {"type": "integer", "description": "insufficient_credits: the price"},
                     "balance": {"type": "integer", "description": "insufficient_credits: the balance"},
-                    "ended_reason": {"type": "string", "description": "session_not_found: why the session ended"},
+                    "ended_reason": {
+                        "type": "string",
+                        "enum": [*LIVE_END_REASONS],
+                        "description": "session_not_found: why the live session ended (docs/live.md)",
+                    },
                     "job_id": {"type": "string", "description": "a generation that failed: its job (the log names it)"},
                 },
             },

@@ -109,18 +109,29 @@ def test_speak_pcm_and_interrupt(server):
         await asyncio.sleep(0.6)
         speaking = await client.state()
         pcm = await client.speak_pcm(speech[:16_000])  # a second behind the file
-        await client.interrupt()
+        interrupted = requests.post(client._url("/interrupt"), timeout=10).json()
         await asyncio.sleep(0.5)
         after = await client.state()
         await client.close()
-        return idle, queued, speaking, pcm, after
+        return idle, queued, speaking, pcm, interrupted, after, requests.get(client._url(), timeout=10)
 
-    idle, queued, speaking, pcm, after = asyncio.run(session())
+    idle, queued, speaking, pcm, interrupted, after, ended = asyncio.run(session())
     assert idle["state"] == "idle" and idle["queued_s"] == 0
     assert queued["queued_s"] == pytest.approx(len(speech) / 16_000, abs=0.05)
     assert speaking["state"] == "speaking" and 0 < speaking["queued_s"] < queued["queued_s"]
     assert pcm["queued_s"] > speaking["queued_s"] - 0.5
     assert after["state"] == "idle" and after["queued_s"] == 0
+    assert ended.status_code == 404 and ended.json()["error"]["ended_reason"] == "client_closed"
+    # what a client generated from the document reads: every field named, every value listed
+    schemas = requests.get(base + "/openapi.json", timeout=10).json()["components"]["schemas"]
+    state = schemas["LiveState"]["properties"]
+    for answer in (idle, speaking, after):
+        assert set(answer) <= set(state), answer
+        assert answer["state"] in state["state"]["enum"] and answer["connection"] in state["connection"]["enum"]
+    assert after["connection"] == "connected"
+    assert interrupted == {"interrupted": True}
+    reasons = schemas["Error"]["properties"]["error"]["properties"]["ended_reason"]["enum"]
+    assert "client_closed" in reasons and "worker_lost" in reasons
 
 
 def test_speech_queued_before_the_client_connects_is_all_heard(server):
@@ -270,6 +281,10 @@ def test_bad_requests_are_named_4xx(server, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     cases.append((_open(base, image=text, offer=_offer()), 415, "unsupported_media", "image"))
+    # a JSON body (as generate takes one) has no portrait: told so, not "field 'offer' is missing"
+    as_json = requests.post(base + "/api/sonic/live", json={"offer": _offer(), "config": CONFIG}, timeout=10)
+    assert "the body is application/json: a live session opens from multipart/form-data" in as_json.text
+    cases.append((as_json, 400, "invalid_parameter", None))
     for r, status, code, field in cases:
         assert_clean_error(r, status, code, field)
     assert live_count(base) == 0  # nothing was left open by a refusal

@@ -22,7 +22,7 @@ from sonic.media import SAMPLE_RATE, load_audio, upload_decode
 from ..access import caller
 from ..accounts.billing import LiveHold
 from ..errors import error_response
-from ..json_input import MAX_CONFIG_CHARS, config_switches, json_object_field
+from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .peers import Client, PeerPolicy, Screened, screen_offer
@@ -61,7 +61,11 @@ STATE = component(
         "type": "object",
         "properties": {
             "session_id": {"type": "string"},
-            "state": {"type": "string", "enum": ["idle", "speaking"]},
+            "state": {
+                "type": "string",
+                "enum": ["idle", "speaking"],
+                "description": "speaking: speech is being said, or queued (before the client connects, it waits)",
+            },
             "queued_s": {"type": "number"},
             "frames_sent": {"type": "integer"},
             "late_frames": {"type": "integer"},
@@ -71,7 +75,12 @@ STATE = component(
             "width": {"type": "integer"},
             "height": {"type": "integer"},
             "streamed_s": {"type": "number"},
-            "connection": {"type": "string"},
+            "connection": {
+                "type": "string",
+                "enum": ["new", "connecting", "connected", "failed", "closed"],
+                "description": "the WebRTC connection as the server sees it; a client not connected within "
+                "live.idle_timeout_s ends the session (client_gone), speech queued or not",
+            },
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
         },
     },
@@ -86,7 +95,12 @@ OPEN = {
             "properties": {
                 "image": {"type": "string", "format": "binary", "minLength": 1},
                 "config": {"type": "string", "description": "JSON object of Parameters (those that apply live)"},
-                "offer": {"type": "string", "description": 'JSON {"sdp": "...", "type": "offer"}'},
+                "offer": {
+                    "type": "string",
+                    "description": 'JSON {"sdp": "...", "type": "offer"}: a video receiver (recvonly) and an audio '
+                    "transceiver (the microphone, and the face's voice back), candidates gathered (no trickle); "
+                    "the answer sends VP8 or H264 video and Opus, G722, PCMU or PCMA audio",
+                },
             },
         },
     ),
@@ -173,6 +187,8 @@ def _image() -> tuple[bytes, np.ndarray]:
 )
 def open_session():
     svc = service()
+    if request.mimetype != "multipart/form-data":  # the portrait is a file: JSON cannot carry it
+        raise body_type_refused("a live session opens from multipart/form-data (image, offer, config)")
     params, options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
     offer = _offer()
     check_offer(offer)
@@ -419,7 +435,14 @@ def _decoded_speech(max_s: float) -> np.ndarray:
 @bp.post("/api/sonic/live/<session_id>/interrupt")
 @describe(
     "Stop speaking at once",
-    responses={200: "interrupted", 404: error("no such session"), 503: error("its worker does not answer")},
+    responses={
+        200: (
+            "interrupted: what was queued is dropped, the mouth closes",
+            content("application/json", {"type": "object", "properties": {"interrupted": {"type": "boolean"}}}),
+        ),
+        404: error("no such session (ended or unknown; ended_reason says why it ended)"),
+        503: error("its worker does not answer"),
+    },
 )
 def interrupt(session_id: str):
     session = registry().get(session_id, caller().may_see)
@@ -443,7 +466,11 @@ def session_state(session_id: str):
 @bp.delete("/api/sonic/live/<session_id>")
 @describe(
     "End a live session",
-    responses={204: "ended", 404: error("no such session"), 503: error("its worker does not answer")},
+    responses={
+        204: "ended",
+        404: error("no such session (ended or unknown; ended_reason says why it ended)"),
+        503: error("its worker does not answer"),
+    },
 )
 def end_session(session_id: str):
     live = registry()

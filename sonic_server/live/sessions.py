@@ -28,6 +28,7 @@ from sonic.options import GenerateOptions
 
 from .. import metrics
 from ..settings import LiveSettings
+from . import END_REASONS
 from .rtc import RtcLoop, announce_host, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
 
 log = logging.getLogger("sonic.live")
@@ -474,6 +475,7 @@ class LiveSessions:
     # --- the end ---------------------------------------------------------------------------
     def end(self, session_id: str, reason: str) -> bool:
         """End a session (once: False if it had ended already)."""
+        assert reason in END_REASONS, reason
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is not None:
