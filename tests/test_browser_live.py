@@ -84,6 +84,17 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     assert d.find_element("id", "live-video").is_displayed() is False
     assert d.execute_script("return document.activeElement.id") == "live-start"
 
+    # a session the server ends (here ended from elsewhere) is told at once, with why: the page
+    # hears its transport close (its once-a-second poll is stopped here, so only that can tell)
+    d.find_element("id", "live-start").click()
+    wait(d, "return live.id !== null && live.pc.connectionState === 'connected'", 30, "the second session")
+    d.execute_script("clearInterval(live.timer)")
+    session = d.execute_script("return live.id")
+    assert requests.delete(f"{server}/api/sonic/live/{session}", timeout=10).status_code == 204
+    wait(d, "return /ended: it was ended from elsewhere/.test(document.getElementById('error-live').textContent)",
+         5, "the page telling the session ended, and why")
+    assert d.find_element("id", "live-video").is_displayed() is False
+
 
 def test_live_without_a_portrait_names_the_field(server, browser):
     d = browser

@@ -6,6 +6,16 @@
 
 const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null };
 const GATHER_MS = 3000;  // the server takes the offer with its candidates in it (no trickle)
+// a session's end as its 404 names it (ended_reason), in the page's words
+const ENDED_BECAUSE = {
+  client_closed: "it was ended from elsewhere",
+  client_gone: "the connection was lost",
+  max_session: "it reached the server's time limit for a session",
+  credit_exhausted: "the account's credit ran out",
+  server_stopping: "the server is stopping",
+  worker_lost: "the server that ran it stopped answering",
+  error: "it failed on the server",
+};
 
 function liveUrl(tail) { return "/api/sonic/live/" + live.id + (tail || ""); }
 
@@ -79,6 +89,14 @@ async function startLive() {
     const body = await jsonOf(resp);
     live.id = body.session_id;
     await pc.setRemoteDescription(body.answer);
+    // the server ends a session by closing its transport: the page asks why at once, where the
+    // connection's own state would say "disconnected" seconds later and the video would freeze
+    const transport = pc.getReceivers()[0].transport;
+    if (transport) {
+      transport.addEventListener("statechange", () => {
+        if (transport.state === "closed" && live.pc === pc) refreshLive();
+      });
+    }
     liveShown(true);
     live.frames = live.state = null;
     live.timer = setInterval(refreshLive, 1000);
@@ -94,7 +112,12 @@ async function refreshLive() {
   if (!live.id) return;
   let resp;
   try { resp = await fetch(liveUrl(), { headers: authHeaders() }); } catch (e) { return; }
-  if (resp.status === 404) { liveError("the session has ended"); closeLive(); return; }
+  if (resp.status === 404) {
+    const reason = ENDED_BECAUSE[(await errorOf(resp)).ended_reason];
+    liveError("the session has ended" + (reason ? ": " + reason : ""));
+    closeLive();
+    return;
+  }
   if (!resp.ok) return;
   const s = await jsonOf(resp);
   if (!s) return;
