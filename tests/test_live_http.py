@@ -159,6 +159,8 @@ def test_speech_queued_before_the_client_connects_is_all_heard(server):
     _, rx_db = received_loudness(got.audio, got.audio_times, 48_000)
     loud_s = 0.02 * np.count_nonzero(rx_db > -30)  # 20 ms windows; the tone is at -15 dBFS
     assert 1.8 < loud_s < 2.3, loud_s
+    # at the level it was sent (Opus goes as stereo: a mono voice was upmixed 3 dB down)
+    assert abs(np.median(rx_db[rx_db > -30]) - 20 * np.log10(0.25 / np.sqrt(2))) < 1.0, np.median(rx_db[rx_db > -30])
     assert wait_for(lambda: live_count(server["base"]) == 0)
 
 

@@ -154,8 +154,10 @@ def _track_classes() -> tuple[type, type]:
             s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
             for at in range(0, len(s16), PACKET_SAMPLES):
                 piece = s16[at : at + PACKET_SAMPLES]
-                frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece))
-                frame.planes[0].update(piece.tobytes())
+                # the voice on both channels: Opus is sent as stereo, and a mono frame would be
+                # upmixed to it 3 dB down on each side (the G.711/G.722 encoders mix it back whole)
+                frame = av.AudioFrame(format="s16", layout="stereo", samples=len(piece))
+                frame.planes[0].update(np.repeat(piece, 2).tobytes())
                 frame.sample_rate = AUDIO_RATE
                 frame.pts, frame.time_base = start_sample + at, fractions.Fraction(1, AUDIO_RATE)
                 self.put(frame)
