@@ -1,15 +1,18 @@
 """How a Pipecat pipeline with sonic's face ends, and what it does when the face cannot be made;
 run by tests/test_pipecat.py in the integration's own environment (not a test module itself).
 
-    python tests/pipecat_end_run.py PORTRAIT NO_FACE_IMAGE SPEECH OUT.json SONIC_PYTHON|SONIC_URL
+    python tests/pipecat_end_run.py PORTRAIT NO_FACE_IMAGE SPEECH OUT.json SONIC_PYTHON|SONIC_URL STALLED
 
-Two pipelines, one after the other, each a source that sends SPEECH whole as TTS audio (as most
+Three pipelines, one after the other, each a source that sends SPEECH whole as TTS audio (as most
 TTS services send a reply, faster than real time), the service, and a sink that counts what
 arrives:
 - `goodbye`: once the face shows, the reply, then at once the pipeline's EndFrame ("say goodbye,
   then hang up"): how much of the reply is heard, and when the pipeline ended;
 - `no_face`: a portrait with no face: the error the pipeline reports (on_pipeline_error), and how
-  much of the reply still reaches the sink, as plain TTS audio.
+  much of the reply still reaches the sink, as plain TTS audio;
+- `stalled`: the same, where the face never gets ready (STALLED: a sonic interpreter that never
+  answers, or the URL of a service that takes connections and never answers), with a set-up
+  wait of STALLED_WAIT_S.
 Both ask for frames of SIZE (a transport's), which the face (256x336) is fitted into. OUT.json
 holds, for each: the seconds of speech sent and received, the frames received and their sizes,
 the seconds from the reply to the pipeline's end and the error reported (if any); OUT.npy the
@@ -36,6 +39,7 @@ from sonic_pipecat import SonicVideoService
 TTS_RATE = 24_000
 CHUNK = 480  # 20 ms
 NO_FACE_WAIT_S = 6.0  # the no-face pipeline runs this long after its reply, then ends
+STALLED_WAIT_S = 3.0  # the stalled pipeline's ready_timeout_s
 SIZE = (320, 240)  # the transport's video size the face is fitted into (the face itself: 256x336)
 
 
@@ -110,15 +114,21 @@ async def run(portrait: str, pcm: np.ndarray, where: dict, goodbye: bool, frame_
     return result
 
 
-async def main(portrait: str, no_face: str, speech: str, out: str, sonic: str) -> None:
+def where_of(sonic: str) -> dict:
+    return {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
+
+
+async def main(portrait: str, no_face: str, speech: str, out: str, sonic: str, stalled: str) -> None:
     wav, rate = sf.read(speech, dtype="float32")
     pcm = (np.clip(resample_poly(wav, TTS_RATE, rate), -1, 1) * 32767).astype(np.int16)
-    where = {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
+    where = where_of(sonic)
     results = {"goodbye": await run(portrait, pcm, where, True, out.replace(".json", ".npy"))}
     results["no_face"] = await run(no_face, pcm, where, False, out.replace(".json", "-no-face.npy"))
+    stalled_where = {**where_of(stalled), "ready_timeout_s": STALLED_WAIT_S}
+    results["stalled"] = await run(portrait, pcm, stalled_where, False, out.replace(".json", "-stalled.npy"))
     with open(out, "w") as f:
         json.dump(results, f)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:6]))
+    asyncio.run(main(*sys.argv[1:7]))

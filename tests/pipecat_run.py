@@ -1,24 +1,28 @@
 """A Pipecat pipeline with sonic's face after a stand-in TTS, run in the integration's own
 environment by tests/test_pipecat.py (not a test module itself).
 
-    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON|SONIC_URL [end-session]
+    python tests/pipecat_run.py PORTRAIT SPEECH OUT.npz SONIC_PYTHON|SONIC_URL [end-session|stop-server]
 
 With a URL (http://...) the service uses that running sonic service's live sessions (`url=`)
 instead of the engine in this process; with `end-session` too, the session is ended on the
-server (DELETE, as an operator or its idle timeout would) after the first reply, and the
-ErrorFrame the pipeline reports (on_pipeline_error) is recorded.
+server (DELETE, as an operator or its idle timeout would) after the first reply; with
+`stop-server`, the server itself is sent SIGTERM then (its pid in $SONIC_SERVER_PID); either
+way the ErrorFrame the pipeline reports (on_pipeline_error) is recorded.
 
 Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in real time (20 ms
 chunks): once in real time, a pause, then again all at once (as many TTS services send it),
 interrupted 1.2 s after it began; the sink records every frame that
 reaches it with its arrival time. OUT.npz holds the video frames, their times and metadata,
-the audio chunks' times and lengths, the interruption's time and the TTFB metrics reported.
+the audio chunks' times and lengths, the interruption's time (and when it reached the sink)
+and the TTFB metrics reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 
@@ -94,8 +98,9 @@ class SpeechSource(FrameProcessor):
 
 
 class Recorder(FrameProcessor):
-    def __init__(self) -> None:
+    def __init__(self, marks: dict) -> None:
         super().__init__()
+        self.marks = marks
         self.face_shown = asyncio.Event()
         self.images: list[np.ndarray] = []
         self.image_times: list[float] = []
@@ -114,6 +119,8 @@ class Recorder(FrameProcessor):
             self.face_shown.set()
         elif isinstance(frame, TTSAudioRawFrame):
             self.audio.append((now, len(frame.audio) // 2, frame.sample_rate))
+        elif isinstance(frame, InterruptionFrame):
+            self.marks.setdefault("interruption_at", now)
         elif isinstance(frame, MetricsFrame):
             self.ttfb += [d.value for d in frame.data if isinstance(d, TTFBMetricsData) and d.value > 0]
         await self.push_frame(frame, direction)
@@ -124,7 +131,7 @@ async def main(portrait: str, speech: str, out: str, sonic: str, mode: str = "")
     wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
     box: list = []
     marks: dict = {}
-    recorder = Recorder()
+    recorder = Recorder(marks)
     where = {"url": sonic} if sonic.startswith("http") else {"sonic_python": sonic}
     face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, **where)
 
@@ -135,8 +142,14 @@ async def main(portrait: str, speech: str, out: str, sonic: str, mode: str = "")
         async with aiohttp.ClientSession() as http:
             async with http.delete(f"{sonic}/api/sonic/live/{face._remote.session_id}") as r:
                 marks["ended_status"] = r.status
+
+    async def stop_server() -> None:  # a restart, or the server's machine going down
+        marks["ended_at"] = time.monotonic()
+        os.kill(int(os.environ["SONIC_SERVER_PID"]), signal.SIGTERM)
+
+    ending = {"end-session": end_session, "stop-server": stop_server}.get(mode)
     worker = PipelineWorker(
-        Pipeline([SpeechSource(wav, box, marks, recorder.face_shown, end_session if mode == "end-session" else None), face, recorder]),
+        Pipeline([SpeechSource(wav, box, marks, recorder.face_shown, ending), face, recorder]),
         params=PipelineParams(audio_out_sample_rate=TTS_RATE, enable_metrics=True),
         idle_timeout_secs=None,
     )

@@ -4,6 +4,7 @@ what arrives (tests/pipecat_run.py, run in the integration's own environment, bu
 missing). The recorded frames are measured with the face landmarker."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,8 +33,13 @@ def pipeline_run(pipecat_python, out, sonic: str, *mode: str):
     service's sessions (sonic: its URL) -> (recorded data, frame times from the first, marks:
     times from the first frame too)."""
     script = ROOT / "tests" / "pipecat_run.py"
+    if not sonic.startswith("http"):
+        # the agent's working folder holds a folder named `sonic` (a clone of the project beside
+        # it), and names sonic's interpreter by a path relative to it: the portrait is still made
+        (out.parent / "sonic").mkdir(exist_ok=True)
+        sonic = os.path.relpath(sonic, out.parent)
     command = [str(pipecat_python), str(script), str(EXAMPLES / "astronaut.jpg"), str(SPEECH), str(out), sonic, *mode]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=out.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     data = np.load(out)
     times = data["image_times"]
@@ -141,24 +147,35 @@ def test_with_url_the_service_uses_a_running_sonic_services_sessions(pipeline, p
         proc.wait(10)
 
 
-def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_on(pipecat_python, tmp_path):
-    """The server ends the session (here a DELETE, as its idle timeout, a restart or an operator
-    would): the service says so upstream (an ErrorFrame naming why) and the TTS audio goes on
-    downstream without the face; it was consumed, and the agent fell silent."""
+@pytest.mark.parametrize("ending", ["end-session", "stop-server"])
+def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_on(pipecat_python, tmp_path, ending):
+    """The server ends the session (a DELETE, as its idle timeout or an operator would; or the
+    server stops, as in a restart): the service says so upstream (an ErrorFrame naming why) and
+    the TTS audio goes on downstream without the face (it was consumed, and the agent fell
+    silent); the interruption that follows still reaches the rest of the pipeline (with the
+    server gone, it was swallowed by the failed request telling the server)."""
+    import os
+
     from test_http_live import start_server
 
     proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
+    os.environ["SONIC_SERVER_PID"] = str(proc.pid)
     try:
-        data, times, marks = pipeline_run(pipecat_python, tmp_path / "ended.npz", info["base"], "end-session")
+        data, times, marks = pipeline_run(pipecat_python, tmp_path / "ended.npz", info["base"], ending)
     finally:
+        del os.environ["SONIC_SERVER_PID"]
         proc.terminate()
-        proc.wait(10)
-    assert marks["ended_status"] == 204
-    assert "live session ended" in marks["error"] and "404" in marks["error"], marks
+        proc.wait(20)
+    if ending == "end-session":
+        assert marks["ended_status"] == 204
+        assert "live session ended: the sonic service ended it: a DELETE from elsewhere ended it" in marks["error"], marks
+    else:
+        assert "live session ended: the sonic service" in marks["error"], marks
     assert 0 <= marks["error_at"] - marks["ended_at"] < 1.5, marks
     arrivals = data["audio"][:, 0] - data["image_times"][0]
     voice_after = data["audio"][arrivals > marks["second_start"], 1].sum() / 24000
     assert voice_after >= float(data["speech_s"]) - 0.2, voice_after
+    assert 0 <= marks["interruption_at"] - marks["interrupt"] < 0.5, marks
 
 
 @pytest.mark.parametrize("where", ["here", "url"])
@@ -167,23 +184,35 @@ def test_a_goodbye_is_heard_before_the_end_and_a_face_that_cannot_be_made_is_an_
     """tests/pipecat_end_run.py: a reply sent whole and then the pipeline's EndFrame is spoken
     to its end before the pipeline ends (it was cut off at once); a portrait with no face is
     reported upstream (on_pipeline_error, naming why) and the reply still reaches the sink as
-    plain audio (the agent fell silent, with no error the agent's code could see)."""
+    plain audio (the agent fell silent, with no error the agent's code could see); and so is a
+    face that never gets ready (a service that takes the connection and never answers, a sonic
+    interpreter that hangs), within the service's ready_timeout_s: Pipecat stopped the whole
+    pipeline after its own 20 s set-up time, voice and all."""
+    import socket
+
     import cv2
 
     no_face = tmp_path / "wall.png"
     cv2.imwrite(str(no_face), np.full((400, 300, 3), 128, np.uint8))
     proc = None
     sonic = sys.executable
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections (the kernel's backlog), never answers
+    hanging = tmp_path / "hanging-python"
+    hanging.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'hanging.pid'}\nexec sleep 600\n")
+    hanging.chmod(0o755)
+    stalled = str(hanging)
     if where == "url":
         from test_http_live import start_server
         proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
         sonic = info["base"]
+        stalled = f"http://127.0.0.1:{silent.getsockname()[1]}"
     out = tmp_path / "end.json"
     try:
         command = [str(pipecat_python), str(ROOT / "tests" / "pipecat_end_run.py"), str(EXAMPLES / "astronaut.jpg"),
-                   str(no_face), str(SPEECH), str(out), sonic]
+                   str(no_face), str(SPEECH), str(out), sonic, stalled]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     finally:
+        silent.close()
         if proc is not None:
             proc.terminate()
             proc.wait(10)
@@ -200,3 +229,9 @@ def test_a_goodbye_is_heard_before_the_end_and_a_face_that_cannot_be_made_is_an_
     assert sharpness[0] > 10 * sharpness[1], sharpness                       # the face, and a blurred fill
     assert no_face_run["frames"] == 0 and "no face" in (no_face_run["error"] or "").lower(), no_face_run
     assert no_face_run["heard_s"] >= no_face_run["sent_s"] - 0.05, no_face_run
+    stalled_run = results["stalled"]
+    assert stalled_run["frames"] == 0 and "within 3 s" in (stalled_run["error"] or ""), stalled_run
+    assert stalled_run["heard_s"] >= stalled_run["sent_s"] - 0.05, stalled_run
+    if where == "here":  # the interpreter that hung was stopped, not left behind
+        pid = int((tmp_path / "hanging.pid").read_text())
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

@@ -23,15 +23,27 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
+from .service import VOICED
+
 RATE = 16_000  # Hz of the speech sent (audio/L16;rate=16000)
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
 RETRY_MAX_S = 2.0  # a batch refused for now (429, 503) is sent again after Retry-After, at most this
 ARRIVAL_MAX_S = 2.0  # what was spoken reaches this side within this (the service's look-ahead, jitter buffer)
 QUIET_S = 0.3  # ... and has once the face's sound has been quiet this long
-VOICED = 300  # audio louder than this (16-bit peak) carries speech
 STATE_TIMEOUT_S = 2.0  # a state request at the end waits this long for its answer
+REQUEST_TIMEOUT_S = 5.0  # any other request (speak, interrupt, the end, why it ended): past it, the service is gone
 END_TRIES = 3  # DELETEs of the session refused for now before the service's idle timeout is left to end it
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# why the service ended a session (its 404's `ended_reason`), in an agent developer's words
+ENDED_BECAUSE = {
+    "client_closed": "a DELETE from elsewhere ended it (an operator, not this agent)",
+    "client_gone": "it heard nothing from this agent for its live.idle_timeout_s",
+    "max_session": "it reached the service's live.max_session_s",
+    "credit_exhausted": "the account's credit ran out",
+    "server_stopping": "the service is stopping (a restart or a shutdown)",
+    "worker_lost": "the service's worker that ran it stopped answering",
+    "error": "it failed on the service",
+}
 
 
 def loopback_only() -> None:
@@ -65,8 +77,13 @@ class RemoteSession:
         if urlparse(self.url).hostname in LOOPBACK:
             loopback_only()
 
-    async def open(self, portrait: str, params: dict[str, Any]) -> None:
-        self._http = aiohttp.ClientSession(headers=self._headers)
+    async def open(self, portrait: str, params: dict[str, Any], within_s: float) -> None:
+        """Open the session within `within_s` seconds: a service that does not answer in time,
+        or stays busy (503, 429: asked again after Retry-After while time is left), raises."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        self._http = aiohttp.ClientSession(headers=self._headers, timeout=timeout)
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(AudioStreamTrack())  # the microphone the session mixes in: silence
@@ -82,15 +99,34 @@ class RemoteSession:
                 await self._ended_by_server()
 
         await pc.setLocalDescription(await pc.createOffer())
-        form = aiohttp.FormData()
-        form.add_field("image", Path(portrait).read_bytes(), filename=Path(portrait).name)
-        form.add_field("config", json.dumps(params))
-        form.add_field("offer", json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}))
-        async with self._http.post(f"{self.url}/api/sonic/live", data=form) as r:
-            body = await r.json(content_type=None)
-            if r.status != 201:
-                error = body.get("error", {}) if isinstance(body, dict) else {}
-                raise RuntimeError(f"the sonic service refused the session ({r.status}): {error.get('message', body)}")
+        image = Path(portrait).read_bytes()
+        offer = json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+        tries = 0
+        while True:
+            form = aiohttp.FormData()
+            form.add_field("image", image, filename=Path(portrait).name)
+            form.add_field("config", json.dumps(params))
+            form.add_field("offer", offer)
+            left = deadline - loop.time()
+            tries += 1
+            try:
+                request = self._http.post(f"{self.url}/api/sonic/live", data=form, timeout=aiohttp.ClientTimeout(left))
+                async with request as r:
+                    body = await r.json(content_type=None)
+                    wait = _retry_after(r.headers) if r.status in (429, 503) else None
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"the sonic service at {self.url} did not answer within {within_s:g} s") from None
+            except aiohttp.ClientError as e:
+                raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {e}") from None
+            if r.status == 201:
+                break
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            if wait is None or loop.time() + wait >= deadline:
+                asked = f", asked {tries} times in {within_s:g} s" if tries > 1 else ""
+                raise RuntimeError(
+                    f"the sonic service refused the session ({r.status}{asked}): {error.get('message', body)}"
+                )
+            await asyncio.sleep(wait)  # busy for now: asked again while the time allows
         self.session_id = body["session_id"]
         self.warnings: list[str] = list(body.get("warnings", []))  # the photo's, and unused parameters
         self.fps = int(params.get("fps", 25))
@@ -115,12 +151,14 @@ class RemoteSession:
                     if r.status in (429, 503):  # refused for now: sent again, ahead of what came since
                         self._outgoing[:0] = body
                         await asyncio.sleep(_retry_after(r.headers))
+                    elif r.status == 404:  # ended on the server's side before its tracks told
+                        self._end(f"the sonic service ended it: {_ended_because(await r.text())}")
                     elif r.status >= 400:
                         self._end(f"the sonic service refused speech ({r.status}): {_message(await r.text())}")
                     elif np.abs(np.frombuffer(body, "<i2")).max() > VOICED:
                         self._last_sent = asyncio.get_running_loop().time()
-            except aiohttp.ClientError as e:
-                self._end(f"the sonic service cannot be reached: {e}")
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                self._end(await self._why_ended())  # the service's word where it still answers
             finally:
                 self._sending = False
 
@@ -142,14 +180,14 @@ class RemoteSession:
             self._end(await self._why_ended())
 
     async def _why_ended(self) -> str:
-        """The server's word on the session, once its tracks have stopped."""
+        """The server's word on the session, once its tracks have stopped or a request failed."""
         try:
             assert self._http is not None
             async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}") as r:
                 if r.status == 404:
-                    return f"the sonic service ended it ({r.status}): {_message(await r.text())}"
-        except (aiohttp.ClientError, AssertionError) as e:
-            return f"the sonic service cannot be reached: {e}"
+                    return f"the sonic service ended it: {_ended_because(await r.text())}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, AssertionError) as e:
+            return f"the sonic service at {self.url} cannot be reached: {e or type(e).__name__}"
         return "the sonic service stopped sending it"
 
     def _end(self, reason: str) -> None:
@@ -159,11 +197,20 @@ class RemoteSession:
             self._video.put_nowait(None)
             self._audio.put_nowait(None)
 
-    async def interrupt(self) -> None:
+    def interrupt(self) -> None:
+        """Drop the speech not yet sent, and tell the service (without waiting for its answer:
+        the pipeline's interruption goes on at once, whether the service answers or not)."""
         self._outgoing.clear()
-        if self._http is not None and self.session_id:
+        if self._http is not None and self.session_id and self.ended is None:
+            self._tasks.append(asyncio.ensure_future(self._send_interrupt()))
+
+    async def _send_interrupt(self) -> None:
+        assert self._http is not None
+        try:
             async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/interrupt") as r:
                 await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            self._end(await self._why_ended())
 
     async def finish_speaking(self, margin_s: float) -> None:
         """Until the speech sent so far has been spoken by the service and has arrived here,
@@ -243,7 +290,7 @@ class RemoteSession:
                     if r.status not in (429, 503):
                         return
                     await asyncio.sleep(_retry_after(r.headers))
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 return  # the service is gone: nothing left to end
 
 
@@ -253,6 +300,15 @@ def _retry_after(headers: Any) -> float:
         return min(RETRY_MAX_S, max(0.0, float(headers.get("Retry-After", 1))))
     except ValueError:
         return 1.0
+
+
+def _ended_because(text: str) -> str:
+    """A 404's reason in words, or its message."""
+    try:
+        reason = json.loads(text)["error"]["ended_reason"]
+    except (ValueError, KeyError, TypeError):
+        return _message(text)
+    return f"{ENDED_BECAUSE.get(reason, 'it ended')} ({reason})"
 
 
 def _message(text: str) -> str:

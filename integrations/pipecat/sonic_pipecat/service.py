@@ -12,10 +12,10 @@ With `url=` it uses a running sonic service's live sessions instead (sonic_pipec
 portrait and the speech go over HTTP, the face comes back over WebRTC): nothing of sonic needs
 to be installed beside the agent.
 
-The portrait is prepared once, from the moment the service is made (in a thread; the service
-holds the pipeline's StartFrame until it is ready, 1-3 s, while the processors before it start
-at once: TTS audio that reaches it meanwhile is kept, and spoken once the face shows; make the
-service before a greeting is due): in this interpreter when it can load the face
+The portrait is prepared once, from the moment the service is made (in a thread; the service's
+set-up waits for it, 1-3 s, and Pipecat starts the pipeline once every processor is set up: make
+the service before a greeting is due; past `ready_timeout_s` the face is given up, reported, and
+the voice goes on without it): in this interpreter when it can load the face
 landmarker (MediaPipe), else by the sonic project's interpreter (`sonic_python`, or the
 environment variable SONIC_PYTHON), which writes the prepared face to a file
 (`python -m sonic.live.face_file`).
@@ -52,6 +52,11 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, F
 ENGINE_RATE = 16_000  # Hz: what sonic's engine hears and hands back
 CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 10-40 ms)
 FINISH_MARGIN_S = 2.0  # at the pipeline's end, the queued speech is waited for this much past its length
+# Pipecat gives every processor 20 s to set up (PipelineWorker's setup_timeout_secs), then stops the
+# whole pipeline, voice and all: the face gives up before, reports why, and the voice goes on
+READY_TIMEOUT_S = 15.0
+VOICED = 300  # audio louder than this (16-bit peak) carries speech
+UTTERANCE_GAP_S = 0.5  # TTS audio after this long without any begins an utterance (its TTFB)
 
 
 class FrameFitter:
@@ -101,7 +106,9 @@ class SonicVideoService(FrameProcessor):
     cannot load MediaPipe (default: $SONIC_PYTHON, else this interpreter); url: a running sonic
     service to open the session on instead of running the engine here (api_key: its key);
     size: (width, height) of the transport's video: the face is fitted into it whole, not
-    stretched (without it frames have the face's own size, which follows the portrait's crop)."""
+    stretched (without it frames have the face's own size, which follows the portrait's crop);
+    ready_timeout_s: how long the pipeline's set-up waits for the face (the portrait prepared,
+    or the service's session opened) before it reports an error and goes on without it."""
 
     def __init__(
         self,
@@ -112,9 +119,11 @@ class SonicVideoService(FrameProcessor):
         url: str | None = None,
         api_key: str | None = None,
         size: tuple[int, int] | None = None,
+        ready_timeout_s: float = READY_TIMEOUT_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._ready_timeout_s = float(ready_timeout_s)
         self._fit = FrameFitter(size) if size is not None else None
         self._portrait = str(portrait)
         self._params = dict(params or {})
@@ -132,7 +141,9 @@ class SonicVideoService(FrameProcessor):
         self._url, self._api_key = url, api_key
         self._remote: Any = None
         self._remote_audio: asyncio.Task | None = None
-        self._last_heard = 0.0
+        self._last_heard = float("-inf")  # when TTS audio last reached the service (monotonic)
+        self._preparer: subprocess.Popen | None = None  # sonic's interpreter preparing the portrait
+        self._gave_up = False  # set-up stopped waiting for the portrait
         # the engine in this process: its portrait is prepared from now on, in a thread of its own
         self._ready: concurrent.futures.Future | None = None
         if url is None:
@@ -163,17 +174,25 @@ class SonicVideoService(FrameProcessor):
             pipeline = load_pipeline()
             options = pipeline.options(self._params)
             return LiveSession(prepare_live_face(pipeline, self._portrait, options), options)
+        portrait = str(Path(self._portrait).resolve())
+        if os.sep in python:  # a path, taken from this working folder (the command runs in another)
+            python = str(Path(python).absolute())
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "face.pkl"
-            done = subprocess.run(
-                [python, "-m", "sonic.live.face_file", self._portrait, str(out), json.dumps(self._params)],
-                capture_output=True,
+            if self._gave_up:
+                raise RuntimeError("the pipeline stopped waiting for the portrait")
+            # run in an empty folder: `-m` looks in the working folder first, where a folder named
+            # `sonic` (a clone of the project beside the agent) would shadow the installed package
+            self._preparer = subprocess.Popen(
+                [python, "-m", "sonic.live.face_file", portrait, str(out), json.dumps(self._params)],
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=300,
             )
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines()
-                raise RuntimeError(f"sonic could not prepare the portrait: {lines[-1] if lines else done.returncode}")
+            _, stderr = self._preparer.communicate()
+            if self._preparer.returncode != 0:
+                raise RuntimeError(f"sonic could not prepare the portrait: {_last_error(stderr, self._preparer)}")
             prepared = pickle.loads(out.read_bytes())  # written just now by the command above
         return LiveSession(prepared["face"], prepared["options"])
 
@@ -184,7 +203,14 @@ class SonicVideoService(FrameProcessor):
             await self._open_remote()
             return
         try:
-            session = await asyncio.wrap_future(self._ready)
+            session = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._ready)), self._ready_timeout_s)
+        except asyncio.TimeoutError:
+            self._give_up_preparing()
+            self._error = (
+                f"SonicVideoService: the portrait was not ready within {self._ready_timeout_s:g} s "
+                "(ready_timeout_s): the agent goes on without a face"
+            )
+            return
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
             self._error = f"SonicVideoService: {e}"  # (what it heard goes on once the error is out)
             return
@@ -193,13 +219,19 @@ class SonicVideoService(FrameProcessor):
             logger.warning(f"SonicVideoService: {warning}")
         await self._hear_early()
 
+    def _give_up_preparing(self) -> None:
+        """Stop sonic's interpreter preparing the portrait (it would hold this process's exit)."""
+        self._gave_up = True
+        if self._preparer is not None and self._preparer.poll() is None:
+            self._preparer.kill()
+
     async def _open_remote(self) -> None:
         from .remote import RemoteSession
 
         assert self._url is not None  # remote mode
         remote = RemoteSession(self._url, self._api_key)
         try:
-            await remote.open(self._portrait, self._params)
+            await remote.open(self._portrait, self._params, self._ready_timeout_s)
         except Exception as e:  # noqa: BLE001 - reported to the pipeline as its error, not raised into it
             await remote.close()
             self._error = f"SonicVideoService: {e}"
@@ -227,7 +259,7 @@ class SonicVideoService(FrameProcessor):
             if self._session is not None:
                 self._session.interrupt()
             if self._remote is not None:
-                await self._remote.interrupt()
+                self._remote.interrupt()
             self._awaiting_first_frame = False
             await self.push_frame(frame, direction)
         elif isinstance(frame, EndFrame):
@@ -264,23 +296,22 @@ class SonicVideoService(FrameProcessor):
         if self._remote is not None and self._remote.ended:
             await self.push_frame(frame)  # the face is gone: the voice goes on without it
             return
+        now = time.monotonic()
+        speaking = self._session is not None and self._session.speaking
+        begins = now - self._last_heard > UTTERANCE_GAP_S and not speaking
+        self._last_heard = now
+        if begins:  # an utterance's TTFB: from its first audio here to its first voiced audio out
+            self._awaiting_first_frame = True
+            await self.start_ttfb_metrics()
         pcm = np.frombuffer(frame.audio, np.int16)
         if frame.num_channels > 1:
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
         if self._remote is not None:
-            now = time.monotonic()
-            if now - self._last_heard > 0.5 and not self._awaiting_first_frame:  # an utterance begins
-                self._awaiting_first_frame = True
-                await self.start_ttfb_metrics()
-            self._last_heard = now
             self._remote.speak(speech)
             return
         assert self._session is not None
-        if not self._awaiting_first_frame and not self._session.speaking:  # an utterance begins
-            self._awaiting_first_frame = True
-            await self.start_ttfb_metrics()
         self._session.speak(speech)
 
     # --- frames out -------------------------------------------------------------------------
@@ -312,10 +343,11 @@ class SonicVideoService(FrameProcessor):
         await self.push_frame(out)
         self.frames_pushed += 1
         if frame.audio.any():
-            if self._awaiting_first_frame:
+            pcm16 = (np.clip(frame.audio, -1, 1) * 32767).astype(np.int16)
+            if self._awaiting_first_frame and np.abs(pcm16).max() > VOICED:
                 self._awaiting_first_frame = False
                 await self.stop_ttfb_metrics()
-            pcm = (np.clip(frame.audio, -1, 1) * 32767).astype(np.int16).tobytes()
+            pcm = pcm16.tobytes()
             audio = await self._from_engine.resample(pcm, ENGINE_RATE, self._out_rate)
             step = self._out_rate * CHUNK_MS // 1000 * 2  # bytes of one chunk (16-bit mono)
             for i in range(0, len(audio), step):
@@ -334,8 +366,6 @@ class SonicVideoService(FrameProcessor):
             await self.push_error(f"SonicVideoService: the live session ended: {remote.ended}")
 
     async def _pump_remote_audio(self) -> None:
-        from .remote import VOICED  # (the module needs aiortc: imported in url= mode only)
-
         step = self._out_rate * CHUNK_MS // 1000 * 2
         async for frame in self._remote.audio():
             samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
@@ -367,6 +397,8 @@ class SonicVideoService(FrameProcessor):
         if self._remote is not None:
             await self._remote.close()
             self._remote = None
+        if self._ready is not None and not self._ready.done():
+            self._give_up_preparing()
         for task in (self._clock, self._remote_audio):
             if task is not None:
                 await self.cancel_task(task)
@@ -374,3 +406,15 @@ class SonicVideoService(FrameProcessor):
         if self._session is not None:
             self._session.close()
             self._session = None
+
+
+def _last_error(stderr: str, proc: subprocess.Popen) -> str:
+    """What sonic's interpreter said went wrong: its error's message (the command writes the
+    error as JSON), or its last line, or its exit status."""
+    lines = stderr.strip().splitlines()
+    if not lines:
+        return f"it exited with status {proc.returncode}"
+    try:
+        return str(json.loads(lines[-1])["message"])
+    except (ValueError, KeyError, TypeError):
+        return lines[-1]
