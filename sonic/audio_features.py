@@ -201,6 +201,13 @@ def normalise_loudness(db: np.ndarray) -> np.ndarray:
     return np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0)
 
 
+def speech_heard(wav: np.ndarray, fps: int) -> bool:
+    """Whether any frame of a recording counts as speech, judged on the recording as it was sent:
+    silence added to reach a longer `duration` would make a steady hum read as loud against it."""
+    n_frames = max(1, int(round(len(wav) / SAMPLE_RATE * fps)))
+    return bool((normalise_loudness(frame_loudness(wav, n_frames, fps)) > SPEECH_THRESHOLD).any())
+
+
 def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Piecewise viseme targets sampled at frame centres (coarticulation comes from smoothing)."""
     t = (np.arange(n_frames) + 0.5) / fps

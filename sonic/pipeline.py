@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio
+from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio, speech_heard
 from .checks import check_output, existing_file, frame_count, load_portrait
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
@@ -75,8 +75,10 @@ class StageTimer:
 
 
 # a recording loud enough to pass the silence check whose loudness never rises as a voice does
-# (steady noise, a hum, a tone: a wrong file) makes a still face; the caller is told why
-NO_SPEECH = "no speech found in the audio: the mouth stays closed throughout"
+# (steady noise, a hum, a tone: a wrong file) makes no talking face; the caller is told why
+NO_SPEECH = (
+    "no speech found in the audio (only a steady sound such as a hum, noise or a tone): is it the right recording?"
+)
 
 
 class Warnings:
@@ -229,7 +231,7 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         feats = self._audio_features(clip, opts.fps)
-        if not feats.speech.any():
+        if not speech_heard(wav[: len(clip.wav)], opts.fps):  # as sent: trimmed, not padded
             warnings.add(NO_SPEECH)
         timer.lap("audio")
 

@@ -82,10 +82,12 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     assert not any("padded" in w or "faces" in w or "cut short" in w or "speech" in w for w in one), one
     # a recording with no voice in it (a steady hum: a wrong file, a muted microphone's noise)
     # makes a still face, and says why
+    # (also when padded to a longer duration: the padding's silence made the hum read as loud)
     hum = tmp_path / "hum.wav"
     sf.write(hum, 0.1 * np.sin(2 * np.pi * 100 * np.arange(16000) / 16000), 16000)
-    still = pipeline(PORTRAIT, hum, opts, out_path=tmp_path / "hum.mp4").warnings
-    assert "no speech found in the audio: the mouth stays closed throughout" in still, still
+    still = pipeline(PORTRAIT, hum, pipeline.options({"min_resolution": 256, "duration": 1.5}),
+                     out_path=tmp_path / "hum.mp4").warnings
+    assert any(w.startswith("no speech found in the audio") for w in still), still
     # a file cut short (an upload or a recorder stopped early) says so, not just a shorter video
     cut = tmp_path / "cut.wav"
     cut.write_bytes(wav.read_bytes()[: 44 + 2 * 16000])
