@@ -102,3 +102,16 @@ def test_live_without_a_portrait_names_the_field(server, browser):
     d.find_element("id", "live-start").click()
     wait(d, "return document.getElementById('error-image').textContent.length > 0", 5, "the portrait's error")
     assert live_sessions(server) == 0
+
+
+def test_the_page_names_every_reason_a_session_ends_for():
+    """The page tells why a session ended, in words, for each reason the server gives."""
+    import re
+
+    from conftest import ROOT
+    from sonic_server.live import END_REASONS
+
+    script = (ROOT / "sonic_server" / "web" / "live.js").read_text()
+    table = script[script.index("const ENDED_BECAUSE = {"):]
+    named = set(re.findall(r"^  (\w+): \"", table[: table.index("};")], re.MULTILINE))
+    assert named == set(END_REASONS)

@@ -148,29 +148,30 @@ def test_with_url_the_service_uses_a_running_sonic_services_sessions(pipeline, p
 
 
 @pytest.mark.parametrize("ending", ["end-session", "stop-server"])
-def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_on(pipecat_python, tmp_path, ending):
+def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_on(
+        pipecat_python, tmp_path, ending, monkeypatch):
     """The server ends the session (a DELETE, as its idle timeout or an operator would; or the
     server stops, as in a restart): the service says so upstream (an ErrorFrame naming why) and
     the TTS audio goes on downstream without the face (it was consumed, and the agent fell
     silent); the interruption that follows still reaches the rest of the pipeline (with the
     server gone, it was swallowed by the failed request telling the server)."""
-    import os
+    import re
 
     from test_http_live import start_server
 
     proc, info = start_server(tmp_path, top={"live": {"host_addresses": ["127.0.0.1"], "max_sessions": 1}})
-    os.environ["SONIC_SERVER_PID"] = str(proc.pid)
+    monkeypatch.setenv("SONIC_SERVER_PID", str(proc.pid))
     try:
         data, times, marks = pipeline_run(pipecat_python, tmp_path / "ended.npz", info["base"], ending)
     finally:
-        del os.environ["SONIC_SERVER_PID"]
         proc.terminate()
         proc.wait(20)
     if ending == "end-session":
         assert marks["ended_status"] == 204
         assert "live session ended: the sonic service ended it: a DELETE from elsewhere ended it" in marks["error"], marks
-    else:
-        assert "live session ended: the sonic service" in marks["error"], marks
+    else:  # the service's word while it drains, or that it is gone: either way, a reason
+        said = r"live session ended: the sonic service (ended it: the service is stopping|at \S+ cannot be reached: \w)"
+        assert re.search(said, marks["error"]), marks
     assert 0 <= marks["error_at"] - marks["ended_at"] < 1.5, marks
     arrivals = data["audio"][:, 0] - data["image_times"][0]
     voice_after = data["audio"][arrivals > marks["second_start"], 1].sum() / 24000
@@ -235,3 +236,16 @@ def test_a_goodbye_is_heard_before_the_end_and_a_face_that_cannot_be_made_is_an_
     if where == "here":  # the interpreter that hung was stopped, not left behind
         pid = int((tmp_path / "hanging.pid").read_text())
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_the_integration_names_every_reason_a_session_ends_for():
+    """The integration says why the service ended a session in words of its own, for each
+    reason the service gives (a reason it does not know would read as a bare code)."""
+    import re
+
+    from sonic_server.live import END_REASONS
+
+    source = (INTEGRATION / "sonic_pipecat" / "remote.py").read_text()
+    table = source[source.index("ENDED_BECAUSE = {"):]
+    named = set(re.findall(r'^    "(\w+)": "', table[: table.index("}")], re.MULTILINE))
+    assert named == set(END_REASONS)

@@ -22,8 +22,9 @@ import aiohttp
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from loguru import logger
 
-from .service import VOICED
+from .voice import VOICED
 
 RATE = 16_000  # Hz of the speech sent (audio/L16;rate=16000)
 SEND_EVERY_S = 0.1  # speech is sent in batches this long at most (a request per batch)
@@ -67,6 +68,8 @@ class RemoteSession:
         self._video: asyncio.Queue = asyncio.Queue()
         self._audio: asyncio.Queue = asyncio.Queue()
         self._outgoing = bytearray()
+        self._interrupt_due = False  # an interruption the sender is to tell the service, before more speech
+        self._wake = asyncio.Event()  # the sender looks at once (an interruption), not at its next batch
         self._sender: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.ended: str | None = None  # why the session ended on the server's side, once it has
@@ -108,48 +111,78 @@ class RemoteSession:
             form.add_field("config", json.dumps(params))
             form.add_field("offer", offer)
             left = deadline - loop.time()
+            if left <= 0:  # (aiohttp takes a timeout of 0 or less as none at all)
+                raise RuntimeError(f"the sonic service at {self.url} did not answer within {within_s:g} s")
             tries += 1
             try:
                 request = self._http.post(f"{self.url}/api/sonic/live", data=form, timeout=aiohttp.ClientTimeout(left))
                 async with request as r:
-                    body = await r.json(content_type=None)
-                    wait = _retry_after(r.headers) if r.status in (429, 503) else None
+                    text = await r.text()
+                    wait = _stated_retry_after(r.headers) if r.status in (429, 503) else None
             except asyncio.TimeoutError:
                 raise RuntimeError(f"the sonic service at {self.url} did not answer within {within_s:g} s") from None
             except aiohttp.ClientError as e:
-                raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {e}") from None
+                raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
             if r.status == 201:
                 break
-            error = body.get("error", {}) if isinstance(body, dict) else {}
+            # asked again only where the service says when (busy for now, not turned off), in time
             if wait is None or loop.time() + wait >= deadline:
                 asked = f", asked {tries} times in {within_s:g} s" if tries > 1 else ""
-                raise RuntimeError(
-                    f"the sonic service refused the session ({r.status}{asked}): {error.get('message', body)}"
-                )
-            await asyncio.sleep(wait)  # busy for now: asked again while the time allows
+                raise RuntimeError(f"the sonic service refused the session ({r.status}{asked}): {_message(text)}")
+            await asyncio.sleep(wait)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise RuntimeError(f"the sonic service's answer is not JSON: {text[:200]!r}") from None
         self.session_id = body["session_id"]
         self.warnings: list[str] = list(body.get("warnings", []))  # the photo's, and unused parameters
         self.fps = int(params.get("fps", 25))
         await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
+        # connected within the same time: without it the TTS audio would go to a face nobody
+        # sees until the service's idle timeout (a network that blocks the media)
+        while pc.connectionState != "connected":
+            if pc.connectionState in ("failed", "closed") or loop.time() >= deadline:
+                raise RuntimeError(
+                    f"the connection to the sonic service was not made within {within_s:g} s "
+                    f"({pc.connectionState}): see live.ice_servers in its docs/live.md"
+                )
+            await asyncio.sleep(0.02)
         self._sender = asyncio.ensure_future(self._send_speech())
 
     def speak(self, pcm: np.ndarray) -> None:
         """Queue speech (float32 at 16 kHz): sent with the next batch."""
         self._outgoing += (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
 
+    @property
+    def speaking(self) -> bool:
+        """Speech is on its way to the service, or the face's sound carried a voice just now."""
+        recent = asyncio.get_running_loop().time() - self._last_voiced < QUIET_S
+        return bool(self._outgoing) or self._sending or recent
+
     async def _send_speech(self) -> None:
+        """The one sender of speech and interruptions, in the order they came: an interruption
+        sent beside a batch could reach the service before it, and the batch be spoken after."""
         headers = {"Content-Type": "audio/L16;rate=16000"}
         while self.ended is None:
-            await asyncio.sleep(SEND_EVERY_S)
-            if not self._outgoing or self._http is None:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SEND_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._http is None:
+                continue
+            if self._interrupt_due:
+                self._interrupt_due = False
+                await self._request("POST", "/interrupt")
+            if not self._outgoing:
                 continue
             body, self._outgoing = bytes(self._outgoing), bytearray()
-            url = f"{self.url}/api/sonic/live/{self.session_id}/speak"
             self._sending = True
             try:
-                async with self._http.post(url, data=body, headers=headers) as r:
+                async with self._http.post(self._url("/speak"), data=body, headers=headers) as r:
                     if r.status in (429, 503):  # refused for now: sent again, ahead of what came since
-                        self._outgoing[:0] = body
+                        if not self._interrupt_due:  # (unless interrupted meanwhile)
+                            self._outgoing[:0] = body
                         await asyncio.sleep(_retry_after(r.headers))
                     elif r.status == 404:  # ended on the server's side before its tracks told
                         self._end(f"the sonic service ended it: {_ended_because(await r.text())}")
@@ -157,10 +190,31 @@ class RemoteSession:
                         self._end(f"the sonic service refused speech ({r.status}): {_message(await r.text())}")
                     elif np.abs(np.frombuffer(body, "<i2")).max() > VOICED:
                         self._last_sent = asyncio.get_running_loop().time()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                self._end(await self._why_ended())  # the service's word where it still answers
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                await self._failed(e)
             finally:
                 self._sending = False
+
+    async def _request(self, method: str, tail: str) -> None:
+        """A request whose answer does not matter, only whether the service is still there."""
+        assert self._http is not None
+        try:
+            async with self._http.request(method, self._url(tail)) as r:
+                await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            await self._failed(e)
+
+    async def _failed(self, error: Exception) -> None:
+        """A request failed: the session is over if the service says so or is gone; a slow
+        answer from a service still holding the session ends nothing (what it was is lost)."""
+        reason = await self._why_ended()
+        if reason is not None:
+            self._end(reason)
+        else:
+            logger.warning(f"the sonic service did not answer a request in time ({_said(error)})")
+
+    def _url(self, tail: str = "") -> str:
+        return f"{self.url}/api/sonic/live/{self.session_id}{tail}"
 
     async def _drain(self, track, queue: asyncio.Queue) -> None:
         while True:
@@ -177,18 +231,19 @@ class RemoteSession:
     async def _ended_by_server(self) -> None:
         """The connection or a track ended without this side closing it: the server's word on why."""
         if not self._closing and self.ended is None:
-            self._end(await self._why_ended())
+            self._end(await self._why_ended() or "the sonic service stopped sending it")
 
-    async def _why_ended(self) -> str:
-        """The server's word on the session, once its tracks have stopped or a request failed."""
+    async def _why_ended(self) -> str | None:
+        """Why the session is over, in the server's words, or that the server is gone; None while
+        the server still holds it."""
         try:
             assert self._http is not None
-            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+            async with self._http.get(self._url()) as r:
                 if r.status == 404:
                     return f"the sonic service ended it: {_ended_because(await r.text())}"
         except (aiohttp.ClientError, asyncio.TimeoutError, AssertionError) as e:
-            return f"the sonic service at {self.url} cannot be reached: {e or type(e).__name__}"
-        return "the sonic service stopped sending it"
+            return f"the sonic service at {self.url} cannot be reached: {_said(e)}"
+        return None
 
     def _end(self, reason: str) -> None:
         """The session is over on the server's side: frames() and audio() end."""
@@ -198,19 +253,12 @@ class RemoteSession:
             self._audio.put_nowait(None)
 
     def interrupt(self) -> None:
-        """Drop the speech not yet sent, and tell the service (without waiting for its answer:
-        the pipeline's interruption goes on at once, whether the service answers or not)."""
+        """Drop the speech not yet sent, and have the sender tell the service at once (not
+        waited for: the pipeline's interruption goes on whether the service answers or not)."""
         self._outgoing.clear()
-        if self._http is not None and self.session_id and self.ended is None:
-            self._tasks.append(asyncio.ensure_future(self._send_interrupt()))
-
-    async def _send_interrupt(self) -> None:
-        assert self._http is not None
-        try:
-            async with self._http.post(f"{self.url}/api/sonic/live/{self.session_id}/interrupt") as r:
-                await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            self._end(await self._why_ended())
+        if self.ended is None:
+            self._interrupt_due = True
+            self._wake.set()
 
     async def finish_speaking(self, margin_s: float) -> None:
         """Until the speech sent so far has been spoken by the service and has arrived here,
@@ -245,7 +293,7 @@ class RemoteSession:
         assert self._http is not None
         timeout = aiohttp.ClientTimeout(total=STATE_TIMEOUT_S)
         try:
-            async with self._http.get(f"{self.url}/api/sonic/live/{self.session_id}", timeout=timeout) as r:
+            async with self._http.get(self._url(), timeout=timeout) as r:
                 if r.status == 404:
                     return 0.0
                 state = await r.json(content_type=None) if r.status == 200 else None
@@ -285,13 +333,27 @@ class RemoteSession:
         assert self._http is not None
         for _ in range(END_TRIES):
             try:
-                async with self._http.delete(f"{self.url}/api/sonic/live/{self.session_id}") as r:
+                async with self._http.delete(self._url()) as r:
                     await r.read()
                     if r.status not in (429, 503):
                         return
                     await asyncio.sleep(_retry_after(r.headers))
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return  # the service is gone: nothing left to end
+
+
+def _stated_retry_after(headers: Any) -> float | None:
+    """A refusal's Retry-After in seconds, as the service states it; None where it states none
+    (a refusal that waiting will not lift, such as live sessions turned off)."""
+    try:
+        return max(0.0, float(headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _said(error: Exception) -> str:
+    """An exception's message, or its kind where it has none (a timeout)."""
+    return str(error) or type(error).__name__
 
 
 def _retry_after(headers: Any) -> float:

@@ -12,10 +12,11 @@ With `url=` it uses a running sonic service's live sessions instead (sonic_pipec
 portrait and the speech go over HTTP, the face comes back over WebRTC): nothing of sonic needs
 to be installed beside the agent.
 
-The portrait is prepared once, from the moment the service is made (in a thread; the service's
-set-up waits for it, 1-3 s, and Pipecat starts the pipeline once every processor is set up: make
-the service before a greeting is due; past `ready_timeout_s` the face is given up, reported, and
-the voice goes on without it): in this interpreter when it can load the face
+The portrait is prepared once, from the moment the service is made (in a thread; the service
+holds the pipeline's StartFrame until it is ready, 1-3 s, while the processors before it start
+at once: TTS audio that reaches it meanwhile is kept, and spoken once the face shows; make the
+service before a greeting is due; past `ready_timeout_s` the face is given up, reported, and the
+voice goes on without it): in this interpreter when it can load the face
 landmarker (MediaPipe), else by the sonic project's interpreter (`sonic_python`, or the
 environment variable SONIC_PYTHON), which writes the prepared face to a file
 (`python -m sonic.live.face_file`).
@@ -49,13 +50,15 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 
+from .voice import VOICED
+
 ENGINE_RATE = 16_000  # Hz: what sonic's engine hears and hands back
 CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 10-40 ms)
 FINISH_MARGIN_S = 2.0  # at the pipeline's end, the queued speech is waited for this much past its length
 # Pipecat gives every processor 20 s to set up (PipelineWorker's setup_timeout_secs), then stops the
 # whole pipeline, voice and all: the face gives up before, reports why, and the voice goes on
 READY_TIMEOUT_S = 15.0
-VOICED = 300  # audio louder than this (16-bit peak) carries speech
+PREPARE_MAX_S = 300.0  # sonic's interpreter is stopped past this, whoever waits (its thread holds the exit)
 UTTERANCE_GAP_S = 0.5  # TTS audio after this long without any begins an utterance (its TTFB)
 
 
@@ -123,6 +126,8 @@ class SonicVideoService(FrameProcessor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not ready_timeout_s > 0:
+            raise ValueError(f"ready_timeout_s must be more than 0 s; got {ready_timeout_s!r}")
         self._ready_timeout_s = float(ready_timeout_s)
         self._fit = FrameFitter(size) if size is not None else None
         self._portrait = str(portrait)
@@ -183,16 +188,23 @@ class SonicVideoService(FrameProcessor):
                 raise RuntimeError("the pipeline stopped waiting for the portrait")
             # run in an empty folder: `-m` looks in the working folder first, where a folder named
             # `sonic` (a clone of the project beside the agent) would shadow the installed package
-            self._preparer = subprocess.Popen(
+            preparer = self._preparer = subprocess.Popen(
                 [python, "-m", "sonic.live.face_file", portrait, str(out), json.dumps(self._params)],
                 cwd=tmp,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            _, stderr = self._preparer.communicate()
-            if self._preparer.returncode != 0:
-                raise RuntimeError(f"sonic could not prepare the portrait: {_last_error(stderr, self._preparer)}")
+            if self._gave_up:  # given up between the check above and the start: nobody killed it
+                preparer.kill()
+            try:
+                _, stderr = preparer.communicate(timeout=PREPARE_MAX_S)
+            except subprocess.TimeoutExpired:
+                preparer.kill()
+                preparer.communicate()
+                raise RuntimeError(f"sonic could not prepare the portrait within {PREPARE_MAX_S:g} s") from None
+            if preparer.returncode != 0:
+                raise RuntimeError(f"sonic could not prepare the portrait: {_last_error(stderr, preparer)}")
             prepared = pickle.loads(out.read_bytes())  # written just now by the command above
         return LiveSession(prepared["face"], prepared["options"])
 
@@ -297,7 +309,8 @@ class SonicVideoService(FrameProcessor):
             await self.push_frame(frame)  # the face is gone: the voice goes on without it
             return
         now = time.monotonic()
-        speaking = self._session is not None and self._session.speaking
+        face = self._session if self._session is not None else self._remote
+        speaking = face.speaking  # a sentence that follows one still spoken is not a new reply
         begins = now - self._last_heard > UTTERANCE_GAP_S and not speaking
         self._last_heard = now
         if begins:  # an utterance's TTFB: from its first audio here to its first voiced audio out
@@ -343,17 +356,19 @@ class SonicVideoService(FrameProcessor):
         await self.push_frame(out)
         self.frames_pushed += 1
         if frame.audio.any():
-            pcm16 = (np.clip(frame.audio, -1, 1) * 32767).astype(np.int16)
-            if self._awaiting_first_frame and np.abs(pcm16).max() > VOICED:
-                self._awaiting_first_frame = False
-                await self.stop_ttfb_metrics()
-            pcm = pcm16.tobytes()
-            audio = await self._from_engine.resample(pcm, ENGINE_RATE, self._out_rate)
-            step = self._out_rate * CHUNK_MS // 1000 * 2  # bytes of one chunk (16-bit mono)
-            for i in range(0, len(audio), step):
-                await self.push_frame(
-                    TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1)
-                )
+            await self._push_audio((np.clip(frame.audio, -1, 1) * 32767).astype(np.int16), ENGINE_RATE)
+
+    async def _push_audio(self, pcm: np.ndarray, rate: int) -> None:
+        """The face's sound (int16 mono at `rate`) downstream at the output rate, in chunks of at
+        most CHUNK_MS; its first voiced sound after a reply began ends the reply's TTFB."""
+        if self._awaiting_first_frame and np.abs(pcm).max() > VOICED:
+            self._awaiting_first_frame = False
+            await self.stop_ttfb_metrics()
+        audio = await self._from_engine.resample(pcm.tobytes(), rate, self._out_rate)
+        step = self._out_rate * CHUNK_MS // 1000 * 2  # bytes of one chunk (16-bit mono)
+        for i in range(0, len(audio), step):
+            chunk = audio[i : i + step]
+            await self.push_frame(TTSAudioRawFrame(audio=chunk, sample_rate=self._out_rate, num_channels=1))
 
     async def _pump_remote_video(self) -> None:
         remote = self._remote
@@ -366,20 +381,11 @@ class SonicVideoService(FrameProcessor):
             await self.push_error(f"SonicVideoService: the live session ended: {remote.ended}")
 
     async def _pump_remote_audio(self) -> None:
-        step = self._out_rate * CHUNK_MS // 1000 * 2
         async for frame in self._remote.audio():
             samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
             pcm = samples.mean(axis=1).astype(np.int16)
-            if not pcm.any():
-                continue  # silence between replies: nothing to play
-            if self._awaiting_first_frame and np.abs(pcm).max() > VOICED:
-                self._awaiting_first_frame = False
-                await self.stop_ttfb_metrics()
-            audio = await self._from_engine.resample(pcm.tobytes(), frame.sample_rate, self._out_rate)
-            for i in range(0, len(audio), step):
-                await self.push_frame(
-                    TTSAudioRawFrame(audio=audio[i : i + step], sample_rate=self._out_rate, num_channels=1)
-                )
+            if pcm.any():  # (silence between replies: nothing to play)
+                await self._push_audio(pcm, frame.sample_rate)
 
     async def _finish_speaking(self) -> None:
         """Until the speech queued so far has been shown and pushed (a goodbye sent whole, then
