@@ -169,3 +169,25 @@ def test_one_caller_cannot_take_every_live_slot():
     live.give_slot("key:a")
     live.give_slot(None)
     live.take_slot("key:a")  # its slot came back
+
+
+def test_the_microphones_buffer_steps_over_a_lost_packet_and_stays_one_packet_behind():
+    """The microphone's packets are released as the next arrives (20 ms behind); a lost packet
+    is stepped over as soon as a later one has come. aiortc's buffer waited for 16 to queue
+    behind it and stayed that deep: every loss left the mouth 300 ms further behind the voice."""
+    from aiortc.rtp import RtpPacket
+
+    from sonic_server.live.rtc import microphone_buffer
+
+    buffer = microphone_buffer()
+    behind = []
+    for seq in range(60):
+        if seq in (10, 30, 31):  # one packet lost, then two in a row
+            continue
+        packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960, payload=b"x")
+        packet._data = packet.payload  # as the receiver hands it over, depayloaded
+        _, frame = buffer.add(packet)
+        if frame is not None:
+            behind.append(seq - frame.timestamp // 960)
+    assert len(behind) == 56 and set(behind) == {1, 2, 3}, behind  # 2, 3: the packets before the gaps
+    assert behind[-20:] == [1] * 20, behind
