@@ -104,6 +104,7 @@ class RemoteSession:
         await pc.setLocalDescription(await pc.createOffer())
         image = Path(portrait).read_bytes()
         offer = json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+        no_answer = f"the sonic service at {self.url} did not answer within {within_s:g} s"
         tries = 0
         while True:
             form = aiohttp.FormData()
@@ -112,7 +113,7 @@ class RemoteSession:
             form.add_field("offer", offer)
             left = deadline - loop.time()
             if left <= 0:  # (aiohttp takes a timeout of 0 or less as none at all)
-                raise RuntimeError(f"the sonic service at {self.url} did not answer within {within_s:g} s")
+                raise RuntimeError(no_answer)
             tries += 1
             try:
                 request = self._http.post(f"{self.url}/api/sonic/live", data=form, timeout=aiohttp.ClientTimeout(left))
@@ -120,7 +121,7 @@ class RemoteSession:
                     text = await r.text()
                     wait = _stated_retry_after(r.headers) if r.status in (429, 503) else None
             except asyncio.TimeoutError:
-                raise RuntimeError(f"the sonic service at {self.url} did not answer within {within_s:g} s") from None
+                raise RuntimeError(no_answer) from None
             except aiohttp.ClientError as e:
                 raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
             if r.status == 201:
@@ -358,10 +359,8 @@ def _said(error: Exception) -> str:
 
 def _retry_after(headers: Any) -> float:
     """A refusal's Retry-After in seconds, at most RETRY_MAX_S (1 where it is missing or no number)."""
-    try:
-        return min(RETRY_MAX_S, max(0.0, float(headers.get("Retry-After", 1))))
-    except ValueError:
-        return 1.0
+    stated = _stated_retry_after(headers)
+    return 1.0 if stated is None else min(RETRY_MAX_S, stated)
 
 
 def _ended_because(text: str) -> str:
