@@ -81,6 +81,10 @@ def test_a_session_mirrors_the_microphone_in_sync(server):
     assert len(recent) >= 3.0 * 25 * 0.8  # the frame rate (loaded test machines allowed for)
     assert got.size == (state["width"], state["height"]) and min(got.size) == 256
     assert state["fps"] == 25 and state["frames_sent"] >= len(times)
+    # the client's own reports on the video, as of the server's last look (each second)
+    network = state["network"]
+    assert network["round_trip_ms"] is not None and 0 < network["round_trip_ms"] < 1000, network
+    assert 0 <= network["packets_lost"] < 0.05 * state["frames_sent"] and network["fraction_lost"] < 0.05, network
     m_t, m_v = meter.openings()
     speaking = (m_t > mic.started + 0.5) & (m_t < mic.started + 3.0)
     silent = m_t > mic.started + 3.8

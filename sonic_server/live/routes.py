@@ -81,6 +81,20 @@ STATE = component(
                 "description": "the WebRTC connection as the server sees it; a client not connected within "
                 "live.idle_timeout_s ends the session (client_gone), speech queued or not",
             },
+            "network": {
+                "type": "object",
+                "description": "what the client's own reports (RTCP) last said of the video it receives: "
+                "packets lost and a round trip growing mean a poor network, where late_frames growing means "
+                "the server falls behind",
+                "properties": {
+                    "round_trip_ms": {"type": "number", "nullable": True, "description": "null until its first report"},
+                    "packets_lost": {"type": "integer", "description": "since the session began"},
+                    "fraction_lost": {
+                        "type": "number",
+                        "description": "0-1, since its previous report (about each second)",
+                    },
+                },
+            },
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
         },
     },

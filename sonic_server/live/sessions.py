@@ -64,6 +64,23 @@ class SessionStats:
         return round(1000 * (lookahead_s + self.latency_sum_s / self.frames_sent), 1)
 
 
+@dataclass(frozen=True)
+class NetworkReport:
+    """What the client's own receiver reports (RTCP) last said of the video it gets: how to tell
+    a choppy picture on a poor network from a server that falls behind (`late_frames`)."""
+
+    round_trip_ms: float | None = None  # None until the client's first report
+    packets_lost: int = 0  # since the session began
+    fraction_lost: float = 0.0  # of the packets since its previous report
+
+    def as_json(self) -> dict:
+        return {
+            "round_trip_ms": self.round_trip_ms,
+            "packets_lost": self.packets_lost,
+            "fraction_lost": self.fraction_lost,
+        }
+
+
 @dataclass
 class ServedSession:
     """One running session: the engine, its connection and tracks, its clock thread."""
@@ -80,6 +97,7 @@ class ServedSession:
     stop: threading.Event = field(default_factory=threading.Event)
     last_heard: float = field(default_factory=time.monotonic)  # the client's last bytes to us
     bytes_seen: int = -1  # the connection's bytes received, when last looked at
+    network: NetworkReport = field(default_factory=NetworkReport)  # as of the last look
     stats: SessionStats = field(default_factory=SessionStats)
     paid_s: float | None = None  # credits: the seconds its hold covers (None: no credits)
     ended_reason: str | None = None
@@ -132,6 +150,7 @@ class ServedSession:
             "height": height,
             "streamed_s": round(self.streamed_s, 2),
             "connection": getattr(self.pc, "connectionState", "new"),
+            "network": self.network.as_json(),
         }
 
 
@@ -467,7 +486,7 @@ class LiveSessions:
         now = time.monotonic()
         if self.settings.max_session_s and now - session.created >= self.settings.max_session_s:
             return "max_session"
-        self.rtc.call(lambda: self.rtc.loop.create_task(_note_bytes(session)))
+        self.rtc.call(lambda: self.rtc.loop.create_task(_look_at_connection(session)))
         if now - session.last_heard > self.settings.idle_timeout_s and session.engine.queued_s == 0:
             return "client_gone"
         return None
@@ -540,13 +559,20 @@ def _ask_keyframe(sender: Any) -> None:
         ask()
 
 
-async def _note_bytes(session: ServedSession) -> None:
-    """The client is alive while its bytes (media, or RTCP reports on what it receives) keep coming."""
+async def _look_at_connection(session: ServedSession) -> None:
+    """The client is alive while its bytes (media, or RTCP reports on what it receives) keep
+    coming; what its reports say of the video is kept for the session's state."""
     if session.pc is None:
         return
     received = 0
     for stat in (await session.pc.getStats()).values():
         received = max(received, getattr(stat, "bytesReceived", 0) or 0)
+        if stat.type == "remote-inbound-rtp" and stat.kind == "video":
+            session.network = NetworkReport(
+                round_trip_ms=None if stat.roundTripTime is None else round(1000 * stat.roundTripTime, 1),
+                packets_lost=max(0, stat.packetsLost),
+                fraction_lost=round(stat.fractionLost, 3),
+            )
     if received > session.bytes_seen:
         session.bytes_seen = received
         session.last_heard = time.monotonic()

@@ -132,6 +132,15 @@ async function refreshLive() {
   }
   live.frames = { count: s.frames_sent, at: now };
   $("live-late").textContent = String(s.late_frames);
+  $("live-network").textContent = networkWords(s.network);
+}
+
+// what this browser's own reports said of the video: a choppy picture with packets lost is the
+// network, with late frames growing it is the server
+function networkWords(net) {
+  if (!net || net.round_trip_ms === null) return "–";
+  const lost = net.packets_lost === 1 ? "1 packet lost" : `${net.packets_lost} packets lost`;
+  return `${Math.round(net.round_trip_ms)} ms round trip, ${lost}`;
 }
 
 function closeLive() {
