@@ -51,6 +51,7 @@ SERVER_COMMANDS = {
     "worker": "sonic_server.worker",
     "accounts": "sonic_server.accounts.cli",
 }
+EXTRA_OF_COMMAND = {"serve": "server", "worker": "distributed", "accounts": "credits"}  # pyproject.toml's extras
 
 
 def _server_command(name: str) -> Callable[..., None]:
@@ -59,7 +60,7 @@ def _server_command(name: str) -> Callable[..., None]:
     except ModuleNotFoundError as e:
         raise SystemExit(
             f"error: `sonic {name}` needs the HTTP service's packages ({e.name} is missing): "
-            'pip install "sonic-talking-head[server]"'
+            f'pip install "sonic-talking-head[{EXTRA_OF_COMMAND[name]}]"'
         ) from e
     return module.main
 
@@ -114,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         opts = GenerateOptions.from_dict(_params(args.config), settings)
         # bad media is reported before the models load (seconds), and decoded only once
-        from .checks import check_inputs, existing_file
+        from .checks import check_inputs, existing_file, writable_video_path
 
         for name in ("image", "audio"):
             existing_file(getattr(args, name), name, shown=f"--{name}")
+        writable_video_path(args.out, (args.image, args.audio), shown="--out")
 
         inputs = check_inputs(args.image, args.audio, opts, settings.limits)
         from .pipeline import load_pipeline

@@ -14,6 +14,7 @@ a job run elsewhere decodes its stored files again.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,29 @@ def existing_file(source: str | Path, field: str, shown: str | None = None) -> s
         why = "is a folder" if path.is_dir() else "no such file"
         raise InvalidParameter(f"{shown or field} {str(source)[:200]!r}: {why}", field=field)
     return source
+
+
+def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown: str = "out_path") -> Path:
+    """Where a video may be written, checked before anything is rendered (InvalidParameter naming
+    `out_path`, shown to the user as `shown`, e.g. the CLI's --out): not a folder, not one of the
+    `inputs` (it would be overwritten), under a folder that exists or can be made and is
+    writable. A file already there is replaced."""
+    path = Path(out_path)
+    shown = f"{shown} {str(out_path)[:200]!r}"
+    if path.is_dir():
+        raise InvalidParameter(f"{shown} is a folder: name the video's file", field="out_path")
+    if path.exists():
+        for given in inputs:
+            if isinstance(given, (str, Path)) and Path(given).exists() and path.samefile(given):
+                raise InvalidParameter(f"{shown} is one of the inputs: it would be overwritten", field="out_path")
+    folder = path.parent
+    while not folder.exists():  # the writer makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidParameter(f"{shown} lies under {str(folder)[:200]!r}, a file", field="out_path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidParameter(f"{shown}: the folder {str(folder)[:200]!r} is not writable", field="out_path")
+    return path
 
 
 def load_portrait(image: str | Path | BinaryIO, limits: Limits) -> np.ndarray:

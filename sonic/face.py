@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import NoFaceDetected
+from .errors import NoFaceDetected, PipelineError
 
 DETECT_MARGIN = 0.6  # crop around a detection before meshing, as a fraction of its size
 MESH_INPUT_PX = 640  # detections are meshed from a crop resized to about this size
+MESH_CROP_MIN_PX = 8  # a crop around a detection smaller than this either way holds no face to mesh
 SIZE_MULTIPLE = 8  # output sides are multiples of this (H.264 macroblocks, yuv420p)
 # the second look, tile by tile, for a face too small for the detector in the whole photo
 TILED_SOURCE_PX = 2048  # the photo's long side is reduced to at most this first
@@ -61,6 +62,10 @@ def _quiet_stderr():
 
 class FaceAnalyzer:
     def __init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        """MediaPipe's detector and mesh graphs, warmed up."""
         with _quiet_stderr():
             import mediapipe as mp  # ~1.7 s import: done once, when the pipeline loads
 
@@ -74,7 +79,7 @@ class FaceAnalyzer:
             self._detector.process(blank)
             self._mesh.process(blank)
             try:
-                self.analyze(_sketched_face())
+                self._analyze(_sketched_face())
             except NoFaceDetected:  # only the warning is lost: it is logged once, later
                 pass
 
@@ -87,7 +92,16 @@ class FaceAnalyzer:
         return np.array([[p.x * w, p.y * h, p.z * w] for p in pts], dtype=np.float64)
 
     def analyze(self, rgb: np.ndarray) -> FaceResult:
-        """Largest face in an RGB uint8 image -> FaceResult; raises NoFaceDetected."""
+        """Largest face in an RGB uint8 image -> FaceResult; raises NoFaceDetected. A MediaPipe
+        graph that fails stays failed for every later image: it is started afresh, and this
+        image's analysis is a PipelineError."""
+        try:
+            return self._analyze(rgb)
+        except RuntimeError as e:  # MediaPipe's CalculatorGraph errors
+            self._start()
+            raise PipelineError(f"the face analysis failed on this image: {str(e)[:160]}", field="image") from e
+
+    def _analyze(self, rgb: np.ndarray) -> FaceResult:
         boxes = self._detect(rgb)
         for box in boxes[:3]:  # the largest detection the mesh takes for a face
             lm = self._mesh_box(rgb, box)
@@ -155,6 +169,8 @@ class FaceAnalyzer:
         x1 = int(min(w, bx + bw + DETECT_MARGIN * size))
         y1 = int(min(h, by + bh + DETECT_MARGIN * size))
         crop = rgb[y0:y1, x0:x1]
+        if min(crop.shape[:2]) < MESH_CROP_MIN_PX:  # a detection at the image's edge, or beyond it
+            return None
         scale = MESH_INPUT_PX / max(crop.shape[:2])
         crop = cv2.resize(
             crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA

@@ -36,6 +36,11 @@ SOUND_RATE = 48_000  # Hz of the video's sound track
 SILENCE_DBFS = -55.0  # a whole clip whose RMS is below this (dB full scale) counts as silent
 SILENCE_RMS = 10 ** (SILENCE_DBFS / 20)
 MIN_AUDIO_S = 0.1  # the shortest audio a request may send
+MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
+# float speech beyond this is not -1..1 audio (16-bit values as floats, a gain gone wrong: it
+# would be clipped to a square wave); a little over full scale is clipped, as a file's is
+MAX_FLOAT_PEAK = 2.0
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz of a caller's array (telephone to studio)
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Larger photos are decoded reduced to this: the output frame is at most 1024 px on its short
 # side, and a face in a 16 MP photo still has more pixels than the crop shows.
@@ -108,7 +113,7 @@ def load_image(
                     rgb = _decode_reduced(im, max_working_pixels)
     except Image.DecompressionBombError as e:  # past Pillow's own limit, checked at open
         raise InputTooLarge(
-            f"image has more pixels than this server decodes (limits.max_image_pixels: {max_pixels}; a baseline "
+            f"image has more pixels than are decoded here (limits.max_image_pixels: {max_pixels}; a baseline "
             f"JPEG may have {JPEG_PIXELS_FACTOR}x)",
             field="image",
         ) from e
@@ -119,7 +124,13 @@ def load_image(
         # bytes are in memory, so no path can be in them
         reason = str(e)[:200] or type(e).__name__
         raise UnsupportedMedia(f"image could not be decoded: {reason}", field="image") from e
-    if min(rgb.shape[:2]) < 32:
+    return check_image_size(rgb)
+
+
+def check_image_size(rgb: np.ndarray) -> np.ndarray:
+    """A portrait of at least MIN_IMAGE_SIDE pixels each way (UnsupportedMedia naming `image`):
+    no face can be found in less, and an empty image would break the face detector's graph."""
+    if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
         raise UnsupportedMedia(f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels", field="image")
     return rgb
 
@@ -549,9 +560,10 @@ def full_scale(pcm: np.ndarray) -> np.ndarray:
 
 
 def mono_samples(pcm: np.ndarray) -> np.ndarray:
-    """Speech handed to a live session (sonic/live) -> float32 (n,) in -1..1: 16- and 32-bit integers scaled
-    (a TTS engine's PCM as it comes), anything that is not one channel of finite samples refused
-    (a stereo array would otherwise be heard as one voice at half speed, and NaN as silence)."""
+    """Speech handed over in memory (to a live session, or to a render as an array) -> float32 (n,):
+    16- and 32-bit integers scaled (a TTS engine's PCM as it comes); refused, naming the fault:
+    anything that is not one channel of finite float or integer samples (a stereo array would be
+    heard as one voice at half speed, NaN as silence), and floats far outside -1..1."""
     pcm = np.asarray(pcm)
     if pcm.ndim == 2 and 1 in pcm.shape:
         pcm = pcm.reshape(-1)
@@ -566,7 +578,39 @@ def mono_samples(pcm: np.ndarray) -> np.ndarray:
     pcm = pcm.astype(np.float32, copy=False)
     if not np.isfinite(pcm).all():
         raise InvalidParameter("speech holds NaN or infinite samples", field="audio")
+    peak = float(np.abs(pcm).max()) if pcm.size else 0.0
+    if peak > MAX_FLOAT_PEAK:
+        raise InvalidParameter(
+            f"speech samples must lie in -1..1; these reach {peak:.4g} (16-bit values given as floats? divide "
+            "them by 32768, or pass them as int16)",
+            field="audio",
+        )
     return pcm
+
+
+def resampled(pcm: np.ndarray, rate: int, to: int = SAMPLE_RATE) -> np.ndarray:
+    """Samples at `rate` Hz (a caller's array: a TTS engine's 24 kHz, a recording's 44.1 kHz) at
+    `to` Hz; polyphase, so what lies above the new Nyquist does not fold back as noise."""
+    if rate == to:
+        return pcm
+    from scipy.signal import resample_poly
+
+    common = math.gcd(rate, to)
+    return resample_poly(pcm, to // common, rate // common).astype(np.float32)
+
+
+def sample_rate_of(value: object) -> int:
+    """A caller's sample rate, in Hz, checked (InvalidParameter naming `sample_rate`)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not (MIN_SAMPLE_RATE <= value <= MAX_SAMPLE_RATE)
+    ):
+        raise InvalidParameter(
+            f"sample_rate must be a whole number of Hz from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}; got {value!r}",
+            field="sample_rate",
+        )
+    return int(value)
 
 
 def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:

@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Mapping
+from typing import Any, BinaryIO, Callable, Generator, Mapping
 
 import cv2
 import numpy as np
@@ -17,13 +17,22 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio, speech_heard
-from .checks import check_output, existing_file, frame_count, load_portrait
+from .checks import check_output, existing_file, frame_count, load_portrait, writable_video_path
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
-from .errors import InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
+from .errors import AudioTooLong, InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
 from .face import FaceAnalyzer, crop_box
 from .geometry import Framing, crop_and_scale, framing_warnings
 from .lipsync import mouth_lag, mouth_opening
-from .media import SAMPLE_RATE, check_waveform, load_audio
+from .media import (
+    SAMPLE_RATE,
+    SOUND_RATE,
+    check_image_size,
+    check_waveform,
+    load_audio,
+    mono_samples,
+    resampled,
+    sample_rate_of,
+)
 from .motion import Motion, build_rig, predict_motion
 from .options import GenerateOptions
 from .phones_pool import PhonesPool
@@ -167,24 +176,40 @@ class SonicPipeline:
         out_path: str | Path | None = None,
         progress: Progress | None = None,
         sound_file: str | Path | None = None,
+        sample_rate: int | None = None,
     ) -> GenerationResult:
-        """Portrait (a path, a PIL image or an RGB uint8 array (H, W, 3)) + speech (a path, or a
-        mono float32 or int16 array (N,) at sonic.SAMPLE_RATE, 16 kHz: resample others first) ->
-        MP4 at out_path. Arrays (e.g. from `checks.check_inputs`) are not decoded again, but
-        checked as files are. The video's sound is a speech file's own, in stereo at
-        media.SOUND_RATE; with a waveform, the file it came from (`sound_file`), else the waveform
-        itself (16 kHz). `options`: GenerateOptions, or a dict of parameters (checked).
+        """Portrait (a path, an open binary file, a PIL image or an RGB uint8 array (H, W, 3)) +
+        speech (a path, or a mono array (N,) of float samples in -1..1 or int16 / int32 PCM, at
+        `sample_rate` Hz: default sonic.SAMPLE_RATE, 16 kHz) -> MP4 at out_path. Arrays (e.g.
+        from `checks.check_inputs`) are not decoded again, but checked as files are. The video's
+        sound is a speech file's own, in stereo at media.SOUND_RATE; with a waveform, the file it
+        came from (`sound_file`), else the waveform itself, at its own rate. `options`:
+        GenerateOptions, or a dict of parameters (checked). Every fault in what is given is a
+        SonicError naming its field, raised before anything is rendered.
 
-        Without out_path the video goes to the configured output_dir under a fresh uuid name.
-        `progress(stage, fraction)` is called as the work advances; an exception raised from it
-        cancels the render (no file is left). One render at a time: calls from several threads
-        wait their turn (the face analyser's graphs and the render helpers are the pipeline's own;
-        run two in parallel with two pipelines).
+        Without out_path the video goes to the configured output_dir under a fresh uuid name; a
+        missing folder is made, an existing file replaced. `progress(stage, fraction)` is called
+        as the work advances (decode, face, audio, motion, render, done); an exception raised from
+        it before `done` cancels the render (no file is left). One render at a time: calls from
+        several threads wait their turn (the face analyser's graphs and the render helpers are
+        the pipeline's own; run two in parallel with two pipelines).
         """
         if isinstance(options, Mapping):
             options = GenerateOptions.from_dict(dict(options), self.settings)
+        elif options is not None and not isinstance(options, GenerateOptions):
+            raise InvalidParameter(
+                f"options must be a dict of parameters or GenerateOptions, got {type(options).__name__}",
+                field="options",
+            )
+        rate = SAMPLE_RATE if sample_rate is None else sample_rate_of(sample_rate)
+        if sample_rate is not None and not isinstance(audio, np.ndarray):
+            raise InvalidParameter(
+                "sample_rate is for an array; a file's own rate is read from it", field="sample_rate"
+            )
+        if out_path is not None:
+            out_path = writable_video_path(out_path, (image, audio, sound_file))
         with self._one_at_a_time:
-            return self._generate(image, audio, options, out_path, progress, sound_file)
+            return self._generate(image, audio, options, out_path, progress, sound_file, rate)
 
     def _generate(
         self,
@@ -194,6 +219,7 @@ class SonicPipeline:
         out_path: str | Path | None,
         progress: Progress | None,
         sound_file: str | Path | None,
+        sample_rate: int = SAMPLE_RATE,
     ) -> GenerationResult:
         """The numbered steps of a render (`__call__`)."""
         opts = options or self.options()
@@ -204,7 +230,7 @@ class SonicPipeline:
 
         # 1. decode and check the inputs
         report("decode", 0.0)
-        rgb, wav, sound = self._decode(image, audio, sound_file)
+        rgb, wav, sound = self._decode(image, audio, sound_file, sample_rate)
         audio_s = len(wav) / SAMPLE_RATE
         if cut_short := sound.cut_short(audio_s):
             warnings.add(cut_short)
@@ -265,20 +291,29 @@ class SonicPipeline:
         image: str | Path | np.ndarray | Image.Image,
         audio: str | Path | np.ndarray,
         sound_file: str | Path | None,
+        sample_rate: int = SAMPLE_RATE,
     ) -> tuple[np.ndarray, np.ndarray, Sound]:
         """Step 1: the portrait (H, W, 3) uint8, the speech (N,) float32 at SAMPLE_RATE, decoded
-        from files or taken as given, checked against the limits, and the speech for the sound
-        track (a file's own, at SOUND_RATE)."""
+        from files or taken as given (an array at `sample_rate`), checked against the limits, and
+        the speech for the sound track (a file's own, at SOUND_RATE)."""
         limits = self.settings.limits
-        rgb = (
-            portrait_array(image, limits)
-            if isinstance(image, (np.ndarray, Image.Image))
-            else load_portrait(_file_of(image, "image"), limits)
-        )
+        rgb = decode_portrait(image, limits)
         max_s = limits.max_duration_s
         if isinstance(audio, np.ndarray):
-            wav = check_waveform(audio, max_s)
-            return rgb, wav, Sound.of_waveform(wav) if sound_file is None else load_sound(sound_file, max_s, wav)
+            pcm = mono_samples(audio)
+            if len(pcm) > max_s * sample_rate:  # (before resampling it)
+                raise AudioTooLong(f"audio is longer than the limit of {max_s:g} s", field="audio")
+            wav = check_waveform(resampled(pcm, sample_rate), max_s)
+            if sound_file is not None:
+                return rgb, wav, load_sound(sound_file, max_s, wav)
+            if sample_rate == SAMPLE_RATE:
+                return rgb, wav, Sound.of_waveform(wav)
+            # the sound track from the array as given, at a rate every AAC encoder takes
+            return rgb, wav, Sound.of_waveform(resampled(pcm, sample_rate, SOUND_RATE), SOUND_RATE)
+        if hasattr(audio, "read"):
+            raise InvalidParameter(
+                "audio must be a path or a mono array; an open file is not read: give its path", field="audio"
+            )
         path = _file_of(audio, "audio")
         wav = load_audio(path, max_s)
         return rgb, wav, load_sound(path, max_s, wav)
@@ -437,6 +472,14 @@ def _file_of(source: Any, field: str) -> Any:
     return existing_file(source, field)
 
 
+def decode_portrait(image: str | Path | BinaryIO | np.ndarray | Image.Image, limits: Limits) -> np.ndarray:
+    """A portrait as given (a path, an open binary file, a PIL image or an RGB uint8 array) ->
+    RGB uint8 (H, W, 3), checked against the limits (a SonicError naming `image`)."""
+    if isinstance(image, (np.ndarray, Image.Image)):
+        return portrait_array(image, limits)
+    return load_portrait(_file_of(image, "image"), limits)
+
+
 def portrait_array(image: np.ndarray | Image.Image, limits: Limits) -> np.ndarray:
     """A portrait given in memory as RGB uint8 (H, W, 3): a PIL image converted, an array checked
     as a file's pixels are (UnsupportedMedia / InputTooLarge naming `image`)."""
@@ -453,4 +496,4 @@ def portrait_array(image: np.ndarray | Image.Image, limits: Limits) -> np.ndarra
             f"{limits.max_image_pixels} (limits.max_image_pixels)",
             field="image",
         )
-    return image
+    return check_image_size(image)

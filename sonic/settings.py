@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Iterable, Mapping, Self
 
 import yaml
 
+from .errors import SetupError
+
 
 def _default_settings() -> Path:
     """configs/default.yaml: shipped inside an installed package as `sonic.configs`; in a
@@ -53,8 +55,9 @@ log = logging.getLogger("sonic.settings")
 DEVICES = ("auto", "cpu", "cuda")  # for a decoder that runs on torch; the warp decoder uses the CPU
 
 
-class SettingsError(ValueError):
-    """A settings file, variable or flag that cannot be used; the message names it."""
+class SettingsError(SetupError, ValueError):
+    """A settings file, variable or flag that cannot be used; the message names it. A SonicError
+    (setup_failed: the operator acts), so that a library caller catches one base class."""
 
 
 @dataclass(frozen=True)

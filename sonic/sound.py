@@ -33,10 +33,10 @@ class Sound:
     stated_s: float | None = None  # how long the file says it is, where it says so (not a guess)
 
     @staticmethod
-    def of_waveform(wav: np.ndarray) -> "Sound":
-        """A waveform (N,) float32 at SAMPLE_RATE (a caller's array: no better copy exists), on
+    def of_waveform(wav: np.ndarray, rate: int = SAMPLE_RATE) -> "Sound":
+        """A waveform (N,) float32 at `rate` Hz (a caller's array: no better copy exists), on
         both channels at its own level (a mono track is played 3 dB down on each side)."""
-        return Sound(np.repeat((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], 2, axis=1), SAMPLE_RATE)
+        return Sound(np.repeat((np.clip(wav, -1, 1) * 32767).astype(np.int16)[:, None], 2, axis=1), rate)
 
     def fitted(self, duration: float) -> "Sound":
         """Trimmed, or padded with silence, to `duration` s."""

@@ -212,7 +212,7 @@ def test_cli_generates(tmp_path):
     (["--config", "{not json"], "JSON"),
     (["--config", "/no/such/params.json"], "no such file"),
     (["--image", "/tmp"], "is a folder"),
-    (["--out", "/proc/version/x.mp4"], "cannot write the video"),  # its folder is a file: no traceback
+    (["--out", "/proc/version/x.mp4"], "--out '/proc/version/x.mp4' lies under '/proc/version', a file"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     base = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--out": str(tmp_path / "x.mp4")}

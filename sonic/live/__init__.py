@@ -42,14 +42,14 @@ __all__ = [
 def prepare_live_face(
     pipeline: SonicPipeline, image: str | Path | np.ndarray, options: GenerateOptions, faces=None
 ) -> LiveFace:
-    """The portrait (a path or RGB uint8 (H, W, 3)) decoded, checked, framed and its decoder
+    """The portrait (a path, a PIL image or RGB uint8 (H, W, 3)) decoded, checked, framed and its decoder
     prepared, with the pipeline's models and limits: the one-off work before the first frame.
     `faces`: a face analyser of the caller's own (see SonicPipeline.framing)."""
-    from ..checks import load_portrait
     from ..motion import build_rig
+    from ..pipeline import decode_portrait
 
     check_live_decoder(pipeline.decoder.speaks, pipeline.decoder.name)
-    rgb = image if isinstance(image, np.ndarray) else load_portrait(image, pipeline.settings.limits)
+    rgb = decode_portrait(image, pipeline.settings.limits)
     framing = pipeline.framing(rgb, options, 1, faces)
     rig = build_rig(framing.landmarks)
     return LiveFace(framing=framing, rig=rig, decoder=pipeline.decoder.prepare(framing, rig, options))
