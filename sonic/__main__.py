@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InvalidParameter, SonicError
-from .settings import SettingsError
 
 
 def _progress_bar():
@@ -133,11 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=None if args.quiet else _progress_bar(),
             sound_file=args.audio,
         )
-    except SonicError as e:
+    except SonicError as e:  # (a SettingsError too)
         sys.stderr.write(f"\nerror: {e.message}\n")
-        return 2
-    except SettingsError as e:
-        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:  # ^C, or SIGTERM (timeout, a batch scheduler): the render's files are removed
         sys.stderr.write("\ninterrupted\n")

@@ -75,21 +75,32 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
     `out_path`, shown to the user as `shown`, e.g. the CLI's --out): not a folder, not one of the
     `inputs` (it would be overwritten), under a folder that exists or can be made and is
     writable. A file already there is replaced."""
-    path = Path(out_path)
-    shown = f"{shown} {str(out_path)[:200]!r}"
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise InvalidParameter(f"{shown} must be a path, got {type(out_path).__name__}", field="out_path")
+    named = f"{shown} {str(out_path)[:200]!r}"
+    if "\0" in str(out_path):  # (pathlib's checks answer False for it, and the write fails)
+        raise InvalidParameter(f"{named} cannot be written: a NUL in a file name", field="out_path")
+    try:
+        return _writable(Path(out_path), inputs, named)
+    except (OSError, ValueError) as e:  # a folder on the way that cannot be searched, a NUL in the name
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:100]
+        raise InvalidParameter(f"{named} cannot be written: {reason}", field="out_path") from e
+
+
+def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
     if path.is_dir():
-        raise InvalidParameter(f"{shown} is a folder: name the video's file", field="out_path")
+        raise InvalidParameter(f"{named} is a folder: name the video's file", field="out_path")
     if path.exists():
         for given in inputs:
             if isinstance(given, (str, Path)) and Path(given).exists() and path.samefile(given):
-                raise InvalidParameter(f"{shown} is one of the inputs: it would be overwritten", field="out_path")
+                raise InvalidParameter(f"{named} is one of the inputs: it would be overwritten", field="out_path")
     folder = path.parent
     while not folder.exists():  # the writer makes the missing folders
         folder = folder.parent
     if not folder.is_dir():
-        raise InvalidParameter(f"{shown} lies under {str(folder)[:200]!r}, a file", field="out_path")
+        raise InvalidParameter(f"{named} lies under {str(folder)[:200]!r}, a file", field="out_path")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidParameter(f"{shown}: the folder {str(folder)[:200]!r} is not writable", field="out_path")
+        raise InvalidParameter(f"{named}: the folder {str(folder)[:200]!r} is not writable", field="out_path")
     return path
 
 

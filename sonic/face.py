@@ -97,9 +97,18 @@ class FaceAnalyzer:
         image's analysis is a PipelineError."""
         try:
             return self._analyze(rgb)
-        except RuntimeError as e:  # MediaPipe's CalculatorGraph errors
+        except (RuntimeError, ValueError) as e:  # MediaPipe's CalculatorGraph errors; a closed graph
+            self._restart()
+            raise PipelineError("the face analysis failed on this image (MediaPipe's graph; it was restarted)") from e
+
+    def _restart(self) -> None:
+        """Fresh graphs in place of failed ones, which are closed first (each holds ~40 MB and
+        its threads); a graph that fails to start is started again at the next image."""
+        for graph in (self._detector, self._mesh):
+            with contextlib.suppress(Exception):  # noqa: BLE001 - a failed graph may fail to close too
+                graph.close()
+        with contextlib.suppress(RuntimeError, ValueError):
             self._start()
-            raise PipelineError(f"the face analysis failed on this image: {str(e)[:160]}", field="image") from e
 
     def _analyze(self, rgb: np.ndarray) -> FaceResult:
         boxes = self._detect(rgb)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from sonic import GenerateOptions
+from sonic.errors import InvalidParameter, PipelineError
 
 from .jobs import JobRecord
 
@@ -25,9 +26,15 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     image = inputs.rgb if inputs is not None else rec.inputs["image"]
     audio = inputs.wav if inputs is not None else rec.inputs["audio"]
     out = Path(output_dir) / f"{rec.id}.mp4"
-    res = pipeline(
-        image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress, sound_file=rec.inputs["audio"]
-    )
+    try:
+        res = pipeline(
+            image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress, sound_file=rec.inputs["audio"]
+        )
+    except InvalidParameter as e:
+        if e.field != "out_path":
+            raise
+        # the path is the service's own, not the caller's: its fault, and no server path in the answer
+        raise PipelineError("cannot write the video: the service's output folder is not writable") from e
     result = res.to_dict()
     if inputs is not None:  # decoded before queueing: the time counts as the request's decode
         inputs.count_decode_in(result["timings"])

@@ -114,3 +114,26 @@ def test_every_fault_is_one_catchable_class(pipeline, rgb, wav, tmp_path):
     with pytest.raises(InvalidParameter, match="no such file") as e:
         open_session(pipeline, tmp_path / "nope.jpg")
     assert e.value.field == "image"
+
+
+def test_a_path_that_cannot_be_searched_or_named_is_refused_by_name(tmp_path):
+    """pathlib raises PermissionError where a folder on the way cannot be searched, ValueError for
+    a NUL: both InvalidParameter, as every other fault in out_path."""
+    import os
+
+    from sonic.checks import writable_video_path
+
+    for bad, words in ((123, "must be a path, got int"), (b"x.mp4", "must be a path, got bytes"),
+                       ("a\0b.mp4", "cannot be written")):
+        with pytest.raises(InvalidParameter, match=words) as e:
+            writable_video_path(bad, ())
+        assert e.value.field == "out_path"
+    if os.geteuid() == 0:
+        return  # root searches every folder
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    try:
+        with pytest.raises(InvalidParameter, match="cannot be written|not writable"):
+            writable_video_path(locked / "inner" / "x.mp4", ())
+    finally:
+        locked.chmod(0o700)

@@ -84,7 +84,7 @@ def test_a_session_mirrors_the_microphone_in_sync(server):
     # the client's own reports on the video, as of the server's last look (each second)
     network = state["network"]
     assert network["round_trip_ms"] is not None and 0 < network["round_trip_ms"] < 1000, network
-    assert 0 <= network["packets_lost"] < 0.05 * state["frames_sent"] and network["fraction_lost"] < 0.05, network
+    assert 0 <= network["packets_lost"] <= 10 and 0 <= network["fraction_lost"] < 0.05, network  # (loopback)
     m_t, m_v = meter.openings()
     speaking = (m_t > mic.started + 0.5) & (m_t < mic.started + 3.0)
     silent = m_t > mic.started + 3.8

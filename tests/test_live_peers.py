@@ -191,3 +191,24 @@ def test_the_microphones_buffer_steps_over_a_lost_packet_and_stays_one_packet_be
             behind.append(seq - frame.timestamp // 960)
     assert len(behind) == 56 and set(behind) == {1, 2, 3}, behind  # 2, 3: the packets before the gaps
     assert behind[-20:] == [1] * 20, behind
+
+
+def test_the_clients_receiver_report_reads_as_the_state_shows_it():
+    """aiortc hands the report's fraction lost over as sent, in 256ths: 64 is a quarter lost."""
+    import datetime
+
+    from aiortc.stats import RTCRemoteInboundRtpStreamStats
+
+    from sonic_server.live.sessions import network_report
+
+    stat = RTCRemoteInboundRtpStreamStats(
+        timestamp=datetime.datetime.now(), type="remote-inbound-rtp", id="r", ssrc=1, kind="video",
+        transportId="t", packetsReceived=300, packetsLost=100, jitter=0, roundTripTime=0.0423, fractionLost=64,
+    )
+    report = network_report(stat).as_json()
+    assert report == {"round_trip_ms": 42.3, "packets_lost": 100, "fraction_lost": 0.25}
+    # before the first round trip is known
+    assert network_report(RTCRemoteInboundRtpStreamStats(
+        timestamp=datetime.datetime.now(), type="remote-inbound-rtp", id="r", ssrc=1, kind="video",
+        transportId="t", packetsReceived=0, packetsLost=0, jitter=0, roundTripTime=None, fractionLost=0,
+    )).round_trip_ms is None

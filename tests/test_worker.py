@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import PORTRAIT
+from conftest import PORTRAIT, SPEECH
 from server_helpers import FAST, FakePipeline, assert_clean_error, new_record, post, wait_done
 from sonic import PipelineError
 from sonic.errors import DiskFull
@@ -64,6 +64,22 @@ def test_a_full_disk_fails_the_job_and_the_next_one_runs(make_queue, error, code
     pipe.error = None                                       # space was freed
     b = q.wait(q.submit(new_record(q.uploads)).id, 10)
     assert b.status == "succeeded" and q.health()["workers_alive"] == 1
+
+
+def test_an_output_folder_that_cannot_be_written_is_the_services_fault_not_the_callers(pipeline, tmp_path):
+    """The library refuses an unwritable out_path as the caller's (invalid_parameter, the path
+    named); the service's own output folder is its own fault, and no path of it is shown."""
+    from sonic import GenerateOptions
+    from sonic_server.jobs import JobRecord
+    from sonic_server.tasks import run_generate
+
+    a_file = tmp_path / "outputs"
+    a_file.write_bytes(b"x")
+    rec = JobRecord.new("generate", GenerateOptions(min_resolution=256, duration=0.4).to_dict(), cache_key="k")
+    rec.inputs = {"image": str(PORTRAIT), "audio": str(SPEECH)}
+    with pytest.raises(PipelineError) as e:
+        run_generate(rec, pipeline, a_file / "inner", None, lambda stage, f: None)
+    assert e.value.code == "pipeline_error" and "/" not in e.value.message and e.value.field is None
 
 
 def test_the_writer_says_disk_full():

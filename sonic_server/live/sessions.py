@@ -564,18 +564,25 @@ async def _look_at_connection(session: ServedSession) -> None:
     coming; what its reports say of the video is kept for the session's state."""
     if session.pc is None:
         return
-    received = 0
-    for stat in (await session.pc.getStats()).values():
-        received = max(received, getattr(stat, "bytesReceived", 0) or 0)
-        if stat.type == "remote-inbound-rtp" and stat.kind == "video":
-            session.network = NetworkReport(
-                round_trip_ms=None if stat.roundTripTime is None else round(1000 * stat.roundTripTime, 1),
-                packets_lost=max(0, stat.packetsLost),
-                fraction_lost=round(stat.fractionLost, 3),
-            )
+    stats = (await session.pc.getStats()).values()
+    received = max([getattr(stat, "bytesReceived", 0) or 0 for stat in stats], default=0)
     if received > session.bytes_seen:
         session.bytes_seen = received
         session.last_heard = time.monotonic()
+    for stat in stats:
+        if stat.type == "remote-inbound-rtp" and stat.kind == "video":
+            session.network = network_report(stat)
+
+
+def network_report(stat: Any) -> NetworkReport:
+    """A remote-inbound-rtp stat (the client's receiver report) as the state shows it. aiortc
+    gives the report's fraction lost as sent, in 256ths."""
+    rtt = getattr(stat, "roundTripTime", None)
+    return NetworkReport(
+        round_trip_ms=None if rtt is None else round(1000 * rtt, 1),
+        packets_lost=max(0, int(getattr(stat, "packetsLost", 0) or 0)),
+        fraction_lost=round((getattr(stat, "fractionLost", 0) or 0) / 256, 3),
+    )
 
 
 def hold_seconds(max_session_s: float) -> float:
