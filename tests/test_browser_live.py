@@ -83,6 +83,9 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     while time.monotonic() < deadline and live_sessions(server):
         time.sleep(0.1)
     assert live_sessions(server) == 0
+    # Stop sends its DELETE before closing the connection: ended by its client, not lost
+    gone = requests.get(f"{server}/api/sonic/live/{session}", timeout=5)
+    assert gone.status_code == 404 and gone.json()["error"]["ended_reason"] == "client_closed"
     assert d.find_element("id", "live-video").is_displayed() is False
     assert d.execute_script("return document.activeElement.id") == "live-start"
 
@@ -96,6 +99,30 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     wait(d, "return /ended: it was ended from elsewhere/.test(document.getElementById('error-live').textContent)",
          5, "the page telling the session ended, and why")
     assert d.find_element("id", "live-video").is_displayed() is False
+
+
+def test_a_face_the_browser_will_not_play_with_sound_plays_muted_and_says_so(server):
+    """A phone plays sound only right after a tap: a session that took long to start (a slow
+    upload), without a microphone (the video is not muted then), sat paused on a black box. Here
+    the start is no tap at all, under the phones' autoplay rule."""
+    d = chromium("--autoplay-policy=user-gesture-required", "--allow-loopback-in-peer-connection",
+                 "--disable-features=WebRtcHideLocalIpsWithMdns")
+    try:
+        open_page(d, server)
+        d.find_element("id", "image").send_keys(str(PORTRAIT))
+        set_param(d, "min_resolution", 256)
+        d.execute_script("navigator.mediaDevices.getUserMedia = () => Promise.reject("
+                         "new DOMException('no microphone', 'NotFoundError')); startLive();")
+        wait(d, "return !document.getElementById('live-muted').hidden", 30, "the muted face's note")
+        video = "document.getElementById('live-video')"
+        wait(d, f"return !{video}.paused && {video}.currentTime > 0.5", 10, "the face playing, muted")
+        assert d.execute_script(f"return {video}.muted") is True
+        d.find_element("id", "live-unmute").click()  # a tap: sound allowed
+        assert d.execute_script(f"return {video}.muted") is False
+        assert d.find_element("id", "live-muted").is_displayed() is False
+        d.find_element("id", "live-stop").click()
+    finally:
+        d.quit()
 
 
 def test_live_without_a_portrait_names_the_field(server, browser):

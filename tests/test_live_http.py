@@ -258,6 +258,21 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
     for why, bad in faults.items():
         with pytest.raises(InvalidParameter, match=why):
             check_offer({"sdp": bad, "type": "offer"})
+    # a client limited to codecs the stack has not (VP9, AV1, H264 High or packetization-mode 0):
+    # the codecs named, where the stack said "Failed to set remote video description send parameters"
+    high = re.sub(r"profile-level-id=42[0-9a-f]{4}", "profile-level-id=640c1f", sdp.replace("VP8/", "VP9/"))
+    with pytest.raises(InvalidParameter) as e:
+        check_offer({"sdp": high, "type": "offer"})
+    assert e.value.message == (
+        "offer: no video codec in common: this server sends VP8 or H264 (constrained baseline, "
+        "packetization-mode=1); the offer has VP9, H264 640c1f packetization-mode=1")
+    mode0 = sdp.replace("VP8/", "AV1/").replace("packetization-mode=1", "packetization-mode=0")
+    with pytest.raises(InvalidParameter, match="the offer has AV1, H264 42001f packetization-mode=0"):
+        check_offer({"sdp": mode0, "type": "offer"})
+    no_audio = re.sub(r"(a=rtpmap:\d+ )(opus|G722|PCMU|PCMA)/", r"\1iLBC/", sdp)
+    no_audio = re.sub(r"(m=audio \d+ [A-Z/]+)( \d+)+", r"\1 96", no_audio)
+    with pytest.raises(InvalidParameter, match="no audio codec in common: this server sends Opus"):
+        check_offer({"sdp": no_audio, "type": "offer"})
     from sonic_server.live.sessions import receives
 
     assert receives(sdp, "audio") and not receives(sdp[:sdp.index("m=audio")], "audio")  # video-only: warned

@@ -242,6 +242,46 @@ def check_offer(offer: dict) -> None:
         raise InvalidParameter(
             "offer: no video receiver; add a video transceiver with direction recvonly or sendrecv", field="offer"
         )
+    check_codecs(sdp)
+
+
+# what a session can send, as a client's developer reads it (aiortc's codecs: rtc.py)
+CODECS_SENT = {
+    "video": "VP8 or H264 (constrained baseline, packetization-mode=1)",
+    "audio": "Opus, G722, PCMU or PCMA",
+}
+
+
+def check_codecs(sdp: str) -> None:
+    """Each media section must offer a codec the WebRTC stack has, or the negotiation fails in its
+    own words ("Failed to set remote video description send parameters"), after the face was
+    prepared: refused here, naming what the offer has (a client limited to VP9, AV1 or H264 High)."""
+    from aiortc.codecs import CODECS, is_rtx
+    from aiortc.rtcpeerconnection import find_common_codecs
+    from aiortc.sdp import SessionDescription
+
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception:  # noqa: BLE001 - a description it cannot read is refused by the negotiation itself
+        return
+    for media in parsed.media:
+        if media.kind not in CODECS_SENT or media.port == 0 or not media.rtp.codecs:
+            continue
+        if not [c for c in find_common_codecs(CODECS[media.kind], media.rtp.codecs) if not is_rtx(c)]:
+            offered = ", ".join(dict.fromkeys(_codec_words(c) for c in media.rtp.codecs if not is_rtx(c)))
+            raise InvalidParameter(
+                f"offer: no {media.kind} codec in common: this server sends {CODECS_SENT[media.kind]}; "
+                f"the offer has {offered[:200] or 'none'}",
+                field="offer",
+            )
+
+
+def _codec_words(codec: Any) -> str:
+    name = codec.mimeType.split("/")[-1]
+    if name.lower() != "h264":
+        return name
+    profile = codec.parameters.get("profile-level-id", "42e01f")
+    return f"H264 {profile} packetization-mode={codec.parameters.get('packetization-mode', 0)}"
 
 
 class LiveSessions:

@@ -48,6 +48,8 @@ async function startLive() {
   const image = $("image").files[0];
   if (!image) { showError({ field: "image", message: "choose a portrait first" }); return; }
   $("live-start").disabled = true;
+  $("live-start").textContent = "Starting…";  // the photo's upload and the face's preparation take seconds
+  $("live-announce").textContent = "Live: starting";
   try {
     try {
       live.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
@@ -98,6 +100,8 @@ async function startLive() {
       });
     }
     liveShown(true);
+    $("live-video").scrollIntoView({ block: "nearest" });  // on a phone it is below the screen, where it stays paused
+    playLive();
     live.frames = live.state = null;
     live.timer = setInterval(refreshLive, 1000);
   } catch (e) {
@@ -105,6 +109,23 @@ async function startLive() {
     closeLive();
   } finally {
     $("live-start").disabled = false;
+    $("live-start").textContent = "Start live";
+  }
+}
+
+// The video plays with sound only within a moment of the tap that started it (a phone's rule,
+// and a desktop's for a page not yet played with): after a slow start the browser refuses, and
+// the face would sit paused. It then plays muted, and the page says how to hear it.
+async function playLive() {
+  const video = $("live-video");
+  $("live-muted").hidden = true;
+  try {
+    await video.play();
+  } catch (e) {
+    if (e.name !== "NotAllowedError" || video.muted) return;
+    video.muted = true;
+    $("live-muted").hidden = false;
+    try { await video.play(); } catch (again) { /* its controls remain */ }
   }
 }
 
@@ -144,6 +165,7 @@ function networkWords(net) {
 }
 
 function closeLive() {
+  $("live-muted").hidden = true;
   if (live.timer) clearInterval(live.timer);
   if (live.pc) live.pc.close();
   if (live.mic) live.mic.getTracks().forEach((t) => t.stop());
@@ -153,13 +175,17 @@ function closeLive() {
 }
 
 async function stopLive() {
-  const id = live.id;
+  const { id, pc } = live;
+  live.pc = null;  // closed below, after the DELETE; its close is then no news to the page
   closeLive();
   if (id) {
-    try {
-      await fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true });
-    } catch (e) { /* the server ends it on its own once the connection is gone */ }
+    // the DELETE first, then the connection's close: the server ends the session as its
+    // client's (client_closed), not as a connection lost (client_gone)
+    const ended = fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true })
+      .catch(() => { /* the server ends it on its own once the connection is gone */ });
+    await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 2000))]);
   }
+  if (pc) pc.close();
 }
 
 async function sendSpeech() {
@@ -178,6 +204,7 @@ async function interruptLive() {
 
 $("live-start").addEventListener("click", startLive);
 $("live-stop").addEventListener("click", stopLive);
+$("live-unmute").addEventListener("click", () => { $("live-video").muted = false; $("live-muted").hidden = true; });
 $("live-send").addEventListener("click", sendSpeech);
 $("live-interrupt").addEventListener("click", interruptLive);
 window.addEventListener("pagehide", () => { if (live.id) stopLive(); });
