@@ -80,6 +80,8 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
     named = f"{shown} {str(out_path)[:200]!r}"
     if "\0" in str(out_path):  # (pathlib's checks answer False for it, and the write fails)
         raise InvalidParameter(f"{named} cannot be written: a NUL in a file name", field="out_path")
+    if str(out_path).endswith(("/", os.sep)):  # (Path drops it)
+        raise InvalidParameter(f"{named} ends with a slash: name the video's file", field="out_path")
     try:
         return _writable(Path(out_path), inputs, named)
     except (OSError, ValueError) as e:  # a folder on the way that cannot be searched, a NUL in the name
@@ -90,6 +92,8 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
 def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
     if path.is_dir():
         raise InvalidParameter(f"{named} is a folder: name the video's file", field="out_path")
+    if path.exists() and not path.is_file():  # the video replaces it: /dev/null would be gone
+        raise InvalidParameter(f"{named} is not a regular file (a device, a FIFO or a socket)", field="out_path")
     if path.exists():
         for given in inputs:
             if isinstance(given, (str, Path)) and Path(given).exists() and path.samefile(given):

@@ -300,9 +300,9 @@ class SonicPipeline:
         rgb = decode_portrait(image, limits)
         max_s = limits.max_duration_s
         if isinstance(audio, np.ndarray):
-            pcm = mono_samples(audio)
-            if len(pcm) > max_s * sample_rate:  # (before resampling it)
+            if max(audio.shape, default=0) > max_s * sample_rate:  # before it is converted or resampled
                 raise AudioTooLong(f"audio is longer than the limit of {max_s:g} s", field="audio")
+            pcm = mono_samples(audio)
             wav = check_waveform(resampled(pcm, sample_rate), max_s)
             if sound_file is not None:
                 return rgb, wav, load_sound(sound_file, max_s, wav)

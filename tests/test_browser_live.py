@@ -79,10 +79,13 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     if os.environ.get("SONIC_SCREENSHOT"):
         d.save_screenshot(os.environ["SONIC_SCREENSHOT"])
     d.find_element("id", "live-stop").click()
+    d.execute_script("document.getElementById('live-start').click()")  # a double press: Start took Stop's place
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and live_sessions(server):
         time.sleep(0.1)
     assert live_sessions(server) == 0
+    time.sleep(1.5)
+    assert live_sessions(server) == 0 and d.execute_script("return live.id") is None  # not reopened
     # Stop sends its DELETE before closing the connection: ended by its client, not lost
     gone = requests.get(f"{server}/api/sonic/live/{session}", timeout=5)
     assert gone.status_code == 404 and gone.json()["error"]["ended_reason"] == "client_closed"

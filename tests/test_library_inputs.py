@@ -128,6 +128,12 @@ def test_a_path_that_cannot_be_searched_or_named_is_refused_by_name(tmp_path):
         with pytest.raises(InvalidParameter, match=words) as e:
             writable_video_path(bad, ())
         assert e.value.field == "out_path"
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)  # (not /dev/null: a failing check would replace the machine's own)
+    for bad, words in ((fifo, "is not a regular file"), (f"{tmp_path}/video.mp4/", "ends with a slash")):
+        with pytest.raises(InvalidParameter, match=words):
+            writable_video_path(bad, ())
+    assert fifo.is_fifo()
     if os.geteuid() == 0:
         return  # root searches every folder
     locked = tmp_path / "locked"

@@ -255,20 +255,42 @@ CODECS_SENT = {
 def check_codecs(sdp: str) -> None:
     """Each media section must offer a codec the WebRTC stack has, or the negotiation fails in its
     own words ("Failed to set remote video description send parameters"), after the face was
-    prepared: refused here, naming what the offer has (a client limited to VP9, AV1 or H264 High)."""
+    prepared: refused here, naming what the offer has (a client limited to VP9, AV1 or H264 High).
+    A description the stack cannot read, and payload types it would answer under another codec's
+    number (outside 0-127, or one number for two codecs), are refused here too."""
     from aiortc.codecs import CODECS, is_rtx
     from aiortc.rtcpeerconnection import find_common_codecs
     from aiortc.sdp import SessionDescription
 
     try:
         parsed = SessionDescription.parse(sdp)
-    except Exception:  # noqa: BLE001 - a description it cannot read is refused by the negotiation itself
-        return
-    for media in parsed.media:
-        if media.kind not in CODECS_SENT or media.port == 0 or not media.rtp.codecs:
+    except Exception as e:  # noqa: BLE001 - its parse errors are of many kinds, often without words
+        words = f": {str(e)[:80]}" if str(e) else ""
+        raise InvalidParameter(
+            f"offer: the WebRTC stack cannot read this session description ({type(e).__name__}{words}); "
+            "send the one RTCPeerConnection.createOffer() made, unchanged",
+            field="offer",
+        ) from e
+    raw = media_sections(sdp)
+    for i, media in enumerate(parsed.media):
+        bundled = i < len(raw) and "a=bundle-only" in {line.strip() for line in raw[i]}
+        if media.kind not in CODECS_SENT or (media.port == 0 and not bundled):  # a section rejected
             continue
+        numbers = [c.payloadType for c in media.rtp.codecs]
+        listed = [n for n in media.fmt if isinstance(n, int)]  # the m= line's
+        if (
+            any(n is None or not 0 <= n <= 127 for n in numbers + listed)
+            or len(set(numbers)) < len(numbers)
+            or len(set(listed)) < len(listed)
+        ):
+            raise InvalidParameter(
+                f"offer: the {media.kind} section's payload types must be distinct numbers from 0 to 127; "
+                f"it has {', '.join(map(str, listed or numbers))[:120]}",
+                field="offer",
+            )
         if not [c for c in find_common_codecs(CODECS[media.kind], media.rtp.codecs) if not is_rtx(c)]:
-            offered = ", ".join(dict.fromkeys(_codec_words(c) for c in media.rtp.codecs if not is_rtx(c)))
+            rates = {c.mimeType.lower(): c.clockRate for c in CODECS[media.kind]}
+            offered = ", ".join(dict.fromkeys(_codec_words(c, rates) for c in media.rtp.codecs if not is_rtx(c)))
             raise InvalidParameter(
                 f"offer: no {media.kind} codec in common: this server sends {CODECS_SENT[media.kind]}; "
                 f"the offer has {offered[:200] or 'none'}",
@@ -276,8 +298,12 @@ def check_codecs(sdp: str) -> None:
             )
 
 
-def _codec_words(codec: Any) -> str:
+def _codec_words(codec: Any, rates: dict[str, int]) -> str:
+    """A codec as a client's developer names it; the clock rate where it is not the one the
+    server's codec of that name has."""
     name = codec.mimeType.split("/")[-1]
+    if rates.get(codec.mimeType.lower(), codec.clockRate) != codec.clockRate:
+        return f"{name} at {codec.clockRate} Hz"
     if name.lower() != "h264":
         return name
     profile = codec.parameters.get("profile-level-id", "42e01f")

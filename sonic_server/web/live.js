@@ -4,7 +4,8 @@
 // helpers ($, authHeaders, config, showError, clearErrors, errorOf, jsonOf).
 "use strict";
 
-const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null };
+const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null, stoppedAt: -1e9, opening: null };
+const AFTER_STOP_MS = 1000;  // Start takes Stop's place (and focus): a double press must not reopen the microphone
 const GATHER_MS = 3000;  // the server takes the offer with its candidates in it (no trickle)
 // a session's end as its 404 names it (ended_reason), in the page's words
 const ENDED_BECAUSE = {
@@ -45,6 +46,7 @@ async function gathered(pc) {
 async function startLive() {
   clearErrors();
   liveError("");
+  if (performance.now() - live.stoppedAt < AFTER_STOP_MS) return;
   const image = $("image").files[0];
   if (!image) { showError({ field: "image", message: "choose a portrait first" }); return; }
   $("live-start").disabled = true;
@@ -80,7 +82,10 @@ async function startLive() {
     delete cfg.async;
     form.append("config", JSON.stringify(cfg));
     form.append("offer", JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }));
-    const resp = await fetch("/api/sonic/live", { method: "POST", body: form, headers: authHeaders() });
+    // a page left while this is sent aborts it (pagehide): no session is left to wait out its idle timeout
+    live.opening = new AbortController();
+    const resp = await fetch("/api/sonic/live", { method: "POST", body: form, headers: authHeaders(), signal: live.opening.signal });
+    live.opening = null;
     if (!resp.ok) {
       const err = await errorOf(resp);
       if (err.field === "image" || (err.field && $("param-" + err.field))) showError(err);
@@ -105,8 +110,11 @@ async function startLive() {
     live.frames = live.state = null;
     live.timer = setInterval(refreshLive, 1000);
   } catch (e) {
+    live.opening = null;
     liveError("the live session could not start: " + e.message);
+    const id = live.id;  // a session the server opened, whose answer the browser could not take
     closeLive();
+    if (id) fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true }).catch(() => {});
   } finally {
     $("live-start").disabled = false;
     $("live-start").textContent = "Start live";
@@ -175,6 +183,7 @@ function closeLive() {
 }
 
 async function stopLive() {
+  live.stoppedAt = performance.now();
   const { id, pc } = live;
   live.pc = null;  // closed below, after the DELETE; its close is then no news to the page
   closeLive();
@@ -207,4 +216,7 @@ $("live-stop").addEventListener("click", stopLive);
 $("live-unmute").addEventListener("click", () => { $("live-video").muted = false; $("live-muted").hidden = true; });
 $("live-send").addEventListener("click", sendSpeech);
 $("live-interrupt").addEventListener("click", interruptLive);
-window.addEventListener("pagehide", () => { if (live.id) stopLive(); });
+window.addEventListener("pagehide", () => {
+  if (live.opening) live.opening.abort();
+  if (live.id) stopLive();
+});
