@@ -44,9 +44,9 @@ async function gathered(pc) {
 }
 
 async function startLive() {
+  if (performance.now() - live.stoppedAt < AFTER_STOP_MS) return;
   clearErrors();
   liveError("");
-  if (performance.now() - live.stoppedAt < AFTER_STOP_MS) return;
   const image = $("image").files[0];
   if (!image) { showError({ field: "image", message: "choose a portrait first" }); return; }
   $("live-start").disabled = true;
