@@ -120,9 +120,11 @@ def test_a_face_the_browser_will_not_play_with_sound_plays_muted_and_says_so(ser
         video = "document.getElementById('live-video')"
         wait(d, f"return !{video}.paused && {video}.currentTime > 0.5", 10, "the face playing, muted")
         assert d.execute_script(f"return {video}.muted") is True
+        assert "played the face muted" in d.find_element("id", "live-announce").get_attribute("textContent")
         d.find_element("id", "live-unmute").click()  # a tap: sound allowed
-        assert d.execute_script(f"return {video}.muted") is False
+        assert d.execute_script(f"return {video}.muted") is False and not d.execute_script(f"return {video}.paused")
         assert d.find_element("id", "live-muted").is_displayed() is False
+        assert d.execute_script("return document.activeElement.id") == "live-stop"  # not lost to the page's body
         d.find_element("id", "live-stop").click()
     finally:
         d.quit()

@@ -72,7 +72,8 @@ async function startLive() {
       $("live-video").srcObject = remote;
     });
     pc.addEventListener("connectionstatechange", () => {
-      if (pc.connectionState === "failed") { liveError("the connection to the server failed"); stopLive(); }
+      // (an old connection, kept open a moment after Stop, is not the session now running)
+      if (pc.connectionState === "failed" && live.pc === pc) { liveError("the connection to the server failed"); stopLive(); }
     });
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
@@ -82,7 +83,8 @@ async function startLive() {
     delete cfg.async;
     form.append("config", JSON.stringify(cfg));
     form.append("offer", JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }));
-    // a page left while this is sent aborts it (pagehide): no session is left to wait out its idle timeout
+    // a page left while the photo is still being sent aborts it (pagehide), and no session opens; once the
+    // server has it all, the session opens and waits out its idle timeout (the page never learns its id)
     live.opening = new AbortController();
     const resp = await fetch("/api/sonic/live", { method: "POST", body: form, headers: authHeaders(), signal: live.opening.signal });
     live.opening = null;
@@ -132,9 +134,20 @@ async function playLive() {
   } catch (e) {
     if (e.name !== "NotAllowedError" || video.muted) return;
     video.muted = true;
+    let words = "The browser played the face muted (it plays sound only right after a tap).";
+    try { await video.play(); } catch (again) { words = "The browser did not start the face: press Play."; }
+    $("live-muted-words").textContent = words;
     $("live-muted").hidden = false;
-    try { await video.play(); } catch (again) { /* its controls remain */ }
+    $("live-announce").textContent = "Live: " + words;
   }
+}
+
+function unmuteLive() {  // a tap: the browser now plays it, with sound
+  const video = $("live-video");
+  video.muted = false;
+  video.play().catch(() => { /* its controls remain */ });
+  $("live-muted").hidden = true;
+  $("live-stop").focus({ preventScroll: true });  // the pressed button is gone: focus stays in the session's controls
 }
 
 async function refreshLive() {
@@ -213,7 +226,9 @@ async function interruptLive() {
 
 $("live-start").addEventListener("click", startLive);
 $("live-stop").addEventListener("click", stopLive);
-$("live-unmute").addEventListener("click", () => { $("live-video").muted = false; $("live-muted").hidden = true; });
+$("live-unmute").addEventListener("click", unmuteLive);
+// unmuted with the video's own controls: the note has done its work
+$("live-video").addEventListener("volumechange", () => { if (!$("live-video").muted) $("live-muted").hidden = true; });
 $("live-send").addEventListener("click", sendSpeech);
 $("live-interrupt").addEventListener("click", interruptLive);
 window.addEventListener("pagehide", () => {
