@@ -84,7 +84,7 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
         raise InvalidParameter(f"{named} ends with a slash: name the video's file", field="out_path")
     try:
         return _writable(Path(out_path), inputs, named)
-    except (OSError, ValueError) as e:  # a folder on the way that cannot be searched, a NUL in the name
+    except (OSError, ValueError) as e:  # a folder on the way that cannot be searched, a name too long
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:100]
         raise InvalidParameter(f"{named} cannot be written: {reason}", field="out_path") from e
 
@@ -92,9 +92,9 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
 def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
     if path.is_dir():
         raise InvalidParameter(f"{named} is a folder: name the video's file", field="out_path")
-    if path.exists() and not path.is_file():  # the video replaces it: /dev/null would be gone
-        raise InvalidParameter(f"{named} is not a regular file (a device, a FIFO or a socket)", field="out_path")
     if path.exists():
+        if not path.is_file():  # the video replaces it: /dev/null would be gone
+            raise InvalidParameter(f"{named} is not a regular file (a device, a FIFO or a socket)", field="out_path")
         for given in inputs:
             if isinstance(given, (str, Path)) and Path(given).exists() and path.samefile(given):
                 raise InvalidParameter(f"{named} is one of the inputs: it would be overwritten", field="out_path")

@@ -75,13 +75,13 @@ def test_an_array_at_another_rate_is_resampled_when_its_rate_is_given(pipeline, 
 
 
 def _sound_of(video, folder):
-    """The video's sound track as a WAV (ffmpeg)."""
+    """The video's sound track as a WAV (ffmpeg), at the track's own rate."""
     import subprocess
 
-    import imageio_ffmpeg
+    from sonic.media import FFMPEG
 
     out = folder / "sound.wav"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(video), str(out)], check=True)
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(video), str(out)], check=True)
     return out
 
 

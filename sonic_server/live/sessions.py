@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sonic.errors import Busy, InvalidParameter, SonicError
@@ -74,11 +74,7 @@ class NetworkReport:
     fraction_lost: float = 0.0  # of the packets since its previous report
 
     def as_json(self) -> dict:
-        return {
-            "round_trip_ms": self.round_trip_ms,
-            "packets_lost": self.packets_lost,
-            "fraction_lost": self.fraction_lost,
-        }
+        return asdict(self)
 
 
 @dataclass

@@ -116,7 +116,7 @@ async function startLive() {
     liveError("the live session could not start: " + e.message);
     const id = live.id;  // a session the server opened, whose answer the browser could not take
     closeLive();
-    if (id) fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true }).catch(() => {});
+    if (id) endOnServer(id);
   } finally {
     $("live-start").disabled = false;
     $("live-start").textContent = "Start live";
@@ -203,11 +203,15 @@ async function stopLive() {
   if (id) {
     // the DELETE first, then the connection's close: the server ends the session as its
     // client's (client_closed), not as a connection lost (client_gone)
-    const ended = fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true })
-      .catch(() => { /* the server ends it on its own once the connection is gone */ });
-    await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 2000))]);
+    await Promise.race([endOnServer(id), new Promise((resolve) => setTimeout(resolve, 2000))]);
   }
   if (pc) pc.close();
+}
+
+// the session's DELETE (kept alive past the page's end); refused or lost, the server ends it on
+// its own once the connection is gone
+function endOnServer(id) {
+  return fetch("/api/sonic/live/" + id, { method: "DELETE", headers: authHeaders(), keepalive: true }).catch(() => {});
 }
 
 async function sendSpeech() {
