@@ -34,7 +34,7 @@ class LiveCluster:
         cfg = server_settings(tmp, redis_url=f"redis://127.0.0.1:{port}/0", worker_lease_s=LEASE_S,
                               worker_drain_s=DRAIN_S)
         cfg["render_processes"] = 0
-        cfg["live"].update(host_addresses=["127.0.0.1"], max_sessions=1, idle_timeout_s=10.0)
+        cfg["live"].update(host_addresses=["127.0.0.1"], max_sessions=1, idle_timeout_s=10.0, max_sessions_per_caller=1)
         cfg["credits"].update(enabled=True, per_video_second=1)
         self.config = tmp / "settings.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
@@ -101,7 +101,8 @@ def charged(ledger, name):
 
 def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
     c = cluster
-    keys = {name: c.ledger.create_account(name, credits=1000)[1] for name in "abcde"}
+    keys = {name: c.ledger.create_account(name, credits=1000)[1] for name in "abde"}
+    keys["c"] = c.ledger.create_account("c", credits=10_000)[1]  # two sessions' holds: only the cap refuses
     c.start_worker("w1")
     c.start_worker("w2")
     c.start_api()
@@ -109,6 +110,20 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
     h = c.health()
     assert all(w["live_slots"] == 1 and w["live_sessions"] == 0 for w in live_workers(h).values())
     assert h["live"]["slots"] == 2 and h["live"]["sessions"] == 0 and h["live"]["max_sessions"] == 2  # summed
+
+    # one caller's two opens at once, sent to the API as they come (each worker has a free slot):
+    # one is opened, the other refused by live.max_sessions_per_caller; before, both passed the count
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        raced = sorted(pool.map(lambda _: _open(c.base, keys["c"]), range(2)), key=lambda r: r.status_code)
+    assert [r.status_code for r in raced] == [201, 429], [r.text[:300] for r in raced]
+    assert_clean_error(raced[1], 429, "rate_limited")
+    assert "max_sessions_per_caller" in raced[1].json()["error"]["message"]
+    ended = requests.delete(f"{c.base}/api/sonic/live/{raced[0].json()['session_id']}",
+                            headers={"Authorization": f"Bearer {keys['c']}"}, timeout=15)
+    assert ended.status_code in (200, 204), ended.text
+    c.wait(lambda: c.health()["live"]["slots"] == 2, 15, "the raced session's slot back")
 
     async def scenario():
         # two sessions: one on each worker (the least loaded is chosen)
@@ -177,7 +192,7 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
     assert 1 <= charged(c.ledger, "a") <= math.ceil(received_a) + 1, (charged(c.ledger, "a"), received_a)
     assert math.ceil(state_b["streamed_s"]) <= charged(c.ledger, "b") <= math.ceil(state_b["streamed_s"]) + 1
     assert math.ceil(state_d["streamed_s"]) + 2 <= charged(c.ledger, "d") <= DRAIN_S + 3  # on to the drain's end
-    assert charged(c.ledger, "e") == 0 and charged(c.ledger, "c") == 0
+    assert charged(c.ledger, "e") == 0 and c.ledger.account("c")["balance"] == 10_000  # c's session streamed nothing
     assert all(c.ledger.account(n)["reserved"] == 0 for n in "abcde"), [c.ledger.account(n) for n in "abcde"]
     h = c.health()
     assert h["live"]["sessions"] == 0 and not live_workers(h)

@@ -5,8 +5,12 @@ worker` (host.py), placed on the least loaded worker with a free slot and steere
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +19,18 @@ import numpy as np
 from sonic.errors import Busy, SonicError
 
 from .. import metrics
-from ..queue.redis import connect, live_workers
+from ..queue.redis import PREFIX, connect, live_workers
 from ..settings import LiveSettings
 from . import relay
 from .relay import Records, WorkerUnreachable
-from .sessions import SessionEnded, SessionNotFound
+from .sessions import CallerLimit, SessionEnded, SessionNotFound, check_caller
 
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
 COMMAND_TIMEOUT_S = 5.0  # speak, interrupt, state, end
+OPENING_LOCK_S = OPEN_TIMEOUT_S + 5.0  # a caller's open in progress; lapses if its API process dies
+# the lock is let go only by the open that took it (one that outlived its lock must not free another's)
+_LET_GO = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -71,14 +78,32 @@ class RemoteSessions:
     def count(self) -> int:
         return sum(int(w.get("live_sessions", 0)) for w in self.workers())
 
-    def count_of(self, owner: str | None) -> int:
-        """Sessions of a caller running on any worker (none counted for an anonymous caller, nor
-        without live.max_sessions_per_caller). Checked at the open: opens sent at the same moment
-        may pass it together (each worker then counts only its own)."""
-        if not owner or not self.settings.max_sessions_per_caller:
-            return 0
+    def count_of(self, owner: str) -> int:
+        """Sessions of a caller running on any worker."""
         records = (self.records.load(session_id) for session_id in self.records.running())
         return sum(rec is not None and rec.owner == owner for rec in records)
+
+    @contextmanager
+    def opening(self, owner: str | None) -> Iterator[None]:
+        """Open a session of `owner` within live.max_sessions_per_caller: its opens go one at a
+        time, whichever API process takes them, and each counts the caller's sessions once the
+        one before it has registered its own (opens sent at the same moment passed the count
+        together). Anonymous callers cannot be told apart, and are not counted."""
+        if not owner or not self.settings.max_sessions_per_caller:
+            yield
+            return
+        lock = PREFIX + "live:opening:" + hashlib.sha256(owner.encode()).hexdigest()[:32]
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + OPENING_LOCK_S
+        while not self.r.set(lock, token, nx=True, px=int(OPENING_LOCK_S * 1000)):
+            if time.monotonic() > deadline:
+                raise CallerLimit("another live session of this caller is still being opened; retry when it is")
+            time.sleep(0.05)
+        try:
+            check_caller(self.settings, owner, self.count_of(owner))
+            yield
+        finally:
+            self.r.eval(_LET_GO, 1, lock, token)
 
     def free_slots(self) -> int:
         return sum(int(w.get("live_slots", 0)) for w in self.workers())

@@ -27,7 +27,7 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
-from .sessions import LiveSessions, ServedSession, check_caller, check_offer, hold_seconds, receives
+from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -212,13 +212,13 @@ def open_session():
     screened = _screened(svc, live, offer)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
-        check_caller(live.settings, caller().owner, live.count_of(caller().owner))
-        hold = _hold_credit(svc, live.settings.max_session_s)
-        try:
-            session_id, worker, answer, photo_warnings = live.start(image, params, offer, caller().owner, hold)
-        except Exception:
-            _release(svc, hold)
-            raise
+        with live.opening(caller().owner):  # the caller's sessions counted, on every worker
+            hold = _hold_credit(svc, live.settings.max_session_s)
+            try:
+                session_id, worker, answer, photo_warnings = live.start(image, params, offer, caller().owner, hold)
+            except Exception:
+                _release(svc, hold)
+                raise
     else:
         session_id, answer, photo_warnings = _open_here(svc, live, rgb, options, offer)
         worker = None
