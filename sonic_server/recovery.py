@@ -1,44 +1,70 @@
-"""Crash recovery at start-up: jobs a previous process left queued or processing are reported
-failed (`interrupted`); their inputs and any half-written video are removed, and a video is
-never served from a `.part` file.
+"""Recovery at start-up: the jobs a previous process left waiting in its queue run again, in the
+order they came (a restart, a deploy, loses no job that had not started); those it left running
+are reported failed (`interrupted`: a job that was running when its process died may be what
+killed it), as is a waiting job whose inputs are gone. The inputs of the failed and any
+half-written video are removed, and a video is never served from a `.part` file.
 
 The files are swept whether or not the records survived the restart: with `server.jobs_db: ""`
 (records in memory) the store knows no job of the killed process, yet its upload folders and
 `.part` files are still on disk. Nothing runs yet when this is called, so every job folder in the
-upload folder is a leftover.
+upload folder is a leftover, but those of the jobs that run again.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .jobs import FAILED, JOB_ID
+from . import lifecycle
+from .jobs import FAILED, JOB_ID, QUEUED, JobRecord
 
 log = logging.getLogger("sonic.jobs")
 INTERRUPTED = {
     "code": "interrupted",
-    "message": "the service restarted while this job was queued or running; submit it again",
+    "message": "the service restarted while this job was running; submit it again",
+}
+INPUTS_LOST = {
+    "code": "interrupted",
+    "message": "the service restarted while this job was waiting, and its input files were gone; submit it again",
 }
 
 
-def recover(store, uploads, output_dir: Path) -> list[str]:
-    """Mark the store's unfinished jobs failed, remove every job's upload folder and the writer's
-    `.part` files; returns the ids of the jobs marked failed."""
-    ids = store.unfinished()
-    for job_id in ids:
+@dataclass
+class Recovered:
+    """What a start found of the previous process's jobs."""
+
+    resumed: list[JobRecord] = field(default_factory=list)  # waiting, inputs intact: queued again, oldest first
+    failed: list[str] = field(default_factory=list)  # ids marked failed (`interrupted`)
+
+
+def inputs_intact(rec: JobRecord) -> bool:
+    """Every input file the job reads is still in its upload folder."""
+    return bool(rec.inputs) and all(Path(path).is_file() for path in rec.inputs.values())
+
+
+def recover(store, uploads, output_dir: Path) -> Recovered:
+    """Queue again the store's waiting jobs whose inputs are intact; mark the other unfinished
+    ones failed; remove every other job's upload folder and the writer's `.part` files."""
+    found = Recovered()
+    for job_id in store.unfinished():
         rec = store.load(job_id)
-        rec.status = rec.stage = FAILED
-        rec.progress, rec.error, rec.finished = 0.0, dict(INTERRUPTED), time.time()
-        store.save(rec)
+        if rec.status == QUEUED and inputs_intact(rec):
+            found.resumed.append(rec)
+            log.info("job %s was waiting when the service stopped: queued again", job_id)
+            continue
+        error = INPUTS_LOST if rec.status == QUEUED else INTERRUPTED
+        store.save(lifecycle.end(rec, FAILED, progress=0.0, error=dict(error)))
+        found.failed.append(job_id)
         log.warning("job %s was interrupted by a restart: marked failed", job_id)
-    # its inputs go with every other job folder below
+    found.resumed.sort(key=lambda rec: rec.created)
+    resumed = {rec.id for rec in found.resumed}
+    # the failed jobs' inputs go with every other leftover job folder below
     root = Path(uploads.root)
     for folder in root.iterdir() if root.is_dir() else ():
-        if folder.is_dir() and JOB_ID.fullmatch(folder.name):
+        if folder.is_dir() and JOB_ID.fullmatch(folder.name) and folder.name not in resumed:
             uploads.remove(folder.name)
             log.info("removed the upload folder %s left by an earlier process", folder.name)
     for part in Path(output_dir).glob(".*.part"):
         part.unlink(missing_ok=True)
-    return ids
+    return found

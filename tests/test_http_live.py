@@ -185,13 +185,16 @@ def test_what_the_http_server_refuses_itself_is_a_json_error(server):
 
 def test_killed_mid_job_then_restart(server):
     """Last in this module: kill -9 mid-job, then `python app.py` again on the same folders and
-    the same settings file: the job reads `interrupted` and the cache survives."""
+    the same settings file: the running job reads `interrupted`, the one waiting behind it runs
+    after the restart, and the cache survives."""
     done = post(server, {**FAST, "seed": 31, "duration": 1.0})
     assert done.status_code == 200
     r = post(server, {**FAST, "seed": 32, "duration": 60, "async": True})
     job = r.json()["job_id"]
     wait_processing(server, job)
+    waiting = post(server, {**FAST, "seed": 33, "duration": 1.0, "async": True}).json()["job_id"]
     time.sleep(1.0)
+    assert job_status(server, waiting)["status"] == "queued"
     server["proc"].kill()                                    # no clean shutdown
     server["proc"].wait(10)
     tmp = server["tmp"]
@@ -204,6 +207,14 @@ def test_killed_mid_job_then_restart(server):
         assert not (tmp / "outputs" / f"{job}.mp4").exists()
         assert not (tmp / "uploads" / job).exists()
         assert (tmp / "data" / "jobs.sqlite3").is_file()     # the job database in the data folder
+        for _ in range(300):                                  # the waiting job runs after the restart
+            resumed = job_status(again, waiting)
+            if resumed["status"] not in ("queued", "processing"):
+                break
+            time.sleep(0.2)
+        assert resumed["status"] == "succeeded" and resumed["seed"] == 33, resumed
+        assert requests.get(resumed["video_url"], timeout=30).status_code == 200
+        assert not (tmp / "uploads" / waiting).exists()       # its inputs went with its end
         old = job_status(again, done.json()["job_id"])
         name = done.json()["video_url"].rsplit("/", 1)[1]
         assert old["status"] == "succeeded" and old["video_url"] == f"{again['base']}/output/{name}"

@@ -5,6 +5,7 @@ import os
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -74,19 +75,26 @@ def test_open_store_follows_the_settings(tmp_path):
     assert (tmp_path / "elsewhere" / "j.db").is_file() and not (tmp_path / "unused").exists()
 
 
-def test_recovery_marks_cut_off_jobs_failed(tmp_path):
+def test_recovery_requeues_waiting_jobs_and_fails_cut_off_ones(tmp_path):
     store, uploads, out = JobStore(tmp_path / "jobs.sqlite3"), Uploads(tmp_path / "up"), tmp_path / "out"
     out.mkdir()
     running, done = new_record(uploads), new_record(uploads)
+    waiting, later, bare = new_record(uploads), new_record(uploads), new_record(uploads)
     running.status, running.stage, running.progress = "processing", "render", 0.4
     done.status, done.result = "succeeded", {"file": "d.mp4"}
-    store.save(running)
-    store.save(done)
+    waiting.created, later.created = 100.0, 200.0
+    for rec in (running, done, later, waiting, bare):
+        store.save(rec)
+    uploads.remove(bare.id)  # a waiting job whose inputs are gone cannot run again
     (out / f".{running.id}.mp4.part").write_bytes(b"half")
-    assert recover(store, uploads, out) == [running.id]
+    found = recover(store, uploads, out)
+    assert [rec.id for rec in found.resumed] == [waiting.id, later.id]  # queued again, oldest first
+    assert sorted(found.failed) == sorted([running.id, bare.id])
     rec = store.load(running.id)
     assert rec.status == rec.stage == "failed" and rec.progress == 0.0
-    assert rec.error["code"] == "interrupted" and "status" not in rec.error
+    assert rec.error["code"] == "interrupted" and "status" not in rec.error and "running" in rec.error["message"]
+    assert "input files were gone" in store.load(bare.id).error["message"]
+    assert store.load(waiting.id).status == "queued" and all(Path(p).is_file() for p in waiting.inputs.values())
     assert not (tmp_path / "up" / running.id).exists() and not list(out.glob(".*.part"))
     assert store.load(done.id).status == "succeeded"
 

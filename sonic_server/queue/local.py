@@ -76,14 +76,17 @@ class LocalQueue(JobQueue):
         self.tasks = tasks if tasks is not None else TASKS
         self.queue_size = int(queue_size)
         self.job_timeout_s = float(job_timeout_s)
-        for job_id in recover(self.store, uploads, self.output_dir):
+        found = recover(self.store, uploads, self.output_dir)
+        for job_id in found.failed:
             rec = self.store.load(job_id)  # ended by the restart: its end-of-job step runs now (its webhook)
             if rec is not None:
                 self.ending.after_publish(rec)
-        self._live: dict[str, JobRecord] = {}  # queued and running records
+        # queued and running records; those the previous process left waiting first
+        self._live: dict[str, JobRecord] = {rec.id: rec for rec in found.resumed}
         self._inputs: dict[str, object] = {}  # decoded inputs of the next job, until it starts
         self._unsaved: dict[str, JobRecord] = {}  # finished records the store refused, until it takes them
-        self._pending: collections.deque[str] = collections.deque()  # waiting job ids, oldest first
+        # waiting job ids, oldest first
+        self._pending: collections.deque[str] = collections.deque(rec.id for rec in found.resumed)
         self._canceling: set[str] = set()
         self._placing = 0  # submits between their place taken and their record written
         self._changed = threading.Condition()
