@@ -39,6 +39,14 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def end_left_session(d, base):
+    """A test that failed mid-session leaves no session to the next test (a slot held until the
+    idle timeout)."""
+    session = d.execute_script("return typeof live === 'object' && live.id")
+    if session:
+        requests.delete(f"{base}/api/sonic/live/{session}", timeout=10)
+
+
 def live_sessions(base):
     return requests.get(base + "/health", timeout=5).json()["live"]["sessions"]
 
@@ -126,7 +134,9 @@ def test_a_face_the_browser_will_not_play_with_sound_plays_muted_and_says_so(ser
         assert d.find_element("id", "live-muted").is_displayed() is False
         assert d.execute_script("return document.activeElement.id") == "live-stop"  # not lost to the page's body
         d.find_element("id", "live-stop").click()
+        wait(d, "return live.id === null", 10, "the session stopped")
     finally:
+        end_left_session(d, server)
         d.quit()
 
 

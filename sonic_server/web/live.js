@@ -164,7 +164,10 @@ async function refreshLive() {
   const s = await jsonOf(resp);
   if (!s) return;
   const now = performance.now();
-  if (s.state !== live.state) $("live-announce").textContent = `Live: ${s.state}`;  // news, not each second's figures
+  if (s.state !== live.state) {  // news, not each second's figures; the muted face's note stays said while shown
+    const note = $("live-muted").hidden ? "" : " " + $("live-muted-words").textContent;
+    $("live-announce").textContent = `Live: ${s.state}.${note}`;
+  }
   live.state = s.state;
   $("live-state").textContent = s.state + (s.queued_s > 0 ? ` (${s.queued_s.toFixed(1)} s queued)` : "");
   $("live-latency").textContent = s.latency_ms === null ? "–" : Math.round(s.latency_ms) + " ms at the server";
