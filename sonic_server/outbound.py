@@ -11,6 +11,7 @@ every request has a connect and a total time limit.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import socket
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from sonic.errors import Busy, InvalidParameter
 
@@ -39,6 +40,23 @@ class Target:
     port: int
     path: str  # path and query
     address: str  # the resolved address that was checked
+    authorization: str | None = None  # HTTP Basic, from the URL's user:password (never sent in clear elsewhere)
+
+    def headers(self, given: dict[str, str]) -> dict[str, str]:
+        """`given`, with the URL's credentials as an Authorization header (a receiver behind
+        Basic auth is named as https://user:password@host/...)."""
+        if self.authorization is None or any(name.lower() == "authorization" for name in given):
+            return given
+        return {**given, "Authorization": self.authorization}
+
+
+def basic_authorization(parts: SplitResult) -> str | None:
+    """The Authorization header for a URL's user:password (percent-decoded, as browsers and curl
+    read them); None without them."""
+    if parts.username is None:
+        return None
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
@@ -120,7 +138,15 @@ def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None
                     field=field,
                 )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=addresses[0])
+    return Target(
+        url=url,
+        scheme=parts.scheme,
+        host=host,
+        port=port,
+        path=path,
+        address=addresses[0],
+        authorization=basic_authorization(parts),
+    )
 
 
 def _resolved(host: str, port: int, field: str, within_s: float) -> list:
@@ -218,7 +244,7 @@ def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float 
     conn = _connection(target, connect_s)
     deadline = Deadline(conn, total_s)
     try:
-        conn.request("POST", target.path, body=body, headers=headers)
+        conn.request("POST", target.path, body=body, headers=target.headers(headers))
         resp = conn.getresponse()
         resp.read(4096)
         return int(resp.status)
@@ -262,7 +288,8 @@ def fetch(
         conn = _connection(target, min(connect_s, left))
         deadline = Deadline(conn, left)
         try:
-            conn.request("GET", target.path, headers={"User-Agent": "sonic", "Accept-Encoding": "identity"})
+            asked = target.headers({"User-Agent": "sonic", "Accept-Encoding": "identity"})
+            conn.request("GET", target.path, headers=asked)
             resp = conn.getresponse()
             location = resp.getheader("Location")
             if resp.status in (301, 302, 303, 307, 308) and location:

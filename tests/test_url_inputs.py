@@ -4,6 +4,7 @@ an upload does; a 404, a file over the upload limit, a slow server, a file of th
 a redirect to a forbidden address are each refused with the field and the cause named."""
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -30,6 +31,13 @@ class Files:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                if self.path == "/private/portrait.jpg":  # behind Basic auth, as u:p w
+                    if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"u:p w").decode():
+                        self.send_response(401)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.path = "/portrait.jpg"
                 if self.path == "/slow":
                     time.sleep(4)
                 if self.path == "/portrait-in-1.4s":
@@ -114,6 +122,15 @@ def test_inputs_by_url_render_as_uploads_do(client, files):
                         data={"image": (img, "p.jpg"), "audio_url": files.url("/speech.flac"),
                               "config": json.dumps({**FAST, "seed": 5})})
     assert r.status_code == 200
+
+
+def test_a_url_with_user_and_password_is_fetched_with_basic_auth(client, files):
+    guarded = files.url("/private/portrait.jpg")
+    r = by_form(client, image_url=guarded.replace("http://", "http://u:p%20w@"), audio_url=files.url("/speech.flac"))
+    assert r.status_code == 200, r.get_data()[:300]
+    r = by_form(client, image_url=guarded, audio_url=files.url("/speech.flac"))
+    assert_clean_error(r, 400, "invalid_parameter")
+    assert "HTTP 401" in r.get_json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path, status, code, cause", [

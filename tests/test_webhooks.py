@@ -119,15 +119,20 @@ def test_events_arrive_signed_in_order_and_as_filtered(hooked_client):
         assert kinds[0] == "start" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}, kinds
         assert all(a["body"] != b["body"] for a, b in zip(rx.got, rx.got[1:])), events  # no news is not sent
         assert bodies[-1] == {**client.get(f"/api/sonic/jobs/{job_id}").get_json()}  # the status document itself
-        # the default filter: completed only; a form field works as the config key does
+        assert not any("Authorization" in d["headers"] for d in rx.got)
+        # the default filter: completed only; a form field works as the config key does; a
+        # receiver behind Basic auth is named with user:password (percent-encoded as in any URL)
         before = len(rx.got)
+        guarded = rx.url.replace("http://", "http://sonic:p%40ss%3Aw@")
         with open(__import__("conftest").PORTRAIT, "rb") as img, open(__import__("conftest").SPEECH, "rb") as aud:
             r = client.post("/api/sonic/generate", data={"image": (img, "p.jpg"), "audio": (aud, "a.flac"),
-                                                          "config": json.dumps({**FAST, "seed": 2}), "webhook": rx.url})
+                                                          "config": json.dumps({**FAST, "seed": 2}), "webhook": guarded})
         assert r.status_code == 200
         rx.wait(before + 1)
         time.sleep(1.0)
         assert [verified(d)["status"] for d in rx.got[before:]] == ["succeeded"]
+        assert rx.got[before]["headers"]["Authorization"] == "Basic " + base64.b64encode(b"sonic:p@ss:w").decode()
+        assert "p%40ss" not in r.get_data(as_text=True)  # the password is not shown back
         metrics = client.get("/metrics").get_data(as_text=True)
         assert 'sonic_webhook_deliveries_total{result="delivered"}' in metrics
     finally:
