@@ -218,7 +218,9 @@ def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
 
 
 def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cluster):
-    c = cluster(worker_lease_s=2)
+    # a 5 s lease, as below: with 2 s, the next worker's job was once declared lost on a loaded
+    # machine (its heartbeat thread waited on a recognition call holding the interpreter lock)
+    c = cluster(worker_lease_s=5)
     api = c.client()
     w1 = c.start_worker("w1")
     c.wait_workers(api, 1)
