@@ -37,10 +37,13 @@ def ending_error(rec: JobRecord) -> dict:
     return {"code": "internal_error", "message": "the job failed"}
 
 
-def job_document(rec: JobRecord, urls: JobUrls) -> dict:
+def job_document(rec: JobRecord, urls: JobUrls, ahead: int | None = None) -> dict:
     """The public view of a job: status, progress, and the result with its video_url or the error.
-    `success` is false once the job has failed or was canceled, and then `error` says why."""
+    `success` is false once the job has failed or was canceled, and then `error` says why.
+    `ahead`: while it waits, the jobs that start before it (`queue_position`, 0: it is next)."""
     body = {"success": rec.status in SUCCESSFUL, **rec.public(), "status_url": urls.status_url}
+    if rec.status == QUEUED and ahead is not None:
+        body["queue_position"] = ahead
     if not body["success"]:
         body["error"] = ending_error(rec)
     if body.get("error"):

@@ -194,7 +194,8 @@ def test_killed_mid_job_then_restart(server):
     wait_processing(server, job)
     waiting = post(server, {**FAST, "seed": 33, "duration": 1.0, "async": True}).json()["job_id"]
     time.sleep(1.0)
-    assert job_status(server, waiting)["status"] == "queued"
+    assert job_status(server, waiting)["status"] == "queued" and job_status(server, waiting)["queue_position"] == 0
+    assert "queue_position" not in job_status(server, job)
     server["proc"].kill()                                    # no clean shutdown
     server["proc"].wait(10)
     tmp = server["tmp"]

@@ -191,22 +191,28 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
 
 
 def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
-    c = cluster(queue_size=1)
+    c = cluster(queue_size=2)
     api = c.client()
     c.start_worker("w1")
     c.wait_workers(api, 1)
     long = {"min_resolution": 512, "duration": 40, "async": True}
     running = post(api, {**long, "seed": 1}).get_json()["job_id"]
     wait_status(api, running, ("processing",))
-    queued = post(api, {**long, "seed": 2}).get_json()["job_id"]
+    accepted = post(api, {**long, "seed": 2}).get_json()
+    queued, second = accepted["job_id"], post(api, {**long, "seed": 5}).get_json()["job_id"]
+    assert accepted["queue_position"] == 0  # told at once: it starts next
     full = post(api, {**long, "seed": 3})
     assert full.status_code == 503, (full.status_code, full.get_data()[:300], api.get("/health").get_json())
     assert_clean_error(full, 503, "busy")
     assert full.headers["Retry-After"]
     h = api.get("/health").get_json()
-    assert h["queue_length"] == 1 and h["workers"][0]["state"] == "busy" and h["workers"][0]["job"] == running, h
+    assert h["queue_length"] == 2 and h["workers"][0]["state"] == "busy" and h["workers"][0]["job"] == running, h
+    assert api.get(f"/api/sonic/jobs/{second}").get_json()["queue_position"] == 1
+    assert "queue_position" not in api.get(f"/api/sonic/jobs/{running}").get_json()
     canceled = api.post(f"/api/sonic/jobs/{queued}/cancel").get_json()
-    assert canceled["status"] == "canceled", canceled
+    assert canceled["status"] == "canceled" and "queue_position" not in canceled, canceled
+    assert api.get(f"/api/sonic/jobs/{second}").get_json()["queue_position"] == 0  # one fewer ahead
+    assert api.post(f"/api/sonic/jobs/{second}/cancel").get_json()["status"] == "canceled"
     api.post(f"/api/sonic/jobs/{running}/cancel")
     ended = wait_status(api, running, ("canceled", "failed", "succeeded"))
     assert ended["status"] == "canceled", ended

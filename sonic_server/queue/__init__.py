@@ -85,6 +85,11 @@ class JobQueue(ABC):
         """Jobs waiting, not counting the ones running."""
 
     @abstractmethod
+    def ahead_of(self, job_id: str) -> int | None:
+        """How many jobs wait to start before this one (0: it starts next); None unless it is
+        waiting."""
+
+    @abstractmethod
     def health(self) -> dict:
         """{"running_job": id or None, "workers_alive": int, "queue_length": int}, one snapshot
         (taken at one moment, never half before and half after a job starts or ends)."""

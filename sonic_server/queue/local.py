@@ -186,6 +186,13 @@ class LocalQueue(JobQueue):
         with self._changed:
             return len(self._pending)
 
+    def ahead_of(self, job_id: str) -> int | None:
+        with self._changed:
+            try:
+                return self._pending.index(job_id)
+            except ValueError:
+                return None
+
     def held_inputs(self) -> frozenset[str]:
         """The jobs whose decoded arrays this queue holds (the next job's at most): the others
         read their stored files when they run."""

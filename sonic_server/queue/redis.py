@@ -453,6 +453,13 @@ class RedisQueue(JobQueue):
     def queue_length(self) -> int:
         return int(self.rq.count)
 
+    def ahead_of(self, job_id: str) -> int | None:
+        rec = self.store.load(job_id)
+        if rec is None or rec.status != QUEUED:
+            return None
+        place = self.r.lpos(self.rq.key, rq_job_id(rec))  # RQ's list: workers take from its head
+        return None if place is None else int(cast("int", place))
+
     def health(self) -> dict:
         reap(self.store, self.retry_lost_jobs, self.output_dir, self.ending)
         workers = [

@@ -85,6 +85,10 @@ JOB = component(
             "stage": {"type": "string"},
             "created": {"type": "number", "description": "when the job was made (epoch seconds)"},
             "status_url": {"type": "string"},
+            "queue_position": {
+                "type": "integer",
+                "description": "while the job waits: how many jobs start before it (0: it starts next)",
+            },
             "error": {
                 "type": "object",
                 "description": "failed or canceled: why (as an error answer's error, with the HTTP status it maps to)",
@@ -467,9 +471,16 @@ def generate():
     return _accepted(rec)
 
 
+def _document(rec: JobRecord) -> dict:
+    """The job's document, with its place in the queue while it waits."""
+    queue = service().queue
+    ahead = queue.ahead_of(rec.id) if queue is not None and rec.status == JobStatus.QUEUED else None
+    return job_document(rec, _urls(rec.id), ahead)
+
+
 def _accepted(rec: JobRecord) -> Response:
     """202 with the job's document: where to follow it."""
-    body = job_document(rec, _urls(rec.id))
+    body = _document(rec)
     resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = body["status_url"]
@@ -479,8 +490,7 @@ def _accepted(rec: JobRecord) -> Response:
 @bp.get("/api/sonic/jobs/<job_id>")
 @describe("Job status", responses={200: ("status", content("application/json", JOB)), 404: error("no such job")})
 def job_status(job_id):
-    rec = _find_job(job_id)
-    return jsonify(job_document(rec, _urls(job_id)))
+    return jsonify(_document(_find_job(job_id)))
 
 
 @bp.get("/api/sonic/jobs")
@@ -637,10 +647,12 @@ def job_events(job_id):
         )
 
     def stream():
-        last = None
+        last, current = None, None
         try:
             for rec in queue.events(job_id, SSE_HEARTBEAT_S):
-                body = json.dumps(job_document(rec, urls)) if rec is not None else last
+                current = rec if rec is not None else current  # at a keep-alive, a waiting job's place may have changed
+                ahead = queue.ahead_of(job_id) if current is not None and current.status == JobStatus.QUEUED else None
+                body = json.dumps(job_document(current, urls, ahead)) if current is not None else last
                 yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
                 last = body
         except Exception:  # noqa: BLE001 - the job store away (Redis restarting...)
