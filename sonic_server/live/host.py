@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from sonic.errors import Busy, InvalidParameter, SonicError
 from sonic.options import GenerateOptions
 
 from ..settings import ServerConfig
-from . import relay
+from . import END_REASONS, EndReason, relay
 from .relay import LiveRecord, Records
 from .sessions import LiveSessions, ServedSession, check_offer
 
@@ -69,7 +69,11 @@ class LiveHost:
         its own: closing it must not hold the heartbeat back."""
         for session in self.live.running():
             if not records.beat(session.id, session.streamed_s, self.lease_s):
-                threading.Thread(target=self.live.end, args=(session.id, "declared_lost"), daemon=True).start()
+                threading.Thread(target=self._end_lost, args=(session.id,), daemon=True).start()
+
+    def _end_lost(self, session_id: str) -> None:
+        """A session whose record ended elsewhere (this worker was declared lost): it ends here too."""
+        self.live.end(session_id, "worker_lost")
 
     # --- the commands ------------------------------------------------------------------------
     def serve(self, conn: Any, stop: threading.Event) -> None:
@@ -129,7 +133,10 @@ class LiveHost:
         if op == "state":
             return {**session.state(), "worker": self.name}
         if op == "end":
-            return {"ended": self.live.end(session.id, str(command.get("reason", "client_closed")))}
+            reason = command.get("reason", "client_closed")
+            if reason not in END_REASONS:  # the API process sends one of them
+                raise InvalidParameter(f"unknown end reason {reason!r}")
+            return {"ended": self.live.end(session.id, cast("EndReason", reason))}
         raise InvalidParameter(f"unknown live command {op!r}")
 
     def open(self, command: dict) -> dict:
@@ -166,16 +173,19 @@ class LiveHost:
             if not handed:
                 self.live.give_slot(command.get("owner"))
             self.on_change()
-        if not relay.claim(self.records.r, command):  # the opener gave up waiting: it releases the hold
+        if not relay.claim(self.records.r, command):
+            # the opener gave up waiting and answered its client an error: nobody will connect.
+            # Its record ends first, unsettled (the opener releases the hold), then the session
             log.warning("live session %s: its opener stopped waiting; ended", record.id)
-            self.live.end(record.id, "abandoned")
+            self.records.end(record.id, "client_gone", 0.0)
+            self.live.end(record.id, "client_gone")
         return {"session_id": record.id, "answer": answer, "worker": self.name, "warnings": face.warnings}
 
     def _ended(self, session: ServedSession) -> None:
         """A session ended here: its record says why and what it streamed, and its hold is settled
         (unless a reaper ended the record first and settled it)."""
         rec = self.records.end(session.id, session.ended_reason or "error", session.streamed_s)
-        if rec is not None and self.settle is not None and rec.ended != "abandoned":  # abandoned: its opener releases
+        if rec is not None and self.settle is not None:
             self.settle(rec)
         threading.Thread(target=self.on_change, daemon=True).start()  # once the registry let it go
 

@@ -28,7 +28,7 @@ from sonic.options import GenerateOptions
 
 from .. import metrics
 from ..settings import LiveSettings
-from . import END_REASONS
+from . import EndReason
 from .rtc import RtcLoop, announce_host, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
 
 log = logging.getLogger("sonic.live")
@@ -543,7 +543,7 @@ class LiveSessions:
             log.exception("live session %s failed", session.id)
             self.end(session.id, "error")
 
-    def _should_end(self, session: ServedSession) -> str | None:
+    def _should_end(self, session: ServedSession) -> EndReason | None:
         """Why a running session should end now, if it should."""
         now = time.monotonic()
         if self.settings.max_session_s and now - session.created >= self.settings.max_session_s:
@@ -554,9 +554,8 @@ class LiveSessions:
         return None
 
     # --- the end ---------------------------------------------------------------------------
-    def end(self, session_id: str, reason: str) -> bool:
+    def end(self, session_id: str, reason: EndReason) -> bool:
         """End a session (once: False if it had ended already)."""
-        assert reason in END_REASONS, reason
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is not None:
