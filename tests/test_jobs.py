@@ -12,6 +12,7 @@ import pytest
 from server_helpers import FAKE_VIDEO, FakePipeline, new_record
 from sonic import GenerateOptions
 from sonic.checks import check_inputs
+from sonic.errors import PipelineError
 from sonic.settings import load_settings
 from sonic_server.jobs import JobRecord
 from sonic_server.queue import JobQueue, QueueFull
@@ -111,6 +112,10 @@ def test_run_generate_takes_decoded_inputs_or_reads_the_files(tmp_path):
     assert (tmp_path / result["file"]).read_bytes() == FAKE_VIDEO
     run_generate(rec, pipe, tmp_path, None, lambda stage, frac: None)        # a record without arrays
     assert pipe.calls[-1][:2] == (rec.inputs["image"], rec.inputs["audio"])
+    uploads.remove(rec.id)  # its files gone (a cleanup, a job store restored from an old snapshot)
+    with pytest.raises(PipelineError, match="image file is no longer on the server") as gone:
+        run_generate(rec, pipe, tmp_path, None, lambda stage, frac: None)
+    assert str(tmp_path) not in gone.value.message  # the service's paths are not the caller's business
 
 
 def test_queue_runs_a_job_and_caches_it(make_queue, tmp_path):
