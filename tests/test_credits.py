@@ -487,3 +487,41 @@ def test_an_unreachable_database_is_one_error_line_with_its_password_hidden():
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-800:]
         assert "the accounts database" in out.stderr and "cannot be opened" in out.stderr
         assert "hunter2" not in out.stderr and "***" in out.stderr
+
+
+def test_the_settler_says_once_that_the_job_store_does_not_answer(tmp_path, caplog):
+    """Redis away (distributed mode): the sweep that settles holds fails every 2 s; it was logged
+    with a full trace each time (84 in one outage), now once, and once more when it answers."""
+    import logging
+
+    import redis
+
+    from sonic_server.accounts import Ledger
+    from sonic_server.accounts.settler import Settler
+
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'credits.sqlite3'}")
+    _, key = ledger.create_account("ann", credits=100)
+    assert ledger.reserve(ledger.authenticate(key).account_id, "j" * 32, 10, "test")[0]
+    away = threading.Event()
+    away.set()
+
+    class Queue:
+        def get(self, job_id):
+            if away.is_set():
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+            return None
+
+    settler = Settler(ledger, lambda: Queue(), lambda result: 0, every_s=0.02)
+    caplog.set_level(logging.INFO, logger="sonic.credits")
+    settler.start()
+    try:
+        time.sleep(0.5)  # many sweeps
+        away.clear()
+        time.sleep(0.3)
+    finally:
+        settler.stop()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "sonic.credits"]
+    assert said == [
+        ("WARNING", "settling reservations: the job store (Redis) does not answer (ConnectionError)"),
+        ("WARNING", "settling reservations: the job store (Redis) answers again"),
+    ], said

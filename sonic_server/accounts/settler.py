@@ -89,25 +89,39 @@ class Settler:
     def run(self) -> None:
         import logging
 
-        from .ledger import DATABASE_AWAY
-
         log = logging.getLogger("sonic.credits")
-        away = False  # the database not answering is said once, not with a trace every sweep
+        # a store not answering is said once, not with a trace every sweep: the accounts
+        # database, or (distributed) the job store the sweep reads the jobs' ends from
+        away: str | None = None
         while not self._stop.wait(self.every_s):
             try:
                 self.sweep()
                 if away:
-                    log.warning("settling reservations: the accounts database answers again")
-                away = False
-            except DATABASE_AWAY as e:
-                if not away:
-                    log.warning("settling reservations: the accounts database does not answer (%s)", type(e).__name__)
-                away = True
-            except Exception:  # noqa: BLE001 - anything else: said in full, tried again next time
-                log.exception("settling reservations failed")
+                    log.warning("settling reservations: the %s answers again", away)
+                away = None
+            except Exception as e:  # noqa: BLE001 - whatever it is, the next sweep tries again
+                store = _not_answering(e)
+                if store is None:
+                    log.exception("settling reservations failed")
+                elif away != store:
+                    log.warning("settling reservations: the %s does not answer (%s)", store, type(e).__name__)
+                away = store or away
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="sonic-credits", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _not_answering(error: Exception) -> str | None:
+    """The store that does not answer, as an error of its client says; None for other errors.
+    (Redis is installed in distributed mode only: its errors are told by their module.)"""
+    from .ledger import DATABASE_AWAY
+
+    if isinstance(error, DATABASE_AWAY):
+        return "accounts database"
+    redis_kinds = {f"{k.__module__}.{k.__name__}" for k in type(error).__mro__}
+    if redis_kinds & {"redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError"}:
+        return "job store (Redis)"
+    return None
