@@ -57,6 +57,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         retry_after_s=str(srv.retry_after_s),
         event_streams=Slots(srv.max_event_streams),
         fetches=Slots(settings.outbound.max_fetches),
+        drain=drain,
     )
     svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
     svc.webhooks = make_webhooks(settings, outputs)

@@ -23,6 +23,7 @@ import atexit
 import logging
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from werkzeug.wsgi import ClosingIterator
@@ -45,9 +46,11 @@ REFUSED_WHILE_STOPPING = frozenset(
 STREAMING = "sonic.streaming"  # set in a request's environ by a route whose answer is a stream
 # what a stop does once its wait is over, as both servers' stop lines say it
 AFTER_THE_DRAIN = (
-    "live sessions then end (server_stopping), and a job still running or queued is reported failed "
-    "(interrupted) at the next start (where server.jobs_db keeps records)"
+    "live sessions then end (server_stopping); one process: a job still running is reported failed "
+    "(interrupted) at the next start and the queued ones run then (where server.jobs_db keeps records); "
+    "distributed: the workers run the jobs on"
 )
+ANSWER_BEFORE_END_S = 1.5  # a synchronous generate still waiting answers 202 this long before the drain ends
 
 
 class InFlight:
@@ -81,6 +84,7 @@ class Drain:
         self.drain_s = drain_s
         self.in_flight = InFlight()
         self.stopping = threading.Event()
+        self.stop_deadline: float | None = None  # time.monotonic() at which the drain ends
         self.exiting = threading.Event()  # ^C, or the server's loop has ended: the at-exit steps run
         # run once the answers are made, before the loop is ended: what must not wait for the
         # at-exit steps (the server's own wait for its threads can take them past docker's 10 s)
@@ -99,10 +103,23 @@ class Drain:
             return body
         return ClosingIterator(body, self.in_flight.__exit__)
 
+    def mark_stopping(self) -> None:
+        """From now on new work is refused, and the answers in flight have drain_s to be made."""
+        if not self.stopping.is_set():
+            self.stop_deadline = time.monotonic() + self.drain_s
+            self.stopping.set()
+
+    def wait_left(self) -> float | None:
+        """How long an answer that waits (a synchronous generate) may still wait before it must
+        answer with what it has; None while not stopping."""
+        if self.stop_deadline is None:
+            return None
+        return max(0.0, self.stop_deadline - ANSWER_BEFORE_END_S - time.monotonic())
+
     def stop(self, then: Callable[[], None]) -> None:
         """Refuse new work from now on; once the answers in flight are made (drain_s at most),
         call `then` from another thread, unless the process is already exiting."""
-        self.stopping.set()
+        self.mark_stopping()
 
         def wait_then() -> None:
             if not self.in_flight.wait(self.drain_s):

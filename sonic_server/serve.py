@@ -137,6 +137,9 @@ def serve(args: argparse.Namespace) -> None:
             drain_s,
         )
         stopped.append(signum)
+        drain = app.extensions["sonic"].drain
+        if drain is not None:  # a synchronous generate still waiting answers 202 before the drain ends
+            drain.mark_stopping()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)

@@ -16,6 +16,7 @@ from .uploads import Uploads
 
 if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion at the first fusion
     from .accounts import Billing, Ledger, Settler
+    from .drain import Drain
     from .idempotency import IdempotencyStore
     from .live.remote import RemoteSessions
     from .live.sessions import LiveSessions
@@ -65,6 +66,7 @@ class Service:
     fusion: FusionEngine | None = None  # the face fusion engine, made at the first fusion (routes/fusion.py)
     webhooks: Webhooks | None = None  # job webhooks: deliveries made and sent (sonic_server/webhooks.py)
     idempotency: IdempotencyStore | None = None  # Idempotency-Key answers (sonic_server/idempotency.py)
+    drain: Drain | None = None  # the stop's drain: how long a synchronous wait may still wait (drain.py)
     live: LiveSessions | RemoteSessions | None = None  # live sessions: here, or on the workers (sonic_server/live/)
 
     def loaded_decoder_identity(self) -> str:

@@ -228,7 +228,7 @@ def test_killed_mid_job_then_restart(server):
         proc.wait(10)
 
 
-def sigterm_while_generating(proc, server) -> tuple:
+def sigterm_while_generating(proc, server, duration: float = 40) -> tuple:
     """A synchronous generate of 40 s of video (1000 frames at 256 px) sent from a thread, and
     SIGTERM sent to the server once it renders; (the thread, {"r": the answer, or the
     ConnectionError of one cut off}) about 0.3 s after the signal."""
@@ -239,7 +239,7 @@ def sigterm_while_generating(proc, server) -> tuple:
 
     def generate():
         try:
-            answer["r"] = post(server, {**FAST, "duration": 40})
+            answer["r"] = post(server, {**FAST, "duration": duration})
         except requests.ConnectionError as e:  # cut off
             answer["r"] = e
 
@@ -249,6 +249,22 @@ def sigterm_while_generating(proc, server) -> tuple:
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     return started, answer
+
+
+def test_a_synchronous_generate_the_drain_cannot_wait_for_gets_its_job_not_a_cut_connection(tmp_path):
+    """SIGTERM with a drain shorter than the video takes: the waiting request is answered 202
+    with its job's id and status_url before the drain ends (it got an empty reply, and its job
+    was run and charged all the same)."""
+    import signal
+
+    proc, info = start_server(tmp_path, drain_s=4)
+    started, answer = sigterm_while_generating(proc, info, duration=200)
+    started.join(30)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    r = answer["r"]
+    assert getattr(r, "status_code", None) == 202, r
+    body = r.json()
+    assert body["status"] in ("queued", "processing") and body["status_url"].endswith(body["job_id"])
 
 
 def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):

@@ -25,7 +25,7 @@ from sonic.version import pipeline_version
 from .. import idempotency, outbound, webhooks
 from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
-from ..drain import STREAMING
+from ..drain import STREAMING, Drain
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
@@ -215,6 +215,23 @@ def _wait_for(queue, job_id: str, timeout: float) -> JobRecord:
     if rec is None:
         raise JobNotFound(f"no job {job_id}")
     return rec
+
+
+STOP_CHECK_S = 1.0  # how often a synchronous wait looks whether the server is stopping
+
+
+def _wait_while_running(queue, job_id: str, timeout: float, drain: Drain | None) -> JobRecord:
+    """The record once it has ended, or at `timeout`, or just before a stopping server's drain
+    ends (its caller then gets 202 and the job's status_url, not a cut connection)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        stop_left = drain.wait_left() if drain is not None else None
+        if stop_left is not None:
+            left = min(left, stop_left)
+        rec = _wait_for(queue, job_id, max(0.0, min(left, STOP_CHECK_S)))
+        if rec.terminal or left <= STOP_CHECK_S:
+            return rec
 
 
 def _payer(svc: Service) -> Payer | None:
@@ -461,7 +478,7 @@ def generate():
 
     idempotency.keep_provisional(_accepted(rec))  # from here a retry gets this job, whatever happens next
     if not want_async:
-        rec = _wait_for(queue, rec.id, svc.sync_wait_s)
+        rec = _wait_while_running(queue, rec.id, svc.sync_wait_s, svc.drain)
         if rec.status == SUCCEEDED:
             return jsonify({"success": True, **_result_fields(rec)})
         if rec.terminal:
