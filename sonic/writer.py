@@ -32,6 +32,7 @@ X264_PRESET = "veryfast"
 X264_CRF = 20
 PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
 QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
+ABANDON_WAIT_S = 2.0  # an interrupted write waits this long at most for its feeder thread
 X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
 AAC_BITRATE = "128k"
 
@@ -232,6 +233,22 @@ class VideoWriter:
         self._queue.put(None)
         self._feeder.join()
 
+    def _abandon_feeder(self) -> None:
+        """^C, SIGTERM or an error mid-write, ffmpeg killed: the frames not yet written are dropped
+        and the feeder is told to stop, waited for a moment only. A ^C that lands inside the
+        queue's own bookkeeping can leave the feeder waiting for ever (seen: 2 of 15 ^C on a busy
+        machine hung the CLI in the join); it is a daemon thread, and is left to the exit."""
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._feeder.join(ABANDON_WAIT_S)
+
     def _stderr(self) -> str:
         self._log.flush()
         self._log.seek(0)
@@ -269,7 +286,7 @@ class VideoWriter:
                     raise write_error(e) from e
             else:
                 self._proc.kill()  # a feeder blocked on the pipe fails and drains
-                self._stop_feeder()
+                self._abandon_feeder()
                 self._proc.wait()
         finally:
             if self._proc.stdin and not self._proc.stdin.closed:
