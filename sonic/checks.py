@@ -27,6 +27,7 @@ from .face import fit_output
 from .media import SAMPLE_RATE, decode_budget, load_audio, load_image, upload_decode
 from .options import GenerateOptions
 from .settings import Limits
+from .writer import PART_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,24 @@ def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
         raise InvalidParameter(f"{named} lies under {str(folder)[:200]!r}, a file", field="out_path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidParameter(f"{named}: the folder {str(folder)[:200]!r} is not writable", field="out_path")
+    _name_fits(path, folder, named)
     return path
+
+
+def _name_fits(path: Path, folder: Path, named: str) -> None:
+    """The writer's own files are named after the video (".NAME.part.remux"): a name that fits
+    the file system but not with those additions failed at the end, after the render."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    added = max(len(suffix) for suffix in PART_SUFFIXES) + 1
+    if len(os.fsencode(path.name)) + added > name_max:
+        raise InvalidParameter(
+            f"{named}: the file name is too long: at most {name_max - added} bytes here "
+            f"(the writer names its temporary files after it, {added} more)",
+            field="out_path",
+        )
 
 
 def load_portrait(image: str | Path | BinaryIO, limits: Limits) -> np.ndarray:

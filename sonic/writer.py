@@ -32,6 +32,7 @@ X264_PRESET = "veryfast"
 X264_CRF = 20
 PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
 QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
+PART_SUFFIXES = (".part", ".wav.part", ".part.remux")  # a run's files: ".NAME" + each, beside the output
 ABANDON_WAIT_S = 2.0  # an interrupted write waits this long at most for its feeder thread
 X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
 AAC_BITRATE = "128k"

@@ -213,6 +213,7 @@ def test_cli_generates(tmp_path):
     (["--config", "/no/such/params.json"], "no such file"),
     (["--image", "/tmp"], "is a folder"),
     (["--out", "/proc/version/x.mp4"], "--out '/proc/version/x.mp4' lies under '/proc/version', a file"),
+    (["--out", "/tmp/" + "x" * 241 + ".mp4"], "the file name is too long: at most 243 bytes"),  # a traceback after the render
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     base = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--out": str(tmp_path / "x.mp4")}
