@@ -33,14 +33,20 @@ def _params(text: str | None) -> dict:
     if not text:
         return {}
     path = Path(text)
-    if not text.lstrip().startswith("{"):  # a file's name
+    if not text.lstrip().startswith(("{", "[")):  # a file's name
         if not path.is_file():
             raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
         text = path.read_text(encoding="utf-8")
     try:
-        return json.loads(text)
+        params = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config") from e
+    if not isinstance(params, dict):
+        raise InvalidParameter(
+            f'--config must be a JSON object of parameters ({{"min_resolution": 512}}), got {type(params).__name__}',
+            field="config",
+        )
+    return params
 
 
 # The server package's commands: found when it is installed (pip install "sonic-talking-head[server]"),

@@ -66,7 +66,12 @@ def existing_file(source: str | Path, field: str, shown: str | None = None) -> s
     e.g. the CLI's --image) where it is missing or a folder."""
     path = Path(source)
     if not path.is_file():
-        why = "is a folder" if path.is_dir() else "no such file"
+        if path.is_dir():
+            why = "is a folder"
+        elif path.exists():  # /dev/stdin, <(...), a FIFO: read once, and no size to check first
+            why = "is not a regular file (a pipe or a device): save it to a file and name that"
+        else:
+            why = "no such file"
         raise InvalidParameter(f"{shown or field} {str(source)[:200]!r}: {why}", field=field)
     return source
 

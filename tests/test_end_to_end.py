@@ -214,6 +214,8 @@ def test_cli_generates(tmp_path):
     (["--image", "/tmp"], "is a folder"),
     (["--out", "/proc/version/x.mp4"], "--out '/proc/version/x.mp4' lies under '/proc/version', a file"),
     (["--out", "/tmp/" + "x" * 241 + ".mp4"], "the file name is too long: at most 243 bytes"),  # a traceback after the render
+    (["--config", "[]"], "--config must be a JSON object"),  # was "no such file"
+    (["--audio", "/dev/stdin"], "is not a regular file (a pipe or a device)"),  # was "no such file"
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     base = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--out": str(tmp_path / "x.mp4")}
