@@ -531,22 +531,59 @@ def upload_decode() -> Iterator[None]:
         _audio_decodes_and_waiting.release()
 
 
-def probed_audio_format(path: str | Path) -> str | None:
-    """The demuxer ffmpeg's probe picks for a file (its name: "wav", "hls", "dash"...), or None
-    when nothing recognises it; the probe reads this file only, under the same allow-lists."""
+@dataclass(frozen=True)
+class Probed:
+    """What ffmpeg's probe of a file found: its demuxer's name ("wav", "mov,mp4,...", "jpeg_pipe"),
+    None when nothing recognises it, and whether it holds an audio stream."""
+
+    format: str | None
+    has_audio: bool
+
+
+def probed_audio(path: str | Path) -> Probed:
+    """The probe reads this file only, under the same allow-lists as the decode."""
     proc = run_ffmpeg_on(path, ["-v", "debug"], [])  # no output: ffmpeg stops once the file is open
     found = re.search(rb"Format (\S+) probed with size=", proc.stderr)
-    return found.group(1).decode("ascii", "replace") if found else None
+    has_audio = re.search(rb"Stream #\d+:\d+\S*: Audio:", proc.stderr) is not None
+    return Probed(found.group(1).decode("ascii", "replace") if found else None, has_audio)
+
+
+# ffmpeg's names for the image formats it recognises (a photo given as the recording)
+IMAGE_DEMUXERS = {
+    "jpeg_pipe": "JPEG",
+    "png_pipe": "PNG",
+    "webp_pipe": "WebP",
+    "gif": "GIF",
+    "gif_pipe": "GIF",
+    "bmp_pipe": "BMP",
+    "tiff_pipe": "TIFF",
+    "svg_pipe": "SVG",
+    "image2": "still",
+}
 
 
 def _undecodable(path: str | Path) -> UnsupportedMedia:
-    """Why a file did not decode, with its format named where ffmpeg recognised one."""
-    name = probed_audio_format(path)
+    """Why a file did not decode, in the user's words: empty, an image, no sound in it, or a
+    format named where ffmpeg recognised one."""
     supported = f"supported: {AUDIO_FORMATS_TEXT}"
+    try:
+        if os.path.getsize(path) == 0:
+            return UnsupportedMedia("audio file is empty (0 bytes)", field="audio")
+    except OSError:
+        pass
+    probed = probed_audio(path)
+    name = probed.format
     if name is None:
         return UnsupportedMedia(f"audio is not in a recognised format ({supported})", field="audio")
+    picture = IMAGE_DEMUXERS.get(name)
+    if picture is not None:
+        return UnsupportedMedia(
+            f"audio is a {picture} image, not a recording (are the image and the audio swapped?)", field="audio"
+        )
     if not any(part in AUDIO_DEMUXERS for part in name.split(",")):
         return UnsupportedMedia(f"audio format {name!r} is not supported ({supported})", field="audio")
+    if not probed.has_audio:
+        return UnsupportedMedia(f"audio: the file ({name.split(',')[0]}) has no sound track", field="audio")
     return UnsupportedMedia(f"audio could not be decoded as {name.split(',')[0]} ({supported})", field="audio")
 
 

@@ -136,8 +136,27 @@ def test_empty_silent_and_bad_audio(tmp_path):
     assert "dBFS;" in err.value.message and "-55 dBFS" in err.value.message
     b = tmp_path / "noise.mp3"
     b.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
-    with pytest.raises(UnsupportedMedia):
+    with pytest.raises(UnsupportedMedia, match="not in a recognised format"):
         load_audio(b, 60)
+
+
+def test_audio_that_is_not_a_recording_says_what_it_is(tmp_path):
+    """An empty file, the portrait given as the recording, a video without sound: each named as
+    such (they read "not in a recognised format", "format 'jpeg_pipe' is not supported" and
+    "could not be decoded as mov")."""
+    import subprocess
+
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    silent_video = tmp_path / "no_sound.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=1",
+                    "-pix_fmt", "yuv420p", str(silent_video)], check=True)
+    for path, words in ((empty, "audio file is empty (0 bytes)"),
+                        (PORTRAIT, "audio is a JPEG image, not a recording (are the image and the audio swapped?)"),
+                        (silent_video, "audio: the file (mov) has no sound track")):
+        with pytest.raises(UnsupportedMedia) as err:
+            load_audio(path, 60)
+        assert err.value.message == words and err.value.field == "audio"
 
 
 def test_channels_in_opposite_phase_do_not_cancel_to_silence(tmp_path):
