@@ -92,7 +92,8 @@ class JobQueue(ABC):
     @abstractmethod
     def health(self) -> dict:
         """{"running_job": id or None, "workers_alive": int, "queue_length": int}, one snapshot
-        (taken at one moment, never half before and half after a job starts or ends)."""
+        (taken at one moment, never half before and half after a job starts or ends); with
+        "unavailable" (why) when the job store does not answer."""
 
     def decoder_identity(self) -> str | None:
         """The identity of the decoder that runs this queue's jobs (sonic.decoders: its name and

@@ -461,6 +461,18 @@ class RedisQueue(JobQueue):
         return None if place is None else int(cast("int", place))
 
     def health(self) -> dict:
+        try:
+            return self._health()
+        except redis_lib.RedisError as e:  # /health still answers in full: monitoring reads `readiness`
+            log.warning("Redis does not answer: %s", type(e).__name__)
+            return {
+                "running_job": None,
+                "workers_alive": 0,
+                "queue_length": 0,
+                "unavailable": "the job store (Redis) does not answer",
+            }
+
+    def _health(self) -> dict:
         reap(self.store, self.retry_lost_jobs, self.output_dir, self.ending)
         workers = [
             {

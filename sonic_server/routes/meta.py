@@ -16,14 +16,19 @@ bp = Blueprint("meta", __name__)
 
 
 @bp.get("/health")
-@describe("Liveness and readiness", responses={200: "ready or busy", 503: "starting, setup_failed or worker_stopped"})
+@describe(
+    "Liveness and readiness",
+    responses={200: "ready or busy", 503: "starting, setup_failed, worker_stopped or not_ready (the job store away)"},
+)
 def health():
     svc = service()
     state, queue = svc.status, svc.queue
     # one snapshot of the queue (the worker changes it meanwhile): each figure read once
     workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1, "queue_length": 0}
     running = workers["running_job"]
-    if state == "ready" and not workers["workers_alive"]:
+    if state == "ready" and workers.get("unavailable"):
+        state = "not_ready"  # the job store does not answer: nothing can be queued or followed
+    elif state == "ready" and not workers["workers_alive"]:
         state = "worker_stopped"  # jobs would be queued and never run
     elif state == "ready" and running is not None:
         state = "busy"
@@ -35,7 +40,7 @@ def health():
     }
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
-    elif queue is not None and queue.decoder_identity():  # distributed: what the workers announced
+    elif queue is not None and state != "not_ready" and queue.decoder_identity():  # distributed: the workers' word
         body["decoder"] = queue.decoder_identity().split("-")[0]
     if svc.ledger is not None:
         # said, not made a 503: downloads and flat keys work without it, and a balancer that drained
@@ -50,6 +55,8 @@ def health():
             body["live"] = {"enabled": svc.settings.live.enabled, "error": "the live sessions' store does not answer"}
     if state in ("setup_failed", "starting") and svc.setup_error:
         body["error"] = svc.setup_error
+    elif state == "not_ready":
+        body["error"] = workers["unavailable"]
     if state in ("ready", "busy"):
         return jsonify(body), 200
     return jsonify(body), 503, {"Retry-After": "5"}
