@@ -301,12 +301,12 @@ def claim_name(conn: Any, name: str, lease_s: float, stop: threading.Event) -> b
     return True
 
 
-def drop_registration(conn: Any, name: str) -> None:
-    """RQ's registration of `name`, left by a run that is gone, removed."""
+def drop_registration(conn: Any, name: str, whose: str = "an earlier run of this name") -> None:
+    """RQ's registration of `name`, left by a run that is gone (`whose`, as the log says it), removed."""
     stale = rq_worker(conn, name, lambda: None)
     if conn.exists(stale.key) and not conn.hexists(stale.key, "death"):
         stale.register_death()
-        log.info("worker %s: the registration an earlier run of this name left was removed", name)
+        log.info("worker %s: the registration %s left was removed", name, whose)
 
 
 def work(state: WorkerState, conn: Any, burst: bool) -> None:
@@ -334,7 +334,7 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
         while not stopping.wait(1.0):
             try:
                 conn.ping()
-                drop_registration(conn, state.name)  # its own, left by the loop that stopped
+                drop_registration(conn, state.name, "its job loop that stopped")
                 break
             except redis.RedisError:
                 continue

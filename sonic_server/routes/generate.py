@@ -677,7 +677,11 @@ def job_events(job_id):
             err = {
                 "success": False,
                 "error": public_error(
-                    {"code": "not_ready", "message": "the job store does not answer; the job goes on: poll status_url"}
+                    {
+                        "code": "not_ready",
+                        "message": "the job store does not answer; poll status_url: it tells how the job went "
+                        "once the store answers",
+                    }
                 ),
                 "status_url": urls.status_url,
             }
