@@ -355,12 +355,19 @@ def stop_on_signals(stopping: threading.Event) -> threading.Event:
     return stopping
 
 
+REDIS_RETRY_MAX_S = 2.0  # the longest a worker waits between tries to reach Redis
+
+
 def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
     """RQ's in-process worker, told about a stop request before RQ handles it (warm shutdown:
     the running job finishes, then work() returns)."""
     from rq import SimpleWorker
 
     class Worker(SimpleWorker):
+        # RQ waits 1, 2, 4... up to 60 s between tries while Redis is away: a worker sat idle
+        # for 32 s after a blip while /health said ready, the queue waiting
+        max_connection_wait_time = REDIS_RETRY_MAX_S
+
         def request_stop(self, signum: Any, frame: Any) -> None:
             on_stop()
             super().request_stop(signum, frame)
