@@ -13,6 +13,7 @@ upload folder is a leftover, but those of the jobs that run again.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,3 +69,30 @@ def recover(store, uploads, output_dir: Path) -> Recovered:
     for part in Path(output_dir).glob(".*.part"):
         part.unlink(missing_ok=True)
     return found
+
+
+ORPHAN_GRACE_S = 900.0  # an upload folder's age before a missing record makes it a leftover
+
+
+def sweep_orphan_uploads(store, uploads, now: float | None = None) -> list[str]:
+    """Distributed mode, where no start sweeps the shared folder: upload folders older than
+    ORPHAN_GRACE_S whose job has ended or has no record (an API process killed mid-request, a job
+    store that lost its data) are removed. The grace covers a request between its files written
+    and its record saved; a job still waiting or running keeps its folder. The ids removed."""
+    now = time.time() if now is None else now
+    root = Path(uploads.root)
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if not (folder.is_dir() and JOB_ID.fullmatch(folder.name)):
+            continue
+        try:
+            if now - folder.stat().st_mtime < ORPHAN_GRACE_S:
+                continue
+        except OSError:
+            continue  # removed meanwhile
+        rec = store.load(folder.name)
+        if rec is None or rec.terminal:
+            uploads.remove(folder.name)
+            removed.append(folder.name)
+            log.info("removed the upload folder %s: its job %s", folder.name, "ended" if rec else "is unknown")
+    return removed

@@ -35,7 +35,7 @@ from sonic import SonicError
 from sonic.settings import SettingsError
 
 from . import lifecycle
-from .expiry import OutputExpiry
+from .expiry import SWEEP_EVERY_S, OutputExpiry
 from .hooks import configure_logging
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobCanceled, JobEnd
@@ -44,6 +44,7 @@ from .live.relay import Records, reap_lost
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue, without_password
+from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
 from .storage import open_storage
 from .tasks import TASKS
@@ -74,6 +75,7 @@ class WorkerState:
     notify: Callable[[JobRecord, str], None] | None = None  # a run's start and progress, for webhooks
     current: str | None = None  # the job this worker runs now
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
+    uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
 
 
 _STATE: WorkerState | None = None  # set once by `main` before the first job
@@ -133,6 +135,9 @@ def _run(state: WorkerState, job_id: str) -> None:
     r.delete(PREFIX + f"cancel:{job_id}")
     try:
         state.expiry.maybe_sweep()
+        if time.time() - state.uploads_swept_at >= SWEEP_EVERY_S:
+            state.uploads_swept_at = time.time()
+            sweep_orphan_uploads(store, state.uploads)
     except Exception:  # noqa: BLE001
         log.exception("output expiry sweep failed")
 

@@ -391,3 +391,21 @@ def test_a_database_from_an_older_release_opens(tmp_path):
     rec.stage = "done"
     store.save(rec)
     assert store.load("a").stage == "done"
+
+
+def test_leftover_upload_folders_are_swept_after_a_grace(tmp_path):
+    """Distributed mode: an API process killed mid-request, or a job store that lost its data,
+    left upload folders nothing removed. Old ones whose job ended or is unknown go; a waiting
+    job's stay, and so do young ones (a request between its files and its record)."""
+    from sonic_server.recovery import ORPHAN_GRACE_S, sweep_orphan_uploads
+
+    store, uploads = MemoryStore(), Uploads(tmp_path / "up")
+    waiting, ended, unknown, young = (new_record(uploads) for _ in range(4))
+    ended.status = "succeeded"
+    store.save(waiting)
+    store.save(ended)
+    old = time.time() - ORPHAN_GRACE_S - 60
+    for rec in (waiting, ended, unknown):
+        os.utime(uploads.root / rec.id, (old, old))
+    assert sorted(sweep_orphan_uploads(store, uploads)) == sorted([ended.id, unknown.id])
+    assert sorted(p.name for p in uploads.root.iterdir()) == sorted([waiting.id, young.id])

@@ -47,6 +47,7 @@ from .. import lifecycle
 from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
+from ..recovery import sweep_orphan_uploads
 from ..store import _error_record
 from . import JobQueue, QueueFull, WorkerStopped, follow
 
@@ -343,6 +344,7 @@ class RedisQueue(JobQueue):
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
+        sweep_orphan_uploads(self.store, uploads)  # left by a killed API process, or a store's lost data
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
