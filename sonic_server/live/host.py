@@ -9,6 +9,7 @@ candidates its answer names (`live.host_addresses`, `live.public_host`, a TURN s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import threading
@@ -49,6 +50,9 @@ class LiveHost:
         self.draining = threading.Event()  # SIGTERM: no new sessions; the running ones may finish
         self.on_change: Callable[[], None] = lambda: None  # the worker announces its new figures
         self._lanes = Lanes(lambda item: self._carry_out_in_time(*item))
+        # each running session's record as this worker made it: its hold is settled from it
+        # where the shared record is gone (Redis restarted without its data)
+        self._made: dict[str, LiveRecord] = {}
 
     # --- what the worker announces -----------------------------------------------------------
     def capacity(self) -> dict:
@@ -65,14 +69,15 @@ class LiveHost:
     def beat(self, records: Records) -> None:
         """Renew each running session's lease and note its streamed seconds (on the heartbeat's
         own connection: `records`); a session whose record was ended elsewhere meanwhile (this
-        worker was cut off past its lease; it was settled then) stops here too, in a thread of
-        its own: closing it must not hold the heartbeat back."""
+        worker was cut off past its lease; it was settled then), or is gone, stops here too, in a
+        thread of its own: closing it must not hold the heartbeat back."""
         for session in self.live.running():
             if not records.beat(session.id, session.streamed_s, self.lease_s):
                 threading.Thread(target=self._end_lost, args=(session.id,), daemon=True).start()
 
     def _end_lost(self, session_id: str) -> None:
-        """A session whose record ended elsewhere (this worker was declared lost): it ends here too."""
+        """A session whose record ended elsewhere (this worker was declared lost), or whose record
+        is gone: it ends here too."""
         self.live.end(session_id, "worker_lost")
 
     # --- the commands ------------------------------------------------------------------------
@@ -161,12 +166,14 @@ class LiveHost:
                 hold_s=float(hold["seconds"]) if hold else None,
             )
             self.records.create(record, self.lease_s + OPEN_GRACE_S)
+            self._made[record.id] = record
             handed = True  # open() gives the slot back, whatever happens
             try:
                 _, answer = self.live.open(
                     face, options, offer, record.owner, record.hold_s, self._ended, session_id=record.id
                 )
             except Exception:
+                self._made.pop(record.id, None)
                 self.records.end(record.id, "error", 0.0)  # the API process releases the hold
                 raise
         finally:
@@ -184,7 +191,13 @@ class LiveHost:
     def _ended(self, session: ServedSession) -> None:
         """A session ended here: its record says why and what it streamed, and its hold is settled
         (unless a reaper ended the record first and settled it)."""
-        rec = self.records.end(session.id, session.ended_reason or "error", session.streamed_s)
+        made = self._made.pop(session.id, None)
+        reason = session.ended_reason or "error"
+        rec = self.records.end(session.id, reason, session.streamed_s)
+        if rec is None and made is not None and self.records.load(session.id) is None:
+            # the shared record is gone: nobody else knows what it streamed, this worker settles
+            rec = dataclasses.replace(made, streamed_s=session.streamed_s, ended=reason, ended_at=time.time())
+            log.warning("live session %s: its record was gone (Redis lost its data); settled here", session.id)
         if rec is not None and self.settle is not None:
             self.settle(rec)
         threading.Thread(target=self.on_change, daemon=True).start()  # once the registry let it go
