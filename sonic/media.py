@@ -102,11 +102,14 @@ def load_image(
             # the bytes are in memory and only the allowed formats' readers see them
             with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as im:
                 w, h = im.size
-                allowed = max_pixels * (JPEG_PIXELS_FACTOR if _reduced_in_dct(im) else 1)
+                reduced = _reduced_in_dct(im)
+                allowed = max_pixels * (JPEG_PIXELS_FACTOR if reduced else 1)
                 if w * h > allowed:
+                    fix = "scale it down" + ("" if reduced else ", or save it as a baseline JPEG")
                     raise InputTooLarge(
                         f"image has {w}x{h} pixels, more than the limit of {allowed} for a {_kind(im)} "
-                        f"(limits.max_image_pixels: {max_pixels}; a baseline JPEG may have {JPEG_PIXELS_FACTOR}x)",
+                        f"(limits.max_image_pixels: {max_pixels}; a baseline JPEG may have {JPEG_PIXELS_FACTOR}x): "
+                        f"{fix}",
                         field="image",
                     )
                 with (budget or UNBOUNDED).reserve(decode_bytes(im, max_working_pixels)):
@@ -131,7 +134,10 @@ def check_image_size(rgb: np.ndarray) -> np.ndarray:
     """A portrait of at least MIN_IMAGE_SIDE pixels each way (UnsupportedMedia naming `image`):
     no face can be found in less, and an empty image would break the face detector's graph."""
     if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
-        raise UnsupportedMedia(f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels", field="image")
+        raise UnsupportedMedia(
+            f"image is only {rgb.shape[1]}x{rgb.shape[0]} pixels; a portrait needs {MIN_IMAGE_SIDE} or more each way",
+            field="image",
+        )
     return rgb
 
 

@@ -27,7 +27,7 @@ def test_an_empty_or_tiny_image_is_refused_and_the_pipeline_still_renders(pipeli
     """An empty image reached MediaPipe, whose graph then failed every later call of the pipeline."""
     for image in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 50, 3), np.uint8), np.zeros((20, 400, 3), np.uint8),
                   Image.new("RGB", (0, 0))):
-        with pytest.raises(UnsupportedMedia, match=r"image is only \d+x\d+ pixels") as e:
+        with pytest.raises(UnsupportedMedia, match=r"image is only \d+x\d+ pixels; a portrait needs 32 or more each way") as e:
             pipeline(image, wav, SHORT, out_path=tmp_path / "x.mp4")
         assert e.value.field == "image"
     # a graph that fails all the same is started afresh: that image's analysis fails, the next succeeds

@@ -53,11 +53,13 @@ def test_a_phones_100_mp_jpeg_is_taken_a_png_as_large_is_not(tmp_path):
     rgb = load_image(jpeg, 40_000_000)
     assert rgb.shape[0] * rgb.shape[1] <= 16_000_000 and abs(rgb.shape[1] / rgb.shape[0] - 12000 / 9000) < 0.01
     Image.new("L", (7000, 6000)).save(png, compress_level=1)  # 42 MP
-    with pytest.raises(InputTooLarge, match="limit of 40000000 for a PNG"):
+    with pytest.raises(InputTooLarge, match="limit of 40000000 for a PNG") as refused:
         load_image(png, 40_000_000)
+    assert refused.value.message.endswith("scale it down, or save it as a baseline JPEG")  # what to do
     Image.new("L", (14000, 12000)).save(huge, quality=50)  # 168 MP
-    with pytest.raises(InputTooLarge, match="limit of 160000000 for a JPEG"):
+    with pytest.raises(InputTooLarge, match="limit of 160000000 for a JPEG") as refused:
         load_image(huge, 40_000_000)
+    assert refused.value.message.endswith("): scale it down")  # a baseline JPEG already
 
 
 def test_a_progressive_jpeg_has_the_pngs_limit_and_a_phones_mpo_the_jpegs(tmp_path):
