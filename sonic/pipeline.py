@@ -42,6 +42,7 @@ from .sound import Sound, fitted_samples, load_sound
 from .writer import VideoWriter
 
 BATCH_FRAMES = 8  # frames rendered and handed to the writer at a time
+VIDEO_SUFFIXES = (".mp4", ".m4v")  # names a player takes for what the writer makes
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole request done, 0-1)
 
 
@@ -234,6 +235,10 @@ class SonicPipeline:
         audio_s = len(wav) / SAMPLE_RATE
         if cut_short := sound.cut_short(audio_s):
             warnings.add(cut_short)
+        suffix = Path(out_path).suffix
+        if suffix.lower() not in VIDEO_SUFFIXES:  # a player goes by the name
+            named = f"its name ends in {suffix!r}" if suffix else "its name has no extension"
+            warnings.add(f"the video is an MP4, though {named}: name it .mp4")
         duration = opts.duration if opts.duration is not None else audio_s
         n_frames = frame_count(opts, audio_s)
         timer.lap("decode")

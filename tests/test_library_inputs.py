@@ -27,7 +27,8 @@ def test_an_empty_or_tiny_image_is_refused_and_the_pipeline_still_renders(pipeli
     """An empty image reached MediaPipe, whose graph then failed every later call of the pipeline."""
     for image in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 50, 3), np.uint8), np.zeros((20, 400, 3), np.uint8),
                   Image.new("RGB", (0, 0))):
-        with pytest.raises(UnsupportedMedia, match=r"image is only \d+x\d+ pixels; a portrait needs 32 or more each way") as e:
+        with pytest.raises(UnsupportedMedia,
+                           match=r"image is only \d+x\d+ pixels; a portrait needs 32 or more each way") as e:
             pipeline(image, wav, SHORT, out_path=tmp_path / "x.mp4")
         assert e.value.field == "image"
     # a graph that fails all the same is started afresh: that image's analysis fails, the next succeeds
@@ -99,6 +100,15 @@ def test_where_the_video_cannot_go_is_said_before_anything_is_rendered(pipeline,
         assert e.value.field == "out_path" and stages == []
     assert a_file.read_bytes() == b"x" and sf.info(speech_copy).frames == len(wav)
     assert pipeline(rgb, wav, SHORT, out_path=tmp_path / "new" / "folder" / "v.mp4").frames == 10
+
+
+def test_a_video_named_other_than_mp4_is_written_with_a_warning(pipeline, rgb, wav, tmp_path):
+    for name, words in (("clip.avi", "ends in '.avi'"), ("clip", "has no extension")):
+        result = pipeline(rgb, wav, SHORT, out_path=tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 1000
+        assert [w for w in result.warnings if w.startswith("the video is an MP4")] == [
+            f"the video is an MP4, though its name {words}: name it .mp4"]
+    assert not [w for w in pipeline(rgb, wav, SHORT, out_path=tmp_path / "clip.MP4").warnings if "MP4" in w]
 
 
 def test_every_fault_is_one_catchable_class(pipeline, rgb, wav, tmp_path):
