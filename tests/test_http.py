@@ -279,6 +279,39 @@ def test_async_status_and_events(make_client):
     assert ended == ["succeeded"]                       # a finished job's stream is its final state
 
 
+def test_a_waiting_jobs_event_stream_tells_its_place_as_it_moves_up(make_client, monkeypatch):
+    """queue_position in the stream's documents, refreshed at keep-alives: the job ahead is
+    canceled, the next document says 0 (the stream broke there, on an event name read from the
+    keep-alive's None)."""
+    from sonic_server.routes import generate
+
+    monkeypatch.setattr(generate, "SSE_HEARTBEAT_S", 0.2)
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe)
+    try:
+        post(client, {**FAST, "seed": 31, "async": True})
+        assert pipe.started.wait(5)
+        ahead = post(client, {**FAST, "seed": 32, "async": True}).get_json()
+        waiting = post(client, {**FAST, "seed": 33, "async": True}).get_json()
+        assert (ahead["queue_position"], waiting["queue_position"]) == (0, 1)
+        stream = read_events(client.get(f"/api/sonic/jobs/{waiting['job_id']}/events", buffered=False))
+        events = next(stream)
+        assert events[-1][0] == "queued" and events[-1][1]["queue_position"] == 1
+        client.post(f"/api/sonic/jobs/{ahead['job_id']}/cancel")
+        while events[-1][1].get("queue_position") != 0:
+            events = next(stream)
+        assert events[-1][0] == "queued"
+        gate.set()
+        for events in stream:
+            pass
+    finally:
+        gate.set()
+    names = [name for name, _ in events]
+    assert names[-1] == "succeeded" and "error" not in names, names
+    assert "queue_position" not in events[-1][1]
+
+
 def test_cancel(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

@@ -459,8 +459,8 @@ class RedisQueue(JobQueue):
         rec = self.store.load(job_id)
         if rec is None or rec.status != QUEUED:
             return None
-        place = self.r.lpos(self.rq.key, rq_job_id(rec))  # RQ's list: workers take from its head
-        return None if place is None else int(cast("int", place))
+        place = self.rq.get_job_position(rq_job_id(rec))  # RQ's list, head first (LPOS from Redis 6.0.6)
+        return None if place is None else int(place)
 
     def health(self) -> dict:
         try:

@@ -31,7 +31,7 @@ from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
-from ..queue import QueueFull, WorkerStopped
+from ..queue import JobQueue, QueueFull, WorkerStopped
 from ..service import Service, service
 
 bp = Blueprint("generate", __name__)
@@ -490,9 +490,19 @@ def generate():
 
 def _document(rec: JobRecord) -> dict:
     """The job's document, with its place in the queue while it waits."""
-    queue = service().queue
-    ahead = queue.ahead_of(rec.id) if queue is not None and rec.status == JobStatus.QUEUED else None
-    return job_document(rec, _urls(rec.id), ahead)
+    return job_document(rec, _urls(rec.id), _ahead(service().queue, rec))
+
+
+def _ahead(queue: JobQueue | None, rec: JobRecord) -> int | None:
+    """A waiting job's place, where the queue can tell it: a store that fails to (Redis away)
+    leaves it out of the document, not the answer (a 202 for a job already queued and held)."""
+    if queue is None or rec.status != JobStatus.QUEUED:
+        return None
+    try:
+        return queue.ahead_of(rec.id)
+    except Exception:  # noqa: BLE001 - the place is a hint; the job's own answer must still come
+        log.warning("job %s: its place in the queue could not be read", rec.id, exc_info=True)
+        return None
 
 
 def _accepted(rec: JobRecord) -> Response:
@@ -668,9 +678,10 @@ def job_events(job_id):
         try:
             for rec in queue.events(job_id, SSE_HEARTBEAT_S):
                 current = rec if rec is not None else current  # at a keep-alive, a waiting job's place may have changed
-                ahead = queue.ahead_of(job_id) if current is not None and current.status == JobStatus.QUEUED else None
-                body = json.dumps(job_document(current, urls, ahead)) if current is not None else last
-                yield f"event: {rec.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
+                if current is None:
+                    continue
+                body = json.dumps(job_document(current, urls, _ahead(queue, current)))
+                yield f"event: {current.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
                 last = body
         except Exception:  # noqa: BLE001 - the job store away (Redis restarting...)
             log.warning("event stream of job %s ended: the job store does not answer", job_id, exc_info=True)
