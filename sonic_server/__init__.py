@@ -59,6 +59,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         fetches=Slots(settings.outbound.max_fetches),
         drain=drain,
     )
+    drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)
     svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
     svc.webhooks = make_webhooks(settings, outputs)
     svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent

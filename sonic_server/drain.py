@@ -85,6 +85,7 @@ class Drain:
         self.in_flight = InFlight()
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None  # time.monotonic() at which the drain ends
+        self.on_stopping: list[Callable[[], None]] = []  # run once the stop begins (the queue pauses)
         self.exiting = threading.Event()  # ^C, or the server's loop has ended: the at-exit steps run
         # run once the answers are made, before the loop is ended: what must not wait for the
         # at-exit steps (the server's own wait for its threads can take them past docker's 10 s)
@@ -105,9 +106,15 @@ class Drain:
 
     def mark_stopping(self) -> None:
         """From now on new work is refused, and the answers in flight have drain_s to be made."""
-        if not self.stopping.is_set():
-            self.stop_deadline = time.monotonic() + self.drain_s
-            self.stopping.set()
+        if self.stopping.is_set():
+            return
+        self.stop_deadline = time.monotonic() + self.drain_s
+        self.stopping.set()
+        for step in self.on_stopping:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - one step's fault must not keep the process up
+                log.exception("SIGTERM: a stopping step failed")
 
     def wait_left(self) -> float | None:
         """How long an answer that waits (a synchronous generate) may still wait before it must

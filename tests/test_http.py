@@ -312,6 +312,24 @@ def test_a_waiting_jobs_event_stream_tells_its_place_as_it_moves_up(make_client,
     assert "queue_position" not in events[-1][1]
 
 
+def test_a_stopping_server_starts_no_waiting_job(make_client):
+    """Once SIGTERM's drain begins, the job that waits is not started (the exit would cut it off,
+    and it would read `interrupted`): it stays queued, for the next start to run."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe)
+    try:
+        running = post(client, {**FAST, "seed": 41, "async": True}).get_json()["job_id"]
+        assert pipe.started.wait(5)
+        waiting = post(client, {**FAST, "seed": 42, "async": True}).get_json()["job_id"]
+        client.application.extensions["sonic"].drain.mark_stopping()
+    finally:
+        gate.set()
+    assert wait_done(client, running)["status"] == "succeeded"
+    time.sleep(1.0)
+    assert client.get(f"/api/sonic/jobs/{waiting}").get_json()["status"] == "queued" and len(pipe.calls) == 1
+
+
 def test_cancel(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

@@ -100,5 +100,9 @@ class JobQueue(ABC):
         weights), when the queue knows it."""
         return None
 
+    def pause(self) -> None:  # noqa: B027 - where the jobs run elsewhere (workers), nothing to pause
+        """Start no more jobs (this process is stopping): the waiting ones stay queued, for the
+        next start to run (a job started now would be cut off at the exit)."""
+
     def close(self) -> None:  # noqa: B027 - a backend with nothing to stop needs no close of its own
         """Stop taking jobs (tests, shutdown)."""

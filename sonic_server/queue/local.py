@@ -92,6 +92,7 @@ class LocalQueue(JobQueue):
         self._changed = threading.Condition()
         self._running: str | None = None
         self._closed = False
+        self._paused = False  # stopping: no job starts; the waiting ones run at the next start
         self.notify = notify
         self._worker = threading.Thread(target=self._run, name="sonic-worker", daemon=True)
         self._worker.start()
@@ -208,6 +209,10 @@ class LocalQueue(JobQueue):
                 "queue_length": len(self._pending),
             }
 
+    def pause(self) -> None:
+        with self._changed:
+            self._paused = True
+
     def close(self) -> None:
         with self._changed:
             self._closed = True
@@ -224,9 +229,9 @@ class LocalQueue(JobQueue):
     def _next_job(self) -> JobRecord | None:
         """The oldest waiting record, marked processing (in memory), or None after SWEEP_EVERY_S."""
         with self._changed:
-            if not self._pending and not self._closed:
+            if (not self._pending or self._paused) and not self._closed:
                 self._changed.wait(SWEEP_EVERY_S)
-            if not self._pending or self._closed:
+            if not self._pending or self._closed or self._paused:
                 return None
             rec = lifecycle.start(self._live[self._pending.popleft()])
             self._running = rec.id
