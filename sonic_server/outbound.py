@@ -12,6 +12,7 @@ every request has a connect and a total time limit.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import ipaddress
 import socket
@@ -258,6 +259,17 @@ def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float 
 MAX_REDIRECTS = 3
 
 
+def same_origin_credentials(target: Target, previous: Target | None) -> Target:
+    """A redirect's target, with the credentials the URL before it carried where it names the
+    same scheme, host and port and none of its own (as browsers and curl do); never another
+    host's."""
+    if target.authorization is not None or previous is None or previous.authorization is None:
+        return target
+    if (target.scheme, target.host, target.port) != (previous.scheme, previous.host, previous.port):
+        return target
+    return dataclasses.replace(target, authorization=previous.authorization)
+
+
 class FetchFailed(InvalidParameter):
     """A caller-named URL could not be read: unreachable, timed out, an error status."""
 
@@ -280,8 +292,12 @@ def fetch(
     from sonic.errors import InputTooLarge
 
     ends = time.monotonic() + total_s if ends is None else ends
+    previous: Target | None = None
     for _ in range(MAX_REDIRECTS + 1):
-        target = check(url, field, allow_private, resolve_s=min(RESOLVE_S, ends - time.monotonic()))
+        target = same_origin_credentials(
+            check(url, field, allow_private, resolve_s=min(RESOLVE_S, ends - time.monotonic())), previous
+        )
+        previous = target
         left = ends - time.monotonic()
         if left <= 0:
             raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)

@@ -31,6 +31,12 @@ class Files:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                if self.path == "/private/moved":  # an absolute redirect within the same host
+                    self.send_response(301)
+                    self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/private/portrait.jpg")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/private/portrait.jpg":  # behind Basic auth, as u:p w
                     if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"u:p w").decode():
                         self.send_response(401)
@@ -127,6 +133,9 @@ def test_inputs_by_url_render_as_uploads_do(client, files):
 def test_a_url_with_user_and_password_is_fetched_with_basic_auth(client, files):
     guarded = files.url("/private/portrait.jpg")
     r = by_form(client, image_url=guarded.replace("http://", "http://u:p%20w@"), audio_url=files.url("/speech.flac"))
+    assert r.status_code == 200, r.get_data()[:300]
+    moved = files.url("/private/moved").replace("http://", "http://u:p%20w@")  # carried to the same host
+    r = by_form(client, image_url=moved, audio_url=files.url("/speech.flac"), config=json.dumps({**FAST, "seed": 3}))
     assert r.status_code == 200, r.get_data()[:300]
     r = by_form(client, image_url=guarded, audio_url=files.url("/speech.flac"))
     assert_clean_error(r, 400, "invalid_parameter")
@@ -236,3 +245,15 @@ def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
         outbound.check_url("https://a.example/h", "webhook", False, resolve_s=0.1)
     with pytest.raises(Busy):
         outbound.check_url("https://b.example/h", "webhook", False, resolve_s=0.1)
+
+
+def test_credentials_follow_a_redirect_only_within_the_same_origin():
+    from sonic_server.outbound import Target, same_origin_credentials
+
+    first = Target("http://u:p@a.example/x", "http", "a.example", 80, "/x", "203.0.113.1", "Basic dTpw")
+    for url, scheme, host, port, carried in (("http://a.example/y", "http", "a.example", 80, True),
+                                             ("https://a.example/y", "https", "a.example", 443, False),
+                                             ("http://a.example:8080/y", "http", "a.example", 8080, False),
+                                             ("http://b.example/y", "http", "b.example", 80, False)):
+        hop = same_origin_credentials(Target(url, scheme, host, port, "/y", "203.0.113.2"), first)
+        assert (hop.authorization == "Basic dTpw") is carried, url

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis as redis_lib
 
 from sonic.errors import Busy, SonicError
 
@@ -28,7 +29,8 @@ from .sessions import CallerLimit, SessionEnded, SessionNotFound, check_caller
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
 COMMAND_TIMEOUT_S = 5.0  # speak, interrupt, state, end
-OPENING_LOCK_S = OPEN_TIMEOUT_S + 5.0  # a caller's open in progress; lapses if its API process dies
+OPENING_LOCK_S = OPEN_TIMEOUT_S + 20.0  # a caller's open in progress (the slowest); lapses if its API process dies
+OPENING_WAIT_S = 10.0  # a caller's next open waits this long for the one in progress, then 429 + Retry-After
 # the lock is let go only by the open that took it (one that outlived its lock must not free another's)
 _LET_GO = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
@@ -94,16 +96,20 @@ class RemoteSessions:
             return
         lock = PREFIX + "live:opening:" + hashlib.sha256(owner.encode()).hexdigest()[:32]
         token = uuid.uuid4().hex
-        deadline = time.monotonic() + OPENING_LOCK_S
+        deadline = time.monotonic() + OPENING_WAIT_S  # a request thread waits: not for long
         while not self.r.set(lock, token, nx=True, px=int(OPENING_LOCK_S * 1000)):
             if time.monotonic() > deadline:
+                metrics.LIVE_REFUSED.labels("rate_limited").inc()
                 raise CallerLimit("another live session of this caller is still being opened; retry when it is")
             time.sleep(0.05)
         try:
             check_caller(self.settings, owner, self.count_of(owner))
             yield
         finally:
-            self.r.eval(_LET_GO, 1, lock, token)
+            try:
+                self.r.eval(_LET_GO, 1, lock, token)
+            except redis_lib.RedisError:  # the open's own answer stands; the lock lapses by itself
+                log.warning("live: a caller's opening lock could not be let go (Redis away); it lapses")
 
     def free_slots(self) -> int:
         return sum(int(w.get("live_slots", 0)) for w in self.workers())
