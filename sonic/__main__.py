@@ -29,14 +29,20 @@ def _progress_bar():
     return show
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # JSON too long for a file name, a NUL in it
+        return False
+
+
 def _params(text: str | None) -> dict:
     if not text:
         return {}
-    path = Path(text)
-    if not text.lstrip().startswith(("{", "[")):  # a file's name
-        if not path.is_file():
-            raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
-        text = path.read_text(encoding="utf-8")
+    if _is_file(text):
+        text = Path(text).read_text(encoding="utf-8")
+    elif not text.lstrip().startswith(("{", "[")):  # no JSON, and no such file
+        raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
     try:
         params = json.loads(text)
     except json.JSONDecodeError as e:

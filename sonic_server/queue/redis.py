@@ -344,6 +344,7 @@ class RedisQueue(JobQueue):
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
+        self._store_away = False  # /health's last look found Redis away (said once an outage)
         sweep_orphan_uploads(self.store, uploads)  # left by a killed API process, or a store's lost data
 
     # -- the interface ------------------------------------------------------------------
@@ -464,15 +465,21 @@ class RedisQueue(JobQueue):
 
     def health(self) -> dict:
         try:
-            return self._health()
+            figures = self._health()
         except redis_lib.RedisError as e:  # /health still answers in full: monitoring reads `readiness`
-            log.warning("Redis does not answer: %s", type(e).__name__)
+            if not self._store_away:  # once an outage, not at every probe
+                log.warning("/health: Redis does not answer (%s)", type(e).__name__)
+            self._store_away = True
             return {
                 "running_job": None,
                 "workers_alive": 0,
                 "queue_length": 0,
                 "unavailable": "the job store (Redis) does not answer",
             }
+        if self._store_away:
+            log.warning("/health: Redis answers again")
+        self._store_away = False
+        return figures
 
     def _health(self) -> dict:
         reap(self.store, self.retry_lost_jobs, self.output_dir, self.ending)
