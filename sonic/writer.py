@@ -33,6 +33,7 @@ X264_CRF = 20
 PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
 QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
 PART_SUFFIXES = (".part", ".wav.part", ".part.remux")  # a run's files: ".NAME" + each, beside the output
+FEED_POLL_S = 0.2  # how often a feeder with nothing to write looks whether the write was given up
 ABANDON_WAIT_S = 2.0  # an interrupted write waits this long at most for its feeder thread
 X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
 AAC_BITRATE = "128k"
@@ -158,6 +159,7 @@ class VideoWriter:
         # encoding this one (a blocked pipe write releases the GIL)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
         self._feed_error: Exception | None = None
+        self._abandoned = threading.Event()  # the write was given up: the feeder stops at its next look
         self._feeder = threading.Thread(target=self._feed, name="video-writer", daemon=True)
         self._feeder.start()
         return self
@@ -165,7 +167,12 @@ class VideoWriter:
     def _feed(self) -> None:
         assert self._proc.stdin is not None  # stdin=PIPE
         while True:
-            frames = self._queue.get()
+            try:
+                frames = self._queue.get(timeout=FEED_POLL_S)
+            except queue.Empty:
+                if self._abandoned.is_set():
+                    return
+                continue
             if frames is None:
                 return
             if self._feed_error is None:
@@ -235,19 +242,11 @@ class VideoWriter:
         self._feeder.join()
 
     def _abandon_feeder(self) -> None:
-        """^C, SIGTERM or an error mid-write, ffmpeg killed: the frames not yet written are dropped
-        and the feeder is told to stop, waited for a moment only. A ^C that lands inside the
-        queue's own bookkeeping can leave the feeder waiting for ever (seen: 2 of 15 ^C on a busy
-        machine hung the CLI in the join); it is a daemon thread, and is left to the exit."""
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        """^C, SIGTERM or an error mid-write, ffmpeg killed: the feeder is told by a flag, not
+        through the queue, and waited for a moment only. A ^C that lands inside the queue's own
+        bookkeeping can leave it unusable (seen: 2 of 15 ^C on a busy machine hung the CLI in
+        the join); the feeder is a daemon thread, and is left to the exit."""
+        self._abandoned.set()
         self._feeder.join(ABANDON_WAIT_S)
 
     def _stderr(self) -> str:
