@@ -19,6 +19,7 @@ from .errors import NoFaceDetected, PipelineError
 
 DETECT_MARGIN = 0.6  # crop around a detection before meshing, as a fraction of its size
 MESH_INPUT_PX = 640  # detections are meshed from a crop resized to about this size
+MIN_FACE_PX = 24  # the narrowest face (its landmarks' width in the photo) taken
 MESH_CROP_MIN_PX = 8  # a crop around a detection smaller than this either way holds no face to mesh
 SIZE_MULTIPLE = 8  # output sides are multiples of this (H.264 macroblocks, yuv420p)
 # the second look, tile by tile, for a face too small for the detector in the whole photo
@@ -96,10 +97,20 @@ class FaceAnalyzer:
         graph that fails stays failed for every later image: it is started afresh, and this
         image's analysis is a PipelineError."""
         try:
-            return self._analyze(rgb)
+            found = self._analyze(rgb)
         except (RuntimeError, ValueError) as e:  # MediaPipe's CalculatorGraph errors; a closed graph
             self._restart()
             raise PipelineError("the face analysis failed on this image (MediaPipe's graph; it was restarted)") from e
+        width, height = found.box[2] - found.box[0], found.box[3] - found.box[1]
+        if width < MIN_FACE_PX:
+            # the tiled look finds faces this small, and also faces in a suit's folds: either way
+            # there is nothing to animate (it would be enlarged 7x and more into a blur)
+            raise NoFaceDetected(
+                f"the only face found is {width:.0f}x{height:.0f} pixels, too small to animate: use a photo "
+                f"where the face is at least {MIN_FACE_PX} pixels wide (150 or more gives a sharp video)",
+                field="image",
+            )
+        return found
 
     def _restart(self) -> None:
         """Fresh graphs in place of failed ones, which are closed first (each holds ~40 MB and

@@ -22,6 +22,7 @@ SUPERSAMPLE = 3  # sampling-source px per frame px
 MARGIN_PX = 6  # frame px of photo kept around the crop (sampling reaches past the edge)
 UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
 SIDEWAYS_WARN_DEG = 50  # a face turned further than this in the photo is reported (a sideways photo)
+CUT_OFF_SHARE = 0.05  # a face with more of its landmarks beyond an edge of the photo is reported cut off
 
 
 @dataclass(frozen=True)
@@ -120,4 +121,22 @@ def framing_warnings(framing: Framing) -> list[str]:
         )
     if framing.other_faces:
         warnings.append(f"the photo shows {framing.other_faces + 1} faces: the largest speaks, the others stay still")
+    edges = cut_off_edges(framing)
+    if edges:
+        warnings.append(
+            f"the face is cut off by the photo's {' and '.join(edges)} edge: the missing part is filled in by "
+            "stretching the border, so use a photo that shows the whole face"
+        )
     return warnings
+
+
+def cut_off_edges(framing: Framing) -> list[str]:
+    """The photo's edges that cut through the face: those beyond which more than
+    CUT_OFF_SHARE of its landmarks lie (the frame repeats the border pixels there)."""
+    ax, bx, ay, by = framing.to_source
+    h, w = framing.pixels.shape[:2]
+    x = ax * framing.landmarks[:, 0] + bx
+    y = ay * framing.landmarks[:, 1] + by
+    margin = 1.0  # px: a landmark on the border row is still in the photo
+    beyond = {"top": y < -margin, "bottom": y > h - 1 + margin, "left": x < -margin, "right": x > w - 1 + margin}
+    return [edge for edge, out in beyond.items() if out.mean() > CUT_OFF_SHARE]

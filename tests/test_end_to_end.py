@@ -357,6 +357,28 @@ def test_a_small_face_in_a_large_photo_is_found(pipeline):
         pipeline.faces.analyze(np.full((1200, 1600, 3), 235, np.uint8))
 
 
+def test_a_face_too_small_to_animate_is_refused_and_one_cut_off_is_warned_of(pipeline, tmp_path):
+    """The tiled look finds faces 20 px wide, and faces in a suit's folds: neither can be
+    animated (a photo cropped at the mouth rendered a blurred patch of suit, 7x enlarged, with
+    no error). A face cut by the photo's edge renders, with a warning naming that edge."""
+    from sonic.media import load_image
+    face = load_image(PORTRAIT, 10**7)
+    alone = pipeline.faces.analyze(face)
+    k = 18 / (alone.box[2] - alone.box[0])
+    small = cv2.resize(face, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    canvas = np.full((1200, 1600, 3), 235, np.uint8)
+    canvas[700 : 700 + small.shape[0], 1000 : 1000 + small.shape[1]] = small
+    with pytest.raises(NoFaceDetected, match=r"the only face found is \d+x\d+ pixels, too small to animate"):
+        pipeline.faces.analyze(canvas)
+    top = int(0.5 * (alone.landmarks[6, 1] + alone.landmarks[1, 1]))  # between the eyes and the nose tip
+    result = pipeline(face[top:], SPEECH, pipeline.options({"min_resolution": 256, "duration": 0.4}),
+                      out_path=tmp_path / "cut.mp4")
+    assert any(w.startswith("the face is cut off by the photo's top edge") for w in result.warnings), result.warnings
+    whole = pipeline(face, SPEECH, pipeline.options({"min_resolution": 256, "duration": 0.4}),
+                     out_path=tmp_path / "whole.mp4")
+    assert not any("cut off" in w for w in whole.warnings)
+
+
 def test_the_library_checks_what_it_is_handed_as_a_file_is_checked(pipeline, tmp_path):
     """Arrays, PIL images, paths and parameter dicts from a caller's code: each fault a typed error
     naming the field (an RGBA or a float array, a folder, a missing file were IndexError,
