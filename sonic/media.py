@@ -672,6 +672,13 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
     level_rms = rms(wav)
     if level_rms < SILENCE_RMS:
-        level = f"{20 * np.log10(level_rms):.0f} dBFS" if level_rms > 0 else "digital silence"
-        raise EmptyAudio(f"audio is silent ({level}; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio")
+        if level_rms == 0:
+            raise EmptyAudio(
+                f"audio is silent (digital silence; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio"
+            )
+        raise EmptyAudio(
+            f"audio is silent or too quiet ({20 * np.log10(level_rms):.0f} dBFS RMS; speech must reach "
+            f"{SILENCE_DBFS:g} dBFS): if it holds speech, raise its level",
+            field="audio",
+        )
     return np.clip(wav, -1.0, 1.0)
