@@ -77,7 +77,7 @@ ERROR_SCHEMA = component(
             "error": {
                 "type": "object",
                 "properties": {
-                    "code": {"type": "string"},
+                    "code": {"type": "string", "enum": [*STATUS_BY_CODE, "http_error"]},
                     "message": {"type": "string"},
                     "field": {"type": "string"},
                     "needed": {"type": "integer", "description": "insufficient_credits: the price"},

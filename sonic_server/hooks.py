@@ -68,8 +68,9 @@ def cors(app: Flask, origins: list[str]) -> None:
     """Browsers at `origins` ("*": any; empty: none) may call the API and read its headers.
 
     The CORS headers depend on the request's Origin (sent or not, allowed or not), so every
-    answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another."""
-    headers_everywhere(("Origin", "a browser's origin; the CORS headers follow it", {"type": "string"}))
+    answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another.
+    (Origin is not in the OpenAPI document: a browser sets it, and a generated client would take
+    it as an argument that a browser forbids it to set.)"""
 
     @app.after_request
     def _allow(resp):

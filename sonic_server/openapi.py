@@ -148,6 +148,27 @@ def parameters_schema(params: dict, extra: dict) -> dict:
     return {"type": "object", "additionalProperties": False, "properties": {**props, **extra}}
 
 
+def operation_id(rule, method: str, several_methods: bool, taken: set[str]) -> str:
+    """A generated client's name for an operation, unique: its view's name in camelCase
+    ("generate.job_status" -> "jobStatus"), the method first where one view answers several;
+    a view's second path (an alias) is named by that path ("/api/fusion" -> "apiFusion")."""
+    words = rule.endpoint.rsplit(".", 1)[-1].split("_")
+    if several_methods:
+        words = [method.lower(), *words]
+    name = _camel(words)
+    if name in taken:
+        name = _camel([method.lower(), *re.findall(r"[a-z0-9]+", _PATH_ARG.sub("", rule.rule).lower())])
+    return name
+
+
+def _camel(words: list[str]) -> str:
+    return words[0] + "".join(word.title() for word in words[1:])
+
+
+def _ops(paths: dict[str, dict]) -> list[dict]:
+    return [op for ops in paths.values() for op in ops.values()]
+
+
 def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
     paths: dict[str, dict] = {}
     for rule in app.url_map.iter_rules():
@@ -164,6 +185,9 @@ def openapi_spec(app: Flask, params: dict, extra: dict) -> dict:
             responses = {code: r for shared, _ in areas for code, r in shared.items()}
             responses.update(doc["responses"])
             op = {
+                "operationId": operation_id(
+                    rule, method, len(rule.methods - {"HEAD", "OPTIONS"}) > 1, {o["operationId"] for o in _ops(paths)}
+                ),
                 "summary": doc["summary"],
                 "responses": {
                     str(code): _response(code, r, doc["response_headers"].get(code, ()))

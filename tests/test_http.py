@@ -149,6 +149,20 @@ def test_openapi_document_is_built_from_the_routes(make_client):
     assert {"Location", "Idempotent-Replayed"} <= set(made["202"]["headers"])
     gone = client.delete("/api/sonic/jobs/" + "0" * 32)
     assert gone.status_code == 404 and gone.headers["Content-Type"] == "application/json"
+    # what a generated client needs (a TypeScript client returned the request id for /health and
+    # /api/sonic/params, whose answers had headers but no body): a body schema for every 2xx, a
+    # unique operationId, no Origin argument (a browser sets it), the error codes listed
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)) and spec["paths"]["/api/sonic/jobs/{job_id}"]["get"]["operationId"] == "jobStatus"
+    for (path, method), codes in OPERATIONS.items():
+        op = spec["paths"][path][method]
+        assert "Origin" not in [p["name"] for p in op.get("parameters", [])]
+        for code in codes & {"200", "201", "202", "206"}:
+            assert op["responses"][code].get("content"), (path, method, code)
+    from sonic_server.errors import STATUS_BY_CODE
+    assert set(STATUS_BY_CODE) <= set(spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
+    health = spec["components"]["schemas"]["Health"]["properties"]["readiness"]["enum"]
+    assert client.get("/health").get_json()["readiness"] in health
 
 
 @pytest.mark.parametrize("server", [{}, {"api_keys": ["k1"]}])

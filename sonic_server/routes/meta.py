@@ -8,17 +8,63 @@ from sonic import schema
 from sonic.decoders import get_decoder, parameter_schema
 
 from ..metrics import exposition
-from ..openapi import content, describe, openapi_spec
+from ..openapi import component, content, describe, openapi_spec
 from ..service import Service, service
 from .generate import EXTRA_PARAMS
 
 bp = Blueprint("meta", __name__)
+HEALTH = component(
+    "Health",
+    {
+        "type": "object",
+        "required": ["status", "readiness"],
+        "properties": {
+            "status": {"type": "string", "description": "ok when ready or busy, else the readiness"},
+            "readiness": {
+                "type": "string",
+                "enum": ["ready", "busy", "starting", "setup_failed", "worker_stopped", "not_ready"],
+            },
+            "queue_length": {"type": "integer"},
+            "running_job": {"type": "string", "nullable": True},
+            "decoder": {"type": "string"},
+            "device": {"type": "string"},
+            "accounts": {"type": "string", "enum": ["ok", "unavailable"], "description": "with credits"},
+            "workers": {"type": "array", "items": {"type": "object"}, "description": "distributed mode"},
+            "live": {"type": "object", "description": "live sessions: enabled, sessions, slots, max_sessions"},
+            "error": {"type": "string", "description": "why it is not ready"},
+        },
+    },
+)
+PARAMS = component(
+    "ParameterSchema",
+    {
+        "type": "object",
+        "required": ["parameters"],
+        "properties": {
+            "parameters": {
+                "type": "object",
+                "description": "each parameter by name: type, default, minimum, maximum, enum, description, "
+                "honoured (by the loaded decoder)",
+                "additionalProperties": {"type": "object"},
+            },
+            "extra": {"type": "object", "description": "the request's own fields beside the parameters"},
+            "decoder": {"type": "string", "nullable": True},
+            "device": {"type": "string", "nullable": True},
+        },
+    },
+)
 
 
 @bp.get("/health")
 @describe(
     "Liveness and readiness",
-    responses={200: "ready or busy", 503: "starting, setup_failed, worker_stopped or not_ready (the job store away)"},
+    responses={
+        200: ("ready or busy", content("application/json", HEALTH)),
+        503: (
+            "starting, setup_failed, worker_stopped or not_ready (the job store away)",
+            content("application/json", HEALTH),
+        ),
+    },
 )
 def health():
     svc = service()
@@ -70,7 +116,10 @@ def parameters(svc: Service) -> dict:
 
 
 @bp.get("/api/sonic/params")
-@describe("Parameter schema: each parameter's meaning for the loaded decoder", responses={200: "schema"})
+@describe(
+    "Parameter schema: each parameter's meaning for the loaded decoder",
+    responses={200: ("the parameters", content("application/json", PARAMS))},
+)
 def params():
     svc = service()
     return jsonify(
@@ -98,6 +147,6 @@ def metrics():
 
 
 @bp.get("/openapi.json")
-@describe("This document", responses={200: "OpenAPI 3"})
+@describe("This document", responses={200: ("OpenAPI 3", content("application/json", {"type": "object"}))})
 def openapi():
     return jsonify(openapi_spec(current_app, parameters(service()), EXTRA_PARAMS))
