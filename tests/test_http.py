@@ -203,9 +203,12 @@ def test_sync_generate_and_download(make_client):
     assert video.headers["Cache-Control"] == "no-cache" and video.headers["ETag"]
     assert client.get(body["video_url"], headers={"If-None-Match": video.headers["ETag"]}).status_code == 304
 
-    again = post(client, {**FAST, "seed": 3})                        # identical request: cached
+    again = post(client, {**FAST, "seed": 3, "async": True})         # identical request: cached
     assert again.status_code == 200 and again.get_json()["cached"] is True
     assert again.get_json()["video_url"] == body["video_url"]
+    # a client written for 202 follows a 200 the same way: the job's status and status_url
+    assert body["status"] == again.get_json()["status"] == "succeeded"
+    assert client.get(again.get_json()["status_url"]).get_json()["video_url"] == body["video_url"]
     assert post(client, {**FAST, "seed": 4}).get_json().get("cached") is None   # other parameters: a new video
 
 

@@ -112,6 +112,8 @@ RESULT = component(
             "job_id": {"type": "string"},
             "cached": {"type": "boolean", "description": "the same request's earlier video, not rendered again"},
             "created": {"type": "number", "description": "when its job was made (epoch seconds)"},
+            "status": {"type": "string", "enum": ["succeeded"]},
+            "status_url": {"type": "string", "description": "the job's status, as a 202 gives it"},
             **RESULT_FIELDS,
         },
     },
@@ -192,8 +194,10 @@ def _urls(job_id: str) -> JobUrls:
 
 
 def _result_fields(rec: JobRecord) -> dict:
+    """A finished job's result as a 200 answers it: the video and its figures, and the job's
+    status and status_url, so that a client written for 202 (async) can follow it the same way."""
     body = job_document(rec, _urls(rec.id))
-    return {k: v for k, v in body.items() if k not in ("status", "progress", "stage", "status_url", "success")}
+    return {k: v for k, v in body.items() if k not in ("progress", "stage", "success")}
 
 
 def _find_job(job_id: str) -> JobRecord:
