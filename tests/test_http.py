@@ -95,7 +95,7 @@ OPERATIONS = {
     ("/api/sonic/jobs/{job_id}", "get"): {"200", "404"} | GUARDED,
     ("/api/sonic/jobs", "get"): {"200", "400"} | GUARDED,
     ("/api/sonic/jobs/{job_id}", "delete"): {"204", "404", "503"} | GUARDED,
-    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "404", "503"} | GUARDED,
+    ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "204", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
     ("/output/{name}", "get"): {"200", "206", "302", "304", "404", "416", "503"},
     ("/health", "get"): {"200", "503"},
@@ -294,6 +294,13 @@ def test_async_status_and_events(make_client):
     assert wait_done(client, r2.get_json()["job_id"])["status"] == "succeeded"
     ended = [name for name, _ in next(read_events(client.get(f"/api/sonic/jobs/{job}/events", buffered=False)))]
     assert ended == ["succeeded"]                       # a finished job's stream is its final state
+    # a browser's EventSource reconnects after the end: having seen it (its id), it gets 204 and stops;
+    # one cut off before the end gets the end
+    url = f"/api/sonic/jobs/{job}/events"
+    assert b"\nid: succeeded\n" in client.get(url).data
+    assert client.get(url, headers={"Last-Event-ID": "succeeded"}).status_code == 204
+    resumed = client.get(url, headers={"Last-Event-ID": "processing"})
+    assert resumed.status_code == 200 and b"event: succeeded" in resumed.data
 
 
 def test_a_waiting_jobs_event_stream_tells_its_place_as_it_moves_up(make_client, monkeypatch):
@@ -302,7 +309,7 @@ def test_a_waiting_jobs_event_stream_tells_its_place_as_it_moves_up(make_client,
     keep-alive's None)."""
     from sonic_server.routes import generate
 
-    monkeypatch.setattr(generate, "SSE_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(generate, "SSE_LOOK_S", 0.2)
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
     client, _ = make_client(pipe)

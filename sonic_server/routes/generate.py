@@ -27,7 +27,7 @@ from ..access import caller
 from ..accounts.billing import InsufficientCredits, Payer
 from ..drain import STREAMING, Drain
 from ..errors import error_response, public_error
-from ..jobs import JOB_ID, SUCCEEDED, JobQuery, JobRecord, JobStatus, cache_key
+from ..jobs import JOB_ID, SUCCEEDED, TERMINAL, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
@@ -36,7 +36,8 @@ from ..service import Service, service
 
 bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
-SSE_HEARTBEAT_S = 15.0
+SSE_HEARTBEAT_S = 15.0  # a comment keeps an event stream open this often
+SSE_LOOK_S = 2.0  # an event stream looks at its job this often, beside the job's own change notices
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 DELETE_WAIT_S = 10.0  # a running job being deleted is canceled first; it stops within this (else 503)
 LIST_LIMIT, LIST_MAX = 20, 100  # jobs a listing page holds by default, at most
@@ -660,14 +661,19 @@ def job_cancel(job_id):
     "Job status as Server-Sent Events until it ends",
     responses={
         200: ("event stream", content("text/event-stream", {"type": "string"})),
+        204: "the job has ended and the client saw its end (Last-Event-ID): a browser stops reconnecting",
         404: error("no such job"),
         503: error("too many event streams open; poll the status instead"),
     },
 )
 def job_events(job_id):
-    """One event per change of the job (named by its status) until it ends; comments keep the
-    connection alive in between."""
-    _find_job(job_id)
+    """One event per change of the job (named by its status, and its id) until it ends; comments
+    keep the connection alive in between. A browser's EventSource reconnects when the stream
+    ends: one that has seen the end (Last-Event-ID an ended status) is answered 204, which stops
+    it (it reconnected every 3 s, given the last event again each time)."""
+    rec = _find_job(job_id)
+    if rec.terminal and request.headers.get("Last-Event-ID") in {status.value for status in TERMINAL}:
+        return Response(status=204)
     svc = service()
     urls, queue = _urls(job_id), svc.queue
     if not svc.event_streams.take():  # each open stream holds one of the server's threads
@@ -678,15 +684,21 @@ def job_events(job_id):
         )
 
     def stream():
-        last, current = None, None
+        last, current, written = None, None, time.monotonic()
         try:
-            for rec in queue.events(job_id, SSE_HEARTBEAT_S):
-                current = rec if rec is not None else current  # at a keep-alive, a waiting job's place may have changed
+            # looked at every SSE_LOOK_S: a waiting job's place changes without a change of its record
+            for rec in queue.events(job_id, SSE_LOOK_S):
+                current = rec if rec is not None else current
                 if current is None:
                     continue
                 body = json.dumps(job_document(current, urls, _ahead(queue, current)))
-                yield f"event: {current.status}\ndata: {body}\n\n" if body != last else ": keep-alive\n\n"
-                last = body
+                if body != last:
+                    yield f"event: {current.status}\nid: {current.status}\ndata: {body}\n\n"
+                elif time.monotonic() - written >= SSE_HEARTBEAT_S:
+                    yield ": keep-alive\n\n"
+                else:
+                    continue
+                last, written = body, time.monotonic()
         except Exception:  # noqa: BLE001 - the job store away (Redis restarting...)
             log.warning("event stream of job %s ended: the job store does not answer", job_id, exc_info=True)
             err = {
