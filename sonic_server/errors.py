@@ -136,7 +136,11 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
                 f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
                 f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB",
             )
-        return error_response("input_too_large", f"upload is larger than {max_upload_mb:g} MB")
+        return error_response(
+            "input_too_large",
+            f"upload is larger than {max_upload_mb:g} MB: the request's files together "
+            "(limits.max_upload_mb); send smaller files, or their URLs (image_url, audio_url)",
+        )
 
     @app.errorhandler(ClientDisconnected)
     def _stalled(e):
