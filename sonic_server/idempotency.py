@@ -176,7 +176,7 @@ def request_key(owner: str | None) -> str | None:
 
 def fingerprint(route: str) -> str:
     """What makes two requests the same: the route, the fields and each file's bytes (not the
-    multipart boundary or the files' order), or a JSON body's bytes. The files are read and
+    multipart boundary or the files' order), or a JSON body's value. The files are read and
     rewound: the view reads them again."""
     digest = hashlib.sha256(route.encode())
     if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
@@ -188,8 +188,17 @@ def fingerprint(route: str) -> str:
                 f.stream.seek(0)
                 digest.update(json.dumps([name, hashlib.sha256(data).hexdigest()]).encode())
     else:
-        digest.update(request.get_data(cache=True))
+        digest.update(_canonical_json(request.get_data(cache=True)))
     return digest.hexdigest()
+
+
+def _canonical_json(body: bytes) -> bytes:
+    """A JSON body as its value (key order and spacing aside: two clients, or one client's retry
+    with another serializer, send the same request); any other body as its bytes."""
+    try:
+        return json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):  # not JSON (refused later, by the view), or nested past any use
+        return body
 
 
 def _keep(resp: Response) -> dict:

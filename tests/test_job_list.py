@@ -158,3 +158,25 @@ def test_a_request_that_fails_after_its_job_was_made_is_not_made_twice(make_clie
     assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
     jobs = listing(client, None)["jobs"]
     assert [j["job_id"] for j in jobs] == [again.get_json()["job_id"]] and jobs[0]["status"] == "failed"
+
+
+def test_a_json_request_is_the_same_request_whatever_its_key_order_and_spacing():
+    """A retry serialized otherwise (keys reordered, indented) was 409 "used with a different request"."""
+    import json
+
+    from flask import Flask
+
+    from sonic_server.idempotency import fingerprint
+
+    app = Flask(__name__)
+    body = {"image_url": "https://example.org/p.jpg", "audio_url": "https://example.org/s.flac",
+            "config": {"seed": 3, "min_resolution": 256}}
+
+    def of(data: str) -> str:
+        with app.test_request_context("/api/sonic/generate", method="POST", data=data, content_type="application/json"):
+            return fingerprint("generate")
+
+    same = of(json.dumps(body))
+    assert of(json.dumps(dict(reversed(body.items())), indent=2)) == same
+    assert of(json.dumps({**body, "config": {"seed": 4, "min_resolution": 256}})) != same
+    assert of("{not json") != of("{not  json")  # not JSON: its bytes
