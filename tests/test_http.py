@@ -753,6 +753,11 @@ def test_fields_the_route_does_not_read_are_refused_by_name(make_client):
             "image": (img, "p.jpg"), "audio": (aud, "a.flac"), "webhook": "https://example.org/a",
             "config": json.dumps({**FAST, "async": True, "webhook": "https://example.org/b"})}),
             "webhook", "both as a field and in config"))
+    # `?async=true` in the URL: ignored, and the request answered synchronously
+    with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
+        cases.append((client.post("/api/sonic/generate?async=true", content_type="multipart/form-data",
+                                  data={"image": (img, "p.jpg"), "audio": (aud, "a.flac")}),
+                      "async", "in the URL's query, which this route does not read"))
     plain = client.post("/api/sonic/generate", data=json.dumps({"image_url": "http://h/p.jpg"}),
                         content_type="text/plain;charset=UTF-8")  # fetch()'s default for a string body
     assert_clean_error(plain, 400, "invalid_parameter")

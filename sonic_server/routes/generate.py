@@ -300,6 +300,14 @@ def _check_field_names() -> None:
         for name in REQUEST_FIELDS:
             if name in request.files:  # a file part is not read as text: it would be dropped
                 raise InvalidParameter(f"the field {name!r} is sent as a file: send it as a text field", field=name)
+    for name in request.args:  # `?async=true` was ignored, and the request answered synchronously
+        if name in parameters() or name in EXTRA_PARAMS or name in REQUEST_FIELDS:
+            text = str(name)[:40]
+            raise InvalidParameter(
+                f"{text!r} is given in the URL's query, which this route does not read: put it in the request's "
+                "body (a generation parameter in the config object)",
+                field=text,
+            )
     known = REQUEST_FIELDS if _is_json() else (*FILE_FIELDS, *REQUEST_FIELDS)
     for name in names:
         if name in known:
