@@ -197,3 +197,17 @@ def test_decoding_beyond_the_memory_budget_waits_then_is_busy_with_retry_after(t
         assert uploads_empty(cfg)
     assert post(client).status_code == 200
     app.extensions["sonic"].queue.close()
+
+
+def test_every_error_code_is_documented_with_its_status():
+    """docs/errors.md is where a page's author looks a code up: every code the server answers is
+    there, with the status it answers with."""
+    import re
+
+    from conftest import ROOT
+    from sonic_server.errors import STATUS_BY_CODE
+
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}|4xx) \|", (ROOT / "docs" / "errors.md").read_text(), re.M))
+    assert {code: str(status) for code, status in STATUS_BY_CODE.items()} == {
+        code: status for code, status in rows.items() if code != "http_error"}
+    assert rows["http_error"] == "4xx"
