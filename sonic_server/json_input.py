@@ -91,6 +91,7 @@ def parse_json(text: str | bytes, field: str) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidParameter(f"{field} is not UTF-8 text", field=field) from None
+    text = text.removeprefix("\ufeff")  # a byte order mark some editors and serializers write (RFC 8259 §8.1)
     try:
         value = _DECODER.decode(text)
     except RecursionError:

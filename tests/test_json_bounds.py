@@ -101,6 +101,7 @@ def test_the_parser_names_what_is_wrong():
     with pytest.raises(InvalidParameter, match="^pairs: a number has more") as e:
         parse_json('{"pairs": [{"blend_ratio": ' + "1" * 50 + "}]}", "body")
     assert parse_json(_deep(20), "config") is not None
+    assert parse_json(b'\xef\xbb\xbf{"seed": 3}', "body") == {"seed": 3}  # a byte order mark was "not valid JSON"
     with pytest.raises(InvalidParameter, match="more than 40 characters"):
         parse_json("1" * 41, "body")
     with pytest.raises(InvalidParameter, match="out of range"):
