@@ -32,7 +32,9 @@ def configure_logging() -> None:
 CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range, Idempotency-Key",
     "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Expose-Headers": "X-Request-ID, Retry-After, Content-Range, Location, Idempotent-Replayed, ETag",
+    "Access-Control-Expose-Headers": (
+        "X-Request-ID, Retry-After, Content-Range, Location, Idempotent-Replayed, ETag, Preference-Applied"
+    ),
     "Access-Control-Max-Age": "600",
 }
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # visible ASCII: safe in a header and a log line

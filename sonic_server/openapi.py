@@ -112,6 +112,7 @@ RESPONSE_HEADERS = {
     "Retry-After": "seconds to wait before trying again",
     "Location": "the job's status URL",
     "Idempotent-Replayed": "true: the answer to an earlier request with the same Idempotency-Key",
+    "Preference-Applied": "respond-async: the request's Prefer header was honoured",
 }
 
 

@@ -270,6 +270,7 @@ def test_async_status_and_events(make_client):
     try:
         r = post(client, {**FAST, "seed": 4}, headers={"Prefer": "respond-async"})
         assert r.status_code == 202 and r.get_json()["status"] in ("queued", "processing")
+        assert r.headers["Preference-Applied"] == "respond-async"
         job = r.get_json()["job_id"]
         assert r.headers["Location"].endswith(job)
         assert pipe.started.wait(5)

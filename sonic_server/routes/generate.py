@@ -422,7 +422,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
         503: error("queue full (Retry-After)"),
         500: error("internal error"),
     },
-    response_headers={200: ("Idempotent-Replayed",), 202: ("Location", "Idempotent-Replayed")},
+    response_headers={200: ("Idempotent-Replayed",), 202: ("Location", "Idempotent-Replayed", "Preference-Applied")},
 )
 @idempotency.once("generate")
 def generate():
@@ -524,6 +524,8 @@ def _accepted(rec: JobRecord) -> Response:
     resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = body["status_url"]
+    if "respond-async" in request.headers.get("Prefer", ""):
+        resp.headers["Preference-Applied"] = "respond-async"  # RFC 7240: the client's wish was honoured
     return resp
 
 
