@@ -355,6 +355,24 @@ def test_a_stopping_server_starts_no_waiting_job(make_client):
     assert client.get(f"/api/sonic/jobs/{waiting}").get_json()["status"] == "queued" and len(pipe.calls) == 1
 
 
+def test_with_keys_health_names_no_callers_job(make_client):
+    """/health needs no key: it named the running job, whose id names its video, and anyone
+    polling it downloaded every caller's videos. With keys it says busy, and no id."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe, api_keys=["key-a"])
+    try:
+        job = post(client, {**FAST, "seed": 51, "async": True}, headers={"Authorization": "Bearer key-a"}).get_json()
+        assert pipe.started.wait(5)
+        health = client.get("/health").get_json()
+        assert health["readiness"] == "busy" and "running_job" not in health, health
+        assert job["job_id"] not in json.dumps(health)
+    finally:
+        gate.set()
+    open_client, _ = make_client(FakePipeline())  # without keys every job is anyone's: it is named
+    assert open_client.get("/health").get_json()["running_job"] is None
+
+
 def test_cancel(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

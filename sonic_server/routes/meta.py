@@ -7,6 +7,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from sonic import schema
 from sonic.decoders import get_decoder, parameter_schema
 
+from ..access import caller
 from ..metrics import exposition
 from ..openapi import component, content, describe, openapi_spec
 from ..service import Service, service
@@ -25,7 +26,11 @@ HEALTH = component(
                 "enum": ["ready", "busy", "starting", "setup_failed", "worker_stopped", "not_ready"],
             },
             "queue_length": {"type": "integer"},
-            "running_job": {"type": "string", "nullable": True},
+            "running_job": {
+                "type": "string",
+                "nullable": True,
+                "description": "the running job's id; absent where the service has keys (it names the video)",
+            },
             "decoder": {"type": "string"},
             "device": {"type": "string"},
             "accounts": {"type": "string", "enum": ["ok", "unavailable"], "description": "with credits"},
@@ -82,8 +87,11 @@ def health():
         "status": "ok" if state in ("ready", "busy") else state,
         "readiness": state,
         "queue_length": workers["queue_length"],
-        "running_job": running,
     }
+    if running is not None and _visible(queue, running):
+        body["running_job"] = running
+    elif running is None:
+        body["running_job"] = None
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
     elif queue is not None and state != "not_ready" and queue.decoder_identity():  # distributed: the workers' word
@@ -93,7 +101,10 @@ def health():
         # every instance at once (or a liveness probe restarting them) would stop those too
         body["accounts"] = "ok" if svc.ledger.answers() else "unavailable"
     if "workers" in workers:  # distributed mode: each worker, busy or idle
-        body["workers"] = workers["workers"]
+        body["workers"] = [
+            w if w.get("job") is None or _visible(queue, w["job"]) else {k: v for k, v in w.items() if k != "job"}
+            for w in workers["workers"]
+        ]
     if svc.live is not None:
         try:
             body["live"] = svc.live.health()
@@ -106,6 +117,17 @@ def health():
     if state in ("ready", "busy"):
         return jsonify(body), 200
     return jsonify(body), 503, {"Retry-After": "5"}
+
+
+def _visible(queue, job_id: str) -> bool:
+    """Whether /health (no key needed) may name a running job: only where its caller may see it,
+    i.e. a service without keys. A job's id names its video (/output/<id>.mp4): with keys, an
+    anonymous poller of /health collected every caller's ids and downloaded their videos."""
+    try:
+        rec = queue.get(job_id)
+    except Exception:  # noqa: BLE001 - the store away: named nowhere
+        return False
+    return rec is not None and caller().may_see(rec.owner)
 
 
 def parameters(svc: Service) -> dict:
