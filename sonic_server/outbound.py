@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -49,6 +50,16 @@ class Target:
         if self.authorization is None or any(name.lower() == "authorization" for name in given):
             return given
         return {**given, "Authorization": self.authorization}
+
+
+def without_credentials(params: dict) -> dict:
+    """`params` as a log may show them: a URL's user:password (a webhook's) replaced by ***."""
+    return {
+        name: _USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value for name, value in params.items()
+    }
+
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
 
 
 def basic_authorization(parts: SplitResult) -> str | None:

@@ -313,3 +313,16 @@ def test_a_job_cut_off_by_a_restart_is_told_completed(tmp_path):
             app.extensions["sonic"].webhooks.stop()
     finally:
         rx.close()
+
+
+def test_a_webhooks_password_is_not_written_to_the_log(hooked_client, caplog):
+    """The request's log line shows its config: a webhook given there with user:password showed
+    the password."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sonic.http")
+    client = hooked_client()
+    r = post(client, {**FAST, "seed": 71, "async": True, "webhook": "http://hookuser:S3CRETpw@127.0.0.1:9/hook"})
+    assert r.status_code == 202, r.get_data()[:300]
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert '"webhook": "http://***@127.0.0.1:9/hook"' in logged and "S3CRETpw" not in logged
