@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 from sonic.errors import Busy, InvalidParameter
 
@@ -59,6 +59,7 @@ def without_credentials(params: dict) -> dict:
     }
 
 
+URL_SAFE = "/%:@!$&'()*+,;=~-._?"  # left as they are by the encoding above: a URL's own delimiters and escapes
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
 
 
@@ -149,7 +150,9 @@ def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None
                     f"({address}); this server does not send requests there (outbound.allow_private)",
                     field=field,
                 )
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # a path or query in any script is sent percent-encoded, as a browser sends it (http.client
+    # takes ASCII only: a webhook to /hoök failed at every attempt, an image_url answered 500)
+    path = quote(parts.path or "/", safe=URL_SAFE) + (f"?{quote(parts.query, safe=URL_SAFE)}" if parts.query else "")
     return Target(
         url=url,
         scheme=parts.scheme,

@@ -25,6 +25,7 @@ class Files:
         self.port = free_port()
         routes = {
             "/portrait.jpg": (200, PORTRAIT.read_bytes()),
+            "/%C3%A9t%C3%A9.jpg": (200, PORTRAIT.read_bytes()),  # /été.jpg, as a browser asks for it
             "/speech.flac": (200, SPEECH.read_bytes()),
             "/notes.txt": (200, b"just some text, not an image\n" * 40),
         }
@@ -245,6 +246,13 @@ def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
         outbound.check_url("https://a.example/h", "webhook", False, resolve_s=0.1)
     with pytest.raises(Busy):
         outbound.check_url("https://b.example/h", "webhook", False, resolve_s=0.1)
+
+
+def test_a_url_whose_path_is_in_another_script_is_fetched(client, files):
+    """/été.jpg answered 500 (http.client takes ASCII only): it is asked for percent-encoded."""
+    r = by_form(client, image_url=files.url("/été.jpg"), audio_url=files.url("/speech.flac"),
+                config=json.dumps({**FAST, "seed": 8}))
+    assert r.status_code == 200, r.get_data()[:300]
 
 
 def test_credentials_follow_a_redirect_only_within_the_same_origin():
