@@ -195,10 +195,19 @@ def fingerprint(route: str) -> str:
 def _canonical_json(body: bytes) -> bytes:
     """A JSON body as its value (key order and spacing aside: two clients, or one client's retry
     with another serializer, send the same request); any other body as its bytes."""
-    try:
-        return json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
-    except (ValueError, RecursionError):  # not JSON (refused later, by the view), or nested past any use
+    if len(body) > CANONICAL_JSON_MAX_BYTES:  # the view refuses it: not parsed twice
         return body
+    from sonic.errors import InvalidParameter
+
+    from .json_input import parse_json
+
+    try:  # read as the view reads it: a key given twice or a number too long is not "the same"
+        return json.dumps(parse_json(body, "body"), sort_keys=True, separators=(",", ":")).encode()
+    except (InvalidParameter, ValueError, RecursionError):  # the view refuses it: its bytes
+        return body
+
+
+CANONICAL_JSON_MAX_BYTES = 1 << 20  # a larger JSON body is compared by its bytes
 
 
 def _keep(resp: Response) -> dict:

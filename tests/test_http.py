@@ -777,6 +777,9 @@ def test_fields_the_route_does_not_read_are_refused_by_name(make_client):
         cases.append((client.post("/api/sonic/generate?async=true", content_type="multipart/form-data",
                                   data={"image": (img, "p.jpg"), "audio": (aud, "a.flac")}),
                       "async", "in the URL's query, which this route does not read"))
+    huge = client.post("/api/sonic/generate", data=json.dumps({"x": [0] * 40_000}), content_type="application/json")
+    assert_clean_error(huge, 413, "input_too_large")  # 20 MB of numbers took 9 s of CPU to refuse
+    assert "at most 64 kB" in huge.get_json()["error"]["message"]
     plain = client.post("/api/sonic/generate", data=json.dumps({"image_url": "http://h/p.jpg"}),
                         content_type="text/plain;charset=UTF-8")  # fetch()'s default for a string body
     assert_clean_error(plain, 400, "invalid_parameter")

@@ -180,3 +180,6 @@ def test_a_json_request_is_the_same_request_whatever_its_key_order_and_spacing()
     assert of(json.dumps(dict(reversed(body.items())), indent=2)) == same
     assert of(json.dumps({**body, "config": {"seed": 4, "min_resolution": 256}})) != same
     assert of("{not json") != of("{not  json")  # not JSON: its bytes
+    # read as the view reads it: a key given twice (the view refuses it) is not the request whose last value it has
+    twice = json.dumps(body).replace('"seed": 3', '"seed": 1, "seed": 3')
+    assert of(twice) != same
