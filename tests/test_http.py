@@ -373,6 +373,22 @@ def test_with_keys_health_names_no_callers_job(make_client):
     assert open_client.get("/health").get_json()["running_job"] is None
 
 
+def test_a_job_cut_off_by_the_stop_reads_interrupted_not_internal_error(make_client):
+    """At the exit the render helpers stop under the running job, which failed `internal_error`
+    with a traceback; while the server stops, such a failure is the stop's: `interrupted`."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate, error=TypeError("'NoneType' object is not callable"))
+    client, _ = make_client(pipe)
+    try:
+        job = post(client, {**FAST, "seed": 43, "async": True}).get_json()["job_id"]
+        assert pipe.started.wait(5)
+        client.application.extensions["sonic"].drain.mark_stopping()
+    finally:
+        gate.set()
+    body = wait_done(client, job)
+    assert body["status"] == "failed" and body["error"]["code"] == "interrupted", body
+
+
 def test_cancel(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

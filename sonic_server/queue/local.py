@@ -32,13 +32,14 @@ from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
 from ..jobs import FAILED, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
-from ..recovery import recover
+from ..recovery import INTERRUPTED, recover
 from ..store import MemoryStore
 from ..tasks import TASKS
 from . import JobQueue, QueueFull, WorkerStopped, follow
 from .execute import INTERNAL, run_task
 
 log = logging.getLogger("sonic.jobs")
+CUT_OFF_CODES = ("internal_error", "pipeline_error")  # how a job cut off by its process's exit fails
 NOT_STARTED = {
     "code": "internal_error",
     "message": "the job could not be started (its record was not saved); see the server log with this job id",
@@ -299,6 +300,12 @@ class LocalQueue(JobQueue):
             progress,
             self.job_timeout_s,
         )
+        with self._changed:
+            stopping = self._paused
+        if stopping and status == FAILED and fields.get("error", {}).get("code") in CUT_OFF_CODES:
+            # the process is exiting under the job (its render helpers stop first): not a fault of
+            # the job's, as a traceback at the exit and `internal_error` said
+            fields = {"error": dict(INTERRUPTED)}
         self._finish(rec, lambda r: lifecycle.end(r, status, **fields))
 
     def _finish(self, rec: JobRecord, transition: Callable[[JobRecord], JobRecord]) -> None:
