@@ -4,6 +4,7 @@ the upload folder, and the job queue once the model has loaded."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,22 +27,33 @@ if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion a
 
 
 class Slots:
-    """At most `limit` holders at once (e.g. open event streams, each of which holds a thread)."""
+    """At most `limit` holders at once (e.g. open event streams, each of which holds a thread),
+    and at most a quarter of them (one at least) for any one named holder: one key could take
+    every event stream, and everyone else had to poll."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
+        self.per_holder = max(1, -(-limit // 4))
+        self._by_holder: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, holder: str | None = None) -> bool:
+        """A slot for `holder` (None: anyone, counted only in the whole)."""
         with self._lock:
-            if self.held >= self.limit:
+            if self.held >= self.limit or (holder is not None and self._by_holder[holder] >= self.per_holder):
                 return False
             self.held += 1
+            if holder is not None:
+                self._by_holder[holder] += 1
             return True
 
-    def give_back(self) -> None:
+    def give_back(self, holder: str | None = None) -> None:
         with self._lock:
             self.held -= 1
+            if holder is not None:
+                self._by_holder[holder] -= 1
+                if self._by_holder[holder] <= 0:
+                    del self._by_holder[holder]
 
 
 @dataclass

@@ -263,6 +263,29 @@ def test_event_streams_are_capped_and_their_slots_come_back(make_client):
         gate.set()
 
 
+def test_one_key_takes_a_quarter_of_the_event_streams_at_most(make_client):
+    """One key could open every stream the server allows; everyone else got 503 and had to poll."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    client, _ = make_client(pipe, max_event_streams=4, api_keys=["key-a", "key-b"])
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    try:
+        job_a = post(client, {**FAST, "seed": 81, "async": True}, headers=a).get_json()["job_id"]
+        job_b = post(client, {**FAST, "seed": 82, "async": True}, headers=b).get_json()["job_id"]
+        held = client.get(f"/api/sonic/jobs/{job_a}/events", headers=a, buffered=False)
+        assert held.status_code == 200
+        assert_clean_error(client.get(f"/api/sonic/jobs/{job_a}/events", headers=a), 503, "busy")
+        theirs = client.get(f"/api/sonic/jobs/{job_b}/events", headers=b, buffered=False)
+        assert theirs.status_code == 200
+        held.close()
+        again = client.get(f"/api/sonic/jobs/{job_a}/events", headers=a, buffered=False)  # its slot is back
+        assert again.status_code == 200
+        for s in (theirs, again):
+            s.close()
+    finally:
+        gate.set()
+
+
 def test_async_status_and_events(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

@@ -36,7 +36,7 @@ from ..service import Service, service
 
 bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
-SSE_HEARTBEAT_S = 15.0  # a comment keeps an event stream open this often
+SSE_HEARTBEAT_S = 5.0  # a comment keeps an event stream open this often (and finds a client gone: its slot back)
 SSE_LOOK_S = 2.0  # an event stream looks at its job this often, beside the job's own change notices
 CANCEL_WAIT_S = 5.0  # a running job stops at its next progress report
 DELETE_WAIT_S = 10.0  # a running job being deleted is canceled first; it stops within this (else 503)
@@ -693,10 +693,12 @@ def job_events(job_id):
         return Response(status=204)
     svc = service()
     urls, queue = _urls(job_id), svc.queue
-    if not svc.event_streams.take():  # each open stream holds one of the server's threads
+    holder = caller().owner  # a key or account: a quarter of the streams at most (anonymous: the whole)
+    if not svc.event_streams.take(holder):  # each open stream holds one of the server's threads
         return error_response(
             "busy",
-            f"{svc.event_streams.limit} event streams are open, the most this server allows; poll status_url instead",
+            f"{svc.event_streams.limit} event streams are open, the most this server allows (a quarter of them "
+            "for one key); poll status_url instead",
             headers={"Retry-After": svc.retry_after_s},
         )
 
@@ -735,5 +737,5 @@ def job_events(job_id):
     resp = Response(
         stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-    resp.call_on_close(svc.event_streams.give_back)  # when the server closes the response, whatever ended it
+    resp.call_on_close(lambda: svc.event_streams.give_back(holder))  # when the server closes it, whatever ended it
     return resp
