@@ -400,6 +400,14 @@ def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
         job = post(api, {"min_resolution": 256, "async": True}).get_json()["job_id"]
         stream = api.get(f"/api/sonic/jobs/{job}/events", buffered=False).response
         assert next(stream).decode().startswith("event: queued")
+        # a stalled Redis (not gone: its socket open, no answer) is said at once, not after 10 s timeouts
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            asked = time.monotonic()
+            stalled = api.get("/health")
+            assert time.monotonic() - asked < 4 and stalled.get_json()["readiness"] == "not_ready"
+        finally:
+            proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait(10)
         # an open event stream ends with an error event that says what to do, not a broken connection

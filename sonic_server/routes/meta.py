@@ -105,7 +105,9 @@ def health():
             w if w.get("job") is None or _visible(queue, w["job"]) else {k: v for k, v in w.items() if k != "job"}
             for w in workers["workers"]
         ]
-    if svc.live is not None:
+    if svc.live is not None and state == "not_ready":  # its store is the job store: not waited for
+        body["live"] = {"enabled": svc.settings.live.enabled, "error": "the live sessions' store does not answer"}
+    elif svc.live is not None:
         try:
             body["live"] = svc.live.health()
         except Exception:  # noqa: BLE001 - distributed: Redis away; the rest of the answer says more
