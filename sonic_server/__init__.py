@@ -12,7 +12,7 @@ from flask import Flask, request
 from sonic.errors import Busy, SetupError
 
 from . import access, hooks, loader
-from .drain import REFUSED_WHILE_STOPPING, STOPPING_MESSAGE, Drain, drain_on_sigterm
+from .drain import EXIT_WAIT_S, REFUSED_WHILE_STOPPING, STOPPING_MESSAGE, Drain, drain_on_sigterm
 from .errors import install_database_errors, install_error_handlers
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
@@ -60,6 +60,8 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         drain=drain,
     )
     drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)
+    # once the answers are made: a render still running stops (an exit under it aborts the process)
+    drain.before_exit.append(lambda: svc.queue.close(wait_s=EXIT_WAIT_S) if svc.queue is not None else None)
     svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
     svc.webhooks = make_webhooks(settings, outputs)
     svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent

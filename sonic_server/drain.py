@@ -50,6 +50,7 @@ AFTER_THE_DRAIN = (
     "(interrupted) at the next start and the queued ones run then (where server.jobs_db keeps records); "
     "distributed: the workers run the jobs on"
 )
+EXIT_WAIT_S = 5.0  # at the exit, a running job is waited for this long to stop at its next progress report
 ANSWER_BEFORE_END_S = 1.5  # a synchronous generate still waiting answers 202 this long before the drain ends
 
 

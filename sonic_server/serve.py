@@ -22,7 +22,7 @@ from sonic.errors import SonicError
 from sonic.settings import SettingsError
 
 from . import create_app
-from .drain import AFTER_THE_DRAIN, InFlight
+from .drain import AFTER_THE_DRAIN, EXIT_WAIT_S, InFlight
 from .hooks import configure_logging
 from .settings import load_settings
 
@@ -159,9 +159,11 @@ def serve(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             pass
         finally:
-            live = app.extensions["sonic"].live
-            if live is not None:
-                live.close()
+            svc = app.extensions["sonic"]
+            if svc.queue is not None:  # a render still running stops first: an exit under it aborts
+                svc.queue.close(wait_s=EXIT_WAIT_S)
+            if svc.live is not None:
+                svc.live.close()
     if stopped:
         sys.exit(128 + stopped[0])
 

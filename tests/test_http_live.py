@@ -265,6 +265,10 @@ def test_a_synchronous_generate_the_drain_cannot_wait_for_gets_its_job_not_a_cut
     assert getattr(r, "status_code", None) == 202, r
     body = r.json()
     assert body["status"] in ("queued", "processing") and body["status_url"].endswith(body["job_id"])
+    # the render still running was stopped before the exit, and says why (an exit under it aborted
+    # the process: SIGABRT, "terminate called without an active exception")
+    log = (tmp_path / "server.log").read_text()
+    assert f'"job_id": "{body["job_id"]}", "status": "failed", "code": "interrupted"' in log, log[-1500:]
 
 
 def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):

@@ -104,5 +104,5 @@ class JobQueue(ABC):
         """Start no more jobs (this process is stopping): the waiting ones stay queued, for the
         next start to run (a job started now would be cut off at the exit)."""
 
-    def close(self) -> None:  # noqa: B027 - a backend with nothing to stop needs no close of its own
-        """Stop taking jobs (tests, shutdown)."""
+    def close(self, wait_s: float = 0.0) -> None:  # noqa: B027 - a backend with nothing to stop needs no close
+        """Stop taking jobs (tests, shutdown); `wait_s`: how long to wait for a running job to stop."""

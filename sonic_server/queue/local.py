@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from .. import lifecycle
 from ..cache import ResultCache
 from ..expiry import SWEEP_EVERY_S, OutputExpiry
-from ..jobs import FAILED, JobQuery, JobRecord, newest_first
+from ..jobs import CANCELED, FAILED, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import INTERRUPTED, recover
 from ..store import MemoryStore
@@ -214,10 +214,16 @@ class LocalQueue(JobQueue):
         with self._changed:
             self._paused = True
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop taking jobs; the running one stops at its next progress report (`interrupted`).
+        `wait_s`: wait that long for it to end: a process that exits with a render running in a
+        thread ends in abort() (a C++ thread pool destroyed while it works: SIGABRT, not 143)."""
+        deadline = time.monotonic() + wait_s
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+            while self._running is not None and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
 
     # -- the worker ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -278,6 +284,7 @@ class LocalQueue(JobQueue):
         finally:
             with self._changed:
                 self._running = None
+                self._changed.notify_all()  # a closing process waits for this
 
     def _execute(self, rec: JobRecord, events: lifecycle.RunEvents) -> None:
         def report(stage: str, fraction: float) -> None:
@@ -286,9 +293,9 @@ class LocalQueue(JobQueue):
                 self._changed.notify_all()
             events.advanced(rec)
 
-        def asked_to_stop() -> bool:
+        def asked_to_stop() -> bool:  # a cancel, or the process closing the queue at its exit
             with self._changed:
-                return rec.id in self._canceling
+                return rec.id in self._canceling or self._closed
 
         progress = lifecycle.progress_reporter(asked_to_stop, self.job_timeout_s, report)
         status, fields = run_task(
@@ -301,11 +308,12 @@ class LocalQueue(JobQueue):
             self.job_timeout_s,
         )
         with self._changed:
-            stopping = self._paused
-        if stopping and status == FAILED and fields.get("error", {}).get("code") in CUT_OFF_CODES:
-            # the process is exiting under the job (its render helpers stop first): not a fault of
-            # the job's, as a traceback at the exit and `internal_error` said
-            fields = {"error": dict(INTERRUPTED)}
+            stopping, canceled = self._paused or self._closed, rec.id in self._canceling
+        cut_off = status == FAILED and fields.get("error", {}).get("code") in CUT_OFF_CODES
+        if stopping and (cut_off or (status == CANCELED and not canceled)):
+            # the process is exiting under the job (stopped by `close`, or its render helpers
+            # stopped first): not the job's fault, nor a cancel, as `internal_error` said
+            status, fields = FAILED, {"error": dict(INTERRUPTED)}
         self._finish(rec, lambda r: lifecycle.end(r, status, **fields))
 
     def _finish(self, rec: JobRecord, transition: Callable[[JobRecord], JobRecord]) -> None:
