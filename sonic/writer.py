@@ -32,7 +32,9 @@ X264_PRESET = "veryfast"
 X264_CRF = 20
 PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
 QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
-PART_SUFFIXES = (".part", ".wav.part", ".part.remux")  # a run's files: ".NAME" + each, beside the output
+# a run's files, ".NAME" + each beside the output: the video, its sound, the video with its sound moved
+PART, WAV_PART, REMUX_PART = ".part", ".wav.part", ".part.remux"
+PART_SUFFIXES = (PART, WAV_PART, REMUX_PART)
 FEED_POLL_S = 0.2  # how often a feeder with nothing to write looks whether the write was given up
 ABANDON_WAIT_S = 2.0  # an interrupted write waits this long at most for its feeder thread
 X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
@@ -119,6 +121,11 @@ def _encoder_error(message: str) -> PipelineError:
     return DiskFull(message) if os.strerror(errno.ENOSPC) in message else PipelineError(message)
 
 
+def part_path(path: Path, suffix: str) -> Path:
+    """One of a run's own files (PART_SUFFIXES): a hidden sibling of the output."""
+    return path.with_name(f".{path.name}{suffix}")
+
+
 class VideoWriter:
     """Context manager: `write(frames (B, H, W, 3) uint8)` repeatedly, then the file is finalised."""
 
@@ -132,8 +139,9 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         # every file of a run is a hidden ".part" sibling of the output (a restarted service
         # sweeps those) or an anonymous temporary file (gone with the process, however it ends)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.part")
-        self._wav_path = self.path.with_name(f".{self.path.name}.wav.part")
+        self.tmp_path = part_path(self.path, PART)
+        self._wav_path = part_path(self.path, WAV_PART)
+        self._remux_path = part_path(self.path, REMUX_PART)
         self._log = tempfile.TemporaryFile()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +206,7 @@ class VideoWriter:
         audio = (
             np.concatenate([silence, audio])[: len(audio)] if shift > 0 else np.concatenate([audio[-shift:], silence])
         )
-        out = self.tmp_path.with_name(self.tmp_path.name + ".remux")
+        out = self._remux_path
         try:
             write_wav(self._wav_path, audio, self.sound.rate)
         except (OSError, RuntimeError) as e:
@@ -294,7 +302,7 @@ class VideoWriter:
                     self._proc.stdin.close()
                 except OSError:
                     pass
-            for path in (self.tmp_path, self.tmp_path.with_name(self.tmp_path.name + ".remux")):
+            for path in (self.tmp_path, self._remux_path):
                 if path.exists():
                     path.unlink()
             self._cleanup()
