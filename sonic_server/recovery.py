@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def inputs_intact(rec: JobRecord) -> bool:
     return bool(rec.inputs) and all(Path(path).is_file() for path in rec.inputs.values())
 
 
+def job_folders(uploads) -> Iterator[Path]:
+    """The upload folder's job folders (named by a job id; nothing else there is touched)."""
+    root = Path(uploads.root)
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.is_dir() and JOB_ID.fullmatch(folder.name):
+            yield folder
+
+
 def recover(store, uploads, output_dir: Path) -> Recovered:
     """Queue again the store's waiting jobs whose inputs are intact; mark the other unfinished
     ones failed; remove every other job's upload folder and the writer's `.part` files."""
@@ -61,9 +70,8 @@ def recover(store, uploads, output_dir: Path) -> Recovered:
     found.resumed.sort(key=lambda rec: rec.created)
     resumed = {rec.id for rec in found.resumed}
     # the failed jobs' inputs go with every other leftover job folder below
-    root = Path(uploads.root)
-    for folder in root.iterdir() if root.is_dir() else ():
-        if folder.is_dir() and JOB_ID.fullmatch(folder.name) and folder.name not in resumed:
+    for folder in job_folders(uploads):
+        if folder.name not in resumed:
             uploads.remove(folder.name)
             log.info("removed the upload folder %s left by an earlier process", folder.name)
     for part in Path(output_dir).glob(".*.part"):
@@ -80,11 +88,8 @@ def sweep_orphan_uploads(store, uploads, now: float | None = None) -> list[str]:
     store that lost its data) are removed. The grace covers a request between its files written
     and its record saved; a job still waiting or running keeps its folder. The ids removed."""
     now = time.time() if now is None else now
-    root = Path(uploads.root)
     removed = []
-    for folder in root.iterdir() if root.is_dir() else ():
-        if not (folder.is_dir() and JOB_ID.fullmatch(folder.name)):
-            continue
+    for folder in job_folders(uploads):
         try:
             if now - folder.stat().st_mtime < ORPHAN_GRACE_S:
                 continue
