@@ -85,9 +85,9 @@ class JobQueue(ABC):
         """Jobs waiting, not counting the ones running."""
 
     @abstractmethod
-    def ahead_of(self, job_id: str) -> int | None:
-        """How many jobs wait to start before this one (0: it starts next); None unless it is
-        waiting."""
+    def ahead_of(self, rec: JobRecord) -> int | None:
+        """How many jobs wait to start before this one, a record the caller has at hand (0: it
+        starts next); None unless it is waiting."""
 
     @abstractmethod
     def health(self) -> dict:

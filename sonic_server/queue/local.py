@@ -188,10 +188,10 @@ class LocalQueue(JobQueue):
         with self._changed:
             return len(self._pending)
 
-    def ahead_of(self, job_id: str) -> int | None:
+    def ahead_of(self, rec: JobRecord) -> int | None:
         with self._changed:
             try:
-                return self._pending.index(job_id)
+                return self._pending.index(rec.id)
             except ValueError:
                 return None
 

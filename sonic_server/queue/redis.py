@@ -461,11 +461,9 @@ class RedisQueue(JobQueue):
     def queue_length(self) -> int:
         return int(self.rq.count)
 
-    def ahead_of(self, job_id: str) -> int | None:
-        rec = self.store.load(job_id)
-        if rec is None or rec.status != QUEUED:
-            return None
-        place = self.rq.get_job_position(rq_job_id(rec))  # RQ's list, head first (LPOS from Redis 6.0.6)
+    def ahead_of(self, rec: JobRecord) -> int | None:
+        # RQ's list, head first (LPOS from Redis 6.0.6); a run taken by a worker is no longer in it
+        place = self.rq.get_job_position(rq_job_id(rec))
         return None if place is None else int(place)
 
     def health(self) -> dict:

@@ -519,7 +519,7 @@ def _ahead(queue: JobQueue | None, rec: JobRecord) -> int | None:
     if queue is None or rec.status != JobStatus.QUEUED:
         return None
     try:
-        return queue.ahead_of(rec.id)
+        return queue.ahead_of(rec)
     except Exception:  # noqa: BLE001 - the place is a hint; the job's own answer must still come
         log.warning("job %s: its place in the queue could not be read", rec.id, exc_info=True)
         return None
