@@ -439,7 +439,7 @@ def generate():
         return _not_ready(svc)
     _check_field_names()
     opts, want_async, params = _parse_config()
-    want_async = want_async or "respond-async" in request.headers.get("Prefer", "")
+    want_async = want_async or _prefers_async()
     hook = _webhook(params)
     files, by_url = _read_files()
     owner = caller().owner
@@ -525,13 +525,18 @@ def _ahead(queue: JobQueue | None, rec: JobRecord) -> int | None:
         return None
 
 
+def _prefers_async() -> bool:
+    """The request's `Prefer: respond-async` (RFC 7240)."""
+    return "respond-async" in request.headers.get("Prefer", "")
+
+
 def _accepted(rec: JobRecord) -> Response:
     """202 with the job's document: where to follow it."""
     body = _document(rec)
     resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = body["status_url"]
-    if "respond-async" in request.headers.get("Prefer", ""):
+    if _prefers_async():
         resp.headers["Preference-Applied"] = "respond-async"  # RFC 7240: the client's wish was honoured
     return resp
 
