@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from sonic import GenerateOptions
 from sonic import version as sonic_version
@@ -87,6 +88,10 @@ class JobRecord:
 
     def copy(self) -> "JobRecord":
         return JobRecord.from_dict(self.to_dict())
+
+    def missing_inputs(self) -> list[str]:
+        """The names of the stored input files that are no longer where the record says."""
+        return [name for name, path in self.inputs.items() if not Path(path).is_file()]
 
     def public(self) -> dict:
         """What a client may see: id, status, progress, stage, when it was made (epoch s), and the

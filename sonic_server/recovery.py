@@ -40,11 +40,6 @@ class Recovered:
     failed: list[str] = field(default_factory=list)  # ids marked failed (`interrupted`)
 
 
-def inputs_intact(rec: JobRecord) -> bool:
-    """Every input file the job reads is still in its upload folder."""
-    return bool(rec.inputs) and all(Path(path).is_file() for path in rec.inputs.values())
-
-
 def job_folders(uploads) -> Iterator[Path]:
     """The upload folder's job folders (named by a job id; nothing else there is touched)."""
     root = Path(uploads.root)
@@ -59,7 +54,7 @@ def recover(store, uploads, output_dir: Path) -> Recovered:
     found = Recovered()
     for job_id in store.unfinished():
         rec = store.load(job_id)
-        if rec.status == QUEUED and inputs_intact(rec):
+        if rec.status == QUEUED and rec.inputs and not rec.missing_inputs():
             found.resumed.append(rec)
             log.info("job %s was waiting when the service stopped: queued again", job_id)
             continue

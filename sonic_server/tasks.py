@@ -23,8 +23,10 @@ Progress = Callable[[str, float], None]
 
 def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: Progress) -> dict:
     """Portrait + speech -> `<output_dir>/<job id>.mp4`; the pipeline's result without its path."""
-    if inputs is None:
-        stored_inputs_present(rec)
+    if inputs is None and (missing := rec.missing_inputs()):
+        # the stored files are the service's, not the caller's: one that is gone (a cleanup, a job
+        # store restored from an old snapshot) is the service's fault, said without its path
+        raise PipelineError(f"the job's {missing[0]} file is no longer on the server; submit the job again")
     image = inputs.rgb if inputs is not None else rec.inputs["image"]
     audio = inputs.wav if inputs is not None else rec.inputs["audio"]
     out = Path(output_dir) / f"{rec.id}.mp4"
@@ -43,14 +45,6 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     result.pop("output_path", None)
     result["file"] = out.name
     return result
-
-
-def stored_inputs_present(rec: JobRecord) -> None:
-    """The job's stored files are the service's, not the caller's: one that is gone (a cleanup, a
-    job store restored from an old snapshot) is the service's fault, said without its path."""
-    for name, path in rec.inputs.items():
-        if not Path(path).is_file():
-            raise PipelineError(f"the job's {name} file is no longer on the server; submit the job again")
 
 
 TASKS: dict[str, Callable[..., dict]] = {"generate": run_generate}
