@@ -88,10 +88,8 @@ def health():
         "readiness": state,
         "queue_length": workers["queue_length"],
     }
-    if running is not None and _visible(queue, running):
+    if running is None or _visible(queue, running):
         body["running_job"] = running
-    elif running is None:
-        body["running_job"] = None
     if svc.decoder:
         body.update(decoder=svc.decoder, device=svc.device)
     elif queue is not None and state != "not_ready" and queue.decoder_identity():  # distributed: the workers' word
