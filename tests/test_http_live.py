@@ -277,11 +277,12 @@ def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(tmp_path):
     are refused, and the process ends with 128 + SIGTERM."""
     import signal
 
-    proc, info = start_server(tmp_path, drain_s=20)
+    # a drain far longer than the render (about 10 s; 20 s was too short on a loaded machine)
+    proc, info = start_server(tmp_path, drain_s=120)
     started, answer = sigterm_while_generating(proc, info)
     with pytest.raises(requests.ConnectionError):
         requests.get(info["base"] + "/health", timeout=2)
-    started.join(60)
+    started.join(130)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert getattr(answer["r"], "status_code", None) == 200 and answer["r"].json()["frames"] == 1000, answer["r"]
     log = (tmp_path / "server.log").read_text()
