@@ -297,6 +297,34 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
     check_offer({"sdp": re.sub(r"m=video \d+ ([^\r]*)\r\n", r"m=video 0 \1\r\na=bundle-only\r\n", sdp), "type": "offer"})
 
 
+def test_the_answer_receives_the_microphone_and_nothing_else(server):
+    """A page that offers its camera and a second microphone: the answer sends the face on the
+    first video section and receives the first audio section only. A video section received was
+    decoded into a queue nothing read: the server grew 25 MB a second while a 960x540 camera sent."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def make():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        for kind in ("video", "video", "audio", "audio"):
+            pc.addTransceiver(kind, direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        await pc.close()
+        return offer
+
+    r = _open(server["base"], offer=asyncio.run(make()))
+    assert r.status_code == 201, r.text
+    requests.delete(r.json()["state_url"], timeout=10)
+    from sonic_server.live.sessions import media_sections
+
+    directions = [
+        (section[0].split()[0], next(line for line in section if line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")))
+        for section in media_sections(r.json()["answer"]["sdp"])
+    ]
+    assert directions == [("m=video", "a=sendonly"), ("m=video", "a=inactive"),
+                          ("m=audio", "a=sendrecv"), ("m=audio", "a=inactive")], directions
+
+
 def test_bad_requests_are_named_4xx(server, tmp_path):
     base = server["base"]
     cases = [

@@ -166,6 +166,25 @@ def _track_classes() -> tuple[type, type]:
     return FaceTrack, SpeechTrack
 
 
+def microphone_of(pc: Any) -> Any | None:
+    """The transceiver a session hears the client through: the offer's first audio section."""
+    return next((t for t in pc.getTransceivers() if t.kind == "audio"), None)
+
+
+def receive_the_microphone_only(pc: Any, face: Any) -> None:
+    """Before the answer: the client may send its microphone and nothing else. The face's video
+    section sends only, any other section is inactive. A video section the client sends on (a page
+    that offers its camera) would otherwise be received and decoded into a queue that nothing
+    reads: a 960x540 camera grew the server by 25 MB a second, for every session that sent one; a
+    second audio section would be mixed into the first."""
+    microphone = microphone_of(pc)
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "video":
+            transceiver.direction = "sendonly" if transceiver.sender is face else "inactive"
+        elif transceiver is not microphone:
+            transceiver.direction = "inactive"
+
+
 async def consume_microphone(track: Any, hear: Callable[[np.ndarray], None], heard: Callable[[], None]) -> None:
     """Read the client's audio track to its end: 16 kHz mono float32 chunks to `hear`."""
     import av

@@ -29,7 +29,16 @@ from sonic.options import GenerateOptions
 from .. import metrics
 from ..settings import LiveSettings
 from . import EndReason
-from .rtc import RtcLoop, announce_host, consume_microphone, face_tracks, quicken_audio_receiver, rtc_configuration
+from .rtc import (
+    RtcLoop,
+    announce_host,
+    consume_microphone,
+    face_tracks,
+    microphone_of,
+    quicken_audio_receiver,
+    receive_the_microphone_only,
+    rtc_configuration,
+)
 
 log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
@@ -474,10 +483,9 @@ class LiveSessions:
 
         @pc.on("track")
         def on_track(track: Any) -> None:
-            if track.kind == "audio":
-                for transceiver in pc.getTransceivers():
-                    if transceiver.receiver.track is track:
-                        quicken_audio_receiver(transceiver.receiver)
+            microphone = microphone_of(pc)
+            if microphone is not None and microphone.receiver.track is track:
+                quicken_audio_receiver(microphone.receiver)
                 session.tasks.append(self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard)))
 
         @pc.on("connectionstatechange")
@@ -491,8 +499,9 @@ class LiveSessions:
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
         session.video_sender = pc.addTrack(session.video)
-        if any(t.kind == "audio" for t in pc.getTransceivers()):
+        if microphone_of(pc) is not None:
             pc.addTrack(session.audio)
+        receive_the_microphone_only(pc, session.video_sender)
         await pc.setLocalDescription(await pc.createAnswer())
         sdp = announce_host(pc.localDescription.sdp, self.settings.public_host)
         return {"sdp": sdp, "type": pc.localDescription.type}
