@@ -184,3 +184,25 @@ def test_speech_in_other_shapes_and_types_is_taken_or_refused_by_name():
         with pytest.raises(InvalidParameter) as e:
             mono_samples(bad)
         assert needle in str(e.value) and e.value.field == "audio"
+
+
+def test_the_queue_keeps_to_its_limit_whoever_speaks_at_once(pipeline):
+    """`limit_s` is checked under the queue's lock: eight threads speaking 3 s each into a
+    10 s limit queue 10 s between them, not 24."""
+    import threading
+
+    session = open_session(pipeline, PORTRAIT, PARAMS)
+    pcm = np.full(3 * SAMPLE_RATE, 0.1, np.float32)
+    start = threading.Barrier(8)
+
+    def speak():
+        start.wait()
+        session.speak(pcm, limit_s=10.0)
+
+    threads = [threading.Thread(target=speak) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert session.queued_s == pytest.approx(10.0)
+    assert session.speak(pcm, limit_s=12.0) == pytest.approx(12.0)  # cut at the limit, to the sample

@@ -325,6 +325,38 @@ def test_the_answer_receives_the_microphone_and_nothing_else(server):
                           ("m=audio", "a=sendrecv"), ("m=audio", "a=inactive")], directions
 
 
+def test_speak_requests_at_the_same_moment_cannot_pass_max_speak_s_between_them(server):
+    """Four PCM bodies of 8 s each, their headers sent before any body arrives: each request saw
+    an empty queue (live.max_speak_s is 10 s), and the session held 32 s of speech."""
+    base = server["base"]
+    r = _open(base, offer=_offer())  # never connected: what is queued stays queued
+    assert r.status_code == 201, r.text
+    session = r.json()["session_id"]
+    pcm = (np.sin(np.arange(8 * 16000) / 5) * 8000).astype("<i2").tobytes()
+    port = int(base.rsplit(":", 1)[1])
+    sockets = []
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall((f"POST /api/sonic/live/{session}/speak HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Content-Type: audio/L16;rate=16000\r\nContent-Length: {len(pcm)}\r\n"
+                   "Connection: close\r\n\r\n").encode())
+        sockets.append(s)
+    time.sleep(1.0)  # every request has read the room: nothing queued yet
+    for s in sockets:
+        s.sendall(pcm)
+    statuses = []
+    for s in sockets:
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        s.close()
+        statuses.append(answer.split(b" ", 2)[1])
+    assert statuses == [b"202"] * 4, statuses
+    queued = requests.get(f"{base}/api/sonic/live/{session}", timeout=10).json()["queued_s"]
+    requests.delete(f"{base}/api/sonic/live/{session}", timeout=10)
+    assert queued <= 10.0, queued
+
+
 def test_bad_requests_are_named_4xx(server, tmp_path):
     base = server["base"]
     cases = [

@@ -33,7 +33,7 @@ def _listen(conn: Connection, session: LiveSession, send, begin: threading.Event
         if isinstance(msg, Hear):
             session.hear(msg.pcm)
         elif isinstance(msg, Speak):
-            send(Queued(session.speak(msg.pcm, msg.turn), session.turn, msg.seq))
+            send(Queued(session.speak(msg.pcm, msg.turn, msg.limit_s), session.turn, msg.seq))
         elif isinstance(msg, Interrupt):
             session.interrupt()
         elif isinstance(msg, Begin):

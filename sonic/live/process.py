@@ -50,6 +50,7 @@ class Start:
 class Speak:
     pcm: np.ndarray
     turn: int | None = None
+    limit_s: float | None = None
     seq: int = 0  # echoed by its Queued: an answer that came too late is not taken for the next
 
 
@@ -158,6 +159,7 @@ class SessionProcess:
         self._seq = itertools.count(1)
         self._ended = False  # the helper's messages have stopped (it exited, or was killed)
         self._send_lock = threading.Lock()
+        self._speak_lock = threading.Lock()  # one speak call's parts are sent together
         self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
         self.turn = 0  # the session's turn, as its last answer to `speak` gave it
         self._interrupts = 0  # interrupts sent to the helper (its turn once it has had them all)
@@ -241,18 +243,20 @@ class SessionProcess:
                     pass
 
     # --- a LiveSession's interface --------------------------------------------------------
-    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
         """LiveSession.speak, answered by the helper; OSError once the helper is gone. Long
         speech goes in parts of SPEAK_PART_S: the socket is never held for long by one call
-        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it). The
-        speech is checked here, as a LiveSession checks it: a bad chunk is refused to the caller,
-        not raised in the helper, whose listening it would stop."""
+        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it), and one
+        call's parts go together (two calls at once were queued in alternate parts). The speech
+        is checked here, as a LiveSession checks it: a bad chunk is refused to the caller, not
+        raised in the helper, whose listening it would stop."""
         pcm = mono_samples(pcm)
         step = int(SPEAK_PART_S * SAMPLE_RATE)
         seqs = []
-        for start in range(0, max(len(pcm), 1), step):
-            seqs.append(next(self._seq))
-            self._send(Speak(pcm[start : start + step], turn, seqs[-1]))
+        with self._speak_lock:
+            for start in range(0, max(len(pcm), 1), step):
+                seqs.append(next(self._seq))
+                self._send(Speak(pcm[start : start + step], turn, limit_s, seqs[-1]))
         last = seqs[-1]
         with self._answered:
             if not self._answered.wait_for(lambda: last in self._answers or self._ended, REPLY_TIMEOUT_S):

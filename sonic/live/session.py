@@ -118,12 +118,16 @@ class LiveSession:
         self._image = face.decoder.render(rest, np.zeros((1, 4)))[0]
 
     # --- speech in -------------------------------------------------------------------------
-    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
         """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds
         queued. `turn`: what `turn` was when this speech began (a stream sent in parts); an
-        interrupt since then has ended that turn, and its speech is dropped."""
+        interrupt since then has ended that turn, and its speech is dropped. `limit_s`: the
+        queue holds at most so many seconds; what would pass it is dropped (checked here, under
+        the queue's lock, so that callers at the same moment cannot pass it between them)."""
         pcm = mono_samples(pcm)
         with self._lock:
+            if limit_s is not None:
+                pcm = pcm[: max(0, int(limit_s * SAMPLE_RATE) - self._queued)]
             if len(pcm) and (turn is None or turn == self._turn):
                 self._speech.append(pcm)
                 self._queued += len(pcm)

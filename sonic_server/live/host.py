@@ -129,8 +129,8 @@ class LiveHost:
         session = self.live.get(str(command.get("session_id")), lambda owner: True)  # the API checked the caller
         if op == "speak":
             pcm = np.frombuffer(relay.unpack(command["pcm"]), "<i2").astype(np.float32) / 32768.0
-            turn = command.get("turn")
-            queued = session.speak(pcm, None if turn is None else int(turn))
+            turn, limit = command.get("turn"), command.get("limit_s")
+            queued = session.speak(pcm, None if turn is None else int(turn), None if limit is None else float(limit))
             return {"queued_s": queued, "turn": session.turn}
         if op == "interrupt":
             session.interrupt()

@@ -44,9 +44,9 @@ class RemoteSession:
     conn: Any
     turn: int = 0  # the session's turn, as the worker's last answer to `speak` gave it
 
-    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
         s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
-        reply = self._call("speak", pcm=relay.pack(s16), turn=turn)
+        reply = self._call("speak", pcm=relay.pack(s16), turn=turn, limit_s=limit_s)
         self.turn = int(reply.get("turn", 0))
         return float(reply["queued_s"])
 

@@ -340,8 +340,9 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
 def speak(session_id: str):
     session = registry().get(session_id, caller().may_see)
     max_s = service().settings.live.max_speak_s
-    # what the session holds already counts: a refused request queues nothing, and many
-    # requests cannot pile up more than max_s of speech (memory) between them
+    # what the session holds already counts: a refused request queues nothing. Requests at the
+    # same moment each see the room as it was; the session itself drops what would pass max_s
+    # (memory), whatever they saw
     room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)))
     kind = (request.mimetype or "").lower()
     if kind == PCM_TYPE:
@@ -349,7 +350,7 @@ def speak(session_id: str):
     else:
         wav = _decoded_speech(max_s)
         room.check(len(wav) / SAMPLE_RATE)
-        streamed = Streamed(session.speak(wav))
+        streamed = Streamed(session.speak(wav, limit_s=max_s))
     body: dict = {"queued_s": round(streamed.queued_s, 3)}
     if streamed.dropped_s:
         body["dropped_s"] = round(streamed.dropped_s, 3)
@@ -419,7 +420,7 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         data = carry + chunk[:fits]
         cut = len(data) - len(data) % 2
         carry = data[cut:]
-        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn)
+        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn, room.max_s)
         interrupted = session.turn != turn
         kept += 0 if interrupted else fits
     if total < 2:

@@ -116,11 +116,11 @@ class ServedSession:
         """Seconds of video sent."""
         return self.stats.frames_sent / self.engine.fps
 
-    def speak(self, pcm: Any, turn: int | None = None) -> float:
-        """Queue 16 kHz mono float32 speech (of `turn`: dropped if an interrupt ended it); the
-        seconds now queued."""
+    def speak(self, pcm: Any, turn: int | None = None, limit_s: float | None = None) -> float:
+        """Queue 16 kHz mono float32 speech (of `turn`: dropped if an interrupt ended it; past
+        `limit_s` of queue: dropped); the seconds now queued."""
         try:
-            return self.engine.speak(pcm, turn)
+            return self.engine.speak(pcm, turn, limit_s)
         except OSError as e:
             raise self._helper_gone() from e
 
