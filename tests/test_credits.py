@@ -188,6 +188,37 @@ def test_a_live_hold_is_swept_only_when_no_session_can_be_using_it(service):
     assert ledger.account("lv")["reserved"] == 0 and ledger.account("lv")["balance"] == 92 and ledger.check() == []
 
 
+def test_a_live_session_whose_settling_failed_is_charged_by_the_sweep(service, pipeline):
+    """One process: the accounts database failing as a session ends (SQLite's "database is
+    locked") left its hold to the sweep, which released it as nothing charged: the session was
+    free. The sweep now charges what it streamed."""
+    from sonic.live import prepare_live_face
+    from sonic_server.live.sessions import LiveSessions
+    from sonic_server.settings import LiveSettings
+    from test_live_http import _offer
+
+    _, ledger, app = service(per_video_second=1)
+    ledger.create_account("lf", credits=100)
+    hold = "l" + "3" * 31
+    assert ledger.reserve(1, hold, 30, "lf", kind="live")[0]
+    live = LiveSessions(LiveSettings(processes=False, warm_start=False, host_addresses=["127.0.0.1"]))
+    options = pipeline.options({"min_resolution": 256})
+    face = prepare_live_face(pipeline, str(ROOT / "examples" / "portrait.jpg"), options)
+
+    def locked(session):
+        raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+    live.take_slot(None)
+    session, _ = live.open(face, options, _offer(), None, 30.0, locked, hold_id=hold)
+    session.stats.frames_sent = 180  # 7.2 s streamed at 25 fps
+    assert live.end(session.id, "client_closed")
+    settler = app.extensions["sonic"].settler
+    settler.live_session = live.session_of_hold  # as create_app wires it to the service's sessions
+    settler.sweep(now=time.time() + settler.live_orphan_s + 1)
+    account = ledger.account("lf")
+    assert account["reserved"] == 0 and account["balance"] == 100 - 8 and ledger.check() == []
+
+
 def test_an_async_job_is_settled_once_by_the_settler_even_if_nobody_asks(service):
     client, ledger, _ = service()
     _, key = ledger.create_account("ed", credits=100)

@@ -272,7 +272,13 @@ def _open_here(
         handed = True  # open() gives the slot back, whatever happens
         try:
             session, answer = live.open(
-                face, options, offer, caller().owner, hold.seconds if hold else None, _settler(svc, hold)
+                face,
+                options,
+                offer,
+                caller().owner,
+                hold.seconds if hold else None,
+                _settler(svc, hold),
+                hold_id=hold.id if hold else None,
             )
         except Exception:
             _release(svc, hold)

@@ -86,6 +86,16 @@ class NetworkReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class UnsettledEnd:
+    """A session that ended here, its hold not settled (the accounts database failed then): what
+    the settler's sweep charges from, as it does from a distributed session's record."""
+
+    id: str
+    streamed_s: float
+    ended: str
+
+
 @dataclass
 class ServedSession:
     """One running session: the engine, its connection and tracks, its clock thread."""
@@ -105,6 +115,7 @@ class ServedSession:
     network: NetworkReport = field(default_factory=NetworkReport)  # as of the last look
     stats: SessionStats = field(default_factory=SessionStats)
     paid_s: float | None = None  # credits: the seconds its hold covers (None: no credits)
+    hold_id: str | None = None  # credits: the hold it streams against
     ended_reason: str | None = None
     on_end: Callable[[ServedSession], None] | None = None  # settles its credit hold
     # its tasks on the RTC loop, held here: the loop keeps only weak references, and a task left
@@ -325,6 +336,7 @@ class LiveSessions:
         # the last sessions to end, with their owner and why: a client asking after its session
         # learns whether it timed out, ran out of credit or failed
         self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
+        self._unsettled: OrderedDict[str, UnsettledEnd] = OrderedDict()  # by hold id
         self._lock = threading.Lock()
         self._opening = 0  # sessions between their slot being taken and their registration
         self._opening_by: Counter[str] = Counter()  # ... of each caller (live.max_sessions_per_caller)
@@ -383,9 +395,12 @@ class LiveSessions:
         """What /health shows of live sessions."""
         return {"enabled": self.settings.enabled, "sessions": self.count(), "max_sessions": self.settings.max_sessions}
 
-    def session_of_hold(self, hold_id: str) -> None:
-        """Holds of this process's sessions are settled as each ends (on_end), never swept."""
-        return None
+    def session_of_hold(self, hold_id: str) -> UnsettledEnd | None:
+        """The settler's sweep: a hold is settled as its session ends (on_end); one whose
+        settling failed then is settled by the sweep from what the session streamed (released
+        as nothing charged, it gave the session away)."""
+        with self._lock:
+            return self._unsettled.get(hold_id)
 
     def running(self) -> list[ServedSession]:
         with self._lock:
@@ -435,6 +450,7 @@ class LiveSessions:
         paid_s: float | None = None,
         on_end: Callable[[ServedSession], None] | None = None,
         session_id: str | None = None,
+        hold_id: str | None = None,
     ) -> tuple[ServedSession, dict]:
         """Start a session of the prepared face for the offer (checked: check_offer); (the session,
         its SDP answer). The caller holds a slot (take_slot), given back here whatever happens.
@@ -446,6 +462,7 @@ class LiveSessions:
                 owner=owner,
                 engine=engine,
                 paid_s=paid_s,
+                hold_id=hold_id,
                 on_end=on_end,
             )
             try:
@@ -584,8 +601,13 @@ class LiveSessions:
         if session.on_end is not None:
             try:
                 session.on_end(session)
-            except Exception:  # noqa: BLE001 - the hold stays held; the ledger's check shows it
-                log.exception("live session %s: settling its credit failed", session.id)
+            except Exception:  # noqa: BLE001 - the hold stays held, for the settler's sweep
+                log.exception("live session %s: settling its credit failed; the settler will", session.id)
+                if session.hold_id is not None:
+                    with self._lock:
+                        self._unsettled[session.hold_id] = UnsettledEnd(session.id, session.streamed_s, reason)
+                        while len(self._unsettled) > ENDED_KEPT:
+                            self._unsettled.popitem(last=False)
         log.info(
             "live session %s ended (%s) after %.1f s, %d frames, %d late",
             session.id,
