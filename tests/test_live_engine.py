@@ -206,3 +206,23 @@ def test_the_queue_keeps_to_its_limit_whoever_speaks_at_once(pipeline):
         t.join()
     assert session.queued_s == pytest.approx(10.0)
     assert session.speak(pcm, limit_s=12.0) == pytest.approx(12.0)  # cut at the limit, to the sample
+
+
+def test_a_helper_that_cannot_start_says_so_without_its_exceptions_words(pipeline, caplog):
+    """Its exception named the helper's files (a 500's body showed them): they go to the log."""
+    import dataclasses
+    import logging
+    import types
+
+    from sonic.errors import PipelineError
+    from sonic.live import prepare_live_face
+    from sonic.live.process import SessionProcess
+
+    options = pipeline.options(PARAMS)
+    face = prepare_live_face(pipeline, PORTRAIT, options)
+    unusable = dataclasses.replace(face, decoder=types.SimpleNamespace(frame=face.decoder.frame))  # cannot render
+    caplog.set_level(logging.ERROR, logger="sonic.live")
+    with pytest.raises(PipelineError) as e:
+        SessionProcess(unusable, options)
+    assert str(e.value) == "the live session's helper did not start (the log says why)"
+    assert "AttributeError" in caplog.text

@@ -16,6 +16,7 @@ that a session begins without waiting for Python's imports (~1 s).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import shutil
@@ -30,6 +31,7 @@ from ..errors import PipelineError
 from ..media import SAMPLE_RATE, mono_samples
 from ..render_pool import HelperProcess, scratch_root, sweep_orphans
 
+log = logging.getLogger("sonic.live")
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 5.0
@@ -173,7 +175,9 @@ class SessionProcess:
             ready = None
         if not isinstance(ready, Queued):
             self.close()
-            raise PipelineError(f"the live session's helper did not start: {getattr(ready, 'message', 'no answer')}")
+            # its words (an exception's, naming the helper's files) go to the log, not to a client
+            log.error("a live session's helper did not start: %s", getattr(ready, "message", "no answer"))
+            raise PipelineError("the live session's helper did not start (the log says why)")
         self._reader = threading.Thread(target=self._read, name="sonic-live-reader", daemon=True)
         self._reader.start()
 
@@ -296,7 +300,8 @@ class SessionProcess:
                 continue
             if frame is None:
                 if self.failure:
-                    raise PipelineError(f"the live session's helper failed: {self.failure}")
+                    log.error("a live session's helper failed: %s", self.failure)
+                    raise PipelineError("the live session's helper failed (the log says why)")
                 return
             yield frame
 

@@ -10,6 +10,7 @@ by default).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fractions
 import functools
 import logging
@@ -41,6 +42,9 @@ class RtcLoop:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
+        except concurrent.futures.TimeoutError as e:  # not the builtin TimeoutError before Python 3.11
+            future.cancel()
+            raise TimeoutError(f"not done within {timeout:g} s") from e
         except BaseException:
             future.cancel()
             raise
