@@ -332,6 +332,7 @@ class LiveSessions:
     def __init__(self, settings: LiveSettings) -> None:
         self.settings = settings
         self._rtc: RtcLoop | None = None
+        self._rtc_lock = threading.Lock()  # two first opens at once would each start a loop
         self._sessions: dict[str, ServedSession] = {}
         # the last sessions to end, with their owner and why: a client asking after its session
         # learns whether it timed out, ran out of credit or failed
@@ -380,12 +381,13 @@ class LiveSessions:
 
     @property
     def rtc(self) -> RtcLoop:
-        if self._rtc is None:
-            from .rtc import restrict_host_addresses
+        with self._rtc_lock:
+            if self._rtc is None:
+                from .rtc import restrict_host_addresses
 
-            restrict_host_addresses(self.settings.host_addresses)
-            self._rtc = RtcLoop()
-        return self._rtc
+                restrict_host_addresses(self.settings.host_addresses)
+                self._rtc = RtcLoop()
+            return self._rtc
 
     def count(self) -> int:
         with self._lock:
