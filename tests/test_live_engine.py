@@ -226,3 +226,18 @@ def test_a_helper_that_cannot_start_says_so_without_its_exceptions_words(pipelin
         SessionProcess(unusable, options)
     assert str(e.value) == "the live session's helper did not start (the log says why)"
     assert "AttributeError" in caplog.text
+
+
+def test_a_ring_slot_is_read_only_while_it_holds_the_frame_asked_for():
+    """The helper writes frames up to a ring ahead of the reader: a slot since rewritten (or
+    being rewritten: stamp -1) is not taken for the frame that was there."""
+    from sonic.live.process import SLOTS, read_slot
+
+    ring = np.zeros((SLOTS, 6, 4), np.uint8)
+    stamps = np.full(SLOTS, -1, np.int64)
+    ring[3], stamps[3] = 7, 3
+    assert (read_slot(ring, stamps, 3, 3) == 7).all()
+    ring[3], stamps[3] = 9, 3 + SLOTS  # a ring later
+    assert read_slot(ring, stamps, 3, 3) is None
+    stamps[3] = -1  # being written
+    assert read_slot(ring, stamps, 3, 3 + SLOTS) is None

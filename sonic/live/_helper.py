@@ -62,6 +62,7 @@ def main(fd: int) -> None:
     try:
         session = LiveSession(start.face, start.options)  # type: ignore[arg-type]
         ring = np.load(start.frames_path, mmap_mode="r+")
+        stamps = np.load(start.stamps_path, mmap_mode="r+")
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the request
         send(Failed(f"{type(e).__name__}: {e}"))
         return
@@ -72,7 +73,9 @@ def main(fd: int) -> None:
     try:
         for n, frame in enumerate(session.frames(stop)):
             slot = n % SLOTS
+            stamps[slot] = -1  # being written (process.read_slot)
             ring[slot] = frame.yuv420()  # converted here, beside the render, not in the encoder's process
+            stamps[slot] = n
             send(
                 FrameOut(
                     frame.index,
@@ -86,6 +89,7 @@ def main(fd: int) -> None:
                     frame.rendered,
                     session.queued_s,
                     session.late_frames,
+                    stamp=n,
                 )
             )
     except (OSError, EOFError):

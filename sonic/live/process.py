@@ -40,12 +40,24 @@ ANSWERS_KEPT = 64  # a speak's answer this many answers old is dropped: its call
 TMP_PREFIX = "sonic-live-"
 
 
+def read_slot(ring: np.ndarray, stamps: np.ndarray, slot: int, stamp: int) -> np.ndarray | None:
+    """A copy of the ring's `slot`, if it holds frame `stamp` from before the copy to after it;
+    None if not. The helper writes up to SLOTS frames ahead of the reader, with no wait: it marks
+    a slot -1 while writing it, then with the frame's number. A reader that fell a whole ring
+    behind would otherwise copy a later frame, or one half written."""
+    if stamps[slot] != stamp:
+        return None
+    picture = np.array(ring[slot])
+    return picture if stamps[slot] == stamp else None
+
+
 # --- messages (pickled over the socket) ------------------------------------------------------
 @dataclass(frozen=True)
 class Start:
     face: object  # a LiveFace
     options: object  # GenerateOptions
     frames_path: str  # the ring: a .npy of (SLOTS, H * 3 / 2, W) uint8, frames as I420 planes
+    stamps_path: str  # the ring's stamps: a .npy of (SLOTS,) int64, see read_slot
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class FrameOut:
     rendered: bool
     queued_s: float
     late_frames: int
+    stamp: int  # the frame's number in the ring's stamps
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,11 @@ class SessionProcess:
         self.fps = options.fps
         path = os.path.join(self._helper.folder, "frames.npy")
         self._ring = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(SLOTS, h * 3 // 2, w))
+        stamps_path = os.path.join(self._helper.folder, "stamps.npy")
+        self._stamps = np.lib.format.open_memmap(stamps_path, mode="w+", dtype=np.int64, shape=(SLOTS,))
+        self._stamps[:] = -1
+        self._picture: np.ndarray | None = None  # the last frame's picture
+        self._behind = False  # the last frame's picture had been overwritten in the ring
         self._frames: queue.Queue = queue.Queue(maxsize=SLOTS - 2)
         self._answers: dict[int, Queued] = {}  # Speak's answers by seq, until their caller takes them
         self._answered = threading.Condition()
@@ -169,7 +187,7 @@ class SessionProcess:
         self.failure: str | None = None
         self._begun = False
         try:
-            self._send(Start(face, options, path))
+            self._send(Start(face, options, path, stamps_path))
             ready = self._helper.conn.recv() if self._helper.conn.poll(START_TIMEOUT_S) else None
         except (OSError, EOFError):
             ready = None
@@ -205,10 +223,21 @@ class SessionProcess:
                 return
             if isinstance(msg, FrameOut):
                 self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
+                picture = read_slot(self._ring, self._stamps, msg.slot, msg.stamp)
+                behind = picture is None and self._picture is not None
+                if behind:
+                    # this reader fell a whole ring behind (a stalled process): the frame shows
+                    # the picture before it, its sound is kept; said once for each such stall
+                    if not self._behind:
+                        log.warning("live frame %d: the reader fell behind; pictures repeat till it is back", msg.index)
+                    picture = self._picture
+                elif picture is None:  # the first frame: no picture before it to show
+                    picture = np.array(self._ring[msg.slot])
+                self._picture, self._behind = picture, behind
                 frame = self._frame_cls(
                     msg.index,
                     msg.time_s,
-                    np.array(self._ring[msg.slot]),
+                    picture,
                     msg.audio,
                     msg.speaking,
                     msg.opening,
