@@ -225,14 +225,15 @@ class SessionProcess:
                 self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
                 picture = read_slot(self._ring, self._stamps, msg.slot, msg.stamp)
                 behind = picture is None and self._picture is not None
-                if behind:
-                    # this reader fell a whole ring behind (a stalled process): the frame shows
-                    # the picture before it, its sound is kept; said once for each such stall
-                    if not self._behind:
-                        log.warning("live frame %d: the reader fell behind; pictures repeat till it is back", msg.index)
-                    picture = self._picture
-                elif picture is None:  # the first frame: no picture before it to show
-                    picture = np.array(self._ring[msg.slot])
+                if picture is None:
+                    if self._picture is not None:
+                        # this reader fell a whole ring behind (a stalled process): the frame shows
+                        # the picture before it, its sound is kept; said once for each such stall
+                        if not self._behind:
+                            log.warning("live frame %d: the reader fell behind; pictures repeat", msg.index)
+                        picture = self._picture
+                    else:  # the first frame: no picture before it to show
+                        picture = np.array(self._ring[msg.slot])
                 self._picture, self._behind = picture, behind
                 frame = self._frame_cls(
                     msg.index,
