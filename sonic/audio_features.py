@@ -24,6 +24,7 @@ SPLIT_MIN_S = 6.0  # recordings at least this long may be recognised in two halv
 SPLIT_PAUSE_FRAMES = 4  # ... cut in the middle of a pause of at least this many video frames
 SPLIT_WINDOW = (0.3, 0.7)  # ... lying in this part of the recording
 PITCH_HZ = (70.0, 400.0)  # the voice's fundamental is sought in this range
+FEATURE_BLOCK_FRAMES = 500  # frames whose windows are measured at once (memory)
 PITCH_WINDOW_S = 0.05  # at least this much audio per pitch estimate (two periods of 70 Hz and more)
 VOICING = 0.55  # normalised autocorrelation at the period above this: the frame is voiced
 
@@ -154,10 +155,17 @@ def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     hann = np.hanning(win)
     pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
     centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
-    idx = centres[:, None] + np.arange(win)[None, :]
-    seg = pad[idx] * hann
-    rms = np.sqrt((seg**2).sum(1) / (hann**2).sum())
+    rms = np.empty(n_frames)
+    for block in _blocks(n_frames):
+        seg = pad[centres[block, None] + np.arange(win)[None, :]] * hann
+        rms[block] = np.sqrt((seg**2).sum(1) / (hann**2).sum())
     return 20 * np.log10(rms + 1e-7)
+
+
+def _blocks(n_frames: int) -> list[slice]:
+    """The frames in blocks of FEATURE_BLOCK_FRAMES: a measure's windows are made a block at a
+    time (a 5-minute clip's, all at once, took 1.4 GB)."""
+    return [slice(a, min(a + FEATURE_BLOCK_FRAMES, n_frames)) for a in range(0, n_frames, FEATURE_BLOCK_FRAMES)]
 
 
 def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
@@ -170,7 +178,15 @@ def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     x = wav.astype(np.float64)
     pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
     centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
-    seg = pad[centres[:, None] + np.arange(win)[None, :]]
+    pitch = np.empty(n_frames)
+    for block in _blocks(n_frames):
+        pitch[block] = _window_pitch(pad[centres[block, None] + np.arange(win)[None, :]])
+    return pitch
+
+
+def _window_pitch(seg: np.ndarray) -> np.ndarray:
+    """frame_pitch of each window (rows of `seg`)."""
+    n, win = seg.shape
     seg = seg - seg.mean(1, keepdims=True)
     size = 1 << int(np.ceil(np.log2(2 * win)))
     spec = np.fft.rfft(seg, size)
@@ -184,8 +200,8 @@ def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     near_best = r >= 0.9 * r.max(axis=1, keepdims=True)
     first = np.argmax(near_best, axis=1)
     around = np.clip(first[:, None] + np.arange(8)[None, :], 0, r.shape[1] - 1)
-    best = around[np.arange(n_frames), np.argmax(np.take_along_axis(r, around, axis=1), axis=1)]
-    strength = r[np.arange(n_frames), best]
+    best = around[np.arange(n), np.argmax(np.take_along_axis(r, around, axis=1), axis=1)]
+    strength = r[np.arange(n), best]
     period = (lags[best]).astype(np.float64)
     voiced = (strength > VOICING) & (ac[:, 0] > win * 1e-7)
     return np.where(voiced, 12 * np.log2(SAMPLE_RATE / period / 100.0), np.nan)

@@ -80,11 +80,14 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
         return Sound.of_waveform(wav)
     if proc.returncode != 0 or len(proc.stdout) < 8:
         return Sound.of_waveform(wav)
-    stereo = listenable(np.frombuffer(proc.stdout, dtype=np.float32)[: len(proc.stdout) // 8 * 2].reshape(-1, 2))
+    raw, proc.stdout = proc.stdout, b""  # one copy of a 5-minute track at a time (115 MB each)
+    stereo = listenable(np.frombuffer(raw, dtype=np.float32)[: len(raw) // 8 * 2].reshape(-1, 2))
+    del raw
     stated = None if stream is None or stream.estimated else stream.duration_s
     if rms(stereo) < MIX_LOSS * rms(wav):  # the downmix left out the voice the analysis copy has (the LFE's)
         return dataclasses.replace(Sound.of_waveform(wav), stated_s=stated)
-    return Sound(np.round(stereo * 32767).astype(np.int16), SOUND_RATE, stated)
+    stereo *= 32767
+    return Sound(np.round(stereo, out=stereo).astype(np.int16), SOUND_RATE, stated)
 
 
 def listenable(stereo: np.ndarray) -> np.ndarray:
@@ -106,5 +109,6 @@ def listenable(stereo: np.ndarray) -> np.ndarray:
         left *= 0.5
         x[:, 1] = left
     elif np.sqrt(power.min() / power.max()) < ONE_SIDED:
-        x[:, :] = x[:, [int(np.argmax(power))]]
+        louder = int(np.argmax(power))
+        x[:, 1 - louder] = x[:, louder]
     return x
