@@ -33,7 +33,8 @@ from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, InvalidParame
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
 SOUND_RATE = 48_000  # Hz of the video's sound track
-SILENCE_DBFS = -55.0  # a whole clip whose RMS is below this (dB full scale) counts as silent
+SILENCE_DBFS = -55.0  # a clip whose loudest SILENCE_BLOCK_S is below this RMS (dB full scale) is silent
+SILENCE_BLOCK_S = 0.5  # judged on the loudest part: quiet speech padded with silence is still speech
 SILENCE_RMS = 10 ** (SILENCE_DBFS / 20)
 MIN_AUDIO_S = 0.1  # the shortest audio a request may send
 MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
@@ -400,6 +401,15 @@ def _wav_data(path: str | Path) -> WavData | None:
     return None
 
 
+def loudest_rms(wav: np.ndarray) -> float:
+    """RMS of the loudest SILENCE_BLOCK_S block of a clip (the whole clip when it is shorter)."""
+    n = int(SILENCE_BLOCK_S * SAMPLE_RATE)
+    if len(wav) <= n:
+        return rms(wav)
+    blocks = wav[: len(wav) // n * n].reshape(-1, n)
+    return max(float(np.sqrt(np.einsum("ij,ij->i", blocks, blocks, dtype=np.float64).max() / n)), rms(wav[-n:]))
+
+
 def rms(wav: np.ndarray) -> float:
     """Root mean square of samples (0 for none), in float64."""
     return float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) if len(wav) else 0.0
@@ -670,15 +680,15 @@ def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
     wav = wav - np.float32(wav.mean())  # a DC offset is no sound: it must not pass for speech
     if wav.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"audio is longer than the limit of {max_duration_s:g} s", field="audio")
-    level_rms = rms(wav)
+    level_rms = loudest_rms(wav)
     if level_rms < SILENCE_RMS:
         if level_rms == 0:
             raise EmptyAudio(
                 f"audio is silent (digital silence; speech must reach {SILENCE_DBFS:g} dBFS RMS)", field="audio"
             )
         raise EmptyAudio(
-            f"audio is silent or too quiet ({20 * np.log10(level_rms):.0f} dBFS RMS; speech must reach "
-            f"{SILENCE_DBFS:g} dBFS): if it holds speech, raise its level",
+            f"audio is silent or too quiet (its loudest {SILENCE_BLOCK_S:g} s is {20 * np.log10(level_rms):.0f} "
+            f"dBFS RMS; speech must reach {SILENCE_DBFS:g} dBFS): if it holds speech, raise its level",
             field="audio",
         )
     return np.clip(wav, -1.0, 1.0)

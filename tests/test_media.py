@@ -135,8 +135,14 @@ def test_empty_silent_and_bad_audio(tmp_path):
     sf.write(quiet, load_audio(SPEECH, 60) * 0.01, 16000)
     with pytest.raises(EmptyAudio) as err:
         load_audio(quiet, 60)
-    assert err.value.message == ("audio is silent or too quiet (-63 dBFS RMS; speech must reach -55 dBFS): "
-                                 "if it holds speech, raise its level")
+    assert err.value.message == ("audio is silent or too quiet (its loudest 0.5 s is -60 dBFS RMS; speech must "
+                                 "reach -55 dBFS): if it holds speech, raise its level")
+    # judged where the speech is: quiet speech followed by silence was refused for the silence
+    padded = tmp_path / "quiet_then_silence.wav"
+    speech = load_audio(SPEECH, 60) * 0.03
+    sf.write(padded, np.concatenate([speech, np.zeros(2 * len(speech), np.float32)]), 16000)
+    assert 20 * np.log10(np.sqrt(np.mean(load_audio(padded, 60).astype(np.float64) ** 2))) < -55
+
     b = tmp_path / "noise.mp3"
     b.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
     with pytest.raises(UnsupportedMedia, match="not in a recognised format"):
