@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -155,6 +156,7 @@ class SonicPipeline:
         threadpool_limits(1, user_api="blas")
         self._render_pool = RenderPool(self.render_processes) if self.render_processes else None
         self._one_at_a_time = threading.Lock()  # a render's face graphs and helpers are the pipeline's own
+        self._process = os.getpid()  # where its face graphs and helpers live (see _in_its_own_process)
         # a long recording's second half is recognised by a render helper (phones_pool.py)
         self._phones_pool = PhonesPool(self._render_pool) if self._render_pool is not None else None
         if self._render_pool is not None:
@@ -164,6 +166,17 @@ class SonicPipeline:
         """Stop the render processes (they also stop when this process exits)."""
         if self._render_pool is not None:
             self._render_pool.close()
+
+    def _in_its_own_process(self) -> None:
+        """A pipeline copied into a child by fork (multiprocessing's default on Linux) hung there
+        for good: the face analyser's graph threads and the render helpers' sockets are its
+        parent's."""
+        if os.getpid() != self._process:
+            raise PipelineError(
+                "this pipeline was loaded in another process and copied here by fork (multiprocessing's "
+                "default on Linux), where it cannot run: call sonic.load_pipeline() in each process, or "
+                "use multiprocessing.get_context('spawn')"
+            )
 
     def options(self, params: dict | None = None) -> GenerateOptions:
         return GenerateOptions.from_dict(params, self.settings)
@@ -209,6 +222,7 @@ class SonicPipeline:
             )
         if out_path is not None:
             out_path = writable_video_path(out_path, (image, audio, sound_file))
+        self._in_its_own_process()
         with self._one_at_a_time:
             return self._generate(image, audio, options, out_path, progress, sound_file, rate)
 
@@ -332,6 +346,8 @@ class SonicPipeline:
         image_h, image_w = rgb.shape[:2]
         if not opts.crop_to_face:
             check_output((image_h, image_w), None, opts, n_frames, limits)
+        if faces is None:
+            self._in_its_own_process()
         face = (faces or self.faces).analyze(rgb)
         box = crop_box(face.box, (image_h, image_w), opts.expand_ratio, opts.crop_to_face)
         check_output((image_h, image_w), box, opts, n_frames, limits)

@@ -153,3 +153,30 @@ def test_a_path_that_cannot_be_searched_or_named_is_refused_by_name(tmp_path):
             writable_video_path(locked / "inner" / "x.mp4", ())
     finally:
         locked.chmod(0o700)
+
+
+_FORKED: dict = {}  # what a forked worker finds in its copy of this module (a pipeline cannot be pickled)
+
+
+def _render_in_a_fork(out) -> str:
+    try:
+        _FORKED["pipeline"](_FORKED["rgb"], _FORKED["wav"], SHORT, out_path=out)
+        return "rendered"
+    except SonicError as e:
+        return str(e)
+
+
+def test_a_pipeline_copied_by_fork_says_so_instead_of_hanging(pipeline, rgb, wav, tmp_path):
+    """multiprocessing's default on Linux copies the parent's pipeline into each worker, where its
+    face analyser's graph waited for good on threads that fork had not copied."""
+    import multiprocessing
+
+    _FORKED.update(pipeline=pipeline, rgb=rgb, wav=wav)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            said = pool.apply_async(_render_in_a_fork, (tmp_path / "forked.mp4",)).get(timeout=60)
+    finally:
+        _FORKED.clear()
+    assert said.startswith("this pipeline was loaded in another process and copied here by fork"), said
+    assert not (tmp_path / "forked.mp4").exists()
+    pipeline(rgb, wav, SHORT, out_path=tmp_path / "here.mp4")  # the parent's own still renders
