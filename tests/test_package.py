@@ -24,6 +24,25 @@ def test_library_imports_no_web_framework_and_no_model():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_sonic_decoder_without_its_extra_names_what_to_install():
+    """Without the [gpu] extra (diffusers), asking for the sonic decoder was a ModuleNotFoundError."""
+    code = ("import sys\n"
+            "class NoDiffusers:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'diffusers':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoDiffusers())\n"
+            "import sonic\n"
+            "try:\n"
+            "    sonic.load_pipeline({'decoder': 'sonic'})\n"
+            "except sonic.SonicError as e:\n"
+            "    print(e.code, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ('setup_failed the sonic decoder needs diffusers, not installed: '
+                                  'pip install "sonic-talking-head[gpu]" (or the requirements file)'), out.stdout
+
+
 SERVER_MODULES = ("sonic_server", "flask", "werkzeug", "waitress", "redis", "rq", "boto3", "sqlalchemy", "jwt",
                   "prometheus_client")
 

@@ -7,15 +7,27 @@ generation parameter does with it is `SonicKind.meanings` (docs/gpu.md has the f
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import cv2
 import numpy as np
 
+from ...errors import SetupError
 from ...geometry import Framing
 from ...options import GenerateOptions
 from ...settings import Settings
 from .. import DecoderKind, all_parameters, register
+
+EXTRA_MODULES = ("diffusers", "transformers", "safetensors")  # the [gpu] extra's (pyproject.toml)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
 
 MULTIPLE = 64
 
@@ -73,6 +85,12 @@ class SonicKind(DecoderKind):
         self._lock = threading.Lock()  # one request at a time on the model (the UNet's audio context)
 
     def load(self, settings: Settings) -> "SonicKind":
+        missing = [name for name in EXTRA_MODULES if not _installed(name)]
+        if missing:  # named here, not as the ModuleNotFoundError of whichever is imported first
+            raise SetupError(
+                f"the sonic decoder needs {', '.join(missing)}, not installed: "
+                'pip install "sonic-talking-head[gpu]" (or the requirements file)'
+            )
         from .model import SonicModel, quiet_libraries
 
         quiet_libraries()
