@@ -5,6 +5,26 @@ helper needs only the decoder) does not load the rest.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type checker sees the names' own types (at run time they load on first use)
+    from .checks import CheckedInputs, check_inputs
+    from .errors import (
+        AudioTooLong,
+        Busy,
+        DiskFull,
+        EmptyAudio,
+        InputTooLarge,
+        InvalidParameter,
+        NoFaceDetected,
+        PipelineError,
+        SonicError,
+        UnsupportedMedia,
+    )
+    from .media import SAMPLE_RATE
+    from .options import GenerateOptions, load_config, schema
+    from .pipeline import GenerationResult, SonicPipeline, load_pipeline
+    from .settings import Settings, SettingsError, load_settings
 
 _EXPORTS = {
     "errors": [

@@ -78,3 +78,16 @@ def test_no_library_module_imports_the_server_package():
             if re.match(r"\s*(from sonic_server|import sonic_server)", line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}")
     assert not offenders, offenders
+
+
+def test_a_type_checker_sees_every_name_the_package_exports():
+    """The names load on first use (a module __getattr__), which a type checker cannot follow:
+    each is imported under TYPE_CHECKING too (a user's `from sonic import load_pipeline` was Any)."""
+    import ast
+
+    import sonic
+
+    tree = ast.parse((ROOT / "sonic" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    seen = {alias.name for node in block.body for alias in node.names}
+    assert seen == set(sonic.__all__)
