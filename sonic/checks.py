@@ -80,7 +80,7 @@ def writable_video_path(out_path: str | Path, inputs: tuple[object, ...], shown:
     """Where a video may be written, checked before anything is rendered (InvalidParameter naming
     `out_path`, shown to the user as `shown`, e.g. the CLI's --out): not a folder, not one of the
     `inputs` (it would be overwritten), under a folder that exists or can be made and is
-    writable. A file already there is replaced."""
+    writable. An MP4 (or empty file) already there is replaced; any other file is not."""
     if not isinstance(out_path, (str, os.PathLike)):
         raise InvalidParameter(f"{shown} must be a path, got {type(out_path).__name__}", field="out_path")
     named = f"{shown} {str(out_path)[:200]!r}"
@@ -104,6 +104,12 @@ def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
         for given in inputs:
             if isinstance(given, (str, Path)) and Path(given).exists() and path.samefile(given):
                 raise InvalidParameter(f"{named} is one of the inputs: it would be overwritten", field="out_path")
+        if not _replaceable(path):  # a recording handed over as an array, written over by its own video
+            raise InvalidParameter(
+                f"{named} is a file that is not an MP4 video: the video would replace it; "
+                "choose another name, or remove it first",
+                field="out_path",
+            )
     folder = path.parent
     while not folder.exists():  # the writer makes the missing folders
         folder = folder.parent
@@ -113,6 +119,13 @@ def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
         raise InvalidParameter(f"{named}: the folder {str(folder)[:200]!r} is not writable", field="out_path")
     _name_fits(path, folder, named)
     return path
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether a file may be replaced by a video: empty, or an MP4 already (its `ftyp` box)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return not head or head[4:8] == b"ftyp"
 
 
 def _name_fits(path: Path, folder: Path, named: str) -> None:

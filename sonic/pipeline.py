@@ -202,11 +202,12 @@ class SonicPipeline:
         SonicError naming its field, raised before anything is rendered.
 
         Without out_path the video goes to the configured output_dir under a fresh uuid name; a
-        missing folder is made, an existing file replaced. `progress(stage, fraction)` is called
-        as the work advances (decode, face, audio, motion, render, done); an exception raised from
-        it before `done` cancels the render (no file is left). One render at a time: calls from
-        several threads wait their turn (the face analyser's graphs and the render helpers are
-        the pipeline's own; run two in parallel with two pipelines).
+        missing folder is made, an MP4 already there replaced (another file is refused).
+        `progress(stage, fraction)` is called as the work advances (decode, face, audio, motion,
+        render, done); an exception raised from it before `done` cancels the render (no file is
+        left). One render at a time: calls from several threads wait their turn (the face analyser's
+        graphs and the render helpers are the pipeline's own; run two in parallel with two
+        pipelines).
         """
         if isinstance(options, Mapping):
             options = GenerateOptions.from_dict(dict(options), self.settings)

@@ -100,6 +100,12 @@ def test_where_the_video_cannot_go_is_said_before_anything_is_rendered(pipeline,
         assert e.value.field == "out_path" and stages == []
     assert a_file.read_bytes() == b"x" and sf.info(speech_copy).frames == len(wav)
     assert pipeline(rgb, wav, SHORT, out_path=tmp_path / "new" / "folder" / "v.mp4").frames == 10
+    # the speech handed over as an array, its own file named as out_path: it was written over
+    with pytest.raises(InvalidParameter, match="is a file that is not an MP4 video") as e:
+        pipeline(rgb, sf.read(speech_copy, dtype="float32")[0], SHORT, out_path=speech_copy)
+    assert e.value.field == "out_path" and sf.info(speech_copy).frames == len(wav)
+    again = tmp_path / "new" / "folder" / "v.mp4"  # a video already there is replaced, as before
+    assert pipeline(rgb, wav, SHORT, out_path=again).frames == 10
 
 
 def test_a_video_named_other_than_mp4_is_written_with_a_warning(pipeline, rgb, wav, tmp_path):
