@@ -87,6 +87,12 @@ def test_visemes_and_loudness():
     # instead of the noise's own range stretched over 0-1
     room = -54 + 2 * np.random.default_rng(0).standard_normal(200)
     assert normalise_loudness(room).max() < 0.35 and np.median(normalise_loudness(room)) < 0.15
+    # speech under loud steady noise: syllables 9 dB over it. Voiced (a voice's pitch), they
+    # open the mouth; the same levels unvoiced (noise that swells) do not
+    noisy = np.where(np.arange(200) % 10 < 4, -36.0, -45.0) + 0.3 * np.random.default_rng(1).standard_normal(200)
+    syllables = noisy > -40
+    assert normalise_loudness(noisy, syllables)[syllables].mean() > 0.6
+    assert normalise_loudness(noisy, np.zeros(200, bool))[syllables].mean() < 0.4
 
 
 # --- head motion: bounded and independent of the clip's length ---------------------------------

@@ -16,10 +16,10 @@ import scipy.signal  # noqa: F401 - imported here, not at a session's first fram
 
 from ..audio_features import (
     DYNAMIC_RANGE_DB,
-    MIN_RANGE_DB,
     band_filter,
     frame_loudness,
     frame_pitch,
+    min_range_db,
     phone_decoder,
     timed_phones,
 )
@@ -47,6 +47,7 @@ class LoudnessStream:
         self._heard = 0  # samples pushed in all
         self.frames_done = 0  # frames measured so far
         self._levels: deque[float] = deque(maxlen=int(LEVEL_WINDOW_S * fps))
+        self._voiced: deque[bool] = deque(maxlen=int(LEVEL_WINDOW_S * fps))  # beside _levels
         self._peak_env = -np.inf
         band_filter()  # designed now (once a process), not while the first frame is due
 
@@ -73,23 +74,26 @@ class LoudnessStream:
         keep_from = self._frame_start(max(0, self.frames_done - int(np.ceil(HISTORY_S * self.fps))))
         self._audio = self._audio[keep_from - self._audio_start :]
         self._audio_start = keep_from
-        return np.array([self._normalise(float(d)) for d in db]), pitch
+        voiced = ~np.isnan(pitch)
+        return np.array([self._normalise(float(d), bool(v)) for d, v in zip(db, voiced, strict=True)]), pitch
 
     def silence_from(self, frame: int) -> None:
         """The audio kept from frame `frame` on is heard as silence (an interrupt drops it)."""
         start = max(0, self._frame_start(frame) - self._audio_start)
         self._audio[start:] = 0.0
 
-    def _normalise(self, db: float) -> float:
+    def _normalise(self, db: float, voiced: bool) -> float:
         """One frame's dB -> 0-1 against the range heard so far (offline: the clip's range)."""
         if db > SILENCE_DB:
             self._levels.append(db)
+            self._voiced.append(voiced)
         self._peak_env = max(db, self._peak_env - PEAK_FALL_DB_S / self.fps)
         if not self._levels:
             return 0.0
         levels = np.fromiter(self._levels, float)
         floor = float(np.percentile(levels, 5))
-        peak = max(float(np.percentile(levels, 97)), self._peak_env - 3.0, floor + MIN_RANGE_DB)
+        least = min_range_db(levels, np.fromiter(self._voiced, bool))
+        peak = max(float(np.percentile(levels, 97)), self._peak_env - 3.0, floor + least)
         floor = max(floor, peak - DYNAMIC_RANGE_DB)
         return float(np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0))
 
