@@ -197,7 +197,7 @@ def test_the_queue_keeps_to_its_limit_whoever_speaks_at_once(pipeline):
 
     def speak():
         start.wait()
-        session.speak(pcm, limit_s=10.0)
+        session.queue_speech(pcm, limit_s=10.0)
 
     threads = [threading.Thread(target=speak) for _ in range(8)]
     for t in threads:
@@ -205,7 +205,10 @@ def test_the_queue_keeps_to_its_limit_whoever_speaks_at_once(pipeline):
     for t in threads:
         t.join()
     assert session.queued_s == pytest.approx(10.0)
-    assert session.speak(pcm, limit_s=12.0) == pytest.approx(12.0)  # cut at the limit, to the sample
+    cut = session.queue_speech(pcm, limit_s=12.0)  # cut at the limit, to the sample
+    assert cut.queued_s == pytest.approx(12.0) and cut.dropped_s == pytest.approx(1.0)
+    refused = session.queue_speech(pcm[:SAMPLE_RATE], limit_s=12.5, whole=True)  # all of it, or none
+    assert refused.queued_s == pytest.approx(12.0) and refused.dropped_s == pytest.approx(1.0)
 
 
 def test_a_helper_that_cannot_start_says_so_without_its_exceptions_words(pipeline, caplog):

@@ -344,17 +344,21 @@ def test_speak_requests_at_the_same_moment_cannot_pass_max_speak_s_between_them(
     time.sleep(1.0)  # every request has read the room: nothing queued yet
     for s in sockets:
         s.sendall(pcm)
-    statuses = []
+    statuses, kept_s = [], 0.0
     for s in sockets:
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
         s.close()
         statuses.append(answer.split(b" ", 2)[1])
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        kept_s += 8.0 - body.get("dropped_s", 0.0)  # what each answer says was kept of its 8 s
+        assert ("dropped_s" in body) == ("warning" in body), body
     assert statuses == [b"202"] * 4, statuses
     queued = requests.get(f"{base}/api/sonic/live/{session}", timeout=10).json()["queued_s"]
     requests.delete(f"{base}/api/sonic/live/{session}", timeout=10)
     assert queued <= 10.0, queued
+    assert kept_s == pytest.approx(queued, abs=0.05), (kept_s, queued)  # nothing cut unsaid
 
 
 def test_bad_requests_are_named_4xx(server, tmp_path):

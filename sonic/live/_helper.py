@@ -33,7 +33,8 @@ def _listen(conn: Connection, session: LiveSession, send, begin: threading.Event
         if isinstance(msg, Hear):
             session.hear(msg.pcm)
         elif isinstance(msg, Speak):
-            send(Queued(session.speak(msg.pcm, msg.turn, msg.limit_s), session.turn, msg.seq))
+            spoken = session.queue_speech(msg.pcm, msg.turn, msg.limit_s, msg.whole)
+            send(Queued(spoken.queued_s, session.turn, msg.seq, spoken.dropped_s))
         elif isinstance(msg, Interrupt):
             session.interrupt()
         elif isinstance(msg, Begin):

@@ -24,12 +24,16 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import PipelineError
 from ..media import SAMPLE_RATE, mono_samples
 from ..render_pool import HelperProcess, scratch_root, sweep_orphans
+
+if TYPE_CHECKING:
+    from .session import Spoken
 
 log = logging.getLogger("sonic.live")
 SLOTS = 8  # frames in the ring: the reader copies each out long before its slot comes round again
@@ -65,6 +69,7 @@ class Speak:
     pcm: np.ndarray
     turn: int | None = None
     limit_s: float | None = None
+    whole: bool = False
     seq: int = 0  # echoed by its Queued: an answer that came too late is not taken for the next
 
 
@@ -89,6 +94,7 @@ class Queued:
     seconds: float
     turn: int = 0
     seq: int = 0
+    dropped_s: float = 0.0  # of the Speak it answers
 
 
 @dataclass(frozen=True)
@@ -277,31 +283,52 @@ class SessionProcess:
                     pass
 
     # --- a LiveSession's interface --------------------------------------------------------
-    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
-        """LiveSession.speak, answered by the helper; OSError once the helper is gone. Long
-        speech goes in parts of SPEAK_PART_S: the socket is never held for long by one call
-        (a microphone's 20 ms packets, sent on the connections' one loop, wait for it), and one
-        call's parts go together (two calls at once were queued in alternate parts). The speech
-        is checked here, as a LiveSession checks it: a bad chunk is refused to the caller, not
-        raised in the helper, whose listening it would stop."""
+    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
+        """LiveSession.speak, answered by the helper; OSError once the helper is gone."""
+        return self.queue_speech(pcm, turn).queued_s
+
+    def queue_speech(
+        self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None, whole: bool = False
+    ) -> Spoken:
+        """LiveSession.queue_speech, answered by the helper. Long speech goes in parts of
+        SPEAK_PART_S: the socket is never held for long by one call (a microphone's 20 ms packets,
+        sent on the connections' one loop, wait for it), and one call's parts go together (two
+        calls at once were queued in alternate parts). `whole` holds across the parts: each part
+        must leave room for the parts after it (the queue only shrinks meanwhile: the parts go
+        together). The speech is checked here, as a LiveSession checks it: a bad chunk is refused
+        to the caller, not raised in the helper, whose listening it would stop."""
+        from .session import Spoken
+
         pcm = mono_samples(pcm)
         step = int(SPEAK_PART_S * SAMPLE_RATE)
-        seqs = []
+        sent, replies = 0, []
         with self._speak_lock:
+            pending = []
             for start in range(0, max(len(pcm), 1), step):
-                seqs.append(next(self._seq))
-                self._send(Speak(pcm[start : start + step], turn, limit_s, seqs[-1]))
-        last = seqs[-1]
+                after_s = max(0, len(pcm) - start - step) / SAMPLE_RATE
+                limit = None if limit_s is None else limit_s - after_s if whole else limit_s
+                seq = next(self._seq)
+                self._send(Speak(pcm[start : start + step], turn, limit, whole, seq))
+                sent = min(len(pcm), start + step)
+                if not whole:
+                    pending.append(seq)
+                    continue
+                replies.append(self._answer(seq))  # a part refused refuses the rest
+                if replies[-1].dropped_s:
+                    break
+            replies += [self._answer(seq) for seq in pending]
+        self.turn = replies[-1].turn
+        dropped = sum(r.dropped_s for r in replies) + (len(pcm) - sent) / SAMPLE_RATE
+        return Spoken(float(replies[-1].seconds), dropped)
+
+    def _answer(self, seq: int) -> Queued:
+        """The helper's answer to the Speak numbered `seq` (answers come in order)."""
         with self._answered:
-            if not self._answered.wait_for(lambda: last in self._answers or self._ended, REPLY_TIMEOUT_S):
+            if not self._answered.wait_for(lambda: seq in self._answers or self._ended, REPLY_TIMEOUT_S):
                 raise PipelineError("the live session's helper did not answer")
-            if last not in self._answers:  # as a send to it would, once it is gone
+            if seq not in self._answers:  # as a send to it would, once it is gone
                 raise BrokenPipeError("the live session's helper has stopped")
-            reply = self._answers.pop(last)
-            for seq in seqs[:-1]:  # the parts' answers came first, in order
-                self._answers.pop(seq, None)
-        self.turn = reply.turn
-        return float(reply.seconds)
+            return self._answers.pop(seq)
 
     def hear(self, pcm: np.ndarray) -> None:
         try:

@@ -84,6 +84,15 @@ class LiveFrame:
         return self.pixels if self.i420 else cv2.cvtColor(self.pixels, cv2.COLOR_RGB2YUV_I420)
 
 
+@dataclass(frozen=True)
+class Spoken:
+    """What queuing speech did: the seconds the session now holds, and the seconds of this
+    speech dropped for the queue's limit."""
+
+    queued_s: float
+    dropped_s: float = 0.0
+
+
 class LiveSession:
     """A face speaking as audio arrives. `speak` and `hear` may be called from any thread;
     `step` (or `frames`) from one thread, the session's clock."""
@@ -118,20 +127,28 @@ class LiveSession:
         self._image = face.decoder.render(rest, np.zeros((1, 4)))[0]
 
     # --- speech in -------------------------------------------------------------------------
-    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
+    def speak(self, pcm: np.ndarray, turn: int | None = None) -> float:
         """Queue speech (float32 (n,) at SAMPLE_RATE) behind what is queued; returns the seconds
         queued. `turn`: what `turn` was when this speech began (a stream sent in parts); an
-        interrupt since then has ended that turn, and its speech is dropped. `limit_s`: the
-        queue holds at most so many seconds; what would pass it is dropped (checked here, under
-        the queue's lock, so that callers at the same moment cannot pass it between them)."""
+        interrupt since then has ended that turn, and its speech is dropped."""
+        return self.queue_speech(pcm, turn).queued_s
+
+    def queue_speech(
+        self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None, whole: bool = False
+    ) -> Spoken:
+        """`speak`, with the queue held to `limit_s` seconds: what would pass it is dropped, or,
+        `whole`, all of it. Checked under the queue's lock, so that callers at the same moment
+        cannot pass the limit between them (each had seen the room as it was)."""
         pcm = mono_samples(pcm)
         with self._lock:
+            kept = len(pcm)
             if limit_s is not None:
-                pcm = pcm[: max(0, int(limit_s * SAMPLE_RATE) - self._queued)]
-            if len(pcm) and (turn is None or turn == self._turn):
-                self._speech.append(pcm)
-                self._queued += len(pcm)
-            return self._queued / SAMPLE_RATE
+                room = max(0, int(limit_s * SAMPLE_RATE) - self._queued)
+                kept = 0 if whole and kept > room else min(kept, room)
+            if kept and (turn is None or turn == self._turn):
+                self._speech.append(pcm[:kept])
+                self._queued += kept
+            return Spoken(self._queued / SAMPLE_RATE, (len(pcm) - kept) / SAMPLE_RATE)
 
     def hear(self, pcm: np.ndarray) -> None:
         """Microphone audio (float32 (n,) at SAMPLE_RATE) as it arrives; mixed with the queued speech."""

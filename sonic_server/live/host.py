@@ -130,8 +130,9 @@ class LiveHost:
         if op == "speak":
             pcm = np.frombuffer(relay.unpack(command["pcm"]), "<i2").astype(np.float32) / 32768.0
             turn, limit = command.get("turn"), command.get("limit_s")
-            queued = session.speak(pcm, None if turn is None else int(turn), None if limit is None else float(limit))
-            return {"queued_s": queued, "turn": session.turn}
+            turn, limit = None if turn is None else int(turn), None if limit is None else float(limit)
+            spoken = session.speak(pcm, turn, limit, bool(command.get("whole")))
+            return {"queued_s": spoken.queued_s, "dropped_s": spoken.dropped_s, "turn": session.turn}
         if op == "interrupt":
             session.interrupt()
             return {"interrupted": True}

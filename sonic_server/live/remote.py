@@ -18,6 +18,7 @@ import numpy as np
 import redis as redis_lib
 
 from sonic.errors import Busy, SonicError
+from sonic.live.session import Spoken
 
 from .. import metrics
 from ..queue.redis import PREFIX, connect, live_workers
@@ -44,11 +45,13 @@ class RemoteSession:
     conn: Any
     turn: int = 0  # the session's turn, as the worker's last answer to `speak` gave it
 
-    def speak(self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None) -> float:
+    def speak(
+        self, pcm: np.ndarray, turn: int | None = None, limit_s: float | None = None, whole: bool = False
+    ) -> Spoken:
         s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
-        reply = self._call("speak", pcm=relay.pack(s16), turn=turn, limit_s=limit_s)
+        reply = self._call("speak", pcm=relay.pack(s16), turn=turn, limit_s=limit_s, whole=whole)
         self.turn = int(reply.get("turn", 0))
-        return float(reply["queued_s"])
+        return Spoken(float(reply["queued_s"]), float(reply.get("dropped_s", 0.0)))
 
     def interrupt(self) -> None:
         self._call("interrupt")

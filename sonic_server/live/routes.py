@@ -349,14 +349,17 @@ def speak(session_id: str):
     # what the session holds already counts: a refused request queues nothing. Requests at the
     # same moment each see the room as it was; the session itself drops what would pass max_s
     # (memory), whatever they saw
-    room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)))
+    room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)).queued_s)
     kind = (request.mimetype or "").lower()
     if kind == PCM_TYPE:
         streamed = _speak_pcm(session, room, session.turn)
     else:
         wav = _decoded_speech(max_s)
         room.check(len(wav) / SAMPLE_RATE)
-        streamed = Streamed(session.speak(wav, limit_s=max_s))
+        spoken = session.speak(wav, limit_s=max_s, whole=True)
+        if spoken.dropped_s:  # another request filled the room since it was looked at
+            SpeechRoom(max_s, spoken.queued_s).check(len(wav) / SAMPLE_RATE)
+        streamed = Streamed(spoken.queued_s)
     body: dict = {"queued_s": round(streamed.queued_s, 3)}
     if streamed.dropped_s:
         body["dropped_s"] = round(streamed.dropped_s, 3)
@@ -414,21 +417,25 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         room.check(request.content_length / 2 / SAMPLE_RATE)
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     stream, total, kept, carry = request.stream, 0, 0, b""
-    queued, interrupted = room.queued_s, False
+    queued, interrupted, full = room.queued_s, False, False
     while True:
         chunk = stream.read(PCM_CHUNK_BYTES)
         if not chunk:
             break
-        fits = 0 if interrupted else max(0, min(len(chunk), room_bytes - total))
+        fits = 0 if interrupted or full else max(0, min(len(chunk), room_bytes - total))
         total += len(chunk)
         if not fits:
             continue
         data = carry + chunk[:fits]
         cut = len(data) - len(data) % 2
         carry = data[cut:]
-        queued = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn, room.max_s)
+        spoken = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn, room.max_s)
+        queued = spoken.queued_s
         interrupted = session.turn != turn
-        kept += 0 if interrupted else fits
+        # the session's queue held to max_s (another request may have filled it): the stream is
+        # cut where it did, not spliced on once the queue has played down
+        full = spoken.dropped_s > 0
+        kept += 0 if interrupted else fits - 2 * int(round(spoken.dropped_s * SAMPLE_RATE))
     if total < 2:
         raise InvalidParameter(
             f"the audio/L16 body is {'empty' if total == 0 else 'one byte: no whole 16-bit sample'}", field="audio"

@@ -23,6 +23,7 @@ from typing import Any
 from sonic.errors import Busy, InvalidParameter, SonicError
 from sonic.live import LiveFace, LiveSession
 from sonic.live.process import HelperPool, SessionProcess
+from sonic.live.session import Spoken
 from sonic.media import SAMPLE_RATE
 from sonic.options import GenerateOptions
 
@@ -127,11 +128,11 @@ class ServedSession:
         """Seconds of video sent."""
         return self.stats.frames_sent / self.engine.fps
 
-    def speak(self, pcm: Any, turn: int | None = None, limit_s: float | None = None) -> float:
-        """Queue 16 kHz mono float32 speech (of `turn`: dropped if an interrupt ended it; past
-        `limit_s` of queue: dropped); the seconds now queued."""
+    def speak(self, pcm: Any, turn: int | None = None, limit_s: float | None = None, whole: bool = False) -> Spoken:
+        """Queue 16 kHz mono float32 speech (of `turn`: dropped if an interrupt ended it; what
+        would pass `limit_s` of queue dropped, or, `whole`, all of it)."""
         try:
-            return self.engine.speak(pcm, turn, limit_s)
+            return self.engine.queue_speech(pcm, turn, limit_s, whole)
         except OSError as e:
             raise self._helper_gone() from e
 
