@@ -121,11 +121,19 @@ def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
     return path
 
 
+AUDIO_SUFFIXES = {".m4a", ".m4b", ".aac", ".3gp", ".3g2", ".wav", ".mp3", ".flac", ".ogg", ".opus", ".webm"}
+# an MP4 video's major brands (its `ftyp` box); M4A audio, QuickTime, 3GP and HEIC photos differ
+MP4_VIDEO_BRANDS = {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"M4V ", b"dash"}
+
+
 def _replaceable(path: Path) -> bool:
-    """Whether a file may be replaced by a video: empty, or an MP4 already (its `ftyp` box)."""
+    """Whether a file may be replaced by a video: empty, or an MP4 video already (its `ftyp`
+    box's brand) not named as a recording (an audio-only MP4 can carry a video's brand)."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    return not head or head[4:8] == b"ftyp"
+        head = f.read(12)
+    if not head:
+        return True
+    return head[4:8] == b"ftyp" and head[8:12] in MP4_VIDEO_BRANDS and path.suffix.lower() not in AUDIO_SUFFIXES
 
 
 def _name_fits(path: Path, folder: Path, named: str) -> None:

@@ -104,6 +104,16 @@ def test_where_the_video_cannot_go_is_said_before_anything_is_rendered(pipeline,
     with pytest.raises(InvalidParameter, match="is a file that is not an MP4 video") as e:
         pipeline(rgb, sf.read(speech_copy, dtype="float32")[0], SHORT, out_path=speech_copy)
     assert e.value.field == "out_path" and sf.info(speech_copy).frames == len(wav)
+    import subprocess
+
+    from sonic.media import FFMPEG
+
+    memo = tmp_path / "memo.m4a"  # a phone's voice memo: an MP4 file too (its ftyp box), of audio
+    subprocess.run([FFMPEG, "-v", "error", "-i", str(speech_copy), str(memo)], check=True)
+    before = memo.read_bytes()
+    with pytest.raises(InvalidParameter, match="is a file that is not an MP4 video"):
+        pipeline(rgb, wav, SHORT, out_path=memo)
+    assert memo.read_bytes() == before
     again = tmp_path / "new" / "folder" / "v.mp4"  # a video already there is replaced, as before
     assert pipeline(rgb, wav, SHORT, out_path=again).frames == 10
 
