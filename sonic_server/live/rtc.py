@@ -170,23 +170,24 @@ def _track_classes() -> tuple[type, type]:
     return FaceTrack, SpeechTrack
 
 
-def microphone_of(pc: Any) -> Any | None:
-    """The transceiver a session hears the client through: the offer's first audio section."""
-    return next((t for t in pc.getTransceivers() if t.kind == "audio"), None)
-
-
-def receive_the_microphone_only(pc: Any, face: Any) -> None:
-    """Before the answer: the client may send its microphone and nothing else. The face's video
-    section sends only, any other section is inactive. A video section the client sends on (a page
-    that offers its camera) would otherwise be received and decoded into a queue that nothing
-    reads: a 960x540 camera grew the server by 25 MB a second, for every session that sent one; a
-    second audio section would be mixed into the first."""
-    microphone = microphone_of(pc)
-    for transceiver in pc.getTransceivers():
-        if transceiver.kind == "video":
-            transceiver.direction = "sendonly" if transceiver.sender is face else "inactive"
-        elif transceiver is not microphone:
-            transceiver.direction = "inactive"
+def set_directions(pc: Any, sections: Any, face: Any, voice: Any) -> Any:
+    """Before the answer: the face and the voice sent on their sections (`sections`: a
+    sessions.Sections), the microphone received on its own, nothing else. A video section the
+    client sends on (a page that offers its camera) would otherwise be received and decoded into
+    a queue that nothing reads: a 960x540 camera grew the server by 25 MB a second, for every
+    session that sent one; a second microphone would be mixed into the first. The face's sender."""
+    transceivers = pc.getTransceivers()
+    face_at = sections.face if sections.face is not None else 0  # check_offer asked for one
+    transceivers[face_at].sender.replaceTrack(face)
+    if sections.voice is not None:
+        transceivers[sections.voice].sender.replaceTrack(voice)
+    for i, transceiver in enumerate(transceivers):
+        sends = i in (face_at, sections.voice)
+        hears = i == sections.microphone
+        transceiver.direction = {(True, True): "sendrecv", (True, False): "sendonly", (False, True): "recvonly"}.get(
+            (sends, hears), "inactive"
+        )
+    return transceivers[face_at].sender
 
 
 async def consume_microphone(track: Any, hear: Callable[[np.ndarray], None], heard: Callable[[], None]) -> None:

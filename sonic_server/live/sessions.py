@@ -35,10 +35,9 @@ from .rtc import (
     announce_host,
     consume_microphone,
     face_tracks,
-    microphone_of,
     quicken_audio_receiver,
-    receive_the_microphone_only,
     rtc_configuration,
+    set_directions,
 )
 
 log = logging.getLogger("sonic.live")
@@ -207,20 +206,45 @@ def media_sections(sdp: str) -> list[list[str]]:
 
 
 def receives(sdp: str, kind: str) -> bool:
-    """Whether an offer has a `kind` ("video", "audio") section that receives: not sendonly nor
-    inactive, nor rejected (port 0), unless bundle-only (JSEP's max-bundle: such a section shares
-    the first one's transport)."""
+    """Whether an offer has a `kind` ("video", "audio") section that receives."""
+    return any(_receiving(section, kind) for section in media_sections(sdp))
 
-    def receiving(section: list[str]) -> bool:
-        attributes = {line.strip() for line in section[1:]}
-        return (
-            section[0].startswith(f"m={kind}")
-            and (not section[0].startswith(f"m={kind} 0 ") or "a=bundle-only" in attributes)
-            and "a=sendonly" not in attributes
-            and "a=inactive" not in attributes
-        )
 
-    return any(receiving(section) for section in media_sections(sdp))
+@dataclass(frozen=True)
+class Sections:
+    """Which of an offer's audio and video sections (its transceivers, in order) carry what: the
+    face (the first video section the client receives on), the voice (the first such audio
+    section) and the microphone (the first audio section the client sends on); None: none."""
+
+    face: int | None
+    voice: int | None
+    microphone: int | None
+
+    @classmethod
+    def of(cls, sdp: str) -> Sections:
+        tracks = [section for section in media_sections(sdp) if section[0].startswith(("m=audio", "m=video"))]
+
+        def first(kind: str, not_if: str) -> int | None:
+            return next((i for i, section in enumerate(tracks) if _open_to(section, kind, not_if)), None)
+
+        return cls(first("video", "a=sendonly"), first("audio", "a=sendonly"), first("audio", "a=recvonly"))
+
+
+def _receiving(section: list[str], kind: str) -> bool:
+    return _open_to(section, kind, "a=sendonly")
+
+
+def _open_to(section: list[str], kind: str, not_if: str) -> bool:
+    """A `kind` section neither `not_if` (a=sendonly: the client receives; a=recvonly: it
+    sends) nor inactive, nor rejected (port 0) unless bundle-only (JSEP's max-bundle: such a
+    section shares the first one's transport)."""
+    attributes = {line.strip() for line in section[1:]}
+    return (
+        section[0].startswith(f"m={kind}")
+        and (not section[0].startswith(f"m={kind} 0 ") or "a=bundle-only" in attributes)
+        and not_if not in attributes
+        and "a=inactive" not in attributes
+    )
 
 
 def check_offer(offer: dict) -> None:
@@ -501,10 +525,14 @@ class LiveSessions:
         def heard() -> None:
             session.last_heard = time.monotonic()
 
+        sections = Sections.of(offer["sdp"])
+
         @pc.on("track")
         def on_track(track: Any) -> None:
-            microphone = microphone_of(pc)
-            if microphone is not None and microphone.receiver.track is track:
+            if sections.microphone is None:
+                return
+            microphone = pc.getTransceivers()[sections.microphone]
+            if microphone.receiver.track is track:
                 quicken_audio_receiver(microphone.receiver)
                 session.tasks.append(self.rtc.loop.create_task(consume_microphone(track, session.engine.hear, heard)))
 
@@ -518,10 +546,9 @@ class LiveSessions:
                 threading.Thread(target=self.end, args=(session.id, "client_gone"), daemon=True).start()
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
-        session.video_sender = pc.addTrack(session.video)
-        if microphone_of(pc) is not None:
-            pc.addTrack(session.audio)
-        receive_the_microphone_only(pc, session.video_sender)
+        # each track on its own section (aiortc's addTrack takes the first of its kind, which may
+        # be one the client only sends on: a camera, a microphone; then nothing was sent)
+        session.video_sender = set_directions(pc, sections, session.video, session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
         sdp = announce_host(pc.localDescription.sdp, self.settings.public_host)
         return {"sdp": sdp, "type": pc.localDescription.type}
