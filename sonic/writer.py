@@ -158,19 +158,32 @@ class VideoWriter:
         except OSError as e:
             self._cleanup()
             raise PipelineError("ffmpeg could not be started") from e
+        except BaseException:
+            self._cleanup()
+            raise
+        try:
+            self._start_feeder()
+        except BaseException:  # ^C or SIGTERM before the feeder runs: ffmpeg would go on writing
+            self._proc.kill()
+            self._proc.wait()
+            self.tmp_path.unlink(missing_ok=True)
+            self._cleanup()
+            raise
+        return self
+
+    def _start_feeder(self) -> None:
+        """Frames go to ffmpeg from a feeder thread, so that rendering the next batch overlaps
+        encoding this one (a blocked pipe write releases the GIL)."""
         assert self._proc.stdin is not None  # stdin=PIPE
         try:  # a larger pipe: fewer switches between the render and the encoder
             fcntl.fcntl(self._proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (AttributeError, OSError):
             pass
-        # frames go to ffmpeg from a feeder thread, so that rendering the next batch overlaps
-        # encoding this one (a blocked pipe write releases the GIL)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
         self._feed_error: Exception | None = None
         self._abandoned = threading.Event()  # the write was given up: the feeder stops at its next look
         self._feeder = threading.Thread(target=self._feed, name="video-writer", daemon=True)
         self._feeder.start()
-        return self
 
     def _feed(self) -> None:
         assert self._proc.stdin is not None  # stdin=PIPE
