@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # a type checker sees the names' own types (at run time they load on first use)
+    __version__: str
     from .checks import CheckedInputs, check_inputs
     from .errors import (
         AudioTooLong,
@@ -50,6 +51,10 @@ __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # the installed release, as pip knows it
+        from .version import package_version
+
+        return package_version()
     if name in _WHERE:
         value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value

@@ -89,5 +89,8 @@ def test_a_type_checker_sees_every_name_the_package_exports():
 
     tree = ast.parse((ROOT / "sonic" / "__init__.py").read_text())
     block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
-    seen = {alias.name for node in block.body for alias in node.names}
+    seen = {alias.name for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
     assert seen == set(sonic.__all__)
+    from importlib import metadata
+
+    assert sonic.__version__ == metadata.version("sonic-talking-head")  # as pip knows it
