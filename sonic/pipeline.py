@@ -167,6 +167,12 @@ class SonicPipeline:
         if self._render_pool is not None:
             self._render_pool.close()
 
+    def __enter__(self) -> SonicPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # `with load_pipeline() as pipe:` closes it
+        self.close()
+
     def _in_its_own_process(self) -> None:
         """A pipeline copied into a child by fork (multiprocessing's default on Linux) hung there
         for good: the face analyser's graph threads and the render helpers' sockets are its

@@ -52,20 +52,23 @@ def test_the_library_renders_without_loading_any_server_module(tmp_path):
     portrait, half a second of its speech) loads none of the service's modules or packages."""
     out_path = tmp_path / "lib.mp4"
     code = (
-        "import sys, sonic\n"
+        "import os, sys, sonic\n"
         "settings = sonic.load_settings()\n"
-        "pipe = sonic.load_pipeline(settings)\n"
-        "opts = sonic.GenerateOptions.from_dict({'min_resolution': 256, 'duration': 0.5}, settings)\n"
-        f"result = pipe({str(ROOT / 'examples' / 'portrait.jpg')!r}, {str(ROOT / 'examples' / 'speech.flac')!r}, "
+        "with sonic.load_pipeline(settings) as pipe:\n"
+        "    opts = sonic.GenerateOptions.from_dict({'min_resolution': 256, 'duration': 0.5}, settings)\n"
+        f"    result = pipe({str(ROOT / 'examples' / 'portrait.jpg')!r}, {str(ROOT / 'examples' / 'speech.flac')!r}, "
         f"opts, out_path={str(out_path)!r})\n"
         "print(result.frames)\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_MODULES!r}))\n"
+        # the with block closed the pipeline: its render helpers are gone
+        "print(open(f'/proc/self/task/{os.getpid()}/children').read().split())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    frames, loaded = out.stdout.strip().splitlines()[-2:]
+    frames, loaded, children = out.stdout.strip().splitlines()[-3:]
     assert int(frames) == 12 and out_path.stat().st_size > 1000
     assert loaded == "[]", f"server modules loaded by a library render: {loaded}"
+    assert children == "[]", f"processes left after the with block: {children}"
 
 
 def test_no_library_module_imports_the_server_package():
