@@ -159,10 +159,10 @@ def frame_loudness(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
     hann = np.hanning(win)
     pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
     centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
-    rms = np.empty(n_frames)
+    rms, energy = np.empty(n_frames), (hann**2).sum()
     for block in _blocks(n_frames):
         seg = pad[centres[block, None] + np.arange(win)[None, :]] * hann
-        rms[block] = np.sqrt((seg**2).sum(1) / (hann**2).sum())
+        rms[block] = np.sqrt((seg**2).sum(1) / energy)
     return 20 * np.log10(rms + 1e-7)
 
 
