@@ -16,9 +16,12 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:  # sessions.py imports this module
+    from .sessions import Sections
 
 log = logging.getLogger("sonic.live")
 T = TypeVar("T")
@@ -170,12 +173,12 @@ def _track_classes() -> tuple[type, type]:
     return FaceTrack, SpeechTrack
 
 
-def set_directions(pc: Any, sections: Any, face: Any, voice: Any) -> Any:
-    """Before the answer: the face and the voice sent on their sections (`sections`: a
-    sessions.Sections), the microphone received on its own, nothing else. A video section the
-    client sends on (a page that offers its camera) would otherwise be received and decoded into
-    a queue that nothing reads: a 960x540 camera grew the server by 25 MB a second, for every
-    session that sent one; a second microphone would be mixed into the first. The face's sender."""
+def set_directions(pc: Any, sections: Sections, face: Any, voice: Any) -> Any:
+    """Before the answer: the face and the voice sent on their sections, the microphone received on
+    its own, nothing else. A video section the client sends on (a page that offers its camera) would
+    otherwise be received and decoded into a queue that nothing reads: a 960x540 camera grew the
+    server by 25 MB a second, for every session that sent one; a second microphone would be mixed
+    into the first. The face's sender."""
     transceivers = pc.getTransceivers()
     face_at = sections.face if sections.face is not None else 0  # check_offer asked for one
     transceivers[face_at].sender.replaceTrack(face)

@@ -207,7 +207,7 @@ def media_sections(sdp: str) -> list[list[str]]:
 
 def receives(sdp: str, kind: str) -> bool:
     """Whether an offer has a `kind` ("video", "audio") section that receives."""
-    return any(_receiving(section, kind) for section in media_sections(sdp))
+    return any(_open_to(section, kind, "a=sendonly") for section in media_sections(sdp))
 
 
 @dataclass(frozen=True)
@@ -228,10 +228,6 @@ class Sections:
             return next((i for i, section in enumerate(tracks) if _open_to(section, kind, not_if)), None)
 
         return cls(first("video", "a=sendonly"), first("audio", "a=sendonly"), first("audio", "a=recvonly"))
-
-
-def _receiving(section: list[str], kind: str) -> bool:
-    return _open_to(section, kind, "a=sendonly")
 
 
 def _open_to(section: list[str], kind: str, not_if: str) -> bool:
