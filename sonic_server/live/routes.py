@@ -357,8 +357,8 @@ def speak(session_id: str):
         wav = _decoded_speech(max_s)
         room.check(len(wav) / SAMPLE_RATE)
         spoken = session.speak(wav, limit_s=max_s, whole=True)
-        if spoken.dropped_s:  # another request filled the room since it was looked at
-            SpeechRoom(max_s, spoken.queued_s).check(len(wav) / SAMPLE_RATE)
+        if spoken.dropped_s:  # another request filled the room since it was looked at: none queued
+            raise SpeechRoom(max_s, spoken.queued_s).refusal(len(wav) / SAMPLE_RATE)
         streamed = Streamed(spoken.queued_s)
     body: dict = {"queued_s": round(streamed.queued_s, 3)}
     if streamed.dropped_s:
@@ -391,12 +391,16 @@ class SpeechRoom:
 
     def check(self, seconds: float) -> None:
         if seconds > self.max_s - self.queued_s:
-            held = f"the session holds {self.queued_s:.1f} s of speech, and " if self.queued_s else ""
-            raise InvalidParameter(
-                f"{held}{seconds:.1f} s more would pass live.max_speak_s ({self.max_s:g} s); "
-                "wait for it to be spoken, or interrupt",
-                field="audio",
-            )
+            raise self.refusal(seconds)
+
+    def refusal(self, seconds: float) -> InvalidParameter:
+        """The 400 of `seconds` more speech that does not fit."""
+        held = f"the session holds {self.queued_s:.1f} s of speech, and " if self.queued_s else ""
+        return InvalidParameter(
+            f"{held}{seconds:.1f} s more would pass live.max_speak_s ({self.max_s:g} s); "
+            "wait for it to be spoken, or interrupt",
+            field="audio",
+        )
 
 
 def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: int) -> Streamed:
