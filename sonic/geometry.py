@@ -23,6 +23,7 @@ MARGIN_PX = 6  # frame px of photo kept around the crop (sampling reaches past t
 UPSCALE_WARN = 1.25  # a face enlarged more than this from the photo is reported in warnings
 SIDEWAYS_WARN_DEG = 50  # a face turned further than this in the photo is reported (a sideways photo)
 CUT_OFF_SHARE = 0.05  # a face with more of its landmarks beyond an edge of the photo is reported cut off
+UPRIGHT_ROLL_DEG = 45  # a face turned further is rendered in a quarter turn of its frame where it is upright
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,39 @@ def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int]
     return dataclasses.replace(
         framing, frame=_sample(pixels, framing.to_source, xs, ys), landmarks=landmarks, pixels=pixels
     )
+
+
+def upright_turns(landmarks: np.ndarray) -> int:
+    """How many quarter turns (np.rot90's k, counter-clockwise) bring a face turned in the photo
+    to within UPRIGHT_ROLL_DEG of upright: 0 for a face already within it. The decoder's lids,
+    brows and mouth move along the frame's rows and columns, as an upright face's do."""
+    roll = roll_degrees(landmarks)
+    if abs(roll) <= UPRIGHT_ROLL_DEG:
+        return 0
+    return int(round(roll / 90)) % 4
+
+
+def turned(framing: Framing, turns: int) -> Framing:
+    """The framing turned by `turns` quarter turns (np.rot90's k): its frame, landmarks and the
+    photo it samples, so that sampling the turned photo at turned positions gives the turned
+    frame. Positions are pixel indices: in one counter-clockwise turn of an image W wide,
+    (x, y) goes to (y, W - 1 - x)."""
+    for _ in range(turns % 4):
+        w = framing.frame.shape[1]
+        w_pixels = framing.pixels.shape[1]
+        ax, bx, ay, by = framing.to_source
+        lm = framing.landmarks.copy()
+        lm[:, 0], lm[:, 1] = framing.landmarks[:, 1], w - 1 - framing.landmarks[:, 0]
+        framing = dataclasses.replace(
+            framing,
+            frame=np.ascontiguousarray(np.rot90(framing.frame)),
+            landmarks=lm,
+            pixels=np.ascontiguousarray(np.rot90(framing.pixels)),
+            # turned x is y, sampled at pixels' row ay * y + by, now its column; turned y is
+            # W - 1 - x, sampled at pixels' column ax * x + bx, now row w_pixels - 1 - that
+            to_source=(ay, by, ax, w_pixels - 1 - ax * (w - 1) - bx),
+        )
+    return framing
 
 
 def framing_warnings(framing: Framing) -> list[str]:

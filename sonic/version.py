@@ -13,7 +13,7 @@ import functools
 from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
-OUTPUT_REVISION = 3  # see above: bump when the output changes (3: speech under loud noise moves the mouth more)
+OUTPUT_REVISION = 4  # see above: bump when the output changes (4: a sideways or upside-down face speaks upright)
 
 
 @functools.lru_cache(maxsize=1)

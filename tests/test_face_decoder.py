@@ -8,7 +8,7 @@ from sonic.media import load_image
 from sonic.landmarks import INNER_LOWER, INNER_UPPER
 from sonic.motion import COEFFS, build_rig
 from sonic.geometry import crop_and_scale
-from conftest import PORTRAIT
+from conftest import EXAMPLES, PORTRAIT
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,58 @@ def test_largest_face_wins(pipeline):
     canvas[300:600, 600:856] = rgb           # full-size face, right
     f = pipeline.faces.analyze(canvas)
     assert f.box[0] > 600 and f.box[1] > 300
+
+
+def _turned_photo(rgb: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The photo turned counter-clockwise on a canvas that holds all of it, and the affine map
+    (2, 3) from the photo's pixels to the turned one's."""
+    import cv2
+    h, w = rgb.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    size = (int(h * sin + w * cos), int(h * cos + w * sin))
+    m[:, 2] += np.array(size) / 2 - np.array([w / 2, h / 2])
+    return cv2.warpAffine(rgb, m, size, borderMode=cv2.BORDER_REPLICATE), m
+
+
+@pytest.mark.parametrize("degrees", [90, 135, 180, 225, 270])
+def test_a_face_turned_any_way_is_found_where_it_is(pipeline, degrees):
+    """A sideways or upside-down photo (its orientation tag lost): the landmarks lie on the face
+    as they do upright. Past a quarter turn the mesh alone fitted an upright face onto the hair
+    or the chin (its mouth a whole eye-distance away), and the video spoke from there."""
+    import cv2
+    rgb = load_image(PORTRAIT, 10**7)
+    upright = pipeline.faces.analyze(rgb).landmarks[:, :2]
+    turned, m = _turned_photo(rgb, degrees)
+    found = pipeline.faces.analyze(turned).landmarks[:, :2]
+    back = (found - m[:, 2]) @ np.linalg.inv(m[:, :2]).T
+    iod = np.linalg.norm(upright[33] - upright[263])
+    error = np.linalg.norm(back - upright, axis=1) / iod
+    assert np.median(error) < 0.05 and error[[13, 14, 61, 291]].max() < 0.08, (np.median(error), error[[13, 14]])
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_a_turned_photo_speaks_as_the_upright_one_turned(pipeline, turns):
+    """The same motion on a photo and on the photo turned gives the same frames, turned: lids
+    close over the eyes towards the cheeks and brows rise towards the hair, however the photo
+    is turned (the decoder's lids, brows and mouth move along the frame's rows and columns: it
+    renders a turned face upright and turns its frames back)."""
+    from sonic.geometry import turned
+    rgb = load_image(EXAMPLES / "astronaut.jpg", 10**7)  # no glasses: her brows move
+    options = pipeline.options({"min_resolution": 256})
+    moves = np.zeros((3, len(COEFFS)))
+    moves[0, COEFFS.index("jaw")] = 0.2
+    moves[1, COEFFS.index("blink")] = 1.0
+    moves[2, COEFFS.index("brow")] = 0.05
+    upright = pipeline.framing(rgb, options, 3)
+    renders = []
+    for framing in (upright, turned(upright, turns)):
+        decoder = pipeline.decoder.prepare(framing, build_rig(framing.landmarks), options)
+        assert decoder.frame.shape == framing.frame.shape
+        frames = decoder.render(moves, np.zeros((3, 4)))
+        assert frames.shape == (3, *framing.frame.shape)
+        renders.append(frames.astype(np.float32))
+    back = np.rot90(renders[1], -turns, axes=(1, 2))
+    for i, what in enumerate(("mouth", "lids", "brows")):
+        moved = np.abs(renders[0][i] - upright.frame).mean()
+        assert moved > 0.05 and np.abs(back[i] - renders[0][i]).mean() < 0.05 * moved, what

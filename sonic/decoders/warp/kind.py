@@ -7,7 +7,9 @@ decoder is pickled to the render helpers (sonic/render_pool.py).
 
 from __future__ import annotations
 
-from ...geometry import Framing
+import numpy as np
+
+from ...geometry import Framing, turned, upright_turns
 from ...motion import Rig, build_rig
 from ...options import GenerateOptions
 from .. import DecoderKind, all_parameters, register
@@ -42,11 +44,33 @@ class WarpKind(DecoderKind):
         "expression_scale": "how far the expression's warp goes, 0 (the photo's own) to 1",
     }
 
-    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder:
+    def prepare(self, framing: Framing, rig: Rig, options: GenerateOptions) -> WarpDecoder | TurnedBack:
         """The decoder of the portrait, posed first when an expression is asked for (its rig
-        rebuilt from the posed landmarks: the motion's coefficients apply to the posed face)."""
-        posed = pose_framing(framing, options.expression, options.expression_scale)
-        return WarpDecoder(posed, rig if posed is framing else build_rig(posed.landmarks))
+        rebuilt from the posed landmarks: the motion's coefficients apply to the posed face).
+        A face turned far in the photo (a sideways or upside-down photo) is rendered upright, in
+        a quarter turn of its frame, and its frames turned back."""
+        turns = upright_turns(framing.landmarks)
+        upright = turned(framing, turns)
+        posed = pose_framing(upright, options.expression, options.expression_scale)
+        decoder = WarpDecoder(posed, rig if posed is framing else build_rig(posed.landmarks))
+        return TurnedBack(decoder, turns) if turns else decoder
+
+
+class TurnedBack:
+    """A decoder that renders a face upright in a quarter turn of the frame, its frames turned
+    back to the photo's own orientation (one copy of each frame)."""
+
+    def __init__(self, upright: WarpDecoder, turns: int):
+        self.upright, self.turns = upright, turns
+        self.frame = np.ascontiguousarray(np.rot90(upright.frame, -turns))
+
+    def render(self, coeffs: np.ndarray, head: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """As WarpDecoder.render, in the photo's orientation."""
+        frames = np.rot90(self.upright.render(coeffs, head), -self.turns, axes=(1, 2))
+        if out is None:
+            return np.ascontiguousarray(frames)
+        out[:] = frames
+        return out
 
 
 register(WarpKind())
