@@ -213,6 +213,21 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 1
 """
+# KEYS: due. ARGV: now, the claim's token, its lifetime (s), the prefix of a delivery's key.
+# The first due delivery that nobody has claimed, claimed, in one step: looked at and claimed
+# apart, a delivery whose failed attempt was rescheduled in between (its claim let go) was
+# claimed though no longer due, and then left unsent, held for CLAIM_S.
+_CLAIM = """
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 20)) do
+  local raw = redis.call('GET', ARGV[4] .. id)
+  if not raw then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
+    return raw
+  end
+end
+return false
+"""
 CLAIM_S = 120  # longer than one attempt can take (outbound.post's deadline): a claim never lapses mid-send
 
 
@@ -227,6 +242,7 @@ class RedisOutbox:
         self._add = conn.register_script(_ADD)
         self._done = conn.register_script(_DONE)
         self._retry = conn.register_script(_RETRY)
+        self._claim = conn.register_script(_CLAIM)
         self._tokens: dict[str, str] = {}
 
     def _keys(self, d: Delivery) -> tuple[str, str, str, str]:
@@ -243,17 +259,13 @@ class RedisOutbox:
 
     def due(self, now: float, limit: int) -> list[Delivery]:
         """At most one delivery, claimed: it is sent before the next is looked at."""
-        for raw_id in cast("list[bytes]", self.r.zrangebyscore("sonic:wh:due", "-inf", now, start=0, num=20)):
-            raw = cast("bytes | None", self.r.get(f"sonic:wh:{raw_id.decode()}"))
-            if raw is None:
-                self.r.zrem("sonic:wh:due", raw_id)
-                continue
-            d = Delivery(**json.loads(raw))
-            token = uuid.uuid4().hex
-            if self.r.set(self._keys(d)[3], token, nx=True, ex=CLAIM_S):
-                self._tokens[d.id] = token
-                return [d]
-        return []
+        token = uuid.uuid4().hex
+        raw = self._claim(keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:"])
+        if not raw:
+            return []
+        d = Delivery(**json.loads(raw))
+        self._tokens[d.id] = token
+        return [d]
 
     def done(self, delivery: Delivery) -> None:
         key, due, queue, claim = self._keys(delivery)

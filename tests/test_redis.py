@@ -532,6 +532,34 @@ def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
         files.close()
 
 
+def test_failed_webhooks_are_each_tried_again_on_time(redis_url):
+    """More failing deliveries than are sent side by side: each is tried again 5 s after its first
+    attempt. A sender that looked at the due list just before another delivery's failed attempt
+    rescheduled it claimed that delivery anyway, and held it unsent for two minutes."""
+    import redis
+    from sonic_server.webhooks import SENDERS, Delivery, RedisOutbox, Webhooks
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    outbox = RedisOutbox(conn)
+    hooks = Webhooks(outbox, lambda: "s3cret", retry_s=600, allow_private=True, outputs=None)
+    closed = f"http://127.0.0.1:{free_port()}/hook"  # refused at once, every time
+    now = time.time()
+    ids = [f"msg_{i}" for i in range(SENDERS + 2)]
+    for i, msg in enumerate(ids):
+        outbox.add(Delivery(msg, f"job_{i}", outbox.next_seq(), closed, "completed", "{}", 0, now, now))
+    hooks.start()
+    try:
+        def attempts() -> dict:
+            return {msg: json.loads(conn.get(f"sonic:wh:{msg}"))["attempts"] for msg in ids}
+        deadline = time.monotonic() + 12  # the second attempts are due 5-6 s from now
+        while min(attempts().values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert min(attempts().values()) >= 2, (attempts(), {k.decode(): conn.ttl(k) for k in conn.keys("sonic:wh:claim:*")})
+    finally:
+        hooks.stop()
+        conn.flushdb()
+
+
 def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():
     port = free_port()  # nothing listens there
     p = subprocess.run([sys.executable, "-m", "sonic", "worker", "--redis-url", f"redis://:S3cretPw@127.0.0.1:{port}/0"],
