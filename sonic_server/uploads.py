@@ -4,8 +4,13 @@ deleted here only."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
+
+from sonic import DiskFull
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # no room on the disk, or none left in the service's quota
 
 
 class Uploads:
@@ -13,13 +18,20 @@ class Uploads:
         self.root = Path(root).resolve()
 
     def save(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
-        """Write each upload under a fixed name (never the client's file name); returns name -> path."""
+        """Write each upload under a fixed name (never the client's file name); returns name -> path.
+        A full disk is `DiskFull` (the operator's problem, said as such), its half-written folder gone."""
         folder = self.root / job_id
-        folder.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-            paths[name] = str(folder / name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+                paths[name] = str(folder / name)
+        except OSError as e:
+            if e.errno not in FULL:
+                raise
+            self.remove(job_id)
+            raise DiskFull("no space left on the server's disk for the uploads; try again later") from e
         return paths
 
     def drop_local_copy(self, job_id: str) -> None:

@@ -586,6 +586,27 @@ def test_a_failed_write_leaves_no_upload_and_no_job(make_client, monkeypatch, fa
     assert client.get("/health").get_json()["queue_length"] == 0
 
 
+def test_a_full_upload_disk_is_disk_full_and_leaves_nothing(make_client, tmp_path):
+    """A real full filesystem under the upload folder (a 48 kB tmpfs: the portrait fits, the
+    recording does not; needs root, as on this project's machines): the operator's problem,
+    said as such, no half-written folder, nothing queued, the next request answered."""
+    import subprocess
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        client, cfg = make_client(upload_dir=str(mnt))
+        for seed in (13, 14):
+            r = post(client, {**FAST, "seed": seed})
+            assert_clean_error(r, 500, "disk_full")
+            assert "no space left on the server's disk" in r.json["error"]["message"] and str(mnt) not in r.text
+            assert not any(mnt.iterdir())
+        assert client.get("/health").get_json()["queue_length"] == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_a_job_gone_while_waited_for_is_not_found(make_client, monkeypatch):
     client, _ = make_client()
     queue = client.application.extensions["sonic"].queue
