@@ -74,6 +74,7 @@ class S3Settings:
     video_url: str = "proxy"  # proxy: video_url is /output/<name>, streamed from the bucket;
     # presigned: video_url is a presigned GET URL to the bucket
     url_ttl_s: int = 3600  # a presigned URL's lifetime
+    timeout_s: float = 10.0  # a store that sends nothing for this long does not answer (tried twice)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,8 @@ def _check_storage(s: ServerConfig) -> None:
             )
         if not s.s3.bucket:
             raise SettingsError("setting storage: s3 needs s3.bucket (SONIC_S3_BUCKET)")
+        if not 0 < s.s3.timeout_s <= 300:
+            raise SettingsError(f"setting s3.timeout_s must be above 0 and at most 300, got {s.s3.timeout_s}")
         if not 0 < s.s3.url_ttl_s <= 604800:  # SigV4 presigned URLs live at most 7 days
             raise SettingsError(f"setting s3.url_ttl_s must be 1 to 604800 (7 days), got {s.s3.url_ttl_s}")
 

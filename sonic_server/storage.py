@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +38,11 @@ log = logging.getLogger("sonic.storage")
 # once its job is deleted or it expires, a browser or a proxy must not go on showing it
 VIDEO_CACHE = "no-cache"
 CHUNK = 256 * 1024
+# a store that did not answer is taken for away this long: every call meanwhile fails at once
+# (503 + Retry-After), instead of each request's calls waiting out their own timeouts (with
+# boto3's 30 s and three tries, a request to a hung store took 4 minutes, holding a thread)
+AWAY_S = 10.0
+CONNECT_TIMEOUT_S = 3.0
 
 
 class StorageUnavailable(SonicError):
@@ -90,7 +97,8 @@ class FolderOutputs:
 
 class S3:
     """One bucket, through boto3 (any S3-compatible endpoint). Every call's failure becomes
-    StorageUnavailable naming the bucket, never a stack trace to the client."""
+    StorageUnavailable naming the bucket, never a stack trace to the client. A store that does
+    not answer (s3.timeout_s, each call tried twice) is away for AWAY_S: calls fail at once."""
 
     def __init__(self, cfg):
         import boto3
@@ -105,9 +113,9 @@ class S3:
             aws_secret_access_key=cfg.secret_access_key,
             config=Config(
                 signature_version="s3v4",
-                connect_timeout=5,
-                read_timeout=30,
-                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=min(CONNECT_TIMEOUT_S, cfg.timeout_s),
+                read_timeout=cfg.timeout_s,
+                retries={"max_attempts": 2, "mode": "standard"},
                 s3={"addressing_style": "path"},
             ),
         )
@@ -118,13 +126,25 @@ class S3:
             if cfg.public_endpoint_url
             else self.client
         )
+        self._away_until = 0.0  # time.monotonic(): until then the store is taken for away
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
+    @property
+    def away(self) -> bool:
+        """Whether the store did not answer within the last AWAY_S (said by /health)."""
+        return time.monotonic() < self._away_until
+
+    def reachable(self, what: str) -> None:
+        """StorageUnavailable at once while the store is away."""
+        if self.away:
+            raise StorageUnavailable(f"the object store does not answer ({what}, bucket {self.bucket})")
+
     def call(self, what: str, fn, **kw):
         """fn(Bucket=..., **kw); a missing key raises FileNotFoundError, any other failure
-        StorageUnavailable."""
+        StorageUnavailable (at once while the store is away)."""
+        self.reachable(what)
         try:
             return fn(Bucket=self.bucket, **kw)
         except Exception as e:  # noqa: BLE001 - translated
@@ -145,6 +165,7 @@ class S3:
             return StorageUnavailable(f"the object store refused to {what} (bucket {self.bucket}: {code})")
         if isinstance(e, (BotoCoreError, OSError)):
             log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, type(e).__name__)
+            self._away_until = time.monotonic() + AWAY_S  # one float, set whole: no lock needed
             return StorageUnavailable(f"the object store does not answer ({what}, bucket {self.bucket})")
         return e
 
@@ -161,10 +182,23 @@ class S3:
                 f"or the credentials are refused (settings s3.*)"
             ) from e
 
+    def listed(self, what: str, prefix: str) -> Iterator[list[dict]]:
+        """The objects under `prefix`, page by page (boto3's object dicts), each page's request
+        failing as call()'s do."""
+        self.reachable(what)
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix))
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - translated
+                raise self.failure(what, e) from e
+            yield page.get("Contents", [])
+
     def delete_prefix(self, prefix: str) -> None:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        for page in pages:
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        for objects in self.listed("list the uploads", prefix):
+            keys = [{"Key": o["Key"]} for o in objects]
             if keys:
                 self.call("delete", self.client.delete_objects, Delete={"Objects": keys, "Quiet": True})
 
@@ -258,11 +292,8 @@ class S3Outputs:
         (self.folder / name).unlink(missing_ok=True)
 
     def expire(self, cutoff: float) -> None:
-        pages = self.s3.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.s3.bucket, Prefix=self.s3.key("outputs") + "/"
-        )
-        for page in pages:
-            old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
+        for objects in self.s3.listed("list the videos", self.s3.key("outputs") + "/"):
+            old = [{"Key": o["Key"]} for o in objects if o["LastModified"].timestamp() < cutoff]
             if old:
                 self.s3.call("delete", self.s3.client.delete_objects, Delete={"Objects": old, "Quiet": True})
 
@@ -302,6 +333,7 @@ class S3Outputs:
             kw["IfNoneMatch"] = request.headers["If-None-Match"]
         from botocore.exceptions import ClientError
 
+        self.s3.reachable("read the video")
         try:
             obj = self.s3.client.get_object(Bucket=self.s3.bucket, **kw)
         except ClientError as e:
@@ -356,8 +388,8 @@ class S3Outputs:
 
     def _size(self, key: str) -> int | None:
         try:
-            return int(self.s3.client.head_object(Bucket=self.s3.bucket, Key=key)["ContentLength"])
-        except Exception:  # noqa: BLE001
+            return int(self.s3.call("find the video", self.s3.client.head_object, Key=key)["ContentLength"])
+        except Exception:  # noqa: BLE001 - the size is a hint in the 416 answer
             return None
 
 

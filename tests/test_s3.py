@@ -164,3 +164,53 @@ def test_a_missing_bucket_is_a_named_setup_error_and_an_unreachable_store_a_503(
     assert resp.headers["Retry-After"] == "5" and BUCKET in resp.get_json()["error"]["message"]
     assert r.llen("rq:queue:sonic") == 0 and not any((tmp_path / "gone" / "api" / "uploads").iterdir())
     r.delete("sonic:worker:stand-in")
+
+
+def test_a_store_that_hangs_is_a_quick_503_and_is_used_again_once_it_answers(tmp_path, redis_url, monkeypatch):
+    """A store that stops answering without refusing (a hung process, a dead network path): the
+    request that meets it is refused within its timeouts (s3.timeout_s, tried twice), and for
+    AWAY_S every request that needs the bucket is 503 at once while /health says so; then the
+    bucket is used again. With boto3's 30 s and three tries a generate took 4 minutes."""
+    import os
+    import signal
+    import redis
+    from sonic_server import storage
+    monkeypatch.setattr(storage, "AWAY_S", 2.0)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(200):
+            try:
+                bucket_client(f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:                                   # noqa: BLE001 - not up yet
+                time.sleep(0.05)
+        c = s3_cluster(tmp_path, redis_url, f"http://127.0.0.1:{port}", timeout_s=1)
+        r.set("sonic:worker:stand-in", '{"name": "stand-in"}', ex=120)       # a live worker, as far as submit knows
+        api = c.client()
+        assert api.get("/health").get_json()["storage"] == "ok"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            first = post(api, {"min_resolution": 256, "async": True})
+            assert_clean_error(first, 503, "storage_unavailable")
+            assert time.monotonic() - started < 15 and first.headers["Retry-After"] == "5"
+            started = time.monotonic()
+            assert_clean_error(post(api, {"min_resolution": 256, "async": True}), 503, "storage_unavailable")
+            assert_clean_error(api.get("/output/" + "c" * 32 + ".mp4"), 503, "storage_unavailable")
+            assert time.monotonic() - started < 1
+            health = api.get("/health")
+            assert health.status_code == 200 and health.get_json()["storage"] == "unavailable"
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(2.2)
+        assert api.get("/health").get_json()["storage"] == "ok"
+        again = post(api, {"min_resolution": 256, "async": True})
+        assert again.status_code == 202, again.get_data()[:300]
+        assert r.llen("rq:queue:sonic") == 1 and not any((tmp_path / "api" / "uploads").iterdir())
+    finally:
+        r.delete("sonic:worker:stand-in")
+        proc.kill()
+        proc.wait(10)

@@ -34,6 +34,11 @@ HEALTH = component(
             "decoder": {"type": "string"},
             "device": {"type": "string"},
             "accounts": {"type": "string", "enum": ["ok", "unavailable"], "description": "with credits"},
+            "storage": {
+                "type": "string",
+                "enum": ["ok", "unavailable"],
+                "description": "with storage s3: unavailable for 10 s after the bucket did not answer",
+            },
             "workers": {"type": "array", "items": {"type": "object"}, "description": "distributed mode"},
             "live": {"type": "object", "description": "live sessions: enabled, sessions, slots, max_sessions"},
             "error": {"type": "string", "description": "why it is not ready"},
@@ -98,6 +103,8 @@ def health():
         # said, not made a 503: downloads and flat keys work without it, and a balancer that drained
         # every instance at once (or a liveness probe restarting them) would stop those too
         body["accounts"] = "ok" if svc.ledger.answers() else "unavailable"
+    if svc.outputs.remote:  # said, as the accounts are: what needs no bucket still works
+        body["storage"] = "unavailable" if svc.outputs.s3.away else "ok"
     if "workers" in workers:  # distributed mode: each worker, busy or idle
         body["workers"] = [
             w if w.get("job") is None or _visible(queue, w["job"]) else {k: v for k, v in w.items() if k != "job"}
