@@ -212,3 +212,39 @@ def test_the_clients_receiver_report_reads_as_the_state_shows_it():
         timestamp=datetime.datetime.now(), type="remote-inbound-rtp", id="r", ssrc=1, kind="video",
         transportId="t", packetsReceived=0, packetsLost=0, jitter=0, roundTripTime=None, fractionLost=0,
     )).round_trip_ms is None
+
+
+def test_the_voice_waits_for_the_encoder_as_long_as_the_face():
+    """The event loop stalls for 0.4 s (a busy machine): both tracks keep all of it, the face's
+    10 frames and the voice's 20 packets, and hand them on in order. Counted alike in frames (12),
+    the voice's 20 ms packets were cut after 0.24 s: a gap in the speech, heard, and a recording
+    that joins the packets out of sync from there on."""
+    import asyncio
+
+    import numpy as np
+
+    from sonic_server.live.rtc import AUDIO_RATE, face_tracks
+
+    async def stalled() -> tuple[list, list]:
+        face, voice = face_tracks(asyncio.get_running_loop(), 25)
+        for index in range(10):  # what the clock hands on in 0.4 s, while nothing is taken
+            face.send(np.zeros((96, 64), np.uint8), index, 25)
+            voice.send(np.zeros(AUDIO_RATE // 25, np.float32), index * AUDIO_RATE // 25)
+        await asyncio.sleep(0.05)  # the puts land on the loop
+        face.put(None)  # the ends of the tracks: a frame dropped shows as one missing, not as a wait
+        voice.put(None)
+        await asyncio.sleep(0.05)
+        return await taken(face), await taken(voice)
+
+    async def taken(track) -> list:
+        from aiortc.mediastreams import MediaStreamError
+        got = []
+        while True:
+            try:
+                got.append(await track.recv())
+            except MediaStreamError:
+                return got
+
+    frames, packets = asyncio.run(stalled())
+    assert [f.pts for f in frames] == list(range(10))
+    assert [p.pts for p in packets] == [i * AUDIO_RATE // 50 for i in range(20)]

@@ -26,8 +26,12 @@ if TYPE_CHECKING:  # sessions.py imports this module
 log = logging.getLogger("sonic.live")
 T = TypeVar("T")
 AUDIO_RATE = 16_000  # the session's audio, as the engine keeps it (sonic.media.SAMPLE_RATE)
-QUEUE_FRAMES = 12  # frames waiting for the encoder at most; older ones are dropped
 PACKET_SAMPLES = AUDIO_RATE // 50  # 20 ms of audio per frame handed to the encoder
+# what waits for the encoder at most, older frames dropped (a slow consumer never holds the clock
+# back): the same time for both tracks, 0.48 s. Counted in frames alike (12), a stall of the event
+# loop between 0.24 and 0.48 s cut the voice's 20 ms packets and not the face's 40 ms frames
+QUEUE_S = 0.48
+PACKET_S = PACKET_SAMPLES / AUDIO_RATE
 MIC_PREFETCH_PACKETS = 0  # the microphone's packets held back beyond the next one (aiortc: 4)
 
 
@@ -117,17 +121,18 @@ def _track_classes() -> tuple[type, type]:
     class QueuedTrack(MediaStreamTrack):
         """Frames put by the session's clock thread, taken by aiortc's sender as they come."""
 
-        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        def __init__(self, loop: asyncio.AbstractEventLoop, depth: int) -> None:
             super().__init__()
             self._owner_loop = loop
             self._queue: asyncio.Queue = asyncio.Queue()
+            self._depth = depth  # frames kept at most (QUEUE_S of them)
 
         def put(self, frame: Any) -> None:
             """From any thread."""
             self._owner_loop.call_soon_threadsafe(self._put, frame)
 
         def _put(self, frame: Any) -> None:
-            while self._queue.qsize() >= QUEUE_FRAMES:  # a slow consumer never holds the clock back
+            while self._queue.qsize() >= self._depth:
                 self._queue.get_nowait()
             self._queue.put_nowait(frame)
 
@@ -150,10 +155,6 @@ def _track_classes() -> tuple[type, type]:
 
     class SpeechTrack(QueuedTrack):
         kind = "audio"
-
-        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-            super().__init__(loop)
-            self._samples = 0
 
         def send(self, pcm: np.ndarray, start_sample: int) -> None:
             """pcm float32 at AUDIO_RATE, starting at `start_sample` of the session's timeline,
@@ -258,7 +259,7 @@ def microphone_buffer() -> Any:
     return _microphone_buffer_class()(capacity=16, prefetch=MIC_PREFETCH_PACKETS)
 
 
-def face_tracks(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
-    """A (video, audio) pair of outgoing tracks on the loop."""
+def face_tracks(loop: asyncio.AbstractEventLoop, fps: int) -> tuple[Any, Any]:
+    """A (video, audio) pair of outgoing tracks on the loop, each holding QUEUE_S at most."""
     face_cls, speech_cls = _track_classes()
-    return face_cls(loop), speech_cls(loop)
+    return face_cls(loop, max(1, round(QUEUE_S * fps))), speech_cls(loop, round(QUEUE_S / PACKET_S))

@@ -516,7 +516,7 @@ class LiveSessions:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
         pc = session.pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
-        session.video, session.audio = face_tracks(self.rtc.loop)
+        session.video, session.audio = face_tracks(self.rtc.loop, session.engine.fps)
 
         def heard() -> None:
             session.last_heard = time.monotonic()
