@@ -203,6 +203,41 @@ def test_an_interrupt_stops_a_stream_still_arriving(server):
     assert after["queued_s"] == 0 and after["state"] == "idle", after
 
 
+@pytest.mark.parametrize("more", [False, True], ids=["ends", "sends-more"])
+def test_a_stream_that_ends_after_its_session_did_is_told_so(server, more):
+    """A text-to-speech stream that sends a second, pauses (its model still thinking), and ends,
+    or sends more, after the session was closed: none of it will be heard, and the answer says so
+    and why (404 session_not_found, ended_reason), as the next request's does. It was 202, or a
+    404 that did not say why."""
+    import threading
+
+    pcm = {"Content-Type": "audio/L16;rate=16000"}
+    closed = threading.Event()
+
+    def stream():
+        yield b"\1\0" * 16_000  # 1 s
+        closed.wait(20)  # the pause, during which the session is closed
+        if more:
+            yield b"\1\0" * 160
+
+    async def session():
+        client = LiveClient(server["base"])
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        url = client._url("/speak")
+        answer = {}
+        sender = threading.Thread(target=lambda: answer.update(r=requests.post(url, data=stream(), headers=pcm, timeout=30)))
+        sender.start()
+        await asyncio.sleep(1.0)
+        await client.close()
+        closed.set()
+        await asyncio.to_thread(sender.join, 30)
+        return answer["r"]
+
+    r = asyncio.run(session())
+    assert_clean_error(r, 404, "session_not_found")
+    assert r.json()["error"]["ended_reason"] == "client_closed", r.json()
+
+
 def _open(base, image=PORTRAIT, offer=None, config=None):
     data = {"config": json.dumps(config or CONFIG)}
     if offer is not None:

@@ -27,7 +27,7 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
-from .sessions import LiveSessions, ServedSession, check_offer, hold_seconds, receives
+from .sessions import LiveSessions, ServedSession, SessionNotFound, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -344,6 +344,20 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
     },
 )
 def speak(session_id: str):
+    try:
+        answer = _speak(session_id)
+        # ended while the body arrived (a text-to-speech stream that paused, then finished): none
+        # of it will be heard; the answer says so, and why, as the next request's would
+        registry().get(session_id, caller().may_see)
+        return answer
+    except SessionNotFound:
+        # it ended under the request (its helper stopped as it was deleted): the reason comes
+        # from its record where the registry has one
+        registry().get(session_id, caller().may_see)
+        raise
+
+
+def _speak(session_id: str):
     session = registry().get(session_id, caller().may_see)
     max_s = service().settings.live.max_speak_s
     # what the session holds already counts: a refused request queues nothing. Requests at the
