@@ -427,7 +427,9 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     rate, channels = request.mimetype_params.get("rate"), request.mimetype_params.get("channels", "1")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
-            f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}", field="audio"
+            f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}: resample "
+            "it, or send a file (multipart field audio: WAV, MP3, ... at any rate, telephone's 8 kHz too)",
+            field="audio",
         )
     if channels != "1":  # interleaved samples would be heard as one voice at half speed
         raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels}", field="audio")
