@@ -28,6 +28,11 @@ SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 REQUESTS = Counter("sonic_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY)
 JOBS = Counter("sonic_jobs_finished", "jobs that ended", ["kind", "status"], registry=REGISTRY)
 FAILURES = Counter("sonic_job_failures", "failed jobs by error code", ["code"], registry=REGISTRY)
+RUNS_LOST = Counter(
+    "sonic_job_runs_lost",
+    "runs of jobs whose worker vanished, queued again (retry_lost_jobs) or failed worker_lost",
+    registry=REGISTRY,
+)
 DURATION = Histogram(
     "sonic_job_duration_seconds", "seconds from a job's start to its end", ["kind"], buckets=SECONDS, registry=REGISTRY
 )

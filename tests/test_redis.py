@@ -272,6 +272,12 @@ def test_finished_records_survive_a_redis_restart_with_append_only_persistence(t
         proc.wait(10)
 
 
+def runs_lost(api) -> float:
+    """sonic_job_runs_lost_total as an API process's /metrics reads (counted per process)."""
+    import re
+    return float(re.search(rb"\nsonic_job_runs_lost_total (\S+)\n", api.get("/metrics").data).group(1))
+
+
 def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
     # a 5 s lease: the retried run's worker must renew it while it recognises 30 s of audio in one
     # pocketsphinx call, which holds the interpreter lock (under a loaded test machine, over 2 s)
@@ -281,6 +287,7 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
     c.wait_workers(api, 1)
     job = post(api, {"min_resolution": 256, "duration": 30, "async": True, "seed": 9}).get_json()["job_id"]
     wait_status(api, job, ("processing",))
+    lost_before = runs_lost(api)
     os.kill(w1.pid, signal.SIGKILL)
     w1.wait(5)
     assert wait_status(api, job, ("queued",), timeout=20)["status"] == "queued"     # back in the queue
@@ -289,6 +296,8 @@ def test_with_retry_a_job_lost_with_its_worker_runs_again_on_another(cluster):
     assert body["status"] == "succeeded", body
     from sonic_server.queue.redis import RedisStore, connect
     assert RedisStore(connect(c.cfg["server"]["redis_url"])).load(job).attempts == 2
+    # the lost run fails nothing, and is counted where it was noticed (this API process)
+    assert runs_lost(api) == lost_before + 1
 
 
 def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_worker(tmp_path):

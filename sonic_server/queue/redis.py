@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 
-from .. import lifecycle
+from .. import lifecycle, metrics
 from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
@@ -287,6 +287,7 @@ def declare_lost(
         return store.load(rec.id) or rec  # ended, renewed or declared meanwhile
     for part in Path(output_dir).glob(f".{rec.id}*.part*"):
         part.unlink(missing_ok=True)
+    metrics.RUNS_LOST.inc()  # a retried run fails nothing: counted here, or a dying fleet looks healthy
     if retry:
         log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, rec.attempts + 1)
         enqueue(store.r, new, at_front=True)
