@@ -129,6 +129,22 @@ def test_uploads_and_videos_go_through_the_bucket_proxied_and_presigned(tmp_path
         c.stop()
 
 
+def own_store() -> tuple[subprocess.Popen, str]:
+    """A store of the test's own (moto's S3 server on a free port, the bucket made): to stop or
+    pause without touching the module's. (process, URL)"""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            bucket_client(url).create_bucket(Bucket=BUCKET)
+            break
+        except Exception:                                   # noqa: BLE001 - not up yet
+            time.sleep(0.05)
+    return proc, url
+
+
 def test_a_missing_bucket_is_a_named_setup_error_and_an_unreachable_store_a_503(tmp_path, redis_url, s3_url):
     c = s3_cluster(tmp_path, redis_url, s3_url, bucket="no-such-bucket")
     api = c.client()
@@ -139,18 +155,10 @@ def test_a_missing_bucket_is_a_named_setup_error_and_an_unreachable_store_a_503(
                          text=True, timeout=120)
     assert out.returncode != 0 and "no-such-bucket" in out.stderr and "Traceback" not in out.stderr
     # the store goes away after start-up: the upload is refused with 503 + Retry-After, nothing queued
-    port = free_port()
     (tmp_path / "gone").mkdir()
-    gone = s3_cluster(tmp_path / "gone", redis_url, f"http://127.0.0.1:{port}")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = own_store()
+    gone = s3_cluster(tmp_path / "gone", redis_url, url)
     try:
-        for _ in range(200):
-            try:
-                bucket_client(f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:                                   # noqa: BLE001 - not up yet
-                time.sleep(0.05)
         import redis
         r = redis.Redis.from_url(redis_url)
         r.set("sonic:worker:stand-in", '{"name": "stand-in"}', ex=60)        # a live worker, as far as submit knows
@@ -176,18 +184,10 @@ def test_a_store_that_hangs_is_a_quick_503_and_is_used_again_once_it_answers(tmp
     import redis
     from sonic_server import storage
     monkeypatch.setattr(storage, "AWAY_S", 2.0)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = own_store()
     r = redis.Redis.from_url(redis_url)
     try:
-        for _ in range(200):
-            try:
-                bucket_client(f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:                                   # noqa: BLE001 - not up yet
-                time.sleep(0.05)
-        c = s3_cluster(tmp_path, redis_url, f"http://127.0.0.1:{port}", timeout_s=1)
+        c = s3_cluster(tmp_path, redis_url, url, timeout_s=1)
         r.set("sonic:worker:stand-in", '{"name": "stand-in"}', ex=120)       # a live worker, as far as submit knows
         api = c.client()
         assert api.get("/health").get_json()["storage"] == "ok"
