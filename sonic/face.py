@@ -30,11 +30,11 @@ TILED_FACES_MAX = 6  # the largest faces the tiles found that are meshed (each ~
 TILED_BOXES_MAX = 100  # detections kept from one tile size (merging them is quadratic)
 # which way up: the detector and the mesh are made for faces within ~90 degrees of upright; past
 # that the mesh fits an upright face onto the hair or the chin. The detector looks at the photo
-# turned each quarter turn, reduced to this long side, and the turn whose most confident face has
+# turned each quarter turn, reduced to ORIENTATION_PX, and the turn whose most confident face has
 # its mouth below its eyes (within UPRIGHT_DEG: a face at 45 degrees reads 47-56 in either of the
-# two turns nearest it) is the one analysed. Another turn than the photo's
-# own needs TURNED_MIN_SCORE: a small face that the detector half sees sideways (0.66) is found
-# better upright, tile by tile, than meshed from the side (faces past 90 degrees score 0.79-0.94)
+# two turns nearest it) is the one analysed. A turn other than the photo's own needs
+# TURNED_MIN_SCORE: a small face that the detector half sees sideways (0.66) is found better
+# upright, tile by tile, than meshed from the side (faces past 90 degrees score 0.79-0.94)
 ORIENTATION_PX = 640
 UPRIGHT_DEG = 60
 TURNED_MIN_SCORE = 0.7
