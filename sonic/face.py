@@ -155,6 +155,8 @@ class FaceAnalyzer:
         detector's most confident face has its mouth within UPRIGHT_DEG of straight below its eyes.
         0 where no other turn has such a face with more confidence than the photo as given and
         at least TURNED_MIN_SCORE (a face too small for the detector is sought upright, tile by tile)."""
+        if not min(rgb.shape[:2]):  # nothing to turn (the analysis says what is wrong with it)
+            return 0
         scale = min(1.0, ORIENTATION_PX / max(rgb.shape[:2]))
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
         scores = [self._upright_score(small)]
