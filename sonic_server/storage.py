@@ -152,7 +152,8 @@ class S3:
 
     def failure(self, what: str, e: Exception, key: str = "") -> Exception:
         from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as NoConnection
 
         if isinstance(e, Boto3Error):  # upload_file's S3UploadFailedError, ...
             log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, e)
@@ -165,7 +166,10 @@ class S3:
             return StorageUnavailable(f"the object store refused to {what} (bucket {self.bucket}: {code})")
         if isinstance(e, (BotoCoreError, OSError)):
             log.warning("S3 %s in bucket %s failed: %s", what, self.bucket, type(e).__name__)
-            self._away_until = time.monotonic() + AWAY_S  # one float, set whole: no lock needed
+            # the store itself silent or unreachable (timeouts, refused or dropped connections),
+            # not this machine's own failure (a full disk under download_file is an OSError too)
+            if isinstance(e, (NoConnection, HTTPClientError)):
+                self._away_until = time.monotonic() + AWAY_S  # one float, set whole: no lock needed
             return StorageUnavailable(f"the object store does not answer ({what}, bucket {self.bucket})")
         return e
 

@@ -191,6 +191,11 @@ def test_a_store_that_hangs_is_a_quick_503_and_is_used_again_once_it_answers(tmp
         r.set("sonic:worker:stand-in", '{"name": "stand-in"}', ex=120)       # a live worker, as far as submit knows
         api = c.client()
         assert api.get("/health").get_json()["storage"] == "ok"
+        # this machine's own failure (a worker's disk full under a download) is not the store's
+        store = api.application.extensions["sonic"].outputs.s3
+        failed = store.failure("read an upload", OSError(28, "No space left on device"))
+        assert isinstance(failed, storage.StorageUnavailable)
+        assert not store.away and api.get("/health").get_json()["storage"] == "ok"
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
