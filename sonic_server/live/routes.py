@@ -346,15 +346,15 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
 def speak(session_id: str):
     try:
         answer = _speak(session_id)
-        # ended while the body arrived (a text-to-speech stream that paused, then finished): none
-        # of it will be heard; the answer says so, and why, as the next request's would
-        registry().get(session_id, caller().may_see)
-        return answer
     except SessionNotFound:
         # it ended under the request (its helper stopped as it was deleted): the reason comes
         # from its record where the registry has one
         registry().get(session_id, caller().may_see)
         raise
+    # ended while the body arrived (a text-to-speech stream that paused, then finished): none of
+    # it will be heard; the answer says so, and why, as the next request's would
+    registry().get(session_id, caller().may_see)
+    return answer
 
 
 def _speak(session_id: str):
