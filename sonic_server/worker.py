@@ -17,6 +17,7 @@ the running job finishes, the running sessions go on up to server.worker_drain_s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
 
 log = logging.getLogger("sonic.worker")
+DISK_CHECK_S = 1.0  # how often a worker short of disk looks again
 
 
 @dataclass
@@ -71,11 +73,13 @@ class WorkerState:
     retry_lost_jobs: int
     decoder: str
     device: str
+    min_free_bytes: int = 0  # free disk under output_dir below which no job is taken (0: no check)
     host: LiveHost | None = None  # its live sessions (live.enabled; not with --burst)
     notify: Callable[[JobRecord, str], None] | None = None  # a run's start and progress, for webhooks
     current: str | None = None  # the job this worker runs now
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
+    short_of_disk: bool = False  # waiting for free disk before it takes the next job
 
 
 _STATE: WorkerState | None = None  # set once by `main` before the first job
@@ -221,6 +225,7 @@ def announce(state: WorkerState, conn) -> None:
                 "decoder": state.decoder,
                 "device": state.device,
                 "heartbeat": time.time(),
+                **({"disk_full": True} if state.short_of_disk else {}),
                 **(state.host.capacity() if state.host is not None else {}),
             }
         ),
@@ -287,6 +292,36 @@ def draining(state: WorkerState, conn: Any) -> None:
         threading.Thread(target=announce_now, args=(state, conn), daemon=True).start()
 
 
+def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
+    """Whether the disk under output_dir has min_free_bytes free, asked before each job is taken
+    (RQ's loop waits while it has not). A worker with a full disk failed every job it took
+    (`disk_full`), and took them faster than its healthy peers: the jobs now wait for a worker
+    with room. Its entry says `disk_full`, and /health counts it out of the workers that take
+    jobs. A burst run stops there, leaving the queue as it is."""
+    from rq.exceptions import StopRequested
+
+    free = shutil.disk_usage(state.output_dir).free
+    if free >= state.min_free_bytes:
+        if state.short_of_disk:
+            log.warning("worker %s: room on the disk again; taking jobs", state.name)
+            state.short_of_disk = False
+            announce_now(state, conn)
+        return True
+    if not state.short_of_disk:
+        log.error(
+            "worker %s: %d MB free under %s, under server.worker_min_free_mb (%d): no job is taken until there is room",
+            state.name,
+            free // 2**20,
+            state.output_dir,
+            state.min_free_bytes // 2**20,
+        )
+        state.short_of_disk = True
+        announce_now(state, conn)
+    if burst:
+        raise StopRequested()
+    return False
+
+
 def claim_name(conn: Any, name: str, lease_s: float, stop: threading.Event) -> bool:
     """Take `name` for this run; False if stopped while waiting for it. A run of it killed
     without a goodbye (kill -9, a crash, a container stopped) left RQ's registration behind for
@@ -329,7 +364,8 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
 
     while True:
         try:
-            rq_worker(conn, state.name, on_stop).work(burst=burst, logging_level="WARNING")
+            may_take = functools.partial(room_to_take, state, conn)
+            rq_worker(conn, state.name, on_stop, may_take).work(burst=burst, logging_level="WARNING")
         except redis.RedisError:
             pass
         if stopping.is_set() or burst:
@@ -363,9 +399,10 @@ def stop_on_signals(stopping: threading.Event) -> threading.Event:
 REDIS_RETRY_MAX_S = 2.0  # the longest a worker waits between tries to reach Redis
 
 
-def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
+def rq_worker(conn: Any, name: str, on_stop: Callable[[], None], may_take: Callable[[bool], bool] | None = None) -> Any:
     """RQ's in-process worker, told about a stop request before RQ handles it (warm shutdown:
-    the running job finishes, then work() returns)."""
+    the running job finishes, then work() returns). Before each job it waits, alive to RQ,
+    until `may_take(burst)`."""
     from rq import SimpleWorker
 
     class Worker(SimpleWorker):
@@ -376,6 +413,12 @@ def rq_worker(conn: Any, name: str, on_stop: Callable[[], None]) -> Any:
         def request_stop(self, signum: Any, frame: Any) -> None:
             on_stop()
             super().request_stop(signum, frame)
+
+        def check_for_suspension(self, burst: bool) -> None:
+            super().check_for_suspension(burst)
+            while may_take is not None and not self._stop_requested and not may_take(burst):
+                self.heartbeat()
+                time.sleep(DISK_CHECK_S)
 
         def teardown(self) -> None:
             try:
@@ -470,6 +513,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         job_timeout_s=srv.job_timeout_s,
         lease_s=srv.worker_lease_s,
         retry_lost_jobs=srv.retry_lost_jobs,
+        min_free_bytes=int(srv.worker_min_free_mb * 2**20),
         decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name),
         device=str(pipeline.device),
         host=None if a.burst else live_host(settings, pipeline, name, conn, ledger),

@@ -245,6 +245,42 @@ def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cl
     assert r.status_code == 200, r.get_data()[:300]
 
 
+def test_a_worker_short_of_disk_takes_no_job_until_there_is_room(cluster):
+    """A real small filesystem (a 16 MB tmpfs under output_dir; needs root, as on this project's
+    machines). Filled while a job runs, the worker takes no further job: the queued one waits,
+    /health says so, and it runs once there is room again. Before, each job failed disk_full."""
+    c = cluster(worker_min_free_mb=8, queue_size=10)
+    outputs = c.tmp / "outputs"
+    outputs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(outputs)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        api = c.client()
+        c.start_worker("w1")
+        c.wait_workers(api, 1)
+        first = post(api, {"min_resolution": 256, "duration": 20, "async": True, "seed": 1}).get_json()["job_id"]
+        wait_status(api, first, ("processing",))
+        (outputs / "filler").write_bytes(b"\0" * (10 * 2**20))         # 6 MB left, under the 8 asked
+        second = post(api, {"min_resolution": 256, "async": True, "seed": 2}).get_json()["job_id"]
+        assert wait_status(api, first, ("succeeded", "failed"), timeout=120)["status"] == "succeeded"
+        deadline = time.monotonic() + 20
+        while (h := api.get("/health")).get_json()["workers"][0]["state"] != "disk_full":
+            assert time.monotonic() < deadline, h.get_json()
+            time.sleep(0.2)
+        assert h.status_code == 503 and h.get_json()["readiness"] == "worker_stopped"
+        time.sleep(2)
+        assert api.get(f"/api/sonic/jobs/{second}").get_json()["status"] == "queued"      # waits, not failed
+        assert_clean_error(post(api, {"min_resolution": 256, "seed": 3}), 503, "not_ready")
+        assert "no job is taken until there is room" in (c.tmp / "w1.log").read_text()
+        (outputs / "filler").unlink()
+        body = wait_status(api, second, ("succeeded", "failed"), timeout=120)
+        assert body["status"] == "succeeded", body
+        assert api.get("/health").get_json()["readiness"] in ("ready", "busy")
+    finally:
+        c.stop()
+        subprocess.run(["umount", str(outputs)], check=False)
+
+
 def test_finished_records_survive_a_redis_restart_with_append_only_persistence(tmp_path):
     """docs/scaling.md runs Redis with --appendonly yes: a restart keeps the job records (and the
     result cache's keys), so a status URL given out before it still answers."""

@@ -91,7 +91,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def health(self) -> dict:
-        """{"running_job": id or None, "workers_alive": int, "queue_length": int}, one snapshot
+        """{"running_job": id or None, "workers_alive": int, "queue_length": int} (and, where workers
+        may stop taking jobs, "workers_taking_jobs": int), one snapshot
         (taken at one moment, never half before and half after a job starts or ends); with
         "unavailable" (why) when the job store does not answer."""
 

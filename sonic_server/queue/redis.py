@@ -355,7 +355,7 @@ class RedisQueue(JobQueue):
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
-        if not live_workers(self.r):
+        if not any(not w.get("disk_full") for w in live_workers(self.r)):  # none alive, or none with room
             raise WorkerStopped()
         rec = lifecycle.queue(rec.copy())
         self.store.save(rec)
@@ -491,7 +491,7 @@ class RedisQueue(JobQueue):
         workers = [
             {
                 "name": w.get("name"),
-                "state": "busy" if w.get("job") else "idle",
+                "state": "busy" if w.get("job") else "disk_full" if w.get("disk_full") else "idle",
                 "job": w.get("job"),
                 "decoder": w.get("decoder"),
                 "device": w.get("device"),
@@ -504,6 +504,7 @@ class RedisQueue(JobQueue):
         return {
             "running_job": running,
             "workers_alive": len(workers),
+            "workers_taking_jobs": sum(w["state"] != "disk_full" for w in workers),
             "queue_length": self.queue_length(),
             "workers": workers,
         }

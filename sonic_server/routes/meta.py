@@ -84,8 +84,8 @@ def health():
     running = workers["running_job"]
     if state == "ready" and workers.get("unavailable"):
         state = "not_ready"  # the job store does not answer: nothing can be queued or followed
-    elif state == "ready" and not workers["workers_alive"]:
-        state = "worker_stopped"  # jobs would be queued and never run
+    elif state == "ready" and not workers.get("workers_taking_jobs", workers["workers_alive"]):
+        state = "worker_stopped"  # jobs would be queued and never run (or wait for a disk with room)
     elif state == "ready" and running is not None:
         state = "busy"
     body = {
@@ -105,7 +105,7 @@ def health():
         body["accounts"] = "ok" if svc.ledger.answers() else "unavailable"
     if svc.outputs.remote:  # said, as the accounts are: what needs no bucket still works
         body["storage"] = "unavailable" if svc.outputs.s3.away else "ok"
-    if "workers" in workers:  # distributed mode: each worker, busy or idle
+    if "workers" in workers:  # distributed mode: each worker, busy, idle or disk_full
         body["workers"] = [
             w if w.get("job") is None or _visible(queue, w["job"]) else {k: v for k, v in w.items() if k != "job"}
             for w in workers["workers"]
