@@ -9,8 +9,9 @@ Loaded in three layers, each overriding the one before:
    `--config` (`sonic serve`, `python app.py`) / `--settings` (`sonic generate`); a file may
    name only some settings, the rest keep their defaults;
 2. environment variables `SONIC_<NAME>`, NAME being the setting's own name in capitals
-   (`SONIC_QUEUE_SIZE=8`, `SONIC_OUTPUT_DIR=/srv/videos`, `SONIC_MAX_DURATION_S=60`); lists are
-   comma-separated; `SONIC_API_KEYS` adds keys to those of the file;
+   (`SONIC_QUEUE_SIZE=8`, `SONIC_OUTPUT_DIR=/srv/videos`, `SONIC_MAX_DURATION_S=60`;
+   `sonic_checkpoints` is SONIC_CHECKPOINTS, not doubled); lists are comma-separated;
+   `SONIC_API_KEYS` adds keys to those of the file;
 3. command-line flags (`--host`, `--port`, `--decoder`, `--checkpoints DIR`, `--device`).
 
 Relative paths (output_dir, sonic_checkpoints; the server's upload_dir, data_dir, jobs_db) are
@@ -210,7 +211,7 @@ def _values(
             continue
         if name in raw:
             values[name] = _cast(prefix + name, hints[name], raw[name], from_text=False)
-        var = env_prefix + name.upper()
+        var = env_var(env_prefix, name)
         if var in env:
             value = _cast(var, hints[name], env[var], from_text=True)
             if name == "api_keys":  # the variable adds keys to the file's
@@ -232,9 +233,10 @@ def settings_from(
     raw = {k: v for k, v in dict(raw or {}).items() if k not in cls.SKIPPED}
     env = env or {}
     parts = sections(cls)
-    if not cls.SKIPPED:  # the whole file's settings: every SONIC_* setting's name is known here
-        for var, meant in _misspelt(env, cls, parts):
-            log.warning("%s is not a setting (ignored); did you mean %s?", var, meant)
+    # the library's settings (cls.SKIPPED: the server's sections) know only their own names; no
+    # server variable is close to one of them (tests/test_settings.py), so none is called misspelt
+    for var, meant in _misspelt(env, cls):
+        log.warning("%s is not a setting (ignored); did you mean %s?", var, meant)
     top = _values(cls, raw, "", env, skip=("defaults", *parts))
     for name, part in parts.items():
         prefix = cls.ENV_PREFIXES.get(name, ENV_PREFIX)
@@ -258,12 +260,25 @@ def settings_from(
     return settings.checked().resolved(base or Path.cwd())
 
 
-def _misspelt(env: Mapping[str, str], cls: type[Settings], parts: dict[str, type]) -> list[tuple[str, str]]:
+def env_var(prefix: str, name: str) -> str:
+    """A setting's variable: its name in capitals after the prefix, the prefix not doubled
+    (`sonic_checkpoints`: SONIC_CHECKPOINTS)."""
+    return prefix + name.upper().removeprefix(prefix)
+
+
+def env_vars(cls: type[Settings]) -> set[str]:
+    """The variables of every setting of `cls` and its sections."""
+    parts = sections(cls)
+    known = {env_var(ENV_PREFIX, f.name) for f in dataclasses.fields(cls) if f.name not in parts}
+    for name, part in parts.items():
+        known |= {env_var(cls.ENV_PREFIXES.get(name, ENV_PREFIX), f.name) for f in dataclasses.fields(part)}
+    return known
+
+
+def _misspelt(env: Mapping[str, str], cls: type[Settings]) -> list[tuple[str, str]]:
     """SONIC_* variables that are no setting but close to one's name: (variable, the setting's).
     Only close ones: other tools' SONIC_* variables (SONIC_PYTHON, ...) are none of ours."""
-    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls) if f.name not in parts}
-    for name, part in parts.items():
-        known |= {cls.ENV_PREFIXES.get(name, ENV_PREFIX) + f.name.upper() for f in dataclasses.fields(part)}
+    known = env_vars(cls)
     found = []
     for var in env:
         if var.startswith(ENV_PREFIX) and var not in known:

@@ -151,6 +151,29 @@ def test_a_folder_that_cannot_be_written_stops_the_start_naming_its_setting(tmp_
     assert (tmp_path / "o").is_dir() and (tmp_path / "u").is_dir()
 
 
+def test_the_checkpoints_variable_is_the_one_the_docs_name(tmp_path):
+    """SONIC_CHECKPOINTS (docs/gpu.md, the set-up error's advice); it was SONIC_SONIC_CHECKPOINTS."""
+    from sonic.settings import settings_from as library_settings
+    for load in (library_settings, settings_from):
+        assert load({}, env={"SONIC_CHECKPOINTS": str(tmp_path)}).sonic_checkpoints == str(tmp_path)
+
+
+def test_the_library_names_a_misspelt_variable_too_and_no_server_variable_is_close_to_its_own(caplog):
+    """`sonic generate` loads only the library's settings: a misspelt SONIC_MAX_DURATON_S was
+    silently ignored there. It knows no server name, so none may be close to its own."""
+    import dataclasses
+    import difflib
+    from sonic.settings import Settings, env_vars, settings_from as library_settings
+    library_settings({}, env={"SONIC_MAX_DURATON_S": "1", "SONIC_QUEUE_SIZE": "8"})
+    told = [r.getMessage() for r in caplog.records if r.name == "sonic.settings"]
+    assert told == ["SONIC_MAX_DURATON_S is not a setting (ignored); did you mean SONIC_MAX_DURATION_S?"]
+    from sonic_server.settings import ServerConfig
+    library = env_vars(Settings)
+    assert {f.name for f in dataclasses.fields(Settings)} <= {f.name for f in dataclasses.fields(ServerConfig)}
+    close = {v: difflib.get_close_matches(v, library, n=1, cutoff=0.85) for v in env_vars(ServerConfig) - library}
+    assert not {v: c for v, c in close.items() if c}
+
+
 def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to(caplog):
     settings_from({}, env={"SONIC_WEBHOOKS_SECRET": "x", "SONIC_QUEUE_SIZ": "8", "SONIC_PYTHON": "/usr/bin/python3"})
     told = sorted(r.getMessage() for r in caplog.records if r.name == "sonic.settings")
