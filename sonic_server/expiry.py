@@ -6,12 +6,14 @@ lock a sweep holds."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from .storage import as_outputs
 
 SWEEP_EVERY_S = 60
+log = logging.getLogger("sonic.jobs")
 
 
 class OutputExpiry:
@@ -34,5 +36,12 @@ class OutputExpiry:
         if self.ttl_s <= 0:  # 0: kept until deleted (DELETE /api/sonic/jobs/<id>)
             return
         with self.lock:
-            self.store.prune(now - self.ttl_s)
-            self.outputs.expire(now - self.ttl_s)
+            records = self.store.prune(now - self.ttl_s)
+            videos = self.outputs.expire(now - self.ttl_s)
+        if records or videos:  # said: a status URL that now answers 404 has its reason in the log
+            log.info(
+                "expired %d finished job records and %d videos older than server.output_ttl_s (%g s)",
+                records,
+                videos,
+                self.ttl_s,
+            )

@@ -73,13 +73,17 @@ class FolderOutputs:
         """A deleted job's video (DELETE /api/sonic/jobs/<id>)."""
         (self.folder / name).unlink(missing_ok=True)
 
-    def expire(self, cutoff: float) -> None:
+    def expire(self, cutoff: float) -> int:
+        """Delete the videos last written before `cutoff` (epoch s); how many."""
+        gone = 0
         for path in self.folder.glob("*.mp4"):
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
+                    gone += 1
             except OSError:
                 pass
+        return gone
 
     def url(self, name: str, proxied: str) -> str:
         return proxied
@@ -295,11 +299,15 @@ class S3Outputs:
         self.s3.call("delete a video", self.s3.client.delete_object, Key=self.s3.key("outputs", name))
         (self.folder / name).unlink(missing_ok=True)
 
-    def expire(self, cutoff: float) -> None:
+    def expire(self, cutoff: float) -> int:
+        """Delete the videos last written before `cutoff` (epoch s); how many."""
+        gone = 0
         for objects in self.s3.listed("list the videos", self.s3.key("outputs") + "/"):
             old = [{"Key": o["Key"]} for o in objects if o["LastModified"].timestamp() < cutoff]
             if old:
                 self.s3.call("delete", self.s3.client.delete_objects, Delete={"Objects": old, "Quiet": True})
+                gone += len(old)
+        return gone
 
     def url(self, name: str, proxied: str) -> str:
         if self.s3.cfg.video_url != "presigned":

@@ -114,11 +114,12 @@ def test_bad_settings_file_is_named(tmp_path):
         load_settings(tmp_path / "bad.yaml", env={})
 
 
-def test_an_output_ttl_of_0_keeps_videos_and_records(tmp_path):
+def test_an_output_ttl_of_0_keeps_videos_and_records_and_a_sweep_says_what_it_deleted(tmp_path, caplog):
     from sonic_server.expiry import OutputExpiry
     from sonic_server.jobs import SUCCEEDED, JobRecord
     from sonic_server.store import MemoryStore
 
+    caplog.set_level("INFO", "sonic.jobs")
     video = tmp_path / "old.mp4"
     video.write_bytes(b"x")
     store = MemoryStore()
@@ -128,8 +129,12 @@ def test_an_output_ttl_of_0_keeps_videos_and_records(tmp_path):
     later = video.stat().st_mtime + 10 * 86400
     OutputExpiry(store, tmp_path, 0).sweep(now=later)
     assert video.exists() and store.load(rec.id) is not None
+    assert "expired" not in caplog.text
     OutputExpiry(store, tmp_path, 86400).sweep(now=later)
     assert not video.exists() and store.load(rec.id) is None
+    # a status URL that now answers 404 has its reason in the log (an upgrade from a release that
+    # kept records deleted a whole history at its first sweep, silently)
+    assert "expired 1 finished job records and 1 videos older than server.output_ttl_s (86400 s)" in caplog.text
 
 
 @pytest.mark.parametrize("setting", ["output_dir", "server.upload_dir", "server.data_dir"])
