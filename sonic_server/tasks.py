@@ -10,6 +10,7 @@ more function and one more entry in TASKS.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     out = Path(output_dir) / f"{rec.id}.mp4"
     try:
         res = pipeline(
-            image, audio, GenerateOptions(**rec.params), out_path=out, progress=progress, sound_file=rec.inputs["audio"]
+            image, audio, _options(rec.params), out_path=out, progress=progress, sound_file=rec.inputs["audio"]
         )
     except InvalidParameter as e:
         if e.field != "out_path":
@@ -45,6 +46,19 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
     result.pop("output_path", None)
     result["file"] = out.name
     return result
+
+
+def _options(params: dict) -> GenerateOptions:
+    """The record's parameters as options. Parameters this release does not know come from a
+    newer API process (a rolling upgrade that reached the API before this worker): said as such,
+    not as a TypeError behind `internal_error`."""
+    unknown = sorted(set(params) - {f.name for f in dataclasses.fields(GenerateOptions)})
+    if unknown:
+        raise PipelineError(
+            f"this job was made by a newer release than the worker that took it runs (it does not know "
+            f"{', '.join(unknown)}): upgrade the workers, then the API processes, and submit it again"
+        )
+    return GenerateOptions(**params)
 
 
 TASKS: dict[str, Callable[..., dict]] = {"generate": run_generate}

@@ -118,6 +118,16 @@ def test_run_generate_takes_decoded_inputs_or_reads_the_files(tmp_path):
     assert str(tmp_path) not in gone.value.message  # the service's paths are not the caller's business
 
 
+def test_a_job_with_a_parameter_its_worker_does_not_know_says_the_worker_is_older(tmp_path):
+    """A rolling upgrade that reached the API processes first: the old worker's TypeError was
+    answered internal_error. Now the failure says what to upgrade."""
+    uploads = Uploads(tmp_path / "up")
+    rec = new_record(uploads, seed=9)
+    rec.params["lip_curl"] = 0.5  # a parameter of a release to come
+    with pytest.raises(PipelineError, match=r"newer release .* does not know lip_curl\): upgrade the workers"):
+        run_generate(rec, FakePipeline(), tmp_path, None, lambda stage, frac: None)
+
+
 def test_queue_runs_a_job_and_caches_it(make_queue, tmp_path):
     pipe = FakePipeline()
     q = make_queue(pipe)
