@@ -40,6 +40,11 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
             raise
         # the path is the service's own, not the caller's: its fault, and no server path in the answer
         raise PipelineError("cannot write the video: the service's output folder is not writable") from e
+    except BaseException:
+        # a cancel or time limit at the last progress report comes after the video is in place:
+        # a job that ends without a result leaves no video (it was downloadable, and uncharged)
+        out.unlink(missing_ok=True)
+        raise
     result = res.to_dict()
     if inputs is not None:  # decoded before queueing: the time counts as the request's decode
         inputs.count_decode_in(result["timings"])

@@ -128,6 +128,28 @@ def test_a_job_with_a_parameter_its_worker_does_not_know_says_the_worker_is_olde
         run_generate(rec, FakePipeline(), tmp_path, None, lambda stage, frac: None)
 
 
+@pytest.mark.parametrize("stop", ["canceled", "timed out"])
+def test_a_job_stopped_at_its_last_report_leaves_no_video(tmp_path, stop):
+    """The pipeline reports "done" after the video is in place: a cancel (or the time limit)
+    seen there ended the job without a result, its hold released, and the video stayed
+    downloadable at /output/<id>.mp4, even after DELETE."""
+    from sonic_server.lifecycle import JobCanceled, JobTimedOut
+    from sonic_server.queue.execute import run_task
+
+    def pipeline(image, audio, options, *, out_path, progress, sound_file):
+        Path(out_path).write_bytes(FAKE_VIDEO)
+        progress("done", 1.0)
+
+    def progress(stage, fraction):
+        if stage == "done":
+            raise JobCanceled() if stop == "canceled" else JobTimedOut()
+
+    rec = new_record(Uploads(tmp_path / "up"), seed=9)
+    status, fields = run_task(rec, TASKS, pipeline, tmp_path, None, progress, job_timeout_s=60)
+    assert status == ("canceled" if stop == "canceled" else "failed") and "result" not in fields
+    assert not (tmp_path / f"{rec.id}.mp4").exists()
+
+
 def test_queue_runs_a_job_and_caches_it(make_queue, tmp_path):
     pipe = FakePipeline()
     q = make_queue(pipe)

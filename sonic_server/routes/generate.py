@@ -656,8 +656,9 @@ def job_delete(job_id):
             )
 
     def remove_files() -> None:
-        if rec.result and rec.result.get("file"):
-            svc.outputs.remove(rec.result["file"])  # first: a cache lookup after it finds no video
+        # first: a cache lookup after it finds no video. A job without a result has none, but
+        # its own name is removed all the same (a video a release before left behind a cancel)
+        svc.outputs.remove((rec.result or {}).get("file") or f"{job_id}.mp4")
         svc.uploads.remove(job_id)
 
     svc.queue.delete(job_id, remove_files)
