@@ -75,6 +75,8 @@ HOSTILE = {
     "a 5000-digit negative": lambda r: _in_object(r, "-" + "9" * 5000),
     "a float overflowing": lambda r: _in_object(r, "1e999"),
     "a long fraction": lambda r: _in_object(r, "0." + "1" * 5000),
+    # counted before parsing: 9 MB of these in a /fusion body took 400 MB and 4.6 s to refuse
+    "many values": lambda r: _in_object(r, "[" + ",".join(["{}"] * 6000) + "]"),
     "NaN": lambda r: _in_object(r, "NaN"),
     "Infinity": lambda r: _in_object(r, "-Infinity"),
 }
@@ -86,7 +88,7 @@ def test_hostile_json_is_a_400_naming_the_field(client, route, kind, caplog):
     caplog.set_level(logging.ERROR)
     r = ROUTES[route](client, HOSTILE[kind](route))
     # thousands deep stops the decoder itself: then the whole text is named, else the key
-    field = FIELD[route] if kind.startswith("deep ") else FIELD_IN_OBJECT[route]
+    field = FIELD[route] if kind.startswith(("deep ", "many ")) else FIELD_IN_OBJECT[route]
     assert_clean_error(r, 400, "invalid_parameter", field)
     assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
 

@@ -9,7 +9,7 @@ from flask import Blueprint, g, jsonify, request
 
 from ..accounts import CreditError, check_amount
 from ..errors import error_response
-from ..json_input import json_object_body
+from ..json_input import MAX_VALUES, json_object_body
 from ..openapi import content, describe, error, path_parameter
 from ..service import service
 
@@ -191,7 +191,8 @@ RECHARGE_BODY = {
 def recharge():
     svc = service()
     cfg = svc.settings.credits
-    body = json_object_body("the body must be a JSON object")
+    # a value per account, and a few more: a recharge may name max_recharge_users accounts
+    body = json_object_body("the body must be a JSON object", max_values=max(MAX_VALUES, 2 * cfg.max_recharge_users))
     unknown = sorted(set(body) - RECHARGE_FIELDS)
     if unknown:
         return error_response("invalid_parameter", f"unknown field {unknown[0]!r}", unknown[0])

@@ -326,7 +326,9 @@ def _fields() -> dict:
     once a request: the config, the webhook and the inputs all ask)."""
     if "request_fields" not in g:
         if _is_json():
-            if (request.content_length or 0) > MAX_JSON_BYTES:  # parsed number by number: seconds for megabytes
+            # parsed number by number: seconds for megabytes. A chunked body states no length:
+            # its size is read (up to the upload limit) and counted before it is parsed
+            if max(request.content_length or 0, len(request.get_data(cache=True))) > MAX_JSON_BYTES:
                 raise InputTooLarge(
                     f"a JSON request is at most {MAX_JSON_BYTES // 1024} kB (image_url, audio_url, config): "
                     "send files as multipart/form-data",
