@@ -46,6 +46,9 @@ FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
 MAX_RETRY_GAP_S = 900.0
 SEND_EVERY_S = 0.5
 SENDERS = 4  # deliveries in flight at once, each to another job: a receiver that is slow to answer holds one
+# deliveries that may wait for one job: its own start, progress and end take ~15; each cache hit
+# of it that names a webhook adds one, and behind a receiver that fails they piled up unbounded
+MAX_PENDING_PER_JOB = 64
 
 
 def backoff_s(failures: int) -> float:
@@ -97,7 +100,8 @@ class Delivery:
 
 
 class Outbox(Protocol):
-    def add(self, delivery: Delivery) -> None: ...
+    def add(self, delivery: Delivery) -> bool:
+        """Queue it, or False (nothing queued) when MAX_PENDING_PER_JOB of its job's wait."""
 
     def due(self, now: float, limit: int) -> list[Delivery]:
         """Deliveries whose time has come, each the first left of its job's."""
@@ -115,9 +119,13 @@ class MemoryOutbox:
         self._items: dict[str, Delivery] = {}
         self._lock = threading.Lock()
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery) -> bool:
         with self._lock:
+            waiting = sum(d.job_id == delivery.job_id for d in self._items.values())
+            if delivery.id not in self._items and waiting >= MAX_PENDING_PER_JOB:
+                return False
             self._items[delivery.id] = delivery
+            return True
 
     def due(self, now: float, limit: int) -> list[Delivery]:
         with self._lock:
@@ -136,7 +144,8 @@ class MemoryOutbox:
             self._items.pop(delivery.id, None)
 
     def retry(self, delivery: Delivery) -> None:
-        self.add(delivery)
+        with self._lock:
+            self._items[delivery.id] = delivery
 
 
 class SqliteOutbox:
@@ -149,15 +158,27 @@ class SqliteOutbox:
             "NULL, url TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL, "
             "next_at REAL NOT NULL, first_at REAL NOT NULL)"
         )
+        # without it the look for each job's first delivery was quadratic: 4 s at 4,000 waiting,
+        # under the lock every job's event waits for
+        self._db.execute("CREATE INDEX IF NOT EXISTS webhook_outbox_job ON webhook_outbox (job_id, seq)")
         self._lock = threading.Lock()
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery) -> bool:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
-                ":next_at, :first_at)",
-                asdict(delivery),
-            )
+            (waiting,) = self._db.execute(
+                "SELECT COUNT(*) FROM webhook_outbox WHERE job_id = ?", (delivery.job_id,)
+            ).fetchone()
+            if waiting >= MAX_PENDING_PER_JOB:
+                return False
+            self._put(delivery)
+            return True
+
+    def _put(self, delivery: Delivery) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
+            ":next_at, :first_at)",
+            asdict(delivery),
+        )
 
     def due(self, now: float, limit: int) -> list[Delivery]:
         with self._lock:
@@ -178,13 +199,16 @@ class SqliteOutbox:
             self._db.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery.id,))
 
     def retry(self, delivery: Delivery) -> None:
-        self.add(delivery)
+        with self._lock:
+            self._put(delivery)
 
 
 # Only the first waiting delivery of each job is in `sonic:wh:due` (the others wait their turn
 # in the job's queue): the sender's look at the due set never meets one it may not send yet.
-# KEYS: delivery, due, the job's queue. ARGV: the delivery (JSON), its id, its seq, its time.
+# KEYS: delivery, due, the job's queue. ARGV: the delivery (JSON), its id, its seq, its time, the
+# most that may wait for one job (none queued at that many).
 _ADD = """
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 local head = redis.call('ZRANGE', KEYS[3], 0, 0)
@@ -248,11 +272,10 @@ class RedisOutbox:
     def _keys(self, d: Delivery) -> tuple[str, str, str, str]:
         return f"sonic:wh:{d.id}", "sonic:wh:due", f"sonic:wh:q:{d.job_id}", f"sonic:wh:claim:{d.id}"
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery) -> bool:
         key, due, queue, _ = self._keys(delivery)
-        self._add(
-            keys=[key, due, queue], args=[json.dumps(asdict(delivery)), delivery.id, delivery.seq, delivery.next_at]
-        )
+        args = [json.dumps(asdict(delivery)), delivery.id, delivery.seq, delivery.next_at, MAX_PENDING_PER_JOB]
+        return bool(self._add(keys=[key, due, queue], args=args))
 
     def pending(self) -> bool:
         return bool(self.r.zcard("sonic:wh:due"))
@@ -349,9 +372,16 @@ class Webhooks:
             return
         body = json.dumps(job_document(rec, JobUrls.under(hook["root"], rec.id, self.outputs)), sort_keys=True)
         now = time.time()
-        self.outbox.add(
-            Delivery(f"msg_{uuid.uuid4().hex}", rec.id, self._next_seq(), hook["url"], event, body, 0, now, now)
-        )
+        delivery = Delivery(f"msg_{uuid.uuid4().hex}", rec.id, self._next_seq(), hook["url"], event, body, 0, now, now)
+        if not self.outbox.add(delivery):
+            metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
+            log.warning(
+                "webhook (job %s, %s): not queued; %d of the job's deliveries wait already",
+                rec.id,
+                event,
+                MAX_PENDING_PER_JOB,
+            )
+            return
         self.start()
 
     def job_ended(self, rec: JobRecord) -> None:

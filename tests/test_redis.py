@@ -605,6 +605,22 @@ def test_failed_webhooks_are_each_tried_again_on_time(redis_url):
         conn.flushdb()
 
 
+def test_deliveries_waiting_for_one_job_are_bounded_in_redis_too(redis_url):
+    """As with SQLite (tests/test_webhooks.py): a job's waiting deliveries are capped, in the
+    same script that queues them; another job's still queue."""
+    import redis
+    from sonic_server.webhooks import MAX_PENDING_PER_JOB, Delivery, RedisOutbox
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    outbox = RedisOutbox(conn)
+    now = time.time()
+    queued = [outbox.add(Delivery(f"msg_{i}", "job_a", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
+              for i in range(MAX_PENDING_PER_JOB + 3)]
+    assert queued == [True] * MAX_PENDING_PER_JOB + [False] * 3
+    assert conn.zcard("sonic:wh:q:job_a") == MAX_PENDING_PER_JOB and not conn.exists(f"sonic:wh:msg_{MAX_PENDING_PER_JOB}")
+    assert outbox.add(Delivery("msg_b", "job_b", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
+
+
 def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():
     port = free_port()  # nothing listens there
     p = subprocess.run([sys.executable, "-m", "sonic", "worker", "--redis-url", f"redis://:S3cretPw@127.0.0.1:{port}/0"],

@@ -326,3 +326,35 @@ def test_a_webhooks_password_is_not_written_to_the_log(hooked_client, caplog):
     assert r.status_code == 202, r.get_data()[:300]
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
     assert '"webhook": "http://***@127.0.0.1:9/hook"' in logged and "S3CRETpw" not in logged
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_deliveries_waiting_for_one_job_are_bounded(tmp_path, kind, caplog):
+    """Every cache hit of a job that names a webhook adds a delivery for that job, and behind a
+    receiver that fails only the first is tried: they piled up unbounded (and the outbox's look
+    for due deliveries grew quadratic: 4 s at 4,000). Another job's still queue."""
+    from sonic_server.jobs import JobRecord
+    from sonic_server.webhooks import MAX_PENDING_PER_JOB, Delivery, MemoryOutbox, SqliteOutbox, Webhooks
+
+    outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
+    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, True, tmp_path)
+    hooks.start = lambda only_if_pending=False: None  # queued only: nothing is sent here
+    rec = JobRecord.new("generate", {})
+    rec.webhook = {"url": "http://127.0.0.1:9/h", "events": ["completed"], "root": "http://127.0.0.1/"}
+    for _ in range(MAX_PENDING_PER_JOB + 5):
+        hooks.notify(rec, "completed")
+    due = outbox.due(time.time(), 1000)
+    assert len(due) == 1                                          # the job's first; the rest wait their turn
+    outbox.done(due[0])
+    waiting = 0
+    while got := outbox.due(time.time(), 1000):
+        outbox.done(got[0])
+        waiting += 1
+    assert waiting == MAX_PENDING_PER_JOB - 1
+    assert caplog.text.count(f"not queued; {MAX_PENDING_PER_JOB} of the job's deliveries wait already") == 5
+    now = time.time()
+    assert outbox.add(Delivery("msg_other", "another_job", 1, "http://h/", "completed", "{}", 0, now, now))
+    if kind == "sqlite":
+        import sqlite3
+        indexes = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("PRAGMA index_list(webhook_outbox)").fetchall()
+        assert any(row[1] == "webhook_outbox_job" for row in indexes)
