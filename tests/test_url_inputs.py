@@ -28,6 +28,7 @@ class Files:
             "/%C3%A9t%C3%A9.jpg": (200, PORTRAIT.read_bytes()),  # /été.jpg, as a browser asks for it
             "/speech.flac": (200, SPEECH.read_bytes()),
             "/notes.txt": (200, b"just some text, not an image\n" * 40),
+            "/2.08mb": (200, b"\0" * 2_080_000),  # under the 2 MB limit alone, over it beside the portrait
         }
 
         class Handler(BaseHTTPRequestHandler):
@@ -157,6 +158,13 @@ def test_a_bad_url_is_named_with_its_cause(client, files, path, status, code, ca
     assert_clean_error(r, status, code)
     err = r.get_json()["error"]
     assert err["field"] == "image_url" and cause in err["message"], err
+
+
+def test_a_requests_fetched_files_are_bounded_together_as_an_upload_is(client, files):
+    """Each URL could bring limits.max_upload_mb, twice an upload's limit for the request."""
+    r = by_form(client, image_url=files.url("/portrait.jpg"), audio_url=files.url("/2.08mb"))
+    assert_clean_error(r, 413, "input_too_large", "audio_url")
+    assert "image_url and audio_url: the files together are larger than 2 MB" in r.get_json()["error"]["message"]
 
 
 def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):

@@ -404,11 +404,22 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
             field=f"{next(iter(urls))}_url",
         )
     try:
-        ends = time.monotonic() + out.fetch_timeout_s
-        return {
-            name: outbound.fetch(url, f"{name}_url", out.allow_private, limit, total_s=out.fetch_timeout_s, ends=ends)
-            for name, url in urls.items()
-        }
+        ends, fetched = time.monotonic() + out.fetch_timeout_s, {}
+        for name, url in urls.items():
+            left = limit - sum(len(data) for data in fetched.values())  # the files together, as an upload's
+            try:
+                fetched[name] = outbound.fetch(
+                    url, f"{name}_url", out.allow_private, left, total_s=out.fetch_timeout_s, ends=ends
+                )
+            except InputTooLarge:
+                if not fetched:
+                    raise
+                raise InputTooLarge(
+                    f"{' and '.join(f'{n}_url' for n in urls)}: the files together are larger than "
+                    f"{limit / 1024 / 1024:g} MB (limits.max_upload_mb)",
+                    field=f"{name}_url",
+                ) from None
+        return fetched
     finally:
         svc.fetches.give_back()
 
