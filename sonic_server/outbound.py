@@ -55,12 +55,14 @@ class Target:
 def without_credentials(params: dict) -> dict:
     """`params` as a log may show them: a URL's user:password (a webhook's) replaced by ***."""
     return {
-        name: _USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value for name, value in params.items()
+        name: _USERINFO.sub("://***@", value) if isinstance(value, str) else value for name, value in params.items()
     }
 
 
 URL_SAFE = "/%:@!$&'()*+,;=~-._?"  # left as they are by the encoding above: a URL's own delimiters and escapes
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+# anywhere in the value, tabs and newlines allowed in "://": a URL's parser drops those and leading
+# spaces, so " https://u:p@host" and "https:/\t/u:p@host" are fetched with the password too
+_USERINFO = re.compile(r":[\t\r\n]*/[\t\r\n]*/[^/?#]*@")
 
 
 def basic_authorization(parts: SplitResult) -> str | None:

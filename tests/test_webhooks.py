@@ -358,3 +358,14 @@ def test_deliveries_waiting_for_one_job_are_bounded(tmp_path, kind, caplog):
         import sqlite3
         indexes = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("PRAGMA index_list(webhook_outbox)").fetchall()
         assert any(row[1] == "webhook_outbox_job" for row in indexes)
+
+
+@pytest.mark.parametrize("url", [" https://u:s3cret@h.example/x", "https:/\t/u:s3cret@h/", "ht\ttps://u:s3cret@h/",
+                                 "\nhttps://u:s3cret@h/", "https://u:s3cret@h/x?next=a@b"])
+def test_a_password_is_masked_in_every_form_a_url_parser_accepts(url):
+    """urlsplit drops leading spaces and controls, and tabs and newlines anywhere: each of these is
+    fetched with the password, and the log's mask, anchored at a clean scheme, missed the first four."""
+    from urllib.parse import urlsplit
+    from sonic_server.outbound import without_credentials
+    assert urlsplit(url).password == "s3cret"
+    assert "s3cret" not in without_credentials({"webhook": url})["webhook"]
