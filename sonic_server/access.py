@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import math
 import threading
 import time
@@ -114,7 +115,21 @@ class RateLimiter:
         keys, addresses = self._ending if ending else (self.keys, self.addresses)
         if verified_key is not None:
             return keys.take(verified_key)
-        return addresses.take(address)
+        return addresses.take(address_bucket(address))
+
+
+def address_bucket(address: str) -> str:
+    """The bucket of a client without a key: its IPv4 address, or its IPv6 /64. One host is
+    given a /64 (or more) to pick addresses from: per address, it had a bucket per request."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def retry_after(seconds: float) -> str:

@@ -32,6 +32,15 @@ def test_another_address_has_its_own_bucket(make_client):
     assert codes(client, 5, addr=lambda i: "10.0.0.2") == [200] * 5
 
 
+def test_an_ipv6_client_has_one_bucket_for_its_64_whatever_address_it_picks(make_client):
+    """A host is given a /64 (or more) to pick addresses from: a bucket per address was a bucket
+    per request. An IPv4 client of a dual-stack socket (::ffff:a.b.c.d) is its IPv4 address."""
+    client, _ = make_client(**SLOW)
+    assert codes(client, 20, addr=lambda i: f"2001:db8:1:2::{i + 1:x}").count(429) >= 8
+    assert codes(client, 5, addr=lambda i: "2001:db8:1:3::1") == [200] * 5      # the next /64: another host
+    assert codes(client, 12, addr=lambda i: "10.0.0.9" if i % 2 else "::ffff:10.0.0.9").count(429) >= 1
+
+
 def test_a_client_that_spent_its_requests_can_still_end_what_it_holds(make_client):
     """A DELETE (ending a live session or a job) has its own bucket: a client past its limit
     still lets go of a session that would otherwise hold a slot until its idle timeout; a
