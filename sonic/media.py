@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
+from .memory import expendable
 
 SAMPLE_RATE = 16_000  # Hz, what the audio encoder and pocketsphinx expect
 SOUND_RATE = 48_000  # Hz of the video's sound track
@@ -482,6 +483,7 @@ def run_ffmpeg_on(
     try:
         with tempfile.TemporaryFile() as log:  # a file: a full stderr pipe would stall the decode
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, pass_fds=(fd,))
+            expendable(proc.pid)
             out, cut, timed_out = _output_of(proc, max_output_bytes, DECODE_TIMEOUT_S)
             log.seek(0)
             errors = log.read()

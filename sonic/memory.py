@@ -27,3 +27,21 @@ def give_back_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# the kernel's out-of-memory killer scores each process by its memory, plus this (-1000 to
+# 1000, scaled to the memory there is): at 1000 a child is taken before the process that
+# started it, whatever their sizes. The service is the largest process and holds the state (its
+# jobs, sessions and connections): under a container's memory cap it was the one killed, and
+# every client with it; a helper or an ffmpeg killed fails one job or session, by name.
+EXPENDABLE_OOM_SCORE = 1000
+
+
+def expendable(pid: int) -> None:
+    """Tell the kernel to kill process `pid` (a child) first when memory runs out. Raising a
+    process's score needs no privilege; elsewhere than Linux this does nothing."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(EXPENDABLE_OOM_SCORE))
+    except OSError:  # not Linux, or the process has already ended
+        pass

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import PipelineError
+from .memory import expendable
 from .render_messages import Answer, Failed, RecognisePhones, Release, RenderBatch, Rendered
 
 IN_FLIGHT_PER_HELPER = 2  # batches asked of each helper ahead (and its slots in the frames file)
@@ -102,6 +103,7 @@ class HelperProcess:
             )
         finally:
             child.close()
+        expendable(self.proc.pid)
         self.conn = Connection(parent.detach())
 
     def alive(self) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DiskFull, PipelineError
 from .media import FFMPEG
+from .memory import expendable
 from .sound import Sound
 
 X264_PRESET = "veryfast"
@@ -155,6 +156,7 @@ class VideoWriter:
         cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+            expendable(self._proc.pid)
         except OSError as e:
             self._cleanup()
             raise PipelineError("ffmpeg could not be started") from e

@@ -9,14 +9,18 @@ waitress-serve --call sonic_server.wsgi:make_app (SONIC_CONFIG names the setting
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import resource
 import signal
 import sys
 import threading
+import time
 from http import HTTPStatus
 
-from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from sonic.errors import SonicError
 from sonic.settings import SettingsError
@@ -24,9 +28,11 @@ from sonic.settings import SettingsError
 from . import create_app
 from .drain import AFTER_THE_DRAIN, EXIT_WAIT_S, InFlight
 from .hooks import configure_logging
+from .host_limits import check_host
 from .settings import load_settings
 
 SERVER_NAME = "sonic"
+ACCEPT_PAUSE_S = 0.1  # out of file handles: the wait before the next accept
 log = logging.getLogger("sonic.http")
 
 
@@ -67,6 +73,32 @@ class JsonErrorsHandler(WSGIRequestHandler):
             self.wfile.write(body)
 
 
+class ThrottledAcceptServer(ThreadedWSGIServer):
+    """werkzeug's threaded server, except out of file handles: its accept failed at once and its
+    loop asked again at once, at 100 % CPU, answering nothing and logging nothing until some
+    connections closed. It now waits ACCEPT_PAUSE_S before the next try, and says why (once a
+    minute)."""
+
+    told_at = -float("inf")
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                now = time.monotonic()
+                if now - self.told_at >= 60:
+                    self.told_at = now
+                    log.error(
+                        "out of file handles (%s): new connections wait; raise the open-files limit (ulimit -n; "
+                        "it is %d)",
+                        os.strerror(e.errno),
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    )
+                time.sleep(ACCEPT_PAUSE_S)
+            raise
+
+
 class _AnsweredStall(logging.Filter):
     """After answering, werkzeug reads whatever the client left unsent; on a socket whose read
     already timed out (a stalled upload, answered 408 `upload_incomplete`) that read fails, and
@@ -104,6 +136,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     except SettingsError as e:
         sys.exit(f"error: {e}")
+    check_host(settings, live_here=not settings.server.redis_url)
     try:
         app = create_app(settings, background_load=True)  # answers /health while the models load
     except SonicError as e:  # the accounts database cannot be opened, ...
@@ -121,7 +154,7 @@ def serve(args: argparse.Namespace) -> None:
             with in_flight:
                 super().handle()
 
-    server = make_server(settings.server.host, settings.server.port, app, threaded=True, request_handler=Handler)
+    server = ThrottledAcceptServer(settings.server.host, settings.server.port, app, Handler)
     stopped: list[int] = []
     drain_s = settings.server.drain_s
 

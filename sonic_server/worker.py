@@ -38,6 +38,7 @@ from sonic.settings import SettingsError
 from . import lifecycle
 from .expiry import SWEEP_EVERY_S, OutputExpiry
 from .hooks import configure_logging
+from .host_limits import check_host
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobCanceled, JobEnd
 from .live.host import LiveHost
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     except SettingsError as e:
         sys.exit(f"error: {e}")
     srv = settings.server
+    check_host(settings)
     if not srv.redis_url:
         sys.exit("error: a worker needs Redis: set server.redis_url (SONIC_REDIS_URL) or --redis-url")
     name = a.name or f"{socket.gethostname()}-{os.getpid()}"

@@ -17,13 +17,17 @@ from sonic.settings import SettingsError
 
 from . import create_app
 from .hooks import configure_logging
+from .host_limits import check_host
 
 
 def make_app() -> Flask:
     configure_logging()
     logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per ICE check of each live session otherwise
     try:
-        return create_app()
+        app = create_app()
+        settings = app.extensions["sonic"].settings
+        check_host(settings, live_here=not settings.server.redis_url)
+        return app
     except SettingsError as e:
         sys.exit(f"error: {e}")
     except SonicError as e:  # a folder it cannot write, the accounts database, ...

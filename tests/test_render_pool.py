@@ -89,6 +89,31 @@ def test_a_dead_helper_fails_the_request_clearly_and_the_next_one_works(decoder,
     assert victim not in pool.pids()
 
 
+def test_helpers_and_ffmpeg_are_the_ones_the_kernel_kills_first_when_memory_runs_out(pools, tmp_path, monkeypatch):
+    """Under a container's memory cap the service (the largest process, holding every job and
+    session) was the one the kernel killed; a helper or an ffmpeg killed fails one job by name."""
+    def score(pid) -> int:
+        return int(open(f"/proc/{pid}/oom_score_adj").read())
+    pool = pools(2)
+    pool.start()
+    assert [score(pid) for pid in pool.pids()] == [1000, 1000] and score("self") < 1000
+    import sonic.writer
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+    monkeypatch.setattr(sonic.writer.subprocess, "Popen", popen)
+    from sonic.sound import Sound
+    from sonic.writer import VideoWriter
+    sound = Sound.of_waveform(np.zeros(16000, np.float32))
+    with VideoWriter(tmp_path / "v.mp4", 64, 64, 25, sound, 1.0) as writer:
+        assert score(started[0].pid) == 1000
+        writer.write(np.zeros((25, 64, 64, 3), np.uint8))
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+
+
 def test_an_abandoned_request_leaves_the_helpers_in_step(decoder, pools):
     coeffs, head = _motion(40)
     pool = pools(2)

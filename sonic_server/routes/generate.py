@@ -404,7 +404,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
             field=f"{next(iter(urls))}_url",
         )
     try:
-        ends, fetched = time.monotonic() + out.fetch_timeout_s, {}
+        ends, fetched = time.monotonic() + out.fetch_timeout_s, dict[str, bytes]()
         for name, url in urls.items():
             left = limit - sum(len(data) for data in fetched.values())  # the files together, as an upload's
             try:
