@@ -59,6 +59,11 @@ def status_for(code: str) -> int:
     return STATUS_BY_CODE.get(code, 500)
 
 
+# the codes a client should retry, and after how long: a full disk clears when the operator
+# (or the output expiry) frees room, so not within seconds
+RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "disk_full": "60"}
+
+
 def public_error(error: dict) -> dict:
     """A job's stored error (code, message, field) as the API shows it, with its status.
 
@@ -123,7 +128,7 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
 
     @app.errorhandler(SonicError)
     def _sonic_error(e: SonicError):
-        retry = {"Retry-After": "5"} if e.code in ("storage_unavailable", "busy", "rate_limited") else None
+        retry = {"Retry-After": RETRY_AFTER[e.code]} if e.code in RETRY_AFTER else None
         return error_response(e.code, e.message, e.field, headers=retry, extra=getattr(e, "extra", None))
 
     @app.errorhandler(413)

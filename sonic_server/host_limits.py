@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 from pathlib import Path
 
 from .settings import ServerConfig
@@ -137,3 +138,16 @@ def check_host(settings: ServerConfig, live_here: bool = True) -> None:
     open_files = raise_open_files()
     for warning in shortfalls(settings, memory_limit_mb(), usable_cpus(), open_files, live_here):
         log.warning("%s", warning)
+
+
+def short_of_disk(folders: list[Path], min_free_mb: float) -> float | None:
+    """The free MB of the first folder's disk with less than min_free_mb free; None when each has
+    room (or a folder is not there yet: it is made when first written)."""
+    for folder in folders:
+        try:
+            free_mb = shutil.disk_usage(folder).free / 2**20
+        except OSError:
+            continue
+        if free_mb < min_free_mb:
+            return free_mb
+    return None

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
+from .host_limits import short_of_disk
 from .queue import JobQueue
 from .settings import ServerConfig
 from .uploads import Uploads
@@ -87,6 +88,16 @@ class Service:
         if self.decoder_identity:
             return self.decoder_identity
         return (self.queue.decoder_identity() if self.queue else None) or self.decoder or "warp"
+
+    def free_disk_short_mb(self) -> float | None:
+        """Without Redis (the jobs run here): the free MB of the disk under output_dir or
+        upload_dir when under server.min_free_mb, else None. Such a service failed every job
+        `disk_full` while /health said ready; it now takes none (routes/generate.py) and
+        /health says disk_full. With Redis each worker looks at its own (worker.py)."""
+        srv = self.settings.server
+        if srv.redis_url or srv.min_free_mb <= 0:
+            return None
+        return short_of_disk([self.output_dir, Path(srv.upload_dir)], srv.min_free_mb)
 
     def loaded_decoder(self) -> str | None:
         """The name of the decoder that renders this service's jobs, once known."""

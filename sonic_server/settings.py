@@ -43,7 +43,7 @@ class ServerSettings:
     redis_url: str | None = None  # set: distributed mode (docs/scaling.md), jobs run in `sonic worker`s
     worker_lease_s: float = 30.0  # a running job whose worker is silent this long is failed (worker_lost)
     retry_lost_jobs: int = 0  # ... or queued again, this many times, before it is failed
-    worker_min_free_mb: float = 256.0  # a worker takes no job while its output folder's disk has less free; 0: no check
+    min_free_mb: float = 256.0  # less free disk under the output folder: no job taken, no request (0: no check)
     worker_drain_s: float = 30.0  # a worker stopped gracefully (SIGTERM) lets its live sessions run this long
     fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
     idempotency_ttl_s: float = 86400.0  # an Idempotency-Key's answer is kept this long

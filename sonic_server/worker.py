@@ -38,7 +38,7 @@ from sonic.settings import SettingsError
 from . import lifecycle
 from .expiry import SWEEP_EVERY_S, OutputExpiry
 from .hooks import configure_logging
-from .host_limits import check_host
+from .host_limits import check_host, short_of_disk
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobCanceled, JobEnd
 from .live.host import LiveHost
@@ -74,7 +74,7 @@ class WorkerState:
     retry_lost_jobs: int
     decoder: str
     device: str
-    min_free_bytes: int = 0  # free disk under output_dir below which no job is taken (0: no check)
+    min_free_mb: float = 0.0  # free disk under output_dir below which no job is taken (0: no check)
     host: LiveHost | None = None  # its live sessions (live.enabled; not with --burst)
     notify: Callable[[JobRecord, str], None] | None = None  # a run's start and progress, for webhooks
     current: str | None = None  # the job this worker runs now
@@ -294,15 +294,15 @@ def draining(state: WorkerState, conn: Any) -> None:
 
 
 def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
-    """Whether the disk under output_dir has min_free_bytes free, asked before each job is taken
+    """Whether the disk under output_dir has min_free_mb free, asked before each job is taken
     (RQ's loop waits while it has not). A worker with a full disk failed every job it took
     (`disk_full`), and took them faster than its healthy peers: the jobs now wait for a worker
     with room. Its entry says `disk_full`, and /health counts it out of the workers that take
     jobs. A burst run stops there, leaving the queue as it is."""
     from rq.exceptions import StopRequested
 
-    free = shutil.disk_usage(state.output_dir).free
-    if free >= state.min_free_bytes:
+    free_mb = short_of_disk([state.output_dir], state.min_free_mb)
+    if free_mb is None:
         if state.short_of_disk:
             log.warning("worker %s: room on the disk again; taking jobs", state.name)
             state.short_of_disk = False
@@ -310,11 +310,11 @@ def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
         return True
     if not state.short_of_disk:
         log.error(
-            "worker %s: %d MB free under %s, under server.worker_min_free_mb (%d): no job is taken until there is room",
+            "worker %s: %d MB free under %s, under server.min_free_mb (%g): no job is taken until there is room",
             state.name,
-            free // 2**20,
+            free_mb,
             state.output_dir,
-            state.min_free_bytes // 2**20,
+            state.min_free_mb,
         )
         state.short_of_disk = True
         announce_now(state, conn)
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         job_timeout_s=srv.job_timeout_s,
         lease_s=srv.worker_lease_s,
         retry_lost_jobs=srv.retry_lost_jobs,
-        min_free_bytes=int(srv.worker_min_free_mb * 2**20),
+        min_free_mb=srv.min_free_mb,
         decoder=getattr(pipeline.decoder, "identity", pipeline.decoder.name),
         device=str(pipeline.device),
         host=None if a.burst else live_host(settings, pipeline, name, conn, ledger),

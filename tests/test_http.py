@@ -596,13 +596,39 @@ def test_a_full_upload_disk_is_disk_full_and_leaves_nothing(make_client, tmp_pat
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        client, cfg = make_client(upload_dir=str(mnt))
+        client, cfg = make_client(upload_dir=str(mnt), min_free_mb=0)  # the disk filling mid-upload
         for seed in (13, 14):
             r = post(client, {**FAST, "seed": seed})
             assert_clean_error(r, 500, "disk_full")
             assert "no space left on the server's disk" in r.json["error"]["message"] and str(mnt) not in r.text
             assert not any(mnt.iterdir())
         assert client.get("/health").get_json()["queue_length"] == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_service_short_of_disk_says_so_and_refuses_before_reading_the_upload(make_client, tmp_path):
+    """Less free disk than server.min_free_mb under the output folder (a 4 MB tmpfs, 3 MB of it
+    filled; needs root): every job failed disk_full while /health said ready. Now /health says
+    disk_full, generate refuses at once with Retry-After, and both recover once there is room."""
+    import subprocess
+    mnt = tmp_path / "outputs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        client, cfg = make_client(min_free_mb=2)
+        client.application.extensions["sonic"].output_dir = mnt
+        (mnt / "filler").write_bytes(b"\0" * 3 * 2**20)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.get_json()["readiness"] == "disk_full"
+        r = post(client, {**FAST, "seed": 16})
+        assert_clean_error(r, 500, "disk_full")
+        assert r.headers["Retry-After"] == "60" and "under server.min_free_mb (2)" in r.json["error"]["message"]
+        assert str(mnt) not in r.text and not any((tmp_path / "uploads").glob("*"))
+        (mnt / "filler").unlink()
+        assert client.get("/health").get_json()["readiness"] == "ready"
+        assert post(client, {**FAST, "seed": 16}).status_code == 200
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

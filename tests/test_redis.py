@@ -249,7 +249,7 @@ def test_a_worker_short_of_disk_takes_no_job_until_there_is_room(cluster):
     """A real small filesystem (a 16 MB tmpfs under output_dir; needs root, as on this project's
     machines). Filled while a job runs, the worker takes no further job: the queued one waits,
     /health says so, and it runs once there is room again. Before, each job failed disk_full."""
-    c = cluster(worker_min_free_mb=8, queue_size=10)
+    c = cluster(min_free_mb=8, queue_size=10)
     outputs = c.tmp / "outputs"
     outputs.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(outputs)], capture_output=True).returncode:

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import check_inputs
-from sonic.errors import Busy, InputTooLarge
+from sonic.errors import Busy, DiskFull, InputTooLarge
 from sonic.options import parameters
 from sonic.version import pipeline_version
 
@@ -450,6 +450,11 @@ def generate():
     queue = svc.queue
     if queue is None:
         return _not_ready(svc)
+    if (free_mb := svc.free_disk_short_mb()) is not None:  # before any upload is read or saved
+        raise DiskFull(
+            f"the server's disk has {free_mb:.0f} MB free, under server.min_free_mb "
+            f"({svc.settings.server.min_free_mb:g}); try again later"
+        )
     _check_field_names()
     opts, want_async, params = _parse_config()
     want_async = want_async or _prefers_async()

@@ -23,7 +23,7 @@ HEALTH = component(
             "status": {"type": "string", "description": "ok when ready or busy, else the readiness"},
             "readiness": {
                 "type": "string",
-                "enum": ["ready", "busy", "starting", "setup_failed", "worker_stopped", "not_ready"],
+                "enum": ["ready", "busy", "starting", "setup_failed", "worker_stopped", "not_ready", "disk_full"],
             },
             "queue_length": {"type": "integer"},
             "running_job": {
@@ -71,7 +71,8 @@ PARAMS = component(
     responses={
         200: ("ready or busy", content("application/json", HEALTH)),
         503: (
-            "starting, setup_failed, worker_stopped or not_ready (the job store away)",
+            "starting, setup_failed, worker_stopped, not_ready (the job store away) or disk_full (less free disk "
+            "than server.min_free_mb)",
             content("application/json", HEALTH),
         ),
     },
@@ -86,6 +87,8 @@ def health():
         state = "not_ready"  # the job store does not answer: nothing can be queued or followed
     elif state == "ready" and not workers.get("workers_taking_jobs", workers["workers_alive"]):
         state = "worker_stopped"  # jobs would be queued and never run (or wait for a disk with room)
+    elif state == "ready" and svc.free_disk_short_mb() is not None:
+        state = "disk_full"  # every job would fail disk_full: generate refuses them (routes/generate.py)
     elif state == "ready" and running is not None:
         state = "busy"
     body = {
