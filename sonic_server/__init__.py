@@ -13,7 +13,7 @@ from sonic.errors import Busy, SetupError
 
 from . import access, hooks, loader
 from .drain import EXIT_WAIT_S, REFUSED_WHILE_STOPPING, STOPPING_MESSAGE, Drain, drain_on_sigterm
-from .errors import install_database_errors, install_error_handlers
+from .errors import install_database_errors, install_error_handlers, is_disk_full
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
@@ -62,8 +62,13 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)
     # once the answers are made: a render still running stops (an exit under it aborts the process)
     drain.before_exit.append(lambda: svc.queue.close(wait_s=EXIT_WAIT_S) if svc.queue is not None else None)
-    svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
-    svc.webhooks = make_webhooks(settings, outputs)
+    try:  # the tables beside the jobs (SQLite, in data_dir, unless on Redis)
+        svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
+        svc.webhooks = make_webhooks(settings, outputs)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise SetupError(f"the job database cannot be written: the disk of server.data_dir is full ({e})") from e
     svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent
     hooks.request_id(app)
     hooks.access_log(app)

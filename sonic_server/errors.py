@@ -7,7 +7,9 @@ never holds one.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 import time
 
 from flask import Flask, g, jsonify, request
@@ -62,6 +64,13 @@ def status_for(code: str) -> int:
 # the codes a client should retry, and after how long: a full disk clears when the operator
 # (or the output expiry) frees room, so not within seconds
 RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "disk_full": "60"}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or quota, as the OS or SQLite says it ("database or disk is full")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e)
 
 
 def public_error(error: dict) -> dict:
@@ -170,6 +179,13 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
     def _internal(e):
         if isinstance(e, HTTPException):
             return error_response("http_error", e.description or "request failed", status=e.code or 500)
+        if is_disk_full(e):  # the job database's (SQLite says it in words), or a folder's
+            log.error("no space left on the disk (%s), request %s", e, g.get("request_id"))
+            return error_response(
+                "disk_full",
+                "no space left on the server's disk; try again later",
+                headers={"Retry-After": RETRY_AFTER["disk_full"]},
+            )
         log.exception("unhandled error, request %s", g.get("request_id"))
         return error_response("internal_error", "internal error; quote the request id when reporting it")
 

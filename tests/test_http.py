@@ -633,6 +633,44 @@ def test_a_service_short_of_disk_says_so_and_refuses_before_reading_the_upload(m
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def test_a_full_job_database_disk_is_disk_full_and_a_start_on_it_says_so(tmp_path):
+    """data_dir on a 1 MB tmpfs, filled (needs root). A request was 500 internal_error (SQLite's
+    "database or disk is full"), and a start on the full disk a traceback."""
+    import subprocess
+    from server_helpers import FakePipeline, settings
+    from sonic_server import create_app
+    mnt = tmp_path / "data"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    apps = []
+    try:
+        cfg = settings(tmp_path, data_dir=str(mnt), min_free_mb=0)
+        apps.append(create_app(cfg, pipeline=FakePipeline()))
+        client = apps[-1].test_client()
+        with open(mnt / "filler", "wb", buffering=0) as f:  # every block the job database has not taken
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        r = post(client, {**FAST, "seed": 17, "async": True})
+        assert_clean_error(r, 500, "disk_full")
+        assert r.headers["Retry-After"] == "60"
+        apps[-1].extensions["sonic"].queue.close()
+        (mnt / "jobs.sqlite3").unlink()  # a fresh start on the full disk: its database cannot be made
+        for extra in mnt.glob("jobs.sqlite3-*"):
+            extra.unlink()
+        from sonic.errors import SetupError
+        with pytest.raises(SetupError, match=r"the disk of server.data_dir is full \(database or disk is full\)"):
+            create_app(cfg, pipeline=FakePipeline(), background_load=True)   # sonic serve: one line, exit 2
+    finally:
+        for app in apps:
+            if app.extensions["sonic"].queue is not None:
+                app.extensions["sonic"].queue.close()
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_a_job_gone_while_waited_for_is_not_found(make_client, monkeypatch):
     client, _ = make_client()
     queue = client.application.extensions["sonic"].queue
