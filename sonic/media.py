@@ -488,7 +488,7 @@ def run_ffmpeg_on(
             log.seek(0)
             errors = log.read()
     except OSError as e:
-        raise PipelineError("ffmpeg could not be started") from e
+        raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
     finally:
         os.close(fd)
     if timed_out:

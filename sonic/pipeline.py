@@ -256,6 +256,8 @@ class SonicPipeline:
         audio_s = len(wav) / SAMPLE_RATE
         if cut_short := sound.cut_short(audio_s):
             warnings.add(cut_short)
+        if stand_in := sound.stand_in_warning():
+            warnings.add(stand_in)
         suffix = Path(out_path).suffix
         if suffix.lower() not in VIDEO_SUFFIXES:  # a player goes by the name
             named = f"its name ends in {suffix!r}" if suffix else "its name has no extension"

@@ -31,6 +31,7 @@ class Sound:
     samples: np.ndarray  # (N, C) int16
     rate: int  # Hz
     stated_s: float | None = None  # how long the file says it is, where it says so (not a guess)
+    stand_in: bool = False  # the 16 kHz analysis copy, the file not decoded again (`load_sound`)
 
     @staticmethod
     def of_waveform(wav: np.ndarray, rate: int = SAMPLE_RATE) -> "Sound":
@@ -40,7 +41,16 @@ class Sound:
 
     def fitted(self, duration: float) -> "Sound":
         """Trimmed, or padded with silence, to `duration` s."""
-        return Sound(fitted_samples(self.samples, int(round(duration * self.rate))), self.rate, self.stated_s)
+        return dataclasses.replace(self, samples=fitted_samples(self.samples, int(round(duration * self.rate))))
+
+    def stand_in_warning(self) -> str | None:
+        """A warning where the file could not be decoded again for the sound track: the video
+        plays the 16 kHz copy, everything above 8 kHz cut (it was said only in the log)."""
+        if not self.stand_in:
+            return None
+        return (
+            "the sound track plays a 16 kHz copy of the recording: it could not be decoded again (see the server log)"
+        )
 
     def cut_short(self, decoded_s: float) -> str | None:
         """A warning where the file says it lasts longer than the decoder found in it: a
@@ -75,11 +85,14 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
         # the bytes bound it too: -t goes by timestamps, which a file may not advance
         cap = int((seconds + 1) * SOUND_RATE) * 2 * 4
         proc = run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"], max_output_bytes=cap)
-    except (PipelineError, UnsupportedMedia, Busy):  # a job under way is not failed for its sound's quality
-        log.warning("the sound track could not be decoded again: it plays the 16 kHz analysis copy")
-        return Sound.of_waveform(wav)
+    except (PipelineError, UnsupportedMedia, Busy) as e:  # a job under way is not failed for its sound's quality
+        log.warning("the sound track could not be decoded again (%s): it plays the 16 kHz analysis copy", e.message)
+        return dataclasses.replace(Sound.of_waveform(wav), stand_in=True)
     if proc.returncode != 0 or len(proc.stdout) < 8:
-        return Sound.of_waveform(wav)
+        log.warning(
+            "the sound track could not be decoded again (ffmpeg ended %d): it plays the 16 kHz copy", proc.returncode
+        )
+        return dataclasses.replace(Sound.of_waveform(wav), stand_in=True)
     raw, proc.stdout = proc.stdout, b""  # one copy of a 5-minute track at a time (115 MB each)
     stereo = listenable(np.frombuffer(raw, dtype=np.float32)[: len(raw) // 8 * 2].reshape(-1, 2))
     del raw

@@ -159,7 +159,7 @@ class VideoWriter:
             expendable(self._proc.pid)
         except OSError as e:
             self._cleanup()
-            raise PipelineError("ffmpeg could not be started") from e
+            raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
         except BaseException:
             self._cleanup()
             raise
@@ -276,7 +276,9 @@ class VideoWriter:
         self._log.flush()
         self._log.seek(0)
         lines = self._log.read().decode("utf-8", "replace").strip().splitlines()
-        line = lines[-1] if lines else "no message"
+        code = self._proc.poll()
+        # a signal leaves no message (the kernel's out-of-memory killer: 9)
+        line = lines[-1] if lines else f"killed by signal {-code}" if code is not None and code < 0 else "no message"
         line = line.replace(str(self.tmp_path.parent) + os.sep, "")  # messages name no server paths
         return line
 

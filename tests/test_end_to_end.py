@@ -470,3 +470,29 @@ def test_an_interrupt_while_the_sound_is_written_leaves_no_part_file(tmp_path, m
         with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((100, 2), np.int16), 48000), 1.0):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoder_killed_by_a_signal_says_so(tmp_path, monkeypatch):
+    """The kernel's out-of-memory killer (or an operator) ends ffmpeg with SIGKILL, which leaves
+    no message: the job's error read "video encoder stopped: no message"."""
+    import os
+    import signal as signals
+    import subprocess
+
+    from sonic import PipelineError, writer
+    from sonic.sound import Sound
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+    monkeypatch.setattr(writer.subprocess, "Popen", popen)
+    with pytest.raises(PipelineError, match="killed by signal 9") as e:
+        with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((48000, 2), np.int16), 48000), 1.0) as w:
+            os.kill(started[0].pid, signals.SIGKILL)
+            started[0].wait()
+            for _ in range(25):
+                w.write(np.zeros((1, 64, 64, 3), np.uint8))
+    assert str(tmp_path) not in e.value.message and not list(tmp_path.glob("*.mp4"))

@@ -410,3 +410,19 @@ def test_a_wav_header_is_read_safely_and_a_streaming_size_is_no_length(tmp_path)
     riff = struct.pack("<I", len(padded) - 8)
     padded = padded[:4] + riff + padded[8:]
     assert warning(padded[: len(padded) - 40000]) is None  # fmt beyond the header read: no length, no error
+
+
+def test_a_recording_that_cannot_be_decoded_again_for_the_sound_track_is_said_in_warnings(tmp_path):
+    """The sound track decodes the file again at 48 kHz; when that fails (out of file handles,
+    the file gone) the video plays the 16 kHz analysis copy, everything above 8 kHz cut. It
+    succeeded with `warnings: []`; a log line said so, naming neither job nor cause."""
+    import shutil
+    from sonic.sound import load_sound
+    path = tmp_path / "speech.flac"
+    shutil.copy(SPEECH, path)
+    wav = load_audio(path, 60)
+    assert load_sound(path, 60, wav).stand_in_warning() is None
+    path.unlink()  # gone between the analysis and the sound track
+    sound = load_sound(path, 60, wav)
+    assert sound.rate == SAMPLE_RATE and "plays a 16 kHz copy" in sound.stand_in_warning()
+    assert sound.fitted(1.0).stand_in  # kept when trimmed to the clip
