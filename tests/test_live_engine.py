@@ -244,3 +244,20 @@ def test_a_ring_slot_is_read_only_while_it_holds_the_frame_asked_for():
     assert read_slot(ring, stamps, 3, 3) is None
     stamps[3] = -1  # being written
     assert read_slot(ring, stamps, 3, 3 + SLOTS) is None
+
+
+def test_a_spare_helper_that_cannot_start_is_said_in_one_line_and_the_next_session_tries_again(monkeypatch, caplog):
+    """Out of file handles the spare's thread died with a traceback."""
+    import errno
+
+    import sonic.live.process as process
+
+    def no_handles():
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(process, "_Helper", no_handles)
+    monkeypatch.setattr(process, "sweep_orphans", lambda prefix: None)
+    pool = process.HelperPool()
+    pool.warm()
+    assert "the spare live helper could not be started (Too many open files)" in caplog.text
+    with pytest.raises(OSError):  # a session's own start fails as it did, where its route says so
+        pool.take()

@@ -141,9 +141,15 @@ class HelperPool:
         sweep_orphans(TMP_PREFIX)  # the rings of a process killed mid-session
 
     def warm(self) -> None:
+        """Start the spare, in a thread of its own. Failing (out of file handles, of memory)
+        costs nothing now: the next session starts its own helper, and says why if it cannot."""
         with self._lock:
             if self._spare is None or self._spare.proc.poll() is not None:
-                self._spare = _Helper()
+                try:
+                    self._spare = _Helper()
+                except OSError as e:  # its thread died with a traceback
+                    self._spare = None
+                    log.warning("the spare live helper could not be started (%s)", e.strerror or e)
 
     def take(self) -> _Helper:
         with self._lock:
