@@ -320,6 +320,10 @@ def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
         announce_now(state, conn)
     if burst:
         raise StopRequested()
+    try:  # expired videos may be what fills it: no job ends to sweep them while every worker waits
+        state.expiry.maybe_sweep()
+    except Exception:  # noqa: BLE001 - looked at again at the next try
+        log.exception("output expiry sweep failed")
     return False
 
 
@@ -420,6 +424,18 @@ def rq_worker(conn: Any, name: str, on_stop: Callable[[], None], may_take: Calla
             while may_take is not None and not self._stop_requested and not may_take(burst):
                 self.heartbeat()
                 time.sleep(DISK_CHECK_S)
+
+        def execute_job(self, job: Any, queue: Any) -> None:
+            # asked again once it is taken: a worker idle in RQ's blocking wait (minutes) took the
+            # next job whatever happened to its disk meanwhile. The job goes back to the front of
+            # the queue, untouched, for a worker with room; this one then waits in the loop above
+            if may_take is not None and not may_take(False):
+                with self.connection.pipeline() as p:
+                    p.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ moved it when taken
+                    p.lpush(queue.key, job.id)
+                    p.execute()
+                return
+            super().execute_job(job, queue)
 
         def teardown(self) -> None:
             try:

@@ -267,18 +267,32 @@ def test_a_worker_short_of_disk_takes_no_job_until_there_is_room(cluster):
         while (h := api.get("/health")).get_json()["workers"][0]["state"] != "disk_full":
             assert time.monotonic() < deadline, h.get_json()
             time.sleep(0.2)
-        assert h.status_code == 503 and h.get_json()["readiness"] == "worker_stopped"
+        assert h.status_code == 503 and h.get_json()["readiness"] == "disk_full"
         time.sleep(2)
         assert api.get(f"/api/sonic/jobs/{second}").get_json()["status"] == "queued"      # waits, not failed
-        assert_clean_error(post(api, {"min_resolution": 256, "seed": 3}), 503, "not_ready")
+        refused = post(api, {"min_resolution": 256, "seed": 3})
+        assert_clean_error(refused, 500, "disk_full")
+        assert refused.headers["Retry-After"] == "60" and "every worker's disk" in refused.get_json()["error"]["message"]
         assert "no job is taken until there is room" in (c.tmp / "w1.log").read_text()
         (outputs / "filler").unlink()
         body = wait_status(api, second, ("succeeded", "failed"), timeout=120)
         assert body["status"] == "succeeded", body
         assert api.get("/health").get_json()["readiness"] in ("ready", "busy")
+        # filled while the worker idles in RQ's blocking wait: the job it is handed goes back to
+        # the queue untouched (it was taken and failed disk_full), and runs once there is room
+        time.sleep(1)
+        (outputs / "filler").write_bytes(b"\0" * (10 * 2**20))
+        third = post(api, {"min_resolution": 256, "async": True, "seed": 4}).get_json()["job_id"]
+        deadline = time.monotonic() + 20
+        while api.get("/health").get_json()["workers"][0]["state"] != "disk_full":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert api.get(f"/api/sonic/jobs/{third}").get_json()["status"] == "queued"
+        (outputs / "filler").unlink()
+        assert wait_status(api, third, ("succeeded", "failed"), timeout=120)["status"] == "succeeded"
     finally:
         c.stop()
-        subprocess.run(["umount", str(outputs)], check=False)
+        subprocess.run(["umount", "-l", str(outputs)], check=False)
 
 
 def test_finished_records_survive_a_redis_restart_with_append_only_persistence(tmp_path):

@@ -19,7 +19,12 @@ class QueueFull(Exception):
 
 
 class WorkerStopped(Exception):
-    """No worker would ever run the job (stopped or closed): the route answers 503, nothing queued."""
+    """No worker would ever run the job (stopped or closed): the route answers 503, nothing
+    queued. `short_of_disk`: the workers are alive, each waiting for room on its disk."""
+
+    def __init__(self, short_of_disk: bool = False):
+        super().__init__()
+        self.short_of_disk = short_of_disk
 
 
 def follow(get: Callable[[], JobRecord | None], wait_for_change: Callable[[dict], None]) -> Iterator[JobRecord | None]:

@@ -355,8 +355,9 @@ class RedisQueue(JobQueue):
 
     # -- the interface ------------------------------------------------------------------
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
-        if not any(not w.get("disk_full") for w in live_workers(self.r)):  # none alive, or none with room
-            raise WorkerStopped()
+        workers = live_workers(self.r)
+        if not any(not w.get("disk_full") for w in workers):  # none alive, or none with room
+            raise WorkerStopped(short_of_disk=bool(workers))
         rec = lifecycle.queue(rec.copy())
         self.store.save(rec)
         try:

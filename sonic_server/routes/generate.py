@@ -500,9 +500,13 @@ def generate():
         return error_response(
             "busy", "the generation queue is full; retry later", headers={"Retry-After": svc.retry_after_s}
         )
-    except WorkerStopped:
+    except WorkerStopped as e:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
+        if e.short_of_disk:
+            raise DiskFull(
+                "every worker's disk has less free than server.min_free_mb (/health says disk_full); try again later"
+            ) from None
         return error_response(
             "not_ready",
             "no worker is running jobs (/health says worker_stopped); "

@@ -85,10 +85,12 @@ def health():
     running = workers["running_job"]
     if state == "ready" and workers.get("unavailable"):
         state = "not_ready"  # the job store does not answer: nothing can be queued or followed
-    elif state == "ready" and not workers.get("workers_taking_jobs", workers["workers_alive"]):
-        state = "worker_stopped"  # jobs would be queued and never run (or wait for a disk with room)
-    elif state == "ready" and svc.free_disk_short_mb() is not None:
-        state = "disk_full"  # every job would fail disk_full: generate refuses them (routes/generate.py)
+    elif state == "ready" and not workers["workers_alive"]:
+        state = "worker_stopped"  # jobs would be queued and never run
+    elif state == "ready" and (
+        not workers.get("workers_taking_jobs", workers["workers_alive"]) or svc.free_disk_short_mb() is not None
+    ):
+        state = "disk_full"  # every worker short of disk, or this service's (routes/generate.py refuses)
     elif state == "ready" and running is not None:
         state = "busy"
     body = {
