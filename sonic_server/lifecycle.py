@@ -38,6 +38,12 @@ class JobCanceled(Exception):
     """Raised from a running job's progress report once it is asked to stop."""
 
 
+class RunSuperseded(JobCanceled):
+    """Raised from a run's progress report once the run was declared lost (its worker cut off):
+    the job is another run's now, or failed, and the files under its name are not this run's
+    to remove (a retried run's finished video has the same name)."""
+
+
 class JobTimedOut(Exception):
     """Raised from a running job's progress report once its time limit has passed."""
 

@@ -18,6 +18,7 @@ from sonic import GenerateOptions
 from sonic.errors import InvalidParameter, PipelineError
 
 from .jobs import JobRecord
+from .lifecycle import RunSuperseded
 
 Progress = Callable[[str, float], None]
 
@@ -40,6 +41,8 @@ def run_generate(rec: JobRecord, pipeline, output_dir: Path, inputs, progress: P
             raise
         # the path is the service's own, not the caller's: its fault, and no server path in the answer
         raise PipelineError("cannot write the video: the service's output folder is not writable") from e
+    except RunSuperseded:  # the name is the job's, and the job another run's now
+        raise
     except BaseException:
         # a cancel or time limit at the last progress report comes after the video is in place:
         # a job that ends without a result leaves no video (it was downloadable, and uncharged)

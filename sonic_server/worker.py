@@ -40,7 +40,7 @@ from .expiry import SWEEP_EVERY_S, OutputExpiry
 from .hooks import configure_logging
 from .host_limits import check_host, short_of_disk
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
-from .lifecycle import JobCanceled, JobEnd
+from .lifecycle import JobEnd, RunSuperseded
 from .live.host import LiveHost
 from .live.relay import Records, reap_lost
 from .metrics import REGISTRY
@@ -155,7 +155,7 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     def report(stage: str, fraction: float) -> None:
         lifecycle.advance(rec, stage, fraction)
         if not store.swap(rec, PROCESSING, rec.attempts):  # declared lost meanwhile: stop here
-            raise JobCanceled()
+            raise RunSuperseded()
         events.advanced(rec)
 
     progress = lifecycle.progress_reporter(

@@ -150,6 +150,25 @@ def test_a_job_stopped_at_its_last_report_leaves_no_video(tmp_path, stop):
     assert not (tmp_path / f"{rec.id}.mp4").exists()
 
 
+def test_a_run_declared_lost_leaves_the_video_under_the_jobs_name(tmp_path):
+    """A run cut off from Redis and declared lost stops at its next report; with
+    retry_lost_jobs another run of the job may have finished the same name meanwhile."""
+    from sonic_server.lifecycle import RunSuperseded
+    from sonic_server.queue.execute import run_task
+
+    def pipeline(image, audio, options, *, out_path, progress, sound_file):
+        Path(out_path).write_bytes(FAKE_VIDEO)
+        progress("done", 1.0)
+
+    def progress(stage, fraction):
+        if stage == "done":
+            raise RunSuperseded()
+
+    rec = new_record(Uploads(tmp_path / "up"), seed=9)
+    status, fields = run_task(rec, TASKS, pipeline, tmp_path, None, progress)
+    assert status == "canceled" and (tmp_path / f"{rec.id}.mp4").read_bytes() == FAKE_VIDEO
+
+
 def test_queue_runs_a_job_and_caches_it(make_queue, tmp_path):
     pipe = FakePipeline()
     q = make_queue(pipe)
