@@ -326,9 +326,10 @@ def _fields() -> dict:
     once a request: the config, the webhook and the inputs all ask)."""
     if "request_fields" not in g:
         if _is_json():
-            # parsed number by number: seconds for megabytes. A chunked body states no length:
-            # its size is read (up to the upload limit) and counted before it is parsed
-            if max(request.content_length or 0, len(request.get_data(cache=True))) > MAX_JSON_BYTES:
+            # parsed number by number: seconds for megabytes. Refused by its stated length, unread;
+            # a chunked body states none: its size is read (up to the upload limit) and counted
+            stated = request.content_length
+            if (stated if stated is not None else len(request.get_data(cache=True))) > MAX_JSON_BYTES:
                 raise InputTooLarge(
                     f"a JSON request is at most {MAX_JSON_BYTES // 1024} kB (image_url, audio_url, config): "
                     "send files as multipart/form-data",
@@ -678,9 +679,12 @@ def job_delete(job_id):
             )
 
     def remove_files() -> None:
-        # first: a cache lookup after it finds no video. A job without a result has none, but
-        # its own name is removed all the same (a video a release before left behind a cancel)
-        svc.outputs.remove((rec.result or {}).get("file") or f"{job_id}.mp4")
+        # first: a cache lookup after it finds no video. A job without a result has none, but in
+        # a folder its own name is removed all the same (a release before left one behind a
+        # cancel); a bucket only ever holds a succeeded job's
+        name = (rec.result or {}).get("file") or (None if svc.outputs.remote else f"{job_id}.mp4")
+        if name:
+            svc.outputs.remove(name)
         svc.uploads.remove(job_id)
 
     svc.queue.delete(job_id, remove_files)
