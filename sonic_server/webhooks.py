@@ -46,8 +46,8 @@ FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
 MAX_RETRY_GAP_S = 900.0
 SEND_EVERY_S = 0.5
 SENDERS = 4  # deliveries in flight at once, each to another job: a receiver that is slow to answer holds one
-# deliveries that may wait for one job: its own start, progress and end take ~15; each cache hit
-# of it that names a webhook adds one, and behind a receiver that fails they piled up unbounded
+# deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
+# answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
 
 
@@ -89,7 +89,7 @@ def requested(url: Any, events: Any, root: str, allow_private: bool) -> dict | N
 @dataclass
 class Delivery:
     id: str  # Webhook-Id: the same for every attempt
-    job_id: str
+    job_id: str  # its job: a job's deliveries go in order (a cached answer's: the job's id, suffixed)
     seq: int  # its place among the job's deliveries
     url: str
     event: str
@@ -365,14 +365,17 @@ class Webhooks:
         self._in_flight: set[str] = set()  # ids of the deliveries being sent now
         self._flight_lock = threading.Lock()
 
-    def notify(self, rec: JobRecord, event: str) -> None:
-        """An event of a job: a delivery when the job asked for that event."""
+    def notify(self, rec: JobRecord, event: str, on_its_own: bool = False) -> None:
+        """An event of a job: a delivery when the job asked for that event. Deliveries of one
+        job wait in order; `on_its_own` (a cached answer's, to whoever asked for it) waits for
+        none of them, nor they for it: one caller's failing receiver held up the others'."""
         hook = rec.webhook
         if not hook or event not in hook.get("events", ()):
             return
         body = json.dumps(job_document(rec, JobUrls.under(hook["root"], rec.id, self.outputs)), sort_keys=True)
         now = time.time()
-        delivery = Delivery(f"msg_{uuid.uuid4().hex}", rec.id, self._next_seq(), hook["url"], event, body, 0, now, now)
+        order = f"{rec.id}.{uuid.uuid4().hex[:12]}" if on_its_own else rec.id  # the deliveries it waits behind
+        delivery = Delivery(f"msg_{uuid.uuid4().hex}", order, self._next_seq(), hook["url"], event, body, 0, now, now)
         if not self.outbox.add(delivery):
             metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
             log.warning(

@@ -470,7 +470,7 @@ def generate():
             svc.billing.charge_cached(payer, (hit.result or {}).get("duration", 0.0), hit.id, g.get("request_id"))
         if hook is not None and svc.webhooks is not None:  # answered at once, and told as a job would be
             hit.webhook = hook
-            svc.webhooks.notify(hit, "completed")
+            svc.webhooks.notify(hit, "completed", on_its_own=True)
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
