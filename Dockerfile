@@ -43,4 +43,4 @@ EXPOSE 8080
 # image; waitress listens where CMD says. A settings file: mount it and set SONIC_CONFIG.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=8)"]
-CMD ["waitress-serve", "--listen=0.0.0.0:8080", "--threads=48", "--call", "sonic_server.wsgi:make_app"]
+CMD ["waitress-serve", "--listen=0.0.0.0:8080", "--threads=48", "--asyncore-use-poll", "--call", "sonic_server.wsgi:make_app"]

@@ -254,7 +254,10 @@ class VideoWriter:
             "mp4",
             str(out),
         ]
-        r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as e:  # out of file handles or processes: said, as the encoder's start is
+            raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
         if r.returncode != 0:
             msg = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
             raise _encoder_error(f"moving the audio failed: {msg.replace(str(out.parent) + os.sep, '')}")

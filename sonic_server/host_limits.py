@@ -26,14 +26,15 @@ LOW_OPEN_FILES = 1024  # connections, event streams, helpers' pipes and ffmpeg's
 NO_LIMIT = 1 << 60  # a cgroup's "unlimited" is a number near 2^63
 
 
-def raise_open_files() -> int:
+def raise_open_files(ceiling: int | None = None) -> int:
     """The soft open-files limit raised to the hard one (a shell's default is often 1024 of a
-    hard 1048576); the soft limit now in force."""
+    hard 1048576), or to `ceiling` if lower, never lowered; the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
+    target = hard if ceiling is None or (hard != resource.RLIM_INFINITY and hard <= ceiling) else ceiling
+    if target == resource.RLIM_INFINITY or target > soft:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
         except (ValueError, OSError):  # a platform's own ceiling below the hard limit
             pass
     return soft
@@ -88,29 +89,27 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def worst_case_memory_mb(settings: ServerConfig) -> float:
-    """The memory the service may take with every limit reached: its helpers busy, the image
-    decodes at their budget, every live session open."""
+def worst_case_memory_mb(settings: ServerConfig, runs_here: bool = True) -> float:
+    """The memory the service may take with every limit reached: the image decodes at their
+    budget and, where jobs and live sessions run here (`runs_here`: not an API process in
+    distributed mode), its helpers busy and every live session open."""
+    decoding = SERVICE_MB + FFMPEG_MB + settings.limits.decode_memory_mb  # every process decodes uploads
+    if not runs_here:
+        return decoding
     live = settings.live
     sessions = SPARE_LIVE_MB + LIVE_SESSION_MB * live.max_sessions if live.enabled else 0
-    return (
-        SERVICE_MB
-        + RENDER_HELPER_MB * settings.render_processes
-        + FFMPEG_MB
-        + settings.limits.decode_memory_mb
-        + sessions
-    )
+    return decoding + RENDER_HELPER_MB * settings.render_processes + sessions
 
 
 def shortfalls(
-    settings: ServerConfig, memory_mb: float | None, cpus: float, open_files: int, live_here: bool = True
+    settings: ServerConfig, memory_mb: float | None, cpus: float, open_files: int, runs_here: bool = True
 ) -> list[str]:
     """What the settings may ask beyond what the host gives, each said with what would fit.
-    `live_here`: live sessions run in this process's machine (not so for an API process in
-    distributed mode, whose workers host them)."""
+    `runs_here`: jobs and live sessions run in this process's machine (not so for an API
+    process in distributed mode: its workers run them)."""
     found = []
     live = settings.live
-    need = worst_case_memory_mb(settings)
+    need = worst_case_memory_mb(settings, runs_here)
     if memory_mb is not None and need > memory_mb:
         found.append(
             f"memory: this process may use {memory_mb:.0f} MB, and these settings may take up to {need:.0f} MB "
@@ -119,7 +118,7 @@ def shortfalls(
             "lower those, or give it more memory. Out of memory the kernel kills a helper (one job or "
             "session fails) or the service itself"
         )
-    if live_here and live.enabled and live.max_sessions > cpus:
+    if runs_here and live.enabled and live.max_sessions > cpus:
         found.append(
             f"CPUs: {cpus:g} for live.max_sessions {live.max_sessions}: a live session needs about one core to "
             f"keep real time (two on one core ran a third of their frames late); set live.max_sessions to "
@@ -133,10 +132,11 @@ def shortfalls(
     return found
 
 
-def check_host(settings: ServerConfig, live_here: bool = True) -> None:
-    """At start-up: raise the open-files limit, then log what the host cannot give."""
-    open_files = raise_open_files()
-    for warning in shortfalls(settings, memory_limit_mb(), usable_cpus(), open_files, live_here):
+def check_host(settings: ServerConfig, runs_here: bool = True, open_files_ceiling: int | None = None) -> None:
+    """At start-up: raise the open-files limit (to `open_files_ceiling` at most), then log what
+    the host cannot give."""
+    open_files = raise_open_files(open_files_ceiling)
+    for warning in shortfalls(settings, memory_limit_mb(), usable_cpus(), open_files, runs_here):
         log.warning("%s", warning)
 
 

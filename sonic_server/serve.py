@@ -136,7 +136,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     except SettingsError as e:
         sys.exit(f"error: {e}")
-    check_host(settings, live_here=not settings.server.redis_url)
+    check_host(settings, runs_here=not settings.server.redis_url)
     try:
         app = create_app(settings, background_load=True)  # answers /health while the models load
     except SonicError as e:  # the accounts database cannot be opened, ...

@@ -19,6 +19,8 @@ from . import create_app
 from .hooks import configure_logging
 from .host_limits import check_host
 
+SELECT_CEILING = 1024  # FD_SETSIZE
+
 
 def make_app() -> Flask:
     configure_logging()
@@ -26,7 +28,9 @@ def make_app() -> Flask:
     try:
         app = create_app()
         settings = app.extensions["sonic"].settings
-        check_host(settings, live_here=not settings.server.redis_url)
+        # waitress's select() (without --asyncore-use-poll) fails at a handle numbered 1024 or
+        # more, and ends the server: the limit is raised that far only
+        check_host(settings, runs_here=not settings.server.redis_url, open_files_ceiling=SELECT_CEILING)
         return app
     except SettingsError as e:
         sys.exit(f"error: {e}")

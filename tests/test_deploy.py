@@ -103,8 +103,8 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     cfg["defaults"]["min_resolution"] = 256
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     port, log = free_port(), tmp_path / "server.log"
-    waitress = [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--threads=4", "--call",
-                "sonic_server.wsgi:make_app"]
+    waitress = [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--threads=4", "--asyncore-use-poll",
+                "--call", "sonic_server.wsgi:make_app"]
     bad = subprocess.run(waitress, cwd=ROOT, env={**os.environ, "SONIC_QUEUE_SIZE": "-1"}, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [

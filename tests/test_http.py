@@ -604,7 +604,7 @@ def test_a_full_upload_disk_is_disk_full_and_leaves_nothing(make_client, tmp_pat
             assert not any(mnt.iterdir())
         assert client.get("/health").get_json()["queue_length"] == 0
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_service_short_of_disk_says_so_and_refuses_before_reading_the_upload(make_client, tmp_path):
@@ -630,7 +630,7 @@ def test_a_service_short_of_disk_says_so_and_refuses_before_reading_the_upload(m
         assert client.get("/health").get_json()["readiness"] == "ready"
         assert post(client, {**FAST, "seed": 16}).status_code == 200
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_job_database_disk_is_disk_full_and_a_start_on_it_says_so(tmp_path):
@@ -668,7 +668,7 @@ def test_a_full_job_database_disk_is_disk_full_and_a_start_on_it_says_so(tmp_pat
         for app in apps:
             if app.extensions["sonic"].queue is not None:
                 app.extensions["sonic"].queue.close()
-        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_job_gone_while_waited_for_is_not_found(make_client, monkeypatch):
