@@ -658,6 +658,9 @@ def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server
     gone = requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5)
     assert gone.status_code == 404 and gone.json()["error"]["ended_reason"] == "error"  # why, not only that
     assert wait_for(lambda: f"live session {session_id} ended (error)" in (server["tmp"] / "server.log").read_text())
+    # the log says how it ended: the kernel's out-of-memory killer sends the same signal
+    assert f"live session {session_id}: its frames stopped (the helper process: killed by signal 9)" in (
+        server["tmp"] / "server.log").read_text()
     asyncio.run(_open_and_close(base))  # the next session gets a fresh helper
 
 

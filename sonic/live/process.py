@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -367,6 +368,15 @@ class SessionProcess:
                     raise PipelineError("the live session's helper failed (the log says why)")
                 return
             yield frame
+
+    def helper_ended(self) -> str:
+        """How the helper process ended, for the log: a signal leaves no message (the kernel's
+        out-of-memory killer sends 9)."""
+        try:  # its socket closes as it dies, a moment before its exit status is there to read
+            code = self._helper.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
     def close(self) -> None:
         self._helper.stop()

@@ -593,7 +593,8 @@ class LiveSessions:
                     if reason:
                         self.end(session.id, reason)
             if not session.stop.is_set():  # the frames ended by themselves: the helper is gone
-                log.error("live session %s: its frames stopped (the helper process ended)", session.id)
+                how = session.engine.helper_ended() if isinstance(session.engine, SessionProcess) else "ended"
+                log.error("live session %s: its frames stopped (the helper process: %s)", session.id, how)
                 self.end(session.id, "error")
         except Exception:  # noqa: BLE001 - a session's fault ends that session only
             log.exception("live session %s failed", session.id)
