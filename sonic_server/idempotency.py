@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from flask import Response, g, request
 from sonic.errors import InvalidParameter, SonicError
 
 from .openapi import header
-from .store import open_database
+from .store import forget_on_disk, open_database
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
@@ -37,6 +38,7 @@ WAIT_S = 60.0  # a racing twin waits this long for the first request's answer
 # killed) frees its key then, instead of holding it "still running" for the key's whole life
 PENDING_S = 600.0
 POLL_S = 0.1
+PURGE_EVERY_S = 60.0  # expired answers are removed this often
 KEPT_HEADERS = ("Content-Type", "Location", "X-Fusion-Timings")
 PARAMETER = header(
     HEADER,
@@ -88,7 +90,9 @@ class MemoryKeys:
 
 
 class SqliteKeys:
-    """A table of its own in the job database (its own connection: WAL lets both write)."""
+    """A table of its own in the job database (its own connection: WAL lets both write). An
+    answer is kept `ttl_s` (a fusion's holds the fused image): expired ones went only when the
+    next request with a key came, which may be never; a thread of its own removes them now."""
 
     def __init__(self, path: str | Path) -> None:
         self._db = open_database(path, timeout_s=10)
@@ -97,6 +101,23 @@ class SqliteKeys:
             "answer TEXT, expires REAL NOT NULL)"
         )
         self._lock = threading.Lock()
+        threading.Thread(target=self._purge_every, name="sonic-idempotency-purge", daemon=True).start()
+
+    def purge(self, now: float | None = None) -> int:
+        """Remove the expired answers, their pages overwritten on disk (checkpoint); how many."""
+        with self._lock:
+            gone = self._db.execute("DELETE FROM idempotency WHERE expires < ?", (now or time.time(),)).rowcount
+        if gone:
+            forget_on_disk(self._db)
+        return gone
+
+    def _purge_every(self) -> None:
+        while True:
+            time.sleep(PURGE_EVERY_S)
+            try:
+                self.purge()
+            except sqlite3.Error:  # busy, or its folder gone: the next round tries again
+                pass
 
     def reserve(self, key: str, fingerprint: str, ttl_s: float) -> dict | None:
         now = time.time()

@@ -37,7 +37,7 @@ from sonic.errors import InvalidParameter
 from . import metrics, outbound
 from .jobs import JobRecord
 from .public import JobUrls, job_document
-from .store import open_database
+from .store import forget_on_disk, open_database
 
 log = logging.getLogger("sonic.webhooks")
 EVENTS = ("start", "progress", "completed")
@@ -113,6 +113,13 @@ class Outbox(Protocol):
     def pending(self) -> bool:
         """Whether any delivery waits (no side effect: nothing is claimed)."""
 
+    def forget_job(self, job_id: str) -> None:
+        """Every delivery of a deleted job (its own events', and its cached answers')."""
+
+
+def _of_job(delivery_job: str, job_id: str) -> bool:
+    return delivery_job == job_id or delivery_job.startswith(job_id + ".")  # a cached answer's: suffixed
+
 
 class MemoryOutbox:
     def __init__(self) -> None:
@@ -146,6 +153,11 @@ class MemoryOutbox:
     def retry(self, delivery: Delivery) -> None:
         with self._lock:
             self._items[delivery.id] = delivery
+
+    def forget_job(self, job_id: str) -> None:
+        with self._lock:
+            for gone in [d.id for d in self._items.values() if _of_job(d.job_id, job_id)]:
+                del self._items[gone]
 
 
 class SqliteOutbox:
@@ -201,6 +213,14 @@ class SqliteOutbox:
     def retry(self, delivery: Delivery) -> None:
         with self._lock:
             self._put(delivery)
+
+    def forget_job(self, job_id: str) -> None:
+        with self._lock:
+            gone = self._db.execute(
+                "DELETE FROM webhook_outbox WHERE job_id = ? OR job_id LIKE ?", (job_id, job_id + ".%")
+            ).rowcount
+        if gone:
+            forget_on_disk(self._db)  # the job's document and the receiver's password with it
 
 
 # Only the first waiting delivery of each job is in `sonic:wh:due` (the others wait their turn
@@ -303,6 +323,17 @@ class RedisOutbox:
     def next_seq(self) -> int:
         return int(self.r.incr("sonic:wh:seq"))
 
+    def forget_job(self, job_id: str) -> None:
+        queues = [f"sonic:wh:q:{job_id}", *self.r.scan_iter(match=f"sonic:wh:q:{job_id}.*", count=100)]
+        for queue in queues:
+            ids = [m.decode() if isinstance(m, bytes) else m for m in self.r.zrange(queue, 0, -1)]
+            p = self.r.pipeline()
+            for delivery_id in ids:
+                p.delete(f"sonic:wh:{delivery_id}")
+                p.zrem("sonic:wh:due", delivery_id)
+            p.delete(queue)
+            p.execute()
+
 
 def open_outbox(redis_url: str | None, jobs_db_path: str) -> Outbox:
     if redis_url:
@@ -386,6 +417,11 @@ class Webhooks:
             )
             return
         self.start()
+
+    def forget(self, job_id: str) -> None:
+        """A deleted job's deliveries, sent or not: they carry its document (and the receiver's
+        URL, a password in it) and were still tried for webhooks.retry_s after the delete."""
+        self.outbox.forget_job(job_id)
 
     def job_ended(self, rec: JobRecord) -> None:
         """The end-of-job hook (lifecycle.JobEnd): the `completed` delivery."""

@@ -460,3 +460,33 @@ def test_leftover_upload_folders_are_swept_after_a_grace(tmp_path):
         os.utime(uploads.root / rec.id, (old, old))
     assert sorted(sweep_orphan_uploads(store, uploads)) == sorted([ended.id, unknown.id])
     assert sorted(p.name for p in uploads.root.iterdir()) == sorted([waiting.id, young.id])
+
+
+def test_expired_idempotency_answers_are_removed_without_another_keyed_request(tmp_path):
+    """An answer (a fusion's holds the fused image) is kept server.idempotency_ttl_s: expired
+    ones went only when the next request with a key came, which may be never. The purge the
+    store's own thread runs removes them, and empties the write-ahead log that held them."""
+    from sonic_server.idempotency import SqliteKeys
+    keys = SqliteKeys(tmp_path / "jobs.sqlite3")
+    assert keys.reserve("k1", "f", ttl_s=60) is None
+    keys.complete("k1", {"status": 200, "body": "a fused image"}, ttl_s=60)
+    assert keys.purge(now=time.time()) == 0 and keys.reserve("k1", "f", 60)["answer"]["body"] == "a fused image"
+    assert keys.purge(now=time.time() + 61) == 1
+    wal = tmp_path / "jobs.sqlite3-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert b"a fused image" not in (tmp_path / "jobs.sqlite3").read_bytes()   # zeroed, not only unlinked
+    assert keys.reserve("k1", "f", 60) is None                              # a new request, not a replay
+
+
+def test_a_deleted_job_leaves_no_copy_in_the_databases_files(tmp_path):
+    """The write-ahead log was never checkpointed while the service ran: 73 copies of a deleted
+    job's record (its webhook URL and password in it) stayed in it, after deletes, expiry and
+    shutdowns."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    rec = JobRecord.new("generate", {})
+    rec.webhook = {"url": "http://user:hookpass-7f2@127.0.0.1:9/h", "events": ["completed"], "root": "http://h/"}
+    for _ in range(3):
+        store.save(rec)
+    assert store.delete(rec.id)
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
+    assert b"hookpass-7f2" not in on_disk and rec.id.encode() not in on_disk

@@ -633,6 +633,11 @@ def test_deliveries_waiting_for_one_job_are_bounded_in_redis_too(redis_url):
     assert queued == [True] * MAX_PENDING_PER_JOB + [False] * 3
     assert conn.zcard("sonic:wh:q:job_a") == MAX_PENDING_PER_JOB and not conn.exists(f"sonic:wh:msg_{MAX_PENDING_PER_JOB}")
     assert outbox.add(Delivery("msg_b", "job_b", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
+    # a deleted job's go with it, a cached answer's (suffixed) too; another job's stay
+    assert outbox.add(Delivery("msg_c", "job_a.0f3c", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
+    outbox.forget_job("job_a")
+    assert not conn.keys("sonic:wh:q:job_a*") and not conn.exists("sonic:wh:msg_0", "sonic:wh:msg_c")
+    assert [m.decode() for m in conn.zrange("sonic:wh:due", 0, -1)] == ["msg_b"]
 
 
 def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():

@@ -374,3 +374,23 @@ def test_a_password_is_masked_in_every_form_a_url_parser_accepts(url):
     from sonic_server.outbound import without_credentials
     assert urlsplit(url).password == "s3cret"
     assert "s3cret" not in without_credentials({"webhook": url})["webhook"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_deleted_jobs_deliveries_go_with_it(tmp_path, kind):
+    """They carry the job's document and the receiver's URL (a password in it), and were still
+    tried for webhooks.retry_s after DELETE /api/sonic/jobs/<id>; their rows lingered on disk in
+    the database's write-ahead log."""
+    from sonic_server.webhooks import Delivery, MemoryOutbox, SqliteOutbox
+
+    outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
+    now = time.time()
+    secret = "http://user:hookpass@127.0.0.1:9/h"
+    for i, job in enumerate(["job_a", "job_a", "job_a.0f3c", "job_b", "job_ab"]):  # a cached answer's: suffixed
+        outbox.add(Delivery(f"msg_{i}", job, i, secret, "completed", "{}", 0, now, now))
+    outbox.forget_job("job_a")
+    assert sorted(d.job_id for d in outbox.due(now + 1, 100)) == ["job_ab", "job_b"]
+    if kind == "sqlite":
+        wal = tmp_path / "jobs.sqlite3-wal"
+        assert not wal.exists() or wal.stat().st_size == 0          # checkpointed: no old copy left there
+        assert oct((tmp_path / "jobs.sqlite3").stat().st_mode & 0o777) == "0o600"

@@ -688,6 +688,8 @@ def job_delete(job_id):
         svc.uploads.remove(job_id)
 
     svc.queue.delete(job_id, remove_files)
+    if svc.webhooks is not None:
+        svc.webhooks.forget(job_id)
     log.info("job %s deleted", job_id)
     return Response(status=204)
 
