@@ -496,3 +496,27 @@ def test_an_encoder_killed_by_a_signal_says_so(tmp_path, monkeypatch):
             for _ in range(25):
                 w.write(np.zeros((1, 64, 64, 3), np.uint8))
     assert str(tmp_path) not in e.value.message and not list(tmp_path.glob("*.mp4"))
+
+
+def test_a_remux_that_cannot_start_says_why(tmp_path, monkeypatch):
+    """The second ffmpeg (moving the sound track to the lips) out of file handles: its OSError
+    escaped as an internal error."""
+    import errno
+    import subprocess
+
+    from sonic import PipelineError, writer
+    from sonic.sound import Sound
+
+    real_run = subprocess.run
+
+    def no_handles(cmd, *args, **kwargs):
+        if "copy" in cmd:  # the remux copies the video stream
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_run(cmd, *args, **kwargs)
+    monkeypatch.setattr(writer.subprocess, "run", no_handles)
+    with pytest.raises(PipelineError, match="ffmpeg could not be started: Too many open files"):
+        with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((48000, 2), np.int16), 48000), 1.0) as w:
+            w.audio_delay_s = 0.04
+            for _ in range(25):
+                w.write(np.zeros((1, 64, 64, 3), np.uint8))
+    assert not list(tmp_path.glob("*.mp4"))

@@ -920,3 +920,34 @@ def test_fields_the_route_does_not_read_are_refused_by_name(make_client):
         assert words in r.get_json()["error"]["message"], r.get_json()
     assert not pipe.calls  # nothing rendered
     assert form().status_code == 200
+
+
+def test_a_json_body_over_its_limit_by_its_stated_length_is_refused_unread(make_client):
+    """Its size was read (up to the upload limit, a slow client holding a thread meanwhile)
+    before the 413 its Content-Length already called for."""
+    client, _ = make_client()
+
+    class Unreadable(io.BytesIO):
+        def read(self, size=-1):
+            raise AssertionError("the body was read")
+
+        readinto = readline = read
+    r = client.post("/api/sonic/generate", input_stream=Unreadable(), content_type="application/json",
+                    environ_overrides={"CONTENT_LENGTH": "100000"})
+    assert_clean_error(r, 413, "input_too_large")
+    assert "at most 64 kB" in r.get_json()["error"]["message"]
+
+
+def test_deleting_a_canceled_job_removes_a_video_left_under_its_name(make_client):
+    """A job without a result has no video by its record; one left under its name (a release
+    before left one behind a cancel at the last report) stayed downloadable after DELETE."""
+    gate = threading.Event()
+    client, cfg = make_client(FakePipeline(gate=gate))
+    job = post(client, {**FAST, "seed": 18, "async": True}).get_json()["job_id"]
+    assert client.post(f"/api/sonic/jobs/{job}/cancel").get_json()["status"] in ("canceled", "running", "queued")
+    gate.set()
+    wait_status(client, job, "canceled")
+    left = Path(cfg["output_dir"]) / f"{job}.mp4"
+    left.write_bytes(FAKE_VIDEO)
+    assert client.delete(f"/api/sonic/jobs/{job}").status_code == 204
+    assert not left.exists() and client.get(f"/output/{job}.mp4").status_code == 404
