@@ -138,11 +138,17 @@ def _run(state: WorkerState, job_id: str) -> None:
         return
     state.ending.after_publish(final)
     r.delete(PREFIX + f"cancel:{job_id}")
+    sweep(state)
+
+
+def sweep(state: WorkerState) -> None:
+    """Between jobs, and while waiting for room on the disk: expired videos and records, and
+    upload folders no job owns any more. A failure is logged and tried again the next time."""
     try:
         state.expiry.maybe_sweep()
         if time.time() - state.uploads_swept_at >= SWEEP_EVERY_S:
             state.uploads_swept_at = time.time()
-            sweep_orphan_uploads(store, state.uploads)
+            sweep_orphan_uploads(state.store, state.uploads)
     except Exception:  # noqa: BLE001
         log.exception("output expiry sweep failed")
 
@@ -320,10 +326,7 @@ def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
         announce_now(state, conn)
     if burst:
         raise StopRequested()
-    try:  # expired videos may be what fills it: no job ends to sweep them while every worker waits
-        state.expiry.maybe_sweep()
-    except Exception:  # noqa: BLE001 - looked at again at the next try
-        log.exception("output expiry sweep failed")
+    sweep(state)  # expired videos may be what fills it: no job ends to sweep them while every worker waits
     return False
 
 
