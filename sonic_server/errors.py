@@ -67,7 +67,8 @@ RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "di
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """A full disk or quota, as the OS or SQLite says it ("database or disk is full")."""
+    """A full disk, or no room left in the service's quota, as the OS or SQLite says it
+    ("database or disk is full")."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e)

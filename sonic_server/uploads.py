@@ -4,13 +4,12 @@ deleted here only."""
 
 from __future__ import annotations
 
-import errno
 import shutil
 from pathlib import Path
 
 from sonic import DiskFull
 
-FULL = (errno.ENOSPC, errno.EDQUOT)  # no room on the disk, or none left in the service's quota
+from .errors import is_disk_full
 
 
 class Uploads:
@@ -28,7 +27,7 @@ class Uploads:
                 (folder / name).write_bytes(data)
                 paths[name] = str(folder / name)
         except OSError as e:
-            if e.errno not in FULL:
+            if not is_disk_full(e):
                 raise
             self.remove(job_id)
             raise DiskFull("no space left on the server's disk for the uploads; try again later") from e
