@@ -452,6 +452,11 @@ def _average_of(channels: int) -> str:
     return "pan=mono|c0=" + "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
 
 
+def ffmpeg_not_started(e: OSError) -> PipelineError:
+    """ffmpeg's start failed: why, without a path (out of file handles or processes, not installed)."""
+    return PipelineError(f"ffmpeg could not be started: {e.strerror or e}")
+
+
 def run_ffmpeg_on(
     path: str | Path, verbosity: list[str], output: list[str], max_output_bytes: int | None = None
 ) -> subprocess.CompletedProcess:
@@ -488,7 +493,7 @@ def run_ffmpeg_on(
             log.seek(0)
             errors = log.read()
     except OSError as e:
-        raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
+        raise ffmpeg_not_started(e) from e
     finally:
         os.close(fd)
     if timed_out:

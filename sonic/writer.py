@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .errors import DiskFull, PipelineError
-from .media import FFMPEG
+from .media import FFMPEG, ffmpeg_not_started
 from .memory import expendable
 from .sound import Sound
 
@@ -159,7 +159,7 @@ class VideoWriter:
             expendable(self._proc.pid)
         except OSError as e:
             self._cleanup()
-            raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
+            raise ffmpeg_not_started(e) from e
         except BaseException:
             self._cleanup()
             raise
@@ -257,7 +257,7 @@ class VideoWriter:
         try:
             r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as e:  # out of file handles or processes: said, as the encoder's start is
-            raise PipelineError(f"ffmpeg could not be started: {e.strerror or e}") from e
+            raise ffmpeg_not_started(e) from e
         if r.returncode != 0:
             msg = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
             raise _encoder_error(f"moving the audio failed: {msg.replace(str(out.parent) + os.sep, '')}")
