@@ -28,6 +28,7 @@ class ServerSettings:
     data_dir: str = "data"  # the job database and other state
     jobs_db: str | None = None  # None: <data_dir>/jobs.sqlite3; "": records in memory only
     queue_size: int = 4
+    max_jobs_per_caller: int = 0  # jobs one key or account may have waiting or running; more -> 429 (0: no limit)
     sync_wait_s: float = 120.0
     job_timeout_s: float = 900.0  # a running job is stopped (failed, job_timeout) after this; 0: no limit
     output_ttl_s: float = 86400.0  # videos and finished job records are deleted this long after; 0: kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,61 @@ def test_with_accounts_jobs_belong_to_the_account_and_admins_see_all(accounts):
     assert wait_done_with(client, job, ann)["status"] == "succeeded"
     assert wait_done_with(client, job, ann_second_key)["status"] == "succeeded"   # the account's, any key
     assert client.get(f"/api/sonic/jobs/{job}", headers=auth(admin)).get_json()["status"] == "succeeded"
+
+
+def test_one_caller_cannot_fill_the_queue_past_its_share(make_client):
+    """server.max_jobs_per_caller: a key with that many jobs waiting or running is refused 429
+    (before its upload is kept), while another key's jobs are still taken; once one of its jobs
+    ends, it may queue again."""
+    gate = threading.Event()
+    client, cfg = make_client(FakePipeline(gate=gate), api_keys=[KEY_A, KEY_B], max_jobs_per_caller=2, queue_size=8)
+    ann = [post(client, {**FAST, "seed": i, "async": True}, headers=auth(KEY_A)) for i in range(2)]
+    assert [r.status_code for r in ann] == [202, 202]
+    refused = post(client, {**FAST, "seed": 7, "async": True}, headers=auth(KEY_A))
+    assert_clean_error(refused, 429, "rate_limited")
+    assert refused.headers["Retry-After"] and "max_jobs_per_caller" in refused.get_json()["error"]["message"]
+    kept = {p.parent.name for p in Path(cfg["server"]["upload_dir"]).rglob("*") if p.is_file()}
+    assert kept == {r.get_json()["job_id"] for r in ann}  # nothing of the refused request stays
+    assert post(client, {**FAST, "async": True}, headers=auth(KEY_B)).status_code == 202  # bob's share is his
+    # a cancel ends one of ann's jobs: its place in her share is free again
+    waiting = ann[1].get_json()["job_id"]
+    assert client.post(f"/api/sonic/jobs/{waiting}/cancel", headers=auth(KEY_A)).get_json()["status"] == "canceled"
+    again = post(client, {**FAST, "seed": 8, "async": True}, headers=auth(KEY_A))
+    assert again.status_code == 202, again.get_json()
+    gate.set()
+    assert wait_done_with(client, again.get_json()["job_id"], KEY_A)["status"] == "succeeded"
+    # every one of ann's jobs has ended: her whole share is free
+    assert [post(client, {**FAST, "seed": s, "async": True}, headers=auth(KEY_A)).status_code for s in (9, 10)] == [202, 202]
+
+
+def test_a_callers_share_holds_when_its_requests_race(make_queue):
+    """The queue's own count and the place taken at one moment: 12 submits of one owner from
+    6 threads, a share of 3, jobs that run until the gate opens: exactly 3 are queued."""
+    from sonic_server.jobs import JobRecord
+    from sonic_server.queue import CallerBusy
+    gate = threading.Event()
+
+    def held(rec, pipeline, output_dir, inputs, progress) -> dict:
+        gate.wait(30)
+        return {}
+    q = make_queue(None, queue_size=50, max_jobs_per_caller=3, tasks={"generate": held})
+    outcomes: list[str] = []
+
+    def submit(i):
+        try:
+            q.submit(JobRecord.new("generate", {"seed": i}, owner="ann"))
+            outcomes.append("queued")
+        except CallerBusy:
+            outcomes.append("busy")
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert outcomes.count("queued") == 3 and outcomes.count("busy") == 9
+        assert q.active_of("ann") == 3 and q.active_of("bob") == 0
+        q.submit(JobRecord.new("generate", {}, owner="bob"))
+        q.submit(JobRecord.new("generate", {}))  # made without keys: nobody's share
+    finally:
+        gate.set()

@@ -446,6 +446,51 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
     assert r.zcard(PREFIX + "created") == 3
 
 
+def test_a_callers_share_holds_when_api_processes_race_and_frees_as_its_jobs_end(redis_url, tmp_path):
+    """server.max_jobs_per_caller over Redis: 12 submits of one owner at once from 6 threads and
+    2 API-side queues, a share of 2: exactly 2 are queued, the refused leave nothing behind; a
+    cancel frees a place, and so does a job whose record is gone (a share is never held by a
+    job that no longer runs)."""
+    import threading
+    import redis
+    from sonic_server.jobs import JobRecord
+    from sonic_server.queue import CallerBusy
+    from sonic_server.queue.redis import PREFIX, RedisQueue
+    from sonic_server.uploads import Uploads
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    r.set(PREFIX + "worker:fake", json.dumps({"name": "fake", "job": None}), ex=60)
+    queues = [RedisQueue(redis_url, tmp_path / "out", Uploads(tmp_path / "up"), queue_size=20, max_jobs_per_caller=2)
+              for _ in range(2)]
+    queued: list[str] = []
+    refused: list[int] = []
+
+    def submit(i):
+        try:
+            queued.append(queues[i % 2].submit(JobRecord.new("generate", {"seed": i}, owner="ann")).id)
+        except CallerBusy:
+            refused.append(i)
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(queued) == 2 and len(refused) == 10
+    assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 2 and r.zcard(PREFIX + "owner:ann") == 2
+    assert queues[1].active_of("ann") == 2
+    queues[0].submit(JobRecord.new("generate", {}, owner="bob"))  # another caller's share is its own
+    queues[0].submit(JobRecord.new("generate", {}))  # made without keys: nobody's share
+    with pytest.raises(CallerBusy):
+        queues[1].submit(JobRecord.new("generate", {}, owner="ann"))
+    assert queues[1].cancel(queued[0]).status == "canceled"
+    third = queues[1].submit(JobRecord.new("generate", {}, owner="ann"))
+    r.delete(PREFIX + f"job:{queued[1]}")  # its record lost with Redis's data
+    assert queues[0].active_of("ann") == 1
+    fourth = queues[0].submit(JobRecord.new("generate", {}, owner="ann"))
+    assert queues[0].active_of("ann") == 2 and {m.decode() for m in r.smembers(PREFIX + "active:ann")} == {
+        third.id, fourth.id}
+
+
 def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
     port = free_port()
     proc = start_redis(tmp_path, port)

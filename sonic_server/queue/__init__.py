@@ -11,11 +11,26 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sonic import SonicError
+
 from ..jobs import JobQuery, JobRecord
 
 
 class QueueFull(Exception):
     """No place left in the queue: the route answers 503 + Retry-After."""
+
+
+class CallerBusy(SonicError):
+    """The caller (a key or an account) has server.max_jobs_per_caller jobs waiting or running:
+    429 + Retry-After, nothing queued."""
+
+    code = "rate_limited"
+
+    def __init__(self, active: int):
+        super().__init__(
+            f"this caller has {active} job(s) waiting or running, the most one key or account may "
+            "(server.max_jobs_per_caller); wait for one to end, or cancel one"
+        )
 
 
 class WorkerStopped(Exception):
@@ -51,7 +66,13 @@ class JobQueue(ABC):
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         """Queue a new record; `inputs` are arrays already decoded by the route
         (`sonic.checks.CheckedInputs`), which a backend in the same process hands to the task.
-        Raises QueueFull."""
+        Raises QueueFull, or CallerBusy when the record's owner has `max_jobs_per_caller` jobs
+        waiting or running (the count and the place taken at one moment: submits racing cannot
+        both pass it)."""
+
+    @abstractmethod
+    def active_of(self, owner: str) -> int:
+        """How many jobs of `owner` wait or run now (what `max_jobs_per_caller` bounds)."""
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:

@@ -35,7 +35,7 @@ from ..lifecycle import JobEnd
 from ..recovery import INTERRUPTED, recover
 from ..store import MemoryStore
 from ..tasks import TASKS
-from . import JobQueue, QueueFull, WorkerStopped, follow
+from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 from .execute import INTERNAL, run_task
 
 log = logging.getLogger("sonic.jobs")
@@ -55,13 +55,15 @@ class LocalQueue(JobQueue):
         *,
         queue_size: int,
         output_ttl_s: float,
+        max_jobs_per_caller: int = 0,
         store=None,
         tasks: dict | None = None,
         job_timeout_s: float = 0.0,
         end_hooks: tuple[Callable[[JobRecord], None], ...] = (),
         notify: Callable[[JobRecord, str], None] | None = None,
     ):
-        """`job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
+        """`max_jobs_per_caller`: jobs one owner may have waiting or running (0: no bound).
+        `job_timeout_s`: a running job is stopped (failed, `job_timeout`) at its first progress
         report after this many seconds; 0 sets no limit. `end_hooks`: what runs once when a job
         has ended (lifecycle.JobEnd), before anyone sees the end (settling its credits). `notify`:
         a job's start and progress, for its webhook (webhooks.py)."""
@@ -76,6 +78,7 @@ class LocalQueue(JobQueue):
         self.expiry = OutputExpiry(self.store, self.output_dir, output_ttl_s, outputs_lock)
         self.tasks = tasks if tasks is not None else TASKS
         self.queue_size = int(queue_size)
+        self.max_jobs_per_caller = int(max_jobs_per_caller)
         self.job_timeout_s = float(job_timeout_s)
         found = recover(self.store, uploads, self.output_dir)
         for job_id in found.failed:
@@ -90,6 +93,7 @@ class LocalQueue(JobQueue):
         self._pending: collections.deque[str] = collections.deque(rec.id for rec in found.resumed)
         self._canceling: set[str] = set()
         self._placing = 0  # submits between their place taken and their record written
+        self._placing_of: collections.Counter[str] = collections.Counter()  # ... of each owner
         self._changed = threading.Condition()
         self._running: str | None = None
         self._closed = False
@@ -105,7 +109,12 @@ class LocalQueue(JobQueue):
                 raise WorkerStopped()
             if len(self._pending) + self._placing >= self.queue_size:
                 raise QueueFull()
+            if rec.owner is not None and self.max_jobs_per_caller:
+                active = self._active_of(rec.owner)
+                if active >= self.max_jobs_per_caller:
+                    raise CallerBusy(active)
             self._placing += 1  # its place is held while its record is written, outside the lock
+            self._placing_of[rec.owner or ""] += 1
         rec = lifecycle.queue(rec.copy())
         try:
             # first: a record the store refuses is never queued. Outside the lock: a store slow
@@ -113,16 +122,29 @@ class LocalQueue(JobQueue):
             self.store.save(rec)
         except BaseException:
             with self._changed:
-                self._placing -= 1
+                self._placed(rec)
             raise
         with self._changed:
-            self._placing -= 1
+            self._placed(rec)  # in the same hold of the lock as it joins the live set: counted throughout
             self._live[rec.id] = rec
             if inputs is not None and not self._pending:  # this job runs next: keep its arrays
                 self._inputs[rec.id] = inputs
             self._pending.append(rec.id)
             self._changed.notify_all()
             return rec.copy()
+
+    def _placed(self, rec: JobRecord) -> None:
+        """Under the lock: a submit's place is no longer held (its record joins the live set, or not)."""
+        self._placing -= 1
+        self._placing_of[rec.owner or ""] -= 1
+
+    def active_of(self, owner: str) -> int:
+        with self._changed:
+            return self._active_of(owner)
+
+    def _active_of(self, owner: str) -> int:
+        """Under the lock: the owner's queued and running jobs, and its submits being placed."""
+        return self._placing_of[owner] + sum(rec.owner == owner for rec in self._live.values())
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._changed:

@@ -20,6 +20,7 @@ Redis keys (prefix `sonic:`):
 - `cache:<key>`   the job id of the succeeded job for a result cache key;
 - `unfinished` (set), `finished` (sorted by time): for recovery and expiry;
 - `created` (sorted by creation time), `owner:<owner>` (the same, one owner's): listings;
+- `active:<owner>` (set) the owner's jobs from their queueing to their end (max_jobs_per_caller);
 - `decoder`       the decoder identity the workers serve (part of the result cache key).
 Uploads and videos are files in the shared `upload_dir` and `output_dir`, or objects in a bucket
 (`storage: s3`, sonic_server/storage.py); Redis carries ids.
@@ -49,7 +50,7 @@ from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_fir
 from ..lifecycle import JobEnd
 from ..recovery import sweep_orphan_uploads
 from ..store import _error_record
-from . import JobQueue, QueueFull, WorkerStopped, follow
+from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 
 log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
@@ -156,6 +157,8 @@ class RedisStore:
         """Queue on pipeline `p` the indexes and the change notice that follow a record's write."""
         if rec.status in TERMINAL:
             p.srem(PREFIX + "unfinished", rec.id)
+            if rec.owner is not None:
+                p.srem(active_key(rec.owner), rec.id)
             p.zadd(PREFIX + "finished", {rec.id: time.time()})
             if rec.status == "succeeded" and rec.cache_key:
                 p.set(PREFIX + f"cache:{rec.cache_key}", rec.id)
@@ -206,6 +209,7 @@ class RedisStore:
         p.srem(PREFIX + "unfinished", job_id)
         if rec is not None and rec.owner is not None:
             p.zrem(PREFIX + f"owner:{rec.owner}", job_id)
+            p.srem(active_key(rec.owner), job_id)
         if rec is not None and rec.cache_key and self.cached(rec.cache_key) == job_id:
             p.delete(PREFIX + f"cache:{rec.cache_key}")
         p.execute()
@@ -255,6 +259,12 @@ class RedisStore:
             if rec.owner is not None:
                 p.zadd(PREFIX + f"owner:{rec.owner}", {rec.id: rec.created})
             p.execute()
+
+
+def active_key(owner: str) -> str:
+    """The set of an owner's jobs that wait or run: a submit joins it in the transaction that
+    queues it, its end (or delete) leaves it."""
+    return PREFIX + f"active:{owner}"
 
 
 def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipeline=None) -> None:
@@ -328,6 +338,7 @@ class RedisQueue(JobQueue):
         uploads,
         *,
         queue_size: int,
+        max_jobs_per_caller: int = 0,
         job_timeout_s: float = 0.0,
         retry_lost_jobs: int = 0,
         outputs=None,
@@ -345,6 +356,7 @@ class RedisQueue(JobQueue):
         self.uploads = uploads
         self.ending = JobEnd(uploads, end_hooks)
         self.queue_size = int(queue_size)
+        self.max_jobs_per_caller = int(max_jobs_per_caller)  # jobs one owner may have waiting or running
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
@@ -363,31 +375,60 @@ class RedisQueue(JobQueue):
         try:
             if self._enqueue(rec):
                 return rec
-        except redis_lib.RedisError:
+        except (redis_lib.RedisError, CallerBusy):
             self._forget(rec.id)
             raise
         self._forget(rec.id)
         raise QueueFull()
 
     def _enqueue(self, rec: JobRecord) -> bool:
-        """The bound and the push in one optimistic transaction: API processes racing for the
-        last place cannot both take it (WATCH the queue; a change meanwhile means try again).
-        False when the queue is full."""
+        """The bounds and the push in one optimistic transaction: API processes racing for the
+        last place (in the queue, or in the caller's share) cannot both take it (WATCH both; a
+        change meanwhile means try again). False when the queue is full; CallerBusy when the
+        caller's share is taken."""
         key = self.rq.key
+        share = self.max_jobs_per_caller if rec.owner is not None else 0
+        if share:
+            self._drop_ended(cast(str, rec.owner))
         for _ in range(50):
             with self.r.pipeline() as p:
                 try:
-                    p.watch(key)
+                    p.watch(key, *([active_key(cast(str, rec.owner))] if share else []))
                     if p.llen(key) >= self.queue_size:
                         p.unwatch()
                         return False
+                    if share and (active := int(p.scard(active_key(cast(str, rec.owner))))) >= share:
+                        p.unwatch()
+                        raise CallerBusy(active)
                     p.multi()
                     enqueue(self.r, rec, pipeline=p)
+                    if rec.owner is not None:
+                        p.sadd(active_key(rec.owner), rec.id)
                     p.execute()
                     return True
                 except redis_lib.WatchError:
                     continue
         return False
+
+    def _drop_ended(self, owner: str) -> None:
+        """Take out of an owner's active set the jobs whose records ended or are gone (a record
+        lost with Redis's data, a release before the set): a caller's share is never held by a
+        job that no longer runs."""
+        members = [m.decode() for m in cast("set[bytes]", self.r.smembers(active_key(owner)))]
+        if not members:
+            return
+        raws = cast("list[bytes | None]", self.r.mget([PREFIX + f"job:{i}" for i in members]))
+        ended = [
+            job_id
+            for job_id, raw in zip(members, raws, strict=True)
+            if raw is None or JobRecord.from_dict(json.loads(raw)).terminal
+        ]
+        if ended:
+            self.r.srem(active_key(owner), *ended)
+
+    def active_of(self, owner: str) -> int:
+        self._drop_ended(owner)
+        return int(cast(int, self.r.scard(active_key(owner))))
 
     def _forget(self, job_id: str) -> None:
         """A job that was never queued: its record and every index that finds it go (they were

@@ -31,7 +31,7 @@ from ..jobs import JOB_ID, SUCCEEDED, TERMINAL, JobQuery, JobRecord, JobStatus, 
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
-from ..queue import JobQueue, QueueFull, WorkerStopped
+from ..queue import CallerBusy, JobQueue, QueueFull, WorkerStopped
 from ..service import Service, service
 
 bp = Blueprint("generate", __name__)
@@ -440,6 +440,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
         413: error("upload too large"),
         415: error("not a decodable image / audio"),
         422: error("no face, audio too long, empty or silent audio"),
+        429: error("rate limited, or this caller's jobs at server.max_jobs_per_caller (Retry-After)"),
         503: error("queue full (Retry-After)"),
         500: error("internal error"),
     },
@@ -460,8 +461,9 @@ def generate():
     opts, want_async, params = _parse_config()
     want_async = want_async or _prefers_async()
     hook = _webhook(params)
-    files, by_url = _read_files()
     owner = caller().owner
+    _check_share(svc, queue, owner)  # before the files are read: a caller over its share sends them for nothing
+    files, by_url = _read_files()
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.loaded_decoder_identity()), owner)
     payer = _payer(svc)
     hit = queue.cached(key)
@@ -529,6 +531,14 @@ def generate():
             # the job's id too: the server log names a failed job by it
             return error_response(err["code"], err["message"], err.get("field"), extra={"job_id": rec.id})
     return _accepted(rec)
+
+
+def _check_share(svc: Service, queue: JobQueue, owner: str | None) -> None:
+    """Refuse at once a caller whose share of the queue (server.max_jobs_per_caller) is taken;
+    the queue's own check at submit is the one that holds under racing requests."""
+    share = svc.settings.server.max_jobs_per_caller
+    if owner is not None and share and (active := queue.active_of(owner)) >= share:
+        raise CallerBusy(active)
 
 
 def _document(rec: JobRecord) -> dict:
