@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
@@ -190,6 +191,7 @@ class ServerConfig(Settings):
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)
+        _check_origins(self.server.cors_origins)
         _check_webhooks(self.webhooks)
         return self
 
@@ -258,6 +260,21 @@ def _check_webhooks(hooks: WebhookSettings) -> None:
                 raise ValueError
         except (binascii.Error, ValueError):
             raise SettingsError("setting webhooks.secret: a whsec_ secret must be base64 after its prefix") from None
+
+
+# what a browser sends as Origin: scheme://host[:port], nothing after it
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    """An origin written as a URL (a trailing slash, a path) never equals what a browser sends:
+    the page would be refused with nothing said here."""
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise SettingsError(
+                f"setting server.cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
+                "with no path or trailing slash (https://app.example), or * for any"
+            )
 
 
 def _check_live(live: LiveSettings) -> None:

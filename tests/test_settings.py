@@ -31,8 +31,12 @@ def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     s = load_settings(f, env={})
     assert (s.server.port, s.server.queue_size, s.defaults["seed"]) == (6000, 2, 3)
     assert s.defaults["fps"] == 25 and s.server.sync_wait_s == 120    # the rest keeps the shipped values
-    s = load_settings(f, env={"SONIC_PORT": "6001", "SONIC_MAX_DURATION_S": "60", "SONIC_CORS_ORIGINS": "a, b"})
-    assert (s.server.port, s.limits.max_duration_s, s.server.cors_origins) == (6001, 60.0, ("a", "b"))
+    s = load_settings(f, env={"SONIC_PORT": "6001", "SONIC_MAX_DURATION_S": "60", "SONIC_CORS_ORIGINS": "http://a, https://b:8443"})
+    assert (s.server.port, s.limits.max_duration_s, s.server.cors_origins) == (6001, 60.0, ("http://a", "https://b:8443"))
+    # an origin written as a URL never equals what a browser sends: said at the start
+    for wrong in ("https://app.example/", "https://app.example/page", "app.example"):
+        with pytest.raises(SettingsError, match="cors_origins: .* is not an origin"):
+            load_settings(f, env={"SONIC_CORS_ORIGINS": wrong})
     s = load_settings(f, env={"SONIC_PORT": "6001"}, flags={"server.port": 6002, "server.host": None})
     assert s.server.port == 6002 and s.server.host == "127.0.0.1"
     assert load_settings(f, env={}, flags={"render_processes": 0}).render_processes == 0
