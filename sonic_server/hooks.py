@@ -7,11 +7,13 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from flask import Flask, g, request
 
 from sonic.memory import give_back_memory
 
+from .errors import error_response
 from .metrics import count_request
 from .openapi import headers_everywhere
 
@@ -33,7 +35,8 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Content-Type, Prefer, Authorization, X-Request-ID, Range, Idempotency-Key",
     "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
     "Access-Control-Expose-Headers": (
-        "X-Request-ID, Retry-After, Content-Range, Location, Idempotent-Replayed, ETag, Preference-Applied"
+        "X-Request-ID, Retry-After, Content-Range, Location, Idempotent-Replayed, ETag, Preference-Applied, "
+        "Allow, WWW-Authenticate, Content-Disposition, Accept-Ranges"
     ),
     "Access-Control-Max-Age": "600",
 }
@@ -72,7 +75,27 @@ def cors(app: Flask, origins: list[str]) -> None:
     The CORS headers depend on the request's Origin (sent or not, allowed or not), so every
     answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another.
     (Origin is not in the OpenAPI document: a browser sets it, and a generated client would take
-    it as an argument that a browser forbids it to set.)"""
+    it as an argument that a browser forbids it to set.)
+
+    CORS alone only hides answers: a page elsewhere may still send a form-like POST (a multipart
+    upload, no Authorization) without asking first, and the job would run. So with a list of
+    origins, a request that changes something and comes from a page of another origin (its
+    browser says so in Origin) is refused 403 before it does; requests without Origin (curl,
+    servers) and pages served by this server itself are not concerned."""
+    allowed = {normal_origin(o) for o in origins if o != "*"}
+    everyone = "*" in origins
+
+    @app.before_request
+    def _refuse_other_pages():
+        origin = request.headers.get("Origin")
+        if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        if normal_origin(origin) in allowed or _this_host(origin):
+            return None
+        return error_response(
+            "forbidden",
+            f"a page at {origin[:100]} may not call this API (server.cors_origins does not list it)",
+        )
 
     @app.after_request
     def _allow(resp):
@@ -80,10 +103,37 @@ def cors(app: Flask, origins: list[str]) -> None:
             return resp
         resp.vary.add("Origin")
         origin = request.headers.get("Origin")
-        if origin and ("*" in origins or origin in origins):
-            resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+        if origin and (everyone or normal_origin(origin) in allowed):
+            resp.headers["Access-Control-Allow-Origin"] = "*" if everyone else origin
             resp.headers.update(CORS_HEADERS)
         return resp
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _this_host(origin: str) -> bool:
+    """A page of this server's own (the demo page): its origin names the host the request was
+    sent to. By host and port, not scheme: a TLS proxy in front keeps the Host but speaks http
+    to this process (its scheme is only known with server.proxy_hops)."""
+    page = normal_origin(origin)
+    scheme = page.partition("://")[0]
+    return page == normal_origin(f"{scheme}://{request.host}")
+
+
+def normal_origin(origin: str) -> str:
+    """An origin as a browser writes it: lower case, no default port, no trailing slash (as
+    `request.host_url` ends); what cannot be read as one is kept as it is (and matches nothing)."""
+    parts = urlsplit(origin.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        return origin
+    if not parts.scheme or not parts.hostname:
+        return origin
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS.get(scheme)) else f"{scheme}://{host}:{port}"
 
 
 def memory(app: Flask) -> None:

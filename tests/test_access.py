@@ -124,6 +124,25 @@ def test_bearer_scheme_is_case_insensitive(make_client):
     assert client.get(URL, headers={"Authorization": "Basic k1"}).status_code == 401
 
 
+def test_a_page_of_an_unlisted_origin_cannot_start_work(make_client):
+    """CORS only hides answers: a multipart POST without Authorization is sent by a browser
+    without a preflight. With a list of origins, one from an unlisted page is refused before it
+    does anything; a listed page (however its origin is spelt), this server's own pages and
+    clients that send no Origin (curl) are served; with "*" every page is."""
+    from server_helpers import FAST, post, uploads_empty
+    client, cfg = make_client(cors_origins=["http://app.example", "https://admin.example:8443"])
+    refused = post(client, FAST, headers={"Origin": "http://evil.example"})
+    assert_clean_error(refused, 403, "forbidden")
+    assert "cors_origins" in refused.get_json()["error"]["message"] and uploads_empty(cfg)
+    assert client.get("/api/sonic/jobs").get_json()["jobs"] == []
+    assert client.get("/health", headers={"Origin": "http://evil.example"}).status_code == 200  # reads are not refused
+    for origin in ("http://APP.example:80", "https://admin.example:8443", "http://localhost", None):
+        r = post(client, FAST, headers={"Origin": origin} if origin else {})
+        assert r.status_code == 200, (origin, r.get_json())
+    anyone, _ = make_client(cors_origins=["*"])
+    assert post(anyone, FAST, headers={"Origin": "http://evil.example"}).status_code == 200
+
+
 def test_cors_answers_vary_by_origin(make_client):
     client, _ = make_client(cors_origins=["http://app.example"])
     allowed = client.get("/health", headers={"Origin": "http://app.example"})
