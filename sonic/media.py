@@ -29,6 +29,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .color_profile import embedded_profile, to_srgb
 from .errors import AudioTooLong, Busy, EmptyAudio, InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
 from .memory import expendable
 
@@ -200,7 +201,8 @@ def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
 
 def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
     """RGB uint8 of an opened image, reduced to at most max_working_pixels, EXIF orientation
-    applied, transparency on white."""
+    applied, in sRGB (sonic/color_profile.py), transparency on white."""
+    icc = embedded_profile(im)
     w, h = im.size
     k = _reduction(w, h, max_working_pixels)
     if k > 1 and im.format in JPEG_FORMATS:
@@ -213,6 +215,7 @@ def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's convert would clip it to white
         im = Image.fromarray(_grey16_to_8(np.asarray(im)))
+    im = to_srgb(im, icc)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -13,7 +13,8 @@ import functools
 from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
-OUTPUT_REVISION = 4  # see above: bump when the output changes (4: a sideways or upside-down face speaks upright)
+# see above: bump when the output changes (5: a photo with a colour profile other than sRGB is read in sRGB)
+OUTPUT_REVISION = 5
 
 
 @functools.lru_cache(maxsize=1)

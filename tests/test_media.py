@@ -426,3 +426,51 @@ def test_a_recording_that_cannot_be_decoded_again_for_the_sound_track_is_said_in
     sound = load_sound(path, 60, wav)
     assert sound.rate == SAMPLE_RATE and "plays a 16 kHz copy" in sound.stand_in_warning()
     assert sound.fitted(1.0).stand_in  # kept when trimmed to the clip
+
+
+def display_p3_profile() -> bytes:
+    """A minimal ICC v2 display profile with Display P3's primaries (D50-adapted) and a 2.2
+    gamma: what an iPhone embeds, near enough for the colours to differ from sRGB's."""
+    import struct
+
+    def fixed(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + bytes(4) + fixed(x) + fixed(y) + fixed(z)
+
+    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, round(2.2 * 256)) + bytes(2)
+    name = b"Display P3 (test)\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(4 + 4 + 2 + 1 + 67)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
+            (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)), (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
+            (b"rTRC", gamma), (b"gTRC", gamma), (b"bTRC", gamma)]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data + bytes(-len(data) % 4)
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12)
+              + b"acsp" + bytes(24) + struct.pack(">I", 0) + fixed(0.9642) + fixed(1.0) + fixed(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_wide_gamut_photo_is_decoded_in_srgb(tmp_path, fmt):
+    """A phone's Display P3 photo holds other numbers for the same colours: read as sRGB it was
+    pale (a P3 portrait 17 % less saturated). Its embedded profile is applied at decoding."""
+    from PIL import ImageCms
+    icc = display_p3_profile()
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    srgb = Image.open(PORTRAIT).convert("RGB")
+    as_p3 = ImageCms.profileToProfile(srgb, ImageCms.createProfile("sRGB"), p3, outputMode="RGB")
+    path = tmp_path / f"p3.{fmt.lower()}"
+    as_p3.save(path, fmt, quality=98, icc_profile=icc)
+    expected, raw = np.asarray(srgb, float), np.asarray(as_p3, float)
+    got = load_image(path, 10**7).astype(float)
+    assert np.abs(raw - expected).mean() > 4  # the profile matters for this photo
+    assert np.abs(got - expected).mean() < 1.5
+    # a profile that cannot be read leaves the numbers as they are, and the photo is still taken
+    broken = tmp_path / f"broken.{fmt.lower()}"
+    as_p3.save(broken, fmt, quality=98, icc_profile=b"not a profile" * 10)
+    assert np.abs(load_image(broken, 10**7).astype(float) - raw).mean() < 1.5
