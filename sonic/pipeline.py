@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio, speech_heard
+from .audio_features import AudioFeatures, PhoneRecognizer, encode_audio, hear
 from .checks import check_output, existing_file, frame_count, load_portrait, writable_video_path
 from .decoders import DecoderKind, PreparedDecoder, choose_decoder, get_decoder
 from .errors import AudioTooLong, InputTooLarge, InvalidParameter, PipelineError, UnsupportedMedia
@@ -90,6 +90,14 @@ class StageTimer:
 NO_SPEECH = (
     "no speech found in the audio (only a steady sound such as a hum, noise or a tone): is it the right recording?"
 )
+
+
+def noisy_warning(over_background_db: float) -> str:
+    return (
+        f"the speech stands only {over_background_db:.0f} dB above the recording's background noise: "
+        "the mouth moves less than on a clean recording (a quieter room, a closer microphone or "
+        "noise reduction gives a livelier mouth)"
+    )
 
 
 class Warnings:
@@ -285,8 +293,11 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         feats = self._audio_features(clip, opts.fps)
-        if not speech_heard(wav[: len(clip.wav)], opts.fps):  # as sent: trimmed, not padded
+        heard = hear(wav[: len(clip.wav)], opts.fps)  # as sent: trimmed, not padded
+        if not heard.speech:
             warnings.add(NO_SPEECH)
+        elif heard.noisy:
+            warnings.add(noisy_warning(heard.over_background_db))
         timer.lap("audio")
 
         # 5. motion prediction, smoothing and lip-sync calibration

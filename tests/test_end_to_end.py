@@ -88,6 +88,15 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     still = pipeline(PORTRAIT, hum, pipeline.options({"min_resolution": 256, "duration": 1.5}),
                      out_path=tmp_path / "hum.mp4").warnings
     assert any(w.startswith("no speech found in the audio") for w in still), still
+    assert not any("background noise" in w for w in still), still  # one warning says it: no speech
+    # speech under loud steady noise (a street, a fan) moves the mouth less: said, with how loud
+    speech = load_audio(SPEECH, 60)[: int(2.99 * 16000)]
+    noise = np.random.default_rng(0).normal(0, 1, len(speech))
+    noisy = tmp_path / "noisy.wav"
+    sf.write(noisy, speech + noise * np.sqrt(np.mean(speech**2) / np.mean(noise**2)), 16000)  # 0 dB SNR
+    heard = pipeline(PORTRAIT, noisy, opts, out_path=tmp_path / "noisy.mp4").warnings
+    assert any(re.fullmatch(r"the speech stands only \d+ dB above the recording's background noise: .*", w)
+               for w in heard), heard
     # a file cut short (an upload or a recorder stopped early) says so, not just a shorter video
     cut = tmp_path / "cut.wav"
     cut.write_bytes(wav.read_bytes()[: 44 + 2 * 16000])
