@@ -81,6 +81,7 @@ CAP_REACHED_S = 0.05  # a decode that ends this close to its cap was cut by it
 OUTPUT_CHUNK_BYTES = 1 << 20  # ffmpeg's output is read this much at a time
 WAV_HEADER_BYTES = 1 << 16  # a WAV's chunks before its samples (fmt, LIST, fact, a broadcast WAV's bext...)
 WAV_STREAMING_SIZE = 0x7FFF0000
+TRAILING_SAMPLES_S = 0.1  # past a WAV's declared end, at least this much more is read as its samples
 PROBE_BYTES = 1 << 20  # the probe's WAV: its header is all it needs, 10 ms of 64 channels at 384 kHz fit
 MIX_LOSS = 0.1  # a mix below this share of a channel's RMS (20 dB) lost the speech: cancelled, or left out
 LEVEL_TIE_DB = 0.1  # channels this close in level count as alike (a pair in opposite phase)
@@ -379,12 +380,34 @@ class WavData(NamedTuple):
 
     size: int  # bytes, as the data chunk declares them
     byte_rate: int  # bytes a second (0 where the fmt chunk was not read)
+    offset: int = 0  # where the samples start in the file
 
     @property
     def streaming(self) -> bool:
         """A size a recorder writes while it streams: 0, or near 2 or 4 GB (no upload is that
         large; sox writes 0x7FFFF000 rounded down to whole samples)."""
         return self.size == 0 or self.size >= WAV_STREAMING_SIZE
+
+
+def _samples_past_declared_end(path: str | Path) -> bool:
+    """A WAV whose samples go on past the size its data chunk declares: two files joined with
+    `cat`, a recorder that fixed its header too early. ffmpeg stops at the declared size (a 7 s
+    recording declared 1 s made a 1 s video, nothing said); what follows the declared end is
+    more samples, not another chunk (a LIST or id3 chunk of tags, whose bytes would be noise)."""
+    wav = _wav_data(path)
+    if wav is None or wav.streaming:  # a streaming size: ffmpeg reads to the end already
+        return False
+    end = wav.offset + wav.size + (wav.size & 1)
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        left = f.tell() - end
+        if left < max(TRAILING_SAMPLES_S * wav.byte_rate, 8):
+            return False
+        f.seek(end)
+        head = f.read(8)
+    kind, size = head[:4], struct.unpack_from("<I", head, 4)[0]
+    a_chunk = all(0x20 <= b <= 0x7E for b in kind) and size <= left - 8
+    return not a_chunk
 
 
 def _wav_data(path: str | Path) -> WavData | None:
@@ -400,7 +423,7 @@ def _wav_data(path: str | Path) -> WavData | None:
         if kind == b"fmt " and at + 20 <= len(head):
             byte_rate = struct.unpack_from("<I", head, at + 16)[0]
         if kind == b"data":
-            return WavData(size, byte_rate)
+            return WavData(size, byte_rate, at + 8)
         at += 8 + size + (size & 1)
     return None
 
@@ -482,6 +505,7 @@ def run_ffmpeg_on(
         "fd",
         "-format_whitelist",
         ",".join(AUDIO_DEMUXERS),
+        *(["-ignore_length", "1"] if _samples_past_declared_end(path) else []),
         "-fd",
         str(fd),
         "-i",

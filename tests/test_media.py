@@ -474,3 +474,27 @@ def test_a_wide_gamut_photo_is_decoded_in_srgb(tmp_path, fmt):
     broken = tmp_path / f"broken.{fmt.lower()}"
     as_p3.save(broken, fmt, quality=98, icc_profile=b"not a profile" * 10)
     assert np.abs(load_image(broken, 10**7).astype(float) - raw).mean() < 1.5
+
+
+def test_a_wav_whose_samples_go_on_past_its_declared_size_is_read_whole(tmp_path):
+    """A header that declares 1 s of a 3 s recording (a recorder that fixed its size too early)
+    made a 1 s video with nothing said; the samples past the declared end are read. A chunk of
+    tags after the samples (LIST) is still a chunk, not sound."""
+    import struct
+    from sonic.sound import load_sound
+    speech = load_audio(SPEECH, 60)[: 3 * SAMPLE_RATE]
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, speech, SAMPLE_RATE, subtype="PCM_16")
+    data = bytearray(whole.read_bytes())
+    at = data.index(b"data")
+    struct.pack_into("<I", data, at + 4, 2 * SAMPLE_RATE)  # declares 1 s of 16-bit mono
+    liar = tmp_path / "liar.wav"
+    liar.write_bytes(bytes(data))
+    heard = load_audio(liar, 60)
+    assert len(heard) == len(speech) and np.abs(heard - load_audio(whole, 60)).max() < 1e-6
+    assert len(load_sound(liar, 60, heard).samples) == 3 * 48000
+    tagged = tmp_path / "tagged.wav"
+    one_s = bytes(data[: at + 8 + 2 * SAMPLE_RATE])
+    tags = b"LIST" + struct.pack("<I", 18) + b"INFOISFT" + struct.pack("<I", 6) + b"sonic\0"
+    tagged.write_bytes(one_s[:4] + struct.pack("<I", len(one_s) - 8 + len(tags)) + one_s[8:] + tags)
+    assert len(load_audio(tagged, 60)) == SAMPLE_RATE
