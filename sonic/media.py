@@ -45,8 +45,9 @@ MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
 MAX_FLOAT_PEAK = 2.0
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz of a caller's array (telephone to studio)
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-# Larger photos are decoded reduced to this: the output frame is at most 1024 px on its short
-# side, and a face in a 16 MP photo still has more pixels than the crop shows.
+# Larger photos are decoded reduced to this (not by a whole factor: working_size): the output
+# frame is at most 1024 px on its short side, and a face in a 16 MP photo still has more pixels
+# than the crop shows.
 WORKING_PIXELS = 16_000_000
 # A JPEG may have this many times `max_pixels`: it is decoded reduced in the DCT (1/2, 1/4 or
 # 1/8 of each side), so its memory stays a PNG's at the limit or less, and its time small (a
@@ -163,9 +164,22 @@ def _unsupported_image(data: bytes) -> str:
     return "image could not be decoded: not a PNG, JPEG or WebP"
 
 
-def _reduction(w: int, h: int, max_working_pixels: int) -> int:
-    """The integer factor that brings w x h to at most max_working_pixels."""
-    return max(1, math.ceil(math.sqrt(w * h / max_working_pixels)))
+def working_size(w: int, h: int, max_working_pixels: int) -> tuple[int, int]:
+    """w x h brought to at most max_working_pixels, the aspect kept. Not by a whole factor: a
+    24 MP phone photo halved each way kept 6 MP of 16, and its face a half of its sharpness."""
+    if w * h <= max_working_pixels:
+        return w, h
+    scale = math.sqrt(max_working_pixels / (w * h))
+    return max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+
+
+def _dct_reduction(w: int, h: int, target: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 by which a JPEG decoder may reduce w x h and stay at least
+    `target` (Pillow's draft chooses the same)."""
+    factor = 1
+    while factor < 8 and -(-w // (2 * factor)) >= target[0] and -(-h // (2 * factor)) >= target[1]:
+        factor *= 2
+    return factor
 
 
 def _progressive_jpeg(im: Image.Image) -> bool:
@@ -191,28 +205,27 @@ def decode_bytes(im: Image.Image, max_working_pixels: int) -> int:
     1-byte modes; a JPEG decoded at its reduced size, a progressive one's coefficients too),
     then about three working copies."""
     w, h = im.size
-    k = _reduction(w, h, max_working_pixels)
+    target = working_size(w, h, max_working_pixels)
     native = 1 if im.mode in ("1", "L", "P") else 4
     coefficients = w * h * len(im.getbands()) * 2 if _progressive_jpeg(im) else 0
     if im.format in JPEG_FORMATS:
-        dct = 1 << (min(k, 8).bit_length() - 1)  # draft reduces by the largest of 1, 2, 4, 8 not past k
+        dct = _dct_reduction(w, h, target)
         w, h = -(-w // dct), -(-h // dct)
-    return coefficients + w * h * native + (im.size[0] // k) * (im.size[1] // k) * 4 * 3
+    return coefficients + w * h * native + target[0] * target[1] * 4 * 3
 
 
 def _decode_reduced(im: Image.Image, max_working_pixels: int) -> np.ndarray:
     """RGB uint8 of an opened image, reduced to at most max_working_pixels, EXIF orientation
     applied, in sRGB (sonic/color_profile.py), transparency on white."""
     icc = embedded_profile(im)
-    w, h = im.size
-    k = _reduction(w, h, max_working_pixels)
-    if k > 1 and im.format in JPEG_FORMATS:
-        im.draft("RGB", (w // k, h // k))  # decode at 1/2, 1/4 or 1/8 scale
+    target = working_size(*im.size, max_working_pixels)
+    if target != im.size and im.format in JPEG_FORMATS:
+        im.draft("RGB", target)  # decoded at 1/2, 1/4 or 1/8 scale where that is still as large
     im.load()
-    if k > 1:
-        factor = -(-im.size[0] // max(1, w // k))  # what the DCT did not reduce yet
-        if factor > 1:
-            im = im.reduce(factor)
+    if target != im.size:
+        # bilinear, widened by the reduction as Pillow does: anti-aliased, at half of Lanczos's time
+        # (24 MP to 16 MP: 0.26 s against 0.48 s)
+        im = im.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's convert would clip it to white
         im = Image.fromarray(_grey16_to_8(np.asarray(im)))
