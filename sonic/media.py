@@ -45,6 +45,7 @@ MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
 MAX_FLOAT_PEAK = 2.0
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz of a caller's array (telephone to studio)
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # an ISO BMFF ftyp's major brand
 # Larger photos are decoded reduced to this (not by a whole factor: working_size): the output
 # frame is at most 1024 px on its short side, and a face in a 16 MP photo still has more pixels
 # than the crop shows.
@@ -161,6 +162,8 @@ def _unsupported_image(data: bytes) -> str:
         name = None
     if name:
         return f"image format {name} is not supported (PNG, JPEG, WebP)"
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # Pillow has no HEIF reader to name it
+        return "image format HEIC/HEIF (an iPhone's photo format) is not supported (PNG, JPEG, WebP): export it as JPEG"
     return "image could not be decoded: not a PNG, JPEG or WebP"
 
 

@@ -34,8 +34,13 @@ def test_truncated_image(tmp_path):
 def test_unsupported_image_format(tmp_path):
     p = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(p, format="BMP")
-    with pytest.raises(UnsupportedMedia):
+    with pytest.raises(UnsupportedMedia, match="image format BMP is not supported"):
         load_image(p, 10**7)
+    # an iPhone's default format, which Pillow cannot name: named by its file type box
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(2000))
+    with pytest.raises(UnsupportedMedia, match=r"image format HEIC/HEIF \(an iPhone's photo format\)"):
+        load_image(heic, 10**7)
 
 
 def test_too_many_pixels_refused_before_decoding(tmp_path):
