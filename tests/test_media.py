@@ -244,6 +244,37 @@ def test_large_photos_are_decoded_reduced(tmp_path):
     assert small.shape[0] * small.shape[1] <= 10_000
 
 
+@pytest.mark.parametrize("size", [(7999, 7999), (9236, 6927), (5712, 4284), (8064, 6048)])
+def test_a_decodes_reservation_is_what_pillow_decodes(tmp_path, size):
+    """The reservation counts the buffer of the size Pillow's draft really decodes at (an odd
+    size near 64 MP was counted at half of each side, and decoded whole: 190 MB unreserved);
+    the result keeps at least 60 % of the working pixels."""
+    from sonic.media import WORKING_PIXELS, decode_bytes, decode_plan
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", size, (120, 90, 80)).save(path, quality=30)
+    with Image.open(path) as im:
+        plan = decode_plan(im, WORKING_PIXELS)
+        reserved = decode_bytes(im, WORKING_PIXELS)
+        if plan.dct > 1:
+            im.draft("RGB", (size[0] // plan.dct, size[1] // plan.dct))
+        im.load()
+        assert reserved >= im.size[0] * im.size[1] * 4 + plan.size[0] * plan.size[1] * 4 * 3
+    rgb = load_image(path, 100_000_000)
+    assert 0.6 * WORKING_PIXELS <= rgb.shape[0] * rgb.shape[1] <= WORKING_PIXELS
+
+
+def test_large_palette_and_one_bit_images_are_reduced_smoothly(tmp_path):
+    """Pillow resizes palette and 1-bit images by the nearest pixel: they are converted first
+    (a dithered image's reduction was 18-41 grey levels off its average)."""
+    rng = np.random.default_rng(0)
+    dots = Image.fromarray((rng.random((2000, 2400)) < 0.5).astype(np.uint8) * 255).convert("1")
+    for mode in ("1", "P"):
+        path = tmp_path / f"{mode}.png"
+        (dots if mode == "1" else dots.convert("RGB").convert("P")).save(path)
+        rgb = load_image(path, 10**7, max_working_pixels=1_000_000).astype(float)
+        assert abs(rgb.mean() - 127.5) < 10 and rgb.std() < 40  # an even grey, not black and white dots
+
+
 def test_decode_budget_waits_then_refuses_busy():
     import threading
     import time
