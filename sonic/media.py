@@ -430,24 +430,29 @@ class WavData(NamedTuple):
 
 
 def _samples_past_declared_end(path: str | Path) -> bool:
-    """A WAV whose samples go on past the size its data chunk declares: two files joined with
-    `cat`, a recorder that fixed its header too early. ffmpeg stops at the declared size (a 7 s
-    recording declared 1 s made a 1 s video, nothing said); what follows the declared end is
-    more samples, not another chunk (a LIST or id3 chunk of tags, whose bytes would be noise)."""
+    """A WAV whose samples go on past the size its data chunk declares (a recorder that fixed
+    its header too early): ffmpeg stops at the declared size (a 7 s recording declared 1 s made a
+    1 s video, nothing said). Only where what follows is not something else a WAV may carry
+    there: a chunk (LIST tags, a second WAV joined with `cat`: RIFF), after its pad byte or where
+    a writer left the pad byte out, or an ID3 tag; read as samples, their bytes were noise."""
     wav = _wav_data(path)
     if wav is None or wav.streaming:  # a streaming size: ffmpeg reads to the end already
         return False
-    end = wav.offset + wav.size + (wav.size & 1)
+    end = wav.offset + wav.size
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         left = f.tell() - end
-        if left < max(TRAILING_SAMPLES_S * wav.byte_rate, 8):
+        if left < max(TRAILING_SAMPLES_S * wav.byte_rate, 16):
             return False
         f.seek(end)
-        head = f.read(8)
-    kind, size = head[:4], struct.unpack_from("<I", head, 4)[0]
-    a_chunk = all(0x20 <= b <= 0x7E for b in kind) and size <= left - 8
-    return not a_chunk
+        after = f.read(9)
+    starts = (after[1:], after[:8]) if wav.size & 1 else (after[:8],)
+    return not any(_chunk_header(head, left) for head in starts) and not after.startswith((b"ID3", b"TAG"))
+
+
+def _chunk_header(head: bytes, left: int) -> bool:
+    """Whether 8 bytes read as a RIFF chunk's header: a four-character name, a size that fits."""
+    return len(head) == 8 and all(0x20 <= b <= 0x7E for b in head[:4]) and struct.unpack_from("<I", head, 4)[0] <= left
 
 
 def _wav_data(path: str | Path) -> WavData | None:

@@ -516,8 +516,8 @@ def test_a_wide_gamut_photo_is_decoded_in_srgb(tmp_path, fmt):
 
 def test_a_wav_whose_samples_go_on_past_its_declared_size_is_read_whole(tmp_path):
     """A header that declares 1 s of a 3 s recording (a recorder that fixed its size too early)
-    made a 1 s video with nothing said; the samples past the declared end are read. A chunk of
-    tags after the samples (LIST) is still a chunk, not sound."""
+    made a 1 s video with nothing said; the samples past the declared end are read. Tags after
+    the samples (a LIST chunk, after or without its pad byte; an ID3 tag) are still not sound."""
     import struct
     from sonic.sound import load_sound
     speech = load_audio(SPEECH, 60)[: 3 * SAMPLE_RATE]
@@ -536,3 +536,14 @@ def test_a_wav_whose_samples_go_on_past_its_declared_size_is_read_whole(tmp_path
     tags = b"LIST" + struct.pack("<I", 18) + b"INFOISFT" + struct.pack("<I", 6) + b"sonic\0"
     tagged.write_bytes(one_s[:4] + struct.pack("<I", len(one_s) - 8 + len(tags)) + one_s[8:] + tags)
     assert len(load_audio(tagged, 60)) == SAMPLE_RATE
+    # an ID3 tag appended to the file (its bytes were 0.6 s of noise louder than the speech)
+    id3 = tmp_path / "id3.wav"
+    id3.write_bytes(whole.read_bytes() + b"ID3\x03\x00\x00\x00\x00\x01\x00" + bytes(20000))
+    assert len(load_audio(id3, 60)) == len(speech)
+    # an odd-sized data chunk whose writer left out the pad byte, then tags: still tags
+    odd = tmp_path / "odd.wav"
+    sf.write(odd, speech[: SAMPLE_RATE - 1], SAMPLE_RATE, subtype="PCM_U8")
+    body = odd.read_bytes()
+    unpadded = body[: body.index(b"data") + 8 + SAMPLE_RATE - 1] + tags
+    odd.write_bytes(unpadded[:4] + struct.pack("<I", len(unpadded) - 8) + unpadded[8:])
+    assert len(load_audio(odd, 60)) == SAMPLE_RATE - 1
