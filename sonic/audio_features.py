@@ -28,6 +28,9 @@ SPEECH_THRESHOLD = 0.25  # normalised loudness above this is speech
 # clean recordings: 35-83; music or hum under speech: 18-20) is said to be noisy: the mouth opened
 # 35-60 % less than on the same speech clean
 NOISY_RANGE_DB = 17.0
+# ... judged on this much recording at least: a second of speech without a pause has no quiet
+# frame, and its 5th percentile is speech (a clean one measured 15 dB)
+NOISY_MIN_S = 2.5
 SPLIT_MIN_S = 6.0  # recordings at least this long may be recognised in two halves
 SPLIT_PAUSE_FRAMES = 4  # ... cut in the middle of a pause of at least this many video frames
 SPLIT_WINDOW = (0.3, 0.7)  # ... lying in this part of the recording
@@ -244,10 +247,11 @@ class Hearing:
 
     speech: bool
     over_background_db: float
+    seconds: float
 
     @property
     def noisy(self) -> bool:
-        return self.speech and self.over_background_db < NOISY_RANGE_DB
+        return self.speech and self.seconds >= NOISY_MIN_S and self.over_background_db < NOISY_RANGE_DB
 
 
 def hear(wav: np.ndarray, fps: int) -> Hearing:
@@ -258,6 +262,7 @@ def hear(wav: np.ndarray, fps: int) -> Hearing:
     return Hearing(
         speech=bool((normalise_loudness(db) > SPEECH_THRESHOLD).any()),
         over_background_db=float(np.percentile(db, 97) - np.percentile(db, 5)),
+        seconds=len(wav) / SAMPLE_RATE,
     )
 
 

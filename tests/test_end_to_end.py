@@ -97,6 +97,9 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     heard = pipeline(PORTRAIT, noisy, opts, out_path=tmp_path / "noisy.mp4").warnings
     assert any(re.fullmatch(r"the speech stands only \d+ dB above the recording's background noise: .*", w)
                for w in heard), heard
+    # a second of clean speech without a pause has no quiet frame to tell its background by: not said
+    from sonic.audio_features import hear
+    assert not hear(load_audio(SPEECH, 60)[int(0.7 * 16000): int(1.7 * 16000)], 25).noisy
     # a file cut short (an upload or a recorder stopped early) says so, not just a shorter video
     cut = tmp_path / "cut.wav"
     cut.write_bytes(wav.read_bytes()[: 44 + 2 * 16000])
