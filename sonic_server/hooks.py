@@ -90,7 +90,7 @@ def cors(app: Flask, origins: list[str]) -> None:
         origin = request.headers.get("Origin")
         if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
             return None
-        if normal_origin(origin) in allowed or _this_host(origin):
+        if normal_origin(origin) in allowed or _same_origin(origin):
             return None
         return error_response(
             "forbidden",
@@ -112,10 +112,14 @@ def cors(app: Flask, origins: list[str]) -> None:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _this_host(origin: str) -> bool:
-    """A page of this server's own (the demo page): its origin names the host the request was
-    sent to. By host and port, not scheme: a TLS proxy in front keeps the Host but speaks http
-    to this process (its scheme is only known with server.proxy_hops)."""
+def _same_origin(origin: str) -> bool:
+    """A page of this server's own (the demo page). Its browser says so in Sec-Fetch-Site, which
+    no page can set: behind a proxy that sends its own Host (nginx's default), the origin names
+    a host this process never sees. Browsers without that header: its origin names the host the
+    request was sent to, by host and port, not scheme (a TLS proxy in front keeps the Host but
+    speaks http to this process; its scheme is only known with server.proxy_hops)."""
+    if request.headers.get("Sec-Fetch-Site") == "same-origin":
+        return True
     page = normal_origin(origin)
     scheme = page.partition("://")[0]
     return page == normal_origin(f"{scheme}://{request.host}")

@@ -139,6 +139,10 @@ def test_a_page_of_an_unlisted_origin_cannot_start_work(make_client):
     for origin in ("http://APP.example:80", "https://admin.example:8443", "http://localhost", None):
         r = post(client, FAST, headers={"Origin": origin} if origin else {})
         assert r.status_code == 200, (origin, r.get_json())
+    # the demo page behind a proxy that sends its own Host: its browser says it is same-origin
+    behind = {"Origin": "https://sonic.example", "Host": "127.0.0.1:5000"}
+    assert post(client, FAST, headers={**behind, "Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert_clean_error(post(client, FAST, headers={**behind, "Sec-Fetch-Site": "cross-site"}), 403, "forbidden")
     anyone, _ = make_client(cors_origins=["*"])
     assert post(anyone, FAST, headers={"Origin": "http://evil.example"}).status_code == 200
 

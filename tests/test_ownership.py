@@ -115,8 +115,15 @@ def test_one_caller_cannot_fill_the_queue_past_its_share(make_client):
     assert again.status_code == 202, again.get_json()
     gate.set()
     assert wait_done_with(client, again.get_json()["job_id"], KEY_A)["status"] == "succeeded"
+    assert wait_done_with(client, ann[0].get_json()["job_id"], KEY_A)["status"] == "succeeded"
     # every one of ann's jobs has ended: her whole share is free
+    gate.clear()
     assert [post(client, {**FAST, "seed": s, "async": True}, headers=auth(KEY_A)).status_code for s in (9, 10)] == [202, 202]
+    # at her share again, what her result cache holds is still answered: it starts no job
+    cached = post(client, {**FAST, "seed": 8}, headers=auth(KEY_A))
+    assert cached.status_code == 200 and cached.get_json()["cached"] is True
+    assert_clean_error(post(client, {**FAST, "seed": 11}, headers=auth(KEY_A)), 429, "rate_limited")
+    gate.set()
 
 
 def test_a_callers_share_holds_when_its_requests_race(make_queue):

@@ -137,6 +137,8 @@ class LocalQueue(JobQueue):
         """Under the lock: a submit's place is no longer held (its record joins the live set, or not)."""
         self._placing -= 1
         self._placing_of[rec.owner or ""] -= 1
+        if not self._placing_of[rec.owner or ""]:
+            del self._placing_of[rec.owner or ""]  # not one entry for every caller ever seen
 
     def active_of(self, owner: str) -> int:
         with self._changed:

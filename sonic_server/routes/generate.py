@@ -461,9 +461,8 @@ def generate():
     opts, want_async, params = _parse_config()
     want_async = want_async or _prefers_async()
     hook = _webhook(params)
-    owner = caller().owner
-    _check_share(svc, queue, owner)  # before the files are read: a caller over its share sends them for nothing
     files, by_url = _read_files()
+    owner = caller().owner
     key = cache_key(files["image"], files["audio"], opts, pipeline_version(svc.loaded_decoder_identity()), owner)
     payer = _payer(svc)
     hit = queue.cached(key)
@@ -475,6 +474,7 @@ def generate():
             svc.webhooks.notify(hit, "completed", on_its_own=True)
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
+    _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     rec.webhook = hook
     g.job_id = rec.id  # the request's log line names its job
@@ -534,8 +534,9 @@ def generate():
 
 
 def _check_share(svc: Service, queue: JobQueue, owner: str | None) -> None:
-    """Refuse at once a caller whose share of the queue (server.max_jobs_per_caller) is taken;
-    the queue's own check at submit is the one that holds under racing requests."""
+    """Refuse a caller whose share of the queue (server.max_jobs_per_caller) is taken before its
+    files are stored and checked; the queue's own check at submit is the one that holds under
+    racing requests."""
     share = svc.settings.server.max_jobs_per_caller
     if owner is not None and share and (active := queue.active_of(owner)) >= share:
         raise CallerBusy(active)
