@@ -14,7 +14,7 @@ import logging
 from PIL import Image, ImageCms
 
 log = logging.getLogger("sonic.media")
-CONVERTIBLE_MODES = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB"}  # mode -> the mode it comes out in
+CONVERTIBLE_MODES = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB", "L": "RGB"}  # mode -> the mode it comes out in
 _SRGB = ImageCms.createProfile("sRGB")
 
 
@@ -28,7 +28,11 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     """`im` in sRGB when `icc` says it is in another space; as it is when it has no profile, an
     sRGB one, a mode the profile cannot apply to, or a profile that cannot be read (a broken
     profile must not cost the request: its colours were wrong before too)."""
-    if icc is None or im.mode not in CONVERTIBLE_MODES:
+    if icc is None:
+        return im
+    if im.mode in ("P", "PA", "LA"):  # a palette's colours are the profile's too; a transform takes no palette
+        im = im.convert("RGBA" if im.mode != "P" or "transparency" in im.info else "RGB")
+    if im.mode not in CONVERTIBLE_MODES:
         return im
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -47,4 +51,5 @@ def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
         name = ImageCms.getProfileDescription(profile)
     except ImageCms.PyCMSError:
         return False
-    return "srgb" in name.lower().replace(" ", "")
+    name = name.lower().replace(" ", "")
+    return "srgb" in name and "linear" not in name  # linear sRGB has sRGB's primaries, not its curve

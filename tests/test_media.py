@@ -547,3 +547,13 @@ def test_a_wav_whose_samples_go_on_past_its_declared_size_is_read_whole(tmp_path
     unpadded = body[: body.index(b"data") + 8 + SAMPLE_RATE - 1] + tags
     odd.write_bytes(unpadded[:4] + struct.pack("<I", len(unpadded) - 8) + unpadded[8:])
     assert len(load_audio(odd, 60)) == SAMPLE_RATE - 1
+
+
+def test_a_palette_photos_profile_is_applied_too(tmp_path):
+    """A palette image's colours are in its profile's space as well (they were taken as sRGB)."""
+    icc = display_p3_profile()
+    red = Image.new("RGB", (64, 64), (220, 40, 30))
+    red.save(tmp_path / "rgb.png", icc_profile=icc)
+    red.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png", icc_profile=icc)
+    as_rgb, as_palette = (load_image(tmp_path / n, 10**7)[0, 0].astype(int) for n in ("rgb.png", "p.png"))
+    assert np.abs(as_rgb - (220, 40, 30)).max() > 10 and np.abs(as_palette - as_rgb).max() <= 2
