@@ -110,3 +110,13 @@ def assert_clean_error(r, status: int, code: str, field: str | None = None) -> N
 
 def uploads_empty(cfg: dict) -> bool:
     return not any(p.is_file() for p in Path(cfg["server"]["upload_dir"]).rglob("*"))
+
+
+def at_once(attempt, n: int) -> None:
+    """Call attempt(0) ... attempt(n - 1), each in a thread of its own, all started before any
+    is waited for (submits racing for the last places of a queue or a share)."""
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

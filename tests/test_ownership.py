@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server_helpers import FAST, FakePipeline, assert_clean_error, post, settings, wait_done
+from server_helpers import FAST, FakePipeline, assert_clean_error, at_once, post, settings, wait_done
 
 KEY_A, KEY_B = "key-of-ann", "key-of-bob"
 
@@ -127,8 +127,8 @@ def test_one_caller_cannot_fill_the_queue_past_its_share(make_client):
 
 
 def test_a_callers_share_holds_when_its_requests_race(make_queue):
-    """The queue's own count and the place taken at one moment: 12 submits of one owner from
-    6 threads, a share of 3, jobs that run until the gate opens: exactly 3 are queued."""
+    """The queue's own count and the place taken at one moment: 12 submits of one owner at once
+    (a thread each), a share of 3, jobs that run until the gate opens: exactly 3 are queued."""
     from sonic_server.jobs import JobRecord
     from sonic_server.queue import CallerBusy
     gate = threading.Event()
@@ -145,11 +145,7 @@ def test_a_callers_share_holds_when_its_requests_race(make_queue):
             outcomes.append("queued")
         except CallerBusy:
             outcomes.append("busy")
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(submit, 12)
     try:
         assert outcomes.count("queued") == 3 and outcomes.count("busy") == 9
         assert q.active_of("ann") == 3 and q.active_of("bob") == 0

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import PORTRAIT, ROOT, SPEECH
-from server_helpers import assert_clean_error, settings as server_settings
+from server_helpers import assert_clean_error, at_once, settings as server_settings
 from test_http_live import free_port
 
 REDIS = shutil.which("redis-server")
@@ -412,10 +412,9 @@ def test_a_name_is_taken_back_only_from_a_run_that_missed_its_beats(redis_url):
 
 
 def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
-    """16 submits at once from 8 threads and 2 API-side queues, queue_size 3, no worker taking
+    """16 submits at once (a thread each) through 2 API-side queues, queue_size 3, no worker taking
     jobs (a worker entry is faked so that submit accepts): exactly 3 are queued, the rest get
     QueueFull, and nothing of the refused ones stays in Redis, indexes included."""
-    import threading
     import redis
     from sonic_server.jobs import JobRecord
     from sonic_server.queue import QueueFull
@@ -433,11 +432,7 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
             outcomes.append("queued")
         except QueueFull:
             outcomes.append("full")
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(submit, 16)
     assert outcomes.count("queued") == 3 and outcomes.count("full") == 13
     assert queues[0].queue_length() == 3 and r.scard(PREFIX + "unfinished") == 3
     assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 3
@@ -447,11 +442,10 @@ def test_the_queue_bound_holds_when_api_processes_race(redis_url, tmp_path):
 
 
 def test_a_callers_share_holds_when_api_processes_race_and_frees_as_its_jobs_end(redis_url, tmp_path):
-    """server.max_jobs_per_caller over Redis: 12 submits of one owner at once from 6 threads and
+    """server.max_jobs_per_caller over Redis: 12 submits of one owner at once (a thread each) through
     2 API-side queues, a share of 2: exactly 2 are queued, the refused leave nothing behind; a
     cancel frees a place, and so does a job whose record is gone (a share is never held by a
     job that no longer runs)."""
-    import threading
     import redis
     from sonic_server.jobs import JobRecord
     from sonic_server.queue import CallerBusy
@@ -470,11 +464,7 @@ def test_a_callers_share_holds_when_api_processes_race_and_frees_as_its_jobs_end
             queued.append(queues[i % 2].submit(JobRecord.new("generate", {"seed": i}, owner="ann")).id)
         except CallerBusy:
             refused.append(i)
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(submit, 12)
     assert len(queued) == 2 and len(refused) == 10
     assert len(list(r.scan_iter(match=PREFIX + "job:*"))) == 2 and r.zcard(PREFIX + "owner:ann") == 2
     assert queues[1].active_of("ann") == 2
