@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from flask import current_app
+
+from sonic.errors import Busy
+from sonic.media import AUDIO_DECODES
 
 from .host_limits import short_of_disk
 from .queue import JobQueue
@@ -27,14 +31,26 @@ if TYPE_CHECKING:  # annotations only: accounts load only with credits, fusion a
     from .webhooks import Webhooks
 
 
+def upload_check_refused(full: bool) -> Busy:
+    """What a request is told when its upload cannot be checked now."""
+    if full:
+        return Busy(
+            f"{2 * AUDIO_DECODES} uploads are being checked or waiting, the most this server allows; retry shortly"
+        )
+    return Busy(
+        f"this caller has {AUDIO_DECODES} uploads being checked at once, the most one key or account may "
+        "(half of this server's); send the next when one is answered"
+    )
+
+
 class Slots:
     """At most `limit` holders at once (e.g. open event streams, each of which holds a thread),
-    and at most a quarter of them (one at least) for any one named holder: one key could take
-    every event stream, and everyone else had to poll."""
+    and at most `per_holder` (a quarter of them, one at least, unless told) for any one named
+    holder: one key could take every event stream, and everyone else had to poll."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_holder: int | None = None):
         self.limit, self.held = limit, 0
-        self.per_holder = max(1, -(-limit // 4))
+        self.per_holder = per_holder if per_holder is not None else max(1, -(-limit // 4))
         self._by_holder: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -47,6 +63,22 @@ class Slots:
             if holder is not None:
                 self._by_holder[holder] += 1
             return True
+
+    def full(self) -> bool:
+        """Every slot is held (else a refusal was the holder's own share)."""
+        with self._lock:
+            return self.held >= self.limit
+
+    @contextmanager
+    def holding(self, holder: str | None, refusal: Callable[[bool], Exception]) -> Iterator[None]:
+        """A slot for `holder` while the block runs; else `refusal(full)` is raised (full: every
+        slot was held, not only the holder's share)."""
+        if not self.take(holder):
+            raise refusal(self.full())
+        try:
+            yield
+        finally:
+            self.give_back(holder)
 
     def give_back(self, holder: str | None = None) -> None:
         with self._lock:
@@ -67,6 +99,10 @@ class Service:
     retry_after_s: str  # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))
     fetches: Slots = field(default_factory=lambda: Slots(8))  # requests fetching inputs by URL (outbound)
+    # uploads being checked (decoded) at once, as many as sonic.media's decode slots and their
+    # waiting places, half of them for one key or account: one caller's flood of long recordings
+    # refused every other caller's uploads at once (503 busy)
+    upload_checks: Slots = field(default_factory=lambda: Slots(2 * AUDIO_DECODES, per_holder=AUDIO_DECODES))
     queue: JobQueue | None = None
     status: str = "starting"  # starting | ready | setup_failed
     setup_error: str | None = None  # why setup failed, for /health (a checkpoint file and key, ...)

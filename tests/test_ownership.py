@@ -153,3 +153,40 @@ def test_a_callers_share_holds_when_its_requests_race(make_queue):
         q.submit(JobRecord.new("generate", {}))  # made without keys: nobody's share
     finally:
         gate.set()
+
+
+def test_one_caller_cannot_take_every_upload_check(make_client, monkeypatch):
+    """Uploads being checked (decoded) are bounded per process: one key's flood of long
+    recordings refused every other key's uploads at once. A key holds half of the places at
+    most; another key's upload is still taken."""
+    import sonic_server.routes.generate as generate
+    from sonic.media import AUDIO_DECODES
+    release, inside = threading.Event(), threading.Semaphore(0)
+    real = generate.check_inputs
+
+    def slow_check(*args, **kwargs):
+        inside.release()
+        release.wait(10)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(generate, "check_inputs", slow_check)
+    client, _ = make_client(api_keys=[KEY_A, KEY_B], max_jobs_per_caller=0, queue_size=8)
+    answers: list[int] = []
+
+    def ann_posts(i):
+        answers.append(post(client, {**FAST, "seed": i, "async": True}, headers=auth(KEY_A)).status_code)
+    threads = [threading.Thread(target=ann_posts, args=(i,)) for i in range(AUDIO_DECODES)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert inside.acquire(timeout=10)  # each of ann's uploads is being checked
+    refused = post(client, {**FAST, "seed": 99, "async": True}, headers=auth(KEY_A))
+    assert_clean_error(refused, 503, "busy")
+    assert "this caller has" in refused.get_json()["error"]["message"]
+    bob = []
+    t = threading.Thread(target=lambda: bob.append(post(client, {**FAST, "async": True}, headers=auth(KEY_B))))
+    t.start()
+    assert inside.acquire(timeout=10)  # bob's upload is checked beside ann's
+    release.set()
+    for thread in (*threads, t):
+        thread.join(20)
+    assert answers == [202] * AUDIO_DECODES and bob[0].status_code == 202

@@ -479,6 +479,13 @@ def test_a_callers_share_holds_when_api_processes_race_and_frees_as_its_jobs_end
     fourth = queues[0].submit(JobRecord.new("generate", {}, owner="ann"))
     assert queues[0].active_of("ann") == 2 and {m.decode() for m in r.smembers(PREFIX + "active:ann")} == {
         third.id, fourth.id}
+    # a job taken by a worker that was killed (its lease gone) is declared lost by the count
+    # itself, with no worker alive to do it: ann's place comes back, her job says why it ended
+    from sonic_server import lifecycle
+    running = lifecycle.start(queues[0].get(fourth.id), worker="killed")
+    assert queues[0].store.swap(running, "queued", fourth.attempts)
+    assert queues[1].active_of("ann") == 1
+    assert queues[1].get(fourth.id).error["code"] == "worker_lost"
 
 
 def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):

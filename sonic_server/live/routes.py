@@ -24,7 +24,7 @@ from ..accounts.billing import LiveHold
 from ..errors import error_response
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_field
 from ..openapi import component, content, describe, error, path_parameter
-from ..service import Service, service
+from ..service import Service, service, upload_check_refused
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions
 from .sessions import LiveSessions, ServedSession, SessionNotFound, check_offer, hold_seconds, receives
@@ -476,7 +476,7 @@ def _decoded_speech(max_s: float) -> np.ndarray:
     with tempfile.NamedTemporaryFile(prefix="sonic-speak-") as tmp:
         tmp.write(data)
         tmp.flush()
-        with upload_decode():
+        with service().upload_checks.holding(caller().owner, upload_check_refused), upload_decode():
             return load_audio(tmp.name, max_s)  # checked: not empty, not silent, not longer than max_s
 
 

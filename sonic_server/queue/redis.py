@@ -412,17 +412,20 @@ class RedisQueue(JobQueue):
 
     def _drop_ended(self, owner: str) -> None:
         """Take out of an owner's active set the jobs whose records ended or are gone (a record
-        lost with Redis's data, a release before the set): a caller's share is never held by a
-        job that no longer runs."""
+        lost with Redis's data, a release before the set), after declaring lost those of its
+        running jobs whose worker stopped answering (no worker may be alive to do it): a
+        caller's share is never held by a job that no longer runs."""
         members = [m.decode() for m in cast("set[bytes]", self.r.smembers(active_key(owner)))]
         if not members:
             return
         raws = cast("list[bytes | None]", self.r.mget([PREFIX + f"job:{i}" for i in members]))
-        ended = [
-            job_id
-            for job_id, raw in zip(members, raws, strict=True)
-            if raw is None or JobRecord.from_dict(json.loads(raw)).terminal
-        ]
+        ended = []
+        for job_id, raw in zip(members, raws, strict=True):
+            rec = None if raw is None else JobRecord.from_dict(json.loads(raw))
+            if rec is not None and rec.status == PROCESSING and not self.r.exists(lease_key(job_id)):
+                rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.ending)
+            if rec is None or rec.terminal:
+                ended.append(job_id)
         if ended:
             self.r.srem(active_key(owner), *ended)
 

@@ -32,7 +32,7 @@ from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, j
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
 from ..queue import CallerBusy, JobQueue, QueueFull, WorkerStopped
-from ..service import Service, service
+from ..service import Service, service, upload_check_refused
 
 bp = Blueprint("generate", __name__)
 log = logging.getLogger("sonic.http")
@@ -483,7 +483,8 @@ def generate():
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
         # the decoded arrays go to the task, which does not decode the files again
         try:
-            checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
+            with svc.upload_checks.holding(owner, upload_check_refused):  # a caller's share of the decodes
+                checked = check_inputs(rec.inputs["image"], rec.inputs["audio"], opts, svc.settings.limits)
         except SonicError as e:
             if e.field in by_url:  # the fetched file is what was wrong: name the URL's field
                 e.field = f"{e.field}_url"
@@ -740,12 +741,11 @@ def job_events(job_id):
     urls, queue = _urls(job_id), svc.queue
     holder = caller().owner  # a key or account: a quarter of the streams at most (anonymous: the whole)
     if not svc.event_streams.take(holder):  # each open stream holds one of the server's threads
-        return error_response(
-            "busy",
-            f"{svc.event_streams.limit} event streams are open, the most this server allows (a quarter of them "
-            "for one key); poll status_url instead",
-            headers={"Retry-After": svc.retry_after_s},
-        )
+        if svc.event_streams.full():
+            said = f"{svc.event_streams.limit} event streams are open, the most this server allows"
+        else:
+            said = f"this caller has {svc.event_streams.per_holder} event streams open, the most one key may"
+        return error_response("busy", f"{said}; poll status_url instead", headers={"Retry-After": svc.retry_after_s})
 
     def stream():
         last, current, written = None, None, time.monotonic()
