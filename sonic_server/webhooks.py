@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit
 
 from sonic.errors import InvalidParameter
 
@@ -47,20 +46,9 @@ FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
 MAX_RETRY_GAP_S = 900.0
 SEND_EVERY_S = 0.5
 SENDERS = 4  # deliveries in flight at once, each to another job: a receiver that is slow to answer holds one
-RECEIVER_WAIT_S = 1.0  # a delivery whose receiver is being sent to already is looked at again this much later
 # deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
 # answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
-
-
-def receiver_of(url: str) -> str:
-    """The host and port a delivery goes to: what a slow receiver holds up."""
-    parts = urlsplit(url.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{(parts.hostname or '').lower()}:{port or parts.scheme.lower()}"
 
 
 def backoff_s(failures: int) -> float:
@@ -405,7 +393,7 @@ class Webhooks:
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
         self._sending = False
-        self._in_flight: dict[str, str] = {}  # the deliveries being sent now: id -> receiver (host:port)
+        self._in_flight: set[str] = set()  # ids of the deliveries being sent now
         self._flight_lock = threading.Lock()
 
     def notify(self, rec: JobRecord, event: str, on_its_own: bool = False) -> None:
@@ -475,12 +463,9 @@ class Webhooks:
 
     def send_due(self, now: float | None = None) -> None:
         """Start sending what is due, each delivery on a thread of its own, SENDERS at most at
-        once and one at a time to each receiver: a receiver that takes its full deadline to
-        answer holds one sender, not every other job's deliveries (one customer's dead receiver
-        behind 24 jobs held all four, and another's delivery waited 24 s). A delivery whose
-        receiver is busy is looked at again RECEIVER_WAIT_S later (no attempt counted). A job's
-        next delivery waits for the one before (the outbox gives only each job's first), and the
-        Redis outbox claims each as it gives it."""
+        once: one receiver that takes its full deadline to answer no longer holds up every
+        other job's deliveries. A job's next delivery waits for the one before (the outbox
+        gives only each job's first), and the Redis outbox claims each as it gives it."""
         at = time.time() if now is None else now
         while True:
             with self._flight_lock:
@@ -491,15 +476,8 @@ class Webhooks:
             if not fresh:
                 return
             for delivery in fresh:
-                receiver = receiver_of(delivery.url)
                 with self._flight_lock:
-                    taken = receiver in self._in_flight.values()
-                    if not taken:
-                        self._in_flight[delivery.id] = receiver
-                if taken:
-                    delivery.next_at = at + RECEIVER_WAIT_S
-                    self.outbox.retry(delivery)  # given back (a claim too), its attempts as they were
-                    continue
+                    self._in_flight.add(delivery.id)
                 threading.Thread(target=self._send, args=(delivery,), name="sonic-webhook", daemon=True).start()
 
     def _send(self, delivery: Delivery) -> None:
@@ -509,7 +487,7 @@ class Webhooks:
             log.exception("webhook %s: sending failed", delivery.id)
         finally:
             with self._flight_lock:
-                self._in_flight.pop(delivery.id, None)
+                self._in_flight.discard(delivery.id)
 
     @property
     def key(self) -> bytes:
