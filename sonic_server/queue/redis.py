@@ -307,12 +307,20 @@ def declare_lost(
     return new
 
 
+def unless_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_dir: Path, ending: JobEnd) -> JobRecord:
+    """`rec`, or, where it runs and its lease has lapsed (its worker killed or lost), as
+    declare_lost leaves it."""
+    if rec.status == PROCESSING and not store.r.exists(lease_key(rec.id)):
+        return declare_lost(store, rec, retry_lost_jobs, output_dir, ending)
+    return rec
+
+
 def reap(store: RedisStore, retry_lost_jobs: int, output_dir: Path, ending: JobEnd) -> None:
     """Declare every running job whose lease has lapsed lost (nobody may be looking at it)."""
     for job_id in store.unfinished():
         rec = store.load(job_id)
-        if rec is not None and rec.status == PROCESSING and not store.r.exists(lease_key(job_id)):
-            declare_lost(store, rec, retry_lost_jobs, output_dir, ending)
+        if rec is not None:
+            unless_lost(store, rec, retry_lost_jobs, output_dir, ending)
 
 
 def live_workers(conn: redis_lib.Redis) -> list[dict]:
@@ -387,23 +395,24 @@ class RedisQueue(JobQueue):
         change meanwhile means try again). False when the queue is full; CallerBusy when the
         caller's share is taken."""
         key = self.rq.key
-        share = self.max_jobs_per_caller if rec.owner is not None else 0
-        if share:
+        owned = active_key(rec.owner) if rec.owner is not None else None  # joined whatever the share
+        bounded = owned if self.max_jobs_per_caller else None
+        if bounded is not None:
             self._drop_ended(cast(str, rec.owner))
         for _ in range(50):
             with self.r.pipeline() as p:
                 try:
-                    p.watch(key, *([active_key(cast(str, rec.owner))] if share else []))
+                    p.watch(key, *([bounded] if bounded else []))
                     if p.llen(key) >= self.queue_size:
                         p.unwatch()
                         return False
-                    if share and (active := int(p.scard(active_key(cast(str, rec.owner))))) >= share:
+                    if bounded and (active := int(p.scard(bounded))) >= self.max_jobs_per_caller:
                         p.unwatch()
                         raise CallerBusy(active)
                     p.multi()
                     enqueue(self.r, rec, pipeline=p)
-                    if rec.owner is not None:
-                        p.sadd(active_key(rec.owner), rec.id)
+                    if owned:
+                        p.sadd(owned, rec.id)
                     p.execute()
                     return True
                 except redis_lib.WatchError:
@@ -421,9 +430,7 @@ class RedisQueue(JobQueue):
         raws = cast("list[bytes | None]", self.r.mget([PREFIX + f"job:{i}" for i in members]))
         ended = []
         for job_id, raw in zip(members, raws, strict=True):
-            rec = None if raw is None else JobRecord.from_dict(json.loads(raw))
-            if rec is not None and rec.status == PROCESSING and not self.r.exists(lease_key(job_id)):
-                rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.ending)
+            rec = None if raw is None else self._unless_lost(JobRecord.from_dict(json.loads(raw)))
             if rec is None or rec.terminal:
                 ended.append(job_id)
         if ended:
@@ -444,9 +451,10 @@ class RedisQueue(JobQueue):
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.store.load(job_id)
-        if rec is not None and rec.status == PROCESSING and not self.r.exists(lease_key(job_id)):
-            rec = declare_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.ending)
-        return rec
+        return None if rec is None else self._unless_lost(rec)
+
+    def _unless_lost(self, rec: JobRecord) -> JobRecord:
+        return unless_lost(self.store, rec, self.retry_lost_jobs, self.output_dir, self.ending)
 
     def cached(self, key: str) -> JobRecord | None:
         return self.cache.lookup(key)
