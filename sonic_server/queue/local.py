@@ -92,8 +92,8 @@ class LocalQueue(JobQueue):
         # waiting job ids, oldest first
         self._pending: collections.deque[str] = collections.deque(rec.id for rec in found.resumed)
         self._canceling: set[str] = set()
-        self._placing = 0  # submits between their place taken and their record written
-        self._placing_of: collections.Counter[str] = collections.Counter()  # ... of each owner
+        # submits between their place taken and their record written, by owner ("": none)
+        self._placing: collections.Counter[str] = collections.Counter()
         self._changed = threading.Condition()
         self._running: str | None = None
         self._closed = False
@@ -107,14 +107,13 @@ class LocalQueue(JobQueue):
         with self._changed:
             if self._closed or not self._worker.is_alive():
                 raise WorkerStopped()
-            if len(self._pending) + self._placing >= self.queue_size:
+            if len(self._pending) + self._placing.total() >= self.queue_size:
                 raise QueueFull()
             if rec.owner is not None and self.max_jobs_per_caller:
                 active = self._active_of(rec.owner)
                 if active >= self.max_jobs_per_caller:
                     raise CallerBusy(active)
-            self._placing += 1  # its place is held while its record is written, outside the lock
-            self._placing_of[rec.owner or ""] += 1
+            self._placing[rec.owner or ""] += 1  # its place is held while its record is written, outside the lock
         rec = lifecycle.queue(rec.copy())
         try:
             # first: a record the store refuses is never queued. Outside the lock: a store slow
@@ -135,10 +134,10 @@ class LocalQueue(JobQueue):
 
     def _placed(self, rec: JobRecord) -> None:
         """Under the lock: a submit's place is no longer held (its record joins the live set, or not)."""
-        self._placing -= 1
-        self._placing_of[rec.owner or ""] -= 1
-        if not self._placing_of[rec.owner or ""]:
-            del self._placing_of[rec.owner or ""]  # not one entry for every caller ever seen
+        owner = rec.owner or ""
+        self._placing[owner] -= 1
+        if not self._placing[owner]:
+            del self._placing[owner]  # not one entry for every caller ever seen
 
     def active_of(self, owner: str) -> int:
         with self._changed:
@@ -146,7 +145,7 @@ class LocalQueue(JobQueue):
 
     def _active_of(self, owner: str) -> int:
         """Under the lock: the owner's queued and running jobs, and its submits being placed."""
-        return self._placing_of[owner] + sum(rec.owner == owner for rec in self._live.values())
+        return self._placing[owner] + sum(rec.owner == owner for rec in self._live.values())
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._changed:
