@@ -30,8 +30,8 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     profile must not cost the request: its colours were wrong before too)."""
     if icc is None:
         return im
-    if im.mode in ("P", "PA", "LA"):  # a palette's colours are the profile's too; a transform takes no palette
-        im = im.convert("RGBA" if im.mode != "P" or "transparency" in im.info else "RGB")
+    if im.mode == "LA":  # a transform takes grey with alpha as colour with alpha
+        im = im.convert("RGBA")
     if im.mode not in CONVERTIBLE_MODES:
         return im
     try:
