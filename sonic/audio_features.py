@@ -24,9 +24,20 @@ VOICED_RANGE_DB = 12.0
 VOICED_SHARE = 0.5  # of the loudest LOUDEST_SHARE of frames (speech 0.7-0.95; noise 0, chords 0.2-0.3)
 LOUDEST_SHARE = 0.3
 SPEECH_THRESHOLD = 0.25  # normalised loudness above this is speech
+# a voice's loudness is read against a scale at least this deep below its peak: clean speech
+# spans 35-45 dB from its syllables' peaks to its pauses, and a syllable 10 dB under the peak is
+# as open a mouth whether noise fills the pauses or not (read over the 16 dB that pink noise at
+# 5 dB SNR leaves, the same syllable opened the mouth 45 % less)
+SPEECH_SPAN_DB = 30.0
+# ... and the frames this close above the background fade to 0 on it, so that the noise's own
+# flutter moves the mouth no more than it did on the range alone
+BACKGROUND_FADE_DB = 9.0
+# a frame of voiced speech that the recogniser names no phone in (noise hides the phone: it
+# says silence, "spoken noise", or nothing) opens the mouth as a mid vowel does
+UNHEARD_VOWEL_OPEN = 0.5
 # speech standing less than this over the recording's background (pink noise at 5 dB SNR: 16.6;
-# clean recordings: 35-83; music or hum under speech: 18-20) is said to be noisy: the mouth opened
-# 35-60 % less than on the same speech clean
+# clean recordings: 35-83; music or hum under speech: 18-20) is said to be noisy: the mouth opens
+# about a fifth less than on the same speech clean (a third less before SPEECH_SPAN_DB)
 NOISY_RANGE_DB = 17.0
 # ... judged on this much recording at least: a second of speech without a pause has no quiet
 # frame, and its 5th percentile is speech (a clean one measured 15 dB)
@@ -224,20 +235,39 @@ def normalise_loudness(db: np.ndarray, voiced: np.ndarray | None = None) -> np.n
     percentile; speech: 35-83 dB) keeps the mouth at rest instead of fluttering with the noise.
     `voiced`: which frames have a voice's pitch (see min_range_db)."""
     floor = float(np.percentile(db, 5))
-    peak = max(float(np.percentile(db, 97)), floor + min_range_db(db, voiced))
-    floor = max(floor, peak - DYNAMIC_RANGE_DB)
-    return np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0)
+    spoken = loudest_voiced(db, voiced)
+    peak = max(float(np.percentile(db, 97)), floor + min_range_db(spoken))
+    return scale_loudness(db, floor, peak, spoken)
 
 
-def min_range_db(db: np.ndarray, voiced: np.ndarray | None) -> float:
-    """How far above the floor the loudest frames must sit to read as full speech: MIN_RANGE_DB,
-    so that noise alone does not open the mouth, or VOICED_RANGE_DB where the loudest frames are
-    mostly voiced: speech under loud steady noise (at 0 dB SNR its syllables rose 9 dB over the
-    noise, and the mouth barely moved: 0.007 IOD against 0.047 clean)."""
+def loudest_voiced(db: np.ndarray, voiced: np.ndarray | None) -> bool:
+    """Whether the loudest frames are mostly voiced: a voice, not noise that swells."""
     if voiced is None or not len(db):
-        return MIN_RANGE_DB
+        return False
     loudest = db >= np.percentile(db, 100 * (1 - LOUDEST_SHARE))
-    return VOICED_RANGE_DB if float(np.mean(voiced[loudest])) >= VOICED_SHARE else MIN_RANGE_DB
+    return float(np.mean(voiced[loudest])) >= VOICED_SHARE
+
+
+def min_range_db(spoken: bool) -> float:
+    """How far above the floor the loudest frames must sit to read as full speech: MIN_RANGE_DB,
+    so that noise alone does not open the mouth, or VOICED_RANGE_DB where they are a voice
+    (`spoken`): speech under loud steady noise (at 0 dB SNR its syllables rose 9 dB over the
+    noise, and the mouth barely moved: 0.007 IOD against 0.047 clean)."""
+    return VOICED_RANGE_DB if spoken else MIN_RANGE_DB
+
+
+def scale_loudness(db: np.ndarray, floor: float, peak: float, spoken: bool) -> np.ndarray:
+    """dB -> 0-1 between the background (`floor`) and the loudest speech (`peak`); offline and
+    live alike. Over its own range, unless it is a voice (`spoken`) whose range noise has cut
+    short of SPEECH_SPAN_DB: that is read on a scale SPEECH_SPAN_DB deep under its peak, where the
+    background itself would sit above 0, so the frames near it fade to 0 (over BACKGROUND_FADE_DB,
+    or what the range falls short by if less: a clean voice's scale is the same as ever)."""
+    floor = max(floor, peak - DYNAMIC_RANGE_DB)
+    short_by = SPEECH_SPAN_DB - (peak - floor) if spoken else 0.0
+    if short_by <= 0:
+        return np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0)
+    level = np.clip(1 - (peak - db) / SPEECH_SPAN_DB, 0.0, 1.0)
+    return level * np.clip((db - floor) / min(BACKGROUND_FADE_DB, short_by), 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -266,10 +296,16 @@ def hear(wav: np.ndarray, fps: int) -> Hearing:
     )
 
 
-def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Piecewise viseme targets sampled at frame centres (coarticulation comes from smoothing)."""
+def viseme_tracks(
+    phones, n_frames: int, fps: int, voiced_speech: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Piecewise viseme targets sampled at frame centres (coarticulation comes from smoothing).
+
+    `voiced_speech` (n_frames,): frames that are speech by their loudness and have a voice's
+    pitch; those that no phone covers open as UNHEARD_VOWEL_OPEN."""
     t = (np.arange(n_frames) + 0.5) / fps
     op, sp, cl = np.zeros(n_frames), np.zeros(n_frames), np.zeros(n_frames)
+    heard = np.zeros(n_frames, bool)
     for ph, s, e in phones:
         v = VISEMES.get(ph.strip("+").upper())
         if v is None:
@@ -279,6 +315,9 @@ def viseme_tracks(phones, n_frames: int, fps: int) -> tuple[np.ndarray, np.ndarr
         if not m.any() and v[2] > 0 and middle >= 0:  # short closures still close the lips for one frame
             m[min(n_frames - 1, middle)] = True
         op[m], sp[m], cl[m] = v
+        heard |= m
+    if voiced_speech is not None:
+        op[voiced_speech & ~heard] = UNHEARD_VOWEL_OPEN
     return op, sp, cl
 
 
@@ -328,7 +367,7 @@ def encode_audio(
         first = recognizer(wav[:cut])
         t0 = cut / SAMPLE_RATE
         phones = first + [(ph, s + t0, e + t0) for ph, s, e in pending.result()]
-    op, sp, cl = viseme_tracks(phones, n_frames, fps)
+    op, sp, cl = viseme_tracks(phones, n_frames, fps, (loud > SPEECH_THRESHOLD) & ~np.isnan(pitch))
     return AudioFeatures(
         fps=fps,
         loudness=loud,

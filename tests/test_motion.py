@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sonic.audio_features import AudioFeatures, normalise_loudness, viseme_tracks
+from sonic.audio_features import UNHEARD_VOWEL_OPEN, AudioFeatures, normalise_loudness, viseme_tracks
 from sonic.motion import blinks, measure_lag, predict_motion
 
 
@@ -93,6 +93,21 @@ def test_visemes_and_loudness():
     syllables = noisy > -40
     assert normalise_loudness(noisy, syllables)[syllables].mean() > 0.6
     assert normalise_loudness(noisy, np.zeros(200, bool))[syllables].mean() < 0.4
+    # ... read on a scale 30 dB deep, the noise between them at rest; a clean voice's scale (its
+    # range over 30 dB) is its range, as ever
+    assert normalise_loudness(noisy, syllables)[~syllables].max() < 0.1
+    clean = np.where(syllables, -20.0, -60.0) + np.linspace(0, 3, 200)
+    assert np.allclose(normalise_loudness(clean, syllables), normalise_loudness(clean, None))
+
+
+def test_voiced_speech_the_recogniser_names_no_phone_in_opens_as_a_vowel():
+    phones = [("SIL", 0, 0.2), ("+SPN+", 0.2, 0.4), ("M", 0.4, 0.5)]
+    voiced_speech = np.zeros(15, bool)
+    voiced_speech[3:12] = True
+    op, _, cl = viseme_tracks(phones, 15, 25, voiced_speech)
+    assert (op[3:10] == UNHEARD_VOWEL_OPEN).all() and op[:3].max() == 0  # the pause stays at rest
+    assert op[10:12].max() == 0 and cl[10:12].min() == 1 and op[12:].max() == 0  # a phone named is kept
+    assert np.array_equal(viseme_tracks(phones, 15, 25)[0], np.zeros(15))
 
 
 # --- head motion: bounded and independent of the clip's length ---------------------------------

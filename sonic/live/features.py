@@ -15,12 +15,13 @@ import numpy as np
 import scipy.signal  # noqa: F401 - imported here, not at a session's first frame (~0.6 s)
 
 from ..audio_features import (
-    DYNAMIC_RANGE_DB,
     band_filter,
     frame_loudness,
     frame_pitch,
+    loudest_voiced,
     min_range_db,
     phone_decoder,
+    scale_loudness,
     timed_phones,
 )
 from ..media import SAMPLE_RATE
@@ -92,10 +93,9 @@ class LoudnessStream:
             return 0.0
         levels = np.fromiter(self._levels, float)
         floor = float(np.percentile(levels, 5))
-        least = min_range_db(levels, np.fromiter(self._voiced, bool))
-        peak = max(float(np.percentile(levels, 97)), self._peak_env - 3.0, floor + least)
-        floor = max(floor, peak - DYNAMIC_RANGE_DB)
-        return float(np.clip((db - floor) / max(peak - floor, 1e-3), 0.0, 1.0))
+        spoken = loudest_voiced(levels, np.fromiter(self._voiced, bool))
+        peak = max(float(np.percentile(levels, 97)), self._peak_env - 3.0, floor + min_range_db(spoken))
+        return float(scale_loudness(np.array(db), floor, peak, spoken))
 
 
 class PhoneStream:

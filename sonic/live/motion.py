@@ -100,6 +100,7 @@ class MotionStream:
         self._mouth_history = int(np.ceil(MOUTH_HISTORY_S * fps))
         self._start = 0  # frame index of the first kept feature
         self._loud = np.zeros(0)
+        self._voiced = np.zeros(0, bool)  # beside _loud: the frame has a voice's pitch
         self._noise_values = np.zeros((0, 3))
 
     @property
@@ -114,6 +115,7 @@ class MotionStream:
             if event is not None:
                 self._events.append(event)
         self._loud = np.concatenate([self._loud, loudness])
+        self._voiced = np.concatenate([self._voiced, ~np.isnan(pitch)])
         new = np.array([self._noise.next() for _ in loudness]).reshape(-1, 3)
         self._noise_values = np.concatenate([self._noise_values, new])
 
@@ -130,7 +132,8 @@ class MotionStream:
         m0 = max(0, at - self._mouth_history)
         near = loud[m0:]
         t0 = (a + m0) / self.fps
-        op, sp, cl = viseme_tracks([(p, s - t0, e - t0) for p, s, e in phones], len(near), self.fps)
+        voiced_speech = (near > SPEECH_THRESHOLD) & self._voiced[m0:]
+        op, sp, cl = viseme_tracks([(p, s - t0, e - t0) for p, s, e in phones], len(near), self.fps, voiced_speech)
         feats = AudioFeatures(self.fps, near, near > SPEECH_THRESHOLD, op, sp, cl, tuple(phones))
         opening, spread, closure = mouth_track(feats, self.dynamic_scale, self.smooth)
         opening = opening * (1 - np.clip(np.maximum(closure, cl), 0, 1))
@@ -169,4 +172,5 @@ class MotionStream:
         self._events = [e for e in self._events if e.frame >= index - self._history]
         if drop > 0:
             self._loud, self._noise_values = self._loud[drop:], self._noise_values[drop:]
+            self._voiced = self._voiced[drop:]
             self._start += drop
