@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from .face import fit_output, roll_degrees
+from .media import ENOUGH_OF_WORKING, WORKING_PIXELS
 
 SUPERSAMPLE = 3  # sampling-source px per frame px
 MARGIN_PX = 6  # frame px of photo kept around the crop (sampling reaches past the edge)
@@ -34,6 +35,7 @@ class Framing:
     to_source: tuple[float, float, float, float]  # ax, bx, ay, by: pixels px = a * frame px + b
     upscale: float  # frame px per photo px: above 1 the face is enlarged
     other_faces: int = 0  # faces in the photo beside the one framed (they stay still)
+    photo_pixels: int = 0  # the photo's, as decoded (one over WORKING_PIXELS is reduced to it)
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
@@ -74,7 +76,7 @@ def crop_and_scale(
     lm[:, :2] = lm[:, :2] * s - np.array([x0 * s, y0 * s])
     lm[:, 2] *= s
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return Framing(_sample(pixels, to_source, xs, ys), lm, pixels, to_source, s)
+    return Framing(_sample(pixels, to_source, xs, ys), lm, pixels, to_source, s, photo_pixels=h * w)
 
 
 def resample(framing: Framing, field: np.ndarray, box: tuple[int, int, int, int], landmarks: np.ndarray) -> Framing:
@@ -142,10 +144,12 @@ def framing_warnings(framing: Framing) -> list[str]:
     a face enlarged (a soft video), turned far (a sideways photo), or not alone."""
     warnings = []
     if framing.upscale > UPSCALE_WARN:
+        # a photo decoded at or near WORKING_PIXELS may have been reduced: its face is small in it
+        large = framing.photo_pixels >= ENOUGH_OF_WORKING * WORKING_PIXELS
         warnings.append(
             f"the face is enlarged {framing.upscale:.1f}x from the photo: a larger or closer "
-            "portrait gives a sharper video (from a photo over 16 MP, which is reduced to 16 MP: "
-            "a crop around the face)"
+            "portrait gives a sharper video"
+            + (" (a photo over 16 MP is reduced to 16 MP: crop it around the face)" if large else "")
         )
     roll = roll_degrees(framing.landmarks)
     if abs(roll) > SIDEWAYS_WARN_DEG:

@@ -80,6 +80,9 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     opts = pipeline.options({"min_resolution": 256, "duration": None})
     one = pipeline(PORTRAIT, wav, opts, out_path=tmp_path / "one.mp4").warnings
     assert not any("padded" in w or "faces" in w or "cut short" in w or "speech" in w for w in one), one
+    # the example photo (256x300) is enlarged, and is not told what photos over 16 MP are
+    assert [w for w in one if w.startswith("the face is enlarged 1.")] == [
+        next(w for w in one if w.endswith("a larger or closer portrait gives a sharper video"))], one
     # a recording with no voice in it (a steady hum: a wrong file, a muted microphone's noise)
     # makes a still face, and says why
     # (also when padded to a longer duration: the padding's silence made the hum read as loud)
@@ -107,6 +110,12 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     assert "the recording says it lasts 3.0 s, but only 1.0 s of it could be decoded: the file may be cut short" \
         in short, short
     photo = load_image(PORTRAIT, 10**7)
+    # ... a 12 MP photo whose face is as small is: a crop around the face helps
+    wide = cv2.copyMakeBorder(photo, 1350, 1350, 1872, 1872, cv2.BORDER_REPLICATE)
+    far = pipeline(wide, wav, pipeline.options({"min_resolution": 256, "duration": 0.4}),
+                   out_path=tmp_path / "far.mp4").warnings
+    assert any(w.startswith("the face is enlarged") and w.endswith("(a photo over 16 MP is reduced to 16 MP: "
+                                                                   "crop it around the face)") for w in far), far
     small = cv2.resize(photo, None, fx=0.8, fy=0.8)
     small = cv2.copyMakeBorder(small, 0, photo.shape[0] - small.shape[0], 0, 0, cv2.BORDER_REPLICATE)
     two = np.concatenate([photo, small], 1)
