@@ -23,11 +23,13 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -46,9 +48,21 @@ FIRST_RETRIES_S = (5.0, 30.0)  # then doubling
 MAX_RETRY_GAP_S = 900.0
 SEND_EVERY_S = 0.5
 SENDERS = 4  # deliveries in flight at once, each to another job: a receiver that is slow to answer holds one
+# ... of them to one receiver at most: a customer's receiver that is down (each attempt waits out
+# the deadline, 15 s) held all four, and every other customer's deliveries waited behind it
+PER_RECEIVER = SENDERS // 2
+# ... and to a receiver whose last attempt failed, one at a time
+PER_FAILING_RECEIVER = 1
+# a receiver is its URL's scheme and authority, read alike here and in the Redis claim's script
+RECEIVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 # deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
 # answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
+
+
+def receiver_of(url: str) -> str:
+    match = RECEIVER.match(url)
+    return (match.group(0) if match else url).lower()
 
 
 def backoff_s(failures: int) -> float:
@@ -103,12 +117,16 @@ class Outbox(Protocol):
     def add(self, delivery: Delivery) -> bool:
         """Queue it, or False (nothing queued) when MAX_PENDING_PER_JOB of its job's wait."""
 
-    def due(self, now: float, limit: int) -> list[Delivery]:
-        """Deliveries whose time has come, each the first left of its job's."""
+    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
+        """Deliveries whose time has come, each the first left of its job's, passing over those
+        to the receivers in `skip` (they wait where they are: nothing is rewritten)."""
 
     def done(self, delivery: Delivery) -> None: ...
 
     def retry(self, delivery: Delivery) -> None: ...
+
+    def let_go(self, delivery: Delivery) -> None:
+        """A delivery `due` gave that is not sent now: it stays due, as it was."""
 
     def pending(self) -> bool:
         """Whether any delivery waits (no side effect: nothing is claimed)."""
@@ -134,13 +152,14 @@ class MemoryOutbox:
             self._items[delivery.id] = delivery
             return True
 
-    def due(self, now: float, limit: int) -> list[Delivery]:
+    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         with self._lock:
             heads: dict[str, Delivery] = {}
             for d in self._items.values():
                 if d.job_id not in heads or d.seq < heads[d.job_id].seq:
                     heads[d.job_id] = d
-            return sorted((d for d in heads.values() if d.next_at <= now), key=lambda d: d.next_at)[:limit]
+            ready = (d for d in heads.values() if d.next_at <= now and receiver_of(d.url) not in skip)
+            return sorted(ready, key=lambda d: d.next_at)[:limit]
 
     def pending(self) -> bool:
         with self._lock:
@@ -153,6 +172,9 @@ class MemoryOutbox:
     def retry(self, delivery: Delivery) -> None:
         with self._lock:
             self._items[delivery.id] = delivery
+
+    def let_go(self, delivery: Delivery) -> None:
+        pass  # nothing was claimed
 
     def forget_job(self, job_id: str) -> None:
         with self._lock:
@@ -173,6 +195,7 @@ class SqliteOutbox:
         # without it the look for each job's first delivery was quadratic: 4 s at 4,000 waiting,
         # under the lock every job's event waits for
         self._db.execute("CREATE INDEX IF NOT EXISTS webhook_outbox_job ON webhook_outbox (job_id, seq)")
+        self._db.create_function("receiver", 1, receiver_of, deterministic=True)
         self._lock = threading.Lock()
 
     def add(self, delivery: Delivery) -> bool:
@@ -192,13 +215,13 @@ class SqliteOutbox:
             asdict(delivery),
         )
 
-    def due(self, now: float, limit: int) -> list[Delivery]:
+    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, job_id, seq, url, event, body, attempts, next_at, first_at FROM webhook_outbox o "
                 "WHERE next_at <= ? AND seq = (SELECT MIN(seq) FROM webhook_outbox i WHERE i.job_id = o.job_id) "
-                "ORDER BY next_at LIMIT ?",
-                (now, limit),
+                "AND receiver(url) NOT IN (SELECT value FROM json_each(?)) ORDER BY next_at LIMIT ?",
+                (now, json.dumps(sorted(skip)), limit),
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
@@ -213,6 +236,9 @@ class SqliteOutbox:
     def retry(self, delivery: Delivery) -> None:
         with self._lock:
             self._put(delivery)
+
+    def let_go(self, delivery: Delivery) -> None:
+        pass  # nothing was claimed
 
     def forget_job(self, job_id: str) -> None:
         with self._lock:
@@ -257,20 +283,35 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 1
 """
-# KEYS: due. ARGV: now, the claim's token, its lifetime (s), the prefix of a delivery's key.
+# KEYS: due. ARGV: now, the claim's token, its lifetime (s), the prefix of a delivery's key, how
+# many due deliveries to look at, then the receivers to pass over (as receiver_of reads them).
 # The first due delivery that nobody has claimed, claimed, in one step: looked at and claimed
 # apart, a delivery whose failed attempt was rescheduled in between (its claim let go) was
 # claimed though no longer due, and then left unsent, held for CLAIM_S.
 _CLAIM = """
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 20)) do
+local skip = {}
+for i = 6, #ARGV do skip[ARGV[i]] = true end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))) do
   local raw = redis.call('GET', ARGV[4] .. id)
   if not raw then
     redis.call('ZREM', KEYS[1], id)
-  elseif redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
-    return raw
+  else
+    local url = cjson.decode(raw)['url']
+    local receiver = string.lower(string.match(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') or url)
+    if not skip[receiver] and redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
+      return raw
+    end
   end
 end
 return false
+"""
+# due deliveries a claim looks at: past those of receivers passed over (each job's first only:
+# a customer's 500 jobs behind a receiver that is down are 500)
+CLAIM_LOOK = 1000
+# KEYS: the claim. ARGV: the claim's token. A claim let go by its holder, the delivery unsent.
+_LET_GO = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 CLAIM_S = 120  # longer than one attempt can take (outbound.post's deadline): a claim never lapses mid-send
 
@@ -287,6 +328,7 @@ class RedisOutbox:
         self._done = conn.register_script(_DONE)
         self._retry = conn.register_script(_RETRY)
         self._claim = conn.register_script(_CLAIM)
+        self._let_go = conn.register_script(_LET_GO)
         self._tokens: dict[str, str] = {}
 
     def _keys(self, d: Delivery) -> tuple[str, str, str, str]:
@@ -300,10 +342,10 @@ class RedisOutbox:
     def pending(self) -> bool:
         return bool(self.r.zcard("sonic:wh:due"))
 
-    def due(self, now: float, limit: int) -> list[Delivery]:
+    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         """At most one delivery, claimed: it is sent before the next is looked at."""
         token = uuid.uuid4().hex
-        raw = self._claim(keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:"])
+        raw = self._claim(keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:", CLAIM_LOOK, *sorted(skip)])
         if not raw:
             return []
         d = Delivery(**json.loads(raw))
@@ -319,6 +361,9 @@ class RedisOutbox:
         key, due, _, claim = self._keys(delivery)
         token = self._tokens.pop(delivery.id, "")
         self._retry(keys=[key, due, claim], args=[json.dumps(asdict(delivery)), delivery.id, delivery.next_at, token])
+
+    def let_go(self, delivery: Delivery) -> None:
+        self._let_go(keys=[f"sonic:wh:claim:{delivery.id}"], args=[self._tokens.pop(delivery.id, "")])
 
     def next_seq(self) -> int:
         return int(self.r.incr("sonic:wh:seq"))
@@ -392,8 +437,11 @@ class Webhooks:
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a delivery ended: its place may go to the next at once
         self._sending = False
-        self._in_flight: set[str] = set()  # ids of the deliveries being sent now
+        self._in_flight: dict[str, str] = {}  # the deliveries being sent now: id -> receiver
+        # receivers whose last attempt failed (this process's view) -> when, the oldest first
+        self._failing: dict[str, float] = {}
         self._flight_lock = threading.Lock()
 
     def notify(self, rec: JobRecord, event: str, on_its_own: bool = False) -> None:
@@ -453,9 +501,14 @@ class Webhooks:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(SEND_EVERY_S):
+        while True:
+            self._wake.wait(SEND_EVERY_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.send_due()
             except Exception:  # noqa: BLE001 - the store away: next time
@@ -463,22 +516,52 @@ class Webhooks:
 
     def send_due(self, now: float | None = None) -> None:
         """Start sending what is due, each delivery on a thread of its own, SENDERS at most at
-        once: one receiver that takes its full deadline to answer no longer holds up every
-        other job's deliveries. A job's next delivery waits for the one before (the outbox
-        gives only each job's first), and the Redis outbox claims each as it gives it."""
+        once, PER_RECEIVER at most to one receiver (PER_FAILING_RECEIVER to one whose last
+        attempt failed): a receiver that is down, or slow to answer, holds up no other's
+        deliveries. A job's next delivery waits for the one before (the outbox gives only each
+        job's first), and the Redis outbox claims each as it gives it."""
         at = time.time() if now is None else now
         while True:
             with self._flight_lock:
-                free, busy = SENDERS - len(self._in_flight), set(self._in_flight)
+                free, busy, full = SENDERS - len(self._in_flight), set(self._in_flight), self._full_receivers()
             if free <= 0:
                 return
-            fresh = [d for d in self.outbox.due(at, free + len(busy)) if d.id not in busy][:free]
-            if not fresh:
-                return
+            fresh = [d for d in self.outbox.due(at, free + len(busy), full) if d.id not in busy]
+            started = 0
             for delivery in fresh:
+                receiver = receiver_of(delivery.url)
                 with self._flight_lock:
-                    self._in_flight.add(delivery.id)
+                    # the outbox passed over the receivers that were full; one may have filled since
+                    room = len(self._in_flight) < SENDERS and receiver not in self._full_receivers()
+                    if room:
+                        self._in_flight[delivery.id] = receiver
+                if not room:
+                    self.outbox.let_go(delivery)
+                    continue
+                started += 1
                 threading.Thread(target=self._send, args=(delivery,), name="sonic-webhook", daemon=True).start()
+            if not started:
+                return
+
+    def _full_receivers(self) -> set[str]:
+        """Receivers that may take no more attempts now (under _flight_lock)."""
+        trying = Counter(self._in_flight.values())
+        return {
+            receiver
+            for receiver, count in trying.items()
+            if count >= (PER_FAILING_RECEIVER if receiver in self._failing else PER_RECEIVER)
+        }
+
+    def _note(self, receiver: str, answered: bool) -> None:
+        """A receiver's attempt ended: answered with a 2xx, or failed."""
+        now = time.time()
+        with self._flight_lock:
+            self._failing.pop(receiver, None)
+            if not answered:
+                self._failing[receiver] = now
+            # a receiver not tried for longer than any wait between attempts has nothing waiting
+            while self._failing and now - next(iter(self._failing.values())) > 2 * MAX_RETRY_GAP_S:
+                del self._failing[next(iter(self._failing))]
 
     def _send(self, delivery: Delivery) -> None:
         try:
@@ -487,7 +570,8 @@ class Webhooks:
             log.exception("webhook %s: sending failed", delivery.id)
         finally:
             with self._flight_lock:
-                self._in_flight.discard(delivery.id)
+                self._in_flight.pop(delivery.id, None)
+            self._wake.set()
 
     @property
     def key(self) -> bytes:
@@ -513,6 +597,7 @@ class Webhooks:
             why = e.message
         except Exception as e:  # noqa: BLE001 - refused, reset, timed out: retried
             why = type(e).__name__
+        self._note(receiver_of(d.url), status is not None and 200 <= status < 300)
         if status is not None and 200 <= status < 300:
             self.outbox.done(d)
             metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()

@@ -749,3 +749,18 @@ def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():
     taken.close()
     assert p.returncode == 1 and f"error: --metrics-port {port} on 127.0.0.1: Address already in use" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries_in_redis_too(redis_url):
+    """As with SQLite (tests/test_webhooks.py): the claim passes over a receiver that may take no
+    more attempts now, in the script that claims."""
+    import redis
+    from sonic_server.webhooks import RedisOutbox
+    from test_webhooks import a_receiver_down_holds_up_no_other
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    outbox = RedisOutbox(conn)
+    try:
+        a_receiver_down_holds_up_no_other(outbox, outbox.next_seq)
+    finally:
+        conn.flushdb()
