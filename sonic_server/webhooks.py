@@ -123,7 +123,8 @@ class Outbox(Protocol):
 
     def done(self, delivery: Delivery) -> None: ...
 
-    def retry(self, delivery: Delivery) -> None: ...
+    def retry(self, delivery: Delivery) -> None:
+        """A failed attempt's delivery, to be tried again at its next_at; unless it is gone."""
 
     def let_go(self, delivery: Delivery) -> None:
         """A delivery `due` gave that is not sent now: it stays due, as it was."""
@@ -171,7 +172,8 @@ class MemoryOutbox:
 
     def retry(self, delivery: Delivery) -> None:
         with self._lock:
-            self._items[delivery.id] = delivery
+            if delivery.id in self._items:  # not if its job was deleted while it was being sent
+                self._items[delivery.id] = delivery
 
     def let_go(self, delivery: Delivery) -> None:
         pass  # nothing was claimed
@@ -205,15 +207,12 @@ class SqliteOutbox:
             ).fetchone()
             if waiting >= MAX_PENDING_PER_JOB:
                 return False
-            self._put(delivery)
+            self._db.execute(
+                "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
+                ":next_at, :first_at)",
+                asdict(delivery),
+            )
             return True
-
-    def _put(self, delivery: Delivery) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
-            ":next_at, :first_at)",
-            asdict(delivery),
-        )
 
     def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         with self._lock:
@@ -234,8 +233,10 @@ class SqliteOutbox:
             self._db.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery.id,))
 
     def retry(self, delivery: Delivery) -> None:
-        with self._lock:
-            self._put(delivery)
+        with self._lock:  # not put back if its job was deleted while it was being sent
+            self._db.execute(
+                "UPDATE webhook_outbox SET attempts = :attempts, next_at = :next_at WHERE id = :id", asdict(delivery)
+            )
 
     def let_go(self, delivery: Delivery) -> None:
         pass  # nothing was claimed

@@ -442,3 +442,22 @@ def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries(tmp_path
 
     outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
     a_receiver_down_holds_up_no_other(outbox, count(1).__next__)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_delivery_whose_job_is_deleted_while_it_is_sent_is_not_put_back(tmp_path, kind):
+    """Its attempt failed after the delete: written back, it was tried again for webhooks.retry_s,
+    the deleted job's document and the receiver's password with it."""
+    from sonic_server.webhooks import Delivery, MemoryOutbox, SqliteOutbox
+
+    outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
+    now = time.time()
+    outbox.add(Delivery("msg_a", "job_a", 1, "http://127.0.0.1:9/h", "completed", "{}", 0, now, now))
+    outbox.add(Delivery("msg_b", "job_b", 2, "http://127.0.0.1:9/h", "completed", "{}", 0, now, now))
+    sending_a, sending_b = outbox.due(now, 10)
+    outbox.forget_job("job_a")                       # DELETE while its attempt is under way
+    for sent in (sending_a, sending_b):
+        sent.attempts, sent.next_at = 1, now + 5   # the attempt failed
+        outbox.retry(sent)
+    assert outbox.due(now + 10, 10) == [Delivery("msg_b", "job_b", 2, "http://127.0.0.1:9/h", "completed", "{}", 1,
+                                                 now + 5, now)]
