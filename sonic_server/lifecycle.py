@@ -5,6 +5,7 @@ the one step that runs when a job ends.
       |                   |
       |                   +--lost (its worker vanished)--> queued again (a retry) or failed (worker_lost)
       +--cancel--> canceled
+      +--lost (taken from the queue, never started)--> queued again or failed (worker_lost)
 
 What each transition does to a record is written here only. Whether it happens is the backends'
 to decide: the in-process queue (queue/local.py) under its lock, the Redis backend
@@ -99,10 +100,15 @@ def cancel_waiting(rec: JobRecord) -> JobRecord:
     return end(rec, CANCELED)
 
 
-def lose(rec: JobRecord, retry: bool) -> JobRecord:
-    """A running job whose worker vanished: queued again (`retry`) or failed `worker_lost`."""
-    _require(rec, PROCESSING)
-    if retry:
+def lose(rec: JobRecord, retries: int) -> JobRecord:
+    """A run that vanished: a running job's whose worker stopped answering, or a waiting job's
+    that left the queue and never started (its worker killed between taking and starting it;
+    counted as a run, as a started one is). Queued again while its runs so far are at most
+    `retries`, else failed `worker_lost`."""
+    _require(rec, PROCESSING, QUEUED)
+    if rec.status is QUEUED:
+        rec.attempts += 1
+    if rec.attempts <= retries:
         return queue(rec)
     return end(rec, FAILED, error=dict(WORKER_LOST))
 

@@ -764,3 +764,61 @@ def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries_in_redis
         a_receiver_down_holds_up_no_other(outbox, outbox.next_seq)
     finally:
         conn.flushdb()
+
+
+def test_a_job_taken_from_the_queue_and_never_started_ends_or_runs_again(redis_url, tmp_path):
+    """A worker killed between taking a job from RQ's queue and starting it (or an API process
+    between saving a record and queueing it) left the record queued for ever, holding its
+    caller's place: once every look has seen it in no queue and without a lease for the grace,
+    it is lost as a killed run is (failed worker_lost, or queued again under retry_lost_jobs).
+    One that waits in the queue, or that a worker is starting (its lease taken), is left alone."""
+    import redis
+    from sonic_server import lifecycle
+    from sonic_server.jobs import JobRecord
+    from sonic_server.queue.redis import RedisStore, enqueue, lease_key, queued_runs, reap, rq_job_id, rq_queue
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    store = RedisStore(conn)
+
+    class Uploads:
+        def remove(self, job_id):
+            removed.append(job_id)
+    removed: list[str] = []
+    ending = lifecycle.JobEnd(Uploads())
+
+    def queued(in_queue: bool) -> JobRecord:
+        rec = lifecycle.queue(JobRecord.new("generate", {"seed": 1}))
+        store.save(rec)
+        enqueue(conn, rec)
+        if not in_queue:
+            conn.lrem(rq_queue(conn).key, 0, rq_job_id(rec))  # a worker took it, and was killed
+        return rec
+
+    try:
+        taken, waiting, starting = queued(False), queued(True), queued(False)
+        conn.set(lease_key(starting.id), "a worker", px=60_000)
+        reap(store, 0, tmp_path, ending, grace_s=0.5)         # seen once: a worker may be starting it
+        assert {store.load(r.id).status for r in (taken, waiting, starting)} == {"queued"}
+        time.sleep(0.6)
+        reap(store, 0, tmp_path, ending, grace_s=0.5)
+        lost = store.load(taken.id)
+        assert lost.status == "failed" and lost.error["code"] == "worker_lost" and removed == [taken.id]
+        assert store.load(waiting.id).status == "queued" and store.load(starting.id).status == "queued"
+        # with a retry: queued again, as a new run, in the queue
+        again = queued(False)
+        reap(store, 1, tmp_path, ending, grace_s=0.5)
+        time.sleep(0.6)
+        reap(store, 1, tmp_path, ending, grace_s=0.5)
+        back = store.load(again.id)
+        assert back.status == "queued" and back.attempts == 1 and rq_job_id(back) in queued_runs(conn)
+        # seen in the queue between two looks: the first look's sighting is forgotten
+        moving = queued(False)
+        reap(store, 0, tmp_path, ending, grace_s=0.5)
+        enqueue(conn, moving)
+        reap(store, 0, tmp_path, ending, grace_s=0.5)
+        conn.lrem(rq_queue(conn).key, 0, rq_job_id(moving))
+        time.sleep(0.6)
+        reap(store, 0, tmp_path, ending, grace_s=0.5)
+        assert store.load(moving.id).status == "queued"
+    finally:
+        conn.flushdb()

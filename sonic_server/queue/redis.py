@@ -56,6 +56,10 @@ log = logging.getLogger("sonic.jobs")
 PREFIX = "sonic:"
 QUEUE_NAME = "sonic"
 LIST_SCAN = 5000  # records one listing page may look at (a filter that matches few jobs)
+# a waiting record in no queue this long is a run that vanished (a worker takes a job and starts
+# it within milliseconds; one paused longer is then treated as a killed one, as a lapsed lease is).
+# Looks (each worker's every lease_s / 4, /health) see a job that waits well within it.
+UNQUEUED_GRACE_S = 60.0
 
 
 HEALTH_PROBE_S = 1.0  # /health's own look at Redis: a stalled one is reported, not waited for
@@ -288,18 +292,19 @@ def rq_job_id(rec: JobRecord) -> str:
 def declare_lost(
     store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_dir: Path, ending: JobEnd
 ) -> JobRecord:
-    """A running job whose lease has lapsed: queued again (retry) or failed `worker_lost`, by
-    whichever process gets there first (the others see the new state); that process runs its
-    end-of-job step."""
-    retry = rec.attempts <= retry_lost_jobs  # runs so far include the lost one
-    new = lifecycle.lose(rec.copy(), retry)
-    if not store.swap(new, PROCESSING, rec.attempts, lease_lapsed=True):
-        return store.load(rec.id) or rec  # ended, renewed or declared meanwhile
+    """A job whose run vanished (a running one whose lease has lapsed, or a waiting one in no
+    queue: see unless_unqueued): queued again (retry) or failed `worker_lost`, by whichever
+    process gets there first (the others see the new state); that process runs its end-of-job
+    step."""
+    new = lifecycle.lose(rec.copy(), retry_lost_jobs)
+    retry = new.status == QUEUED
+    if not store.swap(new, rec.status, rec.attempts, lease_lapsed=True):
+        return store.load(rec.id) or rec  # ended, renewed, started or declared meanwhile
     for part in Path(output_dir).glob(f".{rec.id}*.part*"):
         part.unlink(missing_ok=True)
     metrics.RUNS_LOST.inc()  # a retried run fails nothing: counted here, or a dying fleet looks healthy
     if retry:
-        log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, rec.attempts + 1)
+        log.warning("job %s: its worker stopped answering; queued again (run %d)", rec.id, new.attempts + 1)
         enqueue(store.r, new, at_front=True)
         return new
     log.warning("job %s: its worker stopped answering; marked failed (worker_lost)", rec.id)
@@ -315,12 +320,52 @@ def unless_lost(store: RedisStore, rec: JobRecord, retry_lost_jobs: int, output_
     return rec
 
 
-def reap(store: RedisStore, retry_lost_jobs: int, output_dir: Path, ending: JobEnd) -> None:
-    """Declare every running job whose lease has lapsed lost (nobody may be looking at it)."""
+def unless_unqueued(
+    store: RedisStore,
+    rec: JobRecord,
+    retry_lost_jobs: int,
+    output_dir: Path,
+    ending: JobEnd,
+    waiting: set[str],
+    grace_s: float = UNQUEUED_GRACE_S,
+) -> JobRecord:
+    """`rec`, or, where it waits (queued) in no queue and without a lease, and has been seen so
+    by every look for `grace_s` (a mark in Redis, taken away by a look that sees it waiting or
+    running), as declare_lost leaves it. A worker killed between taking a job from the queue
+    and starting it, or an API process between saving a record and queueing it (or between
+    declaring a run lost and queueing it again), left it queued for ever, holding its caller's
+    place in max_jobs_per_caller. `waiting`: the RQ job ids in the queue (queued_runs)."""
+    if rec.status != QUEUED:
+        return rec
+    mark, now = PREFIX + f"unqueued:{rec.id}", time.time()
+    held = store.r.exists(lease_key(rec.id))
+    if held or rq_job_id(rec) in waiting:
+        store.r.delete(mark)
+        return rec
+    if store.r.set(mark, now, nx=True, ex=int(grace_s * 2)):
+        return rec  # first seen now
+    if now - float(cast(bytes, store.r.get(mark) or now)) < grace_s:
+        return rec
+    log.warning("job %s: taken from the queue and never started (its worker stopped?)", rec.id)
+    return declare_lost(store, rec, retry_lost_jobs, output_dir, ending)
+
+
+def queued_runs(conn: redis_lib.Redis) -> set[str]:
+    """The RQ job ids waiting in the queue (at most server.queue_size)."""
+    return {m.decode() for m in cast("list[bytes]", conn.lrange(rq_queue(conn).key, 0, -1))}
+
+
+def reap(
+    store: RedisStore, retry_lost_jobs: int, output_dir: Path, ending: JobEnd, grace_s: float = UNQUEUED_GRACE_S
+) -> None:
+    """Declare lost every running job whose lease has lapsed, and every waiting one in no queue
+    for grace_s (nobody may be looking at them)."""
+    waiting = queued_runs(store.r)  # read before the records: a run taken since is not in it, and has its lease
     for job_id in store.unfinished():
         rec = store.load(job_id)
         if rec is not None:
-            unless_lost(store, rec, retry_lost_jobs, output_dir, ending)
+            rec = unless_lost(store, rec, retry_lost_jobs, output_dir, ending)
+            unless_unqueued(store, rec, retry_lost_jobs, output_dir, ending, waiting, grace_s)
 
 
 def live_workers(conn: redis_lib.Redis) -> list[dict]:
