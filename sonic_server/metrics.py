@@ -59,7 +59,7 @@ LIVE_FRAMES = Counter("sonic_live_frames_sent", "frames live sessions sent", reg
 LIVE_LATE = Counter("sonic_live_late_frames", "live frames that were late (rendering fell behind)", registry=REGISTRY)
 LIVE_LATENCY = Histogram(
     "sonic_live_latency_seconds",
-    "a live frame's latency at the server: look-ahead, render and hand-off to the encoder",
+    "each live frame's latency at the server: look-ahead, render and hand-off to the encoder",
     buckets=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0),
     registry=REGISTRY,
 )

@@ -504,10 +504,19 @@ def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
     base = server["base"]
     offer = _offer()
 
+    def frames_counted() -> float:
+        text = requests.get(base + "/metrics", timeout=5).text
+        return float(re.search(r"\nsonic_live_frames_sent_total (\S+)\n", text).group(1))
+
     async def sessions():
         clients = [LiveClient(base) for _ in range(2)]
         for c in clients:
             await c.open(PORTRAIT, CONFIG, keep_frames=False)
+        # counted while the sessions stream, not only once they end (an hour's session was
+        # invisible to a dashboard for its hour)
+        before = await asyncio.to_thread(frames_counted)
+        await asyncio.sleep(1.0)
+        counted.append(await asyncio.to_thread(frames_counted) - before)
         refused = await asyncio.to_thread(_open, base, PORTRAIT, offer)
         await clients[0].close()
         third = LiveClient(base)
@@ -516,7 +525,9 @@ def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
         await clients[1].close()
         return refused
 
+    counted: list[float] = []
     refused = asyncio.run(sessions())
+    assert counted[0] >= 30, counted  # two sessions' second: 50 frames
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "busy"
     assert refused.headers.get("Retry-After")
     metrics = requests.get(base + "/metrics", timeout=5).text

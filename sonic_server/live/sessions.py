@@ -57,6 +57,13 @@ class SessionNotFound(SonicError):
     code = "session_not_found"
 
 
+def _count_late(session: ServedSession) -> None:
+    """The session's late frames since the last count, into /metrics."""
+    late = session.engine.late_frames
+    metrics.LIVE_LATE.inc(max(0, late - session.stats.late_counted))
+    session.stats.late_counted = max(late, session.stats.late_counted)
+
+
 class SessionEnded(SessionNotFound):
     """A session that has ended (its record says why): it answers 404, naming the reason."""
 
@@ -69,6 +76,7 @@ class SessionEnded(SessionNotFound):
 class SessionStats:
     frames_sent: int = 0
     latency_sum_s: float = 0.0
+    late_counted: int = 0  # the engine's late frames already in /metrics
 
     def latency_ms(self, lookahead_s: float) -> float | None:
         if not self.frames_sent:
@@ -580,8 +588,12 @@ class LiveSessions:
                 session.video.send(frame.yuv420(), frame.index, fps)
                 if len(frame.audio):
                     session.audio.send(frame.audio, int(round(frame.index * SAMPLE_RATE / fps)))
-                session.stats.latency_sum_s += max(0.0, time.monotonic() - frame.due_at)
+                late_s = max(0.0, time.monotonic() - frame.due_at)
+                session.stats.latency_sum_s += late_s
                 session.stats.frames_sent += 1
+                # counted as they go: a session of an hour is seen falling behind while it does
+                metrics.LIVE_FRAMES.inc()
+                metrics.LIVE_LATENCY.observe(engine.delay / fps + late_s)
                 if session.stats.frames_sent == 1:
                     log.debug("live session %s: first frame handed to the connection", session.id)
                 if session.paid_s is not None and session.streamed_s >= session.paid_s:
@@ -589,6 +601,7 @@ class LiveSessions:
                     break
                 if time.monotonic() >= next_watch:
                     next_watch += WATCH_INTERVAL_S
+                    _count_late(session)
                     reason = self._should_end(session)
                     if reason:
                         self.end(session.id, reason)
@@ -624,11 +637,7 @@ class LiveSessions:
         session.ended_reason = reason
         session.stop.set()  # the clock stops: what was streamed is final
         metrics.LIVE_ENDED.labels(reason).inc()
-        metrics.LIVE_FRAMES.inc(session.stats.frames_sent)
-        metrics.LIVE_LATE.inc(session.engine.late_frames)
-        latency = session.stats.latency_ms(session.engine.delay / session.engine.fps)
-        if latency is not None:
-            metrics.LIVE_LATENCY.observe(latency / 1000)
+        _count_late(session)
         if session.on_end is not None:
             try:
                 session.on_end(session)
