@@ -45,7 +45,17 @@ from .live.host import LiveHost
 from .live.relay import Records, reap_lost
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
-from .queue.redis import PREFIX, RENEW_LEASE, RedisStore, connect, lease_key, reap, rq_queue, without_password
+from .queue.redis import (
+    PREFIX,
+    RELEASE_LEASE,
+    RENEW_LEASE,
+    RedisStore,
+    connect,
+    lease_key,
+    reap,
+    rq_queue,
+    without_password,
+)
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
 from .storage import open_storage
@@ -86,14 +96,15 @@ class WorkerState:
 _STATE: WorkerState | None = None  # set once by `main` before the first job
 
 
-def run_job(job_id: str) -> None:
+def run_job(job_id: str, run: int | None = None) -> None:
     """One run of a job, in the worker process (called by RQ): the record is read from Redis, run,
     and its final state written back, each change only if the record is still as this run left
-    it (RedisStore.swap). Never raises."""
+    it (RedisStore.swap). `run`: the record's run count when it was queued (None from releases
+    before 2026-12-06). Never raises."""
     state = _STATE
     assert state is not None, "run_job runs in a worker that main() has set up"
     try:
-        _run(state, job_id)
+        _run(state, job_id, run)
     except Exception:  # noqa: BLE001 - Redis away, ...: the lease lapses
         log.exception("job %s: the run stopped", job_id)
     finally:
@@ -104,11 +115,13 @@ def run_job(job_id: str) -> None:
             pass
 
 
-def _run(state: WorkerState, job_id: str) -> None:
+def _run(state: WorkerState, job_id: str, run: int | None) -> None:
     store, r = state.store, state.store.r
     rec = store.load(job_id)
     if rec is None or rec.status != QUEUED:
         return  # gone, canceled or taken before it started
+    if run is not None and rec.attempts != run:
+        return  # a run declared lost before it started, taken late: the record waits for another
     queued_run = rec.attempts
     if r.exists(PREFIX + f"cancel:{job_id}"):  # canceled as it was being taken
         canceled = lifecycle.cancel_waiting(rec.copy())
@@ -118,9 +131,10 @@ def _run(state: WorkerState, job_id: str) -> None:
     lifecycle.start(rec, worker=state.name)
     lease = lease_key(job_id)
     owner = f"{state.name}:{rec.attempts}"  # this run of the job, on this worker
-    r.set(lease, owner, px=int(state.lease_s * 1000))
+    if not r.set(lease, owner, px=int(state.lease_s * 1000), nx=True):
+        return  # another worker is starting or running it
     if not store.swap(rec, QUEUED, queued_run):
-        r.delete(lease)
+        r.eval(RELEASE_LEASE, 1, lease, owner)
         return
     state.current, state.lease = job_id, (lease, owner)
     announce(state, r)  # busy, at once (not at the next beat)

@@ -820,5 +820,44 @@ def test_a_job_taken_from_the_queue_and_never_started_ends_or_runs_again(redis_u
         time.sleep(0.6)
         reap(store, 0, tmp_path, ending, grace_s=0.5)
         assert store.load(moving.id).status == "queued"
+        # a run lost, queued again and started at once, twice: each loss queues it again (the
+        # queued-again run, not yet in the queue the look had read, was marked, and the mark,
+        # left by the started run, declared the next queued-again run lost in the same look)
+        twice = queued(True)
+        for run in (1, 2):
+            rec = store.load(twice.id)
+            conn.lrem(rq_queue(conn).key, 0, rq_job_id(rec))       # a worker takes it, starts it ...
+            assert store.swap(lifecycle.start(rec.copy(), worker="w"), "queued", rec.attempts)
+            reap(store, 2, tmp_path, ending, grace_s=0.5)        # ... and is killed: no lease
+            time.sleep(0.6)
+        back = store.load(twice.id)
+        assert back.status == "queued" and back.attempts == 2 and rq_job_id(back) in queued_runs(conn)
+    finally:
+        conn.flushdb()
+
+
+def test_a_claim_reaches_past_any_number_of_deliveries_to_receivers_passed_over(redis_url):
+    """1,200 due deliveries to a receiver that is down (passed over) sort before one to another
+    receiver: the claim looked at the first 1,000 and gave nothing, every time. Those passed over
+    are looked at again a second later; their own times are left as they were."""
+    import redis
+    from sonic_server.webhooks import Delivery, RedisOutbox, receiver_of
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    outbox = RedisOutbox(conn)
+    down, up = "http://127.0.0.1:9/hooks/customer-1", "http://127.0.0.1:9/hooks/customer-2"  # one host, two receivers
+    now = time.time()
+    try:
+        for i in range(1200):
+            outbox.add(Delivery(f"msg_{i}", f"job_{i}", outbox.next_seq(), down, "completed", "{}", 0, now, now))
+        outbox.add(Delivery("msg_up", "job_up", outbox.next_seq(), up, "completed", "{}", 0, now + 1e-3, now))
+        got = []
+        for _ in range(10):
+            got = outbox.due(now + 0.1, 1, skip={receiver_of(down)})
+            if got:
+                break
+        assert [d.id for d in got] == ["msg_up"]
+        assert json.loads(conn.get("sonic:wh:msg_0"))["next_at"] == now
+        assert [d.url for d in outbox.due(now + 1.2, 1)] == [down]  # looked at again a second later
     finally:
         conn.flushdb()

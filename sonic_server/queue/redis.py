@@ -105,6 +105,11 @@ RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: lease. ARGV: owner. Gives the lease up only while it is still this run's.
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def install_store_outage_handler(app) -> None:
@@ -275,7 +280,7 @@ def enqueue(conn: redis_lib.Redis, rec: JobRecord, at_front: bool = False, pipel
     """One RQ job per run of the record: <id>, then <id>-r1... for a run after a lost worker."""
     rq_queue(conn).enqueue_call(
         "sonic_server.worker.run_job",
-        args=(rec.id,),
+        args=(rec.id, rec.attempts),
         job_id=rq_job_id(rec),
         timeout=-1,
         result_ttl=0,
@@ -329,20 +334,22 @@ def unless_unqueued(
     waiting: set[str],
     grace_s: float = UNQUEUED_GRACE_S,
 ) -> JobRecord:
-    """`rec`, or, where it waits (queued) in no queue and without a lease, and has been seen so
-    by every look for `grace_s` (a mark in Redis, taken away by a look that sees it waiting or
-    running), as declare_lost leaves it. A worker killed between taking a job from the queue
-    and starting it, or an API process between saving a record and queueing it (or between
-    declaring a run lost and queueing it again), left it queued for ever, holding its caller's
-    place in max_jobs_per_caller. `waiting`: the RQ job ids in the queue (queued_runs)."""
+    """`rec`, or, where its run waits (queued) in no queue and without a lease, and has been seen
+    so by every look for `grace_s` (a mark of the run in Redis, on Redis's clock, taken away by a
+    look that sees the run waiting or starting), as declare_lost leaves it. A worker killed
+    between taking a job from the queue and starting it, or an API process between saving a
+    record and queueing it (or between declaring a run lost and queueing it again), left it
+    queued for ever, holding its caller's place in max_jobs_per_caller. `waiting`: the RQ job
+    ids in the queue (queued_runs)."""
     if rec.status != QUEUED:
         return rec
-    mark, now = PREFIX + f"unqueued:{rec.id}", time.time()
-    held = store.r.exists(lease_key(rec.id))
-    if held or rq_job_id(rec) in waiting:
+    mark = PREFIX + f"unqueued:{rq_job_id(rec)}"  # this run's: a later run is judged afresh
+    seconds, micros = cast("tuple[int, int]", store.r.time())
+    now = seconds + micros / 1e6
+    if store.r.exists(lease_key(rec.id)) or rq_job_id(rec) in waiting:
         store.r.delete(mark)
         return rec
-    if store.r.set(mark, now, nx=True, ex=int(grace_s * 2)):
+    if store.r.set(mark, now, nx=True, ex=int(grace_s * 2) + 1):
         return rec  # first seen now
     if now - float(cast(bytes, store.r.get(mark) or now)) < grace_s:
         return rec
@@ -363,8 +370,9 @@ def reap(
     waiting = queued_runs(store.r)  # read before the records: a run taken since is not in it, and has its lease
     for job_id in store.unfinished():
         rec = store.load(job_id)
-        if rec is not None:
-            rec = unless_lost(store, rec, retry_lost_jobs, output_dir, ending)
+        if rec is not None and rec.status == PROCESSING:
+            unless_lost(store, rec, retry_lost_jobs, output_dir, ending)
+        elif rec is not None:  # (a run this look queued again is not in `waiting`: judged at the next)
             unless_unqueued(store, rec, retry_lost_jobs, output_dir, ending, waiting, grace_s)
 
 
