@@ -53,8 +53,9 @@ SENDERS = 4  # deliveries in flight at once, each to another job: a receiver tha
 PER_RECEIVER = SENDERS // 2
 # ... and to a receiver whose last attempt failed, one at a time
 PER_FAILING_RECEIVER = 1
-# a receiver is its URL's scheme and authority, read alike here and in the Redis claim's script
-RECEIVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# a receiver is its URL less the query (a shared host such as a hooks service gives each of its
+# customers a path of their own), read alike here and in the Redis claim's script
+RECEIVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*")
 # deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
 # answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
@@ -62,7 +63,7 @@ MAX_PENDING_PER_JOB = 64
 
 def receiver_of(url: str) -> str:
     match = RECEIVER.match(url)
-    return (match.group(0) if match else url).lower()
+    return match.group(0) if match else url
 
 
 def backoff_s(failures: int) -> float:
@@ -285,30 +286,34 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 # KEYS: due. ARGV: now, the claim's token, its lifetime (s), the prefix of a delivery's key, how
-# many due deliveries to look at, then the receivers to pass over (as receiver_of reads them).
+# many due deliveries to look at, how much later to look at one passed over, then the receivers
+# to pass over (as receiver_of reads them).
 # The first due delivery that nobody has claimed, claimed, in one step: looked at and claimed
 # apart, a delivery whose failed attempt was rescheduled in between (its claim let go) was
 # claimed though no longer due, and then left unsent, held for CLAIM_S.
 _CLAIM = """
 local skip = {}
-for i = 6, #ARGV do skip[ARGV[i]] = true end
+for i = 7, #ARGV do skip[ARGV[i]] = true end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))) do
   local raw = redis.call('GET', ARGV[4] .. id)
   if not raw then
     redis.call('ZREM', KEYS[1], id)
   else
     local url = cjson.decode(raw)['url']
-    local receiver = string.lower(string.match(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') or url)
-    if not skip[receiver] and redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
+    if skip[string.match(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*') or url] then
+      redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[6], id)
+    elseif redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
       return raw
     end
   end
 end
 return false
 """
-# due deliveries a claim looks at: past those of receivers passed over (each job's first only:
-# a customer's 500 jobs behind a receiver that is down are 500)
-CLAIM_LOOK = 1000
+# due deliveries a claim looks at; those of receivers passed over are looked at again
+# PASSED_OVER_S later (their own times, in the delivery, stay as they are), so that however many
+# wait for a receiver that is down, the others' come up
+CLAIM_LOOK = 200
+PASSED_OVER_S = 1.0
 # KEYS: the claim. ARGV: the claim's token. A claim let go by its holder, the delivery unsent.
 _LET_GO = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -346,7 +351,9 @@ class RedisOutbox:
     def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         """At most one delivery, claimed: it is sent before the next is looked at."""
         token = uuid.uuid4().hex
-        raw = self._claim(keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:", CLAIM_LOOK, *sorted(skip)])
+        raw = self._claim(
+            keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:", CLAIM_LOOK, PASSED_OVER_S, *sorted(skip)]
+        )
         if not raw:
             return []
         d = Delivery(**json.loads(raw))
