@@ -58,7 +58,7 @@ class SessionNotFound(SonicError):
 
 
 def _count_late(session: ServedSession) -> None:
-    """The session's late frames since the last count, into /metrics."""
+    """The session's late frames since the last count, into /metrics (by its clock thread only)."""
     late = session.engine.late_frames
     metrics.LIVE_LATE.inc(max(0, late - session.stats.late_counted))
     session.stats.late_counted = max(late, session.stats.late_counted)
@@ -612,6 +612,8 @@ class LiveSessions:
         except Exception:  # noqa: BLE001 - a session's fault ends that session only
             log.exception("live session %s failed", session.id)
             self.end(session.id, "error")
+        finally:
+            _count_late(session)  # the last of them (the clock thread counts them, alone)
 
     def _should_end(self, session: ServedSession) -> EndReason | None:
         """Why a running session should end now, if it should."""
@@ -637,7 +639,6 @@ class LiveSessions:
         session.ended_reason = reason
         session.stop.set()  # the clock stops: what was streamed is final
         metrics.LIVE_ENDED.labels(reason).inc()
-        _count_late(session)
         if session.on_end is not None:
             try:
                 session.on_end(session)
