@@ -261,7 +261,8 @@ def scale_loudness(db: np.ndarray, floor: float, peak: float, spoken: bool) -> n
     live alike. Over its own range, unless it is a voice (`spoken`) whose range noise has cut
     short of SPEECH_SPAN_DB: that is read on a scale SPEECH_SPAN_DB deep under its peak, where the
     background itself would sit above 0, so the frames near it fade to 0 (over BACKGROUND_FADE_DB,
-    or what the range falls short by if less: a clean voice's scale is the same as ever)."""
+    or what the range falls short by if less). A clean recording with pauses (35-45 dB) is read on
+    its range as ever; a short one without a pause, whose quietest frames are speech, is not."""
     floor = max(floor, peak - DYNAMIC_RANGE_DB)
     short_by = SPEECH_SPAN_DB - (peak - floor) if spoken else 0.0
     if short_by <= 0:
