@@ -26,6 +26,8 @@ def configure_logging() -> None:
     service logs the same under `sonic serve`, `sonic worker` and a WSGI server
     (sonic_server/wsgi.py: waitress sets up none, so its access and job lines went nowhere)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a no-op where the root has handlers
+    # a line per ICE check of each live session otherwise, with the client's address and port
+    logging.getLogger("aioice").setLevel(logging.WARNING)
 
 
 # what the API reads and sends: a page on another origin may send and read all of it (DELETE

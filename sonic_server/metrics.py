@@ -18,12 +18,25 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from .jobs import FAILED, SUCCEEDED
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# the process's memory, CPU seconds and open files (process_*; not in multiprocess mode, whose
+# page is gathered from the processes' files)
+ProcessCollector(registry=REGISTRY)
+# a job: a short clip at 256 px takes under a second here, a long one at 1024 px many minutes
+SECONDS = (0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# a stage: most take 0.01-0.3 s of a few seconds' clip (all fell in the first bucket, 0.5 s)
+STAGE_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
 
 REQUESTS = Counter("sonic_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY)
 JOBS = Counter("sonic_jobs_finished", "jobs that ended", ["kind", "status"], registry=REGISTRY)
@@ -40,7 +53,7 @@ STAGE = Histogram(
     "sonic_stage_seconds",
     "seconds of each pipeline stage of succeeded jobs",
     ["stage"],
-    buckets=SECONDS,
+    buckets=STAGE_SECONDS,
     registry=REGISTRY,
 )
 VIDEO = Counter("sonic_video_seconds", "seconds of video produced", registry=REGISTRY)

@@ -53,16 +53,22 @@ class Target:
 
 
 def without_credentials(params: dict) -> dict:
-    """`params` as a log may show them: a URL's user:password (a webhook's) replaced by ***."""
-    return {
-        name: _USERINFO.sub("://***@", value) if isinstance(value, str) else value for name, value in params.items()
-    }
+    """`params` as a log may show them: a URL (a webhook's, an input's) as far as its host, its
+    user:password replaced by ***. Its path and query go too: a hooks service's path is the
+    receiver's token, a presigned URL's query its signature, and some receivers take an
+    `api_token=` there."""
+    return {name: _loggable(value) if isinstance(value, str) else value for name, value in params.items()}
+
+
+def _loggable(value: str) -> str:
+    return _PAST_HOST.sub(r"\1/...", _USERINFO.sub("://***@", value))
 
 
 URL_SAFE = "/%:@!$&'()*+,;=~-._?"  # left as they are by the encoding above: a URL's own delimiters and escapes
 # anywhere in the value, tabs and newlines allowed in "://": a URL's parser drops those and leading
 # spaces, so " https://u:p@host" and "https:/\t/u:p@host" are fetched with the password too
 _USERINFO = re.compile(r":[\t\r\n]*/[\t\r\n]*/[^/?#]*@")
+_PAST_HOST = re.compile(r"(:[\t\r\n]*/[\t\r\n]*/[^/?#]*)[/?#].*", re.DOTALL)  # what follows a URL's host
 
 
 def basic_authorization(parts: SplitResult) -> str | None:

@@ -485,7 +485,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
     a = ap.parse_args(argv)
     configure_logging()
-    logging.getLogger("aioice").setLevel(logging.WARNING)  # each ICE check of each live session otherwise
     try:
         settings = load_settings(
             a.config,

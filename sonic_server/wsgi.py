@@ -7,7 +7,6 @@ end), and a settings file (SONIC_CONFIG) or folder it cannot use is one line, no
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from flask import Flask
@@ -24,7 +23,6 @@ SELECT_CEILING = 1024  # FD_SETSIZE
 
 def make_app() -> Flask:
     configure_logging()
-    logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per ICE check of each live session otherwise
     try:
         app = create_app()
         settings = app.extensions["sonic"].settings

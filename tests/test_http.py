@@ -847,6 +847,10 @@ def test_metrics_count_requests_jobs_and_read_the_queue(make_client):
     assert delta("sonic_job_duration_seconds_count", kind="generate") == 1
     assert delta("sonic_video_seconds_total") > 0
     assert after[("sonic_queue_length", ())] == 0 and after[("sonic_workers_live", ())] == 1
+    # the process's own figures (a custom registry had none), and stages' seconds in buckets that
+    # tell a 0.02 s stage from a 0.3 s one (all fell in the first, 0.5 s)
+    assert after[("process_resident_memory_bytes", ())] > 50e6 and after[("process_open_fds", ())] > 0
+    assert any(name == "sonic_stage_seconds_bucket" and ("le", "0.05") in labels for name, labels in after)
 
 
 def test_the_grafana_dashboard_reads_only_metrics_the_service_exports(make_client):

@@ -768,3 +768,13 @@ def test_a_server_stopped_by_sigterm_charges_its_running_sessions(paying_server)
     assert account["reserved"] == 0 and 1000 - 5 <= account["balance"] <= 1000 - 2, account
     log = (paying_server["tmp"] / "server.log").read_text()
     assert "ended (server_stopping)" in log and "WARNING sonic.http SIGTERM: stopping" in log
+
+
+def test_the_service_logs_no_line_per_ice_check():
+    """aioice logs each ICE check of each session at INFO, with the client's address and port:
+    `sonic serve` wrote them (the WSGI entry and the worker had turned them down themselves)."""
+    import logging
+
+    from sonic_server.hooks import configure_logging
+    configure_logging()
+    assert logging.getLogger("aioice").level >= logging.WARNING

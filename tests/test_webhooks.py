@@ -324,8 +324,12 @@ def test_a_webhooks_password_is_not_written_to_the_log(hooked_client, caplog):
     client = hooked_client()
     r = post(client, {**FAST, "seed": 71, "async": True, "webhook": "http://hookuser:S3CRETpw@127.0.0.1:9/hook"})
     assert r.status_code == 202, r.get_data()[:300]
+    # nor a token in its path or query (a hooks service's path is its token)
+    r = post(client, {**FAST, "seed": 72, "async": True, "webhook": "http://127.0.0.1:9/T0/B1/PathTok3n?api_token=QueryTok3n"})
+    assert r.status_code == 202, r.get_data()[:300]
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
-    assert '"webhook": "http://***@127.0.0.1:9/hook"' in logged and "S3CRETpw" not in logged
+    assert '"webhook": "http://***@127.0.0.1:9/..."' in logged and "S3CRETpw" not in logged
+    assert '"webhook": "http://127.0.0.1:9/..."' in logged and "Tok3n" not in logged
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

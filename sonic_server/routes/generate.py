@@ -358,7 +358,7 @@ def _config() -> dict:
 def _parse_config() -> tuple[GenerateOptions, bool, dict]:
     params = _config()
     want_async = config_switches(params, service().loaded_decoder())
-    g.log_params = outbound.without_credentials(params)  # a webhook's user:password stays out of the log
+    g.log_params = outbound.without_credentials(params)  # a URL's secrets stay out of the log
     return GenerateOptions.from_dict(params, service().settings, ignore=tuple(EXTRA_PARAMS)), want_async, params
 
 
