@@ -175,7 +175,7 @@ def access_log(app: Flask) -> None:
                     "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
                     "client": request.remote_addr,
                     "params": g.get("log_params"),
-                    **{k: g.get(k) for k in ("job_id", "session_id", "worker", "error_code") if g.get(k)},
+                    **{k: g.get(k) for k in ("job_id", "cached", "session_id", "worker", "error_code") if g.get(k)},
                     **({"caller": g.caller.owner} if g.get("caller") is not None and g.caller.owner else {}),
                 }
             )

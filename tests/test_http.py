@@ -955,3 +955,20 @@ def test_deleting_a_canceled_job_removes_a_video_left_under_its_name(make_client
     left.write_bytes(FAKE_VIDEO)
     assert client.delete(f"/api/sonic/jobs/{job}").status_code == 204
     assert not left.exists() and client.get(f"/output/{job}.mp4").status_code == 404
+
+
+def test_a_request_log_line_names_the_job_that_answered_it_and_no_other(make_client, caplog):
+    """A generate refused for its upload named a job id no job had (GET answered 404); a cached
+    answer's line named none, nor that it was cached."""
+    import logging
+    client, _ = make_client()
+    first = post(client, {**FAST, "seed": 41})
+    assert first.status_code == 200
+    with caplog.at_level(logging.INFO, logger="sonic.http"):
+        cached = post(client, {**FAST, "seed": 41})
+        refused = client.post("/api/sonic/generate", data={"image": (io.BytesIO(b"not an image"), "p.jpg"),
+                                                           "audio": (open(SPEECH, "rb"), "a.flac")})
+    assert cached.get_json()["cached"] and refused.status_code == 415, refused.get_data()[:200]
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"]
+    assert lines[0]["job_id"] == first.get_json()["job_id"] and lines[0]["cached"] is True
+    assert lines[1]["status"] == 415 and "job_id" not in lines[1]

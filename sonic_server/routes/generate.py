@@ -472,12 +472,12 @@ def generate():
         if hook is not None and svc.webhooks is not None:  # answered at once, and told as a job would be
             hit.webhook = hook
             svc.webhooks.notify(hit, "completed", on_its_own=True)
+        g.job_id, g.cached = hit.id, True  # the request's log line names the job that answered it
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     rec.webhook = hook
-    g.job_id = rec.id  # the request's log line names its job
     try:
         rec.inputs = svc.uploads.save(rec.id, files)  # inside: a half-written folder goes too
         # content checks before queueing, so bad input is answered at once (415 / 413 / 422);
@@ -497,6 +497,7 @@ def generate():
                 svc.uploads.remove(rec.id)
                 raise
         rec = queue.submit(rec, checked)
+        g.job_id = rec.id  # the request's log line names its job (one refused before this made none)
         svc.uploads.drop_local_copy(rec.id)  # in a bucket: this process's copy goes
     except QueueFull:
         _release(svc, payer, rec.id)
