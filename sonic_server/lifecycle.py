@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
+from .errors import status_for
 from .jobs import CANCELED, FAILED, PROCESSING, QUEUED, TERMINAL, JobRecord, JobStatus
 from .metrics import count_job
 
@@ -166,7 +167,9 @@ def log_end(rec: JobRecord) -> None:
         line["duration"] = rec.result["duration"]
     if rec.worker:
         line["worker"] = rec.worker
-    (log.warning if rec.error else log.info)("job ended %s", json.dumps(line))
+    # the service's own faults warn; a caller's bad input (a photo without a face: 4xx) is routine
+    faulted = rec.error is not None and status_for(str(rec.error.get("code"))) >= 500
+    (log.warning if faulted else log.info)("job ended %s", json.dumps(line))
 
 
 class JobEnd:

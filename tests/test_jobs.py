@@ -490,3 +490,21 @@ def test_a_deleted_job_leaves_no_copy_in_the_databases_files(tmp_path):
     assert store.delete(rec.id)
     on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
     assert b"hookpass-7f2" not in on_disk and rec.id.encode() not in on_disk
+
+
+def test_a_job_failed_by_its_callers_input_ends_at_info_and_one_failed_by_the_service_warns(caplog):
+    """A photo without a face is a caller's mistake (422): logged at WARNING, a service that gets
+    many bad uploads flooded its warnings. A job timeout or a lost worker still warns."""
+    import logging
+
+    from sonic_server import lifecycle
+    from sonic_server.jobs import FAILED, JobRecord
+    levels = {}
+    for code in ("no_face_detected", "job_timeout", "worker_lost"):
+        rec = lifecycle.queue(JobRecord.new("generate", {}))
+        lifecycle.end(rec, FAILED, error={"code": code, "message": "..."})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sonic.jobs"):
+            lifecycle.log_end(rec)
+        levels[code] = caplog.records[-1].levelname
+    assert levels == {"no_face_detected": "INFO", "job_timeout": "WARNING", "worker_lost": "WARNING"}
