@@ -343,12 +343,13 @@ def unless_unqueued(
     ids in the queue (queued_runs)."""
     if rec.status != QUEUED:
         return rec
-    mark = PREFIX + f"unqueued:{rq_job_id(rec)}"  # this run's: a later run is judged afresh
-    seconds, micros = cast("tuple[int, int]", store.r.time())
-    now = seconds + micros / 1e6
-    if store.r.exists(lease_key(rec.id)) or rq_job_id(rec) in waiting:
+    run = rq_job_id(rec)
+    mark = PREFIX + f"unqueued:{run}"  # this run's: a later run is judged afresh
+    if store.r.exists(lease_key(rec.id)) or run in waiting:
         store.r.delete(mark)
         return rec
+    seconds, micros = cast("tuple[int, int]", store.r.time())  # Redis's clock: one for every process
+    now = seconds + micros / 1e6
     if store.r.set(mark, now, nx=True, ex=int(grace_s * 2) + 1):
         return rec  # first seen now
     if now - float(cast(bytes, store.r.get(mark) or now)) < grace_s:
