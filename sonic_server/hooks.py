@@ -14,20 +14,12 @@ from flask import Flask, g, request
 from sonic.memory import give_back_memory
 
 from .errors import error_response
+from .logs import fields
 from .metrics import count_request
 from .openapi import headers_everywhere
 
 log = logging.getLogger("sonic.http")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-
-
-def configure_logging() -> None:
-    """INFO lines to stderr with their level, unless the process has set up logging itself: the
-    service logs the same under `sonic serve`, `sonic worker` and a WSGI server
-    (sonic_server/wsgi.py: waitress sets up none, so its access and job lines went nowhere)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a no-op where the root has handlers
-    # a line per ICE check of each live session otherwise, with the client's address and port
-    logging.getLogger("aioice").setLevel(logging.WARNING)
+PROBES = ("/health", "/metrics")  # asked every few seconds by orchestrators and Prometheus
 
 
 # what the API reads and sends: a page on another origin may send and read all of it (DELETE
@@ -153,7 +145,8 @@ def memory(app: Flask) -> None:
 
 
 def access_log(app: Flask) -> None:
-    """One JSON line per request: id, method, route, status, milliseconds, the client's address,
+    """One line per request (DEBUG for a 200 to a health probe or a metrics scrape), its message
+    JSON: id, method, route, status, milliseconds, the client's address,
     parameters, and where they apply: who called (a key's digest or an account, never the key),
     the job or live session it made (and the worker that took the session), the error code it
     answered."""
@@ -164,20 +157,20 @@ def access_log(app: Flask) -> None:
 
     @app.after_request
     def _log(resp):
-        count_request(request.url_rule.rule if request.url_rule else None, request.method, resp.status_code)
-        log.info(
-            json.dumps(
-                {
-                    "request_id": g.get("request_id"),
-                    "method": request.method,
-                    "route": request.path,
-                    "status": resp.status_code,
-                    "ms": round(1000 * (time.perf_counter() - g.get("t0", 0)), 1),
-                    "client": request.remote_addr,
-                    "params": g.get("log_params"),
-                    **{k: g.get(k) for k in ("job_id", "cached", "session_id", "worker", "error_code") if g.get(k)},
-                    **({"caller": g.caller.owner} if g.get("caller") is not None and g.caller.owner else {}),
-                }
-            )
-        )
+        seconds = time.perf_counter() - g.get("t0", 0)
+        count_request(request.url_rule.rule if request.url_rule else None, request.method, resp.status_code, seconds)
+        line = {
+            "request_id": g.get("request_id"),
+            "method": request.method,
+            "route": request.path,
+            "status": resp.status_code,
+            "ms": round(1000 * seconds, 1),
+            "client": request.remote_addr,
+            "params": g.get("log_params"),
+            **{k: g.get(k) for k in ("job_id", "cached", "session_id", "worker", "error_code") if g.get(k)},
+            **({"caller": g.caller.owner} if g.get("caller") is not None and g.caller.owner else {}),
+        }
+        # a probe's or a scrape's answer every few seconds would bury the lines that matter
+        routine = request.path in PROBES and request.method == "GET" and resp.status_code == 200
+        log.log(logging.DEBUG if routine else logging.INFO, json.dumps(line), extra=fields("request", line))
         return resp

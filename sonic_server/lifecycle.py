@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from .errors import status_for
 from .jobs import CANCELED, FAILED, PROCESSING, QUEUED, TERMINAL, JobRecord, JobStatus
+from .logs import fields
 from .metrics import count_job
 
 log = logging.getLogger("sonic.jobs")
@@ -157,10 +158,13 @@ class RunEvents:
 
 # -- the end of a job -------------------------------------------------------------------------
 def log_end(rec: JobRecord) -> None:
-    """One line per job's end: its id, status, error code, seconds run and video seconds."""
+    """One line per job's end: its id, status, error code, seconds waited in the queue and run,
+    and video seconds."""
     line: dict[str, object] = {"job_id": rec.id, "status": rec.status.value}
     if rec.error:
         line["code"] = rec.error.get("code")
+    if rec.started:
+        line["wait_s"] = round(max(0.0, rec.started - rec.created), 2)
     if rec.started and rec.finished:
         line["run_s"] = round(rec.finished - rec.started, 2)
     if rec.result and "duration" in rec.result:
@@ -169,7 +173,7 @@ def log_end(rec: JobRecord) -> None:
         line["worker"] = rec.worker
     # the service's own faults warn; a caller's bad input (a photo without a face: 4xx) is routine
     faulted = rec.error is not None and status_for(str(rec.error.get("code"))) >= 500
-    (log.warning if faulted else log.info)("job ended %s", json.dumps(line))
+    (log.warning if faulted else log.info)("job ended %s", json.dumps(line), extra=fields("job ended", line))
 
 
 class JobEnd:

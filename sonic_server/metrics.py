@@ -2,12 +2,14 @@
 
 What is counted, and where:
 - requests by route (the URL rule, e.g. /api/sonic/jobs/<job_id>, never the raw path), method
-  and status: in every API process;
-- jobs: finished by kind and status, failures by error code, duration (start to end) and the
-  seconds of each pipeline stage as histograms, seconds of video produced: in the process that
+  and status, and their seconds to the answer's headers; answers from the cache: in every API
+  process;
+- jobs: finished by kind and status, failures by error code, seconds waited (submitted to
+  started), duration (start to end) and the seconds of each pipeline stage as histograms, seconds
+  of video produced: in the process that
   runs the job (the API process itself without Redis; each `sonic worker` with it, which serves
   its own /metrics on --metrics-port);
-- queue length, live and busy workers: read from the queue when scraped.
+- queue length, live and busy workers, webhook deliveries waiting: read when scraped.
 
 Several API processes on one machine (a process manager starting N copies) share one view when
 PROMETHEUS_MULTIPROC_DIR names an empty folder they can all write (prometheus-client's
@@ -35,15 +37,35 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 # a job: a short clip at 256 px takes under a second here, a long one at 1024 px many minutes
 SECONDS = (0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# an answer's headers: most routes answer in milliseconds; a synchronous generate in seconds
+HTTP_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # a stage: most take 0.01-0.3 s of a few seconds' clip (all fell in the first bucket, 0.5 s)
 STAGE_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
 
 REQUESTS = Counter("sonic_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram(
+    "sonic_http_request_duration_seconds",
+    "seconds from a request's arrival to its answer's headers (a stream's body, an event stream's or a "
+    "video's, is not counted)",
+    ["route", "method"],
+    buckets=HTTP_SECONDS,
+    registry=REGISTRY,
+)
+CACHE_HITS = Counter(
+    "sonic_cache_hits", "generate requests answered with the same request's earlier video", registry=REGISTRY
+)
 JOBS = Counter("sonic_jobs_finished", "jobs that ended", ["kind", "status"], registry=REGISTRY)
 FAILURES = Counter("sonic_job_failures", "failed jobs by error code", ["code"], registry=REGISTRY)
 RUNS_LOST = Counter(
     "sonic_job_runs_lost",
     "runs of jobs whose worker vanished, queued again (retry_lost_jobs) or failed worker_lost",
+    registry=REGISTRY,
+)
+WAIT = Histogram(
+    "sonic_job_wait_seconds",
+    "seconds from a job's submission to the start of its (last) run: the queue's wait",
+    ["kind"],
+    buckets=SECONDS,
     registry=REGISTRY,
 )
 DURATION = Histogram(
@@ -78,14 +100,21 @@ LIVE_LATENCY = Histogram(
 )
 
 
-def count_request(rule: str | None, method: str, status: int) -> None:
+def count_request(rule: str | None, method: str, status: int, seconds: float) -> None:
     REQUESTS.labels(rule or "unmatched", method, str(status)).inc()
+    REQUEST_SECONDS.labels(rule or "unmatched", method).observe(max(0.0, seconds))
+
+
+def count_cache_hit() -> None:
+    CACHE_HITS.inc()
 
 
 def count_job(rec) -> None:
     """A job has ended (its record holds the status, timings and error). Never raises."""
     try:
         JOBS.labels(rec.kind, rec.status).inc()
+        if rec.started:
+            WAIT.labels(rec.kind).observe(max(0.0, rec.started - rec.created))
         if rec.started and rec.finished:
             DURATION.labels(rec.kind).observe(max(0.0, rec.finished - rec.started))
         if rec.status == FAILED and rec.error:
@@ -99,9 +128,15 @@ def count_job(rec) -> None:
         pass
 
 
-def exposition(queue_health: dict | None, live_open: int | None = None) -> tuple[bytes, str]:
+def _gauge(name: str, meaning: str, value: float) -> str:
+    return f"# HELP {name} {meaning}\n# TYPE {name} gauge\n{name} {value}\n"
+
+
+def exposition(
+    queue_health: dict | None, live_open: int | None = None, webhook_jobs_waiting: int | None = None
+) -> tuple[bytes, str]:
     """The metrics page: this process's (or, in multiprocess mode, every process's) counters, and
-    the queue's gauges as they are now."""
+    the gauges read now: the queue's, the live sessions', the webhooks' (None: not read)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
@@ -110,6 +145,7 @@ def exposition(queue_health: dict | None, live_open: int | None = None) -> tuple
         body = generate_latest(registry)
     else:
         body = generate_latest(REGISTRY)
+    gauges = []
     if queue_health is not None:
         workers = queue_health.get("workers")
         busy = (
@@ -117,23 +153,19 @@ def exposition(queue_health: dict | None, live_open: int | None = None) -> tuple
             if workers is not None
             else int(queue_health.get("running_job") is not None)
         )
-        lines = [
-            "# HELP sonic_queue_length jobs waiting",
-            "# TYPE sonic_queue_length gauge",
-            f"sonic_queue_length {queue_health.get('queue_length', 0)}",
-            "# HELP sonic_workers_live workers that run jobs",
-            "# TYPE sonic_workers_live gauge",
-            f"sonic_workers_live {queue_health.get('workers_alive', 0)}",
-            "# HELP sonic_workers_busy workers running a job now",
-            "# TYPE sonic_workers_busy gauge",
-            f"sonic_workers_busy {busy}",
+        gauges += [
+            _gauge("sonic_queue_length", "jobs waiting", queue_health.get("queue_length", 0)),
+            _gauge("sonic_workers_live", "workers that run jobs", queue_health.get("workers_alive", 0)),
+            _gauge("sonic_workers_busy", "workers running a job now", busy),
         ]
-        body += ("\n".join(lines) + "\n").encode()
     if live_open is not None:
-        lines = [
-            "# HELP sonic_live_sessions_open live sessions running now",
-            "# TYPE sonic_live_sessions_open gauge",
-            f"sonic_live_sessions_open {live_open}",
-        ]
-        body += ("\n".join(lines) + "\n").encode()
-    return body, CONTENT_TYPE_LATEST
+        gauges.append(_gauge("sonic_live_sessions_open", "live sessions running now", live_open))
+    if webhook_jobs_waiting is not None:
+        gauges.append(
+            _gauge(
+                "sonic_webhook_jobs_waiting",
+                "jobs with a webhook delivery waiting to be sent (a retry's included)",
+                webhook_jobs_waiting,
+            )
+        )
+    return body + "".join(gauges).encode(), CONTENT_TYPE_LATEST

@@ -27,8 +27,8 @@ from sonic.settings import SettingsError
 
 from . import create_app
 from .drain import AFTER_THE_DRAIN, EXIT_WAIT_S, InFlight
-from .hooks import configure_logging
 from .host_limits import check_host
+from .logs import configure_logging
 from .settings import load_settings
 
 SERVER_NAME = "sonic"
@@ -136,6 +136,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     except SettingsError as e:
         sys.exit(f"error: {e}")
+    configure_logging(settings.server.log_format)
     check_host(settings, runs_here=not settings.server.redis_url)
     try:
         app = create_app(settings, background_load=True)  # answers /health while the models load

@@ -20,6 +20,8 @@ from sonic.settings import ENV_PREFIX, Settings, SettingsError, resolve_path
 from sonic.settings import load_settings as _load_settings
 from sonic.settings import settings_from as _settings_from
 
+from .logs import LOG_FORMATS
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -49,6 +51,7 @@ class ServerSettings:
     worker_drain_s: float = 30.0  # a worker stopped gracefully (SIGTERM) lets its live sessions run this long
     fusion_max_batch: int = 8  # pairs in one POST /fusion/batch
     idempotency_ttl_s: float = 86400.0  # an Idempotency-Key's answer is kept this long
+    log_format: str = "text"  # text: time, level, logger, message; json: one JSON object per line
     database_url: str | None = (
         None  # accounts and credits: None = sqlite in data_dir; postgresql://... (SONIC_DATABASE_URL)
     )
@@ -188,6 +191,8 @@ class ServerConfig(Settings):
         super().checked()
         if self.server.port > 65535:
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
+        if self.server.log_format not in LOG_FORMATS:
+            raise SettingsError(f"setting server.log_format must be text or json, got {self.server.log_format!r}")
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)

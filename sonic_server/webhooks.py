@@ -133,6 +133,9 @@ class Outbox(Protocol):
     def pending(self) -> bool:
         """Whether any delivery waits (no side effect: nothing is claimed)."""
 
+    def jobs_waiting(self) -> int:
+        """How many jobs (a cached answer counts as its own) have a delivery waiting: /metrics."""
+
     def forget_job(self, job_id: str) -> None:
         """Every delivery of a deleted job (its own events', and its cached answers')."""
 
@@ -166,6 +169,10 @@ class MemoryOutbox:
     def pending(self) -> bool:
         with self._lock:
             return bool(self._items)
+
+    def jobs_waiting(self) -> int:
+        with self._lock:
+            return len({d.job_id for d in self._items.values()})
 
     def done(self, delivery: Delivery) -> None:
         with self._lock:
@@ -228,6 +235,10 @@ class SqliteOutbox:
     def pending(self) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM webhook_outbox LIMIT 1").fetchone() is not None
+
+    def jobs_waiting(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(DISTINCT job_id) FROM webhook_outbox").fetchone()[0])
 
     def done(self, delivery: Delivery) -> None:
         with self._lock:
@@ -347,6 +358,9 @@ class RedisOutbox:
 
     def pending(self) -> bool:
         return bool(self.r.zcard("sonic:wh:due"))
+
+    def jobs_waiting(self) -> int:
+        return int(self.r.zcard("sonic:wh:due"))  # the first waiting delivery of each job
 
     def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
         """At most one delivery, claimed: it is sent before the next is looked at."""

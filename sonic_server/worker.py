@@ -37,12 +37,12 @@ from sonic.settings import SettingsError
 
 from . import lifecycle
 from .expiry import SWEEP_EVERY_S, OutputExpiry
-from .hooks import configure_logging
 from .host_limits import check_host, short_of_disk
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobEnd, RunSuperseded
 from .live.host import LiveHost
 from .live.relay import Records, reap_lost
+from .logs import configure_logging
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import (
@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         )
     except SettingsError as e:
         sys.exit(f"error: {e}")
+    configure_logging(settings.server.log_format)
     srv = settings.server
     check_host(settings)
     if not srv.redis_url:

@@ -84,7 +84,10 @@ def test_the_dockerfile_runs_waitress_on_8080_as_a_user_with_a_health_check():
 def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_drain_on_sigterm(tmp_path):
     """The production command (waitress-serve --call sonic_server.wsgi:make_app, the Dockerfile's)
     takes its settings file from SONIC_CONFIG and logs as `sonic serve` does: each request's line
-    with its client, its job or its error code, and each job's end; a bad setting is one line.
+    with its client, its job or its error code, and each job's end, here as JSON lines
+    (`server.log_format: json`: every line an object with its UTC time, level and logger; a
+    request's and a job's fields as fields; a 200 to a health probe not at INFO); a bad setting
+    is one line.
     Stopped by SIGTERM (docker stop) while a synchronous generate waits for its video, it still
     answers that request (waitress alone would die at once), answers new ones 503 `busy`, and
     ends within server.drain_s."""
@@ -101,6 +104,7 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
 
     cfg = settings(tmp_path, drain_s=20, sync_wait_s=60)
     cfg["defaults"]["min_resolution"] = 256
+    cfg["server"]["log_format"] = "json"
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     port, log = free_port(), tmp_path / "server.log"
     waitress = [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--threads=4", "--asyncore-use-poll",
@@ -139,11 +143,17 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     assert stopping.headers["Retry-After"] and stopping.headers["X-Request-ID"]
     assert "SIGTERM: stopping; new work is refused (503), 1 answer(s) in flight get up to 20 s" in text
     assert done["width"] == 256  # the file's defaults were read
-    lines = [json.loads(line.split(" INFO sonic.http ", 1)[1]) for line in text.splitlines() if " INFO sonic.http " in line]
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]  # each line: one object
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    lines = [r for r in records if r["logger"] == "sonic.http" and r["message"] == "request"]
+    assert all(r["level"] == "INFO" for r in lines)
     made = [line for line in lines if line["route"] == "/api/sonic/generate" and line["status"] == 200]
     assert made and made[0]["job_id"] == done["job_id"] and made[0]["client"] == "127.0.0.1"
     assert any(line["status"] == 400 and line.get("error_code") == "invalid_parameter" for line in lines)
-    assert f'"job_id": "{done["job_id"]}", "status": "succeeded"' in text and " INFO sonic.jobs job ended " in text
+    probes = [line["status"] for line in lines if line["route"] == "/health"]
+    assert probes == [503]  # the answers while starting (connection refused) and 200 are not at INFO
+    ended = [r for r in records if r["logger"] == "sonic.jobs" and r["message"] == "job ended"]
+    assert any(r["job_id"] == done["job_id"] and r["status"] == "succeeded" and r["wait_s"] >= 0 for r in ended)
 
 
 def test_a_stopping_app_refuses_new_work_answers_the_rest_and_waits_for_no_stream_or_file(make_client):

@@ -747,11 +747,13 @@ def test_cors_request_id_and_access_log(make_client, caplog):
     assert "Idempotent-Replayed" in pre.headers["Access-Control-Expose-Headers"]
     assert int(pre.headers["Access-Control-Max-Age"]) >= 600
     assert "Access-Control-Allow-Origin" not in client.get("/health").headers     # no Origin, no CORS headers
-    with caplog.at_level(logging.INFO, logger="sonic.http"):
-        r = client.get("/health", headers={"X-Request-ID": "abc123"})
+    with caplog.at_level(logging.DEBUG, logger="sonic.http"):
+        r = client.get("/api/sonic/params", headers={"X-Request-ID": "abc123"})
+        client.get("/health")
     assert r.headers["X-Request-ID"] == "abc123"
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"]
-    assert any(l["request_id"] == "abc123" and l["route"] == "/health" and l["status"] == 200 for l in lines)
+    lines = {rec.levelname: json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"}
+    assert lines["INFO"]["request_id"] == "abc123" and lines["INFO"]["route"] == "/api/sonic/params"
+    assert lines["DEBUG"]["route"] == "/health"  # a probe's 200 every few seconds: below INFO
     assert len(client.get("/health").headers["X-Request-ID"]) == 32           # one is made up when none is sent
 
 
@@ -824,6 +826,8 @@ def test_prefer_header(make_client, header):
 
 
 def test_metrics_count_requests_jobs_and_read_the_queue(make_client):
+    """Requests by rule, with their seconds; jobs, their wait and their end; answers from the
+    cache; the queue's and the webhooks' gauges; the process's own figures."""
     from prometheus_client.parser import text_string_to_metric_families
     client, _ = make_client()
 
@@ -835,18 +839,24 @@ def test_metrics_count_requests_jobs_and_read_the_queue(make_client):
 
     before = scrape()
     assert post(client, {**FAST, "seed": 31}).status_code == 200
+    assert post(client, {**FAST, "seed": 31}).get_json()["cached"] is True
     assert client.get("/api/sonic/jobs/" + "0" * 32).status_code == 404
     after = scrape()
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
-    assert delta("sonic_http_requests_total", route="/api/sonic/generate", method="POST", status="200") == 1
+    assert delta("sonic_http_requests_total", route="/api/sonic/generate", method="POST", status="200") == 2
+    assert delta("sonic_http_request_duration_seconds_count", route="/api/sonic/generate", method="POST") == 2
+    assert delta("sonic_http_request_duration_seconds_sum", route="/api/sonic/generate", method="POST") > 0
+    assert delta("sonic_cache_hits_total") == 1
+    assert delta("sonic_job_wait_seconds_count", kind="generate") == 1
     assert delta("sonic_http_requests_total", route="/api/sonic/jobs/<job_id>", method="GET", status="404") == 1
     assert delta("sonic_jobs_finished_total", kind="generate", status="succeeded") == 1
     assert delta("sonic_job_duration_seconds_count", kind="generate") == 1
     assert delta("sonic_video_seconds_total") > 0
     assert after[("sonic_queue_length", ())] == 0 and after[("sonic_workers_live", ())] == 1
+    assert after[("sonic_webhook_jobs_waiting", ())] == 0
     # the process's own figures (a custom registry had none), and stages' seconds in buckets that
     # tell a 0.02 s stage from a 0.3 s one (all fell in the first, 0.5 s)
     assert after[("process_resident_memory_bytes", ())] > 50e6 and after[("process_open_fds", ())] > 0
@@ -972,3 +982,33 @@ def test_a_request_log_line_names_the_job_that_answered_it_and_no_other(make_cli
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "sonic.http"]
     assert lines[0]["job_id"] == first.get_json()["job_id"] and lines[0]["cached"] is True
     assert lines[1]["status"] == 415 and "job_id" not in lines[1]
+
+
+def test_log_lines_as_text_or_as_json_objects_with_the_records_fields(make_client, caplog):
+    """server.log_format: text lines start with the time in UTC (ISO 8601: a line read on
+    another machine says when); JSON lines are one object each, a request's and a job's end's
+    fields as fields (not a string to parse again), another record's text as `message`, a
+    traceback as `exception`."""
+    import logging
+    import re
+    from sonic_server.logs import JsonFormatter, TextFormatter
+    client, _ = make_client()
+    with caplog.at_level(logging.INFO):
+        done = post(client, {**FAST, "seed": 43}).get_json()
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            logging.getLogger("sonic.test").exception("a step failed for job %s", "j1")
+    request = next(r for r in caplog.records if r.name == "sonic.http")
+    ended = next(r for r in caplog.records if r.name == "sonic.jobs" and r.getMessage().startswith("job ended"))
+    failed = next(r for r in caplog.records if r.name == "sonic.test")
+    text = TextFormatter().format(request)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO sonic\.http \{.*\}", text), text
+    assert json.loads(text.split(" sonic.http ", 1)[1])["job_id"] == done["job_id"]
+    as_json = [json.loads(JsonFormatter().format(r)) for r in (request, ended, failed)]
+    assert all(set(line) >= {"time", "level", "logger", "message"} for line in as_json)
+    assert as_json[0]["message"] == "request" and as_json[0]["route"] == "/api/sonic/generate"
+    assert as_json[0]["status"] == 200 and as_json[0]["job_id"] == done["job_id"] and as_json[0]["ms"] > 0
+    assert as_json[1]["message"] == "job ended" and as_json[1]["status"] == "succeeded" and as_json[1]["wait_s"] >= 0
+    assert as_json[2]["message"] == "a step failed for job j1" and as_json[2]["level"] == "ERROR"
+    assert "ValueError: broken" in as_json[2]["exception"]

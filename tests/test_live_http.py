@@ -775,6 +775,6 @@ def test_the_service_logs_no_line_per_ice_check():
     `sonic serve` wrote them (the WSGI entry and the worker had turned them down themselves)."""
     import logging
 
-    from sonic_server.hooks import configure_logging
+    from sonic_server.logs import configure_logging
     configure_logging()
     assert logging.getLogger("aioice").level >= logging.WARNING

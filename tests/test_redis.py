@@ -677,9 +677,11 @@ def test_deliveries_waiting_for_one_job_are_bounded_in_redis_too(redis_url):
     assert outbox.add(Delivery("msg_b", "job_b", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
     # a deleted job's go with it, a cached answer's (suffixed) too; another job's stay
     assert outbox.add(Delivery("msg_c", "job_a.0f3c", outbox.next_seq(), "http://h/", "completed", "{}", 0, now, now))
+    assert outbox.jobs_waiting() == 3  # /metrics' sonic_webhook_jobs_waiting
     outbox.forget_job("job_a")
     assert not conn.keys("sonic:wh:q:job_a*") and not conn.exists("sonic:wh:msg_0", "sonic:wh:msg_c")
     assert [m.decode() for m in conn.zrange("sonic:wh:due", 0, -1)] == ["msg_b"]
+    assert outbox.jobs_waiting() == 1
 
 
 def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():

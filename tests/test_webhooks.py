@@ -139,6 +139,13 @@ def test_events_arrive_signed_in_order_and_as_filtered(hooked_client):
         rx.close()
 
 
+def waiting_gauge(client) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    page = client.get("/metrics").get_data(as_text=True)
+    return next(s.value for fam in text_string_to_metric_families(page) for s in fam.samples
+                if s.name == "sonic_webhook_jobs_waiting")
+
+
 def test_failed_deliveries_are_retried_on_500_and_on_a_closed_port(hooked_client):
     client = hooked_client()
     rx = Receiver(free_port(), statuses=[500])
@@ -151,11 +158,17 @@ def test_failed_deliveries_are_retried_on_500_and_on_a_closed_port(hooked_client
         assert verified(got[1])["job_id"] == first
         second = post(client, {**FAST, "seed": 4, "webhook": f"http://127.0.0.1:{closed}/late"}).get_json()["job_id"]
         time.sleep(1.5)  # its first attempt finds the port closed
+        assert waiting_gauge(client) == 1  # /metrics: a job whose delivery waits for its retry
         late = Receiver(closed)
         try:
             assert verified(late.wait(1, timeout=15)[0])["job_id"] == second
         finally:
             late.close()
+        for _ in range(40):
+            if waiting_gauge(client) == 0:
+                break
+            time.sleep(0.05)
+        assert waiting_gauge(client) == 0
     finally:
         rx.close()
 
@@ -392,8 +405,10 @@ def test_a_deleted_jobs_deliveries_go_with_it(tmp_path, kind):
     secret = "http://user:hookpass@127.0.0.1:9/h"
     for i, job in enumerate(["job_a", "job_a", "job_a.0f3c", "job_b", "job_ab"]):  # a cached answer's: suffixed
         outbox.add(Delivery(f"msg_{i}", job, i, secret, "completed", "{}", 0, now, now))
+    assert outbox.jobs_waiting() == 4  # /metrics' sonic_webhook_jobs_waiting
     outbox.forget_job("job_a")
     assert sorted(d.job_id for d in outbox.due(now + 1, 100)) == ["job_ab", "job_b"]
+    assert outbox.jobs_waiting() == 2
     if kind == "sqlite":
         wal = tmp_path / "jobs.sqlite3-wal"
         assert not wal.exists() or wal.stat().st_size == 0          # checkpointed: no old copy left there

@@ -29,6 +29,7 @@ from ..drain import STREAMING, Drain
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, TERMINAL, JobQuery, JobRecord, JobStatus, cache_key
 from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
+from ..metrics import count_cache_hit
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
 from ..queue import CallerBusy, JobQueue, QueueFull, WorkerStopped
@@ -473,6 +474,7 @@ def generate():
             hit.webhook = hook
             svc.webhooks.notify(hit, "completed", on_its_own=True)
         g.job_id, g.cached = hit.id, True  # the request's log line names the job that answered it
+        count_cache_hit()
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share

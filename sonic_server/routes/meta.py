@@ -176,7 +176,11 @@ def metrics():
         queue_health = svc.queue.health() if svc.queue is not None else idle
     except Exception:  # noqa: BLE001 - distributed: Redis away; nothing runs jobs that it can see
         queue_health = idle
-    body, content_type = exposition(queue_health, live_open)
+    try:
+        webhooks_waiting = svc.webhooks.outbox.jobs_waiting() if svc.webhooks is not None else None
+    except Exception:  # noqa: BLE001 - the outbox's store away: the page still answers, without this gauge
+        webhooks_waiting = None
+    body, content_type = exposition(queue_health, live_open, webhooks_waiting)
     return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
 
 

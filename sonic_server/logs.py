@@ -1,0 +1,77 @@
+"""How the service's processes log: one line per record on stderr, as text (time, level, logger,
+message) or as JSON lines (`server.log_format: json`) for a log pipeline that parses them.
+
+A record whose line is data (a request's, a job's end) is logged with `fields(...)` as its
+`extra`: its text line is its message followed by the fields as JSON (as it always was); its
+JSON line holds the fields themselves beside the time, level and logger, not a string to parse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+LOG_FORMATS = ("text", "json")
+HANDLER_NAME = "sonic"  # the handler this module installed, the only one whose format it sets
+_EVENT, _FIELDS = "sonic_event", "sonic_fields"
+
+
+def fields(event: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The `extra` of a record whose line is data: `event` names what happened ("request", "job
+    ended"), `values` what a JSON line holds as fields."""
+    return {_EVENT: event, _FIELDS: values}
+
+
+def _timestamp(created: float) -> str:
+    """ISO 8601 in UTC to the millisecond: a line read on another machine says when it was."""
+    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TextFormatter(logging.Formatter):
+    """`<time> <LEVEL> <logger> <message>`, the time as `_timestamp` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return _timestamp(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, then a data record's event and fields, or
+    another record's message; a logged exception's traceback as `exception`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"time": _timestamp(record.created), "level": record.levelname, "logger": record.name}
+        values = getattr(record, _FIELDS, None)
+        if isinstance(values, dict):
+            line["message"] = getattr(record, _EVENT, "")
+            line.update({k: v for k, v in values.items() if k not in line})
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["exception"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(log_format: str = "text") -> None:
+    """INFO lines to stderr in `log_format`, unless the process has set up logging itself (an
+    application that embeds the service keeps its own handlers and format): the service logs
+    the same under `sonic serve`, `sonic worker` and a WSGI server (waitress sets up none, so its
+    access and job lines went nowhere). Called once at start, and again with the settings'
+    format once they are read (a settings error is logged before that)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        ours = logging.StreamHandler()
+        ours.set_name(HANDLER_NAME)
+        root.addHandler(ours)
+        root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        if handler.get_name() == HANDLER_NAME:
+            handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    # a line per ICE check of each live session otherwise, with the client's address and port
+    logging.getLogger("aioice").setLevel(logging.WARNING)
