@@ -26,11 +26,15 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
 from .jobs import FAILED, SUCCEEDED
 
+# a `_created` series beside every counter and histogram (its creation time) doubled the series
+# a dashboard sees and means nothing for rates; Prometheus itself does not need it
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 # the process's memory, CPU seconds and open files (process_*; not in multiprocess mode, whose
 # page is gathered from the processes' files)
