@@ -1,8 +1,10 @@
-"""Face fusion figures (docs/fusion.md): time per fusion at 512 px (warm), the batch endpoint's
-throughput against single calls, the identity distances (dlib's face embeddings) to the source
+"""Face fusion figures (docs/fusion.md): time per fusion at 512 px (warm), into large photos
+(the target upscaled so that its face is 700 to 2800 px tall, up to 40 MP: the most a target
+may have), the batch endpoint's throughput against single calls, the identity distances (dlib's face embeddings) to the source
 and to the target across blend ratios, and optionally the picture grid.
 
     .venv/bin/python scripts/bench_fusion.py [--media ../shared/media/images] [--grid docs/fusion_grid.jpg]
+        [--large-only]
 Check `uptime` first: time only on a quiet machine.
 """
 from __future__ import annotations
@@ -45,10 +47,27 @@ def png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def large_targets(source: np.ndarray, target: np.ndarray, analyzer) -> None:
+    """`target` upscaled until its face is 700, 1400 and 2800 px tall (the photo at most 40 MP):
+    the time of one fusion into each (the work grows with the face's pixels)."""
+    from sonic.fusion import fuse
+    box = analyzer.analyze(target).box
+    for face_px in (700, 1400, 2800):
+        scale = min(face_px / (box[3] - box[1]), (40e6 / (target.shape[0] * target.shape[1])) ** 0.5)
+        h, w = round(target.shape[0] * scale), round(target.shape[1] * scale)
+        big = np.asarray(Image.fromarray(target).resize((w, h), Image.BICUBIC))
+        t0 = time.perf_counter()
+        res = fuse(source, big, analyzer, 0.6)
+        took = time.perf_counter() - t0
+        fh = res.faces["target"]["box"][3] - res.faces["target"]["box"][1]
+        print(f"large target {w}x{h} ({w * h / 1e6:.0f} MP), face {fh} px tall: {took:.2f} s {res.timings}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--media", default=str(ROOT.parent / "shared" / "media" / "images"))
     ap.add_argument("--grid", help="write the ratio grid (JPEG) here")
+    ap.add_argument("--large-only", action="store_true", help="only the times into large photos")
     a = ap.parse_args()
     from sonic.face import FaceAnalyzer
     from sonic.fusion import fuse
@@ -59,6 +78,9 @@ def main() -> None:
     pairs = [(s, t) for s in names for t in names if s != t]
     analyzer = FaceAnalyzer()
     fuse(faces[names[0]], faces[names[1]], analyzer)                 # warm
+    if a.large_only:
+        large_targets(faces[names[0]], faces[names[1]], analyzer)
+        return
     times = []
     for s, t in pairs:
         for _ in range(5):
@@ -67,6 +89,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     print(f"time per fusion at 512 px (warm, {len(times)} runs over {len(pairs)} pairs): median "
           f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+    large_targets(faces[names[0]], faces[names[1]], analyzer)
     # the endpoints: single calls against one batch call, the same pairs
     from server_helpers import FakePipeline, settings
     import tempfile
