@@ -273,3 +273,35 @@ def test_credentials_follow_a_redirect_only_within_the_same_origin():
                                              ("http://b.example/y", "http", "b.example", 80, False)):
         hop = same_origin_credentials(Target(url, scheme, host, port, "/y", "203.0.113.2"), first)
         assert (hop.authorization == "Basic dTpw") is carried, url
+
+
+def test_one_keys_slow_hosts_take_only_its_share_of_the_fetches(tmp_path, files):
+    """With keys, one caller holds at most a quarter of outbound.max_fetches: eight requests to a
+    host that drips its answer kept every other caller's URL inputs refused 503 for as long as
+    they were sent again. Here: 4 slots, one key's first fetch holds its one; its second is
+    refused naming its share; another key's URL request is fetched and rendered."""
+    from sonic_server import create_app
+    cfg = settings(tmp_path)
+    cfg["server"]["api_keys"] = ["key-one", "key-two"]
+    cfg["outbound"] = {"allow_private": True, "fetch_timeout_s": 2, "max_fetches": 4}
+    app = create_app(cfg, pipeline=FakePipeline())
+    client = app.test_client()
+
+    def by_url(key: str, image: str):
+        return client.post("/api/sonic/generate", headers={"Authorization": f"Bearer {key}"},
+                           data={"config": json.dumps(FAST), "image_url": files.url(image),
+                                 "audio_url": files.url("/speech.flac")}, content_type="multipart/form-data")
+    try:
+        held = {}
+        first = threading.Thread(target=lambda: held.update(r=by_url("key-one", "/drip")))
+        first.start()
+        time.sleep(0.5)
+        again = by_url("key-one", "/portrait.jpg")
+        assert_clean_error(again, 503, "busy")
+        assert "this caller has its share of URL fetches under way (1 at once)" in again.get_json()["error"]["message"]
+        other = by_url("key-two", "/portrait.jpg")
+        assert other.status_code == 200, other.get_data()[:300]
+        first.join()
+        assert held["r"].status_code == 400
+    finally:
+        app.extensions["sonic"].queue.close()

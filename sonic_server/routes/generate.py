@@ -395,17 +395,22 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
 
 def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
     """The files named by URL ({"image": url, ...}), fetched one after the other within one
-    outbound.fetch_timeout_s, by at most outbound.max_fetches requests at once: a fetch holds
-    one of the server's threads, and a caller's slow host must not hold them all."""
+    outbound.fetch_timeout_s, by at most outbound.max_fetches requests at once, a quarter of
+    them for one key or account: a fetch holds one of the server's threads, and one caller's
+    slow host must not hold them all (eight requests to a host that drips its answer kept every
+    other caller's URLs refused)."""
     svc = service()
     out, limit = svc.settings.outbound, int(svc.settings.limits.max_upload_mb * 1024 * 1024)
-    if not svc.fetches.take():
-        raise Busy(
-            f"{svc.fetches.limit} requests are fetching their inputs by URL, the most this server allows "
-            "(outbound.max_fetches); retry shortly, or upload the files",
-            field=f"{next(iter(urls))}_url",
-        )
-    try:
+    field = f"{next(iter(urls))}_url"
+
+    def refused(full: bool) -> Busy:
+        if full:
+            said = f"{svc.fetches.limit} requests are fetching their inputs by URL, the most this server allows"
+        else:
+            said = f"this caller has its share of URL fetches under way ({svc.fetches.per_holder} at once)"
+        return Busy(f"{said} (outbound.max_fetches); retry shortly, or upload the files", field=field)
+
+    with svc.fetches.holding(caller().owner, refused):
         ends, fetched = time.monotonic() + out.fetch_timeout_s, dict[str, bytes]()
         for name, url in urls.items():
             left = limit - sum(len(data) for data in fetched.values())  # the files together, as an upload's
@@ -422,8 +427,6 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
                     field=f"{name}_url",
                 ) from None
         return fetched
-    finally:
-        svc.fetches.give_back()
 
 
 @bp.post("/api/sonic/generate")
