@@ -101,6 +101,28 @@ def test_a_video_is_charged_per_second_after_a_hold_and_402_comes_before_any_wor
     assert ledger.check() == []
 
 
+def test_a_video_is_priced_by_its_frames_and_an_account_that_cannot_pay_is_refused_before_decoding(service, tmp_path):
+    """A duration under half a frame was priced at 0 credits, held 0, and still rendered a
+    frame, charged 0 (the charge is capped at the hold): a video for nothing from an empty
+    account. And an account that could not pay had its upload decoded before the 402 (a 39 MP
+    PNG: 1.85 s of CPU per request)."""
+    pipe = FakePipeline()
+    client, ledger, _ = service(pipe, per_video_second=10, per_request=0)
+    _, broke = ledger.create_account("bob", credits=0)
+    r = post(client, {**FAST, "duration": 1e-300, "fps": 10}, headers=auth(broke))
+    assert_clean_error(r, 402, "insufficient_credits")
+    assert r.get_json()["error"]["needed"] == 1 and not pipe.calls     # one frame, 0.1 s: 1 credit
+    garbage = tmp_path / "not-an-image.jpg"
+    garbage.write_bytes(b"\x00" * 4096)
+    r = post(client, FAST, image=garbage, headers=auth(broke))         # 402, not 415: nothing was decoded
+    assert_clean_error(r, 402, "insufficient_credits")
+    assert "at least 1 credits" in r.get_json()["error"]["message"]
+    _, key = ledger.create_account("cy", credits=1)
+    r = post(client, {**FAST, "duration": 0.01, "fps": 10}, headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    assert ledger.account("cy")["balance"] == 0 and ledger.check() == []             # its frame paid for
+
+
 def test_failed_and_canceled_jobs_cost_nothing_and_cache_hits_are_free_unless_set(service):
     from sonic import PipelineError
     client, ledger, _ = service(FakePipeline(error=PipelineError("the render broke")))

@@ -68,6 +68,15 @@ class Billing:
             raise NoAccount(f"{what} an account's key or token (credits are enabled); this key belongs to no account")
         return Payer(principal.account_id, principal.operator)
 
+    def check_video(self, payer: Payer, seconds: float, exact: bool) -> None:
+        """Before a request's files are decoded: whether the account can pay for a video of
+        `seconds` (`exact`: its length is known, else the least it can be), so that an account
+        that cannot pay is answered at once, without the decoding (a read: nothing is held)."""
+        needed = video_price(self.credits, seconds)
+        balance = self.ledger.balance(payer.account_id)
+        if balance < needed:
+            raise InsufficientCredits("this video costs" if exact else "a video costs at least", needed, balance)
+
     def hold_video(self, payer: Payer, job_id: str, seconds: float, request_id: str | None) -> None:
         """Hold the estimate of a video of `seconds` for the job, before it is queued."""
         needed = video_price(self.credits, seconds)

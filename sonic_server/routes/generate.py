@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
-from sonic.checks import check_inputs
+from sonic.checks import check_inputs, frame_count
 from sonic.errors import Busy, DiskFull, InputTooLarge
 from sonic.options import parameters
 from sonic.version import pipeline_version
@@ -481,6 +481,8 @@ def generate():
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share
+    if payer is not None and svc.billing is not None:  # an account that cannot pay: no decoding for it
+        svc.billing.check_video(payer, _video_seconds(opts, None), exact=opts.duration is not None)
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     rec.webhook = hook
     try:
@@ -497,7 +499,7 @@ def generate():
             raise
         if payer is not None and svc.billing is not None:  # the estimate is held before anything is queued
             try:
-                svc.billing.hold_video(payer, rec.id, opts.duration or checked.audio_s, g.get("request_id"))
+                svc.billing.hold_video(payer, rec.id, _video_seconds(opts, checked.audio_s), g.get("request_id"))
             except InsufficientCredits:
                 svc.uploads.remove(rec.id)
                 raise
@@ -538,6 +540,15 @@ def generate():
             # the job's id too: the server log names a failed job by it
             return error_response(err["code"], err["message"], err.get("field"), extra={"job_id": rec.id})
     return _accepted(rec)
+
+
+def _video_seconds(opts: GenerateOptions, audio_s: float | None) -> float:
+    """The length of the video the request will get, whole frames (what it is charged for): a
+    duration under half a frame priced at 0 credits and still rendered one frame. Without the
+    audio's length yet (None): its least, one frame."""
+    if opts.duration is None and audio_s is None:
+        return 1 / opts.fps
+    return frame_count(opts, audio_s or 0.0) / opts.fps
 
 
 def _check_share(svc: Service, queue: JobQueue, owner: str | None) -> None:
