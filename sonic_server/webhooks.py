@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from sonic.errors import InvalidParameter
 
@@ -53,12 +53,23 @@ SENDERS = 4  # deliveries in flight at once, each to another job: a receiver tha
 PER_RECEIVER = SENDERS // 2
 # ... and to a receiver whose last attempt failed, one at a time
 PER_FAILING_RECEIVER = 1
+# ... and for one key or account's jobs at most: one caller's receivers, however many hosts or
+# paths they name, do not hold every sender (a key's cached answers to 16 paths of a slow host
+# held a day's worth of others' deliveries behind them). Without keys everyone is one caller.
+PER_OWNER = SENDERS // 2
 # a receiver is its URL less the query (a shared host such as a hooks service gives each of its
 # customers a path of their own), read alike here and in the Redis claim's script
 RECEIVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*")
 # deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
 # answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
+
+
+class Lane(NamedTuple):
+    """Where an attempt under way counts against the senders' shares."""
+
+    receiver: str
+    owner: str
 
 
 def receiver_of(url: str) -> str:
@@ -112,15 +123,19 @@ class Delivery:
     attempts: int = 0
     next_at: float = 0.0
     first_at: float = 0.0
+    owner: str = ""  # the job's caller (a key's digest, an account); "": made without keys
 
 
 class Outbox(Protocol):
     def add(self, delivery: Delivery) -> bool:
         """Queue it, or False (nothing queued) when MAX_PENDING_PER_JOB of its job's wait."""
 
-    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
+    def due(
+        self, now: float, limit: int, skip: Collection[str] = (), skip_owners: Collection[str] = ()
+    ) -> list[Delivery]:
         """Deliveries whose time has come, each the first left of its job's, passing over those
-        to the receivers in `skip` (they wait where they are: nothing is rewritten)."""
+        to the receivers in `skip` and those of the callers in `skip_owners` (they wait where
+        they are: nothing is rewritten)."""
 
     def done(self, delivery: Delivery) -> None: ...
 
@@ -157,13 +172,19 @@ class MemoryOutbox:
             self._items[delivery.id] = delivery
             return True
 
-    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
+    def due(
+        self, now: float, limit: int, skip: Collection[str] = (), skip_owners: Collection[str] = ()
+    ) -> list[Delivery]:
         with self._lock:
             heads: dict[str, Delivery] = {}
             for d in self._items.values():
                 if d.job_id not in heads or d.seq < heads[d.job_id].seq:
                     heads[d.job_id] = d
-            ready = (d for d in heads.values() if d.next_at <= now and receiver_of(d.url) not in skip)
+            ready = (
+                d
+                for d in heads.values()
+                if d.next_at <= now and receiver_of(d.url) not in skip and d.owner not in skip_owners
+            )
             return sorted(ready, key=lambda d: d.next_at)[:limit]
 
     def pending(self) -> bool:
@@ -205,6 +226,9 @@ class SqliteOutbox:
         # without it the look for each job's first delivery was quadratic: 4 s at 4,000 waiting,
         # under the lock every job's event waits for
         self._db.execute("CREATE INDEX IF NOT EXISTS webhook_outbox_job ON webhook_outbox (job_id, seq)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(webhook_outbox)")}
+        if "owner" not in columns:  # a table from before deliveries named their caller
+            self._db.execute("ALTER TABLE webhook_outbox ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
         self._db.create_function("receiver", 1, receiver_of, deterministic=True)
         self._lock = threading.Lock()
 
@@ -216,19 +240,23 @@ class SqliteOutbox:
             if waiting >= MAX_PENDING_PER_JOB:
                 return False
             self._db.execute(
-                "INSERT OR REPLACE INTO webhook_outbox VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, "
-                ":next_at, :first_at)",
+                "INSERT OR REPLACE INTO webhook_outbox (id, job_id, seq, url, event, body, attempts, next_at, "
+                "first_at, owner) VALUES (:id, :job_id, :seq, :url, :event, :body, :attempts, :next_at, :first_at, "
+                ":owner)",
                 asdict(delivery),
             )
             return True
 
-    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
+    def due(
+        self, now: float, limit: int, skip: Collection[str] = (), skip_owners: Collection[str] = ()
+    ) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, job_id, seq, url, event, body, attempts, next_at, first_at FROM webhook_outbox o "
+                "SELECT id, job_id, seq, url, event, body, attempts, next_at, first_at, owner FROM webhook_outbox o "
                 "WHERE next_at <= ? AND seq = (SELECT MIN(seq) FROM webhook_outbox i WHERE i.job_id = o.job_id) "
-                "AND receiver(url) NOT IN (SELECT value FROM json_each(?)) ORDER BY next_at LIMIT ?",
-                (now, json.dumps(sorted(skip)), limit),
+                "AND receiver(url) NOT IN (SELECT value FROM json_each(?)) "
+                "AND owner NOT IN (SELECT value FROM json_each(?)) ORDER BY next_at LIMIT ?",
+                (now, json.dumps(sorted(skip)), json.dumps(sorted(skip_owners)), limit),
             ).fetchall()
         return [Delivery(*row) for row in rows]
 
@@ -297,21 +325,23 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 # KEYS: due. ARGV: now, the claim's token, its lifetime (s), the prefix of a delivery's key, how
-# many due deliveries to look at, how much later to look at one passed over, then the receivers
-# to pass over (as receiver_of reads them).
+# many due deliveries to look at, how much later to look at one passed over, the receivers to
+# pass over (as receiver_of reads them, a JSON list), the callers to pass over (a JSON list).
 # The first due delivery that nobody has claimed, claimed, in one step: looked at and claimed
 # apart, a delivery whose failed attempt was rescheduled in between (its claim let go) was
 # claimed though no longer due, and then left unsent, held for CLAIM_S.
 _CLAIM = """
-local skip = {}
-for i = 7, #ARGV do skip[ARGV[i]] = true end
+local skip, skip_owners = {}, {}
+for _, receiver in ipairs(cjson.decode(ARGV[7])) do skip[receiver] = true end
+for _, owner in ipairs(cjson.decode(ARGV[8])) do skip_owners[owner] = true end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))) do
   local raw = redis.call('GET', ARGV[4] .. id)
   if not raw then
     redis.call('ZREM', KEYS[1], id)
   else
-    local url = cjson.decode(raw)['url']
-    if skip[string.match(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*') or url] then
+    local delivery = cjson.decode(raw)
+    local url = delivery['url']
+    if skip[string.match(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*') or url] or skip_owners[delivery['owner'] or ''] then
       redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[6], id)
     elseif redis.call('SET', ARGV[4] .. 'claim:' .. id, ARGV[2], 'NX', 'EX', ARGV[3]) then
       return raw
@@ -362,11 +392,14 @@ class RedisOutbox:
     def jobs_waiting(self) -> int:
         return int(self.r.zcard("sonic:wh:due"))  # the first waiting delivery of each job
 
-    def due(self, now: float, limit: int, skip: Collection[str] = ()) -> list[Delivery]:
+    def due(
+        self, now: float, limit: int, skip: Collection[str] = (), skip_owners: Collection[str] = ()
+    ) -> list[Delivery]:
         """At most one delivery, claimed: it is sent before the next is looked at."""
         token = uuid.uuid4().hex
+        lanes = [json.dumps(sorted(skip)), json.dumps(sorted(skip_owners))]
         raw = self._claim(
-            keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:", CLAIM_LOOK, PASSED_OVER_S, *sorted(skip)]
+            keys=["sonic:wh:due"], args=[now, token, CLAIM_S, "sonic:wh:", CLAIM_LOOK, PASSED_OVER_S, *lanes]
         )
         if not raw:
             return []
@@ -461,7 +494,7 @@ class Webhooks:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a delivery ended: its place may go to the next at once
         self._sending = False
-        self._in_flight: dict[str, str] = {}  # the deliveries being sent now: id -> receiver
+        self._in_flight: dict[str, Lane] = {}  # the deliveries being sent now: id -> their receiver and caller
         # receivers whose last attempt failed (this process's view) -> when, the oldest first
         self._failing: dict[str, float] = {}
         self._flight_lock = threading.Lock()
@@ -476,7 +509,9 @@ class Webhooks:
         body = json.dumps(job_document(rec, JobUrls.under(hook["root"], rec.id, self.outputs)), sort_keys=True)
         now = time.time()
         order = f"{rec.id}.{uuid.uuid4().hex[:12]}" if on_its_own else rec.id  # the deliveries it waits behind
-        delivery = Delivery(f"msg_{uuid.uuid4().hex}", order, self._next_seq(), hook["url"], event, body, 0, now, now)
+        delivery = Delivery(
+            f"msg_{uuid.uuid4().hex}", order, self._next_seq(), hook["url"], event, body, 0, now, now, rec.owner or ""
+        )
         if not self.outbox.add(delivery):
             metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
             log.warning(
@@ -539,24 +574,30 @@ class Webhooks:
     def send_due(self, now: float | None = None) -> None:
         """Start sending what is due, each delivery on a thread of its own, SENDERS at most at
         once, PER_RECEIVER at most to one receiver (PER_FAILING_RECEIVER to one whose last
-        attempt failed): a receiver that is down, or slow to answer, holds up no other's
-        deliveries. A job's next delivery waits for the one before (the outbox gives only each
-        job's first), and the Redis outbox claims each as it gives it."""
+        attempt failed) and PER_OWNER for one caller's jobs: a receiver that is down, or slow to
+        answer, or one caller's many, holds up no other's deliveries. A job's next delivery
+        waits for the one before (the outbox gives only each job's first), and the Redis outbox
+        claims each as it gives it."""
         at = time.time() if now is None else now
         while True:
             with self._flight_lock:
-                free, busy, full = SENDERS - len(self._in_flight), set(self._in_flight), self._full_receivers()
+                free, busy = SENDERS - len(self._in_flight), set(self._in_flight)
+                full, full_owners = self._full_receivers(), self._full_owners()
             if free <= 0:
                 return
-            fresh = [d for d in self.outbox.due(at, free + len(busy), full) if d.id not in busy]
+            fresh = [d for d in self.outbox.due(at, free + len(busy), full, full_owners) if d.id not in busy]
             started = 0
             for delivery in fresh:
-                receiver = receiver_of(delivery.url)
+                lane = Lane(receiver_of(delivery.url), delivery.owner)
                 with self._flight_lock:
-                    # the outbox passed over the receivers that were full; one may have filled since
-                    room = len(self._in_flight) < SENDERS and receiver not in self._full_receivers()
+                    # the outbox passed over the receivers and callers that were full; one may have filled since
+                    room = (
+                        len(self._in_flight) < SENDERS
+                        and lane.receiver not in self._full_receivers()
+                        and lane.owner not in self._full_owners()
+                    )
                     if room:
-                        self._in_flight[delivery.id] = receiver
+                        self._in_flight[delivery.id] = lane
                 if not room:
                     self.outbox.let_go(delivery)
                     continue
@@ -567,12 +608,18 @@ class Webhooks:
 
     def _full_receivers(self) -> set[str]:
         """Receivers that may take no more attempts now (under _flight_lock)."""
-        trying = Counter(self._in_flight.values())
+        trying = Counter(lane.receiver for lane in self._in_flight.values())
         return {
             receiver
             for receiver, count in trying.items()
             if count >= (PER_FAILING_RECEIVER if receiver in self._failing else PER_RECEIVER)
         }
+
+    def _full_owners(self) -> set[str]:
+        """Callers whose jobs' deliveries may have no more attempts under way now (under
+        _flight_lock); without keys ("") there is no other caller to make room for."""
+        trying = Counter(lane.owner for lane in self._in_flight.values() if lane.owner)
+        return {owner for owner, count in trying.items() if count >= PER_OWNER}
 
     def _note(self, receiver: str, answered: bool) -> None:
         """A receiver's attempt ended: answered with a 2xx, or failed."""

@@ -753,6 +753,21 @@ def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():
     assert "Traceback" not in p.stderr
 
 
+def test_one_callers_receivers_hold_up_no_other_callers_deliveries_in_redis_too(redis_url):
+    """As in memory and SQLite (tests/test_webhooks.py): the claim passes over a caller's
+    deliveries while that caller has its share of attempts under way."""
+    import redis
+    from sonic_server.webhooks import RedisOutbox
+    from test_webhooks import one_callers_receivers_hold_up_no_other
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    outbox = RedisOutbox(conn)
+    try:
+        one_callers_receivers_hold_up_no_other(outbox, outbox.next_seq)
+    finally:
+        conn.flushdb()
+
+
 def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries_in_redis_too(redis_url):
     """As with SQLite (tests/test_webhooks.py): the claim passes over a receiver that may take no
     more attempts now, in the script that claims."""

@@ -453,6 +453,49 @@ def a_receiver_down_holds_up_no_other(outbox, seq) -> None:
         down.close()
 
 
+def one_callers_receivers_hold_up_no_other(outbox, seq) -> None:
+    """One caller's jobs' deliveries to six paths of a host that never answers (six receivers:
+    a hooks service gives each customer a path), then another caller's to a live receiver: it
+    arrives at once, as does one made without keys. All four senders went to the first
+    caller's, and the other's waited 15 s behind each four of them (a security trial: a key's
+    cached answers, 16 of them, held another key's webhook 58 s)."""
+    import socket
+
+    from sonic_server.webhooks import Delivery, Webhooks
+
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))
+    down.listen(16)  # accepted by the kernel, never read nor answered
+    rx = Receiver(free_port())
+    hooks = Webhooks(outbox, lambda: SECRET, retry_s=600, allow_private=True, outputs=None)
+    now = time.time()
+    for i in range(6):
+        url = f"http://127.0.0.1:{down.getsockname()[1]}/hooks/customer-{i}"
+        outbox.add(Delivery(f"msg_b_{i}", f"job_b_{i}", seq(), url, "completed", "{}", 0, now, now, "caller-b"))
+    hooks.start()
+    try:
+        time.sleep(1.0)  # its attempts are under way
+        sent, now = time.monotonic(), time.time()
+        outbox.add(Delivery("msg_a", "job_a", seq(), rx.url, "completed", "{}", 0, now, now, "caller-a"))
+        outbox.add(Delivery("msg_anon", "job_anon", seq(), rx.url + "?anon", "completed", "{}", 0, now, now))
+        got = rx.wait(2, timeout=20)
+        assert len(got) == 2 and max(g["at"] for g in got) - sent < 2.5, [g["at"] - sent for g in got]
+    finally:
+        hooks.stop()
+        rx.close()
+        down.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_one_callers_receivers_hold_up_no_other_callers_deliveries(tmp_path, kind):
+    from itertools import count
+
+    from sonic_server.webhooks import MemoryOutbox, SqliteOutbox
+
+    outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
+    one_callers_receivers_hold_up_no_other(outbox, count(1).__next__)
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries(tmp_path, kind):
     from itertools import count
@@ -480,3 +523,22 @@ def test_a_delivery_whose_job_is_deleted_while_it_is_sent_is_not_put_back(tmp_pa
         outbox.retry(sent)
     assert outbox.due(now + 10, 10) == [Delivery("msg_b", "job_b", 2, "http://127.0.0.1:9/h", "completed", "{}", 1,
                                                  now + 5, now)]
+
+
+def test_deliveries_waiting_in_an_outbox_from_before_callers_were_named_are_still_sent(tmp_path):
+    """A job database whose outbox table has no `owner` column (deliveries written before they
+    named their caller) gains it at start, and its waiting deliveries come out as anyone's."""
+    import sqlite3
+
+    from sonic_server.webhooks import Delivery, SqliteOutbox
+
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("CREATE TABLE webhook_outbox (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+               "url TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL, "
+               "next_at REAL NOT NULL, first_at REAL NOT NULL)")
+    db.execute("INSERT INTO webhook_outbox VALUES ('msg_old', 'job_old', 1, 'http://h/x', 'completed', '{}', 0, 1, 1)")
+    db.commit()
+    db.close()
+    outbox = SqliteOutbox(tmp_path / "jobs.sqlite3")
+    assert outbox.due(10, 10) == [Delivery("msg_old", "job_old", 1, "http://h/x", "completed", "{}", 0, 1.0, 1.0, "")]
+    assert outbox.due(10, 10, skip_owners=["someone"])[0].id == "msg_old"
