@@ -63,6 +63,10 @@ RECEIVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*")
 # deliveries that may wait for one job: its own start, progress and end take ~15 a run (cached
 # answers' wait on their own); a bound all the same, behind a receiver that fails
 MAX_PENDING_PER_JOB = 64
+# ... and for one key's or account's jobs together: each cached answer's delivery waits on its
+# own, so a caller that sent a cached request again and again to receivers that fail (each
+# delivery tried for webhooks.retry_s) piled them up without bound. Without keys: no such bound.
+MAX_PENDING_PER_OWNER = 256
 
 
 class Lane(NamedTuple):
@@ -128,7 +132,8 @@ class Delivery:
 
 class Outbox(Protocol):
     def add(self, delivery: Delivery) -> bool:
-        """Queue it, or False (nothing queued) when MAX_PENDING_PER_JOB of its job's wait."""
+        """Queue it, or False (nothing queued) when MAX_PENDING_PER_JOB of its job's wait, or
+        MAX_PENDING_PER_OWNER of its caller's jobs' (a named caller's)."""
 
     def due(
         self, now: float, limit: int, skip: Collection[str] = (), skip_owners: Collection[str] = ()
@@ -167,7 +172,8 @@ class MemoryOutbox:
     def add(self, delivery: Delivery) -> bool:
         with self._lock:
             waiting = sum(d.job_id == delivery.job_id for d in self._items.values())
-            if delivery.id not in self._items and waiting >= MAX_PENDING_PER_JOB:
+            callers = sum(d.owner == delivery.owner for d in self._items.values()) if delivery.owner else 0
+            if delivery.id not in self._items and (waiting >= MAX_PENDING_PER_JOB or callers >= MAX_PENDING_PER_OWNER):
                 return False
             self._items[delivery.id] = delivery
             return True
@@ -229,6 +235,7 @@ class SqliteOutbox:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(webhook_outbox)")}
         if "owner" not in columns:  # a table from before deliveries named their caller
             self._db.execute("ALTER TABLE webhook_outbox ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._db.execute("CREATE INDEX IF NOT EXISTS webhook_outbox_owner ON webhook_outbox (owner)")
         self._db.create_function("receiver", 1, receiver_of, deterministic=True)
         self._lock = threading.Lock()
 
@@ -237,7 +244,10 @@ class SqliteOutbox:
             (waiting,) = self._db.execute(
                 "SELECT COUNT(*) FROM webhook_outbox WHERE job_id = ?", (delivery.job_id,)
             ).fetchone()
-            if waiting >= MAX_PENDING_PER_JOB:
+            (callers,) = self._db.execute(
+                "SELECT COUNT(*) FROM webhook_outbox WHERE owner = ? AND owner != ''", (delivery.owner,)
+            ).fetchone()
+            if waiting >= MAX_PENDING_PER_JOB or callers >= MAX_PENDING_PER_OWNER:
                 return False
             self._db.execute(
                 "INSERT OR REPLACE INTO webhook_outbox (id, job_id, seq, url, event, body, attempts, next_at, "
@@ -292,10 +302,19 @@ class SqliteOutbox:
 
 # Only the first waiting delivery of each job is in `sonic:wh:due` (the others wait their turn
 # in the job's queue): the sender's look at the due set never meets one it may not send yet.
-# KEYS: delivery, due, the job's queue. ARGV: the delivery (JSON), its id, its seq, its time, the
-# most that may wait for one job (none queued at that many).
+# KEYS: delivery, due, the job's queue, and a named caller's waiting deliveries (by id). ARGV:
+# the delivery (JSON), its id, its seq, its time, the most that may wait for one job, and for
+# one caller, the prefix of a delivery's key. None is queued at either most. A caller's set is
+# pruned of deliveries gone (sent, given up, their job deleted) only when it looks full.
 _ADD = """
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then return 0 end
+if KEYS[4] and redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    if redis.call('EXISTS', ARGV[7] .. id) == 0 then redis.call('ZREM', KEYS[4], id) end
+  end
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return 0 end
+end
+if KEYS[4] then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2]) end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 local head = redis.call('ZRANGE', KEYS[3], 0, 0)
@@ -383,8 +402,10 @@ class RedisOutbox:
 
     def add(self, delivery: Delivery) -> bool:
         key, due, queue, _ = self._keys(delivery)
+        callers = [f"sonic:wh:owner:{delivery.owner}"] if delivery.owner else []
         args = [json.dumps(asdict(delivery)), delivery.id, delivery.seq, delivery.next_at, MAX_PENDING_PER_JOB]
-        return bool(self._add(keys=[key, due, queue], args=args))
+        args += [MAX_PENDING_PER_OWNER, "sonic:wh:"]
+        return bool(self._add(keys=[key, due, queue, *callers], args=args))
 
     def pending(self) -> bool:
         return bool(self.r.zcard("sonic:wh:due"))
@@ -515,10 +536,11 @@ class Webhooks:
         if not self.outbox.add(delivery):
             metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
             log.warning(
-                "webhook (job %s, %s): not queued; %d of the job's deliveries wait already",
+                "webhook (job %s, %s): not queued; %d of the job's deliveries, or %d of its caller's, wait already",
                 rec.id,
                 event,
                 MAX_PENDING_PER_JOB,
+                MAX_PENDING_PER_OWNER,
             )
             return
         self.start()

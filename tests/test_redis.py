@@ -753,6 +753,18 @@ def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():
     assert "Traceback" not in p.stderr
 
 
+def test_one_callers_waiting_deliveries_are_bounded_in_redis_too(redis_url):
+    import redis
+    from sonic_server.webhooks import RedisOutbox
+    from test_webhooks import one_callers_waiting_deliveries_are_bounded
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    try:
+        one_callers_waiting_deliveries_are_bounded(RedisOutbox(conn))
+    finally:
+        conn.flushdb()
+
+
 def test_one_callers_receivers_hold_up_no_other_callers_deliveries_in_redis_too(redis_url):
     """As in memory and SQLite (tests/test_webhooks.py): the claim passes over a caller's
     deliveries while that caller has its share of attempts under way."""

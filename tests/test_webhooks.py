@@ -368,7 +368,7 @@ def test_deliveries_waiting_for_one_job_are_bounded(tmp_path, kind, caplog):
         outbox.done(got[0])
         waiting += 1
     assert waiting == MAX_PENDING_PER_JOB - 1
-    assert caplog.text.count(f"not queued; {MAX_PENDING_PER_JOB} of the job's deliveries wait already") == 5
+    assert caplog.text.count(f"not queued; {MAX_PENDING_PER_JOB} of the job's deliveries, or") == 5
     now = time.time()
     assert outbox.add(Delivery("msg_other", "another_job", 1, "http://h/", "completed", "{}", 0, now, now))
     outbox.done(outbox.due(time.time(), 1000)[0])
@@ -542,3 +542,30 @@ def test_deliveries_waiting_in_an_outbox_from_before_callers_were_named_are_stil
     outbox = SqliteOutbox(tmp_path / "jobs.sqlite3")
     assert outbox.due(10, 10) == [Delivery("msg_old", "job_old", 1, "http://h/x", "completed", "{}", 0, 1.0, 1.0, "")]
     assert outbox.due(10, 10, skip_owners=["someone"])[0].id == "msg_old"
+
+
+def one_callers_waiting_deliveries_are_bounded(outbox) -> None:
+    """Each cached answer's delivery waits on its own (the per-job bound does not hold them): a
+    key that sent its cached request again and again to receivers that fail piled them up
+    without end. MAX_PENDING_PER_OWNER of one caller's wait at most; another caller's, and
+    those made without keys, still queue; a caller's place comes back as its deliveries go."""
+    from sonic_server.webhooks import MAX_PENDING_PER_OWNER, Delivery
+
+    now = time.time()
+
+    def add(i: int, owner: str) -> bool:
+        return outbox.add(Delivery(f"msg_{owner}_{i}", f"job_{owner}.{i}", i + 1, "http://127.0.0.1:9/h", "completed",
+                                   "{}", 0, now, now, owner))
+    assert all(add(i, "caller-b") for i in range(MAX_PENDING_PER_OWNER))
+    assert not add(MAX_PENDING_PER_OWNER, "caller-b")
+    assert add(0, "caller-a") and all(add(i, "") for i in range(MAX_PENDING_PER_OWNER + 2))
+    outbox.forget_job("job_caller-b")                              # its job deleted: its deliveries go
+    assert add(MAX_PENDING_PER_OWNER + 1, "caller-b")
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_one_callers_waiting_deliveries_are_bounded(tmp_path, kind):
+    from sonic_server.webhooks import MemoryOutbox, SqliteOutbox
+
+    outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
+    one_callers_waiting_deliveries_are_bounded(outbox)
