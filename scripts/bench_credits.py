@@ -2,20 +2,17 @@
 and reserve + charge pairs per second when many threads charge the same account, on SQLite and
 on a PostgreSQL cluster this script starts (Debian's postgresql, a free port).
 
-    .venv/bin/python scripts/bench_credits.py [--threads 8] [--seconds 5]
-Check `uptime` first: time only on a quiet machine.
+    PYTHONPATH=tests .venv/bin/python scripts/bench_credits.py [--threads 8] [--seconds 5]
+(tests/ on PYTHONPATH: its helpers start the services measured; the package is the installed
+one.) Check `uptime` first: time only on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def bench(url: str, threads: int, seconds: float) -> None:

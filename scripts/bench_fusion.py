@@ -1,11 +1,13 @@
 """Face fusion figures (docs/fusion.md): time per fusion at 512 px (warm), into large photos
 (the target upscaled so that its face is 700 to 2800 px tall, up to 40 MP: the most a target
-may have), the batch endpoint's throughput against single calls, the identity distances (dlib's face embeddings) to the source
-and to the target across blend ratios, and optionally the picture grid.
+may have), the batch endpoint's throughput against single calls, the identity distances
+(dlib's face embeddings) to the source and to the target across blend ratios, and optionally
+the picture grid.
 
-    .venv/bin/python scripts/bench_fusion.py [--media ../shared/media/images] [--grid docs/fusion_grid.jpg]
-        [--large-only]
-Check `uptime` first: time only on a quiet machine.
+    PYTHONPATH=tests .venv/bin/python scripts/bench_fusion.py [--media ../shared/media/images]
+        [--grid docs/fusion_grid.jpg] [--large-only]
+(tests/ on PYTHONPATH: its helpers start the services measured; the package is the installed
+one.) Check `uptime` first: time only on a quiet machine.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import argparse
 import base64
 import io
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 

@@ -1,10 +1,12 @@
 """Live sessions, measured: a real server on a free port, aiortc clients on this machine sending a
 recorded speech file as their microphone (or with /speak) and decoding what comes back.
 
-    python scripts/bench_live.py [--seconds 60] [--sessions 1] [--resolution 512] [--speak]
-                                 [--server http://127.0.0.1:PORT]   (else one is started here)
-                                 [--workers N]   (distributed: redis-server, N `sonic worker`s, an API)
-    python scripts/bench_live.py --pipecat [--server URL]   (the Pipecat service: in-process, or url=)
+    PYTHONPATH=examples python scripts/bench_live.py [--seconds 60] [--sessions 1] [--resolution 512]
+                     [--speak] [--server http://127.0.0.1:PORT]   (else one is started here)
+                     [--workers N]   (distributed: redis-server, N `sonic worker`s, an API)
+    PYTHONPATH=examples python scripts/bench_live.py --pipecat [--server URL]   (the Pipecat service)
+
+(examples/ on PYTHONPATH: the clients are the example's LiveClient; the package is the installed one.)
 
 Prints, per session: time from the offer to the first decoded frame; frames received and the
 sustained rate; the server's late frames; the mouth latency (the sent speech's loudness against
@@ -29,13 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from live_client import LiveClient, Microphone  # noqa: E402
-from live_measure import (  # noqa: E402
+from live_client import LiveClient, Microphone  # examples/ (PYTHONPATH)
+from live_measure import (  # scripts/, beside this file
     MouthMeter,
     best_lag,
     envelope,
@@ -43,6 +40,8 @@ from live_measure import (  # noqa: E402
     received_loudness,
     unbuffered_audio_receiver,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PORTRAIT = ROOT / "examples" / "portrait.jpg"
 SPEECH = ROOT / "examples" / "speech.flac"

@@ -21,3 +21,19 @@ def test_the_page_maps_live_sessions_on_workers_and_webhooks_and_says_where_url_
     today, coming = page.split("## Where each coming feature goes")
     assert all(name in today for name in ("relay.py", "remote.py", "host.py", "webhooks.py", "idempotency.py"))
     assert "Inputs by URL" in coming and "outbound.py" in today
+
+
+def test_no_module_puts_folders_on_the_import_path_itself():
+    """Scripts and tests import the installed package; the examples' client and the scripts'
+    measures reach the tests through pytest.ini's `pythonpath`, and a script that needs them or
+    the tests' helpers says which PYTHONPATH it runs with. A `sys.path.insert` let a script run
+    the checkout's files beside a different installed package without a word."""
+    found = []
+    for folder in ("sonic", "sonic_server", "scripts", "tests", "examples", "integrations"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if ".venv" in path.parts or path.name == "test_architecture.py":  # (this file names it)
+                continue
+            text = path.read_text(encoding="utf-8")
+            if re.search(r"sys\.path\s*(\.insert|\.append|\.extend|\[|\+=|=)", text):
+                found.append(str(path.relative_to(ROOT)))
+    assert not found, found

@@ -17,15 +17,13 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import EXAMPLES, PORTRAIT, ROOT, SPEECH
+from conftest import EXAMPLES, PORTRAIT, SPEECH
 from server_helpers import assert_clean_error
 from sonic.media import load_audio
 from test_http_live import start_server
 
-sys.path.insert(0, str(EXAMPLES))
-sys.path.insert(0, str(ROOT / "scripts"))
-from live_client import LiveClient, Microphone  # noqa: E402
-from live_measure import MouthMeter, best_lag, envelope, received_loudness, unbuffered_audio_receiver  # noqa: E402
+from live_client import LiveClient, Microphone  # examples/ and scripts/: pytest.ini's pythonpath
+from live_measure import MouthMeter, best_lag, envelope, received_loudness, unbuffered_audio_receiver
 
 CONFIG = {"min_resolution": 256, "seed": 5}
 LIVE = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 3.0, "max_speak_s": 10.0}
@@ -613,8 +611,7 @@ def _helpers(pid):
 
 VANISHING_CLIENT = """
 import asyncio, sys, time
-sys.path.insert(0, {examples!r})
-from live_client import LiveClient
+from live_client import LiveClient  # examples/: the process's PYTHONPATH
 async def main():
     client = LiveClient({base!r})
     body = await client.open({portrait!r}, {{"min_resolution": 256}}, keep_frames=False)
@@ -630,8 +627,9 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     asyncio.run(_open_and_close(base))
     assert wait_for(lambda: live_count(base) == 0)
     before, rss_before, helpers_before = _threads_and_fds(pid), _rss_mb(pid), len(_helpers(pid))
-    script = VANISHING_CLIENT.format(examples=str(EXAMPLES), base=base, portrait=str(PORTRAIT))
-    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    script = VANISHING_CLIENT.format(base=base, portrait=str(PORTRAIT))
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(EXAMPLES)})
     session_id = client.stdout.readline().strip()
     assert len(session_id) == 32
     assert wait_for(lambda: requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).json()["frames_sent"] > 25)

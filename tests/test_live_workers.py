@@ -14,13 +14,12 @@ import pytest
 import requests
 import yaml
 
-from conftest import EXAMPLES, PORTRAIT, ROOT, SPEECH
+from conftest import PORTRAIT, ROOT, SPEECH
 from server_helpers import assert_clean_error, settings as server_settings
 from test_http_live import free_port
 from test_redis import start_redis
 
-sys.path.insert(0, str(EXAMPLES))
-from live_client import LiveClient  # noqa: E402
+from live_client import LiveClient  # examples/: pytest.ini's pythonpath
 
 CONFIG = {"min_resolution": 256, "seed": 5}
 LEASE_S = 3.0
