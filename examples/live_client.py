@@ -170,14 +170,15 @@ class LiveClient:
                 self.received.audio_times.append(now)
                 self.received.audio.append(out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
 
-    def _url(self, tail: str = "") -> str:
+    def session_url(self, tail: str = "") -> str:
+        """This session's URL (+ tail: "/speak", "/interrupt"), for requests of your own."""
         return f"{self.server}/api/sonic/live/{self.session_id}{tail}"
 
     async def _call(self, method: str, tail: str = "", timeout: float = 10, **kwargs) -> requests.Response:
         """A request to this session's URL (+ tail), off the event loop; an error status raises."""
         headers = {**self.headers, **kwargs.pop("headers", {})}
         r = await asyncio.to_thread(
-            requests.request, method, self._url(tail), headers=headers, timeout=timeout, **kwargs
+            requests.request, method, self.session_url(tail), headers=headers, timeout=timeout, **kwargs
         )
         r.raise_for_status()
         return r
@@ -208,7 +209,7 @@ class LiveClient:
         """DELETE the session; refused for now (429, 503) it is sent again after Retry-After, a
         few times: a session left running holds one of the server's slots until its idle timeout."""
         for _ in range(END_TRIES):
-            r = requests.delete(self._url(), headers=self.headers, timeout=10)
+            r = requests.delete(self.session_url(), headers=self.headers, timeout=10)
             if r.status_code not in (429, 503):
                 if r.status_code not in (204, 404):  # 404: it had ended already
                     print(f"ending the session: {r.status_code} {r.text[:200]}", file=sys.stderr)

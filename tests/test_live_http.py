@@ -112,11 +112,11 @@ def test_speak_pcm_and_interrupt(server):
         await asyncio.sleep(0.6)
         speaking = await client.state()
         pcm = await client.speak_pcm(speech[:16_000])  # a second behind the file
-        interrupted = requests.post(client._url("/interrupt"), timeout=10).json()
+        interrupted = requests.post(client.session_url("/interrupt"), timeout=10).json()
         await asyncio.sleep(0.5)
         after = await client.state()
         await client.close()
-        return idle, queued, speaking, pcm, interrupted, after, requests.get(client._url(), timeout=10)
+        return idle, queued, speaking, pcm, interrupted, after, requests.get(client.session_url(), timeout=10)
 
     idle, queued, speaking, pcm, interrupted, after, ended = asyncio.run(session())
     assert idle["state"] == "idle" and idle["queued_s"] == 0
@@ -185,7 +185,7 @@ def test_an_interrupt_stops_a_stream_still_arriving(server):
         answer = {}
         pcm = {"Content-Type": "audio/L16;rate=16000"}
         sender = threading.Thread(
-            target=lambda: answer.update(r=requests.post(client._url("/speak"), data=stream(), headers=pcm, timeout=20))
+            target=lambda: answer.update(r=requests.post(client.session_url("/speak"), data=stream(), headers=pcm, timeout=20))
         )
         sender.start()
         await asyncio.sleep(1.0)
@@ -222,7 +222,7 @@ def test_a_stream_that_ends_after_its_session_did_is_told_so(server, more):
     async def session():
         client = LiveClient(server["base"])
         await client.open(PORTRAIT, CONFIG, keep_frames=False)
-        url = client._url("/speak")
+        url = client.session_url("/speak")
         answer = {}
         sender = threading.Thread(target=lambda: answer.update(r=requests.post(url, data=stream(), headers=pcm, timeout=30)))
         sender.start()
@@ -449,7 +449,7 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
     async def session():
         client = LiveClient(base)
         await client.open(PORTRAIT, CONFIG, keep_frames=False)
-        url = client._url("/speak")
+        url = client.session_url("/speak")
         answers = [
             requests.post(url, files={"audio": b"this is no audio at all" * 20}, timeout=10),
             requests.post(url, data=b"\0" * 3200, headers={"Content-Type": "audio/L16;rate=8000"}, timeout=10),
@@ -656,7 +656,7 @@ def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server
             os.kill(helper, signal.SIGKILL)
         # speech sent as the helper dies: the session has ended (404), never a server error
         pcm = {"Content-Type": "audio/L16;rate=16000"}
-        spoken = [requests.post(client._url("/speak"), data=b"\1\0" * 1600, headers=pcm, timeout=10) for _ in range(3)]
+        spoken = [requests.post(client.session_url("/speak"), data=b"\1\0" * 1600, headers=pcm, timeout=10) for _ in range(3)]
         ended = await asyncio.to_thread(wait_for, lambda: live_count(base) == 0, 10)
         await client.close(end_session=False)
         return client.session_id, ended, spoken
