@@ -5,11 +5,13 @@ data folder, 1 credit a second): every way a session ends settles what it stream
 
 import asyncio
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -154,6 +156,8 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
         r = await asyncio.to_thread(_open, c.base, keys["e"])
         assert_clean_error(r, 503, "busy")
         assert r.headers["Retry-After"]
+        # refused without a command to either worker: each full worker tried was sent the portrait
+        assert "had no free slot after all" not in (c.tmp / "api.log").read_text()
         # the worker of a is killed: a is reported ended (worker_lost) within the lease time
         lost, survivor = opened_a["worker"], opened_b["worker"]
         c.procs[lost].send_signal(signal.SIGKILL)
@@ -168,8 +172,11 @@ def test_sessions_spread_over_workers_survive_a_killed_one_and_drain(cluster):
         state_b = await b.state()
         assert state_b["worker"] == survivor and state_b["frames_sent"] > 50
         await b.close()
+        # a portrait with 1.5 MB of junk appended goes to its worker as its pixels, not the junk
+        padded = c.tmp / "padded.jpg"
+        padded.write_bytes(PORTRAIT.read_bytes() + os.urandom(3 * 2**19))
         d = LiveClient(c.base, keys["d"])
-        opened_d = await d.open(PORTRAIT, CONFIG, keep_frames=False)
+        opened_d = await d.open(padded, CONFIG, keep_frames=False)
         assert opened_d["worker"] == survivor
         await asyncio.sleep(1.0)
         # the survivor is stopped gracefully: it takes no new session, d streams on up to the drain time
@@ -343,3 +350,28 @@ def test_a_workers_commands_run_in_order_per_session_and_a_slow_one_holds_up_no_
     assert [n for key, n, _ in done if key == "a"] == [1, 2, 3, 4]
     b_at = next(at for key, _, at in done if key == "b")
     assert b_at < 0.5 and threading.active_count() < 50
+
+
+def test_a_portrait_goes_to_its_worker_no_larger_than_its_pixels_need(monkeypatch):
+    """Through Redis, in the open command: bytes appended to a small JPEG (47 MB that decode to
+    256x300) were sent whole to every worker tried (Redis peaked at 898 MB in a trial of 8
+    opens). A portrait heavier than its pixels goes as a PNG of them (the same pixels); one
+    still over the bound as a JPEG of quality 95; one over even then is refused, 413."""
+    import cv2
+    from sonic.errors import InputTooLarge
+    from sonic_server.live import remote
+    from sonic_server.live.remote import forwarded_portrait
+
+    data = PORTRAIT.read_bytes()
+    rgb = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)
+    assert forwarded_portrait(data, rgb) == data                               # as uploaded
+    sent = forwarded_portrait(data + os.urandom(4 * 2**20), rgb)
+    assert sent[:8] == b"\x89PNG\r\n\x1a\n" and len(sent) < rgb.nbytes
+    assert np.array_equal(cv2.cvtColor(cv2.imdecode(np.frombuffer(sent, np.uint8), 1), cv2.COLOR_BGR2RGB), rgb)
+    monkeypatch.setattr(remote, "FORWARDED_PORTRAIT_MAX_BYTES", 400_000)
+    smooth = cv2.resize(rgb, (1024, 1200), interpolation=cv2.INTER_CUBIC)
+    sent = forwarded_portrait(cv2.imencode(".png", smooth)[1].tobytes() + b"\0" * 4_000_000, smooth)
+    assert sent[:2] == b"\xff\xd8" and len(sent) <= 400_000                 # a JPEG: no PNG was small enough
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    with pytest.raises(InputTooLarge, match="MB even as a JPEG"):
+        forwarded_portrait(cv2.imencode(".png", noise)[1].tobytes(), noise)

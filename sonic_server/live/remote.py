@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import redis as redis_lib
 
-from sonic.errors import Busy, SonicError
+from sonic.errors import Busy, InputTooLarge, SonicError
 from sonic.live.session import Spoken
 
 from .. import metrics
@@ -33,6 +33,10 @@ COMMAND_TIMEOUT_S = 5.0  # speak, interrupt, state, end
 OPENING_LOCK_S = OPEN_TIMEOUT_S + 20.0  # a caller's open in progress (the slowest); lapses if its API process dies
 OPENING_WAIT_S = 10.0  # a caller's next open waits this long for the one in progress, then 429 + Retry-After
 # the lock is let go only by the open that took it (one that outlived its lock must not free another's)
+# a portrait goes to its worker through Redis, in the open command: one sent larger than its
+# own pixels (bytes appended to a small JPEG: 47 MB that decode to 256x300) is sent as those
+# pixels instead, and one that is still larger than this is refused
+FORWARDED_PORTRAIT_MAX_BYTES = 16 * 1024 * 1024
 _LET_GO = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -147,9 +151,10 @@ class RemoteSessions:
         workers = self.workers()
         if not workers:
             raise WorkerUnreachable("no worker hosts live sessions: start `sonic worker` (live.enabled)")
-        # the least loaded first; those that announced no free slot last (it may have freed since)
-        candidates = [w for w in workers if not w.get("draining")]
-        candidates.sort(key=lambda w: (int(w.get("live_slots", 0)) == 0, int(w.get("live_sessions", 0))))
+        # the least loaded first, of those that announced a free slot (a worker announces at once
+        # when a slot frees): each one tried is sent the portrait, and a full one used to be too
+        candidates = [w for w in workers if not w.get("draining") and int(w.get("live_slots", 0)) > 0]
+        candidates.sort(key=lambda w: int(w.get("live_sessions", 0)))
         command = {
             "image": relay.pack(image),
             "params": params,
@@ -192,3 +197,30 @@ class RemoteSessions:
 
     def close(self) -> None:
         """Nothing runs here: the workers' sessions go on when an API process stops."""
+
+
+def forwarded_portrait(data: bytes, rgb: np.ndarray) -> bytes:
+    """What a worker is sent of a checked portrait (`data` as uploaded, `rgb` its pixels as this
+    process decoded them): the bytes themselves, which the worker reads as this process did;
+    unless they outweigh those pixels (junk appended; a photo over 16 MP, decoded reduced): then
+    the pixels as a PNG, the same pixels on the worker; and where that is still over
+    FORWARDED_PORTRAIT_MAX_BYTES (a large photo), as a JPEG of quality 95. InputTooLarge if
+    even that is over."""
+    import cv2
+
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    if len(data) > rgb.nbytes:
+        ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if ok and len(png) < len(data):
+            data = png.tobytes()
+    if len(data) > FORWARDED_PORTRAIT_MAX_BYTES:
+        ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if ok and len(jpeg) < len(data):
+            data = jpeg.tobytes()
+    if len(data) > FORWARDED_PORTRAIT_MAX_BYTES:
+        raise InputTooLarge(
+            f"image: a live session's portrait goes to its worker, at most {FORWARDED_PORTRAIT_MAX_BYTES / 2**20:g} MB "
+            f"even as a JPEG ({len(data) / 2**20:.1f} MB); send a smaller photo",
+            field="image",
+        )
+    return data

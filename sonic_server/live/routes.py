@@ -26,7 +26,7 @@ from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, j
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service, upload_check_refused
 from .peers import Client, PeerPolicy, Screened, screen_offer
-from .remote import RemoteSession, RemoteSessions
+from .remote import RemoteSession, RemoteSessions, forwarded_portrait
 from .sessions import LiveSessions, ServedSession, SessionNotFound, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
@@ -212,10 +212,11 @@ def open_session():
     screened = _screened(svc, live, offer)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):
+        portrait = forwarded_portrait(image, rgb)  # through Redis: no larger than its pixels need
         with live.opening(caller().owner):  # the caller's sessions counted, on every worker
             hold = _hold_credit(svc, live.settings.max_session_s)
             try:
-                session_id, worker, answer, photo_warnings = live.start(image, params, offer, caller().owner, hold)
+                session_id, worker, answer, photo_warnings = live.start(portrait, params, offer, caller().owner, hold)
             except Exception:
                 _release(svc, hold)
                 raise
