@@ -592,6 +592,16 @@ def _threads_and_fds(pid):
     return threads, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _udp_sockets(pid) -> int:
+    """The process's UDP sockets (a live session's connection holds one or more)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    udp = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as f:
+            udp |= {line.split()[9] for line in list(f)[1:]}
+    return len(inodes & udp)
+
+
 def _rss_mb(pid):
     return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:")).split()[1]) / 1024
 
@@ -643,6 +653,41 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     assert wait_for(lambda: len(_helpers(pid)) <= helpers_before, timeout=10)  # its helper process is gone
     assert _rss_mb(pid) < rss_before + 25  # the session's memory was in its helper; this process keeps little
     assert wait_for(lambda: f"live session {session_id} ended (client_gone)" in (server["tmp"] / "server.log").read_text())
+
+
+def test_a_connection_whose_close_hangs_is_closed_all_the_same(server):
+    """A client that sends its microphone's packets under 100 SSRCs: aiortc's receiver report then
+    names them all, SRTP refuses it as too long, and the receiver's close waited for ever. A
+    DELETE answered (503 through a worker) after 10 s, the session ended and its slot freed, and
+    its connection stayed open on the server, uncounted, for as long as the client kept it."""
+    import random
+    from aiortc.rtp import RtpPacket
+
+    base, pid = server["base"], server["proc"].pid
+    asyncio.run(_open_and_close(base))
+    assert wait_for(lambda: live_count(base) == 0)
+    before = _udp_sockets(pid)
+
+    async def session():
+        client = LiveClient(base)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        await asyncio.sleep(1.0)
+        sender = next(s for s in client.pc.getSenders() if s.track is not None and s.track.kind == "audio")
+        for _ in range(100):
+            packet = RtpPacket(payload_type=96, ssrc=random.getrandbits(32), payload=b"\xf8\xff\xfe")
+            await sender.transport._send_rtp(packet.serialize())  # (a hostile client's raw packets)
+        await asyncio.sleep(2.5)  # a receiver report is due
+        during = _udp_sockets(pid)
+        began = time.monotonic()
+        ended = await asyncio.to_thread(requests.delete, client.session_url(), timeout=30)
+        took = time.monotonic() - began
+        closed = await asyncio.to_thread(wait_for, lambda: _udp_sockets(pid) <= before, 10)
+        await client.close(end_session=False)
+        return ended, took, closed, during
+
+    ended, took, closed, during = asyncio.run(session())
+    assert ended.status_code == 204 and took < 5.0, (ended.status_code, took)
+    assert during > before and closed, (before, during, _udp_sockets(pid))  # closed while the client held it  # its sockets closed while the client still held it
 
 
 def test_a_helper_process_killed_ends_its_session_and_the_next_one_starts(server):

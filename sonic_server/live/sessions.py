@@ -10,6 +10,8 @@ the session is then forgotten (its id answers 404).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import logging
 import re
@@ -41,6 +43,8 @@ from .rtc import (
     set_directions,
 )
 
+CLOSE_TIMEOUT_S = 3.0  # a connection's close; one that hangs has its transports stopped directly
+TRANSPORT_STOP_S = 1.0
 log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
 WATCH_INTERVAL_S = 1.0  # how often a session looks at its connection
@@ -668,9 +672,13 @@ class LiveSessions:
             if track is not None:
                 track.put(None)
         try:
-            self._rtc.run(session.pc.close(), 10.0)
+            self._rtc.run(session.pc.close(), CLOSE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a connection that will not close cleanly is dropped
-            log.warning("live session %s: the connection did not close cleanly", session.id)
+            log.warning("live session %s: the connection did not close cleanly; its transports are stopped", session.id)
+            try:
+                self._rtc.run(stop_transports(session.pc), CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - nothing more can be done; the log says so
+                log.exception("live session %s: its transports did not stop", session.id)
         for task in session.tasks:  # a microphone that never sent anything is still awaited
             self._rtc.call(task.cancel)
 
@@ -740,3 +748,18 @@ def live_orphan_s(settings: LiveSettings) -> float:
     """The age past which no session can still be using a live hold (its cap, the wait for its
     client, its opening, and ten minutes): the settler's sweep releases one left by a dead process."""
     return hold_seconds(settings.max_session_s) + settings.idle_timeout_s + NEGOTIATE_TIMEOUT_S + 600.0
+
+
+async def stop_transports(pc: Any) -> None:
+    """Stop a connection's DTLS and ICE transports directly, closing its sockets: for one whose
+    close hung. (aiortc's receiver waits at its close for its RTCP task, which ends unmarked when
+    a report is too long for SRTP, as one naming 60 or more of a client's SSRCs is: the session
+    ended, and its connection stayed open on the server, uncounted, for as long as the client
+    kept it.)"""
+    dtls = {t.receiver.transport for t in pc.getTransceivers() if t.receiver.transport is not None}
+    if pc.sctp is not None:
+        dtls.add(pc.sctp.transport)
+    for transport in dtls:
+        for stop in (transport.stop, transport.transport.stop):  # DTLS, then its ICE transport (the socket)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stop(), TRANSPORT_STOP_S)
