@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -58,16 +59,47 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class Repeats(logging.Filter):
+    """At most `per_minute` records of one message (a logger's template) a minute, from the
+    libraries beneath the service (its own loggers, `sonic.*`, are let through: a job's end is
+    one template): a live client that sent malformed microphone packets made aiortc log one
+    warning per packet, 13,800 a second, 600 kB a second of log. The first record left out says
+    that more are."""
+
+    def __init__(self, per_minute: int = 10) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template) -> minute's start, count
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "sonic" or record.name.startswith("sonic."):
+            return True
+        key = (record.name, str(record.msg))
+        with self._lock:
+            start, count = self._seen.get(key, (record.created, 0))
+            if record.created - start >= 60:
+                start, count = record.created, 0
+            if len(self._seen) >= 10_000:  # templates are few; a bound all the same
+                self._seen.clear()
+            self._seen[key] = (start, count + 1)
+        if count == self.per_minute:
+            record.msg = f"{record.msg} (repeated {self.per_minute} times this minute: more are left out)"
+        return count <= self.per_minute
+
+
 def configure_logging(log_format: str = "text") -> None:
     """INFO lines to stderr in `log_format`, unless the process has set up logging itself (an
     application that embeds the service keeps its own handlers and format): the service logs
     the same under `sonic serve`, `sonic worker` and a WSGI server (waitress sets up none, so its
-    access and job lines went nowhere). Called once at start, and again with the settings'
+    access and job lines went nowhere), a library's repeated lines at most ten a minute each
+    (`Repeats`). Called once at start, and again with the settings'
     format once they are read (a settings error is logged before that)."""
     root = logging.getLogger()
     if not root.handlers:
         ours = logging.StreamHandler()
         ours.set_name(HANDLER_NAME)
+        ours.addFilter(Repeats())
         root.addHandler(ours)
         root.setLevel(logging.INFO)
     for handler in root.handlers:

@@ -1013,3 +1013,23 @@ def test_log_lines_as_text_or_as_json_objects_with_the_records_fields(make_clien
     assert as_json[1]["message"] == "job ended" and as_json[1]["status"] == "succeeded" and as_json[1]["wait_s"] >= 0
     assert as_json[2]["message"] == "a step failed for job j1" and as_json[2]["level"] == "ERROR"
     assert "ValueError: broken" in as_json[2]["exception"]
+
+
+def test_a_librarys_repeated_lines_are_logged_at_most_ten_a_minute():
+    """A live client sending malformed microphone packets made aiortc log a warning per packet
+    (13,800 a second). The handler the service installs lets ten of one library template through
+    a minute, the tenth-and-one saying more are left out; the service's own lines all pass."""
+    import logging
+    from sonic_server.logs import Repeats
+    repeats = Repeats()
+
+    def record(name: str, at: float, msg: str = "RTCRtpReceiver(%s) failed to decode %s frame: %s"):
+        r = logging.LogRecord(name, logging.WARNING, __file__, 1, msg, ("audio", "opus", "bad"), None)
+        r.created = at
+        return r
+    flood = [record("aiortc.rtcrtpreceiver", 1000 + i / 1000) for i in range(300)]
+    passed = [r for r in flood if repeats.filter(r)]
+    assert len(passed) == 11 and "more are left out" in passed[-1].getMessage()
+    assert repeats.filter(record("aiortc.rtcrtpreceiver", 1061))                      # the next minute
+    assert repeats.filter(record("aiortc.rtcrtpreceiver", 1001, "another template %s %s %s"))
+    assert all(repeats.filter(record("sonic.jobs", 1000 + i / 1000, "job ended %s %s %s")) for i in range(50))
