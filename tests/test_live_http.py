@@ -288,6 +288,11 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
         # a section the stack would not see (" m=video": no m= line to it) receives nothing
         "no video receiver; add a video": sdp.replace("m=video", " m=video"),
         "no video receiver": re.sub(r"m=video \d+ ", "m=video 0 ", sdp),
+        # what the stack refused only after a worker had taken a slot and prepared the face
+        r"media section 2 \(audio\) has the mid '0' of an earlier section": re.sub(r"a=mid:1\b", "a=mid:0", sdp),
+        r"media section 1 \(video\) has no ICE credentials \(a=ice-ufrag": sdp.replace("a=ice-ufrag:", "a=x-ufrag:"),
+        r"has no ICE credentials \(a=ice-pwd": sdp.replace("a=ice-pwd:", "a=x-pwd:"),
+        r"media section 1 \(video\) does not multiplex RTCP": sdp.replace("a=rtcp-mux\r\n", "", 1),
     }
     for why, bad in faults.items():
         with pytest.raises(InvalidParameter, match=why):
