@@ -153,8 +153,8 @@ class VideoWriter:
         except BaseException:  # ^C or SIGTERM while the sound is written: __exit__ will not run
             self._cleanup()
             raise
-        cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
-        try:
+        try:  # (the command made inside too: a signal can land at any call, and the sound is written)
+            cmd = encoder_command("-", self.width, self.height, self.fps, self._wav_path, self.duration, self.tmp_path)
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
             expendable(self._proc.pid)
         except OSError as e:

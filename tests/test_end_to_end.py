@@ -493,6 +493,22 @@ def test_an_interrupt_while_the_sound_is_written_leaves_no_part_file(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupt_just_after_the_sound_is_written_leaves_no_part_file(tmp_path, monkeypatch):
+    """Between the sound written and the encoder started, the command was made outside either
+    step's clean-up: a SIGTERM landing there (at that call) left the .wav.part (seen in CI, once)."""
+    from sonic import writer
+    from sonic.sound import Sound
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "encoder_command", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((100, 2), np.int16), 48000), 1.0):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_encoder_killed_by_a_signal_says_so(tmp_path, monkeypatch):
     """The kernel's out-of-memory killer (or an operator) ends ffmpeg with SIGKILL, which leaves
     no message: the job's error read "video encoder stopped: no message"."""

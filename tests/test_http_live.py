@@ -101,10 +101,11 @@ def test_real_generation_end_to_end(server, tmp_path):
     part = requests.get(body["video_url"], headers={"Range": "bytes=100-199"}, timeout=30)
     assert part.status_code == 206 and part.content == video.content[100:200]
     assert uploads_empty(server["cfg"])                              # inputs deleted when the job ends
-    r = requests.get(server["base"] + "/health", headers={"X-Request-ID": "live-abc"}, timeout=5)
+    r = requests.get(server["base"] + "/api/sonic/params", headers={"X-Request-ID": "live-abc"}, timeout=5)
     assert r.headers["X-Request-ID"] == "live-abc"
     lines = (server["tmp"] / "server.log").read_text().splitlines()  # one JSON line per request in the log
-    assert any('"request_id": "live-abc"' in line and '"route": "/health"' in line for line in lines)
+    assert any('"request_id": "live-abc"' in line and '"route": "/api/sonic/params"' in line for line in lines)
+    assert not any('"route": "/health", "status": 200' in line for line in lines)  # probes: DEBUG, not INFO
 
 
 def test_the_server_names_no_versions_and_dates_each_answer_once(server):

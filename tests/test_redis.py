@@ -753,46 +753,34 @@ def test_a_worker_whose_metrics_port_is_taken_stops_before_it_registers():
     assert "Traceback" not in p.stderr
 
 
-def test_one_callers_waiting_deliveries_are_bounded_in_redis_too(redis_url):
+@pytest.fixture
+def redis_outbox(redis_url):
+    """A webhook outbox in an empty Redis, emptied again after."""
     import redis
     from sonic_server.webhooks import RedisOutbox
-    from test_webhooks import one_callers_waiting_deliveries_are_bounded
     conn = redis.Redis.from_url(redis_url)
     conn.flushdb()
-    try:
-        one_callers_waiting_deliveries_are_bounded(RedisOutbox(conn))
-    finally:
-        conn.flushdb()
+    yield RedisOutbox(conn)
+    conn.flushdb()
 
 
-def test_one_callers_receivers_hold_up_no_other_callers_deliveries_in_redis_too(redis_url):
+def test_one_callers_waiting_deliveries_are_bounded_in_redis_too(redis_outbox):
+    from test_webhooks import one_callers_waiting_deliveries_are_bounded
+    one_callers_waiting_deliveries_are_bounded(redis_outbox)
+
+
+def test_one_callers_receivers_hold_up_no_other_callers_deliveries_in_redis_too(redis_outbox):
     """As in memory and SQLite (tests/test_webhooks.py): the claim passes over a caller's
     deliveries while that caller has its share of attempts under way."""
-    import redis
-    from sonic_server.webhooks import RedisOutbox
     from test_webhooks import one_callers_receivers_hold_up_no_other
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
-    outbox = RedisOutbox(conn)
-    try:
-        one_callers_receivers_hold_up_no_other(outbox, outbox.next_seq)
-    finally:
-        conn.flushdb()
+    one_callers_receivers_hold_up_no_other(redis_outbox, redis_outbox.next_seq)
 
 
-def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries_in_redis_too(redis_url):
+def test_a_receiver_that_is_down_holds_up_no_other_receivers_deliveries_in_redis_too(redis_outbox):
     """As with SQLite (tests/test_webhooks.py): the claim passes over a receiver that may take no
     more attempts now, in the script that claims."""
-    import redis
-    from sonic_server.webhooks import RedisOutbox
     from test_webhooks import a_receiver_down_holds_up_no_other
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
-    outbox = RedisOutbox(conn)
-    try:
-        a_receiver_down_holds_up_no_other(outbox, outbox.next_seq)
-    finally:
-        conn.flushdb()
+    a_receiver_down_holds_up_no_other(redis_outbox, redis_outbox.next_seq)
 
 
 def test_a_job_taken_from_the_queue_and_never_started_ends_or_runs_again(redis_url, tmp_path):

@@ -415,20 +415,27 @@ def test_a_deleted_jobs_deliveries_go_with_it(tmp_path, kind):
         assert oct((tmp_path / "jobs.sqlite3").stat().st_mode & 0o777) == "0o600"
 
 
+def down_and_up(outbox):
+    """A port that takes connections and never answers (each attempt waits out the 15 s
+    deadline), a receiver that answers, and a sender over `outbox`, not started."""
+    import socket
+
+    from sonic_server.webhooks import Webhooks
+
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))
+    down.listen(16)  # accepted by the kernel, never read nor answered
+    return down, Receiver(free_port()), Webhooks(outbox, lambda: SECRET, retry_s=600, allow_private=True, outputs=None)
+
+
 def a_receiver_down_holds_up_no_other(outbox, seq) -> None:
     """Six jobs' deliveries to a receiver that is down (it takes the connection and never answers:
     each attempt waits out the 15 s deadline), then one to another receiver: that one arrives at
     once. All four senders went to the first six, and the other waited 15 s behind them (in a
     trial of many customers, 24 s). `seq()` numbers the deliveries as the outbox's writers do."""
-    import socket
+    from sonic_server.webhooks import Delivery
 
-    from sonic_server.webhooks import Delivery, Webhooks
-
-    down = socket.socket()
-    down.bind(("127.0.0.1", 0))
-    down.listen(16)  # accepted by the kernel, never read nor answered
-    rx = Receiver(free_port())
-    hooks = Webhooks(outbox, lambda: SECRET, retry_s=600, allow_private=True, outputs=None)
+    down, rx, hooks = down_and_up(outbox)
     now = time.time()
     for i in range(6):
         url = f"http://127.0.0.1:{down.getsockname()[1]}/hooks"
@@ -459,15 +466,9 @@ def one_callers_receivers_hold_up_no_other(outbox, seq) -> None:
     arrives at once, as does one made without keys. All four senders went to the first
     caller's, and the other's waited 15 s behind each four of them (a security trial: a key's
     cached answers, 16 of them, held another key's webhook 58 s)."""
-    import socket
+    from sonic_server.webhooks import Delivery
 
-    from sonic_server.webhooks import Delivery, Webhooks
-
-    down = socket.socket()
-    down.bind(("127.0.0.1", 0))
-    down.listen(16)  # accepted by the kernel, never read nor answered
-    rx = Receiver(free_port())
-    hooks = Webhooks(outbox, lambda: SECRET, retry_s=600, allow_private=True, outputs=None)
+    down, rx, hooks = down_and_up(outbox)
     now = time.time()
     for i in range(6):
         url = f"http://127.0.0.1:{down.getsockname()[1]}/hooks/customer-{i}"
