@@ -53,9 +53,9 @@ SENDERS = 4  # deliveries in flight at once, each to another job: a receiver tha
 PER_RECEIVER = SENDERS // 2
 # ... and to a receiver whose last attempt failed, one at a time
 PER_FAILING_RECEIVER = 1
-# ... and for one key or account's jobs at most: one caller's receivers, however many hosts or
+# ... and for one key's or account's jobs at most: one caller's receivers, however many hosts or
 # paths they name, do not hold every sender (a key's cached answers to 16 paths of a slow host
-# held a day's worth of others' deliveries behind them). Without keys everyone is one caller.
+# held another key's webhook 58 s, longer the more it sent). Without keys everyone is one caller.
 PER_OWNER = SENDERS // 2
 # a receiver is its URL less the query (a shared host such as a hooks service gives each of its
 # customers a path of their own), read alike here and in the Redis claim's script
