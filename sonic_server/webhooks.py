@@ -374,11 +374,6 @@ return false
 # wait for a receiver that is down, the others' come up
 CLAIM_LOOK = 200
 PASSED_OVER_S = 1.0
-# KEYS: the claim. ARGV: the claim's token. A claim let go by its holder, the delivery unsent.
-_LET_GO = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
 CLAIM_S = 120  # longer than one attempt can take (outbound.post's deadline): a claim never lapses mid-send
 
 
@@ -389,12 +384,14 @@ class RedisOutbox:
     it: two API processes never both send it."""
 
     def __init__(self, conn: Any) -> None:
+        from .queue.redis import RELEASE_HELD  # (imported here: Redis's module, distributed mode only)
+
         self.r = conn
         self._add = conn.register_script(_ADD)
         self._done = conn.register_script(_DONE)
         self._retry = conn.register_script(_RETRY)
         self._claim = conn.register_script(_CLAIM)
-        self._let_go = conn.register_script(_LET_GO)
+        self._let_go = conn.register_script(RELEASE_HELD)  # a claim let go by its holder, the delivery unsent
         self._tokens: dict[str, str] = {}
 
     def _keys(self, d: Delivery) -> tuple[str, str, str, str]:

@@ -47,7 +47,7 @@ from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import (
     PREFIX,
-    RELEASE_LEASE,
+    RELEASE_HELD,
     RENEW_LEASE,
     RedisStore,
     connect,
@@ -134,7 +134,7 @@ def _run(state: WorkerState, job_id: str, run: int | None) -> None:
     if not r.set(lease, owner, px=int(state.lease_s * 1000), nx=True):
         return  # another worker is starting or running it
     if not store.swap(rec, QUEUED, queued_run):
-        r.eval(RELEASE_LEASE, 1, lease, owner)
+        r.eval(RELEASE_HELD, 1, lease, owner)
         return
     state.current, state.lease = job_id, (lease, owner)
     announce(state, r)  # busy, at once (not at the next beat)

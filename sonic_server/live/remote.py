@@ -21,7 +21,7 @@ from sonic.errors import Busy, InputTooLarge, SonicError
 from sonic.live.session import Spoken
 
 from .. import metrics
-from ..queue.redis import PREFIX, connect, live_workers
+from ..queue.redis import PREFIX, RELEASE_HELD, connect, live_workers
 from ..settings import LiveSettings
 from . import relay
 from .relay import Records, WorkerUnreachable
@@ -37,7 +37,6 @@ OPENING_WAIT_S = 10.0  # a caller's next open waits this long for the one in pro
 # own pixels (bytes appended to a small JPEG: 47 MB that decode to 256x300) is sent as those
 # pixels instead, and one that is still larger than this is refused
 FORWARDED_PORTRAIT_MAX_BYTES = 16 * 1024 * 1024
-_LET_GO = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -114,7 +113,7 @@ class RemoteSessions:
             yield
         finally:
             try:
-                self.r.eval(_LET_GO, 1, lock, token)
+                self.r.eval(RELEASE_HELD, 1, lock, token)
             except redis_lib.RedisError:  # the open's own answer stands; the lock lapses by itself
                 log.warning("live: a caller's opening lock could not be let go (Redis away); it lapses")
 

@@ -105,8 +105,10 @@ RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS: lease. ARGV: owner. Gives the lease up only while it is still this run's.
-RELEASE_LEASE = """
+# KEYS: a key held with a token (a run's lease, a delivery's claim, a caller's opening lock).
+# ARGV: the token. Deletes the key only while it still holds that token: a holder whose hold
+# lapsed and was taken by another cannot free the other's.
+RELEASE_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
