@@ -150,11 +150,9 @@ class Outbox(Protocol):
     def let_go(self, delivery: Delivery) -> None:
         """A delivery `due` gave that is not sent now: it stays due, as it was."""
 
-    def pending(self) -> bool:
-        """Whether any delivery waits (no side effect: nothing is claimed)."""
-
     def jobs_waiting(self) -> int:
-        """How many jobs (a cached answer counts as its own) have a delivery waiting: /metrics."""
+        """How many jobs (a cached answer counts as its own) have a delivery waiting (no side
+        effect: nothing is claimed): /metrics, and whether a sender must start."""
 
     def forget_job(self, job_id: str) -> None:
         """Every delivery of a deleted job (its own events', and its cached answers')."""
@@ -192,10 +190,6 @@ class MemoryOutbox:
                 if d.next_at <= now and receiver_of(d.url) not in skip and d.owner not in skip_owners
             )
             return sorted(ready, key=lambda d: d.next_at)[:limit]
-
-    def pending(self) -> bool:
-        with self._lock:
-            return bool(self._items)
 
     def jobs_waiting(self) -> int:
         with self._lock:
@@ -269,10 +263,6 @@ class SqliteOutbox:
                 (now, json.dumps(sorted(skip)), json.dumps(sorted(skip_owners)), limit),
             ).fetchall()
         return [Delivery(*row) for row in rows]
-
-    def pending(self) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM webhook_outbox LIMIT 1").fetchone() is not None
 
     def jobs_waiting(self) -> int:
         with self._lock:
@@ -403,9 +393,6 @@ class RedisOutbox:
         args = [json.dumps(asdict(delivery)), delivery.id, delivery.seq, delivery.next_at, MAX_PENDING_PER_JOB]
         args += [MAX_PENDING_PER_OWNER, "sonic:wh:"]
         return bool(self._add(keys=[key, due, queue, *callers], args=args))
-
-    def pending(self) -> bool:
-        return bool(self.r.zcard("sonic:wh:due"))
 
     def jobs_waiting(self) -> int:
         return int(self.r.zcard("sonic:wh:due"))  # the first waiting delivery of each job
@@ -567,7 +554,7 @@ class Webhooks:
             if self._sending:
                 return
             try:
-                if only_if_pending and not self.outbox.pending():
+                if only_if_pending and not self.outbox.jobs_waiting():
                     return
             except Exception:  # noqa: BLE001 - the store away at start-up: the first delivery starts it
                 log.warning("webhooks: the outbox cannot be read now")
