@@ -474,35 +474,23 @@ def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupt_while_the_sound_is_written_leaves_no_part_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["write_wav", "encoder_command"])
+def test_an_interrupt_while_the_writer_starts_leaves_no_part_file(tmp_path, monkeypatch, where):
     """A SIGTERM that lands while the writer writes the sound track (the first file of a render,
-    23 MB for 2 minutes) left its .wav.part: the writer was not entered yet, so nothing cleaned up."""
+    23 MB for 2 minutes) left its .wav.part: the writer was not entered yet, so nothing cleaned
+    up. So did one landing just after (`encoder_command`): the encoder's command was made
+    outside either step's clean-up (seen in CI, once)."""
     from pathlib import Path
 
     from sonic import writer
     from sonic.sound import Sound
 
-    def interrupted(path, samples, rate):
-        Path(path).write_bytes(b"RIFF")  # begun
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(writer, "write_wav", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((100, 2), np.int16), 48000), 1.0):
-            pass
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_an_interrupt_just_after_the_sound_is_written_leaves_no_part_file(tmp_path, monkeypatch):
-    """Between the sound written and the encoder started, the command was made outside either
-    step's clean-up: a SIGTERM landing there (at that call) left the .wav.part (seen in CI, once)."""
-    from sonic import writer
-    from sonic.sound import Sound
-
     def interrupted(*args, **kwargs):
+        if where == "write_wav":
+            Path(args[0]).write_bytes(b"RIFF")  # begun
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "encoder_command", interrupted)
+    monkeypatch.setattr(writer, where, interrupted)
     with pytest.raises(KeyboardInterrupt):
         with writer.VideoWriter(tmp_path / "v.mp4", 64, 64, 25, Sound(np.zeros((100, 2), np.int16), 48000), 1.0):
             pass
