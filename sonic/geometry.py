@@ -37,6 +37,15 @@ class Framing:
     other_faces: int = 0  # faces in the photo beside the one framed (they stay still)
     photo_pixels: int = 0  # the photo's, as decoded (one over WORKING_PIXELS is reduced to it)
 
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) frame px: the span the photo's pixels cover (MARGIN_PX past the frame
+        where the photo goes on; a frame cut at the photo's edge ends with it). Beyond it a
+        lookup repeats the edge."""
+        ax, bx, ay, by = self.to_source
+        h, w = self.pixels.shape[:2]
+        return -bx / ax, -by / ay, (w - 1 - bx) / ax, (h - 1 - by) / ay
+
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The photo at frame positions (x, y) (float32 arrays) -> uint8 (..., 3)."""
         return _sample(self.pixels, self.to_source, x, y)

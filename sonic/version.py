@@ -13,9 +13,9 @@ import functools
 from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
-# see above: bump when the output changes (6: speech under noise, and voiced speech the recogniser
-# names no phone in, open the mouth wider)
-OUTPUT_REVISION = 6
+# see above: bump when the output changes (7: the lips' backward map solved by Newton's steps, and
+# motion faded out at the photo's edges where the face reaches them)
+OUTPUT_REVISION = 7
 
 
 @functools.lru_cache(maxsize=1)

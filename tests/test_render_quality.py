@@ -268,9 +268,10 @@ def test_open_mouthed_photo_opens_as_much_as_a_closed_one(grace, open_mouthed):
 
 
 def test_the_expression_is_solved_to_the_pixel(pipeline, monkeypatch):
-    """The expression's backward map is a fixed-point iteration: stopped short (4 rounds), blocks
-    where a smiling photo's lips close over its teeth kept the teeth, specks on the closed lips
-    (37 pixels off by more than 40 levels over this clip, against the map solved to the end)."""
+    """The expression's backward map is solved in a few Newton steps: solved short (a fixed-point
+    iteration of 4 rounds, once), blocks where a smiling photo's lips close over its teeth kept
+    the teeth, specks on the closed lips (37 pixels off by more than 40 levels over this clip,
+    against the map solved to the end)."""
     from sonic.audio_features import encode_audio
     from sonic.decoders import get_decoder
     from sonic.decoders.warp import decoder as warp
@@ -290,3 +291,53 @@ def test_the_expression_is_solved_to_the_pixel(pipeline, monkeypatch):
     monkeypatch.setattr(warp, "BACKWARD_ITERS", 40)
     solved = decoder.render(motion.coeffs, motion.head).astype(np.int16)
     assert (np.abs(frames - solved).max(-1) > 40).sum() <= 8
+
+
+def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyond_it(pipeline, monkeypatch):
+    """The portrait cut to its face's own outline (cheeks and chin at the photo's edges, the face
+    enlarged to fill 512 px): at the head's and the expression's limits, every frame pixel comes
+    from inside the photo (beyond it the edge repeats: stripes, a flat block under the chin), and
+    down each column of the lower face the photo is read in order, never folded back (the chin
+    read from below where a wrong solution took over; the smiling photo's teeth read above the
+    closed lips, in tooth-shaped specks, where the lips' solve had stopped short)."""
+    from sonic.geometry import Framing
+    from sonic.motion import MAX_ROLL_DEG, MAX_SCALE, MAX_SHIFT_IOD
+
+    rgb = load_image(EXAMPLES / "astronaut.jpg", 10**7)  # a smile that shows its teeth
+    x0, y0, x1, y1 = (int(v) for v in pipeline.faces.analyze(rgb).box)
+    tight = np.ascontiguousarray(rgb[y0 + (y1 - y0) // 8 : y1, x0 + (x1 - x0) // 20 : x1 - (x1 - x0) // 20])
+    face = pipeline.faces.analyze(tight)
+    framing = crop_and_scale(tight, face.landmarks, crop_box(face.box, tight.shape[:2], 0.5, True), 512)
+    decoder = WarpDecoder(framing, build_rig(framing.landmarks))
+    iod = decoder.rig.iod
+    assert iod > 0.45 * framing.frame.shape[1]  # the face fills the frame
+    read = []
+    def sample(self, x, y):  # where each frame pixel is read from
+        read.append((x.copy(), y.copy()))
+        return self.frame[: x.shape[0], : x.shape[1]]
+
+    monkeypatch.setattr(Framing, "sample", sample)
+    roll, shift = np.deg2rad(MAX_ROLL_DEG), MAX_SHIFT_IOD * iod
+    poses = [coeffs(close_rest=1.0), coeffs(jaw=0.25, close_rest=1.0), coeffs(jaw=0.25, spread=0.1)]
+    heads = [np.zeros(4), np.array([roll, shift, shift, MAX_SCALE]), np.array([-roll, -shift, -shift, -MAX_SCALE])]
+    ax, bx, ay, by = framing.to_source  # the photo's span in frame px
+    ex0, ey0 = -bx / ax, -by / ay
+    ex1, ey1 = (framing.pixels.shape[1] - 1 - bx) / ax, (framing.pixels.shape[0] - 1 - by) / ay
+    bx0, by0 = decoder.box[:2]
+    for c in poses:
+        for head in heads:
+            read.clear()
+            decoder.render(c[None], head[None])
+            (qx, qy), = read
+            py, px = np.mgrid[by0 : by0 + qx.shape[0], bx0 : bx0 + qx.shape[1]]
+            moved = np.hypot(qx - px, qy - py) > 0.5  # (a frame a few px wider than the photo ends in its edge at rest)
+            beyond = (qx < ex0 - 0.5) | (qx > ex1 + 0.5) | (qy < ey0 - 0.5) | (qy > ey1 + 0.5)
+            assert not (moved & beyond).any(), (c, head, int((moved & beyond).sum()))
+            if head.any():
+                continue
+            # the lower face, below the nose, at rest: (a mouth that opens reads its lips apart)
+            below_nose = int(framing.landmarks[2, 1]) - by0
+            cols = slice(int(framing.landmarks[61, 0]) - bx0, int(framing.landmarks[291, 0]) - bx0)
+            steps = np.diff(qy[below_nose:, cols], axis=0)
+            if c[COEFFS.index("jaw")] == 0:
+                assert steps.min() > -1.0, steps.min()

@@ -7,7 +7,7 @@ by a soft head mask just outside the face, so hair, neck and background stay sti
 
 Per frame, every output pixel x asks where it comes from:
   1. head:       q = x + mask(x) * (A^-1 x - x)       (affine; computed on a 4 px grid, upsampled)
-  2. expression: p solves p + field(p) = q           (fixed-point iteration, mouth box only)
+  2. expression: p solves p + field(p) = q           (Newton's steps, mouth box only)
   3. brows:      p1 = brow_map(p)                     (brow boxes only)
   4. lids:       p2 = lid_map(p1)                     (eye boxes only)
   5. gaze:       p3 = gaze_map(p2)                    (inside each eye's opening)
@@ -22,12 +22,14 @@ The `warp` decoder kind that prepares it is in `kind.py`.
 
 from __future__ import annotations
 
+import itertools
+
 import cv2
 import numpy as np
 
 from ...geometry import Framing
 from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH, OUTER_CORNERS
-from ...motion import COEFFS, Rig, smoothstep
+from ...motion import COEFFS, MAX_ROLL_DEG, MAX_SCALE, MAX_SHIFT_IOD, Rig, smoothstep
 from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
 from .mouth import luma, mouth_axis, mouth_style, paint_mouth
 
@@ -41,7 +43,8 @@ REACH_IOD = 0.45  # beyond this distance outside the oval the expression field i
 # fixed-point iterations inverting the forward displacement, on the coarse blocks: 4 left blocks
 # unconverged where a smiling photo's lips close over its teeth (specks of teeth on the closed
 # lips, for a few frames); 10 cost the decoder 0.3-0.6 ms a frame more (+3-9 %, docs/quality.md)
-BACKWARD_ITERS = 10
+BACKWARD_ITERS = 6  # Newton steps of the expression's backward solve
+NEWTON_MIN_DET = 0.2  # below this Jacobian determinant (a fold, or nearly) a point takes the fixed-point step
 EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
@@ -58,6 +61,7 @@ CREASE_KEPT_IOD = (0.01, 0.03)  # ... kept beside the opening, filled in from th
 CREASE_DARK_AROUND = 0.15  # ... unless more than this share of the skin around it is as dark
 CREASE_DARKER = (0.9, 0.5)  # ... where the photo is darker than the lips: from 0.9 of their luma, fully at 0.5
 FIELD_EPS_PX = 0.2  # displacements below this (at the largest coefficients) count as none
+EDGE_FADE = 2.0  # motions fade out over this many times their reach from a photo edge the face touches
 
 
 def _tps_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,6 +122,90 @@ def tps_fields(
     return fields
 
 
+def _field_at(fxy: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """The field (H, W, 2) at positions (sx, sy), bilinear, zero outside it."""
+    return cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
+        fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """p with p + field(p) = l, for each point l (lx, ly: float32, field px) -> (px, py, residual px).
+
+    Newton's steps on the field's local Jacobian (differences over 1 px). The plain fixed-point
+    iteration p = l - field(p) converges only as fast as the field's slope allows: where lips
+    closing over a photo's teeth squeeze the skin above them (slope near -1) it swung back and
+    forth, and on a large face (the lips moving 25 px) it stopped 5 px short, where the other
+    lip's candidate, the photo's teeth, was taken instead (tooth-shaped specks above the lip).
+    Where the local map folds or nearly does, a point takes the fixed-point step instead."""
+    sx, sy = lx.copy(), ly.copy()
+    # p - l = -field(p): no solution lies further from l than the field's largest displacement,
+    # and a step near a fold that lands further is taken back to that distance
+    most = float(np.hypot(fxy[..., 0], fxy[..., 1]).max())
+    for _ in range(BACKWARD_ITERS):
+        d = _field_at(fxy, sx, sy)
+        rx, ry = sx + d[..., 0] - lx, sy + d[..., 1] - ly
+        dx = _field_at(fxy, sx + 1, sy) - d
+        dy = _field_at(fxy, sx, sy + 1) - d
+        a, b, c, e = 1 + dx[..., 0], dy[..., 0], dx[..., 1], 1 + dy[..., 1]  # Jacobian of p + field(p)
+        det = a * e - b * c
+        newton = det > NEWTON_MIN_DET
+        inv = np.where(newton, 1 / np.where(newton, det, 1), 0).astype(np.float32)
+        sx = np.where(newton, sx - (e * rx - b * ry) * inv, sx - rx).astype(np.float32)
+        sy = np.where(newton, sy - (a * ry - c * rx) * inv, sy - ry).astype(np.float32)
+        ox, oy = sx - lx, sy - ly
+        over = np.maximum(np.hypot(ox, oy) / max(most, 1e-3), 1.0)
+        sx, sy = lx + ox / over, ly + oy / over
+    d = _field_at(fxy, sx, sy)
+    return sx, sy, np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly)
+
+
+def _to_edge(extent: tuple[float, float, float, float], origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 over frame px from `origin` (x, y): the distance (px) to the nearest edge of
+    the photo's pixels (`extent`, see Framing.extent)."""
+    ex0, ey0, ex1, ey1 = extent
+    xs = np.arange(shape[1], dtype=np.float32) + origin[0]
+    ys = np.arange(shape[0], dtype=np.float32) + origin[1]
+    return np.minimum(np.minimum(ys - ey0, ey1 - ys)[:, None], np.minimum(xs - ex0, ex1 - xs)[None, :])
+
+
+def _reach_near_edge(fields: list[np.ndarray], extent, origin: tuple[int, int]) -> float:
+    """The farthest (px) the expression fields (each (K, 2, H, W) from `origin`) take a pixel that
+    lies within EDGE_FADE times that distance of the photo's edge: every coefficient between 0 and
+    its largest (EXPRESSION_MAX), so the farthest is at one of the corners of that box."""
+    k = fields[0].shape[0]
+    to_edge = _to_edge(extent, origin, (fields[0].shape[2], fields[0].shape[3]))
+    corners = np.array(list(itertools.product((0.0, 1.0), repeat=k)), np.float32) * np.array(EXPRESSION_MAX, np.float32)
+    reach = 0.0
+    for f in fields:
+        for c in corners[1:]:
+            m = np.hypot(*np.tensordot(c, f, axes=1))
+            reach = max(reach, float(np.max(m, where=EDGE_FADE * m > to_edge, initial=0.0)))
+    return reach
+
+
+def _edge_fade(
+    extent: tuple[float, float, float, float], origin: tuple[int, int], shape: tuple[int, int], width: float
+) -> np.ndarray:
+    """(H, W) float32 over frame px from `origin` (x, y): 0 on the edges of the photo's pixels
+    (`extent`, see Framing.extent), rising smoothly to 1 `width` px inside them. A motion of at
+    most width / EDGE_FADE px, times this, never asks for a pixel beyond the photo and never folds."""
+    return smoothstep(_to_edge(extent, origin, shape), 0.0, max(width, 1.0)).astype(np.float32)
+
+
+def _head_reach(rig: Rig, hw: tuple[int, int], mask: np.ndarray) -> float:
+    """The farthest (px) the head's motion (at its limits for motion_scale 1) takes a frame pixel
+    that moves with it, at the frame's edges: 0 where the head's reach stops short of them."""
+    h, w = hw
+    edge = np.zeros((h, w), bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    ys, xs = np.nonzero(edge & (mask > 0))
+    if not len(xs):
+        return 0.0
+    r = np.hypot(xs - rig.centre[0], ys - rig.centre[1]).max()
+    return float(r * (np.deg2rad(MAX_ROLL_DEG) + MAX_SCALE) + MAX_SHIFT_IOD * rig.iod)
+
+
 def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
     m: np.ndarray = np.zeros(hw, np.float32)  # float32 throughout; cv2.GaussianBlur is typed loosely
     cv2.fillPoly(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar colour
@@ -161,10 +249,14 @@ class WarpDecoder:
         centre = oval.mean(0)
         radial = (oval - centre) / (np.linalg.norm(oval - centre, axis=1, keepdims=True) + 1e-6)
 
-        # 1. head: rigid inside the face (and a margin), fading to still over HEAD_FADE_IOD
+        # 1. head: rigid inside the face (and a margin), fading to still over HEAD_FADE_IOD, and
+        # towards the photo's edges where the face reaches them
         dist = _outside_distance(oval + HEAD_MARGIN_IOD * iod * radial, (h, w))
         t = np.clip(1 - dist / (HEAD_FADE_IOD * iod), 0, 1)
         mask = smoothstep(t, 0.0, 1.0)
+        reach = _head_reach(rig, (h, w), mask)
+        if reach > 0:
+            mask = mask * _edge_fade(framing.extent, (0, 0), (h, w), EDGE_FADE * reach)
         ys, xs = np.nonzero(mask > 0)
         self.box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (0, 0, w, h)
         x0, y0, x1, y1 = self.box
@@ -261,8 +353,15 @@ class WarpDecoder:
         dist = _outside_distance(oval - np.array([x0, y0]), (h, w))
         reach = np.clip(1 - dist / (REACH_IOD * iod), 0, 1).astype(np.float32)
         fields = [f * reach for f in fields]
-        # keep only the part of the box where the fields move anything
+        # where the face reaches an edge of the photo, the fields fade to nothing at it: a chin
+        # at the frame's bottom edge closing a wide-open smile asked for pixels below the photo
+        # (its edge row repeated: a flat block under the chin)
+        reach_px = _reach_near_edge(fields, self.framing.extent, (x0, y0))
+        if reach_px > 0:
+            fade = _edge_fade(self.framing.extent, (x0, y0), (h, w), EDGE_FADE * reach_px)
+            fields = [f * fade for f in fields]
         size = np.array(EXPRESSION_MAX, np.float32)[:, None, None]
+        # keep only the part of the box where the fields move anything
         moves = np.maximum(*(np.abs(f).max(axis=1) * size for f in fields)).max(0) > FIELD_EPS_PX
         ys, xs = np.nonzero(moves)
         if len(xs):
@@ -345,17 +444,8 @@ class WarpDecoder:
         parts = []  # per field set: the candidate's x, y and how well it converged
         for fields in (self.fields_upper, self.fields_lower):
             fxy = (c @ fields).reshape(self._field_shape)  # (H, W, 2)
-            sx, sy = lx, ly
-            for _ in range(BACKWARD_ITERS):
-                d = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
-                    fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-                )
-                sx, sy = lx - d[..., 0], ly - d[..., 1]
-            # a candidate counts only where the iteration converged: p + field(p) lands on q
-            d = cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
-                fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-            )
-            err = np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly)
+            sx, sy, err = solve_backward(fxy, lx, ly)
+            # a candidate counts only where the solve converged: p + field(p) lands on q
             parts += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
         cands = np.dstack(parts)
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
