@@ -341,3 +341,30 @@ def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyon
             steps = np.diff(qy[below_nose:, cols], axis=0)
             if c[COEFFS.index("jaw")] == 0:
                 assert steps.min() > -1.0, steps.min()
+
+
+def test_lips_closed_over_the_photos_teeth_take_the_light_around_them():
+    """The seam where closing lips cover the photo's teeth is painted in the lips' colour, shaded
+    as the lips beside it are: on a face lit from one side the shadowed corner stays in shadow (the
+    one colour painted there was a bright pink streak running into the dark cheek); under even
+    light the paint is the lips' colour all along."""
+    from sonic.decoders.warp.mouth import MouthStyle, paint_mouth
+
+    iod, h, w = 160.0, 60, 200
+    lip = np.array([170.0, 100.0, 100.0])
+    style = MouthStyle(lip, lip, lip, np.zeros(3), np.zeros(3), np.full(3, 230.0), paint_teeth=False)
+    xs = np.linspace(20, 180, 9)
+    upper, lower = np.stack([xs, np.full(9, 30.0)], 1), np.stack([xs, np.full(9, 31.0)], 1)
+    seam = np.zeros((h, w), np.float32)
+    seam[26:36, 20:181] = 1.0
+    for light in (np.ones(w), np.linspace(1.0, 0.3, w)):  # even, then darker to the right
+        region = np.full((h, w, 3), 230.0, np.float32) * light[None, :, None]  # teeth, lit alike
+        region[:26] = region[36:] = (lip * light[:, None])[None]  # the lips around the seam
+        paint_mouth(region, upper, lower, np.zeros((h, w), np.float32), style, iod, seam)
+        painted = region[28:34].mean(0)[:, 0]
+        left, right = painted[30:50].mean(), painted[150:170].mean()
+        if light.min() == 1.0:
+            assert abs(left - lip[0]) < 0.12 * lip[0] and abs(right - lip[0]) < 0.12 * lip[0], (left, right)
+        else:
+            # the light there is 0.4-0.5 of the lit side's; one colour was painted all along
+            assert right < 0.65 * left, (left, right)

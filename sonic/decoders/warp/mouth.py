@@ -32,6 +32,8 @@ CAVITY_MIN_OF_SKIN = 0.4  # ... unless the skin itself is dark (an underexposed 
 TEETH_MIN_LUMA = 70.0  # teeth at least this bright (dull highlights) ...
 TEETH_MIN_OF_HIGHLIGHTS = 1.1  # ... unless the highlights are darker still: this much above them
 SOFTNESS_PER_UPSCALE = 0.3  # px of blur on the painted interior per x the face is enlarged beyond 1x
+SEAM_SHADE_IOD = 0.04  # closed lips painted over the photo's teeth take the light of what is around them this far ...
+SEAM_SHADE_RANGE = (0.35, 1.15)  # ... relative to the mean light over them, within this range
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,21 @@ def _cover_seam(
     colour = style.upper_lip * (1 - below) + style.lower_lip * below
     colour *= (1 - 0.2 * np.exp(-((d / max(0.8, 0.006 * iod)) ** 2)))[..., None]
     a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
+    colour *= _shading(region, a, iod)[..., None]
     region += (colour - region) * a[..., None]
+
+
+def _shading(region: np.ndarray, seam: np.ndarray, iod: float) -> np.ndarray:
+    """(H, W) the light falling on the seam (0..1), relative to its mean there: the brightness
+    of the lips and skin around each point, the seam itself left out. On a side-lit face the lips'
+    one colour, painted into the shadowed corner, was a bright streak running into the cheek;
+    evenly lit lips give 1 everywhere."""
+    keep = (1 - np.clip(seam, 0, 1)).astype(np.float32)
+    sigma = max(1.5, SEAM_SHADE_IOD * iod)
+    around = cv2.GaussianBlur((luma(region) * keep).astype(np.float32), (0, 0), sigma)
+    lit = around / np.maximum(cv2.GaussianBlur(keep, (0, 0), sigma), 1e-3)
+    mean = float((lit * seam).sum() / max(float(seam.sum()), 1e-6))
+    return np.clip(lit / max(mean, 1.0), *SEAM_SHADE_RANGE)
 
 
 def _soften_chroma(sub: np.ndarray, alpha: np.ndarray, iod: float) -> None:
