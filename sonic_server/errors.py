@@ -154,7 +154,8 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
         return error_response(
             "input_too_large",
             f"upload is larger than {max_upload_mb:g} MB: the request's files together "
-            "(limits.max_upload_mb); send smaller files, or their URLs (image_url, audio_url)",
+            "(limits.max_upload_mb); send smaller files (a file given by its URL, image_url or audio_url, "
+            "may be as large on its own, no larger)",
         )
 
     @app.errorhandler(ClientDisconnected)

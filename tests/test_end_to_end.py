@@ -98,8 +98,17 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     noisy = tmp_path / "noisy.wav"
     sf.write(noisy, speech + noise * np.sqrt(np.mean(speech**2) / np.mean(noise**2)), 16000)  # 0 dB SNR
     heard = pipeline(PORTRAIT, noisy, opts, out_path=tmp_path / "noisy.mp4").warnings
-    assert any(re.fullmatch(r"the speech stands only \d+ dB above the recording's background noise: .*", w)
+    assert any(re.fullmatch(r"the speech stands only \d+ dB above the recording's background noise or music: .*", w)
                for w in heard), heard
+    # speech recorded far too loud (cut flat at full scale) is said to be clipped; the clean
+    # speech, as loud as a recording gets unclipped (peak at 0.99), and the noisy one are not
+    assert not any("clipped" in w for w in one + heard), one + heard
+    loud = tmp_path / "clipped.wav"
+    sf.write(loud, np.clip(speech * 16, -1, 1), 16000)  # 24 dB into clipping
+    clipped = pipeline(PORTRAIT, loud, opts, out_path=tmp_path / "clipped.mp4").warnings
+    assert any(w.startswith("the recording is clipped") for w in clipped), clipped
+    from sonic.pipeline import CLIPPED_WARN_SHARE, clipped_share
+    assert clipped_share(0.99 * speech / np.abs(speech).max()) < CLIPPED_WARN_SHARE / 10
     # a second of clean speech without a pause has no quiet frame to tell its background by: not said
     from sonic.audio_features import hear
     assert not hear(load_audio(SPEECH, 60)[int(0.7 * 16000): int(1.7 * 16000)], 25).noisy
