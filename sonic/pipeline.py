@@ -97,8 +97,9 @@ CLIPPED = (
     "follows the speech less closely, and rests less in its pauses (record at a lower level)"
 )
 # over-driven speech: a share of its loud samples this large lies within 2 % of a peak near full
-# scale (clean speech, music and song: under 0.5 %; speech driven 24 dB into clipping, which the
-# scorer's sync fell on from 0.76 to 0.61: 16 %; driven 12 dB, sync unchanged: 2 %)
+# scale (clean speech, music and song: under 0.5 %; speech peaking at 0.42 given 24 dB of gain,
+# 16.6 dB past full scale, on which the scorer's sync fell from 0.76 to 0.61: 16 %; given 12 dB,
+# sync unchanged: 2 %)
 CLIPPED_WARN_SHARE = 0.05
 CLIPPED_MIN_PEAK = 0.5
 

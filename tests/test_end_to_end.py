@@ -104,7 +104,7 @@ def test_warnings_say_what_a_user_should_know_and_nothing_else(pipeline, tmp_pat
     # speech, as loud as a recording gets unclipped (peak at 0.99), and the noisy one are not
     assert not any("clipped" in w for w in one + heard), one + heard
     loud = tmp_path / "clipped.wav"
-    sf.write(loud, np.clip(speech * 16, -1, 1), 16000)  # 24 dB into clipping
+    sf.write(loud, np.clip(speech * 16, -1, 1), 16000)  # 24 dB of gain: the peak 16.6 dB past full scale
     clipped = pipeline(PORTRAIT, loud, opts, out_path=tmp_path / "clipped.mp4").warnings
     assert any(w.startswith("the recording is clipped") for w in clipped), clipped
     from sonic.pipeline import CLIPPED_WARN_SHARE, clipped_share

@@ -308,8 +308,8 @@ def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyon
     tight = np.ascontiguousarray(rgb[y0 + (y1 - y0) // 8 : y1, x0 + (x1 - x0) // 20 : x1 - (x1 - x0) // 20])
     face = pipeline.faces.analyze(tight)
     framing = crop_and_scale(tight, face.landmarks, crop_box(face.box, tight.shape[:2], 0.5, True), 512)
-    decoder = WarpDecoder(framing, build_rig(framing.landmarks))
-    iod = decoder.rig.iod
+    rig = build_rig(framing.landmarks)
+    iod = rig.iod
     assert iod > 0.45 * framing.frame.shape[1]  # the face fills the frame
     read = []
     def sample(self, x, y):  # where each frame pixel is read from
@@ -317,15 +317,16 @@ def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyon
         return self.frame[: x.shape[0], : x.shape[1]]
 
     monkeypatch.setattr(Framing, "sample", sample)
-    roll, shift = np.deg2rad(MAX_ROLL_DEG), MAX_SHIFT_IOD * iod
-    poses = [coeffs(close_rest=1.0), coeffs(jaw=0.25, close_rest=1.0), coeffs(jaw=0.25, spread=0.1)]
-    heads = [np.zeros(4), np.array([roll, shift, shift, MAX_SCALE]), np.array([-roll, -shift, -shift, -MAX_SCALE])]
     ax, bx, ay, by = framing.to_source  # the photo's span in frame px
     ex0, ey0 = -bx / ax, -by / ay
     ex1, ey1 = (framing.pixels.shape[1] - 1 - bx) / ax, (framing.pixels.shape[0] - 1 - by) / ay
-    bx0, by0 = decoder.box[:2]
-    for c in poses:
-        for head in heads:
+    poses = [coeffs(close_rest=1.0), coeffs(jaw=0.25, close_rest=1.0), coeffs(jaw=0.25, spread=0.1)]
+    for scale in (1.0, 2.0):  # motion_scale: the head's limits grow with it
+        decoder = WarpDecoder(framing, rig, motion_scale=scale)
+        roll, shift, size = scale * np.deg2rad(MAX_ROLL_DEG), scale * MAX_SHIFT_IOD * iod, scale * MAX_SCALE
+        heads = [np.zeros(4), np.array([roll, shift, shift, size]), np.array([-roll, -shift, -shift, -size])]
+        bx0, by0 = decoder.box[:2]
+        for c, head in ((c, head) for c in poses for head in heads):
             read.clear()
             decoder.render(c[None], head[None])
             (qx, qy), = read
@@ -340,7 +341,7 @@ def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyon
             cols = slice(int(framing.landmarks[61, 0]) - bx0, int(framing.landmarks[291, 0]) - bx0)
             steps = np.diff(qy[below_nose:, cols], axis=0)
             if c[COEFFS.index("jaw")] == 0:
-                assert steps.min() > -1.0, steps.min()
+                assert steps.min() > -0.1, steps.min()
 
 
 def test_lips_closed_over_the_photos_teeth_take_the_light_around_them():
@@ -366,5 +367,6 @@ def test_lips_closed_over_the_photos_teeth_take_the_light_around_them():
         if light.min() == 1.0:
             assert abs(left - lip[0]) < 0.12 * lip[0] and abs(right - lip[0]) < 0.12 * lip[0], (left, right)
         else:
-            # the light there is 0.4-0.5 of the lit side's; one colour was painted all along
-            assert right < 0.65 * left, (left, right)
+            # the light there is half the lit side's (the paint is never brighter than the lips'
+            # colour, so the lit side is not lifted to match); one colour was painted all along
+            assert right < 0.75 * left, (left, right)

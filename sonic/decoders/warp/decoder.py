@@ -40,11 +40,12 @@ HEAD_MARGIN_IOD = 0.06  # the head moves rigidly up to this far beyond the face 
 HEAD_FADE_IOD = 0.3  # ... and its motion fades to nothing over this much further (hair, neck)
 STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face oval
 REACH_IOD = 0.45  # beyond this distance outside the oval the expression field is zero
-# fixed-point iterations inverting the forward displacement, on the coarse blocks: 4 left blocks
-# unconverged where a smiling photo's lips close over its teeth (specks of teeth on the closed
-# lips, for a few frames); 10 cost the decoder 0.3-0.6 ms a frame more (+3-9 %, docs/quality.md)
-BACKWARD_ITERS = 6  # Newton steps of the expression's backward solve
-NEWTON_MIN_DET = 0.2  # below this Jacobian determinant (a fold, or nearly) a point takes the fixed-point step
+# Newton steps inverting the forward displacement, on the coarse blocks (see solve_backward)
+BACKWARD_ITERS = 6
+# below this Jacobian determinant (a fold) a point takes the fixed-point step; skin squeezed
+# above closing lips reaches 0.05-0.2, where Newton is what converges (each step stays within
+# the field's largest displacement)
+NEWTON_MIN_DET = 0.02
 EXPRESSION = [COEFFS.index(c) for c in ("jaw", "spread", "round", "close_rest")]
 BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
@@ -189,13 +190,14 @@ def _edge_fade(
 ) -> np.ndarray:
     """(H, W) float32 over frame px from `origin` (x, y): 0 on the edges of the photo's pixels
     (`extent`, see Framing.extent), rising smoothly to 1 `width` px inside them. A motion of at
-    most width / EDGE_FADE px, times this, never asks for a pixel beyond the photo and never folds."""
+    most width / EDGE_FADE px, times this, never asks for a pixel beyond the photo, and the fade
+    adds at most 0.75 to how fast it changes across the edge."""
     return smoothstep(_to_edge(extent, origin, shape), 0.0, max(width, 1.0)).astype(np.float32)
 
 
-def _head_reach(rig: Rig, hw: tuple[int, int], mask: np.ndarray) -> float:
-    """The farthest (px) the head's motion (at its limits for motion_scale 1) takes a frame pixel
-    that moves with it, at the frame's edges: 0 where the head's reach stops short of them."""
+def _head_reach(rig: Rig, hw: tuple[int, int], mask: np.ndarray, motion_scale: float) -> float:
+    """The farthest (px) the head's motion (at its limits, which grow with motion_scale) takes a
+    frame pixel that moves with it, at the frame's edges: 0 where the head's reach stops short of them."""
     h, w = hw
     edge = np.zeros((h, w), bool)
     edge[[0, -1], :] = edge[:, [0, -1]] = True
@@ -203,7 +205,7 @@ def _head_reach(rig: Rig, hw: tuple[int, int], mask: np.ndarray) -> float:
     if not len(xs):
         return 0.0
     r = np.hypot(xs - rig.centre[0], ys - rig.centre[1]).max()
-    return float(r * (np.deg2rad(MAX_ROLL_DEG) + MAX_SCALE) + MAX_SHIFT_IOD * rig.iod)
+    return float(r * (np.deg2rad(MAX_ROLL_DEG) + MAX_SCALE) + MAX_SHIFT_IOD * rig.iod) * max(motion_scale, 1.0)
 
 
 def _poly_mask(pts: np.ndarray, hw, blur_px: float) -> np.ndarray:
@@ -238,7 +240,7 @@ def _box(pts: np.ndarray, margin: float, hw: tuple[int, int] | None) -> tuple[in
 class WarpDecoder:
     """Renders frames of one portrait; build once per request, call per batch of frames."""
 
-    def __init__(self, framing: Framing, rig: Rig):
+    def __init__(self, framing: Framing, rig: Rig, motion_scale: float = 1.0):
         self.framing, self.rig = framing, rig
         self.frame = framing.frame
         h, w = self.frame.shape[:2]
@@ -254,7 +256,7 @@ class WarpDecoder:
         dist = _outside_distance(oval + HEAD_MARGIN_IOD * iod * radial, (h, w))
         t = np.clip(1 - dist / (HEAD_FADE_IOD * iod), 0, 1)
         mask = smoothstep(t, 0.0, 1.0)
-        reach = _head_reach(rig, (h, w), mask)
+        reach = _head_reach(rig, (h, w), mask, motion_scale)
         if reach > 0:
             mask = mask * _edge_fade(framing.extent, (0, 0), (h, w), EDGE_FADE * reach)
         ys, xs = np.nonzero(mask > 0)

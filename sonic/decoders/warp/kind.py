@@ -52,7 +52,9 @@ class WarpKind(DecoderKind):
         turns = upright_turns(framing.landmarks)
         upright = turned(framing, turns)
         posed = pose_framing(upright, options.expression, options.expression_scale)
-        decoder = WarpDecoder(posed, rig if posed is framing else build_rig(posed.landmarks))
+        decoder = WarpDecoder(
+            posed, rig if posed is framing else build_rig(posed.landmarks), motion_scale=options.motion_scale
+        )
         return TurnedBack(decoder, turns) if turns else decoder
 
 

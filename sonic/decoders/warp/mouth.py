@@ -33,7 +33,9 @@ TEETH_MIN_LUMA = 70.0  # teeth at least this bright (dull highlights) ...
 TEETH_MIN_OF_HIGHLIGHTS = 1.1  # ... unless the highlights are darker still: this much above them
 SOFTNESS_PER_UPSCALE = 0.3  # px of blur on the painted interior per x the face is enlarged beyond 1x
 SEAM_SHADE_IOD = 0.04  # closed lips painted over the photo's teeth take the light of what is around them this far ...
-SEAM_SHADE_RANGE = (0.35, 1.15)  # ... relative to the mean light over them, within this range
+# ... relative to the mean light over them, within this range: never brighter than the lips'
+# colour (the skin beyond the corners is often brighter than the lips)
+SEAM_SHADE_RANGE = (0.35, 1.0)
 
 
 @dataclass(frozen=True)
