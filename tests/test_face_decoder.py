@@ -36,6 +36,19 @@ def test_no_face(pipeline):
     assert e.value.code == "no_face_detected"
 
 
+def test_a_washed_out_face_is_refused_with_its_exposure_named(pipeline):
+    """A portrait brightened until the detector loses the face (or finds only a speck of it) says
+    that much of the photo is near white; a photo of no face in ordinary light does not."""
+    rgb = load_image(EXAMPLES / "astronaut.jpg", 10**7).astype(np.float32)
+    with pytest.raises(NoFaceDetected) as e:
+        pipeline.faces.analyze(np.clip(rgb * 3.0 + 40, 0, 255).astype(np.uint8))
+    assert "of the photo is near white: if a face is there, it may be overexposed" in str(e.value), str(e.value)
+    yy, xx = np.mgrid[0:200, 0:300]
+    with pytest.raises(NoFaceDetected) as e:
+        pipeline.faces.analyze(np.stack([xx % 255, yy % 255, (xx + yy) % 255], -1).astype(np.uint8))
+    assert str(e.value) == "no face was found in the image"
+
+
 def test_small_face_in_large_frame(pipeline):
     rgb = load_image(PORTRAIT, 10**7)
     canvas = np.full((1200, 1600, 3), 128, np.uint8)
