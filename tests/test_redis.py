@@ -647,7 +647,10 @@ def test_failed_webhooks_are_each_tried_again_on_time(redis_url):
     now = time.time()
     ids = [f"msg_{i}" for i in range(SENDERS + 2)]
     for i, msg in enumerate(ids):
-        outbox.add(Delivery(msg, f"job_{i}", outbox.next_seq(), closed, "completed", "{}", 0, now, now))
+        # each its own receiver (a path of its own): one receiver that fails is sent one attempt
+        # at a time, and six of them one after another, a tick apart, took 10-12 s
+        url = f"{closed}/{i}"
+        outbox.add(Delivery(msg, f"job_{i}", outbox.next_seq(), url, "completed", "{}", 0, now, now))
     hooks.start()
     try:
         def attempts() -> dict:
