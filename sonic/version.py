@@ -13,9 +13,9 @@ import functools
 from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
-# see above: bump when the output changes (7: the lips' backward map solved by Newton's steps, and
-# motion faded out at the photo's edges where the face reaches them)
-OUTPUT_REVISION = 7
+# see above: bump when the output changes (8: the lips' backward map stops each point once it
+# lands, which moves a few pixels at folds)
+OUTPUT_REVISION = 8
 
 
 @functools.lru_cache(maxsize=1)

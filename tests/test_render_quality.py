@@ -293,6 +293,30 @@ def test_the_expression_is_solved_to_the_pixel(pipeline, monkeypatch):
     assert (np.abs(frames - solved).max(-1) > 40).sum() <= 8
 
 
+def test_the_backward_solve_lands_its_points_and_never_steps_past_the_fields_reach():
+    """solve_backward on a field like closing lips' (a squeeze of slope -0.9 under a drop of
+    25 px, and a fold beside it): where the map is one to one every point lands within
+    BACKWARD_TOL; no point is taken further from where it must land than the field's largest
+    displacement (a bound of sqrt(2) times its largest component let corner points step over to
+    the photo's teeth)."""
+    from sonic.decoders.warp.decoder import BACKWARD_TOL, solve_backward
+
+    h, w = 160, 200
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    drop = 25.0 * np.exp(-(((ys - 80) / 25) ** 2)) * np.exp(-(((xs - 70) / 40) ** 2))  # slope to -0.9
+    fold = 30.0 * np.exp(-(((ys - 80) / 8) ** 2)) * np.exp(-(((xs - 160) / 12) ** 2))  # slope past -1
+    field = np.dstack([0.3 * drop, drop + fold]).astype(np.float32)
+    ly, lx = (np.mgrid[2:h - 2:3, 2:w - 2:3].astype(np.float32))
+    sx, sy, err = solve_backward(field, lx, ly)
+    most = float(np.hypot(field[..., 0], field[..., 1]).max())
+    assert np.hypot(sx - lx, sy - ly).max() <= most + 1e-3
+    one_to_one = np.abs(lx - 160) > 45  # the drop's side
+    assert err[one_to_one].max() < BACKWARD_TOL, float(err[one_to_one].max())
+    # the solve is what it claims: p + field(p) lands on l
+    d = cv2.remap(field, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    assert np.allclose(np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly), err, atol=1e-3)
+
+
 def test_a_face_that_fills_the_photo_is_moved_without_folds_or_pixels_from_beyond_it(pipeline, monkeypatch):
     """The portrait cut to its face's own outline (cheeks and chin at the photo's edges, the face
     enlarged to fill 512 px): at the head's and the expression's limits, every frame pixel comes

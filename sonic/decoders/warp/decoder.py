@@ -42,6 +42,8 @@ STILL_RINGS_IOD = (0.3, 0.6)  # fixed control points this far outside the face o
 REACH_IOD = 0.45  # beyond this distance outside the oval the expression field is zero
 # Newton steps inverting the forward displacement, on the coarse blocks (see solve_backward)
 BACKWARD_ITERS = 6
+BACKWARD_TOL = 0.03  # px: a point this close to landing is solved
+REMAP_MAX = 32000  # cv2.remap takes maps under 32767 wide
 # below this Jacobian determinant (a fold) a point takes the fixed-point step; skin squeezed
 # above closing lips reaches 0.05-0.2, where Newton is what converges (each step stays within
 # the field's largest displacement)
@@ -124,10 +126,14 @@ def tps_fields(
 
 
 def _field_at(fxy: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
-    """The field (H, W, 2) at positions (sx, sy), bilinear, zero outside it."""
+    """The field (H, W, 2) at points (sx, sy: float32, one dimension), bilinear, zero outside it
+    -> (N, 2)."""
+    if len(sx) > REMAP_MAX:
+        parts = [_field_at(fxy, sx[i : i + REMAP_MAX], sy[i : i + REMAP_MAX]) for i in range(0, len(sx), REMAP_MAX)]
+        return np.concatenate(parts)
     return cv2.remap(  # type: ignore[call-overload]  # cv2's stubs refuse a scalar borderValue
-        fxy, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
+        fxy, sx[None], sy[None], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )[0]
 
 
 def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,27 +144,44 @@ def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.
     closing over a photo's teeth squeeze the skin above them (slope near -1) it swung back and
     forth, and on a large face (the lips moving 25 px) it stopped 5 px short, where the other
     lip's candidate, the photo's teeth, was taken instead (tooth-shaped specks above the lip).
-    Where the local map folds or nearly does, a point takes the fixed-point step instead."""
-    sx, sy = lx.copy(), ly.copy()
+    Where the local map folds or nearly does, a point takes the fixed-point step instead.
+    A point leaves the solve once it lands within BACKWARD_TOL: most do within two steps, and
+    the steps' lookups and arithmetic are then spent on the few near a fold."""
+    shape = lx.shape
+    tx, ty = lx.ravel(), ly.ravel()  # where the points must land
+    sx, sy = tx.copy(), ty.copy()  # where they are
+    err = np.empty(lx.size, np.float32)
     # p - l = -field(p): no solution lies further from l than the field's largest displacement,
-    # and a step near a fold that lands further is taken back to that distance
-    most = float(np.hypot(fxy[..., 0], fxy[..., 1]).max())
-    for _ in range(BACKWARD_ITERS):
-        d = _field_at(fxy, sx, sy)
-        rx, ry = sx + d[..., 0] - lx, sy + d[..., 1] - ly
-        dx = _field_at(fxy, sx + 1, sy) - d
-        dy = _field_at(fxy, sx, sy + 1) - d
-        a, b, c, e = 1 + dx[..., 0], dy[..., 0], dx[..., 1], 1 + dy[..., 1]  # Jacobian of p + field(p)
+    # and a step near a fold that lands further is taken back to that distance. The bound must
+    # be tight: at sqrt(2) times the largest component, a corner point stepped over to the photo's
+    # teeth. The field is smooth (bilinear between spline nodes FIELD_STEP px apart, times smooth
+    # fades): every other pixel finds its largest length to well under a pixel, in a quarter of the time
+    most = max(float(np.hypot(fxy[::2, ::2, 0], fxy[::2, ::2, 1]).max()), 1e-3)
+    todo = np.arange(lx.size)  # the points not yet solved, and their positions and targets
+    px, py, gx, gy = sx, sy, tx, ty
+    for step in range(BACKWARD_ITERS + 1):
+        d = _field_at(fxy, px, py)
+        rx, ry = px + d[:, 0] - gx, py + d[:, 1] - gy
+        r = np.hypot(rx, ry)
+        err[todo] = r
+        going = r >= BACKWARD_TOL
+        if step == BACKWARD_ITERS or not going.any():
+            break
+        if not going.all():
+            todo, px, py, gx, gy = todo[going], px[going], py[going], gx[going], gy[going]
+            rx, ry, d = rx[going], ry[going], d[going]
+        dx = _field_at(fxy, px + 1, py) - d
+        dy = _field_at(fxy, px, py + 1) - d
+        a, b, c, e = 1 + dx[:, 0], dy[:, 0], dx[:, 1], 1 + dy[:, 1]  # Jacobian of p + field(p)
         det = a * e - b * c
-        newton = det > NEWTON_MIN_DET
-        inv = np.where(newton, 1 / np.where(newton, det, 1), 0).astype(np.float32)
-        sx = np.where(newton, sx - (e * rx - b * ry) * inv, sx - rx).astype(np.float32)
-        sy = np.where(newton, sy - (a * ry - c * rx) * inv, sy - ry).astype(np.float32)
-        ox, oy = sx - lx, sy - ly
-        over = np.maximum(np.hypot(ox, oy) / max(most, 1e-3), 1.0)
-        sx, sy = lx + ox / over, ly + oy / over
-    d = _field_at(fxy, sx, sy)
-    return sx, sy, np.hypot(sx + d[..., 0] - lx, sy + d[..., 1] - ly)
+        # where the map (nearly) folds, the identity in place of the Jacobian: the fixed-point step
+        fold = det <= NEWTON_MIN_DET
+        a[fold], b[fold], c[fold], e[fold], det[fold] = 1, 0, 0, 1, 1
+        ox, oy = px - (e * rx - b * ry) / det - gx, py - (a * ry - c * rx) / det - gy
+        over = np.maximum(np.hypot(ox, oy) / most, 1.0)
+        px, py = gx + ox / over, gy + oy / over
+        sx[todo], sy[todo] = px, py
+    return sx.reshape(shape), sy.reshape(shape), err.reshape(shape)
 
 
 def _to_edge(extent: tuple[float, float, float, float], origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:

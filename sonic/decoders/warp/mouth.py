@@ -236,11 +236,12 @@ def _cover_seam(
     o = np.argsort(line[:, 0])
     meet = np.interp(xs, line[o, 0], line[o, 1])
     d = ys - meet
-    below = smoothstep(d, -0.01 * iod, 0.01 * iod)[..., None]
-    colour = style.upper_lip * (1 - below) + style.lower_lip * below
-    colour *= (1 - 0.2 * np.exp(-((d / max(0.8, 0.006 * iod)) ** 2)))[..., None]
+    below = smoothstep(d, -0.01 * iod, 0.01 * iod)
     a = cv2.GaussianBlur(np.clip(seam * 1.5, 0, 1).astype(np.float32), (0, 0), max(0.8, 0.008 * iod))
-    colour *= _shading(region, a, iod)[..., None]
+    # the light on it: darker where the lips meet, and the light around them (one channel, then
+    # the colour's three)
+    light = (1 - 0.2 * np.exp(-((d / max(0.8, 0.006 * iod)) ** 2))) * _shading(region, a, iod)
+    colour = (style.upper_lip + (style.lower_lip - style.upper_lip) * below[..., None]) * light[..., None]
     region += (colour - region) * a[..., None]
 
 
