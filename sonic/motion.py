@@ -40,6 +40,7 @@ from .landmarks import (
 )
 
 JAW_GAIN = 0.2  # inner-lip gap at full openness, in inter-ocular distances (IOD)
+OPENING_MAX = 1.4  # the mouth's openness never goes past this (loud speech, dynamic_scale > 1)
 OPEN_PHOTO_IOD = 0.03  # a photo whose inner lips are further apart than this has an open mouth
 SPREAD_GAIN = 0.07  # corner travel at full spread/rounding, IOD
 COARTIC_S = 0.045  # Gaussian blending of neighbouring visemes, s
@@ -238,7 +239,7 @@ def measure_lag(mouth: np.ndarray, loud: np.ndarray, max_lag: int = MAX_LAG_FRAM
 
 
 def mouth_track(feat: AudioFeatures, dynamic_scale: float, smooth: bool) -> tuple[np.ndarray, ...]:
-    """Openness (0..~1.3), spread (-1..1), closure of the lips per frame."""
+    """Openness (0..OPENING_MAX), spread (-1..1), closure of the lips per frame."""
     fps = feat.fps
     vis_open = _gauss(feat.vis_open, COARTIC_S, fps)
     spread = _gauss(feat.vis_spread, COARTIC_S * 1.5, fps)
@@ -248,7 +249,7 @@ def mouth_track(feat: AudioFeatures, dynamic_scale: float, smooth: bool) -> tupl
     if smooth:
         opening = _gauss(opening, SMOOTH_S, fps)
         spread = _gauss(spread, SMOOTH_S, fps)
-    opening = np.clip(opening * dynamic_scale, 0, 1.4)
+    opening = np.clip(opening * dynamic_scale, 0, OPENING_MAX)
     spread = np.clip(spread * np.clip(feat.loudness * 2, 0, 1) * min(dynamic_scale, 1.5), -1, 1)
     return opening, spread, closure
 

@@ -14,7 +14,8 @@ from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
 # see above: bump when the output changes (8: the lips' backward map stops each point once it
-# lands, which moves a few pixels at folds)
+# lands, which moves a few pixels at folds; the expression's box sized by the coefficients' true
+# largest values)
 OUTPUT_REVISION = 8
 
 

@@ -163,3 +163,27 @@ def test_bilabials_close_the_lips_fully():
         gap = m.coeffs[:, 0]                                   # IOD (the jaw coefficient is the lip gap)
         assert gap[int(0.44 * 25)] <= 0.01 and gap[int(0.93 * 25)] <= 0.01
         assert gap[5] > 0.1
+
+
+
+def test_the_expression_coefficients_stay_within_the_warp_decoders_box():
+    """The warp decoder sizes the expression fields' reach, their box and their fade at a photo's
+    edge by EXPRESSION_MAX: no speech, dynamic_scale or photo may take a coefficient past it (the
+    jaw reached 0.28 where the box said 0.25)."""
+    import itertools
+    from sonic.decoders.warp.decoder import EXPRESSION, EXPRESSION_MAX
+    from sonic.options import parameters
+
+    n, top = 40, np.zeros(len(EXPRESSION))
+    lo, hi = parameters()["dynamic_scale"].low, parameters()["dynamic_scale"].high
+    for loud, vis_open, spread, scale, open_photo in itertools.product(
+            (0.0, 0.5, 1.0), (0.0, 1.0), (-1.0, 1.0), (lo, 1.0, hi), (0.0, 0.05, 0.2)):
+        f = AudioFeatures(fps=25, loudness=np.full(n, loud), speech=np.full(n, True), vis_open=np.full(n, vis_open),
+                          vis_spread=np.full(n, spread), vis_closure=np.zeros(n), phones=())
+        rig = FakeRig()
+        rig.open_gap = open_photo * rig.iod
+        m = predict_motion(f, rig, dynamic_scale=scale, motion_scale=1, smooth=True, align=False, seed=0)
+        c = m.coeffs[:, EXPRESSION]
+        assert (c >= -1e-9).all() and (c <= np.array(EXPRESSION_MAX) + 1e-9).all(), (c.max(0), EXPRESSION_MAX)
+        top = np.maximum(top, c.max(0))
+    assert np.allclose(top, EXPRESSION_MAX)  # and the box is no larger than they go

@@ -29,7 +29,17 @@ import numpy as np
 
 from ...geometry import Framing
 from ...landmarks import FACE_OVAL_IDX, INNER_LOWER, INNER_UPPER, LIP_MIDDLE, N_MESH, OUTER_CORNERS
-from ...motion import COEFFS, MAX_ROLL_DEG, MAX_SCALE, MAX_SHIFT_IOD, Rig, smoothstep
+from ...motion import (
+    COEFFS,
+    JAW_GAIN,
+    MAX_ROLL_DEG,
+    MAX_SCALE,
+    MAX_SHIFT_IOD,
+    OPENING_MAX,
+    SPREAD_GAIN,
+    Rig,
+    smoothstep,
+)
 from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
 from .mouth import luma, mouth_axis, mouth_style, paint_mouth
 
@@ -53,7 +63,9 @@ BLINK = COEFFS.index("blink")
 CLOSE_REST = COEFFS.index("close_rest")
 BROW = COEFFS.index("brow")
 GAZE = [COEFFS.index("gaze_x"), COEFFS.index("gaze_y")]
-EXPRESSION_MAX = (0.25, 0.1, 0.1, 1.0)  # largest coefficient values the motion produces
+# the largest value each of them takes (see motion.mouth_coefficients): the fields' reach, the
+# box they are kept in and their fade at a photo's edge are sized by these
+EXPRESSION_MAX = (OPENING_MAX * JAW_GAIN, SPREAD_GAIN, SPREAD_GAIN, 1.0)
 SOLVE_BLOCK = 4  # px: the expression's candidates are solved on blocks this size, then interpolated
 BAND_IOD = 0.06  # pixels this close to the lips choose their side per pixel, others per block
 INTERIOR_GROW_IOD = 0.012  # the photo's mouth interior reaches this far past the inner lip contour
