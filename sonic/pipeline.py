@@ -316,12 +316,13 @@ class SonicPipeline:
         # 4. audio encoder
         report("audio", 0.1)
         feats = self._audio_features(clip, opts.fps)
-        heard = hear(wav[: len(clip.wav)], opts.fps)  # as sent: trimmed, not padded
+        sent = wav[: len(clip.wav)]  # the speech as sent: trimmed, not padded
+        heard = hear(sent, opts.fps)
         if not heard.speech:
             warnings.add(NO_SPEECH)
         elif heard.noisy:
             warnings.add(noisy_warning(heard.over_background_db))
-        if clipped_share(wav[: len(clip.wav)]) >= CLIPPED_WARN_SHARE:
+        if clipped_share(sent) >= CLIPPED_WARN_SHARE:
             warnings.add(CLIPPED)
         timer.lap("audio")
 
