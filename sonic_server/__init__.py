@@ -22,7 +22,7 @@ from .routes import BLUEPRINTS
 from .service import Service, Slots
 from .settings import ServerConfig, load_settings, settings_from
 from .storage import open_storage
-from .store import open_store
+from .store import claim, open_store
 from .webhooks import events_of, make_webhooks
 
 
@@ -62,6 +62,8 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)
     # once the answers are made: a render still running stops (an exit under it aborts the process)
     drain.before_exit.append(lambda: svc.queue.close(wait_s=EXIT_WAIT_S) if svc.queue is not None else None)
+    if not srv.redis_url:  # one process owns the jobs in data_dir (before it recovers or sends any)
+        claim(jobs_db_path(settings))
     try:  # the tables beside the jobs (SQLite, in data_dir, unless on Redis)
         svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
         svc.webhooks = make_webhooks(settings, outputs)

@@ -16,12 +16,15 @@ job's state, queued...failed, not an HTTP status.)
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from sonic.errors import SetupError
 
 from .jobs import SUCCEEDED, TERMINAL, JobQuery, JobRecord, newest_first
 
@@ -42,6 +45,35 @@ CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 # added later (ALTER TABLE on an older database): the owner, for listings
 OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
 _FINISHED = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
+
+
+# job databases this process owns (resolved path -> the locked file's descriptor, held until exit)
+_CLAIMED: dict[str, int] = {}
+
+
+def claim(path: str | Path) -> None:
+    """Own the single-process service's job database at `path` for this process's life ("": in
+    memory, nothing to own). A second service started on the same data folder took the first
+    one's running jobs for a restart's leftovers (marked them failed and removed their uploads)
+    and ran its waiting jobs a second time: it is now refused at start. Apps made again in one
+    process (tests, embedding) share the claim."""
+    if not str(path):
+        return
+    key = str(Path(path).resolve())
+    if key in _CLAIMED:
+        return
+    lock = Path(key + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SetupError(
+            f"another sonic service uses the job database {key} (server.data_dir): run one service "
+            "process per data folder, or several API processes with Redis (docs/scaling.md)"
+        ) from None
+    _CLAIMED[key] = fd
 
 
 def open_store(path: str | Path) -> "JobStore | MemoryStore":

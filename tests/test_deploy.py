@@ -87,7 +87,8 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     with its client, its job or its error code, and each job's end, here as JSON lines
     (`server.log_format: json`: every line an object with its UTC time, level and logger; a
     request's and a job's fields as fields; a 200 to a health probe not at INFO); a bad setting
-    is one line.
+    is one line, and so is a second service started on the same data folder (it took the first
+    one's running jobs for a restart's leftovers and ran its waiting jobs again).
     Stopped by SIGTERM (docker stop) while a synchronous generate waits for its video, it still
     answers that request (waitress alone would die at once), answers new ones 503 `busy`, and
     ends within server.drain_s."""
@@ -112,7 +113,7 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
     bad = subprocess.run(waitress, cwd=ROOT, env={**os.environ, "SONIC_QUEUE_SIZE": "-1"}, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "error: setting server.queue_size must be a number 0 or more, got -1"]
+        "error: setting server.queue_size must be a number more than 0, got -1"]
     env = {**os.environ, "SONIC_CONFIG": str(tmp_path / "s.yaml")}
     with open(log, "w") as out:
         proc = subprocess.Popen(waitress, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -126,6 +127,8 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
                 time.sleep(0.25)
         with open(PORTRAIT, "rb") as img, open(SPEECH, "rb") as aud:
             done = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud}, timeout=120).json()
+        second = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
+                                 str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
         in_flight, answer = sigterm_while_generating(proc, {"base": base})
         stopping = requests.get(base + "/health", timeout=5)
@@ -137,6 +140,10 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
             proc.wait(30)
     text = log.read_text()
     assert done["success"] and refused.status_code == 400
+    assert second.returncode == 1 and second.stderr.strip().splitlines() == [
+        f"error: another sonic service uses the job database {(tmp_path / 'data' / 'jobs.sqlite3').resolve()} "
+        "(server.data_dir): run one service process per data folder, or several API processes with Redis "
+        "(docs/scaling.md)"], second.stderr
     long = answer["r"]
     assert getattr(long, "status_code", None) == 200 and long.json()["frames"] == 1000, long
     assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"  # a balancer takes it out
