@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from sonic import DiskFull
+from sonic.errors import PipelineError
 
 from .errors import is_disk_full
 
@@ -18,7 +19,8 @@ class Uploads:
 
     def save(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
         """Write each upload under a fixed name (never the client's file name); returns name -> path.
-        A full disk is `DiskFull` (the operator's problem, said as such), its half-written folder gone."""
+        A full disk is `DiskFull`, a folder that cannot be written a `PipelineError` (the operator's
+        problems, said as such, without the server's paths), its half-written folder gone."""
         folder = self.root / job_id
         paths = {}
         try:
@@ -27,10 +29,11 @@ class Uploads:
                 (folder / name).write_bytes(data)
                 paths[name] = str(folder / name)
         except OSError as e:
-            if not is_disk_full(e):
-                raise
             self.remove(job_id)
-            raise DiskFull("no space left on the server's disk for the uploads; try again later") from e
+            if is_disk_full(e):
+                raise DiskFull("no space left on the server's disk for the uploads; try again later") from e
+            why = f"cannot keep the uploads: the service's upload folder is not writable ({e.strerror})"
+            raise PipelineError(why) from e
         return paths
 
     def drop_local_copy(self, job_id: str) -> None:
