@@ -299,12 +299,12 @@ def check_numbers(
         if dataclasses.is_dataclass(value):
             check_numbers(value, name + ".", positive, at_least_one)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or value < 0:
-                raise SettingsError(f"setting {name} must be a number 0 or more, got {value}")
-            if value == 0 and name in positive:
-                raise SettingsError(f"setting {name} must be more than 0, got {value}")
+            # each says the bound its own setting has (-1 was "0 or more", then 0 "more than 0")
             if value < 1 and name in at_least_one:
                 raise SettingsError(f"setting {name} must be at least 1, got {value}")
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
+                least = "more than 0" if name in positive else "0 or more"
+                raise SettingsError(f"setting {name} must be a number {least}, got {value}")
 
 
 def _check_defaults(settings: Settings) -> None:

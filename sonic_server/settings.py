@@ -193,6 +193,7 @@ class ServerConfig(Settings):
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
         if self.server.log_format not in LOG_FORMATS:
             raise SettingsError(f"setting server.log_format must be text or json, got {self.server.log_format!r}")
+        _check_redis_url(self.server.redis_url)
         _check_storage(self)
         _check_credits(self)
         _check_live(self.live)
@@ -228,6 +229,19 @@ def load_settings(
     SONIC_CONFIG names, if any (how a WSGI server's `create_app()` is given one)."""
     variables = os.environ if env is None else env
     return cast(ServerConfig, _load_settings(path or variables.get("SONIC_CONFIG"), env, flags, cls=ServerConfig))
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_redis_url(url: str | None) -> None:
+    """A URL the Redis client takes (any other stopped the start with the client's traceback)."""
+    if url and not url.startswith(REDIS_SCHEMES):
+        scheme = url.split("://", 1)[0] + "://" if "://" in url else "no scheme"  # (not the URL: its password)
+        raise SettingsError(
+            f"setting server.redis_url must start with {', '.join(REDIS_SCHEMES)} "
+            f"(e.g. redis://127.0.0.1:6379/0), got {scheme}"
+        )
 
 
 def _check_credits(s: ServerConfig) -> None:

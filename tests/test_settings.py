@@ -82,13 +82,13 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
     ({}, {"SONIC_WEBHOOK_SECRET": "whsec_not*base64"}, "must be base64"),
     # a number out of range would refuse, fail or lose every request while the service says ready
-    ({"server": {"queue_size": -3}}, {}, "server.queue_size must be a number 0 or more, got -3"),
-    ({"server": {"queue_size": 0}}, {}, "server.queue_size must be more than 0"),
+    ({"server": {"queue_size": -3}}, {}, "server.queue_size must be a number more than 0, got -3"),
+    ({"server": {"queue_size": 0}}, {}, "server.queue_size must be a number more than 0, got 0"),
     ({"server": {"output_ttl_s": -1}}, {}, "server.output_ttl_s must be a number 0 or more"),
-    ({}, {"SONIC_MAX_UPLOAD_MB": "-1"}, "limits.max_upload_mb must be a number 0 or more"),
-    ({}, {"SONIC_MAX_DURATION_S": "nan"}, "limits.max_duration_s must be a number 0 or more, got nan"),
-    ({}, {"SONIC_MAX_DURATION_S": "inf"}, "limits.max_duration_s must be a number 0 or more, got inf"),
-    ({"server": {"rate_limit_per_s": 0}}, {}, "server.rate_limit_per_s must be more than 0"),
+    ({}, {"SONIC_MAX_UPLOAD_MB": "-1"}, "limits.max_upload_mb must be a number more than 0, got -1"),
+    ({}, {"SONIC_MAX_DURATION_S": "nan"}, "limits.max_duration_s must be a number more than 0, got nan"),
+    ({}, {"SONIC_MAX_DURATION_S": "inf"}, "limits.max_duration_s must be a number more than 0, got inf"),
+    ({"server": {"rate_limit_per_s": 0}}, {}, "server.rate_limit_per_s must be a number more than 0"),
     ({}, {"SONIC_PORT": "70000"}, "server.port must be 1 to 65535"),
     ({}, {"SONIC_RENDER_PROCESSES": "-1"}, "render_processes must be a number 0 or more"),
     ({"defaults": {"fps": 500}}, {}, "defaults.fps: fps must be in"),
@@ -97,7 +97,11 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"server": {"rate_limit_burst": 0.5}}, {}, "server.rate_limit_burst must be at least 1"),
     ({"credits": {"ledger_page": 0}}, {}, "credits.ledger_page must be at least 1, got 0"),
     ({"credits": {"recharge_burst": 0.5}}, {}, "credits.recharge_burst must be at least 1, got 0.5"),
-    ({}, {"SONIC_LIVE_MAX_SPEAK_S": "0"}, "live.max_speak_s must be more than 0"),
+    ({}, {"SONIC_LIVE_MAX_SPEAK_S": "0"}, "live.max_speak_s must be a number more than 0"),
+    # the Redis client's own refusal was a traceback at start; the URL's password is not repeated
+    ({}, {"SONIC_REDIS_URL": "http://:pw@127.0.0.1:6379"}, r"redis_url must start with redis://, rediss://, unix:// "
+                                                          r"\(e.g. redis://127.0.0.1:6379/0\), got http://$"),
+    ({"server": {"redis_url": "127.0.0.1:6379"}}, {}, "redis_url must start with .*, got no scheme"),
 ])
 def test_bad_settings_are_named(raw, env, needle):
     with pytest.raises(SettingsError, match=needle):
