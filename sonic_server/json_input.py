@@ -6,7 +6,9 @@ shape of JSON reaches a recursion limit, an integer-conversion limit or an infin
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from flask import request
@@ -171,3 +173,31 @@ def config_switches(params: dict, loaded_decoder: str | None) -> bool:
             field="decoder",
         )
     return want_async
+
+
+def refuse_unknown(names: Collection[str], known: tuple[str, ...], parameters: Collection[str] = ()) -> None:
+    """InvalidParameter for the first of a request's field `names` that is not `known`: a
+    generation parameter (one of `parameters`) is told to go in the config object, a near miss
+    gets its likely name. A misnamed field was dropped, and the request went on without it."""
+    for name in names:
+        if name in known:
+            continue
+        text = str(name)[:40]
+        if name in parameters:
+            raise InvalidParameter(f"{text!r} is a generation parameter: put it in the config object", field=text)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(known)})"
+        raise InvalidParameter(f"unknown field {text!r}{hint}", field=text)
+
+
+def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters: Collection[str] = ()) -> None:
+    """A form request (multipart or urlencoded) names only the `files` and text fields `texts` its
+    route reads, each once, a text field not as a file (which would not be read as text). A
+    second `image` or `offer` was dropped unsaid: which one the request used was not said."""
+    for name in (*files, *texts):
+        if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
+            raise InvalidParameter(f"the field {name!r} is given more than once", field=name)
+    for name in texts:
+        if name in request.files:
+            raise InvalidParameter(f"the field {name!r} is sent as a file: send it as a text field", field=name)
+    refuse_unknown([*request.form.keys(), *request.files.keys()], (*files, *texts), parameters)

@@ -438,6 +438,20 @@ def test_bad_requests_are_named_4xx(server, tmp_path):
     as_json = requests.post(base + "/api/sonic/live", json={"offer": _offer(), "config": CONFIG}, timeout=10)
     assert "the body is application/json: a live session opens from multipart/form-data" in as_json.text
     cases.append((as_json, 400, "invalid_parameter", None))
+    # fields the route does not read, or reads once, are refused as generate refuses them (a second
+    # image or offer was dropped, unsaid which one the session used)
+    offer, portrait = json.dumps(_offer()), PORTRAIT.read_bytes()
+    form = [("offer", offer), ("config", json.dumps(CONFIG))]
+    extra = {
+        "foo": (form + [("foo", "bar")], [("image", portrait)]),
+        "image": (form, [("image", portrait), ("image", portrait)]),
+        "offer": (form + [("offer", "junk")], [("image", portrait)]),
+        "min_resolution": (form + [("min_resolution", "256")], [("image", portrait)]),
+    }
+    for field, (data, files) in extra.items():
+        r = requests.post(base + "/api/sonic/live", data=data, files=files, timeout=30)
+        cases.append((r, 400, "invalid_parameter", field))
+    assert "given more than once" in cases[-2][0].text and "put it in the config object" in cases[-1][0].text
     for r, status, code, field in cases:
         assert_clean_error(r, status, code, field)
     assert live_count(base) == 0  # nothing was left open by a refusal
@@ -462,6 +476,9 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
             requests.post(url, timeout=10),
             requests.post(url, data=b"\1", headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
             requests.post(url, data=b"\0" * 3200, headers={"Content-Type": "audio/L16;rate=16000;channels=2"}, timeout=10),
+            # a WAV file sent as raw samples, chunked (its header was heard as a click, the rest at its own rate)
+            requests.post(url, data=iter([b"RI", b"FF\x24\x7d\0\0WAVEfmt " + b"\0" * 3200]),
+                          headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
         ]
         state = await client.state()
         # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
@@ -486,7 +503,9 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         (400, "audio"),
         (400, "audio"),
         (415, "audio"),
+        (415, "audio"),
     ]
+    assert "the audio/L16 body is a WAV file: send it as the multipart file field 'audio'" in answers[6].text
     assert "no whole 16-bit sample" in answers[4].json()["error"]["message"]
     assert "must be mono (channels=1); got channels=2" in answers[5].json()["error"]["message"]
     assert "rate=16000" in answers[1].json()["error"]["message"] and "any rate" in answers[1].json()["error"]["message"]

@@ -18,11 +18,18 @@ from sonic.checks import load_portrait
 from sonic.errors import UnsupportedMedia
 from sonic.live.session import unused_live
 from sonic.media import SAMPLE_RATE, load_audio, upload_decode
+from sonic.options import parameters
 
 from ..access import caller
 from ..accounts.billing import LiveHold
 from ..errors import error_response
-from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_field
+from ..json_input import (
+    MAX_CONFIG_CHARS,
+    body_type_refused,
+    check_form_fields,
+    config_switches,
+    json_object_field,
+)
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service, upload_check_refused
 from .peers import Client, PeerPolicy, Screened, screen_offer
@@ -203,6 +210,7 @@ def open_session():
     svc = service()
     if request.mimetype != "multipart/form-data":  # the portrait is a file: JSON cannot carry it
         raise body_type_refused("a live session opens from multipart/form-data (image, offer, config)")
+    check_form_fields(("image",), ("offer", "config"), parameters())  # as generate's: none dropped unsaid
     params, options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
     offer = _offer()
     check_offer(offer)
@@ -439,8 +447,16 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     stream, total, kept, carry = request.stream, 0, 0, b""
     queued, interrupted, full = room.queued_s, False, False
+    head = _head(stream, 12)
+    container = _container(head)
+    if container:  # its header would be heard as a click, and its samples at the wrong speed
+        raise UnsupportedMedia(
+            f"the audio/L16 body is a {container} file: send it as the multipart file field 'audio', "
+            "or send its samples alone (16-bit little-endian mono at 16 kHz, no header)",
+            field="audio",
+        )
     while True:
-        chunk = stream.read(PCM_CHUNK_BYTES)
+        chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
         if not chunk:
             break
         fits = 0 if interrupted or full else max(0, min(len(chunk), room_bytes - total))
@@ -462,6 +478,32 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
             f"the audio/L16 body is {'empty' if total == 0 else 'one byte: no whole 16-bit sample'}", field="audio"
         )
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
+
+
+# how files begin: sent as raw PCM, their headers were queued as sound
+CONTAINERS = (
+    (re.compile(rb"RIFF....WAVE", re.S), "WAV"),
+    (re.compile(rb"fLaC"), "FLAC"),
+    (re.compile(rb"OggS"), "Ogg"),
+    (re.compile(rb"ID3[\x02-\x04]"), "MP3"),
+)
+
+
+def _container(head: bytes) -> str | None:
+    """The kind of audio file `head` (a body's first bytes) begins, if it is one."""
+    return next((kind for magic, kind in CONTAINERS if magic.match(head)), None)
+
+
+def _head(stream, n: int) -> bytes:
+    """The first `n` bytes of a body (fewer if it is shorter): a chunked body's first read may
+    be shorter than a file's header."""
+    head = b""
+    while len(head) < n:
+        chunk = stream.read(n - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def _decoded_speech(max_s: float) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -28,7 +27,15 @@ from ..accounts.billing import InsufficientCredits, Payer
 from ..drain import STREAMING, Drain
 from ..errors import error_response, public_error
 from ..jobs import JOB_ID, SUCCEEDED, TERMINAL, JobQuery, JobRecord, JobStatus, cache_key
-from ..json_input import MAX_CONFIG_CHARS, body_type_refused, config_switches, json_object_body, json_object_field
+from ..json_input import (
+    MAX_CONFIG_CHARS,
+    body_type_refused,
+    check_form_fields,
+    config_switches,
+    json_object_body,
+    json_object_field,
+    refuse_unknown,
+)
 from ..metrics import count_cache_hit
 from ..openapi import component, content, describe, error, header, path_parameter, query
 from ..public import JobUrls, ending_error, job_document
@@ -292,34 +299,19 @@ def _check_field_names() -> None:
         raise body_type_refused(
             "send multipart/form-data (the files) or application/json (image_url, audio_url, config)"
         )
+    known_params = {*parameters(), *EXTRA_PARAMS}
     if _is_json():
-        names = list(_fields())
+        refuse_unknown(list(_fields()), REQUEST_FIELDS, known_params)
     else:
-        names = [*request.form.keys(), *request.files.keys()]
-        for name in [*FILE_FIELDS, *REQUEST_FIELDS]:
-            if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
-                raise InvalidParameter(f"the field {name!r} is given more than once", field=name)
-        for name in REQUEST_FIELDS:
-            if name in request.files:  # a file part is not read as text: it would be dropped
-                raise InvalidParameter(f"the field {name!r} is sent as a file: send it as a text field", field=name)
+        check_form_fields(FILE_FIELDS, REQUEST_FIELDS, known_params)
     for name in request.args:  # `?async=true` was ignored, and the request answered synchronously
-        if name in parameters() or name in EXTRA_PARAMS or name in REQUEST_FIELDS:
+        if name in known_params or name in REQUEST_FIELDS:
             text = str(name)[:40]
             raise InvalidParameter(
                 f"{text!r} is given in the URL's query, which this route does not read: put it in the request's "
                 "body (a generation parameter in the config object)",
                 field=text,
             )
-    known = REQUEST_FIELDS if _is_json() else (*FILE_FIELDS, *REQUEST_FIELDS)
-    for name in names:
-        if name in known:
-            continue
-        text = str(name)[:40]
-        if name in parameters() or name in EXTRA_PARAMS:
-            raise InvalidParameter(f"{text!r} is a generation parameter: put it in the config object", field=text)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(known)})"
-        raise InvalidParameter(f"unknown field {text!r}{hint}", field=text)
 
 
 def _fields() -> dict:
