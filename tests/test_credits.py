@@ -150,6 +150,23 @@ def test_failed_and_canceled_jobs_cost_nothing_and_cache_hits_are_free_unless_se
     assert ledger.account("di")["balance"] == 15 and ledger.check() == []
 
 
+def test_a_deleted_job_releases_its_hold_at_once_whoever_ended_it(service):
+    """A running job deleted: its hold is released by the delete itself. Where the process that
+    ended the job did not settle it (a worker without the accounts, a failed settle), the record
+    was gone by the sweep, which waits 2 minutes for a missing record: the caller's credits stayed
+    held that long (measured: 118 s)."""
+    gate = threading.Event()
+    client, ledger, app = service(FakePipeline(gate=gate))
+    svc = app.extensions["sonic"]
+    svc.queue.ending.hooks.remove(svc.settler.settle)  # the job ends elsewhere, unsettled
+    _, key = ledger.create_account("del", credits=100)
+    job = post(client, {**FAST, "async": True}, headers=auth(key)).get_json()["job_id"]
+    assert ledger.account("del")["reserved"] == 30
+    assert client.delete(f"/api/sonic/jobs/{job}", headers=auth(key)).status_code == 204
+    gate.set()
+    assert ledger.account("del")["reserved"] == 0 and ledger.account("del")["balance"] == 100
+
+
 def test_a_retry_with_an_idempotency_key_is_not_charged_twice(service):
     """charge_cache_hits on: without a key a repeat pays again; with the same Idempotency-Key,
     the retry gets the first answer and pays nothing (a fusion alike)."""

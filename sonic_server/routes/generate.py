@@ -708,6 +708,8 @@ def job_delete(job_id):
             svc.outputs.remove(name)
         svc.uploads.remove(job_id)
 
+    if svc.settler is not None:  # settled here, while the record says how it ended: once deleted,
+        svc.settler.settle(rec)  # only the sweep's grace for a missing record released the hold (2 min)
     svc.queue.delete(job_id, remove_files)
     if svc.webhooks is not None:
         svc.webhooks.forget(job_id)
