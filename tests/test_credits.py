@@ -499,6 +499,9 @@ def test_the_cli_creates_lists_revokes_recharges_and_checks(tmp_path):
     out = cli("recharge", "ivy", "--amount", "25", "--reason", "top-up")
     assert out.returncode == 0 and '"succeeded": [\n    "ivy"' in out.stdout
     assert cli("recharge", "ivy", "ghost", "--amount", "5", "--reason", "x").returncode != 0
+    blank = cli("recharge", "ivy", "--amount", "5", "--reason", " ")  # refused as the route refuses it
+    assert blank.returncode == 1 and blank.stderr.strip().endswith(
+        "error: reason is required (1-500 characters, not blank)"), blank.stderr
     assert cli("revoke", key[:12]).returncode == 0 and cli("revoke", key[:12]).returncode != 0
     ok = cli("check")
     assert ok.returncode == 0 and "ok: 1 accounts" in ok.stdout

@@ -12,7 +12,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "billing": ["Billing", "FusionHold", "InsufficientCredits", "NoAccount", "Payer"],
-    "ledger": ["CreditError", "Ledger", "Principal", "check_amount", "database_url"],
+    "ledger": ["CreditError", "Ledger", "Principal", "check_amount", "check_reason", "database_url"],
     "pricing": ["cost", "video_price"],
     "settler": ["Settler"],
 }

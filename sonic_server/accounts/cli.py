@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
     r.add_argument("--idempotency-key")
     command("check")
     a = ap.parse_args(argv)
-    from .ledger import CreditError, Ledger, check_amount, database_url, shown_url
+    from .ledger import CreditError, Ledger, check_amount, check_reason, database_url, shown_url
 
     try:
         settings = load_settings(a.config)
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic accounts") -> None:
             if len(set(a.names)) != len(a.names):
                 sys.exit("error: an account is named twice")
             check_amount(a.amount, settings.credits.max_recharge_amount)
+            check_reason(a.reason)
             status, answer = ledger.recharge(
                 a.names, a.amount, a.reason, "soft" if a.soft else "atomic", operator, idempotency_key=a.idempotency_key
             )

@@ -649,6 +649,16 @@ def check_name(name) -> None:
         )
 
 
+MAX_REASON_CHARS = 500
+
+
+def check_reason(reason, field: str = "reason") -> str:
+    """A recharge's reason, for the audit log: text that is not blank (the route and the CLI alike)."""
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS or "\x00" in reason:
+        raise CreditError(f"{field} is required (1-{MAX_REASON_CHARS} characters, not blank)", field)
+    return reason
+
+
 def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amount") -> int:
     if isinstance(amount, bool) or not isinstance(amount, int):
         written = " (written as an integer: no decimal point or exponent)" if isinstance(amount, float) else ""

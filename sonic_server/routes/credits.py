@@ -7,7 +7,7 @@ import re
 
 from flask import Blueprint, g, jsonify, request
 
-from ..accounts import CreditError, check_amount
+from ..accounts import CreditError, check_amount, check_reason
 from ..errors import error_response
 from ..json_input import MAX_VALUES, json_object_body
 from ..openapi import content, describe, error, path_parameter
@@ -215,9 +215,7 @@ def recharge():
     if any("\x00" in u or len(u) > 64 for u in users):
         return error_response("invalid_parameter", "an account name is at most 64 characters, without NUL", "users")
     check_amount(body.get("amount"), cfg.max_recharge_amount)
-    reason = body.get("reason")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500 or "\x00" in reason:
-        return error_response("invalid_parameter", "reason is required (1-500 characters)", "reason")
+    reason = check_reason(body.get("reason"))
     mode = body.get("mode", "atomic")
     if mode not in MODES:
         return error_response("invalid_parameter", f"mode must be one of {', '.join(MODES)}", "mode")
