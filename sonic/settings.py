@@ -279,10 +279,16 @@ def _misspelt(env: Mapping[str, str], cls: type[Settings]) -> list[tuple[str, st
     """SONIC_* variables that are no setting but close to one's name: (variable, the setting's).
     Only close ones: other tools' SONIC_* variables (SONIC_PYTHON, ...) are none of ours."""
     known = env_vars(cls)
+    parts = {name.upper() for name in sections(cls)}
     found = []
     for var in env:
         if var.startswith(ENV_PREFIX) and var not in known:
             close = difflib.get_close_matches(var, known, n=1, cutoff=0.85)
+            section, _, rest = var.removeprefix(ENV_PREFIX).partition("_")
+            if not close and section in parts and rest:
+                # a section's name written in: the server's settings have none in their variables
+                # (SONIC_SERVER_REDIS_URL left the service in single-process mode, unsaid)
+                close = difflib.get_close_matches(ENV_PREFIX + rest, known, n=1, cutoff=0.85)
             if close:
                 found.append((var, close[0]))
     return found

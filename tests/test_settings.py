@@ -188,7 +188,11 @@ def test_the_library_names_a_misspelt_variable_too_and_no_server_variable_is_clo
 
 
 def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to(caplog):
-    settings_from({}, env={"SONIC_WEBHOOKS_SECRET": "x", "SONIC_QUEUE_SIZ": "8", "SONIC_PYTHON": "/usr/bin/python3"})
+    # a section's name written in too: the server's variables have none (SONIC_SERVER_REDIS_URL
+    # left the service in single-process mode, unsaid); other tools' variables are left alone
+    settings_from({}, env={"SONIC_WEBHOOKS_SECRET": "x", "SONIC_QUEUE_SIZ": "8", "SONIC_PYTHON": "/usr/bin/python3",
+                           "SONIC_SERVER_REDIS_URL": "redis://127.0.0.1:1/0", "SONIC_SERVER_NAME": "x"})
     told = sorted(r.getMessage() for r in caplog.records if r.name == "sonic.settings")
     assert told == ["SONIC_QUEUE_SIZ is not a setting (ignored); did you mean SONIC_QUEUE_SIZE?",
+                    "SONIC_SERVER_REDIS_URL is not a setting (ignored); did you mean SONIC_REDIS_URL?",
                     "SONIC_WEBHOOKS_SECRET is not a setting (ignored); did you mean SONIC_WEBHOOK_SECRET?"]
