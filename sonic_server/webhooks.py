@@ -498,6 +498,7 @@ class Webhooks:
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a delivery ended: its place may go to the next at once
+        self._store_away = False  # the last look at what is due failed (said once, not twice a second)
         self._sending = False
         self._in_flight: dict[str, Lane] = {}  # the deliveries being sent now: id -> their receiver and caller
         # receivers whose last attempt failed (this process's view) -> when, the oldest first
@@ -575,7 +576,13 @@ class Webhooks:
             try:
                 self.send_due()
             except Exception:  # noqa: BLE001 - the store away: next time
-                log.exception("webhooks: sending failed")
+                if not self._store_away:  # its traceback once: a Redis outage logged it twice a second
+                    log.exception("webhooks: sending failed; trying again every %.1f s, quietly", SEND_EVERY_S)
+                self._store_away = True
+            else:
+                if self._store_away:
+                    log.info("webhooks: sending again")
+                self._store_away = False
 
     def send_due(self, now: float | None = None) -> None:
         """Start sending what is due, each delivery on a thread of its own, SENDERS at most at

@@ -570,3 +570,35 @@ def test_one_callers_waiting_deliveries_are_bounded(tmp_path, kind):
 
     outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
     one_callers_waiting_deliveries_are_bounded(outbox)
+
+
+def test_a_store_away_is_said_once_and_its_return_once(caplog, monkeypatch):
+    """The outbox's store away (Redis down 11 s): the sender said so with a traceback twice a
+    second, 22 times in each process; now once, and once more when it answers again."""
+    import logging
+    from sonic_server import webhooks
+    from sonic_server.webhooks import MemoryOutbox, Webhooks
+
+    monkeypatch.setattr(webhooks, "SEND_EVERY_S", 0.02)
+    outbox = MemoryOutbox()
+    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, True, None)
+    away = threading.Event()
+    away.set()
+    real_due = outbox.due
+
+    def due(*args, **kwargs):
+        if away.is_set():
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return real_due(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "due", due)
+    caplog.set_level(logging.INFO, logger="sonic.webhooks")
+    hooks.start()
+    try:
+        time.sleep(0.5)                                          # some 25 looks while away
+        away.clear()
+        time.sleep(0.3)
+    finally:
+        hooks.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "sonic.webhooks"]
+    assert said == ["webhooks: sending failed; trying again every 0.0 s, quietly", "webhooks: sending again"], said
