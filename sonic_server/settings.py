@@ -113,7 +113,7 @@ class LiveSettings:
     processes: bool = True  # each session renders in a helper process of its own (false: a thread here)
     warm_start: bool = True  # at start-up, make the face analyser and a helper ready (~0.1 GB, ~2 s of CPU)
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)
-    idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports) and nothing queued: ended
+    idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports), speech queued or not: ended
     max_speak_s: float = 600.0  # seconds of speech a session may hold queued
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
     host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)

@@ -648,7 +648,9 @@ class LiveSessions:
         if self.settings.max_session_s and now - session.created >= self.settings.max_session_s:
             return "max_session"
         self.rtc.call(lambda: self.rtc.loop.create_task(_look_at_connection(session)))
-        if now - session.last_heard > self.settings.idle_timeout_s and session.engine.queued_s == 0:
+        # speech still queued does not keep it: a client killed mid-speech held its slot, "connected",
+        # until the speech had played to no one (a live client's RTCP reports come every few seconds)
+        if now - session.last_heard > self.settings.idle_timeout_s:
             return "client_gone"
         return None
 
