@@ -167,6 +167,27 @@ def test_speech_queued_before_the_client_connects_is_all_heard(server):
     assert wait_for(lambda: live_count(server["base"]) == 0)
 
 
+def test_an_interrupt_before_the_client_connects_leaves_the_session_idle(server):
+    """Speech queued, then interrupted, before the connection: the state says idle with nothing
+    queued (it said "speaking" with 0 s queued until a frame came)."""
+    tone = (0.25 * np.sin(2 * np.pi * 220 * np.arange(16_000) / 16_000)).astype(np.float32)
+
+    async def session():
+        client = LiveClient(server["base"])
+
+        async def greet_then_stop(body):
+            await client.speak_pcm(tone)
+            await client.interrupt()
+            states.append(await client.state())
+
+        await client.open(PORTRAIT, CONFIG, keep_frames=False, before_answer=greet_then_stop)
+        await client.close()
+
+    states: list = []
+    asyncio.run(session())
+    assert states[0]["queued_s"] == 0 and states[0]["state"] == "idle", states
+
+
 def test_an_interrupt_stops_a_stream_still_arriving(server):
     """Barge-in while a text-to-speech stream is still being sent (one chunked speak): the
     interrupt drops what is queued and the rest of the stream; the speak's answer says so."""
@@ -667,6 +688,11 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     session_id = client.stdout.readline().strip()
     assert len(session_id) == 32
     assert wait_for(lambda: requests.get(f"{base}/api/sonic/live/{session_id}", timeout=5).json()["frames_sent"] > 25)
+    # speech queued for longer than the timeout: a client gone is gone all the same (it held its
+    # slot, "connected", until the speech had played to no one)
+    spoken = requests.post(f"{base}/api/sonic/live/{session_id}/speak", data=b"\1\0" * 16_000 * 9,
+                           headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10)
+    assert spoken.status_code == 202 and spoken.json()["queued_s"] > 8
     client.send_signal(signal.SIGKILL)
     client.wait(10)
     killed = time.monotonic()

@@ -346,7 +346,9 @@ class SessionProcess:
     def interrupt(self) -> None:
         self._interrupts += 1
         self._send(Interrupt())
-        self.queued_s = 0.0
+        # until the next frame's report: a session not yet connected (no frames) said "speaking"
+        # with nothing queued
+        self.queued_s, self.speaking = 0.0, False
 
     def frames(self, stop: threading.Event | None = None) -> Iterator:
         """The helper's frames as they come (its own clock paces them, from this call on, as a
