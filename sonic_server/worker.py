@@ -91,6 +91,7 @@ class WorkerState:
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
     short_of_disk: bool = False  # waiting for free disk before it takes the next job
+    stopping: bool = False  # SIGTERM: the running job finishes, no other is taken
 
 
 _STATE: WorkerState | None = None  # set once by `main` before the first job
@@ -247,6 +248,7 @@ def announce(state: WorkerState, conn) -> None:
                 "device": state.device,
                 "heartbeat": time.time(),
                 **({"disk_full": True} if state.short_of_disk else {}),
+                **({"draining": True} if state.stopping else {}),
                 **(state.host.capacity() if state.host is not None else {}),
             }
         ),
@@ -305,12 +307,21 @@ def announce_now(state: WorkerState, conn: Any) -> None:
 
 
 def draining(state: WorkerState, conn: Any) -> None:
-    """SIGTERM: no new live sessions from now on. (In the signal handler: a flag, and the
-    announcement in a thread, since the main thread may hold what announcing takes.)"""
+    """SIGTERM: no new job or live session from now on, said in the log and the worker's entry
+    (a stopping worker logged nothing and was listed as plain busy). (In the signal handler:
+    flags, and the announcement in a thread, since the main thread may hold what announcing takes.)"""
+    state.stopping = True
+    running = f"its job {state.current} finishes" if state.current else "no job running"
+    refused = "no new jobs"
     if state.host is not None:
         state.host.draining.set()
-        log.info("worker %s: stopping; no new live sessions", state.name)
-        threading.Thread(target=announce_now, args=(state, conn), daemon=True).start()
+        refused += " or live sessions"
+
+    def say() -> None:  # logging, too, waits on a lock the interrupted thread may hold
+        log.info("worker %s: stopping: %s, %s", state.name, running, refused)
+        announce_now(state, conn)
+
+    threading.Thread(target=say, daemon=True).start()
 
 
 def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
@@ -581,5 +592,6 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
             state.host.live.close()  # what is left ends server_stopping, settled, before the heartbeat stops
         stop.set()
         conn.delete(PREFIX + f"worker:{name}")  # a clean stop leaves the list at once
+        log.info("worker %s stopped", name)
         if outputs.remote:
             shutil.rmtree(output_dir.parent, ignore_errors=True)

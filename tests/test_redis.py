@@ -188,6 +188,22 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
     assert not list((c.tmp / "outputs").glob(f"{long}*")) + list((c.tmp / "outputs").glob(".*part*"))
     assert not any((c.tmp / "uploads").iterdir())
     assert "worker" not in api.get(f"/api/sonic/jobs/{long}").get_json()     # an operator's detail, not public
+    # a worker stopped by SIGTERM mid-job says so, in its log and its entry, and finishes the job
+    job = post(api, {"min_resolution": 256, "duration": 12, "seed": 31, "async": True}).get_json()["job_id"]
+    wait_status(api, job, ("processing",))
+    name = json.loads(r.get(f"sonic:job:{job}"))["worker"]
+    c.workers[name].send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entry = {w["name"]: w for w in api.get("/health").get_json()["workers"]}.get(name, {})
+        if entry.get("draining"):
+            break
+        time.sleep(0.1)
+    assert entry.get("draining") and entry.get("job"), entry          # listed as stopping, not plain busy
+    assert wait_status(api, job, ("succeeded", "failed", "canceled"), timeout=120)["status"] == "succeeded"
+    assert c.workers[name].wait(30) == 0
+    log = (c.tmp / f"{name}.log").read_text()
+    assert f"worker {name}: stopping: its job {job} finishes, no new jobs" in log and f"worker {name} stopped" in log
 
 
 def test_cancel_queued_and_running_and_a_bounded_queue(cluster):
