@@ -3,8 +3,9 @@
 A caller's URL must not turn the server into a way into its own network: only http and https,
 and by default no loopback, private, link-local (the cloud metadata address 169.254.169.254
 among them), shared, reserved or multicast address, judged on the addresses the name resolves
-to (`outbound.allow_private`, SONIC_OUTBOUND_ALLOW_PRIVATE=1, opens them: tests, private
-deployments). The connection goes to the address that was checked (the name is not resolved a
+to (`Reach`: `outbound.allow_networks` opens the blocks it names, a receiver on a private
+network; `outbound.allow_private` opens them all, for tests; the cloud metadata services stay
+closed whatever is set). The connection goes to the address that was checked (the name is not resolved a
 second time, which a rebinding DNS could answer differently), redirects are not followed, and
 every request has a connect and a total time limit.
 """
@@ -22,9 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 from sonic.errors import Busy, InvalidParameter
+
+if TYPE_CHECKING:
+    from .settings import OutboundSettings
 
 MAX_URL_CHARS = 2048
 RESOLVE_S = 5.0  # a name slower to resolve is refused (the system's resolver retries for 30 s and more)
@@ -129,7 +134,40 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global
 
 
-def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None = None) -> Target:
+# the cloud providers' metadata services (AWS, GCP, Azure, OpenStack; ECS's task credentials;
+# Alibaba; AWS's IPv6 one): a request there hands out the machine's credentials
+METADATA = tuple(
+    ipaddress.ip_network(block)
+    for block in ("169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32", "fd00:ec2::254/128")
+)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Where this server may send the requests its callers name: public addresses; those in
+    `networks` too (outbound.allow_networks); with `private` (outbound.allow_private) every
+    address. Never a cloud metadata service: an operator who opened private addresses for one
+    receiver opened those to every caller's webhook and image_url."""
+
+    private: bool = False
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def of(cls, outbound: OutboundSettings) -> Reach:
+        """From the `outbound` settings."""
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in outbound.allow_networks)
+        return cls(outbound.allow_private, networks)
+
+    def allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        if any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in METADATA):
+            return False
+        if self.private or is_public(ip):
+            return True
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+
+def check_url(url: str, field: str, reach: Reach, resolve_s: float | None = None) -> Target:
     """The URL checked and resolved (within resolve_s, default RESOLVE_S); InvalidParameter
     naming `field` and the cause otherwise."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
@@ -150,14 +188,13 @@ def check_url(url: str, field: str, allow_private: bool, resolve_s: float | None
     port = port or (443 if parts.scheme == "https" else 80)
     infos = _resolved(host, port, field, RESOLVE_S if resolve_s is None else resolve_s)
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
-    if not allow_private:
-        for address in addresses:
-            if not is_public(ipaddress.ip_address(address)):
-                raise InvalidParameter(
-                    f"{field}: {host[:100]} is a loopback, private, link-local or otherwise non-public address "
-                    f"({address}); this server does not send requests there (outbound.allow_private)",
-                    field=field,
-                )
+    for address in addresses:
+        if not reach.allows(ipaddress.ip_address(address)):
+            raise InvalidParameter(
+                f"{field}: {host[:100]} is a loopback, private, link-local or otherwise non-public address "
+                f"({address}); this server does not send requests there (outbound.allow_networks)",
+                field=field,
+            )
     # a path or query in any script is sent percent-encoded, as a browser sends it (http.client
     # takes ASCII only: a webhook to /hoök failed at every attempt, an image_url answered 500)
     path = quote(parts.path or "/", safe=URL_SAFE) + (f"?{quote(parts.query, safe=URL_SAFE)}" if parts.query else "")
@@ -299,7 +336,7 @@ class FetchFailed(InvalidParameter):
 def fetch(
     url: str,
     field: str,
-    allow_private: bool,
+    reach: Reach,
     max_bytes: int,
     connect_s: float = 5.0,
     total_s: float = 30.0,
@@ -317,7 +354,7 @@ def fetch(
     previous: Target | None = None
     for _ in range(MAX_REDIRECTS + 1):
         target = same_origin_credentials(
-            check(url, field, allow_private, resolve_s=min(RESOLVE_S, ends - time.monotonic())), previous
+            check(url, field, reach, resolve_s=min(RESOLVE_S, ends - time.monotonic())), previous
         )
         previous = target
         left = ends - time.monotonic()

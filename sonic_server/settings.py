@@ -135,7 +135,10 @@ class WebhookSettings:
 class OutboundSettings:
     """Requests to addresses callers name (webhooks). Variables: SONIC_OUTBOUND_<NAME>."""
 
-    allow_private: bool = False  # true: loopback, private and link-local addresses too (tests, private networks)
+    allow_private: bool = False  # true: every address but the cloud metadata services (tests)
+    # addresses or CIDR blocks allowed beside the public ones (a webhook receiver on a private
+    # network: 10.0.3.7, 10.0.0.0/8); the cloud metadata services stay closed
+    allow_networks: tuple[str, ...] = ()
     fetch_timeout_s: float = 30.0  # image_url and audio_url of one request: both fetches, redirects included
     max_fetches: int = 8  # requests fetching their inputs by URL at once; more -> 503 (each holds a server thread)
 
@@ -199,6 +202,7 @@ class ServerConfig(Settings):
         _check_live(self.live)
         _check_origins(self.server.cors_origins)
         _check_webhooks(self.webhooks)
+        _check_networks(self.outbound.allow_networks)
         return self
 
     def resolved(self, base: Path) -> Self:
@@ -242,6 +246,16 @@ def _check_redis_url(url: str | None) -> None:
             f"setting server.redis_url must start with {', '.join(REDIS_SCHEMES)} "
             f"(e.g. redis://127.0.0.1:6379/0), got {scheme}"
         )
+
+
+def _check_networks(networks: tuple[str, ...]) -> None:
+    for block in networks:
+        try:
+            ipaddress.ip_network(block, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"setting outbound.allow_networks: {block!r} is not an address or a CIDR block (10.0.0.0/8)"
+            ) from None
 
 
 def _check_credits(s: ServerConfig) -> None:

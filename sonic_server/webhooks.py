@@ -89,7 +89,7 @@ def backoff_s(failures: int) -> float:
 
 
 # --- what a job asks for -------------------------------------------------------------------
-def requested(url: Any, events: Any, root: str, allow_private: bool) -> dict | None:
+def requested(url: Any, events: Any, root: str, reach: outbound.Reach) -> dict | None:
     """The webhook a generate request asks for (form fields or config keys), checked; None
     without one. Stored on the job record: {"url", "events", "root" (the service's URL)}."""
     if url in (None, ""):
@@ -98,7 +98,7 @@ def requested(url: Any, events: Any, root: str, allow_private: bool) -> dict | N
         return None
     if not isinstance(url, str):
         raise InvalidParameter("webhook must be an http(s) URL", field="webhook")
-    outbound.check_url(url, "webhook", allow_private)
+    outbound.check_url(url, "webhook", reach)
     if events in (None, "", []):
         chosen = list(DEFAULT_EVENTS)
     else:
@@ -487,11 +487,11 @@ class Webhooks:
     """Turns job events into deliveries (any process) and sends what is due (API processes)."""
 
     def __init__(
-        self, outbox: Outbox, secret: Callable[[], str], retry_s: float, allow_private: bool, outputs: Any
+        self, outbox: Outbox, secret: Callable[[], str], retry_s: float, reach: outbound.Reach, outputs: Any
     ) -> None:
         """`secret`: asked for at the first signature (made once if unset: a store away at start-up
         does not stop the service from starting)."""
-        self.outbox, self.retry_s, self.allow_private, self.outputs = outbox, retry_s, allow_private, outputs
+        self.outbox, self.retry_s, self.reach, self.outputs = outbox, retry_s, reach, outputs
         self._secret = secret
         self._key: bytes | None = None
         self._seq = 0
@@ -674,7 +674,7 @@ class Webhooks:
         status: int | None = None
         why = ""
         try:
-            status = outbound.post(outbound.check_url(d.url, "webhook", self.allow_private), d.body.encode(), headers)
+            status = outbound.post(outbound.check_url(d.url, "webhook", self.reach), d.body.encode(), headers)
         except InvalidParameter as e:  # the name now resolves somewhere it may not go
             why = e.message
         except Exception as e:  # noqa: BLE001 - refused, reset, timed out: retried
@@ -729,4 +729,4 @@ def make_webhooks(settings: Any, outputs: Any) -> Webhooks:
     def secret() -> str:
         return installation_secret(settings.webhooks.secret, srv.data_dir, conn)
 
-    return Webhooks(outbox, secret, settings.webhooks.retry_s, settings.outbound.allow_private, outputs)
+    return Webhooks(outbox, secret, settings.webhooks.retry_s, outbound.Reach.of(settings.outbound), outputs)

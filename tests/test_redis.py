@@ -654,11 +654,12 @@ def test_failed_webhooks_are_each_tried_again_on_time(redis_url):
     attempt. A sender that looked at the due list just before another delivery's failed attempt
     rescheduled it claimed that delivery anyway, and held it unsent for two minutes."""
     import redis
+    from sonic_server.outbound import Reach
     from sonic_server.webhooks import SENDERS, Delivery, RedisOutbox, Webhooks
     conn = redis.Redis.from_url(redis_url)
     conn.flushdb()
     outbox = RedisOutbox(conn)
-    hooks = Webhooks(outbox, lambda: "s3cret", retry_s=600, allow_private=True, outputs=None)
+    hooks = Webhooks(outbox, lambda: "s3cret", retry_s=600, reach=Reach(private=True), outputs=None)
     closed = f"http://127.0.0.1:{free_port()}/hook"  # refused at once, every time
     now = time.time()
     ids = [f"msg_{i}" for i in range(SENDERS + 2)]

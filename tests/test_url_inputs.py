@@ -169,7 +169,7 @@ def test_a_requests_fetched_files_are_bounded_together_as_an_upload_is(client, f
 
 def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):
     from sonic_server import create_app
-    from sonic_server.outbound import check_url, fetch
+    from sonic_server.outbound import Reach, check_url, fetch
     app = create_app(settings(tmp_path), pipeline=FakePipeline())  # allow_private off, as shipped
     try:
         r = app.test_client().post("/api/sonic/generate", json={"image_url": files.url("/portrait.jpg"),
@@ -181,12 +181,12 @@ def test_urls_inside_are_refused_and_a_redirect_there_too(tmp_path, files):
     finally:
         app.extensions["sonic"].queue.close()
 
-    def only_this_server(url, field, allow_private, **kw):  # this test's server is allowed, nothing else inside
-        return check_url(url, field, urlsplit(url).port == files.port, **kw)
+    def only_this_server(url, field, reach, **kw):  # this test's server is allowed, nothing else inside
+        return check_url(url, field, Reach(private=urlsplit(url).port == files.port), **kw)
 
-    assert fetch(files.url("/to-portrait"), "image_url", False, 10**7, check=only_this_server)[:2] == b"\xff\xd8"
+    assert fetch(files.url("/to-portrait"), "image_url", Reach(), 10**7, check=only_this_server)[:2] == b"\xff\xd8"
     with pytest.raises(Exception, match="169.254.169.254"):
-        fetch(files.url("/to-metadata"), "image_url", False, 10**7, check=only_this_server)
+        fetch(files.url("/to-metadata"), "image_url", Reach(), 10**7, check=only_this_server)
 
 
 def test_a_requests_two_fetches_share_one_timeout(client, files):
@@ -241,19 +241,19 @@ def test_a_name_slow_to_resolve_costs_no_more_than_its_deadline(monkeypatch):
     monkeypatch.setattr(outbound, "RESOLVE_S", 0.5)
     began = time.monotonic()
     with pytest.raises(InvalidParameter, match="did not resolve within 0.5 s") as refused:
-        outbound.check_url("https://hooks.example/h", "webhook", False)
+        outbound.check_url("https://hooks.example/h", "webhook", outbound.Reach())
     assert refused.value.field == "webhook" and time.monotonic() - began < 1.5
     began = time.monotonic()
     with pytest.raises(InvalidParameter, match="did not resolve within 0.3") as refused:
-        outbound.fetch("https://files.example/p.jpg", "image_url", False, 10**6, total_s=0.3)
+        outbound.fetch("https://files.example/p.jpg", "image_url", outbound.Reach(), 10**6, total_s=0.3)
     assert refused.value.field == "image_url" and time.monotonic() - began < 1.5
     # stuck lookups hold their threads until the resolver gives up: past RESOLVERS of them, the
     # next is busy at once (no thread piles up); a stuck one keeps no process from exiting (daemon)
     monkeypatch.setattr(outbound, "_resolving", threading.BoundedSemaphore(1))
     with pytest.raises(InvalidParameter):
-        outbound.check_url("https://a.example/h", "webhook", False, resolve_s=0.1)
+        outbound.check_url("https://a.example/h", "webhook", outbound.Reach(), resolve_s=0.1)
     with pytest.raises(Busy):
-        outbound.check_url("https://b.example/h", "webhook", False, resolve_s=0.1)
+        outbound.check_url("https://b.example/h", "webhook", outbound.Reach(), resolve_s=0.1)
 
 
 def test_a_url_whose_path_is_in_another_script_is_fetched(client, files):

@@ -239,6 +239,8 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline():
     """A receiver sending its status line a byte at a time cannot hold the sender past total_s."""
     import socket
 
+    from sonic_server.outbound import Reach
+
     from sonic_server.outbound import check_url, post
 
     listener = socket.socket()
@@ -259,19 +261,52 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline():
     threading.Thread(target=drip, daemon=True).start()
     began = time.monotonic()
     with pytest.raises(OSError, match="timed out"):
-        post(check_url(f"http://127.0.0.1:{port}/", "webhook", True), b"{}", {}, connect_s=1, total_s=1.5)
+        post(check_url(f"http://127.0.0.1:{port}/", "webhook", Reach(private=True)), b"{}", {}, connect_s=1, total_s=1.5)
     assert time.monotonic() - began < 3.0
     listener.close()
 
 
 def test_address_rules_allow_public_addresses_and_open_with_the_setting():
-    from sonic_server.outbound import check_url
+    from sonic_server.outbound import Reach, check_url
 
-    assert check_url("https://93.184.216.34/hook?a=1", "webhook", False).path == "/hook?a=1"
-    assert check_url("http://127.0.0.1:9/x", "webhook", True).address == "127.0.0.1"
+    assert check_url("https://93.184.216.34/hook?a=1", "webhook", Reach()).path == "/hook?a=1"
+    assert check_url("http://127.0.0.1:9/x", "webhook", Reach(private=True)).address == "127.0.0.1"
     with pytest.raises(Exception, match="webhook_events_filter"):
         from sonic_server.webhooks import requested
-        requested("https://93.184.216.34/", ["finished"], "http://h/", False)
+        requested("https://93.184.216.34/", ["finished"], "http://h/", Reach())
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "http://169.254.170.2/v2/credentials",
+                                 "http://100.100.100.200/latest", "http://[fd00:ec2::254]/latest",
+                                 "http://[::ffff:169.254.169.254]/latest"])
+def test_the_cloud_metadata_services_stay_closed_whatever_is_opened(url):
+    """outbound.allow_private opened every address, the metadata services' too (a webhook there
+    was sent three times: an operator who opened a private receiver opened the machine's
+    credentials to every caller). They stay closed under allow_private and allow_networks."""
+    import ipaddress
+
+    from sonic_server.outbound import Reach, check_url
+
+    for reach in (Reach(private=True), Reach(networks=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))):
+        with pytest.raises(Exception, match="this server does not send requests there"):
+            check_url(url, "webhook", reach)
+
+
+def test_allow_networks_opens_the_blocks_it_names_and_no_other():
+    """A receiver on a private network is opened alone (outbound.allow_networks), not every
+    loopback and private address with it; a block that is not one is one line at start."""
+    from sonic.settings import SettingsError
+    from sonic_server.outbound import Reach, check_url
+    from sonic_server.settings import settings_from
+
+    reach = Reach.of(settings_from({"outbound": {"allow_networks": ["127.0.0.2", "10.0.0.0/8"]}}).outbound)
+    assert check_url("http://127.0.0.2:9/x", "webhook", reach).address == "127.0.0.2"
+    assert check_url("http://10.9.8.7/x", "webhook", reach).address == "10.9.8.7"
+    for inside in ("http://127.0.0.1:9/x", "http://192.168.1.1/x"):
+        with pytest.raises(Exception, match="outbound.allow_networks"):
+            check_url(inside, "webhook", reach)
+    with pytest.raises(SettingsError, match="'10.0.0.0/33' is not an address or a CIDR block"):
+        settings_from({"outbound": {"allow_networks": ["10.0.0.0/33"]}})
 
 
 def test_a_completed_delivery_survives_a_restart_of_the_server(tmp_path):
@@ -351,10 +386,11 @@ def test_deliveries_waiting_for_one_job_are_bounded(tmp_path, kind, caplog):
     receiver that fails only the first is tried: they piled up unbounded (and the outbox's look
     for due deliveries grew quadratic: 4 s at 4,000). Another job's still queue."""
     from sonic_server.jobs import JobRecord
+    from sonic_server.outbound import Reach
     from sonic_server.webhooks import MAX_PENDING_PER_JOB, Delivery, MemoryOutbox, SqliteOutbox, Webhooks
 
     outbox = MemoryOutbox() if kind == "memory" else SqliteOutbox(tmp_path / "jobs.sqlite3")
-    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, True, tmp_path)
+    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, Reach(private=True), tmp_path)
     hooks.start = lambda only_if_pending=False: None  # queued only: nothing is sent here
     rec = JobRecord.new("generate", {})
     rec.webhook = {"url": "http://127.0.0.1:9/h", "events": ["completed"], "root": "http://127.0.0.1/"}
@@ -420,12 +456,13 @@ def down_and_up(outbox):
     deadline), a receiver that answers, and a sender over `outbox`, not started."""
     import socket
 
+    from sonic_server.outbound import Reach
     from sonic_server.webhooks import Webhooks
 
     down = socket.socket()
     down.bind(("127.0.0.1", 0))
     down.listen(16)  # accepted by the kernel, never read nor answered
-    return down, Receiver(free_port()), Webhooks(outbox, lambda: SECRET, retry_s=600, allow_private=True, outputs=None)
+    return down, Receiver(free_port()), Webhooks(outbox, lambda: SECRET, retry_s=600, reach=Reach(private=True), outputs=None)
 
 
 def a_receiver_down_holds_up_no_other(outbox, seq) -> None:
@@ -577,11 +614,12 @@ def test_a_store_away_is_said_once_and_its_return_once(caplog, monkeypatch):
     second, 22 times in each process; now once, and once more when it answers again."""
     import logging
     from sonic_server import webhooks
+    from sonic_server.outbound import Reach
     from sonic_server.webhooks import MemoryOutbox, Webhooks
 
     monkeypatch.setattr(webhooks, "SEND_EVERY_S", 0.02)
     outbox = MemoryOutbox()
-    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, True, None)
+    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, Reach(private=True), None)
     away = threading.Event()
     away.set()
     real_due = outbox.due
