@@ -191,6 +191,8 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
     # a worker stopped by SIGTERM mid-job says so, in its log and its entry, and finishes the job
     job = post(api, {"min_resolution": 256, "duration": 12, "seed": 31, "async": True}).get_json()["job_id"]
     wait_status(api, job, ("processing",))
+    h = api.get("/health").get_json()  # the other worker takes the next job at once: ready, not busy
+    assert h["readiness"] == "ready" and sorted(w["state"] for w in h["workers"]) == ["busy", "idle"], h
     name = json.loads(r.get(f"sonic:job:{job}"))["worker"]
     c.workers[name].send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10

@@ -91,8 +91,8 @@ def health():
         not workers.get("workers_taking_jobs", workers["workers_alive"]) or svc.free_disk_short_mb() is not None
     ):
         state = "disk_full"  # every worker short of disk, or this service's (routes/generate.py refuses)
-    elif state == "ready" and running is not None:
-        state = "busy"
+    elif state == "ready" and running is not None and not _idle_worker(workers):
+        state = "busy"  # (distributed: every worker taking jobs has one; a free one leaves it ready)
     body = {
         "status": "ok" if state in ("ready", "busy") else state,
         "readiness": state,
@@ -129,6 +129,11 @@ def health():
     if state in ("ready", "busy"):
         return jsonify(body), 200
     return jsonify(body), 503, {"Retry-After": "5"}
+
+
+def _idle_worker(workers: dict) -> bool:
+    """Distributed mode: a worker that takes the next job at once (idle, not stopping)."""
+    return any(w.get("state") == "idle" and not w.get("draining") for w in workers.get("workers", ()))
 
 
 def _visible(queue, job_id: str) -> bool:
