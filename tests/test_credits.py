@@ -116,7 +116,7 @@ def test_a_video_is_priced_by_its_frames_and_an_account_that_cannot_pay_is_refus
     garbage.write_bytes(b"\x00" * 4096)
     r = post(client, FAST, image=garbage, headers=auth(broke))         # 402, not 415: nothing was decoded
     assert_clean_error(r, 402, "insufficient_credits")
-    assert "at least 1 credits" in r.get_json()["error"]["message"]
+    assert "at least 1 credit and" in r.get_json()["error"]["message"]
     _, key = ledger.create_account("cy", credits=1)
     r = post(client, {**FAST, "duration": 0.01, "fps": 10}, headers=auth(key))
     assert r.status_code == 200, r.get_json()

@@ -129,6 +129,7 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     api = c.client()
     r = post(api, {"min_resolution": 256})
     assert_clean_error(r, 503, "not_ready")                       # no worker yet: refused, not queued forever
+    assert r.get_json()["error"]["message"] == "no worker is running jobs at the moment; try again later"
     metrics_port = free_port()
     c.start_worker("w1", "--metrics-port", str(metrics_port))
     health = c.wait_workers(api, 1)

@@ -24,13 +24,17 @@ log = logging.getLogger("sonic.credits")
 LIVE_MIN_S = 3.0  # a live session holds at least this many seconds' credit
 
 
+def credits(n: int) -> str:
+    return "credit" if n == 1 else "credits"
+
+
 class InsufficientCredits(SonicError):
     """The price is more than the account's balance; `extra` goes into the error body."""
 
     code = "insufficient_credits"
 
     def __init__(self, what: str, needed: int, balance: int):
-        super().__init__(f"{what} {needed} credits and the account has {balance}")
+        super().__init__(f"{what} {needed} {credits(needed)} and the account has {balance}")
         self.extra = {"needed": needed, "balance": balance}
 
 

@@ -513,8 +513,8 @@ def generate():
             ) from None
         return error_response(
             "not_ready",
-            "no worker is running jobs (/health says worker_stopped); "
-            "restart the service, or start a `sonic worker` in distributed mode",
+            # the caller is told to come back; what the operator must do is in the log and /health
+            "no worker is running jobs at the moment; try again later",
             headers={"Retry-After": "60"},
         )
     except Exception:
