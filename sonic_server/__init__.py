@@ -38,6 +38,9 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
+    # a path with an empty part (/api/sonic/jobs//events: a job id left out) is a 404 in JSON, not
+    # a redirect to another route as an HTML page
+    app.url_map.merge_slashes = False
     app.json = BoundedJSONProvider(app)  # request JSON: depth and numbers bounded
     if srv.proxy_hops > 0:  # behind TLS or a load balancer: the client's scheme, host and address
         from werkzeug.middleware.proxy_fix import ProxyFix

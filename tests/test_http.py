@@ -556,6 +556,9 @@ def test_errors(make_client, tmp_path):
     for path in ("/output/../app.py", "/output/..%2Fapp.py", "/output/app.py", "/output/" + "0" * 32 + ".mp4"):
         assert_clean_error(client.get(path), 404, "not_found")
     assert_clean_error(client.get("/nowhere"), 404, "not_found")
+    # a job id left out: a 404 in JSON (it was a 308 to another route, as an HTML page)
+    for path in ("/api/sonic/jobs//events", "/api/sonic/jobs//cancel", "/api/sonic//jobs"):
+        assert_clean_error(client.get(path), 404, "not_found")
     r = client.delete("/api/sonic/generate")
     assert_clean_error(r, 405, "method_not_allowed")
     assert "POST" in r.headers["Allow"]
