@@ -268,6 +268,8 @@ def _jwt(token: str, ledger, credits):
         claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["sub", "exp"]})
     except jwt.ExpiredSignatureError:
         return None, "the bearer token has expired"
+    except jwt.MissingRequiredClaimError as e:  # said, as a forged signature is not: the issuer's fix
+        return None, f"the bearer token has no {e.claim!r} claim (sub and exp are required)"
     except jwt.InvalidTokenError:
         return None, "the bearer token's signature or claims are not valid"
     role = "admin" if claims.get("role") == "admin" else "user"

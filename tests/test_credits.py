@@ -346,7 +346,14 @@ def test_jwt_bearer_tokens_hs256_and_rs256(service, tmp_path):
     none_alg = jwt.encode({"sub": "gus", "role": "admin"}, None, algorithm="none")
     assert_clean_error(client.get("/api/credits", headers=auth(none_alg)), 401, "unauthorized")
     forever = jwt.encode({"sub": "gus"}, secret, algorithm="HS256")            # no exp: never accepted
-    assert_clean_error(client.get("/api/credits", headers=auth(forever)), 401, "unauthorized")
+    r = client.get("/api/credits", headers=auth(forever))
+    assert_clean_error(r, 401, "unauthorized")                               # and said why, not "not valid"
+    assert r.get_json()["error"]["message"] == "the bearer token has no 'exp' claim (sub and exp are required)"
+    # a short HS256 secret (guessable offline from any token) is one line at start
+    from sonic.settings import SettingsError
+    from sonic_server.settings import settings_from
+    with pytest.raises(SettingsError, match="credits.jwt_secret must be at least 32 bytes, got 13"):
+        settings_from({"credits": {"enabled": True, "jwt_secret": "thirteen-byte"}})
 
 
 # -- recharge --------------------------------------------------------------------------------
