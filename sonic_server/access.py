@@ -217,7 +217,7 @@ def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger
         if principal is None:
             return error_response("unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
         g.principal = principal
-        owner = f"account:{principal.account_id}" if principal.account_id is not None else principal.operator
+        owner = ledger.owner(principal.account_id) if principal.account_id is not None else principal.operator
         g.caller = Caller(owner=owner, sees_all=principal.role == "admin")
         if request.path.startswith(ADMIN_PREFIX) and principal.role != "admin":
             return error_response("forbidden", "this needs an admin account")

@@ -167,6 +167,34 @@ def test_a_deleted_job_releases_its_hold_at_once_whoever_ended_it(service):
     assert ledger.account("del")["reserved"] == 0 and ledger.account("del")["balance"] == 100
 
 
+def test_a_new_accounts_database_does_not_hand_the_old_ones_jobs_to_its_accounts(service, tmp_path):
+    """The accounts moved to a new database (SQLite to PostgreSQL, as the docs advise), the job
+    records kept: the new database numbers its accounts from 1 again, and its first account saw,
+    fetched and could delete the old first account's jobs. Job owners now carry the database's
+    own name; a database that had accounts before it had one keeps the old names, so that an
+    upgrade leaves every account its jobs."""
+    from sqlalchemy import delete
+    from sonic_server.accounts.schema import identity
+
+    client, old, _ = service(database_url=f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    _, alice = old.create_account("alice", credits=100)
+    job = post(client, FAST, headers=auth(alice)).get_json()["job_id"]
+    assert client.get(f"/api/sonic/jobs/{job}", headers=auth(alice)).status_code == 200
+    client, new, _ = service(database_url=f"sqlite:///{tmp_path / 'new.sqlite3'}")  # same job records
+    _, carol = new.create_account("carol", credits=100)
+    assert new.authenticate(carol).account_id == old.authenticate(alice).account_id == 1
+    assert_clean_error(client.get(f"/api/sonic/jobs/{job}", headers=auth(carol)), 404, "job_not_found")
+    assert client.get("/api/sonic/jobs", headers=auth(carol)).get_json()["jobs"] == []
+    assert client.delete(f"/api/sonic/jobs/{job}", headers=auth(carol)).status_code == 404
+    # a database from before owners had its name: its accounts keep the records' old names
+    with old.engine.begin() as c:
+        c.execute(delete(identity))
+    from sonic_server.accounts import Ledger
+    upgraded = Ledger(old.url)
+    assert upgraded.owner(1) == "account:1" and new.owner(1) != "account:1"
+    upgraded.close()
+
+
 def test_a_retry_with_an_idempotency_key_is_not_charged_twice(service):
     """charge_cache_hits on: without a key a repeat pays again; with the same Idempotency-Key,
     the retry gets the first answer and pays nothing (a fusion alike)."""

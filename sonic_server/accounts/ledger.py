@@ -42,6 +42,7 @@ from .schema import (
     accounts,
     api_keys,
     idempotency,
+    identity,
     ledger,
     metadata,
     reservations,
@@ -155,6 +156,7 @@ class Ledger:
             metadata.create_all(c)
             for ddl in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 c.exec_driver_sql(ddl)
+            self.owner_prefix = _owner_prefix(c)
 
     # -- accounts and keys ---------------------------------------------------------------
     def create_account(
@@ -255,6 +257,11 @@ class Ledger:
                 .where(api_keys.c.digest == digest(key), api_keys.c.revoked.is_(None))
             ).first()
         return Principal(row.name, row.role, row.id, "key") if row else None
+
+    def owner(self, account_id: int) -> str:
+        """The account as job records and live sessions name their owner: unique to this database,
+        so that another one's account of the same id sees none of them."""
+        return f"account:{self.owner_prefix}{account_id}"
 
     def principal(self, name: str, role: str, via: str) -> Principal | None:
         """An account named by a token (`sub`); None if there is no such account."""
@@ -657,6 +664,18 @@ def check_reason(reason, field: str = "reason") -> str:
     if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS or "\x00" in reason:
         raise CreditError(f"{field} is required (1-{MAX_REASON_CHARS} characters, not blank)", field)
     return reason
+
+
+def _owner_prefix(c) -> str:
+    """This database's part of its accounts' names in job records (`Ledger.owner`), made once,
+    in the transaction that made the tables. A database that had accounts before it had one
+    keeps the records' old names (account:<id>): its jobs stay its accounts'."""
+    prefix = c.execute(select(identity.c.value).where(identity.c.key == "owner_prefix")).scalar()
+    if prefix is None:
+        had_accounts = c.execute(select(func.count()).select_from(accounts)).scalar() > 0
+        prefix = "" if had_accounts else secrets.token_hex(4) + ":"
+        c.execute(insert(identity).values(key="owner_prefix", value=prefix))
+    return str(prefix)
 
 
 def check_amount(amount, limit: int, allow_zero: bool = False, field: str = "amount") -> int:

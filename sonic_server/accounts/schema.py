@@ -83,6 +83,16 @@ idempotency = Table(
     Column("created", Float, nullable=False),
 )
 
+# what this database is, for what outlives a move to another one: `owner_prefix` names its
+# accounts in job records (account:<prefix><id>), so that a new database, numbering its accounts
+# from 1 again, does not hand the old one's jobs to its own accounts
+identity = Table(
+    "identity",
+    metadata,
+    Column("key", String(32), primary_key=True),
+    Column("value", String(64), nullable=False),
+)
+
 _APPEND_ONLY = {
     "sqlite": [
         "CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger "
