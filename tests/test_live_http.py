@@ -314,6 +314,8 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
         r"media section 1 \(video\) has no ICE credentials \(a=ice-ufrag": sdp.replace("a=ice-ufrag:", "a=x-ufrag:"),
         r"has no ICE credentials \(a=ice-pwd": sdp.replace("a=ice-pwd:", "a=x-pwd:"),
         r"media section 1 \(video\) does not multiplex RTCP": sdp.replace("a=rtcp-mux\r\n", "", 1),
+        # cut short (half of it): the stack failed in its own words, 2.6 s later
+        r"media section 2 \(audio\) has no DTLS role \(a=setup:actpass": sdp[: sdp.index("a=setup:", sdp.index("m=audio"))],
     }
     for why, bad in faults.items():
         with pytest.raises(InvalidParameter, match=why):

@@ -298,6 +298,9 @@ def check_offer(offer: dict) -> None:
     check_codecs(sdp)
 
 
+DTLS_SETUPS = ("actpass", "active", "passive")
+
+
 def check_transport(sdp: str) -> None:
     """What the WebRTC stack requires of each media section's transport before it answers: ICE
     credentials (in the section, or for the whole description), RTCP multiplexed on the media's
@@ -313,6 +316,13 @@ def check_transport(sdp: str) -> None:
                 raise InvalidParameter(f"{where} has no ICE credentials (a={attribute}:...)", field="offer")
         if kind in ("audio", "video") and "a=rtcp-mux" not in (line.strip() for line in lines):
             raise InvalidParameter(f"{where} does not multiplex RTCP (a=rtcp-mux), as WebRTC requires", field="offer")
+        setups = [line.strip()[len("a=setup:") :] for line in (*head, *lines) if line.startswith("a=setup:")]
+        if kind in ("audio", "video") and not any(role in DTLS_SETUPS for role in setups):
+            # without it the stack failed on its own (an AttributeError in the log), 2.6 s later
+            raise InvalidParameter(
+                f"{where} has no DTLS role (a=setup:actpass, active or passive): is the description cut short?",
+                field="offer",
+            )
         mid = next((line[len("a=mid:") :].strip() for line in lines if line.startswith("a=mid:")), None)
         if mid is not None and mid in mids:
             raise InvalidParameter(f"{where} has the mid {mid[:32]!r} of an earlier section (a=mid)", field="offer")
