@@ -134,20 +134,26 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global
 
 
-# the cloud providers' metadata services (AWS, GCP, Azure, OpenStack; ECS's task credentials;
-# Alibaba; AWS's IPv6 one): a request there hands out the machine's credentials
-METADATA = tuple(
+# never sent to, whatever is opened: link-local (where every cloud's metadata service and its
+# credential agents live: 169.254.169.254, ECS's .170.2, EKS's .170.23, Tencent's .0.23) and the
+# metadata services elsewhere (Alibaba, Azure's WireServer, AWS's, GCP's and Oracle's over IPv6),
+# and RFC 6052's local-use NAT64 prefix, which may carry any of them where the IPv4 address does
+# not sit in the last 32 bits
+NEVER = tuple(
     ipaddress.ip_network(block)
-    for block in ("169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32", "fd00:ec2::254/128")
-)
+    for block in (
+        "169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32",
+        "fe80::/10", "fd00:ec2::/64", "fd20:ce::254/128", "fd00:c1::a9fe:a9fe/128", "64:ff9b:1::/48",
+    )
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Reach:
     """Where this server may send the requests its callers name: public addresses; those in
     `networks` too (outbound.allow_networks); with `private` (outbound.allow_private) every
-    address. Never a cloud metadata service: an operator who opened private addresses for one
-    receiver opened those to every caller's webhook and image_url."""
+    address but NEVER's. An operator who opened private addresses for one receiver had opened
+    the cloud metadata service to every caller's webhook and image_url."""
 
     private: bool = False
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -159,12 +165,17 @@ class Reach:
         return cls(outbound.allow_private, networks)
 
     def allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
-        if any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in METADATA):
+        if never(ip):
             return False
         if self.private or is_public(ip):
             return True
         return any(ip.version == net.version and ip in net for net in self.networks)
+
+
+def never(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An address no setting opens (NEVER), or an IPv6 one carrying such an IPv4 address."""
+    inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in NEVER)
 
 
 def check_url(url: str, field: str, reach: Reach, resolve_s: float | None = None) -> Target:
@@ -189,9 +200,16 @@ def check_url(url: str, field: str, reach: Reach, resolve_s: float | None = None
     infos = _resolved(host, port, field, RESOLVE_S if resolve_s is None else resolve_s)
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
     for address in addresses:
-        if not reach.allows(ipaddress.ip_address(address)):
+        ip = ipaddress.ip_address(address)
+        if never(ip):
             raise InvalidParameter(
-                f"{field}: {host[:100]} is a loopback, private, link-local or otherwise non-public address "
+                f"{field}: {host[:100]} is a link-local or cloud metadata address ({address}); this server "
+                "does not send requests there, whatever its settings",
+                field=field,
+            )
+        if not reach.allows(ip):
+            raise InvalidParameter(
+                f"{field}: {host[:100]} is a loopback, private or otherwise non-public address "
                 f"({address}); this server does not send requests there (outbound.allow_networks)",
                 field=field,
             )

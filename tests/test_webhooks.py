@@ -277,8 +277,12 @@ def test_address_rules_allow_public_addresses_and_open_with_the_setting():
 
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "http://169.254.170.2/v2/credentials",
-                                 "http://100.100.100.200/latest", "http://[fd00:ec2::254]/latest",
-                                 "http://[::ffff:169.254.169.254]/latest"])
+                                 "http://169.254.170.23/v1/credentials", "http://169.254.0.23/meta-data",
+                                 "http://100.100.100.200/latest", "http://168.63.129.16/machine",
+                                 "http://[fd00:ec2::254]/latest", "http://[fd00:ec2::23]/v1/credentials",
+                                 "http://[fd20:ce::254]/computeMetadata", "http://[fd00:c1::a9fe:a9fe]/opc",
+                                 "http://[fe80::1]/x", "http://[::ffff:169.254.169.254]/latest",
+                                 "http://[64:ff9b:1:a9fe:a9:fe00::]/latest", "http://[64:ff9b::a9fe:a9fe]/latest"])
 def test_the_cloud_metadata_services_stay_closed_whatever_is_opened(url):
     """outbound.allow_private opened every address, the metadata services' too (a webhook there
     was sent three times: an operator who opened a private receiver opened the machine's
@@ -287,8 +291,9 @@ def test_the_cloud_metadata_services_stay_closed_whatever_is_opened(url):
 
     from sonic_server.outbound import Reach, check_url
 
-    for reach in (Reach(private=True), Reach(networks=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))):
-        with pytest.raises(Exception, match="this server does not send requests there"):
+    for reach in (Reach(), Reach(private=True),
+                  Reach(networks=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))):
+        with pytest.raises(Exception, match="link-local or cloud metadata address .* whatever its settings"):
             check_url(url, "webhook", reach)
 
 
