@@ -47,34 +47,35 @@ OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created)"
 _FINISHED = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
 
 
-# job databases this process owns (resolved path -> the locked file's descriptor, held until exit)
+# what this process owns (a lock file's resolved path -> its locked descriptor, held until exit)
 _CLAIMED: dict[str, int] = {}
 
 
-def claim(path: str | Path) -> None:
-    """Own the single-process service's job database at `path` for this process's life ("": in
-    memory, nothing to own). A second service started on the same data folder took the first
-    one's running jobs for a restart's leftovers (marked them failed and removed their uploads)
-    and ran its waiting jobs a second time: it is now refused at start. Apps made again in one
-    process (tests, embedding) share the claim."""
-    if not str(path):
-        return
-    key = str(Path(path).resolve())
+def claim(lock: str | Path, what: str, setting: str) -> None:
+    """Own `what` (a single-process service's job database, its upload folder) for this process's
+    life, by a lock on `lock` (a file, made if need be, or a folder). A second service started
+    on the same data folder took the first one's running jobs for a restart's leftovers (marked
+    them failed and removed their uploads) and ran its waiting jobs a second time: it is now
+    refused at start. Apps made again in one process (tests, embedding) share the claim;
+    processes forked after it (a WSGI server's preloaded app) share it too, unseen."""
+    key = str(Path(lock).resolve())
     if key in _CLAIMED:
         return
-    lock = Path(key + ".lock")
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        if Path(key).is_dir():  # a folder is locked itself: nothing is added to it
+            fd = os.open(key, os.O_RDONLY)
+        else:
+            Path(key).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
-        raise SetupError(f"the job database's folder {lock.parent} cannot be written: {e.strerror}") from None
+        raise SetupError(f"{what} cannot be locked: {e.strerror or type(e).__name__} ({setting})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise SetupError(
-            f"another sonic service uses the job database {key} (server.data_dir): run one service "
-            "process per data folder, or several API processes with Redis (docs/scaling.md)"
+            f"another sonic service uses {what} ({setting}): run one service process per data folder, "
+            "or several API processes with Redis (docs/scaling.md)"
         ) from None
     _CLAIMED[key] = fd
 

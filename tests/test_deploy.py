@@ -129,6 +129,9 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
             done = requests.post(base + "/api/sonic/generate", files={"image": img, "audio": aud}, timeout=120).json()
         second = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
                                  str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        third = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
+                                str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "SONIC_JOBS_DB": ""})
         refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
         in_flight, answer = sigterm_while_generating(proc, {"base": base})
         stopping = requests.get(base + "/health", timeout=5)
@@ -144,6 +147,8 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         f"error: another sonic service uses the job database {(tmp_path / 'data' / 'jobs.sqlite3').resolve()} "
         "(server.data_dir): run one service process per data folder, or several API processes with Redis "
         "(docs/scaling.md)"], second.stderr
+    # nor may one with its own job database share the upload folder (its start removed the first's uploads)
+    assert third.returncode == 1 and "another sonic service uses the upload folder" in third.stderr, third.stderr
     long = answer["r"]
     assert getattr(long, "status_code", None) == 200 and long.json()["frames"] == 1000, long
     assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"  # a balancer takes it out
