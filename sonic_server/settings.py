@@ -265,7 +265,7 @@ def _check_credits(s: ServerConfig) -> None:
         raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
     # HS256's key must be as long as its hash (RFC 7518 3.2): a short one can be guessed offline
     # from any token, and PyJWT only warned at the first token, on stderr
-    if c.jwt_secret and len(c.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+    if c.enabled and c.jwt_secret and len(c.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
         raise SettingsError(
             f"setting credits.jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes, got "
             f"{len(c.jwt_secret.encode())} (python -c 'import secrets; print(secrets.token_urlsafe(32))')"

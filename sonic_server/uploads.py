@@ -32,7 +32,7 @@ class Uploads:
             self.remove(job_id)
             if is_disk_full(e):
                 raise DiskFull("no space left on the server's disk for the uploads; try again later") from e
-            why = f"cannot keep the uploads: the service's upload folder is not writable ({e.strerror})"
+            why = f"cannot keep the uploads in the service's upload folder ({e.strerror or type(e).__name__})"
             raise PipelineError(why) from e
         return paths
 

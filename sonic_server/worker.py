@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,6 +92,7 @@ class WorkerState:
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
     short_of_disk: bool = False  # waiting for free disk before it takes the next job
     stopping: bool = False  # SIGTERM: the running job finishes, no other is taken
+    stop_asked: threading.Event = field(default_factory=threading.Event)  # ... and `say_stopping` says so
 
 
 _STATE: WorkerState | None = None  # set once by `main` before the first job
@@ -306,22 +307,24 @@ def announce_now(state: WorkerState, conn: Any) -> None:
         pass
 
 
-def draining(state: WorkerState, conn: Any) -> None:
-    """SIGTERM: no new job or live session from now on, said in the log and the worker's entry
-    (a stopping worker logged nothing and was listed as plain busy). (In the signal handler:
-    flags, and the announcement in a thread, since the main thread may hold what announcing takes.)"""
+def draining(state: WorkerState) -> None:
+    """SIGTERM, in the signal handler: no new job or live session from now on. Flags only: saying
+    so (the log, the worker's entry) is `say_stopping`'s, on a thread started beforehand; starting
+    one here, or logging, could wait on a lock the interrupted main thread holds."""
     state.stopping = True
-    running = f"its job {state.current} finishes" if state.current else "no job running"
-    refused = "no new jobs"
     if state.host is not None:
         state.host.draining.set()
-        refused += " or live sessions"
+    state.stop_asked.set()
 
-    def say() -> None:  # logging, too, waits on a lock the interrupted thread may hold
-        log.info("worker %s: stopping: %s, %s", state.name, running, refused)
-        announce_now(state, conn)
 
-    threading.Thread(target=say, daemon=True).start()
+def say_stopping(state: WorkerState, conn: Any) -> None:
+    """Once SIGTERM has come: said in the log and in the worker's entry (/health: draining; a
+    stopping worker logged nothing and was listed as plain busy)."""
+    state.stop_asked.wait()
+    running = f"its job {state.current} finishes" if state.current else "no job running"
+    refused = "no new jobs" + (" or live sessions" if state.host is not None else "")
+    log.info("worker %s: stopping: %s, %s", state.name, running, refused)
+    announce_now(state, conn)
 
 
 def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
@@ -393,7 +396,7 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
 
     def on_stop() -> None:
         stopping.set()
-        draining(state, conn)
+        draining(state)
 
     while True:
         try:
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         output_dir = state.output_dir = outputs.folder
     stop = threading.Event()
     threading.Thread(target=heartbeat, args=(state, srv.redis_url, stop), name="sonic-heartbeat", daemon=True).start()
+    threading.Thread(target=say_stopping, args=(state, conn), name="sonic-stopping", daemon=True).start()
     if state.host is not None:
         state.host.on_change = lambda: announce_now(state, conn)
         if settings.live.warm_start:

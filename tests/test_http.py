@@ -625,7 +625,7 @@ def test_an_upload_folder_that_cannot_be_written_is_a_named_error(make_client, t
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         r = post(client, {**FAST, "seed": 13})
         assert_clean_error(r, 500, "pipeline_error")
-        assert "upload folder is not writable (Read-only file system)" in r.json["error"]["message"]
+        assert "cannot keep the uploads in the service's upload folder (Read-only file system)" in r.json["error"]["message"]
         assert str(mnt) not in r.text
         assert client.get("/health").get_json()["queue_length"] == 0
     finally:

@@ -442,11 +442,7 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         )
     if channels != "1":  # interleaved samples would be heard as one voice at half speed
         raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels}", field="audio")
-    if request.content_length is not None:
-        room.check(request.content_length / 2 / SAMPLE_RATE)
-    room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     stream, total, kept, carry = request.stream, 0, 0, b""
-    queued, interrupted, full = room.queued_s, False, False
     head = _head(stream, 12)
     container = _container(head)
     if container:  # its header would be heard as a click, and its samples at the wrong speed
@@ -455,6 +451,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
             "or send its samples alone (16-bit little-endian mono at 16 kHz, no header)",
             field="audio",
         )
+    if request.content_length is not None:
+        room.check(request.content_length / 2 / SAMPLE_RATE)
+    room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
+    queued, interrupted, full = room.queued_s, False, False
     while True:
         chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
         if not chunk:
@@ -480,7 +480,8 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
 
 
-# how files begin: sent as raw PCM, their headers were queued as sound
+# how files begin: sent as raw PCM, their headers were queued as sound (an MP3 without an ID3
+# tag begins with a frame's sync bits, which speech's samples may too: not told apart)
 CONTAINERS = (
     (re.compile(rb"RIFF....WAVE", re.S), "WAV"),
     (re.compile(rb"fLaC"), "FLAC"),
