@@ -586,9 +586,12 @@ def test_calls_racing_with_one_idempotency_key_apply_once(db_url):
         ledger.close()
 
 
-def test_an_unreachable_database_is_one_error_line_with_its_password_hidden():
+def test_an_unreachable_database_is_one_error_line_with_its_password_hidden(tmp_path):
     env = {**os.environ, "SONIC_CREDITS_ENABLED": "1",
-           "SONIC_DATABASE_URL": f"postgresql://sonic:hunter2@127.0.0.1:{free_port()}/nowhere"}
+           "SONIC_DATABASE_URL": f"postgresql://sonic:hunter2@127.0.0.1:{free_port()}/nowhere",
+           # folders of its own: a service running in the checkout owns the default ones
+           "SONIC_DATA_DIR": str(tmp_path / "data"), "SONIC_UPLOAD_DIR": str(tmp_path / "uploads"),
+           "SONIC_OUTPUT_DIR": str(tmp_path / "outputs")}
     for args in (["serve", "--port", str(free_port())], ["accounts", "list"]):
         out = subprocess.run([sys.executable, "-m", "sonic", *args], capture_output=True, text=True, cwd=ROOT,
                              env=env, timeout=120)

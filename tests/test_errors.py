@@ -116,6 +116,7 @@ def test_upload_limit_message_names_the_configured_size(tmp_path):
     cfg = load_config()
     cfg["limits"]["max_upload_mb"] = 2
     cfg["output_dir"], cfg["server"]["data_dir"] = str(tmp_path / "outputs"), str(tmp_path / "data")
+    cfg["server"]["upload_dir"] = str(tmp_path / "uploads")  # not the checkout's: a service there owns it
     client = create_app(cfg, pipeline=NoFacePipeline()).test_client()
     r = client.post("/api/sonic/generate", data={"image": (io.BytesIO(b"x" * (3 << 20)), "big.jpg")},
                     content_type="multipart/form-data")
