@@ -74,6 +74,13 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e)
 
 
+def redis_not_answering(e: BaseException) -> bool:
+    """Redis's client saying the server does not answer. (Redis is installed in distributed mode
+    only: its errors are told by their module.)"""
+    kinds = {f"{k.__module__}.{k.__name__}" for k in type(e).__mro__}
+    return bool(kinds & {"redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError"})
+
+
 def public_error(error: dict) -> dict:
     """A job's stored error (code, message, field) as the API shows it, with its status.
 

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Protocol, cast
 from sonic.errors import InvalidParameter
 
 from . import metrics, outbound
+from .errors import redis_not_answering
 from .jobs import JobRecord
 from .public import JobUrls, job_document
 from .store import forget_on_disk, open_database
@@ -498,7 +499,7 @@ class Webhooks:
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a delivery ended: its place may go to the next at once
-        self._store_away = False  # the last look at what is due failed (said once, not twice a second)
+        self._store_away = False  # Redis did not answer the last look at what is due (said once an outage)
         self._sending = False
         self._in_flight: dict[str, Lane] = {}  # the deliveries being sent now: id -> their receiver and caller
         # receivers whose last attempt failed (this process's view) -> when, the oldest first
@@ -575,10 +576,12 @@ class Webhooks:
                 return
             try:
                 self.send_due()
-            except Exception:  # noqa: BLE001 - the store away: next time
-                if not self._store_away:  # its traceback once: a Redis outage logged it twice a second
+            except Exception as e:  # noqa: BLE001 - next time
+                if not redis_not_answering(e):
+                    log.exception("webhooks: sending failed")
+                elif not self._store_away:  # an outage once: it logged a traceback twice a second
                     log.exception("webhooks: sending failed; trying again every %.1f s, quietly", SEND_EVERY_S)
-                self._store_away = True
+                self._store_away = self._store_away or redis_not_answering(e)
             else:
                 if self._store_away:
                     log.info("webhooks: sending again")

@@ -631,7 +631,8 @@ def test_a_store_away_is_said_once_and_its_return_once(caplog, monkeypatch):
 
     def due(*args, **kwargs):
         if away.is_set():
-            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
         return real_due(*args, **kwargs)
 
     monkeypatch.setattr(outbox, "due", due)

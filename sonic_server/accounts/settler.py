@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # annotations only: not imported at run time
     from ..queue import JobQueue
 
+from ..errors import redis_not_answering
 from ..jobs import CANCELED, FAILED, SUCCEEDED
 from .ledger import Ledger
 
@@ -115,13 +116,9 @@ class Settler:
 
 
 def _not_answering(error: Exception) -> str | None:
-    """The store that does not answer, as an error of its client says; None for other errors.
-    (Redis is installed in distributed mode only: its errors are told by their module.)"""
+    """The store that does not answer, as an error of its client says; None for other errors."""
     from .ledger import DATABASE_AWAY
 
     if isinstance(error, DATABASE_AWAY):
         return "accounts database"
-    redis_kinds = {f"{k.__module__}.{k.__name__}" for k in type(error).__mro__}
-    if redis_kinds & {"redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError"}:
-        return "job store (Redis)"
-    return None
+    return "job store (Redis)" if redis_not_answering(error) else None
