@@ -65,15 +65,13 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)
     # once the answers are made: a render still running stops (an exit under it aborts the process)
     drain.before_exit.append(lambda: svc.queue.close(wait_s=EXIT_WAIT_S) if svc.queue is not None else None)
+    db = jobs_db_path(settings)
     if not srv.redis_url:  # one process owns its jobs and uploads (before it recovers or sends any)
-        db = jobs_db_path(settings)
         if db:
             claim(db + ".lock", f"the job database {Path(db).resolve()}", "server.data_dir")
-        uploads_at = Path(srv.upload_dir).resolve()
-        uploads_at.mkdir(parents=True, exist_ok=True)
-        claim(uploads_at, f"the upload folder {uploads_at}", "server.upload_dir")
+        claim(uploads.root, f"the upload folder {uploads.root}", "server.upload_dir")  # made by open_storage
     try:  # the tables beside the jobs (SQLite, in data_dir, unless on Redis)
-        svc.idempotency = open_keys(srv.redis_url, jobs_db_path(settings))
+        svc.idempotency = open_keys(srv.redis_url, db)
         svc.webhooks = make_webhooks(settings, outputs)
     except Exception as e:
         if not is_disk_full(e):
@@ -174,7 +172,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
             queue_size=srv.queue_size,
             max_jobs_per_caller=srv.max_jobs_per_caller,
             output_ttl_s=srv.output_ttl_s,
-            store=open_store(jobs_db_path(settings)),
+            store=open_store(db),
             job_timeout_s=srv.job_timeout_s,
             end_hooks=end_hooks,
             notify=events_of(svc.webhooks.notify),
