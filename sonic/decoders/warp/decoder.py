@@ -23,6 +23,7 @@ The `warp` decoder kind that prepares it is in `kind.py`.
 from __future__ import annotations
 
 import itertools
+import math
 
 import cv2
 import numpy as np
@@ -437,13 +438,13 @@ class WarpDecoder:
         ix, iy = c * dx + s * dy + cx, -s * dx + c * dy + cy
         m = self._grid_mask
         # displacements are enlarged, not positions: at the box's edges (no motion) the clamped
-        # interpolation of cv2.resize is then exact
-        coarse = np.dstack([m * (ix - gx), m * (iy - gy)])
+        # interpolation of cv2.resize is then exact. One channel at a time: the sums below then
+        # read contiguous rows (half the time of splitting a two-channel result)
         x0, y0, x1, y1 = self.box
-        fine = cv2.resize(
-            coarse, (coarse.shape[1] * FIELD_STEP, coarse.shape[0] * FIELD_STEP), interpolation=cv2.INTER_LINEAR
-        )[: y1 - y0, : x1 - x0]
-        return fine[..., 0] + self._px, fine[..., 1] + self._py
+        size = (gx.shape[1] * FIELD_STEP, gx.shape[0] * FIELD_STEP)
+        fx = cv2.resize(m * (ix - gx), size, interpolation=cv2.INTER_LINEAR)[: y1 - y0, : x1 - x0]
+        fy = cv2.resize(m * (iy - gy), size, interpolation=cv2.INTER_LINEAR)[: y1 - y0, : x1 - x0]
+        return fx + self._px, fy + self._py
 
     def _side_below(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
         """Soft 0..1: frame positions lie below the lips' parting line (a lookup into the mouth
@@ -482,50 +483,54 @@ class WarpDecoder:
         def up(img):
             return cv2.resize(img, (ww, hh), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
-        q = np.dstack([qx, qy])
-        qc = down(q)
-        lx, ly = qc[..., 0] - x0, qc[..., 1] - y0
-        parts = []  # per field set: the candidate's x, y and how well it converged
+        # (the candidates and positions travel as planes, one contiguous array each: the lookups
+        # and sums over interleaved channels read strided memory, and cv2 copied each one first)
+        qcx, qcy = cv2.split(down(cv2.merge([qx, qy])))
+        lx, ly = qcx - x0, qcy - y0
+        cands: list[np.ndarray] = []  # per field set: the candidate's x, y and how well it converged
         for fields in (self.fields_upper, self.fields_lower):
             fxy = (c @ fields).reshape(self._field_shape)  # (H, W, 2)
             sx, sy, err = solve_backward(fxy, lx, ly)
             # a candidate counts only where the solve converged: p + field(p) lands on q
-            parts += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
-        cands = np.dstack(parts)
+            cands += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
-        pc = self._choose(cands, qc, down(mouth), close, exact=False)[0]
+        (pcx, pcy), _, _ = self._choose(cands, (qcx, qcy), down(mouth), close, exact=False)
         # positions are interpolated as displacements from q (exact where nothing moves)
-        p = up(pc - qc) + q
+        px, py = cv2.split(up(cv2.merge([pcx - qcx, pcy - qcy])))
+        px += qx
+        py += qy
         opening = np.zeros((h, w), np.float32)
         seam = None
         (by0, by1), (bx0, bx1) = band
         if by1 > by0 and bx1 > bx0:
-            qb = q[by0:by1, bx0:bx1]
+            qb = qx[by0:by1, bx0:bx1], qy[by0:by1, bx0:bx1]
             # only the coarse nodes around the band are enlarged (one node of margin keeps the
             # interpolation inside identical to enlarging everything)
             cy0, cx0 = max(0, by0 // b - 1), max(0, bx0 // b - 1)
-            cy1, cx1 = min(qc.shape[0], -(-by1 // b) + 1), min(qc.shape[1], -(-bx1 // b) + 1)
-            rel = cands[cy0:cy1, cx0:cx1].copy()
-            rel[..., 0:2] -= qc[cy0:cy1, cx0:cx1]
-            rel[..., 3:5] -= qc[cy0:cy1, cx0:cx1]
-            big: np.ndarray = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
-            fine = big[by0 - cy0 * b : by1 - cy0 * b, bx0 - cx0 * b : bx1 - cx0 * b]
-            fine[..., 0:2] += qb
-            fine[..., 3:5] += qb
-            pb, ob, sb = self._choose(fine, qb, mouth[by0:by1, bx0:bx1], close)
-            p[by0:by1, bx0:bx1] = pb
+            cy1, cx1 = min(len(qcx), -(-by1 // b) + 1), min(qcx.shape[1], -(-bx1 // b) + 1)
+            nx, ny = qcx[cy0:cy1, cx0:cx1], qcy[cy0:cy1, cx0:cx1]
+            ux, uy, ok_up, lox, loy, ok_lo = (v[cy0:cy1, cx0:cx1] for v in cands)
+            rel = cv2.merge([ux - nx, uy - ny, ok_up, lox - nx, loy - ny, ok_lo])
+            big = cv2.resize(rel, ((cx1 - cx0) * b, (cy1 - cy0) * b), interpolation=cv2.INTER_LINEAR)
+            ry0, rx0 = by0 - cy0 * b, bx0 - cx0 * b  # the band in the enlarged nodes
+            ux, uy, ok_up, lox, loy, ok_lo = cv2.split(big[ry0 : ry0 + by1 - by0, rx0 : rx0 + bx1 - bx0])
+            fine = [ux + qb[0], uy + qb[1], ok_up, lox + qb[0], loy + qb[1], ok_lo]
+            (pbx, pby), ob, sb = self._choose(fine, qb, mouth[by0:by1, bx0:bx1], close)
+            px[by0:by1, bx0:bx1], py[by0:by1, bx0:bx1] = pbx, pby
             opening[by0:by1, bx0:bx1] = ob
             if sb is not None:
                 seam = np.zeros((h, w), np.float32)
                 seam[by0:by1, bx0:bx1] = sb
-        return p[..., 0].copy(), p[..., 1].copy(), opening, seam
+        return px, py, opening, seam
 
-    def _choose(self, cands: np.ndarray, q: np.ndarray, mouth: np.ndarray, close: float, exact: bool = True):
+    def _choose(
+        self, cands: list[np.ndarray], q: tuple[np.ndarray, np.ndarray], mouth: np.ndarray, close: float, exact=True
+    ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray | None]:
         """Per pixel, the candidate that lands on its own side of the lips' parting line ->
-        (p (H, W, 2), opening, seam); cands (H, W, 6): upper x, y, ok, lower x, y, ok.
+        ((px, py), opening, seam); cands: planes (H, W) upper x, y, ok, lower x, y, ok; q: (qx, qy).
         Away from the lips (exact=False) the photo's mouth interior plays no part."""
         x0, y0 = self.mbox[:2]
-        ux, uy, ok_up, lx, ly, ok_lo = (cands[..., i] for i in range(6))
+        ux, uy, ok_up, lx, ly, ok_lo = cands
         a_lo = self._side_below(lx, ly) * ok_lo
         a_up = (1 - self._side_below(ux, uy)) * ok_up
         total = a_lo + a_up
@@ -539,11 +544,11 @@ class WarpDecoder:
             w_lo, w_up = a_lo, a_up
         w_total = w_lo + w_up
         # outside the opening, a pixel neither side claims keeps to its own side of the lips
-        fallback = np.where(mouth > 0.5, 0.5, self._side_below(q[..., 0], q[..., 1]))
+        fallback = np.where(mouth > 0.5, 0.5, self._side_below(*q))
         a = np.where(
             w_total > 0.05, w_lo / (w_total + 1e-6), np.where(total > 0.05, a_lo / (total + 1e-6), fallback)
         ).astype(np.float32)
-        p = np.dstack([a * lx + (1 - a) * ux, a * ly + (1 - a) * uy])
+        px, py = a * lx + (1 - a) * ux, a * ly + (1 - a) * uy
         covered = np.clip(total, 0, 1)
         seam = None
         if close > 0.01 and self.shows_interior and exact:
@@ -555,9 +560,9 @@ class WarpDecoder:
             seam = (
                 close
                 * (1 - inside)
-                * cv2.remap(interior, p[..., 0] - x0, p[..., 1] - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+                * cv2.remap(interior, px - x0, py - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
             )
-        return p, (1 - covered) * mouth, seam
+        return (px, py), (1 - covered) * mouth, seam
 
     def _moved(self, pts: np.ndarray, head: np.ndarray) -> np.ndarray:
         """Frame points (N, 2) carried by the rigid head motion (the inverse of `head_map`'s)."""
@@ -571,8 +576,14 @@ class WarpDecoder:
         box (x0, y0, x1, y1): the head map takes a pixel part of the way from where it is to where
         the rigid motion takes it, so the box and its rigidly moved copy bound them."""
         x0, y0, x1, y1 = box
-        corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
-        return _bounds(np.concatenate([corners, self._moved(corners, head)]), self.box)
+        # four points, in plain floats: numpy's per-call overhead was most of this, five times a frame
+        roll, tx, ty, sc = (float(v) for v in head)
+        cx, cy = (float(v) for v in self.rig.centre)
+        c, s = math.cos(roll) * (1 + sc), math.sin(roll) * (1 + sc)
+        corners = [(float(x), float(y)) for x in (x0, x1) for y in (y0, y1)]
+        moved = [((x - cx) * c - (y - cy) * s + cx + tx, (x - cx) * s + (y - cy) * c + cy + ty) for x, y in corners]
+        xs, ys = zip(*corners, *moved, strict=True)
+        return _bounds((min(xs), min(ys), max(xs), max(ys)), self.box)
 
     def mouth_polygon(self, offsets: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner upper / lower lip of one frame in frame px after expression and head motion."""
@@ -695,11 +706,14 @@ class WarpDecoder:
         return out
 
 
-def _bounds(pts: np.ndarray, hbox, margin: int = 3) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """Rows and columns (of the head box hbox, x0, y0, x1, y1) covering frame points pts (N, 2)."""
+def _bounds(
+    extent: tuple[float, float, float, float], hbox, margin: int = 3
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Rows and columns (of the head box hbox, x0, y0, x1, y1) covering the frame px extent
+    (x0, y0, x1, y1)."""
     hx0, hy0, hx1, hy1 = hbox
-    x0, y0 = np.floor(pts.min(0)).astype(int) - margin
-    x1, y1 = np.ceil(pts.max(0)).astype(int) + margin + 1
+    x0, y0 = math.floor(extent[0]) - margin, math.floor(extent[1]) - margin
+    x1, y1 = math.ceil(extent[2]) + margin + 1, math.ceil(extent[3]) + margin + 1
     r0, r1 = max(0, y0 - hy0), min(hy1 - hy0, y1 - hy0)
     c0, c1 = max(0, x0 - hx0), min(hx1 - hx0, x1 - hx0)
     if r1 <= r0 or c1 <= c0:

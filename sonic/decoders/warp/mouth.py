@@ -40,7 +40,7 @@ SEAM_SHADE_RANGE = (0.35, 1.0)
 
 @dataclass(frozen=True)
 class MouthStyle:
-    lip: np.ndarray  # RGB float, median colour of the lips
+    lip: np.ndarray  # RGB float32, median colour of the lips
     upper_lip: np.ndarray  # ... of the upper lip's body
     lower_lip: np.ndarray
     cavity: np.ndarray  # RGB float, the back of the mouth
@@ -92,13 +92,14 @@ def mouth_style(frame: np.ndarray, lm: np.ndarray, paint_teeth: bool, upscale: f
     cavity_floor = min(CAVITY_MIN_LUMA, CAVITY_MIN_OF_SKIN * float(np.median(skin_luma)))
     cavity *= max(1.0, cavity_floor / max(float(luma(cavity)), 1.0))
     tongue = lip * 0.62 + np.array([12.0, 4.0, 4.0]) * (tint.std() > 0.02)
+    # float32, as the frames' arrays: a float64 colour made each painted (H, W, 3) array float64
     return MouthStyle(
-        lip=lip,
-        upper_lip=upper_lip,
-        lower_lip=lower_lip,
-        cavity=cavity,
-        tongue=tongue,
-        teeth=np.clip(teeth, 0, 255),
+        lip=lip.astype(np.float32),
+        upper_lip=upper_lip.astype(np.float32),
+        lower_lip=lower_lip.astype(np.float32),
+        cavity=cavity.astype(np.float32),
+        tongue=tongue.astype(np.float32),
+        teeth=np.clip(teeth, 0, 255).astype(np.float32),
         paint_teeth=paint_teeth,
         softness=SOFTNESS_PER_UPSCALE * max(0.0, upscale - 1.0),
     )
