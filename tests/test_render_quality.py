@@ -307,8 +307,8 @@ def test_the_backward_solve_lands_its_points_and_never_steps_past_the_fields_rea
     fold = 30.0 * np.exp(-(((ys - 80) / 8) ** 2)) * np.exp(-(((xs - 160) / 12) ** 2))  # slope past -1
     field = np.dstack([0.3 * drop, drop + fold]).astype(np.float32)
     ly, lx = (np.mgrid[2:h - 2:3, 2:w - 2:3].astype(np.float32))
-    sx, sy, err = solve_backward(field, lx, ly)
     most = float(np.hypot(field[..., 0], field[..., 1]).max())
+    sx, sy, err = solve_backward(field, lx, ly, most)
     assert np.hypot(sx - lx, sy - ly).max() <= most + 1e-3
     one_to_one = np.abs(lx - 160) > 45  # the drop's side
     assert err[one_to_one].max() < BACKWARD_TOL, float(err[one_to_one].max())

@@ -149,8 +149,12 @@ def _field_at(fxy: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
     )[0]
 
 
-def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def solve_backward(
+    fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray, most: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """p with p + field(p) = l, for each point l (lx, ly: float32, field px) -> (px, py, residual px).
+    `most`: the field's largest displacement (px), or one per point where the points lie in
+    parts of fxy that hold different fields.
 
     Newton's steps on the field's local Jacobian (differences over 1 px). The plain fixed-point
     iteration p = l - field(p) converges only as fast as the field's slope allows: where lips
@@ -167,10 +171,9 @@ def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.
     # p - l = -field(p): no solution lies further from l than the field's largest displacement,
     # and a step near a fold that lands further is taken back to that distance. The bound must
     # be tight: at sqrt(2) times the largest component, a corner point stepped over to the photo's
-    # teeth. The field is smooth (bilinear between spline nodes FIELD_STEP px apart, times smooth
-    # fades): every other pixel finds its largest length to well under a pixel, in a quarter of the time
-    most = max(float(np.hypot(fxy[::2, ::2, 0], fxy[::2, ::2, 1]).max()), 1e-3)
-    todo = np.arange(lx.size)  # the points not yet solved, and their positions and targets
+    # teeth
+    reach = np.broadcast_to(np.float32(most), shape).ravel()
+    todo = np.arange(lx.size)  # the points not yet solved, and their positions, targets and bounds
     px, py, gx, gy = sx, sy, tx, ty
     for step in range(BACKWARD_ITERS + 1):
         d = _field_at(fxy, px, py)
@@ -182,7 +185,7 @@ def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.
             break
         if not going.all():
             todo, px, py, gx, gy = todo[going], px[going], py[going], gx[going], gy[going]
-            rx, ry, d = rx[going], ry[going], d[going]
+            rx, ry, d, reach = rx[going], ry[going], d[going], reach[going]
         dx = _field_at(fxy, px + 1, py) - d
         dy = _field_at(fxy, px, py + 1) - d
         a, b, c, e = 1 + dx[:, 0], dy[:, 0], dx[:, 1], 1 + dy[:, 1]  # Jacobian of p + field(p)
@@ -191,7 +194,7 @@ def solve_backward(fxy: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.
         fold = det <= NEWTON_MIN_DET
         a[fold], b[fold], c[fold], e[fold], det[fold] = 1, 0, 0, 1, 1
         ox, oy = px - (e * rx - b * ry) / det - gx, py - (a * ry - c * rx) / det - gy
-        over = np.maximum(np.hypot(ox, oy) / most, 1.0)
+        over = np.maximum(np.hypot(ox, oy) / reach, 1.0)
         px, py = gx + ox / over, gy + oy / over
         sx[todo], sy[todo] = px, py
     return sx.reshape(shape), sy.reshape(shape), err.reshape(shape)
@@ -413,11 +416,26 @@ class WarpDecoder:
             bx0, by0, bx1, by1 = max(0, xs.min() - 2), max(0, ys.min() - 2), min(w, xs.max() + 3), min(h, ys.max() + 3)
             fields = [f[:, :, by0:by1, bx0:bx1] for f in fields]
             self.mbox = x0, y0, x1, y1 = x0 + bx0, y0 + by0, x0 + bx1, y0 + by1
-        # (K, H * W * 2): one frame's field is a single matrix-vector product
-        self._field_shape = (fields[0].shape[2], fields[0].shape[3], 2)
-        self.fields_upper, self.fields_lower = (
-            np.ascontiguousarray(f.transpose(0, 2, 3, 1)).reshape(len(f), -1) for f in fields
-        )
+        # the two sets side by side in one image (H, W + gap + W, 2), zeros between them: one
+        # backward solve serves both, with half the numpy calls per step (most of its time). The
+        # gap is twice the furthest either set reaches at the coefficients' limits, so that no
+        # point of one set reads the other (a step never goes further than its field's reach)
+        fh, fw = fields[0].shape[2:]
+        limits = np.array(EXPRESSION_MAX, np.float32)
+        furthest = max(float(limits @ np.hypot(f[:, 0], f[:, 1]).reshape(len(f), -1).max(1)) for f in fields)
+        gap = 2 * math.ceil(furthest) + 4 + fw % 2  # (the lower set starts on an even column)
+        both = np.zeros((len(fields[0]), fh, 2 * fw + gap, 2), np.float32)
+        both[:, :, :fw], both[:, :, fw + gap :] = (f.transpose(0, 2, 3, 1) for f in fields)
+        # (K, H * (W + gap + W) * 2): one frame's fields are a single matrix-vector product
+        self.fields = both.reshape(len(both), -1)
+        self._fields_shape = both.shape[1:]
+        self._lower_at = fw + gap  # x of the lower set's first column
+        # every other pixel of both, for each set's largest displacement (see solve_backward's
+        # bound): the fields are smooth (bilinear between spline nodes FIELD_STEP px apart, times
+        # smooth fades), and every other pixel finds it to well under a pixel, in a quarter of the time
+        every_other = np.ascontiguousarray(both[:, ::2, ::2])
+        self._fields_sampled = every_other.reshape(len(both), -1)
+        self._sampled_shape = every_other.shape[1:]
         # parting line y(x) and its softness: sharp across the mouth, soft beyond the corners
         line = rig.lip_line
         xs_r = np.arange(x0, x1, dtype=np.float64)
@@ -486,13 +504,17 @@ class WarpDecoder:
         # (the candidates and positions travel as planes, one contiguous array each: the lookups
         # and sums over interleaved channels read strided memory, and cv2 copied each one first)
         qcx, qcy = cv2.split(down(cv2.merge([qx, qy])))
-        lx, ly = qcx - x0, qcy - y0
-        cands: list[np.ndarray] = []  # per field set: the candidate's x, y and how well it converged
-        for fields in (self.fields_upper, self.fields_lower):
-            fxy = (c @ fields).reshape(self._field_shape)  # (H, W, 2)
-            sx, sy, err = solve_backward(fxy, lx, ly)
-            # a candidate counts only where the solve converged: p + field(p) lands on q
-            cands += [sx + x0, sy + y0, np.clip(2.0 - err, 0, 1)]
+        fxy = (c @ self.fields).reshape(self._fields_shape)  # (H, W + gap + W, 2): both sets
+        # each point solved twice, once in each set (the lower set's points shifted to its half)
+        lx, ly, at = (qcx - x0).ravel(), (qcy - y0).ravel(), self._lower_at
+        n = len(lx)
+        bound = np.repeat(np.array(self._largest_lengths(c), np.float32), n)
+        sx, sy, err = solve_backward(fxy, np.concatenate([lx, lx + at]), np.concatenate([ly, ly]), bound)
+        sx[n:] -= at
+        sx, sy, err = (v.reshape(2, *qcx.shape) for v in (sx + x0, sy + y0, err))
+        # per set, the candidate's x, y and how well it converged (a candidate counts only where
+        # the solve converged: p + field(p) lands on q)
+        cands = [sx[0], sy[0], np.clip(2.0 - err[0], 0, 1), sx[1], sy[1], np.clip(2.0 - err[1], 0, 1)]
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
         (pcx, pcy), _, _ = self._choose(cands, (qcx, qcy), down(mouth), close, exact=False)
         # positions are interpolated as displacements from q (exact where nothing moves)
@@ -522,6 +544,13 @@ class WarpDecoder:
                 seam = np.zeros((h, w), np.float32)
                 seam[by0:by1, bx0:bx1] = sb
         return px, py, opening, seam
+
+    def _largest_lengths(self, c: np.ndarray) -> tuple[float, float]:
+        """Each field set's largest displacement (px) under the expression coefficients c."""
+        f = (c @ self._fields_sampled).reshape(self._sampled_shape)
+        squared = f[..., 0] * f[..., 0] + f[..., 1] * f[..., 1]
+        at = self._lower_at // 2
+        return max(math.sqrt(float(squared[:, :at].max())), 1e-3), max(math.sqrt(float(squared[:, at:].max())), 1e-3)
 
     def _choose(
         self, cands: list[np.ndarray], q: tuple[np.ndarray, np.ndarray], mouth: np.ndarray, close: float, exact=True

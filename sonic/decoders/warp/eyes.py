@@ -331,26 +331,26 @@ def _thickness(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return np.abs(np.interp(top[:, 0], bottom[order, 0], bottom[order, 1]) - top[:, 1])
 
 
-def _brow_profile(
-    half: float, middle: np.ndarray, below: np.ndarray, above: np.ndarray, share: np.ndarray, y: np.ndarray
-) -> np.ndarray:
-    """0..1: how much of the raise the face at height y takes, given the brow's values at each
-    point's column (looked up once by brow_map for both of its steps)."""
-    d = y - middle  # > 0 below the middle line
-    down = 1 - np.clip((d - half) / np.maximum(below - half, 1.0), 0, 1)
-    up = 1 - np.clip((-d - half) / above, 0, 1)
-    t = np.where(d >= 0, down, up)
-    return t * t * (3 - 2 * t) * share
-
-
 def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndarray:
     """Source y for brow-box points (qx, qy) (frame px) with the brow raised by `lift` px: the
     point that the raise carries to q (two fixed-point steps: the profile is smooth and the
     lift a few px)."""
     if abs(lift) < 1e-3:
         return qy
-    col = np.clip(np.round(qx).astype(int) - brow.x0, 0, brow.x1 - brow.x0 - 1)
-    at = (brow.half, brow.middle[col], brow.below[col], brow.above[col], brow.share[col])
-    sy = qy + lift * _brow_profile(*at, qy)
-    sy = qy + lift * _brow_profile(*at, sy)
-    return sy.astype(np.float32)
+    col = np.clip(np.round(qx).astype(np.int32) - brow.x0, 0, brow.x1 - brow.x0 - 1)
+    # each point's column's values, looked up once for both steps (float32, as qy: the box
+    # is large and this runs on most frames)
+    middle = brow.middle.astype(np.float32)[col]
+    per_px_below = (1 / np.maximum(brow.below - brow.half, 1.0)).astype(np.float32)[col]
+    per_px_above = (1 / brow.above).astype(np.float32)[col]
+    raise_px = (lift * brow.share).astype(np.float32)[col]
+    half = np.float32(brow.half)
+
+    def raised(y: np.ndarray) -> np.ndarray:
+        """How far (px) the raise moves the face at height y: all of it within `half` of the
+        middle line, fading smoothly to nothing `below` px under it and `above` px over the top."""
+        d = y - middle  # > 0 below the middle line
+        t = np.clip(1 - (np.abs(d) - half) * np.where(d >= 0, per_px_below, per_px_above), 0, 1)
+        return t * t * (3 - 2 * t) * raise_px
+
+    return qy + raised(qy + raised(qy))
