@@ -417,7 +417,7 @@ class WarpDecoder:
             fields = [f[:, :, by0:by1, bx0:bx1] for f in fields]
             self.mbox = x0, y0, x1, y1 = x0 + bx0, y0 + by0, x0 + bx1, y0 + by1
         # the two sets side by side in one image (H, W + gap + W, 2), zeros between them: one
-        # backward solve serves both, with half the numpy calls per step (most of its time). The
+        # backward solve serves both (one round of lookups and arithmetic per step, not two). The
         # gap is twice the furthest either set reaches at the coefficients' limits, so that no
         # point of one set reads the other (a step never goes further than its field's reach)
         fh, fw = fields[0].shape[2:]
