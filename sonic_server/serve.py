@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
@@ -33,6 +34,8 @@ from .settings import load_settings
 
 SERVER_NAME = "sonic"
 ACCEPT_PAUSE_S = 0.1  # out of file handles: the wait before the next accept
+# once an answer is out, how long werkzeug's read of what the client left unsent may wait for more
+ANSWERED_READ_S = 0.5
 log = logging.getLogger("sonic.http")
 
 
@@ -99,6 +102,33 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
             raise
 
 
+def short_reads_once_answered(app: Callable) -> Callable:
+    """`app` for werkzeug's server, whose socket waits at most ANSWERED_READ_S for data once the
+    answer's last byte is out. After answering, werkzeug reads what the client left unsent (so
+    that a client still sending sees a 413, not a reset), in reads of up to 10 MB that wait for
+    all of it: a client that had sent its whole over-limit form and waited for the answer held
+    the connection and its thread for server.socket_timeout_s (18 such requests, 18 threads for
+    30 s). Only after the last byte: a slow download's writes keep the full timeout."""
+
+    def answered(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        body = app(environ, start_response)
+        sock = environ.get("werkzeug.socket")
+        return body if sock is None else _then(body, lambda: sock.settimeout(ANSWERED_READ_S))
+
+    return answered
+
+
+def _then(body: Iterable[bytes], after: Callable[[], None]) -> Iterator[bytes]:
+    """The body's chunks, then `after()`; the body is closed when this is (WSGI's close)."""
+    try:
+        yield from body
+        after()
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
 class _AnsweredStall(logging.Filter):
     """After answering, werkzeug reads whatever the client left unsent; on a socket whose read
     already timed out (a stalled upload, answered 408 `upload_incomplete`) that read fails, and
@@ -155,7 +185,7 @@ def serve(args: argparse.Namespace) -> None:
             with in_flight:
                 super().handle()
 
-    server = ThrottledAcceptServer(settings.server.host, settings.server.port, app, Handler)
+    server = ThrottledAcceptServer(settings.server.host, settings.server.port, short_reads_once_answered(app), Handler)
     stopped: list[int] = []
     drain_s = settings.server.drain_s
 
