@@ -4,6 +4,7 @@ Nothing leaves the machine: the server gathers 127.0.0.1 candidates only (live.h
 so does the client (examples/live_client.py on a 127.0.0.1 URL), and no STUN server is asked."""
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -502,6 +503,15 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
             # a WAV file sent as raw samples, chunked (its header was heard as a click, the rest at its own rate)
             requests.post(url, data=iter([b"RI", b"FF\x24\x7d\0\0WAVEfmt " + b"\0" * 3200]),
                           headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            # an M4A, a WebM and a PNG sent as samples; samples gzip'd (all were queued as noise)
+            requests.post(url, data=b"\0\0\0\x20ftypM4A " + b"\0" * 3200,
+                          headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            requests.post(url, data=b"\x1a\x45\xdf\xa3" + b"\0" * 3200,
+                          headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            requests.post(url, data=b"\x89PNG\r\n\x1a\n" + b"\0" * 3200,
+                          headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
+            requests.post(url, data=gzip.compress(b"\1\0" * 16_000),
+                          headers={"Content-Type": "audio/L16;rate=16000", "Content-Encoding": "gzip"}, timeout=10),
         ]
         state = await client.state()
         # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
@@ -527,8 +537,15 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         (400, "audio"),
         (415, "audio"),
         (415, "audio"),
+        (415, "audio"),
+        (415, "audio"),
+        (415, "audio"),
+        (415, "audio"),
     ]
     assert "the audio/L16 body is a WAV file: send it as the multipart file field 'audio'" in answers[6].text
+    assert "is an MP4 (M4A, MOV) file" in answers[7].text and "is a WebM or Matroska file" in answers[8].text
+    assert "is a PNG image, not speech" in answers[9].text
+    assert "must be sent unencoded; got Content-Encoding: gzip" in answers[10].text
     assert "no whole 16-bit sample" in answers[4].json()["error"]["message"]
     assert "must be mono (channels=1); got channels=2" in answers[5].json()["error"]["message"]
     assert "rate=16000" in answers[1].json()["error"]["message"] and "any rate" in answers[1].json()["error"]["message"]

@@ -442,13 +442,23 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         )
     if channels != "1":  # interleaved samples would be heard as one voice at half speed
         raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels}", field="audio")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":  # gzip'd samples were queued as they came: noise
+        raise UnsupportedMedia(
+            f"the audio/L16 body must be sent unencoded; got Content-Encoding: {encoding[:40]}", field="audio"
+        )
     stream, total, kept, carry = request.stream, 0, 0, b""
     head = _head(stream, 12)
     container = _container(head)
-    if container:  # its header would be heard as a click, and its samples at the wrong speed
+    if container in MEDIA_FILES.values():  # its header would be heard as a click, its samples at the wrong speed
         raise UnsupportedMedia(
-            f"the audio/L16 body is a {container} file: send it as the multipart file field 'audio', "
+            f"the audio/L16 body is {container} file: send it as the multipart file field 'audio', "
             "or send its samples alone (16-bit little-endian mono at 16 kHz, no header)",
+            field="audio",
+        )
+    if container:
+        raise UnsupportedMedia(
+            f"the audio/L16 body is {container}, not speech: send 16-bit little-endian mono samples at 16 kHz",
             field="audio",
         )
     if request.content_length is not None:
@@ -480,19 +490,31 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
 
 
-# how files begin: sent as raw PCM, their headers were queued as sound (an MP3 without an ID3
-# tag begins with a frame's sync bits, which speech's samples may too: not told apart)
-CONTAINERS = (
-    (re.compile(rb"RIFF....WAVE", re.S), "WAV"),
-    (re.compile(rb"fLaC"), "FLAC"),
-    (re.compile(rb"OggS"), "Ogg"),
-    (re.compile(rb"ID3[\x02-\x04]"), "MP3"),
-)
+# how files begin: sent as raw PCM, their headers and coded frames were queued as sound (an MP3
+# without an ID3 tag begins with a frame's sync bits, which speech's samples may too: not told
+# apart). Each signature is 3 bytes or more: a body of speech begins with one by chance about
+# once in 16 million (its first sample is near silence besides)
+MEDIA_FILES = {
+    re.compile(rb"RIFF....WAVE", re.S): "a WAV",
+    re.compile(rb"fLaC"): "a FLAC",
+    re.compile(rb"OggS"): "an Ogg",
+    re.compile(rb"ID3[\x02-\x04]"): "an MP3",
+    re.compile(rb"\x1a\x45\xdf\xa3"): "a WebM or Matroska",
+    re.compile(rb"....ftyp", re.S): "an MP4 (M4A, MOV)",
+    re.compile(rb"FORM....AIF[FC]", re.S): "an AIFF",
+    re.compile(rb"caff"): "a CAF",
+    re.compile(rb"#!AMR"): "an AMR",
+}
+OTHER_FILES = {
+    re.compile(rb"\x89PNG\r\n\x1a\n"): "a PNG image",
+    re.compile(rb"\xff\xd8\xff"): "a JPEG image",
+    re.compile(rb"\x1f\x8b\x08"): "gzip data",
+}
 
 
 def _container(head: bytes) -> str | None:
-    """The kind of audio file `head` (a body's first bytes) begins, if it is one."""
-    return next((kind for magic, kind in CONTAINERS if magic.match(head)), None)
+    """The kind of file `head` (a body's first bytes) begins, if it is one this knows."""
+    return next((kind for magic, kind in (MEDIA_FILES | OTHER_FILES).items() if magic.match(head)), None)
 
 
 def _head(stream, n: int) -> bytes:
