@@ -516,13 +516,15 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
         n = int(channels.group(1))
         if n > MAX_CHANNELS:
             raise UnsupportedMedia(f"audio has {n} channels; at most {MAX_CHANNELS} are supported", field="audio")
-        return _decode_audio(path, max_duration_s, ["-af", _average_of(n)])
+        return _decode_audio(path, max_duration_s, ["-af", average_of(n)])
     return None
 
 
-def _average_of(channels: int) -> str:
-    """An ffmpeg `pan` filter that averages `channels` channels into one."""
-    return "pan=mono|c0=" + "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
+def average_of(channels: int, layout: str = "mono") -> str:
+    """An ffmpeg `pan` filter that averages `channels` channels into each channel of `layout`
+    (mono, or stereo: the same average on both sides)."""
+    mean = "+".join(f"{1 / channels:.8f}*c{i}" for i in range(channels))
+    return f"pan={layout}|" + "|".join(f"c{k}={mean}" for k in range(2 if layout == "stereo" else 1))
 
 
 def ffmpeg_not_started(e: OSError) -> PipelineError:

@@ -228,6 +228,23 @@ def test_many_channels_are_averaged(tmp_path):
         assert len(out) == SAMPLE_RATE and abs(out.std() - tone.std()) < 0.01
 
 
+def test_the_sound_track_of_many_channels_is_their_average_at_the_sound_rate(tmp_path):
+    """9 to 64 channels (no layout ffmpeg downmixes): the sound track is their average on both
+    sides at SOUND_RATE, as the analysis copy is their average (it was the 16 kHz analysis copy,
+    with a warning that the track is a stand-in)."""
+    from sonic.media import SOUND_RATE
+    from sonic.sound import load_sound
+    t = np.arange(SOUND_RATE) / SOUND_RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for channels in (9, 64):
+        p = tmp_path / f"c{channels}.wav"
+        sf.write(p, np.tile(tone[:, None], (1, channels)), SOUND_RATE, subtype="FLOAT")
+        sound = load_sound(p, 60, load_audio(p, 60))
+        assert sound.rate == SOUND_RATE and not sound.stand_in and sound.stand_in_warning() is None
+        both = sound.samples.astype(np.float64) / 32767
+        assert both.shape == (SOUND_RATE, 2) and abs(both.std() - tone.std()) < 0.01
+
+
 def test_large_photos_are_decoded_reduced(tmp_path):
     """Reduced to what max_working_pixels allows, not by a whole factor past it."""
     from sonic.media import WORKING_PIXELS
