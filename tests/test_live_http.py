@@ -512,6 +512,10 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
                           headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
             requests.post(url, data=gzip.compress(b"\1\0" * 16_000),
                           headers={"Content-Type": "audio/L16;rate=16000", "Content-Encoding": "gzip"}, timeout=10),
+            # two files, and a field this route does not read (the second file was dropped unsaid)
+            requests.post(url, files=[("audio", open(SPEECH, "rb").read()), ("audio", open(SPEECH, "rb").read())],
+                          timeout=10),
+            requests.post(url, files={"audio": open(SPEECH, "rb").read()}, data={"extra": "1"}, timeout=10),
         ]
         state = await client.state()
         # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
@@ -541,11 +545,14 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         (415, "audio"),
         (415, "audio"),
         (415, "audio"),
+        (400, "audio"),
+        (400, "extra"),
     ]
     assert "the audio/L16 body is a WAV file: send it as the multipart file field 'audio'" in answers[6].text
     assert "is an MP4 (M4A, MOV) file" in answers[7].text and "is a WebM or Matroska file" in answers[8].text
     assert "is a PNG image, not speech" in answers[9].text
     assert "must be sent unencoded; got Content-Encoding: gzip" in answers[10].text
+    assert "the field 'audio' is given more than once" in answers[11].text
     assert "no whole 16-bit sample" in answers[4].json()["error"]["message"]
     assert "must be mono (channels=1); got channels=2" in answers[5].json()["error"]["message"]
     assert "rate=16000" in answers[1].json()["error"]["message"] and "any rate" in answers[1].json()["error"]["message"]

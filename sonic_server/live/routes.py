@@ -531,6 +531,7 @@ def _head(stream, n: int) -> bytes:
 
 def _decoded_speech(max_s: float) -> np.ndarray:
     """A multipart `audio` file in any format the file API takes, decoded to 16 kHz mono."""
+    check_form_fields(("audio",), ())  # a second file was dropped unsaid, as a stray field was
     f = request.files.get("audio")
     if f is None:
         raise InvalidParameter(
