@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -59,6 +60,19 @@ class JsonErrorsHandler(WSGIRequestHandler):
             self._dated = True
         super().send_header(keyword, value)
 
+    def parse_request(self) -> bool:
+        """http.server's parse, then the body's framing: a request whose length is ambiguous is
+        refused before the app sees it (behind a proxy that reads the length another way, the
+        rest of its body would be read as a second request: request smuggling)."""
+        if not super().parse_request():
+            return False
+        headers = self.headers
+        problem = framing_problem(headers.get_all("Content-Length", []), headers.get_all("Transfer-Encoding", []))
+        if problem:
+            self.send_error(HTTPStatus.BAD_REQUEST, problem)
+            return False
+        return True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = self.responses.get(code, ("error", ""))[0]
         self.log_error("code %d, message %s", code, message or short)
@@ -74,6 +88,22 @@ class JsonErrorsHandler(WSGIRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
+
+
+def framing_problem(lengths: list[str], encodings: list[str]) -> str | None:
+    """What makes a request's body length ambiguous (RFC 9112 6), from its Content-Length and
+    Transfer-Encoding headers, or None."""
+    codings = [c.strip().lower() for header in encodings for c in header.split(",") if c.strip()]
+    if codings and lengths:
+        return "the request has both Transfer-Encoding and Content-Length: send one"
+    if codings and codings != ["chunked"]:
+        named = ", ".join(codings)[:60]
+        return f"Transfer-Encoding {named} is not supported: send the body chunked, or with a Content-Length"
+    if len({v.strip() for v in lengths}) > 1:
+        return "the request has more than one Content-Length, with different values"
+    if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+        return "Content-Length must be a whole number of bytes"
+    return None
 
 
 class ThrottledAcceptServer(ThreadedWSGIServer):
