@@ -80,6 +80,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent
     hooks.request_id(app)
     hooks.access_log(app)
+    hooks.host(app)
     hooks.memory(app)
     if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
         from .accounts import Billing, Ledger, Settler, database_url, video_price

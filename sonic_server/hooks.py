@@ -63,6 +63,25 @@ def request_id(app: Flask) -> None:
         return resp
 
 
+# a Host header as RFC 9110 7.2 has it: a name or an address (IPv6 in brackets), then a port
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?")
+
+
+def host(app: Flask) -> None:
+    """A request whose Host is not a host (and port) is refused 400: the answer's URLs
+    (video_url, status_url, the webhook's) are built on it, and one with spaces or markup made
+    them `http:///...`."""
+
+    @app.before_request
+    def _refuse_odd_host():
+        sent = request.headers.get("Host")
+        if sent is None or HOST.fullmatch(sent):
+            return None
+        return error_response(
+            "invalid_parameter", "the Host header must be a host name or address, with a port or not", field="Host"
+        )
+
+
 def cors(app: Flask, origins: list[str]) -> None:
     """Browsers at `origins` ("*": any; empty: none) may call the API and read its headers.
 

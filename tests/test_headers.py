@@ -159,6 +159,22 @@ def test_odd_request_ids_are_replaced_not_echoed(served):
     assert client.get("/health", headers={"X-Request-ID": "y" * 100}).headers["X-Request-ID"] == "y" * 64
 
 
+def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_not(served):
+    """The answer's URLs are built on Host: one with spaces or markup made them `http:///...`."""
+    client = served.client
+    for sent in ("a b<script>", "evil.example:666/x", "x@y", "h:port", "[::1", ""):
+        r = client.get("/health", environ_overrides={"HTTP_HOST": sent})
+        assert r.status_code == 400, (sent, r.status_code)
+        assert r.get_json()["error"] == {"code": "invalid_parameter", "field": "Host",
+                                         "message": "the Host header must be a host name or address, with a port or not"}
+    for sent in ("localhost", "127.0.0.1:5000", "[::1]:8080", "[2001:db8::1]", "video.example.com", "my_host.local:443"):
+        r = client.get("/health", environ_overrides={"HTTP_HOST": sent})
+        assert r.status_code == 200, (sent, r.status_code, r.get_data()[:200])
+    r = client.get(f"/api/sonic/jobs/{served.job}", headers={"Authorization": f"Bearer {KEY}"},
+                   environ_overrides={"HTTP_HOST": "video.example.com:8443"})
+    assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/")
+
+
 def test_unknown_job_ids_are_404_without_echoing_them(served):
     client, job = served.client, served.job
     auth = {"Authorization": f"Bearer {KEY}"}
