@@ -17,6 +17,7 @@ from .errors import install_database_errors, install_error_handlers, is_disk_ful
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
+from .outbound import Reach
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
 from .service import Service, Slots
@@ -60,6 +61,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         retry_after_s=str(srv.retry_after_s),
         event_streams=Slots(srv.max_event_streams),
         fetches=Slots(settings.outbound.max_fetches),
+        reach=Reach.of(settings.outbound),
         drain=drain,
     )
     drain.on_stopping.append(lambda: svc.queue.pause() if svc.queue is not None else None)

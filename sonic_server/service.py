@@ -16,6 +16,7 @@ from sonic.errors import Busy
 from sonic.media import AUDIO_DECODES
 
 from .host_limits import short_of_disk
+from .outbound import Reach
 from .queue import JobQueue
 from .settings import ServerConfig
 from .uploads import Uploads
@@ -99,6 +100,7 @@ class Service:
     retry_after_s: str  # Retry-After of a 503 for a full queue
     event_streams: Slots = field(default_factory=lambda: Slots(32))
     fetches: Slots = field(default_factory=lambda: Slots(8))  # requests fetching inputs by URL (outbound)
+    reach: Reach = field(default_factory=Reach)  # where those fetches and webhooks may go (outbound.*)
     # uploads being checked (decoded) at once, as many as sonic.media's decode slots and their
     # waiting places, half of them for one key or account: one caller's flood of long recordings
     # refused every other caller's uploads at once (503 busy)

@@ -277,7 +277,7 @@ def _webhook(params: dict) -> dict | None:
         fields.get("webhook", params.get("webhook")),
         fields.get("webhook_events_filter", params.get("webhook_events_filter")),
         request.url_root,
-        outbound.Reach.of(service().settings.outbound),
+        service().reach,
     )
 
 
@@ -408,7 +408,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
             left = limit - sum(len(data) for data in fetched.values())  # the files together, as an upload's
             try:
                 fetched[name] = outbound.fetch(
-                    url, f"{name}_url", outbound.Reach.of(out), left, total_s=out.fetch_timeout_s, ends=ends
+                    url, f"{name}_url", svc.reach, left, total_s=out.fetch_timeout_s, ends=ends
                 )
             except InputTooLarge:
                 if not fetched:
