@@ -392,16 +392,14 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
     the lease's to judge."""
     import redis
 
-    stopping = threading.Event()
-
-    def on_stop() -> None:
-        stopping.set()
-        draining(state)
+    stopping = state.stop_asked  # set by RQ's handler (`draining`) or, between loops, by ours
 
     while True:
         try:
             may_take = functools.partial(room_to_take, state, conn)
-            rq_worker(conn, state.name, on_stop, may_take).work(burst=burst, logging_level="WARNING")
+            rq_worker(conn, state.name, functools.partial(draining, state), may_take).work(
+                burst=burst, logging_level="WARNING"
+            )
         except redis.RedisError:
             pass
         if stopping.is_set() or burst:
