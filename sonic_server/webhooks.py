@@ -577,11 +577,12 @@ class Webhooks:
             try:
                 self.send_due()
             except Exception as e:  # noqa: BLE001 - next time
-                if not redis_not_answering(e):
+                away = redis_not_answering(e)
+                if not away:
                     log.exception("webhooks: sending failed")
                 elif not self._store_away:  # an outage once: it logged a traceback twice a second
                     log.exception("webhooks: sending failed; trying again every %.1f s, quietly", SEND_EVERY_S)
-                self._store_away = self._store_away or redis_not_answering(e)
+                self._store_away = self._store_away or away
             else:
                 if self._store_away:
                     log.info("webhooks: sending again")
