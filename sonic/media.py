@@ -511,13 +511,19 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
     proc = run_ffmpeg_on(path, ["-v", "error"], out, max_output_bytes=int((max_duration_s + 2) * SAMPLE_RATE) * 4)
     if proc.returncode == 0:
         return np.frombuffer(proc.stdout, dtype=np.float32).copy()
-    channels = re.search(rb"Rematrix is needed between (\d+) channels", proc.stderr)
-    if channels and downmix == DOWNMIX:
-        n = int(channels.group(1))
+    n = unmixable_channels(proc.stderr)
+    if n is not None and downmix == DOWNMIX:
         if n > MAX_CHANNELS:
             raise UnsupportedMedia(f"audio has {n} channels; at most {MAX_CHANNELS} are supported", field="audio")
         return _decode_audio(path, max_duration_s, ["-af", average_of(n)])
     return None
+
+
+def unmixable_channels(stderr: bytes) -> int | None:
+    """How many channels a recording has, where ffmpeg said it knows no downmix of them (no
+    layout: "Rematrix is needed between N channels ..."); None where it said nothing of the kind."""
+    said = re.search(rb"Rematrix is needed between (\d+) channels", stderr)
+    return int(said.group(1)) if said else None
 
 
 def average_of(channels: int, layout: str = "mono") -> str:

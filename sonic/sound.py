@@ -15,10 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Busy, PipelineError, UnsupportedMedia
-from .media import MAX_CHANNELS, MIX_LOSS, SAMPLE_RATE, SOUND_RATE, average_of, probe_audio, rms, run_ffmpeg_on
+from .media import (
+    MAX_CHANNELS,
+    MIX_LOSS,
+    SAMPLE_RATE,
+    SOUND_RATE,
+    average_of,
+    probe_audio,
+    rms,
+    run_ffmpeg_on,
+    unmixable_channels,
+)
 
 log = logging.getLogger("sonic.sound")
-MAX_LAYOUT_CHANNELS = 8  # ffmpeg downmixes up to 7.1 by itself; a file with more channels has no layout it knows
 OPPOSITE_PHASE = -0.5  # correlation of the two sides below this: a miswired pair, the voice cancels in mono
 ONE_SIDED = 0.1  # one side's RMS below this share of the other's (20 dB): the voice is on one side only
 CUT_SHORT_S, CUT_SHORT_SHARE = 0.5, 0.05  # a file this much shorter than it says it is was cut short
@@ -78,19 +87,23 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
     is gone (its job's upload moved to a bucket), `wav`, the checked analysis copy of the same
     recording."""
     seconds = min(max_duration_s, len(wav) / SAMPLE_RATE) + 1  # no further than `wav` was decoded
-    try:
-        stream = probe_audio(path)
-        channels = stream.channels if stream is not None else 2
-        if channels == 1:  # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
-            to_stereo = ["-af", "pan=stereo|c0=c0|c1=c0"]
-        elif channels > MAX_LAYOUT_CHANNELS:  # no layout ffmpeg downmixes by itself: the channels' average
-            to_stereo = ["-af", average_of(min(channels, MAX_CHANNELS), "stereo")]
-        else:
-            to_stereo = ["-ac", "2"]
+
+    def decoded(to_stereo: list[str]):  # the recording at SOUND_RATE, stereo as `to_stereo` makes it
         out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
         # the bytes bound it too: -t goes by timestamps, which a file may not advance
         cap = int((seconds + 1) * SOUND_RATE) * 2 * 4
-        proc = run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"], max_output_bytes=cap)
+        return run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"], max_output_bytes=cap)
+
+    try:
+        stream = probe_audio(path)
+        # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
+        proc = decoded(
+            ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
+        )
+        # channels ffmpeg has no layout to downmix (9 of them...): their average, as `wav` has
+        n = unmixable_channels(proc.stderr) if proc.returncode != 0 else None
+        if n is not None and n <= MAX_CHANNELS:
+            proc = decoded(["-af", average_of(n, "stereo")])
     except (PipelineError, UnsupportedMedia, Busy) as e:  # a job under way is not failed for its sound's quality
         log.warning("the sound track could not be decoded again (%s): it plays the 16 kHz analysis copy", e.message)
         return dataclasses.replace(Sound.of_waveform(wav), stand_in=True)
