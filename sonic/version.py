@@ -13,9 +13,9 @@ import functools
 from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
-# see above: bump when the output changes (9: the warp decoder's work rearranged for speed, which
-# rounds a few positions differently: at most 4 levels in a few pixels of a frame)
-OUTPUT_REVISION = 9
+# see above: bump when the output changes (10: the warp decoder's painting and gaze in float32,
+# which rounds a few values differently: at most 6 levels in a few pixels of a frame)
+OUTPUT_REVISION = 10
 
 
 @functools.lru_cache(maxsize=1)

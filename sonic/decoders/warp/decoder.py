@@ -42,7 +42,7 @@ from ...motion import (
     smoothstep,
 )
 from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
-from .mouth import luma, mouth_axis, mouth_style, paint_mouth
+from .mouth import luma, mouth_axis, mouth_style, paint_mouth, three
 
 ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
 FIELD_STEP = 4  # px between exact evaluations of the spline (and of the head map)
@@ -690,11 +690,23 @@ class WarpDecoder:
         )
         if w.max() * amount < 0.01:
             return
-        away = cv2.distanceTransform((mouth < 0.5).astype(np.uint8), cv2.DIST_L2, 3)
-        w *= smoothstep(away / self.rig.iod, *CREASE_KEPT_IOD)
-        fill = cv2.remap(filled, px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-        sub = region[sy0:sy1, sx0:sx1]
-        sub[:] = np.clip(sub + (fill - sub) * (amount * w)[..., None] + 0.5, 0, 255).astype(np.uint8)
+        # the rest only where the crease shows (near the corners: a small part of the mouth's
+        # rows and columns); elsewhere the weight is 0 and the region stays as it is
+        rows, cols = np.flatnonzero(w.max(1) > 0), np.flatnonzero(w.max(0) > 0)
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        # the distance to the opening counts only up to CREASE_KEPT_IOD: an opening further from
+        # the crease's box than that leaves its weight whole, so the distance is taken over the
+        # box grown by as much
+        grow = math.ceil(CREASE_KEPT_IOD[1] * self.rig.iod) + 2
+        g0, g1 = max(0, r0 - grow), min(len(mouth), r1 + grow)
+        h0, h1 = max(0, c0 - grow), min(mouth.shape[1], c1 + grow)
+        away = cv2.distanceTransform((mouth[g0:g1, h0:h1] < 0.5).astype(np.uint8), cv2.DIST_L2, 3)
+        w = w[r0:r1, c0:c1] * smoothstep(away[r0 - g0 : r1 - g0, c0 - h0 : c1 - h0] / self.rig.iod, *CREASE_KEPT_IOD)
+        fill = cv2.remap(
+            filled, px[r0:r1, c0:c1], py[r0:r1, c0:c1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        ).astype(np.float32)
+        sub = region[sy0 + r0 : sy0 + r1, sx0 + c0 : sx0 + c1]
+        sub[:] = np.clip(sub + (fill - sub) * three(amount * w) + 0.5, 0, 255).astype(np.uint8)
 
     def _upper_face(self, coeffs: np.ndarray, head: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> None:
         """Brows, lids and gaze, in place on the head box's source positions (qx, qy): each in
