@@ -19,6 +19,7 @@ closer than that, the raise fades out below it: the hair stays where it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -63,6 +64,17 @@ class Eye:
     lower: np.ndarray  # (x1 - x0,) y of the lower lid margin
     lash: float  # px, thickness of the dark lash line above the upper margin
     iris: tuple[float, float, float] | None  # centre x, y and radius (px) of the iris, if the mesh has it
+
+    @cached_property
+    def opening(self) -> tuple[float, float, float, float] | None:
+        """(left, right, top, bottom) frame px: the columns of the opening's corners, the upper
+        margin's highest y and the lower margin's lowest; None for an opening under 3 columns
+        wide. Read by the gaze on every frame: found once."""
+        ends = np.flatnonzero(np.isfinite(self.upper) & np.isfinite(self.lower))
+        if len(ends) < 3:
+            return None
+        top, bottom = float(np.nanmin(self.upper)), float(np.nanmax(self.lower))
+        return float(self.x0 + ends[0]), float(self.x0 + ends[-1]), top, bottom
 
 
 def _curve(pts: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -140,7 +152,7 @@ def lid_map(eye: Eye, qx: np.ndarray, qy: np.ndarray, closure: float, iod: float
     """
     if closure <= 1e-3:
         return qy
-    col = np.clip(np.round(qx).astype(int) - eye.x0, 0, eye.x1 - eye.x0 - 1)
+    col = _column(eye, qx)
     up, lo = eye.upper[col], eye.lower[col]
     valid = np.isfinite(up) & np.isfinite(lo)
     up = np.where(valid, up, 0.0)
@@ -165,43 +177,42 @@ def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float
     one, the white narrowing or widening towards each corner; sources are kept inside the
     opening; outside it nothing moves."""
     dx, dy = shift
-    if eye.iris is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
+    opening = eye.opening
+    if eye.iris is None or opening is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
         return px, py
-    # only rows that reach into the opening can change (most of the eye's box is lid and fold)
-    rows = np.flatnonzero(((py > np.nanmin(eye.upper)) & (py < np.nanmax(eye.lower))).any(axis=1))
-    if len(rows) == 0:
-        return px, py
-    r0, r1 = rows[0], rows[-1] + 1
-    sx, sy = px.astype(np.float32), py.astype(np.float32)
-    sx[r0:r1], sy[r0:r1] = _gaze_rows(eye, px[r0:r1], py[r0:r1], dx, dy)
-    return sx, sy
-
-
-def _gaze_rows(eye: Eye, px: np.ndarray, py: np.ndarray, dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
-    """gaze_map over rows that reach into the opening."""
-    assert eye.iris is not None  # gaze_map returns early without one
     cx, _, radius = eye.iris
-    width = eye.x1 - eye.x0
-    col = np.clip(np.round(px).astype(int) - eye.x0, 0, width - 1)
-    up, lo = eye.upper[col], eye.lower[col]
-    inside = np.isfinite(up) & np.isfinite(lo) & (py > up) & (py < lo)
-    ends = np.flatnonzero(np.isfinite(eye.upper) & np.isfinite(eye.lower))
-    if len(ends) < 3:
-        return px, py
-    left, right = eye.x0 + ends[0], eye.x0 + ends[-1]
+    left, right = opening[:2]
+    sx, sy = px.astype(np.float32), py.astype(np.float32)
+    # only the points inside the opening move (a margin is nan beyond the corners, and a
+    # comparison with nan is false): most of the eye's box is lid and fold, so the arithmetic
+    # runs on those points alone
+    col = _column(eye, sx)
+    at = np.flatnonzero((sy > eye.upper[col]) & (sy < eye.lower[col]))
+    if len(at) == 0:
+        return sx, sy
+    x, y = sx.ravel()[at], sy.ravel()[at]
     # 1 over the iris, falling to 0 short of each corner (a corner that moved would read as a
     # deformed eye, and a landmark detector places the corner from the white beside it)
-    reach = np.where(px < cx, cx - radius - left, right - cx - radius)
-    weight = np.clip(1 - (np.abs(px - cx) - radius) / np.maximum(CORNER_STILL * reach, 1.0), 0, 1)
-    weight = np.where(inside, weight, 0.0)
-    sx = px - dx * weight
-    sy = py - dy * weight
-    scol = np.clip(np.round(sx).astype(int) - eye.x0, 0, width - 1)
+    per_px = np.where(
+        x < cx,
+        np.float32(1 / max(CORNER_STILL * (cx - radius - left), 1.0)),
+        np.float32(1 / max(CORNER_STILL * (right - cx - radius), 1.0)),
+    )
+    weight = np.clip(1 - (np.abs(x - cx) - radius) * per_px, 0, 1)
+    mx, my = x - dx * weight, y - dy * weight
+    # the source stays inside the opening, in the column it comes from; where that column has
+    # no opening (beyond a corner), the point does not move
+    scol = _column(eye, mx)
     s_up, s_lo = eye.upper[scol], eye.lower[scol]
-    ok = np.isfinite(s_up) & np.isfinite(s_lo)
-    sy = np.where(ok & inside, np.clip(sy, s_up + 0.5, np.maximum(s_lo - 0.5, s_up + 0.5)), sy)
-    sx = np.where(ok | ~inside, sx, px)
+    ok = ~np.isnan(s_up + s_lo)
+    np.put(sy, at, np.where(ok, np.clip(my, s_up + 0.5, np.maximum(s_lo - 0.5, s_up + 0.5)), my))
+    np.put(sx, at, np.where(ok, mx, x))
     return sx, sy
+
+
+def _column(eye: Eye, x: np.ndarray) -> np.ndarray:
+    """The eye box's column nearest to each frame x (clamped to the box)."""
+    return np.clip(np.rint(x).astype(np.int32) - eye.x0, 0, eye.x1 - eye.x0 - 1)
 
 
 @dataclass(frozen=True)
