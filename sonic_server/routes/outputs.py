@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint
+from flask import Blueprint, request
+from werkzeug.http import parse_range_header
 
 from ..errors import error_response
 from ..jobs import JOB_ID
@@ -32,7 +33,21 @@ path_parameter("name", OUTPUT_NAME, "the file name in a result's video_url")
 )
 def output(name):
     """From the output folder, or from the bucket (storage: s3): streamed, or a redirect."""
+    _ignore_ranges_not_served()
     resp = service().outputs.response(name) if OUTPUT_NAME.fullmatch(name) else None
     if resp is None:
         return error_response("not_found", "no such video")
     return resp
+
+
+def _ignore_ranges_not_served() -> None:
+    """One byte range is served (206, or 416 past the end). A Range in another unit, of several
+    ranges or malformed is ignored, as RFC 9110 has a server do, and the whole video is the
+    answer (200): a 416 would tell the client that the video is shorter than it asked for."""
+    header = request.headers.get("Range")
+    if header is None:
+        return
+    ranges = parse_range_header(header)
+    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
+        request.environ.pop("HTTP_RANGE", None)  # what both stores read it from
+        request.__dict__.pop("range", None)  # and werkzeug's copy, if it was read already
