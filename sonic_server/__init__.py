@@ -18,6 +18,7 @@ from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
 from .outbound import Reach
+from .public import PublicAddress
 from .queue.local import LocalQueue
 from .routes import BLUEPRINTS
 from .service import Service, Slots
@@ -43,6 +44,8 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     # a redirect to another route as an HTML page
     app.url_map.merge_slashes = False
     app.json = BoundedJSONProvider(app)  # request JSON: depth and numbers bounded
+    if srv.public_url:  # the address clients reach: inside the proxy's forwarding, so that it wins
+        app.wsgi_app = PublicAddress(app.wsgi_app, srv.public_url)  # type: ignore[method-assign]
     if srv.proxy_hops > 0:  # behind TLS or a load balancer: the client's scheme, host and address
         from werkzeug.middleware.proxy_fix import ProxyFix
 

@@ -1,11 +1,12 @@
 """A job as clients see it: the document GET /api/sonic/jobs/<id> answers, SSE streams, listings
 page through and webhooks deliver, built the same way wherever it is needed (an API process in a
-request, a worker sending a webhook)."""
+request, a worker sending a webhook); and the address its URLs start with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import public_error
 from .jobs import PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
@@ -53,3 +54,23 @@ def job_document(rec: JobRecord, urls: JobUrls, ahead: int | None = None) -> dic
         body.update({k: v for k, v in result.items() if k != "file"})
         body["video_url"] = urls.outputs.url(result["file"], urls.video_base.replace("NAME", result["file"]))
     return body
+
+
+class PublicAddress:
+    """WSGI middleware for server.public_url: every request is answered as one sent to that
+    address (its scheme, host and path prefix), whatever Host it named. The URLs in answers
+    (video_url, status_url, Location, a live session's state_url, webhooks' bodies) are built on
+    the request's address; without this a client that names a foreign Host gets URLs on it, and a
+    link shared from that answer leads there. Inside a proxy's forwarding (server.proxy_hops): the
+    setting wins over X-Forwarded-Host and -Proto."""
+
+    def __init__(self, app, url: str):
+        parts = urlsplit(url)
+        self.app = app
+        self.scheme, self.host, self.prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
+
+    def __call__(self, environ, start_response):
+        environ["wsgi.url_scheme"] = self.scheme
+        environ["HTTP_HOST"] = self.host
+        environ["SCRIPT_NAME"] = self.prefix  # the proxy in front removed it from the path
+        return self.app(environ, start_response)

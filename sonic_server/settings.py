@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
+from urllib.parse import urlsplit
 
 from sonic.settings import ENV_PREFIX, Settings, SettingsError, resolve_path
 from sonic.settings import load_settings as _load_settings
@@ -41,6 +42,7 @@ class ServerSettings:
     max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
     cors_origins: tuple[str, ...] = ("*",)
     proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many
+    public_url: str | None = None  # the service's address as clients reach it: every URL in an answer starts with it
     api_keys: tuple[str, ...] = ()
     rate_limit_per_s: float = 10.0
     rate_limit_burst: float = 20.0
@@ -201,6 +203,7 @@ class ServerConfig(Settings):
         _check_credits(self)
         _check_live(self.live)
         _check_origins(self.server.cors_origins)
+        _check_public_url(self.server.public_url)
         _check_webhooks(self.webhooks)
         _check_networks(self.outbound.allow_networks)
         return self
@@ -316,6 +319,23 @@ def _check_origins(origins: tuple[str, ...]) -> None:
                 f"setting server.cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
                 "with no path or trailing slash (https://app.example), or * for any"
             )
+
+
+def _check_public_url(url: str | None) -> None:
+    """http(s)://host[:port][/path]: what the URLs in answers start with (sonic_server/public.py)."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    plain = re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", parts.netloc) and not (parts.query or parts.fragment)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or not plain:
+        raise SettingsError(
+            f"setting server.public_url: {url!r} is not an http:// or https:// address with a host, an optional "
+            "port and path, and nothing more (https://talk.example.com or https://example.com/sonic)"
+        )
 
 
 def _check_live(live: LiveSettings) -> None:

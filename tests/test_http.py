@@ -18,6 +18,7 @@ from conftest import PORTRAIT, SPEECH
 from server_helpers import (FAKE_VIDEO, FAST, FakePipeline, assert_clean_error, post, uploads_empty, wait_done,
                             wait_status)
 from sonic.errors import NoFaceDetected
+from sonic.settings import SettingsError
 
 
 def test_starting_then_ready_and_setup_failed(tmp_path, monkeypatch):
@@ -199,11 +200,11 @@ def test_sync_generate_and_download(make_client):
     # past the end: 416 with the size, to ask again within it
     beyond = client.get(body["video_url"], headers={"Range": f"bytes={len(FAKE_VIDEO) + 10}-"})
     assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(FAKE_VIDEO)}"
-    # cached, but checked at each use (a deleted job's video must not go on playing from a cache)
     # a Range not served (several ranges, another unit, malformed) is ignored: the whole video
     for ignored in ("bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=5-2"):
         whole = client.get(body["video_url"], headers={"Range": ignored})
         assert whole.status_code == 200 and whole.data == FAKE_VIDEO, ignored
+    # cached, but checked at each use (a deleted job's video must not go on playing from a cache)
     assert video.headers["Cache-Control"] == "no-cache" and video.headers["ETag"]
     assert client.get(body["video_url"], headers={"If-None-Match": video.headers["ETag"]}).status_code == 304
 
@@ -796,6 +797,26 @@ def test_behind_a_tls_proxy_the_answers_urls_are_the_clients(make_client):
     direct, _ = make_client()
     body = post(direct, {**FAST, "async": True, "seed": 9}, headers=forwarded).get_json()  # (not the cached one)
     assert body["status_url"].startswith("http://localhost/"), body
+
+
+def test_with_a_public_url_every_url_in_an_answer_is_on_it_whatever_host_is_named(make_client):
+    """server.public_url: a client naming a foreign Host (or a forged X-Forwarded-Host behind the
+    proxy) got URLs on that host; a link shared from such an answer led there. The setting's
+    scheme, host and path prefix win; the video is served from the prefix's own path."""
+    public, _ = make_client(public_url="https://talk.example.com/sonic/", proxy_hops=1)
+    foreign = {"Host": "evil.example", "X-Forwarded-Host": "forged.example", "X-Forwarded-Proto": "http"}
+    r = post(public, FAST, headers=foreign)
+    body = r.get_json()
+    assert r.status_code == 200 and body["video_url"].startswith("https://talk.example.com/sonic/output/"), body
+    assert body["status_url"].startswith("https://talk.example.com/sonic/api/sonic/jobs/"), body
+    queued = post(public, {**FAST, "async": True, "seed": 9}, headers=foreign)
+    assert queued.headers["Location"].startswith("https://talk.example.com/sonic/api/sonic/jobs/"), queued.headers
+    # the proxy in front removed the prefix: the paths after it are the service's own
+    path = body["video_url"].removeprefix("https://talk.example.com/sonic")
+    assert public.get(path, headers=foreign).data == FAKE_VIDEO
+    for bad in ("talk.example.com", "ftp://x", "https://x?y=1", "https://user@x", "https://a b/"):
+        with pytest.raises(SettingsError, match="server.public_url"):
+            make_client(public_url=bad)
 
 
 def test_the_documents_schemas_name_every_field_a_job_and_a_result_carry(make_client):
