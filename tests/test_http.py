@@ -872,6 +872,9 @@ def test_prefer_header(make_client, header):
     r = post(client, {**FAST, "seed": 12}, headers={"Prefer": header})
     assert r.status_code == 202
     wait_status(client, r.get_json()["job_id"], "succeeded")
+    # the request's own "async": false wins over the wish (it was answered 202 regardless)
+    r = post(client, {**FAST, "seed": 13, "async": False}, headers={"Prefer": header})
+    assert r.status_code == 200 and r.get_json()["status"] == "succeeded" and "Preference-Applied" not in r.headers
 
 
 def test_metrics_count_requests_jobs_and_read_the_queue(make_client):

@@ -455,7 +455,8 @@ def generate():
         )
     _check_field_names()
     opts, want_async, params = _parse_config()
-    want_async = want_async or _prefers_async()
+    if "async" not in params:  # a request's own `async` says what it wants; Prefer is a wish (RFC 7240)
+        want_async = _prefers_async()
     hook = _webhook(params)
     files, by_url = _read_files()
     owner = caller().owner
