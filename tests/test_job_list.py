@@ -66,7 +66,8 @@ def test_each_key_lists_its_own_jobs_newest_first_a_page_at_a_time(make_client):
                ("[1" + "0" * 400 + ', "' + made[0] + '"]', '[NaN, "' + made[0] + '"]', "[" * 3000)]
     for params, field in (({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"status": "done"}, "status"),
                           ({"cursor": "not-a-cursor"}, "cursor"), ({"created_after": "yesterday"}, "created_after"),
-                          *(({"cursor": c}, "cursor") for c in hostile), ({"created_before": "nan"}, "created_before")):
+                          *(({"cursor": c}, "cursor") for c in hostile), ({"created_before": "nan"}, "created_before"),
+                          ({"stauts": "failed"}, "stauts"), ({"status": ["failed", "succeeded"]}, "status")):
         r = client.get("/api/sonic/jobs", query_string=params, headers=auth(KEY_A))
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == field

@@ -612,8 +612,17 @@ def job_list():
     return jsonify({"jobs": [job_document(rec, _urls(rec.id)) for rec in page], "next_cursor": next_cursor})
 
 
+LIST_PARAMS = ("limit", "status", "created_after", "created_before", "cursor")  # what a listing reads
+
+
 def _list_query(owner: str | None) -> JobQuery:
     args = request.args
+    # a misspelt filter (?stauts=failed) listed every job as if none was asked, and of two
+    # values one was read unsaid
+    refuse_unknown(list(args), LIST_PARAMS)
+    for name in LIST_PARAMS:
+        if len(args.getlist(name)) > 1:
+            raise InvalidParameter(f"the query parameter {name!r} is given more than once", field=name)
     try:
         limit = int(args.get("limit", LIST_LIMIT))
     except ValueError:
