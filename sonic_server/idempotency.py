@@ -192,6 +192,10 @@ def request_key(owner: str | None) -> str | None:
         return None
     if not 1 <= len(raw) <= MAX_KEY_CHARS or not raw.isascii() or not raw.isprintable():
         raise InvalidParameter(f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters", field=HEADER)
+    # two headers reach the app as one value joined by a comma (or as two, by some servers): the
+    # request would have been kept under a key that neither of them is
+    if "," in raw or len(request.headers.getlist(HEADER)) > 1:
+        raise InvalidParameter(f"give one {HEADER}, without commas (two headers arrive joined by one)", field=HEADER)
     return hashlib.sha256(f"{owner or ''}\n{raw}".encode()).hexdigest()
 
 
