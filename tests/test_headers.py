@@ -175,6 +175,20 @@ def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_
     assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/")
 
 
+def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served):
+    """Its parts cannot be found: the route said "image is missing" of an image that was sent."""
+    for path in ("/api/sonic/generate", "/fusion", "/api/sonic/live"):
+        r = served.client.post(path, data=b"--x\r\n", headers={"Authorization": f"Bearer {KEY}",
+                                                                  "Content-Type": "multipart/form-data"})
+        assert_clean_error(r, 400, "invalid_parameter")
+        assert r.get_json()["error"]["field"] == "Content-Type" and "boundary" in r.get_json()["error"]["message"]
+    # a stranger is told 401 first; a GET's stray Content-Type is no body to read
+    r = served.client.post("/api/sonic/generate", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
+    assert_clean_error(r, 401, "unauthorized")
+    r = served.client.get(f"/api/sonic/jobs/{served.job}", headers={"Authorization": f"Bearer {KEY}",
+                                                                    "Content-Type": "multipart/form-data"})
+    assert r.status_code == 200
+
 def test_unknown_job_ids_are_404_without_echoing_them(served):
     client, job = served.client, served.job
     auth = {"Authorization": f"Bearer {KEY}"}
