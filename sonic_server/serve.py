@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 
@@ -75,13 +76,23 @@ class JsonErrorsHandler(WSGIRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = self.responses.get(code, ("error", ""))[0]
-        self.log_error("code %d, message %s", code, message or short)
+        # an id as the app gives each request, to find the refusal in the log by; a client's
+        # mistake, logged as a warning (http.server's own line was an error)
+        request_id = uuid.uuid4().hex
+        log.warning(
+            "refused before the app: %d %s, request %s, from %s",
+            code,
+            message or short,
+            request_id,
+            self.client_address[0],
+        )
         self.send_response(code, short)
         self.send_header("Connection", "close")
+        self.send_header("X-Request-ID", request_id)
         body = b""
         if code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.RESET_CONTENT, HTTPStatus.NOT_MODIFIED):
             error = {"code": "http_error", "message": (message or short)[:200]}
-            body = json.dumps({"success": False, "error": error, "request_id": None}).encode()
+            body = json.dumps({"success": False, "error": error, "request_id": request_id}).encode()
             self.send_header("Content-Type", "application/json")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Length", str(len(body)))

@@ -236,6 +236,10 @@ def test_what_the_http_server_refuses_itself_is_a_json_error(server):
     ):
         assert r.status_code == status and r.headers["Content-Type"] == "application/json", r.text[:200]
         assert r.json()["success"] is False and r.json()["error"]["code"] == "http_error"
+        # with an id, as the app's answers have, and logged by it as a warning, not an error
+        assert len(r.json()["request_id"]) == 32 and r.headers["X-Request-ID"] == r.json()["request_id"]
+        log = (server["tmp"] / "server.log").read_text()
+        assert f"refused before the app: {status}" in log and r.json()["request_id"] in log
 
 
 def test_killed_mid_job_then_restart(server):
