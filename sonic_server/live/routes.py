@@ -461,8 +461,15 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
             f"the audio/L16 body is {container}, not speech: send 16-bit little-endian mono samples at 16 kHz",
             field="audio",
         )
-    if request.content_length is not None:
-        room.check(request.content_length / 2 / SAMPLE_RATE)
+    length = request.content_length
+    if length is not None and length > 1 and length % 2:  # its last byte was dropped unsaid
+        raise InvalidParameter(
+            f"the audio/L16 body is {length} bytes, an odd count: 16-bit samples are two bytes each (a byte "
+            "is missing or extra)",
+            field="audio",
+        )
+    if length is not None:
+        room.check(length / 2 / SAMPLE_RATE)
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     queued, interrupted, full = room.queued_s, False, False
     while True:
