@@ -43,6 +43,7 @@ MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
 # float speech beyond this is not -1..1 audio (16-bit values as floats, a gain gone wrong: it
 # would be clipped to a square wave); a little over full scale is clipped, as a file's is
 MAX_FLOAT_PEAK = 2.0
+MAX_BROKEN_SHARE = 0.01  # a file's samples that are not numbers: up to this share repaired, more refused
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz of a caller's array (telephone to studio)
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # an ISO BMFF ftyp's major brand
@@ -758,13 +759,23 @@ def sample_rate_of(value: object) -> int:
 def check_waveform(wav: np.ndarray, max_duration_s: float) -> np.ndarray:
     """A mono waveform (N,) at SAMPLE_RATE, checked as a decoded file is: not empty, not longer
     than the limit, not silent; integer samples scaled to full scale (they were clipped: a
-    square wave), non-finite samples zeroed, the rest clipped to [-1, 1]."""
+    square wave), non-finite samples zeroed (past MAX_BROKEN_SHARE of them, refused), the rest
+    clipped to [-1, 1]."""
     wav = np.asarray(full_scale(wav), dtype=np.float32)
     if wav.ndim != 1:
         raise UnsupportedMedia(f"audio must be one mono channel, got an array of shape {wav.shape}", field="audio")
     if wav.size < MIN_AUDIO_S * SAMPLE_RATE:
         raise EmptyAudio(f"audio is empty (less than {MIN_AUDIO_S:g} s decoded)", field="audio")
-    if not np.all(np.isfinite(wav)):
+    finite = np.isfinite(wav)
+    if not finite.all():
+        # a few damaged samples are repaired (silence in their place); a file made mostly of them
+        # was then refused as "digital silence", or rendered as clicks
+        broken = 1.0 - float(finite.mean())
+        if broken > MAX_BROKEN_SHARE:
+            raise UnsupportedMedia(
+                f"audio is damaged: {100 * broken:.3g} % of its samples are not numbers (NaN or infinite)",
+                field="audio",
+            )
         wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
     wav = wav - np.float32(wav.mean())  # a DC offset is no sound: it must not pass for speech
     if wav.size > max_duration_s * SAMPLE_RATE:

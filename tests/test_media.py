@@ -201,6 +201,10 @@ def test_waveform_in_memory_checked_as_a_file_is():
     wav[0] = np.nan
     out = check_waveform(wav, 3)
     assert out.dtype == np.float32 and abs(out[0]) < 1e-3 and out.max() == 1.0 and np.isnan(wav[0])  # the caller's array untouched
+    # ... but a waveform made mostly of them is damaged, not silent
+    wav[::2] = np.nan
+    with pytest.raises(UnsupportedMedia, match="audio is damaged: 50 % of its samples are not numbers"):
+        check_waveform(wav, 3)
     # a DC offset is no sound: a constant level is as silent as zeros, and is taken out of speech
     with pytest.raises(EmptyAudio, match="silent"):
         check_waveform(np.full(SAMPLE_RATE, 0.2, np.float32), 3)
