@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from werkzeug.datastructures import MultiDict
 from PIL import Image
 
 from conftest import EXAMPLES
@@ -66,6 +67,14 @@ def test_binary_png_and_multipart_and_data_urls(client):
         r = client.post("/fusion", data={"source_image": (s, "s.jpg"), "target_image": (t, "t.jpg"),
                                          "blend_ratio": "0.3", "swap_eye": "true", "output_format": "binary"})
     assert r.status_code == 200 and r.mimetype == "image/jpeg"
+    # each field once (a second source_image was dropped unsaid), and none the route does not read
+    for extra, field in (([("source_image", (SOURCE, "again.jpg"))], "source_image"),
+                         ([("blend_ratio", "0.4")], "blend_ratio"), ([("colour", "red")], "colour")):
+        with open(SOURCE, "rb") as s, open(TARGET, "rb") as t:
+            data = [("source_image", (s, "s.jpg")), ("target_image", (t, "t.jpg")), ("blend_ratio", "0.3"),
+                    *[(k, (open(v[0], "rb"), v[1]) if isinstance(v, tuple) else v) for k, v in extra]]
+            r = client.post("/fusion", data=MultiDict(data), content_type="multipart/form-data")
+        assert_clean_error(r, 400, "invalid_parameter", field)
     r = client.post("/fusion", json={"source_image": "data:image/jpeg;base64," + b64(SOURCE),
                                      "target_image": b64(TARGET)})
     assert r.status_code == 200

@@ -25,7 +25,7 @@ from sonic import Busy, InputTooLarge, InvalidParameter, SonicError, Unsupported
 from sonic.media import WORKING_PIXELS, decode_budget, load_image
 
 from .. import idempotency
-from ..json_input import json_object_body
+from ..json_input import check_form_fields, json_object_body
 from ..openapi import content, describe, error
 from ..service import Service, service
 
@@ -319,7 +319,10 @@ def fusion():
 def _request_body() -> tuple[dict, dict | None]:
     """(the fields, the uploaded files) of a JSON or multipart request."""
     if request.mimetype == "multipart/form-data":
-        files = {n: request.files[n].read() for n in ("source_image", "target_image") if n in request.files}
+        # each field once (a second source_image was dropped unsaid), checked as generate's form is
+        images = ("source_image", "target_image")  # a file, or base64 as a text field
+        check_form_fields(images, tuple(sorted(FIELDS - set(images))))
+        files = {n: request.files[n].read() for n in images if n in request.files}
         return {k: v for k, v in request.form.items() if k not in files}, files
     return json_object_body("send a JSON object (Content-Type: application/json) or multipart/form-data"), None
 
