@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import typing
 from dataclasses import dataclass
@@ -89,35 +90,56 @@ class Param:
         name = self.name
         if self.type is bool:
             if not isinstance(value, bool):
-                raise InvalidParameter(f"{name} must be true or false, got {value!r}", field=name)
+                raise InvalidParameter(f"{name} must be true or false, got {_shown(value)}", field=name)
             return value
         if self.type is str:
             assert self.choices is not None  # declared with its choices (see `param`)
             if value not in self.choices:
-                raise InvalidParameter(f"{name} must be one of {', '.join(self.choices)}, got {value!r}", field=name)
+                raise InvalidParameter(
+                    f"{name} must be one of {', '.join(self.choices)}, got {_shown(value)}", field=name
+                )
             return value
         if isinstance(value, (np.integer, np.floating)):  # numpy's scalars, as a caller's arrays give them
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidParameter(f"{name} must be a number, got {value!r}", field=name)
+            raise InvalidParameter(f"{name} must be a number, got {_shown(value)}", field=name)
         if self.type is int:
             if isinstance(value, float) and not value.is_integer():
-                raise InvalidParameter(f"{name} must be an integer, got {value!r}", field=name)
+                raise InvalidParameter(f"{name} must be an integer, got {_shown(value)}", field=name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidParameter(f"{name} must be finite", field=name)
             value = int(value)
         else:
             value = float(value)
             if not math.isfinite(value):
-                raise InvalidParameter(f"{name} must be a finite number, got {value!r}", field=name)
+                raise InvalidParameter(f"{name} must be a finite number, got {_shown(value)}", field=name)
         lo, hi = self.low, self.maximum(limits)
         low_ok = lo is None or (value >= lo if self.low_inclusive else value > lo)
         high_ok = hi is None or value <= hi
         if not (low_ok and high_ok):
             left = "[" if self.low_inclusive else "("
-            lo_s, hi_s = (f"{b:g}" if b is not None else "inf" for b in (lo, hi))
-            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {value!r}", field=name)
+            lo_s, hi_s = (_bound(b) for b in (lo, hi))
+            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {_shown(value)}", field=name)
         return value
+
+
+def _shown(value: Any) -> str:
+    """A request's value as its JSON said it, short: true, null, "abc", 1e+300 (a message that
+    said "got True" or printed a 300-digit number spoke Python, not the API)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"{value:.6g}"
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not a JSON value: a library caller's object
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bound(bound: float | None) -> str:
+    """A range's end as written in a message: whole numbers whole (4294967295, not 4.29497e+09)."""
+    if bound is None:
+        return "inf"
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 @dataclass(frozen=True)

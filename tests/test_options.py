@@ -38,6 +38,19 @@ def test_an_out_of_range_value_is_quoted_as_sent():
     assert "got 300.0000001" in e.value.message  # not "got 300", which reads as in range
 
 
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("fps", True, "fps must be a number, got true"), ("gaze", None, "gaze must be one of natural, camera, got null"),
+    ("expression", "Smile", 'got "Smile"'), ("seed", 1e300, "seed must be in [0, 4294967295], got 1e+300"),
+    ("seed", 10 ** 300, "got 1e+300"), ("dynamic_scale", "x" * 500, 'got "' + "x" * 36 + "..."),
+])
+def test_a_bad_value_is_quoted_as_its_json_said_it_and_short(field, value, shown):
+    """Not "got True", "got None", a 300-digit number or the limit as 4.29497e+09: Python's words."""
+    with pytest.raises(InvalidParameter) as e:
+        GenerateOptions.from_dict({field: value})
+    assert shown in e.value.message and len(e.value.message) < 120, e.value.message
+
+
 def test_choices_are_accepted_and_published():
     o = GenerateOptions.from_dict({"gaze": "camera", "expression": "smile", "expression_scale": 0.5})
     assert (o.gaze, o.expression, o.expression_scale) == ("camera", "smile", 0.5)
