@@ -436,12 +436,13 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     rate, channels = request.mimetype_params.get("rate"), request.mimetype_params.get("channels", "1")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
-            f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); got rate={rate}: resample "
+            f"audio/L16 must be at rate={SAMPLE_RATE} (16-bit little-endian mono); "
+            f"{'its Content-Type names no rate' if rate is None else f'got rate={rate[:20]}'}: resample "
             "it, or send a file (multipart field audio: WAV, MP3, ... at any rate, telephone's 8 kHz too)",
             field="audio",
         )
     if channels != "1":  # interleaved samples would be heard as one voice at half speed
-        raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels}", field="audio")
+        raise UnsupportedMedia(f"audio/L16 must be mono (channels=1); got channels={channels[:20]}", field="audio")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":  # gzip'd samples were queued as they came: noise
         raise UnsupportedMedia(
