@@ -37,7 +37,6 @@ from typing import Any, NamedTuple, Protocol, cast
 from sonic.errors import InvalidParameter
 
 from . import metrics, outbound
-from .errors import redis_not_answering
 from .jobs import JobRecord
 from .public import JobUrls, job_document
 from .store import forget_on_disk, open_database
@@ -499,7 +498,7 @@ class Webhooks:
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a delivery ended: its place may go to the next at once
-        self._store_away = False  # Redis did not answer the last look at what is due (said once an outage)
+        self._send_failure: str | None = None  # why the last look at what is due failed (said once)
         self._sending = False
         self._in_flight: dict[str, Lane] = {}  # the deliveries being sent now: id -> their receiver and caller
         # receivers whose last attempt failed (this process's view) -> when, the oldest first
@@ -577,16 +576,16 @@ class Webhooks:
             try:
                 self.send_due()
             except Exception as e:  # noqa: BLE001 - next time
-                away = redis_not_answering(e)
-                if not away:
-                    log.exception("webhooks: sending failed")
-                elif not self._store_away:  # an outage once: it logged a traceback twice a second
+                # each failure said once, and its end once: a store away (Redis down) or any other
+                # failure that lasts logged a traceback twice a second
+                failure = f"{type(e).__name__}: {e}"
+                if failure != self._send_failure:
                     log.exception("webhooks: sending failed; trying again every %.1f s, quietly", SEND_EVERY_S)
-                self._store_away = self._store_away or away
+                self._send_failure = failure
             else:
-                if self._store_away:
+                if self._send_failure:
                     log.info("webhooks: sending again")
-                self._store_away = False
+                self._send_failure = None
 
     def send_due(self, now: float | None = None) -> None:
         """Start sending what is due, each delivery on a thread of its own, SENDERS at most at

@@ -646,3 +646,38 @@ def test_a_store_away_is_said_once_and_its_return_once(caplog, monkeypatch):
         hooks.stop()
     said = [r.getMessage() for r in caplog.records if r.name == "sonic.webhooks"]
     assert said == ["webhooks: sending failed; trying again every 0.0 s, quietly", "webhooks: sending again"], said
+
+
+
+def test_any_failure_that_lasts_is_said_once(caplog, monkeypatch):
+    """Not only Redis away: a failure of another kind (a database locked, a disk full) logged a
+    traceback twice a second while it lasted; now once, a different one once more, the end once."""
+    import logging
+    from sonic_server import webhooks
+    from sonic_server.outbound import Reach
+    from sonic_server.webhooks import MemoryOutbox, Webhooks
+
+    monkeypatch.setattr(webhooks, "SEND_EVERY_S", 0.02)
+    outbox = MemoryOutbox()
+    hooks = Webhooks(outbox, lambda: "s" * 32, 3600, Reach(private=True), None)
+    failing = ["database is locked"]
+    real_due = outbox.due
+
+    def due(*args, **kwargs):
+        if failing:
+            raise OSError(failing[0])
+        return real_due(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "due", due)
+    caplog.set_level(logging.INFO, logger="sonic.webhooks")
+    hooks.start()
+    try:
+        time.sleep(0.3)
+        failing[0] = "No space left on device"
+        time.sleep(0.3)
+        failing.clear()
+        time.sleep(0.2)
+    finally:
+        hooks.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "sonic.webhooks"]
+    assert said == ["webhooks: sending failed; trying again every 0.0 s, quietly"] * 2 + ["webhooks: sending again"], said
