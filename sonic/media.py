@@ -133,6 +133,8 @@ def load_image(
         # Pillow's own words name the fault ("image file is truncated", "broken PNG file"); the
         # bytes are in memory, so no path can be in them
         reason = str(e)[:200] or type(e).__name__
+        if "MAX_TEXT" in reason:  # Pillow's words name its own constants there
+            reason = "its text metadata (a PNG text chunk) is larger than a photo's may be: save it without"
         raise UnsupportedMedia(f"image could not be decoded: {reason}", field="image") from e
     return check_image_size(rgb)
 

@@ -142,6 +142,19 @@ def test_images_only_in_the_documented_formats(tmp_path):
             load_image(p, 10**7)
 
 
+
+def test_a_png_with_a_huge_text_chunk_is_refused_in_the_apis_words(tmp_path):
+    """Pillow's own words named its constant (PngImagePlugin.MAX_TEXT_CHUNK)."""
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * 2_000_000, zip=True)  # 2 MB of text, a few kB compressed
+    p = tmp_path / "photo.png"
+    Image.open(PORTRAIT).save(p, format="PNG", pnginfo=info)
+    with pytest.raises(UnsupportedMedia) as e:
+        load_image(p, 10**7)
+    assert "text metadata" in e.value.message and "PngImagePlugin" not in e.value.message
+
+
 def _silence(path: Path, rate: int, layout: str, seconds: float, piped: bool = False) -> Path:
     """Silence made by ffmpeg; `piped`: written as a stream, so the file states no duration."""
     cmd = [FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl={layout}", "-t", str(seconds),
