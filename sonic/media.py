@@ -320,6 +320,8 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
     stream = probe_audio(path)
     if stream is None:
         raise _undecodable(path)
+    if stream.channels > MAX_CHANNELS:  # ffmpeg's mix then failed, and the file was said to have no sound
+        raise too_many_channels(stream.channels)
     decode_s = min(max_duration_s + 1, stream.decodable_s)
     if stream.duration_s is not None and min(stream.duration_s, max_duration_s) > decode_s:
         raise stream.too_much()  # as its container states: refused before decoding
@@ -517,9 +519,15 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
     n = unmixable_channels(proc.stderr)
     if n is not None and downmix == DOWNMIX:
         if n > MAX_CHANNELS:
-            raise UnsupportedMedia(f"audio has {n} channels; at most {MAX_CHANNELS} are supported", field="audio")
+            raise too_many_channels(n)
         return _decode_audio(path, max_duration_s, ["-af", average_of(n)])
     return None
+
+
+def too_many_channels(n: int) -> UnsupportedMedia:
+    return UnsupportedMedia(
+        f"audio has {n} channels; at most {MAX_CHANNELS} are supported: mix it down to stereo or mono", field="audio"
+    )
 
 
 def unmixable_channels(stderr: bytes) -> int | None:

@@ -220,6 +220,10 @@ def test_a_silent_mix_of_many_channels_is_searched_without_holding_them(tmp_path
     many[:, 40] = speech
     sf.write(tmp_path / "one_of_64.wav", many, SAMPLE_RATE, subtype="FLOAT")
     assert np.abs(load_audio(tmp_path / "one_of_64.wav", 60) - speech).max() < 1e-3
+    # past 64 channels ffmpeg mixes none: said so, not "the file has no sound track"
+    sf.write(tmp_path / "sixty_five.wav", np.zeros((SAMPLE_RATE // 5, 65), np.int16), SAMPLE_RATE)
+    with pytest.raises(UnsupportedMedia, match="audio has 65 channels; at most 64 are supported"):
+        load_audio(tmp_path / "sixty_five.wav", 60)
     # the levels are read from the meter's own lines, not from a tag that reads like one (a 500)
     sf.write(tmp_path / "pair.wav", np.stack([speech, -speech], 1), SAMPLE_RATE)
     tagged = tmp_path / "tagged.flac"
