@@ -233,3 +233,16 @@ def test_the_service_shows_the_loaded_decoders_meanings(make_client):
         assert spec[name]["description"].startswith(seen["meaning"])
         assert ("not used by the loaded decoder" in spec[name]["description"]) == (not seen["honoured"])
     assert params["inference_steps"]["honoured"] is False
+
+
+def test_colours_built_channel_by_channel_equal_numpys_broadcast():
+    """mouth.tinted and mouth.three (cv2's merge of planes, for speed) give exactly what
+    numpy's (H, W, 1) broadcast gives, in the plane's own dtype."""
+    from sonic.decoders.warp.mouth import three, tinted
+    rng = np.random.default_rng(0)
+    colour = np.array([201.5, 98.25, 77.0], np.float32)
+    for dtype in (np.float32, np.float64):
+        plane = rng.random((37, 53)).astype(dtype)
+        assert tinted(colour, plane).dtype == dtype
+        assert np.array_equal(tinted(colour, plane), colour.astype(dtype) * plane[..., None])
+        assert np.array_equal(three(plane), np.repeat(plane[..., None], 3, axis=2))

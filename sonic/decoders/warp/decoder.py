@@ -696,8 +696,8 @@ class WarpDecoder:
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         # the distance to the opening counts only up to CREASE_KEPT_IOD: an opening further from
         # the crease's box than that leaves its weight whole, so the distance is taken over the
-        # box grown by as much
-        grow = math.ceil(CREASE_KEPT_IOD[1] * self.rig.iod) + 2
+        # box grown by as much (in the distance transform's steps: a straight one weighs 0.955)
+        grow = math.ceil(CREASE_KEPT_IOD[1] * self.rig.iod / 0.955) + 2
         g0, g1 = max(0, r0 - grow), min(len(mouth), r1 + grow)
         h0, h1 = max(0, c0 - grow), min(mouth.shape[1], c1 + grow)
         away = cv2.distanceTransform((mouth[g0:g1, h0:h1] < 0.5).astype(np.uint8), cv2.DIST_L2, 3)

@@ -66,15 +66,13 @@ class Eye:
     iris: tuple[float, float, float] | None  # centre x, y and radius (px) of the iris, if the mesh has it
 
     @cached_property
-    def opening(self) -> tuple[float, float, float, float] | None:
-        """(left, right, top, bottom) frame px: the columns of the opening's corners, the upper
-        margin's highest y and the lower margin's lowest; None for an opening under 3 columns
+    def corners(self) -> tuple[float, float] | None:
+        """(left, right) frame x of the opening's corners, None for an opening under 3 columns
         wide. Read by the gaze on every frame: found once."""
         ends = np.flatnonzero(np.isfinite(self.upper) & np.isfinite(self.lower))
         if len(ends) < 3:
             return None
-        top, bottom = float(np.nanmin(self.upper)), float(np.nanmax(self.lower))
-        return float(self.x0 + ends[0]), float(self.x0 + ends[-1]), top, bottom
+        return float(self.x0 + ends[0]), float(self.x0 + ends[-1])
 
 
 def _curve(pts: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -177,11 +175,11 @@ def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float
     one, the white narrowing or widening towards each corner; sources are kept inside the
     opening; outside it nothing moves."""
     dx, dy = shift
-    opening = eye.opening
-    if eye.iris is None or opening is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
+    corners = eye.corners
+    if eye.iris is None or corners is None or (abs(dx) < 1e-3 and abs(dy) < 1e-3):
         return px, py
     cx, _, radius = eye.iris
-    left, right = opening[:2]
+    left, right = corners
     sx, sy = px.astype(np.float32), py.astype(np.float32)
     # only the points inside the opening move (a margin is nan beyond the corners, and a
     # comparison with nan is false): most of the eye's box is lid and fold, so the arithmetic

@@ -254,7 +254,7 @@ def _cover_seam(
     # the light on it: darker where the lips meet, and the light around them (one channel, then
     # the colour's three)
     light = (1 - 0.2 * np.exp(-((d / max(0.8, 0.006 * iod)) ** 2))) * _shading(region, a, iod)
-    lips = zip(style.upper_lip.astype(np.float32), style.lower_lip.astype(np.float32), strict=True)
+    lips = zip(style.upper_lip, style.lower_lip, strict=True)  # (float32, as the region)
     colour = cv2.merge([(top + (bottom - top) * below) * light for top, bottom in lips])
     region += (colour - region) * three(a)
 
