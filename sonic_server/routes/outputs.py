@@ -20,14 +20,14 @@ path_parameter("name", OUTPUT_NAME, "the file name in a result's video_url")
 @bp.get("/output/<name>")
 @describe(
     "Download a video (supports Range)",
-    parameters=[header("Range", "one byte range, e.g. bytes=0-1023")],
+    parameters=[header("Range", "one byte range, e.g. bytes=0-1023 (several ranges or another unit: ignored, 200)")],
     responses={
         200: ("MP4", content("video/mp4", {"type": "string", "format": "binary"})),
         206: ("the range asked for", content("video/mp4", {"type": "string", "format": "binary"})),
         302: "the video is in object storage (s3.video_url: presigned): its presigned URL",
         304: "not modified",
         404: error("no such video"),
-        416: error("range not satisfiable (one range is served; Content-Range names the size)"),
+        416: error("the byte range lies past the end (Content-Range names the size)"),
         503: error("the object store does not answer (Retry-After)"),
     },
 )
