@@ -4,12 +4,16 @@ request, a worker sending a webhook); and the address its URLs start with."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import public_error
 from .jobs import PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 CANCELED = {"code": "canceled", "message": "the job was canceled"}
 SUCCESSFUL = (QUEUED, PROCESSING, SUCCEEDED)  # a job that has not failed and was not canceled
@@ -58,19 +62,17 @@ def job_document(rec: JobRecord, urls: JobUrls, ahead: int | None = None) -> dic
 
 class PublicAddress:
     """WSGI middleware for server.public_url: every request is answered as one sent to that
-    address (its scheme, host and path prefix), whatever Host it named. The URLs in answers
-    (video_url, status_url, Location, a live session's state_url, webhooks' bodies) are built on
-    the request's address; without this a client that names a foreign Host gets URLs on it, and a
-    link shared from that answer leads there. Inside a proxy's forwarding (server.proxy_hops): the
-    setting wins over X-Forwarded-Host and -Proto."""
+    address (its scheme and host), whatever Host it named. The URLs in answers (video_url,
+    status_url, Location, a live session's state_url, webhooks' bodies) are built on the
+    request's address; without this a client that names a foreign Host gets URLs on it, and a
+    link shared from that answer leads there. Inside a proxy's forwarding (server.proxy_hops):
+    the setting wins over X-Forwarded-Host and -Proto."""
 
-    def __init__(self, app, url: str):
+    def __init__(self, app: WSGIApplication, url: str):
         parts = urlsplit(url)
-        self.app = app
-        self.scheme, self.host, self.prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        self.app, self.scheme, self.host = app, parts.scheme, parts.netloc
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ["wsgi.url_scheme"] = self.scheme
         environ["HTTP_HOST"] = self.host
-        environ["SCRIPT_NAME"] = self.prefix  # the proxy in front removed it from the path
         return self.app(environ, start_response)

@@ -321,20 +321,26 @@ def _check_origins(origins: tuple[str, ...]) -> None:
             )
 
 
+# a name or an address (IPv6 in brackets), then a port or not: what a URL's host part may be
+PUBLIC_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]+)?")
+
+
 def _check_public_url(url: str | None) -> None:
-    """http(s)://host[:port][/path]: what the URLs in answers start with (sonic_server/public.py)."""
+    """http(s)://host[:port], an optional / after it: what the URLs in answers start with
+    (sonic_server/public.py). No path: the demo page and /docs load their files from the root."""
     if url is None:
         return
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number, or past 65535
-        port_ok = False
-    plain = re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", parts.netloc) and not (parts.query or parts.fragment)
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or not plain:
+    except ValueError:  # a port that is no number or past 65535, a bracket left open
+        parts, port_ok = urlsplit(""), False
+    host_ok = bool(parts.hostname) and PUBLIC_HOST.fullmatch(parts.netloc) is not None
+    nothing_after = parts.path in ("", "/") and not parts.query and not parts.fragment
+    if parts.scheme not in ("http", "https") or not host_ok or not port_ok or not nothing_after:
         raise SettingsError(
-            f"setting server.public_url: {url!r} is not an http:// or https:// address with a host, an optional "
-            "port and path, and nothing more (https://talk.example.com or https://example.com/sonic)"
+            f"setting server.public_url: {url!r} is not an http:// or https:// address of a host, with a port "
+            "or not, and nothing after it (https://talk.example.com or http://10.0.0.5:5000)"
         )
 
 
