@@ -42,9 +42,10 @@ PURGE_EVERY_S = 60.0  # expired answers are removed this often
 KEPT_HEADERS = ("Content-Type", "Location", "X-Fusion-Timings")
 PARAMETER = header(
     HEADER,
-    "any unique string (a UUID): a retry with the same key and request returns the first answer, "
-    "with no second job or charge; the same key with another request is 409",
-    {"type": "string", "maxLength": MAX_KEY_CHARS},
+    "a unique string of printable ASCII without commas (a UUID): a retry with the same key and request "
+    "returns the first answer, with no second job or charge; the same key with another request is 409",
+    # printable ASCII but the comma, no space at either end (HTTP strips it)
+    {"type": "string", "maxLength": MAX_KEY_CHARS, "pattern": "^[!-+\\--~]([ -+\\--~]*[!-+\\--~])?$"},
 )
 
 
@@ -192,9 +193,9 @@ def request_key(owner: str | None) -> str | None:
         return None
     if not 1 <= len(raw) <= MAX_KEY_CHARS or not raw.isascii() or not raw.isprintable():
         raise InvalidParameter(f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters", field=HEADER)
-    # two headers reach the app as one value joined by a comma (or as two, by some servers): the
-    # request would have been kept under a key that neither of them is
-    if "," in raw or len(request.headers.getlist(HEADER)) > 1:
+    # two headers reach the app as one value joined by a comma: the request would have been kept
+    # under a key that neither of them is
+    if "," in raw:
         raise InvalidParameter(f"give one {HEADER}, without commas (two headers arrive joined by one)", field=HEADER)
     return hashlib.sha256(f"{owner or ''}\n{raw}".encode()).hexdigest()
 
