@@ -38,11 +38,13 @@ def test_an_out_of_range_value_is_quoted_as_sent():
     assert "got 300.0000001" in e.value.message  # not "got 300", which reads as in range
 
 
-
 @pytest.mark.parametrize("field,value,shown", [
     ("fps", True, "fps must be a number, got true"), ("gaze", None, "gaze must be one of natural, camera, got null"),
     ("expression", "Smile", 'got "Smile"'), ("seed", 1e300, "seed must be in [0, 4294967295], got 1e+300"),
     ("seed", 10 ** 300, "got 1e+300"), ("dynamic_scale", "x" * 500, 'got "' + "x" * 36 + "..."),
+    ("expression_scale", 5, "expression_scale must be in [0, 1], got 5"),  # not 5.0: as sent
+    ("dynamic_scale", 10 ** 400, "must be a finite number, got an integer of about 401 digits"),
+    ("fps", [10 ** 5000], "fps must be a number, got a list"),
 ])
 def test_a_bad_value_is_quoted_as_its_json_said_it_and_short(field, value, shown):
     """Not "got True", "got None", a 300-digit number or the limit as 4.29497e+09: Python's words."""
