@@ -184,7 +184,7 @@ LIST_PARAMETERS = [
 path_parameter("job_id", JOB_ID, "the id a generate call returned")
 PREFER = header(
     "Prefer",
-    "respond-async: answer 202 at once and run the job in the background",
+    "respond-async: answer 202 at once and run the job in the background (a config's async, given, wins)",
     {"type": "string", "example": "respond-async"},
 )
 
@@ -456,7 +456,7 @@ def generate():
     _check_field_names()
     opts, want_async, params = _parse_config()
     if "async" not in params:  # a request's own `async` says what it wants; Prefer is a wish (RFC 7240)
-        want_async = _prefers_async()
+        want_async = g.preference_applied = _prefers_async()
     hook = _webhook(params)
     files, by_url = _read_files()
     owner = caller().owner
@@ -581,7 +581,7 @@ def _accepted(rec: JobRecord) -> Response:
     resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = body["status_url"]
-    if _prefers_async():
+    if g.get("preference_applied"):
         resp.headers["Preference-Applied"] = "respond-async"  # RFC 7240: the client's wish was honoured
     return resp
 
@@ -619,7 +619,7 @@ def _list_query(owner: str | None) -> JobQuery:
     args = request.args
     # a misspelt filter (?stauts=failed) listed every job as if none was asked, and of two
     # values one was read unsaid
-    refuse_unknown(list(args), LIST_PARAMS)
+    refuse_unknown(list(args), LIST_PARAMS, kind="query parameter")
     for name in LIST_PARAMS:
         if len(args.getlist(name)) > 1:
             raise InvalidParameter(f"the query parameter {name!r} is given more than once", field=name)
