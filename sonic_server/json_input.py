@@ -175,10 +175,13 @@ def config_switches(params: dict, loaded_decoder: str | None) -> bool:
     return want_async
 
 
-def refuse_unknown(names: Collection[str], known: tuple[str, ...], parameters: Collection[str] = ()) -> None:
+def refuse_unknown(
+    names: Collection[str], known: tuple[str, ...], parameters: Collection[str] = (), kind: str = "field"
+) -> None:
     """InvalidParameter for the first of a request's field `names` that is not `known`: a
     generation parameter (one of `parameters`) is told to go in the config object, a near miss
-    gets its likely name. A misnamed field was dropped, and the request went on without it."""
+    gets its likely name. A misnamed field was dropped, and the request went on without it.
+    `kind`: what the names are, in the message (a field, a query parameter)."""
     for name in names:
         if name in known:
             continue
@@ -186,8 +189,8 @@ def refuse_unknown(names: Collection[str], known: tuple[str, ...], parameters: C
         if name in parameters:
             raise InvalidParameter(f"{text!r} is a generation parameter: put it in the config object", field=text)
         close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(known)})"
-        raise InvalidParameter(f"unknown field {text!r}{hint}", field=text)
+        hint = f"; did you mean {close[0]!r}?" if close else f" ({kind}s: {', '.join(known)})"
+        raise InvalidParameter(f"unknown {kind} {text!r}{hint}", field=text)
 
 
 def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters: Collection[str] = ()) -> None:

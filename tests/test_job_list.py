@@ -71,6 +71,8 @@ def test_each_key_lists_its_own_jobs_newest_first_a_page_at_a_time(make_client):
         r = client.get("/api/sonic/jobs", query_string=params, headers=auth(KEY_A))
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == field
+    r = client.get("/api/sonic/jobs", query_string={"stauts": "failed"}, headers=auth(KEY_A))
+    assert r.get_json()["error"]["message"] == "unknown query parameter 'stauts'; did you mean 'status'?"
 
 
 def _created_times(client, job_ids):
