@@ -344,7 +344,10 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
                 },
             ),
         ),
-        400: error("no audio, or more speech than the session may still queue (live.max_speak_s)"),
+        400: error(
+            "no audio, an audio/L16 body of an odd number of bytes, or more speech than the session may still "
+            "queue (live.max_speak_s)"
+        ),
         404: error("no such session (ended or unknown; ended_reason says why it ended)"),
         503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
