@@ -525,6 +525,7 @@ def _decode_audio(path: str | Path, max_duration_s: float, downmix: list[str]) -
 
 
 def too_many_channels(n: int) -> UnsupportedMedia:
+    """The refusal of a recording of `n` channels, more than ffmpeg mixes."""
     return UnsupportedMedia(
         f"audio has {n} channels; at most {MAX_CHANNELS} are supported: mix it down to stereo or mono", field="audio"
     )

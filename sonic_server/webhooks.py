@@ -578,7 +578,7 @@ class Webhooks:
             except Exception as e:  # noqa: BLE001 - next time
                 # each failure said once, and its end once: a store away (Redis down) or any other
                 # failure that lasts logged a traceback twice a second
-                failure = f"{type(e).__name__}: {e}"
+                failure = re.sub(r"\d+", "#", f"{type(e).__name__}: {e}")  # (counts and ids in it change)
                 if failure != self._send_failure:
                     log.exception("webhooks: sending failed; trying again every %.1f s, quietly", SEND_EVERY_S)
                 self._send_failure = failure
