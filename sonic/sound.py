@@ -22,6 +22,7 @@ from .media import (
     SOUND_RATE,
     average_of,
     probe_audio,
+    resampled,
     rms,
     run_ffmpeg_on,
     unmixable_channels,
@@ -88,22 +89,22 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
     recording."""
     seconds = min(max_duration_s, len(wav) / SAMPLE_RATE) + 1  # no further than `wav` was decoded
 
-    def decoded(to_stereo: list[str]):  # the recording at SOUND_RATE, stereo as `to_stereo` makes it
-        out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(SOUND_RATE)]
+    def decoded(to_stereo: list[str], rate: int = SOUND_RATE):  # the recording at `rate`, stereo by `to_stereo`
+        out = ["-map", "0:a:0", "-vn", "-t", f"{seconds:.3f}", *to_stereo, "-ar", str(rate)]
         # the bytes bound it too: -t goes by timestamps, which a file may not advance
-        cap = int((seconds + 1) * SOUND_RATE) * 2 * 4
+        cap = int((seconds + 1) * rate) * 2 * 4
         return run_ffmpeg_on(path, ["-v", "error"], [*out, "-f", "f32le", "-"], max_output_bytes=cap)
 
     try:
         stream = probe_audio(path)
         # a mono recording on both channels at its own level (ffmpeg's upmix lowers it 3 dB)
-        proc = decoded(
-            ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
-        )
+        mix = ["-af", "pan=stereo|c0=c0|c1=c0"] if stream is not None and stream.channels == 1 else ["-ac", "2"]
+        proc = decoded(mix)
         # channels ffmpeg has no layout to downmix (9 of them...): their average, as `wav` has
         n = unmixable_channels(proc.stderr) if proc.returncode != 0 else None
         if n is not None and n <= MAX_CHANNELS:
-            proc = decoded(["-af", average_of(n, "stereo")])
+            mix = ["-af", average_of(n, "stereo")]
+            proc = decoded(mix)
     except (PipelineError, UnsupportedMedia, Busy) as e:  # a job under way is not failed for its sound's quality
         log.warning("the sound track could not be decoded again (%s): it plays the 16 kHz analysis copy", e.message)
         return dataclasses.replace(Sound.of_waveform(wav), stand_in=True)
@@ -113,13 +114,30 @@ def load_sound(path: str | Path, max_duration_s: float, wav: np.ndarray) -> Soun
         )
         return dataclasses.replace(Sound.of_waveform(wav), stand_in=True)
     raw, proc.stdout = proc.stdout, b""  # one copy of a 5-minute track at a time (115 MB each)
-    stereo = listenable(np.frombuffer(raw, dtype=np.float32)[: len(raw) // 8 * 2].reshape(-1, 2))
+    samples = _stereo(raw)
     del raw
+    if stream is not None and stream.rate != SOUND_RATE and not np.isfinite(samples).all():
+        # samples that are not numbers: made silence at the file's own rate, then resampled
+        # (resampled first, each one spread over the resampler's filter, a gap of silence)
+        try:
+            again = decoded(mix, stream.rate)
+        except (PipelineError, UnsupportedMedia, Busy):
+            again = None
+        if again is not None and again.returncode == 0 and len(again.stdout) >= 8:
+            native = _stereo(again.stdout).copy()
+            native[~np.isfinite(native)] = 0.0
+            samples = resampled(native, stream.rate, SOUND_RATE)
+    stereo = listenable(samples)
     stated = None if stream is None or stream.estimated else stream.duration_s
     if rms(stereo) < MIX_LOSS * rms(wav):  # the downmix left out the voice the analysis copy has (the LFE's)
         return dataclasses.replace(Sound.of_waveform(wav), stated_s=stated)
     stereo *= 32767
     return Sound(np.round(stereo, out=stereo).astype(np.int16), SOUND_RATE, stated)
+
+
+def _stereo(raw: bytes) -> np.ndarray:
+    """ffmpeg's interleaved float32 stereo -> (N, 2), a view of `raw` (read-only)."""
+    return np.frombuffer(raw, dtype=np.float32)[: len(raw) // 8 * 2].reshape(-1, 2)
 
 
 def listenable(stereo: np.ndarray) -> np.ndarray:

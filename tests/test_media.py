@@ -471,6 +471,34 @@ def test_a_wav_header_is_read_safely_and_a_streaming_size_is_no_length(tmp_path)
     assert warning(padded[: len(padded) - 40000]) is None  # fmt beyond the header read: no length, no error
 
 
+
+def test_a_few_samples_that_are_not_numbers_are_counted_and_silenced_at_the_files_own_rate(tmp_path):
+    """Resampled first, each NaN spread over the resampler's filter: 0.05 % of a 44.1 kHz file's
+    samples became 5 % at 16 kHz (refused as damaged), and each left a gap of silence in the
+    sound track. More than 1 % of the file's own samples is still refused."""
+    from sonic.sound import load_sound
+    t = np.arange(44100 * 2) / 44100
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1.2 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    sparse = tone.copy()
+    sparse[::2000] = np.nan  # 0.05 %
+    tracks = {}
+    for name, samples in (("clean", tone), ("sparse", sparse)):
+        sf.write(tmp_path / f"{name}.wav", samples, 44100, subtype="FLOAT")
+        wav = load_audio(tmp_path / f"{name}.wav", 60)
+        tracks[name] = (wav, load_sound(tmp_path / f"{name}.wav", 60, wav).samples)
+    (clean_wav, clean_sound), (wav, sound) = tracks["clean"], tracks["sparse"]
+    # no gaps of silence: each NaN one silent sample at 44.1 kHz, smoothed by the resampling
+    assert np.isfinite(wav).all() and np.count_nonzero(wav == 0) <= np.count_nonzero(clean_wav == 0) + 3
+    assert np.count_nonzero(sound == 0) <= np.count_nonzero(clean_sound == 0) + 6
+    dense = tone.copy()
+    dense[::50] = np.nan  # 2 %
+    sf.write(tmp_path / "dense.wav", dense, 44100, subtype="FLOAT")
+    with pytest.raises(UnsupportedMedia, match="audio is damaged: 2 % of its samples"):
+        load_audio(tmp_path / "dense.wav", 60)
+    exact = np.sin(np.arange(16000, dtype=np.float32) / 7)
+    exact[::100] = np.nan  # 1 % exactly: not more than 1 %
+    assert np.isfinite(check_waveform(exact, 3)).all()
+
 def test_a_recording_that_cannot_be_decoded_again_for_the_sound_track_is_said_in_warnings(tmp_path):
     """The sound track decodes the file again at 48 kHz; when that fails (out of file handles,
     the file gone) the video plays the 16 kHz analysis copy, everything above 8 kHz cut. It
