@@ -14,7 +14,8 @@ from importlib import metadata
 
 DISTRIBUTION = "sonic-talking-head"  # the name pyproject.toml gives the package
 # see above: bump when the output changes (10: the warp decoder's painting and gaze in float32,
-# which rounds a few values differently: at most 6 levels in a few pixels of a frame)
+# which rounds a few values differently: at most 6 levels in a few pixels of a frame; and a
+# recording's samples that are not numbers made silence before it is resampled)
 OUTPUT_REVISION = 10
 
 

@@ -333,9 +333,9 @@ def _check_public_url(url: str | None) -> None:
     try:
         parts = urlsplit(url)
         port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # a port that is no number or past 65535, a bracket left open
-        parts, port_ok = urlsplit(""), False
-    host_ok = bool(parts.hostname) and PUBLIC_HOST.fullmatch(parts.netloc) is not None
+        host_ok = bool(parts.hostname) and PUBLIC_HOST.fullmatch(parts.netloc) is not None
+    except ValueError:  # a port that is no number or past 65535, a bracket left open, [zz]
+        parts, port_ok, host_ok = urlsplit(""), False, False
     nothing_after = parts.path in ("", "/") and not parts.query and not parts.fragment
     if parts.scheme not in ("http", "https") or not host_ok or not port_ok or not nothing_after:
         raise SettingsError(

@@ -813,7 +813,7 @@ def test_with_a_public_url_every_url_in_an_answer_is_on_it_whatever_host_is_name
     assert queued.headers["Location"].startswith("https://talk.example.com/api/sonic/jobs/"), queued.headers
     assert public.get(body["video_url"], headers=foreign).data == FAKE_VIDEO
     for bad in ("talk.example.com", "ftp://x", "https://x?y=1", "https://user@x", "https://a b/", "https://[::1",
-                "https://x:", "https://example.com/sonic"):
+                "https://x:", "https://example.com/sonic", "http://[zz]"):
         with pytest.raises(SettingsError, match="server.public_url"):
             make_client(public_url=bad)
 
