@@ -86,23 +86,30 @@ BODY_METHODS = ("POST", "PUT", "PATCH")  # the methods whose body a route reads
 
 
 def multipart_boundary(app: Flask) -> None:
-    """A multipart request whose Content-Type names no boundary is refused 400, naming the
-    header: its parts cannot be found, and the route said "image is missing" of an image it
-    sent. (A client that sets Content-Type itself for a FormData body drops the boundary its
-    library would have written.)"""
+    """A multipart request whose Content-Type names no boundary, or one its body does not use,
+    is refused 400, naming the header: its parts cannot be found, and the route said "image is
+    missing" of an image it sent. (A client that sets Content-Type itself for a FormData body
+    drops the boundary its library would have written.)"""
 
     @app.before_request
     def _refuse_multipart_without_boundary():
         if request.url_rule is None or request.method not in BODY_METHODS or request.mimetype != "multipart/form-data":
             return None  # (no route: its 404 or 405 says more; a GET's stray Content-Type reads no body)
-        if request.mimetype_params.get("boundary"):
-            return None
-        return error_response(
-            "invalid_parameter",
-            "Content-Type multipart/form-data names no boundary (multipart/form-data; boundary=...): "
-            "let the HTTP library write this header for a form",
-            field="Content-Type",
-        )
+        if not request.mimetype_params.get("boundary"):
+            return error_response(
+                "invalid_parameter",
+                "Content-Type multipart/form-data names no boundary (multipart/form-data; boundary=...): "
+                "let the HTTP library write this header for a form",
+                field="Content-Type",
+            )
+        # a boundary the body does not use: no part is found (the route's parse, done here first)
+        if request.content_length != 0 and not request.form and not request.files:
+            return error_response(
+                "invalid_parameter",
+                "the multipart body holds no parts: is the boundary in its Content-Type the one that separates them?",
+                field="Content-Type",
+            )
+        return None
 
 
 def cors(app: Flask, origins: list[str]) -> None:

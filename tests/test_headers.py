@@ -182,6 +182,11 @@ def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served
                                                                   "Content-Type": "multipart/form-data"})
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == "Content-Type" and "boundary" in r.get_json()["error"]["message"]
+    # a boundary the body does not use: no part is found
+    r = served.client.post("/api/sonic/generate", data=served.body, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=not-the-one"})
+    assert_clean_error(r, 400, "invalid_parameter", "Content-Type")
+    assert "holds no parts" in r.get_json()["error"]["message"]
     # a stranger is told 401 first; a GET's stray Content-Type is no body to read
     r = served.client.post("/api/sonic/generate", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
     assert_clean_error(r, 401, "unauthorized")
