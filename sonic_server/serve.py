@@ -76,6 +76,9 @@ class JsonErrorsHandler(WSGIRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = self.responses.get(code, ("error", ""))[0]
+        if self.request_version == "HTTP/0.9":  # a request line that was not read: answered with a status
+            self.request_version = "HTTP/1.1"  # line and headers (HTTP/0.9's answer is the body alone)
+            message = REQUEST_LINE_PROBLEMS.get(code) or message
         # an id as the app gives each request, to find the refusal in the log by; a client's
         # mistake, logged as a warning (http.server's own line was an error)
         request_id = uuid.uuid4().hex
@@ -101,6 +104,14 @@ class JsonErrorsHandler(WSGIRequestHandler):
             self.wfile.write(body)
 
 
+# what http.server says of a request line it cannot read, in the API's words (its own echo the
+# line in Python's quotes)
+REQUEST_LINE_PROBLEMS: dict[int, str] = {
+    HTTPStatus.BAD_REQUEST: "the request line is not METHOD TARGET HTTP/1.1",
+    HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: "this server speaks HTTP/1.0 and HTTP/1.1",
+}
+
+
 def framing_problem(lengths: list[str], encodings: list[str]) -> str | None:
     """What makes a request's body length ambiguous (RFC 9112 6), from its Content-Length and
     Transfer-Encoding headers, or None."""
@@ -112,8 +123,10 @@ def framing_problem(lengths: list[str], encodings: list[str]) -> str | None:
         return f"Transfer-Encoding {named} is not supported: send the body chunked, or with a Content-Length"
     if len({v.strip() for v in lengths}) > 1:
         return "the request has more than one Content-Length, with different values"
-    if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+    if lengths and not re.fullmatch(r"[0-9]+", lengths[0].strip()):
         return "Content-Length must be a whole number of bytes"
+    if lengths and len(lengths[0].strip()) > 18:  # (a whole number, past any body this server reads)
+        return "Content-Length is past any body this server takes"
     return None
 
 

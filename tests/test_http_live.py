@@ -196,12 +196,28 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
         b"Transfer-Encoding: gzip, chunked\r\n": "Transfer-Encoding gzip, chunked is not supported",
         b"Content-Length: -5\r\n": "Content-Length must be a whole number",
         b"Content-Length: abc\r\n": "Content-Length must be a whole number",
+        b"Content-Length: 99999999999999999999\r\n": "Content-Length is past any body this server takes",
     }
     for headers, words in cases.items():
         status, error = answer(headers)
         assert status == b"HTTP/1.1 400 Bad Request" and words in error["message"], (headers, status, error)
     status, error = answer(b"Transfer-Encoding: chunked\r\n")  # chunked alone is read, and the form found empty
     assert status.startswith(b"HTTP/1.1 4") and error["code"] != "http_error", (status, error)
+
+    # a request line that cannot be read is answered with a status line and headers too (it was
+    # taken for HTTP/0.9, whose answer is the body alone), in the API's words
+    for line, answered, words in ((b"GARBAGE", b"HTTP/1.1 400", "the request line is not METHOD TARGET"),
+                                  (b"GET /health HTTP/1.1 x", b"HTTP/1.1 400", "the request line is not"),
+                                  (b"PRI * HTTP/2.0", b"HTTP/1.1 505", "speaks HTTP/1.0 and HTTP/1.1")):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(10)
+            sock.sendall(line + b"\r\n\r\n")
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(answered) and b"Content-Type: application/json" in head, got[:300]
+        assert words in json.loads(body)["error"]["message"], body
 
 
 def test_slow_upload_is_dropped(server):
