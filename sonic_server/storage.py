@@ -89,14 +89,24 @@ class FolderOutputs:
         return proxied
 
     def response(self, name: str):
-        if not (self.folder / name).is_file():
+        path = self.folder / name
+        if not path.is_file():
             return None
+        suffix = request.range.ranges[0] if request.range is not None and len(request.range.ranges) == 1 else None
+        if suffix is not None and suffix[0] < 0 and -suffix[0] > path.stat().st_size:
+            ignore_range()  # the last N bytes of a shorter file are all of it (RFC 9110 14.1.3); werkzeug said 416
         try:
             resp = send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True)
         except RequestedRangeNotSatisfiable:
             return unsatisfiable_range((self.folder / name).stat().st_size)
         resp.headers["Cache-Control"] = VIDEO_CACHE
         return resp
+
+
+def ignore_range() -> None:
+    """The request is answered as if it had no Range: the whole video, 200."""
+    request.environ.pop("HTTP_RANGE", None)  # what werkzeug and the bucket's stream read it from
+    request.__dict__.pop("range", None)  # and werkzeug's parsed copy, if it was read already
 
 
 class S3:

@@ -201,9 +201,15 @@ def test_sync_generate_and_download(make_client):
     beyond = client.get(body["video_url"], headers={"Range": f"bytes={len(FAKE_VIDEO) + 10}-"})
     assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(FAKE_VIDEO)}"
     # a Range not served (several ranges, another unit, malformed) is ignored: the whole video
-    for ignored in ("bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=5-2"):
+    for ignored in ("bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=5-2", f"bytes=-{len(FAKE_VIDEO) + 100}"):
         whole = client.get(body["video_url"], headers={"Range": ignored})
         assert whole.status_code == 200 and whole.data == FAKE_VIDEO, ignored
+    # a condition is answered before a range: the client's copy is current (304), or a weak If-Range
+    # (which needs a strong match) gets the whole video
+    current = client.get(body["video_url"], headers={"Range": "bytes=0-9", "If-None-Match": video.headers["ETag"]})
+    assert current.status_code == 304, current.status_code
+    weak = client.get(body["video_url"], headers={"Range": "bytes=0-9", "If-Range": "W/" + video.headers["ETag"]})
+    assert weak.status_code == 200 and weak.data == FAKE_VIDEO
     # cached, but checked at each use (a deleted job's video must not go on playing from a cache)
     assert video.headers["Cache-Control"] == "no-cache" and video.headers["ETag"]
     assert client.get(body["video_url"], headers={"If-None-Match": video.headers["ETag"]}).status_code == 304

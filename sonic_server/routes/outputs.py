@@ -11,6 +11,7 @@ from ..errors import error_response
 from ..jobs import JOB_ID
 from ..openapi import content, describe, error, header, path_parameter
 from ..service import service
+from ..storage import ignore_range
 
 bp = Blueprint("outputs", __name__)
 OUTPUT_NAME = re.compile(JOB_ID.pattern + r"\.mp4")  # <job id>.mp4 (tasks.py); matched whole, never with `$`
@@ -43,11 +44,15 @@ def output(name):
 def _ignore_ranges_not_served() -> None:
     """One byte range is served (206, or 416 past the end). A Range in another unit, of several
     ranges or malformed is ignored, as RFC 9110 has a server do, and the whole video is the
-    answer (200): a 416 would tell the client that the video is shorter than it asked for."""
+    answer (200): a 416 would tell the client that the video is shorter than it asked for. So is
+    one beside If-None-Match, If-Match or If-Unmodified-Since (werkzeug answered the range
+    before the condition: a 206 where the client's copy was current, 304), or beside a weak
+    If-Range (which needs a strong match)."""
     header = request.headers.get("Range")
     if header is None:
         return
     ranges = parse_range_header(header)
-    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
-        request.environ.pop("HTTP_RANGE", None)  # what both stores read it from
-        request.__dict__.pop("range", None)  # and werkzeug's copy, if it was read already
+    conditional = any(name in request.headers for name in ("If-None-Match", "If-Match", "If-Unmodified-Since"))
+    weak = request.headers.get("If-Range", "").lstrip().startswith("W/")
+    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1 or conditional or weak:
+        ignore_range()
