@@ -61,6 +61,12 @@ def test_choices_are_accepted_and_published():
     assert s["gaze"]["default"] == "natural" and "enum" not in s["fps"]
 
 
+def test_an_unknown_parameter_is_named_short():
+    with pytest.raises(InvalidParameter) as e:
+        GenerateOptions.from_dict({"x" * 5000: 1})
+    assert len(e.value.message) < 80 and len(e.value.field) == 40
+
+
 def test_unknown_parameter_rejected():
     with pytest.raises(InvalidParameter) as e:
         GenerateOptions.from_dict({"dynamic_scal": 1.0})
