@@ -204,3 +204,10 @@ def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters
         if name in request.files:
             raise InvalidParameter(f"the field {name!r} is sent as a file: send it as a text field", field=name)
     refuse_unknown([*request.form.keys(), *request.files.keys()], (*files, *texts), parameters)
+
+
+def check_sent_as_file(name: str) -> None:
+    """InvalidParameter where the form's file `name` came as a text field: the route would have
+    said it is missing."""
+    if name in request.form:
+        raise InvalidParameter(f"{name} must be a file part (a file in the form), not text", field=name)

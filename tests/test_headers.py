@@ -187,6 +187,11 @@ def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served
         "Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=not-the-one"})
     assert_clean_error(r, 400, "invalid_parameter", "Content-Type")
     assert "holds no parts" in r.get_json()["error"]["message"]
+    # a file sent as a text field is said to be one, not missing
+    r = served.client.post("/api/sonic/generate", data={"image": "face.jpg", "audio": "talk.flac"},
+                           headers={"Authorization": f"Bearer {KEY}"}, content_type="multipart/form-data")
+    assert_clean_error(r, 400, "invalid_parameter", "image")
+    assert "image must be a file part" in r.get_json()["error"]["message"]
     # a stranger is told 401 first; a GET's stray Content-Type is no body to read
     r = served.client.post("/api/sonic/generate", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
     assert_clean_error(r, 401, "unauthorized")

@@ -476,6 +476,11 @@ def test_bad_requests_are_named_4xx(server, tmp_path):
         r = requests.post(base + "/api/sonic/live", data=data, files=files, timeout=30)
         cases.append((r, 400, "invalid_parameter", field))
     assert "given more than once" in cases[-2][0].text and "put it in the config object" in cases[-1][0].text
+    # the portrait sent as a text field: said so, as generate says it (it was "'image' is missing")
+    as_text = [(name, (None, value)) for name, value in form + [("image", "face.jpg")]]  # multipart, no file
+    r = requests.post(base + "/api/sonic/live", files=as_text, timeout=30)
+    assert "image must be a file part (a file in the form), not text" in r.text
+    cases.append((r, 400, "invalid_parameter", "image"))
     for r, status, code, field in cases:
         assert_clean_error(r, status, code, field)
     assert live_count(base) == 0  # nothing was left open by a refusal

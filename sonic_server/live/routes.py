@@ -27,6 +27,7 @@ from ..json_input import (
     MAX_CONFIG_CHARS,
     body_type_refused,
     check_form_fields,
+    check_sent_as_file,
     config_switches,
     json_object_field,
 )
@@ -185,6 +186,7 @@ def _image() -> tuple[bytes, np.ndarray]:
     """The portrait's bytes (what a worker is sent) and its checked pixels."""
     f = request.files.get("image")
     if f is None:
+        check_sent_as_file("image")
         raise InvalidParameter("multipart file field 'image' is missing", field="image")
     data = f.read()
     if not data:
@@ -545,6 +547,7 @@ def _decoded_speech(max_s: float) -> np.ndarray:
     check_form_fields(("audio",), ())  # a second file was dropped unsaid, as a stray field was
     f = request.files.get("audio")
     if f is None:
+        check_sent_as_file("audio")
         raise InvalidParameter(
             "multipart file field 'audio' is missing (or send Content-Type: audio/L16;rate=16000)", field="audio"
         )

@@ -31,6 +31,7 @@ from ..json_input import (
     MAX_CONFIG_CHARS,
     body_type_refused,
     check_form_fields,
+    check_sent_as_file,
     config_switches,
     json_object_body,
     json_object_field,
@@ -374,8 +375,7 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
         if f is None or not uploaded:
             if _is_json():
                 raise InvalidParameter(f"the JSON key '{name}_url' is missing", field=f"{name}_url")
-            if name in request.form:
-                raise InvalidParameter(f"{name} must be a file part (a file in the form), not text", field=name)
+            check_sent_as_file(name)
             raise InvalidParameter(f"multipart file field '{name}' (or a field '{name}_url') is missing", field=name)
         files[name] = f.read()
         if not files[name]:
