@@ -144,6 +144,12 @@ def test_a_url_with_user_and_password_is_fetched_with_basic_auth(client, files):
     assert "HTTP 401" in r.get_json()["error"]["message"]
 
 
+def test_a_null_url_is_said_to_be_null_not_missing(client, files):
+    r = client.post("/api/sonic/generate", json={"image_url": None, "audio_url": files.url("/speech.flac")})
+    assert_clean_error(r, 400, "invalid_parameter", "image_url")
+    assert r.get_json()["error"]["message"].startswith("image_url is null")
+
+
 @pytest.mark.parametrize("path, status, code, cause", [
     ("/missing.jpg", 400, "invalid_parameter", "HTTP 404"),
     ("/huge", 413, "input_too_large", "larger than"),

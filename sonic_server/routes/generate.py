@@ -367,6 +367,10 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
         url = fields.get(f"{name}_url")
         if uploaded and url:
             raise InvalidParameter(f"send {name} or {name}_url, not both", field=f"{name}_url")
+        if url is None and f"{name}_url" in fields:  # (it was said to be missing)
+            raise InvalidParameter(
+                f"{name}_url is null: give an http(s) URL, or send {name} as a file", field=f"{name}_url"
+            )
         if url:
             if not isinstance(url, str):
                 raise InvalidParameter(f"{name}_url must be an http(s) URL", field=f"{name}_url")
