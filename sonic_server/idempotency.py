@@ -42,8 +42,9 @@ PURGE_EVERY_S = 60.0  # expired answers are removed this often
 KEPT_HEADERS = ("Content-Type", "Location", "X-Fusion-Timings")
 PARAMETER = header(
     HEADER,
-    "a unique string of printable ASCII without commas (a UUID): a retry with the same key and request "
-    "returns the first answer, with no second job or charge; the same key with another request is 409",
+    "a unique string of printable ASCII without commas (a UUID), bare or in double quotes (the same key): "
+    "a retry with the same key and request returns the first answer, with no second job or charge; the "
+    "same key with another request is 409",
     # printable ASCII but the comma, no space at either end (HTTP strips it)
     {"type": "string", "maxLength": MAX_KEY_CHARS, "pattern": "^[!-+\\--~]([ -+\\--~]*[!-+\\--~])?$"},
 )
@@ -193,9 +194,11 @@ def request_key(owner: str | None) -> str | None:
         return None
     if not 1 <= len(raw) <= MAX_KEY_CHARS or not raw.isascii() or not raw.isprintable():
         raise InvalidParameter(f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters", field=HEADER)
-    # two headers reach the app as one value joined by a comma: the request would have been kept
-    # under a key that neither of them is
-    if "," in raw:
+    if len(raw) > 2 and raw[0] == raw[-1] == '"' and '"' not in raw[1:-1]:
+        raw = raw[1:-1]  # the IETF draft's quoted string: the same key as the bare one (Stripe's)
+    elif "," in raw:
+        # two headers reach the app as one value joined by a comma: the request would have been
+        # kept under a key that neither of them is
         raise InvalidParameter(f"give one {HEADER}, without commas (two headers arrive joined by one)", field=HEADER)
     return hashlib.sha256(f"{owner or ''}\n{raw}".encode()).hexdigest()
 

@@ -127,6 +127,9 @@ def test_an_idempotency_key_makes_one_job_whatever_the_retries(make_client):
     assert len(listing(client, KEY_A)["jobs"]) == 1  # one job, one render
     other = post(client, {**FAST, "seed": 22}, headers=key)
     assert_clean_error(other, 409, "conflict")
+    # the IETF draft's quoted string is the same key (a comma may stand inside the quotes)
+    quoted = post(client, {**FAST, "seed": 21}, headers={"Idempotency-Key": '"order-7f3a"', **auth(KEY_A)})
+    assert quoted.get_json()["job_id"] == first.get_json()["job_id"] and quoted.headers["Idempotent-Replayed"] == "true"
     # the same key from another caller is another key
     theirs = post(client, {**FAST, "seed": 21}, headers={"Idempotency-Key": "order-7f3a", **auth(KEY_B)})
     assert theirs.status_code == 200 and theirs.get_json()["job_id"] != first.get_json()["job_id"]
@@ -150,6 +153,7 @@ def test_an_idempotency_key_makes_one_job_whatever_the_retries(make_client):
                  + list(auth(KEY_A).items()))
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == "Idempotency-Key"
+    assert post(client, {**FAST, "seed": 24}, headers={"Idempotency-Key": '"a,b"', **auth(KEY_A)}).status_code == 200
 
 
 def test_a_request_that_fails_after_its_job_was_made_is_not_made_twice(make_client):
