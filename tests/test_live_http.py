@@ -909,3 +909,15 @@ def test_the_service_logs_no_line_per_ice_check():
     from sonic_server.logs import configure_logging
     configure_logging()
     assert logging.getLogger("aioice").level >= logging.WARNING
+
+
+def test_a_session_whose_frames_go_out_late_says_so_in_its_state():
+    """A server slower than the session asks (a 1024 px face at 60 fps on two cores) held the
+    picture on every other frame with nothing said but a count."""
+    from sonic_server.live.sessions import falling_behind
+
+    assert falling_behind(30, 20, 25, (512, 640)) is None  # its first seconds: a helper warming up
+    assert falling_behind(500, 40, 25, (512, 640)) is None  # 8 %: within what a busy moment costs
+    said = falling_behind(600, 300, 60, (1024, 1280))
+    assert said == ("50% of the frames went out late: this server renders slower than 60 fps at 1024x1280; "
+                    "a lower fps or min_resolution keeps up")

@@ -104,6 +104,11 @@ STATE = component(
                 },
             },
             "worker": {"type": "string", "description": "distributed mode: the worker the session runs on"},
+            "warning": {
+                "type": "string",
+                "description": "present while more than a tenth of the frames sent went out late (the server "
+                "renders slower than the session's fps and size ask): lower fps or min_resolution",
+            },
         },
     },
 )

@@ -168,7 +168,7 @@ class ServedSession:
     def state(self) -> dict:
         engine = self.engine
         width, height = engine.frame_size
-        return {
+        state = {
             "session_id": self.id,
             "state": "speaking" if engine.speaking else "idle",
             "queued_s": round(engine.queued_s, 3),
@@ -183,6 +183,26 @@ class ServedSession:
             "connection": getattr(self.pc, "connectionState", "new"),
             "network": self.network.as_json(),
         }
+        behind = falling_behind(self.stats.frames_sent, engine.late_frames, engine.fps, (width, height))
+        if behind:
+            state["warning"] = behind
+        return state
+
+
+LATE_SHARE = 0.1  # late frames past this share of those sent (after LATE_AFTER_S): the server falls behind
+LATE_AFTER_S = 2.0  # (the first frames of a session may be late while its helper warms up)
+
+
+def falling_behind(sent: int, late: int, fps: int, size: tuple[int, int]) -> str | None:
+    """What a session's state says where this server renders slower than the session asks (a
+    1024 px face at 60 fps on two cores: every other frame late, the picture held), or None.
+    The session goes on: late frames go out as the picture before them, the stream in time."""
+    if sent < LATE_AFTER_S * fps or late <= LATE_SHARE * sent:
+        return None
+    return (
+        f"{late / sent:.0%} of the frames went out late: this server renders slower than {fps} fps at "
+        f"{size[0]}x{size[1]}; a lower fps or min_resolution keeps up"
+    )
 
 
 MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a data channel at most)
