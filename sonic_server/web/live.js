@@ -4,7 +4,7 @@
 // helpers ($, authHeaders, config, showError, clearErrors, errorOf, jsonOf).
 "use strict";
 
-const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null, stoppedAt: -1e9, opening: null };
+const live = { pc: null, mic: null, id: null, timer: null, frames: null, state: null, stoppedAt: -1e9, opening: null, warned: false };
 const AFTER_STOP_MS = 1000;  // Start takes Stop's place (and focus): a double press must not reopen the microphone
 const GATHER_MS = 3000;  // the server takes the offer with its candidates in it (no trickle)
 // a session's end as its 404 names it (ended_reason), in the page's words
@@ -110,6 +110,7 @@ async function startLive() {
     $("live-video").scrollIntoView({ block: "nearest" });  // on a phone it is below the screen, where it stays paused
     playLive();
     live.frames = live.state = null;
+    live.warned = false;
     live.timer = setInterval(refreshLive, 1000);
   } catch (e) {
     live.opening = null;
@@ -177,6 +178,8 @@ async function refreshLive() {
   }
   live.frames = { count: s.frames_sent, at: now };
   $("live-late").textContent = String(s.late_frames);
+  // the server falling behind (its state's warning) is said once, where errors are shown
+  if (s.warning && !live.warned) { live.warned = true; liveError(s.warning); }
   $("live-network").textContent = networkWords(s.network);
 }
 
