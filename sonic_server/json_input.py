@@ -196,7 +196,15 @@ def refuse_unknown(
 def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters: Collection[str] = ()) -> None:
     """A form request (multipart or urlencoded) names only the `files` and text fields `texts` its
     route reads, each once, a text field not as a file (which would not be read as text). A
-    second `image` or `offer` was dropped unsaid: which one the request used was not said."""
+    second `image` or `offer` was dropped unsaid: which one the request used was not said. A
+    multipart body in which no part was found is refused naming Content-Type: its boundary is
+    not the one the body uses (the route said "image is missing" of an image it sent)."""
+    if request.mimetype == "multipart/form-data" and request.content_length != 0:
+        if not request.form and not request.files:
+            raise InvalidParameter(
+                "the multipart body holds no parts: is the boundary in its Content-Type the one that separates them?",
+                field="Content-Type",
+            )
     for name in (*files, *texts):
         if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
             raise InvalidParameter(f"the field {name!r} is given more than once", field=name)

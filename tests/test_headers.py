@@ -183,10 +183,11 @@ def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served
         assert_clean_error(r, 400, "invalid_parameter")
         assert r.get_json()["error"]["field"] == "Content-Type" and "boundary" in r.get_json()["error"]["message"]
     # a boundary the body does not use: no part is found
-    r = served.client.post("/api/sonic/generate", data=served.body, headers={
-        "Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=not-the-one"})
-    assert_clean_error(r, 400, "invalid_parameter", "Content-Type")
-    assert "holds no parts" in r.get_json()["error"]["message"]
+    for path in ("/api/sonic/generate", "/fusion", "/api/sonic/live"):
+        r = served.client.post(path, data=served.body, headers={
+            "Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=not-the-one"})
+        assert_clean_error(r, 400, "invalid_parameter", "Content-Type")
+        assert "holds no parts" in r.get_json()["error"]["message"], path
     # a file sent as a text field is said to be one, not missing
     r = served.client.post("/api/sonic/generate", data={"image": "face.jpg", "audio": "talk.flac"},
                            headers={"Authorization": f"Bearer {KEY}"}, content_type="multipart/form-data")
