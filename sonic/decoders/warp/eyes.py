@@ -208,9 +208,9 @@ def gaze_map(eye: Eye, px: np.ndarray, py: np.ndarray, shift: tuple[float, float
     return sx, sy
 
 
-def _column(eye: Eye, x: np.ndarray) -> np.ndarray:
-    """The eye box's column nearest to each frame x (clamped to the box)."""
-    return np.clip(np.rint(x).astype(np.int32) - eye.x0, 0, eye.x1 - eye.x0 - 1)
+def _column(box: Eye | Brow, x: np.ndarray) -> np.ndarray:
+    """The eye's or brow's box column nearest to each frame x (clamped to the box)."""
+    return np.clip(np.rint(x).astype(np.int32) - box.x0, 0, box.x1 - box.x0 - 1)
 
 
 @dataclass(frozen=True)
@@ -346,7 +346,7 @@ def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndar
     lift a few px)."""
     if abs(lift) < 1e-3:
         return qy
-    col = np.clip(np.round(qx).astype(np.int32) - brow.x0, 0, brow.x1 - brow.x0 - 1)
+    col = _column(brow, qx)
     # each point's column's values, looked up once for both steps (float32, as qy: the box
     # is large and this runs on most frames)
     middle = brow.middle.astype(np.float32)[col]
