@@ -17,6 +17,7 @@ from .errors import error_response
 from .logs import fields
 from .metrics import count_request
 from .openapi import headers_everywhere
+from .settings import HOST
 
 log = logging.getLogger("sonic.http")
 PROBES = ("/health", "/metrics")  # asked every few seconds by orchestrators and Prometheus
@@ -61,10 +62,6 @@ def request_id(app: Flask) -> None:
         if resp.status_code == 204:  # no content, so no type (Flask's default said text/html)
             resp.headers.pop("Content-Type", None)
         return resp
-
-
-# a Host header as RFC 9110 7.2 has it: a name or an address (IPv6 in brackets), then a port
-HOST = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?")
 
 
 def host(app: Flask) -> None:

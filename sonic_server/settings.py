@@ -306,6 +306,9 @@ def _check_webhooks(hooks: WebhookSettings) -> None:
             raise SettingsError("setting webhooks.secret: a whsec_ secret must be base64 after its prefix") from None
 
 
+# a host as RFC 9110 7.2 has it (a Host header, a URL's host part): a name or an address (IPv6 in
+# brackets), then a port or not
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?")
 # what a browser sends as Origin: scheme://host[:port], nothing after it
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
@@ -321,10 +324,6 @@ def _check_origins(origins: tuple[str, ...]) -> None:
             )
 
 
-# a name or an address (IPv6 in brackets), then a port or not: what a URL's host part may be
-PUBLIC_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]+)?")
-
-
 def _check_public_url(url: str | None) -> None:
     """http(s)://host[:port], an optional / after it: what the URLs in answers start with
     (sonic_server/public.py). No path: the demo page and /docs load their files from the root."""
@@ -333,7 +332,7 @@ def _check_public_url(url: str | None) -> None:
     try:
         parts = urlsplit(url)
         port_ok = parts.port is None or parts.port > 0
-        host_ok = bool(parts.hostname) and PUBLIC_HOST.fullmatch(parts.netloc) is not None
+        host_ok = bool(parts.hostname) and HOST.fullmatch(parts.netloc) is not None
     except ValueError:  # a port that is no number or past 65535, a bracket left open, [zz]
         parts, port_ok, host_ok = urlsplit(""), False, False
     nothing_after = parts.path in ("", "/") and not parts.query and not parts.fragment
