@@ -113,7 +113,6 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         credits=settings.credits,
     )
     hooks.cors(app, list(srv.cors_origins))
-    hooks.multipart_boundary(app)  # after the key and the origin are checked: a stranger is told 401 or 403
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)

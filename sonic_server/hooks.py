@@ -79,29 +79,6 @@ def host(app: Flask) -> None:
         )
 
 
-BODY_METHODS = ("POST", "PUT", "PATCH")  # the methods whose body a route reads
-
-
-def multipart_boundary(app: Flask) -> None:
-    """A multipart request whose Content-Type names no boundary is refused 400, naming the
-    header: its parts cannot be found, and the route said "image is missing" of an image it
-    sent. (A client that sets Content-Type itself for a FormData body drops the boundary its
-    library would have written.) Checked before the body is read."""
-
-    @app.before_request
-    def _refuse_multipart_without_boundary():
-        if request.url_rule is None or request.method not in BODY_METHODS or request.mimetype != "multipart/form-data":
-            return None  # (no route: its 404 or 405 says more; a GET's stray Content-Type reads no body)
-        if not request.mimetype_params.get("boundary"):
-            return error_response(
-                "invalid_parameter",
-                "Content-Type multipart/form-data names no boundary (multipart/form-data; boundary=...): "
-                "let the HTTP library write this header for a form",
-                field="Content-Type",
-            )
-        return None  # (a boundary the body does not use: json_input.check_form_fields, once the route reads it)
-
-
 def cors(app: Flask, origins: list[str]) -> None:
     """Browsers at `origins` ("*": any; empty: none) may call the API and read its headers.
 

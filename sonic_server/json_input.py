@@ -197,10 +197,18 @@ def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters
     """A form request (multipart or urlencoded) names only the `files` and text fields `texts` its
     route reads, each once, a text field not as a file (which would not be read as text). A
     second `image` or `offer` was dropped unsaid: which one the request used was not said. A
-    multipart body in which no part was found is refused naming Content-Type: its boundary is
-    not the one the body uses (the route said "image is missing" of an image it sent)."""
-    if request.mimetype == "multipart/form-data" and request.content_length != 0:
-        if not request.form and not request.files:
+    multipart body whose Content-Type names no boundary, or one in which no part was found (its
+    boundary is not the one the body uses), is refused naming Content-Type: the route said
+    "image is missing" of an image it sent. (A client that sets Content-Type itself for a
+    FormData body drops the boundary its library would have written.)"""
+    if request.mimetype == "multipart/form-data":
+        if not request.mimetype_params.get("boundary"):  # (known before the body is read)
+            raise InvalidParameter(
+                "Content-Type multipart/form-data names no boundary (multipart/form-data; boundary=...): "
+                "let the HTTP library write this header for a form",
+                field="Content-Type",
+            )
+        if request.content_length != 0 and not request.form and not request.files:
             raise InvalidParameter(
                 "the multipart body holds no parts: is the boundary in its Content-Type the one that separates them?",
                 field="Content-Type",
