@@ -135,6 +135,11 @@ def test_a_face_the_browser_will_not_play_with_sound_plays_muted_and_says_so(ser
         assert d.execute_script("return document.activeElement.id") == "live-stop"  # not lost to the page's body
         d.find_element("id", "live-stop").click()
         wait(d, "return live.id === null", 10, "the session stopped")
+        # and ended on the server, not left to its idle timeout (the next test counts sessions)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and live_sessions(server):
+            time.sleep(0.1)
+        assert live_sessions(server) == 0
     finally:
         end_left_session(d, server)
         d.quit()
