@@ -111,6 +111,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         srv.rate_limit_burst,
         ledger=svc.ledger,
         credits=settings.credits,
+        table=_rate_tables(srv.redis_url),
     )
     hooks.cors(app, list(srv.cors_origins))
     install_error_handlers(app, limits.max_upload_mb)
@@ -188,6 +189,16 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     _refuse_new_work_while_stopping(app, drain)
     drain_on_sigterm(drain)  # under a WSGI server; `sonic serve` claims SIGTERM itself
     return app
+
+
+def _rate_tables(redis_url: str | None) -> access.BucketTable:
+    """The rate limit's buckets: in Redis where several API processes share one (connected on
+    the first request: an API process may start before its Redis)."""
+    if not redis_url:
+        return access.local_table
+    from .queue.redis import connect
+
+    return access.shared_table(connect(redis_url))
 
 
 def _refuse_new_work_while_stopping(app: Flask, drain: Drain) -> None:

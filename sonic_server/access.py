@@ -8,6 +8,10 @@ configured key, so nothing a stranger sends can evict it); every other request b
 address, whatever token it carries. So invented tokens buy nothing, and a failed authentication
 spends the address's tokens: after the burst, wrong keys get 429 instead of 401 and keys cannot
 be guessed at full speed. The address table is bounded (least recently seen dropped first).
+
+In distributed mode (server.redis_url) the buckets live in Redis, so that a client spends from
+one bucket whichever API process its requests reach: with them in each process, N processes
+behind a load balancer gave every client N times the limit.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from flask import Flask, g, request
 
@@ -100,16 +106,75 @@ class TokenBucket:
         return client in self._buckets
 
 
+class Bucket(Protocol):
+    def take(self, client: str) -> float: ...
+
+
+# (the table's name, rate, burst, the most clients it remembers) -> a table of buckets
+BucketTable = Callable[[str, float, float, int | None], Bucket]
+
+
+def local_table(name: str, rate: float, burst: float, max_clients: int | None) -> Bucket:
+    """A table in this process (one API process, or tests)."""
+    return TokenBucket(rate, burst, max_clients=max_clients)
+
+
+# KEYS: the client's bucket. ARGV: rate (tokens a second), burst. Returns the seconds to wait as
+# a string (a Lua number would be truncated to an integer): "0" when a token was spent. Redis's
+# own clock, so that the API processes' clocks need not agree; the bucket expires once it would
+# be full again, which bounds the table without an LRU.
+_TAKE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(held[1]) or burst, tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class SharedTokenBucket:
+    """TokenBucket's rule kept in Redis (`sonic:rate:<table>:<digest of the client>`): a
+    client's key or account is stored only as a digest. A Redis that does not answer raises,
+    and the API answers 503 `not_ready` as for its other requests."""
+
+    def __init__(self, conn: Any, table: str, rate: float, burst: float) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self._prefix = f"sonic:rate:{table}:"
+        self._take = conn.register_script(_TAKE)
+
+    def take(self, client: str) -> float:
+        digest = hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return float(self._take(keys=[self._prefix + digest], args=[repr(self.rate), repr(self.burst)]))
+
+
+def shared_table(conn: Any) -> BucketTable:
+    """Tables in Redis, shared by every API process of a distributed service."""
+
+    def table(name: str, rate: float, burst: float, max_clients: int | None) -> Bucket:
+        return SharedTokenBucket(conn, name, rate, burst)
+
+    return table
+
+
 class RateLimiter:
     """The two tables: `keys` (verified keys only, bounded by their number) and `addresses`; and
     the same two again for DELETEs, which end what a client holds (a live session, a job): a
     client that has spent its requests can still let go of what it holds, and DELETEs are
     bounded all the same."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int | None = None):
-        self.keys = TokenBucket(rate, burst, max_clients=max_keys)
-        self.addresses = TokenBucket(rate, burst, max_clients=MAX_CLIENTS)
-        self._ending = (TokenBucket(rate, burst, max_keys), TokenBucket(rate, burst, max_clients=MAX_CLIENTS))
+    def __init__(self, rate: float, burst: float, max_keys: int | None = None, table: BucketTable = local_table):
+        self.keys = table("keys", rate, burst, max_keys)
+        self.addresses = table("addresses", rate, burst, MAX_CLIENTS)
+        self._ending = (
+            table("ending-keys", rate, burst, max_keys),
+            table("ending-addresses", rate, burst, MAX_CLIENTS),
+        )
 
     def take(self, verified_key: str | None, address: str, ending: bool = False) -> float:
         keys, addresses = self._ending if ending else (self.keys, self.addresses)
@@ -164,16 +229,25 @@ def verified(key: str | None, keys: list[str]) -> str | None:
     return match
 
 
-def install(app: Flask, keys: list[str], rate_per_s: float, burst: float, ledger=None, credits=None) -> None:
+def install(
+    app: Flask,
+    keys: list[str],
+    rate_per_s: float,
+    burst: float,
+    ledger=None,
+    credits=None,
+    table: BucketTable = local_table,
+) -> None:
     """Refuse /api/ requests without a valid key (401, when keys are set) or over their bucket
     (429 + Retry-After): a verified key's, else the client address's. With accounts (`ledger`,
     credits enabled) every /api/ request needs an account's key, a bearer token or a flat key,
-    /api/admin/ the admin role (403), and recharges have their own, lower limit."""
+    /api/admin/ the admin role (403), and recharges have their own, lower limit. `table`: where
+    the buckets are kept (shared_table: in Redis, for every API process)."""
     # with accounts, one bucket per account: bounded too
     max_keys = MAX_CLIENTS * 10 if ledger is not None else None
-    limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst, max_keys)
+    limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst, max_keys, table)
     if ledger is not None:
-        recharges = TokenBucket(credits.recharge_rate_per_s, credits.recharge_burst, max_clients=MAX_CLIENTS)
+        recharges = table("recharges", credits.recharge_rate_per_s, credits.recharge_burst, MAX_CLIENTS)
 
     @app.before_request
     def _guard():

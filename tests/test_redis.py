@@ -551,6 +551,31 @@ def test_a_redis_outage_is_503_not_ready_and_the_api_recovers(tmp_path):
         proc.wait(10)
 
 
+def test_a_client_has_one_rate_limit_whichever_api_process_it_reaches(cluster):
+    """Two API processes over one Redis: a burst spent through one is spent for the other (each
+    process had its buckets to itself: N processes behind a load balancer gave a client N times
+    the limit); a key's bucket and a DELETE's are their own; keys are kept only as digests."""
+    import redis
+    c = cluster(api_keys=["key-a"], rate_limit_per_s=0.5, rate_limit_burst=3)
+    one, two = c.client(), c.client()
+    key = {"Authorization": "Bearer key-a"}
+    # without a key: the address's bucket, spent through both (401: the key is missing)
+    assert [api.get("/api/sonic/jobs").status_code for api in (one, two, one)] == [401] * 3
+    refused = two.get("/api/sonic/jobs")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "2", refused.get_data()
+    # the key's own bucket, the same through both
+    assert [api.get("/api/sonic/jobs", headers=key).status_code for api in (two, one, two)] == [200] * 3
+    assert one.get("/api/sonic/jobs", headers=key).status_code == 429
+    # a DELETE may still let go of a job (404: there is none), once per token too
+    assert [api.delete("/api/sonic/jobs/nothing", headers=key).status_code for api in (one, two, one)] == [404] * 3
+    assert two.delete("/api/sonic/jobs/nothing", headers=key).status_code == 429
+    time.sleep(2.1)  # a token every 2 s, whichever process spends it
+    assert two.get("/api/sonic/jobs", headers=key).status_code == 200
+    assert one.get("/api/sonic/jobs", headers=key).status_code == 429
+    stored = [k.decode() for k in redis.Redis.from_url(c.cfg["server"]["redis_url"]).scan_iter("sonic:rate:*")]
+    assert len(stored) == 3 and not any("key-a" in k or "127.0.0.1" in k for k in stored), stored
+
+
 def test_jobs_are_listed_and_deleted_through_any_api_process(cluster):
     """Each key lists its own jobs, newest first, a page at a time, through either API process;
     a delete through one removes the record, the video and the cache entry for both; deleting a
