@@ -8,6 +8,10 @@ and, where one field is to blame, its name. The library knows codes only: whoeve
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 
 class SonicError(Exception):
     """Base of the family; its own code means a failure nobody outside can act on."""
@@ -86,3 +90,22 @@ class SetupError(SonicError):
     offending key; the operator, not the caller, must act."""
 
     code = "setup_failed"
+
+
+def shown(value: Any) -> str:
+    """A caller's value as its JSON (or a settings file's YAML) said it, short: true, null, "abc",
+    1e+300 (a message that said "got True" or printed a 300-digit number spoke Python, not the
+    API)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        try:
+            return f"{value:.6g}"
+        except OverflowError:  # past any float
+            return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, OverflowError):  # not a JSON value (a library caller's object)
+        try:
+            text = repr(value)
+        except ValueError:  # holding an integer too long to print
+            text = f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."

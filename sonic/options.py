@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import typing
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, shown
 from .settings import Limits, Settings, as_settings, read_yaml
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -91,22 +90,22 @@ class Param:
         name, given = self.name, value
         if self.type is bool:
             if not isinstance(value, bool):
-                raise InvalidParameter(f"{name} must be true or false, got {_shown(given)}", field=name)
+                raise InvalidParameter(f"{name} must be true or false, got {shown(given)}", field=name)
             return value
         if self.type is str:
             assert self.choices is not None  # declared with its choices (see `param`)
             if value not in self.choices:
                 raise InvalidParameter(
-                    f"{name} must be one of {', '.join(self.choices)}, got {_shown(given)}", field=name
+                    f"{name} must be one of {', '.join(self.choices)}, got {shown(given)}", field=name
                 )
             return value
         if isinstance(value, (np.integer, np.floating)):  # numpy's scalars, as a caller's arrays give them
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidParameter(f"{name} must be a number, got {_shown(given)}", field=name)
+            raise InvalidParameter(f"{name} must be a number, got {shown(given)}", field=name)
         if self.type is int:
             if isinstance(value, float) and not value.is_integer():
-                raise InvalidParameter(f"{name} must be an integer, got {_shown(given)}", field=name)
+                raise InvalidParameter(f"{name} must be an integer, got {shown(given)}", field=name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidParameter(f"{name} must be finite", field=name)
             value = int(value)
@@ -116,33 +115,15 @@ class Param:
             except OverflowError:  # an integer past any float: as far out as infinity
                 value = math.inf if value > 0 else -math.inf
             if not math.isfinite(value):
-                raise InvalidParameter(f"{name} must be a finite number, got {_shown(given)}", field=name)
+                raise InvalidParameter(f"{name} must be a finite number, got {shown(given)}", field=name)
         lo, hi = self.low, self.maximum(limits)
         low_ok = lo is None or (value >= lo if self.low_inclusive else value > lo)
         high_ok = hi is None or value <= hi
         if not (low_ok and high_ok):
             left = "[" if self.low_inclusive else "("
             lo_s, hi_s = (_bound(b) for b in (lo, hi))
-            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {_shown(given)}", field=name)
+            raise InvalidParameter(f"{name} must be in {left}{lo_s}, {hi_s}], got {shown(given)}", field=name)
         return value
-
-
-def _shown(value: Any) -> str:
-    """A request's value as its JSON said it, short: true, null, "abc", 1e+300 (a message that
-    said "got True" or printed a 300-digit number spoke Python, not the API)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
-        try:
-            return f"{value:.6g}"
-        except OverflowError:  # past any float
-            return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, OverflowError):  # not a JSON value (a library caller's object)
-        try:
-            text = repr(value)
-        except ValueError:  # holding an integer too long to print
-            text = f"a {type(value).__name__}"
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _bound(bound: float | None) -> str:
@@ -221,7 +202,7 @@ class GenerateOptions:
             if name in ignore:
                 continue
             if name not in declared:  # (named short: a 5,000-character key made a 10 kB answer)
-                raise InvalidParameter(f"unknown parameter {_shown(name)}", field=str(name)[:40])
+                raise InvalidParameter(f"unknown parameter {shown(name)}", field=str(name)[:40])
             merged[name] = value
         values = {}
         for name, value in merged.items():

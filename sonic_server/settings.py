@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
 from urllib.parse import urlsplit
 
+from sonic.errors import shown
 from sonic.settings import ENV_PREFIX, Settings, SettingsError, resolve_path
 from sonic.settings import load_settings as _load_settings
 from sonic.settings import settings_from as _settings_from
@@ -197,7 +198,7 @@ class ServerConfig(Settings):
         if self.server.port > 65535:
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
         if self.server.log_format not in LOG_FORMATS:
-            raise SettingsError(f"setting server.log_format must be text or json, got {self.server.log_format!r}")
+            raise SettingsError(f"setting server.log_format must be text or json, got {shown(self.server.log_format)}")
         _check_redis_url(self.server.redis_url)
         _check_storage(self)
         _check_credits(self)
@@ -258,7 +259,7 @@ def _check_networks(networks: tuple[str, ...]) -> None:
             ipaddress.ip_network(block, strict=False)
         except ValueError:
             raise SettingsError(
-                f"setting outbound.allow_networks: {block!r} is not an address or a CIDR block (10.0.0.0/8)"
+                f"setting outbound.allow_networks: {shown(block)} is not an address or a CIDR block (10.0.0.0/8)"
             ) from None
 
 
@@ -277,9 +278,9 @@ def _check_credits(s: ServerConfig) -> None:
 
 def _check_storage(s: ServerConfig) -> None:
     if s.storage not in STORAGE_KINDS:
-        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {s.storage!r}")
+        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {shown(s.storage)}")
     if s.s3.video_url not in VIDEO_URLS:
-        raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {s.s3.video_url!r}")
+        raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {shown(s.s3.video_url)}")
     if s.storage == "s3":
         if not s.server.redis_url:
             raise SettingsError(
@@ -319,7 +320,7 @@ def _check_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
             raise SettingsError(
-                f"setting server.cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
+                f"setting server.cors_origins: {shown(origin)} is not an origin; write scheme://host[:port] "
                 "with no path or trailing slash (https://app.example), or * for any"
             )
 
@@ -338,7 +339,7 @@ def _check_public_url(url: str | None) -> None:
     nothing_after = parts.path in ("", "/") and not parts.query and not parts.fragment
     if parts.scheme not in ("http", "https") or not host_ok or not port_ok or not nothing_after:
         raise SettingsError(
-            f"setting server.public_url: {url!r} is not an http:// or https:// address of a host, with a port "
+            f"setting server.public_url: {shown(url)} is not an http:// or https:// address of a host, with a port "
             "or not, and nothing after it (https://talk.example.com or http://10.0.0.5:5000)"
         )
 
@@ -347,18 +348,19 @@ def _check_live(live: LiveSettings) -> None:
     # numbers: ServerConfig.POSITIVE and sonic.settings.check_numbers
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
-            raise SettingsError(f"setting live.ice_servers: {url!r} is not a stun:, turn: or turns: URL")
+            raise SettingsError(f"setting live.ice_servers: {shown(url)} is not a stun:, turn: or turns: URL")
     for network in live.peer_networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise SettingsError(
-                f"setting live.peer_networks: {network!r} is not a network (e.g. 10.0.0.0/8 or fd00::/8)"
+                f"setting live.peer_networks: {shown(network)} is not a network (e.g. 10.0.0.0/8 or fd00::/8)"
             ) from None
     if live.public_host:
         try:
             ipaddress.ip_address(live.public_host)
         except ValueError:
             raise SettingsError(
-                f"setting live.public_host must be an IP address (what clients connect to), got {live.public_host!r}"
+                "setting live.public_host must be an IP address (what clients connect to), "
+                f"got {shown(live.public_host)}"
             ) from None

@@ -69,7 +69,7 @@ def test_unknown_decoder_setting_fails_at_load():
     from sonic import load_pipeline
     cfg = load_config()
     cfg["decoder"] = "nope"
-    with pytest.raises(SettingsError, match="setting decoder must be one of auto, warp, sonic, got 'nope'"):
+    with pytest.raises(SettingsError, match='setting decoder must be one of auto, warp, sonic, got "nope"'):
         load_pipeline(cfg)
 
 

@@ -20,7 +20,7 @@ def test_job_time_limit_and_output_limits_are_settings():
     assert 1024 * 1368 * 300 * 25 <= s.limits.max_output_pixel_frames
     s = load_settings(env={"SONIC_JOB_TIMEOUT_S": "30", "SONIC_MAX_OUTPUT_PIXELS": "1000000"})
     assert (s.server.job_timeout_s, s.limits.max_output_pixels) == (30.0, 1_000_000)
-    with pytest.raises(SettingsError, match="server.job_timeout_s must be float"):
+    with pytest.raises(SettingsError, match='server.job_timeout_s must be a number, got "soon"'):
         settings_from({"server": {"job_timeout_s": "soon"}})
 
 
@@ -68,15 +68,17 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("raw, env, needle", [
-    ({"server": {"queue_size": "many"}}, {}, "server.queue_size must be int"),
+    ({"server": {"queue_size": "many"}}, {}, 'server.queue_size must be a whole number, got "many"'),
     ({"server": {"queue_sise": 3}}, {}, "unknown setting server.queue_sise"),
     ({"output": "x"}, {}, "unknown setting output"),
     ({"live": {"host_adresses": []}}, {}, r"unknown setting live.host_adresses \(did you mean host_addresses\?"),
     ({"webhook": {}}, {}, r"did you mean webhooks\?"),
     ({1: 2, "a": 3}, {}, "unknown setting 1 "),                     # YAML keys that are numbers
     ({"POSITIVE": ["port"]}, {}, r"unknown setting POSITIVE \(known: allow_unsafe_pickle,"),  # a table, not a setting
-    ({}, {"SONIC_PORT": "80a"}, "SONIC_PORT must be int"),
-    ({"limits": {"max_upload_mb": True}}, {}, "limits.max_upload_mb must be float"),
+    ({}, {"SONIC_PORT": "80a"}, 'SONIC_PORT must be a whole number, got "80a"'),
+    ({"limits": {"max_upload_mb": True}}, {}, "limits.max_upload_mb must be a number, got true"),
+    ({"live": {"max_sessions": None}}, {}, "live.max_sessions must be a whole number, got null"),
+    ({"server": {"cors_origins": 5}}, {}, "server.cors_origins must be a list, got 5"),
     ({"defaults": [1]}, {}, "defaults must be a mapping"),
     ({}, {"SONIC_DEVICE": "gpu"}, "device must be one of auto, cpu, cuda"),
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
@@ -93,7 +95,7 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({}, {"SONIC_RENDER_PROCESSES": "-1"}, "render_processes must be a number 0 or more"),
     ({"defaults": {"fps": 500}}, {}, "defaults.fps: fps must be in"),
     ({"defaults": {"sead": 3}}, {}, "defaults.sead: no such parameter"),
-    ({}, {"SONIC_DECODER": "wrap"}, "decoder must be one of auto, warp, sonic, got 'wrap'"),
+    ({}, {"SONIC_DECODER": "wrap"}, 'decoder must be one of auto, warp, sonic, got "wrap"'),
     ({"server": {"rate_limit_burst": 0.5}}, {}, "server.rate_limit_burst must be at least 1"),
     ({"credits": {"ledger_page": 0}}, {}, "credits.ledger_page must be at least 1, got 0"),
     ({"credits": {"recharge_burst": 0.5}}, {}, "credits.recharge_burst must be at least 1, got 0.5"),
