@@ -169,8 +169,8 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
     def _stalled(e):
         return error_response(
             "upload_incomplete",
-            "the request body ended before its Content-Length, or stopped arriving "
-            "(server.socket_timeout_s without data)",
+            "the request body ended before its Content-Length (or a chunked body before its last, "
+            "zero-size chunk), or stopped arriving (server.socket_timeout_s without data)",
         )
 
     @app.errorhandler(404)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.exceptions import BadRequest, ClientDisconnected
+from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
-from sonic.errors import SonicError
+from sonic.errors import SonicError, shown
 from sonic.settings import SettingsError
 
 from . import create_app
@@ -74,6 +76,12 @@ class JsonErrorsHandler(WSGIRequestHandler):
             return False
         return True
 
+    def make_environ(self):  # -> WSGIEnvironment
+        environ = super().make_environ()
+        if isinstance(environ["wsgi.input"], DechunkedInput):  # its decoder, replaced (ChunkedBody)
+            environ["wsgi.input"] = ChunkedBody(self.rfile)
+        return environ
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = self.responses.get(code, ("error", ""))[0]
         if self.request_version == "HTTP/0.9":  # a request line that was not read: answered with a status
@@ -102,6 +110,80 @@ class JsonErrorsHandler(WSGIRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
+
+
+MAX_CHUNK_LINE = 4096  # bytes of a chunk's size line (its extensions included) or of a trailer line
+MAX_TRAILER_LINES = 100
+
+
+class ChunkedBody(io.RawIOBase):
+    """A `Transfer-Encoding: chunked` request body, decoded strictly. werkzeug's own decoder (its
+    dev server's, which `sonic serve` runs on) counted a chunk whose bytes stopped short as read
+    whole, and handed the app the rest of its buffer unwritten: bytes of this process's memory,
+    heard as loud noise through a live session's speak. Here a body that ends before its last
+    chunk (or stalls past the socket's timeout) is ClientDisconnected (408 upload_incomplete),
+    and malformed framing a 400 naming what is wrong."""
+
+    def __init__(self, rfile: io.BufferedIOBase) -> None:
+        self._rfile = rfile
+        self._left = 0  # bytes of the current chunk not read yet
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # any writable buffer, as io's own
+        view = memoryview(buf).cast("B")
+        try:
+            while not self._done and self._left == 0:
+                self._left = self._size()
+                if self._left == 0:
+                    self._trailers()
+                    self._done = True
+            if self._done or not len(view):
+                return 0
+            n = self._rfile.readinto(view[: min(len(view), self._left)])
+        except OSError as e:  # the socket's timeout, a reset
+            raise ClientDisconnected("the chunked request body stopped arriving") from e
+        if not n:
+            raise ClientDisconnected("the chunked request body ended inside a chunk")
+        self._left -= n
+        if self._left == 0:
+            self._chunk_end()
+        return n
+
+    def _line(self) -> bytes:
+        line = self._rfile.readline(MAX_CHUNK_LINE + 1)
+        if not line:
+            raise ClientDisconnected("the chunked request body ended before its last (zero-size) chunk")
+        if len(line) > MAX_CHUNK_LINE:
+            raise BadRequest(f"the chunked request body has a line over {MAX_CHUNK_LINE} bytes in its framing")
+        return line
+
+    def _size(self) -> int:
+        digits = self._line().split(b";", 1)[0].strip(b" \t\r\n")
+        if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
+            raise BadRequest(
+                f"the chunked request body is malformed: a chunk's size is {shown(digits[:20].decode('latin-1'))}, "
+                "not a hexadecimal number"
+            )
+        return int(digits, 16)
+
+    def _chunk_end(self) -> None:
+        end = self._rfile.readline(2)
+        if not end:
+            raise ClientDisconnected("the chunked request body ended before its last (zero-size) chunk")
+        if end not in (b"\r\n", b"\n"):
+            raise BadRequest("the chunked request body is malformed: a chunk is longer than its size says")
+
+    def _trailers(self) -> None:
+        for _ in range(MAX_TRAILER_LINES):
+            line = self._rfile.readline(MAX_CHUNK_LINE + 1)
+            if line in (b"", b"\r\n", b"\n"):  # the end (a client that closes after the last chunk: as well)
+                return
+            if len(line) > MAX_CHUNK_LINE:
+                raise BadRequest(f"the chunked request body has a trailer line over {MAX_CHUNK_LINE} bytes")
+        raise BadRequest(f"the chunked request body has more than {MAX_TRAILER_LINES} trailer lines")
 
 
 # what http.server says of a request line it cannot read, in the API's words (its own echo the

@@ -581,6 +581,45 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
     assert after.status_code == 404  # the session ended: speaking to it is a 404
 
 
+def test_a_chunked_stream_cut_short_queues_what_was_sent_and_says_so(server):
+    """A chunk that declares 8 s and carries 0.5 s, then the body ends: 408, and the session holds
+    the 0.5 s sent (the server's HTTP layer had counted the chunk as read whole and queued the
+    rest of its buffer: 7.5 s of the process's memory, heard as full-scale noise). A malformed
+    chunk size is a 400 naming it; each answer says how much of the stream was queued."""
+    host, port = server["base"].rsplit("/", 1)[1].split(":")
+
+    def raw(path: str, body: bytes) -> tuple[bytes, dict]:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(10)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/L16;rate=16000\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        head, _, answer = got.partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], json.loads(answer)["error"]
+
+    async def session():
+        client = LiveClient(server["base"])
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        path = client.session_url("/speak").split(port, 1)[1]
+        cut = raw(path, b"3e800\r\n" + b"\1\0" * 8_000 + b"\r\n0\r\n\r\n")
+        held = (await client.state())["queued_s"]
+        malformed = raw(path, b"zz\r\n" + b"\1\0" * 8 + b"\r\n0\r\n\r\n")
+        longer = raw(path, b"4\r\n" + b"\1\0" * 8 + b"\r\n0\r\n\r\n")
+        await client.close()
+        return cut, held, malformed, longer
+
+    (status, error), held, malformed, longer = asyncio.run(session())
+    assert status == b"HTTP/1.1 408 REQUEST TIMEOUT" and error["code"] == "upload_incomplete", (status, error)
+    assert "ended inside a chunk" in error["message"] and "0.5 s of it before that were queued" in error["message"]
+    assert held <= 0.5, held
+    assert malformed[0] == b"HTTP/1.1 400 BAD REQUEST", malformed
+    assert 'a chunk\'s size is "zz", not a hexadecimal number; none of it was queued' in malformed[1]["message"]
+    assert longer[0] == b"HTTP/1.1 400 BAD REQUEST" and "a chunk is longer than its size says" in longer[1]["message"]
+
+
 def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
     base = server["base"]
     offer = _offer()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request, url_for
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from sonic import GenerateOptions, InvalidParameter, SonicError
 from sonic.checks import load_portrait
@@ -459,7 +460,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
             f"the audio/L16 body must be sent unencoded; got Content-Encoding: {encoding[:40]}", field="audio"
         )
     stream, total, kept, carry = request.stream, 0, 0, b""
-    head = _head(stream, 12)
+    try:
+        head = _head(stream, 12)
+    except HTTPException as e:
+        raise StreamFailed.of(e, 0.0) from e
     container = _container(head)
     if container in MEDIA_FILES.values():  # its header would be heard as a click, its samples at the wrong speed
         raise UnsupportedMedia(
@@ -484,7 +488,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     queued, interrupted, full = room.queued_s, False, False
     while True:
-        chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
+        try:
+            chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
+        except HTTPException as e:  # cut short, malformed, past the upload limit: after some was queued
+            raise StreamFailed.of(e, kept / 2 / SAMPLE_RATE) from e
         if not chunk:
             break
         fits = 0 if interrupted or full else max(0, min(len(chunk), room_bytes - total))
@@ -506,6 +513,34 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
             f"the audio/L16 body is {'empty' if total == 0 else 'one byte: no whole 16-bit sample'}", field="audio"
         )
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
+
+
+class StreamFailed(SonicError):
+    """An audio/L16 stream that failed as it arrived (it stopped, its framing broke, it passed
+    limits.max_upload_mb): the refusal the server would give, saying how much of it was queued
+    before (a stream is spoken as it arrives: that part was, or is being, heard)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, field="audio")
+        self.code = code
+
+    @classmethod
+    def of(cls, e: HTTPException, queued_s: float) -> StreamFailed | HTTPException:
+        said = (
+            f"; {queued_s:.3g} s of it before that were queued and are spoken (interrupt to stop them)"
+            if queued_s > 0
+            else "; none of it was queued"
+        )
+        if isinstance(e, ClientDisconnected):
+            # werkzeug's own (a body short of its Content-Length) says nothing of the body
+            why = e.description if e.description != ClientDisconnected.description else "before its Content-Length"
+            return cls("upload_incomplete", f"the audio/L16 body stopped before its end ({why}){said}")
+        if isinstance(e, RequestEntityTooLarge):
+            limit = service().settings.limits.max_upload_mb
+            return cls("input_too_large", f"the audio/L16 body passed {limit:g} MB (limits.max_upload_mb){said}")
+        if e.code == 400:
+            return cls("invalid_parameter", f"{e.description}{said}")
+        return e
 
 
 # how files begin: sent as raw PCM, their headers and coded frames were queued as sound (an MP3
