@@ -400,9 +400,11 @@ def test_the_answer_sends_the_face_and_voice_and_receives_the_microphone_and_not
         ("m=video", "a=inactive"), ("m=video", "a=sendonly"), ("m=audio", "a=sendonly"), ("m=audio", "a=recvonly")]
 
 
-def test_speak_requests_at_the_same_moment_cannot_pass_max_speak_s_between_them(server):
-    """Four PCM bodies of 8 s each, their headers sent before any body arrives: each request saw
-    an empty queue (live.max_speak_s is 10 s), and the session held 32 s of speech."""
+def test_speak_requests_at_the_same_moment_take_turns_and_cannot_pass_max_speak_s_between_them(server):
+    """Four PCM bodies of 8 s each, their headers sent before any body arrives: they take their
+    turns, one after another (each had seen an empty queue, live.max_speak_s being 10 s, and
+    the four were queued as they arrived, spliced into one another): the first is queued whole,
+    the others are refused whole, naming the 8 s the session holds."""
     base = server["base"]
     r = _open(base, offer=_offer())  # never connected: what is queued stays queued
     assert r.status_code == 201, r.text
@@ -419,21 +421,57 @@ def test_speak_requests_at_the_same_moment_cannot_pass_max_speak_s_between_them(
     time.sleep(1.0)  # every request has read the room: nothing queued yet
     for s in sockets:
         s.sendall(pcm)
-    statuses, kept_s = [], 0.0
+    answers = []
     for s in sockets:
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
         s.close()
-        statuses.append(answer.split(b" ", 2)[1])
-        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
-        kept_s += 8.0 - body.get("dropped_s", 0.0)  # what each answer says was kept of its 8 s
-        assert ("dropped_s" in body) == ("warning" in body), body
-    assert statuses == [b"202"] * 4, statuses
+        answers.append((answer.split(b" ", 2)[1], json.loads(answer.split(b"\r\n\r\n", 1)[1])))
+    assert sorted(status for status, _ in answers) == [b"202", b"400", b"400", b"400"], answers
+    for status, body in answers:
+        if status == b"202":
+            assert body == {"queued_s": 8.0}, body  # whole: nothing of another request spliced in
+        else:
+            assert "the session holds 8.0 s of speech, and 8.0 s more would pass" in body["error"]["message"]
     queued = requests.get(f"{base}/api/sonic/live/{session}", timeout=10).json()["queued_s"]
     requests.delete(f"{base}/api/sonic/live/{session}", timeout=10)
-    assert queued <= 10.0, queued
-    assert kept_s == pytest.approx(queued, abs=0.05), (kept_s, queued)  # nothing cut unsaid
+    assert queued == 8.0, queued
+
+
+def test_a_file_sent_while_a_stream_arrives_waits_its_turn_then_is_told_to_send_after_it(server):
+    """A text-to-speech stream still arriving holds the session's turn: a file sent meanwhile
+    was queued in the middle of the stream; it waits (5 s), then is refused 409 naming why, and
+    once the stream is answered the next file is queued after it."""
+    host, port = server["base"].rsplit("/", 1)[1].split(":")
+
+    async def session():
+        client = LiveClient(server["base"])
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        url = client.session_url("/speak")
+        stream = socket.create_connection((host, int(port)), timeout=30)
+        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: x\r\n"
+                        "Content-Type: audio/L16;rate=16000\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+                       + b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n")  # 1 s, and more to come
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        refused = await asyncio.to_thread(requests.post, url, files={"audio": open(SPEECH, "rb").read()}, timeout=30)
+        waited = time.monotonic() - t0
+        stream.sendall(b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n0\r\n\r\n")  # another second, and the end
+        answer = b""
+        while chunk := stream.recv(65536):
+            answer += chunk
+        stream.close()
+        after = await asyncio.to_thread(requests.post, url, files={"audio": open(SPEECH, "rb").read()}, timeout=30)
+        await client.close()
+        return refused, waited, answer, after
+
+    refused, waited, answer, after = asyncio.run(session())
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict", refused.text
+    assert "another speak request to this session is still arriving" in refused.json()["error"]["message"]
+    assert 4.5 < waited < 15, waited
+    assert answer.startswith(b"HTTP/1.1 202") and b"dropped_s" not in answer, answer
+    assert after.status_code == 202 and after.json()["queued_s"] > 3.0, after.text
 
 
 def test_bad_requests_are_named_4xx(server, tmp_path):

@@ -25,7 +25,7 @@ from ..queue.redis import PREFIX, RELEASE_HELD, connect, live_workers
 from ..settings import LiveSettings
 from . import relay
 from .relay import Records, WorkerUnreachable
-from .sessions import CallerLimit, SessionEnded, SessionNotFound, check_caller
+from .sessions import CallerLimit, SessionEnded, SessionNotFound, SpeakTurns, check_caller
 
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
@@ -77,6 +77,7 @@ class RemoteSessions:
         self.r = connect(redis_url)
         self.records = Records(self.r)
         self.settle = settle
+        self.speakers = SpeakTurns()
 
     # --- the figures /health and /metrics show ----------------------------------------------
     def workers(self) -> list[dict]:

@@ -357,6 +357,11 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
             "queue (live.max_speak_s)"
         ),
         404: error("no such session (ended or unknown; ended_reason says why it ended)"),
+        408: error("the body stopped before its end (an audio/L16 stream: the message says how much of it was queued)"),
+        409: error(
+            "another speak request to the session was still arriving after 5 s (a stream): requests are queued "
+            "one after another"
+        ),
         503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
         415: error("not decodable audio, or PCM at another rate than 16000 Hz"),
@@ -379,6 +384,11 @@ def speak(session_id: str):
 
 def _speak(session_id: str):
     session = registry().get(session_id, caller().may_see)
+    with registry().speakers.turn(session.id):
+        return _speak_in_turn(session)
+
+
+def _speak_in_turn(session: ServedSession | RemoteSession):
     max_s = service().settings.live.max_speak_s
     # what the session holds already counts: a refused request queues nothing. Requests at the
     # same moment each see the room as it was; the session itself drops what would pass max_s

@@ -61,6 +61,55 @@ class SessionNotFound(SonicError):
     code = "session_not_found"
 
 
+class SpeakerBusy(SonicError):
+    """Another speak request to the session held its turn past SPEAK_WAIT_S (a stream still
+    arriving): 409."""
+
+    code = "conflict"
+
+
+SPEAK_WAIT_S = 5.0  # how long a speak request waits for the one before it to be answered
+
+
+class SpeakTurns:
+    """One speak request at a time for each session, in the order they take their turn: two
+    sent at once were each queued as they arrived, spliced into one another in slices of a few
+    hundred milliseconds (and each had checked the session's room as if the other were not
+    there). A request waits up to SPEAK_WAIT_S for the one before it (a file, a known-length
+    body: its upload and decoding); past that (a stream still arriving) it is refused. Held in
+    each API process: in distributed mode, two requests through two API processes are not
+    ordered with one another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, tuple[threading.Lock, int]] = {}  # session id -> its turn, waiters + holder
+
+    @contextlib.contextmanager
+    def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S):
+        with self._lock:
+            turn, users = self._turns.get(session_id, (threading.Lock(), 0))
+            self._turns[session_id] = (turn, users + 1)
+        try:
+            if not turn.acquire(timeout=wait_s):
+                raise SpeakerBusy(
+                    f"another speak request to this session is still arriving after {wait_s:g} s (a stream): "
+                    "speech is queued one request after another; send this once that one is answered, or "
+                    "interrupt it",
+                    field="audio",
+                )
+            try:
+                yield
+            finally:
+                turn.release()
+        finally:
+            with self._lock:
+                users = self._turns[session_id][1] - 1
+                if users:
+                    self._turns[session_id] = (turn, users)
+                else:
+                    del self._turns[session_id]
+
+
 def _count_late(session: ServedSession) -> None:
     """The session's late frames since the last count, into /metrics (by its clock thread only)."""
     late = session.engine.late_frames
@@ -433,6 +482,7 @@ class LiveSessions:
         self._faces: Any = None
         self._face_lock = threading.Lock()
         self._helpers = HelperPool() if settings.processes else None
+        self.speakers = SpeakTurns()
         cap_malloc_arenas()  # before the sessions' threads take arenas of their own
 
     def warm(self) -> None:
