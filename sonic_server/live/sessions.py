@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sonic.errors import Busy, InvalidParameter, SonicError
+from sonic.errors import Busy, InvalidParameter, SonicError, shown
 from sonic.live import LiveFace, LiveSession
 from sonic.live.process import HelperPool, SessionProcess
 from sonic.live.session import Spoken
@@ -406,6 +406,22 @@ CODECS_SENT = {
 }
 
 
+def unreadable_line(sdp: str, parse: Callable[[str], Any], max_lines: int = 400) -> tuple[int, str] | None:
+    """The first line (1-based, and its text) at which a description the parser refuses stops
+    being readable: the parser's own errors name no line, and are Python's words
+    (AssertionError, "invalid literal for int()"). Each shorter description is parsed in turn;
+    None when no prefix fails alone, or past `max_lines`."""
+    lines = sdp.splitlines()
+    if len(lines) > max_lines:
+        return None
+    for n in range(1, len(lines) + 1):
+        try:
+            parse("\r\n".join(lines[:n]) + "\r\n")
+        except Exception:  # noqa: BLE001 - any of its errors: this line is the one
+            return n, lines[n - 1]
+    return None
+
+
 def check_codecs(sdp: str) -> None:
     """Each media section must offer a codec the WebRTC stack has, or the negotiation fails in its
     own words ("Failed to set remote video description send parameters"), after the face was
@@ -419,9 +435,10 @@ def check_codecs(sdp: str) -> None:
     try:
         parsed = SessionDescription.parse(sdp)
     except Exception as e:  # noqa: BLE001 - its parse errors are of many kinds, often without words
-        words = f": {str(e)[:80]}" if str(e) else ""
+        at = unreadable_line(sdp, SessionDescription.parse)
+        where = f": line {at[0]} ({shown(at[1][:60])})" if at else ""
         raise InvalidParameter(
-            f"offer: the WebRTC stack cannot read this session description ({type(e).__name__}{words}); "
+            f"offer: the WebRTC stack cannot read this session description{where}; "
             "send the one RTCPeerConnection.createOffer() made, unchanged",
             field="offer",
         ) from e
