@@ -102,10 +102,13 @@ def test_speak_pcm_and_interrupt(server):
 
     async def session():
         client = LiveClient(base)
-        # a file's parameters are accepted, and named as not used here
-        opened = await client.open(PORTRAIT, {**CONFIG, "duration": 3, "async": True}, keep_frames=False)
+        # a file's parameters are accepted, and named as not used here, at their defaults too
+        # (align_mouth: true asks for what a file gets)
+        opened = await client.open(PORTRAIT, {**CONFIG, "duration": 3, "align_mouth": True, "async": True},
+                                   keep_frames=False)
         # ... and the photo's warnings come first, as a file's (this portrait's face is small at 256 px)
-        assert opened["warnings"][1:] == ["duration is not used by live sessions", "async does not apply to live sessions"]
+        assert opened["warnings"][1:] == ["duration is not used by live sessions", "align_mouth is not used by live "
+                                          "sessions", "async does not apply to live sessions"], opened["warnings"]
         assert opened["warnings"][0].startswith("the face is enlarged 1."), opened["warnings"]
         await asyncio.sleep(0.5)
         idle = await client.state()

@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -27,7 +27,7 @@ from ..errors import InvalidParameter
 from ..geometry import Framing, framing_warnings
 from ..media import SAMPLE_RATE, mono_samples
 from ..motion import COEFFS, Rig, mouth_coefficients
-from ..options import GenerateOptions, parameters
+from ..options import GenerateOptions
 from .features import LoudnessStream, PhoneStream
 from .motion import MotionStream
 
@@ -278,7 +278,9 @@ def check_live_decoder(speaks: bool, name: str) -> None:
 NOT_LIVE = ("duration", "align_mouth", "inference_steps")  # a file's parameters a session has no use for
 
 
-def unused_live(options: GenerateOptions) -> tuple[str, ...]:
-    """The parameters `options` sets away from their defaults that a live session ignores."""
-    declared = parameters()
-    return tuple(name for name in NOT_LIVE if getattr(options, name) != declared[name].default)
+def unused_live(given: Iterable[str]) -> tuple[str, ...]:
+    """The parameters a request named (`given`) that a live session ignores, whatever their
+    value: `"align_mouth": true` asks for what a file would get as well (only values away from
+    the defaults had been named)."""
+    named = set(given)
+    return tuple(name for name in NOT_LIVE if name in named)

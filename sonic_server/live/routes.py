@@ -244,7 +244,7 @@ def open_session():
     body = {"session_id": session_id, "answer": answer, "state_url": state_url}
     if worker is not None:
         body["worker"] = worker
-    warnings = [*photo_warnings, *(f"{name} is not used by live sessions" for name in unused_live(options))]
+    warnings = [*photo_warnings, *(f"{name} is not used by live sessions" for name in unused_live(params))]
     if "async" in params:
         warnings.append("async does not apply to live sessions")
     if screened.left_out:
