@@ -44,7 +44,9 @@ MIN_IMAGE_SIDE = 32  # pixels, the smallest portrait side taken
 # would be clipped to a square wave); a little over full scale is clipped, as a file's is
 MAX_FLOAT_PEAK = 2.0
 MAX_BROKEN_SHARE = 0.01  # a file's samples that are not numbers: up to this share repaired, more refused
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # Hz of a caller's array (telephone to studio)
+# Hz of a caller's array (telephone to studio), and the least a file may have: a 244-byte WAV
+# that declared 1 Hz became 100 s of interpolated noise, a 100 s render
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # an ISO BMFF ftyp's major brand
 # Larger photos are decoded reduced to this (not by a whole factor: working_size): the output
@@ -322,6 +324,12 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
         raise _undecodable(path)
     if stream.channels > MAX_CHANNELS:  # ffmpeg's mix then failed, and the file was said to have no sound
         raise too_many_channels(stream.channels)
+    if stream.rate < MIN_SAMPLE_RATE:
+        raise UnsupportedMedia(
+            f"audio is at {stream.rate} Hz, too low a sample rate for speech (at least {MIN_SAMPLE_RATE} Hz; "
+            "a telephone's 8000 works): the file's header states a wrong rate, or it is not a recording",
+            field="audio",
+        )
     decode_s = min(max_duration_s + 1, stream.decodable_s)
     if stream.duration_s is not None and min(stream.duration_s, max_duration_s) > decode_s:
         raise stream.too_much()  # as its container states: refused before decoding

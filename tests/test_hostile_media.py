@@ -124,6 +124,20 @@ def test_documented_containers_still_decode(tmp_path):
         assert abs(len(load_audio(p, 60)) / 16_000 - 1.5) < 0.1, ext
 
 
+def test_a_recording_whose_rate_is_no_speechs_is_refused_naming_it(tmp_path):
+    """A 244-byte WAV that declares 1 Hz was 100 s of interpolated noise, rendered for 16 s; a
+    telephone's 8 kHz still decodes."""
+    import numpy as np
+    import soundfile as sf
+    noise = (np.random.default_rng(0).standard_normal(100) * 0.3).astype(np.float32)
+    for rate in (1, 3999):
+        sf.write(tmp_path / "low.wav", noise, rate, subtype="PCM_16")
+        with pytest.raises(UnsupportedMedia, match=f"audio is at {rate} Hz, too low a sample rate for speech"):
+            load_audio(tmp_path / "low.wav", 60)
+    sf.write(tmp_path / "phone.wav", np.tile(noise, 80), 8000, subtype="PCM_16")
+    assert len(load_audio(tmp_path / "phone.wav", 60)) == 16_000
+
+
 def test_other_containers_are_refused_with_their_name(tmp_path):
     p = tmp_path / "audio"
     subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=300:d=1", "-f", "au", str(p)],
@@ -200,7 +214,8 @@ def test_a_costly_recording_over_http_is_a_422_naming_the_audio(make_client, mon
 def test_a_silent_mix_of_many_channels_is_searched_without_holding_them(tmp_path):
     """A silent mix sends the decoder looking for a channel that holds speech. Measured by ffmpeg
     as it decodes, not held: 64 channels of 8-bit silence at 100 Hz (1 MB for 150 s) held every
-    channel at 16 kHz at once, 3.7 GB. The speech on channel 40 of such a file is still found."""
+    channel at 16 kHz at once, 3.7 GB (such a rate is now refused: here 4 kHz, 38 MB, 0.6 GB
+    held). The speech on channel 40 of such a file is still found."""
     import resource
 
     import numpy as np
@@ -211,7 +226,7 @@ def test_a_silent_mix_of_many_channels_is_searched_without_holding_them(tmp_path
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     silent = tmp_path / "silent.wav"
-    sf.write(silent, np.zeros((100 * 150, 64), np.int16), 100, subtype="PCM_U8")
+    sf.write(silent, np.zeros((4000 * 150, 64), np.int16), 4000, subtype="PCM_U8")
     with pytest.raises(EmptyAudio):
         load_audio(silent, 300)
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 300  # MB
