@@ -158,11 +158,16 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
                 f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
                 f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB",
             )
+        # a file given by its URL is an answer only where a route takes URLs (not a live speak)
+        by_url = (
+            ""
+            if request.path.endswith("/speak")
+            else " (a file given by its URL, image_url or audio_url, may be as large on its own, no larger)"
+        )
         return error_response(
             "input_too_large",
             f"upload is larger than {max_upload_mb:g} MB: the request's files together "
-            "(limits.max_upload_mb); send smaller files (a file given by its URL, image_url or audio_url, "
-            "may be as large on its own, no larger)",
+            f"(limits.max_upload_mb); send smaller files{by_url}",
         )
 
     @app.errorhandler(ClientDisconnected)
