@@ -111,6 +111,14 @@ class HelperProcess:
 
     def stop(self) -> None:
         try:
+            # shut down, then closed: a thread of this process still blocked reading the socket (a
+            # live session's reader) kept it open past a close alone, and the helper read no end
+            # of file: each stop waited its 2 s, then killed it
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as end:
+                end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.conn.close()  # the helper reads end of file and exits
         except OSError:
             pass
