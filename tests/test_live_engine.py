@@ -231,6 +231,21 @@ def test_a_helper_that_cannot_start_says_so_without_its_exceptions_words(pipelin
     assert "AttributeError" in caplog.text
 
 
+def test_a_closed_session_process_lets_its_helper_exit_on_its_own(pipeline):
+    """The helper exits at the end of file of its socket: a thread of the parent blocked reading
+    it kept it open past close(), so each session's end waited 2 s, then killed the helper."""
+    import time
+
+    from sonic.live import prepare_live_face
+    from sonic.live.process import SessionProcess
+
+    options = pipeline.options(PARAMS)
+    session = SessionProcess(prepare_live_face(pipeline, PORTRAIT, options), options)
+    t0 = time.monotonic()
+    session.close()
+    assert time.monotonic() - t0 < 1.9  # 0.1 s here; a helper that reads no end of file is killed at 2 s
+
+
 def test_a_ring_slot_is_read_only_while_it_holds_the_frame_asked_for():
     """The helper writes frames up to a ring ahead of the reader: a slot since rewritten (or
     being rewritten: stamp -1) is not taken for the frame that was there."""
