@@ -567,6 +567,9 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
             # an odd length: its last byte was dropped unsaid
             requests.post(url, data=b"\1\0" * 800 + b"\1", headers={"Content-Type": "audio/L16;rate=16000"}, timeout=10),
             requests.post(url, data=b"\1\0" * 800, headers={"Content-Type": "audio/L16"}, timeout=10),  # no rate
+            # two rates: the last was taken
+            requests.post(url, data=b"\1\0" * 800, headers={"Content-Type": "audio/L16;rate=8000;Rate=16000"},
+                          timeout=10),
         ]
         state = await client.state()
         # live.max_speak_s is 10 s here: a body past it is refused and queues nothing
@@ -600,8 +603,10 @@ def test_speak_refuses_what_is_not_speech(server, tmp_path):
         (400, "extra"),
         (400, "audio"),
         (415, "audio"),
+        (415, "audio"),
     ]
     assert "1601 bytes, an odd count" in answers[13].text
+    assert "names rate more than once" in answers[15].text
     assert "its Content-Type names no rate" in answers[14].text and "None" not in answers[14].text
     assert "the audio/L16 body is a WAV file: send it as the multipart file field 'audio'" in answers[6].text
     assert "is an MP4 (M4A, MOV) file" in answers[7].text and "is a WebM or Matroska file" in answers[8].text

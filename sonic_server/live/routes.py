@@ -454,6 +454,12 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     the room is cut there: what came before it is spoken. An interrupt while it arrives drops
     the rest (barge-in while a text-to-speech stream is still coming). What is dropped is still
     read, so that the client gets its answer."""
+    named = [part.split("=", 1)[0].strip().lower() for part in request.content_type.split(";")[1:] if "=" in part]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:  # two rates: the last was taken, whichever the samples are at
+        raise UnsupportedMedia(
+            f"the audio/L16 Content-Type names {twice[0][:20]} more than once: give it once", field="audio"
+        )
     rate, channels = request.mimetype_params.get("rate"), request.mimetype_params.get("channels", "1")
     if rate != str(SAMPLE_RATE):
         raise UnsupportedMedia(
