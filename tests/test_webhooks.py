@@ -310,7 +310,7 @@ def test_allow_networks_opens_the_blocks_it_names_and_no_other():
     for inside in ("http://127.0.0.1:9/x", "http://192.168.1.1/x"):
         with pytest.raises(Exception, match="outbound.allow_networks"):
             check_url(inside, "webhook", reach)
-    with pytest.raises(SettingsError, match="'10.0.0.0/33' is not an address or a CIDR block"):
+    with pytest.raises(SettingsError, match='"10.0.0.0/33" is not an address or a CIDR block'):
         settings_from({"outbound": {"allow_networks": ["10.0.0.0/33"]}})
 
 
