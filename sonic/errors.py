@@ -92,7 +92,7 @@ class SetupError(SonicError):
     code = "setup_failed"
 
 
-def shown(value: Any) -> str:
+def shown(value: Any, limit: int = 40) -> str:
     """A caller's value as its JSON (or a settings file's YAML) said it, short: true, null, "abc",
     1e+300 (a message that said "got True" or printed a 300-digit number spoke Python, not the
     API)."""
@@ -108,4 +108,4 @@ def shown(value: Any) -> str:
             text = repr(value)
         except ValueError:  # holding an integer too long to print
             text = f"a {type(value).__name__}"
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -116,7 +116,7 @@ class Settings:
     def checked(self) -> Self:
         """These settings, or SettingsError naming a value that cannot be used together."""
         if self.device not in DEVICES:  # from the file, a variable or a flag
-            raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {shown(self.device)}")
+            raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {as_written(self.device)}")
         check_numbers(self, "", self.POSITIVE, self.AT_LEAST_ONE)
         _check_decoder(self.decoder)
         _check_defaults(self)
@@ -137,6 +137,12 @@ def sections(cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
+def as_written(value: Any) -> str:
+    """A setting's value as the file (YAML) or a variable wrote it, for a message: whole up to
+    200 characters (the operator must find what is wrong in it, a trailing slash included)."""
+    return shown(value, 200)
+
+
 # what a setting of each type must be, in the words of the file that sets it
 KINDS: dict[Any, str] = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
@@ -155,7 +161,7 @@ def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
         if items is None:
             return ()
         if not isinstance(items, (list, tuple)):
-            raise SettingsError(f"setting {where} must be a list, got {shown(value)}")
+            raise SettingsError(f"setting {where} must be a list, got {as_written(value)}")
         return tuple(_cast(where, args[0], v, from_text) for v in items)
     if typ is bool:
         if from_text and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -179,7 +185,9 @@ def _cast(where: str, typ: Any, value: Any, from_text: bool) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise SettingsError(f"setting {where} must be {KINDS.get(typ, getattr(typ, '__name__', typ))}, got {shown(value)}")
+    raise SettingsError(
+        f"setting {where} must be {KINDS.get(typ, getattr(typ, '__name__', typ))}, got {as_written(value)}"
+    )
 
 
 def _hints(cls) -> dict:
@@ -202,7 +210,7 @@ def _values(
     """The fields of dataclass `cls` given in `raw` (the file) or `env` (SONIC_* variables, which
     win), cast to their types; `skip` names fields the caller fills itself."""
     if raw is not None and not isinstance(raw, Mapping):
-        raise SettingsError(f"setting {prefix.rstrip('.') or 'file'} must be a mapping, got {shown(raw)}")
+        raise SettingsError(f"setting {prefix.rstrip('.') or 'file'} must be a mapping, got {as_written(raw)}")
     raw = dict(raw or {})
     hints = _hints(cls)
     unknown = sorted(str(key) for key in set(raw) - set(hints))  # a YAML key may be a number
@@ -337,7 +345,7 @@ def _check_decoder(name: str) -> None:
     from .decoders import CHOICES
 
     if name not in CHOICES:
-        raise SettingsError(f"setting decoder must be one of {', '.join(CHOICES)}, got {shown(name)}")
+        raise SettingsError(f"setting decoder must be one of {', '.join(CHOICES)}, got {as_written(name)}")
 
 
 @typing.overload

@@ -39,7 +39,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "unauthorized": 401,
     "insufficient_credits": 402,  # credits.enabled: the estimate is more than the account's balance
     "forbidden": 403,  # credits.enabled: an admin route without the admin role, or no account
-    "conflict": 409,  # a key (Idempotency-Key, a recharge's idempotency_key) used for another request
+    "conflict": 409,  # a key (Idempotency-Key, a recharge's idempotency_key) used for another request; a live
+    # speak while another to the session still arrives
     "not_found": 404,
     "job_not_found": 404,
     "session_not_found": 404,  # a live session that ended, or never existed

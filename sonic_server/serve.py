@@ -143,13 +143,13 @@ class ChunkedBody(io.RawIOBase):
             if self._done or not len(view):
                 return 0
             n = self._rfile.readinto(view[: min(len(view), self._left)])
+            if not n:
+                raise ClientDisconnected("the chunked request body ended inside a chunk")
+            self._left -= n
+            if self._left == 0:
+                self._chunk_end()
         except OSError as e:  # the socket's timeout, a reset
             raise ClientDisconnected("the chunked request body stopped arriving") from e
-        if not n:
-            raise ClientDisconnected("the chunked request body ended inside a chunk")
-        self._left -= n
-        if self._left == 0:
-            self._chunk_end()
         return n
 
     def _line(self) -> bytes:
@@ -162,19 +162,24 @@ class ChunkedBody(io.RawIOBase):
 
     def _size(self) -> int:
         digits = self._line().split(b";", 1)[0].strip(b" \t\r\n")
-        if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):
             raise BadRequest(
                 f"the chunked request body is malformed: a chunk's size is {shown(digits[:20].decode('latin-1'))}, "
                 "not a hexadecimal number"
             )
+        if len(digits.lstrip(b"0")) > 15:  # past any body this server takes (2**60 bytes)
+            raise BadRequest("the chunked request body is malformed: a chunk's size is past any body's")
         return int(digits, 16)
 
     def _chunk_end(self) -> None:
         end = self._rfile.readline(2)
-        if not end:
+        if end == b"\r":  # the body ended there, or an LF follows
+            end += self._rfile.read(1)
+        if end in (b"\r\n", b"\n"):
+            return
+        if end in (b"", b"\r"):
             raise ClientDisconnected("the chunked request body ended before its last (zero-size) chunk")
-        if end not in (b"\r\n", b"\n"):
-            raise BadRequest("the chunked request body is malformed: a chunk is longer than its size says")
+        raise BadRequest("the chunked request body is malformed: a chunk is longer than its size says")
 
     def _trailers(self) -> None:
         for _ in range(MAX_TRAILER_LINES):

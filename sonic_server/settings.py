@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Self, cast
 from urllib.parse import urlsplit
 
-from sonic.errors import shown
-from sonic.settings import ENV_PREFIX, Settings, SettingsError, resolve_path
+from sonic.settings import ENV_PREFIX, Settings, SettingsError, as_written, resolve_path
 from sonic.settings import load_settings as _load_settings
 from sonic.settings import settings_from as _settings_from
 
@@ -198,7 +197,9 @@ class ServerConfig(Settings):
         if self.server.port > 65535:
             raise SettingsError(f"setting server.port must be 1 to 65535, got {self.server.port}")
         if self.server.log_format not in LOG_FORMATS:
-            raise SettingsError(f"setting server.log_format must be text or json, got {shown(self.server.log_format)}")
+            raise SettingsError(
+                f"setting server.log_format must be text or json, got {as_written(self.server.log_format)}"
+            )
         _check_redis_url(self.server.redis_url)
         _check_storage(self)
         _check_credits(self)
@@ -259,7 +260,7 @@ def _check_networks(networks: tuple[str, ...]) -> None:
             ipaddress.ip_network(block, strict=False)
         except ValueError:
             raise SettingsError(
-                f"setting outbound.allow_networks: {shown(block)} is not an address or a CIDR block (10.0.0.0/8)"
+                f"setting outbound.allow_networks: {as_written(block)} is not an address or a CIDR block (10.0.0.0/8)"
             ) from None
 
 
@@ -278,9 +279,11 @@ def _check_credits(s: ServerConfig) -> None:
 
 def _check_storage(s: ServerConfig) -> None:
     if s.storage not in STORAGE_KINDS:
-        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {shown(s.storage)}")
+        raise SettingsError(f"setting storage must be one of {', '.join(STORAGE_KINDS)}, got {as_written(s.storage)}")
     if s.s3.video_url not in VIDEO_URLS:
-        raise SettingsError(f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {shown(s.s3.video_url)}")
+        raise SettingsError(
+            f"setting s3.video_url must be one of {', '.join(VIDEO_URLS)}, got {as_written(s.s3.video_url)}"
+        )
     if s.storage == "s3":
         if not s.server.redis_url:
             raise SettingsError(
@@ -320,7 +323,7 @@ def _check_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
             raise SettingsError(
-                f"setting server.cors_origins: {shown(origin)} is not an origin; write scheme://host[:port] "
+                f"setting server.cors_origins: {as_written(origin)} is not an origin; write scheme://host[:port] "
                 "with no path or trailing slash (https://app.example), or * for any"
             )
 
@@ -339,8 +342,8 @@ def _check_public_url(url: str | None) -> None:
     nothing_after = parts.path in ("", "/") and not parts.query and not parts.fragment
     if parts.scheme not in ("http", "https") or not host_ok or not port_ok or not nothing_after:
         raise SettingsError(
-            f"setting server.public_url: {shown(url)} is not an http:// or https:// address of a host, with a port "
-            "or not, and nothing after it (https://talk.example.com or http://10.0.0.5:5000)"
+            f"setting server.public_url: {as_written(url)} is not an http:// or https:// address of a host, with a "
+            "port or not, and nothing after it (https://talk.example.com or http://10.0.0.5:5000)"
         )
 
 
@@ -348,13 +351,13 @@ def _check_live(live: LiveSettings) -> None:
     # numbers: ServerConfig.POSITIVE and sonic.settings.check_numbers
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
-            raise SettingsError(f"setting live.ice_servers: {shown(url)} is not a stun:, turn: or turns: URL")
+            raise SettingsError(f"setting live.ice_servers: {as_written(url)} is not a stun:, turn: or turns: URL")
     for network in live.peer_networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise SettingsError(
-                f"setting live.peer_networks: {shown(network)} is not a network (e.g. 10.0.0.0/8 or fd00::/8)"
+                f"setting live.peer_networks: {as_written(network)} is not a network (e.g. 10.0.0.0/8 or fd00::/8)"
             ) from None
     if live.public_host:
         try:
@@ -362,5 +365,5 @@ def _check_live(live: LiveSettings) -> None:
         except ValueError:
             raise SettingsError(
                 "setting live.public_host must be an IP address (what clients connect to), "
-                f"got {shown(live.public_host)}"
+                f"got {as_written(live.public_host)}"
             ) from None

@@ -1090,3 +1090,38 @@ def test_a_librarys_repeated_lines_are_logged_at_most_ten_a_minute():
     assert repeats.filter(record("aiortc.rtcrtpreceiver", 1061))                      # the next minute
     assert repeats.filter(record("aiortc.rtcrtpreceiver", 1001, "another template %s %s %s"))
     assert all(repeats.filter(record("sonic.jobs", 1000 + i / 1000, "job ended %s %s %s")) for i in range(50))
+
+
+def test_a_chunked_body_is_decoded_strictly():
+    """sonic serve's decoder of chunked bodies (werkzeug's counted a chunk that stopped short as
+    read whole, and handed on the rest of its buffer unwritten): extensions, trailers and bare
+    LFs are read; a body that ends inside a chunk or before its last one is ClientDisconnected
+    (408), malformed framing a BadRequest (400) naming it."""
+    from werkzeug.exceptions import BadRequest, ClientDisconnected
+
+    from sonic_server.serve import MAX_CHUNK_LINE, ChunkedBody
+
+    def body(raw: bytes, read: int = 7) -> bytes:
+        stream, out = ChunkedBody(io.BufferedReader(io.BytesIO(raw))), b""
+        while chunk := stream.read(read):
+            out += chunk
+        return out
+
+    good = b"5;name=\"a;b\"\r\nhello\r\n6\n world\n000\r\nX-Trailer: 1\r\n\r\nnext request"
+    assert body(good) == body(good, 1) == body(good, 100) == b"hello world"
+    assert body(b"3\r\nabc\r\n0\r\n") == b"abc"  # a client that closes after the last chunk
+    assert body(b"0000000000000000003\r\nabc\r\n0\r\n\r\n") == b"abc"  # leading zeros are no size
+    for raw, why in ((b"10\r\nshort", "ended inside a chunk"), (b"3\r\nabc\r", "before its last"),
+                     (b"3\r\nabc\r\n", "before its last"), (b"", "before its last")):
+        with pytest.raises(ClientDisconnected, match=why):
+            body(raw)
+    for raw, why in ((b"zz\r\nabc\r\n0\r\n\r\n", 'a chunk\'s size is "zz", not a hexadecimal number'),
+                     (b"-3\r\nabc\r\n0\r\n\r\n", "not a hexadecimal number"),
+                     (b"\r\nabc\r\n0\r\n\r\n", "not a hexadecimal number"),
+                     (b"1000000000000000\r\nabc", "a chunk's size is past any body's"),
+                     (b"2\r\nabc\r\n0\r\n\r\n", "a chunk is longer than its size says"),
+                     (b"1" * (MAX_CHUNK_LINE + 1) + b"\r\n", f"a line over {MAX_CHUNK_LINE} bytes"),
+                     (b"0\r\n" + b"X: 1\r\n" * 101 + b"\r\n", "more than 100 trailer lines")):
+        with pytest.raises(BadRequest, match=why) as e:
+            body(raw)
+        assert type(e.value) is BadRequest  # a 400, not the 408 of ClientDisconnected (a BadRequest too)

@@ -423,7 +423,7 @@ def test_speak_requests_at_the_same_moment_take_turns_and_cannot_pass_max_speak_
                    f"Content-Type: audio/L16;rate=16000\r\nContent-Length: {len(pcm)}\r\n"
                    "Connection: close\r\n\r\n").encode())
         sockets.append(s)
-    time.sleep(1.0)  # every request has read the room: nothing queued yet
+    time.sleep(1.0)  # every request has arrived: the first holds the turn, the others wait for it
     for s in sockets:
         s.sendall(pcm)
     answers = []
@@ -468,10 +468,27 @@ def test_a_file_sent_while_a_stream_arrives_waits_its_turn_then_is_told_to_send_
             answer += chunk
         stream.close()
         after = await asyncio.to_thread(requests.post, url, files={"audio": open(SPEECH, "rb").read()}, timeout=30)
+        # an interrupt ends a stream's turn at once: the reply that follows is not kept waiting
+        stream = socket.create_connection((host, int(port)), timeout=30)
+        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: x\r\n"
+                        "Content-Type: audio/L16;rate=16000\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+                       + b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n")
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(requests.post, client.session_url("/interrupt"), timeout=10)
+        t0 = time.monotonic()  # nothing more of the stream has arrived yet
+        reply = await asyncio.to_thread(requests.post, url, files={"audio": open(SPEECH, "rb").read()}, timeout=30)
+        reply_waited = time.monotonic() - t0
+        stream.sendall(b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n0\r\n\r\n")  # the rest arrives, dropped
+        interrupted = b""
+        while chunk := stream.recv(65536):
+            interrupted += chunk
+        stream.close()
         await client.close()
-        return refused, waited, answer, after
+        return refused, waited, answer, after, (reply, reply_waited, interrupted)
 
-    refused, waited, answer, after = asyncio.run(session())
+    refused, waited, answer, after, (reply, reply_waited, interrupted) = asyncio.run(session())
+    assert reply.status_code == 202 and reply_waited < 4, (reply.text, reply_waited)
+    assert interrupted.startswith(b"HTTP/1.1 202") and b"an interrupt came" in interrupted, interrupted
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict", refused.text
     assert "another speak request to this session is still arriving" in refused.json()["error"]["message"]
     assert 4.5 < waited < 15, waited

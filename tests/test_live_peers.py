@@ -248,3 +248,43 @@ def test_the_voice_waits_for_the_encoder_as_long_as_the_face():
     frames, packets = asyncio.run(stalled())
     assert [f.pts for f in frames] == list(range(10))
     assert [p.pts for p in packets] == [i * AUDIO_RATE // 50 for i in range(20)]
+
+
+def test_speak_requests_take_their_turns_first_come_first_served():
+    """Requests waiting for a session's turn get it in the order they came (a lock's waiters wake
+    in no set order), the refused one leaves the line, and a turn let go early (an interrupt)
+    lets the next one go before the holder is done."""
+    import threading
+    import time
+
+    from sonic_server.live.sessions import SpeakerBusy, SpeakTurns
+
+    turns, order, holding = SpeakTurns(), [], threading.Event()
+
+    def speak(name: str, hold_s: float = 0.0) -> None:
+        with turns.turn("s1") as turn:
+            order.append(name)
+            if name == "first":
+                holding.set()
+                time.sleep(hold_s)
+                turn.release()  # an interrupt: the next goes now
+                time.sleep(hold_s)
+                order.append("first done")
+
+    first = threading.Thread(target=speak, args=("first", 0.6))
+    first.start()
+    holding.wait(5)
+    waiting = []
+    for name in ("second", "third", "fourth"):
+        waiting.append(threading.Thread(target=speak, args=(name,)))
+        waiting[-1].start()
+        time.sleep(0.1)  # in this order
+    for t in (first, *waiting):
+        t.join(10)
+    assert order == ["first", "second", "third", "fourth", "first done"], order
+    with turns.turn("s2"):
+        with pytest.raises(SpeakerBusy, match="still arriving after 0.2 s"):
+            with turns.turn("s2", wait_s=0.2):
+                pass
+    with turns.turn("s2", wait_s=0.2):  # the refused one left the line
+        pass

@@ -556,20 +556,20 @@ def test_a_client_has_one_rate_limit_whichever_api_process_it_reaches(cluster):
     process had its buckets to itself: N processes behind a load balancer gave a client N times
     the limit); a key's bucket and a DELETE's are their own; keys are kept only as digests."""
     import redis
-    c = cluster(api_keys=["key-a"], rate_limit_per_s=0.5, rate_limit_burst=3)
+    c = cluster(api_keys=["key-a"], rate_limit_per_s=0.2, rate_limit_burst=3)  # a token every 5 s: slack for a slow machine
     one, two = c.client(), c.client()
     key = {"Authorization": "Bearer key-a"}
     # without a key: the address's bucket, spent through both (401: the key is missing)
     assert [api.get("/api/sonic/jobs").status_code for api in (one, two, one)] == [401] * 3
     refused = two.get("/api/sonic/jobs")
-    assert refused.status_code == 429 and refused.headers["Retry-After"] == "2", refused.get_data()
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) in (4, 5), refused.get_data()
     # the key's own bucket, the same through both
     assert [api.get("/api/sonic/jobs", headers=key).status_code for api in (two, one, two)] == [200] * 3
     assert one.get("/api/sonic/jobs", headers=key).status_code == 429
     # a DELETE may still let go of a job (404: there is none), once per token too
     assert [api.delete("/api/sonic/jobs/nothing", headers=key).status_code for api in (one, two, one)] == [404] * 3
     assert two.delete("/api/sonic/jobs/nothing", headers=key).status_code == 429
-    time.sleep(2.1)  # a token every 2 s, whichever process spends it
+    time.sleep(5.1)  # a token every 5 s, whichever process spends it
     assert two.get("/api/sonic/jobs", headers=key).status_code == 200
     assert one.get("/api/sonic/jobs", headers=key).status_code == 429
     stored = [k.decode() for k in redis.Redis.from_url(c.cfg["server"]["redis_url"]).scan_iter("sonic:rate:*")]

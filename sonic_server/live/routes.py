@@ -36,7 +36,7 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service, upload_check_refused
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions, forwarded_portrait
-from .sessions import LiveSessions, ServedSession, SessionNotFound, check_offer, hold_seconds, receives
+from .sessions import LiveSessions, ServedSession, SessionNotFound, Turn, check_offer, hold_seconds, receives
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -384,19 +384,19 @@ def speak(session_id: str):
 
 def _speak(session_id: str):
     session = registry().get(session_id, caller().may_see)
-    with registry().speakers.turn(session.id):
-        return _speak_in_turn(session)
+    with registry().speakers.turn(session.id) as turn:
+        return _speak_in_turn(session, turn)
 
 
-def _speak_in_turn(session: ServedSession | RemoteSession):
+def _speak_in_turn(session: ServedSession | RemoteSession, turn: Turn):
     max_s = service().settings.live.max_speak_s
-    # what the session holds already counts: a refused request queues nothing. Requests at the
-    # same moment each see the room as it was; the session itself drops what would pass max_s
-    # (memory), whatever they saw
+    # what the session holds already counts: a refused request queues nothing. Requests through
+    # other API processes (distributed mode) may see the room as it was; the session itself
+    # drops what would pass max_s (memory), whatever they saw
     room = SpeechRoom(max_s, session.speak(np.zeros(0, np.float32)).queued_s)
     kind = (request.mimetype or "").lower()
     if kind == PCM_TYPE:
-        streamed = _speak_pcm(session, room, session.turn)
+        streamed = _speak_pcm(session, room, session.turn, turn.release)
     else:
         wav = _decoded_speech(max_s)
         room.check(len(wav) / SAMPLE_RATE)
@@ -447,7 +447,9 @@ class SpeechRoom:
         )
 
 
-def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: int) -> Streamed:
+def _speak_pcm(
+    session: ServedSession | RemoteSession, room: SpeechRoom, turn: int, let_go: Callable[[], None]
+) -> Streamed:
     """A raw body of 16-bit little-endian mono PCM at 16 kHz, queued as it arrives (a text-to-
     speech engine's output can be streamed straight in, chunked), as speech of `turn`. A body
     whose length is known is refused whole when it does not fit; a chunked one that runs past
@@ -479,7 +481,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
     try:
         head = _head(stream, 12)
     except HTTPException as e:
-        raise StreamFailed.of(e, 0.0) from e
+        failed = StreamFailed.of(e, 0.0)
+        if failed is None:
+            raise
+        raise failed from e
     container = _container(head)
     if container in MEDIA_FILES.values():  # its header would be heard as a click, its samples at the wrong speed
         raise UnsupportedMedia(
@@ -507,7 +512,10 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         try:
             chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
         except HTTPException as e:  # cut short, malformed, past the upload limit: after some was queued
-            raise StreamFailed.of(e, kept / 2 / SAMPLE_RATE) from e
+            failed = StreamFailed.of(e, kept / 2 / SAMPLE_RATE)
+            if failed is None:
+                raise
+            raise failed from e
         if not chunk:
             break
         fits = 0 if interrupted or full else max(0, min(len(chunk), room_bytes - total))
@@ -520,6 +528,8 @@ def _speak_pcm(session: ServedSession | RemoteSession, room: SpeechRoom, turn: i
         spoken = session.speak(np.frombuffer(data[:cut], "<i2").astype(np.float32) / 32768.0, turn, room.max_s)
         queued = spoken.queued_s
         interrupted = session.turn != turn
+        if interrupted:  # what still arrives is dropped: the next request may speak
+            let_go()
         # the session's queue held to max_s (another request may have filled it): the stream is
         # cut where it did, not spliced on once the queue has played down
         full = spoken.dropped_s > 0
@@ -541,7 +551,8 @@ class StreamFailed(SonicError):
         self.code = code
 
     @classmethod
-    def of(cls, e: HTTPException, queued_s: float) -> StreamFailed | HTTPException:
+    def of(cls, e: HTTPException, queued_s: float) -> StreamFailed | None:
+        """The refusal in these words, or None for one this does not word (`e` stands)."""
         said = (
             f"; {queued_s:.3g} s of it before that were queued and are spoken (interrupt to stop them)"
             if queued_s > 0
@@ -556,7 +567,7 @@ class StreamFailed(SonicError):
             return cls("input_too_large", f"the audio/L16 body passed {limit:g} MB (limits.max_upload_mb){said}")
         if e.code == 400:
             return cls("invalid_parameter", f"{e.description}{said}")
-        return e
+        return None
 
 
 # how files begin: sent as raw PCM, their headers and coded frames were queued as sound (an MP3
@@ -632,6 +643,7 @@ def _decoded_speech(max_s: float) -> np.ndarray:
 def interrupt(session_id: str):
     session = registry().get(session_id, caller().may_see)
     session.interrupt()
+    registry().speakers.interrupted(session.id)  # a stream still arriving keeps the next reply waiting no longer
     return jsonify({"interrupted": True})
 
 

@@ -18,8 +18,8 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,43 +71,67 @@ class SpeakerBusy(SonicError):
 SPEAK_WAIT_S = 5.0  # how long a speak request waits for the one before it to be answered
 
 
+class Turn:
+    """A speak request's turn: `release()` lets the next request go before this one is answered
+    (an interrupt came: what still arrives of this one is read and dropped)."""
+
+    def __init__(self, leave: Callable[[Turn], None]) -> None:
+        self._leave = leave
+
+    def release(self) -> None:
+        self._leave(self)
+
+
 class SpeakTurns:
-    """One speak request at a time for each session, in the order they take their turn: two
-    sent at once were each queued as they arrived, spliced into one another in slices of a few
-    hundred milliseconds (and each had checked the session's room as if the other were not
-    there). A request waits up to SPEAK_WAIT_S for the one before it (a file, a known-length
-    body: its upload and decoding); past that (a stream still arriving) it is refused. Held in
-    each API process: in distributed mode, two requests through two API processes are not
-    ordered with one another."""
+    """One speak request at a time for each session, first come first served: two sent at once
+    were each queued as they arrived, spliced into one another in slices of a few hundred
+    milliseconds (and each had checked the session's room as if the other were not there). A
+    request waits up to SPEAK_WAIT_S for those before it (a file, a known-length body: its upload
+    and decoding); past that (a stream still arriving) it is refused. An interrupt ends a
+    stream's turn. Held in each API process: in distributed mode, two requests through two API
+    processes are not ordered with one another."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._turns: dict[str, tuple[threading.Lock, int]] = {}  # session id -> its turn, waiters + holder
+        self._changed = threading.Condition()
+        self._lines: dict[str, deque[Turn]] = {}  # session id -> its requests in order; the first holds the turn
 
     @contextlib.contextmanager
-    def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S):
-        with self._lock:
-            turn, users = self._turns.get(session_id, (threading.Lock(), 0))
-            self._turns[session_id] = (turn, users + 1)
-        try:
-            if not turn.acquire(timeout=wait_s):
+    def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S) -> Iterator[Turn]:
+        turn = Turn(lambda t: self._leave(session_id, t))
+        with self._changed:
+            line = self._lines.setdefault(session_id, deque())
+            line.append(turn)
+            if not self._changed.wait_for(lambda: line[0] is turn, timeout=wait_s):
+                self._leave(session_id, turn)
                 raise SpeakerBusy(
                     f"another speak request to this session is still arriving after {wait_s:g} s (a stream): "
                     "speech is queued one request after another; send this once that one is answered, or "
                     "interrupt it",
                     field="audio",
                 )
-            try:
-                yield
-            finally:
-                turn.release()
+        try:
+            yield turn
         finally:
-            with self._lock:
-                users = self._turns[session_id][1] - 1
-                if users:
-                    self._turns[session_id] = (turn, users)
-                else:
-                    del self._turns[session_id]
+            turn.release()
+
+    def interrupted(self, session_id: str) -> None:
+        """The session was interrupted: the request holding its turn (a stream whose rest is now
+        read and dropped) lets the next one go at once."""
+        with self._changed:
+            line = self._lines.get(session_id)
+            if line:
+                self._leave(session_id, line[0])
+
+    def _leave(self, session_id: str, turn: Turn) -> None:
+        """`turn` out of its session's line (once: again, nothing), the next one woken."""
+        with self._changed:
+            line = self._lines.get(session_id)
+            if line is None or turn not in line:
+                return
+            line.remove(turn)
+            if not line:
+                del self._lines[session_id]
+            self._changed.notify_all()
 
 
 def _count_late(session: ServedSession) -> None:
@@ -406,20 +430,28 @@ CODECS_SENT = {
 }
 
 
-def unreadable_line(sdp: str, parse: Callable[[str], Any], max_lines: int = 400) -> tuple[int, str] | None:
+def unreadable_line(sdp: str, parse: Callable[[str], Any]) -> tuple[int, str] | None:
     """The first line (1-based, and its text) at which a description the parser refuses stops
     being readable: the parser's own errors name no line, and are Python's words
-    (AssertionError, "invalid literal for int()"). Each shorter description is parsed in turn;
-    None when no prefix fails alone, or past `max_lines`."""
+    (AssertionError, "invalid literal for int()"). Found by halving: a description that cannot
+    be read cannot once more lines follow (a dozen parses of an offer, not one per line); None
+    where the whole description reads."""
     lines = sdp.splitlines()
-    if len(lines) > max_lines:
-        return None
-    for n in range(1, len(lines) + 1):
+
+    def reads(n: int) -> bool:
         try:
             parse("\r\n".join(lines[:n]) + "\r\n")
-        except Exception:  # noqa: BLE001 - any of its errors: this line is the one
-            return n, lines[n - 1]
-    return None
+        except Exception:  # noqa: BLE001 - any of its errors
+            return False
+        return True
+
+    if reads(len(lines)):
+        return None
+    good, bad = 0, len(lines)  # the first `good` lines read; the first `bad` do not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if reads(middle) else (good, middle)
+    return bad, lines[bad - 1]
 
 
 def check_codecs(sdp: str) -> None:
