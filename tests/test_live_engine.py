@@ -231,15 +231,22 @@ def test_a_helper_that_cannot_start_says_so_without_its_exceptions_words(pipelin
     assert "AttributeError" in caplog.text
 
 
-def test_a_helper_stopped_while_a_thread_reads_its_socket_exits_on_its_own():
+def test_a_helper_stopped_while_a_thread_reads_its_socket_exits_on_its_own(tmp_path):
     """A helper exits at the end of file of its socket; a thread of the parent blocked reading
     the socket (a live session's reader) kept it open past close(), so each session's end waited
-    2 s, then killed the helper."""
+    2 s, then killed the helper. (A render helper, asked once so that it is up and reading: one
+    stopped while still importing may be killed under load, rightly.)"""
     import threading
 
+    from sonic.render_messages import Failed, RenderBatch
     from sonic.render_pool import HelperProcess
 
-    helper = HelperProcess("sonic.live._helper")
+    unreadable = tmp_path / "decoder.pkl"
+    unreadable.write_bytes(b"not a pickle")
+    helper = HelperProcess()
+    helper.conn.send(RenderBatch("r", str(unreadable), str(tmp_path / "frames.npy"), 0, np.zeros((1, 1)),
+                                 np.zeros((1, 4))))
+    assert isinstance(helper.conn.recv(), Failed)  # up, and reading its socket
 
     def read():
         try:
