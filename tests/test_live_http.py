@@ -223,7 +223,9 @@ def test_an_interrupt_stops_a_stream_still_arriving(server):
     r, after = asyncio.run(session())
     body = r.json()
     assert r.status_code == 202 and "interrupt" in body["warning"], body
-    assert 3.5 < body["dropped_s"] < 5.5, body  # about 2 of the 12 chunks came before the interrupt
+    # the interrupt comes 1 s into the 3 s of sending: 4-5 of the 12 chunks before it (6 on a slow
+    # machine), the rest dropped
+    assert 2.5 <= body["dropped_s"] < 5.5, body
     assert after["queued_s"] == 0 and after["state"] == "idle", after
 
 

@@ -478,13 +478,7 @@ def _speak_pcm(
             f"the audio/L16 body must be sent unencoded; got Content-Encoding: {encoding[:40]}", field="audio"
         )
     stream, total, kept, carry = request.stream, 0, 0, b""
-    try:
-        head = _head(stream, 12)
-    except HTTPException as e:
-        failed = StreamFailed.of(e, 0.0)
-        if failed is None:
-            raise
-        raise failed from e
+    head = _read_stream(lambda: _head(stream, 12), 0.0)
     container = _container(head)
     if container in MEDIA_FILES.values():  # its header would be heard as a click, its samples at the wrong speed
         raise UnsupportedMedia(
@@ -509,13 +503,7 @@ def _speak_pcm(
     room_bytes = 2 * int((room.max_s - room.queued_s) * SAMPLE_RATE)
     queued, interrupted, full = room.queued_s, False, False
     while True:
-        try:
-            chunk, head = head or stream.read(PCM_CHUNK_BYTES), b""
-        except HTTPException as e:  # cut short, malformed, past the upload limit: after some was queued
-            failed = StreamFailed.of(e, kept / 2 / SAMPLE_RATE)
-            if failed is None:
-                raise
-            raise failed from e
+        chunk, head = head or _read_stream(lambda: stream.read(PCM_CHUNK_BYTES), kept / 2 / SAMPLE_RATE), b""
         if not chunk:
             break
         fits = 0 if interrupted or full else max(0, min(len(chunk), room_bytes - total))
@@ -539,6 +527,18 @@ def _speak_pcm(
             f"the audio/L16 body is {'empty' if total == 0 else 'one byte: no whole 16-bit sample'}", field="audio"
         )
     return Streamed(queued, (total - kept) / 2 / SAMPLE_RATE, interrupted)
+
+
+def _read_stream(read: Callable[[], bytes], queued_s: float) -> bytes:
+    """read() of a speak stream's body; the body cut short, malformed or past the upload limit
+    is refused in a stream's words, saying the `queued_s` of it queued before (StreamFailed)."""
+    try:
+        return read()
+    except HTTPException as e:
+        failed = StreamFailed.of(e, queued_s)
+        if failed is None:
+            raise
+        raise failed from e
 
 
 class StreamFailed(SonicError):
