@@ -36,7 +36,16 @@ from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service, upload_check_refused
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions, forwarded_portrait
-from .sessions import LiveSessions, ServedSession, SessionNotFound, Turn, check_offer, hold_seconds, receives
+from .sessions import (
+    SPEAK_WAIT_S,
+    LiveSessions,
+    ServedSession,
+    SessionNotFound,
+    Turn,
+    check_offer,
+    hold_seconds,
+    receives,
+)
 
 bp = Blueprint("live", __name__)
 MAX_OFFER_CHARS = 100_000
@@ -359,8 +368,8 @@ def _settler(svc: Service, hold: LiveHold | None) -> Callable[[ServedSession], N
         404: error("no such session (ended or unknown; ended_reason says why it ended)"),
         408: error("the body stopped before its end (an audio/L16 stream: the message says how much of it was queued)"),
         409: error(
-            "another speak request to the session was still arriving after 5 s (a stream): requests are queued "
-            "one after another"
+            f"another speak request to the session was still arriving after {SPEAK_WAIT_S:g} s (a stream): "
+            "requests are queued one after another"
         ),
         503: error("distributed mode: the session's worker does not answer (retry)"),
         413: error("upload too large"),
