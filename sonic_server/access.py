@@ -74,7 +74,12 @@ def caller() -> Caller:
 
 def _key_owner(key: str) -> str:
     """A flat key's owner name: a digest, so the key itself is never stored with a job."""
-    return "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return "key:" + _digest(key)
+
+
+def _digest(text: str) -> str:
+    """A key's or a client's name as it is stored (with a job, in Redis): never the text itself."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class TokenBucket:
@@ -149,8 +154,7 @@ class SharedTokenBucket:
         self._take = conn.register_script(_TAKE)
 
     def take(self, client: str) -> float:
-        digest = hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        return float(self._take(keys=[self._prefix + digest], args=[repr(self.rate), repr(self.burst)]))
+        return float(self._take(keys=[self._prefix + _digest(client)], args=[repr(self.rate), repr(self.burst)]))
 
 
 def shared_table(conn: Any) -> BucketTable:
