@@ -501,9 +501,10 @@ class WarpDecoder:
         def up(img):
             return cv2.resize(img, (ww, hh), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
-        # (the candidates and positions travel as planes, one contiguous array each: the lookups
-        # and sums over interleaved channels read strided memory, and cv2 copied each one first)
-        qcx, qcy = cv2.split(down(cv2.merge([qx, qy])))
+        # (the candidates and positions travel as planes, one contiguous array each, and are
+        # resized one at a time: the lookups and sums over interleaved channels read strided
+        # memory, and merging and splitting the channels cost more than the resizes themselves)
+        qcx, qcy = down(qx), down(qy)
         fxy = (c @ self.fields).reshape(self._fields_shape)  # (H, W + gap + W, 2): both sets
         # each point solved twice, once in each set (the lower set's points shifted to its half)
         lx, ly, at = (qcx - x0).ravel(), (qcy - y0).ravel(), self._lower_at
@@ -518,7 +519,10 @@ class WarpDecoder:
         close = float(np.clip(coeffs[CLOSE_REST], 0, 1))
         (pcx, pcy), _, _ = self._choose(cands, (qcx, qcy), down(mouth), close, exact=False)
         # positions are interpolated as displacements from q (exact where nothing moves)
-        px, py = cv2.split(up(cv2.merge([pcx - qcx, pcy - qcy])))
+        # (enlarged together, as two interleaved channels read in place: one channel at a time
+        # rounds a few values differently, and splitting them copies all of them)
+        pxy = up(cv2.merge([pcx - qcx, pcy - qcy]))
+        px, py = pxy[..., 0], pxy[..., 1]
         px += qx
         py += qy
         opening = np.zeros((h, w), np.float32)
