@@ -190,7 +190,7 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
     assert not any((c.tmp / "uploads").iterdir())
     assert "worker" not in api.get(f"/api/sonic/jobs/{long}").get_json()     # an operator's detail, not public
     # a worker stopped by SIGTERM mid-job says so, in its log and its entry, and finishes the job
-    job = post(api, {"min_resolution": 256, "duration": 12, "seed": 31, "async": True}).get_json()["job_id"]
+    job = post(api, {"min_resolution": 512, "duration": 20, "seed": 31, "async": True}).get_json()["job_id"]
     wait_status(api, job, ("processing",))
     h = api.get("/health").get_json()  # the other worker takes the next job at once: ready, not busy
     assert h["readiness"] == "ready" and sorted(w["state"] for w in h["workers"]) == ["busy", "idle"], h
@@ -203,6 +203,15 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
             break
         time.sleep(0.1)
     assert entry.get("draining") and entry.get("job"), entry          # listed as stopping, not plain busy
+    # the other worker stopped too: the one left only finishes its job, so nothing takes the next
+    other_name = next(n for n in c.workers if n != name)
+    c.workers[other_name].send_signal(signal.SIGTERM)
+    assert c.workers[other_name].wait(30) == 0
+    reply = api.get("/health")
+    h = reply.get_json()
+    assert api.get(f"/api/sonic/jobs/{job}").get_json()["status"] == "processing"  # (still, as it was read)
+    assert reply.status_code == 503 and h["readiness"] == "worker_stopped", h
+    assert [w["name"] for w in h["workers"]] == [name] and h["workers"][0]["draining"], h
     assert wait_status(api, job, ("succeeded", "failed", "canceled"), timeout=120)["status"] == "succeeded"
     assert c.workers[name].wait(30) == 0
     log = (c.tmp / f"{name}.log").read_text()

@@ -613,7 +613,8 @@ class RedisQueue(JobQueue):
         return {
             "running_job": running,
             "workers_alive": len(workers),
-            "workers_taking_jobs": sum(w["state"] != "disk_full" for w in workers),
+            # a worker draining after SIGTERM finishes its job and takes no other
+            "workers_taking_jobs": sum(w["state"] != "disk_full" and not w.get("draining") for w in workers),
             "queue_length": self.queue_length(),
             "workers": workers,
         }

@@ -83,13 +83,14 @@ def health():
     # one snapshot of the queue (the worker changes it meanwhile): each figure read once
     workers = queue.health() if queue is not None else {"running_job": None, "workers_alive": 1, "queue_length": 0}
     running = workers["running_job"]
+    taking = workers.get("workers_taking_jobs", workers["workers_alive"])
     if state == "ready" and workers.get("unavailable"):
         state = "not_ready"  # the job store does not answer: nothing can be queued or followed
     elif state == "ready" and not workers["workers_alive"]:
         state = "worker_stopped"  # jobs would be queued and never run
-    elif state == "ready" and (
-        not workers.get("workers_taking_jobs", workers["workers_alive"]) or svc.free_disk_short_mb() is not None
-    ):
+    elif state == "ready" and not taking and not _short_of_disk(workers):
+        state = "worker_stopped"  # every worker is draining (SIGTERM): jobs wait for a new one
+    elif state == "ready" and (not taking or svc.free_disk_short_mb() is not None):
         state = "disk_full"  # every worker short of disk, or this service's (routes/generate.py refuses)
     elif state == "ready" and running is not None and not _idle_worker(workers):
         state = "busy"  # (distributed: every worker taking jobs has one; a free one leaves it ready)
@@ -129,6 +130,11 @@ def health():
     if state in ("ready", "busy"):
         return jsonify(body), 200
     return jsonify(body), 503, {"Retry-After": "5"}
+
+
+def _short_of_disk(workers: dict) -> bool:
+    """Distributed mode: a worker takes no job for want of disk."""
+    return any(w.get("state") == "disk_full" for w in workers.get("workers", ()))
 
 
 def _idle_worker(workers: dict) -> bool:
