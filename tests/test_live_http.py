@@ -776,6 +776,38 @@ def test_a_client_whose_candidates_are_all_left_out_still_connects(server):
     assert wait_for(lambda: live_count(server["base"]) == 0)
 
 
+def test_a_client_whose_certificate_is_not_its_offers_fingerprint_is_ended_and_the_log_says_why(server):
+    """The network checks pass, the encryption handshake cannot: the session ends client_gone
+    (its connection failed), and the server's log names the handshake, not only "failed"."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    async def session():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        # another certificate's fingerprint: each hex digit moved by one
+        sdp = re.sub(r"(a=fingerprint:sha-256 )([0-9A-F:]+)",
+                     lambda m: m[1] + m[2].translate(str.maketrans("0123456789ABCDEF", "123456789ABCDEF0")),
+                     pc.localDescription.sdp)
+        assert sdp != pc.localDescription.sdp
+        data = {"offer": json.dumps({"sdp": sdp, "type": "offer"}), "config": json.dumps(CONFIG)}
+        r = await asyncio.to_thread(requests.post, server["base"] + "/api/sonic/live", timeout=30, data=data,
+                                    files={"image": PORTRAIT.read_bytes()})
+        assert r.status_code == 201, r.text
+        await pc.setRemoteDescription(RTCSessionDescription(**r.json()["answer"]))
+        ended = await asyncio.to_thread(wait_for, lambda: live_count(server["base"]) == 0, 15)
+        await pc.close()
+        return r.json()["session_id"], ended
+
+    session_id, ended = asyncio.run(session())
+    assert ended
+    state = requests.get(server["base"] + f"/api/sonic/live/{session_id}", timeout=5)
+    assert state.status_code == 404 and state.json()["error"]["ended_reason"] == "client_gone", state.text
+    log = (server["tmp"] / "server.log").read_text()
+    assert f"live session {session_id}: its connection failed: DTLS: the handshake failed" in log, log[-3000:]
+
+
 def _threads_and_fds(pid):
     threads = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")).split()[1])
     return threads, len(os.listdir(f"/proc/{pid}/fd"))

@@ -707,6 +707,8 @@ class LiveSessions:
                 session.last_heard = time.monotonic()
                 session.connected.set()
             elif pc.connectionState in ("failed", "closed"):
+                if pc.connectionState == "failed":  # the state's own line says only "failed"
+                    log.warning("live session %s: its connection failed: %s", session.id, connection_failure(pc))
                 threading.Thread(target=self.end, args=(session.id, "client_gone"), daemon=True).start()
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
@@ -865,6 +867,20 @@ def _ask_keyframe(sender: Any) -> None:
     ask = getattr(sender, "_send_keyframe", None)
     if ask is not None:
         ask()
+
+
+def connection_failure(pc: Any) -> str:
+    """Which part of a failed connection gave up, in words for the operator's log: the network
+    checks (ICE) or the encryption handshake after them (DTLS)."""
+    transports = {t.sender.transport for t in pc.getTransceivers() if t.sender.transport is not None}
+    if any(dtls.transport.state == "failed" for dtls in transports):
+        return "ICE: no pair of addresses answered its checks (the client cannot reach this server's, or it left)"
+    if any(dtls.state == "failed" for dtls in transports):
+        return (
+            "DTLS: the handshake failed (the client's certificate does not match its offer's fingerprint, "
+            "or it left during the handshake)"
+        )
+    return "the WebRTC stack gave no cause"
 
 
 async def _look_at_connection(session: ServedSession) -> None:
