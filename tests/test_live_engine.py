@@ -124,9 +124,11 @@ def test_interrupt_closes_the_mouth_within_a_few_frames(pipeline, speech):
     assert queued == pytest.approx(len(speech) / SAMPLE_RATE)
     frames = run(session, FPS)  # 1 s in: speaking
     assert max(f.opening for f in frames) > 0.3
+    assert frames[-1].speaking
     session.interrupt()
-    assert session.queued_s == 0
+    assert session.queued_s == 0 and not session.speaking  # at once: no hold after the last word
     after = run(session, FPS)
+    assert not any(f.speaking for f in after), [f.speaking for f in after]
     assert max(f.opening for f in after[3:]) < 0.03
     assert not np.any(np.concatenate([f.audio for f in after[1:]]))  # what was queued is not heard
     # a stream sent in parts carries the turn it began in: the interrupt ended that turn

@@ -117,7 +117,13 @@ def test_speak_pcm_and_interrupt(server):
         speaking = await client.state()
         pcm = await client.speak_pcm(speech[:16_000])  # a second behind the file
         interrupted = requests.post(client.session_url("/interrupt"), timeout=10).json()
-        await asyncio.sleep(0.5)
+        # idle from the interrupt on: read every 50 ms for 0.5 s (the speaking state's 0.3 s hold
+        # after the last word does not outlast an interrupt)
+        readings = []
+        for _ in range(10):
+            readings.append((await client.state())["state"])
+            await asyncio.sleep(0.05)
+        assert readings == ["idle"] * 10, readings
         after = await client.state()
         await client.close()
         return idle, queued, speaking, pcm, interrupted, after, requests.get(client.session_url(), timeout=10)

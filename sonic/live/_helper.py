@@ -71,6 +71,7 @@ def main(fd: int) -> None:
     threading.Thread(target=_listen, args=(conn, session, send, begin, stop), daemon=True).start()
     send(Queued(0.0))
     begin.wait()
+    turn = session.turn  # each frame is made after this is read: in this turn, or a later one
     try:
         for n, frame in enumerate(session.frames(stop)):
             slot = n % SLOTS
@@ -91,8 +92,10 @@ def main(fd: int) -> None:
                     session.queued_s,
                     session.late_frames,
                     stamp=n,
+                    turn=turn,
                 )
             )
+            turn = session.turn
     except (OSError, EOFError):
         pass  # the parent is gone
     except Exception as e:  # noqa: BLE001

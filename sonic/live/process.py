@@ -114,6 +114,7 @@ class FrameOut:
     queued_s: float
     late_frames: int
     stamp: int  # the frame's number in the ring's stamps
+    turn: int = 0  # the session's interrupts before the frame was made (its state is of that turn)
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,9 @@ class SessionProcess:
             except (OSError, EOFError, TypeError):  # TypeError: closed under the read by close()
                 return
             if isinstance(msg, FrameOut):
-                self.queued_s, self.speaking, self.late_frames = msg.queued_s, msg.speaking, msg.late_frames
+                self.late_frames = msg.late_frames
+                if msg.turn >= self._interrupts:  # not a frame made before an interrupt since sent
+                    self.queued_s, self.speaking = msg.queued_s, msg.speaking
                 picture = read_slot(self._ring, self._stamps, msg.slot, msg.stamp)
                 behind = picture is None and self._picture is not None
                 if picture is None:

@@ -34,6 +34,7 @@ from .motion import MotionStream
 LOOKAHEAD_S = 0.08  # the mouth sees this far ahead (rounded up to whole frames): the broadcast delay
 MIC_BUFFER_MAX_S = 0.12  # microphone audio beyond this backlog is dropped: latency stays bounded
 SPEAKING_HOLD_S = 0.3  # "speaking" outlasts the last loud frame by this much (pauses between words)
+NEVER_LOUD = -(10**9)  # the last loud frame's index before any (or since an interrupt)
 PHONE_HISTORY_S = 1.0  # phones older than this before the frame are not looked at
 
 
@@ -120,7 +121,7 @@ class LiveSession:
         )
         self.tick = 0  # frames stepped
         self.late_frames = 0
-        self._last_loud_tick = -(10**9)
+        self._last_loud_tick = NEVER_LOUD
         # the face at rest until the first frame of motion: a photo with an open mouth has it
         # closed, as every later frame at rest has (no jump after the look-ahead)
         rest = mouth_coefficients(np.zeros(1), np.zeros(1), face.rig)
@@ -163,6 +164,9 @@ class LiveSession:
             self._queued = 0
             self._interrupted = True
             self._turn += 1
+            # nor does "speaking" outlast it (SPEAKING_HOLD_S bridges pauses between words): a
+            # client that read idle from the interrupt's answer read speaking again for 0.3 s
+            self._last_loud_tick = NEVER_LOUD
 
     @property
     def turn(self) -> int:
@@ -226,7 +230,7 @@ class LiveSession:
         if index < 0:
             return LiveFrame(index, 0.0, self._image, np.zeros(0, np.float32), False, 0.0, 0.0, False, due_at)
         motion = self._motion.frame(index, self._phones.phones(index / self.fps - PHONE_HISTORY_S))
-        if motion.loudness > SPEECH_THRESHOLD:
+        if motion.loudness > SPEECH_THRESHOLD and not self._interrupted:  # (not one made as it came)
             self._last_loud_tick = index
         if render:
             self._image = self.face.decoder.render(motion.coeffs[None], motion.head[None])[0]
