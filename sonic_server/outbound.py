@@ -261,30 +261,38 @@ def _resolved(host: str, port: int, field: str, within_s: float) -> list:
     return answer[0]
 
 
+def _connected(address: str, port: int, connect_s: float, read_s: float) -> socket.socket:
+    """A socket connected within connect_s, whose reads then wait up to read_s each (a receiver
+    that takes 8 s to answer is within a 15 s whole; its Deadline bounds the whole)."""
+    sock = socket.create_connection((address, port), connect_s)
+    sock.settimeout(read_s)
+    return sock
+
+
 class _Pinned(http.client.HTTPConnection):
     """A connection to the checked address, speaking to the named host (Host header)."""
 
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout)
-        self.address = target.address
+    def __init__(self, target: Target, connect_s: float, read_s: float) -> None:
+        super().__init__(target.host, target.port, timeout=read_s)
+        self.address, self.connect_s = target.address, connect_s
 
     def connect(self) -> None:
-        self.sock = self.held = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.held = _connected(self.address, self.port, self.connect_s, self.timeout)
 
 
 class _PinnedTLS(http.client.HTTPSConnection):
     """The same over TLS: the certificate is checked against the name, not the address."""
 
-    def __init__(self, target: Target, timeout: float) -> None:
+    def __init__(self, target: Target, connect_s: float, read_s: float) -> None:
         import certifi
 
         context = ssl.create_default_context(cafile=certifi.where())
-        super().__init__(target.host, target.port, timeout=timeout, context=context)
-        self.address = target.address
+        super().__init__(target.host, target.port, timeout=read_s, context=context)
+        self.address, self.connect_s = target.address, connect_s
         self._tls = context
 
     def connect(self) -> None:
-        raw = socket.create_connection((self.address, self.port), self.timeout)
+        raw = _connected(self.address, self.port, self.connect_s, self.timeout)
         self.sock = self.held = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
@@ -311,20 +319,24 @@ class Deadline:
         self._timer.cancel()
 
 
-def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
-    return _PinnedTLS(target, timeout) if target.scheme == "https" else _Pinned(target, timeout)
+def _connection(target: Target, connect_s: float, total_s: float) -> http.client.HTTPConnection:
+    """A connection made within connect_s, its reads within what is left of total_s."""
+    kind = _PinnedTLS if target.scheme == "https" else _Pinned
+    return kind(target, min(connect_s, total_s), total_s)
 
 
 def post(target: Target, body: bytes, headers: dict[str, str], connect_s: float = 5.0, total_s: float = 15.0) -> int:
     """POST to the checked address (no redirect followed), all within total_s; the response's
     status (its body is not read beyond 4 kB). Raises OSError (http.client's errors among them)
     when nothing answers in time."""
-    conn = _connection(target, connect_s)
+    conn = _connection(target, connect_s, total_s)
     deadline = Deadline(conn, total_s)
     try:
         conn.request("POST", target.path, body=body, headers=target.headers(headers))
         resp = conn.getresponse()
         resp.read(4096)
+        if deadline.passed:  # headers dripped past total_s: cut off, which reads as their end
+            raise OSError("timed out")
         return int(resp.status)
     except (OSError, http.client.HTTPException) as e:
         raise OSError("timed out" if deadline.passed else f"{type(e).__name__}: {e}") from None
@@ -378,7 +390,7 @@ def fetch(
         left = ends - time.monotonic()
         if left <= 0:
             raise FetchFailed(f"{field}: {target.host[:100]} took longer than {total_s:g} s", field=field)
-        conn = _connection(target, min(connect_s, left))
+        conn = _connection(target, connect_s, left)
         deadline = Deadline(conn, left)
         try:
             asked = target.headers({"User-Agent": "sonic", "Accept-Encoding": "identity"})

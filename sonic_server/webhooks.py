@@ -681,7 +681,7 @@ class Webhooks:
         except InvalidParameter as e:  # the name now resolves somewhere it may not go
             why = e.message
         except Exception as e:  # noqa: BLE001 - refused, reset, timed out: retried
-            why = type(e).__name__
+            why = str(e)[:200] or type(e).__name__  # (outbound.post's: "timed out", "ConnectionRefusedError: ...")
         self._note(receiver_of(d.url), status is not None and 200 <= status < 300)
         if status is not None and 200 <= status < 300:
             self.outbox.done(d)
