@@ -274,10 +274,10 @@ class _Pinned(http.client.HTTPConnection):
 
     def __init__(self, target: Target, connect_s: float, read_s: float) -> None:
         super().__init__(target.host, target.port, timeout=read_s)
-        self.address, self.connect_s = target.address, connect_s
+        self.address, self.connect_s, self.read_s = target.address, connect_s, read_s
 
     def connect(self) -> None:
-        self.sock = self.held = _connected(self.address, self.port, self.connect_s, self.timeout)
+        self.sock = self.held = _connected(self.address, self.port, self.connect_s, self.read_s)
 
 
 class _PinnedTLS(http.client.HTTPSConnection):
@@ -288,11 +288,11 @@ class _PinnedTLS(http.client.HTTPSConnection):
 
         context = ssl.create_default_context(cafile=certifi.where())
         super().__init__(target.host, target.port, timeout=read_s, context=context)
-        self.address, self.connect_s = target.address, connect_s
+        self.address, self.connect_s, self.read_s = target.address, connect_s, read_s
         self._tls = context
 
     def connect(self) -> None:
-        raw = _connected(self.address, self.port, self.connect_s, self.timeout)
+        raw = _connected(self.address, self.port, self.connect_s, self.read_s)
         self.sock = self.held = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
