@@ -864,6 +864,15 @@ def test_api_keys_and_rate_limit(make_client):
     assert client.get(url, headers=auth).status_code == 200          # the bucket refills
 
 
+@pytest.mark.parametrize("header", ["no-respond-async", "wait=respond-async", "handling=lenient; respond-async=0x"])
+def test_a_prefer_header_without_respond_async_is_answered_when_done(make_client, header):
+    """Only a preference named respond-async asks for it (the name was looked for anywhere in the
+    header: `no-respond-async` got a 202)."""
+    client, _ = make_client()
+    r = post(client, {**FAST, "seed": 14}, headers={"Prefer": header})
+    assert r.status_code == 200 and r.get_json()["status"] == "succeeded" and "Preference-Applied" not in r.headers
+
+
 def test_api_keys_from_the_environment(make_client, monkeypatch):
     monkeypatch.setenv("SONIC_API_KEYS", "env-key, other")
     client, _ = make_client()
@@ -871,7 +880,7 @@ def test_api_keys_from_the_environment(make_client, monkeypatch):
     assert client.get("/api/sonic/params", headers={"Authorization": "Bearer other"}).status_code == 200
 
 
-@pytest.mark.parametrize("header", ["respond-async", "respond-async, wait=5"])
+@pytest.mark.parametrize("header", ["respond-async", "respond-async, wait=5", "RESPOND-ASYNC", "wait=5,Respond-Async"])
 def test_prefer_header(make_client, header):
     client, _ = make_client()
     r = post(client, {**FAST, "seed": 12}, headers={"Prefer": header})

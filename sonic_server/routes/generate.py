@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from datetime import datetime, timezone
 
@@ -575,8 +576,13 @@ def _ahead(queue: JobQueue | None, rec: JobRecord) -> int | None:
 
 
 def _prefers_async() -> bool:
-    """The request's `Prefer: respond-async` (RFC 7240)."""
-    return "respond-async" in request.headers.get("Prefer", "")
+    """The request's `Prefer: respond-async` (RFC 7240: preferences are separated by commas, in
+    one header or several, each a name, case-insensitive, then its value and parameters)."""
+    for prefer in request.headers.getlist("Prefer"):
+        for preference in prefer.split(","):
+            if re.split(r"[=;]", preference, maxsplit=1)[0].strip().lower() == "respond-async":
+                return True
+    return False
 
 
 def _accepted(rec: JobRecord) -> Response:
