@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -88,6 +89,35 @@ class Repeats(logging.Filter):
         return count <= self.per_minute
 
 
+def store_outage(error: BaseException | None) -> BaseException | None:
+    """The Redis error that `error` is, or was raised while handling (a connection refused, reset
+    or timed out), if any: an outage of the job store, which the service rides out."""
+    redis = sys.modules.get("redis")  # (only a process that imported it can have its errors)
+    seen = 0
+    while error is not None and redis is not None and seen < 10:
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+class Outages(logging.Filter):
+    """A record that carries the traceback of a Redis outage (its own code's, or a library's
+    beneath: RQ's "found an unhandled exception") becomes a one-line warning naming the cause:
+    the service rides out the outage (docs/scaling.md), and a restart of Redis filled the
+    workers' logs with a dozen tracebacks each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        outage = store_outage(record.exc_info[1]) if record.exc_info else None
+        if outage is not None:
+            cause = f"{type(outage).__name__}: {outage}"[:200]
+            record.msg, record.args = f"{record.getMessage()} (Redis does not answer: {cause})", None
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
 def configure_logging(log_format: str = "text") -> None:
     """INFO lines to stderr in `log_format`, unless the process has set up logging itself (an
     application that embeds the service keeps its own handlers and format): the service logs
@@ -100,6 +130,7 @@ def configure_logging(log_format: str = "text") -> None:
         ours = logging.StreamHandler()
         ours.set_name(HANDLER_NAME)
         ours.addFilter(Repeats())
+        ours.addFilter(Outages())
         root.addHandler(ours)
         root.setLevel(logging.INFO)
     for handler in root.handlers:

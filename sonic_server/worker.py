@@ -271,6 +271,7 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
     renew = conn.register_script(RENEW_LEASE)
     store = RedisStore(conn)
     records = Records(conn)
+    failing = False  # said once when the beats start failing, and once when they answer again
     while not stop.is_set():
         try:
             held = state.lease
@@ -281,8 +282,16 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
             if state.host is not None:
                 state.host.beat(records)
                 reap_lost(records, state.host.settle)
-        except Exception:  # noqa: BLE001 - Redis away: try at the next beat
-            log.warning("worker %s: heartbeat failed", state.name)
+        except Exception as e:  # noqa: BLE001 - Redis away: try at the next beat
+            if not failing:
+                log.warning(
+                    "worker %s: heartbeat failed (%s); trying at each beat, quietly", state.name, type(e).__name__
+                )
+            failing = True
+        else:
+            if failing:
+                log.warning("worker %s: heartbeat answered again", state.name)
+            failing = False
         stop.wait(beat)
 
 

@@ -413,6 +413,10 @@ def test_a_killed_worker_restarts_under_its_name_and_a_redis_outage_stops_no_wor
         import redis
         listening = dict(redis.Redis(port=port).pubsub_numsub("rq:pubsub:w1"))
         assert listening[b"rq:pubsub:w1"] == 1, listening  # the loop that stopped stopped listening too
+        # the outage is said in lines, each once, with its cause: no traceback (there were a dozen)
+        log = (tmp_path / "w1.log").read_text()
+        assert "Traceback" not in log and "ERROR sonic" not in log, log[-3000:]
+        assert log.count("heartbeat failed") == 1 and "(Redis does not answer: ConnectionError" in log, log[-3000:]
     finally:
         c.stop()
         redis_proc.terminate()

@@ -83,13 +83,23 @@ class LiveHost:
     # --- the commands ------------------------------------------------------------------------
     def serve(self, conn: Any, stop: threading.Event) -> None:
         """The command loop (its own thread and Redis connection) until `stop`."""
+        failing = False  # said once when the reads start failing, and once when they answer again
         while not stop.is_set():
             try:
                 command = relay.take_command(conn, self.name, WAIT_S)
-            except Exception:  # noqa: BLE001 - Redis away: the heartbeat says so; try again
-                log.warning("worker %s: live commands cannot be read", self.name)
+            except Exception as e:  # noqa: BLE001 - Redis away: the heartbeat says so; try again
+                if not failing:
+                    log.warning(
+                        "worker %s: live commands cannot be read (%s); trying again quietly",
+                        self.name,
+                        type(e).__name__,
+                    )
+                failing = True
                 stop.wait(WAIT_S)
                 continue
+            if failing:
+                log.warning("worker %s: live commands can be read again", self.name)
+                failing = False
             if command is None:
                 continue
             if command.get("op") in ("open", "end"):  # slow ones (a face, a connection) in their own thread
