@@ -169,7 +169,9 @@ class Reach:
             return False
         if self.private or is_public(ip):
             return True
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        # an IPv6 address that carries an IPv4 one goes where that one does: opened with it
+        inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        return any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in self.networks)
 
 
 def never(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

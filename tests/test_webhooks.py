@@ -299,7 +299,15 @@ def test_a_receiver_slower_to_answer_than_the_connect_timeout_is_answered_within
 
 
 def test_address_rules_allow_public_addresses_and_open_with_the_setting():
+    import ipaddress
+
     from sonic_server.outbound import Reach, check_url
+
+    # a block opened is opened in the IPv6 forms that carry its addresses too, and only those
+    opened = Reach(networks=(ipaddress.ip_network("127.0.0.1/32"),))
+    assert check_url("http://[::ffff:127.0.0.1]:9/x", "webhook", opened).address == "::ffff:127.0.0.1"
+    with pytest.raises(Exception, match="non-public"):
+        check_url("http://[::ffff:127.0.0.2]:9/x", "webhook", opened)
 
     assert check_url("https://93.184.216.34/hook?a=1", "webhook", Reach()).path == "/hook?a=1"
     assert check_url("http://127.0.0.1:9/x", "webhook", Reach(private=True)).address == "127.0.0.1"
