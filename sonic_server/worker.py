@@ -533,6 +533,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
             start_http_server(a.metrics_port, addr=a.metrics_host, registry=REGISTRY)
         except OSError as e:
             sys.exit(f"error: --metrics-port {a.metrics_port} on {a.metrics_host}: {e.strerror or e}")
+    import redis
+
     from sonic import load_pipeline
 
     conn = connect(srv.redis_url)
@@ -602,7 +604,10 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         if state.host is not None:
             state.host.live.close()  # what is left ends server_stopping, settled, before the heartbeat stops
         stop.set()
-        conn.delete(PREFIX + f"worker:{name}")  # a clean stop leaves the list at once
+        try:
+            conn.delete(PREFIX + f"worker:{name}")  # a clean stop leaves the list at once
+        except redis.RedisError:  # Redis away as it stops: the entry lapses by itself (it is leased)
+            log.warning("worker %s: Redis does not answer; its entry lapses by itself", name)
         log.info("worker %s stopped", name)
         if outputs.remote:
             shutil.rmtree(output_dir.parent, ignore_errors=True)

@@ -375,3 +375,77 @@ def test_a_portrait_goes_to_its_worker_no_larger_than_its_pixels_need(monkeypatc
     noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
     with pytest.raises(InputTooLarge, match="MB even as a JPEG"):
         forwarded_portrait(cv2.imencode(".png", noise)[1].tobytes(), noise)
+
+
+def test_speak_requests_through_different_api_processes_take_turns_in_one_line(tmp_path):
+    """Distributed mode's speak turns (remote.SharedSpeakTurns) on a real Redis, one instance
+    per API process: requests to one session are served first come first served whichever
+    process each reaches (two processes each kept a line of their own, and a request through
+    each was spliced into the other); one that waits past its time is refused; an interrupt
+    lets the next go at once; the place of a process that died lapses, and the line moves on."""
+    import threading
+
+    import redis
+
+    from sonic_server.live.remote import TICKET_LEASE_S, SharedSpeakTurns
+    from sonic_server.live.sessions import SpeakerBusy
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        api = [SharedSpeakTurns(redis.Redis(port=port)) for _ in range(3)]
+        served: list[str] = []
+
+        def speak(name, turns, hold_s, wait_s=5.0):
+            try:
+                with turns.turn("s1", wait_s):
+                    served.append(f"{name} in")
+                    time.sleep(hold_s)
+                    served.append(f"{name} out")
+            except SpeakerBusy:
+                served.append(f"{name} refused")
+
+        threads = []
+        for name, turns in zip("abc", api):  # a, then b, then c, each through its own process
+            threads.append(threading.Thread(target=speak, args=(name, turns, 0.4)))
+            threads[-1].start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(10)
+        assert served == ["a in", "a out", "b in", "b out", "c in", "c out"], served
+
+        # one held past the next's wait: the next is refused, and its place is given up
+        served.clear()
+        holder = threading.Thread(target=speak, args=("a", api[0], 1.5))
+        holder.start()
+        time.sleep(0.1)
+        speak("b", api[1], 0, wait_s=0.5)
+        holder.join(10)
+        assert served == ["a in", "b refused", "a out"], served
+        assert redis.Redis(port=port).llen("sonic:live:speak:s1") == 0
+
+        # an interrupt through any process lets the next one go at once
+        served.clear()
+        holder = threading.Thread(target=speak, args=("a", api[0], 3.0))
+        holder.start()
+        time.sleep(0.1)
+        waiter = threading.Thread(target=speak, args=("b", api[1], 0))
+        waiter.start()
+        time.sleep(0.3)
+        began = time.monotonic()
+        api[2].interrupted("s1")
+        waiter.join(10)
+        assert served[:3] == ["a in", "b in", "b out"] and time.monotonic() - began < 1.0, served
+        holder.join(10)
+
+        # a place held by a process that died (its lease no longer renewed) lapses
+        r = redis.Redis(port=port)
+        r.rpush("sonic:live:speak:s2", "dead")
+        r.set("sonic:live:speak-ticket:dead", 1, px=int(TICKET_LEASE_S * 1000))
+        began = time.monotonic()
+        with api[1].turn("s2", wait_s=TICKET_LEASE_S + 2):
+            waited = time.monotonic() - began
+        assert TICKET_LEASE_S - 0.5 < waited < TICKET_LEASE_S + 1.0, waited
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from ..queue.redis import PREFIX, RELEASE_HELD, connect, live_workers
 from ..settings import LiveSettings
 from . import relay
 from .relay import Records, WorkerUnreachable
-from .sessions import CallerLimit, SessionEnded, SessionNotFound, SpeakTurns, check_caller
+from .sessions import SPEAK_WAIT_S, CallerLimit, SessionEnded, SessionNotFound, Turn, check_caller, speaker_busy
 
 log = logging.getLogger("sonic.live")
 OPEN_TIMEOUT_S = 45.0  # the face prepared and the offer answered on the worker (a first session imports)
@@ -37,6 +38,73 @@ OPENING_WAIT_S = 10.0  # a caller's next open waits this long for the one in pro
 # own pixels (bytes appended to a small JPEG: 47 MB that decode to 256x300) is sent as those
 # pixels instead, and one that is still larger than this is refused
 FORWARDED_PORTRAIT_MAX_BYTES = 16 * 1024 * 1024
+
+
+TICKET_LEASE_S = (
+    3.0  # a speak request's place in its session's line lapses this long after its process stops renewing it
+)
+TURN_POLL_S = 0.05  # how often a waiting request looks at the head of the line
+# the line's head, after the one at its head is dropped if its lease has lapsed (its API process died)
+HEAD_OF_LINE = """
+local head = redis.call('LINDEX', KEYS[1], 0)
+if head and redis.call('EXISTS', ARGV[1] .. head) == 0 then
+  redis.call('LREM', KEYS[1], 1, head)
+  head = redis.call('LINDEX', KEYS[1], 0)
+end
+return head
+"""
+
+
+class SharedSpeakTurns:
+    """sessions.SpeakTurns for every API process at once: each session's speak requests in one
+    line in Redis, first come first served, whichever API process each reaches (two requests
+    through two processes were spliced into one another). A request's place is a ticket in
+    `sonic:live:speak:<session>`, kept alive by a lease its process renews; one whose process
+    died lapses, and the line moves on."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self._head = r.register_script(HEAD_OF_LINE)
+
+    @contextmanager
+    def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S) -> Iterator[Turn]:
+        line, ticket = PREFIX + "live:speak:" + session_id, uuid.uuid4().hex
+        lease = PREFIX + "live:speak-ticket:"
+        held = threading.Event()  # released: the renewals stop
+
+        def leave(_: Turn) -> None:
+            held.set()
+            try:
+                self.r.lrem(line, 1, ticket)
+                self.r.delete(lease + ticket)
+            except redis_lib.RedisError:
+                pass  # its lease lapses, and the line moves on: the request's own answer stands
+
+        def renew() -> None:
+            while not held.wait(TICKET_LEASE_S / 3):
+                try:
+                    self.r.set(lease + ticket, 1, px=int(TICKET_LEASE_S * 1000))
+                except redis_lib.RedisError:
+                    pass  # the next renewal, or the lapse: the line moves on without this request
+
+        self.r.set(lease + ticket, 1, px=int(TICKET_LEASE_S * 1000))
+        self.r.rpush(line, ticket)
+        self.r.expire(line, 24 * 3600)  # a line outlives no session by long
+        threading.Thread(target=renew, name="sonic-speak-turn", daemon=True).start()
+        turn = Turn(leave)
+        try:
+            deadline = time.monotonic() + wait_s
+            while self._head(keys=[line], args=[lease]) != ticket.encode():
+                if time.monotonic() >= deadline:
+                    raise speaker_busy(wait_s)
+                time.sleep(TURN_POLL_S)
+            yield turn
+        finally:
+            turn.release()
+
+    def interrupted(self, session_id: str) -> None:
+        """As SpeakTurns.interrupted: the request at the head of the line lets the next one go."""
+        self.r.lpop(PREFIX + "live:speak:" + session_id)
 
 
 @dataclass
@@ -77,7 +145,7 @@ class RemoteSessions:
         self.r = connect(redis_url)
         self.records = Records(self.r)
         self.settle = settle
-        self.speakers = SpeakTurns()
+        self.speakers = SharedSpeakTurns(self.r)
 
     # --- the figures /health and /metrics show ----------------------------------------------
     def workers(self) -> list[dict]:

@@ -71,6 +71,14 @@ class SpeakerBusy(SonicError):
 SPEAK_WAIT_S = 5.0  # how long a speak request waits for the one before it to be answered
 
 
+def speaker_busy(wait_s: float) -> SpeakerBusy:
+    return SpeakerBusy(
+        f"another speak request to this session is still arriving after {wait_s:g} s (a stream): "
+        "speech is queued one request after another; send this once that one is answered, or interrupt it",
+        field="audio",
+    )
+
+
 class Turn:
     """A speak request's turn: `release()` lets the next request go before this one is answered
     (an interrupt came: what still arrives of this one is read and dropped)."""
@@ -88,8 +96,7 @@ class SpeakTurns:
     milliseconds (and each had checked the session's room as if the other were not there). A
     request waits up to SPEAK_WAIT_S for those before it (a file, a known-length body: its upload
     and decoding); past that (a stream still arriving) it is refused. An interrupt ends a
-    stream's turn. Held in each API process: in distributed mode, two requests through two API
-    processes are not ordered with one another."""
+    stream's turn. In one process (distributed mode: remote.SharedSpeakTurns, in Redis)."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -103,12 +110,7 @@ class SpeakTurns:
             line.append(turn)
             if not self._changed.wait_for(lambda: line[0] is turn, timeout=wait_s):
                 self._leave(session_id, turn)
-                raise SpeakerBusy(
-                    f"another speak request to this session is still arriving after {wait_s:g} s (a stream): "
-                    "speech is queued one request after another; send this once that one is answered, or "
-                    "interrupt it",
-                    field="audio",
-                )
+                raise speaker_busy(wait_s)
         try:
             yield turn
         finally:
