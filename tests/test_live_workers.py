@@ -377,69 +377,102 @@ def test_a_portrait_goes_to_its_worker_no_larger_than_its_pixels_need(monkeypatc
         forwarded_portrait(cv2.imencode(".png", noise)[1].tobytes(), noise)
 
 
+def _turns_scenarios(api):
+    """Speak turns' rules, for SpeakTurns (one process) or SharedSpeakTurns (api: one instance per
+    API process)."""
+    import threading
+
+    from sonic_server.live.sessions import SpeakerBusy
+
+    served: list[str] = []
+
+    def line_length():
+        return api[0].waiting("s1")
+
+    def speak(name, turns, hold_s, wait_s=5.0, left=None):
+        try:
+            with turns.turn("s1", wait_s) as turn:
+                served.append(f"{name} in")
+                time.sleep(hold_s)
+                if left is not None:  # its stream ended: it lets the next go before it is answered
+                    turn.release()
+                    left.set()
+                    time.sleep(0.5)
+                served.append(f"{name} out")
+        except SpeakerBusy:
+            served.append(f"{name} refused")
+
+    def start(name, turns, hold_s, **kw):
+        waiting = line_length()
+        t = threading.Thread(target=speak, args=(name, turns, hold_s), kwargs=kw)
+        t.start()
+        deadline = time.monotonic() + 5
+        while line_length() == waiting and time.monotonic() < deadline:  # it has its place before the next
+            time.sleep(0.01)
+        return t
+
+    threads = [start(name, turns, 0.4) for name, turns in zip("abc", api)]  # each through its own process
+    for t in threads:
+        t.join(10)
+    assert served == ["a in", "a out", "b in", "b out", "c in", "c out"], served
+
+    # one held past the next's wait: the next is refused, and its place is given up
+    served.clear()
+    holder = start("a", api[0], 1.5)
+    speak("b", api[1], 0, wait_s=0.5)
+    holder.join(10)
+    assert served == ["a in", "b refused", "a out"], served
+    assert line_length() == 0
+
+    # an interrupt through any process lets the next one go at once
+    served.clear()
+    holder = start("a", api[0], 3.0)
+    waiter = start("b", api[1], 0)
+    began = time.monotonic()
+    api[2].interrupted("s1")
+    waiter.join(10)
+    assert served[:3] == ["a in", "b in", "b out"] and time.monotonic() - began < 1.0, served
+    holder.join(10)
+
+    # an interrupt just after the holder let go lets nothing else go: the next request, whose
+    # turn it now is, keeps it (it was dropped from the line, and waited 5 s for a 409)
+    served.clear()
+    left = threading.Event()
+    holder = start("a", api[0], 0.2, left=left)
+    waiter = start("b", api[1], 0.3)
+    left.wait(5)
+    api[2].interrupted("s1")
+    waiter.join(10)
+    holder.join(10)
+    assert "b refused" not in served and served.index("b in") < served.index("b out"), served
+
+
+def test_speak_turns_in_one_process():
+    from sonic_server.live.sessions import SpeakTurns
+
+    turns = SpeakTurns()
+    _turns_scenarios([turns] * 3)
+
+
 def test_speak_requests_through_different_api_processes_take_turns_in_one_line(tmp_path):
     """Distributed mode's speak turns (remote.SharedSpeakTurns) on a real Redis, one instance
     per API process: requests to one session are served first come first served whichever
     process each reaches (two processes each kept a line of their own, and a request through
     each was spliced into the other); one that waits past its time is refused; an interrupt
-    lets the next go at once; the place of a process that died lapses, and the line moves on."""
-    import threading
-
+    lets the holder's next go at once, and only the holder's; the place of a process that died
+    lapses, and the line moves on."""
     import redis
 
     from sonic_server.live.remote import TICKET_LEASE_S, SharedSpeakTurns
-    from sonic_server.live.sessions import SpeakerBusy
 
     port = free_port()
     server = start_redis(tmp_path, port)
     try:
+        r = redis.Redis(port=port)
         api = [SharedSpeakTurns(redis.Redis(port=port)) for _ in range(3)]
-        served: list[str] = []
-
-        def speak(name, turns, hold_s, wait_s=5.0):
-            try:
-                with turns.turn("s1", wait_s):
-                    served.append(f"{name} in")
-                    time.sleep(hold_s)
-                    served.append(f"{name} out")
-            except SpeakerBusy:
-                served.append(f"{name} refused")
-
-        threads = []
-        for name, turns in zip("abc", api):  # a, then b, then c, each through its own process
-            threads.append(threading.Thread(target=speak, args=(name, turns, 0.4)))
-            threads[-1].start()
-            time.sleep(0.1)
-        for t in threads:
-            t.join(10)
-        assert served == ["a in", "a out", "b in", "b out", "c in", "c out"], served
-
-        # one held past the next's wait: the next is refused, and its place is given up
-        served.clear()
-        holder = threading.Thread(target=speak, args=("a", api[0], 1.5))
-        holder.start()
-        time.sleep(0.1)
-        speak("b", api[1], 0, wait_s=0.5)
-        holder.join(10)
-        assert served == ["a in", "b refused", "a out"], served
-        assert redis.Redis(port=port).llen("sonic:live:speak:s1") == 0
-
-        # an interrupt through any process lets the next one go at once
-        served.clear()
-        holder = threading.Thread(target=speak, args=("a", api[0], 3.0))
-        holder.start()
-        time.sleep(0.1)
-        waiter = threading.Thread(target=speak, args=("b", api[1], 0))
-        waiter.start()
-        time.sleep(0.3)
-        began = time.monotonic()
-        api[2].interrupted("s1")
-        waiter.join(10)
-        assert served[:3] == ["a in", "b in", "b out"] and time.monotonic() - began < 1.0, served
-        holder.join(10)
+        _turns_scenarios(api)
 
         # a place held by a process that died (its lease no longer renewed) lapses
-        r = redis.Redis(port=port)
         r.rpush("sonic:live:speak:s2", "dead")
         r.set("sonic:live:speak-ticket:dead", 1, px=int(TICKET_LEASE_S * 1000))
         began = time.monotonic()

@@ -40,18 +40,31 @@ OPENING_WAIT_S = 10.0  # a caller's next open waits this long for the one in pro
 FORWARDED_PORTRAIT_MAX_BYTES = 16 * 1024 * 1024
 
 
-TICKET_LEASE_S = (
-    3.0  # a speak request's place in its session's line lapses this long after its process stops renewing it
-)
+TICKET_LEASE_S = 3.0  # a speak request's place in line lapses this long after its process stops renewing it
 TURN_POLL_S = 0.05  # how often a waiting request looks at the head of the line
-# the line's head, after the one at its head is dropped if its lease has lapsed (its API process died)
-HEAD_OF_LINE = """
+# KEYS: the line, the holder's key; ARGV: the leases' prefix, this ticket. The head of the line
+# once the one there is dropped if its lease has lapsed (its API process died); when it is this
+# ticket, its turn is taken: it is written down as the holder, the one an interrupt lets go
+TAKE_TURN = """
 local head = redis.call('LINDEX', KEYS[1], 0)
 if head and redis.call('EXISTS', ARGV[1] .. head) == 0 then
   redis.call('LREM', KEYS[1], 1, head)
   head = redis.call('LINDEX', KEYS[1], 0)
 end
-return head
+if head == ARGV[2] then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', 86400)
+  return 1
+end
+return 0
+"""
+# KEYS: the line, the holder's key; ARGV: a ticket, or '' for whichever holds the turn (an
+# interrupt). That ticket leaves the line, and is no longer the holder if it was
+LEAVE = """
+local ticket = ARGV[1]
+if ticket == '' then ticket = redis.call('GET', KEYS[2]) end
+if not ticket then return 0 end
+if redis.call('GET', KEYS[2]) == ticket then redis.call('DEL', KEYS[2]) end
+return redis.call('LREM', KEYS[1], 1, ticket)
 """
 
 
@@ -59,42 +72,48 @@ class SharedSpeakTurns:
     """sessions.SpeakTurns for every API process at once: each session's speak requests in one
     line in Redis, first come first served, whichever API process each reaches (two requests
     through two processes were spliced into one another). A request's place is a ticket in
-    `sonic:live:speak:<session>`, kept alive by a lease its process renews; one whose process
-    died lapses, and the line moves on."""
+    `sonic:live:speak:<session>`, kept by a lease its process renews; one whose process died
+    lapses, and the line moves on. While Redis is away for longer than a lease, a turn may be
+    given to the next request before the one holding it has ended."""
 
     def __init__(self, r: Any) -> None:
         self.r = r
-        self._head = r.register_script(HEAD_OF_LINE)
+        self._take = r.register_script(TAKE_TURN)
+        self._leave = r.register_script(LEAVE)
+
+    @staticmethod
+    def _keys(session_id: str) -> list[str]:
+        return [PREFIX + "live:speak:" + session_id, PREFIX + "live:speak-holder:" + session_id]
 
     @contextmanager
     def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S) -> Iterator[Turn]:
-        line, ticket = PREFIX + "live:speak:" + session_id, uuid.uuid4().hex
+        keys, ticket = self._keys(session_id), uuid.uuid4().hex
         lease = PREFIX + "live:speak-ticket:"
-        held = threading.Event()  # released: the renewals stop
+        done = threading.Event()  # the request left the line: the renewals stop
 
         def leave(_: Turn) -> None:
-            held.set()
+            done.set()
             try:
-                self.r.lrem(line, 1, ticket)
+                self._leave(keys=keys, args=[ticket])
                 self.r.delete(lease + ticket)
             except redis_lib.RedisError:
                 pass  # its lease lapses, and the line moves on: the request's own answer stands
 
         def renew() -> None:
-            while not held.wait(TICKET_LEASE_S / 3):
+            while not done.wait(TICKET_LEASE_S / 3):
                 try:
                     self.r.set(lease + ticket, 1, px=int(TICKET_LEASE_S * 1000))
                 except redis_lib.RedisError:
                     pass  # the next renewal, or the lapse: the line moves on without this request
 
         self.r.set(lease + ticket, 1, px=int(TICKET_LEASE_S * 1000))
-        self.r.rpush(line, ticket)
-        self.r.expire(line, 24 * 3600)  # a line outlives no session by long
+        self.r.rpush(keys[0], ticket)
+        self.r.expire(keys[0], 24 * 3600)  # a line outlives no session by long
         threading.Thread(target=renew, name="sonic-speak-turn", daemon=True).start()
         turn = Turn(leave)
         try:
             deadline = time.monotonic() + wait_s
-            while self._head(keys=[line], args=[lease]) != ticket.encode():
+            while not self._take(keys=keys, args=[lease, ticket]):
                 if time.monotonic() >= deadline:
                     raise speaker_busy(wait_s)
                 time.sleep(TURN_POLL_S)
@@ -102,9 +121,18 @@ class SharedSpeakTurns:
         finally:
             turn.release()
 
+    def waiting(self, session_id: str) -> int:
+        """As SpeakTurns.waiting, over every API process."""
+        return int(self.r.llen(self._keys(session_id)[0]))
+
     def interrupted(self, session_id: str) -> None:
-        """As SpeakTurns.interrupted: the request at the head of the line lets the next one go."""
-        self.r.lpop(PREFIX + "live:speak:" + session_id)
+        """As SpeakTurns.interrupted: the request holding the turn lets the next one go. (The
+        session itself is interrupted already: a Redis error here only leaves the holder to
+        let go by itself, when its stream ends.)"""
+        try:
+            self._leave(keys=self._keys(session_id), args=[""])
+        except redis_lib.RedisError:
+            pass
 
 
 @dataclass

@@ -100,7 +100,10 @@ class SpeakTurns:
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._lines: dict[str, deque[Turn]] = {}  # session id -> its requests in order; the first holds the turn
+        self._lines: dict[str, deque[Turn]] = {}  # session id -> its requests in order; the first has the turn
+        # session id -> the request that took its turn: the one an interrupt lets go (the line's
+        # first may be the next one, its turn not yet taken: the holder left a moment before)
+        self._holders: dict[str, Turn] = {}
 
     @contextlib.contextmanager
     def turn(self, session_id: str, wait_s: float = SPEAK_WAIT_S) -> Iterator[Turn]:
@@ -111,22 +114,30 @@ class SpeakTurns:
             if not self._changed.wait_for(lambda: line[0] is turn, timeout=wait_s):
                 self._leave(session_id, turn)
                 raise speaker_busy(wait_s)
+            self._holders[session_id] = turn
         try:
             yield turn
         finally:
             turn.release()
 
+    def waiting(self, session_id: str) -> int:
+        """How many requests are in the session's line, the one holding its turn among them."""
+        with self._changed:
+            return len(self._lines.get(session_id, ()))
+
     def interrupted(self, session_id: str) -> None:
         """The session was interrupted: the request holding its turn (a stream whose rest is now
         read and dropped) lets the next one go at once."""
         with self._changed:
-            line = self._lines.get(session_id)
-            if line:
-                self._leave(session_id, line[0])
+            holder = self._holders.get(session_id)
+            if holder is not None:
+                self._leave(session_id, holder)
 
     def _leave(self, session_id: str, turn: Turn) -> None:
         """`turn` out of its session's line (once: again, nothing), the next one woken."""
         with self._changed:
+            if self._holders.get(session_id) is turn:
+                del self._holders[session_id]
             line = self._lines.get(session_id)
             if line is None or turn not in line:
                 return
