@@ -295,7 +295,9 @@ class _PinnedTLS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         raw = _connected(self.address, self.port, self.connect_s, self.read_s)
-        self.sock = self.held = self._tls.wrap_socket(raw, server_hostname=self.host)
+        # held before the handshake: a server that drips its handshake is cut off at the deadline too
+        self.sock = self.held = self._tls.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock.do_handshake()
 
 
 class Deadline:
@@ -322,7 +324,8 @@ class Deadline:
 
 
 def _connection(target: Target, connect_s: float, total_s: float) -> http.client.HTTPConnection:
-    """A connection made within connect_s, its reads within what is left of total_s."""
+    """A connection made within connect_s, each of its reads within total_s (a Deadline bounds
+    them all together)."""
     kind = _PinnedTLS if target.scheme == "https" else _Pinned
     return kind(target, min(connect_s, total_s), total_s)
 

@@ -283,6 +283,40 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline_and_it_is_a
     assert time.monotonic() - began < 3.0
 
 
+def test_a_receiver_that_drips_its_tls_handshake_is_cut_off_at_the_deadline():
+    """The handshake is within the deadline too: a server that sends a TLS record's header, then
+    its body a byte at a time (each within the read timeout), held an https sender for as long as
+    it liked."""
+    import socket
+
+    from sonic_server.outbound import Reach, check_url, post
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def drip():
+        conn, _ = listener.accept()
+        try:
+            conn.recv(65536)  # the client's hello
+            conn.send(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 kB, coming
+            for _ in range(50):
+                conn.send(b"\x00")
+                time.sleep(0.2)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            listener.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    target = check_url(f"https://127.0.0.1:{listener.getsockname()[1]}/", "webhook", Reach(private=True))
+    began = time.monotonic()
+    with pytest.raises(OSError, match="timed out"):
+        post(target, b"{}", {}, connect_s=1, total_s=1.5)
+    assert time.monotonic() - began < 3.0
+
+
 def test_a_receiver_slower_to_answer_than_the_connect_timeout_is_answered_within_the_whole():
     """The connect timeout bounds the connection only: a receiver that answers 1.5 s after the
     request, with 1 s to connect and 3 s in all, has answered (it was cut off at 1 s, then sent
