@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -90,14 +89,17 @@ class Repeats(logging.Filter):
 
 
 def store_outage(error: BaseException | None) -> BaseException | None:
-    """The Redis error that `error` is, or was raised while handling (a connection refused, reset
-    or timed out), if any: an outage of the job store, which the service rides out."""
-    redis = sys.modules.get("redis")  # (only a process that imported it can have its errors)
+    """The Redis outage (a connection refused, reset or timed out) that `error` is, or was raised
+    from, if any: one the service rides out. (An error raised while handling an outage is not
+    one: a fault of its own, whose traceback is kept.)"""
+    from .errors import redis_not_answering
+
     seen = 0
-    while error is not None and redis is not None and seen < 10:
-        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+    while error is not None and seen < 10:
+        # a refused password is a ConnectionError to redis-py too: said as it is, not as an outage
+        if redis_not_answering(error) and type(error).__name__ != "AuthenticationError":
             return error
-        error, seen = error.__cause__ or error.__context__, seen + 1
+        error, seen = error.__cause__, seen + 1
     return None
 
 
@@ -105,7 +107,8 @@ class Outages(logging.Filter):
     """A record that carries the traceback of a Redis outage (its own code's, or a library's
     beneath: RQ's "found an unhandled exception") becomes a one-line warning naming the cause:
     the service rides out the outage (docs/scaling.md), and a restart of Redis filled the
-    workers' logs with a dozen tracebacks each."""
+    workers' logs with a dozen tracebacks each. (The record is changed in place: a handler
+    added beside this one sees the line as this one writes it.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         outage = store_outage(record.exc_info[1]) if record.exc_info else None

@@ -1101,6 +1101,48 @@ def test_a_librarys_repeated_lines_are_logged_at_most_ten_a_minute():
     assert all(repeats.filter(record("sonic.jobs", 1000 + i / 1000, "job ended %s %s %s")) for i in range(50))
 
 
+def test_a_redis_outage_is_a_line_and_a_fault_while_handling_one_keeps_its_traceback():
+    """The handler's Outages filter: a record carrying a Redis outage (or an error raised from
+    one) is a one-line warning naming it; an error raised while handling one is a fault of its
+    own, logged as it was; a refused password is not an outage."""
+    import logging
+    import sys
+
+    import redis
+
+    from sonic_server.logs import Outages
+
+    def record(error):
+        try:
+            raise error
+        except Exception:
+            return logging.LogRecord("rq.worker", logging.ERROR, __file__, 1, "job %s failed", ("j1",), sys.exc_info())
+
+    def wrapped():
+        try:
+            raise redis.ConnectionError("Connection refused")
+        except redis.ConnectionError as e:
+            return RuntimeError("the run stopped").with_traceback(None), e
+
+    outage = record(redis.ConnectionError("Error 111 connecting. Connection refused."))
+    assert Outages().filter(outage) and outage.exc_info is None and outage.levelno == logging.WARNING
+    assert outage.getMessage() == "job j1 failed (Redis does not answer: ConnectionError: Error 111 connecting. Connection refused.)"
+    error, cause = wrapped()
+    error.__cause__ = cause  # raised from the outage
+    from_outage = record(error)
+    assert Outages().filter(from_outage) and from_outage.exc_info is None
+    try:  # a fault while handling one (implicit context): kept whole
+        try:
+            raise redis.ConnectionError("Connection refused")
+        except redis.ConnectionError:
+            raise TypeError("a bug")
+    except TypeError:
+        fault = logging.LogRecord("sonic.jobs", logging.ERROR, __file__, 1, "job failed", (), sys.exc_info())
+    assert Outages().filter(fault) and fault.exc_info is not None and fault.levelno == logging.ERROR
+    password = record(redis.AuthenticationError("invalid password"))
+    assert Outages().filter(password) and password.exc_info is not None
+
+
 def test_a_chunked_body_is_decoded_strictly():
     """sonic serve's decoder of chunked bodies (werkzeug's counted a chunk that stopped short as
     read whole, and handed on the rest of its buffer unwritten): extensions, trailers and bare
