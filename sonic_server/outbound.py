@@ -169,15 +169,19 @@ class Reach:
             return False
         if self.private or is_public(ip):
             return True
-        # an IPv6 address that carries an IPv4 one goes where that one does: opened with it
-        inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
-        return any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in self.networks)
+        return _in_any(ip, self.networks)  # an IPv6 form of an opened IPv4 address is opened with it
 
 
 def never(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """An address no setting opens (NEVER), or an IPv6 one carrying such an IPv4 address."""
+    return _in_any(ip, NEVER)
+
+
+def _in_any(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks) -> bool:
+    """Whether the address, or the IPv4 address an IPv6 one carries (it goes where that one
+    does), lies in one of `networks`."""
     inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
-    return any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in NEVER)
+    return any(a.version == net.version and a in net for a in (ip, inner) if a is not None for net in networks)
 
 
 def check_url(url: str, field: str, reach: Reach, resolve_s: float | None = None) -> Target:

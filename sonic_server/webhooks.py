@@ -681,7 +681,8 @@ class Webhooks:
         except InvalidParameter as e:  # the name now resolves somewhere it may not go
             why = e.message
         except Exception as e:  # noqa: BLE001 - refused, reset, timed out: retried
-            why = str(e)[:200] or type(e).__name__  # (outbound.post's: "timed out", "ConnectionRefusedError: ...")
+            # outbound.post's own words ("timed out", "ConnectionRefusedError: ..."), or the kind and words
+            why = (str(e) if isinstance(e, OSError) and str(e) else f"{type(e).__name__}: {e}")[:200]
         self._note(receiver_of(d.url), status is not None and 200 <= status < 300)
         if status is not None and 200 <= status < 300:
             self.outbox.done(d)

@@ -864,7 +864,8 @@ def test_api_keys_and_rate_limit(make_client):
     assert client.get(url, headers=auth).status_code == 200          # the bucket refills
 
 
-@pytest.mark.parametrize("header", ["no-respond-async", "wait=respond-async", "handling=lenient; respond-async=0x"])
+@pytest.mark.parametrize("header", ["no-respond-async", "wait=respond-async", "handling=lenient; respond-async=0x",
+                                    'foo="a, respond-async"'])
 def test_a_prefer_header_without_respond_async_is_answered_when_done(make_client, header):
     """Only a preference named respond-async asks for it (the name was looked for anywhere in the
     header: `no-respond-async` got a 202)."""

@@ -197,6 +197,7 @@ class SessionProcess:
         self.queued_s, self.speaking, self.late_frames = 0.0, False, 0
         self.turn = 0  # the session's turn, as its last answer to `speak` gave it
         self._interrupts = 0  # interrupts sent to the helper (its turn once it has had them all)
+        self._state_lock = threading.Lock()  # the turn above and the state read from the helper's reports
         self.delay = lookahead_frames(self.fps)  # as the session in the helper has it
         self.failure: str | None = None
         self._begun = False
@@ -237,8 +238,9 @@ class SessionProcess:
                 return
             if isinstance(msg, FrameOut):
                 self.late_frames = msg.late_frames
-                if msg.turn >= self._interrupts:  # not a frame made before an interrupt since sent
-                    self.queued_s, self.speaking = msg.queued_s, msg.speaking
+                with self._state_lock:
+                    if msg.turn >= self._interrupts:  # not a frame made before an interrupt since sent
+                        self.queued_s, self.speaking = msg.queued_s, msg.speaking
                 picture = read_slot(self._ring, self._stamps, msg.slot, msg.stamp)
                 behind = picture is None and self._picture is not None
                 if picture is None:
@@ -268,9 +270,10 @@ class SessionProcess:
                 # what the helper holds now: the state read right after a speak shows it (the
                 # next frame, or the connection, may be a while away); not an answer from before
                 # an interrupt since sent (the helper's turn counts the interrupts it has had)
-                if msg.turn >= self._interrupts:
-                    self.queued_s = float(msg.seconds)
-                    self.speaking = self.speaking or self.queued_s > 0
+                with self._state_lock:
+                    if msg.turn >= self._interrupts:
+                        self.queued_s = float(msg.seconds)
+                        self.speaking = self.speaking or self.queued_s > 0
                 with self._answered:
                     self._answers[msg.seq] = msg
                     for late in [k for k in self._answers if k < msg.seq - ANSWERS_KEPT]:
@@ -347,11 +350,12 @@ class SessionProcess:
             pass
 
     def interrupt(self) -> None:
-        self._interrupts += 1
+        with self._state_lock:  # (a frame's report read before it is not applied after it)
+            self._interrupts += 1
+            # until the next frame's report: a session not yet connected (no frames) said
+            # "speaking" with nothing queued
+            self.queued_s, self.speaking = 0.0, False
         self._send(Interrupt())
-        # until the next frame's report: a session not yet connected (no frames) said "speaking"
-        # with nothing queued
-        self.queued_s, self.speaking = 0.0, False
 
     def frames(self, stop: threading.Event | None = None) -> Iterator:
         """The helper's frames as they come (its own clock paces them, from this call on, as a

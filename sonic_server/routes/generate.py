@@ -579,7 +579,7 @@ def _prefers_async() -> bool:
     """The request's `Prefer: respond-async` (RFC 7240: preferences are separated by commas, in
     one header or several, each a name, case-insensitive, then its value and parameters)."""
     for prefer in request.headers.getlist("Prefer"):
-        for preference in prefer.split(","):
+        for preference in re.findall(r'(?:[^,"]|"[^"]*")+', prefer):  # (a comma inside quotes is a value's)
             if re.split(r"[=;]", preference, maxsplit=1)[0].strip().lower() == "respond-async":
                 return True
     return False
