@@ -719,13 +719,25 @@ def test_max_sessions_then_busy_and_a_freed_slot_is_reused(server):
         return refused
 
     counted: list[float] = []
+    busy_before = refused_count(base, "busy")
     refused = asyncio.run(sessions())
     assert counted[0] >= 30, counted  # two sessions' second: 50 frames
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "busy"
     assert refused.headers.get("Retry-After")
     metrics = requests.get(base + "/metrics", timeout=5).text
-    assert 'sonic_live_sessions_refused_total{code="busy"}' in metrics
     assert "sonic_live_sessions_opened_total" in metrics and "sonic_live_latency_seconds_bucket" in metrics
+    # each refusal counted once, by its code, whatever refused it (busy only, and rate_limited, were)
+    busy = refused_count(base, "busy")
+    assert busy == busy_before + 1, (busy_before, busy)
+    bad_offer = refused_count(base, "invalid_parameter")
+    assert _open(base, offer=_without_fingerprint(_offer())).status_code == 400
+    assert refused_count(base, "invalid_parameter") == bad_offer + 1 and refused_count(base, "busy") == busy
+
+
+def refused_count(base: str, code: str) -> float:
+    text = requests.get(base + "/metrics", timeout=5).text
+    found = re.search(r'\nsonic_live_sessions_refused_total\{code="%s"\} (\S+)\n' % code, text)
+    return float(found.group(1)) if found else 0.0
 
 
 def _checks_reaching(base: str, headers: dict, wait_s: float = 3.0) -> tuple[dict, bool]:

@@ -54,10 +54,13 @@ class Files:
                 if self.path == "/drip":  # headers at once, then a byte every 0.3 s: never a long silence
                     self.send_response(200)
                     self.end_headers()
-                    for _ in range(30):
-                        self.wfile.write(b"\xff")
-                        self.wfile.flush()
-                        time.sleep(0.3)
+                    try:
+                        for _ in range(30):
+                            self.wfile.write(b"\xff")
+                            self.wfile.flush()
+                            time.sleep(0.3)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the server cut it off at its deadline, as it should
                     return
                 if self.path == "/to-metadata":
                     self.send_response(302)

@@ -21,7 +21,6 @@ import redis as redis_lib
 from sonic.errors import Busy, InputTooLarge, SonicError
 from sonic.live.session import Spoken
 
-from .. import metrics
 from ..queue.redis import PREFIX, RELEASE_HELD, connect, live_workers
 from ..settings import LiveSettings
 from . import relay
@@ -202,7 +201,6 @@ class RemoteSessions:
         deadline = time.monotonic() + OPENING_WAIT_S  # a request thread waits: not for long
         while not self.r.set(lock, token, nx=True, px=int(OPENING_LOCK_S * 1000)):
             if time.monotonic() > deadline:
-                metrics.LIVE_REFUSED.labels("rate_limited").inc()
                 raise CallerLimit("another live session of this caller is still being opened; retry when it is")
             time.sleep(0.05)
         try:
@@ -271,7 +269,6 @@ class RemoteSessions:
                 continue
             # counted opened by its worker
             return str(reply["session_id"]), name, reply["answer"], list(reply.get("warnings", []))
-        metrics.LIVE_REFUSED.labels("busy").inc()
         raise Busy(
             f"every worker's live sessions are taken ({len(workers)} worker(s), live.max_sessions "
             f"{self.settings.max_sessions} each); try again shortly"

@@ -21,6 +21,7 @@ from sonic.live.session import unused_live
 from sonic.media import SAMPLE_RATE, load_audio, upload_decode
 from sonic.options import parameters
 
+from .. import metrics
 from ..access import caller
 from ..accounts.billing import LiveHold
 from ..errors import error_response
@@ -224,7 +225,14 @@ def _image() -> tuple[bytes, np.ndarray]:
     },
 )
 def open_session():
-    svc = service()
+    try:
+        return _open_session(service())
+    except SonicError as e:  # each refusal counted once, here, by its code (wherever it was raised)
+        metrics.LIVE_REFUSED.labels(e.code).inc()
+        raise
+
+
+def _open_session(svc: Service):
     if request.mimetype != "multipart/form-data":  # the portrait is a file: JSON cannot carry it
         raise body_type_refused("a live session opens from multipart/form-data (image, offer, config)")
     check_form_fields(("image",), ("offer", "config"), parameters())  # as generate's: none dropped unsaid

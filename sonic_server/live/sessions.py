@@ -307,7 +307,6 @@ def check_caller(settings: LiveSettings, owner: str | None, running: int) -> Non
     service without keys) cannot be told apart, and are not counted."""
     cap = settings.max_sessions_per_caller
     if owner and cap and running >= cap:
-        metrics.LIVE_REFUSED.labels("rate_limited").inc()
         raise CallerLimit(
             f"this caller runs {running} live session(s), the most one key or account may "
             "(live.max_sessions_per_caller); end one first"
@@ -624,7 +623,6 @@ class LiveSessions:
         (costly) preparation; Busy when full, CallerLimit when the caller holds its most."""
         with self._lock:
             if len(self._sessions) + self._opening >= self.settings.max_sessions:
-                metrics.LIVE_REFUSED.labels("busy").inc()
                 raise Busy(
                     f"{self.settings.max_sessions} live session(s) are running, the most this server holds "
                     "(live.max_sessions); try again shortly"
