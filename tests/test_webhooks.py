@@ -285,32 +285,17 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline_and_it_is_a
 
 def test_a_receiver_that_drips_its_tls_handshake_is_cut_off_at_the_deadline():
     """The handshake is within the deadline too: a server that sends a TLS record's header, then
-    its body a byte at a time (each within the read timeout), held an https sender for as long as
-    it liked."""
-    import socket
-
+    its body a byte at a time (each within the read timeout), cannot hold an https sender past it."""
     from sonic_server.outbound import Reach, check_url, post
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    def handshake(conn):  # (the client's hello read)
+        conn.send(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 kB, coming
+        for _ in range(50):
+            conn.send(b"\x00")
+            time.sleep(0.2)
 
-    def drip():
-        conn, _ = listener.accept()
-        try:
-            conn.recv(65536)  # the client's hello
-            conn.send(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 kB, coming
-            for _ in range(50):
-                conn.send(b"\x00")
-                time.sleep(0.2)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            listener.close()
-
-    threading.Thread(target=drip, daemon=True).start()
-    target = check_url(f"https://127.0.0.1:{listener.getsockname()[1]}/", "webhook", Reach(private=True))
+    port = _receiver(handshake)
+    target = check_url(f"https://127.0.0.1:{port}/", "webhook", Reach(private=True))
     began = time.monotonic()
     with pytest.raises(OSError, match="timed out"):
         post(target, b"{}", {}, connect_s=1, total_s=1.5)
