@@ -317,6 +317,8 @@ def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
         # lines ended by CR alone are lines to the WebRTC stack: 1001 sections got a 201
         "1001 media sections": sdp + video.replace("\r\n", "\r") * 999,
         "control character on line 1": sdp.replace("v=0", "v=0\x85", 1),  # NEL: a line break to splitlines
+        # bytes that are not UTF-8, as the form's text reads them: they were accepted
+        r"not UTF-8 text \(line 2\)": sdp.replace("o=", "o=\ufffd", 1),
         "control character on line 3": sdp.replace("\r\n", "\r", 2).replace("\r", "\r\x01", 2).replace("\x01", "", 1),
         # a section the stack would not see (" m=video": no m= line to it) receives nothing
         "no video receiver; add a video": sdp.replace("m=video", " m=video"),

@@ -379,6 +379,11 @@ def check_offer(offer: dict) -> None:
     if control:
         line = len((sdp[: control.start()] + ".").splitlines())  # lines as the stack counts them
         raise InvalidParameter(f"offer: the sdp has a control character on line {line}", field="offer")
+    # the form's text is read as UTF-8, bytes that are not made U+FFFD: no offer holds one
+    garbled = sdp.find("\ufffd")
+    if garbled >= 0:
+        line = len((sdp[:garbled] + ".").splitlines())
+        raise InvalidParameter(f"offer: the sdp is not UTF-8 text (line {line})", field="offer")
     fingerprints = re.findall(r"^a=fingerprint:(\S+) [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE)
     if not fingerprints:
         # without it the DTLS handshake can only fail, after the session has taken a slot
