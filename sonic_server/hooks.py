@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -80,7 +81,8 @@ def host(app: Flask) -> None:
 
 
 def cors(app: Flask, origins: list[str]) -> None:
-    """Browsers at `origins` ("*": any; empty: none) may call the API and read its headers.
+    """Browsers at `origins` ("*": any; "loopback": pages served from this machine, http(s) on
+    localhost, 127.0.0.0/8 or [::1], any port; empty: none) may call the API and read its headers.
 
     The CORS headers depend on the request's Origin (sent or not, allowed or not), so every
     answer says `Vary: Origin`: a shared cache must not hand one origin's answer to another.
@@ -92,15 +94,18 @@ def cors(app: Flask, origins: list[str]) -> None:
     origins, a request that changes something and comes from a page of another origin (its
     browser says so in Origin) is refused 403 before it does; requests without Origin (curl,
     servers) and pages served by this server itself are not concerned."""
-    allowed = {normal_origin(o) for o in origins if o != "*"}
-    everyone = "*" in origins
+    listed = {normal_origin(o) for o in origins if o not in ("*", "loopback")}
+    everyone, loopback = "*" in origins, "loopback" in origins
+
+    def allowed(origin: str) -> bool:
+        return normal_origin(origin) in listed or (loopback and _loopback_origin(origin))
 
     @app.before_request
     def _refuse_other_pages():
         origin = request.headers.get("Origin")
         if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
             return None
-        if normal_origin(origin) in allowed or _same_origin(origin):
+        if allowed(origin) or _same_origin(origin):
             return None
         return error_response(
             "forbidden",
@@ -113,7 +118,7 @@ def cors(app: Flask, origins: list[str]) -> None:
             return resp
         resp.vary.add("Origin")
         origin = request.headers.get("Origin")
-        if origin and (everyone or normal_origin(origin) in allowed):
+        if origin and (everyone or allowed(origin)):
             resp.headers["Access-Control-Allow-Origin"] = "*" if everyone else origin
             resp.headers.update(CORS_HEADERS)
         return resp
@@ -133,6 +138,19 @@ def _same_origin(origin: str) -> bool:
     page = normal_origin(origin)
     scheme = page.partition("://")[0]
     return page == normal_origin(f"{scheme}://{request.host}")
+
+
+def _loopback_origin(origin: str) -> bool:
+    """A page served from this machine: http(s) on localhost, 127.0.0.0/8 or [::1], any port."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username is not None:
+        return False
+    if parts.hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def normal_origin(origin: str) -> str:

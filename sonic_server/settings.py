@@ -40,7 +40,9 @@ class ServerSettings:
     socket_timeout_s: float = 30.0
     drain_s: float = 8.0  # on SIGTERM: requests in flight may finish this long (docker stop waits 10 s)
     max_event_streams: int = 32  # open SSE streams at once; more -> 503 (each holds a server thread)
-    cors_origins: tuple[str, ...] = ("*",)
+    # pages on this machine only (a local web app on any port): "*" let any site its operator
+    # browsed read and delete a keyless server's jobs
+    cors_origins: tuple[str, ...] = ("loopback",)
     proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many
     public_url: str | None = None  # the service's address as clients reach it: every URL in an answer starts with it
     api_keys: tuple[str, ...] = ()
@@ -318,13 +320,18 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
 
 def _check_origins(origins: tuple[str, ...]) -> None:
-    """An origin written as a URL (a trailing slash, a path) never equals what a browser sends:
-    the page would be refused with nothing said here."""
+    """An origin written as a URL (a trailing slash, a path), with a pattern, credentials or a
+    port no browser sends never equals what a browser sends: the page would be refused with
+    nothing said here."""
     for origin in origins:
-        if origin != "*" and not ORIGIN.fullmatch(origin):
+        if origin in ("*", "loopback"):
+            continue
+        port = ORIGIN.fullmatch(origin) and re.search(r":(\d+)$", origin)
+        if not ORIGIN.fullmatch(origin) or "@" in origin or "*" in origin or (port and not 0 < int(port[1]) < 65536):
             raise SettingsError(
                 f"setting server.cors_origins: {as_written(origin)} is not an origin; write scheme://host[:port] "
-                "with no path or trailing slash (https://app.example), or * for any"
+                "as a browser sends it, with no path, trailing slash, pattern or credentials (https://app.example), "
+                "loopback for pages on this machine, or * for any"
             )
 
 

@@ -147,6 +147,26 @@ def test_a_page_of_an_unlisted_origin_cannot_start_work(make_client):
     assert post(anyone, FAST, headers={"Origin": "http://evil.example"}).status_code == 200
 
 
+def test_by_default_only_pages_on_this_machine_may_call_the_api(make_client):
+    """The default, cors_origins: [loopback]: a local web app (any port) may call the API and
+    read its answers; a page of any other site may neither read them nor start or delete
+    anything (with "*", the default before, every site its operator browsed could list, fetch
+    and delete a keyless server's jobs)."""
+    from server_helpers import FAST, post, uploads_empty
+    client, cfg = make_client()
+    for origin in ("http://localhost:3000", "http://127.0.0.1:8080", "https://[::1]:5173", "http://127.0.0.2"):
+        r = client.get("/api/sonic/jobs", headers={"Origin": origin})
+        assert r.headers["Access-Control-Allow-Origin"] == origin, origin
+        assert post(client, FAST, headers={"Origin": origin}).status_code == 200, origin
+    for origin in ("http://evil.example", "http://localhost.evil.example", "http://127.0.0.1.evil.example",
+                   "file://", "null", "http://u@localhost:3000"):
+        r = client.get("/api/sonic/jobs", headers={"Origin": origin})
+        assert "Access-Control-Allow-Origin" not in r.headers, origin
+        assert_clean_error(post(client, FAST, headers={"Origin": origin}), 403, "forbidden")
+        assert_clean_error(client.delete("/api/sonic/jobs/x", headers={"Origin": origin}), 403, "forbidden")
+    assert uploads_empty(cfg)
+
+
 def test_cors_answers_vary_by_origin(make_client):
     client, _ = make_client(cors_origins=["http://app.example"])
     allowed = client.get("/health", headers={"Origin": "http://app.example"})
@@ -155,7 +175,7 @@ def test_cors_answers_vary_by_origin(make_client):
     refused = client.get("/health", headers={"Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in refused.headers and "Origin" in refused.headers["Vary"]
     assert "Origin" in client.get("/health").headers["Vary"]        # a cache must not reuse it for an origin
-    anyone, _ = make_client()
+    anyone, _ = make_client(cors_origins=["*"])
     r = anyone.get("/health", headers={"Origin": "http://app.example"})
     assert r.headers["Access-Control-Allow-Origin"] == "*" and "Origin" in r.headers["Vary"]
     closed, _ = make_client(cors_origins=[])

@@ -9,7 +9,7 @@ from sonic_server.settings import load_settings, settings_from
 def test_shipped_defaults_are_typed():
     s = load_settings(env={})
     assert isinstance(s.server.queue_size, int) and isinstance(s.limits.max_duration_s, float)
-    assert s.server.cors_origins == ("*",) and s.defaults["fps"] == 25
+    assert s.server.cors_origins == ("loopback",) and s.defaults["fps"] == 25
 
 
 def test_job_time_limit_and_output_limits_are_settings():
@@ -33,8 +33,11 @@ def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     assert s.defaults["fps"] == 25 and s.server.sync_wait_s == 120    # the rest keeps the shipped values
     s = load_settings(f, env={"SONIC_PORT": "6001", "SONIC_MAX_DURATION_S": "60", "SONIC_CORS_ORIGINS": "http://a, https://b:8443"})
     assert (s.server.port, s.limits.max_duration_s, s.server.cors_origins) == (6001, 60.0, ("http://a", "https://b:8443"))
+    assert load_settings(f, env={"SONIC_CORS_ORIGINS": "loopback,https://app.example"}).server.cors_origins == (
+        "loopback", "https://app.example")
     # an origin written as a URL never equals what a browser sends: said at the start
-    for wrong in ("https://app.example/", "https://app.example/page", "app.example"):
+    for wrong in ("https://app.example/", "https://app.example/page", "app.example", "https://*.app.example",
+                  "https://app.example:99999", "https://u:p@app.example"):
         with pytest.raises(SettingsError, match="cors_origins: .* is not an origin"):
             load_settings(f, env={"SONIC_CORS_ORIGINS": wrong})
     s = load_settings(f, env={"SONIC_PORT": "6001"}, flags={"server.port": 6002, "server.host": None})
