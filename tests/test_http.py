@@ -731,6 +731,18 @@ def test_no_face_and_internal_errors(make_client, tmp_path):
     assert client.get(f"/api/sonic/jobs/{job}").get_json()["status"] == "failed"
 
 
+def test_a_link_in_the_output_folder_is_no_video(make_client, tmp_path):
+    """The service writes its videos as files: a link named like one (a shared folder another
+    process can write to) pointed /output at any file the server could read."""
+    client, cfg = make_client()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a video")
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    os.symlink(secret, out / ("a" * 32 + ".mp4"))
+    assert_clean_error(client.get("/output/" + "a" * 32 + ".mp4"), 404, "not_found")
+
+
 def test_hostile_inputs(make_client, tmp_path):
     from PIL import Image
     from sonic.media import FFMPEG
