@@ -84,6 +84,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         raise SetupError(f"the job database cannot be written: the disk of server.data_dir is full ({e})") from e
     svc.webhooks.start(only_if_pending=True)  # deliveries a previous run left are sent
     hooks.request_id(app)
+    hooks.browser_headers(app)
     hooks.access_log(app)
     hooks.host(app)
     hooks.memory(app)

@@ -65,6 +65,17 @@ def request_id(app: Flask) -> None:
         return resp
 
 
+def browser_headers(app: Flask) -> None:
+    """On every answer, not the pages only: a browser never takes one for another type than the
+    one it says (nosniff), and no address of this service's (a video's) goes on in Referer."""
+
+    @app.after_request
+    def _say(resp):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        return resp
+
+
 def host(app: Flask) -> None:
     """A request whose Host is not a host (and port) is refused 400: the answer's URLs
     (video_url, status_url, the webhook's) are built on it, and one with spaces or markup made

@@ -29,8 +29,7 @@ DOCS_POLICY = (
 
 def _page(name: str, policy: str):
     resp = send_from_directory(WEB, name, mimetype="text/html", max_age=0)
-    resp.headers["Content-Security-Policy"] = policy
-    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Content-Security-Policy"] = policy  # (nosniff, as on every answer: hooks.browser_headers)
     return resp
 
 
