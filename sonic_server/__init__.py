@@ -114,7 +114,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         credits=settings.credits,
         table=_rate_tables(srv.redis_url),
     )
-    hooks.cors(app, list(srv.cors_origins))
+    hooks.cors(app, list(srv.cors_origins), srv.public_url)
     install_error_handlers(app, limits.max_upload_mb)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)

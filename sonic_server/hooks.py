@@ -36,6 +36,7 @@ CORS_HEADERS = {
     ),
     "Access-Control-Max-Age": "600",
 }
+REFERRER_POLICY = "same-origin"
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # visible ASCII: safe in a header and a log line
 
 
@@ -67,12 +68,14 @@ def request_id(app: Flask) -> None:
 
 def browser_headers(app: Flask) -> None:
     """On every answer, not the pages only: a browser never takes one for another type than the
-    one it says (nosniff), and no address of this service's (a video's) goes on in Referer."""
+    one it says (nosniff), and no address of this service's (a video's) goes to another site in
+    Referer. (same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` on
+    the demo page's own POSTs, which the CORS check then refuses.)"""
 
     @app.after_request
     def _say(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Referrer-Policy", REFERRER_POLICY)
         return resp
 
 
@@ -91,7 +94,7 @@ def host(app: Flask) -> None:
         )
 
 
-def cors(app: Flask, origins: list[str]) -> None:
+def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
     """Browsers at `origins` ("*": any; "loopback": pages served from this machine, http(s) on
     localhost, 127.0.0.0/8 or [::1], any port; empty: none) may call the API and read its headers.
 
@@ -107,6 +110,8 @@ def cors(app: Flask, origins: list[str]) -> None:
     servers) and pages served by this server itself are not concerned."""
     listed = {normal_origin(o) for o in origins if o not in ("*", "loopback")}
     everyone, loopback = "*" in origins, "loopback" in origins
+    # the demo page at server.public_url is this server's own, whatever Host a proxy sends on
+    own = normal_origin(public_url.rstrip("/")) if public_url else None
 
     def allowed(origin: str) -> bool:
         return normal_origin(origin) in listed or (loopback and _loopback_origin(origin))
@@ -116,7 +121,7 @@ def cors(app: Flask, origins: list[str]) -> None:
         origin = request.headers.get("Origin")
         if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
             return None
-        if allowed(origin) or _same_origin(origin):
+        if allowed(origin) or _same_origin(origin) or normal_origin(origin) == own:
             return None
         return error_response(
             "forbidden",
@@ -153,7 +158,11 @@ def _same_origin(origin: str) -> bool:
 
 def _loopback_origin(origin: str) -> bool:
     """A page served from this machine: http(s) on localhost, 127.0.0.0/8 or [::1], any port."""
-    parts = urlsplit(origin.strip())
+    try:
+        parts = urlsplit(origin.strip())
+        parts.port  # noqa: B018 - read to be checked: "http://localhost:abc" is no origin
+    except ValueError:  # "http://[::1", a port that is no number: no origin a browser sends
+        return False
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username is not None:
         return False
     if parts.hostname.lower() == "localhost":
@@ -167,10 +176,10 @@ def _loopback_origin(origin: str) -> bool:
 def normal_origin(origin: str) -> str:
     """An origin as a browser writes it: lower case, no default port, no trailing slash (as
     `request.host_url` ends); what cannot be read as one is kept as it is (and matches nothing)."""
-    parts = urlsplit(origin.strip())
     try:
+        parts = urlsplit(origin.strip())
         port = parts.port
-    except ValueError:
+    except ValueError:  # "http://[::1", a port that is no number: matches nothing
         return origin
     if not parts.scheme or not parts.hostname:
         return origin

@@ -32,6 +32,7 @@ from sonic.settings import SettingsError
 
 from . import create_app
 from .drain import AFTER_THE_DRAIN, EXIT_WAIT_S, InFlight
+from .hooks import REFERRER_POLICY
 from .host_limits import check_host
 from .logs import configure_logging
 from .settings import load_settings
@@ -106,6 +107,7 @@ class JsonErrorsHandler(WSGIRequestHandler):
             body = json.dumps({"success": False, "error": error, "request_id": request_id}).encode()
             self.send_header("Content-Type", "application/json")
             self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", REFERRER_POLICY)
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD" and body:

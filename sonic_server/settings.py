@@ -326,13 +326,24 @@ def _check_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if origin in ("*", "loopback"):
             continue
-        port = ORIGIN.fullmatch(origin) and re.search(r":(\d+)$", origin)
-        if not ORIGIN.fullmatch(origin) or "@" in origin or "*" in origin or (port and not 0 < int(port[1]) < 65536):
+        if not _browser_origin(origin):
             raise SettingsError(
                 f"setting server.cors_origins: {as_written(origin)} is not an origin; write scheme://host[:port] "
                 "as a browser sends it, with no path, trailing slash, pattern or credentials (https://app.example), "
                 "loopback for pages on this machine, or * for any"
             )
+
+
+def _browser_origin(origin: str) -> bool:
+    """scheme://host[:port] as a browser sends it in Origin: no path, pattern or credentials, a
+    port that is a port, a host in ASCII (a name in another script goes as punycode)."""
+    if not ORIGIN.fullmatch(origin) or "@" in origin or "*" in origin or not origin.isascii():
+        return False
+    try:
+        port = urlsplit(origin).port
+    except ValueError:  # not a number, or past 65535
+        return False
+    return port is None or port > 0
 
 
 def _check_public_url(url: str | None) -> None:

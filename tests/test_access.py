@@ -165,6 +165,16 @@ def test_by_default_only_pages_on_this_machine_may_call_the_api(make_client):
         assert_clean_error(post(client, FAST, headers={"Origin": origin}), 403, "forbidden")
         assert_clean_error(client.delete("/api/sonic/jobs/x", headers={"Origin": origin}), 403, "forbidden")
     assert uploads_empty(cfg)
+    # an Origin no browser sends is no origin (it was a 500 on every route)
+    for origin in ("http://[::1", "http://]x", "http://localhost:abc"):
+        r = client.get("/health", headers={"Origin": origin})
+        assert r.status_code in (200, 503) and "Access-Control-Allow-Origin" not in r.headers, origin
+        assert_clean_error(post(client, FAST, headers={"Origin": origin}), 403, "forbidden")
+    # the demo page at server.public_url, behind a proxy that sends its own Host, over plain http
+    # (no Sec-Fetch-Site there): this server's own page
+    behind, _ = make_client(public_url="https://sonic.example")
+    r = post(behind, FAST, headers={"Origin": "https://sonic.example", "Host": "127.0.0.1:5000"})
+    assert r.status_code == 200, r.get_json()
 
 
 def test_cors_answers_vary_by_origin(make_client):

@@ -40,7 +40,7 @@ HEADERS = {
                   "bytes=99999999999999999999999-", "items=0-1", "bytes=0-1\n", "bytes=", "bytes=--1"),
     "Prefer": some("respond-async", "wait=5", "respond-async, wait=abc", "respond-async\x00"),
     "X-Request-ID": some("abc123", "a\nb", "a\r\nSet-Cookie: x=1", "x" * 1000, "\x00", " "),
-    "Origin": some("http://app.example", "null", "*", "http://app.example\n", "http://\xe9.example"),
+    "Origin": some("http://app.example", "null", "*", "http://app.example\n", "http://\xe9.example", "http://[::1", "http://localhost:abc"),
     "Accept": some("*/*", "application/json;q=0.1", "text/html;q=abc", "*/*;q=9e999", ";;;,,,"),
 }
 CONTENT_TYPES = st.one_of(

@@ -299,6 +299,21 @@ def _without_fingerprint(offer: dict) -> dict:
     return {**offer, "sdp": offer["sdp"].replace("a=fingerprint:", "a=xfingerprint:")}
 
 
+def test_an_offer_whose_bytes_are_not_utf8_is_refused_naming_its_line(server):
+    """The multipart field's own bytes, not UTF-8 (werkzeug reads them as U+FFFD): accepted before."""
+    offer = json.dumps(_offer()).encode().replace(b"o=- ", b"o=\xff ", 1)
+    boundary = b"b0undary"
+    body = b"".join([
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="offer"\r\n\r\n' + offer + b"\r\n",
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + PORTRAIT.read_bytes() + b"\r\n--" + boundary + b"--\r\n",
+    ])
+    r = requests.post(server["base"] + "/api/sonic/live", data=body, timeout=30,
+                      headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert_clean_error(r, 400, "invalid_parameter", "offer")
+    assert "not UTF-8 text (line 2)" in r.json()["error"]["message"], r.text
+
+
 def test_offers_that_could_never_connect_are_named_before_taking_a_slot():
     """Each fault is named in words a client can act on, not the WebRTC stack's own (an offer
     with 50 extra sections was refused as "'NoneType' object has no attribute '_set_mid'"), nor

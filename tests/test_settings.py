@@ -35,9 +35,11 @@ def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     assert (s.server.port, s.limits.max_duration_s, s.server.cors_origins) == (6001, 60.0, ("http://a", "https://b:8443"))
     assert load_settings(f, env={"SONIC_CORS_ORIGINS": "loopback,https://app.example"}).server.cors_origins == (
         "loopback", "https://app.example")
+    assert load_settings(f, env={"SONIC_CORS_ORIGINS": "http://[::1]:3000,http://localhost,https://xn--bcher-kva.example"}
+                         ).server.cors_origins[0] == "http://[::1]:3000"
     # an origin written as a URL never equals what a browser sends: said at the start
     for wrong in ("https://app.example/", "https://app.example/page", "app.example", "https://*.app.example",
-                  "https://app.example:99999", "https://u:p@app.example"):
+                  "https://app.example:99999", "https://u:p@app.example", "http://a:b", "https://bücher.example"):
         with pytest.raises(SettingsError, match="cors_origins: .* is not an origin"):
             load_settings(f, env={"SONIC_CORS_ORIGINS": wrong})
     s = load_settings(f, env={"SONIC_PORT": "6001"}, flags={"server.port": 6002, "server.host": None})

@@ -49,6 +49,16 @@ from .sessions import (
 )
 
 bp = Blueprint("live", __name__)
+
+
+@bp.after_request
+def _count_refused_open(resp):
+    """Each refused open counted once, by the code it was answered with, whatever refused it: the
+    route, a check before it (a key, the rate limit, CORS), or the web server (a portrait past
+    the upload limit)."""
+    if request.endpoint == "live.open_session" and resp.status_code >= 400:
+        metrics.LIVE_REFUSED.labels(g.get("error_code") or f"http_{resp.status_code}").inc()
+    return resp
 MAX_OFFER_CHARS = 100_000
 OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
 PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
@@ -225,14 +235,7 @@ def _image() -> tuple[bytes, np.ndarray]:
     },
 )
 def open_session():
-    try:
-        return _open_session(service())
-    except SonicError as e:  # each refusal counted once, here, by its code (wherever it was raised)
-        metrics.LIVE_REFUSED.labels(e.code).inc()
-        raise
-
-
-def _open_session(svc: Service):
+    svc = service()
     if request.mimetype != "multipart/form-data":  # the portrait is a file: JSON cannot carry it
         raise body_type_refused("a live session opens from multipart/form-data (image, offer, config)")
     check_form_fields(("image",), ("offer", "config"), parameters())  # as generate's: none dropped unsaid
