@@ -59,6 +59,8 @@ def _count_refused_open(resp):
     if request.endpoint == "live.open_session" and resp.status_code >= 400:
         metrics.LIVE_REFUSED.labels(g.get("error_code") or f"http_{resp.status_code}").inc()
     return resp
+
+
 MAX_OFFER_CHARS = 100_000
 OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
 PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
