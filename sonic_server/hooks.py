@@ -110,8 +110,7 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
     servers) and pages served by this server itself are not concerned."""
     listed = {normal_origin(o) for o in origins if o not in ("*", "loopback")}
     everyone, loopback = "*" in origins, "loopback" in origins
-    # the demo page at server.public_url is this server's own, whatever Host a proxy sends on
-    own = normal_origin(public_url.rstrip("/")) if public_url else None
+    own = normal_origin(public_url.rstrip("/")) if public_url else None  # (see _same_origin)
 
     def allowed(origin: str) -> bool:
         return normal_origin(origin) in listed or (loopback and _loopback_origin(origin))
@@ -121,7 +120,7 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
         origin = request.headers.get("Origin")
         if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
             return None
-        if allowed(origin) or _same_origin(origin) or normal_origin(origin) == own:
+        if allowed(origin) or _same_origin(origin, own):
             return None
         return error_response(
             "forbidden",
@@ -143,17 +142,18 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _same_origin(origin: str) -> bool:
+def _same_origin(origin: str, own: str | None) -> bool:
     """A page of this server's own (the demo page). Its browser says so in Sec-Fetch-Site, which
     no page can set: behind a proxy that sends its own Host (nginx's default), the origin names
-    a host this process never sees. Browsers without that header: its origin names the host the
-    request was sent to, by host and port, not scheme (a TLS proxy in front keeps the Host but
-    speaks http to this process; its scheme is only known with server.proxy_hops)."""
+    a host this process never sees. Browsers without that header (they send it on https and
+    localhost only): its origin is `own` (server.public_url's, normalised), or names the host
+    the request was sent to, by host and port, not scheme (a TLS proxy in front keeps the Host
+    but speaks http to this process; its scheme is only known with server.proxy_hops)."""
     if request.headers.get("Sec-Fetch-Site") == "same-origin":
         return True
     page = normal_origin(origin)
     scheme = page.partition("://")[0]
-    return page == normal_origin(f"{scheme}://{request.host}")
+    return page == own or page == normal_origin(f"{scheme}://{request.host}")
 
 
 def _loopback_origin(origin: str) -> bool:
