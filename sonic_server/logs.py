@@ -121,6 +121,26 @@ class Outages(logging.Filter):
         return True
 
 
+class Quietly:
+    """A loop's failures (Redis away) said once, when they begin, and their end once: a loop that
+    retries each second otherwise logged a line each second. `what` names what fails, as the
+    lines say it ("worker w1: heartbeat")."""
+
+    def __init__(self, logger: logging.Logger, what: str, retrying: str) -> None:
+        self.log, self.what, self.retrying = logger, what, retrying
+        self.failing = False
+
+    def failed(self, error: BaseException) -> None:
+        if not self.failing:
+            self.log.warning("%s failed (%s); %s, quietly", self.what, type(error).__name__, self.retrying)
+        self.failing = True
+
+    def worked(self) -> None:
+        if self.failing:
+            self.log.warning("%s works again", self.what)
+        self.failing = False
+
+
 def configure_logging(log_format: str = "text") -> None:
     """INFO lines to stderr in `log_format`, unless the process has set up logging itself (an
     application that embeds the service keeps its own handlers and format): the service logs

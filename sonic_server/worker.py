@@ -42,7 +42,7 @@ from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobEnd, RunSuperseded
 from .live.host import LiveHost
 from .live.relay import Records, reap_lost
-from .logs import configure_logging
+from .logs import Quietly, configure_logging
 from .metrics import REGISTRY
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import (
@@ -271,7 +271,7 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
     renew = conn.register_script(RENEW_LEASE)
     store = RedisStore(conn)
     records = Records(conn)
-    failing = False  # said once when the beats start failing, and once when they answer again
+    beats = Quietly(log, f"worker {state.name}: heartbeat", "trying at each beat")
     while not stop.is_set():
         try:
             held = state.lease
@@ -283,15 +283,9 @@ def heartbeat(state: WorkerState, url: str, stop: threading.Event) -> None:
                 state.host.beat(records)
                 reap_lost(records, state.host.settle)
         except Exception as e:  # noqa: BLE001 - Redis away: try at the next beat
-            if not failing:
-                log.warning(
-                    "worker %s: heartbeat failed (%s); trying at each beat, quietly", state.name, type(e).__name__
-                )
-            failing = True
+            beats.failed(e)
         else:
-            if failing:
-                log.warning("worker %s: heartbeat answered again", state.name)
-            failing = False
+            beats.worked()
         stop.wait(beat)
 
 

@@ -25,6 +25,7 @@ from sonic.checks import load_portrait
 from sonic.errors import Busy, InvalidParameter, SonicError
 from sonic.options import GenerateOptions
 
+from ..logs import Quietly
 from ..settings import ServerConfig
 from . import END_REASONS, EndReason, relay
 from .relay import LiveRecord, Records
@@ -83,23 +84,15 @@ class LiveHost:
     # --- the commands ------------------------------------------------------------------------
     def serve(self, conn: Any, stop: threading.Event) -> None:
         """The command loop (its own thread and Redis connection) until `stop`."""
-        failing = False  # said once when the reads start failing, and once when they answer again
+        reads = Quietly(log, f"worker {self.name}: reading live commands", "trying again")
         while not stop.is_set():
             try:
                 command = relay.take_command(conn, self.name, WAIT_S)
             except Exception as e:  # noqa: BLE001 - Redis away: the heartbeat says so; try again
-                if not failing:
-                    log.warning(
-                        "worker %s: live commands cannot be read (%s); trying again quietly",
-                        self.name,
-                        type(e).__name__,
-                    )
-                failing = True
+                reads.failed(e)
                 stop.wait(WAIT_S)
                 continue
-            if failing:
-                log.warning("worker %s: live commands can be read again", self.name)
-                failing = False
+            reads.worked()
             if command is None:
                 continue
             if command.get("op") in ("open", "end"):  # slow ones (a face, a connection) in their own thread
