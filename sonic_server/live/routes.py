@@ -49,6 +49,11 @@ from .sessions import (
 )
 
 bp = Blueprint("live", __name__)
+MAX_OFFER_CHARS = 100_000
+OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
+PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
+PCM_TYPE = "audio/l16"
+SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
 
 
 @bp.after_request
@@ -60,12 +65,6 @@ def _count_refused_open(resp):
         metrics.LIVE_REFUSED.labels(g.get("error_code") or f"http_{resp.status_code}").inc()
     return resp
 
-
-MAX_OFFER_CHARS = 100_000
-OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
-PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
-PCM_TYPE = "audio/l16"
-SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
 
 SESSION = component(
     "LiveSession",

@@ -377,13 +377,13 @@ def check_offer(offer: dict) -> None:
     # CR and LF end lines; any other control character (C0, C1, Unicode's line separators) is refused
     control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]", sdp)
     if control:
-        line = len((sdp[: control.start()] + ".").splitlines())  # lines as the stack counts them
-        raise InvalidParameter(f"offer: the sdp has a control character on line {line}", field="offer")
+        raise InvalidParameter(
+            f"offer: the sdp has a control character on line {_line_at(sdp, control.start())}", field="offer"
+        )
     # the form's text is read as UTF-8, bytes that are not made U+FFFD: no offer holds one
     garbled = sdp.find("\ufffd")
     if garbled >= 0:
-        line = len((sdp[:garbled] + ".").splitlines())
-        raise InvalidParameter(f"offer: the sdp is not UTF-8 text (line {line})", field="offer")
+        raise InvalidParameter(f"offer: the sdp is not UTF-8 text (line {_line_at(sdp, garbled)})", field="offer")
     fingerprints = re.findall(r"^a=fingerprint:(\S+) [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE)
     if not fingerprints:
         # without it the DTLS handshake can only fail, after the session has taken a slot
@@ -406,6 +406,11 @@ def check_offer(offer: dict) -> None:
         )
     check_transport(sdp)
     check_codecs(sdp)
+
+
+def _line_at(sdp: str, index: int) -> int:
+    """The line (1-based) holding sdp[index], as the WebRTC stack counts lines."""
+    return len((sdp[:index] + ".").splitlines())
 
 
 DTLS_SETUPS = ("actpass", "active", "passive")
