@@ -14,6 +14,7 @@ from sonic.errors import Busy, SetupError
 from . import access, hooks, loader
 from .drain import EXIT_WAIT_S, REFUSED_WHILE_STOPPING, STOPPING_MESSAGE, Drain, drain_on_sigterm
 from .errors import install_database_errors, install_error_handlers, is_disk_full
+from .host_names import HostNames
 from .idempotency import open_keys
 from .json_input import BoundedJSONProvider
 from .legacy import jobs_db_path
@@ -86,7 +87,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     hooks.request_id(app)
     hooks.browser_headers(app)
     hooks.access_log(app)
-    hooks.host(app)
+    hooks.host(app, HostNames.of(srv.allowed_hosts, srv.host, srv.public_url))
     hooks.memory(app)
     if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
         from .accounts import Billing, Ledger, Settler, database_url, video_price

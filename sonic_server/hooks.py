@@ -15,6 +15,7 @@ from flask import Flask, g, request
 from sonic.memory import give_back_memory
 
 from .errors import error_response
+from .host_names import SENT_HOST, HostNames, name_of
 from .logs import fields
 from .metrics import count_request
 from .openapi import headers_everywhere
@@ -79,18 +80,28 @@ def browser_headers(app: Flask) -> None:
         return resp
 
 
-def host(app: Flask) -> None:
+def host(app: Flask, names: HostNames) -> None:
     """A request whose Host is not a host (and port) is refused 400: the answer's URLs
     (video_url, status_url, the webhook's) are built on it, and one with spaces or markup made
-    them `http:///...`."""
+    them `http:///...`. One that names this server by a name it does not answer to is refused
+    403 (DNS rebinding: sonic_server/host_names.py). Under server.public_url the Host read is the
+    one the client sent, not the rewritten one."""
 
     @app.before_request
     def _refuse_odd_host():
-        sent = request.headers.get("Host")
-        if sent is None or HOST.fullmatch(sent):
+        sent = request.environ.get(SENT_HOST, request.headers.get("Host"))
+        if sent is None:
+            return None
+        if not HOST.fullmatch(sent):
+            return error_response(
+                "invalid_parameter", "the Host header must be a host name or address, with a port or not", field="Host"
+            )
+        if names.answers(sent):
             return None
         return error_response(
-            "invalid_parameter", "the Host header must be a host name or address, with a port or not", field="Host"
+            "forbidden",
+            f"this server does not answer to the name {name_of(sent)[:100]}: list it in server.allowed_hosts "
+            "(a page whose own name points here could otherwise call it as its own)",
         )
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import public_error
+from .host_names import SENT_HOST
 from .jobs import PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 
 if TYPE_CHECKING:
@@ -74,5 +75,6 @@ class PublicAddress:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ["wsgi.url_scheme"] = self.scheme
+        environ[SENT_HOST] = environ.get("HTTP_HOST")  # still checked (server.allowed_hosts)
         environ["HTTP_HOST"] = self.host
         return self.app(environ, start_response)

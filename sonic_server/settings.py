@@ -43,6 +43,10 @@ class ServerSettings:
     # pages on this machine only (a local web app on any port): "*" let any site its operator
     # browsed read and delete a keyless server's jobs
     cors_origins: tuple[str, ...] = ("loopback",)
+    # names (beside IP addresses, localhost and public_url's host) a request may be sent to: a
+    # page whose own name was pointed here (DNS rebinding) is refused. Empty: none when `host` is
+    # loopback, any otherwise; "*": any (sonic_server/host_names.py)
+    allowed_hosts: tuple[str, ...] = ()
     proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many
     public_url: str | None = None  # the service's address as clients reach it: every URL in an answer starts with it
     api_keys: tuple[str, ...] = ()
@@ -207,6 +211,7 @@ class ServerConfig(Settings):
         _check_credits(self)
         _check_live(self.live)
         _check_origins(self.server.cors_origins)
+        _check_allowed_hosts(self.server.allowed_hosts)
         _check_public_url(self.server.public_url)
         _check_webhooks(self.webhooks)
         _check_networks(self.outbound.allow_networks)
@@ -344,6 +349,22 @@ def _browser_origin(origin: str) -> bool:
     except ValueError:  # not a number, or past 65535
         return False
     return port is None or port > 0
+
+
+# an entry of server.allowed_hosts: "*", a name, or a domain (".example.com"), without a port
+ALLOWED_HOST = re.compile(r"\*|\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _check_allowed_hosts(hosts: tuple[str, ...]) -> None:
+    """A name written with a scheme or a port never equals a request's name: every request to it
+    would be refused with nothing said here."""
+    for host in hosts:
+        if len(host) > 253 or not ALLOWED_HOST.fullmatch(host):
+            raise SettingsError(
+                f"setting server.allowed_hosts: {as_written(host)} is not a host name; write a name "
+                "(talk.example.com), a domain and the names under it (.example.com) or *, without "
+                "a scheme or a port (IP addresses and localhost are always answered)"
+            )
 
 
 def _check_public_url(url: str | None) -> None:

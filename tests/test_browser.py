@@ -295,3 +295,24 @@ def test_with_api_keys_the_key_field_unlocks_the_page_and_the_event_stream(brows
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_page_whose_name_was_pointed_here_cannot_call_the_server(server):
+    """DNS rebinding, in a real browser: a page of another site points its own name at this
+    machine once loaded (here the browser's resolver maps rebind.test to 127.0.0.1), then calls
+    the server as its own origin, where CORS does not apply. Before server.allowed_hosts its
+    script read the job list and could delete jobs; the same script from localhost still can."""
+    port = server.rsplit(":", 1)[1]
+    driver = chromium("--host-resolver-rules=MAP rebind.test 127.0.0.1")
+    call = """const done = arguments[arguments.length - 1];
+        Promise.all([fetch('/api/sonic/jobs'), fetch('/api/sonic/jobs/x', {method: 'DELETE'})])
+          .then(rs => Promise.all(rs.map(r => r.json().then(b => [r.status, b.error ? b.error.code : 'none']))))
+          .then(done, e => done(String(e)))"""
+    try:
+        driver.get(f"http://rebind.test:{port}/")
+        assert "server.allowed_hosts" in driver.page_source  # the page itself is not served there
+        assert driver.execute_async_script(call) == [[403, "forbidden"], [403, "forbidden"]]
+        driver.get(f"http://localhost:{port}/")
+        assert driver.execute_async_script(call) == [[200, "none"], [404, "job_not_found"]]
+    finally:
+        driver.quit()

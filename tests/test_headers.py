@@ -13,6 +13,7 @@ from werkzeug.test import EnvironBuilder
 
 from conftest import PORTRAIT, SPEECH
 from server_helpers import FAST, assert_clean_error, post
+from sonic.settings import SettingsError
 
 KEY = "k1"
 
@@ -159,7 +160,7 @@ def test_odd_request_ids_are_replaced_not_echoed(served):
     assert client.get("/health", headers={"X-Request-ID": "y" * 100}).headers["X-Request-ID"] == "y" * 64
 
 
-def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_not(served):
+def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_not(served, make_client):
     """The answer's URLs are built on Host: one with spaces or markup made them `http:///...`."""
     client = served.client
     for sent in ("a b<script>", "evil.example:666/x", "x@y", "h:port", "[::1", ""):
@@ -167,12 +168,53 @@ def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_
         assert r.status_code == 400, (sent, r.status_code)
         assert r.get_json()["error"] == {"code": "invalid_parameter", "field": "Host",
                                          "message": "the Host header must be a host name or address, with a port or not"}
-    for sent in ("localhost", "127.0.0.1:5000", "[::1]:8080", "[2001:db8::1]", "video.example.com", "my_host.local:443"):
+    for sent in ("localhost", "127.0.0.1:5000", "[::1]:8080", "[2001:db8::1]", "10.0.0.5", "app.localhost:3000"):
         r = client.get("/health", environ_overrides={"HTTP_HOST": sent})
         assert r.status_code == 200, (sent, r.status_code, r.get_data()[:200])
-    r = client.get(f"/api/sonic/jobs/{served.job}", headers={"Authorization": f"Bearer {KEY}"},
-                   environ_overrides={"HTTP_HOST": "video.example.com:8443"})
-    assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/")
+    named, _ = make_client(api_keys=[KEY], allowed_hosts=["video.example.com", "my_host.local"])
+    for sent in ("video.example.com", "VIDEO.example.com.:443", "my_host.local:443"):
+        r = named.get("/health", environ_overrides={"HTTP_HOST": sent})
+        assert r.status_code == 200, (sent, r.status_code, r.get_data()[:200])
+    r = named.post("/api/sonic/generate", headers={"Authorization": f"Bearer {KEY}"}, data={
+        "config": '{"async": true}', "image": (open(PORTRAIT, "rb"), "f.jpg"), "audio": (open(SPEECH, "rb"), "a.flac")},
+        environ_overrides={"HTTP_HOST": "video.example.com:8443"})
+    assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/"), r.get_json()
+
+
+@pytest.mark.parametrize("listed, answered, refused", [
+    # nothing listed, listening on loopback (the default): addresses and localhost only
+    ((), ["127.0.0.1:5000", "[::1]:5000", "localhost:5000", "a.localhost", "192.168.1.9"],
+     ["evil.example:5000", "localhost.evil.example", "127.0.0.1.nip.io", "sonic"]),
+    ((".example.com", "sonic"), ["example.com", "talk.EXAMPLE.com:443", "a.b.example.com", "sonic:8080", "10.1.2.3"],
+     ["badexample.com", "example.com.evil.example", "sonic.evil.example"]),
+    (("*",), ["evil.example:5000", "anything"], []),
+])
+def test_a_request_to_a_name_this_server_does_not_answer_to_is_refused(make_client, listed, answered, refused):
+    """DNS rebinding: a page whose own name was pointed at this machine called a keyless server
+    as its own origin (no CORS applies) and could read, start and delete its jobs. The name it
+    sends in Host is the one thing it cannot hide."""
+    client, cfg = make_client(allowed_hosts=list(listed))
+    for host in answered:
+        assert client.get("/api/sonic/jobs", environ_overrides={"HTTP_HOST": host}).status_code == 200, host
+    for host in refused:
+        for method, path in (("GET", "/api/sonic/jobs"), ("GET", "/"), ("GET", "/output/x.mp4"),
+                             ("DELETE", "/api/sonic/jobs/x"), ("POST", "/api/sonic/generate")):
+            r = client.open(path, method=method, environ_overrides={"HTTP_HOST": host})
+            assert_clean_error(r, 403, "forbidden")
+            assert "server.allowed_hosts" in r.get_json()["error"]["message"], (host, r.get_json())
+
+
+def test_listening_beyond_loopback_any_name_is_answered_unless_names_are_listed(make_client):
+    """Clients on other machines reach it by names this process cannot know (a compose service's
+    name, a LAN name): listening on 0.0.0.0 (the Dockerfile's) they are answered, as before."""
+    anywhere, _ = make_client(host="0.0.0.0")
+    assert anywhere.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}).status_code == 200
+    listed, _ = make_client(host="0.0.0.0", allowed_hosts=["talk.example.com"])
+    assert listed.get("/health", environ_overrides={"HTTP_HOST": "talk.example.com"}).status_code == 200
+    assert_clean_error(listed.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}), 403, "forbidden")
+    for bad in ("http://talk.example.com", "talk.example.com:443", "*.example.com", "a b", "", "a..b"):
+        with pytest.raises(SettingsError, match="server.allowed_hosts"):
+            make_client(allowed_hosts=[bad])
 
 
 def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served):

@@ -823,7 +823,7 @@ def test_behind_a_tls_proxy_the_answers_urls_are_the_clients(make_client):
     gets https:// on its own host (an http:// video on an https:// page is blocked as mixed
     content); without the setting they are not trusted (a client could forge them)."""
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "app.example", "X-Forwarded-For": "203.0.113.7"}
-    behind, _ = make_client(proxy_hops=1)
+    behind, _ = make_client(proxy_hops=1, allowed_hosts=["app.example"])
     body = post(behind, {**FAST, "async": True}, headers=forwarded).get_json()
     assert body["status_url"].startswith("https://app.example/api/sonic/jobs/"), body
     direct, _ = make_client()
@@ -834,9 +834,12 @@ def test_behind_a_tls_proxy_the_answers_urls_are_the_clients(make_client):
 def test_with_a_public_url_every_url_in_an_answer_is_on_it_whatever_host_is_named(make_client):
     """server.public_url: a client naming a foreign Host (or a forged X-Forwarded-Host behind the
     proxy) got URLs on that host; a link shared from such an answer led there. The setting's
-    scheme and host win."""
-    public, _ = make_client(public_url="https://talk.example.com", proxy_hops=1)
+    scheme and host win. (A name it does not answer to is refused first: server.allowed_hosts.)"""
     foreign = {"Host": "evil.example", "X-Forwarded-Host": "forged.example", "X-Forwarded-Proto": "http"}
+    strict, _ = make_client(public_url="https://talk.example.com", proxy_hops=1)
+    assert_clean_error(post(strict, FAST, headers=foreign), 403, "forbidden")
+    assert post(strict, FAST, headers={**foreign, "X-Forwarded-Host": "talk.example.com"}).status_code == 200
+    public, _ = make_client(public_url="https://talk.example.com", proxy_hops=1, allowed_hosts=["*"])
     r = post(public, FAST, headers=foreign)
     body = r.get_json()
     assert r.status_code == 200 and body["video_url"].startswith("https://talk.example.com/output/"), body
