@@ -45,6 +45,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "job_not_found": 404,
     "session_not_found": 404,  # a live session that ended, or never existed
     "method_not_allowed": 405,
+    "precondition_failed": 412,  # /output: If-Match or If-Unmodified-Since names another version of the video
     "upload_incomplete": 408,  # the body stopped before its end (server.socket_timeout_s without data)
     "canceled": 409,
     "rate_limited": 429,

@@ -26,10 +26,12 @@ from typing import Literal
 
 from flask import Response, request, send_from_directory
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
+from werkzeug.http import parse_date
 
 from sonic import SonicError
 from sonic.errors import SetupError
 
+from .conditions import CONDITIONS, Validators, range_applies, verdict
 from .errors import error_response
 from .uploads import Uploads
 
@@ -92,15 +94,45 @@ class FolderOutputs:
         path = self.folder / name
         if path.is_symlink() or not path.is_file():  # the service writes files: a link is no video of its
             return None
+        stat = path.stat()
+        video = Validators.of_file(stat.st_mtime_ns, stat.st_size)
+        answered = conditional_answer(verdict(request.headers, request.method, video), video)
+        if answered is not None:
+            return answered
+        if not range_applies(request.headers, video):
+            ignore_range()
+        drop_conditions()  # decided: werkzeug would answer them again, before the range is read
         suffix = request.range.ranges[0] if request.range is not None and len(request.range.ranges) == 1 else None
-        if suffix is not None and suffix[0] < 0 and -suffix[0] > path.stat().st_size:
+        if suffix is not None and suffix[0] < 0 and -suffix[0] > stat.st_size:
             ignore_range()  # the last N bytes of a shorter file are all of it (RFC 9110 14.1.3); werkzeug said 416
         try:
-            resp = send_from_directory(self.folder, name, mimetype="video/mp4", conditional=True)
+            resp = send_from_directory(
+                self.folder, name, mimetype="video/mp4", conditional=True, etag=video.etag, last_modified=video.modified
+            )
         except RequestedRangeNotSatisfiable:
-            return unsatisfiable_range((self.folder / name).stat().st_size)
+            return unsatisfiable_range(stat.st_size)
         resp.headers["Cache-Control"] = VIDEO_CACHE
         return resp
+
+
+def conditional_answer(status: int | None, video: Validators | None):
+    """The answer to a request whose condition decided it (conditions.verdict): 304 without a
+    body, or the one error body for 412; None when the video is to be sent."""
+    headers = {"Cache-Control": VIDEO_CACHE, **(video.headers() if video is not None else {})}
+    if status == 304:
+        return Response(status=304, headers=headers)
+    if status == 412:
+        message = "the video is not the one If-Match or If-Unmodified-Since names (it changed, or is another)"
+        return error_response("precondition_failed", message, headers=headers)
+    return None
+
+
+def drop_conditions() -> None:
+    """The request is answered as if it had no conditions (they were decided already)."""
+    for name in CONDITIONS:
+        request.environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
+    for cached in ("if_match", "if_none_match", "if_modified_since", "if_unmodified_since", "if_range"):
+        request.__dict__.pop(cached, None)
 
 
 def ignore_range() -> None:
@@ -343,7 +375,14 @@ class S3Outputs:
                 head = self.s3.call("find the video", self.s3.client.head_object, **kw)
             except FileNotFoundError:
                 return None
-            return Response(status=200, mimetype="video/mp4", headers=self._headers(head, head["ContentLength"]))
+            video = Validators(head.get("ETag", "").strip('"'), int(head["LastModified"].timestamp()))
+            answered = conditional_answer(verdict(request.headers, "HEAD", video), None)
+            return answered or Response(
+                status=200, mimetype="video/mp4", headers=self._headers(head, head["ContentLength"])
+            )
+        if request.headers.get("If-Range") is not None:
+            ignore_range()  # the bucket has no If-Range: the whole video, always right
+        kw.update(bucket_conditions(request.headers))
         rng = request.range
         if rng is not None and len(rng.ranges) == 1:
             start, stop = rng.ranges[0]
@@ -351,8 +390,6 @@ class S3Outputs:
                 kw["Range"] = f"bytes={start}"
             else:
                 kw["Range"] = f"bytes={start}-" if stop is None else f"bytes={start}-{stop - 1}"
-        if request.headers.get("If-None-Match"):
-            kw["IfNoneMatch"] = request.headers["If-None-Match"]
         from botocore.exceptions import ClientError
 
         self.s3.reachable("read the video")
@@ -368,8 +405,8 @@ class S3Outputs:
             if code == "InvalidRange" or status == 416:
                 size = self._size(kw["Key"])
                 return unsatisfiable_range(size)
-            if status == 304 or code == "304":
-                return Response(status=304)
+            if status in (304, 412) or code in ("304", "PreconditionFailed"):
+                return conditional_answer(412 if status == 412 or code == "PreconditionFailed" else 304, None)
             raise self.s3.failure("read the video", e) from e
         except Exception as e:  # noqa: BLE001 - botocore: unreachable
             raise self.s3.failure("read the video", e) from e
@@ -413,6 +450,20 @@ class S3Outputs:
             return int(self.s3.call("find the video", self.s3.client.head_object, Key=key)["ContentLength"])
         except Exception:  # noqa: BLE001 - the size is a hint in the 416 answer
             return None
+
+
+def bucket_conditions(headers) -> dict:
+    """A request's conditions as get_object's arguments: the bucket decides them, in RFC 9110's
+    order, before the range (a date that cannot be read is ignored, as it is for a file)."""
+    kw: dict = {}
+    for header, arg in (("If-Match", "IfMatch"), ("If-None-Match", "IfNoneMatch")):
+        if headers.get(header) is not None:
+            kw[arg] = headers[header]
+    for header, arg in (("If-Modified-Since", "IfModifiedSince"), ("If-Unmodified-Since", "IfUnmodifiedSince")):
+        date = parse_date(headers.get(header))
+        if date is not None:
+            kw[arg] = date
+    return kw
 
 
 def as_outputs(outputs):

@@ -98,7 +98,7 @@ OPERATIONS = {
     ("/api/sonic/jobs/{job_id}", "delete"): {"204", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/events", "get"): {"200", "204", "404", "503"} | GUARDED,
     ("/api/sonic/jobs/{job_id}/cancel", "post"): {"200", "404"} | GUARDED,
-    ("/output/{name}", "get"): {"200", "206", "302", "304", "404", "416", "503"},
+    ("/output/{name}", "get"): {"200", "206", "302", "304", "404", "412", "416", "503"},
     ("/health", "get"): {"200", "503"},
     ("/api/sonic/params", "get"): {"200"} | GUARDED,
     ("/openapi.json", "get"): {"200"},
@@ -210,6 +210,7 @@ def test_sync_generate_and_download(make_client):
     assert current.status_code == 304, current.status_code
     weak = client.get(body["video_url"], headers={"Range": "bytes=0-9", "If-Range": "W/" + video.headers["ETag"]})
     assert weak.status_code == 200 and weak.data == FAKE_VIDEO
+    assert_conditions_in_rfc_order(client, body["video_url"], video.headers)
     # cached, but checked at each use (a deleted job's video must not go on playing from a cache)
     assert video.headers["Cache-Control"] == "no-cache" and video.headers["ETag"]
     assert client.get(body["video_url"], headers={"If-None-Match": video.headers["ETag"]}).status_code == 304
@@ -221,6 +222,42 @@ def test_sync_generate_and_download(make_client):
     assert body["status"] == again.get_json()["status"] == "succeeded"
     assert client.get(again.get_json()["status_url"]).get_json()["video_url"] == body["video_url"]
     assert post(client, {**FAST, "seed": 4}).get_json().get("cached") is None   # other parameters: a new video
+
+
+def assert_conditions_in_rfc_order(client, url: str, video: dict) -> None:
+    """RFC 9110 13.2.2: If-Match / If-Unmodified-Since (412), then If-None-Match /
+    If-Modified-Since (304), then If-Range, then Range. werkzeug answered a current copy's range
+    206, ignored If-Unmodified-Since, and sent the whole video with a 412."""
+    etag, modified = video["ETag"], video["Last-Modified"]
+    later, earlier, bad_date = "Fri, 01 Jan 2100 00:00:00 GMT", "Thu, 01 Jan 1970 00:00:00 GMT", "yesterday"
+
+    def get(method="GET", **headers):
+        return client.open(url, method=method, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    def part(r):
+        return r.status_code == 206 and r.data == FAKE_VIDEO[:10] and r.headers["ETag"] == etag
+
+    def whole(r):
+        return r.status_code == 200 and r.data == FAKE_VIDEO
+
+    def current(r):
+        return r.status_code == 304 and not r.data and r.headers["ETag"] == etag
+
+    for r in (get(If_Match='"other"', Range="bytes=0-9"), get(If_Match="W/" + etag), get(If_Unmodified_Since=earlier)):
+        assert_clean_error(r, 412, "precondition_failed")
+        assert len(r.data) < 400 and r.headers["ETag"] == etag  # the error, not the video
+    head = get("HEAD", If_Match='"other"')
+    assert head.status_code == 412 and not head.data
+    assert part(get(If_Match=etag, Range="bytes=0-9")) and part(get(If_Match="*", Range="bytes=0-9"))
+    assert whole(get(If_Unmodified_Since=later)) and whole(get(If_Unmodified_Since=bad_date))
+    assert whole(get(If_Match=etag, If_Unmodified_Since=earlier))  # If-Match decides when both are sent
+    assert current(get(If_Modified_Since=later, Range="bytes=0-9")) and current(get(If_Modified_Since=modified))
+    assert current(get("HEAD", If_None_Match=f'"x", W/{etag}')) and current(get(If_None_Match="*"))
+    assert whole(get(If_Modified_Since=earlier)) and whole(get(If_Modified_Since=bad_date))
+    assert part(get(If_None_Match='"other"', If_Modified_Since=later, Range="bytes=0-9"))  # If-None-Match decides
+    assert part(get(If_Range=etag, Range="bytes=0-9")) and part(get(If_Range=modified, Range="bytes=0-9"))
+    for other in ('"other"', earlier, later, bad_date):
+        assert whole(get(If_Range=other, Range="bytes=0-9")), other
 
 
 def test_slow_sync_request_gets_its_job_id(make_client):
