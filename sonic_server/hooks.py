@@ -70,13 +70,16 @@ def request_id(app: Flask) -> None:
 def browser_headers(app: Flask) -> None:
     """On every answer, not the pages only: a browser never takes one for another type than the
     one it says (nosniff), and no address of this service's (a video's) goes to another site in
-    Referer. (same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` on
-    the demo page's own POSTs, which the CORS check then refuses.)"""
+    Referer (same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` on
+    the demo page's own POSTs, which the CORS check then refuses); and no cache keeps a JSON
+    answer (no-store)."""
 
     @app.after_request
     def _say(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", REFERRER_POLICY)
+        if resp.mimetype == "application/json":  # a job's state, a list, a balance: read fresh each time
+            resp.headers.setdefault("Cache-Control", "no-store")
         return resp
 
 
@@ -90,8 +93,10 @@ def host(app: Flask, names: HostNames) -> None:
     @app.before_request
     def _refuse_odd_host():
         sent = request.environ.get(SENT_HOST, request.headers.get("Host"))
-        if sent is None:
-            return None
+        if sent is None:  # HTTP/1.0 may leave it out; 1.1 must send it (RFC 9112 3.2)
+            if request.environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+                return None
+            return error_response("invalid_parameter", "an HTTP/1.1 request must name its Host", field="Host")
         if not HOST.fullmatch(sent):
             return error_response(
                 "invalid_parameter", "the Host header must be a host name or address, with a port or not", field="Host"

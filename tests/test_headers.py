@@ -6,10 +6,12 @@ routes that take them. The environ is built directly, as a WSGI server hands it 
 values latin-1 decoded, path already unquoted), so that what an HTTP client would refuse or
 normalise (line breaks, NUL, `..`) still reaches the app.
 """
+import json
+
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from werkzeug.test import EnvironBuilder
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from conftest import PORTRAIT, SPEECH
 from server_helpers import FAST, assert_clean_error, post
@@ -179,6 +181,20 @@ def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_
         "config": '{"async": true}', "image": (open(PORTRAIT, "rb"), "f.jpg"), "audio": (open(SPEECH, "rb"), "a.flac")},
         environ_overrides={"HTTP_HOST": "video.example.com:8443"})
     assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/"), r.get_json()
+
+
+def test_an_http_1_1_request_without_host_is_refused_and_http_1_0_is_not(served):
+    """RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400 (1.0 may leave it out)."""
+    def answer(protocol: str) -> tuple[str, dict]:
+        env = EnvironBuilder(path="/health").get_environ()
+        del env["HTTP_HOST"]
+        env["SERVER_PROTOCOL"] = protocol
+        body, status, _ = run_wsgi_app(served.client.application, env, buffered=True)
+        return status, json.loads(b"".join(body))
+    status, body = answer("HTTP/1.1")
+    assert status.startswith("400") and body["error"] == {
+        "code": "invalid_parameter", "field": "Host", "message": "an HTTP/1.1 request must name its Host"}
+    assert answer("HTTP/1.0")[0].startswith("200")
 
 
 @pytest.mark.parametrize("listed, answered, refused", [

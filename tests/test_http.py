@@ -780,6 +780,10 @@ def test_every_answer_says_its_type_is_not_to_be_guessed_and_sends_no_referrer(m
         assert r.headers.get("X-Content-Type-Options") == "nosniff", (r.request.path, r.status_code)
         # same-origin: under no-referrer a browser sends Origin: null on the page's own POSTs
         assert r.headers.get("Referrer-Policy") == "same-origin", (r.request.path, r.status_code)
+        if r.mimetype == "application/json":  # a job's state or a list: no cache keeps it
+            assert r.headers.get("Cache-Control") == "no-store", (r.request.path, r.status_code)
+    assert sum(r.mimetype == "application/json" for r in answers) >= 5
+    assert answers[0].headers["Cache-Control"] != "no-store"  # the page keeps its own
 
 
 def test_a_link_in_the_output_folder_is_no_video(make_client, tmp_path):
