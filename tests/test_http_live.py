@@ -159,7 +159,7 @@ def test_an_over_limit_form_sent_whole_is_answered_and_its_connection_closed_at_
     field = b"a" * 600_000
     body = b'--b\r\nContent-Disposition: form-data; name="config"\r\n\r\n' + field + b"\r\n--b--\r\n"
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     t0 = time.monotonic()
     sock.settimeout(10)
@@ -183,7 +183,7 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
     def answer(headers: bytes) -> tuple[bytes, dict]:
         with socket.create_connection((host, int(port))) as sock:
             sock.settimeout(10)
-            sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n0\r\n\r\n")
+            sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n0\r\n\r\n")
             got = b""
             while chunk := sock.recv(65536):
                 got += chunk
@@ -223,7 +223,7 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
 def test_slow_upload_is_dropped(server):
     host, port = server["base"].rsplit("/", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: x\r\n"
+    sock.sendall(b"POST /api/sonic/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n")
     t0 = time.time()
     assert requests.get(server["base"] + "/health", timeout=5).status_code == 200   # others still served

@@ -480,7 +480,7 @@ def test_a_file_sent_while_a_stream_arrives_waits_its_turn_then_is_told_to_send_
         await client.open(PORTRAIT, CONFIG, keep_frames=False)
         url = client.session_url("/speak")
         stream = socket.create_connection((host, int(port)), timeout=30)
-        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: x\r\n"
+        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                         "Content-Type: audio/L16;rate=16000\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
                        + b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n")  # 1 s, and more to come
         await asyncio.sleep(0.5)
@@ -495,7 +495,7 @@ def test_a_file_sent_while_a_stream_arrives_waits_its_turn_then_is_told_to_send_
         after = await asyncio.to_thread(requests.post, url, files={"audio": open(SPEECH, "rb").read()}, timeout=30)
         # an interrupt ends a stream's turn at once: the reply that follows is not kept waiting
         stream = socket.create_connection((host, int(port)), timeout=30)
-        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: x\r\n"
+        stream.sendall((f"POST {url.split(port, 1)[1]} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                         "Content-Type: audio/L16;rate=16000\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
                        + b"7d00\r\n" + b"\1\0" * 16_000 + b"\r\n")
         await asyncio.sleep(0.5)
@@ -681,7 +681,7 @@ def test_a_chunked_stream_cut_short_queues_what_was_sent_and_says_so(server):
     def raw(path: str, body: bytes) -> tuple[bytes, dict]:
         with socket.create_connection((host, int(port))) as sock:
             sock.settimeout(10)
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/L16;rate=16000\r\n"
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/L16;rate=16000\r\n"
                          "Transfer-Encoding: chunked\r\n\r\n".encode() + body)
             sock.shutdown(socket.SHUT_WR)
             got = b""
