@@ -87,7 +87,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     hooks.request_id(app)
     hooks.browser_headers(app)
     hooks.access_log(app)
-    hooks.host(app, HostNames.of(srv.allowed_hosts, srv.host, srv.public_url))
+    hooks.host(app, HostNames.of(srv.allowed_hosts, srv.public_url))
     hooks.memory(app)
     if settings.credits.enabled:  # accounts, keys and credits (docs/credits.md)
         from .accounts import Billing, Ledger, Settler, database_url, video_price

@@ -68,6 +68,10 @@ def range_applies(headers: Headers | Mapping[str, str], video: Validators) -> bo
 
 def _seconds(value: str | None) -> int | None:
     """An HTTP date as seconds since the epoch; None for no date or one that cannot be read
-    (ignored, as RFC 9110 has a server ignore an invalid date)."""
-    date: datetime | None = parse_date(value) if value else None
+    (ignored, as RFC 9110 has a server ignore an invalid date). A list of dates (more than the
+    one comma after the weekday; two headers arrive joined by one) is none: werkzeug read its
+    first."""
+    if not value or value.count(",") > 1:
+        return None
+    date: datetime | None = parse_date(value)
     return int(date.timestamp()) if date is not None else None

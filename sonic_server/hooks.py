@@ -15,11 +15,10 @@ from flask import Flask, g, request
 from sonic.memory import give_back_memory
 
 from .errors import error_response
-from .host_names import SENT_HOST, HostNames, name_of
+from .host_names import SENT_HOST, HostNames, name_of, well_formed
 from .logs import fields
 from .metrics import count_request
 from .openapi import headers_everywhere
-from .settings import HOST
 
 log = logging.getLogger("sonic.http")
 PROBES = ("/health", "/metrics")  # asked every few seconds by orchestrators and Prometheus
@@ -93,21 +92,29 @@ def host(app: Flask, names: HostNames) -> None:
     @app.before_request
     def _refuse_odd_host():
         sent = request.environ.get(SENT_HOST, request.headers.get("Host"))
-        if sent is None:  # HTTP/1.0 may leave it out; 1.1 must send it (RFC 9112 3.2)
-            if request.environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        if sent is None:  # HTTP/1.0 may leave it out; 1.1 and later must send it (RFC 9112 3.2)
+            if request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
                 return None
             return error_response("invalid_parameter", "an HTTP/1.1 request must name its Host", field="Host")
-        if not HOST.fullmatch(sent):
-            return error_response(
-                "invalid_parameter", "the Host header must be a host name or address, with a port or not", field="Host"
-            )
-        if names.answers(sent):
-            return None
+        # behind a proxy (server.proxy_hops), the Host it sent as well as the forwarded one: a
+        # page may set X-Forwarded-Host on its own requests, and a proxy may pass it on
+        proxied = request.environ.get("werkzeug.proxy_fix.orig", {}).get("HTTP_HOST")
+        return _refusal(sent, names) or (_refusal(proxied, names) if proxied is not None else None)
+
+
+def _refusal(host: str, names: HostNames):
+    """The error answer for a Host that is malformed or names this server by a name it does not
+    answer to; None for one it answers."""
+    if not well_formed(host):
+        message = "the Host header must be a host name or address, with a port or not"
+        return error_response("invalid_parameter", message, field="Host")
+    if not names.answers(host):
         return error_response(
             "forbidden",
-            f"this server does not answer to the name {name_of(sent)[:100]}: list it in server.allowed_hosts "
+            f"this server does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts "
             "(a page whose own name points here could otherwise call it as its own)",
         )
+    return None
 
 
 def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:

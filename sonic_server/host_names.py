@@ -6,10 +6,9 @@ has loaded it, and then call this server as its own origin: the browser sends
 videos and DELETEs were the page's. The one thing such a request cannot hide is the name it was
 sent to. So a request must name this server by an IP address, by `localhost` (or a name under
 `.localhost`, which browsers keep on this machine), by server.public_url's host, or by a name
-listed in server.allowed_hosts. Listening on a loopback address with nothing listed (the
-default), that is all; listening on another address (0.0.0.0 in the Dockerfile) with nothing
-listed, any name is answered, as clients on other machines reach it by names this process cannot
-know. Ports are not compared: a name is allowed on any port.
+listed in server.allowed_hosts (`*`: any). That holds wherever the server listens: a container
+listens on 0.0.0.0 and is still browsed at localhost on a laptop, where the page's name can be
+pointed. Ports are not compared: a name is allowed on any port.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from .settings import HOST
 
 ANY = "*"
 # the WSGI environ key under which server.public_url's rewrite keeps the Host the client named
@@ -32,24 +33,36 @@ class HostNames:
     domains: tuple[str, ...]  # ".example.com": that name and every name under it
 
     @classmethod
-    def of(cls, listed: tuple[str, ...], listen_host: str, public_url: str | None) -> HostNames:
-        """From the settings: `listed` (server.allowed_hosts), the address the server listens on
-        (server.host) and server.public_url."""
+    def of(cls, listed: tuple[str, ...], public_url: str | None) -> HostNames:
+        """From the settings: `listed` (server.allowed_hosts) and server.public_url."""
         entries = [normal_name(e) for e in listed if e != ANY]
         names = {e for e in entries if not e.startswith(".")}
         if public_url and urlsplit(public_url).hostname:
             names.add(normal_name(urlsplit(public_url).hostname or ""))
-        any_name = ANY in listed or (not listed and not _is_loopback(listen_host))
-        return cls(any_name, frozenset(names), tuple(e for e in entries if e.startswith(".")))
+        return cls(ANY in listed, frozenset(names), tuple(e for e in entries if e.startswith(".")))
 
     def answers(self, host: str) -> bool:
-        """Whether a request whose Host (a well-formed one: settings.HOST) is `host` is answered."""
+        """Whether a request whose Host (a well-formed one: `well_formed`) is `host` is answered."""
         if self.any_name or host.startswith("["):  # an IPv6 address
             return True
         name = name_of(host)
         if name == "localhost" or name.endswith(".localhost") or _is_address(name):
             return True
         return name in self.names or any(name == d[1:] or name.endswith(d) for d in self.domains)
+
+
+def well_formed(host: str) -> bool:
+    """A Host as RFC 9110 7.2 has it: a name or an address (IPv6 in brackets, and an IPv6
+    address there), then a port or not. The answer's URLs are built on it."""
+    if not HOST.fullmatch(host):
+        return False
+    if not host.startswith("["):
+        return True
+    try:
+        ipaddress.IPv6Address(host[1 : host.index("]")])
+    except ValueError:  # [bad], [dead:beef]: URLs on them were http:///...
+        return False
+    return True
 
 
 def name_of(host: str) -> str:
@@ -68,14 +81,3 @@ def _is_address(name: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_loopback(listen_host: str) -> bool:
-    """server.host: 127.0.0.0/8, ::1 or localhost. Any other name or address may be reached from
-    other machines."""
-    if normal_name(listen_host) == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(listen_host.strip("[]")).is_loopback
-    except ValueError:
-        return False

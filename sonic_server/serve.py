@@ -108,6 +108,7 @@ class JsonErrorsHandler(WSGIRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Referrer-Policy", REFERRER_POLICY)
+            self.send_header("Cache-Control", "no-store")  # as every JSON answer of the app's
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD" and body:

@@ -44,8 +44,8 @@ class ServerSettings:
     # browsed read and delete a keyless server's jobs
     cors_origins: tuple[str, ...] = ("loopback",)
     # names (beside IP addresses, localhost and public_url's host) a request may be sent to: a
-    # page whose own name was pointed here (DNS rebinding) is refused. Empty: none when `host` is
-    # loopback, any otherwise; "*": any (sonic_server/host_names.py)
+    # page whose own name was pointed here (DNS rebinding) is refused. "*": any
+    # (sonic_server/host_names.py)
     allowed_hosts: tuple[str, ...] = ()
     proxy_hops: int = 0  # reverse proxies in front (each adds X-Forwarded-For/-Proto/-Host): trusted this many
     public_url: str | None = None  # the service's address as clients reach it: every URL in an answer starts with it

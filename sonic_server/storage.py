@@ -96,7 +96,7 @@ class FolderOutputs:
             return None
         stat = path.stat()
         video = Validators.of_file(stat.st_mtime_ns, stat.st_size)
-        answered = conditional_answer(verdict(request.headers, request.method, video), video)
+        answered = conditional_answer(verdict(request.headers, request.method, video), video.headers())
         if answered is not None:
             return answered
         if not range_applies(request.headers, video):
@@ -115,15 +115,15 @@ class FolderOutputs:
         return resp
 
 
-def conditional_answer(status: int | None, video: Validators | None):
+def conditional_answer(status: int | None, validators: dict[str, str]):
     """The answer to a request whose condition decided it (conditions.verdict): 304 without a
-    body, or the one error body for 412; None when the video is to be sent."""
-    headers = {"Cache-Control": VIDEO_CACHE, **(video.headers() if video is not None else {})}
+    body, with the video's validators (ETag, as a 200 would carry it), or the one error body for
+    412; None when the video is to be sent."""
     if status == 304:
-        return Response(status=304, headers=headers)
+        return Response(status=304, headers={"Cache-Control": VIDEO_CACHE, **validators})
     if status == 412:
         message = "the video is not the one If-Match or If-Unmodified-Since names (it changed, or is another)"
-        return error_response("precondition_failed", message, headers=headers)
+        return error_response("precondition_failed", message)
     return None
 
 
@@ -376,7 +376,7 @@ class S3Outputs:
             except FileNotFoundError:
                 return None
             video = Validators(head.get("ETag", "").strip('"'), int(head["LastModified"].timestamp()))
-            answered = conditional_answer(verdict(request.headers, "HEAD", video), None)
+            answered = conditional_answer(verdict(request.headers, "HEAD", video), {"ETag": head.get("ETag", "")})
             return answered or Response(
                 status=200, mimetype="video/mp4", headers=self._headers(head, head["ContentLength"])
             )
@@ -406,7 +406,9 @@ class S3Outputs:
                 size = self._size(kw["Key"])
                 return unsatisfiable_range(size)
             if status in (304, 412) or code in ("304", "PreconditionFailed"):
-                return conditional_answer(412 if status == 412 or code == "PreconditionFailed" else 304, None)
+                sent = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                validators = {"ETag": sent["etag"]} if sent.get("etag") else {}
+                return conditional_answer(412 if status == 412 or code == "PreconditionFailed" else 304, validators)
             raise self.s3.failure("read the video", e) from e
         except Exception as e:  # noqa: BLE001 - botocore: unreachable
             raise self.s3.failure("read the video", e) from e

@@ -183,18 +183,26 @@ def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_
     assert r.get_json()["status_url"].startswith("http://video.example.com:8443/api/sonic/jobs/"), r.get_json()
 
 
+def answered_raw(client, host: str | None, protocol: str = "HTTP/1.1") -> tuple[int, dict]:
+    """(status, JSON body) of GET /health sent as a WSGI server hands it over, with this Host (None:
+    none): the test client cannot send every Host (it builds a URL on it)."""
+    env = EnvironBuilder(path="/health").get_environ()
+    del env["HTTP_HOST"]
+    if host is not None:
+        env["HTTP_HOST"] = host
+    env["SERVER_PROTOCOL"] = protocol
+    body, status, _ = run_wsgi_app(client.application, env, buffered=True)
+    return int(status.split()[0]), json.loads(b"".join(body))
+
+
 def test_an_http_1_1_request_without_host_is_refused_and_http_1_0_is_not(served):
     """RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400 (1.0 may leave it out)."""
-    def answer(protocol: str) -> tuple[str, dict]:
-        env = EnvironBuilder(path="/health").get_environ()
-        del env["HTTP_HOST"]
-        env["SERVER_PROTOCOL"] = protocol
-        body, status, _ = run_wsgi_app(served.client.application, env, buffered=True)
-        return status, json.loads(b"".join(body))
-    status, body = answer("HTTP/1.1")
-    assert status.startswith("400") and body["error"] == {
+    status, body = answered_raw(served.client, None)
+    assert status == 400 and body["error"] == {
         "code": "invalid_parameter", "field": "Host", "message": "an HTTP/1.1 request must name its Host"}
-    assert answer("HTTP/1.0")[0].startswith("200")
+    assert answered_raw(served.client, None, "HTTP/1.0")[0] == 200
+    for later in ("HTTP/1.2", "HTTP/2.0"):
+        assert answered_raw(served.client, None, later)[0] == 400, later
 
 
 @pytest.mark.parametrize("listed, answered, refused", [
@@ -220,17 +228,39 @@ def test_a_request_to_a_name_this_server_does_not_answer_to_is_refused(make_clie
             assert "server.allowed_hosts" in r.get_json()["error"]["message"], (host, r.get_json())
 
 
-def test_listening_beyond_loopback_any_name_is_answered_unless_names_are_listed(make_client):
-    """Clients on other machines reach it by names this process cannot know (a compose service's
-    name, a LAN name): listening on 0.0.0.0 (the Dockerfile's) they are answered, as before."""
+def test_listening_beyond_loopback_names_must_still_be_listed(make_client):
+    """A container listens on 0.0.0.0 and is still browsed at localhost on a laptop, where a
+    page's name can be pointed at it: the rule does not depend on where the server listens."""
     anywhere, _ = make_client(host="0.0.0.0")
-    assert anywhere.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}).status_code == 200
-    listed, _ = make_client(host="0.0.0.0", allowed_hosts=["talk.example.com"])
-    assert listed.get("/health", environ_overrides={"HTTP_HOST": "talk.example.com"}).status_code == 200
-    assert_clean_error(listed.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}), 403, "forbidden")
+    assert anywhere.get("/health", environ_overrides={"HTTP_HOST": "localhost:8080"}).status_code == 200
+    assert_clean_error(anywhere.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}), 403, "forbidden")
+    listed, _ = make_client(host="0.0.0.0", allowed_hosts=["sonic"])
+    assert listed.get("/health", environ_overrides={"HTTP_HOST": "sonic:8080"}).status_code == 200
     for bad in ("http://talk.example.com", "talk.example.com:443", "*.example.com", "a b", "", "a..b"):
         with pytest.raises(SettingsError, match="server.allowed_hosts"):
             make_client(allowed_hosts=[bad])
+
+
+def test_behind_a_proxy_the_proxys_host_and_the_forwarded_one_are_both_checked(make_client):
+    """A page may set X-Forwarded-Host on its own (same-origin) requests, and a proxy that does
+    not set it passes the page's on: with proxy_hops, `Host: evil.example` and
+    `X-Forwarded-Host: localhost` were answered."""
+    behind, _ = make_client(proxy_hops=1, allowed_hosts=["talk.example.com"])
+
+    def status(host: str, forwarded: str) -> int:
+        return behind.get("/api/sonic/jobs", headers={"X-Forwarded-Host": forwarded},
+                          environ_overrides={"HTTP_HOST": host}).status_code
+    assert status("evil.example", "localhost") == 403 and status("evil.example", "evil.example, localhost") == 403
+    assert status("127.0.0.1:5000", "evil.example") == 403
+    assert status("127.0.0.1:5000", "talk.example.com") == 200 and status("talk.example.com", "talk.example.com") == 200
+
+
+def test_a_bracketed_host_that_is_no_ipv6_address_is_refused(served):
+    """`[bad]` passed the Host pattern, and the answer's URLs became `http:///...`."""
+    for sent in ("[bad]", "[dead:beef]", "[dead:beef]:80", "[::1%25eth0]"):
+        status, body = answered_raw(served.client, sent)
+        assert status == 400 and body["error"]["field"] == "Host", (sent, body)
+    assert answered_raw(served.client, "[::ffff:127.0.0.1]:80")[0] == 200
 
 
 def test_a_multipart_body_without_a_boundary_is_refused_naming_the_header(served):

@@ -251,6 +251,7 @@ def test_what_the_http_server_refuses_itself_is_a_json_error(server):
         (requests.get(server["base"] + "/health", headers={"X-Big": "b" * 70_000}, timeout=10), 431),
     ):
         assert r.status_code == status and r.headers["Content-Type"] == "application/json", r.text[:200]
+        assert r.headers["Cache-Control"] == "no-store"  # as every JSON answer of the app's
         assert r.json()["success"] is False and r.json()["error"]["code"] == "http_error"
         # with an id, as the app's answers have, and logged by it as a warning, not an error
         assert len(r.json()["request_id"]) == 32 and r.headers["X-Request-ID"] == r.json()["request_id"]

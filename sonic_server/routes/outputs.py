@@ -58,5 +58,6 @@ def _ignore_ranges_not_served() -> None:
     if header is None:
         return
     ranges = parse_range_header(header)
-    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
+    # HEAD: the whole video's headers (RFC 9110 14.2 defines ranges for GET only; the bucket's HEAD says so too)
+    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1 or request.method != "GET":
         ignore_range()
