@@ -112,7 +112,7 @@ def _refusal(host: str, names: HostNames):
         return error_response(
             "forbidden",
             f"this server does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts "
-            "(a page whose own name points here could otherwise call it as its own)",
+            "(SONIC_ALLOWED_HOSTS; a page whose own name points here could otherwise call it as its own)",
         )
     return None
 
