@@ -111,8 +111,9 @@ def _refusal(host: str, names: HostNames):
     if not names.answers(host):
         return error_response(
             "forbidden",
-            f"this server does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts "
-            "(SONIC_ALLOWED_HOSTS; a page whose own name points here could otherwise call it as its own)",
+            f"this server does not answer to the name {name_of(host)[:100]}: start it with "
+            f"SONIC_ALLOWED_HOSTS={name_of(host)[:100]}, or list the name in server.allowed_hosts in its settings "
+            "file (a web page whose own name points here could otherwise call it as its own)",
         )
     return None
 

@@ -27,7 +27,7 @@ from http import HTTPStatus
 from werkzeug.exceptions import BadRequest, ClientDisconnected
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
-from sonic.errors import SonicError, shown
+from sonic.errors import SetupError, SonicError, shown
 from sonic.settings import SettingsError
 
 from . import create_app
@@ -220,6 +220,13 @@ def framing_problem(lengths: list[str], encodings: list[str]) -> str | None:
     return None
 
 
+BIND_PROBLEMS = {
+    errno.EADDRINUSE: "another program uses that port: stop it, or choose another port with --port (SONIC_PORT)",
+    errno.EADDRNOTAVAIL: "this machine has no such address: choose another with --host (SONIC_HOST)",
+    errno.EACCES: "ports below 1024 need privileges: choose another with --port (SONIC_PORT)",
+}
+
+
 class ThrottledAcceptServer(ThreadedWSGIServer):
     """werkzeug's threaded server, except out of file handles: its accept failed at once and its
     loop asked again at once, at 100 % CPU, answering nothing and logging nothing until some
@@ -227,6 +234,14 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
     minute)."""
 
     told_at = -float("inf")
+
+    def server_bind(self) -> None:
+        """werkzeug printed the OS's words and exited; this says which setting to change."""
+        try:
+            super().server_bind()
+        except OSError as e:
+            why = BIND_PROBLEMS.get(e.errno or 0, e.strerror or str(e))
+            raise SetupError(f"cannot listen on {self.host}:{self.port}: {why}") from e
 
     def get_request(self):
         try:
@@ -283,7 +298,11 @@ class _AnsweredStall(logging.Filter):
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--host", help="the address to listen on (setting server.host, SONIC_HOST; default 127.0.0.1)")
+    ap.add_argument(
+        "--host",
+        help="the address to listen on (setting server.host, SONIC_HOST; default 127.0.0.1; 0.0.0.0: every "
+        "address; names it answers to beside IP addresses and localhost: SONIC_ALLOWED_HOSTS)",
+    )
     ap.add_argument("--port", type=int, help="the port (setting server.port, SONIC_PORT; default 5000)")
     ap.add_argument(
         "--config", help="settings YAML over the shipped configs/default.yaml; SONIC_* variables override both"
@@ -329,7 +348,12 @@ def serve(args: argparse.Namespace) -> None:
             with in_flight:
                 super().handle()
 
-    server = ThrottledAcceptServer(settings.server.host, settings.server.port, short_reads_once_answered(app), Handler)
+    try:
+        server = ThrottledAcceptServer(
+            settings.server.host, settings.server.port, short_reads_once_answered(app), Handler
+        )
+    except SonicError as e:  # the port is taken, the address is not this machine's
+        sys.exit(f"error: {e.message}")
     stopped: list[int] = []
     drain_s = settings.server.drain_s
 

@@ -132,6 +132,9 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         third = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
                                 str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                                env={**os.environ, "SONIC_JOBS_DB": ""})
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump(settings(tmp_path / "other")))
+        taken = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(port), "--config",
+                                str(tmp_path / "other.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         refused = requests.post(base + "/api/sonic/generate", files={"image": b"x"}, timeout=30)
         in_flight, answer = sigterm_while_generating(proc, {"base": base})
         stopping = requests.get(base + "/health", timeout=5)
@@ -149,6 +152,10 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         "(docs/scaling.md)"], second.stderr
     # nor may one with its own job database share the upload folder (its start removed the first's uploads)
     assert third.returncode == 1 and "another sonic service uses the upload folder" in third.stderr, third.stderr
+    # a port another program holds: which setting to change, not the OS's words alone
+    assert taken.returncode == 1 and taken.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: another program uses that port: stop it, or choose another "
+        "port with --port (SONIC_PORT)"), taken.stderr
     long = answer["r"]
     assert getattr(long, "status_code", None) == 200 and long.json()["frames"] == 1000, long
     assert stopping.status_code == 503 and stopping.json()["error"]["code"] == "busy"  # a balancer takes it out
