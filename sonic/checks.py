@@ -27,7 +27,7 @@ from .face import fit_output
 from .media import SAMPLE_RATE, decode_budget, load_audio, load_image, upload_decode
 from .options import GenerateOptions
 from .settings import Limits
-from .writer import PART_SUFFIXES
+from .writer import PART_SUFFIXES, RUN_DIGITS
 
 
 @dataclass(frozen=True)
@@ -137,13 +137,13 @@ def _replaceable(path: Path) -> bool:
 
 
 def _name_fits(path: Path, folder: Path, named: str) -> None:
-    """The writer's own files are named after the video (".NAME.part.remux"): a name that fits
+    """The writer's own files are named after the video (".NAME.RUN.part.remux"): a name that fits
     the file system but not with those additions failed at the end, after the render."""
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    added = max(len(suffix) for suffix in PART_SUFFIXES) + 1
+    added = max(len(suffix) for suffix in PART_SUFFIXES) + 2 + RUN_DIGITS  # the two dots
     if len(os.fsencode(path.name)) + added > name_max:
         raise InvalidParameter(
             f"{named}: the file name is too long: at most {name_max - added} bytes here "

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import queue
+import secrets
 import subprocess
 import tempfile
 import threading
@@ -33,9 +34,10 @@ X264_PRESET = "veryfast"
 X264_CRF = 20
 PIPE_BYTES = 1 << 20  # ffmpeg's stdin pipe (Linux allows up to 1 MiB unprivileged by default)
 QUEUED_BATCHES = 2  # rendered batches waiting for the encoder at most (memory: ~2 x 8 frames)
-# a run's files, ".NAME" + each beside the output: the video, its sound, the video with its sound moved
+# a run's files, ".NAME.RUN" + each beside the output: the video, its sound, the video with its sound moved
 PART, WAV_PART, REMUX_PART = ".part", ".wav.part", ".part.remux"
 PART_SUFFIXES = (PART, WAV_PART, REMUX_PART)
+RUN_DIGITS = 11  # a run's name, in hex: 6 of its process id, 5 random (two writes of one output: two names)
 FEED_POLL_S = 0.2  # how often a feeder with nothing to write looks whether the write was given up
 ABANDON_WAIT_S = 2.0  # an interrupted write waits this long at most for its feeder thread
 X264_THREADS = 1  # the encoder runs beside the render: one core each on a 2-core machine
@@ -122,9 +124,16 @@ def _encoder_error(message: str) -> PipelineError:
     return DiskFull(message) if os.strerror(errno.ENOSPC) in message else PipelineError(message)
 
 
-def part_path(path: Path, suffix: str) -> Path:
-    """One of a run's own files (PART_SUFFIXES): a hidden sibling of the output."""
-    return path.with_name(f".{path.name}{suffix}")
+def part_path(path: Path, run: str, suffix: str) -> Path:
+    """One of a run's own files (PART_SUFFIXES): a hidden sibling of the output, named after it
+    and the run. Two writes of one output (two CLIs given the same --out) shared one name: each
+    removed or cut the other's file, and the one that finished reported a video with no streams."""
+    return path.with_name(f".{path.name}.{run}{suffix}")
+
+
+def new_run() -> str:
+    """A run's name (RUN_DIGITS hex digits): this process's id and a random part."""
+    return f"{os.getpid() & 0xFFFFFF:06x}{secrets.token_hex(3)[:5]}"
 
 
 class VideoWriter:
@@ -140,9 +149,10 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         # every file of a run is a hidden ".part" sibling of the output (a restarted service
         # sweeps those) or an anonymous temporary file (gone with the process, however it ends)
-        self.tmp_path = part_path(self.path, PART)
-        self._wav_path = part_path(self.path, WAV_PART)
-        self._remux_path = part_path(self.path, REMUX_PART)
+        run = new_run()
+        self.tmp_path = part_path(self.path, run, PART)
+        self._wav_path = part_path(self.path, run, WAV_PART)
+        self._remux_path = part_path(self.path, run, REMUX_PART)
         self._log = tempfile.TemporaryFile()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

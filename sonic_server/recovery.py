@@ -69,7 +69,7 @@ def recover(store, uploads, output_dir: Path) -> Recovered:
         if folder.name not in resumed:
             uploads.remove(folder.name)
             log.info("removed the upload folder %s left by an earlier process", folder.name)
-    for part in Path(output_dir).glob(".*.part"):
+    for part in Path(output_dir).glob(".*.part*"):  # (.part, .wav.part, .part.remux)
         part.unlink(missing_ok=True)
     return found
 

@@ -243,7 +243,7 @@ def test_cli_generates(tmp_path):
     (["--config", "/no/such/params.json"], "no such file"),
     (["--image", "/tmp"], "is a folder"),
     (["--out", "/proc/version/x.mp4"], "--out '/proc/version/x.mp4' lies under '/proc/version', a file"),
-    (["--out", "/tmp/" + "x" * 241 + ".mp4"], "the file name is too long: at most 243 bytes"),  # a traceback after the render
+    (["--out", "/tmp/" + "x" * 241 + ".mp4"], "the file name is too long: at most 231 bytes"),  # a traceback after the render
     (["--config", "[]"], "--config must be a JSON object"),  # was "no such file"
     (["--audio", "/dev/stdin"], "is not a regular file (a pipe or a device)"),  # was "no such file"
 ])
@@ -285,6 +285,26 @@ def test_writer_failure_leaves_no_file(tmp_path):
             w.write(np.zeros((5, 64, 64, 3), np.uint8))
             raise RuntimeError("stage failed mid-video")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_writes_of_one_output_each_leave_a_whole_video(tmp_path):
+    """Two CLIs given the same --out shared the writer's temporary names: each removed or cut the
+    other's file, and the one that finished reported a video with no streams. Each run now
+    writes its own files; the output is whichever finished last, whole."""
+    from sonic.sound import Sound
+    from sonic.writer import VideoWriter
+    out = tmp_path / "same.mp4"
+    sound = Sound.of_waveform(np.zeros(16000, np.float32))
+    with VideoWriter(out, 64, 64, 25, sound, 1.0) as first, VideoWriter(out, 64, 64, 25, sound, 1.0) as second:
+        for shade in range(5):
+            first.write(np.full((5, 64, 64, 3), 40 * shade, np.uint8))
+            second.write(np.full((5, 64, 64, 3), 200, np.uint8))
+        assert len(list(tmp_path.glob(".same.mp4.*.part"))) == 2
+    text, duration = probe(out)
+    assert duration == pytest.approx(1.0, abs=0.05) and "Video: h264" in text and "Audio: aac" in text, text
+    assert list(tmp_path.iterdir()) == [out]
+    frames = read_frames(out)  # the first's (it finished last: the second closed inside it)
+    assert frames[0].mean() < 10 and abs(frames[-1].mean() - 160) < 10
 
 
 def test_encoder_faults_are_clear_errors(pipeline, tmp_path, monkeypatch):
