@@ -563,4 +563,6 @@ def portrait_array(image: np.ndarray | Image.Image, limits: Limits) -> np.ndarra
             f"{limits.max_image_pixels} (limits.max_image_pixels)",
             field="image",
         )
-    return check_image_size(image)
+    # a view (a crop, a flip: strided) as its own pixels: MediaPipe refuses an array that is not
+    # contiguous, which read as "the face analysis failed" on a valid portrait
+    return check_image_size(np.ascontiguousarray(image))

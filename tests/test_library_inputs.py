@@ -37,6 +37,13 @@ def test_an_empty_or_tiny_image_is_refused_and_the_pipeline_still_renders(pipeli
     assert pipeline(rgb, wav, SHORT, out_path=tmp_path / "after.mp4").frames == 10
 
 
+def test_a_portrait_given_as_a_view_of_an_array_renders(pipeline, rgb, wav, tmp_path):
+    """A crop or a flip of an array (a view, not contiguous) is a valid portrait: MediaPipe
+    refused it, and the pipeline said "the face analysis failed"."""
+    for name, view in (("crop", rgb[:, 10:-10]), ("mirror", rgb[:, ::-1]), ("bgr", rgb[:, :, ::-1])):
+        assert pipeline(view, wav, SHORT, out_path=tmp_path / f"{name}.mp4").frames == 10, name
+
+
 def test_speech_arrays_that_are_not_audio_are_refused_by_name(pipeline, rgb, wav, tmp_path):
     cases = [
         (wav * 100, "speech samples must lie in -1..1; these reach"),  # 16-bit values as floats
