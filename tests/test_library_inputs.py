@@ -40,7 +40,8 @@ def test_an_empty_or_tiny_image_is_refused_and_the_pipeline_still_renders(pipeli
 def test_a_portrait_given_as_a_view_of_an_array_renders(pipeline, rgb, wav, tmp_path):
     """A crop or a flip of an array (a view, not contiguous) is a valid portrait: MediaPipe
     refused it, and the pipeline said "the face analysis failed"."""
-    for name, view in (("crop", rgb[:, 10:-10]), ("mirror", rgb[:, ::-1]), ("bgr", rgb[:, :, ::-1])):
+    pixels = np.asarray(Image.open(PORTRAIT).convert("RGB"))  # (read-only, as Pillow hands them over)
+    for name, view in (("crop", pixels[:, 10:-10]), ("mirror", pixels[:, ::-1]), ("bgr", pixels[:, :, ::-1])):
         assert pipeline(view, wav, SHORT, out_path=tmp_path / f"{name}.mp4").frames == 10, name
 
 
