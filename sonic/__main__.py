@@ -40,13 +40,20 @@ def _params(text: str | None) -> dict:
     if not text:
         return {}
     if _is_file(text):
-        text = Path(text).read_text(encoding="utf-8")
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidParameter(f"--config file is not UTF-8 text (byte {e.start})", field="config") from e
     elif not text.lstrip().startswith(("{", "[")):  # no JSON, and no such file
         raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
     try:
         params = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config") from e
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise InvalidParameter("--config nests arrays or objects too deep", field="config") from None
+    except ValueError:  # a whole number of more than Python's 4300 digits
+        raise InvalidParameter("--config holds a number too long to read (over 4300 digits)", field="config") from None
     if not isinstance(params, dict):
         raise InvalidParameter(
             f'--config must be a JSON object of parameters ({{"min_resolution": 512}}), got {type(params).__name__}',

@@ -362,6 +362,8 @@ def resolve_path(p: str | None, base: Path) -> str | None:
 def read_yaml(path: str | Path | None = None) -> dict:
     """The settings file's contents as a mapping (default: the shipped configs/default.yaml)."""
     p = Path(path) if path else DEFAULT_CONFIG
+    if p.exists() and not p.is_dir() and not p.is_file():  # a FIFO or a device: reading it waited forever
+        raise SettingsError(f"settings file {str(p)!r} is not a regular file")
     try:
         with open(p, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
@@ -369,8 +371,12 @@ def read_yaml(path: str | Path | None = None) -> dict:
         raise SettingsError(f"settings file {str(p)!r} not found") from e
     except OSError as e:  # a folder, no permission
         raise SettingsError(f"settings file {str(p)!r} cannot be read: {e.strerror or type(e).__name__}") from e
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"settings file {str(p)!r} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise SettingsError(f"settings file {str(p)!r} is not valid YAML: {e}") from e
+    except RecursionError:  # lists or mappings nested thousands deep
+        raise SettingsError(f"settings file {str(p)!r} nests lists or mappings too deep") from None
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):

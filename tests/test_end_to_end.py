@@ -258,6 +258,34 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_what_cannot_be_read_as_parameters_or_settings_is_one_error_not_a_traceback(tmp_path):
+    """The CLI's --config and --settings, read as the CLI reads them (its error line is the
+    SonicError's message, test_cli_errors_are_one_line): nesting thousands deep, a number of
+    4400 digits and bytes that are not UTF-8 were tracebacks, and a FIFO as --settings waited
+    forever."""
+    import os
+
+    from sonic.__main__ import _params
+    from sonic.settings import SettingsError, read_yaml
+    deep, not_utf8 = tmp_path / "deep.json", tmp_path / "latin.json"
+    deep.write_text("[" * 3000 + "]" * 3000)
+    not_utf8.write_bytes(b'{"seed": 7, "x": "\xff"}')
+    for text, needle in ((str(deep), "nests arrays or objects too deep"),
+                         ('{"seed": ' + "9" * 4400 + "}", "a number too long to read"),
+                         (str(not_utf8), "is not UTF-8 text")):
+        with pytest.raises(InvalidParameter, match=needle) as e:
+            _params(text)
+        assert e.value.field == "config"
+    fifo, deep_yaml, latin_yaml = tmp_path / "fifo", tmp_path / "deep.yaml", tmp_path / "latin.yaml"
+    os.mkfifo(fifo)
+    deep_yaml.write_text("a: " + "[" * 5000 + "]" * 5000)
+    latin_yaml.write_bytes(b"\xff\xfe\x00bad")
+    for path, needle in ((fifo, "is not a regular file"), (deep_yaml, "nests lists or mappings too deep"),
+                         (latin_yaml, "is not UTF-8 text")):
+        with pytest.raises(SettingsError, match=needle):
+            read_yaml(path)
+
+
 def test_default_output_location(pipeline, tmp_path):
     from sonic import load_pipeline
     from sonic.options import load_config
