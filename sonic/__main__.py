@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as ^C is: the render's partial files removed
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (under nohup it stays ignored)
+        signal.signal(signal.SIGHUP, _interrupt)  # its terminal closed, an ssh dropped: the same
     try:
         from .options import GenerateOptions
         from .settings import load_settings

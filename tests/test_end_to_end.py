@@ -513,9 +513,11 @@ def test_threads_sharing_one_pipeline_take_turns(pipeline, tmp_path):
     assert most[0] == 1 and len(set(sizes)) == 1 and len(sizes) == 3, (most, sizes)
 
 
-def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path, signal_name):
     """timeout(1), a batch scheduler: SIGTERM mid-render leaves no .part files (it left the
-    video's and its sound's), and exits 130 with "interrupted"."""
+    video's and its sound's), and exits 130 with "interrupted". So does SIGHUP (its terminal
+    closed), which left both files."""
     import signal
 
     out = tmp_path / "long.mp4"
@@ -525,7 +527,7 @@ def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path):
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".long.mp4*")) and time.monotonic() < deadline:  # rendering
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signal_name))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err[-500:]
     assert list(tmp_path.iterdir()) == []
