@@ -56,6 +56,9 @@ log = logging.getLogger("sonic.settings")
 DEVICES = ("auto", "cpu", "cuda")  # for a decoder that runs on torch; the warp decoder uses the CPU
 
 
+MAX_RENDER_PROCESSES = 64  # each helper holds a decoder (about 90 MB); past the cores they only wait
+
+
 class SettingsError(SetupError, ValueError):
     """A settings file, variable or flag that cannot be used; the message names it. A SonicError
     (setup_failed: the operator acts), so that a library caller catches one base class."""
@@ -118,6 +121,11 @@ class Settings:
         if self.device not in DEVICES:  # from the file, a variable or a flag
             raise SettingsError(f"setting device must be one of {', '.join(DEVICES)}, got {as_written(self.device)}")
         check_numbers(self, "", self.POSITIVE, self.AT_LEAST_ONE)
+        if self.render_processes > MAX_RENDER_PROCESSES:  # 200 started 200 helpers, 8.5 GB for a 3 s clip
+            raise SettingsError(
+                f"setting render_processes must be {MAX_RENDER_PROCESSES} or fewer (about one per core), "
+                f"got {self.render_processes}"
+            )
         _check_decoder(self.decoder)
         _check_defaults(self)
         return self

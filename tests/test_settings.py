@@ -45,6 +45,8 @@ def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     s = load_settings(f, env={"SONIC_PORT": "6001"}, flags={"server.port": 6002, "server.host": None})
     assert s.server.port == 6002 and s.server.host == "127.0.0.1"
     assert load_settings(f, env={}, flags={"render_processes": 0}).render_processes == 0
+    with pytest.raises(SettingsError, match="render_processes must be 64 or fewer"):  # 200 helpers: 8.5 GB
+        load_settings(f, env={"SONIC_RENDER_PROCESSES": "200"})
     with pytest.raises(SettingsError, match="device must be one of"):
         load_settings(f, env={}, flags={"device": "gpu"})
     with pytest.raises(SettingsError, match="unknown setting server.prot"):
