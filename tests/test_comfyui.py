@@ -2,6 +2,8 @@
 the inputs and their defaults, FUNCTION on an instance, ComfyUI's tensor layouts (IMAGE float32
 [B, H, W, C] in 0..1; AUDIO {"waveform": [B, C, T], "sample_rate"}), against app.py on a free port."""
 import importlib.util
+import io
+import json
 import sys
 import time
 
@@ -155,12 +157,12 @@ def test_a_lost_answer_is_retried_with_the_same_idempotency_key_and_makes_one_jo
     module = sys.modules[node.__module__]
     real, keys = module._call, []
 
-    def lossy(url, api_key, data=None, content_type=None, timeout=120.0, extra=None):
-        answer = real(url, api_key, data, content_type, timeout, extra)
+    def lossy(url, api_key, data=None, content_type=None, timeout=120.0, extra=None, sink=None):
+        answer = real(url, api_key, data, content_type, timeout, extra, sink)
         if url.endswith("/api/sonic/generate"):
             keys.append((extra or {}).get("Idempotency-Key"))
             if len(keys) == 1:
-                raise module.SonicServiceError("the connection was reset")
+                raise module.Unreachable("the connection was reset")
         return answer
 
     monkeypatch.setattr(module, "_call", lossy)
@@ -170,3 +172,119 @@ def test_a_lost_answer_is_retried_with_the_same_idempotency_key_and_makes_one_jo
                           seed=41)
     assert frames.shape[0] == 75 and len(keys) == 2 and keys[0] == keys[1] and keys[0].startswith("comfyui-")
     assert len(requests.get(f"{server}/api/sonic/jobs?limit=100", timeout=5).json()["jobs"]) == before + 1
+
+
+class Misbehaving:
+    """A server on a free loopback port that answers every request with `answer(path)`: (status,
+    content type, body, seconds between chunks). Not a sonic service: a proxy's page, garbage."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.do_GET()
+
+            def do_GET(self):
+                status, ctype, body, drip_s = outer.answer(self.path)
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.end_headers()
+                try:
+                    for chunk in body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        time.sleep(drip_s)
+                except OSError:  # the node hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.answer = answer
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+JOB = "0123456789abcdef0123456789abcdef"
+
+
+def endless():
+    while True:
+        yield b"\0" * (1 << 16)
+
+
+@pytest.mark.parametrize("case", ["not-json", "no-job-id", "no-video-url", "bad-duration", "error-text",
+                                  "drip", "endless-video", "file-url"])
+def test_a_server_that_answers_garbage_is_a_node_error_not_a_crash_or_a_hang(node, case, monkeypatch, tmp_path):
+    """Answers no sonic service sends were bare JSONDecodeError, KeyError, AttributeError or
+    MemoryError (a duration of 1e9 s), a dripped answer outlived timeout_s, an endless video grew
+    the process by a GB a second, and a file:// video_url was opened."""
+    module = sys.modules[node.__module__]
+    monkeypatch.setattr(module, "MAX_VIDEO_BYTES", 1 << 20)
+    monkeypatch.setattr(module, "_output_dir", lambda: str(tmp_path))
+    done = {"job_id": JOB, "status": "succeeded", "success": True, "duration": 1.0, "video_url": None}
+
+    def answer(path):
+        json_type = "application/json"
+        if case == "not-json":
+            return 200, json_type, [b"<html>a proxy's page</html>"], 0
+        if case == "drip":
+            return 200, json_type, [b"{"] + [b" "] * 100, 0.2
+        if path.startswith("/output/"):
+            return 200, "video/mp4", endless(), 0
+        if case == "no-job-id":
+            return 202, json_type, [b'{"status": "queued"}'], 0
+        if case == "error-text":
+            return 400, json_type, [b'{"success": false, "error": "no"}'], 0
+        body = dict(done, video_url=f"{server.base}/output/{JOB}.mp4")
+        if case == "no-video-url":
+            body.pop("video_url")
+        if case == "bad-duration":
+            body["duration"] = 1e9
+        if case == "file-url":
+            body["video_url"] = "file:///etc/passwd"
+        return 200, json_type, [json.dumps(body).encode()], 0
+
+    server = Misbehaving(answer)
+    started = time.monotonic()
+    try:
+        with pytest.raises(module.SonicServiceError) as e:
+            run(node, image=comfy_image(), audio=comfy_audio(), server_url=server.base, timeout_s=2,
+                min_resolution=256)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 8, case
+    assert str(e.value).startswith("sonic service:") and len(str(e.value)) < 400, str(e.value)
+    assert not list(tmp_path.iterdir()), case  # nothing half-downloaded left
+
+
+def test_inputs_comfyui_could_hand_over_are_checked_by_the_node(node):
+    """An empty batch, a sample rate that is no rate and a URL that is no http URL were
+    IndexError, wave.Error and ValueError."""
+    module = sys.modules[node.__module__]
+    audio, image = comfy_audio(), comfy_image()
+    for given, needle in ((dict(image=image[:0]), "image: expected an IMAGE tensor"),
+                          (dict(audio={**audio, "waveform": audio["waveform"][:0]}), "audio: expected a waveform"),
+                          (dict(audio={**audio, "sample_rate": 0}), "sample_rate"),
+                          (dict(audio={**audio, "sample_rate": "abc"}), "sample_rate"),
+                          (dict(server_url="ftp://127.0.0.1/"), "server_url"),
+                          (dict(server_url=""), "server_url")):
+        with pytest.raises(module.SonicServiceError, match=needle):
+            run(node, **{"image": image, "audio": audio, "server_url": "http://127.0.0.1:9", **given})
+    # PCM samples are read at their full scale, and opposite phases are not mixed into silence
+    pcm = (audio["waveform"] * 32767).to(torch.int16)
+    wav, rate, channels = module._audio_wav({"waveform": torch.cat([pcm, -pcm], dim=1), "sample_rate": 16000})
+    assert channels.shape[0] == 2 and abs(float(channels[0].max()) - float(audio["waveform"].max())) < 1e-3
+    samples, _ = soundfile.read(io.BytesIO(wav), dtype="int16", always_2d=True)
+    assert samples.shape[1] == 2 and np.abs(samples).max() > 1000
