@@ -10,6 +10,7 @@ check_waveform -> load_audio's checks, for a waveform decoded elsewhere (already
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -103,7 +104,7 @@ def load_image(
     is decoded reduced: JPEGs in the DCT, the others right after decoding); any other format is
     refused with its name. A PNG or WebP may have `max_pixels`, a JPEG `JPEG_PIXELS_FACTOR` times
     as many. `budget` bounds the memory of this process's decodes at once."""
-    data = source.read() if hasattr(source, "read") else Path(source).read_bytes()
+    data = _image_bytes(source)
     try:
         with warnings.catch_warnings():
             # the size is checked below, before decoding; Pillow's own error (past 179 MP) stays
@@ -155,6 +156,24 @@ def check_image_size(rgb: np.ndarray) -> np.ndarray:
 def _grey16_to_8(grey: np.ndarray) -> np.ndarray:
     """A 16-bit greyscale image (Pillow's "I;16" or "I": 0..65535) as 8-bit (0..255)."""
     return np.clip((grey.astype(np.float64) + 128) / 257, 0, 255).astype(np.uint8)
+
+
+IMAGE_HEAD_BYTES = 4096  # enough for Pillow to name another format from its header
+
+
+def _image_bytes(source: str | Path | BinaryIO) -> bytes:
+    """The file's bytes, read whole only when its first bytes are a PNG's, a JPEG's or a WebP's:
+    a 2 GB file of anything else was read into memory before it was refused."""
+    with contextlib.ExitStack() as stack:
+        f = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
+        head = f.read(IMAGE_HEAD_BYTES)
+        if not _allowed_image_head(head):
+            raise UnsupportedMedia(_unsupported_image(head), field="image")
+        return head + f.read()
+
+
+def _allowed_image_head(head: bytes) -> bool:
+    return head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _unsupported_image(data: bytes) -> str:

@@ -23,6 +23,26 @@ def test_not_an_image(tmp_path):
     assert e.value.field == "image" and e.value.code == "unsupported_media"
 
 
+def test_a_large_file_that_is_no_image_is_refused_from_its_first_bytes():
+    """A 2 GB file of anything else was read whole into memory before it was refused: only its
+    head is read now, and a GIF is still named as one."""
+    class Endless(io.RawIOBase):
+        asked = 0
+
+        def read(self, n=-1):
+            self.asked += n if n >= 0 else 1 << 40
+            return b"\x00" * (n if 0 <= n <= 1 << 20 else 1 << 20)
+
+    endless = Endless()
+    with pytest.raises(UnsupportedMedia, match="not a PNG, JPEG or WebP"):
+        load_image(endless, 10**7)
+    assert endless.asked <= 4096
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    with pytest.raises(UnsupportedMedia, match="image format GIF is not supported"):
+        load_image(io.BytesIO(gif.getvalue()), 10**7)
+
+
 def test_truncated_image(tmp_path):
     p = tmp_path / "t.jpg"
     p.write_bytes(PORTRAIT.read_bytes()[:3000])
