@@ -140,7 +140,7 @@ class RenderPool:
         self.processes = max(1, int(processes))
         self._busy = threading.Lock()  # one request at a time uses the helpers
         self._helpers: list[HelperProcess] = []
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     def start(self) -> None:
         """Start the helpers (they import in the background, ~1 s, while the caller goes on)."""
@@ -265,6 +265,18 @@ class RenderPool:
         finally:
             if free:
                 self._busy.release()
+
+    def _close_at_exit(self) -> None:
+        """`close` at the interpreter's exit. A second ^C or SIGTERM while it waits (the CLI's
+        SIGTERM is a KeyboardInterrupt) printed a traceback and left helpers running: they are
+        killed at once instead."""
+        helpers = list(self._helpers)
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            for h in helpers:
+                with contextlib.suppress(OSError):
+                    h.proc.kill()
 
 
 class HelperLine:
