@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import threading
 import time
@@ -532,6 +533,8 @@ def _file_of(source: Any, field: str) -> Any:
     """An open binary file, taken as it is, or a path that names a file (`checks.existing_file`);
     InvalidParameter naming `field` for an object of another kind."""
     if hasattr(source, "read"):
+        if isinstance(source, io.TextIOBase):  # open(path) without "rb": its reads failed as UnicodeDecodeError
+            raise InvalidParameter(f"{field}: open the file in binary mode (open(path, 'rb'))", field=field)
         return source
     if not isinstance(source, (str, Path)):
         kinds = "a path, a PIL image or an RGB uint8 array" if field == "image" else "a path or a mono array"

@@ -45,6 +45,13 @@ def test_a_portrait_given_as_a_view_of_an_array_renders(pipeline, rgb, wav, tmp_
         assert pipeline(view, wav, SHORT, out_path=tmp_path / f"{name}.mp4").frames == 10, name
 
 
+def test_a_portrait_opened_as_text_is_told_to_be_opened_as_bytes(pipeline, wav, tmp_path):
+    """open(path) without "rb": its reads failed deep inside as UnicodeDecodeError."""
+    with open(PORTRAIT) as text, pytest.raises(InvalidParameter, match="open the file in binary mode") as e:
+        pipeline(text, wav, SHORT, out_path=tmp_path / "x.mp4")
+    assert e.value.field == "image"
+
+
 def test_speech_arrays_that_are_not_audio_are_refused_by_name(pipeline, rgb, wav, tmp_path):
     cases = [
         (wav * 100, "speech samples must lie in -1..1; these reach"),  # 16-bit values as floats
