@@ -261,6 +261,14 @@ class SonicPipeline:
             )
         if out_path is not None:
             out_path = writable_video_path(out_path, (image, audio, sound_file))
+        if progress is not None and not callable(progress):
+            raise InvalidParameter(
+                f"progress must be a function (stage, fraction), got {type(progress).__name__}", field="progress"
+            )
+        # (a missing sound_file is allowed: a job's upload may have moved to a bucket, and the
+        # waveform is the sound then; a folder was IsADirectoryError from deep inside)
+        if sound_file is not None and Path(sound_file).is_dir():
+            raise InvalidParameter(f"sound_file {str(sound_file)[:200]!r} is a folder", field="sound_file")
         self._in_its_own_process()
         with self._one_at_a_time:
             return self._generate(image, audio, options, out_path, progress, sound_file, rate)

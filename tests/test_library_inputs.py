@@ -52,6 +52,19 @@ def test_a_portrait_opened_as_text_is_told_to_be_opened_as_bytes(pipeline, wav, 
     assert e.value.field == "image"
 
 
+def test_a_progress_that_is_no_function_a_folder_as_sound_and_no_pipeline_are_refused_by_name(pipeline, rgb, wav,
+                                                                                                tmp_path):
+    """They were TypeError, IsADirectoryError and AttributeError from inside."""
+    from sonic.live import open_session
+    for kwargs, field in ((dict(progress=5), "progress"), (dict(sound_file=tmp_path), "sound_file")):
+        with pytest.raises(InvalidParameter) as e:
+            pipeline(rgb, wav, SHORT, out_path=tmp_path / "x.mp4", **kwargs)
+        assert e.value.field == field
+    with pytest.raises(InvalidParameter, match="pipeline must be a SonicPipeline"):
+        open_session(None, rgb)
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_speech_arrays_that_are_not_audio_are_refused_by_name(pipeline, rgb, wav, tmp_path):
     cases = [
         (wav * 100, "speech samples must lie in -1..1; these reach"),  # 16-bit values as floats

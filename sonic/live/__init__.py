@@ -63,7 +63,14 @@ def open_session(
     """A live session of the portrait, with the generate parameters that apply (min_resolution,
     expand_ratio, crop_to_face, dynamic_scale, motion_scale, smooth_motion, fps, seed, gaze, expression,
     expression_scale)."""
+    from ..errors import InvalidParameter
     from ..options import GenerateOptions
+    from ..pipeline import SonicPipeline
 
+    if not isinstance(pipeline, SonicPipeline):  # (None was an AttributeError from inside)
+        raise InvalidParameter(
+            f"pipeline must be a SonicPipeline (sonic.load_pipeline()), got {type(pipeline).__name__}",
+            field="pipeline",
+        )
     options = params if isinstance(params, GenerateOptions) else pipeline.options(dict(params or {}))
     return LiveSession(prepare_live_face(pipeline, image, options), options)
