@@ -16,17 +16,27 @@ from typing import Callable
 from .errors import InvalidParameter, SonicError
 
 
-def _progress_bar():
-    width = 30
+class ProgressBar:
+    """The progress line on stderr; `mid_line` while it is drawn and not ended, so that a
+    message after it starts on a line of its own (and none is left blank without a bar)."""
 
-    def show(stage: str, frac: float) -> None:
-        filled = int(round(frac * width))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% {stage:<8}")
-        if frac >= 1.0:
+    WIDTH = 30
+
+    def __init__(self) -> None:
+        self.mid_line = False
+
+    def __call__(self, stage: str, frac: float) -> None:
+        filled = int(round(frac * self.WIDTH))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac * 100:5.1f}% {stage:<8}")
+        self.mid_line = frac < 1.0
+        if not self.mid_line:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
-    return show
+    def line(self, text: str) -> None:
+        """A message of its own: on a new line after a bar cut short."""
+        sys.stderr.write(("\n" if self.mid_line else "") + text + "\n")
+        self.mid_line = False
 
 
 def _is_file(text: str) -> bool:
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    bar = ProgressBar()
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as ^C is: the render's partial files removed
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (under nohup it stays ignored)
         signal.signal(signal.SIGHUP, _interrupt)  # its terminal closed, an ssh dropped: the same
@@ -150,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             inputs.wav,
             opts,
             out_path=args.out,
-            progress=None if args.quiet else _progress_bar(),
+            progress=None if args.quiet else bar,
             sound_file=args.audio,
         )
     except SonicError as e:  # (a SettingsError too)
-        sys.stderr.write(f"\nerror: {e.message}\n")
+        bar.line(f"error: {e.message}")
         return 2
     except KeyboardInterrupt:  # ^C, or SIGTERM (timeout, a batch scheduler): the render's files are removed
-        sys.stderr.write("\ninterrupted\n")
+        bar.line("interrupted")
         return 130
     out = result.to_dict()
     inputs.count_decode_in(out["timings"])  # decoded before the models loaded: it counts

@@ -255,6 +255,7 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     assert p.returncode == 2
     last = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(last) == 1 and needle in last[0] and "Traceback" not in p.stderr
+    assert not p.stderr.startswith("\n")  # no blank line where no progress bar was drawn
     assert not (tmp_path / "x.mp4").exists()
 
 
