@@ -46,6 +46,25 @@ def _is_file(text: str) -> bool:
         return False
 
 
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {int: "a number", float: "a number", str: "a string", list: "an array"}.get(type(value), "another value")
+
+
+def _json_value(text: str) -> bool:
+    """Whether `text` is a JSON value other than an object or array (null, 1, "x"): JSON given,
+    of the wrong kind, which the check below names as such."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _params(text: str | None) -> dict:
     if not text:
         return {}
@@ -54,7 +73,7 @@ def _params(text: str | None) -> dict:
             text = Path(text).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise InvalidParameter(f"--config file is not UTF-8 text (byte {e.start})", field="config") from e
-    elif not text.lstrip().startswith(("{", "[")):  # no JSON, and no such file
+    elif not text.lstrip().startswith(("{", "[")) and not _json_value(text):  # no JSON, and no such file
         raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
     try:
         params = json.loads(text)
@@ -66,7 +85,7 @@ def _params(text: str | None) -> dict:
         raise InvalidParameter("--config holds a number too long to read (over 4300 digits)", field="config") from None
     if not isinstance(params, dict):
         raise InvalidParameter(
-            f'--config must be a JSON object of parameters ({{"min_resolution": 512}}), got {type(params).__name__}',
+            f'--config must be a JSON object of parameters ({{"min_resolution": 512}}), got {_json_kind(params)}',
             field="config",
         )
     return params

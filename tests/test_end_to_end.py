@@ -273,7 +273,9 @@ def test_what_cannot_be_read_as_parameters_or_settings_is_one_error_not_a_traceb
     not_utf8.write_bytes(b'{"seed": 7, "x": "\xff"}')
     for text, needle in ((str(deep), "nests arrays or objects too deep"),
                          ('{"seed": ' + "9" * 4400 + "}", "a number too long to read"),
-                         (str(not_utf8), "is not UTF-8 text")):
+                         (str(not_utf8), "is not UTF-8 text"),
+                         ("null", "must be a JSON object .*, got null"),  # was "no such file"
+                         ("7", "must be a JSON object .*, got a number")):
         with pytest.raises(InvalidParameter, match=needle) as e:
             _params(text)
         assert e.value.field == "config"
