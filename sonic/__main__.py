@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in ("image", "audio"):
             existing_file(getattr(args, name), name, shown=f"--{name}")
+        if args.out == "-":  # a file named "-" was written in the current folder
+            raise InvalidParameter(
+                "--out -: the video cannot go to stdout (an MP4 is finished in place); name a file", field="out_path"
+            )
         writable_video_path(args.out, (args.image, args.audio), shown="--out")
 
         inputs = check_inputs(args.image, args.audio, opts, settings.limits)
