@@ -245,6 +245,7 @@ def test_cli_generates(tmp_path):
     (["--out", "/proc/version/x.mp4"], "--out '/proc/version/x.mp4' lies under '/proc/version', a file"),
     (["--out", "/tmp/" + "x" * 241 + ".mp4"], "the file name is too long: at most 231 bytes"),  # a traceback after the render
     (["--config", "[]"], "--config must be a JSON object"),  # was "no such file"
+    (["--out", "-"], "the video cannot go to stdout"),  # a file named "-" was written
     (["--audio", "/dev/stdin"], "is not a regular file (a pipe or a device)"),  # was "no such file"
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
