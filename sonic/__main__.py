@@ -55,40 +55,39 @@ def _json_kind(value: object) -> str:
     return {int: "a number", float: "a number", str: "a string", list: "an array"}.get(type(value), "another value")
 
 
-def _json_value(text: str) -> bool:
-    """Whether `text` is a JSON value other than an object or array (null, 1, "x"): JSON given,
-    of the wrong kind, which the check below names as such."""
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
 def _params(text: str | None) -> dict:
     if not text:
         return {}
-    if _is_file(text):
+    named_file = _is_file(text)
+    if named_file:
         try:
             text = Path(text).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise InvalidParameter(f"--config file is not UTF-8 text (byte {e.start})", field="config") from e
-    elif not text.lstrip().startswith(("{", "[")) and not _json_value(text):  # no JSON, and no such file
-        raise InvalidParameter(f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config")
     try:
         params = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config") from e
-    except RecursionError:  # arrays or objects nested thousands deep
-        raise InvalidParameter("--config nests arrays or objects too deep", field="config") from None
-    except ValueError:  # a whole number of more than Python's 4300 digits
-        raise InvalidParameter("--config holds a number too long to read (over 4300 digits)", field="config") from None
+    except (ValueError, RecursionError) as e:
+        if not named_file and not text.lstrip().startswith(("{", "[")):  # no JSON, and no such file
+            raise InvalidParameter(
+                f"--config {text[:200]!r}: no such file (or give the JSON itself)", field="config"
+            ) from None
+        raise _unreadable_json(e) from None
     if not isinstance(params, dict):
         raise InvalidParameter(
             f'--config must be a JSON object of parameters ({{"min_resolution": 512}}), got {_json_kind(params)}',
             field="config",
         )
     return params
+
+
+def _unreadable_json(e: ValueError | RecursionError) -> InvalidParameter:
+    """Why --config's JSON could not be read, in one line."""
+    if isinstance(e, json.JSONDecodeError):
+        return InvalidParameter(f"--config is not valid JSON: {e.msg} at position {e.pos}", field="config")
+    if isinstance(e, RecursionError):  # arrays or objects nested thousands deep
+        return InvalidParameter("--config nests arrays or objects too deep", field="config")
+    # a whole number of more than Python's 4300 digits
+    return InvalidParameter("--config holds a number too long to read (over 4300 digits)", field="config")
 
 
 # The server package's commands: found when it is installed (pip install "sonic-talking-head[server]"),

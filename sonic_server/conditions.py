@@ -66,12 +66,16 @@ def range_applies(headers: Headers | Mapping[str, str], video: Validators) -> bo
     return seconds is not None and seconds == video.modified
 
 
-def _seconds(value: str | None) -> int | None:
-    """An HTTP date as seconds since the epoch; None for no date or one that cannot be read
-    (ignored, as RFC 9110 has a server ignore an invalid date). A list of dates (more than the
-    one comma after the weekday; two headers arrive joined by one) is none: werkzeug read its
-    first."""
+def one_date(value: str | None) -> datetime | None:
+    """An HTTP date; None for no date or one that cannot be read (ignored, as RFC 9110 has a
+    server ignore an invalid date). A list of dates (more than the one comma after the weekday;
+    two headers arrive joined by one) is none: werkzeug read its first."""
     if not value or value.count(",") > 1:
         return None
-    date: datetime | None = parse_date(value)
+    return parse_date(value)
+
+
+def _seconds(value: str | None) -> int | None:
+    """`one_date` as seconds since the epoch."""
+    date = one_date(value)
     return int(date.timestamp()) if date is not None else None

@@ -26,12 +26,11 @@ from typing import Literal
 
 from flask import Response, request, send_from_directory
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
-from werkzeug.http import parse_date
 
 from sonic import SonicError
 from sonic.errors import SetupError
 
-from .conditions import CONDITIONS, Validators, range_applies, verdict
+from .conditions import CONDITIONS, Validators, one_date, range_applies, verdict
 from .errors import error_response
 from .uploads import Uploads
 
@@ -131,8 +130,7 @@ def drop_conditions() -> None:
     """The request is answered as if it had no conditions (they were decided already)."""
     for name in CONDITIONS:
         request.environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
-    for cached in ("if_match", "if_none_match", "if_modified_since", "if_unmodified_since", "if_range"):
-        request.__dict__.pop(cached, None)
+        request.__dict__.pop(name.lower().replace("-", "_"), None)  # werkzeug's parsed copy (request.if_match)
 
 
 def ignore_range() -> None:
@@ -456,13 +454,14 @@ class S3Outputs:
 
 def bucket_conditions(headers) -> dict:
     """A request's conditions as get_object's arguments: the bucket decides them, in RFC 9110's
-    order, before the range (a date that cannot be read is ignored, as it is for a file)."""
+    order, before the range (a date that cannot be read, or a list of them, is ignored, as it is
+    for a file)."""
     kw: dict = {}
     for header, arg in (("If-Match", "IfMatch"), ("If-None-Match", "IfNoneMatch")):
         if headers.get(header) is not None:
             kw[arg] = headers[header]
     for header, arg in (("If-Modified-Since", "IfModifiedSince"), ("If-Unmodified-Since", "IfUnmodifiedSince")):
-        date = parse_date(headers.get(header))
+        date = one_date(headers.get(header))
         if date is not None:
             kw[arg] = date
     return kw

@@ -116,11 +116,9 @@ def _call(url: str, api_key: str, data: bytes | None = None, content_type: str |
             status, ctype = resp.code, resp.headers.get("Content-Type", "")
             limit = MAX_VIDEO_BYTES if sink is not None and status == 200 else MAX_ANSWER_BYTES
             body = _read_within(resp, limit, deadline, url, sink if status == 200 else None)
-    except SonicServiceError:
-        raise
     except (urllib.error.URLError, OSError, ValueError) as e:   # (ValueError: a URL urllib cannot use)
         raise Unreachable(f"the sonic service at {url.split('/api/')[0][:100]} cannot be reached: "
-                                f"{getattr(e, 'reason', e)}") from e
+                          f"{getattr(e, 'reason', e)}") from e
     if "json" in ctype and body:
         try:
             return status, json.loads(body)
