@@ -25,7 +25,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import requests
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
@@ -120,7 +127,7 @@ class LiveClient:
         write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each.
         `before_answer(body)` runs once the session exists, before the connection is made (a
         greeting can be queued there: it waits for the connection)."""
-        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = self.pc = RTCPeerConnection(await self.rtc_configuration())
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(microphone or Microphone())
 
@@ -146,6 +153,23 @@ class LiveClient:
             await before_answer(body)
         await pc.setRemoteDescription(RTCSessionDescription(**body["answer"]))
         return body
+
+    async def rtc_configuration(self) -> RTCConfiguration:
+        """The server's STUN and TURN servers, credentials included (GET
+        /api/sonic/live/rtc-configuration): a client behind a NAT or a firewall reaches the server
+        only through a TURN server it uses itself. (aiortc uses the first STUN and TURN URL.)"""
+        r = await asyncio.to_thread(
+            requests.get, f"{self.server}/api/sonic/live/rtc-configuration", headers=self.headers, timeout=10
+        )
+        if r.status_code != 200:
+            raise SessionRefused(r)
+        config = r.json()["rtc_configuration"]
+        servers = [
+            RTCIceServer(s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in config["iceServers"]
+        ]
+        policy = RTCIceTransportPolicy(config["iceTransportPolicy"])
+        return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
     async def _read_video(
         self, track: MediaStreamTrack, keep: bool, on_frame: Callable[[np.ndarray, float], None] | None

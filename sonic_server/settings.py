@@ -21,6 +21,7 @@ from sonic.settings import ENV_PREFIX, Settings, SettingsError, as_written, reso
 from sonic.settings import load_settings as _load_settings
 from sonic.settings import settings_from as _settings_from
 
+from .live.ice import TURN_SCHEMES, needs_secret
 from .logs import LOG_FORMATS
 
 
@@ -110,6 +111,9 @@ class CreditsSettings:
     ledger_page: int = 50  # rows per page of /api/credits and /api/admin/audit
 
 
+ICE_TRANSPORT_POLICIES = ("all", "relay")
+
+
 @dataclass(frozen=True)
 class LiveSettings:
     """Live sessions over WebRTC (docs/live.md). Variables: SONIC_LIVE_<NAME>."""
@@ -123,7 +127,12 @@ class LiveSettings:
     max_session_s: float = 3600.0  # a session ends after this (0: no limit)
     idle_timeout_s: float = 20.0  # the client silent this long (no media, no reports), speech queued or not: ended
     max_speak_s: float = 600.0  # seconds of speech a session may hold queued
-    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the answer's candidates (none by default)
+    # STUN/TURN URLs, for the server's candidates and its clients' (GET /api/sonic/live/rtc-configuration)
+    ice_servers: tuple[str, ...] = ()
+    # shared with the TURN server (coturn's static-auth-secret): each client gets credentials of its own
+    # that expire, for the turn: URLs above written without them (sonic_server/live/ice.py)
+    turn_secret: str = ""
+    ice_transport_policy: str = "all"  # what clients are told: "relay" sends all media through TURN
     host_addresses: tuple[str, ...] = ()  # gather host candidates on these only (empty: every interface)
     public_host: str = ""  # behind a 1:1 NAT: the address clients reach this machine at, put in the answer
     # private networks whose addresses a client's ICE candidates may name (besides the client's
@@ -391,6 +400,7 @@ def _check_live(live: LiveSettings) -> None:
     for url in live.ice_servers:
         if not url.startswith(("stun:", "turn:", "turns:")):
             raise SettingsError(f"setting live.ice_servers: {as_written(url)} is not a stun:, turn: or turns: URL")
+    _check_turn(live)
     for network in live.peer_networks:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -406,3 +416,21 @@ def _check_live(live: LiveSettings) -> None:
                 "setting live.public_host must be an IP address (what clients connect to), "
                 f"got {as_written(live.public_host)}"
             ) from None
+
+
+def _check_turn(live: LiveSettings) -> None:
+    """A TURN secret needs a TURN URL to make credentials for; relay only needs a TURN server."""
+    if live.ice_transport_policy not in ICE_TRANSPORT_POLICIES:
+        raise SettingsError(
+            f"setting live.ice_transport_policy must be one of {', '.join(ICE_TRANSPORT_POLICIES)}, "
+            f"got {as_written(live.ice_transport_policy)}"
+        )
+    if live.turn_secret and not any(needs_secret(url) for url in live.ice_servers):
+        raise SettingsError(
+            "setting live.turn_secret is set, but live.ice_servers names no turn: URL without credentials "
+            "for it to make them for (e.g. turn:turn.example.org:3478)"
+        )
+    if live.ice_transport_policy == "relay" and not any(url.startswith(TURN_SCHEMES) for url in live.ice_servers):
+        raise SettingsError(
+            "setting live.ice_transport_policy is relay, but live.ice_servers names no turn: URL to relay through"
+        )

@@ -90,6 +90,12 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({}, {"SONIC_DEVICE": "gpu"}, "device must be one of auto, cpu, cuda"),
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
     ({}, {"SONIC_WEBHOOK_SECRET": "whsec_not*base64"}, "must be base64"),
+    # a TURN secret with no TURN URL to make credentials for; relay with nothing to relay through
+    ({}, {"SONIC_LIVE_TURN_SECRET": "s"}, "live.turn_secret is set, but live.ice_servers names no turn: URL without"),
+    ({"live": {"turn_secret": "s", "ice_servers": ["turn:u:p@10.0.0.1:3478"]}}, {}, "names no turn: URL without"),
+    ({"live": {"ice_transport_policy": "relay", "ice_servers": ["stun:10.0.0.1:3478"]}}, {},
+     "live.ice_transport_policy is relay, but live.ice_servers names no turn: URL"),
+    ({}, {"SONIC_LIVE_ICE_TRANSPORT_POLICY": "Relay"}, 'ice_transport_policy must be one of all, relay, got "Relay"'),
     # a number out of range would refuse, fail or lose every request while the service says ready
     ({"server": {"queue_size": -3}}, {}, "server.queue_size must be a number more than 0, got -3"),
     ({"server": {"queue_size": 0}}, {}, "server.queue_size must be a number more than 0, got 0"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from ..json_input import (
 )
 from ..openapi import component, content, describe, error, path_parameter
 from ..service import Service, service, upload_check_refused
+from . import ice
 from .peers import Client, PeerPolicy, Screened, screen_offer
 from .remote import RemoteSession, RemoteSessions, forwarded_portrait
 from .sessions import (
@@ -54,6 +56,7 @@ OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
 PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
 PCM_TYPE = "audio/l16"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
+CLIENT_TURN_USER = "sonic-client"  # who the TURN credentials handed to clients name (ice.py)
 
 
 @bp.after_request
@@ -169,6 +172,62 @@ SPEAK = {
     },
 }
 path_parameter("session_id", SESSION_ID, "the id POST /api/sonic/live returned")
+RTC_CONFIGURATION = component(
+    "LiveRtcConfiguration",
+    {
+        "type": "object",
+        "properties": {
+            "rtc_configuration": {
+                "type": "object",
+                "description": "an RTCConfiguration dictionary, as the browser names its fields: give it to "
+                "new RTCPeerConnection() before making the offer",
+                "properties": {
+                    "iceServers": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "urls": {"type": "array", "items": {"type": "string"}},
+                                "username": {"type": "string"},
+                                "credential": {"type": "string"},
+                            },
+                        },
+                    },
+                    "iceTransportPolicy": {"type": "string", "enum": ["all", "relay"]},
+                },
+            },
+            "expires_at": {
+                "type": "integer",
+                "description": "with live.turn_secret: when the TURN credentials made for this answer stop "
+                "working (Unix seconds); ask again for a session opened later",
+            },
+        },
+    },
+)
+
+
+@bp.get("/api/sonic/live/rtc-configuration")
+@describe(
+    "The ICE servers (STUN, TURN) a client's peer connection uses, asked for before the offer",
+    responses={
+        200: ("the configuration (no servers: host candidates only)", content("application/json", RTC_CONFIGURATION)),
+        503: error("live sessions are turned off (live.enabled)"),
+    },
+)
+def client_rtc_configuration():
+    settings = service().settings.live
+    if not settings.enabled:
+        raise LiveUnavailable("live sessions are turned off on this server (live.enabled)")
+    servers, expires_at = ice.configured(settings, CLIENT_TURN_USER, time.time())
+    body: dict = {
+        "rtc_configuration": {
+            "iceServers": [server.as_browser_dict() for server in servers],
+            "iceTransportPolicy": settings.ice_transport_policy,
+        }
+    }
+    if settings.turn_secret:
+        body["expires_at"] = expires_at
+    return jsonify(body)
 
 
 def registry() -> LiveSessions | RemoteSessions:

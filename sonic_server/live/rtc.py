@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:  # sessions.py imports this module
+    from .ice import IceServer
     from .sessions import Sections
 
 log = logging.getLogger("sonic.live")
@@ -94,21 +95,14 @@ def announce_host(sdp: str, public_host: str) -> str:
     return "\r\n".join(lines)
 
 
-def rtc_configuration(ice_servers: Sequence[str]) -> Any:
-    """aiortc's configuration: the listed STUN/TURN URLs ("turn:user:password@host:port" for
-    TURN with credentials), none by default."""
+def rtc_configuration(servers: Sequence[IceServer]) -> Any:
+    """aiortc's configuration: the ICE servers ice.py lists, with their credentials (none by
+    default)."""
     from aiortc import RTCConfiguration, RTCIceServer
 
-    servers = []
-    for url in ice_servers:
-        if url.startswith(("turn:", "turns:")) and "@" in url:
-            scheme, rest = url.split(":", 1)
-            creds, host = rest.rsplit("@", 1)
-            user, _, password = creds.partition(":")
-            servers.append(RTCIceServer(f"{scheme}:{host}", username=user, credential=password))
-        else:
-            servers.append(RTCIceServer(url))
-    return RTCConfiguration(iceServers=servers)
+    return RTCConfiguration(
+        iceServers=[RTCIceServer(s.url, username=s.username, credential=s.credential) for s in servers]
+    )
 
 
 def _track_classes() -> tuple[type, type]:

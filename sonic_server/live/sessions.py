@@ -32,7 +32,7 @@ from sonic.options import GenerateOptions
 
 from .. import metrics
 from ..settings import LiveSettings
-from . import EndReason
+from . import EndReason, ice
 from .rtc import (
     RtcLoop,
     announce_host,
@@ -43,6 +43,7 @@ from .rtc import (
     set_directions,
 )
 
+SERVER_TURN_USER = "sonic-server"  # who the server's own TURN credentials name (ice.py)
 CLOSE_TIMEOUT_S = 3.0  # a connection's close; one that hangs has its transports stopped directly
 TRANSPORT_STOP_S = 1.0
 log = logging.getLogger("sonic.live")
@@ -704,7 +705,8 @@ class LiveSessions:
     async def _negotiate(self, session: ServedSession, offer: dict) -> dict:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
-        pc = session.pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
+        servers, _ = ice.configured(self.settings, SERVER_TURN_USER, time.time())
+        pc = session.pc = RTCPeerConnection(rtc_configuration(servers))
         session.video, session.audio = face_tracks(self.rtc.loop, session.engine.fps)
 
         def heard() -> None:

@@ -43,6 +43,16 @@ async function gathered(pc) {
   });
 }
 
+async function rtcConfiguration() {
+  // the server's STUN and TURN servers, credentials included: behind a NAT or a firewall the page
+  // reaches the server only through a TURN server it knows itself
+  const resp = await fetch("/api/sonic/live/rtc-configuration", { headers: authHeaders() });
+  if (!resp.ok) throw new Error((await errorOf(resp)).message);
+  const body = await jsonOf(resp);
+  if (!body || typeof body.rtc_configuration !== "object") throw new Error("the server's RTC configuration was not JSON");
+  return body.rtc_configuration;
+}
+
 async function startLive() {
   if (performance.now() - live.stoppedAt < AFTER_STOP_MS) return;
   clearErrors();
@@ -53,13 +63,14 @@ async function startLive() {
   $("live-start").textContent = "Starting…";  // the photo's upload and the face's preparation take seconds
   $("live-announce").textContent = "Live: starting";
   try {
+    const rtcConfig = await rtcConfiguration();  // before the microphone is asked for: a refusal needs none
     try {
       live.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
     } catch (e) {
       live.mic = null;
       liveError("the microphone is not available (" + e.name + "): the portrait will speak only the files you send");
     }
-    const pc = live.pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = live.pc = new RTCPeerConnection(rtcConfig);
     pc.addTransceiver("video", { direction: "recvonly" });
     if (live.mic) pc.addTrack(live.mic.getAudioTracks()[0], live.mic);
     else pc.addTransceiver("audio", { direction: "recvonly" });

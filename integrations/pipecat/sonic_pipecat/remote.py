@@ -20,7 +20,13 @@ from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from loguru import logger
 
@@ -87,7 +93,8 @@ class RemoteSession:
         deadline = loop.time() + within_s
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         self._http = aiohttp.ClientSession(headers=self._headers, timeout=timeout)
-        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        no_answer = f"the sonic service at {self.url} did not answer within {within_s:g} s"
+        pc = self._pc = RTCPeerConnection(await self._rtc_configuration(deadline, no_answer))
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(AudioStreamTrack())  # the microphone the session mixes in: silence
 
@@ -104,7 +111,6 @@ class RemoteSession:
         await pc.setLocalDescription(await pc.createOffer())
         image = Path(portrait).read_bytes()
         offer = json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
-        no_answer = f"the sonic service at {self.url} did not answer within {within_s:g} s"
         tries = 0
         while True:
             form = aiohttp.FormData()
@@ -149,6 +155,33 @@ class RemoteSession:
                 )
             await asyncio.sleep(0.02)
         self._sender = asyncio.ensure_future(self._send_speech())
+
+    async def _rtc_configuration(self, deadline: float, no_answer: str) -> RTCConfiguration:
+        """The service's STUN and TURN servers, credentials included (GET
+        /api/sonic/live/rtc-configuration): across NATs and firewalls the media reach the service
+        only through a TURN server this side uses too."""
+        assert self._http is not None
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            url, limit = f"{self.url}/api/sonic/live/rtc-configuration", aiohttp.ClientTimeout(max(left, 0.01))
+            request = self._http.get(url, timeout=limit)
+            async with request as r:
+                text = await r.text()
+        except asyncio.TimeoutError:
+            raise RuntimeError(no_answer) from None
+        except aiohttp.ClientError as e:
+            raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
+        if r.status != 200:
+            raise RuntimeError(f"the sonic service refused its RTC configuration ({r.status}): {_message(text)}")
+        try:
+            config = json.loads(text)["rtc_configuration"]
+            servers = [
+                RTCIceServer(s["urls"], username=s.get("username"), credential=s.get("credential"))
+                for s in config["iceServers"]
+            ]
+            return RTCConfiguration(iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy(config["iceTransportPolicy"]))
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"the sonic service's RTC configuration is not what it should be: {text[:200]!r}") from None
 
     def speak(self, pcm: np.ndarray) -> None:
         """Queue speech (float32 at 16 kHz): sent with the next batch."""

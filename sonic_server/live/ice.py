@@ -1,0 +1,92 @@
+"""The ICE servers both ends of a live session use: the server's own peer connection (rtc.py)
+and its clients', which ask for them (GET /api/sonic/live/rtc-configuration) before they make
+their offer. A client behind a NAT or a firewall reaches the server through a TURN server only
+if the client itself knows that TURN server: the server's relay candidate alone is not enough
+(the TURN server forwards only from addresses the server has allowed, and a browser hides its
+own behind mDNS names).
+
+TURN credentials are either written in the URL (`turn:user:password@host:port`, the same for
+every client) or made per request from `live.turn_secret`, the secret a TURN server shares
+with this service (coturn's `use-auth-secret` / `static-auth-secret`, the "TURN REST API"
+scheme): the user name is the credential's expiry time, the password its HMAC-SHA1 under the
+secret, so the TURN server checks them without asking anyone, and a credential handed to a
+page stops working once it expires."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..settings import LiveSettings
+
+TURN_SCHEMES = ("turn:", "turns:")
+LIFETIME_WITHOUT_LIMIT_S = 86_400.0  # sessions without a time limit: a day's credentials
+LIFETIME_MARGIN_S = 600.0  # past a session's limit: a client may open its session minutes after it asked
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One RTCIceServer: its URL without credentials, and the credentials if it needs them."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    def as_browser_dict(self) -> dict[str, Any]:
+        """As the browser's RTCIceServer dictionary names the fields."""
+        entry: dict[str, Any] = {"urls": [self.url]}
+        if self.username is not None:
+            entry["username"], entry["credential"] = self.username, self.credential
+        return entry
+
+
+def written_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """`turn:user:password@host:port` -> (`turn:host:port`, user, password); other URLs unchanged."""
+    if not url.startswith(TURN_SCHEMES) or "@" not in url:
+        return url, None, None
+    scheme, rest = url.split(":", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user, _, password = credentials.partition(":")
+    return f"{scheme}:{host}", user, password
+
+
+def needs_secret(url: str) -> bool:
+    """A TURN URL with no credentials written in it: its credentials come from live.turn_secret."""
+    return url.startswith(TURN_SCHEMES) and written_credentials(url)[1] is None
+
+
+def turn_credentials(secret: str, expires_at: int, who: str) -> tuple[str, str]:
+    """The TURN REST API's credentials: user `<expiry, Unix seconds>:<who>`, password the
+    base64 of its HMAC-SHA1 under the shared secret (what coturn computes to check them)."""
+    username = f"{expires_at}:{who}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def credential_lifetime_s(max_session_s: float) -> float:
+    """How long a made credential lasts: the longest session and a margin (TURN servers check
+    it again at every refresh of an allocation, so it must outlast the session)."""
+    return max_session_s + LIFETIME_MARGIN_S if max_session_s > 0 else LIFETIME_WITHOUT_LIMIT_S
+
+
+def ice_servers(urls: Sequence[str], turn_secret: str, expires_at: int, who: str) -> list[IceServer]:
+    """The configured servers with their credentials: written in the URL, or made from
+    `turn_secret` (to expire at `expires_at`) for a TURN URL without them."""
+    servers = []
+    for url in urls:
+        bare, user, password = written_credentials(url)
+        if user is None and needs_secret(url) and turn_secret:
+            user, password = turn_credentials(turn_secret, expires_at, who)
+        servers.append(IceServer(bare, user, password))
+    return servers
+
+
+def configured(live: LiveSettings, who: str, now: float) -> tuple[list[IceServer], int]:
+    """`live.ice_servers` with their credentials, made now for `who`, and when made ones expire."""
+    expires_at = int(now + credential_lifetime_s(live.max_session_s))
+    return ice_servers(live.ice_servers, live.turn_secret, expires_at, who), expires_at

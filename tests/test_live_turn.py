@@ -1,0 +1,186 @@
+"""Live sessions relayed by a TURN server: a real coturn (Debian's `coturn`) on 127.0.0.1 that
+checks the credentials the service makes from their shared secret, a real server told to have
+its clients relay everything (live.ice_transport_policy: relay), and both clients this project
+ships: the demo page in Chromium and examples/live_client.py. Each client asks the service for
+its ICE servers first (GET /api/sonic/live/rtc-configuration); the media go through the relay,
+as the TURN server's own accounts of the bytes it carried show."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import PORTRAIT
+from test_browser import chromium, open_page, set_param, wait
+from test_http_live import free_port, start_server
+
+from live_client import LiveClient  # examples/: pytest.ini's pythonpath
+
+TURNSERVER = shutil.which("turnserver")
+SECRET = secrets.token_urlsafe(24)
+CONFIG = {"min_resolution": 256, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def turn(tmp_path_factory):
+    """coturn on 127.0.0.1 (UDP and TCP on a free port), the TURN REST API's shared secret, its
+    log in a file: {"url", "log"}."""
+    if TURNSERVER is None:
+        pytest.fail("turnserver is not installed (.ci/run installs Debian's coturn)")
+    folder = tmp_path_factory.mktemp("turn")
+    port = free_port()
+    low = 40_000 + secrets.randbelow(150) * 100  # its relay ports: a range of their own
+    log = folder / "turn.log"
+    proc = subprocess.Popen(
+        [TURNSERVER, "-n", "-v", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+         f"--min-port={low}", f"--max-port={low + 99}", "--use-auth-secret", f"--static-auth-secret={SECRET}",
+         "--realm=sonic", "--allow-loopback-peers", "--no-tls", "--no-dtls", "--no-cli", "--fingerprint",
+         "--log-file=stdout", "--simple-log", f"--pidfile={folder / 'pid'}", f"--userdb={folder / 'turndb'}"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while "turn server id=" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("turnserver did not start: " + log.read_text()[-2000:])
+        time.sleep(0.05)
+    yield {"url": f"turn:127.0.0.1:{port}?transport=udp", "log": log}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, turn):
+    live = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 5, "ice_servers": [turn["url"]],
+            "turn_secret": SECRET, "ice_transport_policy": "relay"}
+    proc, info = start_server(tmp_path_factory.mktemp("live-turn"), top={"live": live})
+    yield info["base"]
+    proc.terminate()
+    proc.wait(20)
+
+
+def relayed_bytes(log, since: int, user: str, timeout: float = 10.0) -> int:
+    """The most bytes the TURN server says it relayed to one of `user`'s allocations from its
+    peer, among those that ended after the log's first `since` characters (coturn writes an
+    allocation's account when it ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sent = [int(b) for b in re.findall(rf"peer usage: realm=<sonic>, username=<\d+:{user}>, rp=\d+, rb=(\d+)",
+                                           log.read_text()[since:])]
+        if max(sent, default=0) > 0 or time.monotonic() > deadline:  # (an allocation left unused relays 0)
+            return max(sent, default=0)
+        time.sleep(0.1)
+
+
+def test_the_configuration_carries_turn_credentials_the_turn_server_can_check(server, turn):
+    """What a client is handed: the TURN URL, a user name that is the credential's expiry and a
+    password that is its HMAC-SHA1 under the shared secret (coturn's REST API scheme), made anew
+    for each answer, lasting the longest session and a margin."""
+    before = time.time()
+    r = requests.get(server + "/api/sonic/live/rtc-configuration", timeout=10)
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    body = r.json()
+    config = body["rtc_configuration"]
+    assert config["iceTransportPolicy"] == "relay"
+    [entry] = config["iceServers"]
+    assert entry["urls"] == [turn["url"]]
+    expiry, user = entry["username"].split(":")
+    assert user == "sonic-client" and int(expiry) == body["expires_at"]
+    assert before + 3600 + 600 - 2 <= int(expiry) <= time.time() + 3600 + 600 + 1
+    expected = base64.b64encode(hmac.new(SECRET.encode(), entry["username"].encode(), hashlib.sha1).digest()).decode()
+    assert entry["credential"] == expected
+
+
+def test_a_client_that_relays_everything_gets_the_face_through_the_turn_server(server, turn):
+    """examples/live_client.py takes the service's configuration: its offer names relay
+    candidates only, the pair it connects by is relayed on its side, and the face's frames come
+    through the TURN server, whose account shows them."""
+
+    async def session():
+        client = LiveClient(server)
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        offered = re.findall(r"typ (\w+)", client.pc.localDescription.sdp)
+        deadline = time.monotonic() + 15
+        while len(client.received.video_times) < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        ice = client.pc.getTransceivers()[0].receiver.transport.transport
+        pairs = list(ice._connection._nominated.values())  # aiortc has no getStats for the chosen pair
+        frames = len(client.received.video_times)
+        await client.close()
+        return offered, pairs, frames
+
+    since = len(turn["log"].read_text())
+    offered, pairs, frames = asyncio.run(session())
+    assert offered and set(offered) == {"relay"}, offered
+    assert frames >= 50
+    assert pairs and all(p.local_candidate.type == "relay" for p in pairs)
+    assert relayed_bytes(turn["log"], since, "sonic-client") > 50_000  # 50 frames of video at least
+
+
+def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
+    """The demo page asks for the configuration before its offer: its connection's chosen pair
+    is a relayed one on the browser's side, the face plays, and the TURN server carried it."""
+    since = len(turn["log"].read_text())
+    d = chromium("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
+    try:
+        open_page(d, server)
+        d.find_element("id", "image").send_keys(str(PORTRAIT))
+        set_param(d, "min_resolution", 256)
+        d.find_element("id", "live-start").click()
+        wait(d, "return document.getElementById('live-video').currentTime > 1.0", 30, "the live video playing")
+        local = d.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            live.pc.getStats().then((stats) => {
+              let pair = null;
+              stats.forEach((s) => { if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId); });
+              done(pair ? stats.get(pair.localCandidateId).candidateType : null);
+            });""")
+        assert local == "relay"
+        d.find_element("id", "live-stop").click()
+        wait(d, "return live.id === null", 10, "the session stopped")
+        # (the connection closed, the browser gives its allocations back: the account is written)
+        relayed = relayed_bytes(turn["log"], since, "sonic-client")
+    finally:
+        d.quit()
+    assert relayed > 50_000
+
+
+def test_without_live_sessions_there_is_no_configuration(tmp_path):
+    from server_helpers import FakePipeline, settings
+    from sonic_server import create_app
+    cfg = settings(tmp_path)
+    cfg["live"]["enabled"] = False
+    app = create_app(cfg, pipeline=FakePipeline())
+    try:
+        r = app.test_client().get("/api/sonic/live/rtc-configuration")
+    finally:
+        app.extensions["sonic"].queue.close()
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "not_ready"
+
+
+def test_credentials_written_in_a_url_are_handed_over_apart_from_it_and_only_with_a_key(tmp_path):
+    """`turn:user:password@host` (the settings' form) becomes the browser's {urls, username,
+    credential}; STUN needs none; nothing expires; a service with keys answers only its callers."""
+    from server_helpers import FakePipeline, settings
+    from sonic_server import create_app
+    cfg = settings(tmp_path, api_keys=["k1"])
+    cfg["live"]["ice_servers"] = ["stun:10.0.0.1:3478", "turn:alice:pa:ss@w0rd@turn.example.org:3478?transport=tcp"]
+    app = create_app(cfg, pipeline=FakePipeline())
+    try:
+        client = app.test_client()
+        refused = client.get("/api/sonic/live/rtc-configuration")
+        body = client.get("/api/sonic/live/rtc-configuration", headers={"Authorization": "Bearer k1"}).get_json()
+    finally:
+        app.extensions["sonic"].queue.close()
+    assert refused.status_code == 401
+    assert body == {"rtc_configuration": {"iceTransportPolicy": "all", "iceServers": [
+        {"urls": ["stun:10.0.0.1:3478"]},
+        {"urls": ["turn:turn.example.org:3478?transport=tcp"], "username": "alice", "credential": "pa:ss@w0rd"},
+    ]}}
