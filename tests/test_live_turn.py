@@ -9,16 +9,18 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
-from conftest import PORTRAIT
+from conftest import PORTRAIT, ROOT
 from test_browser import chromium, open_page, set_param, wait
 from test_http_live import free_port, start_server
 
@@ -150,6 +152,22 @@ def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
     finally:
         d.quit()
     assert relayed > 50_000
+
+
+def test_a_client_that_reaches_the_service_only_through_a_proxy_and_a_turn_server_gets_the_face(tmp_path):
+    """Across NATs and firewalls, in networks of a namespace of its own (tests/nat_run.py): the
+    client cannot reach the server's address at all, only an HTTP proxy and the TURN server
+    between them. examples/live_client.py, unchanged, takes the service's TURN server and
+    credentials, offers a relay candidate beside its host one, connects, and the face arrives.
+    (Without the TURN server on its side it stays "connecting": measured, not tested.)"""
+    if TURNSERVER is None:
+        pytest.fail("turnserver is not installed (.ci/run installs Debian's coturn)")
+    done = subprocess.run(["unshare", "-Urn", sys.executable, str(ROOT / "tests" / "nat_run.py"), str(tmp_path),
+                           str(PORTRAIT), TURNSERVER], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["server_reachable_directly"] is False  # the networks are as drawn
+    assert "relay" in seen["offered"] and seen["connection"] == "connected" and seen["frames"] >= 50, seen
 
 
 def test_without_live_sessions_there_is_no_configuration(tmp_path):
