@@ -161,6 +161,8 @@ class LiveClient:
         r = await asyncio.to_thread(
             requests.get, f"{self.server}/api/sonic/live/rtc-configuration", headers=self.headers, timeout=10
         )
+        if r.status_code == 404:  # a server older than the route: host candidates only, as then
+            return RTCConfiguration(iceServers=[])
         if r.status_code != 200:
             raise SessionRefused(r)
         config = r.json()["rtc_configuration"]

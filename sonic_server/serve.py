@@ -246,7 +246,11 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
         except OSError as e:
             why = BIND_PROBLEMS.get(e.errno or 0, e.strerror or str(e))
             raise SetupError(f"cannot listen on {self.host}:{self.port}: {why}") from e
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        address = self.server_address  # (host, port, ...), or a unix:// socket's path
+        if isinstance(address, tuple):
+            self.server_name, self.server_port = str(address[0]), int(address[1])
+        else:
+            self.server_name, self.server_port = str(address), 0
 
     def get_request(self):
         try:

@@ -21,7 +21,7 @@ from sonic.settings import ENV_PREFIX, Settings, SettingsError, as_written, reso
 from sonic.settings import load_settings as _load_settings
 from sonic.settings import settings_from as _settings_from
 
-from .live.ice import TURN_SCHEMES, needs_secret
+from .live.ice import TURN_SCHEMES, needs_secret, problem, shown_url
 from .logs import LOG_FORMATS
 
 
@@ -397,9 +397,13 @@ def _check_public_url(url: str | None) -> None:
 
 def _check_live(live: LiveSettings) -> None:
     # numbers: ServerConfig.POSITIVE and sonic.settings.check_numbers
-    for url in live.ice_servers:
+    for url in live.ice_servers:  # (shown without a password written in it)
         if not url.startswith(("stun:", "turn:", "turns:")):
-            raise SettingsError(f"setting live.ice_servers: {as_written(url)} is not a stun:, turn: or turns: URL")
+            raise SettingsError(
+                f"setting live.ice_servers: {as_written(shown_url(url))} is not a stun:, turn: or turns: URL"
+            )
+        if (why := problem(url)) is not None:
+            raise SettingsError(f"setting live.ice_servers: {as_written(shown_url(url))} {why}")
     _check_turn(live)
     for network in live.peer_networks:
         try:
@@ -425,7 +429,14 @@ def _check_turn(live: LiveSettings) -> None:
             f"setting live.ice_transport_policy must be one of {', '.join(ICE_TRANSPORT_POLICIES)}, "
             f"got {as_written(live.ice_transport_policy)}"
         )
-    if live.turn_secret and not any(needs_secret(url) for url in live.ice_servers):
+    unkeyed = [url for url in live.ice_servers if needs_secret(url)]
+    if unkeyed and not live.turn_secret:
+        raise SettingsError(
+            f"setting live.ice_servers: {as_written(unkeyed[0])} has no credentials: set live.turn_secret "
+            "(SONIC_LIVE_TURN_SECRET) to the TURN server's shared secret (coturn's static-auth-secret), or "
+            "write them in the URL (turn:user:password@host:port)"
+        )
+    if live.turn_secret and not unkeyed:
         raise SettingsError(
             "setting live.turn_secret is set, but live.ice_servers names no turn: URL without credentials "
             "for it to make them for (e.g. turn:turn.example.org:3478)"

@@ -104,7 +104,7 @@ def test_a_server_out_of_file_handles_waits_and_says_so_then_answers_again(tmp_p
         proc.wait(10)
 
 
-def test_the_server_starts_without_asking_dns_for_its_own_name(monkeypatch):
+def test_the_server_starts_without_asking_dns_for_its_own_name(monkeypatch, tmp_path):
     """http.server asked DNS for the name of the address it listens on (socket.getfqdn), which
     nothing uses: on a machine no DNS server answers, `sonic serve` waited out the resolver's
     timeouts before it listened (tests/nat_run.py's isolated network: ready after 11.3 s, now 1.8 s)."""
@@ -121,5 +121,11 @@ def test_the_server_starts_without_asking_dns_for_its_own_name(monkeypatch):
     server = ThrottledAcceptServer("127.0.0.1", 0, Flask(__name__))
     try:
         assert (server.server_name, server.server_port) == ("127.0.0.1", server.socket.getsockname()[1])
+    finally:
+        server.server_close()
+    socket_path = tmp_path / "sonic.sock"  # (werkzeug's unix:// hosts: an address that is no pair)
+    server = ThrottledAcceptServer(f"unix://{socket_path}", 0, Flask(__name__))
+    try:
+        assert server.server_name == str(socket_path) and socket_path.exists()
     finally:
         server.server_close()

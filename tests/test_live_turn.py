@@ -94,7 +94,7 @@ def test_the_configuration_carries_turn_credentials_the_turn_server_can_check(se
     [entry] = config["iceServers"]
     assert entry["urls"] == [turn["url"]]
     expiry, user = entry["username"].split(":")
-    assert user == "sonic-client" and int(expiry) == body["expires_at"]
+    assert user == "client" and int(expiry) == body["expires_at"]  # (no keys: every caller is "client")
     assert before + 3600 + 600 - 2 <= int(expiry) <= time.time() + 3600 + 600 + 1
     expected = base64.b64encode(hmac.new(SECRET.encode(), entry["username"].encode(), hashlib.sha1).digest()).decode()
     assert entry["credential"] == expected
@@ -123,7 +123,7 @@ def test_a_client_that_relays_everything_gets_the_face_through_the_turn_server(s
     assert offered and set(offered) == {"relay"}, offered
     assert frames >= 50
     assert pairs and all(p.local_candidate.type == "relay" for p in pairs)
-    assert relayed_bytes(turn["log"], since, "sonic-client") > 50_000  # 50 frames of video at least
+    assert relayed_bytes(turn["log"], since, "client") > 50_000  # 50 frames of video at least
 
 
 def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
@@ -148,7 +148,7 @@ def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
         d.find_element("id", "live-stop").click()
         wait(d, "return live.id === null", 10, "the session stopped")
         # (the connection closed, the browser gives its allocations back: the account is written)
-        relayed = relayed_bytes(turn["log"], since, "sonic-client")
+        relayed = relayed_bytes(turn["log"], since, "client")
     finally:
         d.quit()
     assert relayed > 50_000
@@ -184,21 +184,30 @@ def test_without_live_sessions_there_is_no_configuration(tmp_path):
 
 
 def test_credentials_written_in_a_url_are_handed_over_apart_from_it_and_only_with_a_key(tmp_path):
-    """`turn:user:password@host` (the settings' form) becomes the browser's {urls, username,
-    credential}; STUN needs none; nothing expires; a service with keys answers only its callers."""
+    """`turn:user:password@host` (the settings' form, percent-encoded) becomes the browser's
+    {urls, username, credential}; STUN needs none; a service with keys answers only its callers,
+    and the credentials it makes name each caller apart."""
     from server_helpers import FakePipeline, settings
     from sonic_server import create_app
-    cfg = settings(tmp_path, api_keys=["k1"])
-    cfg["live"]["ice_servers"] = ["stun:10.0.0.1:3478", "turn:alice:pa:ss@w0rd@turn.example.org:3478?transport=tcp"]
+    cfg = settings(tmp_path, api_keys=["k1", "k2"])
+    cfg["live"]["ice_servers"] = ["stun:10.0.0.1:3478", "turn:alice:pa%3Ass@w0rd@turn.example.org:3478?transport=tcp",
+                                  "turn:relay.example.org:3478"]
+    cfg["live"]["turn_secret"] = SECRET
     app = create_app(cfg, pipeline=FakePipeline())
     try:
         client = app.test_client()
         refused = client.get("/api/sonic/live/rtc-configuration")
-        body = client.get("/api/sonic/live/rtc-configuration", headers={"Authorization": "Bearer k1"}).get_json()
+        bodies = [client.get("/api/sonic/live/rtc-configuration", headers={"Authorization": f"Bearer {key}"}).get_json()
+                  for key in ("k1", "k2")]
     finally:
         app.extensions["sonic"].queue.close()
     assert refused.status_code == 401
-    assert body == {"rtc_configuration": {"iceTransportPolicy": "all", "iceServers": [
+    written, made = bodies[0]["rtc_configuration"]["iceServers"][:2], bodies[0]["rtc_configuration"]["iceServers"][2]
+    assert written == [
         {"urls": ["stun:10.0.0.1:3478"]},
         {"urls": ["turn:turn.example.org:3478?transport=tcp"], "username": "alice", "credential": "pa:ss@w0rd"},
-    ]}}
+    ]
+    # made credentials name their caller (a digest), so that the TURN server's logs tell keys apart
+    names = [body["rtc_configuration"]["iceServers"][2]["username"].split(":")[1] for body in bodies]
+    assert all(re.fullmatch(r"client-[0-9a-f]{16}", name) for name in names) and names[0] != names[1]
+    assert made["urls"] == ["turn:relay.example.org:3478"]

@@ -96,6 +96,13 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"live": {"ice_transport_policy": "relay", "ice_servers": ["stun:10.0.0.1:3478"]}}, {},
      "live.ice_transport_policy is relay, but live.ice_servers names no turn: URL"),
     ({}, {"SONIC_LIVE_ICE_TRANSPORT_POLICY": "Relay"}, 'ice_transport_policy must be one of all, relay, got "Relay"'),
+    # a TURN URL without credentials and no secret to make them: every client's connection refused it
+    ({"live": {"ice_servers": ["turn:10.0.0.1:3478"]}}, {}, '"turn:10.0.0.1:3478" has no credentials: set live.turn_secret'),
+    # what aiortc cannot parse stopped every session's open; a written password is not repeated
+    ({"live": {"ice_servers": ["turn:u:hunter2@[::1]:3478"]}}, {}, r'"turn:u:\*\*\*@\[::1\]:3478" an IPv6 address cannot'),
+    ({"live": {"ice_servers": ["TURN:u:hunter2@h:3478"]}}, {}, r'"TURN:u:\*\*\*@h:3478" is not a stun:, turn: or turns: URL'),
+    ({"live": {"ice_servers": ["turn:u@h:3478"]}}, {}, "names a user without a password"),
+    ({"live": {"ice_servers": ["turn:h:3478?transport=sctp"]}}, {}, r"is not stun:host\[:port\] or turn:host"),
     # a number out of range would refuse, fail or lose every request while the service says ready
     ({"server": {"queue_size": -3}}, {}, "server.queue_size must be a number more than 0, got -3"),
     ({"server": {"queue_size": 0}}, {}, "server.queue_size must be a number more than 0, got 0"),

@@ -17,9 +17,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from ..settings import LiveSettings
@@ -46,13 +48,42 @@ class IceServer:
 
 
 def written_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """`turn:user:password@host:port` -> (`turn:host:port`, user, password); other URLs unchanged."""
+    """`turn:user:password@host:port` -> (`turn:host:port`, user, password), each part
+    percent-decoded (a ':' or '@' in them is written %3A, %40); other URLs unchanged."""
     if not url.startswith(TURN_SCHEMES) or "@" not in url:
         return url, None, None
     scheme, rest = url.split(":", 1)
     credentials, host = rest.rsplit("@", 1)
     user, _, password = credentials.partition(":")
-    return f"{scheme}:{host}", user, password
+    return f"{scheme}:{host}", unquote(user), unquote(password)
+
+
+def shown_url(url: str) -> str:
+    """The URL as a message may show it: a password written in it (whatever the scheme) replaced
+    by ***."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or "@" not in rest:
+        return url
+    credentials, host = rest.rsplit("@", 1)
+    user, has_password, _ = credentials.partition(":")
+    return f"{scheme}:{user}:***@{host}" if has_password else url
+
+
+# host[:port][?transport=udp|tcp], as aiortc (on the server, the Python client and the Pipecat
+# service) parses STUN and TURN URLs: an IPv6 literal is beyond it
+ICE_URL = re.compile(r"(stun|turns?):([^?:@\[\]/]+)(:\d{1,5})?(\?transport=(udp|tcp))?")
+
+
+def problem(url: str) -> str | None:
+    """Why an ICE server URL cannot be used, or None."""
+    bare, user, password = written_credentials(url)
+    if ICE_URL.fullmatch(bare) is None:
+        if "[" in bare:
+            return "an IPv6 address cannot name the server here (aiortc cannot parse it): use a name or an IPv4 address"
+        return "is not stun:host[:port] or turn:host[:port][?transport=udp|tcp] (turns: for TLS)"
+    if user is not None and not (user and password):
+        return "names a user without a password (turn:user:password@host:port)"
+    return None
 
 
 def needs_secret(url: str) -> bool:
@@ -66,6 +97,14 @@ def turn_credentials(secret: str, expires_at: int, who: str) -> tuple[str, str]:
     username = f"{expires_at}:{who}"
     digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
     return username, base64.b64encode(digest).decode()
+
+
+def client_name(owner: str | None) -> str:
+    """Who a client's credentials name: its caller, told apart in the TURN server's logs by a
+    digest of its owner id (the id its jobs carry), or "client" on a server without keys."""
+    if owner is None:
+        return "client"
+    return "client-" + hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def credential_lifetime_s(max_session_s: float) -> float:

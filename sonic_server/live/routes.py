@@ -56,7 +56,6 @@ OFFER_SHAPE = 'JSON {"sdp": "...", "type": "offer"}'
 PCM_CHUNK_BYTES = 6_400  # a raw PCM body is queued 0.2 s at a time as it arrives
 PCM_TYPE = "audio/l16"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the registry makes them
-CLIENT_TURN_USER = "sonic-client"  # who the TURN credentials handed to clients name (ice.py)
 
 
 @bp.after_request
@@ -218,7 +217,7 @@ def client_rtc_configuration():
     settings = service().settings.live
     if not settings.enabled:
         raise LiveUnavailable("live sessions are turned off on this server (live.enabled)")
-    servers, expires_at = ice.configured(settings, CLIENT_TURN_USER, time.time())
+    servers, expires_at = ice.configured(settings, ice.client_name(caller().owner), time.time())
     body: dict = {
         "rtc_configuration": {
             "iceServers": [server.as_browser_dict() for server in servers],

@@ -159,29 +159,41 @@ class RemoteSession:
     async def _rtc_configuration(self, deadline: float, no_answer: str) -> RTCConfiguration:
         """The service's STUN and TURN servers, credentials included (GET
         /api/sonic/live/rtc-configuration): across NATs and firewalls the media reach the service
-        only through a TURN server this side uses too."""
+        only through a TURN server this side uses too. Refused for now (429, 503), it is asked
+        again after Retry-After while time is left; a service older than the route (404) gets
+        none, as before."""
         assert self._http is not None
-        left = deadline - asyncio.get_running_loop().time()
-        try:
-            url, limit = f"{self.url}/api/sonic/live/rtc-configuration", aiohttp.ClientTimeout(max(left, 0.01))
-            request = self._http.get(url, timeout=limit)
-            async with request as r:
-                text = await r.text()
-        except asyncio.TimeoutError:
-            raise RuntimeError(no_answer) from None
-        except aiohttp.ClientError as e:
-            raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
-        if r.status != 200:
-            raise RuntimeError(f"the sonic service refused its RTC configuration ({r.status}): {_message(text)}")
+        loop = asyncio.get_running_loop()
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RuntimeError(no_answer)
+            try:
+                url = f"{self.url}/api/sonic/live/rtc-configuration"
+                async with self._http.get(url, timeout=aiohttp.ClientTimeout(left)) as r:
+                    text = await r.text()
+                    wait = _stated_retry_after(r.headers) if r.status in (429, 503) else None
+            except asyncio.TimeoutError:
+                raise RuntimeError(no_answer) from None
+            except aiohttp.ClientError as e:
+                raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
+            if r.status == 404:
+                return RTCConfiguration(iceServers=[])
+            if r.status == 200:
+                break
+            if wait is None or loop.time() + wait >= deadline:
+                raise RuntimeError(f"the sonic service refused its RTC configuration ({r.status}): {_message(text)}")
+            await asyncio.sleep(wait)
         try:
             config = json.loads(text)["rtc_configuration"]
             servers = [
                 RTCIceServer(s["urls"], username=s.get("username"), credential=s.get("credential"))
                 for s in config["iceServers"]
             ]
-            return RTCConfiguration(iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy(config["iceTransportPolicy"]))
+            policy = RTCIceTransportPolicy(config["iceTransportPolicy"])
         except (ValueError, KeyError, TypeError):
-            raise RuntimeError(f"the sonic service's RTC configuration is not what it should be: {text[:200]!r}") from None
+            raise RuntimeError(f"the sonic service's RTC configuration is not understood: {text[:200]!r}") from None
+        return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
     def speak(self, pcm: np.ndarray) -> None:
         """Queue speech (float32 at 16 kHz): sent with the next batch."""
