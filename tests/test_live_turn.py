@@ -62,7 +62,8 @@ def turn(tmp_path_factory):
 def server(tmp_path_factory, turn):
     live = {"host_addresses": ["127.0.0.1"], "max_sessions": 2, "idle_timeout_s": 5, "ice_servers": [turn["url"]],
             "turn_secret": SECRET, "ice_transport_policy": "relay"}
-    proc, info = start_server(tmp_path_factory.mktemp("live-turn"), top={"live": live})
+    # sonic.test: the name the page is browsed at (Chromium maps it to 127.0.0.1), as a LAN name would be
+    proc, info = start_server(tmp_path_factory.mktemp("live-turn"), top={"live": live}, allowed_hosts=["sonic.test"])
     yield info["base"]
     proc.terminate()
     proc.wait(20)
@@ -128,11 +129,15 @@ def test_a_client_that_relays_everything_gets_the_face_through_the_turn_server(s
 
 def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
     """The demo page asks for the configuration before its offer: its connection's chosen pair
-    is a relayed one on the browser's side, the face plays, and the TURN server carried it."""
+    is a relayed one on the browser's side, the face plays, and the TURN server carried it. The
+    page is browsed by a name over plain http, as from another machine on a LAN: no microphone
+    there (browsers give it to secure pages only), and the page says why, not "TypeError"."""
     since = len(turn["log"].read_text())
-    d = chromium("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
+    d = chromium("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+                 "--host-resolver-rules=MAP sonic.test 127.0.0.1")
     try:
-        open_page(d, server)
+        open_page(d, server.replace("127.0.0.1", "sonic.test"))
+        assert d.execute_script("return window.isSecureContext") is False
         d.find_element("id", "image").send_keys(str(PORTRAIT))
         set_param(d, "min_resolution", 256)
         d.find_element("id", "live-start").click()
@@ -145,6 +150,9 @@ def test_the_page_relays_its_live_session_through_the_turn_server(server, turn):
               done(pair ? stats.get(pair.localCandidateId).candidateType : null);
             });""")
         assert local == "relay"
+        assert d.find_element("id", "error-live").text == ("the microphone is not available (the microphone needs a "
+                                                           "secure page: https, or http://localhost): the portrait "
+                                                           "will speak only the files you send")
         d.find_element("id", "live-stop").click()
         wait(d, "return live.id === null", 10, "the session stopped")
         # (the connection closed, the browser gives its allocations back: the account is written)

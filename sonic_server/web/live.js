@@ -65,10 +65,13 @@ async function startLive() {
   try {
     const rtcConfig = await rtcConfiguration();  // before the microphone is asked for: a refusal needs none
     try {
+      // a page not served over https (or from localhost) has no navigator.mediaDevices at all
+      if (!navigator.mediaDevices) throw new DOMException("this page is not secure", "SecurityError");
       live.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
     } catch (e) {
       live.mic = null;
-      liveError("the microphone is not available (" + e.name + "): the portrait will speak only the files you send");
+      const why = window.isSecureContext ? e.name : "the microphone needs a secure page: https, or http://localhost";
+      liveError("the microphone is not available (" + why + "): the portrait will speak only the files you send");
     }
     const pc = live.pc = new RTCPeerConnection(rtcConfig);
     pc.addTransceiver("video", { direction: "recvonly" });
