@@ -105,6 +105,7 @@ OPERATIONS = {
     ("/metrics", "get"): {"200"},
     **{(path, "post"): {"200", "400", "402", "409", "413", "422"} | GUARDED
        for path in ("/fusion", "/api/fusion", "/fusion/batch", "/api/fusion/batch")},
+    ("/api/sonic/live/rtc-configuration", "get"): {"200", "503"} | GUARDED,
     ("/api/sonic/live", "post"): {"201", "400", "402", "413", "415", "422", "503"} | GUARDED,
     ("/api/sonic/live/{session_id}/speak", "post"): {"202", "400", "404", "408", "409", "413", "415", "422", "503"} | GUARDED,
     ("/api/sonic/live/{session_id}/interrupt", "post"): {"200", "404", "503"} | GUARDED,
