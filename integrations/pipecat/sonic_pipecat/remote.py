@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -111,32 +111,18 @@ class RemoteSession:
         await pc.setLocalDescription(await pc.createOffer())
         image = Path(portrait).read_bytes()
         offer = json.dumps({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
-        tries = 0
-        while True:
-            form = aiohttp.FormData()
-            form.add_field("image", image, filename=Path(portrait).name)
-            form.add_field("config", json.dumps(params))
-            form.add_field("offer", offer)
-            left = deadline - loop.time()
-            if left <= 0:  # (aiohttp takes a timeout of 0 or less as none at all)
-                raise RuntimeError(no_answer)
-            tries += 1
-            try:
-                request = self._http.post(f"{self.url}/api/sonic/live", data=form, timeout=aiohttp.ClientTimeout(left))
-                async with request as r:
-                    text = await r.text()
-                    wait = _stated_retry_after(r.headers) if r.status in (429, 503) else None
-            except asyncio.TimeoutError:
-                raise RuntimeError(no_answer) from None
-            except aiohttp.ClientError as e:
-                raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
-            if r.status == 201:
-                break
-            # asked again only where the service says when (busy for now, not turned off), in time
-            if wait is None or loop.time() + wait >= deadline:
-                asked = f", asked {tries} times in {within_s:g} s" if tries > 1 else ""
-                raise RuntimeError(f"the sonic service refused the session ({r.status}{asked}): {_message(text)}")
-            await asyncio.sleep(wait)
+
+        def form() -> aiohttp.FormData:  # (a FormData is sent once: one per try)
+            data = aiohttp.FormData()
+            data.add_field("image", image, filename=Path(portrait).name)
+            data.add_field("config", json.dumps(params))
+            data.add_field("offer", offer)
+            return data
+
+        status, text, tries = await self._asked("POST", "/api/sonic/live", deadline, no_answer, form)
+        if status != 201:
+            asked = f", asked {tries} times in {within_s:g} s" if tries > 1 else ""
+            raise RuntimeError(f"the sonic service refused the session ({status}{asked}): {_message(text)}")
         try:
             body = json.loads(text)
         except ValueError:
@@ -156,34 +142,49 @@ class RemoteSession:
             await asyncio.sleep(0.02)
         self._sender = asyncio.ensure_future(self._send_speech())
 
-    async def _rtc_configuration(self, deadline: float, no_answer: str) -> RTCConfiguration:
-        """The service's STUN and TURN servers, credentials included (GET
-        /api/sonic/live/rtc-configuration): across NATs and firewalls the media reach the service
-        only through a TURN server this side uses too. Refused for now (429, 503), it is asked
-        again after Retry-After while time is left; a service older than the route (404) gets
-        none, as before."""
+    async def _asked(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        no_answer: str,
+        form: Callable[[], aiohttp.FormData] | None = None,
+    ) -> tuple[int, str, int]:
+        """One request to the service, asked again after Retry-After where it is refused for now
+        (429, 503: busy, not turned off) while time is left before `deadline`: the last answer's
+        status and text, and how many times it was asked. No answer in time, or no service:
+        RuntimeError."""
         assert self._http is not None
         loop = asyncio.get_running_loop()
+        tries = 0
         while True:
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0:  # (aiohttp takes a timeout of 0 or less as none at all)
                 raise RuntimeError(no_answer)
+            tries += 1
+            data, limit = (form() if form is not None else None), aiohttp.ClientTimeout(left)
             try:
-                url = f"{self.url}/api/sonic/live/rtc-configuration"
-                async with self._http.get(url, timeout=aiohttp.ClientTimeout(left)) as r:
+                async with self._http.request(method, self.url + path, data=data, timeout=limit) as r:
                     text = await r.text()
                     wait = _stated_retry_after(r.headers) if r.status in (429, 503) else None
             except asyncio.TimeoutError:
                 raise RuntimeError(no_answer) from None
             except aiohttp.ClientError as e:
                 raise RuntimeError(f"the sonic service at {self.url} cannot be reached: {_said(e)}") from None
-            if r.status == 404:
-                return RTCConfiguration(iceServers=[])
-            if r.status == 200:
-                break
             if wait is None or loop.time() + wait >= deadline:
-                raise RuntimeError(f"the sonic service refused its RTC configuration ({r.status}): {_message(text)}")
+                return r.status, text, tries
             await asyncio.sleep(wait)
+
+    async def _rtc_configuration(self, deadline: float, no_answer: str) -> RTCConfiguration:
+        """The service's STUN and TURN servers, credentials included (GET
+        /api/sonic/live/rtc-configuration): across NATs and firewalls the media reach the service
+        only through a TURN server this side uses too. A service older than the route (404)
+        gets none, as before."""
+        status, text, _ = await self._asked("GET", "/api/sonic/live/rtc-configuration", deadline, no_answer)
+        if status == 404:
+            return RTCConfiguration(iceServers=[])
+        if status != 200:
+            raise RuntimeError(f"the sonic service refused its RTC configuration ({status}): {_message(text)}")
         try:
             config = json.loads(text)["rtc_configuration"]
             servers = [
