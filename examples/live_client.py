@@ -61,6 +61,10 @@ class SessionRefused(RuntimeError):
         self.status_code = response.status_code
 
 
+class NoRelay(RuntimeError):
+    """The server asks for relayed media, and its TURN server gave this client no relay address."""
+
+
 class Microphone(MediaStreamTrack):
     """A microphone that plays a waveform (float32 mono at 16 kHz; silence after it, or nothing
     at all if None) in real time, 20 ms a frame. `started`: when its first frame was handed to
@@ -127,7 +131,8 @@ class LiveClient:
         write_mp4) unless keep_frames is False; `on_frame(image, arrival time)` sees each.
         `before_answer(body)` runs once the session exists, before the connection is made (a
         greeting can be queued there: it waits for the connection)."""
-        pc = self.pc = RTCPeerConnection(await self.rtc_configuration())
+        rtc = await self.rtc_configuration()
+        pc = self.pc = RTCPeerConnection(rtc)
         pc.addTransceiver("video", direction="recvonly")
         pc.addTrack(microphone or Microphone())
 
@@ -140,6 +145,12 @@ class LiveClient:
 
         await pc.setLocalDescription(await pc.createOffer())
         offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        if rtc.iceTransportPolicy == RTCIceTransportPolicy.RELAY and " typ relay" not in offer["sdp"]:
+            await pc.close()
+            raise NoRelay(
+                "the server asks for relayed media, and its TURN server gave this client no relay address "
+                "(is it reachable from here? are the credentials right?)"
+            )
         files = {"image": Path(image).read_bytes()}
         data = {"offer": json.dumps(offer), "config": json.dumps(config or {})}
         r = await asyncio.to_thread(
@@ -303,6 +314,8 @@ async def main() -> None:
     t0 = time.monotonic()
     body = await client.open(args.image, json.loads(args.config), microphone=mic)
     print(f"session {body['session_id']} open in {time.monotonic() - t0:.2f} s")
+    for warning in body.get("warnings", []):
+        print("warning:", warning)
     if args.speak:
         print("queued", (await client.speak_file(args.speech))["queued_s"], "s of speech")
     await asyncio.sleep(args.seconds)
@@ -314,16 +327,17 @@ async def main() -> None:
         gone = e.response.status_code == 404
     await client.close(end_session=not gone)
     received = client.received
-    if received.video_times:
-        print(f"first frame {received.video_times[0] - t0:.2f} s after the offer; {len(received.video_times)} frames")
-        write_mp4(received, args.out, int(json.loads(args.config).get("fps", 25)))
-        print("recorded", args.out)
+    if not received.video_times:
+        sys.exit(f"error: no frame arrived in {args.seconds:g} s: no connection was made (docs/live.md, Networks)")
+    print(f"first frame {received.video_times[0] - t0:.2f} s after the offer; {len(received.video_times)} frames")
+    write_mp4(received, args.out, int(json.loads(args.config).get("fps", 25)))
+    print("recorded", args.out)
 
 
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except SessionRefused as refused:
+    except (SessionRefused, NoRelay) as refused:
         sys.exit(f"error: {refused}")
     except requests.ConnectionError:
         sys.exit("error: the server cannot be reached (is it running? --server)")

@@ -219,3 +219,50 @@ def test_credentials_written_in_a_url_are_handed_over_apart_from_it_and_only_wit
     names = [body["rtc_configuration"]["iceServers"][2]["username"].split(":")[1] for body in bodies]
     assert all(re.fullmatch(r"client-[0-9a-f]{16}", name) for name in names) and names[0] != names[1]
     assert made["urls"] == ["turn:relay.example.org:3478"]
+
+
+def test_a_turn_server_that_refuses_the_credentials_is_named_not_left_to_time_out(tmp_path_factory, turn):
+    """A service whose turn_secret is not the TURN server's, relay only: the page says at Start
+    that the TURN server gave it no relay address and what it answered (401), instead of a
+    session that never connects; so does the Python client; and the service's log says its own
+    sessions got no relay address (a client that connects directly still gets its face)."""
+    from live_client import NoRelay
+    from aiortc import RTCConfiguration
+
+    live = {"host_addresses": ["127.0.0.1"], "idle_timeout_s": 5, "ice_servers": [turn["url"]],
+            "turn_secret": "not-the-turn-servers-secret", "ice_transport_policy": "relay"}
+    proc, info = start_server(tmp_path_factory.mktemp("live-turn-refused"), top={"live": live})
+    d = chromium("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
+    try:
+        open_page(d, info["base"])
+        d.find_element("id", "image").send_keys(str(PORTRAIT))
+        d.find_element("id", "live-start").click()
+        said = wait(d, "return document.getElementById('error-live').textContent", 20, "the page's error")
+        assert said.startswith("the live session could not start: this server relays its media through a TURN "
+                               "server, which gave this browser no relay address ("), said
+        assert turn["url"].split("?")[0] in said and " 401 " in said, said
+        assert d.execute_script("return live.id") is None
+
+        async def sessions():
+            with pytest.raises(NoRelay, match="gave this client no relay address"):
+                await LiveClient(info["base"]).open(PORTRAIT, CONFIG, keep_frames=False)
+            direct = LiveClient(info["base"])  # a client that asks for no relay: it connects directly
+
+            async def no_servers():
+                return RTCConfiguration(iceServers=[])
+
+            direct.rtc_configuration = no_servers
+            await direct.open(PORTRAIT, CONFIG, keep_frames=False)
+            deadline = time.monotonic() + 15
+            while not direct.received.video_times and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await direct.close()
+            return len(direct.received.video_times)
+
+        assert asyncio.run(sessions()) > 0
+    finally:
+        d.quit()
+        proc.terminate()
+        proc.wait(20)
+    log = (info["tmp"] / "server.log").read_text()
+    assert f"the TURN server {turn['url']} gave it no relay address" in log, log[-3000:]

@@ -739,6 +739,17 @@ class LiveSessions:
         # be one the client only sends on: a camera, a microphone; then nothing was sent)
         session.video_sender = set_directions(pc, sections, session.video, session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
+        turn = [server.url for server in servers if server.url.startswith(ice.TURN_SCHEMES)]
+        if turn and " typ relay" not in pc.localDescription.sdp:
+            # (aioice says nothing of it: a refused credential or a TURN server that does not answer
+            # left the operator only its clients' failures to go by)
+            log.warning(
+                "live session %s: the TURN server %s gave it no relay address: is it reachable from this "
+                "machine, and do its credentials match (live.turn_secret, or the URL's)? A client that cannot "
+                "reach this server directly cannot connect",
+                session.id,
+                turn[0],
+            )
         sdp = announce_host(pc.localDescription.sdp, self.settings.public_host)
         return {"sdp": sdp, "type": pc.localDescription.type}
 

@@ -89,8 +89,15 @@ async function startLive() {
       // (an old connection, kept open a moment after Stop, is not the session now running)
       if (pc.connectionState === "failed" && live.pc === pc) { liveError("the connection to the server failed"); stopLive(); }
     });
+    let turnError = "";  // what a TURN server answered, if it refused (401) or did not answer (701)
+    pc.addEventListener("icecandidateerror", (e) => { turnError = ` (${e.url}: ${e.errorCode} ${e.errorText})`; });
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
+    if (rtcConfig.iceTransportPolicy === "relay" && !/ typ relay/.test(pc.localDescription.sdp)) {
+      // relayed media only, and no relay address: no connection can be made
+      throw new Error("this server relays its media through a TURN server, which gave this browser no relay address"
+        + turnError + ": it cannot be reached from here, or refused the credentials");
+    }
     const form = new FormData();
     form.append("image", image);
     const cfg = config();
