@@ -257,6 +257,7 @@ def load_settings(
 
 
 MIN_JWT_SECRET_BYTES = 32
+MIN_TURN_SECRET_BYTES = 16
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -429,6 +430,12 @@ def _check_turn(live: LiveSettings) -> None:
         raise SettingsError(
             f"setting live.ice_transport_policy must be one of {', '.join(ICE_TRANSPORT_POLICIES)}, "
             f"got {as_written(live.ice_transport_policy)}"
+        )
+    if live.turn_secret and len(live.turn_secret.encode()) < MIN_TURN_SECRET_BYTES:
+        # one credential a page was handed (its user name and HMAC) is enough to guess a short one offline
+        raise SettingsError(
+            f"setting live.turn_secret must be at least {MIN_TURN_SECRET_BYTES} bytes, got "
+            f"{len(live.turn_secret.encode())} (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     unkeyed = [url for url in live.ice_servers if needs_secret(url)]
     if unkeyed and not live.turn_secret:

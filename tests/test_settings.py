@@ -91,8 +91,11 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ({"live": {"public_host": "example.org"}}, {}, "live.public_host must be an IP address"),
     ({}, {"SONIC_WEBHOOK_SECRET": "whsec_not*base64"}, "must be base64"),
     # a TURN secret with no TURN URL to make credentials for; relay with nothing to relay through
-    ({}, {"SONIC_LIVE_TURN_SECRET": "s"}, "live.turn_secret is set, but live.ice_servers names no turn: URL without"),
-    ({"live": {"turn_secret": "s", "ice_servers": ["turn:u:p@10.0.0.1:3478"]}}, {}, "names no turn: URL without"),
+    ({}, {"SONIC_LIVE_TURN_SECRET": "s" * 16}, "live.turn_secret is set, but live.ice_servers names no turn: URL with"),
+    ({"live": {"turn_secret": "s" * 16, "ice_servers": ["turn:u:p@10.0.0.1:3478"]}}, {}, "names no turn: URL without"),
+    # a page's one credential is enough to guess a short secret offline
+    ({"live": {"turn_secret": "hunter2", "ice_servers": ["turn:10.0.0.1:3478"]}}, {},
+     "live.turn_secret must be at least 16 bytes, got 7"),
     ({"live": {"ice_transport_policy": "relay", "ice_servers": ["stun:10.0.0.1:3478"]}}, {},
      "live.ice_transport_policy is relay, but live.ice_servers names no turn: URL"),
     ({}, {"SONIC_LIVE_ICE_TRANSPORT_POLICY": "Relay"}, 'ice_transport_policy must be one of all, relay, got "Relay"'),
