@@ -99,6 +99,9 @@ def turn_credentials(secret: str, expires_at: int, who: str) -> tuple[str, str]:
     return username, base64.b64encode(digest).decode()
 
 
+SERVER_NAME = "sonic-server"  # whom the server's own sessions' credentials name
+
+
 def client_name(owner: str | None) -> str:
     """Who a client's credentials name: its caller, told apart in the TURN server's logs by a
     digest of its owner id (the id its jobs carry), or "client" on a server without keys."""
@@ -119,7 +122,7 @@ def ice_servers(urls: Sequence[str], turn_secret: str, expires_at: int, who: str
     servers = []
     for url in urls:
         bare, user, password = written_credentials(url)
-        if user is None and needs_secret(url) and turn_secret:
+        if needs_secret(url) and turn_secret:
             user, password = turn_credentials(turn_secret, expires_at, who)
         servers.append(IceServer(bare, user, password))
     return servers

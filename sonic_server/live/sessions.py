@@ -43,7 +43,6 @@ from .rtc import (
     set_directions,
 )
 
-SERVER_TURN_USER = "sonic-server"  # who the server's own TURN credentials name (ice.py)
 CLOSE_TIMEOUT_S = 3.0  # a connection's close; one that hangs has its transports stopped directly
 TRANSPORT_STOP_S = 1.0
 log = logging.getLogger("sonic.live")
@@ -705,7 +704,7 @@ class LiveSessions:
     async def _negotiate(self, session: ServedSession, offer: dict) -> dict:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
-        servers, _ = ice.configured(self.settings, SERVER_TURN_USER, time.time())
+        servers, _ = ice.configured(self.settings, ice.SERVER_NAME, time.time())
         pc = session.pc = RTCPeerConnection(rtc_configuration(servers))
         session.video, session.audio = face_tracks(self.rtc.loop, session.engine.fps)
 
