@@ -399,13 +399,9 @@ def _check_public_url(url: str | None) -> None:
 def _check_live(live: LiveSettings) -> None:
     # numbers: ServerConfig.POSITIVE and sonic.settings.check_numbers
     for url in live.ice_servers:  # (shown without a password written in it)
-        if not url.startswith(("stun:", "turn:", "turns:")):
-            listed = " (SONIC_LIVE_ICE_SERVERS takes URLs separated by commas)" if url.startswith(("[", '"')) else ""
-            raise SettingsError(
-                f"setting live.ice_servers: {as_written(shown_url(url))} is not a stun:, turn: or turns: URL{listed}"
-            )
         if (why := problem(url)) is not None:
-            raise SettingsError(f"setting live.ice_servers: {as_written(shown_url(url))} {why}")
+            listed = " (SONIC_LIVE_ICE_SERVERS takes URLs separated by commas)" if url.startswith(("[", '"')) else ""
+            raise SettingsError(f"setting live.ice_servers: {as_written(shown_url(url))} {why}{listed}")
     _check_turn(live)
     for network in live.peer_networks:
         try:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..settings import LiveSettings
 
 TURN_SCHEMES = ("turn:", "turns:")
+ICE_SCHEMES = ("stun:", *TURN_SCHEMES)
 LIFETIME_WITHOUT_LIMIT_S = 86_400.0  # sessions without a time limit: a day's credentials
 LIFETIME_MARGIN_S = 600.0  # past a session's limit: a client may open its session minutes after it asked
 
@@ -47,26 +48,35 @@ class IceServer:
         return entry
 
 
+def _userinfo(url: str) -> tuple[str, str, str | None, str] | None:
+    """`scheme:user[:password]@host...` -> (scheme, user, password or None, host...), as written;
+    None without a user part."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or "@" not in rest:
+        return None
+    credentials, host = rest.rsplit("@", 1)
+    user, has_password, password = credentials.partition(":")
+    return scheme, user, password if has_password else None, host
+
+
 def written_credentials(url: str) -> tuple[str, str | None, str | None]:
     """`turn:user:password@host:port` -> (`turn:host:port`, user, password), each part
     percent-decoded (a ':' or '@' in them is written %3A, %40); other URLs unchanged."""
-    if not url.startswith(TURN_SCHEMES) or "@" not in url:
+    parts = _userinfo(url) if url.startswith(TURN_SCHEMES) else None
+    if parts is None:
         return url, None, None
-    scheme, rest = url.split(":", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user, _, password = credentials.partition(":")
-    return f"{scheme}:{host}", unquote(user), unquote(password)
+    scheme, user, password, host = parts
+    return f"{scheme}:{host}", unquote(user), unquote(password or "")
 
 
 def shown_url(url: str) -> str:
     """The URL as a message may show it: a password written in it (whatever the scheme) replaced
     by ***."""
-    scheme, colon, rest = url.partition(":")
-    if not colon or "@" not in rest:
+    parts = _userinfo(url)
+    if parts is None or parts[2] is None:
         return url
-    credentials, host = rest.rsplit("@", 1)
-    user, has_password, _ = credentials.partition(":")
-    return f"{scheme}:{user}:***@{host}" if has_password else url
+    scheme, user, _, host = parts
+    return f"{scheme}:{user}:***@{host}"
 
 
 # host[:port][?transport=udp|tcp], as aiortc (on the server, the Python client and the Pipecat
@@ -76,6 +86,8 @@ ICE_URL = re.compile(r"(stun|turns?):([^?:@\[\]/]+)(:\d{1,5})?(\?transport=(udp|
 
 def problem(url: str) -> str | None:
     """Why an ICE server URL cannot be used, or None."""
+    if not url.startswith(ICE_SCHEMES):
+        return "is not a stun:, turn: or turns: URL"
     bare, user, password = written_credentials(url)
     if ICE_URL.fullmatch(bare) is None:
         if "[" in bare:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..outbound import is_public
+from .ice import TURN_SCHEMES, written_credentials
 
 MAX_CANDIDATES = 20  # per media section: a browser with a few interfaces and a TURN server offers ~10
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,7 +56,7 @@ class PeerPolicy:
         """`here`: the sessions run in this process (not on workers, whose machine is another).
         Clients on this machine are served only where `live.host_addresses` names a loopback
         address (aioice gathers none otherwise): only there may they name its addresses."""
-        turn = tuple(url for url in ice_servers if url.startswith(("turn:", "turns:")))
+        turn = tuple(url for url in ice_servers if url.startswith(TURN_SCHEMES))
         loopback = any((ip := _address(a)) is not None and ip.is_loopback for a in host_addresses)
         return cls(tuple(ipaddress.ip_network(n, strict=False) for n in peer_networks), turn, here and loopback)
 
@@ -209,7 +210,7 @@ def _server_addresses(urls: tuple[str, ...]) -> set[str]:
     failed once is not kept)."""
     found: set[str] = set()
     for url in urls:
-        rest = url.split(":", 1)[1].rsplit("@", 1)[-1].split("?")[0]  # [user:password@]host[:port][?transport=]
+        rest = written_credentials(url)[0].split(":", 1)[1].split("?")[0]  # host[:port][?transport=]
         host = rest[1 : rest.find("]")] if rest.startswith("[") else rest.split(":")[0]
         try:
             found.update(str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None))
