@@ -19,6 +19,7 @@ multiprocess mode); without it each process reports its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,6 +31,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .host_names import HostNames, name_of, well_formed
 from .jobs import FAILED, SUCCEEDED
 
 # a `_created` series beside every counter and histogram (its creation time) doubled the series
@@ -173,3 +175,26 @@ def exposition(
             )
         )
     return body + "".join(gauges).encode(), CONTENT_TYPE_LATEST
+
+
+def worker_page(names: HostNames) -> Callable:
+    """`sonic worker --metrics-port`'s WSGI app: this worker's counters at any path, as
+    Prometheus's own server gave them, to a request that names this machine as the API's must
+    (server.allowed_hosts): a page whose own name points at a worker reads nothing."""
+
+    def answer(environ: dict, start_response: Callable) -> list[bytes]:
+        host = environ.get("HTTP_HOST")
+        refusal = None
+        if host is not None and not well_formed(host):
+            refusal = "400 Bad Request", "the Host header must be a host name or address, with a port or not"
+        elif host is not None and not names.answers(host):
+            told = f"this worker does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts"
+            refusal = "403 Forbidden", told
+        if refusal:
+            start_response(refusal[0], [("Content-Type", "text/plain; charset=utf-8")])
+            return [refusal[1].encode() + b"\n"]
+        body, content_type = exposition(None)
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return answer

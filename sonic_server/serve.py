@@ -221,10 +221,10 @@ def framing_problem(lengths: list[str], encodings: list[str]) -> str | None:
     return None
 
 
-BIND_PROBLEMS = {
-    errno.EADDRINUSE: "another program uses that port: stop it, or choose another port with --port (SONIC_PORT)",
-    errno.EADDRNOTAVAIL: "this machine has no such address: choose another with --host (SONIC_HOST)",
-    errno.EACCES: "ports below 1024 need privileges: choose another with --port (SONIC_PORT)",
+BIND_PROBLEMS = {  # {port} and {host}: the options that choose them
+    errno.EADDRINUSE: "another program uses that port: stop it, or choose another port with {port}",
+    errno.EADDRNOTAVAIL: "this machine has no such address: choose another with {host}",
+    errno.EACCES: "ports below 1024 need privileges: choose another with {port}",
 }
 
 
@@ -235,6 +235,8 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
     minute)."""
 
     told_at = -float("inf")
+    port_option = "--port (SONIC_PORT)"  # what a failed bind tells to change
+    host_option = "--host (SONIC_HOST)"
 
     def server_bind(self) -> None:
         """werkzeug printed the OS's words and exited; this says which setting to change. And
@@ -244,7 +246,8 @@ class ThrottledAcceptServer(ThreadedWSGIServer):
         try:
             socketserver.TCPServer.server_bind(self)
         except OSError as e:
-            why = BIND_PROBLEMS.get(e.errno or 0, e.strerror or str(e))
+            problem = BIND_PROBLEMS.get(e.errno or 0)
+            why = problem.format(port=self.port_option, host=self.host_option) if problem else e.strerror or str(e)
             raise SetupError(f"cannot listen on {self.host}:{self.port}: {why}") from e
         address = self.server_address  # (host, port, ...), or a unix:// socket's path
         if isinstance(address, tuple):

@@ -32,18 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
 from sonic import SonicError
 from sonic.settings import SettingsError
 
 from . import lifecycle
 from .expiry import SWEEP_EVERY_S, OutputExpiry
 from .host_limits import check_host, short_of_disk
+from .host_names import HostNames
 from .jobs import FAILED, PROCESSING, QUEUED, SUCCEEDED, JobRecord, JobStatus
 from .lifecycle import JobEnd, RunSuperseded
 from .live.host import LiveHost
 from .live.relay import Records, reap_lost
 from .logs import Quietly, configure_logging
-from .metrics import REGISTRY
+from .metrics import worker_page
 from .queue.execute import INTERNAL, run_task
 from .queue.redis import (
     PREFIX,
@@ -485,6 +488,24 @@ def rq_worker(conn: Any, name: str, on_stop: Callable[[], None], may_take: Calla
     return Worker([rq_queue(conn)], connection=conn, name=name)
 
 
+def serve_metrics(host: str, port: int, names: HostNames) -> ThreadedWSGIServer:
+    """This worker's /metrics, from a thread of its own. Not prometheus_client's server: that
+    one asked DNS for its address's name at start (10 s late where no DNS server answers) and
+    answered a Host of any name."""
+    from .serve import ThrottledAcceptServer
+
+    class MetricsServer(ThrottledAcceptServer):
+        port_option, host_option = "--metrics-port", "--metrics-host"
+
+    class Unlogged(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass  # a scrape every few seconds would bury the worker's own lines
+
+    server = MetricsServer(host, port, worker_page(names), Unlogged)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="settings YAML over the shipped configs/default.yaml")
@@ -521,12 +542,10 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     if a.metrics_port:  # before anything registers: a port in use stops the start, not a worker half up
-        from prometheus_client import start_http_server
-
         try:
-            start_http_server(a.metrics_port, addr=a.metrics_host, registry=REGISTRY)
-        except OSError as e:
-            sys.exit(f"error: --metrics-port {a.metrics_port} on {a.metrics_host}: {e.strerror or e}")
+            serve_metrics(a.metrics_host, a.metrics_port, HostNames.of(srv.allowed_hosts, srv.public_url))
+        except SonicError as e:
+            sys.exit(f"error: {e.message}")
     import redis
 
     from sonic import load_pipeline

@@ -129,3 +129,39 @@ def test_the_server_starts_without_asking_dns_for_its_own_name(monkeypatch, tmp_
         assert server.server_name == str(socket_path) and socket_path.exists()
     finally:
         server.server_close()
+
+
+def test_a_workers_metrics_start_without_dns_and_answer_only_names_of_this_machine(monkeypatch):
+    """`sonic worker --metrics-port` used prometheus_client's server: it asked DNS for its
+    address's name at start, and answered a Host of any name (DNS rebinding: a page whose own
+    name points at the worker could read its counters). It now refuses names as the API does."""
+    import socket
+
+    import requests
+
+    from sonic_server.host_names import HostNames
+    from sonic_server.worker import serve_metrics
+
+    def lookup(*args):
+        raise AssertionError("a DNS lookup at start")
+
+    monkeypatch.setattr(socket, "getfqdn", lookup)
+    for listed, rebound_answered in (((), False), (("metrics.example",), True)):
+        server = serve_metrics("127.0.0.1", 0, HostNames.of(listed, None))
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}/metrics"
+        try:
+            page = requests.get(url, timeout=5)
+            assert page.status_code == 200 and "# TYPE sonic_jobs_finished_total counter" in page.text
+            assert page.headers["Content-Type"].startswith("text/plain")
+            rebound = requests.get(url, headers={"Host": "metrics.example:9100"}, timeout=5)
+            if rebound_answered:
+                assert rebound.status_code == 200 and "sonic_jobs_finished_total" in rebound.text
+            else:
+                assert rebound.status_code == 403 and "sonic_" not in rebound.text
+                assert "does not answer to the name metrics.example: list it in server.allowed_hosts" in rebound.text
+            malformed = requests.get(url, headers={"Host": "a b<c>"}, timeout=5)
+            assert malformed.status_code == 400 and "sonic_" not in malformed.text
+            assert "the Host header must be a host name or address" in malformed.text
+        finally:
+            server.shutdown()
+            server.server_close()
