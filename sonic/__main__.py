@@ -56,6 +56,8 @@ def _json_kind(value: object) -> str:
 
 
 def _params(text: str | None) -> dict:
+    from .options import DuplicateKey, unique_keys
+
     if not text:
         return {}
     named_file = _is_file(text)
@@ -65,7 +67,9 @@ def _params(text: str | None) -> dict:
         except UnicodeDecodeError as e:
             raise InvalidParameter(f"--config file is not UTF-8 text (byte {e.start})", field="config") from e
     try:
-        params = json.loads(text)
+        params = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise InvalidParameter(f"--config gives the key {e.key[:40]!r} twice", field="config") from None
     except (ValueError, RecursionError) as e:
         if not named_file and not text.lstrip().startswith(("{", "[")):  # no JSON, and no such file
             raise InvalidParameter(

@@ -27,6 +27,25 @@ from .settings import Limits, Settings, as_settings, read_yaml
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that gives one key twice (`unique_keys`)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook for parameters: `{"seed": 1, "seed": 2}` means one thing to one
+    parser and another to the next (Python's keeps the last), so it is refused."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def load_config(path: str | Path | None = None) -> dict:
     """The settings file's contents as a plain mapping (default: the shipped one), for callers
     that edit and write a settings file; everything else takes typed settings

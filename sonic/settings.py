@@ -367,6 +367,32 @@ def resolve_path(p: str | None, base: Path) -> str | None:
     return str((base / Path(p).expanduser()).resolve())
 
 
+class _KeyTwice(yaml.YAMLError):
+    def __init__(self, key: Any, lines: tuple[int, int]):
+        super().__init__(f"the key {shown(key)} is given twice (lines {lines[0]} and {lines[1]})")
+
+
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping naming one key twice is refused: PyYAML keeps the
+    last, so an operator's second `server:` block silently dropped the first's settings (its
+    port, its keys). A merge (`<<: *base`) may still be overridden: that is what it is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        line_of: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in line_of:
+                    raise _KeyTwice(key, (line_of[key], line))
+                line_of[key] = line
+            except TypeError:  # an unhashable key: the safe loader's own error names it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path | None = None) -> dict:
     """The settings file's contents as a mapping (default: the shipped configs/default.yaml)."""
     p = Path(path) if path else DEFAULT_CONFIG
@@ -374,13 +400,15 @@ def read_yaml(path: str | Path | None = None) -> dict:
         raise SettingsError(f"settings file {str(p)!r} is not a regular file")
     try:
         with open(p, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeysLoader)  # a SafeLoader
     except FileNotFoundError as e:
         raise SettingsError(f"settings file {str(p)!r} not found") from e
     except OSError as e:  # a folder, no permission
         raise SettingsError(f"settings file {str(p)!r} cannot be read: {e.strerror or type(e).__name__}") from e
     except UnicodeDecodeError as e:
         raise SettingsError(f"settings file {str(p)!r} is not UTF-8 text (byte {e.start})") from None
+    except _KeyTwice as e:
+        raise SettingsError(f"settings file {str(p)!r}: {e}") from None
     except yaml.YAMLError as e:
         raise SettingsError(f"settings file {str(p)!r} is not valid YAML: {e}") from e
     except RecursionError:  # lists or mappings nested thousands deep

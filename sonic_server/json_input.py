@@ -15,6 +15,7 @@ from flask import request
 from flask.json.provider import DefaultJSONProvider
 
 from sonic import InvalidParameter
+from sonic.options import DuplicateKey, unique_keys
 
 MAX_DEPTH = 20  # arrays and objects inside each other; the service's own bodies need 3
 MAX_NUMBER_CHARS = 40  # characters of one number literal (an int64 takes 20, a float's repr 24)
@@ -45,25 +46,8 @@ def _number(kind: type):
     return parse
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict:
-    """An object whose keys are each given once: `{"seed": 1, "seed": 2}` means one thing to one
-    parser and another to the next (this one kept the last), so it is refused."""
-    obj: dict = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
 _DECODER = json.JSONDecoder(
-    object_pairs_hook=_object,
+    object_pairs_hook=unique_keys,
     parse_int=_number(int),
     parse_float=_number(float),
     parse_constant=lambda name: _Refused(f"{name} is not a JSON number"),
@@ -107,7 +91,7 @@ def parse_json(text: str | bytes, field: str, max_values: int = MAX_VALUES) -> A
         raise InvalidParameter(f"{field} nests arrays or objects more than {MAX_DEPTH} deep", field=field) from None
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"{field} is not valid JSON: {e.msg}", field=field) from None
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise InvalidParameter(f"{field}: the key {e.key[:40]!r} is given twice", field=field) from None
     except ValueError as e:  # a number the decoder cannot convert
         raise InvalidParameter(f"{field} is refused: {e}", field=field) from None

@@ -276,7 +276,9 @@ def test_what_cannot_be_read_as_parameters_or_settings_is_one_error_not_a_traceb
                          ('{"seed": ' + "9" * 4400 + "}", "a number too long to read"),
                          (str(not_utf8), "is not UTF-8 text"),
                          ("null", "must be a JSON object .*, got null"),  # was "no such file"
-                         ("7", "must be a JSON object .*, got a number")):
+                         ("7", "must be a JSON object .*, got a number"),
+                         # Python's parser kept the last of a key given twice; the server's refused it
+                         ('{"seed": 1, "fps": 30, "seed": 2}', "gives the key 'seed' twice")):
         with pytest.raises(InvalidParameter, match=needle) as e:
             _params(text)
         assert e.value.field == "config"
@@ -284,10 +286,16 @@ def test_what_cannot_be_read_as_parameters_or_settings_is_one_error_not_a_traceb
     os.mkfifo(fifo)
     deep_yaml.write_text("a: " + "[" * 5000 + "]" * 5000)
     latin_yaml.write_bytes(b"\xff\xfe\x00bad")
+    # a second `server:` block silently replaced the first (its port, its keys); a merge may override
+    twice_yaml, merged_yaml = tmp_path / "twice.yaml", tmp_path / "merged.yaml"
+    twice_yaml.write_text("server:\n  port: 5001\noutput_dir: out\nserver:\n  host: 127.0.0.1\n")
+    merged_yaml.write_text("base: &b\n  fps: 25\n  seed: 1\ndefaults:\n  <<: *b\n  seed: 2\n")
     for path, needle in ((fifo, "is not a regular file"), (deep_yaml, "nests lists or mappings too deep"),
-                         (latin_yaml, "is not UTF-8 text")):
+                         (latin_yaml, "is not UTF-8 text"),
+                         (twice_yaml, 'the key "server" is given twice \\(lines 1 and 4\\)')):
         with pytest.raises(SettingsError, match=needle):
             read_yaml(path)
+    assert read_yaml(merged_yaml)["defaults"] == {"fps": 25, "seed": 2}
 
 
 def test_default_output_location(pipeline, tmp_path):
