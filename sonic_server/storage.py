@@ -18,14 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
-from flask import Response, request, send_from_directory
+from flask import Response, request
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
+from werkzeug.http import http_date
+from werkzeug.wsgi import wrap_file
 
 from sonic import SonicError
 from sonic.errors import SetupError
@@ -90,28 +93,57 @@ class FolderOutputs:
         return proxied
 
     def response(self, name: str):
-        path = self.folder / name
-        if path.is_symlink() or not path.is_file():  # the service writes files: a link is no video of its
+        video_file = _open_video(self.folder / name)
+        if video_file is None:
             return None
-        stat = path.stat()
-        video = Validators.of_file(stat.st_mtime_ns, stat.st_size)
-        answered = conditional_answer(verdict(request.headers, request.method, video), video.headers())
-        if answered is not None:
-            return answered
-        if not range_applies(request.headers, video):
-            ignore_range()
-        drop_conditions()  # decided: werkzeug would answer them again, before the range is read
-        suffix = request.range.ranges[0] if request.range is not None and len(request.range.ranges) == 1 else None
-        if suffix is not None and suffix[0] < 0 and -suffix[0] > stat.st_size:
-            ignore_range()  # the last N bytes of a shorter file are all of it (RFC 9110 14.1.3); werkzeug said 416
         try:
-            resp = send_from_directory(
-                self.folder, name, mimetype="video/mp4", conditional=True, etag=video.etag, last_modified=video.modified
-            )
-        except RequestedRangeNotSatisfiable:
-            return unsatisfiable_range(stat.st_size)
-        resp.headers["Cache-Control"] = VIDEO_CACHE
-        return resp
+            return _video_answer(video_file)
+        except BaseException:
+            video_file.close()
+            raise
+
+
+def _open_video(path: Path) -> BinaryIO | None:
+    """The video file at `path` opened for reading, or None where there is no such plain file.
+    The service writes files: a link is no video of its own. Opened without following one, and
+    everything after read from the open file, not the name: a link put in its place between a
+    check and an open would have been followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (a FIFO would block the open)
+    except OSError:  # none, a link, a folder's name
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def _video_answer(video_file: BinaryIO) -> Response:
+    """The answer to a GET or HEAD of the open video: its conditions and range decided, the bytes
+    streamed from the file (closed with the answer)."""
+    st = os.fstat(video_file.fileno())
+    video = Validators.of_file(st.st_mtime_ns, st.st_size)
+    answered = conditional_answer(verdict(request.headers, request.method, video), video.headers())
+    if answered is not None:
+        video_file.close()
+        return answered
+    if not range_applies(request.headers, video):
+        ignore_range()
+    drop_conditions()  # decided: werkzeug would answer them again, before the range is read
+    suffix = request.range.ranges[0] if request.range is not None and len(request.range.ranges) == 1 else None
+    if suffix is not None and suffix[0] < 0 and -suffix[0] > st.st_size:
+        ignore_range()  # the last N bytes of a shorter file are all of it (RFC 9110 14.1.3); werkzeug said 416
+    resp = Response(wrap_file(request.environ, video_file), mimetype="video/mp4", direct_passthrough=True)
+    resp.content_length = st.st_size
+    resp.headers["Last-Modified"] = http_date(video.modified)
+    resp.set_etag(video.etag)
+    try:
+        resp.make_conditional(request.environ, accept_ranges=True, complete_length=st.st_size)
+    except RequestedRangeNotSatisfiable:
+        video_file.close()
+        return unsatisfiable_range(st.st_size)
+    resp.headers["Cache-Control"] = VIDEO_CACHE
+    return resp
 
 
 def conditional_answer(status: int | None, validators: dict[str, str]):

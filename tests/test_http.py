@@ -802,6 +802,10 @@ def test_a_link_in_the_output_folder_is_no_video(make_client, tmp_path):
     out.mkdir(parents=True, exist_ok=True)
     os.symlink(secret, out / ("a" * 32 + ".mp4"))
     assert_clean_error(client.get("/output/" + "a" * 32 + ".mp4"), 404, "not_found")
+    # the file is opened without following a link, and answered from what was opened (a link put
+    # in place between a check and an open was followed); a FIFO by that name neither blocks nor plays
+    os.mkfifo(out / ("b" * 32 + ".mp4"))
+    assert_clean_error(client.get("/output/" + "b" * 32 + ".mp4"), 404, "not_found")
 
 
 def test_hostile_inputs(make_client, tmp_path):
