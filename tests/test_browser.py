@@ -3,6 +3,7 @@ chromium-driver, driven by selenium, headless) against app.py on a free port wit
 Set SONIC_SCREENSHOT=path to save the finished page (docs/demo.png is made this way)."""
 import os
 import shutil
+import tempfile
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from test_http_live import start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
+BROWSER_TMP = tempfile.TemporaryDirectory(prefix="sonic-chromium-")  # removed when the test process ends
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def chromium(*extra_args):
                 "--autoplay-policy=no-user-gesture-required", "--mute-audio",
                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", *extra_args):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    # Chromium leaves a folder in TMPDIR per run (its singleton socket): under this file's own
+    driver = webdriver.Chrome(service=Service(DRIVER, env={**os.environ, "TMPDIR": BROWSER_TMP.name}), options=opts)
     driver.set_script_timeout(30)
     return driver
 
