@@ -430,6 +430,11 @@ def _channel_levels(log: bytes) -> dict[int, float]:
     return levels
 
 
+# a video stream in ffmpeg's description of a file (not a cover picture of a recording): a clip
+# whose video outlasts its sound is no recording cut short
+MOVING_PICTURES = re.compile(rb"^\s*Stream #\d+:\d+.*: Video: (?!.*\(attached pic\)).*$", re.MULTILINE)
+
+
 @dataclass(frozen=True)
 class AudioStream:
     """A recording's first audio stream as ffmpeg decodes it."""
@@ -468,6 +473,8 @@ def probe_audio(path: str | Path) -> AudioStream | None:
         return None
     stated = re.search(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", proc.stderr, re.MULTILINE)
     duration = None if stated is None else 3600 * int(stated[1]) + 60 * int(stated[2]) + float(stated[3])
+    if MOVING_PICTURES.search(proc.stderr):  # the container's length is its longest stream's, maybe the video's
+        duration = None
     estimated = b"Estimating duration from bitrate" in proc.stderr
     wav = _wav_data(path)
     if wav is not None and wav.streaming:

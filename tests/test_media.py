@@ -626,3 +626,31 @@ def test_a_palette_photos_profile_is_applied_too(tmp_path):
     red.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png", icc_profile=icc)
     as_rgb, as_palette = (load_image(tmp_path / n, 10**7)[0, 0].astype(int) for n in ("rgb.png", "p.png"))
     assert np.abs(as_rgb - (220, 40, 30)).max() > 10 and np.abs(as_palette - as_rgb).max() <= 2
+
+
+def test_a_clip_whose_picture_outlasts_its_sound_is_not_called_cut_short(tmp_path):
+    """A video given as the recording states its longest stream's length: a clip of 3 s whose
+    sound stops after 1 s was told "the recording says it lasts 3.0 s ... may be cut short". A
+    recording's cover picture is no video: its stated length still tells a file cut short."""
+    import subprocess
+
+    import soundfile as sf
+    from PIL import Image
+
+    from sonic.media import FFMPEG, probe_audio
+    from sonic.sound import load_sound
+
+    voice, cover = tmp_path / "voice.wav", tmp_path / "cover.png"
+    sf.write(voice, (np.sin(np.arange(16000) / 8) * 0.3).astype(np.float32), 16000, subtype="PCM_16")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(cover)
+    clip, tagged = tmp_path / "clip.mp4", tmp_path / "tagged.mp3"
+    quiet = [FFMPEG, "-loglevel", "error", "-y"]
+    subprocess.run([*quiet, "-f", "lavfi", "-i", "testsrc=size=128x96:rate=25:duration=3", "-i", str(voice),
+                    "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-c:a", "aac", str(clip)], check=True)
+    subprocess.run([*quiet, "-i", str(voice), "-i", str(cover), "-map", "0:a", "-map", "1:v", "-c:v", "mjpeg",
+                    "-disposition:v", "attached_pic", str(tagged)], check=True)
+    wav = load_audio(clip, 60)
+    assert abs(len(wav) / SAMPLE_RATE - 1.0) < 0.1
+    assert load_sound(clip, 60, wav).cut_short(len(wav) / SAMPLE_RATE) is None
+    stated = probe_audio(tagged).duration_s
+    assert stated is not None and abs(stated - 1.0) < 0.1
