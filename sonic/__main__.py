@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import InvalidParameter, SonicError
+from .errors import Busy, InvalidParameter, PipelineError, SonicError
 
 
 class ProgressBar:
@@ -115,6 +115,13 @@ def _server_command(name: str) -> Callable[..., None]:
     return module.main
 
 
+def exit_code(e: SonicError) -> int:
+    """2 for what the caller can fix (the inputs, the parameters, the settings, the checkpoints),
+    1 for a failure that is not theirs (ffmpeg failed, the disk is full, memory is taken), which a
+    script may try again: each was 2."""
+    return 1 if isinstance(e, (PipelineError, Busy)) or type(e) is SonicError else 2
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SonicError as e:  # (a SettingsError too)
         bar.line(f"error: {e.message}")
-        return 2
+        return exit_code(e)
     except KeyboardInterrupt:  # ^C, or SIGTERM (timeout, a batch scheduler): the render's files are removed
         bar.line("interrupted")
         return 130

@@ -376,6 +376,18 @@ def test_disk_full_is_a_clear_error(pipeline, tmp_path):
         assert "No space left" in e.value.message and str(mnt) not in e.value.message
         assert e.value.code == "disk_full"
         assert list(mnt.iterdir()) == []
+        # the CLI: not the caller's fault, so exit 1 (a script may try again), not bad input's 2
+        import signal
+
+        from sonic.__main__ import main
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # main() sets its own
+        try:
+            assert main(["generate", "--image", str(PORTRAIT), "--audio", str(SPEECH), "--out", str(mnt / "v.mp4"),
+                         "--quiet"]) == 1
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+        assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
