@@ -24,8 +24,11 @@ MESH_CROP_MIN_PX = 8  # a crop around a detection smaller than this either way h
 SIZE_MULTIPLE = 8  # output sides are multiples of this (H.264 macroblocks, yuv420p)
 # the second look, tile by tile, for a face too small for the detector in the whole photo
 TILED_SOURCE_PX = 2048  # the photo's long side is reduced to at most this first
-TILE_FRACTIONS = (0.5, 0.25)  # tile sides, of the long side
+TILE_FRACTIONS = (0.5, 0.25, 0.125)  # tile sides, of the long side
 TILE_MIN_PX = 160  # no tile smaller than this (the detector's own input is 192 px)
+# no smaller tiles once a tile spans this few of the photo's own pixels: the detector sees a face
+# of 24 px (the smallest animated) at 7 px or more there, about as small as it finds
+TILE_ENOUGH_PX = 640
 TILED_FACES_MAX = 6  # the largest faces the tiles found that are meshed (each ~20 ms)
 TILED_BOXES_MAX = 100  # detections kept from one tile size (merging them is quadratic)
 # which way up: the detector and the mesh are made for faces within ~90 degrees of upright; past
@@ -220,9 +223,10 @@ class FaceAnalyzer:
         return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
     def _detect_in_tiles(self, rgb: np.ndarray) -> Iterator[list[Box]]:
-        """Faces found in overlapping tiles, of half and then a quarter of the photo's long side
-        (the photo first reduced to TILED_SOURCE_PX), as far as a tile is TILE_MIN_PX: for each
-        tile size, the largest TILED_BOXES_MAX, overlaps merged, largest first."""
+        """Faces found in overlapping tiles, of half, a quarter, then an eighth of the photo's long
+        side (the photo first reduced to TILED_SOURCE_PX), as far as a tile is TILE_MIN_PX and
+        until one spans TILE_ENOUGH_PX of the photo: for each tile size, the largest
+        TILED_BOXES_MAX, overlaps merged, largest first."""
         h, w = rgb.shape[:2]
         scale = min(1.0, TILED_SOURCE_PX / max(h, w))
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
@@ -238,6 +242,8 @@ class FaceAnalyzer:
                 for box in self._detect(small[y : y + size, x : x + size], (x / scale, y / scale), scale)
             ]
             yield _merged(sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)[:TILED_BOXES_MAX])
+            if size / scale <= TILE_ENOUGH_PX:
+                return
 
     def _mesh_box(self, rgb: np.ndarray, box: Box) -> np.ndarray | None:
         """The mesh of the face a detection (x, y, w, h) found, from a crop around it, or None."""

@@ -457,6 +457,15 @@ def test_a_small_face_in_a_large_photo_is_found(pipeline):
     assert pipeline.faces.analyze(canvas).others == 1
     with pytest.raises(NoFaceDetected):
         pipeline.faces.analyze(np.full((1200, 1600, 3), 235, np.uint8))
+    # in the largest photo the service passes (16 MP), a face 30 px wide (24 can be animated): the
+    # tiles of an eighth of the long side find it (in those of a quarter it was 4.7 px: no face)
+    k = 30 / (alone.box[2] - alone.box[0])
+    small = cv2.resize(face, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    large = np.full((3266, 4899, 3), 235, np.uint8)
+    h, w = small.shape[:2]
+    large[2000 : 2000 + h, 3000 : 3000 + w] = small
+    box = pipeline.faces.analyze(large).box
+    assert 2990 < box[0] < 3000 + w and 26 < box[2] - box[0] < 36
 
 
 def test_a_face_too_small_to_animate_is_refused_and_one_cut_off_is_warned_of(pipeline, tmp_path):
