@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="make a talking-head MP4")
     gen.add_argument("--image", required=True, help="portrait (PNG, JPEG, WebP)")
-    gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A, WebM)")
+    gen.add_argument("--audio", required=True, help="speech (WAV, MP3, FLAC, OGG, M4A, WebM, AIFF, CAF, AMR)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--config", help="JSON object of parameters, or a path to a JSON file")
     gen.add_argument(

@@ -121,7 +121,24 @@ def _writable(path: Path, inputs: tuple[object, ...], named: str) -> Path:
     return path
 
 
-AUDIO_SUFFIXES = {".m4a", ".m4b", ".aac", ".3gp", ".3g2", ".wav", ".mp3", ".flac", ".ogg", ".opus", ".webm"}
+AUDIO_SUFFIXES = {
+    ".m4a",
+    ".m4b",
+    ".aac",
+    ".3gp",
+    ".3g2",
+    ".wav",
+    ".mp3",
+    ".flac",
+    ".ogg",
+    ".opus",
+    ".webm",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".caf",
+    ".amr",
+}
 # an MP4 video's major brands (its `ftyp` box); M4A audio, QuickTime, 3GP and HEIC photos differ
 MP4_VIDEO_BRANDS = {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"M4V ", b"dash"}
 

@@ -49,6 +49,7 @@ MAX_BROKEN_SHARE = 0.01  # a file's samples that are not numbers: up to this sha
 # that declared 1 Hz became 100 s of interpolated noise, a 100 s render
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+AVIF_BRANDS = {b"avif", b"avis"}  # an AVIF still image's and sequence's major brands
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # an ISO BMFF ftyp's major brand
 # Larger photos are decoded reduced to this (not by a whole factor: working_size): the output
 # frame is at most 1024 px on its short side, and a face in a 16 MP photo still has more pixels
@@ -63,11 +64,12 @@ JPEG_PIXELS_FACTOR = 4
 JPEG_FORMATS = ("JPEG", "MPO")
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 # The demuxers ffmpeg may use on an upload: the containers the service documents (WAV, MP3, FLAC,
-# OGG, M4A/MP4, WebM as browsers record, raw AAC). ffmpeg picks a demuxer by content, and some
-# (hls, dash, concat, imf, sdp, avisynth...) open the files or URLs a manifest names: none of
-# those is allowed, whatever the upload's name or declared type.
-AUDIO_DEMUXERS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
-AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM"
+# OGG, M4A/MP4, WebM as browsers record, raw AAC, and what Macs and phones' recorders write:
+# AIFF, CAF, AMR). ffmpeg picks a demuxer by content, and some (hls, dash, concat, imf, sdp,
+# avisynth...) open the files or URLs a manifest names: none of those is allowed, whatever the
+# upload's name or declared type.
+AUDIO_DEMUXERS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf", "amr")
+AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM, AIFF, CAF, AMR"
 DOWNMIX = ["-ac", "1"]  # ffmpeg's own downmix, for every layout it knows
 MAX_CHANNELS = 64  # ffmpeg's pan filter averages at most this many channels
 DECODE_TIMEOUT_S = 120
@@ -188,6 +190,8 @@ def _unsupported_image(data: bytes) -> str:
         return f"image format {name} is not supported (PNG, JPEG, WebP)"
     if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # Pillow has no HEIF reader to name it
         return "image format HEIC/HEIF (an iPhone's photo format) is not supported (PNG, JPEG, WebP): export it as JPEG"
+    if data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:  # Pillow's reader needs the whole file to name it
+        return "image format AVIF is not supported (PNG, JPEG, WebP): export it as JPEG or PNG"
     return "image could not be decoded: not a PNG, JPEG or WebP"
 
 
