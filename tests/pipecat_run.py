@@ -13,7 +13,7 @@ Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in re
 chunks): once in real time, a pause, then again all at once (as many TTS services send it),
 interrupted 1.2 s after it began; the sink records every frame that
 reaches it with its arrival time. OUT.npz holds the video frames, their times and metadata,
-the audio chunks' times and lengths, the interruption's time (and when it reached the sink)
+the audio chunks' times, lengths and the picture each follows, the interruption's time (and when it reached the sink)
 and the TTFB metrics reported.
 """
 
@@ -117,8 +117,8 @@ class Recorder(FrameProcessor):
             self.image_times.append(now)
             self.meta.append(frame.metadata.get("sonic", {}))
             self.face_shown.set()
-        elif isinstance(frame, TTSAudioRawFrame):
-            self.audio.append((now, len(frame.audio) // 2, frame.sample_rate))
+        elif isinstance(frame, TTSAudioRawFrame):  # (and the picture it follows)
+            self.audio.append((now, len(frame.audio) // 2, frame.sample_rate, len(self.images) - 1))
         elif isinstance(frame, InterruptionFrame):
             self.marks.setdefault("interruption_at", now)
         elif isinstance(frame, MetricsFrame):

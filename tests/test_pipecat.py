@@ -63,8 +63,15 @@ def test_frames_arrive_at_the_frame_rate_with_the_speech_in_sync(run):
     gaps = np.diff(times)
     assert abs(np.median(gaps) - 1 / FPS) < 0.002 and np.percentile(gaps, 95) < 1.5 / FPS, gaps
     assert abs(len(times) - times[-1] * FPS) <= 0.03 * len(times) + 2
-    audio = data["audio"]  # (arrival time, samples, rate) of each audio chunk pushed with the frames
+    audio = data["audio"]  # (arrival time, samples, rate, picture it follows) of each audio chunk
     assert set(audio[:, 2]) == {24000} and np.median(audio[:, 1]) == 480  # the transport's 20 ms chunks
+    # each picture is followed by the sound it shows, 40 ms of it: Pipecat's default resampler
+    # held back 75 ms and pushed its sound after every other picture (a frame or two late)
+    steady = (times > marks["first_start"] + 0.5) & (times < marks["first_end"] - 0.5)
+    pictures = np.flatnonzero(steady)
+    sound = np.bincount(audio[:, 3].astype(int), weights=audio[:, 1], minlength=len(times))[pictures]
+    assert len(pictures) >= 25 and (sound > 0).mean() >= 0.95, sound
+    assert abs(sound.mean() - 960) < 48, sound.mean()
     speech_s = audio[:, 1].sum() / 24000
     # all of the first utterance, and of the second what played before the interruption
     assert float(data["speech_s"]) - 0.1 <= speech_s <= float(data["speech_s"]) + 1.2 + 0.05, speech_s

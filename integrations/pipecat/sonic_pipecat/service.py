@@ -54,6 +54,7 @@ from .voice import VOICED
 
 ENGINE_RATE = 16_000  # Hz: what sonic's engine hears and hands back
 CHUNK_MS = 20  # audio is pushed in chunks of this length (a transport's usual 10-40 ms)
+RESAMPLER_QUALITY = "HQ"  # SoX's, for the sound to and from the engine (below)
 FINISH_MARGIN_S = 2.0  # at the pipeline's end, the queued speech is waited for this much past its length
 # Pipecat gives every processor 20 s to set up (PipelineWorker's setup_timeout_secs), then stops the
 # whole pipeline, voice and all: the face gives up before, reports why, and the voice goes on
@@ -136,8 +137,12 @@ class SonicVideoService(FrameProcessor):
         self._session: Any = None
         self._clock: asyncio.Task | None = None
         self._out_rate = 24_000
-        self._to_engine = create_stream_resampler()
-        self._from_engine = create_stream_resampler()
+        # Pipecat's default stream resampler (SoX "VHQ") holds back 75 ms and hands it out every
+        # other 40 ms frame: the face's sound came one or two frames after the picture it goes
+        # with, and the TTS's speech reached the face 75 ms late. "HQ" holds back 12 ms and is as
+        # flat to 7.2 kHz (LQ rolls off from 6.5 kHz, QQ from 4 kHz)
+        self._to_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
+        self._from_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
         self._awaiting_first_frame = False
         self._error: str | None = None
         self._started = False  # the pipeline's StartFrame has passed (an error is reported once it has)
