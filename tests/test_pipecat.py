@@ -256,3 +256,24 @@ def test_the_integration_names_every_reason_a_session_ends_for():
     table = source[source.index("ENDED_BECAUSE = {"):]
     named = set(re.findall(r'^    "(\w+)": "', table[: table.index("}")], re.MULTILINE))
     assert named == set(END_REASONS)
+
+
+def test_the_offline_example_writes_the_face_with_its_sound(pipecat_python, tmp_path):
+    """integrations/pipecat/examples/wav_to_face.py, as its README runs it: a recording as the TTS,
+    the face's frames and sound in an MP4 (the speech whole, the video as long as it or longer)."""
+    import av
+    out = tmp_path / "face.mp4"
+    done = subprocess.run(
+        [str(pipecat_python), str(INTEGRATION / "examples" / "wav_to_face.py"), str(EXAMPLES / "portrait.jpg"),
+         str(SPEECH), str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "SONIC_PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with av.open(str(out)) as container:
+        video, sound = container.streams.video[0], container.streams.audio[0]
+        assert video.average_rate == FPS and min(video.width, video.height) == 384
+        pictures = sum(1 for _ in container.decode(video=0))
+    with av.open(str(out)) as container:
+        sound_s = sum(f.samples for f in container.decode(audio=0)) / sound.sample_rate
+    speech_s = 3.0  # examples/speech.flac
+    assert abs(sound_s - speech_s) < 0.15 and pictures / FPS >= speech_s, (sound_s, pictures)
