@@ -250,6 +250,12 @@ def install(
     # with accounts, one bucket per account: bounded too
     max_keys = MAX_CLIENTS * 10 if ledger is not None else None
     limiter = app.extensions["sonic_access"] = RateLimiter(rate_per_s, burst, max_keys, table)
+    # which limit, and that every /api/ request spends it: a page polling a session's state
+    # 30 times a second had its next speak refused "slow down", with no word of why
+    too_many = (
+        f"too many requests: each client may send {rate_per_s:g} a second to /api/ (bursts of {burst:g}), "
+        "reads of a job's or a live session's state included; wait Retry-After seconds"
+    )
     if ledger is not None:
         recharges = table("recharges", credits.recharge_rate_per_s, credits.recharge_burst, MAX_CLIENTS)
 
@@ -265,9 +271,7 @@ def install(
         ending = request.method == "DELETE" and (not keys or key is not None)
         wait = limiter.take(key, request.remote_addr or "unknown", ending=ending)
         if wait > 0:
-            return error_response(
-                "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
-            )
+            return error_response("rate_limited", too_many, headers={"Retry-After": retry_after(wait)})
         if keys and key is None:
             return error_response(
                 "unauthorized",
@@ -289,9 +293,7 @@ def install(
             ending=request.method == "DELETE" and principal is not None,
         )
         if wait > 0:
-            return error_response(
-                "rate_limited", "too many requests; slow down", headers={"Retry-After": retry_after(wait)}
-            )
+            return error_response("rate_limited", too_many, headers={"Retry-After": retry_after(wait)})
         if principal is None:
             return error_response("unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
         g.principal = principal

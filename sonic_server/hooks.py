@@ -6,11 +6,12 @@ import ipaddress
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
 
 from sonic.memory import give_back_memory
 
@@ -139,17 +140,31 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
     def allowed(origin: str) -> bool:
         return normal_origin(origin) in listed or (loopback and _loopback_origin(origin))
 
+    told = UnlistedOrigins()
+
     @app.before_request
     def _refuse_other_pages():
         origin = request.headers.get("Origin")
-        if everyone or origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
+        if everyone or origin is None or allowed(origin) or _same_origin(origin, own):
             return None
-        if allowed(origin) or _same_origin(origin, own):
+        # its browser shows the page a bare CORS failure, and only the operator can list it
+        told.log(origin)
+        if request.method in ("GET", "HEAD", "OPTIONS"):
             return None
         return error_response(
             "forbidden",
             f"a page at {origin[:100]} may not call this API (server.cors_origins does not list it)",
         )
+
+    @app.before_request
+    def _answer_preflights():
+        """A browser asks first (OPTIONS with Access-Control-Request-Method) before a request
+        that sends a key or JSON. For a path no route has, Flask answered that question 404,
+        which the browser reports as a CORS failure: the page never read the 404 (or 405) its
+        request would get. Every path's preflight is answered; the request then gets its own."""
+        if origins and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return Response(status=204)
+        return None
 
     @app.after_request
     def _allow(resp):
@@ -164,6 +179,29 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+UNLISTED_LOG_S = 60  # the warning of pages whose origin server.cors_origins does not list: at most once this often
+
+
+class UnlistedOrigins:
+    """The warning that a page of an origin server.cors_origins does not list called the API
+    (its answers hidden from it, its changes refused): the first such origin, then at most one
+    a minute, so that a page that calls in a loop, or many made-up origins, cannot fill the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._told_at = -float("inf")
+
+    def log(self, origin: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._told_at < UNLISTED_LOG_S:
+                return
+            self._told_at = now
+        log.warning(
+            "a page at %s called the API; server.cors_origins does not list it, so its browser hides the answers "
+            "(and changes are refused 403): list it (SONIC_CORS_ORIGINS) if it is yours",
+            json.dumps(origin[:100]),
+        )
 
 
 def _same_origin(origin: str, own: str | None) -> bool:

@@ -73,10 +73,11 @@ def _check(value: Any, field: str) -> None:
                 stack.append((child, depth + 1, where))
 
 
-def parse_json(text: str | bytes, field: str, max_values: int = MAX_VALUES) -> Any:
+def parse_json(text: str | bytes, field: str, max_values: int = MAX_VALUES, expected: str | None = None) -> Any:
     """The value of a JSON text, or `InvalidParameter` naming what is wrong and where: the
     top-level key that holds it, else `field`. More than `max_values` commas and brackets
-    (`MAX_VALUES`) is refused unparsed."""
+    (`MAX_VALUES`) is refused unparsed. Text that is no JSON is quoted (its beginning) and told
+    what is `expected`: a page's `[object Object]` or a raw SDP had only "Expecting value"."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -90,7 +91,8 @@ def parse_json(text: str | bytes, field: str, max_values: int = MAX_VALUES) -> A
     except RecursionError:
         raise InvalidParameter(f"{field} nests arrays or objects more than {MAX_DEPTH} deep", field=field) from None
     except json.JSONDecodeError as e:
-        raise InvalidParameter(f"{field} is not valid JSON: {e.msg}", field=field) from None
+        told = f"{field} is not valid JSON: {e.msg} (it begins {json.dumps(text[:24])})"
+        raise InvalidParameter(told + (f"; send {expected}" if expected else ""), field=field) from None
     except DuplicateKey as e:
         raise InvalidParameter(f"{field}: the key {e.key[:40]!r} is given twice", field=field) from None
     except ValueError as e:  # a number the decoder cannot convert
@@ -130,7 +132,7 @@ def json_object_field(field: str, max_chars: int, what: str = "a JSON object") -
         raise InvalidParameter(f"{field} is longer than {max_chars} characters", field=field)
     if not raw.strip():
         return None
-    value = parse_json(raw, field)
+    value = parse_json(raw, field, expected=what)
     if not isinstance(value, dict):
         raise InvalidParameter(f"{field} must be {what}", field=field)
     return value

@@ -925,6 +925,29 @@ def test_cors_origins_listed(make_client):
     assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": "http://evil.example"}).headers
 
 
+def test_a_page_of_a_listed_origin_reads_every_answer_and_an_unlisted_one_is_named_in_the_log(make_client, caplog):
+    """A page that sends a key asks first (a preflight): for a path no route has it was answered
+    404, which its browser shows as a bare CORS failure, so the page never read the 404 its
+    request got. A page whose origin is not listed sees only a CORS failure: the operator's log
+    names the origin (once a minute at most)."""
+    client, _ = make_client(cors_origins=["http://app.example"], api_keys=["s3cret-key"])
+    page = {"Origin": "http://app.example"}
+    for path, method in (("/api/sonic/lives", "POST"), ("/api/sonic/live/" + "a" * 32 + "/", "GET")):
+        pre = client.options(path, headers={**page, "Access-Control-Request-Method": method,
+                                            "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 204 and pre.headers["Access-Control-Allow-Origin"] == "http://app.example"
+        r = client.open(path, method=method, headers={**page, "Authorization": "Bearer s3cret-key"})
+        assert_clean_error(r, 404, "not_found")
+        assert r.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    stranger = {"Origin": "http://localhost:56410"}
+    with caplog.at_level(logging.WARNING, logger="sonic.http"):
+        assert "Access-Control-Allow-Origin" not in client.get("/health", headers=stranger).headers
+        assert_clean_error(post(client, headers={**stranger, "Authorization": "Bearer s3cret-key"}), 403, "forbidden")
+        client.get("/health", headers={"Origin": "http://other.example"})
+    told = [rec.getMessage() for rec in caplog.records if "server.cors_origins does not list it" in rec.getMessage()]
+    assert len(told) == 1 and '"http://localhost:56410"' in told[0], told
+
+
 def test_api_keys_and_rate_limit(make_client):
     client, _ = make_client(api_keys=["s3cret-key"], rate_limit_per_s=2, rate_limit_burst=3)
     url = "/api/sonic/params"
@@ -938,6 +961,9 @@ def test_api_keys_and_rate_limit(make_client):
     assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
     limited = client.get(url, headers=auth)
     assert_clean_error(limited, 429, "rate_limited")
+    # which limit, and that reads spend it too (a page polling a state had "slow down" only)
+    assert "each client may send 2 a second to /api/ (bursts of 3), reads of a job's or a live session's state " \
+           "included" in limited.get_json()["error"]["message"]
     assert int(limited.headers["Retry-After"]) >= 1
     assert all(client.get("/health").status_code == 200 for _ in range(10))
     assert client.get("/openapi.json").status_code == 200                   # open without a key

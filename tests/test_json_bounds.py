@@ -118,6 +118,14 @@ def test_the_parser_names_what_is_wrong():
         parse_json('{"seed": 1, "min_resolution": 256, "seed": 2}', "config")
     with pytest.raises(InvalidParameter, match="'a' is given twice"):
         parse_json('{"pairs": [{"a": 1, "a": 1}]}', "body")
+    # what a page sent by mistake is quoted, and what was expected said: "Expecting value" alone
+    # did not tell a FormData's "[object Object]" or a raw SDP from a typo
+    with pytest.raises(InvalidParameter) as e:
+        parse_json("v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1", "offer", expected='JSON {"sdp": ..., "type": "offer"}')
+    assert e.value.message == ('offer is not valid JSON: Expecting value (it begins "v=0\\r\\no=- 461173140043005"); '
+                               'send JSON {"sdp": ..., "type": "offer"}')
+    with pytest.raises(InvalidParameter, match=r'config is not valid JSON: .* \(it begins "\[object Object\]"\)$'):
+        parse_json("[object Object]", "config")
 
 
 json_values = st.recursive(
