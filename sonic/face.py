@@ -29,6 +29,7 @@ TILE_MIN_PX = 160  # no tile smaller than this (the detector's own input is 192 
 # no smaller tiles once a tile spans this few of the photo's own pixels: the detector sees a face
 # of 24 px (the smallest animated) at 7 px or more there, about as small as it finds
 TILE_ENOUGH_PX = 640
+EIGHTHS_AFTER = 0.25  # that check is made from the quarters on: every photo of 640 px or more gets its quarters
 TILED_FACES_MAX = 6  # the largest faces the tiles found that are meshed (each ~20 ms)
 TILED_BOXES_MAX = 100  # detections kept from one tile size (merging them is quadratic)
 # which way up: the detector and the mesh are made for faces within ~90 degrees of upright; past
@@ -242,7 +243,7 @@ class FaceAnalyzer:
                 for box in self._detect(small[y : y + size, x : x + size], (x / scale, y / scale), scale)
             ]
             yield _merged(sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)[:TILED_BOXES_MAX])
-            if size / scale <= TILE_ENOUGH_PX:
+            if fraction <= EIGHTHS_AFTER and size / scale <= TILE_ENOUGH_PX:  # (halves and quarters always run)
                 return
 
     def _mesh_box(self, rgb: np.ndarray, box: Box) -> np.ndarray | None:

@@ -188,11 +188,21 @@ def _unsupported_image(data: bytes) -> str:
         name = None
     if name:
         return f"image format {name} is not supported (PNG, JPEG, WebP)"
-    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # Pillow has no HEIF reader to name it
-        return "image format HEIC/HEIF (an iPhone's photo format) is not supported (PNG, JPEG, WebP): export it as JPEG"
-    if data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:  # Pillow's reader needs the whole file to name it
+    brands = _ftyp_brands(data)
+    if brands & AVIF_BRANDS:  # Pillow's reader needs the whole file to name it
         return "image format AVIF is not supported (PNG, JPEG, WebP): export it as JPEG or PNG"
+    if brands & HEIF_BRANDS:  # Pillow has no HEIF reader to name it
+        return "image format HEIC/HEIF (an iPhone's photo format) is not supported (PNG, JPEG, WebP): export it as JPEG"
     return "image could not be decoded: not a PNG, JPEG or WebP"
+
+
+def _ftyp_brands(data: bytes) -> set[bytes]:
+    """An ISO BMFF file's major and compatible brands, from its first box (`ftyp`); none for
+    another file. (An AVIF may carry the HEIF brand `mif1` as its major one, `avif` among the rest.)"""
+    if data[4:8] != b"ftyp":
+        return set()
+    end = min(len(data), int.from_bytes(data[:4], "big"))
+    return {data[8:12]} | {data[i : i + 4] for i in range(16, end - 3, 4)}
 
 
 def working_size(w: int, h: int, max_working_pixels: int) -> tuple[int, int]:

@@ -375,22 +375,29 @@ class _KeyTwice(yaml.YAMLError):
 class _UniqueKeysLoader(yaml.SafeLoader):
     """YAML's safe loader, except that a mapping naming one key twice is refused: PyYAML keeps the
     last, so an operator's second `server:` block silently dropped the first's settings (its
-    port, its keys). A merge (`<<: *base`) may still be overridden: that is what it is for."""
+    port, its keys). A merge (`<<: *base`) may still be overridden: that is what it is for. Each
+    mapping's own keys are checked once, before PyYAML's merging writes the merged keys into it."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        line_of: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in line_of:
-                    raise _KeyTwice(key, (line_of[key], line))
-                line_of[key] = line
-            except TypeError:  # an unhashable key: the safe loader's own error names it
-                continue
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # the mapping nodes whose own keys were checked
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            line_of: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in line_of:
+                        raise _KeyTwice(key, (line_of[key], line))
+                    line_of[key] = line
+                except TypeError:  # an unhashable key: the safe loader's own error names it
+                    continue
+        super().flatten_mapping(node)
 
 
 def read_yaml(path: str | Path | None = None) -> dict:

@@ -179,28 +179,32 @@ def cors(app: Flask, origins: list[str], public_url: str | None = None) -> None:
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-UNLISTED_LOG_S = 60  # the warning of pages whose origin server.cors_origins does not list: at most once this often
+UNLISTED_LOG_S = 60  # an origin server.cors_origins does not list is logged at most once in this long
+UNLISTED_PER_WINDOW = 5  # ... and at most this many origins in it
 
 
 class UnlistedOrigins:
     """The warning that a page of an origin server.cors_origins does not list called the API
-    (its answers hidden from it, its changes refused): the first such origin, then at most one
-    a minute, so that a page that calls in a loop, or many made-up origins, cannot fill the log."""
+    (its answers hidden from it, its changes refused): each origin at most once a minute, and at
+    most a few origins a minute, so that a page calling in a loop, or one making up origins,
+    cannot fill the log, nor keep a page of the operator's own out of it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._told_at = -float("inf")
+        self._told_at: dict[str, float] = {}  # origin -> when its warning was logged, this window
 
     def log(self, origin: str) -> None:
+        shown = json.dumps(origin[:100])
         with self._lock:
             now = time.monotonic()
-            if now - self._told_at < UNLISTED_LOG_S:
+            self._told_at = {o: t for o, t in self._told_at.items() if now - t < UNLISTED_LOG_S}
+            if shown in self._told_at or len(self._told_at) >= UNLISTED_PER_WINDOW:
                 return
-            self._told_at = now
+            self._told_at[shown] = now
         log.warning(
             "a page at %s called the API; server.cors_origins does not list it, so its browser hides the answers "
             "(and changes are refused 403): list it (SONIC_CORS_ORIGINS) if it is yours",
-            json.dumps(origin[:100]),
+            shown,
         )
 
 

@@ -178,9 +178,10 @@ def exposition(
 
 
 def worker_page(names: HostNames) -> Callable:
-    """`sonic worker --metrics-port`'s WSGI app: this worker's counters at any path, as
-    Prometheus's own server gave them, to a request that names this machine as the API's must
-    (server.allowed_hosts): a page whose own name points at a worker reads nothing."""
+    """`sonic worker --metrics-port`'s WSGI app: this worker's own counters (not, in multiprocess
+    mode, the other processes': they serve their own) at any path, as Prometheus's own server
+    gave them, to a request that names this machine as the API's must (server.allowed_hosts): a
+    page whose own name points at a worker reads nothing."""
 
     def answer(environ: dict, start_response: Callable) -> list[bytes]:
         host = environ.get("HTTP_HOST")
@@ -193,8 +194,8 @@ def worker_page(names: HostNames) -> Callable:
         if refusal:
             start_response(refusal[0], [("Content-Type", "text/plain; charset=utf-8")])
             return [refusal[1].encode() + b"\n"]
-        body, content_type = exposition(None)
-        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
-        return [body]
+        body = generate_latest(REGISTRY)
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     return answer

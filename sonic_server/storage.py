@@ -15,6 +15,7 @@ Two objects, the same interface for both kinds:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -97,10 +98,15 @@ class FolderOutputs:
         if video_file is None:
             return None
         try:
-            return _video_answer(video_file)
+            return _video_answer(video_file, name)
         except BaseException:
             video_file.close()
             raise
+
+
+# what opening a name in the output folder fails with where it names no video: nothing, a link
+# (O_NOFOLLOW), a path through something that is no folder, a device without a driver
+NO_SUCH_VIDEO = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO}
 
 
 def _open_video(path: Path) -> BinaryIO | None:
@@ -110,17 +116,19 @@ def _open_video(path: Path) -> BinaryIO | None:
     check and an open would have been followed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (a FIFO would block the open)
-    except OSError:  # none, a link, a folder's name
-        return None
+    except OSError as e:
+        if e.errno in NO_SUCH_VIDEO:
+            return None
+        raise  # out of file handles, unreadable: the server's fault, not "no such video"
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None
     return os.fdopen(fd, "rb")
 
 
-def _video_answer(video_file: BinaryIO) -> Response:
-    """The answer to a GET or HEAD of the open video: its conditions and range decided, the bytes
-    streamed from the file (closed with the answer)."""
+def _video_answer(video_file: BinaryIO, name: str) -> Response:
+    """The answer to a GET or HEAD of the open video `name`: its conditions and range decided, the
+    bytes streamed from the file (closed with the answer)."""
     st = os.fstat(video_file.fileno())
     video = Validators.of_file(st.st_mtime_ns, st.st_size)
     answered = conditional_answer(verdict(request.headers, request.method, video), video.headers())
@@ -134,6 +142,7 @@ def _video_answer(video_file: BinaryIO) -> Response:
     if suffix is not None and suffix[0] < 0 and -suffix[0] > st.st_size:
         ignore_range()  # the last N bytes of a shorter file are all of it (RFC 9110 14.1.3); werkzeug said 416
     resp = Response(wrap_file(request.environ, video_file), mimetype="video/mp4", direct_passthrough=True)
+    resp.headers.set("Content-Disposition", "inline", filename=name)  # (a download keeps the id's name)
     resp.content_length = st.st_size
     resp.headers["Last-Modified"] = http_date(video.modified)
     resp.set_etag(video.etag)

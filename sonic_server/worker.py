@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.serving import ThreadedWSGIServer
 
 from sonic import SonicError
 from sonic.settings import SettingsError
@@ -488,16 +488,19 @@ def rq_worker(conn: Any, name: str, on_stop: Callable[[], None], may_take: Calla
     return Worker([rq_queue(conn)], connection=conn, name=name)
 
 
-def serve_metrics(host: str, port: int, names: HostNames) -> ThreadedWSGIServer:
+def serve_metrics(host: str, port: int, names: HostNames, socket_timeout_s: float) -> ThreadedWSGIServer:
     """This worker's /metrics, from a thread of its own. Not prometheus_client's server: that
-    one asked DNS for its address's name at start (10 s late where no DNS server answers) and
-    answered a Host of any name."""
-    from .serve import ThrottledAcceptServer
+    one asked DNS for its address's name at start (10 s late where no DNS server answers),
+    answered a Host of any name, named its Python version, and let a client that stops sending
+    hold a thread and a file handle for good (server.socket_timeout_s, as the API's)."""
+    from .serve import JsonErrorsHandler, ThrottledAcceptServer
 
     class MetricsServer(ThrottledAcceptServer):
         port_option, host_option = "--metrics-port", "--metrics-host"
 
-    class Unlogged(WSGIRequestHandler):
+    class Unlogged(JsonErrorsHandler):
+        timeout = socket_timeout_s
+
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             pass  # a scrape every few seconds would bury the worker's own lines
 
@@ -543,7 +546,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         sys.exit(f"error: worker name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     if a.metrics_port:  # before anything registers: a port in use stops the start, not a worker half up
         try:
-            serve_metrics(a.metrics_host, a.metrics_port, HostNames.of(srv.allowed_hosts, srv.public_url))
+            names = HostNames.of(srv.allowed_hosts, srv.public_url)
+            serve_metrics(a.metrics_host, a.metrics_port, names, srv.socket_timeout_s)
         except SonicError as e:
             sys.exit(f"error: {e.message}")
     import redis

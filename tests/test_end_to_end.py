@@ -296,6 +296,10 @@ def test_what_cannot_be_read_as_parameters_or_settings_is_one_error_not_a_traceb
         with pytest.raises(SettingsError, match=needle):
             read_yaml(path)
     assert read_yaml(merged_yaml)["defaults"] == {"fps": 25, "seed": 2}
+    # a mapping that overrides a merge, itself merged where it is a value: PyYAML writes the merged
+    # keys into it, which a check after the merging took for a key given twice
+    merged_yaml.write_text("a: &a {x: 1}\nb: &b\n  <<: *a\n  x: 2\n<<: *b\n")
+    assert read_yaml(merged_yaml) == {"a": {"x": 1}, "b": {"x": 2}, "x": 2}
 
 
 def test_default_output_location(pipeline, tmp_path):
@@ -361,6 +365,17 @@ def test_encoder_faults_are_clear_errors(pipeline, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     res = pipeline(PORTRAIT, SPEECH, opts, out_path=tmp_path / "ok.mp4")     # and it still works after
     assert res.frames == 12 or res.frames == 13
+
+
+def test_the_cli_exits_2_for_what_the_caller_can_fix_and_1_for_the_rest():
+    """Failures that are not the input's (ffmpeg, a full disk, memory taken) exited 2, as bad
+    input does: a script could not tell which to retry."""
+    from sonic import Busy, InvalidParameter, NoFaceDetected, PipelineError, SonicError
+    from sonic.__main__ import exit_code
+    from sonic.errors import DiskFull, SetupError
+    from sonic.settings import SettingsError
+    assert [exit_code(e("x")) for e in (PipelineError, DiskFull, Busy, SonicError)] == [1, 1, 1, 1]
+    assert [exit_code(e("x")) for e in (InvalidParameter, NoFaceDetected, SettingsError, SetupError)] == [2, 2, 2, 2]
 
 
 def test_disk_full_is_a_clear_error(pipeline, tmp_path):
@@ -466,6 +481,13 @@ def test_a_small_face_in_a_large_photo_is_found(pipeline):
     large[2000 : 2000 + h, 3000 : 3000 + w] = small
     box = pipeline.faces.analyze(large).box
     assert 2990 < box[0] < 3000 + w and 26 < box[2] - box[0] < 36
+    # and a 1280 px photo still gets its quarters: a face of 28 px at the edge of where they stop
+    k = 28 / (alone.box[2] - alone.box[0])
+    small = cv2.resize(face, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    resized = np.full((960, 1280, 3), 235, np.uint8)
+    h, w = small.shape[:2]
+    resized[300 : 300 + h, 700 : 700 + w] = small
+    assert 690 < pipeline.faces.analyze(resized).box[0] < 700 + w
 
 
 def test_a_face_too_small_to_animate_is_refused_and_one_cut_off_is_warned_of(pipeline, tmp_path):

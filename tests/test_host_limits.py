@@ -147,7 +147,7 @@ def test_a_workers_metrics_start_without_dns_and_answer_only_names_of_this_machi
 
     monkeypatch.setattr(socket, "getfqdn", lookup)
     for listed, rebound_answered in (((), False), (("metrics.example",), True)):
-        server = serve_metrics("127.0.0.1", 0, HostNames.of(listed, None))
+        server = serve_metrics("127.0.0.1", 0, HostNames.of(listed, None), 2.0)
         url = f"http://127.0.0.1:{server.socket.getsockname()[1]}/metrics"
         try:
             page = requests.get(url, timeout=5)
@@ -159,9 +159,18 @@ def test_a_workers_metrics_start_without_dns_and_answer_only_names_of_this_machi
             else:
                 assert rebound.status_code == 403 and "sonic_" not in rebound.text
                 assert "does not answer to the name metrics.example: list it in server.allowed_hosts" in rebound.text
+            assert "Python" not in page.headers["Server"]                  # no versions for a scanner
+            head = requests.head(url, timeout=5)
+            assert head.status_code == 200 and head.content == b""
             malformed = requests.get(url, headers={"Host": "a b<c>"}, timeout=5)
             assert malformed.status_code == 400 and "sonic_" not in malformed.text
             assert "the Host header must be a host name or address" in malformed.text
+            # a client that sends half a request and stops is dropped after the socket timeout
+            stalled = socket.create_connection(("127.0.0.1", server.socket.getsockname()[1]), timeout=10)
+            stalled.sendall(b"GET /metrics HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            assert stalled.recv(100) == b"" and time.monotonic() - t0 < 5  # closed by the server
+            stalled.close()
         finally:
             server.shutdown()
             server.server_close()

@@ -806,6 +806,10 @@ def test_a_link_in_the_output_folder_is_no_video(make_client, tmp_path):
     # in place between a check and an open was followed); a FIFO by that name neither blocks nor plays
     os.mkfifo(out / ("b" * 32 + ".mp4"))
     assert_clean_error(client.get("/output/" + "b" * 32 + ".mp4"), 404, "not_found")
+    video = out / ("c" * 32 + ".mp4")
+    video.write_bytes(FAKE_VIDEO)
+    r = client.get("/output/" + video.name)
+    assert r.status_code == 200 and r.data == FAKE_VIDEO and r.headers["Content-Disposition"] == f"inline; filename={video.name}"
 
 
 def test_hostile_inputs(make_client, tmp_path):
@@ -929,7 +933,7 @@ def test_a_page_of_a_listed_origin_reads_every_answer_and_an_unlisted_one_is_nam
     """A page that sends a key asks first (a preflight): for a path no route has it was answered
     404, which its browser shows as a bare CORS failure, so the page never read the 404 its
     request got. A page whose origin is not listed sees only a CORS failure: the operator's log
-    names the origin (once a minute at most)."""
+    names the origin (each once a minute at most, a few origins a minute)."""
     client, _ = make_client(cors_origins=["http://app.example"], api_keys=["s3cret-key"])
     page = {"Origin": "http://app.example"}
     for path, method in (("/api/sonic/lives", "POST"), ("/api/sonic/live/" + "a" * 32 + "/", "GET")):
@@ -944,8 +948,10 @@ def test_a_page_of_a_listed_origin_reads_every_answer_and_an_unlisted_one_is_nam
         assert "Access-Control-Allow-Origin" not in client.get("/health", headers=stranger).headers
         assert_clean_error(post(client, headers={**stranger, "Authorization": "Bearer s3cret-key"}), 403, "forbidden")
         client.get("/health", headers={"Origin": "http://other.example"})
+        for n in range(10):  # a page making up origins: a few lines a minute, not one a request
+            client.get("/health", headers={"Origin": f"http://made-up-{n}.example"})
     told = [rec.getMessage() for rec in caplog.records if "server.cors_origins does not list it" in rec.getMessage()]
-    assert len(told) == 1 and '"http://localhost:56410"' in told[0], told
+    assert len(told) == 5 and '"http://localhost:56410"' in told[0] and '"http://other.example"' in told[1], told
 
 
 def test_api_keys_and_rate_limit(make_client):

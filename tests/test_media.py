@@ -61,6 +61,10 @@ def test_unsupported_image_format(tmp_path):
     heic.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(2000))
     with pytest.raises(UnsupportedMedia, match=r"image format HEIC/HEIF \(an iPhone's photo format\)"):
         load_image(heic, 10**7)
+    avif = tmp_path / "photo.avif"  # an AVIF under HEIF's major brand, its own among the compatible ones
+    avif.write_bytes(b"\0\0\0\x1cftypmif1\0\0\0\0mif1avifmiaf" + bytes(2000))
+    with pytest.raises(UnsupportedMedia, match=r"image format AVIF is not supported"):
+        load_image(avif, 10**7)
 
 
 def test_too_many_pixels_refused_before_decoding(tmp_path):

@@ -137,10 +137,11 @@ class SonicVideoService(FrameProcessor):
         self._session: Any = None
         self._clock: asyncio.Task | None = None
         self._out_rate = 24_000
-        # Pipecat's default stream resampler (SoX "VHQ") holds back 75 ms and hands it out every
-        # other 40 ms frame: the face's sound came one or two frames after the picture it goes
-        # with, and the TTS's speech reached the face 75 ms late. "HQ" holds back 12 ms and is as
-        # flat to 7.2 kHz (LQ rolls off from 6.5 kHz, QQ from 4 kHz)
+        # Pipecat's default stream resampler (SoX "VHQ") hands the engine's 40 ms frames out every
+        # other frame, holding back up to 75 ms: the face's sound came one or two frames after the
+        # picture it goes with, and the TTS's 20 ms chunks reached the face 10-76 ms late. "HQ"
+        # hands out sound with every frame (up to 12 ms held back; 7-37 ms of the TTS's chunks)
+        # and is as flat to 7.2 kHz (LQ rolls off from 6.5 kHz, QQ from 4 kHz)
         self._to_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
         self._from_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
         self._awaiting_first_frame = False
