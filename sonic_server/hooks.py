@@ -16,7 +16,7 @@ from flask import Flask, Response, g, request
 from sonic.memory import give_back_memory
 
 from .errors import error_response
-from .host_names import SENT_HOST, HostNames, name_of, well_formed
+from .host_names import MALFORMED_HOST, SENT_HOST, HostNames, name_of, refused_status
 from .logs import fields
 from .metrics import count_request
 from .openapi import headers_everywhere
@@ -106,10 +106,10 @@ def host(app: Flask, names: HostNames) -> None:
 def _refusal(host: str, names: HostNames):
     """The error answer for a Host that is malformed or names this server by a name it does not
     answer to; None for one it answers."""
-    if not well_formed(host):
-        message = "the Host header must be a host name or address, with a port or not"
-        return error_response("invalid_parameter", message, field="Host")
-    if not names.answers(host):
+    status = refused_status(host, names)
+    if status == 400:
+        return error_response("invalid_parameter", MALFORMED_HOST, field="Host")
+    if status == 403:
         return error_response(
             "forbidden",
             f"this server does not answer to the name {name_of(host)[:100]}: start it with "

@@ -51,6 +51,17 @@ class HostNames:
         return name in self.names or any(name == d[1:] or name.endswith(d) for d in self.domains)
 
 
+MALFORMED_HOST = "the Host header must be a host name or address, with a port or not"
+
+
+def refused_status(host: str, names: HostNames) -> int | None:
+    """Why a request naming `host` is not answered, as its status: 400 for a Host that is no
+    host (and port), 403 for a name this server does not answer to; None for one it answers."""
+    if not well_formed(host):
+        return 400
+    return None if names.answers(host) else 403
+
+
 def well_formed(host: str) -> bool:
     """A Host as RFC 9110 7.2 has it: a name or an address (IPv6 in brackets, and an IPv6
     address there), then a port or not. The answer's URLs are built on it."""

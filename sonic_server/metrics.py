@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from http import HTTPStatus
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,7 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .host_names import HostNames, name_of, well_formed
+from .host_names import MALFORMED_HOST, HostNames, name_of, refused_status
 from .jobs import FAILED, SUCCEEDED
 
 # a `_created` series beside every counter and histogram (its creation time) doubled the series
@@ -185,15 +186,13 @@ def worker_page(names: HostNames) -> Callable:
 
     def answer(environ: dict, start_response: Callable) -> list[bytes]:
         host = environ.get("HTTP_HOST")
-        refusal = None
-        if host is not None and not well_formed(host):
-            refusal = "400 Bad Request", "the Host header must be a host name or address, with a port or not"
-        elif host is not None and not names.answers(host):
-            told = f"this worker does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts"
-            refusal = "403 Forbidden", told
-        if refusal:
-            start_response(refusal[0], [("Content-Type", "text/plain; charset=utf-8")])
-            return [refusal[1].encode() + b"\n"]
+        status = None if host is None else refused_status(host, names)
+        if host is not None and status is not None:
+            told = MALFORMED_HOST
+            if status == 403:
+                told = f"this worker does not answer to the name {name_of(host)[:100]}: list it in server.allowed_hosts"
+            start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "text/plain; charset=utf-8")])
+            return [told.encode() + b"\n"]
         body = generate_latest(REGISTRY)
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]

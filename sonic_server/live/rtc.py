@@ -108,9 +108,12 @@ def rtc_configuration(servers: Sequence[IceServer]) -> Any:
     )
 
 
+@functools.cache
 def _track_classes() -> tuple[type, type]:
-    """The two outgoing track classes, built on aiortc's MediaStreamTrack (imported only when a
-    session starts: the service runs without aiortc installed until one does)."""
+    """The two outgoing track classes, built on aiortc's MediaStreamTrack (imported only when the
+    first session starts: the service runs without aiortc installed until one does), with the
+    face's VP8 set to start at VP8_START_BITRATE."""
+    start_vp8_at(VP8_START_BITRATE)
     import av
     from aiortc import MediaStreamTrack
     from aiortc.mediastreams import MediaStreamError
@@ -269,6 +272,5 @@ def start_vp8_at(bitrate: int) -> None:
 
 def face_tracks(loop: asyncio.AbstractEventLoop, fps: int) -> tuple[Any, Any]:
     """A (video, audio) pair of outgoing tracks on the loop, each holding QUEUE_S at most."""
-    start_vp8_at(VP8_START_BITRATE)
     face_cls, speech_cls = _track_classes()
     return face_cls(loop, max(1, round(QUEUE_S * fps))), speech_cls(loop, round(QUEUE_S / PACKET_S))
