@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 from pathlib import Path
 from typing import Mapping
@@ -27,6 +28,8 @@ from .settings import ServerConfig, load_settings, settings_from
 from .storage import open_storage
 from .store import claim, open_store
 from .webhooks import events_of, make_webhooks
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, background_load: bool = False) -> Flask:
@@ -136,6 +139,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         _end_sessions_on_exit(here)
         drain.before_exit.append(here.close)  # charged before a slow stop can be killed
     app.register_blueprint(live_routes)
+    _warn_of_an_open_turn_password(settings, keyless=not srv.api_keys and not settings.credits.enabled)
     if srv.redis_url:  # the job store away: the service is not ready, the request may be retried
         from .queue.redis import install_store_outage_handler
 
@@ -212,6 +216,13 @@ def _refuse_new_work_while_stopping(app: Flask, drain: Drain) -> None:
     def refuse():
         if drain.stopping.is_set() and request.endpoint in REFUSED_WHILE_STOPPING:
             raise Busy(STOPPING_MESSAGE)
+
+
+def _warn_of_an_open_turn_password(settings: ServerConfig, keyless: bool) -> None:
+    from .live.ice import password_handed_to_anyone
+
+    if settings.live.enabled and (warning := password_handed_to_anyone(settings.live, keyless)):
+        log.warning("%s", warning)
 
 
 def _end_sessions_on_exit(live) -> None:

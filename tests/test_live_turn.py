@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -219,6 +220,29 @@ def test_credentials_written_in_a_url_are_handed_over_apart_from_it_and_only_wit
     names = [body["rtc_configuration"]["iceServers"][2]["username"].split(":")[1] for body in bodies]
     assert all(re.fullmatch(r"client-[0-9a-f]{16}", name) for name in names) and names[0] != names[1]
     assert made["urls"] == ["turn:relay.example.org:3478"]
+
+
+def test_a_written_turn_password_on_a_service_without_keys_is_warned_of_at_start(tmp_path, caplog):
+    """Without keys or accounts, a password written in live.ice_servers goes to anyone who asks
+    for the rtc-configuration: the start says so (never the password), and says nothing where
+    keys guard it or the credentials are made from a secret."""
+    from server_helpers import FakePipeline, settings
+    from sonic_server import create_app
+
+    def start_warnings(api_keys, ice_servers, turn_secret=""):
+        caplog.clear()
+        cfg = settings(tmp_path, api_keys=api_keys)
+        cfg["live"]["ice_servers"], cfg["live"]["turn_secret"] = ice_servers, turn_secret
+        with caplog.at_level(logging.WARNING, logger="sonic_server"):
+            create_app(cfg, pipeline=FakePipeline()).extensions["sonic"].queue.close()
+        return [r.getMessage() for r in caplog.records if "ice_servers" in r.getMessage()]
+
+    written = ["stun:10.0.0.1:3478", "turn:alice:s3cret-pw@turn.example.org:3478"]
+    said = start_warnings([], written)
+    assert len(said) == 1 and "turn:alice:***@turn.example.org:3478" in said[0] and "s3cret-pw" not in said[0]
+    assert "live.turn_secret" in said[0] and "anyone" in said[0]
+    assert start_warnings(["k1"], written) == []
+    assert start_warnings([], ["turn:turn.example.org:3478"], SECRET) == []
 
 
 def test_a_turn_server_that_refuses_the_credentials_is_named_not_left_to_time_out(tmp_path_factory, turn):

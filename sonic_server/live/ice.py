@@ -144,3 +144,19 @@ def configured(live: LiveSettings, who: str, now: float) -> tuple[list[IceServer
     """`live.ice_servers` with their credentials, made now for `who`, and when made ones expire."""
     expires_at = int(now + credential_lifetime_s(live.max_session_s))
     return ice_servers(live.ice_servers, live.turn_secret, expires_at, who), expires_at
+
+
+def password_handed_to_anyone(live: LiveSettings, keyless: bool) -> str | None:
+    """At start-up, on a service without keys or accounts (`keyless`): the warning that a TURN
+    password written in live.ice_servers goes to whoever asks for the rtc-configuration (anyone
+    who reaches the port may then relay through that TURN server, for as long as the password
+    stands); None otherwise. Made credentials expire, so live.turn_secret is named as the cure."""
+    written = [url for url in live.ice_servers if written_credentials(url)[2]]
+    if not keyless or not written:
+        return None
+    return (
+        f"live.ice_servers: the password written in {shown_url(written[0])} is handed to anyone who asks "
+        "GET /api/sonic/live/rtc-configuration, and this service has no keys or accounts (server.api_keys, "
+        "credits.enabled): anyone who reaches it may relay through that TURN server. Set live.turn_secret "
+        "instead (each caller gets credentials that expire), or keys"
+    )
