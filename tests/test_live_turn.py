@@ -290,3 +290,79 @@ def test_a_turn_server_that_refuses_the_credentials_is_named_not_left_to_time_ou
         proc.wait(20)
     log = (info["tmp"] / "server.log").read_text()
     assert f"the TURN server {turn['url']} gave it no relay address" in log, log[-3000:]
+
+
+def test_a_turn_server_that_does_not_answer_holds_up_one_session_not_each(tmp_path_factory):
+    """A TURN server that takes requests and never answers (down behind a firewall that drops,
+    not refuses): the first session's answer waits for it and the log says so; the sessions
+    after it gather without it (it receives nothing more from them) and still get their face."""
+    import socket
+    import threading
+
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.settimeout(0.2)
+    received: list[float] = []
+    stop = threading.Event()
+
+    def swallow():
+        while not stop.is_set():
+            try:
+                blackhole.recv(2048)
+                received.append(time.monotonic())
+            except OSError:
+                pass
+
+    threading.Thread(target=swallow, daemon=True).start()
+    url = f"turn:127.0.0.1:{blackhole.getsockname()[1]}"
+    live = {"host_addresses": ["127.0.0.1"], "idle_timeout_s": 5, "ice_servers": [url], "turn_secret": SECRET}
+    proc, info = start_server(tmp_path_factory.mktemp("live-turn-silent"), top={"live": live})
+
+    async def session():
+        client = LiveClient(info["base"])  # asks for no relay itself: it reaches the server directly
+
+        async def no_servers():
+            from aiortc import RTCConfiguration
+            return RTCConfiguration(iceServers=[])
+
+        client.rtc_configuration = no_servers
+        asked = time.monotonic()
+        await client.open(PORTRAIT, CONFIG, keep_frames=False)
+        deadline = time.monotonic() + 15
+        while not client.received.video_times and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await client.close()
+        return asked, len(client.received.video_times)
+
+    try:
+        first_asked, first_frames = asyncio.run(session())
+        second_asked, second_frames = asyncio.run(session())
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(20)
+        blackhole.close()
+    assert first_frames > 0 and second_frames > 0
+    assert any(first_asked <= t < second_asked for t in received)  # the first session asked it
+    assert not [t for t in received if t >= second_asked]  # the second did not
+    log = (info["tmp"] / "server.log").read_text()
+    assert log.count(f"the TURN server {url} gave it no relay address") == 1, log[-3000:]
+    assert "The next 60 s of sessions gather without it" in log
+
+
+def test_the_server_asks_a_resting_turn_server_again_after_a_while_and_says_when_it_answers():
+    from sonic_server.live.ice import IceServer, RelayWatch
+
+    now = [0.0]
+    watch = RelayWatch(retry_s=60, clock=lambda: now[0])
+    servers = [IceServer("stun:10.0.0.1:3478"), IceServer("turn:10.0.0.1:3478", "u", "p")]
+    assert watch.servers(servers) == servers
+    assert watch.asked(relayed=False)  # news: it failed
+    now[0] = 59.0
+    assert watch.servers(servers) == servers[:1]  # resting: STUN only
+    now[0] = 61.0
+    assert watch.servers(servers) == servers  # asked again
+    assert not watch.asked(relayed=False)  # still failing: not news
+    now[0] = 200.0
+    assert watch.asked(relayed=True)  # news: it answers again
+    assert not watch.asked(relayed=True) and watch.servers(servers) == servers

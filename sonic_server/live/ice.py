@@ -18,7 +18,8 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -30,6 +31,9 @@ TURN_SCHEMES = ("turn:", "turns:")
 ICE_SCHEMES = ("stun:", *TURN_SCHEMES)
 LIFETIME_WITHOUT_LIMIT_S = 86_400.0  # sessions without a time limit: a day's credentials
 LIFETIME_MARGIN_S = 600.0  # past a session's limit: a client may open its session minutes after it asked
+# after the TURN server gave a session of the server's no relay address, its next sessions gather
+# without it this long (each would wait aioice's whole 5 s for it again), then one asks again
+RELAY_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -160,3 +164,34 @@ def password_handed_to_anyone(live: LiveSettings, keyless: bool) -> str | None:
         "credits.enabled): anyone who reaches it may relay through that TURN server. Set live.turn_secret "
         "instead (each caller gets credentials that expire), or keys"
     )
+
+
+def is_turn(server: IceServer) -> bool:
+    return server.url.startswith(TURN_SCHEMES)
+
+
+class RelayWatch:
+    """Whether the server's own sessions ask the TURN server now. One that does not answer
+    (down, unreachable) holds each session's answer for aioice's whole gathering wait (5 s) and
+    gives no relay address after all: after a session got none, the next RELAY_RETRY_S of
+    sessions gather without the TURN server (a client's own relay still reaches this server's
+    addresses, as one reaches them when the server has no TURN server), then one asks again.
+    Used from the sessions' event loop only (one thread)."""
+
+    def __init__(self, retry_s: float = RELAY_RETRY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_s = retry_s
+        self._clock = clock
+        self._failed_at: float | None = None  # when a session last asked and got no relay address
+
+    def servers(self, servers: Sequence[IceServer]) -> list[IceServer]:
+        """What a session's connection should use now: without the TURN servers while they rest."""
+        if self._failed_at is not None and self._clock() - self._failed_at < self.retry_s:
+            return [s for s in servers if not is_turn(s)]
+        return list(servers)
+
+    def asked(self, relayed: bool) -> bool:
+        """A session that asked the TURN server got a relay address or not; True when this is
+        news (the first failure after an answer, or the first answer after failures)."""
+        was_failing = self._failed_at is not None
+        self._failed_at = None if relayed else self._clock()
+        return was_failing == relayed

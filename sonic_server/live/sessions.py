@@ -554,6 +554,7 @@ class LiveSessions:
         self._face_lock = threading.Lock()
         self._helpers = HelperPool() if settings.processes else None
         self.speakers = SpeakTurns()
+        self._relay_watch = ice.RelayWatch()  # the server's own sessions' TURN server resting after a failure
         cap_malloc_arenas()  # before the sessions' threads take arenas of their own
 
     def warm(self) -> None:
@@ -705,6 +706,7 @@ class LiveSessions:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
         servers, _ = ice.configured(self.settings, ice.SERVER_NAME, time.time())
+        servers = self._relay_watch.servers(servers)
         pc = session.pc = RTCPeerConnection(rtc_configuration(servers))
         session.video, session.audio = face_tracks(self.rtc.loop, session.engine.fps)
 
@@ -738,16 +740,20 @@ class LiveSessions:
         # be one the client only sends on: a camera, a microphone; then nothing was sent)
         session.video_sender = set_directions(pc, sections, session.video, session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
-        turn = [server.url for server in servers if server.url.startswith(ice.TURN_SCHEMES)]
-        if turn and " typ relay" not in pc.localDescription.sdp:
+        turn = [server.url for server in servers if ice.is_turn(server)]
+        relayed = " typ relay" in pc.localDescription.sdp
+        if turn and self._relay_watch.asked(relayed) and relayed:
+            log.warning("live session %s: the TURN server %s gave a relay address again", session.id, turn[0])
+        elif turn and not relayed:
             # (aioice says nothing of it: a refused credential or a TURN server that does not answer
             # left the operator only its clients' failures to go by)
             log.warning(
                 "live session %s: the TURN server %s gave it no relay address: is it reachable from this "
                 "machine, and do its credentials match (live.turn_secret, or the URL's)? A client that cannot "
-                "reach this server directly cannot connect",
+                "reach this server directly cannot connect. The next %g s of sessions gather without it",
                 session.id,
                 turn[0],
+                self._relay_watch.retry_s,
             )
         sdp = announce_host(pc.localDescription.sdp, self.settings.public_host)
         return {"sdp": sdp, "type": pc.localDescription.type}
