@@ -83,10 +83,16 @@ def new_key() -> str:
     return "sk_" + secrets.token_urlsafe(32)
 
 
+# the scheme PostgreSQL's own tools take, and the older one many hosts hand out (SQLAlchemy knows
+# neither alias as a driver): both reach the installed driver, psycopg 3
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def database_url(settings) -> str:
     url = settings.server.database_url
     if url:
-        return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+        scheme = next((s for s in POSTGRES_SCHEMES if url.startswith(s)), None)
+        return "postgresql+psycopg://" + url[len(scheme) :] if scheme else url
     folder = Path(settings.server.data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'credits.sqlite3'}"
