@@ -66,6 +66,9 @@ class JobRecord:
     worker: str | None = None  # distributed mode: the worker of the latest run (for operators; not public)
     owner: str | None = None  # who made it (access.Caller.owner); None: made without keys, anyone's
     webhook: dict | None = None  # {"url", "events", "root"} when the request asked for one (webhooks.py)
+    # distributed, storage: local: the ids of the shared folders as its API process saw them, which
+    # the worker that runs it must see too (shared_folders.py)
+    folders: dict | None = None
 
     @classmethod
     def new(cls, kind: str, params: dict, cache_key: str = "", owner: str | None = None) -> "JobRecord":

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from werkzeug.serving import ThreadedWSGIServer
 
 from sonic import SonicError
+from sonic.errors import SetupError
 from sonic.settings import SettingsError
 
 from . import lifecycle
@@ -61,6 +62,7 @@ from .queue.redis import (
 )
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
+from .shared_folders import FOLDER_MARK, differing, shared_folders
 from .storage import open_storage
 from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
@@ -94,6 +96,7 @@ class WorkerState:
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
     short_of_disk: bool = False  # waiting for free disk before it takes the next job
+    folders: dict[str, str] = field(default_factory=dict)  # the shared folders' ids here (shared_folders.py)
     stopping: bool = False  # SIGTERM: the running job finishes, no other is taken
     stop_asked: threading.Event = field(default_factory=threading.Event)  # ... and `say_stopping` says so
 
@@ -186,6 +189,8 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     progress = lifecycle.progress_reporter(
         lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
     )
+    if wrong := differing(rec.folders, state.folders):
+        return FAILED, {"error": not_shared(state, rec, wrong)}
     try:
         job = rec.copy()  # the files where this machine reads them;
         job.inputs = state.uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
@@ -202,6 +207,26 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     finally:
         state.uploads.drop_local_copy(job_id)
     return status, fields
+
+
+def not_shared(state: WorkerState, rec: JobRecord, settings: list[str]) -> dict:
+    """A job from an API process whose folders are not this worker's: said in the log, with the
+    folders, for the operator; the caller's error says only that the service is set up wrong."""
+    here = {"server.upload_dir": state.uploads.root, "output_dir": state.output_dir}
+    log.error(
+        "worker %s: job %s failed: this worker's %s is not the folder its API process uses (each holds a "
+        "%s file with another id): give every API process and worker the same shared folder there. Its "
+        "video would have been written where no API process serves it",
+        state.name,
+        rec.id,
+        " and ".join(f"{name} ({here[name]})" for name in settings),
+        FOLDER_MARK,
+    )
+    return {
+        "code": SetupError.code,
+        "message": "the service is set up wrong: the worker that took this job does not share the API's "
+        "folders (its operator is told in the worker's log); nothing was charged",
+    }
 
 
 def end_hooks(settings: ServerConfig, ledger: Any) -> tuple[Callable[[JobRecord], None], ...]:
@@ -252,6 +277,7 @@ def announce(state: WorkerState, conn) -> None:
                 "device": state.device,
                 "heartbeat": time.time(),
                 **({"disk_full": True} if state.short_of_disk else {}),
+                **({"folders": state.folders} if state.folders else {}),
                 **({"draining": True} if state.stopping else {}),
                 **(state.host.capacity() if state.host is not None else {}),
             }
@@ -595,6 +621,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         notify=events_of(webhooks.notify),
     )
     webhooks.start(only_if_pending=True)  # workers send deliveries too: API processes may all be busy
+    if not outputs.remote:
+        state.folders = shared_folders(uploads.root, output_dir)
     if outputs.remote:  # this worker's own folder: nothing is shared
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone

@@ -114,6 +114,12 @@ def post(client, config, audio=SPEECH):
                                                         "config": json.dumps(config)})
 
 
+def job_uploads(tmp) -> list:
+    """What the shared upload folder holds beside its mark (shared_folders.py): jobs' files."""
+    from sonic_server.shared_folders import FOLDER_MARK
+    return [p for p in (tmp / "uploads").iterdir() if p.name != FOLDER_MARK]
+
+
 def wait_status(client, job, statuses, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,7 +145,7 @@ def test_jobs_run_on_worker_processes_with_progress_and_a_shared_cache(cluster):
     assert r.status_code == 200, r.get_data()[:500]
     body = r.get_json()
     assert body["frames"] == 75 and (c.tmp / "outputs" / body["video_url"].rsplit("/", 1)[1]).stat().st_size > 10000
-    assert not any((c.tmp / "uploads").iterdir())                  # the worker removed the inputs
+    assert not job_uploads(c.tmp)                  # the worker removed the inputs
     # SSE from another API process, on a job that runs meanwhile: progress comes through Redis
     other = c.client()
     job = post(other, {"min_resolution": 256, "seed": 6, "async": True}).get_json()["job_id"]
@@ -187,7 +193,7 @@ def test_two_workers_share_the_jobs_and_a_running_job_is_canceled_from_another_a
     body = wait_status(api, long, ("canceled", "failed", "succeeded"), timeout=30)
     assert body["status"] == "canceled" and body["error"]["code"] == "canceled", body
     assert not list((c.tmp / "outputs").glob(f"{long}*")) + list((c.tmp / "outputs").glob(".*part*"))
-    assert not any((c.tmp / "uploads").iterdir())
+    assert not job_uploads(c.tmp)
     assert "worker" not in api.get(f"/api/sonic/jobs/{long}").get_json()     # an operator's detail, not public
     # a worker stopped by SIGTERM mid-job says so, in its log and its entry, and finishes the job
     job = post(api, {"min_resolution": 512, "duration": 20, "seed": 31, "async": True}).get_json()["job_id"]
@@ -266,11 +272,35 @@ def test_a_killed_worker_fails_its_job_worker_lost_and_another_worker_goes_on(cl
     body = wait_status(api, job, ("failed", "succeeded", "canceled"), timeout=20)
     assert body["status"] == "failed" and body["error"]["code"] == "worker_lost", body
     assert body["error"]["status"] == 500
-    assert not any((c.tmp / "uploads").iterdir()) and not list((c.tmp / "outputs").glob(".*part*"))
+    assert not job_uploads(c.tmp) and not list((c.tmp / "outputs").glob(".*part*"))
     c.start_worker("w2")
     c.wait_workers(api, 1, named=("w2",))
     r = post(api, {"min_resolution": 256, "seed": 8})
     assert r.status_code == 200, r.get_data()[:300]
+
+
+def test_a_worker_that_does_not_share_the_apis_output_folder_fails_the_job_before_any_work(cluster, monkeypatch):
+    """A worker started with another output_dir (a volume mounted elsewhere) rendered, was paid
+    for, and wrote where no API process serves: every video link was 404. Now its job fails at
+    once as the service's set-up fault, /health names the worker, its log names the setting."""
+    c = cluster()
+    api = c.client()
+    other = c.tmp / "elsewhere"
+    monkeypatch.setenv("SONIC_OUTPUT_DIR", str(other))  # the worker's environment only (Popen copies it)
+    c.start_worker("wrong")
+    monkeypatch.delenv("SONIC_OUTPUT_DIR")
+    health = c.wait_workers(api, 1, named=("wrong",))
+    assert [w.get("shares_folders") for w in health["workers"]] == [False], health
+    r = post(api, {"min_resolution": 256})
+    body = r.get_json()
+    assert r.status_code == 503 and body["error"]["code"] == "setup_failed", body
+    assert "does not share the API's folders" in body["error"]["message"]
+    assert str(other) not in json.dumps(body)  # the service's paths stay in its log
+    assert not list(other.glob("*.mp4")) and not list((c.tmp / "outputs").glob("*.mp4"))
+    log = (c.tmp / "wrong.log").read_text()
+    assert f"this worker's output_dir ({other}) is not the folder its API process uses" in log, log[-2000:]
+    said = next(line for line in log.splitlines() if "is not the folder" in line)
+    assert "server.upload_dir" not in said  # the upload folder is shared: only the one that is not is named
 
 
 def test_a_worker_short_of_disk_takes_no_job_until_there_is_room(cluster):
@@ -681,7 +711,7 @@ def test_a_worker_sends_the_webhooks_of_the_job_it_runs(cluster):
             "config": {"min_resolution": 256, "seed": 11, "webhook": rx.url,
                        "webhook_events_filter": ["start", "completed"]}})
         assert r.status_code == 200, r.get_data()[:300]
-        assert r.get_json()["frames"] == 75 and not any((c.tmp / "uploads").iterdir())
+        assert r.get_json()["frames"] == 75 and not job_uploads(c.tmp)
         bodies = [verified(d) for d in rx.wait(2, timeout=20)]
         assert [b["status"] for b in bodies] == ["processing", "succeeded"]
         assert bodies[1]["video_url"] == r.get_json()["video_url"] and bodies[1]["job_id"] == r.get_json()["job_id"]

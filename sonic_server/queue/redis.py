@@ -49,6 +49,7 @@ from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import sweep_orphan_uploads
+from ..shared_folders import differing, shared_folders
 from ..store import _error_record
 from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 
@@ -424,6 +425,9 @@ class RedisQueue(JobQueue):
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
+        # the folders a worker must share with this process (a bucket instead: nothing shared)
+        remote = outputs is not None and outputs.remote
+        self.folders = {} if remote else shared_folders(uploads.root, self.output_dir)
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
         self._store_away = False  # /health's last look found Redis away (said once an outage)
@@ -435,6 +439,7 @@ class RedisQueue(JobQueue):
         if not any(not w.get("disk_full") for w in workers):  # none alive, or none with room
             raise WorkerStopped(short_of_disk=bool(workers))
         rec = lifecycle.queue(rec.copy())
+        rec.folders = self.folders or None
         self.store.save(rec)
         try:
             if self._enqueue(rec):
@@ -606,6 +611,7 @@ class RedisQueue(JobQueue):
                 "device": w.get("device"),
                 "last_heartbeat": w.get("heartbeat"),
                 **{k: w[k] for k in ("live_sessions", "live_slots", "live_host", "draining") if k in w},
+                **({"shares_folders": False} if differing(self.folders, w.get("folders") or {}) else {}),
             }
             for w in live_workers(self.r)
         ]
