@@ -93,7 +93,16 @@ def test_a_video_is_charged_per_second_after_a_hold_and_402_comes_before_any_wor
     r = post(client, {**FAST, "seed": 2}, headers=auth(key))
     assert_clean_error(r, 402, "insufficient_credits")
     assert r.get_json()["error"]["needed"] == 32 and r.get_json()["error"]["balance"] == 8
+    assert r.get_json()["error"]["held"] == 0 and "held" not in r.get_json()["error"]["message"]
     assert len(pipe.calls) == calls and app.extensions["sonic"].queue.queue_length() == 0
+    # what a live session (or a running job) holds is not in the balance: the refusal says so
+    assert ledger.reserve(ledger.authenticate(key).account_id, "l" + "0" * 31, 6, "test", kind="live") == (True, 2)
+    r = post(client, {**FAST, "seed": 2}, headers=auth(key))
+    assert_clean_error(r, 402, "insufficient_credits")
+    assert (r.get_json()["error"]["balance"], r.get_json()["error"]["held"]) == (2, 6)
+    assert r.get_json()["error"]["message"].endswith(
+        "and the account has 2 (6 more held until its running jobs and live sessions end)")
+    ledger.settle("l" + "0" * 31, False, reason="test")
     assert not any((app.extensions["sonic"].uploads.root).iterdir())
     # the requested duration is what is estimated: 0.5 s costs 5 + 2
     r = post(client, {**FAST, "seed": 3, "duration": 0.5}, headers=auth(key))

@@ -33,9 +33,12 @@ class InsufficientCredits(SonicError):
 
     code = "insufficient_credits"
 
-    def __init__(self, what: str, needed: int, balance: int):
-        super().__init__(f"{what} {needed} {credits(needed)} and the account has {balance}")
-        self.extra = {"needed": needed, "balance": balance}
+    def __init__(self, what: str, needed: int, balance: int, held: int = 0):
+        # what its running jobs and live sessions hold is not in the balance: said, or a caller
+        # whose account lists more than the price is left to wonder (a live session holds an hour)
+        besides = f" ({held} more held until its running jobs and live sessions end)" if held else ""
+        super().__init__(f"{what} {needed} {credits(needed)} and the account has {balance}{besides}")
+        self.extra = {"needed": needed, "balance": balance, "held": held}
 
 
 class NoAccount(SonicError):
@@ -72,6 +75,9 @@ class Billing:
             raise NoAccount(f"{what} an account's key or token (credits are enabled); this key belongs to no account")
         return Payer(principal.account_id, principal.operator)
 
+    def _refusal(self, payer: Payer, what: str, needed: int, balance: int) -> InsufficientCredits:
+        return InsufficientCredits(what, needed, balance, self.ledger.held_by(payer.account_id))
+
     def check_video(self, payer: Payer, seconds: float, exact: bool) -> None:
         """Before a request's files are decoded: whether the account can pay for a video of
         `seconds` (`exact`: its length is known, else the least it can be), so that an account
@@ -79,14 +85,14 @@ class Billing:
         needed = video_price(self.credits, seconds)
         balance = self.ledger.balance(payer.account_id)
         if balance < needed:
-            raise InsufficientCredits("this video costs" if exact else "a video costs at least", needed, balance)
+            raise self._refusal(payer, "this video costs" if exact else "a video costs at least", needed, balance)
 
     def hold_video(self, payer: Payer, job_id: str, seconds: float, request_id: str | None) -> None:
         """Hold the estimate of a video of `seconds` for the job, before it is queued."""
         needed = video_price(self.credits, seconds)
         ok, balance = self.ledger.reserve(payer.account_id, job_id, needed, payer.operator, request_id)
         if not ok:
-            raise InsufficientCredits("this video costs", needed, balance)
+            raise self._refusal(payer, "this video costs", needed, balance)
 
     def charge_cached(self, payer: Payer, seconds: float, job_id: str, request_id: str | None) -> None:
         """Charge a cached result of `seconds` (credits.charge_cache_hits) at once."""
@@ -95,7 +101,7 @@ class Billing:
             payer.account_id, needed, payer.operator, "a cached result", request_id, job_id
         )
         if not ok:
-            raise InsufficientCredits("this video costs", needed, balance)
+            raise self._refusal(payer, "this video costs", needed, balance)
 
     def release(self, job_id: str) -> None:
         """The hold of a job that was not queued goes back (else the settler's sweep would, later)."""
@@ -112,7 +118,8 @@ class Billing:
         affordable = (balance - per_request) // per_second if per_second else max_seconds
         seconds = float(min(max_seconds, affordable))
         if seconds < LIVE_MIN_S:
-            raise InsufficientCredits(
+            raise self._refusal(
+                payer,
                 f"a live session holds at least {LIVE_MIN_S:g} s of credit, which costs",
                 video_price(self.credits, LIVE_MIN_S),
                 balance,
@@ -121,7 +128,7 @@ class Billing:
         needed = video_price(self.credits, seconds)
         ok, balance = self.ledger.reserve(payer.account_id, hold.id, needed, payer.operator, request_id, kind="live")
         if not ok:  # spent meanwhile by another request
-            raise InsufficientCredits(f"a live session of {seconds:g} s costs", needed, balance)
+            raise self._refusal(payer, f"a live session of {seconds:g} s costs", needed, balance)
         return hold
 
     def settle_live(self, hold: LiveHold, streamed_s: float, reason: str) -> None:
@@ -135,8 +142,8 @@ class Billing:
             payer.account_id, hold.id, price * count, payer.operator, request_id, kind="fusion"
         )
         if not ok:
-            raise InsufficientCredits(
-                "these fusions cost" if count > 1 else "this fusion costs", price * count, balance
+            raise self._refusal(
+                payer, "these fusions cost" if count > 1 else "this fusion costs", price * count, balance
             )
         return hold
 

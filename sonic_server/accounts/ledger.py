@@ -285,11 +285,7 @@ class Ledger:
                 .where(api_keys.c.account_id == row.id)
                 .order_by(api_keys.c.id)
             ).all()
-            held = c.execute(
-                select(func.coalesce(func.sum(reservations.c.amount), 0)).where(
-                    reservations.c.account_id == row.id, reservations.c.state == "held"
-                )
-            ).scalar_one()
+            held = self._held(c, row.id)
         return {
             "name": row.name,
             "role": row.role,
@@ -309,6 +305,21 @@ class Ledger:
         """An account's balance now."""
         with self.engine.connect() as c:
             return self._balance(c, account_id)
+
+    def held_by(self, account_id: int) -> int:
+        """What the account's holds take now (running jobs, live sessions, fusions): not in its balance."""
+        with self.engine.connect() as c:
+            return self._held(c, account_id)
+
+    @staticmethod
+    def _held(c, account_id: int) -> int:
+        return int(
+            c.execute(
+                select(func.coalesce(func.sum(reservations.c.amount), 0)).where(
+                    reservations.c.account_id == account_id, reservations.c.state == "held"
+                )
+            ).scalar_one()
+        )
 
     def reserve(
         self, account_id: int, job_id: str, amount: int, operator: str, request_id: str | None = None, kind: str = "job"
