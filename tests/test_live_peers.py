@@ -1,5 +1,6 @@
 """Which of a live client's ICE candidates the server sends its connectivity checks to."""
 
+import numpy as np
 import pytest
 
 from sonic_server.live.peers import MAX_CANDIDATES, Client, PeerPolicy, screen_offer
@@ -250,22 +251,48 @@ def test_the_voice_waits_for_the_encoder_as_long_as_the_face():
     assert [p.pts for p in packets] == [i * AUDIO_RATE // 50 for i in range(20)]
 
 
-def test_the_faces_vp8_starts_at_a_megabit():
-    """aiortc's VP8 encoder started every connection at 500 kbit/s: a 512 px face's first seconds
-    were soft (sharpness of the received face's middle, first second, 148 against 189 at 1
-    Mbit/s; later seconds 180-230 against 230-260). The tracks of a session set where it starts,
-    and aiortc's encoder (1.16 has no setting for it) must start there."""
+def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_moves_of_the_estimate():
+    """aiortc's VP8 encoder started every connection at 500 kbit/s (a 512 px face's first seconds
+    soft), and was made again, its next frame a coarse keyframe, each time the client's estimate
+    moved by 10 %: a stream whose estimate climbed went soft every 1.5 s. The session's senders
+    encode VP8 with the face's encoder: it starts at 1 Mbit/s, keeps its encoder through moves of
+    the estimate under VP8_RATE_STEP, follows a larger one, and stays within aiortc's bounds."""
     import asyncio
+    import fractions
 
-    from aiortc.codecs.vpx import MAX_BITRATE, Vp8Encoder
+    import av
+    from aiortc import RTCRtpCodecParameters, rtcrtpsender
+    from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE
 
-    from sonic_server.live.rtc import VP8_START_BITRATE, face_tracks
+    from sonic_server.live.rtc import VP8_RATE_STEP, VP8_START_BITRATE, face_tracks
 
     async def made() -> None:
         face_tracks(asyncio.get_running_loop(), 25)
 
     asyncio.run(made())
-    assert Vp8Encoder().target_bitrate == VP8_START_BITRATE == 1_000_000 <= MAX_BITRATE
+    vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+    encoder = rtcrtpsender.get_encoder(vp8)  # what a sender takes as it starts
+    assert type(encoder).__name__ == "FaceEncoder" and encoder.target_bitrate == VP8_START_BITRATE == 1_000_000
+    opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+    assert type(rtcrtpsender.get_encoder(opus)).__name__ == "OpusEncoder"
+
+    def encoded(index: int) -> list[bytes]:
+        frame = av.VideoFrame.from_ndarray(np.full((96, 64), 128, np.uint8), format="yuv420p")
+        frame.pts, frame.time_base = index * 40_000, fractions.Fraction(1, 1_000_000)
+        return encoder.encode(frame)[0]
+
+    encoded(0)
+    first = encoder.codec
+    encoder.target_bitrate = int(VP8_START_BITRATE * (1 + VP8_RATE_STEP * 0.9))  # a REMB 27 % up
+    encoded(1)
+    assert encoder.codec is first and encoder.target_bitrate == VP8_START_BITRATE
+    encoder.target_bitrate = int(VP8_START_BITRATE * (1 - VP8_RATE_STEP * 1.2))  # congestion: 36 % down
+    encoded(2)
+    assert encoder.codec is not first and encoder.codec.bit_rate == encoder.target_bitrate < VP8_START_BITRATE
+    encoder.target_bitrate = 10 * MAX_BITRATE
+    assert encoder.target_bitrate == MAX_BITRATE
+    encoder.target_bitrate = 1
+    assert encoder.target_bitrate == MIN_BITRATE
 
 
 def test_speak_requests_take_their_turns_first_come_first_served():

@@ -49,10 +49,6 @@ log = logging.getLogger("sonic.live")
 NEGOTIATE_TIMEOUT_S = 15.0  # the answer, candidates gathered, is ready within this
 WATCH_INTERVAL_S = 1.0  # how often a session looks at its connection
 ENDED_KEPT = 1000  # sessions whose end (owner, reason) is remembered, for their 404s
-# seconds after the first frame at which a keyframe is sent again: the client may finish its
-# DTLS handshake a little after the server, and drop the first keyframe (a decoder without one
-# waits for its next: seconds of black with encoders that send them rarely)
-KEYFRAMES_AT = (0.12, 0.3, 0.6)
 M_ARENA_MAX = -8  # glibc's mallopt option
 MALLOC_ARENAS = 2  # 100 short sessions: 302 -> 384 MB, flat from the 20th (16 arenas: 307 -> 523, rising)
 
@@ -206,7 +202,6 @@ class ServedSession:
     engine: LiveSession | SessionProcess
     pc: Any = None
     video: Any = None
-    video_sender: Any = None
     audio: Any = None
     created: float = field(default_factory=time.monotonic)
     connected: threading.Event = field(default_factory=threading.Event)
@@ -738,7 +733,7 @@ class LiveSessions:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
         # each track on its own section (aiortc's addTrack takes the first of its kind, which may
         # be one the client only sends on: a camera, a microphone; then nothing was sent)
-        session.video_sender = set_directions(pc, sections, session.video, session.audio)
+        set_directions(pc, sections, session.video, session.audio)
         await pc.setLocalDescription(await pc.createAnswer())
         turn = [server.url for server in servers if ice.is_turn(server)]
         relayed = " typ relay" in pc.localDescription.sdp
@@ -777,11 +772,11 @@ class LiveSessions:
                 self.end(session.id, "client_gone")
                 return
             next_watch = time.monotonic() + WATCH_INTERVAL_S
-            keyframes = list(KEYFRAMES_AT)
+            # (a client that finishes its DTLS handshake after the first keyframe went out cannot
+            # decode what follows, and says so: browsers and aiortc send a picture-loss report,
+            # and the encoder's next frame is a keyframe. Keyframes sent again blindly at 0.12,
+            # 0.3 and 0.6 s each came coarse at a constant rate: every session started soft)
             for frame in engine.frames(session.stop):
-                if keyframes and frame.index >= keyframes[0] * fps:
-                    keyframes.pop(0)
-                    self.rtc.call(_ask_keyframe, session.video_sender)
                 session.video.send(frame.yuv420(), frame.index, fps)
                 if len(frame.audio):
                     session.audio.send(frame.audio, int(round(frame.index * SAMPLE_RATE / fps)))
@@ -898,14 +893,6 @@ def cap_malloc_arenas() -> None:
     except (OSError, AttributeError):
         return
     mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-
-
-def _ask_keyframe(sender: Any) -> None:
-    """The video encoder's next frame is a keyframe (what a client's picture-loss report asks for;
-    aiortc 1.16 has no public call for it, hence the guarded private one)."""
-    ask = getattr(sender, "_send_keyframe", None)
-    if ask is not None:
-        ask()
 
 
 def connection_failure(pc: Any) -> str:
