@@ -128,7 +128,7 @@ def error_response(
     extra: dict | None = None,
 ):
     """The one error body; its status comes from the code unless given; `extra`: more fields of
-    the error (a 402's `needed` and `balance`)."""
+    the error (a 402's `needed`, `balance` and `held`)."""
     err = {"code": code, "message": message}
     if field:
         err["field"] = field

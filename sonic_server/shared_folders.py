@@ -4,26 +4,34 @@ API processes write uploads to `server.upload_dir` and serve videos from `output
 read the uploads and write the videos there. A worker started with another folder (a volume
 mounted at another path, a variable left out) rendered, was paid for, and wrote each video where
 no API process serves it: every link answered 404, and nothing said why. Each such folder now
-holds a mark, `.sonic-folder`, with an id made by the first process to look: a job carries the
-ids its API process sees, and a worker that sees others fails the job before any work (the
-hold released) and logs what differs; `/health` lists such a worker with `shares_folders:
-false`.
+holds a mark, `.sonic-folder`, with an id made by the first process to look. API processes
+publish the ids they see in Redis (`sonic:folders`) and give them to each job; a worker that
+sees others takes no job (it says so once, and `/health` lists it `shares_folders: false`), and
+one that took a job anyway (before the ids were published) fails it before any work. The marks
+are read at each look: one deleted is made again, and every process then reads the new id.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import Any
 
+log = logging.getLogger("sonic.folders")
 FOLDER_MARK = ".sonic-folder"
+PUBLISHED_KEY = "sonic:folders"  # the ids the API processes see (queue/redis.py's PREFIX)
+_unmarked: set[str] = set()  # folders whose mark could not be made, said once each
 
 
 def folder_id(folder: str | Path) -> str:
     """The id in `<folder>/.sonic-folder`, made now if there is none (written whole before it
     can be seen: of several processes starting together, one makes it and the others read it);
-    "" where it can be neither read nor made (then nothing is checked)."""
+    "" where it can be neither read nor made (a full disk: nothing is checked then, and the log
+    says so once)."""
     mark = Path(folder) / FOLDER_MARK
     for _ in range(2):
         try:
@@ -31,19 +39,33 @@ def folder_id(folder: str | Path) -> str:
         except FileNotFoundError:
             pass
         except OSError:
-            return ""
+            break
         try:
-            with tempfile.NamedTemporaryFile("w", dir=folder, prefix=FOLDER_MARK + ".", delete=False) as f:
-                f.write(secrets.token_hex(8))
-            try:
-                os.link(f.name, mark)  # fails where another process made it first: read theirs
-            finally:
-                os.unlink(f.name)
+            _make_mark(mark)
         except FileExistsError:
-            continue
+            continue  # another process made it first: read theirs
         except OSError:
-            return ""
+            break
+    if str(folder) not in _unmarked:
+        _unmarked.add(str(folder))
+        log.warning("cannot read or make %s: whether other processes share %s is not checked", mark, folder)
     return ""
+
+
+def _make_mark(mark: Path) -> None:
+    """A new id, whole in place or not there at all (FileExistsError where a mark is)."""
+    fd, temporary = tempfile.mkstemp(dir=mark.parent, prefix=FOLDER_MARK + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(8))
+        try:
+            os.link(temporary, mark)  # fails where the mark is there
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: renamed over (each look reads it again)
+            os.replace(temporary, mark)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def shared_folders(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str]:
@@ -55,3 +77,14 @@ def differing(expected: dict[str, str] | None, here: dict[str, str]) -> list[str
     """The settings whose folder is another here than where the ids `expected` were read (a
     folder whose id could not be read on either side counts as the same)."""
     return [name for name, made in (expected or {}).items() if made and here.get(name) and here[name] != made]
+
+
+def publish(conn: Any, ids: dict[str, str]) -> None:
+    """The ids an API process sees, for the workers to compare theirs with."""
+    conn.set(PUBLISHED_KEY, json.dumps(ids, sort_keys=True))
+
+
+def published(conn: Any) -> dict[str, str] | None:
+    """The ids the API processes published last; None before any did."""
+    raw = conn.get(PUBLISHED_KEY)
+    return json.loads(raw) if raw else None

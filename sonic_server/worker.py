@@ -62,7 +62,7 @@ from .queue.redis import (
 )
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
-from .shared_folders import FOLDER_MARK, differing, shared_folders
+from .shared_folders import FOLDER_MARK, differing, published, shared_folders
 from .storage import open_storage
 from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
@@ -96,7 +96,8 @@ class WorkerState:
     lease: tuple[str, str] | None = None  # (its lease key, this run's owner token)
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
     short_of_disk: bool = False  # waiting for free disk before it takes the next job
-    folders: dict[str, str] = field(default_factory=dict)  # the shared folders' ids here (shared_folders.py)
+    folders: dict[str, str] = field(default_factory=dict)  # the shared folders' ids here, as last read
+    shares_folders: bool = True  # False: the API processes' ids differ from these; no job is taken
     stopping: bool = False  # SIGTERM: the running job finishes, no other is taken
     stop_asked: threading.Event = field(default_factory=threading.Event)  # ... and `say_stopping` says so
 
@@ -189,8 +190,8 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     progress = lifecycle.progress_reporter(
         lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
     )
-    if wrong := differing(rec.folders, state.folders):
-        return FAILED, {"error": not_shared(state, rec, wrong)}
+    if state.folders and (wrong := differing(rec.folders, here := folders_here(state))):
+        return FAILED, {"error": not_shared(state, rec, wrong, here)}
     try:
         job = rec.copy()  # the files where this machine reads them;
         job.inputs = state.uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
@@ -209,19 +210,58 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     return status, fields
 
 
-def not_shared(state: WorkerState, rec: JobRecord, settings: list[str]) -> dict:
-    """A job from an API process whose folders are not this worker's: said in the log, with the
-    folders, for the operator; the caller's error says only that the service is set up wrong."""
+def folders_here(state: WorkerState) -> dict[str, str]:
+    """This worker's shared folders' ids, read now (a mark deleted is made again)."""
+    state.folders = shared_folders(state.uploads.root, state.output_dir)
+    return state.folders
+
+
+def folders_shared(state: WorkerState, conn: Any, burst: bool) -> bool:
+    """Whether this worker's folders are those the API processes published (or none did yet),
+    asked before each job is taken, as the disk's room is: a worker with other folders wrote
+    its videos where no API process serves them. It takes no job while they differ, says so
+    once, and its entry says `shares_folders: false`."""
+    from rq.exceptions import StopRequested
+
+    if not state.folders:  # a bucket: nothing shared
+        return True
+    wrong = differing(published(conn), folders_here(state))
+    if not wrong:
+        if not state.shares_folders:
+            log.warning("worker %s: its folders are the API processes' again; taking jobs", state.name)
+            state.shares_folders = True
+            announce_now(state, conn)
+        return True
+    if state.shares_folders:
+        log.error("worker %s: %s; no job is taken until they are the same", state.name, folders_differ(state, wrong))
+        state.shares_folders = False
+        announce_now(state, conn)
+    if burst:
+        raise StopRequested()
+    return False
+
+
+def folders_differ(state: WorkerState, settings: list[str]) -> str:
+    """What differs, for the operator: the settings and this worker's folders."""
     here = {"server.upload_dir": state.uploads.root, "output_dir": state.output_dir}
-    log.error(
-        "worker %s: job %s failed: this worker's %s is not the folder its API process uses (each holds a "
-        "%s file with another id): give every API process and worker the same shared folder there. Its "
-        "video would have been written where no API process serves it",
-        state.name,
-        rec.id,
-        " and ".join(f"{name} ({here[name]})" for name in settings),
-        FOLDER_MARK,
+    return (
+        f"its {' and '.join(f'{name} ({here[name]})' for name in settings)} is not the folder the API processes use "
+        f"(each holds a {FOLDER_MARK} file with another id): give every API process and worker the same shared "
+        "folder there; videos written here would be where no API process serves them"
     )
+
+
+def may_take(state: WorkerState, conn: Any, burst: bool) -> bool:
+    """Whether this worker takes a job now (RQ's loop asks before each): its folders are the
+    API processes', and its disk has room."""
+    return folders_shared(state, conn, burst) and room_to_take(state, conn, burst)
+
+
+def not_shared(state: WorkerState, rec: JobRecord, settings: list[str], here: dict[str, str]) -> dict:
+    """A job from an API process whose folders are not this worker's (taken before the API
+    processes' ids were published): said in the log, for the operator; the caller's error says
+    only that the service is set up wrong."""
+    log.error("worker %s: job %s failed: %s", state.name, rec.id, folders_differ(state, settings))
     return {
         "code": SetupError.code,
         "message": "the service is set up wrong: the worker that took this job does not share the API's "
@@ -278,6 +318,7 @@ def announce(state: WorkerState, conn) -> None:
                 "heartbeat": time.time(),
                 **({"disk_full": True} if state.short_of_disk else {}),
                 **({"folders": state.folders} if state.folders else {}),
+                **({"shares_folders": False} if not state.shares_folders else {}),
                 **({"draining": True} if state.stopping else {}),
                 **(state.host.capacity() if state.host is not None else {}),
             }
@@ -428,10 +469,9 @@ def work(state: WorkerState, conn: Any, burst: bool) -> None:
 
     while True:
         try:
-            may_take = functools.partial(room_to_take, state, conn)
-            rq_worker(conn, state.name, functools.partial(draining, state), may_take).work(
-                burst=burst, logging_level="WARNING"
-            )
+            rq_worker(
+                conn, state.name, functools.partial(draining, state), functools.partial(may_take, state, conn)
+            ).work(burst=burst, logging_level="WARNING")
         except redis.RedisError:
             pass
         if stopping.is_set() or burst:

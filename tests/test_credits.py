@@ -101,7 +101,7 @@ def test_a_video_is_charged_per_second_after_a_hold_and_402_comes_before_any_wor
     assert_clean_error(r, 402, "insufficient_credits")
     assert (r.get_json()["error"]["balance"], r.get_json()["error"]["held"]) == (2, 6)
     assert r.get_json()["error"]["message"].endswith(
-        "and the account has 2 (6 more held until its running jobs and live sessions end)")
+        "and the account has 2 (6 more held until its running jobs, live sessions and fusions end)")
     ledger.settle("l" + "0" * 31, False, reason="test")
     assert not any((app.extensions["sonic"].uploads.root).iterdir())
     # the requested duration is what is estimated: 0.5 s costs 5 + 2

@@ -255,8 +255,9 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     """aiortc's VP8 encoder started every connection at 500 kbit/s (a 512 px face's first seconds
     soft), and was made again, its next frame a coarse keyframe, each time the client's estimate
     moved by 10 %: a stream whose estimate climbed went soft every 1.5 s. The session's senders
-    encode VP8 with the face's encoder: it starts at 1 Mbit/s, keeps its encoder through moves of
-    the estimate under VP8_RATE_STEP, follows a larger one, and stays within aiortc's bounds."""
+    encode VP8 with the face's encoder: it starts at 1 Mbit/s, keeps its encoder through rises of
+    the estimate under VP8_RATE_STEP, follows a larger rise and any drop of 10 %, and stays
+    within aiortc's bounds."""
     import asyncio
     import fractions
 
@@ -283,16 +284,23 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
 
     encoded(0)
     first = encoder.codec
-    encoder.target_bitrate = int(VP8_START_BITRATE * (1 + VP8_RATE_STEP * 0.9))  # a REMB 27 % up
+    encoder.target_bitrate = int(VP8_START_BITRATE * (1 + VP8_RATE_STEP * 0.9))  # a REMB 27 % up: kept
     encoded(1)
     assert encoder.codec is first and encoder.target_bitrate == VP8_START_BITRATE
-    encoder.target_bitrate = int(VP8_START_BITRATE * (1 - VP8_RATE_STEP * 1.2))  # congestion: 36 % down
+    encoder.target_bitrate = int(VP8_START_BITRATE * 1.35)  # 35 % up: followed
+    assert encoder.target_bitrate == VP8_START_BITRATE  # (the running encoder's until the next frame)
     encoded(2)
-    assert encoder.codec is not first and encoder.codec.bit_rate == encoder.target_bitrate < VP8_START_BITRATE
+    assert encoder.codec is not first and encoder.codec.bit_rate == encoder.target_bitrate == 1_350_000
+    second = encoder.codec
+    encoder.target_bitrate = int(1_350_000 * 0.85)  # a drop of 15 %: followed at once
+    encoded(3)
+    assert encoder.codec is not second and encoder.target_bitrate == int(1_350_000 * 0.85)
     encoder.target_bitrate = 10 * MAX_BITRATE
+    encoded(4)
     assert encoder.target_bitrate == MAX_BITRATE
     encoder.target_bitrate = 1
-    assert encoder.target_bitrate == MIN_BITRATE
+    encoded(5)
+    assert encoder.target_bitrate == MIN_BITRATE == encoder.codec.bit_rate
 
 
 def test_speak_requests_take_their_turns_first_come_first_served():

@@ -232,3 +232,17 @@ def test_leftovers_go_at_start_without_a_jobs_database(tmp_path, make_client):
     assert isinstance(client.application.extensions["sonic"].queue.store, MemoryStore)
     assert not (up / job).exists() and (up / "README").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["a" * 32 + ".mp4"]
+
+
+def test_a_shared_folders_mark_is_made_once_read_by_every_process_and_made_again_when_deleted(tmp_path):
+    from sonic_server.shared_folders import FOLDER_MARK, differing, folder_id
+
+    made = folder_id(tmp_path)
+    assert len(made) == 16 and folder_id(tmp_path) == made  # read, not made again
+    assert [p.name for p in tmp_path.iterdir()] == [FOLDER_MARK]  # no temporary file left
+    (tmp_path / FOLDER_MARK).unlink()  # an operator's clean-up
+    again = folder_id(tmp_path)
+    assert again and again != made and folder_id(tmp_path) == again
+    assert differing({"output_dir": made}, {"output_dir": again}) == ["output_dir"]
+    assert differing({"output_dir": made}, {"output_dir": ""}) == []  # unreadable on one side: not checked
+    assert differing(None, {"output_dir": again}) == []  # a job from an older API process

@@ -1,6 +1,6 @@
 """What the routes call to make a request pay (credits.enabled): who pays, hold the price before
 any work, charge or release at the end. Refusals are errors with codes, answered by the one
-error table like any other (`insufficient_credits`: 402 with `needed` and `balance`;
+error table like any other (`insufficient_credits`: 402 with `needed`, `balance` and `held`;
 `forbidden`: 403). A job's hold is settled by the job's end (lifecycle.JobEnd calls the
 settler), a fusion's by the request that held it.
 """
@@ -36,7 +36,7 @@ class InsufficientCredits(SonicError):
     def __init__(self, what: str, needed: int, balance: int, held: int = 0):
         # what its running jobs and live sessions hold is not in the balance: said, or a caller
         # whose account lists more than the price is left to wonder (a live session holds an hour)
-        besides = f" ({held} more held until its running jobs and live sessions end)" if held else ""
+        besides = f" ({held} more held until its running jobs, live sessions and fusions end)" if held else ""
         super().__init__(f"{what} {needed} {credits(needed)} and the account has {balance}{besides}")
         self.extra = {"needed": needed, "balance": balance, "held": held}
 
@@ -76,7 +76,15 @@ class Billing:
         return Payer(principal.account_id, principal.operator)
 
     def _refusal(self, payer: Payer, what: str, needed: int, balance: int) -> InsufficientCredits:
-        return InsufficientCredits(what, needed, balance, self.ledger.held_by(payer.account_id))
+        """The 402, with what the account's holds take (left out, 0, where the database stopped
+        answering since its balance was read: the refusal stands, and is no 503)."""
+        from .ledger import DATABASE_AWAY  # loaded by now: the ledger answered the balance
+
+        try:
+            held = self.ledger.held_by(payer.account_id)
+        except DATABASE_AWAY:
+            held = 0
+        return InsufficientCredits(what, needed, balance, held)
 
     def check_video(self, payer: Payer, seconds: float, exact: bool) -> None:
         """Before a request's files are decoded: whether the account can pay for a video of

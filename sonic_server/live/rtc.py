@@ -38,9 +38,12 @@ MIC_PREFETCH_PACKETS = 0  # the microphone's packets held back beyond the next o
 # where the face's VP8 starts, in bit/s (aiortc: 500 kbit/s; its H.264 starts at 1 Mbit/s); the
 # client's bandwidth estimates (REMB) then move it between aiortc's 250 kbit/s and 1.5 Mbit/s
 VP8_START_BITRATE = 1_000_000
+VP8_MIN_BITRATE, VP8_MAX_BITRATE = 250_000, 1_500_000  # aiortc's bounds
 # libvpx cannot change its rate in place: the encoder is made again (its next frame a keyframe),
-# so it follows the client's estimate only once that is this far (a share of the rate) from its own
+# so it follows a rise of the client's estimate once that is this far (a share of the rate) above
+# its own, and a drop of VP8_RATE_DROP (aiortc's own step) at once
 VP8_RATE_STEP = 0.3
+VP8_RATE_DROP = 0.1
 
 
 class RtcLoop:
@@ -280,38 +283,47 @@ def face_encoder_class() -> type:
     aiortc made a new encoder (its next frame a keyframe, coarse at a constant rate, and the
     frames after it soft) each time the client's estimate moved by 10 %: a stream whose estimate
     climbed went soft every 1.5 s (received PSNR in the 0.8 s after each: 40.4 dB against 44.5).
-    Here the rate moves in steps of VP8_RATE_STEP, starts at VP8_START_BITRATE, and the first
+    Here the rate rises in steps (`next_rate`), starts at VP8_START_BITRATE, and the first
     keyframe finds the encoder's buffer full (+1.1-1.5 dB over the first half second)."""
     import av
-    from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE, Vp8Encoder, number_of_threads
+    from aiortc.codecs.vpx import Vp8Encoder, number_of_threads
 
     class FaceEncoder(Vp8Encoder):
         def __init__(self) -> None:
             super().__init__()
-            self._rate = VP8_START_BITRATE  # what the encoder runs at (aiortc reads target_bitrate)
+            # the rate the next encoder is made at: set from the event loop (the client's
+            # estimates), read by `encode` in aiortc's encoding thread, once per frame
+            self._wanted = VP8_START_BITRATE
+            self._running = VP8_START_BITRATE  # the current encoder's (set with it, in `encode`)
 
         @property
         def target_bitrate(self) -> int:
-            return self._rate
+            """The rate the encoder runs at (aiortc compares it with its encoder's to make a new
+            one: the running encoder's own, so that only `encode` here makes them)."""
+            return self._running
 
         @target_bitrate.setter
         def target_bitrate(self, estimate: int) -> None:  # the client's estimate (REMB)
-            estimate = max(MIN_BITRATE, min(int(estimate), MAX_BITRATE))
-            if abs(estimate - self._rate) >= VP8_RATE_STEP * self._rate:
-                self._rate = estimate
+            self._wanted = next_rate(self.target_bitrate, estimate)
 
         def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-            codec = self.codec
-            if (
-                codec is None
-                or codec.bit_rate != self._rate
-                or (codec.width, codec.height) != (frame.width, frame.height)
-            ):
+            codec, rate = self.codec, self._wanted
+            if codec is None or codec.bit_rate != rate or (codec.width, codec.height) != (frame.width, frame.height):
                 threads = number_of_threads(frame.width * frame.height, os.cpu_count() or 1)
-                self.codec = _vp8_context(av, frame.width, frame.height, self._rate, threads)
-            return super().encode(frame, force_keyframe)  # (aiortc's own check then finds it current)
+                self.codec, self._running = _vp8_context(av, frame.width, frame.height, rate, threads), rate
+            return super().encode(frame, force_keyframe)
 
     return FaceEncoder
+
+
+def next_rate(rate: int, estimate: int) -> int:
+    """The face's VP8 rate after a client's estimate (within aiortc's bounds): a drop of
+    VP8_RATE_DROP or more at once (the link carries less: frames would queue or be lost), a rise
+    only of VP8_RATE_STEP or more (each move makes a new encoder: a coarse keyframe)."""
+    estimate = max(VP8_MIN_BITRATE, min(int(estimate), VP8_MAX_BITRATE))
+    if estimate <= rate * (1 - VP8_RATE_DROP) or estimate >= rate * (1 + VP8_RATE_STEP):
+        return estimate
+    return rate
 
 
 def _vp8_context(av: Any, width: int, height: int, rate: int, threads: int) -> Any:

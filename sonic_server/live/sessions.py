@@ -737,7 +737,8 @@ class LiveSessions:
         await pc.setLocalDescription(await pc.createAnswer())
         turn = [server.url for server in servers if ice.is_turn(server)]
         relayed = " typ relay" in pc.localDescription.sdp
-        if turn and self._relay_watch.asked(relayed) and relayed:
+        news = bool(turn) and self._relay_watch.asked(relayed)
+        if news and relayed:
             log.warning("live session %s: the TURN server %s gave a relay address again", session.id, turn[0])
         elif turn and not relayed:
             # (aioice says nothing of it: a refused credential or a TURN server that does not answer

@@ -44,12 +44,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 
+from sonic.errors import SetupError
+
 from .. import lifecycle, metrics
 from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import sweep_orphan_uploads
-from ..shared_folders import differing, shared_folders
+from ..shared_folders import differing, publish, shared_folders
 from ..store import _error_record
 from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 
@@ -426,20 +428,34 @@ class RedisQueue(JobQueue):
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
         # the folders a worker must share with this process (a bucket instead: nothing shared)
-        remote = outputs is not None and outputs.remote
-        self.folders = {} if remote else shared_folders(uploads.root, self.output_dir)
+        self.shares_folders = not (outputs is not None and outputs.remote)
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
         self._store_away = False  # /health's last look found Redis away (said once an outage)
         sweep_orphan_uploads(self.store, uploads)  # left by a killed API process, or a store's lost data
 
     # -- the interface ------------------------------------------------------------------
+    def folders(self) -> dict[str, str]:
+        """The ids of the folders workers must share with this process, read now (a mark
+        deleted is made again), published for the workers; {} with a bucket."""
+        if not self.shares_folders:
+            return {}
+        ids = shared_folders(self.uploads.root, self.output_dir)
+        publish(self.r, ids)
+        return ids
+
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         workers = live_workers(self.r)
         if not any(not w.get("disk_full") for w in workers):  # none alive, or none with room
             raise WorkerStopped(short_of_disk=bool(workers))
+        folders = self.folders()
+        if not any(not w.get("disk_full") and not differing(folders, w.get("folders") or {}) for w in workers):
+            raise SetupError(
+                "no worker shares this API process's folders (server.upload_dir, output_dir): the service's "
+                "operator must give every process the same shared folders (/health lists the workers)"
+            )
         rec = lifecycle.queue(rec.copy())
-        rec.folders = self.folders or None
+        rec.folders = folders or None
         self.store.save(rec)
         try:
             if self._enqueue(rec):
@@ -602,6 +618,7 @@ class RedisQueue(JobQueue):
 
     def _health(self) -> dict:
         reap(self.store, self.retry_lost_jobs, self.output_dir, self.ending)
+        folders = self.folders()
         workers = [
             {
                 "name": w.get("name"),
@@ -611,7 +628,7 @@ class RedisQueue(JobQueue):
                 "device": w.get("device"),
                 "last_heartbeat": w.get("heartbeat"),
                 **{k: w[k] for k in ("live_sessions", "live_slots", "live_host", "draining") if k in w},
-                **({"shares_folders": False} if differing(self.folders, w.get("folders") or {}) else {}),
+                **({"shares_folders": False} if differing(folders, w.get("folders") or {}) else {}),
             }
             for w in live_workers(self.r)
         ]
@@ -620,7 +637,9 @@ class RedisQueue(JobQueue):
             "running_job": running,
             "workers_alive": len(workers),
             # a worker draining after SIGTERM finishes its job and takes no other
-            "workers_taking_jobs": sum(w["state"] != "disk_full" and not w.get("draining") for w in workers),
+            "workers_taking_jobs": sum(
+                w["state"] != "disk_full" and not w.get("draining") and "shares_folders" not in w for w in workers
+            ),
             "queue_length": self.queue_length(),
             "workers": workers,
         }

@@ -435,7 +435,7 @@ def _fetched(urls: dict[str, str]) -> dict[str, bytes]:
         200: ("video ready", content("application/json", RESULT)),
         202: ("accepted; poll status_url", content("application/json", JOB)),
         400: error("bad or missing field / JSON"),
-        402: error("credits enabled: not enough credits (needed, balance)"),
+        402: error("credits enabled: not enough credits (needed, balance, held)"),
         403: error("credits enabled: this key belongs to no account"),
         409: error("this Idempotency-Key was used with another request, or its first request still runs"),
         413: error("upload too large"),
