@@ -190,8 +190,8 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     progress = lifecycle.progress_reporter(
         lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
     )
-    if state.folders and (wrong := differing(rec.folders, here := folders_here(state))):
-        return FAILED, {"error": not_shared(state, rec, wrong, here)}
+    if state.folders and (wrong := differing(rec.folders, folders_here(state))):
+        return FAILED, {"error": not_shared(state, rec, wrong)}
     try:
         job = rec.copy()  # the files where this machine reads them;
         job.inputs = state.uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
@@ -257,7 +257,7 @@ def may_take(state: WorkerState, conn: Any, burst: bool) -> bool:
     return folders_shared(state, conn, burst) and room_to_take(state, conn, burst)
 
 
-def not_shared(state: WorkerState, rec: JobRecord, settings: list[str], here: dict[str, str]) -> dict:
+def not_shared(state: WorkerState, rec: JobRecord, settings: list[str]) -> dict:
     """A job from an API process whose folders are not this worker's (taken before the API
     processes' ids were published): said in the log, for the operator; the caller's error says
     only that the service is set up wrong."""
@@ -661,9 +661,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
         notify=events_of(webhooks.notify),
     )
     webhooks.start(only_if_pending=True)  # workers send deliveries too: API processes may all be busy
-    if not outputs.remote:
+    if not outputs.remote:  # folders shared with the API processes: told apart by their marks
         state.folders = shared_folders(uploads.root, output_dir)
-    if outputs.remote:  # this worker's own folder: nothing is shared
+    else:  # this worker's own folder: nothing is shared
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone
         uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"
