@@ -5,7 +5,8 @@ read the uploads and write the videos there. A worker started with another folde
 mounted at another path, a variable left out) rendered, was paid for, and wrote each video where
 no API process serves it: every link answered 404, and nothing said why. Each such folder now
 holds a mark, `.sonic-folder`, with an id made by the first process to look. API processes
-publish the ids they see in Redis (`sonic:folders`) and give them to each job; a worker that
+publish the ids they see in Redis (`sonic:folders`: at their start and with each job) and give
+them to each job; a worker that
 sees others takes no job (it says so once, and `/health` lists it `shares_folders: false`), and
 one that took a job anyway (before the ids were published) fails it before any work. The marks
 are read at each look: one deleted is made again, and every process then reads the new id.

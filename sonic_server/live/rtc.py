@@ -38,7 +38,6 @@ MIC_PREFETCH_PACKETS = 0  # the microphone's packets held back beyond the next o
 # where the face's VP8 starts, in bit/s (aiortc: 500 kbit/s; its H.264 starts at 1 Mbit/s); the
 # client's bandwidth estimates (REMB) then move it between aiortc's 250 kbit/s and 1.5 Mbit/s
 VP8_START_BITRATE = 1_000_000
-VP8_MIN_BITRATE, VP8_MAX_BITRATE = 250_000, 1_500_000  # aiortc's bounds
 # libvpx cannot change its rate in place: the encoder is made again (its next frame a keyframe),
 # so it follows a rise of the client's estimate once that is this far (a share of the rate) above
 # its own, and a drop of VP8_RATE_DROP (aiortc's own step) at once
@@ -286,7 +285,7 @@ def face_encoder_class() -> type:
     Here the rate rises in steps (`next_rate`), starts at VP8_START_BITRATE, and the first
     keyframe finds the encoder's buffer full (+1.1-1.5 dB over the first half second)."""
     import av
-    from aiortc.codecs.vpx import Vp8Encoder, number_of_threads
+    from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE, Vp8Encoder, number_of_threads
 
     class FaceEncoder(Vp8Encoder):
         def __init__(self) -> None:
@@ -304,7 +303,7 @@ def face_encoder_class() -> type:
 
         @target_bitrate.setter
         def target_bitrate(self, estimate: int) -> None:  # the client's estimate (REMB)
-            self._wanted = next_rate(self.target_bitrate, estimate)
+            self._wanted = next_rate(self.target_bitrate, max(MIN_BITRATE, min(int(estimate), MAX_BITRATE)))
 
         def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
             codec, rate = self.codec, self._wanted
@@ -317,10 +316,9 @@ def face_encoder_class() -> type:
 
 
 def next_rate(rate: int, estimate: int) -> int:
-    """The face's VP8 rate after a client's estimate (within aiortc's bounds): a drop of
-    VP8_RATE_DROP or more at once (the link carries less: frames would queue or be lost), a rise
-    only of VP8_RATE_STEP or more (each move makes a new encoder: a coarse keyframe)."""
-    estimate = max(VP8_MIN_BITRATE, min(int(estimate), VP8_MAX_BITRATE))
+    """The face's VP8 rate after a client's estimate (already within aiortc's bounds): a drop
+    of VP8_RATE_DROP or more at once (the link carries less: frames would queue or be lost), a
+    rise only of VP8_RATE_STEP or more (each move makes a new encoder: a coarse keyframe)."""
     if estimate <= rate * (1 - VP8_RATE_DROP) or estimate >= rate * (1 + VP8_RATE_STEP):
         return estimate
     return rate

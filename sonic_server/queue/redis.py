@@ -427,8 +427,10 @@ class RedisQueue(JobQueue):
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
-        # the folders a worker must share with this process (a bucket instead: nothing shared)
+        # the folders a worker must share with this process (a bucket instead: nothing shared),
+        # published now for workers starting or waiting, and again with each job
         self.shares_folders = not (outputs is not None and outputs.remote)
+        self._publish_folders(self.folders())
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
         self._store_away = False  # /health's last look found Redis away (said once an outage)
@@ -437,18 +439,20 @@ class RedisQueue(JobQueue):
     # -- the interface ------------------------------------------------------------------
     def folders(self) -> dict[str, str]:
         """The ids of the folders workers must share with this process, read now (a mark
-        deleted is made again), published for the workers; {} with a bucket."""
-        if not self.shares_folders:
-            return {}
-        ids = shared_folders(self.uploads.root, self.output_dir)
-        publish(self.r, ids)
-        return ids
+        deleted is made again); {} with a bucket."""
+        return shared_folders(self.uploads.root, self.output_dir) if self.shares_folders else {}
+
+    def _publish_folders(self, folders: dict[str, str]) -> None:
+        """For the workers to compare theirs with (shared_folders.py)."""
+        if folders:
+            publish(self.r, folders)
 
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         workers = live_workers(self.r)
         if not any(not w.get("disk_full") for w in workers):  # none alive, or none with room
             raise WorkerStopped(short_of_disk=bool(workers))
         folders = self.folders()
+        self._publish_folders(folders)  # (again: Redis may have lost it, a mark may be new)
         if not any(not w.get("disk_full") and not differing(folders, w.get("folders") or {}) for w in workers):
             raise SetupError(
                 "no worker shares this API process's folders (server.upload_dir, output_dir): the service's "
