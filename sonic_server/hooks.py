@@ -264,6 +264,12 @@ def memory(app: Flask) -> None:
             give_back_memory()
 
 
+def _clipped(text: str, most: int) -> str:
+    """A client's own text in a log line, at most `most` characters (a request line may be 64 kB,
+    and every one written whole would let anyone fill the log at the network's speed)."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 def access_log(app: Flask) -> None:
     """One line per request (DEBUG for a 200 to a health probe or a metrics scrape), its message
     JSON: id, method, route, status, milliseconds, the client's address,
@@ -281,8 +287,8 @@ def access_log(app: Flask) -> None:
         count_request(request.url_rule.rule if request.url_rule else None, request.method, resp.status_code, seconds)
         line = {
             "request_id": g.get("request_id"),
-            "method": request.method,
-            "route": request.path,
+            "method": _clipped(request.method, 16),
+            "route": _clipped(request.path, 512),
             "status": resp.status_code,
             "ms": round(1000 * seconds, 1),
             "client": request.remote_addr,
