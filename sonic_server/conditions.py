@@ -29,8 +29,13 @@ class Validators:
     modified: int  # seconds since the epoch
 
     @classmethod
-    def of_file(cls, mtime_ns: int, size: int) -> Validators:
-        return cls(f"{mtime_ns:x}-{size:x}", mtime_ns // 1_000_000_000)
+    def of_file(cls, inode: int, size: int, mtime_ns: int) -> Validators:
+        """The tag names the file, not its time: a result cache hit restarts the video's time to
+        live by its modification time, and a tag made of that time told every client holding the
+        same bytes that the video had changed (a resumed download started again, If-Match failed).
+        A job's video is written once, under its job's id, so its inode and size name its bytes;
+        Last-Modified moves with a hit, as an object's in a bucket does."""
+        return cls(f"{inode:x}-{size:x}", mtime_ns // 1_000_000_000)
 
     def headers(self) -> dict[str, str]:
         return {"ETag": quote_etag(self.etag), "Last-Modified": http_date(self.modified)}

@@ -219,6 +219,11 @@ def test_sync_generate_and_download(make_client):
     again = post(client, {**FAST, "seed": 3, "async": True})         # identical request: cached
     assert again.status_code == 200 and again.get_json()["cached"] is True
     assert again.get_json()["video_url"] == body["video_url"]
+    # the hit restarts the video's time to live, not its identity: a download paused before it
+    # goes on (its tag was the modification time: the whole file again, and If-Match failed)
+    resumed = client.get(body["video_url"], headers={"Range": "bytes=10-19", "If-Range": video.headers["ETag"]})
+    assert resumed.status_code == 206 and resumed.data == FAKE_VIDEO[10:20]
+    assert client.get(body["video_url"], headers={"If-Match": video.headers["ETag"]}).status_code == 200
     # a client written for 202 follows a 200 the same way: the job's status and status_url
     assert body["status"] == again.get_json()["status"] == "succeeded"
     assert client.get(again.get_json()["status_url"]).get_json()["video_url"] == body["video_url"]
