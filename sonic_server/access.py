@@ -352,9 +352,23 @@ def _jwt(token: str, ledger, credits):
         return None, f"the bearer token has no {e.claim!r} claim (sub and exp are required)"
     except jwt.InvalidTokenError:
         return None, "the bearer token's signature or claims are not valid"
+    refused = _lifetime_refusal(claims["exp"], credits.jwt_max_lifetime_s)
+    if refused:
+        return None, refused
     role = "admin" if claims.get("role") == "admin" else "user"
     principal = ledger.principal(str(claims["sub"]), role, "jwt")
     return (principal, None) if principal else (None, f"the token's account ({claims['sub']}) does not exist")
+
+
+def _lifetime_refusal(exp: object, most_s: float) -> str | None:
+    """Why a token's `exp` is not a usable end, or None. PyJWT reads a string of digits as a
+    time, and takes any time: an exp of 10**30 made a token that never expires, which is why an
+    exp is required at all (it could never be taken back)."""
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        return "the bearer token's exp must be a number (seconds since the epoch), not " + type(exp).__name__
+    if exp - time.time() > most_s:
+        return f"the bearer token expires more than {most_s / 86400:g} days ahead (credits.jwt_max_lifetime_s)"
+    return None
 
 
 @functools.lru_cache(maxsize=4)

@@ -108,6 +108,7 @@ class CreditsSettings:
     recharge_burst: float = 5.0
     jwt_secret: str | None = None  # HS256 bearer tokens signed with this secret
     jwt_public_key: str | None = None  # RS256 bearer tokens: a PEM public key, or the path of one
+    jwt_max_lifetime_s: float = 31_622_400.0  # a token whose exp lies further ahead (366 days) is refused
     ledger_page: int = 50  # rows per page of /api/credits and /api/admin/audit
 
 
@@ -285,6 +286,10 @@ def _check_credits(s: ServerConfig) -> None:
     c = s.credits
     if c.jwt_public_key and "BEGIN" not in c.jwt_public_key and not Path(c.jwt_public_key).is_file():
         raise SettingsError(f"setting credits.jwt_public_key: no PEM key and no file at {c.jwt_public_key!r}")
+    if not 0 < c.jwt_max_lifetime_s < 1e10:
+        raise SettingsError(
+            f"setting credits.jwt_max_lifetime_s must be a positive number of seconds, got {c.jwt_max_lifetime_s}"
+        )
     # HS256's key must be as long as its hash (RFC 7518 3.2): a short one can be guessed offline
     # from any token, and PyJWT only warned at the first token, on stderr
     if c.enabled and c.jwt_secret and len(c.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:

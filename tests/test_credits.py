@@ -386,6 +386,14 @@ def test_jwt_bearer_tokens_hs256_and_rs256(service, tmp_path):
     r = client.get("/api/credits", headers=auth(forever))
     assert_clean_error(r, 401, "unauthorized")                               # and said why, not "not valid"
     assert r.get_json()["error"]["message"] == "the bearer token has no 'exp' claim (sub and exp are required)"
+    # an exp that never comes, or a string PyJWT reads as a time, is no end either
+    for exp, why in ((10**30, "expires more than 366 days ahead"), (now + 400 * 86400, "more than 366 days"),
+                     (str(now + 60), "exp must be a number")):
+        r = client.get("/api/credits", headers=auth(jwt.encode({"sub": "gus", "exp": exp}, secret, algorithm="HS256")))
+        assert_clean_error(r, 401, "unauthorized")
+        assert why in r.get_json()["error"]["message"], r.get_json()
+    year = jwt.encode({"sub": "gus", "exp": now + 365 * 86400}, secret, algorithm="HS256")
+    assert client.get("/api/credits", headers=auth(year)).status_code == 200
     # a short HS256 secret (guessable offline from any token) is one line at start
     from sonic.settings import SettingsError
     from sonic_server.settings import settings_from
@@ -438,7 +446,7 @@ def test_recharge_validation_atomic_soft_idempotency_and_its_own_rate_limit(serv
     older = client.get(f"/api/admin/audit?operator=boss&before={audit['next_before']}",
                        headers=auth(admin)).get_json()
     assert older["entries"][0]["id"] < audit["entries"][-1]["id"]
-    for query in ("since=yesterday", "since=inf", "limit=%C2%B2", "before=" + "9" * 30, "limit=0"):
+    for query in ("since=yesterday", "since=inf", "limit=%C2%B2", "before=" + "9" * 30, "limit=0", "limit=1001"):  # a page is never cut silently
         assert_clean_error(client.get(f"/api/admin/audit?{query}", headers=auth(admin)), 400, "invalid_parameter")
     assert ledger.check() == []
 

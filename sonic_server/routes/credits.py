@@ -39,12 +39,16 @@ PAGE: dict = {  # a JSON schema, spread into others below
 }
 
 
-def _int_arg(name: str, default=None, minimum: int = 0):
+PAGE_MAX = 1000  # entries in one page of a ledger or of the audit
+
+
+def _int_arg(name: str, default=None, minimum: int = 0, maximum: int | None = None):
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"[0-9]{1,18}", raw) or int(raw) < minimum:
-        raise CreditError(f"{name} must be a whole number of at least {minimum}", name)
+    if not re.fullmatch(r"[0-9]{1,18}", raw) or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
+        within = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise CreditError(f"{name} must be a whole number {within}", name)
     return int(raw)
 
 
@@ -63,7 +67,7 @@ def _float_arg(name: str):
 
 def _page(**filters):
     svc = service()
-    limit = min(_int_arg("limit", svc.settings.credits.ledger_page, 1), 1000)
+    limit = _int_arg("limit", min(svc.settings.credits.ledger_page, PAGE_MAX), 1, PAGE_MAX)  # never cut silently
     entries, more = svc.ledger.entries(before=_int_arg("before", None, 1), limit=limit, **filters)
     return {"entries": entries, "next_before": more}
 
