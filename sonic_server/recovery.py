@@ -59,7 +59,7 @@ def recover(store, uploads, output_dir: Path) -> Recovered:
             log.info("job %s was waiting when the service stopped: queued again", job_id)
             continue
         error = INPUTS_LOST if rec.status == QUEUED else INTERRUPTED
-        store.save(lifecycle.end(rec, FAILED, progress=0.0, error=dict(error)))
+        store.save(lifecycle.end(rec, FAILED, error=dict(error)))  # its progress: how far it got, as any failure's
         found.failed.append(job_id)
         log.warning("job %s was interrupted by a restart: marked failed", job_id)
     found.resumed.sort(key=lambda rec: rec.created)
