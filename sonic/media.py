@@ -70,6 +70,8 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 # upload's name or declared type.
 AUDIO_DEMUXERS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf", "amr")
 AUDIO_FORMATS_TEXT = "WAV, MP3, FLAC, OGG, M4A, WebM, AIFF, CAF, AMR"
+# the containers that hold sound and nothing else: one without a readable stream is damaged
+SOUND_ONLY_DEMUXERS = ("wav", "mp3", "flac", "aac", "aiff", "caf", "amr")
 DOWNMIX = ["-ac", "1"]  # ffmpeg's own downmix, for every layout it knows
 MAX_CHANNELS = 64  # ffmpeg's pan filter averages at most this many channels
 DECODE_TIMEOUT_S = 120
@@ -766,9 +768,18 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
         )
     if not any(part in AUDIO_DEMUXERS for part in name.split(",")):
         return UnsupportedMedia(f"audio format {name!r} is not supported ({supported})", field="audio")
+    container = name.split(",")[0]
+    if not probed.has_audio and container in SOUND_ONLY_DEMUXERS:
+        # (a WAV header with 0 Hz or 0 channels, a FLAC cut at its first frames: "no sound track"
+        # told the sender the recording had none)
+        return UnsupportedMedia(
+            f"audio: the {container} file holds no sound that can be read: it is cut short, or its header "
+            "is damaged (sample rate, channels, sample size)",
+            field="audio",
+        )
     if not probed.has_audio:
-        return UnsupportedMedia(f"audio: the file ({name.split(',')[0]}) has no sound track", field="audio")
-    return UnsupportedMedia(f"audio could not be decoded as {name.split(',')[0]} ({supported})", field="audio")
+        return UnsupportedMedia(f"audio: the file ({container}) has no sound track", field="audio")
+    return UnsupportedMedia(f"audio could not be decoded as {container} ({supported})", field="audio")
 
 
 def full_scale(pcm: np.ndarray) -> np.ndarray:

@@ -189,9 +189,19 @@ def test_audio_that_is_not_a_recording_says_what_it_is(tmp_path):
     silent_video = tmp_path / "no_sound.mp4"
     subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=1",
                     "-pix_fmt", "yuv420p", str(silent_video)], check=True)
+    cut = tmp_path / "cut.flac"  # the start of a FLAC: its header and no whole frame
+    cut.write_bytes(SPEECH.read_bytes()[:6000])
+    no_rate = tmp_path / "no_rate.wav"  # a WAV header that says 0 Hz
+    with sf.SoundFile(no_rate, "w", 16000, 1, subtype="PCM_16") as f:
+        f.write(np.zeros(1600, np.int16))
+    no_rate.write_bytes(no_rate.read_bytes()[:24] + b"\0\0\0\0" + no_rate.read_bytes()[28:])
     for path, words in ((empty, "audio file is empty (0 bytes)"),
                         (PORTRAIT, "audio is a JPEG image, not a recording (are the image and the audio swapped?)"),
-                        (silent_video, "audio: the file (mov) has no sound track")):
+                        (silent_video, "audio: the file (mov) has no sound track"),
+                        (cut, "audio: the flac file holds no sound that can be read: it is cut short, or its header "
+                              "is damaged (sample rate, channels, sample size)"),
+                        (no_rate, "audio: the wav file holds no sound that can be read: it is cut short, or its "
+                                  "header is damaged (sample rate, channels, sample size)")):
         with pytest.raises(UnsupportedMedia) as err:
             load_audio(path, 60)
         assert err.value.message == words and err.value.field == "audio"
