@@ -196,7 +196,8 @@ def check_form_fields(files: tuple[str, ...], texts: tuple[str, ...], parameters
             )
         if request.content_length != 0 and not request.form and not request.files:
             raise InvalidParameter(
-                "the multipart body holds no parts: is the boundary in its Content-Type the one that separates them?",
+                "the multipart body holds no complete part: are its parts separated by the boundary its "
+                "Content-Type names, and does it end with --<boundary>--?",
                 field="Content-Type",
             )
     for name in (*files, *texts):
