@@ -411,6 +411,11 @@ def fetch(
                 continue
             if not 200 <= resp.status < 300:
                 raise FetchFailed(f"{field}: {target.host[:100]} answered HTTP {resp.status}", field=field)
+            encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("", "identity"):  # asked for as it is; never unpacked here (a small
+                # gzip may hold gigabytes), and read as it came ffmpeg named it a game-music format
+                why = f"{field}: {target.host[:100]} sent the file compressed ({encoding[:20]}); serve it as it is"
+                raise FetchFailed(why, field=field)
             length = resp.getheader("Content-Length")
             too_large = InputTooLarge(f"{field}: the file is larger than {max_bytes / 1024 / 1024:g} MB", field=field)
             if length is not None and length.isdigit() and int(length) > max_bytes:

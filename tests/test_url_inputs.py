@@ -5,6 +5,7 @@ a redirect to a forbidden address are each refused with the field and the cause 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import threading
 import time
@@ -28,6 +29,7 @@ class Files:
             "/%C3%A9t%C3%A9.jpg": (200, PORTRAIT.read_bytes()),  # /été.jpg, as a browser asks for it
             "/speech.flac": (200, SPEECH.read_bytes()),
             "/notes.txt": (200, b"just some text, not an image\n" * 40),
+            "/gzipped.flac": (200, gzip.compress(SPEECH.read_bytes())),  # sent as Content-Encoding: gzip
             "/2.08mb": (200, b"\0" * 2_080_000),  # under the 2 MB limit alone, over it beside the portrait
         }
 
@@ -80,6 +82,8 @@ class Files:
                     return
                 status, body = routes.get(self.path, (404, b"not here"))
                 self.send_response(status)
+                if self.path == "/gzipped.flac":  # a server compressing what it was asked for as it is
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -159,6 +163,7 @@ def test_a_null_url_is_said_to_be_null_not_missing(client, files):
     ("/slow", 400, "invalid_parameter", "longer than"),
     ("/drip", 400, "invalid_parameter", "longer than"),
     ("/notes.txt", 415, "unsupported_media", "image_url"),
+    ("/gzipped.flac", 400, "invalid_parameter", "sent the file compressed (gzip); serve it as it is"),
 ])
 def test_a_bad_url_is_named_with_its_cause(client, files, path, status, code, cause):
     began = time.monotonic()
