@@ -578,7 +578,9 @@ def test_sigterm_stops_the_cli_as_ctrl_c_does(tmp_path, signal_name):
     out = tmp_path / "long.mp4"
     proc = subprocess.Popen([sys.executable, "-m", "sonic", "generate", "--image", str(PORTRAIT), "--audio",
                              str(SPEECH), "--out", str(out), "--config", '{"min_resolution": 512, "duration": 120}'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite run under nohup hands its ignored SIGHUP on, which the CLI keeps
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".long.mp4*")) and time.monotonic() < deadline:  # rendering
         time.sleep(0.1)
