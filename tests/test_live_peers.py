@@ -207,7 +207,9 @@ def test_the_clients_receiver_report_reads_as_the_state_shows_it():
         transportId="t", packetsReceived=300, packetsLost=100, jitter=0, roundTripTime=0.0423, fractionLost=64,
     )
     report = network_report(stat).as_json()
-    assert report == {"round_trip_ms": 42.3, "packets_lost": 100, "fraction_lost": 0.25}
+    assert report == {"round_trip_ms": 42.3, "packets_lost": 100, "fraction_lost": 0.25, "video_kbps": None,
+                      "keyframes_asked": 0, "keyframes_sent": 0, "packets_resent": 0, "resends_skipped": 0,
+                      "packets_past_history": 0}
     # before the first round trip is known
     assert network_report(RTCRemoteInboundRtpStreamStats(
         timestamp=datetime.datetime.now(), type="remote-inbound-rtp", id="r", ssrc=1, kind="video",
@@ -260,12 +262,14 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     within aiortc's bounds."""
     import asyncio
     import fractions
+    import time
 
     import av
     from aiortc import RTCRtpCodecParameters, rtcrtpsender
     from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE
 
-    from sonic_server.live.rtc import VP8_RATE_STEP, VP8_START_BITRATE, face_tracks
+    from sonic_server.live.feedback import VP8_RATE_STEP
+    from sonic_server.live.rtc import VP8_START_BITRATE, face_tracks
 
     async def made() -> None:
         face_tracks(asyncio.get_running_loop(), 25)
@@ -277,10 +281,15 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
     assert type(rtcrtpsender.get_encoder(opus)).__name__ == "OpusEncoder"
 
-    def encoded(index: int) -> list[bytes]:
-        frame = av.VideoFrame.from_ndarray(np.full((96, 64), 128, np.uint8), format="yuv420p")
+    texture = np.random.default_rng(0).integers(0, 256, (96, 64), dtype=np.uint8)  # the same each frame
+
+    def frame_at(index: int):
+        frame = av.VideoFrame.from_ndarray(texture, format="yuv420p")
         frame.pts, frame.time_base = index * 40_000, fractions.Fraction(1, 1_000_000)
-        return encoder.encode(frame)[0]
+        return frame
+
+    def encoded(index: int) -> list[bytes]:
+        return encoder.encode(frame_at(index))[0]
 
     encoded(0)
     first = encoder.codec
@@ -301,6 +310,62 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     encoder.target_bitrate = 1
     encoded(5)
     assert encoder.target_bitrate == MIN_BITRATE == encoder.codec.bit_rate
+    # picture-loss reports for three frames in a row, a round trip after the last keyframe: one
+    # keyframe (a still picture's other frames are a few bytes), the others' answered by one a
+    # round trip later
+    time.sleep(0.12)
+    sizes = [sum(map(len, encoder.encode(frame_at(i), force_keyframe=True)[0])) for i in range(6, 9)]
+    assert sizes[0] > 4 * max(sizes[1:]), sizes
+    time.sleep(0.12)
+    assert sum(map(len, encoder.encode(frame_at(9))[0])) > 4 * max(sizes[1:])
+    assert sum(map(len, encoder.encode(frame_at(10))[0])) < 2 * max(sizes[1:])
+
+
+def test_the_faces_rate_keyframes_and_resends_follow_the_clients_reports():
+    """aiortc followed only the client's delay-based estimate (the rate rose to its ceiling at 8 %
+    loss), made a keyframe for every picture-loss report (23 in 6 s, up to 4 in a row, each
+    coarser), resent a packet as often as it was named (reordering made 72 % of the video go
+    twice), and sent nothing for a packet past its history. The face's sender: no rise from 2 %
+    loss, a cut by half the loss above 10 %, one keyframe per round trip, one resend per round
+    trip, a keyframe for a packet that is gone."""
+    from sonic_server.live.feedback import KEYFRAME_GAP_MIN_S, LinkFeedback
+
+    link = LinkFeedback(1_000_000, 250_000, 1_500_000)
+    link.lost(0.05, 0.03)
+    link.estimated(1_400_000)  # 40 % more: followed on a clean link, held at 5 % loss
+    assert link.wanted == 1_000_000
+    link.lost(0.0, 0.03)
+    assert link.wanted == 1_400_000
+    link.running = 1_400_000  # (the encoder made at it)
+    link.lost(0.25, 0.03)  # 12.5 % less: at once
+    assert link.wanted == 1_225_000
+    link.running = link.wanted
+    for _ in range(30):  # a link that goes on losing a quarter: down to aiortc's floor, no further
+        link.lost(0.25, 0.03)
+    assert link.wanted == 250_000
+    link.running = link.wanted
+    link.estimated(5_000_000)
+    assert link.wanted == 250_000  # an estimate cannot lift what the loss holds down
+    link.lost(0.01, 0.03)
+    assert link.wanted == 1_500_000  # the loss gone, the estimate (within aiortc's bounds) again
+
+    t = 100.0
+    link.keyframe_made(t)  # the first frame
+    for dt in (0.0, 0.04, 0.08):  # a client asking for each frame it cannot decode
+        link.keyframe_asked()
+        assert not link.keyframe_now(t + dt)
+    assert link.keyframe_now(t + KEYFRAME_GAP_MIN_S + 0.01) and not link.keyframe_now(t + 0.2)  # one, after the gap
+    link.keyframe_made(t + KEYFRAME_GAP_MIN_S + 0.01)
+    link.keyframe_asked()
+    link.keyframe_made(t + 0.5)  # a new rate's keyframe answers it
+    assert not link.keyframe_now(t + 1.0)
+
+    assert link.resend(7, True, 0.05, now=t) and not link.resend(7, True, 0.05, now=t + 0.03)
+    assert link.resend(7, True, 0.05, now=t + 0.06)  # named again after the round trip: lost again
+    assert not link.resend(9, False, 0.05, now=t) and link.keyframe_now(t + 1.0)  # gone: a keyframe
+    counts = link.counts()
+    assert (counts.keyframes_asked, counts.keyframes_sent, counts.packets_resent, counts.resends_skipped,
+            counts.packets_past_history, counts.video_kbps) == (4, 3, 2, 1, 1, 250)
 
 
 def test_speak_requests_take_their_turns_first_come_first_served():

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from .feedback import FeedbackCounts, LinkFeedback
+
 if TYPE_CHECKING:  # sessions.py imports this module
     from .ice import IceServer
     from .sessions import Sections
@@ -36,13 +38,9 @@ QUEUE_S = 0.48
 PACKET_S = PACKET_SAMPLES / AUDIO_RATE
 MIC_PREFETCH_PACKETS = 0  # the microphone's packets held back beyond the next one (aiortc: 4)
 # where the face's VP8 starts, in bit/s (aiortc: 500 kbit/s; its H.264 starts at 1 Mbit/s); the
-# client's bandwidth estimates (REMB) then move it between aiortc's 250 kbit/s and 1.5 Mbit/s
+# client's reports (sonic_server/live/feedback.py) then move it between aiortc's 250 kbit/s and
+# 1.5 Mbit/s
 VP8_START_BITRATE = 1_000_000
-# libvpx cannot change its rate in place: the encoder is made again (its next frame a keyframe),
-# so it follows a rise of the client's estimate once that is this far (a share of the rate) above
-# its own, and a drop of VP8_RATE_DROP (aiortc's own step) at once
-VP8_RATE_STEP = 0.3
-VP8_RATE_DROP = 0.1
 
 
 class RtcLoop:
@@ -266,7 +264,8 @@ def microphone_buffer() -> Any:
 
 def use_face_encoder() -> None:
     """aiortc's senders encode VP8 with `face_encoder_class` (1.16 has no setting for an
-    encoder: its senders take one from `get_encoder` as they start)."""
+    encoder: its senders take one from `get_encoder` as they start), and leave the client's
+    loss and resend reports on the face to its `LinkFeedback`."""
     from aiortc import rtcrtpsender
     from aiortc.codecs import get_encoder
 
@@ -274,54 +273,93 @@ def use_face_encoder() -> None:
         return face_encoder_class()() if codec.mimeType.lower() == "video/vp8" else get_encoder(codec)
 
     rtcrtpsender.get_encoder = encoder_for
+    sender = rtcrtpsender.RTCRtpSender
+    if not getattr(sender._handle_rtcp_packet, "face_feedback", False):
+        sender._handle_rtcp_packet = _with_face_feedback(sender._handle_rtcp_packet)  # type: ignore[method-assign]
+
+
+def _with_face_feedback(aiortcs: Callable[..., Any]) -> Callable[..., Any]:
+    """An RTCRtpSender's RTCP handling, the face's sender's reports seen by its feedback first:
+    a resend request (NACK) is decided there packet by packet, a receiver report's loss moves
+    its rate; everything else (and every other sender's) as aiortc does. aiortc 1.16 keeps
+    what this reads private (its encoder, history and round trip): another version's sender is
+    left as it is."""
+    from aiortc.rtp import RTCP_RTPFB_NACK, RTP_HISTORY_SIZE, RtcpRrPacket, RtcpRtpfbPacket, RtcpSrPacket
+
+    async def handle(sender: Any, packet: Any) -> None:
+        feedback = getattr(getattr(sender, "_RTCRtpSender__encoder", None), "feedback", None)
+        history = getattr(sender, "_RTCRtpSender__rtp_history", None)
+        if not isinstance(feedback, LinkFeedback) or history is None:
+            return await aiortcs(sender, packet)
+        if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+            for seq in packet.lost:
+                kept = history.get(seq % RTP_HISTORY_SIZE)
+                if feedback.resend(seq, kept is not None and kept.sequence_number == seq, rtt):
+                    await sender._retransmit(seq)
+            return None
+        await aiortcs(sender, packet)  # (a report's round trip estimated first)
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == sender._ssrc:
+                    feedback.lost(report.fraction_lost / 256, getattr(sender, "_RTCRtpSender__rtt", None))
+        return None
+
+    handle.face_feedback = True  # type: ignore[attr-defined]
+    return handle
+
+
+def face_feedback(pc: Any) -> FeedbackCounts | None:
+    """What the connection's face sender did with the client's reports (None before its
+    first frame, or with another codec)."""
+    for sender in pc.getSenders():
+        feedback = getattr(getattr(sender, "_RTCRtpSender__encoder", None), "feedback", None)
+        if isinstance(feedback, LinkFeedback):
+            return feedback.counts()
+    return None
 
 
 @functools.cache
 def face_encoder_class() -> type:
-    """aiortc's VP8 encoder (its packets, its picture ids) with the face's own rate control.
-    aiortc made a new encoder (its next frame a keyframe, coarse at a constant rate, and the
-    frames after it soft) each time the client's estimate moved by 10 %: a stream whose estimate
-    climbed went soft every 1.5 s (received PSNR in the 0.8 s after each: 40.4 dB against 44.5).
-    Here the rate rises in steps (`next_rate`), starts at VP8_START_BITRATE, and the first
-    keyframe finds the encoder's buffer full (+1.1-1.5 dB over the first half second)."""
+    """aiortc's VP8 encoder (its packets, its picture ids) with the face's own rate control and
+    keyframes (`LinkFeedback`). aiortc made a new encoder (its next frame a keyframe, coarse at
+    a constant rate, and the frames after it soft) each time the client's estimate moved by 10 %:
+    a stream whose estimate climbed went soft every 1.5 s (received PSNR in the 0.8 s after each:
+    40.4 dB against 44.5). Here the rate moves in steps, starts at VP8_START_BITRATE, and the
+    first keyframe finds the encoder's buffer full (+1.1-1.5 dB over the first half second)."""
     import av
     from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE, Vp8Encoder, number_of_threads
 
     class FaceEncoder(Vp8Encoder):
         def __init__(self) -> None:
             super().__init__()
-            # the rate the next encoder is made at: set from the event loop (the client's
-            # estimates), read by `encode` in aiortc's encoding thread, once per frame
-            self._wanted = VP8_START_BITRATE
-            self._running = VP8_START_BITRATE  # the current encoder's (set with it, in `encode`)
+            self.feedback = LinkFeedback(VP8_START_BITRATE, MIN_BITRATE, MAX_BITRATE)
 
         @property
         def target_bitrate(self) -> int:
             """The rate the encoder runs at (aiortc compares it with its encoder's to make a new
             one: the running encoder's own, so that only `encode` here makes them)."""
-            return self._running
+            return self.feedback.running
 
         @target_bitrate.setter
         def target_bitrate(self, estimate: int) -> None:  # the client's estimate (REMB)
-            self._wanted = next_rate(self.target_bitrate, max(MIN_BITRATE, min(int(estimate), MAX_BITRATE)))
+            self.feedback.estimated(estimate)
 
         def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-            codec, rate = self.codec, self._wanted
-            if codec is None or codec.bit_rate != rate or (codec.width, codec.height) != (frame.width, frame.height):
+            feedback = self.feedback
+            if force_keyframe:  # aiortc's flag: a picture-loss report since the last frame
+                feedback.keyframe_asked()
+            codec, rate = self.codec, feedback.wanted  # (read once: the loop may move it)
+            made = codec is None or codec.bit_rate != rate or (codec.width, codec.height) != (frame.width, frame.height)
+            if made:
                 threads = number_of_threads(frame.width * frame.height, os.cpu_count() or 1)
-                self.codec, self._running = _vp8_context(av, frame.width, frame.height, rate, threads), rate
-            return super().encode(frame, force_keyframe)
+                self.codec, feedback.running = _vp8_context(av, frame.width, frame.height, rate, threads), rate
+            asked = feedback.keyframe_now()
+            if made or asked:  # (a new encoder's first frame is one)
+                feedback.keyframe_made()
+            return super().encode(frame, asked and not made)
 
     return FaceEncoder
-
-
-def next_rate(rate: int, estimate: int) -> int:
-    """The face's VP8 rate after a client's estimate (already within aiortc's bounds): a drop
-    of VP8_RATE_DROP or more at once (the link carries less: frames would queue or be lost), a
-    rise only of VP8_RATE_STEP or more (each move makes a new encoder: a coarse keyframe)."""
-    if estimate <= rate * (1 - VP8_RATE_DROP) or estimate >= rate * (1 + VP8_RATE_STEP):
-        return estimate
-    return rate
 
 
 def _vp8_context(av: Any, width: int, height: int, rate: int, threads: int) -> Any:

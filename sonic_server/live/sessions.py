@@ -33,10 +33,12 @@ from sonic.options import GenerateOptions
 from .. import metrics
 from ..settings import LiveSettings
 from . import EndReason, ice
+from .feedback import FeedbackCounts
 from .rtc import (
     RtcLoop,
     announce_host,
     consume_microphone,
+    face_feedback,
     face_tracks,
     quicken_audio_receiver,
     rtc_configuration,
@@ -177,7 +179,14 @@ class NetworkReport:
 
     round_trip_ms: float | None = None  # None until the client's first report
     packets_lost: int = 0  # since the session began
-    fraction_lost: float = 0.0  # of the packets since its previous report
+    fraction_lost: float = 0.0  # of the packets since its previous report (before any was resent)
+    # what the face's sender did with the reports (sonic_server/live/feedback.py: FeedbackCounts)
+    video_kbps: int | None = None  # None before the first frame
+    keyframes_asked: int = 0
+    keyframes_sent: int = 0
+    packets_resent: int = 0
+    resends_skipped: int = 0
+    packets_past_history: int = 0
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -920,19 +929,20 @@ async def _look_at_connection(session: ServedSession) -> None:
     if received > session.bytes_seen:
         session.bytes_seen = received
         session.last_heard = time.monotonic()
-    for stat in stats:
-        if stat.type == "remote-inbound-rtp" and stat.kind == "video":
-            session.network = network_report(stat)
+    video = [stat for stat in stats if stat.type == "remote-inbound-rtp" and stat.kind == "video"]
+    session.network = network_report(video[-1] if video else None, face_feedback(session.pc))
 
 
-def network_report(stat: Any) -> NetworkReport:
-    """A remote-inbound-rtp stat (the client's receiver report) as the state shows it. aiortc
-    gives the report's fraction lost as sent, in 256ths."""
+def network_report(stat: Any, sender: FeedbackCounts | None = None) -> NetworkReport:
+    """A remote-inbound-rtp stat (the client's receiver report; None before its first) and
+    what the face's sender did with the reports, as the state shows them. aiortc gives the
+    report's fraction lost as sent, in 256ths."""
     rtt = getattr(stat, "roundTripTime", None)
     return NetworkReport(
         round_trip_ms=None if rtt is None else round(1000 * rtt, 1),
         packets_lost=max(0, int(getattr(stat, "packetsLost", 0) or 0)),
         fraction_lost=round((getattr(stat, "fractionLost", 0) or 0) / 256, 3),
+        **(sender.as_json() if sender is not None else {}),
     )
 
 
