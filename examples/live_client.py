@@ -101,6 +101,7 @@ class Received:
     video_frames: list[np.ndarray] = field(default_factory=list)
     audio_times: list[float] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # mono float32 at 48 kHz, in order
+    audio_at: list[int] = field(default_factory=list)  # each chunk's place in the stream (48 kHz samples)
     size: tuple[int, int] | None = None
 
 
@@ -202,10 +203,18 @@ class LiveClient:
         import av
 
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        got, first = self.received, None
         async for frame, now in _arrivals(track):
+            # where it belongs, from its timestamp: a lost packet leaves a gap there, not a shift
+            # of everything after it (aiortc's decoder stamps frames at 48 kHz)
+            first = frame.pts if first is None else first
+            at = round((frame.pts - first) * float(frame.time_base) * 48_000)
             for out in resampler.resample(frame):
-                self.received.audio_times.append(now)
-                self.received.audio.append(out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+                samples = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
+                got.audio_times.append(now)
+                got.audio_at.append(at)
+                got.audio.append(samples)
+                at += len(samples)
 
     def session_url(self, tail: str = "") -> str:
         """This session's URL (+ tail: "/speak", "/interrupt"), for requests of your own."""
@@ -266,8 +275,25 @@ async def _arrivals(track: MediaStreamTrack):
         yield frame, time.monotonic()
 
 
+def placed_audio(received: Received) -> np.ndarray:
+    """The received sound as one 48 kHz track, each chunk where its timestamp puts it: silence
+    for what was lost. (Joined end to end, a lossy session's sound ran ahead of its pictures by
+    each lost packet's 20 ms and more.)"""
+    if not received.audio:
+        return np.zeros(0, np.float32)
+    at = received.audio_at if len(received.audio_at) == len(received.audio) else None
+    if at is None:  # chunks without places (made by hand): in order
+        return np.concatenate(received.audio)
+    track = np.zeros(max(a + len(c) for a, c in zip(at, received.audio)), np.float32)
+    for start, chunk in zip(at, received.audio):
+        if start >= 0:
+            track[start : start + len(chunk)] = chunk
+    return track
+
+
 def write_mp4(received: Received, path: str | Path, fps: int) -> None:
-    """The received frames and audio as an H.264 + AAC MP4 (frames at `fps`, in arrival order)."""
+    """The received frames and audio as an H.264 + AAC MP4 (frames at `fps`, in arrival order;
+    the sound placed by its timestamps)."""
     import av
 
     with av.open(str(path), "w") as out:
@@ -283,7 +309,7 @@ def write_mp4(received: Received, path: str | Path, fps: int) -> None:
                 out.mux(packet)
         for packet in video.encode():
             out.mux(packet)
-        pcm = np.concatenate(received.audio) if received.audio else np.zeros(0, np.float32)
+        pcm = placed_audio(received)
         s16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
         for start in range(0, len(s16), 1024):
             piece = s16[start : start + 1024]
