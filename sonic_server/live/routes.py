@@ -123,7 +123,30 @@ STATE = component(
                     "packets_lost": {"type": "integer", "description": "since the session began"},
                     "fraction_lost": {
                         "type": "number",
-                        "description": "0-1, since its previous report (about each second)",
+                        "description": "0-1, since its previous report (about each second), before any was resent",
+                    },
+                    "video_kbps": {
+                        "type": "integer",
+                        "nullable": True,
+                        "description": "the rate the face is encoded at (it follows the client's estimate, and "
+                        "falls with its reported loss); null before the first frame",
+                    },
+                    "keyframes_asked": {"type": "integer", "description": "the client's picture-loss reports"},
+                    "keyframes_sent": {
+                        "type": "integer",
+                        "description": "the first, one a round trip at most for those asked, one for each new rate",
+                    },
+                    "packets_resent": {
+                        "type": "integer",
+                        "description": "packets the client reported lost, sent again",
+                    },
+                    "resends_skipped": {
+                        "type": "integer",
+                        "description": "reported again within the round trip: already on their way",
+                    },
+                    "packets_past_history": {
+                        "type": "integer",
+                        "description": "reported after they had left the sender's history: a keyframe sent instead",
                     },
                 },
             },
