@@ -927,6 +927,31 @@ def test_a_client_killed_mid_session_frees_it_within_the_idle_timeout(server):
     assert wait_for(lambda: f"live session {session_id} ended (client_gone)" in (server["tmp"] / "server.log").read_text())
 
 
+def test_a_session_that_never_connected_leaves_nothing_open_once_ended(server):
+    """Its microphone's reader, cancelled, referred back to the session: the two waited for the
+    interpreter's full collection, which an idle server never runs, with the frames' ring (two
+    shared-memory files) open: 2 descriptors for each such session, held for minutes."""
+    base, pid = server["base"], server["proc"].pid
+
+    def rings_open() -> int:
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        return sum(link.replace(" (deleted)", "").endswith(("/frames.npy", "/stamps.npy")) for link in links)
+
+    assert wait_for(lambda: live_count(base) == 0)
+    for _ in range(2):
+        opened = _open(base, offer=_offer())  # the answer is never applied: no connection
+        assert opened.status_code == 201, opened.text
+        session = f"{base}/api/sonic/live/{opened.json()['session_id']}"
+        assert wait_for(lambda: rings_open() >= 2)
+        assert requests.delete(session, timeout=10).status_code in (200, 204)
+    assert wait_for(lambda: rings_open() == 0, timeout=5), rings_open()
+
+
 def test_a_connection_whose_close_hangs_is_closed_all_the_same(server):
     """A client that sends its microphone's packets under 100 SSRCs: aiortc's receiver report then
     names them all, SRTP refuses it as too long, and the receiver's close waited for ever. A

@@ -881,6 +881,10 @@ class LiveSessions:
                 log.exception("live session %s: its transports did not stop", session.id)
         for task in session.tasks:  # a microphone that never sent anything is still awaited
             self._rtc.call(task.cancel)
+        # ... and, cancelled, it refers back to the session (through `hear`): held here, the two
+        # waited for the interpreter's full collection, an idle server's never, with the ring's
+        # two shared-memory files open (a session that never connected: 2 descriptors each)
+        session.tasks.clear()
 
     def close(self) -> None:
         """End every session (the server is stopping)."""
