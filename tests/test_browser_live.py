@@ -68,7 +68,7 @@ def test_the_page_starts_a_live_session_plays_it_and_stops_it(server, browser):
     assert frames > 40
     wait(d, "return /\\d+ ms/.test(document.getElementById('live-latency').textContent)", 10, "the latency read-out")
     wait(d, "return /fps/.test(document.getElementById('live-fps').textContent)", 10, "the frame rate read-out")
-    wait(d, "return /ms round trip, \\d+ packets? lost/.test(document.getElementById('live-network').textContent)",
+    wait(d, "return /ms round trip, \\d+ packets? lost.*, video \\d+ kbit\\/s/.test(document.getElementById('live-network').textContent)",
          10, "the network read-out")
     assert live_sessions(server) == 1
     # the pressed Start is hidden: the keyboard's focus is on Stop; the state is announced, the

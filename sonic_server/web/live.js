@@ -209,7 +209,9 @@ async function refreshLive() {
 function networkWords(net) {
   if (!net || net.round_trip_ms === null) return "–";
   const lost = net.packets_lost === 1 ? "1 packet lost" : `${net.packets_lost} packets lost`;
-  return `${Math.round(net.round_trip_ms)} ms round trip, ${lost}`;
+  const resent = net.packets_resent ? ` (${net.packets_resent} sent again)` : "";
+  const rate = net.video_kbps ? `, video ${net.video_kbps} kbit/s` : "";
+  return `${Math.round(net.round_trip_ms)} ms round trip, ${lost}${resent}${rate}`;
 }
 
 function closeLive() {
