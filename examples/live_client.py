@@ -275,19 +275,28 @@ async def _arrivals(track: MediaStreamTrack):
         yield frame, time.monotonic()
 
 
+PLACE_DRIFT_S = 1.0  # a chunk whose timestamp and arrival disagree by more goes after the last one
+
+
 def placed_audio(received: Received) -> np.ndarray:
     """The received sound as one 48 kHz track, each chunk where its timestamp puts it: silence
     for what was lost. (Joined end to end, a lossy session's sound ran ahead of its pictures by
-    each lost packet's 20 ms and more.)"""
+    each lost packet's 20 ms and more.) A timestamp that jumps (a sender's restart: aiortc reads
+    a step back as a wrap, 2**32 ahead) is not followed: the chunk goes after the last one, so
+    the track is never longer than what arrived, plus the gaps lost."""
     if not received.audio:
         return np.zeros(0, np.float32)
-    at = received.audio_at if len(received.audio_at) == len(received.audio) else None
-    if at is None:  # chunks without places (made by hand): in order
+    if len(received.audio_at) != len(received.audio):  # chunks without places (made by hand): in order
         return np.concatenate(received.audio)
-    track = np.zeros(max(a + len(c) for a, c in zip(at, received.audio)), np.float32)
-    for start, chunk in zip(at, received.audio):
-        if start >= 0:
-            track[start : start + len(chunk)] = chunk
+    first_arrival, end, places = received.audio_times[0], 0, []
+    for at, arrived, chunk in zip(received.audio_at, received.audio_times, received.audio):
+        if not 0 <= at or abs(at - (arrived - first_arrival) * 48_000) > PLACE_DRIFT_S * 48_000:
+            at = end
+        places.append(at)
+        end = max(end, at + len(chunk))
+    track = np.zeros(end, np.float32)
+    for at, chunk in zip(places, received.audio):
+        track[at : at + len(chunk)] = chunk
     return track
 
 

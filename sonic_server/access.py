@@ -360,13 +360,16 @@ def _jwt(token: str, ledger, credits):
     return (principal, None) if principal else (None, f"the token's account ({claims['sub']}) does not exist")
 
 
+JWT_CLOCK_LEEWAY_S = 60  # an issuer whose clock runs this much ahead minting tokens at the limit
+
+
 def _lifetime_refusal(exp: object, most_s: float) -> str | None:
     """Why a token's `exp` is not a usable end, or None. PyJWT reads a string of digits as a
     time, and takes any time: an exp of 10**30 made a token that never expires, which is why an
     exp is required at all (it could never be taken back)."""
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         return "the bearer token's exp must be a number (seconds since the epoch), not " + type(exp).__name__
-    if exp - time.time() > most_s:
+    if exp > time.time() + most_s + JWT_CLOCK_LEEWAY_S:  # (compared, not subtracted: 10**400 overflows a float)
         return f"the bearer token expires more than {most_s / 86400:g} days ahead (credits.jwt_max_lifetime_s)"
     return None
 

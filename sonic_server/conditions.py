@@ -10,6 +10,7 @@ response is the Range alone.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,13 +30,15 @@ class Validators:
     modified: int  # seconds since the epoch
 
     @classmethod
-    def of_file(cls, inode: int, size: int, mtime_ns: int) -> Validators:
-        """The tag names the file, not its time: a result cache hit restarts the video's time to
+    def of_file(cls, name: str, size: int, mtime_ns: int) -> Validators:
+        """The tag names the video, not its time: a result cache hit restarts the video's time to
         live by its modification time, and a tag made of that time told every client holding the
-        same bytes that the video had changed (a resumed download started again, If-Match failed).
-        A job's video is written once, under its job's id, so its inode and size name its bytes;
-        Last-Modified moves with a hit, as an object's in a bucket does."""
-        return cls(f"{inode:x}-{size:x}", mtime_ns // 1_000_000_000)
+        same bytes that the video had changed (a resumed download started again, If-Match
+        failed). A job's video is written once, under its job's id, so its name and size name its
+        bytes, the same from every API process on a shared folder (an inode number is not, on
+        some network file systems). Last-Modified moves with a hit, as an object's in a bucket
+        does."""
+        return cls(f"{hashlib.sha256(name.encode()).hexdigest()[:16]}-{size:x}", mtime_ns // 1_000_000_000)
 
     def headers(self) -> dict[str, str]:
         return {"ETag": quote_etag(self.etag), "Last-Modified": http_date(self.modified)}

@@ -130,7 +130,7 @@ def _video_answer(video_file: BinaryIO, name: str) -> Response:
     """The answer to a GET or HEAD of the open video `name`: its conditions and range decided, the
     bytes streamed from the file (closed with the answer)."""
     st = os.fstat(video_file.fileno())
-    video = Validators.of_file(st.st_ino, st.st_size, st.st_mtime_ns)
+    video = Validators.of_file(name, st.st_size, st.st_mtime_ns)
     answered = conditional_answer(verdict(request.headers, request.method, video), video.headers())
     if answered is not None:
         video_file.close()

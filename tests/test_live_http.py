@@ -56,16 +56,18 @@ def wait_for(predicate, timeout=10.0):
     return False
 
 
-
 def test_a_recordings_sound_is_placed_by_its_timestamps():
     """A lost speech packet left no gap in what examples/live_client.py recorded: the sound
     after it ran ahead of the pictures (the scorer's sync fell from 0.76 to 0.19 at 8 % loss)."""
     from live_client import Received, placed_audio
 
-    got = Received(audio=[np.full(960, 0.5, np.float32)] * 3, audio_at=[0, 960, 2880])
+    got = Received(audio=[np.full(960, 0.5, np.float32)] * 3, audio_at=[0, 960, 2880], audio_times=[0, 0.02, 0.06])
     track = placed_audio(got)
     assert len(track) == 3840 and (track[:1920] == 0.5).all() and (track[1920:2880] == 0).all()
     assert (track[2880:] == 0.5).all()
+    # a timestamp that jumps (read as a wrap: 2**32 ahead) is not a day of silence to allocate
+    got = Received(audio=[np.full(960, 0.5, np.float32)] * 3, audio_at=[0, 960, 2**32], audio_times=[0, 0.02, 0.04])
+    assert len(placed_audio(got)) == 2880
 
 def test_a_session_mirrors_the_microphone_in_sync(server):
     """The speech file as the client's microphone, then silence: frames arrive at the frame rate

@@ -253,7 +253,7 @@ def test_the_voice_waits_for_the_encoder_as_long_as_the_face():
     assert [p.pts for p in packets] == [i * AUDIO_RATE // 50 for i in range(20)]
 
 
-def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_moves_of_the_estimate():
+def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_moves_of_the_estimate(monkeypatch):
     """aiortc's VP8 encoder started every connection at 500 kbit/s (a 512 px face's first seconds
     soft), and was made again, its next frame a coarse keyframe, each time the client's estimate
     moved by 10 %: a stream whose estimate climbed went soft every 1.5 s. The session's senders
@@ -268,6 +268,7 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     from aiortc import RTCRtpCodecParameters, rtcrtpsender
     from aiortc.codecs.vpx import MAX_BITRATE, MIN_BITRATE
 
+    from sonic_server.live import feedback
     from sonic_server.live.feedback import VP8_RATE_STEP
     from sonic_server.live.rtc import VP8_START_BITRATE, face_tracks
 
@@ -312,13 +313,18 @@ def test_the_faces_vp8_starts_at_a_megabit_and_is_made_again_only_for_large_move
     assert encoder.target_bitrate == MIN_BITRATE == encoder.codec.bit_rate
     # picture-loss reports for three frames in a row, a round trip after the last keyframe: one
     # keyframe (a still picture's other frames are a few bytes), the others' answered by one a
-    # round trip later
-    time.sleep(0.12)
-    sizes = [sum(map(len, encoder.encode(frame_at(i), force_keyframe=True)[0])) for i in range(6, 9)]
-    assert sizes[0] > 4 * max(sizes[1:]), sizes
-    time.sleep(0.12)
-    assert sum(map(len, encoder.encode(frame_at(9))[0])) > 4 * max(sizes[1:])
-    assert sum(map(len, encoder.encode(frame_at(10))[0])) < 2 * max(sizes[1:])
+    # round trip later (the feedback's clock is the test's: 40 ms a frame)
+    clock = [time.monotonic() + 1.0]
+    monkeypatch.setattr(feedback.time, "monotonic", lambda: clock[0])
+
+    def at_40_ms(index: int, **kwargs) -> int:
+        clock[0] += 0.04
+        return sum(map(len, encoder.encode(frame_at(index), **kwargs)[0]))
+
+    sizes = [at_40_ms(i, force_keyframe=True) for i in range(6, 9)]  # 0, 40 and 80 ms
+    assert sizes[0] > 4 * max(sizes[1:]), sizes  # the second and third wait
+    assert at_40_ms(9) > 4 * max(sizes[1:])  # 120 ms: one keyframe for both
+    assert at_40_ms(10) < 2 * max(sizes[1:])
 
 
 def test_the_faces_rate_keyframes_and_resends_follow_the_clients_reports():
@@ -331,23 +337,29 @@ def test_the_faces_rate_keyframes_and_resends_follow_the_clients_reports():
     from sonic_server.live.feedback import KEYFRAME_GAP_MIN_S, LinkFeedback
 
     link = LinkFeedback(1_000_000, 250_000, 1_500_000)
-    link.lost(0.05, 0.03)
+    link.lost(0.05, 0.03, now=0.0)
     link.estimated(1_400_000)  # 40 % more: followed on a clean link, held at 5 % loss
-    assert link.wanted == 1_000_000
-    link.lost(0.0, 0.03)
-    assert link.wanted == 1_400_000
-    link.running = 1_400_000  # (the encoder made at it)
-    link.lost(0.25, 0.03)  # 12.5 % less: at once
-    assert link.wanted == 1_225_000
-    link.running = link.wanted
-    for _ in range(30):  # a link that goes on losing a quarter: down to aiortc's floor, no further
-        link.lost(0.25, 0.03)
-    assert link.wanted == 250_000
-    link.running = link.wanted
+    assert link.wanted() == 1_000_000
+    lifted = [(link.lost(0.0, 0.03, now=0.0), link.wanted())[1] for _ in range(4)]  # let up by 8 % a report
+    assert lifted[:3] == [1_000_000] * 3 and 1_300_000 <= lifted[3] <= 1_400_000, lifted
+    link.running = lifted[3]  # (the encoder made at it)
+    link.lost(0.25, 0.03, now=10.0)  # 12.5 % less: at once
+    assert link.wanted() == int(lifted[3] * 0.875)
+    link.running = link.wanted()
+    link.lost(0.25, 0.03, now=10.1)  # within the round trip and 0.3 s of the last cut: the same report
+    assert link.wanted() == int(lifted[3] * 0.875)
+    for i in range(30):  # a link that goes on losing a quarter
+        link.lost(0.25, 0.03, now=11.0 + i)
+        link.running = link.wanted()
+    low = link.wanted()
+    assert 250_000 <= low < 250_000 / 0.9  # at aiortc's floor (within a step of it), no further
     link.estimated(5_000_000)
-    assert link.wanted == 250_000  # an estimate cannot lift what the loss holds down
-    link.lost(0.01, 0.03)
-    assert link.wanted == 1_500_000  # the loss gone, the estimate (within aiortc's bounds) again
+    assert link.wanted() == low  # an estimate cannot lift what the loss holds down
+    for _ in range(40):
+        link.lost(0.01, 0.03, now=50.0)
+        link.running = link.wanted()
+    # the loss gone, back up to within a step (30 %) of the estimate (held at aiortc's ceiling)
+    assert 1_500_000 / 1.3 < link.wanted() <= 1_500_000
 
     t = 100.0
     link.keyframe_made(t)  # the first frame
@@ -365,7 +377,7 @@ def test_the_faces_rate_keyframes_and_resends_follow_the_clients_reports():
     assert not link.resend(9, False, 0.05, now=t) and link.keyframe_now(t + 1.0)  # gone: a keyframe
     counts = link.counts()
     assert (counts.keyframes_asked, counts.keyframes_sent, counts.packets_resent, counts.resends_skipped,
-            counts.packets_past_history, counts.video_kbps) == (4, 3, 2, 1, 1, 250)
+            counts.packets_past_history) == (4, 3, 2, 1, 1)
 
 
 def test_speak_requests_take_their_turns_first_come_first_served():

@@ -12,8 +12,9 @@ a second) was never sent, and nothing else was (the client froze until its own r
 picture, 4.5 s later for aiortc's receiver).
 
 Each sender of the face owns one `LinkFeedback` (in its encoder, sonic_server/live/rtc.py). Its
-methods are called on the event loop (reports) and in aiortc's encoding thread (`keyframe_now`,
-`encoded`): each field is written by one side only, or is a flag whose late read costs a frame.
+methods are called on the event loop (reports) and in aiortc's encoding thread (`wanted`,
+`keyframe_now`, `keyframe_made`): each field is written by one side only, or is a flag whose
+late read costs a frame.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ from dataclasses import asdict, dataclass
 VP8_RATE_STEP = 0.3
 VP8_RATE_DROP = 0.1
 # the loss a client reports (its share of the packets since its last report, before any was
-# sent again), as a sender's congestion control reads it (GCC, RFC draft-ietf-rmcat-gcc 6):
-# from LOSS_HOLD the rate does not rise; above LOSS_CUT it falls by half the loss at each report
+# sent again), as a sender's congestion control reads it (GCC, draft-ietf-rmcat-gcc 6): from
+# LOSS_HOLD the rate does not rise; above LOSS_CUT what it may be falls by half the loss, at
+# most once per round trip and LOSS_CUT_GAP_S (a browser may report with every feedback
+# packet); under LOSS_HOLD it is let up by LOSS_RECOVERY a report, not at once (the estimate,
+# blind to loss, is often the ceiling: straight back there, the loss came back with it)
 LOSS_HOLD = 0.02
 LOSS_CUT = 0.10
+LOSS_CUT_GAP_S = 0.3
+LOSS_RECOVERY = 0.08
 # picture-loss reports within the round trip (at least this long) of a keyframe are answered by
 # one keyframe after it: a client asks again for each frame it cannot decode while the answer is
 # on its way (a first keyframe that a late client missed is answered at most this much later)
@@ -76,7 +82,7 @@ class LinkFeedback:
         self.running = start  # the current encoder's rate (set by the encoding thread)
         self._estimate = start  # the client's last estimate (REMB)
         self._loss_cap: int | None = None  # the rate the reported loss allows; None: any
-        self.wanted = start  # the rate the next encoder is made at
+        self._last_cut = float("-inf")
         self.rtt_s: float | None = None  # the round trip, as of the client's last report
         self._keyframe_due = False
         self._last_keyframe = float("-inf")
@@ -87,24 +93,28 @@ class LinkFeedback:
     def estimated(self, bitrate: int) -> None:
         """The client's bandwidth estimate (REMB)."""
         self._estimate = max(self.floor, min(int(bitrate), self.ceiling))
-        self._decide_rate()
 
-    def lost(self, fraction: float, rtt_s: float | None) -> None:
+    def lost(self, fraction: float, rtt_s: float | None, now: float | None = None) -> None:
         """A receiver report: the share of the face's packets lost since the previous one, and
         the round trip as the sender now estimates it."""
+        now = time.monotonic() if now is None else now
         self.rtt_s = rtt_s
+        cap = self._loss_cap
         if fraction > LOSS_CUT:
-            base = self.running if self._loss_cap is None else min(self._loss_cap, self.running)
-            self._loss_cap = max(self.floor, int(base * (1 - 0.5 * fraction)))
+            if now - self._last_cut >= (rtt_s or 0.0) + LOSS_CUT_GAP_S:
+                base = self.running if cap is None else min(cap, self.running)
+                self._loss_cap, self._last_cut = max(self.floor, int(base * (1 - 0.5 * fraction))), now
         elif fraction >= LOSS_HOLD:
-            self._loss_cap = self.running if self._loss_cap is None else min(self._loss_cap, self.running)
-        else:
-            self._loss_cap = None
-        self._decide_rate()
+            self._loss_cap = self.running if cap is None else min(cap, self.running)
+        elif cap is not None:
+            lifted = int(cap * (1 + LOSS_RECOVERY))
+            self._loss_cap = None if lifted >= self.ceiling else lifted
 
-    def _decide_rate(self) -> None:
-        allowed = self._estimate if self._loss_cap is None else min(self._estimate, self._loss_cap)
-        self.wanted = next_rate(self.running, allowed)
+    def wanted(self) -> int:
+        """The rate the next frame is encoded at (the encoding thread asks, once a frame: the
+        rate it decides from is the encoder's own, which only that thread changes)."""
+        cap = self._loss_cap
+        return next_rate(self.running, self._estimate if cap is None else min(self._estimate, cap))
 
     # --- keyframes -----------------------------------------------------------------------------
     def keyframe_asked(self) -> None:

@@ -129,7 +129,7 @@ STATE = component(
                         "type": "integer",
                         "nullable": True,
                         "description": "the rate the face is encoded at (it follows the client's estimate, and "
-                        "falls with its reported loss); null before the first frame",
+                        "falls with its reported loss); null before the first frame, and for H.264",
                     },
                     "keyframes_asked": {"type": "integer", "description": "the client's picture-loss reports"},
                     "keyframes_sent": {

@@ -287,7 +287,7 @@ def _with_face_feedback(aiortcs: Callable[..., Any]) -> Callable[..., Any]:
     from aiortc.rtp import RTCP_RTPFB_NACK, RTP_HISTORY_SIZE, RtcpRrPacket, RtcpRtpfbPacket, RtcpSrPacket
 
     async def handle(sender: Any, packet: Any) -> None:
-        feedback = getattr(getattr(sender, "_RTCRtpSender__encoder", None), "feedback", None)
+        feedback = _feedback_of(sender)
         history = getattr(sender, "_RTCRtpSender__rtp_history", None)
         if not isinstance(feedback, LinkFeedback) or history is None:
             return await aiortcs(sender, packet)
@@ -311,12 +311,17 @@ def _with_face_feedback(aiortcs: Callable[..., Any]) -> Callable[..., Any]:
 
 def face_feedback(pc: Any) -> FeedbackCounts | None:
     """What the connection's face sender did with the client's reports (None before its
-    first frame, or with another codec)."""
+    first frame, or with another codec than VP8)."""
     for sender in pc.getSenders():
-        feedback = getattr(getattr(sender, "_RTCRtpSender__encoder", None), "feedback", None)
+        feedback = _feedback_of(sender)
         if isinstance(feedback, LinkFeedback):
             return feedback.counts()
     return None
+
+
+def _feedback_of(sender: Any) -> Any:
+    """A sender's LinkFeedback, where its encoder is the face's (aiortc keeps it private)."""
+    return getattr(getattr(sender, "_RTCRtpSender__encoder", None), "feedback", None)
 
 
 @functools.cache
@@ -349,7 +354,7 @@ def face_encoder_class() -> type:
             feedback = self.feedback
             if force_keyframe:  # aiortc's flag: a picture-loss report since the last frame
                 feedback.keyframe_asked()
-            codec, rate = self.codec, feedback.wanted  # (read once: the loop may move it)
+            codec, rate = self.codec, feedback.wanted()
             made = codec is None or codec.bit_rate != rate or (codec.width, codec.height) != (frame.width, frame.height)
             if made:
                 threads = number_of_threads(frame.width * frame.height, os.cpu_count() or 1)
