@@ -92,6 +92,9 @@ def test_binary_png_and_multipart_and_data_urls(client):
     ({"source_image": 123}, 400, "invalid_parameter", "source_image"),
     ({"target_image": ["x"]}, 400, "invalid_parameter", "target_image"),
     ({"blend_ratio": 10 ** 400}, 400, "invalid_parameter", "blend_ratio"),
+    # JSON's own types, as generate's config asks (a form's text fields are read from their words)
+    ({"blend_ratio": "0.5"}, 400, "invalid_parameter", "blend_ratio"),
+    ({"swap_eye": "false"}, 400, "invalid_parameter", "swap_eye"),
 ])
 def test_bad_fields_are_400_with_the_field_named(client, fields, status, code, field):
     r = fuse(client, **fields)

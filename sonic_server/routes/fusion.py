@@ -107,12 +107,14 @@ def _decode(data: bytes, name: str, limits, full_size: bool) -> np.ndarray:
         raise InvalidParameter(f"{name}: {why}; supported formats: {SUPPORTED}", name) from None
 
 
-def _options(body: dict, where: str = "") -> dict:
+def _options(body: dict, where: str = "", form: bool = False) -> dict:
+    """The fusion's options, checked. `form`: the fields came as a form's text, so numbers and
+    booleans are read from their words; JSON's must be JSON's own (as generate's config)."""
     unknown = sorted(str(k) for k in set(body) - FIELDS)
     if unknown:
         raise InvalidParameter(f"unknown field {where}{unknown[0]!r} (known: {', '.join(sorted(FIELDS))})", unknown[0])
     ratio = body.get("blend_ratio", 0.6)
-    if isinstance(ratio, str):
+    if isinstance(ratio, str) and form:
         try:
             ratio = float(ratio)
         except (ValueError, OverflowError):
@@ -124,7 +126,7 @@ def _options(body: dict, where: str = "") -> dict:
     if not ok:
         raise InvalidParameter("blend_ratio must be a number from 0 to 1", "blend_ratio")
     swap = body.get("swap_eye", False)
-    if isinstance(swap, str) and swap.lower() in ("true", "false", "1", "0"):
+    if isinstance(swap, str) and form and swap.lower() in ("true", "false", "1", "0"):
         swap = swap.lower() in ("true", "1")
     if not isinstance(swap, bool):
         raise InvalidParameter("swap_eye must be true or false", "swap_eye")
@@ -149,7 +151,7 @@ def _encode(rgb: np.ndarray, fmt: str) -> bytes:
 def _one(svc, body: dict, files=None) -> tuple[dict, bytes, str, str]:
     """One fusion: (the result's JSON fields, the encoded image, its format, the output format)."""
     t0 = time.perf_counter()
-    opts = _options(body)
+    opts = _options(body, form=files is not None)
     limits = svc.settings.limits
     raw = {
         name: _image_bytes(files[name] if files and name in files else body.get(name), name)
