@@ -69,9 +69,14 @@ def _make_mark(mark: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def folder_settings(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str | Path]:
+    """This process's shared folders, by the setting that names each."""
+    return {"server.upload_dir": upload_dir, "output_dir": output_dir}
+
+
 def shared_folders(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str]:
     """The ids of this process's shared folders, by the setting that names each."""
-    return {"server.upload_dir": folder_id(upload_dir), "output_dir": folder_id(output_dir)}
+    return {name: folder_id(folder) for name, folder in folder_settings(upload_dir, output_dir).items()}
 
 
 def differing(expected: dict[str, str] | None, here: dict[str, str]) -> list[str]:

@@ -62,7 +62,7 @@ from .queue.redis import (
 )
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
-from .shared_folders import FOLDER_MARK, differing, published, shared_folders
+from .shared_folders import FOLDER_MARK, differing, folder_settings, published, shared_folders
 from .storage import open_storage
 from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
@@ -190,7 +190,8 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     progress = lifecycle.progress_reporter(
         lambda: bool(r.exists(PREFIX + f"cancel:{job_id}")), state.job_timeout_s, report
     )
-    if state.folders and (wrong := differing(rec.folders, folders_here(state))):
+    # (state.folders: read by may_take just before RQ handed this job over)
+    if state.folders and (wrong := differing(rec.folders, state.folders)):
         return FAILED, {"error": not_shared(state, rec, wrong)}
     try:
         job = rec.copy()  # the files where this machine reads them;
@@ -243,7 +244,7 @@ def folders_shared(state: WorkerState, conn: Any, burst: bool) -> bool:
 
 def folders_differ(state: WorkerState, settings: list[str]) -> str:
     """What differs, for the operator: the settings and this worker's folders."""
-    here = {"server.upload_dir": state.uploads.root, "output_dir": state.output_dir}
+    here = folder_settings(state.uploads.root, state.output_dir)
     return (
         f"its {' and '.join(f'{name} ({here[name]})' for name in settings)} is not the folder the API processes use "
         f"(each holds a {FOLDER_MARK} file with another id): give every API process and worker the same shared "
