@@ -62,12 +62,12 @@ class FeedbackCounts:
     session's state shows them: a picture that stalls on a lossy link tells here whether the
     packets were sent again and keyframes were asked for)."""
 
-    video_kbps: int  # the rate the face is encoded at now
-    keyframes_asked: int  # the client's picture-loss reports (PLI, FIR)
-    keyframes_sent: int  # keyframes made: the first, those asked for, and one for each new rate
-    packets_resent: int
-    resends_skipped: int  # named again within the round trip: already on their way
-    packets_past_history: int  # named after they had left the sender's history (a keyframe sent)
+    video_kbps: int | None = None  # the rate the face is encoded at now; None before its first frame
+    keyframes_asked: int = 0  # the client's picture-loss reports (PLI, FIR)
+    keyframes_sent: int = 0  # keyframes made: the first, those asked for, and one for each new rate
+    packets_resent: int = 0
+    resends_skipped: int = 0  # named again within the round trip: already on their way
+    packets_past_history: int = 0  # named after they had left the sender's history (a keyframe sent)
 
     def as_json(self) -> dict:
         return asdict(self)

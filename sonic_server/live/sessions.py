@@ -180,16 +180,13 @@ class NetworkReport:
     round_trip_ms: float | None = None  # None until the client's first report
     packets_lost: int = 0  # since the session began
     fraction_lost: float = 0.0  # of the packets since its previous report (before any was resent)
-    # what the face's sender did with the reports (sonic_server/live/feedback.py: FeedbackCounts)
-    video_kbps: int | None = None  # None before the first frame
-    keyframes_asked: int = 0
-    keyframes_sent: int = 0
-    packets_resent: int = 0
-    resends_skipped: int = 0
-    packets_past_history: int = 0
+    sender: FeedbackCounts = field(default_factory=FeedbackCounts)  # what the face's sender did with them
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """One object: the report's figures and the sender's counts beside them."""
+        report = asdict(self)
+        report.update(report.pop("sender"))
+        return report
 
 
 @dataclass(frozen=True)
@@ -946,7 +943,7 @@ def network_report(stat: Any, sender: FeedbackCounts | None = None) -> NetworkRe
         round_trip_ms=None if rtt is None else round(1000 * rtt, 1),
         packets_lost=max(0, int(getattr(stat, "packetsLost", 0) or 0)),
         fraction_lost=round((getattr(stat, "fractionLost", 0) or 0) / 256, 3),
-        **(sender.as_json() if sender is not None else {}),
+        sender=sender if sender is not None else FeedbackCounts(),
     )
 
 
