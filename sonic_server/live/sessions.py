@@ -781,7 +781,7 @@ class LiveSessions:
             next_watch = time.monotonic() + WATCH_INTERVAL_S
             # (a client that finishes its DTLS handshake after the first keyframe went out cannot
             # decode what follows, and says so: browsers and aiortc send a picture-loss report,
-            # and the encoder's next frame is a keyframe. Keyframes sent again blindly at 0.12,
+            # and a keyframe follows (feedback.py paces them). Keyframes sent again blindly at 0.12,
             # 0.3 and 0.6 s each came coarse at a constant rate: every session started soft)
             for frame in engine.frames(session.stop):
                 session.video.send(frame.yuv420(), frame.index, fps)
