@@ -21,6 +21,7 @@ from ..audio_features import (
     loudest_voiced,
     min_range_db,
     phone_decoder,
+    pitch_window,
     scale_loudness,
     timed_phones,
 )
@@ -50,6 +51,8 @@ class LoudnessStream:
         self._levels: deque[float] = deque(maxlen=int(LEVEL_WINDOW_S * fps))
         self._voiced: deque[bool] = deque(maxlen=int(LEVEL_WINDOW_S * fps))  # beside _levels
         self._peak_env = -np.inf
+        # frames before a frame that its pitch window reaches (half a window, and one for rounding)
+        self._pitch_back = int(np.ceil(pitch_window(fps) / 2 / (SAMPLE_RATE / fps))) + 1
         band_filter()  # designed now (once a process), not while the first frame is due
 
     def _frame_start(self, i: int) -> int:
@@ -65,12 +68,15 @@ class LoudnessStream:
         first, n = self.frames_done, max(0, ready + 1 - self.frames_done)
         if n == 0:
             return np.zeros(0), np.zeros(0)
-        # measure from HISTORY_S before the first new frame, so that the filter has settled
+        # loudness from HISTORY_S before the first new frame, so that the filter has settled; the
+        # pitch from the frames whose window reaches into the first new frame's (only the new
+        # frames' estimates are kept: the others would be made again at every frame)
         back = min(int(np.ceil(HISTORY_S * self.fps)), first)
-        start = self._frame_start(first - back)
-        seg = self._audio[start - self._audio_start :]
+        seg = self._audio[self._frame_start(first - back) - self._audio_start :]
         db = frame_loudness(seg, back + n, self.fps)[back:]
-        pitch = frame_pitch(seg, back + n, self.fps)[back:]
+        pitch_back = min(self._pitch_back, first)
+        pitch_seg = self._audio[self._frame_start(first - pitch_back) - self._audio_start :]
+        pitch = frame_pitch(pitch_seg, pitch_back + n, self.fps)[pitch_back:]
         self.frames_done += n
         keep_from = self._frame_start(max(0, self.frames_done - int(np.ceil(HISTORY_S * self.fps))))
         self._audio = self._audio[keep_from - self._audio_start :]
