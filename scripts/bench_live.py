@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PORTRAIT = ROOT / "examples" / "portrait.jpg"
 SPEECH = ROOT / "examples" / "speech.flac"
+# mean absolute change (levels, every 8th pixel) above which a received frame is a new picture: a
+# held picture sent again decodes within a level of itself, a face at rest blinks and breathes
+PICTURE_CHANGE = 0.3
 
 
 def free_port() -> int:
@@ -144,8 +147,15 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
         looped = np.concatenate([wav, np.zeros(8000, np.float32)])
         mic = Microphone(np.tile(looped, int(seconds * 16000 / len(looped)) + 2))
 
+    pictures = [0]  # frames received that show a new picture (a held picture repeats the one before)
+    last = [np.zeros(0)]
+
     def on_frame(image: np.ndarray, at: float) -> None:
         meter.add(image, at)
+        small = image[::8, ::8].astype(np.int16)
+        if last[0].shape != small.shape or np.abs(small - last[0]).mean() > PICTURE_CHANGE:
+            pictures[0] += 1
+        last[0] = small
 
     t_offer = time.monotonic()
     cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
@@ -182,6 +192,7 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
         "state_ms": round(float(np.median(state_ms)), 1),
         "frames": len(times),
         "fps": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
+        "pictures_fps": round(pictures[0] / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
         "server": {
             k: state[k] for k in ("frames_sent", "late_frames", "latency_ms", "lookahead_ms", "width", "height")
         },

@@ -6,11 +6,16 @@ of its own (only loopback exists: no candidate or packet can leave the machine).
 
 The source plays SPEECH as TTS audio (24 kHz, real time) once the client sees the face; the
 client records every video frame (time, size, pixels) and the audio it receives (time, rate, RMS).
+The client is a process of its own (this script with `--client`), as a viewer's browser is: in
+the agent's process, decoding and converting every frame it held the agent's pictures back.
+Offer, answer and the client's word that it sees the face pass as JSON lines over its stdin and
+stdout; time.monotonic() is the machine's, the same in both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 
@@ -80,16 +85,17 @@ async def receive_audio(track, chunks: list) -> None:
         chunks.append((time.monotonic(), frame.sample_rate, float(np.sqrt(np.mean(pcm**2)))))
 
 
-async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
+async def client_main(out: str) -> None:
+    """The viewer: offers to receive audio and video, records what arrives until its stdin closes."""
     loopback_only()
-    wav, rate = sf.read(speech, dtype="float32")
-    wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
-    face_seen, marks = asyncio.Event(), {}
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    face_seen = asyncio.Event()
     video: list = []
     audio: list = []
     tasks: list = []
-
-    # the client: receives the face's video and audio (no ICE servers: host candidates only)
+    # no ICE servers: host candidates only
     client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     # audio first, then video: the transport fills the offer's transceivers in that order
     client.addTransceiver("audio", direction="recvonly")
@@ -102,10 +108,43 @@ async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
         tasks.append(asyncio.ensure_future(receive))
 
     await client.setLocalDescription(await client.createOffer())
+    print(json.dumps({"sdp": client.localDescription.sdp, "type": client.localDescription.type}), flush=True)
+    answer = json.loads(await reader.readline())
+    await client.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    await face_seen.wait()
+    print(json.dumps({"face_seen": time.monotonic()}), flush=True)
+    await reader.read()  # until the bot's end closes stdin
+    await client.close()
+    for t in tasks:
+        t.cancel()
+    np.savez(
+        out,
+        video_times=np.array([t for t, _, _, _ in video]),
+        video_sizes=np.array([(w, h) for _, w, h, _ in video]),
+        video=np.array([im for _, _, _, im in video if im.shape[:2] == (HEIGHT, WIDTH)]),
+        audio=np.array(audio),
+    )
+
+
+async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
+    loopback_only()
+    wav, rate = sf.read(speech, dtype="float32")
+    wav = resample_poly(wav, TTS_RATE, rate).astype(np.float32)
+    face_seen, marks = asyncio.Event(), {}
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", out, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert client.stdin is not None and client.stdout is not None
+    offer = json.loads(await client.stdout.readline())
+
+    async def wait_for_face() -> None:
+        line = await client.stdout.readline()
+        if line:
+            face_seen.set()
 
     # the bot: Pipecat's SmallWebRTC transport answers the offer
     connection = SmallWebRTCConnection(ice_servers=[])
-    await connection.initialize(sdp=client.localDescription.sdp, type=client.localDescription.type)
+    await connection.initialize(sdp=offer["sdp"], type=offer["type"])
     answer = connection.get_answer()
     transport = SmallWebRTCTransport(
         webrtc_connection=connection,
@@ -124,7 +163,9 @@ async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
         params=PipelineParams(audio_out_sample_rate=TTS_RATE),
         idle_timeout_secs=None,
     )
-    await client.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    client.stdin.write((json.dumps({"sdp": answer["sdp"], "type": answer["type"]}) + "\n").encode())
+    await client.stdin.drain()
+    seen = asyncio.ensure_future(wait_for_face())
 
     async def finish() -> None:
         while "speech_end" not in marks:
@@ -137,19 +178,21 @@ async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
     ending = asyncio.ensure_future(finish())
     await asyncio.wait_for(runner.run(), timeout=60)
     await ending
-    await client.close()
-    for t in tasks:
-        t.cancel()
+    seen.cancel()
+    client.stdin.close()
+    await asyncio.wait_for(client.wait(), timeout=30)
+    assert client.returncode == 0, client.returncode
+    recorded = dict(np.load(out))
     np.savez(
         out,
-        video_times=np.array([t for t, _, _, _ in video]),
-        video_sizes=np.array([(w, h) for _, w, h, _ in video]),
-        video=np.array([im for _, _, _, im in video if im.shape[:2] == (HEIGHT, WIDTH)]),
-        audio=np.array(audio),
+        **recorded,
         speech_start=marks.get("speech_start", 0.0),
         speech_end=marks.get("speech_end", 0.0),
     )
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    if sys.argv[1] == "--client":
+        asyncio.run(client_main(sys.argv[2]))
+    else:
+        asyncio.run(main(*sys.argv[1:5]))
