@@ -61,7 +61,10 @@ def opening(pipeline, image) -> float:
 def test_frames_arrive_at_the_frame_rate_with_the_speech_in_sync(run):
     data, times, marks = run
     gaps = np.diff(times)
-    assert abs(np.median(gaps) - 1 / FPS) < 0.002 and np.percentile(gaps, 95) < 1.5 / FPS, gaps
+    # frames on a clock, not in bursts: two frames at once and then a double gap (what a buffering
+    # stage makes) put half the gaps at 2 periods; a busy machine delays single frames (the 95th
+    # percentile reached 62 ms beside the rest of the suite), the 90th stays under 1.5 periods
+    assert abs(np.median(gaps) - 1 / FPS) < 0.002 and np.percentile(gaps, 90) < 1.5 / FPS, gaps
     assert abs(len(times) - times[-1] * FPS) <= 0.03 * len(times) + 2
     audio = data["audio"]  # (arrival time, samples, rate, picture it follows) of each audio chunk
     assert set(audio[:, 2]) == {24000} and np.median(audio[:, 1]) == 480  # the transport's 20 ms chunks
