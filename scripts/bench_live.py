@@ -9,7 +9,8 @@ recorded speech file as their microphone (or with /speak) and decoding what come
 (examples/ on PYTHONPATH: the clients are the example's LiveClient; the package is the installed one.)
 
 Prints, per session: time from the offer to the first decoded frame; frames received and the
-sustained rate; the server's late frames; the mouth latency (the sent speech's loudness against
+sustained rate, and how many of them a second showed a new picture (`pictures_fps`: a server
+behind its clock holds the picture); the server's late frames; the mouth latency (the sent speech's loudness against
 the received frames' mouth motion, cross-correlated: how long after a syllable leaves the client
 the mouth moves on its screen) and the audio/video offset in the received streams (the received
 speech's loudness against the received mouth motion); and the server's CPU and memory. With
@@ -192,7 +193,7 @@ async def one_session(base: str, seconds: float, resolution: int, speak: bool, s
         "state_ms": round(float(np.median(state_ms)), 1),
         "frames": len(times),
         "fps": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
-        "pictures_fps": round(pictures[0] / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
+        "pictures_fps": round((pictures[0] - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else 0.0,
         "server": {
             k: state[k] for k in ("frames_sent", "late_frames", "latency_ms", "lookahead_ms", "width", "height")
         },

@@ -186,6 +186,8 @@ def band_filtered(wav: np.ndarray) -> np.ndarray:
     # the extension's length: 3 x the filter's taps (2 per section, and 1), less its zeros at the end
     taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
     edge = 3 * taps
+    if len(wav) <= edge:
+        raise ValueError(f"the band filter needs more than {edge} samples, got {len(wav)}")
     ext = np.concatenate([2 * wav[0] - wav[edge:0:-1], wav, 2 * wav[-1] - wav[-2 : -edge - 2 : -1]])
     forward = sosfilt(sos, ext, zi=state * ext[0])[0]
     backward = sosfilt(sos, forward[::-1], zi=state * forward[-1])[0]
@@ -218,16 +220,20 @@ def pitch_window(fps: int) -> int:
     return int(round(max(2 * SAMPLE_RATE / fps, PITCH_WINDOW_S * SAMPLE_RATE)))
 
 
-def frame_pitch(wav: np.ndarray, n_frames: int, fps: int) -> np.ndarray:
+def frame_pitch(wav: np.ndarray, n_frames: int, fps: int, first_frame: int = 0, wav_start: int = 0) -> np.ndarray:
     """The voice's pitch per frame, (T,) in semitones above 100 Hz, nan where the frame is not
     voiced: the peak of the normalised autocorrelation over PITCH_HZ, in a window centred on the
     frame (its width the larger of two frames and PITCH_WINDOW_S). Any language; what matters
-    downstream is how the pitch rises and falls, not its exact value."""
+    downstream is how the pitch rises and falls, not its exact value. A stream measures frames
+    from `first_frame` on, `wav` starting at sample `wav_start` of its audio: the windows are
+    placed as on the whole clip, to the sample, at any frame rate."""
     hop = SAMPLE_RATE / fps
     win = pitch_window(fps)
     x = wav.astype(np.float64)
-    pad = np.concatenate([np.zeros(win), x, np.zeros(win + int(n_frames * hop))])
-    centres = np.round((np.arange(n_frames) + 0.5) * hop).astype(int) + win - win // 2
+    frames = first_frame + np.arange(n_frames)
+    centres = np.round((frames + 0.5) * hop).astype(int) - wav_start + win - win // 2
+    tail = max(win, int(centres[-1]) + win - len(x)) if n_frames else win  # zeros after the audio
+    pad = np.concatenate([np.zeros(win), x, np.zeros(tail)])
     pitch = np.empty(n_frames)
     for block in _blocks(n_frames):
         pitch[block] = _window_pitch(pad[centres[block, None] + np.arange(win)[None, :]])

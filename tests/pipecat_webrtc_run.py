@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -111,9 +112,13 @@ async def client_main(out: str) -> None:
     print(json.dumps({"sdp": client.localDescription.sdp, "type": client.localDescription.type}), flush=True)
     answer = json.loads(await reader.readline())
     await client.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-    await face_seen.wait()
-    print(json.dumps({"face_seen": time.monotonic()}), flush=True)
-    await reader.read()  # until the bot's end closes stdin
+    ended = asyncio.ensure_future(reader.read())  # the bot's end closes stdin (or the bot is gone)
+    seen = asyncio.ensure_future(face_seen.wait())
+    await asyncio.wait({ended, seen}, return_when=asyncio.FIRST_COMPLETED)
+    if seen.done():
+        print(json.dumps({"face_seen": time.monotonic()}), flush=True)
+    seen.cancel()
+    await ended
     await client.close()
     for t in tasks:
         t.cancel()
@@ -139,56 +144,71 @@ async def main(portrait: str, speech: str, out: str, sonic_python: str) -> None:
 
     async def wait_for_face() -> None:
         line = await client.stdout.readline()
-        if line:
-            face_seen.set()
+        if not line:  # the viewer exited: fail now, not at the run's time limit
+            raise RuntimeError(f"the viewer exited before it saw the face (status {await client.wait()})")
+        assert "face_seen" in json.loads(line), line
+        face_seen.set()
 
-    # the bot: Pipecat's SmallWebRTC transport answers the offer
-    connection = SmallWebRTCConnection(ice_servers=[])
-    await connection.initialize(sdp=offer["sdp"], type=offer["type"])
-    answer = connection.get_answer()
-    transport = SmallWebRTCTransport(
-        webrtc_connection=connection,
-        params=TransportParams(
-            audio_out_enabled=True,
-            video_out_enabled=True,
-            video_out_is_live=True,
-            video_out_width=WIDTH,
-            video_out_height=HEIGHT,
-            video_out_framerate=25,
-        ),
-    )
-    face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, sonic_python=sonic_python)
-    worker = PipelineWorker(
-        Pipeline([SpeechSource(wav, face_seen, marks), face, transport.output()]),
-        params=PipelineParams(audio_out_sample_rate=TTS_RATE),
-        idle_timeout_secs=None,
-    )
-    client.stdin.write((json.dumps({"sdp": answer["sdp"], "type": answer["type"]}) + "\n").encode())
-    await client.stdin.drain()
-    seen = asyncio.ensure_future(wait_for_face())
+    try:
+        # the bot: Pipecat's SmallWebRTC transport answers the offer
+        connection = SmallWebRTCConnection(ice_servers=[])
+        await connection.initialize(sdp=offer["sdp"], type=offer["type"])
+        answer = connection.get_answer()
+        transport = SmallWebRTCTransport(
+            webrtc_connection=connection,
+            params=TransportParams(
+                audio_out_enabled=True,
+                video_out_enabled=True,
+                video_out_is_live=True,
+                video_out_width=WIDTH,
+                video_out_height=HEIGHT,
+                video_out_framerate=25,
+            ),
+        )
+        face = SonicVideoService(portrait=portrait, params={"min_resolution": 256, "seed": 3}, sonic_python=sonic_python)
+        worker = PipelineWorker(
+            Pipeline([SpeechSource(wav, face_seen, marks), face, transport.output()]),
+            params=PipelineParams(audio_out_sample_rate=TTS_RATE),
+            idle_timeout_secs=None,
+        )
+        client.stdin.write((json.dumps({"sdp": answer["sdp"], "type": answer["type"]}) + "\n").encode())
+        await client.stdin.drain()
+        seen = asyncio.ensure_future(wait_for_face())
 
-    async def finish() -> None:
-        while "speech_end" not in marks:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
-        await worker.queue_frame(EndFrame())
+        async def finish() -> None:
+            while "speech_end" not in marks:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            await worker.queue_frame(EndFrame())
 
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    ending = asyncio.ensure_future(finish())
-    await asyncio.wait_for(runner.run(), timeout=60)
-    await ending
-    seen.cancel()
-    client.stdin.close()
-    await asyncio.wait_for(client.wait(), timeout=30)
-    assert client.returncode == 0, client.returncode
-    recorded = dict(np.load(out))
-    np.savez(
-        out,
-        **recorded,
-        speech_start=marks.get("speech_start", 0.0),
-        speech_end=marks.get("speech_end", 0.0),
-    )
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        ending = asyncio.ensure_future(finish())
+        run = asyncio.ensure_future(asyncio.wait_for(runner.run(), timeout=60))
+        await asyncio.wait({run, seen}, return_when=asyncio.FIRST_COMPLETED)
+        if seen.done() and seen.exception() is not None:
+            # the viewer is gone: fail now (the transport, stopped while it starts, held the
+            # loop's end for minutes)
+            print(seen.exception(), file=sys.stderr, flush=True)
+            os._exit(1)
+        await run
+        await ending
+        seen.cancel()
+        client.stdin.close()
+        await asyncio.wait_for(client.wait(), timeout=30)
+        assert client.returncode == 0, client.returncode
+        with np.load(out) as npz:
+            recorded = dict(npz)
+        np.savez(
+            out,
+            **recorded,
+            speech_start=marks.get("speech_start", 0.0),
+            speech_end=marks.get("speech_end", 0.0),
+        )
+    finally:
+        if client.returncode is None:  # the run failed: the viewer goes with it
+            client.kill()
+            await client.wait()
 
 
 if __name__ == "__main__":

@@ -327,8 +327,9 @@ def test_speech_under_noise_opens_the_mouth_nearly_as_wide_as_clean_offline_and_
 def test_streamed_pitch_equals_the_files_and_the_band_filter_equals_scipys(speech):
     """The live pitch is measured on the new frames' windows only, and the band filter keeps its
     start-up state (both ~30 % of an unrendered frame's time before): the same numbers as the
-    file's pitch and as scipy's zero-phase filter, to the bit, in any chunks. (At 30 and 60 fps a
-    frame starts between samples: a window may start a sample away from the file's, as before.)"""
+    file's pitch (at 30 and 60 fps, where a frame starts between samples, too: a window started
+    a sample away from the file's in 1-3 % of the frames before) and as scipy's zero-phase
+    filter, to the bit, in any chunks."""
     from scipy.signal import sosfiltfilt
 
     from sonic.audio_features import band_filter, band_filtered, frame_pitch
@@ -345,7 +346,7 @@ def test_streamed_pitch_equals_the_files_and_the_band_filter_equals_scipys(speec
         live = np.concatenate(got)
         offline = frame_pitch(speech, int(len(speech) / SAMPLE_RATE * fps), fps)
         same = (live == offline[: len(live)]) | (np.isnan(live) & np.isnan(offline[: len(live)]))
-        assert len(live) >= len(offline) - 2 and (same.all() if fps == 25 else same.mean() > 0.97), (fps, same)
+        assert len(live) >= len(offline) - 2 and same.all(), (fps, np.flatnonzero(~same))
     for x in (speech, speech[:101], rng.standard_normal(5000), speech[1000:9000] + 0.3):
         x = x.astype(np.float64)
         assert np.array_equal(band_filtered(x), sosfiltfilt(band_filter(), x))

@@ -74,9 +74,8 @@ class LoudnessStream:
         back = min(int(np.ceil(HISTORY_S * self.fps)), first)
         seg = self._audio[self._frame_start(first - back) - self._audio_start :]
         db = frame_loudness(seg, back + n, self.fps)[back:]
-        pitch_back = min(self._pitch_back, first)
-        pitch_seg = self._audio[self._frame_start(first - pitch_back) - self._audio_start :]
-        pitch = frame_pitch(pitch_seg, pitch_back + n, self.fps)[pitch_back:]
+        pitch_from = max(self._audio_start, self._frame_start(max(0, first - self._pitch_back)))
+        pitch = frame_pitch(self._audio[pitch_from - self._audio_start :], n, self.fps, first, pitch_from)
         self.frames_done += n
         keep_from = self._frame_start(max(0, self.frames_done - int(np.ceil(HISTORY_S * self.fps))))
         self._audio = self._audio[keep_from - self._audio_start :]
