@@ -290,7 +290,7 @@ def placed_audio(received: Received) -> np.ndarray:
         return np.concatenate(received.audio)
     first_arrival, end, places = received.audio_times[0], 0, []
     for at, arrived, chunk in zip(received.audio_at, received.audio_times, received.audio):
-        if not 0 <= at or abs(at - (arrived - first_arrival) * 48_000) > PLACE_DRIFT_S * 48_000:
+        if at < 0 or abs(at - (arrived - first_arrival) * 48_000) > PLACE_DRIFT_S * 48_000:
             at = end
         places.append(at)
         end = max(end, at + len(chunk))

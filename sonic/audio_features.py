@@ -168,12 +168,16 @@ def band_filter() -> np.ndarray:
 
 
 @functools.cache
-def _band_filter_state() -> np.ndarray:
-    """The band filter's steady-state response to a step, per section (computed once: a live
-    session filters every frame, and this took a fifth of its unrendered frame's time)."""
+def band_filter_start() -> tuple[np.ndarray, int]:
+    """How band_filtered starts each pass: the band filter's steady-state response to a step,
+    per section, and how many samples it extends a signal by at each end (3 x the filter's taps,
+    2 a section and 1, less its zeros at the end; scipy's default). Computed once: a live
+    session filters every frame, and the state alone took a fifth of an unrendered frame's time."""
     from scipy.signal import sosfilt_zi
 
-    return sosfilt_zi(band_filter())
+    sos = band_filter()
+    taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+    return sosfilt_zi(sos), 3 * taps
 
 
 def band_filtered(wav: np.ndarray) -> np.ndarray:
@@ -182,10 +186,7 @@ def band_filtered(wav: np.ndarray) -> np.ndarray:
     at both ends by its point reflection: what scipy.signal.sosfiltfilt does by default."""
     from scipy.signal import sosfilt  # here: a render helper recognising phones skips its 60 MB
 
-    sos, state = band_filter(), _band_filter_state()
-    # the extension's length: 3 x the filter's taps (2 per section, and 1), less its zeros at the end
-    taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
-    edge = 3 * taps
+    sos, (state, edge) = band_filter(), band_filter_start()
     if len(wav) <= edge:
         raise ValueError(f"the band filter needs more than {edge} samples, got {len(wav)}")
     ext = np.concatenate([2 * wav[0] - wav[edge:0:-1], wav, 2 * wav[-1] - wav[-2 : -edge - 2 : -1]])

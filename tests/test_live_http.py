@@ -69,6 +69,7 @@ def test_a_recordings_sound_is_placed_by_its_timestamps():
     got = Received(audio=[np.full(960, 0.5, np.float32)] * 3, audio_at=[0, 960, 2**32], audio_times=[0, 0.02, 0.04])
     assert len(placed_audio(got)) == 2880
 
+
 def test_a_session_mirrors_the_microphone_in_sync(server):
     """The speech file as the client's microphone, then silence: frames arrive at the frame rate
     and size asked for, the mouth opens with the speech and rests after, in sync with the audio

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.signal  # noqa: F401 - imported here, not at a session's first frame (~0.6 s)
 
 from ..audio_features import (
-    band_filter,
+    band_filter_start,
     frame_loudness,
     frame_pitch,
     loudest_voiced,
@@ -53,7 +53,7 @@ class LoudnessStream:
         self._peak_env = -np.inf
         # frames before a frame that its pitch window reaches (half a window, and one for rounding)
         self._pitch_back = int(np.ceil(pitch_window(fps) / 2 / (SAMPLE_RATE / fps))) + 1
-        band_filter()  # designed now (once a process), not while the first frame is due
+        band_filter_start()  # designed and started now (once a process), not while the first frame is due
 
     def _frame_start(self, i: int) -> int:
         return int(round(i * SAMPLE_RATE / self.fps))

@@ -100,12 +100,12 @@ class LinkFeedback:
         now = time.monotonic() if now is None else now
         self.rtt_s = rtt_s
         cap = self._loss_cap
+        held = self.running if cap is None else min(cap, self.running)  # where the loss keeps it
         if fraction > LOSS_CUT:
             if now - self._last_cut >= (rtt_s or 0.0) + LOSS_CUT_GAP_S:
-                base = self.running if cap is None else min(cap, self.running)
-                self._loss_cap, self._last_cut = max(self.floor, int(base * (1 - 0.5 * fraction))), now
+                self._loss_cap, self._last_cut = max(self.floor, int(held * (1 - 0.5 * fraction))), now
         elif fraction >= LOSS_HOLD:
-            self._loss_cap = self.running if cap is None else min(cap, self.running)
+            self._loss_cap = held
         elif cap is not None:
             lifted = int(cap * (1 + LOSS_RECOVERY))
             self._loss_cap = None if lifted >= self.ceiling else lifted
