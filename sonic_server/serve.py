@@ -290,9 +290,13 @@ def short_reads_once_answered(app: Callable) -> Callable:
 
 
 def _then(body: Iterable[bytes], after: Callable[[], None]) -> Iterator[bytes]:
-    """The body's chunks, then `after()`; the body is closed when this is (WSGI's close)."""
+    """The body's chunks, then `after()`; the body is closed when this is (WSGI's close), once.
+    A loop, not `yield from`: closing a generator closes the iterable it delegates to as well,
+    and the `finally` then closed it again (an event stream whose client left gave its slot
+    back twice, and the server's cap on them stopped holding)."""
     try:
-        yield from body
+        for chunk in body:
+            yield chunk
         after()
     finally:
         close = getattr(body, "close", None)

@@ -81,6 +81,20 @@ class Slots:
         finally:
             self.give_back(holder)
 
+    def given_back_once(self, holder: str | None = None) -> Callable[[], None]:
+        """A call that gives `holder`'s slot back the first time it is made and does nothing
+        after: for a response's close, which more than one layer of a WSGI stack may call."""
+        pending = [True]
+
+        def give_back() -> None:
+            with self._lock:
+                if not pending:
+                    return
+                pending.clear()
+            self.give_back(holder)
+
+        return give_back
+
     def give_back(self, holder: str | None = None) -> None:
         with self._lock:
             self.held -= 1

@@ -16,7 +16,7 @@ import yaml
 from conftest import PORTRAIT, ROOT, SPEECH
 from server_helpers import FAST, assert_clean_error, settings, uploads_empty
 
-SERVER_SETTINGS = {"queue_size": 2, "sync_wait_s": 60, "socket_timeout_s": 1.5}
+SERVER_SETTINGS = {"queue_size": 2, "sync_wait_s": 60, "socket_timeout_s": 1.5, "max_event_streams": 3}
 
 
 def free_port() -> int:
@@ -148,6 +148,48 @@ def test_real_cancel_mid_render(server):
     outputs = server["tmp"] / "outputs"
     assert not (outputs / f"{job}.mp4").exists() and not list(outputs.glob(".*.part"))
     assert uploads_empty(server["cfg"])
+
+
+def test_event_streams_dropped_by_their_clients_free_one_slot_each(server):
+    """server.max_event_streams (3 here) holds after clients drop their streams: each gives its
+    slot back once (under `sonic serve` each dropped stream gave it back twice, and 6 then 12
+    streams opened where 3 may)."""
+    r = post(server, {**FAST, "seed": 8, "duration": 120, "async": True})
+    assert r.status_code == 202
+    job = r.json()["job_id"]
+    host, port = server["base"].rsplit("/", 1)[1].split(":")
+
+    def open_streams(n: int) -> tuple[list[socket.socket], list[bytes]]:
+        socks, statuses = [], []
+        for _ in range(n):
+            sock = socket.create_connection((host, int(port)))
+            sock.settimeout(10)
+            sock.sendall(f"GET /api/sonic/jobs/{job}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            statuses.append(sock.recv(4096).split(b"\r\n")[0])
+            socks.append(sock)
+        return socks, statuses
+
+    try:
+        socks, statuses = open_streams(4)
+        assert statuses.count(b"HTTP/1.1 200 OK") == 3 and statuses[3].startswith(b"HTTP/1.1 503"), statuses
+        for _round in range(3):  # the clients leave; the server finds each gone at its next write
+            for sock in socks:
+                sock.close()
+            end = time.monotonic() + 15
+            while True:
+                socks, statuses = open_streams(6)
+                opened = statuses.count(b"HTTP/1.1 200 OK")
+                assert opened <= 3, statuses
+                if opened == 3 or time.monotonic() > end:
+                    break
+                for sock in socks:
+                    sock.close()
+                time.sleep(0.5)
+            assert opened == 3, statuses                        # every slot came back
+    finally:
+        requests.post(f"{server['base']}/api/sonic/jobs/{job}/cancel", timeout=30)
+        for sock in socks:
+            sock.close()
 
 
 def test_an_over_limit_form_sent_whole_is_answered_and_its_connection_closed_at_once(server):

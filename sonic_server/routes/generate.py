@@ -813,5 +813,5 @@ def job_events(job_id):
     resp = Response(
         stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-    resp.call_on_close(lambda: svc.event_streams.give_back(holder))  # when the server closes it, whatever ended it
+    resp.call_on_close(svc.event_streams.given_back_once(holder))  # when the server closes it, whatever ended it
     return resp
