@@ -216,3 +216,34 @@ def test_how_far_up_a_raise_reaches_is_even_across_the_brow(pipeline):
     assert len(brows) == 2
     for brow in brows:
         assert np.abs(np.diff(brow.above)).max() < 0.03 * iod
+
+
+def test_a_raised_brow_moves_whole_at_any_dynamic_scale(pipeline):
+    """At dynamic_scale 2 the brows smeared into vertical streaks: the strongest accent's raise
+    (0.1 IOD) was more than the skin above a brow can take below a hairline, and the backward
+    map, fixed-point steps on a map that folds, went back and forth. A raise now stops at
+    BROW_RAISE_MAX_IOD whatever the scale, and down every column the map keeps the photo's order
+    (the brow slides over the skin it rises into), the brow itself moved whole."""
+    from sonic.decoders.warp.eyes import brow_map, build_brows, build_eyes
+    from sonic.motion import BROW_RAISE_MAX_IOD, brow_track
+    from sonic.prosody import Event
+
+    times = np.arange(50) / FPS
+    strongest = [Event(10, "accent", 1.0)]
+    assert brow_track(times, strongest, FPS, 1.0).max() >= 0.045  # the asked 0.02-0.06 IOD
+    assert brow_track(times, strongest, FPS, 2.0).max() <= BROW_RAISE_MAX_IOD <= 0.06
+
+    framing = pipeline.framing(load_portrait_of(pipeline), pipeline.options({}), 1)
+    iod = build_rig(framing.landmarks).iod
+    brows = build_brows(framing.frame, framing.landmarks, build_eyes(framing.frame, framing.landmarks, iod), iod)
+    assert len(brows) == 2 and min(b.above.min() for b in brows) < BROW_RAISE_MAX_IOD * iod * 1.5  # short reaches
+    for brow in brows:
+        ys, xs = np.mgrid[brow.y0 : brow.y1, brow.x0 : brow.x1].astype(np.float32)
+        source = brow_map(brow, xs, ys, BROW_RAISE_MAX_IOD * iod)
+        assert np.diff(source, axis=0).min() > 0.2  # never folded back, stretched at most 5x
+        cols = np.flatnonzero(brow.share == 1)
+        for c in cols[:: max(1, len(cols) // 8)]:  # the brow's middle row comes from the brow, moved whole
+            middle = brow.middle[c]
+            row = int(round(middle - BROW_RAISE_MAX_IOD * iod)) - brow.y0
+            assert abs(source[row, c] - (row + brow.y0 + BROW_RAISE_MAX_IOD * iod)) < 0.6, (c, source[row, c])
+            assert 0.9 < source[row + 1, c] - source[row - 1, c] < 2.2  # its own thickness

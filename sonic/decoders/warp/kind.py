@@ -27,7 +27,8 @@ class WarpKind(DecoderKind):
         "is resampled once to 3 source px per frame px and every frame is one lookup into it",
         "expand_ratio": "margin around the detected face for the crop, as a fraction of the face box; what lies "
         "outside the head's reach stays the untouched photo",
-        "dynamic_scale": "scales the mouth the audio drives: the jaw's opening and the lips' spread and rounding",
+        "dynamic_scale": "scales the mouth the audio drives (the jaw's opening and the lips' spread and rounding) "
+        "and the brows' raises on accents (at most 0.06 IOD)",
         "motion_scale": "scales the head's rigid motion (roll, shift, scale: seeded drift plus nods on loud "
         "syllables); 0 keeps the head still, blinks stay",
         "align_mouth": "measures the lag between the predicted mouth opening and the audio's loudness (+-4 frames) "
