@@ -44,6 +44,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         settings = load_settings() if settings is None else settings_from(settings, env=os.environ)
     srv, limits = settings.server, settings.limits
     app = Flask(__name__)
+    app.request_class = hooks.WholeBodyRequest  # a chunked body past the upload limit is 413, not cut
     # a path with an empty part (/api/sonic/jobs//events: a job id left out) is a 404 in JSON, not
     # a redirect to another route as an HTML page
     app.url_map.merge_slashes = False

@@ -262,6 +262,27 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
         assert words in json.loads(body)["error"]["message"], body
 
 
+def test_a_chunked_body_past_the_upload_limit_is_refused_not_cut(server):
+    """A JSON body sent chunked (no Content-Length) past limits.max_upload_mb (2 MB here) is 413
+    as it is with its length: werkzeug's read stopped at the limit, and /fusion parsed what it
+    had read ("not valid JSON"). Under the limit, chunked, it is read whole."""
+    def chunked(data: bytes):
+        for i in range(0, len(data), 1 << 16):
+            yield data[i : i + (1 << 16)]
+
+    def body(size: int) -> bytes:  # valid JSON of `size` bytes, the padding spaces between its members
+        head, tail = b'{"source_image": "x",', b' "target_image": "y"}'
+        return head + b" " * (size - len(head) - len(tail)) + tail
+
+    limit = server["cfg"]["limits"]["max_upload_mb"] * 1024 * 1024
+    for size, status, code in ((limit + 100_000, 413, "input_too_large"), (limit - 100_000, 400, "invalid_parameter")):
+        r = requests.post(server["base"] + "/fusion", data=chunked(body(size)), timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert_clean_error(r, status, code)
+        if status == 400:  # read whole, and its fields judged: the images are no images
+            assert "JSON" not in r.json()["error"]["message"], r.text
+
+
 def test_slow_upload_is_dropped(server):
     host, port = server["base"].rsplit("/", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)))
