@@ -195,7 +195,33 @@ def _unsupported_image(data: bytes) -> str:
         return "image format AVIF is not supported (PNG, JPEG, WebP): export it as JPEG or PNG"
     if brands & HEIF_BRANDS:  # Pillow has no HEIF reader to name it
         return "image format HEIC/HEIF (an iPhone's photo format) is not supported (PNG, JPEG, WebP): export it as JPEG"
+    sound = _sound_format(data)
+    if sound:
+        return f"image is {sound}, not a picture (are the image and the audio swapped?)"
     return "image could not be decoded: not a PNG, JPEG or WebP"
+
+
+def _sound_format(data: bytes) -> str | None:
+    """What recording or video the first bytes of a file given as the photo make it, by the
+    signatures of the formats people record in; None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "a WAV recording"
+    if data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
+        return "an AIFF recording"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and data[1] & 0x06):
+        return "an MP3 recording"
+    signatures = {
+        b"fLaC": "a FLAC recording",
+        b"OggS": "an Ogg recording (Opus, Vorbis)",
+        b"caff": "a CAF recording",
+        b"\x1aE\xdf\xa3": "a WebM or Matroska file (a recording or a video)",
+        b"#!AM": "an AMR recording",
+    }
+    if data[:4] in signatures:
+        return signatures[data[:4]]
+    if _ftyp_brands(data):  # an ISO BMFF file that is no AVIF or HEIF photo: MP4, M4A, MOV, 3GP
+        return "an MP4, M4A or MOV file (a recording or a video)"
+    return None
 
 
 def _ftyp_brands(data: bytes) -> set[bytes]:
@@ -373,6 +399,14 @@ def load_audio(path: str | Path, max_duration_s: float) -> np.ndarray:
         raise _undecodable(path)
     if decode_s < max_duration_s + 1 and len(wav) >= (decode_s - CAP_REACHED_S) * SAMPLE_RATE:
         raise stream.too_much()  # its container understated it (or stated nothing)
+    stated = stream.duration_s
+    if len(wav) > max_duration_s * SAMPLE_RATE and stated is not None and stated > max_duration_s + 1:
+        # (decoded 1 s past the limit: how far past, its container says)
+        raise AudioTooLong(
+            f"audio lasts {stated:.0f} s{' or so' if stream.estimated else ''}, longer than the limit of "
+            f"{max_duration_s:g} s: trim it, or send it in parts",
+            field="audio",
+        )
     if not np.isfinite(wav).all() and stream.rate != SAMPLE_RATE:
         wav = _repaired_at_its_rate(path, decode_s, stream.rate)
     try:
@@ -720,10 +754,12 @@ def upload_decode() -> Iterator[None]:
 @dataclass(frozen=True)
 class Probed:
     """What ffmpeg's probe of a file found: its demuxer's name ("wav", "mov,mp4,...", "jpeg_pipe"),
-    None when nothing recognises it, and whether it holds an audio stream."""
+    None when nothing recognises it, whether it holds an audio stream, and whether the demuxer
+    could open it at all (an MP4 cut short lacks the index it keeps at its end)."""
 
     format: str | None
     has_audio: bool
+    opened: bool = True
 
 
 def probed_audio(path: str | Path) -> Probed:
@@ -731,7 +767,28 @@ def probed_audio(path: str | Path) -> Probed:
     proc = run_ffmpeg_on(path, ["-v", "debug"], [])  # no output: ffmpeg stops once the file is open
     found = re.search(rb"Format (\S+) probed with size=", proc.stderr)
     has_audio = re.search(rb"Stream #\d+:\d+\S*: Audio:", proc.stderr) is not None
-    return Probed(found.group(1).decode("ascii", "replace") if found else None, has_audio)
+    opened = b"Error opening input" not in proc.stderr
+    return Probed(found.group(1).decode("ascii", "replace") if found else None, has_audio, opened)
+
+
+def _cut_id3(path: str | Path) -> str | None:
+    """Why a file no format recognises is still a recording: an MP3 whose ID3 tag (its cover
+    art, often 100s of kB) is longer than the file, which was cut short inside it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if len(head) < 10 or head[:3] != b"ID3" or any(b & 0x80 for b in head[6:10]):
+        return None
+    tag = 10 + sum(b << (7 * (3 - i)) for i, b in enumerate(head[6:10]))  # its size: 7 bits a byte
+    if tag < size:
+        return None
+    return (
+        f"audio is an MP3 cut short: its tag (ID3: the title, cover art...) takes {tag} bytes and the file "
+        f"ends at {size}, before any sound: the upload or the download stopped early"
+    )
 
 
 # ffmpeg's names for the image formats it recognises (a photo given as the recording)
@@ -760,7 +817,8 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
     probed = probed_audio(path)
     name = probed.format
     if name is None:
-        return UnsupportedMedia(f"audio is not in a recognised format ({supported})", field="audio")
+        cut = _cut_id3(path)
+        return UnsupportedMedia(cut or f"audio is not in a recognised format ({supported})", field="audio")
     picture = IMAGE_DEMUXERS.get(name)
     if picture is not None:
         return UnsupportedMedia(
@@ -775,6 +833,13 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
         return UnsupportedMedia(
             f"audio: the {container} file holds no sound that can be read: it is cut short, or its header "
             "is damaged (sample rate, channels, sample size)",
+            field="audio",
+        )
+    if not probed.opened:  # recognised, then refused by its demuxer: no streams to speak of
+        index = " (an MP4 or M4A keeps its index, the moov box, at its end: none came)" if container == "mov" else ""
+        return UnsupportedMedia(
+            f"audio: the {container} file cannot be opened: it is cut short{index} or damaged; an upload or a "
+            "recorder that stopped early leaves such a file",
             field="audio",
         )
     if not probed.has_audio:

@@ -178,6 +178,36 @@ def test_empty_silent_and_bad_audio(tmp_path):
         load_audio(b, 60)
 
 
+def test_a_recording_given_as_the_photo_says_so(tmp_path):
+    """A recording sent as the image (the two fields swapped) is named, as an image sent as the
+    audio is: it was "could not be decoded: not a PNG, JPEG or WebP"."""
+    import subprocess
+
+    made = {}
+    for name, args in (("speech.wav", []), ("speech.mp3", []), ("speech.m4a", ["-c:a", "aac"]),
+                       ("speech.webm", ["-c:a", "libopus"]), ("speech.ogg", ["-c:a", "libopus"])):
+        made[name] = tmp_path / name
+        subprocess.run([FFMPEG, "-v", "error", "-i", str(SPEECH), *args, str(made[name])], check=True)
+    for name, kind in (("speech.wav", "a WAV recording"), ("speech.mp3", "an MP3 recording"),
+                       ("speech.m4a", "an MP4, M4A or MOV file (a recording or a video)"),
+                       ("speech.webm", "a WebM or Matroska file (a recording or a video)"),
+                       ("speech.ogg", "an Ogg recording (Opus, Vorbis)")):
+        with pytest.raises(UnsupportedMedia) as err:
+            load_image(io.BytesIO(made[name].read_bytes()), 10**7)
+        assert err.value.message == f"image is {kind}, not a picture (are the image and the audio swapped?)", name
+    with pytest.raises(UnsupportedMedia) as err:
+        load_image(io.BytesIO(SPEECH.read_bytes()), 10**7)
+    assert err.value.message.startswith("image is a FLAC recording, not a picture")
+
+
+def test_a_recording_past_the_limit_says_how_long_it_is(tmp_path):
+    long = tmp_path / "long.wav"
+    sf.write(long, 0.1 * np.sin(np.arange(12 * SAMPLE_RATE, dtype=np.float32) / 5), SAMPLE_RATE)
+    with pytest.raises(AudioTooLong) as err:
+        load_audio(long, 5)
+    assert err.value.message == "audio lasts 12 s, longer than the limit of 5 s: trim it, or send it in parts"
+
+
 def test_audio_that_is_not_a_recording_says_what_it_is(tmp_path):
     """An empty file, the portrait given as the recording, a video without sound: each named as
     such (they read "not in a recognised format", "format 'jpeg_pipe' is not supported" and
@@ -195,7 +225,21 @@ def test_audio_that_is_not_a_recording_says_what_it_is(tmp_path):
     with sf.SoundFile(no_rate, "w", 16000, 1, subtype="PCM_16") as f:
         f.write(np.zeros(1600, np.int16))
     no_rate.write_bytes(no_rate.read_bytes()[:24] + b"\0\0\0\0" + no_rate.read_bytes()[28:])
+    # an M4A whose upload stopped early: its index (the moov box) comes at its end, and none came
+    # ("has no sound track", as a video without sound is told); an MP3 cut inside its cover art
+    # ("not in a recognised format")
+    m4a, cut_m4a, cut_mp3 = tmp_path / "whole.m4a", tmp_path / "cut.m4a", tmp_path / "cut.mp3"
+    subprocess.run([FFMPEG, "-v", "error", "-i", str(SPEECH), "-c:a", "aac", str(m4a)], check=True)
+    cut_m4a.write_bytes(m4a.read_bytes()[: m4a.stat().st_size // 2])
+    tag = 200_000  # ID3v2: "ID3", version, flags, then the size in four bytes of 7 bits
+    cut_mp3.write_bytes(b"ID3\x04\x00\x00" + bytes((tag >> s) & 0x7F for s in (21, 14, 7, 0)) + b"\0" * 30_000)
     for path, words in ((empty, "audio file is empty (0 bytes)"),
+                        (cut_m4a, "audio: the mov file cannot be opened: it is cut short (an MP4 or M4A keeps its "
+                                  "index, the moov box, at its end: none came) or damaged; an upload or a recorder "
+                                  "that stopped early leaves such a file"),
+                        (cut_mp3, "audio is an MP3 cut short: its tag (ID3: the title, cover art...) takes 200010 "
+                                  "bytes and the file ends at 30010, before any sound: the upload or the download "
+                                  "stopped early"),
                         (PORTRAIT, "audio is a JPEG image, not a recording (are the image and the audio swapped?)"),
                         (silent_video, "audio: the file (mov) has no sound track"),
                         (cut, "audio: the flac file holds no sound that can be read: it is cut short, or its header "
