@@ -64,8 +64,10 @@ def refused_status(host: str, names: HostNames) -> int | None:
 
 def well_formed(host: str) -> bool:
     """A Host as RFC 9110 7.2 has it: a name or an address (IPv6 in brackets, and an IPv6
-    address there), then a port or not. The answer's URLs are built on it."""
-    if not HOST.fullmatch(host):
+    address there), then a port or not, 1-65535. The answer's URLs are built on it (a port past
+    them made its URLs http:///...)."""
+    parts = HOST.fullmatch(host)
+    if not parts or (parts.group(2) and not 1 <= int(parts.group(2)[1:]) <= 65535):
         return False
     if not host.startswith("["):
         return True

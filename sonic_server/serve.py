@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from email.errors import MissingHeaderBodySeparatorDefect
 from http import HTTPStatus
 
 from werkzeug.exceptions import BadRequest, ClientDisconnected
@@ -71,7 +72,26 @@ class JsonErrorsHandler(WSGIRequestHandler):
         rest of its body would be read as a second request: request smuggling)."""
         if not super().parse_request():
             return False
+        if self.request_version == "HTTP/0.9":  # "GET /path": its answer would be a body alone
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+            return False
+        if not self.command.isupper():  # werkzeug upper-cases the method: "get" was served as GET
+            self.send_error(
+                HTTPStatus.NOT_IMPLEMENTED,
+                f"the method {shown(self.command)} is not one this server has: methods are upper case "
+                "(GET, POST, DELETE, OPTIONS, HEAD)",
+            )
+            return False
         headers = self.headers
+        # the parser takes the first line that is not NAME: VALUE, and every line after it, for a body
+        if any(isinstance(defect, MissingHeaderBodySeparatorDefect) for defect in headers.defects):
+            line = str(headers.get_payload()).split("\r\n", 1)[0].split("\n", 1)[0]
+            self.send_error(
+                HTTPStatus.BAD_REQUEST,
+                f"a header line is not NAME: VALUE (no space before the colon): {shown(line)}; the headers after "
+                "it would have been lost",
+            )
+            return False
         problem = framing_problem(headers.get_all("Content-Length", []), headers.get_all("Transfer-Encoding", []))
         if problem:
             self.send_error(HTTPStatus.BAD_REQUEST, problem)

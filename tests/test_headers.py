@@ -163,9 +163,11 @@ def test_odd_request_ids_are_replaced_not_echoed(served):
 
 
 def test_a_host_that_is_no_host_is_refused_and_hosts_with_ports_or_brackets_are_not(served, make_client):
-    """The answer's URLs are built on Host: one with spaces or markup made them `http:///...`."""
+    """The answer's URLs are built on Host: one with spaces or markup, or a port past 1-65535, made them
+    `http:///...`."""
     client = served.client
-    for sent in ("a b<script>", "evil.example:666/x", "x@y", "h:port", "[::1", ""):
+    for sent in ("a b<script>", "evil.example:666/x", "x@y", "h:port", "[::1", "", "127.0.0.1:99999", "localhost:0",
+                 "[::1]:65536"):
         r = client.get("/health", environ_overrides={"HTTP_HOST": sent})
         assert r.status_code == 400, (sent, r.status_code)
         assert r.get_json()["error"] == {"code": "invalid_parameter", "field": "Host",

@@ -239,6 +239,9 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
         b"Content-Length: -5\r\n": "Content-Length must be a whole number",
         b"Content-Length: abc\r\n": "Content-Length must be a whole number",
         b"Content-Length: 99999999999999999999\r\n": "Content-Length is past any body this server takes",
+        # a space before the colon: the line and every header after it were taken for the body
+        # (RFC 9112 5.1: refused), and the request read as if it had no framing headers
+        b"Transfer-Encoding : chunked\r\nContent-Length: 2\r\n": "a header line is not NAME: VALUE",
     }
     for headers, words in cases.items():
         status, error = answer(headers)
@@ -250,7 +253,9 @@ def test_a_request_whose_length_is_ambiguous_is_refused_by_name(server):
     # taken for HTTP/0.9, whose answer is the body alone), in the API's words
     for line, answered, words in ((b"GARBAGE", b"HTTP/1.1 400", "the request line is not METHOD TARGET"),
                                   (b"GET /health HTTP/1.1 x", b"HTTP/1.1 400", "the request line is not"),
-                                  (b"PRI * HTTP/2.0", b"HTTP/1.1 505", "speaks HTTP/1.0 and HTTP/1.1")):
+                                  (b"PRI * HTTP/2.0", b"HTTP/1.1 505", "speaks HTTP/1.0 and HTTP/1.1"),
+                                  (b"GET /health", b"HTTP/1.1 505", "speaks HTTP/1.0 and HTTP/1.1"),  # HTTP/0.9
+                                  (b"get /health HTTP/1.1\r\nHost: 127.0.0.1", b"HTTP/1.1 501", "methods are upper case")):
         with socket.create_connection((host, int(port))) as sock:
             sock.settimeout(10)
             sock.sendall(line + b"\r\n\r\n")
