@@ -559,6 +559,10 @@ def test_queue_full_then_503(make_client):
         full = post(client, {**FAST, "seed": 10, "async": True})
         assert_clean_error(full, 503, "busy")
         assert full.headers["Retry-After"] == "7"
+        # told before its files are decoded (a 40 MP photo took 3.6 s to be told): a photo that
+        # is no photo is busy too, and nothing of it is left stored
+        assert_clean_error(post(client, {**FAST, "seed": 11, "async": True}, image=SPEECH), 503, "busy")
+        assert len(pipe.calls) == 1
         for r in queued + [running]:
             client.post(f"/api/sonic/jobs/{r.get_json()['job_id']}/cancel")
         # canceled queued jobs free their places at once

@@ -324,9 +324,11 @@ def open_session():
     params, options = _options(svc)  # the request is checked first: a bad one is told so, ready or not
     offer = _offer()
     check_offer(offer)
+    live = registry()
+    if isinstance(live, LiveSessions) and svc.settings.live.enabled:
+        live.check_room(caller().owner)  # before the portrait is decoded
     image, rgb = _image()
     _ready(svc)
-    live = registry()
     screened = _screened(svc, live, offer)
     offer = {**offer, "sdp": screened.sdp}
     if isinstance(live, RemoteSessions):

@@ -479,6 +479,8 @@ def generate():
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share
+    if queue.queue_length() >= svc.settings.server.queue_size:  # told before its files are stored and decoded
+        return _queue_full(svc)  # (a 40 MP photo took 3.6 s of CPU to be told so); submit's check holds in races
     if payer is not None and svc.billing is not None:  # an account that cannot pay: no decoding for it
         svc.billing.check_video(payer, _video_seconds(opts, None), exact=opts.duration is not None)
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
@@ -507,9 +509,7 @@ def generate():
     except QueueFull:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
-        return error_response(
-            "busy", "the generation queue is full; retry later", headers={"Retry-After": svc.retry_after_s}
-        )
+        return _queue_full(svc)
     except WorkerStopped as e:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
@@ -538,6 +538,12 @@ def generate():
             # the job's id too: the server log names a failed job by it
             return error_response(err["code"], err["message"], err.get("field"), extra={"job_id": rec.id})
     return _accepted(rec)
+
+
+def _queue_full(svc: Service) -> Response:
+    return error_response(
+        "busy", "the generation queue is full; retry later", headers={"Retry-After": svc.retry_after_s}
+    )
 
 
 def _video_seconds(opts: GenerateOptions, audio_s: float | None) -> float:
