@@ -294,6 +294,9 @@ def falling_behind(sent: int, late: int, fps: int, size: tuple[int, int]) -> str
 
 MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a data channel at most)
 FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS handshake can verify
+FINGERPRINT_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}  # ... and their digests' lengths
+ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")  # RFC 8839's ice-char: what ICE credentials are made of
+ICE_LENGTHS = {"ice-ufrag": (4, 256), "ice-pwd": (22, 256)}  # their lengths, RFC 8839 5.4
 
 
 class CallerLimit(SonicError):
@@ -395,6 +398,7 @@ def check_offer(offer: dict) -> None:
             + ", ".join(FINGERPRINT_ALGORITHMS),
             field="offer",
         )
+    check_fingerprints(sdp)
     sections = media_sections(sdp)
     if len(sections) > MAX_MEDIA_SECTIONS:
         raise InvalidParameter(
@@ -407,6 +411,20 @@ def check_offer(offer: dict) -> None:
         )
     check_transport(sdp)
     check_codecs(sdp)
+
+
+def check_fingerprints(sdp: str) -> None:
+    """Each DTLS fingerprint of a hash the handshake verifies is a whole digest (32 bytes for
+    sha-256, as hex pairs between colons): one of a byte matches no certificate, and the session
+    held its slot until its idle timeout."""
+    for algorithm, digest in re.findall(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", sdp, re.MULTILINE):
+        size = FINGERPRINT_BYTES.get(algorithm.lower())
+        if size is not None and not re.fullmatch(rf"[0-9A-Fa-f]{{2}}(:[0-9A-Fa-f]{{2}}){{{size - 1}}}", digest):
+            raise InvalidParameter(
+                f"offer: the {algorithm.lower()} DTLS fingerprint is not {size} bytes written as hex pairs between "
+                f"colons (it is {digest[:24]!r}{'...' if len(digest) > 24 else ''})",
+                field="offer",
+            )
 
 
 def _line_at(sdp: str, index: int) -> int:
@@ -427,9 +445,26 @@ def check_transport(sdp: str) -> None:
     for n, lines in enumerate(media_sections(sdp), 1):
         kind = lines[0][2:].split(" ", 1)[0]
         where = f"offer: media section {n} ({kind})"
+        port, proto = (lines[0].split(" ") + ["", ""])[1:3]
+        if not port.isdigit() or int(port) > 65535:
+            raise InvalidParameter(f"{where}: its port {port[:12]!r} is not one of 0-65535 (m= line)", field="offer")
+        if kind in ("audio", "video") and "TLS/RTP/SAVP" not in proto.upper():
+            raise InvalidParameter(
+                f"{where} is {proto[:32]!r}: WebRTC's media go encrypted, UDP/TLS/RTP/SAVPF (DTLS-SRTP)", field="offer"
+            )
         for attribute in ("ice-ufrag", "ice-pwd"):
-            if not any(line.startswith(f"a={attribute}:") for line in (*head, *lines)):
+            values = [
+                line.strip()[len(attribute) + 3 :] for line in (*lines, *head) if line.startswith(f"a={attribute}:")
+            ]
+            if not values:
                 raise InvalidParameter(f"{where} has no ICE credentials (a={attribute}:...)", field="offer")
+            low, high = ICE_LENGTHS[attribute]
+            if not (low <= len(values[0]) <= high and ICE_CHARS.fullmatch(values[0])):
+                raise InvalidParameter(
+                    f"{where}: its a={attribute} must be {low}-{high} letters, digits, + or / (RFC 8839); "
+                    f"it has {len(values[0])} characters",
+                    field="offer",
+                )
         if kind in ("audio", "video") and "a=rtcp-mux" not in (line.strip() for line in lines):
             raise InvalidParameter(f"{where} does not multiplex RTCP (a=rtcp-mux), as WebRTC requires", field="offer")
         setups = [line.strip()[len("a=setup:") :] for line in (*head, *lines) if line.startswith("a=setup:")]
