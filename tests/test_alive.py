@@ -247,3 +247,31 @@ def test_a_raised_brow_moves_whole_at_any_dynamic_scale(pipeline):
             row = int(round(middle - BROW_RAISE_MAX_IOD * iod)) - brow.y0
             assert abs(source[row, c] - (row + brow.y0 + BROW_RAISE_MAX_IOD * iod)) < 0.6, (c, source[row, c])
             assert 0.9 < source[row + 1, c] - source[row - 1, c] < 2.2  # its own thickness
+
+
+def test_a_blink_behind_glasses_leaves_the_frame_where_it_is(pipeline):
+    """On the example portrait the glasses' upper frame crosses the skin that a blink stretches
+    down over the eye: the frame's lower edge was stretched down with the lid, a thick dark band
+    over the closing eye. The fold now ends at its soft lower edge: at full closure the frame's
+    rows show themselves. (A face without glasses has no frame to keep.)"""
+    from sonic.checks import load_portrait
+    from sonic.decoders.warp.eyes import build_eyes, lid_map
+
+    for path, glasses in ((EXAMPLES / "portrait.jpg", True), (FACE, False)):
+        framing = pipeline.framing(load_portrait(path, pipeline.settings.limits), pipeline.options({}), 1)
+        iod = build_rig(framing.landmarks).iod
+        eyes = build_eyes(framing.frame, framing.landmarks, iod)
+        assert len(eyes) == 2 and all((eye.rim is not None) is glasses for eye in eyes), path
+    framing = pipeline.framing(load_portrait(EXAMPLES / "portrait.jpg", pipeline.settings.limits), pipeline.options({}), 1)
+    iod = build_rig(framing.landmarks).iod
+    gray = cv2.cvtColor(framing.frame, cv2.COLOR_RGB2GRAY).astype(float)
+    for eye in build_eyes(framing.frame, framing.landmarks, iod):
+        cols = np.flatnonzero(np.isfinite(eye.rim))
+        xs = (eye.x0 + cols).astype(np.float32)
+        for above in range(1, 7):  # the frame's rows, up from its lower edge (they moved by up to 2.8 px)
+            ys = (eye.rim[cols] - above).astype(np.float32)
+            assert np.abs(lid_map(eye, xs, ys, 1.0, iod) - ys).max() <= (0.5 if above == 1 else 0.0), above
+        # the frame is there: its rows just above the fold are darker than the skin under them
+        rim_rows = np.round(eye.rim[cols] - 3).astype(int)
+        skin_rows = np.round(eye.rim[cols] + 1).astype(int)
+        assert np.median(gray[skin_rows, eye.x0 + cols] - gray[rim_rows, eye.x0 + cols]) > 40
