@@ -50,6 +50,29 @@ MAX_BROKEN_SHARE = 0.01  # a file's samples that are not numbers: up to this sha
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 AVIF_BRANDS = {b"avif", b"avis"}  # an AVIF still image's and sequence's major brands
+# ISO BMFF brands of recordings and videos (MP4, M4A, MOV, 3GP): a file given as the photo with
+# one of them was swapped with the recording
+RECORDING_BRANDS = {
+    b"isom",
+    b"iso2",
+    b"iso4",
+    b"iso5",
+    b"iso6",
+    b"mp41",
+    b"mp42",
+    b"M4A ",
+    b"M4B ",
+    b"M4V ",
+    b"qt  ",
+    b"3gp4",
+    b"3gp5",
+    b"3gp6",
+    b"3g2a",
+    b"avc1",
+    b"dash",
+    b"f4v ",
+    b"MSNV",
+}
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # an ISO BMFF ftyp's major brand
 # Larger photos are decoded reduced to this (not by a whole factor: working_size): the output
 # frame is at most 1024 px on its short side, and a face in a 16 MP photo still has more pixels
@@ -208,7 +231,7 @@ def _sound_format(data: bytes) -> str | None:
         return "a WAV recording"
     if data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
         return "an AIFF recording"
-    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and data[1] & 0x06):
+    if data[:3] == b"ID3" or _mpeg_audio_frame(data):
         return "an MP3 recording"
     signatures = {
         b"fLaC": "a FLAC recording",
@@ -219,9 +242,19 @@ def _sound_format(data: bytes) -> str | None:
     }
     if data[:4] in signatures:
         return signatures[data[:4]]
-    if _ftyp_brands(data):  # an ISO BMFF file that is no AVIF or HEIF photo: MP4, M4A, MOV, 3GP
+    if data[4:8] == b"ftyp" and data[8:12] in RECORDING_BRANDS:  # its major brand (a raw photo: "crx ")
         return "an MP4, M4A or MOV file (a recording or a video)"
     return None
+
+
+def _mpeg_audio_frame(data: bytes) -> bool:
+    """Whether `data` starts with an MPEG audio frame's header (an MP3 without tags): the sync
+    bits, then a version, layer, bitrate and sample rate that exist (a UTF-16 text starts FF FE)."""
+    if len(data) < 3 or data[0] != 0xFF or data[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = (data[1] >> 3) & 3, (data[1] >> 1) & 3
+    bitrate, rate = data[2] >> 4, (data[2] >> 2) & 3
+    return version != 1 and layer != 0 and bitrate not in (0, 15) and rate != 3
 
 
 def _ftyp_brands(data: bytes) -> set[bytes]:
@@ -836,7 +869,11 @@ def _undecodable(path: str | Path) -> UnsupportedMedia:
             field="audio",
         )
     if not probed.opened:  # recognised, then refused by its demuxer: no streams to speak of
-        index = " (an MP4 or M4A keeps its index, the moov box, at its end: none came)" if container == "mov" else ""
+        index = (
+            " (an MP4 or M4A not written for streaming keeps its index at its end: none came)"
+            if container == "mov"
+            else ""
+        )
         return UnsupportedMedia(
             f"audio: the {container} file cannot be opened: it is cut short{index} or damaged; an upload or a "
             "recorder that stopped early leaves such a file",

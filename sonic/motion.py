@@ -62,8 +62,10 @@ MAX_LAG_FRAMES = 4  # align_mouth searches +-4 frames
 BROW_RAISE_IOD = (0.02, 0.05)  # a brow raise at the weakest .. strongest accent (x dynamic_scale)
 # ... and never more, whatever dynamic_scale: the skin between a brow and the lid (or a fringe) is
 # a few hundredths of an IOD high, and 0.1 IOD (the strongest accent at dynamic_scale 2) smeared
-# the brows into vertical streaks
+# the brows into vertical streaks. A soft limit past BROW_KNEE_IOD: stronger accents still rise
+# higher, and a raise never stops flat against the bound
 BROW_RAISE_MAX_IOD = 0.06
+BROW_KNEE_IOD = 0.045
 PHRASE_BROW = 0.7  # a phrase start raises the brows this much less than an accent as strong
 BROW_RISE_S, BROW_FALL_S = 0.12, 0.2  # a raise lifts the brows this fast, and lets them down
 BROW_HOLD_S = (0.05, 0.25)  # ... held this long between (weakest .. strongest): 0.37-0.57 s in all
@@ -316,7 +318,9 @@ def brow_track(times: np.ndarray, events: list[Event], fps: int, dynamic_scale: 
         height = (lo + (hi - lo) * e.strength) * (PHRASE_BROW if e.kind == "phrase" else 1.0)
         hold = BROW_HOLD_S[0] + (BROW_HOLD_S[1] - BROW_HOLD_S[0]) * e.strength
         out = np.maximum(out, height * _raise_shape(times - e.frame / fps, hold))
-    return np.minimum(out * dynamic_scale, BROW_RAISE_MAX_IOD)
+    raised = out * dynamic_scale
+    room = BROW_RAISE_MAX_IOD - BROW_KNEE_IOD
+    return np.where(raised <= BROW_KNEE_IOD, raised, BROW_KNEE_IOD + room * np.tanh((raised - BROW_KNEE_IOD) / room))
 
 
 def accent_nods(times: np.ndarray, events: list[Event], fps: int) -> np.ndarray:

@@ -85,11 +85,12 @@ class JsonErrorsHandler(WSGIRequestHandler):
         headers = self.headers
         # the parser takes the first line that is not NAME: VALUE, and every line after it, for a body
         if any(isinstance(defect, MissingHeaderBodySeparatorDefect) for defect in headers.defects):
-            line = str(headers.get_payload()).split("\r\n", 1)[0].split("\n", 1)[0]
+            rest = headers.get_payload()  # (a list of messages under a Content-Type of message/*)
+            line = rest.split("\r\n", 1)[0].split("\n", 1)[0] if isinstance(rest, str) else ""
             self.send_error(
                 HTTPStatus.BAD_REQUEST,
-                f"a header line is not NAME: VALUE (no space before the colon): {shown(line)}; the headers after "
-                "it would have been lost",
+                f"a header line is not NAME: VALUE (a name of letters, digits and -, then the colon): {shown(line)}; "
+                "the headers after it would have been lost",
             )
             return False
         problem = framing_problem(headers.get_all("Content-Length", []), headers.get_all("Transfer-Encoding", []))

@@ -546,7 +546,7 @@ def test_success_is_true_only_while_a_job_can_still_succeed(make_client):
 def test_queue_full_then_503(make_client):
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
-    client, _ = make_client(pipe, queue_size=2, retry_after_s=7)
+    client, cfg = make_client(pipe, queue_size=2, retry_after_s=7)
     try:
         running = post(client, {**FAST, "seed": 7, "async": True})
         assert running.status_code == 202
@@ -560,9 +560,10 @@ def test_queue_full_then_503(make_client):
         assert_clean_error(full, 503, "busy")
         assert full.headers["Retry-After"] == "7"
         # told before its files are decoded (a 40 MP photo took 3.6 s to be told): a photo that
-        # is no photo is busy too, and nothing of it is left stored
+        # is no photo is busy too, and nothing of it is stored
+        stored = {p.name for p in Path(cfg["server"]["upload_dir"]).iterdir()}
         assert_clean_error(post(client, {**FAST, "seed": 11, "async": True}, image=SPEECH), 503, "busy")
-        assert len(pipe.calls) == 1
+        assert len(pipe.calls) == 1 and {p.name for p in Path(cfg["server"]["upload_dir"]).iterdir()} == stored
         for r in queued + [running]:
             client.post(f"/api/sonic/jobs/{r.get_json()['job_id']}/cancel")
         # canceled queued jobs free their places at once

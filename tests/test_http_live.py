@@ -169,6 +169,7 @@ def test_event_streams_dropped_by_their_clients_free_one_slot_each(server):
             socks.append(sock)
         return socks, statuses
 
+    socks: list[socket.socket] = []
     try:
         socks, statuses = open_streams(4)
         assert statuses.count(b"HTTP/1.1 200 OK") == 3 and statuses[3].startswith(b"HTTP/1.1 503"), statuses

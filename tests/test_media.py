@@ -234,9 +234,9 @@ def test_audio_that_is_not_a_recording_says_what_it_is(tmp_path):
     tag = 200_000  # ID3v2: "ID3", version, flags, then the size in four bytes of 7 bits
     cut_mp3.write_bytes(b"ID3\x04\x00\x00" + bytes((tag >> s) & 0x7F for s in (21, 14, 7, 0)) + b"\0" * 30_000)
     for path, words in ((empty, "audio file is empty (0 bytes)"),
-                        (cut_m4a, "audio: the mov file cannot be opened: it is cut short (an MP4 or M4A keeps its "
-                                  "index, the moov box, at its end: none came) or damaged; an upload or a recorder "
-                                  "that stopped early leaves such a file"),
+                        (cut_m4a, "audio: the mov file cannot be opened: it is cut short (an MP4 or M4A not written "
+                                  "for streaming keeps its index at its end: none came) or damaged; an upload or a "
+                                  "recorder that stopped early leaves such a file"),
                         (cut_mp3, "audio is an MP3 cut short: its tag (ID3: the title, cover art...) takes 200010 "
                                   "bytes and the file ends at 30010, before any sound: the upload or the download "
                                   "stopped early"),

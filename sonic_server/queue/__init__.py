@@ -71,6 +71,12 @@ class JobQueue(ABC):
         both pass it)."""
 
     @abstractmethod
+    def check_room(self) -> None:
+        """What `submit` would refuse a record with now, whoever its owner: WorkerStopped, or
+        QueueFull. Asked before a request's files are stored and decoded (a 40 MP photo took
+        3.6 s of CPU to be told the queue was full); `submit`'s own check holds under races."""
+
+    @abstractmethod
     def active_of(self, owner: str) -> int:
         """How many jobs of `owner` wait or run now (what `max_jobs_per_caller` bounds)."""
 

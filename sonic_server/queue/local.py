@@ -103,12 +103,20 @@ class LocalQueue(JobQueue):
         self._worker.start()
 
     # -- the interface ------------------------------------------------------------------
+    def check_room(self) -> None:
+        with self._changed:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        """WorkerStopped or QueueFull, as a submit now would be told (under the lock)."""
+        if self._closed or not self._worker.is_alive():
+            raise WorkerStopped()
+        if len(self._pending) + self._placing.total() >= self.queue_size:
+            raise QueueFull()
+
     def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
         with self._changed:
-            if self._closed or not self._worker.is_alive():
-                raise WorkerStopped()
-            if len(self._pending) + self._placing.total() >= self.queue_size:
-                raise QueueFull()
+            self._refuse_if_full()
             if rec.owner is not None and self.max_jobs_per_caller:
                 active = self._active_of(rec.owner)
                 if active >= self.max_jobs_per_caller:

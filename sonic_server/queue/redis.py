@@ -447,10 +447,20 @@ class RedisQueue(JobQueue):
         if folders:
             publish(self.r, folders)
 
-    def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
+    def check_room(self) -> None:
+        self._working()
+        if int(self.rq.count) >= self.queue_size:
+            raise QueueFull()
+
+    def _working(self) -> list[dict]:
+        """The live workers; WorkerStopped when none is alive, or none has room on its disk."""
         workers = live_workers(self.r)
-        if not any(not w.get("disk_full") for w in workers):  # none alive, or none with room
+        if not any(not w.get("disk_full") for w in workers):
             raise WorkerStopped(short_of_disk=bool(workers))
+        return workers
+
+    def submit(self, rec: JobRecord, inputs=None) -> JobRecord:
+        workers = self._working()
         folders = self.folders()
         self._publish_folders(folders)  # (again: Redis may have lost it, a mark may be new)
         if not any(not w.get("disk_full") and not differing(folders, w.get("folders") or {}) for w in workers):

@@ -479,10 +479,14 @@ def generate():
         return jsonify({"success": True, "cached": True, **_result_fields(hit)})
 
     _check_share(svc, queue, owner)  # a cached answer is free to give; a new job is in the caller's share
-    if queue.queue_length() >= svc.settings.server.queue_size:  # told before its files are stored and decoded
-        return _queue_full(svc)  # (a 40 MP photo took 3.6 s of CPU to be told so); submit's check holds in races
     if payer is not None and svc.billing is not None:  # an account that cannot pay: no decoding for it
         svc.billing.check_video(payer, _video_seconds(opts, None), exact=opts.duration is not None)
+    try:
+        queue.check_room()  # a full queue, or no worker: told before the files are stored and decoded
+    except QueueFull:
+        return _queue_full(svc)
+    except WorkerStopped as e:
+        return _worker_stopped(e)
     rec = JobRecord.new("generate", opts.to_dict(), cache_key=key, owner=owner)
     rec.webhook = hook
     try:
@@ -513,16 +517,7 @@ def generate():
     except WorkerStopped as e:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
-        if e.short_of_disk:
-            raise DiskFull(
-                "every worker's disk has less free than server.min_free_mb (/health says disk_full); try again later"
-            ) from None
-        return error_response(
-            "not_ready",
-            # the caller is told to come back; what the operator must do is in the log and /health
-            "no worker is running jobs at the moment; try again later",
-            headers={"Retry-After": "60"},
-        )
+        return _worker_stopped(e)
     except Exception:
         _release(svc, payer, rec.id)
         svc.uploads.remove(rec.id)
@@ -538,6 +533,19 @@ def generate():
             # the job's id too: the server log names a failed job by it
             return error_response(err["code"], err["message"], err.get("field"), extra={"job_id": rec.id})
     return _accepted(rec)
+
+
+def _worker_stopped(e: WorkerStopped) -> Response:
+    if e.short_of_disk:
+        raise DiskFull(
+            "every worker's disk has less free than server.min_free_mb (/health says disk_full); try again later"
+        ) from None
+    return error_response(
+        "not_ready",
+        # the caller is told to come back; what the operator must do is in the log and /health
+        "no worker is running jobs at the moment; try again later",
+        headers={"Retry-After": "60"},
+    )
 
 
 def _queue_full(svc: Service) -> Response:

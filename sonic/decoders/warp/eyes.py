@@ -133,7 +133,7 @@ def rim_above(gray: np.ndarray, upper: np.ndarray, lash: float, x0: int, reach: 
         x = x0 + c
         bottom = int(np.floor(upper[c] - lash))
         top = int(np.floor(upper[c] - lash - reach[c])) - 1
-        if top < 0 or bottom <= top or x >= gray.shape[1]:
+        if top < 0 or bottom <= top or bottom >= gray.shape[0] or x >= gray.shape[1]:
             continue
         skin = 0.0
         for y in range(bottom, top - 1, -1):  # up from the lashes
@@ -143,7 +143,7 @@ def rim_above(gray: np.ndarray, upper: np.ndarray, lash: float, x0: int, reach: 
                 break
             skin = max(skin, v)
     found = np.flatnonzero(np.isfinite(rows))
-    if len(found) < RIM_SHARE * np.isfinite(upper).sum():
+    if len(found) == 0 or len(found) < RIM_SHARE * np.isfinite(upper).sum():
         return None
     # even across the columns (one stray hair or glint must not make a jagged fold): the found
     # rows' running median, and the columns between found ones interpolated
@@ -340,8 +340,8 @@ def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) 
             at = cols[inside] - x0
             below[at] = np.maximum(eye.upper[cols[inside] - eye.x0] - eye.lash - middle[at], half + 1.0)
         reach = _even(_below_hair(lab, skin, xs.astype(int), middle - half, above), REACH_EVEN_IOD * iod)
-        # above the raise's reach every point shows itself (the profile is 0 there, so the
-        # backward map's fixed point is the point): the box ends where the reach does
+        # above the raise's reach every point shows itself (the profile is 0 there, and no
+        # point from below lands above it): the box ends where the reach does
         y0 = int(max(0, np.floor(middle.min() - half - above)))
         y1 = int(min(h, np.ceil((middle + below).max()) + 1))
         if y1 - y0 < 3:
@@ -417,7 +417,7 @@ def brow_map(brow: Brow, qx: np.ndarray, qy: np.ndarray, lift: float) -> np.ndar
 
 
 BROW_STEPS_PER_PX = 2  # the raise is followed at this many source points a px, per column (the
-# lookup between them is linear: off by under 0.02 px against 8 a px)
+# lookup between them is linear: off by up to ~0.2 px where the skin is squeezed most)
 
 
 def _brow_shift_table(brow: Brow, lift: float) -> np.ndarray:
