@@ -117,10 +117,13 @@ def clipped_share(wav: np.ndarray) -> float:
 
 
 def noisy_warning(over_background_db: float) -> str:
+    # (the loudest moments over the quietest: with music as loud as the voice and no pause in it,
+    # "the speech stands N dB above" the music told of a voice that in fact lay under it)
     return (
-        f"the speech stands only {over_background_db:.0f} dB above the recording's background noise or "
-        "music: the mouth follows the speech less closely than on a clean recording (a quieter room, a "
-        "closer microphone, noise reduction or no music bed under the voice gives a livelier, truer mouth)"
+        f"the recording's loudest moments stand only {over_background_db:.0f} dB above its quietest: the "
+        "speech has background noise or music under it, and the mouth follows the speech less closely "
+        "than on a clean recording (a quieter room, a closer microphone, noise reduction or no music bed "
+        "under the voice gives a livelier, truer mouth)"
     )
 
 
