@@ -293,8 +293,12 @@ def falling_behind(sent: int, late: int, fps: int, size: tuple[int, int]) -> str
 
 
 MAX_MEDIA_SECTIONS = 8  # m= lines: a session needs a video and an audio one (a data channel at most)
-FINGERPRINT_ALGORITHMS = ("sha-256", "sha-384", "sha-512")  # those the DTLS handshake can verify
-FINGERPRINT_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}  # ... and their digests' lengths
+FINGERPRINT_BYTES = {
+    "sha-256": 32,
+    "sha-384": 48,
+    "sha-512": 64,
+}  # hashes the DTLS handshake can verify: digest lengths
+FINGERPRINT_ALGORITHMS = tuple(FINGERPRINT_BYTES)
 
 
 class CallerLimit(SonicError):
@@ -386,17 +390,17 @@ def check_offer(offer: dict) -> None:
     garbled = sdp.find("\ufffd")
     if garbled >= 0:
         raise InvalidParameter(f"offer: the sdp is not UTF-8 text (line {_line_at(sdp, garbled)})", field="offer")
-    fingerprints = re.findall(r"^a=fingerprint:(\S+) [0-9A-Fa-f:]+\s*$", sdp, re.MULTILINE)
+    fingerprints = re.findall(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", sdp, re.MULTILINE)
     if not fingerprints:
         # without it the DTLS handshake can only fail, after the session has taken a slot
         raise InvalidParameter("offer: the sdp has no DTLS fingerprint (a=fingerprint:...)", field="offer")
-    if not any(algorithm.lower() in FINGERPRINT_ALGORITHMS for algorithm in fingerprints):
+    if not any(algorithm.lower() in FINGERPRINT_ALGORITHMS for algorithm, _ in fingerprints):
         raise InvalidParameter(
-            f"offer: the DTLS fingerprint's hash ({fingerprints[0][:20]}) is not one of "
+            f"offer: the DTLS fingerprint's hash ({fingerprints[0][0][:20]}) is not one of "
             + ", ".join(FINGERPRINT_ALGORITHMS),
             field="offer",
         )
-    check_fingerprints(sdp)
+    check_fingerprints(fingerprints)
     sections = media_sections(sdp)
     if len(sections) > MAX_MEDIA_SECTIONS:
         raise InvalidParameter(
@@ -411,11 +415,11 @@ def check_offer(offer: dict) -> None:
     check_codecs(sdp)
 
 
-def check_fingerprints(sdp: str) -> None:
-    """Each DTLS fingerprint of a hash the handshake verifies is a whole digest (32 bytes for
-    sha-256, as hex pairs between colons): one of a byte matches no certificate, and the session
-    held its slot until its idle timeout."""
-    for algorithm, digest in re.findall(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", sdp, re.MULTILINE):
+def check_fingerprints(fingerprints: list[tuple[str, str]]) -> None:
+    """Each DTLS fingerprint (its hash, its digest) of a hash the handshake verifies is a whole
+    digest (32 bytes for sha-256, as hex pairs between colons): one of a byte matches no
+    certificate, and the session held its slot until its idle timeout."""
+    for algorithm, digest in fingerprints:
         size = FINGERPRINT_BYTES.get(algorithm.lower())
         if size is not None and not re.fullmatch(rf"[0-9A-Fa-f]{{2}}(:[0-9A-Fa-f]{{2}}){{{size - 1}}}", digest):
             raise InvalidParameter(
