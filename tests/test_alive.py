@@ -208,11 +208,13 @@ def test_how_far_up_a_raise_reaches_is_even_across_the_brow(pipeline):
     """A stray hair above a brow stopped one column's reach and not its neighbour's: the skin
     between was stretched by different amounts, vertical streaks above a raised brow (on this
     portrait the reach jumped by 0.11 IOD from one column to the next)."""
-    from sonic.decoders.warp.eyes import build_brows, build_eyes
+    from sonic.decoders.warp.eyes import build_brows, build_eyes, wears_glasses
 
     framing = pipeline.framing(load_portrait_of(pipeline), pipeline.options({}), 1)
     iod = build_rig(framing.landmarks).iod
-    brows = build_brows(framing.frame, framing.landmarks, build_eyes(framing.frame, framing.landmarks, iod), iod)
+    frame, lm = framing.frame, framing.landmarks
+    glasses = wears_glasses(frame, lm, iod)
+    brows = build_brows(frame, lm, build_eyes(frame, lm, iod, glasses), iod, glasses)
     assert len(brows) == 2
     for brow in brows:
         assert np.abs(np.diff(brow.above)).max() < 0.03 * iod
@@ -224,7 +226,7 @@ def test_a_raised_brow_moves_whole_at_any_dynamic_scale(pipeline):
     map, fixed-point steps on a map that folds, went back and forth. A raise now stops at
     BROW_RAISE_MAX_IOD whatever the scale, and down every column the map keeps the photo's order
     (the brow slides over the skin it rises into), the brow itself moved whole."""
-    from sonic.decoders.warp.eyes import brow_map, build_brows, build_eyes
+    from sonic.decoders.warp.eyes import brow_map, build_brows, build_eyes, wears_glasses
     from sonic.motion import BROW_RAISE_MAX_IOD, brow_track
     from sonic.prosody import Event
 
@@ -235,7 +237,9 @@ def test_a_raised_brow_moves_whole_at_any_dynamic_scale(pipeline):
 
     framing = pipeline.framing(load_portrait_of(pipeline), pipeline.options({}), 1)
     iod = build_rig(framing.landmarks).iod
-    brows = build_brows(framing.frame, framing.landmarks, build_eyes(framing.frame, framing.landmarks, iod), iod)
+    frame, lm = framing.frame, framing.landmarks
+    glasses = wears_glasses(frame, lm, iod)
+    brows = build_brows(frame, lm, build_eyes(frame, lm, iod, glasses), iod, glasses)
     assert len(brows) == 2 and min(b.above.min() for b in brows) < BROW_RAISE_MAX_IOD * iod * 1.5  # short reaches
     for brow in brows:
         ys, xs = np.mgrid[brow.y0 : brow.y1, brow.x0 : brow.x1].astype(np.float32)
@@ -255,17 +259,18 @@ def test_a_blink_behind_glasses_leaves_the_frame_where_it_is(pipeline):
     over the closing eye. The fold now ends at its soft lower edge: at full closure the frame's
     rows show themselves. (A face without glasses has no frame to keep.)"""
     from sonic.checks import load_portrait
-    from sonic.decoders.warp.eyes import build_eyes, lid_map
+    from sonic.decoders.warp.eyes import build_eyes, lid_map, wears_glasses
 
     for path, glasses in ((EXAMPLES / "portrait.jpg", True), (FACE, False)):
         framing = pipeline.framing(load_portrait(path, pipeline.settings.limits), pipeline.options({}), 1)
         iod = build_rig(framing.landmarks).iod
-        eyes = build_eyes(framing.frame, framing.landmarks, iod)
+        frame, lm = framing.frame, framing.landmarks
+        eyes = build_eyes(frame, lm, iod, wears_glasses(frame, lm, iod))
         assert len(eyes) == 2 and all((eye.rim is not None) is glasses for eye in eyes), path
     framing = pipeline.framing(load_portrait(EXAMPLES / "portrait.jpg", pipeline.settings.limits), pipeline.options({}), 1)
     iod = build_rig(framing.landmarks).iod
     gray = cv2.cvtColor(framing.frame, cv2.COLOR_RGB2GRAY).astype(float)
-    for eye in build_eyes(framing.frame, framing.landmarks, iod):
+    for eye in build_eyes(framing.frame, framing.landmarks, iod, True):  # (glasses: asserted above)
         cols = np.flatnonzero(np.isfinite(eye.rim))
         xs = (eye.x0 + cols).astype(np.float32)
         for above in range(1, 7):  # the frame's rows, up from its lower edge (they moved by up to 2.8 px)

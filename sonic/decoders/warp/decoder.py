@@ -41,7 +41,7 @@ from ...motion import (
     Rig,
     smoothstep,
 )
-from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map
+from .eyes import brow_map, build_brows, build_eyes, gaze_map, lid_map, wears_glasses
 from .mouth import luma, mouth_axis, mouth_style, paint_mouth, three
 
 ANCHOR_STEP_PX = 24  # spacing of the fixed anchors on the mouth box border
@@ -327,8 +327,9 @@ class WarpDecoder:
         self._fit_fields(lm, oval, radial)
 
         # 3. lids, gaze and brows
-        self.eyes = build_eyes(self.frame, framing.landmarks, iod)
-        self.brows = build_brows(self.frame, framing.landmarks, self.eyes, iod)
+        glasses = wears_glasses(self.frame, framing.landmarks, iod)  # (a Sobel over the frame: once)
+        self.eyes = build_eyes(self.frame, framing.landmarks, iod, glasses)
+        self.brows = build_brows(self.frame, framing.landmarks, self.eyes, iod, glasses)
 
         # the photo's own mouth interior is kept where the lips part over it; a closed mouth
         # (a thin slit) has none worth keeping

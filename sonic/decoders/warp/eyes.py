@@ -152,11 +152,17 @@ def rim_above(gray: np.ndarray, upper: np.ndarray, lash: float, x0: int, reach: 
     return np.where(np.isfinite(upper), smooth, np.nan)
 
 
-def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float) -> list[Eye]:
-    """Both eyes of a frame (H, W, 3) and its landmarks (478, >=2) px; boxes clipped to the frame."""
+def fold_height(height, iod: float):
+    """How far above the lash line the skin a blink stretches down reaches, for an eye opening
+    `height` px high (a number, or one per column)."""
+    return FOLD_IOD * iod + 0.3 * height
+
+
+def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float, glasses: bool) -> list[Eye]:
+    """Both eyes of a frame (H, W, 3) and its landmarks (478, >=2) px; boxes clipped to the frame.
+    On a face with `glasses` (wears_glasses) a blink's fold stops at the frame."""
     h, w = frame.shape[:2]
     gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    glasses = wears_glasses(frame, lm, iod)
     eyes = []
     for up_idx, lo_idx, iris_idx in (
         (LEFT_EYE_UPPER, LEFT_EYE_LOWER, LEFT_IRIS),
@@ -167,14 +173,14 @@ def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float) -> list[Eye]:
         opening = float(np.max(lo[:, 1]) - np.min(up[:, 1]))
         x0 = int(max(0, np.floor(pts[:, 0].min()) - 2))
         x1 = int(min(w, np.ceil(pts[:, 0].max()) + 3))
-        y0 = int(max(0, np.floor(up[:, 1].min() - FOLD_IOD * iod - 0.3 * opening) - 2))
+        y0 = int(max(0, np.floor(up[:, 1].min() - fold_height(opening, iod)) - 2))
         y1 = int(min(h, np.ceil(lo[:, 1].max()) + 3))
         if x1 - x0 < 3 or y1 - y0 < 3:
             continue
         xs = np.arange(x0, x1, dtype=np.float64)
         upper = _curve(up, xs)
         lash = lash_thickness(gray, upper, x0, iod)
-        y0 = int(max(0, min(y0, np.floor(up[:, 1].min() - lash - FOLD_IOD * iod - 0.3 * opening) - 2)))
+        y0 = int(max(0, min(y0, np.floor(up[:, 1].min() - lash - fold_height(opening, iod)) - 2)))
         iris = None
         if len(lm) > max(iris_idx):
             ring = lm[iris_idx, :2]
@@ -182,7 +188,7 @@ def build_eyes(frame: np.ndarray, lm: np.ndarray, iod: float) -> list[Eye]:
         lower = _curve(lo, xs)
         rim = None
         if glasses:
-            reach = FOLD_IOD * iod + 0.3 * np.clip(lower - upper, 0, None)  # as lid_map's fold
+            reach = fold_height(np.clip(lower - upper, 0, None), iod)
             rim = rim_above(gray, upper, lash, x0, np.nan_to_num(reach))
         eyes.append(Eye(x0, x1, y0, y1, upper, lower, lash, iris, rim))
     return eyes
@@ -204,7 +210,7 @@ def lid_map(eye: Eye, qx: np.ndarray, qy: np.ndarray, closure: float, iod: float
     lo = np.where(valid, lo, 0.0)
     height = np.clip(lo - up, 0, None)
     lash = eye.lash
-    top = up - lash - FOLD_IOD * iod - 0.3 * height
+    top = up - lash - fold_height(height, iod)
     if eye.rim is not None:  # the fold ends at a glasses frame's soft lower edge: the frame stays
         top = np.fmax(top, top + RIM_KEPT * (eye.rim[col] - top))
     margin = up + min(closure, 1.0) * MEET * height  # where the lid's edge is now
@@ -305,13 +311,13 @@ def wears_glasses(frame: np.ndarray, lm: np.ndarray, iod: float) -> bool:
     return float(bridge.mean()) > GLASSES_BRIDGE * float(edges[face > 0].mean())
 
 
-def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float) -> list[Brow]:
+def build_brows(frame: np.ndarray, lm: np.ndarray, eyes: list[Eye], iod: float, glasses: bool) -> list[Brow]:
     """Both brows of a frame (H, W, 3) from its landmarks (478, >=2) px; the raise fades out
-    above each eye's lash line (the lid's fold stretches, the lashes stay). A face with glasses
+    above each eye's lash line (the lid's fold stretches, the lashes stay). A face with `glasses`
     has none: the frames would bend with the skin behind them, and they often hide the brows."""
     h, w = frame.shape[:2]
     brows: list[Brow] = []
-    if wears_glasses(frame, lm, iod):
+    if glasses:
         return brows
     lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float32)
     skin = _skin_colour(lab, lm, iod)
