@@ -224,6 +224,16 @@ def _unsupported_image(data: bytes) -> str:
     return "image could not be decoded: not a PNG, JPEG or WebP"
 
 
+# the first four bytes of recordings (and videos) people send, and what to call them
+SOUND_SIGNATURES = {
+    b"fLaC": "a FLAC recording",
+    b"OggS": "an Ogg recording (Opus, Vorbis)",
+    b"caff": "a CAF recording",
+    b"\x1aE\xdf\xa3": "a WebM or Matroska file (a recording or a video)",
+    b"#!AM": "an AMR recording",
+}
+
+
 def _sound_format(data: bytes) -> str | None:
     """What recording or video the first bytes of a file given as the photo make it, by the
     signatures of the formats people record in; None for anything else."""
@@ -233,15 +243,8 @@ def _sound_format(data: bytes) -> str | None:
         return "an AIFF recording"
     if data[:3] == b"ID3" or _mpeg_audio_frame(data):
         return "an MP3 recording"
-    signatures = {
-        b"fLaC": "a FLAC recording",
-        b"OggS": "an Ogg recording (Opus, Vorbis)",
-        b"caff": "a CAF recording",
-        b"\x1aE\xdf\xa3": "a WebM or Matroska file (a recording or a video)",
-        b"#!AM": "an AMR recording",
-    }
-    if data[:4] in signatures:
-        return signatures[data[:4]]
+    if data[:4] in SOUND_SIGNATURES:
+        return SOUND_SIGNATURES[data[:4]]
     if data[4:8] == b"ftyp" and data[8:12] in RECORDING_BRANDS:  # its major brand (a raw photo: "crx ")
         return "an MP4, M4A or MOV file (a recording or a video)"
     return None
