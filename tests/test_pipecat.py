@@ -148,8 +148,13 @@ def test_with_url_the_service_uses_a_running_sonic_services_sessions(pipeline, p
         assert abs(np.median(np.diff(times)) - 1 / FPS) < 0.004
         assert op[(times > marks["first_start"] + 0.3) & (times < marks["first_end"])].max() - rest >= 0.05
         assert op[(times > marks["first_end"] + 0.5) & (times < marks["second_start"])].max() - rest <= 0.02
+        # after the interruption the engine's mouth is shut (its own opening 0.000 on every frame),
+        # but what the landmarker reads off this 256 px VP8 stream drifts with the head's idle
+        # motion: one px is 0.012 IOD here, and over a second and a half at rest it read up to
+        # +0.018 (+0.025 beside the rest of the suite). The rest of the burst, spoken, opens it by
+        # 0.05-0.13
         after = op[times > marks["interrupt"] + 0.3]
-        assert len(after) >= 15 and after.max() - rest <= 0.02, (rest, after.max())
+        assert len(after) >= 15 and after.max() - rest <= 0.03, (rest, after.max())
         assert data["audio"][:, 1].sum() / 24000 >= float(data["speech_s"]) - 0.2
         assert len(data["ttfb"]) >= 1
     finally:
