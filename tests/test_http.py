@@ -609,6 +609,15 @@ def test_errors(make_client, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     assert_clean_error(post(client, image=empty), 400, "invalid_parameter", "image")
+    # a part with no file name: missing when it is empty (a browser's file input left empty), an
+    # upload when it has content (it was "missing" too)
+    with open(SPEECH, "rb") as audio:
+        r = client.post("/api/sonic/generate", data={"image": (io.BytesIO(b""), ""), "audio": audio})
+    assert_clean_error(r, 400, "invalid_parameter", "image")
+    assert "missing" in r.get_json()["error"]["message"]
+    with open(SPEECH, "rb") as audio:
+        r = client.post("/api/sonic/generate", data={"image": (io.BytesIO(PORTRAIT.read_bytes()), ""), "audio": audio})
+    assert r.status_code == 200, r.get_json()
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
     assert_clean_error(post(client, audio=big), 413, "input_too_large")

@@ -364,7 +364,10 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
     fields = _fields()
     for name in ("image", "audio"):
         f = None if _is_json() else request.files.get(name)
-        uploaded = f is not None and bool(f.filename or f.content_length)
+        # a browser's file input left empty sends a part with no file name and no content; a
+        # part with content is an upload whatever its name says (a script's stream, `filename=`)
+        data = f.read() if f is not None else b""
+        uploaded = f is not None and bool(f.filename or data)
         url = fields.get(f"{name}_url")
         if uploaded and url:
             raise InvalidParameter(f"send {name} or {name}_url, not both", field=f"{name}_url")
@@ -382,7 +385,7 @@ def _read_files() -> tuple[dict[str, bytes], set[str]]:
                 raise InvalidParameter(f"the JSON key '{name}_url' is missing", field=f"{name}_url")
             check_sent_as_file(name)
             raise InvalidParameter(f"multipart file field '{name}' (or a field '{name}_url') is missing", field=name)
-        files[name] = f.read()
+        files[name] = data
         if not files[name]:
             raise InvalidParameter(f"{name} is empty", field=name)
     if urls:
