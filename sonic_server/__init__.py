@@ -80,6 +80,10 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         if db:
             claim(db + ".lock", f"the job database {Path(db).resolve()}", "server.data_dir")
         claim(uploads.root, f"the upload folder {uploads.root}", "server.upload_dir")  # made by open_storage
+        # and its videos: a second service's start-up sweep took the first one's video being
+        # written (its job failed), and each expired the other's videos by its own output_ttl_s
+        output_root = Path(settings.output_dir).resolve()
+        claim(output_root, f"the output folder {output_root}", "output_dir")
     try:  # the tables beside the jobs (SQLite, in data_dir, unless on Redis)
         svc.idempotency = open_keys(srv.redis_url, db)
         svc.webhooks = make_webhooks(settings, outputs)

@@ -132,6 +132,9 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         third = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
                                 str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                                env={**os.environ, "SONIC_JOBS_DB": ""})
+        fourth = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(free_port()), "--config",
+                                 str(tmp_path / "s.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "SONIC_JOBS_DB": "", "SONIC_UPLOAD_DIR": str(tmp_path / "up4")})
         (tmp_path / "other.yaml").write_text(yaml.safe_dump(settings(tmp_path / "other")))
         taken = subprocess.run([sys.executable, "-m", "sonic", "serve", "--port", str(port), "--config",
                                 str(tmp_path / "other.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -152,6 +155,8 @@ def test_under_waitress_a_settings_file_a_log_line_per_request_and_job_and_a_dra
         "(docs/scaling.md)"], second.stderr
     # nor may one with its own job database share the upload folder (its start removed the first's uploads)
     assert third.returncode == 1 and "another sonic service uses the upload folder" in third.stderr, third.stderr
+    # nor the output folder (its start removed the video the first was writing: that job failed)
+    assert fourth.returncode == 1 and "another sonic service uses the output folder" in fourth.stderr, fourth.stderr
     # a port another program holds: which setting to change, not the OS's words alone
     assert taken.returncode == 1 and taken.stderr.strip().splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{port}: another program uses that port: stop it, or choose another "

@@ -3,6 +3,7 @@ process left."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -16,6 +17,7 @@ from .ledger import Ledger
 
 MISSING_RECORD_GRACE_S = 120  # a job hold without a record this long is released
 ORPHAN_FUSION_S = 600  # a fusion hold still held after this was left by a process that died
+log = logging.getLogger("sonic.credits")
 
 
 class Settler:
@@ -41,12 +43,17 @@ class Settler:
 
     def settle(self, rec) -> None:
         """`rec`: a job record (or None: the record is gone, so the hold is released)."""
+        from .ledger import DATABASE_AWAY
+
         if rec is None:
             return
-        if rec.status == SUCCEEDED:
-            self.ledger.settle(rec.id, True, self.price(rec.result or {}))
-        elif rec.status in (FAILED, CANCELED):
-            self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
+        try:
+            if rec.status == SUCCEEDED:
+                self.ledger.settle(rec.id, True, self.price(rec.result or {}))
+            elif rec.status in (FAILED, CANCELED):
+                self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
+        except DATABASE_AWAY as e:  # an outage the operator is told of already: one line, no trace
+            log.warning("job %s: settled once the accounts database answers again (%s)", rec.id, type(e).__name__)
 
     def sweep(self, now: float | None = None) -> None:
         """Job holds whose job has ended are settled; a job hold whose record is missing (after a
@@ -88,9 +95,6 @@ class Settler:
             )
 
     def run(self) -> None:
-        import logging
-
-        log = logging.getLogger("sonic.credits")
         # a store not answering is said once, not with a trace every sweep: the accounts
         # database, or (distributed) the job store the sweep reads the jobs' ends from
         away: str | None = None
