@@ -138,6 +138,13 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     else:
         from .live.sessions import LiveSessions
 
+        if settings.live.enabled and settings.live.max_sessions == 0:
+            # (a worker takes 0 for "hosts none"): here every session would be refused as busy,
+            # with a Retry-After its clients would follow for ever
+            raise SetupError(
+                "setting live.max_sessions is 0: this service would refuse every live session as busy; "
+                "set live.enabled: false to turn live mode off, or live.max_sessions to 1 or more"
+            )
         here = svc.live = LiveSessions(settings.live)
         if settings.live.enabled and settings.live.warm_start:
             warm_live = here.warm

@@ -221,3 +221,20 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to(caplog):
     assert told == ["SONIC_QUEUE_SIZ is not a setting (ignored); did you mean SONIC_QUEUE_SIZE?",
                     "SONIC_SERVER_REDIS_URL is not a setting (ignored); did you mean SONIC_REDIS_URL?",
                     "SONIC_WEBHOOKS_SECRET is not a setting (ignored); did you mean SONIC_WEBHOOK_SECRET?"]
+
+
+def test_a_single_service_with_no_live_session_to_give_does_not_start(tmp_path):
+    """live.max_sessions 0 on `sonic serve` (a worker takes it for "hosts none"): every session was
+    refused as busy, with a Retry-After its clients followed for ever. Live mode off is said so."""
+    from server_helpers import FakePipeline
+    from server_helpers import settings as test_settings
+
+    from sonic.errors import SetupError
+    from sonic_server import create_app
+
+    cfg = test_settings(tmp_path)
+    cfg["live"]["max_sessions"] = 0
+    with pytest.raises(SetupError, match=r"live.max_sessions is 0: .* set live.enabled: false"):
+        create_app(cfg, pipeline=FakePipeline())
+    cfg["live"]["enabled"] = False
+    create_app(cfg, pipeline=FakePipeline()).extensions["sonic"].queue.close()
