@@ -360,6 +360,9 @@ async def main() -> None:
     except requests.HTTPError as e:  # 404: ended meanwhile (a limit, its worker lost...); 503: its worker is silent
         print(f"the session's state: {e.response.status_code} {e.response.text}")
         gone = e.response.status_code == 404
+    except requests.ConnectionError:  # the server stopped meanwhile: what arrived is still written
+        print("the session's state: the server cannot be reached any more (it stopped during the session)")
+        gone = True
     await client.close(end_session=not gone)
     received = client.received
     if not received.video_times:

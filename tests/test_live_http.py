@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import EXAMPLES, PORTRAIT, SPEECH
+from conftest import EXAMPLES, PORTRAIT, SPEECH, read_frames
 from server_helpers import assert_clean_error
 from sonic.media import load_audio
 from test_http_live import start_server
@@ -1102,24 +1102,28 @@ def _open_with_key(base, key):
         )
 
 
-def test_a_server_stopped_by_sigterm_charges_its_running_sessions(paying_server):
+def test_a_server_stopped_by_sigterm_charges_its_running_sessions(paying_server, tmp_path):
     """docker stop, systemd: SIGTERM ends the running sessions (server_stopping) and charges what
-    they streamed; before, the process died with its hold held for over an hour. (The module's
-    last test: it stops the paying server.)"""
+    they streamed; before, the process died with its hold held for over an hour. The example
+    client still writes what it received (it wrote nothing: the server could not be reached for
+    the session's state). (The module's last test: it stops the paying server.)"""
     base, ledger, proc = paying_server["base"], paying_server["ledger"], paying_server["proc"]
     _, key = ledger.create_account("leaving", credits=1000)
-
-    async def session():
-        client = LiveClient(base, api_key=key)
-        await client.open(PORTRAIT, CONFIG, keep_frames=False)
-        await asyncio.sleep(2.0)
-        assert ledger.account("leaving")["reserved"] > 0
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 20)
-        await client.close(end_session=False)
-        return code
-
-    code = asyncio.run(session())
+    out = tmp_path / "until_stopped.mp4"
+    client = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "live_client.py"), "--server", base, "--image", str(PORTRAIT), "--speech",
+         str(SPEECH), "--seconds", "5", "--speak", "--api-key", key, "--config", json.dumps(CONFIG), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while ledger.account("leaving")["reserved"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # frames arrive
+    assert ledger.account("leaving")["reserved"] > 0
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(20)
+    said, _ = client.communicate(timeout=60)
+    assert client.returncode == 0 and "cannot be reached any more" in said, said
+    assert len(read_frames(out)) >= 10, said
     account = ledger.account("leaving")
     assert code == 128 + signal.SIGTERM
     assert account["reserved"] == 0 and 1000 - 5 <= account["balance"] <= 1000 - 2, account
