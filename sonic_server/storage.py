@@ -335,6 +335,8 @@ class S3Uploads(Uploads):
         super().remove(job_id)
         try:
             self.s3.delete_prefix(self.s3.key("uploads", job_id) + "/")
+        except StorageUnavailable as e:  # an outage the log tells of already: one line, no trace
+            log.warning("job %s: its uploads stay in the bucket for its lifecycle rule (%s)", job_id, e)
         except Exception:  # noqa: BLE001 - the bucket's lifecycle rule is the backstop
             log.exception("job %s: its uploads could not be removed from the bucket", job_id)
 
