@@ -418,7 +418,7 @@ def room_to_take(state: WorkerState, conn: Any, burst: bool) -> bool:
         return True
     if not state.short_of_disk:
         log.error(
-            "worker %s: %d MB free under %s, under server.min_free_mb (%g): no job is taken until there is room",
+            "worker %s: %d MB free under %s, under server.min_free_mb (%.10g MB): no job is taken until there is room",
             state.name,
             free_mb,
             state.output_dir,
@@ -624,6 +624,8 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     conn = connect(srv.redis_url)
     try:
         conn.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:  # it answered: no
+        sys.exit(f"error: Redis at {without_password(srv.redis_url)} refused: {e} (server.redis_url)")
     except Exception as e:  # noqa: BLE001
         sys.exit(f"error: Redis at {without_password(srv.redis_url)} does not answer ({type(e).__name__})")
     if not claim_name(conn, name, srv.worker_lease_s, stop_on_signals(threading.Event())):

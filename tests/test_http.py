@@ -722,7 +722,7 @@ def test_a_service_short_of_disk_says_so_and_refuses_before_reading_the_upload(m
         assert health.status_code == 503 and health.get_json()["readiness"] == "disk_full"
         r = post(client, {**FAST, "seed": 16})
         assert_clean_error(r, 500, "disk_full")
-        assert r.headers["Retry-After"] == "60" and "under server.min_free_mb (2)" in r.json["error"]["message"]
+        assert r.headers["Retry-After"] == "60" and "under server.min_free_mb (2 MB)" in r.json["error"]["message"]
         assert str(mnt) not in r.text and not any((tmp_path / "uploads").glob("*"))
         (mnt / "filler").unlink()
         assert client.get("/health").get_json()["readiness"] == "ready"

@@ -834,6 +834,13 @@ def test_a_wrong_redis_password_is_a_set_up_failure_not_a_wait(tmp_path):
         client = create_app(server_settings(tmp_path, redis_url=f"redis://:wrong@127.0.0.1:{port}/0")).test_client()
         h = client.get("/health").get_json()
         assert h["readiness"] == "setup_failed" and "refused" in h["error"] and "wrong" not in h["error"]
+        # a worker too says it was refused (it said "does not answer (AuthenticationError)")
+        worker = subprocess.run([sys.executable, "-m", "sonic", "worker", "--redis-url",
+                                 f"redis://:wrong@127.0.0.1:{port}/0"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert worker.returncode == 1 and worker.stderr.strip().splitlines()[-1] == (
+            f"error: Redis at redis://:***@127.0.0.1:{port}/0 refused: invalid username-password pair or user is "
+            "disabled. (server.redis_url)"), worker.stderr
     finally:
         proc.terminate()
         proc.wait(10)

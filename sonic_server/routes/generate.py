@@ -459,7 +459,7 @@ def generate():
     if (free_mb := svc.free_disk_short_mb()) is not None:  # before any upload is read or saved
         raise DiskFull(
             f"the server's disk has {free_mb:.0f} MB free, under server.min_free_mb "
-            f"({svc.settings.server.min_free_mb:g}); try again later"
+            f"({svc.settings.server.min_free_mb:.10g} MB); try again later"
         )
     _check_field_names()
     opts, want_async, params = _parse_config()
