@@ -65,7 +65,7 @@ def status_for(code: str) -> int:
 
 # the codes a client should retry, and after how long: a full disk clears when the operator
 # (or the output expiry) frees room, so not within seconds
-RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "disk_full": "60"}
+RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "disk_full": "60", "setup_failed": "60"}
 
 
 def is_disk_full(e: BaseException) -> bool:

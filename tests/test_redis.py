@@ -296,6 +296,7 @@ def test_a_worker_that_does_not_share_the_apis_output_folder_takes_no_job(cluste
     r = post(api, {"min_resolution": 256})
     body = r.get_json()
     assert r.status_code == 503 and body["error"]["code"] == "setup_failed", body
+    assert r.headers["Retry-After"] == "60"  # as every 503 (docs/errors.md); the operator acts meanwhile
     assert "no worker shares this API process's folders" in body["error"]["message"]
     assert str(other) not in json.dumps(body) and not job_uploads(c.tmp)  # paths stay in the log
     deadline = time.monotonic() + 20
