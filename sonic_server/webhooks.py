@@ -695,7 +695,8 @@ class Webhooks:
             metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
             log.warning("webhook %s (job %s, %s): dropped after %d attempts", d.id, d.job_id, d.event, d.attempts)
             return
-        d.next_at = now + backoff_s(d.attempts)
+        # the last try at the window's end, not a backoff past it (retry_s 12 tried at 35 s)
+        d.next_at = min(now + backoff_s(d.attempts), d.first_at + self.retry_s)
         self.outbox.retry(d)
         metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
         log.info(

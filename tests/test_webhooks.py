@@ -740,3 +740,27 @@ def test_any_failure_that_lasts_is_said_once(caplog, monkeypatch):
         hooks.stop()
     said = [r.getMessage() for r in caplog.records if r.name == "sonic.webhooks"]
     assert said == ["webhooks: sending failed; trying again every 0.0 s, quietly"] * 2 + ["webhooks: sending again"], said
+
+
+def test_a_failing_delivery_is_last_tried_at_the_end_of_its_window(tmp_path):
+    """webhooks.retry_s 12: the attempts came at 0, 5 and 35 s (the backoff ran past the window);
+    now at 0, 5 and 12 s, then it is dropped."""
+    import socket
+
+    from sonic_server.outbound import Reach
+    from sonic_server.webhooks import Delivery, MemoryOutbox, Webhooks
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # refused at once
+    outbox = MemoryOutbox()
+    hooks = Webhooks(outbox, lambda: SECRET, retry_s=12, reach=Reach(private=True), outputs=None)
+    first = time.time() - 5  # its first attempt 5 s ago failed: this is its second
+    d = Delivery("msg_w", "job_w", 1, f"http://127.0.0.1:{port}/hooks", "completed", "{}", 1, first, first)
+    outbox.add(d)
+    hooks._attempt(d)
+    assert d.attempts == 2 and abs(d.next_at - (first + 12)) < 0.01, d.next_at - first
+    d.first_at -= 7  # the window's end reached: dropped
+    hooks._attempt(d)
+    assert outbox.jobs_waiting() == 0
