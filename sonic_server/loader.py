@@ -53,6 +53,8 @@ def start(
         service.decoder = getattr(decoder, "name", None)
         service.decoder_identity = getattr(decoder, "identity", None)
         service.device = str(getattr(pipeline, "device", "cpu"))
+        if service.setup_error is not None:  # a store that did not answer at first: said it does
+            log.warning("the store answers now: ready")
         service.setup_error = None
         service.queue = queue
         service.status = "ready"

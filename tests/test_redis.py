@@ -793,9 +793,9 @@ def test_a_worker_whose_redis_does_not_answer_says_so_without_its_password():
     assert "S3cretPw" not in p.stdout + p.stderr
 
 
-def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monkeypatch):
+def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monkeypatch, caplog):
     """Not set-up failed for good: "starting", saying why, until Redis answers; then ready for
-    workers (none here: worker_stopped)."""
+    workers (none here: worker_stopped), and the log says so (it said only the wait)."""
     from sonic_server import create_app, loader
     monkeypatch.setattr(loader, "RETRY_S", 0.3)
     port = free_port()
@@ -812,6 +812,7 @@ def test_an_api_process_started_before_its_redis_comes_up_with_it(tmp_path, monk
             time.sleep(0.2)
         h = client.get("/health").get_json()
         assert h["readiness"] == "worker_stopped" and "error" not in h
+        assert "the store answers now: ready" in [rec.getMessage() for rec in caplog.records]
     finally:
         proc.terminate()
         proc.wait(10)
