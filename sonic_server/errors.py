@@ -65,6 +65,7 @@ def status_for(code: str) -> int:
 
 # the codes a client should retry, and after how long: a full disk clears when the operator
 # (or the output expiry) frees room, so not within seconds
+GENERATE_PATH = "/api/sonic/generate"  # the one route that takes its files by URL too
 RETRY_AFTER = {"storage_unavailable": "5", "busy": "5", "rate_limited": "5", "disk_full": "60", "setup_failed": "60"}
 
 
@@ -160,11 +161,12 @@ def install_error_handlers(app: Flask, max_upload_mb: float) -> None:
                 f"{app.config['MAX_FORM_PARTS']} parts, or a text field or a part's headers "
                 f"over {app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB",
             )
-        # a file given by its URL is an answer only where a route takes URLs (not a live speak)
+        # a file given by its URL is an answer only where a route takes URLs (generate: not a
+        # live session's portrait or speech, nor fusion)
         by_url = (
-            ""
-            if request.path.endswith("/speak")
-            else " (a file given by its URL, image_url or audio_url, may be as large on its own, no larger)"
+            " (a file given by its URL, image_url or audio_url, may be as large on its own, no larger)"
+            if request.path == GENERATE_PATH
+            else ""
         )
         return error_response(
             "input_too_large",

@@ -621,6 +621,12 @@ def test_errors(make_client, tmp_path):
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
     assert_clean_error(post(client, audio=big), 413, "input_too_large")
+    assert "image_url or audio_url" in post(client, audio=big).get_json()["error"]["message"]
+    # a route that takes no URL does not suggest one (the live session's portrait did)
+    with open(big, "rb") as f:
+        live = client.post("/api/sonic/live", data={"image": f, "offer": "{}"})
+    assert_clean_error(live, 413, "input_too_large")
+    assert "send smaller files" in live.get_json()["error"]["message"] and "_url" not in live.get_json()["error"]["message"]
     assert_clean_error(post(client, image=SPEECH), 415, "unsupported_media", "image")
     assert_clean_error(post(client, audio=PORTRAIT), 415, "unsupported_media", "audio")
     silent = tmp_path / "silent.wav"
