@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 from conftest import EXAMPLES, ROOT, SPEECH
 
@@ -285,3 +286,13 @@ def test_the_offline_example_writes_the_face_with_its_sound(pipecat_python, tmp_
         sound_s = sum(f.samples for f in container.decode(audio=0)) / sound.sample_rate
     speech_s = 3.0  # examples/speech.flac
     assert abs(sound_s - speech_s) < 0.15 and pictures / FPS >= speech_s, (sound_s, pictures)
+    # a portrait without a face: the error, at once and with no file (it waited for ever)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (128, 128, 128)).save(blank)
+    failed = subprocess.run(
+        [str(pipecat_python), str(INTEGRATION / "examples" / "wav_to_face.py"), str(blank), str(SPEECH),
+         str(tmp_path / "none.mp4")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "SONIC_PYTHON": sys.executable},
+    )
+    assert failed.returncode == 1 and "no face was found" in failed.stderr.splitlines()[-1], failed.stderr[-2000:]
+    assert not (tmp_path / "none.mp4").exists()

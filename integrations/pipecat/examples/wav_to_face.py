@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import soundfile as sf
-from pipecat.frames.frames import EndFrame, Frame, OutputImageRawFrame, StartFrame, TTSAudioRawFrame
+from pipecat.frames.frames import EndFrame, ErrorFrame, Frame, OutputImageRawFrame, StartFrame, TTSAudioRawFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
@@ -122,9 +123,22 @@ async def main(portrait: str, recording: str, out: str) -> None:
         params=PipelineParams(audio_out_sample_rate=audio_rate),
     )
     box.append(worker)
+    failed: list[str] = []
+
+    @worker.event_handler("on_pipeline_error")
+    async def on_pipeline_error(worker, frame: ErrorFrame) -> None:
+        # no face (none in the portrait, the service refused): no picture will come, and the
+        # recording waits for one; the example ends with the error instead of waiting for ever
+        if not sink.face_shown.is_set():
+            failed.append(str(frame.error))
+            await worker.cancel()
+
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     await runner.run()
+    if failed:
+        Path(out).unlink(missing_ok=True)  # (opened, never written)
+        sys.exit(f"error: {failed[0]}")
     print(out)
 
 
