@@ -9,7 +9,8 @@ server (DELETE, as an operator or its idle timeout would) after the first reply;
 `stop-server`, the server itself is sent SIGTERM then (its pid in $SONIC_SERVER_PID); either
 way the ErrorFrame the pipeline reports (on_pipeline_error) is recorded.
 
-Once the face shows, the source plays SPEECH as TTS audio frames at 24 kHz in real time (20 ms
+Once the face shows, the source plays SPEECH as TTS audio frames at 16 kHz (the pipeline's output,
+the face's sound, is at 24 kHz) in real time (20 ms
 chunks): once in real time, a pause, then again all at once (as many TTS services send it),
 interrupted 1.2 s after it began; the sink records every frame that
 reaches it with its arrival time. OUT.npz holds the video frames, their times and metadata,
@@ -46,7 +47,8 @@ from pipecat.workers.runner import WorkerRunner
 from scipy.signal import resample_poly
 from sonic_pipecat import SonicVideoService
 
-TTS_RATE = 24_000
+TTS_RATE = 16_000  # as many TTS services send it
+OUT_RATE = 24_000  # the pipeline's output: the face's sound
 CHUNK_S = 0.02
 PAUSE_S = 1.5
 INTERRUPT_AFTER_S = 1.2
@@ -150,7 +152,7 @@ async def main(portrait: str, speech: str, out: str, sonic: str, mode: str = "")
     ending = {"end-session": end_session, "stop-server": stop_server}.get(mode)
     worker = PipelineWorker(
         Pipeline([SpeechSource(wav, box, marks, recorder.face_shown, ending), face, recorder]),
-        params=PipelineParams(audio_out_sample_rate=TTS_RATE, enable_metrics=True),
+        params=PipelineParams(audio_out_sample_rate=OUT_RATE, enable_metrics=True),
         idle_timeout_secs=None,
     )
     box.append(worker)

@@ -190,6 +190,9 @@ def test_with_url_a_session_ended_by_the_server_is_an_error_and_the_voice_goes_o
         assert re.search(said, marks["error"]), marks
     assert 0 <= marks["error_at"] - marks["ended_at"] < 1.5, marks
     arrivals = data["audio"][:, 0] - data["image_times"][0]
+    # the voice without the face at the face's rate (the TTS's 16 kHz was passed on as it came,
+    # and a writer set up for the face's 24 kHz failed on every frame)
+    assert set(data["audio"][:, 2]) == {24000}, set(data["audio"][:, 2])
     voice_after = data["audio"][arrivals > marks["second_start"], 1].sum() / 24000
     assert voice_after >= float(data["speech_s"]) - 0.2, voice_after
     assert 0 <= marks["interruption_at"] - marks["interrupt"] < 0.5, marks

@@ -144,6 +144,7 @@ class SonicVideoService(FrameProcessor):
         # and is as flat to 7.2 kHz (LQ rolls off from 6.5 kHz, QQ from 4 kHz)
         self._to_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
         self._from_engine = create_stream_resampler(quality=RESAMPLER_QUALITY)
+        self._passing = create_stream_resampler(quality=RESAMPLER_QUALITY)  # the voice without a face
         self._awaiting_first_frame = False
         self._error: str | None = None
         self._started = False  # the pipeline's StartFrame has passed (an error is reported once it has)
@@ -309,10 +310,10 @@ class SonicVideoService(FrameProcessor):
             if self._error is None or not self._started:
                 self._early.append(frame)  # heard once the face is ready (or, failed, passed on)
             else:
-                await self.push_frame(frame)  # no face: the voice goes on without it
+                await self._pass_on(frame)  # no face: the voice goes on without it
             return
         if self._remote is not None and self._remote.ended:
-            await self.push_frame(frame)  # the face is gone: the voice goes on without it
+            await self._pass_on(frame)  # the face is gone: the voice goes on without it
             return
         now = time.monotonic()
         face = self._session if self._session is not None else self._remote
@@ -332,6 +333,18 @@ class SonicVideoService(FrameProcessor):
             return
         assert self._session is not None
         self._session.speak(speech)
+
+    async def _pass_on(self, frame: TTSAudioRawFrame) -> None:
+        """The voice without a face, as the face's own sound went: mono at the output rate. (Passed
+        on as it came, a TTS's 8 kHz after the face's 24 kHz broke a writer set up for the face's
+        sound, on every frame.)"""
+        pcm = np.frombuffer(frame.audio, np.int16)
+        if frame.num_channels > 1:
+            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+        audio = pcm.tobytes()
+        if frame.sample_rate != self._out_rate:
+            audio = await self._passing.resample(audio, frame.sample_rate, self._out_rate)
+        await self.push_frame(TTSAudioRawFrame(audio=audio, sample_rate=self._out_rate, num_channels=1))
 
     # --- frames out -------------------------------------------------------------------------
     async def _run_clock(self) -> None:
