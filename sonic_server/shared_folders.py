@@ -10,6 +10,10 @@ them to each job; a worker that
 sees others takes no job (it says so once, and `/health` lists it `shares_folders: false`), and
 one that took a job anyway (before the ids were published) fails it before any work. The marks
 are read at each look: one deleted is made again, and every process then reads the new id.
+
+The ids hold the storage too (`storage`: "local", or the bucket and prefix with `storage: s3`): a
+worker without the API's `s3:` settings took each job and failed it at once, "the job's image
+file is no longer on the server", with nothing naming the setting.
 """
 
 from __future__ import annotations
@@ -69,14 +73,26 @@ def _make_mark(mark: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+STORAGE = "storage"  # the ids' entry for where the files go (the setting's name)
+LOCAL = "local"
+
+
+def bucket_storage(bucket: str, prefix: str) -> str:
+    """The `storage` entry of processes that keep their files in a bucket (not its endpoint: an
+    API process and a worker may reach one store by two names)."""
+    return f"s3 bucket {bucket}/{prefix}"
+
+
 def folder_settings(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str | Path]:
     """This process's shared folders, by the setting that names each."""
     return {"server.upload_dir": upload_dir, "output_dir": output_dir}
 
 
 def shared_folders(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str]:
-    """The ids of this process's shared folders, by the setting that names each."""
-    return {name: folder_id(folder) for name, folder in folder_settings(upload_dir, output_dir).items()}
+    """The ids of this process's shared folders, by the setting that names each, and its storage
+    (local)."""
+    ids = {name: folder_id(folder) for name, folder in folder_settings(upload_dir, output_dir).items()}
+    return {STORAGE: LOCAL, **ids}
 
 
 def differing(expected: dict[str, str] | None, here: dict[str, str]) -> list[str]:

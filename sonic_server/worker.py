@@ -62,7 +62,7 @@ from .queue.redis import (
 )
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
-from .shared_folders import FOLDER_MARK, differing, folder_settings, published, shared_folders
+from .shared_folders import FOLDER_MARK, STORAGE, bucket_storage, differing, folder_settings, published, shared_folders
 from .storage import open_storage
 from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
@@ -97,6 +97,7 @@ class WorkerState:
     uploads_swept_at: float = 0.0  # time.time() of its last sweep of leftover upload folders
     short_of_disk: bool = False  # waiting for free disk before it takes the next job
     folders: dict[str, str] = field(default_factory=dict)  # the shared folders' ids here, as last read
+    bucket: dict[str, str] = field(default_factory=dict)  # storage: s3: its ids (the bucket), else {}
     shares_folders: bool = True  # False: the API processes' ids differ from these; no job is taken
     stopping: bool = False  # SIGTERM: the running job finishes, no other is taken
     stop_asked: threading.Event = field(default_factory=threading.Event)  # ... and `say_stopping` says so
@@ -192,7 +193,7 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
     )
     # (state.folders: read by may_take just before RQ handed this job over)
     if state.folders and (wrong := differing(rec.folders, state.folders)):
-        return FAILED, {"error": not_shared(state, rec, wrong)}
+        return FAILED, {"error": not_shared(state, rec, wrong, rec.folders or {})}
     try:
         job = rec.copy()  # the files where this machine reads them;
         job.inputs = state.uploads.fetch(job_id, rec.inputs)  # the record keeps what every machine can use
@@ -212,8 +213,9 @@ def _execute(state: WorkerState, rec: JobRecord, events: lifecycle.RunEvents) ->
 
 
 def folders_here(state: WorkerState) -> dict[str, str]:
-    """This worker's shared folders' ids, read now (a mark deleted is made again)."""
-    state.folders = shared_folders(state.uploads.root, state.output_dir)
+    """This worker's shared folders' ids, read now (a mark deleted is made again), and its
+    storage; with a bucket, the bucket's."""
+    state.folders = dict(state.bucket) if state.bucket else shared_folders(state.uploads.root, state.output_dir)
     return state.folders
 
 
@@ -224,9 +226,10 @@ def folders_shared(state: WorkerState, conn: Any, burst: bool) -> bool:
     once, and its entry says `shares_folders: false`."""
     from rq.exceptions import StopRequested
 
-    if not state.folders:  # a bucket: nothing shared
+    if not state.folders:  # (not set up yet)
         return True
-    wrong = differing(published(conn), folders_here(state))
+    expected = published(conn)
+    wrong = differing(expected, folders_here(state))
     if not wrong:
         if not state.shares_folders:
             log.warning("worker %s: its folders are the API processes' again; taking jobs", state.name)
@@ -234,7 +237,9 @@ def folders_shared(state: WorkerState, conn: Any, burst: bool) -> bool:
             announce_now(state, conn)
         return True
     if state.shares_folders:
-        log.error("worker %s: %s; no job is taken until they are the same", state.name, folders_differ(state, wrong))
+        log.error(
+            "worker %s: %s; no job is taken until they are the same", state.name, folders_differ(state, wrong, expected)
+        )
         state.shares_folders = False
         announce_now(state, conn)
     if burst:
@@ -242,8 +247,15 @@ def folders_shared(state: WorkerState, conn: Any, burst: bool) -> bool:
     return False
 
 
-def folders_differ(state: WorkerState, settings: list[str]) -> str:
-    """What differs, for the operator: the settings and this worker's folders."""
+def folders_differ(state: WorkerState, settings: list[str], expected: dict[str, str] | None) -> str:
+    """What differs, for the operator: the settings and this worker's folders, or its storage."""
+    if STORAGE in settings:
+        theirs = (expected or {}).get(STORAGE)
+        return (
+            f"its storage ({state.folders.get(STORAGE)}) is not the API processes' ({theirs}): give every API "
+            "process and worker the same `storage` and `s3` settings; their jobs' files are where this worker "
+            "does not look"
+        )
     here = folder_settings(state.uploads.root, state.output_dir)
     return (
         f"its {' and '.join(f'{name} ({here[name]})' for name in settings)} is not the folder the API processes use "
@@ -258,15 +270,15 @@ def may_take(state: WorkerState, conn: Any, burst: bool) -> bool:
     return folders_shared(state, conn, burst) and room_to_take(state, conn, burst)
 
 
-def not_shared(state: WorkerState, rec: JobRecord, settings: list[str]) -> dict:
-    """A job from an API process whose folders are not this worker's (taken before the API
-    processes' ids were published): said in the log, for the operator; the caller's error says
-    only that the service is set up wrong."""
-    log.error("worker %s: job %s failed: %s", state.name, rec.id, folders_differ(state, settings))
+def not_shared(state: WorkerState, rec: JobRecord, settings: list[str], expected: dict[str, str]) -> dict:
+    """A job from an API process whose folders or storage are not this worker's (taken before the
+    API processes' ids were published): said in the log, for the operator; the caller's error
+    says only that the service is set up wrong."""
+    log.error("worker %s: job %s failed: %s", state.name, rec.id, folders_differ(state, settings, expected))
     return {
         "code": SetupError.code,
         "message": "the service is set up wrong: the worker that took this job does not share the API's "
-        "folders (its operator is told in the worker's log); nothing was charged",
+        "folders or storage (its operator is told in the worker's log); nothing was charged",
     }
 
 
@@ -666,7 +678,9 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     webhooks.start(only_if_pending=True)  # workers send deliveries too: API processes may all be busy
     if not outputs.remote:  # folders shared with the API processes: told apart by their marks
         state.folders = shared_folders(uploads.root, output_dir)
-    else:  # this worker's own folder: nothing is shared
+    else:  # this worker's own folder: the bucket is what is shared
+        state.bucket = {STORAGE: bucket_storage(outputs.s3.bucket, outputs.s3.prefix)}
+        state.folders = dict(state.bucket)
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone
         uploads.root, outputs.folder = scratch / "uploads", scratch / "outputs"

@@ -236,3 +236,32 @@ def test_a_store_that_hangs_is_a_quick_503_and_is_used_again_once_it_answers(tmp
         r.delete("sonic:worker:stand-in")
         proc.kill()
         proc.wait(10)
+
+
+def test_a_worker_not_on_the_apis_bucket_takes_no_job_and_says_which_setting(tmp_path, redis_url, s3_url, bucket):
+    """API processes on a bucket, a worker whose settings lack `storage: s3`: it was listed
+    ready, took each job and failed it at once ("the job's image file is no longer on the
+    server"; submitting again failed alike), naming nothing. Now it takes none, its log names the
+    setting, /health lists it `shares_folders: false`, and a request is 503 setup_failed."""
+    c = s3_cluster(tmp_path, redis_url, s3_url)
+    local = yaml.safe_load(c.path.read_text())
+    local.pop("s3")
+    local["storage"] = "local"
+    c.path.write_text(yaml.safe_dump(local))
+    try:
+        api = c.client()
+        c.start_worker("local")
+        health = c.wait_workers(api, 1, named=("local",))
+        assert [w.get("shares_folders") for w in health["workers"]] == [False], health
+        assert health["readiness"] == "worker_stopped"
+        r = post(api, {"min_resolution": 256})
+        body = r.get_json()
+        assert r.status_code == 503 and body["error"]["code"] == "setup_failed", body
+        assert "storage" in body["error"]["message"] and not keys(bucket, "t/uploads/")
+        said = f"its storage (local) is not the API processes' (s3 bucket {BUCKET}/t/)"
+        deadline = time.monotonic() + 30
+        while said not in (tmp_path / "local.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert said in (tmp_path / "local.log").read_text()
+    finally:
+        c.stop()

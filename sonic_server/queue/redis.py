@@ -51,7 +51,7 @@ from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import sweep_orphan_uploads
-from ..shared_folders import differing, publish, shared_folders
+from ..shared_folders import STORAGE, bucket_storage, differing, publish, shared_folders
 from ..store import _error_record
 from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 
@@ -427,9 +427,10 @@ class RedisQueue(JobQueue):
         self.job_timeout_s = float(job_timeout_s)
         self.retry_lost_jobs = int(retry_lost_jobs)
         self.cache = ResultCache(self.store, outputs if outputs is not None else self.output_dir)
-        # the folders a worker must share with this process (a bucket instead: nothing shared),
+        # the folders a worker must share with this process (a bucket instead: the bucket),
         # published now for workers starting or waiting, and again with each job
         self.shares_folders = not (outputs is not None and outputs.remote)
+        self._bucket = {} if self.shares_folders else {STORAGE: bucket_storage(outputs.s3.bucket, outputs.s3.prefix)}
         self._publish_folders(self.folders())
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()
@@ -439,8 +440,8 @@ class RedisQueue(JobQueue):
     # -- the interface ------------------------------------------------------------------
     def folders(self) -> dict[str, str]:
         """The ids of the folders workers must share with this process, read now (a mark
-        deleted is made again); {} with a bucket."""
-        return shared_folders(self.uploads.root, self.output_dir) if self.shares_folders else {}
+        deleted is made again), with its storage; with a bucket, the bucket alone."""
+        return shared_folders(self.uploads.root, self.output_dir) if self.shares_folders else dict(self._bucket)
 
     def _publish_folders(self, folders: dict[str, str]) -> None:
         """For the workers to compare theirs with (shared_folders.py)."""
@@ -465,8 +466,9 @@ class RedisQueue(JobQueue):
         self._publish_folders(folders)  # (again: Redis may have lost it, a mark may be new)
         if not any(not w.get("disk_full") and not differing(folders, w.get("folders") or {}) for w in workers):
             raise SetupError(
-                "no worker shares this API process's folders (server.upload_dir, output_dir): the service's "
-                "operator must give every process the same shared folders (/health lists the workers)"
+                "no worker shares this API process's folders (server.upload_dir, output_dir) and storage "
+                "(storage, s3): the service's operator must give every process the same storage settings and "
+                "shared folders (/health lists the workers)"
             )
         rec = lifecycle.queue(rec.copy())
         rec.folders = folders or None
