@@ -56,6 +56,13 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
 
         hops = srv.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+    if not srv.redis_url and settings.live.enabled and settings.live.max_sessions == 0:
+        # (a worker takes 0 for "hosts none"): here every session would be refused as busy, with
+        # a Retry-After its clients would follow for ever; said before anything is opened
+        raise SetupError(
+            "setting live.max_sessions is 0: this service would refuse every live session as busy; "
+            "set live.enabled: false to turn live mode off, or live.max_sessions to 1 or more"
+        )
     # outermost: a stop waits for every answer, and refuses requests before anything else runs
     drain = app.wsgi_app = Drain(app.wsgi_app, srv.drain_s)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = int(limits.max_upload_mb * 1024 * 1024)
@@ -138,13 +145,6 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
     else:
         from .live.sessions import LiveSessions
 
-        if settings.live.enabled and settings.live.max_sessions == 0:
-            # (a worker takes 0 for "hosts none"): here every session would be refused as busy,
-            # with a Retry-After its clients would follow for ever
-            raise SetupError(
-                "setting live.max_sessions is 0: this service would refuse every live session as busy; "
-                "set live.enabled: false to turn live mode off, or live.max_sessions to 1 or more"
-            )
         here = svc.live = LiveSessions(settings.live)
         if settings.live.enabled and settings.live.warm_start:
             warm_live = here.warm
@@ -158,7 +158,7 @@ def create_app(settings: ServerConfig | Mapping | None = None, pipeline=None, ba
         install_store_outage_handler(app)
 
     # whatever ends a job settles its credits at once, in the process that ends it (lifecycle.JobEnd)
-    end_hooks = ((svc.settler.settle,) if svc.settler is not None else ()) + (svc.webhooks.job_ended,)
+    end_hooks = ((svc.settler.settle_ended,) if svc.settler is not None else ()) + (svc.webhooks.job_ended,)
 
     def make_queue():
         if srv.redis_url:  # distributed: the workers load the model, not this process

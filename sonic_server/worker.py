@@ -291,7 +291,7 @@ def end_hooks(settings: ServerConfig, ledger: Any) -> tuple[Callable[[JobRecord]
 
     price = settings.credits
     settler = Settler(ledger, lambda: None, lambda result: video_price(price, result.get("duration", 0.0)))
-    return (settler.settle,)
+    return (settler.settle_ended,)
 
 
 def open_ledger(settings: ServerConfig) -> Any:

@@ -167,7 +167,7 @@ def test_a_deleted_job_releases_its_hold_at_once_whoever_ended_it(service):
     gate = threading.Event()
     client, ledger, app = service(FakePipeline(gate=gate))
     svc = app.extensions["sonic"]
-    svc.queue.ending.hooks.remove(svc.settler.settle)  # the job ends elsewhere, unsettled
+    svc.queue.ending.hooks.remove(svc.settler.settle_ended)  # the job ends elsewhere, unsettled
     _, key = ledger.create_account("del", credits=100)
     job = post(client, {**FAST, "async": True}, headers=auth(key)).get_json()["job_id"]
     assert ledger.account("del")["reserved"] == 30

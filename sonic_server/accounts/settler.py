@@ -43,16 +43,22 @@ class Settler:
 
     def settle(self, rec) -> None:
         """`rec`: a job record (or None: the record is gone, so the hold is released)."""
-        from .ledger import DATABASE_AWAY
-
         if rec is None:
             return
+        if rec.status == SUCCEEDED:
+            self.ledger.settle(rec.id, True, self.price(rec.result or {}))
+        elif rec.status in (FAILED, CANCELED):
+            self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
+
+    def settle_ended(self, rec) -> None:
+        """`settle`, as a job's end-of-job step: with the accounts database away, one log line
+        (the sweep settles it once the database answers), not a trace. The sweep itself calls
+        `settle`: its failures are said once an outage, by `run`."""
+        from .ledger import DATABASE_AWAY
+
         try:
-            if rec.status == SUCCEEDED:
-                self.ledger.settle(rec.id, True, self.price(rec.result or {}))
-            elif rec.status in (FAILED, CANCELED):
-                self.ledger.settle(rec.id, False, reason=f"the job {rec.status}: nothing charged")
-        except DATABASE_AWAY as e:  # an outage the operator is told of already: one line, no trace
+            self.settle(rec)
+        except DATABASE_AWAY as e:
             log.warning("job %s: settled once the accounts database answers again (%s)", rec.id, type(e).__name__)
 
     def sweep(self, now: float | None = None) -> None:
