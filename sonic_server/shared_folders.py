@@ -77,10 +77,10 @@ STORAGE = "storage"  # the ids' entry for where the files go (the setting's name
 LOCAL = "local"
 
 
-def bucket_storage(bucket: str, prefix: str) -> str:
-    """The `storage` entry of processes that keep their files in a bucket (not its endpoint: an
-    API process and a worker may reach one store by two names)."""
-    return f"s3 bucket {bucket}/{prefix}"
+def bucket_ids(bucket: str, prefix: str) -> dict[str, str]:
+    """The ids of processes that keep their files in a bucket: the bucket alone (not its endpoint:
+    an API process and a worker may reach one store by two names)."""
+    return {STORAGE: f"s3 bucket {bucket}/{prefix}"}
 
 
 def folder_settings(upload_dir: str | Path, output_dir: str | Path) -> dict[str, str | Path]:

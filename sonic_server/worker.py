@@ -62,7 +62,7 @@ from .queue.redis import (
 )
 from .recovery import sweep_orphan_uploads
 from .settings import ServerConfig, load_settings
-from .shared_folders import FOLDER_MARK, STORAGE, bucket_storage, differing, folder_settings, published, shared_folders
+from .shared_folders import FOLDER_MARK, STORAGE, bucket_ids, differing, folder_settings, published, shared_folders
 from .storage import open_storage
 from .tasks import TASKS
 from .webhooks import events_of, make_webhooks
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None, prog: str = "sonic worker") -> None:
     if not outputs.remote:  # folders shared with the API processes: told apart by their marks
         state.folders = shared_folders(uploads.root, output_dir)
     else:  # this worker's own folder: the bucket is what is shared
-        state.bucket = {STORAGE: bucket_storage(outputs.s3.bucket, outputs.s3.prefix)}
+        state.bucket = bucket_ids(outputs.s3.bucket, outputs.s3.prefix)
         state.folders = dict(state.bucket)
         announce(state, conn)  # alive in the list first: a worker starting meanwhile
         scratch = scratch_space(output_dir, name, conn)  # leaves this one's folder alone

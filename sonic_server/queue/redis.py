@@ -51,7 +51,7 @@ from ..cache import ResultCache
 from ..jobs import PROCESSING, QUEUED, TERMINAL, JobQuery, JobRecord, newest_first
 from ..lifecycle import JobEnd
 from ..recovery import sweep_orphan_uploads
-from ..shared_folders import STORAGE, bucket_storage, differing, publish, shared_folders
+from ..shared_folders import bucket_ids, differing, publish, shared_folders
 from ..store import _error_record
 from . import CallerBusy, JobQueue, QueueFull, WorkerStopped, follow
 
@@ -430,7 +430,7 @@ class RedisQueue(JobQueue):
         # the folders a worker must share with this process (a bucket instead: the bucket),
         # published now for workers starting or waiting, and again with each job
         self.shares_folders = not (outputs is not None and outputs.remote)
-        self._bucket = {} if self.shares_folders else {STORAGE: bucket_storage(outputs.s3.bucket, outputs.s3.prefix)}
+        self._bucket = {} if self.shares_folders else bucket_ids(outputs.s3.bucket, outputs.s3.prefix)
         self._publish_folders(self.folders())
         self.rq = rq_queue(self.r)
         self.store.index_for_listing()

@@ -323,10 +323,7 @@ class SonicVideoService(FrameProcessor):
         if begins:  # an utterance's TTFB: from its first audio here to its first voiced audio out
             self._awaiting_first_frame = True
             await self.start_ttfb_metrics()
-        pcm = np.frombuffer(frame.audio, np.int16)
-        if frame.num_channels > 1:
-            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
-        audio = await self._to_engine.resample(pcm.tobytes(), frame.sample_rate, ENGINE_RATE)
+        audio = await self._to_engine.resample(_mono(frame), frame.sample_rate, ENGINE_RATE)
         speech = np.frombuffer(audio, np.int16).astype(np.float32) / 32768.0
         if self._remote is not None:
             self._remote.speak(speech)
@@ -338,10 +335,7 @@ class SonicVideoService(FrameProcessor):
         """The voice without a face, as the face's own sound went: mono at the output rate. (Passed
         on as it came, a TTS's 8 kHz after the face's 24 kHz broke a writer set up for the face's
         sound, on every frame.)"""
-        pcm = np.frombuffer(frame.audio, np.int16)
-        if frame.num_channels > 1:
-            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
-        audio = pcm.tobytes()
+        audio = _mono(frame)
         if frame.sample_rate != self._out_rate:
             audio = await self._passing.resample(audio, frame.sample_rate, self._out_rate)
         await self.push_frame(TTSAudioRawFrame(audio=audio, sample_rate=self._out_rate, num_channels=1))
@@ -443,3 +437,11 @@ def _last_error(stderr: str, proc: subprocess.Popen) -> str:
         return str(json.loads(lines[-1])["message"])
     except (ValueError, KeyError, TypeError):
         return lines[-1]
+
+
+def _mono(frame: TTSAudioRawFrame) -> bytes:
+    """A TTS frame's 16-bit samples, its channels averaged into one."""
+    pcm = np.frombuffer(frame.audio, np.int16)
+    if frame.num_channels > 1:
+        pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+    return pcm.tobytes()
